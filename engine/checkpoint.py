@@ -1,0 +1,170 @@
+"""Hugging Face safetensors checkpoints, memory-mapped and validated.
+
+Headers are parsed here (8-byte little-endian length, JSON) so that tensor sizes are
+known without touching any weight bytes (the planner needs only this), and tensors are
+returned as zero-copy views of a private (copy-on-write) memory map: nothing is read
+until it is used, and nothing is ever written back to the user's model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, byte range (absolute), dtype and shape."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one .safetensors header and check every byte range lies inside the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"shard {path} is missing: re-download the model (the index names it)")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is truncated ({size} bytes): not a safetensors file; re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise ValueError(f"{path} has a corrupt safetensors header (length {n}); re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} has a corrupt safetensors header ({e}); re-download it") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupt safetensors header (not a JSON object); re-download it")
+    infos = {}
+    base = 8 + n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+            shape = tuple(int(s) for s in meta["shape"])
+            start, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: bad header entry for {name!r} ({e}); re-download the file") from e
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - start != numel * dtype.itemsize or start < 0:
+            raise ValueError(f"{path}: tensor {name!r} has inconsistent offsets; the file is corrupt")
+        if base + end > size:
+            raise ValueError(
+                f"{path} is truncated: tensor {name!r} ends at byte {base + end} but the file has "
+                f"{size} bytes; re-download it"
+            )
+        infos[name] = TensorInfo(name, path, dtype, shape, base + start, end - start)
+    return infos
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory, via the index when there is one."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is corrupt ({e}); re-download the model") from e
+        return sorted({model_dir / f for f in weight_map.values()})
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+        hint = (f" (found {pickles[:3]}: pickled weights are never loaded; convert them to safetensors)"
+                if pickles else "")
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}{hint}")
+    return files
+
+
+class Checkpoint:
+    """All tensors of a model directory, by Hugging Face name, memory-mapped on demand."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.model_dir = Path(model_dir)
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in shard_files(self.model_dir):
+            for name, info in read_header(f).items():
+                if name in self.tensors:
+                    raise ValueError(f"tensor {name!r} appears in two shards ({self.tensors[name].file.name}, {f.name})")
+                self.tensors[name] = info
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def _map(self, path: Path) -> mmap.mmap:
+        if path not in self._maps:
+            with open(path, "rb") as f:  # ACCESS_COPY: writable view, never written to the file
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[path]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy CPU view of tensor ``name`` in the mapped file."""
+        info = self.tensors[name]
+        raw = torch.frombuffer(self._map(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        return raw.view(info.dtype).view(info.shape)
+
+    def validate(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Check the tensors found equal ``expected`` (names and shapes) and use float dtypes."""
+        found, want = set(self.tensors), set(expected)
+        problems = []
+        if want - found:
+            problems.append(f"missing tensors: {_short(want - found)}")
+        if found - want:
+            problems.append(f"unexpected tensors: {_short(found - want)}")
+        for name in sorted(want & found):
+            info = self.tensors[name]
+            if info.shape != tuple(expected[name]):
+                problems.append(f"{name} has shape {list(info.shape)}, config.json implies {list(expected[name])}")
+            elif info.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                problems.append(f"{name} has dtype {info.dtype}; only bf16/fp16/fp32 weights are supported")
+        if problems:
+            raise ValueError(
+                f"checkpoint {self.model_dir} does not match its config.json:\n  - " + "\n  - ".join(problems[:12])
+                + ("\n  (more problems omitted)" if len(problems) > 12 else "")
+            )
+
+    def nbytes(self, names: list[str] | None = None) -> int:
+        return sum(self.tensors[n].nbytes for n in (names if names is not None else self.tensors))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The most common float dtype among the weights."""
+        counts: dict[torch.dtype, int] = {}
+        for info in self.tensors.values():
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
+        return max(counts, key=counts.get)
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # views still alive; the OS unmaps when they are gone
+                pass
+        self._maps.clear()
+
+
+def _short(names: set[str]) -> str:
+    items = sorted(names)
+    return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")

@@ -1,0 +1,154 @@
+"""What ``engine.run`` does once its flags are parsed: load, plan, generate, report.
+
+``add_engine_args`` / ``options_from_args`` / ``load_engine`` are shared by the other
+command-line tools (memreport, benchmarks) so every tool reads budgets the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.engine import Engine, EngineOptions
+from memory.units import format_size, parse_size
+
+BUDGET_HELP = ("sizes accept 6GB (10^9 bytes), 6GiB (2^30 bytes), 6000MB, 512MiB, 0.5TB or plain bytes")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags that shape the engine: device, dtype, kernels, budgets, context, batch."""
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                   help="triton (default on CUDA) or the plain-torch reference path")
+    p.add_argument("--vram-budget", help=f"GPU memory the engine may use; {BUDGET_HELP}")
+    p.add_argument("--host-budget", help="pinned host memory for streamed layers (default: available RAM "
+                   "minus a margin); streamed layers beyond it are read from disk")
+    p.add_argument("--max-context", type=int, default=4096, help="KV-cache length per sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+
+
+def options_from_args(args: argparse.Namespace) -> EngineOptions:
+    """EngineOptions from parsed flags; ValueError with the accepted forms on a bad size."""
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    return EngineOptions(
+        device=args.device, dtype=args.dtype, kernels=args.kernels,
+        vram_budget=parse_size(args.vram_budget) if args.vram_budget else None,
+        host_budget=parse_size(args.host_budget) if args.host_budget else None,
+        batch=args.batch, max_context=args.max_context)
+
+
+def resolve_or_default(spec: str | None) -> tuple[Path, bool]:
+    """(model dir, is the embedded random-weight default)."""
+    from engine.resolve import default_model_dir, resolve_model
+    if spec:
+        return resolve_model(spec), False
+    target = default_model_dir()
+    if not (target / "config.json").is_file():
+        from tools.synth import synthesize
+        print(f"synthesizing the embedded default model into {target} (once)", file=sys.stderr)
+        synthesize("default", target, dtype="bf16", seed=0, force=True)
+    return target, True
+
+
+def load_engine(spec: str | None, opts: EngineOptions, quiet: bool = False) -> tuple[Engine, bool]:
+    """Resolve ``spec`` and load it with a progress bar on stderr."""
+    from tqdm import tqdm
+    model_dir, is_default = resolve_or_default(spec)
+    if is_default and not quiet:
+        print("note: no --model given; running the embedded default, a tiny model with RANDOM weights "
+              "(its text is meaningless). Use --model DIR|ORG/NAME|alias for a real model.", file=sys.stderr)
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr,
+               disable=quiet, leave=False)
+
+    def progress(n: int) -> None:
+        bar.update(n)
+
+    try:
+        engine = Engine(model_dir, opts, progress=progress)
+    finally:
+        bar.close()
+    return engine, is_default
+
+
+def plan_summary(engine: Engine) -> str:
+    p = engine.plan
+    return (f"plan: {len(p.resident_layers)}/{engine.cfg.num_hidden_layers} layers resident, "
+            f"{format_size(p.streamed_bytes_per_step)} streamed per step, predicted "
+            f"{p.predicted_step_s * 1e3:.1f} ms/step = {p.predicted_tok_s:.2f} tok/s (batch {p.batch}, "
+            f"{p.step_bound} bound)")
+
+
+def stats_line(stats: dict) -> str:
+    parts = [f"prefill {stats['prefill_tok_s']:.1f} tok/s", f"decode {stats['decode_tok_s']:.2f} tok/s"]
+    if "peak_vram_bytes" in stats:
+        parts.append(f"peak VRAM {format_size(stats['peak_vram_bytes'])}")
+    parts.append(f"host RSS {format_size(stats['host_rss_bytes'])}")
+    return " | ".join(parts)
+
+
+def _prompt_ids(engine: Engine, args, messages: list[dict]) -> list[int]:
+    tok = engine.tokenizer
+    if args.no_chat:
+        return tok.encode(messages[-1]["content"])
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _generate(engine: Engine, args, ids: list[int], echo: bool):
+    from engine.generate import generate
+    from engine.sampling import SamplingParams
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+    def on_text(i: int, text: str) -> None:
+        if echo and i == 0:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    return generate(engine, [ids] * args.batch, params, args.max_new_tokens, args.stop, on_text)
+
+
+def run_session(args: argparse.Namespace, opts: EngineOptions) -> int:
+    """One prompt (or an interactive chat when --prompt is absent)."""
+    engine, is_default = load_engine(args.model, opts, quiet=args.json)
+    if args.show_plan:
+        print(engine.plan.table(), file=sys.stderr)
+    elif not args.json:
+        print(plan_summary(engine), file=sys.stderr)
+    if args.prompt is None:
+        return _chat(engine, args)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    ids = _prompt_ids(engine, args, messages)
+    gen = _generate(engine, args, ids, echo=not args.json)
+    if args.json:
+        out = {"model": str(engine.model_dir), "random_weights": is_default, "prompt_token_ids": ids,
+               "token_ids": gen.token_ids[0], "text": gen.texts[0], "finish_reason": gen.finish_reasons[0],
+               "stats": gen.stats, "plan": engine.plan.to_dict()}
+        print(json.dumps(out))
+    else:
+        print(file=sys.stdout)
+        print(stats_line(gen.stats), file=sys.stderr)
+    return 0
+
+
+def _chat(engine: Engine, args) -> int:
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    print("interactive chat: type a message, Ctrl-D to quit, Ctrl-C to stop a reply", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        gen = _generate(engine, args, _prompt_ids(engine, args, messages), echo=True)
+        print()
+        print(stats_line(gen.stats), file=sys.stderr)
+        messages.append({"role": "assistant", "content": gen.texts[0]})

@@ -1,0 +1,140 @@
+"""Model configuration: a frozen dataclass with Hugging Face field names.
+
+Built from a checkpoint's ``config.json``; unknown keys are ignored, derived values
+(head_dim, GQA group size, which optional tensors exist) are computed and checked in
+``__post_init__`` so the rest of the engine can trust them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# architecture name -> family tag used to pick optional tensors (biases, q/k norms)
+SUPPORTED_ARCHITECTURES = {
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+}
+SUPPORTED_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "mistral": "mistral"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer config (Qwen2/2.5, Qwen3 dense, Llama 2/3/3.1, Mistral)."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool | None = None
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str | None = None
+    architectures: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        family = SUPPORTED_MODEL_TYPES.get(self.model_type)
+        if family is None:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}: this engine runs "
+                f"{sorted(SUPPORTED_MODEL_TYPES)} decoder-only checkpoints"
+            )
+        for arch in self.architectures:
+            if arch not in SUPPORTED_ARCHITECTURES:
+                raise ValueError(
+                    f"unsupported architecture {arch!r}: supported are "
+                    f"{sorted(SUPPORTED_ARCHITECTURES)}"
+                )
+        if self.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError("hidden_size must be divisible by num_attention_heads when head_dim is absent")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.attention_bias is None:  # Qwen2 always has q/k/v biases; others default to none
+            object.__setattr__(self, "attention_bias", family == "qwen2")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"config.json: {name} must be positive, got {getattr(self, name)}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
+        if rope_type not in (None, "default", "llama3"):
+            raise ValueError(f"unsupported rope_scaling type {rope_type!r}: supported are default and llama3")
+
+    # ----- derived values -----
+    @property
+    def family(self) -> str:
+        return SUPPORTED_MODEL_TYPES[self.model_type]
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return self.family == "qwen3"
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        if eos is None:
+            return []
+        return [eos] if isinstance(eos, int) else list(eos)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Build from a config.json dict, keeping only known keys."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        if "model_type" not in kwargs:
+            raise ValueError("config.json has no 'model_type': is this a Hugging Face causal-LM checkpoint?")
+        if "torch_dtype" not in kwargs and isinstance(raw.get("dtype"), str):
+            kwargs["torch_dtype"] = raw["dtype"]
+        kwargs["architectures"] = tuple(raw.get("architectures") or ())
+        missing = [n for n in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads", "vocab_size") if n not in kwargs]
+        if missing:
+            raise ValueError(f"config.json is missing required keys {missing}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read ``config.json``; errors name the file and what to do."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: a model directory needs a Hugging Face config.json")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-download the model") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        try:
+            return cls.from_dict(raw)
+        except TypeError as e:  # wrong value types for known fields
+            raise ValueError(f"{path}: {e}") from e

@@ -1,0 +1,106 @@
+"""Load a model directory into a runnable engine: config, checkpoint, plan, weights, model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import Checkpoint
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.layout import expected_tensors
+from engine.model import Model
+from engine.ops import make_ops
+from engine.tokenizer import Tokenizer
+from memory.bandwidth import h2d_bandwidth
+from memory.planner import make_plan
+from streamer.manager import WeightManager
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass
+class EngineOptions:
+    """How to run: device, compute dtype, kernels, budgets and KV-cache shape."""
+
+    device: str = "auto"  # auto | cuda | cpu
+    dtype: str = "auto"  # auto (the checkpoint's, fp32 on CPU for fp16) | bf16 | fp16 | fp32
+    kernels: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch
+    vram_budget: int | None = None  # bytes; None = as much as is free
+    host_budget: int | None = None  # bytes of pinned host memory for streamed layers
+    batch: int = 1
+    max_context: int = 4096
+    prefill_chunk: int = 2048
+    threads: int = 8
+    trace: bool = False
+
+
+def pick_device(name: str) -> torch.device:
+    """Resolve --device; a clear error when CUDA is asked for and absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA GPU is visible (torch.cuda.is_available() is "
+                         "False); use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+    if name not in ("cuda", "cpu"):
+        raise ValueError(f"unknown --device {name!r}: use auto, cuda or cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, file_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32  # half-precision matmuls on most CPUs are slow
+        return file_dtype
+    if name not in DTYPES:
+        raise ValueError(f"unknown --dtype {name!r}: use auto, bf16, fp16 or fp32")
+    return DTYPES[name]
+
+
+class Engine:
+    """A loaded model: ``engine.generate`` (see engine.generate) runs it."""
+
+    def __init__(self, model_dir: str | Path, opts: EngineOptions | None = None, progress=None) -> None:
+        opts = opts or EngineOptions()
+        self.model_dir, self.opts = Path(model_dir), opts
+        self.device = pick_device(opts.device)
+        self.cfg = ModelConfig.from_file(self.model_dir / "config.json")
+        self.ckpt = Checkpoint(self.model_dir)
+        self.ckpt.validate(expected_tensors(self.cfg))
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.dtype = pick_dtype(opts.dtype, self.ckpt.dtype, self.device)
+        kernels = opts.kernels if opts.kernels != "auto" else ("triton" if self.device.type == "cuda" else "torch")
+        self.ops = make_ops(kernels)
+        if opts.max_context < 2:
+            raise ValueError(f"--max-context must be at least 2, got {opts.max_context}")
+        self.plan = self._plan()
+        self.weights = WeightManager(self.ckpt, self.cfg, self.plan, self.device, self.dtype,
+                                     threads=opts.threads, progress=progress, trace=opts.trace)
+        self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
+        self.cache = KVCache(self.cfg, opts.batch, opts.max_context, self.dtype, self.device)
+
+    def _plan(self):
+        free = None
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        gbps, source = h2d_bandwidth(self.device)
+        plan = make_plan(self.cfg, tensor_bytes={n: i.nbytes for n, i in self.ckpt.tensors.items()},
+                         dtype=self.dtype, vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
+                         batch=self.opts.batch, max_context=self.opts.max_context,
+                         prefill_chunk=self.opts.prefill_chunk, device_free=free, h2d_gbps=gbps,
+                         h2d_source=source)
+        return plan
+
+    @property
+    def weight_bytes_to_load(self) -> int:
+        p = self.plan
+        return p.resident_weight_bytes + p.host_pinned_bytes
+
+    def close(self) -> None:
+        self.weights.close()

@@ -1,0 +1,162 @@
+"""Generation: batched prefill (right-padded, chunked) then decode with the KV cache.
+
+Each sequence keeps its own length; padding positions are written to the cache but
+lie beyond the sequence's length, so no pad token is ever attended. Finished
+sequences stop advancing while the others go on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from engine.detok import IncrementalDetokenizer, StopStringMatcher
+from engine.engine import Engine
+from engine.sampling import Sampler, SamplingParams
+
+
+@dataclass
+class Generation:
+    """Tokens, text and timing of one ``generate`` call (one entry per prompt)."""
+
+    token_ids: list[list[int]]
+    texts: list[str]
+    finish_reasons: list[str]
+    stats: dict = field(default_factory=dict)
+
+
+def _check_prompts(engine: Engine, prompts: list[list[int]]) -> None:
+    if not prompts or len(prompts) > engine.opts.batch:
+        raise ValueError(f"got {len(prompts)} prompts; this engine was set up for 1..{engine.opts.batch} "
+                         "(raise --batch)")
+    for p in prompts:
+        if not p:
+            raise ValueError("empty prompt: give at least one token")
+        if len(p) >= engine.opts.max_context:
+            raise ValueError(f"prompt has {len(p)} tokens but the context holds {engine.opts.max_context}: "
+                             "shorten the prompt or raise --max-context")
+        if max(p) >= engine.cfg.vocab_size or min(p) < 0:
+            raise ValueError(f"prompt token id out of range [0, {engine.cfg.vocab_size})")
+
+
+def prefill(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
+    """Run the prompts through the model in chunks; return fp32 logits [B, V] of each last token."""
+    dev, b = engine.device, len(prompts)
+    lens = [len(p) for p in prompts]
+    t_max = max(lens)
+    ids = torch.zeros((b, t_max), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    chunk = max(1, engine.opts.prefill_chunk // b)
+    last = torch.empty((b, engine.cfg.vocab_size), dtype=torch.float32, device=dev)
+    for c0 in range(0, t_max, chunk):
+        c1 = min(t_max, c0 + chunk)
+        q_lens = [max(0, min(n, c1) - c0) for n in lens]
+        logits = engine.model.forward(ids[:, c0:c1].to(dev), torch.full((b,), c0, dtype=torch.int32, device=dev),
+                                      torch.tensor(q_lens, dtype=torch.int32, device=dev), engine.cache,
+                                      max_len=c1)
+        ends_here = [i for i, n in enumerate(lens) if c0 < n <= c1]
+        sel = torch.tensor(ends_here, device=dev)
+        last[sel] = logits[sel]
+    engine.cache.lengths[:b] = lens
+    return last
+
+
+def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | None = None,
+             max_new_tokens: int = 128, stop_strings: list[str] | None = None,
+             on_text: Callable[[int, str], None] | None = None) -> Generation:
+    """Generate up to ``max_new_tokens`` for each prompt (token ids); Ctrl-C stops cleanly."""
+    params = params or SamplingParams()
+    _check_prompts(engine, prompts)
+    dev, b, cap = engine.device, len(prompts), engine.opts.max_context
+    sampler = Sampler(params, engine.cfg.vocab_size, dev, use_triton=engine.ops.name == "triton")
+    eos = engine.tokenizer.eos_ids
+    history = torch.full((b, max(map(len, prompts)) + max_new_tokens), -1, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        history[i, : len(p)] = torch.tensor(p, device=dev)
+    out: list[list[int]] = [[] for _ in range(b)]
+    detok = [IncrementalDetokenizer(engine.tokenizer) for _ in range(b)]
+    stops = [StopStringMatcher(stop_strings or []) for _ in range(b)]
+    texts, reasons = [""] * b, [""] * b
+    engine.cache.reset()
+    _sync(dev)
+    t0 = time.perf_counter()
+    try:
+        logits = prefill(engine, prompts)
+        pos = [len(p) for p in prompts]
+        t1 = None
+        for step in range(max_new_tokens):
+            tok = sampler(logits, history)
+            toks = tok.tolist()  # the one host sync per step: tokens must reach the terminal
+            if t1 is None:
+                t1 = time.perf_counter()
+            for i in range(b):
+                if reasons[i]:
+                    continue
+                _emit(i, toks[i], out, detok, stops, texts, reasons, eos, on_text)
+                if not reasons[i] and pos[i] + 1 >= cap:
+                    reasons[i] = "length"
+            if all(reasons) or step == max_new_tokens - 1:
+                break
+            history[torch.arange(b, device=dev), torch.tensor(pos, device=dev)] = tok
+            start = [min(p, cap - 1) for p in pos]
+            pos = [p + (0 if reasons[i] else 1) for i, p in enumerate(pos)]
+            logits = engine.model.forward(tok.view(b, 1), torch.tensor(start, dtype=torch.int32, device=dev),
+                                          torch.ones(b, dtype=torch.int32, device=dev), engine.cache,
+                                          max_len=max(start) + 1)
+    except KeyboardInterrupt:
+        reasons = [r or "interrupted" for r in reasons]
+    _sync(dev)
+    t2 = time.perf_counter()
+    for i in range(b):
+        if reasons[i] != "stop":
+            _flush(i, detok, stops, texts, on_text)
+        reasons[i] = reasons[i] or "max_new_tokens"
+    return Generation(out, texts, reasons, _stats(engine, prompts, out, t0, t1 or t2, t2))
+
+
+def _emit(i, token, out, detok, stops, texts, reasons, eos, on_text) -> None:
+    if token in eos:
+        reasons[i] = "eos"
+        return
+    out[i].append(token)
+    safe, stopped = stops[i].push(detok[i].push(token))
+    texts[i] += safe
+    if safe and on_text:
+        on_text(i, safe)
+    if stopped:
+        reasons[i] = "stop"
+
+
+def _flush(i, detok, stops, texts, on_text) -> None:
+    safe, _ = stops[i].push(detok[i].flush())
+    safe += stops[i].flush()
+    texts[i] += safe
+    if safe and on_text:
+        on_text(i, safe)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _stats(engine: Engine, prompts, out, t0: float, t1: float, t2: float) -> dict:
+    n_prompt = sum(map(len, prompts))
+    n_gen = sum(map(len, out))
+    decode_steps = max(map(len, out)) - 1 if out and max(map(len, out)) > 1 else 0
+    stats = {
+        "prompt_tokens": n_prompt, "generated_tokens": n_gen, "batch": len(prompts),
+        "prefill_s": t1 - t0, "decode_s": t2 - t1,
+        "prefill_tok_s": n_prompt / (t1 - t0) if t1 > t0 else 0.0,
+        "decode_tok_s": (n_gen - len(prompts)) / (t2 - t1) if t2 > t1 and decode_steps else 0.0,
+        "decode_step_s": (t2 - t1) / decode_steps if decode_steps else 0.0,
+        "host_rss_bytes": psutil.Process().memory_info().rss,
+    }
+    if engine.device.type == "cuda":
+        stats["peak_vram_bytes"] = torch.cuda.max_memory_allocated(engine.device)
+    return stats

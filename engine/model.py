@@ -1,0 +1,104 @@
+"""The decoder forward pass, written once against an ops backend and a weight source.
+
+A layer's weights are *bound* at run time: the model asks its ``WeightSource`` for layer
+i (resident tensors, or a staging slot the streamer filled), runs it, and releases it,
+which lets the streamer reuse the slot. The model owns no parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.ops import TorchOps
+from kernels.rope import rope_tables
+
+
+class WeightSource(Protocol):
+    """Where the model gets its weights; see ``streamer.manager.WeightManager``."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] (host or device) -> hidden states [B, T, H] on the compute device."""
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors (HF names plus fused views), ready for use on the compute stream."""
+
+    def release(self, i: int) -> None:
+        """The compute stream has been given all work that reads layer i."""
+
+    def norm(self) -> torch.Tensor:
+        """The final RMSNorm weight."""
+
+    def lm_head_parts(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first vocab row, weight rows [n, H]) covering the whole vocabulary."""
+
+
+class Model:
+    """Qwen2/2.5, Qwen3, Llama and Mistral decoder over a ``WeightSource``."""
+
+    def __init__(self, cfg: ModelConfig, weights: WeightSource, ops: TorchOps, device: torch.device,
+                 dtype: torch.dtype, max_positions: int) -> None:
+        self.cfg, self.weights, self.ops = cfg, weights, ops
+        self.device, self.dtype = torch.device(device), dtype
+        cos, sin = rope_tables(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.cos, self.sin = cos.to(self.device), sin.to(self.device)
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, ids: torch.Tensor, start_pos: torch.Tensor, q_lens: torch.Tensor, cache: KVCache,
+                max_len: int, last_only: bool = True) -> torch.Tensor:
+        """Run ids [B, T] at positions start_pos[b] + t; return fp32 logits.
+
+        ``q_lens[b]`` tokens of row b are real (the rest is right padding); ``max_len`` is
+        max(start_pos + q_lens), known on the host. With ``last_only`` the logits are
+        [B, V] for each sequence's last real token, else [B, T, V].
+        """
+        b, t = ids.shape
+        h = self.weights.embed(ids)
+        positions = start_pos.long().view(b, 1) + torch.arange(t, device=self.device)
+        positions = positions.clamp(max=self.cos.shape[0] - 1)
+        residual = None
+        for i in range(self.cfg.num_hidden_layers):
+            w = self.weights.layer(i)
+            h, residual = self._layer(w, h, residual, positions, cache.layer(i), start_pos, q_lens, max_len)
+            self.weights.release(i)
+        if last_only:
+            rows = torch.arange(b, device=self.device)
+            idx = (q_lens.long() - 1).clamp(min=0)
+            h, residual = h[rows, idx], residual[rows, idx]
+        x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
+        return self._logits(x)
+
+    def _layer(self, w: dict[str, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
+               positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], start_pos: torch.Tensor,
+               q_lens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, ops, eps = self.cfg, self.ops, self.cfg.rms_norm_eps
+        if residual is None:
+            residual, x = h, ops.rmsnorm(h, w["input_layernorm.weight"], eps)
+        else:
+            x, residual = ops.add_rmsnorm(h, residual, w["input_layernorm.weight"], eps)
+        b, t, _ = x.shape
+        qkv = ops.linear(x, w["self_attn.qkv_proj.weight"], w.get("self_attn.qkv_proj.bias"))
+        q = qkv[..., : cfg.q_size].view(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = qkv[..., cfg.q_size: cfg.q_size + cfg.kv_size].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = qkv[..., cfg.q_size + cfg.kv_size:].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.has_qk_norm:
+            q = ops.rmsnorm(q, w["self_attn.q_norm.weight"], eps)
+            k = ops.rmsnorm(k, w["self_attn.k_norm.weight"], eps)
+        ops.rope_(q, k, self.cos, self.sin, positions)
+        k_cache, v_cache = kv
+        ops.kv_append_(k, v, k_cache, v_cache, start_pos)
+        attn = ops.attention(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len)
+        o = ops.linear(attn.reshape(b, t, cfg.q_size), w["self_attn.o_proj.weight"])
+        x, residual = ops.add_rmsnorm(o, residual, w["post_attention_layernorm.weight"], eps)
+        mlp = ops.linear(ops.swiglu(ops.linear(x, w["mlp.gate_up_proj.weight"])), w["mlp.down_proj.weight"])
+        return mlp, residual
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(*x.shape[:-1], self.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        for row, weight in self.weights.lm_head_parts():
+            out[..., row: row + weight.shape[0]] = self.ops.linear(x, weight).float()
+        return out

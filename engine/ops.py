@@ -1,0 +1,132 @@
+"""The per-layer operations, in two interchangeable backends.
+
+``TorchOps`` is the plain-torch reference path (``--kernels torch``): it follows Hugging
+Face's order of operations and dtypes, so in fp32 it matches ``transformers`` closely.
+``TritonOps`` (``--kernels triton``, the default on CUDA) calls the kernels in ``kernels/``.
+Both expose the same methods; the model is written once against them.
+
+Shapes: hidden states are [B, T, H]; q is [B, T, Hq, D] and k/v [B, T, Hk, D] (views of
+the fused qkv projection); the KV cache of a layer is [B, Hk, S, D]; ``start_pos`` and
+``q_lens`` are int32 [B] on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchOps:
+    """Plain torch ops in the compute dtype (norms and softmax in fp32, like HF)."""
+
+    name = "torch"
+
+    def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return w * h.to(x.dtype)
+
+    def add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = residual + x
+        return self.rmsnorm(residual, w, eps), residual
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope_(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              positions: torch.Tensor) -> None:
+        c = cos[positions].unsqueeze(2)  # [B, T, 1, D/2] fp32
+        s = sin[positions].unsqueeze(2)
+        for t in (q, k):
+            c_, s_ = c.to(t.dtype), s.to(t.dtype)
+            x1, x2 = t.chunk(2, dim=-1)
+            r1 = x1 * c_ - x2 * s_
+            r2 = x2 * c_ + x1 * s_
+            t.copy_(torch.cat((r1, r2), dim=-1))
+
+    def kv_append_(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   start_pos: torch.Tensor) -> None:
+        b, t = k.shape[:2]
+        pos = start_pos.long().unsqueeze(1) + torch.arange(t, device=k.device)  # [B, T]
+        pos = pos.clamp(max=k_cache.shape[2] - 1)  # the model never writes past S (checked on the host)
+        idx = pos.view(b, 1, t, 1).expand(b, k_cache.shape[1], t, k_cache.shape[3])
+        k_cache.scatter_(2, idx, k.transpose(1, 2).to(k_cache.dtype))
+        v_cache.scatter_(2, idx, v.transpose(1, 2).to(v_cache.dtype))
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  start_pos: torch.Tensor, q_lens: torch.Tensor, scale: float, max_len: int) -> torch.Tensor:
+        """Causal GQA attention of q [B, T, Hq, D] over cache[:, :, :max_len]; padded rows are zero."""
+        b, t, hq, d = q.shape
+        hk = k_cache.shape[1]
+        k = k_cache[:, :, :max_len]
+        v = v_cache[:, :, :max_len]
+        if hq != hk:
+            k = k.repeat_interleave(hq // hk, dim=1)
+            v = v.repeat_interleave(hq // hk, dim=1)
+        qpos = start_pos.long().view(b, 1) + torch.arange(t, device=q.device)  # [B, T]
+        kpos = torch.arange(max_len, device=q.device)
+        mask = kpos.view(1, 1, max_len) <= qpos.unsqueeze(-1)  # [B, T, S]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask.unsqueeze(1), scale=scale)
+        out = out.transpose(1, 2)  # [B, T, Hq, D]
+        valid = torch.arange(t, device=q.device).view(1, t) < q_lens.view(b, 1)
+        return out * valid.view(b, t, 1, 1).to(out.dtype)
+
+    def embedding(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, table)
+
+
+class TritonOps(TorchOps):
+    """The Triton kernels of ``kernels/``; same signatures as ``TorchOps``."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from kernels import (add_rmsnorm, attention_decode, attention_prefill, embedding, kv_append, linear,
+                             rmsnorm, rope, swiglu)
+        self._k = dict(rmsnorm=rmsnorm.rmsnorm, add_rmsnorm=add_rmsnorm.add_rmsnorm, linear=linear.linear,
+                       swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
+                       prefill=attention_prefill.attention_prefill, decode=attention_decode.attention_decode,
+                       embedding=embedding.embedding)
+
+    def rmsnorm(self, x, w, eps):
+        return self._k["rmsnorm"](x, w, eps)
+
+    def add_rmsnorm(self, x, residual, w, eps):
+        return self._k["add_rmsnorm"](x, residual, w, eps)
+
+    def linear(self, x, w, b=None):
+        return self._k["linear"](x, w, b)
+
+    def swiglu(self, gate_up):
+        return self._k["swiglu"](gate_up)
+
+    def rope_(self, q, k, cos, sin, positions):
+        self._k["rope"](q, k, cos, sin, positions)
+
+    def kv_append_(self, k, v, k_cache, v_cache, start_pos):
+        self._k["kv_append"](k, v, k_cache, v_cache, start_pos)
+
+    def attention(self, q, k_cache, v_cache, start_pos, q_lens, scale, max_len):
+        if q.shape[1] == 1:  # decode: one query per sequence, flash-decoding over the cache
+            out = self._k["decode"](q[:, 0], k_cache, v_cache, start_pos + q_lens, scale)
+            return out.unsqueeze(1)
+        return self._k["prefill"](q, k_cache, v_cache, start_pos, q_lens, scale)
+
+    def embedding(self, ids, table):
+        if ids.device.type != table.device.type:  # host-side table: gather rows with torch
+            return F.embedding(ids, table)
+        return self._k["embedding"](ids, table)
+
+
+def make_ops(kind: str) -> TorchOps:
+    """``"torch"`` or ``"triton"``."""
+    if kind == "torch":
+        return TorchOps()
+    if kind == "triton":
+        return TritonOps()
+    raise ValueError(f"unknown kernels backend {kind!r}: use 'triton' or 'torch'")

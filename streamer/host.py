@@ -1,0 +1,109 @@
+"""Host-side sources of streamed weights: a pinned cache, or the mapped file via a reader ring.
+
+Pinned tier: each streamed layer is packed once (in parallel threads) into its own
+contiguous pinned buffer, so sending it to the GPU is a single async copy.
+Disk tier: background threads pack a layer straight from the memory-mapped
+safetensors (which reads the disk) into one of a few pinned ring buffers, ahead of
+the copy stream; a ring buffer is refilled only after its last copy has finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Packer = Callable[[torch.Tensor], None]  # packs one unit's bytes into the given flat uint8 buffer
+
+
+def alloc_host(nbytes: int, pin: bool) -> torch.Tensor:
+    """A flat uint8 host buffer, page-locked when ``pin`` (and CUDA is present)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and torch.cuda.is_available())
+
+
+def pack_all(packers: dict[int, Packer], nbytes: dict[int, int], pin: bool, threads: int,
+             progress: Callable[[int], None] | None = None) -> dict[int, torch.Tensor]:
+    """Allocate and fill one host buffer per unit, in parallel; returns unit -> buffer."""
+    bufs = {u: alloc_host(nbytes[u], pin) for u in packers}
+
+    def work(u: int) -> int:
+        packers[u](bufs[u])
+        return nbytes[u]
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for done in pool.map(work, list(packers)):
+            if progress is not None:
+                progress(done)
+    return bufs
+
+
+class DiskReader:
+    """Reads disk-tier units into a ring of pinned buffers, in unit order, ahead of use.
+
+    ``request(g, packer)`` queues unit g (the g-th streamed unit overall); ``get(g)``
+    blocks until its bytes are in a ring buffer and returns it; ``copied(g, event)``
+    tells the reader when the device copy from that buffer is done, so it may be reused.
+    """
+
+    def __init__(self, ring: int, nbytes: int, pin: bool) -> None:
+        self.bufs = [alloc_host(nbytes, pin) for _ in range(ring)]
+        self.free_events: list = [None] * ring
+        self.available = [threading.Event() for _ in range(ring)]
+        for a in self.available:
+            a.set()
+        self.ready: dict[int, threading.Event] = {}
+        self.slot_of: dict[int, int] = {}
+        self.todo: queue.Queue = queue.Queue()
+        self.errors: list[BaseException] = []
+        self.next_ring = 0
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="disk-reader")
+        self.thread.start()
+
+    def request(self, g: int, packer: Packer) -> None:
+        with self.lock:
+            r = self.next_ring
+            self.next_ring = (r + 1) % len(self.bufs)
+            self.slot_of[g] = r
+            self.ready[g] = threading.Event()
+        self.todo.put((g, r, packer))
+
+    def _run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            g, r, packer = item
+            self.available[r].wait()  # the main thread has issued the copy out of this buffer
+            self.available[r].clear()
+            try:
+                ev = self.free_events[r]
+                if ev is not None:
+                    ev.synchronize()  # the previous copy out of this buffer has finished
+                packer(self.bufs[r])
+            except BaseException as e:  # surfaced to the caller in get()
+                self.errors.append(e)
+            self.ready[g].set()
+
+    def get(self, g: int) -> torch.Tensor:
+        self.ready[g].wait()
+        if self.errors:
+            raise RuntimeError(f"reading streamed weights from disk failed: {self.errors[0]}") from self.errors[0]
+        return self.bufs[self.slot_of[g]]
+
+    def copied(self, g: int, event) -> None:
+        with self.lock:
+            r = self.slot_of.pop(g)
+            self.ready.pop(g)
+            self.free_events[r] = event
+        self.available[r].set()
+
+    def close(self) -> None:
+        self.todo.put(None)
+        self.thread.join(timeout=5)
