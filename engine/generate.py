@@ -79,7 +79,7 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
     for i, p in enumerate(prompts):
         history[i, : len(p)] = torch.tensor(p, device=dev)
     out: list[list[int]] = [[] for _ in range(b)]
-    detok = [IncrementalDetokenizer(engine.tokenizer) for _ in range(b)]
+    detok = [IncrementalDetokenizer(engine.tokenizer, context_ids=p) for p in prompts]
     stops = [StopStringMatcher(stop_strings or []) for _ in range(b)]
     texts, reasons = [""] * b, [""] * b
     engine.cache.reset()
