@@ -10,6 +10,7 @@ import torch
 
 from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
+from engine.graphs import try_capture
 from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
 from engine.model import Model
@@ -39,6 +40,7 @@ class EngineOptions:
     prefill_chunk: int = 2048
     threads: int = 8
     trace: bool = False
+    cuda_graph: bool = True  # capture the decode step when nothing streams (CUDA + triton kernels)
 
 
 def pick_device(name: str) -> torch.device:
@@ -84,6 +86,11 @@ class Engine:
                                      threads=opts.threads, progress=progress, trace=opts.trace)
         self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
         self.cache = KVCache(self.cfg, opts.batch, opts.max_context, self.dtype, self.device)
+        self.graph = None
+        p = self.plan
+        if (opts.cuda_graph and self.device.type == "cuda" and self.ops.name == "triton" and not p.streamed_layers
+                and p.lm_head_resident and p.embed_on_device):
+            self.graph = try_capture(self.model, self.cache, opts.batch)
 
     def _plan(self):
         free = None

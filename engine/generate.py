@@ -105,9 +105,7 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
             history[torch.arange(b, device=dev), torch.tensor(pos, device=dev)] = tok
             start = [min(p, cap - 1) for p in pos]
             pos = [p + (0 if reasons[i] else 1) for i, p in enumerate(pos)]
-            logits = engine.model.forward(tok.view(b, 1), torch.tensor(start, dtype=torch.int32, device=dev),
-                                          torch.ones(b, dtype=torch.int32, device=dev), engine.cache,
-                                          max_len=max(start) + 1)
+            logits = decode_step(engine, tok, start)
     except KeyboardInterrupt:
         reasons = [r or "interrupted" for r in reasons]
     _sync(dev)
@@ -117,6 +115,16 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
             _flush(i, detok, stops, texts, on_text)
         reasons[i] = reasons[i] or "max_new_tokens"
     return Generation(out, texts, reasons, _stats(engine, prompts, out, t0, t1 or t2, t2))
+
+
+def decode_step(engine: Engine, tok: torch.Tensor, start: list[int]) -> torch.Tensor:
+    """One decode step for tokens tok [B] at positions ``start``; graph replay when captured."""
+    b, dev = tok.shape[0], engine.device
+    start_t = torch.tensor(start, dtype=torch.int32, device=dev)
+    if engine.graph is not None and engine.graph.batch == b:
+        return engine.graph(tok, start_t)
+    return engine.model.forward(tok.view(b, 1), start_t, torch.ones(b, dtype=torch.int32, device=dev),
+                                engine.cache, max_len=max(start) + 1)
 
 
 def _emit(i, token, out, detok, stops, texts, reasons, eos, on_text) -> None:

@@ -1,0 +1,184 @@
+"""The memory plan: what lives where, what it costs, and how fast a decode step should be.
+
+Built by :func:`memory.planner.make_plan`; this module holds the frozen result types, their
+renderings (:meth:`Plan.table` for people, :meth:`Plan.to_dict` for JSON) and the byte-cost
+formulas of the non-weight VRAM categories (KV cache, workspace).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from engine.config import ModelConfig
+from engine.layout import expected_tensors
+from memory.units import format_size
+
+ALLOCATOR_ALLOWANCE = 64 << 20  # caching-allocator slack, cuBLAS workspace
+
+Placement = Literal["resident", "streamed", "host"]
+Tier = Literal["vram", "pinned", "disk"]
+
+
+def tensor_bytes_from_config(cfg: ModelConfig, file_dtype: torch.dtype) -> dict[str, int]:
+    """Name -> bytes of every checkpoint tensor, as a file in ``file_dtype`` would hold them."""
+    return {name: math.prod(shape) * file_dtype.itemsize for name, shape in expected_tensors(cfg).items()}
+
+
+def kv_cache_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, max_context: int) -> int:
+    """K and V for every layer: 2 x layers x batch x context x kv_heads x head_dim x element size."""
+    return 2 * cfg.num_hidden_layers * batch * max_context * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+
+
+def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, max_context: int, prefill_chunk: int) -> int:
+    """Activations of one prefill pass of ``prefill_chunk`` tokens, logits, rope tables and allocator slack.
+
+    Per token (compute dtype): ~6 hidden-sized tensors, fused qkv, attention output, gate_up
+    (2 x intermediate) and the SwiGLU output. Logits: batch x vocab fp32, twice (logits and
+    sampling scratch). Rope: cos and sin, fp32 [max_context, head_dim / 2]. Plus 64 MiB.
+    """
+    tokens = max(prefill_chunk, batch)  # a decode step is `batch` tokens
+    per_token = (6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + cfg.q_size + 3 * cfg.intermediate_size)
+    logits = batch * cfg.vocab_size * 4 * 2
+    rope = 2 * max_context * (cfg.head_dim // 2) * 4
+    return tokens * per_token * dtype.itemsize + logits + rope + ALLOCATOR_ALLOWANCE
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One module's decision.
+
+    ``bytes`` is its size in the compute dtype (what occupies VRAM when resident, or crosses
+    PCIe each step when streamed); ``placement`` says where it runs from: ``resident`` (in VRAM
+    for the whole run), ``streamed`` (copied into a staging slot every step) or ``host`` (the
+    embedding table kept in host memory: only the looked-up rows travel). ``tier`` is where its
+    bytes live: ``vram``, ``pinned`` host memory, or ``disk`` (the memory-mapped checkpoint).
+    """
+
+    name: str  # "embed_tokens", "layers.0", ..., "norm", "lm_head"
+    kind: Literal["embedding", "layer", "norm", "lm_head"]
+    bytes: int
+    placement: Placement
+    tier: Tier
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A VRAM/host memory plan for one model, budget and workload (all sizes in bytes)."""
+
+    modules: tuple[ModulePlan, ...]
+    resident_layers: tuple[int, ...]
+    streamed_layers: tuple[int, ...]
+    disk_layers: tuple[int, ...]  # streamed layers read from the mmap'd file (not pinned)
+    embed_on_device: bool
+    lm_head_resident: bool
+    lm_head_chunks: int  # 0 when resident; else vocab-row chunks, each <= slot_bytes
+    num_slots: int  # staging slots; 0 when no layer or lm_head streams
+    slot_bytes: int
+    layer_bytes: int  # one packed decoder layer in the compute dtype
+    resident_weight_bytes: int
+    staging_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    total_bytes: int  # resident_weight + staging + kv_cache + workspace
+    budget_bytes: int  # the VRAM budget actually planned for (after clamping)
+    streamed_bytes_per_step: int  # host -> device bytes per decode step
+    disk_bytes_per_step: int  # bytes read from the checkpoint files per decode step
+    host_pinned_bytes: int
+    host_budget_bytes: int
+    predicted_step_s: float
+    predicted_tok_s: float
+    step_bound: str  # what limits the step: "pcie", "hbm" or "disk"
+    h2d_gbps: float
+    h2d_source: str
+    dtype: str
+    batch: int
+    max_context: int
+    prefill_chunk: int
+    notes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        parts = self.resident_weight_bytes + self.staging_bytes + self.kv_cache_bytes + self.workspace_bytes
+        assert parts == self.total_bytes, "plan categories must sum to the total"
+        assert self.total_bytes <= self.budget_bytes, "a plan never exceeds its budget"
+        assert set(self.disk_layers) <= set(self.streamed_layers)
+        assert not set(self.resident_layers) & set(self.streamed_layers)
+        assert (self.num_slots == 0) == (not self.streamed_layers and self.lm_head_resident)
+
+    def module(self, name: str) -> ModulePlan:
+        """The decision for module ``name`` (e.g. ``"layers.3"``, ``"lm_head"``)."""
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(f"no module {name!r} in the plan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        """A readable table of the decisions (consecutive alike layers grouped) and a summary."""
+        rows = [("module", "placement", "tier", "bytes", "reason")]
+        rows += [(name, m.placement, m.tier, format_size(size), m.reason)
+                 for name, m, size in _grouped(self.modules)]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+        lines.insert(1, "-" * min(120, len(lines[0]) + 20))
+        return "\n".join(lines + [""] + self.summary_lines())
+
+    def summary_lines(self) -> list[str]:
+        """The summary part of :meth:`table`: byte accounting, prediction and notes."""
+        pct = 100.0 * self.total_bytes / self.budget_bytes if self.budget_bytes else 0.0
+        slots = (f"{self.num_slots} x {format_size(self.slot_bytes)} = {format_size(self.staging_bytes)}"
+                 if self.num_slots else "none")
+        head = "" if self.lm_head_resident else f", lm_head in {self.lm_head_chunks} chunks"
+        rows = "" if self.embed_on_device else ", embedding rows"
+        out = [
+            f"resident weights : {format_size(self.resident_weight_bytes)} ({len(self.resident_layers)} layers"
+            f"{', lm_head' if self.lm_head_resident else ''}{', embed_tokens' if self.embed_on_device else ''})",
+            f"streamed / step  : {format_size(self.streamed_bytes_per_step)} ({len(self.streamed_layers)} layers"
+            f"{head}{rows}; {len(self.disk_layers)} layers from disk)",
+            f"staging slots    : {slots}",
+            f"KV cache         : {format_size(self.kv_cache_bytes)} "
+            f"(batch {self.batch}, context {self.max_context}, {self.dtype})",
+            f"workspace        : {format_size(self.workspace_bytes)} (prefill chunk {self.prefill_chunk} tokens)",
+            f"total VRAM       : {format_size(self.total_bytes)} of {format_size(self.budget_bytes)} budget "
+            f"({pct:.1f}%)",
+            f"host pinned      : {format_size(self.host_pinned_bytes)} of {format_size(self.host_budget_bytes)} "
+            "host budget",
+            f"predicted        : {self.predicted_step_s * 1e3:.1f} ms/step, {self.predicted_tok_s:.2f} tok/s "
+            f"(bound: {self.step_bound}; H2D {self.h2d_gbps:.1f} GB/s, {self.h2d_source})",
+        ]
+        return out + [f"note: {n}" for n in self.notes]
+
+
+def _grouped(modules: tuple[ModulePlan, ...]) -> list[tuple[str, ModulePlan, int]]:
+    """Merge runs of consecutive layers with the same placement/tier/reason into one row."""
+    out: list[tuple[str, ModulePlan, int]] = []
+    run: list[ModulePlan] = []
+
+    def flush() -> None:
+        if run:
+            first, last = run[0].name.split(".")[1], run[-1].name.split(".")[1]
+            name = run[0].name if len(run) == 1 else f"layers.{first}-{last} (x{len(run)})"
+            out.append((name, run[0], sum(m.bytes for m in run)))
+            run.clear()
+
+    for m in modules:
+        key = (m.placement, m.tier, m.reason)
+        same = run and m.kind == "layer" and key == (run[0].placement, run[0].tier, run[0].reason)
+        if m.kind == "layer" and (not run or same):
+            run.append(m)
+            continue
+        flush()
+        if m.kind == "layer":
+            run.append(m)
+        else:
+            out.append((m.name, m, m.bytes))
+    flush()
+    return out

@@ -1,0 +1,313 @@
+"""The VRAM-budget planner: which modules stay resident, which stream, and from where.
+
+Rules (all sizes in the compute dtype unless noted):
+
+* Fixed costs come first: KV cache, workspace, the final norm, and two staging slots of one
+  packed layer each when anything must stream (lm_head chunks reuse the same slots).
+* If the whole model fits, everything is resident and nothing streams (no slots).
+* Otherwise the embedding stays in host memory (only the ``batch`` looked-up rows travel)
+  unless it is tied to a resident lm_head (one GPU copy serves both). If all layers and
+  lm_head fit but the embedding does not, nothing streams but the embedding rows (no slots).
+* The rest of the budget holds as many resident bytes as possible (each resident byte is a
+  byte not streamed per step): the better of "lm_head resident + k layers" and "k' layers,
+  lm_head streamed"; on a tie lm_head wins (no chunking). Resident layers are the *first*
+  layers, so the streamed ones are the last (their copies start while the resident prefix runs).
+* A third slot costs a resident layer, so it is taken only from room left over once residency
+  is maximal; as a slot is one packed layer, that happens only when every layer is resident and
+  the streamed lm_head does not fit.
+* Streamed modules are pinned in execution order within the host budget; the first that
+  does not fit and everything after it are read from the memory-mapped checkpoint ("disk"):
+  the last streamed layers go to disk first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from engine.config import ModelConfig
+from engine.layout import LayerLayout, expected_tensors
+from memory.plan import ModulePlan, Plan, kv_cache_bytes, tensor_bytes_from_config, workspace_bytes
+from memory.units import format_size
+
+log = logging.getLogger(__name__)
+
+__all__ = ["make_plan", "minimum_budget", "tensor_bytes_from_config", "kv_cache_bytes", "workspace_bytes",
+           "Plan", "ModulePlan", "HBM_GBPS"]
+
+HBM_GBPS = 2500.0  # decode-step estimate when nothing streams: weights / 2.5 TB/s
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class _Workload:
+    dtype: torch.dtype  # compute dtype
+    batch: int
+    max_context: int
+    prefill_chunk: int
+    h2d_gbps: float
+    h2d_source: str
+    disk_gbps: float | None
+    hbm_gbps: float
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    layer: int  # one packed layer
+    layer_file: tuple[int, ...]  # each layer's bytes in the checkpoint files
+    embed: int
+    lm_head: int  # == embed when tied (the same tensor)
+    norm: int
+    row: int  # one embedding / lm_head row
+    row_file: int
+    lm_head_file: int
+    kv: int
+    workspace: int
+
+    @property
+    def fixed(self) -> int:
+        return self.kv + self.workspace + self.norm
+
+
+def _sizes(cfg: ModelConfig, dtype: torch.dtype, batch: int, max_context: int, prefill_chunk: int,
+           tensor_bytes: dict[str, int] | None = None) -> _Sizes:
+    """Every size the planner needs; ``tensor_bytes`` (file bytes) only for presence and disk reads."""
+    tb = tensor_bytes if tensor_bytes is not None else tensor_bytes_from_config(cfg, dtype)
+    expected = expected_tensors(cfg)
+    missing = sorted(set(expected) - set(tb))
+    if missing:
+        raise ValueError(f"tensor sizes lack {len(missing)} tensors the config implies (e.g. {missing[:3]}): "
+                         "pass {name: info.nbytes for name, info in ckpt.tensors.items()} of a matching checkpoint")
+    row = cfg.hidden_size * dtype.itemsize
+    layout = LayerLayout.build(cfg, dtype)
+    layer_file = tuple(sum(tb[f"model.layers.{i}.{n}"] for n in layout.names) for i in range(cfg.num_hidden_layers))
+    lm_file = tb[EMBED if cfg.tie_word_embeddings else LM_HEAD]
+    return _Sizes(layer=layout.nbytes, layer_file=layer_file, embed=cfg.vocab_size * row, lm_head=cfg.vocab_size * row,
+                  norm=row, row=row, row_file=tb[EMBED] // cfg.vocab_size, lm_head_file=lm_file,
+                  kv=kv_cache_bytes(cfg, dtype, batch, max_context),
+                  workspace=workspace_bytes(cfg, dtype, batch, max_context, prefill_chunk))
+
+
+def _all_resident_bytes(cfg: ModelConfig, s: _Sizes) -> int:
+    return s.fixed + cfg.num_hidden_layers * s.layer + s.embed + (0 if cfg.tie_word_embeddings else s.lm_head)
+
+
+def _minimum(cfg: ModelConfig, s: _Sizes) -> int:
+    return min(_all_resident_bytes(cfg, s), s.fixed + 2 * s.layer)
+
+
+def minimum_budget(cfg: ModelConfig, dtype: torch.dtype, *, batch: int = 1, max_context: int = 4096,
+                   prefill_chunk: int = 2048) -> int:
+    """The smallest VRAM budget that can run: KV + workspace + norm + two staging slots
+    (or the whole model resident, if that is smaller)."""
+    _check_workload(batch, max_context, prefill_chunk)
+    return _minimum(cfg, _sizes(cfg, dtype, batch, max_context, prefill_chunk))
+
+
+def _check_workload(batch: int, max_context: int, prefill_chunk: int) -> None:
+    for name, v in (("batch", batch), ("max_context", max_context), ("prefill_chunk", prefill_chunk)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _resolve_budget(vram_budget: int | None, device_free: int | None, all_resident: int, notes: list[str]) -> int:
+    if vram_budget is not None and vram_budget <= 0:
+        raise ValueError(f"VRAM budget must be positive, got {vram_budget}: pass e.g. --vram-budget 6GiB")
+    if device_free is not None and device_free <= 0:
+        raise ValueError(f"the GPU reports {device_free} bytes free: close other processes using it")
+    if vram_budget is None and device_free is None:
+        notes.append("no VRAM budget and no device memory figure (CPU): planning everything resident")
+        return all_resident
+    if vram_budget is None:
+        notes.append(f"no VRAM budget given: using the GPU's free memory, {format_size(device_free)}")
+        return device_free
+    if device_free is not None and vram_budget > device_free:
+        notes.append(f"VRAM budget {format_size(vram_budget)} exceeds the GPU's free memory "
+                     f"{format_size(device_free)}: clamped to {format_size(device_free)}")
+        return device_free
+    return vram_budget
+
+
+def _resolve_host_budget(host_budget: int | None, notes: list[str]) -> int:
+    if host_budget is not None:
+        if host_budget < 0:
+            raise ValueError(f"host budget must be >= 0, got {host_budget}: pass e.g. --host-budget 32GB")
+        return host_budget
+    vm = psutil.virtual_memory()
+    margin = max(2 << 30, vm.total // 10)
+    budget = max(0, vm.available - margin)
+    notes.append(f"host budget: {format_size(vm.available)} available minus a {format_size(margin)} margin "
+                 f"= {format_size(budget)}")
+    return budget
+
+
+@dataclass(frozen=True)
+class _Residency:
+    resident: int  # number of leading layers kept resident
+    lm_head_resident: bool
+    embed_on_device: bool
+    num_slots: int
+
+
+def _choose_residency(cfg: ModelConfig, s: _Sizes, budget: int) -> _Residency:
+    n, tied = cfg.num_hidden_layers, cfg.tie_word_embeddings
+    if _all_resident_bytes(cfg, s) <= budget:
+        return _Residency(n, True, True, 0)
+    if not tied and s.fixed + n * s.layer + s.lm_head <= budget:
+        return _Residency(n, True, False, 0)  # only the embedding stays on the host
+    avail = budget - s.fixed - 2 * s.layer
+    assert avail >= 0, "budget was checked against the minimum"
+    k_streamed_head = min(n, avail // s.layer)
+    k_resident_head = min(n, (avail - s.lm_head) // s.layer) if s.lm_head <= avail else -1
+    head = k_resident_head >= 0 and k_resident_head * s.layer + s.lm_head >= k_streamed_head * s.layer
+    k = k_resident_head if head else k_streamed_head
+    assert k < n or not head, "everything resident was handled above"
+    leftover = avail - k * s.layer - (s.lm_head if head else 0)
+    return _Residency(k, head, head and tied, 3 if leftover >= s.layer else 2)
+
+
+@dataclass(frozen=True)
+class _Tiers:
+    disk_layers: tuple[int, ...]
+    lm_head_tier: str  # "vram" | "pinned" | "disk"
+    embed_tier: str
+    host_pinned: int
+
+
+def _assign_tiers(cfg: ModelConfig, s: _Sizes, r: _Residency, host_budget: int) -> _Tiers:
+    left, disk, spilled = host_budget, [], False
+    for i in range(r.resident, cfg.num_hidden_layers):  # execution order: the last go to disk first
+        if not spilled and s.layer <= left:
+            left -= s.layer
+        else:
+            spilled = True
+            disk.append(i)
+    head_tier = "vram"
+    if not r.lm_head_resident:
+        head_tier = "pinned" if not spilled and s.lm_head <= left else "disk"
+        left -= s.lm_head if head_tier == "pinned" else 0
+    if r.embed_on_device:
+        embed_tier = "vram"
+    elif cfg.tie_word_embeddings and not r.lm_head_resident:
+        embed_tier = head_tier  # one host table is both the embedding and the streamed lm_head
+    else:
+        embed_tier = "pinned" if s.embed <= left else "disk"
+        left -= s.embed if embed_tier == "pinned" else 0
+    return _Tiers(tuple(disk), head_tier, embed_tier, host_budget - left)
+
+
+def _modules(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, batch: int, chunks: int) -> tuple[ModulePlan, ...]:
+    tied, where = cfg.tie_word_embeddings, {"pinned": "pinned host memory", "disk": "the mmap'd checkpoint"}
+    if r.embed_on_device:
+        why = "tied to the resident lm_head: one GPU copy serves both" if tied and r.resident < cfg.num_hidden_layers \
+            else "the whole model fits the budget"
+        out = [ModulePlan("embed_tokens", "embedding", s.embed, "resident", "vram", why)]
+    else:
+        spill = "; host budget full" if t.embed_tier == "disk" else ""
+        out = [ModulePlan("embed_tokens", "embedding", s.embed, "host", t.embed_tier,
+                          f"only the {batch} looked-up row(s) travel per step, from {where[t.embed_tier]}{spill}")]
+    for i in range(cfg.num_hidden_layers):
+        if i < r.resident:
+            out.append(ModulePlan(f"layers.{i}", "layer", s.layer, "resident", "vram",
+                                  "fits the budget (the first layers are kept resident)"))
+        elif i in t.disk_layers:
+            out.append(ModulePlan(f"layers.{i}", "layer", s.layer, "streamed", "disk",
+                                  "streamed from the mmap'd checkpoint: the host budget cannot pin it"))
+        else:
+            out.append(ModulePlan(f"layers.{i}", "layer", s.layer, "streamed", "pinned",
+                                  "streamed through the staging slots from pinned host memory"))
+    out.append(ModulePlan("norm", "norm", s.norm, "resident", "vram", "always resident (one hidden-sized vector)"))
+    if r.lm_head_resident and tied:
+        out.append(ModulePlan("lm_head", "lm_head", 0, "resident", "vram", "tied: uses embed_tokens' GPU copy"))
+    elif r.lm_head_resident:
+        out.append(ModulePlan("lm_head", "lm_head", s.lm_head, "resident", "vram",
+                              "fits: saves its bytes every step and needs no chunking"))
+    else:
+        src = "the host embedding table (tied)" if tied else where[t.lm_head_tier]
+        out.append(ModulePlan("lm_head", "lm_head", s.lm_head, "streamed", t.lm_head_tier,
+                              f"streamed in {chunks} vocab-row chunks through the staging slots, from {src}"))
+    return tuple(out)
+
+
+def _predict(s: _Sizes, n_layers: int, streamed: int, disk: int, w: _Workload, notes: list[str]) -> tuple[float, str]:
+    """(step seconds, bound): copies, disk reads and compute overlap, so the slowest one sets the pace."""
+    weights_read = n_layers * s.layer + s.lm_head + s.norm  # every weight is read from HBM once per step
+    times = {"pcie": streamed / (w.h2d_gbps * 1e9), "hbm": weights_read / (w.hbm_gbps * 1e9)}
+    if disk and w.disk_gbps:
+        times["disk"] = disk / (w.disk_gbps * 1e9)
+    elif disk:
+        notes.append(f"{format_size(disk)} per step is read from the checkpoint files: the prediction ignores "
+                     "disk read time (pass disk_gbps), and a step will likely be much slower; raise the host budget")
+    bound = max(times, key=times.get)
+    if bound == "hbm":
+        notes.append(f"step time is an HBM estimate (weights read per step / {w.hbm_gbps / 1e3:.1f} TB/s): "
+                     "no layer or lm_head streams")
+    return times[bound], bound
+
+
+def make_plan(cfg: ModelConfig, tensor_bytes: dict[str, int], dtype: torch.dtype, *,
+              vram_budget: int | None = None, host_budget: int | None = None, batch: int = 1,
+              max_context: int = 4096, prefill_chunk: int = 2048, device_free: int | None = None,
+              h2d_gbps: float = 25.0, h2d_source: str = "given", disk_gbps: float | None = None,
+              hbm_gbps: float = HBM_GBPS) -> Plan:
+    """Plan residency and streaming for ``cfg`` in compute ``dtype`` (see the module docstring for the rules).
+
+    ``tensor_bytes`` maps checkpoint tensor names to their bytes in the file (``{n: i.nbytes for n, i in
+    ckpt.tensors.items()}`` or :func:`tensor_bytes_from_config`). ``vram_budget`` None uses
+    ``device_free`` (or, with neither, plans everything resident); a budget above ``device_free``
+    is clamped with a note. ``host_budget`` None is the available RAM minus max(2 GiB, 10%).
+    Raises ValueError when the budget is below :func:`minimum_budget`.
+    """
+    _check_workload(batch, max_context, prefill_chunk)
+    if not h2d_gbps > 0:
+        raise ValueError(f"h2d_gbps must be positive, got {h2d_gbps}")
+    w = _Workload(dtype, batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps)
+    notes: list[str] = []
+    s = _sizes(cfg, dtype, batch, max_context, prefill_chunk, tensor_bytes)
+    budget = _resolve_budget(vram_budget, device_free, _all_resident_bytes(cfg, s), notes)
+    if budget < (minimum := _minimum(cfg, s)):
+        what = "VRAM budget" if budget == vram_budget else "the GPU's free memory"
+        raise ValueError(
+            f"{what} {format_size(budget)} is below the minimum {format_size(minimum)} for this model at "
+            f"batch {batch}, context {max_context}: KV cache {format_size(s.kv)} + workspace "
+            f"{format_size(s.workspace)} + 2 staging slots of {format_size(s.layer)}. Raise --vram-budget to at "
+            f"least {format_size(minimum)}, or lower --max-context or --batch (or --prefill-chunk).")
+    if max_context > cfg.max_position_embeddings:
+        notes.append(f"max_context {max_context} exceeds the model's max_position_embeddings "
+                     f"{cfg.max_position_embeddings}: quality beyond it is not guaranteed")
+    r = _choose_residency(cfg, s, budget)
+    host = _resolve_host_budget(host_budget, notes)
+    plan = _assemble(cfg, s, r, _assign_tiers(cfg, s, r, host), w, budget, host, notes)
+    for note in plan.notes:
+        log.info("memory plan: %s", note)
+    return plan
+
+
+def _assemble(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, budget: int, host: int,
+              notes: list[str]) -> Plan:
+    n, tied, batch = cfg.num_hidden_layers, cfg.tie_word_embeddings, w.batch
+    chunks = 0 if r.lm_head_resident else math.ceil(cfg.vocab_size / (s.layer // s.row))
+    streamed_layers = tuple(range(r.resident, n))
+    streamed = (len(streamed_layers) * s.layer + (0 if r.lm_head_resident else s.lm_head)
+                + (0 if r.embed_on_device else batch * s.row))
+    table_is_head = tied and not r.lm_head_resident  # the streamed lm_head is the host embedding table
+    disk = (sum(s.layer_file[i] for i in t.disk_layers) + (s.lm_head_file if t.lm_head_tier == "disk" else 0)
+            + (batch * s.row_file if t.embed_tier == "disk" and not table_is_head else 0))
+    step, bound = _predict(s, n, streamed, disk, w, notes)
+    modules = _modules(cfg, s, r, t, batch, chunks)
+    resident = sum(m.bytes for m in modules if m.placement == "resident")
+    staging = r.num_slots * s.layer
+    return Plan(
+        modules=modules, resident_layers=tuple(range(r.resident)), streamed_layers=streamed_layers,
+        disk_layers=t.disk_layers, embed_on_device=r.embed_on_device, lm_head_resident=r.lm_head_resident,
+        lm_head_chunks=chunks, num_slots=r.num_slots, slot_bytes=s.layer if r.num_slots else 0,
+        layer_bytes=s.layer, resident_weight_bytes=resident, staging_bytes=staging, kv_cache_bytes=s.kv,
+        workspace_bytes=s.workspace, total_bytes=resident + staging + s.kv + s.workspace, budget_bytes=budget,
+        streamed_bytes_per_step=streamed, disk_bytes_per_step=disk, host_pinned_bytes=t.host_pinned,
+        host_budget_bytes=host, predicted_step_s=step, predicted_tok_s=batch / step, step_bound=bound,
+        h2d_gbps=w.h2d_gbps, h2d_source=w.h2d_source, dtype=str(w.dtype).removeprefix("torch."), batch=batch,
+        max_context=w.max_context, prefill_chunk=w.prefill_chunk, notes=tuple(notes))

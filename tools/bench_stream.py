@@ -1,0 +1,180 @@
+"""Streaming-overlap benchmark: decode and prefill at several VRAM budgets, against the bound.
+
+For one model it measures, in one run: pinned host-to-device bandwidth; per budget and
+batch the plan (resident layers, bytes streamed per step), decode step time against
+the bound (streamed bytes / measured bandwidth), achieved GB/s, copy-engine busy
+fraction, compute-stream stall, 2048-token prefill time, peak VRAM, and whether the
+tokens equal the all-resident run; and (when importable) Hugging Face accelerate
+offload at the same budget. Writes JSON, a Perfetto trace and a PNG timeline.
+
+    python -m tools.bench_stream --model DIR --budgets 6GiB,full --batches 1,16 --out-dir bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import Checkpoint
+from engine.config import ModelConfig
+from engine.engine import Engine, EngineOptions
+from engine.generate import decode_step, prefill
+from memory.bandwidth import measure_h2d
+from memory.units import format_size, parse_size
+from streamer.trace import busy_fraction, write_chrome_trace
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_stream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model directory (e.g. from tools.synth)")
+    p.add_argument("--budgets", default="6GiB,full", help="comma list of VRAM budgets; 'full' = no limit")
+    p.add_argument("--batches", default="1", help="comma list of batch sizes")
+    p.add_argument("--context", type=int, default=4096, help="KV-cache context for batch 1")
+    p.add_argument("--batch-context", type=int, default=1024, help="KV-cache context for batch > 1")
+    p.add_argument("--steps", type=int, default=12, help="decode steps timed per configuration")
+    p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--kernels", default="triton", choices=["triton", "torch"])
+    p.add_argument("--accelerate", action="store_true", help="also run HF accelerate offload at each budget")
+    p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--tag", default="stream")
+    return p
+
+
+def _decode_steps(engine: Engine, batch: int, steps: int, prompt_len: int = 16) -> tuple[list[float], list]:
+    """Greedy decode ``steps`` tokens from a fixed prompt; per-step wall times and the tokens."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, min(engine.cfg.vocab_size, 1000), (prompt_len,), generator=g).tolist()] * batch
+    dev = engine.device
+    engine.cache.reset()
+    logits = prefill(engine, prompts)
+    tok = logits.argmax(-1)
+    times, tokens = [], [tok.tolist()]
+    pos = prompt_len
+    if engine.weights.tracer:
+        engine.weights.tracer.mark()
+    for _ in range(steps):
+        torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        logits = decode_step(engine, tok, [pos] * batch)
+        tok = logits.argmax(-1)
+        tokens.append(tok.tolist())  # host sync, as generation does
+        times.append(time.perf_counter() - t)
+        pos += 1
+    return times, tokens
+
+
+def _prefill_time(engine: Engine, n: int) -> float:
+    ids = [list(range(1, n + 1))]
+    engine.cache.reset()
+    prefill(engine, ids)  # warm (autotune, allocator)
+    torch.cuda.synchronize(engine.device)
+    t = time.perf_counter()
+    prefill(engine, ids)
+    torch.cuda.synchronize(engine.device)
+    return time.perf_counter() - t
+
+
+def _stall_ms(spans: list[dict]) -> float:
+    """Time the compute stream sat waiting on a copy: gaps before compute spans of streamed units."""
+    comp = sorted((s for s in spans if s["lane"] == "compute"), key=lambda s: s["start_ms"])
+    return sum(max(0.0, b["start_ms"] - a["end_ms"]) for a, b in zip(comp, comp[1:]))
+
+
+def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flops_per_token: float,
+               out_dir: Path) -> dict:
+    ctx = args.context if batch == 1 else args.batch_context
+    opts = EngineOptions(device="cuda", kernels=args.kernels, vram_budget=budget, batch=batch, max_context=ctx,
+                         trace=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    engine = Engine(model, opts)
+    load_s = time.perf_counter() - t0
+    plan = engine.plan
+    _decode_steps(engine, batch, 2)  # warm-up: autotune, allocator, pipeline
+    times, tokens = _decode_steps(engine, batch, args.steps)
+    spans = engine.weights.tracer.timeline() if engine.weights.tracer else []
+    step = statistics.median(times[1:]) if len(times) > 2 else times[-1]
+    bound = plan.streamed_bytes_per_step / (h2d * 1e9)
+    window = spans[-1]["end_ms"] - spans[0]["start_ms"] if spans else 0.0
+    res = {"budget_bytes": budget, "batch": batch, "context": ctx, "load_s": load_s,
+           "resident_layers": len(plan.resident_layers), "streamed_layers": len(plan.streamed_layers),
+           "lm_head_resident": plan.lm_head_resident, "embed_on_device": plan.embed_on_device,
+           "streamed_bytes_per_step": plan.streamed_bytes_per_step, "num_slots": plan.num_slots,
+           "step_s": step, "step_s_all": times, "bound_s": bound, "step_over_bound": step / bound if bound else None,
+           "achieved_gbps": plan.streamed_bytes_per_step / step / 1e9, "tok_s": batch / step,
+           "predicted_tok_s": plan.predicted_tok_s,
+           "copy_busy_fraction": busy_fraction(spans, "copy", window) if spans else None,
+           "compute_stall_ms_total": _stall_ms(spans) if spans else None, "traced_window_ms": window,
+           "tokens": tokens}
+    if args.prefill_tokens and batch == 1:
+        pre = _prefill_time(engine, args.prefill_tokens)
+        compute_bound = flops_per_token * args.prefill_tokens / (args.gemm_tflops * 1e12)
+        res.update(prefill_s=pre, prefill_transfer_bound_s=bound, prefill_compute_bound_s=compute_bound,
+                   prefill_over_bound=pre / max(bound, compute_bound))
+    res["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+    res["within_budget"] = budget is None or res["peak_vram_bytes"] <= budget
+    if spans:
+        name = f"{args.tag}-trace-b{batch}-{format_size(budget or 0).replace(' ', '')}.json"
+        write_chrome_trace(spans, out_dir / name)
+        res["trace_file"] = name
+        res["spans"] = spans
+    engine.close()
+    del engine
+    return res
+
+
+def _gemm_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t) / 1e12
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: bench_stream needs a CUDA GPU (none visible)", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budgets = [None if b.strip() == "full" else parse_size(b) for b in args.budgets.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    h2d = measure_h2d(torch.device("cuda"))
+    args.gemm_tflops = _gemm_tflops()
+    cfg = ModelConfig.from_file(Path(args.model) / "config.json")
+    params = sum(math.prod(v.shape) for v in Checkpoint(args.model).tensors.values())
+    flops_per_token = 2 * params  # one multiply-add per weight per token
+    print(f"pinned H2D {h2d:.1f} GB/s | bf16 GEMM {args.gemm_tflops:.0f} TFLOP/s | {torch.cuda.get_device_name()}")
+    results = []
+    for batch in batches:
+        for budget in budgets:
+            r = run_config(args.model, budget, batch, args, h2d, flops_per_token, out_dir)
+            results.append(r)
+            print(_row(r), flush=True)
+    from tools.bench_stream_report import finish
+    return finish(args, results, h2d, cfg, out_dir)
+
+
+def _row(r: dict) -> str:
+    b = format_size(r["budget_bytes"]) if r["budget_bytes"] else "full"
+    ratio = f"{r['step_over_bound']:.3f}x bound" if r["step_over_bound"] else "no streaming"
+    return (f"budget {b:>10} batch {r['batch']:>2}: {r['resident_layers']} resident, "
+            f"{r['streamed_bytes_per_step'] / 1e9:.2f} GB/step, step {r['step_s'] * 1e3:.1f} ms ({ratio}), "
+            f"{r['tok_s']:.2f} tok/s, {r['achieved_gbps']:.1f} GB/s, peak {format_size(r['peak_vram_bytes'])}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Second half of ``tools.bench_stream``: the accelerate peer, checks, JSON, timeline PNG, table."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from memory.units import format_size
+
+
+def accelerate_decode(model: str, budget: int, tokens: int = 6, prompt_len: int = 16) -> dict:
+    """HF accelerate offload (device_map="auto", max_memory = budget) greedy decode tok/s at batch 1."""
+    try:
+        from transformers import AutoModelForCausalLM
+        import accelerate  # noqa: F401
+    except ImportError as e:
+        return {"error": f"not importable: {e}"}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, device_map="auto",
+                                             max_memory={0: budget, "cpu": 400 * 2**30})
+    load_s = time.perf_counter() - t0
+    ids = torch.randint(0, 1000, (1, prompt_len), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    timed(1)
+    t1, tn = timed(1), timed(tokens)
+    res = {"load_s": load_s, "decode_tok_s": (tokens - 1) / (tn - t1), "tokens": tokens,
+           "peak_vram_bytes": torch.cuda.max_memory_allocated(),
+           "gpu_modules": sum(1 for d in m.hf_device_map.values() if d not in ("cpu", "disk"))}
+    del m
+    torch.cuda.empty_cache()
+    return res
+
+
+def _timeline_png(spans: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(14, 2.6))
+    lanes = {"copy": (1, "tab:blue"), "compute": (0, "tab:orange")}
+    t0 = min(s["start_ms"] for s in spans)
+    for s in spans:
+        y, color = lanes[s["lane"]]
+        ax.barh(y, s["end_ms"] - s["start_ms"], left=s["start_ms"] - t0, color=color, edgecolor="white", height=0.6)
+    ax.set_yticks([0, 1], ["compute (streamed units)", "copy stream (H2D)"])
+    ax.set_xlabel("ms")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _check_tokens(results: list[dict]) -> None:
+    full = {r["batch"]: r["tokens"] for r in results if r["budget_bytes"] is None}
+    for r in results:
+        ref = full.get(r["batch"])
+        r["tokens_match_all_resident"] = None if ref is None else r["tokens"] == ref
+
+
+def finish(args, results: list[dict], h2d: float, cfg, out_dir: Path) -> int:
+    """Peer runs, equality checks, files, and the closing table; returns the exit code."""
+    _check_tokens(results)
+    peers = {}
+    if args.accelerate:
+        for budget in sorted({r["budget_bytes"] for r in results if r["budget_bytes"]}):
+            peers[budget] = accelerate_decode(args.model, budget)
+            print(f"accelerate offload at {format_size(budget)}: {peers[budget]}", flush=True)
+    for r in results:
+        peer = peers.get(r["budget_bytes"])
+        if peer and "decode_tok_s" in peer and r["batch"] == 1:
+            r["speedup_vs_accelerate"] = r["tok_s"] / peer["decode_tok_s"]
+    streamed = [r for r in results if r.get("spans")]
+    if streamed:
+        r = streamed[0]
+        _timeline_png(r["spans"], out_dir / f"{args.tag}-timeline.png",
+                      f"decode at {format_size(r['budget_bytes'] or 0)}, batch {r['batch']}: copy vs compute")
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "date": date.today().isoformat(),
+            "model": str(args.model), "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
+            "h2d_pinned_gbps": h2d, "gemm_tflops": args.gemm_tflops, "kernels": args.kernels}
+    for r in results:
+        r.pop("spans", None)
+    payload = {"meta": meta, "results": results,
+               "accelerate": {str(k): v for k, v in peers.items()}}
+    path = out_dir / f"{args.tag}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+    print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | "
+          f"pinned H2D {h2d:.1f} GB/s")
+    print(f"{'budget':>12} {'batch':>5} {'step ms':>8} {'bound ms':>8} {'ratio':>6} {'tok/s':>8} "
+          f"{'GB/s':>6} {'copy busy':>9} {'vs accel':>8} {'same tokens':>11} {'peak':>10}")
+    for r in results:
+        b = format_size(r["budget_bytes"]) if r["budget_bytes"] else "full"
+        ratio = f"{r['step_over_bound']:.3f}" if r["step_over_bound"] else "-"
+        busy = f"{r['copy_busy_fraction']:.2f}" if r["copy_busy_fraction"] is not None else "-"
+        acc = f"{r['speedup_vs_accelerate']:.1f}x" if r.get("speedup_vs_accelerate") else "-"
+        print(f"{b:>12} {r['batch']:>5} {r['step_s'] * 1e3:>8.1f} {r['bound_s'] * 1e3:>8.1f} {ratio:>6} "
+              f"{r['tok_s']:>8.2f} {r['achieved_gbps']:>6.1f} {busy:>9} {acc:>8} "
+              f"{str(r['tokens_match_all_resident']):>11} {format_size(r['peak_vram_bytes']):>10}")
+        if "prefill_s" in r:
+            print(f"{'':>12} prefill {args.prefill_tokens} tok: {r['prefill_s'] * 1e3:.0f} ms = "
+                  f"{r['prefill_over_bound']:.2f}x max(transfer {r['prefill_transfer_bound_s'] * 1e3:.0f} ms, "
+                  f"compute {r['prefill_compute_bound_s'] * 1e3:.0f} ms)")
+    print(f"wrote {path}")
+    return 0
