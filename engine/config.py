@@ -115,7 +115,16 @@ class ModelConfig:
             raise ValueError("config.json has no 'model_type': is this a Hugging Face causal-LM checkpoint?")
         if "torch_dtype" not in kwargs and isinstance(raw.get("dtype"), str):
             kwargs["torch_dtype"] = raw["dtype"]
+        rope = raw.get("rope_parameters")  # transformers >= 5 layout: theta and scaling in one dict
+        if isinstance(rope, dict):
+            if "rope_theta" not in kwargs and "rope_theta" in rope:
+                kwargs["rope_theta"] = rope["rope_theta"]
+            if kwargs.get("rope_scaling") is None and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+                kwargs["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         kwargs["architectures"] = tuple(raw.get("architectures") or ())
+        if kwargs["model_type"] not in SUPPORTED_MODEL_TYPES:  # before the key check: e.g. GPT-2 has n_embd
+            raise ValueError(f"unsupported model_type {kwargs['model_type']!r}: this engine runs "
+                             f"{sorted(SUPPORTED_MODEL_TYPES)} decoder-only checkpoints")
         missing = [n for n in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads", "vocab_size") if n not in kwargs]
         if missing:

@@ -60,7 +60,7 @@ def prefill(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
                                       torch.tensor(q_lens, dtype=torch.int32, device=dev), engine.cache,
                                       max_len=c1)
         ends_here = [i for i, n in enumerate(lens) if c0 < n <= c1]
-        sel = torch.tensor(ends_here, device=dev)
+        sel = torch.tensor(ends_here, dtype=torch.long, device=dev)  # may be empty: keep an index dtype
         last[sel] = logits[sel]
     engine.cache.lengths[:b] = lens
     return last

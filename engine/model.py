@@ -63,7 +63,8 @@ class Model:
         residual = None
         for i in range(self.cfg.num_hidden_layers):
             w = self.weights.layer(i)
-            h, residual = self._layer(w, h, residual, positions, cache.layer(i), start_pos, q_lens, max_len)
+            kv = tuple(c[:b] for c in cache.layer(i))  # the first b rows: fewer prompts than cache.batch
+            h, residual = self._layer(w, h, residual, positions, kv, start_pos, q_lens, max_len)
             self.weights.release(i)
         if last_only:
             rows = torch.arange(b, device=self.device)

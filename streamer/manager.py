@@ -106,8 +106,9 @@ class WeightManager:
 
     def _load_streamed(self, threads: int) -> None:
         disk = set(self.plan.disk_layers)
+        head_on_disk = not self.plan.lm_head_resident and self.plan.module("lm_head").tier == "disk"
         pinned = {j: self._packer(u) for j, u in enumerate(self.units)
-                  if not (u.kind == "layer" and u.index in disk)}
+                  if not ((u.kind == "layer" and u.index in disk) or (u.kind == "lm_head" and head_on_disk))}
         sizes = {j: u.nbytes for j, u in enumerate(self.units)}
         self.host_bufs = pack_all(pinned, sizes, pin=True, threads=threads, progress=self._progress)
         self.disk = DiskReader(3, self.plan.slot_bytes, pin=True) if len(pinned) < len(self.units) else None
@@ -121,7 +122,7 @@ class WeightManager:
         self.slot_views: list[dict] = [{} for _ in range(n)]
         self.issued = 0  # units whose copy has been issued
         self.consumed = 0  # units acquired by the compute side
-        for g in range(min(n, 2 * n)):
+        for g in range(n):
             self._request_read(g)
         for _ in range(n):
             self._issue_next()
@@ -137,7 +138,7 @@ class WeightManager:
         src = self.host_bufs.get(j)
         if src is None:
             src = self.disk.get(g)
-            self._request_read(g + n)
+        self._request_read(g + n)  # unit g + n may come from disk even when unit g is pinned
         with self.sync.on_copy_stream():
             self.sync.copy_stream.wait_event(self.free[slot])
             if self.tracer:

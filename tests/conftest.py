@@ -10,3 +10,23 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared fixtures for the engine tests (test_model_parity.py, test_bad_input.py, test_cli.py).
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A synthesized tiny-qwen2 checkpoint (bf16 weights, tokenizer, chat template); read-only for tests."""
+    from tools.synth import synthesize
+
+    return synthesize("tiny-qwen2", tmp_path_factory.mktemp("synth") / "tiny-qwen2", dtype="bf16", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tiny_qwen2_dir):
+    """A directory holding tokenizer.json + tokenizer_config.json (those of tiny-qwen2)."""
+    return tiny_qwen2_dir

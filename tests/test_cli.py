@@ -1,0 +1,194 @@
+"""The command line (``engine.run.main``) on a synthesized tiny-qwen2 checkpoint, on the CPU."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import pytest
+import torch
+
+import engine.cli_session as cli_session
+from engine.config import ModelConfig
+from engine.engine import Engine, EngineOptions
+from engine.generate import generate
+from engine.layout import LayerLayout
+from engine.run import main
+from engine.sampling import SamplingParams
+from engine.tokenizer import Tokenizer
+from memory.planner import minimum_budget
+from tests.helpers import dir_snapshot
+
+CPU = ["--device", "cpu"]
+
+
+def run_json(capsys, argv: list[str]) -> tuple[dict, str]:
+    """Run with --json; stdout must be exactly one JSON object (one line)."""
+    rc = main([*argv, "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, f"exit {rc}, stderr:\n{err}"
+    assert "Traceback" not in err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, f"stdout must be one JSON line, got:\n{out}"
+    obj = json.loads(lines[0])
+    assert isinstance(obj, dict)
+    return obj, err
+
+
+@pytest.fixture(scope="module")
+def greedy_ref(tiny_qwen2_dir):
+    """prompt ids -> greedy token ids, straight through Engine + generate (the CLI's defaults)."""
+    engine = Engine(tiny_qwen2_dir, EngineOptions(device="cpu"))
+
+    def run(ids: list[int], n: int) -> list[int]:
+        return generate(engine, [ids], SamplingParams(), max_new_tokens=n).token_ids[0]
+
+    yield run
+    engine.close()
+
+
+def test_json_output(capsys, tiny_qwen2_dir, greedy_ref):
+    before = dir_snapshot(tiny_qwen2_dir)
+    obj, err = run_json(capsys, ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "5", *CPU])
+    tok = Tokenizer.from_dir(tiny_qwen2_dir)
+    assert {"token_ids", "text", "stats", "plan", "prompt_token_ids", "finish_reason"} <= set(obj)
+    ids = obj["token_ids"]
+    assert isinstance(ids, list) and 1 <= len(ids) <= 5 and all(isinstance(i, int) for i in ids)
+    assert obj["finish_reason"] == ("max_new_tokens" if len(ids) == 5 else "eos")
+    assert obj["text"] == tok.decode(ids)
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert obj["prompt_token_ids"] == tok.encode(chat, add_special_tokens=False)
+    assert ids == greedy_ref(obj["prompt_token_ids"], 5)
+    stats = obj["stats"]
+    for key in ("prefill_tok_s", "decode_tok_s", "prefill_s", "decode_s", "host_rss_bytes"):
+        assert isinstance(stats[key], (int, float)) and stats[key] >= 0, key
+    assert stats["prefill_tok_s"] > 0
+    assert stats["prompt_tokens"] == len(obj["prompt_token_ids"]) and stats["generated_tokens"] == len(ids)
+    assert stats["batch"] == 1
+    plan = obj["plan"]
+    assert plan["resident_layers"] == [0, 1, 2] and plan["streamed_layers"] == [] and plan["lm_head_resident"]
+    assert any("CPU" in n for n in plan["notes"])
+    assert obj["random_weights"] is False
+    assert dir_snapshot(tiny_qwen2_dir) == before
+
+
+def test_plain_output_streams_text(capsys, tiny_qwen2_dir):
+    rc = main(["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "4", *CPU])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "plan: 3/3 layers resident" in err and "tok/s" in err
+    assert out.endswith("\n") and "{" not in out
+
+
+def test_no_chat_and_system(capsys, tiny_qwen2_dir, greedy_ref):
+    tok = Tokenizer.from_dir(tiny_qwen2_dir)
+    raw, _ = run_json(capsys, ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--no-chat",
+                               "--max-new-tokens", "3", *CPU])
+    assert raw["prompt_token_ids"] == tok.encode("hi")
+    assert raw["token_ids"] == greedy_ref(raw["prompt_token_ids"], 3)
+    sys_, _ = run_json(capsys, ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--system", "Be brief.",
+                                "--max-new-tokens", "3", *CPU])
+    prompt = tok.decode(sys_["prompt_token_ids"])
+    assert "Be brief." in prompt and "hi" in prompt and len(sys_["prompt_token_ids"]) > len(raw["prompt_token_ids"])
+
+
+def test_seeded_sampling_is_reproducible(capsys, tiny_qwen2_dir):
+    args = ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "8", "--temperature", "0.8",
+            "--top-p", "0.9", *CPU]
+    a, _ = run_json(capsys, [*args, "--seed", "1"])
+    b, _ = run_json(capsys, [*args, "--seed", "1"])
+    c, _ = run_json(capsys, [*args, "--seed", "2"])
+    assert (a["token_ids"], a["text"]) == (b["token_ids"], b["text"])
+    assert c["token_ids"] != a["token_ids"], "seed 2 gave the same 8 sampled tokens as seed 1"
+
+
+def test_batch_2(capsys, tiny_qwen2_dir, greedy_ref):
+    obj, _ = run_json(capsys, ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "5",
+                               "--batch", "2", *CPU])
+    assert obj["stats"]["batch"] == 2 and obj["plan"]["batch"] == 2
+    assert obj["token_ids"] == greedy_ref(obj["prompt_token_ids"], 5)
+    assert obj["stats"]["prompt_tokens"] == 2 * len(obj["prompt_token_ids"])
+
+
+def test_show_plan(capsys, tiny_qwen2_dir):
+    rc = main(["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "2", "--show-plan", *CPU])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    for fragment in ("module", "placement", "tier", "embed_tokens", "layers.0", "lm_head", "resident weights",
+                     "KV cache", "total VRAM"):
+        assert fragment in err, fragment
+
+
+def _budgets(model_dir) -> dict[str, int]:
+    cfg = ModelConfig.from_file(model_dir / "config.json")
+    low = minimum_budget(cfg, torch.float32, batch=1, max_context=4096, prefill_chunk=2048)  # the CLI's defaults
+    return {"min": low, "min+layer": low + LayerLayout.build(cfg, torch.float32).nbytes}
+
+
+@pytest.mark.parametrize("budget,host", [("min", None), ("min+layer", None), ("min", "0")])
+def test_vram_budget_forces_streaming_same_tokens(capsys, tiny_qwen2_dir, budget, host):
+    """On the CPU there is no free-memory figure: with a budget the plan follows the budget alone."""
+    base = ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "6", *CPU]
+    ref, _ = run_json(capsys, base)
+    nbytes = _budgets(tiny_qwen2_dir)[budget]
+    extra = ["--vram-budget", str(nbytes)] + (["--host-budget", host] if host is not None else [])
+    obj, _ = run_json(capsys, [*base, *extra])
+    plan = obj["plan"]
+    assert plan["budget_bytes"] == nbytes and plan["total_bytes"] <= nbytes
+    assert not any("clamped" in n for n in plan["notes"])
+    assert plan["streamed_layers"] and plan["num_slots"] >= 2
+    if budget == "min":
+        assert plan["resident_layers"] == [] and not plan["lm_head_resident"] and plan["lm_head_chunks"] >= 2
+    else:
+        assert plan["resident_layers"] == [0] and plan["streamed_layers"] == [1, 2]
+    if host == "0":
+        assert plan["disk_layers"] == [0, 1, 2]
+    assert obj["token_ids"] == ref["token_ids"]
+
+
+def test_embedded_default(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "cache"))
+    rc = main(["--prompt", "hi", "--max-new-tokens", "3", *CPU])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "synthesizing the embedded default" in err
+    assert "RANDOM weights" in err
+    assert (tmp_path / "cache" / "default-model" / "config.json").is_file()
+    obj, err = run_json(capsys, ["--prompt", "hi", "--max-new-tokens", "3", *CPU])  # reuses the cache
+    assert "synthesizing" not in err
+    assert obj["random_weights"] is True and 1 <= len(obj["token_ids"]) <= 3
+
+
+def test_interactive_chat(capsys, tiny_qwen2_dir, monkeypatch):
+    lines = iter(["hello there", "   ", "and again"])
+    prompts: list[str] = []
+
+    def fake_input(prompt: str = "") -> str:
+        prompts.append(prompt)
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    calls = []
+    real_generate = cli_session._generate
+
+    def spy(engine, args, ids, echo):
+        gen = real_generate(engine, args, ids, echo)
+        calls.append((list(ids), gen, engine.tokenizer))
+        return gen
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    monkeypatch.setattr(cli_session, "_generate", spy)
+    rc = main(["--model", str(tiny_qwen2_dir), "--max-new-tokens", "4", *CPU])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert len(prompts) == 4  # three lines read, then EOF
+    assert len(calls) == 2, "the blank line must not be sent"
+    (ids1, gen1, tok), (ids2, gen2, _) = calls
+    first, second = tok.decode(ids1), tok.decode(ids2)
+    assert "hello there" in first and "and again" not in first
+    assert "hello there" in second and "and again" in second and gen1.texts[0] in second
+    assert len(ids2) > len(ids1) + len(gen1.token_ids[0])
+    assert gen1.texts[0] in out and gen2.texts[0] in out
+    assert err.count("tok/s") >= 2 and "Traceback" not in err
