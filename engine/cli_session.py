@@ -76,10 +76,11 @@ def load_engine(spec: str | None, opts: EngineOptions, quiet: bool = False) -> t
 
 def plan_summary(engine: Engine) -> str:
     p = engine.plan
-    return (f"plan: {len(p.resident_layers)}/{engine.cfg.num_hidden_layers} layers resident, "
+    notes = "".join(f"note: {n}\n" for n in p.notes)
+    return notes + (f"plan: {len(p.resident_layers)}/{engine.cfg.num_hidden_layers} layers resident, "
             f"{format_size(p.streamed_bytes_per_step)} streamed per step, predicted "
             f"{p.predicted_step_s * 1e3:.1f} ms/step = {p.predicted_tok_s:.2f} tok/s (batch {p.batch}, "
-            f"{p.step_bound} bound)")
+            f"{p.step_bound} bound)" + (" [GPU prediction; this run is on the CPU]" if engine.device.type == "cpu" else ""))
 
 
 def stats_line(stats: dict) -> str:

@@ -1,0 +1,69 @@
+"""GPU-only: streaming under a VRAM budget gives the all-resident tokens and stays in budget.
+
+The process's CUDA allocator is capped at the budget with
+``torch.cuda.set_per_process_memory_fraction``, so an allocation past it fails the test,
+and the peak allocated bytes are checked against the budget too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.engine import Engine, EngineOptions
+from engine.generate import generate
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    from tools.synth import synthesize
+    out = tmp_path_factory.mktemp("q05") / "qwen2.5-0.5b"
+    synthesize("qwen2.5-0.5b", out, dtype="bf16", seed=0, layers=12, device="cuda")
+    return out
+
+
+def _run(model_dir, budget, kernels, batch=1):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    total = torch.cuda.get_device_properties(0).total_memory
+    if budget:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+    try:
+        engine = Engine(model_dir, EngineOptions(device="cuda", kernels=kernels, vram_budget=budget, batch=batch,
+                                                 max_context=512))
+        prompts = [list(range(100 + i, 140 + 3 * i)) for i in range(batch)]
+        gen = generate(engine, prompts, max_new_tokens=24)
+        peak = torch.cuda.max_memory_allocated()
+        plan = engine.plan
+        engine.close()
+        del engine
+        return gen.token_ids, peak, plan
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_streaming_matches_resident_within_budget(small_model, kernels, batch):
+    ref, _, full_plan = _run(small_model, None, kernels, batch)
+    assert not full_plan.streamed_layers
+    budget = full_plan.total_bytes // 2  # about half the layers must stream
+    toks, peak, plan = _run(small_model, budget, kernels, batch)
+    assert plan.streamed_layers, "the budget should force streaming"
+    assert toks == ref
+    assert peak <= budget, f"peak allocated {peak} > budget {budget}"
+
+
+def test_lm_head_streamed_in_chunks(small_model):
+    ref, _, full_plan = _run(small_model, None, "triton")
+    from memory.planner import minimum_budget
+    from engine.config import ModelConfig
+    cfg = ModelConfig.from_file(small_model / "config.json")
+    budget = minimum_budget(cfg, torch.bfloat16, batch=1, max_context=512) + (1 << 20)
+    toks, peak, plan = _run(small_model, budget, "triton")
+    assert not plan.lm_head_resident and plan.lm_head_chunks >= 1
+    assert toks == ref
+    assert peak <= budget
