@@ -1,0 +1,105 @@
+# Fused residual add + RMSNorm (HF decoder-layer "residual + hidden; norm(residual)").
+#
+# Shapes:  x [..., N], residual [..., N] (same shape), weight [N]
+#          -> (normed [..., N], new_residual [..., N]), both new contiguous tensors.
+# Strides: x and residual must be contiguous (rows of N elements, row stride N); weight contiguous.
+# Dtypes:  x, residual in {bf16, fp16, fp32} and equal; weight in {bf16, fp16, fp32};
+#          both outputs have x.dtype.
+# Math:    new_residual = round_to_dtype(x + residual) (fp32 add, like torch's bf16 add);
+#          normed = rmsnorm(new_residual) with the same fp32 math as kernels/rmsnorm.py.
+# Grid:    one program per row, single pass (load x and residual once, write both outputs).
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_N = 65536
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _add_rmsnorm_kernel(
+    x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
+    N, eps,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    offs = row * N + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out_ty = out_ptr.dtype.element_ty
+    s = (x + r).to(out_ty)
+    tl.store(res_out_ptr + offs, s, mask=mask)
+    s = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(s * s, axis=0) / N + eps)
+    h = (s * rstd).to(out_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (h * w).to(out_ty), mask=mask)
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    dev = tensors[0].device
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device, got {t.device} and {dev}")
+    if os.environ.get("TRITON_INTERPRET") != "1" and dev.type != "cuda":
+        raise ValueError(f"tensors must be CUDA tensors (got {dev}); set TRITON_INTERPRET=1 for CPU")
+
+
+def _validate(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() < 1 or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(
+            f"add_rmsnorm: expected x [..., N] and weight [N], got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"add_rmsnorm: residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}"
+        )
+    if x.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"add_rmsnorm: unsupported dtypes x={x.dtype}, weight={weight.dtype}")
+    if residual.dtype != x.dtype:
+        raise ValueError(f"add_rmsnorm: residual dtype {residual.dtype} must equal x dtype {x.dtype}")
+    if not (x.is_contiguous() and residual.is_contiguous() and weight.is_contiguous()):
+        raise ValueError("add_rmsnorm: x, residual and weight must be contiguous")
+    n = x.shape[-1]
+    if n == 0 or n > MAX_N:
+        raise ValueError(f"add_rmsnorm: last dim must be in [1, {MAX_N}], got {n}")
+    _check_device(x, residual, weight)
+
+
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(rmsnorm(x + residual) * weight, x + residual)`` in one kernel pass.
+
+    ``x``, ``residual``: contiguous [..., N] of one float dtype; ``weight``: [N].
+    The new residual is rounded to x.dtype before normalisation, like HF's eager code.
+    """
+    _validate(x, residual, weight)
+    n = x.shape[-1]
+    normed = torch.empty_like(x)
+    new_residual = torch.empty_like(x)
+    rows = x.numel() // n
+    if rows == 0:
+        return normed, new_residual
+    block = triton.next_power_of_2(n)
+    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    _add_rmsnorm_kernel[(rows,)](
+        x, residual, weight, normed, new_residual, n, float(eps),
+        BLOCK_N=block, num_warps=num_warps,
+    )
+    return normed, new_residual
+
+
+def add_rmsnorm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 reference returning ``(normed, new_residual)`` as float32 tensors."""
+    s = x.float() + residual.float()
+    h = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.float() * h, s
