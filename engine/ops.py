@@ -113,7 +113,9 @@ class TritonOps(TorchOps):
 
     def attention(self, q, k_cache, v_cache, start_pos, q_lens, scale, max_len):
         if q.shape[1] == 1:  # decode: one query per sequence, flash-decoding over the cache
-            out = self._k["decode"](q[:, 0], k_cache, v_cache, start_pos + q_lens, scale)
+            # split the context by a power-of-two bound on the lengths: few distinct kernel variants
+            bound = min(k_cache.shape[2], 1 << max(8, (max_len - 1).bit_length()))
+            out = self._k["decode"](q[:, 0], k_cache, v_cache, start_pos + q_lens, scale, max_seq_len=bound)
             return out.unsqueeze(1)
         return self._k["prefill"](q, k_cache, v_cache, start_pos, q_lens, scale)
 

@@ -7,6 +7,8 @@ and the peak allocated bytes are checked against the budget too.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -24,8 +26,14 @@ def small_model(tmp_path_factory):
     return out
 
 
-def _run(model_dir, budget, kernels, batch=1):
+def _free() -> None:
+    gc.collect()  # engines hold reference cycles (weight manager <-> model); free them now
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
+
+
+def _run(model_dir, budget, kernels, batch=1):
+    _free()
     torch.cuda.reset_peak_memory_stats()
     total = torch.cuda.get_device_properties(0).total_memory
     if budget:
@@ -41,8 +49,8 @@ def _run(model_dir, budget, kernels, batch=1):
         del engine
         return gen.token_ids, peak, plan
     finally:
+        _free()
         torch.cuda.set_per_process_memory_fraction(1.0)
-        torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])

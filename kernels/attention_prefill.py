@@ -1,0 +1,240 @@
+# Causal flash attention for prefill over a KV cache, with GQA and ragged batches.
+#
+# Shapes:  q        [B, T, Hq, D]  any strides with unit stride along D (e.g. a
+#                                  slice of a fused qkv projection output)
+#          k_cache  [B, Hk, S, D]  unit stride along D (other strides free)
+#          v_cache  [B, Hk, S, D]  unit stride along D
+#          start_pos int32 [B]     absolute position of query row t=0
+#          q_lens    int32 [B]     valid query rows; rows t >= q_lens[b] -> zeros
+#          out      [B, T, Hq, D]  new contiguous tensor, dtype of q
+# Semantics: query t of sequence b sits at p = start_pos[b] + t and attends to
+#          keys j <= p; keys j < start_pos[b] + q_lens[b] must already be in the
+#          cache.  Hq % Hk == 0, kv head = q head // (Hq // Hk).
+# Kernel:  one program per (BLOCK_M query rows, batch, q head); online softmax in
+#          fp32 with exp2 (log2(e) folded into the scale).  Key blocks entirely
+#          below the first query's position run unmasked; the diagonal runs
+#          masked.  D is padded to a power of two (>= 16) with masks.
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.tuning import bench_ms
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+              (128, 32, 4, 4), (64, 128, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+def _default_config(dtype: torch.dtype) -> triton.Config:
+    """Untimed config (KERNELS_AUTOTUNE=0 / interpreter) that fits shared memory for dtype."""
+    if _INTERPRET:
+        return _configs()[0]
+    if dtype == torch.float32:
+        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def _prefill_block(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, n0,
+                   offs_n, offs_d, d_mask, q_pos, kv_lim, qk_scale,
+                   MASKED: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
+    """One BLOCK_N key block of the online-softmax update."""
+    offs = n0 + offs_n
+    kv_mask = d_mask[None, :]
+    if MASKED:
+        kv_mask = kv_mask & (offs < kv_lim)[:, None]
+    k = tl.load(k_base + offs[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    if UPCAST:  # the CPU interpreter multiplies bf16 as raw uint16 bits
+        k = k.to(tl.float32)
+    if IS_FP32:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if MASKED:
+        visible = (offs[None, :] <= q_pos[:, None]) & (offs < kv_lim)[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p = p.to(v.dtype)
+    if UPCAST:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    if IS_FP32:
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p, v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attention_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, qlen_ptr,
+    qk_scale, T, Hq, D, S, GROUP, T_BUCKET,
+    sq_b, sq_t, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_t, so_h,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest (diagonal-heavy) blocks first
+    b = tl.program_id(1) // Hq
+    h = tl.program_id(1) % Hq
+    kvh = h // GROUP
+    start = tl.load(start_ptr + b)
+    qlen = tl.minimum(tl.load(qlen_ptr + b), T)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q_ptrs = q_ptr + b.to(tl.int64) * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m < T)[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = start + offs_m
+
+    rows = tl.minimum(tl.maximum(qlen - m0, 0), BLOCK_M)  # valid query rows in this block
+    kv_lim = tl.minimum(start + qlen, S)
+    hi = tl.where(rows > 0, tl.minimum(start + m0 + rows, kv_lim), 0)
+    full_end = tl.where(rows > 0, ((start + m0) // BLOCK_N) * BLOCK_N, 0)
+    full_end = tl.minimum(full_end, hi)
+
+    k_base = k_ptr + b.to(tl.int64) * sk_b + kvh * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + kvh * sv_h
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _prefill_block(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, n0,
+                                       offs_n, offs_d, d_mask, q_pos, kv_lim, qk_scale,
+                                       False, IS_FP32, UPCAST)
+    for n0 in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _prefill_block(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, n0,
+                                       offs_n, offs_d, d_mask, q_pos, kv_lim, qk_scale,
+                                       True, IS_FP32, UPCAST)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    out = tl.where((offs_m < qlen)[:, None], out, 0.0)
+    o_ptrs = out_ptr + b.to(tl.int64) * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m < T)[:, None] & d_mask[None, :])
+
+
+_prefill_tuned = triton.autotune(configs=_configs(), key=["T_BUCKET", "BLOCK_D", "GROUP"],
+                                 do_bench=bench_ms)(_attention_prefill_kernel)
+# (T bucket, BLOCK_D, group, dtype) -> tuned config; later calls skip the autotuner's overhead
+_TUNED: dict[tuple, triton.Config] = {}
+
+
+def _check_cache(name: str, c: torch.Tensor, q: torch.Tensor, B: int, D: int) -> None:
+    if c.dim() != 4 or c.shape[0] != B or c.shape[3] != D:
+        raise ValueError(f"{name} must be [B={B}, Hk, S, D={D}], got {tuple(c.shape)}")
+    if c.dtype != q.dtype:
+        raise ValueError(f"dtype mismatch: {name} is {c.dtype}, q is {q.dtype}")
+    if c.device != q.device:
+        raise ValueError(f"device mismatch: {name} on {c.device}, q on {q.device}")
+    if c.stride(3) != 1:
+        raise ValueError(f"{name} must have unit stride along D (last dim)")
+
+
+def _check_lengths(name: str, t: torch.Tensor, q: torch.Tensor, B: int) -> None:
+    if t.dim() != 1 or t.shape[0] != B:
+        raise ValueError(f"{name} must be a 1-D int32 tensor of length B={B}, got {tuple(t.shape)}")
+    if t.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"device mismatch: {name} on {t.device}, q on {q.device}")
+
+
+def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      start_pos: torch.Tensor, q_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal GQA flash attention of new queries against a KV cache.
+
+    q: [B, T, Hq, D] (unit stride along D), k_cache/v_cache: [B, Hk, S, D],
+    start_pos/q_lens: int32 [B].  Query t of sequence b (absolute position
+    start_pos[b] + t) attends to cache keys j <= start_pos[b] + t; rows
+    t >= q_lens[b] are written as zeros.  Returns a new contiguous
+    [B, T, Hq, D] tensor in q's dtype (bf16/fp16/fp32; fp32 softmax).
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, Hq, D], got shape {tuple(q.shape)}")
+    B, T, Hq, D = q.shape
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {q.dtype}; expected bf16, fp16 or fp32")
+    if q.stride(3) != 1:
+        raise ValueError("q must have unit stride along D (last dim)")
+    if D > 256 or D < 1:
+        raise ValueError(f"head dim D={D} unsupported (1..256)")
+    _check_cache("k_cache", k_cache, q, B, D)
+    _check_cache("v_cache", v_cache, q, B, D)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    Hk, S = k_cache.shape[1], k_cache.shape[2]
+    if Hk == 0 or Hq % Hk != 0:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hk={Hk}")
+    _check_lengths("start_pos", start_pos, q, B)
+    _check_lengths("q_lens", q_lens, q, B)
+    out = torch.empty((B, T, Hq, D), device=q.device, dtype=q.dtype)
+    if B == 0 or T == 0:
+        return out
+
+    t_bucket = min(triton.next_power_of_2(T), 4096)
+    block_d = max(16, triton.next_power_of_2(D))
+    args = (q, k_cache, v_cache, out, start_pos, q_lens, float(scale) * _LOG2E,
+            T, Hq, D, S, Hq // Hk, t_bucket,
+            *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3])
+    consts = dict(BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32,
+                  UPCAST=_INTERPRET and q.dtype == torch.bfloat16)
+    key = (t_bucket, block_d, Hq // Hk, q.dtype)
+    cfg = _TUNED.get(key)
+    if cfg is None and (_INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0"):
+        cfg = _TUNED[key] = _default_config(q.dtype)
+    if cfg is None:
+        _prefill_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](*args, **consts)
+        _TUNED[key] = _prefill_tuned.best_config
+    else:
+        _attention_prefill_kernel[(triton.cdiv(T, cfg.kwargs["BLOCK_M"]), B * Hq)](
+            *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def attention_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          start_pos: torch.Tensor, q_lens: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """fp32 torch reference for :func:`attention_prefill` with an explicit mask."""
+    B, T, Hq, D = q.shape
+    Hk, S = k_cache.shape[1], k_cache.shape[2]
+    k = k_cache.float().repeat_interleave(Hq // Hk, dim=1)  # [B, Hq, S, D]
+    v = v_cache.float().repeat_interleave(Hq // Hk, dim=1)
+    out = torch.zeros(B, T, Hq, D, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        start, n = int(start_pos[b]), min(int(q_lens[b]), T)
+        if n == 0:
+            continue
+        kv = min(start + n, S)
+        pos = start + torch.arange(n, device=q.device)
+        keys = torch.arange(kv, device=q.device)
+        mask = keys[None, :] <= pos[:, None]  # [n, kv]
+        s = torch.einsum("thd,hsd->hts", q[b, :n].float(), k[b, :, :kv]) * scale
+        s = s.masked_fill(~mask[None], float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        out[b, :n] = torch.einsum("hts,hsd->thd", p, v[b, :, :kv])
+    return out
+

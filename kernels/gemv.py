@@ -1,0 +1,218 @@
+# Decode GEMV / skinny GEMM: out = x @ w.T + bias for M = 1..64 token rows.
+#
+# Shapes:  x    [M, K]   any row stride, unit stride along K (M <= 64)
+#          w    [N, K]   row-major contiguous ([out_features, in_features])
+#          bias [N]      contiguous, optional
+#          out  [M, N]   new contiguous tensor, dtype of x
+#          ws   [SPLIT_K, M, N] fp32 partial sums (only when SPLIT_K > 1)
+# Dtypes:  bf16 / fp16 / fp32 (all the same); fp32 accumulation.
+# Scheme:  memory-bound on w.  Program (n, s) owns BLOCK_N rows of w and the
+#          s-th of SPLIT_K slices of K, and streams that part of w exactly once
+#          (16-byte vector loads, evict-first) while all M rows of x are
+#          re-read from L2/L1.
+#          M == 1: CUDA-core FMAs into a [BLOCK_N, BLOCK_K] fp32 register tile,
+#                  reduced over K once after the loop.
+#          M >= 2: x padded to BLOCK_M (>= 16) rows, tensor-core tl.dot.
+#          SPLIT_K > 1 adds parallelism for small N; a second kernel sums the
+#          fp32 partials, adds the bias and casts.  The config (BLOCK_N,
+#          BLOCK_K, SPLIT_K, warps, stages) is tuned per (M bucket, N, K, dtype)
+#          on first use, timing both kernels together (KERNELS_AUTOTUNE=0 in
+#          the environment skips the timing and uses a fixed default).
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.tuning import bench_ms
+
+from kernels.gemm import check_linear_inputs
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# (BLOCK_N, BLOCK_K, num_warps, num_stages)
+_FMA_SHAPES = [(8, 512, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (4, 1024, 4, 1), (16, 1024, 8, 1)]
+_DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 8, 3)]
+_SPLITS = (1, 2, 4, 8)
+# used without timing when KERNELS_AUTOTUNE=0 (fits shared memory for every dtype)
+_DEFAULT_FMA = triton.Config({"BLOCK_N": 8, "BLOCK_K": 512, "SPLIT_K": 1}, num_warps=4, num_stages=1)
+_DEFAULT_DOT = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _load_tiles(w_ptrs, x_ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
+    """Load one [BLOCK_N, BLOCK_K] tile of w and the matching x tile."""
+    if EVEN_K:
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
+        x = tl.load(x_ptrs, eviction_policy="evict_last")
+    else:
+        k_mask = offs_k[None, :] < k_left
+        w = tl.load(w_ptrs, mask=k_mask, other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptrs, mask=k_mask, other=0.0, eviction_policy="evict_last")
+    return w, x
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(num_k, SPLIT_K)
+    kb_lo = tl.program_id(1) * per_split
+    kb_hi = tl.minimum(kb_lo + per_split, num_k)
+    rows_w = offs_n % N  # wrap the tail block onto valid rows; the store masks it
+    w_ptrs = w_ptr + rows_w[:, None].to(tl.int64) * stride_wn + (kb_lo * BLOCK_K + offs_k)[None, :]
+    rows_x = tl.minimum(offs_m, M - 1)
+    x_ptrs = x_ptr + rows_x[:, None].to(tl.int64) * stride_xm + (kb_lo * BLOCK_K + offs_k)[None, :]
+
+    if BLOCK_M == 1:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for kb in range(kb_lo, kb_hi):
+            w, x = _load_tiles(w_ptrs, x_ptrs, offs_k, K - kb * BLOCK_K, EVEN_K)
+            acc2 += w.to(tl.float32) * x.to(tl.float32)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        acc = tl.sum(acc2, axis=1)[None, :]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(kb_lo, kb_hi):
+            w, x = _load_tiles(w_ptrs, x_ptrs, offs_k, K - kb * BLOCK_K, EVEN_K)
+            if UPCAST:  # the CPU interpreter multiplies bf16 as raw uint16 bits
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            if IS_FP32:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows_w).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        ws_ptrs = ws_ptr + (tl.program_id(1) * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(ws_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _gemv_splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, N, stride_om,
+                               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0)
+    n = idx % N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (idx // N).to(tl.int64) * stride_om + n,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _candidates(block_m: int, N: int, K: int, sms: int) -> list[triton.Config]:
+    """Configs worth timing for this shape (a single one under the interpreter)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2 if K >= 128 else 1})]
+    out = []
+    for bn, bk, warps, stages in _FMA_SHAPES if block_m == 1 else _DOT_SHAPES:
+        for sk in _SPLITS:
+            if sk > 1 and (triton.cdiv(N, bn) * sk > 6 * sms or triton.cdiv(K, bk) < 2 * sk):
+                continue
+            out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk},
+                                     num_warps=warps, num_stages=stages))
+    return out
+
+
+def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+            out: torch.Tensor, block_m: int) -> None:
+    (M, K), N = x.shape, w.shape[0]
+    bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
+    ws = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if sk > 1 else out
+    b = bias if bias is not None else w
+    _gemv_kernel[(triton.cdiv(N, bn), sk)](
+        x, w, b, out, ws, M, N, K, x.stride(0), w.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m,
+        BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, EVEN_K=K % bk == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if sk > 1:
+        _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
+            ws, b, out, M, N, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=sk,
+            BLOCK=1024, num_warps=4)
+
+
+def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None]) -> triton.Config:
+    """Time every candidate (both kernels) and return the fastest."""
+    if len(cands) == 1:
+        return cands[0]
+    best, best_ms = None, float("inf")
+    for cfg in cands:
+        try:
+            ms = bench_ms(lambda: run(cfg))
+        except Exception:  # noqa: BLE001 - e.g. out of shared memory: skip this config
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError("gemv: no candidate config could be compiled")
+    return best
+
+
+# (M bucket, N, K, dtype, has_bias) -> tuned config
+_TUNED: dict[tuple, triton.Config] = {}
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-streaming matmul for decode: returns ``x @ w.T + bias`` as [M, N].
+
+    x: [M, K] with M in 1..64 (unit stride along K), w: [N, K] contiguous,
+    bias: [N] or None.  Same dtype everywhere (bf16/fp16/fp32), fp32
+    accumulation, output in the input dtype.  Each weight element is read once.
+    The first call for a new (M bucket, N, K, dtype) tunes the launch config.
+    """
+    check_linear_inputs(x, w, bias)
+    M, K = x.shape
+    N = w.shape[0]
+    if M > 64:
+        raise ValueError(f"gemv supports at most 64 rows, got M={M}; use gemm")
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    block_m = 1 if M == 1 else max(16, triton.next_power_of_2(M))
+    key = (block_m, N, K, x.dtype, bias is not None)
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        sms = _num_sms(x.device.index or 0) if x.is_cuda else 1
+        cands = _candidates(block_m, N, K, sms)
+        if os.environ.get("KERNELS_AUTOTUNE", "1") == "0" and len(cands) > 1:
+            cands = [_DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT]
+        cfg = _pick(cands, lambda c: _launch(c, x, w, bias, out, block_m))
+        _TUNED[key] = cfg
+    _launch(cfg, x, w, bias, out, block_m)
+    return out
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 torch reference for :func:`gemv` (returns float32)."""
+    out = x.float() @ w.float().T
+    if bias is not None:
+        out = out + bias.float()
+    return out

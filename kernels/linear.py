@@ -1,0 +1,47 @@
+# nn.Linear dispatcher: out = x @ w.T + bias over arbitrary leading dims.
+#
+# Shapes:  x    [..., K]  last dim unit stride; leading dims are flattened to M
+#                         (a copy is made only if they cannot be viewed as one)
+#          w    [N, K]    row-major contiguous ([out_features, in_features])
+#          bias [N]       contiguous, optional
+#          out  [..., N]  new contiguous tensor, dtype of x
+# Dispatch: M <= 64 -> kernels.gemv (weight streaming, decode)
+#           M  > 64 -> kernels.gemm (tiled tensor-core GEMM, prefill)
+from __future__ import annotations
+
+import torch
+
+from kernels.gemm import check_linear_inputs, gemm
+from kernels.gemv import gemv
+
+GEMV_MAX_M = 64
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply ``x @ w.T + bias`` with Triton kernels; returns [..., N] in x's dtype.
+
+    x: [..., K], w: [N, K] (Hugging Face layout), bias: [N] or None; x, w and
+    bias must share one dtype (bf16/fp16/fp32).  Rows M = prod(leading dims)
+    go to the GEMV kernel when M <= 64, else to the tiled GEMM.
+    """
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., K]")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D [N, K], got shape {tuple(w.shape)}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"K mismatch: x{tuple(x.shape)} vs w{tuple(w.shape)} ([N, K] layout)")
+    if x.stride(-1) != 1 and x.numel() > 0:
+        raise ValueError("x must have unit stride along its last dim")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    check_linear_inputs(x2, w, bias)
+    fn = gemv if x2.shape[0] <= GEMV_MAX_M else gemm
+    return fn(x2, w, bias).view(*lead, w.shape[0])
+
+
+def linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 torch reference for :func:`linear` (returns float32, shape [..., N])."""
+    out = x.float() @ w.float().T
+    if bias is not None:
+        out = out + bias.float()
+    return out
