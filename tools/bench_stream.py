@@ -26,7 +26,7 @@ from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.engine import Engine, EngineOptions
 from engine.generate import decode_step, prefill
-from memory.bandwidth import measure_h2d
+from memory.bandwidth import disk_read_bandwidth, measure_h2d
 from memory.units import format_size, parse_size
 from streamer.trace import busy_fraction, write_chrome_trace
 
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--kernels", default="triton", choices=["triton", "torch"])
     p.add_argument("--accelerate", action="store_true", help="also run HF accelerate offload at each budget")
+    p.add_argument("--disk-host-budget", help="also run the first budget at batch 1 with this host budget, so "
+                   "part of the streamed layers is read from the checkpoint file (disk tier)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--tag", default="stream")
     return p
@@ -92,10 +94,10 @@ def _stall_ms(spans: list[dict]) -> float:
 
 
 def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flops_per_token: float,
-               out_dir: Path) -> dict:
+               out_dir: Path, host_budget: int | None = None) -> dict:
     ctx = args.context if batch == 1 else args.batch_context
     opts = EngineOptions(device="cuda", kernels=args.kernels, vram_budget=budget, batch=batch, max_context=ctx,
-                         trace=True)
+                         host_budget=host_budget, trace=True)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -109,7 +111,8 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
     step = statistics.median(times[1:]) if len(times) > 2 else times[-1]
     bound = plan.streamed_bytes_per_step / (h2d * 1e9)
     window = spans[-1]["end_ms"] - spans[0]["start_ms"] if spans else 0.0
-    res = {"budget_bytes": budget, "batch": batch, "context": ctx, "load_s": load_s,
+    res = {"budget_bytes": budget, "batch": batch, "context": ctx, "load_s": load_s, "host_budget": host_budget,
+           "disk_layers": len(plan.disk_layers), "disk_gbps_achieved": plan.disk_bytes_per_step / step / 1e9,
            "resident_layers": len(plan.resident_layers), "streamed_layers": len(plan.streamed_layers),
            "lm_head_resident": plan.lm_head_resident, "embed_on_device": plan.embed_on_device,
            "streamed_bytes_per_step": plan.streamed_bytes_per_step, "num_slots": plan.num_slots,
@@ -164,8 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.from_file(Path(args.model) / "config.json")
     params = sum(math.prod(v.shape) for v in Checkpoint(args.model).tensors.values())
     flops_per_token = 2 * params  # one multiply-add per weight per token
-    print(f"pinned H2D {h2d:.1f} GB/s | bf16 GEMM {args.gemm_tflops:.0f} TFLOP/s | {torch.cuda.get_device_name()}")
+    args.disk_gbps = disk_read_bandwidth(sorted(Path(args.model).glob("*.safetensors"))[0], 2 << 30)
+    print(f"pinned H2D {h2d:.1f} GB/s | bf16 GEMM {args.gemm_tflops:.0f} TFLOP/s | checkpoint read "
+          f"{args.disk_gbps:.2f} GB/s (page cache dropped first) | {torch.cuda.get_device_name()}")
     results = []
+    if args.disk_host_budget:
+        r = run_config(args.model, budgets[0], 1, args, h2d, flops_per_token, out_dir, parse_size(args.disk_host_budget))
+        results.append(r)
+        print(_row(r) + f" | disk tier: {r['disk_layers']} layers, {r['disk_gbps_achieved']:.2f} GB/s", flush=True)
     for batch in batches:
         for budget in budgets:
             r = run_config(args.model, budget, batch, args, h2d, flops_per_token, out_dir)

@@ -66,7 +66,7 @@ def _timeline_png(spans: list[dict], path: Path, title: str) -> None:
 
 
 def _check_tokens(results: list[dict]) -> None:
-    full = {r["batch"]: r["tokens"] for r in results if r["budget_bytes"] is None}
+    full = {r["batch"]: r["tokens"] for r in results if r["budget_bytes"] is None and not r.get("host_budget")}
     for r in results:
         ref = full.get(r["batch"])
         r["tokens_match_all_resident"] = None if ref is None else r["tokens"] == ref
@@ -92,7 +92,8 @@ def finish(args, results: list[dict], h2d: float, cfg, out_dir: Path) -> int:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "date": date.today().isoformat(),
             "model": str(args.model), "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
-            "h2d_pinned_gbps": h2d, "gemm_tflops": args.gemm_tflops, "kernels": args.kernels}
+            "h2d_pinned_gbps": h2d, "gemm_tflops": args.gemm_tflops, "kernels": args.kernels,
+            "checkpoint_read_gbps_cold": args.disk_gbps}
     for r in results:
         r.pop("spans", None)
     payload = {"meta": meta, "results": results,
