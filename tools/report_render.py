@@ -1,0 +1,248 @@
+"""Rendering for ``tools/memreport.py``: the text report and the two pictures (matplotlib, Agg).
+
+Every file is written atomically: a temporary file in the target directory, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from memory.units import format_size as fs
+
+GiB = 2**30
+COLORS = {"resident layers": "#1f77b4", "embedding": "#aec7e8", "lm_head": "#9467bd", "norm": "#c5b0d5",
+          "staging slots": "#ff7f0e", "KV cache": "#2ca02c", "activations": "#d62728", "activations/workspace":
+          "#d62728", "logits": "#ff9896", "logits (est.)": "#ff9896", "rope tables": "#8c564b",
+          "allocator allowance": "#c7c7c7", "allocator slack (reserved - allocated)": "#7f7f7f",
+          "CUDA context": "#17becf", "other processes": "#bcbd22", "CUDA context + other processes": "#17becf"}
+
+
+def atomic_write(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary sibling (mode per umask), then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _pct(part: float, whole: float | None) -> str:
+    return f"{100 * part / whole:5.1f}%" if whole else "     -"
+
+
+# ----- text -----
+def _table(rows: list[tuple], right: set[int] = frozenset()) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+
+
+def measured_bar(m: dict) -> dict[str, int]:
+    """Measured VRAM of the whole card, by category (CUDA)."""
+    bar = dict(m["categories"])
+    bar["allocator slack (reserved - allocated)"] = m["allocator_slack_peak_bytes"]
+    if m["cuda_context_bytes"] is not None:
+        bar["CUDA context"] = m["cuda_context_bytes"]
+        bar["other processes"] = m["other_processes_bytes"]
+    else:
+        bar["CUDA context + other processes"] = m["context_and_others_bytes"]
+    return bar
+
+
+def _headline(rep: dict) -> list[str]:
+    p, mod, n = rep["plan"], rep["model"], rep["model"]["layers"]
+    tiers = f"{len(p['streamed_layers'])} streamed ({len(p['streamed_layers']) - len(p['disk_layers'])} pinned, " \
+            f"{len(p['disk_layers'])} from disk)"
+    out = [f"memreport [{rep['mode']}]  {mod['source']}",
+           f"  {mod['model_type']}, {n} layers, {rep['workload']['dtype']}, batch {p['batch']}, context "
+           f"{p['max_context']}, prefill chunk {p['prefill_chunk']}",
+           f"  fits: {len(p['resident_layers'])}/{n} layers resident, {tiers}, lm_head "
+           f"{'resident' if p['lm_head_resident'] else 'streamed'}; {fs(p['streamed_bytes_per_step'])} per step "
+           f"over PCIe -> predicted {p['predicted_tok_s']:.3g} tok/s ({p['step_bound']} bound, "
+           f"H2D {p['h2d_gbps']:.1f} GB/s {p['h2d_source']})"]
+    t = (rep.get("timing") or {}).get("summary")
+    if t:
+        out.append(f"  measured: {t['measured_tok_s']:.3g} tok/s ({t['step_ms']:.2f} ms/step, median of "
+                   f"{t['observed_steps']}); predicted {t['predicted_tok_s']:.3g} tok/s")
+    return out
+
+
+def _vram(rep: dict) -> list[str]:
+    v, m = rep["vram"], rep["vram"]["measured"]
+    budget, card = v["budget_bytes"], v["card_total_bytes"]
+    out = [f"VRAM  (budget {fs(budget)}, card {fs(card) if card else 'unknown'})"]
+    names = list(v["planned"]) + [k for k in (measured_bar(m) if m else {}) if k not in v["planned"]]
+    mb = measured_bar(m) if m else {}
+    rows = [("category", "planned", "% budget") + (("measured", "% card") if m else ())]
+    for k in names:
+        r = (k, fs(v["planned"][k]) if k in v["planned"] else "-", _pct(v["planned"].get(k, 0), budget))
+        rows.append(r + ((fs(mb[k]) if k in mb else "-", _pct(mb.get(k, 0), card)) if m else ()))
+    rows.append(("total", fs(v["planned_total_bytes"]), _pct(v["planned_total_bytes"], budget))
+                + ((fs(sum(mb.values())), _pct(sum(mb.values()), card)) if m else ()))
+    out += _table(rows, {1, 2, 3, 4})
+    if m:
+        a, w, r = m["after_load"], m["after_warmup"], m["after_run"]
+        out += [f"  torch allocated/reserved: after load {fs(a['allocated'])}/{fs(a['reserved'])}, after run "
+                f"{fs(r['allocated'])}/{fs(r['reserved'])}, peak {fs(r['peak_allocated'])}/{fs(r['peak_reserved'])} "
+                f"(warm-up pass peak {fs(w['peak_allocated'])})",
+                f"  fragmentation: reserved - allocated = {fs(m['allocator_slack_peak_bytes'])} at peak, "
+                f"{fs(m['allocator_slack_now_bytes'])} now",
+                f"  device used {fs(m['device_used_bytes'])} of {fs(m['device_total_bytes'])}; this process "
+                + (fs(m["process_used_bytes"]) if m["process_used_bytes"] is not None else "not visible to NVML")]
+        out += [f"  note: {n}" for n in m["notes"]]
+    return out
+
+
+def _host(rep: dict) -> list[str]:
+    h = rep["host"]
+    out = ["HOST", f"  host budget {fs(h['host_budget_bytes'])} of {fs(h['ram_total_bytes'])} RAM; planned pinned "
+           f"{fs(h['pinned_planned_bytes'])}; disk tier {fs(h['disk_tier_bytes'])} (read from the mapped checkpoint)"]
+    if h["measured"]:
+        kind = "pinned" if h["pinned"] else "host copies (pinned on CUDA)"
+        cached = h["checkpoint_mapped_rss_bytes"]
+        out += [f"  process RSS {fs(h['rss_bytes'])}; {kind}: {fs(h['host_copies_bytes'])} streamed weights + "
+                f"{fs(h['disk_ring_bytes'])} disk ring = {fs(h['pinned_bytes'])}",
+                "  checkpoint pages mapped and resident in this process: "
+                + (fs(cached) if cached is not None else "not measured (no /proc/self/smaps)")
+                + f" ({h['checkpoint_files']} file(s)); RAM available {fs(h['ram_available_bytes'])}"]
+    else:
+        out.append("  RSS / pinned / page cache: not measured (--plan-only)")
+    return out
+
+
+def _timing(rep: dict) -> list[str]:
+    t = rep.get("timing")
+    if not t:
+        return ["TIME", "  not measured (--plan-only)"]
+    s, tl = t["summary"], t["timeline"]
+    out = ["TIME", f"  warm-up (prefill + 1 step, kernel JIT/autotune) {s['warmup_ms']:.0f} ms; observed steps "
+           f"{s['step_ms']:.2f} ms median -> {s['measured_tok_s']:.3g} tok/s measured vs {s['predicted_tok_s']:.3g} "
+           f"predicted ({s['predicted_step_ms']:.2f} ms/step); the host issues a step in {s['host_issue_ms']:.2f} ms"]
+    if not tl:
+        return out + ["  copy/compute lanes: not traced (CPU run; tracing uses CUDA events)"]
+    rows = [("step", "ms", "compute", "copy", "stall", "other", "copy GB/s", "eff. GB/s")]
+    g = lambda x: f"{x:.1f}" if x is not None else "-"  # noqa: E731
+    for i, st in enumerate(tl["steps"]):
+        rows.append((i, f"{st['step_ms']:.2f}", f"{st['compute_ms']:.2f}", f"{st['copy_ms']:.2f}",
+                     f"{st['stall_ms']:.2f}", f"{st['other_ms']:.2f}", g(st["copy_gbps"]), g(st["effective_gbps"])))
+    out += _table(rows, set(range(1, 8)))
+    if "copy_gbps" in s:
+        out.append(f"  achieved H2D: {g(s['copy_gbps'])} GB/s while copying, {g(s['effective_gbps'])} GB/s over the "
+                   f"step, vs peak {s['peak_h2d_gbps']:.1f} GB/s ({s['h2d_source']}); copy lane busy "
+                   f"{100 * tl['copy_busy_fraction']:.0f}%, compute lane {100 * tl['compute_busy_fraction']:.0f}%")
+        out.append(f"  verdict: {s['verdict']}")
+    rows = [("module", "bytes", "copy ms", "compute ms", "stall ms", "copy GB/s")]
+    for m in tl["modules"]:
+        gb = m["bytes"] / m["copy_ms"] / 1e6 if m["copy_ms"] > 0 else None
+        rows.append((m["name"], fs(m["bytes"]) if m["bytes"] else "resident", f"{m['copy_ms']:.3f}",
+                     f"{m['compute_ms']:.3f}", f"{m['stall_ms']:.3f}", g(gb)))
+    return out + ["  per module, mean per step:"] + _table(rows, {1, 2, 3, 4, 5})
+
+
+def render_text(rep: dict) -> str:
+    table = rep["plan_table"].split("\n\n")[0].splitlines()
+    sections = [_headline(rep), _vram(rep), _host(rep), ["PLAN"] + ["  " + line for line in table],
+                ["WHAT WOULD HAVE TO GIVE"] + ["  " + line for line in rep["what_if"]["lines"]], _timing(rep)]
+    files = [f"  {k}: {v}" for k, v in rep["files"].items() if v]
+    if files:
+        sections.append(["FILES"] + files)
+    if rep["notes"]:
+        sections.append(["NOTES"] + [f"  - {n}" for n in rep["notes"]])
+    return "\n\n".join("\n".join(s) for s in sections)
+
+
+# ----- pictures -----
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, plt, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue())
+
+
+def save_memory_png(rep: dict, path: Path) -> Path:
+    """Stacked bars of VRAM by category (planned; measured on CUDA) against the budget and the card."""
+    plt = _figure()
+    v = rep["vram"]
+    bars = {"planned": v["planned"]}
+    if v["measured"]:
+        bars["measured (peak)"] = measured_bar(v["measured"])
+    card = v["card_total_bytes"] or 0
+    top = max([v["budget_bytes"]] + [sum(c.values()) for c in bars.values()]) / GiB
+    card_on_scale = card and card / GiB <= 3 * top
+    ymax = 1.08 * (max(top, card / GiB) if card_on_scale else top)
+    fig, ax = plt.subplots(figsize=(4 + 2.5 * len(bars), 6))
+    seen = set()
+    for x, (label, cats) in enumerate(bars.items()):
+        bottom = 0.0
+        for k, b in cats.items():
+            if b <= 0:
+                continue
+            ax.bar(x, b / GiB, bottom=bottom, width=0.6, color=COLORS.get(k, "#999999"),
+                   label=None if k in seen else k, edgecolor="white", linewidth=0.5)
+            if b / GiB > 0.035 * ymax:
+                ax.text(x, bottom + b / GiB / 2, fs(b), ha="center", va="center", fontsize=7)
+            seen.add(k)
+            bottom += b / GiB
+        ax.text(x, bottom, fs(sum(cats.values())), ha="center", va="bottom", fontsize=8, fontweight="bold")
+    if card_on_scale:
+        ax.axhline(card / GiB, color="black", label=f"card {fs(card)}")
+    elif card:
+        ax.text(0.99, 0.99, f"card: {fs(card)} (off scale)", transform=ax.transAxes, ha="right", va="top", fontsize=8)
+    ax.axhline(v["budget_bytes"] / GiB, color="red", linestyle="--", label=f"budget {fs(v['budget_bytes'])}",
+               zorder=3)
+    ax.set_ylim(0, ymax)
+    ax.set_xticks(range(len(bars)), list(bars))
+    ax.set_ylabel("GiB")
+    ax.set_title(f"VRAM: {Path(str(rep['model']['source'])).name} ({rep['mode']})", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(fig, plt, path)
+
+
+def save_timeline_png(spans: list[dict], timeline: dict, path: Path) -> Path:
+    """Copy and compute lanes over the observed decode steps, a lane of stalls, step boundaries dashed."""
+    plt = _figure()
+    steps = timeline["steps"]
+    t0 = steps[0]["start_ms"]
+    t1 = steps[-1]["start_ms"] + steps[-1]["step_ms"]
+    streamed = {m["name"] for m in timeline["modules"] if m["bytes"]}
+    fig, ax = plt.subplots(figsize=(14, 3.6))
+
+    def lane(items, y, color, label):
+        ivs = [(s["start_ms"] - t0, s["end_ms"] - s["start_ms"]) for s in items
+               if s["end_ms"] >= t0 and s["start_ms"] <= t1]
+        if ivs:
+            ax.broken_barh(ivs, (y - 0.35, 0.7), facecolors=color, edgecolor="white", linewidth=0.3, label=label)
+
+    lane([s for s in spans if s["lane"] == "copy"], 2, "#ff7f0e", "H2D copy of a streamed unit")
+    lane([s for s in spans if s["lane"] == "compute" and s["name"] not in streamed], 1, "#1f77b4",
+         "compute, resident weights")
+    lane([s for s in spans if s["lane"] == "compute" and s["name"] in streamed], 1, "#2ca02c",
+         "compute, streamed weights")
+    lane(timeline["stalls"], 0, "#d62728", "compute waiting on a copy")
+    for i, st in enumerate(steps):
+        ax.axvline(st["start_ms"] - t0, color="gray", linestyle="--", linewidth=0.8)
+        ax.text(st["start_ms"] - t0, 2.45, f" step {i}: {st['step_ms']:.1f} ms", fontsize=7, va="bottom")
+    ax.axvline(t1 - t0, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_yticks([0, 1, 2], ["stall", "compute", "copy (H2D)"])
+    ax.set_ylim(-0.6, 2.9)
+    ax.set_xlim(0, max(t1 - t0, 1e-3))
+    ax.set_xlabel("ms since the first observed decode step (dashed: step boundaries)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4)
+    return _save(fig, plt, path)
