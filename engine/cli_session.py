@@ -28,17 +28,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "minus a margin); streamed layers beyond it are read from disk")
     p.add_argument("--max-context", type=int, default=4096, help="KV-cache length per sequence")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens per prefill pass (sizes the activation workspace; longer prompts take more passes)")
 
 
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
     """EngineOptions from parsed flags; ValueError with the accepted forms on a bad size."""
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    for flag in ("batch", "prefill_chunk"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return EngineOptions(
         device=args.device, dtype=args.dtype, kernels=args.kernels,
         vram_budget=parse_size(args.vram_budget) if args.vram_budget else None,
         host_budget=parse_size(args.host_budget) if args.host_budget else None,
-        batch=args.batch, max_context=args.max_context)
+        batch=args.batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk)
 
 
 def resolve_or_default(spec: str | None) -> tuple[Path, bool]:

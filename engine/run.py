@@ -9,7 +9,6 @@ single JSON object printed with ``--json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 

@@ -58,6 +58,8 @@ def measure_h2d(device: torch.device | str | int, nbytes: int = 1 << 30, repeats
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)  # ms -> s
+    del dst, src
+    torch.cuda.empty_cache()  # hand the buffer back: it must not linger inside the engine's budget
     seconds = statistics.median(times)
     assert seconds > 0, "CUDA events reported a zero-length copy"
     gbps = nbytes / seconds / 1e9

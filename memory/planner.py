@@ -194,9 +194,8 @@ def _assign_tiers(cfg: ModelConfig, s: _Sizes, r: _Residency, host_budget: int) 
         embed_tier = "vram"
     elif cfg.tie_word_embeddings and not r.lm_head_resident:
         embed_tier = head_tier  # one host table is both the embedding and the streamed lm_head
-    else:
-        embed_tier = "pinned" if s.embed <= left else "disk"
-        left -= s.embed if embed_tier == "pinned" else 0
+    else:  # only a few rows are read per step: gather them from the mapped file, pin nothing
+        embed_tier = "disk"
     return _Tiers(tuple(disk), head_tier, embed_tier, host_budget - left)
 
 
@@ -207,9 +206,8 @@ def _modules(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, batch: int, 
             else "the whole model fits the budget"
         out = [ModulePlan("embed_tokens", "embedding", s.embed, "resident", "vram", why)]
     else:
-        spill = "; host budget full" if t.embed_tier == "disk" else ""
         out = [ModulePlan("embed_tokens", "embedding", s.embed, "host", t.embed_tier,
-                          f"only the {batch} looked-up row(s) travel per step, from {where[t.embed_tier]}{spill}")]
+                          f"only the {batch} looked-up row(s) travel per step, from {where[t.embed_tier]}")]
     for i in range(cfg.num_hidden_layers):
         if i < r.resident:
             out.append(ModulePlan(f"layers.{i}", "layer", s.layer, "resident", "vram",
@@ -289,14 +287,13 @@ def make_plan(cfg: ModelConfig, tensor_bytes: dict[str, int], dtype: torch.dtype
 
 def _assemble(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, budget: int, host: int,
               notes: list[str]) -> Plan:
-    n, tied, batch = cfg.num_hidden_layers, cfg.tie_word_embeddings, w.batch
+    n, batch = cfg.num_hidden_layers, w.batch
     chunks = 0 if r.lm_head_resident else math.ceil(cfg.vocab_size / (s.layer // s.row))
     streamed_layers = tuple(range(r.resident, n))
     streamed = (len(streamed_layers) * s.layer + (0 if r.lm_head_resident else s.lm_head)
                 + (0 if r.embed_on_device else batch * s.row))
-    table_is_head = tied and not r.lm_head_resident  # the streamed lm_head is the host embedding table
-    disk = (sum(s.layer_file[i] for i in t.disk_layers) + (s.lm_head_file if t.lm_head_tier == "disk" else 0)
-            + (batch * s.row_file if t.embed_tier == "disk" and not table_is_head else 0))
+    # streamed weights read from the checkpoint files each step (embedding rows are too few to count)
+    disk = sum(s.layer_file[i] for i in t.disk_layers) + (s.lm_head_file if t.lm_head_tier == "disk" else 0)
     step, bound = _predict(s, n, streamed, disk, w, notes)
     modules = _modules(cfg, s, r, t, batch, chunks)
     resident = sum(m.bytes for m in modules if m.placement == "resident")

@@ -52,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.add_argument("--context", dest="max_context", type=int, default=argparse.SUPPRESS,
                    help="KV-cache length per sequence (same as --max-context)")
-    p.add_argument("--prefill-chunk", type=int, default=2048, help="prefill tokens per pass (sizes the workspace)")
     p.add_argument("--steps", type=int, default=8, help="decode steps of the timed run (the last few are traced)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of the timed run")
     p.add_argument("--gpu-memory", help=f"--plan-only: the card's memory for the what-if (used as free memory); "
@@ -157,7 +156,7 @@ def _host_planned(plan, rows: list[dict], ram_total: int | None) -> dict:
 def _full_run(args, notes: list[str]) -> tuple[dict, PlanInputs, dict]:
     """Load the engine, run the traced decode steps, measure; returns (partial report, inputs, spans...)."""
     opts = options_from_args(args)
-    opts.prefill_chunk, opts.trace = args.prefill_chunk, True
+    opts.trace = True
     if args.device != "cpu" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     engine, is_default = load_engine(args.model, opts, quiet=args.json)
