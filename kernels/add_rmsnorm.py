@@ -10,11 +10,12 @@
 # Grid:    one program per row, single pass (load x and residual once, write both outputs).
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.checks import check_device
 
 MAX_N = 65536
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,15 +43,6 @@ def _add_rmsnorm_kernel(
     tl.store(out_ptr + offs, (h * w).to(out_ty), mask=mask)
 
 
-def _check_device(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
-    for t in tensors:
-        if t.device != dev:
-            raise ValueError(f"all tensors must be on one device, got {t.device} and {dev}")
-    if os.environ.get("TRITON_INTERPRET") != "1" and dev.type != "cuda":
-        raise ValueError(f"tensors must be CUDA tensors (got {dev}); set TRITON_INTERPRET=1 for CPU")
-
-
 def _validate(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dim() < 1 or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(
@@ -69,7 +61,7 @@ def _validate(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> 
     n = x.shape[-1]
     if n == 0 or n > MAX_N:
         raise ValueError(f"add_rmsnorm: last dim must be in [1, {MAX_N}], got {n}")
-    _check_device(x, residual, weight)
+    check_device(x, residual, weight)
 
 
 def add_rmsnorm(

@@ -10,11 +10,12 @@
 # Grid:    (num_tokens, cdiv(H, BLOCK_H)).
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.checks import check_device
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -33,15 +34,6 @@ def _embedding_kernel(ids_ptr, table_ptr, out_ptr, V, H, stride_row, BLOCK_H: tl
     tl.store(out_ptr + tok * H + cols, row, mask=mask)
 
 
-def _check_device(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
-    for t in tensors:
-        if t.device != dev:
-            raise ValueError(f"all tensors must be on one device, got {t.device} and {dev}")
-    if os.environ.get("TRITON_INTERPRET") != "1" and dev.type != "cuda":
-        raise ValueError(f"tensors must be CUDA tensors (got {dev}); set TRITON_INTERPRET=1 for CPU")
-
-
 def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Gather ``table[ids]`` -> [..., H] in the table's dtype.
 
@@ -55,7 +47,7 @@ def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"embedding: unsupported table dtype {table.dtype}")
     if table.stride(1) != 1:
         raise ValueError(f"embedding: table's last dim must be contiguous, got strides {table.stride()}")
-    _check_device(ids, table)
+    check_device(ids, table)
     vocab, hidden = table.shape
     out = torch.empty((*ids.shape, hidden), dtype=table.dtype, device=table.device)
     flat = ids.reshape(-1)

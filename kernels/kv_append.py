@@ -10,11 +10,12 @@
 # Grid:    (B*T, cdiv(Hk, BLOCK_H)); each program copies BLOCK_H heads of k and of v.
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.checks import check_device
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -47,15 +48,6 @@ def _kv_append_kernel(
     _copy_heads(v_ptr + b * svb + t * svt, vc_ptr + b * sdb + pos * sds, heads, svh, sdh, mask, d)
 
 
-def _check_device(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
-    for t in tensors:
-        if t.device != dev:
-            raise ValueError(f"all tensors must be on one device, got {t.device} and {dev}")
-    if os.environ.get("TRITON_INTERPRET") != "1" and dev.type != "cuda":
-        raise ValueError(f"tensors must be CUDA tensors (got {dev}); set TRITON_INTERPRET=1 for CPU")
-
-
 def _validate(k, v, k_cache, v_cache, start_pos) -> None:
     if k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"kv_append_: k and v must be equal 4-D [B, T, Hk, D], got {tuple(k.shape)}, {tuple(v.shape)}")
@@ -75,7 +67,7 @@ def _validate(k, v, k_cache, v_cache, start_pos) -> None:
         raise ValueError("kv_append_: the last dim of k, v, k_cache and v_cache must be contiguous")
     if start_pos.shape != (b,) or start_pos.dtype not in _INT_DTYPES:
         raise ValueError(f"kv_append_: start_pos must be int32 [{b}], got {start_pos.dtype} {tuple(start_pos.shape)}")
-    _check_device(k, v, k_cache, v_cache, start_pos)
+    check_device(k, v, k_cache, v_cache, start_pos)
 
 
 def kv_append_(

@@ -11,11 +11,12 @@
 # Grid:    one program per row; a row of up to MAX_N elements is held in registers.
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.checks import check_device
 
 MAX_N = 65536
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,15 +43,6 @@ def _rmsnorm_kernel(
     h = (x * rstd).to(out_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * N + cols, (h * w).to(out_ty), mask=mask)
-
-
-def _check_device(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
-    for t in tensors:
-        if t.device != dev:
-            raise ValueError(f"all tensors must be on one device, got {t.device} and {dev}")
-    if os.environ.get("TRITON_INTERPRET") != "1" and dev.type != "cuda":
-        raise ValueError(f"tensors must be CUDA tensors (got {dev}); set TRITON_INTERPRET=1 for CPU")
 
 
 def _leading_layout(x: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -101,7 +93,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(f"rmsnorm: x's last dim must be contiguous, got strides {x.stride()}")
     if not weight.is_contiguous():
         raise ValueError("rmsnorm: weight must be contiguous")
-    _check_device(x, weight)
+    check_device(x, weight)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows = x.numel() // n
     if rows == 0:

@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.checks import check_device
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -57,15 +58,6 @@ def _rope_kernel(
     _rotate_heads(k_ptr + b * skb + t * skt, heads, skh, HK, d, dmask, c, s, HALF)
 
 
-def _check_device(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
-    for t in tensors:
-        if t.device != dev:
-            raise ValueError(f"all tensors must be on one device, got {t.device} and {dev}")
-    if os.environ.get("TRITON_INTERPRET") != "1" and dev.type != "cuda":
-        raise ValueError(f"tensors must be CUDA tensors (got {dev}); set TRITON_INTERPRET=1 for CPU")
-
-
 def _validate(q, k, cos, sin, positions) -> None:
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"apply_rope_: q and k must be 4-D [B, T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -89,7 +81,7 @@ def _validate(q, k, cos, sin, positions) -> None:
         raise ValueError(
             f"apply_rope_: positions must be int32/int64 [{b}, {t}], got {positions.dtype} {tuple(positions.shape)}"
         )
-    _check_device(q, k, cos, sin, positions)
+    check_device(q, k, cos, sin, positions)
 
 
 def apply_rope_(

@@ -9,11 +9,12 @@
 # Grid:    (rows, cdiv(I, BLOCK)).
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.checks import check_device
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -31,12 +32,6 @@ def _swiglu_kernel(gu_ptr, out_ptr, I, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * I + cols, (a * u).to(ty), mask=mask)
 
 
-def _check_device(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
-    if os.environ.get("TRITON_INTERPRET") != "1" and dev.type != "cuda":
-        raise ValueError(f"tensors must be CUDA tensors (got {dev}); set TRITON_INTERPRET=1 for CPU")
-
-
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """Return ``silu(gate) * up`` for ``gate_up = [gate; up]`` along the last dim.
 
@@ -48,7 +43,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu: unsupported dtype {gate_up.dtype}")
     if not gate_up.is_contiguous():
         raise ValueError(f"swiglu: gate_up must be contiguous, got strides {gate_up.stride()}")
-    _check_device(gate_up)
+    check_device(gate_up)
     inter = gate_up.shape[-1] // 2
     out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype, device=gate_up.device)
     rows = gate_up.numel() // (2 * inter)
