@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import mmap
+import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +114,8 @@ class Checkpoint:
                     raise ValueError(f"tensor {name!r} appears in two shards ({self.tensors[name].file.name}, {f.name})")
                 self.tensors[name] = info
         self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def _map(self, path: Path) -> mmap.mmap:
         if path not in self._maps:
@@ -124,6 +128,46 @@ class Checkpoint:
         info = self.tensors[name]
         raw = torch.frombuffer(self._map(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.offset)
         return raw.view(info.dtype).view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of ``name`` (after it was copied elsewhere), so RSS stays low.
+
+        The mapping is private, so the pages are simply discarded; a later access reads
+        the file again.
+        """
+        info = self.tensors[name]
+        m = self._maps.get(info.file)
+        if m is None or not hasattr(m, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = info.offset // page * page
+        end = min(len(m), -(-(info.offset + info.nbytes) // page) * page)
+        m.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0, chunk: int = 16 << 20,
+                  drop_cache: bool = True) -> None:
+        """Read ``out.numel()`` raw bytes of tensor ``name``, from byte ``start`` of it, into ``out``.
+
+        This bypasses the memory map (the disk tier's path): with ``drop_cache`` the bytes
+        read are dropped from the page cache afterwards, so streaming from disk does not
+        fill the RAM the host budget left free. Safe to call from several threads.
+        """
+        info, total = self.tensors[name], out.numel()
+        assert out.dtype == torch.uint8 and out.is_contiguous() and 0 <= start and start + total <= info.nbytes
+        view = memoryview(out.numpy())
+        fd, base = self._fd(info.file), info.offset + start
+        for pos in range(0, total, chunk):
+            n = min(chunk, total - pos)
+            if os.preadv(fd, [view[pos:pos + n]], base + pos) != n:
+                raise ValueError(f"{info.file} is truncated: short read of {name!r}; re-download it")
+        if drop_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, base, total, os.POSIX_FADV_DONTNEED)
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
 
     def validate(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Check the tensors found equal ``expected`` (names and shapes) and use float dtypes."""
@@ -163,6 +207,9 @@ class Checkpoint:
             except BufferError:  # views still alive; the OS unmaps when they are gone
                 pass
         self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _short(names: set[str]) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
@@ -22,21 +21,11 @@ from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.layout import LayerLayout
 from streamer.host import DiskReader, pack_all
+from streamer.sources import Unit, UnitSource
 from streamer.sync import Sync, SyncLog
 from streamer.trace import Tracer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One streamed piece: a decoder layer, or a chunk of lm_head rows."""
-
-    kind: str  # "layer" | "lm_head"
-    index: int  # layer number, or chunk number
-    nbytes: int
-    row0: int = 0  # lm_head chunks: first vocab row
-    rows: int = 0
 
 
 class WeightManager:
@@ -48,6 +37,7 @@ class WeightManager:
         self.ckpt, self.cfg, self.plan, self.dtype = ckpt, cfg, plan, dtype
         self.device = torch.device(device)
         self.layout = LayerLayout.build(cfg, dtype)
+        self.source = UnitSource(ckpt, cfg, self.layout, dtype)
         self.sync = Sync(self.device, log_sync)
         self.tracer = Tracer(self.sync) if trace and self.sync.cuda else None
         self._progress = progress or (lambda n: None)
@@ -58,13 +48,6 @@ class WeightManager:
         self._start_pipeline()
 
     # ----- loading -----
-    def _layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        return {n: self.ckpt.tensor(f"model.layers.{i}.{n}") for n in self.layout.names}
-
-    def _lm_head_source(self) -> torch.Tensor:
-        name = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
-        return self.ckpt.tensor(name)
-
     def _load_resident(self) -> None:
         p, dev = self.plan, self.device
         n = len(p.resident_layers)
@@ -72,7 +55,7 @@ class WeightManager:
         self.resident: dict[int, dict[str, torch.Tensor]] = {}
         for j, i in enumerate(p.resident_layers):
             buf = self.resident_buf[j * self.layout.nbytes:(j + 1) * self.layout.nbytes]
-            self.layout.pack(self._layer_tensors(i), buf)
+            self.source.pack_mapped(Unit("layer", i, self.layout.nbytes), buf)
             self.resident[i] = self.layout.views(buf)
             self._progress(self.layout.nbytes)
         embed = self.ckpt.tensor("model.embed_tokens.weight")
@@ -81,7 +64,8 @@ class WeightManager:
         self.lm_head = None
         if p.lm_head_resident:
             tied_here = self.cfg.tie_word_embeddings and p.embed_on_device
-            self.lm_head = self.embed_table if tied_here else self._lm_head_source().to(dev, self.dtype)
+            self.lm_head = (self.embed_table if tied_here
+                            else self.ckpt.tensor(self.source.head_name).to(dev, self.dtype))
             self._progress(self.lm_head.numel() * self.lm_head.element_size())
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -98,16 +82,10 @@ class WeightManager:
         assert all(u.nbytes <= self.plan.slot_bytes for u in units), "a streamed unit exceeds the slot size"
         return units
 
-    def _packer(self, u: Unit):
-        if u.kind == "layer":
-            return lambda buf: self.layout.pack(self._layer_tensors(u.index), buf)
-        src = self._lm_head_source()
-        return lambda buf: buf[: u.nbytes].view(self.dtype).view(u.rows, -1).copy_(src[u.row0:u.row0 + u.rows])
-
     def _load_streamed(self, threads: int) -> None:
         disk = set(self.plan.disk_layers)
         head_on_disk = not self.plan.lm_head_resident and self.plan.module("lm_head").tier == "disk"
-        pinned = {j: self._packer(u) for j, u in enumerate(self.units)
+        pinned = {j: (lambda buf, u=u: self.source.pack_mapped(u, buf)) for j, u in enumerate(self.units)
                   if not ((u.kind == "layer" and u.index in disk) or (u.kind == "lm_head" and head_on_disk))}
         sizes = {j: u.nbytes for j, u in enumerate(self.units)}
         self.host_bufs = pack_all(pinned, sizes, pin=True, threads=threads, progress=self._progress)
@@ -129,7 +107,8 @@ class WeightManager:
 
     def _request_read(self, g: int) -> None:
         if self.disk is not None and (g % len(self.units)) not in self.host_bufs:
-            self.disk.request(g, self._packer(self.units[g % len(self.units)]))
+            unit = self.units[g % len(self.units)]
+            self.disk.request(g, lambda buf: self.source.read_direct(unit, buf))
 
     def _issue_next(self) -> None:
         g, n = self.issued, len(self.slots)
@@ -227,3 +206,4 @@ class WeightManager:
     def close(self) -> None:
         if self.disk is not None:
             self.disk.close()
+        self.source.close()
