@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.engine import Engine, EngineOptions
+from engine.engine import Engine, EngineOptions, ModelFiles, open_model, pick_device
 from memory.units import format_size, parse_size
 
 BUDGET_HELP = ("sizes accept 6GB (10^9 bytes), 6GiB (2^30 bytes), 6000MB, 512MiB, 0.5TB or plain bytes")
@@ -34,9 +34,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
     """EngineOptions from parsed flags; ValueError with the accepted forms on a bad size."""
+    pick_device(args.device)  # fail before any loading when CUDA is asked for and absent
     for flag in ("batch", "prefill_chunk"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_context < 2:
+        raise ValueError(f"--max-context must be at least 2, got {args.max_context}")
     return EngineOptions(
         device=args.device, dtype=args.dtype, kernels=args.kernels,
         vram_budget=parse_size(args.vram_budget) if args.vram_budget else None,
@@ -57,10 +60,12 @@ def resolve_or_default(spec: str | None) -> tuple[Path, bool]:
     return target, True
 
 
-def load_engine(spec: str | None, opts: EngineOptions, quiet: bool = False) -> tuple[Engine, bool]:
-    """Resolve ``spec`` and load it with a progress bar on stderr."""
+def load_engine(spec: str | None, opts: EngineOptions, quiet: bool = False,
+                resolved: tuple[Path | ModelFiles, bool] | None = None) -> tuple[Engine, bool]:
+    """Resolve ``spec`` (unless ``resolved`` is given) and load it with a progress bar on stderr."""
     from tqdm import tqdm
-    model_dir, is_default = resolve_or_default(spec)
+    model_dir, is_default = resolved or resolve_or_default(spec)
+    files = model_dir if isinstance(model_dir, ModelFiles) else open_model(model_dir)
     if is_default and not quiet:
         print("note: no --model given; running the embedded default, a tiny model with RANDOM weights "
               "(its text is meaningless). Use --model DIR|ORG/NAME|alias for a real model.", file=sys.stderr)
@@ -71,7 +76,7 @@ def load_engine(spec: str | None, opts: EngineOptions, quiet: bool = False) -> t
         bar.update(n)
 
     try:
-        engine = Engine(model_dir, opts, progress=progress)
+        engine = Engine(files, opts, progress=progress)
     finally:
         bar.close()
     return engine, is_default
@@ -80,10 +85,12 @@ def load_engine(spec: str | None, opts: EngineOptions, quiet: bool = False) -> t
 def plan_summary(engine: Engine) -> str:
     p = engine.plan
     notes = "".join(f"note: {n}\n" for n in p.notes)
-    return notes + (f"plan: {len(p.resident_layers)}/{engine.cfg.num_hidden_layers} layers resident, "
-            f"{format_size(p.streamed_bytes_per_step)} streamed per step, predicted "
-            f"{p.predicted_step_s * 1e3:.1f} ms/step = {p.predicted_tok_s:.2f} tok/s (batch {p.batch}, "
-            f"{p.step_bound} bound)" + (" [GPU prediction; this run is on the CPU]" if engine.device.type == "cpu" else ""))
+    head = (f"plan: {len(p.resident_layers)}/{engine.cfg.num_hidden_layers} layers resident, "
+            f"{format_size(p.streamed_bytes_per_step)} streamed per step")
+    if engine.device.type == "cpu":
+        return notes + head + " (CPU run: step-time predictions are for a GPU; see --show-plan)"
+    return notes + head + (f", predicted {p.predicted_step_s * 1e3:.1f} ms/step = {p.predicted_tok_s:.2f} tok/s "
+                           f"(batch {p.batch}, {p.step_bound} bound)")
 
 
 def stats_line(stats: dict) -> str:
@@ -94,8 +101,7 @@ def stats_line(stats: dict) -> str:
     return " | ".join(parts)
 
 
-def _prompt_ids(engine: Engine, args, messages: list[dict]) -> list[int]:
-    tok = engine.tokenizer
+def _prompt_ids(tok, args, messages: list[dict]) -> list[int]:
     if args.no_chat:
         return tok.encode(messages[-1]["content"])
     text = tok.apply_chat_template(messages, add_generation_prompt=True)
@@ -118,16 +124,23 @@ def _generate(engine: Engine, args, ids: list[int], echo: bool):
 
 def run_session(args: argparse.Namespace, opts: EngineOptions) -> int:
     """One prompt (or an interactive chat when --prompt is absent)."""
-    engine, is_default = load_engine(args.model, opts, quiet=args.json)
+    model_dir, is_default = resolve_or_default(args.model)
+    files = open_model(model_dir)  # headers and tokenizer only: bad input fails before any weight is read
+    ids = None
+    if args.prompt is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        ids = _prompt_ids(files.tokenizer, args, messages)
+        if len(ids) >= opts.max_context:
+            raise ValueError(f"prompt has {len(ids)} tokens but the context holds {opts.max_context}: "
+                             "shorten the prompt or raise --max-context")
+    engine, _ = load_engine(args.model, opts, quiet=args.json, resolved=(files, is_default))
     if args.show_plan:
         print(engine.plan.table(), file=sys.stderr)
     elif not args.json:
         print(plan_summary(engine), file=sys.stderr)
-    if args.prompt is None:
+    if ids is None:
         return _chat(engine, args)
-    messages = ([{"role": "system", "content": args.system}] if args.system else [])
-    messages.append({"role": "user", "content": args.prompt})
-    ids = _prompt_ids(engine, args, messages)
     gen = _generate(engine, args, ids, echo=not args.json)
     if args.json:
         out = {"model": str(engine.model_dir), "random_weights": is_default, "prompt_token_ids": ids,
@@ -152,7 +165,7 @@ def _chat(engine: Engine, args) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        gen = _generate(engine, args, _prompt_ids(engine, args, messages), echo=True)
+        gen = _generate(engine, args, _prompt_ids(engine.tokenizer, args, messages), echo=True)
         print()
         print(stats_line(gen.stats), file=sys.stderr)
         messages.append({"role": "assistant", "content": gen.texts[0]})

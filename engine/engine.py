@@ -65,17 +65,34 @@ def pick_dtype(name: str, file_dtype: torch.dtype, device: torch.device) -> torc
     return DTYPES[name]
 
 
+@dataclass
+class ModelFiles:
+    """A model directory checked without reading weights: config, safetensors headers, tokenizer."""
+
+    model_dir: Path
+    cfg: ModelConfig
+    ckpt: Checkpoint
+    tokenizer: Tokenizer
+
+
+def open_model(model_dir: str | Path) -> ModelFiles:
+    """Check a model directory in order (config, checkpoint headers against it, tokenizer)."""
+    model_dir = Path(model_dir)
+    cfg = ModelConfig.from_file(model_dir / "config.json")
+    ckpt = Checkpoint(model_dir)
+    ckpt.validate(expected_tensors(cfg))
+    return ModelFiles(model_dir, cfg, ckpt, Tokenizer.from_dir(model_dir))
+
+
 class Engine:
     """A loaded model: ``engine.generate`` (see engine.generate) runs it."""
 
-    def __init__(self, model_dir: str | Path, opts: EngineOptions | None = None, progress=None) -> None:
+    def __init__(self, model: str | Path | ModelFiles, opts: EngineOptions | None = None, progress=None) -> None:
         opts = opts or EngineOptions()
-        self.model_dir, self.opts = Path(model_dir), opts
+        self.opts = opts
         self.device = pick_device(opts.device)
-        self.cfg = ModelConfig.from_file(self.model_dir / "config.json")
-        self.ckpt = Checkpoint(self.model_dir)
-        self.ckpt.validate(expected_tensors(self.cfg))
-        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        files = model if isinstance(model, ModelFiles) else open_model(model)
+        self.model_dir, self.cfg, self.ckpt, self.tokenizer = files.model_dir, files.cfg, files.ckpt, files.tokenizer
         self.dtype = pick_dtype(opts.dtype, self.ckpt.dtype, self.device)
         kernels = opts.kernels if opts.kernels != "auto" else ("triton" if self.device.type == "cuda" else "torch")
         self.ops = make_ops(kernels)

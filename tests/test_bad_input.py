@@ -18,7 +18,7 @@ from engine.engine import Engine, EngineOptions
 from engine.run import main
 from tests.helpers import dir_snapshot
 
-BASE_ARGS = ["--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu", "--max-context", "64"]
+BASE_ARGS = ["--prompt", "hi", "--no-chat", "--max-new-tokens", "2", "--device", "cpu", "--max-context", "64"]
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
