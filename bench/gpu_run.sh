@@ -1,31 +1,39 @@
 #!/usr/bin/env bash
-# One device-machine session: benchmarks first, then GPU correctness, each step time-boxed
-# (about 15 minutes in all: split it over two calls, e.g. steps 1-2 and 3-5, on a short lease).
-# Everything lands in $OUT/results.tar.gz (the device tool returns at most 8 files).
-# Run from the repo root on the GPU machine: bash bench/gpu_run.sh
+# One device-machine session: benchmarks first, then GPU correctness, each step time-boxed.
+# A call runs the steps named in $1 (default "12345", about 15 minutes: more than one 10-minute
+# call, so split it, e.g. `bash bench/gpu_run.sh 12` then `bash bench/gpu_run.sh 345` on a warm
+# machine). Everything lands in $OUT/results.tar.gz (the device tool returns at most 8 files).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; R=/tmp/results; mkdir -p "$OUT" $R
 M=/tmp/q7b
+steps=${1:-12345}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
   date -u; } 2>&1 | tee $R/env.txt
 [ -f $M/config.json ] || timeout 60 python3 -m tools.synth --preset qwen2.5-7b --out $M --device cuda 2>&1 | tail -1
-# 1. streaming benchmark at batch 1: a budget sweep, a disk-tier run, accelerate offload as the peer
-timeout 240 python3 -m tools.bench_stream --model $M --budgets 6GiB,4GiB,10GiB,full --batches 1 --steps 8 \
-  --accelerate --disk-host-budget 4.5GB --out-dir $R --tag stream-b1 > $R/bench_stream_b1.log 2>&1
-echo "b1 rc=$?"; tail -16 $R/bench_stream_b1.log
-# 2. batch 16 at 6 GiB against all-resident batch 16 (1k context)
-timeout 75 python3 -m tools.bench_stream --model $M --budgets 6GiB,full --batches 16 --steps 8 \
-  --prefill-tokens 0 --out-dir $R --tag stream-b16 > $R/bench_stream_b16.log 2>&1
-echo "b16 rc=$?"; tail -6 $R/bench_stream_b16.log
-# 3. GPU tests: streaming within a hard allocator cap, triton == torch on the 7B, kernels at real shapes
-LAYERSTREAM_BIG_MODEL=$M timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_stream.py \
-  tests/test_gpu_e2e.py tests/test_kernels_elementwise.py > $R/pytest_gpu.txt 2>&1
-echo "pytest rc=$?"; tail -6 $R/pytest_gpu.txt
-# 4. memreport at 6 GB with its pictures
-timeout 45 python3 tools/memreport.py --model $M --vram-budget 6GB --out-dir $R/memreport > $R/memreport.txt 2>&1
-echo "memreport rc=$?"; grep -A3 "^TIME" $R/memreport.txt
-# 5. kernels against torch and the measured ceilings
-timeout 200 python3 -m tools.bench_kernels --out $R/kernels.json > $R/kernels.txt 2>&1; echo "kernels rc=$?"
+if [[ $steps == *1* ]]; then  # streaming at batch 1: budget sweep, disk tier, accelerate offload as the peer
+  timeout 240 python3 -m tools.bench_stream --model $M --budgets 6GiB,4GiB,10GiB,full --batches 1 --steps 8 \
+    --accelerate --disk-host-budget 4.5GB --out-dir $R --tag stream-b1 > $R/bench_stream_b1.log 2>&1
+  echo "b1 rc=$?"; tail -16 $R/bench_stream_b1.log
+fi
+if [[ $steps == *2* ]]; then  # batch 16 at 6 GiB against all-resident batch 16 (1k context)
+  timeout 90 python3 -m tools.bench_stream --model $M --budgets 6GiB,full --batches 16 --steps 8 \
+    --prefill-tokens 0 --out-dir $R --tag stream-b16 > $R/bench_stream_b16.log 2>&1
+  echo "b16 rc=$?"; tail -6 $R/bench_stream_b16.log
+fi
+if [[ $steps == *3* ]]; then  # GPU tests: allocator cap at the budget, triton vs torch on the 7B, kernels
+  LAYERSTREAM_BIG_MODEL=$M timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_stream.py \
+    tests/test_gpu_e2e.py tests/test_kernels_elementwise.py tests/test_kernels_sampling.py \
+    tests/test_kernels_matmul_attention.py > $R/pytest_gpu.txt 2>&1
+  echo "pytest rc=$?"; tail -6 $R/pytest_gpu.txt
+fi
+if [[ $steps == *4* ]]; then  # memreport at 6 GB with its pictures
+  timeout 60 python3 tools/memreport.py --model $M --vram-budget 6GB --out-dir $R/memreport > $R/memreport.txt 2>&1
+  echo "memreport rc=$?"; grep -A3 "^TIME" $R/memreport.txt
+fi
+if [[ $steps == *5* ]]; then  # kernels against torch and the ceilings measured in the same run
+  timeout 200 python3 -m tools.bench_kernels --out $R/kernels.json > $R/kernels.txt 2>&1
+  echo "kernels rc=$?"; tail -30 $R/kernels.txt
+fi
 tar czf $OUT/results.tar.gz -C $R .
