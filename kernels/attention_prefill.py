@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.flash_common import online_softmax_pv, qk_scores
 from kernels.tuning import bench_ms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -60,29 +61,12 @@ def _prefill_block(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, n0,
                 mask=kv_mask, other=0.0)
     v = tl.load(v_base + offs[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
                 mask=kv_mask, other=0.0)
-    if UPCAST:  # the CPU interpreter multiplies bf16 as raw uint16 bits
-        k = k.to(tl.float32)
-    if IS_FP32:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+    s = qk_scores(q, k, IS_FP32, UPCAST)
     s = s * qk_scale
     if MASKED:
         visible = (offs[None, :] <= q_pos[:, None]) & (offs < kv_lim)[None, :]
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    p = p.to(v.dtype)
-    if UPCAST:
-        p = p.to(tl.float32)
-        v = v.to(tl.float32)
-    if IS_FP32:
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-    else:
-        acc = tl.dot(p, v, acc * alpha[:, None])
-    return acc, l_i, m_new
+    return online_softmax_pv(acc, l_i, m_i, s, v, IS_FP32, UPCAST)
 
 
 @triton.jit
