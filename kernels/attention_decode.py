@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.checks import check_kv_cache
 from kernels.flash_common import online_softmax_pv, qk_scores
 from kernels.tuning import bench_ms
 
@@ -156,14 +157,7 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise ValueError(f"unsupported dtype {q.dtype}; expected bf16, fp16 or fp32")
     B, Hq, D = q.shape
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.dim() != 4 or c.shape[0] != B or c.shape[3] != D:
-            raise ValueError(f"{name} must be [B={B}, Hk, S, D={D}], got {tuple(c.shape)}")
-        if c.dtype != q.dtype:
-            raise ValueError(f"dtype mismatch: {name} is {c.dtype}, q is {q.dtype}")
-        if c.device != q.device:
-            raise ValueError(f"device mismatch: {name} on {c.device}, q on {q.device}")
-        if c.stride(3) != 1:
-            raise ValueError(f"{name} must have unit stride along D (last dim)")
+        check_kv_cache(name, c, q, B, D)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     if k_cache.shape[1] == 0 or Hq % k_cache.shape[1] != 0:

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.checks import check_kv_cache
 from kernels.flash_common import online_softmax_pv, qk_scores
 from kernels.tuning import bench_ms
 
@@ -127,17 +128,6 @@ _prefill_tuned = triton.autotune(configs=_configs(), key=["T_BUCKET", "BLOCK_D",
 _TUNED: dict[tuple, triton.Config] = {}
 
 
-def _check_cache(name: str, c: torch.Tensor, q: torch.Tensor, B: int, D: int) -> None:
-    if c.dim() != 4 or c.shape[0] != B or c.shape[3] != D:
-        raise ValueError(f"{name} must be [B={B}, Hk, S, D={D}], got {tuple(c.shape)}")
-    if c.dtype != q.dtype:
-        raise ValueError(f"dtype mismatch: {name} is {c.dtype}, q is {q.dtype}")
-    if c.device != q.device:
-        raise ValueError(f"device mismatch: {name} on {c.device}, q on {q.device}")
-    if c.stride(3) != 1:
-        raise ValueError(f"{name} must have unit stride along D (last dim)")
-
-
 def _check_lengths(name: str, t: torch.Tensor, q: torch.Tensor, B: int) -> None:
     if t.dim() != 1 or t.shape[0] != B:
         raise ValueError(f"{name} must be a 1-D int32 tensor of length B={B}, got {tuple(t.shape)}")
@@ -166,8 +156,8 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError("q must have unit stride along D (last dim)")
     if D > 256 or D < 1:
         raise ValueError(f"head dim D={D} unsupported (1..256)")
-    _check_cache("k_cache", k_cache, q, B, D)
-    _check_cache("v_cache", v_cache, q, B, D)
+    check_kv_cache("k_cache", k_cache, q, B, D)
+    check_kv_cache("v_cache", v_cache, q, B, D)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     Hk, S = k_cache.shape[1], k_cache.shape[2]
