@@ -75,9 +75,11 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
     dev, b, cap = engine.device, len(prompts), engine.opts.max_context
     sampler = Sampler(params, engine.cfg.vocab_size, dev, use_triton=engine.ops.name == "triton")
     eos = engine.tokenizer.eos_ids
-    history = torch.full((b, max(map(len, prompts)) + max_new_tokens), -1, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        history[i, : len(p)] = torch.tensor(p, device=dev)
+    history = None  # prompt + generated ids, only needed by the repetition penalty
+    if params.repetition_penalty != 1.0:
+        history = torch.full((b, max(map(len, prompts)) + max_new_tokens), -1, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            history[i, : len(p)] = torch.tensor(p, device=dev)
     out: list[list[int]] = [[] for _ in range(b)]
     detok = [IncrementalDetokenizer(engine.tokenizer, context_ids=p) for p in prompts]
     stops = [StopStringMatcher(stop_strings or []) for _ in range(b)]
@@ -102,7 +104,8 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
                     reasons[i] = "length"
             if all(reasons) or step == max_new_tokens - 1:
                 break
-            history[torch.arange(b, device=dev), torch.tensor(pos, device=dev)] = tok
+            if history is not None:
+                history[torch.arange(b, device=dev), torch.tensor(pos, device=dev)] = tok
             start = [min(p, cap - 1) for p in pos]
             pos = [p + (0 if reasons[i] else 1) for i, p in enumerate(pos)]
             logits = decode_step(engine, tok, start)
