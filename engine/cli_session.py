@@ -73,7 +73,7 @@ def load_engine(spec: str | None, opts: EngineOptions, quiet: bool = False,
         print("note: no --model given; running the embedded default, a tiny model with RANDOM weights "
               "(its text is meaningless). Use --model DIR|ORG/NAME|alias for a real model.", file=sys.stderr)
     bar = tqdm(total=0, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr,
-               disable=quiet, leave=False)
+               disable=quiet, leave=False, delay=0.5)  # shown only when loading takes a while
 
     def progress(n: int) -> None:
         bar.update(n)
