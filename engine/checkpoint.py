@@ -189,9 +189,6 @@ class Checkpoint:
                 + ("\n  (more problems omitted)" if len(problems) > 12 else "")
             )
 
-    def nbytes(self, names: list[str] | None = None) -> int:
-        return sum(self.tensors[n].nbytes for n in (names if names is not None else self.tensors))
-
     @property
     def dtype(self) -> torch.dtype:
         """The most common float dtype among the weights."""

@@ -122,10 +122,5 @@ class Engine:
                          h2d_source=source, mlp_split=self.opts.mlp_split)
         return plan
 
-    @property
-    def weight_bytes_to_load(self) -> int:
-        p = self.plan
-        return p.resident_weight_bytes + p.host_pinned_bytes
-
     def close(self) -> None:
         self.weights.close()

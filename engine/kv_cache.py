@@ -25,11 +25,6 @@ class KVCache:
         self.batch, self.max_context = batch, max_context
         self.lengths = [0] * batch
 
-    @staticmethod
-    def nbytes_for(cfg: ModelConfig, batch: int, max_context: int, dtype: torch.dtype) -> int:
-        size = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * max_context * cfg.head_dim * size
-
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

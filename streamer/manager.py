@@ -37,7 +37,7 @@ class WeightManager:
         self.ckpt, self.cfg, self.plan, self.dtype = ckpt, cfg, plan, dtype
         self.device = torch.device(device)
         self.layout = LayerLayout.build(cfg, dtype)
-        self.split = getattr(plan, "mlp_split", 1)
+        self.split = plan.mlp_split
         self.source = UnitSource(ckpt, cfg, self.layout, dtype, mlp_split=self.split)
         self.sync = Sync(self.device, log_sync)
         self.tracer = Tracer(self.sync) if trace and self.sync.cuda else None
@@ -172,10 +172,10 @@ class WeightManager:
         self._start_pipeline()
 
     # ----- WeightSource -----
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, lookup=torch.nn.functional.embedding) -> torch.Tensor:
         if self.plan.embed_on_device:
-            return torch.nn.functional.embedding(ids.to(self.device), self.embed_table)
-        rows = torch.nn.functional.embedding(ids.cpu(), self.embed_table)
+            return lookup(ids.to(self.device), self.embed_table)
+        rows = torch.nn.functional.embedding(ids.cpu(), self.embed_table)  # host table: gather on the host
         return rows.to(self.dtype).to(self.device, non_blocking=False)
 
     def _slot_views(self, kind: str, slot_buf: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -227,11 +227,6 @@ class WeightManager:
             buf = self._acquire("lm_head", u.index)
             yield u.row0, buf[: u.nbytes].view(self.dtype).view(u.rows, self.cfg.hidden_size)
             self._release()
-
-    # ----- facts for reports -----
-    @property
-    def streamed_bytes_per_pass(self) -> int:
-        return sum(u.nbytes for u in self.units)
 
     def close(self) -> None:
         if self.disk is not None:

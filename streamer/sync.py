@@ -30,9 +30,6 @@ class _CpuEvent:
     def synchronize(self) -> None:
         pass
 
-    def query(self) -> bool:
-        return True
-
 
 class _CpuStream:
     def wait_event(self, event) -> None:

@@ -83,7 +83,7 @@ ROPE_HEADS = [(4, 4), (4, 2), (7, 1)]
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("heads", ROPE_HEADS)
 @pytest.mark.parametrize("bt", BT)
-def test_rope_fusedqkv_views(dtype, d, heads, bt):
+def test_rope_fused_qkv_views(dtype, d, heads, bt):
     (b, t), (hq, hk) = bt, heads
     q, k, v = qkv_views(b, t, hq, hk, d, dtype)
     v_before = v.clone()
