@@ -21,8 +21,9 @@ from kernels.rope import rope_tables
 class WeightSource(Protocol):
     """Where the model gets its weights; see ``streamer.manager.WeightManager``."""
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] (host or device) -> hidden states [B, T, H] on the compute device."""
+    def embed(self, ids: torch.Tensor, lookup) -> torch.Tensor:
+        """Token ids [B, T] (host or device) -> hidden states [B, T, H] on the compute device;
+        ``lookup(ids, table)`` gathers rows when the table is on the device."""
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors (HF names plus fused views), ready for use on the compute stream."""
@@ -60,7 +61,7 @@ class Model:
         [B, V] for each sequence's last real token, else [B, T, V].
         """
         b, t = ids.shape
-        h = self.weights.embed(ids)
+        h = self.weights.embed(ids, self.ops.embedding)
         positions = start_pos.long().view(b, 1) + torch.arange(t, device=self.device)
         positions = positions.clamp(max=self.cos.shape[0] - 1)
         residual = None

@@ -120,8 +120,6 @@ class TritonOps(TorchOps):
         return self._k["prefill"](q, k_cache, v_cache, start_pos, q_lens, scale)
 
     def embedding(self, ids, table):
-        if ids.device.type != table.device.type:  # host-side table: gather rows with torch
-            return F.embedding(ids, table)
         return self._k["embedding"](ids, table)
 
 
