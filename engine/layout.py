@@ -95,7 +95,8 @@ class LayerLayout:
         side by side (``mlp.gate_up_proj.weight`` [2*I/parts, H]) and the matching columns of down
         (``mlp.down_proj.weight`` [H, I/parts]). The MLP is the sum of its pieces' outputs."""
         if parts < 1 or cfg.intermediate_size % parts:
-            raise ValueError(f"--mlp-split {parts} must divide intermediate_size {cfg.intermediate_size}")
+            raise ValueError(f"--mlp-split {parts} must be a positive divisor of intermediate_size "
+                             f"{cfg.intermediate_size}")
         i, h = cfg.intermediate_size // parts, cfg.hidden_size
         return cls.from_groups([[("mlp.gate_up_proj.weight", (2 * i, h))], [("mlp.down_proj.weight", (h, i))]], dtype)
 

@@ -268,9 +268,6 @@ def make_plan(cfg: ModelConfig, tensor_bytes: dict[str, int], dtype: torch.dtype
     Raises ValueError when the budget is below :func:`minimum_budget`.
     """
     _check_workload(batch, max_context, prefill_chunk)
-    if mlp_split < 1 or cfg.intermediate_size % mlp_split:
-        raise ValueError(f"--mlp-split {mlp_split} must be a positive divisor of intermediate_size "
-                         f"{cfg.intermediate_size}")
     if not h2d_gbps > 0:
         raise ValueError(f"h2d_gbps must be positive, got {h2d_gbps}")
     w = _Workload(dtype, batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps,
