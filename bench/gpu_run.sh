@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One device-machine session: benchmarks first, then GPU correctness, each step time-boxed.
-# A call runs the steps named in $1 (default "123456", about 15 minutes: more than one 10-minute
-# call, so split it, e.g. `bash bench/gpu_run.sh 126` then `bash bench/gpu_run.sh 345` on a warm
+# A call runs the steps named in $1 (default "12345", about 15 minutes: more than one 10-minute
+# call, so split it, e.g. `bash bench/gpu_run.sh 12` then `bash bench/gpu_run.sh 345` on a warm
 # machine). Everything lands in $OUT/results.tar.gz (the device tool returns at most 8 files).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; R=/tmp/results; mkdir -p "$OUT" $R
 M=/tmp/q7b
-steps=${1:-123456}
+steps=${1:-12345}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
   date -u; } 2>&1 | tee $R/env.txt
@@ -35,10 +35,5 @@ fi
 if [[ $steps == *5* ]]; then  # kernels against torch and the ceilings measured in the same run
   timeout 200 python3 -m tools.bench_kernels --out $R/kernels.json > $R/kernels.txt 2>&1
   echo "kernels rc=$?"; tail -30 $R/kernels.txt
-fi
-if [[ $steps == *6* ]]; then  # layers streamed as attention + 2 MLP pieces: one more resident layer at 6 GiB
-  timeout 150 python3 -m tools.bench_stream --model $M --budgets 6GiB,4GiB,full --batches 1 --steps 8 --mlp-split 2 \
-    --out-dir $R --tag stream-split2 > $R/bench_stream_split2.log 2>&1
-  echo "split2 rc=$?"; tail -10 $R/bench_stream_split2.log
 fi
 tar czf $OUT/results.tar.gz -C $R .

@@ -28,9 +28,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "minus a margin); streamed layers beyond it are read from disk")
     p.add_argument("--max-context", type=int, default=4096, help="KV-cache length per sequence")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    p.add_argument("--mlp-split", type=int, default=1,
-                   help="stream each layer as attention + N MLP pieces: staging slots hold a piece, not a layer, "
-                   "so more layers fit the budget (N must divide the intermediate size)")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens per prefill pass (sizes the activation workspace; longer prompts take more passes)")
 
@@ -47,7 +44,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         device=args.device, dtype=args.dtype, kernels=args.kernels,
         vram_budget=parse_size(args.vram_budget) if args.vram_budget else None,
         host_budget=parse_size(args.host_budget) if args.host_budget else None,
-        batch=args.batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk, mlp_split=args.mlp_split)
+        batch=args.batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk)
 
 
 def resolve_or_default(spec: str | None) -> tuple[Path, bool]:

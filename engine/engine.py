@@ -41,7 +41,6 @@ class EngineOptions:
     threads: int = 8
     trace: bool = False
     cuda_graph: bool = True  # capture the decode step when nothing streams (CUDA + triton kernels)
-    mlp_split: int = 1  # > 1: stream layers as attention + this many MLP pieces (smaller staging slots)
 
 
 def pick_device(name: str) -> torch.device:
@@ -119,7 +118,7 @@ class Engine:
                          dtype=self.dtype, vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
                          batch=self.opts.batch, max_context=self.opts.max_context,
                          prefill_chunk=self.opts.prefill_chunk, device_free=free, h2d_gbps=gbps,
-                         h2d_source=source, mlp_split=self.opts.mlp_split)
+                         h2d_source=source)
         return plan
 
     def close(self) -> None:

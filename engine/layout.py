@@ -81,31 +81,10 @@ class LayerLayout:
 
     @classmethod
     def build(cls, cfg: ModelConfig, dtype: torch.dtype) -> LayerLayout:
-        """A whole decoder layer."""
-        return cls.from_groups(layer_tensor_shapes(cfg), dtype)
-
-    @classmethod
-    def attention(cls, cfg: ModelConfig, dtype: torch.dtype) -> LayerLayout:
-        """The attention piece of a layer: every tensor up to post_attention_layernorm."""
-        return cls.from_groups(layer_tensor_shapes(cfg)[:-2], dtype)
-
-    @classmethod
-    def mlp_part(cls, cfg: ModelConfig, dtype: torch.dtype, parts: int) -> LayerLayout:
-        """One of ``parts`` MLP pieces, split along the intermediate dimension: rows of gate and up
-        side by side (``mlp.gate_up_proj.weight`` [2*I/parts, H]) and the matching columns of down
-        (``mlp.down_proj.weight`` [H, I/parts]). The MLP is the sum of its pieces' outputs."""
-        if parts < 1 or cfg.intermediate_size % parts:
-            raise ValueError(f"--mlp-split {parts} must be a positive divisor of intermediate_size "
-                             f"{cfg.intermediate_size}")
-        i, h = cfg.intermediate_size // parts, cfg.hidden_size
-        return cls.from_groups([[("mlp.gate_up_proj.weight", (2 * i, h))], [("mlp.down_proj.weight", (h, i))]], dtype)
-
-    @classmethod
-    def from_groups(cls, groups: list[list[tuple[str, tuple[int, ...]]]], dtype: torch.dtype) -> LayerLayout:
         size = torch.empty((), dtype=dtype).element_size()
         entries: dict[str, Entry] = {}
         pos = 0
-        for group in groups:
+        for group in layer_tensor_shapes(cfg):
             pos = -(-pos // ALIGN) * ALIGN
             start, rows = pos, 0
             for name, shape in group:

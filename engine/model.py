@@ -28,9 +28,6 @@ class WeightSource(Protocol):
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors (HF names plus fused views), ready for use on the compute stream."""
 
-    def mlp_parts(self, i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(gate_up, down) pieces of layer i's MLP, whose outputs sum to the MLP's output."""
-
     def release(self, i: int) -> None:
         """The compute stream has been given all work that reads layer i."""
 
@@ -68,7 +65,7 @@ class Model:
         for i in range(self.cfg.num_hidden_layers):
             w = self.weights.layer(i)
             kv = tuple(c[:b] for c in cache.layer(i))  # the first b rows: fewer prompts than cache.batch
-            h, residual = self._layer(i, w, h, residual, positions, kv, start_pos, q_lens, max_len)
+            h, residual = self._layer(w, h, residual, positions, kv, start_pos, q_lens, max_len)
             self.weights.release(i)
         if last_only:
             rows = torch.arange(b, device=self.device)
@@ -77,7 +74,7 @@ class Model:
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
         return self._logits(x)
 
-    def _layer(self, i: int, w: dict[str, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
+    def _layer(self, w: dict[str, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
                positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], start_pos: torch.Tensor,
                q_lens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, ops, eps = self.cfg, self.ops, self.cfg.rms_norm_eps
@@ -99,10 +96,7 @@ class Model:
         attn = ops.attention(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len)
         o = ops.linear(attn.reshape(b, t, cfg.q_size), w["self_attn.o_proj.weight"])
         x, residual = ops.add_rmsnorm(o, residual, w["post_attention_layernorm.weight"], eps)
-        mlp = None
-        for gate_up, down in self.weights.mlp_parts(i):  # one piece unless the layer streams in pieces
-            out = ops.linear(ops.swiglu(ops.linear(x, gate_up)), down)
-            mlp = out if mlp is None else mlp.add_(out)
+        mlp = ops.linear(ops.swiglu(ops.linear(x, w["mlp.gate_up_proj.weight"])), w["mlp.down_proj.weight"])
         return mlp, residual
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,6 @@ class Plan:
     batch: int
     max_context: int
     prefill_chunk: int
-    mlp_split: int  # > 1: streamed layers move as an attention piece plus this many MLP pieces
     notes: tuple[str, ...]
 
     def __post_init__(self) -> None:
@@ -137,8 +136,6 @@ class Plan:
         pct = 100.0 * self.total_bytes / self.budget_bytes if self.budget_bytes else 0.0
         slots = (f"{self.num_slots} x {format_size(self.slot_bytes)} = {format_size(self.staging_bytes)}"
                  if self.num_slots else "none")
-        if self.num_slots and self.mlp_split > 1:
-            slots += f" (streamed layers move as attention + {self.mlp_split} MLP pieces)"
         head = "" if self.lm_head_resident else f", lm_head in {self.lm_head_chunks} chunks"
         rows = "" if self.embed_on_device else ", embedding rows"
         out = [

@@ -53,13 +53,11 @@ class _Workload:
     h2d_source: str
     disk_gbps: float | None
     hbm_gbps: float
-    mlp_split: int
 
 
 @dataclass(frozen=True)
 class _Sizes:
     layer: int  # one packed layer
-    slot: int  # one staging slot: a layer, or its largest piece when layers stream in pieces
     layer_file: tuple[int, ...]  # each layer's bytes in the checkpoint files
     embed: int
     lm_head: int  # == embed when tied (the same tensor)
@@ -76,7 +74,7 @@ class _Sizes:
 
 
 def _sizes(cfg: ModelConfig, dtype: torch.dtype, batch: int, max_context: int, prefill_chunk: int,
-           tensor_bytes: dict[str, int] | None = None, mlp_split: int = 1) -> _Sizes:
+           tensor_bytes: dict[str, int] | None = None) -> _Sizes:
     """Every size the planner needs; ``tensor_bytes`` (file bytes) only for presence and disk reads."""
     tb = tensor_bytes if tensor_bytes is not None else tensor_bytes_from_config(cfg, dtype)
     expected = expected_tensors(cfg)
@@ -88,9 +86,7 @@ def _sizes(cfg: ModelConfig, dtype: torch.dtype, batch: int, max_context: int, p
     layout = LayerLayout.build(cfg, dtype)
     layer_file = tuple(sum(tb[f"model.layers.{i}.{n}"] for n in layout.names) for i in range(cfg.num_hidden_layers))
     lm_file = tb[EMBED if cfg.tie_word_embeddings else LM_HEAD]
-    slot = layout.nbytes if mlp_split == 1 else max(LayerLayout.attention(cfg, dtype).nbytes,
-                                                    LayerLayout.mlp_part(cfg, dtype, mlp_split).nbytes)
-    return _Sizes(layer=layout.nbytes, slot=slot, layer_file=layer_file, embed=cfg.vocab_size * row, lm_head=cfg.vocab_size * row,
+    return _Sizes(layer=layout.nbytes, layer_file=layer_file, embed=cfg.vocab_size * row, lm_head=cfg.vocab_size * row,
                   norm=row, row=row, row_file=tb[EMBED] // cfg.vocab_size, lm_head_file=lm_file,
                   kv=kv_cache_bytes(cfg, dtype, batch, max_context),
                   workspace=workspace_bytes(cfg, dtype, batch, max_context, prefill_chunk))
@@ -101,15 +97,15 @@ def _all_resident_bytes(cfg: ModelConfig, s: _Sizes) -> int:
 
 
 def _minimum(cfg: ModelConfig, s: _Sizes) -> int:
-    return min(_all_resident_bytes(cfg, s), s.fixed + 2 * s.slot)
+    return min(_all_resident_bytes(cfg, s), s.fixed + 2 * s.layer)
 
 
 def minimum_budget(cfg: ModelConfig, dtype: torch.dtype, *, batch: int = 1, max_context: int = 4096,
-                   prefill_chunk: int = 2048, mlp_split: int = 1) -> int:
+                   prefill_chunk: int = 2048) -> int:
     """The smallest VRAM budget that can run: KV + workspace + norm + two staging slots
     (or the whole model resident, if that is smaller)."""
     _check_workload(batch, max_context, prefill_chunk)
-    return _minimum(cfg, _sizes(cfg, dtype, batch, max_context, prefill_chunk, mlp_split=mlp_split))
+    return _minimum(cfg, _sizes(cfg, dtype, batch, max_context, prefill_chunk))
 
 
 def _check_workload(batch: int, max_context: int, prefill_chunk: int) -> None:
@@ -163,7 +159,7 @@ def _choose_residency(cfg: ModelConfig, s: _Sizes, budget: int) -> _Residency:
         return _Residency(n, True, True, 0)
     if not tied and s.fixed + n * s.layer + s.lm_head <= budget:
         return _Residency(n, True, False, 0)  # only the embedding stays on the host
-    avail = budget - s.fixed - 2 * s.slot
+    avail = budget - s.fixed - 2 * s.layer
     assert avail >= 0, "budget was checked against the minimum"
     k_streamed_head = min(n, avail // s.layer)
     k_resident_head = min(n, (avail - s.lm_head) // s.layer) if s.lm_head <= avail else -1
@@ -171,7 +167,7 @@ def _choose_residency(cfg: ModelConfig, s: _Sizes, budget: int) -> _Residency:
     k = k_resident_head if head else k_streamed_head
     assert k < n or not head, "everything resident was handled above"
     leftover = avail - k * s.layer - (s.lm_head if head else 0)
-    return _Residency(k, head, head and tied, 3 if leftover >= s.slot else 2)
+    return _Residency(k, head, head and tied, 3 if leftover >= s.layer else 2)
 
 
 @dataclass(frozen=True)
@@ -255,11 +251,8 @@ def make_plan(cfg: ModelConfig, tensor_bytes: dict[str, int], dtype: torch.dtype
               vram_budget: int | None = None, host_budget: int | None = None, batch: int = 1,
               max_context: int = 4096, prefill_chunk: int = 2048, device_free: int | None = None,
               h2d_gbps: float = 25.0, h2d_source: str = "given", disk_gbps: float | None = None,
-              hbm_gbps: float = HBM_GBPS, mlp_split: int = 1) -> Plan:
+              hbm_gbps: float = HBM_GBPS) -> Plan:
     """Plan residency and streaming for ``cfg`` in compute ``dtype`` (see the module docstring for the rules).
-
-    ``mlp_split`` > 1 streams each layer as its attention piece plus that many MLP pieces, so a
-    staging slot holds a piece rather than a layer and more layers fit the budget.
 
     ``tensor_bytes`` maps checkpoint tensor names to their bytes in the file (``{n: i.nbytes for n, i in
     ckpt.tensors.items()}`` or :func:`tensor_bytes_from_config`). ``vram_budget`` None uses
@@ -270,17 +263,16 @@ def make_plan(cfg: ModelConfig, tensor_bytes: dict[str, int], dtype: torch.dtype
     _check_workload(batch, max_context, prefill_chunk)
     if not h2d_gbps > 0:
         raise ValueError(f"h2d_gbps must be positive, got {h2d_gbps}")
-    w = _Workload(dtype, batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps,
-                  mlp_split)
+    w = _Workload(dtype, batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps)
     notes: list[str] = []
-    s = _sizes(cfg, dtype, batch, max_context, prefill_chunk, tensor_bytes, mlp_split)
+    s = _sizes(cfg, dtype, batch, max_context, prefill_chunk, tensor_bytes)
     budget = _resolve_budget(vram_budget, device_free, _all_resident_bytes(cfg, s), notes)
     if budget < (minimum := _minimum(cfg, s)):
         what = "VRAM budget" if budget == vram_budget else "the GPU's free memory"
         raise ValueError(
             f"{what} {format_size(budget)} is below the minimum {format_size(minimum)} for this model at "
             f"batch {batch}, context {max_context}: KV cache {format_size(s.kv)} + workspace "
-            f"{format_size(s.workspace)} + 2 staging slots of {format_size(s.slot)}. Raise --vram-budget to at "
+            f"{format_size(s.workspace)} + 2 staging slots of {format_size(s.layer)}. Raise --vram-budget to at "
             f"least {format_size(minimum)}, or lower --max-context or --batch (or --prefill-chunk).")
     if max_context > cfg.max_position_embeddings:
         notes.append(f"max_context {max_context} exceeds the model's max_position_embeddings "
@@ -296,7 +288,7 @@ def make_plan(cfg: ModelConfig, tensor_bytes: dict[str, int], dtype: torch.dtype
 def _assemble(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, budget: int, host: int,
               notes: list[str]) -> Plan:
     n, batch = cfg.num_hidden_layers, w.batch
-    chunks = 0 if r.lm_head_resident else math.ceil(cfg.vocab_size / (s.slot // s.row))
+    chunks = 0 if r.lm_head_resident else math.ceil(cfg.vocab_size / (s.layer // s.row))
     streamed_layers = tuple(range(r.resident, n))
     streamed = (len(streamed_layers) * s.layer + (0 if r.lm_head_resident else s.lm_head)
                 + (0 if r.embed_on_device else batch * s.row))
@@ -305,15 +297,14 @@ def _assemble(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, w: _Workloa
     step, bound = _predict(s, n, streamed, disk, w, notes)
     modules = _modules(cfg, s, r, t, batch, chunks)
     resident = sum(m.bytes for m in modules if m.placement == "resident")
-    staging = r.num_slots * s.slot
+    staging = r.num_slots * s.layer
     return Plan(
         modules=modules, resident_layers=tuple(range(r.resident)), streamed_layers=streamed_layers,
         disk_layers=t.disk_layers, embed_on_device=r.embed_on_device, lm_head_resident=r.lm_head_resident,
-        lm_head_chunks=chunks, num_slots=r.num_slots, slot_bytes=s.slot if r.num_slots else 0,
+        lm_head_chunks=chunks, num_slots=r.num_slots, slot_bytes=s.layer if r.num_slots else 0,
         layer_bytes=s.layer, resident_weight_bytes=resident, staging_bytes=staging, kv_cache_bytes=s.kv,
         workspace_bytes=s.workspace, total_bytes=resident + staging + s.kv + s.workspace, budget_bytes=budget,
         streamed_bytes_per_step=streamed, disk_bytes_per_step=disk, host_pinned_bytes=t.host_pinned,
         host_budget_bytes=host, predicted_step_s=step, predicted_tok_s=batch / step, step_bound=bound,
         h2d_gbps=w.h2d_gbps, h2d_source=w.h2d_source, dtype=str(w.dtype).removeprefix("torch."), batch=batch,
-        max_context=w.max_context, prefill_chunk=w.prefill_chunk, mlp_split=w.mlp_split if r.num_slots else 1,
-        notes=tuple(notes))
+        max_context=w.max_context, prefill_chunk=w.prefill_chunk, notes=tuple(notes))

@@ -37,15 +37,13 @@ class WeightManager:
         self.ckpt, self.cfg, self.plan, self.dtype = ckpt, cfg, plan, dtype
         self.device = torch.device(device)
         self.layout = LayerLayout.build(cfg, dtype)
-        self.split = plan.mlp_split
-        self.source = UnitSource(ckpt, cfg, self.layout, dtype, mlp_split=self.split)
+        self.source = UnitSource(ckpt, cfg, self.layout, dtype)
         self.sync = Sync(self.device, log_sync)
         self.tracer = Tracer(self.sync) if trace and self.sync.cuda else None
         self._progress = progress or (lambda n: None)
         self._load_resident()
         self.units = self._make_units()
-        self.unit_of = {(u.kind, u.index, u.part): j for j, u in enumerate(self.units)}
-        self._views: dict[str, torch.Tensor] = {}  # the layer in use: its views (unsplit layers)
+        self.unit_of = {(u.kind, u.index): j for j, u in enumerate(self.units)}
         self._load_streamed(threads)
         self._start_pipeline()
 
@@ -73,13 +71,7 @@ class WeightManager:
             torch.cuda.synchronize(dev)
 
     def _make_units(self) -> list[Unit]:
-        units = []
-        for i in self.plan.streamed_layers:
-            if self.split == 1:
-                units.append(Unit("layer", i, self.layout.nbytes))
-                continue
-            units.append(Unit("attn", i, self.source.attn_layout.nbytes))
-            units += [Unit("mlp", i, self.source.mlp_layout.nbytes, part=h) for h in range(self.split)]
+        units = [Unit("layer", i, self.layout.nbytes) for i in self.plan.streamed_layers]
         if not self.plan.lm_head_resident:
             vocab, row_bytes = self.cfg.vocab_size, self.cfg.hidden_size * self.dtype.itemsize
             rows = -(-vocab // self.plan.lm_head_chunks)
@@ -94,7 +86,7 @@ class WeightManager:
         disk = set(self.plan.disk_layers)
         head_on_disk = not self.plan.lm_head_resident and self.plan.module("lm_head").tier == "disk"
         pinned = {j: (lambda buf, u=u: self.source.pack_mapped(u, buf)) for j, u in enumerate(self.units)
-                  if not ((u.kind != "lm_head" and u.index in disk) or (u.kind == "lm_head" and head_on_disk))}
+                  if not ((u.kind == "layer" and u.index in disk) or (u.kind == "lm_head" and head_on_disk))}
         sizes = {j: u.nbytes for j, u in enumerate(self.units)}
         self.host_bufs = pack_all(pinned, sizes, pin=True, threads=threads, progress=self._progress)
         self.disk = DiskReader(3, self.plan.slot_bytes, pin=True) if len(pinned) < len(self.units) else None
@@ -141,8 +133,8 @@ class WeightManager:
         self.sync.note("copy", g, slot)
         self.issued += 1
 
-    def _acquire(self, kind: str, index: int, part: int = 0) -> torch.Tensor:
-        j = self.unit_of[(kind, index, part)]
+    def _acquire(self, kind: str, index: int) -> torch.Tensor:
+        j = self.unit_of[(kind, index)]
         if self.consumed % len(self.units) != j:  # an interrupted pass: restart the pipeline
             log.warning("streamer out of order (expected unit %d, got %d): restarting", self.consumed, j)
             self.reset()
@@ -178,40 +170,18 @@ class WeightManager:
         rows = torch.nn.functional.embedding(ids.cpu(), self.embed_table)  # host table: gather on the host
         return rows.to(self.dtype).to(self.device, non_blocking=False)
 
-    def _slot_views(self, kind: str, slot_buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        slot = self.consumed % len(self.slots)
-        views = self.slot_views[slot].get(kind)
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        if i in self.resident:
+            return self.resident[i]
+        slot_buf = self._acquire("layer", i)
+        slot = (self.consumed % len(self.slots))
+        views = self.slot_views[slot].get("layer")
         if views is None:
-            layout = {"layer": self.layout, "attn": self.source.attn_layout, "mlp": self.source.mlp_layout}[kind]
-            views = self.slot_views[slot][kind] = layout.views(slot_buf)
+            views = self.slot_views[slot]["layer"] = self.layout.views(slot_buf)
         return views
 
-    def layer(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer i's attention weights (and, unless streamed in pieces, its MLP weights)."""
-        if i in self.resident:
-            self._views = self.resident[i]
-        else:
-            kind = "layer" if self.split == 1 else "attn"
-            self._views = self._slot_views(kind, self._acquire(kind, i))
-        return self._views
-
-    def mlp_parts(self, i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(gate_up [2I', H], down [H, I']) pieces whose outputs sum to layer i's MLP.
-
-        Call after the attention half of layer i is on the compute stream: a layer streamed in
-        pieces frees its attention slot here, before the MLP pieces are waited on."""
-        if i in self.resident or self.split == 1:
-            yield self._views["mlp.gate_up_proj.weight"], self._views["mlp.down_proj.weight"]
-            return
-        self._release()  # the attention piece
-        for h in range(self.split):
-            views = self._slot_views("mlp", self._acquire("mlp", i, h))
-            yield views["mlp.gate_up_proj.weight"], views["mlp.down_proj.weight"]
-            self._release()
-
     def release(self, i: int) -> None:
-        """All work reading layer i is on the compute stream."""
-        if i not in self.resident and self.split == 1:
+        if i not in self.resident:
             self._release()
 
     def norm(self) -> torch.Tensor:

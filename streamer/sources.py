@@ -24,72 +24,44 @@ from engine.layout import LayerLayout
 class Unit:
     """One streamed piece: a decoder layer, or a chunk of lm_head rows."""
 
-    kind: str  # "layer" | "attn" | "mlp" (a layer streamed in pieces) | "lm_head"
+    kind: str  # "layer" | "lm_head"
     index: int  # layer number, or chunk number
     nbytes: int
     row0: int = 0  # lm_head chunks: first vocab row
     rows: int = 0
-    part: int = 0  # "mlp": which piece
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind}.{self.index}" + (f".{self.part}" if self.kind == "mlp" else "")
 
 
 class UnitSource:
     """Packs layers and lm_head chunks of ``ckpt`` into flat buffers in the compute dtype."""
 
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, layout: LayerLayout, dtype: torch.dtype,
-                 read_threads: int = 4, mlp_split: int = 1) -> None:
+                 read_threads: int = 4) -> None:
         self.ckpt, self.cfg, self.layout, self.dtype = ckpt, cfg, layout, dtype
-        self.mlp_split = mlp_split
-        self.attn_layout = LayerLayout.attention(cfg, dtype)
-        self.mlp_layout = LayerLayout.mlp_part(cfg, dtype, mlp_split)
         self.head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         self.pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="disk-read")
 
-    def layout_of(self, u: Unit) -> LayerLayout:
-        return {"layer": self.layout, "attn": self.attn_layout, "mlp": self.mlp_layout}[u.kind]
-
-    def layer_names(self, u: Unit) -> dict[str, str]:
-        """Layout name -> checkpoint name for a layer or its attention piece."""
-        return {n: f"model.layers.{u.index}.{n}" for n in self.layout_of(u).names}
+    def layer_names(self, i: int) -> dict[str, str]:
+        """Layout name -> checkpoint name for layer i."""
+        return {n: f"model.layers.{i}.{n}" for n in self.layout.names}
 
     def pack_mapped(self, u: Unit, buf: torch.Tensor) -> None:
         """Pack (and cast) through the memory map, then drop the mapped pages."""
-        if u.kind in ("layer", "attn"):
-            names = self.layer_names(u)
-            self.layout_of(u).pack({n: self.ckpt.tensor(full) for n, full in names.items()}, buf)
+        if u.kind == "layer":
+            names = self.layer_names(u.index)
+            self.layout.pack({n: self.ckpt.tensor(full) for n, full in names.items()}, buf)
             for full in names.values():
                 self.ckpt.release(full)
             return
-        if u.kind == "mlp":
-            return self._pack_mlp_part(u, buf)
         src = self.ckpt.tensor(self.head_name)
         buf[: u.nbytes].view(self.dtype).view(u.rows, -1).copy_(src[u.row0:u.row0 + u.rows])
 
-    def _pack_mlp_part(self, u: Unit, buf: torch.Tensor) -> None:
-        views = self.mlp_layout.views(buf)
-        rows = self.cfg.intermediate_size // self.mlp_split
-        lo, hi = u.part * rows, (u.part + 1) * rows
-        prefix = f"model.layers.{u.index}.mlp."
-        gate_up = views["mlp.gate_up_proj.weight"]
-        gate_up[:rows].copy_(self.ckpt.tensor(prefix + "gate_proj.weight")[lo:hi])
-        gate_up[rows:].copy_(self.ckpt.tensor(prefix + "up_proj.weight")[lo:hi])
-        views["mlp.down_proj.weight"].copy_(self.ckpt.tensor(prefix + "down_proj.weight")[:, lo:hi])
-        if u.part == self.mlp_split - 1:  # the last piece: the mapped MLP pages are done with
-            for n in ("gate_proj", "up_proj", "down_proj"):
-                self.ckpt.release(prefix + n + ".weight")
-
     def read_direct(self, u: Unit, buf: torch.Tensor) -> None:
         """Read a unit from the files with pread (same dtype), else fall back to the map."""
-        if u.kind == "mlp":  # down's columns are strided in the file: pack through the map
-            return self.pack_mapped(u, buf)
-        if u.kind in ("layer", "attn"):
-            names = self.layer_names(u)
+        if u.kind == "layer":
+            names = self.layer_names(u.index)
             if any(self.ckpt.tensors[f].dtype != self.dtype for f in names.values()):
                 return self.pack_mapped(u, buf)
-            views = self.layout_of(u).views(buf)
+            views = self.layout.views(buf)
             jobs = [(full, views[n].view(-1).view(torch.uint8), 0) for n, full in names.items()]
         else:
             if self.ckpt.tensors[self.head_name].dtype != self.dtype:

@@ -34,10 +34,10 @@ class Tracer:
             return
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(stream)
-        self.open[(lane, unit.label)] = ev
+        self.open[(lane, f"{unit.kind}.{unit.index}")] = ev
 
     def end(self, lane: str, unit, stream) -> None:
-        key = (lane, unit.label)
+        key = (lane, f"{unit.kind}.{unit.index}")
         start = self.open.pop(key, None)
         if start is None:
             return

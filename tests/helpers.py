@@ -152,19 +152,16 @@ def plan_for(cfg: ModelConfig, ckpt: Checkpoint, kind: str = "resident", *, batc
     * ``stream-all``: the minimum budget: every layer and lm_head (in chunks) stream, pinned;
     * ``stream-partial``: one layer more than the minimum: layer 0 resident, the rest streams;
     * ``disk-some``: everything streams, only one layer fits the host budget: the others come from disk;
-    * ``disk-all``: everything streams, host budget 0: every layer from disk;
-    * ``split2-all``: everything streams, each layer as attention + 2 MLP pieces, pinned;
-    * ``split3-disk-some``: like ``disk-some``, each layer as attention + 3 MLP pieces.
+    * ``disk-all``: everything streams, host budget 0: every layer from disk.
     """
     tb = {n: i.nbytes for n, i in ckpt.tensors.items()}
     kw = dict(batch=batch, max_context=max_context, prefill_chunk=prefill_chunk)
-    split = {"split2-all": 2, "split3-disk-some": 3}.get(kind, 1)
     layer = LayerLayout.build(cfg, dtype).nbytes
-    low = minimum_budget(cfg, dtype, mlp_split=split, **kw)
+    low = minimum_budget(cfg, dtype, **kw)
     budget, host = {"resident": (None, 1 << 30), "stream-all": (low, 1 << 30),
                     "stream-partial": (low + layer, 1 << 30), "disk-some": (low, layer),
-                    "disk-all": (low, 0), "split2-all": (low, 1 << 30), "split3-disk-some": (low, layer)}[kind]
-    return make_plan(cfg, tb, dtype, vram_budget=budget, host_budget=host, mlp_split=split, **kw)
+                    "disk-all": (low, 0)}[kind]
+    return make_plan(cfg, tb, dtype, vram_budget=budget, host_budget=host, **kw)
 
 
 def load_ours(model_dir: Path, ops=None, plan: str = "resident", *, batch: int = 1, max_context: int = 64,

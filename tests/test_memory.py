@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
-from engine.layout import LayerLayout
 from memory import bandwidth
 from memory.planner import make_plan, minimum_budget, tensor_bytes_from_config
 from memory.units import format_size, parse_size
@@ -272,21 +271,3 @@ def test_disk_read_bandwidth(tmp_path):
     assert bandwidth.disk_read_bandwidth(f, 8 << 20) > 0
     with pytest.raises(ValueError, match="not a file"):
         bandwidth.disk_read_bandwidth(Path(tmp_path / "missing"), 1)
-
-
-def test_mlp_split_fits_one_more_layer_at_6gib():
-    whole, split = plan7b(), plan7b(mlp_split=2)
-    assert len(split.resident_layers) == len(whole.resident_layers) + 1
-    attn = LayerLayout.attention(QWEN7B, BF16).nbytes
-    part = LayerLayout.mlp_part(QWEN7B, BF16, 2).nbytes
-    assert split.slot_bytes == max(attn, part) and part == 203_685_888
-    assert split.staging_bytes == split.num_slots * split.slot_bytes < whole.staging_bytes
-    # the same bytes cross PCIe per streamed layer: the gain is one layer fewer to stream
-    assert whole.streamed_bytes_per_step - split.streamed_bytes_per_step == whole.layer_bytes
-    assert split.total_bytes <= 6 * GiB and split.mlp_split == 2
-    assert minimum_budget(QWEN7B, BF16, mlp_split=2) < minimum_budget(QWEN7B, BF16)
-
-
-def test_mlp_split_must_divide_intermediate():
-    with pytest.raises(ValueError, match="must be a positive divisor of intermediate_size 18944"):
-        plan7b(mlp_split=5)

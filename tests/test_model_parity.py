@@ -143,8 +143,7 @@ def test_context_cap_stops_each_row_with_length(hf):
 
 # ------------------------------------------------------------------------------ streaming
 
-@pytest.mark.parametrize("plan", ["stream-all", "stream-partial", "disk-some", "disk-all", "split2-all",
-                                  "split3-disk-some"])
+@pytest.mark.parametrize("plan", ["stream-all", "stream-partial", "disk-some", "disk-all"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streaming_plan_equals_resident(hf, family, plan):
     _, d = hf(family)
@@ -156,7 +155,7 @@ def test_streaming_plan_equals_resident(hf, family, plan):
         assert p.resident_layers == () and not p.lm_head_resident and p.lm_head_chunks >= 2
     if plan == "stream-partial":
         assert p.resident_layers == (0,) and p.streamed_layers == tuple(range(1, n))
-    if plan in ("disk-some", "split3-disk-some"):
+    if plan == "disk-some":
         assert p.disk_layers == tuple(range(1, n))
     if plan == "disk-all":
         assert p.disk_layers == tuple(range(n))

@@ -57,7 +57,7 @@ def _check_protocol(entries: list[tuple[str, int, int]], n_slots: int) -> None:
             freed.add(g)
 
 
-@pytest.mark.parametrize("kind", ["stream-all", "stream-partial", "disk-some", "split2-all", "split3-disk-some"])
+@pytest.mark.parametrize("kind", ["stream-all", "stream-partial", "disk-some"])
 def test_slot_protocol_over_several_passes(model_dir, kind):
     cfg, plan, wm, model, log = _load(model_dir, kind)
     assert plan.num_slots >= 2 and wm.units

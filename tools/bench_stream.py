@@ -42,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--kernels", default="triton", choices=["triton", "torch"])
     p.add_argument("--accelerate", action="store_true", help="also run HF accelerate offload at each budget")
-    p.add_argument("--mlp-split", type=int, default=1, help="stream layers as attention + N MLP pieces")
     p.add_argument("--disk-host-budget", help="also run the first budget at batch 1 with this host budget, so "
                    "part of the streamed layers is read from the checkpoint file (disk tier)")
     p.add_argument("--out-dir", default="bench/results")
@@ -98,7 +97,7 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
                out_dir: Path, host_budget: int | None = None) -> dict:
     ctx = args.context if batch == 1 else args.batch_context
     opts = EngineOptions(device="cuda", kernels=args.kernels, vram_budget=budget, batch=batch, max_context=ctx,
-                         host_budget=host_budget, trace=True, mlp_split=args.mlp_split)
+                         host_budget=host_budget, trace=True)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -93,7 +93,6 @@ def finish(args, results: list[dict], h2d: float, cfg, out_dir: Path) -> int:
             "triton": __import__("triton").__version__, "date": date.today().isoformat(),
             "model": str(args.model), "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
             "h2d_pinned_gbps": h2d, "gemm_tflops": args.gemm_tflops, "kernels": args.kernels,
-            "mlp_split": args.mlp_split,
             "checkpoint_read_gbps_cold": args.disk_gbps}
     for r in results:
         r.pop("spans", None)

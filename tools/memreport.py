@@ -144,7 +144,7 @@ def _plan_only(args, notes: list[str]) -> tuple[dict, PlanInputs, int | None, in
     dtype = pick_dtype(args.dtype, file_dtype, torch.device("cpu" if args.device == "cpu" else "cuda"))
     kwargs = dict(vram_budget=_size(args, "vram_budget"), host_budget=host_budget, batch=args.batch,
                   max_context=args.max_context, prefill_chunk=args.prefill_chunk, device_free=free,
-                  h2d_gbps=h2d[0], h2d_source=h2d[1], disk_gbps=args.disk_gbps, mlp_split=args.mlp_split)
+                  h2d_gbps=h2d[0], h2d_source=h2d[1], disk_gbps=args.disk_gbps)
     return _model_info(cfg, source, file_dtype, tensor_bytes), PlanInputs(cfg, tensor_bytes, dtype, kwargs), free, total
 
 
@@ -178,7 +178,7 @@ def _full_run(args, notes: list[str]) -> tuple[dict, PlanInputs, dict]:
         if cuda and plan.h2d_source == "measured now":
             notes.append("the H2D bandwidth was measured during this load: its 1 GiB probe buffer may still be "
                          "cached by the allocator (reserved, not allocated); a second run shows the steady state")
-        unit_bytes = {u.label: u.nbytes for u in engine.weights.units}
+        unit_bytes = {f"{u.kind}.{u.index}": u.nbytes for u in engine.weights.units}
         timeline = analyze_timeline(run["spans"], run["bounds_ms"], unit_bytes) if run["bounds_ms"] else None
         timing = {"summary": summarize(run, timeline, engine.opts.batch, plan), "timeline": timeline}
         if not cuda:
@@ -189,7 +189,7 @@ def _full_run(args, notes: list[str]) -> tuple[dict, PlanInputs, dict]:
         tensor_bytes = {n: i.nbytes for n, i in engine.ckpt.tensors.items()}
         inputs = PlanInputs(engine.cfg, tensor_bytes, engine.dtype,
                             dict(batch=plan.batch, max_context=plan.max_context, prefill_chunk=plan.prefill_chunk,
-                                 h2d_gbps=plan.h2d_gbps, h2d_source=plan.h2d_source, mlp_split=plan.mlp_split))
+                                 h2d_gbps=plan.h2d_gbps, h2d_source=plan.h2d_source))
         part = {"mode": "cuda" if cuda else "cpu", "plan_obj": plan,
                 "model": _model_info(engine.cfg, str(engine.model_dir), engine.ckpt.dtype, tensor_bytes),
                 "measured_vram": vram, "host_measured": measure_host(engine), "timing": timing,

@@ -79,16 +79,6 @@ def _ok(inputs: PlanInputs, test, **override) -> bool:
         return False
 
 
-def _mlp_split_for(inputs: PlanInputs, plan: Plan, better) -> Plan | None:
-    """The plan with the smallest --mlp-split (2, 4, 8) that reaches the goal, if the plan uses none."""
-    if plan.mlp_split > 1:
-        return None
-    for n in (2, 4, 8):
-        if inputs.cfg.intermediate_size % n == 0 and _ok(inputs, better, mlp_split=n):
-            return inputs.plan(mlp_split=n)
-    return None
-
-
 def _smallest(lo: int, hi: int, ok) -> int | None:
     """Smallest x in [lo, hi] with ok(x), for ok False...True; None when not even ok(hi)."""
     if lo > hi or not ok(hi):
@@ -167,11 +157,6 @@ def what_if(inputs: PlanInputs, plan: Plan, device_free: int | None = None) -> d
             opts.append(f"lower --context to {both} and --prefill-chunk to {small} together")
         if batch is not None:
             opts.append(f"lower --batch to {batch}")
-        split = _mlp_split_for(inputs, plan, better)
-        if split is not None:
-            out["mlp_split_for_goal"] = split.mlp_split
-            opts.append(f"--mlp-split {split.mlp_split} (staging {f(split.staging_bytes)} instead of "
-                        f"{f(plan.staging_bytes)}) -> predicted {split.predicted_tok_s:.3g} tok/s")
         lines += [f"  - {o}" for o in opts] or ["  - no single change of budget, context or batch gets it"]
         if ctx is None and both is None:
             lines.append(f"  (lowering --context alone cannot free {f(gain - free)}: the KV cache is "
