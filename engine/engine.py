@@ -40,7 +40,7 @@ class EngineOptions:
     prefill_chunk: int = 2048
     threads: int = 8
     trace: bool = False
-    cuda_graph: bool = True  # capture the decode step when nothing streams (CUDA + triton kernels)
+    cuda_graph: bool = True  # replay the decode step as CUDA graphs (CUDA + triton kernels; see engine.graphs)
 
 
 def pick_device(name: str) -> torch.device:
@@ -104,9 +104,7 @@ class Engine:
         self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
         self.cache = KVCache(self.cfg, opts.batch, opts.max_context, self.dtype, self.device)
         self.graph = None
-        p = self.plan
-        if (opts.cuda_graph and self.device.type == "cuda" and self.ops.name == "triton" and not p.streamed_layers
-                and p.lm_head_resident and p.embed_on_device):
+        if opts.cuda_graph and self.device.type == "cuda" and self.ops.name == "triton":
             self.graph = try_capture(self.model, self.cache, opts.batch)
 
     def _plan(self):

@@ -1,10 +1,23 @@
-"""CUDA-graph capture of one decode step, for when every weight is resident.
+"""CUDA graphs for the decode step, with every layer resident or with streamed layers.
 
-At batch 1 a decode step is a few hundred small kernels; launched one by one from
-Python, their launch overhead exceeds the ~5 ms the HBM needs to read a 7B model. A
-captured graph replays them with one launch. Capture happens at load time, before any
-prompt is in the KV cache (warm-up passes write to it). With streamed layers the copy
-engine, not launches, sets the pace, so steps run eagerly.
+At batch 1 a decode step is a few hundred small kernels; launched one by one from Python,
+their launch overhead exceeds the ~5 ms the HBM needs to read a 7B model. With streamed
+layers the host must also stay ahead of the copy engine: the first streamed layer's
+compute frees the slot the next copy needs, and it cannot start before the host has
+launched every resident layer in front of it. So the step is captured in pieces:
+
+* one graph per run of consecutive resident layers (the positions and, when the table is
+  on the device, the embedding go into the first; the final norm and a resident lm_head
+  into the last); with nothing streamed the whole step is one graph;
+* per streamed layer, one graph per staging slot. The streamer decides at run time which
+  slot holds the layer: ``weights.layer(i)`` makes the compute stream wait for that slot's
+  copy, the matching graph is replayed, and ``weights.release(i)`` frees the slot, exactly
+  as in an eager step.
+
+Pieces hand the hidden state and residual over in static buffers. All graphs share one
+memory pool and are captured in execution order, so their temporaries reuse one region.
+Capture happens at load time after two eager warm-up steps (kernel compilation and
+tuning), before any prompt is in the KV cache (the warm-up writes to it; it is reset).
 """
 
 from __future__ import annotations
@@ -15,34 +28,117 @@ import torch
 
 log = logging.getLogger(__name__)
 
+_KEY = "self_attn.qkv_proj.weight"  # a slot's graph is found by where this weight lives
+
 
 class DecodeGraph:
-    """One captured decode step for ``batch`` sequences; inputs are copied into static buffers."""
+    """A decode step for ``batch`` sequences as replayable CUDA graphs over a WeightManager."""
 
     def __init__(self, model, cache, batch: int) -> None:
-        dev = model.device
-        self.batch = batch
+        dev, cfg = model.device, model.cfg
+        self.model, self.weights, self.cache, self.batch = model, model.weights, cache, batch
+        plan = self.weights.plan
+        self.embed_in_graph, self.head_in_graph = plan.embed_on_device, plan.lm_head_resident
         self.ids = torch.zeros((batch, 1), dtype=torch.long, device=dev)
         self.start = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.q_lens = torch.ones(batch, dtype=torch.int32, device=dev)
-        self._run = lambda: model.forward(self.ids, self.start, self.q_lens, cache, cache.max_context)
+        self.pos = torch.zeros((batch, 1), dtype=torch.long, device=dev)
+        self.h = torch.zeros((batch, 1, cfg.hidden_size), dtype=model.dtype, device=dev)
+        self.res = torch.zeros_like(self.h)
+        self.logits: torch.Tensor | None = None
+        self._warm_up()
+        self.pool = None
+        self.steps = [self._capture(kind, what) for kind, what in self._schedule()]
+        cache.reset()
+
+    def _warm_up(self) -> None:
+        dev = self.model.device
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up: compile and autotune outside the capture
+        with torch.cuda.stream(side):  # compile and tune outside the capture (same shapes as replay)
             for _ in range(2):
-                self._run()
+                self.model.forward(self.ids, self.start, self.q_lens, self.cache, self.cache.max_context)
         torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._run()
-        cache.reset()
+        torch.cuda.synchronize(dev)
+
+    def _schedule(self) -> list[tuple[str, object]]:
+        """[("fixed", [callables]) | ("streamed", layer)] in execution order."""
+        steps, fixed, run = [], [self._start], []
+        for i in range(self.model.cfg.num_hidden_layers):
+            if i in self.weights.resident:
+                run.append(i)
+                continue
+            if run:
+                fixed.append(self._layers_fn(tuple(run)))
+                run = []
+            steps += [("fixed", fixed), ("streamed", i)]
+            fixed = []
+        if run:
+            fixed.append(self._layers_fn(tuple(run)))
+        if self.head_in_graph:
+            fixed.append(self._head)
+        if fixed:
+            steps.append(("fixed", fixed))
+        return steps
+
+    def _graph(self, fns) -> torch.cuda.CUDAGraph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+            for fn in fns:
+                fn()
+        self.pool = self.pool or g.pool()
+        return g
+
+    def _capture(self, kind: str, what) -> tuple[str, object]:
+        if kind == "fixed":
+            return kind, self._graph(what)
+        i = what
+        per_slot = {}
+        for s in range(len(self.weights.slots)):
+            w = self.weights.slot_layer(s)
+            per_slot[w[_KEY].data_ptr()] = self._graph([self._layers_fn((i,), lambda _, w=w: w)])
+        return kind, (i, per_slot)
+
+    # ----- the captured pieces -----
+    def _start(self) -> None:
+        self.pos.copy_(self.model.positions(self.start, 1))
+        if self.embed_in_graph:
+            self.h.copy_(self.weights.embed(self.ids, self.model.ops.embedding))
+
+    def _layers_fn(self, layers: tuple[int, ...], weights_of=None):
+        weights_of = weights_of or (lambda i: self.weights.resident[i])
+
+        def run() -> None:
+            h, res = self.h, (None if layers[0] == 0 else self.res)
+            for i in layers:
+                kv = tuple(c[: self.batch] for c in self.cache.layer(i))
+                h, res = self.model.layer(weights_of(i), h, res, self.pos, kv, self.start, self.q_lens,
+                                          self.cache.max_context)
+            self.res.copy_(res)
+            self.h.copy_(h)
+        return run
+
+    def _head(self) -> None:
+        self.logits = self.model.head(self.h, self.res, self.q_lens)
 
     def __call__(self, tok: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] for tokens tok [B] at positions start [B] (int32, on the device)."""
-        self.ids.copy_(tok.view(self.batch, 1))
         self.start.copy_(start)
-        self.graph.replay()
-        return self.logits
+        if self.embed_in_graph:
+            self.ids.copy_(tok.view(self.batch, 1))
+        else:  # the table stays on the host: its rows are gathered there
+            self.h.copy_(self.weights.embed(tok.view(self.batch, 1)))
+        for kind, what in self.steps:
+            if kind == "fixed":
+                what.replay()
+                continue
+            i, per_slot = what
+            w = self.weights.layer(i)
+            per_slot[w[_KEY].data_ptr()].replay()
+            self.weights.release(i)
+        if self.head_in_graph:
+            return self.logits
+        return self.model.head(self.h, self.res, self.q_lens)
 
 
 def try_capture(model, cache, batch: int) -> DecodeGraph | None:

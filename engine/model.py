@@ -59,24 +59,34 @@ class Model:
         """
         b, t = ids.shape
         h = self.weights.embed(ids, self.ops.embedding)
-        positions = start_pos.long().view(b, 1) + torch.arange(t, device=self.device)
-        positions = positions.clamp(max=self.cos.shape[0] - 1)
+        positions = self.positions(start_pos, t)
         residual = None
         for i in range(self.cfg.num_hidden_layers):
             w = self.weights.layer(i)
             kv = tuple(c[:b] for c in cache.layer(i))  # the first b rows: fewer prompts than cache.batch
-            h, residual = self._layer(w, h, residual, positions, kv, start_pos, q_lens, max_len)
+            h, residual = self.layer(w, h, residual, positions, kv, start_pos, q_lens, max_len)
             self.weights.release(i)
+        return self.head(h, residual, q_lens, last_only)
+
+    def positions(self, start_pos: torch.Tensor, t: int) -> torch.Tensor:
+        """Positions [B, t] of a pass starting at start_pos [B], clamped to the RoPE table."""
+        pos = start_pos.long().view(-1, 1) + torch.arange(t, device=self.device)
+        return pos.clamp(max=self.cos.shape[0] - 1)
+
+    def head(self, h: torch.Tensor, residual: torch.Tensor, q_lens: torch.Tensor,
+             last_only: bool = True) -> torch.Tensor:
+        """Final norm and lm_head over the last layer's output: fp32 logits."""
         if last_only:
-            rows = torch.arange(b, device=self.device)
+            rows = torch.arange(h.shape[0], device=self.device)
             idx = (q_lens.long() - 1).clamp(min=0)
             h, residual = h[rows, idx], residual[rows, idx]
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
         return self._logits(x)
 
-    def _layer(self, w: dict[str, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
-               positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], start_pos: torch.Tensor,
-               q_lens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer(self, w: dict[str, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
+              positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], start_pos: torch.Tensor,
+              q_lens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder layer with weights w; returns (output, residual) (residual None: first layer)."""
         cfg, ops, eps = self.cfg, self.ops, self.cfg.rms_norm_eps
         if residual is None:
             residual, x = h, ops.rmsnorm(h, w["input_layernorm.weight"], eps)

@@ -94,10 +94,11 @@ class WeightManager:
     # ----- the pipeline -----
     def _start_pipeline(self) -> None:
         n = self.plan.num_slots if self.units else 0
-        self.slots = torch.empty((n, self.plan.slot_bytes), dtype=torch.uint8, device=self.device)
+        if not hasattr(self, "slots"):  # kept across restarts: captured decode graphs read these addresses
+            self.slots = torch.empty((n, self.plan.slot_bytes), dtype=torch.uint8, device=self.device)
+            self.slot_views: list[dict] = [{} for _ in range(n)]
         self.ready = [self.sync.event() for _ in range(n)]
         self.free = [self.sync.event() for _ in range(n)]
-        self.slot_views: list[dict] = [{} for _ in range(n)]
         self.issued = 0  # units whose copy has been issued
         self.consumed = 0  # units acquired by the compute side
         for g in range(n):
@@ -173,11 +174,15 @@ class WeightManager:
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         if i in self.resident:
             return self.resident[i]
-        slot_buf = self._acquire("layer", i)
-        slot = (self.consumed % len(self.slots))
+        self._acquire("layer", i)
+        return self.slot_layer(self.consumed % len(self.slots))
+
+    def slot_layer(self, slot: int) -> dict[str, torch.Tensor]:
+        """Layer-shaped views of staging slot ``slot`` (what ``layer(i)`` returns when i uses it);
+        no synchronisation: for capturing graphs that read whichever layer the slot holds."""
         views = self.slot_views[slot].get("layer")
         if views is None:
-            views = self.slot_views[slot]["layer"] = self.layout.views(slot_buf)
+            views = self.slot_views[slot]["layer"] = self.layout.views(self.slots[slot])
         return views
 
     def release(self, i: int) -> None:

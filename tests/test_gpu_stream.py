@@ -45,6 +45,8 @@ def _run(model_dir, budget, kernels, batch=1):
         gen = generate(engine, prompts, max_new_tokens=24)
         peak = torch.cuda.max_memory_allocated()
         plan = engine.plan
+        # triton kernels decode through CUDA graph pieces, streamed layers included (no silent fallback)
+        assert (engine.graph is not None) == (kernels == "triton")
         engine.close()
         del engine
         return gen.token_ids, peak, plan
