@@ -10,8 +10,11 @@ Rules (all sizes in the compute dtype unless noted):
   lm_head fit but the embedding does not, nothing streams but the embedding rows (no slots).
 * The rest of the budget holds as many resident bytes as possible (each resident byte is a
   byte not streamed per step): the better of "lm_head resident + k layers" and "k' layers,
-  lm_head streamed"; on a tie lm_head wins (no chunking). Resident layers are the *first*
-  layers, so the streamed ones are the last (their copies start while the resident prefix runs).
+  lm_head streamed"; on a tie lm_head wins (no chunking). Streamed layers are spread evenly
+  between the resident ones, starting with layer 0: a slot freed by a streamed layer is refilled
+  while the resident layers after it compute, so in a prefill, where a layer computes for
+  milliseconds, the copy engine does not wait behind a long resident run (with the resident
+  layers first it idled through the whole prefix once both slots were full).
 * A third slot costs a resident layer, so it is taken only from room left over once residency
   is maximal; as a slot is one packed layer, that happens only when every layer is resident and
   the streamed lm_head does not fit.
@@ -147,18 +150,24 @@ def _resolve_host_budget(host_budget: int | None, notes: list[str]) -> int:
 
 @dataclass(frozen=True)
 class _Residency:
-    resident: int  # number of leading layers kept resident
+    resident: int  # number of layers kept resident
     lm_head_resident: bool
     embed_on_device: bool
     num_slots: int
+    streamed: tuple[int, ...]  # the streamed layers, in execution order
+
+
+def _spread(n: int, k: int) -> tuple[int, ...]:
+    """k of the layers 0..n-1, evenly spaced and starting at layer 0."""
+    return tuple(j * n // k for j in range(k)) if k else ()
 
 
 def _choose_residency(cfg: ModelConfig, s: _Sizes, budget: int) -> _Residency:
     n, tied = cfg.num_hidden_layers, cfg.tie_word_embeddings
     if _all_resident_bytes(cfg, s) <= budget:
-        return _Residency(n, True, True, 0)
+        return _Residency(n, True, True, 0, ())
     if not tied and s.fixed + n * s.layer + s.lm_head <= budget:
-        return _Residency(n, True, False, 0)  # only the embedding stays on the host
+        return _Residency(n, True, False, 0, ())  # only the embedding stays on the host
     avail = budget - s.fixed - 2 * s.layer
     assert avail >= 0, "budget was checked against the minimum"
     k_streamed_head = min(n, avail // s.layer)
@@ -167,7 +176,7 @@ def _choose_residency(cfg: ModelConfig, s: _Sizes, budget: int) -> _Residency:
     k = k_resident_head if head else k_streamed_head
     assert k < n or not head, "everything resident was handled above"
     leftover = avail - k * s.layer - (s.lm_head if head else 0)
-    return _Residency(k, head, head and tied, 3 if leftover >= s.layer else 2)
+    return _Residency(k, head, head and tied, 3 if leftover >= s.layer else 2, _spread(n, n - k))
 
 
 @dataclass(frozen=True)
@@ -180,7 +189,7 @@ class _Tiers:
 
 def _assign_tiers(cfg: ModelConfig, s: _Sizes, r: _Residency, host_budget: int) -> _Tiers:
     left, disk, spilled = host_budget, [], False
-    for i in range(r.resident, cfg.num_hidden_layers):  # execution order: the last go to disk first
+    for i in r.streamed:  # execution order: the last go to disk first
         if not spilled and s.layer <= left:
             left -= s.layer
         else:
@@ -209,9 +218,9 @@ def _modules(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, batch: int, 
         out = [ModulePlan("embed_tokens", "embedding", s.embed, "host", t.embed_tier,
                           f"only the {batch} looked-up row(s) travel per step, from {where[t.embed_tier]}")]
     for i in range(cfg.num_hidden_layers):
-        if i < r.resident:
+        if i not in r.streamed:
             out.append(ModulePlan(f"layers.{i}", "layer", s.layer, "resident", "vram",
-                                  "fits the budget (the first layers are kept resident)"))
+                                  "fits the budget (streamed layers are spread between the resident ones)"))
         elif i in t.disk_layers:
             out.append(ModulePlan(f"layers.{i}", "layer", s.layer, "streamed", "disk",
                                   "streamed from the mmap'd checkpoint: the host budget cannot pin it"))
@@ -289,7 +298,7 @@ def _assemble(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, w: _Workloa
               notes: list[str]) -> Plan:
     n, batch = cfg.num_hidden_layers, w.batch
     chunks = 0 if r.lm_head_resident else math.ceil(cfg.vocab_size / (s.layer // s.row))
-    streamed_layers = tuple(range(r.resident, n))
+    streamed_layers = r.streamed
     streamed = (len(streamed_layers) * s.layer + (0 if r.lm_head_resident else s.lm_head)
                 + (0 if r.embed_on_device else batch * s.row))
     # streamed weights read from the checkpoint files each step (embedding rows are too few to count)
@@ -299,7 +308,8 @@ def _assemble(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, w: _Workloa
     resident = sum(m.bytes for m in modules if m.placement == "resident")
     staging = r.num_slots * s.layer
     return Plan(
-        modules=modules, resident_layers=tuple(range(r.resident)), streamed_layers=streamed_layers,
+        modules=modules, resident_layers=tuple(i for i in range(n) if i not in streamed_layers),
+        streamed_layers=streamed_layers,
         disk_layers=t.disk_layers, embed_on_device=r.embed_on_device, lm_head_resident=r.lm_head_resident,
         lm_head_chunks=chunks, num_slots=r.num_slots, slot_bytes=s.layer if r.num_slots else 0,
         layer_bytes=s.layer, resident_weight_bytes=resident, staging_bytes=staging, kv_cache_bytes=s.kv,

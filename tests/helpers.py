@@ -150,7 +150,8 @@ def plan_for(cfg: ModelConfig, ckpt: Checkpoint, kind: str = "resident", *, batc
 
     * ``resident``: everything resident (no budget, no device memory figure: the CPU case);
     * ``stream-all``: the minimum budget: every layer and lm_head (in chunks) stream, pinned;
-    * ``stream-partial``: one layer more than the minimum: layer 0 resident, the rest streams;
+    * ``stream-partial``: one layer more than the minimum: one layer resident (the last: streamed
+      layers are spread from layer 0), the rest streams;
     * ``disk-some``: everything streams, only one layer fits the host budget: the others come from disk;
     * ``disk-all``: everything streams, host budget 0: every layer from disk.
     """
