@@ -71,7 +71,9 @@ class DecodeGraph:
             if run:
                 fixed.append(self._layers_fn(tuple(run)))
                 run = []
-            steps += [("fixed", fixed), ("streamed", i)]
+            if fixed:  # nothing to capture between two streamed layers
+                steps.append(("fixed", fixed))
+            steps.append(("streamed", i))
             fixed = []
         if run:
             fixed.append(self._layers_fn(tuple(run)))

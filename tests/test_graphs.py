@@ -83,6 +83,7 @@ def test_graph_pieces_equal_eager_steps(model_dir, plan, batch):
     assert len(pieces) == streamed
     assert all(len(per_slot) == n_slots for _, per_slot in pieces)
     assert len(graph.captured) == len(graph.steps) - streamed + streamed * n_slots
+    assert 0 not in graph.captured, "an empty graph was captured (two streamed layers in a row)"
 
 
 def test_all_resident_is_one_graph(model_dir):
