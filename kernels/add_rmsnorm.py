@@ -7,7 +7,10 @@
 #          both outputs have x.dtype.
 # Math:    new_residual = round_to_dtype(x + residual) (fp32 add, like torch's bf16 add);
 #          normed = rmsnorm(new_residual) with the same fp32 math as kernels/rmsnorm.py.
-# Grid:    one program per row, single pass (load x and residual once, write both outputs).
+# Grid:    (cdiv(rows, BLOCK_R),), single pass: a program loads BLOCK_R rows of x and residual
+#          once as [BLOCK_R, BLOCK_N] tiles (the last program masks the tail), the weight once,
+#          and writes both outputs.  BLOCK_R / num_warps: kernels.rmsnorm.row_blocking (~16 KB of
+#          x + residual per program, >= 2 programs per SM where possible).
 from __future__ import annotations
 
 
@@ -16,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_device
+from kernels.rmsnorm import row_blocking
 
 MAX_N = 65536
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -24,22 +28,23 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _add_rmsnorm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
-    N, eps,
-    BLOCK_N: tl.constexpr,
+    R, N, eps,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    offs = row * N + cols
+    col_mask = cols < N
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = (rows < R)[:, None] & col_mask[None, :]
+    offs = rows[:, None] * N + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     out_ty = out_ptr.dtype.element_ty
     s = (x + r).to(out_ty)
     tl.store(res_out_ptr + offs, s, mask=mask)
     s = s.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(s * s, axis=0) / N + eps)
-    h = (s * rstd).to(out_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(s * s, axis=1) / N + eps)
+    h = (s * rstd[:, None]).to(out_ty).to(tl.float32)
     tl.store(out_ptr + offs, (h * w).to(out_ty), mask=mask)
 
 
@@ -79,11 +84,10 @@ def add_rmsnorm(
     rows = x.numel() // n
     if rows == 0:
         return normed, new_residual
-    block = triton.next_power_of_2(n)
-    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
-    _add_rmsnorm_kernel[(rows,)](
-        x, residual, weight, normed, new_residual, n, float(eps),
-        BLOCK_N=block, num_warps=num_warps,
+    block_r, block_n, warps = row_blocking(rows, n, 2 * x.element_size(), x.device)
+    _add_rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
+        x, residual, weight, normed, new_residual, rows, n, float(eps),
+        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )
     return normed, new_residual
 

@@ -5,15 +5,22 @@
 #          v_cache   [B, Hk, S, D]  unit stride along D
 #          seq_lens  int32 [B]      keys 0..seq_lens[b]-1 are valid (0 -> zeros)
 #          out       [B, Hq, D]     new contiguous tensor, dtype of q
-# Pass 1:  grid (B * Hk, NUM_SPLITS).  A program takes one (batch, kv head,
-#          sequence chunk) and ALL Hq // Hk query heads of that group as the
-#          rows of a [BLOCK_H >= 16, BLOCK_D] tile, so the chunk's K/V is read
-#          from HBM exactly once.  It writes fp32 partials (running max m in the
-#          log2 domain, sum l, unnormalised acc) to a workspace
-#          m, l: [B * Hq, NUM_SPLITS]; acc: [B * Hq, NUM_SPLITS, BLOCK_D].
-# Pass 2:  grid (B * Hq,) rescales and merges the splits.
-# Splits:  chosen on the host from max_seq_len (default S) and the SM count so
-#          that B * Hk * NUM_SPLITS programs fill the GPU at long contexts.
+# Pass 1:  grid (B * Hk, NUM_SPLITS).  Program (b * Hk + kv head, split) takes ALL Hq // Hk query
+#          heads of the group as the rows of a [BLOCK_H >= 16, BLOCK_D] tile (K/V read from HBM
+#          once) and keys [split * chunk, (split + 1) * chunk) below seq_lens[b], chunk =
+#          cdiv(seq_lens[b], NUM_SPLITS) rounded up to BLOCK_N.  chunk is computed on the device,
+#          so every length (also one far below the bound a CUDA graph was captured at) is spread
+#          over all the splits.  NUM_SPLITS > 1: a non-empty split writes fp32 partials (running
+#          max m in the log2 domain, sum l, unnormalised acc) to a workspace m, l: [B * Hq,
+#          NUM_SPLITS], acc: [B * Hq, NUM_SPLITS, BLOCK_D].  NUM_SPLITS == 1: the program
+#          normalises and writes out itself (no workspace, no pass 2).
+# Pass 2:  grid (B * Hq,): merges a row's non-empty splits, BLOCK_S at a time.  On sm90+ it is
+#          launched with programmatic dependent launch: resident before pass 1 ends, it waits
+#          (griddepcontrol.wait) before reading the workspace.
+# Splits:  host side, from B * Hk, the SM count and max_seq_len (default S): >= 2 programs per SM,
+#          at most cdiv(max_seq_len, _MIN_CHUNK) and _MAX_SPLITS.  With tuning on, the first call
+#          per (B, Hk, bound, group, D, dtype) times a few split counts x configs (both passes, in
+#          a CUDA graph, at full length) and keeps the fastest.
 from __future__ import annotations
 
 import functools
@@ -22,23 +29,26 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from kernels.checks import check_kv_cache
 from kernels.flash_common import online_softmax_pv, qk_scores
-from kernels.tuning import bench_ms
+from kernels.tuning import graph_ms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
-_CHUNK_ALIGN = 16 if _INTERPRET else 128
-_MIN_CHUNK = 32 if _INTERPRET else 256
+_MIN_CHUNK = 16 if _INTERPRET else 32  # bounds the split count by max_seq_len
 _MAX_SPLITS = 256
+_REDUCE_BLOCK_S = 4 if _INTERPRET else 64  # splits merged per step of pass 2
+_SKIP = (OutOfResources, CompileTimeAssertionFailure, PTXASError)  # configs the GPU cannot run
 
 
 def _configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_N": 16})]
-    shapes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (32, 4, 4)]
+    shapes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (32, 4, 2), (32, 4, 4)]
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
 
 
@@ -50,10 +60,21 @@ def _default_config(dtype: torch.dtype) -> triton.Config:
 
 
 @triton.jit
-def _decode_block(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, n0, hi,
-                  offs_n, offs_d, d_mask, qk_scale, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
+def _chunk_len(seq, NUM_SPLITS, ALIGN):
+    """Keys per split of a seq-key sequence: cdiv(seq, NUM_SPLITS) rounded up to ALIGN (>= ALIGN)."""
+    return tl.cdiv(tl.maximum(tl.cdiv(seq, NUM_SPLITS), 1), ALIGN) * ALIGN
+
+
+@triton.jit
+def _decode_block(acc, l_i, m_i, q_ptrs, k_base, v_base, stride_ks, stride_vs, n0, hi,
+                  offs_n, offs_d, d_mask, D, qk_scale, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
     """Online-softmax update of all group heads with keys n0 .. n0 + BLOCK_N - 1 (< hi)."""
     offs = n0 + offs_n
+    # q is re-read per block (L2 hits) under a loop-variant mask, so it is not hoisted out of the
+    # loop and the pipeliner issues its copy together with the first K/V block, not before it
+    q = tl.load(q_ptrs, mask=(offs_d < tl.where(n0 < hi, D, 0))[None, :], other=0.0)
+    if UPCAST:  # the CPU interpreter multiplies bf16 as raw uint16 bits
+        q = q.to(tl.float32)
     kv_mask = (offs < hi)[:, None] & d_mask[None, :]
     k = tl.load(k_base + offs[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + offs[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -64,89 +85,164 @@ def _decode_block(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, n0, hi
 
 @triton.jit
 def _attention_decode_kernel(
-    q_ptr, k_ptr, v_ptr, seqlen_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
-    qk_scale, Hq, Hk, D, GROUP, CHUNK, NUM_SPLITS,
-    sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+    q_ptr, k_ptr, v_ptr, seqlen_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
+    qk_scale, Hq, Hk, D, GROUP, NUM_SPLITS,
+    sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0) // Hk
     kvh = tl.program_id(0) % Hk
     split = tl.program_id(1)
+    if PDL:  # pass 2 may become resident now; it waits for this grid before reading
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.load(seqlen_ptr + b)
-    lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, seq)
+    chunk = _chunk_len(seq, NUM_SPLITS, BLOCK_N)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, seq)
     offs_h = tl.arange(0, BLOCK_H)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     heads = kvh * GROUP + tl.minimum(offs_h, GROUP - 1)  # padded rows repeat a real head
-    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + offs_d[None, :],
-                mask=d_mask[None, :], other=0.0)
-    if UPCAST:  # the CPU interpreter multiplies bf16 as raw uint16 bits
-        q = q.to(tl.float32)
+    q_ptrs = q_ptr + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + offs_d[None, :]
     k_base = k_ptr + b.to(tl.int64) * sk_b + kvh * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + kvh * sv_h
-
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
-        acc, l_i, m_i = _decode_block(acc, l_i, m_i, q, k_base, v_base, sk_s, sv_s, n0, hi,
-                                      offs_n, offs_d, d_mask, qk_scale, IS_FP32, UPCAST)
+        acc, l_i, m_i = _decode_block(acc, l_i, m_i, q_ptrs, k_base, v_base, sk_s, sv_s, n0, hi,
+                                      offs_n, offs_d, d_mask, D, qk_scale, IS_FP32, UPCAST)
 
-    rows = (b * Hq + kvh * GROUP + offs_h).to(tl.int64) * NUM_SPLITS + split
-    h_mask = offs_h < GROUP
-    tl.store(ws_m_ptr + rows, m_i, mask=h_mask)
-    tl.store(ws_l_ptr + rows, l_i, mask=h_mask)
-    tl.store(ws_acc_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], acc, mask=h_mask[:, None])
-
-
-_decode_tuned = triton.autotune(configs=_configs(), key=["BLOCK_H", "BLOCK_D", "CHUNK"],
-                                do_bench=bench_ms)(_attention_decode_kernel)
-# (BLOCK_H, BLOCK_D, chunk, dtype) -> tuned config; later calls skip the autotuner's overhead
-_TUNED: dict[tuple, triton.Config] = {}
+    if DIRECT:  # the only split: normalise here (l == 0 for an empty sequence -> zeros)
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        o_ptrs = out_ptr + b.to(tl.int64) * so_b + (kvh * GROUP + offs_h)[:, None] * so_h + offs_d[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=(offs_h < GROUP)[:, None] & d_mask[None, :])
+    else:  # partials; an empty split (lo >= seq) writes nothing, pass 2 reads non-empty ones only
+        h_mask = offs_h < tl.where(lo < seq, GROUP, 0)
+        rows = (b * Hq + kvh * GROUP + offs_h).to(tl.int64) * NUM_SPLITS + split
+        tl.store(ws_m_ptr + rows, m_i, mask=h_mask)
+        tl.store(ws_l_ptr + rows, l_i, mask=h_mask)
+        tl.store(ws_acc_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], acc, mask=h_mask[:, None])
 
 
 @triton.jit
 def _attention_decode_reduce_kernel(
-    ws_m_ptr, ws_l_ptr, ws_acc_ptr, out_ptr, NUM_SPLITS, Hq, D, so_b, so_h,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ws_m_ptr, ws_l_ptr, ws_acc_ptr, seqlen_ptr, out_ptr, NUM_SPLITS, ALIGN, Hq, D, so_b, so_h,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
+    b = row // Hq
+    seq = tl.load(seqlen_ptr + b)  # written before pass 1 started: safe to read before the wait
+    n_valid = tl.cdiv(seq, _chunk_len(seq, NUM_SPLITS, ALIGN))  # splits holding >= 1 key
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
     base = row.to(tl.int64) * NUM_SPLITS
-    m = tl.load(ws_m_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
-    l = tl.load(ws_l_ptr + base + offs_s, mask=s_mask, other=0.0)
-    acc = tl.load(ws_acc_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-                  mask=s_mask[:, None], other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty -> zeros
-    w = tl.exp2(m - m_max)
-    denom = tl.sum(w * l, axis=0)
-    denom = tl.where(denom > 0.0, denom, 1.0)
-    out = tl.sum(w[:, None] * acc, axis=0) / denom
-    b = row // Hq
-    h = row % Hq
-    tl.store(out_ptr + b.to(tl.int64) * so_b + h * so_h + offs_d,
+    m_run = tl.max(tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32), axis=0)  # fp32 scalars
+    l_run = tl.sum(tl.zeros((BLOCK_S,), dtype=tl.float32), axis=0)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    for s0 in range(0, n_valid, BLOCK_S):
+        s_mask = s0 + offs_s < n_valid
+        m = tl.load(ws_m_ptr + base + s0 + offs_s, mask=s_mask, other=float("-inf"))
+        l = tl.load(ws_l_ptr + base + s0 + offs_s, mask=s_mask, other=0.0)
+        part = tl.load(ws_acc_ptr + (base + s0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                       mask=s_mask[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))  # finite: split s0 holds >= 1 key
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(m - m_new)
+        l_run = l_run * alpha + tl.sum(w * l, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
+        m_run = m_new
+    out = acc / tl.where(l_run > 0.0, l_run, 1.0)  # no valid split -> zeros
+    tl.store(out_ptr + b.to(tl.int64) * so_b + (row % Hq) * so_h + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 @functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _gpu(index: int) -> tuple[int, bool]:
+    """(SM count, programmatic dependent launch: sm90+ unless KERNELS_PDL=0) of a CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major >= 9 and os.environ.get("KERNELS_PDL", "1") != "0"
+
+
+def _split_cap(max_len: int) -> int:
+    return min(_MAX_SPLITS, triton.cdiv(max(max_len, 1), _MIN_CHUNK))
 
 
 @functools.lru_cache(maxsize=1024)
-def _split_plan(sms: int, B: int, Hk: int, max_len: int) -> tuple[int, int]:
-    """Return (num_splits, chunk) with chunk a multiple of _CHUNK_ALIGN tokens."""
-    max_len = max(max_len, 1)
-    want = triton.cdiv(2 * sms, max(B * Hk, 1))
-    splits = max(1, min(want, triton.cdiv(max_len, _MIN_CHUNK), _MAX_SPLITS))
-    chunk = triton.cdiv(triton.cdiv(max_len, splits), _CHUNK_ALIGN) * _CHUNK_ALIGN
-    return triton.cdiv(max_len, chunk), chunk
+def _split_plan(sms: int, B: int, Hk: int, max_len: int) -> int:
+    """Default split count: >= 2 programs per SM, at most _split_cap(max_len)."""
+    return max(1, min(triton.cdiv(2 * sms, max(B * Hk, 1)), _split_cap(max_len)))
+
+
+def _split_candidates(sms: int, B: int, Hk: int, max_len: int) -> list[int]:
+    """Split counts the first-call tuning times: half, once and twice the default (capped)."""
+    s = _split_plan(sms, B, Hk, max_len)
+    return sorted({max(1, s // 2), s, max(s, min(2 * s, _split_cap(max_len)))})
+
+
+def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: triton.Config,
+            out: torch.Tensor) -> None:
+    """Pass 1 (and pass 2 when splits > 1) with the given split count and config, into out."""
+    B, Hq, D = q.shape
+    Hk = k_cache.shape[1]
+    block_h, block_d = max(16, triton.next_power_of_2(Hq // Hk)), max(16, triton.next_power_of_2(D))
+    n = B * Hq * splits  # workspace, one allocation: acc [n, block_d] | m [n] | l [n]
+    ws = torch.empty(n * (block_d + 2) if splits > 1 else 0, device=q.device, dtype=torch.float32)
+    ws_acc, ws_m, ws_l = (out, out, out) if splits == 1 else (ws[: n * block_d], ws[n * block_d: -n], ws[-n:])
+    pdl = splits > 1 and q.is_cuda and not _INTERPRET and _gpu(q.device.index or 0)[1]
+    _attention_decode_kernel[(B * Hk, splits)](
+        q, k_cache, v_cache, seq_lens, out, ws_m, ws_l, ws_acc, float(scale) * _LOG2E,
+        Hq, Hk, D, Hq // Hk, splits, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        *out.stride()[:2], BLOCK_H=block_h, BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32,
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16, DIRECT=splits == 1, PDL=pdl,
+        **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        block_s = min(triton.next_power_of_2(splits), _REDUCE_BLOCK_S)
+        _attention_decode_reduce_kernel[(B * Hq,)](
+            ws_m, ws_l, ws_acc, seq_lens, out, splits, cfg.kwargs["BLOCK_N"], Hq, D, *out.stride()[:2],
+            BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl,
+            num_warps=8 if block_s * block_d >= 8192 else 4, **({"launch_pdl": True} if pdl else {}))
+
+
+def _tune(q, k_cache, v_cache, scale: float, max_len: int, candidates: list[int],
+          timer=graph_ms) -> tuple[int, triton.Config] | None:
+    """Time every (split count, config) on full-length sequences; return the fastest (None: none ran)."""
+    B, Hq, D = q.shape
+    seq = torch.full((B,), max_len, device=q.device, dtype=torch.int32)  # not the warm-up's lengths
+    out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
+    best = (float("inf"), None)
+    for splits in candidates:
+        for cfg in _configs():
+            try:
+                ms = timer(lambda s=splits, c=cfg: _launch(q, k_cache, v_cache, seq, scale, s, c, out))
+            except _SKIP:
+                continue
+            if ms < best[0]:
+                best = (ms, (splits, cfg))
+    return best[1]
+
+
+# (B, Hk, bound, group, D, dtype) -> (split count, config); later calls skip the tuning
+_TUNED: dict[tuple, tuple[int, triton.Config]] = {}
+
+
+def _plan(q, k_cache, v_cache, scale: float, max_len: int) -> tuple[int, triton.Config]:
+    B, Hq, D = q.shape
+    Hk = k_cache.shape[1]
+    key = (B, Hk, max_len, Hq // Hk, D, q.dtype)
+    if key in _TUNED:
+        return _TUNED[key]
+    sms = _gpu(q.device.index or 0)[0] if q.is_cuda else 16
+    plan = (_split_plan(sms, B, Hk, max_len), _default_config(q.dtype))
+    if _INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
+        _TUNED[key] = plan
+    elif not torch.cuda.is_current_stream_capturing():  # cannot time inside a capture: default, untuned
+        plan = _TUNED[key] = _tune(q, k_cache, v_cache, scale, max_len, _split_candidates(sms, B, Hk, max_len)) or plan
+    return plan
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -174,49 +270,31 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float,
-                     max_seq_len: int | None = None) -> torch.Tensor:
+                     seq_lens: torch.Tensor, scale: float, max_seq_len: int | None = None,
+                     *, num_splits: int | None = None) -> torch.Tensor:
     """Split-KV (flash-decoding) GQA attention of one query token per sequence.
 
     q: [B, Hq, D] (unit stride along D), k_cache/v_cache: [B, Hk, S, D],
-    seq_lens: int32 [B] (keys 0..seq_lens[b]-1 valid; 0 gives zeros).
-    max_seq_len: optional host-side bound on seq_lens used to size the splits
-    (default S; no device sync either way; must be >= max(seq_lens)).
+    seq_lens: int32 [B] (keys 0..seq_lens[b]-1 valid, <= S; 0 gives zeros).
+    max_seq_len: optional host-side bound on seq_lens that sizes the split count (default S;
+    no device sync either way; lengths above it stay correct, just less parallel).
+    num_splits: force the split count (1.._MAX_SPLITS; tests, benchmarks) with the default config.
     Returns a new contiguous [B, Hq, D] tensor in q's dtype.
     """
     _check(q, k_cache, v_cache, seq_lens)
     B, Hq, D = q.shape
-    Hk, S = k_cache.shape[1], k_cache.shape[2]
-    max_len = S if max_seq_len is None else min(int(max_seq_len), S)
+    S = k_cache.shape[2]
+    max_len = S if max_seq_len is None else max(0, min(int(max_seq_len), S))
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
     if B == 0:
         return out
-    sms = _num_sms(q.device.index or 0) if q.is_cuda else 16
-    splits, chunk = _split_plan(sms, B, Hk, max_len)
-    block_d = max(16, triton.next_power_of_2(D))
-    block_h = max(16, triton.next_power_of_2(Hq // Hk))
-    n_part = B * Hq * splits  # one allocation: acc [n_part, block_d] | m [n_part] | l [n_part]
-    ws = torch.empty(n_part * (block_d + 2), device=q.device, dtype=torch.float32)
-    ws_acc, ws_m, ws_l = ws[: n_part * block_d], ws[n_part * block_d: -n_part], ws[-n_part:]
-    args = (q, k_cache, v_cache, seq_lens, ws_m, ws_l, ws_acc, float(scale) * _LOG2E,
-            Hq, Hk, D, Hq // Hk, chunk, splits, *q.stride()[:2],
-            *k_cache.stride()[:3], *v_cache.stride()[:3])
-    consts = dict(BLOCK_H=block_h, BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32,
-                  UPCAST=_INTERPRET and q.dtype == torch.bfloat16)
-    key = (block_h, block_d, chunk, q.dtype)
-    cfg = _TUNED.get(key)
-    if cfg is None and (_INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0"):
-        cfg = _TUNED[key] = _default_config(q.dtype)
-    if cfg is None:
-        _decode_tuned[(B * Hk, splits)](*args, **consts)
-        _TUNED[key] = _decode_tuned.best_config
+    if num_splits is not None:
+        if not 1 <= num_splits <= _MAX_SPLITS:
+            raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
+        splits, cfg = num_splits, _default_config(q.dtype)
     else:
-        _attention_decode_kernel[(B * Hk, splits)](
-            *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _attention_decode_reduce_kernel[(B * Hq,)](
-        ws_m, ws_l, ws_acc, out, splits, Hq, D, out.stride(0), out.stride(1),
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
-    )
+        splits, cfg = _plan(q, k_cache, v_cache, scale, max_len)
+    _launch(q, k_cache, v_cache, seq_lens, scale, splits, cfg, out)
     return out
 
 

@@ -6,18 +6,32 @@
 #          out  [M, N]   new contiguous tensor, dtype of x
 # Dtypes:  bf16 / fp16 / fp32 (x, w and bias all the same); fp32 accumulation.
 #          fp32 inputs use "ieee" dot precision (no tf32) so results stay fp32-exact.
-# Tiling:  one program per [BLOCK_M, BLOCK_N] output tile, K loop of BLOCK_K,
-#          grouped (GROUP_M) program ordering so neighbouring programs share
-#          w tiles in L2.  Autotuned on (M bucket, N, K, dtype) at first use
-#          (KERNELS_AUTOTUNE=0 in the environment uses a fixed default instead).
+# Kernels: two families behind one entry point:
+#          pointer (here): one program per [BLOCK_M, BLOCK_N] output tile, K loop of
+#            BLOCK_K with pointer loads (rows clamped by % M / % N, so only the K tail
+#            and the store are masked), grouped (GROUP_M) program ordering so
+#            neighbouring programs share w tiles in L2.
+#          TMA (kernels/gemm_tma.py): tensor-descriptor loads / stores and a
+#            persistent tile loop; CUDA capability >= 9 with 16-byte aligned x / w
+#            base pointers and row strides only (checked on the host).
+# Tuning:  per (M bucket, N, K, dtype, bias) at first use, kernels.tuning.bench_ms
+#          times the pointer configs and, where the TMA family may run, its configs
+#          too (<= 16 in all) and keeps the fastest; a candidate whose output
+#          disagrees with the first candidate's is never kept.  Calls with operands
+#          not TMA-aligned on a TMA-capable device are tuned under their own key,
+#          over the pointer family.  KERNELS_AUTOTUNE=0 in the environment and the
+#          CPU interpreter use a fixed pointer default instead.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels import gemm_tma
+from kernels.mma import mma_nt
 from kernels.tuning import bench_ms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -58,7 +72,7 @@ def _default_config(dtype: torch.dtype) -> triton.Config:
 @triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
-    M, N, K, M_BUCKET,
+    M, N, K,
     stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -89,13 +103,7 @@ def _gemm_kernel(
             k_mask = offs_k[None, :] < K - k * BLOCK_K
             a = tl.load(x_ptrs, mask=k_mask, other=0.0)
             b = tl.load(w_ptrs, mask=k_mask, other=0.0)
-        if UPCAST:  # the CPU interpreter multiplies bf16 as raw uint16 bits
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IS_FP32:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(b), acc)
+        acc = mma_nt(a, b, acc, IS_FP32, UPCAST)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -107,10 +115,54 @@ def _gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-_gemm_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"], do_bench=bench_ms)(
-    triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gemm_kernel))
-# (M bucket, N, K, dtype, has_bias) -> tuned config; later calls skip the autotuner's overhead
+def _candidates(x: torch.Tensor, tma_ok: bool) -> list[triton.Config]:
+    """Configs to time for this call: the pointer family, plus the TMA family where it may run."""
+    if _INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
+        return [_default_config(x.dtype)]
+    return _configs() + (gemm_tma.candidates(x.element_size()) if tma_ok else [])
+
+
+def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None],
+          out: torch.Tensor) -> triton.Config:
+    """Time every candidate (writing into out); return the fastest whose output agrees with the first's."""
+    if len(cands) == 1:
+        return cands[0]
+    best, best_ms, ref = None, float("inf"), None
+    for cfg in cands:
+        try:
+            ms = bench_ms(lambda: run(cfg))
+        except Exception:  # noqa: BLE001 - e.g. out of shared memory: skip this config
+            continue
+        probe = torch.nan_to_num(out[::_PROBE[0], ::_PROBE[1]].float())
+        if ref is None:
+            ref = probe
+        elif (probe - ref).norm() > _AGREE * ref.norm():
+            continue  # a wrong result (miscompile): never pick it
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError("gemm: no candidate config could be compiled")
+    return best
+
+
+# (M bucket, N, K, dtype, has_bias[, "pointer"]) -> tuned config; "pointer" marks calls on a
+# TMA-capable device whose operands are not TMA-aligned (tuned over the pointer family only)
 _TUNED: dict[tuple, triton.Config] = {}
+_PROBE = (13, 11)  # output rows / columns sampled to compare candidates (strides coprime to tiles)
+_AGREE = 1e-2  # relative Frobenius distance allowed between two candidates' outputs
+
+
+def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+           tma_ok: bool) -> triton.Config:
+    """The cached config for this call; the first call of a key tunes it (timing into out)."""
+    (M, K), N = x.shape, w.shape[0]
+    key = (min(triton.next_power_of_2(M), 4096), N, K, x.dtype, bias is not None)
+    if not tma_ok and gemm_tma.device_ok(x):
+        key += ("pointer",)
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        cfg = _TUNED[key] = _pick(_candidates(x, tma_ok), lambda c: _launch(c, x, w, bias, out), out)
+    return cfg
 
 
 def check_linear_inputs(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -140,37 +192,47 @@ def check_linear_inputs(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
             raise ValueError("bias must be contiguous and on the same device as x")
 
 
+def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+            out: torch.Tensor) -> None:
+    """Run one config (either family) into out."""
+    if cfg.kwargs.get("TMA"):
+        gemm_tma.launch(cfg, x, w, bias, out)
+        return
+    (M, K), N = x.shape, w.shape[0]
+    kw = cfg.kwargs
+    grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
+    _gemm_kernel[grid](
+        x, w, bias if bias is not None else w, out, M, N, K,
+        x.stride(0), w.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+        BLOCK_M=kw["BLOCK_M"], BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], GROUP_M=kw["GROUP_M"],
+        EVEN_K=K % kw["BLOCK_K"] == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+          cfg: triton.Config | None) -> torch.Tensor:
+    """:func:`gemm` with an optional pinned launch config (tests force each family with it)."""
+    check_linear_inputs(x, w, bias)
+    out = torch.empty((x.shape[0], w.shape[0]), device=x.device, dtype=x.dtype)
+    tma_ok = gemm_tma.eligible(x, w, out)
+    if cfg is not None and cfg.kwargs.get("TMA") and not tma_ok:
+        raise ValueError("a TMA config needs capability >= 9 (or the interpreter) and 16-byte "
+                         "aligned x / w base pointers and row strides")
+    _launch(cfg or _tuned(x, w, bias, out, tma_ok), x, w, bias, out)
+    return out
+
+
 def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Tiled tensor-core GEMM for prefill: returns ``x @ w.T + bias`` as [M, N].
 
     x: [M, K] (unit stride along K), w: [N, K] contiguous, bias: [N] or None.
     All inputs share one dtype (bf16/fp16/fp32); accumulation is fp32 and the
-    output has the input dtype.
+    output has the input dtype.  The first call of a new (M bucket, N, K, dtype,
+    bias) times the pointer kernel's and (Hopper+, aligned operands) the TMA
+    kernel's configs and keeps the fastest.
     """
-    check_linear_inputs(x, w, bias)
-    M, K = x.shape
-    N = w.shape[0]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    m_bucket = min(triton.next_power_of_2(M), 4096)
-
-    args = (x, w, bias if bias is not None else w, out, M, N, K, m_bucket,
-            x.stride(0), w.stride(0), out.stride(0))
-    consts = dict(HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
-                  UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
-    key = (m_bucket, N, K, x.dtype, bias is not None)
-    cfg = _TUNED.get(key)
-    if cfg is None and (_INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0"):
-        cfg = _TUNED[key] = _default_config(x.dtype)
-    if cfg is None:
-        _gemm_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
-            *args, **consts)
-        _TUNED[key] = _gemm_tuned.best_config
-    else:
-        kw = cfg.kwargs
-        grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
-        _gemm_kernel[grid](*args, **consts, **kw, EVEN_K=K % kw["BLOCK_K"] == 0,
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+    return _gemm(x, w, bias, None)
 
 
 def gemm_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,12 +12,21 @@
 #          re-read from L2/L1.
 #          M == 1: CUDA-core FMAs into a [BLOCK_N, BLOCK_K] fp32 register tile,
 #                  reduced over K once after the loop.
-#          M >= 2: x padded to BLOCK_M (>= 16) rows, tensor-core tl.dot.
+#          M >= 2: x padded to BLOCK_M = max(16, next_pow2(M)) rows (tail rows
+#                  re-read row M-1), tensor-core tl.dot, one of two operand orders:
+#                  SWAP_AB=0: acc[BLOCK_M, BLOCK_N] = x @ w_tile.T (tokens are the
+#                             MMA's M; Hopper falls back to mma.sync at M = 16)
+#                  SWAP_AB=1: acc[BLOCK_N, BLOCK_M] = w_tile @ x.T (BLOCK_N = 64/128
+#                             weight rows are the MMA's M, wgmma-eligible on
+#                             Hopper), transposed in registers before the store.
 #          SPLIT_K > 1 adds parallelism for small N; a second kernel sums the
-#          fp32 partials, adds the bias and casts.  The config (BLOCK_N,
-#          BLOCK_K, SPLIT_K, warps, stages) is tuned per (M bucket, N, K, dtype)
-#          on first use, timing both kernels together (KERNELS_AUTOTUNE=0 in
-#          the environment skips the timing and uses a fixed default).
+#          fp32 partials, adds the bias and casts.  The config (SWAP_AB,
+#          BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) is tuned per (M bucket, N,
+#          K, dtype, bias) on first use over both operand orders, timing both
+#          kernels together (KERNELS_AUTOTUNE=0 in the environment skips the
+#          timing and uses a fixed default; the interpreter uses one config).
+#          fp32 dots use input_precision="ieee"; under the CPU interpreter bf16
+#          tiles are upcast first (UPCAST: it multiplies bf16 as raw bits).
 from __future__ import annotations
 
 import functools
@@ -28,18 +37,30 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tuning import bench_ms
-
 from kernels.gemm import check_linear_inputs
+from kernels.mma import mma_nt
+from kernels.tuning import bench_ms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
 _FMA_SHAPES = [(8, 512, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (4, 1024, 4, 1), (16, 1024, 8, 1)]
 _DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 8, 3)]
+# swap-AB: BLOCK_N weight rows are the MMA's M (64 per warpgroup for Hopper wgmma)
+_SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 5), (128, 128, 8, 4),
+                (128, 256, 8, 3)]
 _SPLITS = (1, 2, 4, 8)
+_SMEM_BYTES = 227 * 1024  # largest opt-in shared memory per block (H100/H200)
+
+
+def _cfg(bn: int, bk: int, sk: int, swap: bool, warps: int = 4, stages: int = 1) -> triton.Config:
+    """One launch config; SWAP_AB only matters for M >= 2."""
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SWAP_AB": swap},
+                         num_warps=warps, num_stages=stages)
+
+
 # used without timing when KERNELS_AUTOTUNE=0 (fits shared memory for every dtype)
-_DEFAULT_FMA = triton.Config({"BLOCK_N": 8, "BLOCK_K": 512, "SPLIT_K": 1}, num_warps=4, num_stages=1)
-_DEFAULT_DOT = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=4, num_stages=2)
+_DEFAULT_FMA = _cfg(8, 512, 1, False)
+_DEFAULT_DOT = _cfg(32, 128, 1, False, stages=2)
 
 
 @triton.jit
@@ -61,7 +82,7 @@ def _gemv_kernel(
     M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -83,17 +104,19 @@ def _gemv_kernel(
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         acc = tl.sum(acc2, axis=1)[None, :]
+    elif SWAP_AB:  # weight rows are the MMA's M dimension, token rows its N
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kb in range(kb_lo, kb_hi):
+            w, x = _load_tiles(w_ptrs, x_ptrs, offs_k, K - kb * BLOCK_K, EVEN_K)
+            acc_t = mma_nt(w, x, acc_t, IS_FP32, UPCAST)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        acc = tl.trans(acc_t)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(kb_lo, kb_hi):
             w, x = _load_tiles(w_ptrs, x_ptrs, offs_k, K - kb * BLOCK_K, EVEN_K)
-            if UPCAST:  # the CPU interpreter multiplies bf16 as raw uint16 bits
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            if IS_FP32:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+            acc = mma_nt(x, w, acc, IS_FP32, UPCAST)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
 
@@ -129,17 +152,25 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _candidates(block_m: int, N: int, K: int, sms: int) -> list[triton.Config]:
-    """Configs worth timing for this shape (a single one under the interpreter)."""
+def _candidates(block_m: int, N: int, K: int, esize: int, sms: int) -> list[triton.Config]:
+    """Configs worth timing for this shape (a single one under the interpreter).
+
+    M >= 2 times both operand orders.  Split-K is kept only where it adds
+    parallelism the grid lacks (<= 6 programs per SM, >= 2 K blocks per
+    split); tiles whose pipeline cannot fit shared memory are dropped.
+    """
     if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2 if K >= 128 else 1})]
+        return [_cfg(16, 64, 2 if K >= 128 else 1, False)]
+    shapes = [(s, False) for s in _FMA_SHAPES] if block_m == 1 else \
+        [(s, False) for s in _DOT_SHAPES] + [(s, True) for s in _SWAP_SHAPES]
     out = []
-    for bn, bk, warps, stages in _FMA_SHAPES if block_m == 1 else _DOT_SHAPES:
+    for (bn, bk, warps, stages), swap in shapes:
+        if (stages - 1) * (bn + block_m) * bk * esize > _SMEM_BYTES:  # can't fit: skip the compile
+            continue
         for sk in _SPLITS:
             if sk > 1 and (triton.cdiv(N, bn) * sk > 6 * sms or triton.cdiv(K, bk) < 2 * sk):
                 continue
-            out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk},
-                                     num_warps=warps, num_stages=stages))
+            out.append(_cfg(bn, bk, sk, swap, warps, stages))
     return out
 
 
@@ -154,6 +185,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
         HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m,
         BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, EVEN_K=K % bk == 0,
+        SWAP_AB=cfg.kwargs.get("SWAP_AB", False),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if sk > 1:
         _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
@@ -182,32 +214,45 @@ def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None]) -> t
 _TUNED: dict[tuple, triton.Config] = {}
 
 
+def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+           out: torch.Tensor, block_m: int) -> triton.Config:
+    """The cached config for this shape; the first call tunes it (timing into out)."""
+    (_, K), N = x.shape, w.shape[0]
+    key = (block_m, N, K, x.dtype, bias is not None)
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        sms = _num_sms(x.device.index or 0) if x.is_cuda else 1
+        cands = _candidates(block_m, N, K, x.element_size(), sms)
+        if os.environ.get("KERNELS_AUTOTUNE", "1") == "0" and len(cands) > 1:
+            cands = [_DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT]
+        cfg = _pick(cands, lambda c: _launch(c, x, w, bias, out, block_m))
+        _TUNED[key] = cfg
+    return cfg
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+          cfg: triton.Config | None) -> torch.Tensor:
+    """:func:`gemv` with an optional pinned launch config (tests force each path with it)."""
+    check_linear_inputs(x, w, bias)
+    M = x.shape[0]
+    if M > 64:
+        raise ValueError(f"gemv supports at most 64 rows, got M={M}; use gemm")
+    out = torch.empty((M, w.shape[0]), device=x.device, dtype=x.dtype)
+    block_m = 1 if M == 1 else max(16, triton.next_power_of_2(M))
+    _launch(cfg or _tuned(x, w, bias, out, block_m), x, w, bias, out, block_m)
+    return out
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Weight-streaming matmul for decode: returns ``x @ w.T + bias`` as [M, N].
 
     x: [M, K] with M in 1..64 (unit stride along K), w: [N, K] contiguous,
     bias: [N] or None.  Same dtype everywhere (bf16/fp16/fp32), fp32
     accumulation, output in the input dtype.  Each weight element is read once.
-    The first call for a new (M bucket, N, K, dtype) tunes the launch config.
+    The first call for a new (M bucket, N, K, dtype, bias) tunes the launch
+    config over both tensor-core operand orders (M >= 2).
     """
-    check_linear_inputs(x, w, bias)
-    M, K = x.shape
-    N = w.shape[0]
-    if M > 64:
-        raise ValueError(f"gemv supports at most 64 rows, got M={M}; use gemm")
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    block_m = 1 if M == 1 else max(16, triton.next_power_of_2(M))
-    key = (block_m, N, K, x.dtype, bias is not None)
-    cfg = _TUNED.get(key)
-    if cfg is None:
-        sms = _num_sms(x.device.index or 0) if x.is_cuda else 1
-        cands = _candidates(block_m, N, K, sms)
-        if os.environ.get("KERNELS_AUTOTUNE", "1") == "0" and len(cands) > 1:
-            cands = [_DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT]
-        cfg = _pick(cands, lambda c: _launch(c, x, w, bias, out, block_m))
-        _TUNED[key] = cfg
-    _launch(cfg, x, w, bias, out, block_m)
-    return out
+    return _gemv(x, w, bias, None)
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

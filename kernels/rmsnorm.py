@@ -8,9 +8,15 @@
 # Dtypes:  x in {bf16, fp16, fp32}; weight in {bf16, fp16, fp32}; out has x.dtype.
 # Math:    fp32 internally: h = x * rsqrt(mean(x^2) + eps), rounded to x.dtype (as HF does),
 #          then multiplied by weight in fp32 and rounded to x.dtype.
-# Grid:    one program per row; a row of up to MAX_N elements is held in registers.
+# Grid:    (cdiv(rows, BLOCK_R),); a program normalises BLOCK_R rows as one [BLOCK_R, BLOCK_N]
+#          tile (rows flattened over the leading dims; the last program masks the tail) and loads
+#          the weight once, in flight together with x (not after the reduction).  BLOCK_R: ~16 KB
+#          of x per program (many rows for short rows such as per-head q/k norms, D = 128) while
+#          keeping >= 2 programs per SM where possible; num_warps from the tile size.  A row of up
+#          to MAX_N elements is held in registers.
 from __future__ import annotations
 
+import functools
 
 import torch
 import triton
@@ -20,29 +26,55 @@ from kernels.checks import check_device
 
 MAX_N = 65536
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TILE_BYTES = 16384  # bytes of (each) row input a program aims to hold
 
 
 @triton.jit
 def _rmsnorm_kernel(
     x_ptr, w_ptr, out_ptr,
-    S1, S2,  # sizes of the 2nd and 3rd (padded) leading dims
+    R, S1, S2,  # rows; sizes of the 2nd and 3rd (padded) leading dims
     sx0, sx1, sx2,  # strides of the 3 (padded) leading dims of x
     N, eps,
-    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    i2 = row % S2
-    i1 = (row // S2) % S1
-    i0 = row // (S2 * S1)
-    x_row = x_ptr + i0 * sx0 + i1 * sx1 + i2 * sx2
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    col_mask = cols < N
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # int32 index math (R < 2**30)
+    i2 = rows % S2  # trailing padded sizes are 1: specialised, the divisions fold away
+    i1 = (rows // S2) % S1
+    i0 = rows // (S2 * S1)
+    mask = (rows < R)[:, None] & col_mask[None, :]
+    x_rows = x_ptr + (i0.to(tl.int64) * sx0 + i1.to(tl.int64) * sx1 + i2.to(tl.int64) * sx2)[:, None]
+    rows = rows.to(tl.int64)
+    x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
     out_ty = out_ptr.dtype.element_ty
-    h = (x * rstd).to(out_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * N + cols, (h * w).to(out_ty), mask=mask)
+    h = (x * rstd[:, None]).to(out_ty).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], (h * w).to(out_ty), mask=mask)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _prev_pow2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def row_blocking(rows: int, n: int, row_bytes_per_col: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_N, num_warps) of a row-wise norm kernel (also used by add_rmsnorm).
+
+    ~_TILE_BYTES of input per program (row_bytes_per_col: input bytes per column of a row), but
+    >= 2 programs per SM when there are enough rows; ~64 bytes of input per thread, 1..16 warps.
+    """
+    block_n = triton.next_power_of_2(n)
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    by_bytes = _prev_pow2(_TILE_BYTES // (block_n * row_bytes_per_col))
+    block_r = min(by_bytes, _prev_pow2(rows // (2 * sms)))
+    warps = min(16, _prev_pow2(block_r * block_n * row_bytes_per_col // 2048))
+    return block_r, block_n, warps
 
 
 def _leading_layout(x: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -62,16 +94,10 @@ def _leading_layout(x: torch.Tensor) -> tuple[list[int], list[int]]:
             f"rmsnorm: x with shape {tuple(x.shape)} and strides {x.stride()} has more than 3 "
             "non-mergeable leading dims; pass a contiguous tensor"
         )
-    while len(sizes) < 3:
-        sizes.insert(0, 1)
-        strides.insert(0, 0)
+    while len(sizes) < 3:  # pad at the end: size-1 dims make the kernel's divisions trivial
+        sizes.append(1)
+        strides.append(0)
     return sizes, strides
-
-
-def _num_warps(block: int) -> int:
-    if block <= 1024:
-        return 4
-    return 8 if block <= 4096 else 16
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,11 +124,13 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows = x.numel() // n
     if rows == 0:
         return out
+    if rows >= 2**30:  # the kernel's row index math is int32
+        raise ValueError(f"rmsnorm: at most 2**30 - 1 rows, got {rows}")
     sizes, strides = _leading_layout(x)
-    block = triton.next_power_of_2(n)
-    _rmsnorm_kernel[(rows,)](
-        x, weight, out, sizes[1], sizes[2], strides[0], strides[1], strides[2],
-        n, float(eps), BLOCK_N=block, num_warps=_num_warps(block),
+    block_r, block_n, warps = row_blocking(rows, n, x.element_size(), x.device)
+    _rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
+        x, weight, out, rows, sizes[1], sizes[2], strides[0], strides[1], strides[2],
+        n, float(eps), BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )
     return out
 

@@ -9,9 +9,14 @@
 #            out[i] = x[i] * c - x[i + D/2] * s ;  out[i + D/2] = x[i + D/2] * c + x[i] * s
 #          Positions are assumed valid (0 <= pos < P); table loads are masked, and an
 #          out-of-range position leaves the token unrotated instead of reading out of bounds.
-# Grid:    (B*T, cdiv(max(Hq, Hk), BLOCK_H)); each program rotates BLOCK_H heads of q and of k.
+# Grid:    (cdiv(B*T, BLOCK_T),).  A program rotates BLOCK_T consecutive tokens (flattened over
+#          B and T; the last program masks the tail), all Hq heads of q and all Hk heads of k, as
+#          [BLOCK_T, heads, D/2] tiles of 16-byte vectors: each token's cos/sin row is read once,
+#          and the q/k loads are issued before the position -> table gather so their latencies
+#          overlap.  BLOCK_T: ~32 KB of q/k tile per program while keeping >= 2 programs per SM.
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,40 +27,69 @@ from kernels.checks import check_device
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
+_TILE_BYTES = 32768  # q/k bytes (padded tiles) a program aims to hold
 
 
 @triton.jit
-def _rotate_heads(base, heads, head_stride, H, d, dmask, c, s, HALF):
-    mask = (heads[:, None] < H) & dmask[None, :]
-    p1 = base + heads[:, None].to(tl.int64) * head_stride + d[None, :]
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    ty = base.dtype.element_ty
-    tl.store(p1, (x1 * c - x2 * s).to(ty), mask=mask)
-    tl.store(p1 + HALF, (x2 * c + x1 * s).to(ty), mask=mask)
+def _load_halves(base, tok_off, tok_mask, H, head_stride,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers, mask and both halves of D of H heads for BLOCK_T tokens: [BLOCK_T, BLOCK_H, BLOCK_D]."""
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    ptrs = base + tok_off[:, None, None] + (h.to(tl.int64) * head_stride)[None, :, None] + d[None, None, :]
+    mask = tok_mask[:, None, None] & (h < H)[None, :, None] & (d < HALF)[None, None, :]
+    return ptrs, mask, tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + HALF, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rotated(ptrs, mask, x1, x2, c, s, HALF: tl.constexpr):
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    ty = ptrs.dtype.element_ty
+    tl.store(ptrs, (x1 * c - x2 * s).to(ty), mask=mask)
+    tl.store(ptrs + HALF, (x2 * c + x1 * s).to(ty), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr,
-    T, HQ, HK, P, HALF,
+    N_TOK, T, HQ, HK, P,
     sqb, sqt, sqh, skb, skt, skh, spb, spt,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    bt = tl.program_id(0).to(tl.int64)
-    b = bt // T
-    t = bt % T
-    pos = tl.load(pos_ptr + b * spb + t * spt).to(tl.int64)
-    pos_ok = (pos >= 0) & (pos < P)
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # int32 division, int64 offsets
+    tok_mask = tok < N_TOK
+    b = (tok // T).to(tl.int64)
+    t = (tok % T).to(tl.int64)
+    qp, qm, q1, q2 = _load_halves(q_ptr, b * sqb + t * sqt, tok_mask, HQ, sqh, HALF, BLOCK_HQ, BLOCK_D)
+    kp, km, k1, k2 = _load_halves(k_ptr, b * skb + t * skt, tok_mask, HK, skh, HALF, BLOCK_HK, BLOCK_D)
+    pos = tl.load(pos_ptr + b * spb + t * spt, mask=tok_mask, other=0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    dmask = d < HALF
-    # (scalar-bool & block-bool masks trip the Triton interpreter, so fold pos_ok into a limit)
-    tab_mask = d < tl.where(pos_ok, HALF, 0)
-    c = tl.load(cos_ptr + pos * HALF + d, mask=tab_mask, other=1.0)[None, :]
-    s = tl.load(sin_ptr + pos * HALF + d, mask=tab_mask, other=0.0)[None, :]
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    _rotate_heads(q_ptr + b * sqb + t * sqt, heads, sqh, HQ, d, dmask, c, s, HALF)
-    _rotate_heads(k_ptr + b * skb + t * skt, heads, skh, HK, d, dmask, c, s, HALF)
+    # an out-of-range position reads c = 1, s = 0: the token stays unrotated
+    tab_mask = (tok_mask & (pos >= 0) & (pos < P))[:, None] & (d < HALF)[None, :]
+    tab = pos[:, None] * HALF + d[None, :]
+    c = tl.load(cos_ptr + tab, mask=tab_mask, other=1.0)[:, None, :]
+    s = tl.load(sin_ptr + tab, mask=tab_mask, other=0.0)[:, None, :]
+    _store_rotated(qp, qm, q1, q2, c, s, HALF)
+    _store_rotated(kp, km, k1, k2, c, s, HALF)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _prev_pow2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def _launch_shape(n_tok: int, block_hq: int, block_hk: int, block_d: int, elem: int,
+                  sms: int) -> tuple[int, int]:
+    """(BLOCK_T, num_warps): ~_TILE_BYTES of q/k per program, >= 2 programs per SM where possible."""
+    tile = (block_hq + block_hk) * 2 * block_d  # elements of one token's q/k tiles
+    block_t = min(_prev_pow2(_TILE_BYTES // (tile * elem)), _prev_pow2(n_tok // (2 * sms)))
+    return block_t, min(16, max(2, _prev_pow2(block_t * tile // 1024)))
 
 
 def _validate(q, k, cos, sin, positions) -> None:
@@ -99,14 +133,16 @@ def apply_rope_(
         return
     half = d // 2
     block_d = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(max(hq, hk)), max(1, 2048 // block_d))
-    grid = (b * t, triton.cdiv(max(hq, hk), block_h))
-    _rope_kernel[grid](
+    block_hq, block_hk = triton.next_power_of_2(max(hq, 1)), triton.next_power_of_2(max(hk, 1))
+    sms = _num_sms(q.device.index or 0) if q.is_cuda else 1
+    block_t, warps = _launch_shape(b * t, block_hq, block_hk, block_d, q.element_size(), sms)
+    _rope_kernel[(triton.cdiv(b * t, block_t),)](
         q, k, cos, sin, positions,
-        t, hq, hk, cos.shape[0], half,
+        b * t, t, hq, hk, cos.shape[0],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         positions.stride(0), positions.stride(1),
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        HALF=half, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+        num_warps=warps,
     )
 
 

@@ -26,3 +26,20 @@ def bench_ms(fn, warmup: int = 5, rep: int = 25, quantiles=None):
     if quantiles is not None:
         return torch.quantile(times, torch.tensor(list(quantiles))).tolist()
     return float(times.median())
+
+
+def graph_ms(fn, calls: int = 10) -> float:
+    """GPU ms of one fn() replayed from a CUDA graph of `calls` calls (no host launch overhead)."""
+    fn()  # compile (and hit any resource error) outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            for _ in range(calls):
+                fn()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return bench_ms(graph.replay, warmup=2, rep=5) / calls

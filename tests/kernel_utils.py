@@ -39,3 +39,19 @@ def qkv_views(b: int, t: int, hq: int, hk: int, d: int, dtype: torch.dtype):
     k = qkv[..., hq * d : (hq + hk) * d].view(b, t, hk, d)
     v = qkv[..., (hq + hk) * d :].view(b, t, hk, d)
     return q, k, v
+
+
+# ----- matmul / attention tests: relative L2 error against an fp32 reference
+MATMUL_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| (NaN-checked)."""
+    assert not torch.isnan(out).any(), "NaN in output"
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Normal samples on the test device in ``dtype`` (drawn in fp32, scaled)."""
+    return (torch.randn(*shape, device=DEV, dtype=torch.float32) * scale).to(dtype)

@@ -36,6 +36,22 @@ def test_rmsnorm_per_head_strided_view(dtype, d):
         close(rmsnorm(x, w, 1e-6), rmsnorm_ref(x, w, 1e-6), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_multi_row_programs_with_tail(dtype):
+    from kernels.rmsnorm import row_blocking
+    x, r = rand(37, 128, dtype=dtype) * 3, rand(37, 128, dtype=dtype, seed=4)
+    w = rand(128, dtype=dtype, seed=2)
+    esize = x.element_size()
+    if INTERPRET:  # 16 rows per program: 3 programs, the last one 5 rows
+        assert row_blocking(37, 128, esize, x.device)[0] == 16
+        assert row_blocking(37, 128, 2 * esize, x.device)[0] == 16
+    close(rmsnorm(x, w, 1e-6), rmsnorm_ref(x, w, 1e-6), dtype)
+    normed, new_res = add_rmsnorm(x, r, w, 1e-6)
+    ref_normed, ref_res = add_rmsnorm_ref(x, r, w, 1e-6)
+    close(new_res, ref_res, dtype)
+    close(normed, ref_normed, dtype)
+
+
 def test_rmsnorm_bad_inputs():
     x = rand(2, 3, 64)
     with pytest.raises(ValueError, match="weight"):
@@ -94,6 +110,25 @@ def test_rope_fused_qkv_views(dtype, d, heads, bt):
     close(q, q_ref, dtype)
     close(k, k_ref, dtype)
     assert torch.equal(v, v_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_multi_token_programs_tail_and_bad_positions(dtype):
+    from kernels.rope import _launch_shape
+    b, t, hq, hk, d, p = 1, 37, 28, 4, 128, 64
+    if INTERPRET and dtype == torch.bfloat16:  # 2 tokens per program: 19 programs, the last one 1 token
+        assert _launch_shape(b * t, 32, 4, 64, 2, 1)[0] == 2
+    q, k, _ = qkv_views(b, t, hq, hk, d, dtype)
+    q0, k0 = q.clone(), k.clone()
+    cos, sin = (x.to(DEV) for x in rope_tables(d, p, 10000.0, None))
+    pos = torch.arange(t, device=DEV)[None] + 20
+    pos[0, 3], pos[0, 30] = -1, p  # out of range: left unrotated
+    bad = (pos < 0) | (pos >= p)
+    q_ref, k_ref = apply_rope_ref(q, k, cos, sin, pos.clamp(0, p - 1))
+    q_ref[bad], k_ref[bad] = q0[bad].float(), k0[bad].float()
+    apply_rope_(q, k, cos, sin, pos)
+    close(q, q_ref, dtype)
+    close(k, k_ref, dtype)
 
 
 def test_rope_matches_transformers_apply():

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import triton
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -20,23 +21,14 @@ os.environ.setdefault("KERNELS_AUTOTUNE", "0")
 from kernels.attention_decode import attention_decode, attention_decode_ref  # noqa: E402
 from kernels.attention_prefill import attention_prefill, attention_prefill_ref  # noqa: E402
 from kernels.gemm import gemm, gemm_ref  # noqa: E402
-from kernels.gemv import gemv, gemv_ref  # noqa: E402
+from kernels.gemv import _gemv, gemv, gemv_ref  # noqa: E402
 from kernels.linear import linear, linear_ref  # noqa: E402
 
+from tests.kernel_utils import DEV, DTYPES, MATMUL_TOL as TOL, needs_cuda, randn as rand, rel_err  # noqa: E402
+
 CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "NaN in output"
-    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def rand(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, device=DEV, dtype=torch.float32) * scale).to(dtype)
 
 
 # ---------------------------------------------------------------- matmul ----
@@ -73,6 +65,43 @@ def test_gemm_and_gemv_direct(dtype: torch.dtype) -> None:
         x = rand(M, K, dtype=dtype)
         assert rel_err(gemv(x, w, bias), gemv_ref(x, w, bias)) < TOL[dtype]
         assert rel_err(gemm(x, w, bias), gemm_ref(x, w, bias)) < TOL[dtype]
+
+
+def _gemv_config(swap_ab: bool, split_k: int) -> triton.Config:
+    """A pinned gemv launch config for one tensor-core path (M >= 2)."""
+    bn = 64 if swap_ab and CUDA else 16  # 64 weight rows: the wgmma shape on Hopper
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split_k, "SWAP_AB": swap_ab},
+                         num_warps=4, num_stages=3 if CUDA else 1)
+
+
+# M, N, K: odd N (tail n block), K both a multiple of BLOCK_K and not, and a K
+# that leaves the last of 3 splits empty (K=200: 4 K blocks, 2 per split)
+GEMV_CASES = [(2, 37, 128), (3, 83, 200), (8, 50, 131), (17, 19, 96), (33, 70, 257), (64, 33, 192)]
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("swap_ab", [False, True], ids=["dot", "swap_ab"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", GEMV_CASES)
+def test_gemv_dot_paths(M: int, N: int, K: int, dtype: torch.dtype, swap_ab: bool,
+                        split_k: int) -> None:
+    x = rand(M, K, dtype=dtype)
+    w = rand(N, K, dtype=dtype, scale=K ** -0.5)
+    for bias in (None, rand(N, dtype=dtype)):
+        out = _gemv(x, w, bias, _gemv_config(swap_ab, split_k))
+        assert out.shape == (M, N) and out.dtype == dtype
+        assert rel_err(out, gemv_ref(x, w, bias)) < TOL[dtype]
+
+
+def test_gemv_candidates_time_both_dot_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the GPU the first-call tuner times both operand orders (M >= 2), never swap at M = 1."""
+    import kernels.gemv as gemv_mod
+    monkeypatch.setattr(gemv_mod, "_INTERPRET", False)
+    for n, k in [(4608, 3584), (3584, 18944), (37888, 3584), (3584, 3584)]:
+        assert not any(c.kwargs["SWAP_AB"] for c in gemv_mod._candidates(1, n, k, 2, 132))
+        for block_m in (16, 32, 64):
+            cands = gemv_mod._candidates(block_m, n, k, 2, 132)
+            assert {c.kwargs["SWAP_AB"] for c in cands} == {False, True} and len(cands) <= 40
 
 
 def test_linear_bad_inputs() -> None:
@@ -154,33 +183,73 @@ def test_attention_prefill_bad_inputs() -> None:
 
 # -------------------------------------------------------- decode attention ----
 
-DECODE_CASES = [  # B, Hq, Hk, D, S, seq_lens
+DECODE_CASES = [  # B, Hq, Hk, D, S, seq_lens  (GQA ratios 1..8, lengths 0 and 1, mixed batches)
     (1, 2, 2, 64, 40, [40]),
     (3, 4, 2, 128, 100, [100, 1, 57]),
     (3, 7, 1, 64, 90, [90, 33, 0]),
     (2, 8, 2, 80, 70, [70, 16]),
     (1, 28, 4, 128, 96, [95]),
+    (2, 8, 1, 64, 130, [130, 77]),
+    (1, 6, 2, 32, 50, [0]),
+    (4, 3, 3, 16, 33, [1, 0, 33, 17]),
 ]
+# (max_seq_len, num_splits): bound = S, the true max, one below the lengths; forced 1 split
+# (pass 1 writes out), 3 splits, and 9 (more non-empty splits than pass 2 merges per step)
+DECODE_PLANS = [(None, None), ("max", None), (16, None), (None, 1), (None, 3), (None, 9)]
+
+
+def _decode_inputs(B, Hq, Hk, D, S, seq_lens, dtype):
+    qkv = rand(B, (Hq + 2 * Hk) * D, dtype=dtype)
+    q = qkv[:, : Hq * D].view(B, Hq, D)  # strided view like a fused qkv output
+    k = rand(B, Hk, S, D, dtype=dtype)
+    v = rand(B, Hk, S, D, dtype=dtype)
+    return q, k, v, torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "B{}Hq{}Hk{}D{}S{}".format(*c[:5]))
 def test_attention_decode(case: tuple, dtype: torch.dtype) -> None:
     B, Hq, Hk, D, S, seq_lens = case
-    qkv = rand(B, (Hq + 2 * Hk) * D, dtype=dtype)
-    q = qkv[:, : Hq * D].view(B, Hq, D)
-    k = rand(B, Hk, S, D, dtype=dtype)
-    v = rand(B, Hk, S, D, dtype=dtype)
-    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    q, k, v, sl = _decode_inputs(*case, dtype)
     scale = D ** -0.5
     ref = attention_decode_ref(q, k, v, sl, scale)
-    for max_len in (None, max(seq_lens)):
-        out = attention_decode(q, k, v, sl, scale, max_seq_len=max_len)
+    for max_len, splits in DECODE_PLANS:
+        max_len = max(seq_lens) if max_len == "max" else max_len
+        out = attention_decode(q, k, v, sl, scale, max_seq_len=max_len, num_splits=splits)
         assert out.shape == (B, Hq, D) and out.dtype == dtype
-        assert rel_err(out, ref) < TOL[dtype]
+        if max(seq_lens) > 0:
+            assert rel_err(out, ref) < TOL[dtype], (max_len, splits)
         for b, n in enumerate(seq_lens):
             if n == 0:
                 assert bool((out[b] == 0).all())
+
+
+def test_attention_decode_split_plan() -> None:
+    from kernels.attention_decode import _MAX_SPLITS, _MIN_CHUNK, _split_candidates, _split_plan
+    assert _split_plan(132, 1, 4, 4096) == 66  # >= 2 programs per SM
+    assert _split_plan(132, 1, 4, 3 * _MIN_CHUNK) == 3  # no split shorter than _MIN_CHUNK
+    assert _split_plan(132, 1, 4, 0) == 1 and _split_plan(132, 64, 8, 32768) == 1
+    assert _split_plan(132, 1, 1, 1 << 20) == _MAX_SPLITS
+    assert _split_candidates(132, 1, 4, 4096) == [33, 66, min(132, 4096 // _MIN_CHUNK)]
+    assert _split_candidates(132, 64, 8, 32768) == [1, 2]
+
+
+def test_attention_decode_tune_picks_fastest() -> None:
+    """The first-call tuning times (split count, config) pairs and keeps the fastest."""
+    from kernels.attention_decode import _launch, _tune
+    q, k, v, sl = _decode_inputs(2, 8, 2, 64, 70, [70, 16], torch.float16)
+    timed = []
+
+    def timer(fn):  # fake times by split count (the lambda's first default)
+        fn()
+        timed.append(fn.__defaults__[0])
+        return {1: 3.0, 4: 1.0, 9: 2.0}[fn.__defaults__[0]]
+
+    splits, cfg = _tune(q, k, v, 0.125, 70, [1, 4, 9], timer=timer)
+    assert set(timed) == {1, 4, 9} and splits == 4
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _launch(q, k, v, sl, 0.125, splits, cfg, out)
+    assert rel_err(out, attention_decode_ref(q, k, v, sl, 0.125)) < TOL[torch.float16]
 
 
 def test_attention_decode_bad_inputs() -> None:
@@ -197,6 +266,8 @@ def test_attention_decode_bad_inputs() -> None:
         attention_decode(q[:, :3], k, k, sl, 0.1)
     with pytest.raises(ValueError, match=r"q must be \[B, Hq, D\]"):
         attention_decode(q[None], k, k, sl, 0.1)
+    with pytest.raises(ValueError, match="num_splits"):
+        attention_decode(q, k, k, sl, 0.1, num_splits=0)
 
 
 # --------------------------------------------------- real shapes, CUDA only ----
@@ -246,3 +317,25 @@ def test_attention_decode_long(S: int, seq_lens: list[int], dtype: torch.dtype) 
     ref = attention_decode_ref(q, k, v, sl, D ** -0.5)
     for max_len in (None, max(seq_lens)):
         assert rel_err(attention_decode(q, k, v, sl, D ** -0.5, max_seq_len=max_len), ref) < TOL[dtype]
+
+
+@needs_cuda
+def test_attention_decode_tuned_and_graph_replay() -> None:
+    """The real first-call tuning (CUDA-graph timing, PDL on sm90+), and a graph captured at the
+    bound replayed at other lengths (the device spreads each over all splits)."""
+    from kernels.attention_decode import _launch, _split_candidates, _tune
+    S, sc = 4096, 128 ** -0.5
+    q, k, v, sl = _decode_inputs(2, 28, 4, 128, S, [S, 1000], torch.bfloat16)
+    plan = _tune(q, k, v, sc, S, _split_candidates(torch.cuda.get_device_properties(0).multi_processor_count, 2, 4, S))
+    assert plan is not None
+    out = torch.empty(2, 28, 128, device=DEV, dtype=torch.bfloat16)
+    _launch(q, k, v, sl, sc, *plan, out)
+    assert rel_err(out, attention_decode_ref(q, k, v, sl, sc)) < TOL[torch.bfloat16]
+    attention_decode(q, k, v, sl, sc, max_seq_len=S)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = attention_decode(q, k, v, sl, sc, max_seq_len=S)
+    for lens in ([1, 0], [300, 4095], [S, 2]):
+        sl.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        assert rel_err(static, attention_decode_ref(q, k, v, sl, sc)) < TOL[torch.bfloat16], lens
