@@ -23,9 +23,9 @@ if [[ $steps == *2* ]]; then  # batch 16 at 6 GiB against all-resident batch 16 
   echo "b16 rc=$?"; tail -6 $R/bench_stream_b16.log
 fi
 if [[ $steps == *3* ]]; then  # GPU tests: allocator cap at the budget, triton vs torch on the 7B, kernels
-  LAYERSTREAM_BIG_MODEL=$M timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_stream.py \
-    tests/test_gpu_e2e.py tests/test_kernels_elementwise.py tests/test_kernels_sampling.py \
-    tests/test_kernels_matmul_attention.py > $R/pytest_gpu.txt 2>&1
+  LAYERSTREAM_BIG_MODEL=$M timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_stream.py \
+    tests/test_gpu_e2e.py tests/test_kernels_gemm.py tests/test_kernels_matmul_attention.py \
+    tests/test_kernels_elementwise.py tests/test_kernels_sampling.py > $R/pytest_gpu.txt 2>&1
   echo "pytest rc=$?"; tail -6 $R/pytest_gpu.txt
 fi
 if [[ $steps == *4* ]]; then  # memreport at 6 GB with its pictures
@@ -33,7 +33,12 @@ if [[ $steps == *4* ]]; then  # memreport at 6 GB with its pictures
   echo "memreport rc=$?"; grep -A3 "^TIME" $R/memreport.txt
 fi
 if [[ $steps == *5* ]]; then  # kernels against torch and the ceilings measured in the same run
-  timeout 200 python3 -m tools.bench_kernels --out $R/kernels.json > $R/kernels.txt 2>&1
+  timeout 420 python3 -m tools.bench_kernels --out $R/kernels.json > $R/kernels.txt 2>&1
   echo "kernels rc=$?"; tail -30 $R/kernels.txt
+fi
+if [[ $steps == *7* ]]; then  # all resident only: decode through one graph, 2048-token prefill
+  timeout 120 python3 -m tools.bench_stream --model $M --budgets full --batches 1 --steps 16 \
+    --out-dir $R --tag stream-full > $R/bench_stream_full.log 2>&1
+  echo "full rc=$?"; tail -4 $R/bench_stream_full.log
 fi
 tar czf $OUT/results.tar.gz -C $R .
