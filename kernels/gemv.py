@@ -23,8 +23,9 @@
 #          fp32 partials, adds the bias and casts.  The config (SWAP_AB,
 #          BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) is tuned per (M bucket, N,
 #          K, dtype, bias) on first use over both operand orders, timing both
-#          kernels together (KERNELS_AUTOTUNE=0 in the environment skips the
-#          timing and uses a fixed default; the interpreter uses one config).
+#          kernels together replayed from a CUDA graph, as decode steps run (eager
+#          timing charged split-K its second launch); KERNELS_AUTOTUNE=0 skips the
+#          timing and uses a fixed default; the interpreter uses one config.
 #          fp32 dots use input_precision="ieee"; under the CPU interpreter bf16
 #          tiles are upcast first (UPCAST: it multiplies bf16 as raw bits).
 from __future__ import annotations
@@ -39,7 +40,7 @@ import triton.language as tl
 
 from kernels.gemm import check_linear_inputs
 from kernels.mma import mma_nt
-from kernels.tuning import bench_ms
+from kernels.tuning import graph_ms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -200,7 +201,7 @@ def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None]) -> t
     best, best_ms = None, float("inf")
     for cfg in cands:
         try:
-            ms = bench_ms(lambda: run(cfg))
+            ms = graph_ms(lambda: run(cfg))  # decode steps replay as CUDA graphs: no launch overhead
         except Exception:  # noqa: BLE001 - e.g. out of shared memory: skip this config
             continue
         if ms < best_ms:
@@ -220,6 +221,8 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     (_, K), N = x.shape, w.shape[0]
     key = (block_m, N, K, x.dtype, bias is not None)
     cfg = _TUNED.get(key)
+    if cfg is None and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT  # cannot time inside a capture; not cached
     if cfg is None:
         sms = _num_sms(x.device.index or 0) if x.is_cuda else 1
         cands = _candidates(block_m, N, K, x.element_size(), sms)

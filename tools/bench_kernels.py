@@ -170,7 +170,10 @@ def bench_decode_attn(b: Bench, contexts: list[int]) -> None:
         sets = _copies(make, kv_bytes)
         sc = d ** -0.5
         ours = b.time_ms([lambda s=s: mod.attention_decode(*s, sc, max_seq_len=ctx) for s in sets])
-        cfg = list(mod._TUNED.values())[-1] if mod._TUNED else None
+        cfg = None
+        if mod._TUNED:
+            splits, conf = list(mod._TUNED.values())[-1]
+            cfg = f"splits: {splits}, {conf}"
         peer = b.time_ms([lambda s=s: _sdpa_decode(s[0], s[1], s[2], sc) for s in sets])
         err = _rel_err(mod.attention_decode(*sets[0], sc), _sdpa_decode(*sets[0][:3], sc))
         b.add("decode_attn", "attention_decode", f"B={B} Hq={hq} Hk={hk} D={d} ctx={ctx}",
