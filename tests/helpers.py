@@ -20,6 +20,7 @@ import torch
 from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.engine import Engine, EngineOptions
+from engine.graphs import DecodeGraph
 from engine.kv_cache import KVCache
 from engine.layout import LayerLayout, expected_tensors
 from engine.model import Model
@@ -247,3 +248,27 @@ def dir_snapshot(path: Path) -> dict[str, tuple[int, int]]:
             st = p.lstat()
             out[str(p.relative_to(path))] = (st.st_size if p.is_file() else -1, st.st_mtime_ns)
     return out
+
+
+class _Replay:
+    """Stands in for a CUDA graph: replay re-runs the Python that was "captured"."""
+
+    def __init__(self, fns) -> None:
+        self.fns = fns
+
+    def replay(self) -> None:
+        for fn in self.fns:
+            fn()
+
+
+class CpuDecodeGraph(DecodeGraph):
+    """DecodeGraph whose pieces re-run their Python on replay (no CUDA needed)."""
+
+    captured: list[int]
+
+    def _warm_up(self) -> None:
+        self.captured = []
+
+    def _graph(self, fns) -> _Replay:
+        self.captured.append(len(fns))
+        return _Replay(fns)

@@ -15,33 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.graphs import DecodeGraph
 from engine.kv_cache import KVCache
-from tests.helpers import forward_decode, forward_prefill, i32, load_ours, make_hf_model
+from tests.helpers import CpuDecodeGraph, forward_decode, forward_prefill, i32, load_ours, make_hf_model
 
 MAX_CONTEXT = 32
-
-
-class _Replay:
-    def __init__(self, fns) -> None:
-        self.fns = fns
-
-    def replay(self) -> None:
-        for fn in self.fns:
-            fn()
-
-
-class CpuDecodeGraph(DecodeGraph):
-    """DecodeGraph whose pieces re-run their Python on replay (no CUDA needed)."""
-
-    captured: list[int]
-
-    def _warm_up(self) -> None:
-        self.captured = []
-
-    def _graph(self, fns) -> _Replay:
-        self.captured.append(len(fns))
-        return _Replay(fns)
 
 
 @pytest.fixture(scope="module")

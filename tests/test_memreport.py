@@ -201,3 +201,24 @@ def test_script_entry_points(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tools.memreport", "--host-budget=-5GB"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "error: --host-budget" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_graph_steps_timed_as_generation_runs(tiny):
+    """With a captured decode graph, memreport also times steps through it (generation's path)."""
+    from tests.helpers import CpuDecodeGraph, make_engine
+    from tools.memreport_measure import decode_run
+    from tools.memreport_timeline import summarize
+    from tools.report_render import _timing
+
+    engine = make_engine(tiny)
+    assert engine.graph is None  # CPU: no capture; give it the CPU stand-in
+    graph = CpuDecodeGraph(engine.model, engine.cache, engine.opts.batch)
+    calls = []
+    engine.graph = lambda tok, start: calls.append(1) or graph(tok, start)
+    engine.graph.batch = engine.opts.batch
+    run_ = decode_run(engine, steps=4, prompt_tokens=5)
+    assert len(calls) == 4 and len(run_["graph_step_ms"]) == 3
+    summary = summarize(run_, None, 1, engine.plan)
+    assert summary["graph_tok_s"] > 0
+    lines = _timing({"timing": {"summary": summary, "timeline": None}})
+    assert any("generation replays CUDA graphs" in line for line in lines)

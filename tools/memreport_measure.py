@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import psutil
 import torch
 
-from engine.generate import prefill
+from engine.generate import decode_step, prefill
 from streamer.manager import Unit
 
 PROMPT_TEXT = "Explain, step by step, why the sky looks blue on a clear day and red at sunset. "
@@ -245,4 +245,22 @@ def decode_run(engine, steps: int, prompt_tokens: int, observe: int = 4, on_warm
     spans = tracer.timeline() if tracer else []
     return {"prompt_tokens": n, "steps": steps, "observed": observe, "warmup_ms": first_ms,
             "host_step_ms": [(t1 - t0) * 1e3 for t0, t1 in zip(host, host[1:])], "issue_ms": issued,
-            "spans": spans, "bounds_ms": [tracer.origin.elapsed_time(e) for e in events] if tracer else []}
+            "spans": spans, "bounds_ms": [tracer.origin.elapsed_time(e) for e in events] if tracer else [],
+            "graph_step_ms": _graph_steps(engine, ids, steps)}
+
+
+def _graph_steps(engine, ids: list[list[int]], steps: int) -> list[float]:
+    """Host-timed decode steps the way ``generate`` runs them (CUDA-graph replay when the engine
+    captured one); [] when it did not. The traced steps above run eagerly, layer by layer."""
+    if engine.graph is None:
+        return []
+    b, n = engine.opts.batch, len(ids[0])
+    engine.cache.reset()
+    tok = prefill(engine, ids).argmax(-1)
+    times = []
+    for s in range(steps):
+        t0 = time.perf_counter()
+        tok = decode_step(engine, tok, [n + s] * b).argmax(-1)
+        tok.tolist()  # the per-step host sync of generate()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times[1:]  # the first step also waits for the prefill's tail

@@ -64,6 +64,9 @@ def summarize(run: dict, timeline: dict | None, batch: int, plan) -> dict:
            "predicted_tok_s": plan.predicted_tok_s, "predicted_step_ms": plan.predicted_step_s * 1e3,
            "warmup_ms": run["warmup_ms"], "host_issue_ms": issue_ms, "peak_h2d_gbps": plan.h2d_gbps,
            "h2d_source": plan.h2d_source, "observed_steps": run["observed"], "prompt_tokens": run["prompt_tokens"]}
+    if run.get("graph_step_ms"):  # generation's own path: CUDA-graph replay
+        out["graph_step_ms"] = statistics.median(run["graph_step_ms"])
+        out["graph_tok_s"] = batch * 1e3 / out["graph_step_ms"]
     if not steps:
         return out
     tot = {f: sum(s[f] for s in steps) for f in ("step_ms", "compute_ms", "copy_ms", "stall_ms", "other_ms",
