@@ -9,45 +9,38 @@
 #            out[i] = x[i] * c - x[i + D/2] * s ;  out[i + D/2] = x[i + D/2] * c + x[i] * s
 #          Positions are assumed valid (0 <= pos < P); table loads are masked, and an
 #          out-of-range position leaves the token unrotated instead of reading out of bounds.
-# Grid:    (cdiv(B*T, BLOCK_T),).  A program rotates BLOCK_T consecutive tokens (flattened over
-#          B and T; the last program masks the tail), all Hq heads of q and all Hk heads of k, as
-#          [BLOCK_T, heads, D/2] tiles of 16-byte vectors: each token's cos/sin row is read once,
-#          and the q/k loads are issued before the position -> table gather so their latencies
-#          overlap.  BLOCK_T: ~32 KB of q/k tile per program while keeping >= 2 programs per SM.
+# Grid:    (cdiv(B*T, BLOCK_T), cdiv(Hq+Hk, BLOCK_H)) over one head axis (q's Hq heads, then k's
+#          Hk; each row's pointer is picked per head): a program rotates BLOCK_T consecutive
+#          tokens (flattened over B and T; the last program masks the tail) x BLOCK_H heads as
+#          [BLOCK_T, BLOCK_H, D/2] tiles of 16-byte vectors, no lanes lost padding Hq and Hk
+#          apart (28 + 4 heads: one 32-head tile).  q/k loads are issued before the position ->
+#          cos/sin gather so the latencies overlap; table rows are read once per head block.
+# Tuning:  heuristic (_launch_shape: the largest head block padding Hq+Hk by <= 1/4, ~32 KB of
+#          q/k per program, >= 2 programs per SM) when KERNELS_AUTOTUNE=0, off CUDA or inside a
+#          CUDA-graph capture (not cached).  Otherwise the first call per (next_pow2(B*T), Hq, Hk,
+#          D, dtype) times (BLOCK_T, BLOCK_H, num_warps) candidates around it by CUDA-graph replay
+#          (kernels.tuning.graph_ms) on zeroed scratch laid out like q/k (the caller's tensors
+#          are never touched; past _SCRATCH_BYTES, on fewer tokens) and caches the fastest.
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from kernels.checks import check_device
+from kernels.tuning import graph_ms
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
-_TILE_BYTES = 32768  # q/k bytes (padded tiles) a program aims to hold
-
-
-@triton.jit
-def _load_halves(base, tok_off, tok_mask, H, head_stride,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pointers, mask and both halves of D of H heads for BLOCK_T tokens: [BLOCK_T, BLOCK_H, BLOCK_D]."""
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    ptrs = base + tok_off[:, None, None] + (h.to(tl.int64) * head_stride)[None, :, None] + d[None, None, :]
-    mask = tok_mask[:, None, None] & (h < H)[None, :, None] & (d < HALF)[None, None, :]
-    return ptrs, mask, tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + HALF, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_rotated(ptrs, mask, x1, x2, c, s, HALF: tl.constexpr):
-    x1 = x1.to(tl.float32)
-    x2 = x2.to(tl.float32)
-    ty = ptrs.dtype.element_ty
-    tl.store(ptrs, (x1 * c - x2 * s).to(ty), mask=mask)
-    tl.store(ptrs + HALF, (x2 * c + x1 * s).to(ty), mask=mask)
+_TILE_BYTES = 32768  # q/k bytes a program aims to hold (heuristic)
+_SCRATCH_BYTES = 64 << 20  # largest q/k span the tuner copies; longer inputs are timed on fewer tokens
+_SKIP = (OutOfResources, CompileTimeAssertionFailure, PTXASError)  # configs the GPU cannot run
 
 
 @triton.jit
@@ -55,24 +48,30 @@ def _rope_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr,
     N_TOK, T, HQ, HK, P,
     sqb, sqt, sqh, skb, skt, skh, spb, spt,
-    HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # int32 division, int64 offsets
     tok_mask = tok < N_TOK
     b = (tok // T).to(tl.int64)
     t = (tok % T).to(tl.int64)
-    qp, qm, q1, q2 = _load_halves(q_ptr, b * sqb + t * sqt, tok_mask, HQ, sqh, HALF, BLOCK_HQ, BLOCK_D)
-    kp, km, k1, k2 = _load_halves(k_ptr, b * skb + t * skt, tok_mask, HK, skh, HALF, BLOCK_HK, BLOCK_D)
-    pos = tl.load(pos_ptr + b * spb + t * spt, mask=tok_mask, other=0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # head j: q head j, or k head j - HQ
+    q_row = q_ptr + (b * sqb + t * sqt)[:, None] + (j.to(tl.int64) * sqh)[None, :]
+    k_row = k_ptr + (b * skb + t * skt)[:, None] + ((j - HQ).to(tl.int64) * skh)[None, :]
+    row = tl.where((j < HQ)[None, :], q_row, k_row)  # [BLOCK_T, BLOCK_H]; unused side never read
     d = tl.arange(0, BLOCK_D)
+    ptrs = row[:, :, None] + d[None, None, :]
+    mask = (tok_mask[:, None] & (j < HQ + HK)[None, :])[:, :, None] & (d < HALF)[None, None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
+    pos = tl.load(pos_ptr + b * spb + t * spt, mask=tok_mask, other=0).to(tl.int64)
     # an out-of-range position reads c = 1, s = 0: the token stays unrotated
     tab_mask = (tok_mask & (pos >= 0) & (pos < P))[:, None] & (d < HALF)[None, :]
     tab = pos[:, None] * HALF + d[None, :]
-    c = tl.load(cos_ptr + tab, mask=tab_mask, other=1.0)[:, None, :]
-    s = tl.load(sin_ptr + tab, mask=tab_mask, other=0.0)[:, None, :]
-    _store_rotated(qp, qm, q1, q2, c, s, HALF)
-    _store_rotated(kp, km, k1, k2, c, s, HALF)
+    c = tl.load(cos_ptr + tab, mask=tab_mask, other=1.0, eviction_policy="evict_last")[:, None, :]
+    s = tl.load(sin_ptr + tab, mask=tab_mask, other=0.0, eviction_policy="evict_last")[:, None, :]
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(ptrs, (x1 * c - x2 * s).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs + HALF, (x2 * c + x1 * s).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.cache
@@ -84,12 +83,118 @@ def _prev_pow2(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def _launch_shape(n_tok: int, block_hq: int, block_hk: int, block_d: int, elem: int,
-                  sms: int) -> tuple[int, int]:
-    """(BLOCK_T, num_warps): ~_TILE_BYTES of q/k per program, >= 2 programs per SM where possible."""
-    tile = (block_hq + block_hk) * 2 * block_d  # elements of one token's q/k tiles
-    block_t = min(_prev_pow2(_TILE_BYTES // (tile * elem)), _prev_pow2(n_tok // (2 * sms)))
-    return block_t, min(16, max(2, _prev_pow2(block_t * tile // 1024)))
+def _block_h(heads: int) -> int:
+    """The largest power-of-two head block that pads ``heads`` (Hq + Hk) by at most 1/4."""
+    bh = triton.next_power_of_2(heads)
+    while bh > 1 and triton.cdiv(heads, bh) * bh * 4 > heads * 5:
+        bh //= 2
+    return bh
+
+
+def _launch_shape(n_tok: int, heads: int, block_d: int, elem: int, sms: int) -> tuple[int, int, int]:
+    """Heuristic (BLOCK_T, BLOCK_H, num_warps): ~_TILE_BYTES of q/k per program, >= 2 programs per SM."""
+    bh = _block_h(heads)
+    tile = bh * 2 * block_d  # elements of one token's q/k tile
+    progs_h = triton.cdiv(heads, bh)
+    block_t = min(_prev_pow2(_TILE_BYTES // (tile * elem)), _prev_pow2(n_tok * progs_h // (2 * sms)))
+    return block_t, bh, min(16, max(2, _prev_pow2(block_t * tile // 1024)))
+
+
+def _candidates(n_tok: int, heads: int, block_d: int, elem: int, sms: int) -> list[tuple[int, int, int]]:
+    """The heuristic, then (BLOCK_T, BLOCK_H, warps) around it giving each thread one 16-byte
+    vector to 32 elements per half tile (fewer idles lanes, more spills registers)."""
+    cands = [_launch_shape(n_tok, heads, block_d, elem, sms)]
+    bh0 = cands[0][1]
+    for bh in sorted({bh0, max(1, bh0 // 2)}, reverse=True):
+        for bt in (1, 2, 4, 8):
+            for warps in (4, 8):
+                per_thread = bt * bh * block_d // (32 * warps)
+                if (bt <= triton.next_power_of_2(n_tok) and 16 // elem <= per_thread <= 32
+                        and (bt, bh, warps) not in cands):
+                    cands.append((bt, bh, warps))
+    return cands
+
+
+def _launch(q, k, cos, sin, positions, cfg: tuple[int, int, int]) -> None:
+    b, t, hq, d = q.shape
+    hk = k.shape[2]
+    block_t, block_h, warps = cfg
+    grid = (triton.cdiv(b * t, block_t), triton.cdiv(hq + hk, block_h))
+    _rope_kernel[grid](
+        q, k, cos, sin, positions,
+        b * t, t, hq, hk, cos.shape[0],
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        positions.stride(0), positions.stride(1),
+        HALF=d // 2, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2),
+        num_warps=warps,
+    )
+
+
+def _spans(*xs: torch.Tensor) -> dict[int, tuple[int, int]]:
+    """Storage address -> [first, last + 1) element offsets the views ``xs`` of it reach."""
+    spans: dict[int, tuple[int, int]] = {}
+    for x in xs:
+        lo = x.storage_offset()
+        hi = lo + sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1 if x.numel() else lo
+        old = spans.setdefault(x.untyped_storage().data_ptr(), (lo, hi))
+        spans[x.untyped_storage().data_ptr()] = (min(old[0], lo), max(old[1], hi))
+    return spans
+
+
+def _scratch_views(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """Views of fresh memory with the sizes, strides and relative offsets of ``xs`` (views of one
+    storage share one buffer laid out like their span; addresses keep their value mod 16 bytes)."""
+    spans, bufs, views = _spans(*xs), {}, []
+    for x in xs:
+        key, esize = x.untyped_storage().data_ptr(), x.element_size()
+        lo, hi = spans[key]
+        shift = (key + lo * esize) % 16 // esize
+        if key not in bufs:
+            bufs[key] = torch.zeros(hi - lo + 16 // esize, dtype=x.dtype, device=x.device)
+        views.append(bufs[key].as_strided(x.shape, x.stride(), shift + x.storage_offset() - lo))
+    return views
+
+
+def _tune(q, k, cos, sin, positions, cands: list[tuple[int, int, int]], timer=None):
+    """Time every candidate on scratch copies of q/k; the fastest (None: none could run)."""
+    span = sum(hi - lo for lo, hi in _spans(q, k).values()) * q.element_size()
+    if span > _SCRATCH_BYTES:  # time on the leading tokens of one sequence: still a long grid
+        t = max(1, min(q.shape[1], q.shape[0] * q.shape[1] * _SCRATCH_BYTES // span))
+        q, k, positions = q[:1, :t], k[:1, :t], positions[:1, :t]
+    sq, sk = _scratch_views(q, k)
+    best = (float("inf"), None)
+    for cfg in cands:
+        try:
+            ms = (timer or graph_ms)(lambda c=cfg: _launch(sq, sk, cos, sin, positions, c))
+        except _SKIP:
+            continue
+        if ms < best[0]:
+            best = (ms, cfg)
+    return best[1]
+
+
+# (next_pow2(B*T), Hq, Hk, D, dtype) -> (BLOCK_T, BLOCK_H, num_warps); later calls skip the tuning
+_TUNED: dict[tuple, tuple[int, int, int]] = {}
+
+
+def _tunable(q: torch.Tensor) -> bool:
+    """Timing is possible and wanted: on CUDA, outside a graph capture, KERNELS_AUTOTUNE != 0."""
+    return (q.is_cuda and os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _plan(q, k, cos, sin, positions) -> tuple[int, int, int]:
+    b, t, hq, d = q.shape
+    hk = k.shape[2]
+    key = (triton.next_power_of_2(b * t), hq, hk, d, q.dtype)
+    if key in _TUNED:
+        return _TUNED[key]
+    sms = _num_sms(q.device.index or 0) if q.is_cuda else 1
+    args = (b * t, hq + hk, triton.next_power_of_2(d // 2), q.element_size(), sms)
+    if not _tunable(q):  # heuristic, not cached
+        return _launch_shape(*args)
+    _TUNED[key] = _tune(q, k, cos, sin, positions, _candidates(*args)) or _launch_shape(*args)
+    return _TUNED[key]
 
 
 def _validate(q, k, cos, sin, positions) -> None:
@@ -131,19 +236,7 @@ def apply_rope_(
     hk = k.shape[2]
     if b * t == 0 or (hq == 0 and hk == 0):
         return
-    half = d // 2
-    block_d = triton.next_power_of_2(half)
-    block_hq, block_hk = triton.next_power_of_2(max(hq, 1)), triton.next_power_of_2(max(hk, 1))
-    sms = _num_sms(q.device.index or 0) if q.is_cuda else 1
-    block_t, warps = _launch_shape(b * t, block_hq, block_hk, block_d, q.element_size(), sms)
-    _rope_kernel[(triton.cdiv(b * t, block_t),)](
-        q, k, cos, sin, positions,
-        b * t, t, hq, hk, cos.shape[0],
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        positions.stride(0), positions.stride(1),
-        HALF=half, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
-        num_warps=warps,
-    )
+    _launch(q, k, cos, sin, positions, _plan(q, k, cos, sin, positions))
 
 
 def _rotate_ref(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
