@@ -251,7 +251,9 @@ def bench_elementwise(b: Bench, t: int) -> None:
             continue
         ours = b.time_ms([lambda c=c: c[i][3](mod) for c in sets])
         peer = b.time_ms([c[i][4] for c in sets])
-        b.add("elementwise", name, shape, ours, peer, float(nbytes), "GB/s")
+        tuned = getattr(mod, "_TUNED", None)  # rope: (BLOCK_T, BLOCK_H, warps) chosen at first call
+        cfg = str(list(tuned.values())[-1]) if tuned else None
+        b.add("elementwise", name, shape, ours, peer, float(nbytes), "GB/s", config=cfg)
 
 
 def print_table(rows: list[dict]) -> None:
