@@ -14,13 +14,18 @@
 #          max m in the log2 domain, sum l, unnormalised acc) to a workspace m, l: [B * Hq,
 #          NUM_SPLITS], acc: [B * Hq, NUM_SPLITS, BLOCK_D].  NUM_SPLITS == 1: the program
 #          normalises and writes out itself (no workspace, no pass 2).
-# Pass 2:  grid (B * Hq,): merges a row's non-empty splits, BLOCK_S at a time.  On sm90+ it is
-#          launched with programmatic dependent launch: resident before pass 1 ends, it waits
-#          (griddepcontrol.wait) before reading the workspace.
+# Merge, two kernels (pass 2): grid (B * Hq,): merges a row's non-empty splits, BLOCK_S at a
+#          time.  On sm90+ it is launched with programmatic dependent launch: resident before
+#          pass 1 ends, it waits (griddepcontrol.wait) before reading the workspace.
+# Merge, one kernel (FUSED): after its partials, a non-empty split takes a ticket (atomic add,
+#          acq_rel, gpu scope) on counter [b * Hk + kv head] of a persistent zeroed int32 buffer
+#          per device; the split drawing ticket n_valid - 1 (n_valid = cdiv(seq_lens[b], chunk)
+#          non-empty splits; split 0 when n_valid == 0) merges all heads of its group ([BLOCK_G,
+#          BLOCK_S] partials a step), writes out and resets the counter to 0 for the next launch.
 # Splits:  host side, from B * Hk, the SM count and max_seq_len (default S): >= 2 programs per SM,
 #          at most cdiv(max_seq_len, _MIN_CHUNK) and _MAX_SPLITS.  With tuning on, the first call
-#          per (B, Hk, bound, group, D, dtype) times a few split counts x configs (both passes, in
-#          a CUDA graph, at full length) and keeps the fastest.
+#          per (B, Hk, bound, group, D, dtype) times a few split counts x configs x both merges
+#          (in a CUDA graph, at full length) and keeps the fastest.
 from __future__ import annotations
 
 import functools
@@ -33,7 +38,8 @@ from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from kernels.checks import check_kv_cache
-from kernels.flash_common import online_softmax_pv, qk_scores
+from kernels.flash_common import (chunk_len, last_ticket, merge_splits, online_softmax_pv, qk_scores,
+                                  store_rows)
 from kernels.tuning import graph_ms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -41,15 +47,22 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
 _MIN_CHUNK = 16 if _INTERPRET else 32  # bounds the split count by max_seq_len
 _MAX_SPLITS = 256
-_REDUCE_BLOCK_S = 4 if _INTERPRET else 64  # splits merged per step of pass 2
+_REDUCE_BLOCK_S = 4 if _INTERPRET else 64  # splits merged per step (at most)
+_MERGE_REGS = 64  # fp32 partial elements per thread and step of the one-kernel merge
 _SKIP = (OutOfResources, CompileTimeAssertionFailure, PTXASError)  # configs the GPU cannot run
 
 
-def _configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16})]
-    shapes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (32, 4, 2), (32, 4, 4)]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
+def _with_fused(cfg: triton.Config, fused: bool = True) -> triton.Config:
+    """cfg with the merge of > 1 splits chosen: FUSED (one kernel, ticket counters) or pass 2."""
+    return triton.Config({**cfg.kwargs, "FUSED": fused}, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _configs(fused: bool = False) -> list[triton.Config]:
+    """Pass-1 configs with pass 2, and with fused the same again with the one-kernel merge."""
+    shapes = [(16, 4, 3)] if _INTERPRET else [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3),
+                                              (32, 4, 2), (32, 4, 4)]
+    base = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
+    return base + [_with_fused(c) for c in base] if fused else base
 
 
 def _default_config(dtype: torch.dtype) -> triton.Config:
@@ -57,12 +70,6 @@ def _default_config(dtype: torch.dtype) -> triton.Config:
     if _INTERPRET:
         return _configs()[0]
     return triton.Config({"BLOCK_N": 32 if dtype == torch.float32 else 64}, num_warps=4, num_stages=2)
-
-
-@triton.jit
-def _chunk_len(seq, NUM_SPLITS, ALIGN):
-    """Keys per split of a seq-key sequence: cdiv(seq, NUM_SPLITS) rounded up to ALIGN (>= ALIGN)."""
-    return tl.cdiv(tl.maximum(tl.cdiv(seq, NUM_SPLITS), 1), ALIGN) * ALIGN
 
 
 @triton.jit
@@ -85,11 +92,12 @@ def _decode_block(acc, l_i, m_i, q_ptrs, k_base, v_base, stride_ks, stride_vs, n
 
 @triton.jit
 def _attention_decode_kernel(
-    q_ptr, k_ptr, v_ptr, seqlen_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
+    q_ptr, k_ptr, v_ptr, seqlen_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, cnt_ptr,
     qk_scale, Hq, Hk, D, GROUP, NUM_SPLITS,
     sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP32: tl.constexpr,
+    UPCAST: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr, FUSED: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0) // Hk
     kvh = tl.program_id(0) % Hk
@@ -97,7 +105,7 @@ def _attention_decode_kernel(
     if PDL:  # pass 2 may become resident now; it waits for this grid before reading
         tl.extra.cuda.gdc_launch_dependents()
     seq = tl.load(seqlen_ptr + b)
-    chunk = _chunk_len(seq, NUM_SPLITS, BLOCK_N)
+    chunk = chunk_len(seq, NUM_SPLITS, BLOCK_N)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq)
     offs_h = tl.arange(0, BLOCK_H)
@@ -116,15 +124,21 @@ def _attention_decode_kernel(
                                       offs_n, offs_d, d_mask, D, qk_scale, IS_FP32, UPCAST)
 
     if DIRECT:  # the only split: normalise here (l == 0 for an empty sequence -> zeros)
-        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        o_ptrs = out_ptr + b.to(tl.int64) * so_b + (kvh * GROUP + offs_h)[:, None] * so_h + offs_d[None, :]
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=(offs_h < GROUP)[:, None] & d_mask[None, :])
-    else:  # partials; an empty split (lo >= seq) writes nothing, pass 2 reads non-empty ones only
+        store_rows(out_ptr, acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], b, kvh * GROUP, GROUP,
+                   so_b, so_h, D, BLOCK_H, BLOCK_D)
+    else:  # partials; an empty split (lo >= seq) writes nothing, the merge reads non-empty ones only
         h_mask = offs_h < tl.where(lo < seq, GROUP, 0)
         rows = (b * Hq + kvh * GROUP + offs_h).to(tl.int64) * NUM_SPLITS + split
         tl.store(ws_m_ptr + rows, m_i, mask=h_mask)
         tl.store(ws_l_ptr + rows, l_i, mask=h_mask)
         tl.store(ws_acc_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], acc, mask=h_mask[:, None])
+        if FUSED:
+            n_valid = tl.cdiv(seq, chunk)
+            if last_ticket(cnt_ptr + tl.program_id(0), split, n_valid):
+                tl.store(cnt_ptr + tl.program_id(0), 0)  # all tickets drawn: ready for the next launch
+                o = merge_splits(ws_m_ptr, ws_l_ptr, ws_acc_ptr, b * Hq + kvh * GROUP, GROUP, n_valid,
+                                 NUM_SPLITS, BLOCK_G, BLOCK_S, BLOCK_D)
+                store_rows(out_ptr, o, b, kvh * GROUP, GROUP, so_b, so_h, D, BLOCK_G, BLOCK_D)
 
 
 @triton.jit
@@ -135,30 +149,11 @@ def _attention_decode_reduce_kernel(
     row = tl.program_id(0)
     b = row // Hq
     seq = tl.load(seqlen_ptr + b)  # written before pass 1 started: safe to read before the wait
-    n_valid = tl.cdiv(seq, _chunk_len(seq, NUM_SPLITS, ALIGN))  # splits holding >= 1 key
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    base = row.to(tl.int64) * NUM_SPLITS
-    m_run = tl.max(tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32), axis=0)  # fp32 scalars
-    l_run = tl.sum(tl.zeros((BLOCK_S,), dtype=tl.float32), axis=0)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    n_valid = tl.cdiv(seq, chunk_len(seq, NUM_SPLITS, ALIGN))  # splits holding >= 1 key
     if PDL:
         tl.extra.cuda.gdc_wait()
-    for s0 in range(0, n_valid, BLOCK_S):
-        s_mask = s0 + offs_s < n_valid
-        m = tl.load(ws_m_ptr + base + s0 + offs_s, mask=s_mask, other=float("-inf"))
-        l = tl.load(ws_l_ptr + base + s0 + offs_s, mask=s_mask, other=0.0)
-        part = tl.load(ws_acc_ptr + (base + s0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-                       mask=s_mask[:, None], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, axis=0))  # finite: split s0 holds >= 1 key
-        alpha = tl.exp2(m_run - m_new)
-        w = tl.exp2(m - m_new)
-        l_run = l_run * alpha + tl.sum(w * l, axis=0)
-        acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
-        m_run = m_new
-    out = acc / tl.where(l_run > 0.0, l_run, 1.0)  # no valid split -> zeros
-    tl.store(out_ptr + b.to(tl.int64) * so_b + (row % Hq) * so_h + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+    o = merge_splits(ws_m_ptr, ws_l_ptr, ws_acc_ptr, row, 1, n_valid, NUM_SPLITS, 1, BLOCK_S, BLOCK_D)
+    store_rows(out_ptr, o, b, row % Hq, 1, so_b, so_h, D, 1, BLOCK_D)
 
 
 @functools.cache
@@ -179,29 +174,50 @@ def _split_plan(sms: int, B: int, Hk: int, max_len: int) -> int:
 
 
 def _split_candidates(sms: int, B: int, Hk: int, max_len: int) -> list[int]:
-    """Split counts the first-call tuning times: half, once and twice the default (capped)."""
+    """Split counts the first-call tuning times: 1/4 (for the one-kernel merge), 1/2, 1, 2 x default."""
     s = _split_plan(sms, B, Hk, max_len)
-    return sorted({max(1, s // 2), s, max(s, min(2 * s, _split_cap(max_len)))})
+    return sorted({max(1, s // 4), max(1, s // 2), s, max(s, min(2 * s, _split_cap(max_len)))})
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # one-kernel merge tickets, zero between launches
+_OUTGROWN: list[torch.Tensor] = []  # replaced buffers stay alive: graphs captured on them replay
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """>= n zeroed ticket counters on device; None if they would need allocating in a capture."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None  # a memset node in the graph would hide the missing reset; two kernels
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        buf = _COUNTERS[device] = torch.zeros(max(2 * n, 1024), device=device, dtype=torch.int32)
+    return buf
 
 
 def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: triton.Config,
             out: torch.Tensor) -> None:
-    """Pass 1 (and pass 2 when splits > 1) with the given split count and config, into out."""
+    """Pass 1 (and pass 2 when splits > 1, unless merged in one kernel) with the given split count
+    and config (FUSED in its kwargs: the one-kernel merge), into out."""
     B, Hq, D = q.shape
     Hk = k_cache.shape[1]
     block_h, block_d = max(16, triton.next_power_of_2(Hq // Hk)), max(16, triton.next_power_of_2(D))
+    cnt = _counters(q.device, B * Hk) if splits > 1 and cfg.kwargs.get("FUSED") else None
     n = B * Hq * splits  # workspace, one allocation: acc [n, block_d] | m [n] | l [n]
     ws = torch.empty(n * (block_d + 2) if splits > 1 else 0, device=q.device, dtype=torch.float32)
     ws_acc, ws_m, ws_l = (out, out, out) if splits == 1 else (ws[: n * block_d], ws[n * block_d: -n], ws[-n:])
-    pdl = splits > 1 and q.is_cuda and not _INTERPRET and _gpu(q.device.index or 0)[1]
+    pdl = splits > 1 and cnt is None and q.is_cuda and not _INTERPRET and _gpu(q.device.index or 0)[1]
+    block_s = min(triton.next_power_of_2(splits), _REDUCE_BLOCK_S)
+    block_g = triton.next_power_of_2(Hq // Hk) if cnt is not None else 1
+    merge_s = min(block_s, max(1, _MERGE_REGS * 32 * cfg.num_warps // (block_g * block_d)))
     _attention_decode_kernel[(B * Hk, splits)](
-        q, k_cache, v_cache, seq_lens, out, ws_m, ws_l, ws_acc, float(scale) * _LOG2E,
-        Hq, Hk, D, Hq // Hk, splits, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
-        *out.stride()[:2], BLOCK_H=block_h, BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32,
-        UPCAST=_INTERPRET and q.dtype == torch.bfloat16, DIRECT=splits == 1, PDL=pdl,
-        **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if splits > 1:
-        block_s = min(triton.next_power_of_2(splits), _REDUCE_BLOCK_S)
+        q, k_cache, v_cache, seq_lens, out, ws_m, ws_l, ws_acc, seq_lens if cnt is None else cnt,
+        float(scale) * _LOG2E, Hq, Hk, D, Hq // Hk, splits, *q.stride()[:2], *k_cache.stride()[:3],
+        *v_cache.stride()[:3], *out.stride()[:2], BLOCK_H=block_h, BLOCK_N=cfg.kwargs["BLOCK_N"],
+        BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32, UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        DIRECT=splits == 1, PDL=pdl, FUSED=cnt is not None, BLOCK_G=block_g, BLOCK_S=merge_s,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1 and cnt is None:
         _attention_decode_reduce_kernel[(B * Hq,)](
             ws_m, ws_l, ws_acc, seq_lens, out, splits, cfg.kwargs["BLOCK_N"], Hq, D, *out.stride()[:2],
             BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl,
@@ -210,13 +226,13 @@ def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: trito
 
 def _tune(q, k_cache, v_cache, scale: float, max_len: int, candidates: list[int],
           timer=graph_ms) -> tuple[int, triton.Config] | None:
-    """Time every (split count, config) on full-length sequences; return the fastest (None: none ran)."""
+    """Time every (split count, config, merge) at full length; return the fastest (None: none ran)."""
     B, Hq, D = q.shape
     seq = torch.full((B,), max_len, device=q.device, dtype=torch.int32)  # not the warm-up's lengths
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
     best = (float("inf"), None)
     for splits in candidates:
-        for cfg in _configs():
+        for cfg in _configs(fused=splits > 1):
             try:
                 ms = timer(lambda s=splits, c=cfg: _launch(q, k_cache, v_cache, seq, scale, s, c, out))
             except _SKIP:
@@ -226,7 +242,7 @@ def _tune(q, k_cache, v_cache, scale: float, max_len: int, candidates: list[int]
     return best[1]
 
 
-# (B, Hk, bound, group, D, dtype) -> (split count, config); later calls skip the tuning
+# (B, Hk, bound, group, D, dtype) -> (split count, config incl. FUSED); later calls skip the tuning
 _TUNED: dict[tuple, tuple[int, triton.Config]] = {}
 
 
@@ -271,7 +287,7 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, max_seq_len: int | None = None,
-                     *, num_splits: int | None = None) -> torch.Tensor:
+                     *, num_splits: int | None = None, fused: bool | None = None) -> torch.Tensor:
     """Split-KV (flash-decoding) GQA attention of one query token per sequence.
 
     q: [B, Hq, D] (unit stride along D), k_cache/v_cache: [B, Hk, S, D],
@@ -279,6 +295,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     max_seq_len: optional host-side bound on seq_lens that sizes the split count (default S;
     no device sync either way; lengths above it stay correct, just less parallel).
     num_splits: force the split count (1.._MAX_SPLITS; tests, benchmarks) with the default config.
+    fused: force the merge of > 1 splits: in pass 1 via ticket counters (True) or by pass 2
+    (False); None: the plan's (forced num_splits: pass 2).
     Returns a new contiguous [B, Hq, D] tensor in q's dtype.
     """
     _check(q, k_cache, v_cache, seq_lens)
@@ -294,6 +312,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         splits, cfg = num_splits, _default_config(q.dtype)
     else:
         splits, cfg = _plan(q, k_cache, v_cache, scale, max_len)
+    if fused is not None:
+        cfg = _with_fused(cfg, fused)
     _launch(q, k_cache, v_cache, seq_lens, scale, splits, cfg, out)
     return out
 

@@ -192,10 +192,13 @@ DECODE_CASES = [  # B, Hq, Hk, D, S, seq_lens  (GQA ratios 1..8, lengths 0 and 1
     (2, 8, 1, 64, 130, [130, 77]),
     (1, 6, 2, 32, 50, [0]),
     (4, 3, 3, 16, 33, [1, 0, 33, 17]),
+    (2, 12, 2, 48, 45, [45, 29]),
 ]
-# (max_seq_len, num_splits): bound = S, the true max, one below the lengths; forced 1 split
-# (pass 1 writes out), 3 splits, and 9 (more non-empty splits than pass 2 merges per step)
-DECODE_PLANS = [(None, None), ("max", None), (16, None), (None, 1), (None, 3), (None, 9)]
+# (max_seq_len, num_splits, fused): bound = S, the true max, one below the lengths; forced 1
+# split (pass 1 writes out), 3 splits, and 9 (more non-empty splits than a merge step takes);
+# merged by pass 2 or in pass 1 by the program drawing a group's last ticket (fused)
+DECODE_PLANS = [(None, None, None), ("max", None, None), (16, None, None), (None, 1, None),
+                (None, 3, False), (None, 9, False), (None, 3, True), (None, 9, True), ("max", None, True)]
 
 
 def _decode_inputs(B, Hq, Hk, D, S, seq_lens, dtype):
@@ -213,12 +216,12 @@ def test_attention_decode(case: tuple, dtype: torch.dtype) -> None:
     q, k, v, sl = _decode_inputs(*case, dtype)
     scale = D ** -0.5
     ref = attention_decode_ref(q, k, v, sl, scale)
-    for max_len, splits in DECODE_PLANS:
+    for max_len, splits, fused in DECODE_PLANS:
         max_len = max(seq_lens) if max_len == "max" else max_len
-        out = attention_decode(q, k, v, sl, scale, max_seq_len=max_len, num_splits=splits)
+        out = attention_decode(q, k, v, sl, scale, max_seq_len=max_len, num_splits=splits, fused=fused)
         assert out.shape == (B, Hq, D) and out.dtype == dtype
         if max(seq_lens) > 0:
-            assert rel_err(out, ref) < TOL[dtype], (max_len, splits)
+            assert rel_err(out, ref) < TOL[dtype], (max_len, splits, fused)
         for b, n in enumerate(seq_lens):
             if n == 0:
                 assert bool((out[b] == 0).all())
@@ -230,26 +233,58 @@ def test_attention_decode_split_plan() -> None:
     assert _split_plan(132, 1, 4, 3 * _MIN_CHUNK) == 3  # no split shorter than _MIN_CHUNK
     assert _split_plan(132, 1, 4, 0) == 1 and _split_plan(132, 64, 8, 32768) == 1
     assert _split_plan(132, 1, 1, 1 << 20) == _MAX_SPLITS
-    assert _split_candidates(132, 1, 4, 4096) == [33, 66, min(132, 4096 // _MIN_CHUNK)]
+    assert _split_candidates(132, 1, 4, 4096) == [16, 33, 66, min(132, 4096 // _MIN_CHUNK)]
     assert _split_candidates(132, 64, 8, 32768) == [1, 2]
 
 
-def test_attention_decode_tune_picks_fastest() -> None:
-    """The first-call tuning times (split count, config) pairs and keeps the fastest."""
+@pytest.mark.parametrize("fastest", [(4, False), (9, True)])
+def test_attention_decode_tune_picks_fastest(fastest: tuple) -> None:
+    """The first-call tuning times (split count, config, merge) and keeps the fastest."""
     from kernels.attention_decode import _launch, _tune
     q, k, v, sl = _decode_inputs(2, 8, 2, 64, 70, [70, 16], torch.float16)
     timed = []
 
-    def timer(fn):  # fake times by split count (the lambda's first default)
+    def timer(fn):  # fake times by (split count, merge in one kernel): the lambda's defaults
         fn()
-        timed.append(fn.__defaults__[0])
-        return {1: 3.0, 4: 1.0, 9: 2.0}[fn.__defaults__[0]]
+        splits, cfg = fn.__defaults__
+        timed.append((splits, bool(cfg.kwargs.get("FUSED"))))
+        return 1.0 if timed[-1] == fastest else 2.0 + splits
 
     splits, cfg = _tune(q, k, v, 0.125, 70, [1, 4, 9], timer=timer)
-    assert set(timed) == {1, 4, 9} and splits == 4
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    assert set(timed) == {(1, False), (4, False), (4, True), (9, False), (9, True)}
+    assert (splits, bool(cfg.kwargs.get("FUSED"))) == fastest
+    out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
     _launch(q, k, v, sl, 0.125, splits, cfg, out)
     assert rel_err(out, attention_decode_ref(q, k, v, sl, 0.125)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_decode_one_kernel_merge(dtype: torch.dtype) -> None:
+    """The one-kernel path (the program drawing a group's last ticket merges it) into a NaN-filled
+    out: empty sequences give zeros, partly empty split sets merge their non-empty splits only,
+    and every launch leaves the counters at zero, so the next launch (reusing them) is right."""
+    from kernels.attention_decode import _COUNTERS, _default_config, _launch, _with_fused
+    cfg = _with_fused(_default_config(dtype))
+    for case in [(3, 8, 2, 64, 100, [100, 0, 37]), (4, 10, 2, 32, 40, [1, 17, 0, 40])]:
+        B, Hq, Hk, D, S, seq_lens = case
+        q, k, v, sl = _decode_inputs(*case, dtype)
+        ref = attention_decode_ref(q, k, v, sl, D ** -0.5)
+        for splits in (3, 9, 9):  # the repeated 9 reuses the counters the first one left
+            out = torch.full((B, Hq, D), float("nan"), device=DEV, dtype=dtype)
+            _launch(q, k, v, sl, D ** -0.5, splits, cfg, out)
+            assert rel_err(out, ref) < TOL[dtype], (case, splits)
+            assert all(bool((out[b] == 0).all()) for b, n in enumerate(seq_lens) if n == 0)
+            assert not bool(_COUNTERS[q.device].any())
+
+
+def test_attention_decode_counters_grow() -> None:
+    """Counters grow by a fresh zeroed buffer; the outgrown one stays alive for captured graphs."""
+    from kernels.attention_decode import _COUNTERS, _OUTGROWN, _counters
+    dev = torch.device(DEV) if DEV != "cuda" else torch.device("cuda", torch.cuda.current_device())
+    small = _counters(dev, 4)
+    big = _counters(dev, small.numel() + 1)
+    assert big.numel() > small.numel() and not bool(big.any()) and _COUNTERS[dev] is big
+    assert any(t is small for t in _OUTGROWN) and _counters(dev, 4) is big
 
 
 def test_attention_decode_bad_inputs() -> None:
@@ -339,3 +374,28 @@ def test_attention_decode_tuned_and_graph_replay() -> None:
         sl.copy_(torch.tensor(lens, dtype=torch.int32))
         graph.replay()
         assert rel_err(static, attention_decode_ref(q, k, v, sl, sc)) < TOL[torch.bfloat16], lens
+
+
+@needs_cuda
+def test_attention_decode_one_kernel_graph_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph captured with the one-kernel merge, replayed several times at other lengths (every
+    replay starts from the counters the previous one reset); a capture that would have to
+    allocate the counters falls back to pass 2 instead."""
+    import kernels.attention_decode as mod
+    S, sc = 4096, 128 ** -0.5
+    q, k, v, sl = _decode_inputs(2, 28, 4, 128, S, [S, 1000], torch.bfloat16)
+    for fresh in (False, True):
+        run = lambda f=True: attention_decode(q, k, v, sl, sc, max_seq_len=S, num_splits=16, fused=f)  # noqa: E731
+        run(), run(False)  # compile both paths and allocate the counters outside the capture
+        if fresh:
+            monkeypatch.setattr(mod, "_COUNTERS", {})
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = run()
+        for lens in ([1, 0], [300, 4095], [0, 0], [S, 2], [17, S]) * 2:
+            sl.copy_(torch.tensor(lens, dtype=torch.int32))
+            graph.replay()
+            assert rel_err(static, attention_decode_ref(q, k, v, sl, sc)) < TOL[torch.bfloat16], (fresh, lens)
+            assert all(bool((static[b] == 0).all()) for b, n in enumerate(lens) if n == 0)
+        torch.cuda.synchronize()
+        assert (not mod._COUNTERS) if fresh else not bool(mod._COUNTERS[q.device].any())
