@@ -219,7 +219,9 @@ def test_rope_tunes_once_per_bucket_and_caches(monkeypatch: pytest.MonkeyPatch):
     from kernels import rope
     monkeypatch.setattr(rope, "_TUNED", {})
     monkeypatch.setattr(rope, "_tunable", lambda q: True)  # as on CUDA outside a capture
-    calls, fastest = [], rope._candidates(10, 4, 32, 4, 1)[2]
+    sms = rope._num_sms(0) if torch.cuda.is_available() else 1  # what apply_rope_ plans with
+    cands = rope._candidates(10, 4, 32, 4, sms)
+    calls, fastest = [], cands[2]
 
     def fake_graph_ms(fn):
         calls.append(fn.__defaults__[0])
@@ -232,7 +234,7 @@ def test_rope_tunes_once_per_bucket_and_caches(monkeypatch: pytest.MonkeyPatch):
         apply_rope_(q, k, cos, sin, pos)
         close(q, q_ref, torch.float32)
         close(k, k_ref, torch.float32)
-    assert calls == rope._candidates(10, 4, 32, 4, 1)
+    assert calls == cands
     assert rope._TUNED == {(16, 3, 1, 64, torch.float32): fastest}
 
 
