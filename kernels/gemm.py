@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kernels import gemm_tma
 from kernels.mma import mma_nt
-from kernels.tuning import bench_ms
+from kernels.tuning import bench_ms, fastest
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -125,24 +125,15 @@ def _candidates(x: torch.Tensor, tma_ok: bool) -> list[triton.Config]:
 def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None],
           out: torch.Tensor) -> triton.Config:
     """Time every candidate (writing into out); return the fastest whose output agrees with the first's."""
-    if len(cands) == 1:
-        return cands[0]
-    best, best_ms, ref = None, float("inf"), None
-    for cfg in cands:
-        try:
-            ms = bench_ms(lambda: run(cfg))
-        except Exception:  # noqa: BLE001 - e.g. out of shared memory: skip this config
-            continue
+    ref: list[torch.Tensor] = []
+
+    def agrees(_cfg: triton.Config) -> bool:
         probe = torch.nan_to_num(out[::_PROBE[0], ::_PROBE[1]].float())
-        if ref is None:
-            ref = probe
-        elif (probe - ref).norm() > _AGREE * ref.norm():
-            continue  # a wrong result (miscompile): never pick it
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:
-        raise RuntimeError("gemm: no candidate config could be compiled")
-    return best
+        if not ref:
+            ref.append(probe)
+        return bool((probe - ref[0]).norm() <= _AGREE * ref[0].norm())  # else a miscompile: never pick it
+
+    return fastest(cands, run, bench_ms, accept=agrees, name="gemm")
 
 
 # (M bucket, N, K, dtype, has_bias[, "pointer"]) -> tuned config; "pointer" marks calls on a

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from kernels.gemm import check_linear_inputs
 from kernels.mma import mma_nt
-from kernels.tuning import graph_ms
+from kernels.tuning import fastest, graph_ms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -195,20 +195,9 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
 
 
 def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None]) -> triton.Config:
-    """Time every candidate (both kernels) and return the fastest."""
-    if len(cands) == 1:
-        return cands[0]
-    best, best_ms = None, float("inf")
-    for cfg in cands:
-        try:
-            ms = graph_ms(lambda: run(cfg))  # decode steps replay as CUDA graphs: no launch overhead
-        except Exception:  # noqa: BLE001 - e.g. out of shared memory: skip this config
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:
-        raise RuntimeError("gemv: no candidate config could be compiled")
-    return best
+    """Time every candidate (both kernels) and return the fastest; decode steps replay as CUDA
+    graphs, so the timing does too (no launch overhead)."""
+    return fastest(cands, run, graph_ms, name="gemv")
 
 
 # (M bucket, N, K, dtype, has_bias) -> tuned config

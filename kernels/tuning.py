@@ -43,3 +43,27 @@ def graph_ms(fn, calls: int = 10) -> float:
             graph.capture_end()
     torch.cuda.current_stream().wait_stream(stream)
     return bench_ms(graph.replay, warmup=2, rep=5) / calls
+
+
+def fastest(cands: list, run, timer, accept=None, name: str = "kernel"):
+    """The candidate config whose ``run(cfg)`` ``timer`` measures fastest.
+
+    A candidate that fails (e.g. out of shared memory) is skipped, and so is one that
+    ``accept(cfg)``, called right after its timing, rejects. A single candidate is returned
+    untimed; none left raises RuntimeError.
+    """
+    if len(cands) == 1:
+        return cands[0]
+    best, best_ms = None, float("inf")
+    for cfg in cands:
+        try:
+            ms = timer(lambda: run(cfg))
+        except Exception:  # noqa: BLE001 - a config this GPU cannot run: skip it
+            continue
+        if accept is not None and not accept(cfg):
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"{name}: no candidate config could be compiled")
+    return best
