@@ -129,6 +129,9 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
                    prefill_over_bound=pre / max(bound, compute_bound))
     res["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
     res["within_budget"] = budget is None or res["peak_vram_bytes"] <= budget
+    # what the process holds from the driver (allocated + the allocator's cache): also the budget's
+    res["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    res["reserved_within_budget"] = budget is None or res["peak_reserved_bytes"] <= budget
     if spans:
         name = f"{args.tag}-trace-b{batch}-{format_size(budget or 0).replace(' ', '')}.json"
         write_chrome_trace(spans, out_dir / name)
