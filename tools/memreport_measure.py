@@ -79,8 +79,9 @@ def measure_vram(engine, after_load: dict[str, int], after_warmup: dict[str, int
     jump = after_warmup["peak_allocated"] - peak
     if jump > 16 << 20:
         notes.append(f"the warm-up pass peaked {jump / 2**20:.0f} MiB higher ({after_warmup['peak_allocated'] / 2**30:.2f}"
-                     " GiB): first-call kernel JIT/autotuning (triton's do_bench allocates a 256 MB L2-flush buffer); "
-                     "a budget sized to the steady state can run out of memory on the first call")
+                     " GiB): the kernels' first-call tuning (an L2-sized flush buffer and the timing graphs, "
+                     "inside the planner's 64 MiB allocator allowance); a budget sized to the steady state alone "
+                     "can run out of memory on the first call")
     if proc is None:
         notes.append(f"per-process GPU memory unavailable ({why}): CUDA context and other processes are "
                      "shown together as device used - torch reserved")

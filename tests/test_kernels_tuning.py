@@ -1,0 +1,46 @@
+"""Tests for the tuners' shared timing (kernels/tuning.py) and ticket counters (kernels/tickets.py)."""
+from __future__ import annotations
+
+import torch
+
+from kernels import tickets, tuning
+from tests.kernel_utils import DEV, needs_cuda
+
+
+def test_fits_l2_is_false_off_cuda() -> None:
+    assert not tuning.fits_l2(1, torch.device("cpu"))
+
+
+@needs_cuda
+def test_fits_l2_against_the_device_cache() -> None:
+    dev = torch.device("cuda", torch.cuda.current_device())
+    l2 = tuning.l2_bytes(dev.index)
+    assert l2 > 0 and tuning.fits_l2(l2, dev) and not tuning.fits_l2(2 * l2, dev)
+
+
+def test_counters_grow_and_keep_the_outgrown() -> None:
+    """Counters grow by a fresh zeroed buffer; the outgrown one stays alive for captured graphs;
+    each user gets buffers of its own."""
+    dev = torch.device(DEV) if DEV != "cuda" else torch.device("cuda", torch.cuda.current_device())
+    small = tickets.counters(dev, 4, "test")
+    big = tickets.counters(dev, small.numel() + 1, "test")
+    assert big.numel() > small.numel() and not bool(big.any()) and tickets._COUNTERS[(dev, "test")] is big
+    assert any(t is small for t in tickets._OUTGROWN) and tickets.counters(dev, 4, "test") is big
+    assert tickets.counters(dev, 4, "other") is not big
+
+
+@needs_cuda
+def test_cold_graph_timing_reads_from_hbm_and_releases_memory() -> None:
+    """A sum over 16 MB (fits the L2 of an H100/H200) timed cold (after an L2-sized read) takes
+    longer than timed hot, and no graph pool or flush buffer stays reserved afterwards."""
+    x = torch.randn(4 << 20, device="cuda")
+    out = torch.empty((), device="cuda")
+    fn = lambda: torch.sum(x, dim=0, out=out)  # noqa: E731
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    reserved = torch.cuda.memory_reserved()
+    hot = tuning.graph_ms(fn, calls=20)
+    cold = tuning.graph_ms(fn, calls=20, cold=True)
+    assert 0.0 < hot < cold, (hot, cold)
+    assert torch.cuda.memory_reserved() == reserved, (torch.cuda.memory_reserved(), reserved)
