@@ -6,7 +6,7 @@ accumulator [BLOCK_M, BLOCK_D], all fp32. Scores are in log2 units (log2(e) fold
 the scale by the callers) so the update uses exp2.
 
 Split-KV (flash-decoding) helpers of kernels/attention_decode.py: the chunk of keys per split,
-the ticket that elects a group's merging program, the merge of the fp32 partials in the workspace
+the merge of the fp32 partials in the workspace
 (m, l: [rows, NUM_SPLITS], acc: [rows, NUM_SPLITS, BLOCK_D]) and the store of finished rows.
 """
 
@@ -88,16 +88,3 @@ def store_rows(out_ptr, o, b, h0, n, so_b, so_h, D, BLOCK_R: tl.constexpr, BLOCK
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = out_ptr + b.to(tl.int64) * so_b + (h0 + offs_r)[:, None] * so_h + offs_d[None, :]
     tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=(offs_r < n)[:, None] & (offs_d < D)[None, :])
-
-
-@triton.jit
-def last_ticket(cnt_ptr, split, n_valid):
-    """Whether this program merges its group: the one of the n_valid non-empty splits that draws
-    the last ticket (split 0 if there is none). The debug barrier orders every thread's partial
-    stores before the atomic, which one thread issues (its result is broadcast to all); acq_rel
-    at gpu scope releases them and, in the merger, acquires those of all the earlier tickets."""
-    last = (n_valid == 0) & (split == 0)
-    if split < n_valid:
-        tl.debug_barrier()
-        last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == n_valid - 1
-    return last

@@ -19,12 +19,16 @@
 #                  SWAP_AB=1: acc[BLOCK_N, BLOCK_M] = w_tile @ x.T (BLOCK_N = 64/128
 #                             weight rows are the MMA's M, wgmma-eligible on
 #                             Hopper), transposed in registers before the store.
-#          SPLIT_K > 1 adds parallelism for small N; a second kernel sums the
-#          fp32 partials, adds the bias and casts.  The config (SWAP_AB,
+#          SPLIT_K > 1 adds parallelism for small N; the last program of each N
+#          block to finish (kernels/tickets.py) sums the fp32 partials, adds the
+#          bias and casts; a second kernel does it where the tuned config has no
+#          TICKET, or the counters would have to be allocated inside a CUDA-graph
+#          capture (on the H100 the ticket beat the second kernel by 0.4-0.5 us).  The config (SWAP_AB,
 #          BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) is tuned per (M bucket, N,
 #          K, dtype, bias) on first use over both operand orders, timing both
 #          kernels together replayed from a CUDA graph, as decode steps run (eager
-#          timing charged split-K its second launch); KERNELS_AUTOTUNE=0 skips the
+#          timing charged split-K its second launch), after an L2 flush where the
+#          weight could stay in the L2 (kernels.tuning); KERNELS_AUTOTUNE=0 skips the
 #          timing and uses a fixed default; the interpreter uses one config.
 #          fp32 dots use input_precision="ieee"; under the CPU interpreter bf16
 #          tiles are upcast first (UPCAST: it multiplies bf16 as raw bits).
@@ -40,7 +44,8 @@ import triton.language as tl
 
 from kernels.gemm import check_linear_inputs
 from kernels.mma import mma_nt
-from kernels.tuning import fastest, graph_ms
+from kernels.tickets import counters, last_ticket
+from kernels.tuning import fastest, fits_l2, graph_ms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -53,9 +58,11 @@ _SPLITS = (1, 2, 4, 8)
 _SMEM_BYTES = 227 * 1024  # largest opt-in shared memory per block (H100/H200)
 
 
-def _cfg(bn: int, bk: int, sk: int, swap: bool, warps: int = 4, stages: int = 1) -> triton.Config:
-    """One launch config; SWAP_AB only matters for M >= 2."""
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SWAP_AB": swap},
+def _cfg(bn: int, bk: int, sk: int, swap: bool, warps: int = 4, stages: int = 1,
+         ticket: bool = False) -> triton.Config:
+    """One launch config; SWAP_AB only matters for M >= 2, TICKET (split-K partials summed by
+    the last program of each N block instead of a second kernel) for SPLIT_K > 1."""
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SWAP_AB": swap, "TICKET": ticket},
                          num_warps=warps, num_stages=stages)
 
 
@@ -79,11 +86,11 @@ def _load_tiles(w_ptrs, x_ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, TICKET: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -130,6 +137,26 @@ def _gemv_kernel(
     else:
         ws_ptrs = ws_ptr + (tl.program_id(1) * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
         tl.store(ws_ptrs, acc, mask=out_mask)
+        if TICKET:  # the last of the N block's SPLIT_K programs sums the partials (no 2nd kernel)
+            if last_ticket(cnt_ptr + tl.program_id(0), tl.program_id(1), SPLIT_K):
+                tl.store(cnt_ptr + tl.program_id(0), 0)
+                _finish_split_k(ws_ptr, b_ptr, out_ptr, offs_m, offs_n, rows_w, M, N, stride_om,
+                                out_mask, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _finish_split_k(ws_ptr, b_ptr, out_ptr, offs_m, offs_n, rows_w, M, N, stride_om, out_mask,
+                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """out tile = sum of the SPLIT_K fp32 partial tiles (read at L2: .cg) + bias."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        ptrs = ws_ptr + (s * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        acc += tl.load(ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows_w).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -171,7 +198,7 @@ def _candidates(block_m: int, N: int, K: int, esize: int, sms: int) -> list[trit
         for sk in _SPLITS:
             if sk > 1 and (triton.cdiv(N, bn) * sk > 6 * sms or triton.cdiv(K, bk) < 2 * sk):
                 continue
-            out.append(_cfg(bn, bk, sk, swap, warps, stages))
+            out.append(_cfg(bn, bk, sk, swap, warps, stages, ticket=sk > 1))
     return out
 
 
@@ -181,23 +208,26 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
     bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
     ws = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if sk > 1 else out
     b = bias if bias is not None else w
-    _gemv_kernel[(triton.cdiv(N, bn), sk)](
-        x, w, b, out, ws, M, N, K, x.stride(0), w.stride(0), out.stride(0),
+    grid_n = triton.cdiv(N, bn)
+    cnt = counters(x.device, grid_n, "gemv") if sk > 1 and cfg.kwargs.get("TICKET") else None
+    _gemv_kernel[(grid_n, sk)](
+        x, w, b, out, ws, out if cnt is None else cnt, M, N, K, x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m,
         BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, EVEN_K=K % bk == 0,
-        SWAP_AB=cfg.kwargs.get("SWAP_AB", False),
+        SWAP_AB=cfg.kwargs.get("SWAP_AB", False), TICKET=cnt is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if sk > 1:
+    if sk > 1 and cnt is None:
         _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
             ws, b, out, M, N, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=sk,
             BLOCK=1024, num_warps=4)
 
 
-def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None]) -> triton.Config:
+def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None], cold: bool = False) -> triton.Config:
     """Time every candidate (both kernels) and return the fastest; decode steps replay as CUDA
-    graphs, so the timing does too (no launch overhead)."""
-    return fastest(cands, run, graph_ms, name="gemv")
+    graphs, so the timing does too (no launch overhead). cold: a weight that fits the L2 is
+    read from HBM in each timed call, as a decode step reads it (kernels.tuning.graph_ms)."""
+    return fastest(cands, run, functools.partial(graph_ms, cold=cold), name="gemv")
 
 
 # (M bucket, N, K, dtype, has_bias) -> tuned config
@@ -217,7 +247,7 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
         cands = _candidates(block_m, N, K, x.element_size(), sms)
         if os.environ.get("KERNELS_AUTOTUNE", "1") == "0" and len(cands) > 1:
             cands = [_DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT]
-        cfg = _pick(cands, lambda c: _launch(c, x, w, bias, out, block_m))
+        cfg = _pick(cands, lambda c: _launch(c, x, w, bias, out, block_m), fits_l2(w.nbytes, w.device))
         _TUNED[key] = cfg
     return cfg
 

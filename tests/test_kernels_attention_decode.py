@@ -103,7 +103,8 @@ def test_attention_decode_one_kernel_merge(dtype: torch.dtype) -> None:
     """The one-kernel path (the program drawing a group's last ticket merges it) into a NaN-filled
     out: empty sequences give zeros, partly empty split sets merge their non-empty splits only,
     and every launch leaves the counters at zero, so the next launch (reusing them) is right."""
-    from kernels.attention_decode import _COUNTERS, _default_config, _launch, _with_fused
+    from kernels.attention_decode import _default_config, _launch, _with_fused
+    from kernels.tickets import _COUNTERS
     cfg = _with_fused(_default_config(dtype))
     for case in [(3, 8, 2, 64, 100, [100, 0, 37]), (4, 10, 2, 32, 40, [1, 17, 0, 40])]:
         B, Hq, Hk, D, S, seq_lens = case
@@ -114,17 +115,7 @@ def test_attention_decode_one_kernel_merge(dtype: torch.dtype) -> None:
             _launch(q, k, v, sl, D ** -0.5, splits, cfg, out)
             assert rel_err(out, ref) < TOL[dtype], (case, splits)
             assert all(bool((out[b] == 0).all()) for b, n in enumerate(seq_lens) if n == 0)
-            assert not bool(_COUNTERS[q.device].any())
-
-
-def test_attention_decode_counters_grow() -> None:
-    """Counters grow by a fresh zeroed buffer; the outgrown one stays alive for captured graphs."""
-    from kernels.attention_decode import _COUNTERS, _OUTGROWN, _counters
-    dev = torch.device(DEV) if DEV != "cuda" else torch.device("cuda", torch.cuda.current_device())
-    small = _counters(dev, 4)
-    big = _counters(dev, small.numel() + 1)
-    assert big.numel() > small.numel() and not bool(big.any()) and _COUNTERS[dev] is big
-    assert any(t is small for t in _OUTGROWN) and _counters(dev, 4) is big
+            assert not bool(_COUNTERS[(q.device, "attention_decode")].any())
 
 
 def test_attention_decode_bad_inputs() -> None:
@@ -186,7 +177,7 @@ def test_attention_decode_one_kernel_graph_replay(monkeypatch: pytest.MonkeyPatc
     """A graph captured with the one-kernel merge, replayed several times at other lengths (every
     replay starts from the counters the previous one reset); a capture that would have to
     allocate the counters falls back to pass 2 instead."""
-    import kernels.attention_decode as mod
+    import kernels.tickets as mod
     S, sc = 4096, 128 ** -0.5
     q, k, v, sl = _decode_inputs(2, 28, 4, 128, S, [S, 1000], torch.bfloat16)
     for fresh in (False, True):
@@ -203,4 +194,5 @@ def test_attention_decode_one_kernel_graph_replay(monkeypatch: pytest.MonkeyPatc
             assert rel_err(static, attention_decode_ref(q, k, v, sl, sc)) < TOL[torch.bfloat16], (fresh, lens)
             assert all(bool((static[b] == 0).all()) for b, n in enumerate(lens) if n == 0)
         torch.cuda.synchronize()
-        assert (not mod._COUNTERS) if fresh else not bool(mod._COUNTERS[q.device].any())
+        key = (q.device, "attention_decode")
+        assert (key not in mod._COUNTERS) if fresh else not bool(mod._COUNTERS[key].any())

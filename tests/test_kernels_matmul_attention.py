@@ -67,11 +67,12 @@ def test_gemm_and_gemv_direct(dtype: torch.dtype) -> None:
         assert rel_err(gemm(x, w, bias), gemm_ref(x, w, bias)) < TOL[dtype]
 
 
-def _gemv_config(swap_ab: bool, split_k: int) -> triton.Config:
-    """A pinned gemv launch config for one tensor-core path (M >= 2)."""
+def _gemv_config(swap_ab: bool, split_k: int, ticket: bool = False) -> triton.Config:
+    """A pinned gemv launch config for one tensor-core path (M >= 2); ticket: the split-K
+    partials are summed by the last program of each N block (no second kernel)."""
     bn = 64 if swap_ab and CUDA else 16  # 64 weight rows: the wgmma shape on Hopper
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split_k, "SWAP_AB": swap_ab},
-                         num_warps=4, num_stages=3 if CUDA else 1)
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split_k, "SWAP_AB": swap_ab,
+                          "TICKET": ticket}, num_warps=4, num_stages=3 if CUDA else 1)
 
 
 # M, N, K: odd N (tail n block), K both a multiple of BLOCK_K and not, and a K
@@ -79,18 +80,30 @@ def _gemv_config(swap_ab: bool, split_k: int) -> triton.Config:
 GEMV_CASES = [(2, 37, 128), (3, 83, 200), (8, 50, 131), (17, 19, 96), (33, 70, 257), (64, 33, 192)]
 
 
-@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("split_k,ticket", [(1, False), (3, False), (3, True)], ids=["sk1", "sk3", "sk3-ticket"])
 @pytest.mark.parametrize("swap_ab", [False, True], ids=["dot", "swap_ab"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,N,K", GEMV_CASES)
 def test_gemv_dot_paths(M: int, N: int, K: int, dtype: torch.dtype, swap_ab: bool,
-                        split_k: int) -> None:
+                        split_k: int, ticket: bool) -> None:
     x = rand(M, K, dtype=dtype)
     w = rand(N, K, dtype=dtype, scale=K ** -0.5)
     for bias in (None, rand(N, dtype=dtype)):
-        out = _gemv(x, w, bias, _gemv_config(swap_ab, split_k))
+        out = _gemv(x, w, bias, _gemv_config(swap_ab, split_k, ticket))
         assert out.shape == (M, N) and out.dtype == dtype
         assert rel_err(out, gemv_ref(x, w, bias)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("ticket", [False, True])
+def test_gemv_fma_split_k(ticket: bool) -> None:
+    """Batch 1 (CUDA-core path) with split-K, both ways of summing the partials; a second launch
+    finds the ticket counters reset by the first."""
+    from kernels.gemv import _cfg
+    w, bias = rand(83, 200, dtype=torch.bfloat16, scale=200 ** -0.5), rand(83, dtype=torch.bfloat16)
+    for _ in range(2):
+        x = rand(1, 200, dtype=torch.bfloat16)
+        out = _gemv(x, w, bias, _cfg(16, 64, 3, False, 4, 1, ticket))
+        assert rel_err(out, gemv_ref(x, w, bias)) < TOL[torch.bfloat16]
 
 
 def test_gemv_candidates_time_both_dot_paths(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,6 +115,7 @@ def test_gemv_candidates_time_both_dot_paths(monkeypatch: pytest.MonkeyPatch) ->
         for block_m in (16, 32, 64):
             cands = gemv_mod._candidates(block_m, n, k, 2, 132)
             assert {c.kwargs["SWAP_AB"] for c in cands} == {False, True} and len(cands) <= 40
+            assert all(c.kwargs["TICKET"] == (c.kwargs["SPLIT_K"] > 1) for c in cands)  # one kernel
 
 
 def test_linear_bad_inputs() -> None:
