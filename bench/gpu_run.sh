@@ -25,7 +25,7 @@ fi
 if [[ $steps == *3* ]]; then  # GPU tests: allocator cap at the budget, triton vs torch on the 7B, kernels
   LAYERSTREAM_BIG_MODEL=$M timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_stream.py \
     tests/test_gpu_e2e.py tests/test_kernels_gemm.py tests/test_kernels_matmul_attention.py tests/test_kernels_attention_decode.py \
-    tests/test_kernels_rope.py tests/test_kernels_elementwise.py tests/test_kernels_sampling.py > $R/pytest_gpu.txt 2>&1
+    tests/test_kernels_rope.py tests/test_kernels_elementwise.py tests/test_kernels_sampling.py tests/test_kernels_tuning.py > $R/pytest_gpu.txt 2>&1
   echo "pytest rc=$?"; tail -6 $R/pytest_gpu.txt
 fi
 if [[ $steps == *4* ]]; then  # memreport at 6 GB with its pictures

@@ -17,17 +17,18 @@ import importlib
 import json
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from tools.bench_attention import bench_decode_attn, bench_prefill_attn
+from tools.bench_common import ROTATE_BYTES, Bench, copies, rel_err
+
 # name, K, N of the Qwen2.5-7B projections (hidden 3584, intermediate 18944, vocab 152064)
 QWEN7B_LINEAR = [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888),
                  ("down", 18944, 3584), ("lm_head", 3584, 152064)]
 GROUPS = ("ceilings", "gemv", "gemm", "decode_attn", "prefill_attn", "elementwise")
-ROTATE_BYTES = 256 << 20  # keep at least this many bytes of rotating inputs (L2 is 50-60 MB)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,71 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,8,32", help="decode GEMV batch sizes")
     p.add_argument("--prefill-tokens", type=int, default=2048, help="M of the prefill GEMM / T of attention")
     p.add_argument("--contexts", default="4096,32768", help="decode attention context lengths")
+    p.add_argument("--decode-batches", default="1,8", help="decode attention batch sizes")
     p.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up time per case")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case")
     return p
-
-
-class Bench:
-    """Timing helper holding the flags, the ceilings and the result rows."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        import triton.testing
-        self.do_bench = triton.testing.do_bench
-        self.do_bench_graph = triton.testing.do_bench_cudagraph
-        self.args = args
-        self.ceil: dict[str, float] = {}
-        self.rows: list[dict] = []
-
-    def time_ms(self, fns: list[Callable[[], object]]) -> tuple[float, float | None]:
-        """(graph, eager) median ms of one call, cycling through ``fns`` (one per input set)."""
-        state = {"i": 0}
-
-        def step() -> None:
-            fns[state["i"] % len(fns)]()
-            state["i"] += 1
-
-        for fn in fns:  # compile / autotune outside the timing
-            fn()
-        torch.cuda.synchronize()
-        eager = self.do_bench(step, warmup=self.args.warmup_ms, rep=self.args.rep_ms, return_mode="median")
-        try:
-            graph = self.do_bench_graph(step, rep=max(10, self.args.rep_ms // 5), return_mode="median")
-        except Exception as exc:  # noqa: BLE001 - report and fall back to eager timing
-            print(f"  (cuda graph timing failed: {type(exc).__name__}: {exc}; using eager)")
-            graph = None
-        return (eager if graph is None else graph), eager
-
-    def add(self, group: str, name: str, shape: str, ours: tuple, peer: tuple | None,
-            work: float, unit: str, config: object = None, err: float | None = None) -> None:
-        """Record one case: (graph, eager) times in ms, ``work`` in bytes or flops."""
-        scale = 1e-6 if unit == "GB/s" else 1e-9
-        t, t_peer = ours[0], None if peer is None else peer[0]
-        rate = work / t * scale
-        ceiling = self.ceil.get("copy_GBps" if unit == "GB/s" else "gemm_TFLOPs")
-        self.rows.append({
-            "group": group, "name": name, "shape": shape, "triton_us": t * 1e3,
-            "torch_us": None if t_peer is None else t_peer * 1e3,
-            "speedup_vs_torch": None if t_peer is None else t_peer / t,
-            "rate": rate, "unit": unit,
-            "torch_rate": None if t_peer is None else work / t_peer * scale,
-            "frac_of_ceiling": None if not ceiling else rate / ceiling,
-            "triton_eager_us": ours[1] * 1e3,
-            "torch_eager_us": None if peer is None else peer[1] * 1e3,
-            "config": None if config is None else str(config), "rel_err_vs_torch": err,
-        })
-
-
-def _rel_err(ours: object, peer: object) -> float:
-    """‖ours − peer‖ / ‖peer‖ in fp32: a sanity check of the tuned configs."""
-    a, b = (ours[0] if isinstance(ours, tuple) else ours), (peer[0] if isinstance(peer, tuple) else peer)
-    return ((a.float() - b.float().reshape(a.shape)).norm() / b.float().norm()).item()
-
-
-def _copies(make: Callable[[], tuple], nbytes: int) -> list[tuple]:
-    """Enough independent input sets that together they exceed ROTATE_BYTES."""
-    n = max(2, min(16, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
-    return [make() for _ in range(n)]
 
 
 def bench_ceilings(b: Bench) -> None:
@@ -131,7 +71,7 @@ def bench_linear(b: Bench, group: str, batches: list[int]) -> None:
             return min(1 << (m - 1).bit_length(), 4096)
     for m in batches:
         for name, k, n in QWEN7B_LINEAR:
-            sets = _copies(lambda: (torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+            sets = copies(lambda: (torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
                                     torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5),
                            2 * n * k)
             ours = b.time_ms([lambda s=s: ours_fn(s[0], s[1]) for s in sets])
@@ -141,65 +81,10 @@ def bench_linear(b: Bench, group: str, batches: list[int]) -> None:
                 work, unit = 2.0 * (n * k + m * k + m * n), "GB/s"
             else:
                 work, unit = 2.0 * m * n * k, "TFLOP/s"
-            err = _rel_err(ours_fn(*sets[0]), F.linear(*sets[0]))
+            err = rel_err(ours_fn(*sets[0]), F.linear(*sets[0]))
             b.add(group, name, f"M={m} K={k} N={n}", ours, peer, work, unit, cfg, err)
             del sets
             torch.cuda.empty_cache()
-
-
-def _sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    try:
-        return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)
-    except TypeError:  # older torch: expand the kv heads
-        g = q.shape[1] // k.shape[1]
-        return F.scaled_dot_product_attention(q[:, :, None], k.repeat_interleave(g, 1),
-                                              v.repeat_interleave(g, 1), scale=scale)
-
-
-def bench_decode_attn(b: Bench, contexts: list[int]) -> None:
-    from kernels import attention_decode as mod
-    B, hq, hk, d = 1, 28, 4, 128
-    for ctx in contexts:
-        kv_bytes = 2 * B * hk * ctx * d * 2
-
-        def make() -> tuple:
-            return (torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16),
-                    torch.randn(B, hk, ctx, d, device="cuda", dtype=torch.bfloat16),
-                    torch.randn(B, hk, ctx, d, device="cuda", dtype=torch.bfloat16),
-                    torch.full((B,), ctx, device="cuda", dtype=torch.int32))
-        sets = _copies(make, kv_bytes)
-        sc = d ** -0.5
-        ours = b.time_ms([lambda s=s: mod.attention_decode(*s, sc, max_seq_len=ctx) for s in sets])
-        cfg = None
-        if mod._TUNED:
-            splits, conf = list(mod._TUNED.values())[-1]
-            cfg = f"splits: {splits}, {conf}"
-        peer = b.time_ms([lambda s=s: _sdpa_decode(s[0], s[1], s[2], sc) for s in sets])
-        err = _rel_err(mod.attention_decode(*sets[0], sc), _sdpa_decode(*sets[0][:3], sc))
-        b.add("decode_attn", "attention_decode", f"B={B} Hq={hq} Hk={hk} D={d} ctx={ctx}",
-              ours, peer, float(kv_bytes), "GB/s", cfg, err)
-        del sets
-
-
-def bench_prefill_attn(b: Bench, t: int) -> None:
-    from kernels import attention_prefill as mod
-    B, hq, hk, d = 1, 28, 4, 128
-    q = torch.randn(B, t, hq, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(B, hk, t, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    sp = torch.zeros(B, device="cuda", dtype=torch.int32)
-    ql = torch.full((B,), t, device="cuda", dtype=torch.int32)
-    sc = d ** -0.5
-    ours = b.time_ms([lambda: mod.attention_prefill(q, k, v, sp, ql, sc)])
-    cfg = list(mod._TUNED.values())[-1] if mod._TUNED else None
-    qh = q.transpose(1, 2).contiguous()
-    ke, ve = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
-    peer = b.time_ms([lambda: F.scaled_dot_product_attention(qh, ke, ve, is_causal=True, scale=sc)])
-    flops = 4.0 * B * hq * d * t * (t + 1) / 2  # causal: QK^T and PV over the lower triangle
-    err = _rel_err(mod.attention_prefill(q, k, v, sp, ql, sc),
-                   F.scaled_dot_product_attention(qh, ke, ve, is_causal=True, scale=sc).transpose(1, 2))
-    b.add("prefill_attn", "attention_prefill", f"B={B} T={t} Hq={hq} Hk={hk} D={d}",
-          ours, peer, flops, "TFLOP/s", cfg, err)
 
 
 def _torch_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -233,7 +118,8 @@ def _elementwise_cases(t: int) -> list[tuple]:
     pos = torch.arange(t, device="cuda", dtype=torch.int32)[None]
     cases.append(("rope", "apply_rope_", f"q[1, {t}, {hq}, {d}] k[1, {t}, {hk}, {d}]",
                   lambda m: m.apply_rope_(q, k, cos, sin, pos),
-                  lambda: _torch_rope(q, k, cos, sin, pos.long()), 2 * 2 * t * (hq + hk) * d))
+                  lambda: _torch_rope(q, k, cos, sin, pos.long()),
+                  2 * 2 * t * (hq + hk) * d + 2 * 4 * t * (d // 2)))  # q, k in and out; cos, sin rows read
     gu = torch.randn(t, 2 * inter, device="cuda", dtype=bf)
     cases.append(("swiglu", "swiglu", f"[{t}, {2 * inter}]", lambda m: m.swiglu(gu),
                   lambda: F.silu(gu[:, :inter]) * gu[:, inter:], 3 * 2 * t * inter))
@@ -296,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     t = args.prefill_tokens
     steps = {"gemv": lambda: bench_linear(b, "gemv", _ints(args.batches)),
              "gemm": lambda: bench_linear(b, "gemm", [t]),
-             "decode_attn": lambda: bench_decode_attn(b, _ints(args.contexts)),
+             "decode_attn": lambda: bench_decode_attn(b, _ints(args.contexts), _ints(args.decode_batches)),
              "prefill_attn": lambda: bench_prefill_attn(b, t),
              "elementwise": lambda: bench_elementwise(b, t)}
     for g in groups:
