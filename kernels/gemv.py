@@ -130,10 +130,7 @@ def _gemv_kernel(
 
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows_w).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _store_out(acc, b_ptr, out_ptr, offs_m, offs_n, rows_w, stride_om, out_mask, HAS_BIAS)
     else:
         ws_ptrs = ws_ptr + (tl.program_id(1) * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
         tl.store(ws_ptrs, acc, mask=out_mask)
@@ -153,6 +150,12 @@ def _finish_split_k(ws_ptr, b_ptr, out_ptr, offs_m, offs_n, rows_w, M, N, stride
     for s in tl.static_range(SPLIT_K):
         ptrs = ws_ptr + (s * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
         acc += tl.load(ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+    _store_out(acc, b_ptr, out_ptr, offs_m, offs_n, rows_w, stride_om, out_mask, HAS_BIAS)
+
+
+@triton.jit
+def _store_out(acc, b_ptr, out_ptr, offs_m, offs_n, rows_w, stride_om, out_mask, HAS_BIAS: tl.constexpr):
+    """out tile = fp32 acc [BLOCK_M, BLOCK_N] + bias, cast to out's dtype."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows_w).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
