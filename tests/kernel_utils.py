@@ -19,6 +19,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 BT = [(1, 1), (3, 5)]
+GQA_HEADS = [(4, 4), (4, 2), (7, 1)]  # (Hq, Hk) of the small head-layout tests: GQA ratios 1, 2, 7
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="real-size shapes need a CUDA GPU")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernel_utils import BT, DEV, DTYPES, INTERPRET, close, cuda_only, qkv_views, rand  # noqa: F401  (sets TRITON_INTERPRET first)
+from tests.kernel_utils import BT, DEV, DTYPES, GQA_HEADS, INTERPRET, close, cuda_only, qkv_views, rand  # noqa: F401  (sets TRITON_INTERPRET first)
 
 from kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref  # noqa: E402
 from kernels.embedding import embedding, embedding_ref  # noqa: E402
@@ -138,12 +138,11 @@ def test_embedding_bad_inputs():
 
 
 # ----------------------------------------------------------------------------- kv_append
-KV_HEADS = [(4, 4), (4, 2), (7, 1)]  # (Hq, Hk): GQA ratios 1, 2, 7
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("heads", KV_HEADS)
+@pytest.mark.parametrize("heads", GQA_HEADS)
 @pytest.mark.parametrize("bt", BT)
 def test_kv_append(dtype, d, heads, bt):
     (b, t), (hq, hk) = bt, heads

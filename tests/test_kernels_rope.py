@@ -6,19 +6,18 @@ import pytest
 import torch
 import triton
 
-from tests.kernel_utils import BT, DEV, DTYPES, INTERPRET, close, cuda_only, qkv_views, rand  # noqa: F401  (sets TRITON_INTERPRET first)
+from tests.kernel_utils import BT, DEV, DTYPES, GQA_HEADS, INTERPRET, close, cuda_only, qkv_views, rand  # noqa: F401  (sets TRITON_INTERPRET first)
 
 from kernels.kv_append import kv_append_, kv_append_ref  # noqa: E402
 from kernels.rope import apply_rope_, apply_rope_ref, rope_tables  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- rope
-ROPE_HEADS = [(4, 4), (4, 2), (7, 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("heads", ROPE_HEADS)
+@pytest.mark.parametrize("heads", GQA_HEADS)
 @pytest.mark.parametrize("bt", BT)
 def test_rope_fused_qkv_views(dtype, d, heads, bt):
     (b, t), (hq, hk) = bt, heads
