@@ -16,6 +16,7 @@ from engine.layout import expected_tensors
 from engine.model import Model
 from engine.ops import make_ops
 from engine.tokenizer import Tokenizer
+from memory.allocator_cap import AllocatorCap
 from memory.bandwidth import h2d_bandwidth
 from memory.planner import make_plan
 from streamer.manager import WeightManager
@@ -41,6 +42,7 @@ class EngineOptions:
     threads: int = 8
     trace: bool = False
     cuda_graph: bool = True  # replay the decode step as CUDA graphs (CUDA + triton kernels; see engine.graphs)
+    cap_allocator: bool = True  # with a vram_budget on CUDA: the process's reserved memory stays inside it
 
 
 def pick_device(name: str) -> torch.device:
@@ -99,6 +101,19 @@ class Engine:
         if opts.max_context < 2:
             raise ValueError(f"--max-context must be at least 2, got {opts.max_context}")
         self.plan = self._plan()
+        self.cap = None  # set before the first weight reaches the GPU; released by close()
+        if opts.cap_allocator and opts.vram_budget is not None and self.device.type == "cuda":
+            self.cap = AllocatorCap(self.device, opts.vram_budget)
+        try:
+            self._load(progress)
+        except BaseException:
+            if self.cap is not None:
+                self.cap.release()
+            raise
+
+    def _load(self, progress) -> None:
+        """Weights (resident ones onto the GPU), model, KV cache and the decode graph."""
+        opts = self.opts
         self.weights = WeightManager(self.ckpt, self.cfg, self.plan, self.device, self.dtype,
                                      threads=opts.threads, progress=progress, trace=opts.trace)
         self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
@@ -120,4 +135,7 @@ class Engine:
         return plan
 
     def close(self) -> None:
+        """Release the weight sources (file maps, disk readers) and the allocator cap."""
         self.weights.close()
+        if self.cap is not None:
+            self.cap.release()

@@ -12,6 +12,8 @@ import argparse
 import logging
 import sys
 
+import torch
+
 from engine.cli_session import add_engine_args, options_from_args, run_session
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"error: out of GPU memory ({str(e).splitlines()[0]}). With --vram-budget the engine's CUDA "
+              "allocator is held to the budget: raise --vram-budget, or lower --max-context, --batch or "
+              "--prefill-chunk; `python tools/memreport.py` with the same flags shows where the memory goes",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -1,8 +1,9 @@
 """GPU-only: streaming under a VRAM budget gives the all-resident tokens and stays in budget.
 
-The process's CUDA allocator is capped at the budget with
-``torch.cuda.set_per_process_memory_fraction``, so an allocation past it fails the test,
-and the peak allocated bytes are checked against the budget too.
+The engine caps the process's CUDA allocator at the budget itself (memory.allocator_cap:
+``torch.cuda.set_per_process_memory_fraction``), so an allocation past it fails the test;
+the peak allocated and reserved bytes are checked against the budget too, and the cap must
+be gone after ``close()``.
 """
 
 from __future__ import annotations
@@ -36,18 +37,21 @@ def _run(model_dir, budget, kernels, batch=1):
     _free()
     torch.cuda.reset_peak_memory_stats()
     total = torch.cuda.get_device_properties(0).total_memory
-    if budget:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
     try:
         engine = Engine(model_dir, EngineOptions(device="cuda", kernels=kernels, vram_budget=budget, batch=batch,
                                                  max_context=512))
+        expect = min(1.0, budget / total) if budget else 1.0
+        assert torch.cuda.get_per_process_memory_fraction(0) == pytest.approx(expect, rel=1e-9)
         prompts = [list(range(100 + i, 140 + 3 * i)) for i in range(batch)]
         gen = generate(engine, prompts, max_new_tokens=24)
         peak = torch.cuda.max_memory_allocated()
+        if budget:
+            assert torch.cuda.max_memory_reserved() <= budget
         plan = engine.plan
         # triton kernels decode through CUDA graph pieces, streamed layers included (no silent fallback)
         assert (engine.graph is not None) == (kernels == "triton")
         engine.close()
+        assert torch.cuda.get_per_process_memory_fraction(0) == 1.0
         del engine
         return gen.token_ids, peak, plan
     finally:

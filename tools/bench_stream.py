@@ -192,7 +192,8 @@ def _row(r: dict) -> str:
     ratio = f"{r['step_over_bound']:.3f}x bound" if r["step_over_bound"] else "no streaming"
     return (f"budget {b:>10} batch {r['batch']:>2}: {r['resident_layers']} resident, "
             f"{r['streamed_bytes_per_step'] / 1e9:.2f} GB/step, step {r['step_s'] * 1e3:.1f} ms ({ratio}), "
-            f"{r['tok_s']:.2f} tok/s, {r['achieved_gbps']:.1f} GB/s, peak {format_size(r['peak_vram_bytes'])}")
+            f"{r['tok_s']:.2f} tok/s, {r['achieved_gbps']:.1f} GB/s, peak {format_size(r['peak_vram_bytes'])} "
+            f"(reserved {format_size(r['peak_reserved_bytes'])})")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def finish(args, results: list[dict], h2d: float, cfg, out_dir: Path) -> int:
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | "
           f"pinned H2D {h2d:.1f} GB/s")
     print(f"{'budget':>12} {'batch':>5} {'step ms':>8} {'bound ms':>8} {'ratio':>6} {'tok/s':>8} "
-          f"{'GB/s':>6} {'copy busy':>9} {'vs accel':>8} {'same tokens':>11} {'peak':>10}")
+          f"{'GB/s':>6} {'copy busy':>9} {'vs accel':>8} {'same tokens':>11} {'peak':>10} {'reserved':>10}")
     for r in results:
         b = format_size(r["budget_bytes"]) if r["budget_bytes"] else "full"
         ratio = f"{r['step_over_bound']:.3f}" if r["step_over_bound"] else "-"
@@ -113,7 +113,8 @@ def finish(args, results: list[dict], h2d: float, cfg, out_dir: Path) -> int:
         acc = f"{r['speedup_vs_accelerate']:.1f}x" if r.get("speedup_vs_accelerate") else "-"
         print(f"{b:>12} {r['batch']:>5} {r['step_s'] * 1e3:>8.1f} {r['bound_s'] * 1e3:>8.1f} {ratio:>6} "
               f"{r['tok_s']:>8.2f} {r['achieved_gbps']:>6.1f} {busy:>9} {acc:>8} "
-              f"{str(r['tokens_match_all_resident']):>11} {format_size(r['peak_vram_bytes']):>10}")
+              f"{str(r['tokens_match_all_resident']):>11} {format_size(r['peak_vram_bytes']):>10} "
+              f"{format_size(r.get('peak_reserved_bytes', 0)):>10}")
         if "prefill_s" in r:
             print(f"{'':>12} prefill {args.prefill_tokens} tok: {r['prefill_s'] * 1e3:.0f} ms = "
                   f"{r['prefill_over_bound']:.2f}x max(transfer {r['prefill_transfer_bound_s'] * 1e3:.0f} ms, "

@@ -1,0 +1,58 @@
+"""Hold torch's CUDA caching allocator to the VRAM budget while an engine is open.
+
+The planner keeps the engine's *allocated* bytes inside ``--vram-budget``, but the caching
+allocator also keeps freed blocks *reserved* for reuse, and fragmentation (a 2048-token
+prefill's activations next to the tuners' scratch) can push the process's reserved memory
+past the budget: on the H100 at 6 GiB, 6.457 GB reserved against 6.442 GB (allocated 6.364 GB).
+``torch.cuda.set_per_process_memory_fraction`` makes the allocator count reserved memory
+against a ceiling: at the ceiling it first returns cached blocks to the driver, and only
+when the live tensors themselves do not fit does it raise ``torch.OutOfMemoryError``.
+So what the process holds from the driver (the CUDA context aside) stays inside the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _get_fraction(index: int) -> float | None:
+    """The allocator's current fraction; None on a torch without the getter."""
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return float(get(index)) if get is not None else None
+
+
+class AllocatorCap:
+    """Caps the caching allocator of ``device`` at ``budget`` bytes until :meth:`release`.
+
+    Process-wide (torch has one allocator per device): another library's CUDA memory in the
+    same process counts against the cap too. :meth:`release` restores the fraction that was in
+    effect before, unless someone changed it since (then it leaves theirs alone).
+    """
+
+    def __init__(self, device: torch.device, budget: int) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"AllocatorCap needs a CUDA device, got {device}")
+        if budget <= 0:
+            raise ValueError(f"VRAM budget must be positive, got {budget} bytes")
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(self.index).total_memory
+        self.fraction = min(1.0, budget / total)
+        self.previous = _get_fraction(self.index)
+        if self.previous is None:
+            self.previous = 1.0  # the allocator's default
+        torch.cuda.set_per_process_memory_fraction(self.fraction, self.index)
+        self.active = True
+        log.info("caching allocator capped at %.4f of cuda:%d (%d bytes)", self.fraction, self.index, budget)
+
+    def release(self) -> None:
+        """Restore the previous fraction (idempotent)."""
+        if not self.active:
+            return
+        self.active = False
+        now = _get_fraction(self.index)
+        if now is None or abs(now - self.fraction) < 1e-9:
+            torch.cuda.set_per_process_memory_fraction(self.previous, self.index)

@@ -1,0 +1,74 @@
+"""memory.allocator_cap on the CPU, against a fake CUDA allocator (the GPU check is in
+tests/test_gpu_stream.py), and the command line's answer to running out of GPU memory."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import engine.run as run
+from memory.allocator_cap import AllocatorCap
+
+TOTAL = 80 << 30
+
+
+@pytest.fixture
+def fake_allocator(monkeypatch):
+    """torch.cuda's fraction setter/getter and device properties, recorded in a dict."""
+    state = {"fraction": 1.0, "calls": []}
+
+    def set_fraction(f, index):
+        assert 0.0 < f <= 1.0
+        state["fraction"] = f
+        state["calls"].append((f, index))
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: state["fraction"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(total_memory=TOTAL))
+    return state
+
+
+def test_cap_is_the_budget_fraction_and_release_restores(fake_allocator):
+    fake_allocator["fraction"] = 0.9  # someone's earlier setting
+    cap = AllocatorCap(torch.device("cuda", 0), 6 << 30)
+    assert fake_allocator["fraction"] == pytest.approx(6 / 80)
+    assert fake_allocator["calls"][-1][1] == 0
+    cap.release()
+    assert fake_allocator["fraction"] == 0.9
+    cap.release()  # idempotent
+    assert len(fake_allocator["calls"]) == 2
+
+
+def test_budget_over_the_card_caps_at_one(fake_allocator):
+    AllocatorCap(torch.device("cuda", 1), 2 * TOTAL)
+    assert fake_allocator["calls"] == [(1.0, 1)]
+
+
+def test_release_leaves_a_later_setting_alone(fake_allocator):
+    cap = AllocatorCap(torch.device("cuda", 0), 4 << 30)
+    torch.cuda.set_per_process_memory_fraction(0.5, 0)  # a second engine / the user, after us
+    cap.release()
+    assert fake_allocator["fraction"] == 0.5
+
+
+@pytest.mark.parametrize("device,budget,fragment", [("cpu", 1 << 30, "CUDA device"),
+                                                   ("cuda", 0, "positive")])
+def test_bad_arguments(fake_allocator, device, budget, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        AllocatorCap(torch.device(device), budget)
+    assert fake_allocator["calls"] == []
+
+
+def test_cli_out_of_memory_is_one_clear_line(monkeypatch, capsys):
+    def boom(args, opts):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(run, "run_session", boom)
+    rc = run.main(["--prompt", "hi", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "Traceback" not in err and "more detail" not in err
+    assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
+    assert "raise --vram-budget" in err and "memreport" in err
