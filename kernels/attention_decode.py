@@ -25,7 +25,7 @@
 # Splits:  host side, from B * Hk, the SM count and max_seq_len (default S): >= 2 programs per SM,
 #          at most cdiv(max_seq_len, _MIN_CHUNK) and _MAX_SPLITS.  With tuning on, the first call
 #          per (B, Hk, bound, group, D, dtype) times a few split counts x configs x both merges
-#          (in a CUDA graph, at full length) and keeps the fastest.
+#          (in a CUDA graph, at full length) and keeps the fastest (also on disk: tuning_cache).
 from __future__ import annotations
 
 import functools
@@ -37,6 +37,7 @@ import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
+from kernels import tuning_cache
 from kernels.checks import check_decode_inputs
 from kernels.flash_common import chunk_len, merge_splits, online_softmax_pv, qk_scores, store_rows
 from kernels.tickets import counters, last_ticket
@@ -245,7 +246,11 @@ def _plan(q, k_cache, v_cache, scale: float, max_len: int) -> tuple[int, triton.
     if _INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
         _TUNED[key] = plan
     elif not torch.cuda.is_current_stream_capturing():  # cannot time inside a capture: default, untuned
-        plan = _TUNED[key] = _tune(q, k_cache, v_cache, scale, max_len, _split_candidates(sms, B, Hk, max_len)) or plan
+        splits = _split_candidates(sms, B, Hk, max_len)
+        choices = [(s, c) for s in splits for c in _configs(fused=s > 1)]
+        tune = functools.partial(_tune, q, k_cache, v_cache, scale, max_len, splits)
+        as_json = lambda p: [p[0], tuning_cache.config_to_json(p[1])]  # noqa: E731
+        plan = _TUNED[key] = tuning_cache.tuned(q.device, "attention_decode", key, choices, tune, as_json) or plan
     return plan
 
 

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning_cache
 from kernels.checks import check_kv_cache
 from kernels.flash_common import online_softmax_pv, qk_scores
 from kernels.tuning import bench_ms
@@ -180,10 +181,14 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     cfg = _TUNED.get(key)
     if cfg is None and (_INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0"):
         cfg = _TUNED[key] = _default_config(q.dtype)
+    if cfg is None:  # tuned by an earlier process?
+        cfg = tuning_cache.choose(q.device, "attention_prefill", key, _prefill_tuned.configs)
     if cfg is None:
         _prefill_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](*args, **consts)
         _TUNED[key] = _prefill_tuned.best_config
+        tuning_cache.store(q.device, "attention_prefill", key, tuning_cache.config_to_json(_TUNED[key]))
     else:
+        _TUNED[key] = cfg
         _attention_prefill_kernel[(triton.cdiv(T, cfg.kwargs["BLOCK_M"]), B * Hq)](
             *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

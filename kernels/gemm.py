@@ -23,6 +23,7 @@
 #          CPU interpreter use a fixed pointer default instead.
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import gemm_tma
+from kernels import gemm_tma, tuning_cache
 from kernels.mma import mma_nt
 from kernels.tuning import bench_ms, fastest
 
@@ -152,7 +153,9 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: tor
         key += ("pointer",)
     cfg = _TUNED.get(key)
     if cfg is None:
-        cfg = _TUNED[key] = _pick(_candidates(x, tma_ok), lambda c: _launch(c, x, w, bias, out), out)
+        cands = _candidates(x, tma_ok)
+        tune = functools.partial(_pick, cands, lambda c: _launch(c, x, w, bias, out), out)
+        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "gemm", key, cands, tune)  # disk, else timed
     return cfg
 
 

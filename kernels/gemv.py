@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning_cache
 from kernels.gemm import check_linear_inputs
 from kernels.mma import mma_nt
 from kernels.tickets import counters, last_ticket
@@ -250,8 +251,9 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
         cands = _candidates(block_m, N, K, x.element_size(), sms)
         if os.environ.get("KERNELS_AUTOTUNE", "1") == "0" and len(cands) > 1:
             cands = [_DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT]
-        cfg = _pick(cands, lambda c: _launch(c, x, w, bias, out, block_m), fits_l2(w.nbytes, w.device))
-        _TUNED[key] = cfg
+        cold = fits_l2(w.nbytes, w.device)
+        tune = functools.partial(_pick, cands, lambda c: _launch(c, x, w, bias, out, block_m), cold)
+        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "gemv", key, cands, tune)  # disk, else timed
     return cfg
 
 

@@ -33,6 +33,7 @@ import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
+from kernels import tuning_cache
 from kernels.checks import check_device
 from kernels.tuning import graph_ms
 
@@ -193,7 +194,9 @@ def _plan(q, k, cos, sin, positions) -> tuple[int, int, int]:
     args = (b * t, hq + hk, triton.next_power_of_2(d // 2), q.element_size(), sms)
     if not _tunable(q):  # heuristic, not cached
         return _launch_shape(*args)
-    _TUNED[key] = _tune(q, k, cos, sin, positions, _candidates(*args)) or _launch_shape(*args)
+    cands = _candidates(*args)
+    tune = functools.partial(_tune, q, k, cos, sin, positions, cands)
+    _TUNED[key] = tuning_cache.tuned(q.device, "rope", key, cands, tune, list) or _launch_shape(*args)
     return _TUNED[key]
 
 

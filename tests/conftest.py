@@ -1,7 +1,10 @@
 """Test setup: without a GPU, Triton kernels run in the interpreter (TRITON_INTERPRET=1).
 
 The variable must be set before triton is first imported, so it is done here, at
-collection time, before any test module imports a kernel.
+collection time, before any test module imports a kernel. Tests never read or write the
+user's kernel tuning cache (~/.cache/layerstream/tuning): a test's fake timings must not
+reach a real run, and a real run's picks must not skip a test's tuning. The cache's own
+tests switch it on in a temporary directory.
 """
 
 import os
@@ -10,6 +13,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("LAYERSTREAM_TUNING_CACHE", "0")
 
 
 # ---------------------------------------------------------------------------------------------
