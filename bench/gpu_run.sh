@@ -44,4 +44,9 @@ if [[ $steps == *7* ]]; then  # all resident only: decode through one graph, 204
     --out-dir $R --tag stream-full > $R/bench_stream_full.log 2>&1
   echo "full rc=$?"; tail -4 $R/bench_stream_full.log
 fi
+if [[ $steps == *8* ]]; then  # start-up of three CLI processes: empty tuning cache, cached, cache off
+  timeout 420 python3 -m tools.bench_startup --model $M --vram-budget 6GB --out $R/startup.json \
+    > $R/startup.txt 2>&1
+  echo "startup rc=$?"; tail -5 $R/startup.txt
+fi
 tar czf $OUT/results.tar.gz -C $R .

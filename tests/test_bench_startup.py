@@ -1,0 +1,26 @@
+"""tools/bench_startup.py on the CPU: three CLI processes, one JSON; a bad model dir is refused."""
+
+from __future__ import annotations
+
+import json
+
+from tools.bench_startup import main
+
+
+def test_three_runs_and_a_summary(tiny_qwen2_dir, tmp_path, capsys):
+    out = tmp_path / "startup.json"
+    rc = main(["--model", str(tiny_qwen2_dir), "--max-new-tokens", "2", "--cache-dir", str(tmp_path / "c"),
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads(out.read_text())
+    assert set(rep["runs"]) == {"first", "cached", "no-cache"}
+    assert all(r["rc"] == 0 and r["wall_s"] > 0 and len(r["token_ids"]) == 2 for r in rep["runs"].values())
+    assert rep["runs"]["no-cache"]["env"] == {"LAYERSTREAM_TUNING_CACHE": "0"}
+    assert rep["summary"]["same_tokens"] is True
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_model_without_config_is_refused(tmp_path, capsys):
+    assert main(["--model", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
