@@ -54,5 +54,5 @@ class AllocatorCap:
             return
         self.active = False
         now = _get_fraction(self.index)
-        if now is None or abs(now - self.fraction) < 1e-9:
+        if now is None or abs(now - self.fraction) <= 1e-6 * self.fraction:  # stored with rounding
             torch.cuda.set_per_process_memory_fraction(self.previous, self.index)

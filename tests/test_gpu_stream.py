@@ -41,7 +41,7 @@ def _run(model_dir, budget, kernels, batch=1):
         engine = Engine(model_dir, EngineOptions(device="cuda", kernels=kernels, vram_budget=budget, batch=batch,
                                                  max_context=512))
         expect = min(1.0, budget / total) if budget else 1.0
-        assert torch.cuda.get_per_process_memory_fraction(0) == pytest.approx(expect, rel=1e-9)
+        assert torch.cuda.get_per_process_memory_fraction(0) == pytest.approx(expect, rel=1e-6)  # torch stores it rounded
         prompts = [list(range(100 + i, 140 + 3 * i)) for i in range(batch)]
         gen = generate(engine, prompts, max_new_tokens=24)
         peak = torch.cuda.max_memory_allocated()
