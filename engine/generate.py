@@ -56,9 +56,10 @@ def prefill(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
     for c0 in range(0, t_max, chunk):
         c1 = min(t_max, c0 + chunk)
         q_lens = [max(0, min(n, c1) - c0) for n in lens]
-        logits = engine.model.forward(ids[:, c0:c1].to(dev), torch.full((b,), c0, dtype=torch.int32, device=dev),
-                                      torch.tensor(q_lens, dtype=torch.int32, device=dev), engine.cache,
-                                      max_len=c1)
+        with engine.ops.prompt_chunk(b * (c1 - c0)):
+            logits = engine.model.forward(ids[:, c0:c1].to(dev), torch.full((b,), c0, dtype=torch.int32, device=dev),
+                                          torch.tensor(q_lens, dtype=torch.int32, device=dev), engine.cache,
+                                          max_len=c1)
         ends_here = [i for i, n in enumerate(lens) if c0 < n <= c1]
         sel = torch.tensor(ends_here, dtype=torch.long, device=dev)  # may be empty: keep an index dtype
         last[sel] = logits[sel]

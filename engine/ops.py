@@ -12,6 +12,8 @@ the fused qkv projection); the KV cache of a layer is [B, Hk, S, D]; ``start_pos
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +81,10 @@ class TorchOps:
     def embedding(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, table)
 
+    def prompt_chunk(self, rows: int) -> contextlib.AbstractContextManager:
+        """Context for one prefill pass over ``rows`` token rows (nothing to do in torch)."""
+        return contextlib.nullcontext()
+
 
 class TritonOps(TorchOps):
     """The Triton kernels of ``kernels/``; same signatures as ``TorchOps``."""
@@ -92,6 +98,8 @@ class TritonOps(TorchOps):
                        swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
                        prefill=attention_prefill.attention_prefill, decode=attention_decode.attention_decode,
                        embedding=embedding.embedding)
+        from kernels.tuning import untuned
+        self._untuned, self._gemv_max_m = untuned, linear.GEMV_MAX_M
 
     def rmsnorm(self, x, w, eps):
         return self._k["rmsnorm"](x, w, eps)
@@ -121,6 +129,12 @@ class TritonOps(TorchOps):
 
     def embedding(self, ids, table):
         return self._k["embedding"](ids, table)
+
+    def prompt_chunk(self, rows: int) -> contextlib.AbstractContextManager:
+        """A short prompt chunk (rows <= 64, the GEMV's range) runs shapes not tuned yet with their
+        default configs: tuning them would compile dozens of configs for a one-off call (see
+        kernels.tuning.untuned). Longer chunks tune (the compute-bound GEMM gains from it)."""
+        return self._untuned() if rows <= self._gemv_max_m else contextlib.nullcontext()
 
 
 def make_ops(kind: str) -> TorchOps:

@@ -25,7 +25,7 @@ import triton.language as tl
 from kernels import tuning_cache
 from kernels.checks import check_kv_cache
 from kernels.flash_common import online_softmax_pv, qk_scores
-from kernels.tuning import bench_ms
+from kernels.tuning import bench_ms, tuning_suspended
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -129,6 +129,21 @@ _prefill_tuned = triton.autotune(configs=_configs(), key=["T_BUCKET", "BLOCK_D",
 _TUNED: dict[tuple, triton.Config] = {}
 
 
+def _untimed_config(key: tuple, q: torch.Tensor) -> triton.Config | None:
+    """A config for a shape not tuned in this process, without timing: the default (interpreter,
+    KERNELS_AUTOTUNE=0: kept; inside kernels.tuning.untuned(): not kept) or an earlier process's
+    pick (kernels.tuning_cache: kept). None: time the candidates now."""
+    if _INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
+        _TUNED[key] = _default_config(q.dtype)
+        return _TUNED[key]
+    if tuning_suspended():
+        return _default_config(q.dtype)
+    cfg = tuning_cache.choose(q.device, "attention_prefill", key, _prefill_tuned.configs)
+    if cfg is not None:
+        _TUNED[key] = cfg
+    return cfg
+
+
 def _check_lengths(name: str, t: torch.Tensor, q: torch.Tensor, B: int) -> None:
     if t.dim() != 1 or t.shape[0] != B:
         raise ValueError(f"{name} must be a 1-D int32 tensor of length B={B}, got {tuple(t.shape)}")
@@ -178,17 +193,12 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     consts = dict(BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32,
                   UPCAST=_INTERPRET and q.dtype == torch.bfloat16)
     key = (t_bucket, block_d, Hq // Hk, q.dtype)
-    cfg = _TUNED.get(key)
-    if cfg is None and (_INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0"):
-        cfg = _TUNED[key] = _default_config(q.dtype)
-    if cfg is None:  # tuned by an earlier process?
-        cfg = tuning_cache.choose(q.device, "attention_prefill", key, _prefill_tuned.configs)
-    if cfg is None:
+    cfg = _TUNED.get(key) or _untimed_config(key, q)
+    if cfg is None:  # time the candidates (triton.autotune); keep the pick here and on disk
         _prefill_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](*args, **consts)
         _TUNED[key] = _prefill_tuned.best_config
         tuning_cache.store(q.device, "attention_prefill", key, tuning_cache.config_to_json(_TUNED[key]))
     else:
-        _TUNED[key] = cfg
         _attention_prefill_kernel[(triton.cdiv(T, cfg.kwargs["BLOCK_M"]), B * Hq)](
             *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

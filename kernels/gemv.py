@@ -46,7 +46,7 @@ from kernels import tuning_cache
 from kernels.gemm import check_linear_inputs
 from kernels.mma import mma_nt
 from kernels.tickets import counters, last_ticket
-from kernels.tuning import fastest, fits_l2, graph_ms
+from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -244,8 +244,8 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     (_, K), N = x.shape, w.shape[0]
     key = (block_m, N, K, x.dtype, bias is not None)
     cfg = _TUNED.get(key)
-    if cfg is None and x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT  # cannot time inside a capture; not cached
+    if cfg is None and (tuning_suspended() or x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT  # untimed (a capture, untuned()): not cached
     if cfg is None:
         sms = _num_sms(x.device.index or 0) if x.is_cuda else 1
         cands = _candidates(block_m, N, K, x.element_size(), sms)

@@ -35,7 +35,7 @@ from triton.runtime.errors import OutOfResources, PTXASError
 
 from kernels import tuning_cache
 from kernels.checks import check_device
-from kernels.tuning import graph_ms
+from kernels.tuning import graph_ms, tuning_suspended
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -179,9 +179,10 @@ _TUNED: dict[tuple, tuple[int, int, int]] = {}
 
 
 def _tunable(q: torch.Tensor) -> bool:
-    """Timing is possible and wanted: on CUDA, outside a graph capture, KERNELS_AUTOTUNE != 0."""
+    """Timing is possible and wanted: on CUDA, outside a graph capture and kernels.tuning.untuned(),
+    KERNELS_AUTOTUNE != 0."""
     return (q.is_cuda and os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
-            and not torch.cuda.is_current_stream_capturing())
+            and not torch.cuda.is_current_stream_capturing() and not tuning_suspended())
 
 
 def _plan(q, k, cos, sin, positions) -> tuple[int, int, int]:

@@ -10,9 +10,35 @@ stay in the L2 between calls (a 7B model's attention projections, 26-33 MB again
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 
 import torch
+
+_UNTUNED = contextvars.ContextVar("kernels_untuned", default=False)
+
+
+@contextlib.contextmanager
+def untuned() -> Iterator[None]:
+    """Inside: a shape with no tuned config yet runs its default config, neither timed nor kept.
+
+    For one-off calls whose tuning costs far more than it can save. A short prompt's prefill
+    (<= 64 rows) runs the weight-streaming GEMV at a row bucket that decode may never use;
+    tuning it compiles ~36 configs first (about 30 s on a fresh H100, measured) to save under a
+    millisecond once. A later call outside this context tunes the shape as usual.
+    """
+    token = _UNTUNED.set(True)
+    try:
+        yield
+    finally:
+        _UNTUNED.reset(token)
+
+
+def tuning_suspended() -> bool:
+    """Whether the caller is inside :func:`untuned`."""
+    return _UNTUNED.get()
 
 
 def bench_ms(fn, warmup: int = 5, rep: int = 25, quantiles=None):
