@@ -134,7 +134,7 @@ def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None],
             ref.append(probe)
         return bool((probe - ref[0]).norm() <= _AGREE * ref[0].norm())  # else a miscompile: never pick it
 
-    return fastest(cands, run, bench_ms, accept=agrees, name="gemm")
+    return fastest(cands, run, bench_ms, accept=agrees, name="gemm", device=out.device)
 
 
 # (M bucket, N, K, dtype, has_bias[, "pointer"]) -> tuned config; "pointer" marks calls on a

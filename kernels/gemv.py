@@ -227,11 +227,13 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
             BLOCK=1024, num_warps=4)
 
 
-def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None], cold: bool = False) -> triton.Config:
+def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None], cold: bool = False,
+          device: torch.device | None = None) -> triton.Config:
     """Time every candidate (both kernels) and return the fastest; decode steps replay as CUDA
     graphs, so the timing does too (no launch overhead). cold: a weight that fits the L2 is
-    read from HBM in each timed call, as a decode step reads it (kernels.tuning.graph_ms)."""
-    return fastest(cands, run, functools.partial(graph_ms, cold=cold), name="gemv")
+    read from HBM in each timed call, as a decode step reads it (kernels.tuning.graph_ms).
+    device: compile the candidates in parallel first (kernels.tuning.precompile)."""
+    return fastest(cands, run, functools.partial(graph_ms, cold=cold), name="gemv", device=device)
 
 
 # (M bucket, N, K, dtype, has_bias) -> tuned config
@@ -252,7 +254,7 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
         if os.environ.get("KERNELS_AUTOTUNE", "1") == "0" and len(cands) > 1:
             cands = [_DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT]
         cold = fits_l2(w.nbytes, w.device)
-        tune = functools.partial(_pick, cands, lambda c: _launch(c, x, w, bias, out, block_m), cold)
+        tune = functools.partial(_pick, cands, lambda c: _launch(c, x, w, bias, out, block_m), cold, x.device)
         cfg = _TUNED[key] = tuning_cache.tuned(x.device, "gemv", key, cands, tune)  # disk, else timed
     return cfg
 

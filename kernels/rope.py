@@ -35,7 +35,7 @@ from triton.runtime.errors import OutOfResources, PTXASError
 
 from kernels import tuning_cache
 from kernels.checks import check_device
-from kernels.tuning import graph_ms, tuning_suspended
+from kernels.tuning import graph_ms, precompile, tuning_suspended
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -163,6 +163,7 @@ def _tune(q, k, cos, sin, positions, cands: list[tuple[int, int, int]], timer=No
         t = max(1, min(q.shape[1], q.shape[0] * q.shape[1] * _SCRATCH_BYTES // span))
         q, k, positions = q[:1, :t], k[:1, :t], positions[:1, :t]
     sq, sk = _scratch_views(q, k)
+    precompile(cands, lambda c: _launch(sq, sk, cos, sin, positions, c), q.device)
     best = (float("inf"), None)
     for cfg in cands:
         try:

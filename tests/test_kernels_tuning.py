@@ -44,3 +44,31 @@ def test_cold_graph_timing_reads_from_hbm_and_releases_memory() -> None:
     cold = tuning.graph_ms(fn, calls=20, cold=True)
     assert 0.0 < hot < cold, (hot, cold)
     assert torch.cuda.memory_reserved() == reserved, (torch.cuda.memory_reserved(), reserved)
+
+
+def test_precompile_runs_each_candidate_once_from_threads(monkeypatch) -> None:
+    """Every candidate runs once, on worker threads, inside the caller's stream; a failing one is
+    left to the timing loop; the device is synchronised before returning. Off CUDA: a no-op."""
+    import contextlib
+    import threading
+
+    seen, synced = [], []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "caller-stream")
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext(seen.append(("stream", s))))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+
+    def run(cfg):
+        seen.append((cfg, threading.current_thread() is threading.main_thread()))
+        if cfg == 2:
+            raise RuntimeError("out of shared memory")
+
+    dev = torch.device("cuda", 0)
+    tuning.precompile([0, 1, 2, 3], run, dev)
+    runs = sorted(x for x in seen if x[0] != "stream")
+    assert runs == [(0, False), (1, False), (2, False), (3, False)]
+    assert seen.count(("stream", "caller-stream")) == 4 and synced == [dev]
+    seen.clear()
+    tuning.precompile([0, 1], run, torch.device("cpu"))
+    tuning.precompile([0], run, dev)
+    assert seen == []
