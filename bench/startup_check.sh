@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Start-up on a fresh machine (cold Triton cache): bench_startup, then one prompt in a new row bucket.
+# Start-up on a fresh machine (cold Triton cache): bench_startup, then one prompt in a new row bucket,
+# then the tuning tests and the 7B end-to-end test (every tuner runs there).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-OUT=${OUT:-/tmp/out}; R=/tmp/results; mkdir -p "$OUT" $R; M=/tmp/q7b
+OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } > $R/env.txt 2>&1
 [ -f $M/config.json ] || timeout 60 python3 -m tools.synth --preset qwen2.5-7b --out $M --device cuda 2>&1 | tail -1
@@ -13,6 +14,7 @@ t0=$(date +%s.%N)
 LAYERSTREAM_CACHE=/tmp/lscache timeout 120 python3 -m engine.run --model $M --vram-budget 6GB --prompt "$P" \
   --max-new-tokens 8 --json > $R/new_bucket.json 2> $R/new_bucket.err; echo "new bucket rc=$?"
 python3 -c "import json,sys; d=json.load(open('$R/new_bucket.json')); s=d['stats']; print('new bucket: prompt', s['prompt_tokens'], 'tokens, prefill', round(s['prefill_s'],2), 's, wall', round($(date +%s.%N)-$t0,1), 's')" | tee -a $R/startup.txt
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_untuned.py tests/test_kernels_tuning_cache.py > $R/pytest_untuned.txt 2>&1
-echo "pytest rc=$?"; tail -2 $R/pytest_untuned.txt
+LAYERSTREAM_BIG_MODEL=$M timeout ${TEST_BOX:-200} python3 -m pytest -q -p no:cacheprovider tests/test_kernels_tuning.py \
+  tests/test_kernels_untuned.py tests/test_kernels_tuning_cache.py tests/test_gpu_e2e.py > $R/pytest_tuning_e2e.txt 2>&1
+echo "pytest rc=$?"; tail -2 $R/pytest_tuning_e2e.txt
 tar czf $OUT/results.tar.gz -C $R .
