@@ -69,6 +69,10 @@ def load_engine(spec: str | None, opts: EngineOptions, quiet: bool = False,
     if is_default and not quiet:
         print("note: no --model given; running the embedded default, a tiny model with RANDOM weights "
               "(its text is meaningless). Use --model DIR|ORG/NAME|alias for a real model.", file=sys.stderr)
+    if not quiet and first_tuning(opts):
+        from kernels.tuning_cache import cache_dir
+        print("note: first run with this GPU and software: kernels are compiled and tuned on first use "
+              f"(about 35 s more on an H100); later runs reuse them ({cache_dir()})", file=sys.stderr)
     bar = tqdm(total=0, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr,
                disable=quiet, leave=False, delay=0.5)  # shown only when loading takes a while
 
@@ -80,6 +84,15 @@ def load_engine(spec: str | None, opts: EngineOptions, quiet: bool = False,
     finally:
         bar.close()
     return engine, is_default
+
+
+def first_tuning(opts: EngineOptions) -> bool:
+    """Whether this run will tune Triton kernels from scratch (CUDA, triton kernels, no cached results)."""
+    device = pick_device(opts.device)
+    if device.type != "cuda" or opts.kernels == "torch":
+        return False
+    from kernels.tuning_cache import enabled, has_entries
+    return enabled(device) and not has_entries(device)
 
 
 def plan_summary(engine: Engine) -> str:

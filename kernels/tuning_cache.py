@@ -189,7 +189,8 @@ class TuningCache:
 _CACHES: dict[Path, TuningCache] = {}
 
 
-def _enabled(device: torch.device) -> bool:
+def enabled(device: torch.device) -> bool:
+    """Whether the cache is on for ``device`` (CUDA, not the interpreter, LAYERSTREAM_TUNING_CACHE != 0)."""
     return (device.type == "cuda" and os.environ.get("LAYERSTREAM_TUNING_CACHE", "1") != "0"
             and os.environ.get("TRITON_INTERPRET") != "1")
 
@@ -207,7 +208,7 @@ def _device_info(device: torch.device) -> tuple[str, tuple[int, int], int]:
 
 def _cache_for(device: torch.device) -> TuningCache | None:
     """The cache of ``device`` with the running software; None where the cache is off."""
-    if not _enabled(device):
+    if not enabled(device):
         return None
     name, capability, sms = _device_info(device)
     stem = file_stem(name, capability, sms, torch.__version__, triton.__version__, _kernels_digest())
@@ -217,6 +218,16 @@ def _cache_for(device: torch.device) -> TuningCache | None:
                   "torch": torch.__version__, "triton": triton.__version__}
         _CACHES[path] = TuningCache(path, header)
     return _CACHES[path]
+
+
+def has_entries(device: torch.device) -> bool:
+    """Whether an earlier process left tuning results for ``device`` with this software (False
+    where the cache is off or unreadable)."""
+    try:
+        cache = _cache_for(device)
+        return cache is not None and cache.path.is_file()
+    except Exception:  # noqa: BLE001 - only decides whether to print a note
+        return False
 
 
 def _key_str(key: tuple) -> str:

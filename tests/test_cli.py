@@ -192,3 +192,20 @@ def test_interactive_chat(capsys, tiny_qwen2_dir, monkeypatch):
     assert len(ids2) > len(ids1) + len(gen1.token_ids[0])
     assert gen1.texts[0] in out and gen2.texts[0] in out
     assert err.count("tok/s") >= 2 and "Traceback" not in err
+
+
+def test_first_tuning_note_only_when_kernels_will_be_tuned(tiny_qwen2_dir, capsys, monkeypatch):
+    """The note appears before loading when the Triton kernels have nothing cached for this GPU
+    (faked here: the CPU run has none to tune), never with --json, never on the CPU."""
+    assert not cli_session.first_tuning(cli_session.options_from_args(
+        cli_session_args(["--device", "cpu"])))
+    monkeypatch.setattr(cli_session, "first_tuning", lambda opts: True)
+    assert main(["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "1", *CPU]) == 0
+    assert "first run with this GPU and software" in capsys.readouterr().err
+    _, err = run_json(capsys, ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "1", *CPU])
+    assert "first run" not in err
+
+
+def cli_session_args(argv: list[str]):
+    from engine.run import build_parser
+    return build_parser().parse_args(argv)

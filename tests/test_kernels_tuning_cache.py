@@ -220,7 +220,7 @@ def test_rope_reuses_the_cached_launch_shape(cache_root: Path, monkeypatch: pyte
     """The rope tuner stores its timed pick; a later process applies it without timing."""
     if INTERPRET:  # kernels still run in the interpreter; the cache is forced on
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(tc, "_enabled", lambda device: True)
+    monkeypatch.setattr(tc, "enabled", lambda device: True)
     monkeypatch.setattr(rope, "_TUNED", {})
     monkeypatch.setattr(rope, "_tunable", lambda q: True)
     sms = rope._num_sms(0) if torch.cuda.is_available() else 1
@@ -269,3 +269,10 @@ def test_gemv_reuses_the_cached_config(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setattr(gemv_mod, "_pick", no_timing)
     assert rel_err(gemv_mod.gemv(x, w), ref) < 1e-2
     assert list(gemv_mod._TUNED.values()) == [tuned_cfg]
+
+
+def test_has_entries_after_a_store(cache_root: Path) -> None:
+    assert tc.enabled(GPU) and not tc.has_entries(GPU)
+    tc.store(GPU, "gemv", (1, 2), {"x": 1})
+    assert tc.has_entries(GPU)
+    assert not tc.has_entries(torch.device("cpu"))
