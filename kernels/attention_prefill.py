@@ -16,6 +16,7 @@
 #          masked.  D is padded to a power of two (>= 16) with masks.
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -25,7 +26,7 @@ import triton.language as tl
 from kernels import tuning_cache
 from kernels.checks import check_kv_cache
 from kernels.flash_common import online_softmax_pv, qk_scores
-from kernels.tuning import bench_ms, tuning_suspended
+from kernels.tuning import bench_ms, fastest, tuning_suspended
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -74,7 +75,7 @@ def _prefill_block(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, n0,
 @triton.jit
 def _attention_prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, qlen_ptr,
-    qk_scale, T, Hq, D, S, GROUP, T_BUCKET,
+    qk_scale, T, Hq, D, S, GROUP,
     sq_b, sq_t, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_t, so_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
@@ -123,10 +124,13 @@ def _attention_prefill_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m < T)[:, None] & d_mask[None, :])
 
 
-_prefill_tuned = triton.autotune(configs=_configs(), key=["T_BUCKET", "BLOCK_D", "GROUP"],
-                                 do_bench=bench_ms)(_attention_prefill_kernel)
-# (T bucket, BLOCK_D, group, dtype) -> tuned config; later calls skip the autotuner's overhead
+# (T bucket, BLOCK_D, group, dtype) -> tuned config
 _TUNED: dict[tuple, triton.Config] = {}
+
+
+def _launch(cfg: triton.Config, args: tuple, consts: dict, grid_m: int, grid_bh: int) -> None:
+    _attention_prefill_kernel[(triton.cdiv(grid_m, cfg.kwargs["BLOCK_M"]), grid_bh)](
+        *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _untimed_config(key: tuple, q: torch.Tensor) -> triton.Config | None:
@@ -138,7 +142,7 @@ def _untimed_config(key: tuple, q: torch.Tensor) -> triton.Config | None:
         return _TUNED[key]
     if tuning_suspended():
         return _default_config(q.dtype)
-    cfg = tuning_cache.choose(q.device, "attention_prefill", key, _prefill_tuned.configs)
+    cfg = tuning_cache.choose(q.device, "attention_prefill", key, _configs())
     if cfg is not None:
         _TUNED[key] = cfg
     return cfg
@@ -188,19 +192,17 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     t_bucket = min(triton.next_power_of_2(T), 4096)
     block_d = max(16, triton.next_power_of_2(D))
     args = (q, k_cache, v_cache, out, start_pos, q_lens, float(scale) * _LOG2E,
-            T, Hq, D, S, Hq // Hk, t_bucket,
+            T, Hq, D, S, Hq // Hk,
             *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3])
     consts = dict(BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32,
                   UPCAST=_INTERPRET and q.dtype == torch.bfloat16)
     key = (t_bucket, block_d, Hq // Hk, q.dtype)
+    run = functools.partial(_launch, args=args, consts=consts, grid_m=T, grid_bh=B * Hq)
     cfg = _TUNED.get(key) or _untimed_config(key, q)
-    if cfg is None:  # time the candidates (triton.autotune); keep the pick here and on disk
-        _prefill_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](*args, **consts)
-        _TUNED[key] = _prefill_tuned.best_config
-        tuning_cache.store(q.device, "attention_prefill", key, tuning_cache.config_to_json(_TUNED[key]))
-    else:
-        _attention_prefill_kernel[(triton.cdiv(T, cfg.kwargs["BLOCK_M"]), B * Hq)](
-            *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg is None:  # time the candidates (compiled in parallel first); keep the pick here and on disk
+        cfg = _TUNED[key] = fastest(_configs(), run, bench_ms, name="attention_prefill", device=q.device)
+        tuning_cache.store(q.device, "attention_prefill", key, tuning_cache.config_to_json(cfg))
+    run(cfg)
     return out
 
 
