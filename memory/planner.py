@@ -29,11 +29,11 @@ import logging
 import math
 from dataclasses import dataclass
 
-import psutil
 import torch
 
 from engine.config import ModelConfig
 from engine.layout import LayerLayout, expected_tensors
+from memory.budgets import check_workload, resolve_budget, resolve_host_budget
 from memory.plan import ModulePlan, Plan, kv_cache_bytes, tensor_bytes_from_config, workspace_bytes
 from memory.units import format_size
 
@@ -107,45 +107,8 @@ def minimum_budget(cfg: ModelConfig, dtype: torch.dtype, *, batch: int = 1, max_
                    prefill_chunk: int = 2048) -> int:
     """The smallest VRAM budget that can run: KV + workspace + norm + two staging slots
     (or the whole model resident, if that is smaller)."""
-    _check_workload(batch, max_context, prefill_chunk)
+    check_workload(batch, max_context, prefill_chunk)
     return _minimum(cfg, _sizes(cfg, dtype, batch, max_context, prefill_chunk))
-
-
-def _check_workload(batch: int, max_context: int, prefill_chunk: int) -> None:
-    for name, v in (("batch", batch), ("max_context", max_context), ("prefill_chunk", prefill_chunk)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
-def _resolve_budget(vram_budget: int | None, device_free: int | None, all_resident: int, notes: list[str]) -> int:
-    if vram_budget is not None and vram_budget <= 0:
-        raise ValueError(f"VRAM budget must be positive, got {vram_budget}: pass e.g. --vram-budget 6GiB")
-    if device_free is not None and device_free <= 0:
-        raise ValueError(f"the GPU reports {device_free} bytes free: close other processes using it")
-    if vram_budget is None and device_free is None:
-        notes.append("no VRAM budget and no device memory figure (CPU): planning everything resident")
-        return all_resident
-    if vram_budget is None:
-        notes.append(f"no VRAM budget given: using the GPU's free memory, {format_size(device_free)}")
-        return device_free
-    if device_free is not None and vram_budget > device_free:
-        notes.append(f"VRAM budget {format_size(vram_budget)} exceeds the GPU's free memory "
-                     f"{format_size(device_free)}: clamped to {format_size(device_free)}")
-        return device_free
-    return vram_budget
-
-
-def _resolve_host_budget(host_budget: int | None, notes: list[str]) -> int:
-    if host_budget is not None:
-        if host_budget < 0:
-            raise ValueError(f"host budget must be >= 0, got {host_budget}: pass e.g. --host-budget 32GB")
-        return host_budget
-    vm = psutil.virtual_memory()
-    margin = max(2 << 30, vm.total // 10)
-    budget = max(0, vm.available - margin)
-    notes.append(f"host budget: {format_size(vm.available)} available minus a {format_size(margin)} margin "
-                 f"= {format_size(budget)}")
-    return budget
 
 
 @dataclass(frozen=True)
@@ -269,13 +232,13 @@ def make_plan(cfg: ModelConfig, tensor_bytes: dict[str, int], dtype: torch.dtype
     is clamped with a note. ``host_budget`` None is the available RAM minus max(2 GiB, 10%).
     Raises ValueError when the budget is below :func:`minimum_budget`.
     """
-    _check_workload(batch, max_context, prefill_chunk)
+    check_workload(batch, max_context, prefill_chunk)
     if not h2d_gbps > 0:
         raise ValueError(f"h2d_gbps must be positive, got {h2d_gbps}")
     w = _Workload(dtype, batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps)
     notes: list[str] = []
     s = _sizes(cfg, dtype, batch, max_context, prefill_chunk, tensor_bytes)
-    budget = _resolve_budget(vram_budget, device_free, _all_resident_bytes(cfg, s), notes)
+    budget = resolve_budget(vram_budget, device_free, _all_resident_bytes(cfg, s), notes)
     if budget < (minimum := _minimum(cfg, s)):
         what = "VRAM budget" if budget == vram_budget else "the GPU's free memory"
         raise ValueError(
@@ -287,7 +250,7 @@ def make_plan(cfg: ModelConfig, tensor_bytes: dict[str, int], dtype: torch.dtype
         notes.append(f"max_context {max_context} exceeds the model's max_position_embeddings "
                      f"{cfg.max_position_embeddings}: quality beyond it is not guaranteed")
     r = _choose_residency(cfg, s, budget)
-    host = _resolve_host_budget(host_budget, notes)
+    host = resolve_host_budget(host_budget, notes)
     plan = _assemble(cfg, s, r, _assign_tiers(cfg, s, r, host), w, budget, host, notes)
     for note in plan.notes:
         log.info("memory plan: %s", note)
