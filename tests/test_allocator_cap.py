@@ -72,3 +72,42 @@ def test_cli_out_of_memory_is_one_clear_line(monkeypatch, capsys):
     assert "Traceback" not in err and "more detail" not in err
     assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
     assert "raise --vram-budget" in err and "memreport" in err
+
+
+@pytest.fixture
+def fake_cap(monkeypatch):
+    """engine.engine with a recording AllocatorCap and a 'cuda' device whose loading fails early."""
+    import engine.engine as engine_mod
+    events = []
+
+    class FakeCap:
+        def __init__(self, device, budget):
+            events.append(("cap", device.type, budget))
+
+        def release(self):
+            events.append("release")
+
+    def no_gpu(*args, **kwargs):
+        raise RuntimeError("no GPU on this machine")
+
+    monkeypatch.setattr(engine_mod, "AllocatorCap", FakeCap)
+    monkeypatch.setattr(engine_mod, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (TOTAL, TOTAL))
+    monkeypatch.setattr(engine_mod, "h2d_bandwidth", lambda device: (25.0, "test"))
+    monkeypatch.setattr(engine_mod, "WeightManager", no_gpu)
+    return engine_mod, events
+
+
+def test_engine_caps_before_loading_and_releases_when_loading_fails(tiny_qwen2_dir, fake_cap):
+    engine_mod, events = fake_cap
+    with pytest.raises(RuntimeError, match="no GPU"):
+        engine_mod.Engine(tiny_qwen2_dir, engine_mod.EngineOptions(device="cuda", kernels="torch", vram_budget=1 << 30))
+    assert events == [("cap", "cuda", 1 << 30), "release"]
+
+
+@pytest.mark.parametrize("opts", [dict(vram_budget=None), dict(vram_budget=1 << 30, cap_allocator=False)])
+def test_no_cap_without_a_budget_or_when_turned_off(tiny_qwen2_dir, fake_cap, opts):
+    engine_mod, events = fake_cap
+    with pytest.raises(RuntimeError, match="no GPU"):
+        engine_mod.Engine(tiny_qwen2_dir, engine_mod.EngineOptions(device="cuda", kernels="torch", **opts))
+    assert events == []
