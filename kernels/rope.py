@@ -16,11 +16,11 @@
 #          apart (28 + 4 heads: one 32-head tile).  q/k loads are issued before the position ->
 #          cos/sin gather so the latencies overlap; table rows are read once per head block.
 # Tuning:  heuristic (_launch_shape: the largest head block padding Hq+Hk by <= 1/4, ~32 KB of
-#          q/k per program, >= 2 programs per SM) when KERNELS_AUTOTUNE=0, off CUDA or inside a
-#          CUDA-graph capture (not cached).  Otherwise the first call per (next_pow2(B*T), Hq, Hk,
-#          D, dtype) times (BLOCK_T, BLOCK_H, num_warps) candidates around it by CUDA-graph replay
-#          (kernels.tuning.graph_ms) on zeroed scratch laid out like q/k (the caller's tensors
-#          are never touched; past _SCRATCH_BYTES, on fewer tokens) and caches the fastest.
+#          q/k per program, >= 2 programs per SM) when KERNELS_AUTOTUNE=0, off CUDA, in a graph
+#          capture or kernels.tuning.untuned() (not cached).  Otherwise the first call per
+#          (next_pow2(B*T), Hq, Hk, D, dtype) compiles (BLOCK_T, BLOCK_H, num_warps) candidates in
+#          parallel, times them by CUDA-graph replay on zeroed scratch laid out like q/k (never the
+#          caller's tensors; past _SCRATCH_BYTES, fewer tokens); the fastest is kept (also on disk).
 from __future__ import annotations
 
 import functools
