@@ -208,6 +208,11 @@ def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: trito
             num_warps=8 if block_s * block_d >= 8192 else 4, **({"launch_pdl": True} if pdl else {}))
 
 
+def _pairs(splits: list[int]) -> list[tuple[int, triton.Config]]:
+    """Every (split count, config) the tuner times; the one-kernel merge only where splits > 1."""
+    return [(s, c) for s in splits for c in _configs(fused=s > 1)]
+
+
 def _tune(q, k_cache, v_cache, scale: float, max_len: int, candidates: list[int],
           timer=None) -> tuple[int, triton.Config] | None:
     """Time every (split count, config, merge) at full length; return the fastest (None: none ran).
@@ -219,7 +224,7 @@ def _tune(q, k_cache, v_cache, scale: float, max_len: int, candidates: list[int]
         timer = functools.partial(graph_ms, cold=fits_l2(kv_bytes, q.device))
     seq = torch.full((B,), max_len, device=q.device, dtype=torch.int32)  # not the warm-up's lengths
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
-    cands = [(s, c) for s in candidates for c in _configs(fused=s > 1)]
+    cands = _pairs(candidates)
     precompile(cands, lambda sc: _launch(q, k_cache, v_cache, seq, scale, *sc, out), q.device)
     best = (float("inf"), None)
     for splits, cfg in cands:
@@ -248,10 +253,9 @@ def _plan(q, k_cache, v_cache, scale: float, max_len: int) -> tuple[int, triton.
         _TUNED[key] = plan
     elif not torch.cuda.is_current_stream_capturing():  # cannot time inside a capture: default, untuned
         splits = _split_candidates(sms, B, Hk, max_len)
-        choices = [(s, c) for s in splits for c in _configs(fused=s > 1)]
         tune = functools.partial(_tune, q, k_cache, v_cache, scale, max_len, splits)
         as_json = lambda p: [p[0], tuning_cache.config_to_json(p[1])]  # noqa: E731
-        plan = _TUNED[key] = tuning_cache.tuned(q.device, "attention_decode", key, choices, tune, as_json) or plan
+        plan = _TUNED[key] = tuning_cache.tuned(q.device, "attention_decode", key, _pairs(splits), tune, as_json) or plan
     return plan
 
 
