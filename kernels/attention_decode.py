@@ -255,7 +255,8 @@ def _plan(q, k_cache, v_cache, scale: float, max_len: int) -> tuple[int, triton.
         splits = _split_candidates(sms, B, Hk, max_len)
         tune = functools.partial(_tune, q, k_cache, v_cache, scale, max_len, splits)
         as_json = lambda p: [p[0], tuning_cache.config_to_json(p[1])]  # noqa: E731
-        plan = _TUNED[key] = tuning_cache.tuned(q.device, "attention_decode", key, _pairs(splits), tune, as_json) or plan
+        plan = _TUNED[key] = tuning_cache.tuned(q.device, "attention_decode", key, _pairs(splits), tune,
+                                                as_json) or plan
     return plan
 
 
