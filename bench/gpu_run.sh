@@ -50,4 +50,17 @@ if [[ $steps == *8* ]]; then  # start-up of three CLI processes: empty tuning ca
     > $R/startup.txt 2>&1
   echo "startup rc=$?"; tail -5 $R/startup.txt
 fi
+if [[ $steps == *9* ]]; then  # where a warm start's time goes: a warm-up process, then one under cProfile
+  C="python3 -m engine.run --model $M --vram-budget 6GB --prompt hi --max-new-tokens 4"
+  LAYERSTREAM_CACHE=/tmp/lscache timeout 200 $C > /dev/null 2>&1; echo "warm-up rc=$?"
+  python3 -c "import time; t = time.perf_counter(); import torch, triton; print(f'import torch+triton {time.perf_counter() - t:.2f} s')" \
+    > $R/startup_profile.txt 2>&1
+  t0=$(date +%s.%N)
+  LAYERSTREAM_CACHE=/tmp/lscache timeout 200 python3 -m cProfile -o $R/startup.prof -m engine.run --model $M \
+    --vram-budget 6GB --prompt hi --max-new-tokens 4 -v > $R/startup_run.txt 2>&1; echo "profiled rc=$?"
+  echo "profiled process wall $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s" >> $R/startup_profile.txt
+  python3 -c "import pstats; pstats.Stats('$R/startup.prof').sort_stats('cumulative').print_stats(60)" \
+    >> $R/startup_profile.txt 2>&1
+  head -3 $R/startup_profile.txt; grep -m 25 -E "engine|streamer|memory|kernels" $R/startup_profile.txt
+fi
 tar czf $OUT/results.tar.gz -C $R .

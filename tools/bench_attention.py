@@ -3,7 +3,9 @@ time a kernel that only reads the same KV bytes needs) and causal prefill (again
 
 Why the read floor: at batch 1 and 4k tokens the KV cache of one Qwen2.5-7B layer is 8.4 MB,
 under 3 us of HBM traffic, so a kernel's launch, ramp-up and tail dominate; the floor row says
-what fraction of the copy ceiling any kernel reading those bytes once reaches in the same timing.
+what fraction of the copy ceiling any kernel reading those bytes once reaches in the same timing,
+and the copy row what the ceiling's own operation (a device copy, cuda's copy kernel) reaches
+when it moves as many bytes (reads half, writes half).
 """
 from __future__ import annotations
 
@@ -46,6 +48,16 @@ def _read_floor(b: Bench, sets: list[tuple]) -> tuple[tuple[float, float], str] 
     return best
 
 
+def _copy_same_traffic(b: Bench, kv_bytes: int) -> tuple[float, float]:
+    """(graph, eager) ms of a device copy that reads kv_bytes / 2 and writes kv_bytes / 2."""
+    n = kv_bytes // 2
+
+    def make() -> tuple:
+        return torch.empty(n, device="cuda", dtype=torch.uint8), torch.empty(n, device="cuda", dtype=torch.uint8)
+    pairs = copies(make, kv_bytes)
+    return b.time_ms([lambda p=p: p[1].copy_(p[0]) for p in pairs])
+
+
 def _sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     try:
         return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)
@@ -82,6 +94,8 @@ def bench_decode_attn(b: Bench, contexts: list[int], batches: list[int]) -> None
             floor = _read_floor(b, sets)
             if floor is not None:
                 b.add("decode_attn", "kv_read_floor", shape, floor[0], None, float(kv_bytes), "GB/s", floor[1])
+            b.add("decode_attn", "copy_same_bytes", shape, _copy_same_traffic(b, kv_bytes), None,
+                  float(kv_bytes), "GB/s", "device copy, kv_bytes / 2 read + kv_bytes / 2 written")
             del sets
             torch.cuda.empty_cache()
 
