@@ -29,7 +29,7 @@ fi
 if [[ $steps == *6* ]]; then  # GPU tests, part 2 (a fresh machine compiles everything: two parts fit 10-minute calls)
   timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_attention_decode.py tests/test_kernels_rope.py \
     tests/test_kernels_elementwise.py tests/test_kernels_sampling.py tests/test_kernels_tuning.py \
-    tests/test_kernels_tuning_cache.py tests/test_kernels_untuned.py tests/test_allocator_cap.py > $R/pytest_gpu2.txt 2>&1
+    tests/test_kernels_tuning_cache.py tests/test_kernels_untuned.py tests/test_allocator_cap.py tests/test_pinning.py > $R/pytest_gpu2.txt 2>&1
   echo "pytest2 rc=$?"; tail -6 $R/pytest_gpu2.txt
 fi
 if [[ $steps == *4* ]]; then  # memreport at 6 GB with its pictures

@@ -1,7 +1,8 @@
 """Host-side sources of streamed weights: a pinned cache, or the mapped file via a reader ring.
 
 Pinned tier: each streamed layer is packed once (in parallel threads) into its own
-contiguous pinned buffer, so sending it to the GPU is a single async copy.
+contiguous host buffer, page-locked in place right after (streamer.pinning), so sending it
+to the GPU is a single async copy.
 Disk tier: background threads pack a layer straight from the memory-mapped
 safetensors (which reads the disk) into one of a few pinned ring buffers, ahead of
 the copy stream; a ring buffer is refilled only after its last copy has finished.
@@ -17,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from streamer.pinning import PinnedSet
+
 log = logging.getLogger(__name__)
 
 Packer = Callable[[torch.Tensor], None]  # packs one unit's bytes into the given flat uint8 buffer
@@ -27,13 +30,19 @@ def alloc_host(nbytes: int, pin: bool) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and torch.cuda.is_available())
 
 
-def pack_all(packers: dict[int, Packer], nbytes: dict[int, int], pin: bool, threads: int,
+def pack_all(packers: dict[int, Packer], nbytes: dict[int, int], pins: PinnedSet | None, threads: int,
              progress: Callable[[int], None] | None = None) -> dict[int, torch.Tensor]:
-    """Allocate and fill one host buffer per unit, in parallel; returns unit -> buffer."""
-    bufs = {u: alloc_host(nbytes[u], pin) for u in packers}
+    """Allocate and fill one host buffer per unit, in parallel; returns unit -> buffer.
+
+    With ``pins`` every buffer is page-locked through it once filled (in the same worker
+    thread); the caller releases ``pins`` when done with the buffers.
+    """
+    bufs: dict[int, torch.Tensor] = {}
 
     def work(u: int) -> int:
-        packers[u](bufs[u])
+        buf = torch.empty(nbytes[u], dtype=torch.uint8)
+        packers[u](buf)
+        bufs[u] = buf if pins is None else pins.pin(buf)
         return nbytes[u]
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:

@@ -21,6 +21,7 @@ from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.layout import LayerLayout
 from streamer.host import DiskReader, pack_all
+from streamer.pinning import PinnedSet
 from streamer.sources import Unit, UnitSource
 from streamer.sync import Sync, SyncLog
 from streamer.trace import Tracer
@@ -88,7 +89,8 @@ class WeightManager:
         pinned = {j: (lambda buf, u=u: self.source.pack_mapped(u, buf)) for j, u in enumerate(self.units)
                   if not ((u.kind == "layer" and u.index in disk) or (u.kind == "lm_head" and head_on_disk))}
         sizes = {j: u.nbytes for j, u in enumerate(self.units)}
-        self.host_bufs = pack_all(pinned, sizes, pin=True, threads=threads, progress=self._progress)
+        self.pins = PinnedSet() if self.sync.cuda else None
+        self.host_bufs = pack_all(pinned, sizes, self.pins, threads=threads, progress=self._progress)
         self.disk = DiskReader(3, self.plan.slot_bytes, pin=True) if len(pinned) < len(self.units) else None
 
     # ----- the pipeline -----
@@ -204,6 +206,11 @@ class WeightManager:
             self._release()
 
     def close(self) -> None:
+        """Stop the disk reader, close the files and unlock the host buffers (after pending copies)."""
+        if self.sync.cuda:
+            torch.cuda.synchronize(self.device)
         if self.disk is not None:
             self.disk.close()
         self.source.close()
+        if self.pins is not None:
+            self.pins.release()

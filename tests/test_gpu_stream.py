@@ -50,8 +50,11 @@ def _run(model_dir, budget, kernels, batch=1):
         plan = engine.plan
         # triton kernels decode through CUDA graph pieces, streamed layers included (no silent fallback)
         assert (engine.graph is not None) == (kernels == "triton")
+        host = list(engine.weights.host_bufs.values())
+        assert all(b.is_pinned() for b in host)  # page-locked in place: copies out of them are async
         engine.close()
         assert torch.cuda.get_per_process_memory_fraction(0) == 1.0
+        assert not any(b.is_pinned() for b in host)  # close() unlocked them
         del engine
         return gen.token_ids, peak, plan
     finally:
