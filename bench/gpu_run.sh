@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One device-machine session: benchmarks first, then GPU correctness, each step time-boxed.
 # A call runs the steps named in $1 (default "123456", more than one 10-minute call, so split it,
-# e.g. `bash bench/gpu_run.sh 124`, then `5`, then `3`, then `6`; the GPU tests are steps 3 and 6). Everything lands in $OUT/results.tar.gz (the device tool returns at most 8 files).
+# e.g. `bash bench/gpu_run.sh 124`, then `5`, then `3`, then `6`; the GPU tests are steps 3 and 6;
+# 7: all resident only, 8: start-up of three processes, 9: cProfile of a warm start). Everything lands in $OUT/results.tar.gz (the device tool returns at most 8 files).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-OUT=${OUT:-/tmp/out}; R=/tmp/results; mkdir -p "$OUT" $R
+OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R  # a reused machine may hold older files
 M=/tmp/q7b
 steps=${1:-123456}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -41,7 +41,7 @@ from kernels import tuning_cache
 from kernels.checks import check_decode_inputs
 from kernels.flash_common import chunk_len, merge_splits, online_softmax_pv, qk_scores, store_rows
 from kernels.tickets import counters, last_ticket
-from kernels.tuning import fits_l2, graph_ms, precompile
+from kernels.tuning import NoCandidate, fastest, fits_l2, graph_ms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -224,17 +224,11 @@ def _tune(q, k_cache, v_cache, scale: float, max_len: int, candidates: list[int]
         timer = functools.partial(graph_ms, cold=fits_l2(kv_bytes, q.device))
     seq = torch.full((B,), max_len, device=q.device, dtype=torch.int32)  # not the warm-up's lengths
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
-    cands = _pairs(candidates)
-    precompile(cands, lambda sc: _launch(q, k_cache, v_cache, seq, scale, *sc, out), q.device)
-    best = (float("inf"), None)
-    for splits, cfg in cands:
-        try:
-            ms = timer(lambda s=splits, c=cfg: _launch(q, k_cache, v_cache, seq, scale, s, c, out))
-        except _SKIP:
-            continue
-        if ms < best[0]:
-            best = (ms, (splits, cfg))
-    return best[1]
+    try:
+        return fastest(_pairs(candidates), lambda sc: _launch(q, k_cache, v_cache, seq, scale, *sc, out), timer,
+                       name="attention_decode", device=q.device, skip=_SKIP)
+    except NoCandidate:
+        return None
 
 
 # (B, Hk, bound, group, D, dtype) -> (split count, config incl. FUSED); later calls skip the tuning

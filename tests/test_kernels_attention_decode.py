@@ -84,9 +84,9 @@ def test_attention_decode_tune_picks_fastest(fastest: tuple) -> None:
     q, k, v, sl = _decode_inputs(2, 8, 2, 64, 70, [70, 16], torch.float16)
     timed = []
 
-    def timer(fn):  # fake times by (split count, merge in one kernel): the lambda's defaults
+    def timer(fn):  # fake times by (split count, merge in one kernel): the candidate is the lambda's default
         fn()
-        splits, cfg = fn.__defaults__
+        (splits, cfg), = fn.__defaults__
         timed.append((splits, bool(cfg.kwargs.get("FUSED"))))
         return 1.0 if timed[-1] == fastest else 2.0 + splits
 

@@ -72,3 +72,55 @@ def test_precompile_runs_each_candidate_once_from_threads(monkeypatch) -> None:
     tuning.precompile([0, 1], run, torch.device("cpu"))
     tuning.precompile([0], run, dev)
     assert seen == []
+
+
+def _scripted_timer(times: dict[str, list[float]], log: list[str]):
+    """A timer that runs fn (which records its config in log) and returns that config's next time."""
+    def timer(fn) -> float:
+        fn()
+        return times[log[-1]].pop(0)
+    return timer
+
+
+def test_fastest_retimes_close_candidates_and_keeps_the_lowest_median() -> None:
+    # b wins the first pass by luck; its next timings and a's say a is faster; c is far off
+    times = {"a": [1.05, 1.00, 1.01], "b": [1.00, 1.20, 1.19], "c": [3.0]}
+    log: list[str] = []
+    assert tuning.fastest(list(times), log.append, _scripted_timer(times, log)) == "a"
+    assert log == ["a", "b", "c", "b", "a", "b", "a"]  # c is not a finalist; round robin in rank order
+
+
+def test_fastest_skips_failures_and_rejects_and_raises_when_none_is_left() -> None:
+    def run(cfg: str) -> None:
+        if cfg == "broken":
+            raise ValueError("cannot compile")
+
+    def timer(fn) -> float:
+        fn()
+        return 1.0
+
+    assert tuning.fastest(["broken", "ok", "wrong"], run, timer, accept=lambda c: c != "wrong") == "ok"
+    try:
+        tuning.fastest(["broken", "wrong"], run, timer, accept=lambda c: c != "wrong")
+    except tuning.NoCandidate as e:
+        assert "no candidate" in str(e)
+    else:
+        raise AssertionError("fastest returned without a runnable candidate")
+
+
+def test_fastest_skip_only_catches_the_given_errors() -> None:
+    def run(cfg: str) -> None:
+        raise KeyError(cfg)  # a bug, not a config the GPU cannot run
+
+    try:
+        tuning.fastest(["a", "b"], run, lambda fn: fn(), skip=(ValueError,))
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("a bug in run() was swallowed")
+
+
+def test_fastest_returns_a_single_candidate_untimed() -> None:
+    def timer(fn) -> float:
+        raise AssertionError("timed a single candidate")
+    assert tuning.fastest(["only"], lambda c: None, timer) == "only"
