@@ -140,14 +140,17 @@ def test_pick_skips_failing_and_wrong_candidates(monkeypatch: pytest.MonkeyPatch
             raise RuntimeError("out of shared memory")
         out.copy_(-right if last[-1] == "wrong" else right)
 
-    def fake_bench_ms(fn) -> float:
+    colds = set()
+
+    def fake_graph_ms(fn, cold: bool = False) -> float:
+        colds.add(cold)
         fn()
         return times[last[-1]]
 
-    monkeypatch.setattr(gemm_mod, "bench_ms", fake_bench_ms)
+    monkeypatch.setattr(gemm_mod, "graph_ms", fake_graph_ms)
     cands = [triton.Config({"tag": t}) for t in times]
-    assert gemm_mod._pick(cands, run, out).kwargs["tag"] == "good"
-    assert last == list(times)
+    assert gemm_mod._pick(cands, run, out, cold=True).kwargs["tag"] == "good"
+    assert last == list(times) and colds == {True}
 
 
 # --------------------------------------------------- real shapes, CUDA only ----
