@@ -128,9 +128,10 @@ def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None], out:
           cold: bool = False) -> triton.Config:
     """Time every candidate (writing into out); return the fastest whose output agrees with the first's.
 
-    Timed warm and eager (bench_ms), the qkv and o projections at 2048 tokens kept configs 5%
-    and 9% slower on rotating weights than the best (bench/probe_gemm_pick.py, H100 run 11);
-    graph replays after an L2 flush (cold) rank them closer to that."""
+    Timed warm and eager (bench_ms), three fresh picks for the 7B's qkv and o projections at
+    2048 tokens ran up to 10% and 13% slower on rotating weights than the best candidate
+    (bench/probe_gemm_pick.py, H100 run 11); timed cold in graphs, they ran 111-114 and
+    78-82 us against best candidates of 114 and 81 us in the same probe."""
     ref: list[torch.Tensor] = []
 
     def agrees(_cfg: triton.Config) -> bool:
