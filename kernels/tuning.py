@@ -173,7 +173,7 @@ def fastest(cands: list, run, timer, accept=None, name: str = "kernel", device: 
     ``device`` the candidates are compiled in parallel first (:func:`precompile`).
 
     One timing per candidate picks wrongly when candidates are close: the batch-8 qkv GEMV on
-    the H100 kept a config 8% slower than the best in one of three runs. So the up to
+    the H100 kept a config ~9% slower than the best in two of four runs. So the up to
     _FINALISTS fastest within _CLOSE of the best are timed _RETIMES more times, in turn (drift
     hits them alike), and the lowest median of each one's timings wins.
     """
