@@ -24,6 +24,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# cudaHostRegisterPortable: page-locked for every CUDA context, not only the calling thread's
+# current device's (the packing threads never select the engine's device)
+_PORTABLE = 1
+
 
 def _unregister(bufs: list[torch.Tensor]) -> None:
     rt = torch.cuda.cudart()
@@ -54,7 +58,8 @@ class PinnedSet:
         assert buf.device.type == "cpu" and buf.is_contiguous(), "pin() takes a contiguous host tensor"
         if buf.numel() == 0:
             return buf
-        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
+        nbytes = buf.numel() * buf.element_size()
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, _PORTABLE)
         if int(err) != 0:
             if not self._warned:
                 self._warned = True
