@@ -20,7 +20,8 @@
 #          capture or kernels.tuning.untuned() (not cached).  Otherwise the first call per
 #          (next_pow2(B*T), Hq, Hk, D, dtype) compiles (BLOCK_T, BLOCK_H, num_warps) candidates in
 #          parallel, times them by CUDA-graph replay on zeroed scratch laid out like q/k (never the
-#          caller's tensors; past _SCRATCH_BYTES, fewer tokens); the fastest is kept (also on disk).
+#          caller's tensors; past _SCRATCH_BYTES, fewer tokens) through kernels.tuning.fastest;
+#          the fastest is kept (also on disk).
 from __future__ import annotations
 
 import functools
@@ -35,7 +36,7 @@ from triton.runtime.errors import OutOfResources, PTXASError
 
 from kernels import tuning_cache
 from kernels.checks import check_device
-from kernels.tuning import graph_ms, precompile, tuning_suspended
+from kernels.tuning import NoCandidate, fastest, graph_ms, tuning_suspended
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -163,16 +164,11 @@ def _tune(q, k, cos, sin, positions, cands: list[tuple[int, int, int]], timer=No
         t = max(1, min(q.shape[1], q.shape[0] * q.shape[1] * _SCRATCH_BYTES // span))
         q, k, positions = q[:1, :t], k[:1, :t], positions[:1, :t]
     sq, sk = _scratch_views(q, k)
-    precompile(cands, lambda c: _launch(sq, sk, cos, sin, positions, c), q.device)
-    best = (float("inf"), None)
-    for cfg in cands:
-        try:
-            ms = (timer or graph_ms)(lambda c=cfg: _launch(sq, sk, cos, sin, positions, c))
-        except _SKIP:
-            continue
-        if ms < best[0]:
-            best = (ms, cfg)
-    return best[1]
+    try:
+        return fastest(cands, lambda c: _launch(sq, sk, cos, sin, positions, c), timer or graph_ms,
+                       name="rope", device=q.device, skip=_SKIP)
+    except NoCandidate:
+        return None
 
 
 # (next_pow2(B*T), Hq, Hk, D, dtype) -> (BLOCK_T, BLOCK_H, num_warps); later calls skip the tuning

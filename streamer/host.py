@@ -4,8 +4,9 @@ Pinned tier: each streamed layer is packed once (in parallel threads) into its o
 contiguous host buffer, page-locked in place right after (streamer.pinning), so sending it
 to the GPU is a single async copy.
 Disk tier: background threads pack a layer straight from the memory-mapped
-safetensors (which reads the disk) into one of a few pinned ring buffers, ahead of
-the copy stream; a ring buffer is refilled only after its last copy has finished.
+safetensors (which reads the disk) into one of a few ring buffers (page-locked the same
+way, by the reader thread), ahead of the copy stream; a ring buffer is refilled only
+after its last copy has finished.
 """
 
 from __future__ import annotations
@@ -23,11 +24,6 @@ from streamer.pinning import PinnedSet
 log = logging.getLogger(__name__)
 
 Packer = Callable[[torch.Tensor], None]  # packs one unit's bytes into the given flat uint8 buffer
-
-
-def alloc_host(nbytes: int, pin: bool) -> torch.Tensor:
-    """A flat uint8 host buffer, page-locked when ``pin`` (and CUDA is present)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and torch.cuda.is_available())
 
 
 def pack_all(packers: dict[int, Packer], nbytes: dict[int, int], pins: PinnedSet | None, threads: int,
@@ -61,7 +57,8 @@ class DiskReader:
     """
 
     def __init__(self, ring: int, nbytes: int, pin: bool) -> None:
-        self.bufs = [alloc_host(nbytes, pin) for _ in range(ring)]
+        self.bufs = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(ring)]
+        self.pins = PinnedSet() if pin and torch.cuda.is_available() else None
         self.free_events: list = [None] * ring
         self.available = [threading.Event() for _ in range(ring)]
         for a in self.available:
@@ -84,6 +81,8 @@ class DiskReader:
         self.todo.put((g, r, packer))
 
     def _run(self) -> None:
+        if self.pins is not None:  # page-locked here, before any get(): off the loading thread
+            self.bufs = [self.pins.pin(b) for b in self.bufs]
         while True:
             item = self.todo.get()
             if item is None:
@@ -114,5 +113,8 @@ class DiskReader:
         self.available[r].set()
 
     def close(self) -> None:
+        """Stop the reader thread and unlock the ring (no copy out of it may still be in flight)."""
         self.todo.put(None)
         self.thread.join(timeout=5)
+        if self.pins is not None:
+            self.pins.release()

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from streamer.host import pack_all
+from streamer.host import DiskReader, pack_all
 from streamer.pinning import PinnedSet
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -66,3 +66,15 @@ def test_collected_set_unregisters_its_buffers():
     del pins
     gc.collect()
     assert not buf.is_pinned()
+
+
+@cuda
+def test_disk_ring_is_page_locked_by_its_thread_and_unlocked_on_close():
+    reader = DiskReader(2, 4096, pin=True)
+    reader.request(0, lambda buf: buf.fill_(7))
+    buf = reader.get(0)
+    assert buf.is_pinned() and bool((buf == 7).all())
+    reader.copied(0, None)
+    ring = list(reader.bufs)
+    reader.close()
+    assert not any(b.is_pinned() for b in ring)
