@@ -54,7 +54,7 @@ def resolve_or_default(spec: str | None) -> tuple[Path, bool]:
         return resolve_model(spec), False
     target = default_model_dir()
     if not (target / "config.json").is_file():
-        from tools.synth import synthesize
+        from engine.synth.writer import synthesize
         print(f"synthesizing the embedded default model into {target} (once)", file=sys.stderr)
         synthesize("default", target, dtype="bf16", seed=0, force=True)
     return target, True

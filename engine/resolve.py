@@ -4,7 +4,7 @@ Accepted specs, tried in order:
 
 * a directory path (absolute, relative or ``~``-prefixed) holding ``config.json``;
 * a Hugging Face repo id ``ORG/NAME`` looked up in the local hub cache;
-* a short, case-insensitive alias (see ``tools.presets.ALIASES``) resolved as a
+* a short, case-insensitive alias (see ``engine.synth.presets.ALIASES``) resolved as a
   repo id, falling back to the base (non-Instruct) repo when needed.
 
 Nothing is ever downloaded and no remote code is executed.
@@ -18,16 +18,12 @@ import os
 import re
 from pathlib import Path
 
+from engine.synth.presets import ALIASES
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelNotFoundError", "default_model_dir", "hf_hub_cache_dir", "resolve_model"]
 
-_FALLBACK_ALIASES: dict[str, str] = {
-    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
-    "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
-    "qwen3-8b": "Qwen/Qwen3-8B",
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
-}
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9_][\w.-]*/[\w.-]+$")
 _LAYOUT_HINT = "a Hugging Face model directory needs config.json + *.safetensors (+ tokenizer.json)"
 
@@ -59,14 +55,8 @@ def hf_hub_cache_dir() -> Path:
 
 
 def _aliases() -> dict[str, str]:
-    """Alias table (lower-cased keys): the colleague's presets, else the built-in one."""
-    try:
-        from tools.presets import ALIASES  # noqa: PLC0415 - lazy on purpose
-        table = dict(ALIASES)
-    except Exception as exc:  # ImportError, or a broken module: stay usable standalone
-        logger.debug("tools.presets.ALIASES unavailable (%s); using built-in aliases", exc)
-        table = _FALLBACK_ALIASES
-    return {k.lower(): v for k, v in table.items()}
+    """Alias table with lower-cased keys."""
+    return {k.lower(): v for k, v in ALIASES.items()}
 
 
 def _is_path_like(spec: str) -> bool:

@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory):
     """A synthesized tiny-qwen2 checkpoint (bf16 weights, tokenizer, chat template); read-only for tests."""
-    from tools.synth import synthesize
+    from engine.synth.writer import synthesize
 
     return synthesize("tiny-qwen2", tmp_path_factory.mktemp("synth") / "tiny-qwen2", dtype="bf16", seed=0)
 

@@ -158,7 +158,7 @@ def test_bad_model_dir(capsys, model_copy, no_unpickling, case):
 
 
 def test_missing_shard_named_by_index(capsys, tmp_path, no_unpickling):
-    from tools.synth import synthesize
+    from engine.synth.writer import synthesize
 
     d = synthesize("tiny-qwen2", tmp_path / "sharded", max_shard_bytes=150_000)
     index = json.loads((d / "model.safetensors.index.json").read_text())
@@ -173,7 +173,7 @@ def test_missing_shard_named_by_index(capsys, tmp_path, no_unpickling):
 
 def test_sharded_checkpoint_loads(capsys, tmp_path):
     """Control for the case above: the intact sharded checkpoint runs."""
-    from tools.synth import synthesize
+    from engine.synth.writer import synthesize
 
     d = synthesize("tiny-qwen2", tmp_path / "sharded", max_shard_bytes=150_000)
     rc, out, err = run_cli(capsys, ["--model", str(d), *BASE_ARGS, "--max-context", "256", "--json"])

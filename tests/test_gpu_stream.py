@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
-    from tools.synth import synthesize
+    from engine.synth.writer import synthesize
     out = tmp_path_factory.mktemp("q05") / "qwen2.5-0.5b"
     synthesize("qwen2.5-0.5b", out, dtype="bf16", seed=0, layers=12, device="cuda")
     return out

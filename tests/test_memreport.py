@@ -18,7 +18,7 @@ from memory.planner import minimum_budget
 from tools import memreport
 from tools.memreport_timeline import analyze_timeline
 from tools.report_render import save_timeline_png
-from tools.synth import synthesize
+from engine.synth.writer import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -88,7 +88,7 @@ def test_what_if_budget_is_exact(capsys, tmp_path):
                    "--host-budget", "64GB", "--h2d-gbps", "25")
     check_sums(rep)
     from memory.planner import make_plan, tensor_bytes_from_config
-    from tools.presets import PRESETS
+    from engine.synth.presets import PRESETS
     cfg = ModelConfig.from_dict(PRESETS["qwen2.5-7b"])
     need = rep["what_if"]["budget_needed_bytes"]
     kw = dict(host_budget=64 * 10**9, h2d_gbps=25.0)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -27,9 +25,6 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)
-    fake = types.ModuleType("tools.presets")
-    fake.ALIASES = dict(ALIASES)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tools.presets", fake)
     return home
 
 
@@ -147,13 +142,6 @@ def test_hf_hub_cache_beats_hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         resolve_model("Qwen/Qwen3-8B")
     winner = make_snapshot(hub, "Qwen/Qwen3-8B", "r2")
     assert resolve_model("Qwen/Qwen3-8B") == winner.resolve()
-
-
-def test_builtin_aliases_when_presets_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "tools.presets", None)  # import now raises ImportError
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    snap = make_snapshot(tmp_path / "hub", "Qwen/Qwen3-8B", "r1")
-    assert resolve_model("Qwen3-8B") == snap.resolve()
 
 
 def test_default_model_dir(tmp_path: Path, env: Path, monkeypatch: pytest.MonkeyPatch) -> None:

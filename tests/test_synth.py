@@ -1,4 +1,4 @@
-"""Tests for the synthetic-checkpoint tool (tools.synth, tools.presets, tools.synth_tokenizer)."""
+"""Tests for synthetic checkpoints (engine.synth: presets, tokenizer, writer) and the tools.synth CLI."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from tools import synth
-from tools.presets import ALIASES, PRESETS, is_tiny, resolve_preset
-from tools.synth import build_config, main, plan_shards, synthesize, tensor_specs
-from tools.synth_tokenizer import build_tokenizer
+from engine.synth import writer as synth
+from engine.synth.presets import ALIASES, PRESETS, is_tiny, resolve_preset
+from engine.synth.tokenizer import build_tokenizer
+from engine.synth.writer import build_config, plan_shards, synthesize, tensor_specs
+from tools.synth import main
 
 TINY = ["tiny-qwen2", "tiny-qwen2-tied", "tiny-qwen3", "tiny-llama", "tiny-mistral", "default"]
 TEXT = "Hello, wörld! Ünïcödé ✓ 😀👍🏽 你好，世界 こんにちは\n\ttabs  and   spaces 12345"

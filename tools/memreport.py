@@ -115,8 +115,8 @@ def _model_info(cfg: ModelConfig, source: str, file_dtype: torch.dtype, tensor_b
 def _plan_only(args, notes: list[str]) -> tuple[dict, PlanInputs, int | None, int | None]:
     """(model info, plan inputs, device free, card total) from headers or a preset, for any machine."""
     if args.preset:
-        from tools.presets import PRESETS, resolve_preset
-        from tools.synth import build_config
+        from engine.synth.presets import PRESETS, resolve_preset
+        from engine.synth.writer import build_config
         key = resolve_preset(args.preset)
         if key is None:
             raise ValueError(f"unknown --preset {args.preset!r}; known presets: {', '.join(PRESETS)}")

@@ -1,4 +1,4 @@
-"""Model presets for the synthetic-checkpoint tool (``tools.synth``).
+"""Model presets for the synthetic-checkpoint tool (``engine.synth``, CLI ``tools.synth``).
 
 ``PRESETS`` maps a preset name to the ``config.json`` dict of the real Hugging Face model
 (values as published for the repo named in ``ALIASES``).  ``PRESET_FAMILY`` names the family

@@ -1,4 +1,4 @@
-"""Synthetic byte-level BPE tokenizer for ``tools.synth`` checkpoints.
+"""Synthetic byte-level BPE tokenizer for synthetic checkpoints (``engine.synth``).
 
 A small BPE (~1k tokens: the embedded text runs out of merges before TRAIN_VOCAB_SIZE) is
 trained with the ``tokenizers`` library on an embedded English text plus all printable ASCII,
@@ -24,7 +24,7 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from tools.presets import FAMILIES
+from engine.synth.presets import FAMILIES
 
 TRAIN_VOCAB_SIZE = 1280
 
