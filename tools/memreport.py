@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tools/memreport.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", help="model directory, HF repo id or alias (default: the embedded tiny model)")
-    p.add_argument("--preset", help="with --plan-only: a tools.presets name (e.g. qwen2.5-72b), no checkpoint needed")
+    p.add_argument("--preset", help="with --plan-only: an engine.synth.presets name (e.g. qwen2.5-72b), no checkpoint needed")
     p.add_argument("--plan-only", action="store_true", help="plan and predict only: no GPU, no weights read")
     add_engine_args(p)
     p.add_argument("--context", dest="max_context", type=int, default=argparse.SUPPRESS,

@@ -137,7 +137,7 @@ def _proc_json(proc: Any) -> str:
 
 
 def build_tokenizer(family: str, relocate: bool = False) -> SynthTokenizer:
-    """Build the synthetic tokenizer of ``family`` (a key of ``tools.presets.FAMILIES``).
+    """Build the synthetic tokenizer of ``family`` (a key of ``engine.synth.presets.FAMILIES``).
 
     With ``relocate`` the special tokens follow the trained vocabulary directly (tiny presets);
     otherwise they sit at the family's real ids.
