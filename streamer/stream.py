@@ -54,7 +54,7 @@ class WeightStreamer:
         self.resident_buf = torch.empty(sum(u.nbytes for u in units), dtype=torch.uint8, device=self.device)
         starts = [sum(u.nbytes for u in units[:k]) for k in range(len(units))]
         views = [self.resident_buf[p:p + u.nbytes] for p, u in zip(starts, units)]
-        fills = {k: (lambda buf, u=u: self.reader.fill(u, buf)) for k, u in enumerate(units)}
+        fills = {k: (lambda buf, u=u: self.reader.fill(u, buf, parallel=True)) for k, u in enumerate(units)}
         if self.device.type == "cuda":
             upload_all(fills, dict(enumerate(views)), min(threads, 4), self._progress)
         else:  # the views are host memory: fill them in place
@@ -63,7 +63,7 @@ class WeightStreamer:
         return views
 
     def _load_streamed(self, threads: int) -> None:
-        pinned = {j: (lambda buf, u=u: self.reader.fill(u, buf)) for j, u in enumerate(self.units)
+        pinned = {j: (lambda buf, u=u: self.reader.fill(u, buf, parallel=True)) for j, u in enumerate(self.units)
                   if u.tier == "pinned"}
         sizes = {j: u.nbytes for j, u in enumerate(self.units)}
         self.pins = PinnedSet() if self.sync.cuda else None
