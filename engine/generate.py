@@ -44,25 +44,14 @@ def _check_prompts(engine: Engine, prompts: list[list[int]]) -> None:
 
 
 def prefill(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
-    """Run the prompts through the model in chunks; return fp32 logits [B, V] of each last token."""
-    dev, b = engine.device, len(prompts)
-    lens = [len(p) for p in prompts]
-    t_max = max(lens)
-    ids = torch.zeros((b, t_max), dtype=torch.long)
+    """Run the prompts through the model (layer-major, in chunks of ``--prefill-chunk`` tokens);
+    return fp32 logits [B, V] of each last token."""
+    b, lens = len(prompts), [len(p) for p in prompts]
+    ids = torch.zeros((b, max(lens)), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
     chunk = max(1, engine.opts.prefill_chunk // b)
-    last = torch.empty((b, engine.cfg.vocab_size), dtype=torch.float32, device=dev)
-    for c0 in range(0, t_max, chunk):
-        c1 = min(t_max, c0 + chunk)
-        q_lens = [max(0, min(n, c1) - c0) for n in lens]
-        with engine.ops.prompt_chunk(b * (c1 - c0)):
-            logits = engine.model.forward(ids[:, c0:c1].to(dev), torch.full((b,), c0, dtype=torch.int32, device=dev),
-                                          torch.tensor(q_lens, dtype=torch.int32, device=dev), engine.cache,
-                                          max_len=c1)
-        ends_here = [i for i, n in enumerate(lens) if c0 < n <= c1]
-        sel = torch.tensor(ends_here, dtype=torch.long, device=dev)  # may be empty: keep an index dtype
-        last[sel] = logits[sel]
+    last = engine.model.prefill(ids.to(engine.device), lens, chunk, engine.cache, engine.ops.prompt_chunk)
     engine.cache.lengths[:b] = lens
     return last
 
