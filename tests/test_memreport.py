@@ -120,7 +120,7 @@ def test_plan_only_tiny_checkpoint_bytes_match_headers(capsys, tmp_path, tiny):
 def test_plan_only_tiny_streaming_budget(capsys, tmp_path, tiny):
     cfg = ModelConfig.from_file(tiny / "config.json")
     budget = minimum_budget(cfg, torch.bfloat16, max_context=64, prefill_chunk=16) + 4096
-    rep = run_json(capsys, tmp_path, "--plan-only", "--model", str(tiny), "--vram-budget", str(budget),
+    rep = run_json(capsys, tmp_path, "--plan-only", "--model", str(tiny), "--vram-budget", f"{budget}B",
                    "--context", "64", "--prefill-chunk", "16", "--host-budget", "1GB")
     check_sums(rep)
     assert rep["plan"]["streamed_layers"] and rep["plan"]["max_context"] == 64
@@ -141,7 +141,7 @@ def test_full_cpu_run_writes_memory_png_and_report(capsys, tmp_path, tiny):
 def test_full_cpu_run_streaming_json(capsys, tmp_path, tiny):
     cfg = ModelConfig.from_file(tiny / "config.json")
     budget = minimum_budget(cfg, torch.float32, max_context=64, prefill_chunk=16) + 4096
-    rep = run_json(capsys, tmp_path, "--model", str(tiny), "--device", "cpu", "--vram-budget", str(budget),
+    rep = run_json(capsys, tmp_path, "--model", str(tiny), "--device", "cpu", "--vram-budget", f"{budget}B",
                    "--context", "64", "--prefill-chunk", "16", "--steps", "3")
     check_sums(rep)
     assert rep["mode"] == "cpu" and rep["vram"]["measured"] is None
