@@ -202,3 +202,48 @@ def test_first_tuning_note_only_when_kernels_will_be_tuned(tiny_qwen2_dir, capsy
 def cli_session_args(argv: list[str]):
     from engine.run import build_parser
     return build_parser().parse_args(argv)
+
+
+def test_cpu_run_prints_no_gpu_prediction_and_only_actionable_notes(capsys, tiny_qwen2_dir):
+    base = ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "2", *CPU]
+    assert main(base) == 0
+    err = capsys.readouterr().err
+    assert "note:" not in err and "predicted" not in err and "ms/step" not in err
+    assert main([*base, "--show-plan"]) == 0
+    err = capsys.readouterr().err
+    assert "predicted        : none for a CPU run" in err and "ms/step" not in err
+    nbytes = _budgets(tiny_qwen2_dir)["min"]
+    assert main([*base, "--vram-budget", f"{nbytes}B", "--host-budget", "0"]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "read from the checkpoint files" in notes[0] and "--host-budget" in notes[0]
+    assert "disk_gbps" not in err and "3 of them read from disk" in err
+
+
+def test_threads_sets_torch_compute_threads(capsys, tiny_qwen2_dir):
+    before = torch.get_num_threads()
+    try:
+        assert main(["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "1", "--threads", "1",
+                     *CPU]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_several_prompts_print_every_reply(capsys, tiny_qwen2_dir, tmp_path, greedy_ref):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("second prompt\n\nthird one\n")
+    argv = ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--prompts-file", str(prompts_file),
+            "--max-new-tokens", "3", *CPU]
+    obj, _ = run_json(capsys, [*argv, "--batch", "2"])  # 3 prompts in groups of 2
+    res = obj["results"]
+    assert [r["prompt"] for r in res] == ["hi", "second prompt", "third one"]
+    assert len(obj["group_stats"]) == 2 and [s["batch"] for s in obj["group_stats"]] == [2, 1]
+    for r in res:
+        assert r["token_ids"] == greedy_ref(r["prompt_token_ids"], 3)
+    assert main(argv) == 0  # default batch: all three together
+    out, err = capsys.readouterr()
+    assert err.count("--- reply ") == 3 and "--- reply 3/3 to: third one" in err
+    assert err.count("finish: ") == 3
+    for r in res:
+        assert r["text"] in out
