@@ -191,6 +191,7 @@ def test_bad_inputs_exit_cleanly(capsys, tmp_path, argv, needle):
     assert err.startswith("error: ") and needle in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_script_entry_points(tmp_path):
     """Runnable as ``python tools/memreport.py`` (no package context) and as ``python -m tools.memreport``."""
     ok = subprocess.run([sys.executable, str(ROOT / "tools" / "memreport.py"), "--plan-only", "--preset",
