@@ -223,3 +223,46 @@ def test_graph_steps_timed_as_generation_runs(tiny):
     assert summary["graph_tok_s"] > 0
     lines = _timing({"timing": {"summary": summary, "timeline": None}})
     assert any("generation replays CUDA graphs" in line for line in lines)
+
+
+def _budget_lines(ax) -> list:
+    return [line for line in ax.get_lines() if str(line.get_label()).startswith("budget")]
+
+
+def test_plan_only_picture_tells_the_streaming_story(capsys, tmp_path):
+    from tools.report_render import memory_figure
+    rep = run_json(capsys, tmp_path, "--plan-only", "--preset", "qwen2.5-7b", "--vram-budget", "6GB",
+                   "--host-budget", "8GB", "--h2d-gbps", "25", "--gpu-memory", "24GB")
+    p = rep["plan"]
+    streamed, disk = len(p["streamed_layers"]), len(p["disk_layers"])
+    assert streamed and disk and rep["vram"]["budget_given"]
+    fig, plt = memory_figure(rep)
+    ax = fig.axes[0]
+    title = ax.get_title()
+    assert f"{len(p['resident_layers'])}/28 layers resident, {streamed} streamed ({streamed - disk} from pinned " \
+           f"memory, {disk} from disk)" in title
+    assert f"predicted {p['predicted_step_s'] * 1e3:.1f} ms/step" in title
+    assert len(_budget_lines(ax)) == 1
+    plt.close(fig)
+    check_png(tmp_path / "memory.png")
+
+
+def test_no_budget_line_without_a_budget(capsys, tmp_path):
+    from tools.report_render import memory_figure
+    rep = run_json(capsys, tmp_path, "--plan-only", "--preset", "qwen2.5-7b", "--gpu-memory", "24GB",
+                   "--host-budget", "64GB")
+    assert rep["vram"]["budget_given"] is False
+    fig, plt = memory_figure(rep)
+    assert _budget_lines(fig.axes[0]) == [] and any("card" in str(x.get_label()) for x in fig.axes[0].get_lines())
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("total,budget,moved", [(5.0, 5.0, True), (5.0, 5.1, True), (5.0, 4.99, True),
+                                                (2.0, 5.0, False), (5.0, 3.0, False), (5.0, None, False)])
+def test_total_label_clears_the_budget_line(total, budget, moved):
+    from tools.report_render import label_y
+    ymax = 6.0
+    y = label_y(total, budget, ymax)
+    assert (y != total) == moved
+    if budget is not None:  # the label [y, y + 4% of the axis] never straddles the budget line
+        assert not (y < budget < y + 0.04 * ymax)
