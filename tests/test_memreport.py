@@ -133,6 +133,8 @@ def test_full_cpu_run_writes_memory_png_and_report(capsys, tmp_path, tiny):
     assert rc == 0, err
     for section in ("VRAM", "HOST", "PLAN", "WHAT WOULD HAVE TO GIVE", "TIME", "process RSS"):
         assert section in out
+    assert "predicted" not in out.split("WHAT WOULD HAVE TO GIVE")[0] and "no GPU prediction for a CPU run" in out
+    assert "predicted" not in out.split("TIME")[-1].split("NOTES")[0]
     check_png(tmp_path / "memory.png")
     assert not (tmp_path / "timeline.png").exists()
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))

@@ -178,7 +178,7 @@ def _full_run(args, notes: list[str]) -> tuple[dict, PlanInputs, dict]:
         timing = {"summary": summarize(run, timeline, engine.opts.batch, plan), "timeline": timeline}
         if not cuda:
             notes.append("copy/compute timeline: not traced on the CPU (it uses CUDA events); step times are "
-                         "host wall clock, and the prediction assumes a GPU")
+                         "host wall clock (no GPU prediction on the CPU)")
         if is_default:
             notes.append("no --model: the embedded tiny random-weight model was measured")
         tensor_bytes = {n: i.nbytes for n, i in engine.ckpt.tensors.items()}

@@ -61,19 +61,21 @@ def measured_bar(m: dict) -> dict[str, int]:
 
 def _headline(rep: dict) -> list[str]:
     p, mod, n = rep["plan"], rep["model"], rep["model"]["layers"]
+    cpu = rep["mode"] == "cpu"
     tiers = f"{len(p['streamed_layers'])} streamed ({len(p['streamed_layers']) - len(p['disk_layers'])} pinned, " \
             f"{len(p['disk_layers'])} from disk)"
     out = [f"memreport [{rep['mode']}]  {mod['source']}",
            f"  {mod['model_type']}, {n} layers, {rep['workload']['dtype']}, batch {p['batch']}, context "
            f"{p['max_context']}, prefill chunk {p['prefill_chunk']}",
            f"  fits: {len(p['resident_layers'])}/{n} layers resident, {tiers}, lm_head "
-           f"{'resident' if p['lm_head_resident'] else 'streamed'}; {fs(p['streamed_bytes_per_step'])} per step "
-           f"over PCIe -> predicted {p['predicted_tok_s']:.3g} tok/s ({p['step_bound']} bound, "
-           f"H2D {p['h2d_gbps']:.1f} GB/s {p['h2d_source']})"]
+           f"{'resident' if p['lm_head_resident'] else 'streamed'}; {fs(p['streamed_bytes_per_step'])} per step"
+           + ("" if cpu else f" over PCIe -> predicted {p['predicted_tok_s']:.3g} tok/s ({p['step_bound']} bound, "
+              f"H2D {p['h2d_gbps']:.1f} GB/s {p['h2d_source']})")]
     t = (rep.get("timing") or {}).get("summary")
     if t:
         out.append(f"  measured: {t['measured_tok_s']:.3g} tok/s ({t['step_ms']:.2f} ms/step, median of "
-                   f"{t['observed_steps']}); predicted {t['predicted_tok_s']:.3g} tok/s")
+                   f"{t['observed_steps']})" + ("; no GPU prediction for a CPU run" if cpu else
+                                                f"; predicted {t['predicted_tok_s']:.3g} tok/s"))
     return out
 
 
@@ -126,8 +128,9 @@ def _timing(rep: dict) -> list[str]:
         return ["TIME", "  not measured (--plan-only)"]
     s, tl = t["summary"], t["timeline"]
     out = ["TIME", f"  warm-up (prefill + 1 step, kernel JIT/autotune) {s['warmup_ms']:.0f} ms; observed steps "
-           f"{s['step_ms']:.2f} ms median -> {s['measured_tok_s']:.3g} tok/s measured vs {s['predicted_tok_s']:.3g} "
-           f"predicted ({s['predicted_step_ms']:.2f} ms/step); the host issues a step in {s['host_issue_ms']:.2f} ms"]
+           f"{s['step_ms']:.2f} ms median -> {s['measured_tok_s']:.3g} tok/s measured"
+           + ("" if rep.get("mode") == "cpu" else f" vs {s['predicted_tok_s']:.3g} predicted ({s['predicted_step_ms']:.2f} "
+              "ms/step)") + f"; the host issues a step in {s['host_issue_ms']:.2f} ms"]
     if s.get("graph_step_ms"):
         out.append(f"  those steps ran eagerly, traced layer by layer; generation replays CUDA graphs: "
                    f"{s['graph_step_ms']:.2f} ms/step -> {s['graph_tok_s']:.3g} tok/s")
