@@ -129,8 +129,9 @@ def _timing(rep: dict) -> list[str]:
     s, tl = t["summary"], t["timeline"]
     out = ["TIME", f"  warm-up (prefill + 1 step, kernel JIT/autotune) {s['warmup_ms']:.0f} ms; observed steps "
            f"{s['step_ms']:.2f} ms median -> {s['measured_tok_s']:.3g} tok/s measured"
-           + ("" if rep.get("mode") == "cpu" else f" vs {s['predicted_tok_s']:.3g} predicted ({s['predicted_step_ms']:.2f} "
-              "ms/step)") + f"; the host issues a step in {s['host_issue_ms']:.2f} ms"]
+           + ("" if rep.get("mode") == "cpu" else
+              f" vs {s['predicted_tok_s']:.3g} predicted ({s['predicted_step_ms']:.2f} ms/step)")
+           + f"; the host issues a step in {s['host_issue_ms']:.2f} ms"]
     if s.get("graph_step_ms"):
         out.append(f"  those steps ran eagerly, traced layer by layer; generation replays CUDA graphs: "
                    f"{s['graph_step_ms']:.2f} ms/step -> {s['graph_tok_s']:.3g} tok/s")
