@@ -17,6 +17,9 @@ from memory.units import format_size as fs
 log = logging.getLogger(__name__)
 
 GiB = 2**30
+# RAM a run must leave to the system: below this the kernel's OOM killer strikes. Defaults (the host
+# budget, the CPU dtype) keep the larger Machine.margin; only a plan past this line is refused.
+SYSTEM_RESERVE = 1 * GiB
 # RAM the process needs besides the plan: interpreter, torch, tokenizer, buffers. The tiny default
 # model's whole process measured 364 MiB RSS on the CPU (torch 2.13, 2026-12-01); rounded up.
 PROCESS_BYTES = 512 * 2**20
@@ -43,6 +46,11 @@ class Machine:
     def usable(self) -> int:
         """RAM this process may plan with: available minus the margin (never negative)."""
         return max(0, self.ram_available - self.margin)
+
+    @property
+    def limit(self) -> int:
+        """RAM past which a run is refused: available minus :data:`SYSTEM_RESERVE`."""
+        return max(0, self.ram_available - SYSTEM_RESERVE)
 
     @classmethod
     def probe(cls, device: str) -> Machine:
@@ -71,25 +79,24 @@ def ram_needed(p: PlanBytes, m: Machine) -> int:
     return p.host_pinned + PROCESS_BYTES + (p.device_total if m.device == "cpu" else 0)
 
 
-def default_host_budget(m: Machine, vram_budget: int | None) -> int | None:
-    """Host budget when none is given: on the CPU with a --vram-budget, the usable RAM minus that
-    budget and the process (they share RAM); None elsewhere (the planner's own default applies)."""
-    if m.device != "cpu" or vram_budget is None:
-        return None
-    return max(0, m.usable - vram_budget - PROCESS_BYTES)
+def default_host_budget(m: Machine, vram_budget: int | None) -> int:
+    """Host budget when none is given: the usable RAM minus the process, and on the CPU minus the
+    --vram-budget too (the device part of the plan is RAM there)."""
+    device = vram_budget if m.device == "cpu" and vram_budget is not None else 0
+    return max(0, m.usable - device - PROCESS_BYTES)
 
 
 def check_fits(p: PlanBytes, m: Machine, host_budget_given: bool) -> None:
     """InsufficientMemoryError, in one line with the numbers and what to change, unless the plan fits RAM."""
     need = ram_needed(p, m)
-    if need <= m.usable:
+    if need <= m.limit:
         return
     parts = [f"{fs(p.device_total)} for the model on the CPU ({p.dtype})"] if m.device == "cpu" else []
     if p.host_pinned:
         parts.append(f"{fs(p.host_pinned)} of streamed layers in host memory")
     parts.append(f"{fs(PROCESS_BYTES)} for the process")
-    have = (f"{fs(m.usable)} is usable ({fs(m.ram_available)} available minus a {fs(m.margin)} margin, "
-            f"of {fs(m.ram_total)} RAM)")
+    have = (f"{fs(m.limit)} can be used ({fs(m.ram_available)} available of {fs(m.ram_total)} RAM, minus "
+            f"{fs(SYSTEM_RESERVE)} kept for the system)")
     raise InsufficientMemoryError(f"this run needs {fs(need)} of RAM ({' + '.join(parts)}) but {have}: "
                                   + _advice(p, m, host_budget_given))
 

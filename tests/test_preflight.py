@@ -33,20 +33,20 @@ def test_margin_and_usable():
 
 
 @pytest.mark.parametrize("device,device_total,pinned,fits", [
-    ("cpu", 3 * GiB, 0, True), ("cpu", 4 * GiB, 0, False), ("cpu", 2 * GiB, GiB, True),
-    ("cpu", 2 * GiB, 2 * GiB, False), ("cuda", 40 * GiB, 3 * GiB, True), ("cuda", GiB, 4 * GiB, False),
+    ("cpu", 4 * GiB + 512 * MiB, 0, True), ("cpu", 4 * GiB + 600 * MiB, 0, False), ("cpu", 2 * GiB, 2 * GiB, True),
+    ("cpu", 3 * GiB, 2 * GiB, False), ("cuda", 40 * GiB, 4 * GiB, True), ("cuda", GiB, 4 * GiB + 600 * MiB, False),
 ])
 def test_check_fits(device, device_total, pinned, fits):
-    m = fake(8, 6, device)  # 4 GiB usable
+    m = fake(8, 6, device)  # refused past 6 - 1 = 5 GiB; the process counts 0.5 GiB
     p = PlanBytes(device_total, pinned, 0, "float32")
-    assert (ram_needed(p, m) <= m.usable) == fits
+    assert m.limit == 5 * GiB and (ram_needed(p, m) <= m.limit) == fits
     if fits:
         check_fits(p, m, host_budget_given=False)
         return
     with pytest.raises(InsufficientMemoryError) as exc:
         check_fits(p, m, host_budget_given=True)
     msg = str(exc.value)
-    assert "\n" not in msg and "4.00 GiB is usable" in msg and "6.00 GiB available" in msg
+    assert "\n" not in msg and "5.00 GiB can be used" in msg and "6.00 GiB available" in msg
     assert f"needs {ram_needed(p, m) / GiB:.2f} GiB" in msg
     if device == "cpu":
         assert "--dtype bf16" in msg and "--vram-budget" in msg
@@ -56,9 +56,13 @@ def test_check_fits(device, device_total, pinned, fits):
 
 def test_default_host_budget_shares_ram_with_the_cpu_budget():
     m = fake(24, 22)
-    assert default_host_budget(m, None) is None and default_host_budget(fake(24, 22, "cuda"), GiB) is None
+    assert default_host_budget(m, None) == m.usable - PROCESS_BYTES
+    assert default_host_budget(fake(24, 22, "cuda"), 6 * GiB) == m.usable - PROCESS_BYTES  # VRAM is not RAM
     assert default_host_budget(m, 6 * GiB) == m.usable - 6 * GiB - PROCESS_BYTES
     assert default_host_budget(m, 100 * GiB) == 0
+    for vram in (None, 6 * GiB):  # a plan that fills the default host budget still passes the check
+        pinned = default_host_budget(m, vram)
+        check_fits(PlanBytes(vram or 0, pinned, 0, "bfloat16"), m, host_budget_given=False)
 
 
 @pytest.mark.parametrize("device_total,disk,given,switch", [
@@ -107,7 +111,7 @@ def ram(monkeypatch):
 
 
 def test_cli_refuses_a_run_that_cannot_fit_ram(capsys, ram, tiny_qwen2_dir, monkeypatch):
-    ram(2 * GiB + 600 * MiB, 2 * GiB + 100 * MiB)  # 100 MiB usable: less than the process itself
+    ram(2 * GiB + 600 * MiB, GiB + 100 * MiB)  # 100 MiB can be used: less than the process itself
     import streamer.manager
 
     def refuse(*a, **k):
@@ -118,7 +122,7 @@ def test_cli_refuses_a_run_that_cannot_fit_ram(capsys, ram, tiny_qwen2_dir, monk
     assert rc == 2 and out == "" and "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: this run needs ") and "of RAM" in lines[0], err
-    assert "100.00 MiB is usable" in lines[0] and "--max-context" in lines[0]
+    assert "100.00 MiB can be used" in lines[0] and "--max-context" in lines[0]
 
 
 def test_cli_auto_dtype_falls_back_to_bf16_when_fp32_does_not_fit(capsys, ram, tiny_qwen2_dir):
@@ -137,5 +141,6 @@ def test_cli_auto_dtype_falls_back_to_bf16_when_fp32_does_not_fit(capsys, ram, t
     assert "plan: CPU run in bfloat16" in err
     assert main([*argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["dtype"] == "bfloat16"
-    assert main([*argv, "--dtype", "float32"]) == 2  # insisting on fp32: refused, one line
+    ram(8 * GiB, GiB + usable)  # the same amount past the 1 GiB system reserve: insisting on fp32 is refused
+    assert main([*argv, "--dtype", "float32"]) == 2
     assert capsys.readouterr().err.startswith("error: this run needs ")
