@@ -144,3 +144,18 @@ def test_cli_auto_dtype_falls_back_to_bf16_when_fp32_does_not_fit(capsys, ram, t
     ram(8 * GiB, GiB + usable)  # the same amount past the 1 GiB system reserve: insisting on fp32 is refused
     assert main([*argv, "--dtype", "float32"]) == 2
     assert capsys.readouterr().err.startswith("error: this run needs ")
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+                                              "allocate 26102472704 bytes. Error code 12 (Cannot allocate memory)"),
+                                 MemoryError()])
+def test_an_allocation_failure_while_running_is_one_line(capsys, tiny_qwen2_dir, monkeypatch, exc):
+    """Should RAM run out anyway (something else took it after the preflight), no allocator traceback."""
+    def fail(*a, **k):
+        raise exc
+    monkeypatch.setattr(cli_session, "Engine", fail)
+    rc = main(["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: out of RAM") and "--max-context" in lines[0], err
