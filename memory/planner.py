@@ -204,7 +204,8 @@ def _predict(s: _Sizes, streamed: int, disk: int, w: _Workload, notes: list[str]
         times["disk"] = disk / (w.disk_gbps * 1e9)
     elif disk:
         notes.append(f"{format_size(disk)} per step is read from the checkpoint files: the prediction ignores "
-                     "disk read time (pass disk_gbps), and a step will likely be much slower; raise the host budget")
+                     "disk read time (its speed is not known here), and a step will likely be much slower; raise "
+                     "the host budget (--host-budget) to pin more layers")
     bound = max(times, key=times.get)
     if bound == "hbm":
         notes.append(f"step time is an HBM estimate (weights read per step / {w.hbm_gbps / 1e3:.1f} TB/s): "
