@@ -21,6 +21,7 @@ from engine.tokenizer import Tokenizer
 from engine.weights import ModelWeights
 from memory.allocator_cap import AllocatorCap
 from memory.bandwidth import h2d_bandwidth
+from memory.process_vram import Outside, outside_allocator
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class Engine:
         check_fits(PlanBytes.of(self.plan), Machine.probe(self.device.type), opts.host_budget is not None)
         self.cap = None  # set before the first weight reaches the GPU; released by close()
         if opts.cap_allocator and opts.vram_budget is not None and self.device.type == "cuda":
-            self.cap = AllocatorCap(self.device, opts.vram_budget)
+            self.cap = AllocatorCap(self.device, self.plan.allocator_bytes)
         try:
             self._load(progress)
         except BaseException:
@@ -125,15 +126,17 @@ class Engine:
             self.graph = try_capture(self.model, self.cache, opts.batch)
 
     def _plan(self):
-        free = None
+        free, outside = None, Outside(0, "")
         if self.device.type == "cuda":
+            outside = outside_allocator(self.device)  # the context and cuBLAS, before anything else allocates
             free, _ = torch.cuda.mem_get_info(self.device)
+            log.info("GPU memory outside torch's allocator: %d MiB (%s)", outside.bytes >> 20, outside.source)
         gbps, source = h2d_bandwidth(self.device)
         return plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype,
                           vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
                           batch=self.opts.batch, max_context=self.opts.max_context,
                           prefill_chunk=self.opts.prefill_chunk, device_free=free, h2d_gbps=gbps,
-                          h2d_source=source)
+                          h2d_source=source, outside_bytes=outside.bytes)
 
     def close(self) -> None:
         """Release the weight sources (file maps, disk readers) and the allocator cap."""

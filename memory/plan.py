@@ -59,6 +59,7 @@ class Plan:
     prefill_state_bytes: int  # part of workspace_bytes: other chunks' prompt states (layer-major prefill)
     total_bytes: int  # resident_weight + staging + kv_cache + workspace
     budget_bytes: int  # the VRAM budget actually planned for (after clamping)
+    outside_bytes: int  # the process's GPU memory outside torch's allocator (CUDA context, kernels)
     streamed_bytes_per_step: int  # host -> device bytes per decode step
     disk_bytes_per_step: int  # bytes read from the checkpoint files per decode step
     host_pinned_bytes: int
@@ -77,7 +78,7 @@ class Plan:
     def __post_init__(self) -> None:
         parts = self.resident_weight_bytes + self.staging_bytes + self.kv_cache_bytes + self.workspace_bytes
         assert parts == self.total_bytes, "plan categories must sum to the total"
-        assert self.total_bytes <= self.budget_bytes, "a plan never exceeds its budget"
+        assert self.total_bytes + self.outside_bytes <= self.budget_bytes, "a plan never exceeds its budget"
         assert set(self.disk_layers) <= set(self.streamed_layers)
         assert not set(self.resident_layers) & set(self.streamed_layers)
         assert (self.num_slots == 0) == (not self.streamed_layers and self.lm_head_resident)
@@ -103,9 +104,14 @@ class Plan:
         lines.insert(1, "-" * min(120, len(lines[0]) + 20))
         return "\n".join(lines + [""] + self.summary_lines())
 
+    @property
+    def allocator_bytes(self) -> int:
+        """What torch's caching allocator may hold: the budget less the memory outside it."""
+        return self.budget_bytes - self.outside_bytes
+
     def summary_lines(self) -> list[str]:
         """The summary part of :meth:`table`: byte accounting, prediction and notes."""
-        pct = 100.0 * self.total_bytes / self.budget_bytes if self.budget_bytes else 0.0
+        pct = 100.0 * (self.total_bytes + self.outside_bytes) / self.budget_bytes if self.budget_bytes else 0.0
         slots = (f"{self.num_slots} x {format_size(self.slot_bytes)} = {format_size(self.staging_bytes)}"
                  if self.num_slots else "none")
         head = "" if self.lm_head_resident else f", lm_head in {self.lm_head_chunks} chunks"
@@ -120,8 +126,10 @@ class Plan:
             f"(batch {self.batch}, context {self.max_context}, {self.dtype})",
             f"workspace        : {format_size(self.workspace_bytes)} (prefill chunk {self.prefill_chunk} tokens; "
             f"{format_size(self.prefill_state_bytes)} of it holds the prompt's other chunks, layer-major)",
-            f"total VRAM       : {format_size(self.total_bytes)} of {format_size(self.budget_bytes)} budget "
-            f"({pct:.1f}%)",
+            *([f"CUDA context and kernels: {format_size(self.outside_bytes)} (outside torch's allocator)"]
+              if self.outside_bytes else []),
+            f"total VRAM       : {format_size(self.total_bytes + self.outside_bytes)} of "
+            f"{format_size(self.budget_bytes)} budget ({pct:.1f}%)",
             f"host pinned      : {format_size(self.host_pinned_bytes)} of {format_size(self.host_budget_bytes)} "
             "host budget",
             f"predicted        : {self.predicted_step_s * 1e3:.1f} ms/step, {self.predicted_tok_s:.2f} tok/s "

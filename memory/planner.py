@@ -216,12 +216,14 @@ def _predict(s: _Sizes, streamed: int, disk: int, w: _Workload, notes: list[str]
 def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int | None = None, batch: int = 1,
               max_context: int = 4096, prefill_chunk: int = 2048, device_free: int | None = None,
               h2d_gbps: float = 25.0, h2d_source: str = "given", disk_gbps: float | None = None,
-              hbm_gbps: float = HBM_GBPS) -> Plan:
+              hbm_gbps: float = HBM_GBPS, outside_bytes: int = 0) -> Plan:
     """Plan residency and streaming for a model's footprint (see the module docstring for the rules).
 
     ``vram_budget`` None uses ``device_free`` (or, with neither, plans everything resident); a
     budget above ``device_free`` is clamped with a note. ``host_budget`` None is the available RAM
-    minus max(2 GiB, 10%). Raises ValueError when the budget is below :func:`minimum_budget`.
+    minus max(2 GiB, 10%). ``outside_bytes`` is what the process holds on the GPU outside the
+    allocator (CUDA context, kernels); it comes off a budget the user gave (the GPU's free memory
+    is measured net of it already). Raises ValueError when the budget is below :func:`minimum_budget`.
     """
     check_workload(batch, max_context, prefill_chunk)
     if not h2d_gbps > 0:
@@ -230,25 +232,27 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
     notes: list[str] = []
     s = _sizes(fp, batch, max_context, prefill_chunk)
     budget = resolve_budget(vram_budget, device_free, _all_resident_bytes(s), notes)
-    if budget < (minimum := _minimum(s)):
+    outside = outside_bytes if budget == vram_budget else 0
+    if budget - outside < (minimum := _minimum(s)):
         what = "VRAM budget" if budget == vram_budget else "the GPU's free memory"
+        context = f" + {format_size(outside)} for the CUDA context and kernels" if outside else ""
         raise ValueError(
-            f"{what} {format_size(budget)} is below the minimum {format_size(minimum)} for this model at "
+            f"{what} {format_size(budget)} is below the minimum {format_size(minimum + outside)} for this model at "
             f"batch {batch}, context {max_context}: KV cache {format_size(s.kv)} + workspace "
-            f"{format_size(s.workspace)} + 2 staging slots of {format_size(s.layer)}. Raise --vram-budget to at "
-            f"least {format_size(minimum)}, or lower --max-context or --batch (or --prefill-chunk).")
+            f"{format_size(s.workspace)} + 2 staging slots of {format_size(s.layer)}{context}. Raise --vram-budget to "
+            f"at least {format_size(minimum + outside)}, or lower --max-context or --batch (or --prefill-chunk).")
     if max_context > fp.max_positions:
         notes.append(f"max_context {max_context} exceeds the model's max_position_embeddings "
                      f"{fp.max_positions}: quality beyond it is not guaranteed")
-    r = _choose_residency(s, budget)
+    r = _choose_residency(s, budget - outside)
     host = resolve_host_budget(host_budget, notes)
-    plan = _assemble(fp, s, r, _assign_tiers(s, r, host), w, budget, host, notes)
+    plan = _assemble(fp, s, r, _assign_tiers(s, r, host), w, (budget, outside), host, notes)
     for note in plan.notes:
         log.info("memory plan: %s", note)
     return plan
 
 
-def _assemble(fp: Footprint, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, budget: int, host: int,
+def _assemble(fp: Footprint, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, budget: tuple[int, int], host: int,
               notes: list[str]) -> Plan:
     n, batch = s.n, w.batch
     chunks = 0 if r.lm_head_resident else math.ceil(fp.rows / (s.layer // s.row))
@@ -268,7 +272,7 @@ def _assemble(fp: Footprint, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, 
         lm_head_chunks=chunks, num_slots=r.num_slots, slot_bytes=s.layer if r.num_slots else 0,
         layer_bytes=s.layer, resident_weight_bytes=resident, staging_bytes=staging, kv_cache_bytes=s.kv,
         workspace_bytes=s.workspace, prefill_state_bytes=s.state, total_bytes=resident + staging + s.kv + s.workspace,
-        budget_bytes=budget,
+        budget_bytes=budget[0], outside_bytes=budget[1],
         streamed_bytes_per_step=streamed, disk_bytes_per_step=disk, host_pinned_bytes=t.host_pinned,
         host_budget_bytes=host, predicted_step_s=step, predicted_tok_s=batch / step, step_bound=bound,
         h2d_gbps=w.h2d_gbps, h2d_source=w.h2d_source, dtype=fp.dtype, batch=batch,

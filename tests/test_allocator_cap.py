@@ -62,16 +62,21 @@ def test_bad_arguments(fake_allocator, device, budget, fragment):
 
 
 def test_cli_out_of_memory_is_one_clear_line(monkeypatch, capsys):
-    def boom(args, opts):
+    import engine.cli_session as session
+
+    def boom(args, opts, prompts):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
 
-    monkeypatch.setattr(run, "run_session", boom)
+    monkeypatch.setattr(session, "run_session", boom)
     rc = run.main(["--prompt", "hi", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "Traceback" not in err and "more detail" not in err
     assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
     assert "raise --vram-budget" in err and "memreport" in err
+
+
+OUTSIDE = 300 << 20  # what the fake process holds outside torch's allocator
 
 
 @pytest.fixture
@@ -94,6 +99,7 @@ def fake_cap(monkeypatch):
     monkeypatch.setattr(engine_mod, "pick_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (TOTAL, TOTAL))
     monkeypatch.setattr(engine_mod, "h2d_bandwidth", lambda device: (25.0, "test"))
+    monkeypatch.setattr(engine_mod, "outside_allocator", lambda device: engine_mod.Outside(OUTSIDE, "test"))
     monkeypatch.setattr(engine_mod, "ModelWeights", no_gpu)
     return engine_mod, events
 
@@ -102,7 +108,7 @@ def test_engine_caps_before_loading_and_releases_when_loading_fails(tiny_qwen2_d
     engine_mod, events = fake_cap
     with pytest.raises(RuntimeError, match="no GPU"):
         engine_mod.Engine(tiny_qwen2_dir, engine_mod.EngineOptions(device="cuda", kernels="torch", vram_budget=1 << 30))
-    assert events == [("cap", "cuda", 1 << 30), "release"]
+    assert events == [("cap", "cuda", (1 << 30) - OUTSIDE), "release"]  # the context's share comes off the cap
 
 
 @pytest.mark.parametrize("opts", [dict(vram_budget=None), dict(vram_budget=1 << 30, cap_allocator=False)])

@@ -47,3 +47,21 @@ def test_long_prompt_states_are_planned():
     p = make_plan(fp, host_budget=10**9, batch=2, max_context=65, prefill_chunk=16)
     assert p.prefill_state_bytes == (2 * 64 - 16) * 4
     assert p.workspace_bytes == fp.workspace_bytes(2, 65, 16) and p.prefill_state_bytes < p.workspace_bytes
+
+
+def test_memory_outside_the_allocator_comes_off_a_given_budget():
+    fp = _plain_footprint([10_000] * 6)
+    kw = dict(host_budget=10**9, max_context=64, prefill_chunk=16)
+    low = minimum_budget(fp, max_context=64, prefill_chunk=16)
+    budget = low + 3 * 10_000
+    plain = make_plan(fp, vram_budget=budget, **kw)
+    ctx = make_plan(fp, vram_budget=budget, outside_bytes=20_000, **kw)
+    assert ctx.outside_bytes == 20_000 and ctx.allocator_bytes == budget - 20_000
+    assert len(ctx.resident_layers) == len(plain.resident_layers) - 2  # two layers' worth went to the context
+    assert ctx.total_bytes + ctx.outside_bytes <= ctx.budget_bytes
+    assert any("CUDA context and kernels" in line for line in ctx.summary_lines())
+    with pytest.raises(ValueError, match="for the CUDA context and kernels"):
+        make_plan(fp, vram_budget=low + 100, outside_bytes=200, **kw)
+    # the GPU's free memory is measured with the context already there: nothing more comes off it
+    free = make_plan(fp, device_free=budget, outside_bytes=20_000, **kw)
+    assert free.outside_bytes == 0 and free.budget_bytes == budget

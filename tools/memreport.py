@@ -228,7 +228,7 @@ def build_report(args) -> tuple[dict, list[dict]]:
            "plan": plan.to_dict(), "plan_table": plan.table(), "modules": rows,
            "vram": {"budget_bytes": plan.budget_bytes, "budget_given": args.vram_budget is not None,
                     "card_total_bytes": part["card_total"],
-                    "planned": plan_categories(plan, inputs.cfg), "planned_total_bytes": plan.total_bytes,
+                    "planned": plan_categories(plan, inputs.cfg), "planned_total_bytes": plan.total_bytes + plan.outside_bytes,
                     "measured": part["measured_vram"]},
            "host": host, "what_if": what_if(inputs, plan, free), "timing": part["timing"],
            "notes": list(plan.notes) + notes, "files": {}}

@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from engine.generate import decode_step, prefill
+from memory.process_vram import nvml_process_used
 
 PROMPT_TEXT = "Explain, step by step, why the sky looks blue on a clear day and red at sunset. "
 _SMAPS_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+\s")
@@ -65,7 +66,7 @@ def measure_vram(engine, after_load: dict[str, int], after_warmup: dict[str, int
     categories = {**persistent, "logits (est.)": logits, "activations/workspace": rest - logits}
     free, total = torch.cuda.mem_get_info(dev)
     used = total - free
-    proc, why = _nvml_process_used(dev)
+    proc, why = nvml_process_used(dev)
     reserved = after_run["reserved"]
     out = {"after_load": after_load, "after_warmup": after_warmup, "after_run": after_run, "categories": categories,
            "categories_total_bytes": sum(categories.values()),
@@ -85,38 +86,6 @@ def measure_vram(engine, after_load: dict[str, int], after_warmup: dict[str, int
         notes.append(f"per-process GPU memory unavailable ({why}): CUDA context and other processes are "
                      "shown together as device used - torch reserved")
     return out
-
-
-def _nvml_process_used(dev: torch.device) -> tuple[int | None, str]:
-    """This process's GPU memory as NVML sees it (driver view: context + allocator reserve)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None, "pynvml not installed"
-    try:
-        pynvml.nvmlInit()
-    except Exception as e:  # no driver access (containers, MIG)
-        return None, f"NVML init failed: {e}"
-    try:
-        idx = dev.index if dev.index is not None else torch.cuda.current_device()
-        p = torch.cuda.get_device_properties(idx)
-        try:
-            bus = f"{getattr(p, 'pci_domain_id', 0):08x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0"
-            handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus)
-        except Exception:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(idx)
-        for pr in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if pr.pid == os.getpid():
-                used = pr.usedGpuMemory
-                return (int(used), "") if used else (None, "NVML reports no figure for this process")
-        return None, "this process is not in NVML's list (PID namespace?)"
-    except Exception as e:
-        return None, f"NVML query failed: {e}"
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 # ----- host -----

@@ -36,7 +36,8 @@ class PlanInputs:
 
 
 def plan_categories(plan: Plan, cfg: ModelConfig) -> dict[str, int]:
-    """The plan's VRAM by category; the values sum to ``plan.total_bytes``."""
+    """The plan's VRAM by category; the values sum to ``plan.total_bytes`` plus, when measured, the
+    process's memory outside torch's allocator (CUDA context and kernels)."""
     res = {m.name: m.bytes for m in plan.modules if m.placement == "resident"}
     cats = {"resident layers": sum(m.bytes for m in plan.modules if m.kind == "layer" and m.placement == "resident"),
             "embedding": res.get("embed_tokens", 0), "lm_head": res.get("lm_head", 0), "norm": res.get("norm", 0),
@@ -49,7 +50,9 @@ def plan_categories(plan: Plan, cfg: ModelConfig) -> dict[str, int]:
                      "rope tables": rope, "allocator allowance": ALLOCATOR_ALLOWANCE})
     else:  # the planner's workspace formula changed: show it whole
         cats["activations/workspace"] = plan.workspace_bytes
-    assert sum(cats.values()) == plan.total_bytes, "VRAM categories must sum to the plan total"
+    if plan.outside_bytes:
+        cats["CUDA context and kernels"] = plan.outside_bytes
+    assert sum(cats.values()) == plan.total_bytes + plan.outside_bytes, "VRAM categories must sum to the plan total"
     return cats
 
 
@@ -103,7 +106,7 @@ def what_if(inputs: PlanInputs, plan: Plan, device_free: int | None = None) -> d
     """What would have to give for one more resident layer (or lm_head), and for no disk reads."""
     inputs = inputs.pinned_to(plan)
     cfg, f = inputs.cfg, format_size
-    free = plan.budget_bytes - plan.total_bytes
+    free = plan.allocator_bytes - plan.total_bytes
     total_weights = sum(m.bytes for m in plan.modules)
     out: dict = {"free_in_budget_bytes": free, "layer_bytes": plan.layer_bytes,
                  "minimum_budget_bytes": min_budget(cfg, inputs.dtype, batch=plan.batch, max_context=plan.max_context,
