@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available() or not MODEL,
                                  reason="needs a CUDA GPU and LAYERSTREAM_BIG_MODEL (a synthetic 7B)")]
 
-LONG = " ".join(["hello"] * 16000)  # ~16k tokens of the synthetic tokenizer
+LONG = " ".join(["hello"] * 8000)  # ~16k tokens of the synthetic tokenizer (word and space)
 CASES = {"short": ["--prompt", "Hello", "--max-new-tokens", "16"],
          "16k": ["--no-chat", "--prompt", LONG, "--max-new-tokens", "4", "--max-context", "20000"],
          "batch8": [*(["--prompt", "Hello"] * 8), "--batch", "8", "--max-new-tokens", "16", "--max-context", "2048"]}
