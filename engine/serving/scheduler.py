@@ -1,0 +1,132 @@
+"""Continuous batching: sequences join and leave the running batch at step boundaries.
+
+Each KV-cache row is a slot. A waiting sequence is admitted when a slot is free (lowest first, so
+the batch stays dense); every step then feeds all running sequences in one forward pass (see
+``runner``): new prompts are prefilled in chunks next to the sequences that decode. A sequence that
+finishes, or is aborted, frees its slot for the next step. Waiting is bounded: ``add`` raises
+:class:`QueueFull` beyond ``max_waiting``, so a server can answer 503 instead of queueing forever.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from engine.engine import Engine
+from engine.serving.params import SamplingParams
+from engine.serving.runner import ModelRunner
+from engine.serving.sequence import Sequence, SeqOutput, Status
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is full: try again later."""
+
+
+@dataclass
+class StepStats:
+    """Running totals and the last step's shape (read by the metrics endpoint)."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    last_step_s: float = 0.0
+    last_batch: int = 0
+    last_tokens: int = 0
+
+
+class Scheduler:
+    """Admits, steps and retires sequences over the slots of ``engine.cache``."""
+
+    def __init__(self, engine: Engine, max_waiting: int = 256) -> None:
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.engine = engine
+        self.runner = ModelRunner(engine)
+        self.max_waiting = max_waiting
+        self.free_slots = list(range(engine.cache.batch))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = StepStats()
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.opts.max_context
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError (with the token counts) when this request can never run on this engine."""
+        if not prompt_ids:
+            raise ValueError("empty prompt: give at least one token")
+        vocab = self.engine.cfg.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt token id out of range [0, {vocab})")
+        need = len(prompt_ids) + (params.max_tokens or 1)
+        if need > self.max_context:
+            raise ValueError(f"this model's context holds {self.max_context} tokens, but {len(prompt_ids)} prompt "
+                             f"tokens + {params.max_tokens or 1} max_tokens = {need}; shorten the prompt or "
+                             "lower max_tokens")
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence (checked); it joins the batch at a coming step."""
+        self.check(seq.prompt_ids, seq.params)
+        if len(self.waiting) >= self.max_waiting + len(self.free_slots):
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: int) -> bool:
+        """Finish a waiting or running sequence now (its sink gets an ``abort`` output); False if unknown."""
+        for s in list(self.waiting) + self.running:
+            if s.seq_id == seq_id:
+                if s in self.waiting:
+                    self.waiting.remove(s)
+                out = s.abort()
+                self._retire(s)
+                if s.sink:
+                    s.sink(out)
+                return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[SeqOutput]:
+        """Admit what fits, run one pass over all running sequences, retire the finished ones."""
+        self._admit()
+        if not self.running:
+            return []
+        t0 = time.perf_counter()
+        results = self.runner.step(self.running)
+        outs = []
+        for s, tok in results:
+            out = s.append(tok, self.engine.tokenizer.eos_ids, self.max_context)
+            outs.append(out)
+            if out.finished:
+                self._retire(s)
+        st = self.stats
+        st.steps += 1
+        st.generated_tokens += sum(len(o.token_ids) for o in outs)
+        st.last_step_s, st.last_batch = time.perf_counter() - t0, len(self.running) + sum(o.finished for o in outs)
+        st.last_tokens = self.runner.last_tokens
+        for out in outs:
+            if out.seq.sink:
+                out.seq.sink(out)
+        return outs
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            s = self.waiting.popleft()
+            s.slot = heapq.heappop(self.free_slots)
+            s.status, s.num_computed = Status.RUNNING, 0
+            self.running.append(s)
+            self.stats.prompt_tokens += len(s.prompt_ids)
+
+    def _retire(self, s: Sequence) -> None:
+        if s in self.running:
+            self.running.remove(s)
+        if s.slot is not None:
+            heapq.heappush(self.free_slots, s.slot)
+            s.slot = None
