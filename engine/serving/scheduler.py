@@ -13,6 +13,7 @@ import heapq
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.engine import Engine
@@ -42,7 +43,8 @@ class StepStats:
 class Scheduler:
     """Admits, steps and retires sequences over the slots of ``engine.cache``."""
 
-    def __init__(self, engine: Engine, max_waiting: int = 256) -> None:
+    def __init__(self, engine: Engine, max_waiting: int = 256,
+                 on_step: Callable[[StepStats], None] | None = None) -> None:
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         self.engine = engine
@@ -52,6 +54,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = StepStats()
+        self.on_step = on_step  # called after every step (metrics)
 
     @property
     def max_context(self) -> int:
@@ -111,6 +114,8 @@ class Scheduler:
         st.generated_tokens += sum(len(o.token_ids) for o in outs)
         st.last_step_s, st.last_batch = time.perf_counter() - t0, len(self.running) + sum(o.finished for o in outs)
         st.last_tokens = self.runner.last_tokens
+        if self.on_step:
+            self.on_step(st)
         for out in outs:
             if out.seq.sink:
                 out.seq.sink(out)

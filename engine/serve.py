@@ -1,0 +1,95 @@
+"""Command line: ``python -m engine.serve [--model M] [--vram-budget 6GB] [--port 8000] [--api-key K]``
+
+An OpenAI-compatible HTTP server (chat and text completions, streaming, /v1/models, /health,
+/metrics and a chat page at /) with continuous batching: every forward pass, one stream of the
+non-resident weights, serves all active requests. Binds to 127.0.0.1 unless --host says otherwise.
+SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish for --grace seconds, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from engine.cli_session import add_engine_args, load_engine, options_from_args, resolve_or_default
+
+log = logging.getLogger(__name__)
+
+
+def build_parser(prog: str = "python -m engine.serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model directory, HF repo id or alias; default: the embedded tiny "
+                   "random-weight model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    p.add_argument("--served-model-name", help="the model id clients send (default: --model, or 'default')")
+    add_engine_args(p)
+    p.add_argument("--max-batch", dest="batch", type=int,
+                   help="sequences decoded together, i.e. KV-cache slots (default 8; same as --batch)")
+    p.set_defaults(batch=8)
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="requests that may wait for a slot; beyond it requests get 503 (default 64)")
+    p.add_argument("--grace", type=int, default=30, help="seconds in-flight requests get at shutdown (default 30)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") -> int:
+    """Parse flags, check the model, start the engine thread and serve until SIGTERM / Ctrl-C."""
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if not 0 <= args.port < 65536 or args.max_waiting < 0 or args.grace < 0:
+            raise ValueError("--port must be in 0..65535 and --max-waiting, --grace >= 0")
+        opts = options_from_args(args)
+        from engine.engine import open_model
+        model_dir, is_default = resolve_or_default(args.model)
+        files = open_model(model_dir)  # config, headers, tokenizer: bad input fails before serving
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from engine.serving.app import create_app
+    from engine.serving.loop import EngineLoop
+    from engine.serving.metrics import ServerMetrics
+
+    loop = EngineLoop(lambda: load_engine(args.model, opts, quiet=not args.verbose,
+                                          resolved=(files, is_default))[0], max_waiting=args.max_waiting)
+    metrics = ServerMetrics(loop)
+    loop.on_step = metrics.on_step
+    name = args.served_model_name or args.model or "default"
+    app = create_app(loop, name, args.api_key, metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.grace,
+                                           log_level="info" if args.verbose else "warning"))
+    # Until uvicorn installs its own handlers a signal asks it to stop as soon as it has started; after
+    # a graceful shutdown it re-raises the signal it caught, which lands here too, so the exit is 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    loop.start()
+    threading.Thread(target=_stop_if_load_fails, args=(loop, server), daemon=True).start()
+    print(f"layerstream: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page "
+          "at /); the model is loading, /health says when it is ready", file=sys.stderr)
+    server.run()
+    loop.close()
+    if loop.error is not None:
+        print(f"error: loading the model failed: {loop.error}", file=sys.stderr)
+        return 1
+    print("layerstream: stopped", file=sys.stderr)
+    return 0
+
+
+def _stop_if_load_fails(loop, server) -> None:
+    loop.ready.wait()
+    if loop.error is not None:
+        server.should_exit = True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

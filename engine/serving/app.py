@@ -1,0 +1,188 @@
+"""The OpenAI-compatible HTTP API (FastAPI) in front of an :class:`EngineLoop`.
+
+Handlers run on the event loop; they tokenize, build sequences whose sinks hand each step's output
+back to the loop (``call_soon_threadsafe``), and submit them to the engine thread. A stream that the
+client drops, or a plain request whose client disconnects, aborts its sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from engine.serving.loop import EngineLoop, NotReady
+from engine.serving.metrics import ServerMetrics
+from engine.serving.protocol import ChatRequest, CompletionRequest, Reply, error_body
+from engine.serving.scheduler import QueueFull
+from engine.serving.sequence import Sequence
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+RETRY_AFTER_S = 1
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+          code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
+
+
+def unavailable(message: str) -> JSONResponse:
+    return error(503, message, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
+               metrics: ServerMetrics | None = None) -> FastAPI:
+    """The app; ``loop`` is started (and stopped) by the caller."""
+    app = FastAPI(title="layerstream", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = metrics or ServerMetrics(loop)
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        path = request.url.path
+        if api_key and path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
+            response = error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                             code="invalid_api_key")
+        else:
+            response = await call_next(request)
+        if path.startswith("/v1/"):
+            metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
+                         "send a JSON object")
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(where) or None
+        return error(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param=param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail), code=str(exc.status_code))
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "chat.html", media_type="text/html")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if loop.error is not None:
+            return JSONResponse({"status": "error", "message": str(loop.error)}, status_code=503)
+        if not loop.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ok", "model": model_name})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "layerstream"}
+        if loop.engine is not None:
+            card["max_model_len"] = loop.engine.opts.max_context
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        return await _serve(request, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _serve(request, body, chat=False)
+
+    async def _serve(request: Request, body: ChatRequest | CompletionRequest, chat: bool):
+        if body.model != model_name:
+            return error(404, f"model {body.model!r} does not exist; this server serves {model_name!r} "
+                         "(GET /v1/models)", param="model", code="model_not_found")
+        if not loop.ready.is_set() or loop.engine is None:
+            return unavailable("the model is still loading; retry shortly")
+        queue: asyncio.Queue = asyncio.Queue()
+        aio = asyncio.get_running_loop()
+        reply = Reply(chat, model_name)
+        try:
+            ids = body.prompt_ids(loop.engine.tokenizer)
+            limit = body.token_limit or max(1, loop.engine.opts.max_context - len(ids))
+            params = body.sampling(limit)
+            seqs = [Sequence(ids, params, loop.engine.tokenizer, index=i, request_id=reply.id,
+                             sink=lambda out: aio.call_soon_threadsafe(queue.put_nowait, out))
+                    for i in range(params.n)]
+            loop.submit(seqs)
+        except QueueFull as e:
+            return unavailable(f"server overloaded: {e}")
+        except NotReady as e:
+            return unavailable(str(e))
+        except ValueError as e:
+            return error(400, str(e))
+        if body.stream:
+            return StreamingResponse(_stream(seqs, queue, reply, body.include_usage, len(ids)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _collect(request, seqs, queue, reply, len(ids))
+
+    async def _collect(request: Request, seqs: list[Sequence], queue: asyncio.Queue, reply: Reply,
+                       prompt_tokens: int):
+        done = 0
+        try:
+            while done < len(seqs):
+                try:
+                    out = await asyncio.wait_for(queue.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        log.info("client of %s went away; cancelling", reply.id)
+                        return Response(status_code=499)
+                    continue
+                if out.finished:
+                    done += 1
+                    _observe_first(out.seq)
+        finally:
+            _abort_unfinished(seqs)
+        if any(s.finish_reason == "abort" for s in seqs):
+            return error(503, "the request was cancelled (the server is shutting down or a step failed)",
+                         "service_unavailable")
+        return reply.full(seqs, prompt_tokens)
+
+    async def _stream(seqs: list[Sequence], queue: asyncio.Queue, reply: Reply, include_usage: bool,
+                      prompt_tokens: int):
+        done = 0
+        try:
+            if reply.chat:
+                for s in seqs:
+                    yield _sse(reply.chunk(s.index, None, None, first=True, with_usage=include_usage))
+            while done < len(seqs):
+                out = await queue.get()
+                if out.text:
+                    yield _sse(reply.chunk(out.seq.index, out.text, None, with_usage=include_usage))
+                if out.finished:
+                    done += 1
+                    _observe_first(out.seq)
+                    yield _sse(reply.chunk(out.seq.index, None, out.finish_reason, with_usage=include_usage))
+            if include_usage:
+                yield _sse(reply.usage_chunk(seqs, prompt_tokens))
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (the generator is closed) or the stream ended
+            _abort_unfinished(seqs)
+
+    def _abort_unfinished(seqs: list[Sequence]) -> None:
+        left = [s.seq_id for s in seqs if not s.finished]
+        if left:
+            loop.abort(left)
+
+    def _observe_first(seq: Sequence) -> None:
+        if seq.first_token_time is not None:
+            metrics.ttft.observe(seq.first_token_time - seq.arrival)
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

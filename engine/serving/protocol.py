@@ -1,0 +1,162 @@
+"""OpenAI request bodies (validated with pydantic) and the response, chunk and error shapes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.serving.params import SamplingParams
+from engine.serving.sequence import Sequence
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions (unknown fields are ignored, as OpenAI's)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's -1 (and 0) disable top-k
+    min_p: float | None = Field(None, ge=0, lt=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=16)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+    logprobs: bool | int | None = None
+
+    def sampling(self, max_tokens: int | None) -> SamplingParams:
+        """The engine's parameters; OpenAI's defaults for what the request leaves out (temperature 1)."""
+        if self.logprobs:
+            raise ValueError("logprobs are not supported by this server; leave them out")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=max(0, self.top_k or 0),
+            min_p=self.min_p or 0.0, seed=self.seed, stop=tuple(stop), n=self.n or 1,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0, max_tokens=max_tokens, ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(p.text for p in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[dict] | None = None
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        if self.tools:
+            raise ValueError("tools are not supported by this server; leave them out")
+        text = tokenizer.apply_chat_template([m.as_template_input() for m in self.messages],
+                                             add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        if self.echo:
+            raise ValueError("echo is not supported by this server; leave it out")
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise ValueError(f"give one prompt per request (got a list of {len(p)}); send one request each")
+            p = p[0]
+        return tokenizer.encode(p) if isinstance(p, str) else list(p)
+
+    @property
+    def token_limit(self) -> int | None:
+        return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default for completions
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, seqs: list[Sequence]) -> dict:
+    completion = sum(len(s.output_ids) for s in seqs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+class Reply:
+    """Builds the response (or its chunks) of one request: ``chat`` or text completion."""
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.chat, self.model = chat, model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, seqs: list[Sequence], prompt_tokens: int) -> dict:
+        """The non-streamed response."""
+        choices = []
+        for s in seqs:
+            body = ({"message": {"role": "assistant", "content": s.text}} if self.chat else {"text": s.text})
+            choices.append({"index": s.index, **body, "finish_reason": s.finish_reason, "logprobs": None})
+        return {**self._head(self.object), "choices": choices, "usage": usage(prompt_tokens, seqs)}
+
+    def chunk(self, index: int, text: str | None, finish_reason: str | None, first: bool = False,
+              with_usage: bool = False) -> dict:
+        """One streamed chunk of choice ``index`` (``usage: null`` on it when usage is asked for)."""
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta}
+        else:
+            choice = {"index": index, "text": text or ""}
+        out = {**self._head(self.object + ("" if not self.chat else ".chunk")),
+               "choices": [{**choice, "finish_reason": finish_reason, "logprobs": None}]}
+        if with_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, seqs: list[Sequence], prompt_tokens: int) -> dict:
+        """The last chunk when ``stream_options.include_usage``: no choices, the request's usage."""
+        obj = self.object + (".chunk" if self.chat else "")
+        return {**self._head(obj), "choices": [], "usage": usage(prompt_tokens, seqs)}

@@ -1,0 +1,91 @@
+"""Server life cycle: loading (503), API key (401), overload (503 + Retry-After), SIGTERM (exit 0)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from engine.serving.app import create_app  # noqa: E402
+from engine.serving.loop import EngineLoop  # noqa: E402
+from tests.helpers import make_engine  # noqa: E402
+from tests.serve_helpers import Server, free_port, get, open_stream, post  # noqa: E402
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+def test_health_is_503_while_loading_then_200(tiny_qwen2_dir):
+    gate = threading.Event()
+
+    def load():
+        gate.wait(30)
+        return make_engine(tiny_qwen2_dir, batch=2, max_context=256)
+
+    loop = EngineLoop(load).start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(loop, "m"), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        status, body, _ = get(url + "/health")
+        assert status == 503 and "loading" in body
+        status, out, headers = post(url + "/v1/chat/completions", CHAT)
+        assert status == 503 and out["error"]["type"] == "service_unavailable" and headers["retry-after"] == "1"
+        gate.set()
+        assert loop.ready.wait(30)
+        assert get(url + "/health")[0] == 200
+        status, out, _ = post(url + "/v1/chat/completions", CHAT)
+        assert status == 200 and out["usage"]["completion_tokens"] >= 1
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(10)
+        loop.close()
+
+
+def test_api_key_overload_and_sigterm(tiny_qwen2_dir):
+    srv = Server(tiny_qwen2_dir, "--served-model-name", "m", "--api-key", "sekret", "--max-batch", "1",
+                 "--max-waiting", "1", "--max-context", "256", "--grace", "20")
+    try:
+        status, out, _ = post(srv.url + "/v1/chat/completions", CHAT)
+        assert status == 401 and out["error"]["code"] == "invalid_api_key"
+        assert post(srv.url + "/v1/chat/completions", CHAT, {"Authorization": "Bearer wrong"})[0] == 401
+        assert get(srv.url + "/health")[0] == 200  # health and metrics stay open
+        auth = {"Authorization": "Bearer sekret"}
+        assert post(srv.url + "/v1/chat/completions", CHAT, auth)[0] == 200
+        long = {"model": "m", "prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        streams = [open_stream(srv.url + "/v1/completions", long, auth) for _ in range(2)]  # 1 running, 1 waiting
+        for s in streams:
+            assert s.status == 200
+        status, out, headers = post(srv.url + "/v1/completions", {**long, "stream": False}, auth)
+        assert status == 503 and headers.get("retry-after") == "1" and "overloaded" in out["error"]["message"]
+        srv.proc.terminate()  # SIGTERM with both streams in flight: they finish within the grace period
+        bodies = [s.read().decode() for s in streams]
+        rc, err = srv.stop()
+    finally:
+        srv.stop()
+    assert rc == 0, err
+    assert "Traceback" not in err
+    for body in bodies:
+        assert body.rstrip().endswith("data: [DONE]")
+        assert '"finish_reason":"length"' in body
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--model", "/nonexistent/model-dir"], "nonexistent"),
+    (["serve", "--max-batch", "0"], "--batch must be >= 1"),
+])
+def test_layerstream_serve_bad_flags_exit_2(capsys, argv, match):
+    from engine.run import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and "Traceback" not in err
