@@ -59,7 +59,7 @@ class Server:
     def __init__(self, model_dir: Path, *flags: str, ready_timeout: float = 120.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # 2 shared cores: no spinning
         cmd = [sys.executable, "-m", "engine.serve", "--model", str(model_dir), "--device", "cpu",
                "--port", str(self.port), *flags]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
