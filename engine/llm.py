@@ -47,9 +47,11 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, vram_budget: str | int | None = None, *,
                  max_batch: int = 8, max_context: int = 4096, device: str = "auto", dtype: str = "auto",
-                 kernels: str = "auto", host_budget: str | int | None = None, prefill_chunk: int = 2048) -> None:
+                 kernels: str = "auto", host_budget: str | int | None = None, prefill_chunk: int = 2048,
+                 kv_cache: str = "slots", block_size: int = 16) -> None:
         """``model``: a directory, HF repo id or alias (None: the embedded tiny random-weight model).
-        Budgets accept "6GB", "6GiB" or bytes."""
+        Budgets accept "6GB", "6GiB" or bytes. ``kv_cache="paged"`` reuses the KV blocks of prompt
+        prefixes seen before (this LLM keeps one scheduler, so later calls hit earlier prompts)."""
         from engine.cli_session import load_engine
         from memory.units import parse_size
 
@@ -63,6 +65,7 @@ class LLM:
                              prefill_chunk=prefill_chunk)
         self.engine: Engine = load_engine(None if model is None else str(model), opts, quiet=True)[0]
         self.tokenizer = self.engine.tokenizer
+        self.scheduler = Scheduler(self.engine, max_waiting=0, kv_cache=kv_cache, block_size=block_size)
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
@@ -92,7 +95,8 @@ class LLM:
         if len(plist) != len(items):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(items)} prompts; give one, or one each")
         groups = [[Sequence(ids, p, self.tokenizer, index=i) for i in range(p.n)] for (_, ids), p in zip(items, plist)]
-        sched = Scheduler(self.engine, max_waiting=sum(map(len, groups)))
+        sched = self.scheduler
+        sched.max_waiting = sum(map(len, groups))
         for group in groups:
             for s in group:
                 sched.check(s.prompt_ids, s.params)  # every prompt before any work

@@ -34,6 +34,10 @@ def build_parser(prog: str = "python -m engine.serve") -> argparse.ArgumentParse
     p.set_defaults(batch=8)
     p.add_argument("--max-waiting", type=int, default=64,
                    help="requests that may wait for a slot; beyond it requests get 503 (default 64)")
+    p.add_argument("--kv-cache", choices=["slots", "paged"], default="slots",
+                   help="slots: one contiguous KV row per sequence (default, CUDA-graph decode); paged: blocks "
+                   "with prefix reuse (a shared system prompt or earlier chat turns are not prefilled again)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block with --kv-cache paged")
     p.add_argument("--grace", type=int, default=30, help="seconds in-flight requests get at shutdown (default 30)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -45,8 +49,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        if not 0 <= args.port < 65536 or args.max_waiting < 0 or args.grace < 0:
-            raise ValueError("--port must be in 0..65535 and --max-waiting, --grace >= 0")
+        if not 0 <= args.port < 65536 or args.max_waiting < 0 or args.grace < 0 or args.block_size < 1:
+            raise ValueError("--port must be in 0..65535, --max-waiting and --grace >= 0, --block-size >= 1")
         opts = options_from_args(args)
         from engine.engine import open_model
         model_dir, is_default = resolve_or_default(args.model)
@@ -60,8 +64,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     from engine.serving.loop import EngineLoop
     from engine.serving.metrics import ServerMetrics
 
-    loop = EngineLoop(lambda: load_engine(args.model, opts, quiet=not args.verbose,
-                                          resolved=(files, is_default))[0], max_waiting=args.max_waiting)
+    def load():
+        return load_engine(args.model, opts, quiet=not args.verbose, resolved=(files, is_default))[0]
+
+    loop = EngineLoop(load, max_waiting=args.max_waiting, kv_cache=args.kv_cache, block_size=args.block_size)
     metrics = ServerMetrics(loop)
     loop.on_step = metrics.on_step
     name = args.served_model_name or args.model or "default"

@@ -74,3 +74,15 @@ def test_engine_package_imports_lazily():
     code = ("import sys, engine; assert 'engine.llm' not in sys.modules and 'torch' not in sys.modules; "
             "from engine import LLM, SamplingParams; assert LLM.__module__ == 'engine.llm'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+
+
+def test_paged_cache_reuses_prompt_prefixes_across_calls(tiny_qwen2_dir, alone):
+    system = [{"role": "system", "content": "You are a helpful assistant who answers in one short line. " * 3}]
+    with LLM(tiny_qwen2_dir, max_batch=2, kv_cache="paged", block_size=8, **OPTS) as llm:
+        first = llm.chat(system + [{"role": "user", "content": "hi"}], SamplingParams(max_tokens=5), use_tqdm=False)
+        assert llm.scheduler.stats.cached_prompt_tokens == 0
+        second = llm.chat(system + [{"role": "user", "content": "bye"}], SamplingParams(max_tokens=5), use_tqdm=False)
+        hits = llm.scheduler.stats.cached_prompt_tokens
+        assert hits >= 8 and hits % 8 == 0
+        for out in first + second:
+            assert out.outputs[0].token_ids == alone(out.prompt_token_ids, 5).token_ids[0]

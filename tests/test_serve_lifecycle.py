@@ -89,3 +89,23 @@ def test_layerstream_serve_bad_flags_exit_2(capsys, argv, match):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and "Traceback" not in err
+
+
+def test_paged_server_reuses_a_shared_system_prompt(tiny_qwen2_dir):
+    srv = Server(tiny_qwen2_dir, "--served-model-name", "m", "--kv-cache", "paged", "--block-size", "8",
+                 "--max-context", "256", "--max-batch", "2")
+    try:
+        system = {"role": "system", "content": "Answer briefly and politely, please. " * 4}
+        replies = []
+        for question in ("first?", "second?", "first?"):
+            body = {**CHAT, "messages": [system, {"role": "user", "content": question}], "temperature": 0}
+            status, out, _ = post(srv.url + "/v1/chat/completions", body)
+            assert status == 200
+            replies.append(out["choices"][0]["message"]["content"])
+        assert replies[2] == replies[0]  # the same prompt from cached blocks: the same greedy reply
+        assert srv.metric("layerstream_prefix_cache_hit_tokens_total") >= 2 * 8
+        assert srv.metric("layerstream_kv_blocks_total") == 2 * 256 // 8
+        assert srv.metric("layerstream_kv_blocks_in_use") == 0 and srv.metric("layerstream_kv_blocks_cached") > 0
+    finally:
+        rc, err = srv.stop()
+    assert rc == 0, err

@@ -40,15 +40,27 @@ def run_all(sched: Scheduler, seqs: list[Sequence], arrivals: dict[int, int] | N
     return step
 
 
+def scheduler_for(kv: str, tiny_qwen2_dir, multi, **kw) -> Scheduler:
+    """A slots scheduler on the shared engine, or a paged one (block size in ``kv``) on a fresh engine."""
+    if kv == "slots":
+        return Scheduler(multi, **kw)
+    eng = make_engine(tiny_qwen2_dir, batch=4, max_context=64, prefill_chunk=16)
+    return Scheduler(eng, kv_cache="paged", block_size=int(kv.split("-")[1]), **kw)
+
+
+KV = ["slots", "paged-4", "paged-3", "paged-1"]
+
+
+@pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("lengths,news,arrivals", [
     ([5, 17, 1, 33], [7, 3, 9, 5], {}),  # all at once: mixed prompt lengths, 2-3 prefill chunks
     ([9, 2, 20, 4, 11, 6], [6, 8, 4, 10, 3, 5], {1: 2, 2: 3, 3: 3, 4: 5, 5: 9}),  # joins mid-flight, > slots
 ])
-def test_greedy_matches_alone(engines, lengths, news, arrivals):
+def test_greedy_matches_alone(engines, tiny_qwen2_dir, kv, lengths, news, arrivals):
     single, multi = engines
     vocab = single.cfg.vocab_size
     prompts = random_prompts(lengths, vocab, seed=len(lengths))
-    sched = Scheduler(multi)
+    sched = scheduler_for(kv, tiny_qwen2_dir, multi)
     seqs = [Sequence(p, SamplingParams(max_tokens=n), multi.tokenizer) for p, n in zip(prompts, news)]
     run_all(sched, seqs, arrivals)
     for p, n, s in zip(prompts, news, seqs):
@@ -56,6 +68,45 @@ def test_greedy_matches_alone(engines, lengths, news, arrivals):
         assert s.finish_reason == "length"
         assert s.text == multi.tokenizer.decode(s.output_ids, skip_special_tokens=True)
     assert sorted(sched.free_slots) == [0, 1, 2, 3] and not sched.running and not sched.waiting
+    if sched.blocks is not None:
+        assert not sched.blocks.tables and sched.blocks.alloc.in_use == 0
+
+
+@pytest.mark.parametrize("kv", ["paged-4", "paged-5"])
+def test_prefix_blocks_are_reused_and_give_the_same_tokens(engines, tiny_qwen2_dir, kv):
+    """A shared 24-token prefix: later requests (one joining while the first runs) skip its prefill."""
+    single, multi = engines
+    shared = random_prompts([24], single.cfg.vocab_size, seed=21)[0]
+    tails = random_prompts([3, 6, 1], single.cfg.vocab_size, seed=22)
+    prompts = [shared + t for t in tails]
+    sched = scheduler_for(kv, tiny_qwen2_dir, multi)
+    seqs = [Sequence(p, SamplingParams(max_tokens=6), multi.tokenizer) for p in prompts]
+    run_all(sched, seqs, {1: 6, 2: 40})  # 1 joins while 0 decodes; 2 after both finished
+    bs = sched.blocks.block_size
+    assert sched.stats.cached_prompt_tokens == 2 * (24 // bs * bs)
+    for p, s in zip(prompts, seqs):
+        assert s.output_ids == alone(single, p, 6)
+    assert sched.blocks.alloc.in_use == 0 and sched.blocks.alloc.available == sched.blocks.alloc.num_blocks
+
+
+def test_paged_admission_waits_for_blocks(tiny_qwen2_dir, engines):
+    """Blocks for two worst cases only: the third waits with slots free, then runs; nothing is corrupted."""
+    single, _ = engines
+    eng = make_engine(tiny_qwen2_dir, batch=4, max_context=32, prefill_chunk=16)
+    sched = Scheduler(eng, kv_cache="paged", block_size=4, num_blocks=20)
+    prompts = random_prompts([29, 30, 28], single.cfg.vocab_size, seed=9)
+    seqs = [Sequence(p, SamplingParams(max_tokens=2), eng.tokenizer) for p in prompts]  # 8 blocks each
+    for s in seqs:
+        sched.add(s)
+    sched.step()
+    assert len(sched.running) == 2 and len(sched.waiting) == 1 and len(sched.free_slots) == 2
+    with pytest.raises(ValueError, match="cannot hold one 32-token context"):
+        Scheduler(make_engine(tiny_qwen2_dir, batch=1, max_context=32), kv_cache="paged", block_size=4,
+                  num_blocks=7)
+    while sched.has_work():
+        sched.step()
+    for p, s in zip(prompts, seqs):
+        assert s.output_ids == alone(single, p, 2)
 
 
 def test_seeded_sampling_is_independent_of_batch(engines):

@@ -28,8 +28,10 @@ class EngineLoop:
     """Owns an engine (built by ``load`` on its own thread) and a :class:`Scheduler` over it."""
 
     def __init__(self, load: Callable[[], Engine], max_waiting: int = 64,
-                 on_step: Callable[[StepStats], None] | None = None) -> None:
+                 on_step: Callable[[StepStats], None] | None = None, **scheduler_options) -> None:
+        """``scheduler_options`` go to :class:`Scheduler` (kv_cache, block_size, num_blocks)."""
         self._load = load
+        self._scheduler_options = scheduler_options
         self.on_step = on_step
         self.max_waiting = max_waiting
         self.engine: Engine | None = None
@@ -54,7 +56,7 @@ class EngineLoop:
     @property
     def capacity(self) -> int:
         assert self.engine is not None
-        return self.engine.cache.batch + self.max_waiting
+        return self.engine.opts.batch + self.max_waiting
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences (all or none): NotReady while loading, ValueError for a request that cannot run,
@@ -100,7 +102,7 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             self.engine = self._load()
-            self.scheduler = Scheduler(self.engine, self.max_waiting, self.on_step)
+            self.scheduler = Scheduler(self.engine, self.max_waiting, self.on_step, **self._scheduler_options)
         except BaseException as e:  # reported by /health and NotReady; the process decides what to do
             log.error("loading the model failed: %s", e)
             self.error = e

@@ -46,7 +46,7 @@ class _EngineCollector:
         sched, eng = self.loop.scheduler, self.loop.engine
         st = sched.stats if sched is not None else StepStats()
         running = list(sched.running) if sched is not None else []
-        slots = eng.cache.batch if eng is not None else 0
+        slots = eng.opts.batch if eng is not None else 0
         streamed = eng.plan.streamed_bytes_per_step if eng is not None else 0
         yield CounterMetricFamily("layerstream_prompt_tokens", "Prompt tokens admitted", value=st.prompt_tokens)
         yield CounterMetricFamily("layerstream_generation_tokens", "Tokens generated", value=st.generated_tokens)
@@ -62,5 +62,14 @@ class _EngineCollector:
         yield GaugeMetricFamily("layerstream_kv_slots_in_use", "KV-cache slots held by sequences", value=len(running))
         yield GaugeMetricFamily("layerstream_kv_tokens_in_use", "Token positions held in the KV cache",
                                 value=sum(s.num_computed for s in running))
+        blocks = sched.blocks if sched is not None else None
+        yield GaugeMetricFamily("layerstream_kv_blocks_total", "Paged KV blocks (0: slot cache)",
+                                value=blocks.alloc.num_blocks if blocks else 0)
+        yield GaugeMetricFamily("layerstream_kv_blocks_in_use", "Paged KV blocks held by running sequences",
+                                value=blocks.alloc.in_use if blocks else 0)
+        yield GaugeMetricFamily("layerstream_kv_blocks_cached", "Unused blocks kept for prefix reuse",
+                                value=len(blocks.alloc.lru) if blocks else 0)
+        yield CounterMetricFamily("layerstream_prefix_cache_hit_tokens", "Prompt tokens served from cached blocks",
+                                  value=st.cached_prompt_tokens)
         yield GaugeMetricFamily("layerstream_model_ready", "1 once the model is loaded",
                                 value=float(self.loop.ready.is_set() and self.loop.error is None))

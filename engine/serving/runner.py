@@ -13,14 +13,17 @@ import torch
 
 from engine.engine import Engine
 from engine.sampling import Sampler
+from engine.serving.blocks import BlockManager
+from engine.serving.paged_cache import PagedKVCache
 from engine.serving.sequence import Sequence
 
 
 class ModelRunner:
-    """Runs steps on an :class:`Engine` whose KV cache has one row per slot."""
+    """Runs steps on an :class:`Engine`: KV in the engine's cache (row = slot), or paged (``paged``)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, paged: tuple[PagedKVCache, BlockManager] | None = None) -> None:
         self.engine = engine
+        self.paged = paged
         self.vocab = engine.cfg.vocab_size
         self.steps = 0
         self.last_tokens = 0  # real tokens fed by the last step
@@ -41,9 +44,19 @@ class ModelRunner:
             ids[s.slot, :n] = torch.tensor(s.all_ids[s.num_computed: s.num_computed + n])
             start[s.slot], q_lens[s.slot] = s.num_computed, n
         max_len = max(a + n for a, n in zip(start, q_lens))
+        if self.paged:
+            cache, blocks = self.paged
+            tables: list[list[int]] = [[] for _ in range(rows)]
+            for s in seqs:
+                tables[s.slot] = blocks.reserve(s.seq_id, s.num_computed + q_lens[s.slot])
+            cache.bind(tables, start, q_lens, t)
         logits = self._forward(ids, start, q_lens, max_len)
         for s in seqs:
             s.num_computed += q_lens[s.slot]
+        if self.paged:
+            cache.finish()
+            for s in seqs:
+                blocks.computed(s.seq_id, s.all_ids, s.num_computed)
         self.steps += 1
         self.last_tokens = sum(q_lens)
         ready = [s for s in seqs if s.pending == 0]
@@ -52,7 +65,7 @@ class ModelRunner:
     def _forward(self, ids: torch.Tensor, start: list[int], q_lens: list[int], max_len: int) -> torch.Tensor:
         eng, dev = self.engine, self.engine.device
         rows, t = ids.shape
-        graph = eng.graph
+        graph = eng.graph if self.paged is None else None
         if t == 1 and graph is not None and rows <= graph.batch:  # a pure decode step: replay the graph
             pad = graph.batch - rows
             tok = torch.cat([ids[:, 0], torch.zeros(pad, dtype=torch.long)]).to(dev)
@@ -60,7 +73,8 @@ class ModelRunner:
         start_t = torch.tensor(start, dtype=torch.int32, device=dev)
         q_t = torch.tensor(q_lens, dtype=torch.int32, device=dev)
         with eng.ops.prompt_chunk(rows * t):
-            return eng.model.forward(ids.to(dev), start_t, q_t, eng.cache, max_len=max_len)
+            cache = self.paged[0] if self.paged else eng.cache
+            return eng.model.forward(ids.to(dev), start_t, q_t, cache, max_len=max_len)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """Next token of each sequence from its row of ``logits`` [rows, V], with its own parameters."""

@@ -1,7 +1,9 @@
 """Continuous batching: sequences join and leave the running batch at step boundaries.
 
-Each KV-cache row is a slot. A waiting sequence is admitted when a slot is free (lowest first, so
-the batch stays dense); every step then feeds all running sequences in one forward pass (see
+Each batch row is a slot. With ``kv_cache="slots"`` a slot is also a row of the engine's KV cache;
+with ``"paged"`` the KV lives in blocks (see ``blocks`` and ``paged_cache``): prompts reuse cached
+prefix blocks, and a sequence is admitted only when its worst case fits in the free blocks. A
+waiting sequence is admitted when a slot is free (lowest first, so the batch stays dense); every step then feeds all running sequences in one forward pass (see
 ``runner``): new prompts are prefilled in chunks next to the sequences that decode. A sequence that
 finishes, or is aborted, frees its slot for the next step. Waiting is bounded: ``add`` raises
 :class:`QueueFull` beyond ``max_waiting``, so a server can answer 503 instead of queueing forever.
@@ -17,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.engine import Engine
+from engine.serving.blocks import BlockManager
+from engine.serving.paged_cache import PagedKVCache
 from engine.serving.params import SamplingParams
 from engine.serving.runner import ModelRunner
 from engine.serving.sequence import Sequence, SeqOutput, Status
@@ -38,19 +42,37 @@ class StepStats:
     last_step_s: float = 0.0
     last_batch: int = 0
     last_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens found in cached KV blocks (not computed again)
 
 
 class Scheduler:
-    """Admits, steps and retires sequences over the slots of ``engine.cache``."""
+    """Admits, steps and retires sequences over ``engine.opts.batch`` slots."""
 
     def __init__(self, engine: Engine, max_waiting: int = 256,
-                 on_step: Callable[[StepStats], None] | None = None) -> None:
+                 on_step: Callable[[StepStats], None] | None = None, kv_cache: str = "slots",
+                 block_size: int = 16, num_blocks: int | None = None) -> None:
+        """``kv_cache="paged"`` replaces the engine's contiguous cache (and the decode graph that reads it)
+        by ``num_blocks`` blocks (default ``batch * max_context / block_size``: the memory the plan sized)."""
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        if kv_cache not in ("slots", "paged") or block_size < 1:
+            raise ValueError(f"kv_cache must be 'slots' or 'paged' (got {kv_cache!r}) and block_size >= 1")
         self.engine = engine
-        self.runner = ModelRunner(engine)
+        self.blocks: BlockManager | None = None
+        paged = None
+        if kv_cache == "paged":
+            opts = engine.opts
+            num = num_blocks or max(1, opts.batch * opts.max_context // block_size)
+            if num * block_size < opts.max_context:
+                raise ValueError(f"{num} KV blocks of {block_size} tokens cannot hold one {opts.max_context}-token "
+                                 "context; give more blocks or lower --max-context")
+            engine.cache = engine.graph = None  # free their memory before taking it again as blocks
+            paged = (PagedKVCache(engine.cfg, num, block_size, engine.dtype, engine.device),
+                     BlockManager(num, block_size))
+            self.blocks = paged[1]
+        self.runner = ModelRunner(engine, paged)
         self.max_waiting = max_waiting
-        self.free_slots = list(range(engine.cache.batch))
+        self.free_slots = list(range(engine.opts.batch))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = StepStats()
@@ -123,13 +145,21 @@ class Scheduler:
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
-            s = self.waiting.popleft()
+            s = self.waiting[0]
+            worst = min(len(s.prompt_ids) + (s.params.max_tokens or self.max_context), self.max_context)
+            if self.blocks is not None and not self.blocks.can_admit(s.prompt_ids, worst):
+                break  # first come, first served: wait for blocks to be freed
+            self.waiting.popleft()
             s.slot = heapq.heappop(self.free_slots)
-            s.status, s.num_computed = Status.RUNNING, 0
+            s.status = Status.RUNNING
+            s.num_computed = self.blocks.admit(s.seq_id, s.prompt_ids, worst) if self.blocks is not None else 0
             self.running.append(s)
             self.stats.prompt_tokens += len(s.prompt_ids)
+            self.stats.cached_prompt_tokens += s.num_computed
 
     def _retire(self, s: Sequence) -> None:
+        if self.blocks is not None:
+            self.blocks.free(s.seq_id)
         if s in self.running:
             self.running.remove(s)
         if s.slot is not None:
