@@ -193,3 +193,23 @@ def test_load_200_requests_from_32_clients(server):
     elapsed = time.monotonic() - t0
     assert len(results) == 200 and all(r == (4, "length") for r in results), results
     print(f"200 requests, 32 clients: {elapsed:.1f} s")
+
+
+def test_disconnect_of_a_plain_request_frees_the_slot(server):
+    import json
+    import socket
+
+    body = json.dumps({"model": MODEL, "prompt": "wait", "max_tokens": 240, "temperature": 0, "n": 16,
+                       "ignore_eos": True}).encode()  # 16 x 240 tokens through 4 slots: a few seconds
+    before = server.metric("layerstream_generation_tokens_total")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 10
+        while not server.metric("layerstream_requests_running") and time.monotonic() < deadline:
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10  # the socket is closed: the server notices within a poll interval
+    while server.metric("layerstream_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.metric("layerstream_requests_running") == 0
+    assert server.metric("layerstream_generation_tokens_total") - before < 16 * 240 / 2

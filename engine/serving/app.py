@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -26,6 +27,7 @@ from engine.serving.sequence import Sequence
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.25  # how often a plain (non-streamed) request checks its client
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -44,17 +46,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
     metrics = metrics or ServerMetrics(loop)
     app.state.metrics = metrics
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if api_key and path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
-            response = error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                             code="invalid_api_key")
-        else:
-            response = await call_next(request)
-        if path.startswith("/v1/"):
-            metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -131,15 +123,17 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
 
     async def _collect(request: Request, seqs: list[Sequence], queue: asyncio.Queue, reply: Reply,
                        prompt_tokens: int):
-        done = 0
+        done, checked = 0, time.monotonic()
         try:
             while done < len(seqs):
-                try:
-                    out = await asyncio.wait_for(queue.get(), timeout=0.25)
-                except asyncio.TimeoutError:
+                if time.monotonic() - checked > DISCONNECT_POLL_S:  # outputs may arrive every step: poll anyway
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         log.info("client of %s went away; cancelling", reply.id)
                         return Response(status_code=499)
+                try:
+                    out = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
                     continue
                 if out.finished:
                     done += 1
@@ -182,6 +176,34 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
             metrics.ttft.observe(seq.first_token_time - seq.arrival)
 
     return app
+
+
+class _AuthAndCount:
+    """ASGI middleware: the API key on /v1/ paths, and a request count by status. (A plain ASGI class, not
+    Starlette's BaseHTTPMiddleware, which hides the client's disconnect from the endpoint.)"""
+
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_counting(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
+            response = error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                             code="invalid_api_key")
+            await response(scope, receive, send_counting)
+        else:
+            await self.app(scope, receive, send_counting)
+        self.metrics.requests.labels(path, str(status[0])).inc()
 
 
 def _sse(obj: dict) -> str:
