@@ -220,3 +220,18 @@ def test_decode_steps_replay_the_graph(tiny_qwen2_dir, engines):
     assert calls and set(calls) == {4}
     for p, s in zip(prompts, seqs):
         assert s.output_ids == alone(single, p, 6)
+
+
+@pytest.mark.slow
+def test_paged_decode_reads_blocks_in_place_with_triton_kernels(tiny_qwen2_dir):
+    """Triton kernels (interpreted on the CPU): decode steps skip the gather and use the block-table kernel."""
+    slots_eng = make_engine(tiny_qwen2_dir, batch=3, max_context=64, prefill_chunk=16, kernels="triton")
+    paged_eng = make_engine(tiny_qwen2_dir, batch=3, max_context=64, prefill_chunk=16, kernels="triton")
+    prompts = random_prompts([20, 3, 9], slots_eng.cfg.vocab_size, seed=31)
+    runs = []
+    for sched in (Scheduler(slots_eng), Scheduler(paged_eng, kv_cache="paged", block_size=16)):
+        seqs = [Sequence(p, SamplingParams(max_tokens=5), sched.engine.tokenizer) for p in prompts]
+        run_all(sched, seqs, {2: 3})
+        runs.append([s.output_ids for s in seqs])
+    assert sched.runner.paged[0].direct_steps >= 4  # the decode steps of the paged run
+    assert runs[0] == runs[1]

@@ -14,7 +14,7 @@ import torch
 from engine.engine import Engine
 from engine.sampling import Sampler
 from engine.serving.blocks import BlockManager
-from engine.serving.paged_cache import PagedKVCache
+from engine.serving.paged_cache import PagedKVCache, PagedOps
 from engine.serving.sequence import Sequence
 
 
@@ -24,6 +24,10 @@ class ModelRunner:
     def __init__(self, engine: Engine, paged: tuple[PagedKVCache, BlockManager] | None = None) -> None:
         self.engine = engine
         self.paged = paged
+        # decode steps read the blocks in place: Triton kernels and a block size the kernel takes
+        self.direct = bool(paged) and engine.ops.name == "triton" and paged[0].can_read_directly()
+        if self.direct:
+            engine.model.ops = PagedOps(engine.model.ops)
         self.vocab = engine.cfg.vocab_size
         self.steps = 0
         self.last_tokens = 0  # real tokens fed by the last step
@@ -49,7 +53,7 @@ class ModelRunner:
             tables: list[list[int]] = [[] for _ in range(rows)]
             for s in seqs:
                 tables[s.slot] = blocks.reserve(s.seq_id, s.num_computed + q_lens[s.slot])
-            cache.bind(tables, start, q_lens, t)
+            cache.bind(tables, start, q_lens, t, direct=t == 1 and self.direct)
         logits = self._forward(ids, start, q_lens, max_len)
         for s in seqs:
             s.num_computed += q_lens[s.slot]
