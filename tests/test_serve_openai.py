@@ -213,3 +213,8 @@ def test_disconnect_of_a_plain_request_frees_the_slot(server):
         time.sleep(0.1)
     assert server.metric("layerstream_requests_running") == 0
     assert server.metric("layerstream_generation_tokens_total") - before < 16 * 240 / 2
+
+
+def test_unknown_route_gets_the_envelope(server):
+    code, out, _ = post(server.url + "/v1/embeddings", {"model": MODEL, "input": "x"})
+    assert code == 404 and set(out["error"]) == {"message", "type", "param", "code"}

@@ -39,73 +39,39 @@ def unavailable(message: str) -> JSONResponse:
     return error(503, message, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
-               metrics: ServerMetrics | None = None) -> FastAPI:
-    """The app; ``loop`` is started (and stopped) by the caller."""
-    app = FastAPI(title="layerstream", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = metrics or ServerMetrics(loop)
-    app.state.metrics = metrics
+class Api:
+    """The endpoints' logic over one engine loop (the route functions in ``create_app`` call these)."""
 
-    app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
+    def __init__(self, loop: EngineLoop, model_name: str, metrics: ServerMetrics) -> None:
+        self.loop, self.model_name, self.metrics = loop, model_name, metrics
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
-                         "send a JSON object")
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(where) or None
-        return error(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param=param)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail), code=str(exc.status_code))
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(STATIC / "chat.html", media_type="text/html")
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if loop.error is not None:
-            return JSONResponse({"status": "error", "message": str(loop.error)}, status_code=503)
-        if not loop.ready.is_set():
+    def health(self) -> JSONResponse:
+        if self.loop.error is not None:
+            return JSONResponse({"status": "error", "message": str(self.loop.error)}, status_code=503)
+        if not self.loop.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ok", "model": model_name})
+        return JSONResponse({"status": "ok", "model": self.model_name})
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "layerstream"}
-        if loop.engine is not None:
-            card["max_model_len"] = loop.engine.opts.max_context
+    def models(self) -> dict:
+        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "layerstream"}
+        if self.loop.engine is not None:
+            card["max_model_len"] = self.loop.engine.opts.max_context
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
-        return await _serve(request, body, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await _serve(request, body, chat=False)
-
-    async def _serve(request: Request, body: ChatRequest | CompletionRequest, chat: bool):
-        if body.model != model_name:
-            return error(404, f"model {body.model!r} does not exist; this server serves {model_name!r} "
+    async def complete(self, request: Request, body: ChatRequest | CompletionRequest, chat: bool):
+        """Check, tokenize and submit; answer with a stream, the full response or an error envelope."""
+        loop = self.loop
+        if body.model != self.model_name:
+            return error(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r} "
                          "(GET /v1/models)", param="model", code="model_not_found")
         if not loop.ready.is_set() or loop.engine is None:
             return unavailable("the model is still loading; retry shortly")
         queue: asyncio.Queue = asyncio.Queue()
         aio = asyncio.get_running_loop()
-        reply = Reply(chat, model_name)
+        reply = Reply(chat, self.model_name)
         try:
             ids = body.prompt_ids(loop.engine.tokenizer)
-            limit = body.token_limit or max(1, loop.engine.opts.max_context - len(ids))
-            params = body.sampling(limit)
+            params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)))
             seqs = [Sequence(ids, params, loop.engine.tokenizer, index=i, request_id=reply.id,
                              sink=lambda out: aio.call_soon_threadsafe(queue.put_nowait, out))
                     for i in range(params.n)]
@@ -117,12 +83,13 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
         except ValueError as e:
             return error(400, str(e))
         if body.stream:
-            return StreamingResponse(_stream(seqs, queue, reply, body.include_usage, len(ids)),
+            return StreamingResponse(self.stream(seqs, queue, reply, body.include_usage, len(ids)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _collect(request, seqs, queue, reply, len(ids))
+        return await self.collect(request, seqs, queue, reply, len(ids))
 
-    async def _collect(request: Request, seqs: list[Sequence], queue: asyncio.Queue, reply: Reply,
-                       prompt_tokens: int):
+    async def collect(self, request: Request, seqs: list[Sequence], queue: asyncio.Queue, reply: Reply,
+                      prompt_tokens: int):
+        """Wait for every choice (cancelling them if the client goes away); the full response."""
         done, checked = 0, time.monotonic()
         try:
             while done < len(seqs):
@@ -137,16 +104,17 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
                     continue
                 if out.finished:
                     done += 1
-                    _observe_first(out.seq)
+                    self._observe_first(out.seq)
         finally:
-            _abort_unfinished(seqs)
+            self._abort_unfinished(seqs)
         if any(s.finish_reason == "abort" for s in seqs):
             return error(503, "the request was cancelled (the server is shutting down or a step failed)",
                          "service_unavailable")
         return reply.full(seqs, prompt_tokens)
 
-    async def _stream(seqs: list[Sequence], queue: asyncio.Queue, reply: Reply, include_usage: bool,
-                      prompt_tokens: int):
+    async def stream(self, seqs: list[Sequence], queue: asyncio.Queue, reply: Reply, include_usage: bool,
+                     prompt_tokens: int):
+        """Server-sent events: a chunk per step's text, one per finish, the usage, then ``[DONE]``."""
         done = 0
         try:
             if reply.chat:
@@ -158,22 +126,68 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
                     yield _sse(reply.chunk(out.seq.index, out.text, None, with_usage=include_usage))
                 if out.finished:
                     done += 1
-                    _observe_first(out.seq)
+                    self._observe_first(out.seq)
                     yield _sse(reply.chunk(out.seq.index, None, out.finish_reason, with_usage=include_usage))
             if include_usage:
                 yield _sse(reply.usage_chunk(seqs, prompt_tokens))
             yield "data: [DONE]\n\n"
         finally:  # the client went away (the generator is closed) or the stream ended
-            _abort_unfinished(seqs)
+            self._abort_unfinished(seqs)
 
-    def _abort_unfinished(seqs: list[Sequence]) -> None:
+    def _abort_unfinished(self, seqs: list[Sequence]) -> None:
         left = [s.seq_id for s in seqs if not s.finished]
         if left:
-            loop.abort(left)
+            self.loop.abort(left)
 
-    def _observe_first(seq: Sequence) -> None:
+    def _observe_first(self, seq: Sequence) -> None:
         if seq.first_token_time is not None:
-            metrics.ttft.observe(seq.first_token_time - seq.arrival)
+            self.metrics.ttft.observe(seq.first_token_time - seq.arrival)
+
+
+def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """Malformed JSON or fields: 400 in OpenAI's envelope, naming the first bad field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
+                     "send a JSON object")
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    return error(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param=param)
+
+
+def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
+               metrics: ServerMetrics | None = None) -> FastAPI:
+    """The app; ``loop`` is started (and stopped) by the caller."""
+    app = FastAPI(title="layerstream", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = metrics or ServerMetrics(loop)
+    api = Api(loop, model_name, metrics)
+    app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, lambda _, exc: error(exc.status_code, str(exc.detail),
+                                                                  code=str(exc.status_code)))
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "chat.html", media_type="text/html")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return api.health()
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return api.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        return await api.complete(request, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await api.complete(request, body, chat=False)
 
     return app
 
