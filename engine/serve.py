@@ -3,7 +3,8 @@
 An OpenAI-compatible HTTP server (chat and text completions, streaming, /v1/models, /health,
 /metrics and a chat page at /) with continuous batching: every forward pass, one stream of the
 non-resident weights, serves all active requests. Binds to 127.0.0.1 unless --host says otherwise.
-SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish for --grace seconds, then exits 0.
+SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish for --grace seconds, cancels the
+rest (their streams end with finish_reason "abort" and [DONE]), then exits 0.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from engine.cli_session import add_engine_args, load_engine, options_from_args, resolve_or_default
 
@@ -35,8 +37,9 @@ def build_parser(prog: str = "python -m engine.serve") -> argparse.ArgumentParse
     p.add_argument("--max-waiting", type=int, default=64,
                    help="requests that may wait for a slot; beyond it requests get 503 (default 64)")
     p.add_argument("--kv-cache", choices=["slots", "paged"], default="slots",
-                   help="slots: one contiguous KV row per sequence (default, CUDA-graph decode); paged: blocks "
-                   "with prefix reuse (a shared system prompt or earlier chat turns are not prefilled again)")
+                   help="slots: one contiguous KV row per sequence (default; CUDA-graph decode); paged: blocks "
+                   "with prefix reuse (a shared system prompt or earlier chat turns are not prefilled again; "
+                   "decode without CUDA graphs)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block with --kv-cache paged")
     p.add_argument("--grace", type=int, default=30, help="seconds in-flight requests get at shutdown (default 30)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -72,14 +75,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     loop.on_step = metrics.on_step
     name = args.served_model_name or args.model or "default"
     app = create_app(loop, name, args.api_key, metrics)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.grace,
+    # uvicorn's own limit only backs ours up: at --grace the engine cancels what is left, so every stream
+    # still ends with a finish chunk and [DONE]
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           timeout_graceful_shutdown=args.grace + 5,
                                            log_level="info" if args.verbose else "warning"))
     # Until uvicorn installs its own handlers a signal asks it to stop as soon as it has started; after
     # a graceful shutdown it re-raises the signal it caught, which lands here too, so the exit is 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     loop.start()
-    threading.Thread(target=_stop_if_load_fails, args=(loop, server), daemon=True).start()
+    threading.Thread(target=_watch, args=(loop, server, args.grace), daemon=True).start()
     print(f"layerstream: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page "
           "at /); the model is loading, /health says when it is ready", file=sys.stderr)
     server.run()
@@ -91,10 +97,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     return 0
 
 
-def _stop_if_load_fails(loop, server) -> None:
-    loop.ready.wait()
-    if loop.error is not None:
-        server.should_exit = True
+def _watch(loop, server, grace: float) -> None:
+    """Stop the server when loading fails; once it is stopping, cancel what runs past the grace period."""
+    while not server.should_exit:
+        if loop.ready.is_set() and loop.error is not None:
+            server.should_exit = True
+        time.sleep(0.1)
+    time.sleep(grace)
+    if loop.scheduler is not None:
+        loop.abort_all()
 
 
 if __name__ == "__main__":

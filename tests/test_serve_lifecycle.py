@@ -109,3 +109,22 @@ def test_paged_server_reuses_a_shared_system_prompt(tiny_qwen2_dir):
     finally:
         rc, err = srv.stop()
     assert rc == 0, err
+
+
+def test_sigterm_cancels_what_outlives_the_grace_period(tiny_qwen2_dir):
+    srv = Server(tiny_qwen2_dir, "--served-model-name", "m", "--max-batch", "1", "--max-context", "256",
+                 "--grace", "1")
+    long = {"model": "m", "prompt": "x", "max_tokens": 240, "n": 16, "stream": True, "ignore_eos": True}
+    try:
+        stream = open_stream(srv.url + "/v1/completions", long)  # 16 x 240 tokens one at a time: seconds
+        assert stream.readline().startswith(b"data: ")
+        t0 = time.monotonic()
+        srv.proc.terminate()
+        rest = stream.read().decode()
+        rc, err = srv.stop()
+        elapsed = time.monotonic() - t0
+    finally:
+        srv.stop()
+    assert rc == 0, err
+    assert elapsed < 15  # cancelled after the 1 s grace rather than run to the end
+    assert '"finish_reason":"abort"' in rest and rest.rstrip().endswith("data: [DONE]")  # still a whole stream

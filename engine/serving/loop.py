@@ -78,6 +78,10 @@ class EngineLoop:
         """Cancel sequences; each frees its slot at the next step boundary."""
         self._inbox.put(("abort", list(seq_ids)))
 
+    def abort_all(self) -> None:
+        """Cancel every sequence (running, waiting, queued) at the next step boundary."""
+        self._inbox.put(("abort_all", None))
+
     def stop(self, timeout: float = 30.0) -> None:
         """Abort what is left and end the thread (the model stays loaded until ``close``)."""
         self._stopped.set()
@@ -136,6 +140,8 @@ class EngineLoop:
             elif cmd == "abort":
                 for seq_id in arg:
                     self.scheduler.abort(seq_id)
+            elif cmd == "abort_all":
+                self._abort_all()
             try:
                 cmd, arg = self._inbox.get_nowait()
             except queue.Empty:
