@@ -1,12 +1,14 @@
 """Continuous batching: sequences join and leave the running batch at step boundaries.
 
-Each batch row is a slot. With ``kv_cache="slots"`` a slot is also a row of the engine's KV cache;
-with ``"paged"`` the KV lives in blocks (see ``blocks`` and ``paged_cache``): prompts reuse cached
-prefix blocks, and a sequence is admitted only when its worst case fits in the free blocks. A
-waiting sequence is admitted when a slot is free (lowest first, so the batch stays dense); every step then feeds all running sequences in one forward pass (see
-``runner``): new prompts are prefilled in chunks next to the sequences that decode. A sequence that
-finishes, or is aborted, frees its slot for the next step. Waiting is bounded: ``add`` raises
-:class:`QueueFull` beyond ``max_waiting``, so a server can answer 503 instead of queueing forever.
+Each batch row is a slot. A waiting sequence is admitted when a slot is free (lowest first, so the
+batch stays dense); every step then feeds all running sequences in one forward pass (see ``runner``):
+new prompts are prefilled in chunks next to the sequences that decode. A sequence that finishes, or
+is aborted, frees its slot for the next step. Waiting is bounded: ``add`` raises :class:`QueueFull`
+beyond ``max_waiting``, so a server can answer 503 instead of queueing forever.
+
+With ``kv_cache="slots"`` a slot is also a row of the engine's KV cache. With ``"paged"`` the KV
+lives in blocks (see ``blocks`` and ``paged_cache``): prompts reuse cached prefix blocks, and a
+sequence is admitted only when its worst case fits beside the running ones' (no preemption).
 """
 
 from __future__ import annotations
