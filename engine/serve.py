@@ -99,9 +99,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
 
 def _watch(loop, server, grace: float) -> None:
     """Stop the server when loading fails; once it is stopping, cancel what runs past the grace period."""
+    announced = False
     while not server.should_exit:
-        if loop.ready.is_set() and loop.error is not None:
-            server.should_exit = True
+        if loop.ready.is_set() and not announced:
+            announced = True
+            if loop.error is not None:
+                server.should_exit = True
+            else:
+                print("layerstream: model loaded; ready", file=sys.stderr, flush=True)
         time.sleep(0.1)
     time.sleep(grace)
     if loop.scheduler is not None:

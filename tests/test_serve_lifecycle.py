@@ -66,13 +66,15 @@ def test_api_key_overload_and_sigterm(tiny_qwen2_dir):
             assert s.status == 200
         status, out, headers = post(srv.url + "/v1/completions", {**long, "stream": False}, auth)
         assert status == 503 and headers.get("retry-after") == "1" and "overloaded" in out["error"]["message"]
+        status, out, _ = post(srv.url + "/v1/completions", {**long, "n": 3}, auth)  # never fits: not a 503
+        assert status == 400 and "lower n" in out["error"]["message"]
         srv.proc.terminate()  # SIGTERM with both streams in flight: they finish within the grace period
         bodies = [s.read().decode() for s in streams]
         rc, err = srv.stop()
     finally:
         srv.stop()
     assert rc == 0, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "model loaded; ready" in err
     for body in bodies:
         assert body.rstrip().endswith("data: [DONE]")
         assert '"finish_reason":"length"' in body
