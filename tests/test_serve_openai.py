@@ -218,3 +218,13 @@ def test_disconnect_of_a_plain_request_frees_the_slot(server):
 def test_unknown_route_gets_the_envelope(server):
     code, out, _ = post(server.url + "/v1/embeddings", {"model": MODEL, "input": "x"})
     assert code == 404 and set(out["error"]) == {"message", "type", "param", "code"}
+
+
+def test_completion_batch_of_prompts(client, reference):
+    r = client.completions.create(model=MODEL, prompt=["the cat", "a dog sat"], n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in r.choices]
+    assert texts[0] == texts[1] == reference("the cat", 6)[0] and texts[2] == texts[3] == reference("a dog sat", 6)[0]
+    single = client.completions.create(model=MODEL, prompt="a dog sat", max_tokens=1)
+    assert r.usage.prompt_tokens == client.completions.create(model=MODEL, prompt="the cat", max_tokens=1) \
+        .usage.prompt_tokens + single.usage.prompt_tokens  # each prompt counted once

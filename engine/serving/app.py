@@ -69,12 +69,14 @@ class Api:
         queue: asyncio.Queue = asyncio.Queue()
         aio = asyncio.get_running_loop()
         reply = Reply(chat, self.model_name)
-        try:
-            ids = body.prompt_ids(loop.engine.tokenizer)
-            params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)))
-            seqs = [Sequence(ids, params, loop.engine.tokenizer, index=i, request_id=reply.id,
-                             sink=lambda out: aio.call_soon_threadsafe(queue.put_nowait, out))
-                    for i in range(params.n)]
+        try:  # tokenizing a long prompt takes a while: off the event loop
+            prompts = await asyncio.to_thread(body.prompts, loop.engine.tokenizer)
+            seqs = []
+            for p, ids in enumerate(prompts):  # choice index p * n + i, as OpenAI numbers a batch
+                params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)))
+                seqs += [Sequence(ids, params, loop.engine.tokenizer, index=p * params.n + i, request_id=reply.id,
+                                  sink=lambda out: aio.call_soon_threadsafe(queue.put_nowait, out))
+                         for i in range(params.n)]
             loop.submit(seqs)
         except QueueFull as e:
             return unavailable(f"server overloaded: {e}")
@@ -82,10 +84,11 @@ class Api:
             return unavailable(str(e))
         except ValueError as e:
             return error(400, str(e))
+        prompt_tokens = sum(map(len, prompts))
         if body.stream:
-            return StreamingResponse(self.stream(seqs, queue, reply, body.include_usage, len(ids)),
+            return StreamingResponse(self.stream(seqs, queue, reply, body.include_usage, prompt_tokens),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self.collect(request, seqs, queue, reply, len(ids))
+        return await self.collect(request, seqs, queue, reply, prompt_tokens)
 
     async def collect(self, request: Request, seqs: list[Sequence], queue: asyncio.Queue, reply: Reply,
                       prompt_tokens: int):

@@ -77,12 +77,13 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict] | None = None
 
-    def prompt_ids(self, tokenizer) -> list[int]:
+    def prompts(self, tokenizer) -> list[list[int]]:
+        """The conversation rendered with the chat template, as the one prompt of this request."""
         if self.tools:
             raise ValueError("tools are not supported by this server; leave them out")
         text = tokenizer.apply_chat_template([m.as_template_input() for m in self.messages],
                                              add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
+        return [tokenizer.encode(text, add_special_tokens=False)]
 
     @property
     def token_limit(self) -> int | None:
@@ -93,15 +94,13 @@ class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
 
-    def prompt_ids(self, tokenizer) -> list[int]:
+    def prompts(self, tokenizer) -> list[list[int]]:
+        """Token ids of each prompt: a string, a list of token ids, or a list of either (a batch)."""
         if self.echo:
             raise ValueError("echo is not supported by this server; leave it out")
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise ValueError(f"give one prompt per request (got a list of {len(p)}); send one request each")
-            p = p[0]
-        return tokenizer.encode(p) if isinstance(p, str) else list(p)
+        batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        return [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in batch]
 
     @property
     def token_limit(self) -> int | None:
