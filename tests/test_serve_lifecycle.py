@@ -130,3 +130,29 @@ def test_sigterm_cancels_what_outlives_the_grace_period(tiny_qwen2_dir):
     assert rc == 0, err
     assert elapsed < 15  # cancelled after the 1 s grace rather than run to the end
     assert '"finish_reason":"abort"' in rest and rest.rstrip().endswith("data: [DONE]")  # still a whole stream
+
+
+def test_engine_thread_failure_fails_requests_instead_of_hanging(tiny_qwen2_dir):
+    """A step that raises aborts the running requests; a thread that dies fails the rest and says so."""
+    loop = EngineLoop(lambda: make_engine(tiny_qwen2_dir, batch=2, max_context=64)).start()
+    assert loop.ready.wait(30) and loop.error is None
+    from engine.serving.params import SamplingParams
+    from engine.serving.sequence import Sequence
+
+    outs = []
+    loop.scheduler.runner.step = lambda seqs: (_ for _ in ()).throw(RuntimeError("boom"))
+    loop.submit([Sequence([1, 2, 3], SamplingParams(max_tokens=4), loop.engine.tokenizer, sink=outs.append)])
+    deadline = time.monotonic() + 10
+    while not outs and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert outs and outs[-1].finish_reason == "abort" and loop.outstanding == 0  # the server lives on
+    class Fatal(BaseException):  # escapes the per-step handler: the thread itself dies
+        pass
+
+    loop.scheduler.runner.step = lambda seqs: (_ for _ in ()).throw(Fatal("dead"))
+    loop.submit([Sequence([1, 2], SamplingParams(max_tokens=4), loop.engine.tokenizer, sink=outs.append)])
+    loop._thread.join(10)
+    assert isinstance(loop.error, Fatal) and len(outs) == 2 and outs[-1].finish_reason == "abort"
+    with pytest.raises(Exception, match="not running"):
+        loop.submit([Sequence([1], SamplingParams(), loop.engine.tokenizer)])
+    loop.close()

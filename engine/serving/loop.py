@@ -116,17 +116,24 @@ class EngineLoop:
             return
         finally:
             self.ready.set()
+        try:
+            self._serve()
+        except BaseException as e:  # the thread is dying: no request may wait for it forever
+            log.exception("the engine thread failed")
+            self.error = e
+        finally:
+            self._stopped.set()
+            self._abort_all()
+
+    def _serve(self) -> None:
         sched = self.scheduler
-        while True:
-            if not self._drain(block=not sched.has_work()):
-                break
+        while self._drain(block=not sched.has_work()):
             if sched.has_work():
                 try:
                     sched.step()
                 except Exception:  # one bad step must not kill the server: fail the running requests
                     log.exception("engine step failed; aborting %d running sequences", len(sched.running))
                     self._abort_all(running_only=True)
-        self._abort_all()
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands; False once told to stop."""
@@ -139,7 +146,12 @@ class EngineLoop:
                 return False
             if cmd == "add":
                 for s in arg:
-                    self.scheduler.add(s)
+                    try:
+                        self.scheduler.add(s)
+                    except (ValueError, QueueFull) as e:  # checked at submit: not expected, never left hanging
+                        log.error("could not queue %s: %s", s.request_id, e)
+                        if s.sink:
+                            s.sink(s.abort())
             elif cmd == "abort":
                 for seq_id in arg:
                     self.scheduler.abort(seq_id)
@@ -159,6 +171,9 @@ class EngineLoop:
                 try:
                     cmd, arg = self._inbox.get_nowait()
                 except queue.Empty:
+                    break
+                if cmd == "stop":  # keep it for the loop
+                    self._inbox.put((cmd, arg))
                     break
                 for s in arg if cmd == "add" else []:
                     if s.sink:
