@@ -20,6 +20,7 @@ def test_levels_against_a_live_server(tiny_qwen2_dir, tmp_path, capsys):
     try:
         out = tmp_path / "levels.json"
         rc = main(["--url", srv.url, "--clients", "1,3", "--requests-per-client", "2", "--prompt-tokens", "4:20",
+                   "--shared-prefix", "8",
                    "--max-tokens", "5:9", "--json", str(out)])
     finally:
         srv.stop()

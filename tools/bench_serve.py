@@ -74,10 +74,12 @@ def one_request(url: str, model: str, prompt: list[int], max_tokens: int) -> dic
 
 
 def run_level(url: str, model: str, clients: int, per_client: int, prompt_range: tuple[int, int],
-              new_range: tuple[int, int], vocab: int, seed: int) -> dict:
-    """``clients`` threads, each sending ``per_client`` requests in turn; the level's summary."""
+              new_range: tuple[int, int], vocab: int, seed: int, shared: int = 0) -> dict:
+    """``clients`` threads, each sending ``per_client`` requests in turn; the level's summary.
+    Every prompt starts with the same ``shared`` tokens (a system prompt) before its own."""
     rng = random.Random(seed)
-    jobs = [[([rng.randrange(vocab) for _ in range(rng.randint(*prompt_range))], rng.randint(*new_range))
+    prefix = [rng.randrange(vocab) for _ in range(shared)]
+    jobs = [[(prefix + [rng.randrange(vocab) for _ in range(rng.randint(*prompt_range))], rng.randint(*new_range))
              for _ in range(per_client)] for _ in range(clients)]
     results: list[dict] = []
     errors: list[str] = []
@@ -149,14 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--prompt-tokens", default="128:2048", help="N or LO:HI (uniform)")
     p.add_argument("--max-tokens", default="128:256", help="N or LO:HI (uniform)")
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="tokens every prompt starts with (a shared system prompt), before its own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the levels here as a JSON list")
     args = p.parse_args(argv)
     try:
         levels = [int(c) for c in args.clients.split(",")]
         prompt_range, new_range = parse_range(args.prompt_tokens), parse_range(args.max_tokens)
-        if (args.url is None) == (args.serve is None) or min(levels) < 1 or args.requests_per_client < 1:
-            raise ValueError("give exactly one of --url and --serve, clients >= 1, --requests-per-client >= 1")
+        if (args.url is None) == (args.serve is None) or min(levels) < 1 or args.requests_per_client < 1 \
+                or args.shared_prefix < 0:
+            raise ValueError("give exactly one of --url and --serve, clients >= 1, --requests-per-client >= 1, "
+                             "--shared-prefix >= 0")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for i, clients in enumerate(levels):
             row = run_level(url, card["id"], clients, args.requests_per_client, prompt_range, new_range, vocab,
-                            args.seed + i)
+                            args.seed + i, args.shared_prefix)
             rows.append(row)
             print(f"{clients:3d} clients: {row['tok_s']:8.1f} tok/s | TTFT p50 {row['ttft_p50_s']*1e3:7.1f} ms "
                   f"p99 {row['ttft_p99_s']*1e3:7.1f} ms | ITL p50 {row['itl_p50_s']*1e3:6.1f} ms "
