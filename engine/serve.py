@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     try:
         if not 0 <= args.port < 65536 or args.max_waiting < 0 or args.grace < 0 or args.block_size < 1:
             raise ValueError("--port must be in 0..65535, --max-waiting and --grace >= 0, --block-size >= 1")
+        _check_address(args.host, args.port)
         opts = options_from_args(args)
         from engine.engine import open_model
         model_dir, is_default = resolve_or_default(args.model)
@@ -95,6 +97,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
         return 1
     print("layerstream: stopped", file=sys.stderr)
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """ValueError when the address cannot be bound (in use, or not an address of this machine)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from e
 
 
 def _watch(loop, server, grace: float) -> None:

@@ -84,6 +84,7 @@ def test_api_key_overload_and_sigterm(tiny_qwen2_dir):
     (["serve", "--port", "70000"], "--port"),
     (["serve", "--model", "/nonexistent/model-dir"], "nonexistent"),
     (["serve", "--max-batch", "0"], "--batch must be >= 1"),
+    (["serve", "--host", "203.0.113.7"], "cannot listen on 203.0.113.7"),
 ])
 def test_layerstream_serve_bad_flags_exit_2(capsys, argv, match):
     from engine.run import main
@@ -156,3 +157,16 @@ def test_engine_thread_failure_fails_requests_instead_of_hanging(tiny_qwen2_dir)
     with pytest.raises(Exception, match="not running"):
         loop.submit([Sequence([1], SamplingParams(), loop.engine.tokenizer)])
     loop.close()
+
+
+def test_port_in_use_is_one_error_line(capsys):
+    import socket
+
+    from engine.run import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", "--port", str(s.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
