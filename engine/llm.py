@@ -18,7 +18,7 @@ from pathlib import Path
 from engine.engine import Engine, EngineOptions
 from engine.serving.params import SamplingParams
 from engine.serving.scheduler import Scheduler
-from engine.serving.sequence import Sequence
+from engine.serving.sequence import Logprob, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str
+    logprobs: list[Logprob] | None = None  # with SamplingParams(logprobs=k)
 
 
 @dataclass
@@ -118,7 +119,8 @@ class LLM:
             raise
         finally:
             bar.close()
-        return [RequestOutput(text, ids, [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason)
+        return [RequestOutput(text, ids, [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,
+                                                           s.logprobs if s.params.logprobs is not None else None)
                                           for s in g]) for (text, ids), g in zip(items, groups)]
 
     def close(self) -> None:

@@ -55,6 +55,14 @@ def test_text_prompts_and_chat(llm, alone, capsys):
         assert o.prompt_token_ids == ids and o.outputs[0].token_ids == alone(ids, 4).token_ids[0]
 
 
+def test_logprobs(llm):
+    (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, logprobs=2, ignore_eos=True), use_tqdm=False)
+    c = out.outputs[0]
+    assert [e.token_id for e in c.logprobs] == c.token_ids  # greedy: each token is the top alternative
+    assert all(e.top[0] == (e.token_id, pytest.approx(e.logprob)) and len(e.top) == 2 for e in c.logprobs)
+    assert llm.generate([[5]], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].logprobs is None
+
+
 def test_n_with_seed_and_per_prompt_params(llm):
     p = SamplingParams(temperature=1.0, n=3, seed=5, max_tokens=6, ignore_eos=True)
     a, b = llm.generate([[1, 2, 3], [1, 2, 3]], [p, p], use_tqdm=False)

@@ -150,7 +150,9 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}, 400,
      r"context holds 256 tokens, but \d+ prompt tokens \+ 1000 max_tokens"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "logprobs: true"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 99}, 400,
+     "top_logprobs"),
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
 ])
 def test_bad_requests_get_the_error_envelope(server, body, status, match):
@@ -228,3 +230,49 @@ def test_completion_batch_of_prompts(client, reference):
     single = client.completions.create(model=MODEL, prompt="a dog sat", max_tokens=1)
     assert r.usage.prompt_tokens == client.completions.create(model=MODEL, prompt="the cat", max_tokens=1) \
         .usage.prompt_tokens + single.usage.prompt_tokens  # each prompt counted once
+
+
+@pytest.fixture(scope="module")
+def raw_logprobs(tiny_qwen2_dir):
+    """log_softmax of the model's logits after prompt + tokens, straight through Model.forward."""
+    import torch
+
+    from engine.kv_cache import KVCache
+
+    engine = Engine(tiny_qwen2_dir, EngineOptions(device="cpu", dtype="fp32", kernels="torch", max_context=CONTEXT))
+
+    def run(ids: list[int]) -> torch.Tensor:
+        cache = KVCache(engine.cfg, 1, CONTEXT, torch.float32, "cpu")
+        n = len(ids)
+        logits = engine.model.forward(torch.tensor([ids]), torch.tensor([0], dtype=torch.int32),
+                                      torch.tensor([n], dtype=torch.int32), cache, n)
+        return torch.log_softmax(logits[0, : engine.cfg.vocab_size], -1)
+
+    yield run, engine.tokenizer
+    engine.close()
+
+
+def test_logprobs_chat_and_completions(client, raw_logprobs):
+    run, tok = raw_logprobs
+    r = client.completions.create(model=MODEL, prompt="the cat", max_tokens=4, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    ids = tok.encode("the cat")
+    for i, (token, value, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)):
+        ref = run(ids)
+        best = int(ref.argmax())
+        assert token == tok.decode([best]) and value == pytest.approx(float(ref[best]), abs=1e-4)
+        assert len(top) == 3 and max(top.values()) == pytest.approx(value, abs=1e-6)
+        ids.append(best)
+    assert lp.text_offset[0] == 0 and "".join(lp.tokens) == r.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob <= 0 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                            temperature=0, logprobs=True, stream=True)
+    streamed = [c for ch in stream if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                          max_tokens=2).choices[0].logprobs is None

@@ -68,7 +68,7 @@ class Api:
             return unavailable("the model is still loading; retry shortly")
         queue: asyncio.Queue = asyncio.Queue()
         aio = asyncio.get_running_loop()
-        reply = Reply(chat, self.model_name)
+        reply = Reply(chat, self.model_name, loop.engine.tokenizer)
         try:  # tokenizing a long prompt takes a while: off the event loop
             prompts = await asyncio.to_thread(body.prompts, loop.engine.tokenizer)
             seqs = []
@@ -125,8 +125,9 @@ class Api:
                     yield _sse(reply.chunk(s.index, None, None, first=True, with_usage=include_usage))
             while done < len(seqs):
                 out = await queue.get()
-                if out.text:
-                    yield _sse(reply.chunk(out.seq.index, out.text, None, with_usage=include_usage))
+                if out.text or out.logprobs:  # a token's logprobs go out even while its text is held back
+                    yield _sse(reply.chunk(out.seq.index, out.text, None, with_usage=include_usage,
+                                           logprobs=out.logprobs))
                 if out.finished:
                     done += 1
                     self._observe_first(out.seq)

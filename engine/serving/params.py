@@ -13,7 +13,9 @@ class SamplingParams:
     """How one request is decoded.
 
     ``temperature == 0`` is greedy; ``top_k`` 0, ``top_p`` 1.0 and ``min_p`` 0.0 disable those filters.
-    ``max_tokens`` None generates until a stop condition or the end of the context. ``n`` completions
+    ``max_tokens`` None generates until a stop condition or the end of the context. ``logprobs`` k
+returns each token's log-probability under the model (before temperature, filters and penalties)
+and the k most likely alternatives. ``n`` completions
     of the same prompt are generated (with a seed, completion i uses ``seed + i``). ``presence_penalty``
     and ``frequency_penalty`` follow OpenAI (on generated tokens), ``repetition_penalty`` follows
     Hugging Face (on prompt and generated tokens).
@@ -31,6 +33,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     n: int = 1
     ignore_eos: bool = False
+    logprobs: int | None = None  # with each token its log-probability and this many top alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -43,6 +46,9 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 1 (or None), got {self.max_tokens!r}")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 16:
             raise ValueError(f"n must be an integer in 1..16, got {self.n!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer in 0..20 (or None), got {self.logprobs!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and -2.0 <= value <= 2.0):

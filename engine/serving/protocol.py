@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.serving.params import SamplingParams
-from engine.serving.sequence import Sequence
+from engine.serving.sequence import Logprob, Sequence
 
 
 class StreamOptions(BaseModel):
@@ -35,19 +35,21 @@ class _Request(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
-    logprobs: bool | int | None = None
+
+    def logprob_count(self) -> int | None:
+        """Top alternatives per token when logprobs are asked for, else None."""
+        return None
 
     def sampling(self, max_tokens: int | None) -> SamplingParams:
         """The engine's parameters; OpenAI's defaults for what the request leaves out (temperature 1)."""
-        if self.logprobs:
-            raise ValueError("logprobs are not supported by this server; leave them out")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=max(0, self.top_k or 0),
             min_p=self.min_p or 0.0, seed=self.seed, stop=tuple(stop), n=self.n or 1,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0, max_tokens=max_tokens, ignore_eos=self.ignore_eos)
+            repetition_penalty=self.repetition_penalty or 1.0, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+            logprobs=self.logprob_count())
 
     @property
     def include_usage(self) -> bool:
@@ -76,6 +78,13 @@ class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def prompts(self, tokenizer) -> list[list[int]]:
         """The conversation rendered with the chat template, as the one prompt of this request."""
@@ -93,6 +102,10 @@ class ChatRequest(_Request):
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def prompts(self, tokenizer) -> list[list[int]]:
         """Token ids of each prompt: a string, a list of token ids, or a list of either (a batch)."""
@@ -122,8 +135,9 @@ def usage(prompt_tokens: int, seqs: list[Sequence]) -> dict:
 class Reply:
     """Builds the response (or its chunks) of one request: ``chat`` or text completion."""
 
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, tokenizer=None) -> None:
+        self.chat, self.model, self.tokenizer = chat, model, tokenizer
+        self._offsets: dict[int, int] = {}  # completions: text offset reached by each choice's tokens
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -136,11 +150,12 @@ class Reply:
         choices = []
         for s in seqs:
             body = ({"message": {"role": "assistant", "content": s.text}} if self.chat else {"text": s.text})
-            choices.append({"index": s.index, **body, "finish_reason": s.finish_reason, "logprobs": None})
+            lp = self.logprobs(s.index, s.logprobs) if s.params.logprobs is not None else None
+            choices.append({"index": s.index, **body, "finish_reason": s.finish_reason, "logprobs": lp})
         return {**self._head(self.object), "choices": choices, "usage": usage(prompt_tokens, seqs)}
 
     def chunk(self, index: int, text: str | None, finish_reason: str | None, first: bool = False,
-              with_usage: bool = False) -> dict:
+              with_usage: bool = False, logprobs: list[Logprob] | None = None) -> dict:
         """One streamed chunk of choice ``index`` (``usage: null`` on it when usage is asked for)."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
@@ -150,7 +165,8 @@ class Reply:
         else:
             choice = {"index": index, "text": text or ""}
         out = {**self._head(self.object + ("" if not self.chat else ".chunk")),
-               "choices": [{**choice, "finish_reason": finish_reason, "logprobs": None}]}
+               "choices": [{**choice, "finish_reason": finish_reason,
+                            "logprobs": None if logprobs is None else self.logprobs(index, logprobs)}]}
         if with_usage:
             out["usage"] = None
         return out
@@ -159,3 +175,21 @@ class Reply:
         """The last chunk when ``stream_options.include_usage``: no choices, the request's usage."""
         obj = self.object + (".chunk" if self.chat else "")
         return {**self._head(obj), "choices": [], "usage": usage(prompt_tokens, seqs)}
+
+    def logprobs(self, index: int, entries: list[Logprob]) -> dict:
+        """OpenAI's logprobs object: chat ``{"content": [...]}``, completions tokens / token_logprobs / ..."""
+        decode = self.tokenizer.decode
+        if self.chat:
+            def item(tok: int, lp: float) -> dict:
+                text = decode([tok])
+                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+            return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                                for e in entries]}
+        tokens = [decode([e.token_id]) for e in entries]
+        offsets, at = [], self._offsets.get(index, 0)
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        self._offsets[index] = at
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{decode([t]): lp for t, lp in e.top} for e in entries], "text_offset": offsets}

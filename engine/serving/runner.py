@@ -15,7 +15,7 @@ from engine.engine import Engine
 from engine.sampling import Sampler
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import PagedKVCache, PagedOps
-from engine.serving.sequence import Sequence
+from engine.serving.sequence import Logprob, Sequence
 
 
 class ModelRunner:
@@ -32,8 +32,9 @@ class ModelRunner:
         self.steps = 0
         self.last_tokens = 0  # real tokens fed by the last step
 
-    def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
-        """Feed every sequence its next chunk; return (sequence, sampled token) for those fed to the end."""
+    def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int, Logprob | None]]:
+        """Feed every sequence its next chunk; (sequence, sampled token, its logprob entry when asked for)
+        for those fed to the end."""
         assert seqs and all(s.slot is not None and s.pending > 0 for s in seqs)
         eng = self.engine
         rows = max(s.slot for s in seqs) + 1
@@ -64,7 +65,20 @@ class ModelRunner:
         self.steps += 1
         self.last_tokens = sum(q_lens)
         ready = [s for s in seqs if s.pending == 0]
-        return list(zip(ready, self.sample(logits, ready))) if ready else []
+        if not ready:
+            return []
+        tokens = self.sample(logits, ready)
+        return [(s, tok, self.logprob(logits, s, tok)) for s, tok in zip(ready, tokens)]
+
+    def logprob(self, logits: torch.Tensor, s: Sequence, token: int) -> Logprob | None:
+        """The token's log-probability under the model's raw logits, with the top ``params.logprobs``."""
+        k = s.params.logprobs
+        if k is None:
+            return None
+        lp = torch.log_softmax(logits[s.slot, : self.vocab].float(), dim=-1)
+        top = torch.topk(lp, k) if k else None
+        pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return Logprob(token, float(lp[token]), pairs)
 
     def _forward(self, ids: torch.Tensor, start: list[int], q_lens: list[int], max_len: int) -> torch.Tensor:
         eng, dev = self.engine, self.engine.device

@@ -128,8 +128,8 @@ class Scheduler:
         t0 = time.perf_counter()
         results = self.runner.step(self.running)
         outs = []
-        for s, tok in results:
-            out = s.append(tok, self.engine.tokenizer.eos_ids, self.max_context)
+        for s, tok, logprob in results:
+            out = s.append(tok, self.engine.tokenizer.eos_ids, self.max_context, logprob)
             outs.append(out)
             if out.finished:
                 self._retire(s)

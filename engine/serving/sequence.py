@@ -29,6 +29,16 @@ class SeqOutput:
     token_ids: list[int]  # tokens added this step
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    logprobs: list[Logprob] | None = None  # one per token in token_ids when the request asked for them
+
+
+@dataclass
+class Logprob:
+    """A generated token's log-probability and the most likely alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
 
 
 class Sequence:
@@ -48,6 +58,7 @@ class Sequence:
         self.index = index
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
+        self.logprobs: list[Logprob] = []
         self.params = params
         self.token_params = params.token_params(index)
         self.sink = sink
@@ -79,13 +90,15 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def append(self, token: int, eos_ids: set[int], max_context: int) -> SeqOutput:
+    def append(self, token: int, eos_ids: set[int], max_context: int, logprob: Logprob | None = None) -> SeqOutput:
         """Take a sampled token: eos, stop strings, max_tokens and the context end may finish the sequence."""
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         if token in eos_ids and not self.params.ignore_eos:
             return self._finish("stop", "", [], tail=self.detok.flush())
         self.output_ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         safe, stopped = self.stops.push(self.detok.push(token))
         if stopped:
             return self._finish("stop", safe, [token])
@@ -93,7 +106,7 @@ class Sequence:
         if (limit is not None and len(self.output_ids) >= limit) or self.length >= max_context:
             return self._finish("length", safe, [token], tail=self.detok.flush())
         self.text += safe
-        return SeqOutput(self, safe, [token], False, None)
+        return SeqOutput(self, safe, [token], False, None, self._new_logprobs(1))
 
     def abort(self) -> SeqOutput:
         """Finish now (a cancelled request, a server shutting down)."""
@@ -106,4 +119,9 @@ class Sequence:
             text += more + self.stops.flush()
         self.text += text
         self.status, self.finish_reason = Status.FINISHED, reason
-        return SeqOutput(self, text, tokens, True, reason)
+        return SeqOutput(self, text, tokens, True, reason, self._new_logprobs(len(tokens)))
+
+    def _new_logprobs(self, n: int) -> list[Logprob] | None:
+        if self.params.logprobs is None:
+            return None
+        return self.logprobs[len(self.logprobs) - n:] if n else []
