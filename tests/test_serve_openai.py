@@ -154,6 +154,8 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 99}, 400,
      "top_logprobs"),
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     400, "response_format"),
 ])
 def test_bad_requests_get_the_error_envelope(server, body, status, match):
     code, out, _ = post(server.url + "/v1/chat/completions", body)

@@ -35,6 +35,8 @@ class _Request(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
+    response_format: dict | None = None
+    best_of: int | None = None
 
     def logprob_count(self) -> int | None:
         """Top alternatives per token when logprobs are asked for, else None."""
@@ -42,6 +44,11 @@ class _Request(BaseModel):
 
     def sampling(self, max_tokens: int | None) -> SamplingParams:
         """The engine's parameters; OpenAI's defaults for what the request leaves out (temperature 1)."""
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported (no "
+                             "constrained decoding); leave it out")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of is not supported; use n to get several completions")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
