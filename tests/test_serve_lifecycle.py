@@ -170,3 +170,40 @@ def test_port_in_use_is_one_error_line(capsys):
         assert main(["serve", "--port", str(s.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+
+
+def test_paged_server_under_load_gives_consistent_answers(tiny_qwen2_dir):
+    """100 requests from 16 clients over 8 prompts sharing a prefix: every answer complete, and equal for equal
+    prompts whether its prefix came from cached blocks or was computed."""
+    import asyncio
+
+    openai = pytest.importorskip("openai")
+    srv = Server(tiny_qwen2_dir, "--served-model-name", "m", "--kv-cache", "paged", "--block-size", "4",
+                 "--max-batch", "4", "--max-context", "96")
+    prefix = "shared words for every prompt here " * 2
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        sem = asyncio.Semaphore(16)
+
+        async def one(i):
+            async with sem:
+                r = await client.completions.create(model="m", prompt=prefix + f"item {i % 8}", max_tokens=6,
+                                                    temperature=0, extra_body={"ignore_eos": True})
+                return i % 8, r.choices[0].text, r.usage.completion_tokens
+
+        return await asyncio.gather(*(one(i) for i in range(100)))
+
+    try:
+        results = asyncio.run(main())
+        hits = srv.metric("layerstream_prefix_cache_hit_tokens_total")
+        in_use = srv.metric("layerstream_kv_blocks_in_use")
+    finally:
+        rc, err = srv.stop()
+    assert rc == 0, err
+    assert len(results) == 100 and all(n == 6 for _, _, n in results)
+    by_prompt: dict[int, set[str]] = {}
+    for k, text, _ in results:
+        by_prompt.setdefault(k, set()).add(text)
+    assert all(len(texts) == 1 for texts in by_prompt.values()), by_prompt
+    assert hits > 0 and in_use == 0

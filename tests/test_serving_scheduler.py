@@ -235,3 +235,25 @@ def test_paged_decode_reads_blocks_in_place_with_triton_kernels(tiny_qwen2_dir):
         runs.append([s.output_ids for s in seqs])
     assert sched.runner.paged[0].direct_steps >= 4  # the decode steps of the paged run
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("kv", ["slots", "paged-4"])
+def test_an_arrival_never_stalls_the_decoding_sequences(engines, tiny_qwen2_dir, kv):
+    """While a long prompt is prefilled in chunks over several passes, every running sequence gets a token
+    in every pass."""
+    single, multi = engines
+    sched = scheduler_for(kv, tiny_qwen2_dir, multi)
+    short, long = random_prompts([3, 40], single.cfg.vocab_size, seed=41)
+    a = Sequence(short, SamplingParams(max_tokens=30), multi.tokenizer)
+    b = Sequence(long, SamplingParams(max_tokens=3), multi.tokenizer)
+    sched.add(a)
+    sched.step()
+    sched.step()
+    sched.add(b)
+    passes = 0
+    while not b.output_ids:
+        before = len(a.output_ids)
+        sched.step()
+        passes += 1
+        assert len(a.output_ids) == before + 1, f"pass {passes}: the decoding sequence stalled"
+    assert passes >= 40 // (16 // 2)  # the prompt took several chunked passes (t = prefill_chunk // rows)
