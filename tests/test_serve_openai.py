@@ -55,6 +55,9 @@ def reference(tiny_qwen2_dir):
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     status, body, _ = get(server.url + "/health")
     assert status == 200 and '"ok"' in body
     status, body, _ = get(server.url + "/")

@@ -185,6 +185,13 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
     async def models() -> dict:
         return api.models()
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            return error(404, f"model {model_id!r} does not exist; this server serves {model_name!r}",
+                         param="model", code="model_not_found")
+        return api.models()["data"][0]
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         return await api.complete(request, body, chat=True)
