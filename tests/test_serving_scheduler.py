@@ -257,3 +257,16 @@ def test_an_arrival_never_stalls_the_decoding_sequences(engines, tiny_qwen2_dir,
         passes += 1
         assert len(a.output_ids) == before + 1, f"pass {passes}: the decoding sequence stalled"
     assert passes >= 40 // (16 // 2)  # the prompt took several chunked passes (t = prefill_chunk // rows)
+
+
+def test_unseeded_rows_share_one_draw_per_parameter_set(engines, tiny_qwen2_dir):
+    """top_k=1 sampling is the argmax: rows drawn together (no seed) still get each their own greedy tokens."""
+    single, multi = engines
+    sched = scheduler_for("slots", tiny_qwen2_dir, multi)
+    prompts = random_prompts([5, 11, 2], single.cfg.vocab_size, seed=51)
+    params = SamplingParams(temperature=0.8, top_k=1, max_tokens=5)
+    seqs = [Sequence(p, params, multi.tokenizer) for p in prompts]
+    run_all(sched, seqs)
+    assert list(sched.runner._samplers) == [params.token_params(0)]  # one shared sampler for the three
+    for p, s in zip(prompts, seqs):
+        assert s.output_ids == alone(single, p, 5)

@@ -29,6 +29,7 @@ class ModelRunner:
         if self.direct:
             engine.model.ops = PagedOps(engine.model.ops)
         self.vocab = engine.cfg.vocab_size
+        self._samplers: dict[object, Sampler] = {}  # unseeded parameter sets -> one shared sampler each
         self.steps = 0
         self.last_tokens = 0  # real tokens fed by the last step
 
@@ -95,17 +96,32 @@ class ModelRunner:
             return eng.model.forward(ids.to(dev), start_t, q_t, cache, max_len=max_len)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """Next token of each sequence from its row of ``logits`` [rows, V], with its own parameters."""
+        """Next token of each sequence from its row of ``logits`` [rows, V], with its own parameters.
+
+        Greedy rows share one argmax; unseeded rows without penalties share one draw per parameter set
+        (one host sync each); seeded or penalised rows draw alone, from their own generator and history.
+        """
         out: dict[int, int] = {}
-        plain = [s for s in seqs if s.token_params.greedy and not s.params.penalised]
-        if plain:
-            idx = torch.tensor([s.slot for s in plain], device=logits.device)
-            for s, tok in zip(plain, logits[idx, : self.vocab].argmax(-1).tolist()):
-                out[s.seq_id] = tok
+        groups: dict[object, list[Sequence]] = {}
+        for s in seqs:
+            if not s.params.penalised and (s.token_params.greedy or s.token_params.seed is None):
+                groups.setdefault("greedy" if s.token_params.greedy else s.token_params, []).append(s)
+        for key, group in groups.items():
+            rows = logits[torch.tensor([s.slot for s in group], device=logits.device), : self.vocab]
+            toks = rows.argmax(-1) if key == "greedy" else self._shared_sampler(key)(rows)
+            out.update(zip((s.seq_id for s in group), toks.tolist()))
         for s in seqs:
             if s.seq_id not in out:
                 out[s.seq_id] = self._sample_one(logits[s.slot: s.slot + 1], s)
         return [out[s.seq_id] for s in seqs]
+
+    def _shared_sampler(self, params) -> Sampler:
+        sampler = self._samplers.get(params)
+        if sampler is None:
+            eng = self.engine
+            sampler = self._samplers[params] = Sampler(params, self.vocab, eng.device,
+                                                       use_triton=eng.ops.name == "triton")
+        return sampler
 
     def _sample_one(self, row: torch.Tensor, s: Sequence) -> int:
         eng = self.engine
