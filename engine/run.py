@@ -63,7 +63,12 @@ def build_parser() -> CliParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, check, then run; returns the exit code (2 for bad input, with one ``error:`` line)."""
+    """Parse, check, then run; returns the exit code (2 for bad input, with one ``error:`` line).
+    ``layerstream serve ...`` starts the OpenAI-compatible server instead (``engine.serve``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from engine.serve import main as serve_main
+        return serve_main(argv[1:], prog="layerstream serve")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,0 +1,134 @@
+"""Batch generation in Python over the serving scheduler: ``LLM(model).generate(prompts, params)``.
+
+    from engine import LLM, SamplingParams
+    llm = LLM("qwen2.5-7b", vram_budget="6GB", max_batch=16)
+    for out in llm.generate(["The capital of France is"], SamplingParams(max_tokens=32)):
+        print(out.outputs[0].text)
+
+All prompts are queued at once; the scheduler keeps ``max_batch`` of them in flight, admitting the
+next as soon as one finishes, so every pass over the (streamed) weights serves a full batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.engine import Engine, EngineOptions
+from engine.serving.params import SamplingParams
+from engine.serving.scheduler import Scheduler
+from engine.serving.sequence import Logprob, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompletionOutput:
+    """One generated continuation: ``finish_reason`` is "stop" (eos or a stop string) or "length"."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[Logprob] | None = None  # with SamplingParams(logprobs=k)
+
+
+@dataclass
+class RequestOutput:
+    """A prompt and its ``n`` completions."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+
+class LLM:
+    """A loaded model for offline batch jobs (the same scheduler as ``engine.serve``)."""
+
+    def __init__(self, model: str | Path | None = None, vram_budget: str | int | None = None, *,
+                 max_batch: int = 8, max_context: int = 4096, device: str = "auto", dtype: str = "auto",
+                 kernels: str = "auto", host_budget: str | int | None = None, prefill_chunk: int = 2048,
+                 kv_cache: str = "slots", block_size: int = 16) -> None:
+        """``model``: a directory, HF repo id or alias (None: the embedded tiny random-weight model).
+        Budgets accept "6GB", "6GiB" or bytes. ``kv_cache="paged"`` reuses the KV blocks of prompt
+        prefixes seen before (this LLM keeps one scheduler, so later calls hit earlier prompts)."""
+        from engine.cli_session import load_engine
+        from memory.units import parse_size
+
+        def size(v):
+            return parse_size(v) if isinstance(v, str) else v
+
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
+        opts = EngineOptions(device=device, dtype=dtype, kernels=kernels, vram_budget=size(vram_budget),
+                             host_budget=size(host_budget), batch=max_batch, max_context=max_context,
+                             prefill_chunk=prefill_chunk)
+        self.engine: Engine = load_engine(None if model is None else str(model), opts, quiet=True)[0]
+        self.tokenizer = self.engine.tokenizer
+        self.scheduler = Scheduler(self.engine, max_waiting=0, kv_cache=kv_cache, block_size=block_size)
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete raw prompts (text, or token ids); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        items = [(p, self.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompts]
+        return self._run(items, params, use_tqdm)
+
+    def chat(self, conversations: list[dict] | list[list[dict]],
+             params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Reply to conversations ([{"role", "content"}, ...]) rendered with the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        items = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True)
+            items.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
+        return self._run(items, params, use_tqdm)
+
+    def _run(self, items: list[tuple[str | None, list[int]]], params, use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm import tqdm
+
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(items)
+        if len(plist) != len(items):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(items)} prompts; give one, or one each")
+        groups = [[Sequence(ids, p, self.tokenizer, index=i) for i in range(p.n)] for (_, ids), p in zip(items, plist)]
+        sched = self.scheduler
+        sched.max_waiting = sum(map(len, groups))
+        for group in groups:
+            for s in group:
+                sched.check(s.prompt_ids, s.params)  # every prompt before any work
+        bar = tqdm(total=len(groups), desc="generating", unit="prompt", disable=not use_tqdm, leave=False)
+        left = {id(g): len(g) for g in groups}
+        owner = {s.seq_id: g for g in groups for s in g}
+        try:
+            for s in (s for g in groups for s in g):
+                sched.add(s)
+            while sched.has_work():
+                for out in sched.step():
+                    if out.finished:
+                        g = owner[out.seq.seq_id]
+                        left[id(g)] -= 1
+                        bar.update(left[id(g)] == 0)
+        except KeyboardInterrupt:
+            for s in list(sched.running) + list(sched.waiting):
+                sched.abort(s.seq_id)
+            raise
+        finally:
+            bar.close()
+        return [RequestOutput(text, ids, [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,
+                                                           s.logprobs if s.params.logprobs is not None else None)
+                                          for s in g]) for (text, ids), g in zip(items, groups)]
+
+    def close(self) -> None:
+        """Release the engine's weight sources and allocator cap."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,131 @@
+"""Command line: ``python -m engine.serve [--model M] [--vram-budget 6GB] [--port 8000] [--api-key K]``
+
+An OpenAI-compatible HTTP server (chat and text completions, streaming, /v1/models, /health,
+/metrics and a chat page at /) with continuous batching: every forward pass, one stream of the
+non-resident weights, serves all active requests. Binds to 127.0.0.1 unless --host says otherwise.
+SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish for --grace seconds, cancels the
+rest (their streams end with finish_reason "abort" and [DONE]), then exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+
+from engine.cli_args import CliParser, add_engine_args, check_engine_args
+from engine.cli_session import load_engine, options_from_args, resolve_or_default
+
+log = logging.getLogger(__name__)
+
+
+def build_parser(prog: str = "python -m engine.serve") -> CliParser:
+    """The server's flags: address, auth, batching and KV cache, plus the engine's (as ``layerstream``)."""
+    p = CliParser(prog=prog, description=__doc__.split("\n\n")[1])
+    p.add_argument("--model", help="model directory, HF repo id or alias; default: the embedded tiny "
+                   "random-weight model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    p.add_argument("--served-model-name", help="the model id clients send (default: --model, or 'default')")
+    add_engine_args(p)
+    p.add_argument("--max-batch", dest="batch", type=int,
+                   help="sequences decoded together, i.e. KV-cache slots (default 8; same as --batch)")
+    p.set_defaults(batch=8)
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="requests that may wait for a slot; beyond it requests get 503 (default 64)")
+    p.add_argument("--kv-cache", choices=["slots", "paged"], default="slots",
+                   help="slots: one contiguous KV row per sequence (default; CUDA-graph decode); paged: blocks "
+                   "with prefix reuse (a shared system prompt or earlier chat turns are not prefilled again; "
+                   "decode without CUDA graphs)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block with --kv-cache paged")
+    p.add_argument("--grace", type=int, default=30, help="seconds in-flight requests get at shutdown (default 30)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") -> int:
+    """Parse flags, check the model, start the engine thread and serve until SIGTERM / Ctrl-C."""
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if not 0 <= args.port < 65536 or args.max_waiting < 0 or args.grace < 0 or args.block_size < 1:
+            raise ValueError("--port must be in 0..65535, --max-waiting and --grace >= 0, --block-size >= 1")
+        check_engine_args(args)
+        _check_address(args.host, args.port)
+        opts = options_from_args(args)
+        from engine.engine import open_model
+        model_dir, is_default = resolve_or_default(args.model)
+        files = open_model(model_dir)  # config, headers, tokenizer: bad input fails before serving
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from engine.serving.app import create_app
+    from engine.serving.loop import EngineLoop
+    from engine.serving.metrics import ServerMetrics
+
+    def load():
+        return load_engine(args.model, opts, quiet=not args.verbose, resolved=(files, is_default))[0]
+
+    loop = EngineLoop(load, max_waiting=args.max_waiting, kv_cache=args.kv_cache, block_size=args.block_size)
+    metrics = ServerMetrics(loop)
+    loop.on_step = metrics.on_step
+    name = args.served_model_name or args.model or "default"
+    app = create_app(loop, name, args.api_key, metrics)
+    # uvicorn's own limit only backs ours up: at --grace the engine cancels what is left, so every stream
+    # still ends with a finish chunk and [DONE]
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           timeout_graceful_shutdown=args.grace + 5,
+                                           log_level="info" if args.verbose else "warning"))
+    # Until uvicorn installs its own handlers a signal asks it to stop as soon as it has started; after
+    # a graceful shutdown it re-raises the signal it caught, which lands here too, so the exit is 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    loop.start()
+    threading.Thread(target=_watch, args=(loop, server, args.grace), daemon=True).start()
+    print(f"layerstream: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page "
+          "at /); the model is loading, /health says when it is ready", file=sys.stderr)
+    server.run()
+    loop.close()
+    if loop.error is not None:
+        print(f"error: loading the model failed: {loop.error}", file=sys.stderr)
+        return 1
+    print("layerstream: stopped", file=sys.stderr)
+    return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """ValueError when the address cannot be bound (in use, or not an address of this machine)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from e
+
+
+def _watch(loop, server, grace: float) -> None:
+    """Stop the server when loading fails; once it is stopping, cancel what runs past the grace period."""
+    announced = False
+    while not server.should_exit:
+        if loop.ready.is_set() and not announced:
+            announced = True
+            if loop.error is not None:
+                server.should_exit = True
+            else:
+                print("layerstream: model loaded; ready", file=sys.stderr, flush=True)
+        time.sleep(0.1)
+    time.sleep(grace)
+    if loop.scheduler is not None:
+        loop.abort_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

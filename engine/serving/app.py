@@ -1,0 +1,235 @@
+"""The OpenAI-compatible HTTP API (FastAPI) in front of an :class:`EngineLoop`.
+
+Handlers run on the event loop; they tokenize, build sequences whose sinks hand each step's output
+back to the loop (``call_soon_threadsafe``), and submit them to the engine thread. A stream that the
+client drops, or a plain request whose client disconnects, aborts its sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from engine.serving.loop import EngineLoop, NotReady
+from engine.serving.metrics import ServerMetrics
+from engine.serving.protocol import ChatRequest, CompletionRequest, Reply, error_body
+from engine.serving.scheduler import QueueFull
+from engine.serving.sequence import Sequence
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.25  # how often a plain (non-streamed) request checks its client
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+          code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
+
+
+def unavailable(message: str) -> JSONResponse:
+    return error(503, message, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class Api:
+    """The endpoints' logic over one engine loop (the route functions in ``create_app`` call these)."""
+
+    def __init__(self, loop: EngineLoop, model_name: str, metrics: ServerMetrics) -> None:
+        self.loop, self.model_name, self.metrics = loop, model_name, metrics
+
+    def health(self) -> JSONResponse:
+        if self.loop.error is not None:
+            return JSONResponse({"status": "error", "message": str(self.loop.error)}, status_code=503)
+        if not self.loop.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ok", "model": self.model_name})
+
+    def models(self) -> dict:
+        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "layerstream"}
+        if self.loop.engine is not None:
+            card["max_model_len"] = self.loop.engine.opts.max_context
+        return {"object": "list", "data": [card]}
+
+    async def complete(self, request: Request, body: ChatRequest | CompletionRequest, chat: bool):
+        """Check, tokenize and submit; answer with a stream, the full response or an error envelope."""
+        loop = self.loop
+        if body.model != self.model_name:
+            return error(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r} "
+                         "(GET /v1/models)", param="model", code="model_not_found")
+        if not loop.ready.is_set() or loop.engine is None:
+            return unavailable("the model is still loading; retry shortly")
+        queue: asyncio.Queue = asyncio.Queue()
+        aio = asyncio.get_running_loop()
+        reply = Reply(chat, self.model_name, loop.engine.tokenizer)
+        try:  # tokenizing a long prompt takes a while: off the event loop
+            prompts = await asyncio.to_thread(body.prompts, loop.engine.tokenizer)
+            seqs = []
+            for p, ids in enumerate(prompts):  # choice index p * n + i, as OpenAI numbers a batch
+                params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)))
+                seqs += [Sequence(ids, params, loop.engine.tokenizer, index=p * params.n + i, request_id=reply.id,
+                                  sink=lambda out: aio.call_soon_threadsafe(queue.put_nowait, out))
+                         for i in range(params.n)]
+            loop.submit(seqs)
+        except QueueFull as e:
+            return unavailable(f"server overloaded: {e}")
+        except NotReady as e:
+            return unavailable(str(e))
+        except ValueError as e:
+            return error(400, str(e))
+        prompt_tokens = sum(map(len, prompts))
+        if body.stream:
+            return StreamingResponse(self.stream(seqs, queue, reply, body.include_usage, prompt_tokens),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await self.collect(request, seqs, queue, reply, prompt_tokens)
+
+    async def collect(self, request: Request, seqs: list[Sequence], queue: asyncio.Queue, reply: Reply,
+                      prompt_tokens: int):
+        """Wait for every choice (cancelling them if the client goes away); the full response."""
+        done, checked = 0, time.monotonic()
+        try:
+            while done < len(seqs):
+                if time.monotonic() - checked > DISCONNECT_POLL_S:  # outputs may arrive every step: poll anyway
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        log.info("client of %s went away; cancelling", reply.id)
+                        return Response(status_code=499)
+                try:
+                    out = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    continue
+                if out.finished:
+                    done += 1
+                    self._observe_first(out.seq)
+        finally:
+            self._abort_unfinished(seqs)
+        if any(s.finish_reason == "abort" for s in seqs):
+            return error(503, "the request was cancelled (the server is shutting down or a step failed)",
+                         "service_unavailable")
+        return reply.full(seqs, prompt_tokens)
+
+    async def stream(self, seqs: list[Sequence], queue: asyncio.Queue, reply: Reply, include_usage: bool,
+                     prompt_tokens: int):
+        """Server-sent events: a chunk per step's text, one per finish, the usage, then ``[DONE]``."""
+        done = 0
+        try:
+            if reply.chat:
+                for s in seqs:
+                    yield _sse(reply.chunk(s.index, None, None, first=True, with_usage=include_usage))
+            while done < len(seqs):
+                out = await queue.get()
+                if out.text or out.logprobs:  # a token's logprobs go out even while its text is held back
+                    yield _sse(reply.chunk(out.seq.index, out.text, None, with_usage=include_usage,
+                                           logprobs=out.logprobs))
+                if out.finished:
+                    done += 1
+                    self._observe_first(out.seq)
+                    yield _sse(reply.chunk(out.seq.index, None, out.finish_reason, with_usage=include_usage))
+            if include_usage:
+                yield _sse(reply.usage_chunk(seqs, prompt_tokens))
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (the generator is closed) or the stream ended
+            self._abort_unfinished(seqs)
+
+    def _abort_unfinished(self, seqs: list[Sequence]) -> None:
+        left = [s.seq_id for s in seqs if not s.finished]
+        if left:
+            self.loop.abort(left)
+
+    def _observe_first(self, seq: Sequence) -> None:
+        if seq.first_token_time is not None:
+            self.metrics.ttft.observe(seq.first_token_time - seq.arrival)
+
+
+def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """Malformed JSON or fields: 400 in OpenAI's envelope, naming the first bad field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
+                     "send a JSON object")
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    return error(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param=param)
+
+
+def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
+               metrics: ServerMetrics | None = None) -> FastAPI:
+    """The app; ``loop`` is started (and stopped) by the caller."""
+    app = FastAPI(title="layerstream", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = metrics or ServerMetrics(loop)
+    api = Api(loop, model_name, metrics)
+    app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, lambda _, exc: error(exc.status_code, str(exc.detail),
+                                                                  code=str(exc.status_code)))
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "chat.html", media_type="text/html")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return api.health()
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return api.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            return error(404, f"model {model_id!r} does not exist; this server serves {model_name!r}",
+                         param="model", code="model_not_found")
+        return api.models()["data"][0]
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        return await api.complete(request, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await api.complete(request, body, chat=False)
+
+    return app
+
+
+class _AuthAndCount:
+    """ASGI middleware: the API key on /v1/ paths, and a request count by status. (A plain ASGI class, not
+    Starlette's BaseHTTPMiddleware, which hides the client's disconnect from the endpoint.)"""
+
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_counting(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
+            response = error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                             code="invalid_api_key")
+            await response(scope, receive, send_counting)
+        else:
+            await self.app(scope, receive, send_counting)
+        self.metrics.requests.labels(path, str(status[0])).inc()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

@@ -1,0 +1,180 @@
+"""The engine on one background thread; other threads submit and cancel sequences through a queue.
+
+The thread loads the model (``ready`` is set once it can serve), then alternates between taking
+commands from its inbox and running scheduler steps. A sequence's sink is called on this thread
+after each step that changed it. At most ``max_batch + max_waiting`` sequences are outstanding
+(running, waiting or in the inbox); ``submit`` raises :class:`QueueFull` beyond that.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from engine.engine import Engine
+from engine.serving.scheduler import QueueFull, Scheduler, StepStats
+from engine.serving.sequence import Sequence, SeqOutput
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(RuntimeError):
+    """The model is still loading (or failed to load)."""
+
+
+class EngineLoop:
+    """Owns an engine (built by ``load`` on its own thread) and a :class:`Scheduler` over it."""
+
+    def __init__(self, load: Callable[[], Engine], max_waiting: int = 64,
+                 on_step: Callable[[StepStats], None] | None = None, **scheduler_options) -> None:
+        """``scheduler_options`` go to :class:`Scheduler` (kv_cache, block_size, num_blocks)."""
+        self._load = load
+        self._scheduler_options = scheduler_options
+        self.on_step = on_step
+        self.max_waiting = max_waiting
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="layerstream-engine", daemon=True)
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    @property
+    def outstanding(self) -> int:
+        """Sequences submitted and not finished yet."""
+        return self._outstanding
+
+    @property
+    def capacity(self) -> int:
+        assert self.engine is not None
+        return self.engine.opts.batch + self.max_waiting
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences (all or none): NotReady while loading, ValueError for a request that cannot run,
+        QueueFull when the outstanding limit would be passed."""
+        if not self.ready.is_set() or self.scheduler is None or self._stopped.is_set():
+            raise NotReady("the model is loading" if self.error is None and not self._stopped.is_set()
+                           else "the engine is not running")
+        for s in seqs:
+            self.scheduler.check(s.prompt_ids, s.params)  # reads the engine's shape only: safe here
+        if len(seqs) > self.capacity:
+            raise ValueError(f"{len(seqs)} completions at once can never fit: this server holds "
+                             f"{self.capacity} (--max-batch + --max-waiting); lower n")
+        with self._lock:
+            if self._outstanding + len(seqs) > self.capacity:
+                raise QueueFull(f"{self._outstanding} requests in flight (limit {self.capacity}); retry later")
+            self._outstanding += len(seqs)
+        for s in seqs:
+            s.sink = self._counting(s.sink)
+        self._inbox.put(("add", seqs))
+
+    def abort(self, seq_ids: list[int]) -> None:
+        """Cancel sequences; each frees its slot at the next step boundary."""
+        self._inbox.put(("abort", list(seq_ids)))
+
+    def abort_all(self) -> None:
+        """Cancel every sequence (running, waiting, queued) at the next step boundary."""
+        self._inbox.put(("abort_all", None))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort what is left and end the thread (the model stays loaded until ``close``)."""
+        self._stopped.set()
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.stop()
+        if self.engine is not None:
+            self.engine.close()
+
+    def _counting(self, sink: Callable[[SeqOutput], None] | None) -> Callable[[SeqOutput], None]:
+        def wrapped(out: SeqOutput) -> None:
+            if out.finished:
+                with self._lock:
+                    self._outstanding -= 1
+            if sink is not None:
+                sink(out)
+        return wrapped
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._load()
+            self.scheduler = Scheduler(self.engine, self.max_waiting, self.on_step, **self._scheduler_options)
+        except BaseException as e:  # reported by /health and NotReady; the process decides what to do
+            log.error("loading the model failed: %s", e)
+            self.error = e
+            return
+        finally:
+            self.ready.set()
+        try:
+            self._serve()
+        except BaseException as e:  # the thread is dying: no request may wait for it forever
+            log.exception("the engine thread failed")
+            self.error = e
+        finally:
+            self._stopped.set()
+            self._abort_all()
+
+    def _serve(self) -> None:
+        sched = self.scheduler
+        while self._drain(block=not sched.has_work()):
+            if sched.has_work():
+                try:
+                    sched.step()
+                except Exception:  # one bad step must not kill the server: fail the running requests
+                    log.exception("engine step failed; aborting %d running sequences", len(sched.running))
+                    self._abort_all(running_only=True)
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued commands; False once told to stop."""
+        try:
+            cmd, arg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if cmd == "stop":
+                return False
+            if cmd == "add":
+                for s in arg:
+                    try:
+                        self.scheduler.add(s)
+                    except (ValueError, QueueFull) as e:  # checked at submit: not expected, never left hanging
+                        log.error("could not queue %s: %s", s.request_id, e)
+                        if s.sink:
+                            s.sink(s.abort())
+            elif cmd == "abort":
+                for seq_id in arg:
+                    self.scheduler.abort(seq_id)
+            elif cmd == "abort_all":
+                self._abort_all()
+            try:
+                cmd, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _abort_all(self, running_only: bool = False) -> None:
+        sched = self.scheduler
+        for s in list(sched.running) + ([] if running_only else list(sched.waiting)):
+            sched.abort(s.seq_id)
+        if not running_only:  # sequences still in the inbox never reached the scheduler
+            while True:
+                try:
+                    cmd, arg = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd == "stop":  # keep it for the loop
+                    self._inbox.put((cmd, arg))
+                    break
+                for s in arg if cmd == "add" else []:
+                    if s.sink:
+                        s.sink(s.abort())

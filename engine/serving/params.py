@@ -1,0 +1,67 @@
+"""Per-request generation parameters (the OpenAI / vLLM set the sampler supports)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from engine.sampling import SamplingParams as TokenSamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded.
+
+    ``temperature == 0`` is greedy; ``top_k`` 0, ``top_p`` 1.0 and ``min_p`` 0.0 disable those filters.
+    ``max_tokens`` None generates until a stop condition or the end of the context. ``logprobs`` k
+returns each token's log-probability under the model (before temperature, filters and penalties)
+and the k most likely alternatives. ``n`` completions
+    of the same prompt are generated (with a seed, completion i uses ``seed + i``). ``presence_penalty``
+    and ``frequency_penalty`` follow OpenAI (on generated tokens), ``repetition_penalty`` follows
+    Hugging Face (on prompt and generated tokens).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    n: int = 1
+    ignore_eos: bool = False
+    logprobs: int | None = None  # with each token its log-probability and this many top alternatives
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {list(self.stop)!r}")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 (or None), got {self.max_tokens!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 16:
+            raise ValueError(f"n must be an integer in 1..16, got {self.n!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer in 0..20 (or None), got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and -2.0 <= value <= 2.0):
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
+        self.token_params(0)  # the sampler's own checks (temperature, top_k, top_p, min_p, seed)
+
+    def token_params(self, index: int) -> TokenSamplingParams:
+        """The sampler's parameters for completion ``index`` of this request."""
+        seed = None if self.seed is None else self.seed + index
+        return TokenSamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                   min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=seed)
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty changes the logits."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0

@@ -1,0 +1,202 @@
+"""OpenAI request bodies (validated with pydantic) and the response, chunk and error shapes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.serving.params import SamplingParams
+from engine.serving.sequence import Logprob, Sequence
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions (unknown fields are ignored, as OpenAI's)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's -1 (and 0) disable top-k
+    min_p: float | None = Field(None, ge=0, lt=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=16)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+    response_format: dict | None = None
+    best_of: int | None = None
+
+    def logprob_count(self) -> int | None:
+        """Top alternatives per token when logprobs are asked for, else None."""
+        return None
+
+    def sampling(self, max_tokens: int | None) -> SamplingParams:
+        """The engine's parameters; OpenAI's defaults for what the request leaves out (temperature 1)."""
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported (no "
+                             "constrained decoding); leave it out")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of is not supported; use n to get several completions")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=max(0, self.top_k or 0),
+            min_p=self.min_p or 0.0, seed=self.seed, stop=tuple(stop), n=self.n or 1,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+            logprobs=self.logprob_count())
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(p.text for p in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[dict] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def prompts(self, tokenizer) -> list[list[int]]:
+        """The conversation rendered with the chat template, as the one prompt of this request."""
+        if self.tools:
+            raise ValueError("tools are not supported by this server; leave them out")
+        text = tokenizer.apply_chat_template([m.as_template_input() for m in self.messages],
+                                             add_generation_prompt=True)
+        return [tokenizer.encode(text, add_special_tokens=False)]
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self, tokenizer) -> list[list[int]]:
+        """Token ids of each prompt: a string, a list of token ids, or a list of either (a batch)."""
+        if self.echo:
+            raise ValueError("echo is not supported by this server; leave it out")
+        p = self.prompt
+        batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        return [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in batch]
+
+    @property
+    def token_limit(self) -> int | None:
+        return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default for completions
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, seqs: list[Sequence]) -> dict:
+    completion = sum(len(s.output_ids) for s in seqs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+class Reply:
+    """Builds the response (or its chunks) of one request: ``chat`` or text completion."""
+
+    def __init__(self, chat: bool, model: str, tokenizer=None) -> None:
+        self.chat, self.model, self.tokenizer = chat, model, tokenizer
+        self._offsets: dict[int, int] = {}  # completions: text offset reached by each choice's tokens
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, seqs: list[Sequence], prompt_tokens: int) -> dict:
+        """The non-streamed response."""
+        choices = []
+        for s in seqs:
+            body = ({"message": {"role": "assistant", "content": s.text}} if self.chat else {"text": s.text})
+            lp = self.logprobs(s.index, s.logprobs) if s.params.logprobs is not None else None
+            choices.append({"index": s.index, **body, "finish_reason": s.finish_reason, "logprobs": lp})
+        return {**self._head(self.object), "choices": choices, "usage": usage(prompt_tokens, seqs)}
+
+    def chunk(self, index: int, text: str | None, finish_reason: str | None, first: bool = False,
+              with_usage: bool = False, logprobs: list[Logprob] | None = None) -> dict:
+        """One streamed chunk of choice ``index`` (``usage: null`` on it when usage is asked for)."""
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta}
+        else:
+            choice = {"index": index, "text": text or ""}
+        out = {**self._head(self.object + ("" if not self.chat else ".chunk")),
+               "choices": [{**choice, "finish_reason": finish_reason,
+                            "logprobs": None if logprobs is None else self.logprobs(index, logprobs)}]}
+        if with_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, seqs: list[Sequence], prompt_tokens: int) -> dict:
+        """The last chunk when ``stream_options.include_usage``: no choices, the request's usage."""
+        obj = self.object + (".chunk" if self.chat else "")
+        return {**self._head(obj), "choices": [], "usage": usage(prompt_tokens, seqs)}
+
+    def logprobs(self, index: int, entries: list[Logprob]) -> dict:
+        """OpenAI's logprobs object: chat ``{"content": [...]}``, completions tokens / token_logprobs / ..."""
+        decode = self.tokenizer.decode
+        if self.chat:
+            def item(tok: int, lp: float) -> dict:
+                text = decode([tok])
+                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+            return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                                for e in entries]}
+        tokens = [decode([e.token_id]) for e in entries]
+        offsets, at = [], self._offsets.get(index, 0)
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        self._offsets[index] = at
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{decode([t]): lp for t, lp in e.top} for e in entries], "text_offset": offsets}

@@ -1,0 +1,139 @@
+"""One forward pass for every active sequence: prompt chunks next to single decode tokens.
+
+Sequence ``s`` lives in KV-cache row ``s.slot``. A step feeds each sequence up to ``t`` of its
+pending tokens (a prefill chunk, or the one token sampled last step) at its own start position,
+right-padded to ``t`` (``Model.forward``'s per-row ``start_pos`` / ``q_lens``). ``t`` is chosen so
+that rows x t stays within the engine's prefill chunk (the activation workspace the memory plan
+sized). Rows of free slots below the highest busy one ride along with no real token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.engine import Engine
+from engine.sampling import Sampler
+from engine.serving.blocks import BlockManager
+from engine.serving.paged_cache import PagedKVCache, PagedOps
+from engine.serving.sequence import Logprob, Sequence
+
+
+class ModelRunner:
+    """Runs steps on an :class:`Engine`: KV in the engine's cache (row = slot), or paged (``paged``)."""
+
+    def __init__(self, engine: Engine, paged: tuple[PagedKVCache, BlockManager] | None = None) -> None:
+        self.engine = engine
+        self.paged = paged
+        # decode steps read the blocks in place: Triton kernels and a block size the kernel takes
+        self.direct = bool(paged) and engine.ops.name == "triton" and paged[0].can_read_directly()
+        if self.direct:
+            engine.model.ops = PagedOps(engine.model.ops)
+        self.vocab = engine.cfg.vocab_size
+        self._samplers: dict[object, Sampler] = {}  # unseeded parameter sets -> one shared sampler each
+        self.steps = 0
+        self.last_tokens = 0  # real tokens fed by the last step
+
+    def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int, Logprob | None]]:
+        """Feed every sequence its next chunk; (sequence, sampled token, its logprob entry when asked for)
+        for those fed to the end."""
+        assert seqs and all(s.slot is not None and s.pending > 0 for s in seqs)
+        eng = self.engine
+        rows = max(s.slot for s in seqs) + 1
+        cap = eng.opts.max_context
+        # never pad past the context end: the torch kv_append clamps such positions onto the last one
+        t = min(max(s.pending for s in seqs), max(1, eng.opts.prefill_chunk // rows),
+                min(cap - s.num_computed for s in seqs))
+        ids = torch.zeros((rows, t), dtype=torch.long)
+        start, q_lens = [0] * rows, [0] * rows
+        for s in seqs:
+            n = min(s.pending, t)
+            ids[s.slot, :n] = torch.tensor(s.all_ids[s.num_computed: s.num_computed + n])
+            start[s.slot], q_lens[s.slot] = s.num_computed, n
+        max_len = max(a + n for a, n in zip(start, q_lens))
+        if self.paged:
+            cache, blocks = self.paged
+            tables: list[list[int]] = [[] for _ in range(rows)]
+            for s in seqs:
+                tables[s.slot] = blocks.reserve(s.seq_id, s.num_computed + q_lens[s.slot])
+            cache.bind(tables, start, q_lens, t, direct=t == 1 and self.direct)
+        logits = self._forward(ids, start, q_lens, max_len)
+        for s in seqs:
+            s.num_computed += q_lens[s.slot]
+        if self.paged:
+            cache.finish()
+            for s in seqs:
+                blocks.computed(s.seq_id, s.all_ids, s.num_computed)
+        self.steps += 1
+        self.last_tokens = sum(q_lens)
+        ready = [s for s in seqs if s.pending == 0]
+        if not ready:
+            return []
+        tokens = self.sample(logits, ready)
+        return [(s, tok, self.logprob(logits, s, tok)) for s, tok in zip(ready, tokens)]
+
+    def logprob(self, logits: torch.Tensor, s: Sequence, token: int) -> Logprob | None:
+        """The token's log-probability under the model's raw logits, with the top ``params.logprobs``."""
+        k = s.params.logprobs
+        if k is None:
+            return None
+        lp = torch.log_softmax(logits[s.slot, : self.vocab].float(), dim=-1)
+        top = torch.topk(lp, k) if k else None
+        pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return Logprob(token, float(lp[token]), pairs)
+
+    def _forward(self, ids: torch.Tensor, start: list[int], q_lens: list[int], max_len: int) -> torch.Tensor:
+        eng, dev = self.engine, self.engine.device
+        rows, t = ids.shape
+        graph = eng.graph if self.paged is None else None
+        if t == 1 and graph is not None and rows <= graph.batch:  # a pure decode step: replay the graph
+            pad = graph.batch - rows
+            tok = torch.cat([ids[:, 0], torch.zeros(pad, dtype=torch.long)]).to(dev)
+            return graph(tok, torch.tensor(start + [0] * pad, dtype=torch.int32, device=dev))[:rows]
+        start_t = torch.tensor(start, dtype=torch.int32, device=dev)
+        q_t = torch.tensor(q_lens, dtype=torch.int32, device=dev)
+        with eng.ops.prompt_chunk(rows * t):
+            cache = self.paged[0] if self.paged else eng.cache
+            return eng.model.forward(ids.to(dev), start_t, q_t, cache, max_len=max_len)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """Next token of each sequence from its row of ``logits`` [rows, V], with its own parameters.
+
+        Greedy rows share one argmax; unseeded rows without penalties share one draw per parameter set
+        (one host sync each); seeded or penalised rows draw alone, from their own generator and history.
+        """
+        out: dict[int, int] = {}
+        groups: dict[object, list[Sequence]] = {}
+        for s in seqs:
+            if not s.params.penalised and (s.token_params.greedy or s.token_params.seed is None):
+                groups.setdefault("greedy" if s.token_params.greedy else s.token_params, []).append(s)
+        for key, group in groups.items():
+            rows = logits[torch.tensor([s.slot for s in group], device=logits.device), : self.vocab]
+            toks = rows.argmax(-1) if key == "greedy" else self._shared_sampler(key)(rows)
+            out.update(zip((s.seq_id for s in group), toks.tolist()))
+        for s in seqs:
+            if s.seq_id not in out:
+                out[s.seq_id] = self._sample_one(logits[s.slot: s.slot + 1], s)
+        return [out[s.seq_id] for s in seqs]
+
+    def _shared_sampler(self, params) -> Sampler:
+        sampler = self._samplers.get(params)
+        if sampler is None:
+            eng = self.engine
+            sampler = self._samplers[params] = Sampler(params, self.vocab, eng.device,
+                                                       use_triton=eng.ops.name == "triton")
+        return sampler
+
+    def _sample_one(self, row: torch.Tensor, s: Sequence) -> int:
+        eng = self.engine
+        if s.sampler is None:
+            s.sampler = Sampler(s.token_params, self.vocab, eng.device, use_triton=eng.ops.name == "triton")
+        row = row[:, : self.vocab].float()
+        p = s.params
+        if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
+            counts = torch.bincount(torch.tensor(s.output_ids, device=row.device), minlength=self.vocab)
+            counts = counts[: self.vocab].to(row.dtype)
+            row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
+        history = None
+        if p.repetition_penalty != 1.0:
+            history = torch.tensor([s.all_ids], dtype=torch.long, device=row.device)
+        return int(s.sampler(row, history))

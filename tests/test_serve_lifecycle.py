@@ -1,0 +1,209 @@
+"""Server life cycle: loading (503), API key (401), overload (503 + Retry-After), SIGTERM (exit 0)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from engine.serving.app import create_app  # noqa: E402
+from engine.serving.loop import EngineLoop  # noqa: E402
+from tests.helpers import make_engine  # noqa: E402
+from tests.serve_helpers import Server, free_port, get, open_stream, post  # noqa: E402
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+def test_health_is_503_while_loading_then_200(tiny_qwen2_dir):
+    gate = threading.Event()
+
+    def load():
+        gate.wait(30)
+        return make_engine(tiny_qwen2_dir, batch=2, max_context=256)
+
+    loop = EngineLoop(load).start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(loop, "m"), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        status, body, _ = get(url + "/health")
+        assert status == 503 and "loading" in body
+        status, out, headers = post(url + "/v1/chat/completions", CHAT)
+        assert status == 503 and out["error"]["type"] == "service_unavailable" and headers["retry-after"] == "1"
+        gate.set()
+        assert loop.ready.wait(30)
+        assert get(url + "/health")[0] == 200
+        status, out, _ = post(url + "/v1/chat/completions", CHAT)
+        assert status == 200 and out["usage"]["completion_tokens"] >= 1
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(10)
+        loop.close()
+
+
+def test_api_key_overload_and_sigterm(tiny_qwen2_dir):
+    srv = Server(tiny_qwen2_dir, "--served-model-name", "m", "--api-key", "sekret", "--max-batch", "1",
+                 "--max-waiting", "1", "--max-context", "256", "--grace", "20")
+    try:
+        status, out, _ = post(srv.url + "/v1/chat/completions", CHAT)
+        assert status == 401 and out["error"]["code"] == "invalid_api_key"
+        assert post(srv.url + "/v1/chat/completions", CHAT, {"Authorization": "Bearer wrong"})[0] == 401
+        assert get(srv.url + "/health")[0] == 200  # health and metrics stay open
+        auth = {"Authorization": "Bearer sekret"}
+        assert post(srv.url + "/v1/chat/completions", CHAT, auth)[0] == 200
+        long = {"model": "m", "prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        streams = [open_stream(srv.url + "/v1/completions", long, auth) for _ in range(2)]  # 1 running, 1 waiting
+        for s in streams:
+            assert s.status == 200
+        status, out, headers = post(srv.url + "/v1/completions", {**long, "stream": False}, auth)
+        assert status == 503 and headers.get("retry-after") == "1" and "overloaded" in out["error"]["message"]
+        status, out, _ = post(srv.url + "/v1/completions", {**long, "n": 3}, auth)  # never fits: not a 503
+        assert status == 400 and "lower n" in out["error"]["message"]
+        srv.proc.terminate()  # SIGTERM with both streams in flight: they finish within the grace period
+        bodies = [s.read().decode() for s in streams]
+        rc, err = srv.stop()
+    finally:
+        srv.stop()
+    assert rc == 0, err
+    assert "Traceback" not in err and "model loaded; ready" in err
+    for body in bodies:
+        assert body.rstrip().endswith("data: [DONE]")
+        assert '"finish_reason":"length"' in body
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--model", "/nonexistent/model-dir"], "nonexistent"),
+    (["serve", "--max-batch", "0"], "--batch must be >= 1"),
+    (["serve", "--host", "203.0.113.7"], "cannot listen on 203.0.113.7"),
+])
+def test_layerstream_serve_bad_flags_exit_2(capsys, argv, match):
+    from engine.run import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and "Traceback" not in err
+
+
+def test_paged_server_reuses_a_shared_system_prompt(tiny_qwen2_dir):
+    srv = Server(tiny_qwen2_dir, "--served-model-name", "m", "--kv-cache", "paged", "--block-size", "8",
+                 "--max-context", "256", "--max-batch", "2")
+    try:
+        system = {"role": "system", "content": "Answer briefly and politely, please. " * 4}
+        replies = []
+        for question in ("first?", "second?", "first?"):
+            body = {**CHAT, "messages": [system, {"role": "user", "content": question}], "temperature": 0}
+            status, out, _ = post(srv.url + "/v1/chat/completions", body)
+            assert status == 200
+            replies.append(out["choices"][0]["message"]["content"])
+        assert replies[2] == replies[0]  # the same prompt from cached blocks: the same greedy reply
+        assert srv.metric("layerstream_prefix_cache_hit_tokens_total") >= 2 * 8
+        assert srv.metric("layerstream_kv_blocks_total") == 2 * 256 // 8
+        assert srv.metric("layerstream_kv_blocks_in_use") == 0 and srv.metric("layerstream_kv_blocks_cached") > 0
+    finally:
+        rc, err = srv.stop()
+    assert rc == 0, err
+
+
+def test_sigterm_cancels_what_outlives_the_grace_period(tiny_qwen2_dir):
+    srv = Server(tiny_qwen2_dir, "--served-model-name", "m", "--max-batch", "1", "--max-context", "256",
+                 "--grace", "1")
+    long = {"model": "m", "prompt": "x", "max_tokens": 240, "n": 16, "stream": True, "ignore_eos": True}
+    try:
+        stream = open_stream(srv.url + "/v1/completions", long)  # 16 x 240 tokens one at a time: seconds
+        assert stream.readline().startswith(b"data: ")
+        t0 = time.monotonic()
+        srv.proc.terminate()
+        rest = stream.read().decode()
+        rc, err = srv.stop()
+        elapsed = time.monotonic() - t0
+    finally:
+        srv.stop()
+    assert rc == 0, err
+    assert elapsed < 15  # cancelled after the 1 s grace rather than run to the end
+    assert '"finish_reason":"abort"' in rest and rest.rstrip().endswith("data: [DONE]")  # still a whole stream
+
+
+def test_engine_thread_failure_fails_requests_instead_of_hanging(tiny_qwen2_dir):
+    """A step that raises aborts the running requests; a thread that dies fails the rest and says so."""
+    loop = EngineLoop(lambda: make_engine(tiny_qwen2_dir, batch=2, max_context=64)).start()
+    assert loop.ready.wait(30) and loop.error is None
+    from engine.serving.params import SamplingParams
+    from engine.serving.sequence import Sequence
+
+    outs = []
+    loop.scheduler.runner.step = lambda seqs: (_ for _ in ()).throw(RuntimeError("boom"))
+    loop.submit([Sequence([1, 2, 3], SamplingParams(max_tokens=4), loop.engine.tokenizer, sink=outs.append)])
+    deadline = time.monotonic() + 10
+    while not outs and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert outs and outs[-1].finish_reason == "abort" and loop.outstanding == 0  # the server lives on
+    class Fatal(BaseException):  # escapes the per-step handler: the thread itself dies
+        pass
+
+    loop.scheduler.runner.step = lambda seqs: (_ for _ in ()).throw(Fatal("dead"))
+    loop.submit([Sequence([1, 2], SamplingParams(max_tokens=4), loop.engine.tokenizer, sink=outs.append)])
+    loop._thread.join(10)
+    assert isinstance(loop.error, Fatal) and len(outs) == 2 and outs[-1].finish_reason == "abort"
+    with pytest.raises(Exception, match="not running"):
+        loop.submit([Sequence([1], SamplingParams(), loop.engine.tokenizer)])
+    loop.close()
+
+
+def test_port_in_use_is_one_error_line(capsys):
+    import socket
+
+    from engine.run import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", "--port", str(s.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+
+
+def test_paged_server_under_load_gives_consistent_answers(tiny_qwen2_dir):
+    """100 requests from 16 clients over 8 prompts sharing a prefix: every answer complete, and equal for equal
+    prompts whether its prefix came from cached blocks or was computed."""
+    import asyncio
+
+    openai = pytest.importorskip("openai")
+    srv = Server(tiny_qwen2_dir, "--served-model-name", "m", "--kv-cache", "paged", "--block-size", "4",
+                 "--max-batch", "4", "--max-context", "96")
+    prefix = "shared words for every prompt here " * 2
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        sem = asyncio.Semaphore(16)
+
+        async def one(i):
+            async with sem:
+                r = await client.completions.create(model="m", prompt=prefix + f"item {i % 8}", max_tokens=6,
+                                                    temperature=0, extra_body={"ignore_eos": True})
+                return i % 8, r.choices[0].text, r.usage.completion_tokens
+
+        return await asyncio.gather(*(one(i) for i in range(100)))
+
+    try:
+        results = asyncio.run(main())
+        hits = srv.metric("layerstream_prefix_cache_hit_tokens_total")
+        in_use = srv.metric("layerstream_kv_blocks_in_use")
+    finally:
+        rc, err = srv.stop()
+    assert rc == 0, err
+    assert len(results) == 100 and all(n == 6 for _, _, n in results)
+    by_prompt: dict[int, set[str]] = {}
+    for k, text, _ in results:
+        by_prompt.setdefault(k, set()).add(text)
+    assert all(len(texts) == 1 for texts in by_prompt.values()), by_prompt
+    assert hits > 0 and in_use == 0
