@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import mmap
-import os
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,8 +112,6 @@ class Checkpoint:
                     raise ValueError(f"tensor {name!r} appears in two shards ({self.tensors[name].file.name}, {f.name})")
                 self.tensors[name] = info
         self._maps: dict[Path, mmap.mmap] = {}
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
 
     def _map(self, path: Path) -> mmap.mmap:
         if path not in self._maps:
@@ -144,30 +140,11 @@ class Checkpoint:
         end = min(len(m), -(-(info.offset + info.nbytes) // page) * page)
         m.madvise(mmap.MADV_DONTNEED, start, end - start)
 
-    def read_into(self, name: str, out: torch.Tensor, start: int = 0, chunk: int = 16 << 20,
-                  drop_cache: bool = True) -> None:
-        """Read ``out.numel()`` raw bytes of tensor ``name``, from byte ``start`` of it, into ``out``.
-
-        This bypasses the memory map (the disk tier's path): with ``drop_cache`` the bytes
-        read are dropped from the page cache afterwards, so streaming from disk does not
-        fill the RAM the host budget left free. Safe to call from several threads.
-        """
-        info, total = self.tensors[name], out.numel()
-        assert out.dtype == torch.uint8 and out.is_contiguous() and 0 <= start and start + total <= info.nbytes
-        view = memoryview(out.numpy())
-        fd, base = self._fd(info.file), info.offset + start
-        for pos in range(0, total, chunk):
-            n = min(chunk, total - pos)
-            if os.preadv(fd, [view[pos:pos + n]], base + pos) != n:
-                raise ValueError(f"{info.file} is truncated: short read of {name!r}; re-download it")
-        if drop_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, base, total, os.POSIX_FADV_DONTNEED)
-
-    def _fd(self, path: Path) -> int:
-        with self._lock:
-            if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
-            return self._fds[path]
+    def raw_span(self, name: str) -> tuple[Path, int, int]:
+        """(file, absolute byte offset, bytes) of tensor ``name``: its bytes as stored, row-major in
+        ``tensors[name].dtype``, so a reader may copy them straight out of the file."""
+        info = self.tensors[name]
+        return info.file, info.offset, info.nbytes
 
     def validate(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Check the tensors found equal ``expected`` (names and shapes) and use float dtypes."""
@@ -204,9 +181,6 @@ class Checkpoint:
             except BufferError:  # views still alive; the OS unmaps when they are gone
                 pass
         self._maps.clear()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
 
 def _short(names: set[str]) -> str:

@@ -10,16 +10,16 @@ import torch
 
 from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
+from engine.footprint import plan_model
 from engine.graphs import try_capture
 from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
 from engine.model import Model
 from engine.ops import make_ops
 from engine.tokenizer import Tokenizer
+from engine.weights import ModelWeights
 from memory.allocator_cap import AllocatorCap
 from memory.bandwidth import h2d_bandwidth
-from memory.planner import make_plan
-from streamer.manager import WeightManager
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Engine:
     def _load(self, progress) -> None:
         """Weights (resident ones onto the GPU), model, KV cache and the decode graph."""
         opts = self.opts
-        self.weights = WeightManager(self.ckpt, self.cfg, self.plan, self.device, self.dtype,
+        self.weights = ModelWeights(self.ckpt, self.cfg, self.plan, self.device, self.dtype,
                                      threads=opts.threads, progress=progress, trace=opts.trace)
         self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
         self.cache = KVCache(self.cfg, opts.batch, opts.max_context, self.dtype, self.device)
@@ -127,12 +127,11 @@ class Engine:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
         gbps, source = h2d_bandwidth(self.device)
-        plan = make_plan(self.cfg, tensor_bytes={n: i.nbytes for n, i in self.ckpt.tensors.items()},
-                         dtype=self.dtype, vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
-                         batch=self.opts.batch, max_context=self.opts.max_context,
-                         prefill_chunk=self.opts.prefill_chunk, device_free=free, h2d_gbps=gbps,
-                         h2d_source=source)
-        return plan
+        return plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype,
+                          vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
+                          batch=self.opts.batch, max_context=self.opts.max_context,
+                          prefill_chunk=self.opts.prefill_chunk, device_free=free, h2d_gbps=gbps,
+                          h2d_source=source)
 
     def close(self) -> None:
         """Release the weight sources (file maps, disk readers) and the allocator cap."""

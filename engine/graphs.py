@@ -32,7 +32,7 @@ _KEY = "self_attn.qkv_proj.weight"  # a slot's graph is found by where this weig
 
 
 class DecodeGraph:
-    """A decode step for ``batch`` sequences as replayable CUDA graphs over a WeightManager."""
+    """A decode step for ``batch`` sequences as replayable CUDA graphs over ModelWeights."""
 
     def __init__(self, model, cache, batch: int) -> None:
         dev, cfg = model.device, model.cfg
@@ -96,7 +96,7 @@ class DecodeGraph:
             return kind, self._graph(what)
         i = what
         per_slot = {}
-        for s in range(len(self.weights.slots)):
+        for s in range(len(self.weights.stream.slots)):
             w = self.weights.slot_layer(s)
             per_slot[w[_KEY].data_ptr()] = self._graph([self._layers_fn((i,), lambda _, w=w: w)])
         return kind, (i, per_slot)

@@ -19,7 +19,7 @@ from kernels.rope import rope_tables
 
 
 class WeightSource(Protocol):
-    """Where the model gets its weights; see ``streamer.manager.WeightManager``."""
+    """Where the model gets its weights; see ``engine.weights.ModelWeights``."""
 
     def embed(self, ids: torch.Tensor, lookup) -> torch.Tensor:
         """Token ids [B, T] (host or device) -> hidden states [B, T, H] on the compute device;

@@ -1,58 +1,29 @@
 """The memory plan: what lives where, what it costs, and how fast a decode step should be.
 
-Built by :func:`memory.planner.make_plan`; this module holds the frozen result types, their
-renderings (:meth:`Plan.table` for people, :meth:`Plan.to_dict` for JSON) and the byte-cost
-formulas of the non-weight VRAM categories (KV cache, workspace).
+Built by :func:`memory.planner.make_plan`; this module holds the frozen result types and their
+renderings (:meth:`Plan.table` for people, :meth:`Plan.to_dict` for JSON).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
-from engine.config import ModelConfig
-from engine.layout import expected_tensors
+from memory.footprint import ALLOCATOR_ALLOWANCE
 from memory.units import format_size
 
-ALLOCATOR_ALLOWANCE = 64 << 20  # caching-allocator slack, cuBLAS workspace
+__all__ = ["ALLOCATOR_ALLOWANCE", "ModulePlan", "Plan"]
 
 Placement = Literal["resident", "streamed", "host"]
 Tier = Literal["vram", "pinned", "disk"]
-
-
-def tensor_bytes_from_config(cfg: ModelConfig, file_dtype: torch.dtype) -> dict[str, int]:
-    """Name -> bytes of every checkpoint tensor, as a file in ``file_dtype`` would hold them."""
-    return {name: math.prod(shape) * file_dtype.itemsize for name, shape in expected_tensors(cfg).items()}
-
-
-def kv_cache_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, max_context: int) -> int:
-    """K and V for every layer: 2 x layers x batch x context x kv_heads x head_dim x element size."""
-    return 2 * cfg.num_hidden_layers * batch * max_context * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
-
-
-def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, max_context: int, prefill_chunk: int) -> int:
-    """Activations of one prefill pass of ``prefill_chunk`` tokens, logits, rope tables and allocator slack.
-
-    Per token (compute dtype): ~6 hidden-sized tensors, fused qkv, attention output, gate_up
-    (2 x intermediate) and the SwiGLU output. Logits: batch x vocab fp32, twice (logits and
-    sampling scratch). Rope: cos and sin, fp32 [max_context, head_dim / 2]. Plus 64 MiB.
-    """
-    tokens = max(prefill_chunk, batch)  # a decode step is `batch` tokens
-    per_token = (6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + cfg.q_size + 3 * cfg.intermediate_size)
-    logits = batch * cfg.vocab_size * 4 * 2
-    rope = 2 * max_context * (cfg.head_dim // 2) * 4
-    return tokens * per_token * dtype.itemsize + logits + rope + ALLOCATOR_ALLOWANCE
 
 
 @dataclass(frozen=True)
 class ModulePlan:
     """One module's decision.
 
-    ``bytes`` is its size in the compute dtype (what occupies VRAM when resident, or crosses
+    ``bytes`` is its size as the kernels read it (what occupies VRAM when resident, or crosses
     PCIe each step when streamed); ``placement`` says where it runs from: ``resident`` (in VRAM
     for the whole run), ``streamed`` (copied into a staging slot every step) or ``host`` (the
     embedding table kept in host memory: only the looked-up rows travel). ``tier`` is where its
@@ -80,7 +51,7 @@ class Plan:
     lm_head_chunks: int  # 0 when resident; else vocab-row chunks, each <= slot_bytes
     num_slots: int  # staging slots; 0 when no layer or lm_head streams
     slot_bytes: int
-    layer_bytes: int  # one packed decoder layer in the compute dtype
+    layer_bytes: int  # the largest packed decoder layer (one staging slot)
     resident_weight_bytes: int
     staging_bytes: int
     kv_cache_bytes: int

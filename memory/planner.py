@@ -1,6 +1,7 @@
 """The VRAM-budget planner: which modules stay resident, which stream, and from where.
 
-Rules (all sizes in the compute dtype unless noted):
+The planner sees a model only as a :class:`memory.footprint.Footprint` (module sizes and per-token
+costs, built by ``engine.footprint``). Rules (all sizes as the kernels read them unless noted):
 
 * Fixed costs come first: KV cache, workspace, the final norm, and two staging slots of one
   packed layer each when anything must stream (lm_head chunks reuse the same slots).
@@ -29,26 +30,20 @@ import logging
 import math
 from dataclasses import dataclass
 
-import torch
-
-from engine.config import ModelConfig
-from engine.layout import LayerLayout, expected_tensors
 from memory.budgets import check_workload, resolve_budget, resolve_host_budget
-from memory.plan import ModulePlan, Plan, kv_cache_bytes, tensor_bytes_from_config, workspace_bytes
+from memory.footprint import Footprint
+from memory.plan import ModulePlan, Plan
 from memory.units import format_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["make_plan", "minimum_budget", "tensor_bytes_from_config", "kv_cache_bytes", "workspace_bytes",
-           "Plan", "ModulePlan", "HBM_GBPS"]
+__all__ = ["make_plan", "minimum_budget", "Plan", "ModulePlan", "HBM_GBPS"]
 
 HBM_GBPS = 2500.0  # decode-step estimate when nothing streams: weights / 2.5 TB/s
-EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 @dataclass(frozen=True)
 class _Workload:
-    dtype: torch.dtype  # compute dtype
     batch: int
     max_context: int
     prefill_chunk: int
@@ -60,7 +55,8 @@ class _Workload:
 
 @dataclass(frozen=True)
 class _Sizes:
-    layer: int  # one packed layer
+    layer: int  # the largest packed layer: one staging slot, and what each residency decision costs
+    layers: tuple[int, ...]  # each layer's packed bytes
     layer_file: tuple[int, ...]  # each layer's bytes in the checkpoint files
     embed: int
     lm_head: int  # == embed when tied (the same tensor)
@@ -70,45 +66,40 @@ class _Sizes:
     lm_head_file: int
     kv: int
     workspace: int
+    tied: bool
 
     @property
     def fixed(self) -> int:
         return self.kv + self.workspace + self.norm
 
-
-def _sizes(cfg: ModelConfig, dtype: torch.dtype, batch: int, max_context: int, prefill_chunk: int,
-           tensor_bytes: dict[str, int] | None = None) -> _Sizes:
-    """Every size the planner needs; ``tensor_bytes`` (file bytes) only for presence and disk reads."""
-    tb = tensor_bytes if tensor_bytes is not None else tensor_bytes_from_config(cfg, dtype)
-    expected = expected_tensors(cfg)
-    missing = sorted(set(expected) - set(tb))
-    if missing:
-        raise ValueError(f"tensor sizes lack {len(missing)} tensors the config implies (e.g. {missing[:3]}): "
-                         "pass {name: info.nbytes for name, info in ckpt.tensors.items()} of a matching checkpoint")
-    row = cfg.hidden_size * dtype.itemsize
-    layout = LayerLayout.build(cfg, dtype)
-    layer_file = tuple(sum(tb[f"model.layers.{i}.{n}"] for n in layout.names) for i in range(cfg.num_hidden_layers))
-    lm_file = tb[EMBED if cfg.tie_word_embeddings else LM_HEAD]
-    return _Sizes(layer=layout.nbytes, layer_file=layer_file, embed=cfg.vocab_size * row, lm_head=cfg.vocab_size * row,
-                  norm=row, row=row, row_file=tb[EMBED] // cfg.vocab_size, lm_head_file=lm_file,
-                  kv=kv_cache_bytes(cfg, dtype, batch, max_context),
-                  workspace=workspace_bytes(cfg, dtype, batch, max_context, prefill_chunk))
+    @property
+    def n(self) -> int:
+        return len(self.layers)
 
 
-def _all_resident_bytes(cfg: ModelConfig, s: _Sizes) -> int:
-    return s.fixed + cfg.num_hidden_layers * s.layer + s.embed + (0 if cfg.tie_word_embeddings else s.lm_head)
+def _sizes(fp: Footprint, batch: int, max_context: int, prefill_chunk: int) -> _Sizes:
+    """Every size the planner needs, from the model's footprint and the workload."""
+    layers, embed, head = fp.layers, fp.only("embedding"), fp.only("lm_head")
+    return _Sizes(layer=max((m.bytes for m in layers), default=0), layers=tuple(m.bytes for m in layers),
+                  layer_file=tuple(m.file_bytes for m in layers), embed=embed.bytes, lm_head=head.bytes,
+                  norm=fp.only("norm").bytes, row=embed.bytes // fp.rows, row_file=embed.file_bytes // fp.rows,
+                  lm_head_file=head.file_bytes, kv=fp.kv_bytes(batch, max_context),
+                  workspace=fp.workspace_bytes(batch, max_context, prefill_chunk), tied=fp.tied)
 
 
-def _minimum(cfg: ModelConfig, s: _Sizes) -> int:
-    return min(_all_resident_bytes(cfg, s), s.fixed + 2 * s.layer)
+def _all_resident_bytes(s: _Sizes) -> int:
+    return s.fixed + sum(s.layers) + s.embed + (0 if s.tied else s.lm_head)
 
 
-def minimum_budget(cfg: ModelConfig, dtype: torch.dtype, *, batch: int = 1, max_context: int = 4096,
-                   prefill_chunk: int = 2048) -> int:
+def _minimum(s: _Sizes) -> int:
+    return min(_all_resident_bytes(s), s.fixed + 2 * s.layer)
+
+
+def minimum_budget(fp: Footprint, *, batch: int = 1, max_context: int = 4096, prefill_chunk: int = 2048) -> int:
     """The smallest VRAM budget that can run: KV + workspace + norm + two staging slots
     (or the whole model resident, if that is smaller)."""
     check_workload(batch, max_context, prefill_chunk)
-    return _minimum(cfg, _sizes(cfg, dtype, batch, max_context, prefill_chunk))
+    return _minimum(_sizes(fp, batch, max_context, prefill_chunk))
 
 
 @dataclass(frozen=True)
@@ -125,11 +116,11 @@ def _spread(n: int, k: int) -> tuple[int, ...]:
     return tuple(j * n // k for j in range(k)) if k else ()
 
 
-def _choose_residency(cfg: ModelConfig, s: _Sizes, budget: int) -> _Residency:
-    n, tied = cfg.num_hidden_layers, cfg.tie_word_embeddings
-    if _all_resident_bytes(cfg, s) <= budget:
+def _choose_residency(s: _Sizes, budget: int) -> _Residency:
+    n, tied = s.n, s.tied
+    if _all_resident_bytes(s) <= budget:
         return _Residency(n, True, True, 0, ())
-    if not tied and s.fixed + n * s.layer + s.lm_head <= budget:
+    if not tied and s.fixed + sum(s.layers) + s.lm_head <= budget:
         return _Residency(n, True, False, 0, ())  # only the embedding stays on the host
     avail = budget - s.fixed - 2 * s.layer
     assert avail >= 0, "budget was checked against the minimum"
@@ -150,11 +141,11 @@ class _Tiers:
     host_pinned: int
 
 
-def _assign_tiers(cfg: ModelConfig, s: _Sizes, r: _Residency, host_budget: int) -> _Tiers:
+def _assign_tiers(s: _Sizes, r: _Residency, host_budget: int) -> _Tiers:
     left, disk, spilled = host_budget, [], False
     for i in r.streamed:  # execution order: the last go to disk first
-        if not spilled and s.layer <= left:
-            left -= s.layer
+        if not spilled and s.layers[i] <= left:
+            left -= s.layers[i]
         else:
             spilled = True
             disk.append(i)
@@ -164,31 +155,31 @@ def _assign_tiers(cfg: ModelConfig, s: _Sizes, r: _Residency, host_budget: int) 
         left -= s.lm_head if head_tier == "pinned" else 0
     if r.embed_on_device:
         embed_tier = "vram"
-    elif cfg.tie_word_embeddings and not r.lm_head_resident:
+    elif s.tied and not r.lm_head_resident:
         embed_tier = head_tier  # one host table is both the embedding and the streamed lm_head
     else:  # only a few rows are read per step: gather them from the mapped file, pin nothing
         embed_tier = "disk"
     return _Tiers(tuple(disk), head_tier, embed_tier, host_budget - left)
 
 
-def _modules(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, batch: int, chunks: int) -> tuple[ModulePlan, ...]:
-    tied, where = cfg.tie_word_embeddings, {"pinned": "pinned host memory", "disk": "the mmap'd checkpoint"}
+def _modules(s: _Sizes, r: _Residency, t: _Tiers, batch: int, chunks: int) -> tuple[ModulePlan, ...]:
+    tied, where = s.tied, {"pinned": "pinned host memory", "disk": "the mmap'd checkpoint"}
     if r.embed_on_device:
-        why = "tied to the resident lm_head: one GPU copy serves both" if tied and r.resident < cfg.num_hidden_layers \
+        why = "tied to the resident lm_head: one GPU copy serves both" if tied and r.resident < s.n \
             else "the whole model fits the budget"
         out = [ModulePlan("embed_tokens", "embedding", s.embed, "resident", "vram", why)]
     else:
         out = [ModulePlan("embed_tokens", "embedding", s.embed, "host", t.embed_tier,
                           f"only the {batch} looked-up row(s) travel per step, from {where[t.embed_tier]}")]
-    for i in range(cfg.num_hidden_layers):
+    for i, size in enumerate(s.layers):
         if i not in r.streamed:
-            out.append(ModulePlan(f"layers.{i}", "layer", s.layer, "resident", "vram",
+            out.append(ModulePlan(f"layers.{i}", "layer", size, "resident", "vram",
                                   "fits the budget (streamed layers are spread between the resident ones)"))
         elif i in t.disk_layers:
-            out.append(ModulePlan(f"layers.{i}", "layer", s.layer, "streamed", "disk",
+            out.append(ModulePlan(f"layers.{i}", "layer", size, "streamed", "disk",
                                   "streamed from the mmap'd checkpoint: the host budget cannot pin it"))
         else:
-            out.append(ModulePlan(f"layers.{i}", "layer", s.layer, "streamed", "pinned",
+            out.append(ModulePlan(f"layers.{i}", "layer", size, "streamed", "pinned",
                                   "streamed through the staging slots from pinned host memory"))
     out.append(ModulePlan("norm", "norm", s.norm, "resident", "vram", "always resident (one hidden-sized vector)"))
     if r.lm_head_resident and tied:
@@ -203,9 +194,9 @@ def _modules(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, batch: int, 
     return tuple(out)
 
 
-def _predict(s: _Sizes, n_layers: int, streamed: int, disk: int, w: _Workload, notes: list[str]) -> tuple[float, str]:
+def _predict(s: _Sizes, streamed: int, disk: int, w: _Workload, notes: list[str]) -> tuple[float, str]:
     """(step seconds, bound): copies, disk reads and compute overlap, so the slowest one sets the pace."""
-    weights_read = n_layers * s.layer + s.lm_head + s.norm  # every weight is read from HBM once per step
+    weights_read = sum(s.layers) + s.lm_head + s.norm  # every weight is read from HBM once per step
     times = {"pcie": streamed / (w.h2d_gbps * 1e9), "hbm": weights_read / (w.hbm_gbps * 1e9)}
     if disk and w.disk_gbps:
         times["disk"] = disk / (w.disk_gbps * 1e9)
@@ -219,55 +210,52 @@ def _predict(s: _Sizes, n_layers: int, streamed: int, disk: int, w: _Workload, n
     return times[bound], bound
 
 
-def make_plan(cfg: ModelConfig, tensor_bytes: dict[str, int], dtype: torch.dtype, *,
-              vram_budget: int | None = None, host_budget: int | None = None, batch: int = 1,
+def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int | None = None, batch: int = 1,
               max_context: int = 4096, prefill_chunk: int = 2048, device_free: int | None = None,
               h2d_gbps: float = 25.0, h2d_source: str = "given", disk_gbps: float | None = None,
               hbm_gbps: float = HBM_GBPS) -> Plan:
-    """Plan residency and streaming for ``cfg`` in compute ``dtype`` (see the module docstring for the rules).
+    """Plan residency and streaming for a model's footprint (see the module docstring for the rules).
 
-    ``tensor_bytes`` maps checkpoint tensor names to their bytes in the file (``{n: i.nbytes for n, i in
-    ckpt.tensors.items()}`` or :func:`tensor_bytes_from_config`). ``vram_budget`` None uses
-    ``device_free`` (or, with neither, plans everything resident); a budget above ``device_free``
-    is clamped with a note. ``host_budget`` None is the available RAM minus max(2 GiB, 10%).
-    Raises ValueError when the budget is below :func:`minimum_budget`.
+    ``vram_budget`` None uses ``device_free`` (or, with neither, plans everything resident); a
+    budget above ``device_free`` is clamped with a note. ``host_budget`` None is the available RAM
+    minus max(2 GiB, 10%). Raises ValueError when the budget is below :func:`minimum_budget`.
     """
     check_workload(batch, max_context, prefill_chunk)
     if not h2d_gbps > 0:
         raise ValueError(f"h2d_gbps must be positive, got {h2d_gbps}")
-    w = _Workload(dtype, batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps)
+    w = _Workload(batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps)
     notes: list[str] = []
-    s = _sizes(cfg, dtype, batch, max_context, prefill_chunk, tensor_bytes)
-    budget = resolve_budget(vram_budget, device_free, _all_resident_bytes(cfg, s), notes)
-    if budget < (minimum := _minimum(cfg, s)):
+    s = _sizes(fp, batch, max_context, prefill_chunk)
+    budget = resolve_budget(vram_budget, device_free, _all_resident_bytes(s), notes)
+    if budget < (minimum := _minimum(s)):
         what = "VRAM budget" if budget == vram_budget else "the GPU's free memory"
         raise ValueError(
             f"{what} {format_size(budget)} is below the minimum {format_size(minimum)} for this model at "
             f"batch {batch}, context {max_context}: KV cache {format_size(s.kv)} + workspace "
             f"{format_size(s.workspace)} + 2 staging slots of {format_size(s.layer)}. Raise --vram-budget to at "
             f"least {format_size(minimum)}, or lower --max-context or --batch (or --prefill-chunk).")
-    if max_context > cfg.max_position_embeddings:
+    if max_context > fp.max_positions:
         notes.append(f"max_context {max_context} exceeds the model's max_position_embeddings "
-                     f"{cfg.max_position_embeddings}: quality beyond it is not guaranteed")
-    r = _choose_residency(cfg, s, budget)
+                     f"{fp.max_positions}: quality beyond it is not guaranteed")
+    r = _choose_residency(s, budget)
     host = resolve_host_budget(host_budget, notes)
-    plan = _assemble(cfg, s, r, _assign_tiers(cfg, s, r, host), w, budget, host, notes)
+    plan = _assemble(fp, s, r, _assign_tiers(s, r, host), w, budget, host, notes)
     for note in plan.notes:
         log.info("memory plan: %s", note)
     return plan
 
 
-def _assemble(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, budget: int, host: int,
+def _assemble(fp: Footprint, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, budget: int, host: int,
               notes: list[str]) -> Plan:
-    n, batch = cfg.num_hidden_layers, w.batch
-    chunks = 0 if r.lm_head_resident else math.ceil(cfg.vocab_size / (s.layer // s.row))
+    n, batch = s.n, w.batch
+    chunks = 0 if r.lm_head_resident else math.ceil(fp.rows / (s.layer // s.row))
     streamed_layers = r.streamed
-    streamed = (len(streamed_layers) * s.layer + (0 if r.lm_head_resident else s.lm_head)
+    streamed = (sum(s.layers[i] for i in streamed_layers) + (0 if r.lm_head_resident else s.lm_head)
                 + (0 if r.embed_on_device else batch * s.row))
     # streamed weights read from the checkpoint files each step (embedding rows are too few to count)
     disk = sum(s.layer_file[i] for i in t.disk_layers) + (s.lm_head_file if t.lm_head_tier == "disk" else 0)
-    step, bound = _predict(s, n, streamed, disk, w, notes)
-    modules = _modules(cfg, s, r, t, batch, chunks)
+    step, bound = _predict(s, streamed, disk, w, notes)
+    modules = _modules(s, r, t, batch, chunks)
     resident = sum(m.bytes for m in modules if m.placement == "resident")
     staging = r.num_slots * s.layer
     return Plan(
@@ -279,5 +267,5 @@ def _assemble(cfg: ModelConfig, s: _Sizes, r: _Residency, t: _Tiers, w: _Workloa
         workspace_bytes=s.workspace, total_bytes=resident + staging + s.kv + s.workspace, budget_bytes=budget,
         streamed_bytes_per_step=streamed, disk_bytes_per_step=disk, host_pinned_bytes=t.host_pinned,
         host_budget_bytes=host, predicted_step_s=step, predicted_tok_s=batch / step, step_bound=bound,
-        h2d_gbps=w.h2d_gbps, h2d_source=w.h2d_source, dtype=str(w.dtype).removeprefix("torch."), batch=batch,
+        h2d_gbps=w.h2d_gbps, h2d_source=w.h2d_source, dtype=fp.dtype, batch=batch,
         max_context=w.max_context, prefill_chunk=w.prefill_chunk, notes=tuple(notes))

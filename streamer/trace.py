@@ -29,15 +29,17 @@ class Tracer:
         self.spans.clear()
         self.open.clear()
 
-    def begin(self, lane: str, unit, stream) -> None:
+    def begin(self, lane: str, name: str, stream) -> None:
+        """Open span ``name`` on ``lane`` at this point of ``stream``."""
         if self.origin is None:
             return
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(stream)
-        self.open[(lane, f"{unit.kind}.{unit.index}")] = ev
+        self.open[(lane, name)] = ev
 
-    def end(self, lane: str, unit, stream) -> None:
-        key = (lane, f"{unit.kind}.{unit.index}")
+    def end(self, lane: str, name: str, stream) -> None:
+        """Close span ``name`` on ``lane`` at this point of ``stream``."""
+        key = (lane, name)
         start = self.open.pop(key, None)
         if start is None:
             return

@@ -22,11 +22,11 @@ from engine.config import ModelConfig
 from engine.engine import Engine, EngineOptions
 from engine.graphs import DecodeGraph
 from engine.kv_cache import KVCache
+from engine.footprint import min_budget, plan_model
 from engine.layout import LayerLayout, expected_tensors
 from engine.model import Model
 from engine.ops import TorchOps
-from memory.planner import make_plan, minimum_budget
-from streamer.manager import WeightManager
+from engine.weights import ModelWeights
 
 # tiny model families built by make_hf_model (see hf_config)
 FAMILIES = ("qwen2", "qwen2-tied", "qwen3", "llama", "llama3-rope", "mistral", "llama-gqa1")
@@ -140,7 +140,7 @@ def make_hf_model(family: str, tmp_path: Path, tied: bool = False, dtype: torch.
 class Loaded:
     cfg: ModelConfig
     ckpt: Checkpoint
-    weights: WeightManager
+    weights: ModelWeights
     model: Model
     plan: object
 
@@ -159,21 +159,21 @@ def plan_for(cfg: ModelConfig, ckpt: Checkpoint, kind: str = "resident", *, batc
     tb = {n: i.nbytes for n, i in ckpt.tensors.items()}
     kw = dict(batch=batch, max_context=max_context, prefill_chunk=prefill_chunk)
     layer = LayerLayout.build(cfg, dtype).nbytes
-    low = minimum_budget(cfg, dtype, **kw)
+    low = min_budget(cfg, dtype, **kw)
     budget, host = {"resident": (None, 1 << 30), "stream-all": (low, 1 << 30),
                     "stream-partial": (low + layer, 1 << 30), "disk-some": (low, layer),
                     "disk-all": (low, 0)}[kind]
-    return make_plan(cfg, tb, dtype, vram_budget=budget, host_budget=host, **kw)
+    return plan_model(cfg, tb, dtype, vram_budget=budget, host_budget=host, **kw)
 
 
 def load_ours(model_dir: Path, ops=None, plan: str = "resident", *, batch: int = 1, max_context: int = 64,
               dtype: torch.dtype = torch.float32) -> Loaded:
-    """Our Checkpoint + WeightManager + Model on the CPU, without the Engine wrapper."""
+    """Our Checkpoint + ModelWeights + Model on the CPU, without the Engine wrapper."""
     cfg = ModelConfig.from_file(Path(model_dir) / "config.json")
     ckpt = Checkpoint(model_dir)
     ckpt.validate(expected_tensors(cfg))
     p = plan_for(cfg, ckpt, plan, batch=batch, max_context=max_context, dtype=dtype)
-    wm = WeightManager(ckpt, cfg, p, "cpu", dtype, threads=1)
+    wm = ModelWeights(ckpt, cfg, p, "cpu", dtype, threads=1)
     model = Model(cfg, wm, ops or TorchOps(), "cpu", dtype, max_context)
     return Loaded(cfg, ckpt, wm, model, p)
 

@@ -94,7 +94,7 @@ def fake_cap(monkeypatch):
     monkeypatch.setattr(engine_mod, "pick_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (TOTAL, TOTAL))
     monkeypatch.setattr(engine_mod, "h2d_bandwidth", lambda device: (25.0, "test"))
-    monkeypatch.setattr(engine_mod, "WeightManager", no_gpu)
+    monkeypatch.setattr(engine_mod, "ModelWeights", no_gpu)
     return engine_mod, events
 
 

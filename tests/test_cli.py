@@ -16,7 +16,7 @@ from engine.layout import LayerLayout
 from engine.run import main
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
-from memory.planner import minimum_budget
+from engine.footprint import min_budget
 from tests.helpers import dir_snapshot
 
 CPU = ["--device", "cpu"]
@@ -121,7 +121,7 @@ def test_show_plan(capsys, tiny_qwen2_dir):
 
 def _budgets(model_dir) -> dict[str, int]:
     cfg = ModelConfig.from_file(model_dir / "config.json")
-    low = minimum_budget(cfg, torch.float32, batch=1, max_context=4096, prefill_chunk=2048)  # the CLI's defaults
+    low = min_budget(cfg, torch.float32, batch=1, max_context=4096, prefill_chunk=2048)  # the CLI's defaults
     return {"min": low, "min+layer": low + LayerLayout.build(cfg, torch.float32).nbytes}
 
 

@@ -50,7 +50,7 @@ def _run(model_dir, budget, kernels, batch=1):
         plan = engine.plan
         # triton kernels decode through CUDA graph pieces, streamed layers included (no silent fallback)
         assert (engine.graph is not None) == (kernels == "triton")
-        host = list(engine.weights.host_bufs.values())
+        host = list(engine.weights.stream.host_bufs.values())
         assert all(b.is_pinned() for b in host)  # page-locked in place: copies out of them are async
         engine.close()
         assert torch.cuda.get_per_process_memory_fraction(0) == 1.0
@@ -76,10 +76,10 @@ def test_streaming_matches_resident_within_budget(small_model, kernels, batch):
 
 def test_lm_head_streamed_in_chunks(small_model):
     ref, _, full_plan = _run(small_model, None, "triton")
-    from memory.planner import minimum_budget
+    from engine.footprint import min_budget
     from engine.config import ModelConfig
     cfg = ModelConfig.from_file(small_model / "config.json")
-    budget = minimum_budget(cfg, torch.bfloat16, batch=1, max_context=512) + (1 << 20)
+    budget = min_budget(cfg, torch.bfloat16, batch=1, max_context=512) + (1 << 20)
     toks, peak, plan = _run(small_model, budget, "triton")
     assert not plan.lm_head_resident and plan.lm_head_chunks >= 1
     assert toks == ref

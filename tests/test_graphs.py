@@ -54,7 +54,7 @@ def test_graph_pieces_equal_eager_steps(model_dir, plan, batch):
     err = ((graphed - eager).abs().max() / eager.abs().max()).item()
     assert err < 1e-5, f"graph pieces differ from eager decode by {err:.2e}"
     streamed = len(ours.plan.streamed_layers)
-    n_slots = len(ours.weights.slots)
+    n_slots = len(ours.weights.stream.slots)
     # one piece per staging slot for each streamed layer; the resident runs, start and head in the rest
     pieces = [w for k, w in graph.steps if k == "streamed"]
     assert len(pieces) == streamed
@@ -88,9 +88,9 @@ def test_streamed_layer_replays_the_piece_of_its_slot(model_dir):
     for pos in range(3):
         graph(tok, i32([pos]))
     slot_ptrs = [ours.weights.slot_layer(s)["self_attn.qkv_proj.weight"].data_ptr()
-                 for s in range(len(ours.weights.slots))]
+                 for s in range(len(ours.weights.stream.slots))]
     units = len(ours.weights.units)
     # unit g of the endless sequence sits in slot g % slots; lm_head chunks are units too
     expected = [slot_ptrs[g % len(slot_ptrs)] for p in range(3) for g in range(p * units, p * units + units)
-                if ours.weights.units[g % units].kind == "layer"]
+                if ours.weights.units[g % units].name.startswith("layer.")]
     assert used == expected

@@ -12,7 +12,7 @@ import torch
 
 from engine.config import ModelConfig
 from memory import bandwidth
-from memory.planner import make_plan, minimum_budget, tensor_bytes_from_config
+from engine.footprint import min_budget, plan_model, tensor_bytes_from_config
 from memory.units import format_size, parse_size
 
 GiB = 2**30
@@ -30,7 +30,7 @@ QWEN05B = ModelConfig.from_dict({
 
 def plan7b(**kw):
     args = dict(vram_budget=6 * GiB, host_budget=64 * 10**9, batch=1, max_context=4096, h2d_gbps=54.6)
-    return make_plan(QWEN7B, tensor_bytes_from_config(QWEN7B, BF16), BF16, **{**args, **kw})
+    return plan_model(QWEN7B, tensor_bytes_from_config(QWEN7B, BF16), BF16, **{**args, **kw})
 
 
 # ----- units -----
@@ -69,7 +69,7 @@ def test_7b_sizes_match_published_figures():
     assert p.layer_bytes == 466_115_584  # 233,057,792 bf16 elements, no alignment padding: ~466 MB
     assert p.module("embed_tokens").bytes == p.module("lm_head").bytes == 152064 * 3584 * 2  # 1.09 GB each
     assert p.kv_cache_bytes == 2 * 28 * 1 * 4096 * 4 * 128 * 2
-    assert minimum_budget(QWEN7B, BF16, batch=1, max_context=4096) == (
+    assert min_budget(QWEN7B, BF16, batch=1, max_context=4096) == (
         p.kv_cache_bytes + p.workspace_bytes + 3584 * 2 + 2 * p.layer_bytes)
 
 
@@ -118,7 +118,7 @@ def test_everything_but_embedding_fits():
 
 
 def test_budget_below_minimum_names_it():
-    minimum = minimum_budget(QWEN7B, BF16, batch=1, max_context=4096)
+    minimum = min_budget(QWEN7B, BF16, batch=1, max_context=4096)
     with pytest.raises(ValueError) as e:
         plan7b(vram_budget=minimum - 1)
     msg = str(e.value)
@@ -147,7 +147,7 @@ def test_small_host_budget_sends_last_layers_to_disk():
 
 def test_file_dtype_differs_from_compute_dtype():
     tb = tensor_bytes_from_config(QWEN7B, torch.float32)
-    p = make_plan(QWEN7B, tb, BF16, vram_budget=6 * GiB, host_budget=0, h2d_gbps=54.6)
+    p = plan_model(QWEN7B, tb, BF16, vram_budget=6 * GiB, host_budget=0, h2d_gbps=54.6)
     assert p.layer_bytes == plan7b().layer_bytes  # VRAM and PCIe figures use the compute dtype
     assert p.disk_bytes_per_step > 2 * len(p.disk_layers) * 233_000_000  # files are read in fp32
 
@@ -156,7 +156,7 @@ def test_missing_tensor_sizes_are_rejected():
     tb = tensor_bytes_from_config(QWEN7B, BF16)
     del tb["lm_head.weight"]
     with pytest.raises(ValueError, match="lack 1 tensors"):
-        make_plan(QWEN7B, tb, BF16, vram_budget=6 * GiB, host_budget=10**10)
+        plan_model(QWEN7B, tb, BF16, vram_budget=6 * GiB, host_budget=10**10)
 
 
 def test_default_host_budget_uses_available_memory():
@@ -167,7 +167,7 @@ def test_default_host_budget_uses_available_memory():
 # ----- tied embeddings (Qwen2.5-0.5B shape) -----
 def plan05b(**kw):
     args = dict(host_budget=10**10, batch=1, max_context=4096, h2d_gbps=25.0)
-    return make_plan(QWEN05B, tensor_bytes_from_config(QWEN05B, BF16), BF16, **{**args, **kw})
+    return plan_model(QWEN05B, tensor_bytes_from_config(QWEN05B, BF16), BF16, **{**args, **kw})
 
 
 def test_tied_model_fits_with_one_copy():
@@ -178,7 +178,7 @@ def test_tied_model_fits_with_one_copy():
 
 
 def test_tied_lm_head_streamed_shares_the_host_table():
-    minimum = minimum_budget(QWEN05B, BF16, batch=1, max_context=4096)
+    minimum = min_budget(QWEN05B, BF16, batch=1, max_context=4096)
     p = plan05b(vram_budget=minimum + 3 * 10**6)
     assert not p.lm_head_resident and not p.embed_on_device and p.lm_head_chunks >= 1
     assert p.module("embed_tokens").tier == p.module("lm_head").tier == "pinned"
@@ -187,7 +187,7 @@ def test_tied_lm_head_streamed_shares_the_host_table():
 
 
 def test_tied_lm_head_resident_puts_embedding_on_device():
-    minimum = minimum_budget(QWEN05B, BF16, batch=1, max_context=4096)
+    minimum = min_budget(QWEN05B, BF16, batch=1, max_context=4096)
     p = plan05b(vram_budget=minimum + 151936 * 896 * 2 + 5 * 10**6)
     assert p.lm_head_resident and p.embed_on_device and p.streamed_layers
     assert p.resident_weight_bytes == len(p.resident_layers) * p.layer_bytes + 151936 * 896 * 2 + 896 * 2
@@ -199,12 +199,12 @@ def test_third_slot_only_from_leftover_room():
     cfg = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
                                  "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 200_000})
     tb = tensor_bytes_from_config(cfg, BF16)
-    full = make_plan(cfg, tb, BF16, host_budget=10**9)
+    full = plan_model(cfg, tb, BF16, host_budget=10**9)
     fixed = full.kv_cache_bytes + full.workspace_bytes + 256 * 2
-    p = make_plan(cfg, tb, BF16, vram_budget=fixed + 5 * full.layer_bytes + 1000, host_budget=10**9)
+    p = plan_model(cfg, tb, BF16, vram_budget=fixed + 5 * full.layer_bytes + 1000, host_budget=10**9)
     assert p.resident_layers == (0, 1) and not p.lm_head_resident and p.num_slots == 3
     assert p.lm_head_chunks == -(-200_000 // (p.slot_bytes // 512)) and p.total_bytes <= p.budget_bytes
-    q = make_plan(cfg, tb, BF16, vram_budget=fixed + 5 * full.layer_bytes - 1000, host_budget=10**9)
+    q = plan_model(cfg, tb, BF16, vram_budget=fixed + 5 * full.layer_bytes - 1000, host_budget=10**9)
     assert q.num_slots == 2 and q.resident_layers == (0, 1)  # the spare room is just short of a slot
 
 
@@ -273,3 +273,4 @@ def test_disk_read_bandwidth(tmp_path):
     assert bandwidth.disk_read_bandwidth(f, 8 << 20) > 0
     with pytest.raises(ValueError, match="not a file"):
         bandwidth.disk_read_bandwidth(Path(tmp_path / "missing"), 1)
+

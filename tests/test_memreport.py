@@ -14,7 +14,7 @@ import torch
 from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.layout import ALIGN, layer_tensor_shapes
-from memory.planner import minimum_budget
+from engine.footprint import min_budget
 from tools import memreport
 from tools.memreport_timeline import analyze_timeline
 from tools.report_render import save_timeline_png
@@ -87,13 +87,13 @@ def test_what_if_budget_is_exact(capsys, tmp_path):
     rep = run_json(capsys, tmp_path, "--plan-only", "--preset", "qwen2.5-7b", "--vram-budget", "6GB",
                    "--host-budget", "64GB", "--h2d-gbps", "25")
     check_sums(rep)
-    from memory.planner import make_plan, tensor_bytes_from_config
+    from engine.footprint import plan_model, tensor_bytes_from_config
     from engine.synth.presets import PRESETS
     cfg = ModelConfig.from_dict(PRESETS["qwen2.5-7b"])
     need = rep["what_if"]["budget_needed_bytes"]
     kw = dict(host_budget=64 * 10**9, h2d_gbps=25.0)
-    more = make_plan(cfg, tensor_bytes_from_config(cfg, torch.bfloat16), torch.bfloat16, vram_budget=need, **kw)
-    less = make_plan(cfg, tensor_bytes_from_config(cfg, torch.bfloat16), torch.bfloat16, vram_budget=need - 1, **kw)
+    more = plan_model(cfg, tensor_bytes_from_config(cfg, torch.bfloat16), torch.bfloat16, vram_budget=need, **kw)
+    less = plan_model(cfg, tensor_bytes_from_config(cfg, torch.bfloat16), torch.bfloat16, vram_budget=need - 1, **kw)
     def units(p):  # weight bytes streamed per step besides embedding rows
         return len(p.streamed_layers) * p.layer_bytes + (0 if p.lm_head_resident else p.module("lm_head").bytes)
     target = rep["plan"]["streamed_bytes_per_step"] - 3584 * 2 - rep["plan"]["layer_bytes"]  # less the embed row
@@ -119,7 +119,7 @@ def test_plan_only_tiny_checkpoint_bytes_match_headers(capsys, tmp_path, tiny):
 
 def test_plan_only_tiny_streaming_budget(capsys, tmp_path, tiny):
     cfg = ModelConfig.from_file(tiny / "config.json")
-    budget = minimum_budget(cfg, torch.bfloat16, max_context=64, prefill_chunk=16) + 4096
+    budget = min_budget(cfg, torch.bfloat16, max_context=64, prefill_chunk=16) + 4096
     rep = run_json(capsys, tmp_path, "--plan-only", "--model", str(tiny), "--vram-budget", str(budget),
                    "--context", "64", "--prefill-chunk", "16", "--host-budget", "1GB")
     check_sums(rep)
@@ -140,7 +140,7 @@ def test_full_cpu_run_writes_memory_png_and_report(capsys, tmp_path, tiny):
 
 def test_full_cpu_run_streaming_json(capsys, tmp_path, tiny):
     cfg = ModelConfig.from_file(tiny / "config.json")
-    budget = minimum_budget(cfg, torch.float32, max_context=64, prefill_chunk=16) + 4096
+    budget = min_budget(cfg, torch.float32, max_context=64, prefill_chunk=16) + 4096
     rep = run_json(capsys, tmp_path, "--model", str(tiny), "--device", "cpu", "--vram-budget", str(budget),
                    "--context", "64", "--prefill-chunk", "16", "--steps", "3")
     check_sums(rep)

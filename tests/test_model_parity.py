@@ -1,4 +1,4 @@
-"""Our decoder (Checkpoint + WeightManager + Model, fp32 on the CPU) against transformers.
+"""Our decoder (Checkpoint + ModelWeights + Model, fp32 on the CPU) against transformers.
 
 For each family (Qwen2, Qwen2 tied, Qwen3 with head_dim != hidden / heads, Llama, Llama with
 llama3 rope scaling, Mistral, Llama with one KV head) a tiny random model is built with
@@ -159,7 +159,7 @@ def test_streaming_plan_equals_resident(hf, family, plan):
         assert p.disk_layers == tuple(range(1, n))
     if plan == "disk-all":
         assert p.disk_layers == tuple(range(n))
-    pinned = sum(b.numel() for b in streamed.weights.host_bufs.values())
+    pinned = sum(b.numel() for b in streamed.weights.stream.host_bufs.values())
     assert pinned <= p.host_budget_bytes, f"{plan}: {pinned} bytes held in host buffers, host budget {p.host_budget_bytes}"
     cfg = resident.cfg
     prompts = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -182,13 +182,13 @@ def test_streaming_plan_equals_resident(hf, family, plan):
 
 def test_streaming_engine_with_budget_equals_resident(hf):
     """The same through Engine + EngineOptions(vram_budget=..., host_budget=...)."""
-    from memory.planner import minimum_budget
+    from engine.footprint import min_budget
 
     _, d = hf("qwen2-tied")
     ref = make_engine(d, batch=2)
     prompts = random_prompts([5, 8], ref.cfg.vocab_size, seed=9)
     want = generate(ref, prompts, SamplingParams(), max_new_tokens=8).token_ids
-    low = minimum_budget(ref.cfg, torch.float32, batch=2, max_context=64, prefill_chunk=2048)
+    low = min_budget(ref.cfg, torch.float32, batch=2, max_context=64, prefill_chunk=2048)
     for host in (1 << 30, 0):
         eng = make_engine(d, batch=2, vram_budget=low, host_budget=host)
         assert eng.plan.streamed_layers and not eng.plan.lm_head_resident

@@ -20,8 +20,11 @@ from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
 from engine.model import Model
 from engine.ops import TorchOps
-from streamer.manager import WeightManager
+from engine.weights import ModelWeights
+import streamer.files
+from streamer.files import SpanReader
 from streamer.sync import SyncLog
+from streamer.units import Span, UnitSpec
 from tests.helpers import forward_decode, forward_prefill, make_hf_model, plan_for
 
 
@@ -37,7 +40,7 @@ def _load(model_dir: Path, kind: str):
     ckpt.validate(expected_tensors(cfg))
     plan = plan_for(cfg, ckpt, kind)
     log = SyncLog()
-    wm = WeightManager(ckpt, cfg, plan, "cpu", torch.float32, threads=1, log_sync=log)
+    wm = ModelWeights(ckpt, cfg, plan, "cpu", torch.float32, threads=1, log_sync=log)
     return cfg, plan, wm, Model(cfg, wm, TorchOps(), "cpu", torch.float32, 64), log
 
 
@@ -89,17 +92,37 @@ def test_interrupted_pass_restarts(model_dir, caplog):
     torch.testing.assert_close(out, forward_prefill(ref_model, ref_cache, ids, last_only=True), rtol=1e-6, atol=1e-6)
 
 
-def test_read_into_and_release_keep_bytes(model_dir):
+def test_span_reader_and_release_keep_bytes(model_dir, monkeypatch):
     ckpt = Checkpoint(model_dir)
     name = "model.layers.0.mlp.down_proj.weight"
     ref = ckpt.tensor(name).clone()
     info = ckpt.tensors[name]
-    out = torch.empty(info.nbytes, dtype=torch.uint8)
-    ckpt.read_into(name, out, chunk=1000)  # several requests, one short tail
-    assert torch.equal(out.view(info.dtype).view(info.shape), ref)
+    file, offset, nbytes = ckpt.raw_span(name)
+    reader = SpanReader()
+    spans = (Span(file, offset, 100, 0), Span(file, offset + 100, nbytes - 100, 100))  # two spans, one unaligned
+    out = torch.empty(nbytes + 64, dtype=torch.uint8)
+    monkeypatch.setattr(streamer.files, "CHUNK", 1000)  # several requests per span, one short tail
+    for parallel in (False, True):
+        out.zero_()
+        reader.fill(UnitSpec("t", nbytes, "disk", spans=spans), out, parallel=parallel, drop_cache=parallel)
+        assert torch.equal(out[:nbytes].view(info.dtype).view(info.shape), ref)
+        assert not out[nbytes:].any()
     part = torch.empty(64, dtype=torch.uint8)
-    ckpt.read_into(name, part, start=128)
+    reader.fill(UnitSpec("part", 64, "disk", spans=(Span(file, offset + 128, 64, 0),)), part)
     assert torch.equal(part, out[128:192])
+    reader.close()
     ckpt.release(name)  # pages dropped; reading again re-faults the same bytes
     assert torch.equal(ckpt.tensor(name), ref)
     ckpt.close()
+
+
+def test_truncated_file_is_a_clear_error(model_dir, tmp_path):
+    src = Checkpoint(model_dir)
+    file, offset, nbytes = src.raw_span("model.layers.0.mlp.down_proj.weight")
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(file.read_bytes()[: offset + nbytes // 2])
+    reader = SpanReader()
+    with pytest.raises(ValueError, match="truncated"):
+        reader.fill(UnitSpec("t", nbytes, "disk", spans=(Span(short, offset, nbytes, 0),)),
+                    torch.empty(nbytes, dtype=torch.uint8))
+    reader.close()

@@ -59,8 +59,8 @@ def _decode_steps(engine: Engine, batch: int, steps: int, prompt_len: int = 16) 
     tok = logits.argmax(-1)
     times, tokens = [], [tok.tolist()]
     pos = prompt_len
-    if engine.weights.tracer:
-        engine.weights.tracer.mark()
+    if engine.weights.stream.tracer:
+        engine.weights.stream.tracer.mark()
     torch.cuda.synchronize(dev)
     t = time.perf_counter()
     for _ in range(steps):
@@ -107,7 +107,7 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
     plan = engine.plan
     _decode_steps(engine, batch, 2)  # warm-up: autotune, allocator, pipeline
     times, tokens = _decode_steps(engine, batch, args.steps)
-    spans = engine.weights.tracer.timeline() if engine.weights.tracer else []
+    spans = engine.weights.stream.tracer.timeline() if engine.weights.stream.tracer else []
     step = statistics.median(times[1:]) if len(times) > 2 else times[-1]
     bound = plan.streamed_bytes_per_step / (h2d * 1e9)
     window = spans[-1]["end_ms"] - spans[0]["start_ms"] if spans else 0.0

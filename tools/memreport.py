@@ -29,9 +29,9 @@ from engine.checkpoint import Checkpoint  # noqa: E402
 from engine.cli_session import BUDGET_HELP, add_engine_args, load_engine, options_from_args, resolve_or_default  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.engine import pick_dtype  # noqa: E402
+from engine.footprint import tensor_bytes_from_config  # noqa: E402
 from engine.layout import expected_tensors  # noqa: E402
 from memory.bandwidth import DEFAULT_H2D_GBPS, DEFAULT_SOURCE, default_cache_path, device_key, load_cache  # noqa: E402
-from memory.planner import tensor_bytes_from_config  # noqa: E402
 from memory.units import format_size, parse_size  # noqa: E402
 from streamer.trace import write_chrome_trace  # noqa: E402
 from tools import report_render  # noqa: E402
@@ -178,7 +178,7 @@ def _full_run(args, notes: list[str]) -> tuple[dict, PlanInputs, dict]:
         if cuda and plan.h2d_source == "measured now":
             notes.append("the H2D bandwidth was measured during this load: its 1 GiB probe buffer may still be "
                          "cached by the allocator (reserved, not allocated); a second run shows the steady state")
-        unit_bytes = {f"{u.kind}.{u.index}": u.nbytes for u in engine.weights.units}
+        unit_bytes = {u.name: u.nbytes for u in engine.weights.units}
         timeline = analyze_timeline(run["spans"], run["bounds_ms"], unit_bytes) if run["bounds_ms"] else None
         timing = {"summary": summarize(run, timeline, engine.opts.batch, plan), "timeline": timeline}
         if not cuda:

@@ -19,7 +19,6 @@ import psutil
 import torch
 
 from engine.generate import decode_step, prefill
-from streamer.manager import Unit
 
 PROMPT_TEXT = "Explain, step by step, why the sky looks blue on a clear day and red at sunset. "
 _SMAPS_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+\s")
@@ -50,8 +49,8 @@ def persistent_vram(engine) -> dict[str, int]:
 
     head = w.lm_head
     same = head is not None and head.data_ptr() == w.embed_table.data_ptr()
-    return {"resident layers": here(w.resident_buf), "embedding": here(w.embed_table),
-            "lm_head": 0 if same else here(head), "norm": here(w.final_norm), "staging slots": here(w.slots),
+    return {"resident layers": here(w.stream.resident_buf), "embedding": here(w.embed_table),
+            "lm_head": 0 if same else here(head), "norm": here(w.final_norm), "staging slots": here(w.stream.slots),
             "KV cache": engine.cache.nbytes, "rope tables": here(engine.model.cos) + here(engine.model.sin)}
 
 
@@ -141,8 +140,8 @@ def mapped_file_rss(files) -> int | None:
 
 def measure_host(engine) -> dict:
     w = engine.weights
-    staged = sum(nbytes(b) for b in w.host_bufs.values())
-    ring = sum(nbytes(b) for b in w.disk.bufs) if w.disk is not None else 0
+    staged = sum(nbytes(b) for b in w.stream.host_bufs.values())
+    ring = sum(nbytes(b) for b in w.stream.disk.bufs) if w.stream.disk is not None else 0
     files = sorted({str(i.file) for i in engine.ckpt.tensors.values()})
     vm = psutil.virtual_memory()
     return {"rss_bytes": psutil.Process().memory_info().rss, "pinned": engine.device.type == "cuda",
@@ -166,26 +165,26 @@ def prompt_ids(engine, n: int) -> list[int]:
 def _trace_resident(weights, tracer):
     """Also time resident layers and a resident lm_head on the compute lane (the manager times streamed units)."""
     orig_layer, orig_release, orig_parts = weights.layer, weights.release, weights.lm_head_parts
-    stream = weights.sync.compute_stream
+    stream = weights.stream.sync.compute_stream
 
     def layer(i):
         if i in weights.resident:
-            tracer.begin("compute", Unit("layer", i, 0), stream())
+            tracer.begin("compute", f"layer.{i}", stream())
         return orig_layer(i)
 
     def release(i):
         orig_release(i)
         if i in weights.resident:
-            tracer.end("compute", Unit("layer", i, 0), stream())
+            tracer.end("compute", f"layer.{i}", stream())
 
     def parts():
         if weights.lm_head is None:
             yield from orig_parts()
             return
         for row, t in orig_parts():
-            tracer.begin("compute", Unit("lm_head", 0, 0), stream())
+            tracer.begin("compute", "lm_head.0", stream())
             yield row, t
-            tracer.end("compute", Unit("lm_head", 0, 0), stream())
+            tracer.end("compute", "lm_head.0", stream())
 
     weights.layer, weights.release, weights.lm_head_parts = layer, release, parts
     try:

@@ -1,6 +1,6 @@
 """The plan side of ``tools/memreport.py``: VRAM categories of a plan, per-module rows with the
 checkpoint's header bytes, and "what would have to give" for one more resident layer, found by
-re-running the planner (``memory.planner.make_plan``) on what-if budgets, contexts and batches.
+re-running the planner (``engine.footprint.plan_model``) on what-if budgets, contexts and batches.
 """
 
 from __future__ import annotations
@@ -10,23 +10,23 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import ModelConfig
+from engine.footprint import min_budget, plan_model
 from memory.plan import ALLOCATOR_ALLOWANCE, Plan
-from memory.planner import make_plan, minimum_budget
 from memory.units import format_size
 from tools.memreport_measure import logits_bytes
 
 
 @dataclass(frozen=True)
 class PlanInputs:
-    """Everything ``make_plan`` needs, so what-ifs can re-plan with one argument changed."""
+    """Everything ``plan_model`` needs, so what-ifs can re-plan with one argument changed."""
 
     cfg: ModelConfig
     tensor_bytes: dict[str, int]  # checkpoint header bytes (or what a file would hold)
     dtype: torch.dtype  # compute dtype
-    kwargs: dict = field(default_factory=dict)  # make_plan keyword arguments
+    kwargs: dict = field(default_factory=dict)  # plan_model keyword arguments
 
     def plan(self, **override) -> Plan:
-        return make_plan(self.cfg, self.tensor_bytes, self.dtype, **{**self.kwargs, **override})
+        return plan_model(self.cfg, self.tensor_bytes, self.dtype, **{**self.kwargs, **override})
 
     def pinned_to(self, plan: Plan) -> PlanInputs:
         """The same inputs with the budgets ``plan`` resolved (so what-ifs neither re-read free memory nor RAM)."""
@@ -106,9 +106,8 @@ def what_if(inputs: PlanInputs, plan: Plan, device_free: int | None = None) -> d
     free = plan.budget_bytes - plan.total_bytes
     total_weights = sum(m.bytes for m in plan.modules)
     out: dict = {"free_in_budget_bytes": free, "layer_bytes": plan.layer_bytes,
-                 "minimum_budget_bytes": minimum_budget(cfg, inputs.dtype, batch=plan.batch,
-                                                        max_context=plan.max_context,
-                                                        prefill_chunk=plan.prefill_chunk),
+                 "minimum_budget_bytes": min_budget(cfg, inputs.dtype, batch=plan.batch, max_context=plan.max_context,
+                                                    prefill_chunk=plan.prefill_chunk),
                  "lines": []}
     lines = out["lines"]
     units = _units(plan)

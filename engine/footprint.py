@@ -1,0 +1,65 @@
+"""A model as the planner sees it: ``memory.footprint.Footprint`` built from a config and a checkpoint.
+
+The planner knows no tensor names and no config fields; this module is where the engine's model
+knowledge (which tensors a layer has, how it is packed, what the KV cache and a prefill token's
+activations cost) becomes plain numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.config import ModelConfig
+from engine.layout import LayerLayout, expected_tensors
+from memory.footprint import Footprint, Module
+from memory.plan import Plan
+from memory.planner import make_plan, minimum_budget
+
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def tensor_bytes_from_config(cfg: ModelConfig, file_dtype: torch.dtype) -> dict[str, int]:
+    """Name -> bytes of every checkpoint tensor, as a file in ``file_dtype`` would hold them."""
+    return {name: math.prod(shape) * file_dtype.itemsize for name, shape in expected_tensors(cfg).items()}
+
+
+def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int] | None = None) -> Footprint:
+    """The model's modules and per-token costs in compute ``dtype``.
+
+    ``tensor_bytes`` maps checkpoint tensor names to their bytes in the files (``{n: i.nbytes for
+    n, i in ckpt.tensors.items()}``); absent, a checkpoint in ``dtype`` is assumed.
+    """
+    tb = tensor_bytes if tensor_bytes is not None else tensor_bytes_from_config(cfg, dtype)
+    missing = sorted(set(expected_tensors(cfg)) - set(tb))
+    if missing:
+        raise ValueError(f"tensor sizes lack {len(missing)} tensors the config implies (e.g. {missing[:3]}): "
+                         "pass {name: info.nbytes for name, info in ckpt.tensors.items()} of a matching checkpoint")
+    size, layout = dtype.itemsize, LayerLayout.build(cfg, dtype)
+    table = cfg.vocab_size * cfg.hidden_size * size
+    head_file = tb[EMBED if cfg.tie_word_embeddings else LM_HEAD]
+    modules = [Module("embed_tokens", "embedding", table, tb[EMBED])]
+    modules += [Module(f"layers.{i}", "layer", layout.nbytes,
+                       sum(tb[f"model.layers.{i}.{n}"] for n in layout.names)) for i in range(cfg.num_hidden_layers)]
+    modules += [Module("norm", "norm", cfg.hidden_size * size, tb["model.norm.weight"]),
+                Module("lm_head", "lm_head", table, head_file)]
+    # per prefill token: ~6 hidden-sized tensors, fused qkv, attention output, gate_up and the SwiGLU output
+    act = 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + cfg.q_size + 3 * cfg.intermediate_size
+    return Footprint(
+        modules=tuple(modules), rows=cfg.vocab_size, tied=cfg.tie_word_embeddings,
+        kv_bytes_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size,
+        act_bytes_per_token=act * size, logits_bytes_per_seq=cfg.vocab_size * 4 * 2,  # fp32 logits + scratch
+        rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
+        max_positions=cfg.max_position_embeddings, dtype=str(dtype).removeprefix("torch."))
+
+
+def plan_model(cfg: ModelConfig, tensor_bytes: dict[str, int] | None, dtype: torch.dtype, **workload) -> Plan:
+    """``memory.planner.make_plan`` for this model (keywords: budgets, batch, context, bandwidths)."""
+    return make_plan(footprint(cfg, dtype, tensor_bytes), **workload)
+
+
+def min_budget(cfg: ModelConfig, dtype: torch.dtype, *, batch: int = 1, max_context: int = 4096,
+               prefill_chunk: int = 2048) -> int:
+    """``memory.planner.minimum_budget`` for this model in compute ``dtype``."""
+    return minimum_budget(footprint(cfg, dtype), batch=batch, max_context=max_context, prefill_chunk=prefill_chunk)

@@ -1,0 +1,151 @@
+"""The model's weights for a memory plan: what each layer's bytes are, and where the model finds them.
+
+This is where model knowledge meets the byte mover. Every decoder layer (and, when lm_head
+streams, every chunk of lm_head rows) becomes a ``streamer.units.UnitSpec``: raw byte spans of
+the checkpoint when the file already holds the packed bytes (same dtype), else a packer that
+casts through the memory map. ``ModelWeights`` hands the streamer those units and gives the
+model typed views of their buffers (``engine.model.WeightSource``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from engine.checkpoint import Checkpoint
+from engine.config import ModelConfig
+from engine.layout import LayerLayout
+from memory.plan import Plan
+from streamer.stream import WeightStreamer
+from streamer.sync import SyncLog
+from streamer.units import Span, Tier, UnitSpec
+
+
+class UnitBuilder:
+    """Unit specs of one model's layers and lm_head chunks in a compute dtype."""
+
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, layout: LayerLayout) -> None:
+        self.ckpt, self.cfg, self.layout, self.dtype = ckpt, cfg, layout, layout.dtype
+        self.head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+
+    def layer(self, i: int, tier: Tier) -> UnitSpec:
+        names = {n: f"model.layers.{i}.{n}" for n in self.layout.names}
+        spans = [self._span(full, self.layout.entries[n].offset) for n, full in names.items()]
+        if all(spans):
+            return UnitSpec(f"layer.{i}", self.layout.nbytes, tier, spans=tuple(spans))
+
+        def pack(buf: torch.Tensor) -> None:
+            self.layout.pack({n: self.ckpt.tensor(full) for n, full in names.items()}, buf)
+            for full in names.values():
+                self.ckpt.release(full)
+        return UnitSpec(f"layer.{i}", self.layout.nbytes, tier, pack=pack)
+
+    def lm_head_chunks(self, chunks: int, tier: Tier) -> list[UnitSpec]:
+        """lm_head in ``chunks`` units of consecutive vocabulary rows."""
+        vocab, row = self.cfg.vocab_size, self.cfg.hidden_size * self.dtype.itemsize
+        rows = -(-vocab // chunks)
+        out = []
+        for c in range(chunks):
+            r0, n = c * rows, min(rows, vocab - c * rows)
+            span = self._span(self.head_name, 0, r0 * row, n * row)
+            if span:
+                out.append(UnitSpec(f"lm_head.{c}", n * row, tier, spans=(span,)))
+                continue
+
+            def pack(buf: torch.Tensor, r0: int = r0, n: int = n) -> None:
+                src = self.ckpt.tensor(self.head_name)[r0:r0 + n]
+                buf[: n * row].view(self.dtype).view(n, -1).copy_(src)
+            out.append(UnitSpec(f"lm_head.{c}", n * row, tier, pack=pack))
+        return out
+
+    def _span(self, name: str, dest: int, start: int = 0, nbytes: int | None = None) -> Span | None:
+        """The file bytes of tensor ``name`` (from byte ``start``) when they are already in the compute dtype."""
+        info = self.ckpt.tensors[name]
+        where = self.ckpt.raw_span(name)
+        if where is None or info.dtype != self.dtype:
+            return None
+        file, offset, size = where
+        return Span(file, offset + start, size - start if nbytes is None else nbytes, dest)
+
+
+class ModelWeights:
+    """Implements ``engine.model.WeightSource`` for a plan from ``memory.planner``."""
+
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, plan: Plan, device: torch.device | str,
+                 dtype: torch.dtype, threads: int = 8, progress=None, log_sync: SyncLog | None = None,
+                 trace: bool = False) -> None:
+        self.ckpt, self.cfg, self.plan, self.dtype = ckpt, cfg, plan, dtype
+        self.device = torch.device(device)
+        self.layout = LayerLayout.build(cfg, dtype)
+        build = UnitBuilder(ckpt, cfg, self.layout)
+        tiers = {i: ("disk" if i in plan.disk_layers else "pinned") for i in plan.streamed_layers}
+        units = [build.layer(i, tiers[i]) for i in plan.streamed_layers]
+        if not plan.lm_head_resident:
+            units += build.lm_head_chunks(plan.lm_head_chunks, plan.module("lm_head").tier)
+        self.units = units
+        self.stream = WeightStreamer([build.layer(i, "vram") for i in plan.resident_layers], units,
+                                     plan.num_slots, plan.slot_bytes, self.device, threads=threads,
+                                     progress=progress, log_sync=log_sync, trace=trace)
+        self.resident = {i: self.layout.views(buf) for i, buf in zip(plan.resident_layers, self.stream.resident_views)}
+        self.unit_of = {u.name: j for j, u in enumerate(units)}
+        self.slot_views: list[dict[str, torch.Tensor] | None] = [None] * plan.num_slots
+        self._load_small(progress or (lambda n: None))
+
+    def _load_small(self, progress) -> None:
+        """The embedding table, the final norm and a resident lm_head."""
+        p, dev = self.plan, self.device
+        embed = self.ckpt.tensor("model.embed_tokens.weight")
+        self.embed_table = embed.to(dev, self.dtype) if p.embed_on_device else embed
+        self.final_norm = self.ckpt.tensor("model.norm.weight").to(dev, self.dtype)
+        self.lm_head = None
+        if p.lm_head_resident:
+            tied_here = self.cfg.tie_word_embeddings and p.embed_on_device
+            head = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+            self.lm_head = self.embed_table if tied_here else self.ckpt.tensor(head).to(dev, self.dtype)
+            progress(self.lm_head.numel() * self.lm_head.element_size())
+
+    # ----- WeightSource -----
+    def embed(self, ids: torch.Tensor, lookup=torch.nn.functional.embedding) -> torch.Tensor:
+        if self.plan.embed_on_device:
+            return lookup(ids.to(self.device), self.embed_table)
+        rows = torch.nn.functional.embedding(ids.cpu(), self.embed_table)  # host table: gather on the host
+        return rows.to(self.dtype).to(self.device, non_blocking=False)
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        if i in self.resident:
+            return self.resident[i]
+        return self.slot_layer(self.stream.acquire(self.unit_of[f"layer.{i}"]))
+
+    def slot_layer(self, slot: int) -> dict[str, torch.Tensor]:
+        """Layer-shaped views of staging slot ``slot`` (what ``layer(i)`` returns when i uses it);
+        no synchronisation: for capturing graphs that read whichever layer the slot holds."""
+        views = self.slot_views[slot]
+        if views is None:
+            views = self.slot_views[slot] = self.layout.views(self.stream.slots[slot])
+        return views
+
+    def release(self, i: int) -> None:
+        if i not in self.resident:
+            self.stream.release()
+
+    def norm(self) -> torch.Tensor:
+        return self.final_norm
+
+    def lm_head_parts(self) -> Iterator[tuple[int, torch.Tensor]]:
+        if self.lm_head is not None:
+            yield 0, self.lm_head
+            return
+        row0 = 0
+        for j, u in enumerate(self.units):
+            if not u.name.startswith("lm_head."):
+                continue
+            slot = self.stream.acquire(j)
+            rows = u.nbytes // (self.cfg.hidden_size * self.dtype.itemsize)
+            yield row0, self.stream.slots[slot][: u.nbytes].view(self.dtype).view(rows, self.cfg.hidden_size)
+            self.stream.release()
+            row0 += rows
+
+    def close(self) -> None:
+        """Stop streaming and unlock the host buffers (the checkpoint stays open: tables may view it)."""
+        self.stream.close()

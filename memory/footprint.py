@@ -1,0 +1,69 @@
+"""What the planner knows of a model: plain numbers, no tensor names and no model config.
+
+``engine.footprint`` translates a model (config, checkpoint, compute dtype, quantization) into a
+:class:`Footprint`; the planner only adds, compares and divides these figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ALLOCATOR_ALLOWANCE = 64 << 20  # caching-allocator slack, cuBLAS workspace
+
+ModuleKind = Literal["embedding", "layer", "norm", "lm_head"]
+
+
+@dataclass(frozen=True)
+class Module:
+    """One placeable piece of a model.
+
+    ``bytes`` is what it occupies in VRAM when resident and what crosses PCIe each step when
+    streamed (the packed form the kernels read); ``file_bytes`` is what the checkpoint files hold
+    for it (the cost of reading it from disk).
+    """
+
+    name: str  # "embed_tokens", "layers.0", ..., "norm", "lm_head"
+    kind: ModuleKind
+    bytes: int
+    file_bytes: int
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """A model's modules and the per-token costs of running it, in bytes."""
+
+    modules: tuple[Module, ...]  # execution order: embedding, layers, norm, lm_head
+    rows: int  # vocabulary rows of the embedding and of lm_head
+    tied: bool  # lm_head is the embedding table (one tensor, one copy)
+    kv_bytes_per_token: int  # K and V of every layer, one position of one sequence
+    act_bytes_per_token: int  # activations of one token of a prefill pass
+    logits_bytes_per_seq: int  # fp32 logits and sampling scratch of one sequence
+    rope_bytes_per_position: int  # the cos and sin table rows of one position
+    max_positions: int  # the context the model was trained for
+    dtype: str  # compute dtype name, for the plan's rendering
+
+    def __post_init__(self) -> None:
+        kinds = [m.kind for m in self.modules]
+        assert kinds.count("embedding") == kinds.count("norm") == kinds.count("lm_head") == 1, kinds
+        assert self.rows > 0 and all(m.bytes >= 0 and m.file_bytes >= 0 for m in self.modules)
+
+    def only(self, kind: ModuleKind) -> Module:
+        """The embedding, the final norm or lm_head."""
+        return next(m for m in self.modules if m.kind == kind)
+
+    @property
+    def layers(self) -> tuple[Module, ...]:
+        """The decoder layers, in order."""
+        return tuple(m for m in self.modules if m.kind == "layer")
+
+    def kv_bytes(self, batch: int, max_context: int) -> int:
+        """The KV cache of ``batch`` sequences of ``max_context`` positions."""
+        return self.kv_bytes_per_token * batch * max_context
+
+    def workspace_bytes(self, batch: int, max_context: int, prefill_chunk: int) -> int:
+        """Activations of one prefill pass of ``prefill_chunk`` tokens (a decode step is ``batch``
+        tokens), logits of ``batch`` sequences, rope tables for ``max_context`` and allocator slack."""
+        tokens = max(prefill_chunk, batch)
+        return (tokens * self.act_bytes_per_token + batch * self.logits_bytes_per_seq
+                + max_context * self.rope_bytes_per_position + ALLOCATOR_ALLOWANCE)

@@ -1,0 +1,167 @@
+"""The weight streamer: resident units in VRAM, streamed units through staging slots.
+
+Streamed units are consumed in the same order every pass, so unit g of the endless sequence
+goes to slot ``g % num_slots``. A copy stream fills the slots; per slot a *ready* event
+(recorded after the copy; the compute stream waits on it) and a *free* event (recorded when
+the compute stream has been given all work reading the slot; the copy stream waits on it
+before overwriting). When unit g is released, the copy of unit g + num_slots is issued at
+once, which keeps the copy engine busy across unit and pass boundaries (weights do not depend
+on the tokens). No host synchronisation is needed.
+
+The streamer knows units only as byte buffers (``streamer.units.UnitSpec``); what the bytes
+mean is the caller's business.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from streamer.files import SpanReader
+from streamer.host import DiskReader, pack_all
+from streamer.pinning import PinnedSet
+from streamer.sync import Sync, SyncLog
+from streamer.trace import Tracer
+from streamer.units import UnitSpec
+
+log = logging.getLogger(__name__)
+
+
+class WeightStreamer:
+    """Loads ``resident`` units into one device buffer and streams ``streamed`` units, in order, forever."""
+
+    def __init__(self, resident: Sequence[UnitSpec], streamed: Sequence[UnitSpec], num_slots: int, slot_bytes: int,
+                 device: torch.device | str, threads: int = 8, progress: Callable[[int], None] | None = None,
+                 log_sync: SyncLog | None = None, trace: bool = False) -> None:
+        self.device = torch.device(device)
+        self.units, self.slot_bytes = list(streamed), slot_bytes
+        assert all(u.nbytes <= slot_bytes for u in self.units), "a streamed unit exceeds the slot size"
+        assert not self.units or num_slots >= 2, "streaming needs at least two staging slots"
+        self.num_slots = num_slots if self.units else 0
+        self.reader = SpanReader()
+        self.sync = Sync(self.device, log_sync)
+        self.tracer = Tracer(self.sync) if trace and self.sync.cuda else None
+        self._progress = progress or (lambda n: None)
+        self.resident_views = self._load_resident(list(resident))
+        self._load_streamed(threads)
+        self._start_pipeline()
+
+    # ----- loading -----
+    def _load_resident(self, units: list[UnitSpec]) -> list[torch.Tensor]:
+        """Every resident unit's bytes in one device allocation; one flat view per unit."""
+        self.resident_buf = torch.empty(sum(u.nbytes for u in units), dtype=torch.uint8, device=self.device)
+        bounce = None if self.device.type == "cpu" else torch.empty(max((u.nbytes for u in units), default=0),
+                                                                       dtype=torch.uint8)
+        views, pos = [], 0
+        for u in units:
+            view = self.resident_buf[pos:pos + u.nbytes]
+            if bounce is None:
+                self.reader.fill(u, view)
+            else:
+                self.reader.fill(u, bounce)
+                view.copy_(bounce[: u.nbytes])
+            views.append(view)
+            pos += u.nbytes
+            self._progress(u.nbytes)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return views
+
+    def _load_streamed(self, threads: int) -> None:
+        pinned = {j: (lambda buf, u=u: self.reader.fill(u, buf)) for j, u in enumerate(self.units)
+                  if u.tier == "pinned"}
+        sizes = {j: u.nbytes for j, u in enumerate(self.units)}
+        self.pins = PinnedSet() if self.sync.cuda else None
+        self.host_bufs = pack_all(pinned, sizes, self.pins, threads=threads, progress=self._progress)
+        self.disk = self._disk_reader() if len(pinned) < len(self.units) else None
+
+    def _disk_reader(self) -> DiskReader:
+        return DiskReader(3, self.slot_bytes, pin=True)
+
+    # ----- the pipeline -----
+    def _start_pipeline(self) -> None:
+        n = self.num_slots
+        if not hasattr(self, "slots"):  # kept across restarts: captured decode graphs read these addresses
+            self.slots = torch.empty((n, self.slot_bytes), dtype=torch.uint8, device=self.device)
+        self.ready = [self.sync.event() for _ in range(n)]
+        self.free = [self.sync.event() for _ in range(n)]
+        self.issued = 0  # units whose copy has been issued
+        self.consumed = 0  # units acquired by the compute side
+        for g in range(n):
+            self._request_read(g)
+        for _ in range(n):
+            self._issue_next()
+
+    def _request_read(self, g: int) -> None:
+        if self.disk is not None and (g % len(self.units)) not in self.host_bufs:
+            unit = self.units[g % len(self.units)]
+            self.disk.request(g, lambda buf: self.reader.fill(unit, buf, parallel=True, drop_cache=True))
+
+    def _issue_next(self) -> None:
+        g, n = self.issued, self.num_slots
+        j, slot = g % len(self.units), g % n
+        unit = self.units[j]
+        src = self.host_bufs.get(j)
+        if src is None:
+            src = self.disk.get(g)
+        self._request_read(g + n)  # unit g + n may come from disk even when unit g is pinned
+        with self.sync.on_copy_stream():
+            self.sync.copy_stream.wait_event(self.free[slot])
+            if self.tracer:
+                self.tracer.begin("copy", unit.name, self.sync.copy_stream)
+            self.slots[slot, : unit.nbytes].copy_(src[: unit.nbytes], non_blocking=True)
+            self.ready[slot].record(self.sync.copy_stream)
+            if self.tracer:
+                self.tracer.end("copy", unit.name, self.sync.copy_stream)
+        if self.disk is not None and j not in self.host_bufs:
+            done = self.sync.event()
+            done.record(self.sync.copy_stream)
+            self.disk.copied(g, done)
+        self.sync.note("copy", g, slot)
+        self.issued += 1
+
+    def acquire(self, j: int) -> int:
+        """Wait (on the compute stream) for streamed unit ``j``; returns the slot that holds it.
+
+        Units must be acquired in order; out of order (a pass was interrupted) the pipeline restarts.
+        """
+        if self.consumed % len(self.units) != j:
+            log.warning("streamer out of order (expected unit %d, got %d): restarting", self.consumed, j)
+            self.reset()
+        slot = self.consumed % self.num_slots
+        self.sync.compute_stream().wait_event(self.ready[slot])
+        self.sync.note("wait", self.consumed, slot)
+        if self.tracer:
+            self.tracer.begin("compute", self.units[j].name, self.sync.compute_stream())
+        return slot
+
+    def release(self) -> None:
+        """The compute stream has been given all work reading the last acquired unit."""
+        slot = self.consumed % self.num_slots
+        if self.tracer:
+            self.tracer.end("compute", self.units[self.consumed % len(self.units)].name, self.sync.compute_stream())
+        self.free[slot].record(self.sync.compute_stream())
+        self.sync.note("free", self.consumed, slot)
+        self.consumed += 1
+        self._issue_next()
+
+    def reset(self) -> None:
+        """Drain and restart the pipeline at unit 0 (after an aborted pass)."""
+        if self.sync.cuda:
+            torch.cuda.synchronize(self.device)
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = self._disk_reader()
+        self._start_pipeline()
+
+    def close(self) -> None:
+        """Stop the disk reader, close the files and unlock the host buffers (after pending copies)."""
+        if self.sync.cuda:
+            torch.cuda.synchronize(self.device)
+        if self.disk is not None:
+            self.disk.close()
+        self.reader.close()
+        if self.pins is not None:
+            self.pins.release()
