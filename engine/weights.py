@@ -16,6 +16,7 @@ import torch
 from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.layout import LayerLayout
+from engine.quant.layout import LayerQuant, QuantLayerLayout
 from memory.plan import Plan
 from streamer.stream import WeightStreamer
 from streamer.sync import SyncLog
@@ -25,11 +26,13 @@ from streamer.units import Span, Tier, UnitSpec
 class UnitBuilder:
     """Unit specs of one model's layers and lm_head chunks in a compute dtype."""
 
-    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, layout: LayerLayout) -> None:
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, layout: LayerLayout | QuantLayerLayout) -> None:
         self.ckpt, self.cfg, self.layout, self.dtype = ckpt, cfg, layout, layout.dtype
         self.head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
 
     def layer(self, i: int, tier: Tier) -> UnitSpec:
+        if isinstance(self.layout, QuantLayerLayout):  # packed codes are converted on the host: a packer
+            return UnitSpec(f"layer.{i}", self.layout.nbytes, tier, pack=lambda buf: self._pack_quant(i, buf))
         names = {n: f"model.layers.{i}.{n}" for n in self.layout.names}
         spans = [self._span(full, self.layout.entries[n].offset) for n, full in names.items()]
         if all(spans):
@@ -40,6 +43,12 @@ class UnitBuilder:
             for full in names.values():
                 self.ckpt.release(full)
         return UnitSpec(f"layer.{i}", self.layout.nbytes, tier, pack=pack)
+
+    def _pack_quant(self, i: int, buf: torch.Tensor) -> None:
+        prefix = f"model.layers.{i}."
+        self.layout.pack(lambda n: self.ckpt.tensor(n) if n in self.ckpt.tensors else None, f"model.layers.{i}", buf)
+        for name in [n for n in self.ckpt.tensors if n.startswith(prefix)]:
+            self.ckpt.release(name)
 
     def lm_head_chunks(self, chunks: int, tier: Tier) -> list[UnitSpec]:
         """lm_head in ``chunks`` units of consecutive vocabulary rows."""
@@ -74,10 +83,10 @@ class ModelWeights:
 
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, plan: Plan, device: torch.device | str,
                  dtype: torch.dtype, threads: int = 8, progress=None, log_sync: SyncLog | None = None,
-                 trace: bool = False) -> None:
+                 trace: bool = False, quant: LayerQuant | None = None) -> None:
         self.ckpt, self.cfg, self.plan, self.dtype = ckpt, cfg, plan, dtype
         self.device = torch.device(device)
-        self.layout = LayerLayout.build(cfg, dtype)
+        self.layout = QuantLayerLayout.build(cfg, dtype, quant) if quant else LayerLayout.build(cfg, dtype)
         build = UnitBuilder(ckpt, cfg, self.layout)
         tiers = {i: ("disk" if i in plan.disk_layers else "pinned") for i in plan.streamed_layers}
         units = [build.layer(i, tiers[i]) for i in plan.streamed_layers]
