@@ -30,6 +30,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens per prefill pass (sizes the activation workspace; longer prompts take more passes)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="round the layers' linear weights to nearest at load (a bf16/fp16 checkpoint); "
+                   "quantized checkpoints (AWQ, GPTQ, compressed-tensors) are detected without it")
+    p.add_argument("--quant-group", type=int, default=128,
+                   help="--quantize group size along the input dim (-1: one scale per output row)")
 
 
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
@@ -40,11 +45,14 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_context < 2:
         raise ValueError(f"--max-context must be at least 2, got {args.max_context}")
+    if args.quant_group != -1 and args.quant_group < 1:
+        raise ValueError(f"--quant-group must be a positive group size or -1, got {args.quant_group}")
     return EngineOptions(
         device=args.device, dtype=args.dtype, kernels=args.kernels,
         vram_budget=parse_size(args.vram_budget) if args.vram_budget else None,
         host_budget=parse_size(args.host_budget) if args.host_budget else None,
-        batch=args.batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk)
+        batch=args.batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
+        quantize=args.quantize, quant_group=args.quant_group)
 
 
 def resolve_or_default(spec: str | None) -> tuple[Path, bool]:
