@@ -101,3 +101,20 @@ def test_cli_bad_quant_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "--quant-group 48 does not divide" in err and "Traceback" not in err
     assert run_main(base + ["--quantize", "int8", "--quant-group", "32"]) == 0
+
+
+def test_memreport_plan_only_counts_packed_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """memreport --plan-only on a quantized checkpoint (headers only) and on a preset with --quantize."""
+    from engine.quant.checkpoint import layer_quant
+    from engine.quant.layout import QuantLayerLayout
+    from tools.memreport import main as memreport_main
+
+    d = synthesize("tiny-qwen2", tmp_path / "gptq", quant="gptq")
+    assert memreport_main(["--plan-only", "--model", str(d), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    cfg, ckpt = ModelConfig.from_file(d / "config.json"), Checkpoint(d)
+    packed = QuantLayerLayout.build(cfg, torch.float16, layer_quant(ckpt, cfg, read_quantization(d))).nbytes
+    layers = [r for r in report["modules"] if r["name"].startswith("layers.")]
+    assert layers and all(r["bytes"] == packed for r in layers)
+    assert memreport_main(["--plan-only", "--preset", "qwen2.5-7b", "--quantize", "int4", "--vram-budget", "6GiB"]) == 0
+    assert "rtn int4 g128" in capsys.readouterr().out

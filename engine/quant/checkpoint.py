@@ -107,6 +107,12 @@ def layer_quant(ckpt: Checkpoint, cfg: ModelConfig, qc: QuantizationConfig | Non
         return LayerQuant(qc.spec, ckpt.tensors[scales].dtype, act_order, qc)
     if not quantize:
         return None
+    return rtn_quant(cfg, quantize, group, ckpt.tensors["model.layers.0.self_attn.q_proj.weight"].dtype)
+
+
+def rtn_quant(cfg: ModelConfig, quantize: str, group: int, file_dtype: torch.dtype) -> LayerQuant:
+    """``--quantize int8|int4`` of a full-precision checkpoint whose weights are ``file_dtype``
+    (scales keep it when fp16 / bf16, else fp16). ValueError for a group that does not fit."""
     if quantize not in QUANTIZE:
         raise ValueError(f"--quantize {quantize!r}: use int8 or int4")
     bits = QUANTIZE[quantize]
@@ -115,5 +121,4 @@ def layer_quant(ckpt: Checkpoint, cfg: ModelConfig, qc: QuantizationConfig | Non
         if k % spec.group(k) or k % spec.pack:
             raise ValueError(f"--quant-group {group} does not divide {module}'s in_features {k}; "
                              "choose a group that divides it (or -1: one scale per output row)")
-    file_dtype = ckpt.tensors["model.layers.0.self_attn.q_proj.weight"].dtype
     return LayerQuant(spec, file_dtype if file_dtype in HALF else torch.float16)
