@@ -105,7 +105,7 @@ def first_tuning(opts: EngineOptions) -> bool:
 
 def plan_summary(engine: Engine) -> str:
     p = engine.plan
-    notes = "".join(f"note: {n}\n" for n in p.notes)
+    notes = "".join(f"note: {n}\n" for n in p.notes + ((engine.quant_note,) if engine.quant_note else ()))
     head = (f"plan: {len(p.resident_layers)}/{engine.cfg.num_hidden_layers} layers resident, "
             f"{format_size(p.streamed_bytes_per_step)} streamed per step")
     if engine.device.type == "cpu":

@@ -128,9 +128,12 @@ class Engine:
         start = time.perf_counter()
         self.weights = ModelWeights(self.ckpt, self.cfg, self.plan, self.device, self.dtype,
                                      threads=opts.threads, progress=progress, trace=opts.trace, quant=self.quant)
+        self.quant_note = None  # for the CLI: how long converting / quantizing the layers took
         if self.quant is not None:
-            log.info("layers loaded as %s in %.1f s (%s)", self.quant.spec.label, time.perf_counter() - start,
-                     "converted from the checkpoint" if self.quant.source else "rounded to nearest on the host")
+            how = "repacked from the checkpoint" if self.quant.source else "rounded to nearest on the host"
+            self.quant_note = (f"weights loaded with the layers as {self.quant.spec.label} ({how}) in "
+                               f"{time.perf_counter() - start:.1f} s")
+            log.info(self.quant_note)
         self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
         self.cache = KVCache(self.cfg, opts.batch, opts.max_context, self.dtype, self.device)
         self.graph = None

@@ -2,11 +2,11 @@
 
 * compressed-tensors: the package's own compressor quantizes and packs the weight and its own
   decompressor gives the reference; the config is its own QuantizationConfig dump.
-* AWQ: a packer written here from the published layout (checked on a known word) writes the
-  checkpoint; compressed-tensors' AutoAWQ converter + decompressor is the reference decode.
-* GPTQ: a packer written here from the published v1 layout (AutoGPTQ's pack: inputs along the
-  words, zeros minus one along the outputs; checked on known words); the reference is the weight
-  computed directly from the codes with the g_idx gather, so act order is checked too.
+* AWQ: tests/quant_packers.py packs from the published layout (checked here on a known word);
+  compressed-tensors' AutoAWQ converter + decompressor is the reference decode.
+* GPTQ: tests/quant_packers.py packs from the published v1 layout (AutoGPTQ's pack: inputs along
+  the words, zeros minus one along the outputs; checked here on known words); the reference is the
+  weight computed directly from the codes with the g_idx gather, so act order is checked too.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 
 from engine.quant.config import load_quant_linear, parse_quantization_config  # noqa: E402
 from engine.quant.spec import dequantize  # noqa: E402
+from tests.quant_packers import awq_pack, gptq_pack_rows  # noqa: E402
 
 P = "model.layers.0.mlp.down_proj"
 
@@ -69,17 +70,6 @@ def test_compressed_tensors_pack_quantized(bits: int, group: int, sym: bool, dty
 
 # ---------------------------------------------------------------------------------- AWQ ----
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-
-
-def awq_pack(codes: torch.Tensor) -> torch.Tensor:
-    """Published AWQ gemm packing: 8 codes along the last dim per int32, nibble i = column ORDER[i]."""
-    rows, cols = codes.shape
-    c = codes.to(torch.int64).reshape(rows, cols // 8, 8)
-    word = sum(c[:, :, AWQ_ORDER[i]] << (4 * i) for i in range(8))
-    return ((word + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32)
-
-
 def test_awq_packer_known_word() -> None:
     assert awq_pack(torch.arange(8).unsqueeze(0)).item() == 0x75316420
 
@@ -109,14 +99,6 @@ def test_awq_gemm(n: int, k: int, g: int) -> None:
 
 
 # --------------------------------------------------------------------------------- GPTQ ----
-
-def gptq_pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Published GPTQ packing along dim 0: word row i holds rows i*P .. i*P+P-1, row i*P+j at bits j*bits."""
-    per = 32 // bits
-    c = codes.to(torch.int64).reshape(codes.shape[0] // per, per, *codes.shape[1:])
-    word = sum(c[:, j] << (bits * j) for j in range(per))
-    return ((word + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32)
-
 
 def test_gptq_packer_known_words() -> None:
     assert gptq_pack_rows(torch.arange(1, 9).unsqueeze(1), 4).item() == 0x87654321 - (1 << 32)

@@ -101,6 +101,7 @@ def test_cli_bad_quant_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "--quant-group 48 does not divide" in err and "Traceback" not in err
     assert run_main(base + ["--quantize", "int8", "--quant-group", "32"]) == 0
+    assert "layers as rtn int8 g32 sym (rounded to nearest on the host) in" in capsys.readouterr().err
 
 
 def test_memreport_plan_only_counts_packed_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
