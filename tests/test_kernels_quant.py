@@ -169,3 +169,13 @@ def test_qgemm_qwen_shapes_every_candidate(name: str, K: int, N: int) -> None:
     ref = qgemm_ref(x, q, s, z, 4)
     for cfg in qgemm_mod._configs():
         assert rel_err(_qgemm(x, q, s, z, 4, cfg=cfg), ref) < 1e-2, f"{name}: wrong with {cfg}"
+
+
+def test_bench_operands_match_the_kernels() -> None:
+    """The benchmark's random packed operands are valid kernel inputs with the intended spread."""
+    from tools.bench_quant import packed_operands
+
+    x, q, s, z = packed_operands(3, 256, 40, 4, 128, device=DEV)
+    w = dequant_ref(q, s, z, 4)
+    assert 0.5 < w.std().item() * 256 ** 0.5 < 1.5
+    assert rel_err(_qgemv(x, q, s, z, 4), qgemv_ref(x, q, s, z, 4)) < MATMUL_TOL[torch.bfloat16]
