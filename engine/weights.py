@@ -31,7 +31,11 @@ class UnitBuilder:
         self.head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
 
     def layer(self, i: int, tier: Tier) -> UnitSpec:
-        if isinstance(self.layout, QuantLayerLayout):  # packed codes are converted on the host: a packer
+        if isinstance(self.layout, QuantLayerLayout):  # raw file bytes where they are canonical, else a packer
+            pairs = self.layout.file_spans(f"model.layers.{i}", {n: t.dtype for n, t in self.ckpt.tensors.items()})
+            if pairs:
+                spans = tuple(Span(*self.ckpt.raw_span(name), dest) for name, dest in pairs)
+                return UnitSpec(f"layer.{i}", self.layout.nbytes, tier, spans=spans)
             return UnitSpec(f"layer.{i}", self.layout.nbytes, tier, pack=lambda buf: self._pack_quant(i, buf))
         names = {n: f"model.layers.{i}.{n}" for n in self.layout.names}
         spans = [self._span(full, self.layout.entries[n].offset) for n, full in names.items()]

@@ -13,7 +13,7 @@ along N in each of these tensors, so the fused weight is a plain view, as in the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from math import prod
 
@@ -138,6 +138,27 @@ class QuantLayerLayout:
                 n = qw.shape[0]
                 self._place(raw, fused, row, qw, f"{prefix}.{part}")
                 row += n
+
+    def file_spans(self, prefix: str, file_dtypes: Mapping[str, torch.dtype]) -> list[tuple[str, int]] | None:
+        """(checkpoint tensor, destination byte) pairs filling layer ``prefix`` straight from the files,
+        when the stored bytes already are the canonical ones: compressed-tensors, symmetric, no act
+        order, dense tensors stored in the compute dtype (``file_dtypes``: tensor name -> dtype). None:
+        the layer must be packed on the host (:meth:`pack`)."""
+        q = self.quant
+        if q.source is None or q.source.quant_method != "compressed-tensors" or not q.spec.sym or q.act_order:
+            return None
+        pairs = [(f"{prefix}.{name}", self.entries[name].offset, self.entries[name].dtype)
+                 for name, _ in dense_shapes_of(self)]
+        for fused, parts in FUSED_LINEARS.items():
+            for canon, stored in (("qweight", "weight_packed"), ("scales", "weight_scale")):
+                e = self.entries[f"{fused}.{canon}"]
+                row, row_bytes = 0, e.shape[1] * e.dtype.itemsize
+                for part in parts:
+                    pairs.append((f"{prefix}.{part}.{stored}", e.offset + row * row_bytes, e.dtype))
+                    row += self.shapes[part][0]
+        if any(file_dtypes.get(name) != dtype for name, _, dtype in pairs):
+            return None
+        return [(name, dest) for name, dest, _ in pairs]
 
     def _load(self, get, prefix: str, n: int, k: int) -> QuantWeight:
         q, spec = self.quant, self.quant.spec
