@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from engine.engine import Engine
+from engine.engine import Engine, EngineOptions
 from engine.footprint import min_budget
 from engine.generate import generate
 from engine.kv_cache import KVCache
@@ -169,3 +169,32 @@ def test_bad_quantized_checkpoints(qmodel, tmp_path, tokenizer_dir) -> None:
         in str(e.value)
     with pytest.raises(ValueError, match="already quantized"):
         make_engine(d, quantize="int4")
+    sd = load_file(str(d / "model.safetensors"))
+    sd["lm_head.qweight"] = sd.pop("lm_head.weight")[:, :8].to(torch.int32).contiguous()
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head.qweight: a quantized lm_head is not supported"):
+        make_engine(bad)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset,kind", [("qwen2.5-7b", "awq"), ("qwen2.5-7b", "gptq8"), ("tiny-qwen3", "ct-int4")])
+def test_gpu_kernels_match_torch_dequantized_path(tmp_path, preset: str, kind: str) -> None:
+    """GPU: the quantized Triton kernels' logits against the torch path that dequantizes per layer."""
+    from engine.ops import TorchOps, TritonOps
+    from engine.synth.writer import synthesize
+
+    d = synthesize(preset, tmp_path / kind, quant=kind, layers=2, device="cuda")
+    eng = Engine(d, EngineOptions(device="cuda", dtype="bf16", kernels="triton", max_context=64, cuda_graph=False))
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for ops in (TorchOps(), TritonOps()):
+        eng.model.ops = ops
+        cache = KVCache(eng.cfg, 2, 64, torch.bfloat16, "cuda")
+        steps = [forward_prefill(eng.model, cache, ids[:, :33].cuda(), last_only=False)]  # qgemm (M = 66)
+        for t in range(33, 37):  # qgemv (M = 2)
+            steps.append(forward_decode(eng.model, cache, ids[:, t].cuda(), t))
+        outs.append(steps)
+    for a, b in zip(*outs):
+        assert rel_max_err(b, a) <= 3e-2
+    eng.close()

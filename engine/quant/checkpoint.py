@@ -70,6 +70,10 @@ def validate_quant_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, qc: Quantizati
         if k % g or k % qc.spec.pack:
             problems.append(f"{module}: group size {g} / {qc.bits}-bit packing does not divide in_features {k}")
     expected = _expected(cfg, qc)
+    head = [n for n in ckpt.tensors if n.startswith("lm_head.") and n != "lm_head.weight"]
+    if head:
+        problems.append(f"{head[0]}: a quantized lm_head is not supported (it is kept in full precision); "
+                        "use a checkpoint whose lm_head is unquantized")
     dense = sorted(n for n in ckpt.tensors if n.startswith("model.layers.") and n.endswith("_proj.weight"))
     if dense:
         problems.append(f"{dense[0]} is stored unquantized (modules_to_not_convert?); layers that mix "
