@@ -18,7 +18,7 @@ def test_pack_matches_compressed_tensors(bits: int, rows: int, cols: int) -> Non
     ours = pack_codes(codes, bits)
     assert ours.dtype == torch.int32 and ours.shape == (rows, cols * bits // 32)
     assert torch.equal(ours, pack_to_int32((codes - (1 << (bits - 1))).to(torch.int8), bits))
-    assert torch.equal(unpack_codes(ours, bits), codes.to(torch.int32))
+    assert torch.equal(unpack_codes(ours, bits), codes.to(torch.uint8))
 
 
 def test_pack_known_word() -> None:

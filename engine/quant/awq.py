@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.quant.spec import QuantSpec, QuantWeight, pack_codes, unpack_codes
+from engine.quant.spec import QuantSpec, QuantWeight, unpack_codes
 from engine.quant.tensors import Getter, fetch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column ORDER[i] of its 8
@@ -25,9 +25,17 @@ _UNDO = torch.tensor([AWQ_ORDER.index(c) for c in range(8)])  # column c sits in
 
 
 def unpack_awq(words: torch.Tensor) -> torch.Tensor:
-    """int32 ``[R, C / 8]`` packed in AWQ order -> int32 codes ``[R, C]`` in column order."""
+    """int32 ``[R, C / 8]`` packed in AWQ order -> uint8 codes ``[R, C]`` in column order."""
     slots = unpack_codes(words, 4).reshape(words.shape[0], -1, 8)
-    return slots[:, :, _UNDO].reshape(words.shape[0], -1)
+    return torch.index_select(slots, 2, _UNDO).reshape(words.shape[0], -1)
+
+
+def awq_to_canonical(words: torch.Tensor) -> torch.Tensor:
+    """AWQ ``qweight`` int32 ``[K, N / 8]`` -> canonical int32 ``[N, K / 8]``: the codes of inputs 2j and
+    2j+1 become the low and high nibble of byte j of each output row (then read as int32 words)."""
+    codes = unpack_awq(words)
+    pairs = codes[0::2] | (codes[1::2] << 4)  # [K / 2, N] bytes
+    return pairs.T.contiguous().view(torch.int32)
 
 
 def load_awq(prefix: str, get: Getter, n: int, k: int, spec: QuantSpec) -> QuantWeight:
@@ -43,7 +51,6 @@ def load_awq(prefix: str, get: Getter, n: int, k: int, spec: QuantSpec) -> Quant
     if not spec.sym:
         qzeros = fetch(get, f"{prefix}.qzeros", (k // g, n // 8), (torch.int32,), " (AWQ: [in/group, out/8])")
         zeros = unpack_awq(qzeros).T.to(scales.dtype).contiguous()
-    codes = unpack_awq(qweight).T.contiguous()
-    qw = QuantWeight(pack_codes(codes, 4), scales.T.contiguous(), zeros, None, spec, k)
+    qw = QuantWeight(awq_to_canonical(qweight), scales.T.contiguous(), zeros, None, spec, k)
     qw.check(prefix)
     return qw

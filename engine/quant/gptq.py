@@ -35,7 +35,7 @@ def load_gptq(prefix: str, get: Getter, n: int, k: int, spec: QuantSpec, v2: boo
     qweight = fetch(get, f"{prefix}.qweight", (k // per, n), (torch.int32,), f" (GPTQ: [in/{per}, out])")
     scales = fetch(get, f"{prefix}.scales", (k // g, n), (torch.float16, torch.bfloat16), " (GPTQ: [in/group, out])")
     qzeros = fetch(get, f"{prefix}.qzeros", (k // g, n // per), (torch.int32,), f" (GPTQ: [in/group, out/{per}])")
-    zeros = unpack_codes(qzeros, spec.bits) + (0 if v2 else 1)  # v1 stores zero - 1 (0 -> 2**bits)
+    zeros = unpack_codes(qzeros, spec.bits).to(torch.int32) + (0 if v2 else 1)  # v1 stores zero - 1 (0 -> 2**bits)
     perm = None
     if (g_idx := get(f"{prefix}.g_idx")) is not None:
         g_idx = fetch(get, f"{prefix}.g_idx", (k,), (torch.int32, torch.int64), " (GPTQ: group of each input)")

@@ -15,7 +15,7 @@ import torch
 from engine.quant.spec import SCALE_DTYPES, QuantSpec, QuantWeight, pack_codes
 
 DEFAULT_GROUP = 128
-_ROWS = 2048  # rows quantized per block (fp32 temporaries of _ROWS x K)
+_ROWS = 512  # rows quantized per block (a few fp32 temporaries of _ROWS x K: 60 MB each at K = 29568)
 
 
 def default_sym(bits: int) -> bool:

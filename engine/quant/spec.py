@@ -24,6 +24,7 @@ as in the Hugging Face configs). K must be a multiple of ``32 / bits``.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -138,24 +139,30 @@ def check_canonical(name: str, qweight: torch.Tensor, scales: torch.Tensor, zero
         _expect(f"{name}.perm", perm, (k,), (torch.int32,))
 
 
+# The packing works on the words' bytes (uint8 views): column j * P + i of a little-endian int32 word
+# is byte i (int8) or the low / high nibble of byte i // 2 (int4). Host tensors are little-endian
+# on every platform torch runs the engine on (x86-64, aarch64); GPUs are little-endian too.
+assert sys.byteorder == "little", "the int32 packing helpers assume a little-endian host"
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes ``[R, C]`` (any int dtype, values < 2**bits) along C into int32
     ``[R, C * bits / 32]`` in the canonical order (column ``j * P + i`` in bits ``i * bits``)."""
-    per = 32 // bits
     rows, cols = codes.shape
-    assert cols % per == 0, f"{cols} columns do not pack into {bits}-bit words"
-    c = codes.to(torch.int64).reshape(rows, cols // per, per)
-    shifts = torch.arange(per, dtype=torch.int64, device=codes.device) * bits
-    words = (c << shifts).sum(dim=-1)  # < 2**32: fits int64, then wraps into int32
-    return (words - ((words >> 31) << 32)).to(torch.int32).contiguous()
+    assert cols % (32 // bits) == 0, f"{cols} columns do not pack into {bits}-bit words"
+    c = codes.to(torch.uint8)
+    if bits == 4:
+        pairs = c.reshape(rows, cols // 2, 2)
+        c = pairs[..., 0] | (pairs[..., 1] << 4)
+    return c.contiguous().view(torch.int32)
 
 
 def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int32 ``[R, W]`` -> unsigned int32 codes ``[R, W * 32 / bits]``."""
-    per = 32 // bits
-    shifts = torch.arange(per, dtype=torch.int32, device=words.device) * bits
-    codes = (words.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(words.shape[0], -1)
+    """Inverse of :func:`pack_codes`: int32 ``[R, W]`` -> unsigned uint8 codes ``[R, W * 32 / bits]``."""
+    b = words.contiguous().view(torch.uint8)
+    if bits == 8:
+        return b
+    return torch.stack((b & 15, b >> 4), dim=-1).reshape(words.shape[0], -1)
 
 
 def dequantize(w: QuantWeight) -> torch.Tensor:
