@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B on one GPU machine: the tree in $1 (an older commit, `git archive` into a carried folder) against
 # this tree, on the synthetic Qwen2.5-7B: batch-1 decode at 6 GiB (pinned, then 4.5 GB host: disk tier) and all resident,
-# the streaming GPU tests, and two warm engine.run starts of each. Results land in $OUT/results.tar.gz.
+# the streaming GPU tests, and two warm engine.run starts of each (\$2 = starts: start-up and tests only; starts-only: no tests). Results land in $OUT/results.tar.gz.
 set -uo pipefail
 OLD=$(realpath "$1"); NEW=$PWD
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R
@@ -24,10 +24,14 @@ start() {  # $1 tree, $2 tag: two warm starts (Triton and tuning caches warm fro
     echo "$2 start $k: $(python3 -c "print(round($(date +%s.%N) - $t0, 2))") s rc=$?" | tee -a $R/starts.txt
   done
 }
-bench $NEW new-warmup   # compiles and tunes every kernel once (shared Triton and tuning caches)
-bench $OLD old; bench $NEW new
-start $OLD old; start $NEW new; start $OLD old; start $NEW new
-(cd $NEW && LAYERSTREAM_BIG_MODEL=$M timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_stream.py \
+if [[ "${2:-all}" == starts* ]]; then  # start-up only: one start compiles and tunes, then alternate
+  start $NEW warmup; start $OLD old; start $NEW new; start $OLD old; start $NEW new; start $OLD old; start $NEW new
+else
+  bench $NEW new-warmup   # compiles and tunes every kernel once (shared Triton and tuning caches)
+  bench $OLD old; bench $NEW new
+  start $OLD old; start $NEW new; start $OLD old; start $NEW new
+fi
+[ "${2:-all}" = starts-only ] || (cd $NEW && LAYERSTREAM_BIG_MODEL=$M timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_stream.py \
   tests/test_pinning.py tests/test_graphs.py tests/test_streamer.py tests/test_allocator_cap.py > $R/pytest_stream.txt 2>&1
   echo "pytest rc=$?"; tail -3 $R/pytest_stream.txt)
 tar czf $OUT/results.tar.gz -C $R .

@@ -1,9 +1,11 @@
 """Reading byte spans of files into flat buffers (``pread``, several threads, optional cache drop).
 
-The disk tier re-reads its units every step: its spans are split into 16 MiB requests spread
-over a few threads (an NVMe drive wants a deep queue), and the bytes read are dropped from the
-page cache afterwards, since the host budget put those units on disk because RAM is short. Units
-packed once at load are read without dropping the cache. Nothing here writes to the files.
+Spans are split into 16 MiB requests spread over a pool of threads (one per core, at least four):
+at load, the page cache is read into host memory at several times one thread's copy rate, and an
+NVMe drive serving the disk tier sees a deep queue. The disk tier re-reads its units every step
+and drops the bytes from the page cache afterwards, since the host budget put those units on
+disk because RAM is short; units packed once at load keep the cache. Nothing here writes to the
+files.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ CHUNK = 16 << 20
 class SpanReader:
     """Fills unit buffers from their spans (or their packers); safe to call from several threads."""
 
-    def __init__(self, threads: int = 4) -> None:
+    def __init__(self, threads: int | None = None) -> None:
+        threads = threads or max(4, os.cpu_count() or 1)
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="span-read")

@@ -20,15 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from streamer.pinning import PinnedSet
+from streamer.units import Packer
 
 log = logging.getLogger(__name__)
 
-Packer = Callable[[torch.Tensor], None]  # packs one unit's bytes into the given flat uint8 buffer
-
-
 def pack_all(packers: dict[int, Packer], nbytes: dict[int, int], pins: PinnedSet | None, threads: int,
-             progress: Callable[[int], None] | None = None) -> dict[int, torch.Tensor]:
-    """Allocate and fill one host buffer per unit, in parallel; returns unit -> buffer.
+             progress: Callable[[int], None] | None = None,
+             into: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """Fill one host buffer per unit, in parallel (allocated here unless ``into`` gives them);
+    returns unit -> buffer.
 
     With ``pins`` every buffer is page-locked through it once filled (in the same worker
     thread); the caller releases ``pins`` when done with the buffers.
@@ -36,7 +36,7 @@ def pack_all(packers: dict[int, Packer], nbytes: dict[int, int], pins: PinnedSet
     bufs: dict[int, torch.Tensor] = {}
 
     def work(u: int) -> int:
-        buf = torch.empty(nbytes[u], dtype=torch.uint8)
+        buf = into[u] if into is not None else torch.empty(nbytes[u], dtype=torch.uint8)
         packers[u](buf)
         bufs[u] = buf if pins is None else pins.pin(buf)
         return nbytes[u]
@@ -46,6 +46,38 @@ def pack_all(packers: dict[int, Packer], nbytes: dict[int, int], pins: PinnedSet
             if progress is not None:
                 progress(done)
     return bufs
+
+
+def upload_all(packers: dict[int, Packer], dests: dict[int, torch.Tensor], threads: int,
+               progress: Callable[[int], None] | None = None) -> None:
+    """Fill each unit and copy it into its flat uint8 device view ``dests[u]``, in parallel.
+
+    Each worker packs into a bounce buffer of its own, page-locked once (streamer.pinning), and
+    copies it out on a CUDA stream of its own, so reading the files and the host-to-device copies
+    of several units overlap. Returns when every copy has finished.
+    """
+    size = max((d.numel() for d in dests.values()), default=0)
+    device = next(iter(dests.values())).device if dests else None
+    pins, local = PinnedSet(), threading.local()
+
+    def work(u: int) -> int:
+        if not hasattr(local, "bounce"):
+            local.bounce = pins.pin(torch.empty(size, dtype=torch.uint8))
+            local.stream = torch.cuda.Stream(device)
+        n = dests[u].numel()
+        packers[u](local.bounce[:n])
+        with torch.cuda.stream(local.stream):
+            dests[u].copy_(local.bounce[:n], non_blocking=True)
+        local.stream.synchronize()  # the bounce buffer is refilled next
+        return n
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for done in pool.map(work, list(packers)):
+                if progress is not None:
+                    progress(done)
+    finally:
+        pins.release()
 
 
 class DiskReader:

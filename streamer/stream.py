@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from streamer.files import SpanReader
-from streamer.host import DiskReader, pack_all
+from streamer.host import DiskReader, pack_all, upload_all
 from streamer.pinning import PinnedSet
 from streamer.sync import Sync, SyncLog
 from streamer.trace import Tracer
@@ -44,33 +44,26 @@ class WeightStreamer:
         self.sync = Sync(self.device, log_sync)
         self.tracer = Tracer(self.sync) if trace and self.sync.cuda else None
         self._progress = progress or (lambda n: None)
-        self.resident_views = self._load_resident(list(resident))
+        self.resident_views = self._load_resident(list(resident), threads)
         self._load_streamed(threads)
         self._start_pipeline()
 
     # ----- loading -----
-    def _load_resident(self, units: list[UnitSpec]) -> list[torch.Tensor]:
+    def _load_resident(self, units: list[UnitSpec], threads: int) -> list[torch.Tensor]:
         """Every resident unit's bytes in one device allocation; one flat view per unit."""
         self.resident_buf = torch.empty(sum(u.nbytes for u in units), dtype=torch.uint8, device=self.device)
-        bounce = None if self.device.type == "cpu" else torch.empty(max((u.nbytes for u in units), default=0),
-                                                                       dtype=torch.uint8)
-        views, pos = [], 0
-        for u in units:
-            view = self.resident_buf[pos:pos + u.nbytes]
-            if bounce is None:
-                self.reader.fill(u, view)
-            else:
-                self.reader.fill(u, bounce)
-                view.copy_(bounce[: u.nbytes])
-            views.append(view)
-            pos += u.nbytes
-            self._progress(u.nbytes)
+        starts = [sum(u.nbytes for u in units[:k]) for k in range(len(units))]
+        views = [self.resident_buf[p:p + u.nbytes] for p, u in zip(starts, units)]
+        fills = {k: (lambda buf, u=u: self.reader.fill(u, buf, parallel=True)) for k, u in enumerate(units)}
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            upload_all(fills, dict(enumerate(views)), min(threads, 4), self._progress)
+        else:  # the views are host memory: fill them in place
+            pack_all(fills, {k: u.nbytes for k, u in enumerate(units)}, None, threads, self._progress,
+                     into=dict(enumerate(views)))
         return views
 
     def _load_streamed(self, threads: int) -> None:
-        pinned = {j: (lambda buf, u=u: self.reader.fill(u, buf)) for j, u in enumerate(self.units)
+        pinned = {j: (lambda buf, u=u: self.reader.fill(u, buf, parallel=True)) for j, u in enumerate(self.units)
                   if u.tier == "pinned"}
         sizes = {j: u.nbytes for j, u in enumerate(self.units)}
         self.pins = PinnedSet() if self.sync.cuda else None
