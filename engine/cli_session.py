@@ -35,6 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "quantized checkpoints (AWQ, GPTQ, compressed-tensors) are detected without it")
     p.add_argument("--quant-group", type=int, default=128,
                    help="--quantize group size along the input dim (-1: one scale per output row)")
+    p.add_argument("--quant-cache", action="store_true",
+                   help="keep the repacked (AWQ / GPTQ) or --quantize'd layers in a cache file (the size of the "
+                   "packed layers) so later runs and disk-tier streaming read them without converting again")
 
 
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
@@ -52,7 +55,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         vram_budget=parse_size(args.vram_budget) if args.vram_budget else None,
         host_budget=parse_size(args.host_budget) if args.host_budget else None,
         batch=args.batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
-        quantize=args.quantize, quant_group=args.quant_group)
+        quantize=args.quantize, quant_group=args.quant_group, quant_cache=args.quant_cache)
 
 
 def resolve_or_default(spec: str | None) -> tuple[Path, bool]:

@@ -48,6 +48,7 @@ class EngineOptions:
     cap_allocator: bool = True  # with a vram_budget on CUDA: the process's reserved memory stays inside it
     quantize: str | None = None  # int8 | int4: round-to-nearest the layers' linear weights at load
     quant_group: int = 128  # --quantize group size (-1: one scale per output row)
+    quant_cache: bool = False  # keep repacked / rounded layers in a cache file (engine.quant.cache)
 
 
 def pick_device(name: str) -> torch.device:
@@ -127,7 +128,8 @@ class Engine:
         opts = self.opts
         start = time.perf_counter()
         self.weights = ModelWeights(self.ckpt, self.cfg, self.plan, self.device, self.dtype,
-                                     threads=opts.threads, progress=progress, trace=opts.trace, quant=self.quant)
+                                     threads=opts.threads, progress=progress, trace=opts.trace, quant=self.quant,
+                                     quant_cache=opts.quant_cache)
         self.quant_note = None  # for the CLI: how long converting / quantizing the layers took
         if self.quant is not None:
             how = "repacked from the checkpoint" if self.quant.source else "rounded to nearest on the host"
