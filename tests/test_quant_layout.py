@@ -39,7 +39,8 @@ def test_fused_views_hold_each_module(tmp_path: Path, kind: str) -> None:
             n = ref.shape[0]
             assert torch.equal(w.qweight[row:row + n], ref.qweight) and torch.equal(w.scales[row:row + n], ref.scales)
             row += n
-    assert torch.equal(views["self_attn.qkv_proj.bias"][:cfg.q_size], ckpt.tensor("model.layers.2.self_attn.q_proj.bias").float())
+    q_bias = ckpt.tensor("model.layers.2.self_attn.q_proj.bias").float()
+    assert torch.equal(views["self_attn.qkv_proj.bias"][:cfg.q_size], q_bias)
     assert torch.equal(views["input_layernorm.weight"], ckpt.tensor("model.layers.2.input_layernorm.weight").float())
 
 

@@ -32,7 +32,10 @@ def read_quantization(model_dir: str | Path) -> QuantizationConfig | None:
     return parse_quantization_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
-def module_tensors(qc: QuantizationConfig, prefix: str, n: int, k: int) -> dict[str, tuple[tuple[int, ...], tuple, bool]]:
+Expected = dict[str, tuple[tuple[int, ...], tuple, bool]]  # name -> (shape, allowed dtypes, required)
+
+
+def module_tensors(qc: QuantizationConfig, prefix: str, n: int, k: int) -> Expected:
     """name -> (shape, allowed dtypes, required) of one quantized module as the format publishes it."""
     spec = qc.spec
     per, g = spec.pack, spec.group(k)
@@ -52,7 +55,7 @@ def module_tensors(qc: QuantizationConfig, prefix: str, n: int, k: int) -> dict[
     return {f"{prefix}.{name}": v for name, v in out.items()}
 
 
-def _expected(cfg: ModelConfig, qc: QuantizationConfig) -> dict[str, tuple[tuple[int, ...], tuple, bool]]:
+def _expected(cfg: ModelConfig, qc: QuantizationConfig) -> Expected:
     shapes = linear_shapes(cfg)
     linear_weights = {f"model.layers.{i}.{m}.weight" for i in range(cfg.num_hidden_layers) for m in shapes}
     out = {name: (shape, FLOATS, True) for name, shape in expected_tensors(cfg).items() if name not in linear_weights}
