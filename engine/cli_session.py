@@ -1,4 +1,4 @@
-"""What ``engine.run`` does once its flags are parsed: load, plan, generate, report.
+"""What ``layerstream`` does once its flags are checked: resolve, preflight, load, plan, generate, report.
 
 ``add_engine_args`` / ``options_from_args`` / ``load_engine`` are shared by the other
 command-line tools (memreport, benchmarks) so every tool reads budgets the same way.
@@ -7,55 +7,65 @@ command-line tools (memreport, benchmarks) so every tool reads budgets the same 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
+import torch
+
+from engine.cli_args import SIZE_HELP, UsageError, add_engine_args  # noqa: F401  (re-exported for tools)
+from engine.cli_output import plan_summary, print_results
 from engine.engine import Engine, EngineOptions, ModelFiles, open_model, pick_device
-from memory.units import format_size, parse_size
+from engine.preflight import Machine, PlanBytes, cpu_dtype_note, default_host_budget
 
-BUDGET_HELP = ("sizes accept 6GB (10^9 bytes), 6GiB (2^30 bytes), 6000MB, 512MiB, 0.5TB or plain bytes")
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Flags that shape the engine: device, dtype, kernels, budgets, context, batch."""
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
-                   help="triton (default on CUDA) or the plain-torch reference path")
-    p.add_argument("--vram-budget", help=f"GPU memory the engine may use; {BUDGET_HELP}")
-    p.add_argument("--host-budget", help="pinned host memory for streamed layers (default: available RAM "
-                   "minus a margin); streamed layers beyond it are read from disk")
-    p.add_argument("--max-context", type=int, default=4096, help="KV-cache length per sequence")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    p.add_argument("--prefill-chunk", type=int, default=2048,
-                   help="prompt tokens per prefill pass (sizes the activation workspace; longer prompts take more passes)")
-    p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="round the layers' linear weights to nearest at load (a bf16/fp16 checkpoint); "
-                   "quantized checkpoints (AWQ, GPTQ, compressed-tensors) are detected without it")
-    p.add_argument("--quant-group", type=int, default=128,
-                   help="--quantize group size along the input dim (-1: one scale per output row)")
-    p.add_argument("--quant-cache", action="store_true",
-                   help="keep the repacked (AWQ / GPTQ) or --quantize'd layers in a cache file (the size of the "
-                   "packed layers) so later runs and disk-tier streaming read them without converting again")
+BUDGET_HELP = SIZE_HELP
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DEFAULT_MAX_BATCH = 8  # --batch default: the number of prompts, at most this
 
 
-def options_from_args(args: argparse.Namespace) -> EngineOptions:
-    """EngineOptions from parsed flags; ValueError with the accepted forms on a bad size."""
-    pick_device(args.device)  # fail before any loading when CUDA is asked for and absent
-    for flag in ("batch", "prefill_chunk"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.max_context < 2:
-        raise ValueError(f"--max-context must be at least 2, got {args.max_context}")
-    if args.quant_group != -1 and args.quant_group < 1:
-        raise ValueError(f"--quant-group must be a positive group size or -1, got {args.quant_group}")
-    return EngineOptions(
-        device=args.device, dtype=args.dtype, kernels=args.kernels,
-        vram_budget=parse_size(args.vram_budget) if args.vram_budget else None,
-        host_budget=parse_size(args.host_budget) if args.host_budget else None,
-        batch=args.batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
-        quantize=args.quantize, quant_group=args.quant_group, quant_cache=args.quant_cache)
+def options_from_args(args: argparse.Namespace, n_prompts: int = 1) -> EngineOptions:
+    """EngineOptions from checked flags; UsageError for a device/kernels/threads mismatch, before any loading."""
+    device = pick_device(args.device)  # fails when CUDA is asked for and absent
+    if args.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("--kernels triton needs a CUDA GPU and this run is on the CPU: use --kernels torch "
+                         "(or auto)")
+    threads = getattr(args, "threads", None)
+    if threads:
+        torch.set_num_threads(threads)
+    host = args.host_budget
+    if host is None:
+        host = default_host_budget(Machine.probe(device.type), args.vram_budget)
+    batch = args.batch or max(1, min(n_prompts, DEFAULT_MAX_BATCH))
+    return EngineOptions(device=args.device, dtype=args.dtype, kernels=args.kernels, vram_budget=args.vram_budget,
+                         host_budget=host, batch=batch, max_context=args.max_context,
+                         prefill_chunk=args.prefill_chunk, threads=threads or EngineOptions.threads,
+                         quantize=getattr(args, "quantize", None), quant_group=getattr(args, "quant_group", 128),
+                         quant_cache=getattr(args, "quant_cache", False))
+
+
+def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: bool) -> str | None:
+    """With ``--dtype auto`` on the CPU: keep fp32 unless it does not fit RAM (or would read layers from
+    disk every step); then compute in the checkpoint's dtype. Sets ``opts.dtype``; returns the note to print."""
+    if opts.dtype != "auto" or pick_device(opts.device).type != "cpu" or files.ckpt.dtype == torch.float32:
+        return None
+    from engine.footprint import plan_model
+    from engine.quant.checkpoint import layer_quant
+    machine = Machine.probe("cpu")
+    quant = layer_quant(files.ckpt, files.cfg, files.quant, opts.quantize, opts.quant_group)  # bad flags: an error
+    try:
+        fp32 = PlanBytes.of(plan_model(files.cfg, {n: i.nbytes for n, i in files.ckpt.tensors.items()},
+                                       torch.float32, quant, vram_budget=opts.vram_budget, host_budget=opts.host_budget,
+                                       batch=opts.batch, max_context=opts.max_context,
+                                       prefill_chunk=opts.prefill_chunk))
+        file_dtype = "bfloat16" if files.ckpt.dtype == torch.bfloat16 else "float16"
+        note = cpu_dtype_note(fp32, machine, file_dtype, host_budget_given)
+    except ValueError as e:  # the budget cannot even hold an fp32 layer pair
+        note = f"computing in the checkpoint's dtype instead of fp32 (the CPU default): {e}"
+    if note is not None:
+        opts.dtype = DTYPE_NAMES[files.ckpt.dtype]
+    else:
+        opts.dtype = "fp32"
+    return note
 
 
 def resolve_or_default(spec: str | None) -> tuple[Path, bool]:
@@ -79,19 +89,15 @@ def load_engine(spec: str | None, opts: EngineOptions, quiet: bool = False,
     files = model_dir if isinstance(model_dir, ModelFiles) else open_model(model_dir)
     if is_default and not quiet:
         print("note: no --model given; running the embedded default, a tiny model with RANDOM weights "
-              "(its text is meaningless). Use --model DIR|ORG/NAME|alias for a real model.", file=sys.stderr)
+              "(its text is gibberish). Use --model DIR|ORG/NAME|alias for a real model.", file=sys.stderr)
     if not quiet and first_tuning(opts):
         from kernels.tuning_cache import cache_dir
         print("note: first run with this GPU and software: kernels are compiled and tuned on first use "
               f"(about 35 s more on an H100); later runs reuse them ({cache_dir()})", file=sys.stderr)
     bar = tqdm(total=0, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr,
                disable=quiet, leave=False, delay=0.5)  # shown only when loading takes a while
-
-    def progress(n: int) -> None:
-        bar.update(n)
-
     try:
-        engine = Engine(files, opts, progress=progress)
+        engine = Engine(files, opts, progress=bar.update)
     finally:
         bar.close()
     return engine, is_default
@@ -106,33 +112,29 @@ def first_tuning(opts: EngineOptions) -> bool:
     return enabled(device) and not has_entries(device)
 
 
-def plan_summary(engine: Engine) -> str:
-    p = engine.plan
-    notes = "".join(f"note: {n}\n" for n in p.notes + ((engine.quant_note,) if engine.quant_note else ()))
-    head = (f"plan: {len(p.resident_layers)}/{engine.cfg.num_hidden_layers} layers resident, "
-            f"{format_size(p.streamed_bytes_per_step)} streamed per step")
-    if engine.device.type == "cpu":
-        return notes + head + " (CPU run: step-time predictions are for a GPU; see --show-plan)"
-    return notes + head + (f", predicted {p.predicted_step_s * 1e3:.1f} ms/step = {p.predicted_tok_s:.2f} tok/s "
-                           f"(batch {p.batch}, {p.step_bound} bound)")
-
-
-def stats_line(stats: dict) -> str:
-    parts = [f"prefill {stats['prefill_tok_s']:.1f} tok/s", f"decode {stats['decode_tok_s']:.2f} tok/s"]
-    if "peak_vram_bytes" in stats:
-        parts.append(f"peak VRAM {format_size(stats['peak_vram_bytes'])}")
-    parts.append(f"host RSS {format_size(stats['host_rss_bytes'])}")
-    return " | ".join(parts)
-
-
-def _prompt_ids(tok, args, messages: list[dict]) -> list[int]:
+def prompt_ids(tok, args, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation (chat template) or, with --no-chat, of the last message's raw text."""
     if args.no_chat:
         return tok.encode(messages[-1]["content"])
     text = tok.apply_chat_template(messages, add_generation_prompt=True)
     return tok.encode(text, add_special_tokens=False)
 
 
-def _generate(engine: Engine, args, ids: list[int], echo: bool):
+def _encode_prompts(files: ModelFiles, args, prompts: list[str], max_context: int) -> list[list[int]]:
+    out = []
+    for text in prompts:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        ids = prompt_ids(files.tokenizer, args, messages + [{"role": "user", "content": text}])
+        if not ids:
+            raise UsageError("the prompt encodes to no tokens: give some text")
+        if len(ids) >= max_context:
+            raise UsageError(f"prompt has {len(ids)} tokens but the context holds {max_context}: shorten the "
+                             "prompt or raise --max-context")
+        out.append(ids)
+    return out
+
+
+def _generate(engine: Engine, args, prompts: list[list[int]], echo: bool):
     from engine.generate import generate
     from engine.sampling import SamplingParams
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -143,53 +145,62 @@ def _generate(engine: Engine, args, ids: list[int], echo: bool):
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    return generate(engine, [ids] * args.batch, params, args.max_new_tokens, args.stop, on_text)
+    return generate(engine, prompts, params, args.max_new_tokens, args.stop, on_text)
 
 
-def run_session(args: argparse.Namespace, opts: EngineOptions) -> int:
-    """One prompt (or an interactive chat when --prompt is absent)."""
+def run_session(args: argparse.Namespace, opts: EngineOptions, prompts: list[str] | None) -> int:
+    """The prompts (decoded ``opts.batch`` at a time), or an interactive chat when ``prompts`` is None."""
     model_dir, is_default = resolve_or_default(args.model)
     files = open_model(model_dir)  # headers and tokenizer only: bad input fails before any weight is read
-    ids = None
-    if args.prompt is not None:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": args.prompt})
-        ids = _prompt_ids(files.tokenizer, args, messages)
-        if len(ids) >= opts.max_context:
-            raise ValueError(f"prompt has {len(ids)} tokens but the context holds {opts.max_context}: "
-                             "shorten the prompt or raise --max-context")
+    ids = None if prompts is None else _encode_prompts(files, args, prompts, opts.max_context)
+    note = choose_cpu_dtype(files, opts, args.host_budget is not None)
+    if note and not args.json:
+        print(f"note: {note}", file=sys.stderr)
     engine, _ = load_engine(args.model, opts, quiet=args.json, resolved=(files, is_default))
-    if args.show_plan:
-        print(engine.plan.table(), file=sys.stderr)
-    elif not args.json:
-        print(plan_summary(engine), file=sys.stderr)
-    if ids is None:
-        return _chat(engine, args)
-    gen = _generate(engine, args, ids, echo=not args.json)
-    if args.json:
-        out = {"model": str(engine.model_dir), "random_weights": is_default, "prompt_token_ids": ids,
-               "token_ids": gen.token_ids[0], "text": gen.texts[0], "finish_reason": gen.finish_reasons[0],
-               "stats": gen.stats, "plan": engine.plan.to_dict()}
-        print(json.dumps(out))
-    else:
-        print(file=sys.stdout)
-        print(stats_line(gen.stats), file=sys.stderr)
-    return 0
+    try:
+        if not args.json:
+            print(plan_summary(engine, args.show_plan), file=sys.stderr)
+        if ids is None:
+            from engine.chat import chat
+            return chat(engine, args, lambda p: _generate(engine, args, [p], echo=True))
+        if len(ids) == 1 and opts.batch > 1:  # one prompt, a larger batch: decode it opts.batch times
+            prompts, ids = prompts * opts.batch, ids * opts.batch
+        groups = [(prompts[i:i + opts.batch], ids[i:i + opts.batch]) for i in range(0, len(ids), opts.batch)]
+        results = [(g_ids, _generate(engine, args, g_ids, echo=len(ids) == 1 and not args.json))
+                   for _, g_ids in groups]
+        print_results(engine, args, prompts, results, is_default)
+        return 0
+    finally:
+        engine.close()
 
 
-def _chat(engine: Engine, args) -> int:
-    messages = ([{"role": "system", "content": args.system}] if args.system else [])
-    print("interactive chat: type a message, Ctrl-D to quit, Ctrl-C to stop a reply", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        gen = _generate(engine, args, _prompt_ids(engine.tokenizer, args, messages), echo=True)
-        print()
-        print(stats_line(gen.stats), file=sys.stderr)
-        messages.append({"role": "assistant", "content": gen.texts[0]})
+def main_session(args: argparse.Namespace, prompts: list[str] | None) -> int:
+    """``run_session`` with every expected failure turned into one ``error:`` line and an exit code."""
+    try:
+        return run_session(args, options_from_args(args, len(prompts or [None])), prompts)
+    except UsageError as e:
+        print(f"error: {e} (see layerstream --help)", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"error: out of GPU memory ({str(e).splitlines()[0]}). With --vram-budget the engine's CUDA "
+              "allocator is held to the budget: raise --vram-budget, or lower --max-context, --batch or "
+              "--prefill-chunk; `python tools/memreport.py` with the same flags shows where the memory goes",
+              file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of RAM while running (the preflight check passed, so something else took memory "
+              "meanwhile): lower --vram-budget / --host-budget on the CPU, or --max-context / --batch",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "can't allocate" not in str(e) and "DefaultCPUAllocator" not in str(e):
+            raise
+        print(f"error: out of RAM ({str(e).splitlines()[0]}): lower --vram-budget / --host-budget on the CPU, "
+              "or --max-context / --batch", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -17,6 +17,7 @@ from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
 from engine.model import Model
 from engine.ops import make_ops
+from engine.preflight import Machine, PlanBytes, check_fits
 from engine.quant.checkpoint import layer_quant, read_quantization, validate_quant_checkpoint
 from engine.quant.config import QuantizationConfig
 from engine.tokenizer import Tokenizer
@@ -113,6 +114,7 @@ class Engine:
         if opts.max_context < 2:
             raise ValueError(f"--max-context must be at least 2, got {opts.max_context}")
         self.plan = self._plan()
+        check_fits(PlanBytes.of(self.plan), Machine.probe(self.device.type), opts.host_budget is not None)
         self.cap = None  # set before the first weight reaches the GPU; released by close()
         if opts.cap_allocator and opts.vram_budget is not None and self.device.type == "cuda":
             self.cap = AllocatorCap(self.device, opts.vram_budget)

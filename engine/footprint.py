@@ -69,7 +69,8 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
     return Footprint(
         modules=tuple(modules), rows=cfg.vocab_size, tied=cfg.tie_word_embeddings,
         kv_bytes_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size,
-        act_bytes_per_token=act * size, logits_bytes_per_seq=cfg.vocab_size * 4 * 2,  # fp32 logits + scratch
+        act_bytes_per_token=act * size, state_bytes_per_token=2 * cfg.hidden_size * size,  # hidden + residual
+        logits_bytes_per_seq=cfg.vocab_size * 4 * 2,  # fp32 logits + scratch
         rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
         max_positions=cfg.max_position_embeddings,
         dtype=str(dtype).removeprefix("torch.") + (f", {quant.spec.label}" if quant else ""))

@@ -44,25 +44,14 @@ def _check_prompts(engine: Engine, prompts: list[list[int]]) -> None:
 
 
 def prefill(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
-    """Run the prompts through the model in chunks; return fp32 logits [B, V] of each last token."""
-    dev, b = engine.device, len(prompts)
-    lens = [len(p) for p in prompts]
-    t_max = max(lens)
-    ids = torch.zeros((b, t_max), dtype=torch.long)
+    """Run the prompts through the model (layer-major, in chunks of ``--prefill-chunk`` tokens);
+    return fp32 logits [B, V] of each last token."""
+    b, lens = len(prompts), [len(p) for p in prompts]
+    ids = torch.zeros((b, max(lens)), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
     chunk = max(1, engine.opts.prefill_chunk // b)
-    last = torch.empty((b, engine.cfg.vocab_size), dtype=torch.float32, device=dev)
-    for c0 in range(0, t_max, chunk):
-        c1 = min(t_max, c0 + chunk)
-        q_lens = [max(0, min(n, c1) - c0) for n in lens]
-        with engine.ops.prompt_chunk(b * (c1 - c0)):
-            logits = engine.model.forward(ids[:, c0:c1].to(dev), torch.full((b,), c0, dtype=torch.int32, device=dev),
-                                          torch.tensor(q_lens, dtype=torch.int32, device=dev), engine.cache,
-                                          max_len=c1)
-        ends_here = [i for i, n in enumerate(lens) if c0 < n <= c1]
-        sel = torch.tensor(ends_here, dtype=torch.long, device=dev)  # may be empty: keep an index dtype
-        last[sel] = logits[sel]
+    last = engine.model.prefill(ids.to(engine.device), lens, chunk, engine.cache, engine.ops.prompt_chunk)
     engine.cache.lengths[:b] = lens
     return last
 
@@ -87,9 +76,10 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
     texts, reasons = [""] * b, [""] * b
     engine.cache.reset()
     _sync(dev)
-    t0 = time.perf_counter()
+    t0, crossed = time.perf_counter(), [engine.weights.stream.streamed_bytes]
     try:
         logits = prefill(engine, prompts)
+        crossed.append(engine.weights.stream.streamed_bytes)
         pos = [len(p) for p in prompts]
         t1 = None
         for step in range(max_new_tokens):
@@ -118,7 +108,8 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
         if reasons[i] != "stop":
             _flush(i, detok, stops, texts, on_text)
         reasons[i] = reasons[i] or "max_new_tokens"
-    return Generation(out, texts, reasons, _stats(engine, prompts, out, t0, t1 or t2, t2))
+    crossed.append(engine.weights.stream.streamed_bytes)
+    return Generation(out, texts, reasons, _stats(engine, prompts, out, (t0, t1 or t2, t2), crossed))
 
 
 def decode_step(engine: Engine, tok: torch.Tensor, start: list[int]) -> torch.Tensor:
@@ -157,7 +148,10 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _stats(engine: Engine, prompts, out, t0: float, t1: float, t2: float) -> dict:
+def _stats(engine: Engine, prompts, out, times: tuple[float, float, float], crossed: list[int]) -> dict:
+    """Token counts, rates and the bytes streamed to the device (``crossed``: the streamer's byte
+    counter before the prefill, after it and at the end, when the run got that far)."""
+    t0, t1, t2 = times
     n_prompt = sum(map(len, prompts))
     n_gen = sum(map(len, out))
     decode_steps = max(map(len, out)) - 1 if out and max(map(len, out)) > 1 else 0
@@ -167,6 +161,9 @@ def _stats(engine: Engine, prompts, out, t0: float, t1: float, t2: float) -> dic
         "prefill_tok_s": n_prompt / (t1 - t0) if t1 > t0 else 0.0,
         "decode_tok_s": (n_gen - len(prompts)) / (t2 - t1) if t2 > t1 and decode_steps else 0.0,
         "decode_step_s": (t2 - t1) / decode_steps if decode_steps else 0.0,
+        "prefill_streamed_bytes": crossed[1] - crossed[0] if len(crossed) > 1 else 0,
+        "decode_streamed_bytes_per_step": (crossed[2] - crossed[1]) // decode_steps if decode_steps and
+        len(crossed) > 2 else 0,
         "host_rss_bytes": psutil.Process().memory_info().rss,
     }
     if engine.device.type == "cuda":

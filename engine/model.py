@@ -7,6 +7,7 @@ which lets the streamer reuse the slot. The model owns no parameters.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -67,6 +68,37 @@ class Model:
             h, residual = self.layer(w, h, residual, positions, kv, start_pos, q_lens, max_len)
             self.weights.release(i)
         return self.head(h, residual, q_lens, last_only)
+
+    def prefill(self, ids: torch.Tensor, lens: list[int], chunk: int, cache: KVCache,
+                chunk_context=None) -> torch.Tensor:
+        """Prompts ids [B, T] (right-padded; row b has ``lens[b]`` tokens) layer-major: each layer's
+        weights are fetched once and every ``chunk``-token slice of the prompts runs through them
+        before the next layer, so a streamed layer crosses PCIe once per prompt, not once per chunk.
+        The hidden states of the whole prompt wait between layers. Returns fp32 logits [B, V] of each
+        row's last token. ``chunk_context(rows)`` wraps each slice's work (the ops' prompt_chunk)."""
+        b, t = ids.shape
+        ctx = chunk_context or (lambda rows: contextlib.nullcontext())
+        bounds = [(c0, min(t, c0 + chunk)) for c0 in range(0, t, chunk)]
+        meta = []
+        for c0, c1 in bounds:
+            start = torch.full((b,), c0, dtype=torch.int32, device=self.device)
+            q_lens = torch.tensor([max(0, min(n, c1) - c0) for n in lens], dtype=torch.int32, device=self.device)
+            meta.append((self.positions(start, c1 - c0), start, q_lens, c1))
+        hs = [self.weights.embed(ids[:, c0:c1], self.ops.embedding) for c0, c1 in bounds]
+        res: list[torch.Tensor | None] = [None] * len(bounds)
+        for i in range(self.cfg.num_hidden_layers):
+            w = self.weights.layer(i)
+            kv = tuple(c[:b] for c in cache.layer(i))
+            for k, (positions, start, q_lens, max_len) in enumerate(meta):
+                with ctx(b * hs[k].shape[1]):
+                    hs[k], res[k] = self.layer(w, hs[k], res[k], positions, kv, start, q_lens, max_len)
+            self.weights.release(i)
+        last = [(n - 1) // chunk for n in lens]  # the slice holding each row's last token
+        rows = range(b)
+        h = torch.stack([hs[last[r]][r, lens[r] - 1 - bounds[last[r]][0]] for r in rows])
+        residual = torch.stack([res[last[r]][r, lens[r] - 1 - bounds[last[r]][0]] for r in rows])
+        x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
+        return self._logits(x)
 
     def positions(self, start_pos: torch.Tensor, t: int) -> torch.Tensor:
         """Positions [B, t] of a pass starting at start_pos [B], clamped to the RoPE table."""

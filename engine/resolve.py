@@ -2,7 +2,8 @@
 
 Accepted specs, tried in order:
 
-* a directory path (absolute, relative or ``~``-prefixed) holding ``config.json``;
+* a directory path (absolute, relative or ``~``-prefixed) holding ``config.json``, or a hub cache
+  repo folder (``.../hub/models--Org--Name``), resolved to its snapshot;
 * a Hugging Face repo id ``ORG/NAME`` looked up in the local hub cache;
 * a short, case-insensitive alias (see ``engine.synth.presets.ALIASES``) resolved as a
   repo id, falling back to the base (non-Instruct) repo when needed.
@@ -68,30 +69,48 @@ def _check_model_dir(path: Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"--model {path}: not a directory; {_LAYOUT_HINT}")
     if not (path / "config.json").is_file():
+        if (path / "snapshots").is_dir():  # a hub cache repo folder, models--Org--Name
+            snapshot = _snapshot_of(path)
+            if snapshot is None:
+                raise FileNotFoundError(f"--model {path}: a Hugging Face cache folder whose snapshots/ hold no "
+                                        "config.json (an interrupted download?); download it again with "
+                                        f"hf download {_repo_of(path)}")
+            logger.info("--model %s is a hub cache folder: using its snapshot %s", path, snapshot)
+            return snapshot.resolve()
         raise FileNotFoundError(f"--model {path}: no config.json in this directory; {_LAYOUT_HINT}")
     return path.resolve()
+
+
+def _repo_of(repo_dir: Path) -> str:
+    """``models--Org--Name`` -> ``Org/Name``."""
+    return repo_dir.name.removeprefix("models--").replace("--", "/", 1)
 
 
 def _find_snapshot(cache: Path, repo_id: str) -> tuple[Path | None, Path]:
     """Look ``repo_id`` up in ``cache``; return (snapshot or None, repo dir searched)."""
     repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    return _snapshot_of(repo_dir), repo_dir
+
+
+def _snapshot_of(repo_dir: Path) -> Path | None:
+    """The snapshot of a hub cache repo folder (``models--Org--Name``): refs/main's, else the newest usable."""
     snapshots = repo_dir / "snapshots"
     ref = repo_dir / "refs" / "main"
     if ref.is_file():
         revision = ref.read_text(encoding="utf-8").strip()
         candidate = snapshots / revision
         if revision and (candidate / "config.json").is_file():
-            logger.debug("%s: using refs/main revision %s", repo_id, revision)
-            return candidate, repo_dir
-        logger.debug("%s: refs/main -> %r has no usable snapshot", repo_id, revision)
+            logger.debug("%s: using refs/main revision %s", repo_dir.name, revision)
+            return candidate
+        logger.debug("%s: refs/main -> %r has no usable snapshot", repo_dir.name, revision)
     if not snapshots.is_dir():
-        return None, repo_dir
+        return None
     usable = [d for d in snapshots.iterdir() if (d / "config.json").is_file()]
     if not usable:
-        return None, repo_dir
+        return None
     newest = max(usable, key=lambda d: d.stat().st_mtime)
-    logger.debug("%s: using newest snapshot %s", repo_id, newest.name)
-    return newest, repo_dir
+    logger.debug("%s: using newest snapshot %s", repo_dir.name, newest.name)
+    return newest
 
 
 def _base_repo(repo_id: str) -> str | None:
@@ -107,7 +126,7 @@ def _not_found(asked: str, repo_ids: list[str], searched: list[Path], alias: str
     lines = [f"Model {asked!r} not found locally (nothing is ever downloaded).", "Searched:"]
     lines += [f"  - {p}" for p in searched]
     lines.append("To get a real model, download it into the Hugging Face cache:")
-    lines += [f"  huggingface-cli download {r}   (or: hf download {r})" for r in repo_ids[:1]]
+    lines += [f"  hf download {r}   (older huggingface_hub: huggingface-cli download {r})" for r in repo_ids[:1]]
     lines.append("Or, for benchmarking, synthesize a random-weight model and point --model at it:")
     lines.append(f"  python -m tools.synth --preset {alias or '<alias>'} --out DIR   then   --model DIR")
     if alias is None:

@@ -38,6 +38,7 @@ class Footprint:
     tied: bool  # lm_head is the embedding table (one tensor, one copy)
     kv_bytes_per_token: int  # K and V of every layer, one position of one sequence
     act_bytes_per_token: int  # activations of one token of a prefill pass
+    state_bytes_per_token: int  # what a prompt token keeps between layers in a layer-major prefill
     logits_bytes_per_seq: int  # fp32 logits and sampling scratch of one sequence
     rope_bytes_per_position: int  # the cos and sin table rows of one position
     max_positions: int  # the context the model was trained for
@@ -61,9 +62,16 @@ class Footprint:
         """The KV cache of ``batch`` sequences of ``max_context`` positions."""
         return self.kv_bytes_per_token * batch * max_context
 
+    def prefill_state_bytes(self, batch: int, max_context: int, prefill_chunk: int) -> int:
+        """The hidden states of the longest prompts beyond the chunk being computed: a layer-major
+        prefill keeps every chunk's states on the device while a layer's weights serve them all."""
+        return max(0, batch * (max_context - 1) - max(prefill_chunk, batch)) * self.state_bytes_per_token
+
     def workspace_bytes(self, batch: int, max_context: int, prefill_chunk: int) -> int:
-        """Activations of one prefill pass of ``prefill_chunk`` tokens (a decode step is ``batch``
-        tokens), logits of ``batch`` sequences, rope tables for ``max_context`` and allocator slack."""
+        """Activations of one prefill chunk of ``prefill_chunk`` tokens (a decode step is ``batch``
+        tokens), the other chunks' prompt states, logits of ``batch`` sequences, rope tables for
+        ``max_context`` and allocator slack."""
         tokens = max(prefill_chunk, batch)
-        return (tokens * self.act_bytes_per_token + batch * self.logits_bytes_per_seq
-                + max_context * self.rope_bytes_per_position + ALLOCATOR_ALLOWANCE)
+        return (tokens * self.act_bytes_per_token + self.prefill_state_bytes(batch, max_context, prefill_chunk)
+                + batch * self.logits_bytes_per_seq + max_context * self.rope_bytes_per_position
+                + ALLOCATOR_ALLOWANCE)

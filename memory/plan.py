@@ -56,6 +56,7 @@ class Plan:
     staging_bytes: int
     kv_cache_bytes: int
     workspace_bytes: int
+    prefill_state_bytes: int  # part of workspace_bytes: other chunks' prompt states (layer-major prefill)
     total_bytes: int  # resident_weight + staging + kv_cache + workspace
     budget_bytes: int  # the VRAM budget actually planned for (after clamping)
     streamed_bytes_per_step: int  # host -> device bytes per decode step
@@ -117,7 +118,8 @@ class Plan:
             f"staging slots    : {slots}",
             f"KV cache         : {format_size(self.kv_cache_bytes)} "
             f"(batch {self.batch}, context {self.max_context}, {self.dtype})",
-            f"workspace        : {format_size(self.workspace_bytes)} (prefill chunk {self.prefill_chunk} tokens)",
+            f"workspace        : {format_size(self.workspace_bytes)} (prefill chunk {self.prefill_chunk} tokens; "
+            f"{format_size(self.prefill_state_bytes)} of it holds the prompt's other chunks, layer-major)",
             f"total VRAM       : {format_size(self.total_bytes)} of {format_size(self.budget_bytes)} budget "
             f"({pct:.1f}%)",
             f"host pinned      : {format_size(self.host_pinned_bytes)} of {format_size(self.host_budget_bytes)} "

@@ -66,6 +66,7 @@ class _Sizes:
     lm_head_file: int
     kv: int
     workspace: int
+    state: int  # the part of workspace holding a long prompt's other chunks
     tied: bool
 
     @property
@@ -84,7 +85,8 @@ def _sizes(fp: Footprint, batch: int, max_context: int, prefill_chunk: int) -> _
                   layer_file=tuple(m.file_bytes for m in layers), embed=embed.bytes, lm_head=head.bytes,
                   norm=fp.only("norm").bytes, row=embed.bytes // fp.rows, row_file=embed.file_bytes // fp.rows,
                   lm_head_file=head.file_bytes, kv=fp.kv_bytes(batch, max_context),
-                  workspace=fp.workspace_bytes(batch, max_context, prefill_chunk), tied=fp.tied)
+                  workspace=fp.workspace_bytes(batch, max_context, prefill_chunk),
+                  state=fp.prefill_state_bytes(batch, max_context, prefill_chunk), tied=fp.tied)
 
 
 def _all_resident_bytes(s: _Sizes) -> int:
@@ -202,7 +204,8 @@ def _predict(s: _Sizes, streamed: int, disk: int, w: _Workload, notes: list[str]
         times["disk"] = disk / (w.disk_gbps * 1e9)
     elif disk:
         notes.append(f"{format_size(disk)} per step is read from the checkpoint files: the prediction ignores "
-                     "disk read time (pass disk_gbps), and a step will likely be much slower; raise the host budget")
+                     "disk read time (its speed is not known here), and a step will likely be much slower; raise "
+                     "the host budget (--host-budget) to pin more layers")
     bound = max(times, key=times.get)
     if bound == "hbm":
         notes.append(f"step time is an HBM estimate (weights read per step / {w.hbm_gbps / 1e3:.1f} TB/s): "
@@ -264,7 +267,8 @@ def _assemble(fp: Footprint, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, 
         disk_layers=t.disk_layers, embed_on_device=r.embed_on_device, lm_head_resident=r.lm_head_resident,
         lm_head_chunks=chunks, num_slots=r.num_slots, slot_bytes=s.layer if r.num_slots else 0,
         layer_bytes=s.layer, resident_weight_bytes=resident, staging_bytes=staging, kv_cache_bytes=s.kv,
-        workspace_bytes=s.workspace, total_bytes=resident + staging + s.kv + s.workspace, budget_bytes=budget,
+        workspace_bytes=s.workspace, prefill_state_bytes=s.state, total_bytes=resident + staging + s.kv + s.workspace,
+        budget_bytes=budget,
         streamed_bytes_per_step=streamed, disk_bytes_per_step=disk, host_pinned_bytes=t.host_pinned,
         host_budget_bytes=host, predicted_step_s=step, predicted_tok_s=batch / step, step_bound=bound,
         h2d_gbps=w.h2d_gbps, h2d_source=w.h2d_source, dtype=fp.dtype, batch=batch,

@@ -61,3 +61,19 @@ def format_size(n: int) -> str:
         if a >= scale:
             return f"{sign}{a / scale:.2f} {unit}"
     raise AssertionError("unreachable")
+
+
+def parse_size_arg(text: str, flag: str = "size") -> int:
+    """Parse a size typed on a command line, where a unit is required.
+
+    Like :func:`parse_size`, but a bare number other than ``0`` is refused with a hint
+    (``"6"`` -> "did you mean 6GB?"): on a command line a plain ``6`` is almost always a
+    forgotten unit, not six bytes. Write ``6B`` or ``1073741824B`` for bytes.
+    """
+    if isinstance(text, str) and text.strip().startswith("-"):
+        raise ValueError(f"{flag} {text.strip()!r} is negative: give a positive size such as 6GB")
+    m = _SIZE_RE.match(text.strip().lower()) if isinstance(text, str) else None
+    if m and m.group(2) == "" and float(m.group(1)) != 0:
+        n = m.group(1)
+        raise ValueError(f"{flag} {text.strip()!r} has no unit: did you mean {n}GB (or {n}GiB)? For bytes write {n}B")
+    return parse_size(text)

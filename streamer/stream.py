@@ -45,6 +45,7 @@ class WeightStreamer:
         self.tracer = Tracer(self.sync) if trace and self.sync.cuda else None
         self._progress = progress or (lambda n: None)
         self.resident_views = self._load_resident(list(resident), threads)
+        self.streamed_bytes = 0  # bytes of the units acquired so far: what crossed to the device for use
         self._load_streamed(threads)
         self._start_pipeline()
 
@@ -124,6 +125,7 @@ class WeightStreamer:
             log.warning("streamer out of order (expected unit %d, got %d): restarting", self.consumed, j)
             self.reset()
         slot = self.consumed % self.num_slots
+        self.streamed_bytes += self.units[j].nbytes
         self.sync.compute_stream().wait_event(self.ready[slot])
         self.sync.note("wait", self.consumed, slot)
         if self.tracer:

@@ -22,6 +22,17 @@ os.environ.setdefault("LAYERSTREAM_TUNING_CACHE", "0")
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped without a CUDA GPU (``pytest -m cuda`` selects them on a GPU
+    machine, ``-m "not cuda"`` leaves them out); ``slow`` marks the slowest CPU tests (``-m "not slow"``)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory):
     """A synthesized tiny-qwen2 checkpoint (bf16 weights, tokenizer, chat template); read-only for tests."""

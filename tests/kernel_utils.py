@@ -20,7 +20,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 BT = [(1, 1), (3, 5)]
 GQA_HEADS = [(4, 4), (4, 2), (7, 1)]  # (Hq, Hk) of the small head-layout tests: GQA ratios 1, 2, 7
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="real-size shapes need a CUDA GPU")
+cuda_only = pytest.mark.cuda  # real-size shapes need a CUDA GPU (skipped without one: tests/conftest.py)
 
 
 def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
@@ -44,7 +44,7 @@ def qkv_views(b: int, t: int, hq: int, hk: int, d: int, dtype: torch.dtype):
 
 # ----- matmul / attention tests: relative L2 error against an fp32 reference
 MATMUL_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.cuda  # skipped without CUDA by tests/conftest.py
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

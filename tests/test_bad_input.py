@@ -221,7 +221,7 @@ def test_device_cuda_without_cuda(capsys, tiny_qwen2_dir):
 
 
 @pytest.mark.parametrize("flag,value,fragment", [("--batch", "0", "--batch must be >= 1"),
-                                                  ("--max-context", "1", "--max-context must be at least 2")])
+                                                  ("--max-context", "1", "--max-context must be >= 2")])
 def test_bad_numbers(capsys, tiny_qwen2_dir, flag, value, fragment):
     argv = ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2",
             flag, value]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tools.bench_startup import main
 
 
+@pytest.mark.slow
 def test_three_runs_and_a_summary(tiny_qwen2_dir, tmp_path, capsys):
     out = tmp_path / "startup.json"
     rc = main(["--model", str(tiny_qwen2_dir), "--max-new-tokens", "2", "--cache-dir", str(tmp_path / "c"),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import builtins
+import io
 import json
+import sys
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def test_plain_output_streams_text(capsys, tiny_qwen2_dir):
     rc = main(["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "4", *CPU])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "plan: 3/3 layers resident" in err and "tok/s" in err
+    assert "plan: CPU run in float32, 3/3 layers resident" in err and "tok/s" in err
+    assert "finish: " in err and "predicted" not in err
     assert out.endswith("\n") and "{" not in out
 
 
@@ -131,7 +133,7 @@ def test_vram_budget_forces_streaming_same_tokens(capsys, tiny_qwen2_dir, budget
     base = ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "6", *CPU]
     ref, _ = run_json(capsys, base)
     nbytes = _budgets(tiny_qwen2_dir)[budget]
-    extra = ["--vram-budget", str(nbytes)] + (["--host-budget", host] if host is not None else [])
+    extra = ["--vram-budget", f"{nbytes}B"] + (["--host-budget", host] if host is not None else [])
     obj, _ = run_json(capsys, [*base, *extra])
     plan = obj["plan"]
     assert plan["budget_bytes"] == nbytes and plan["total_bytes"] <= nbytes
@@ -160,30 +162,21 @@ def test_embedded_default(capsys, tmp_path, monkeypatch):
 
 
 def test_interactive_chat(capsys, tiny_qwen2_dir, monkeypatch):
-    lines = iter(["hello there", "   ", "and again"])
-    prompts: list[str] = []
-
-    def fake_input(prompt: str = "") -> str:
-        prompts.append(prompt)
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
+    """Piped stdin: the prompt goes to stderr, replies to stdout, a blank line is not sent."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n   \nand again\n"))
     calls = []
     real_generate = cli_session._generate
 
-    def spy(engine, args, ids, echo):
-        gen = real_generate(engine, args, ids, echo)
-        calls.append((list(ids), gen, engine.tokenizer))
+    def spy(engine, args, prompts, echo):
+        gen = real_generate(engine, args, prompts, echo)
+        calls.append((list(prompts[0]), gen, engine.tokenizer))
         return gen
 
-    monkeypatch.setattr(builtins, "input", fake_input)
     monkeypatch.setattr(cli_session, "_generate", spy)
     rc = main(["--model", str(tiny_qwen2_dir), "--max-new-tokens", "4", *CPU])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert len(prompts) == 4  # three lines read, then EOF
+    assert err.count("> ") == 4 and ">" not in out  # three lines read, then EOF; prompts on stderr
     assert len(calls) == 2, "the blank line must not be sent"
     (ids1, gen1, tok), (ids2, gen2, _) = calls
     first, second = tok.decode(ids1), tok.decode(ids2)
@@ -191,7 +184,7 @@ def test_interactive_chat(capsys, tiny_qwen2_dir, monkeypatch):
     assert "hello there" in second and "and again" in second and gen1.texts[0] in second
     assert len(ids2) > len(ids1) + len(gen1.token_ids[0])
     assert gen1.texts[0] in out and gen2.texts[0] in out
-    assert err.count("tok/s") >= 2 and "Traceback" not in err
+    assert err.count("finish: ") == 2 and "Traceback" not in err
 
 
 def test_first_tuning_note_only_when_kernels_will_be_tuned(tiny_qwen2_dir, capsys, monkeypatch):
@@ -209,3 +202,48 @@ def test_first_tuning_note_only_when_kernels_will_be_tuned(tiny_qwen2_dir, capsy
 def cli_session_args(argv: list[str]):
     from engine.run import build_parser
     return build_parser().parse_args(argv)
+
+
+def test_cpu_run_prints_no_gpu_prediction_and_only_actionable_notes(capsys, tiny_qwen2_dir):
+    base = ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "2", *CPU]
+    assert main(base) == 0
+    err = capsys.readouterr().err
+    assert "note:" not in err and "predicted" not in err and "ms/step" not in err
+    assert main([*base, "--show-plan"]) == 0
+    err = capsys.readouterr().err
+    assert "predicted        : none for a CPU run" in err and "ms/step" not in err
+    nbytes = _budgets(tiny_qwen2_dir)["min"]
+    assert main([*base, "--vram-budget", f"{nbytes}B", "--host-budget", "0"]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "read from the checkpoint files" in notes[0] and "--host-budget" in notes[0]
+    assert "disk_gbps" not in err and "3 of them read from disk" in err
+
+
+def test_threads_sets_torch_compute_threads(capsys, tiny_qwen2_dir):
+    before = torch.get_num_threads()
+    try:
+        assert main(["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "1", "--threads", "1",
+                     *CPU]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_several_prompts_print_every_reply(capsys, tiny_qwen2_dir, tmp_path, greedy_ref):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("second prompt\n\nthird one\n")
+    argv = ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--prompts-file", str(prompts_file),
+            "--max-new-tokens", "3", *CPU]
+    obj, _ = run_json(capsys, [*argv, "--batch", "2"])  # 3 prompts in groups of 2
+    res = obj["results"]
+    assert [r["prompt"] for r in res] == ["hi", "second prompt", "third one"]
+    assert len(obj["group_stats"]) == 2 and [s["batch"] for s in obj["group_stats"]] == [2, 1]
+    for r in res:
+        assert r["token_ids"] == greedy_ref(r["prompt_token_ids"], 3)
+    assert main(argv) == 0  # default batch: all three together
+    out, err = capsys.readouterr()
+    assert err.count("--- reply ") == 3 and "--- reply 3/3 to: third one" in err
+    assert err.count("finish: ") == 3
+    for r in res:
+        assert r["text"] in out

@@ -25,7 +25,8 @@ BIG = os.environ.get("LAYERSTREAM_BIG_MODEL")
 # first-call tuning of every fp32 shape made the 32-step fp32 run outlast a 150 s limit on an
 # H200: the default launch configs are enough for a correctness check
 os.environ.setdefault("KERNELS_AUTOTUNE", "0")
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and BIG), reason="needs CUDA and LAYERSTREAM_BIG_MODEL")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not (torch.cuda.is_available() and BIG),
+                                                    reason="needs CUDA and LAYERSTREAM_BIG_MODEL")]
 PROMPT = list(range(1000, 1040))
 
 

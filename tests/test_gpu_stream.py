@@ -16,7 +16,7 @@ import torch
 from engine.engine import Engine, EngineOptions
 from engine.generate import generate
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.cuda  # skipped without CUDA by tests/conftest.py
 
 
 @pytest.fixture(scope="module")

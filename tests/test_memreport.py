@@ -120,7 +120,7 @@ def test_plan_only_tiny_checkpoint_bytes_match_headers(capsys, tmp_path, tiny):
 def test_plan_only_tiny_streaming_budget(capsys, tmp_path, tiny):
     cfg = ModelConfig.from_file(tiny / "config.json")
     budget = min_budget(cfg, torch.bfloat16, max_context=64, prefill_chunk=16) + 4096
-    rep = run_json(capsys, tmp_path, "--plan-only", "--model", str(tiny), "--vram-budget", str(budget),
+    rep = run_json(capsys, tmp_path, "--plan-only", "--model", str(tiny), "--vram-budget", f"{budget}B",
                    "--context", "64", "--prefill-chunk", "16", "--host-budget", "1GB")
     check_sums(rep)
     assert rep["plan"]["streamed_layers"] and rep["plan"]["max_context"] == 64
@@ -133,6 +133,8 @@ def test_full_cpu_run_writes_memory_png_and_report(capsys, tmp_path, tiny):
     assert rc == 0, err
     for section in ("VRAM", "HOST", "PLAN", "WHAT WOULD HAVE TO GIVE", "TIME", "process RSS"):
         assert section in out
+    assert "predicted" not in out.split("WHAT WOULD HAVE TO GIVE")[0] and "no GPU prediction for a CPU run" in out
+    assert "predicted" not in out.split("TIME")[-1].split("NOTES")[0]
     check_png(tmp_path / "memory.png")
     assert not (tmp_path / "timeline.png").exists()
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
@@ -141,7 +143,7 @@ def test_full_cpu_run_writes_memory_png_and_report(capsys, tmp_path, tiny):
 def test_full_cpu_run_streaming_json(capsys, tmp_path, tiny):
     cfg = ModelConfig.from_file(tiny / "config.json")
     budget = min_budget(cfg, torch.float32, max_context=64, prefill_chunk=16) + 4096
-    rep = run_json(capsys, tmp_path, "--model", str(tiny), "--device", "cpu", "--vram-budget", str(budget),
+    rep = run_json(capsys, tmp_path, "--model", str(tiny), "--device", "cpu", "--vram-budget", f"{budget}B",
                    "--context", "64", "--prefill-chunk", "16", "--steps", "3")
     check_sums(rep)
     assert rep["mode"] == "cpu" and rep["vram"]["measured"] is None
@@ -191,6 +193,7 @@ def test_bad_inputs_exit_cleanly(capsys, tmp_path, argv, needle):
     assert err.startswith("error: ") and needle in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_script_entry_points(tmp_path):
     """Runnable as ``python tools/memreport.py`` (no package context) and as ``python -m tools.memreport``."""
     ok = subprocess.run([sys.executable, str(ROOT / "tools" / "memreport.py"), "--plan-only", "--preset",
@@ -222,3 +225,46 @@ def test_graph_steps_timed_as_generation_runs(tiny):
     assert summary["graph_tok_s"] > 0
     lines = _timing({"timing": {"summary": summary, "timeline": None}})
     assert any("generation replays CUDA graphs" in line for line in lines)
+
+
+def _budget_lines(ax) -> list:
+    return [line for line in ax.get_lines() if str(line.get_label()).startswith("budget")]
+
+
+def test_plan_only_picture_tells_the_streaming_story(capsys, tmp_path):
+    from tools.report_render import memory_figure
+    rep = run_json(capsys, tmp_path, "--plan-only", "--preset", "qwen2.5-7b", "--vram-budget", "6GB",
+                   "--host-budget", "8GB", "--h2d-gbps", "25", "--gpu-memory", "24GB")
+    p = rep["plan"]
+    streamed, disk = len(p["streamed_layers"]), len(p["disk_layers"])
+    assert streamed and disk and rep["vram"]["budget_given"]
+    fig, plt = memory_figure(rep)
+    ax = fig.axes[0]
+    title = ax.get_title()
+    assert f"{len(p['resident_layers'])}/28 layers resident, {streamed} streamed ({streamed - disk} from pinned " \
+           f"memory, {disk} from disk)" in title
+    assert f"predicted {p['predicted_step_s'] * 1e3:.1f} ms/step" in title
+    assert len(_budget_lines(ax)) == 1
+    plt.close(fig)
+    check_png(tmp_path / "memory.png")
+
+
+def test_no_budget_line_without_a_budget(capsys, tmp_path):
+    from tools.report_render import memory_figure
+    rep = run_json(capsys, tmp_path, "--plan-only", "--preset", "qwen2.5-7b", "--gpu-memory", "24GB",
+                   "--host-budget", "64GB")
+    assert rep["vram"]["budget_given"] is False
+    fig, plt = memory_figure(rep)
+    assert _budget_lines(fig.axes[0]) == [] and any("card" in str(x.get_label()) for x in fig.axes[0].get_lines())
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("total,budget,moved", [(5.0, 5.0, True), (5.0, 5.1, True), (5.0, 4.99, True),
+                                                (2.0, 5.0, False), (5.0, 3.0, False), (5.0, None, False)])
+def test_total_label_clears_the_budget_line(total, budget, moved):
+    from tools.report_render import label_y
+    ymax = 6.0
+    y = label_y(total, budget, ymax)
+    assert (y != total) == moved
+    if budget is not None:  # the label [y, y + 4% of the axis] never straddles the budget line
+        assert not (y < budget < y + 0.04 * ymax)

@@ -11,7 +11,7 @@ import torch
 from streamer.host import DiskReader, pack_all
 from streamer.pinning import PinnedSet
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without CUDA by tests/conftest.py
 
 
 def _packers(sizes: dict[int, int]):

@@ -150,3 +150,22 @@ def test_default_model_dir(tmp_path: Path, env: Path, monkeypatch: pytest.Monkey
     assert default_model_dir() == tmp_path / "xdg" / "layerstream" / "default-model"
     monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "ls"))
     assert default_model_dir() == tmp_path / "ls" / "default-model"
+
+
+def test_hub_cache_repo_folder_resolves_to_its_snapshot(tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    old = make_snapshot(cache, "Qwen/Qwen2.5-7B-Instruct", "aaa", mtime=1_000_000)
+    new = make_snapshot(cache, "Qwen/Qwen2.5-7B-Instruct", "bbb", mtime=2_000_000)
+    repo = cache / "models--Qwen--Qwen2.5-7B-Instruct"
+    assert resolve_model(str(repo)) == new.resolve()  # no refs/main: the newest usable snapshot
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("aaa\n")
+    assert resolve_model(str(repo) + "/") == old.resolve()
+
+
+def test_hub_cache_repo_folder_without_usable_snapshot(tmp_path: Path) -> None:
+    repo = tmp_path / "hub" / "models--Qwen--Qwen3-8B"
+    (repo / "snapshots" / "partial").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as exc:
+        resolve_model(str(repo))
+    assert "hold no config.json" in str(exc.value) and "hf download Qwen/Qwen3-8B" in str(exc.value)

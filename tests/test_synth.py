@@ -250,3 +250,58 @@ def test_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(RuntimeError, match="disk full"):
         synthesize("tiny-qwen2", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def _decode_each(raw: Tokenizer, n: int) -> list[str]:
+    return raw.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_tiny_tokenizer_covers_the_whole_vocab(tiny_dirs: dict[str, Path], preset: str) -> None:
+    """Every id below config.vocab_size has a token and decodes to non-empty text."""
+    cfg = json.loads((tiny_dirs[preset] / "config.json").read_text())
+    raw = Tokenizer.from_file(str(tiny_dirs[preset] / "tokenizer.json"))
+    assert raw.get_vocab_size(with_added_tokens=True) == cfg["vocab_size"]
+    assert all(_decode_each(raw, cfg["vocab_size"]))
+
+
+@pytest.mark.parametrize(("family", "vocab_size", "specials"), [
+    ("qwen2.5", 152064, {"<|endoftext|>": 151643, "<|im_end|>": 151645}),
+    ("llama3.1", 128256, {"<|begin_of_text|>": 128000, "<|eot_id|>": 128009}),
+])
+def test_real_size_tokenizer_fill(tmp_path: Path, family: str, vocab_size: int, specials: dict[str, int]) -> None:
+    """The gap between the trained tokens and the special ids is filled with pseudo-words: every id decodes to
+    visible text, the special tokens keep their real ids, encoding is unchanged, transformers still loads it."""
+    from transformers import AutoTokenizer
+
+    plain = build_tokenizer(family)
+    plain.write(tmp_path)
+    ref = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids
+    tok = build_tokenizer(family)
+    tok.fill(vocab_size)
+    tok.write(tmp_path)
+    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert raw.get_vocab_size(with_added_tokens=True) == vocab_size == tok.size
+    texts = _decode_each(raw, vocab_size)
+    trained = tok.extra["trained_vocab"]
+    assert all(texts) and all(any(c.isalpha() for c in t) for t in texts[trained:min(specials.values())])
+    assert len(set(texts[trained:min(specials.values())])) == min(specials.values()) - trained
+    for content, real_id in specials.items():
+        assert raw.token_to_id(content) == real_id and texts[real_id] == content
+    assert raw.encode(TEXT, add_special_tokens=False).ids == ref
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf(TEXT, add_special_tokens=False)["input_ids"] == ref and len(hf) == vocab_size
+    assert (tmp_path / "tokenizer.json").stat().st_size < 10_000_000
+
+
+@pytest.mark.slow
+def test_random_weights_print_visible_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A one-layer Qwen2.5-0.5B synth (real 151,936-token vocab): the CLI prints visible gibberish, not nothing."""
+    from engine.run import main as run_main
+
+    d = synthesize("qwen2.5-0.5b", tmp_path / "q05", layers=1)
+    rc = run_main(["--model", str(d), "--device", "cpu", "--prompt", "Hello", "--max-new-tokens", "12",
+                   "--max-context", "256", "--prefill-chunk", "64", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["token_ids"]
+    assert sum(c.isalpha() for c in out["text"]) >= len(out["token_ids"]), out["text"]

@@ -26,6 +26,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from engine.checkpoint import Checkpoint  # noqa: E402
+from engine.cli_args import CliParser  # noqa: E402
 from engine.cli_session import BUDGET_HELP, add_engine_args, load_engine, options_from_args, resolve_or_default  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.engine import pick_dtype  # noqa: E402
@@ -33,7 +34,7 @@ from engine.footprint import tensor_bytes_from_config  # noqa: E402
 from engine.layout import expected_tensors  # noqa: E402
 from engine.quant.checkpoint import layer_quant, read_quantization, rtn_quant, validate_quant_checkpoint  # noqa: E402
 from memory.bandwidth import DEFAULT_H2D_GBPS, DEFAULT_SOURCE, default_cache_path, device_key, load_cache  # noqa: E402
-from memory.units import format_size, parse_size  # noqa: E402
+from memory.units import format_size  # noqa: E402
 from streamer.trace import write_chrome_trace  # noqa: E402
 from tools import report_render  # noqa: E402
 from tools.memreport_measure import cuda_snapshot, decode_run, measure_host, measure_vram  # noqa: E402
@@ -45,19 +46,20 @@ WHAT_IF_FLAGS = ("gpu_memory", "host_memory", "h2d_gbps", "disk_gbps")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python tools/memreport.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = CliParser(prog="python tools/memreport.py", description=__doc__.split("\n\n")[0],
+                  epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", help="model directory, HF repo id or alias (default: the embedded tiny model)")
     p.add_argument("--preset", help="with --plan-only: an engine.synth.presets name (e.g. qwen2.5-72b), no checkpoint needed")
     p.add_argument("--plan-only", action="store_true", help="plan and predict only: no GPU, no weights read")
     add_engine_args(p)
+    p.set_defaults(batch=1)
     p.add_argument("--context", dest="max_context", type=int, default=argparse.SUPPRESS,
                    help="KV-cache length per sequence (same as --max-context)")
     p.add_argument("--steps", type=int, default=8, help="decode steps of the timed run (the last few are traced)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of the timed run")
-    p.add_argument("--gpu-memory", help=f"--plan-only: the card's memory for the what-if (used as free memory); "
-                   f"{BUDGET_HELP}")
-    p.add_argument("--host-memory", help="--plan-only: host RAM for the what-if (host budget = it minus "
+    p.add_size_argument("--gpu-memory", help=f"--plan-only: the card's memory for the what-if (used as free memory); "
+                        f"{BUDGET_HELP}")
+    p.add_size_argument("--host-memory", help="--plan-only: host RAM for the what-if (host budget = it minus "
                    "max(2 GiB, 10%%), unless --host-budget)")
     p.add_argument("--h2d-gbps", type=float, help="--plan-only: host-to-device GB/s (default: this GPU's cached "
                    "measurement, else 25)")
@@ -69,13 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _size(args, flag: str) -> int | None:
-    text = getattr(args, flag)
-    if text is None:
-        return None
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise ValueError(f"--{flag.replace('_', '-')}: {e}") from None
+    """A size flag's bytes (parsed by the flag's type) or None."""
+    return getattr(args, flag)
 
 
 def _check(args) -> None:
@@ -88,8 +85,6 @@ def _check(args) -> None:
     if given and not args.plan_only:
         raise ValueError(f"--{given[0].replace('_', '-')} is a --plan-only what-if; a real run measures the "
                          "GPU, RAM and bandwidth")
-    for flag in ("vram_budget", "host_budget", "gpu_memory", "host_memory"):
-        _size(args, flag)
     for flag, low in (("steps", 2), ("prompt_tokens", 1), ("prefill_chunk", 1), ("max_context", 2), ("batch", 1)):
         if getattr(args, flag) < low:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
@@ -191,7 +186,7 @@ def _full_run(args, notes: list[str]) -> tuple[dict, PlanInputs, dict]:
         timing = {"summary": summarize(run, timeline, engine.opts.batch, plan), "timeline": timeline}
         if not cuda:
             notes.append("copy/compute timeline: not traced on the CPU (it uses CUDA events); step times are "
-                         "host wall clock, and the prediction assumes a GPU")
+                         "host wall clock (no GPU prediction on the CPU)")
         if is_default:
             notes.append("no --model: the embedded tiny random-weight model was measured")
         tensor_bytes = {n: i.nbytes for n, i in engine.ckpt.tensors.items()}
@@ -239,7 +234,8 @@ def build_report(args) -> tuple[dict, list[dict]]:
            "workload": {"dtype": plan.dtype, "batch": plan.batch, "max_context": plan.max_context,
                         "prefill_chunk": plan.prefill_chunk},
            "plan": plan.to_dict(), "plan_table": plan.table(), "modules": rows,
-           "vram": {"budget_bytes": plan.budget_bytes, "card_total_bytes": part["card_total"],
+           "vram": {"budget_bytes": plan.budget_bytes, "budget_given": args.vram_budget is not None,
+                    "card_total_bytes": part["card_total"],
                     "planned": plan_categories(plan, inputs.cfg), "planned_total_bytes": plan.total_bytes,
                     "measured": part["measured_vram"]},
            "host": host, "what_if": what_if(inputs, plan, free), "timing": part["timing"],
@@ -263,7 +259,10 @@ def write_outputs(rep: dict, spans: list[dict], out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag already reported in one line
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

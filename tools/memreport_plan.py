@@ -45,10 +45,10 @@ def plan_categories(plan: Plan, cfg: ModelConfig) -> dict[str, int]:
             "staging slots": plan.staging_bytes, "KV cache": plan.kv_cache_bytes}
     logits = logits_bytes(cfg.vocab_size, plan.batch)
     rope = 2 * plan.max_context * (cfg.head_dim // 2) * 4
-    act = plan.workspace_bytes - logits - rope - ALLOCATOR_ALLOWANCE
+    act = plan.workspace_bytes - plan.prefill_state_bytes - logits - rope - ALLOCATOR_ALLOWANCE
     if act >= 0:
-        cats.update({"activations": act, "logits": logits, "rope tables": rope, "allocator allowance":
-                     ALLOCATOR_ALLOWANCE})
+        cats.update({"activations": act, "prompt states (layer-major)": plan.prefill_state_bytes, "logits": logits,
+                     "rope tables": rope, "allocator allowance": ALLOCATOR_ALLOWANCE})
     else:  # the planner's workspace formula changed: show it whole
         cats["activations/workspace"] = plan.workspace_bytes
     assert sum(cats.values()) == plan.total_bytes, "VRAM categories must sum to the plan total"

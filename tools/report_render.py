@@ -61,19 +61,21 @@ def measured_bar(m: dict) -> dict[str, int]:
 
 def _headline(rep: dict) -> list[str]:
     p, mod, n = rep["plan"], rep["model"], rep["model"]["layers"]
+    cpu = rep["mode"] == "cpu"
     tiers = f"{len(p['streamed_layers'])} streamed ({len(p['streamed_layers']) - len(p['disk_layers'])} pinned, " \
             f"{len(p['disk_layers'])} from disk)"
     out = [f"memreport [{rep['mode']}]  {mod['source']}",
            f"  {mod['model_type']}, {n} layers, {rep['workload']['dtype']}, batch {p['batch']}, context "
            f"{p['max_context']}, prefill chunk {p['prefill_chunk']}",
            f"  fits: {len(p['resident_layers'])}/{n} layers resident, {tiers}, lm_head "
-           f"{'resident' if p['lm_head_resident'] else 'streamed'}; {fs(p['streamed_bytes_per_step'])} per step "
-           f"over PCIe -> predicted {p['predicted_tok_s']:.3g} tok/s ({p['step_bound']} bound, "
-           f"H2D {p['h2d_gbps']:.1f} GB/s {p['h2d_source']})"]
+           f"{'resident' if p['lm_head_resident'] else 'streamed'}; {fs(p['streamed_bytes_per_step'])} per step"
+           + ("" if cpu else f" over PCIe -> predicted {p['predicted_tok_s']:.3g} tok/s ({p['step_bound']} bound, "
+              f"H2D {p['h2d_gbps']:.1f} GB/s {p['h2d_source']})")]
     t = (rep.get("timing") or {}).get("summary")
     if t:
         out.append(f"  measured: {t['measured_tok_s']:.3g} tok/s ({t['step_ms']:.2f} ms/step, median of "
-                   f"{t['observed_steps']}); predicted {t['predicted_tok_s']:.3g} tok/s")
+                   f"{t['observed_steps']})" + ("; no GPU prediction for a CPU run" if cpu else
+                                                f"; predicted {t['predicted_tok_s']:.3g} tok/s"))
     return out
 
 
@@ -126,8 +128,10 @@ def _timing(rep: dict) -> list[str]:
         return ["TIME", "  not measured (--plan-only)"]
     s, tl = t["summary"], t["timeline"]
     out = ["TIME", f"  warm-up (prefill + 1 step, kernel JIT/autotune) {s['warmup_ms']:.0f} ms; observed steps "
-           f"{s['step_ms']:.2f} ms median -> {s['measured_tok_s']:.3g} tok/s measured vs {s['predicted_tok_s']:.3g} "
-           f"predicted ({s['predicted_step_ms']:.2f} ms/step); the host issues a step in {s['host_issue_ms']:.2f} ms"]
+           f"{s['step_ms']:.2f} ms median -> {s['measured_tok_s']:.3g} tok/s measured"
+           + ("" if rep.get("mode") == "cpu" else
+              f" vs {s['predicted_tok_s']:.3g} predicted ({s['predicted_step_ms']:.2f} ms/step)")
+           + f"; the host issues a step in {s['host_issue_ms']:.2f} ms"]
     if s.get("graph_step_ms"):
         out.append(f"  those steps ran eagerly, traced layer by layer; generation replays CUDA graphs: "
                    f"{s['graph_step_ms']:.2f} ms/step -> {s['graph_tok_s']:.3g} tok/s")
@@ -181,41 +185,79 @@ def _save(fig, plt, path: Path) -> Path:
 
 def save_memory_png(rep: dict, path: Path) -> Path:
     """Stacked bars of VRAM by category (planned; measured on CUDA) against the budget and the card."""
+    fig, plt = memory_figure(rep)
+    return _save(fig, plt, path)
+
+
+def plan_story(rep: dict) -> str:
+    """Two lines for the picture: how many layers stream and from where, and the predicted step."""
+    p, n = rep["plan"], rep["model"]["layers"]
+    streamed, disk = len(p["streamed_layers"]), len(p["disk_layers"])
+    line = f"{len(p['resident_layers'])}/{n} layers resident"
+    if streamed:
+        line += f", {streamed} streamed ({streamed - disk} from pinned memory, {disk} from disk)"
+    line += f"; lm_head {'resident' if p['lm_head_resident'] else 'streamed'}"
+    if rep["mode"] == "cpu":
+        return line + "\nCPU run: no step-time prediction"
+    return line + (f"\n{fs(p['streamed_bytes_per_step'])} streamed per step -> predicted "
+                   f"{p['predicted_step_s'] * 1e3:.1f} ms/step ({p['predicted_tok_s']:.3g} tok/s, "
+                   f"{p['step_bound']} bound)" + ("; disk reads not counted (give --disk-gbps)"
+                                                  if disk and p["step_bound"] != "disk" else ""))
+
+
+def label_y(total: float, budget: float | None, ymax: float) -> float:
+    """Where a bar's total label goes: on top of the bar, or just above the budget line when it would cross it."""
+    height = 0.04 * ymax
+    if budget is not None and total - 0.01 * ymax <= budget <= total + height:
+        return budget + 0.01 * ymax
+    return total
+
+
+def memory_figure(rep: dict):
+    """The memory picture as a matplotlib figure: (figure, pyplot)."""
     plt = _figure()
     v = rep["vram"]
     bars = {"planned": v["planned"]}
     if v["measured"]:
         bars["measured (peak)"] = measured_bar(v["measured"])
+    budget = v["budget_bytes"] / GiB if v.get("budget_given", True) else None
     card = v["card_total_bytes"] or 0
-    top = max([v["budget_bytes"]] + [sum(c.values()) for c in bars.values()]) / GiB
+    top = max([budget or 0] + [sum(c.values()) / GiB for c in bars.values()])
     card_on_scale = card and card / GiB <= 3 * top
-    ymax = 1.08 * (max(top, card / GiB) if card_on_scale else top)
+    ymax = 1.12 * (max(top, card / GiB) if card_on_scale else top)
     fig, ax = plt.subplots(figsize=(4 + 2.5 * len(bars), 6))
-    seen = set()
-    for x, (label, cats) in enumerate(bars.items()):
-        bottom = 0.0
-        for k, b in cats.items():
-            if b <= 0:
-                continue
-            ax.bar(x, b / GiB, bottom=bottom, width=0.6, color=COLORS.get(k, "#999999"),
-                   label=None if k in seen else k, edgecolor="white", linewidth=0.5)
-            if b / GiB > 0.035 * ymax:
-                ax.text(x, bottom + b / GiB / 2, fs(b), ha="center", va="center", fontsize=7)
-            seen.add(k)
-            bottom += b / GiB
-        ax.text(x, bottom, fs(sum(cats.values())), ha="center", va="bottom", fontsize=8, fontweight="bold")
+    seen: set[str] = set()
+    for x, cats in enumerate(bars.values()):
+        _stack(ax, x, cats, ymax, seen)
+        total = sum(cats.values()) / GiB
+        ax.text(x, label_y(total, budget, ymax), fs(sum(cats.values())), ha="center", va="bottom", fontsize=8,
+                fontweight="bold")
     if card_on_scale:
         ax.axhline(card / GiB, color="black", label=f"card {fs(card)}")
     elif card:
         ax.text(0.99, 0.99, f"card: {fs(card)} (off scale)", transform=ax.transAxes, ha="right", va="top", fontsize=8)
-    ax.axhline(v["budget_bytes"] / GiB, color="red", linestyle="--", label=f"budget {fs(v['budget_bytes'])}",
-               zorder=3)
+    if budget is not None:
+        ax.axhline(budget, color="red", linestyle="--", label=f"budget {fs(v['budget_bytes'])}", zorder=3)
     ax.set_ylim(0, ymax)
     ax.set_xticks(range(len(bars)), list(bars))
     ax.set_ylabel("GiB")
-    ax.set_title(f"VRAM: {Path(str(rep['model']['source'])).name} ({rep['mode']})", fontsize=10)
+    ax.set_title(f"VRAM: {Path(str(rep['model']['source'])).name} ({rep['mode']})\n{plan_story(rep)}", fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _save(fig, plt, path)
+    return fig, plt
+
+
+def _stack(ax, x: int, cats: dict[str, int], ymax: float, seen: set[str]) -> None:
+    """One stacked bar; each category enters the legend once."""
+    bottom = 0.0
+    for k, b in cats.items():
+        if b <= 0:
+            continue
+        ax.bar(x, b / GiB, bottom=bottom, width=0.6, color=COLORS.get(k, "#999999"),
+               label=None if k in seen else k, edgecolor="white", linewidth=0.5)
+        seen.add(k)
+        if b / GiB > 0.035 * ymax:
+            ax.text(x, bottom + b / GiB / 2, fs(b), ha="center", va="center", fontsize=7)
+        bottom += b / GiB
 
 
 def save_timeline_png(spans: list[dict], timeline: dict, path: Path) -> Path:

@@ -10,6 +10,11 @@ BPE model's vocabulary at their ids: the vocabulary has a gap between the traine
 the special tokens, which ``tokenizers`` and transformers' tokenizers (including
 ``Qwen2Tokenizer``, which rebuilds the BPE from vocab + merges) load unchanged.
 For tiny presets the special tokens are "relocated" right after the trained vocabulary.
+
+:meth:`SynthTokenizer.fill` then gives every remaining id below the model's ``vocab_size`` a
+generated pseudo-word (" bako", " Tumire", " fela,"): random weights pick ids all over the
+vocabulary, and without these entries most of them would decode to nothing. The filler tokens
+have no merges, so encoding never produces them; they only make decoded output visible.
 """
 
 from __future__ import annotations
@@ -88,10 +93,42 @@ class SynthTokenizer:
                 config[key] = self.remap(config[key])
         return config
 
+    def fill(self, vocab_size: int) -> None:
+        """Give every id in [0, vocab_size) without a token a pseudo-word, so every id decodes to text."""
+        vocab: dict[str, int] = self.tokenizer_json["model"]["vocab"]
+        taken = set(vocab.values())
+        if len(taken) >= vocab_size:
+            return
+        words = _pseudo_words(set(vocab))
+        for i in range(vocab_size):
+            if i not in taken:
+                vocab[next(words)] = i
+        self.size = max(self.size, vocab_size)
+
     def write(self, directory: Path) -> None:
         """Write tokenizer.json and tokenizer_config.json into ``directory``."""
         for name, data in (("tokenizer.json", self.tokenizer_json), ("tokenizer_config.json", self.tokenizer_config)):
             (directory / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+_CONSONANTS = "bdfgklmnprstvz"
+_VOCALS = "aeiou"
+
+
+def _pseudo_words(avoid: set[str]):
+    """Endless distinct byte-level tokens that read as words: "Ġbako", "ĠTumire", "Ġfela," ("Ġ" is a space)."""
+    syllables = [c + v for c in _CONSONANTS for v in _VOCALS]
+    k = 0
+    while True:
+        k += 1
+        n, parts = k, []
+        while n:
+            n, r = divmod(n - 1, len(syllables))
+            parts.append(syllables[r])
+        word = "".join(parts)
+        for token in ("Ġ" + word, "Ġ" + word.capitalize(), "Ġ" + word + ",", "Ġ" + word + "."):
+            if token not in avoid:
+                yield token
 
 
 def _base_tokenizer(kind: str) -> Tokenizer:

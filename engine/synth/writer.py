@@ -272,6 +272,7 @@ def synthesize(preset: str, out: Path, dtype: str = "bf16", seed: int = 0, layer
         specs, make, cfg = _quantized(cfg, dtype, quant, seed, device)
     if cfg["vocab_size"] < tok.size:
         raise SynthError(f"vocab_size {cfg['vocab_size']} < tokenizer size {tok.size}")
+    tok.fill(cfg["vocab_size"])  # every id the random weights may pick decodes to visible text
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.synth-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""Before any weight is read: does the plan fit this machine's RAM (and, on the CPU, is fp32 affordable)?
+
+On a GPU the planner already holds the device part to the VRAM budget (clamped to the free
+memory); what it cannot see is RAM: the pinned host tier and the process itself. On the CPU the
+"VRAM" part of the plan *is* RAM too, so the device part, the host tier and the process all
+share one pool. Everything here works on plain numbers (a :class:`Machine` and the plan's byte
+totals) so the decisions can be tested with small fake memory figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from memory.units import format_size as fs
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+# RAM a run must leave to the system: below this the kernel's OOM killer strikes. Defaults (the host
+# budget, the CPU dtype) keep the larger Machine.margin; only a plan past this line is refused.
+SYSTEM_RESERVE = 1 * GiB
+# RAM the process needs besides the plan: interpreter, torch, tokenizer, buffers. The tiny default
+# model's whole process measured 364 MiB RSS on the CPU (torch 2.13, 2026-12-01); rounded up.
+PROCESS_BYTES = 512 * 2**20
+
+
+class InsufficientMemoryError(ValueError):
+    """The run cannot fit this machine; the message gives the numbers and what to change."""
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Memory figures of the machine (bytes): RAM total / available, the device kind."""
+
+    ram_total: int
+    ram_available: int
+    device: str = "cpu"  # "cpu" | "cuda"
+
+    @property
+    def margin(self) -> int:
+        """RAM left alone for the OS and other processes: max(2 GiB, a tenth of the RAM)."""
+        return max(2 * GiB, self.ram_total // 10)
+
+    @property
+    def usable(self) -> int:
+        """RAM this process may plan with: available minus the margin (never negative)."""
+        return max(0, self.ram_available - self.margin)
+
+    @property
+    def limit(self) -> int:
+        """RAM past which a run is refused: available minus :data:`SYSTEM_RESERVE`."""
+        return max(0, self.ram_available - SYSTEM_RESERVE)
+
+    @classmethod
+    def probe(cls, device: str) -> Machine:
+        """This machine's figures (psutil)."""
+        import psutil
+        vm = psutil.virtual_memory()
+        return cls(ram_total=vm.total, ram_available=vm.available, device=device)
+
+
+@dataclass(frozen=True)
+class PlanBytes:
+    """The byte totals of a plan that land in RAM (see ``memory.plan.Plan``)."""
+
+    device_total: int  # resident weights + staging + KV cache + workspace ("VRAM")
+    host_pinned: int  # streamed layers kept in (pinned) host memory
+    disk_per_step: int  # bytes read from the checkpoint files per step
+    dtype: str
+
+    @classmethod
+    def of(cls, plan) -> PlanBytes:
+        return cls(plan.total_bytes, plan.host_pinned_bytes, plan.disk_bytes_per_step, plan.dtype)
+
+
+def ram_needed(p: PlanBytes, m: Machine) -> int:
+    """RAM the run needs: the host tier and the process, plus the device part on the CPU."""
+    return p.host_pinned + PROCESS_BYTES + (p.device_total if m.device == "cpu" else 0)
+
+
+def default_host_budget(m: Machine, vram_budget: int | None) -> int:
+    """Host budget when none is given: the usable RAM minus the process, and on the CPU minus the
+    --vram-budget too (the device part of the plan is RAM there)."""
+    device = vram_budget if m.device == "cpu" and vram_budget is not None else 0
+    return max(0, m.usable - device - PROCESS_BYTES)
+
+
+def check_fits(p: PlanBytes, m: Machine, host_budget_given: bool) -> None:
+    """InsufficientMemoryError, in one line with the numbers and what to change, unless the plan fits RAM."""
+    need = ram_needed(p, m)
+    if need <= m.limit:
+        return
+    parts = [f"{fs(p.device_total)} for the model on the CPU ({p.dtype})"] if m.device == "cpu" else []
+    if p.host_pinned:
+        parts.append(f"{fs(p.host_pinned)} of streamed layers in host memory")
+    parts.append(f"{fs(PROCESS_BYTES)} for the process")
+    have = (f"{fs(m.limit)} can be used ({fs(m.ram_available)} available of {fs(m.ram_total)} RAM, minus "
+            f"{fs(SYSTEM_RESERVE)} kept for the system)")
+    raise InsufficientMemoryError(f"this run needs {fs(need)} of RAM ({' + '.join(parts)}) but {have}: "
+                                  + _advice(p, m, host_budget_given))
+
+
+def _advice(p: PlanBytes, m: Machine, host_budget_given: bool) -> str:
+    tips = []
+    if p.host_pinned and host_budget_given:
+        tips.append("lower --host-budget (layers beyond it are read from disk)")
+    if m.device == "cpu":
+        if p.dtype == "float32":
+            tips.append("use --dtype bf16 (half the bytes)")
+        tips.append("give a --vram-budget below the usable RAM to stream the rest from disk (slow)")
+        tips.append("or lower --max-context / --batch")
+    else:
+        tips.append("lower --host-budget")
+    return "; ".join(tips)
+
+
+def cpu_dtype_note(fp32: PlanBytes, m: Machine, file_dtype: str, host_budget_given: bool) -> str | None:
+    """Why ``--dtype auto`` on the CPU computes in the checkpoint's dtype instead of fp32, or None to keep fp32.
+
+    fp32 is kept when its plan fits the usable RAM and reads nothing from disk per step (disk reads
+    the user asked for with an explicit host budget do not count)."""
+    disk = fp32.disk_per_step and not host_budget_given
+    if file_dtype == "float32" or (ram_needed(fp32, m) <= m.usable and not disk):
+        return None
+    short = "reads layers from disk every step" if ram_needed(fp32, m) <= m.usable else \
+        f"needs {fs(ram_needed(fp32, m))} of RAM, {fs(m.usable)} usable"
+    return (f"computing in the checkpoint's {file_dtype} instead of fp32 (the CPU default): fp32 doubles the "
+            f"weights and {short}; pass --dtype fp32 to insist")
