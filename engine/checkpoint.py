@@ -168,10 +168,12 @@ class Checkpoint:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The most common float dtype among the weights."""
+        """The most common float dtype among the weights (packed integer tensors of quantized checkpoints
+        are not counted)."""
         counts: dict[torch.dtype, int] = {}
         for info in self.tensors.values():
-            counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
+            if info.dtype.is_floating_point:
+                counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
         return max(counts, key=counts.get)
 
     def close(self) -> None:

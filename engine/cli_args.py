@@ -128,6 +128,14 @@ def add_engine_args(p: CliParser) -> None:
                         "--batch is repeated)")
     p.add_argument("--prefill-chunk", type=int, default=2048, metavar="N",
                    help="prompt tokens per prefill pass (smaller needs less activation memory)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="round the layers' linear weights to nearest at load (a bf16/fp16 checkpoint); "
+                        "quantized checkpoints (AWQ, GPTQ, compressed-tensors) are detected without it")
+    p.add_argument("--quant-group", type=int, default=128, metavar="N",
+                   help="--quantize group size along the input dim (-1: one scale per output row)")
+    p.add_argument("--quant-cache", action="store_true",
+                   help="keep the repacked (AWQ / GPTQ) or --quantize'd layers in a cache file (the size of the "
+                        "packed layers) so later runs and disk-tier streaming read them without converting again")
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
@@ -138,6 +146,9 @@ def check_engine_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
     if getattr(args, "vram_budget", None) == 0:
         raise UsageError("--vram-budget must be positive: e.g. --vram-budget 6GiB")
+    group = getattr(args, "quant_group", -1)
+    if group != -1 and group < 1:
+        raise UsageError(f"--quant-group must be a positive group size or -1, got {group}")
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:

@@ -38,7 +38,9 @@ def options_from_args(args: argparse.Namespace, n_prompts: int = 1) -> EngineOpt
     batch = args.batch or max(1, min(n_prompts, DEFAULT_MAX_BATCH))
     return EngineOptions(device=args.device, dtype=args.dtype, kernels=args.kernels, vram_budget=args.vram_budget,
                          host_budget=host, batch=batch, max_context=args.max_context,
-                         prefill_chunk=args.prefill_chunk, threads=threads or EngineOptions.threads)
+                         prefill_chunk=args.prefill_chunk, threads=threads or EngineOptions.threads,
+                         quantize=getattr(args, "quantize", None), quant_group=getattr(args, "quant_group", 128),
+                         quant_cache=getattr(args, "quant_cache", False))
 
 
 def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: bool) -> str | None:
@@ -47,10 +49,12 @@ def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: 
     if opts.dtype != "auto" or pick_device(opts.device).type != "cpu" or files.ckpt.dtype == torch.float32:
         return None
     from engine.footprint import plan_model
+    from engine.quant.checkpoint import layer_quant
     machine = Machine.probe("cpu")
+    quant = layer_quant(files.ckpt, files.cfg, files.quant, opts.quantize, opts.quant_group)  # bad flags: an error
     try:
         fp32 = PlanBytes.of(plan_model(files.cfg, {n: i.nbytes for n, i in files.ckpt.tensors.items()},
-                                       torch.float32, vram_budget=opts.vram_budget, host_budget=opts.host_budget,
+                                       torch.float32, quant, vram_budget=opts.vram_budget, host_budget=opts.host_budget,
                                        batch=opts.batch, max_context=opts.max_context,
                                        prefill_chunk=opts.prefill_chunk))
         file_dtype = "bfloat16" if files.ckpt.dtype == torch.bfloat16 else "float16"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from engine.layout import expected_tensors
 from engine.model import Model
 from engine.ops import make_ops
 from engine.preflight import Machine, PlanBytes, check_fits
+from engine.quant.checkpoint import layer_quant, read_quantization, validate_quant_checkpoint
+from engine.quant.config import QuantizationConfig
 from engine.tokenizer import Tokenizer
 from engine.weights import ModelWeights
 from memory.allocator_cap import AllocatorCap
@@ -45,6 +48,9 @@ class EngineOptions:
     trace: bool = False
     cuda_graph: bool = True  # replay the decode step as CUDA graphs (CUDA + triton kernels; see engine.graphs)
     cap_allocator: bool = True  # with a vram_budget on CUDA: the process's reserved memory stays inside it
+    quantize: str | None = None  # int8 | int4: round-to-nearest the layers' linear weights at load
+    quant_group: int = 128  # --quantize group size (-1: one scale per output row)
+    quant_cache: bool = False  # keep repacked / rounded layers in a cache file (engine.quant.cache)
 
 
 def pick_device(name: str) -> torch.device:
@@ -77,15 +83,20 @@ class ModelFiles:
     cfg: ModelConfig
     ckpt: Checkpoint
     tokenizer: Tokenizer
+    quant: QuantizationConfig | None = None  # config.json's quantization_config
 
 
 def open_model(model_dir: str | Path) -> ModelFiles:
     """Check a model directory in order (config, checkpoint headers against it, tokenizer)."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_file(model_dir / "config.json")
+    quant = read_quantization(model_dir)
     ckpt = Checkpoint(model_dir)
-    ckpt.validate(expected_tensors(cfg))
-    return ModelFiles(model_dir, cfg, ckpt, Tokenizer.from_dir(model_dir))
+    if quant is None:
+        ckpt.validate(expected_tensors(cfg))
+    else:
+        validate_quant_checkpoint(ckpt, cfg, quant)
+    return ModelFiles(model_dir, cfg, ckpt, Tokenizer.from_dir(model_dir), quant)
 
 
 class Engine:
@@ -98,6 +109,7 @@ class Engine:
         files = model if isinstance(model, ModelFiles) else open_model(model)
         self.model_dir, self.cfg, self.ckpt, self.tokenizer = files.model_dir, files.cfg, files.ckpt, files.tokenizer
         self.dtype = pick_dtype(opts.dtype, self.ckpt.dtype, self.device)
+        self.quant = layer_quant(self.ckpt, self.cfg, files.quant, opts.quantize, opts.quant_group)
         kernels = opts.kernels if opts.kernels != "auto" else ("triton" if self.device.type == "cuda" else "torch")
         self.ops = make_ops(kernels)
         if opts.max_context < 2:
@@ -117,8 +129,16 @@ class Engine:
     def _load(self, progress) -> None:
         """Weights (resident ones onto the GPU), model, KV cache and the decode graph."""
         opts = self.opts
+        start = time.perf_counter()
         self.weights = ModelWeights(self.ckpt, self.cfg, self.plan, self.device, self.dtype,
-                                     threads=opts.threads, progress=progress, trace=opts.trace)
+                                     threads=opts.threads, progress=progress, trace=opts.trace, quant=self.quant,
+                                     quant_cache=opts.quant_cache)
+        self.quant_note = None  # for the CLI: how long converting / quantizing the layers took
+        if self.quant is not None:
+            how = "repacked from the checkpoint" if self.quant.source else "rounded to nearest on the host"
+            self.quant_note = (f"weights loaded with the layers as {self.quant.spec.label} ({how}) in "
+                               f"{time.perf_counter() - start:.1f} s")
+            log.info(self.quant_note)
         self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
         self.cache = KVCache(self.cfg, opts.batch, opts.max_context, self.dtype, self.device)
         self.graph = None
@@ -132,7 +152,7 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(self.device)
             log.info("GPU memory outside torch's allocator: %d MiB (%s)", outside.bytes >> 20, outside.source)
         gbps, source = h2d_bandwidth(self.device)
-        return plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype,
+        return plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
                           vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
                           batch=self.opts.batch, max_context=self.opts.max_context,
                           prefill_chunk=self.opts.prefill_chunk, device_free=free, h2d_gbps=gbps,

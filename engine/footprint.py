@@ -13,6 +13,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.layout import LayerLayout, expected_tensors
+from engine.quant.layout import LayerQuant, QuantLayerLayout
 from memory.footprint import Footprint, Module
 from memory.plan import Plan
 from memory.planner import make_plan, minimum_budget
@@ -25,23 +26,42 @@ def tensor_bytes_from_config(cfg: ModelConfig, file_dtype: torch.dtype) -> dict[
     return {name: math.prod(shape) * file_dtype.itemsize for name, shape in expected_tensors(cfg).items()}
 
 
-def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int] | None = None) -> Footprint:
+def _layer_file_bytes(cfg: ModelConfig, tb: dict[str, int], layout: LayerLayout | None) -> list[int]:
+    """Bytes each decoder layer's tensors take in the files (any format: every ``model.layers.{i}.`` tensor
+    of a quantized checkpoint; a full-precision one's layout names)."""
+    if layout is not None:
+        return [sum(tb[f"model.layers.{i}.{n}"] for n in layout.names) for i in range(cfg.num_hidden_layers)]
+    out = [0] * cfg.num_hidden_layers
+    for name, nbytes in tb.items():
+        if name.startswith("model.layers."):
+            out[int(name.split(".")[2])] += nbytes
+    return out
+
+
+def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int] | None = None,
+              quant: LayerQuant | None = None) -> Footprint:
     """The model's modules and per-token costs in compute ``dtype``.
 
     ``tensor_bytes`` maps checkpoint tensor names to their bytes in the files (``{n: i.nbytes for
-    n, i in ckpt.tensors.items()}``); absent, a checkpoint in ``dtype`` is assumed.
+    n, i in ckpt.tensors.items()}``); absent, a checkpoint in ``dtype`` is assumed. With ``quant`` the
+    layers are counted as their packed quantized bytes (what is kept in VRAM and streamed).
     """
     tb = tensor_bytes if tensor_bytes is not None else tensor_bytes_from_config(cfg, dtype)
-    missing = sorted(set(expected_tensors(cfg)) - set(tb))
+    # a quantized checkpoint's layers have the format's tensor names: their file bytes are summed by prefix
+    by_prefix = quant is not None and quant.source is not None and tensor_bytes is not None
+    expected = {EMBED, "model.norm.weight"} if by_prefix else set(expected_tensors(cfg))
+    missing = sorted(expected - set(tb))
     if missing:
         raise ValueError(f"tensor sizes lack {len(missing)} tensors the config implies (e.g. {missing[:3]}): "
                          "pass {name: info.nbytes for name, info in ckpt.tensors.items()} of a matching checkpoint")
-    size, layout = dtype.itemsize, LayerLayout.build(cfg, dtype)
+    size = dtype.itemsize
+    dense = LayerLayout.build(cfg, dtype)
+    layer_bytes = QuantLayerLayout.build(cfg, dtype, quant).nbytes if quant else dense.nbytes
     table = cfg.vocab_size * cfg.hidden_size * size
     head_file = tb[EMBED if cfg.tie_word_embeddings else LM_HEAD]
     modules = [Module("embed_tokens", "embedding", table, tb[EMBED])]
-    modules += [Module(f"layers.{i}", "layer", layout.nbytes,
-                       sum(tb[f"model.layers.{i}.{n}"] for n in layout.names)) for i in range(cfg.num_hidden_layers)]
+    files = _layer_file_bytes(cfg, tb, None if by_prefix else dense)
+    modules += [Module(f"layers.{i}", "layer", layer_bytes, files[i]) for i in range(cfg.num_hidden_layers)]
     modules += [Module("norm", "norm", cfg.hidden_size * size, tb["model.norm.weight"]),
                 Module("lm_head", "lm_head", table, head_file)]
     # per prefill token: ~6 hidden-sized tensors, fused qkv, attention output, gate_up and the SwiGLU output
@@ -52,15 +72,19 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         act_bytes_per_token=act * size, state_bytes_per_token=2 * cfg.hidden_size * size,  # hidden + residual
         logits_bytes_per_seq=cfg.vocab_size * 4 * 2,  # fp32 logits + scratch
         rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
-        max_positions=cfg.max_position_embeddings, dtype=str(dtype).removeprefix("torch."))
+        max_positions=cfg.max_position_embeddings,
+        dtype=str(dtype).removeprefix("torch.") + (f", {quant.spec.label}" if quant else ""))
 
 
-def plan_model(cfg: ModelConfig, tensor_bytes: dict[str, int] | None, dtype: torch.dtype, **workload) -> Plan:
-    """``memory.planner.make_plan`` for this model (keywords: budgets, batch, context, bandwidths)."""
-    return make_plan(footprint(cfg, dtype, tensor_bytes), **workload)
+def plan_model(cfg: ModelConfig, tensor_bytes: dict[str, int] | None, dtype: torch.dtype,
+               quant: LayerQuant | None = None, **workload) -> Plan:
+    """``memory.planner.make_plan`` for this model (keywords: budgets, batch, context, bandwidths);
+    ``quant``: the layers' linear weights are held packed (``engine.quant.checkpoint.layer_quant``)."""
+    return make_plan(footprint(cfg, dtype, tensor_bytes, quant), **workload)
 
 
 def min_budget(cfg: ModelConfig, dtype: torch.dtype, *, batch: int = 1, max_context: int = 4096,
-               prefill_chunk: int = 2048) -> int:
+               prefill_chunk: int = 2048, quant: LayerQuant | None = None) -> int:
     """``memory.planner.minimum_budget`` for this model in compute ``dtype``."""
-    return minimum_budget(footprint(cfg, dtype), batch=batch, max_context=max_context, prefill_chunk=prefill_chunk)
+    return minimum_budget(footprint(cfg, dtype, None, quant), batch=batch, max_context=max_context,
+                          prefill_chunk=prefill_chunk)

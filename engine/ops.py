@@ -17,6 +17,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from engine.quant.spec import QuantWeight, dequantize
+
 
 class TorchOps:
     """Plain torch ops in the compute dtype (norms and softmax in fp32, like HF)."""
@@ -33,7 +35,9 @@ class TorchOps:
         residual = residual + x
         return self.rmsnorm(residual, w, eps), residual
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, QuantWeight):  # dequantized per call, never kept: the packed bytes stay the copy
+            w = dequantize(w).to(x.dtype)
         return F.linear(x, w, b)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -94,6 +98,8 @@ class TritonOps(TorchOps):
     def __init__(self) -> None:
         from kernels import (add_rmsnorm, attention_decode, attention_prefill, embedding, kv_append, linear,
                              rmsnorm, rope, swiglu)
+        from kernels import qlinear
+        self._qlinear = qlinear.qlinear
         self._k = dict(rmsnorm=rmsnorm.rmsnorm, add_rmsnorm=add_rmsnorm.add_rmsnorm, linear=linear.linear,
                        swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
                        prefill=attention_prefill.attention_prefill, decode=attention_decode.attention_decode,
@@ -108,6 +114,8 @@ class TritonOps(TorchOps):
         return self._k["add_rmsnorm"](x, residual, w, eps)
 
     def linear(self, x, w, b=None):
+        if isinstance(w, QuantWeight):  # dequantized in the kernel's registers
+            return self._qlinear(x, w.qweight, w.scales, w.zeros, w.spec.bits, b, w.perm)
         return self._k["linear"](x, w, b)
 
     def swiglu(self, gate_up):

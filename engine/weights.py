@@ -10,12 +10,15 @@ model typed views of their buffers (``engine.model.WeightSource``).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.layout import LayerLayout
+from engine.quant.cache import packed_layers_file
+from engine.quant.layout import LayerQuant, QuantLayerLayout
 from memory.plan import Plan
 from streamer.stream import WeightStreamer
 from streamer.sync import SyncLog
@@ -25,11 +28,22 @@ from streamer.units import Span, Tier, UnitSpec
 class UnitBuilder:
     """Unit specs of one model's layers and lm_head chunks in a compute dtype."""
 
-    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, layout: LayerLayout) -> None:
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, layout: LayerLayout | QuantLayerLayout,
+                 packed_file: Path | None = None) -> None:
         self.ckpt, self.cfg, self.layout, self.dtype = ckpt, cfg, layout, layout.dtype
+        self.packed_file = packed_file  # engine.quant.cache: every layer's packed bytes, in order
         self.head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
 
     def layer(self, i: int, tier: Tier) -> UnitSpec:
+        if isinstance(self.layout, QuantLayerLayout):  # raw file bytes where they are canonical, else a packer
+            if self.packed_file is not None:
+                nbytes = self.layout.nbytes
+                return UnitSpec(f"layer.{i}", nbytes, tier, spans=(Span(self.packed_file, i * nbytes, nbytes, 0),))
+            pairs = self.layout.file_spans(f"model.layers.{i}", {n: t.dtype for n, t in self.ckpt.tensors.items()})
+            if pairs:
+                spans = tuple(Span(*self.ckpt.raw_span(name), dest) for name, dest in pairs)
+                return UnitSpec(f"layer.{i}", self.layout.nbytes, tier, spans=spans)
+            return UnitSpec(f"layer.{i}", self.layout.nbytes, tier, pack=lambda buf: self.pack_quant(i, buf))
         names = {n: f"model.layers.{i}.{n}" for n in self.layout.names}
         spans = [self._span(full, self.layout.entries[n].offset) for n, full in names.items()]
         if all(spans):
@@ -40,6 +54,13 @@ class UnitBuilder:
             for full in names.values():
                 self.ckpt.release(full)
         return UnitSpec(f"layer.{i}", self.layout.nbytes, tier, pack=pack)
+
+    def pack_quant(self, i: int, buf: torch.Tensor) -> None:
+        """Pack quantized layer i into ``buf`` on the host (convert or round its projections)."""
+        prefix = f"model.layers.{i}."
+        self.layout.pack(lambda n: self.ckpt.tensor(n) if n in self.ckpt.tensors else None, f"model.layers.{i}", buf)
+        for name in [n for n in self.ckpt.tensors if n.startswith(prefix)]:
+            self.ckpt.release(name)
 
     def lm_head_chunks(self, chunks: int, tier: Tier) -> list[UnitSpec]:
         """lm_head in ``chunks`` units of consecutive vocabulary rows."""
@@ -74,11 +95,13 @@ class ModelWeights:
 
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, plan: Plan, device: torch.device | str,
                  dtype: torch.dtype, threads: int = 8, progress=None, log_sync: SyncLog | None = None,
-                 trace: bool = False) -> None:
+                 trace: bool = False, quant: LayerQuant | None = None, quant_cache: bool = False) -> None:
         self.ckpt, self.cfg, self.plan, self.dtype = ckpt, cfg, plan, dtype
         self.device = torch.device(device)
-        self.layout = LayerLayout.build(cfg, dtype)
+        self.layout = QuantLayerLayout.build(cfg, dtype, quant) if quant else LayerLayout.build(cfg, dtype)
         build = UnitBuilder(ckpt, cfg, self.layout)
+        if quant_cache and quant is not None:
+            build.packed_file = packed_layers_file(ckpt, self.layout, cfg.num_hidden_layers, build.pack_quant, threads)
         tiers = {i: ("disk" if i in plan.disk_layers else "pinned") for i in plan.streamed_layers}
         units = [build.layer(i, tiers[i]) for i in plan.streamed_layers]
         if not plan.lm_head_resident:

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 
 from tools.bench_attention import bench_decode_attn, bench_prefill_attn
 from tools.bench_common import ROTATE_BYTES, Bench, copies, rel_err
+from tools.bench_quant import bench_qlinear
 
 # name, K, N of the Qwen2.5-7B projections (hidden 3584, intermediate 18944, vocab 152064)
 QWEN7B_LINEAR = [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888),
                  ("down", 18944, 3584), ("lm_head", 3584, 152064)]
-GROUPS = ("ceilings", "gemv", "gemm", "decode_attn", "prefill_attn", "elementwise")
+GROUPS = ("ceilings", "gemv", "gemm", "decode_attn", "prefill_attn", "elementwise", "qgemv", "qgemm")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
              "gemm": lambda: bench_linear(b, "gemm", [t]),
              "decode_attn": lambda: bench_decode_attn(b, _ints(args.contexts), _ints(args.decode_batches)),
              "prefill_attn": lambda: bench_prefill_attn(b, t),
-             "elementwise": lambda: bench_elementwise(b, t)}
+             "elementwise": lambda: bench_elementwise(b, t),
+             "qgemv": lambda: bench_qlinear(b, "qgemv", _ints(args.batches)),
+             "qgemm": lambda: bench_qlinear(b, "qgemm", [t])}
     for g in groups:
         if g in steps:
             steps[g]()

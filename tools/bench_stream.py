@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.engine import Engine, EngineOptions
 from engine.generate import decode_step, prefill
+from engine.layout import expected_tensors
 from memory.bandwidth import disk_read_bandwidth, measure_h2d
 from memory.units import format_size, parse_size
 from streamer.trace import busy_fraction, write_chrome_trace
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerate", action="store_true", help="also run HF accelerate offload at each budget")
     p.add_argument("--disk-host-budget", help="also run the first budget at batch 1 with this host budget, so "
                    "part of the streamed layers is read from the checkpoint file (disk tier)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="round a bf16/fp16 checkpoint's layers at load "
+                   "(quantized checkpoints, e.g. tools.synth --quant awq, are detected without it)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--tag", default="stream")
     return p
@@ -97,7 +99,7 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
                out_dir: Path, host_budget: int | None = None) -> dict:
     ctx = args.context if batch == 1 else args.batch_context
     opts = EngineOptions(device="cuda", kernels=args.kernels, vram_budget=budget, batch=batch, max_context=ctx,
-                         host_budget=host_budget, trace=True)
+                         host_budget=host_budget, trace=True, quantize=args.quantize)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     h2d = measure_h2d(torch.device("cuda"))
     args.gemm_tflops = _gemm_tflops()
     cfg = ModelConfig.from_file(Path(args.model) / "config.json")
-    params = sum(math.prod(v.shape) for v in Checkpoint(args.model).tensors.values())
+    params = sum(math.prod(shape) for shape in expected_tensors(cfg).values())  # logical: packed codes count once each
     flops_per_token = 2 * params  # one multiply-add per weight per token
     args.disk_gbps = disk_read_bandwidth(sorted(Path(args.model).glob("*.safetensors"))[0], 2 << 30)
     print(f"pinned H2D {h2d:.1f} GB/s | bf16 GEMM {args.gemm_tflops:.0f} TFLOP/s | checkpoint read "

@@ -32,6 +32,7 @@ from engine.config import ModelConfig  # noqa: E402
 from engine.engine import pick_dtype  # noqa: E402
 from engine.footprint import tensor_bytes_from_config  # noqa: E402
 from engine.layout import expected_tensors  # noqa: E402
+from engine.quant.checkpoint import layer_quant, read_quantization, rtn_quant, validate_quant_checkpoint  # noqa: E402
 from memory.bandwidth import DEFAULT_H2D_GBPS, DEFAULT_SOURCE, default_cache_path, device_key, load_cache  # noqa: E402
 from memory.units import format_size  # noqa: E402
 from streamer.trace import write_chrome_trace  # noqa: E402
@@ -117,11 +118,17 @@ def _plan_only(args, notes: list[str]) -> tuple[dict, PlanInputs, int | None, in
             raise ValueError(f"unknown --preset {args.preset!r}; known presets: {', '.join(PRESETS)}")
         cfg, file_dtype = ModelConfig.from_dict(build_config(key, "bf16")), torch.bfloat16
         tensor_bytes, source = tensor_bytes_from_config(cfg, file_dtype), f"preset {key} (no checkpoint)"
+        quant = rtn_quant(cfg, args.quantize, args.quant_group, file_dtype) if args.quantize else None
     else:
         model_dir, _ = resolve_or_default(args.model)
         cfg = ModelConfig.from_file(model_dir / "config.json")
         ckpt = Checkpoint(model_dir)  # headers only
-        ckpt.validate(expected_tensors(cfg))
+        qc = read_quantization(model_dir)
+        if qc is None:
+            ckpt.validate(expected_tensors(cfg))
+        else:
+            validate_quant_checkpoint(ckpt, cfg, qc)
+        quant = layer_quant(ckpt, cfg, qc, args.quantize, args.quant_group)
         tensor_bytes, file_dtype, source = {n: i.nbytes for n, i in ckpt.tensors.items()}, ckpt.dtype, str(model_dir)
     gpu = _size(args, "gpu_memory")
     local = torch.cuda.is_available() and args.device != "cpu"
@@ -140,7 +147,8 @@ def _plan_only(args, notes: list[str]) -> tuple[dict, PlanInputs, int | None, in
     kwargs = dict(vram_budget=_size(args, "vram_budget"), host_budget=host_budget, batch=args.batch,
                   max_context=args.max_context, prefill_chunk=args.prefill_chunk, device_free=free,
                   h2d_gbps=h2d[0], h2d_source=h2d[1], disk_gbps=args.disk_gbps)
-    return _model_info(cfg, source, file_dtype, tensor_bytes), PlanInputs(cfg, tensor_bytes, dtype, kwargs), free, total
+    inputs = PlanInputs(cfg, tensor_bytes, dtype, kwargs, quant)
+    return _model_info(cfg, source, file_dtype, tensor_bytes), inputs, free, total
 
 
 def _host_planned(plan, rows: list[dict], ram_total: int | None) -> dict:
@@ -184,7 +192,7 @@ def _full_run(args, notes: list[str]) -> tuple[dict, PlanInputs, dict]:
         tensor_bytes = {n: i.nbytes for n, i in engine.ckpt.tensors.items()}
         inputs = PlanInputs(engine.cfg, tensor_bytes, engine.dtype,
                             dict(batch=plan.batch, max_context=plan.max_context, prefill_chunk=plan.prefill_chunk,
-                                 h2d_gbps=plan.h2d_gbps, h2d_source=plan.h2d_source))
+                                 h2d_gbps=plan.h2d_gbps, h2d_source=plan.h2d_source), engine.quant)
         part = {"mode": "cuda" if cuda else "cpu", "plan_obj": plan,
                 "model": _model_info(engine.cfg, str(engine.model_dir), engine.ckpt.dtype, tensor_bytes),
                 "measured_vram": vram, "host_measured": measure_host(engine), "timing": timing,

@@ -11,6 +11,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.footprint import min_budget, plan_model
+from engine.quant.layout import LayerQuant
 from memory.plan import ALLOCATOR_ALLOWANCE, Plan
 from memory.units import format_size
 from tools.memreport_measure import logits_bytes
@@ -24,15 +25,16 @@ class PlanInputs:
     tensor_bytes: dict[str, int]  # checkpoint header bytes (or what a file would hold)
     dtype: torch.dtype  # compute dtype
     kwargs: dict = field(default_factory=dict)  # plan_model keyword arguments
+    quant: LayerQuant | None = None  # quantized layers (engine.quant.checkpoint.layer_quant)
 
     def plan(self, **override) -> Plan:
-        return plan_model(self.cfg, self.tensor_bytes, self.dtype, **{**self.kwargs, **override})
+        return plan_model(self.cfg, self.tensor_bytes, self.dtype, self.quant, **{**self.kwargs, **override})
 
     def pinned_to(self, plan: Plan) -> PlanInputs:
         """The same inputs with the budgets ``plan`` resolved (so what-ifs neither re-read free memory nor RAM)."""
         kw = {**self.kwargs, "vram_budget": plan.budget_bytes, "host_budget": plan.host_budget_bytes,
               "device_free": None}
-        return PlanInputs(self.cfg, self.tensor_bytes, self.dtype, kw)
+        return PlanInputs(self.cfg, self.tensor_bytes, self.dtype, kw, self.quant)
 
 
 def plan_categories(plan: Plan, cfg: ModelConfig) -> dict[str, int]:
@@ -109,7 +111,8 @@ def what_if(inputs: PlanInputs, plan: Plan, device_free: int | None = None) -> d
     free = plan.allocator_bytes - plan.total_bytes
     total_weights = sum(m.bytes for m in plan.modules)
     out: dict = {"free_in_budget_bytes": free, "layer_bytes": plan.layer_bytes,
-                 "minimum_budget_bytes": min_budget(cfg, inputs.dtype, batch=plan.batch, max_context=plan.max_context,
+                 "minimum_budget_bytes": min_budget(cfg, inputs.dtype, quant=inputs.quant, batch=plan.batch,
+                                                    max_context=plan.max_context,
                                                     prefill_chunk=plan.prefill_chunk),
                  "lines": []}
     lines = out["lines"]

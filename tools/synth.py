@@ -2,6 +2,10 @@
 
     python -m tools.synth --preset qwen2.5-7b --out DIR [--dtype bf16|fp16|fp32] [--seed N]
                           [--layers N] [--device cpu|cuda] [--force] [--max-shard-bytes N]
+                          [--quant awq|gptq|gptq8|ct-int4|int8]
+
+``--quant`` writes the layers' projections quantized, as that format's published checkpoints are
+(names, packing, ``quantization_config``, dtypes; see ``engine.synth.quant``).
 
 The command line over ``engine.synth`` (presets, tokenizer and writer live there, so the engine
 can synthesize its embedded default without reaching up into ``tools/``).
@@ -10,13 +14,15 @@ can synthesize its embedded default without reaching up into ``tools/``).
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 import time
 from pathlib import Path
 
+from engine.checkpoint import Checkpoint
 from engine.synth.presets import PRESETS
-from engine.synth.writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, SynthError, synthesize, tensor_specs
+from engine.synth.quant import QUANT_KINDS
+from engine.synth.writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, SynthError, synthesize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where random tensors are generated (cpu, cuda, cuda:N)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="shard size cap")
+    p.add_argument("--quant", choices=QUANT_KINDS, help="write a quantized checkpoint in this published format "
+                   "(its unquantized tensors in the format's dtype: fp16 for awq / gptq, bf16 otherwise)")
     return p
 
 
@@ -39,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         out = synthesize(args.preset, args.out, args.dtype, args.seed, args.layers, args.device,
-                         args.force, args.max_shard_bytes, progress=True)
+                         args.force, args.max_shard_bytes, progress=True, quant=args.quant)
     except SynthError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -47,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
-    specs = tensor_specs(json.loads((out / "config.json").read_text()), args.dtype)
-    nbytes, params = sum(s.nbytes for s in specs), sum(s.numel for s in specs)
-    print(f"wrote {out}: {len(specs)} tensors, {params:,} parameters, {nbytes:,} bytes "
+    infos = Checkpoint(out).tensors.values()
+    nbytes, params = sum(i.nbytes for i in infos), sum(math.prod(i.shape) for i in infos)
+    print(f"wrote {out}: {len(infos)} tensors, {params:,} parameters (stored elements), {nbytes:,} bytes "
           f"in {elapsed:.1f} s ({nbytes / max(elapsed, 1e-9) / 1e6:,.0f} MB/s)")
     return 0
 

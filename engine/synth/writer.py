@@ -41,6 +41,8 @@ DTYPES: dict[str, tuple[torch.dtype, str, str]] = {
     "fp16": (torch.float16, "F16", "float16"),
     "fp32": (torch.float32, "F32", "float32"),
 }
+# every tensor dtype a checkpoint may hold: the float ones plus the packed codes / shapes of quantized formats
+TENSOR_DTYPES = {**DTYPES, "i32": (torch.int32, "I32", "int32"), "i64": (torch.int64, "I64", "int64")}
 
 
 class SynthError(Exception):
@@ -63,7 +65,7 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         """Size in bytes of the stored tensor."""
-        return self.numel * DTYPES[self.dtype][0].itemsize
+        return self.numel * TENSOR_DTYPES[self.dtype][0].itemsize
 
 
 def _layer_specs(cfg: dict[str, Any], i: int, dtype: str) -> list[TensorSpec]:
@@ -140,7 +142,7 @@ def write_safetensors(path: Path, specs: list[TensorSpec], make: Callable[[Tenso
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for s in specs:
-        header[s.name] = {"dtype": DTYPES[s.dtype][1], "shape": list(s.shape),
+        header[s.name] = {"dtype": TENSOR_DTYPES[s.dtype][1], "shape": list(s.shape),
                           "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -149,7 +151,7 @@ def write_safetensors(path: Path, specs: list[TensorSpec], make: Callable[[Tenso
         f.write(len(blob).to_bytes(8, "little") + blob)
         for s in specs:
             t = make(s)
-            if tuple(t.shape) != s.shape or t.dtype != DTYPES[s.dtype][0]:
+            if tuple(t.shape) != s.shape or t.dtype != TENSOR_DTYPES[s.dtype][0]:
                 raise ValueError(f"{s.name}: got {tuple(t.shape)} {t.dtype}")
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             on_tensor(s)
@@ -205,7 +207,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _write_weights(tmp: Path, specs: list[TensorSpec], seed: int, device: str,
+def _write_weights(tmp: Path, specs: list[TensorSpec], make: Callable[[TensorSpec], torch.Tensor],
                    max_shard_bytes: int, progress: bool) -> None:
     """Write the safetensors file(s) and, when sharded, the index."""
     shards = plan_shards(specs, max_shard_bytes)
@@ -214,8 +216,7 @@ def _write_weights(tmp: Path, specs: list[TensorSpec], seed: int, device: str,
     total = sum(s.nbytes for s in specs)
     with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="tensors") as bar:
         for fname, shard in zip(names, shards):
-            write_safetensors(tmp / fname, shard, lambda s: make_tensor(s, seed, device),
-                              lambda s: bar.update(s.nbytes))
+            write_safetensors(tmp / fname, shard, make, lambda s: bar.update(s.nbytes))
     if n > 1:
         weight_map = {s.name: fname for fname, shard in zip(names, shards) for s in shard}
         index = {"metadata": {"total_parameters": sum(s.numel for s in specs), "total_size": total},
@@ -235,10 +236,28 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+def _quantized(cfg: dict[str, Any], dtype: str, quant: str, seed: int, device: str):
+    """(specs, make, config) of the ``quant`` variant of a checkpoint with config ``cfg``."""
+    from engine.synth.quant import QUANT_KINDS, QuantTensors, apply_quant
+
+    if quant not in QUANT_KINDS:
+        raise SynthError(f"unknown --quant {quant!r}; choose from {', '.join(QUANT_KINDS)}")
+    try:
+        qcfg = apply_quant(cfg, quant)
+    except ValueError as e:
+        raise SynthError(f"--quant {quant}: {e}") from e
+    qt = QuantTensors(quant, qcfg, tensor_specs(qcfg, dtype), seed, device)
+    return qt.specs, qt.make, qcfg
+
+
 def synthesize(preset: str, out: Path, dtype: str = "bf16", seed: int = 0, layers: int | None = None,
                device: str = "cpu", force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-               progress: bool = False) -> Path:
+               progress: bool = False, quant: str | None = None) -> Path:
     """Write a random-weight checkpoint of ``preset`` (name or HF repo id) to ``out``.
+
+    ``quant`` (one of ``engine.synth.quant.QUANT_KINDS``) writes the layers' projections quantized,
+    with the names, layout and ``quantization_config`` of that format's published checkpoints (its
+    unquantized tensors in the format's dtype, whatever ``dtype`` says).
 
     Raises ``SynthError`` for bad arguments or a non-empty ``out`` without ``force``; nothing is
     written then.  The checkpoint appears at ``out`` only once it is complete.  Returns ``out``.
@@ -248,6 +267,9 @@ def synthesize(preset: str, out: Path, dtype: str = "bf16", seed: int = 0, layer
     _check_out(out, force)
     tok = build_tokenizer(PRESET_FAMILY[name], relocate=is_tiny(name))
     cfg = build_config(name, dtype, layers, tok)
+    specs, make = tensor_specs(cfg, dtype), (lambda s: make_tensor(s, seed, device))
+    if quant is not None:
+        specs, make, cfg = _quantized(cfg, dtype, quant, seed, device)
     if cfg["vocab_size"] < tok.size:
         raise SynthError(f"vocab_size {cfg['vocab_size']} < tokenizer size {tok.size}")
     tok.fill(cfg["vocab_size"])  # every id the random weights may pick decodes to visible text
@@ -259,7 +281,7 @@ def synthesize(preset: str, out: Path, dtype: str = "bf16", seed: int = 0, layer
         _write_json(tmp / "config.json", cfg)
         _write_json(tmp / "generation_config.json", generation_config(name, tok))
         tok.write(tmp)
-        _write_weights(tmp, tensor_specs(cfg, dtype), seed, device, max_shard_bytes, progress)
+        _write_weights(tmp, specs, make, max_shard_bytes, progress)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

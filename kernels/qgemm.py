@@ -1,0 +1,164 @@
+# Quantized prefill GEMM: out = x @ dequant(w).T + bias (weight in the packed layout of
+# kernels/quant_common.py).
+#
+# Shapes:  x       [M, K]          any row stride, unit stride along K; bf16 / fp16 / fp32
+#          qweight int32 [N, K*BITS/32]; scales fp16 / bf16 [N, K/G]; zeros like scales or None
+#          perm    [K] or None     act-order input permutation (x[:, perm] is taken on the host)
+#          bias    [N]             x's dtype, optional
+#          out     [M, N]          new contiguous tensor, dtype of x
+# Scheme:  one program per [BLOCK_M, BLOCK_N] output tile, grouped (GROUP_M) program order so
+#          neighbouring programs share packed weight tiles in L2, as kernels/gemm.py's pointer
+#          family. Each K step loads the packed words of BLOCK_N rows (BLOCK_K * BITS / 8 bytes per
+#          row, contiguous), dequantizes them in fp32 registers (kernels.quant_common.load_dequant),
+#          casts to x's dtype and runs a tensor-core tl.dot with fp32 accumulation (fp32 inputs:
+#          input_precision="ieee").  Rows are clamped by % M / % N, only the K tail and the store
+#          are masked.
+# Tuning:  per (M bucket, N, K, G, BITS, zeros, x dtype, scale dtype, bias) at first use through
+#          kernels.tuning.fastest (CUDA-graph replays, cold where the packed weight fits the L2) and
+#          the on-disk tuning cache; KERNELS_AUTOTUNE=0 and the interpreter use a fixed config.
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import tuning_cache
+from kernels.mma import mma_nt
+from kernels.quant_common import check_quant_inputs, dequant_ref, load_dequant, permute_input, scale_mode
+from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def config(bm: int, bn: int, bk: int, group_m: int = 8, warps: int = 4, stages: int = 1) -> triton.Config:
+    """One launch config (tests pin configs with it)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [config(32, 32, 64, 4)]
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+        (128, 64, 64, 4, 4), (64, 128, 128, 4, 3), (64, 256, 64, 4, 3), (128, 128, 64, 4, 4),
+    ]
+    return [config(bm, bn, bk, 8, w, s) for bm, bn, bk, w, s in shapes]
+
+
+def _default_config() -> triton.Config:
+    return _configs()[0] if _INTERPRET else config(128, 128, 64, 8, 8, 3)
+
+
+@triton.jit
+def _qgemm_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, group, stride_xm, stride_qn, stride_sn, stride_om,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BITS: tl.constexpr, IS_FP32: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * grid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_w = offs_n % N
+    x_ptrs = x_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    dt = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = kb * BLOCK_K
+        w = load_dequant(q_ptr, s_ptr, z_ptr, rows_w, stride_qn, stride_sn, k0, K, group,
+                         HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K)
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        acc = mma_nt(a, w.to(dt), acc, IS_FP32, UPCAST)
+        x_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows_w).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+            bits: int, group: int, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    (M, K), N = x.shape, q.shape[0]
+    kw = cfg.kwargs
+    mode = scale_mode(group, K, kw["BLOCK_K"])
+    grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
+    _qgemm_kernel[grid](
+        x, q, s, s if z is None else z, bias if bias is not None else out, out,
+        M, N, K, group, x.stride(0), q.stride(0), s.stride(0), out.stride(0),
+        HAS_ZEROS=z is not None, HAS_BIAS=bias is not None, BITS=bits, IS_FP32=x.dtype == torch.float32,
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=kw["BLOCK_M"], BLOCK_N=kw["BLOCK_N"],
+        BLOCK_K=kw["BLOCK_K"], GROUP_M=kw["GROUP_M"], EVEN_K=K % kw["BLOCK_K"] == 0,
+        SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# (M bucket, N, K, G, bits, has_zeros, x dtype, scale dtype, has_bias) -> tuned config
+_TUNED: dict[tuple, triton.Config] = {}
+
+
+def _tuned(x, q, s, z, bits, group, bias, out) -> triton.Config:
+    """The cached config for this call; the first call of a key tunes it (timing into out)."""
+    (M, K), N = x.shape, q.shape[0]
+    key = (min(triton.next_power_of_2(M), 4096), N, K, group, bits, z is not None, x.dtype, s.dtype,
+           bias is not None)
+    cfg = _TUNED.get(key)
+    if cfg is None and tuning_suspended():
+        return _default_config()  # untimed, not cached
+    if cfg is None:
+        cands = _configs()
+        if os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
+            cands = [_default_config()]
+        nbytes = q.nbytes + s.nbytes + (z.nbytes if z is not None else 0)
+        timer = functools.partial(graph_ms, cold=fits_l2(nbytes, q.device))
+        run = functools.partial(_launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=bias, out=out)
+        tune = functools.partial(fastest, cands, run, timer, name="qgemm", device=x.device)
+        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "qgemm", key, cands, tune)
+    return cfg
+
+
+def _qgemm(x, qweight, scales, zeros, bits, bias=None, perm=None, cfg=None) -> torch.Tensor:
+    """:func:`qgemm` with an optional pinned launch config (tests force each path with it)."""
+    _, _, group = check_quant_inputs(x, qweight, scales, zeros, bits, bias)
+    x = permute_input(x, perm)
+    out = torch.empty((x.shape[0], qweight.shape[0]), device=x.device, dtype=x.dtype)
+    _launch(cfg or _tuned(x, qweight, scales, zeros, bits, group, bias, out),
+            x, qweight, scales, zeros, bits, group, bias, out)
+    return out
+
+
+def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+          bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefill matmul on a packed weight: ``x @ dequant(qweight, scales, zeros).T + bias`` as [M, N].
+
+    Operands as :func:`kernels.qgemv.qgemv` without the row limit; the weight is dequantized tile
+    by tile in registers, never into a full-precision copy.  The first call of a new shape tunes
+    its launch config.
+    """
+    return _qgemm(x, qweight, scales, zeros, bits, bias, perm)
+
+
+def qgemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+              bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 torch reference for :func:`qgemm` (returns float32)."""
+    xp = x.float() if perm is None else x.float()[:, perm.long()]
+    out = xp @ dequant_ref(qweight, scales, zeros, bits).T
+    return out if bias is None else out + bias.float()

@@ -1,0 +1,219 @@
+# Quantized decode GEMV / skinny GEMM: out = x @ dequant(w).T + bias for M = 1..64 token rows.
+#
+# Shapes:  x       [M, K]          any row stride, unit stride along K (M <= 64); bf16 / fp16 / fp32
+#          qweight int32 [N, K*BITS/32]  codes packed along K (layout: kernels/quant_common.py)
+#          scales  [N, K/G]        fp16 / bf16;  zeros: like scales, or None (symmetric)
+#          perm    [K] or None     act-order input permutation (x[:, perm] is taken on the host)
+#          bias    [N]             x's dtype, optional
+#          out     [M, N]          new contiguous tensor, dtype of x
+# Scheme:  memory-bound on the packed bytes.  Program (n, s) owns BLOCK_N weight rows and the s-th
+#          of SPLIT_K slices of K and streams its packed words once (each row's words are one
+#          contiguous run: coalesced, evict-first), unpacks the codes with shifts and dequantizes in
+#          fp32 registers (kernels.quant_common.load_dequant); x is re-read from L1/L2.
+#          M == 1: CUDA-core FMAs into a [BLOCK_N, BLOCK_K] fp32 tile, reduced once after the loop.
+#          M >= 2: the dequantized tile, cast to x's dtype, goes through tensor-core tl.dot (x padded
+#          to BLOCK_M = max(16, next_pow2(M)) rows), in either operand order (SWAP_AB as in
+#          kernels/gemv.py).  SPLIT_K > 1 writes fp32 partials summed by the last program of the
+#          N block (ticket) or by kernels/gemv.py's reduce kernel.
+# Tuning:  per (M bucket, N, K, G, BITS, zeros, x dtype, scale dtype, bias) on first use, through
+#          kernels.tuning.fastest and the on-disk tuning cache, timed cold where the packed weight
+#          fits the L2 (as kernels/gemv.py); KERNELS_AUTOTUNE=0 and the interpreter use one config.
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import tuning_cache
+from kernels.gemv import _finish_split_k, _gemv_splitk_reduce_kernel, _store_out
+from kernels.mma import mma_nt
+from kernels.quant_common import check_quant_inputs, dequant_ref, load_dequant, permute_input, scale_mode
+from kernels.tickets import counters, last_ticket
+from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# (BLOCK_N, BLOCK_K, num_warps, num_stages)
+_FMA_SHAPES = [(8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2), (16, 256, 4, 3), (32, 256, 8, 2)]
+_DOT_SHAPES = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3)]
+_SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
+_SPLITS = (1, 2, 4, 8)
+
+
+def config(bn: int, bk: int, sk: int = 1, swap: bool = False, warps: int = 4, stages: int = 1,
+           ticket: bool = False) -> triton.Config:
+    """One launch config (tests pin configs with it)."""
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SWAP_AB": swap, "TICKET": ticket},
+                         num_warps=warps, num_stages=stages)
+
+
+_DEFAULT_FMA = config(8, 512, stages=2)
+_DEFAULT_DOT = config(32, 128, stages=2)
+
+
+@triton.jit
+def _x_tile(x_ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(x_ptrs, eviction_policy="evict_last")
+    return tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0, eviction_policy="evict_last")
+
+
+@triton.jit
+def _qgemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, group, stride_xm, stride_qn, stride_sn, stride_om,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BITS: tl.constexpr, IS_FP32: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, TICKET: tl.constexpr,
+    SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(num_k, SPLIT_K)
+    kb_lo = tl.program_id(1) * per_split
+    kb_hi = tl.minimum(kb_lo + per_split, num_k)
+    rows_w = offs_n % N  # wrap the tail block onto valid rows; the store masks it
+    rows_x = tl.minimum(offs_m, M - 1)
+    x_ptrs = x_ptr + rows_x[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    dt = x_ptr.dtype.element_ty
+
+    if BLOCK_M == 1:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for kb in range(kb_lo, kb_hi):
+            w = load_dequant(q_ptr, s_ptr, z_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
+                             HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K)
+            x = _x_tile(x_ptrs + kb * BLOCK_K, offs_k, K - kb * BLOCK_K, EVEN_K)
+            acc2 += w * x.to(tl.float32)
+        acc = tl.sum(acc2, axis=1)[None, :]
+    elif SWAP_AB:  # weight rows are the MMA's M dimension, token rows its N
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kb in range(kb_lo, kb_hi):
+            w = load_dequant(q_ptr, s_ptr, z_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
+                             HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K)
+            x = _x_tile(x_ptrs + kb * BLOCK_K, offs_k, K - kb * BLOCK_K, EVEN_K)
+            acc_t = mma_nt(w.to(dt), x, acc_t, IS_FP32, UPCAST)
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(kb_lo, kb_hi):
+            w = load_dequant(q_ptr, s_ptr, z_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
+                             HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K)
+            x = _x_tile(x_ptrs + kb * BLOCK_K, offs_k, K - kb * BLOCK_K, EVEN_K)
+            acc = mma_nt(x, w.to(dt), acc, IS_FP32, UPCAST)
+
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        _store_out(acc, b_ptr, out_ptr, offs_m, offs_n, rows_w, stride_om, out_mask, HAS_BIAS)
+    else:
+        ws_ptrs = ws_ptr + (tl.program_id(1) * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(ws_ptrs, acc, mask=out_mask)
+        if TICKET:
+            if last_ticket(cnt_ptr + tl.program_id(0), tl.program_id(1), SPLIT_K):
+                tl.store(cnt_ptr + tl.program_id(0), 0)
+                _finish_split_k(ws_ptr, b_ptr, out_ptr, offs_m, offs_n, rows_w, M, N, stride_om,
+                                out_mask, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _candidates(block_m: int, N: int, K: int, sms: int) -> list[triton.Config]:
+    """Configs worth timing (one under the interpreter); split-K only where the grid lacks programs."""
+    if _INTERPRET:
+        return [config(16, 64, 2 if K >= 128 else 1)]
+    shapes = [(s, False) for s in _FMA_SHAPES] if block_m == 1 else \
+        [(s, False) for s in _DOT_SHAPES] + [(s, True) for s in _SWAP_SHAPES]
+    out = []
+    for (bn, bk, warps, stages), swap in shapes:
+        for sk in _SPLITS:
+            if sk > 1 and (triton.cdiv(N, bn) * sk > 6 * sms or triton.cdiv(K, bk) < 2 * sk):
+                continue
+            out.append(config(bn, bk, sk, swap, warps, stages, ticket=sk > 1))
+    return out
+
+
+def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+            bits: int, group: int, bias: torch.Tensor | None, out: torch.Tensor, block_m: int) -> None:
+    (M, K), N = x.shape, q.shape[0]
+    bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
+    ws = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if sk > 1 else out
+    b = bias if bias is not None else out
+    grid_n = triton.cdiv(N, bn)
+    cnt = counters(x.device, grid_n, "qgemv") if sk > 1 and cfg.kwargs.get("TICKET") else None
+    mode = scale_mode(group, K, bk)
+    _qgemv_kernel[(grid_n, sk)](
+        x, q, s, s if z is None else z, b, out, ws, out if cnt is None else cnt,
+        M, N, K, group, x.stride(0), q.stride(0), s.stride(0), out.stride(0),
+        HAS_ZEROS=z is not None, HAS_BIAS=bias is not None, BITS=bits, IS_FP32=x.dtype == torch.float32,
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
+        SPLIT_K=sk, EVEN_K=K % bk == 0, SWAP_AB=cfg.kwargs.get("SWAP_AB", False), TICKET=cnt is not None,
+        SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if sk > 1 and cnt is None:
+        _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
+            ws, b, out, M, N, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=sk, BLOCK=1024, num_warps=4)
+
+
+# (M bucket, N, K, G, bits, has_zeros, x dtype, scale dtype, has_bias) -> tuned config
+_TUNED: dict[tuple, triton.Config] = {}
+
+
+def _tuned(x, q, s, z, bits, group, bias, out, block_m) -> triton.Config:
+    """The cached config for this shape; the first call tunes it (timing into out)."""
+    (_, K), N = x.shape, q.shape[0]
+    key = (block_m, N, K, group, bits, z is not None, x.dtype, s.dtype, bias is not None)
+    cfg = _TUNED.get(key)
+    default = _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT
+    if cfg is None and (tuning_suspended() or x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return default  # untimed, not cached
+    if cfg is None:
+        cands = _candidates(block_m, N, K, _num_sms(x.device.index or 0) if x.is_cuda else 1)
+        if os.environ.get("KERNELS_AUTOTUNE", "1") == "0" and len(cands) > 1:
+            cands = [default]
+        nbytes = q.nbytes + s.nbytes + (z.nbytes if z is not None else 0)
+        timer = functools.partial(graph_ms, cold=fits_l2(nbytes, q.device))
+        run = functools.partial(_launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=bias, out=out,
+                                block_m=block_m)
+        tune = functools.partial(fastest, cands, run, timer, name="qgemv", device=x.device)
+        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "qgemv", key, cands, tune)
+    return cfg
+
+
+def _qgemv(x, qweight, scales, zeros, bits, bias=None, perm=None, cfg=None) -> torch.Tensor:
+    """:func:`qgemv` with an optional pinned launch config (tests force each path with it)."""
+    _, _, group = check_quant_inputs(x, qweight, scales, zeros, bits, bias)
+    M = x.shape[0]
+    if M > 64:
+        raise ValueError(f"qgemv supports at most 64 rows, got M={M}; use qgemm")
+    x = permute_input(x, perm)
+    out = torch.empty((M, qweight.shape[0]), device=x.device, dtype=x.dtype)
+    block_m = 1 if M == 1 else max(16, triton.next_power_of_2(M))
+    cfg = cfg or _tuned(x, qweight, scales, zeros, bits, group, bias, out, block_m)
+    _launch(cfg, x, qweight, scales, zeros, bits, group, bias, out, block_m)
+    return out
+
+
+def qgemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+          bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode matmul on a packed weight: ``x @ dequant(qweight, scales, zeros).T + bias`` as [M, N].
+
+    x: [M, K] (M in 1..64, unit stride along K, bf16/fp16/fp32); qweight int32 [N, K*bits/32];
+    scales fp16/bf16 [N, K/G]; zeros like scales or None (symmetric: 2**(bits-1)); perm int32 [K]
+    or None (act order); bias [N] in x's dtype or None.  fp32 accumulation, output in x's dtype;
+    each packed word is read once.  The first call of a new shape tunes its launch config.
+    """
+    return _qgemv(x, qweight, scales, zeros, bits, bias, perm)
+
+
+def qgemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+              bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 torch reference for :func:`qgemv` (returns float32)."""
+    xp = x.float() if perm is None else x.float()[:, perm.long()]
+    out = xp @ dequant_ref(qweight, scales, zeros, bits).T
+    return out if bias is None else out + bias.float()

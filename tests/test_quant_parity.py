@@ -1,0 +1,200 @@
+"""Quantized checkpoints end to end on the CPU (fp32 compute) against transformers.
+
+Each tiny model (Qwen2, Qwen3, Llama) is quantized by the writers of tests/quant_packers.py (AWQ
+and GPTQ packed from their published layouts, compressed-tensors by its own package); the
+reference is the transformers model carrying the *dequantized* weights. Checked: prefill and decode
+logits (resident), greedy tokens (resident, streamed from pinned memory and from disk), the plan's
+packed layer bytes and format label, ``--quantize`` (round to nearest at load), the Triton kernels
+under the interpreter, and the errors for bad quantized checkpoints.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.engine import Engine, EngineOptions
+from engine.footprint import min_budget
+from engine.generate import generate
+from engine.kv_cache import KVCache
+from engine.layout import LayerLayout
+from engine.quant.layout import QuantLayerLayout
+from engine.quant.rtn import quantize_rtn
+from engine.quant.spec import dequantize
+from engine.sampling import SamplingParams
+from tests.helpers import forward_decode, forward_prefill, make_engine, make_hf_model, random_prompts, rel_max_err
+from tests.quant_packers import FORMATS, quantize_model_dir
+
+TOL = 1e-4  # fp32 compute, torch kernels: relative to max |ref logits|
+TRITON_TOL = 1e-3
+FAMILIES = ("qwen2", "qwen3", "llama")
+
+
+@pytest.fixture(scope="module")
+def qmodel(tmp_path_factory, tokenizer_dir):
+    """``qmodel(family, fmt) -> (transformers model on dequantized weights, quantized model dir)``."""
+    built = {}
+
+    def get(family: str, fmt: str):
+        if (family, fmt) not in built:
+            tmp = tmp_path_factory.mktemp("quant")
+            ref, d = make_hf_model(family, tmp, tokenizer_dir=tokenizer_dir, seed=300 + FAMILIES.index(family))
+            deq = quantize_model_dir(d, tmp / f"{family}-{fmt}", fmt)
+            sd = ref.state_dict()
+            with torch.no_grad():
+                for name, w in deq.items():
+                    sd[name].copy_(w)
+            built[family, fmt] = (ref, tmp / f"{family}-{fmt}")
+        return built[family, fmt]
+
+    return get
+
+
+def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _check_logits(engine: Engine, ref, tol: float, seed: int) -> None:
+    cfg = engine.cfg
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        want = ref(ids).logits.float()
+    cache = KVCache(cfg, 2, 32, torch.float32, "cpu")
+    out = forward_prefill(engine.model, cache, ids[:, :7], last_only=False)
+    assert rel_max_err(out, want[:, :7]) <= tol
+    for t in range(7, 11):
+        assert rel_max_err(forward_decode(engine.model, cache, ids[:, t], t), want[:, t]) <= tol, f"position {t}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers_on_dequantized_weights(qmodel, family: str, fmt: str) -> None:
+    ref, d = qmodel(family, fmt)
+    engine = make_engine(d, max_context=32)
+    assert engine.quant is not None and engine.quant.source is not None
+    _check_logits(engine, ref, TOL, seed=FORMATS.index(fmt))
+    engine.close()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_greedy_resident_and_streamed(qmodel, fmt: str) -> None:
+    ref, d = qmodel("qwen2", fmt)
+    eng = make_engine(d)
+    prompt = random_prompts([6], eng.cfg.vocab_size, seed=5)[0]
+    want = _hf_greedy(ref, prompt, 12)
+    assert generate(eng, [prompt], SamplingParams(), max_new_tokens=12).token_ids[0] == want
+    low = min_budget(eng.cfg, torch.float32, max_context=64, prefill_chunk=2048, quant=eng.quant)
+    eng.close()
+    for host in (1 << 30, 0):  # pinned host tier, then every layer from disk
+        s = make_engine(d, vram_budget=low, host_budget=host)
+        assert s.plan.streamed_layers and not s.plan.resident_layers, s.plan.table()
+        assert generate(s, [prompt], SamplingParams(), max_new_tokens=12).token_ids[0] == want, f"host={host}"
+        s.close()
+
+
+def test_plan_counts_packed_bytes(qmodel) -> None:
+    _, d = qmodel("qwen2", "awq")
+    eng = make_engine(d)
+    packed = QuantLayerLayout.build(eng.cfg, torch.float32, eng.quant).nbytes
+    dense = LayerLayout.build(eng.cfg, torch.float32).nbytes
+    assert packed < dense / 4  # int4 codes + fp16 scales and zeros against fp32 weights
+    assert all(eng.plan.module(f"layers.{i}").bytes == packed for i in range(eng.cfg.num_hidden_layers))
+    assert "awq int4 g32" in eng.plan.table()
+    low = min_budget(eng.cfg, torch.float32, max_context=64, prefill_chunk=2048, quant=eng.quant)
+    s = make_engine(d, vram_budget=low)
+    assert s.plan.streamed_bytes_per_step >= eng.cfg.num_hidden_layers * packed
+    assert s.plan.slot_bytes >= packed and s.weights.stream.slot_bytes == s.plan.slot_bytes
+    s.close()
+    eng.close()
+
+
+@pytest.mark.parametrize("quantize,group", [("int4", 32), ("int8", 32), ("int8", -1)])
+def test_quantize_at_load(tmp_path, tokenizer_dir, quantize: str, group: int) -> None:
+    ref, d = make_hf_model("qwen3", tmp_path, tokenizer_dir=tokenizer_dir, seed=11)
+    eng = make_engine(d, max_context=32, quantize=quantize, quant_group=group)
+    assert eng.quant.spec.label.startswith(f"rtn {quantize} {'per-channel' if group == -1 else f'g{group}'}")
+    sd = ref.state_dict()
+    with torch.no_grad():
+        for name, w in sd.items():
+            if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+                w.copy_(dequantize(quantize_rtn(w, 8 if quantize == "int8" else 4, group)))
+    _check_logits(eng, ref, TOL, seed=3)
+    eng.close()
+
+
+def test_triton_kernels_on_quantized_layers(qmodel) -> None:
+    from engine.ops import TritonOps
+
+    ref, d = qmodel("qwen3", "gptq-actorder")
+    eng = make_engine(d, max_context=32)
+    eng.model.ops = TritonOps()
+    _check_logits(eng, ref, TRITON_TOL, seed=9)
+    eng.close()
+
+
+def _rewrite_config(d, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"].update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_bad_quantized_checkpoints(qmodel, tmp_path, tokenizer_dir) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, d = qmodel("llama", "awq")
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    _rewrite_config(bad, quant_method="bitsandbytes")
+    with pytest.raises(ValueError, match="quant_method 'bitsandbytes' is not supported"):
+        make_engine(bad)
+    _rewrite_config(bad, quant_method="awq", bits=3)
+    with pytest.raises(ValueError, match="awq with bits=3 is not supported"):
+        make_engine(bad)
+    _rewrite_config(bad, bits=4)
+    sd = load_file(str(bad / "model.safetensors"))
+    del sd["model.layers.1.mlp.down_proj.qzeros"]
+    sd["model.layers.0.self_attn.o_proj.scales"] = sd["model.layers.0.self_attn.o_proj.scales"][:1].clone()
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        make_engine(bad)
+    assert "missing tensors: model.layers.1.mlp.down_proj.qzeros" in str(e.value)
+    assert "model.layers.0.self_attn.o_proj.scales: expected float16 or bfloat16 [2, 64], got float16 [1, 64]" \
+        in str(e.value)
+    with pytest.raises(ValueError, match="already quantized"):
+        make_engine(d, quantize="int4")
+    sd = load_file(str(d / "model.safetensors"))
+    sd["lm_head.qweight"] = sd.pop("lm_head.weight")[:, :8].to(torch.int32).contiguous()
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head.qweight: a quantized lm_head is not supported"):
+        make_engine(bad)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset,kind", [("qwen2.5-7b", "awq"), ("qwen2.5-7b", "gptq8"), ("tiny-qwen3", "ct-int4")])
+def test_gpu_kernels_match_torch_dequantized_path(tmp_path, preset: str, kind: str) -> None:
+    """GPU: the quantized Triton kernels' logits against the torch path that dequantizes per layer."""
+    from engine.ops import TorchOps, TritonOps
+    from engine.synth.writer import synthesize
+
+    d = synthesize(preset, tmp_path / kind, quant=kind, layers=2, device="cuda")
+    eng = Engine(d, EngineOptions(device="cuda", dtype="bf16", kernels="triton", max_context=64, cuda_graph=False))
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for ops in (TorchOps(), TritonOps()):
+        eng.model.ops = ops
+        cache = KVCache(eng.cfg, 2, 64, torch.bfloat16, "cuda")
+        steps = [forward_prefill(eng.model, cache, ids[:, :33].cuda(), last_only=False)]  # qgemm (M = 66)
+        for t in range(33, 37):  # qgemv (M = 2)
+            steps.append(forward_decode(eng.model, cache, ids[:, t].cuda(), t))
+        outs.append(steps)
+    for a, b in zip(*outs):
+        assert rel_max_err(b, a) <= 3e-2
+    eng.close()
