@@ -78,8 +78,19 @@ class ModelFiles:
 
 
 def open_model(model_dir: str | Path) -> ModelFiles:
-    """Check a model directory in order (config, checkpoint headers against it, tokenizer)."""
+    """Check a model directory in order (config, checkpoint headers against it, tokenizer).
+
+    A ``.gguf`` file (or a directory holding one, or the first part of a split set) is read
+    by ``engine.gguf`` instead: config, tokenizer and weights all come from the file.
+    """
     model_dir = Path(model_dir)
+    from engine.gguf.paths import is_gguf_path  # the gguf package is imported for GGUF models only
+
+    if is_gguf_path(model_dir):
+        from engine.gguf import open_gguf
+
+        cfg, gguf_ckpt, tokenizer = open_gguf(model_dir)
+        return ModelFiles(model_dir, cfg, gguf_ckpt, tokenizer)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     ckpt = Checkpoint(model_dir)
     ckpt.validate(expected_tensors(cfg))
