@@ -103,8 +103,10 @@ def test_k_quant_file_has_llama_cpp_mix(gguf_model):
     _, path = gguf_model("llama", "Q4_K_M")
     files = open_gguf_files(path)
     types = {n: t.qtype.name for n, t in files.tensors.items()}
-    assert types["output.weight"] == "Q6_K" and types["blk.0.attn_v.weight"] == "Q6_K"
-    assert types["blk.1.attn_v.weight"] == "Q4_K" and types["blk.0.attn_q.weight"] == "Q4_K"
+    # llama.cpp's use_more_bits for 3 layers (integer division): layer 2 only (i >= 7 * 3 // 8)
+    assert types["output.weight"] == "Q6_K" and types["blk.2.attn_v.weight"] == "Q6_K"
+    assert types["blk.2.ffn_down.weight"] == "Q6_K" and types["blk.2.ffn_up.weight"] == "Q4_K"
+    assert types["blk.0.attn_v.weight"] == types["blk.1.ffn_down.weight"] == types["blk.0.attn_q.weight"] == "Q4_K"
     assert types["blk.0.attn_norm.weight"] == "F32" and types["token_embd.weight"] == "Q4_K"
 
 
