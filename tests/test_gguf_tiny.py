@@ -139,3 +139,24 @@ def test_read_into_row_ranges_equal_tensor(gguf_model, name):
         assert torch.equal(out, full[start:start + n]), (name, start, n)
     assert ckpt.raw_span(name) is None
     ckpt.close()
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path, tokenizer_dir):
+    """Llama 3 rope scaling survives the trip through llama.cpp's rope_freqs divisors: an F32 GGUF of a
+    llama3-rope model gives transformers' logits of the original checkpoint (transformers' own GGUF
+    loader drops rope_freqs, so the reference is the safetensors model)."""
+    from engine.gguf.writer import write_gguf
+    from tests.helpers import make_hf_model
+
+    ref, d = make_hf_model("llama3-rope", tmp_path, tokenizer_dir=tokenizer_dir, seed=4)
+    path = write_gguf(d, tmp_path / "l3.gguf", "F32")[0]
+    engine = make_engine(path, max_context=64)
+    want = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}
+    assert engine.cfg.rope_scaling == want
+    ids = torch.randint(0, engine.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = ref(ids).logits.float()
+    got = forward_prefill(engine.model, KVCache(engine.cfg, 1, 64, torch.float32, "cpu"), ids, last_only=False)
+    assert rel_max_err(got, expected) <= TOL
+    engine.close()

@@ -6,9 +6,14 @@ checkpoint with the ``engine.checkpoint.Checkpoint`` interface (Hugging Face ten
 layout; quantized tensors widened to floats as they are read) and a ``Tokenizer``. Only headers
 are parsed here; weights are read when the engine packs them.
 
-Modules: ``paths`` (which files), ``reader`` (headers), ``config`` (metadata -> ModelConfig),
-``vocab`` (tokenizer), ``names`` (tensor names, Q/K row order), ``dequant`` (block formats ->
-floats), ``checkpoint`` (the tensors by Hugging Face name).
+Modules: ``paths`` (which files), ``header`` + ``reader`` (headers), ``config`` (metadata ->
+ModelConfig), ``vocab`` (tokenizer), ``names`` (tensor names, Q/K row order), ``dequant`` (block
+formats -> floats), ``checkpoint`` (the tensors by Hugging Face name); for writing synthetic
+files: ``quantize`` (floats -> blocks) and ``writer``.
+
+Quantized weights are widened to floats once, as the engine packs them; mapping block formats
+onto packed quantized linear weights (issue 15's representation) is a later step: the
+checkpoint's ``raw_span`` / ``raw`` table and ``dequant.k_scales`` are where it would start.
 """
 
 from __future__ import annotations

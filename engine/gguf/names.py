@@ -33,7 +33,7 @@ LAYER = {
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-IGNORED = {"rope_freqs.weight"}  # llama3 rope factors: the engine computes them from the config
+IGNORED = {"rope_freqs.weight"}  # llama3 rope divisors: read into the config (engine.gguf.config)
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 

@@ -6,7 +6,8 @@ and benchmarks (``python -m tools.synth --format gguf``). What llama.cpp's conve
 
 * metadata under ``{arch}.*`` and ``tokenizer.*`` (byte-level BPE ``gpt2`` vocabulary from
   ``tokenizer.json``, token kinds, merges, chat template, BOS/EOS);
-* GGUF tensor names, llama's Q/K rows in llama.cpp's pair order, 1-D tensors in F32;
+* GGUF tensor names, llama's Q/K rows in llama.cpp's pair order, 1-D tensors in F32, Llama 3
+  rope scaling as ``rope_freqs.weight`` divisors;
 * the per-tensor types of a file type (:data:`FILE_TYPES`): e.g. Q4_K_M keeps ``attn_v`` and
   ``ffn_down`` of some layers and ``output`` in Q6_K, the rest in Q4_K.
 """
@@ -23,6 +24,7 @@ from gguf import GGMLQuantizationType as QT, GGUFWriter, LlamaFileType
 
 from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
+from engine.gguf.config import llama3_factors
 from engine.gguf.dequant import block_geometry
 from engine.gguf.names import GLOBAL, LAYER, permute_rows, permuted_heads
 from engine.gguf.quantize import quantize
@@ -116,6 +118,32 @@ def _model_kv(w: GGUFWriter, cfg: ModelConfig, file_type: str) -> None:
     w.add_quantization_version(2)
 
 
+def _rope_freqs(w: GGUFWriter, cfg: ModelConfig) -> None:
+    """Llama 3 rope scaling as llama.cpp's converter stores it: per-frequency divisors (rope_freqs.weight)."""
+    scaling = cfg.rope_scaling or {}
+    if cfg.model_type != "llama" or scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return
+    orig = int(scaling["original_max_position_embeddings"])
+    w.add_uint32(f"{cfg.model_type}.rope.scaling.original_context_length", orig)
+    factors = llama3_factors(cfg.head_dim, cfg.rope_theta, scaling["factor"], scaling["low_freq_factor"],
+                             scaling["high_freq_factor"], orig)
+    w.add_tensor("rope_freqs.weight", factors.numpy().astype("float32"))
+
+
+def _add_tensors(w: GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, file_type: str) -> None:
+    """Every checkpoint tensor under its GGUF name, llama Q/K rows in llama.cpp's order, quantized."""
+    for hf, info in ckpt.tensors.items():
+        name = gguf_name(hf)
+        x = ckpt.tensor(hf).float()
+        if (heads := permuted_heads(cfg, hf)) is not None:
+            x = permute_rows(x, heads)
+        qtype = tensor_type(file_type, name, info.shape, cfg.num_hidden_layers)
+        data = quantize(x, qtype)
+        if qtype in (QT.F32, QT.F16):  # plain numpy floats: the array's own shape (1-D stays 1-D)
+            data = data.reshape(info.shape)
+        w.add_tensor(name, data, raw_dtype=qtype)
+
+
 def write_gguf(model_dir: str | Path, out: str | Path, file_type: str = "Q8_0", split_max_tensors: int = 0,
                progress: bool = False) -> list[Path]:
     """Write the checkpoint in ``model_dir`` as GGUF at ``out``; returns the file(s) written.
@@ -133,16 +161,8 @@ def write_gguf(model_dir: str | Path, out: str | Path, file_type: str = "Q8_0", 
     w = GGUFWriter(out, cfg.model_type, split_max_tensors=split_max_tensors)
     _model_kv(w, cfg, file_type)
     _tokenizer_kv(w, model_dir, cfg)
-    for hf, info in ckpt.tensors.items():
-        name = gguf_name(hf)
-        x = ckpt.tensor(hf).float()
-        if (heads := permuted_heads(cfg, hf)) is not None:
-            x = permute_rows(x, heads)
-        qtype = tensor_type(file_type, name, info.shape, cfg.num_hidden_layers)
-        data = quantize(x, qtype)
-        if qtype in (QT.F32, QT.F16):  # plain numpy floats: the array's own shape (1-D stays 1-D)
-            data = data.reshape(info.shape)
-        w.add_tensor(name, data, raw_dtype=qtype)
+    _rope_freqs(w, cfg)
+    _add_tensors(w, ckpt, cfg, file_type)
     paths = w.format_shard_names(out) if split_max_tensors else [out]
     w.write_header_to_file()
     w.write_kv_data_to_file()
