@@ -34,7 +34,8 @@ def test_synth_gguf_refuses_non_empty_out(tmp_path, capsys):
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-qwen3"])
 def test_header_parser_equals_gguf_reader(tmp_path, capsys, preset):
     """Our header parser (engine.gguf.header) reads what the gguf package's GGUFReader reads."""
-    assert synth_main(["--preset", preset, "--out", str(tmp_path / "m"), "--format", "gguf", "--gguf-type", "Q8_0"]) == 0
+    argv = ["--preset", preset, "--out", str(tmp_path / "m"), "--format", "gguf", "--gguf-type", "Q8_0"]
+    assert synth_main(argv) == 0
     path = tmp_path / "m" / "model-Q8_0.gguf"
     ours, ref = open_gguf_files(path), GGUFReader(path)
     want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "gguf":
             path = synth_gguf(args)
             info = describe([path])
-            print(f"wrote {path}: {info['tensors']} tensors ({', '.join(f'{n} {k}' for k, n in info['types'].items())}), "
+            types = ", ".join(f"{n} {k}" for k, n in info["types"].items())
+            print(f"wrote {path}: {info['tensors']} tensors ({types}), "
                   f"{info['bytes']:,} bytes in {time.perf_counter() - start:.1f} s")
             return 0
         out = synthesize(args.preset, args.out, args.dtype, args.seed, args.layers, args.device,

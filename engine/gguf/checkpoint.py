@@ -167,8 +167,9 @@ class GGUFCheckpoint:
         problems += [f"{n} has shape {list(self.tensors[n].shape)}, the metadata implies {list(expected[n])}"
                      for n in sorted(want & found) if self.tensors[n].shape != tuple(expected[n])]
         if problems:
+            more = "\n  (more problems omitted)" if len(problems) > 12 else ""
             raise ValueError(f"GGUF file {self.model_dir} does not match its metadata:\n  - "
-                             + "\n  - ".join(problems[:12]) + ("\n  (more problems omitted)" if len(problems) > 12 else ""))
+                             + "\n  - ".join(problems[:12]) + more)
 
     @property
     def dtype(self) -> torch.dtype:

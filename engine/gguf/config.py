@@ -82,7 +82,8 @@ def _rope_from_freqs(files: GGUFModelFiles, arch: str, head_dim: int, theta: flo
     if t.qtype.name != "F32" or t.ne != (head_dim // 2,):
         raise ValueError(f"{files.path}: rope_freqs.weight is {t.qtype.name} {list(t.ne)}, expected F32 "
                          f"[{head_dim // 2}]; the file is corrupt")
-    factors = torch.from_numpy(np.fromfile(t.file, dtype="<f4", count=head_dim // 2, offset=t.offset).astype(np.float64))
+    raw = np.fromfile(t.file, dtype="<f4", count=head_dim // 2, offset=t.offset)
+    factors = torch.from_numpy(raw.astype(np.float64))
     if torch.allclose(factors, torch.ones_like(factors)):
         return None
     low, high, orig = LLAMA3_DEFAULTS

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer as _HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer as _HFTokenizer, decoders, models, pre_tokenizers, processors
 
 from engine.tokenizer import Tokenizer
 
@@ -36,6 +36,9 @@ PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _
 SPECIAL_KEYS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                 "pad_token": "padding_token_id"}
 EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+# special tokens llama.cpp also ends generation on, by their text (its "end of generation" set), since a
+# GGUF stores one eos id where generation_config.json listed several (e.g. Qwen's <|endoftext|>, <|im_end|>)
+EOG_TEXTS = {"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>"}
 
 
 def byte_alphabet() -> dict[int, str]:
@@ -111,6 +114,18 @@ def _add_tokens(tok: _HFTokenizer, tokens: list[str], types: list[int], byte_lev
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
 
 
+def _post_processor(tok: _HFTokenizer, special: dict[str, str], add_bos: bool, add_eos: bool) -> None:
+    """BOS / EOS around every encoded text (as transformers' tokenizer of the file does: a text that
+    itself starts with the BOS string still gets one more)."""
+    bos, eos = (special.get("bos_token") if add_bos else None), (special.get("eos_token") if add_eos else None)
+    if bos is None and eos is None:
+        return
+    single = " ".join([*([f"{bos}:0"] if bos else []), "$A:0", *([f"{eos}:0"] if eos else [])])
+    pair = " ".join([single, *([f"{bos}:1"] if bos else []), "$B:1", *([f"{eos}:1"] if eos else [])])
+    pairs = [(t, tok.token_to_id(t)) for t in (bos, eos) if t is not None]
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=pairs)
+
+
 def tokenizer_from_gguf(meta: dict[str, Any], source: str) -> Tokenizer:
     """The engine's Tokenizer (vocabulary, special tokens, eos ids, chat template) from GGUF metadata."""
     kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
@@ -122,12 +137,15 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str) -> Tokenizer:
         tok = _sentencepiece(meta, tokens)
     else:
         raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
-    special = {name: tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in SPECIAL_KEYS.items()
-               if isinstance(meta.get(f"tokenizer.ggml.{key}"), int) and 0 <= meta[f"tokenizer.ggml.{key}"] < len(tokens)}
-    _add_tokens(tok, tokens, meta.get("tokenizer.ggml.token_type") or [], kind == "gpt2", list(special.values()))
+    types = meta.get("tokenizer.ggml.token_type") or []
+    ids = {name: meta.get(f"tokenizer.ggml.{key}") for name, key in SPECIAL_KEYS.items()}
+    special = {name: tokens[i] for name, i in ids.items() if isinstance(i, int) and 0 <= i < len(tokens)}
+    _add_tokens(tok, tokens, types, kind == "gpt2", list(special.values()))
     eos = {meta[k] for k in EOS_KEYS if isinstance(meta.get(k), int)}
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")  # llama.cpp's default for SentencePiece
+    eos.update(i for i, k in enumerate(types) if k in (CONTROL, USER_DEFINED) and tokens[i] in EOG_TEXTS)
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))  # llama.cpp's default for SentencePiece
+    _post_processor(tok, special, add_bos, bool(meta.get("tokenizer.ggml.add_eos_token", False)))
     template = meta.get("tokenizer.chat_template")
     log.info("gguf tokenizer: %s, %d tokens, eos ids %s, add_bos %s, chat template %s", kind, len(tokens),
              sorted(eos), add_bos, "yes" if template else "no")
-    return Tokenizer(tok, special, template, eos, bool(add_bos))
+    return Tokenizer(tok, special, template, eos, add_bos)
