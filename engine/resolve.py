@@ -143,7 +143,7 @@ def resolve_model(spec: str) -> Path:
     if not spec:
         raise ModelNotFoundError("--model is empty; give a directory, ORG/NAME or an alias")
     path = Path(spec).expanduser()
-    path_like = _is_path_like(spec)
+    path_like = _is_path_like(spec) or spec.lower().endswith(".gguf")
     if path.exists() and (path_like or (path / "config.json").is_file()):
         if is_gguf_path(path):
             return path.resolve()

