@@ -138,6 +138,8 @@ def test_read_into_row_ranges_equal_tensor(gguf_model, name):
         ckpt.read_into(name, out, start)
         assert torch.equal(out, full[start:start + n]), (name, start, n)
     assert ckpt.raw_span(name) is None
+    if len(ckpt.tensors[name].shape) == 2:
+        assert torch.equal(ckpt.tensor_rows(name, 2, 7), ckpt.tensor(name)[2:7])
     ckpt.close()
 
 

@@ -100,6 +100,17 @@ class GGUFCheckpoint:
         heads = permuted_heads(self.cfg, name)
         return unpermute_rows(w, heads) if heads else w
 
+    def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of :meth:`tensor` (dim 0), widening only the blocks of those rows
+        (all rows for llama's Q/K, whose rows are interleaved per head). For lm_head chunks."""
+        t, info = self.raw[name], self.tensors[name]
+        assert len(t.shape) == 2 and 0 <= start <= stop <= t.shape[0], (name, start, stop)
+        if permuted_heads(self.cfg, name):
+            return self.tensor(name)[start:stop]
+        row = t.nbytes // t.shape[0]
+        raw = self._mapped_bytes(t)[start * row:stop * row]
+        return self._widen(t, raw, stop - start, info.dtype)
+
     def raw_span(self, name: str) -> None:
         """None: GGUF tensors have no byte span in the compute layout; use :meth:`tensor`."""
         assert name in self.tensors, name
