@@ -6,10 +6,11 @@ zero-copy views of the (private, copy-on-write) file map; quantized ones are wid
 blocks to float32 (exact for every supported format: the engine then casts to its compute dtype
 as it packs the layer), and llama's Q/K rows are put back in the Hugging Face order.
 
-Widening happens once per tensor as resident and pinned units are packed. The disk tier re-reads
-its units every step: ``read_into`` reads the quantized bytes with ``pread`` (dropped from the
-page cache after) and widens only the rows asked for. ``raw_span`` returns None: no tensor has a
-raw byte span in the compute layout, so the engine must go through ``tensor()``.
+Widening happens once per tensor as resident and pinned layers are packed (lm_head chunks packed
+through ``tensor()`` widen the whole table each; ``tensor_rows`` widens only a chunk's rows). The
+disk tier re-reads its units every step: ``read_into`` reads the quantized bytes of the rows asked
+for with ``pread`` (dropped from the page cache after) and widens those. ``raw_span`` returns None:
+no tensor has a raw byte span in the compute layout, so the engine must go through ``tensor()``.
 
 ``TensorInfo.nbytes`` is the tensor's size *in the file* (what a disk read costs), which for a
 quantized tensor is less than its widened size.

@@ -73,7 +73,8 @@ def _byte_level(tokens: list[str], merges: list[str], pre: str | None) -> _HFTok
 
 def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """SentencePiece merges implied by a scored vocabulary: every split of a token into two vocabulary
-    pieces, best token score first (ties: shorter left piece, then shorter right piece)."""
+    pieces, best token score first (ties: longer left piece, then longer right piece, then vocabulary
+    order), the order transformers' GGUF tokenizer derives."""
     ids = {t: i for i, t in enumerate(tokens)}
     found = []
     for token, score in zip(tokens, scores):
