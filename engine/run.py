@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model directory, HF repo id (Qwen/Qwen2.5-7B-Instruct) or alias "
-                   "(qwen2.5-7b); default: an embedded tiny random-weight model")
+    p.add_argument("--model", help="model directory, HF repo id (Qwen/Qwen2.5-7B-Instruct), alias (qwen2.5-7b) "
+                   "or a llama.cpp .gguf file (split sets: the first part); default: an embedded tiny "
+                   "random-weight model")
     p.add_argument("--prompt", help="prompt text; absent: interactive chat")
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--no-chat", action="store_true", help="send the prompt raw, without the chat template")
