@@ -42,3 +42,20 @@ def test_header_parser_equals_gguf_reader(tmp_path, capsys, preset):
     assert ours.metadata == want
     assert {t.name: (tuple(int(x) for x in t.shape), t.tensor_type, int(t.data_offset), int(t.n_bytes))
             for t in ref.tensors} == {n: (t.ne, t.qtype, t.offset, t.nbytes) for n, t in ours.tensors.items()}
+
+
+def test_memreport_plan_only_on_a_gguf(tmp_path, capsys):
+    """tools/memreport.py --plan-only reads a GGUF's headers; file bytes are the quantized sizes."""
+    import json
+
+    from tools import memreport
+
+    assert synth_main(["--preset", "tiny-qwen2", "--out", str(tmp_path / "m"), "--format", "gguf",
+                       "--gguf-type", "Q8_0"]) == 0
+    path = tmp_path / "m" / "model-Q8_0.gguf"
+    capsys.readouterr()
+    assert memreport.main(["--plan-only", "--model", str(path), "--json", "--out-dir", str(tmp_path / "r")]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    files = open_gguf_files(path)
+    used = sum(t.nbytes for n, t in files.tensors.items() if n != "rope_freqs.weight")
+    assert rep["model"]["file_bytes"] == used

@@ -25,11 +25,9 @@ if __package__ in (None, ""):  # run as a script: python tools/memreport.py
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from engine.checkpoint import Checkpoint  # noqa: E402
 from engine.cli_session import BUDGET_HELP, add_engine_args, load_engine, options_from_args, resolve_or_default  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.engine import pick_dtype  # noqa: E402
-from engine.layout import expected_tensors  # noqa: E402
+from engine.engine import open_model, pick_dtype  # noqa: E402
 from memory.bandwidth import DEFAULT_H2D_GBPS, DEFAULT_SOURCE, default_cache_path, device_key, load_cache  # noqa: E402
 from memory.planner import tensor_bytes_from_config  # noqa: E402
 from memory.units import format_size, parse_size  # noqa: E402
@@ -124,9 +122,8 @@ def _plan_only(args, notes: list[str]) -> tuple[dict, PlanInputs, int | None, in
         tensor_bytes, source = tensor_bytes_from_config(cfg, file_dtype), f"preset {key} (no checkpoint)"
     else:
         model_dir, _ = resolve_or_default(args.model)
-        cfg = ModelConfig.from_file(model_dir / "config.json")
-        ckpt = Checkpoint(model_dir)  # headers only
-        ckpt.validate(expected_tensors(cfg))
+        files = open_model(model_dir)  # headers only (a model directory or a GGUF file)
+        cfg, ckpt = files.cfg, files.ckpt
         tensor_bytes, file_dtype, source = {n: i.nbytes for n, i in ckpt.tensors.items()}, ckpt.dtype, str(model_dir)
     gpu = _size(args, "gpu_memory")
     local = torch.cuda.is_available() and args.device != "cpu"
