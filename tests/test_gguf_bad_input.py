@@ -107,3 +107,16 @@ def test_missing_gguf_file(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     msg = run_cli(capsys, Path("nothing-here.gguf"))
     assert "does not exist" in msg and "nothing-here.gguf" in msg, msg
+
+
+def test_metadata_missing_keys(capsys, tmp_path):
+    path = tmp_path / "bare.gguf"
+    w = GGUFWriter(path, "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    msg = run_cli(capsys, path)
+    assert "llama.embedding_length" in msg and "re-download" in msg, msg

@@ -162,3 +162,22 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path, tokenizer_dir):
     got = forward_prefill(engine.model, KVCache(engine.cfg, 1, 64, torch.float32, "cpu"), ids, last_only=False)
     assert rel_max_err(got, expected) <= TOL
     engine.close()
+
+
+@pytest.mark.parametrize("plan", ["stream-pinned", "stream-disk"])
+def test_half_precision_streaming_equals_resident(gguf_model, plan):
+    """In bf16 (the GPU case: widened float32 tensors differ from the compute dtype, so the disk tier
+    falls back from read_into to packing through tensor()) streamed layers give the resident logits."""
+    from memory.planner import minimum_budget
+
+    _, path = gguf_model("qwen2", "Q8_0")
+    resident = make_engine(path, dtype="bf16", max_context=32)
+    low = minimum_budget(resident.cfg, torch.bfloat16, batch=1, max_context=32, prefill_chunk=2048)
+    streamed = make_engine(path, dtype="bf16", max_context=32, vram_budget=low,
+                           host_budget=(1 << 30) if plan == "stream-pinned" else 0)
+    assert streamed.plan.streamed_layers and (plan == "stream-pinned" or streamed.plan.disk_layers)
+    prompt = random_prompts([6], resident.cfg.vocab_size, seed=12)[0]
+    outs = [generate(e, [prompt], SamplingParams(), max_new_tokens=8).token_ids[0] for e in (resident, streamed)]
+    assert outs[0] == outs[1]
+    resident.close()
+    streamed.close()
