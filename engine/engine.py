@@ -10,6 +10,8 @@ import torch
 
 from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
+from engine.gguf import open_gguf
+from engine.gguf.paths import is_gguf_path
 from engine.graphs import try_capture
 from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
@@ -84,12 +86,8 @@ def open_model(model_dir: str | Path) -> ModelFiles:
     by ``engine.gguf`` instead: config, tokenizer and weights all come from the file.
     """
     model_dir = Path(model_dir)
-    from engine.gguf.paths import is_gguf_path  # the gguf package is imported for GGUF models only
-
     if is_gguf_path(model_dir):
-        from engine.gguf import open_gguf
-
-        cfg, gguf_ckpt, tokenizer = open_gguf(model_dir)
+        cfg, gguf_ckpt, tokenizer = open_gguf(model_dir)  # imports the gguf package (GGUF models only)
         return ModelFiles(model_dir, cfg, gguf_ckpt, tokenizer)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     ckpt = Checkpoint(model_dir)
