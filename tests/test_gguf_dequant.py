@@ -62,7 +62,7 @@ def test_quantized_real_data_round_trips(qtype):
 
 def test_chunking_covers_every_block(monkeypatch):
     """More blocks than one widening chunk (the chunk is shrunk to 3 blocks to see it)."""
-    monkeypatch.setattr(dequant, "CHUNK_BLOCKS", 3)
+    monkeypatch.setattr(dequant, "CHUNK_VALUES", 3 * 256)
     raw = random_blocks(QT.Q6_K, 4, 2, seed=9)  # 8 blocks: chunks of 3, 3, 2
     torch.testing.assert_close(ours(raw, QT.Q6_K), torch.from_numpy(np_dequantize(raw, QT.Q6_K)),
                                rtol=1e-6, atol=1e-7)

