@@ -39,6 +39,7 @@ FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF
 _HF_TO_GGUF = {v: k for k, v in GLOBAL.items()} | {v: k for k, v in LAYER.items()}
 _PRE = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}  # pre-tokenizer split of the synth tokenizers
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}  # llama-quantize's, for rows % 256 != 0
 
 
 def gguf_name(hf: str) -> str:
@@ -66,8 +67,8 @@ def tensor_type(file_type: str, gguf: str, shape: tuple[int, ...], n_layers: int
         if gguf == "output.weight" or (layer >= 0 and ("attn_v" in gguf or "ffn_down" in gguf)
                                        and _more_bits(layer, n_layers)):
             base = QT.Q6_K
-    if shape[-1] % block_geometry(base)[0]:  # rows too short for the block: llama.cpp falls back too
-        base = QT.Q8_0 if shape[-1] % 32 == 0 else QT.F16
+    if shape[-1] % block_geometry(base)[0]:  # rows not a whole number of 256-value blocks: llama.cpp's fallbacks
+        base = _FALLBACK.get(base, QT.Q8_0) if shape[-1] % 32 == 0 else QT.F16
     return base
 
 
