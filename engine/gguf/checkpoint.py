@@ -76,6 +76,11 @@ class GGUFCheckpoint:
         self._maps: dict[Path, mmap.mmap] = {}
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        types: dict[str, int] = {}
+        for t in self.raw.values():
+            types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
+        log.info("gguf checkpoint: %s tensors, model dtype %s (quantized ones widen to float32 as read)",
+                 types, self._dtype)
 
     # ----- reading -----
     def _map(self, path: Path) -> mmap.mmap:

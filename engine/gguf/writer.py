@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from gguf import GGMLQuantizationType as QT, GGUFWriter, LlamaFileType
 
 from engine.checkpoint import Checkpoint
