@@ -12,6 +12,8 @@ import torch
 from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.footprint import plan_model
+from engine.gguf import open_gguf
+from engine.gguf.paths import is_gguf_path
 from engine.graphs import try_capture
 from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
@@ -87,8 +89,15 @@ class ModelFiles:
 
 
 def open_model(model_dir: str | Path) -> ModelFiles:
-    """Check a model directory in order (config, checkpoint headers against it, tokenizer)."""
+    """Check a model directory in order (config, checkpoint headers against it, tokenizer).
+
+    A ``.gguf`` file (or a directory holding one, or the first part of a split set) is read
+    by ``engine.gguf`` instead: config, tokenizer and weights all come from the file.
+    """
     model_dir = Path(model_dir)
+    if is_gguf_path(model_dir):
+        cfg, gguf_ckpt, tokenizer = open_gguf(model_dir)  # imports the gguf package (GGUF models only)
+        return ModelFiles(model_dir, cfg, gguf_ckpt, tokenizer)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     quant = read_quantization(model_dir)
     ckpt = Checkpoint(model_dir)

@@ -4,6 +4,8 @@ Accepted specs, tried in order:
 
 * a directory path (absolute, relative or ``~``-prefixed) holding ``config.json``, or a hub cache
   repo folder (``.../hub/models--Org--Name``), resolved to its snapshot;
+* a ``.gguf`` file, a directory holding one (and no ``config.json``), or the first part of a
+  split GGUF set;
 * a Hugging Face repo id ``ORG/NAME`` looked up in the local hub cache;
 * a short, case-insensitive alias (see ``engine.synth.presets.ALIASES``) resolved as a
   repo id, falling back to the base (non-Instruct) repo when needed.
@@ -19,6 +21,7 @@ import os
 import re
 from pathlib import Path
 
+from engine.gguf.paths import is_gguf_path
 from engine.synth.presets import ALIASES
 
 logger = logging.getLogger(__name__)
@@ -26,7 +29,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["ModelNotFoundError", "default_model_dir", "hf_hub_cache_dir", "resolve_model"]
 
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9_][\w.-]*/[\w.-]+$")
-_LAYOUT_HINT = "a Hugging Face model directory needs config.json + *.safetensors (+ tokenizer.json)"
+_LAYOUT_HINT = ("a Hugging Face model directory needs config.json + *.safetensors (+ tokenizer.json); "
+                "or pass a .gguf file")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -158,8 +162,10 @@ def resolve_model(spec: str) -> Path:
     if not spec:
         raise ModelNotFoundError("--model is empty; give a directory, ORG/NAME or an alias")
     path = Path(spec).expanduser()
-    path_like = _is_path_like(spec)
+    path_like = _is_path_like(spec) or spec.lower().endswith(".gguf")
     if path.exists() and (path_like or (path / "config.json").is_file()):
+        if is_gguf_path(path):
+            return path.resolve()
         return _check_model_dir(path)
     if _REPO_ID_RE.match(spec):
         return _resolve_repo(spec, [spec], None, [path.absolute()])

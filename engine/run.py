@@ -12,7 +12,7 @@ import sys
 from engine.cli_args import PROG, CliParser, UsageError, add_engine_args, check_args
 
 DESCRIPTION = """\
-Run a causal LLM (Qwen2/2.5/3, Llama 2/3/3.1, Mistral; safetensors) that may be larger than the
+Run a causal LLM (Qwen2/2.5/3, Llama 2/3/3.1, Mistral; safetensors or GGUF) that may be larger than the
 GPU's memory: the layers that do not fit a --vram-budget stream from pinned host memory (or from
 the checkpoint on disk) while the GPU computes. With no --model it runs a tiny random-weight model
 (its text is gibberish); with no --prompt it is an interactive chat. Tokens stream to stdout; the
@@ -35,8 +35,9 @@ qwen2.5-7b. Nothing is downloaded and no remote code runs."""
 def build_parser() -> CliParser:
     """The ``layerstream`` flags."""
     p = CliParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--model", metavar="M", help="model directory, HF repo id (Qwen/Qwen2.5-7B-Instruct) or alias "
-                   "(qwen2.5-7b); default: a tiny random-weight model synthesized once into ~/.cache/layerstream")
+    p.add_argument("--model", metavar="M", help="model directory, HF repo id (Qwen/Qwen2.5-7B-Instruct), alias "
+                   "(qwen2.5-7b) or a llama.cpp .gguf file (split sets: the first part); default: a tiny "
+                   "random-weight model synthesized once into ~/.cache/layerstream")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="prompt text (repeatable: several prompts are decoded together); absent: interactive chat")
     p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line (blank lines skipped)")

@@ -75,7 +75,8 @@ class UnitBuilder:
                 continue
 
             def pack(buf: torch.Tensor, r0: int = r0, n: int = n) -> None:
-                src = self.ckpt.tensor(self.head_name)[r0:r0 + n]
+                rows_of = getattr(self.ckpt, "tensor_rows", None)  # GGUF: widen only these rows
+                src = rows_of(self.head_name, r0, r0 + n) if rows_of else self.ckpt.tensor(self.head_name)[r0:r0 + n]
                 buf[: n * row].view(self.dtype).view(n, -1).copy_(src)
             out.append(UnitSpec(f"lm_head.{c}", n * row, tier, pack=pack))
         return out

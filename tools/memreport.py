@@ -25,14 +25,12 @@ if __package__ in (None, ""):  # run as a script: python tools/memreport.py
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from engine.checkpoint import Checkpoint  # noqa: E402
 from engine.cli_args import CliParser  # noqa: E402
 from engine.cli_session import BUDGET_HELP, add_engine_args, load_engine, options_from_args, resolve_or_default  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.engine import pick_dtype  # noqa: E402
+from engine.engine import open_model, pick_dtype  # noqa: E402
 from engine.footprint import tensor_bytes_from_config  # noqa: E402
-from engine.layout import expected_tensors  # noqa: E402
-from engine.quant.checkpoint import layer_quant, read_quantization, rtn_quant, validate_quant_checkpoint  # noqa: E402
+from engine.quant.checkpoint import layer_quant, rtn_quant  # noqa: E402
 from memory.bandwidth import DEFAULT_H2D_GBPS, DEFAULT_SOURCE, default_cache_path, device_key, load_cache  # noqa: E402
 from memory.units import format_size  # noqa: E402
 from streamer.trace import write_chrome_trace  # noqa: E402
@@ -121,14 +119,9 @@ def _plan_only(args, notes: list[str]) -> tuple[dict, PlanInputs, int | None, in
         quant = rtn_quant(cfg, args.quantize, args.quant_group, file_dtype) if args.quantize else None
     else:
         model_dir, _ = resolve_or_default(args.model)
-        cfg = ModelConfig.from_file(model_dir / "config.json")
-        ckpt = Checkpoint(model_dir)  # headers only
-        qc = read_quantization(model_dir)
-        if qc is None:
-            ckpt.validate(expected_tensors(cfg))
-        else:
-            validate_quant_checkpoint(ckpt, cfg, qc)
-        quant = layer_quant(ckpt, cfg, qc, args.quantize, args.quant_group)
+        files = open_model(model_dir)  # headers only (a model directory or a GGUF file)
+        cfg, ckpt = files.cfg, files.ckpt
+        quant = layer_quant(ckpt, cfg, files.quant, args.quantize, args.quant_group)
         tensor_bytes, file_dtype, source = {n: i.nbytes for n, i in ckpt.tensors.items()}, ckpt.dtype, str(model_dir)
     gpu = _size(args, "gpu_memory")
     local = torch.cuda.is_available() and args.device != "cpu"

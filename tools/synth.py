@@ -2,10 +2,13 @@
 
     python -m tools.synth --preset qwen2.5-7b --out DIR [--dtype bf16|fp16|fp32] [--seed N]
                           [--layers N] [--device cpu|cuda] [--force] [--max-shard-bytes N]
-                          [--quant awq|gptq|gptq8|ct-int4|int8]
+                          [--quant awq|gptq|gptq8|ct-int4|int8] [--format safetensors|gguf]
+                          [--gguf-type Q4_K_M|Q8_0|...]
 
 ``--quant`` writes the layers' projections quantized, as that format's published checkpoints are
-(names, packing, ``quantization_config``, dtypes; see ``engine.synth.quant``).
+(names, packing, ``quantization_config``, dtypes; see ``engine.synth.quant``). With ``--format gguf``
+the checkpoint is synthesized (in a temporary directory beside DIR), then written as
+DIR/model-<TYPE>.gguf with llama.cpp's layout and per-tensor types (engine.gguf.writer).
 
 The command line over ``engine.synth`` (presets, tokenizer and writer live there, so the engine
 can synthesize its embedded default without reaching up into ``tools/``).
@@ -15,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from engine.checkpoint import Checkpoint
+from engine.gguf.writer import FILE_TYPES as GGUF_TYPES, describe, write_gguf
 from engine.synth.presets import PRESETS
 from engine.synth.quant import QUANT_KINDS
 from engine.synth.writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, SynthError, synthesize
@@ -38,7 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="shard size cap")
     p.add_argument("--quant", choices=QUANT_KINDS, help="write a quantized checkpoint in this published format "
                    "(its unquantized tensors in the format's dtype: fp16 for awq / gptq, bf16 otherwise)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"])
+    p.add_argument("--gguf-type", default="Q4_K_M", choices=list(GGUF_TYPES),
+                   help="GGUF file type (--format gguf): Q4_K_M / Q5_K_M mix Q4_K|Q5_K with Q6_K as llama.cpp does")
     return p
+
+
+def synth_gguf(args: argparse.Namespace) -> Path:
+    """Synthesize into a temporary directory beside --out, then write --out/model-<TYPE>.gguf."""
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise SynthError(f"{out} is not empty; pass --force to replace it")
+    tmp = out.parent / f".{out.name}.gguf-src-{os.getpid()}"
+    try:
+        synthesize(args.preset, tmp, args.dtype, args.seed, args.layers, args.device, True, args.max_shard_bytes,
+                   progress=True)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        return write_gguf(tmp, out / f"model-{args.gguf_type}.gguf", args.gguf_type, progress=True)[0]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        if args.format == "gguf":
+            if args.quant:
+                raise SynthError("--quant writes safetensors checkpoints; a GGUF file's types come from --gguf-type")
+            path = synth_gguf(args)
+            info = describe([path])
+            types = ", ".join(f"{n} {k}" for k, n in info["types"].items())
+            print(f"wrote {path}: {info['tensors']} tensors ({types}), "
+                  f"{info['bytes']:,} bytes in {time.perf_counter() - start:.1f} s")
+            return 0
         out = synthesize(args.preset, args.out, args.dtype, args.seed, args.layers, args.device,
                          args.force, args.max_shard_bytes, progress=True, quant=args.quant)
-    except SynthError as e:
+    except (SynthError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

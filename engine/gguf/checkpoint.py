@@ -1,0 +1,210 @@
+"""A GGUF model seen through the engine's checkpoint interface (that of ``engine.checkpoint.Checkpoint``).
+
+Tensors are listed under their Hugging Face names, with Hugging Face shapes. ``tensor(name)``
+returns the weight in the Hugging Face layout as floats: tensors stored as F32/F16/BF16 are
+zero-copy views of the (private, copy-on-write) file map; quantized ones are widened from their
+blocks to float32 (exact for every supported format: the engine then casts to its compute dtype
+as it packs the layer), and llama's Q/K rows are put back in the Hugging Face order.
+
+Widening happens once per tensor as resident and pinned layers are packed (lm_head chunks packed
+through ``tensor()`` widen the whole table each; ``tensor_rows`` widens only a chunk's rows). The
+disk tier re-reads its units every step: ``read_into`` reads the quantized bytes of the rows asked
+for with ``pread`` (dropped from the page cache after) and widens those. ``raw_span`` returns None:
+no tensor has a raw byte span in the compute layout, so the engine must go through ``tensor()``.
+
+``TensorInfo.nbytes`` is the tensor's size *in the file* (what a disk read costs), which for a
+quantized tensor is less than its widened size.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import TensorInfo
+from engine.config import ModelConfig
+from engine.gguf.dequant import PLAIN, block_geometry, check_supported, dequantize
+from engine.gguf.names import hf_name, permuted_heads, unpermute_rows
+from engine.gguf.reader import GGUFModelFiles, RawTensor
+
+log = logging.getLogger(__name__)
+
+
+def widen_dtype(files: GGUFModelFiles) -> torch.dtype:
+    """The model's float dtype: that of its unquantized matrices (most bytes), else float16
+    (the precision of the block scales of every quantized format)."""
+    counts: dict[torch.dtype, int] = {}
+    for t in files.tensors.values():
+        if len(t.ne) >= 2 and t.qtype in PLAIN:
+            counts[PLAIN[t.qtype]] = counts.get(PLAIN[t.qtype], 0) + t.nbytes
+    return max(counts, key=counts.get) if counts else torch.float16
+
+
+def _check_blocks(t: RawTensor, source: str) -> None:
+    check_supported(t.qtype, t.name, source)
+    block, size = block_geometry(t.qtype)
+    numel = 1
+    for n in t.ne:
+        numel *= n
+    if t.ne[0] % block or t.nbytes != numel // block * size:
+        raise ValueError(f"{source}: tensor {t.name!r} ({t.qtype.name}, ne {list(t.ne)}) has {t.nbytes} bytes, "
+                         "which does not fit its type; the file is corrupt")
+
+
+class GGUFCheckpoint:
+    """The tensors of a GGUF model by Hugging Face name (same interface as ``engine.checkpoint.Checkpoint``)."""
+
+    def __init__(self, files: GGUFModelFiles, cfg: ModelConfig) -> None:
+        self.model_dir = files.path  # what messages and reports name
+        self.cfg = cfg
+        self._dtype = widen_dtype(files)
+        self.raw: dict[str, RawTensor] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for t in files.tensors.values():
+            name = hf_name(t.name)
+            if name is None:
+                continue
+            _check_blocks(t, str(files.path))
+            self.raw[name] = t
+            dtype = PLAIN.get(t.qtype, torch.float32)  # quantized tensors widen exactly to float32
+            self.tensors[name] = TensorInfo(name, t.file, dtype, t.shape, t.offset, t.nbytes)
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        types: dict[str, int] = {}
+        for t in self.raw.values():
+            types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
+        log.info("gguf checkpoint: %s tensors, model dtype %s (quantized ones widen to float32 as read)",
+                 types, self._dtype)
+
+    # ----- reading -----
+    def _map(self, path: Path) -> mmap.mmap:
+        with self._lock:
+            if path not in self._maps:
+                with open(path, "rb") as f:  # ACCESS_COPY: writable view, never written to the file
+                    self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            return self._maps[path]
+
+    def _mapped_bytes(self, t: RawTensor) -> torch.Tensor:
+        return torch.frombuffer(self._map(t.file), dtype=torch.uint8, count=t.nbytes, offset=t.offset)
+
+    def _widen(self, t: RawTensor, raw: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        shape = (rows, *t.shape[1:]) if len(t.shape) > 1 else t.shape
+        if t.qtype in PLAIN:
+            return raw.view(PLAIN[t.qtype]).view(shape)
+        return dequantize(raw, t.qtype, torch.empty(shape, dtype=dtype))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in the Hugging Face layout: a view of the map (float types) or widened floats."""
+        t, info = self.raw[name], self.tensors[name]
+        w = self._widen(t, self._mapped_bytes(t), t.shape[0], info.dtype)
+        heads = permuted_heads(self.cfg, name)
+        return unpermute_rows(w, heads) if heads else w
+
+    def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of :meth:`tensor` (dim 0), widening only the blocks of those rows
+        (all rows for llama's Q/K, whose rows are interleaved per head). For lm_head chunks."""
+        t, info = self.raw[name], self.tensors[name]
+        assert len(t.shape) == 2 and 0 <= start <= stop <= t.shape[0], (name, start, stop)
+        if permuted_heads(self.cfg, name):
+            return self.tensor(name)[start:stop]
+        row = t.nbytes // t.shape[0]
+        raw = self._mapped_bytes(t)[start * row:stop * row]
+        return self._widen(t, raw, stop - start, info.dtype)
+
+    def raw_span(self, name: str) -> None:
+        """None: GGUF tensors have no byte span in the compute layout; use :meth:`tensor`."""
+        assert name in self.tensors, name
+        return None
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of ``name`` (after it was copied elsewhere), so RSS stays low."""
+        t = self.raw[name]
+        m = self._maps.get(t.file)
+        if m is None or not hasattr(m, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = t.offset // page * page
+        end = min(len(m), -(-(t.offset + t.nbytes) // page) * page)
+        m.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0, chunk: int = 16 << 20,
+                  drop_cache: bool = True) -> None:
+        """Write ``out.numel()`` bytes of the widened tensor ``name`` (from its byte ``start``) into ``out``.
+
+        Reads only the file bytes of the rows covering that range (``pread``, in ``chunk`` requests,
+        dropped from the page cache afterwards with ``drop_cache``); safe from several threads.
+        """
+        t, info, total = self.raw[name], self.tensors[name], out.numel()
+        assert out.dtype == torch.uint8 and out.is_contiguous()
+        rows = t.shape[0] if len(t.shape) > 1 else 1
+        row_out = info.dtype.itemsize * t.ne[0]  # widened bytes per row (a 1-D tensor is one row)
+        assert 0 <= start and start + total <= rows * row_out, (name, start, total)
+        heads = permuted_heads(self.cfg, name)
+        r0, r1 = (0, rows) if heads else (start // row_out, -(-(start + total) // row_out))
+        row_file = t.nbytes // rows
+        raw = torch.empty(row_file * (r1 - r0), dtype=torch.uint8)
+        self._pread(t, raw, r0 * row_file, chunk, drop_cache)
+        w = self._widen(t, raw, r1 - r0, info.dtype)
+        if heads:
+            w = unpermute_rows(w, heads)
+        flat = w.contiguous().view(-1).view(torch.uint8)
+        out.copy_(flat[start - r0 * row_out:start - r0 * row_out + total])
+
+    def _pread(self, t: RawTensor, out: torch.Tensor, start: int, chunk: int, drop_cache: bool) -> None:
+        view, total = memoryview(out.numpy()), out.numel()
+        fd, base = self._fd(t.file), t.offset + start
+        for pos in range(0, total, chunk):
+            n = min(chunk, total - pos)
+            if os.preadv(fd, [view[pos:pos + n]], base + pos) != n:
+                raise ValueError(f"{t.file} is truncated: short read of {t.name!r}; re-download it")
+        if drop_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, base, total, os.POSIX_FADV_DONTNEED)
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    # ----- checks and properties -----
+    def validate(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Check the tensors found equal ``expected`` (names and shapes)."""
+        found, want = set(self.tensors), set(expected)
+        problems = []
+        if want - found:
+            problems.append(f"missing tensors: {_short(want - found)}")
+        if found - want:
+            problems.append(f"unexpected tensors: {_short(found - want)}")
+        problems += [f"{n} has shape {list(self.tensors[n].shape)}, the metadata implies {list(expected[n])}"
+                     for n in sorted(want & found) if self.tensors[n].shape != tuple(expected[n])]
+        if problems:
+            more = "\n  (more problems omitted)" if len(problems) > 12 else ""
+            raise ValueError(f"GGUF file {self.model_dir} does not match its metadata:\n  - "
+                             + "\n  - ".join(problems[:12]) + more)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's float dtype (see :func:`widen_dtype`); the compute dtype on GPU by default."""
+        return self._dtype
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # views still alive; the OS unmaps when they are gone
+                pass
+        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _short(names: set[str]) -> str:
+    items = sorted(names)
+    return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")

@@ -1,0 +1,122 @@
+"""Unusable GGUF input through the CLI: one ``error:`` line on stderr, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT, GGUFWriter
+
+from engine.run import main
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_qwen2_dir) -> Path:
+    from engine.gguf.writer import write_gguf
+
+    return write_gguf(tiny_qwen2_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf", "Q8_0")[0]
+
+
+def run_cli(capsys, model: Path) -> str:
+    rc = main(["--model", str(model), "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_tiny_gguf_runs(capsys, tiny_gguf):
+    """The file the other cases break is a good one."""
+    assert main(["--model", str(tiny_gguf), "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+
+
+def test_not_a_gguf(capsys, tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 this is a zip, not a model")
+    assert "is not a GGUF file" in run_cli(capsys, bad)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.02, 10], ids=["half", "in-metadata", "10-bytes"])
+def test_truncated(capsys, tmp_path, tiny_gguf, keep):
+    data = tiny_gguf.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    msg = run_cli(capsys, cut)
+    assert "truncated" in msg and "re-download" in msg, msg
+
+
+def test_unsupported_tensor_type(capsys, tmp_path, tiny_qwen2_dir, monkeypatch):
+    """An IQ4_NL tensor (a type the engine does not read) is named, with the supported ones."""
+    from engine.gguf import writer
+
+    def fake_type(file_type, gguf, shape, n_layers):
+        return QT.IQ4_NL if gguf == "blk.1.ffn_up.weight" else QT.F32 if len(shape) == 1 else QT.Q8_0
+
+    def fake_quantize(x, qtype):
+        if qtype != QT.IQ4_NL:
+            return writer_quantize(x, qtype)
+        rows, cols = x.reshape(-1, x.shape[-1]).shape
+        return np.zeros((rows, cols // 32 * 18), dtype=np.uint8)  # IQ4_NL: 32 values in 18 bytes
+
+    writer_quantize = writer.quantize
+    monkeypatch.setattr(writer, "tensor_type", fake_type)
+    monkeypatch.setattr(writer, "quantize", fake_quantize)
+    path = writer.write_gguf(tiny_qwen2_dir, tmp_path / "iq4.gguf", "Q8_0")[0]
+    msg = run_cli(capsys, path)
+    assert "blk.1.ffn_up.weight" in msg and "IQ4_NL" in msg and "Q4_K" in msg, msg
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    path = tmp_path / "phi.gguf"
+    w = GGUFWriter(path, "phi2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    msg = run_cli(capsys, path)
+    assert "'phi2'" in msg and "llama, qwen2, qwen3" in msg, msg
+
+
+def test_split_part_missing(capsys, tmp_path, tiny_qwen2_dir):
+    from engine.gguf.writer import write_gguf
+
+    parts = write_gguf(tiny_qwen2_dir, tmp_path / "m.gguf", "Q8_0", split_max_tensors=8)
+    assert len(parts) >= 3
+    parts[1].unlink()
+    msg = run_cli(capsys, parts[0])
+    assert parts[1].name in msg and "missing" in msg, msg
+    msg = run_cli(capsys, parts[2])  # not the first part
+    assert "pass the first part" in msg and parts[0].name in msg, msg
+
+
+def test_directory_with_two_models(capsys, tmp_path, tiny_gguf):
+    for name in ("a.gguf", "b.gguf"):
+        shutil.copy(tiny_gguf, tmp_path / name)
+    msg = run_cli(capsys, tmp_path)
+    assert "several GGUF models" in msg and "a.gguf" in msg, msg
+
+
+def test_missing_gguf_file(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    msg = run_cli(capsys, Path("nothing-here.gguf"))
+    assert "does not exist" in msg and "nothing-here.gguf" in msg, msg
+
+
+def test_metadata_missing_keys(capsys, tmp_path):
+    path = tmp_path / "bare.gguf"
+    w = GGUFWriter(path, "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    msg = run_cli(capsys, path)
+    assert "llama.embedding_length" in msg and "re-download" in msg, msg
