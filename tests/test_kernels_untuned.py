@@ -80,11 +80,12 @@ def test_triton_ops_suspend_tuning_for_short_chunks_only():
 
 @pytest.mark.parametrize("lens,chunk,expect", [([5, 30], 2048, [60]), ([40], 16, [16, 16, 8])])
 def test_prefill_passes_rows_per_chunk(tiny_qwen2_dir, monkeypatch, lens, chunk, expect):
-    """rows = batch x chunk length (padding rows included: the matmuls see them)."""
+    """rows = batch x chunk length (padding rows included: the matmuls see them), for each chunk of each
+    layer (the prefill is layer-major)."""
     engine = Engine(tiny_qwen2_dir, EngineOptions(device="cpu", batch=len(lens), max_context=64,
                                                   prefill_chunk=chunk * len(lens)))
     seen = []
     real = engine.ops.prompt_chunk
     monkeypatch.setattr(engine.ops, "prompt_chunk", lambda rows: seen.append(rows) or real(rows))
     prefill(engine, [list(range(1, n + 1)) for n in lens])
-    assert seen == expect
+    assert seen == expect * engine.cfg.num_hidden_layers
