@@ -64,4 +64,6 @@ if [[ $steps == *9* ]]; then  # where a warm start's time goes: a warm-up proces
     >> $R/startup_profile.txt 2>&1
   head -3 $R/startup_profile.txt; grep -m 25 -E "engine|streamer|memory|kernels" $R/startup_profile.txt
 fi
+# the tuning picks this session's runs made: `python -m tools.export_tuning results/tuning/*.json` ships them
+mkdir -p $R/tuning && cp "${LAYERSTREAM_CACHE:-$HOME/.cache/layerstream}"/tuning/*.json $R/tuning/ 2>/dev/null
 tar czf $OUT/results.tar.gz -C $R .

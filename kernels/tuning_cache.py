@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import torch
 import triton
 
+from kernels import tuning_defaults
+
 try:
     import fcntl
 except ImportError:  # not POSIX: stores are not serialised between processes
@@ -221,11 +223,11 @@ def _cache_for(device: torch.device) -> TuningCache | None:
 
 
 def has_entries(device: torch.device) -> bool:
-    """Whether an earlier process left tuning results for ``device`` with this software (False
-    where the cache is off or unreadable)."""
+    """Whether an earlier process left tuning results for ``device`` with this software, or picks are
+    shipped for this GPU (False where the cache is off or unreadable)."""
     try:
         cache = _cache_for(device)
-        return cache is not None and cache.path.is_file()
+        return cache is not None and (cache.path.is_file() or tuning_defaults.has_defaults(_device_info(device)[0]))
     except Exception:  # noqa: BLE001 - only decides whether to print a note
         return False
 
@@ -235,10 +237,14 @@ def _key_str(key: tuple) -> str:
 
 
 def lookup(device: torch.device, kernel: str, key: tuple) -> Any | None:
-    """The JSON value stored for ``kernel``'s ``key`` on ``device``; None on a miss or cache off."""
+    """The JSON value stored for ``kernel``'s ``key`` on ``device``, else the pick shipped for this GPU
+    (``kernels.tuning_defaults``); None on a miss or with the cache off."""
     try:
         cache = _cache_for(device)
-        return None if cache is None else cache.get(kernel, _key_str(key))
+        if cache is None:
+            return None
+        hit = cache.get(kernel, _key_str(key))
+        return hit if hit is not None else tuning_defaults.lookup(_device_info(device)[0], kernel, _key_str(key))
     except Exception as e:  # noqa: BLE001 - a cache problem must never fail a kernel call
         log.warning("kernel tuning cache lookup failed (%s); tuning instead", e)
         return None

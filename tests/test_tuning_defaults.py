@@ -1,0 +1,74 @@
+"""Shipped tuning picks (kernels/tuning_defaults.py): exported from a cache file, used when the user's
+cache misses, never over the user's own pick, and only when still a current candidate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+from kernels import tuning_cache as tc
+from kernels import tuning_defaults as td
+from tools.export_tuning import main as export_main
+
+GPU = torch.device("cuda", 0)
+FAKE_GPU = ("NVIDIA H200", (9, 0), 132)
+KEY = (16, 4096, 4096, torch.bfloat16, False)
+A = triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=4)
+B = triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4, num_stages=3)
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An enabled user cache for a fake H200 and an empty shipped-defaults directory; returns the latter."""
+    monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "user"))
+    monkeypatch.setenv("LAYERSTREAM_TUNING_CACHE", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(tc, "_device_info", lambda device: FAKE_GPU)
+    monkeypatch.setattr(tc, "_CACHES", {})
+    shipped = tmp_path / "tuned"
+    monkeypatch.setattr(td, "DEFAULTS_DIR", shipped)
+    td._entries.cache_clear()
+    return shipped
+
+
+def _cache_file(path: Path, pick: triton.Config) -> Path:
+    path.write_text(json.dumps({"gpu": FAKE_GPU[0], "capability": [9, 0], "torch": "2.11", "triton": "3.6",
+                                "version": tc.FORMAT_VERSION,
+                                "entries": {"gemv": {tc._key_str(KEY): tc.config_to_json(pick)}}}))
+    return path
+
+
+def test_a_shipped_pick_serves_a_first_run(env: Path, tmp_path: Path, capsys) -> None:
+    assert tc.choose(GPU, "gemv", KEY, [A, B]) is None and not tc.has_entries(GPU)
+    assert export_main([str(_cache_file(tmp_path / "h200.json", B)), "--out-dir", str(env)]) == 0
+    assert "NVIDIA_H200.json" in capsys.readouterr().out
+    assert tc.has_entries(GPU)  # no "first run tunes" note
+    assert tc.choose(GPU, "gemv", KEY, [A, B]) == B
+    timed = []
+    assert tc.tuned(GPU, "gemv", KEY, [A, B], lambda: timed.append(1) or A) == B and not timed
+    assert tc.choose(GPU, "gemv", KEY, [A]) is None  # the shipped pick is no longer a candidate: tune
+
+
+def test_the_users_pick_wins_and_exports_merge(env: Path, tmp_path: Path) -> None:
+    td.export([_cache_file(tmp_path / "old.json", B)], env)
+    tc.store(GPU, "gemv", KEY, tc.config_to_json(A))
+    assert tc.choose(GPU, "gemv", KEY, [A, B]) == A
+    other = (1, 3584, 3584, torch.bfloat16, False)
+    newer = json.loads((tmp_path / "old.json").read_text())
+    newer["entries"]["gemv"] = {tc._key_str(other): tc.config_to_json(A)}
+    (tmp_path / "new.json").write_text(json.dumps(newer))
+    td.export([tmp_path / "new.json"], env)
+    shipped = json.loads(td.defaults_path(FAKE_GPU[0], env).read_text())["entries"]["gemv"]
+    assert set(shipped) == {tc._key_str(KEY), tc._key_str(other)}
+
+
+def test_bad_inputs(env: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "x.json").write_text("{}")
+    assert export_main([str(tmp_path / "x.json"), "--out-dir", str(env)]) == 2
+    assert "not a kernel tuning-cache file" in capsys.readouterr().err
+    env.mkdir()
+    td.defaults_path(FAKE_GPU[0], env).write_text("not json")
+    assert td.lookup(FAKE_GPU[0], "gemv", tc._key_str(KEY), env) is None  # a broken shipped file: tune
