@@ -86,7 +86,7 @@ def _check(args) -> None:
         raise ValueError(f"--{given[0].replace('_', '-')} is a --plan-only what-if; a real run measures the "
                          "GPU, RAM and bandwidth")
     for flag, low in (("steps", 2), ("prompt_tokens", 1), ("prefill_chunk", 1), ("max_context", 2), ("batch", 1)):
-        if getattr(args, flag) < low:
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
     for flag in ("h2d_gbps", "disk_gbps"):
         if getattr(args, flag) is not None and not getattr(args, flag) > 0:
@@ -140,7 +140,8 @@ def _plan_only(args, notes: list[str]) -> tuple[dict, PlanInputs, int | None, in
     h2d = (args.h2d_gbps, "given (--h2d-gbps)") if args.h2d_gbps else _h2d_default()
     dtype = pick_dtype(args.dtype, file_dtype, torch.device("cpu" if args.device == "cpu" else "cuda"))
     kwargs = dict(vram_budget=_size(args, "vram_budget"), host_budget=host_budget, batch=args.batch,
-                  max_context=args.max_context, prefill_chunk=args.prefill_chunk, device_free=free,
+                  max_context=args.max_context, prefill_chunk=args.prefill_chunk or 2048,
+                  auto_chunk=args.prefill_chunk is None, device_free=free,
                   h2d_gbps=h2d[0], h2d_source=h2d[1], disk_gbps=args.disk_gbps)
     inputs = PlanInputs(cfg, tensor_bytes, dtype, kwargs, quant)
     return _model_info(cfg, source, file_dtype, tensor_bytes), inputs, free, total
