@@ -89,6 +89,8 @@ def test_decode_phase_is_the_last_two_steps_and_every_kernel_is_one_unit_wide(wi
 
 def test_prefill_phase_copies_each_streamed_layer_once_then_runs_its_chunks():
     spans, truth = simulate(PREFILL, passes=1, chunks=3)
+    end = spans[-1]["end_ms"]  # the freed slots refill with the next pass's first units before the prefill ends
+    spans += [span("copy", "layer.0", end - 1.0, end + 5.0), span("copy", "layer.1", end + 5.0, end + 11.0)]
     ph = prefill_phase(spans)
     assert ph.title == "prefill (layer-major, 3 prompt chunks per layer)"
     assert sorted(b.name for b in ph.copies) == sorted(u[0] for u in PREFILL)  # once each

@@ -157,10 +157,16 @@ def decode_phase(spans: list[dict], bounds: list[float] | None = None, steps: in
 
 
 def prefill_phase(spans: list[dict]) -> Phase | None:
-    """A traced prefill from its first span to its last compute span, or None without compute spans."""
+    """A traced prefill from its first span to its last compute span, or None without compute spans.
+    Copies of a unit begun after its compute started prefetch the next pass (the pipeline refills the
+    freed slots with the first units again): they are left out, so each copy drawn is the prefill's own."""
     comp = _bars(spans, "compute")
     if not comp:
         return None
+    first: dict[str, float] = {}
+    for b in comp:
+        first.setdefault(b.name, b.start)
+    spans = [s for s in spans if not (s["lane"] == "copy" and s["start_ms"] > first.get(s["name"], float("inf")))]
     t0 = min(min(b.start for b in comp), min((b.start for b in _bars(spans, "copy")), default=comp[0].start))
     n_chunks = len({b.name for b in _bars(spans, "chunk")})
     per_layer = f", {n_chunks} prompt chunks per layer" if n_chunks else ""
