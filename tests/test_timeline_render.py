@@ -119,3 +119,22 @@ def test_picture_draws_every_bar_and_writes_a_png(tmp_path):
     img = matplotlib.image.imread(path)
     assert img.shape[0] > 600 and img.shape[1] > 1000
     assert save_timeline([None], tmp_path / "none.png", "x") is None and not (tmp_path / "none.png").exists()
+
+
+def test_memreport_draws_its_observed_steps_and_the_prefill(tmp_path):
+    """memreport's path: step events from its analysis pick the window; the TIME section states the prefill."""
+    from tools.memreport_timeline import analyze_timeline
+    from tools.report_render import _timing, save_timeline_png
+    dec_spans, _ = simulate(DECODE, passes=3)
+    pre_spans, _ = simulate(PREFILL, passes=1, chunks=3)
+    starts = [s["start_ms"] for s in dec_spans if s["lane"] == "compute" and s["name"] == "layer.0"]
+    bounds = starts + [dec_spans[-1]["end_ms"]]
+    tl = analyze_timeline(dec_spans, bounds, {u[0]: 1000 for u in DECODE if u[1]})
+    path = save_timeline_png(dec_spans, tl, tmp_path / "timeline.png", pre_spans, "synthetic")
+    assert matplotlib.image.imread(path).shape[0] > 600
+    stats = prefill_phase(pre_spans).stats()
+    assert stats["copies"] == stats["units_copied"] == len(PREFILL) and stats["chunks"] == 3 * len(PREFILL)
+    summary = {"warmup_ms": 1.0, "step_ms": 30.0, "measured_tok_s": 33.0, "host_issue_ms": 0.5, "prompt_tokens": 40}
+    lines = _timing({"mode": "cpu", "timing": {"summary": summary, "timeline": tl, "prefill": stats}})
+    line = next(x for x in lines if "traced prefill" in x)
+    assert f"{len(PREFILL)} copies of {len(PREFILL)} streamed units" in line and "1 stalls" in line
