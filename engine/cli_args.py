@@ -126,8 +126,9 @@ def add_engine_args(p: CliParser) -> None:
     p.add_argument("--batch", type=int, default=None, metavar="N",
                    help="sequences decoded together (default: the number of prompts; one prompt with a larger "
                         "--batch is repeated)")
-    p.add_argument("--prefill-chunk", type=int, default=2048, metavar="N",
-                   help="prompt tokens per prefill pass (smaller needs less activation memory)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prompt tokens per prefill pass (smaller needs less activation memory; default 2048, "
+                        "lowered to fit --vram-budget)")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="round the layers' linear weights to nearest at load (a bf16/fp16 checkpoint); "
                         "quantized checkpoints (AWQ, GPTQ, compressed-tensors) are detected without it")

@@ -38,7 +38,8 @@ def options_from_args(args: argparse.Namespace, n_prompts: int = 1) -> EngineOpt
     batch = args.batch or max(1, min(n_prompts, DEFAULT_MAX_BATCH))
     return EngineOptions(device=args.device, dtype=args.dtype, kernels=args.kernels, vram_budget=args.vram_budget,
                          host_budget=host, batch=batch, max_context=args.max_context,
-                         prefill_chunk=args.prefill_chunk, threads=threads or EngineOptions.threads,
+                         prefill_chunk=args.prefill_chunk or EngineOptions.prefill_chunk,
+                         prefill_chunk_auto=args.prefill_chunk is None, threads=threads or EngineOptions.threads,
                          quantize=getattr(args, "quantize", None), quant_group=getattr(args, "quant_group", 128),
                          quant_cache=getattr(args, "quant_cache", False))
 
@@ -56,7 +57,7 @@ def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: 
         fp32 = PlanBytes.of(plan_model(files.cfg, {n: i.nbytes for n, i in files.ckpt.tensors.items()},
                                        torch.float32, quant, vram_budget=opts.vram_budget, host_budget=opts.host_budget,
                                        batch=opts.batch, max_context=opts.max_context,
-                                       prefill_chunk=opts.prefill_chunk))
+                                       prefill_chunk=opts.prefill_chunk, auto_chunk=opts.prefill_chunk_auto))
         file_dtype = "bfloat16" if files.ckpt.dtype == torch.bfloat16 else "float16"
         note = cpu_dtype_note(fp32, machine, file_dtype, host_budget_given)
     except ValueError as e:  # the budget cannot even hold an fp32 layer pair

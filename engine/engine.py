@@ -46,6 +46,7 @@ class EngineOptions:
     batch: int = 1
     max_context: int = 4096
     prefill_chunk: int = 2048
+    prefill_chunk_auto: bool = False  # prefill_chunk is a default: the planner may lower it to fit the budget
     threads: int = 8
     trace: bool = False
     cuda_graph: bool = True  # replay the decode step as CUDA graphs (CUDA + triton kernels; see engine.graphs)
@@ -124,6 +125,7 @@ class Engine:
         if opts.max_context < 2:
             raise ValueError(f"--max-context must be at least 2, got {opts.max_context}")
         self.plan = self._plan()
+        opts.prefill_chunk = self.plan.prefill_chunk  # lower than asked only with prefill_chunk_auto (a plan note)
         check_fits(PlanBytes.of(self.plan), Machine.probe(self.device.type), opts.host_budget is not None)
         self.cap = None  # set before the first weight reaches the GPU; released by close()
         if opts.cap_allocator and opts.vram_budget is not None and self.device.type == "cuda":
@@ -164,7 +166,8 @@ class Engine:
         return plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
                           vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
                           batch=self.opts.batch, max_context=self.opts.max_context,
-                          prefill_chunk=self.opts.prefill_chunk, device_free=free, h2d_gbps=gbps,
+                          prefill_chunk=self.opts.prefill_chunk, auto_chunk=self.opts.prefill_chunk_auto,
+                          device_free=free, h2d_gbps=gbps,
                           h2d_source=source, outside_bytes=outside.bytes)
 
     def close(self) -> None:

@@ -124,8 +124,11 @@ class Plan:
             f"staging slots    : {slots}",
             f"KV cache         : {format_size(self.kv_cache_bytes)} "
             f"(batch {self.batch}, context {self.max_context}, {self.dtype})",
-            f"workspace        : {format_size(self.workspace_bytes)} (prefill chunk {self.prefill_chunk} tokens; "
-            f"{format_size(self.prefill_state_bytes)} of it holds the prompt's other chunks, layer-major)",
+            f"workspace        : {format_size(self.workspace_bytes)} (one {self.prefill_chunk}-token prefill chunk's "
+            "activations, the prompt states below, logits, rope tables, allocator slack)",
+            f"prompt states    : {format_size(self.prefill_state_bytes)} (layer-major prefill: each layer is brought "
+            f"in once and serves every chunk; the other chunks' hidden states of up to {self.batch} x "
+            f"{self.max_context - 1} prompt tokens wait in VRAM between layers)",
             *([f"CUDA context and kernels: {format_size(self.outside_bytes)} (outside torch's allocator)"]
               if self.outside_bytes else []),
             f"total VRAM       : {format_size(self.total_bytes + self.outside_bytes)} of "

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 __all__ = ["make_plan", "minimum_budget", "Plan", "ModulePlan", "HBM_GBPS"]
 
 HBM_GBPS = 2500.0  # decode-step estimate when nothing streams: weights / 2.5 TB/s
+MIN_AUTO_CHUNK = 64  # the smallest prefill chunk the planner picks by itself (tokens)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,17 @@ def _all_resident_bytes(s: _Sizes) -> int:
 
 def _minimum(s: _Sizes) -> int:
     return min(_all_resident_bytes(s), s.fixed + 2 * s.layer)
+
+
+def _smaller_chunk(fp: Footprint, batch: int, max_context: int, chunk: int, budget: int) -> int | None:
+    """The largest of chunk/2, chunk/4, ... (not below ``MIN_AUTO_CHUNK`` tokens or the batch) whose plan
+    fits ``budget``: one chunk's activations shrink with it, the other chunks' prompt states grow a little."""
+    c = chunk // 2
+    while c >= max(MIN_AUTO_CHUNK, batch):
+        if _minimum(_sizes(fp, batch, max_context, c)) <= budget:
+            return c
+        c //= 2
+    return None
 
 
 def minimum_budget(fp: Footprint, *, batch: int = 1, max_context: int = 4096, prefill_chunk: int = 2048) -> int:
@@ -216,23 +228,32 @@ def _predict(s: _Sizes, streamed: int, disk: int, w: _Workload, notes: list[str]
 def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int | None = None, batch: int = 1,
               max_context: int = 4096, prefill_chunk: int = 2048, device_free: int | None = None,
               h2d_gbps: float = 25.0, h2d_source: str = "given", disk_gbps: float | None = None,
-              hbm_gbps: float = HBM_GBPS, outside_bytes: int = 0) -> Plan:
+              hbm_gbps: float = HBM_GBPS, outside_bytes: int = 0, auto_chunk: bool = False) -> Plan:
     """Plan residency and streaming for a model's footprint (see the module docstring for the rules).
 
     ``vram_budget`` None uses ``device_free`` (or, with neither, plans everything resident); a
     budget above ``device_free`` is clamped with a note. ``host_budget`` None is the available RAM
     minus max(2 GiB, 10%). ``outside_bytes`` is what the process holds on the GPU outside the
     allocator (CUDA context, kernels); it comes off a budget the user gave (the GPU's free memory
-    is measured net of it already). Raises ValueError when the budget is below :func:`minimum_budget`.
+    is measured net of it already). With ``auto_chunk`` (the user did not choose ``prefill_chunk``), a
+    budget below :func:`minimum_budget` halves the prefill chunk until the plan fits (not below
+    ``MIN_AUTO_CHUNK`` tokens), with a note. Raises ValueError when the budget is below the minimum.
     """
     check_workload(batch, max_context, prefill_chunk)
     if not h2d_gbps > 0:
         raise ValueError(f"h2d_gbps must be positive, got {h2d_gbps}")
-    w = _Workload(batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps)
     notes: list[str] = []
     s = _sizes(fp, batch, max_context, prefill_chunk)
     budget = resolve_budget(vram_budget, device_free, _all_resident_bytes(s), notes)
     outside = outside_bytes if budget == vram_budget else 0
+    if auto_chunk and budget - outside < _minimum(s):
+        chunk = _smaller_chunk(fp, batch, max_context, prefill_chunk, budget - outside)
+        if chunk is not None:
+            notes.append(f"prefill chunk {chunk} tokens, not {prefill_chunk}: at {prefill_chunk} one chunk's "
+                         f"activations next to the prompt's other chunks ({format_size(s.state)}) need "
+                         f"{format_size(_minimum(s) + outside)}, over the budget (--prefill-chunk sets it)")
+            prefill_chunk, s = chunk, _sizes(fp, batch, max_context, chunk)
+    w = _Workload(batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps)
     if budget - outside < (minimum := _minimum(s)):
         what = "VRAM budget" if budget == vram_budget else "the GPU's free memory"
         context = f" + {format_size(outside)} for the CUDA context and kernels" if outside else ""

@@ -65,3 +65,36 @@ def test_memory_outside_the_allocator_comes_off_a_given_budget():
     # the GPU's free memory is measured with the context already there: nothing more comes off it
     free = make_plan(fp, device_free=budget, outside_bytes=20_000, **kw)
     assert free.outside_bytes == 0 and free.budget_bytes == budget
+
+
+def _chunky_footprint() -> Footprint:
+    """Activations of a prefill token far above what it keeps between layers, as in a real model."""
+    fp = _plain_footprint([10_000] * 6)
+    return Footprint(fp.modules, rows=fp.rows, tied=False, kv_bytes_per_token=100, act_bytes_per_token=1_000,
+                     state_bytes_per_token=50, logits_bytes_per_seq=8000, rope_bytes_per_position=16,
+                     max_positions=4096, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_an_unchosen_prefill_chunk_shrinks_to_fit_the_budget(batch):
+    fp = _chunky_footprint()
+    kw = dict(host_budget=10**9, batch=batch, max_context=2048)
+    need = {c: minimum_budget(fp, batch=batch, max_context=2048, prefill_chunk=c) for c in (1024, 512, 256, 128, 64)}
+    assert need[1024] > need[512] > need[256] > need[128] > need[64]  # smaller chunks need less, states grow
+    budget = need[256] + 5_000  # fits a 256-token chunk, not 512
+    with pytest.raises(ValueError, match="below the minimum"):
+        make_plan(fp, vram_budget=budget, prefill_chunk=1024, **kw)  # a chunk the user chose is kept
+    p = make_plan(fp, vram_budget=budget, prefill_chunk=1024, auto_chunk=True, **kw)
+    assert p.prefill_chunk == 256 and p.total_bytes <= p.budget_bytes
+    assert p.prefill_state_bytes == fp.prefill_state_bytes(batch, 2048, 256)
+    assert p.workspace_bytes == fp.workspace_bytes(batch, 2048, 256)
+    assert any("prefill chunk 256 tokens, not 1024" in n for n in p.notes)
+    table = p.table()
+    assert "one 256-token prefill chunk's activations" in table
+    assert "prompt states    : " in table and f"up to {batch} x 2047 prompt tokens" in table
+    # a budget that fits the asked chunk leaves it alone, without a note
+    q = make_plan(fp, vram_budget=need[1024], prefill_chunk=1024, auto_chunk=True, **kw)
+    assert q.prefill_chunk == 1024 and not any("prefill chunk" in n for n in q.notes)
+    # below what even the smallest automatic chunk needs: the usual error
+    with pytest.raises(ValueError, match="below the minimum"):
+        make_plan(fp, vram_budget=need[64] - 1, prefill_chunk=1024, auto_chunk=True, **kw)

@@ -29,6 +29,7 @@ from engine.layout import expected_tensors
 from memory.bandwidth import disk_read_bandwidth, measure_h2d
 from memory.units import format_size, parse_size
 from streamer.trace import busy_fraction, write_chrome_trace
+from tools.memreport_measure import traced_prefill
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,8 @@ def _decode_steps(engine: Engine, batch: int, steps: int, prompt_len: int = 16) 
     return times, tokens
 
 
-def _prefill_time(engine: Engine, n: int) -> float:
+def _prefill_time(engine: Engine, n: int) -> tuple[float, list[dict]]:
+    """Seconds of a warm ``n``-token prefill, and (when tracing) the spans of one more, traced prefill."""
     ids = [list(range(1, n + 1))]
     engine.cache.reset()
     prefill(engine, ids)  # warm (autotune, allocator)
@@ -86,7 +88,12 @@ def _prefill_time(engine: Engine, n: int) -> float:
     t = time.perf_counter()
     prefill(engine, ids)
     torch.cuda.synchronize(engine.device)
-    return time.perf_counter() - t
+    took = time.perf_counter() - t
+    tracer = engine.weights.stream.tracer
+    if tracer is None:
+        return took, []
+    engine.cache.reset()
+    return took, traced_prefill(engine, ids, tracer)[1]
 
 
 def _stall_ms(spans: list[dict]) -> float:
@@ -125,7 +132,7 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
            "compute_stall_ms_total": _stall_ms(spans) if spans else None, "traced_window_ms": window,
            "tokens": tokens}
     if args.prefill_tokens and batch == 1:
-        pre = _prefill_time(engine, args.prefill_tokens)
+        pre, res["prefill_spans"] = _prefill_time(engine, args.prefill_tokens)
         compute_bound = flops_per_token * args.prefill_tokens / (args.gemm_tflops * 1e12)
         res.update(prefill_s=pre, prefill_transfer_bound_s=bound, prefill_compute_bound_s=compute_bound,
                    prefill_over_bound=pre / max(bound, compute_bound))

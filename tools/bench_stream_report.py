@@ -1,4 +1,5 @@
-"""Second half of ``tools.bench_stream``: the accelerate peer, checks, JSON, timeline PNG, table."""
+"""Second half of ``tools.bench_stream``: the accelerate peer, checks, JSON, timeline PNG (last two decode
+steps and a traced prefill of the first traced configuration, copy above compute per layer), table."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import torch
 
 from memory.units import format_size
+from tools.timeline_render import save_timeline
+from tools.timeline_spans import decode_phase, prefill_phase
 
 
 def accelerate_decode(model: str, budget: int, tokens: int = 6, prompt_len: int = 16) -> dict:
@@ -45,26 +48,6 @@ def accelerate_decode(model: str, budget: int, tokens: int = 6, prompt_len: int 
     return res
 
 
-def _timeline_png(spans: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(14, 2.6))
-    lanes = {"copy": (1, "tab:blue"), "compute": (0, "tab:orange")}
-    t0 = min(s["start_ms"] for s in spans)
-    for s in spans:
-        y, color = lanes[s["lane"]]
-        ax.barh(y, s["end_ms"] - s["start_ms"], left=s["start_ms"] - t0, color=color, edgecolor="white", height=0.6)
-    ax.set_yticks([0, 1], ["compute (streamed units)", "copy stream (H2D)"])
-    ax.set_xlabel("ms")
-    ax.set_title(title)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def _check_tokens(results: list[dict]) -> None:
     full = {r["batch"]: r["tokens"] for r in results if r["budget_bytes"] is None and not r.get("host_budget")}
     for r in results:
@@ -85,10 +68,12 @@ def finish(args, results: list[dict], h2d: float, cfg, out_dir: Path) -> int:
         if peer and "decode_tok_s" in peer and r["batch"] == 1:
             r["speedup_vs_accelerate"] = r["tok_s"] / peer["decode_tok_s"]
     streamed = [r for r in results if r.get("spans")]
-    if streamed:
+    if streamed:  # the first traced configuration: its last two decode steps and its traced prefill
         r = streamed[0]
-        _timeline_png(r["spans"], out_dir / f"{args.tag}-timeline.png",
-                      f"decode at {format_size(r['budget_bytes'] or 0)}, batch {r['batch']}: copy vs compute")
+        pre = prefill_phase(r["prefill_spans"]) if r.get("prefill_spans") else None
+        save_timeline([decode_phase(r["spans"]), pre], out_dir / f"{args.tag}-timeline.png",
+                      f"{Path(args.model).name} at {format_size(r['budget_bytes'] or 0)}, batch {r['batch']}: "
+                      f"{r['resident_layers']} resident / {r['streamed_layers']} streamed layers; copy vs compute")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "date": date.today().isoformat(),
             "model": str(args.model), "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
@@ -96,6 +81,7 @@ def finish(args, results: list[dict], h2d: float, cfg, out_dir: Path) -> int:
             "checkpoint_read_gbps_cold": args.disk_gbps}
     for r in results:
         r.pop("spans", None)
+        r.pop("prefill_spans", None)
     payload = {"meta": meta, "results": results,
                "accelerate": {str(k): v for k, v in peers.items()}}
     path = out_dir / f"{args.tag}.json"

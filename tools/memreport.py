@@ -7,7 +7,8 @@ decode step and layer: stalls, achieved GB/s, predicted vs measured tok/s.
     python tools/memreport.py --plan-only (--model M | --preset qwen2.5-72b) --gpu-memory 24GB
                               --host-memory 64GB [--h2d-gbps 25] [--disk-gbps 3]
 
-Writes memory.png, and on CUDA timeline.png and trace.json (Perfetto), to --out-dir.
+Writes memory.png, and on CUDA timeline.png (the traced prefill and the last two decode steps, copy
+above compute per layer, stalls marked) and trace.json / prefill-trace.json (Perfetto), to --out-dir.
 --plan-only reads only safetensors headers (or, with --preset, nothing) and needs no GPU.
 """
 
@@ -37,6 +38,7 @@ from streamer.trace import write_chrome_trace  # noqa: E402
 from tools import report_render  # noqa: E402
 from tools.memreport_measure import cuda_snapshot, decode_run, measure_host, measure_vram  # noqa: E402
 from tools.memreport_timeline import analyze_timeline, summarize  # noqa: E402
+from tools.timeline_spans import prefill_phase  # noqa: E402
 from tools.memreport_plan import PlanInputs, module_rows, plan_categories, what_if  # noqa: E402
 
 SCHEMA = "layerstream.memreport/1"
@@ -84,7 +86,7 @@ def _check(args) -> None:
         raise ValueError(f"--{given[0].replace('_', '-')} is a --plan-only what-if; a real run measures the "
                          "GPU, RAM and bandwidth")
     for flag, low in (("steps", 2), ("prompt_tokens", 1), ("prefill_chunk", 1), ("max_context", 2), ("batch", 1)):
-        if getattr(args, flag) < low:
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
     for flag in ("h2d_gbps", "disk_gbps"):
         if getattr(args, flag) is not None and not getattr(args, flag) > 0:
@@ -138,7 +140,8 @@ def _plan_only(args, notes: list[str]) -> tuple[dict, PlanInputs, int | None, in
     h2d = (args.h2d_gbps, "given (--h2d-gbps)") if args.h2d_gbps else _h2d_default()
     dtype = pick_dtype(args.dtype, file_dtype, torch.device("cpu" if args.device == "cpu" else "cuda"))
     kwargs = dict(vram_budget=_size(args, "vram_budget"), host_budget=host_budget, batch=args.batch,
-                  max_context=args.max_context, prefill_chunk=args.prefill_chunk, device_free=free,
+                  max_context=args.max_context, prefill_chunk=args.prefill_chunk or 2048,
+                  auto_chunk=args.prefill_chunk is None, device_free=free,
                   h2d_gbps=h2d[0], h2d_source=h2d[1], disk_gbps=args.disk_gbps)
     inputs = PlanInputs(cfg, tensor_bytes, dtype, kwargs, quant)
     return _model_info(cfg, source, file_dtype, tensor_bytes), inputs, free, total
@@ -176,7 +179,8 @@ def _full_run(args, notes: list[str]) -> tuple[dict, PlanInputs, dict]:
                          "cached by the allocator (reserved, not allocated); a second run shows the steady state")
         unit_bytes = {u.name: u.nbytes for u in engine.weights.units}
         timeline = analyze_timeline(run["spans"], run["bounds_ms"], unit_bytes) if run["bounds_ms"] else None
-        timing = {"summary": summarize(run, timeline, engine.opts.batch, plan), "timeline": timeline}
+        timing = {"summary": summarize(run, timeline, engine.opts.batch, plan), "timeline": timeline,
+                  "prefill": prefill_phase(run["prefill_spans"]).stats() if run["prefill_spans"] else None}
         if not cuda:
             notes.append("copy/compute timeline: not traced on the CPU (it uses CUDA events); step times are "
                          "host wall clock (no GPU prediction on the CPU)")
@@ -195,8 +199,9 @@ def _full_run(args, notes: list[str]) -> tuple[dict, PlanInputs, dict]:
         engine.close()
 
 
-def build_report(args) -> tuple[dict, list[dict]]:
-    """The report (JSON-serialisable) and the trace spans (for timeline.png / trace.json)."""
+def build_report(args) -> tuple[dict, dict[str, list[dict]]]:
+    """The report (JSON-serialisable) and the trace spans of the decode steps and of the prefill (for
+    timeline.png, trace.json and prefill-trace.json): {"decode": [...], "prefill": [...]}."""
     _check(args)
     notes: list[str] = []
     if args.plan_only:
@@ -207,11 +212,11 @@ def build_report(args) -> tuple[dict, list[dict]]:
                          "the prediction")
         part = {"mode": "plan-only", "model": info, "measured_vram": None, "host_measured": None,
                 "timing": None, "card_total": total}
-        spans: list[dict] = []
+        spans: dict[str, list[dict]] = {"decode": [], "prefill": []}
         notes.append("timing: not measured (--plan-only); the prediction is bytes streamed per step / H2D GB/s")
     else:
         part, inputs, run = _full_run(args, notes)
-        plan, free, spans = part.pop("plan_obj"), None, run["spans"]
+        plan, free, spans = part.pop("plan_obj"), None, {"decode": run["spans"], "prefill": run["prefill_spans"]}
     rows = module_rows(plan, inputs.tensor_bytes)
     host = _host_planned(plan, rows, None)
     if part["host_measured"]:
@@ -236,15 +241,21 @@ def build_report(args) -> tuple[dict, list[dict]]:
     return rep, spans
 
 
-def write_outputs(rep: dict, spans: list[dict], out_dir: Path) -> None:
+def write_outputs(rep: dict, spans: dict[str, list[dict]], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = rep["files"]
     files["memory_png"] = str(report_render.save_memory_png(rep, out_dir / "memory.png"))
     tl = (rep["timing"] or {}).get("timeline")
-    if spans and tl and tl["steps"]:
-        files["timeline_png"] = str(report_render.save_timeline_png(spans, tl, out_dir / "timeline.png"))
-        write_chrome_trace(spans, out_dir / "trace.json")
+    files["prefill_trace_json"] = None
+    if spans["decode"] and tl and tl["steps"]:
+        title = f"{Path(str(rep['model']['source'])).name}: {report_render.plan_story(rep).splitlines()[0]}"
+        files["timeline_png"] = str(report_render.save_timeline_png(spans["decode"], tl, out_dir / "timeline.png",
+                                                                    spans["prefill"], title))
+        write_chrome_trace(spans["decode"], out_dir / "trace.json")
         files["trace_json"] = str(out_dir / "trace.json")
+        if spans["prefill"]:
+            write_chrome_trace(spans["prefill"], out_dir / "prefill-trace.json")
+            files["prefill_trace_json"] = str(out_dir / "prefill-trace.json")
     else:
         files["timeline_png"] = files["trace_json"] = None
         why = "--plan-only" if rep["mode"] == "plan-only" else "no CUDA trace (CPU run)"

@@ -10,6 +10,7 @@ of the mapped checkpoint shards (``/proc/self/smaps`` Rss of those mappings).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import time
@@ -162,6 +163,35 @@ def _trace_resident(weights, tracer):
         del weights.layer, weights.release, weights.lm_head_parts
 
 
+def traced_prefill(engine, ids: list[list[int]], tracer) -> tuple[torch.Tensor, list[dict]]:
+    """The prompts' prefill, traced on its own: the copy pipeline restarts at unit 0 after ``mark()`` so
+    every streamed unit's copy is in the trace, resident layers are timed too, and each prompt chunk's
+    work inside a layer is a span on the "chunk" lane ("chunk.k", k-th chunk of the prompt).
+    Returns (greedy next tokens, spans)."""
+    chunk = max(1, engine.opts.prefill_chunk // len(ids))  # as engine.generate.prefill cuts the prompt
+    n_chunks = -(-max(len(p) for p in ids) // chunk)
+    ops, count, stream = engine.ops, itertools.count(), engine.weights.stream.sync.compute_stream
+    plain = ops.prompt_chunk
+
+    @contextmanager
+    def chunk_span(rows: int):
+        name = f"chunk.{next(count) % n_chunks}"
+        tracer.begin("chunk", name, stream())
+        with plain(rows):
+            yield
+        tracer.end("chunk", name, stream())
+
+    tracer.mark()
+    engine.weights.stream.reset()  # re-issue the first slots' copies (issued by the last pass) inside the trace
+    ops.prompt_chunk = chunk_span
+    try:
+        with _trace_resident(engine.weights, tracer):
+            tok = prefill(engine, ids).argmax(-1)
+    finally:
+        del ops.prompt_chunk
+    return tok, tracer.timeline()
+
+
 def _step(engine, tok: torch.Tensor, pos: int) -> tuple[torch.Tensor, float]:
     """One greedy decode step at position ``pos``; returns (next tokens, ms the host took to issue it)."""
     b, dev = engine.opts.batch, engine.device
@@ -178,7 +208,7 @@ def decode_run(engine, steps: int, prompt_tokens: int, observe: int = 4, on_warm
     """A warm-up pass (prefill and one decode step: kernel JIT and autotuning), ``on_warm()``, then a
     ``prompt_tokens`` prefill and ``steps`` greedy decode steps (one host sync each, like ``generate``).
     The last ``observe`` steps are timed, and on CUDA traced (the tracer is marked one step earlier so the
-    copies feeding the first observed step are in the trace)."""
+    copies feeding the first observed step are in the trace); on CUDA the prefill is traced too."""
     b, cap = engine.opts.batch, engine.opts.max_context
     n = min(prompt_tokens, cap - steps - 1)
     if steps < 2 or n < 1:
@@ -186,7 +216,7 @@ def decode_run(engine, steps: int, prompt_tokens: int, observe: int = 4, on_warm
                          "raise --context or change --steps")
     observe = min(observe, steps - 1)
     lead = steps - observe - 1
-    tracer = getattr(engine.weights, "tracer", None)
+    tracer = engine.weights.stream.tracer  # None on the CPU (CUDA events)
     ids = [prompt_ids(engine, n)] * b
     engine.cache.reset()
     t0 = time.perf_counter()
@@ -195,7 +225,7 @@ def decode_run(engine, steps: int, prompt_tokens: int, observe: int = 4, on_warm
     if on_warm is not None:
         on_warm()
     engine.cache.reset()
-    tok = prefill(engine, ids).argmax(-1)
+    tok, prefill_spans = traced_prefill(engine, ids, tracer) if tracer else (prefill(engine, ids).argmax(-1), [])
     events, host, issued = [], [], []
     with _trace_resident(engine.weights, tracer) if tracer else contextlib.nullcontext():
         for s in range(steps + 1):
@@ -214,7 +244,8 @@ def decode_run(engine, steps: int, prompt_tokens: int, observe: int = 4, on_warm
     spans = tracer.timeline() if tracer else []
     return {"prompt_tokens": n, "steps": steps, "observed": observe, "warmup_ms": first_ms,
             "host_step_ms": [(t1 - t0) * 1e3 for t0, t1 in zip(host, host[1:])], "issue_ms": issued,
-            "spans": spans, "bounds_ms": [tracer.origin.elapsed_time(e) for e in events] if tracer else [],
+            "spans": spans, "prefill_spans": prefill_spans,
+            "bounds_ms": [tracer.origin.elapsed_time(e) for e in events] if tracer else [],
             "graph_step_ms": _graph_steps(engine, ids, steps)}
 
 

@@ -31,9 +31,10 @@ class PlanInputs:
         return plan_model(self.cfg, self.tensor_bytes, self.dtype, self.quant, **{**self.kwargs, **override})
 
     def pinned_to(self, plan: Plan) -> PlanInputs:
-        """The same inputs with the budgets ``plan`` resolved (so what-ifs neither re-read free memory nor RAM)."""
+        """The same inputs with the budgets and the prefill chunk ``plan`` resolved (so what-ifs neither re-read
+        free memory nor RAM, nor lower the chunk on their own)."""
         kw = {**self.kwargs, "vram_budget": plan.budget_bytes, "host_budget": plan.host_budget_bytes,
-              "device_free": None}
+              "device_free": None, "prefill_chunk": plan.prefill_chunk, "auto_chunk": False}
         return PlanInputs(self.cfg, self.tensor_bytes, self.dtype, kw, self.quant)
 
 

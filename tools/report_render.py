@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 from memory.units import format_size as fs
+from tools.timeline_render import save_timeline
+from tools.timeline_spans import decode_phase, prefill_phase
 
 GiB = 2**30
 COLORS = {"resident layers": "#1f77b4", "embedding": "#aec7e8", "lm_head": "#9467bd", "norm": "#c5b0d5",
@@ -137,6 +139,13 @@ def _timing(rep: dict) -> list[str]:
                    f"{s['graph_step_ms']:.2f} ms/step -> {s['graph_tok_s']:.3g} tok/s")
     if not tl:
         return out + ["  copy/compute lanes: not traced (CPU run; tracing uses CUDA events)"]
+    if t.get("prefill"):
+        p = t["prefill"]
+        out.append(f"  traced prefill ({s['prompt_tokens']} tokens, layer-major): {p['window_ms']:.2f} ms; "
+                   f"{p['copies']} copies of {p['units_copied']} streamed units (copy lane busy "
+                   f"{p['copy_busy_ms']:.2f} ms); "
+                   f"compute {p['compute_ms']:.2f} ms in {p['compute_spans']} spans ({p['chunks']} prompt chunk "
+                   f"passes); {p['stalls']} stalls {p['stall_ms']:.2f} ms")
     rows = [("step", "ms", "compute", "copy", "stall", "other", "copy GB/s", "eff. GB/s")]
     g = lambda x: f"{x:.1f}" if x is not None else "-"  # noqa: E731
     for i, st in enumerate(tl["steps"]):
@@ -260,34 +269,13 @@ def _stack(ax, x: int, cats: dict[str, int], ymax: float, seen: set[str]) -> Non
         bottom += b / GiB
 
 
-def save_timeline_png(spans: list[dict], timeline: dict, path: Path) -> Path:
-    """Copy and compute lanes over the observed decode steps, a lane of stalls, step boundaries dashed."""
-    plt = _figure()
+def save_timeline_png(spans: list[dict], timeline: dict, path: Path, prefill_spans: list[dict] | None = None,
+                      title: str = "copy vs compute") -> Path:
+    """The last two observed decode steps (and the traced prefill, if given), copy above compute, in real
+    time and per layer, stalls marked (``tools.timeline_render``)."""
     steps = timeline["steps"]
-    t0 = steps[0]["start_ms"]
-    t1 = steps[-1]["start_ms"] + steps[-1]["step_ms"]
-    streamed = {m["name"] for m in timeline["modules"] if m["bytes"]}
-    fig, ax = plt.subplots(figsize=(14, 3.6))
-
-    def lane(items, y, color, label):
-        ivs = [(s["start_ms"] - t0, s["end_ms"] - s["start_ms"]) for s in items
-               if s["end_ms"] >= t0 and s["start_ms"] <= t1]
-        if ivs:
-            ax.broken_barh(ivs, (y - 0.35, 0.7), facecolors=color, edgecolor="white", linewidth=0.3, label=label)
-
-    lane([s for s in spans if s["lane"] == "copy"], 2, "#ff7f0e", "H2D copy of a streamed unit")
-    lane([s for s in spans if s["lane"] == "compute" and s["name"] not in streamed], 1, "#1f77b4",
-         "compute, resident weights")
-    lane([s for s in spans if s["lane"] == "compute" and s["name"] in streamed], 1, "#2ca02c",
-         "compute, streamed weights")
-    lane(timeline["stalls"], 0, "#d62728", "compute waiting on a copy")
-    for i, st in enumerate(steps):
-        ax.axvline(st["start_ms"] - t0, color="gray", linestyle="--", linewidth=0.8)
-        ax.text(st["start_ms"] - t0, 2.45, f" step {i}: {st['step_ms']:.1f} ms", fontsize=7, va="bottom")
-    ax.axvline(t1 - t0, color="gray", linestyle="--", linewidth=0.8)
-    ax.set_yticks([0, 1, 2], ["stall", "compute", "copy (H2D)"])
-    ax.set_ylim(-0.6, 2.9)
-    ax.set_xlim(0, max(t1 - t0, 1e-3))
-    ax.set_xlabel("ms since the first observed decode step (dashed: step boundaries)")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4)
-    return _save(fig, plt, path)
+    bounds = [st["start_ms"] for st in steps] + [steps[-1]["start_ms"] + steps[-1]["step_ms"]]
+    phases = [decode_phase(spans, bounds), prefill_phase(prefill_spans) if prefill_spans else None]
+    out = save_timeline(phases, path, title)
+    assert out is not None, "observed decode steps always hold compute spans"
+    return out
