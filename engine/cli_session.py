@@ -40,7 +40,8 @@ def options_from_args(args: argparse.Namespace, n_prompts: int = 1) -> EngineOpt
                          host_budget=host, batch=batch, max_context=args.max_context,
                          prefill_chunk=args.prefill_chunk, threads=threads or EngineOptions.threads,
                          quantize=getattr(args, "quantize", None), quant_group=getattr(args, "quant_group", 128),
-                         quant_cache=getattr(args, "quant_cache", False))
+                         quant_cache=getattr(args, "quant_cache", False),
+                         host_compute=getattr(args, "host_compute", "off"))
 
 
 def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: bool) -> str | None:
