@@ -50,12 +50,12 @@ def _timeline_png(spans: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(14, 2.6))
-    lanes = {"copy": (1, "tab:blue"), "compute": (0, "tab:orange")}
+    lanes = {"copy": (1, "tab:blue"), "compute": (0, "tab:orange"), "host": (2, "tab:green")}
     t0 = min(s["start_ms"] for s in spans)
     for s in spans:
         y, color = lanes[s["lane"]]
         ax.barh(y, s["end_ms"] - s["start_ms"], left=s["start_ms"] - t0, color=color, edgecolor="white", height=0.6)
-    ax.set_yticks([0, 1], ["compute (streamed units)", "copy stream (H2D)"])
+    ax.set_yticks([0, 1, 2], ["compute (streamed units)", "copy stream (H2D)", "host lane (CPU layers)"])
     ax.set_xlabel("ms")
     ax.set_title(title)
     fig.tight_layout()
@@ -93,7 +93,7 @@ def finish(args, results: list[dict], h2d: float, cfg, out_dir: Path) -> int:
             "triton": __import__("triton").__version__, "date": date.today().isoformat(),
             "model": str(args.model), "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
             "h2d_pinned_gbps": h2d, "gemm_tflops": args.gemm_tflops, "kernels": args.kernels,
-            "checkpoint_read_gbps_cold": args.disk_gbps}
+            "checkpoint_read_gbps_cold": args.disk_gbps, "host": getattr(args, "host_info", None)}
     for r in results:
         r.pop("spans", None)
     payload = {"meta": meta, "results": results,

@@ -137,12 +137,13 @@ def _timing(rep: dict) -> list[str]:
                    f"{s['graph_step_ms']:.2f} ms/step -> {s['graph_tok_s']:.3g} tok/s")
     if not tl:
         return out + ["  copy/compute lanes: not traced (CPU run; tracing uses CUDA events)"]
-    rows = [("step", "ms", "compute", "copy", "stall", "other", "copy GB/s", "eff. GB/s")]
+    rows = [("step", "ms", "compute", "copy", "host", "stall", "other", "copy GB/s", "eff. GB/s")]
     g = lambda x: f"{x:.1f}" if x is not None else "-"  # noqa: E731
     for i, st in enumerate(tl["steps"]):
         rows.append((i, f"{st['step_ms']:.2f}", f"{st['compute_ms']:.2f}", f"{st['copy_ms']:.2f}",
-                     f"{st['stall_ms']:.2f}", f"{st['other_ms']:.2f}", g(st["copy_gbps"]), g(st["effective_gbps"])))
-    out += _table(rows, set(range(1, 8)))
+                     f"{st.get('host_ms', 0.0):.2f}", f"{st['stall_ms']:.2f}", f"{st['other_ms']:.2f}",
+                     g(st["copy_gbps"]), g(st["effective_gbps"])))
+    out += _table(rows, set(range(1, 9)))
     if "copy_gbps" in s:
         out.append(f"  achieved H2D: {g(s['copy_gbps'])} GB/s while copying, {g(s['effective_gbps'])} GB/s over the "
                    f"step, vs peak {s['peak_h2d_gbps']:.1f} GB/s ({s['h2d_source']}); copy lane busy "
@@ -281,12 +282,13 @@ def save_timeline_png(spans: list[dict], timeline: dict, path: Path) -> Path:
     lane([s for s in spans if s["lane"] == "compute" and s["name"] in streamed], 1, "#2ca02c",
          "compute, streamed weights")
     lane(timeline["stalls"], 0, "#d62728", "compute waiting on a copy")
+    lane([s for s in spans if s["lane"] == "host"], 3, "#9467bd", "host lane: a layer computed on the CPU")
     for i, st in enumerate(steps):
         ax.axvline(st["start_ms"] - t0, color="gray", linestyle="--", linewidth=0.8)
-        ax.text(st["start_ms"] - t0, 2.45, f" step {i}: {st['step_ms']:.1f} ms", fontsize=7, va="bottom")
+        ax.text(st["start_ms"] - t0, 3.45, f" step {i}: {st['step_ms']:.1f} ms", fontsize=7, va="bottom")
     ax.axvline(t1 - t0, color="gray", linestyle="--", linewidth=0.8)
-    ax.set_yticks([0, 1, 2], ["stall", "compute", "copy (H2D)"])
-    ax.set_ylim(-0.6, 2.9)
+    ax.set_yticks([0, 1, 2, 3], ["stall", "compute", "copy (H2D)", "host (CPU)"])
+    ax.set_ylim(-0.6, 3.9)
     ax.set_xlim(0, max(t1 - t0, 1e-3))
     ax.set_xlabel("ms since the first observed decode step (dashed: step boundaries)")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4)
