@@ -148,6 +148,13 @@ def test_too_many_host_layers_is_one_error_line(model_dir, capsys):
     assert rc == 2 and "Traceback" not in err and len(errors) == 1 and "give at most 3" in errors[0], err
 
 
+def test_the_server_refuses_a_host_lane(capsys):
+    assert main(["serve", "--host-compute", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --host-compute applies to layerstream runs") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.cuda
 def test_host_lane_on_the_gpu_matches_resident(model_dir):
     """GPU path (triton kernels, decode graphs): host layers computed on the CPU between the graphs."""
