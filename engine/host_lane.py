@@ -6,7 +6,8 @@ them with torch on the CPU from the same pinned host copy the streamer fills its
 The hidden state and residual cross to the host before such a layer and back after it; its
 keys and values live in a KV cache in host memory. The device KV of a host layer is written by
 the passes that stream it (the prefill) and copied to the host cache after each of them
-(:meth:`HostLane.absorb`), so a decode step finds the prompt's keys there.
+(:meth:`HostLane.absorb`), so a decode step finds the prompt's keys there. Attention reads that
+cache in place (:class:`HostOps`: grouped query heads, no per-head copy of the keys).
 
 This implementation is synchronous: the compute stream is drained by the copy to the host, the
 CPU computes, the result is copied back. The streamer's copies were issued before (a streamed
@@ -28,6 +29,25 @@ from engine.ops import TorchOps
 log = logging.getLogger(__name__)
 
 
+class HostOps(TorchOps):
+    """Torch ops for host layers: a decode step's attention reads the host KV cache in place, each
+    group of query heads against its one KV head (no per-head copy of the keys and values)."""
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: torch.Tensor,
+                  q_lens: torch.Tensor, scale: float, max_len: int) -> torch.Tensor:
+        b, t, hq, d = q.shape
+        if t != 1:
+            return super().attention(q, k_cache, v_cache, start_pos, q_lens, scale, max_len)
+        hk = k_cache.shape[1]
+        k, v = k_cache[:, :, :max_len], v_cache[:, :, :max_len]  # [B, Hk, S, D]
+        qg = q.reshape(b, hk, hq // hk, d)  # query head h reads KV head h // (Hq / Hk)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hk, G, S]
+        hidden = torch.arange(max_len).view(1, 1, 1, max_len) > start_pos.long().view(b, 1, 1, 1)
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(-1).to(v.dtype)
+        out = torch.matmul(probs, v).reshape(b, 1, hq, d)
+        return out * (q_lens.view(b, 1, 1, 1) > 0).to(out.dtype)
+
+
 class HostLane:
     """Host layers' weights (views of pinned host copies), their host KV cache and their forward."""
 
@@ -38,7 +58,7 @@ class HostLane:
         self.layers = tuple(weights.plan.host_layers)
         assert self.layers, "a host lane needs host layers in the plan"
         self.dtype = weights.dtype
-        self.cpu = Model(cfg, weights, TorchOps(), torch.device("cpu"), self.dtype, max_positions)
+        self.cpu = Model(cfg, weights, HostOps(), torch.device("cpu"), self.dtype, max_positions)
         self.views = {i: weights.host_layer(i) for i in self.layers}
         shape = (cache.batch, cfg.num_key_value_heads, cache.max_context, cfg.head_dim)
         self.kv = {i: (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))

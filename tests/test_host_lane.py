@@ -16,6 +16,8 @@ import torch
 from engine.engine import Engine, EngineOptions
 from engine.footprint import min_budget
 from engine.generate import decode_step, generate, prefill
+from engine.host_lane import HostOps
+from engine.ops import TorchOps
 from engine.run import main
 from engine.sampling import SamplingParams
 from streamer.stream import WeightStreamer
@@ -102,6 +104,20 @@ def test_host_compute_off_and_auto_on_the_cpu_use_no_host_layer(model_dir):
     assert any("rate is not known" in n for n in auto.plan.notes)  # the CPU device measures no host rate
     off.close()
     auto.close()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("hq,hk,d", [(4, 2, 16), (8, 1, 32), (3, 3, 8), (28, 4, 128)])
+def test_host_decode_attention_matches_the_reference(hq, hk, d, dtype, tol):
+    gen = torch.Generator().manual_seed(hq * 100 + hk)
+    b, s = 3, 37
+    q = torch.randn((b, 1, hq, d), generator=gen).to(dtype)
+    k, v = (torch.randn((b, hk, s, d), generator=gen).to(dtype) for _ in range(2))
+    start, q_lens = torch.tensor([0, 20, 35], dtype=torch.int32), torch.tensor([1, 1, 0], dtype=torch.int32)
+    want = TorchOps().attention(q, k, v, start, q_lens, d ** -0.5, 36)
+    got = HostOps().attention(q, k, v, start, q_lens, d ** -0.5, 36)
+    assert got.shape == want.shape and rel_max_err(got, want) <= tol
+    assert not got[2].any()  # a padded row (q_lens 0) is zero
 
 
 def _units(n: int, size: int = 16) -> list[UnitSpec]:
