@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Sequence
 
+from memory.host_lane import parse_host_compute
 from memory.units import parse_size_arg
 
 PROG = "layerstream"
@@ -106,6 +107,14 @@ def dtype_arg(text: str) -> str:
     return DTYPE_ALIASES[key]
 
 
+def host_compute_arg(text: str) -> str | int:
+    """``--host-compute``: auto | off | a number of layers (memory.host_lane)."""
+    try:
+        return parse_host_compute(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--host-compute ")) from None
+
+
 def add_engine_args(p: CliParser) -> None:
     """Flags that shape the engine: device, dtype, kernels, threads, budgets, context, batch."""
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
@@ -134,6 +143,10 @@ def add_engine_args(p: CliParser) -> None:
                         "quantized checkpoints (AWQ, GPTQ, compressed-tensors) are detected without it")
     p.add_argument("--quant-group", type=int, default=128, metavar="N",
                    help="--quantize group size along the input dim (-1: one scale per output row)")
+    p.add_argument("--host-compute", default="off", type=host_compute_arg, metavar="{auto,off,N}",
+                   help="decode steps compute some streamed layers on the CPU from their pinned host copy while "
+                        "others stream (GPU runs): auto = the split the measured host and H2D rates predict "
+                        "fastest, off = stream every non-resident layer, N = N host layers")
     p.add_argument("--quant-cache", action="store_true",
                    help="keep the repacked (AWQ / GPTQ) or --quantize'd layers in a cache file (the size of the "
                         "packed layers) so later runs and disk-tier streaming read them without converting again")

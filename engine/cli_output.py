@@ -9,7 +9,8 @@ import textwrap
 from memory.units import format_size
 
 # planner notes that explain a default rather than ask for anything; shown with --show-plan and -v only
-_INFO_NOTES = ("no VRAM budget and no device memory figure", "host budget:", "step time is an HBM estimate")
+_INFO_NOTES = ("no VRAM budget and no device memory figure", "host budget:", "step time is an HBM estimate",
+               "host lane")
 EMPTY_REPLY = "(empty reply: the model's first token was end-of-sequence)"
 
 
@@ -31,13 +32,15 @@ def plan_summary(engine, full: bool = False) -> str:
     quant = (engine.quant_note,) if getattr(engine, "quant_note", None) else ()  # how long repacking took
     notes = "".join(f"note: {n}\n" for n in (*actionable_notes(p.notes), *quant))
     n = engine.cfg.num_hidden_layers
+    host = f"; {len(p.host_layers)} of them computed on the CPU in decode steps" if p.host_layers else ""
     if cpu:
         head = f"plan: CPU run in {p.dtype}, {len(p.resident_layers)}/{n} layers resident"
         if p.streamed_layers:
-            head += (f", {len(p.streamed_layers)} copied in per step ({len(p.disk_layers)} of them read from disk); "
-                     "on the CPU streaming only saves RAM, it does not speed anything up")
+            head += (f", {len(p.streamed_layers)} copied in per step ({len(p.disk_layers)} of them read from disk"
+                     f"{host}); on the CPU streaming only saves RAM, it does not speed anything up")
         return notes + head
-    return notes + (f"plan: {len(p.resident_layers)}/{n} layers resident, "
+    host = f", {len(p.host_layers)} computed on the CPU" if p.host_layers else ""
+    return notes + (f"plan: {len(p.resident_layers)}/{n} layers resident{host}, "
                     f"{format_size(p.streamed_bytes_per_step)} streamed per step, predicted "
                     f"{p.predicted_step_s * 1e3:.1f} ms/step = {p.predicted_tok_s:.2f} tok/s "
                     f"(batch {p.batch}, {p.step_bound} bound)")

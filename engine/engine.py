@@ -15,6 +15,7 @@ from engine.footprint import plan_model
 from engine.gguf import open_gguf
 from engine.gguf.paths import is_gguf_path
 from engine.graphs import try_capture
+from engine.host_lane import HostLane
 from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
 from engine.model import Model
@@ -26,6 +27,8 @@ from engine.tokenizer import Tokenizer
 from engine.weights import ModelWeights
 from memory.allocator_cap import AllocatorCap
 from memory.bandwidth import h2d_bandwidth
+from memory.host_lane import parse_host_compute
+from memory.host_rate import host_gemv_rate
 from memory.process_vram import Outside, outside_allocator
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class EngineOptions:
     quantize: str | None = None  # int8 | int4: round-to-nearest the layers' linear weights at load
     quant_group: int = 128  # --quantize group size (-1: one scale per output row)
     quant_cache: bool = False  # keep repacked / rounded layers in a cache file (engine.quant.cache)
+    host_compute: str | int = "off"  # auto | off | N: decode steps compute host layers on the CPU (memory.host_lane)
 
 
 def pick_device(name: str) -> torch.device:
@@ -152,6 +156,8 @@ class Engine:
             log.info(self.quant_note)
         self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
         self.cache = KVCache(self.cfg, opts.batch, opts.max_context, self.dtype, self.device)
+        if self.plan.host_layers:
+            self.model.host = HostLane(self.cfg, self.weights, self.cache, opts.max_context)
         self.graph = None
         if opts.cuda_graph and self.device.type == "cuda" and self.ops.name == "triton":
             self.graph = try_capture(self.model, self.cache, opts.batch)
@@ -163,12 +169,24 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(self.device)
             log.info("GPU memory outside torch's allocator: %d MiB (%s)", outside.bytes >> 20, outside.source)
         gbps, source = h2d_bandwidth(self.device)
+        mode = parse_host_compute(self.opts.host_compute)
+        host_gbps, host_source = self._host_rate(mode)
         return plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
                           vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
                           batch=self.opts.batch, max_context=self.opts.max_context,
                           prefill_chunk=self.opts.prefill_chunk, auto_chunk=self.opts.prefill_chunk_auto,
                           device_free=free, h2d_gbps=gbps,
-                          h2d_source=source, outside_bytes=outside.bytes)
+                          h2d_source=source, outside_bytes=outside.bytes, host_compute=mode, host_gbps=host_gbps,
+                          host_source=host_source)
+
+    def _host_rate(self, mode) -> tuple[float | None, str]:
+        """The host's GEMV GB/s at this batch and dtype (measured once, cached), when the host lane may be
+        used: on a GPU, with full-precision layers (the CPU has no kernels for packed ones here)."""
+        if mode == "off" or self.device.type != "cuda" or self.quant is not None:
+            why = "host compute off" if mode == "off" else (
+                "the compute device is the CPU" if self.device.type != "cuda" else "quantized layers")
+            return None, f"not measured: {why}"
+        return host_gemv_rate(self.opts.batch, self.dtype)
 
     def close(self) -> None:
         """Release the weight sources (file maps, disk readers) and the allocator cap."""

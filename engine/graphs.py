@@ -9,6 +9,8 @@ launched every resident layer in front of it. So the step is captured in pieces:
 * one graph per run of consecutive resident layers (the positions and, when the table is
   on the device, the embedding go into the first; the final norm and a resident lm_head
   into the last); with nothing streamed the whole step is one graph;
+* a host layer (``engine.host_lane``) is not captured: its CPU forward runs between the pieces,
+  reading and writing the static hidden state and residual;
 * per streamed layer, one graph per staging slot. The streamer decides at run time which
   slot holds the layer: ``weights.layer(i)`` makes the compute stream wait for that slot's
   copy, the matching graph is replayed, and ``weights.release(i)`` frees the slot, exactly
@@ -62,8 +64,9 @@ class DecodeGraph:
         torch.cuda.synchronize(dev)
 
     def _schedule(self) -> list[tuple[str, object]]:
-        """[("fixed", [callables]) | ("streamed", layer)] in execution order."""
+        """[("fixed", [callables]) | ("streamed", layer) | ("host", layer)] in execution order."""
         steps, fixed, run = [], [self._start], []
+        host = self.model.host.layers if self.model.host is not None else ()
         for i in range(self.model.cfg.num_hidden_layers):
             if i in self.weights.resident:
                 run.append(i)
@@ -73,7 +76,7 @@ class DecodeGraph:
                 run = []
             if fixed:  # nothing to capture between two streamed layers
                 steps.append(("fixed", fixed))
-            steps.append(("streamed", i))
+            steps.append(("host" if i in host else "streamed", i))
             fixed = []
         if run:
             fixed.append(self._layers_fn(tuple(run)))
@@ -94,6 +97,8 @@ class DecodeGraph:
     def _capture(self, kind: str, what) -> tuple[str, object]:
         if kind == "fixed":
             return kind, self._graph(what)
+        if kind == "host":
+            return kind, what
         i = what
         per_slot = {}
         for s in range(len(self.weights.stream.slots)):
@@ -120,6 +125,11 @@ class DecodeGraph:
             self.h.copy_(h)
         return run
 
+    def _host_layer(self, i: int) -> None:
+        h, res = self.model.host.run(i, self.h, None if i == 0 else self.res, self.start, self.q_lens)
+        self.res.copy_(res)
+        self.h.copy_(h)
+
     def _head(self) -> None:
         self.logits = self.model.head(self.h, self.res, self.q_lens)
 
@@ -130,9 +140,14 @@ class DecodeGraph:
             self.ids.copy_(tok.view(self.batch, 1))
         else:  # the table stays on the host: its rows are gathered there
             self.h.copy_(self.weights.embed(tok.view(self.batch, 1)))
+        if self.model.host is not None:
+            self.weights.host_decode(True)
         for kind, what in self.steps:
             if kind == "fixed":
                 what.replay()
+                continue
+            if kind == "host":
+                self._host_layer(what)
                 continue
             i, per_slot = what
             w = self.weights.layer(i)

@@ -49,6 +49,7 @@ class Model:
         cos, sin = rope_tables(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
         self.scale = cfg.head_dim ** -0.5
+        self.host = None  # engine.host_lane.HostLane: decode steps compute its layers on the CPU
 
     def forward(self, ids: torch.Tensor, start_pos: torch.Tensor, q_lens: torch.Tensor, cache: KVCache,
                 max_len: int, last_only: bool = True) -> torch.Tensor:
@@ -59,14 +60,23 @@ class Model:
         [B, V] for each sequence's last real token, else [B, T, V].
         """
         b, t = ids.shape
+        host = self.host if self.host is not None and cache is self.host.cache else None
+        on_host = host.layers if host is not None and host.serves(cache, t) else ()
+        if self.host is not None:  # another cache (a server's): every non-resident layer streams
+            self.weights.host_decode(bool(on_host))
         h = self.weights.embed(ids, self.ops.embedding)
         positions = self.positions(start_pos, t)
         residual = None
         for i in range(self.cfg.num_hidden_layers):
-            w = self.weights.layer(i)
             kv = tuple(c[:b] for c in cache.layer(i))  # the first b rows: fewer prompts than cache.batch
+            if i in on_host:
+                h, residual = host.run(i, h, residual, start_pos, q_lens)
+                continue
+            w = self.weights.layer(i)
             h, residual = self.layer(w, h, residual, positions, kv, start_pos, q_lens, max_len)
             self.weights.release(i)
+            if host is not None:
+                host.absorb(i, kv, max_len)  # a streamed pass over a host layer: its keys go to the host too
         return self.head(h, residual, q_lens, last_only)
 
     def prefill(self, ids: torch.Tensor, lens: list[int], chunk: int, cache: KVCache,
@@ -86,6 +96,9 @@ class Model:
             meta.append((self.positions(start, c1 - c0), start, q_lens, c1))
         hs = [self.weights.embed(ids[:, c0:c1], self.ops.embedding) for c0, c1 in bounds]
         res: list[torch.Tensor | None] = [None] * len(bounds)
+        host = self.host if self.host is not None and cache is self.host.cache else None
+        if host is not None:
+            self.weights.host_decode(False)  # a prefill streams the host layers too
         for i in range(self.cfg.num_hidden_layers):
             w = self.weights.layer(i)
             kv = tuple(c[:b] for c in cache.layer(i))
@@ -93,6 +106,8 @@ class Model:
                 with ctx(b * hs[k].shape[1]):
                     hs[k], res[k] = self.layer(w, hs[k], res[k], positions, kv, start, q_lens, max_len)
             self.weights.release(i)
+            if host is not None:
+                host.absorb(i, kv, t)
         last = [(n - 1) // chunk for n in lens]  # the slice holding each row's last token
         rows = range(b)
         h = torch.stack([hs[last[r]][r, lens[r] - 1 - bounds[last[r]][0]] for r in rows])

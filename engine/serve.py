@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
         if not 0 <= args.port < 65536 or args.max_waiting < 0 or args.grace < 0 or args.block_size < 1:
             raise ValueError("--port must be in 0..65535, --max-waiting and --grace >= 0, --block-size >= 1")
         check_engine_args(args)
+        if args.host_compute != "off":
+            raise ValueError("--host-compute applies to layerstream runs, not to the server (its paged KV cache "
+                             "has no host lane): leave it off")
         _check_address(args.host, args.port)
         opts = options_from_args(args)
         from engine.engine import open_model

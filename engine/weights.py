@@ -153,6 +153,17 @@ class ModelWeights:
         if i not in self.resident:
             self.stream.release()
 
+    def host_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer-shaped views of host layer i's pinned host copy (what the CPU computes it from)."""
+        assert i in self.plan.host_layers, f"layer {i} is not a host layer of the plan"
+        return self.layout.views(self.stream.host_bufs[self.unit_of[f"layer.{i}"]])
+
+    def host_decode(self, on: bool) -> None:
+        """Stream every streamed unit each pass (``on`` False: a prefill), or all but the plan's host
+        layers (a decode step that computes them on the CPU)."""
+        skip = {self.unit_of[f"layer.{i}"] for i in self.plan.host_layers} if on else set()
+        self.stream.set_order([j for j in range(len(self.units)) if j not in skip])
+
     def norm(self) -> torch.Tensor:
         return self.final_norm
 

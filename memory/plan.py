@@ -13,7 +13,7 @@ from typing import Any, Literal
 from memory.footprint import ALLOCATOR_ALLOWANCE
 from memory.units import format_size
 
-__all__ = ["ALLOCATOR_ALLOWANCE", "ModulePlan", "Plan"]
+__all__ = ["ALLOCATOR_ALLOWANCE", "HostLane", "ModulePlan", "Plan"]
 
 Placement = Literal["resident", "streamed", "host"]
 Tier = Literal["vram", "pinned", "disk"]
@@ -26,7 +26,8 @@ class ModulePlan:
     ``bytes`` is its size as the kernels read it (what occupies VRAM when resident, or crosses
     PCIe each step when streamed); ``placement`` says where it runs from: ``resident`` (in VRAM
     for the whole run), ``streamed`` (copied into a staging slot every step) or ``host`` (the
-    embedding table kept in host memory: only the looked-up rows travel). ``tier`` is where its
+    embedding table kept in host memory: only the looked-up rows travel; a layer computed on the
+    CPU in a decode step, streamed in a prefill). ``tier`` is where its
     bytes live: ``vram``, ``pinned`` host memory, or ``disk`` (the memory-mapped checkpoint).
     """
 
@@ -36,6 +37,29 @@ class ModulePlan:
     placement: Placement
     tier: Tier
     reason: str
+
+
+@dataclass(frozen=True)
+class HostLane:
+    """The decode step's host compute lane (``memory.host_lane``): layers computed on the CPU and the
+    predicted seconds per step of each lane."""
+
+    mode: str  # "auto" or the forced number of layers
+    layers: tuple[int, ...]  # computed on the CPU in a decode step (streamed in a prefill)
+    host_gbps: float | None  # the CPU's GEMV rate at the plan's batch
+    host_source: str
+    copy_s: float  # the copy engine's time per decode step
+    host_s: float  # the CPU's time per decode step
+    gpu_s: float  # the GPU's own compute per decode step
+    kv_bytes: int  # the host layers' KV cache, in host memory
+
+    def summary(self) -> str:
+        """One line for the plan table."""
+        host = (f"host {self.host_s * 1e3:.1f} ms ({self.host_gbps:.1f} GB/s, {self.host_source})"
+                if self.host_gbps else f"host time not predicted (GEMV rate {self.host_source})")
+        which = ", ".join(map(str, self.layers)) if self.layers else "none"
+        return (f"host lane ({self.mode}): layers {which}; per decode step copy {self.copy_s * 1e3:.1f} ms, "
+                f"{host}, GPU {self.gpu_s * 1e3:.1f} ms; host KV {format_size(self.kv_bytes)}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,12 @@ class Plan:
     max_context: int
     prefill_chunk: int
     notes: tuple[str, ...]
+    host_lane: HostLane | None = None  # None: --host-compute off (every non-resident layer streams)
+
+    @property
+    def host_layers(self) -> tuple[int, ...]:
+        """Layers a decode step computes on the CPU (a prefill streams them)."""
+        return self.host_lane.layers if self.host_lane is not None else ()
 
     def __post_init__(self) -> None:
         parts = self.resident_weight_bytes + self.staging_bytes + self.kv_cache_bytes + self.workspace_bytes
@@ -82,6 +112,7 @@ class Plan:
         assert set(self.disk_layers) <= set(self.streamed_layers)
         assert not set(self.resident_layers) & set(self.streamed_layers)
         assert (self.num_slots == 0) == (not self.streamed_layers and self.lm_head_resident)
+        assert set(self.host_layers) <= set(self.streamed_layers) - set(self.disk_layers)
 
     def module(self, name: str) -> ModulePlan:
         """The decision for module ``name`` (e.g. ``"layers.3"``, ``"lm_head"``)."""
@@ -119,7 +150,8 @@ class Plan:
         out = [
             f"resident weights : {format_size(self.resident_weight_bytes)} ({len(self.resident_layers)} layers"
             f"{', lm_head' if self.lm_head_resident else ''}{', embed_tokens' if self.embed_on_device else ''})",
-            f"streamed / step  : {format_size(self.streamed_bytes_per_step)} ({len(self.streamed_layers)} layers"
+            f"streamed / step  : {format_size(self.streamed_bytes_per_step)} "
+            f"({len(self.streamed_layers) - len(self.host_layers)} layers"
             f"{head}{rows}; {len(self.disk_layers)} layers from disk)",
             f"staging slots    : {slots}",
             f"KV cache         : {format_size(self.kv_cache_bytes)} "
@@ -137,6 +169,7 @@ class Plan:
             "host budget",
             f"predicted        : {self.predicted_step_s * 1e3:.1f} ms/step, {self.predicted_tok_s:.2f} tok/s "
             f"(bound: {self.step_bound}; H2D {self.h2d_gbps:.1f} GB/s, {self.h2d_source})",
+            *([self.host_lane.summary()] if self.host_lane is not None else []),
         ]
         return out + [f"note: {n}" for n in self.notes]
 

@@ -22,17 +22,21 @@ costs, built by ``engine.footprint``). Rules (all sizes as the kernels read them
 * Streamed modules are pinned in execution order within the host budget; the first that
   does not fit and everything after it are read from the memory-mapped checkpoint ("disk"):
   the last streamed layers go to disk first.
+* With ``host_compute`` other than ``off``, some pinned streamed layers are computed on the CPU in
+  a decode step (placement ``host``; a prefill still streams them): see ``memory.host_lane``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
 
 from memory.budgets import check_workload, resolve_budget, resolve_host_budget
 from memory.footprint import Footprint
-from memory.plan import ModulePlan, Plan
+from memory.host_lane import HostCompute, LaneInputs, host_lane
+from memory.plan import HostLane, ModulePlan, Plan
 from memory.units import format_size
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,9 @@ class _Workload:
     h2d_source: str
     disk_gbps: float | None
     hbm_gbps: float
+    host_compute: HostCompute = "off"
+    host_gbps: float | None = None  # the CPU's GEMV rate at this batch
+    host_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -208,10 +215,14 @@ def _modules(s: _Sizes, r: _Residency, t: _Tiers, batch: int, chunks: int) -> tu
     return tuple(out)
 
 
-def _predict(s: _Sizes, streamed: int, disk: int, w: _Workload, notes: list[str]) -> tuple[float, str]:
-    """(step seconds, bound): copies, disk reads and compute overlap, so the slowest one sets the pace."""
+def _predict(s: _Sizes, streamed: int, disk: int, w: _Workload, notes: list[str],
+             lane: HostLane | None = None) -> tuple[float, str]:
+    """(step seconds, bound): copies, disk reads and compute overlap, so the slowest one sets the pace;
+    with host layers the host lane and the GPU's compute run one after the other, beside the copies."""
     weights_read = sum(s.layers) + s.lm_head + s.norm  # every weight is read from HBM once per step
     times = {"pcie": streamed / (w.h2d_gbps * 1e9), "hbm": weights_read / (w.hbm_gbps * 1e9)}
+    if lane is not None and lane.layers:
+        times = {"pcie": lane.copy_s, "host": lane.host_s + lane.gpu_s}
     if disk and w.disk_gbps:
         times["disk"] = disk / (w.disk_gbps * 1e9)
     elif disk:
@@ -225,10 +236,24 @@ def _predict(s: _Sizes, streamed: int, disk: int, w: _Workload, notes: list[str]
     return times[bound], bound
 
 
+def _host_lane(fp: Footprint, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, copy_other: int,
+               notes: list[str]) -> HostLane | None:
+    """The decode step's host layers (None when ``host_compute`` is off)."""
+    if w.host_compute == "off":
+        return None
+    x = LaneInputs(candidates=tuple(i for i in r.streamed if i not in t.disk_layers), layer_bytes=s.layers,
+                   copy_other=copy_other, streamed=r.streamed, gpu_other=s.lm_head + s.norm, h2d_gbps=w.h2d_gbps,
+                   hbm_gbps=w.hbm_gbps, host_gbps=w.host_gbps)
+    kv_per_layer = fp.kv_bytes_per_token // max(1, s.n) * w.batch * w.max_context
+    return host_lane(x, w.host_compute, w.host_source, kv_per_layer, notes)
+
+
 def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int | None = None, batch: int = 1,
               max_context: int = 4096, prefill_chunk: int = 2048, device_free: int | None = None,
               h2d_gbps: float = 25.0, h2d_source: str = "given", disk_gbps: float | None = None,
-              hbm_gbps: float = HBM_GBPS, outside_bytes: int = 0, auto_chunk: bool = False) -> Plan:
+              hbm_gbps: float = HBM_GBPS, outside_bytes: int = 0, auto_chunk: bool = False,
+              host_compute: HostCompute = "off", host_gbps: float | None = None,
+              host_source: str = "given") -> Plan:
     """Plan residency and streaming for a model's footprint (see the module docstring for the rules).
 
     ``vram_budget`` None uses ``device_free`` (or, with neither, plans everything resident); a
@@ -237,11 +262,16 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
     allocator (CUDA context, kernels); it comes off a budget the user gave (the GPU's free memory
     is measured net of it already). With ``auto_chunk`` (the user did not choose ``prefill_chunk``), a
     budget below :func:`minimum_budget` halves the prefill chunk until the plan fits (not below
-    ``MIN_AUTO_CHUNK`` tokens), with a note. Raises ValueError when the budget is below the minimum.
+    ``MIN_AUTO_CHUNK`` tokens), with a note. ``host_compute`` (``auto``, ``off`` or a number of
+    layers) with ``host_gbps`` (the host's GEMV GB/s at this batch) picks layers a decode step
+    computes on the CPU (``memory.host_lane``); ``off`` plans as if there were no host lane. Raises
+    ValueError when the budget is below the minimum or more host layers are forced than can be.
     """
     check_workload(batch, max_context, prefill_chunk)
     if not h2d_gbps > 0:
         raise ValueError(f"h2d_gbps must be positive, got {h2d_gbps}")
+    if host_gbps is not None and not host_gbps > 0:
+        raise ValueError(f"host_gbps must be positive, got {host_gbps}")
     notes: list[str] = []
     s = _sizes(fp, batch, max_context, prefill_chunk)
     budget = resolve_budget(vram_budget, device_free, _all_resident_bytes(s), notes)
@@ -253,7 +283,8 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
                          f"activations next to the prompt's other chunks ({format_size(s.state)}) need "
                          f"{format_size(_minimum(s) + outside)}, over the budget (--prefill-chunk sets it)")
             prefill_chunk, s = chunk, _sizes(fp, batch, max_context, chunk)
-    w = _Workload(batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps)
+    w = _Workload(batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps,
+                  host_compute, host_gbps, host_source)
     if budget - outside < (minimum := _minimum(s)):
         what = "VRAM budget" if budget == vram_budget else "the GPU's free memory"
         context = f" + {format_size(outside)} for the CUDA context and kernels" if outside else ""
@@ -282,8 +313,14 @@ def _assemble(fp: Footprint, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, 
                 + (0 if r.embed_on_device else batch * s.row))
     # streamed weights read from the checkpoint files each step (embedding rows are too few to count)
     disk = sum(s.layer_file[i] for i in t.disk_layers) + (s.lm_head_file if t.lm_head_tier == "disk" else 0)
-    step, bound = _predict(s, streamed, disk, w, notes)
-    modules = _modules(s, r, t, batch, chunks)
+    lane = _host_lane(fp, s, r, t, w, streamed - sum(s.layers[i] for i in streamed_layers), notes)
+    host_layers = lane.layers if lane is not None else ()
+    streamed -= sum(s.layers[i] for i in host_layers)  # a decode step computes them on the CPU
+    step, bound = _predict(s, streamed, disk, w, notes, lane)
+    modules = tuple(dataclasses.replace(m, placement="host", reason="computed on the CPU from its pinned host copy "
+                                        "in a decode step (a prefill streams it)")
+                    if m.kind == "layer" and int(m.name.split(".")[1]) in host_layers else m
+                    for m in _modules(s, r, t, batch, chunks))
     resident = sum(m.bytes for m in modules if m.placement == "resident")
     staging = r.num_slots * s.layer
     return Plan(
@@ -297,4 +334,4 @@ def _assemble(fp: Footprint, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, 
         streamed_bytes_per_step=streamed, disk_bytes_per_step=disk, host_pinned_bytes=t.host_pinned,
         host_budget_bytes=host, predicted_step_s=step, predicted_tok_s=batch / step, step_bound=bound,
         h2d_gbps=w.h2d_gbps, h2d_source=w.h2d_source, dtype=fp.dtype, batch=batch,
-        max_context=w.max_context, prefill_chunk=w.prefill_chunk, notes=tuple(notes))
+        max_context=w.max_context, prefill_chunk=w.prefill_chunk, notes=tuple(notes), host_lane=lane)

@@ -37,6 +37,7 @@ class WeightStreamer:
                  log_sync: SyncLog | None = None, trace: bool = False) -> None:
         self.device = torch.device(device)
         self.units, self.slot_bytes = list(streamed), slot_bytes
+        self.order = list(range(len(self.units)))  # the units of one pass, in use order (see set_order)
         assert all(u.nbytes <= slot_bytes for u in self.units), "a streamed unit exceeds the slot size"
         assert not self.units or num_slots >= 2, "streaming needs at least two staging slots"
         self.num_slots = num_slots if self.units else 0
@@ -83,19 +84,31 @@ class WeightStreamer:
         self.free = [self.sync.event() for _ in range(n)]
         self.issued = 0  # units whose copy has been issued
         self.consumed = 0  # units acquired by the compute side
+        if not self.order:  # a pass that streams nothing (every unit it uses is elsewhere)
+            return
         for g in range(n):
             self._request_read(g)
         for _ in range(n):
             self._issue_next()
 
+    def set_order(self, order: Sequence[int]) -> None:
+        """Stream the units ``order`` (indices into the streamed units) each pass from now on, e.g. a
+        pass that computes some units elsewhere; a change drains and restarts the pipeline."""
+        order = list(order)
+        assert all(0 <= j < len(self.units) for j in order), order
+        if order != self.order:
+            self.order = order
+            self.reset()
+
     def _request_read(self, g: int) -> None:
-        if self.disk is not None and (g % len(self.units)) not in self.host_bufs:
-            unit = self.units[g % len(self.units)]
+        j = self.order[g % len(self.order)]
+        if self.disk is not None and j not in self.host_bufs:
+            unit = self.units[j]
             self.disk.request(g, lambda buf: self.reader.fill(unit, buf, parallel=True, drop_cache=True))
 
     def _issue_next(self) -> None:
         g, n = self.issued, self.num_slots
-        j, slot = g % len(self.units), g % n
+        j, slot = self.order[g % len(self.order)], g % n
         unit = self.units[j]
         src = self.host_bufs.get(j)
         if src is None:
@@ -121,8 +134,9 @@ class WeightStreamer:
 
         Units must be acquired in order; out of order (a pass was interrupted) the pipeline restarts.
         """
-        if self.consumed % len(self.units) != j:
-            log.warning("streamer out of order (expected unit %d, got %d): restarting", self.consumed, j)
+        assert self.order, "this pass streams no unit (set_order)"
+        if self.order[self.consumed % len(self.order)] != j:
+            log.warning("streamer out of order (unit %d of the pass, got unit %d): restarting", self.consumed, j)
             self.reset()
         slot = self.consumed % self.num_slots
         self.streamed_bytes += self.units[j].nbytes
@@ -136,7 +150,8 @@ class WeightStreamer:
         """The compute stream has been given all work reading the last acquired unit."""
         slot = self.consumed % self.num_slots
         if self.tracer:
-            self.tracer.end("compute", self.units[self.consumed % len(self.units)].name, self.sync.compute_stream())
+            self.tracer.end("compute", self.units[self.order[self.consumed % len(self.order)]].name,
+                            self.sync.compute_stream())
         self.free[slot].record(self.sync.compute_stream())
         self.sync.note("free", self.consumed, slot)
         self.consumed += 1

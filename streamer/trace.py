@@ -74,10 +74,11 @@ def busy_fraction(spans: list[dict], lane: str, window_ms: float) -> float:
 
 def write_chrome_trace(spans: list[dict], path: Path) -> None:
     """Chrome/Perfetto trace (open in ui.perfetto.dev or chrome://tracing); written atomically."""
-    lanes = {"copy": 1, "compute": 2}
+    lanes = {"copy": 1, "compute": 2, "host": 3}  # host: layers computed on the CPU (engine.host_lane)
     events = [{"name": s["name"], "ph": "X", "pid": 1, "tid": lanes.get(s["lane"], 3),
                "ts": s["start_ms"] * 1000.0, "dur": (s["end_ms"] - s["start_ms"]) * 1000.0} for s in spans]
-    events += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": t, "args": {"name": f"{n} stream"}}
+    events += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": t,
+                "args": {"name": "host lane (CPU)" if n == "host" else f"{n} stream"}}
                for n, t in lanes.items()]
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps({"traceEvents": events}))

@@ -7,7 +7,12 @@ fraction, compute-stream stall, 2048-token prefill time, peak VRAM, and whether 
 tokens equal the all-resident run; and (when importable) Hugging Face accelerate
 offload at the same budget. Writes JSON, a Perfetto trace and a PNG timeline.
 
+``--host-compute off,auto`` runs every configuration once per mode: with a host lane (``engine.host_lane``)
+the results also hold the host layers, each lane's predicted time, the host lane's measured time per
+step and GB/s, its busy fraction, and the step against the planner's prediction.
+
     python -m tools.bench_stream --model DIR --budgets 6GiB,full --batches 1,16 --out-dir bench/results
+    python -m tools.bench_stream --model DIR --budgets 6GiB,4GiB --batches 1,4 --host-compute off,auto
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -27,6 +33,8 @@ from engine.engine import Engine, EngineOptions
 from engine.generate import decode_step, prefill
 from engine.layout import expected_tensors
 from memory.bandwidth import disk_read_bandwidth, measure_h2d
+from memory.host_lane import parse_host_compute
+from memory.host_rate import cpu_name
 from memory.units import format_size, parse_size
 from streamer.trace import busy_fraction, write_chrome_trace
 from tools.memreport_measure import traced_prefill
@@ -49,7 +57,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "(quantized checkpoints, e.g. tools.synth --quant awq, are detected without it)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--tag", default="stream")
+    p.add_argument("--host-compute", default="off", type=_host_modes, metavar="MODES",
+                   help="comma list of --host-compute modes (auto, off, N) to run each configuration with")
     return p
+
+
+def _host_modes(text: str) -> list:
+    try:
+        return [parse_host_compute(m) for m in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _host_fields(engine: Engine, step: float, steps: int, spans: list[dict], window: float) -> dict:
+    """The host lane's plan and what it achieved over the ``steps`` timed decode steps."""
+    plan, host = engine.plan, engine.model.host
+    lane = plan.host_lane
+    out = {"host_compute": engine.opts.host_compute, "host_layers": list(plan.host_layers),
+           "predicted_step_s": plan.predicted_step_s, "step_over_predicted": step / plan.predicted_step_s}
+    if lane is None:
+        return out
+    out.update(host_gbps_planned=lane.host_gbps, host_source=lane.host_source, predicted_copy_s=lane.copy_s,
+               predicted_host_s=lane.host_s, predicted_gpu_s=lane.gpu_s)
+    if host is not None and host.seconds > 0:
+        out.update(host_s_per_step=host.seconds / steps,
+                   host_gbps_achieved=len(host.layers) * host.layer_bytes * steps / host.seconds / 1e9,
+                   host_busy_fraction=busy_fraction(spans, "host", window) if spans else None)
+    return out
 
 
 def _decode_steps(engine: Engine, batch: int, steps: int, prompt_len: int = 16) -> tuple[list[float], list]:
@@ -103,10 +137,10 @@ def _stall_ms(spans: list[dict]) -> float:
 
 
 def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flops_per_token: float,
-               out_dir: Path, host_budget: int | None = None) -> dict:
+               out_dir: Path, host_budget: int | None = None, host_compute="off") -> dict:
     ctx = args.context if batch == 1 else args.batch_context
     opts = EngineOptions(device="cuda", kernels=args.kernels, vram_budget=budget, batch=batch, max_context=ctx,
-                         host_budget=host_budget, trace=True, quantize=args.quantize)
+                         host_budget=host_budget, trace=True, quantize=args.quantize, host_compute=host_compute)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -115,6 +149,8 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
     load_s = time.perf_counter() - t0
     plan = engine.plan
     _decode_steps(engine, batch, 2)  # warm-up: autotune, allocator, pipeline
+    if engine.model.host is not None:
+        engine.model.host.seconds = 0.0  # time the host lane over the measured steps only
     times, tokens = _decode_steps(engine, batch, args.steps)
     spans = engine.weights.stream.tracer.timeline() if engine.weights.stream.tracer else []
     step = statistics.median(times[1:]) if len(times) > 2 else times[-1]
@@ -130,7 +166,7 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
            "predicted_tok_s": plan.predicted_tok_s,
            "copy_busy_fraction": busy_fraction(spans, "copy", window) if spans else None,
            "compute_stall_ms_total": _stall_ms(spans) if spans else None, "traced_window_ms": window,
-           "tokens": tokens}
+           "tokens": tokens, **_host_fields(engine, step, args.steps, spans, window)}
     if args.prefill_tokens and batch == 1:
         pre, res["prefill_spans"] = _prefill_time(engine, args.prefill_tokens)
         compute_bound = flops_per_token * args.prefill_tokens / (args.gemm_tflops * 1e12)
@@ -142,7 +178,8 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
     res["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
     res["reserved_within_budget"] = budget is None or res["peak_reserved_bytes"] <= budget
     if spans:
-        name = f"{args.tag}-trace-b{batch}-{format_size(budget or 0).replace(' ', '')}.json"
+        host = "" if host_compute == "off" else f"-host{host_compute}"
+        name = f"{args.tag}-trace-b{batch}-{format_size(budget or 0).replace(' ', '')}{host}.json"
         write_chrome_trace(spans, out_dir / name)
         res["trace_file"] = name
         res["spans"] = spans
@@ -182,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     args.disk_gbps = disk_read_bandwidth(sorted(Path(args.model).glob("*.safetensors"))[0], 2 << 30)
     print(f"pinned H2D {h2d:.1f} GB/s | bf16 GEMM {args.gemm_tflops:.0f} TFLOP/s | checkpoint read "
           f"{args.disk_gbps:.2f} GB/s (page cache dropped first) | {torch.cuda.get_device_name()}")
+    # the host lane's win depends on the host: its CPU and cores here, its GEMV GB/s in each plan
+    args.host_info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    print(f"host: {args.host_info['cpu']}, {args.host_info['cores']} logical cores, "
+          f"{args.host_info['torch_threads']} torch threads")
     results = []
     if args.disk_host_budget:
         r = run_config(args.model, budgets[0], 1, args, h2d, flops_per_token, out_dir, parse_size(args.disk_host_budget))
@@ -189,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_row(r) + f" | disk tier: {r['disk_layers']} layers, {r['disk_gbps_achieved']:.2f} GB/s", flush=True)
     for batch in batches:
         for budget in budgets:
-            r = run_config(args.model, budget, batch, args, h2d, flops_per_token, out_dir)
-            results.append(r)
-            print(_row(r), flush=True)
+            for mode in args.host_compute:
+                r = run_config(args.model, budget, batch, args, h2d, flops_per_token, out_dir, host_compute=mode)
+                results.append(r)
+                print(_row(r), flush=True)
     from tools.bench_stream_report import finish
     return finish(args, results, h2d, cfg, out_dir)
 
@@ -202,7 +244,10 @@ def _row(r: dict) -> str:
     return (f"budget {b:>10} batch {r['batch']:>2}: {r['resident_layers']} resident, "
             f"{r['streamed_bytes_per_step'] / 1e9:.2f} GB/step, step {r['step_s'] * 1e3:.1f} ms ({ratio}), "
             f"{r['tok_s']:.2f} tok/s, {r['achieved_gbps']:.1f} GB/s, peak {format_size(r['peak_vram_bytes'])} "
-            f"(reserved {format_size(r['peak_reserved_bytes'])})")
+            f"(reserved {format_size(r['peak_reserved_bytes'])})"
+            + (f" | host lane: {len(r['host_layers'])} layers, {r.get('host_s_per_step', 0) * 1e3:.1f} ms/step, "
+               f"{r.get('host_gbps_achieved') or 0:.1f} GB/s; step {r['step_over_predicted']:.2f}x predicted"
+               if r.get("host_layers") else ""))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def finish(args, results: list[dict], h2d: float, cfg, out_dir: Path) -> int:
             "triton": __import__("triton").__version__, "date": date.today().isoformat(),
             "model": str(args.model), "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
             "h2d_pinned_gbps": h2d, "gemm_tflops": args.gemm_tflops, "kernels": args.kernels,
-            "checkpoint_read_gbps_cold": args.disk_gbps}
+            "checkpoint_read_gbps_cold": args.disk_gbps, "host": getattr(args, "host_info", None)}
     for r in results:
         r.pop("spans", None)
         r.pop("prefill_spans", None)

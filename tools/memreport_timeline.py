@@ -1,5 +1,6 @@
 """Copy vs compute analysis of a traced decode run for ``tools/memreport.py``: per step and per module
-compute, copy and stall time, achieved GB/s, measured vs predicted tok/s, and a one-line verdict.
+compute, copy, host-lane and stall time, achieved GB/s, measured vs predicted tok/s, and a one-line verdict.
+The host lane (``engine.host_lane``: layers computed on the CPU) is the third row of the timeline.
 
 Spans come from ``streamer.trace.Tracer.timeline()`` ({lane, name, start_ms, end_ms}); step boundaries are
 CUDA events recorded at the start of each observed step (and after the last), in ms since ``mark()``.
@@ -20,11 +21,15 @@ def analyze_timeline(spans: list[dict], bounds: list[float], unit_bytes: dict[st
     copies = defaultdict(list)
     for s in sorted((s for s in spans if s["lane"] == "copy"), key=lambda s: s["start_ms"]):
         copies[s["name"]].append(s)
-    per = defaultdict(lambda: {"compute_ms": 0.0, "copy_ms": 0.0, "stall_ms": 0.0, "bytes": 0})
+    hosts = [s for s in spans if s["lane"] == "host"]
+    per = defaultdict(lambda: {"compute_ms": 0.0, "copy_ms": 0.0, "stall_ms": 0.0, "host_ms": 0.0, "bytes": 0})
     steps, stalls = [], []
     for t0, t1 in zip(bounds, bounds[1:]):
         prev_end, row = t0, {"start_ms": t0, "step_ms": t1 - t0, "compute_ms": 0.0, "copy_ms": 0.0,
-                             "stall_ms": 0.0, "streamed_bytes": 0}
+                             "stall_ms": 0.0, "host_ms": 0.0, "streamed_bytes": 0}
+        for h in (h for h in hosts if t0 <= h["start_ms"] < t1):
+            row["host_ms"] += h["end_ms"] - h["start_ms"]
+            per[h["name"]]["host_ms"] += h["end_ms"] - h["start_ms"]
         for c in (c for c in computes if t0 <= c["start_ms"] < t1):
             m, dur = per[c["name"]], c["end_ms"] - c["start_ms"]
             row["compute_ms"] += dur
@@ -42,7 +47,7 @@ def analyze_timeline(spans: list[dict], bounds: list[float], unit_bytes: dict[st
                     m["stall_ms"] += gap
                     stalls.append({"name": c["name"], "start_ms": prev_end, "end_ms": c["start_ms"]})
             prev_end = max(prev_end, c["end_ms"])
-        row["other_ms"] = max(0.0, row["step_ms"] - row["compute_ms"] - row["stall_ms"])
+        row["other_ms"] = max(0.0, row["step_ms"] - row["compute_ms"] - row["stall_ms"] - row["host_ms"])
         row["copy_gbps"] = row["streamed_bytes"] / row["copy_ms"] / 1e6 if row["copy_ms"] > 0 else None
         row["effective_gbps"] = row["streamed_bytes"] / row["step_ms"] / 1e6 if row["step_ms"] > 0 else None
         steps.append(row)
@@ -52,7 +57,8 @@ def analyze_timeline(spans: list[dict], bounds: list[float], unit_bytes: dict[st
     total_ms = bounds[-1] - bounds[0] if len(bounds) > 1 else 0.0
     return {"steps": steps, "modules": modules, "stalls": stalls,
             "copy_busy_fraction": busy_fraction(window, "copy", total_ms),
-            "compute_busy_fraction": busy_fraction(window, "compute", total_ms)}
+            "compute_busy_fraction": busy_fraction(window, "compute", total_ms),
+            "host_busy_fraction": busy_fraction(window, "host", total_ms)}
 
 
 def summarize(run: dict, timeline: dict | None, batch: int, plan) -> dict:
@@ -69,19 +75,22 @@ def summarize(run: dict, timeline: dict | None, batch: int, plan) -> dict:
         out["graph_tok_s"] = batch * 1e3 / out["graph_step_ms"]
     if not steps:
         return out
-    tot = {f: sum(s[f] for s in steps) for f in ("step_ms", "compute_ms", "copy_ms", "stall_ms", "other_ms",
-                                                  "streamed_bytes")}
+    tot = {f: sum(s.get(f, 0.0) for s in steps) for f in ("step_ms", "compute_ms", "copy_ms", "stall_ms",
+                                                           "other_ms", "host_ms", "streamed_bytes")}
     out.update({f"mean_{f}": v / len(steps) for f, v in tot.items() if f != "streamed_bytes"})
     out["streamed_bytes_per_step"] = tot["streamed_bytes"] // len(steps)
     out["copy_gbps"] = tot["streamed_bytes"] / tot["copy_ms"] / 1e6 if tot["copy_ms"] > 0 else None
     out["effective_gbps"] = tot["streamed_bytes"] / tot["step_ms"] / 1e6 if tot["step_ms"] > 0 else None
     frac = {k: tot[f] / tot["step_ms"] for k, f in (("stall", "stall_ms"), ("compute", "compute_ms"),
-                                                    ("other", "other_ms"))}
+                                                    ("other", "other_ms"), ("host", "host_ms"))}
     idle = out["mean_step_ms"] - out["mean_copy_ms"]
     if frac["stall"] >= 0.2:
         out["verdict"] = (f"copy-bound: compute waits for weight copies {100 * frac['stall']:.0f}% of each step; the "
                           f"copy lane is idle {idle:.1f} ms per step (all staging slots full, e.g. during the "
                           "resident layers); more resident layers (budget) or a faster link would help")
+    elif frac["host"] >= 0.5:
+        out["verdict"] = (f"host-lane-bound: layers computed on the CPU take {100 * frac['host']:.0f}% of each "
+                          "step; fewer host layers (--host-compute N) would shift work to the copy engine")
     elif issue_ms >= 0.8 * step_ms:
         out["verdict"] = (f"host-bound (kernel launches): Python takes {issue_ms:.1f} ms to issue a step's kernels "
                           f"of a {step_ms:.1f} ms step, so the GPU runs them as they come; fewer or fused kernels, "

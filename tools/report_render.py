@@ -146,12 +146,13 @@ def _timing(rep: dict) -> list[str]:
                    f"{p['copy_busy_ms']:.2f} ms); "
                    f"compute {p['compute_ms']:.2f} ms in {p['compute_spans']} spans ({p['chunks']} prompt chunk "
                    f"passes); {p['stalls']} stalls {p['stall_ms']:.2f} ms")
-    rows = [("step", "ms", "compute", "copy", "stall", "other", "copy GB/s", "eff. GB/s")]
+    rows = [("step", "ms", "compute", "copy", "host", "stall", "other", "copy GB/s", "eff. GB/s")]
     g = lambda x: f"{x:.1f}" if x is not None else "-"  # noqa: E731
     for i, st in enumerate(tl["steps"]):
         rows.append((i, f"{st['step_ms']:.2f}", f"{st['compute_ms']:.2f}", f"{st['copy_ms']:.2f}",
-                     f"{st['stall_ms']:.2f}", f"{st['other_ms']:.2f}", g(st["copy_gbps"]), g(st["effective_gbps"])))
-    out += _table(rows, set(range(1, 8)))
+                     f"{st.get('host_ms', 0.0):.2f}", f"{st['stall_ms']:.2f}", f"{st['other_ms']:.2f}",
+                     g(st["copy_gbps"]), g(st["effective_gbps"])))
+    out += _table(rows, set(range(1, 9)))
     if "copy_gbps" in s:
         out.append(f"  achieved H2D: {g(s['copy_gbps'])} GB/s while copying, {g(s['effective_gbps'])} GB/s over the "
                    f"step, vs peak {s['peak_h2d_gbps']:.1f} GB/s ({s['h2d_source']}); copy lane busy "

@@ -1,0 +1,75 @@
+"""The host's GEMV rate: how fast the CPU reads a layer's weights in a decode-sized matmul.
+
+The host lane (``memory.host_lane``) predicts a host layer's time as its bytes over this rate, so it
+is measured on *this* machine, at the plan's batch and compute dtype, with torch's CPU matmul
+(``F.linear`` of ``batch`` rows against a weight matrix larger than the caches), and cached next to
+the H2D figure (``memory.bandwidth``: the same JSON file, written atomically) keyed by the CPU
+model, the thread count, the dtype and the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memory.bandwidth import default_cache_path, load_cache, save_cache_entry
+
+log = logging.getLogger(__name__)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or ``platform.processor()`` elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_key(batch: int, dtype: torch.dtype, threads: int) -> str:
+    """Cache key of a host GEMV rate."""
+    return f"host gemv: {cpu_name()} x{threads} threads, {str(dtype).removeprefix('torch.')}, batch {batch}"
+
+
+def measure_host_gemv(batch: int, dtype: torch.dtype, nbytes: int = 256 << 20, repeats: int = 5,
+                      hidden: int = 4096) -> float:
+    """GB/s (10**9 bytes/s) of weight bytes read by ``F.linear(x [batch, hidden], w [rows, hidden])`` on
+    the CPU in ``dtype``: ``w`` holds ``nbytes``; the median of ``repeats`` timed calls after one warm-up."""
+    if batch < 1 or nbytes <= 0 or repeats <= 0:
+        raise ValueError(f"batch, nbytes and repeats must be positive, got {batch}, {nbytes}, {repeats}")
+    rows = max(1, nbytes // (hidden * dtype.itemsize))
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn((rows, hidden), generator=gen).to(dtype)
+    x = torch.randn((batch, hidden), generator=gen).to(dtype)
+    F.linear(x, w)  # warm-up: page faults, oneDNN's kernel choice
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        times.append(time.perf_counter() - t0)
+    gbps = w.numel() * w.element_size() / statistics.median(times) / 1e9
+    log.info("measured host GEMV: %.1f GB/s (batch %d, %s, %d threads)", gbps, batch, dtype, torch.get_num_threads())
+    return gbps
+
+
+def host_gemv_rate(batch: int, dtype: torch.dtype, cache_path: str | Path | None = None,
+                   remeasure: bool = False) -> tuple[float, str]:
+    """``(GB/s, source)`` of the host GEMV at ``batch`` in ``dtype`` with torch's current thread count;
+    ``source`` is ``"measured now"`` or ``"cached from <date>"``. Measured once per machine (see the
+    module docstring); ``remeasure`` ignores the cache."""
+    path = Path(cache_path) if cache_path is not None else default_cache_path()
+    key = host_key(batch, dtype, torch.get_num_threads())
+    hit = load_cache(path).get(key)
+    if hit is not None and not remeasure:
+        return float(hit["gbps"]), f"cached from {hit.get('measured_at', 'an unknown date')}"
+    gbps = measure_host_gemv(batch, dtype)
+    save_cache_entry(path, key, gbps)
+    return gbps, "measured now"

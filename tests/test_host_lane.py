@@ -1,0 +1,204 @@
+"""The host compute lane end to end on the CPU (fp32, torch kernels, tiny models).
+
+A decode step computes the plan's host layers with torch from their pinned host copy, with their
+own KV cache in host memory; a prefill streams them. Tokens and logits must equal an all-resident
+engine's, for resident / streamed / host mixes, batch 1 and mixed lengths, across a prefill (no host
+layers) followed by decode steps (host layers), twice in a row on one engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.engine import Engine, EngineOptions
+from engine.footprint import min_budget
+from engine.generate import decode_step, generate, prefill
+from engine.host_lane import HostOps
+from engine.ops import TorchOps
+from engine.run import main
+from engine.sampling import SamplingParams
+from streamer.stream import WeightStreamer
+from streamer.units import UnitSpec
+from tests.helpers import make_engine, make_hf_model, random_prompts, rel_max_err
+
+CHUNK = 4
+# (name, how many layers stay resident, host budget in layers (None: all pinned), --host-compute)
+MIXES = [("streamed+host", 0, None, 1), ("all-host", 0, None, 3), ("resident+host", 1, None, 2),
+         ("disk+host", 0, 1, 1)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    _, d = make_hf_model("qwen2", tmp_path_factory.mktemp("host_lane"), tokenizer_dir=tokenizer_dir)
+    return d
+
+
+def _host_engine(model_dir: Path, batch: int, resident: int, host_layers: int | None, n: int) -> Engine:
+    probe = make_engine(model_dir, batch=batch)
+    low = min_budget(probe.cfg, torch.float32, batch=batch, max_context=64, prefill_chunk=CHUNK)
+    layer = probe.plan.layer_bytes
+    probe.close()
+    host = (1 << 30) if host_layers is None else host_layers * layer
+    return make_engine(model_dir, batch=batch, prefill_chunk=CHUNK, vram_budget=low + resident * layer,
+                       host_budget=host, host_compute=n)
+
+
+def _decode_logits(engine: Engine, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
+    """Prefill logits, then the logits of ``steps`` greedy decode steps (each row at its own position)."""
+    engine.cache.reset()
+    logits = prefill(engine, prompts)
+    out, pos = [logits], [len(p) for p in prompts]
+    for _ in range(steps):
+        logits = decode_step(engine, logits.argmax(-1), pos)
+        pos = [p + 1 for p in pos]
+        out.append(logits)
+    return out
+
+
+@pytest.mark.parametrize("lengths", [[11], [3, 13, 7]], ids=["batch1", "mixed"])
+@pytest.mark.parametrize("mix", MIXES, ids=[m[0] for m in MIXES])
+def test_host_layers_match_all_resident(model_dir, mix, lengths):
+    _, resident, host_layers, n = mix
+    b = len(lengths)
+    ref = make_engine(model_dir, batch=b)
+    ours = _host_engine(model_dir, b, resident, host_layers, n)
+    plan = ours.plan
+    assert len(plan.host_layers) == n and len(plan.resident_layers) == resident
+    assert not set(plan.host_layers) & set(plan.disk_layers)
+    if host_layers is not None:
+        assert plan.disk_layers
+    prompts = random_prompts(lengths, ref.cfg.vocab_size, seed=11 + b)
+    for want, got in zip(_decode_logits(ref, prompts, 5), _decode_logits(ours, prompts, 5)):
+        assert rel_max_err(got, want) <= 1e-5
+    assert ours.model.host.steps == 5
+    for _ in range(2):  # a second generate: prefill streams the host layers again, decode skips them
+        tokens = generate(ref, prompts, SamplingParams(), max_new_tokens=6).token_ids
+        assert generate(ours, prompts, SamplingParams(), max_new_tokens=6).token_ids == tokens
+    ref.close()
+    ours.close()
+
+
+def test_decode_streams_all_but_the_host_layers(model_dir):
+    eng = _host_engine(model_dir, 1, 0, None, 1)
+    one_pass = sum(u.nbytes for u in eng.weights.units)
+    host_bytes = len(eng.plan.host_layers) * eng.plan.layer_bytes
+    stats = generate(eng, random_prompts([9], eng.cfg.vocab_size, seed=5), SamplingParams(), max_new_tokens=5).stats
+    assert stats["prefill_streamed_bytes"] == one_pass  # a prefill streams every non-resident layer
+    assert stats["decode_streamed_bytes_per_step"] == one_pass - host_bytes
+    rows = 0 if eng.plan.embed_on_device else eng.cfg.hidden_size * 4  # the plan also counts the embedding row
+    assert eng.plan.streamed_bytes_per_step == one_pass - host_bytes + rows
+    eng.close()
+
+
+def test_host_compute_off_and_auto_on_the_cpu_use_no_host_layer(model_dir):
+    probe = make_engine(model_dir)
+    low = min_budget(probe.cfg, torch.float32, max_context=64, prefill_chunk=2048)
+    probe.close()
+    off = make_engine(model_dir, vram_budget=low)
+    auto = make_engine(model_dir, vram_budget=low, host_compute="auto")
+    assert off.plan.host_lane is None and off.model.host is None
+    assert auto.plan.host_layers == () and auto.model.host is None
+    assert any("rate is not known" in n for n in auto.plan.notes)  # the CPU device measures no host rate
+    off.close()
+    auto.close()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("hq,hk,d", [(4, 2, 16), (8, 1, 32), (3, 3, 8), (28, 4, 128)])
+def test_host_decode_attention_matches_the_reference(hq, hk, d, dtype, tol):
+    gen = torch.Generator().manual_seed(hq * 100 + hk)
+    b, s = 3, 37
+    q = torch.randn((b, 1, hq, d), generator=gen).to(dtype)
+    k, v = (torch.randn((b, hk, s, d), generator=gen).to(dtype) for _ in range(2))
+    start, q_lens = torch.tensor([0, 20, 35], dtype=torch.int32), torch.tensor([1, 1, 0], dtype=torch.int32)
+    want = TorchOps().attention(q, k, v, start, q_lens, d ** -0.5, 36)
+    got = HostOps().attention(q, k, v, start, q_lens, d ** -0.5, 36)
+    assert got.shape == want.shape and rel_max_err(got, want) <= tol
+    assert not got[2].any()  # a padded row (q_lens 0) is zero
+
+
+def _units(n: int, size: int = 16) -> list[UnitSpec]:
+    def pack(j: int):
+        return lambda buf: buf.fill_(j + 1)
+    return [UnitSpec(f"u{j}", size, "pinned", pack=pack(j)) for j in range(n)]
+
+
+@pytest.mark.parametrize("order", [[0, 2], [1], [3, 0, 1], []])
+def test_streamer_order_skips_units_and_switches_back(order):
+    ws = WeightStreamer([], _units(4), 2, 16, "cpu", threads=1)
+    for _ in range(2):  # full passes, then the reduced order, then full again
+        for j in range(4):
+            assert int(ws.slots[ws.acquire(j)][0]) == j + 1
+            ws.release()
+        ws.set_order(order)
+        for _ in range(3):
+            for j in order:
+                assert int(ws.slots[ws.acquire(j)][0]) == j + 1
+                ws.release()
+        ws.set_order(range(4))
+    ws.close()
+
+
+@pytest.mark.parametrize("value,fragment", [("maybe", "must be auto, off or a number"), ("-2", "must be auto"),
+                                            ("1.5", "must be auto")])
+def test_bad_host_compute_is_one_error_line(model_dir, capsys, value, fragment):
+    rc = main(["--model", str(model_dir), "--prompt", "hi", "--no-chat", "--device", "cpu", "--max-context", "64",
+               f"--host-compute={value}"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--host-compute" in errors[0] and fragment in errors[0], err
+
+
+def test_too_many_host_layers_is_one_error_line(model_dir, capsys):
+    probe = make_engine(model_dir)
+    low = min_budget(probe.cfg, torch.float32, max_context=64, prefill_chunk=2048)
+    probe.close()
+    rc = main(["--model", str(model_dir), "--prompt", "hi", "--no-chat", "--device", "cpu", "--max-context", "64",
+               "--dtype", "fp32", "--vram-budget", f"{low}B", "--host-compute", "9"])
+    _, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and "Traceback" not in err and len(errors) == 1 and "give at most 3" in errors[0], err
+
+
+def test_the_server_refuses_a_host_lane(capsys):
+    assert main(["serve", "--host-compute", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --host-compute applies to layerstream runs") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def gpu_model(tmp_path_factory) -> Path:
+    from engine.synth.writer import synthesize
+    out = tmp_path_factory.mktemp("host_gpu") / "qwen2.5-0.5b"
+    synthesize("qwen2.5-0.5b", out, dtype="fp32", seed=0, layers=8, device="cuda")
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_host_lane_on_the_gpu_matches_resident(gpu_model, kernels, batch):
+    """GPU path: host layers run on the CPU between the decode graph's pieces (triton) or the eager
+    layers (torch); fp32 so that the CPU's and the GPU's matmuls agree to rounding."""
+    base = dict(device="cuda", dtype="fp32", kernels=kernels, max_context=256, batch=batch)
+    prompts = [list(range(100 + i, 140 + 3 * i)) for i in range(batch)]
+    ref = Engine(gpu_model, EngineOptions(**base))
+    ref.tokenizer.eos_ids = set()  # fixed-length token streams
+    want = generate(ref, prompts, SamplingParams(), max_new_tokens=16).token_ids
+    budget = ref.plan.total_bytes // 2  # about half the layers stream
+    ref.close()
+    del ref
+    ours = Engine(gpu_model, EngineOptions(**base, vram_budget=budget, host_compute=2))
+    assert len(ours.plan.host_layers) == 2 and (ours.graph is not None) == (kernels == "triton")
+    ours.tokenizer.eos_ids = set()
+    gen = generate(ours, prompts, SamplingParams(), max_new_tokens=16)
+    assert gen.token_ids == want
+    assert ours.model.host.steps >= 15
+    per_step = sum(u.nbytes for u in ours.weights.units) - 2 * ours.plan.layer_bytes
+    assert gen.stats["decode_streamed_bytes_per_step"] == per_step
+    ours.close()

@@ -1,0 +1,159 @@
+"""The host compute lane in the planner, over plain numbers (no torch, no model).
+
+A 7B-like footprint (28 layers of 466 MB, bf16) at a budget that keeps a third of the layers
+resident; the rates are given as numbers (the engine measures them, ``memory.host_rate``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from memory.footprint import Footprint, Module
+from memory.host_lane import LaneInputs, lane_times, parse_host_compute, spread_host
+from memory.planner import HBM_GBPS, make_plan, minimum_budget
+
+LAYER, N_LAYERS, ROWS, ROW = 466_000_000, 28, 152_064, 7168
+KW = dict(host_budget=10**12, max_context=1024, prefill_chunk=512, h2d_gbps=55.0)
+
+
+def _footprint(layer_sizes: list[int] | None = None) -> Footprint:
+    sizes = layer_sizes or [LAYER] * N_LAYERS
+    mods = [Module("embed_tokens", "embedding", ROWS * ROW, ROWS * ROW)]
+    mods += [Module(f"layers.{i}", "layer", b, b) for i, b in enumerate(sizes)]
+    mods += [Module("norm", "norm", ROW, ROW), Module("lm_head", "lm_head", ROWS * ROW, ROWS * ROW)]
+    return Footprint(tuple(mods), rows=ROWS, tied=False, kv_bytes_per_token=57_344, act_bytes_per_token=100_000,
+                     state_bytes_per_token=14_336, logits_bytes_per_seq=ROWS * 8, rope_bytes_per_position=256,
+                     max_positions=32_768, dtype="bfloat16")
+
+
+def _budget(fp: Footprint, resident_layers: int, head: bool = True) -> int:
+    low = minimum_budget(fp, max_context=1024, prefill_chunk=512)
+    return low + resident_layers * LAYER + (fp.only("lm_head").bytes if head else 0)
+
+
+def _reference_step(n_streamed: int, h: int, other: int, gpu_bytes: int, h2d: float, host: float) -> float:
+    """The step the module docstring promises, written out: copies beside (host lane, then GPU)."""
+    copy = ((n_streamed - h) * LAYER + other) / (h2d * 1e9)
+    return max(copy, h * LAYER / (host * 1e9) + gpu_bytes / (HBM_GBPS * 1e9))
+
+
+@pytest.mark.parametrize("host_gbps", [67.0, 30.0])
+@pytest.mark.parametrize("resident", [0, 10])
+def test_a_fast_host_lane_gets_the_best_number_of_host_layers(host_gbps, resident):
+    fp = _footprint()
+    p = make_plan(fp, vram_budget=_budget(fp, resident), host_compute="auto", host_gbps=host_gbps, **KW)
+    off = make_plan(fp, vram_budget=_budget(fp, resident), **KW)
+    n = len(off.streamed_layers)
+    other = off.streamed_bytes_per_step - n * LAYER  # embedding rows (lm_head is resident here)
+    assert p.lm_head_resident and n == N_LAYERS - resident
+    head_norm = fp.only("lm_head").bytes + fp.only("norm").bytes
+    steps = {h: _reference_step(n, h, other, (N_LAYERS - h) * LAYER + head_norm, 55.0, host_gbps)
+             for h in range(n + 1)}
+    best = min(steps, key=lambda h: (steps[h], h))
+    assert 0 < best < n and len(p.host_layers) == best
+    assert p.predicted_step_s == pytest.approx(steps[best], rel=1e-9)
+    assert p.predicted_step_s < off.predicted_step_s
+    assert p.streamed_bytes_per_step == off.streamed_bytes_per_step - best * LAYER
+    assert p.streamed_layers == off.streamed_layers and p.resident_layers == off.resident_layers
+    on_host = [m.name for m in p.modules if m.placement == "host" and m.kind == "layer"]
+    assert on_host == [f"layers.{i}" for i in p.host_layers]
+
+
+@pytest.mark.parametrize("host_gbps", [0.5, 3.0])  # one layer on the host: >155 ms, above streaming all 18
+def test_a_slow_host_lane_gets_no_host_layer(host_gbps):
+    fp = _footprint()
+    p = make_plan(fp, vram_budget=_budget(fp, 10), host_compute="auto", host_gbps=host_gbps, **KW)
+    off = make_plan(fp, vram_budget=_budget(fp, 10), **KW)
+    assert p.host_layers == () and p.host_lane is not None
+    assert p.predicted_step_s == off.predicted_step_s and p.streamed_bytes_per_step == off.streamed_bytes_per_step
+    assert any("no split beats streaming" in n for n in p.notes)
+
+
+def test_off_reproduces_the_plan_without_a_host_lane():
+    fp = _footprint()
+    for budget in (_budget(fp, 0, head=False), _budget(fp, 10), None):
+        today = make_plan(fp, vram_budget=budget, **KW)
+        off = make_plan(fp, vram_budget=budget, host_compute="off", host_gbps=67.0, host_source="measured", **KW)
+        assert off == today and off.table() == today.table() and off.to_dict() == today.to_dict()
+        assert off.host_lane is None and "host lane" not in off.table()
+
+
+@pytest.mark.parametrize("n", [1, 4, 9, 18])
+def test_n_forces_n_host_layers_interleaved_with_streamed_ones(n):
+    fp = _footprint()
+    p = make_plan(fp, vram_budget=_budget(fp, 10), host_compute=n, host_gbps=1.0, **KW)
+    assert len(p.host_layers) == n and set(p.host_layers) <= set(p.streamed_layers)
+    streamed = [i for i in p.streamed_layers if i not in p.host_layers]
+    assert len(streamed) == len(p.streamed_layers) - n
+    kinds = ["h" if i in p.host_layers else "s" for i in p.streamed_layers]
+    if n <= len(p.streamed_layers) // 2:  # never two host layers in a row: a copy runs beside each
+        assert "hh" not in "".join(kinds)
+    assert f"host lane ({n})" in p.table() and "host time not predicted" not in p.table()
+
+
+def test_forcing_more_host_layers_than_can_be_is_refused():
+    fp = _footprint()
+    with pytest.raises(ValueError, match="give at most 18"):
+        make_plan(fp, vram_budget=_budget(fp, 10), host_compute=19, host_gbps=67.0, **KW)
+    with pytest.raises(ValueError, match="give at most 0"):  # everything resident: nothing can go to the host
+        make_plan(fp, host_compute=1, host_gbps=67.0, **KW)
+
+
+def test_disk_tier_layers_are_never_host_layers():
+    fp = _footprint()
+    host_budget = 6 * LAYER  # only the first six streamed layers are pinned
+    p = make_plan(fp, vram_budget=_budget(fp, 10), **{**KW, "host_budget": host_budget}, host_compute="auto",
+                  host_gbps=200.0)
+    assert p.disk_layers and p.host_layers and not set(p.host_layers) & set(p.disk_layers)
+    with pytest.raises(ValueError, match="give at most 6"):
+        make_plan(fp, vram_budget=_budget(fp, 10), **{**KW, "host_budget": host_budget}, host_compute=7,
+                  host_gbps=200.0)
+
+
+def test_auto_without_a_measured_rate_uses_no_host_layer():
+    fp = _footprint()
+    p = make_plan(fp, vram_budget=_budget(fp, 10), host_compute="auto", host_gbps=None, **KW)
+    assert p.host_layers == () and any("rate is not known" in n for n in p.notes)
+    forced = make_plan(fp, vram_budget=_budget(fp, 10), host_compute=2, host_gbps=None, host_source="x", **KW)
+    assert len(forced.host_layers) == 2 and "host time not predicted" in forced.table()
+
+
+def test_the_plan_table_says_where_each_layer_runs_and_each_lane_s_time():
+    fp = _footprint()
+    p = make_plan(fp, vram_budget=_budget(fp, 10), host_compute="auto", host_gbps=67.0, host_source="cached", **KW)
+    table = p.table()
+    lane = p.host_lane
+    assert f"layers {', '.join(map(str, p.host_layers))};" in table
+    assert f"copy {lane.copy_s * 1e3:.1f} ms" in table and f"host {lane.host_s * 1e3:.1f} ms (67.0 GB/s, cached)" \
+        in table and f"GPU {lane.gpu_s * 1e3:.1f} ms" in table
+    assert "computed on the CPU" in table
+    assert lane.kv_bytes == len(p.host_layers) * (fp.kv_bytes_per_token // N_LAYERS) * 1024
+    assert tuple(p.to_dict()["host_lane"]["layers"]) == p.host_layers
+
+
+@pytest.mark.parametrize("n,h", [(1, 1), (5, 2), (18, 9), (18, 17), (7, 0), (3, 3)])
+def test_spread_host_is_even_and_in_order(n, h):
+    cands = tuple(range(100, 100 + 2 * n, 2))
+    got = spread_host(cands, h)
+    assert len(got) == h == len(set(got)) and list(got) == sorted(got) and set(got) <= set(cands)
+    gaps = [cands.index(b) - cands.index(a) for a, b in zip(got, got[1:])]
+    assert not gaps or max(gaps) - min(gaps) <= 1
+
+
+def test_lane_times_add_bytes_over_rates():
+    x = LaneInputs(candidates=(0, 2), layer_bytes=(100, 200, 300), copy_other=50, streamed=(0, 2), gpu_other=10,
+                   h2d_gbps=1e-9, hbm_gbps=1e-9, host_gbps=2e-9)
+    t = lane_times(x, (2,))
+    assert (t.copy_s, t.host_s, t.gpu_s) == pytest.approx((150.0, 150.0, 310.0))
+    assert t.step_s == pytest.approx(460.0)
+
+
+@pytest.mark.parametrize("text,want", [("auto", "auto"), ("OFF", "off"), (" 3 ", 3), ("0", 0), (5, 5)])
+def test_parse_host_compute(text, want):
+    assert parse_host_compute(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "on", "-1", "2.5", "x3", -2])
+def test_parse_host_compute_rejects(text):
+    with pytest.raises(ValueError, match="must be auto, off or a number of layers"):
+        parse_host_compute(text)
