@@ -111,9 +111,9 @@ def test_picture_draws_every_bar_and_writes_a_png(tmp_path):
     plt.close(fig)
     assert len(counts) == 4  # decode real / per layer, prefill real / per layer
     for c in counts[:2]:
-        assert c == {"copy": len(dec.copies), "compute": 16, "chunk": 0, "stall": 12}
+        assert c == {"copy": len(dec.copies), "compute": 16, "chunk": 0, "stall": 12, "host": 0}
     for c in counts[2:]:
-        assert c == {"copy": len(PREFILL), "compute": len(PREFILL), "chunk": 3 * len(PREFILL), "stall": 1}
+        assert c == {"copy": len(PREFILL), "compute": len(PREFILL), "chunk": 3 * len(PREFILL), "stall": 1, "host": 0}
     path = save_timeline([dec, None, pre], tmp_path / "timeline.png", "synthetic")
     assert path.read_bytes()[:8] == PNG_MAGIC
     img = matplotlib.image.imread(path)
@@ -138,3 +138,18 @@ def test_memreport_draws_its_observed_steps_and_the_prefill(tmp_path):
     lines = _timing({"mode": "cpu", "timing": {"summary": summary, "timeline": tl, "prefill": stats}})
     line = next(x for x in lines if "traced prefill" in x)
     assert f"{len(PREFILL)} copies of {len(PREFILL)} streamed units" in line and "1 stalls" in line
+
+
+def test_host_lane_is_a_third_row_with_its_layers_one_unit_wide(tmp_path):
+    """A decode step whose layer 2 runs on the CPU: its host span is drawn on its own row and, on the
+    per-layer axis, gets one unit of width like a kernel."""
+    spans = [span("compute", "layer.0", 0.0, 0.1), span("copy", "layer.1", 0.0, 5.0),
+             span("compute", "layer.1", 5.0, 5.1), span("host", "layer.2", 5.2, 9.2),
+             span("compute", "layer.3", 9.3, 9.4)]
+    ph = decode_phase(spans, bounds=[0.0, 9.5])
+    assert [b.name for b in ph.hosts] == ["layer.2"] and ph.stats()["host_ms"] == pytest.approx(4.0)
+    assert ph.warp(9.2) - ph.warp(5.2) == pytest.approx(1.0)
+    fig, plt, counts = timeline_figure([ph], "host lane")
+    plt.close(fig)
+    assert counts[0]["host"] == counts[1]["host"] == 1 and counts[0]["compute"] == 3
+    assert save_timeline([ph], tmp_path / "host.png", "host lane").read_bytes()[:8] == PNG_MAGIC

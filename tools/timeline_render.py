@@ -1,7 +1,8 @@
 """The copy / compute timeline picture of ``tools.bench_stream`` and ``tools/memreport.py`` (matplotlib, Agg).
 
 Per phase (one or two decode steps, a prefill) two panels, copy lane above compute lane in each:
-real time in ms, where a batch-1 step is all copy and its kernels are hairlines; and a per-layer
+real time in ms, where a batch-1 step is all copy and its kernels are hairlines (a host-lane row below
+compute when a decode step computes layers on the CPU); and a per-layer
 axis (``tools.timeline_spans``), where every compute span and every stall is one unit wide, layers are
 labelled, stalls are red and hatched with their real ms, and a prefill's prompt chunks are shaded
 inside each layer's compute span. Written atomically.
@@ -15,9 +16,9 @@ from pathlib import Path
 
 from tools.timeline_spans import Bar, Phase, short_label
 
-COPY, RESIDENT, STREAMED, STALL = "#ff7f0e", "#1f77b4", "#2ca02c", "#d62728"
+COPY, RESIDENT, STREAMED, STALL, HOST = "#ff7f0e", "#1f77b4", "#2ca02c", "#d62728", "#9467bd"
 CHUNK_SHADES = ("#00000000", "#ffffff55")  # alternate chunks lighten the compute bar they sit in
-Y_COPY, Y_COMPUTE, H = 1.0, 0.0, 0.7
+Y_COPY, Y_COMPUTE, Y_HOST, H = 1.0, 0.0, -1.0, 0.7
 
 
 def _barh(ax, bars: list[Bar], y: float, x, **kw) -> int:
@@ -47,12 +48,15 @@ def _lanes(ax, ph: Phase, x, streamed: set[str]) -> dict[str, int]:
         n[f"chunk{k}"] = _barh(ax, chunks, Y_COMPUTE, x, facecolors=shade, edgecolors="#00000040", linewidth=0.3,
                                label="prompt chunks inside a layer (alternate shades)" if k else None)
     n["chunk"] = n.pop("chunk0") + n.pop("chunk1")
+    n["host"] = _barh(ax, ph.hosts, Y_HOST, x, facecolors=HOST, edgecolors=HOST, linewidth=0.6,
+                      label="host lane: a layer computed on the CPU")
     return n
 
 
-def _axes_style(ax, xlabel: str) -> None:
-    ax.set_yticks([Y_COMPUTE, Y_COPY], ["compute", "copy (H2D)"])
-    ax.set_ylim(-0.6, 1.75)
+def _axes_style(ax, xlabel: str, host: bool = False) -> None:
+    ax.set_yticks([Y_HOST, Y_COMPUTE, Y_COPY] if host else [Y_COMPUTE, Y_COPY],
+                  (["host (CPU)"] if host else []) + ["compute", "copy (H2D)"])
+    ax.set_ylim(-1.6 if host else -0.6, 1.75)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.tick_params(labelsize=7)
 
@@ -61,7 +65,7 @@ def draw_real(ax, ph: Phase, streamed: set[str]) -> dict[str, int]:
     """The phase in real time (ms since its start)."""
     counts = _lanes(ax, ph, lambda t: t - ph.t0, streamed)
     ax.set_xlim(0, ph.t1 - ph.t0)
-    _axes_style(ax, "ms since the start of the window (real time)")
+    _axes_style(ax, "ms since the start of the window (real time)", bool(ph.hosts))
     ax.set_title(f"{ph.title}: {ph.summary()}", fontsize=9, loc="left")
     return counts
 
@@ -70,8 +74,9 @@ def draw_layers(ax, ph: Phase, streamed: set[str]) -> dict[str, int]:
     """The phase on the per-layer axis, layers labelled under their compute spans, stalls in real ms."""
     counts = _lanes(ax, ph, ph.warp, streamed)
     ax.set_xlim(0, ph.knots_x[-1])
-    mids = [(ph.warp(b.start) + ph.warp(b.end)) / 2 for b in ph.computes]
-    ax.set_xticks(mids, [short_label(b.name) for b in ph.computes], fontsize=6 if len(mids) < 80 else 4,
+    spans = sorted(ph.computes + ph.hosts, key=lambda b: b.start)
+    mids = [(ph.warp(b.start) + ph.warp(b.end)) / 2 for b in spans]
+    ax.set_xticks(mids, [short_label(b.name) for b in spans], fontsize=6 if len(mids) < 80 else 4,
                   rotation=0 if len(mids) <= 40 else 90)
     if len(ph.stalls) <= 60:
         for s in ph.stalls:
@@ -82,7 +87,7 @@ def draw_layers(ax, ph: Phase, streamed: set[str]) -> dict[str, int]:
         if w >= 0.8:
             ax.text(ph.warp(b.start) + w / 2, Y_COPY, short_label(b.name), ha="center", va="center", fontsize=5)
     _axes_style(ax, "per layer, in execution order (layer numbers; h = lm_head chunk): each compute span and each "
-                    "stall one unit wide, other gaps 0.3; red numbers: stall ms")
+                    "stall one unit wide, other gaps 0.3; red numbers: stall ms", bool(ph.hosts))
     return counts
 
 
@@ -106,7 +111,7 @@ def timeline_figure(phases: list[Phase], title: str):
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.09 if len(phases) == 1 else 0.04, 1, 0.97))  # room for the legend
     return fig, plt, counts
 
 

@@ -2,7 +2,8 @@
 
 Spans are ``streamer.trace.Tracer.timeline()`` dicts: ``{lane, name, start_ms, end_ms}`` with lanes
 "copy" (H2D of a streamed unit), "compute" (a unit's kernels on the compute stream: "layer.3",
-"lm_head.0") and, for a traced prefill, "chunk" (one prompt chunk's work inside a layer's compute span).
+"lm_head.0"), "host" (a layer a decode step computed on the CPU: the host lane, ``engine.host_lane``)
+and, for a traced prefill, "chunk" (one prompt chunk's work inside a layer's compute span).
 A :class:`Phase` is one window (one or two decode steps, or a prefill) cut into bars per lane, the
 stalls (compute waiting for a copy) and a per-layer axis: a monotone map from ms to a display
 coordinate in which every compute span and every stall gets the same width, so microsecond kernels
@@ -44,6 +45,7 @@ class Phase:
     computes: list[Bar]
     chunks: list[Bar]
     stalls: list[Bar]
+    hosts: list[Bar] = field(default_factory=list)  # layers computed on the CPU (host lane)
     knots_t: list[float] = field(default_factory=list)  # per-layer axis: ms ...
     knots_x: list[float] = field(default_factory=list)  # ... and where they are drawn
 
@@ -61,13 +63,15 @@ class Phase:
         return {"window_ms": self.t1 - self.t0, "copies": len(self.copies),
                 "units_copied": len({b.name for b in self.copies}), "copy_busy_ms": _merged_ms(self.copies),
                 "compute_spans": len(self.computes), "compute_ms": sum(b.ms for b in self.computes),
-                "chunks": len(self.chunks), "stalls": len(self.stalls), "stall_ms": sum(b.ms for b in self.stalls)}
+                "chunks": len(self.chunks), "stalls": len(self.stalls), "stall_ms": sum(b.ms for b in self.stalls),
+                "host_spans": len(self.hosts), "host_ms": sum(b.ms for b in self.hosts)}
 
     def summary(self) -> str:
         """One line of real totals for the panel's title."""
         st = self.stats()
+        host = f", host lane {st['host_ms']:.2f} ms in {st['host_spans']} layers" if self.hosts else ""
         return (f"{st['window_ms']:.2f} ms: {st['copies']} copies (copy lane busy {st['copy_busy_ms']:.2f} ms), "
-                f"compute {st['compute_ms']:.3f} ms in {st['compute_spans']} spans, {st['stalls']} stalls "
+                f"compute {st['compute_ms']:.3f} ms in {st['compute_spans']} spans{host}, {st['stalls']} stalls "
                 f"{st['stall_ms']:.2f} ms")
 
 
@@ -139,10 +143,11 @@ def make_phase(spans: list[dict], t0: float, t1: float, title: str) -> Phase:
     if not t1 > t0:
         raise ValueError(f"empty timeline window [{t0}, {t1}] ms: the trace holds no compute span")
     computes = _clip(_bars(spans, "compute"), t0, t1)
+    hosts = _clip(_bars(spans, "host"), t0, t1)
     stalls = _clip(find_stalls(spans, origin=t0), t0, t1)
-    ts, xs = _knots(computes, stalls, t0, t1)
+    ts, xs = _knots(sorted(computes + hosts, key=lambda b: (b.start, b.end)), stalls, t0, t1)
     return Phase(title, t0, t1, _clip(_bars(spans, "copy"), t0, t1), computes, _clip(_bars(spans, "chunk"), t0, t1),
-                 stalls, ts, xs)
+                 stalls, hosts, ts, xs)
 
 
 def decode_phase(spans: list[dict], bounds: list[float] | None = None, steps: int = 2) -> Phase | None:
