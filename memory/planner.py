@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from memory.budgets import check_workload, resolve_budget, resolve_host_budget
 from memory.footprint import Footprint
 from memory.host_lane import HostCompute, LaneInputs, host_lane
+from memory.placement import Residency, Tiers, assign_tiers, choose_residency, module_plans
 from memory.plan import HostLane, ModulePlan, Plan
+from memory.sizes import Sizes, all_resident_bytes, minimum_bytes, sizes
 from memory.units import format_size
 
 log = logging.getLogger(__name__)
@@ -61,56 +63,12 @@ class _Workload:
     host_source: str = ""
 
 
-@dataclass(frozen=True)
-class _Sizes:
-    layer: int  # the largest packed layer: one staging slot, and what each residency decision costs
-    layers: tuple[int, ...]  # each layer's packed bytes
-    layer_file: tuple[int, ...]  # each layer's bytes in the checkpoint files
-    embed: int
-    lm_head: int  # == embed when tied (the same tensor)
-    norm: int
-    row: int  # one embedding / lm_head row
-    row_file: int
-    lm_head_file: int
-    kv: int
-    workspace: int
-    state: int  # the part of workspace holding a long prompt's other chunks
-    tied: bool
-
-    @property
-    def fixed(self) -> int:
-        return self.kv + self.workspace + self.norm
-
-    @property
-    def n(self) -> int:
-        return len(self.layers)
-
-
-def _sizes(fp: Footprint, batch: int, max_context: int, prefill_chunk: int) -> _Sizes:
-    """Every size the planner needs, from the model's footprint and the workload."""
-    layers, embed, head = fp.layers, fp.only("embedding"), fp.only("lm_head")
-    return _Sizes(layer=max((m.bytes for m in layers), default=0), layers=tuple(m.bytes for m in layers),
-                  layer_file=tuple(m.file_bytes for m in layers), embed=embed.bytes, lm_head=head.bytes,
-                  norm=fp.only("norm").bytes, row=embed.bytes // fp.rows, row_file=embed.file_bytes // fp.rows,
-                  lm_head_file=head.file_bytes, kv=fp.kv_bytes(batch, max_context),
-                  workspace=fp.workspace_bytes(batch, max_context, prefill_chunk),
-                  state=fp.prefill_state_bytes(batch, max_context, prefill_chunk), tied=fp.tied)
-
-
-def _all_resident_bytes(s: _Sizes) -> int:
-    return s.fixed + sum(s.layers) + s.embed + (0 if s.tied else s.lm_head)
-
-
-def _minimum(s: _Sizes) -> int:
-    return min(_all_resident_bytes(s), s.fixed + 2 * s.layer)
-
-
 def _smaller_chunk(fp: Footprint, batch: int, max_context: int, chunk: int, budget: int) -> int | None:
     """The largest of chunk/2, chunk/4, ... (not below ``MIN_AUTO_CHUNK`` tokens or the batch) whose plan
     fits ``budget``: one chunk's activations shrink with it, the other chunks' prompt states grow a little."""
     c = chunk // 2
     while c >= max(MIN_AUTO_CHUNK, batch):
-        if _minimum(_sizes(fp, batch, max_context, c)) <= budget:
+        if minimum_bytes(sizes(fp, batch, max_context, c)) <= budget:
             return c
         c //= 2
     return None
@@ -120,102 +78,10 @@ def minimum_budget(fp: Footprint, *, batch: int = 1, max_context: int = 4096, pr
     """The smallest VRAM budget that can run: KV + workspace + norm + two staging slots
     (or the whole model resident, if that is smaller)."""
     check_workload(batch, max_context, prefill_chunk)
-    return _minimum(_sizes(fp, batch, max_context, prefill_chunk))
+    return minimum_bytes(sizes(fp, batch, max_context, prefill_chunk))
 
 
-@dataclass(frozen=True)
-class _Residency:
-    resident: int  # number of layers kept resident
-    lm_head_resident: bool
-    embed_on_device: bool
-    num_slots: int
-    streamed: tuple[int, ...]  # the streamed layers, in execution order
-
-
-def _spread(n: int, k: int) -> tuple[int, ...]:
-    """k of the layers 0..n-1, evenly spaced and starting at layer 0."""
-    return tuple(j * n // k for j in range(k)) if k else ()
-
-
-def _choose_residency(s: _Sizes, budget: int) -> _Residency:
-    n, tied = s.n, s.tied
-    if _all_resident_bytes(s) <= budget:
-        return _Residency(n, True, True, 0, ())
-    if not tied and s.fixed + sum(s.layers) + s.lm_head <= budget:
-        return _Residency(n, True, False, 0, ())  # only the embedding stays on the host
-    avail = budget - s.fixed - 2 * s.layer
-    assert avail >= 0, "budget was checked against the minimum"
-    k_streamed_head = min(n, avail // s.layer)
-    k_resident_head = min(n, (avail - s.lm_head) // s.layer) if s.lm_head <= avail else -1
-    head = k_resident_head >= 0 and k_resident_head * s.layer + s.lm_head >= k_streamed_head * s.layer
-    k = k_resident_head if head else k_streamed_head
-    assert k < n or not head, "everything resident was handled above"
-    leftover = avail - k * s.layer - (s.lm_head if head else 0)
-    return _Residency(k, head, head and tied, 3 if leftover >= s.layer else 2, _spread(n, n - k))
-
-
-@dataclass(frozen=True)
-class _Tiers:
-    disk_layers: tuple[int, ...]
-    lm_head_tier: str  # "vram" | "pinned" | "disk"
-    embed_tier: str
-    host_pinned: int
-
-
-def _assign_tiers(s: _Sizes, r: _Residency, host_budget: int) -> _Tiers:
-    left, disk, spilled = host_budget, [], False
-    for i in r.streamed:  # execution order: the last go to disk first
-        if not spilled and s.layers[i] <= left:
-            left -= s.layers[i]
-        else:
-            spilled = True
-            disk.append(i)
-    head_tier = "vram"
-    if not r.lm_head_resident:
-        head_tier = "pinned" if not spilled and s.lm_head <= left else "disk"
-        left -= s.lm_head if head_tier == "pinned" else 0
-    if r.embed_on_device:
-        embed_tier = "vram"
-    elif s.tied and not r.lm_head_resident:
-        embed_tier = head_tier  # one host table is both the embedding and the streamed lm_head
-    else:  # only a few rows are read per step: gather them from the mapped file, pin nothing
-        embed_tier = "disk"
-    return _Tiers(tuple(disk), head_tier, embed_tier, host_budget - left)
-
-
-def _modules(s: _Sizes, r: _Residency, t: _Tiers, batch: int, chunks: int) -> tuple[ModulePlan, ...]:
-    tied, where = s.tied, {"pinned": "pinned host memory", "disk": "the mmap'd checkpoint"}
-    if r.embed_on_device:
-        why = "tied to the resident lm_head: one GPU copy serves both" if tied and r.resident < s.n \
-            else "the whole model fits the budget"
-        out = [ModulePlan("embed_tokens", "embedding", s.embed, "resident", "vram", why)]
-    else:
-        out = [ModulePlan("embed_tokens", "embedding", s.embed, "host", t.embed_tier,
-                          f"only the {batch} looked-up row(s) travel per step, from {where[t.embed_tier]}")]
-    for i, size in enumerate(s.layers):
-        if i not in r.streamed:
-            out.append(ModulePlan(f"layers.{i}", "layer", size, "resident", "vram",
-                                  "fits the budget (streamed layers are spread between the resident ones)"))
-        elif i in t.disk_layers:
-            out.append(ModulePlan(f"layers.{i}", "layer", size, "streamed", "disk",
-                                  "streamed from the mmap'd checkpoint: the host budget cannot pin it"))
-        else:
-            out.append(ModulePlan(f"layers.{i}", "layer", size, "streamed", "pinned",
-                                  "streamed through the staging slots from pinned host memory"))
-    out.append(ModulePlan("norm", "norm", s.norm, "resident", "vram", "always resident (one hidden-sized vector)"))
-    if r.lm_head_resident and tied:
-        out.append(ModulePlan("lm_head", "lm_head", 0, "resident", "vram", "tied: uses embed_tokens' GPU copy"))
-    elif r.lm_head_resident:
-        out.append(ModulePlan("lm_head", "lm_head", s.lm_head, "resident", "vram",
-                              "fits: saves its bytes every step and needs no chunking"))
-    else:
-        src = "the host embedding table (tied)" if tied else where[t.lm_head_tier]
-        out.append(ModulePlan("lm_head", "lm_head", s.lm_head, "streamed", t.lm_head_tier,
-                              f"streamed in {chunks} vocab-row chunks through the staging slots, from {src}"))
-    return tuple(out)
-
-
-def _predict(s: _Sizes, streamed: int, disk: int, w: _Workload, notes: list[str],
+def _predict(s: Sizes, streamed: int, disk: int, w: _Workload, notes: list[str],
              lane: HostLane | None = None) -> tuple[float, str]:
     """(step seconds, bound): copies, disk reads and compute overlap, so the slowest one sets the pace;
     with host layers the host lane and the GPU's compute run one after the other, beside the copies."""
@@ -236,7 +102,7 @@ def _predict(s: _Sizes, streamed: int, disk: int, w: _Workload, notes: list[str]
     return times[bound], bound
 
 
-def _host_lane(fp: Footprint, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, copy_other: int,
+def _host_lane(fp: Footprint, s: Sizes, r: Residency, t: Tiers, w: _Workload, copy_other: int,
                notes: list[str]) -> HostLane | None:
     """The decode step's host layers (None when ``host_compute`` is off)."""
     if w.host_compute == "off":
@@ -273,19 +139,19 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
     if host_gbps is not None and not host_gbps > 0:
         raise ValueError(f"host_gbps must be positive, got {host_gbps}")
     notes: list[str] = []
-    s = _sizes(fp, batch, max_context, prefill_chunk)
-    budget = resolve_budget(vram_budget, device_free, _all_resident_bytes(s), notes)
+    s = sizes(fp, batch, max_context, prefill_chunk)
+    budget = resolve_budget(vram_budget, device_free, all_resident_bytes(s), notes)
     outside = outside_bytes if budget == vram_budget else 0
-    if auto_chunk and budget - outside < _minimum(s):
+    if auto_chunk and budget - outside < minimum_bytes(s):
         chunk = _smaller_chunk(fp, batch, max_context, prefill_chunk, budget - outside)
         if chunk is not None:
             notes.append(f"prefill chunk {chunk} tokens, not {prefill_chunk}: at {prefill_chunk} one chunk's "
                          f"activations next to the prompt's other chunks ({format_size(s.state)}) need "
-                         f"{format_size(_minimum(s) + outside)}, over the budget (--prefill-chunk sets it)")
-            prefill_chunk, s = chunk, _sizes(fp, batch, max_context, chunk)
+                         f"{format_size(minimum_bytes(s) + outside)}, over the budget (--prefill-chunk sets it)")
+            prefill_chunk, s = chunk, sizes(fp, batch, max_context, chunk)
     w = _Workload(batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps,
                   host_compute, host_gbps, host_source)
-    if budget - outside < (minimum := _minimum(s)):
+    if budget - outside < (minimum := minimum_bytes(s)):
         what = "VRAM budget" if budget == vram_budget else "the GPU's free memory"
         context = f" + {format_size(outside)} for the CUDA context and kernels" if outside else ""
         raise ValueError(
@@ -296,15 +162,15 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
     if max_context > fp.max_positions:
         notes.append(f"max_context {max_context} exceeds the model's max_position_embeddings "
                      f"{fp.max_positions}: quality beyond it is not guaranteed")
-    r = _choose_residency(s, budget - outside)
+    r = choose_residency(s, budget - outside)
     host = resolve_host_budget(host_budget, notes)
-    plan = _assemble(fp, s, r, _assign_tiers(s, r, host), w, (budget, outside), host, notes)
+    plan = _assemble(fp, s, r, assign_tiers(s, r, host), w, (budget, outside), host, notes)
     for note in plan.notes:
         log.info("memory plan: %s", note)
     return plan
 
 
-def _assemble(fp: Footprint, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, budget: tuple[int, int], host: int,
+def _assemble(fp: Footprint, s: Sizes, r: Residency, t: Tiers, w: _Workload, budget: tuple[int, int], host: int,
               notes: list[str]) -> Plan:
     n, batch = s.n, w.batch
     chunks = 0 if r.lm_head_resident else math.ceil(fp.rows / (s.layer // s.row))
@@ -320,7 +186,7 @@ def _assemble(fp: Footprint, s: _Sizes, r: _Residency, t: _Tiers, w: _Workload, 
     modules = tuple(dataclasses.replace(m, placement="host", reason="computed on the CPU from its pinned host copy "
                                         "in a decode step (a prefill streams it)")
                     if m.kind == "layer" and int(m.name.split(".")[1]) in host_layers else m
-                    for m in _modules(s, r, t, batch, chunks))
+                    for m in module_plans(s, r, t, batch, chunks))
     resident = sum(m.bytes for m in modules if m.placement == "resident")
     staging = r.num_slots * s.layer
     return Plan(
