@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -37,6 +38,19 @@ class WeightSource(Protocol):
 
     def lm_head_parts(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(first vocab row, weight rows [n, H]) covering the whole vocabulary."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """Rows ``row0 .. row0 + B`` of the KV cache fed ids [B, T] (on the device) at positions
+    ``start_pos[r] + j``; ``q_lens[r]`` of row r's tokens are real (the rest is right padding);
+    ``max_len`` is max(start_pos + q_lens), known on the host."""
+
+    ids: torch.Tensor
+    start_pos: torch.Tensor
+    q_lens: torch.Tensor
+    row0: int
+    max_len: int
 
 
 class Model:
@@ -87,31 +101,43 @@ class Model:
         The hidden states of the whole prompt wait between layers. Returns fp32 logits [B, V] of each
         row's last token. ``chunk_context(rows)`` wraps each slice's work (the ops' prompt_chunk)."""
         b, t = ids.shape
-        ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         bounds = [(c0, min(t, c0 + chunk)) for c0 in range(0, t, chunk)]
-        meta = []
-        for c0, c1 in bounds:
-            start = torch.full((b,), c0, dtype=torch.int32, device=self.device)
-            q_lens = torch.tensor([max(0, min(n, c1) - c0) for n in lens], dtype=torch.int32, device=self.device)
-            meta.append((self.positions(start, c1 - c0), start, q_lens, c1))
-        hs = [self.weights.embed(ids[:, c0:c1], self.ops.embedding) for c0, c1 in bounds]
-        res: list[torch.Tensor | None] = [None] * len(bounds)
+        groups = [Group(ids[:, c0:c1], torch.full((b,), c0, dtype=torch.int32, device=self.device),
+                        torch.tensor([max(0, min(n, c1) - c0) for n in lens], dtype=torch.int32, device=self.device),
+                        0, c1) for c0, c1 in bounds]
+        last = [(n - 1) // chunk for n in lens]  # the slice holding each row's last token
+        pick = [(last[r], r, lens[r] - 1 - bounds[last[r]][0]) for r in range(b)]
         host = self.host if self.host is not None and cache is self.host.cache else None
+        after = None
         if host is not None:
             self.weights.host_decode(False)  # a prefill streams the host layers too
+            after = lambda i: host.absorb(i, tuple(c[:b] for c in cache.layer(i)), t)  # noqa: E731
+        return self.forward_groups(groups, cache, pick, chunk_context, after)
+
+    def forward_groups(self, groups: list[Group], cache: KVCache, pick: list[tuple[int, int, int]],
+                       chunk_context=None, after_layer=None) -> torch.Tensor:
+        """Run several groups of sequences through one pass over the layers: each layer's weights are
+        fetched once and every group (in order) runs through them, each on its own rows of the KV cache
+        and with its own token count, so prompt slices and single decode tokens share a pass without
+        padding one to the other. Returns fp32 logits [len(pick), V] of the tokens ``pick`` names as
+        (group, row in the group, token index). ``after_layer(i)`` runs after layer i's groups."""
+        ctx = chunk_context or (lambda rows: contextlib.nullcontext())
+        positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
+        hs = [self.weights.embed(g.ids, self.ops.embedding) for g in groups]
+        res: list[torch.Tensor | None] = [None] * len(groups)
         for i in range(self.cfg.num_hidden_layers):
             w = self.weights.layer(i)
-            kv = tuple(c[:b] for c in cache.layer(i))
-            for k, (positions, start, q_lens, max_len) in enumerate(meta):
-                with ctx(b * hs[k].shape[1]):
-                    hs[k], res[k] = self.layer(w, hs[k], res[k], positions, kv, start, q_lens, max_len)
+            k_cache, v_cache = cache.layer(i)
+            for k, g in enumerate(groups):
+                b, t = g.ids.shape
+                kv = (k_cache[g.row0:g.row0 + b], v_cache[g.row0:g.row0 + b])
+                with ctx(b * t):
+                    hs[k], res[k] = self.layer(w, hs[k], res[k], positions[k], kv, g.start_pos, g.q_lens, g.max_len)
             self.weights.release(i)
-            if host is not None:
-                host.absorb(i, kv, t)
-        last = [(n - 1) // chunk for n in lens]  # the slice holding each row's last token
-        rows = range(b)
-        h = torch.stack([hs[last[r]][r, lens[r] - 1 - bounds[last[r]][0]] for r in rows])
-        residual = torch.stack([res[last[r]][r, lens[r] - 1 - bounds[last[r]][0]] for r in rows])
+            if after_layer is not None:
+                after_layer(i)
+        h = torch.stack([hs[g][r, j] for g, r, j in pick])
+        residual = torch.stack([res[g][r, j] for g, r, j in pick])
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
         return self._logits(x)
 

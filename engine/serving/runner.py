@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from engine.engine import Engine
+from engine.model import Group
 from engine.sampling import Sampler
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import PagedKVCache, PagedOps
@@ -37,6 +38,27 @@ class ModelRunner:
         """Feed every sequence its next chunk; (sequence, sampled token, its logprob entry when asked for)
         for those fed to the end."""
         assert seqs and all(s.slot is not None and s.pending > 0 for s in seqs)
+        if self.paged is None and any(s.pending > 1 for s in seqs):
+            logits, q_lens = self._grouped(seqs)  # prompt slices next to decode tokens, no padding between
+        else:
+            logits, q_lens = self._padded(seqs)
+        for s in seqs:
+            s.num_computed += q_lens[s.slot]
+        if self.paged:
+            cache, blocks = self.paged
+            cache.finish()
+            for s in seqs:
+                blocks.computed(s.seq_id, s.all_ids, s.num_computed)
+        self.steps += 1
+        self.last_tokens = sum(q_lens)
+        ready = [s for s in seqs if s.pending == 0]
+        if not ready:
+            return []
+        tokens = self.sample(logits, ready)
+        return [(s, tok, self.logprob(logits, s, tok)) for s, tok in zip(ready, tokens)]
+
+    def _padded(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
+        """One [rows, t] batch, every row right-padded to t (decode steps; the paged cache's mixed steps)."""
         eng = self.engine
         rows = max(s.slot for s in seqs) + 1
         cap = eng.opts.max_context
@@ -56,20 +78,48 @@ class ModelRunner:
             for s in seqs:
                 tables[s.slot] = blocks.reserve(s.seq_id, s.num_computed + q_lens[s.slot])
             cache.bind(tables, start, q_lens, t, direct=t == 1 and self.direct)
-        logits = self._forward(ids, start, q_lens, max_len)
-        for s in seqs:
-            s.num_computed += q_lens[s.slot]
-        if self.paged:
-            cache.finish()
-            for s in seqs:
-                blocks.computed(s.seq_id, s.all_ids, s.num_computed)
-        self.steps += 1
-        self.last_tokens = sum(q_lens)
-        ready = [s for s in seqs if s.pending == 0]
-        if not ready:
-            return []
-        tokens = self.sample(logits, ready)
-        return [(s, tok, self.logprob(logits, s, tok)) for s, tok in zip(ready, tokens)]
+        return self._forward(ids, start, q_lens, max_len), q_lens
+
+    def _grouped(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
+        """A step with prompts to prefill, on the slot cache: the decoding sequences as one [rows, 1] group,
+        then each prompt's next slice as a group of its own (its cache row), all in one pass over the
+        layers (``Model.forward_groups``), within ``--prefill-chunk`` tokens; a prompt that finds no room
+        waits for the next step. Returns (logits [rows, V] by slot, tokens fed per slot)."""
+        eng, dev = self.engine, self.engine.device
+        rows, cap = max(s.slot for s in seqs) + 1, eng.opts.max_context
+        decode = [s for s in seqs if s.pending == 1]
+        q_lens, groups, pick, owners = [0] * rows, [], [], []
+        if decode:
+            d_rows = max(s.slot for s in decode) + 1
+            ids, start = torch.zeros((d_rows, 1), dtype=torch.long), [0] * d_rows
+            for s in seqs:  # a row that is not decoding writes its padding past its own cached positions
+                if s.slot < d_rows:
+                    start[s.slot] = s.num_computed
+            for s in decode:
+                ids[s.slot, 0] = s.all_ids[s.num_computed]
+                q_lens[s.slot] = 1
+                pick.append((0, s.slot, 0))
+                owners.append(s)
+            groups.append(Group(ids.to(dev), self._i32(start), self._i32(q_lens[:d_rows]), 0,
+                                max(s.num_computed + 1 for s in decode)))
+        room = max(1, eng.opts.prefill_chunk - len(decode))
+        for s in (s for s in seqs if s.pending > 1):
+            n = min(s.pending, room, cap - s.num_computed)
+            if n < 1:
+                continue
+            room -= n
+            ids = torch.tensor([s.all_ids[s.num_computed: s.num_computed + n]], device=dev)
+            groups.append(Group(ids, self._i32([s.num_computed]), self._i32([n]), s.slot, s.num_computed + n))
+            q_lens[s.slot] = n
+            pick.append((len(groups) - 1, 0, n - 1))
+            owners.append(s)
+        out = eng.model.forward_groups(groups, eng.cache, pick, eng.ops.prompt_chunk)
+        logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
+        logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
+        return logits, q_lens
+
+    def _i32(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=self.engine.device)
 
     def logprob(self, logits: torch.Tensor, s: Sequence, token: int) -> Logprob | None:
         """The token's log-probability under the model's raw logits, with the top ``params.logprobs``."""
