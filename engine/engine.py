@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -144,8 +144,9 @@ class Engine:
                                      quant_cache=opts.quant_cache)
         self.quant_note = None  # for the CLI: how long converting / quantizing the layers took
         if self.quant is not None:
-            how = "repacked from the checkpoint" if self.quant.source else "rounded to nearest on the host"
-            self.quant_note = (f"weights loaded with the layers as {self.quant.spec.label} ({how}) in "
+            how = "repacked from the checkpoint" if self.quant.source or self.quant.loader else \
+                "rounded to nearest on the host"
+            self.quant_note = (f"weights loaded with the layers as {self.quant.label} ({how}) in "
                                f"{time.perf_counter() - start:.1f} s")
             log.info(self.quant_note)
         self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
@@ -161,11 +162,15 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(self.device)
             log.info("GPU memory outside torch's allocator: %d MiB (%s)", outside.bytes >> 20, outside.source)
         gbps, source = h2d_bandwidth(self.device)
-        return plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
+        plan = plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
                           vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
                           batch=self.opts.batch, max_context=self.opts.max_context,
                           prefill_chunk=self.opts.prefill_chunk, device_free=free, h2d_gbps=gbps,
                           h2d_source=source, outside_bytes=outside.bytes)
+        note = getattr(self.ckpt, "plan_note", None)  # GGUF: which tensors stay packed, which are widened
+        if note is not None:
+            plan = replace(plan, notes=(*plan.notes, note(self.quant.label if self.quant else None)))
+        return plan
 
     def close(self) -> None:
         """Release the weight sources (file maps, disk readers) and the allocator cap."""
