@@ -140,3 +140,24 @@ def test_float_gguf_layers_stay_widened(gguf_model):  # noqa: F811
     assert engine.quant is None and not isinstance(engine.weights.layout, QuantLayerLayout)
     assert any(n.startswith("GGUF: layers widened") for n in engine.plan.notes)
     engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [("llama", "Q4_K_M"), ("qwen3", "Q4_1")], ids=["Q4_K_M", "Q4_1"])
+def test_fused_kernels_on_packed_layers_match_transformers(gguf_model, case):  # noqa: F811
+    """The Triton qgemm (prefill, 2 x 40 rows) and qgemv (decode) read the packed GGUF layers (fp32 scales
+    and additive mins for the K-quants; interpreted on the CPU without a GPU): transformers' logits."""
+    from engine.kv_cache import KVCache
+    from tests.helpers import forward_decode, forward_prefill, rel_max_err
+
+    ref, path = gguf_model(*case)
+    engine = make_engine(path, batch=2, max_context=48, kernels="triton")
+    ids = torch.randint(0, engine.cfg.vocab_size, (2, 43), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = ref(ids).logits.float()
+    cache = KVCache(engine.cfg, 2, 48, torch.float32, "cpu")
+    got = forward_prefill(engine.model, cache, ids[:, :40], last_only=False)
+    assert rel_max_err(got, want[:, :40]) <= 1e-4
+    for t in range(40, 43):
+        assert rel_max_err(forward_decode(engine.model, cache, ids[:, t], t), want[:, t]) <= 1e-4
+    engine.close()
