@@ -10,7 +10,7 @@ from memory.units import format_size
 
 # planner notes that explain a default rather than ask for anything; shown with --show-plan and -v only
 _INFO_NOTES = ("no VRAM budget and no device memory figure", "host budget:", "step time is an HBM estimate",
-               "host lane")
+               "host lane", "GGUF:")
 EMPTY_REPLY = "(empty reply: the model's first token was end-of-sequence)"
 
 

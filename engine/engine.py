@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -150,8 +150,9 @@ class Engine:
                                      quant_cache=opts.quant_cache)
         self.quant_note = None  # for the CLI: how long converting / quantizing the layers took
         if self.quant is not None:
-            how = "repacked from the checkpoint" if self.quant.source else "rounded to nearest on the host"
-            self.quant_note = (f"weights loaded with the layers as {self.quant.spec.label} ({how}) in "
+            how = "repacked from the checkpoint" if self.quant.source or self.quant.loader else \
+                "rounded to nearest on the host"
+            self.quant_note = (f"weights loaded with the layers as {self.quant.label} ({how}) in "
                                f"{time.perf_counter() - start:.1f} s")
             log.info(self.quant_note)
         self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
@@ -171,13 +172,17 @@ class Engine:
         gbps, source = h2d_bandwidth(self.device)
         mode = parse_host_compute(self.opts.host_compute)
         host_gbps, host_source = self._host_rate(mode)
-        return plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
+        plan = plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
                           vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
                           batch=self.opts.batch, max_context=self.opts.max_context,
                           prefill_chunk=self.opts.prefill_chunk, auto_chunk=self.opts.prefill_chunk_auto,
                           device_free=free, h2d_gbps=gbps,
                           h2d_source=source, outside_bytes=outside.bytes, host_compute=mode, host_gbps=host_gbps,
                           host_source=host_source)
+        note = getattr(self.ckpt, "plan_note", None)  # GGUF: which tensors stay packed, which are widened
+        if note is not None:
+            plan = replace(plan, notes=(*plan.notes, note(self.quant.label if self.quant else None)))
+        return plan
 
     def _host_rate(self, mode) -> tuple[float | None, str]:
         """The host's GEMV GB/s at this batch and dtype (measured once, cached), when the host lane may be

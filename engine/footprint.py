@@ -73,7 +73,7 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         logits_bytes_per_seq=cfg.vocab_size * 4 * 2,  # fp32 logits + scratch
         rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
         max_positions=cfg.max_position_embeddings,
-        dtype=str(dtype).removeprefix("torch.") + (f", {quant.spec.label}" if quant else ""))
+        dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""))
 
 
 def plan_model(cfg: ModelConfig, tensor_bytes: dict[str, int] | None, dtype: torch.dtype,

@@ -115,7 +115,7 @@ class TritonOps(TorchOps):
 
     def linear(self, x, w, b=None):
         if isinstance(w, QuantWeight):  # dequantized in the kernel's registers
-            return self._qlinear(x, w.qweight, w.scales, w.zeros, w.spec.bits, b, w.perm)
+            return self._qlinear(x, w.qweight, w.scales, w.zeros, w.spec.bits, b, w.perm, mins=w.mins)
         return self._k["linear"](x, w, b)
 
     def swiglu(self, gate_up):

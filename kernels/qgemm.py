@@ -2,7 +2,8 @@
 # kernels/quant_common.py).
 #
 # Shapes:  x       [M, K]          any row stride, unit stride along K; bf16 / fp16 / fp32
-#          qweight int32 [N, K*BITS/32]; scales fp16 / bf16 [N, K/G]; zeros like scales or None
+#          qweight int32 [N, K*BITS/32]; scales fp16 / bf16 / fp32 [N, K/G]; zeros (or additive mins) like
+#          scales or None
 #          perm    [K] or None     act-order input permutation (x[:, perm] is taken on the host)
 #          bias    [N]             x's dtype, optional
 #          out     [M, N]          new contiguous tensor, dtype of x
@@ -13,7 +14,7 @@
 #          casts to x's dtype and runs a tensor-core tl.dot with fp32 accumulation (fp32 inputs:
 #          input_precision="ieee").  Rows are clamped by % M / % N, only the K tail and the store
 #          are masked.
-# Tuning:  per (M bucket, N, K, G, BITS, zeros, x dtype, scale dtype, bias) at first use through
+# Tuning:  per (M bucket, N, K, G, BITS, zeros, mins, x dtype, scale dtype, bias) at first use through
 #          kernels.tuning.fastest (CUDA-graph replays, cold where the packed weight fits the L2) and
 #          the on-disk tuning cache; KERNELS_AUTOTUNE=0 and the interpreter use a fixed config.
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _default_config() -> triton.Config:
 def _qgemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, group, stride_xm, stride_qn, stride_sn, stride_om,
-    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BITS: tl.constexpr, IS_FP32: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BITS: tl.constexpr,
+    IS_FP32: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr,
 ):
@@ -81,7 +83,7 @@ def _qgemm_kernel(
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = kb * BLOCK_K
         w = load_dequant(q_ptr, s_ptr, z_ptr, rows_w, stride_qn, stride_sn, k0, K, group,
-                         HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K)
+                         HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K, HAS_MINS)
         if EVEN_K:
             a = tl.load(x_ptrs)
         else:
@@ -97,7 +99,9 @@ def _qgemm_kernel(
 
 
 def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
-            bits: int, group: int, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+            bits: int, group: int, bias: torch.Tensor | None, out: torch.Tensor,
+            mins: bool = False) -> None:
+    """One launch; ``z`` holds the zero points, or the additive mins when ``mins``."""
     (M, K), N = x.shape, q.shape[0]
     kw = cfg.kwargs
     mode = scale_mode(group, K, kw["BLOCK_K"])
@@ -105,7 +109,8 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     _qgemm_kernel[grid](
         x, q, s, s if z is None else z, bias if bias is not None else out, out,
         M, N, K, group, x.stride(0), q.stride(0), s.stride(0), out.stride(0),
-        HAS_ZEROS=z is not None, HAS_BIAS=bias is not None, BITS=bits, IS_FP32=x.dtype == torch.float32,
+        HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None, BITS=bits,
+        IS_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=kw["BLOCK_M"], BLOCK_N=kw["BLOCK_N"],
         BLOCK_K=kw["BLOCK_K"], GROUP_M=kw["GROUP_M"], EVEN_K=K % kw["BLOCK_K"] == 0,
         SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -115,10 +120,10 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
 _TUNED: dict[tuple, triton.Config] = {}
 
 
-def _tuned(x, q, s, z, bits, group, bias, out) -> triton.Config:
+def _tuned(x, q, s, z, bits, group, bias, out, mins=False) -> triton.Config:
     """The cached config for this call; the first call of a key tunes it (timing into out)."""
     (M, K), N = x.shape, q.shape[0]
-    key = (min(triton.next_power_of_2(M), 4096), N, K, group, bits, z is not None, x.dtype, s.dtype,
+    key = (min(triton.next_power_of_2(M), 4096), N, K, group, bits, z is not None, mins, x.dtype, s.dtype,
            bias is not None)
     cfg = _TUNED.get(key)
     if cfg is None and tuning_suspended():
@@ -129,36 +134,40 @@ def _tuned(x, q, s, z, bits, group, bias, out) -> triton.Config:
             cands = [_default_config()]
         nbytes = q.nbytes + s.nbytes + (z.nbytes if z is not None else 0)
         timer = functools.partial(graph_ms, cold=fits_l2(nbytes, q.device))
-        run = functools.partial(_launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=bias, out=out)
+        run = functools.partial(_launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=bias, out=out,
+                                mins=mins)
         tune = functools.partial(fastest, cands, run, timer, name="qgemm", device=x.device)
         cfg = _TUNED[key] = tuning_cache.tuned(x.device, "qgemm", key, cands, tune)
     return cfg
 
 
-def _qgemm(x, qweight, scales, zeros, bits, bias=None, perm=None, cfg=None) -> torch.Tensor:
+def _qgemm(x, qweight, scales, zeros, bits, bias=None, perm=None, cfg=None, mins=None) -> torch.Tensor:
     """:func:`qgemm` with an optional pinned launch config (tests force each path with it)."""
-    _, _, group = check_quant_inputs(x, qweight, scales, zeros, bits, bias)
+    _, _, group = check_quant_inputs(x, qweight, scales, zeros, bits, bias, mins)
+    z, has_mins = (mins, True) if mins is not None else (zeros, False)
     x = permute_input(x, perm)
     out = torch.empty((x.shape[0], qweight.shape[0]), device=x.device, dtype=x.dtype)
-    _launch(cfg or _tuned(x, qweight, scales, zeros, bits, group, bias, out),
-            x, qweight, scales, zeros, bits, group, bias, out)
+    _launch(cfg or _tuned(x, qweight, scales, z, bits, group, bias, out, has_mins),
+            x, qweight, scales, z, bits, group, bias, out, has_mins)
     return out
 
 
 def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-          bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+          bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+          mins: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill matmul on a packed weight: ``x @ dequant(qweight, scales, zeros).T + bias`` as [M, N].
 
     Operands as :func:`kernels.qgemv.qgemv` without the row limit; the weight is dequantized tile
     by tile in registers, never into a full-precision copy.  The first call of a new shape tunes
     its launch config.
     """
-    return _qgemm(x, qweight, scales, zeros, bits, bias, perm)
+    return _qgemm(x, qweight, scales, zeros, bits, bias, perm, mins=mins)
 
 
 def qgemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-              bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+              bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+              mins: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 torch reference for :func:`qgemm` (returns float32)."""
     xp = x.float() if perm is None else x.float()[:, perm.long()]
-    out = xp @ dequant_ref(qweight, scales, zeros, bits).T
+    out = xp @ dequant_ref(qweight, scales, zeros, bits, mins).T
     return out if bias is None else out + bias.float()

@@ -2,7 +2,8 @@
 #
 # Shapes:  x       [M, K]          any row stride, unit stride along K (M <= 64); bf16 / fp16 / fp32
 #          qweight int32 [N, K*BITS/32]  codes packed along K (layout: kernels/quant_common.py)
-#          scales  [N, K/G]        fp16 / bf16;  zeros: like scales, or None (symmetric)
+#          scales  [N, K/G]        fp16 / bf16 / fp32;  zeros: like scales, or None (symmetric)
+#          mins    [N, K/G] or None  additive group mins (w = code * scale + min; zeros then None)
 #          perm    [K] or None     act-order input permutation (x[:, perm] is taken on the host)
 #          bias    [N]             x's dtype, optional
 #          out     [M, N]          new contiguous tensor, dtype of x
@@ -15,7 +16,7 @@
 #          to BLOCK_M = max(16, next_pow2(M)) rows), in either operand order (SWAP_AB as in
 #          kernels/gemv.py).  SPLIT_K > 1 writes fp32 partials summed by the last program of the
 #          N block (ticket) or by kernels/gemv.py's reduce kernel.
-# Tuning:  per (M bucket, N, K, G, BITS, zeros, x dtype, scale dtype, bias) on first use, through
+# Tuning:  per (M bucket, N, K, G, BITS, zeros, mins, x dtype, scale dtype, bias) on first use, through
 #          kernels.tuning.fastest and the on-disk tuning cache, timed cold where the packed weight
 #          fits the L2 (as kernels/gemv.py); KERNELS_AUTOTUNE=0 and the interpreter use one config.
 from __future__ import annotations
@@ -64,7 +65,8 @@ def _x_tile(x_ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
 def _qgemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, group, stride_xm, stride_qn, stride_sn, stride_om,
-    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BITS: tl.constexpr, IS_FP32: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BITS: tl.constexpr,
+    IS_FP32: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, TICKET: tl.constexpr,
     SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr,
@@ -85,7 +87,7 @@ def _qgemv_kernel(
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for kb in range(kb_lo, kb_hi):
             w = load_dequant(q_ptr, s_ptr, z_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
-                             HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K)
+                             HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K, HAS_MINS)
             x = _x_tile(x_ptrs + kb * BLOCK_K, offs_k, K - kb * BLOCK_K, EVEN_K)
             acc2 += w * x.to(tl.float32)
         acc = tl.sum(acc2, axis=1)[None, :]
@@ -93,7 +95,7 @@ def _qgemv_kernel(
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kb in range(kb_lo, kb_hi):
             w = load_dequant(q_ptr, s_ptr, z_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
-                             HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K)
+                             HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K, HAS_MINS)
             x = _x_tile(x_ptrs + kb * BLOCK_K, offs_k, K - kb * BLOCK_K, EVEN_K)
             acc_t = mma_nt(w.to(dt), x, acc_t, IS_FP32, UPCAST)
         acc = tl.trans(acc_t)
@@ -101,7 +103,7 @@ def _qgemv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(kb_lo, kb_hi):
             w = load_dequant(q_ptr, s_ptr, z_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
-                             HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K)
+                             HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K, HAS_MINS)
             x = _x_tile(x_ptrs + kb * BLOCK_K, offs_k, K - kb * BLOCK_K, EVEN_K)
             acc = mma_nt(x, w.to(dt), acc, IS_FP32, UPCAST)
 
@@ -139,7 +141,9 @@ def _candidates(block_m: int, N: int, K: int, sms: int) -> list[triton.Config]:
 
 
 def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
-            bits: int, group: int, bias: torch.Tensor | None, out: torch.Tensor, block_m: int) -> None:
+            bits: int, group: int, bias: torch.Tensor | None, out: torch.Tensor, block_m: int,
+            mins: bool = False) -> None:
+    """One launch; ``z`` holds the zero points, or the additive mins when ``mins``."""
     (M, K), N = x.shape, q.shape[0]
     bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
     ws = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if sk > 1 else out
@@ -150,7 +154,8 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     _qgemv_kernel[(grid_n, sk)](
         x, q, s, s if z is None else z, b, out, ws, out if cnt is None else cnt,
         M, N, K, group, x.stride(0), q.stride(0), s.stride(0), out.stride(0),
-        HAS_ZEROS=z is not None, HAS_BIAS=bias is not None, BITS=bits, IS_FP32=x.dtype == torch.float32,
+        HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None, BITS=bits,
+        IS_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         SPLIT_K=sk, EVEN_K=K % bk == 0, SWAP_AB=cfg.kwargs.get("SWAP_AB", False), TICKET=cnt is not None,
         SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1,
@@ -164,10 +169,10 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
 _TUNED: dict[tuple, triton.Config] = {}
 
 
-def _tuned(x, q, s, z, bits, group, bias, out, block_m) -> triton.Config:
+def _tuned(x, q, s, z, bits, group, bias, out, block_m, mins=False) -> triton.Config:
     """The cached config for this shape; the first call tunes it (timing into out)."""
     (_, K), N = x.shape, q.shape[0]
-    key = (block_m, N, K, group, bits, z is not None, x.dtype, s.dtype, bias is not None)
+    key = (block_m, N, K, group, bits, z is not None, mins, x.dtype, s.dtype, bias is not None)
     cfg = _TUNED.get(key)
     default = _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT
     if cfg is None and (tuning_suspended() or x.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -179,41 +184,45 @@ def _tuned(x, q, s, z, bits, group, bias, out, block_m) -> triton.Config:
         nbytes = q.nbytes + s.nbytes + (z.nbytes if z is not None else 0)
         timer = functools.partial(graph_ms, cold=fits_l2(nbytes, q.device))
         run = functools.partial(_launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=bias, out=out,
-                                block_m=block_m)
+                                block_m=block_m, mins=mins)
         tune = functools.partial(fastest, cands, run, timer, name="qgemv", device=x.device)
         cfg = _TUNED[key] = tuning_cache.tuned(x.device, "qgemv", key, cands, tune)
     return cfg
 
 
-def _qgemv(x, qweight, scales, zeros, bits, bias=None, perm=None, cfg=None) -> torch.Tensor:
+def _qgemv(x, qweight, scales, zeros, bits, bias=None, perm=None, cfg=None, mins=None) -> torch.Tensor:
     """:func:`qgemv` with an optional pinned launch config (tests force each path with it)."""
-    _, _, group = check_quant_inputs(x, qweight, scales, zeros, bits, bias)
+    _, _, group = check_quant_inputs(x, qweight, scales, zeros, bits, bias, mins)
+    z, has_mins = (mins, True) if mins is not None else (zeros, False)
     M = x.shape[0]
     if M > 64:
         raise ValueError(f"qgemv supports at most 64 rows, got M={M}; use qgemm")
     x = permute_input(x, perm)
     out = torch.empty((M, qweight.shape[0]), device=x.device, dtype=x.dtype)
     block_m = 1 if M == 1 else max(16, triton.next_power_of_2(M))
-    cfg = cfg or _tuned(x, qweight, scales, zeros, bits, group, bias, out, block_m)
-    _launch(cfg, x, qweight, scales, zeros, bits, group, bias, out, block_m)
+    cfg = cfg or _tuned(x, qweight, scales, z, bits, group, bias, out, block_m, has_mins)
+    _launch(cfg, x, qweight, scales, z, bits, group, bias, out, block_m, has_mins)
     return out
 
 
 def qgemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-          bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+          bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+          mins: torch.Tensor | None = None) -> torch.Tensor:
     """Decode matmul on a packed weight: ``x @ dequant(qweight, scales, zeros).T + bias`` as [M, N].
 
     x: [M, K] (M in 1..64, unit stride along K, bf16/fp16/fp32); qweight int32 [N, K*bits/32];
-    scales fp16/bf16 [N, K/G]; zeros like scales or None (symmetric: 2**(bits-1)); perm int32 [K]
-    or None (act order); bias [N] in x's dtype or None.  fp32 accumulation, output in x's dtype;
+    scales fp16/bf16/fp32 [N, K/G]; zeros like scales or None (symmetric: 2**(bits-1)); mins like
+    scales or None (``w = code * scale + min``, zeros None); perm int32 [K] or None (act order);
+    bias [N] in x's dtype or None.  fp32 accumulation, output in x's dtype;
     each packed word is read once.  The first call of a new shape tunes its launch config.
     """
-    return _qgemv(x, qweight, scales, zeros, bits, bias, perm)
+    return _qgemv(x, qweight, scales, zeros, bits, bias, perm, mins=mins)
 
 
 def qgemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-              bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+              bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+              mins: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 torch reference for :func:`qgemv` (returns float32)."""
     xp = x.float() if perm is None else x.float()[:, perm.long()]
-    out = xp @ dequant_ref(qweight, scales, zeros, bits).T
+    out = xp @ dequant_ref(qweight, scales, zeros, bits, mins).T
     return out if bias is None else out + bias.float()

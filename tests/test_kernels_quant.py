@@ -109,6 +109,37 @@ def test_qgemm_half_bias_perm(xdtype: torch.dtype) -> None:
     assert rel_err(out, qgemm_ref(x, q, s, z, bits, bias, perm)) < MATMUL_TOL[xdtype]
 
 
+def with_mins(n: int, k: int, g: int, bits: int, sdtype=torch.float32, seed: int = 7):
+    """Random (qweight, scales, mins) of the additive-min form (w = code * scale + min, GGUF's K-quants)."""
+    q, s, _ = packed(n, k, g, bits, sym=True, sdtype=sdtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    mins = (-(torch.rand(n, k // g, generator=gen) * 0.1)).to(sdtype).to(DEV)
+    return q, s, mins
+
+
+# (M, K, N, G): GGUF's groups (16: Q6_K, 32: the others) with K tails and odd N, and G = 48 (the gather mode)
+MINS_CASES = [(1, 96, 33, 32), (3, 160, 40, 16), (2, 192, 24, 48), (70, 192, 45, 32), (65, 112, 17, 16)]
+
+
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("M,K,N,G", MINS_CASES)
+def test_additive_mins(M: int, K: int, N: int, G: int, bits: int, sdtype: torch.dtype) -> None:
+    q, s, m = with_mins(N, K, G, bits, sdtype)
+    x, bias = randn(M, K, dtype=torch.float32), randn(N, dtype=torch.float32)
+    ref = x @ dequant_ref(q, s, None, bits, m).T + bias
+    codes = dequant_ref(q, torch.ones_like(s), None, bits) + (1 << (bits - 1))  # the raw codes
+    w = codes * s.float().repeat_interleave(G, 1) + m.float().repeat_interleave(G, 1)
+    assert torch.equal(dequant_ref(q, s, None, bits, m), w)
+    cfgs = [qgemv_mod.config(16, 64, 2), qgemv_mod.config(8, 16)] if M <= 64 else \
+        [qgemm_mod.config(32, 16, 32, 2), qgemm_mod.config(16, 32, 128)]
+    run = _qgemv if M <= 64 else _qgemm
+    for cfg in cfgs:  # several groups per tile, one group per tile (BLOCK_K 16 / 32), K tails
+        out = run(x, q, s, None, bits, bias, cfg=cfg, mins=m)
+        assert rel_err(out, ref) < MATMUL_TOL[torch.float32], cfg
+    assert rel_err(qlinear(x, q, s, None, bits, bias, mins=m), ref) < MATMUL_TOL[torch.float32]
+
+
 @pytest.mark.parametrize("lead", [(1,), (2, 3), (70,)])
 def test_qlinear_dispatch_leading_dims(lead: tuple[int, ...]) -> None:
     K, N, G, bits = 128, 24, 32, 4
@@ -127,8 +158,12 @@ def test_bad_inputs() -> None:
         _qgemv(x, q, s, z, 3)
     with pytest.raises(ValueError, match=r"qweight must be int32 \[N, K/4\]"):
         _qgemv(x, q, s, z, 8)  # int4 words read as int8: K mismatch
-    with pytest.raises(ValueError, match="scales must be fp16/bf16"):
-        _qgemv(x, q, s.float(), None, 4)
+    with pytest.raises(ValueError, match="scales must be fp16/bf16/fp32"):
+        _qgemv(x, q, s.double(), None, 4)
+    with pytest.raises(ValueError, match="mins must match scales"):
+        _qgemv(x, q, s, z, 4, mins=s)  # zeros and mins together
+    with pytest.raises(ValueError, match="mins must match scales"):
+        _qgemv(x, q, s, None, 4, mins=s.float())
     with pytest.raises(ValueError, match="scales must be"):
         _qgemv(x, q, s[:, :3].contiguous(), None, 4)  # 3 groups do not divide K = 128
     with pytest.raises(ValueError, match="zeros must match scales"):

@@ -41,14 +41,34 @@ def test_check_canonical_names_the_tensor() -> None:
     q = torch.zeros(4, 8, dtype=torch.int32)
     s = torch.ones(4, 2, dtype=torch.float16)
     check_canonical("m.w", q, s, s.clone(), None, spec, 64)
-    with pytest.raises(ValueError, match=r"m.w.scales: expected float16 or bfloat16 \[4, 2\]"):
-        check_canonical("m.w", q, s.float(), None, None, QuantSpec(4, 32, True, "rtn"), 64)
+    with pytest.raises(ValueError, match=r"m.w.scales: expected float16 or bfloat16 or float32 \[4, 2\]"):
+        check_canonical("m.w", q, s.double(), None, None, QuantSpec(4, 32, True, "rtn"), 64)
+    mins_spec = QuantSpec(4, 32, True, "gguf", mins=True)
+    check_canonical("m.w", q, s.float(), None, None, mins_spec, 64, mins=s.float())
+    with pytest.raises(ValueError, match="mins missing"):
+        check_canonical("m.w", q, s, None, None, mins_spec, 64)
+    with pytest.raises(ValueError, match=r"m.w.mins: expected float16 \[4, 2\]"):
+        check_canonical("m.w", q, s, None, None, mins_spec, 64, mins=s.float())
+    with pytest.raises(ValueError, match="must be sym"):
+        QuantSpec(4, 32, False, "gguf", mins=True)
     with pytest.raises(ValueError, match="zeros missing"):
         check_canonical("m.w", q, s, None, None, spec, 64)
     with pytest.raises(ValueError, match="group size 48 does not divide in_features 64"):
         check_canonical("m.w", q, s, s, None, QuantSpec(4, 48, False, "rtn"), 64)
     with pytest.raises(ValueError, match=r"m.w.perm: expected int32 \[64\]"):
         check_canonical("m.w", q, s, s, torch.arange(64), spec, 64)
+
+
+def test_dequantize_with_mins_known_values() -> None:
+    # w = code * scale + min: codes 0..7, G = 4, scales (0.5, 2), mins (-1, 0.25)
+    q = pack_codes(torch.arange(8).unsqueeze(0), 4)
+    s = torch.tensor([[0.5, 2.0]])
+    m = torch.tensor([[-1.0, 0.25]])
+    w = QuantWeight(q, s, None, None, QuantSpec(4, 4, True, "gguf", mins=True), 8, m)
+    w.check()
+    assert w.spec.label == "gguf int4 g4 +min" and w.nbytes == 4 + 8 + 8
+    expect = torch.tensor([[-1.0, -0.5, 0.0, 0.5, 8.25, 10.25, 12.25, 14.25]])
+    assert torch.equal(dequantize(w), expect)
 
 
 def test_dequantize_known_values_and_perm() -> None:

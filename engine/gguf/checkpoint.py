@@ -6,6 +6,10 @@ zero-copy views of the (private, copy-on-write) file map; quantized ones are wid
 blocks to float32 (exact for every supported format: the engine then casts to its compute dtype
 as it packs the layer), and llama's Q/K rows are put back in the Hugging Face order.
 
+Decoder-layer linear weights of quantized types are not widened: :meth:`layer_target` names the
+canonical packed form that holds every layer's types exactly and :meth:`packed_linear` repacks one
+projection's blocks into it (``engine.gguf.repack``; the engine's loader threads call it as they
+pack the layers). The rest (norms, embedding, output, and layers of float types) is widened.
 Widening happens once per tensor as resident and pinned layers are packed (lm_head chunks packed
 through ``tensor()`` widen the whole table each; ``tensor_rows`` widens only a chunk's rows). The
 disk tier re-reads its units every step: ``read_into`` reads the quantized bytes of the rows asked
@@ -31,6 +35,9 @@ from engine.config import ModelConfig
 from engine.gguf.dequant import PLAIN, block_geometry, check_supported, dequantize
 from engine.gguf.names import hf_name, permuted_heads, unpermute_rows
 from engine.gguf.reader import GGUFModelFiles, RawTensor
+from engine.gguf.repack import NATIVE, GGUFTarget, target_for, to_canonical
+from engine.quant.layout import FUSED_LINEARS
+from engine.quant.spec import QuantWeight
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +123,40 @@ class GGUFCheckpoint:
         row = t.nbytes // t.shape[0]
         raw = self._mapped_bytes(t)[start * row:stop * row]
         return self._widen(t, raw, stop - start, info.dtype)
+
+    def layer_forms(self) -> dict[str, GGUFTarget] | None:
+        """Fused projection (``self_attn.qkv_proj``, ...) -> the packed form that holds its modules'
+        types in every layer exactly (``engine.gguf.repack.target_for``; one form per projection, as
+        every layer shares one layout). None when a layer weight has a float type (layers widened)."""
+        types: dict[str, set] = {}
+        for n, t in self.raw.items():
+            if _is_layer_linear(n):
+                types.setdefault(FUSED_OF[n.split(".", 3)[3].removesuffix(".weight")], set()).add(t.qtype)
+        forms = {fused: target_for(qtypes) for fused, qtypes in types.items()}
+        return forms if forms and None not in forms.values() else None
+
+    def plan_note(self, quant_label: str | None) -> str:
+        """The plan note saying how the GGUF tensors are held (``quant_label``: the layers' packed forms,
+        None when they are widened) and why the embedding and output tensors are widened."""
+        head = "lm_head.weight" if "lm_head.weight" in self.raw else "model.embed_tokens.weight"
+        kinds = f"token_embd {self.raw['model.embed_tokens.weight'].qtype.name}" + (
+            f", output {self.raw[head].qtype.name}" if head == "lm_head.weight" else " (tied output)")
+        layers = f"layers packed as {quant_label}" if quant_label else \
+            "layers widened (float types have no packed form)"
+        return (f"GGUF: {layers}; {kinds} widened to the compute dtype (the embedding is a row gather and "
+                "lm_head runs as dense rows, resident or streamed in row chunks)")
+
+    def packed_linear(self, module: str, target: GGUFTarget) -> QuantWeight:
+        """Module ``module``'s (``model.layers.{i}.mlp.up_proj``) weight repacked into ``target``'s
+        canonical form from its mapped blocks, rows in the Hugging Face order (llama's Q/K unpermuted)."""
+        t = self.raw[f"{module}.weight"]
+        assert t.qtype in NATIVE, (module, t.qtype)
+        qw = to_canonical(self._mapped_bytes(t), t.qtype, t.shape[0], target)
+        heads = permuted_heads(self.cfg, f"{module}.weight")
+        if not heads:
+            return qw
+        rows = {k: unpermute_rows(v, heads).contiguous() for k, v in qw.tensors().items()}
+        return QuantWeight(rows["qweight"], rows["scales"], None, None, qw.spec, qw.in_features, rows.get("mins"))
 
     def raw_span(self, name: str) -> None:
         """None: GGUF tensors have no byte span in the compute layout; use :meth:`tensor`."""
@@ -203,6 +244,13 @@ class GGUFCheckpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+FUSED_OF = {part: fused for fused, parts in FUSED_LINEARS.items() for part in parts}
+
+
+def _is_layer_linear(name: str) -> bool:
+    return name.startswith("model.layers.") and name.endswith("_proj.weight")
 
 
 def _short(names: set[str]) -> str:

@@ -41,11 +41,12 @@ def cache_root() -> Path:
 def cache_key(ckpt: Checkpoint, layout: QuantLayerLayout) -> str:
     """Hex key over the checkpoint files (names, sizes, mtimes) and the layer layout."""
     h = hashlib.sha256(f"v{FORMAT_VERSION}".encode())
-    for f in sorted({i.file for i in ckpt.tensors.values()} | {ckpt.model_dir / "config.json"}):
+    config = ckpt.model_dir / "config.json"  # a GGUF checkpoint's model_dir is its file: no config.json
+    for f in sorted({i.file for i in ckpt.tensors.values()} | ({config} if config.is_file() else set())):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     q = layout.quant
-    h.update(repr((q.spec, str(q.scale_dtype), q.act_order, str(layout.dtype), layout.nbytes,
+    h.update(repr((q.spec, str(q.scale_dtype), q.act_order, q.forms, str(layout.dtype), layout.nbytes,
                    sorted((n, e.offset, e.shape, str(e.dtype)) for n, e in layout.entries.items()))).encode())
     return h.hexdigest()[:32]
 

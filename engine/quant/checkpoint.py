@@ -18,7 +18,7 @@ from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.layout import expected_tensors
 from engine.quant.config import QuantizationConfig, parse_quantization_config
-from engine.quant.layout import LayerQuant, linear_shapes
+from engine.quant.layout import FUSED_LINEARS, LayerQuant, linear_shapes
 from engine.quant.rtn import DEFAULT_GROUP, default_sym
 from engine.quant.spec import QuantSpec
 
@@ -104,6 +104,9 @@ def layer_quant(ckpt: Checkpoint, cfg: ModelConfig, qc: QuantizationConfig | Non
                 group: int = DEFAULT_GROUP) -> LayerQuant | None:
     """How this run holds the layers' linear weights; None: full precision. ValueError for
     ``--quantize`` on an already quantized checkpoint, an unknown width or a group that does not fit."""
+    gguf = _gguf_quant(ckpt, quantize)
+    if gguf is not None:
+        return gguf
     if qc is not None:
         if quantize:
             raise ValueError(f"--quantize {quantize}: the checkpoint is already quantized ({qc.spec.label}); "
@@ -115,6 +118,29 @@ def layer_quant(ckpt: Checkpoint, cfg: ModelConfig, qc: QuantizationConfig | Non
     if not quantize:
         return None
     return rtn_quant(cfg, quantize, group, ckpt.tensors["model.layers.0.self_attn.q_proj.weight"].dtype)
+
+
+def _gguf_quant(ckpt: Checkpoint, quantize: str | None) -> LayerQuant | None:
+    """A GGUF checkpoint's packed layers (``engine.gguf.checkpoint.GGUFCheckpoint.layer_forms``), or None
+    for any other checkpoint and for GGUF layers of float types. ValueError for ``--quantize`` on them."""
+    forms_of = getattr(ckpt, "layer_forms", None)
+    forms = forms_of() if forms_of is not None else None
+    if forms is None:
+        return None
+    widest = max(forms.values(), key=lambda t: (t.spec.bits, t.scale_dtype.itemsize, t.spec.mins))
+    quant = LayerQuant(widest.spec, widest.scale_dtype,
+                       forms=tuple((f, t.spec, t.scale_dtype) for f, t in sorted(forms.items())),
+                       loader=lambda prefix, n, k: ckpt.packed_linear(prefix, forms[_fused_of(prefix)]))
+    if quantize:
+        raise ValueError(f"--quantize {quantize}: the GGUF file is already quantized ({quant.label}); "
+                         "drop --quantize")
+    return quant
+
+
+def _fused_of(prefix: str) -> str:
+    """``model.layers.3.mlp.up_proj`` -> ``mlp.gate_up_proj``."""
+    module = prefix.split(".", 3)[3]
+    return next(f for f, parts in FUSED_LINEARS.items() if module in parts)
 
 
 def rtn_quant(cfg: ModelConfig, quantize: str, group: int, file_dtype: torch.dtype) -> LayerQuant:

@@ -3,7 +3,7 @@
 Same contract as ``engine.layout.LayerLayout`` (``nbytes``, ``dtype``, ``views(buf)``), with tensors of
 several dtypes: the norms and biases in the compute dtype, and for each fused projection
 (``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj``) its canonical packed tensors
-(``engine.quant.spec``): ``qweight`` int32, ``scales`` (and ``zeros``) in the scale dtype, and with act
+(``engine.quant.spec``): ``qweight`` int32, ``scales`` (and ``zeros`` or ``mins``) in the scale dtype, and with act
 order one int32 ``perm`` shared by the fused parts. The parts of a fused projection sit side by side
 along N in each of these tensors, so the fused weight is a plain view, as in the dense layout.
 ``views`` returns a :class:`~engine.quant.spec.QuantWeight` under the fused ``...weight`` names
@@ -14,7 +14,7 @@ along N in each of these tensors, so the fused weight is a plain view, as in the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
 import torch
@@ -32,15 +32,36 @@ FUSED_LINEARS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", 
                  "mlp.down_proj": ("mlp.down_proj",)}
 
 
+# (module prefix ``model.layers.{i}.self_attn.q_proj``, out_features, in_features) -> its canonical weight
+LinearLoader = Callable[[str, int, int], QuantWeight]
+
+
 @dataclass(frozen=True)
 class LayerQuant:
     """How a run's decoder-layer linear weights are quantized: read from a quantized checkpoint
-    (``source``) or rounded to nearest at load from a full-precision one (``source`` None)."""
+    (``source``), repacked by the checkpoint itself (``loader``: GGUF blocks, ``engine.gguf.repack``),
+    or rounded to nearest at load from a full-precision one (both None). ``forms`` gives fused
+    projections their own (spec, scale dtype) (GGUF: each projection in the narrowest exact form of
+    its types); ``spec`` / ``scale_dtype`` hold the others and name the run's widest form."""
 
     spec: QuantSpec
     scale_dtype: torch.dtype
     act_order: bool = False
     source: QuantizationConfig | None = None
+    loader: LinearLoader | None = field(default=None, compare=False, repr=False)
+    forms: tuple[tuple[str, QuantSpec, torch.dtype], ...] = ()
+
+    def form(self, fused: str) -> tuple[QuantSpec, torch.dtype]:
+        """(spec, scale dtype) of fused projection ``fused`` (``mlp.down_proj``, ...)."""
+        return next(((s, d) for f, s, d in self.forms if f == fused), (self.spec, self.scale_dtype))
+
+    @property
+    def label(self) -> str:
+        """Plan-line description: the spec, or each projection's form when they differ."""
+        labels = {f.split(".")[-1].removesuffix("_proj"): self.form(f)[0].label for f in FUSED_LINEARS}
+        if len(set(labels.values())) == 1:
+            return next(iter(labels.values()))
+        return ", ".join(f"{name} {label}" for name, label in labels.items())
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -82,7 +103,7 @@ class QuantLayerLayout:
 
     @classmethod
     def build(cls, cfg: ModelConfig, dtype: torch.dtype, quant: LayerQuant) -> QuantLayerLayout:
-        spec, shapes = quant.spec, linear_shapes(cfg)
+        shapes = linear_shapes(cfg)
         entries: dict[str, QEntry] = {}
         pos = 0
 
@@ -99,11 +120,14 @@ class QuantLayerLayout:
             entries["self_attn.qkv_proj.bias"] = QEntry(first.offset, (cfg.q_size + 2 * cfg.kv_size,), dtype)
         for fused, parts in FUSED_LINEARS.items():
             n, k = sum(shapes[p][0] for p in parts), shapes[parts[0]][1]
+            spec, sdt = quant.form(fused)
             g = spec.group(k)
             put(f"{fused}.qweight", (n, k // spec.pack), torch.int32)
-            put(f"{fused}.scales", (n, k // g), quant.scale_dtype)
+            put(f"{fused}.scales", (n, k // g), sdt)
             if not spec.sym:
-                put(f"{fused}.zeros", (n, k // g), quant.scale_dtype)
+                put(f"{fused}.zeros", (n, k // g), sdt)
+            if spec.mins:
+                put(f"{fused}.mins", (n, k // g), sdt)
             if quant.act_order:
                 put(f"{fused}.perm", (k,), torch.int32)
         return cls(entries, -(-pos // ALIGN) * ALIGN, dtype, quant, shapes)
@@ -122,7 +146,8 @@ class QuantLayerLayout:
         for fused, parts in FUSED_LINEARS.items():
             out[f"{fused}.weight"] = QuantWeight(raw[f"{fused}.qweight"], raw[f"{fused}.scales"],
                                                  raw.get(f"{fused}.zeros"), raw.get(f"{fused}.perm"),
-                                                 self.quant.spec, self.shapes[parts[0]][1])
+                                                 self.quant.form(fused)[0], self.shapes[parts[0]][1],
+                                                 raw.get(f"{fused}.mins"))
         return out
 
     def pack(self, get: Callable[[str], torch.Tensor | None], prefix: str, buf: torch.Tensor) -> None:
@@ -162,6 +187,8 @@ class QuantLayerLayout:
 
     def _load(self, get, prefix: str, n: int, k: int) -> QuantWeight:
         q, spec = self.quant, self.quant.spec
+        if q.loader is not None:
+            return q.loader(prefix, n, k)
         if q.source is not None:
             return load_quant_linear(q.source, prefix, get, n, k)
         return quantize_rtn(_need(get, f"{prefix}.weight"), spec.bits, spec.group_size, spec.sym, prefix)
@@ -171,6 +198,9 @@ class QuantLayerLayout:
         n, half = qw.shape[0], float(1 << (qw.spec.bits - 1))
         raw[f"{fused}.qweight"][row:row + n].copy_(qw.qweight)
         raw[f"{fused}.scales"][row:row + n].copy_(qw.scales)
+        if f"{fused}.mins" in raw:
+            assert qw.mins is not None and qw.spec == self.quant.form(fused)[0], (name, qw.spec)
+            raw[f"{fused}.mins"][row:row + n].copy_(qw.mins)
         if f"{fused}.zeros" in raw:
             dst = raw[f"{fused}.zeros"][row:row + n]
             if qw.zeros is not None:

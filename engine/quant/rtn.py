@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.quant.spec import SCALE_DTYPES, QuantSpec, QuantWeight, pack_codes
+from engine.quant.spec import HALF_SCALES, QuantSpec, QuantWeight, pack_codes
 
 DEFAULT_GROUP = 128
 _ROWS = 512  # rows quantized per block (a few fp32 temporaries of _ROWS x K: 60 MB each at K = 29568)
@@ -59,7 +59,7 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP, sy
     if k % g or k % spec.pack:
         raise ValueError(f"{name}: group size {g} and {bits}-bit packing ({spec.pack} per int32) "
                          f"must divide in_features {k}; choose another --quant-group")
-    sdtype = w.dtype if w.dtype in SCALE_DTYPES else torch.float16
+    sdtype = w.dtype if w.dtype in HALF_SCALES else torch.float16
     words, scales, zeros = [], [], []
     for r in range(0, n, _ROWS):
         q, s, z = _quantize_rows(w[r:r + _ROWS].float(), spec, g, sdtype)

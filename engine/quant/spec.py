@@ -14,10 +14,17 @@ Hugging Face layout) is held as:
 ``zeros``    asymmetric: same dtype and shape as ``scales``, integer-valued zero points (0 .. 2**bits,
              exact in fp16 and bf16; GPTQ v1's "stored minus one" can give 2**bits);
              symmetric: ``None`` and the zero point is ``2**(bits - 1)`` (8 for int4, 128 for int8).
+``mins``     ``None``, or (llama.cpp's "scale and min" form: GGUF Q4_1 / Q5_1 / K-quants) the additive
+             minimum of each group, same dtype and shape as ``scales``; then ``zeros`` is ``None``
+             and the zero point is 0 (``spec.mins``).
 ``perm``     ``None``, or int32 ``[K]``: the input columns in packed order (GPTQ ``desc_act``). The
              packed column j holds input channel ``perm[j]``, so ``y = x[:, perm] @ W_packed.T``.
 
-The weight is ``w[n, k] = (code[n, k] - zero[n, k // G]) * scale[n, k // G]``. ``G`` is the group
+The weight is ``w[n, k] = (code[n, k] - zero[n, k // G]) * scale[n, k // G]``, or with ``mins``
+``w[n, k] = code[n, k] * scale[n, k // G] + min[n, k // G]`` (one fp32 product and one fp32 sum, as
+ggml's own dequantizers; the product of a code and a scale is exact in fp32 for every GGUF type).
+Scales are fp16 / bf16, or fp32 where a format's effective scale is a product that fp16 cannot
+hold exactly (the K-quants' super-block scale times a 6-bit sub-block scale). ``G`` is the group
 size (32, 64, 128, ...; it must divide K) or K itself for per-channel scales (``group_size == -1``,
 as in the Hugging Face configs). K must be a multiple of ``32 / bits``.
 """
@@ -30,25 +37,30 @@ from dataclasses import dataclass
 import torch
 
 BITS = (4, 8)
-SCALE_DTYPES = (torch.float16, torch.bfloat16)
+HALF_SCALES = (torch.float16, torch.bfloat16)  # what rounding to nearest stores (engine.quant.rtn)
+SCALE_DTYPES = (*HALF_SCALES, torch.float32)  # fp32: GGUF K-quant scales, exact only in fp32
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     """How a linear weight is quantized: ``bits`` (4 or 8), ``group_size`` (-1: per channel),
-    ``sym`` (no stored zero points) and ``fmt``, the source format (``awq``, ``gptq``,
-    ``compressed-tensors``, ``rtn``) named in plan lines."""
+    ``sym`` (no stored zero points), ``fmt``, the source format (``awq``, ``gptq``,
+    ``compressed-tensors``, ``rtn``, ``gguf``) named in plan lines, and ``mins`` (additive group
+    minimums instead of zero points: ``w = code * scale + min``; requires ``sym``)."""
 
     bits: int
     group_size: int
     sym: bool
     fmt: str
+    mins: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
             raise ValueError(f"unsupported bit width {self.bits}; supported: 4, 8")
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group_size must be a positive integer or -1 (per channel), got {self.group_size}")
+        if self.mins and not self.sym:
+            raise ValueError("a spec with additive mins has no zero points: it must be sym")
 
     @property
     def pack(self) -> int:
@@ -63,7 +75,8 @@ class QuantSpec:
     def label(self) -> str:
         """Short description for plan lines, e.g. ``awq int4 g128``."""
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"{self.fmt} int{self.bits} {group}{' sym' if self.sym else ''}"
+        form = " +min" if self.mins else " sym" if self.sym else ""
+        return f"{self.fmt} int{self.bits} {group}{form}"
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class QuantWeight:
     perm: torch.Tensor | None
     spec: QuantSpec
     in_features: int
+    mins: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -92,6 +106,8 @@ class QuantWeight:
         out = {"qweight": self.qweight, "scales": self.scales}
         if self.zeros is not None:
             out["zeros"] = self.zeros
+        if self.mins is not None:
+            out["mins"] = self.mins
         if self.perm is not None:
             out["perm"] = self.perm
         return out
@@ -105,11 +121,12 @@ class QuantWeight:
         """A copy with every tensor on ``device``."""
         moved = {k: v.to(device) for k, v in self.tensors().items()}
         return QuantWeight(moved["qweight"], moved["scales"], moved.get("zeros"), moved.get("perm"),
-                           self.spec, self.in_features)
+                           self.spec, self.in_features, moved.get("mins"))
 
     def check(self, name: str = "weight") -> None:
         """Raise ValueError (naming ``name``) unless every tensor has the canonical shape and dtype."""
-        check_canonical(name, self.qweight, self.scales, self.zeros, self.perm, self.spec, self.in_features)
+        check_canonical(name, self.qweight, self.scales, self.zeros, self.perm, self.spec, self.in_features,
+                        self.mins)
 
 
 def _expect(name: str, t: torch.Tensor, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> None:
@@ -120,7 +137,7 @@ def _expect(name: str, t: torch.Tensor, shape: tuple[int, ...], dtypes: tuple[to
 
 
 def check_canonical(name: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                    perm: torch.Tensor | None, spec: QuantSpec, k: int) -> None:
+                    perm: torch.Tensor | None, spec: QuantSpec, k: int, mins: torch.Tensor | None = None) -> None:
     """Validate one canonical weight's tensors; ValueError names the tensor and what was expected."""
     g = spec.group(k)
     if k % spec.pack:
@@ -135,6 +152,11 @@ def check_canonical(name: str, qweight: torch.Tensor, scales: torch.Tensor, zero
                          f"{'given' if zeros is not None else 'missing'}")
     if zeros is not None:
         _expect(f"{name}.zeros", zeros, (n, k // g), (scales.dtype,))
+    if spec.mins != (mins is not None):
+        raise ValueError(f"{name}: mins {'missing' if spec.mins else 'given'} for a spec "
+                         f"{'with' if spec.mins else 'without'} additive mins")
+    if mins is not None:
+        _expect(f"{name}.mins", mins, (n, k // g), (scales.dtype,))
     if perm is not None:
         _expect(f"{name}.perm", perm, (k,), (torch.int32,))
 
@@ -170,9 +192,12 @@ def dequantize(w: QuantWeight) -> torch.Tensor:
     codes = unpack_codes(w.qweight, w.spec.bits).float()
     g = w.group_size
     scales = w.scales.float().repeat_interleave(g, dim=1)
-    zeros = (w.zeros.float().repeat_interleave(g, dim=1) if w.zeros is not None
-             else torch.full_like(scales, 1 << (w.spec.bits - 1)))
-    packed_order = (codes - zeros) * scales
+    if w.mins is not None:
+        packed_order = codes * scales + w.mins.float().repeat_interleave(g, dim=1)
+    else:
+        zeros = (w.zeros.float().repeat_interleave(g, dim=1) if w.zeros is not None
+                 else torch.full_like(scales, 1 << (w.spec.bits - 1)))
+        packed_order = (codes - zeros) * scales
     if w.perm is None:
         return packed_order
     out = torch.empty_like(packed_order)
