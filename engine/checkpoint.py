@@ -132,13 +132,7 @@ class Checkpoint:
         the file again.
         """
         info = self.tensors[name]
-        m = self._maps.get(info.file)
-        if m is None or not hasattr(m, "madvise"):
-            return
-        page = mmap.PAGESIZE
-        start = info.offset // page * page
-        end = min(len(m), -(-(info.offset + info.nbytes) // page) * page)
-        m.madvise(mmap.MADV_DONTNEED, start, end - start)
+        drop_pages(self._maps.get(info.file), info.offset, info.nbytes)
 
     def raw_span(self, name: str) -> tuple[Path, int, int]:
         """(file, absolute byte offset, bytes) of tensor ``name``: its bytes as stored, row-major in
@@ -183,6 +177,17 @@ class Checkpoint:
             except BufferError:  # views still alive; the OS unmaps when they are gone
                 pass
         self._maps.clear()
+
+
+def drop_pages(m: mmap.mmap | None, offset: int, nbytes: int) -> None:
+    """Discard the pages of a private map covering bytes [offset, offset + nbytes) (a later access
+    reads the file again); nothing where the map is absent or the platform has no madvise."""
+    if m is None or not hasattr(m, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    start = offset // page * page
+    end = min(len(m), -(-(offset + nbytes) // page) * page)
+    m.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _short(names: set[str]) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import TensorInfo
+from engine.checkpoint import TensorInfo, drop_pages
 from engine.config import ModelConfig
 from engine.gguf.dequant import PLAIN, block_geometry, check_supported, dequantize
 from engine.gguf.names import hf_name, permuted_heads, unpermute_rows
@@ -166,13 +166,7 @@ class GGUFCheckpoint:
     def release(self, name: str) -> None:
         """Drop the mapped pages of ``name`` (after it was copied elsewhere), so RSS stays low."""
         t = self.raw[name]
-        m = self._maps.get(t.file)
-        if m is None or not hasattr(m, "madvise"):
-            return
-        page = mmap.PAGESIZE
-        start = t.offset // page * page
-        end = min(len(m), -(-(t.offset + t.nbytes) // page) * page)
-        m.madvise(mmap.MADV_DONTNEED, start, end - start)
+        drop_pages(self._maps.get(t.file), t.offset, t.nbytes)
 
     def read_into(self, name: str, out: torch.Tensor, start: int = 0, chunk: int = 16 << 20,
                   drop_cache: bool = True) -> None:
