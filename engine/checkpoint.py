@@ -142,23 +142,12 @@ class Checkpoint:
 
     def validate(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Check the tensors found equal ``expected`` (names and shapes) and use float dtypes."""
-        found, want = set(self.tensors), set(expected)
-        problems = []
-        if want - found:
-            problems.append(f"missing tensors: {_short(want - found)}")
-        if found - want:
-            problems.append(f"unexpected tensors: {_short(found - want)}")
-        for name in sorted(want & found):
-            info = self.tensors[name]
-            if info.shape != tuple(expected[name]):
-                problems.append(f"{name} has shape {list(info.shape)}, config.json implies {list(expected[name])}")
-            elif info.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-                problems.append(f"{name} has dtype {info.dtype}; only bf16/fp16/fp32 weights are supported")
-        if problems:
-            raise ValueError(
-                f"checkpoint {self.model_dir} does not match its config.json:\n  - " + "\n  - ".join(problems[:12])
-                + ("\n  (more problems omitted)" if len(problems) > 12 else "")
-            )
+        problems = tensor_problems(self.tensors, expected, "config.json")
+        problems += [f"{n} has dtype {self.tensors[n].dtype}; only bf16/fp16/fp32 weights are supported"
+                     for n in sorted(set(expected) & set(self.tensors))
+                     if self.tensors[n].shape == tuple(expected[n])
+                     and self.tensors[n].dtype not in (torch.bfloat16, torch.float16, torch.float32)]
+        raise_problems(problems, f"checkpoint {self.model_dir} does not match its config.json")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -188,6 +177,25 @@ def drop_pages(m: mmap.mmap | None, offset: int, nbytes: int) -> None:
     start = offset // page * page
     end = min(len(m), -(-(offset + nbytes) // page) * page)
     m.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def tensor_problems(found: dict, expected: dict[str, tuple[int, ...]], source: str) -> list[str]:
+    """Missing and unexpected tensor names, and shapes that differ from what ``source`` implies."""
+    have, want = set(found), set(expected)
+    problems = []
+    if want - have:
+        problems.append(f"missing tensors: {_short(want - have)}")
+    if have - want:
+        problems.append(f"unexpected tensors: {_short(have - want)}")
+    return problems + [f"{n} has shape {list(found[n].shape)}, {source} implies {list(expected[n])}"
+                       for n in sorted(want & have) if tuple(found[n].shape) != tuple(expected[n])]
+
+
+def raise_problems(problems: list[str], what: str) -> None:
+    """One ValueError listing up to 12 problems under ``what``; nothing when there are none."""
+    if problems:
+        more = "\n  (more problems omitted)" if len(problems) > 12 else ""
+        raise ValueError(f"{what}:\n  - " + "\n  - ".join(problems[:12]) + more)
 
 
 def _short(names: set[str]) -> str:

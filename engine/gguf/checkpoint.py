@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import TensorInfo, drop_pages
+from engine.checkpoint import TensorInfo, drop_pages, raise_problems, tensor_problems
 from engine.config import ModelConfig
 from engine.gguf.dequant import PLAIN, block_geometry, check_supported, dequantize
 from engine.gguf.names import hf_name, permuted_heads, unpermute_rows
@@ -210,18 +210,8 @@ class GGUFCheckpoint:
     # ----- checks and properties -----
     def validate(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Check the tensors found equal ``expected`` (names and shapes)."""
-        found, want = set(self.tensors), set(expected)
-        problems = []
-        if want - found:
-            problems.append(f"missing tensors: {_short(want - found)}")
-        if found - want:
-            problems.append(f"unexpected tensors: {_short(found - want)}")
-        problems += [f"{n} has shape {list(self.tensors[n].shape)}, the metadata implies {list(expected[n])}"
-                     for n in sorted(want & found) if self.tensors[n].shape != tuple(expected[n])]
-        if problems:
-            more = "\n  (more problems omitted)" if len(problems) > 12 else ""
-            raise ValueError(f"GGUF file {self.model_dir} does not match its metadata:\n  - "
-                             + "\n  - ".join(problems[:12]) + more)
+        raise_problems(tensor_problems(self.tensors, expected, "the metadata"),
+                       f"GGUF file {self.model_dir} does not match its metadata")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -245,8 +235,3 @@ FUSED_OF = {part: fused for fused, parts in FUSED_LINEARS.items() for part in pa
 
 def _is_layer_linear(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith("_proj.weight")
-
-
-def _short(names: set[str]) -> str:
-    items = sorted(names)
-    return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
