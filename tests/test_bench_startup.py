@@ -23,6 +23,26 @@ def test_three_runs_and_a_summary(tiny_qwen2_dir, tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow
+def test_long_prompt_fresh_triton_cache_two_runs(tiny_qwen2_dir, tmp_path, capsys):
+    out = tmp_path / "startup.json"
+    rc = main(["--model", str(tiny_qwen2_dir), "--max-new-tokens", "2", "--cache-dir", str(tmp_path / "c"),
+               "--runs", "first,cached", "--triton-cache", "fresh", "--prompt-words", "40",
+               "--max-context", "256", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads(out.read_text())
+    assert list(rep["runs"]) == ["first", "cached"]
+    assert all(r["env"]["TRITON_CACHE_DIR"] == rep["triton_cache"] for r in rep["runs"].values())
+    assert all(r["stats"]["prompt_tokens"] >= 40 for r in rep["runs"].values())
+    assert rep["summary"]["same_tokens"] is True and rep["summary"]["first_over_cached"] > 0
+    assert "saved_s" not in rep["summary"]
+
+
+def test_unknown_run_name_is_refused(tiny_qwen2_dir, tmp_path, capsys):
+    assert main(["--model", str(tiny_qwen2_dir), "--runs", "first,warm", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--runs" in capsys.readouterr().err
+
+
 def test_model_without_config_is_refused(tmp_path, capsys):
     assert main(["--model", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
     assert "config.json" in capsys.readouterr().err

@@ -10,7 +10,13 @@ prefills a short prompt and decodes a few tokens. The three runs share a fresh c
 ``no-cache - cached`` is what the tuning cache saves per start. Greedy tokens of ``first`` and
 ``cached`` must agree (the same configs run). Writes one JSON file.
 
+``--triton-cache fresh`` gives the runs a new, empty Triton compile cache (``TRITON_CACHE_DIR``), so
+``first`` is what a fresh machine sees even where Triton's cache is warm; ``--prompt-words N`` sends a
+long raw prompt (N words, about 2N tokens of the synthetic tokenizer) instead of "Hello".
+
     python -m tools.bench_startup --model DIR --vram-budget 6GB --out startup.json
+    python -m tools.bench_startup --model DIR --runs first,cached --triton-cache fresh --prompt-words 8000 \
+        --max-context 20000 --out startup16k.json
 """
 
 from __future__ import annotations
@@ -36,14 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--cache-dir", help="LAYERSTREAM_CACHE for the runs (default: a new temporary directory)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per process")
+    p.add_argument("--runs", default="first,cached,no-cache", help="which of first,cached,no-cache to run, in order")
+    p.add_argument("--triton-cache", choices=["inherit", "fresh"], default="inherit",
+                   help="fresh: an empty TRITON_CACHE_DIR shared by these runs (a fresh machine's first run)")
+    p.add_argument("--prompt-words", type=int, default=0, help="a raw prompt of this many words instead of 'Hello'")
+    p.add_argument("--max-context", type=int, help="passed to engine.run (long prompts need it)")
     p.add_argument("--out", default="startup.json")
     return p
 
 
 def run_once(args: argparse.Namespace, cache_dir: str, extra_env: dict) -> dict:
     """One CLI process; its wall time, exit code, tokens and stats."""
+    prompt = ["--no-chat", "--prompt", " ".join(["hello"] * args.prompt_words)] if args.prompt_words else \
+        ["--prompt", "Hello"]
     cmd = [sys.executable, "-m", "engine.run", "--model", args.model, "--vram-budget", args.vram_budget,
-           "--prompt", "Hello", "--max-new-tokens", str(args.max_new_tokens), "--json"]
+           *prompt, "--max-new-tokens", str(args.max_new_tokens), "--json"]
+    if args.max_context:
+        cmd += ["--max-context", str(args.max_context)]
     env = {**os.environ, "LAYERSTREAM_CACHE": cache_dir, **extra_env}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout,
@@ -58,27 +73,43 @@ def run_once(args: argparse.Namespace, cache_dir: str, extra_env: dict) -> dict:
     return res
 
 
+def summarize(results: dict) -> dict:
+    """first / cached wall ratio, same tokens, and what the tuning cache saves (when those runs ran)."""
+    if not {"first", "cached"} <= set(results):
+        return {}
+    first, cached = results["first"], results["cached"]
+    summary = {"first_over_cached": first["wall_s"] / cached["wall_s"],
+               "same_tokens": first["token_ids"] == cached["token_ids"]}
+    if "no-cache" in results:
+        summary["saved_s"] = results["no-cache"]["wall_s"] - cached["wall_s"]
+        print(f"tuning cache saves {summary['saved_s']:.1f} s per start")
+    print(f"first / cached: {summary['first_over_cached']:.2f}x; same tokens: {summary['same_tokens']}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not Path(args.model, "config.json").is_file():
         print(f"error: {args.model} has no config.json: pass a model directory (tools.synth makes one)",
               file=sys.stderr)
         return 2
+    runs = dict(RUNS)
+    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not wanted or any(r not in runs for r in wanted):
+        print(f"error: --runs takes names from {','.join(runs)}, got {args.runs!r}", file=sys.stderr)
+        return 2
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="layerstream-startup-")
+    fresh = {"TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-fresh-")} if args.triton_cache == "fresh" else {}
     results = {}
-    for name, env in RUNS:
-        r = results[name] = run_once(args, cache_dir, env)
+    for name in wanted:
+        r = results[name] = run_once(args, cache_dir, {**runs[name], **fresh})
         print(f"{name:>9}: {r['wall_s']:6.1f} s wall, rc {r['rc']}"
               + (f", prefill {r['stats']['prefill_s']:.2f} s" if "stats" in r else ""), flush=True)
     ok = all(r["rc"] == 0 for r in results.values())
-    summary = {}
-    if ok:
-        summary = {"saved_s": results["no-cache"]["wall_s"] - results["cached"]["wall_s"],
-                   "same_tokens": results["first"]["token_ids"] == results["cached"]["token_ids"]}
-        print(f"tuning cache saves {summary['saved_s']:.1f} s per start; first and cached runs give the same "
-              f"tokens: {summary['same_tokens']}")
+    summary = summarize(results) if ok else {}
     tuning = sorted(p.name for p in Path(cache_dir, "tuning").glob("*.json"))
     payload = {"model": args.model, "vram_budget": args.vram_budget, "cache_dir": cache_dir,
+               "prompt_words": args.prompt_words, "triton_cache": fresh.get("TRITON_CACHE_DIR", "inherited"),
                "tuning_files": tuning, "runs": results, "summary": summary}
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
