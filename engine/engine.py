@@ -14,6 +14,7 @@ from engine.config import ModelConfig
 from engine.footprint import plan_model
 from engine.gguf import open_gguf
 from engine.gguf.paths import is_gguf_path
+from engine import ahead
 from engine.graphs import try_capture
 from engine.host_lane import HostLane
 from engine.kv_cache import KVCache
@@ -160,6 +161,8 @@ class Engine:
         if self.plan.host_layers:
             self.model.host = HostLane(self.cfg, self.weights, self.cache, opts.max_context)
         self.graph = None
+        self.prefill_shapes: set[tuple[int, ...]] = set()  # prompt shapes compiled ahead (engine/ahead.py)
+        ahead.decode(self.model, self.cache, opts.batch)
         if opts.cuda_graph and self.device.type == "cuda" and self.ops.name == "triton":
             self.graph = try_capture(self.model, self.cache, opts.batch)
 

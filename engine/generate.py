@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
+from engine import ahead
 from engine.detok import IncrementalDetokenizer, StopStringMatcher
 from engine.engine import Engine
 from engine.sampling import Sampler, SamplingParams
@@ -51,7 +52,11 @@ def prefill(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
     chunk = max(1, engine.opts.prefill_chunk // b)
-    last = engine.model.prefill(ids.to(engine.device), lens, chunk, engine.cache, engine.ops.prompt_chunk)
+    ids = ids.to(engine.device)
+    if (shape := (chunk, *lens)) not in engine.prefill_shapes:  # a new shape: its kernels compiled in parallel
+        engine.prefill_shapes.add(shape)
+        ahead.prefill(engine.model, ids, lens, chunk, engine.cache, engine.ops.prompt_chunk)
+    last = engine.model.prefill(ids, lens, chunk, engine.cache, engine.ops.prompt_chunk)
     engine.cache.lengths[:b] = lens
     return last
 

@@ -114,6 +114,7 @@ class ModelWeights:
         self.resident = {i: self.layout.views(buf) for i, buf in zip(plan.resident_layers, self.stream.resident_views)}
         self.unit_of = {u.name: j for j, u in enumerate(units)}
         self.slot_views: list[dict[str, torch.Tensor] | None] = [None] * plan.num_slots
+        self.dry = False  # engine/ahead.py's compile-ahead pass: streamed weights are slot 0's bytes, uncopied
         self._load_small(progress or (lambda n: None))
 
     def _load_small(self, progress) -> None:
@@ -139,7 +140,7 @@ class ModelWeights:
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         if i in self.resident:
             return self.resident[i]
-        return self.slot_layer(self.stream.acquire(self.unit_of[f"layer.{i}"]))
+        return self.slot_layer(0 if self.dry else self.stream.acquire(self.unit_of[f"layer.{i}"]))
 
     def slot_layer(self, slot: int) -> dict[str, torch.Tensor]:
         """Layer-shaped views of staging slot ``slot`` (what ``layer(i)`` returns when i uses it);
@@ -150,7 +151,7 @@ class ModelWeights:
         return views
 
     def release(self, i: int) -> None:
-        if i not in self.resident:
+        if i not in self.resident and not self.dry:
             self.stream.release()
 
     def host_layer(self, i: int) -> dict[str, torch.Tensor]:
@@ -175,10 +176,11 @@ class ModelWeights:
         for j, u in enumerate(self.units):
             if not u.name.startswith("lm_head."):
                 continue
-            slot = self.stream.acquire(j)
+            slot = 0 if self.dry else self.stream.acquire(j)
             rows = u.nbytes // (self.cfg.hidden_size * self.dtype.itemsize)
             yield row0, self.stream.slots[slot][: u.nbytes].view(self.dtype).view(rows, self.cfg.hidden_size)
-            self.stream.release()
+            if not self.dry:
+                self.stream.release()
             row0 += rows
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ from kernels import tuning_cache
 from kernels.checks import check_decode_inputs
 from kernels.flash_common import chunk_len, merge_splits, online_softmax_pv, qk_scores, store_rows
 from kernels.tickets import counters, last_ticket
-from kernels.tuning import NoCandidate, fastest, fits_l2, graph_ms
+from kernels.tuning import NoCandidate, fastest, fits_l2, graph_ms, tuning_suspended
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -245,6 +245,10 @@ def _plan(q, k_cache, v_cache, scale: float, max_len: int) -> tuple[int, triton.
     plan = (_split_plan(sms, B, Hk, max_len), _default_config(q.dtype))
     if _INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
         _TUNED[key] = plan
+    elif tuning_suspended():  # untimed: a cached or shipped pick, else the default plan; not kept
+        as_json = lambda p: [p[0], tuning_cache.config_to_json(p[1])]  # noqa: E731
+        return tuning_cache.untimed_pick(q.device, "attention_decode", key,
+                                         _pairs(_split_candidates(sms, B, Hk, max_len)), plan, as_json)
     elif not torch.cuda.is_current_stream_capturing():  # cannot time inside a capture: default, untuned
         splits = _split_candidates(sms, B, Hk, max_len)
         tune = functools.partial(_tune, q, k_cache, v_cache, scale, max_len, splits)

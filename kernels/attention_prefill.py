@@ -140,11 +140,11 @@ def _untimed_config(key: tuple, q: torch.Tensor) -> triton.Config | None:
     if _INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
         _TUNED[key] = _default_config(q.dtype)
         return _TUNED[key]
-    if tuning_suspended():
-        return _default_config(q.dtype)
     cfg = tuning_cache.choose(q.device, "attention_prefill", key, _configs())
     if cfg is not None:
         _TUNED[key] = cfg
+    elif tuning_suspended():
+        return _default_config(q.dtype)
     return cfg
 
 

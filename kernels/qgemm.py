@@ -126,8 +126,8 @@ def _tuned(x, q, s, z, bits, group, bias, out, mins=False) -> triton.Config:
     key = (min(triton.next_power_of_2(M), 4096), N, K, group, bits, z is not None, mins, x.dtype, s.dtype,
            bias is not None)
     cfg = _TUNED.get(key)
-    if cfg is None and tuning_suspended():
-        return _default_config()  # untimed, not cached
+    if cfg is None and tuning_suspended():  # untimed: a cached or shipped pick, else the default; not kept
+        return tuning_cache.untimed_pick(x.device, "qgemm", key, _configs(), _default_config())
     if cfg is None:
         cands = _configs()
         if os.environ.get("KERNELS_AUTOTUNE", "1") == "0":

@@ -272,6 +272,13 @@ def choose(device: torch.device, kernel: str, key: tuple, choices: Sequence[T],
     return found
 
 
+def untimed_pick(device: torch.device, kernel: str, key: tuple, choices: Sequence[T], default: T,
+                 encode: Callable[[T], Any] = config_to_json) -> T:
+    """For a call that must not time (inside kernels.tuning.untuned(), a graph capture): the cached or
+    shipped pick for ``key`` when there is one, else ``default``. The caller does not keep it."""
+    return (choose(device, kernel, key, choices, encode) if len(choices) > 1 else None) or default
+
+
 def tuned(device: torch.device, kernel: str, key: tuple, choices: Sequence[T],
           tune: Callable[[], T | None], encode: Callable[[T], Any] = config_to_json) -> T | None:
     """The cached pick among ``choices`` for ``key``, else ``tune()``'s (stored unless None).

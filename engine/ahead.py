@@ -1,0 +1,65 @@
+"""Compile ahead of a process's first decode step and of each new prompt shape's first prefill.
+
+kernels/ahead.py compiles the Triton kernels a pass would launch, in parallel, without launching them.
+Here the engine runs such dry passes: the model's forward with the streamed weights replaced by the
+bytes already in staging slot 0 (``ModelWeights.dry``: nothing is copied or waited for), so the pass
+costs its Python and the compiles. The real pass that follows then finds every kernel compiled: on a
+fresh machine the serial first-launch compiles are what made a first run slow (issue 14). Used on
+CUDA with the Triton kernels, without host-lane layers (their CPU work is real), where tuning picks
+exist (the user's cache or those shipped for the GPU: a dry pass compiles the picks; without any,
+the real pass tunes and compiles its candidates in parallel itself); off with
+``LAYERSTREAM_COMPILE_AHEAD=0``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def wanted(model) -> bool:
+    """Whether dry passes can save compiles for ``model`` (an engine.model.Model)."""
+    if not (model.device.type == "cuda" and model.ops.name == "triton" and model.host is None
+            and os.environ.get("LAYERSTREAM_COMPILE_AHEAD", "1") != "0"):
+        return False
+    from kernels.tuning_cache import has_entries
+
+    return has_entries(model.device)  # else the real pass tunes: its candidates compile in parallel there
+
+
+@contextlib.contextmanager
+def _dry(model) -> Iterator[None]:
+    from kernels.ahead import compile_only
+
+    model.weights.dry = True
+    try:
+        with compile_only():
+            yield
+    finally:
+        model.weights.dry = False
+        torch.cuda.synchronize(model.device)  # the dry pass's torch work, before real work reuses its memory
+
+
+def decode(model, cache, batch: int) -> None:
+    """Compile the kernels of a decode step of ``batch`` rows at the cache's full length (what the
+    decode graph's warm-up runs next)."""
+    if not wanted(model):
+        return
+    dev = model.device
+    ids = torch.zeros((batch, 1), dtype=torch.long, device=dev)
+    start = torch.zeros(batch, dtype=torch.int32, device=dev)
+    with _dry(model):
+        model.forward(ids, start, torch.ones(batch, dtype=torch.int32, device=dev), cache, cache.max_context)
+
+
+def prefill(model, ids: torch.Tensor, lens: list[int], chunk: int, cache, chunk_context) -> None:
+    """Compile the kernels of ``model.prefill`` over these prompts (the call that follows)."""
+    if not wanted(model):
+        return
+    with _dry(model):
+        model.prefill(ids, lens, chunk, cache, chunk_context)

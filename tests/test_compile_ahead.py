@@ -1,0 +1,172 @@
+"""Compile ahead (kernels/ahead.py, engine/ahead.py): a dry pass's Triton launches compile in a pool
+of threads, deduplicated, and launch nothing; untimed calls take cached or shipped tuning picks; the
+weights' dry mode hands out slot 0 without streaming. Triton's launch is replaced by a recorder here
+(no GPU); the GPU test runs the engine's dry passes for real and compares tokens."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from triton.runtime.jit import JITFunction
+
+from engine import ahead as engine_ahead
+from engine.footprint import min_budget
+from engine.generate import generate
+from engine.sampling import SamplingParams
+from kernels import tuning_cache
+from kernels.ahead import compile_only, launch_key
+from kernels.tuning import tuning_suspended
+from tests.helpers import make_engine, make_hf_model, random_prompts
+
+
+def _body(x_ptr, n, BLOCK):  # never compiled here: only its JITFunction wrapper is used
+    pass
+
+
+class Recorder:
+    """Stands in for JITFunction.run: records (thread, warmup, args, kwargs); raises on ``fail``."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[int, bool, tuple, dict]] = []
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def __call__(self, fn, *args, grid, warmup, **kwargs):
+        with self.lock:
+            self.calls.append((threading.get_ident(), warmup, args, kwargs))
+        if self.fail:
+            raise RuntimeError("out of resources")
+        return "kernel"
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = Recorder()
+    monkeypatch.setattr(JITFunction, "run", rec)
+    return rec
+
+
+def test_launches_compile_once_per_specialisation_and_run_nothing(recorder):
+    kernel = JITFunction(_body)
+    buf = torch.zeros(64)
+    with compile_only(workers=2) as stats:
+        assert tuning_suspended()
+        assert kernel[(1,)](buf, 32, BLOCK=16) is None  # nothing launched, nothing returned
+        for _ in range(5):
+            kernel[(4,)](buf, 64, BLOCK=16)  # same key: tensor dtype / alignment, int divisible by 16
+        kernel[(1,)](buf[1:], 32, BLOCK=16)  # misaligned pointer: another specialisation
+        kernel[(1,)](buf, 17, BLOCK=16)  # not divisible by 16
+        kernel[(1,)](buf, 1, BLOCK=16)  # == 1
+        kernel[(1,)](buf, 32, BLOCK=32)  # another constexpr
+        kernel[(1,)](buf.half(), 32, BLOCK=16)  # another dtype
+    assert not tuning_suspended()
+    assert JITFunction.run is recorder  # restored
+    assert (stats.launches, stats.compiles, stats.failures) == (11, 6, [])
+    me = threading.get_ident()
+    assert len(recorder.calls) == 6 and all(warm and tid != me for tid, warm, _, _ in recorder.calls)
+
+
+def test_other_threads_and_explicit_warmups_pass_through(recorder):
+    kernel = JITFunction(_body)
+    buf = torch.zeros(8)
+    with compile_only(workers=1) as stats:
+        t = threading.Thread(target=lambda: kernel[(1,)](buf, 8, BLOCK=16))
+        t.start()
+        t.join()
+        assert kernel.run(buf, 8, BLOCK=16, grid=(1,), warmup=True) == "kernel"
+    assert stats.launches == 0
+    assert [w for _, w, _, _ in recorder.calls] == [False, True]  # launched as asked, not intercepted
+    kernel[(1,)](buf, 8, BLOCK=16)  # after the block: a normal launch
+    assert recorder.calls[-1][1] is False and recorder.calls[-1][0] == threading.get_ident()
+
+
+def test_failed_compiles_are_reported_not_raised(monkeypatch):
+    monkeypatch.setattr(JITFunction, "run", Recorder(fail=True))
+    with compile_only(workers=2) as stats:
+        JITFunction(_body)[(1,)](torch.zeros(4), 4, BLOCK=16)
+    assert stats.compiles == 1 and len(stats.failures) == 1 and "out of resources" in stats.failures[0]
+
+
+def test_launch_key_separates_what_triton_specialises():
+    fn = JITFunction(_body)
+    a = torch.zeros(32)
+    assert launch_key(fn, (a, 48), {"BLOCK": 16}) == launch_key(fn, (torch.zeros(8), 16), {"BLOCK": 16})
+    assert launch_key(fn, (a, 48), {"BLOCK": 16}) != launch_key(fn, (a, 1 << 40), {"BLOCK": 16})  # int64
+    assert launch_key(fn, (a, 48), {"BLOCK": 16}) != launch_key(JITFunction(_body), (a, 48), {"BLOCK": 16})
+
+
+def test_untimed_pick_takes_a_stored_pick_else_the_default(monkeypatch):
+    choices = [(1, 2), (3, 4), (5, 6)]
+    stored = {("k", '["key"]'): [3, 4]}
+    monkeypatch.setattr(tuning_cache, "lookup", lambda dev, kernel, key: stored.get((kernel, tuning_cache._key_str(key))))
+    dev = torch.device("cpu")
+    assert tuning_cache.untimed_pick(dev, "k", ("key",), choices, "default", list) == (3, 4)
+    assert tuning_cache.untimed_pick(dev, "k", ("other",), choices, "default", list) == "default"
+    assert tuning_cache.untimed_pick(dev, "k", ("key",), choices[:1], "default", list) == "default"  # nothing to pick
+    stored[("k", '["key"]')] = [9, 9]  # stale: matches no candidate
+    assert tuning_cache.untimed_pick(dev, "k", ("key",), choices, "default", list) == "default"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    _, d = make_hf_model("qwen2", tmp_path_factory.mktemp("ahead"), tokenizer_dir=tokenizer_dir)
+    return d
+
+
+def test_dry_weights_hand_out_slot_zero_without_streaming(model_dir):
+    probe = make_engine(model_dir)
+    low = min_budget(probe.cfg, torch.float32, batch=1, max_context=64, prefill_chunk=4)
+    probe.close()
+    eng = make_engine(model_dir, vram_budget=low, prefill_chunk=4)
+    try:
+        w, stream = eng.weights, eng.weights.stream
+        streamed = [i for i in range(eng.cfg.num_hidden_layers) if i not in w.resident]
+        assert streamed, "the budget must stream layers"
+        before = (stream.consumed, stream.streamed_bytes)
+        w.dry = True
+        views = w.layer(streamed[-1])
+        assert all(v.data_ptr() == s.data_ptr() for v, s in zip(views.values(), w.slot_layer(0).values()))
+        w.release(streamed[-1])
+        list(w.lm_head_parts())
+        w.dry = False
+        assert (stream.consumed, stream.streamed_bytes) == before  # nothing acquired, nothing crossed
+        prompts = random_prompts([9], eng.cfg.vocab_size, seed=3)
+        got = generate(eng, prompts, SamplingParams(temperature=0.0), max_new_tokens=6).token_ids
+    finally:
+        eng.close()
+    ref_eng = make_engine(model_dir)
+    try:
+        ref = generate(ref_eng, prompts, SamplingParams(temperature=0.0), max_new_tokens=6).token_ids
+    finally:
+        ref_eng.close()
+    assert got == ref
+
+
+def test_not_wanted_on_the_cpu(model_dir):
+    eng = make_engine(model_dir)
+    try:
+        assert not engine_ahead.wanted(eng.model)  # the CPU: nothing to compile
+    finally:
+        eng.close()
+
+
+@pytest.mark.cuda
+def test_gpu_dry_passes_compile_and_keep_the_tokens(model_dir, monkeypatch):
+    """On a GPU: the dry decode and prefill passes compile (no failure), and the tokens equal a run
+    without them."""
+    monkeypatch.setattr(tuning_cache, "has_entries", lambda device: True)
+    prompts = random_prompts([37, 5], 100, seed=4)
+    runs = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("LAYERSTREAM_COMPILE_AHEAD", mode)
+        eng = make_engine(model_dir, device="cuda", kernels="triton", batch=2, prefill_chunk=16)
+        try:
+            assert engine_ahead.wanted(eng.model) == (mode == "1")
+            runs[mode] = generate(eng, prompts, SamplingParams(temperature=0.0), max_new_tokens=8).token_ids
+            assert eng.prefill_shapes == {(8, 37, 5)}
+        finally:
+            eng.close()
+    assert runs["0"] == runs["1"]
