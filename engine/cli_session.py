@@ -42,7 +42,8 @@ def options_from_args(args: argparse.Namespace, n_prompts: int = 1) -> EngineOpt
                          prefill_chunk_auto=args.prefill_chunk is None, threads=threads or EngineOptions.threads,
                          quantize=getattr(args, "quantize", None), quant_group=getattr(args, "quant_group", 128),
                          quant_cache=getattr(args, "quant_cache", False),
-                         host_compute=getattr(args, "host_compute", "off"))
+                         host_compute=getattr(args, "host_compute", "off"),
+                         prefill_states=getattr(args, "prefill_states", "auto"))
 
 
 def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: bool) -> str | None:

@@ -142,7 +142,7 @@ def _plan_only(args, notes: list[str]) -> tuple[dict, PlanInputs, int | None, in
     kwargs = dict(vram_budget=_size(args, "vram_budget"), host_budget=host_budget, batch=args.batch,
                   max_context=args.max_context, prefill_chunk=args.prefill_chunk or 2048,
                   auto_chunk=args.prefill_chunk is None, device_free=free,
-                  h2d_gbps=h2d[0], h2d_source=h2d[1], disk_gbps=args.disk_gbps)
+                  h2d_gbps=h2d[0], h2d_source=h2d[1], disk_gbps=args.disk_gbps, prefill_states=args.prefill_states)
     inputs = PlanInputs(cfg, tensor_bytes, dtype, kwargs, quant)
     return _model_info(cfg, source, file_dtype, tensor_bytes), inputs, free, total
 

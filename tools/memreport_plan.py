@@ -34,7 +34,8 @@ class PlanInputs:
         """The same inputs with the budgets and the prefill chunk ``plan`` resolved (so what-ifs neither re-read
         free memory nor RAM, nor lower the chunk on their own)."""
         kw = {**self.kwargs, "vram_budget": plan.budget_bytes, "host_budget": plan.host_budget_bytes,
-              "device_free": None, "prefill_chunk": plan.prefill_chunk, "auto_chunk": False}
+              "device_free": None, "prefill_chunk": plan.prefill_chunk, "auto_chunk": False,
+              "prefill_states": plan.prefill_state_place}
         return PlanInputs(self.cfg, self.tensor_bytes, self.dtype, kw, self.quant)
 
 
@@ -114,7 +115,8 @@ def what_if(inputs: PlanInputs, plan: Plan, device_free: int | None = None) -> d
     out: dict = {"free_in_budget_bytes": free, "layer_bytes": plan.layer_bytes,
                  "minimum_budget_bytes": min_budget(cfg, inputs.dtype, quant=inputs.quant, batch=plan.batch,
                                                     max_context=plan.max_context,
-                                                    prefill_chunk=plan.prefill_chunk),
+                                                    prefill_chunk=plan.prefill_chunk,
+                                                    host_states=plan.prefill_state_place == "host"),
                  "lines": []}
     lines = out["lines"]
     units = _units(plan)
