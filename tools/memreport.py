@@ -221,8 +221,9 @@ def build_report(args) -> tuple[dict, dict[str, list[dict]]]:
     host = _host_planned(plan, rows, None)
     if part["host_measured"]:
         host.update(part["host_measured"], measured=True)
-        if host["host_copies_bytes"] != plan.host_pinned_bytes:
-            notes.append(f"the plan counts {format_size(plan.host_pinned_bytes)} pinned host memory; the weight "
+        weights = plan.host_pinned_bytes - plan.prefill_state_host_bytes  # less the prefill's prompt states
+        if host["host_copies_bytes"] != weights:
+            notes.append(f"the plan counts {format_size(weights)} pinned host memory for weights; the weight "
                          f"manager holds {format_size(host['host_copies_bytes'])} of streamed-weight copies (a "
                          "host-tier embedding is looked up in the mapped checkpoint, not pinned)")
     else:

@@ -50,7 +50,9 @@ def plan_categories(plan: Plan, cfg: ModelConfig) -> dict[str, int]:
     rope = 2 * plan.max_context * (cfg.head_dim // 2) * 4
     act = plan.workspace_bytes - plan.prefill_state_bytes - logits - rope - ALLOCATOR_ALLOWANCE
     if act >= 0:
-        cats.update({"activations": act, "prompt states (layer-major)": plan.prefill_state_bytes, "logits": logits,
+        states = "prompt states (layer-major)" if plan.prefill_state_place == "vram" else \
+            "prompt states in flight (the rest in host memory)"
+        cats.update({"activations": act, states: plan.prefill_state_bytes, "logits": logits,
                      "rope tables": rope, "allocator allowance": ALLOCATOR_ALLOWANCE})
     else:  # the planner's workspace formula changed: show it whole
         cats["activations/workspace"] = plan.workspace_bytes
