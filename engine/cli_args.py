@@ -138,6 +138,10 @@ def add_engine_args(p: CliParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prompt tokens per prefill pass (smaller needs less activation memory; default 2048, "
                         "lowered to fit --vram-budget)")
+    p.add_argument("--prefill-states", default="auto", choices=["auto", "vram", "host"],
+                   help="where a long prompt's hidden states wait between layers in the layer-major prefill: vram, "
+                        "or pinned host memory (copied in and out per chunk beside the compute); auto = host when "
+                        "in VRAM they would cost resident layers or prefill chunk size (--show-plan says why)")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="round the layers' linear weights to nearest at load (a bf16/fp16 checkpoint); "
                         "quantized checkpoints (AWQ, GPTQ, compressed-tensors) are detected without it")

@@ -10,7 +10,7 @@ from memory.units import format_size
 
 # planner notes that explain a default rather than ask for anything; shown with --show-plan and -v only
 _INFO_NOTES = ("no VRAM budget and no device memory figure", "host budget:", "step time is an HBM estimate",
-               "host lane", "GGUF:")
+               "host lane", "GGUF:", "prompt states")
 EMPTY_REPLY = "(empty reply: the model's first token was end-of-sequence)"
 
 
@@ -40,6 +40,7 @@ def plan_summary(engine, full: bool = False) -> str:
                      f"{host}); on the CPU streaming only saves RAM, it does not speed anything up")
         return notes + head
     host = f", {len(p.host_layers)} computed on the CPU" if p.host_layers else ""
+    host += ", prompt states in host memory" if p.prefill_state_place == "host" else ""
     return notes + (f"plan: {len(p.resident_layers)}/{n} layers resident{host}, "
                     f"{format_size(p.streamed_bytes_per_step)} streamed per step, predicted "
                     f"{p.predicted_step_s * 1e3:.1f} ms/step = {p.predicted_tok_s:.2f} tok/s "

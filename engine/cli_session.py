@@ -42,7 +42,8 @@ def options_from_args(args: argparse.Namespace, n_prompts: int = 1) -> EngineOpt
                          prefill_chunk_auto=args.prefill_chunk is None, threads=threads or EngineOptions.threads,
                          quantize=getattr(args, "quantize", None), quant_group=getattr(args, "quant_group", 128),
                          quant_cache=getattr(args, "quant_cache", False),
-                         host_compute=getattr(args, "host_compute", "off"))
+                         host_compute=getattr(args, "host_compute", "off"),
+                         prefill_states=getattr(args, "prefill_states", "auto"))
 
 
 def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: bool) -> str | None:
@@ -58,7 +59,8 @@ def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: 
         fp32 = PlanBytes.of(plan_model(files.cfg, {n: i.nbytes for n, i in files.ckpt.tensors.items()},
                                        torch.float32, quant, vram_budget=opts.vram_budget, host_budget=opts.host_budget,
                                        batch=opts.batch, max_context=opts.max_context,
-                                       prefill_chunk=opts.prefill_chunk, auto_chunk=opts.prefill_chunk_auto))
+                                       prefill_chunk=opts.prefill_chunk, auto_chunk=opts.prefill_chunk_auto,
+                                       prefill_states=opts.prefill_states))
         file_dtype = "bfloat16" if files.ckpt.dtype == torch.bfloat16 else "float16"
         note = cpu_dtype_note(fp32, machine, file_dtype, host_budget_given)
     except ValueError as e:  # the budget cannot even hold an fp32 layer pair

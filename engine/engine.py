@@ -59,6 +59,7 @@ class EngineOptions:
     quant_group: int = 128  # --quantize group size (-1: one scale per output row)
     quant_cache: bool = False  # keep repacked / rounded layers in a cache file (engine.quant.cache)
     host_compute: str | int = "off"  # auto | off | N: decode steps compute host layers on the CPU (memory.host_lane)
+    prefill_states: str = "auto"  # auto | vram | host: where a layer-major prefill's prompt states wait (planner)
 
 
 def pick_device(name: str) -> torch.device:
@@ -157,6 +158,7 @@ class Engine:
                                f"{time.perf_counter() - start:.1f} s")
             log.info(self.quant_note)
         self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
+        self.model.host_states = self.plan.prefill_state_place == "host"
         self.cache = KVCache(self.cfg, opts.batch, opts.max_context, self.dtype, self.device)
         if self.plan.host_layers:
             self.model.host = HostLane(self.cfg, self.weights, self.cache, opts.max_context)
@@ -181,7 +183,7 @@ class Engine:
                           prefill_chunk=self.opts.prefill_chunk, auto_chunk=self.opts.prefill_chunk_auto,
                           device_free=free, h2d_gbps=gbps,
                           h2d_source=source, outside_bytes=outside.bytes, host_compute=mode, host_gbps=host_gbps,
-                          host_source=host_source)
+                          host_source=host_source, prefill_states=self.opts.prefill_states)
         note = getattr(self.ckpt, "plan_note", None)  # GGUF: which tensors stay packed, which are widened
         if note is not None:
             plan = replace(plan, notes=(*plan.notes, note(self.quant.label if self.quant else None)))

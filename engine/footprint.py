@@ -84,7 +84,8 @@ def plan_model(cfg: ModelConfig, tensor_bytes: dict[str, int] | None, dtype: tor
 
 
 def min_budget(cfg: ModelConfig, dtype: torch.dtype, *, batch: int = 1, max_context: int = 4096,
-               prefill_chunk: int = 2048, quant: LayerQuant | None = None) -> int:
-    """``memory.planner.minimum_budget`` for this model in compute ``dtype``."""
+               prefill_chunk: int = 2048, quant: LayerQuant | None = None, host_states: bool = False) -> int:
+    """``memory.planner.minimum_budget`` for this model in compute ``dtype`` (``host_states``: with the
+    prefill's prompt states in host memory)."""
     return minimum_budget(footprint(cfg, dtype, None, quant), batch=batch, max_context=max_context,
-                          prefill_chunk=prefill_chunk)
+                          prefill_chunk=prefill_chunk, host_states=host_states)

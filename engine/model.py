@@ -17,6 +17,7 @@ import torch
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.ops import TorchOps
+from engine.prefill_states import DeviceStates, HostStates
 from kernels.rope import rope_tables
 
 
@@ -64,6 +65,8 @@ class Model:
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
         self.scale = cfg.head_dim ** -0.5
         self.host = None  # engine.host_lane.HostLane: decode steps compute its layers on the CPU
+        self.host_states = False  # a prefill keeps the prompt states in host memory between layers (the plan's)
+        self.state_host_bytes = 0  # prompt-state bytes copied between host and device so far (both ways)
 
     def forward(self, ids: torch.Tensor, start_pos: torch.Tensor, q_lens: torch.Tensor, cache: KVCache,
                 max_len: int, last_only: bool = True) -> torch.Tensor:
@@ -98,8 +101,9 @@ class Model:
         """Prompts ids [B, T] (right-padded; row b has ``lens[b]`` tokens) layer-major: each layer's
         weights are fetched once and every ``chunk``-token slice of the prompts runs through them
         before the next layer, so a streamed layer crosses PCIe once per prompt, not once per chunk.
-        The hidden states of the whole prompt wait between layers. Returns fp32 logits [B, V] of each
-        row's last token. ``chunk_context(rows)`` wraps each slice's work (the ops' prompt_chunk)."""
+        The hidden states of the whole prompt wait between layers, on the device or, with ``host_states``,
+        in host memory (``engine.prefill_states``). Returns fp32 logits [B, V] of each row's last token.
+        ``chunk_context(rows)`` wraps each slice's work (the ops' prompt_chunk)."""
         b, t = ids.shape
         bounds = [(c0, min(t, c0 + chunk)) for c0 in range(0, t, chunk)]
         groups = [Group(ids[:, c0:c1], torch.full((b,), c0, dtype=torch.int32, device=self.device),
@@ -112,32 +116,37 @@ class Model:
         if host is not None:
             self.weights.host_decode(False)  # a prefill streams the host layers too
             after = lambda i: host.absorb(i, tuple(c[:b] for c in cache.layer(i)), t)  # noqa: E731
-        return self.forward_groups(groups, cache, pick, chunk_context, after)
+        return self.forward_groups(groups, cache, pick, chunk_context, after, self.host_states)
 
     def forward_groups(self, groups: list[Group], cache: KVCache, pick: list[tuple[int, int, int]],
-                       chunk_context=None, after_layer=None) -> torch.Tensor:
+                       chunk_context=None, after_layer=None, host_states: bool = False) -> torch.Tensor:
         """Run several groups of sequences through one pass over the layers: each layer's weights are
         fetched once and every group (in order) runs through them, each on its own rows of the KV cache
         and with its own token count, so prompt slices and single decode tokens share a pass without
         padding one to the other. Returns fp32 logits [len(pick), V] of the tokens ``pick`` names as
-        (group, row in the group, token index). ``after_layer(i)`` runs after layer i's groups."""
+        (group, row in the group, token index). ``after_layer(i)`` runs after layer i's groups.
+        ``host_states``: the groups' states wait in host memory between layers (``engine.prefill_states``)."""
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
-        hs = [self.weights.embed(g.ids, self.ops.embedding) for g in groups]
-        res: list[torch.Tensor | None] = [None] * len(groups)
-        for i in range(self.cfg.num_hidden_layers):
+        n = self.cfg.num_hidden_layers
+        embed = lambda k: self.weights.embed(groups[k].ids, self.ops.embedding)  # noqa: E731
+        states = (HostStates(len(groups), embed, n, pick, self.device) if host_states
+                  else DeviceStates(len(groups), embed))
+        for i in range(n):
             w = self.weights.layer(i)
             k_cache, v_cache = cache.layer(i)
             for k, g in enumerate(groups):
                 b, t = g.ids.shape
                 kv = (k_cache[g.row0:g.row0 + b], v_cache[g.row0:g.row0 + b])
+                h, res = states.get(k)
                 with ctx(b * t):
-                    hs[k], res[k] = self.layer(w, hs[k], res[k], positions[k], kv, g.start_pos, g.q_lens, g.max_len)
+                    h, res = self.layer(w, h, res, positions[k], kv, g.start_pos, g.q_lens, g.max_len)
+                states.put(k, h, res)
             self.weights.release(i)
             if after_layer is not None:
                 after_layer(i)
-        h = torch.stack([hs[g][r, j] for g, r, j in pick])
-        residual = torch.stack([res[g][r, j] for g, r, j in pick])
+        self.state_host_bytes += states.moved_bytes
+        h, residual = states.pick(pick)
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
         return self._logits(x)
 

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
         if args.host_compute != "off":
             raise ValueError("--host-compute applies to layerstream runs, not to the server (its paged KV cache "
                              "has no host lane): leave it off")
+        if args.prefill_states != "auto":
+            raise ValueError("--prefill-states applies to layerstream runs, not to the server (it prefills a slice "
+                             "of each prompt per step, whose states never wait between passes): leave it out")
         _check_address(args.host, args.port)
         opts = options_from_args(args)
         from engine.engine import open_model

@@ -62,16 +62,27 @@ class Footprint:
         """The KV cache of ``batch`` sequences of ``max_context`` positions."""
         return self.kv_bytes_per_token * batch * max_context
 
-    def prefill_state_bytes(self, batch: int, max_context: int, prefill_chunk: int) -> int:
-        """The hidden states of the longest prompts beyond the chunk being computed: a layer-major
-        prefill keeps every chunk's states on the device while a layer's weights serve them all."""
-        return max(0, batch * (max_context - 1) - max(prefill_chunk, batch)) * self.state_bytes_per_token
+    def prefill_state_bytes(self, batch: int, max_context: int, prefill_chunk: int, on_host: bool = False) -> int:
+        """The VRAM that holds prompt states besides the chunk being computed in a layer-major prefill.
+        In VRAM: the hidden states of the longest prompts beyond that chunk wait there while a layer's
+        weights serve them all. ``on_host`` (they wait in pinned host memory): only two chunks' states are
+        on the device besides it, one being copied in and one being copied out (never more than in VRAM)."""
+        in_vram = max(0, batch * (max_context - 1) - max(prefill_chunk, batch)) * self.state_bytes_per_token
+        if not on_host:
+            return in_vram
+        return min(in_vram, 2 * max(prefill_chunk, batch) * self.state_bytes_per_token)
 
-    def workspace_bytes(self, batch: int, max_context: int, prefill_chunk: int) -> int:
+    def prefill_state_host_bytes(self, batch: int, max_context: int) -> int:
+        """Host memory for the prompt states of ``batch`` prompts of up to ``max_context`` tokens, when a
+        layer-major prefill keeps them there between layers."""
+        return batch * max_context * self.state_bytes_per_token
+
+    def workspace_bytes(self, batch: int, max_context: int, prefill_chunk: int, on_host: bool = False) -> int:
         """Activations of one prefill chunk of ``prefill_chunk`` tokens (a decode step is ``batch``
-        tokens), the other chunks' prompt states, logits of ``batch`` sequences, rope tables for
-        ``max_context`` and allocator slack."""
+        tokens), the prompt states in VRAM (``prefill_state_bytes``), logits of ``batch`` sequences, rope
+        tables for ``max_context`` and allocator slack."""
         tokens = max(prefill_chunk, batch)
-        return (tokens * self.act_bytes_per_token + self.prefill_state_bytes(batch, max_context, prefill_chunk)
+        return (tokens * self.act_bytes_per_token
+                + self.prefill_state_bytes(batch, max_context, prefill_chunk, on_host)
                 + batch * self.logits_bytes_per_seq + max_context * self.rope_bytes_per_position
                 + ALLOCATOR_ALLOWANCE)

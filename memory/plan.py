@@ -80,7 +80,7 @@ class Plan:
     staging_bytes: int
     kv_cache_bytes: int
     workspace_bytes: int
-    prefill_state_bytes: int  # part of workspace_bytes: other chunks' prompt states (layer-major prefill)
+    prefill_state_bytes: int  # part of workspace_bytes: other chunks' prompt states in VRAM (layer-major prefill)
     total_bytes: int  # resident_weight + staging + kv_cache + workspace
     budget_bytes: int  # the VRAM budget actually planned for (after clamping)
     outside_bytes: int  # the process's GPU memory outside torch's allocator (CUDA context, kernels)
@@ -99,6 +99,8 @@ class Plan:
     prefill_chunk: int
     notes: tuple[str, ...]
     host_lane: HostLane | None = None  # None: --host-compute off (every non-resident layer streams)
+    prefill_state_place: Literal["vram", "host"] = "vram"  # where the prompt states wait between layers
+    prefill_state_host_bytes: int = 0  # host memory holding them (host placement; part of host_pinned_bytes)
 
     @property
     def host_layers(self) -> tuple[int, ...]:
@@ -140,6 +142,15 @@ class Plan:
         """What torch's caching allocator may hold: the budget less the memory outside it."""
         return self.budget_bytes - self.outside_bytes
 
+    def _states_line(self) -> str:
+        head = (f"prompt states    : {format_size(self.prefill_state_bytes)} (layer-major prefill: each layer is "
+                f"brought in once and serves every chunk; the hidden states of up to {self.batch} x "
+                f"{self.max_context - 1} prompt tokens wait ")
+        if self.prefill_state_place == "vram":
+            return head + "in VRAM between layers)"
+        return head + (f"in pinned host memory between layers, {format_size(self.prefill_state_host_bytes)}; "
+                       "on the GPU only two chunks' states, copied in and out on the copy stream)")
+
     def summary_lines(self) -> list[str]:
         """The summary part of :meth:`table`: byte accounting, prediction and notes."""
         pct = 100.0 * (self.total_bytes + self.outside_bytes) / self.budget_bytes if self.budget_bytes else 0.0
@@ -158,9 +169,7 @@ class Plan:
             f"(batch {self.batch}, context {self.max_context}, {self.dtype})",
             f"workspace        : {format_size(self.workspace_bytes)} (one {self.prefill_chunk}-token prefill chunk's "
             "activations, the prompt states below, logits, rope tables, allocator slack)",
-            f"prompt states    : {format_size(self.prefill_state_bytes)} (layer-major prefill: each layer is brought "
-            f"in once and serves every chunk; the other chunks' hidden states of up to {self.batch} x "
-            f"{self.max_context - 1} prompt tokens wait in VRAM between layers)",
+            self._states_line(),
             *([f"CUDA context and kernels: {format_size(self.outside_bytes)} (outside torch's allocator)"]
               if self.outside_bytes else []),
             f"total VRAM       : {format_size(self.total_bytes + self.outside_bytes)} of "

@@ -22,6 +22,9 @@ costs, built by ``engine.footprint``). Rules (all sizes as the kernels read them
 * Streamed modules are pinned in execution order within the host budget; the first that
   does not fit and everything after it are read from the memory-mapped checkpoint ("disk"):
   the last streamed layers go to disk first.
+* A layer-major prefill's prompt states wait between layers in VRAM, or in pinned host memory when in
+  VRAM they would cost resident layers or prefill chunk size (``memory.prefill_states``); the chunk is
+  halved to fit only when the user did not choose it.
 * With ``host_compute`` other than ``off``, some pinned streamed layers are computed on the CPU in
   a decode step (placement ``host``; a prefill still streams them): see ``memory.host_lane``.
 """
@@ -36,17 +39,17 @@ from dataclasses import dataclass
 from memory.budgets import check_workload, resolve_budget, resolve_host_budget
 from memory.footprint import Footprint
 from memory.host_lane import HostCompute, LaneInputs, host_lane
-from memory.placement import Residency, Tiers, assign_tiers, choose_residency, module_plans
+from memory.placement import Residency, Tiers, module_plans
 from memory.plan import HostLane, ModulePlan, Plan
+from memory.prefill_states import MIN_AUTO_CHUNK, Fit, StateInputs, place_states
 from memory.sizes import Sizes, all_resident_bytes, minimum_bytes, sizes
 from memory.units import format_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["make_plan", "minimum_budget", "Plan", "ModulePlan", "HBM_GBPS"]
+__all__ = ["make_plan", "minimum_budget", "Plan", "ModulePlan", "HBM_GBPS", "MIN_AUTO_CHUNK"]
 
 HBM_GBPS = 2500.0  # decode-step estimate when nothing streams: weights / 2.5 TB/s
-MIN_AUTO_CHUNK = 64  # the smallest prefill chunk the planner picks by itself (tokens)
 
 
 @dataclass(frozen=True)
@@ -63,22 +66,13 @@ class _Workload:
     host_source: str = ""
 
 
-def _smaller_chunk(fp: Footprint, batch: int, max_context: int, chunk: int, budget: int) -> int | None:
-    """The largest of chunk/2, chunk/4, ... (not below ``MIN_AUTO_CHUNK`` tokens or the batch) whose plan
-    fits ``budget``: one chunk's activations shrink with it, the other chunks' prompt states grow a little."""
-    c = chunk // 2
-    while c >= max(MIN_AUTO_CHUNK, batch):
-        if minimum_bytes(sizes(fp, batch, max_context, c)) <= budget:
-            return c
-        c //= 2
-    return None
-
-
-def minimum_budget(fp: Footprint, *, batch: int = 1, max_context: int = 4096, prefill_chunk: int = 2048) -> int:
+def minimum_budget(fp: Footprint, *, batch: int = 1, max_context: int = 4096, prefill_chunk: int = 2048,
+                   host_states: bool = False) -> int:
     """The smallest VRAM budget that can run: KV + workspace + norm + two staging slots
-    (or the whole model resident, if that is smaller)."""
+    (or the whole model resident, if that is smaller); ``host_states``: with the prefill's prompt states
+    in host memory (what ``prefill_states="auto"`` falls back to below the in-VRAM figure)."""
     check_workload(batch, max_context, prefill_chunk)
-    return minimum_bytes(sizes(fp, batch, max_context, prefill_chunk))
+    return minimum_bytes(sizes(fp, batch, max_context, prefill_chunk, host_states))
 
 
 def _predict(s: Sizes, streamed: int, disk: int, w: _Workload, notes: list[str],
@@ -119,7 +113,7 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
               h2d_gbps: float = 25.0, h2d_source: str = "given", disk_gbps: float | None = None,
               hbm_gbps: float = HBM_GBPS, outside_bytes: int = 0, auto_chunk: bool = False,
               host_compute: HostCompute = "off", host_gbps: float | None = None,
-              host_source: str = "given") -> Plan:
+              host_source: str = "given", prefill_states: str = "auto") -> Plan:
     """Plan residency and streaming for a model's footprint (see the module docstring for the rules).
 
     ``vram_budget`` None uses ``device_free`` (or, with neither, plans everything resident); a
@@ -130,8 +124,11 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
     budget below :func:`minimum_budget` halves the prefill chunk until the plan fits (not below
     ``MIN_AUTO_CHUNK`` tokens), with a note. ``host_compute`` (``auto``, ``off`` or a number of
     layers) with ``host_gbps`` (the host's GEMV GB/s at this batch) picks layers a decode step
-    computes on the CPU (``memory.host_lane``); ``off`` plans as if there were no host lane. Raises
-    ValueError when the budget is below the minimum or more host layers are forced than can be.
+    computes on the CPU (``memory.host_lane``); ``off`` plans as if there were no host lane.
+    ``prefill_states`` (``auto``, ``vram`` or ``host``) places the layer-major prefill's prompt states
+    (``memory.prefill_states``; ``auto`` moves them to host memory when VRAM would cost resident layers or
+    chunk size). Raises ValueError when the budget is below the minimum or more host layers are forced than
+    can be.
     """
     check_workload(batch, max_context, prefill_chunk)
     if not h2d_gbps > 0:
@@ -142,16 +139,12 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
     s = sizes(fp, batch, max_context, prefill_chunk)
     budget = resolve_budget(vram_budget, device_free, all_resident_bytes(s), notes)
     outside = outside_bytes if budget == vram_budget else 0
-    if auto_chunk and budget - outside < minimum_bytes(s):
-        chunk = _smaller_chunk(fp, batch, max_context, prefill_chunk, budget - outside)
-        if chunk is not None:
-            notes.append(f"prefill chunk {chunk} tokens, not {prefill_chunk}: at {prefill_chunk} one chunk's "
-                         f"activations next to the prompt's other chunks ({format_size(s.state)}) need "
-                         f"{format_size(minimum_bytes(s) + outside)}, over the budget (--prefill-chunk sets it)")
-            prefill_chunk, s = chunk, sizes(fp, batch, max_context, chunk)
-    w = _Workload(batch, max_context, prefill_chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps,
-                  host_compute, host_gbps, host_source)
-    if budget - outside < (minimum := minimum_bytes(s)):
+    host = resolve_host_budget(host_budget, notes)
+    x = StateInputs(fp, batch, max_context, prefill_chunk, auto_chunk, host)
+    f = place_states(x, budget - outside, outside, prefill_states, notes)
+    if f is None:
+        s = sizes(fp, batch, max_context, prefill_chunk, prefill_states != "vram")
+        minimum = minimum_bytes(s)
         what = "VRAM budget" if budget == vram_budget else "the GPU's free memory"
         context = f" + {format_size(outside)} for the CUDA context and kernels" if outside else ""
         raise ValueError(
@@ -159,19 +152,19 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
             f"batch {batch}, context {max_context}: KV cache {format_size(s.kv)} + workspace "
             f"{format_size(s.workspace)} + 2 staging slots of {format_size(s.layer)}{context}. Raise --vram-budget to "
             f"at least {format_size(minimum + outside)}, or lower --max-context or --batch (or --prefill-chunk).")
+    w = _Workload(batch, max_context, f.chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps,
+                  host_compute, host_gbps, host_source)
     if max_context > fp.max_positions:
         notes.append(f"max_context {max_context} exceeds the model's max_position_embeddings "
                      f"{fp.max_positions}: quality beyond it is not guaranteed")
-    r = choose_residency(s, budget - outside)
-    host = resolve_host_budget(host_budget, notes)
-    plan = _assemble(fp, s, r, assign_tiers(s, r, host), w, (budget, outside), host, notes)
+    plan = _assemble(fp, f, w, (budget, outside), host, notes)
     for note in plan.notes:
         log.info("memory plan: %s", note)
     return plan
 
 
-def _assemble(fp: Footprint, s: Sizes, r: Residency, t: Tiers, w: _Workload, budget: tuple[int, int], host: int,
-              notes: list[str]) -> Plan:
+def _assemble(fp: Footprint, f: Fit, w: _Workload, budget: tuple[int, int], host: int, notes: list[str]) -> Plan:
+    s, r, t = f.sizes, f.residency, f.tiers
     n, batch = s.n, w.batch
     chunks = 0 if r.lm_head_resident else math.ceil(fp.rows / (s.layer // s.row))
     streamed_layers = r.streamed
@@ -195,9 +188,10 @@ def _assemble(fp: Footprint, s: Sizes, r: Residency, t: Tiers, w: _Workload, bud
         disk_layers=t.disk_layers, embed_on_device=r.embed_on_device, lm_head_resident=r.lm_head_resident,
         lm_head_chunks=chunks, num_slots=r.num_slots, slot_bytes=s.layer if r.num_slots else 0,
         layer_bytes=s.layer, resident_weight_bytes=resident, staging_bytes=staging, kv_cache_bytes=s.kv,
-        workspace_bytes=s.workspace, prefill_state_bytes=s.state, total_bytes=resident + staging + s.kv + s.workspace,
+        workspace_bytes=s.workspace, prefill_state_bytes=s.state, prefill_state_place=f.place,
+        prefill_state_host_bytes=s.state_host, total_bytes=resident + staging + s.kv + s.workspace,
         budget_bytes=budget[0], outside_bytes=budget[1],
-        streamed_bytes_per_step=streamed, disk_bytes_per_step=disk, host_pinned_bytes=t.host_pinned,
+        streamed_bytes_per_step=streamed, disk_bytes_per_step=disk, host_pinned_bytes=t.host_pinned + s.state_host,
         host_budget_bytes=host, predicted_step_s=step, predicted_tok_s=batch / step, step_bound=bound,
         h2d_gbps=w.h2d_gbps, h2d_source=w.h2d_source, dtype=fp.dtype, batch=batch,
         max_context=w.max_context, prefill_chunk=w.prefill_chunk, notes=tuple(notes), host_lane=lane)

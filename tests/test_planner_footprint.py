@@ -36,7 +36,8 @@ def test_planner_over_plain_numbers_with_unequal_layers(tied):
     q = make_plan(fp, vram_budget=low, **{**kw, "host_budget": 0})
     assert q.disk_bytes_per_step == sum(sizes) // 2 + fp.only("lm_head").file_bytes
     with pytest.raises(ValueError, match="below the minimum"):
-        make_plan(fp, vram_budget=low - 1, **kw)
+        make_plan(fp, vram_budget=low - 1, prefill_states="vram", **kw)
+    assert make_plan(fp, vram_budget=low - 1, **kw).prefill_state_place == "host"  # auto: the states move out
 
 
 def test_long_prompt_states_are_planned():
@@ -78,7 +79,7 @@ def _chunky_footprint() -> Footprint:
 @pytest.mark.parametrize("batch", [1, 3])
 def test_an_unchosen_prefill_chunk_shrinks_to_fit_the_budget(batch):
     fp = _chunky_footprint()
-    kw = dict(host_budget=10**9, batch=batch, max_context=2048)
+    kw = dict(host_budget=10**9, batch=batch, max_context=2048, prefill_states="vram")  # host states: test_prefill_states
     need = {c: minimum_budget(fp, batch=batch, max_context=2048, prefill_chunk=c) for c in (1024, 512, 256, 128, 64)}
     assert need[1024] > need[512] > need[256] > need[128] > need[64]  # smaller chunks need less, states grow
     budget = need[256] + 5_000  # fits a 256-token chunk, not 512

@@ -30,7 +30,8 @@ def test_an_unset_prefill_chunk_shrinks_to_fit(capsys, tiny_qwen2_dir, chunk):
     model = ["--model", str(tiny_qwen2_dir)]
     rc, ref, err = _run(capsys, [*model, *BASE])
     assert rc == 0, err
-    budget = ["--vram-budget", f"{low[chunk]}B"]  # fits a `chunk`-token chunk, not one twice as long
+    # fits a `chunk`-token chunk, not one twice as long, with the prompt states in VRAM
+    budget = ["--vram-budget", f"{low[chunk]}B", "--prefill-states", "vram"]
     rc, obj, err = _run(capsys, [*model, *BASE, *budget])
     assert rc == 0, err
     plan = obj["plan"]
@@ -39,3 +40,9 @@ def test_an_unset_prefill_chunk_shrinks_to_fit(capsys, tiny_qwen2_dir, chunk):
     assert obj["token_ids"] == ref["token_ids"]
     rc, _, err = _run(capsys, [*model, *BASE, *budget, "--prefill-chunk", "2048"])
     assert rc == 2 and "below the minimum" in err and err.count("\n") == 1
+    # auto: in host memory the states leave room for more resident layers or a larger chunk
+    rc, auto, err = _run(capsys, [*model, *BASE, "--vram-budget", f"{low[chunk]}B"])
+    assert rc == 0, err
+    plan = auto["plan"]
+    assert plan["prefill_state_place"] == "host" and plan["prefill_chunk"] >= chunk
+    assert len(plan["resident_layers"]) >= len(obj["plan"]["resident_layers"]) and auto["token_ids"] == ref["token_ids"]

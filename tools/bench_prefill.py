@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default="6GiB,4GiB,full", help="comma list of VRAM budgets; 'full' = no limit")
     p.add_argument("--tokens", default="2048,8192,16384,32768", help="comma list of prompt lengths")
     p.add_argument("--chunk-major", action="store_true", help="also time the chunk-major order once per budget")
+    p.add_argument("--prefill-states", default="auto", choices=["auto", "vram", "host"],
+                   help="where the prompt states wait between layers (the planner's choice with auto)")
     p.add_argument("--out", default="bench/results/prefill.json")
     return p
 
@@ -57,8 +59,10 @@ def _chunk_major(engine: Engine, ids: list[int]) -> None:
                                  torch.tensor([c1 - c0], dtype=torch.int32, device=dev), engine.cache, max_len=c1)
 
 
-def run_budget(model: str, budget: int | None, lengths: list[int], chunk_major: bool, h2d: float) -> dict:
-    opts = EngineOptions(device="cuda", kernels="triton", vram_budget=budget, max_context=max(lengths) + 1)
+def run_budget(model: str, budget: int | None, lengths: list[int], chunk_major: bool, h2d: float,
+               states: str = "auto") -> dict:
+    opts = EngineOptions(device="cuda", kernels="triton", vram_budget=budget, max_context=max(lengths) + 1,
+                         prefill_states=states)
     engine = Engine(model, opts)
     plan, stream = engine.plan, engine.weights.stream
     gen = torch.Generator().manual_seed(0)
@@ -73,7 +77,8 @@ def run_budget(model: str, budget: int | None, lengths: list[int], chunk_major: 
               flush=True)
     res = {"budget_bytes": budget, "resident_layers": len(plan.resident_layers),
            "streamed_bytes_per_step": plan.streamed_bytes_per_step, "one_pass_s": plan.streamed_bytes_per_step / (h2d * 1e9),
-           "prefill_state_bytes": plan.prefill_state_bytes, "total_planned_bytes": plan.total_bytes, "rows": rows}
+           "prefill_state_bytes": plan.prefill_state_bytes, "prefill_state_place": plan.prefill_state_place,
+           "total_planned_bytes": plan.total_bytes, "rows": rows}
     if chunk_major and plan.streamed_layers:
         ids = torch.randint(0, min(engine.cfg.vocab_size, 1000), (lengths[1],), generator=gen).tolist()
         _chunk_major(engine, ids)
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for b in budgets:
         print(f"budget {format_size(b) if b else 'full'}:", flush=True)
-        results.append(run_budget(args.model, b, lengths, args.chunk_major, h2d))
+        results.append(run_budget(args.model, b, lengths, args.chunk_major, h2d, args.prefill_states))
     full = next((r for r in results if r["budget_bytes"] is None), None)
     for r in results:
         for row in r["rows"]:

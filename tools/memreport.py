@@ -142,7 +142,7 @@ def _plan_only(args, notes: list[str]) -> tuple[dict, PlanInputs, int | None, in
     kwargs = dict(vram_budget=_size(args, "vram_budget"), host_budget=host_budget, batch=args.batch,
                   max_context=args.max_context, prefill_chunk=args.prefill_chunk or 2048,
                   auto_chunk=args.prefill_chunk is None, device_free=free,
-                  h2d_gbps=h2d[0], h2d_source=h2d[1], disk_gbps=args.disk_gbps)
+                  h2d_gbps=h2d[0], h2d_source=h2d[1], disk_gbps=args.disk_gbps, prefill_states=args.prefill_states)
     inputs = PlanInputs(cfg, tensor_bytes, dtype, kwargs, quant)
     return _model_info(cfg, source, file_dtype, tensor_bytes), inputs, free, total
 
@@ -221,8 +221,9 @@ def build_report(args) -> tuple[dict, dict[str, list[dict]]]:
     host = _host_planned(plan, rows, None)
     if part["host_measured"]:
         host.update(part["host_measured"], measured=True)
-        if host["host_copies_bytes"] != plan.host_pinned_bytes:
-            notes.append(f"the plan counts {format_size(plan.host_pinned_bytes)} pinned host memory; the weight "
+        weights = plan.host_pinned_bytes - plan.prefill_state_host_bytes  # less the prefill's prompt states
+        if host["host_copies_bytes"] != weights:
+            notes.append(f"the plan counts {format_size(weights)} pinned host memory for weights; the weight "
                          f"manager holds {format_size(host['host_copies_bytes'])} of streamed-weight copies (a "
                          "host-tier embedding is looked up in the mapped checkpoint, not pinned)")
     else:

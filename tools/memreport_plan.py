@@ -34,7 +34,8 @@ class PlanInputs:
         """The same inputs with the budgets and the prefill chunk ``plan`` resolved (so what-ifs neither re-read
         free memory nor RAM, nor lower the chunk on their own)."""
         kw = {**self.kwargs, "vram_budget": plan.budget_bytes, "host_budget": plan.host_budget_bytes,
-              "device_free": None, "prefill_chunk": plan.prefill_chunk, "auto_chunk": False}
+              "device_free": None, "prefill_chunk": plan.prefill_chunk, "auto_chunk": False,
+              "prefill_states": plan.prefill_state_place}
         return PlanInputs(self.cfg, self.tensor_bytes, self.dtype, kw, self.quant)
 
 
@@ -49,7 +50,9 @@ def plan_categories(plan: Plan, cfg: ModelConfig) -> dict[str, int]:
     rope = 2 * plan.max_context * (cfg.head_dim // 2) * 4
     act = plan.workspace_bytes - plan.prefill_state_bytes - logits - rope - ALLOCATOR_ALLOWANCE
     if act >= 0:
-        cats.update({"activations": act, "prompt states (layer-major)": plan.prefill_state_bytes, "logits": logits,
+        states = "prompt states (layer-major)" if plan.prefill_state_place == "vram" else \
+            "prompt states in flight (the rest in host memory)"
+        cats.update({"activations": act, states: plan.prefill_state_bytes, "logits": logits,
                      "rope tables": rope, "allocator allowance": ALLOCATOR_ALLOWANCE})
     else:  # the planner's workspace formula changed: show it whole
         cats["activations/workspace"] = plan.workspace_bytes
@@ -114,7 +117,8 @@ def what_if(inputs: PlanInputs, plan: Plan, device_free: int | None = None) -> d
     out: dict = {"free_in_budget_bytes": free, "layer_bytes": plan.layer_bytes,
                  "minimum_budget_bytes": min_budget(cfg, inputs.dtype, quant=inputs.quant, batch=plan.batch,
                                                     max_context=plan.max_context,
-                                                    prefill_chunk=plan.prefill_chunk),
+                                                    prefill_chunk=plan.prefill_chunk,
+                                                    host_states=plan.prefill_state_place == "host"),
                  "lines": []}
     lines = out["lines"]
     units = _units(plan)
