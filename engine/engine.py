@@ -194,7 +194,9 @@ class Engine:
         return host_gemv_rate(self.opts.batch, self.dtype)
 
     def close(self) -> None:
-        """Release the weight sources (file maps, disk readers) and the allocator cap."""
+        """Stop the host lane's worker; release the weight sources (file maps, disk readers) and the allocator cap."""
+        if getattr(self, "model", None) is not None and self.model.host is not None:
+            self.model.host.close()
         self.weights.close()
         if self.cap is not None:
             self.cap.release()
