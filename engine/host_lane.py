@@ -83,7 +83,8 @@ class Crossing:
             for dst, src in pairs:
                 if src is not None:
                     dst.copy_(src, non_blocking=True)
-                    src.record_stream(self.stream)  # not reused by the compute stream before this copy ran
+                    if src.is_cuda:  # not reused by the compute stream before this copy ran
+                        src.record_stream(self.stream)
             done = torch.cuda.Event()
             done.record(self.stream)
         return self.h[:b], self.res[:b] if residual is not None else None, self.start[:b], self.q_lens[:b], done

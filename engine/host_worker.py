@@ -160,3 +160,13 @@ class HostWorker:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
+
+
+def run_pinned(pick: CorePick, fn: Callable, *args):
+    """``fn(*args)`` on a short-lived worker set up per ``pick`` (e.g. to measure the host's GEMV rate
+    with the threads and cores the host lane will have); its result, or its exception raised here."""
+    worker = HostWorker(pick, name="host-lane-probe")
+    try:
+        return worker.submit(fn, *args).result()
+    finally:
+        worker.close()

@@ -19,7 +19,8 @@ import torch
 from engine.footprint import min_budget
 from engine.generate import generate
 from engine.host_lane import HostOps
-from engine.host_worker import CorePick, HostWorker, cpu_ranges, cpu_topology, pick_cores, reserved_cores
+from engine.host_worker import (CorePick, HostWorker, cpu_ranges, cpu_topology, pick_cores, reserved_cores,
+                                run_pinned)
 from engine.run import main
 from engine.sampling import SamplingParams
 from tests.helpers import make_engine, make_hf_model, random_prompts
@@ -83,6 +84,16 @@ def test_worker_runs_in_order_on_its_thread_pinned():
     assert not worker.alive
     with pytest.raises(RuntimeError, match="closed"):
         worker.submit(job, 6)
+
+
+def test_run_pinned_measures_with_the_workers_threads():
+    before = len([t for t in threading.enumerate() if t.name == "host-lane-probe"])
+    pick = CorePick((), 1, 1, 1)
+    assert run_pinned(pick, lambda a: (a, torch.get_num_threads(), threading.current_thread().name), 7) == \
+        (7, 1, "host-lane-probe")
+    with pytest.raises(ValueError, match="bad"):
+        run_pinned(pick, lambda: (_ for _ in ()).throw(ValueError("bad")))
+    assert len([t for t in threading.enumerate() if t.name == "host-lane-probe"]) == before
 
 
 @pytest.fixture(scope="module")

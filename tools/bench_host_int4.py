@@ -6,8 +6,8 @@ For each shape (N, K) and batch it times, on random AWQ-style int4 weights (asym
 ``F.linear``), ``int4``, ``engine.host_int4.int4_linear`` (torch's int4 kernel), and for
 scale ``dense``, ``F.linear`` on the weight already dequantized to the activation dtype (what an
 unquantized layer of the same shape costs: 4x the bytes in bf16). It prints the median
-milliseconds of each and the packed weight's GB/s of the two int4 paths. The first call of each
-path is a warm-up.
+and best milliseconds of each, and the packed weight's GB/s of the two int4 paths at the median.
+The first call of each path is a warm-up.
 
     python -m tools.bench_host_int4 --shapes 4608x3584,3584x18944 --batches 1,4 --group 128
 """
@@ -35,14 +35,15 @@ def random_int4(n: int, k: int, group: int, seed: int = 0) -> QuantWeight:
     return QuantWeight(pack_codes(codes, 4), scales, zeros, None, QuantSpec(4, group, False, "awq"), k)
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _times_ms(fn, repeats: int) -> tuple[float, float]:
+    """(median, best) milliseconds of ``repeats`` calls after a warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return statistics.median(times) * 1e3, min(times) * 1e3
 
 
 def _pairs(text: str, sep: str) -> list[tuple[int, ...]]:
@@ -76,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for b in args.batches:
             x = torch.randn(b, k).to(dtype)
-            old = _median_ms(lambda: F.linear(x, dequantize(w).to(dtype)), args.repeats)
-            new = _median_ms(lambda: int4_linear(x, c), args.repeats)
+            old = _times_ms(lambda: F.linear(x, dequantize(w).to(dtype)), args.repeats)
+            new = _times_ms(lambda: int4_linear(x, c), args.repeats)
             dense_w = dequantize(w).to(dtype)
-            dense = _median_ms(lambda: F.linear(x, dense_w), args.repeats)
+            dense = _times_ms(lambda: F.linear(x, dense_w), args.repeats)
             gb = w.nbytes / 1e9
-            print(f"N={n} K={k} batch {b}: dequant {old:8.2f} ms ({gb / old * 1e3:6.2f} GB/s)  "
-                  f"int4 {new:7.2f} ms ({gb / new * 1e3:6.2f} GB/s)  {old / new:5.1f}x faster  "
-                  f"(dense {args.dtype} {dense:7.2f} ms)")
+            print(f"N={n} K={k} batch {b}: dequant {old[0]:.2f} ms (best {old[1]:.2f}, {gb / old[0] * 1e3:.2f} GB/s)"
+                  f"  int4 {new[0]:.2f} ms (best {new[1]:.2f}, {gb / new[0] * 1e3:.2f} GB/s)  "
+                  f"{old[0] / new[0]:.1f}x faster  dense {args.dtype} {dense[0]:.2f} ms (best {dense[1]:.2f})")
     return 0
 
 
