@@ -13,13 +13,15 @@ once, when the lane is set up, from the canonical form (``engine.quant.spec``):
 
 The kernel wants N % 16 == 0 and a group G' of 32, 64, 128 or 256; a group size that is a
 multiple of one of those (per-channel scales too) is expressed at that G' by repeating its scale
-and zero. The kernel computes in the activations' dtype and wants ``scales_and_zeros`` in it too, so
-they are converted for the host lane's compute dtype: exact in fp32 (fp16 and bf16 scales times a
-small integer); in bf16 the scale and the zero are rounded to bf16 once (at most 2**-9 relative
-each: a few hundredths of one quantization step, where the dequantizing path rounded every weight
-to bf16 instead). fp32 activations run the kernel's slow path (measured 5x slower than bf16 at
-batch 1 on a Sapphire Rapids core), so real runs use bf16. Anything else (int8, other shapes)
-returns None and keeps the dequantizing path.
+and zero. The kernel computes in the activations' dtype and wants ``scales_and_zeros`` in it too.
+Measured on a 2-vCPU Xeon with AMX (``tools.bench_host_int4 --dtype``, K=3584 N=4608, batch 1),
+its bf16 path was at least 5x faster than its fp32 and its fp16 ones in every run, so fp16 and bf16 host
+lanes run it in bf16 (:func:`kernel_dtype`: the few KB of activations are cast, the result is cast
+back) and fp32 lanes in fp32. In fp32 the scales and zeros above are exact (fp16 or bf16 scales
+times a small integer); in bf16 the scale and the zero are rounded to bf16 once (at most 2**-9
+relative each: a few hundredths of one quantization step, where the dequantizing path rounded
+every weight to the compute dtype instead). Anything else (int8, other shapes) returns None and
+keeps the dequantizing path.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class CpuInt4Weight:
 def kernel_group(group: int) -> int | None:
     """The kernel group size that ``group`` (a multiple of it) is expressed at, or None."""
     return next((g for g in KERNEL_GROUPS if group % g == 0), None)
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU int4 kernel runs in for a host lane computing in ``dtype`` (module docstring)."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
 def to_cpu_int4(w: QuantWeight, dtype: torch.dtype) -> CpuInt4Weight | None:
@@ -97,12 +104,12 @@ def int4_linear(x: torch.Tensor, w: CpuInt4Weight, bias: torch.Tensor | None = N
 
 
 def convert_layer(views: dict[str, object], dtype: torch.dtype) -> tuple[dict[str, object], int]:
-    """A host layer's tensors with every int4 weight the kernel takes converted for ``dtype``
-    activations (the rest as given), and the host bytes the converted copies hold."""
+    """A host layer's tensors with every int4 weight the kernel takes converted for a lane computing in
+    ``dtype`` (the rest as given), and the host bytes the converted copies hold."""
     out, extra = dict(views), 0
     for name, t in views.items():
         if isinstance(t, QuantWeight):
-            c = to_cpu_int4(t, dtype)
+            c = to_cpu_int4(t, kernel_dtype(dtype))
             if c is not None:
                 out[name], extra = c, extra + c.nbytes
     return out, extra

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from engine.footprint import min_budget
 from engine.generate import generate
-from engine.host_int4 import int4_linear, kernel_group, to_cpu_int4
+from engine.host_int4 import convert_layer, int4_linear, kernel_group, to_cpu_int4
 from engine.quant.spec import QuantSpec, QuantWeight, dequantize, pack_codes
 from engine.sampling import SamplingParams
 from engine.synth.writer import synthesize
@@ -85,6 +85,21 @@ def test_bf16_activations_stay_within_bf16_rounding(form):
     got = int4_linear(x, c)
     assert got.dtype == torch.bfloat16
     assert rel_max_err(got, want) <= 2e-2 and rel_max_err(old, want) <= 2e-2
+
+
+@pytest.mark.parametrize("dtype,kernel", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.float16, torch.bfloat16)])
+def test_a_host_layer_converts_its_int4_weights_for_the_lanes_dtype(dtype, kernel):
+    w = _weight(64, 256, 64, "zeros", seed=9)
+    views = {"mlp.down_proj.weight": w, "input_layernorm.weight": torch.ones(256, dtype=dtype)}
+    out, extra = convert_layer(views, dtype)
+    c = out["mlp.down_proj.weight"]
+    assert out["input_layernorm.weight"] is views["input_layernorm.weight"]
+    assert c.scales_and_zeros.dtype == kernel and extra == c.nbytes
+    x = torch.randn((1, 256), generator=torch.Generator().manual_seed(3)).to(dtype)
+    got = int4_linear(x, c)
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    assert got.dtype == dtype and rel_max_err(got, F.linear(x.float(), dequantize(w))) <= tol
 
 
 @pytest.mark.parametrize("n,k,group,bits", [(40, 64, 32, 4), (16, 64, 16, 4), (16, 96, 48, 4), (32, 64, 32, 8)])

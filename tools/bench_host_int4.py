@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of NxK weight shapes (out x in features)")
     p.add_argument("--batches", default="1,4", type=lambda t: [b for (b,) in _pairs(t, "x")])
     p.add_argument("--group", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="activations, and the dtype the int4 kernel runs in (the host lane picks bf16 for fp16)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
