@@ -128,8 +128,10 @@ class HostWorker:
         return fut
 
     def _run(self) -> None:
-        self._setup()
-        self._started.set()
+        try:
+            self._setup()
+        finally:  # the constructor waits for this, even if the setup failed (the thread then ends)
+            self._started.set()
         with torch.no_grad():
             while (item := self._jobs.get()) is not None:
                 fut, fn, args = item
