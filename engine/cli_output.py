@@ -28,7 +28,8 @@ def plan_summary(engine, full: bool = False) -> str:
         if cpu:
             table = "\n".join("predicted        : none for a CPU run (the estimate models a GPU's copy engine)"
                               if line.startswith("predicted ") else line for line in table.splitlines())
-        return table
+        lane = getattr(getattr(engine, "model", None), "host", None)  # engine.host_lane: where it runs
+        return table + (f"\n{lane.describe()}" if lane is not None else "")
     quant = (engine.quant_note,) if getattr(engine, "quant_note", None) else ()  # how long repacking took
     notes = "".join(f"note: {n}\n" for n in (*actionable_notes(p.notes), *quant))
     n = engine.cfg.num_hidden_layers

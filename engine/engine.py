@@ -17,6 +17,7 @@ from engine.gguf.paths import is_gguf_path
 from engine import ahead
 from engine.graphs import try_capture
 from engine.host_lane import HostLane
+from engine.host_worker import machine_pick, run_pinned
 from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
 from engine.model import Model
@@ -191,15 +192,19 @@ class Engine:
 
     def _host_rate(self, mode) -> tuple[float | None, str]:
         """The host's GEMV GB/s at this batch and dtype (measured once, cached), when the host lane may be
-        used: on a GPU, with full-precision layers (the CPU has no kernels for packed ones here)."""
+        used: on a GPU, with full-precision layers (the rate is a dense GEMV's; packed layers go to the host
+        only with --host-compute N)."""
         if mode == "off" or self.device.type != "cuda" or self.quant is not None:
             why = "host compute off" if mode == "off" else (
                 "the compute device is the CPU" if self.device.type != "cuda" else "quantized layers")
             return None, f"not measured: {why}"
-        return host_gemv_rate(self.opts.batch, self.dtype)
+        # on the worker's cores with its thread count (a disk tier, which takes one more core, is not known yet)
+        return run_pinned(machine_pick(disk_tier=False), host_gemv_rate, self.opts.batch, self.dtype)
 
     def close(self) -> None:
-        """Release the weight sources (file maps, disk readers) and the allocator cap."""
+        """Stop the host lane's worker; release the weight sources (file maps, disk readers) and the allocator cap."""
+        if getattr(self, "model", None) is not None and self.model.host is not None:
+            self.model.host.close()
         self.weights.close()
         if self.cap is not None:
             self.cap.release()

@@ -64,7 +64,7 @@ class DecodeGraph:
         torch.cuda.synchronize(dev)
 
     def _schedule(self) -> list[tuple[str, object]]:
-        """[("fixed", [callables]) | ("streamed", layer) | ("host", layer)] in execution order."""
+        """[("fixed", [callables]) | ("streamed", layer) | ("host", consecutive layers)] in execution order."""
         steps, fixed, run = [], [self._start], []
         host = self.model.host.layers if self.model.host is not None else ()
         for i in range(self.model.cfg.num_hidden_layers):
@@ -76,7 +76,10 @@ class DecodeGraph:
                 run = []
             if fixed:  # nothing to capture between two streamed layers
                 steps.append(("fixed", fixed))
-            steps.append(("host" if i in host else "streamed", i))
+            if i in host and steps and steps[-1][0] == "host" and steps[-1][1][-1] == i - 1:
+                steps[-1] = ("host", (*steps[-1][1], i))  # a run of host layers: one trip to the host
+            else:
+                steps.append(("host", (i,)) if i in host else ("streamed", i))
             fixed = []
         if run:
             fixed.append(self._layers_fn(tuple(run)))
@@ -125,8 +128,8 @@ class DecodeGraph:
             self.h.copy_(h)
         return run
 
-    def _host_layer(self, i: int) -> None:
-        h, res = self.model.host.run(i, self.h, None if i == 0 else self.res, self.start, self.q_lens)
+    def _host_layers(self, layers: tuple[int, ...]) -> None:
+        h, res = self.model.host.run(layers, self.h, None if layers[0] == 0 else self.res, self.start, self.q_lens)
         self.res.copy_(res)
         self.h.copy_(h)
 
@@ -147,7 +150,7 @@ class DecodeGraph:
                 what.replay()
                 continue
             if kind == "host":
-                self._host_layer(what)
+                self._host_layers(what)
                 continue
             i, per_slot = what
             w = self.weights.layer(i)

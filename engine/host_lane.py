@@ -3,16 +3,22 @@
 The planner (``memory.host_lane``) marks some pinned streamed layers ``host``: a prefill (any pass
 of more than one token per row) streams them like any other layer, while a decode step computes
 them with torch on the CPU from the same pinned host copy the streamer fills its slots from.
-The hidden state and residual cross to the host before such a layer and back after it; its
-keys and values live in a KV cache in host memory. The device KV of a host layer is written by
-the passes that stream it (the prefill) and copied to the host cache after each of them
-(:meth:`HostLane.absorb`), so a decode step finds the prompt's keys there. Attention reads that
-cache in place (:class:`HostOps`: grouped query heads, no per-head copy of the keys).
+The hidden state and residual cross to the host before such a layer (or run of consecutive host
+layers) and back after it; its keys and values live in a KV cache in host memory. The device KV
+of a host layer is written by the passes that stream it (the prefill) and copied to the host
+cache after each of them (:meth:`HostLane.absorb`), so a decode step finds the prompt's keys
+there. Attention reads that cache in place (:class:`HostOps`: grouped query heads, no per-head
+copy of the keys); int4 weights run on torch's CPU int4 kernel (``engine.host_int4``).
 
-This implementation is synchronous: the compute stream is drained by the copy to the host, the
-CPU computes, the result is copied back. The streamer's copies were issued before (a streamed
-layer's release issues the next copy), so the copy engine keeps filling free slots while the CPU
-works.
+The host layers run on one worker thread (``engine.host_worker``: pinned to the physical cores
+the streamer's threads leave free, with one torch thread per core). On CUDA the crossings are
+asynchronous copies between pinned buffers and the device on a stream of their own (not the
+streamer's copy stream: it is in order, and a hidden state queued there would wait behind the
+slot copies already issued): the crossing stream waits for the compute stream, copies the hidden
+state down and records an event; the worker waits for that event, computes, and writes its
+result to pinned buffers; the main thread copies it up on the crossing stream, and the compute
+stream waits for that copy. Neither GPU stream is ever synchronised with the host: the copy engine
+keeps filling the slots the streamer freed while the CPU works.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import time
 import torch
 
 from engine.config import ModelConfig
+from engine.host_int4 import CpuInt4Weight, convert_layer, int4_linear
+from engine.host_worker import CorePick, HostWorker, machine_pick
 from engine.model import Model
 from engine.ops import TorchOps
 
@@ -47,52 +55,141 @@ class HostOps(TorchOps):
         out = torch.matmul(probs, v).reshape(b, 1, hq, d)
         return out * (q_lens.view(b, 1, 1, 1) > 0).to(out.dtype)
 
+    def linear(self, x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, CpuInt4Weight):
+            return int4_linear(x, w, b)
+        return super().linear(x, w, b)
+
+
+class Crossing:
+    """The hidden state's trips between the device and the host lane (CUDA): pinned host buffers for
+    ``batch`` rows and a stream of their own (module docstring)."""
+
+    def __init__(self, device: torch.device, batch: int, hidden: int, dtype: torch.dtype) -> None:
+        self.device, self.stream = device, torch.cuda.Stream(device)
+
+        def pinned(shape, dt=dtype):
+            return torch.empty(shape, dtype=dt, pin_memory=True)
+        self.h, self.res, self.out_h, self.out_res = (pinned((batch, 1, hidden)) for _ in range(4))
+        self.start, self.q_lens = pinned((batch,), torch.int32), pinned((batch,), torch.int32)
+
+    def down(self, h: torch.Tensor, residual: torch.Tensor | None, start_pos: torch.Tensor, q_lens: torch.Tensor):
+        """Queue the copies of the step's state to the host after the compute stream's work so far;
+        returns the host views (filled once the returned event completes) and the event."""
+        b = h.shape[0]
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        pairs = [(self.h[:b], h), (self.res[:b], residual), (self.start[:b], start_pos), (self.q_lens[:b], q_lens)]
+        with torch.cuda.stream(self.stream):
+            for dst, src in pairs:
+                if src is not None:
+                    dst.copy_(src, non_blocking=True)
+                    if src.is_cuda:  # not reused by the compute stream before this copy ran
+                        src.record_stream(self.stream)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return self.h[:b], self.res[:b] if residual is not None else None, self.start[:b], self.q_lens[:b], done
+
+    def up(self, out: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy the worker's result (pinned views) to new device tensors; the compute stream waits for it."""
+        compute = torch.cuda.current_stream(self.device)
+        h_dev = torch.empty(out.shape, dtype=out.dtype, device=self.device)
+        r_dev = torch.empty_like(h_dev)
+        with torch.cuda.stream(self.stream):
+            h_dev.copy_(out, non_blocking=True)
+            r_dev.copy_(res, non_blocking=True)
+        compute.wait_stream(self.stream)
+        return h_dev, r_dev
+
+    def result(self, out: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(On the worker.) The result in the pinned output buffers, which ``up`` copies from. The
+        previous result's up-copy ran before this step's down-copy (one stream), which the worker
+        waited for, so it is safe to overwrite."""
+        b = out.shape[0]
+        self.out_h[:b].copy_(out)
+        self.out_res[:b].copy_(res)
+        return self.out_h[:b], self.out_res[:b]
+
 
 class HostLane:
-    """Host layers' weights (views of pinned host copies), their host KV cache and their forward."""
+    """Host layers' weights (views of pinned host copies), their host KV cache, the worker thread that
+    computes them and, on CUDA, the crossings of the hidden state."""
 
-    def __init__(self, cfg: ModelConfig, weights, cache, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, weights, cache, max_positions: int, pick: CorePick | None = None) -> None:
         """``weights``: ``engine.weights.ModelWeights`` whose plan has host layers; ``cache``: the
-        device KV cache (``engine.kv_cache.KVCache``) whose decode steps this lane serves."""
+        device KV cache (``engine.kv_cache.KVCache``) whose decode steps this lane serves; ``pick``:
+        the worker's cores (default: :func:`engine.host_worker.machine_pick`)."""
         self.cfg, self.weights, self.cache = cfg, weights, cache
         self.layers = tuple(weights.plan.host_layers)
         assert self.layers, "a host lane needs host layers in the plan"
         self.dtype = weights.dtype
         self.cpu = Model(cfg, weights, HostOps(), torch.device("cpu"), self.dtype, max_positions)
-        self.views = {i: weights.host_layer(i) for i in self.layers}
+        self.views, self.int4_bytes = {}, 0
+        for i in self.layers:  # int4 weights converted once for torch's CPU kernel (engine.host_int4)
+            self.views[i], extra = convert_layer(weights.host_layer(i), self.dtype)
+            self.int4_bytes += extra
         shape = (cache.batch, cfg.num_key_value_heads, cache.max_context, cfg.head_dim)
         self.kv = {i: (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
                    for i in self.layers}
         self.steps = 0  # decode steps that used the lane (counted at its first layer)
         self.seconds = 0.0  # wall time spent in host layers, crossings included (benchmarks: achieved GB/s)
         self.layer_bytes = weights.layout.nbytes  # what the CPU reads per host layer
+        device = cache.k.device
+        self.crossing = Crossing(device, cache.batch, cfg.hidden_size, self.dtype) if device.type == "cuda" else None
+        self.worker = HostWorker(pick or machine_pick(bool(weights.plan.disk_layers)))
+        log.info("%s", self.describe())
+
+    def describe(self) -> str:
+        """Where the host layers run (for ``--show-plan`` and the log)."""
+        int4 = (f"; int4 weights on torch's CPU int4 kernel ({self.int4_bytes / 2**20:.1f} MiB converted "
+                "copies beside the pinned ones)" if self.int4_bytes else "")
+        return self.worker.pick.describe() + int4
 
     def serves(self, cache, t: int) -> bool:
         """A pass over ``cache`` with ``t`` tokens per row computes the host layers here (decode steps)."""
         return t == 1 and cache is self.cache
 
-    def run(self, i: int, h: torch.Tensor, residual: torch.Tensor | None, start_pos: torch.Tensor,
-            q_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``i`` on the CPU: device hidden state [B, 1, H] (and residual) in, device out; attention
-        reads the host cache up to the longest row (its positions are on the host here anyway)."""
-        device, b = h.device, h.shape[0]
-        self.steps += i == self.layers[0]
+    def run_from(self, i: int) -> tuple[int, ...]:
+        """The run of consecutive host layers that starts at host layer ``i``."""
+        run = [i]
+        while run[-1] + 1 in self.layers:
+            run.append(run[-1] + 1)
+        return tuple(run)
+
+    def run(self, layers: tuple[int, ...], h: torch.Tensor, residual: torch.Tensor | None,
+            start_pos: torch.Tensor, q_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consecutive host ``layers`` on the worker: hidden state [B, 1, H] (and residual; None before
+        layer 0) in on the compute device, out on it; attention reads the host cache up to the longest row."""
+        assert layers and all(i in self.kv for i in layers), layers
+        self.steps += layers[0] == self.layers[0]
         stream = self.weights.stream
+        name = f"layer.{layers[0]}" if len(layers) == 1 else f"layers.{layers[0]}-{layers[-1]}"
         if stream.tracer:  # the third lane of the timeline: on the compute stream, which waits for it
-            stream.tracer.begin("host", f"layer.{i}", stream.sync.compute_stream())
+            stream.tracer.begin("host", name, stream.sync.compute_stream())
         t0 = time.perf_counter()
-        h_c = h.to("cpu", self.dtype)
-        r_c = residual.to("cpu", self.dtype) if residual is not None else None
-        start_c, q_c = start_pos.cpu(), q_lens.cpu()
-        max_len = int((start_c + q_c).max())
-        kv = tuple(c[:b] for c in self.kv[i])
-        out, res = self.cpu.layer(self.views[i], h_c, r_c, self.cpu.positions(start_c, h.shape[1]), kv, start_c,
-                                  q_c, max_len)
-        out, res = out.to(device, h.dtype), res.to(device, h.dtype)
+        if self.crossing is None:  # the compute device is the CPU: nothing crosses
+            out, res = self.worker.submit(self._compute, layers, h, residual, start_pos, q_lens, None).result()
+        else:
+            args = self.crossing.down(h, residual, start_pos, q_lens)
+            out, res = self.crossing.up(*self.worker.submit(self._compute, layers, *args).result())
         self.seconds += time.perf_counter() - t0
         if stream.tracer:
-            stream.tracer.end("host", f"layer.{i}", stream.sync.compute_stream())
+            stream.tracer.end("host", name, stream.sync.compute_stream())
         return out, res
+
+    def _compute(self, layers: tuple[int, ...], h: torch.Tensor, residual: torch.Tensor | None,
+                 start_pos: torch.Tensor, q_lens: torch.Tensor, ready) -> tuple[torch.Tensor, torch.Tensor]:
+        """(On the worker.) Wait for the crossing's event, run ``layers`` on the host tensors."""
+        if ready is not None:
+            with torch.cuda.device(self.crossing.device):
+                ready.synchronize()
+        b = h.shape[0]
+        h, residual = h.to(self.dtype), residual.to(self.dtype) if residual is not None else None
+        max_len = int((start_pos + q_lens).max())
+        positions = self.cpu.positions(start_pos, 1)
+        for i in layers:
+            kv = tuple(c[:b] for c in self.kv[i])
+            h, residual = self.cpu.layer(self.views[i], h, residual, positions, kv, start_pos, q_lens, max_len)
+        return self.crossing.result(h, residual) if self.crossing is not None else (h, residual)
 
     def absorb(self, i: int, kv: tuple[torch.Tensor, torch.Tensor], upto: int) -> None:
         """Copy positions ``[0, upto)`` of host layer ``i``'s device KV (rows [:B]) into the host cache,
@@ -102,3 +199,7 @@ class HostLane:
         b = kv[0].shape[0]
         for dst, src in zip(self.kv[i], kv):
             dst[:b, :, :upto].copy_(src[:, :, :upto])
+
+    def close(self) -> None:
+        """Stop the worker thread (idempotent)."""
+        self.worker.close()

@@ -86,8 +86,9 @@ class Model:
         residual = None
         for i in range(self.cfg.num_hidden_layers):
             kv = tuple(c[:b] for c in cache.layer(i))  # the first b rows: fewer prompts than cache.batch
-            if i in on_host:
-                h, residual = host.run(i, h, residual, start_pos, q_lens)
+            if i in on_host:  # the first layer of a run of host layers runs the whole run on the host
+                if i - 1 not in on_host:
+                    h, residual = host.run(host.run_from(i), h, residual, start_pos, q_lens)
                 continue
             w = self.weights.layer(i)
             h, residual = self.layer(w, h, residual, positions, kv, start_pos, q_lens, max_len)

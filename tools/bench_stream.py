@@ -82,7 +82,8 @@ def _host_fields(engine: Engine, step: float, steps: int, spans: list[dict], win
     if host is not None and host.seconds > 0:
         out.update(host_s_per_step=host.seconds / steps,
                    host_gbps_achieved=len(host.layers) * host.layer_bytes * steps / host.seconds / 1e9,
-                   host_busy_fraction=busy_fraction(spans, "host", window) if spans else None)
+                   host_busy_fraction=busy_fraction(spans, "host", window) if spans else None,
+                   host_worker=host.describe())  # the cores and torch threads the host layers ran on
     return out
 
 

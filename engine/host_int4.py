@@ -1,0 +1,115 @@
+"""int4 host layers on torch's CPU int4 kernel (``torch._weight_int4pack_mm_for_cpu``).
+
+The host lane (``engine.host_lane``) computes quantized layers on the CPU. Dequantizing an int4
+weight per call writes and re-reads a full-precision copy of it (8x the packed bytes in fp32),
+which is what a GEMV is bound by. Torch's CPU int4 kernel unpacks in registers instead; it wants
+its own packing of the codes (``torch._convert_weight_to_int4pack_for_cpu``, uint8 [N, K/2]: the
+same bytes as the canonical int32 [N, K/8]) and a ``scales_and_zeros`` tensor [K/G', N, 2] for
+the convention ``w = (code - 8) * scale + zero``. So a host layer's int4 weights are converted
+once, when the lane is set up, from the canonical form (``engine.quant.spec``):
+
+    (code - z) * s       = (code - 8) * s + (8 - z) * s     (zero points; symmetric: z = 8)
+    code * s + m         = (code - 8) * s + (8 * s + m)     (additive mins)
+
+The kernel wants N % 16 == 0 and a group G' of 32, 64, 128 or 256; a group size that is a
+multiple of one of those (per-channel scales too) is expressed at that G' by repeating its scale
+and zero. The kernel computes in the activations' dtype and wants ``scales_and_zeros`` in it too.
+Measured on a 2-vCPU Xeon with AMX (``tools.bench_host_int4 --dtype``, K=3584 N=4608, batch 1),
+its bf16 path was at least 5x faster than its fp32 and its fp16 ones in every run, so fp16 and bf16 host
+lanes run it in bf16 (:func:`kernel_dtype`: the few KB of activations are cast, the result is cast
+back) and fp32 lanes in fp32. In fp32 the scales and zeros above are exact (fp16 or bf16 scales
+times a small integer); in bf16 the scale and the zero are rounded to bf16 once (at most 2**-9
+relative each: a few hundredths of one quantization step, where the dequantizing path rounded
+every weight to the compute dtype instead). Anything else (int8, other shapes) returns None and
+keeps the dequantizing path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.quant.spec import QuantWeight, unpack_codes
+
+KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes the CPU kernel takes, largest first
+N_MULTIPLE = 16  # the CPU packing's block of output rows
+_INNER_K_TILES = 2  # an argument of the packing op; the CPU packing ignores it (same bytes for 1..8)
+
+
+@dataclass(frozen=True)
+class CpuInt4Weight:
+    """One int4 linear weight in torch's CPU int4 form (module docstring)."""
+
+    packed: torch.Tensor  # uint8 [N, K / 2], torch's CPU packing
+    scales_and_zeros: torch.Tensor  # [K / group, N, 2] in the activations' dtype
+    group: int  # the kernel's group size
+    perm: torch.Tensor | None  # int64 [K]: input columns in packed order (act-order), or None
+    shape: tuple[int, int]  # (N, K)
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes this form holds (packed codes, scales and zeros, perm)."""
+        extra = self.perm.numel() * self.perm.element_size() if self.perm is not None else 0
+        sz = self.scales_and_zeros
+        return self.packed.numel() + sz.numel() * sz.element_size() + extra
+
+
+def kernel_group(group: int) -> int | None:
+    """The kernel group size that ``group`` (a multiple of it) is expressed at, or None."""
+    return next((g for g in KERNEL_GROUPS if group % g == 0), None)
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU int4 kernel runs in for a host lane computing in ``dtype`` (module docstring)."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
+def to_cpu_int4(w: QuantWeight, dtype: torch.dtype) -> CpuInt4Weight | None:
+    """``w`` converted for torch's CPU int4 kernel with ``dtype`` activations, or None when the kernel
+    cannot take it (not int4, N not a multiple of 16, no kernel group size divides the weight's,
+    or no such kernel in torch)."""
+    n, k = w.shape
+    kg = kernel_group(w.group_size)
+    if (w.spec.bits != 4 or n % N_MULTIPLE or kg is None
+            or not hasattr(torch, "_convert_weight_to_int4pack_for_cpu")):
+        return None
+    codes = unpack_codes(w.qweight.cpu(), 4).to(torch.int32)  # [N, K], packed column order
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES)
+    s = w.scales.float().cpu()
+    if w.mins is not None:
+        zero = 8.0 * s + w.mins.float().cpu()
+    elif w.zeros is not None:
+        zero = (8.0 - w.zeros.float().cpu()) * s
+    else:
+        zero = torch.zeros_like(s)
+    rep = w.group_size // kg
+    pairs = torch.stack((s, zero), dim=-1).repeat_interleave(rep, dim=1)  # [N, K / kg, 2]
+    perm = w.perm.long().cpu() if w.perm is not None else None
+    return CpuInt4Weight(packed, pairs.transpose(0, 1).to(dtype).contiguous(), kg, perm, (n, k))
+
+
+def int4_linear(x: torch.Tensor, w: CpuInt4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ W.T (+ bias)`` with torch's CPU int4 kernel, in the dtype ``w`` was converted
+    for (x is cast to it when it differs); the result in x's dtype."""
+    n, k = w.shape
+    assert x.shape[-1] == k, (tuple(x.shape), w.shape)
+    x2 = x.reshape(-1, k).to(w.scales_and_zeros.dtype)
+    if w.perm is not None:
+        x2 = x2.index_select(1, w.perm)
+    y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), w.packed, w.group, w.scales_and_zeros)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def convert_layer(views: dict[str, object], dtype: torch.dtype) -> tuple[dict[str, object], int]:
+    """A host layer's tensors with every int4 weight the kernel takes converted for a lane computing in
+    ``dtype`` (the rest as given), and the host bytes the converted copies hold."""
+    out, extra = dict(views), 0
+    for name, t in views.items():
+        if isinstance(t, QuantWeight):
+            c = to_cpu_int4(t, kernel_dtype(dtype))
+            if c is not None:
+                out[name], extra = c, extra + c.nbytes
+    return out, extra
