@@ -8,7 +8,7 @@ which lets the streamer reuse the slot. The model owns no parameters.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,13 +45,15 @@ class WeightSource(Protocol):
 class Group:
     """Rows ``row0 .. row0 + B`` of the KV cache fed ids [B, T] (on the device) at positions
     ``start_pos[r] + j``; ``q_lens[r]`` of row r's tokens are real (the rest is right padding);
-    ``max_len`` is max(start_pos + q_lens), known on the host."""
+    ``max_len`` is max(start_pos + q_lens), known on the host. ``kv(i)``, when given, is the group's
+    layer-i keys and values in place of those rows of ``cache.layer(i)`` (a paged cache's own view)."""
 
     ids: torch.Tensor
     start_pos: torch.Tensor
     q_lens: torch.Tensor
     row0: int
     max_len: int
+    kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Model:
@@ -119,14 +121,15 @@ class Model:
             after = lambda i: host.absorb(i, tuple(c[:b] for c in cache.layer(i)), t)  # noqa: E731
         return self.forward_groups(groups, cache, pick, chunk_context, after, self.host_states)
 
-    def forward_groups(self, groups: list[Group], cache: KVCache, pick: list[tuple[int, int, int]],
+    def forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
                        chunk_context=None, after_layer=None, host_states: bool = False) -> torch.Tensor:
         """Run several groups of sequences through one pass over the layers: each layer's weights are
         fetched once and every group (in order) runs through them, each on its own rows of the KV cache
         and with its own token count, so prompt slices and single decode tokens share a pass without
         padding one to the other. Returns fp32 logits [len(pick), V] of the tokens ``pick`` names as
         (group, row in the group, token index). ``after_layer(i)`` runs after layer i's groups.
-        ``host_states``: the groups' states wait in host memory between layers (``engine.prefill_states``)."""
+        ``host_states``: the groups' states wait in host memory between layers (``engine.prefill_states``).
+        ``cache`` may be None when every group brings its own ``kv``."""
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
@@ -135,10 +138,14 @@ class Model:
                   else DeviceStates(len(groups), embed))
         for i in range(n):
             w = self.weights.layer(i)
-            k_cache, v_cache = cache.layer(i)
+            shared = None
             for k, g in enumerate(groups):
                 b, t = g.ids.shape
-                kv = (k_cache[g.row0:g.row0 + b], v_cache[g.row0:g.row0 + b])
+                if g.kv is not None:
+                    kv = g.kv(i)
+                else:
+                    shared = shared or cache.layer(i)
+                    kv = (shared[0][g.row0:g.row0 + b], shared[1][g.row0:g.row0 + b])
                 h, res = states.get(k)
                 with ctx(b * t):
                     h, res = self.layer(w, h, res, positions[k], kv, g.start_pos, g.q_lens, g.max_len)

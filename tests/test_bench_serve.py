@@ -37,3 +37,57 @@ def test_bad_flags_exit_2(capsys):
     assert main(["--clients", "1"]) == 2
     assert main(["--url", "http://x", "--prompt-tokens", "9:3"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_accelerate_peer_serves_the_one_client_requests(tiny_qwen2_dir, tmp_path, capsys):
+    """--peer-accelerate: transformers + accelerate serve the 1-client level's requests one by one, in the
+    same run and the same row shape, labelled peer."""
+    srv = Server(tiny_qwen2_dir, "--max-batch", "2", "--max-context", "128")
+    try:
+        out = tmp_path / "rows.json"
+        rc = main(["--url", srv.url, "--clients", "1", "--requests-per-client", "2", "--prompt-tokens", "4:12",
+                   "--max-tokens", "3:6", "--peer-accelerate", "1GiB", "--peer-model", str(tiny_qwen2_dir),
+                   "--peer-time-limit", "300", "--json", str(out)])
+    finally:
+        srv.stop()
+    assert rc == 0, capsys.readouterr()
+    served, peer = json.loads(out.read_text())
+    assert served["config"] == "server" and peer["config"] == "peer" and peer["engine"] == "transformers+accelerate"
+    assert peer["requests"] == peer["requests_total"] == peer["complete"] == 2 and not peer["stopped_by_time_limit"]
+    assert peer["tokens"] == served["tokens"]  # the same requests: the same drawn token counts
+    assert 0 < peer["ttft_p50_s"] <= peer["ttft_p99_s"] < peer["wall_s"] and 0 < peer["itl_p50_s"] <= peer["itl_p99_s"]
+    assert peer["tok_s"] == pytest.approx(peer["tokens"] / peer["wall_s"]) and peer["streamed_gb_s"] is None
+    assert "peer (one by one)" in capsys.readouterr().out
+
+
+def test_the_peer_stops_at_its_time_limit(tiny_qwen2_dir):
+    """Far more work than the limit allows: it stops by itself, mid-request, and reports what it finished."""
+    from tools.bench_serve_peer import run_peer
+
+    jobs = [([5, 6, 7, 8], 4000)] * 3
+    row = run_peer(str(tiny_qwen2_dir), None, jobs, time_limit=1.0)
+    assert row["stopped_by_time_limit"] and row["requests_total"] == 3
+    assert row["complete"] == 0 and 0 < row["tokens"] < 4000 and row["requests"] == 1
+    assert 1.0 <= row["wall_s"] < 10.0 and row["tok_s"] == pytest.approx(row["tokens"] / row["wall_s"])
+
+
+def test_all_resident_reruns_the_levels_without_the_budget(tiny_qwen2_dir, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    flags = f"--model {tiny_qwen2_dir} --device cpu --vram-budget 1GiB --max-batch 2 --max-context 64"
+    rc = main(["--serve", flags, "--all-resident", "--clients", "2", "--requests-per-client", "1",
+               "--prompt-tokens", "4:8", "--max-tokens", "3", "--json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    rows = json.loads(out.read_text())
+    assert [r["config"] for r in rows] == ["server", "resident"]
+    assert all(r["complete"] == r["requests"] == 2 and r["tokens"] == 6 for r in rows)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--serve", "--model m", "--all-resident"],  # nothing to drop
+    ["--url", "http://x", "--peer-accelerate", "6GiB"],  # no model directory for the peer
+    ["--url", "http://x", "--peer-accelerate", "6", "--peer-model", "."],  # no unit
+    ["--url", "http://x", "--peer-accelerate", "6GiB", "--peer-model", ".", "--peer-time-limit", "0"],
+])
+def test_bad_peer_flags_exit_2(capsys, argv):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: ")

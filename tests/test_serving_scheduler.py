@@ -224,14 +224,17 @@ def test_decode_steps_replay_the_graph(tiny_qwen2_dir, engines):
 
 @pytest.mark.slow
 def test_paged_decode_reads_blocks_in_place_with_triton_kernels(tiny_qwen2_dir):
-    """Triton kernels (interpreted on the CPU): decode steps skip the gather and use the block-table kernel."""
+    """Triton kernels (interpreted on the CPU): decode steps, and the decode group of mixed steps, skip the
+    gather and use the block-table kernel."""
     slots_eng = make_engine(tiny_qwen2_dir, batch=3, max_context=64, prefill_chunk=16, kernels="triton")
     paged_eng = make_engine(tiny_qwen2_dir, batch=3, max_context=64, prefill_chunk=16, kernels="triton")
-    prompts = random_prompts([20, 3, 9], slots_eng.cfg.vocab_size, seed=31)
+    prompts = random_prompts([3, 9, 20], slots_eng.cfg.vocab_size, seed=31)
     runs = []
     for sched in (Scheduler(slots_eng), Scheduler(paged_eng, kv_cache="paged", block_size=16)):
-        seqs = [Sequence(p, SamplingParams(max_tokens=5), sched.engine.tokenizer) for p in prompts]
-        run_all(sched, seqs, {2: 3})
+        seqs = [Sequence(p, SamplingParams(max_tokens=n), sched.engine.tokenizer) for p, n in zip(prompts, [2, 8, 5])]
+        # the third takes the first's slot 0 while the second decodes in slot 1: the decode group's
+        # row 0 reads no block in the mixed steps
+        run_all(sched, seqs, {2: 4})
         runs.append([s.output_ids for s in seqs])
     assert sched.runner.paged[0].direct_steps >= 4  # the decode steps of the paged run
     assert runs[0] == runs[1]
@@ -256,10 +259,40 @@ def test_an_arrival_never_stalls_the_decoding_sequences(engines, tiny_qwen2_dir,
         sched.step()
         passes += 1
         assert len(a.output_ids) == before + 1, f"pass {passes}: the decoding sequence stalled"
-    if kv == "slots":  # the prompt's slices ride beside the decode token: prefill_chunk - 1 tokens a pass
-        assert passes == -(-40 // (16 - 1))
-    else:  # the paged cache pads every row to the slice: t = prefill_chunk // rows
-        assert passes >= 40 // (16 // 2)
+    assert passes == -(-40 // (16 - 1))  # the prompt's slices ride beside the decode token: chunk - 1 a pass
+
+
+@pytest.mark.parametrize("kv", ["slots", "paged-4", "paged-3"])
+def test_a_mixed_step_computes_no_padding(engines, tiny_qwen2_dir, monkeypatch, kv):
+    """Two decoding rows next to a prompt slice: the positions each layer computes (the rows RoPE
+    rotates) are exactly the tokens fed, 2 + (prefill_chunk - 2), where a padded step computed
+    3 rows x (16 // 3) for 2 + 5 real tokens."""
+    single, multi = engines
+    sched = scheduler_for(kv, tiny_qwen2_dir, multi)
+    eng = sched.engine
+    prompts = random_prompts([3, 5, 30], single.cfg.vocab_size, seed=43)
+    seqs = [Sequence(p, SamplingParams(max_tokens=n), eng.tokenizer) for p, n in zip(prompts, [12, 12, 4])]
+    sched.add(seqs[0])
+    sched.add(seqs[1])
+    sched.step()  # both prompts in one grouped step
+    sched.add(seqs[2])
+    rotated: list[int] = []
+    rope = eng.model.ops.rope_
+
+    def counting(q, k, cos, sin, positions):
+        rotated.append(q.shape[0] * q.shape[1])
+        return rope(q, k, cos, sin, positions)
+
+    monkeypatch.setattr(eng.model.ops, "rope_", counting)
+    sched.step()
+    monkeypatch.undo()
+    layers = eng.cfg.num_hidden_layers
+    assert sched.stats.last_tokens == 16 and sum(rotated) == 16 * layers
+    assert sorted(set(rotated)) == [2, 14]  # the decode group [2, 1], the slice [1, 14]
+    while sched.has_work():
+        sched.step()
+    for p, s in zip(prompts, seqs):
+        assert s.output_ids == alone(single, p, len(s.output_ids))
 
 
 def test_unseeded_rows_share_one_draw_per_parameter_set(engines, tiny_qwen2_dir):

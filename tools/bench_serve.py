@@ -1,13 +1,19 @@
 """Load benchmark of the OpenAI-compatible server: concurrent streaming clients, latency and throughput.
 
-    python tools/bench_serve.py --url http://127.0.0.1:8000 --clients 1,4,16,32 \\
+    python -m tools.bench_serve --url http://127.0.0.1:8000 --clients 1,4,16,32 \\
         --prompt-tokens 128:2048 --max-tokens 128:256 --requests-per-client 2 --json out.json
+    python -m tools.bench_serve --serve "--model M --vram-budget 6GiB" --all-resident --peer-accelerate 6GiB
 
 Each client sends its requests one after another to /v1/completions with random token-id prompts
 (exact lengths; ``ignore_eos`` so every request generates its drawn number of tokens) and reads the
 stream. Per concurrency level: aggregate generated tok/s, time to first token (TTFT) p50/p99, the
 gap between streamed chunks (inter-token latency, ITL) p50/p99, and the server's streamed-weight
 GB/s (from /metrics). ``--serve "FLAGS"`` starts ``python -m engine.serve FLAGS`` on a free port first.
+
+In the same run, ``--all-resident`` repeats the levels on a server started without the flags'
+``--vram-budget`` (every layer resident), and ``--peer-accelerate BUDGET`` serves the 1-client level's
+requests one by one with transformers + accelerate offload at that budget (``tools.bench_serve_peer``,
+bounded by ``--peer-time-limit``). Rows are labelled ``config``: server, resident or peer.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import socket
 import statistics
 import subprocess
@@ -27,7 +34,10 @@ from http.client import HTTPConnection
 from pathlib import Path
 from urllib.parse import urlparse
 
+from memory.units import parse_size_arg
+
 ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 1000  # prompt ids below every tokenizer's size
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -73,14 +83,34 @@ def one_request(url: str, model: str, prompt: list[int], max_tokens: int) -> dic
     return {"t0": t0, "chunks": chunks, "tokens": usage["completion_tokens"] if usage else 0}
 
 
-def run_level(url: str, model: str, clients: int, per_client: int, prompt_range: tuple[int, int],
-              new_range: tuple[int, int], vocab: int, seed: int, shared: int = 0) -> dict:
-    """``clients`` threads, each sending ``per_client`` requests in turn; the level's summary.
-    Every prompt starts with the same ``shared`` tokens (a system prompt) before its own."""
+def make_jobs(clients: int, per_client: int, prompt_range: tuple[int, int], new_range: tuple[int, int],
+              vocab: int, seed: int, shared: int = 0) -> list[list[tuple[list[int], int]]]:
+    """Each client's (prompt ids, new tokens) in turn; every prompt starts with the same ``shared``
+    tokens (a system prompt) before its own."""
     rng = random.Random(seed)
     prefix = [rng.randrange(vocab) for _ in range(shared)]
-    jobs = [[(prefix + [rng.randrange(vocab) for _ in range(rng.randint(*prompt_range))], rng.randint(*new_range))
+    return [[(prefix + [rng.randrange(vocab) for _ in range(rng.randint(*prompt_range))], rng.randint(*new_range))
              for _ in range(per_client)] for _ in range(clients)]
+
+
+def summarize(results: list[dict], errors: list[str], wall: float, streamed: float | None) -> dict:
+    """A level's row from its requests' timestamps (``t0``, ``chunks``, ``tokens``, ``wanted``):
+    aggregate tok/s over ``wall``, TTFT and inter-token latency percentiles, streamed GB/s (None: not
+    measured)."""
+    ttft = [r["chunks"][0] - r["t0"] for r in results if r["chunks"]]
+    itl = [b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:])]
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "errors": len(errors), "wall_s": wall,
+            "tokens": tokens, "complete": sum(r["tokens"] == r["wanted"] for r in results),
+            "tok_s": tokens / wall if wall > 0 else 0.0, "ttft_p50_s": percentile(ttft, 50),
+            "ttft_p99_s": percentile(ttft, 99), "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+            "itl_mean_s": statistics.fmean(itl) if itl else 0.0,
+            "streamed_gb_s": None if streamed is None else streamed / wall / 1e9,
+            "first_error": errors[0] if errors else None}
+
+
+def run_level(url: str, model: str, jobs: list[list[tuple[list[int], int]]]) -> dict:
+    """One client thread per entry of ``jobs``, each sending its requests in turn; the level's summary."""
     results: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -106,22 +136,14 @@ def run_level(url: str, model: str, clients: int, per_client: int, prompt_range:
         t.join()
     wall = time.perf_counter() - t0
     streamed = metric(url, "layerstream_streamed_bytes_total") - streamed0
-    ttft = [r["chunks"][0] - r["t0"] for r in results if r["chunks"]]
-    itl = [b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:])]
-    tokens = sum(r["tokens"] for r in results)
-    return {"clients": clients, "requests": len(results), "errors": len(errors), "wall_s": wall,
-            "tokens": tokens, "complete": sum(r["tokens"] == r["wanted"] for r in results),
-            "tok_s": tokens / wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
-            "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
-            "itl_mean_s": statistics.fmean(itl) if itl else 0.0, "streamed_gb_s": streamed / wall / 1e9,
-            "first_error": errors[0] if errors else None}
+    return {"clients": len(jobs), **summarize(results, errors, wall, streamed)}
 
 
 def start_server(flags: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--port", str(port), *flags.split()],
+    proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--port", str(port), *shlex.split(flags)],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     while True:
@@ -143,8 +165,8 @@ def parse_range(text: str) -> tuple[int, int]:
     return a, b
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="a running server (else --serve)")
     p.add_argument("--serve", help="start `python -m engine.serve` with these flags (quoted)")
     p.add_argument("--clients", default="1,4,16,32", help="comma-separated concurrency levels")
@@ -154,39 +176,102 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared-prefix", type=int, default=0,
                    help="tokens every prompt starts with (a shared system prompt), before its own")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the levels here as a JSON list")
-    args = p.parse_args(argv)
-    try:
-        levels = [int(c) for c in args.clients.split(",")]
-        prompt_range, new_range = parse_range(args.prompt_tokens), parse_range(args.max_tokens)
-        if (args.url is None) == (args.serve is None) or min(levels) < 1 or args.requests_per_client < 1 \
-                or args.shared_prefix < 0:
-            raise ValueError("give exactly one of --url and --serve, clients >= 1, --requests-per-client >= 1, "
-                             "--shared-prefix >= 0")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    proc, url = start_server(args.serve) if args.serve else (None, args.url.rstrip("/"))
+    p.add_argument("--all-resident", action="store_true",
+                   help="with --serve: run the levels again on a server started without its --vram-budget")
+    p.add_argument("--peer-accelerate", metavar="BUDGET",
+                   help="then serve the 1-client level's requests one by one with transformers + accelerate "
+                        "offload at this GPU budget (e.g. 6GiB); a server started by --serve is stopped first")
+    p.add_argument("--peer-model", help="the model directory the peer loads (default: --model in --serve)")
+    p.add_argument("--peer-time-limit", type=float, default=600.0, metavar="SECONDS",
+                   help="the peer stops by itself after this long (default 600), mid-request if need be")
+    p.add_argument("--json", help="write the rows here as a JSON list")
+    return p
+
+
+def _flag(flags: list[str], name: str) -> tuple[str | None, list[str]]:
+    """(the value of ``name`` in ``flags`` or None, the flags without it)."""
+    for i, f in enumerate(flags):
+        if f == name and i + 1 < len(flags):
+            return flags[i + 1], flags[:i] + flags[i + 2:]
+        if f.startswith(name + "="):
+            return f.split("=", 1)[1], flags[:i] + flags[i + 1:]
+    return None, flags
+
+
+def check_args(args) -> None:
+    """ValueError naming what is wrong with the flags; fills in ``levels``, the ranges and the peer's."""
+    args.levels = [int(c) for c in args.clients.split(",")]
+    args.prompt_range, args.new_range = parse_range(args.prompt_tokens), parse_range(args.max_tokens)
+    if (args.url is None) == (args.serve is None) or min(args.levels) < 1 or args.requests_per_client < 1 \
+            or args.shared_prefix < 0:
+        raise ValueError("give exactly one of --url and --serve, clients >= 1, --requests-per-client >= 1, "
+                         "--shared-prefix >= 0")
+    serve_flags = shlex.split(args.serve or "")
+    if args.all_resident and _flag(serve_flags, "--vram-budget")[0] is None:
+        raise ValueError("--all-resident reruns the --serve flags without their --vram-budget: give --serve "
+                         "with a --vram-budget")
+    args.peer_budget = None
+    if args.peer_accelerate is not None:
+        args.peer_budget = parse_size_arg(args.peer_accelerate, "--peer-accelerate")
+        args.peer_model = args.peer_model or _flag(serve_flags, "--model")[0]
+        if args.peer_model is None or not Path(args.peer_model).is_dir():
+            raise ValueError(f"--peer-accelerate needs the model directory (--peer-model, or --model in --serve); "
+                             f"got {args.peer_model!r}")
+        if args.peer_time_limit <= 0:
+            raise ValueError("--peer-time-limit must be positive seconds")
+
+
+def _print_row(row: dict) -> None:
+    label = "peer (one by one)" if row["config"] == "peer" else f"{row['config']}, {row['clients']:2d} clients"
+    gbs = "-" if row["streamed_gb_s"] is None else f"{row['streamed_gb_s']:.2f}"
+    print(f"{label:>20}: {row['tok_s']:8.1f} tok/s | TTFT p50 {row['ttft_p50_s']*1e3:7.1f} ms "
+          f"p99 {row['ttft_p99_s']*1e3:7.1f} ms | ITL p50 {row['itl_p50_s']*1e3:6.1f} ms "
+          f"p99 {row['itl_p99_s']*1e3:6.1f} ms | {gbs} GB/s streamed | "
+          f"{row['complete']}/{row.get('requests_total', row['requests'])} complete, {row['tokens']} tokens, "
+          f"{row['errors']} errors", flush=True)
+
+
+def server_rows(args, config: str, flags: str | None) -> list[dict]:
+    """Every concurrency level against ``--url``, or against a server started with ``flags``."""
+    proc, url = start_server(flags) if flags else (None, args.url.rstrip("/"))
     try:
         with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
             card = json.loads(r.read())["data"][0]
-        vocab = 1000  # ids below every tokenizer's size
         rows = []
-        for i, clients in enumerate(levels):
-            row = run_level(url, card["id"], clients, args.requests_per_client, prompt_range, new_range, vocab,
-                            args.seed + i, args.shared_prefix)
-            rows.append(row)
-            print(f"{clients:3d} clients: {row['tok_s']:8.1f} tok/s | TTFT p50 {row['ttft_p50_s']*1e3:7.1f} ms "
-                  f"p99 {row['ttft_p99_s']*1e3:7.1f} ms | ITL p50 {row['itl_p50_s']*1e3:6.1f} ms "
-                  f"p99 {row['itl_p99_s']*1e3:6.1f} ms | {row['streamed_gb_s']:.2f} GB/s streamed | "
-                  f"{row['complete']}/{row['requests']} complete, {row['errors']} errors", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+        for i, clients in enumerate(args.levels):
+            jobs = make_jobs(clients, args.requests_per_client, args.prompt_range, args.new_range, VOCAB,
+                             args.seed + i, args.shared_prefix)
+            rows.append({"config": config, **run_level(url, card["id"], jobs)})
+            _print_row(rows[-1])
+        return rows
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
-    return 0 if all(r["errors"] == 0 and r["complete"] == r["requests"] for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = server_rows(args, "server", args.serve)
+    if args.all_resident:
+        rows += server_rows(args, "resident", shlex.join(_flag(shlex.split(args.serve), "--vram-budget")[1]))
+    if args.peer_budget is not None:
+        from tools.bench_serve_peer import run_peer  # torch and transformers: only for the peer
+
+        i = args.levels.index(1) if 1 in args.levels else 0
+        jobs = make_jobs(1, args.requests_per_client, args.prompt_range, args.new_range, VOCAB, args.seed + i,
+                         args.shared_prefix)[0]
+        rows.append(run_peer(args.peer_model, args.peer_budget, jobs, args.peer_time_limit))
+        _print_row(rows[-1])
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    served = [r for r in rows if r["config"] != "peer"]  # the peer's time limit may leave requests undone
+    return 0 if all(r["errors"] == 0 and r["complete"] == r["requests"] for r in served) else 1
 
 
 if __name__ == "__main__":

@@ -12,23 +12,19 @@ from pathlib import Path
 import torch
 
 from memory.units import format_size
+from tools.hf_offload import gpu_modules, load_offloaded
 from tools.timeline_render import save_timeline
 from tools.timeline_spans import decode_phase, prefill_phase
 
 
 def accelerate_decode(model: str, budget: int, tokens: int = 6, prompt_len: int = 16) -> dict:
     """HF accelerate offload (device_map="auto", max_memory = budget) greedy decode tok/s at batch 1."""
-    try:
-        from transformers import AutoModelForCausalLM
-        import accelerate  # noqa: F401
-    except ImportError as e:
-        return {"error": f"not importable: {e}"}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, device_map="auto",
-                                             max_memory={0: budget, "cpu": 400 * 2**30})
-    load_s = time.perf_counter() - t0
+    try:
+        m, load_s = load_offloaded(model, budget, torch.bfloat16)
+    except ImportError as e:
+        return {"error": f"not importable: {e}"}
     ids = torch.randint(0, 1000, (1, prompt_len), generator=torch.Generator().manual_seed(0)).cuda()
 
     def timed(n: int) -> float:
@@ -42,7 +38,7 @@ def accelerate_decode(model: str, budget: int, tokens: int = 6, prompt_len: int 
     t1, tn = timed(1), timed(tokens)
     res = {"load_s": load_s, "decode_tok_s": (tokens - 1) / (tn - t1), "tokens": tokens,
            "peak_vram_bytes": torch.cuda.max_memory_allocated(),
-           "gpu_modules": sum(1 for d in m.hf_device_map.values() if d not in ("cpu", "disk"))}
+           "gpu_modules": gpu_modules(m)}
     del m
     torch.cuda.empty_cache()
     return res

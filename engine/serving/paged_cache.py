@@ -3,20 +3,48 @@
 Keys and values live in blocks ``[L, N + 1, Hk, block_size, D]`` (block N is a scratch block that
 pads short tables). ``Model.forward`` asks ``cache.layer(i)`` for a ``[B, Hk, S, D]`` pair: for the
 bound step that is a gathered copy of each row's blocks, in which ``kv_append_`` and attention run
-unchanged. Before the next layer is gathered (and at ``finish``) the positions this step computed
-are written back into their blocks; padding positions never are. That copy costs one read of the
-step's context per layer.
+unchanged. Before the next gather (and at ``finish``) the positions this step computed are written
+back into their blocks; padding positions never are. That copy costs one read of the step's context
+per layer.
 
-Decode steps (one token per row) with the Triton kernels skip the copy: ``layer(i)`` then returns
-:class:`PagedLayer` handles, and :class:`PagedOps` (installed on the model) writes each new key and
-value straight into its block and runs ``kernels.attention_decode_paged`` through the block table.
+A grouped step (``bind_groups``, for ``Model.forward_groups``) binds several groups of rows at once,
+each with its own tables and token count: ``group_layer(k, i)`` gathers only group k's rows, so a
+prompt slice's copy holds its own context and the decode rows' copy theirs.
+
+Decode steps and groups (one token per row) with the Triton kernels skip the copy: their layers are
+then :class:`PagedLayer` handles, and :class:`PagedOps` (installed on the model) writes each new key
+and value straight into its block and runs ``kernels.attention_decode_paged`` through the block table.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class BindSpec:
+    """One group's rows: their blocks, and the positions start[r] .. start[r] + q_lens[r] row r writes
+    (``t`` tokens a row, padding included); ``direct`` (t == 1): served through PagedLayer handles."""
+
+    tables: list[list[int]]
+    start: list[int]
+    q_lens: list[int]
+    t: int
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class _Binding:
+    idx: torch.Tensor  # [B, nblk] block ids, scratch-padded
+    rows: torch.Tensor  # the real tokens' row, position and block
+    pos: torch.Tensor
+    blk: torch.Tensor
+    direct: bool
+    tables32: torch.Tensor | None
 
 
 class PagedKVCache:
@@ -28,15 +56,15 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size, self.device = num_blocks, block_size, torch.device(device)
-        self._bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        self._direct = False  # the bound step is served through PagedLayer handles
-        self.direct_steps = 0
+        self._bound: list[_Binding] | None = None
+        self._pending: tuple[_Binding, int, torch.Tensor, torch.Tensor] | None = None
+        self.direct_steps = 0  # steps with a group served in place
 
     def can_read_directly(self) -> bool:
         """Whether the block-table kernel can read these blocks (a power-of-two block size >= 16)."""
         bs = self.block_size
         return bs >= 16 and bs & (bs - 1) == 0
+
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
@@ -45,11 +73,19 @@ class PagedKVCache:
              direct: bool = False) -> None:
         """Set up one step: row r's blocks, and the positions start[r] .. start[r] + q_lens[r] it writes.
         ``direct`` (t == 1, PagedOps on the model): hand out PagedLayer handles instead of gathered copies."""
-        assert not direct or (t == 1 and self.can_read_directly())
-        bs = self.block_size
-        nblk = max(1, -(-(max(start) + t) // bs))  # every padded position of the step stays inside the view
-        idx = torch.full((len(tables), nblk), self.num_blocks, dtype=torch.long)
-        for r, blocks in enumerate(tables):
+        self.bind_groups([BindSpec(tables, start, q_lens, t, direct)])
+
+    def bind_groups(self, specs: list[BindSpec]) -> None:
+        """Set up a grouped step: group k's layers come from ``group_layer(k, i)``."""
+        self._bound = [self._binding(s) for s in specs]
+        self.direct_steps += any(s.direct for s in specs)
+
+    def _binding(self, spec: BindSpec) -> _Binding:
+        assert not spec.direct or (spec.t == 1 and self.can_read_directly())
+        bs, start, q_lens = self.block_size, spec.start, spec.q_lens
+        nblk = max(1, -(-(max(start) + spec.t) // bs))  # every padded position of the step stays inside the view
+        idx = torch.full((len(spec.tables), nblk), self.num_blocks, dtype=torch.long)
+        for r, blocks in enumerate(spec.tables):
             assert len(blocks) * bs >= start[r] + q_lens[r], "the table does not cover the step's positions"
             blocks = blocks[:nblk]
             idx[r, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
@@ -58,41 +94,42 @@ class PagedKVCache:
         rows_t, pos_t = torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
         blk = idx[rows_t, pos_t // bs]
         dev = self.device
-        self._bound = (idx.to(dev), rows_t.to(dev), pos_t.to(dev), blk.to(dev))
-        self._direct = direct
-        if direct:
-            self._tables32 = self._bound[0].to(torch.int32)
-            self.direct_steps += 1
+        idx = idx.to(dev)
+        return _Binding(idx, rows_t.to(dev), pos_t.to(dev), blk.to(dev), spec.direct,
+                        idx.to(torch.int32) if spec.direct else None)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's gathered [B, Hk, S, D] keys and values for the bound step."""
-        assert self._bound is not None, "bind() a step first"
-        if self._direct:
-            _, rows, pos, blk = self._bound
-            where = (rows, blk, pos % self.block_size)
-            return PagedLayer(self.k[i], self._tables32, where), PagedLayer(self.v[i], self._tables32, where)
+        assert self._bound is not None and len(self._bound) == 1, "bind() a step first"
+        return self.group_layer(0, i)
+
+    def group_layer(self, k: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values of bound group k: PagedLayer handles, or a gathered copy of its rows."""
+        assert self._bound is not None, "bind_groups() a step first"
+        b = self._bound[k]
+        if b.direct:
+            where = (b.rows, b.blk, b.pos % self.block_size)
+            return PagedLayer(self.k[i], b.tables32, where), PagedLayer(self.v[i], b.tables32, where)
         self._write_back()
-        idx = self._bound[0]
-        b, nblk = idx.shape
+        rows, nblk = b.idx.shape
         _, _, hk, bs, d = self.k.shape
-        k = self.k[i][idx].permute(0, 2, 1, 3, 4).reshape(b, hk, nblk * bs, d)
-        v = self.v[i][idx].permute(0, 2, 1, 3, 4).reshape(b, hk, nblk * bs, d)
-        self._pending = (i, k, v)
-        return k, v
+        kk = self.k[i][b.idx].permute(0, 2, 1, 3, 4).reshape(rows, hk, nblk * bs, d)
+        vv = self.v[i][b.idx].permute(0, 2, 1, 3, 4).reshape(rows, hk, nblk * bs, d)
+        self._pending = (b, i, kk, vv)
+        return kk, vv
 
     def finish(self) -> None:
-        """Write the last layer's new positions back and unbind."""
+        """Write the last gathered copy's new positions back and unbind."""
         self._write_back()
         self._bound = None
 
     def _write_back(self) -> None:
         if self._pending is None:
             return
-        i, k, v = self._pending
-        _, rows, pos, blk = self._bound
-        off = pos % self.block_size
-        self.k[i][blk, :, off] = k[rows, :, pos]
-        self.v[i][blk, :, off] = v[rows, :, pos]
+        b, i, k, v = self._pending
+        off = b.pos % self.block_size
+        self.k[i][b.blk, :, off] = k[b.rows, :, b.pos]
+        self.v[i][b.blk, :, off] = v[b.rows, :, b.pos]
         self._pending = None
 
 

@@ -1,13 +1,17 @@
 """One forward pass for every active sequence: prompt chunks next to single decode tokens.
 
-Sequence ``s`` lives in KV-cache row ``s.slot``. A step feeds each sequence up to ``t`` of its
-pending tokens (a prefill chunk, or the one token sampled last step) at its own start position,
-right-padded to ``t`` (``Model.forward``'s per-row ``start_pos`` / ``q_lens``). ``t`` is chosen so
-that rows x t stays within the engine's prefill chunk (the activation workspace the memory plan
-sized). Rows of free slots below the highest busy one ride along with no real token.
+Sequence ``s`` lives in KV-cache row ``s.slot`` (slot cache) or in the blocks of its table (paged).
+A decode step feeds every row its one pending token ([rows, 1]; rows of free slots below the highest
+busy one ride along with no real token). A step with prompts to prefill runs groups in one pass over
+the layers: the decoding rows as one [rows, 1] group, each prompt's next slice as a group of its own,
+within the engine's prefill chunk (the activation workspace the memory plan sized), no row padded to
+another's length.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -15,7 +19,7 @@ from engine.engine import Engine
 from engine.model import Group
 from engine.sampling import Sampler
 from engine.serving.blocks import BlockManager
-from engine.serving.paged_cache import PagedKVCache, PagedOps
+from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
 from engine.serving.sequence import Logprob, Sequence
 
 
@@ -38,7 +42,7 @@ class ModelRunner:
         """Feed every sequence its next chunk; (sequence, sampled token, its logprob entry when asked for)
         for those fed to the end."""
         assert seqs and all(s.slot is not None and s.pending > 0 for s in seqs)
-        if self.paged is None and any(s.pending > 1 for s in seqs):
+        if any(s.pending > 1 for s in seqs):
             logits, q_lens = self._grouped(seqs)  # prompt slices next to decode tokens, no padding between
         else:
             logits, q_lens = self._padded(seqs)
@@ -58,7 +62,7 @@ class ModelRunner:
         return [(s, tok, self.logprob(logits, s, tok)) for s, tok in zip(ready, tokens)]
 
     def _padded(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
-        """One [rows, t] batch, every row right-padded to t (decode steps; the paged cache's mixed steps)."""
+        """One [rows, t] batch, every row right-padded to t (the decode steps)."""
         eng = self.engine
         rows = max(s.slot for s in seqs) + 1
         cap = eng.opts.max_context
@@ -81,27 +85,22 @@ class ModelRunner:
         return self._forward(ids, start, q_lens, max_len), q_lens
 
     def _grouped(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
-        """A step with prompts to prefill, on the slot cache: the decoding sequences as one [rows, 1] group,
-        then each prompt's next slice as a group of its own (its cache row), all in one pass over the
-        layers (``Model.forward_groups``), within ``--prefill-chunk`` tokens; a prompt that finds no room
-        waits for the next step. Returns (logits [rows, V] by slot, tokens fed per slot)."""
+        """A step with prompts to prefill: the decoding sequences as one [rows, 1] group, then each
+        prompt's next slice as a group of its own (its cache row, or its own block table), all in one
+        pass over the layers (``Model.forward_groups``), within ``--prefill-chunk`` tokens; a prompt that
+        finds no room waits for the next step. Returns (logits [rows, V] by slot, tokens fed per slot)."""
         eng, dev = self.engine, self.engine.device
         rows, cap = max(s.slot for s in seqs) + 1, eng.opts.max_context
         decode = [s for s in seqs if s.pending == 1]
-        q_lens, groups, pick, owners = [0] * rows, [], [], []
+        q_lens, groups, specs, pick, owners = [0] * rows, [], [], [], []
         if decode:
-            d_rows = max(s.slot for s in decode) + 1
-            ids, start = torch.zeros((d_rows, 1), dtype=torch.long), [0] * d_rows
-            for s in seqs:  # a row that is not decoding writes its padding past its own cached positions
-                if s.slot < d_rows:
-                    start[s.slot] = s.num_computed
+            group, spec = self._decode_group(seqs, decode)
+            groups.append(group)
+            specs.append(spec)
             for s in decode:
-                ids[s.slot, 0] = s.all_ids[s.num_computed]
                 q_lens[s.slot] = 1
                 pick.append((0, s.slot, 0))
                 owners.append(s)
-            groups.append(Group(ids.to(dev), self._i32(start), self._i32(q_lens[:d_rows]), 0,
-                                max(s.num_computed + 1 for s in decode)))
         room = max(1, eng.opts.prefill_chunk - len(decode))
         for s in (s for s in seqs if s.pending > 1):
             n = min(s.pending, room, cap - s.num_computed)
@@ -110,13 +109,42 @@ class ModelRunner:
             room -= n
             ids = torch.tensor([s.all_ids[s.num_computed: s.num_computed + n]], device=dev)
             groups.append(Group(ids, self._i32([s.num_computed]), self._i32([n]), s.slot, s.num_computed + n))
+            if self.paged:
+                specs.append(BindSpec([self.paged[1].reserve(s.seq_id, s.num_computed + n)], [s.num_computed],
+                                      [n], n))
             q_lens[s.slot] = n
             pick.append((len(groups) - 1, 0, n - 1))
             owners.append(s)
-        out = eng.model.forward_groups(groups, eng.cache, pick, eng.ops.prompt_chunk)
+        cache = eng.cache
+        if self.paged:  # every group reads and writes its own rows' blocks
+            cache = self.paged[0]
+            cache.bind_groups(specs)
+            groups = [replace(g, kv=partial(cache.group_layer, k)) for k, g in enumerate(groups)]
+        out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk)
         logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
         logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
         return logits, q_lens
+
+    def _decode_group(self, seqs: list[Sequence], decode: list[Sequence]) -> tuple[Group, BindSpec | None]:
+        """Rows 0 .. the highest decoding slot, one token each, and (paged) their binding: in place
+        through the block tables when the kernels can read them."""
+        d_rows = max(s.slot for s in decode) + 1
+        ids, start, q_lens = torch.zeros((d_rows, 1), dtype=torch.long), [0] * d_rows, [0] * d_rows
+        if self.paged is None:  # a slot row that is not decoding writes its padding past its cached positions
+            for s in seqs:
+                if s.slot < d_rows:
+                    start[s.slot] = s.num_computed
+        for s in decode:
+            ids[s.slot, 0] = s.all_ids[s.num_computed]
+            start[s.slot], q_lens[s.slot] = s.num_computed, 1
+        group = Group(ids.to(self.engine.device), self._i32(start), self._i32(q_lens), 0,
+                      max(s.num_computed + 1 for s in decode))
+        if self.paged is None:
+            return group, None
+        tables: list[list[int]] = [[] for _ in range(d_rows)]  # a row that is not decoding reads no key
+        for s in decode:
+            tables[s.slot] = self.paged[1].reserve(s.seq_id, s.num_computed + 1)
+        return group, BindSpec(tables, start, q_lens, 1, direct=self.direct)
 
     def _i32(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device=self.engine.device)
