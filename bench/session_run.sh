@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One fresh GPU machine, one call, steps named in $1 (default "fhts"), each time-boxed so the whole
+# call ends before the device tool's 10 minutes (results in $OUT/results.tar.gz):
+#  f  issue 14: a fresh machine's first run (empty tuning and Triton caches, the shipped picks, compile
+#     ahead) against the warm run, short and ~16k-token prompts at 6 GB; the short first run again
+#     with LAYERSTREAM_COMPILE_AHEAD=0 (its own empty Triton cache)
+#  h  issue 18: bench_stream --host-compute off,auto at 6 / 4 GiB, batch 1 and 4
+#  t  GPU tests of compile ahead, the host lane and worker, host prompt states, the timeline
+#  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, all resident, the accelerate peer
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
+steps=${1:-fhts}; END=$(( $(date +%s) + ${BOX:-545} ))
+left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  nproc; lscpu | grep -E "Model name|^Core|^Socket|^Thread"; free -g | head -2; date -u; } > $R/env.txt 2>&1
+[ -f $M/config.json ] || timeout 90 python3 -m tools.synth --preset qwen2.5-7b --out $M --device cuda 2>&1 | tail -1
+if [[ $steps == *f* ]]; then
+  for p in short 16k; do
+    A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
+    timeout $(left 100) python3 -m tools.bench_startup --model $M --vram-budget 6GB --runs first,cached \
+      --triton-cache fresh --cache-dir /tmp/ls-$p "${A[@]}" --timeout 60 --out $R/startup_$p.json > $R/startup_$p.txt 2>&1
+    cat $R/startup_$p.txt
+  done
+  LAYERSTREAM_COMPILE_AHEAD=0 timeout $(left 60) python3 -m tools.bench_startup --model $M --vram-budget 6GB \
+    --runs first --triton-cache fresh --cache-dir /tmp/ls-noahead --timeout 55 --out $R/startup_short_noahead.json \
+    > $R/startup_short_noahead.txt 2>&1; cat $R/startup_short_noahead.txt
+fi
+if [[ $steps == *h* ]]; then
+  timeout $(left 150) python3 -m tools.bench_stream --model $M --budgets 6GiB,4GiB --batches 1,4 --steps 8 \
+    --prefill-tokens 0 --host-compute off,auto --out-dir $R --tag hostlane > $R/bench_hostlane.log 2>&1
+  echo "hostlane rc=$?"; tail -11 $R/bench_hostlane.log
+fi
+if [[ $steps == *t* ]]; then
+  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_compile_ahead.py tests/test_host_lane.py \
+    tests/test_host_worker.py tests/test_prefill_host_states.py tests/test_gpu_timeline.py tests/test_gpu_serving.py \
+    > $R/pytest_gpu.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_gpu.txt
+fi
+if [[ $steps == *s* ]]; then
+  S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
+  timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients 1,4,16,32 --requests-per-client 1 \
+    --prompt-tokens 128:2048 --max-tokens 128:256 --all-resident --peer-accelerate 6GiB --peer-time-limit 40 \
+    --json $R/serve.json > $R/bench_serve.log 2>&1
+  echo "serve rc=$?"; tail -14 $R/bench_serve.log
+fi
+mkdir -p $R/tuning && cp /tmp/ls-*/tuning/*.json $R/tuning/ 2>/dev/null
+tar czf $OUT/results.tar.gz -C $R .
