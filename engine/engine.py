@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -199,7 +200,8 @@ class Engine:
                 "the compute device is the CPU" if self.device.type != "cuda" else "quantized layers")
             return None, f"not measured: {why}"
         # on the worker's cores with its thread count (a disk tier, which takes one more core, is not known yet)
-        return run_pinned(machine_pick(disk_tier=False), host_gemv_rate, self.opts.batch, self.dtype)
+        rate = functools.partial(host_gemv_rate, contend=self.device)  # next to H2D copies, as the lane runs
+        return run_pinned(machine_pick(disk_tier=False), rate, self.opts.batch, self.dtype)
 
     def close(self) -> None:
         """Stop the host lane's worker; release the weight sources (file maps, disk readers) and the allocator cap."""

@@ -14,6 +14,8 @@ repeat a specialisation (every layer calls the same kernels) are compiled once: 
 way Triton specialises its arguments (tensors by dtype and 16-byte alignment, integers by == 1,
 divisibility by 16 and 32/64-bit range), keyword arguments by value. A key that merges two real
 specialisations only leaves one of them to compile in the real pass; it never changes a result.
+The compile gets small stand-ins for the tensors (same dtype, device and 16-byte alignment), so a
+pending compile never keeps a pass's activations alive past the budget.
 """
 from __future__ import annotations
 
@@ -56,6 +58,14 @@ def _arg_key(v) -> object:
     return repr(v)
 
 
+def _standin(v):
+    """A tensor argument as Triton's specialisation sees it (dtype, device, alignment), in a few bytes."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    base = torch.empty(32, dtype=v.dtype, device=v.device)
+    return base[(v.data_ptr() % 16) // v.element_size():]
+
+
 def launch_key(fn: JITFunction, args: tuple, kwargs: dict) -> tuple:
     """The key a launch is deduplicated by (see the module docstring)."""
     kw = tuple(sorted((k, _arg_key(v) if isinstance(v, torch.Tensor) else repr(v)) for k, v in kwargs.items()))
@@ -84,6 +94,8 @@ def compile_only(workers: int | None = None) -> Iterator[AheadStats]:
             if key not in seen:
                 seen.add(key)
                 stats.compiles += 1
+                args = tuple(_standin(a) for a in args)
+                kwargs = {k: _standin(v) for k, v in kwargs.items()}
                 futures.append((getattr(self, "__name__", "kernel"),
                                 pool.submit(original, self, *args, grid=grid, warmup=True, **kwargs)))
             return None

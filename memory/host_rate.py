@@ -5,14 +5,22 @@ is measured on *this* machine, at the plan's batch and compute dtype, with torch
 (``F.linear`` of ``batch`` rows against a weight matrix larger than the caches), and cached next to
 the H2D figure (``memory.bandwidth``: the same JSON file, written atomically) keyed by the CPU
 model, the thread count, the dtype and the batch.
+
+On a GPU machine the rate is measured while pinned host-to-device copies run (``contend``), as they do
+while the host lane works: the two share the memory bus. On the H200 host the GEMV alone measured
+70.6 GB/s while the host lane, planned with it, achieved 48 GB/s next to the streamer's copies, and
+its steps came out 1.46x the prediction (bench/results/2026-12-01-h200-s7-serve-hostlane).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import statistics
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,9 +42,37 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def host_key(batch: int, dtype: torch.dtype, threads: int) -> str:
-    """Cache key of a host GEMV rate."""
-    return f"host gemv: {cpu_name()} x{threads} threads, {str(dtype).removeprefix('torch.')}, batch {batch}"
+def host_key(batch: int, dtype: torch.dtype, threads: int, contended: bool = False) -> str:
+    """Cache key of a host GEMV rate (``contended``: measured next to host-to-device copies)."""
+    return (f"host gemv: {cpu_name()} x{threads} threads, {str(dtype).removeprefix('torch.')}, batch {batch}"
+            + (", under H2D copies" if contended else ""))
+
+
+@contextlib.contextmanager
+def h2d_traffic(device: torch.device, nbytes: int = 128 << 20) -> Iterator[None]:
+    """While the block runs, a thread keeps pinned host-to-device copies of ``nbytes`` going on a side
+    stream of ``device`` (what the streamer does while the host lane computes)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stop, copies = threading.Event(), [0]
+
+    def loop() -> None:
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            with torch.cuda.stream(stream):
+                while not stop.is_set():
+                    dst.copy_(src, non_blocking=True)
+                    stream.synchronize()
+                    copies[0] += 1
+
+    t = threading.Thread(target=loop, name="h2d-traffic", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+        log.info("host GEMV measured next to %d host-to-device copies of %d MiB", copies[0], nbytes >> 20)
 
 
 def measure_host_gemv(batch: int, dtype: torch.dtype, nbytes: int = 256 << 20, repeats: int = 5,
@@ -61,15 +97,17 @@ def measure_host_gemv(batch: int, dtype: torch.dtype, nbytes: int = 256 << 20, r
 
 
 def host_gemv_rate(batch: int, dtype: torch.dtype, cache_path: str | Path | None = None,
-                   remeasure: bool = False) -> tuple[float, str]:
+                   remeasure: bool = False, contend: torch.device | None = None) -> tuple[float, str]:
     """``(GB/s, source)`` of the host GEMV at ``batch`` in ``dtype`` with torch's current thread count;
     ``source`` is ``"measured now"`` or ``"cached from <date>"``. Measured once per machine (see the
-    module docstring); ``remeasure`` ignores the cache."""
+    module docstring), next to host-to-device copies to ``contend`` when given; ``remeasure`` ignores the
+    cache."""
     path = Path(cache_path) if cache_path is not None else default_cache_path()
-    key = host_key(batch, dtype, torch.get_num_threads())
+    key = host_key(batch, dtype, torch.get_num_threads(), contended=contend is not None)
     hit = load_cache(path).get(key)
     if hit is not None and not remeasure:
         return float(hit["gbps"]), f"cached from {hit.get('measured_at', 'an unknown date')}"
-    gbps = measure_host_gemv(batch, dtype)
+    with h2d_traffic(contend) if contend is not None else contextlib.nullcontext():
+        gbps = measure_host_gemv(batch, dtype)
     save_cache_entry(path, key, gbps)
     return gbps, "measured now"

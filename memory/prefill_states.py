@@ -10,8 +10,12 @@ chunks. Two placements:
   copied in, one copied out) are on the GPU besides the chunk computing.
 
 ``auto`` keeps them in VRAM unless that costs something ``host`` does not: it picks ``host`` when in
-VRAM the plan would not fit the budget, or would keep fewer weight bytes resident, or would need a
-smaller prefill chunk, and ``host`` reads no more bytes from disk (its host memory comes off the pins).
+VRAM the plan would not fit the budget or would need a smaller prefill chunk, and ``host`` reads no
+more bytes from disk (its host memory comes off the pins). Keeping fewer weight bytes resident is not
+reason enough on its own: the host placement's GPU side (copies in flight next to the computing chunk)
+has not been measured against the budget on a GPU yet, while the VRAM placement has (16k-token prompts
+at 4 / 6 / 12 GB within the budget, bench/results/2026-12-01-h200-budget); ``--prefill-states host``
+asks for it.
 """
 
 from __future__ import annotations
@@ -125,9 +129,6 @@ def _vram_costs(vram: Fit | None, host: Fit) -> str:
     if vram is None:
         return "not fit the budget"
     costs = []
-    if vram.resident_bytes < host.resident_bytes:
-        costs.append(f"keep {format_size(host.resident_bytes - vram.resident_bytes)} fewer weights resident "
-                     f"({_resident(vram)} instead of {_resident(host)})")
     if vram.chunk < host.chunk:
         costs.append(f"need a prefill chunk of {vram.chunk} tokens instead of {host.chunk}")
     return " and ".join(costs)

@@ -67,6 +67,10 @@ def test_launches_compile_once_per_specialisation_and_run_nothing(recorder):
     assert (stats.launches, stats.compiles, stats.failures) == (11, 6, [])
     me = threading.get_ident()
     assert len(recorder.calls) == 6 and all(warm and tid != me for tid, warm, _, _ in recorder.calls)
+    for _, _, args, _ in recorder.calls:  # small stand-ins with the tensor's dtype and 16-byte alignment class
+        assert args[0] is not buf and args[0].numel() <= 32
+    aligned = {(a[0].dtype, a[0].data_ptr() % 16 == 0) for _, _, a, _ in recorder.calls}
+    assert aligned == {(torch.float32, True), (torch.float32, False), (torch.float16, True)}
 
 
 def test_other_threads_and_explicit_warmups_pass_through(recorder):

@@ -33,3 +33,39 @@ def test_host_rate_is_measured_once_and_cached(monkeypatch, tmp_path):
     entries = json.loads(path.read_text())["entries"]
     assert host_key(4, torch.bfloat16, torch.get_num_threads()) in entries and len(entries) == 2
     assert host_gemv_rate(4, torch.bfloat16, path, remeasure=True)[1] == "measured now" and len(calls) == 3
+
+
+def test_a_contended_rate_is_its_own_entry(monkeypatch, tmp_path):
+    """Measured next to H2D copies (the host lane's real condition) it is cached apart from the rate alone."""
+    entered = []
+
+    class Traffic:
+        def __init__(self, device):
+            entered.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(host_rate, "measure_host_gemv", lambda b, d: 40.0 if entered else 70.0)
+    monkeypatch.setattr(host_rate, "h2d_traffic", Traffic)
+    path = tmp_path / "bw.json"
+    assert host_gemv_rate(1, torch.bfloat16, path) == (70.0, "measured now") and not entered
+    assert host_gemv_rate(1, torch.bfloat16, path, contend=torch.device("cuda", 0)) == (40.0, "measured now")
+    assert entered == [torch.device("cuda", 0)]
+    assert host_gemv_rate(1, torch.bfloat16, path, contend=torch.device("cuda", 0))[0] == 40.0  # cached
+    keys = set(json.loads(path.read_text())["entries"])
+    assert keys == {host_key(1, torch.bfloat16, torch.get_num_threads()),
+                    host_key(1, torch.bfloat16, torch.get_num_threads(), contended=True)}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_h2d_traffic_runs_copies_during_the_block():
+    from memory.host_rate import h2d_traffic
+
+    with h2d_traffic(torch.device("cuda", 0), nbytes=8 << 20):
+        gbps = measure_host_gemv(1, torch.bfloat16, nbytes=64 << 20, repeats=3)
+    assert gbps > 0
