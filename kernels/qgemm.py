@@ -77,6 +77,48 @@ def _default_config() -> triton.Config:
 
 
 @triton.jit
+def _base_loop(acc, x_rows, q_ptr, s_ptr, z_ptr, rows_w, K, group, stride_qn, stride_sn,
+               HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, BITS: tl.constexpr, IS_FP32: tl.constexpr,
+               UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr, SWAP_AB: tl.constexpr):
+    """acc + the tile's K loop with load_dequant's [BN, BK] weight tiles (x_rows: x's row pointers)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_rows + offs_k[None, :]
+    dt = x_rows.dtype.element_ty
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = kb * BLOCK_K
+        w = load_dequant(q_ptr, s_ptr, z_ptr, rows_w, stride_qn, stride_sn, k0, K, group,
+                         HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K, HAS_MINS)
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        if SWAP_AB:  # weight rows are the MMA's M dimension, token rows its N
+            acc = mma_nt(w.to(dt), a, acc, IS_FP32, UPCAST)
+        else:
+            acc = mma_nt(a, w.to(dt), acc, IS_FP32, UPCAST)
+        x_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _split_loop(acc, x_rows, q_ptr, s_ptr, z_ptr, rows_w, K, group, stride_qn, stride_sn,
+                HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, BITS: tl.constexpr, IS_FP32: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SCALE_MODE: tl.constexpr,
+                SWAP_AB: tl.constexpr):
+    """acc + the tile's K loop of split dots on x permuted by _split_x (x_i of the tile at k0 + i * BW + j)."""
+    BW: tl.constexpr = BLOCK_K // (32 // BITS)
+    x_ptrs = x_rows + tl.arange(0, BW)[None, :]
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = kb * BLOCK_K
+        words = load_words(q_ptr, rows_w, stride_qn, k0, K, BITS, BW, EVEN_K)
+        s, z = word_scales(s_ptr, z_ptr, rows_w, stride_sn, k0, K, group, HAS_ZEROS, HAS_MINS, BITS, BW,
+                           SCALE_MODE)
+        acc = split_dots(acc, words, s, z, x_ptrs + k0, None, BW, HAS_MINS, BITS, SWAP_AB, IS_FP32, UPCAST)
+    return acc
+
+
+@triton.jit
 def _qgemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, group, stride_xm, stride_qn, stride_sn, stride_om,
@@ -99,36 +141,16 @@ def _qgemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_w = offs_n % N
     x_rows = x_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_xm
-    if SWAP_AB:  # weight rows are the MMA's M dimension, token rows its N
+    if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if VARIANT == 3:  # split dots on x permuted by _split_x: x_i of tile k0 at columns k0 + i * BW + j
-        BW: tl.constexpr = BLOCK_K // (32 // BITS)
-        x_ptrs = x_rows + tl.arange(0, BW)[None, :]
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            k0 = kb * BLOCK_K
-            words = load_words(q_ptr, rows_w, stride_qn, k0, K, BITS, BW, EVEN_K)
-            s, z = word_scales(s_ptr, z_ptr, rows_w, stride_sn, k0, K, group, HAS_ZEROS, HAS_MINS, BITS, BW,
-                               SCALE_MODE)
-            acc = split_dots(acc, words, s, z, x_ptrs + k0, None, BW, HAS_MINS, BITS, SWAP_AB, IS_FP32, UPCAST)
+    if VARIANT == 3:
+        acc = _split_loop(acc, x_rows, q_ptr, s_ptr, z_ptr, rows_w, K, group, stride_qn, stride_sn, HAS_ZEROS,
+                          HAS_MINS, BITS, IS_FP32, UPCAST, BLOCK_K, EVEN_K, SCALE_MODE, SWAP_AB)
     else:
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_rows + offs_k[None, :]
-        dt = x_ptr.dtype.element_ty
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            k0 = kb * BLOCK_K
-            w = load_dequant(q_ptr, s_ptr, z_ptr, rows_w, stride_qn, stride_sn, k0, K, group,
-                             HAS_ZEROS, BITS, BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K, HAS_MINS)
-            if EVEN_K:
-                a = tl.load(x_ptrs)
-            else:
-                a = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
-            if SWAP_AB:
-                acc = mma_nt(w.to(dt), a, acc, IS_FP32, UPCAST)
-            else:
-                acc = mma_nt(a, w.to(dt), acc, IS_FP32, UPCAST)
-            x_ptrs += BLOCK_K
+        acc = _base_loop(acc, x_rows, q_ptr, s_ptr, z_ptr, rows_w, K, group, stride_qn, stride_sn, HAS_ZEROS,
+                         HAS_MINS, BITS, IS_FP32, UPCAST, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, GROUP_C, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
 

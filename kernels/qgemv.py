@@ -20,14 +20,16 @@
 #          kernels.tuning.fastest and the on-disk tuning cache, timed cold where the packed weight
 #          fits the L2 (as kernels/gemv.py); KERNELS_AUTOTUNE=0 and the interpreter use one config.
 # Variants (config VARIANT, kernels/quant_variants.py), all timed by the tuner, which keeps the fastest:
-#          M == 1: 0 (load_dequant + reshape: the first version, 17-25% of the H200's copy ceiling),
-#          1 "3d" and 2 "imajor" (no reshape, no I2F, the affine part applied per word); M >= 2:
-#          0 (load_dequant, either SWAP_AB) and 3 "split" (P dots of K = BLOCK_K / P, no reshape,
-#          either SWAP_AB).  Candidates: _FMA_SHAPES (variant 0) and _WORD_SHAPES (1 and 2) at
-#          M == 1; _DOT_SHAPES / _SWAP_SHAPES (variant 0 and 3, BLOCK_K >= 16 * P for 3) at M >= 2;
-#          each with split-K where the grid lacks programs.  The base lists were cut to the shapes
-#          that fill an H200 (>= 2 KiB of words per program and K step) to keep first-run compiles
-#          near the first version's count.
+#          M == 1: 0 "base" (load_dequant + reshape + I2F: the first version, 17-25% of the H200's
+#          copy ceiling), 1 "3d" and 2 "imajor" (no reshape, no I2F, the affine part applied once
+#          per word).  M >= 2: 0 (load_dequant, either SWAP_AB)
+#          and 3 "split" (P dots of K = BLOCK_K / P, no reshape, either SWAP_AB).
+# Candidates: M == 1: _FMA_SHAPES (variant 0) and _WORD_SHAPES (variants 1 and 2); M >= 2:
+#          _DOT_SHAPES, _SWAP_SHAPES (variant 0) and _SPLIT_SHAPES (variant 3); each with split-K
+#          where the grid lacks programs.  To keep first-run compiles near the first version's
+#          count, the base lists lost their smallest tiles (FMA 16x256 / 32x256, dot 32x128): an
+#          unmeasured guess that bigger K steps keep more bytes in flight; the probe
+#          (bench/probe_qkernels.py) times every candidate of every variant.
 from __future__ import annotations
 
 import functools
@@ -71,6 +73,18 @@ def _x_tile(x_ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
     if EVEN_K:
         return tl.load(x_ptrs, eviction_policy="evict_last")
     return tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0, eviction_policy="evict_last")
+
+
+@triton.jit
+def _word_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, kb_lo, kb_hi, K, group, stride_qn, stride_sn,
+               HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SCALE_MODE: tl.constexpr, VARIANT: tl.constexpr):
+    """The [1, BLOCK_N] fp32 sum over K blocks kb_lo..kb_hi of variant 1 / 2's per-word partial sums."""
+    acc_w = tl.zeros((BLOCK_N, BLOCK_K // (32 // BITS)), dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        acc_w += gemv_tile(q_ptr, s_ptr, z_ptr, x_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
+                           HAS_ZEROS, HAS_MINS, BITS, BLOCK_K, SCALE_MODE, EVEN_K, VARIANT)
+    return tl.sum(acc_w, axis=1)[None, :]
 
 
 @triton.jit
@@ -122,11 +136,8 @@ def _qgemv_kernel(
     dt = x_ptr.dtype.element_ty
 
     if BLOCK_M == 1 and VARIANT > 0:  # 3d / imajor: per-word partial sums
-        acc_w = tl.zeros((BLOCK_N, BLOCK_K // (32 // BITS)), dtype=tl.float32)
-        for kb in range(kb_lo, kb_hi):
-            acc_w += gemv_tile(q_ptr, s_ptr, z_ptr, x_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
-                               HAS_ZEROS, HAS_MINS, BITS, BLOCK_K, SCALE_MODE, EVEN_K, VARIANT)
-        acc = tl.sum(acc_w, axis=1)[None, :]
+        acc = _word_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, kb_lo, kb_hi, K, group, stride_qn, stride_sn,
+                         HAS_ZEROS, HAS_MINS, BITS, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, VARIANT)
     elif BLOCK_M == 1:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for kb in range(kb_lo, kb_hi):
