@@ -102,7 +102,7 @@ def probe_shape(name: str, k: int, n: int, m: int, bits: int, group: int, sms: i
     ref = x.float() @ w.T
     dense = w.to(torch.bfloat16)
     del w
-    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     gemv = m <= 64
     if gemv:
         block_m = 1 if m == 1 else max(16, 1 << (m - 1).bit_length())
@@ -116,7 +116,7 @@ def probe_shape(name: str, k: int, n: int, m: int, bits: int, group: int, sms: i
     peer_us = graph_ms(lambda: F.linear(x, dense), cold=fits_l2(dense.nbytes, x.device)) * 1e3
     copy_gbps = None
     if gemv:
-        src = torch.empty(packed_bytes, device="cuda", dtype=torch.uint8)
+        src = torch.empty(packed_bytes, device=x.device, dtype=torch.uint8)
         dst = torch.empty_like(src)
         copy_us = graph_ms(lambda: dst.copy_(src), cold=fits_l2(2 * packed_bytes, x.device)) * 1e3
         copy_gbps = 2 * packed_bytes / copy_us / 1e3  # read + write

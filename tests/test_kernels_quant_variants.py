@@ -65,7 +65,7 @@ def test_gemv_m1_variants(K: int, N: int, G: int, BK: int, bits: int, form: str,
 
 
 # (M, K, N, G): for BLOCK_K = 16 * P (128 int4, 64 int8)
-DOT_SHAPES = [(3, 192, 45, 64), (17, 288, 24, 96), (3, 200, 17, 200), (17, 160, 40, 32)]
+DOT_SHAPES = [(3, 192, 45, 64), (17, 288, 24, 96), (3, 200, 17, 200), (17, 160, 40, 32), (2, 384, 33, 128)]
 
 
 @pytest.mark.parametrize("swap", [False, True])
@@ -81,7 +81,7 @@ def test_gemv_split_dots(M: int, K: int, N: int, G: int, bits: int, form: str, s
     assert rel_err(out, reference(x, q, s, z, m, bits, bias)) < MATMUL_TOL[torch.float32]
 
 
-GEMM_SHAPES = [(70, 192, 45, 64), (17, 288, 24, 96), (33, 200, 17, 200)]
+GEMM_SHAPES = [(70, 192, 45, 64), (17, 288, 24, 96), (33, 200, 17, 200), (40, 256, 63, 128)]
 
 
 @pytest.mark.parametrize("variant", ["swap", "split", "split+swap"])
