@@ -22,7 +22,9 @@
 # Variants (config VARIANT, kernels/quant_variants.py), all timed by the tuner, which keeps the fastest:
 #          M == 1: 0 "base" (load_dequant + reshape + I2F: the first version, 17-25% of the H200's
 #          copy ceiling), 1 "3d" and 2 "imajor" (no reshape, no I2F, the affine part applied once
-#          per word).  M >= 2: 0 (load_dequant, either SWAP_AB)
+#          per word; their K loop is software-pipelined num_stages deep by an explicit tl.range,
+#          as the first version's loop was not: Triton pipelines only loads that feed a dot).
+#          M >= 2: 0 (load_dequant, either SWAP_AB)
 #          and 3 "split" (P dots of K = BLOCK_K / P, no reshape, either SWAP_AB).
 # Candidates: M == 1: _FMA_SHAPES (variant 0) and _WORD_SHAPES (variants 1 and 2); M >= 2:
 #          _DOT_SHAPES, _SWAP_SHAPES (variant 0) and _SPLIT_SHAPES (variant 3); each with split-K
@@ -50,7 +52,7 @@ from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
 _FMA_SHAPES = [(8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2)]
-_WORD_SHAPES = [(16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 2), (64, 256, 8, 2)]  # variants 1, 2
+_WORD_SHAPES = [(16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 2), (64, 256, 8, 1)]  # variants 1, 2
 _DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3)]
 _SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
 _SPLIT_SHAPES = [((32, 256, 4, 3), False), ((64, 256, 4, 3), True), ((128, 128, 8, 3), True)]  # variant 3
@@ -78,10 +80,16 @@ def _x_tile(x_ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
 @triton.jit
 def _word_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, kb_lo, kb_hi, K, group, stride_qn, stride_sn,
                HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SCALE_MODE: tl.constexpr, VARIANT: tl.constexpr):
-    """The [1, BLOCK_N] fp32 sum over K blocks kb_lo..kb_hi of variant 1 / 2's per-word partial sums."""
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SCALE_MODE: tl.constexpr, VARIANT: tl.constexpr,
+               STAGES: tl.constexpr):
+    """The [1, BLOCK_N] fp32 sum over K blocks kb_lo..kb_hi of variant 1 / 2's per-word partial sums.
+
+    The loop is software-pipelined STAGES deep (cp.async of the packed words, scales and zeros of
+    the next K blocks while this one computes): with a plain range and the launch's num_stages,
+    Triton pipelines only loads that feed a tl.dot, and a batch-1 GEMV program then has one K
+    block of words in flight (seen in the sm_90 TTGIR of the first version: no async copies)."""
     acc_w = tl.zeros((BLOCK_N, BLOCK_K // (32 // BITS)), dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi):
+    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
         acc_w += gemv_tile(q_ptr, s_ptr, z_ptr, x_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
                            HAS_ZEROS, HAS_MINS, BITS, BLOCK_K, SCALE_MODE, EVEN_K, VARIANT)
     return tl.sum(acc_w, axis=1)[None, :]
@@ -121,7 +129,7 @@ def _qgemv_kernel(
     IS_FP32: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, TICKET: tl.constexpr,
-    SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr, VARIANT: tl.constexpr,
+    SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr, VARIANT: tl.constexpr, STAGES: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -137,7 +145,7 @@ def _qgemv_kernel(
 
     if BLOCK_M == 1 and VARIANT > 0:  # 3d / imajor: per-word partial sums
         acc = _word_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, kb_lo, kb_hi, K, group, stride_qn, stride_sn,
-                         HAS_ZEROS, HAS_MINS, BITS, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, VARIANT)
+                         HAS_ZEROS, HAS_MINS, BITS, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, VARIANT, STAGES)
     elif BLOCK_M == 1:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for kb in range(kb_lo, kb_hi):
@@ -226,7 +234,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
         IS_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         SPLIT_K=sk, EVEN_K=K % bk == 0, SWAP_AB=cfg.kwargs.get("SWAP_AB", False), TICKET=cnt is not None,
-        SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, VARIANT=variant,
+        SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, VARIANT=variant, STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if sk > 1 and cnt is None:
         _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
