@@ -19,6 +19,19 @@
 # Tuning:  per (M bucket, N, K, G, BITS, zeros, mins, x dtype, scale dtype, bias) on first use, through
 #          kernels.tuning.fastest and the on-disk tuning cache, timed cold where the packed weight
 #          fits the L2 (as kernels/gemv.py); KERNELS_AUTOTUNE=0 and the interpreter use one config.
+# Variants (config VARIANT, kernels/quant_variants.py), all timed by the tuner, which keeps the fastest:
+#          M == 1: 0 "base" (load_dequant + reshape + I2F: the first version, 17-25% of the H200's
+#          copy ceiling), 1 "3d" and 2 "imajor" (no reshape, no I2F, the affine part applied once
+#          per word; their K loop is software-pipelined num_stages deep by an explicit tl.range,
+#          as the first version's loop was not: Triton pipelines only loads that feed a dot).
+#          M >= 2: 0 (load_dequant, either SWAP_AB)
+#          and 3 "split" (P dots of K = BLOCK_K / P, no reshape, either SWAP_AB).
+# Candidates: M == 1: _FMA_SHAPES (variant 0) and _WORD_SHAPES (variants 1 and 2); M >= 2:
+#          _DOT_SHAPES, _SWAP_SHAPES (variant 0) and _SPLIT_SHAPES (variant 3); each with split-K
+#          where the grid lacks programs.  To keep first-run compiles near the first version's
+#          count, the base lists lost their smallest tiles (FMA 16x256 / 32x256, dot 32x128): an
+#          unmeasured guess that bigger K steps keep more bytes in flight; the probe
+#          (bench/probe_qkernels.py) times every candidate of every variant.
 from __future__ import annotations
 
 import functools
@@ -32,22 +45,25 @@ from kernels import tuning_cache
 from kernels.gemv import _finish_split_k, _gemv_splitk_reduce_kernel, _store_out
 from kernels.mma import mma_nt
 from kernels.quant_common import check_quant_inputs, dequant_ref, load_dequant, permute_input, scale_mode
+from kernels.quant_variants import gemv_tile, load_words, split_dots, variant_ok, word_scales
 from kernels.tickets import counters, last_ticket
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
-_FMA_SHAPES = [(8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2), (16, 256, 4, 3), (32, 256, 8, 2)]
-_DOT_SHAPES = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3)]
+_FMA_SHAPES = [(8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2)]
+_WORD_SHAPES = [(16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 2), (64, 256, 8, 1)]  # variants 1, 2
+_DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3)]
 _SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
+_SPLIT_SHAPES = [((32, 256, 4, 3), False), ((64, 256, 4, 3), True), ((128, 128, 8, 3), True)]  # variant 3
 _SPLITS = (1, 2, 4, 8)
 
 
 def config(bn: int, bk: int, sk: int = 1, swap: bool = False, warps: int = 4, stages: int = 1,
-           ticket: bool = False) -> triton.Config:
-    """One launch config (tests pin configs with it)."""
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SWAP_AB": swap, "TICKET": ticket},
-                         num_warps=warps, num_stages=stages)
+           ticket: bool = False, variant: int = 0) -> triton.Config:
+    """One launch config (tests pin configs with it); ``variant`` as kernels/quant_variants.py."""
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SWAP_AB": swap, "TICKET": ticket,
+                          "VARIANT": variant}, num_warps=warps, num_stages=stages)
 
 
 _DEFAULT_FMA = config(8, 512, stages=2)
@@ -62,6 +78,50 @@ def _x_tile(x_ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _word_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, kb_lo, kb_hi, K, group, stride_qn, stride_sn,
+               HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SCALE_MODE: tl.constexpr, VARIANT: tl.constexpr,
+               STAGES: tl.constexpr):
+    """The [1, BLOCK_N] fp32 sum over K blocks kb_lo..kb_hi of variant 1 / 2's per-word partial sums.
+
+    The loop is software-pipelined STAGES deep (cp.async of the packed words, scales and zeros of
+    the next K blocks while this one computes): with a plain range and the launch's num_stages,
+    Triton pipelines only loads that feed a tl.dot, and a batch-1 GEMV program then has one K
+    block of words in flight (seen in the sm_90 TTGIR of the first version: no async copies)."""
+    acc_w = tl.zeros((BLOCK_N, BLOCK_K // (32 // BITS)), dtype=tl.float32)
+    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
+        acc_w += gemv_tile(q_ptr, s_ptr, z_ptr, x_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
+                           HAS_ZEROS, HAS_MINS, BITS, BLOCK_K, SCALE_MODE, EVEN_K, VARIANT)
+    return tl.sum(acc_w, axis=1)[None, :]
+
+
+@triton.jit
+def _split_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, rows_x, kb_lo, kb_hi, K, group, stride_xm, stride_qn, stride_sn,
+                HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, BITS: tl.constexpr, IS_FP32: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_MODE: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] fp32 sum over K blocks kb_lo..kb_hi of variant 3's split dots."""
+    PER: tl.constexpr = 32 // BITS
+    BW: tl.constexpr = BLOCK_K // PER
+    offs_j = tl.arange(0, BW)
+    x_ptrs = x_ptr + rows_x[:, None].to(tl.int64) * stride_xm + offs_j[None, :] * PER
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        k0 = kb * BLOCK_K
+        words = load_words(q_ptr, rows_w, stride_qn, k0, K, BITS, BW, EVEN_K)
+        s, z = word_scales(s_ptr, z_ptr, rows_w, stride_sn, k0, K, group, HAS_ZEROS, HAS_MINS, BITS, BW,
+                           SCALE_MODE)
+        x_mask = None if EVEN_K else (k0 // PER + offs_j)[None, :] < K // PER
+        acc = split_dots(acc, words, s, z, x_ptrs + k0, x_mask, 1, HAS_MINS, BITS, SWAP_AB, IS_FP32, UPCAST)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    return acc
+
+
+@triton.jit
 def _qgemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, group, stride_xm, stride_qn, stride_sn, stride_om,
@@ -69,7 +129,7 @@ def _qgemv_kernel(
     IS_FP32: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, TICKET: tl.constexpr,
-    SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr,
+    SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr, VARIANT: tl.constexpr, STAGES: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -83,7 +143,10 @@ def _qgemv_kernel(
     x_ptrs = x_ptr + rows_x[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     dt = x_ptr.dtype.element_ty
 
-    if BLOCK_M == 1:
+    if BLOCK_M == 1 and VARIANT > 0:  # 3d / imajor: per-word partial sums
+        acc = _word_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, kb_lo, kb_hi, K, group, stride_qn, stride_sn,
+                         HAS_ZEROS, HAS_MINS, BITS, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, VARIANT, STAGES)
+    elif BLOCK_M == 1:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for kb in range(kb_lo, kb_hi):
             w = load_dequant(q_ptr, s_ptr, z_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
@@ -91,6 +154,10 @@ def _qgemv_kernel(
             x = _x_tile(x_ptrs + kb * BLOCK_K, offs_k, K - kb * BLOCK_K, EVEN_K)
             acc2 += w * x.to(tl.float32)
         acc = tl.sum(acc2, axis=1)[None, :]
+    elif VARIANT == 3:  # split dots: x_i are the columns k0 + j * P + i (stride P, from L1/L2)
+        acc = _split_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, rows_x, kb_lo, kb_hi, K, group, stride_xm,
+                          stride_qn, stride_sn, HAS_ZEROS, HAS_MINS, BITS, IS_FP32, UPCAST, BLOCK_M, BLOCK_N,
+                          BLOCK_K, EVEN_K, SWAP_AB, SCALE_MODE)
     elif SWAP_AB:  # weight rows are the MMA's M dimension, token rows its N
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kb in range(kb_lo, kb_hi):
@@ -125,18 +192,24 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _candidates(block_m: int, N: int, K: int, sms: int) -> list[triton.Config]:
-    """Configs worth timing (one under the interpreter); split-K only where the grid lacks programs."""
+def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: int = 4) -> list[triton.Config]:
+    """Configs worth timing (one under the interpreter); split-K only where the grid lacks programs,
+    variants only where they can run this group size (kernels.quant_variants.variant_ok)."""
     if _INTERPRET:
         return [config(16, 64, 2 if K >= 128 else 1)]
-    shapes = [(s, False) for s in _FMA_SHAPES] if block_m == 1 else \
-        [(s, False) for s in _DOT_SHAPES] + [(s, True) for s in _SWAP_SHAPES]
+    if block_m == 1:
+        shapes = [(s, False, 0) for s in _FMA_SHAPES] + [(s, False, v) for v in (1, 2) for s in _WORD_SHAPES]
+    else:
+        shapes = [(s, False, 0) for s in _DOT_SHAPES] + [(s, True, 0) for s in _SWAP_SHAPES] + \
+            [(s, swap, 3) for s, swap in _SPLIT_SHAPES]
     out = []
-    for (bn, bk, warps, stages), swap in shapes:
+    for (bn, bk, warps, stages), swap, variant in shapes:
+        if not variant_ok(variant, group, bits, bk):
+            continue
         for sk in _SPLITS:
             if sk > 1 and (triton.cdiv(N, bn) * sk > 6 * sms or triton.cdiv(K, bk) < 2 * sk):
                 continue
-            out.append(config(bn, bk, sk, swap, warps, stages, ticket=sk > 1))
+            out.append(config(bn, bk, sk, swap, warps, stages, ticket=sk > 1, variant=variant))
     return out
 
 
@@ -150,7 +223,10 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     b = bias if bias is not None else out
     grid_n = triton.cdiv(N, bn)
     cnt = counters(x.device, grid_n, "qgemv") if sk > 1 and cfg.kwargs.get("TICKET") else None
-    mode = scale_mode(group, K, bk)
+    mode, variant = scale_mode(group, K, bk), cfg.kwargs.get("VARIANT", 0)
+    if not variant_ok(variant, group, bits, bk) or variant in (1, 2) and block_m > 1 or variant == 3 and block_m == 1:
+        raise ValueError(f"qgemv variant {variant} cannot run M={M} (BLOCK_M {block_m}), group {group}, "
+                         f"int{bits}, BLOCK_K {bk}: pick one that kernels.quant_variants.variant_ok accepts")
     _qgemv_kernel[(grid_n, sk)](
         x, q, s, s if z is None else z, b, out, ws, out if cnt is None else cnt,
         M, N, K, group, x.stride(0), q.stride(0), s.stride(0), out.stride(0),
@@ -158,7 +234,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
         IS_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         SPLIT_K=sk, EVEN_K=K % bk == 0, SWAP_AB=cfg.kwargs.get("SWAP_AB", False), TICKET=cnt is not None,
-        SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1,
+        SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, VARIANT=variant, STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if sk > 1 and cnt is None:
         _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
@@ -179,7 +255,7 @@ def _tuned(x, q, s, z, bits, group, bias, out, block_m, mins=False) -> triton.Co
         cands = _candidates(block_m, N, K, _num_sms(x.device.index or 0) if x.is_cuda else 1)
         return tuning_cache.untimed_pick(x.device, "qgemv", key, cands, default)  # a pick or the default; not kept
     if cfg is None:
-        cands = _candidates(block_m, N, K, _num_sms(x.device.index or 0) if x.is_cuda else 1)
+        cands = _candidates(block_m, N, K, _num_sms(x.device.index or 0) if x.is_cuda else 1, group, bits)
         if os.environ.get("KERNELS_AUTOTUNE", "1") == "0" and len(cands) > 1:
             cands = [default]
         nbytes = q.nbytes + s.nbytes + (z.nbytes if z is not None else 0)

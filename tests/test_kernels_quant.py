@@ -191,7 +191,7 @@ def test_qgemv_qwen_shapes_every_candidate(name: str, K: int, N: int, M: int, bi
     x = randn(M, K, dtype=torch.bfloat16)
     ref = qgemv_ref(x, q, s, z, bits)
     block_m = 1 if M == 1 else max(16, 1 << (M - 1).bit_length())
-    cands = qgemv_mod._candidates(block_m, N, K, torch.cuda.get_device_properties(0).multi_processor_count)
+    cands = qgemv_mod._candidates(block_m, N, K, torch.cuda.get_device_properties(0).multi_processor_count, 128, bits)
     for cfg in cands:
         assert rel_err(_qgemv(x, q, s, z, bits, cfg=cfg), ref) < 1e-2, f"{name} M={M}: wrong with {cfg}"
 
@@ -202,7 +202,7 @@ def test_qgemm_qwen_shapes_every_candidate(name: str, K: int, N: int) -> None:
     q, s, z = packed(N, K, 128, 4, sym=False, sdtype=torch.bfloat16)
     x = randn(333, K, dtype=torch.bfloat16)
     ref = qgemm_ref(x, q, s, z, 4)
-    for cfg in qgemm_mod._configs():
+    for cfg in qgemm_mod._configs(128, 4):
         assert rel_err(_qgemm(x, q, s, z, 4, cfg=cfg), ref) < 1e-2, f"{name}: wrong with {cfg}"
 
 

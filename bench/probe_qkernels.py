@@ -1,0 +1,183 @@
+"""Probe: every variant of the quantized matmuls (kernels/quant_variants.py) at Qwen2.5-7B int4 shapes.
+
+For the qkv / o / gate_up / down projections (tools/bench_quant.py's QWEN7B_QUANT and packed_operands:
+int4, group 128, zero points, bf16 x) at M = 1, 4, 16 (kernels/qgemv.py) and M = 2048
+(kernels/qgemm.py), every tuning candidate of every variant is timed as the tuner times it
+(kernels.tuning.graph_ms: CUDA-graph replays, cold after an L2-sized read where the operands fit
+twice the L2), after compiling them all in parallel (kernels.tuning.precompile).  Per variant the
+best config is reported with its time, its ratio to bf16 ``F.linear`` on the dequantized weight
+(peer us / ours), for qgemv the rate on the packed bytes (codes, scales, zeros) and its fraction of a
+device-to-device copy measured on the same bytes in the same run (copy rate counted read + write, as
+tools/bench_kernels.py's ceiling), and the largest relative error (Frobenius) of any of the
+variant's candidates against fp32 ``x @ dequant_ref(w).T``.
+
+Usage on the GPU machine: python bench/probe_qkernels.py --out probe.json
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import qgemm as qgemm_mod  # noqa: E402
+from kernels import qgemv as qgemv_mod  # noqa: E402
+from kernels.quant_common import dequant_ref  # noqa: E402
+from kernels.tuning import fits_l2, graph_ms, precompile  # noqa: E402
+from tools.bench_quant import QWEN7B_QUANT, packed_operands  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="probe_qkernels.json", help="JSON file to write (default: %(default)s)")
+    p.add_argument("--batches", default="1,4,16,2048",
+                   help="token counts, comma-separated; <= 64 runs qgemv, more runs qgemm (default: %(default)s)")
+    p.add_argument("--shapes", default=",".join(n for n, _, _ in QWEN7B_QUANT),
+                   help="projections of Qwen2.5-7B to probe (default: %(default)s)")
+    p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="code width (default: %(default)s)")
+    p.add_argument("--group", type=int, default=128, help="quantization group size (default: %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        args.batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError:
+        p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if not args.batches or min(args.batches) < 1:
+        p.error("--batches needs at least one count, each >= 1")
+    known = {n: (k, nn) for n, k, nn in QWEN7B_QUANT}
+    args.shapes = [s for s in args.shapes.split(",") if s]
+    if not args.shapes or any(s not in known for s in args.shapes):
+        p.error(f"--shapes must name some of {', '.join(known)}, got {','.join(args.shapes)!r}")
+    if any(known[s][0] % args.group for s in args.shapes):
+        p.error(f"--group {args.group} must divide every probed K ({[known[s][0] for s in args.shapes]})")
+    return args
+
+
+def variant_name(cfg, gemv_m1: bool) -> str:
+    """base / swap / 3d / imajor / split / split+swap."""
+    v, swap = cfg.kwargs.get("VARIANT", 0), cfg.kwargs.get("SWAP_AB", False)
+    if gemv_m1:
+        return {0: "base", 1: "3d", 2: "imajor"}[v]
+    return ("split" if v == 3 else "base" if not swap else "swap") + ("+swap" if v == 3 and swap else "")
+
+
+def cfg_name(cfg) -> str:
+    keep = {k: v for k, v in cfg.kwargs.items() if k not in ("VARIANT", "TICKET")}
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in keep.items()) + \
+        f" w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def time_candidates(cands: list, run, ref: torch.Tensor, out: torch.Tensor, cold: bool, gemv_m1: bool) -> dict:
+    """{variant: {"best": (us, cfg name), "err": max rel err, "timed": n, "failed": n}}."""
+    precompile(cands, run, out.device)
+    res: dict[str, dict] = {}
+    for cfg in cands:
+        r = res.setdefault(variant_name(cfg, gemv_m1), {"best": None, "err": 0.0, "timed": 0, "failed": 0})
+        try:
+            run(cfg)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            us = graph_ms(lambda c=cfg: run(c), cold=cold) * 1e3
+        except Exception as e:  # noqa: BLE001 - a config this GPU cannot run (e.g. out of shared memory)
+            r["failed"] += 1
+            r.setdefault("errors", []).append(f"{cfg_name(cfg)}: {type(e).__name__}")
+            continue
+        r["timed"] += 1
+        r["err"] = max(r["err"], err)
+        if r["best"] is None or us < r["best"][0]:
+            r["best"] = (us, cfg_name(cfg))
+    return res
+
+
+def probe_shape(name: str, k: int, n: int, m: int, bits: int, group: int, sms: int) -> list[dict]:
+    """One row per variant for one projection at M = m."""
+    x, q, s, z = packed_operands(m, k, n, bits, group)
+    packed_bytes = q.nbytes + s.nbytes + z.nbytes
+    w = dequant_ref(q, s, z, bits)
+    ref = x.float() @ w.T
+    dense = w.to(torch.bfloat16)
+    del w
+    out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    gemv = m <= 64
+    if gemv:
+        block_m = 1 if m == 1 else max(16, 1 << (m - 1).bit_length())
+        cands = qgemv_mod._candidates(block_m, n, k, sms, group, bits)
+        run = functools.partial(qgemv_mod._launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=None,
+                                out=out, block_m=block_m)
+    else:
+        cands = qgemm_mod._configs(group, bits)
+        run = functools.partial(qgemm_mod._launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=None, out=out)
+    found = time_candidates(cands, run, ref, out, fits_l2(packed_bytes, x.device), gemv and m == 1)
+    peer_us = graph_ms(lambda: F.linear(x, dense), cold=fits_l2(dense.nbytes, x.device)) * 1e3
+    copy_gbps = None
+    if gemv:
+        src = torch.empty(packed_bytes, device=x.device, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        copy_us = graph_ms(lambda: dst.copy_(src), cold=fits_l2(2 * packed_bytes, x.device)) * 1e3
+        copy_gbps = 2 * packed_bytes / copy_us / 1e3  # read + write
+    rows = []
+    for variant, r in found.items():
+        row = {"kernel": "qgemv" if gemv else "qgemm", "proj": name, "M": m, "K": k, "N": n, "variant": variant,
+               "timed": r["timed"], "failed": r["failed"], "max_rel_err": r["err"], "peer_bf16_us": peer_us,
+               "errors": r.get("errors", [])}
+        if r["best"] is not None:
+            us, cfg = r["best"]
+            row.update(us=us, config=cfg, x_bf16=peer_us / us)
+            if gemv:
+                gbps = packed_bytes / us / 1e3
+                row.update(packed_GBps=gbps, copy_GBps=copy_gbps, of_copy=gbps / copy_gbps)
+            else:
+                row.update(TFLOPs=2.0 * m * n * k / us / 1e6)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'kernel':6} {'proj':8} {'M':>5} {'variant':11} {'us':>8} {'x bf16':>7} {'GB/s':>7} {'of copy':>7} " \
+           f"{'err':>8}  best config"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "us" not in r:
+            lines.append(f"{r['kernel']:6} {r['proj']:8} {r['M']:>5} {r['variant']:11} no candidate ran: {r['errors']}")
+            continue
+        gb = f"{r['packed_GBps']:7.0f} {100 * r['of_copy']:6.0f}%" if "packed_GBps" in r else f"{'':7} {'':7}"
+        lines.append(f"{r['kernel']:6} {r['proj']:8} {r['M']:>5} {r['variant']:11} {r['us']:8.1f} {r['x_bf16']:7.2f} "
+                     f"{gb} {r['max_rel_err']:8.1e}  {r['config']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: bench/probe_qkernels.py times Triton kernels and needs a CUDA GPU; none is visible "
+              "(run it on the GPU machine)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    known = {n: (k, nn) for n, k, nn in QWEN7B_QUANT}
+    rows = []
+    for m in args.batches:
+        for name in args.shapes:
+            rows += probe_shape(name, *known[name], m, args.bits, args.group, sms)
+            print(f"[{time.perf_counter() - t0:6.1f} s] {name} M={m} done", file=sys.stderr, flush=True)
+            torch.cuda.empty_cache()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "bits": args.bits, "group": args.group, "seconds": time.perf_counter() - t0, "rows": rows}
+    print(f"device: {res['device']} | torch {res['torch']} | triton {res['triton']} | int{args.bits} g{args.group} "
+          f"| {res['seconds']:.0f} s")
+    print(table(rows))
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(res, fh, indent=1)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
