@@ -200,8 +200,11 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     run = functools.partial(_launch, args=args, consts=consts, grid_m=T, grid_bh=B * Hq)
     cfg = _TUNED.get(key) or _untimed_config(key, q)
     if cfg is None:  # time the candidates (compiled in parallel first); keep the pick here and on disk
-        cfg = _TUNED[key] = fastest(_configs(), run, bench_ms, name="attention_prefill", device=q.device)
-        tuning_cache.store(q.device, "attention_prefill", key, tuning_cache.config_to_json(cfg))
+        tune = functools.partial(fastest, _configs(), run, bench_ms, name="attention_prefill", device=q.device)
+        picked = tuning_cache.safe_tune("attention_prefill", key, tune)  # None: the tuning failed (logged)
+        cfg = _TUNED[key] = picked or _default_config(q.dtype)
+        if picked is not None:
+            tuning_cache.store(q.device, "attention_prefill", key, tuning_cache.config_to_json(cfg))
     run(cfg)
     return out
 

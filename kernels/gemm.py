@@ -165,7 +165,7 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: tor
         cands = _candidates(x, tma_ok)
         tune = functools.partial(_pick, cands, lambda c: _launch(c, x, w, bias, out), out,
                                  fits_l2(w.nbytes, w.device))
-        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "gemm", key, cands, tune)  # disk, else timed
+        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "gemm", key, cands, tune) or _default_config(x.dtype)
     return cfg
 
 

@@ -257,7 +257,8 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
             cands = [_DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT]
         cold = fits_l2(w.nbytes, w.device)
         tune = functools.partial(_pick, cands, lambda c: _launch(c, x, w, bias, out, block_m), cold, x.device)
-        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "gemv", key, cands, tune)  # disk, else timed
+        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "gemv", key, cands, tune) or \
+            (_DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT)  # disk, else timed (default: the tuning failed)
     return cfg
 
 

@@ -216,7 +216,7 @@ def _tuned(x, q, s, z, bits, group, bias, out, mins=False) -> triton.Config:
         run = functools.partial(_launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=bias, out=out,
                                 mins=mins)
         tune = functools.partial(fastest, cands, run, timer, name="qgemm", device=x.device)
-        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "qgemm", key, cands, tune)
+        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "qgemm", key, cands, tune) or _default_config()
     return cfg
 
 

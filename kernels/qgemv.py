@@ -263,7 +263,7 @@ def _tuned(x, q, s, z, bits, group, bias, out, block_m, mins=False) -> triton.Co
         run = functools.partial(_launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=bias, out=out,
                                 block_m=block_m, mins=mins)
         tune = functools.partial(fastest, cands, run, timer, name="qgemv", device=x.device)
-        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "qgemv", key, cands, tune)
+        cfg = _TUNED[key] = tuning_cache.tuned(x.device, "qgemv", key, cands, tune) or default
     return cfg
 
 

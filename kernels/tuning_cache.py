@@ -279,14 +279,28 @@ def untimed_pick(device: torch.device, kernel: str, key: tuple, choices: Sequenc
     return (choose(device, kernel, key, choices, encode) if len(choices) > 1 else None) or default
 
 
+def safe_tune(kernel: str, key: tuple, tune: Callable[[], T | None]) -> T | None:
+    """``tune()``, or None (logged) when it runs out of device memory or no candidate runs."""
+    try:
+        return tune()
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # NoCandidate is a RuntimeError
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("tuning %s for %s failed (%s): running its default config", kernel, key, str(e).split("\n")[0][:200])
+        return None
+
+
 def tuned(device: torch.device, kernel: str, key: tuple, choices: Sequence[T],
           tune: Callable[[], T | None], encode: Callable[[T], Any] = config_to_json) -> T | None:
     """The cached pick among ``choices`` for ``key``, else ``tune()``'s (stored unless None).
 
-    A single choice is neither looked up nor stored: there is nothing to choose."""
+    A single choice is neither looked up nor stored: there is nothing to choose. A tuning that fails
+    (no candidate ran, or its scratch did not fit: under ``--vram-budget`` the allocator is capped and a
+    long prompt's prefill leaves little room) gives None, logged, and nothing is stored: the caller runs
+    its default config, and a later process tunes again."""
     if len(choices) < 2:
         return tune()
     best = choose(device, kernel, key, choices, encode)
-    if best is None and (best := tune()) is not None:
+    if best is None and (best := safe_tune(kernel, key, tune)) is not None:
         store(device, kernel, key, encode(best))
     return best

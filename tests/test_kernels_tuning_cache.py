@@ -276,3 +276,26 @@ def test_has_entries_after_a_store(cache_root: Path) -> None:
     tc.store(GPU, "gemv", (1, 2), {"x": 1})
     assert tc.has_entries(GPU)
     assert not tc.has_entries(torch.device("cpu"))
+
+
+def test_a_failed_tuning_is_neither_raised_nor_stored(monkeypatch):
+    """Tuning that runs out of memory under the allocator cap (or finds no candidate) gives None and
+    stores nothing; the caller runs its default (kernels.tuning_cache.tuned)."""
+    from kernels import tuning_cache as tc
+
+    stored = []
+    monkeypatch.setattr(tc, "choose", lambda *a, **k: None)
+    monkeypatch.setattr(tc, "store", lambda *a: stored.append(a))
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 MiB")
+
+    def none_ran():
+        raise tc_tuning.NoCandidate("gemm: no candidate config could be compiled")
+
+    from kernels import tuning as tc_tuning
+    dev = torch.device("cpu")
+    assert tc.tuned(dev, "gemm", ("k",), ["a", "b"], oom, str) is None
+    assert tc.tuned(dev, "gemm", ("k",), ["a", "b"], none_ran, str) is None
+    assert not stored
+    assert tc.tuned(dev, "gemm", ("k",), ["a", "b"], lambda: "b", str) == "b" and len(stored) == 1
