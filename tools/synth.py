@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        if args.gguf_from_floats and args.format != "gguf":
+            raise SynthError("--gguf-from-floats applies to --format gguf only")
         if args.format == "gguf":
             if args.quant:
                 raise SynthError("--quant writes safetensors checkpoints; a GGUF file's types come from --gguf-type")
