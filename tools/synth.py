@@ -3,12 +3,14 @@
     python -m tools.synth --preset qwen2.5-7b --out DIR [--dtype bf16|fp16|fp32] [--seed N]
                           [--layers N] [--device cpu|cuda] [--force] [--max-shard-bytes N]
                           [--quant awq|gptq|gptq8|ct-int4|int8] [--format safetensors|gguf]
-                          [--gguf-type Q4_K_M|Q8_0|...]
+                          [--gguf-type Q4_K_M|Q8_0|...] [--gguf-from-floats]
 
 ``--quant`` writes the layers' projections quantized, as that format's published checkpoints are
-(names, packing, ``quantization_config``, dtypes; see ``engine.synth.quant``). With ``--format gguf``
-the checkpoint is synthesized (in a temporary directory beside DIR), then written as
-DIR/model-<TYPE>.gguf with llama.cpp's layout and per-tensor types (engine.gguf.writer).
+(names, packing, ``quantization_config``, dtypes; see ``engine.synth.quant``). ``--format gguf``
+writes DIR/model-<TYPE>.gguf with llama.cpp's layout, metadata and per-tensor types
+(engine.gguf.writer): its quantized tensors are random blocks with drawn scales generated on
+--device and streamed to the file (engine.gguf.random_writer; a 72B Q4_K_M needs no float model),
+or, with --gguf-from-floats, a float checkpoint synthesized then quantized tensor by tensor.
 
 The command line over ``engine.synth`` (presets, tokenizer and writer live there, so the engine
 can synthesize its embedded default without reaching up into ``tools/``).
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 from engine.checkpoint import Checkpoint
+from engine.gguf.random_writer import write_random_gguf
 from engine.gguf.writer import FILE_TYPES as GGUF_TYPES, describe, write_gguf
 from engine.synth.presets import PRESETS
 from engine.synth.quant import QUANT_KINDS
@@ -47,22 +50,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"])
     p.add_argument("--gguf-type", default="Q4_K_M", choices=list(GGUF_TYPES),
                    help="GGUF file type (--format gguf): Q4_K_M / Q5_K_M mix Q4_K|Q5_K with Q6_K as llama.cpp does")
+    p.add_argument("--gguf-from-floats", action="store_true",
+                   help="--format gguf: quantize synthesized float weights (slow) instead of writing random blocks")
     return p
 
 
 def synth_gguf(args: argparse.Namespace) -> Path:
-    """Synthesize into a temporary directory beside --out, then write --out/model-<TYPE>.gguf."""
+    """Write --out/model-<TYPE>.gguf, staged in a temporary directory beside --out and moved into place.
+
+    By default the preset's config and tokenizer are written (no weights) and the GGUF's tensors are
+    random blocks streamed from --device (engine.gguf.random_writer); --gguf-from-floats synthesizes
+    the float checkpoint and quantizes it (engine.gguf.writer: slow, the whole model in memory).
+    """
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise SynthError(f"{out} is not empty; pass --force to replace it")
-    tmp = out.parent / f".{out.name}.gguf-src-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.gguf-tmp-{os.getpid()}"
+    src, staged, name = tmp / "src", tmp / "out", f"model-{args.gguf_type}.gguf"
     try:
-        synthesize(args.preset, tmp, args.dtype, args.seed, args.layers, args.device, True, args.max_shard_bytes,
-                   progress=True)
+        synthesize(args.preset, src, args.dtype, args.seed, args.layers, args.device, True, args.max_shard_bytes,
+                   progress=True, weights=args.gguf_from_floats)
+        staged.mkdir()
+        if args.gguf_from_floats:
+            write_gguf(src, staged / name, args.gguf_type, progress=True)
+        else:
+            write_random_gguf(src, staged / name, args.gguf_type, args.seed, args.device, progress=True)
         if out.exists():
             shutil.rmtree(out)
-        out.mkdir(parents=True)
-        return write_gguf(tmp, out / f"model-{args.gguf_type}.gguf", args.gguf_type, progress=True)[0]
+        staged.rename(out)
+        return out / name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -72,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        if args.gguf_from_floats and args.format != "gguf":
+            raise SynthError("--gguf-from-floats applies to --format gguf only")
         if args.format == "gguf":
             if args.quant:
                 raise SynthError("--quant writes safetensors checkpoints; a GGUF file's types come from --gguf-type")

@@ -9,7 +9,8 @@ are parsed here; weights are read when the engine packs them.
 Modules: ``paths`` (which files), ``header`` + ``reader`` (headers), ``config`` (metadata ->
 ModelConfig), ``vocab`` (tokenizer), ``names`` (tensor names, Q/K row order), ``dequant`` (block
 formats -> floats), ``checkpoint`` (the tensors by Hugging Face name); for writing synthetic
-files: ``quantize`` (floats -> blocks) and ``writer``.
+files: ``quantize`` (floats -> blocks) and ``writer``, ``random_blocks`` and ``random_writer`` (random
+blocks streamed to a file, for benchmark-size synthetic models).
 
 Quantized weights are widened to floats once, as the engine packs them; mapping block formats
 onto packed quantized linear weights (issue 15's representation) is a later step: the

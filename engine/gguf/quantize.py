@@ -4,7 +4,8 @@ Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 use the ``gguf`` package's quantizers (llama.cpp
 rounding). The package has none for the K-quants, so Q4_K, Q5_K and Q6_K are encoded here with a
 plain min/max fit per sub-block (llama.cpp searches for better scales; any valid encoding is
 fine for synthetic weights, and :mod:`engine.gguf.dequant` decodes whatever the bits say).
-Bit layouts are the inverse of the decoders in :mod:`engine.gguf.dequant`.
+Bit layouts are the inverse of the decoders in :mod:`engine.gguf.dequant`; the fp16 and K-scale
+packers are shared with :mod:`engine.gguf.random_blocks`.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from gguf.quants import quantize as np_quantize
 K_TYPES = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
 
 
-def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+def f16_bytes(x: torch.Tensor) -> torch.Tensor:
     """[n] float -> [n, 2] bytes of fp16."""
     return x.to(torch.float16).view(torch.uint8).view(-1, 2)
 
 
-def _pack_k_scales(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+def pack_k_scales(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
     """8 six-bit scales and mins per block -> the 12-byte packing that ``dequant.k_scales`` reads."""
-    s = torch.zeros(sc.shape[0], 12, dtype=torch.uint8)
+    s = sc.new_zeros((sc.shape[0], 12))
     s[:, 0:4] = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
     s[:, 4:8] = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
     s[:, 8:12] = (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)
@@ -49,7 +50,7 @@ def _k_affine_fit(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, ...]:
 def _q4_k(x: torch.Tensor) -> torch.Tensor:
     d, dmin, sc, mn, q = _k_affine_fit(x.view(-1, 8, 32), 15)
     qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)
-    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(sc, mn), qs], dim=1)
+    return torch.cat([f16_bytes(d), f16_bytes(dmin), pack_k_scales(sc, mn), qs], dim=1)
 
 
 def _q5_k(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def _q5_k(x: torch.Tensor) -> torch.Tensor:
     low, high = q & 0xF, q >> 4
     qs = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(-1, 128)
     qh = (high << torch.arange(8, dtype=torch.uint8).view(1, 8, 1)).sum(1, dtype=torch.uint8)
-    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(sc, mn), qh, qs], dim=1)
+    return torch.cat([f16_bytes(d), f16_bytes(dmin), pack_k_scales(sc, mn), qh, qs], dim=1)
 
 
 def _q6_k(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
     ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], dim=-1).reshape(-1, 128)
     high = (q >> 4) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
     qh = high.sum(2, dtype=torch.uint8).reshape(-1, 64)
-    return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _f16_bytes(d)], dim=1)
+    return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), f16_bytes(d)], dim=1)
 
 
 def quantize(x: torch.Tensor, qtype: QT) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Write a Hugging Face checkpoint directory as a GGUF file with llama.cpp's layout.
 
 For tests (a tiny transformers model as GGUF, read back by both transformers and the engine)
-and benchmarks (``python -m tools.synth --format gguf``). What llama.cpp's converter and
-``llama-quantize`` produce is reproduced where it matters to a reader:
+and ``python -m tools.synth --format gguf --gguf-from-floats``; the metadata and type choice here
+are shared with ``engine.gguf.random_writer`` (random blocks, the synth default). What llama.cpp's
+converter and ``llama-quantize`` produce is reproduced where it matters to a reader:
 
 * metadata under ``{arch}.*`` and ``tokenizer.*`` (byte-level BPE ``gpt2`` vocabulary from
   ``tokenizer.json``, token kinds, merges, chat template, BOS/EOS);
@@ -144,24 +145,37 @@ def _add_tensors(w: GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, file_type: s
         w.add_tensor(name, data, raw_dtype=qtype)
 
 
-def write_gguf(model_dir: str | Path, out: str | Path, file_type: str = "Q8_0", split_max_tensors: int = 0,
-               progress: bool = False) -> list[Path]:
-    """Write the checkpoint in ``model_dir`` as GGUF at ``out``; returns the file(s) written.
+def open_writer(model_dir: str | Path, out: str | Path, file_type: str,
+                split_max_tensors: int = 0) -> tuple[GGUFWriter, ModelConfig]:
+    """A ``GGUFWriter`` for ``out`` holding a file's metadata (model keys, tokenizer, llama3 ``rope_freqs``)
+    from ``config.json`` and the tokenizer files in ``model_dir``; the weight tensors are still to be added.
 
-    ``split_max_tensors`` > 0 writes a split set (``out-0000k-of-0000N.gguf``) as llama.cpp's
-    ``gguf-split`` does.
+    Shared by :func:`write_gguf` (quantized floats) and ``engine.gguf.random_writer`` (random blocks).
     """
     if file_type not in FILE_TYPES:
         raise ValueError(f"unknown GGUF type {file_type!r}: use one of {', '.join(FILE_TYPES)}")
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir = Path(model_dir)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     if cfg.model_type not in _PRE:
         raise ValueError(f"cannot write a {cfg.model_type} model as GGUF: use a llama, qwen2 or qwen3 checkpoint")
-    ckpt = Checkpoint(model_dir)
-    w = GGUFWriter(out, cfg.model_type, split_max_tensors=split_max_tensors)
+    w = GGUFWriter(Path(out), cfg.model_type, split_max_tensors=split_max_tensors)
     _model_kv(w, cfg, file_type)
     _tokenizer_kv(w, model_dir, cfg)
     _rope_freqs(w, cfg)
+    return w, cfg
+
+
+def write_gguf(model_dir: str | Path, out: str | Path, file_type: str = "Q8_0", split_max_tensors: int = 0,
+               progress: bool = False) -> list[Path]:
+    """Write the checkpoint in ``model_dir`` as GGUF at ``out``, quantizing its weights; returns the file(s).
+
+    ``split_max_tensors`` > 0 writes a split set (``out-0000k-of-0000N.gguf``) as llama.cpp's
+    ``gguf-split`` does. The whole quantized model is held in memory until it is written (fine for
+    tests' tiny models; ``engine.gguf.random_writer`` streams random blocks for benchmark sizes).
+    """
+    out = Path(out)
+    w, cfg = open_writer(model_dir, out, file_type, split_max_tensors)
+    ckpt = Checkpoint(Path(model_dir))
     _add_tensors(w, ckpt, cfg, file_type)
     paths = w.format_shard_names(out) if split_max_tensors else [out]
     w.write_header_to_file()

@@ -252,8 +252,11 @@ def _quantized(cfg: dict[str, Any], dtype: str, quant: str, seed: int, device: s
 
 def synthesize(preset: str, out: Path, dtype: str = "bf16", seed: int = 0, layers: int | None = None,
                device: str = "cpu", force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-               progress: bool = False, quant: str | None = None) -> Path:
+               progress: bool = False, quant: str | None = None, weights: bool = True) -> Path:
     """Write a random-weight checkpoint of ``preset`` (name or HF repo id) to ``out``.
+
+    ``weights=False`` writes only the config, generation config and tokenizer files (what
+    ``engine.gguf.random_writer`` needs to write a GGUF with random blocks).
 
     ``quant`` (one of ``engine.synth.quant.QUANT_KINDS``) writes the layers' projections quantized,
     with the names, layout and ``quantization_config`` of that format's published checkpoints (its
@@ -281,7 +284,8 @@ def synthesize(preset: str, out: Path, dtype: str = "bf16", seed: int = 0, layer
         _write_json(tmp / "config.json", cfg)
         _write_json(tmp / "generation_config.json", generation_config(name, tok))
         tok.write(tmp)
-        _write_weights(tmp, specs, make, max_shard_bytes, progress)
+        if weights:
+            _write_weights(tmp, specs, make, max_shard_bytes, progress)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
