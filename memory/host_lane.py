@@ -17,14 +17,16 @@ copied at the end of a step, where the host lane has nothing to do. A prefill al
 non-resident layer (host layers included).
 
 What the traces showed (Qwen2.5-7B bf16 on the H200 host, 16 cores, 2 staging slots; the Perfetto
-traces of bench/results/2026-12-01-h200-s7-first-run, -s7-serve-hostlane and -s7-quant, steady steps):
+traces that bench_stream wrote beside bench/results/2026-12-01-h200-s7-first-run, -s7-serve-hostlane
+and -s7-quant/hostlane.json, not committed; ``python -m tools.lane_trace DIR`` prints the first point's
+figures for each folder):
 
 * Every host-lane step took 1.14-1.70x the old prediction (step_over_predicted in hostlane.json).
-  Feeding each trace's own durations (copies 8.5-9.2 ms per 466 MB layer and 6.7 ms per lm_head
+  Feeding each trace's own mean durations (copies 8.6-9.0 ms per 466 MB layer and 6.7 ms per lm_head
   chunk, host layers 8.3-12.1 ms, GPU 0.15 ms per streamed unit) into the sum of lanes gives
-  115-146 ms where the steps took 122.6-145.4 ms; the unit by unit simulation comes within 2.3% of
-  all nine host-lane steps (s7-serve-hostlane b1 6 GiB: 128.0 vs 127.1 ms, b1 4 GiB: 145.9 vs
-  145.4, b4 6 GiB: 146.1 vs 142.9, b4 4 GiB: 148.0 vs 145.2; s7-quant b1 6 GiB: 134.2 vs 134.4).
+  115-144 ms where the steps took 122.6-145.4 ms; the unit by unit simulation comes within 1.1% of
+  all nine host-lane steps (s7-serve-hostlane b1 6 GiB: 128.0 vs 127.1 ms, b1 4 GiB: 144.7 vs
+  145.4, b4 6 GiB: 141.7 vs 142.9, b4 4 GiB: 146.7 vs 145.2; s7-quant b1 6 GiB: 134.2 vs 134.4).
   Two causes, of different weight per run:
 * the host rate. Planned from one large GEMV alone (70.6 GB/s: 6.6 ms per layer), a host layer
   took 8.5-9.0 ms when no copy ran and 9.2-9.9 ms beside copies (47-51 GB/s). Measured next to H2D
