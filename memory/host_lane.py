@@ -11,10 +11,10 @@ simulating it unit by unit (:func:`memory.lane_schedule.simulate`), not as
 
 Only layers pinned in host memory are candidates (the CPU must not read the disk tier). ``auto``
 tries every count of host layers, spread evenly among the candidates, then moves the best counts'
-host layers one candidate left or right while the simulated step improves; with a known host rate
-it also tries the other lm_head residency (``memory.planner``): a streamed lm_head's chunks are
-copied at the end of a step, where the host lane has nothing to do. A prefill always streams every
-non-resident layer (host layers included).
+host layers one candidate left or right while the simulated step improves (a bounded number of
+tries); with a known host rate it also tries the other lm_head residency (``memory.planner``): a
+streamed lm_head's chunks are copied at the end of a step, where the host lane has nothing to do.
+A prefill always streams every non-resident layer (host layers included).
 
 What the traces showed (Qwen2.5-7B bf16 on the H200 host, 16 cores, 2 staging slots; the Perfetto
 traces that bench_stream wrote beside bench/results/2026-12-01-h200-s7-first-run, -s7-serve-hostlane
@@ -22,7 +22,7 @@ and -s7-quant/hostlane.json, not committed; ``python -m tools.lane_trace DIR`` p
 figures for each folder):
 
 * Every host-lane step took 1.14-1.70x the old prediction (step_over_predicted in hostlane.json).
-  Feeding each trace's own mean durations (copies 8.6-9.0 ms per 466 MB layer and 6.7 ms per lm_head
+  Feeding each trace's own mean durations (copies 8.5-9.0 ms per 466 MB layer and 6.7 ms per lm_head
   chunk, host layers 8.3-12.1 ms, GPU 0.15 ms per streamed unit) into the sum of lanes gives
   115-144 ms where the steps took 122.6-145.4 ms; the unit by unit simulation comes within 1.1% of
   all nine host-lane steps (s7-serve-hostlane b1 6 GiB: 128.0 vs 127.1 ms, b1 4 GiB: 144.7 vs
@@ -61,7 +61,7 @@ from memory.plan import HostLane
 
 HostCompute = str | int  # "auto" | "off" | a forced number of host layers
 SEARCHED_COUNTS = 3  # host-layer counts (the best spread ones) whose placement is then improved
-MAX_MOVES = 12  # single-layer moves per improved count
+MAX_TRIES = 240  # simulated layouts per improved count (the 7B plans converged within 108)
 
 
 def parse_host_compute(text: str | int) -> HostCompute:
@@ -150,16 +150,17 @@ def lane_times(x: LaneInputs, host: tuple[int, ...]) -> LaneTimes:
 
 
 def improve(x: LaneInputs, host: tuple[int, ...], times: LaneTimes) -> tuple[tuple[int, ...], LaneTimes]:
-    """Move host layers one candidate left or right while the simulated step shrinks (at most
-    ``MAX_MOVES`` moves): where a copy and a host layer wait for each other depends on the order."""
-    pos = {c: k for k, c in enumerate(x.candidates)}
-    for _ in range(MAX_MOVES):
+    """Move host layers one candidate left or right, the best move at a time, while the simulated step
+    shrinks (at most ``MAX_TRIES`` layouts simulated): where a copy and a host layer wait for each other
+    depends on the order."""
+    pos, tries = {c: k for k, c in enumerate(x.candidates)}, 0
+    while tries < MAX_TRIES:
         start = host
         for j, layer in enumerate(start):
             for k in (pos[layer] - 1, pos[layer] + 1):
-                if 0 <= k < len(x.candidates) and x.candidates[k] not in start:
+                if 0 <= k < len(x.candidates) and x.candidates[k] not in start and tries < MAX_TRIES:
                     moved = tuple(sorted((*start[:j], x.candidates[k], *start[j + 1:])))
-                    t = lane_times(x, moved)
+                    t, tries = lane_times(x, moved), tries + 1
                     if t.step_s < times.step_s * (1 - 1e-9):  # the best move from ``start``
                         host, times = moved, t
         if host == start:

@@ -50,37 +50,36 @@ class StepTimes:
 
 
 def simulate(units: list[StepUnit], slots: int, handoff_s: float = HANDOFF_S, boundary_s: float = BOUNDARY_S,
-             steps: int = 4) -> StepTimes:
-    """The steady step of ``units`` repeated: the last of ``steps`` simulated steps (the first ones
-    start with empty slots). ``handoff_s`` is added once per run of consecutive host layers."""
+             steps: int = 3) -> StepTimes:
+    """The steady step of ``units`` repeated: the last of ``steps`` simulated steps (the first one
+    starts with empty slots). ``handoff_s`` is added once per run of consecutive host layers."""
     if slots < 1 and any(u.where == "streamed" for u in units):
         raise ValueError(f"streamed units need at least one staging slot, got {slots}")
     if steps < 2:
         raise ValueError(f"simulate at least 2 steps to find a steady one, got {steps}")
-    copy_s = [u.copy_s for u in units if u.where == "streamed"]
-    copy_end: list[float] = []  # per streamed unit g (across steps)
-    freed: list[float] = []  # when unit g's slot is free again (its compute done)
-
-    def copied(g: int) -> float:
-        while len(copy_end) <= g:  # copies run in order, each once its slot is free
-            k = len(copy_end)
-            start = max(copy_end[-1] if copy_end else 0.0, freed[k - slots] if k >= slots else 0.0)
-            copy_end.append(start + copy_s[k % len(copy_s)])
-        return copy_end[g]
-
+    # per unit: (kind, seconds); kind 0 resident, 1 streamed (copy seconds in ``copies``), 2 host, 3 host after host
+    plan, copies, prev = [], [], ""
+    for u in units:
+        if u.where == "streamed":
+            plan.append((1, u.gpu_s))
+            copies.append(u.copy_s)
+        elif u.where == "host":
+            plan.append((3 if prev == "host" else 2, u.host_s))
+        else:
+            plan.append((0, u.gpu_s))
+        prev = u.where
+    copy_end = 0.0  # the copy engine is free from then on
+    freed: list[float] = []  # when streamed unit g (counted across steps) has been computed: its slot is free
     t, ends = 0.0, []
     for _ in range(steps):
-        in_host = False
-        for u in units:
-            if u.where == "host":
-                t += u.host_s + (0.0 if in_host else handoff_s)
-            elif u.where == "streamed":
-                t = max(t, copied(len(freed))) + u.gpu_s
+        for kind, sec in plan:
+            if kind == 1:  # copies run in order, each once its slot is free; the compute waits for its copy
+                g = len(freed)
+                copy_end = max(copy_end, freed[g - slots] if g >= slots else 0.0) + copies[g % len(copies)]
+                t = max(t, copy_end) + sec
                 freed.append(t)
             else:
-                t += u.gpu_s
-            in_host = u.where == "host"
+                t += sec + (handoff_s if kind == 2 else 0.0)
         ends.append(t)
         t += boundary_s
-    return StepTimes(ends[-1] - ends[-2], sum(copy_s), sum(u.host_s for u in units),
-                     sum(u.gpu_s for u in units))
+    return StepTimes(ends[-1] - ends[-2], sum(copies), sum(u.host_s for u in units), sum(u.gpu_s for u in units))
