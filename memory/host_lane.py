@@ -3,15 +3,51 @@
 At small batch a streamed layer is bound by PCIe, while the CPU can read the same bytes from
 host memory at its own bandwidth. With ``h`` layers computed on the host and ``s`` streamed,
 the copy engine moves the ``s`` layers (and lm_head chunks, embedding rows) while the CPU
-computes the ``h`` ones; a host layer's output is the next layer's input, so the host lane
-and the GPU's own compute follow each other, and the copy lane runs beside both:
+computes the ``h`` ones. The lanes are not independent (``memory.lane_schedule``): a host layer's
+output is the next layer's input, so the host lane and the GPU's own compute form one chain, and
+the copy engine runs at most ``num_slots`` units ahead of that chain. The step is predicted by
+simulating it unit by unit (:func:`memory.lane_schedule.simulate`), not as
+``max(copy lane, host lane + GPU compute)``, which the H200 traces showed to be optimistic.
 
-    step ~= max(copy lane, host lane + GPU compute)
+Only layers pinned in host memory are candidates (the CPU must not read the disk tier). ``auto``
+tries every count of host layers, spread evenly among the candidates, then moves the best counts'
+host layers one candidate left or right while the simulated step improves (a bounded number of
+tries); with a known host rate it also tries the other lm_head residency (``memory.planner``): a
+streamed lm_head's chunks are copied at the end of a step, where the host lane has nothing to do.
+A prefill always streams every non-resident layer (host layers included).
 
-With no host layer this is the planner's usual ``max(pcie, hbm)``. Only layers pinned in host
-memory are candidates (the CPU must not read the disk tier), and they are chosen spread evenly
-among the streamed ones, so that a streamed layer's copy runs while the CPU works on the host
-layer before it. A prefill always streams every non-resident layer (host layers included).
+What the traces showed (Qwen2.5-7B bf16 on the H200 host, 16 cores, 2 staging slots; the Perfetto
+traces that bench_stream wrote beside bench/results/2026-12-01-h200-s7-first-run, -s7-serve-hostlane
+and -s7-quant/hostlane.json, not committed; ``python -m tools.lane_trace DIR`` prints the first point's
+figures for each folder):
+
+* Every host-lane step took 1.14-1.70x the old prediction (step_over_predicted in hostlane.json).
+  Feeding each trace's own mean durations (copies 8.5-9.0 ms per 466 MB layer and 6.7 ms per lm_head
+  chunk, host layers 8.3-12.1 ms, GPU 0.15 ms per streamed unit) into the sum of lanes gives
+  115-144 ms where the steps took 122.6-145.4 ms; the unit by unit simulation comes within 1.1% of
+  all nine host-lane steps (s7-serve-hostlane b1 6 GiB: 128.0 vs 127.1 ms, b1 4 GiB: 144.7 vs
+  145.4, b4 6 GiB: 141.7 vs 142.9, b4 4 GiB: 146.7 vs 145.2; s7-quant b1 6 GiB: 134.2 vs 134.4).
+  Two causes, of different weight per run:
+* the host rate. Planned from one large GEMV alone (70.6 GB/s: 6.6 ms per layer), a host layer
+  took 8.5-9.0 ms when no copy ran and 9.2-9.9 ms beside copies (47-51 GB/s). Measured next to H2D
+  copies (s7-quant: 36.8 GB/s, 12.7 ms per layer) the rate came within 5% of the traced 12.1 ms.
+* the structure. In s7-quant (8 resident layers, lm_head streamed in 3 chunks, host layers 1, 4, 7,
+  9, 14, 16, 19, 22, 25) the step took 134.4 ms where its lanes summed to 117.6 ms. The host lane
+  waited 22 ms a step at the boundary: lm_head chunks 1 and 2 and the next step's streamed layer 0
+  were copied one after the other (21.6 ms) with no host layer to run; and the copy engine idled
+  16-23 ms a step in its middle, both slots full while the chain was in a host layer. The handoffs
+  are small: 0.001-0.04 ms (medians) from a GPU layer to the host, 0.09-0.11 ms back, 0.5-0.6 ms
+  between steps; the main thread, blocked while the worker computes, adds nothing visible (the
+  streamer's next copy is already queued behind its slot's free event and starts when it fires).
+
+With s7-quant's inputs (rates 36.8 and 55.3 GB/s) this module now picks host layers 0, 4, 8, 11,
+15, 18, 22, 26 on the same residency (lm_head resident would leave 5 layers and simulate slower)
+and predicts 123.4 ms; simulated with that run's traced durations this layout takes 126.4 ms,
+against 134.4 ms measured and 134.7 ms simulated for the old one. A third staging slot in place of
+a resident layer simulated slower in every layout tried. With that run's traced durations the best
+layout a wider search found (any single swap, either residency) simulated 121.8 ms: 1.53x the
+186.2 ms of streaming every layer, short of the 1.7x target; with s7-serve-hostlane's (host 9.6 ms,
+copy 8.6 ms per layer) 107.5 ms, 1.72x its 185.3 ms.
 
 Plain numbers only (no torch): the rates are measured elsewhere (``memory.host_rate``).
 """
@@ -20,9 +56,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memory.lane_schedule import BOUNDARY_S, StepUnit, simulate
 from memory.plan import HostLane
 
 HostCompute = str | int  # "auto" | "off" | a forced number of host layers
+SEARCHED_COUNTS = 3  # host-layer counts (the best spread ones) whose placement is then improved
+MAX_TRIES = 240  # simulated layouts per improved count (the 7B plans converged within 108)
 
 
 def parse_host_compute(text: str | int) -> HostCompute:
@@ -43,15 +82,12 @@ def parse_host_compute(text: str | int) -> HostCompute:
 
 @dataclass(frozen=True)
 class LaneTimes:
-    """Predicted seconds per decode step of each lane, and the step they make."""
+    """Predicted seconds per decode step: each lane's busy time and the step they make together."""
 
-    copy_s: float  # host -> device copies (streamed layers, lm_head chunks, embedding rows)
+    copy_s: float  # the copy engine's slot copies (streamed layers, lm_head chunks)
     host_s: float  # host layers computed on the CPU
     gpu_s: float  # the GPU's own compute (weights it reads / HBM bandwidth)
-
-    @property
-    def step_s(self) -> float:
-        return max(self.copy_s, self.host_s + self.gpu_s)
+    step_s: float  # the step, simulated unit by unit (memory.lane_schedule)
 
 
 @dataclass(frozen=True)
@@ -77,26 +113,63 @@ class LaneInputs:
 
     candidates: tuple[int, ...]  # streamed layers pinned in host memory, execution order
     layer_bytes: tuple[int, ...]  # every layer's bytes (indexed by layer)
-    copy_other: int  # bytes crossing per step besides the streamed layers (lm_head chunks, embedding rows)
+    copy_other: int  # bytes crossing per step besides layers and lm_head chunks (embedding rows)
     streamed: tuple[int, ...]  # every streamed layer
-    gpu_other: int  # bytes the GPU reads per step besides the layers it computes (lm_head, norm)
+    gpu_other: int  # bytes the GPU reads per step besides the layers (lm_head, norm)
     h2d_gbps: float
     hbm_gbps: float
     host_gbps: float | None  # the CPU's GEMV rate at this batch; None: not known
+    head_chunks: tuple[int, ...] = ()  # bytes of each streamed lm_head chunk, in order (empty: resident)
+    slots: int = 2  # staging slots
+
+
+def step_units(x: LaneInputs, host: tuple[int, ...]) -> list[StepUnit]:
+    """A decode step's units in execution order with ``host`` on the CPU (an unknown host rate
+    counts the host layers as free)."""
+    h2d, hbm, on_host, streamed = x.h2d_gbps * 1e9, x.hbm_gbps * 1e9, set(host), set(x.streamed)
+    units = []
+    for i, b in enumerate(x.layer_bytes):
+        if i in on_host:
+            units.append(StepUnit("host", host_s=b / (x.host_gbps * 1e9) if x.host_gbps else 0.0))
+        elif i in streamed:
+            units.append(StepUnit("streamed", copy_s=b / h2d, gpu_s=b / hbm))
+        else:
+            units.append(StepUnit("resident", gpu_s=b / hbm))
+    if not x.head_chunks:
+        return units + [StepUnit("resident", gpu_s=x.gpu_other / hbm)]
+    share = x.gpu_other / sum(x.head_chunks)  # the GPU reads each chunk (and the norm, spread over them)
+    return units + [StepUnit("streamed", copy_s=c / h2d, gpu_s=c * share / hbm) for c in x.head_chunks]
 
 
 def lane_times(x: LaneInputs, host: tuple[int, ...]) -> LaneTimes:
     """The lanes' times with ``host`` computed on the CPU and every other streamed layer copied."""
-    on_host = set(host)
-    copied = sum(x.layer_bytes[i] for i in x.streamed if i not in on_host) + x.copy_other
-    gpu = sum(b for i, b in enumerate(x.layer_bytes) if i not in on_host) + x.gpu_other
-    host_bytes = sum(x.layer_bytes[i] for i in host)
-    host_s = host_bytes / (x.host_gbps * 1e9) if host and x.host_gbps else 0.0
-    return LaneTimes(copied / (x.h2d_gbps * 1e9), host_s, gpu / (x.hbm_gbps * 1e9))
+    units = step_units(x, host)
+    rows = x.copy_other / (x.h2d_gbps * 1e9)  # the embedding rows cross between steps, on the compute stream
+    sim = simulate(units, x.slots, boundary_s=BOUNDARY_S + rows)
+    return LaneTimes(sim.copy_busy_s, sim.host_busy_s, sim.gpu_busy_s, sim.step_s)
+
+
+def improve(x: LaneInputs, host: tuple[int, ...], times: LaneTimes) -> tuple[tuple[int, ...], LaneTimes]:
+    """Move host layers one candidate left or right, the best move at a time, while the simulated step
+    shrinks (at most ``MAX_TRIES`` layouts simulated): where a copy and a host layer wait for each other
+    depends on the order."""
+    pos, tries = {c: k for k, c in enumerate(x.candidates)}, 0
+    while tries < MAX_TRIES:
+        start = host
+        for j, layer in enumerate(start):
+            for k in (pos[layer] - 1, pos[layer] + 1):
+                if 0 <= k < len(x.candidates) and x.candidates[k] not in start and tries < MAX_TRIES:
+                    moved = tuple(sorted((*start[:j], x.candidates[k], *start[j + 1:])))
+                    t, tries = lane_times(x, moved), tries + 1
+                    if t.step_s < times.step_s * (1 - 1e-9):  # the best move from ``start``
+                        host, times = moved, t
+        if host == start:
+            break
+    return host, times
 
 
 def choose_host_layers(x: LaneInputs, mode: HostCompute) -> HostChoice:
-    """The host layers for ``mode``: none (``off``), the fastest predicted count (``auto``; ties go
+    """The host layers for ``mode``: none (``off``), the fastest predicted set (``auto``; ties go
     to fewer host layers) or exactly ``mode`` layers (ValueError when fewer are candidates)."""
     none = HostChoice((), lane_times(x, ()), "")
     if mode == "off" or mode == 0:
@@ -113,16 +186,17 @@ def choose_host_layers(x: LaneInputs, mode: HostCompute) -> HostChoice:
     if x.host_gbps is None or not x.candidates:
         why = "no streamed layer is pinned in host memory" if x.host_gbps else "the host's GEMV rate is not known"
         return HostChoice((), none.times, f"host lane unused: {why}")
+    spread = {h: spread_host(x.candidates, h) for h in range(1, len(x.candidates) + 1)}
+    timed = {h: lane_times(x, host) for h, host in spread.items()}
     best = none
-    for h in range(1, len(x.candidates) + 1):
-        host = spread_host(x.candidates, h)
-        times = lane_times(x, host)
-        if times.step_s < best.times.step_s:
+    for h in sorted(sorted(timed, key=lambda h: (timed[h].step_s, h))[:SEARCHED_COUNTS]):
+        host, times = improve(x, spread[h], timed[h])
+        if times.step_s < best.times.step_s * (1 - 1e-9):
             best = HostChoice(host, times, "")
     if not best.layers:
         return HostChoice((), none.times, f"host lane unused: at {x.host_gbps:.1f} GB/s on the host no split "
                           "beats streaming every layer")
-    why = f"host lane: {len(best.layers)} host layers minimise the predicted step"
+    why = f"host lane: {len(best.layers)} host layers minimise the simulated step"
     return HostChoice(best.layers, best.times, f"{why} (host {x.host_gbps:.1f} GB/s, H2D {x.h2d_gbps:.1f} GB/s)")
 
 
@@ -133,4 +207,4 @@ def host_lane(x: LaneInputs, mode: HostCompute, source: str, kv_per_layer: int, 
     if c.reason:
         notes.append(c.reason)
     return HostLane(str(mode), c.layers, x.host_gbps, source, c.times.copy_s, c.times.host_s, c.times.gpu_s,
-                    len(c.layers) * kv_per_layer)
+                    len(c.layers) * kv_per_layer, c.times.step_s)

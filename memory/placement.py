@@ -31,15 +31,34 @@ def choose_residency(s: Sizes, budget: int) -> Residency:
         return Residency(n, True, True, 0, ())
     if not tied and s.fixed + sum(s.layers) + s.lm_head <= budget:
         return Residency(n, True, False, 0, ())  # only the embedding stays on the host
+    k_streamed_head, k_resident_head = _head_options(s, budget)
+    head = k_resident_head >= 0 and k_resident_head * s.layer + s.lm_head >= k_streamed_head * s.layer
+    return _residency(s, budget, head)
+
+
+def _head_options(s: Sizes, budget: int) -> tuple[int, int]:
+    """Resident layers with lm_head streamed, and with it resident (-1: lm_head does not fit)."""
     avail = budget - s.fixed - 2 * s.layer
     assert avail >= 0, "budget was checked against the minimum"
-    k_streamed_head = min(n, avail // s.layer)
-    k_resident_head = min(n, (avail - s.lm_head) // s.layer) if s.lm_head <= avail else -1
-    head = k_resident_head >= 0 and k_resident_head * s.layer + s.lm_head >= k_streamed_head * s.layer
-    k = k_resident_head if head else k_streamed_head
-    assert k < n or not head, "everything resident was handled above"
-    leftover = avail - k * s.layer - (s.lm_head if head else 0)
-    return Residency(k, head, head and tied, 3 if leftover >= s.layer else 2, spread(n, n - k))
+    k_resident_head = min(s.n, (avail - s.lm_head) // s.layer) if s.lm_head <= avail else -1
+    return min(s.n, avail // s.layer), k_resident_head
+
+
+def _residency(s: Sizes, budget: int, head: bool) -> Residency:
+    k = _head_options(s, budget)[1 if head else 0]
+    assert k < s.n or not head, "everything resident was handled above"
+    leftover = budget - s.fixed - 2 * s.layer - k * s.layer - (s.lm_head if head else 0)
+    return Residency(k, head, head and s.tied, 3 if leftover >= s.layer else 2, spread(s.n, s.n - k))
+
+
+def other_head_residency(s: Sizes, budget: int, r: Residency) -> Residency | None:
+    """The residency with lm_head's other choice (resident instead of streamed, or the reverse) and as
+    many resident layers as then fit; None where there is no other choice. The host lane weighs both
+    (``memory.host_lane``): a streamed lm_head is copied at the end of a step, beside no host layer."""
+    if not r.streamed or _head_options(s, budget)[1] < 0:
+        return None
+    other = _residency(s, budget, not r.lm_head_resident)
+    return other if other.streamed else None
 
 
 @dataclass(frozen=True)

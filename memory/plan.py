@@ -52,6 +52,7 @@ class HostLane:
     host_s: float  # the CPU's time per decode step
     gpu_s: float  # the GPU's own compute per decode step
     kv_bytes: int  # the host layers' KV cache, in host memory
+    step_s: float  # the decode step the lanes make together (simulated: memory.lane_schedule)
 
     def summary(self) -> str:
         """One line for the plan table."""
@@ -59,7 +60,8 @@ class HostLane:
                 if self.host_gbps else f"host time not predicted (GEMV rate {self.host_source})")
         which = ", ".join(map(str, self.layers)) if self.layers else "none"
         return (f"host lane ({self.mode}): layers {which}; per decode step copy {self.copy_s * 1e3:.1f} ms, "
-                f"{host}, GPU {self.gpu_s * 1e3:.1f} ms; host KV {format_size(self.kv_bytes)}")
+                f"{host}, GPU {self.gpu_s * 1e3:.1f} ms, together {self.step_s * 1e3:.1f} ms; "
+                f"host KV {format_size(self.kv_bytes)}")
 
 
 @dataclass(frozen=True)

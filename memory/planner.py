@@ -26,7 +26,9 @@ costs, built by ``engine.footprint``). Rules (all sizes as the kernels read them
   VRAM they would cost resident layers or prefill chunk size (``memory.prefill_states``); the chunk is
   halved to fit only when the user did not choose it.
 * With ``host_compute`` other than ``off``, some pinned streamed layers are computed on the CPU in
-  a decode step (placement ``host``; a prefill still streams them): see ``memory.host_lane``.
+  a decode step (placement ``host``; a prefill still streams them): see ``memory.host_lane``. Under
+  ``auto`` with a known host rate the other lm_head choice (resident or streamed, with as many
+  resident layers as then fit) is planned too, and the one with the shorter simulated step is kept.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from memory.budgets import check_workload, resolve_budget, resolve_host_budget
 from memory.footprint import Footprint
 from memory.host_lane import HostCompute, LaneInputs, host_lane
-from memory.placement import Residency, Tiers, module_plans
+from memory.placement import Residency, Tiers, assign_tiers, module_plans, other_head_residency
 from memory.plan import HostLane, ModulePlan, Plan
 from memory.prefill_states import MIN_AUTO_CHUNK, Fit, StateInputs, place_states
 from memory.sizes import Sizes, all_resident_bytes, minimum_bytes, sizes
@@ -81,8 +83,8 @@ def _predict(s: Sizes, streamed: int, disk: int, w: _Workload, notes: list[str],
     with host layers the host lane and the GPU's compute run one after the other, beside the copies."""
     weights_read = sum(s.layers) + s.lm_head + s.norm  # every weight is read from HBM once per step
     times = {"pcie": streamed / (w.h2d_gbps * 1e9), "hbm": weights_read / (w.hbm_gbps * 1e9)}
-    if lane is not None and lane.layers:
-        times = {"pcie": lane.copy_s, "host": lane.host_s + lane.gpu_s}
+    if lane is not None and lane.layers:  # the lanes wait for each other: the simulated step, named after the busier
+        times = {"pcie" if lane.copy_s >= lane.host_s + lane.gpu_s else "host": lane.step_s}
     if disk and w.disk_gbps:
         times["disk"] = disk / (w.disk_gbps * 1e9)
     elif disk:
@@ -101,11 +103,44 @@ def _host_lane(fp: Footprint, s: Sizes, r: Residency, t: Tiers, w: _Workload, co
     """The decode step's host layers (None when ``host_compute`` is off)."""
     if w.host_compute == "off":
         return None
+    head = _head_chunks(fp, s, r)
     x = LaneInputs(candidates=tuple(i for i in r.streamed if i not in t.disk_layers), layer_bytes=s.layers,
-                   copy_other=copy_other, streamed=r.streamed, gpu_other=s.lm_head + s.norm, h2d_gbps=w.h2d_gbps,
-                   hbm_gbps=w.hbm_gbps, host_gbps=w.host_gbps)
+                   copy_other=copy_other - sum(head), streamed=r.streamed, gpu_other=s.lm_head + s.norm,
+                   h2d_gbps=w.h2d_gbps, hbm_gbps=w.hbm_gbps, host_gbps=w.host_gbps, head_chunks=head,
+                   slots=r.num_slots)
     kv_per_layer = fp.kv_bytes_per_token // max(1, s.n) * w.batch * w.max_context
     return host_lane(x, w.host_compute, w.host_source, kv_per_layer, notes)
+
+
+def _head_chunks(fp: Footprint, s: Sizes, r: Residency) -> tuple[int, ...]:
+    """Bytes of each streamed lm_head chunk (``engine.weights``: equal row counts, the last one short)."""
+    if r.lm_head_resident:
+        return ()
+    chunks = math.ceil(fp.rows / (s.layer // s.row))
+    rows = -(-fp.rows // chunks)
+    return tuple(s.lm_head * min(rows, fp.rows - c * rows) // fp.rows for c in range(chunks))
+
+
+def _other_head_if_faster(fp: Footprint, f: Fit, w: _Workload, budget: tuple[int, int], host: int,
+                          notes: list[str], plan: Plan) -> Plan:
+    """Under ``host_compute="auto"`` with a known host rate, the plan with lm_head's other residency
+    (``memory.placement.other_head_residency``) when its simulated step is shorter: the most resident
+    bytes are not the fastest step when the host lane can take layers but not a streamed lm_head."""
+    if w.host_compute != "auto" or w.host_gbps is None:
+        return plan
+    r = other_head_residency(f.sizes, budget[0] - budget[1], f.residency)
+    if r is None:
+        return plan
+    alt = _assemble(fp, dataclasses.replace(f, residency=r, tiers=assign_tiers(f.sizes, r, host - f.sizes.state_host)),
+                    w, budget, host, list(notes))
+    if not alt.predicted_step_s < plan.predicted_step_s * (1 - 1e-9):
+        return plan
+    k = len(alt.resident_layers)
+    why = (f"{k} resident layers with lm_head {'resident' if r.lm_head_resident else 'streamed'}, not "
+           f"{len(plan.resident_layers)} with it {'resident' if plan.lm_head_resident else 'streamed'}: with the "
+           f"host lane the step is predicted {alt.predicted_step_s * 1e3:.1f} ms instead of "
+           f"{plan.predicted_step_s * 1e3:.1f} ms")
+    return dataclasses.replace(alt, notes=(*alt.notes, why))
 
 
 def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int | None = None, batch: int = 1,
@@ -157,7 +192,8 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
     if max_context > fp.max_positions:
         notes.append(f"max_context {max_context} exceeds the model's max_position_embeddings "
                      f"{fp.max_positions}: quality beyond it is not guaranteed")
-    plan = _assemble(fp, f, w, (budget, outside), host, notes)
+    plan = _assemble(fp, f, w, (budget, outside), host, list(notes))
+    plan = _other_head_if_faster(fp, f, w, (budget, outside), host, notes, plan)
     for note in plan.notes:
         log.info("memory plan: %s", note)
     return plan

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from memory.footprint import Footprint, Module
-from memory.host_lane import LaneInputs, lane_times, parse_host_compute, spread_host
+from memory.host_lane import LaneInputs, choose_host_layers, improve, lane_times, parse_host_compute, spread_host
+from memory.lane_schedule import BOUNDARY_S, HANDOFF_S, StepUnit, simulate
 from memory.planner import HBM_GBPS, make_plan, minimum_budget
 
 LAYER, N_LAYERS, ROWS, ROW = 466_000_000, 28, 152_064, 7168
@@ -31,32 +32,67 @@ def _budget(fp: Footprint, resident_layers: int, head: bool = True) -> int:
     return low + resident_layers * LAYER + (fp.only("lm_head").bytes if head else 0)
 
 
-def _reference_step(n_streamed: int, h: int, other: int, gpu_bytes: int, h2d: float, host: float) -> float:
-    """The step the module docstring promises, written out: copies beside (host lane, then GPU)."""
-    copy = ((n_streamed - h) * LAYER + other) / (h2d * 1e9)
-    return max(copy, h * LAYER / (host * 1e9) + gpu_bytes / (HBM_GBPS * 1e9))
+def _units(p, fp: Footprint, host: tuple[int, ...], host_gbps: float) -> list[StepUnit]:
+    """The decode step of plan ``p``'s residency with ``host`` on the CPU, written out from the plan's fields."""
+    h2d, hbm = 55.0e9, HBM_GBPS * 1e9
+    head, norm = fp.only("lm_head").bytes, fp.only("norm").bytes
+    units = [StepUnit("host", host_s=LAYER / (host_gbps * 1e9)) if i in host else
+             StepUnit("streamed", copy_s=LAYER / h2d, gpu_s=LAYER / hbm) if i in p.streamed_layers else
+             StepUnit("resident", gpu_s=LAYER / hbm) for i in range(N_LAYERS)]
+    if p.lm_head_resident:
+        return units + [StepUnit("resident", gpu_s=(head + norm) / hbm)]
+    rows = -(-ROWS // p.lm_head_chunks)
+    chunks = [min(rows, ROWS - c * rows) * ROW for c in range(p.lm_head_chunks)]
+    return units + [StepUnit("streamed", copy_s=c / h2d, gpu_s=c * (head + norm) / head / hbm) for c in chunks]
+
+
+def _simulated(p, fp: Footprint, host: tuple[int, ...], host_gbps: float) -> float:
+    """Plan ``p``'s step with ``host`` on the CPU; the embedding row crosses between steps."""
+    return simulate(_units(p, fp, host, host_gbps), p.num_slots, boundary_s=BOUNDARY_S + ROW / 55.0e9).step_s
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["head-resident", "head-streamed"])
+@pytest.mark.parametrize("host_gbps", [67.0, 30.0])
+@pytest.mark.parametrize("resident", [0, 10])
+def test_auto_predicts_the_simulated_step_of_its_layout(host_gbps, resident, head):
+    """The prediction is the unit-by-unit step of the chosen layout, no slower than any evenly spread
+    count of host layers on the same residency, and faster than streaming everything."""
+    fp = _footprint()
+    p = make_plan(fp, vram_budget=_budget(fp, resident, head), host_compute="auto", host_gbps=host_gbps, **KW)
+    off = make_plan(fp, vram_budget=_budget(fp, resident, head), **KW)
+    assert p.host_layers and set(p.host_layers) <= set(p.streamed_layers)
+    assert p.predicted_step_s == pytest.approx(_simulated(p, fp, p.host_layers, host_gbps), rel=1e-9)
+    assert p.host_lane.step_s == p.predicted_step_s < off.predicted_step_s
+    spread = [_simulated(p, fp, spread_host(p.streamed_layers, h), host_gbps)
+              for h in range(len(p.streamed_layers) + 1)]
+    assert p.predicted_step_s <= min(spread) * (1 + 1e-9)
+    lane = p.host_lane
+    assert p.predicted_step_s >= max(lane.copy_s, lane.host_s + lane.gpu_s) * (1 - 1e-12)  # lanes wait, not overlap
+    head_bytes = 0 if p.lm_head_resident else fp.only("lm_head").bytes
+    streamed = len([i for i in p.streamed_layers if i not in p.host_layers]) * LAYER + head_bytes
+    assert p.streamed_bytes_per_step - streamed == ROW  # and the embedding row
+    on_host = [m.name for m in p.modules if m.placement == "host" and m.kind == "layer"]
+    assert on_host == [f"layers.{i}" for i in p.host_layers]
+    if (p.resident_layers, p.lm_head_resident) != (off.resident_layers, off.lm_head_resident):
+        assert any("with the host lane the step is predicted" in n for n in p.notes)
 
 
 @pytest.mark.parametrize("host_gbps", [67.0, 30.0])
-@pytest.mark.parametrize("resident", [0, 10])
-def test_a_fast_host_lane_gets_the_best_number_of_host_layers(host_gbps, resident):
+def test_auto_keeps_lm_head_resident_when_that_simulates_faster(host_gbps):
+    """Ten resident layers and a streamed lm_head hold the most bytes, but the head's chunks are copied at the
+    end of the step, beside no host layer: lm_head resident with seven layers simulates faster."""
     fp = _footprint()
-    p = make_plan(fp, vram_budget=_budget(fp, resident), host_compute="auto", host_gbps=host_gbps, **KW)
-    off = make_plan(fp, vram_budget=_budget(fp, resident), **KW)
-    n = len(off.streamed_layers)
-    other = off.streamed_bytes_per_step - n * LAYER  # embedding rows (lm_head is resident here)
-    assert p.lm_head_resident and n == N_LAYERS - resident
-    head_norm = fp.only("lm_head").bytes + fp.only("norm").bytes
-    steps = {h: _reference_step(n, h, other, (N_LAYERS - h) * LAYER + head_norm, 55.0, host_gbps)
-             for h in range(n + 1)}
-    best = min(steps, key=lambda h: (steps[h], h))
-    assert 0 < best < n and len(p.host_layers) == best
-    assert p.predicted_step_s == pytest.approx(steps[best], rel=1e-9)
-    assert p.predicted_step_s < off.predicted_step_s
-    assert p.streamed_bytes_per_step == off.streamed_bytes_per_step - best * LAYER
-    assert p.streamed_layers == off.streamed_layers and p.resident_layers == off.resident_layers
-    on_host = [m.name for m in p.modules if m.placement == "host" and m.kind == "layer"]
-    assert on_host == [f"layers.{i}" for i in p.host_layers]
+    budget = _budget(fp, 10, head=False)
+    p = make_plan(fp, vram_budget=budget, host_compute="auto", host_gbps=host_gbps, **KW)
+    off = make_plan(fp, vram_budget=budget, **KW)
+    assert not off.lm_head_resident and len(off.resident_layers) == 10
+    assert p.lm_head_resident and len(p.resident_layers) == 7 and p.total_bytes + p.outside_bytes <= budget
+    kept = [_simulated(off, fp, spread_host(off.streamed_layers, h), host_gbps)
+            for h in range(len(off.streamed_layers) + 1)]
+    assert p.predicted_step_s < min(kept)
+    assert any(n.startswith("7 resident layers with lm_head resident, not 10 with it streamed") for n in p.notes)
+    forced = make_plan(fp, vram_budget=budget, host_compute=3, host_gbps=host_gbps, **KW)
+    assert forced.resident_layers == off.resident_layers and not forced.lm_head_resident  # N keeps the residency
 
 
 @pytest.mark.parametrize("host_gbps", [0.5, 3.0])  # one layer on the host: >155 ms, above streaming all 18
@@ -140,12 +176,37 @@ def test_spread_host_is_even_and_in_order(n, h):
     assert not gaps or max(gaps) - min(gaps) <= 1
 
 
-def test_lane_times_add_bytes_over_rates():
+def test_lane_times_follow_the_chain():
+    """Layer 0 streamed (100 s to copy and 100 s to compute at 1 byte/s), layer 1 resident (200), layer 2 on the
+    host (150), the head's 10 on the GPU, 50 bytes of embedding rows between steps: the next step's first copy
+    runs during the chain, so a step is the chain plus the rows, the boundary and one handoff."""
     x = LaneInputs(candidates=(0, 2), layer_bytes=(100, 200, 300), copy_other=50, streamed=(0, 2), gpu_other=10,
                    h2d_gbps=1e-9, hbm_gbps=1e-9, host_gbps=2e-9)
     t = lane_times(x, (2,))
-    assert (t.copy_s, t.host_s, t.gpu_s) == pytest.approx((150.0, 150.0, 310.0))
-    assert t.step_s == pytest.approx(460.0)
+    assert (t.copy_s, t.host_s, t.gpu_s) == pytest.approx((100.0, 150.0, 310.0))
+    assert t.step_s == pytest.approx(100 + 200 + 150 + 10 + 50 + BOUNDARY_S + HANDOFF_S, rel=1e-12)
+
+
+@pytest.mark.parametrize("host_gbps", [30.0, 45.0, 67.0])
+def test_moving_host_layers_never_lengthens_the_step(host_gbps):
+    """From every spread count, the moves keep the count, stay among the candidates and never make the
+    simulated step longer; on this 7B-like plan (8 resident layers, lm_head in 3 streamed chunks) some
+    count gets strictly shorter, and auto is no slower than any spread count."""
+    streamed = tuple(i for i in range(N_LAYERS) if i % 7 not in (3, 6))[:20]
+    x = LaneInputs(candidates=streamed, layer_bytes=(LAYER,) * N_LAYERS, copy_other=ROW, streamed=streamed,
+                   gpu_other=ROWS * ROW + ROW, h2d_gbps=55.0, hbm_gbps=HBM_GBPS, host_gbps=host_gbps,
+                   head_chunks=(ROWS * ROW // 3,) * 3, slots=2)
+    gained = []
+    for h in range(1, len(streamed) + 1):
+        start = spread_host(streamed, h)
+        before = lane_times(x, start)
+        moved, after = improve(x, start, before)
+        assert len(moved) == h and list(moved) == sorted(set(moved)) and set(moved) <= set(streamed)
+        assert after.step_s <= before.step_s and after == lane_times(x, moved)
+        gained.append(before.step_s - after.step_s)
+    assert max(gained) > 1e-3  # at least a millisecond somewhere
+    best = choose_host_layers(x, "auto")
+    assert best.times.step_s <= min(lane_times(x, spread_host(streamed, h)).step_s for h in range(len(streamed) + 1))
 
 
 @pytest.mark.parametrize("text,want", [("auto", "auto"), ("OFF", "off"), (" 3 ", 3), ("0", 0), (5, 5)])
