@@ -134,25 +134,29 @@ class Model:
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
         embed = lambda k: self.weights.embed(groups[k].ids, self.ops.embedding)  # noqa: E731
-        states = (HostStates(len(groups), embed, n, pick, self.device) if host_states
+        states = (HostStates([tuple(g.ids.shape) for g in groups], embed, n, pick, self.device) if host_states
                   else DeviceStates(len(groups), embed))
-        for i in range(n):
-            w = self.weights.layer(i)
-            shared = None
-            for k, g in enumerate(groups):
-                b, t = g.ids.shape
-                if g.kv is not None:
-                    kv = g.kv(i)
-                else:
-                    shared = shared or cache.layer(i)
-                    kv = (shared[0][g.row0:g.row0 + b], shared[1][g.row0:g.row0 + b])
-                h, res = states.get(k)
-                with ctx(b * t):
-                    h, res = self.layer(w, h, res, positions[k], kv, g.start_pos, g.q_lens, g.max_len)
-                states.put(k, h, res)
-            self.weights.release(i)
-            if after_layer is not None:
-                after_layer(i)
+        try:
+            for i in range(n):
+                w = self.weights.layer(i)
+                shared = None
+                for k, g in enumerate(groups):
+                    b, t = g.ids.shape
+                    if g.kv is not None:
+                        kv = g.kv(i)
+                    else:
+                        shared = shared or cache.layer(i)
+                        kv = (shared[0][g.row0:g.row0 + b], shared[1][g.row0:g.row0 + b])
+                    h, res = states.get(k)
+                    with ctx(b * t):
+                        h, res = self.layer(w, h, res, positions[k], kv, g.start_pos, g.q_lens, g.max_len)
+                    states.put(k, h, res)
+                    del h, res  # the states object decides how long a group's output lives
+                self.weights.release(i)
+                if after_layer is not None:
+                    after_layer(i)
+        finally:
+            states.close()  # host states: their copies end before the buffers they use are freed
         self.state_host_bytes += states.moved_bytes
         h, residual = states.pick(pick)
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)

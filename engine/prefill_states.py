@@ -4,16 +4,19 @@
 wait between layers. :class:`DeviceStates` keeps them on the compute device. :class:`HostStates`
 (the plan's ``prefill_state_place == "host"``) keeps them in host memory, pinned on a GPU: before a
 layer runs on a group its states are copied in, and its results are copied out after, on a copy stream
-ordered by events, so the next group's upload overlaps the current group's compute and only a few
-groups' states are on the device at once. On the CPU the copies are plain tensor copies, in order.
+ordered by events (:class:`StreamLane`), so the next group's upload overlaps the current group's compute
+and a fixed number of groups' states are on the device at once (the planner's count: see ``HostStates``).
+On the CPU the copies are plain tensor copies, in order (:class:`ImmediateLane`).
 
 Both are driven the same way: ``get(k)`` before group k runs through a layer, ``put(k, h, residual)``
-after, groups in order, layer after layer; ``pick(...)`` after the last layer.
+after, groups in order, layer after layer; ``close()`` after the last layer (or an error), then
+``pick(...)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -36,10 +39,74 @@ class DeviceStates:
     def put(self, k: int, h: torch.Tensor, residual: torch.Tensor) -> None:
         self.hs[k], self.res[k] = h, residual
 
+    def close(self) -> None:
+        """Nothing in flight."""
+
     def pick(self, pick: Pick) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's (output, residual) rows of the tokens ``pick`` names, stacked."""
         return (torch.stack([self.hs[g][r, j] for g, r, j in pick]),
                 torch.stack([self.res[g][r, j] for g, r, j in pick]))
+
+
+class CopyLane(Protocol):
+    """Where HostStates' copies between host and device run, and how their ends are waited for."""
+
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> object:
+        """Queue ``dst.copy_(src)`` for each (dst, src), after the compute work queued so far; a marker of
+        their end for ``compute_waits`` / ``host_waits``."""
+
+    def compute_waits(self, done: object) -> None:
+        """Compute queued from now on starts after the copies ``done`` marks."""
+
+    def host_waits(self, done: object) -> None:
+        """Return once the copies ``done`` marks have finished."""
+
+    def drain(self) -> None:
+        """Return once every queued copy has finished."""
+
+
+class StreamLane:
+    """A CUDA copy stream, ordered against the compute stream by events."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.stream = device, torch.cuda.Stream(device)
+
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
+        computed = torch.cuda.Event()
+        computed.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(computed)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def compute_waits(self, done: torch.cuda.Event) -> None:
+        torch.cuda.current_stream(self.device).wait_event(done)
+
+    def host_waits(self, done: torch.cuda.Event) -> None:
+        done.synchronize()
+
+    def drain(self) -> None:
+        self.stream.synchronize()
+
+
+class ImmediateLane:
+    """The CPU: every copy is done when it is queued."""
+
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for dst, src in pairs:
+            dst.copy_(src)
+
+    def compute_waits(self, done: None) -> None:
+        pass
+
+    def host_waits(self, done: None) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
 
 
 class HostStates:
@@ -47,77 +114,88 @@ class HostStates:
 
     Layer 0 embeds a group on the device (nothing to copy in); the last layer's results stay on the
     device for the picked tokens only (nothing to copy out). ``moved_bytes`` counts both directions.
+
+    The device side is bounded by construction. A group's states are copied into one of two staging
+    buffers (hidden and residual, sized for the largest group) that steps use in turn; the copy waits
+    for the compute that last read the buffer. A layer's outputs are held until their copy out has
+    finished and dropped before the compute two steps on allocates its own, so no device tensor
+    outlives its use through a pending copy and the host never runs more than two steps ahead of the
+    copies. Besides the computing group's input and output, at most one group's states are being
+    copied in and one copied out (one group: none; it waits for its own copies).
     """
 
-    def __init__(self, n_groups: int, embed: Embed, layers: int, pick: Pick, device: torch.device) -> None:
-        self.n, self.embed, self.layers, self.device = n_groups, embed, layers, device
-        self.copy = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.host: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_groups
-        self.ready: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = {}
+    def __init__(self, shapes: list[tuple[int, int]], embed: Embed, layers: int, pick: Pick,
+                 device: torch.device, lane: CopyLane | None = None) -> None:
+        self.shapes, self.n, self.embed, self.layers, self.device = shapes, len(shapes), embed, layers, device
+        self.lane = lane or (StreamLane(device) if device.type == "cuda" else ImmediateLane())
+        self.ring = min(self.n, 2)  # staging buffers, and steps between a group's output and its release
+        self.host: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.n
+        self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.ring
+        self.uploaded: dict[int, object] = {}  # step -> marker of its copy into its staging buffer
+        self.held: dict[int, tuple[torch.Tensor, torch.Tensor, object]] = {}  # step -> outputs being copied out
         self.wanted = {(g, r, j) for g, r, j in pick}
         self.last: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.step = 0  # get/put pairs done: layer = step // n, group = step % n
         self.moved_bytes = 0
 
     def get(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        layer, group = divmod(self.step, self.n)
+        s = self.step
+        layer, group = divmod(s, self.n)
         assert group == k, "groups run in order, layer after layer"
-        nxt_layer, nxt = divmod(self.step + 1, self.n)
-        if 0 < nxt_layer < self.layers and nxt != k and nxt not in self.ready:
-            self._upload(nxt)  # queued behind the download of the group computed before this one
+        self._release(s - self.ring)  # before this step's compute allocates its outputs
+        if layer > 0 and s not in self.uploaded:
+            self._upload(s)
+        if self.n > 1 and self.n <= s + 1 < self.layers * self.n:
+            self._upload(s + 1)  # overlaps this step's compute; its source was copied out at step s + 1 - n
         if layer == 0:
             return self.embed(k), None
-        if k not in self.ready:
-            self._upload(k)
-        h, res, done = self.ready.pop(k)
-        if done is not None:
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(done)
-            h.record_stream(compute)  # allocated on the copy stream, freed after the compute reads it
-            res.record_stream(compute)
-        return h, res
+        self.lane.compute_waits(self.uploaded.pop(s))
+        return self._staging(s)
 
     def put(self, k: int, h: torch.Tensor, residual: torch.Tensor) -> None:
-        layer = self.step // self.n
+        s = self.step
         self.step += 1
-        if layer == self.layers - 1:
+        if s // self.n == self.layers - 1:
             for g, r, j in self.wanted:
-                if g == k:
-                    self.last[(g, r, j)] = (h[r, j], residual[r, j])
+                if g == k:  # a copy: a view would keep the whole group's states alive
+                    self.last[(g, r, j)] = (h[r, j].clone(), residual[r, j].clone())
             return
         if self.host[k] is None:
-            pin = self.copy is not None
+            pin = self.device.type == "cuda"
             self.host[k] = (torch.empty(h.shape, dtype=h.dtype, pin_memory=pin),
                             torch.empty(residual.shape, dtype=residual.dtype, pin_memory=pin))
+        host_h, host_r = self.host[k]
         self.moved_bytes += 2 * h.numel() * h.element_size()
-        host_h, host_r = self.host[k]
-        if self.copy is None:
-            host_h.copy_(h)
-            host_r.copy_(residual)
-            return
-        computed = torch.cuda.Event()
-        computed.record(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.copy):
-            self.copy.wait_event(computed)
-            host_h.copy_(h, non_blocking=True)
-            host_r.copy_(residual, non_blocking=True)
-        h.record_stream(self.copy)  # allocated on the compute stream, freed after the copy reads it
-        residual.record_stream(self.copy)
+        self.held[s] = (h, residual, self.lane.copy([(host_h, h), (host_r, residual)]))
 
-    def _upload(self, k: int) -> None:
-        """Queue group k's states to the device (after its last download on the same stream)."""
-        host_h, host_r = self.host[k]
-        self.moved_bytes += 2 * host_h.numel() * host_h.element_size()
-        if self.copy is None:
-            self.ready[k] = (host_h.clone(), host_r.clone(), None)
-            return
-        with torch.cuda.stream(self.copy):
-            h = host_h.to(self.device, non_blocking=True)
-            res = host_r.to(self.device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.copy)
-        self.ready[k] = (h, res, done)
+    def close(self) -> None:
+        """Wait for every queued copy and drop the device buffers (also after an error, before they are freed)."""
+        self.lane.drain()
+        self.held.clear()
+        self.uploaded.clear()
+        self.slots = [None] * self.ring
 
     def pick(self, pick: Pick) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's (output, residual) rows of the tokens ``pick`` names, stacked."""
         return (torch.stack([self.last[p][0] for p in pick]), torch.stack([self.last[p][1] for p in pick]))
+
+    def _release(self, s: int) -> None:
+        """Drop step s's outputs once their copy out has finished (the host waits for it)."""
+        if (held := self.held.pop(s, None)) is not None:
+            self.lane.host_waits(held[2])
+
+    def _upload(self, s: int) -> None:
+        """Queue the copy of step s's group into its staging buffer (after the compute that read it last)."""
+        host_h, host_r = self.host[s % self.n]
+        h, res = self._staging(s)
+        self.uploaded[s] = self.lane.copy([(h, host_h), (res, host_r)])
+        self.moved_bytes += 2 * host_h.numel() * host_h.element_size()
+
+    def _staging(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step s's staging buffer, as the (hidden, residual) shapes of its group."""
+        host_h = self.host[s % self.n][0]
+        i = s % self.ring
+        if self.slots[i] is None:
+            size = max(b * t for b, t in self.shapes) * host_h.shape[-1]
+            self.slots[i] = tuple(torch.empty(size, dtype=host_h.dtype, device=self.device) for _ in range(2))
+        return tuple(buf[: host_h.numel()].view(host_h.shape) for buf in self.slots[i])

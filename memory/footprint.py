@@ -65,12 +65,14 @@ class Footprint:
     def prefill_state_bytes(self, batch: int, max_context: int, prefill_chunk: int, on_host: bool = False) -> int:
         """The VRAM that holds prompt states besides the chunk being computed in a layer-major prefill.
         In VRAM: the hidden states of the longest prompts beyond that chunk wait there while a layer's
-        weights serve them all. ``on_host`` (they wait in pinned host memory): only two chunks' states are
-        on the device besides it, one being copied in and one being copied out (never more than in VRAM)."""
+        weights serve them all. ``on_host`` (they wait in pinned host memory): two chunk-sized staging
+        buffers' worth besides it, one chunk being copied in and one being copied out, whenever a prompt can
+        have more than one chunk (``engine.prefill_states.HostStates`` holds exactly that; a prompt of one
+        chunk holds nothing besides it). Where the prompt's other chunks are smaller than that, VRAM holds less."""
         in_vram = max(0, batch * (max_context - 1) - max(prefill_chunk, batch)) * self.state_bytes_per_token
         if not on_host:
             return in_vram
-        return min(in_vram, 2 * max(prefill_chunk, batch) * self.state_bytes_per_token)
+        return 2 * max(prefill_chunk, batch) * self.state_bytes_per_token if in_vram else 0
 
     def prefill_state_host_bytes(self, batch: int, max_context: int) -> int:
         """Host memory for the prompt states of ``batch`` prompts of up to ``max_context`` tokens, when a
