@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 GEMV_MAX_M = 64  # kernels.linear.GEMV_MAX_M: more rows go to the tuned GEMM, keyed by next_power_of_2(rows)
 REAL_CONTEXT = 16  # decoding rows' context in real passes (their tuning does not depend on it)
+DRY_LIMIT_S = 60.0  # compile-only passes stop after this long (they are ordered: prompt slices first)
 _SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.05)  # compiles the sampling kernels
 
 
@@ -64,6 +65,7 @@ class WarmupReport:
 
     steps: list[WarmStep] = field(default_factory=list)
     skipped: list[WarmStep] = field(default_factory=list)
+    cut: int = 0  # compile-only steps left out at the time limit
     real_s: float = 0.0
     dry_s: float = 0.0
 
@@ -74,7 +76,8 @@ class WarmupReport:
     def summary(self) -> str:
         real = sum(not s.dry for s in self.steps)
         return (f"warm-up: {real} real passes in {self.real_s:.1f} s, {len(self.steps) - real} compile-only "
-                f"passes in {self.dry_s:.1f} s" + (f", {len(self.skipped)} skipped" if self.skipped else ""))
+                f"passes in {self.dry_s:.1f} s" + (f", {len(self.skipped)} skipped" if self.skipped else "")
+                + (f", {self.cut} left out at the time limit" if self.cut else ""))
 
 
 def _pow2(lo: int, hi: int) -> list[int]:
@@ -114,8 +117,9 @@ def plan_warmup(batch: int, chunk: int, max_context: int, eager_decode: bool, dr
     is the table's length)."""
     eff = max(1, min(chunk, max_context))
     ctx = max(1, min(REAL_CONTEXT, max_context - 1))
-    steps = [WarmStep(False, 0, 0, 0, p) for p in _pack([min(b, eff) for b in _pow2(2 * GEMV_MAX_M, eff)],
-                                                          eff, batch)]
+    # the first pack is the chunk alone: its one picked row also tunes the lm_head GEMV's single-row bucket
+    packs = _pack([min(b, eff) for b in _pow2(2 * GEMV_MAX_M, eff)], eff, batch) or ([(eff,)] if eff >= 2 else [])
+    steps = [WarmStep(False, 0, 0, 0, p) for p in packs]
     for m in (16, 32, 64):  # lm_head rows of a mixed step = decoding rows + slices: each GEMV bucket once
         p = min(m, batch)
         if p >= (2 if m == 16 else m // 2 + 1) and eff - (p - 1) >= 2:
@@ -135,9 +139,10 @@ def plan_warmup(batch: int, chunk: int, max_context: int, eager_decode: bool, dr
     return steps
 
 
-def warm_up(scheduler: Scheduler) -> WarmupReport:
+def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupReport:
     """Run :func:`plan_warmup`'s steps for this scheduler's engine and clean up after them (see the
-    module docstring); returns what ran. Call it before the first request is added."""
+    module docstring); compile-only steps stop after ``dry_limit_s`` (the rest are counted as ``cut``).
+    Returns what ran. Call it before the first request is added."""
     assert not scheduler.has_work(), "warm up before serving"
     eng = scheduler.engine
     paged = scheduler.blocks is not None
@@ -154,7 +159,10 @@ def warm_up(scheduler: Scheduler) -> WarmupReport:
         if dry:
             t0 = time.perf_counter()
             with ahead.dry(eng.model):
-                for step in dry:
+                for i, step in enumerate(dry):
+                    if time.perf_counter() - t0 > dry_limit_s:
+                        report.cut = len(dry) - i
+                        break
                     _run(scheduler, step, report)
             report.dry_s = time.perf_counter() - t0
     finally:
