@@ -39,15 +39,16 @@ def test_plan_for_the_h200_serving_run():
     assert {127, 128, 1023, 1024, 2047, 2048, 2, 3, 63, 64} <= sizes and max(sizes) == 2048
     assert plan_warmup(32, 2048, 2304, eager_decode=True, dry=False) == real  # eager decode runs untuned
     eager = {(s.decode_rows, s.context) for s in plan_warmup(32, 2048, 2304, eager_decode=True, dry=True,
-                                                             context_lo=16) if s.kind == "decode"}
-    assert eager == {(r, c) for r in range(1, 33) for c in (16, 32, 64, 128, 256, 512, 1024, 2048, 2303)}
+                                                             block_size=16) if s.kind == "decode"}
+    widths = (1, 2, 4, 8, 15, 16, 31, 32, 63, 64, 127, 128)  # then the last, partial block of 2303 tokens
+    assert eager == {(r, c) for r in range(1, 33) for c in [16 * w for w in widths] + [2303]}
 
 
 @pytest.mark.parametrize("batch,chunk,ctx,eager", [(1, 16, 64, True), (4, 256, 512, False), (5, 1536, 1000, True),
                                                     (3, 100, 64, True), (40, 512, 4096, True), (2, 2, 8, False)])
 def test_every_planned_step_fits_the_scheduler(batch, chunk, ctx, eager):
     """Slots, the prefill chunk and the context bound every step, as they bound the scheduler's steps."""
-    steps = plan_warmup(batch, chunk, ctx, eager_decode=eager, dry=True, context_lo=16)
+    steps = plan_warmup(batch, chunk, ctx, eager_decode=eager, dry=True, block_size=4 if eager else None)
     eff = min(chunk, ctx)
     for s in steps:
         assert s.decoding + len(s.slices) <= batch and s.decode_rows <= batch and s.decoding <= s.decode_rows
@@ -100,7 +101,7 @@ def test_warm_up_runs_its_shapes_and_leaves_nothing(tiny_qwen2_dir, monkeypatch,
     monkeypatch.undo()
     try:
         assert report.steps == plan_warmup(4, 256, 512, eager_decode=True, dry=True,
-                                           context_lo=int(kv.split("-")[1]) if paged else 256)
+                                           block_size=int(kv.split("-")[1]) if paged else None)
         assert not report.skipped and any(s.dry for s in report.steps)
         assert calls == [_expected(s) for s in report.steps]
         assert {n for s in report.steps if not s.dry for n in s.slices} >= {256, 128}

@@ -101,20 +101,24 @@ def _pack(sizes: list[int], cap: int, most: int) -> list[tuple[int, ...]]:
     return [tuple(b) for b in bins]
 
 
-def _contexts(max_context: int, lo: int) -> list[int]:
-    """Decode contexts giving each attention split bound: powers of two from ``lo``, and the longest a
-    decoding sequence reaches (max_context - 1)."""
+def _contexts(max_context: int, block_size: int | None) -> list[int]:
+    """Decode contexts whose attention kernels differ, up to the longest a decoding sequence reaches
+    (max_context - 1). Slot cache: one per split bound (powers of two from 256). Paged: the split cap is
+    the block table's width, so widths of a power of two blocks, and from 16 blocks on (where the split
+    count's divisibility by 16 specialises the kernel) one block fewer too."""
     last = max(1, max_context - 1)
-    return [c for c in _pow2(lo, last) if c < last] + [last]
+    if block_size is None:
+        return [c for c in _pow2(256, last) if c < last] + [last]
+    widths = {w for b in _pow2(1, -(-last // block_size)) for w in ((b, b - 1) if b >= 16 else (b,))}
+    return sorted({min(w * block_size, last) for w in widths})
 
 
 def plan_warmup(batch: int, chunk: int, max_context: int, eager_decode: bool, dry: bool,
-                context_lo: int = 256) -> list[WarmStep]:
+                block_size: int | None = None) -> list[WarmStep]:
     """The warm-up steps for ``batch`` slots and a ``chunk``-token prefill chunk: real passes first, then
     (``dry``) compile-only ones. ``eager_decode``: pure decode steps run eagerly (paged KV, no decode
-    graph) and get compile-only passes too; ``context_lo``: the shortest decode context whose kernels
-    differ (256: the slot attention's lowest split bound; the block size: the paged kernel's split cap
-    is the table's length)."""
+    graph) and get compile-only passes too; ``block_size``: paged KV's (None: the slot cache), which
+    decides the decode contexts whose kernels differ (:func:`_contexts`)."""
     eff = max(1, min(chunk, max_context))
     ctx = max(1, min(REAL_CONTEXT, max_context - 1))
     # the first pack is the chunk alone: its one picked row also tunes the lm_head GEMV's single-row bucket
@@ -128,7 +132,7 @@ def plan_warmup(batch: int, chunk: int, max_context: int, eager_decode: bool, dr
         return steps
     sizes = {n for b in _pow2(4, eff) for n in (b - 1, b)} | {2, eff}  # each bucket's even and odd sizes
     steps += [WarmStep(True, 0, 0, 0, p) for p in _pack([n for n in sizes if 2 <= n <= eff], eff, batch)]
-    contexts = _contexts(max_context, context_lo)
+    contexts = _contexts(max_context, block_size)
     for c in contexts:
         for r in range(1, batch + 1):
             decoding = r if r < batch else r - 1  # a slot is left for the slice
@@ -148,7 +152,7 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
     paged = scheduler.blocks is not None
     steps = plan_warmup(eng.opts.batch, eng.opts.prefill_chunk, eng.opts.max_context,
                         eager_decode=paged or eng.graph is None, dry=ahead.wanted(eng.model),
-                        context_lo=scheduler.blocks.block_size if paged else 256)
+                        block_size=scheduler.blocks.block_size if paged else None)
     report = WarmupReport()
     try:
         t0 = time.perf_counter()
