@@ -3,6 +3,8 @@
 An OpenAI-compatible HTTP server (chat and text completions, streaming, /v1/models, /health,
 /metrics and a chat page at /) with continuous batching: every forward pass, one stream of the
 non-resident weights, serves all active requests. Binds to 127.0.0.1 unless --host says otherwise.
+Before /health says ready, the server warms up: it runs the step shapes its requests will meet, so
+that kernel compiles and tuning do not fall on them (engine/serving/warmup.py; --no-warmup skips it).
 SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish for --grace seconds, cancels the
 rest (their streams end with finish_reason "abort" and [DONE]), then exits 0.
 """

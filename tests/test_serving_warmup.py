@@ -38,10 +38,12 @@ def test_plan_for_the_h200_serving_run():
     sizes = {n for s in steps if s.dry and s.kind == "prefill" for n in s.slices}
     assert {127, 128, 1023, 1024, 2047, 2048, 2, 3, 63, 64} <= sizes and max(sizes) == 2048
     assert plan_warmup(32, 2048, 2304, eager_decode=True, dry=False) == real  # eager decode runs untuned
-    eager = {(s.decode_rows, s.context) for s in plan_warmup(32, 2048, 2304, eager_decode=True, dry=True,
-                                                             block_size=16) if s.kind == "decode"}
+    paged = plan_warmup(32, 2048, 2304, eager_decode=True, dry=True, block_size=16)
     widths = (1, 2, 4, 8, 15, 16, 31, 32, 63, 64, 127, 128)  # then the last, partial block of 2303 tokens
-    assert eager == {(r, c) for r in range(1, 33) for c in [16 * w for w in widths] + [2303]}
+    assert {(s.decode_rows, s.context) for s in paged if s.kind == "mixed" and s.dry} == \
+        {(r, c) for r in range(1, 33) for c in [16 * w for w in widths] + [2303]}
+    # eager pure decode: the same layer shapes as the mixed steps' decode group; a pass per row count for the head
+    assert [(s.decode_rows, s.context) for s in paged if s.kind == "decode"] == [(r, 16) for r in range(1, 33)]
 
 
 @pytest.mark.parametrize("batch,chunk,ctx,eager", [(1, 16, 64, True), (4, 256, 512, False), (5, 1536, 1000, True),

@@ -15,8 +15,8 @@ sampling):
   replays the decode graph, whose capture already ran its shapes (tuned) at load.
 * dry, compile-only passes (``engine.ahead.dry``: no weight is streamed, Triton launches compile in a
   thread pool) where only compiles are missing: prompt slices at each bucket's even and odd sizes,
-  and the decode group of mixed steps (and, eager, pure decode) at every row count and at contexts
-  that give each attention split bound. Only where compile-ahead is wanted (CUDA, Triton kernels).
+  and the decode group of mixed steps at every row count and at contexts that give each attention
+  split bound (eager pure decode runs the same layer shapes; it gets a pass per row count for its head). Only where compile-ahead is wanted (CUDA, Triton kernels).
 
 The warm-up leaves nothing behind: KV storage is zeroed, block tables and the prefix cache are
 empty (a fresh allocator), the runner's counters and samplers are reset; the scheduler's counters
@@ -138,8 +138,8 @@ def plan_warmup(batch: int, chunk: int, max_context: int, eager_decode: bool, dr
             decoding = r if r < batch else r - 1  # a slot is left for the slice
             if batch >= 2 and decoding >= 1 and eff - decoding >= 2:
                 steps.append(WarmStep(True, r, decoding, c, (2,)))
-    if eager_decode:
-        steps += [WarmStep(True, r, r, c) for c in contexts for r in range(1, batch + 1)]
+    if eager_decode:  # its layers run the mixed steps' decode group: only its head's rows are new
+        steps += [WarmStep(True, r, r, contexts[0]) for r in range(1, batch + 1)]
     return steps
 
 
