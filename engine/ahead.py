@@ -33,7 +33,9 @@ def wanted(model) -> bool:
 
 
 @contextlib.contextmanager
-def _dry(model) -> Iterator[None]:
+def dry(model) -> Iterator[None]:
+    """Inside: the model's passes are dry (streamed weights are staging slot 0's bytes, uncopied) and this
+    thread's Triton launches only compile (``kernels.ahead.compile_only``); on exit every compile is done."""
     from kernels.ahead import compile_only
 
     model.weights.dry = True
@@ -53,7 +55,7 @@ def decode(model, cache, batch: int) -> None:
     dev = model.device
     ids = torch.zeros((batch, 1), dtype=torch.long, device=dev)
     start = torch.zeros(batch, dtype=torch.int32, device=dev)
-    with _dry(model):
+    with dry(model):
         model.forward(ids, start, torch.ones(batch, dtype=torch.int32, device=dev), cache, cache.max_context)
 
 
@@ -61,5 +63,5 @@ def prefill(model, ids: torch.Tensor, lens: list[int], chunk: int, cache, chunk_
     """Compile the kernels of ``model.prefill`` over these prompts (the call that follows)."""
     if not wanted(model):
         return
-    with _dry(model):
+    with dry(model):
         model.prefill(ids, lens, chunk, cache, chunk_context)

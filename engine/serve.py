@@ -3,6 +3,8 @@
 An OpenAI-compatible HTTP server (chat and text completions, streaming, /v1/models, /health,
 /metrics and a chat page at /) with continuous batching: every forward pass, one stream of the
 non-resident weights, serves all active requests. Binds to 127.0.0.1 unless --host says otherwise.
+Before /health says ready, the server warms up: it runs the step shapes its requests will meet, so
+that kernel compiles and tuning do not fall on them (engine/serving/warmup.py; --no-warmup skips it).
 SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish for --grace seconds, cancels the
 rest (their streams end with finish_reason "abort" and [DONE]), then exits 0.
 """
@@ -42,6 +44,9 @@ def build_parser(prog: str = "python -m engine.serve") -> CliParser:
                    "with prefix reuse (a shared system prompt or earlier chat turns are not prefilled again; "
                    "decode without CUDA graphs)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block with --kv-cache paged")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the warm-up (before /health says ready, the server runs the shapes its steps meet, "
+                   "so that kernel compiles and tuning do not fall on the first requests)")
     p.add_argument("--grace", type=int, default=30, help="seconds in-flight requests get at shutdown (default 30)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -75,11 +80,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     from engine.serving.app import create_app
     from engine.serving.loop import EngineLoop
     from engine.serving.metrics import ServerMetrics
+    from engine.serving.warmup import warm_up
 
     def load():
         return load_engine(args.model, opts, quiet=not args.verbose, resolved=(files, is_default))[0]
 
-    loop = EngineLoop(load, max_waiting=args.max_waiting, kv_cache=args.kv_cache, block_size=args.block_size)
+    loop = EngineLoop(load, max_waiting=args.max_waiting, kv_cache=args.kv_cache, block_size=args.block_size,
+                      warmup=warm_up if args.warmup else None)
     metrics = ServerMetrics(loop)
     loop.on_step = metrics.on_step
     name = args.served_model_name or args.model or "default"
@@ -96,7 +103,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     loop.start()
     threading.Thread(target=_watch, args=(loop, server, args.grace), daemon=True).start()
     print(f"layerstream: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page "
-          "at /); the model is loading, /health says when it is ready", file=sys.stderr)
+          f"at /); the model is loading{' and warming up' if args.warmup else ''}, /health says when it is ready",
+          file=sys.stderr)
     server.run()
     loop.close()
     if loop.error is not None:
@@ -126,7 +134,9 @@ def _watch(loop, server, grace: float) -> None:
             if loop.error is not None:
                 server.should_exit = True
             else:
-                print("layerstream: model loaded; ready", file=sys.stderr, flush=True)
+                report = loop.warmup_report
+                done = f" ({report.summary()})" if report is not None else ""
+                print(f"layerstream: model loaded; ready{done}", file=sys.stderr, flush=True)
         time.sleep(0.1)
     time.sleep(grace)
     if loop.scheduler is not None:

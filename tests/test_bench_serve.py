@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.serve_helpers import Server
-from tools.bench_serve import main, percentile
+from tools.bench_serve import WARMUP_TOKENS, main, percentile
 
 
 def test_percentile():
@@ -22,13 +22,19 @@ def test_levels_against_a_live_server(tiny_qwen2_dir, tmp_path, capsys):
         rc = main(["--url", srv.url, "--clients", "1,3", "--requests-per-client", "2", "--prompt-tokens", "4:20",
                    "--shared-prefix", "8",
                    "--max-tokens", "5:9", "--json", str(out)])
+        generated = srv.metric("layerstream_generation_tokens_total")
     finally:
         srv.stop()
-    assert rc == 0, capsys.readouterr()
+    printed = capsys.readouterr()
+    assert rc == 0, printed
     rows = json.loads(out.read_text())
     assert [r["clients"] for r in rows] == [1, 3] and [r["requests"] for r in rows] == [2, 6]
+    # the warm-up request reached the server before the levels, and no row counts it
+    assert "server: one warm-up request first, not counted" in printed.out
+    assert generated == WARMUP_TOKENS + sum(r["tokens"] for r in rows)
     for r in rows:
-        assert r["errors"] == 0 and r["complete"] == r["requests"] and 5 * r["requests"] <= r["tokens"] <= 9 * r["requests"]
+        assert r["errors"] == 0 and r["complete"] == r["requests"]
+        assert 5 * r["requests"] <= r["tokens"] <= 9 * r["requests"]
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] < r["wall_s"] and 0 < r["itl_p50_s"] <= r["itl_p99_s"]
         assert r["streamed_gb_s"] == 0.0  # everything resident on the CPU: nothing streams
 

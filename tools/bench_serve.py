@@ -9,6 +9,8 @@ Each client sends its requests one after another to /v1/completions with random 
 stream. Per concurrency level: aggregate generated tok/s, time to first token (TTFT) p50/p99, the
 gap between streamed chunks (inter-token latency, ITL) p50/p99, and the server's streamed-weight
 GB/s (from /metrics). ``--serve "FLAGS"`` starts ``python -m engine.serve FLAGS`` on a free port first.
+Before the first level, each server gets one short warm-up request, which no row counts (the output says
+so): a first request's one-off costs, whatever the server's own warm-up left, stay out of the levels.
 
 In the same run, ``--all-resident`` repeats the levels on a server started without the flags'
 ``--vram-budget`` (every layer resident), and ``--peer-accelerate BUDGET`` serves the 1-client level's
@@ -38,6 +40,7 @@ from memory.units import parse_size_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 1000  # prompt ids below every tokenizer's size
+WARMUP_PROMPT, WARMUP_TOKENS = list(range(1, 9)), 4  # the uncounted request before the first level
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -237,6 +240,10 @@ def server_rows(args, config: str, flags: str | None) -> list[dict]:
     try:
         with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
             card = json.loads(r.read())["data"][0]
+        warm = one_request(url, card["id"], WARMUP_PROMPT, WARMUP_TOKENS)
+        first = f"{(warm['chunks'][0] - warm['t0']) * 1e3:.1f} ms" if warm["chunks"] else "none"
+        print(f"{config}: one warm-up request first, not counted ({len(WARMUP_PROMPT)} prompt tokens, "
+              f"{warm['tokens']} generated, first token {first})", flush=True)
         rows = []
         for i, clients in enumerate(args.levels):
             jobs = make_jobs(clients, args.requests_per_client, args.prompt_range, args.new_range, VOCAB,

@@ -48,8 +48,8 @@ class Api:
     def health(self) -> JSONResponse:
         if self.loop.error is not None:
             return JSONResponse({"status": "error", "message": str(self.loop.error)}, status_code=503)
-        if not self.loop.ready.is_set():
-            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        if not self.loop.ready.is_set():  # "loading", then "warming up" (engine.serving.warmup)
+            return JSONResponse({"status": self.loop.phase}, status_code=503, headers={"Retry-After": "1"})
         return JSONResponse({"status": "ok", "model": self.model_name})
 
     def models(self) -> dict:
@@ -65,7 +65,7 @@ class Api:
             return error(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r} "
                          "(GET /v1/models)", param="model", code="model_not_found")
         if not loop.ready.is_set() or loop.engine is None:
-            return unavailable("the model is still loading; retry shortly")
+            return unavailable(f"the model is still {loop.phase}; retry shortly")
         queue: asyncio.Queue = asyncio.Queue()
         aio = asyncio.get_running_loop()
         reply = Reply(chat, self.model_name, loop.engine.tokenizer)

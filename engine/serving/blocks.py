@@ -170,6 +170,12 @@ class BlockManager:
             table.last_hash = self.alloc.register(table.blocks[table.hashed], table.last_hash, tokens)
             table.hashed += 1
 
+    def clear(self) -> None:
+        """Forget every table and every cached block (a fresh allocator): nothing from before is reused."""
+        self.alloc = BlockAllocator(self.alloc.num_blocks, self.block_size)
+        self.tables.clear()
+        self.hits = 0
+
     def free(self, seq_id: int) -> None:
         """Release the sequence's blocks (full ones stay cached for reuse)."""
         table = self.tables.pop(seq_id, None)

@@ -1,6 +1,7 @@
 """The engine on one background thread; other threads submit and cancel sequences through a queue.
 
-The thread loads the model (``ready`` is set once it can serve), then alternates between taking
+The thread loads the model and runs the warm-up (``ready`` is set once it can serve; ``phase`` says
+"loading", "warming up" or "ready"), then alternates between taking
 commands from its inbox and running scheduler steps. A sequence's sink is called on this thread
 after each step that changed it. At most ``max_batch + max_waiting`` sequences are outstanding
 (running, waiting or in the inbox); ``submit`` raises :class:`QueueFull` beyond that.
@@ -28,9 +29,15 @@ class EngineLoop:
     """Owns an engine (built by ``load`` on its own thread) and a :class:`Scheduler` over it."""
 
     def __init__(self, load: Callable[[], Engine], max_waiting: int = 64,
-                 on_step: Callable[[StepStats], None] | None = None, **scheduler_options) -> None:
-        """``scheduler_options`` go to :class:`Scheduler` (kv_cache, block_size, num_blocks)."""
+                 on_step: Callable[[StepStats], None] | None = None,
+                 warmup: Callable[[Scheduler], object] | None = None, **scheduler_options) -> None:
+        """``warmup(scheduler)`` runs after loading, before ``ready`` (engine.serving.warmup.warm_up; its
+        result is kept as ``warmup_report``; a failure is logged and serving goes on without it).
+        ``scheduler_options`` go to :class:`Scheduler` (kv_cache, block_size, num_blocks)."""
         self._load = load
+        self._warmup = warmup
+        self.warmup_report: object | None = None
+        self.phase = "loading"
         self._scheduler_options = scheduler_options
         self.on_step = on_step
         self.max_waiting = max_waiting
@@ -62,7 +69,7 @@ class EngineLoop:
         """Queue sequences (all or none): NotReady while loading, ValueError for a request that cannot run,
         QueueFull when the outstanding limit would be passed."""
         if not self.ready.is_set() or self.scheduler is None or self._stopped.is_set():
-            raise NotReady("the model is loading" if self.error is None and not self._stopped.is_set()
+            raise NotReady(f"the model is {self.phase}" if self.error is None and not self._stopped.is_set()
                            else "the engine is not running")
         for s in seqs:
             self.scheduler.check(s.prompt_ids, s.params)  # reads the engine's shape only: safe here
@@ -110,11 +117,13 @@ class EngineLoop:
         try:
             self.engine = self._load()
             self.scheduler = Scheduler(self.engine, self.max_waiting, self.on_step, **self._scheduler_options)
+            self._warm_up()
         except BaseException as e:  # reported by /health and NotReady; the process decides what to do
             log.error("loading the model failed: %s", e)
             self.error = e
             return
         finally:
+            self.phase = "ready" if self.error is None else "failed"
             self.ready.set()
         try:
             self._serve()
@@ -124,6 +133,15 @@ class EngineLoop:
         finally:
             self._stopped.set()
             self._abort_all()
+
+    def _warm_up(self) -> None:
+        if self._warmup is None or self._stopped.is_set():
+            return
+        self.phase = "warming up"
+        try:
+            self.warmup_report = self._warmup(self.scheduler)
+        except Exception:  # an optimisation: serving goes on (first requests then compile and tune)
+            log.exception("the warm-up failed; serving without it")
 
     def _serve(self) -> None:
         sched = self.scheduler

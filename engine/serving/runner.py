@@ -38,6 +38,11 @@ class ModelRunner:
         self.steps = 0
         self.last_tokens = 0  # real tokens fed by the last step
 
+    def reset(self) -> None:
+        """Forget the step counters and the shared samplers (after a warm-up's synthetic steps)."""
+        self.steps = self.last_tokens = 0
+        self._samplers.clear()
+
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int, Logprob | None]]:
         """Feed every sequence its next chunk; (sequence, sampled token, its logprob entry when asked for)
         for those fed to the end."""
