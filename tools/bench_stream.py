@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelConfig
-from engine.engine import Engine, EngineOptions
+from engine.engine import Engine, EngineOptions, open_model
 from engine.generate import decode_step, prefill
 from engine.layout import expected_tensors
 from memory.bandwidth import disk_read_bandwidth, measure_h2d
@@ -203,6 +202,17 @@ def _gemm_tflops() -> float:
     return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t) / 1e12
 
 
+def checkpoint_files(model: Path) -> list[Path]:
+    """The files the weights are read from: a GGUF file (or a directory's .gguf files), else the
+    directory's safetensors shards."""
+    if model.is_file():
+        return [model]
+    found = sorted(model.glob("*.safetensors")) or sorted(model.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"{model} holds no .safetensors or .gguf file: pass a model directory or a GGUF file")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
@@ -214,10 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     h2d = measure_h2d(torch.device("cuda"))
     args.gemm_tflops = _gemm_tflops()
-    cfg = ModelConfig.from_file(Path(args.model) / "config.json")
+    try:
+        cfg = open_model(args.model).cfg  # a model directory or a GGUF file
+        files = checkpoint_files(Path(args.model))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     params = sum(math.prod(shape) for shape in expected_tensors(cfg).values())  # logical: packed codes count once each
     flops_per_token = 2 * params  # one multiply-add per weight per token
-    args.disk_gbps = disk_read_bandwidth(sorted(Path(args.model).glob("*.safetensors"))[0], 2 << 30)
+    args.disk_gbps = disk_read_bandwidth(files[0], 2 << 30)
     print(f"pinned H2D {h2d:.1f} GB/s | bf16 GEMM {args.gemm_tflops:.0f} TFLOP/s | checkpoint read "
           f"{args.disk_gbps:.2f} GB/s (page cache dropped first) | {torch.cuda.get_device_name()}")
     # the host lane's win depends on the host: its CPU and cores here, its GEMV GB/s in each plan
