@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issues 15 and 17 on one GPU machine, steps in $1 (each time-boxed; one call holds "s" or one 72B step):
+#  s  7B: the synthetic Qwen2.5-7B AWQ and Q4_K_M GGUF (random blocks, written on the GPU): load time of
+#     each (a short engine.run, whole process) and decode at 6 GiB, batch 1 (bench_stream)
+#  a  72B AWQ (synthetic, ~42 GB) at --vram-budget 24GB: step against its bound, tok/s, peak VRAM, host RSS
+#  g  72B Q4_K_M GGUF (synthetic, ~47 GB) at 24GB, the same (the 72B AWQ is deleted first: 64 GiB of disk)
+# Results in $OUT/results.tar.gz.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R
+steps=${1:-s}; END=$(( $(date +%s) + ${BOX:-540} ))
+left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
+rss() { /usr/bin/time -f "max RSS %M KB, wall %e s" "$@"; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  nproc; free -g | head -2; df -h /tmp | tail -1; date -u; } > $R/env.txt 2>&1
+synth() { [ -e $2 ] || timeout $(left 240) python3 -m tools.synth --preset $1 --out $2 --device cuda "${@:3}" 2>&1 | tail -1; }
+bench() { timeout $(left $3) rss python3 -m tools.bench_stream --model $1 --budgets $2 --batches 1 --steps 6 \
+  --prefill-tokens 0 --out-dir $R --tag $4 > $R/bench_$4.log 2>&1; echo "$4 rc=$?"; tail -3 $R/bench_$4.log; }
+if [[ $steps == *s* ]]; then
+  synth qwen2.5-7b /tmp/q7b-awq --quant awq
+  synth qwen2.5-7b /tmp/q7b-gguf --format gguf --gguf-type Q4_K_M
+  G=$(ls /tmp/q7b-gguf/*.gguf | head -1); du -sh /tmp/q7b-awq $G | tee -a $R/env.txt
+  for m in /tmp/q7b-awq $G; do  # load time: whole process, warm page cache (second of two runs)
+    for i in 1 2; do s=$(date +%s.%N)
+      timeout $(left 90) python3 -m engine.run --model $m --vram-budget 6GiB --prompt Hello --max-new-tokens 8 --json \
+        > $R/load_$(basename $m)_$i.json 2> $R/load_$(basename $m)_$i.err
+      echo "$(basename $m) run $i rc=$? wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s" | tee -a $R/load.txt
+    done
+  done
+  bench /tmp/q7b-awq 6GiB 90 awq7b; bench $G 6GiB 90 gguf7b
+fi
+if [[ $steps == *a* ]]; then
+  synth qwen2.5-72b /tmp/q72-awq --quant awq; du -sh /tmp/q72-awq | tee -a $R/env.txt
+  bench /tmp/q72-awq 24GB 300 awq72b
+fi
+if [[ $steps == *g* ]]; then
+  rm -rf /tmp/q72-awq
+  synth qwen2.5-72b /tmp/q72-gguf --format gguf --gguf-type Q4_K_M; du -sh /tmp/q72-gguf | tee -a $R/env.txt
+  bench "$(ls /tmp/q72-gguf/*.gguf | head -1)" 24GB 300 gguf72b
+fi
+tar czf $OUT/results.tar.gz -C $R .
