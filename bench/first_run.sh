@@ -11,6 +11,7 @@
 # Everything lands in $OUT/results.tar.gz.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+source bench/devinstall.sh  # gguf, fastapi, ... from the carried .devwheels
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

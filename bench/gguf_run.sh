@@ -7,6 +7,7 @@
 # Results in $OUT/results.tar.gz.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+source bench/devinstall.sh  # gguf, fastapi, ... from the carried .devwheels
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R
 steps=${1:-s}; END=$(( $(date +%s) + ${BOX:-540} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }

@@ -5,6 +5,7 @@
 # 7: all resident only, 8: start-up of three processes, 9: cProfile of a warm start). Everything lands in $OUT/results.tar.gz (the device tool returns at most 8 files).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+source bench/devinstall.sh  # gguf, fastapi, ... from the carried .devwheels
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R  # a reused machine may hold older files
 M=/tmp/q7b
 steps=${1:-123456}

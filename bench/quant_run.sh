@@ -9,6 +9,7 @@
 #  k  issue 15: --quantize int8 at 4 GiB on the bf16 7B
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+source bench/devinstall.sh  # gguf, fastapi, ... from the carried .devwheels
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b; A=/tmp/q7b-awq
 steps=${1:-pqfhtk}; END=$(( $(date +%s) + ${BOX:-540} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }

@@ -9,6 +9,7 @@
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, all resident, the accelerate peer
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+source bench/devinstall.sh  # gguf, fastapi, ... from the carried .devwheels
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
 steps=${1:-fhts}; END=$(( $(date +%s) + ${BOX:-545} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
