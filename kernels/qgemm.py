@@ -39,7 +39,8 @@ import triton.language as tl
 
 from kernels import tuning_cache
 from kernels.mma import mma_nt
-from kernels.quant_common import check_quant_inputs, dequant_ref, load_dequant, permute_input, scale_mode
+from kernels.quant_common import (agrees_with_reference, check_quant_inputs, dequant_ref, load_dequant,
+                                  permute_input, scale_mode)
 from kernels.quant_variants import load_words, split_dots, variant_ok, word_scales
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 
@@ -215,7 +216,8 @@ def _tuned(x, q, s, z, bits, group, bias, out, mins=False) -> triton.Config:
         timer = functools.partial(graph_ms, cold=fits_l2(nbytes, q.device))
         run = functools.partial(_launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=bias, out=out,
                                 mins=mins)
-        tune = functools.partial(fastest, cands, run, timer, name="qgemm", device=x.device)
+        accept = agrees_with_reference(x, q, s, z, bits, mins, bias, out)  # a miscompiled variant is never kept
+        tune = functools.partial(fastest, cands, run, timer, accept=accept, name="qgemm", device=x.device)
         cfg = _TUNED[key] = tuning_cache.tuned(x.device, "qgemm", key, cands, tune) or _default_config()
     return cfg
 

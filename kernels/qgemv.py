@@ -44,7 +44,8 @@ import triton.language as tl
 from kernels import tuning_cache
 from kernels.gemv import _finish_split_k, _gemv_splitk_reduce_kernel, _store_out
 from kernels.mma import mma_nt
-from kernels.quant_common import check_quant_inputs, dequant_ref, load_dequant, permute_input, scale_mode
+from kernels.quant_common import (agrees_with_reference, check_quant_inputs, dequant_ref, load_dequant,
+                                  permute_input, scale_mode)
 from kernels.quant_variants import gemv_tile, load_words, split_dots, variant_ok, word_scales
 from kernels.tickets import counters, last_ticket
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
@@ -262,7 +263,8 @@ def _tuned(x, q, s, z, bits, group, bias, out, block_m, mins=False) -> triton.Co
         timer = functools.partial(graph_ms, cold=fits_l2(nbytes, q.device))
         run = functools.partial(_launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=bias, out=out,
                                 block_m=block_m, mins=mins)
-        tune = functools.partial(fastest, cands, run, timer, name="qgemv", device=x.device)
+        accept = agrees_with_reference(x, q, s, z, bits, mins, bias, out)  # a miscompiled variant is never kept
+        tune = functools.partial(fastest, cands, run, timer, accept=accept, name="qgemv", device=x.device)
         cfg = _TUNED[key] = tuning_cache.tuned(x.device, "qgemv", key, cands, tune) or default
     return cfg
 

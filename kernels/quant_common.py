@@ -139,6 +139,27 @@ def load_dequant(q_ptr, s_ptr, z_ptr, rows, stride_qn, stride_sn, k0, K, group,
     return w
 
 
+def agrees_with_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int,
+                          mins: bool, bias: torch.Tensor | None, out: torch.Tensor, stride: int = 13,
+                          tol: float = 2e-2):
+    """A tuner's ``accept``: whether ``out`` (just written by a candidate) matches, on every ``stride``-th
+    output column, x @ the dequantized weight computed in fp32 torch; a candidate that miscompiles is
+    never picked, however fast. ``z`` holds the zero points, or the additive mins when ``mins``."""
+    idx = torch.arange(0, q.shape[0], stride, device=q.device)
+    zs = z.index_select(0, idx) if z is not None else None
+    w = dequant_ref(q.index_select(0, idx), s.index_select(0, idx), None if mins else zs, bits, zs if mins else None)
+    ref = x.float() @ w.T
+    if bias is not None:
+        ref += bias.index_select(0, idx).float()
+    scale = float(ref.norm())
+
+    def accept(_cfg) -> bool:
+        got = torch.nan_to_num(out.index_select(1, idx).float(), nan=float("inf"))
+        return bool((got - ref).norm() <= tol * scale)
+
+    return accept
+
+
 def dequant_ref(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                 mins: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 torch reference of the [N, K] weight in packed column order."""

@@ -172,3 +172,23 @@ def test_candidate_lists(monkeypatch: pytest.MonkeyPatch) -> None:
                                                                             (True, 3)}
     assert len(cands) <= 16 and len({str(c) for c in cands}) == len(cands)
     assert {c.kwargs["VARIANT"] for c in qgemm_mod._configs(4, 4)} == {0}
+
+
+@pytest.mark.parametrize("bits,form", FORMS)
+@pytest.mark.parametrize("M,K,N,G", [(1, 192, 45, 64), (5, 256, 40, 128)])
+def test_tuner_accepts_only_outputs_that_match_the_dequantized_weight(M, K, N, G, bits, form):
+    """The qgemv/qgemm tuners' ``accept``: a candidate's output must match fp32 torch on the sampled
+    columns, so a miscompiled variant is never picked however fast it runs."""
+    from kernels.quant_common import agrees_with_reference
+
+    q, s, z, m = operands(N, K, G, bits, form, seed=3)
+    x = randn(M, K, dtype=torch.float32)
+    bias = randn(N, dtype=torch.float32)
+    out = reference(x, q, s, z, m, bits, bias).to(torch.bfloat16)
+    accept = agrees_with_reference(x, q, s, m if form == "mins" else z, bits, form == "mins", bias, out)
+    assert accept(None)  # right up to bf16 rounding
+    out[:, ::13] *= 1.5  # a wrong candidate on the sampled columns
+    assert not accept(None)
+    out.copy_(reference(x, q, s, z, m, bits, bias).to(torch.bfloat16))
+    out[0, 0] = float("nan")
+    assert not accept(None)
