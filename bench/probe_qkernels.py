@@ -60,10 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def variant_name(cfg, gemv_m1: bool) -> str:
-    """base / swap / 3d / imajor / split / split+swap."""
+    """base / swap / 3d / split / split+swap."""
     v, swap = cfg.kwargs.get("VARIANT", 0), cfg.kwargs.get("SWAP_AB", False)
     if gemv_m1:
-        return {0: "base", 1: "3d", 2: "imajor"}[v]
+        return {0: "base", 1: "3d"}[v]
     return ("split" if v == 3 else "base" if not swap else "swap") + ("+swap" if v == 3 and swap else "")
 
 

@@ -21,12 +21,12 @@
 #          fits the L2 (as kernels/gemv.py); KERNELS_AUTOTUNE=0 and the interpreter use one config.
 # Variants (config VARIANT, kernels/quant_variants.py), all timed by the tuner, which keeps the fastest:
 #          M == 1: 0 "base" (load_dequant + reshape + I2F: the first version, 17-25% of the H200's
-#          copy ceiling), 1 "3d" and 2 "imajor" (no reshape, no I2F, the affine part applied once
+#          copy ceiling), 1 "3d" (no reshape, no I2F, the affine part applied once
 #          per word; their K loop is software-pipelined num_stages deep by an explicit tl.range,
 #          as the first version's loop was not: Triton pipelines only loads that feed a dot).
 #          M >= 2: 0 (load_dequant, either SWAP_AB)
 #          and 3 "split" (P dots of K = BLOCK_K / P, no reshape, either SWAP_AB).
-# Candidates: M == 1: _FMA_SHAPES (variant 0) and _WORD_SHAPES (variants 1 and 2); M >= 2:
+# Candidates: M == 1: _FMA_SHAPES (variant 0) and _WORD_SHAPES (variant 1); M >= 2:
 #          _DOT_SHAPES, _SWAP_SHAPES (variant 0) and _SPLIT_SHAPES (variant 3); each with split-K
 #          where the grid lacks programs.  To keep first-run compiles near the first version's
 #          count, the base lists lost their smallest tiles (FMA 16x256 / 32x256, dot 32x128): an
@@ -53,10 +53,10 @@ from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
 _FMA_SHAPES = [(8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2)]
-_WORD_SHAPES = [(16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 2), (64, 256, 8, 1)]  # variants 1, 2
+_WORD_SHAPES = [(16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 2), (64, 256, 8, 1)]  # variant 1
 _DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3)]
 _SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
-_SPLIT_SHAPES = [((32, 256, 4, 3), False), ((64, 256, 4, 3), True), ((128, 128, 8, 3), True)]  # variant 3
+_SPLIT_SHAPES = [((64, 256, 4, 3), True), ((128, 128, 8, 3), True)]  # variant 3 (without swap: 1.4-2.4x slower)
 _SPLITS = (1, 2, 4, 8)
 
 
@@ -144,7 +144,7 @@ def _qgemv_kernel(
     x_ptrs = x_ptr + rows_x[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     dt = x_ptr.dtype.element_ty
 
-    if BLOCK_M == 1 and VARIANT > 0:  # 3d / imajor: per-word partial sums
+    if BLOCK_M == 1 and VARIANT > 0:  # 3d: per-word partial sums
         acc = _word_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, kb_lo, kb_hi, K, group, stride_qn, stride_sn,
                          HAS_ZEROS, HAS_MINS, BITS, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, VARIANT, STAGES)
     elif BLOCK_M == 1:
@@ -199,7 +199,7 @@ def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: 
     if _INTERPRET:
         return [config(16, 64, 2 if K >= 128 else 1)]
     if block_m == 1:
-        shapes = [(s, False, 0) for s in _FMA_SHAPES] + [(s, False, v) for v in (1, 2) for s in _WORD_SHAPES]
+        shapes = [(s, False, 0) for s in _FMA_SHAPES] + [(s, False, 1) for s in _WORD_SHAPES]
     else:
         shapes = [(s, False, 0) for s in _DOT_SHAPES] + [(s, True, 0) for s in _SWAP_SHAPES] + \
             [(s, swap, 3) for s, swap in _SPLIT_SHAPES]

@@ -7,8 +7,9 @@
 # j * P + i in bits [i * BITS, (i + 1) * BITS) of word j.  None of these variants reshapes codes:
 #   VARIANT 1 "3d"     (GEMV, M == 1): codes stay [BN, BW, P] (BW = BLOCK_K / P words), x is the
 #                      contiguous [BW, P] tile; products are summed over P into [BN, BW].
-#   VARIANT 2 "imajor" (GEMV, M == 1): for i in 0..P-1 the i-th code of every word, [BN, BW],
-#                      times x[k0 + j * P + i] (a strided [BW] load from L1), summed into [BN, BW].
+#   (VARIANT 2, "imajor", one [BN, BW] slice per code position times a strided x load, was removed:
+#    on the H200 it ran 1.3-1.6x slower than "3d" at every Qwen2.5-7B shape, bench/results/
+#    2026-12-01-h200-s7-quant/probe_qkernels.txt.)
 #   VARIANT 3 "split"  (tensor cores, qgemm and qgemv M >= 2): P dots of K = BW each,
 #                      acc += x_i[BM, BW] @ w_i[BN, BW].T, with x_i the columns k0 + j * P + i
 #                      (qgemm permutes x once per call on the host so each x_i is contiguous).
@@ -24,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-VARIANTS = {"base": 0, "3d": 1, "imajor": 2, "split": 3}
+VARIANTS = {"base": 0, "3d": 1, "split": 3}
 _MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
 _TWO23 = tl.constexpr(8388608.0)
 
@@ -35,6 +36,8 @@ def variant_ok(variant: int, group: int, bits: int, block_k: int) -> bool:
     per = 32 // bits
     if variant == 0:
         return True
+    if variant not in (1, 3):  # 2 ("imajor") was removed; no other exists
+        return False
     if group % per or block_k % per:
         return False
     return variant != 3 or block_k // per >= 16
@@ -104,45 +107,29 @@ def gemv_tile(q_ptr, s_ptr, z_ptr, x_ptr, rows, stride_qn, stride_sn, k0, K, gro
               HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
               SCALE_MODE: tl.constexpr, EVEN_K: tl.constexpr, VARIANT: tl.constexpr):
     """fp32 [BN, BLOCK_K / P] partial sums of w[rows, k0:k0+BLOCK_K] * x[k0:k0+BLOCK_K] per word
-    (VARIANT 1 "3d" or 2 "imajor"); x_ptr points at x's row, columns past K count as 0."""
+    (VARIANT 1 "3d"); x_ptr points at x's row, columns past K count as 0."""
     PER: tl.constexpr = 32 // BITS
     BW: tl.constexpr = BLOCK_K // PER
     MASK: tl.constexpr = (1 << BITS) - 1
     offs_w = k0 // PER + tl.arange(0, BW)
     w_ok = offs_w < K // PER
-    if VARIANT == 1:
-        # words loaded as [BN, BW, 1]: the P codes of a word then stay in the thread that loaded it
-        ptrs3 = q_ptr + rows[:, None, None].to(tl.int64) * stride_qn + offs_w[None, :, None]
-        if EVEN_K:
-            words = tl.load(ptrs3, eviction_policy="evict_first")
-        else:
-            words = tl.load(ptrs3, mask=w_ok[None, :, None], other=0, eviction_policy="evict_first")
-        lane = tl.arange(0, PER)
-        p = _pos(lane, BITS)
-        x_ptrs = x_ptr + offs_w[:, None] * PER + lane[None, :]
-        if EVEN_K:
-            x2 = tl.load(x_ptrs, eviction_policy="evict_last").to(tl.float32)
-        else:
-            x2 = tl.load(x_ptrs, mask=w_ok[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
-        xw = tl.sum(x2, axis=1)
-        v = (words >> (lane * BITS - p)[None, None, :]) & (MASK << p)[None, None, :]
-        c = (v | _MAGIC).to(tl.float32, bitcast=True) - _TWO23
-        t = tl.sum(c * (x2 * _pow2_neg(p)[None, :])[None, :, :], axis=2)
+    # words loaded as [BN, BW, 1]: the P codes of a word then stay in the thread that loaded it
+    ptrs3 = q_ptr + rows[:, None, None].to(tl.int64) * stride_qn + offs_w[None, :, None]
+    if EVEN_K:
+        words = tl.load(ptrs3, eviction_policy="evict_first")
     else:
-        words = load_words(q_ptr, rows, stride_qn, k0, K, BITS, BW, EVEN_K)
-        t = tl.zeros((words.shape[0], BW), dtype=tl.float32)
-        xw = tl.zeros((BW,), dtype=tl.float32)
-        for i in tl.static_range(PER):
-            P_I = i * BITS if i * BITS <= 23 - BITS else 23 - BITS
-            if EVEN_K:
-                xi = tl.load(x_ptr + offs_w * PER + i, eviction_policy="evict_last").to(tl.float32)
-            else:
-                xi = tl.load(x_ptr + offs_w * PER + i, mask=w_ok, other=0.0,
-                             eviction_policy="evict_last").to(tl.float32)
-            xw += xi
-            v = (words >> (i * BITS - P_I)) & (MASK << P_I)
-            c = (v | _MAGIC).to(tl.float32, bitcast=True) - _TWO23
-            t += c * (xi * (1.0 / (1 << P_I)))[None, :]
+        words = tl.load(ptrs3, mask=w_ok[None, :, None], other=0, eviction_policy="evict_first")
+    lane = tl.arange(0, PER)
+    p = _pos(lane, BITS)
+    x_ptrs = x_ptr + offs_w[:, None] * PER + lane[None, :]
+    if EVEN_K:
+        x2 = tl.load(x_ptrs, eviction_policy="evict_last").to(tl.float32)
+    else:
+        x2 = tl.load(x_ptrs, mask=w_ok[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
+    xw = tl.sum(x2, axis=1)
+    v = (words >> (lane * BITS - p)[None, None, :]) & (MASK << p)[None, None, :]
+    c = (v | _MAGIC).to(tl.float32, bitcast=True) - _TWO23
+    t = tl.sum(c * (x2 * _pow2_neg(p)[None, :])[None, :, :], axis=2)
     s, z = word_scales(s_ptr, z_ptr, rows, stride_sn, k0, K, group, HAS_ZEROS, HAS_MINS, BITS, BW, SCALE_MODE)
     return _words_affine(t, xw, s, z, HAS_MINS)
 

@@ -51,7 +51,7 @@ def reference(x, q, s, z, m, bits, bias):
 M1_SHAPES = [(192, 45, 64, 128), (384, 33, 128, 64), (200, 17, 200, 64), (288, 24, 96, 64), (160, 40, 32, 64)]
 
 
-@pytest.mark.parametrize("variant", ["3d", "imajor"])
+@pytest.mark.parametrize("variant", ["3d"])
 @pytest.mark.parametrize("bits,form", FORMS)
 @pytest.mark.parametrize("K,N,G,BK", M1_SHAPES)
 def test_gemv_m1_variants(K: int, N: int, G: int, BK: int, bits: int, form: str, variant: str) -> None:
@@ -112,7 +112,7 @@ def test_variants_half_precision(bits: int) -> None:
         assert out.dtype == torch.bfloat16 and rel_err(out, ref) < MATMUL_TOL[torch.bfloat16], cfg
     for cfg in (qgemm_mod.config(16, 32, bk, swap=True, variant=3), qgemm_mod.config(16, 32, 64, swap=True)):
         assert rel_err(_qgemm(x, q, s, z, bits, bias, cfg=cfg), ref) < MATMUL_TOL[torch.bfloat16], cfg
-    for v in (1, 2):
+    for v in (1,):
         out = _qgemv(x[:1], q, s, z, bits, bias, cfg=qgemv_mod.config(8, 128, variant=v))
         assert rel_err(out, ref[:1]) < MATMUL_TOL[torch.bfloat16], v
 
@@ -131,7 +131,7 @@ def test_every_code_position_exact(bits: int, form: str) -> None:
     for k in [*range(per), per + 3, K - 1]:
         x = torch.zeros(1, K, device=DEV)
         x[0, k] = 1.0
-        for v in (1, 2):
+        for v in (1,):
             out = _qgemv(x, q, s, z, bits, cfg=qgemv_mod.config(8, 64, variant=v), mins=m)
             assert same(out[0], w[:, k]), (v, k)
     eye = torch.eye(K, device=DEV)
@@ -162,15 +162,14 @@ def test_candidate_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     """Off the interpreter every variant is a candidate where it can run, and the lists stay modest."""
     monkeypatch.setattr(qgemv_mod, "_INTERPRET", False)
     monkeypatch.setattr(qgemm_mod, "_INTERPRET", False)
-    for block_m, want in ((1, {0, 1, 2}), (16, {0, 3})):
+    for block_m, want in ((1, {0, 1}), (16, {0, 3})):
         cands = qgemv_mod._candidates(block_m, 4608, 3584, 132, 128, 4)
         assert {c.kwargs["VARIANT"] for c in cands} == want and len(cands) <= 36
         assert all(variant_ok(c.kwargs["VARIANT"], 128, 4, c.kwargs["BLOCK_K"]) for c in cands)
         assert {c.kwargs["VARIANT"] for c in qgemv_mod._candidates(block_m, 4608, 3584, 132, 4, 4)} == {0}
     cands = qgemm_mod._configs(128, 4)
-    assert {(c.kwargs["SWAP_AB"], c.kwargs["VARIANT"]) for c in cands} == {(False, 0), (True, 0), (False, 3),
-                                                                            (True, 3)}
-    assert len(cands) <= 16 and len({str(c) for c in cands}) == len(cands)
+    assert {(c.kwargs["SWAP_AB"], c.kwargs["VARIANT"]) for c in cands} == {(False, 0), (True, 3)}
+    assert len(cands) <= 8 and len({str(c) for c in cands}) == len(cands)
     assert {c.kwargs["VARIANT"] for c in qgemm_mod._configs(4, 4)} == {0}
 
 
