@@ -125,19 +125,26 @@ def _check_address(host: str, port: int) -> None:
         raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from e
 
 
+def _announce(loop, server) -> None:
+    """Once loading ends: stop the server if it failed, else say it is ready (and what the warm-up ran)."""
+    if loop.error is not None:
+        server.should_exit = True
+        return
+    report = loop.warmup_report
+    done = f" ({report.summary()})" if report is not None else ""
+    print(f"layerstream: model loaded; ready{done}", file=sys.stderr, flush=True)
+
+
 def _watch(loop, server, grace: float) -> None:
     """Stop the server when loading fails; once it is stopping, cancel what runs past the grace period."""
     announced = False
     while not server.should_exit:
         if loop.ready.is_set() and not announced:
             announced = True
-            if loop.error is not None:
-                server.should_exit = True
-            else:
-                report = loop.warmup_report
-                done = f" ({report.summary()})" if report is not None else ""
-                print(f"layerstream: model loaded; ready{done}", file=sys.stderr, flush=True)
+            _announce(loop, server)
         time.sleep(0.1)
+    if loop.ready.is_set() and not announced:  # ready, then stopped within one poll: still say so
+        _announce(loop, server)
     time.sleep(grace)
     if loop.scheduler is not None:
         loop.abort_all()
