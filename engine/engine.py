@@ -17,6 +17,7 @@ from engine.gguf import open_gguf
 from engine.gguf.paths import is_gguf_path
 from engine import ahead
 from engine.graphs import try_capture
+from engine.host_int4 import int4_host_group, measure_int4_gemv
 from engine.host_lane import HostLane
 from engine.host_worker import machine_pick, run_pinned
 from engine.kv_cache import KVCache
@@ -193,14 +194,21 @@ class Engine:
 
     def _host_rate(self, mode) -> tuple[float | None, str]:
         """The host's GEMV GB/s at this batch and dtype (measured once, cached), when the host lane may be
-        used: on a GPU, with full-precision layers (the rate is a dense GEMV's; packed layers go to the host
-        only with --host-compute N)."""
-        if mode == "off" or self.device.type != "cuda" or self.quant is not None:
+        used: on a GPU, with full-precision layers (a dense GEMV's rate) or int4 layers torch's CPU int4
+        kernel takes (its rate on the packed bytes, engine.host_int4); other packed layers go to the host
+        only with --host-compute N."""
+        group = int4_host_group(self.quant) if self.quant is not None else None
+        if mode == "off" or self.device.type != "cuda" or (self.quant is not None and group is None):
             why = "host compute off" if mode == "off" else (
-                "the compute device is the CPU" if self.device.type != "cuda" else "quantized layers")
+                "the compute device is the CPU" if self.device.type != "cuda"
+                else "quantized layers without a CPU kernel (int8, or a group size torch's int4 kernel does not take)")
             return None, f"not measured: {why}"
-        # on the worker's cores with its thread count (a disk tier, which takes one more core, is not known yet)
-        rate = functools.partial(host_gemv_rate, contend=self.device)  # next to H2D copies, as the lane runs
+        form = measure = None
+        if group is not None:
+            form, measure = f"int4 g{group} CPU kernel", functools.partial(measure_int4_gemv, group=group)
+        # next to H2D copies, as the lane runs; on the worker's cores with its thread count (a disk tier,
+        # which takes one more core, is not known yet)
+        rate = functools.partial(host_gemv_rate, contend=self.device, form=form or "", measure=measure)
         return run_pinned(machine_pick(disk_tier=False), rate, self.opts.batch, self.dtype)
 
     def close(self) -> None:

@@ -26,11 +26,13 @@ keeps the dequantizing path.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
 
-from engine.quant.spec import QuantWeight, unpack_codes
+from engine.quant.spec import QuantSpec, QuantWeight, pack_codes, unpack_codes
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes the CPU kernel takes, largest first
 N_MULTIPLE = 16  # the CPU packing's block of output rows
@@ -113,3 +115,47 @@ def convert_layer(views: dict[str, object], dtype: torch.dtype) -> tuple[dict[st
             if c is not None:
                 out[name], extra = c, extra + c.nbytes
     return out, extra
+
+
+def random_int4(n: int, k: int, group: int, seed: int = 0) -> QuantWeight:
+    """A random asymmetric int4 weight [n, k] (fp16 scales, integer zero points) in the canonical form."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand((n, k // group), generator=gen) * 0.02 + 0.001).half()
+    zeros = torch.randint(0, 16, (n, k // group), generator=gen).half()
+    return QuantWeight(pack_codes(codes, 4), scales, zeros, None, QuantSpec(4, group, False, "awq"), k)
+
+
+def measure_int4_gemv(batch: int, dtype: torch.dtype, group: int = 128, nbytes: int = 128 << 20,
+                      repeats: int = 5, hidden: int = 4096) -> float:
+    """GB/s (10**9 bytes/s) of int4 weight bytes as the plan counts them (packed codes, fp16 scales and
+    zeros) that :func:`int4_linear` reads with ``batch`` rows of ``dtype`` activations: a weight of
+    about ``nbytes``, the median of ``repeats`` timed calls after a warm-up. The host lane's rate for
+    int4 layers (``memory.host_rate``)."""
+    if batch < 1 or nbytes <= 0 or repeats <= 0 or hidden % group:
+        raise ValueError(f"batch, nbytes, repeats must be positive and group divide hidden, got {batch}, "
+                         f"{nbytes}, {repeats}, {group} / {hidden}")
+    per_row = hidden // 2 + 2 * 2 * (hidden // group)  # codes, fp16 scales and zeros
+    rows = max(N_MULTIPLE, nbytes // per_row // N_MULTIPLE * N_MULTIPLE)
+    w = to_cpu_int4(random_int4(rows, hidden, group), dtype)
+    if w is None:
+        raise ValueError(f"torch {torch.__version__} has no CPU int4 kernel for group {group}")
+    x = torch.randn(batch, hidden).to(dtype)
+    int4_linear(x, w)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        int4_linear(x, w)
+        times.append(time.perf_counter() - t0)
+    return rows * per_row / statistics.median(times) / 1e9
+
+
+def int4_host_group(quant) -> int | None:
+    """The kernel group size a run's quantized layers (an ``engine.quant.layout.LayerQuant``) take torch's
+    CPU int4 kernel at, or None when some of them cannot (int8 forms, or a group size no kernel group
+    divides). Per-channel scales (group -1) are repeated at 256 for a hidden size that 256 divides."""
+    specs = [quant.spec, *(spec for _, spec, _ in quant.forms)]
+    groups = [256 if s.group_size == -1 else kernel_group(s.group_size) for s in specs]
+    if any(s.bits != 4 for s in specs) or any(g is None for g in groups):
+        return None
+    return min(groups)

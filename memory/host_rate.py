@@ -20,7 +20,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -97,17 +97,19 @@ def measure_host_gemv(batch: int, dtype: torch.dtype, nbytes: int = 256 << 20, r
 
 
 def host_gemv_rate(batch: int, dtype: torch.dtype, cache_path: str | Path | None = None,
-                   remeasure: bool = False, contend: torch.device | None = None) -> tuple[float, str]:
+                   remeasure: bool = False, contend: torch.device | None = None, form: str = "",
+                   measure: Callable[[int, torch.dtype], float] | None = None) -> tuple[float, str]:
     """``(GB/s, source)`` of the host GEMV at ``batch`` in ``dtype`` with torch's current thread count;
     ``source`` is ``"measured now"`` or ``"cached from <date>"``. Measured once per machine (see the
     module docstring), next to host-to-device copies to ``contend`` when given; ``remeasure`` ignores the
-    cache."""
+    cache. ``measure(batch, dtype)`` times another weight form (e.g. int4 layers through torch's CPU int4
+    kernel, engine.host_int4), cached under its own ``form`` name; default: the dense matmul."""
     path = Path(cache_path) if cache_path is not None else default_cache_path()
-    key = host_key(batch, dtype, torch.get_num_threads(), contended=contend is not None)
+    key = host_key(batch, dtype, torch.get_num_threads(), contended=contend is not None) + (f", {form}" if form else "")
     hit = load_cache(path).get(key)
     if hit is not None and not remeasure:
         return float(hit["gbps"]), f"cached from {hit.get('measured_at', 'an unknown date')}"
     with h2d_traffic(contend) if contend is not None else contextlib.nullcontext():
-        gbps = measure_host_gemv(batch, dtype)
+        gbps = (measure or measure_host_gemv)(batch, dtype)
     save_cache_entry(path, key, gbps)
     return gbps, "measured now"

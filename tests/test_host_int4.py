@@ -131,3 +131,59 @@ def test_tiny_awq_model_with_host_layers_matches_without(awq_dir, lengths):
     assert lane.steps == 5
     ref.close()
     ours.close()
+
+
+def test_measured_int4_rate_is_positive_and_checks_its_arguments():
+    from engine.host_int4 import measure_int4_gemv
+
+    assert 0.0 < measure_int4_gemv(1, torch.bfloat16, group=64, nbytes=1 << 20, repeats=2, hidden=512) < 10_000.0
+    with pytest.raises(ValueError, match="must be positive"):
+        measure_int4_gemv(0, torch.bfloat16)
+    with pytest.raises(ValueError, match="group divide hidden"):
+        measure_int4_gemv(1, torch.bfloat16, group=96, hidden=512)
+
+
+def _layer_quant(*forms, main=QuantSpec(4, 128, False, "awq")):
+    from engine.quant.layout import LayerQuant
+
+    return LayerQuant(main, torch.float16, forms=tuple((f"p{i}", spec, torch.float16) for i, spec in enumerate(forms)))
+
+
+@pytest.mark.parametrize("quant,want", [
+    (_layer_quant(), 128),
+    (_layer_quant(main=QuantSpec(4, 96, False, "gptq")), 32),
+    (_layer_quant(main=QuantSpec(4, -1, True, "ct")), 256),
+    (_layer_quant(QuantSpec(4, 32, True, "gguf", mins=True)), 32),
+    (_layer_quant(main=QuantSpec(8, 128, True, "gptq")), None),
+    (_layer_quant(QuantSpec(8, 16, True, "gguf")), None),  # a Q6_K-like int8 form: not all layers take the kernel
+    (_layer_quant(main=QuantSpec(4, 16, False, "x")), None),  # no kernel group divides 16
+])
+def test_int4_host_group(quant, want):
+    from engine.host_int4 import int4_host_group
+
+    assert int4_host_group(quant) == want
+
+
+def test_the_engine_measures_the_int4_rate_for_int4_layers(monkeypatch):
+    """Engine._host_rate: int4 layers get the CPU int4 kernel's rate under its own cache entry; int8 ones
+    none (they reach the host only with --host-compute N)."""
+    import types
+
+    import engine.engine as eng_mod
+
+    calls = []
+    monkeypatch.setattr(eng_mod, "run_pinned", lambda pick, fn, *a: fn(*a))
+    monkeypatch.setattr(eng_mod, "machine_pick", lambda disk_tier: None)
+    monkeypatch.setattr(eng_mod, "host_gemv_rate",
+                        lambda batch, dtype, contend=None, form="", measure=None: calls.append((form, measure)) or (9.0, "x"))
+    fake = types.SimpleNamespace(device=torch.device("cuda", 0), opts=types.SimpleNamespace(batch=1),
+                                 dtype=torch.bfloat16, quant=_layer_quant())
+    assert eng_mod.Engine._host_rate(fake, "auto") == (9.0, "x")
+    form, measure = calls[-1]
+    assert form == "int4 g128 CPU kernel" and measure.keywords == {"group": 128}
+    fake.quant = None
+    eng_mod.Engine._host_rate(fake, "auto")
+    assert calls[-1] == ("", None)  # the dense GEMV
+    fake.quant = _layer_quant(main=QuantSpec(8, 128, True, "gptq"))
+    rate, why = eng_mod.Engine._host_rate(fake, "auto")
+    assert rate is None and "without a CPU kernel" in why and len(calls) == 2

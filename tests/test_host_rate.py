@@ -69,3 +69,16 @@ def test_h2d_traffic_runs_copies_during_the_block():
     with h2d_traffic(torch.device("cuda", 0), nbytes=8 << 20):
         gbps = measure_host_gemv(1, torch.bfloat16, nbytes=64 << 20, repeats=3)
     assert gbps > 0
+
+
+def test_another_weight_form_is_measured_and_cached_apart(monkeypatch, tmp_path):
+    monkeypatch.setattr(host_rate, "measure_host_gemv", lambda b, d: 70.0)
+    path = tmp_path / "bw.json"
+    seen = []
+    int4 = lambda b, d: seen.append((b, d)) or 25.0  # noqa: E731
+    assert host_gemv_rate(1, torch.bfloat16, path) == (70.0, "measured now")
+    assert host_gemv_rate(1, torch.bfloat16, path, form="int4 g128 CPU kernel", measure=int4) == (25.0, "measured now")
+    assert host_gemv_rate(1, torch.bfloat16, path, form="int4 g128 CPU kernel", measure=int4)[0] == 25.0
+    assert seen == [(1, torch.bfloat16)]
+    keys = set(json.loads(path.read_text())["entries"])
+    assert host_key(1, torch.bfloat16, torch.get_num_threads()) + ", int4 g128 CPU kernel" in keys and len(keys) == 2

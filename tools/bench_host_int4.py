@@ -22,17 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.host_int4 import int4_linear, to_cpu_int4
-from engine.quant.spec import QuantSpec, QuantWeight, dequantize, pack_codes
-
-
-def random_int4(n: int, k: int, group: int, seed: int = 0) -> QuantWeight:
-    """A random asymmetric int4 weight [n, k] (fp16 scales, integer zero points) in the canonical form."""
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    scales = (torch.rand((n, k // group), generator=gen) * 0.02 + 0.001).half()
-    zeros = torch.randint(0, 16, (n, k // group), generator=gen).half()
-    return QuantWeight(pack_codes(codes, 4), scales, zeros, None, QuantSpec(4, group, False, "awq"), k)
+from engine.host_int4 import int4_linear, random_int4, to_cpu_int4
+from engine.quant.spec import dequantize
 
 
 def _times_ms(fn, repeats: int) -> tuple[float, float]:
