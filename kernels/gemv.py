@@ -129,6 +129,17 @@ def _gemv_kernel(
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
 
+    store_split_k(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, rows_w, M, N, stride_om,
+                  HAS_BIAS, SPLIT_K, TICKET, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def store_split_k(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, rows_w, M, N, stride_om,
+                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """A GEMV program's epilogue (also kernels/qgemv.py's): the out tile (+ bias), or with SPLIT_K > 1 its
+    fp32 partial into the workspace, summed by the last program of the N block (TICKET) or by
+    _gemv_splitk_reduce_kernel."""
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
         _store_out(acc, b_ptr, out_ptr, offs_m, offs_n, rows_w, stride_om, out_mask, HAS_BIAS)

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels import tuning_cache
+from kernels.gemm import grouped_tile
 from kernels.mma import mma_nt
 from kernels.quant_common import (agrees_with_reference, check_quant_inputs, dequant_ref, load_dequant,
                                   permute_input, scale_mode)
@@ -128,14 +129,7 @@ def _qgemm_kernel(
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr,
     SWAP_AB: tl.constexpr, VARIANT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * grid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -42,12 +42,12 @@ import triton
 import triton.language as tl
 
 from kernels import tuning_cache
-from kernels.gemv import _finish_split_k, _gemv_splitk_reduce_kernel, _store_out
+from kernels.gemv import _gemv_splitk_reduce_kernel, store_split_k
 from kernels.mma import mma_nt
 from kernels.quant_common import (agrees_with_reference, check_quant_inputs, dequant_ref, load_dequant,
                                   permute_input, scale_mode)
 from kernels.quant_variants import gemv_tile, load_words, split_dots, variant_ok, word_scales
-from kernels.tickets import counters, last_ticket
+from kernels.tickets import counters
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -175,17 +175,8 @@ def _qgemv_kernel(
             x = _x_tile(x_ptrs + kb * BLOCK_K, offs_k, K - kb * BLOCK_K, EVEN_K)
             acc = mma_nt(x, w.to(dt), acc, IS_FP32, UPCAST)
 
-    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        _store_out(acc, b_ptr, out_ptr, offs_m, offs_n, rows_w, stride_om, out_mask, HAS_BIAS)
-    else:
-        ws_ptrs = ws_ptr + (tl.program_id(1) * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
-        tl.store(ws_ptrs, acc, mask=out_mask)
-        if TICKET:
-            if last_ticket(cnt_ptr + tl.program_id(0), tl.program_id(1), SPLIT_K):
-                tl.store(cnt_ptr + tl.program_id(0), 0)
-                _finish_split_k(ws_ptr, b_ptr, out_ptr, offs_m, offs_n, rows_w, M, N, stride_om,
-                                out_mask, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+    store_split_k(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, rows_w, M, N, stride_om,
+                  HAS_BIAS, SPLIT_K, TICKET, BLOCK_M, BLOCK_N)
 
 
 @functools.cache
