@@ -217,6 +217,15 @@ def greedy_no_cache(model: Model, cfg: ModelConfig, prompt: list[int], steps: in
     return seq[len(prompt):]
 
 
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Exactly ``n`` greedy tokens of a transformers model after ``prompt`` (eos ignored)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
 def make_engine(model_dir: Path, **opts) -> Engine:
     """An Engine on the CPU in fp32 with the torch kernels; generation never stops at eos."""
     base = dict(device="cpu", dtype="fp32", kernels="torch", max_context=64, threads=1, host_budget=1 << 30)

@@ -24,7 +24,7 @@ import torch
 
 from engine.generate import generate
 from engine.sampling import SamplingParams
-from tests.helpers import make_engine
+from tests.helpers import hf_greedy as transformers_greedy, make_engine
 
 pytestmark = pytest.mark.slow
 
@@ -84,14 +84,6 @@ def reference(smollm2):
     return model.eval(), tok
 
 
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                             min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 def test_every_weight_equals_transformers(smollm2, reference):
     """Widened weights (Q4_1 / Q8_0 blocks, llama Q/K rows put back in HF order) equal transformers' exactly."""
     from engine.gguf import open_gguf
@@ -108,7 +100,7 @@ def test_every_weight_equals_transformers(smollm2, reference):
 @pytest.fixture(scope="module")
 def hf_greedy(reference):
     model, tok = reference
-    return {p: _hf_greedy(model, tok(p)["input_ids"], GREEDY_TOKENS) for p in RAW_PROMPTS}
+    return {p: transformers_greedy(model, tok(p)["input_ids"], GREEDY_TOKENS) for p in RAW_PROMPTS}
 
 
 @pytest.mark.parametrize("mode", ["resident", "streamed-pinned", "streamed-disk"])

@@ -22,7 +22,7 @@ from engine.generate import generate, prefill
 from engine.kv_cache import KVCache
 from engine.ops import TorchOps
 from engine.sampling import SamplingParams
-from tests.helpers import (FAMILIES, forward_decode, forward_prefill, greedy_cached, greedy_no_cache, i32,
+from tests.helpers import (FAMILIES, forward_decode, forward_prefill, greedy_cached, greedy_no_cache, hf_greedy, i32,
                            load_ours, make_engine, make_hf_model, random_prompts, rel_max_err)
 
 TOL = 1e-4  # fp32, torch kernels: relative to max |ref logits|
@@ -42,14 +42,6 @@ def hf(tmp_path_factory, tokenizer_dir):
         return built[key]
 
     return get
-
-
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                             min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 # ------------------------------------------------------------------------------ logits
@@ -83,7 +75,7 @@ def test_greedy_generate_matches_transformers(hf, family):
     ref_model, d = hf(family)
     engine = make_engine(d)
     prompt = random_prompts([6], engine.cfg.vocab_size, seed=11 + FAMILIES.index(family))[0]
-    want = _hf_greedy(ref_model, prompt, 32)
+    want = hf_greedy(ref_model, prompt, 32)
     got = generate(engine, [prompt], SamplingParams(), max_new_tokens=32)
     assert got.finish_reasons == ["max_new_tokens"]
     assert got.token_ids[0] == want, f"{family}: first difference at step " \
@@ -241,7 +233,7 @@ def test_triton_ops_parity_and_greedy(hf):
     ours = load_ours(d, ops=ops, max_context=32)
     cfg = ours.cfg
     prompt = random_prompts([6], cfg.vocab_size, seed=51)[0]
-    want = _hf_greedy(ref_model, prompt, 8)
+    want = hf_greedy(ref_model, prompt, 8)
     with torch.no_grad():
         ref = ref_model(torch.tensor([prompt + want])).logits.float()[0]
     cache = KVCache(cfg, 1, 32, torch.float32, "cpu")

@@ -23,7 +23,8 @@ from engine.quant.layout import QuantLayerLayout
 from engine.quant.rtn import quantize_rtn
 from engine.quant.spec import dequantize
 from engine.sampling import SamplingParams
-from tests.helpers import forward_decode, forward_prefill, make_engine, make_hf_model, random_prompts, rel_max_err
+from tests.helpers import (forward_decode, forward_prefill, hf_greedy, make_engine, make_hf_model, random_prompts,
+                           rel_max_err)
 from tests.quant_packers import FORMATS, quantize_model_dir
 
 TOL = 1e-4  # fp32 compute, torch kernels: relative to max |ref logits|
@@ -49,14 +50,6 @@ def qmodel(tmp_path_factory, tokenizer_dir):
         return built[family, fmt]
 
     return get
-
-
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                             min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def _check_logits(engine: Engine, ref, tol: float, seed: int) -> None:
@@ -86,7 +79,7 @@ def test_greedy_resident_and_streamed(qmodel, fmt: str) -> None:
     ref, d = qmodel("qwen2", fmt)
     eng = make_engine(d)
     prompt = random_prompts([6], eng.cfg.vocab_size, seed=5)[0]
-    want = _hf_greedy(ref, prompt, 12)
+    want = hf_greedy(ref, prompt, 12)
     assert generate(eng, [prompt], SamplingParams(), max_new_tokens=12).token_ids[0] == want
     low = min_budget(eng.cfg, torch.float32, max_context=64, prefill_chunk=2048, quant=eng.quant)
     eng.close()
