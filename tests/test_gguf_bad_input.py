@@ -71,15 +71,20 @@ def test_unsupported_tensor_type(capsys, tmp_path, tiny_qwen2_dir, monkeypatch):
     assert "blk.1.ffn_up.weight" in msg and "IQ4_NL" in msg and "Q4_K" in msg, msg
 
 
-def test_unsupported_architecture(capsys, tmp_path):
-    path = tmp_path / "phi.gguf"
-    w = GGUFWriter(path, "phi2")
+def _one_tensor_gguf(path: Path, arch: str) -> Path:
+    """A GGUF file of architecture ``arch`` with a block count and one embedding tensor, nothing else."""
+    w = GGUFWriter(path, arch)
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    path = _one_tensor_gguf(tmp_path / "phi.gguf", "phi2")
     msg = run_cli(capsys, path)
     assert "'phi2'" in msg and "llama, qwen2, qwen3" in msg, msg
 
@@ -110,13 +115,6 @@ def test_missing_gguf_file(capsys, tmp_path, monkeypatch):
 
 
 def test_metadata_missing_keys(capsys, tmp_path):
-    path = tmp_path / "bare.gguf"
-    w = GGUFWriter(path, "llama")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = _one_tensor_gguf(tmp_path / "bare.gguf", "llama")
     msg = run_cli(capsys, path)
     assert "llama.embedding_length" in msg and "re-download" in msg, msg
