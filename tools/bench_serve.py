@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -37,8 +34,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from memory.units import parse_size_arg
+from tools.serve_process import start_server
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 1000  # prompt ids below every tokenizer's size
 WARMUP_PROMPT, WARMUP_TOKENS = list(range(1, 9)), 4  # the uncounted request before the first level
 
@@ -142,24 +139,6 @@ def run_level(url: str, model: str, jobs: list[list[tuple[list[int], int]]]) -> 
     return {"clients": len(jobs), **summarize(results, errors, wall, streamed)}
 
 
-def start_server(flags: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--port", str(port), *shlex.split(flags)],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} (run it by hand to see why)")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.5)
-
-
 def parse_range(text: str) -> tuple[int, int]:
     lo, _, hi = text.partition(":")
     a, b = int(lo), int(hi or lo)
@@ -236,7 +215,7 @@ def _print_row(row: dict) -> None:
 
 def server_rows(args, config: str, flags: str | None) -> list[dict]:
     """Every concurrency level against ``--url``, or against a server started with ``flags``."""
-    proc, url = start_server(flags) if flags else (None, args.url.rstrip("/"))
+    proc, url = start_server(shlex.split(flags)) if flags else (None, args.url.rstrip("/"))
     try:
         with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
             card = json.loads(r.read())["data"][0]

@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,31 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tools.cdp import Browser  # noqa: E402
+from tools.serve_process import start_server  # noqa: E402
 
 DONE = "!document.getElementById('send').disabled && !document.getElementById('stats').textContent.endsWith('…')"
-
-
-def start_server(flags: list[str], timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--port", str(port), *flags], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise TimeoutError("server not ready")
 
 
 def turn(page: Browser, text: str, timeout: float = 120.0) -> dict:
@@ -94,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--screenshot", default=str(ROOT / "bench" / "results" / "chat-page.png"))
     args, server_flags = p.parse_known_args(argv)
-    proc, url = start_server(server_flags)
+    proc, url = start_server(server_flags, timeout=180.0, keep_stderr=True,
+                             env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     page = None
     try:
         page = Browser(url + "/")

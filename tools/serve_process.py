@@ -1,0 +1,41 @@
+"""Start ``python -m engine.serve`` on a free localhost port and wait until ``/health`` says ready
+(tools/bench_serve.py and tools/chat_page_check.py)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # engine is importable from here
+
+
+def start_server(flags: list[str], timeout: float | None = None, env: dict[str, str] | None = None,
+                 keep_stderr: bool = False) -> tuple[subprocess.Popen, str]:
+    """(process, base URL) of a server started with ``flags`` once it is ready. ``keep_stderr`` pipes the
+    server's stderr into the error raised when it exits early (else it is discarded); ``timeout``
+    seconds (None: no limit while the process lives) before it is killed and TimeoutError raised."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--port", str(port), *flags],
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE if keep_stderr else subprocess.DEVNULL, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        if proc.poll() is not None:
+            why = proc.stderr.read() if keep_stderr else "run it by hand to see why"
+            raise RuntimeError(f"the server exited with {proc.returncode}: {why}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError(f"the server was not ready within {timeout:.0f} s")
