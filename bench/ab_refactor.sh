@@ -7,9 +7,8 @@ OLD=$(realpath "$1"); NEW=$PWD
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R
 M=/tmp/q7b
 export PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  nproc; free -g | head -2; date -u; } 2>&1 | tee $R/env.txt
+source bench/common.sh  # carried wheels, env_info
+env_info 2>&1 | tee $R/env.txt
 [ -f $M/config.json ] || (PYTHONPATH=$NEW timeout 90 python3 -m tools.synth --preset qwen2.5-7b --out $M --device cuda 2>&1 | tail -1)
 bench() {  # $1 tree, $2 tag
   (cd $1 && PYTHONPATH=$1 timeout 150 python3 -m tools.bench_stream --model $M --budgets 6GiB,full --batches 1 \

@@ -3,10 +3,10 @@
 # --vram-budget at 4 / 6 / 12 GB for a short prompt, a ~16k-token prompt and batch 8.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+source bench/common.sh  # carried wheels, env_info, synth_7b
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; M=/tmp/q7b
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } 2>&1 | tee $OUT/env.txt
-[ -f $M/config.json ] || timeout 90 python3 -m tools.synth --preset qwen2.5-7b --out $M --device cuda 2>&1 | tail -1
+env_info 2>&1 | tee $OUT/env.txt
+synth_7b $M
 LAYERSTREAM_BIG_MODEL=$M LAYERSTREAM_BUDGET_LOG=$OUT/budget.jsonl timeout ${1:-450} python3 -m pytest -q \
   -p no:cacheprovider tests/test_gpu_budget.py 2>&1 | tee $OUT/pytest_budget.txt | tail -15
 cat $OUT/budget.jsonl

@@ -3,7 +3,7 @@
 # pydantic or openai, and no network. Run this here (it needs the package index) to download those
 # wheels for the machine's Python (3.12, x86_64) into .devwheels/ (git-ignored: add `/.devwheels/` to
 # .git/info/exclude); pass `carry: [".devwheels"]` to the device tool, and the bench/*.sh scripts
-# install them first (bench/devinstall.sh).
+# install them first (bench/common.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .devwheels

@@ -11,13 +11,11 @@
 # Everything lands in $OUT/results.tar.gz.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-source bench/devinstall.sh  # gguf, fastapi, ... from the carried .devwheels
+source bench/common.sh  # carried wheels, env_info, synth_7b
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  nproc; free -g | head -2; date -u; } 2>&1 | tee $R/env.txt
-[ -f $M/config.json ] || timeout 90 python3 -m tools.synth --preset qwen2.5-7b --out $M --device cuda 2>&1 | tail -1
+env_info 2>&1 | tee $R/env.txt
+synth_7b $M
 LONG=$(python3 -c "print(' '.join(['hello'] * 8000))")
 export LAYERSTREAM_CACHE=/tmp/tune-cache TRITON_CACHE_DIR=/tmp/triton-tune; rm -rf $LAYERSTREAM_CACHE $TRITON_CACHE_DIR
 ls kernels/tuned/ > $R/shipped_before.txt 2>&1

@@ -7,14 +7,12 @@
 # Results in $OUT/results.tar.gz.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-source bench/devinstall.sh  # gguf, fastapi, ... from the carried .devwheels
+source bench/common.sh  # carried wheels, env_info, synth_7b
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R
 steps=${1:-s}; END=$(( $(date +%s) + ${BOX:-540} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
 rss() { /usr/bin/time -f "max RSS %M KB, wall %e s" "$@"; }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  nproc; free -g | head -2; df -h /tmp | tail -1; date -u; } > $R/env.txt 2>&1
+env_info > $R/env.txt 2>&1
 synth() { [ -e $2 ] || timeout $(left 240) python3 -m tools.synth --preset $1 --out $2 --device cuda "${@:3}" 2>&1 | tail -1; }
 bench() { timeout $(left $3) rss python3 -m tools.bench_stream --model $1 --budgets $2 --batches 1 --steps 6 \
   --prefill-tokens 0 --out-dir $R --tag $4 > $R/bench_$4.log 2>&1; echo "$4 rc=$?"; tail -3 $R/bench_$4.log; }

@@ -5,14 +5,12 @@
 # 7: all resident only, 8: start-up of three processes, 9: cProfile of a warm start). Everything lands in $OUT/results.tar.gz (the device tool returns at most 8 files).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-source bench/devinstall.sh  # gguf, fastapi, ... from the carried .devwheels
+source bench/common.sh  # carried wheels, env_info, synth_7b
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R  # a reused machine may hold older files
 M=/tmp/q7b
 steps=${1:-123456}
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
-  date -u; } 2>&1 | tee $R/env.txt
-[ -f $M/config.json ] || timeout 60 python3 -m tools.synth --preset qwen2.5-7b --out $M --device cuda 2>&1 | tail -1
+env_info 2>&1 | tee $R/env.txt
+synth_7b $M
 if [[ $steps == *1* ]]; then  # streaming at batch 1: budget sweep, disk tier, accelerate offload as the peer
   timeout 240 python3 -m tools.bench_stream --model $M --budgets 6GiB,4GiB,10GiB,full --batches 1 --steps 8 \
     --accelerate --disk-host-budget 4.5GB --out-dir $R --tag stream-b1 > $R/bench_stream_b1.log 2>&1

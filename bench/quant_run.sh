@@ -9,14 +9,12 @@
 #  k  issue 15: --quantize int8 at 4 GiB on the bf16 7B
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-source bench/devinstall.sh  # gguf, fastapi, ... from the carried .devwheels
+source bench/common.sh  # carried wheels, env_info, synth_7b
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b; A=/tmp/q7b-awq
 steps=${1:-pqfhtk}; END=$(( $(date +%s) + ${BOX:-540} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  nproc; free -g | head -2; date -u; } > $R/env.txt 2>&1
-[ -f $M/config.json ] || timeout 90 python3 -m tools.synth --preset qwen2.5-7b --out $M --device cuda 2>&1 | tail -1
+env_info > $R/env.txt 2>&1
+synth_7b $M
 if [[ $steps == *p* ]]; then
   timeout $(left 210) python3 bench/probe_qkernels.py --out $R/probe_qkernels.json > $R/probe_qkernels.txt 2>&1
   echo "probe rc=$?"; tail -30 $R/probe_qkernels.txt

@@ -9,14 +9,12 @@
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, all resident, the accelerate peer
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-source bench/devinstall.sh  # gguf, fastapi, ... from the carried .devwheels
+source bench/common.sh  # carried wheels, env_info, synth_7b
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
 steps=${1:-fhts}; END=$(( $(date +%s) + ${BOX:-545} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  nproc; lscpu | grep -E "Model name|^Core|^Socket|^Thread"; free -g | head -2; date -u; } > $R/env.txt 2>&1
-[ -f $M/config.json ] || timeout 90 python3 -m tools.synth --preset qwen2.5-7b --out $M --device cuda 2>&1 | tail -1
+env_info > $R/env.txt 2>&1
+synth_7b $M
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)

@@ -3,10 +3,10 @@
 # then the tuning tests and the 7B end-to-end test (every tuner runs there).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+source bench/common.sh  # carried wheels, env_info, synth_7b
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } > $R/env.txt 2>&1
-[ -f $M/config.json ] || timeout 60 python3 -m tools.synth --preset qwen2.5-7b --out $M --device cuda 2>&1 | tail -1
+env_info > $R/env.txt 2>&1
+synth_7b $M
 timeout 300 python3 -m tools.bench_startup --model $M --vram-budget 6GB --cache-dir /tmp/lscache \
   --out $R/startup.json > $R/startup.txt 2>&1; echo "startup rc=$?"; cat $R/startup.txt
 P=$(python3 -c "print('the quick brown fox jumps ' * 8)")

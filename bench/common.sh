@@ -1,0 +1,27 @@
+# Sourced by the bench/*.sh scripts on the GPU machine (bash).
+# The carried wheels the machine lacks (gguf, fastapi, uvicorn, pydantic, openai; bench/devwheels.sh):
+if ! python3 -c "import gguf, fastapi, uvicorn, openai" 2>/dev/null; then
+  if ls .devwheels/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --no-index .devwheels/*.whl > /dev/null 2>&1
+  fi
+  python3 -c "import gguf, fastapi, uvicorn, openai" 2>/dev/null || \
+    echo "warning: gguf / fastapi / uvicorn / openai missing: run bench/devwheels.sh here and carry .devwheels"
+fi
+
+env_info() {  # device, software versions, host, date: each results folder's env.txt
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "
+import importlib, torch, triton
+print('torch', torch.__version__, 'triton', triton.__version__, end='')
+for m in ('transformers', 'accelerate'):
+    try:
+        print(' ' + m, importlib.import_module(m).__version__, end='')
+    except ImportError:
+        pass
+print()"
+  nproc; lscpu | grep -E "Model name|^Core|^Socket|^Thread"; free -g | head -2; df -h /tmp | tail -1; date -u
+}
+
+synth_7b() {  # the synthetic Qwen2.5-7B (bf16) into $1 unless it is there
+  [ -f $1/config.json ] || timeout 90 python3 -m tools.synth --preset qwen2.5-7b --out $1 --device cuda 2>&1 | tail -1
+}
