@@ -248,7 +248,7 @@ def _plan(q, k_cache, v_cache, scale: float, max_len: int) -> tuple[int, triton.
     elif tuning_suspended():  # untimed: a cached or shipped pick, else the default plan; not kept
         as_json = lambda p: [p[0], tuning_cache.config_to_json(p[1])]  # noqa: E731
         return tuning_cache.untimed_pick(q.device, "attention_decode", key,
-                                         _pairs(_split_candidates(sms, B, Hk, max_len)), plan, as_json)
+                                         lambda: _pairs(_split_candidates(sms, B, Hk, max_len)), plan, as_json)
     elif not torch.cuda.is_current_stream_capturing():  # cannot time inside a capture: default, untuned
         splits = _split_candidates(sms, B, Hk, max_len)
         tune = functools.partial(_tune, q, k_cache, v_cache, scale, max_len, splits)

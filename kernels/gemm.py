@@ -166,7 +166,8 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: tor
         key += ("pointer",)
     cfg = _TUNED.get(key)
     if cfg is None and tuning_suspended():  # untimed: a cached or shipped pick, else the default; not kept
-        return tuning_cache.untimed_pick(x.device, "gemm", key, _candidates(x, tma_ok), _default_config(x.dtype))
+        return tuning_cache.untimed_pick(x.device, "gemm", key, lambda: _candidates(x, tma_ok),
+                                         _default_config(x.dtype))
     if cfg is None:
         cands = _candidates(x, tma_ok)
         tune = functools.partial(_pick, cands, lambda c: _launch(c, x, w, bias, out), out,

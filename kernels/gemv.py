@@ -257,13 +257,13 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     (_, K), N = x.shape, w.shape[0]
     key = (block_m, N, K, x.dtype, bias is not None)
     cfg = _TUNED.get(key)
-    if cfg is None:
-        sms = _num_sms(x.device.index or 0) if x.is_cuda else 1
-        cands = _candidates(block_m, N, K, x.element_size(), sms)
+    sms = _num_sms(x.device.index or 0) if x.is_cuda else 1
     if cfg is None and (tuning_suspended() or x.is_cuda and torch.cuda.is_current_stream_capturing()):
         # untimed (a capture, untuned()): a cached or shipped pick, else the default; not kept
+        cands = lambda: _candidates(block_m, N, K, x.element_size(), sms)  # noqa: E731
         return tuning_cache.untimed_pick(x.device, "gemv", key, cands, _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT)
     if cfg is None:
+        cands = _candidates(block_m, N, K, x.element_size(), sms)
         if os.environ.get("KERNELS_AUTOTUNE", "1") == "0" and len(cands) > 1:
             cands = [_DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT]
         cold = fits_l2(w.nbytes, w.device)

@@ -200,7 +200,7 @@ def _tuned(x, q, s, z, bits, group, bias, out, mins=False) -> triton.Config:
            bias is not None)
     cfg = _TUNED.get(key)
     if cfg is None and tuning_suspended():  # untimed: a cached or shipped pick, else the default; not kept
-        return tuning_cache.untimed_pick(x.device, "qgemm", key, _configs(group, bits), _default_config())
+        return tuning_cache.untimed_pick(x.device, "qgemm", key, lambda: _configs(group, bits), _default_config())
     if cfg is None:
         cands = _configs(group, bits)
         if os.environ.get("KERNELS_AUTOTUNE", "1") == "0":

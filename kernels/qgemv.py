@@ -244,8 +244,9 @@ def _tuned(x, q, s, z, bits, group, bias, out, block_m, mins=False) -> triton.Co
     cfg = _TUNED.get(key)
     default = _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT
     if cfg is None and (tuning_suspended() or x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        cands = _candidates(block_m, N, K, _num_sms(x.device.index or 0) if x.is_cuda else 1, group, bits)
-        return tuning_cache.untimed_pick(x.device, "qgemv", key, cands, default)  # a pick or the default; not kept
+        sms = _num_sms(x.device.index or 0) if x.is_cuda else 1
+        return tuning_cache.untimed_pick(x.device, "qgemv", key, lambda: _candidates(block_m, N, K, sms, group, bits),
+                                         default)  # a pick or the default; not kept
     if cfg is None:
         cands = _candidates(block_m, N, K, _num_sms(x.device.index or 0) if x.is_cuda else 1, group, bits)
         if os.environ.get("KERNELS_AUTOTUNE", "1") == "0" and len(cands) > 1:

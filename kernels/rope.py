@@ -190,10 +190,11 @@ def _plan(q, k, cos, sin, positions) -> tuple[int, int, int]:
         return _TUNED[key]
     sms = _num_sms(q.device.index or 0) if q.is_cuda else 1
     args = (b * t, hq + hk, triton.next_power_of_2(d // 2), q.element_size(), sms)
-    cands = _candidates(*args)
     if not _tunable(q):  # a cached or shipped pick where timing is suspended, else the heuristic; not kept
-        pick = tuning_cache.untimed_pick(q.device, "rope", key, cands, None, list) if tuning_suspended() else None
+        pick = tuning_cache.untimed_pick(q.device, "rope", key, lambda: _candidates(*args), None, list) \
+            if tuning_suspended() else None
         return tuple(pick) if pick is not None else _launch_shape(*args)
+    cands = _candidates(*args)
     tune = functools.partial(_tune, q, k, cos, sin, positions, cands)
     _TUNED[key] = tuning_cache.tuned(q.device, "rope", key, cands, tune, list) or _launch_shape(*args)
     return _TUNED[key]

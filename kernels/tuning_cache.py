@@ -272,11 +272,20 @@ def choose(device: torch.device, kernel: str, key: tuple, choices: Sequence[T],
     return found
 
 
-def untimed_pick(device: torch.device, kernel: str, key: tuple, choices: Sequence[T], default: T,
-                 encode: Callable[[T], Any] = config_to_json) -> T:
+_UNTIMED: dict[tuple, Any] = {}  # (device, kernel, key) -> what untimed_pick answered (per process)
+
+
+def untimed_pick(device: torch.device, kernel: str, key: tuple, choices: Sequence[T] | Callable[[], Sequence[T]],
+                 default: T, encode: Callable[[T], Any] = config_to_json) -> T:
     """For a call that must not time (inside kernels.tuning.untuned(), a graph capture): the cached or
-    shipped pick for ``key`` when there is one, else ``default``. The caller does not keep it."""
-    return (choose(device, kernel, key, choices, encode) if len(choices) > 1 else None) or default
+    shipped pick for ``key`` when there is one, else ``default``. ``choices`` may be a function (built
+    only on the first call of a key). The answer is remembered per key for this process (untimed calls
+    sit on the per-layer path), apart from the caller's own tuned picks, which take precedence."""
+    memo = (str(device), kernel, key)
+    if memo not in _UNTIMED:
+        cands = choices() if callable(choices) else choices
+        _UNTIMED[memo] = (choose(device, kernel, key, cands, encode) if len(cands) > 1 else None) or default
+    return _UNTIMED[memo]
 
 
 def safe_tune(kernel: str, key: tuple, tune: Callable[[], T | None]) -> T | None:
@@ -286,7 +295,8 @@ def safe_tune(kernel: str, key: tuple, tune: Callable[[], T | None]) -> T | None
     except (torch.OutOfMemoryError, RuntimeError) as e:  # NoCandidate is a RuntimeError
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        log.warning("tuning %s for %s failed (%s): running its default config", kernel, key, str(e).split("\n")[0][:200])
+        log.warning("tuning %s for %s failed (%s): running its default config", kernel, key,
+                    str(e).split("\n")[0][:200])
         return None
 
 

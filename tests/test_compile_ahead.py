@@ -106,12 +106,26 @@ def test_untimed_pick_takes_a_stored_pick_else_the_default(monkeypatch):
     choices = [(1, 2), (3, 4), (5, 6)]
     stored = {("k", '["key"]'): [3, 4]}
     monkeypatch.setattr(tuning_cache, "lookup", lambda dev, kernel, key: stored.get((kernel, tuning_cache._key_str(key))))
+    monkeypatch.setattr(tuning_cache, "_UNTIMED", {})  # answers are remembered per process
     dev = torch.device("cpu")
     assert tuning_cache.untimed_pick(dev, "k", ("key",), choices, "default", list) == (3, 4)
     assert tuning_cache.untimed_pick(dev, "k", ("other",), choices, "default", list) == "default"
-    assert tuning_cache.untimed_pick(dev, "k", ("key",), choices[:1], "default", list) == "default"  # nothing to pick
-    stored[("k", '["key"]')] = [9, 9]  # stale: matches no candidate
-    assert tuning_cache.untimed_pick(dev, "k", ("key",), choices, "default", list) == "default"
+    stored[("k", '["one"]')] = [3, 4]
+    assert tuning_cache.untimed_pick(dev, "k", ("one",), choices[:1], "default", list) == "default"  # nothing to pick
+    stored[("k", '["stale"]')] = [9, 9]  # stale: matches no candidate
+    assert tuning_cache.untimed_pick(dev, "k", ("stale",), choices, "default", list) == "default"
+
+
+def test_untimed_picks_are_looked_up_once_per_key(monkeypatch):
+    """Untimed calls sit on the per-layer path: the candidates are built and the cache read once a key."""
+    lookups, built = [], []
+    monkeypatch.setattr(tuning_cache, "lookup", lambda dev, kernel, key: lookups.append(key) or [1, 2])
+    monkeypatch.setattr(tuning_cache, "_UNTIMED", {})
+    dev = torch.device("cpu")
+    cands = lambda: built.append(1) or [(1, 2), (3, 4)]  # noqa: E731
+    for _ in range(5):
+        assert tuning_cache.untimed_pick(dev, "k", ("a",), cands, "default", list) == (1, 2)
+    assert len(lookups) == 1 and len(built) == 1
 
 
 @pytest.fixture(scope="module")
