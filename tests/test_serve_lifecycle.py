@@ -207,3 +207,30 @@ def test_paged_server_under_load_gives_consistent_answers(tiny_qwen2_dir):
         by_prompt.setdefault(k, set()).add(text)
     assert all(len(texts) == 1 for texts in by_prompt.values()), by_prompt
     assert hits > 0 and in_use == 0
+
+
+def test_a_receiver_gone_at_shutdown_does_not_break_the_engine_thread(tiny_qwen2_dir):
+    """A stream whose event loop closed (the server shutting down while a stopped reply was still
+    running) makes its sink raise RuntimeError: the engine thread keeps serving and stops cleanly."""
+    from engine.serving.params import SamplingParams
+    from engine.serving.sequence import Sequence
+
+    loop = EngineLoop(lambda: make_engine(tiny_qwen2_dir, batch=2, max_context=64)).start()
+    try:
+        assert loop.ready.wait(30) and loop.error is None
+
+        def gone(out):
+            raise RuntimeError("Event loop is closed")
+
+        outs, done = [], threading.Event()
+        loop.submit([Sequence([1, 2, 3], SamplingParams(max_tokens=3), loop.engine.tokenizer, sink=gone),
+                     Sequence([4, 5], SamplingParams(max_tokens=3), loop.engine.tokenizer,
+                              sink=lambda o: (outs.append(o), o.finished and done.set()))])
+        assert done.wait(30) and outs[-1].finish_reason == "length"
+        deadline = time.monotonic() + 10
+        while loop.outstanding and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert loop.outstanding == 0 and loop.error is None
+    finally:
+        loop.close()
+    assert loop.error is None

@@ -110,7 +110,10 @@ class EngineLoop:
                 with self._lock:
                     self._outstanding -= 1
             if sink is not None:
-                sink(out)
+                try:
+                    sink(out)
+                except RuntimeError as e:  # the receiver is gone (its event loop closed at shutdown): not ours
+                    log.debug("output of sequence %s not delivered: %s", out.seq.seq_id, e)
         return wrapped
 
     def _run(self) -> None:
