@@ -31,8 +31,8 @@ def turn(page: Browser, text: str, timeout: float = 120.0) -> dict:
     page.js("document.getElementById('input').focus()")
     page.type(text)
     page.press_enter()
-    page.wait_for(f"document.querySelectorAll('.msg.user').length === {users + 1}", timeout=10)
-    page.wait_for(DONE, timeout)
+    wait(page, f"document.querySelectorAll('.msg.user').length === {users + 1}", timeout=10)
+    wait(page, DONE, timeout)
     return state(page)
 
 
@@ -42,9 +42,22 @@ def state(page: Browser) -> dict:
         conversation: conversation.map(m => m.role), stats: document.getElementById('stats').textContent})""")
 
 
+def wait(page: Browser, expression: str, timeout: float) -> None:
+    """``page.wait_for`` whose timeout says what the page showed (bubbles, stats) at that moment."""
+    try:
+        page.wait_for(expression, timeout)
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}; the page showed {state(page)}") from None
+
+
 def check_page(page: Browser, long_tokens: int = 400) -> dict:
-    """Two turns and a stopped third; raises AssertionError naming what the page got wrong."""
-    page.wait_for("document.getElementById('model').textContent.startsWith('model: ')", timeout=30)
+    """Two turns and a stopped third; raises AssertionError naming what the page got wrong.
+
+    Replies are greedy (temperature 0): a sampled reply of a random-weight test model can end on
+    an early end-of-sequence token, leaving no long reply to stop.
+    """
+    wait(page, "document.getElementById('model').textContent.startsWith('model: ')", timeout=30)
+    page.js("document.getElementById('temperature').value = 0")
     page.js("document.getElementById('max_tokens').value = 24")
     first = turn(page, "Hello! What can you do?")
     assert [b[0] for b in first["bubbles"]] == ["user", "assistant"], first
@@ -55,10 +68,10 @@ def check_page(page: Browser, long_tokens: int = 400) -> dict:
     page.js("document.getElementById('input').focus()")
     page.type("Now write a very long story.")
     page.press_enter()
-    page.wait_for("document.querySelectorAll('.msg.assistant').length === 3 && "
-                  "document.querySelectorAll('.msg.assistant')[2].textContent.length > 12", timeout=60)
+    wait(page, "document.querySelectorAll('.msg.assistant').length === 3 && "
+         "document.querySelectorAll('.msg.assistant')[2].textContent.length > 12", timeout=60)
     page.js("document.getElementById('stop').click()")
-    page.wait_for(DONE, timeout=10)
+    wait(page, DONE, timeout=10)
     stopped = state(page)
     assert stopped["conversation"] == ["user", "assistant"] * 3, stopped
     assert not stopped["stats"].startswith(f"{long_tokens} tokens"), stopped
