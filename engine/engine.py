@@ -155,8 +155,8 @@ class Engine:
                                      quant_cache=opts.quant_cache)
         self.quant_note = None  # for the CLI: how long converting / quantizing the layers took
         if self.quant is not None:
-            how = "repacked from the checkpoint" if self.quant.source or self.quant.loader else \
-                "rounded to nearest on the host"
+            how = "copied as they are" if self.quant.native else "repacked from the checkpoint" \
+                if self.quant.source or self.quant.loader else "rounded to nearest on the host"
             self.quant_note = (f"weights loaded with the layers as {self.quant.label} ({how}) in "
                                f"{time.perf_counter() - start:.1f} s")
             log.info(self.quant_note)

@@ -13,6 +13,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.layout import LayerLayout, expected_tensors
+from engine.quant.ggml import NativeLayouts
 from engine.quant.layout import LayerQuant, QuantLayerLayout
 from memory.footprint import Footprint, Module
 from memory.plan import Plan
@@ -56,12 +57,16 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
                          "pass {name: info.nbytes for name, info in ckpt.tensors.items()} of a matching checkpoint")
     size = dtype.itemsize
     dense = LayerLayout.build(cfg, dtype)
-    layer_bytes = QuantLayerLayout.build(cfg, dtype, quant).nbytes if quant else dense.nbytes
+    layer_bytes = [dense.nbytes] * cfg.num_hidden_layers
+    if quant is not None and quant.native:  # GGUF blocks: layers differ in which modules are Q6_K
+        layer_bytes = NativeLayouts.build(cfg, dtype, quant.native).layer_bytes
+    elif quant is not None:
+        layer_bytes = [QuantLayerLayout.build(cfg, dtype, quant).nbytes] * cfg.num_hidden_layers
     table = cfg.vocab_size * cfg.hidden_size * size
     head_file = tb[EMBED if cfg.tie_word_embeddings else LM_HEAD]
     modules = [Module("embed_tokens", "embedding", table, tb[EMBED])]
     files = _layer_file_bytes(cfg, tb, None if by_prefix else dense)
-    modules += [Module(f"layers.{i}", "layer", layer_bytes, files[i]) for i in range(cfg.num_hidden_layers)]
+    modules += [Module(f"layers.{i}", "layer", layer_bytes[i], files[i]) for i in range(cfg.num_hidden_layers)]
     modules += [Module("norm", "norm", cfg.hidden_size * size, tb["model.norm.weight"]),
                 Module("lm_head", "lm_head", table, head_file)]
     # per prefill token: ~6 hidden-sized tensors, fused qkv, attention output, gate_up and the SwiGLU output

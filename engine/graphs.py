@@ -105,7 +105,7 @@ class DecodeGraph:
         i = what
         per_slot = {}
         for s in range(len(self.weights.stream.slots)):
-            w = self.weights.slot_layer(s)
+            w = self.weights.slot_layer(s, i)
             per_slot[w[_KEY].data_ptr()] = self._graph([self._layers_fn((i,), lambda _, w=w: w)])
         return kind, (i, per_slot)
 

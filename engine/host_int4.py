@@ -154,6 +154,8 @@ def int4_host_group(quant) -> int | None:
     """The kernel group size a run's quantized layers (an ``engine.quant.layout.LayerQuant``) take torch's
     CPU int4 kernel at, or None when some of them cannot (int8 forms, or a group size no kernel group
     divides). Per-channel scales (group -1) are repeated at 256 for a hidden size that 256 divides."""
+    if quant.native:  # GGUF blocks (engine.quant.ggml): no CPU kernel reads them packed
+        return None
     specs = [quant.spec, *(spec for _, spec, _ in quant.forms)]
     groups = [256 if s.group_size == -1 else kernel_group(s.group_size) for s in specs]
     if any(s.bits != 4 for s in specs) or any(g is None for g in groups):

@@ -17,6 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from engine.quant.ggml import GGMLWeight
 from engine.quant.spec import QuantWeight, dequantize
 
 
@@ -38,6 +39,8 @@ class TorchOps:
     def linear(self, x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, QuantWeight):  # dequantized per call, never kept: the packed bytes stay the copy
             w = dequantize(w).to(x.dtype)
+        elif isinstance(w, GGMLWeight):
+            w = w.dequantize().to(x.dtype)
         return F.linear(x, w, b)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -116,7 +119,27 @@ class TritonOps(TorchOps):
     def linear(self, x, w, b=None):
         if isinstance(w, QuantWeight):  # dequantized in the kernel's registers
             return self._qlinear(x, w.qweight, w.scales, w.zeros, w.spec.bits, b, w.perm, mins=w.mins)
+        if isinstance(w, GGMLWeight):
+            return self._ggml_linear(x, w, b)
         return self._k["linear"](x, w, b)
+
+    def _ggml_linear(self, x: torch.Tensor, w: GGMLWeight, b: torch.Tensor | None) -> torch.Tensor:
+        """GGUF blocks: a GEMV per part into its columns of the output (decode), or the parts decoded
+        into one dense weight for the dense GEMM (prefill chunks: compute-bound, the decode is cheap)."""
+        from kernels.ggml_dequant import ggml_dequant
+        from kernels.ggml_gemv import GGML_GEMV_MAX_M, ggml_gemv
+        (n, k), lead = w.shape, x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        if x2.shape[0] <= GGML_GEMV_MAX_M:
+            out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+            for row, qtype, blocks in w.rows():
+                bias = None if b is None else b[row:row + blocks.shape[0]]
+                ggml_gemv(x2, blocks, qtype, out=out[:, row:row + blocks.shape[0]], bias=bias)
+            return out.view(*lead, n)
+        dense = torch.empty((n, k), dtype=x.dtype, device=x.device)
+        for row, qtype, blocks in w.rows():
+            ggml_dequant(blocks, qtype, k, x.dtype, out=dense[row:row + blocks.shape[0]])
+        return self._k["linear"](x, dense, b)
 
     def swiglu(self, gate_up):
         return self._k["swiglu"](gate_up)

@@ -18,6 +18,7 @@ from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.layout import LayerLayout
 from engine.quant.cache import packed_layers_file
+from engine.quant.ggml import NativeLayouts
 from engine.quant.layout import LayerQuant, QuantLayerLayout
 from memory.plan import Plan
 from streamer.stream import WeightStreamer
@@ -28,13 +29,15 @@ from streamer.units import Span, Tier, UnitSpec
 class UnitBuilder:
     """Unit specs of one model's layers and lm_head chunks in a compute dtype."""
 
-    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, layout: LayerLayout | QuantLayerLayout,
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, layout: LayerLayout | QuantLayerLayout | NativeLayouts,
                  packed_file: Path | None = None) -> None:
         self.ckpt, self.cfg, self.layout, self.dtype = ckpt, cfg, layout, layout.dtype
         self.packed_file = packed_file  # engine.quant.cache: every layer's packed bytes, in order
         self.head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
 
     def layer(self, i: int, tier: Tier) -> UnitSpec:
+        if isinstance(self.layout, NativeLayouts):  # GGUF blocks copied as they are, norms cast
+            return UnitSpec(f"layer.{i}", self.layout.of(i).nbytes, tier, pack=lambda buf: self.pack_native(i, buf))
         if isinstance(self.layout, QuantLayerLayout):  # raw file bytes where they are canonical, else a packer
             if self.packed_file is not None:
                 nbytes = self.layout.nbytes
@@ -60,6 +63,13 @@ class UnitBuilder:
         prefix = f"model.layers.{i}."
         self.layout.pack(lambda n: self.ckpt.tensor(n) if n in self.ckpt.tensors else None, f"model.layers.{i}", buf)
         for name in [n for n in self.ckpt.tensors if n.startswith(prefix)]:
+            self.ckpt.release(name)
+
+    def pack_native(self, i: int, buf: torch.Tensor) -> None:
+        """Copy layer i's GGUF blocks (and cast its norms / biases) into ``buf``."""
+        prefix = f"model.layers.{i}"
+        self.layout.of(i).pack(self.ckpt.tensor, self.ckpt.module_blocks, prefix, buf)
+        for name in [n for n in self.ckpt.tensors if n.startswith(prefix + ".")]:
             self.ckpt.release(name)
 
     def lm_head_chunks(self, chunks: int, tier: Tier) -> list[UnitSpec]:
@@ -99,9 +109,14 @@ class ModelWeights:
                  trace: bool = False, quant: LayerQuant | None = None, quant_cache: bool = False) -> None:
         self.ckpt, self.cfg, self.plan, self.dtype = ckpt, cfg, plan, dtype
         self.device = torch.device(device)
-        self.layout = QuantLayerLayout.build(cfg, dtype, quant) if quant else LayerLayout.build(cfg, dtype)
+        if quant is not None and quant.native:  # per-layer layouts (engine.quant.ggml)
+            self.layout = NativeLayouts.build(cfg, dtype, quant.native)
+            self.layout_of = self.layout.of
+        else:
+            self.layout = QuantLayerLayout.build(cfg, dtype, quant) if quant else LayerLayout.build(cfg, dtype)
+            self.layout_of = lambda i: self.layout
         build = UnitBuilder(ckpt, cfg, self.layout)
-        if quant_cache and quant is not None:
+        if quant_cache and quant is not None and not quant.native:  # native layers need no repacking
             build.packed_file = packed_layers_file(ckpt, self.layout, cfg.num_hidden_layers, build.pack_quant, threads)
         tiers = {i: ("disk" if i in plan.disk_layers else "pinned") for i in plan.streamed_layers}
         units = [build.layer(i, tiers[i]) for i in plan.streamed_layers]
@@ -111,9 +126,10 @@ class ModelWeights:
         self.stream = WeightStreamer([build.layer(i, "vram") for i in plan.resident_layers], units,
                                      plan.num_slots, plan.slot_bytes, self.device, threads=threads,
                                      progress=progress, log_sync=log_sync, trace=trace)
-        self.resident = {i: self.layout.views(buf) for i, buf in zip(plan.resident_layers, self.stream.resident_views)}
+        self.resident = {i: self.layout_of(i).views(buf)
+                         for i, buf in zip(plan.resident_layers, self.stream.resident_views)}
         self.unit_of = {u.name: j for j, u in enumerate(units)}
-        self.slot_views: list[dict[str, torch.Tensor] | None] = [None] * plan.num_slots
+        self.slot_views: dict[tuple[int, object], dict[str, torch.Tensor]] = {}  # (slot, layout) -> views
         self.dry = False  # engine/ahead.py's compile-ahead pass: streamed weights are slot 0's bytes, uncopied
         self._load_small(progress or (lambda n: None))
 
@@ -140,14 +156,15 @@ class ModelWeights:
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         if i in self.resident:
             return self.resident[i]
-        return self.slot_layer(0 if self.dry else self.stream.acquire(self.unit_of[f"layer.{i}"]))
+        return self.slot_layer(0 if self.dry else self.stream.acquire(self.unit_of[f"layer.{i}"]), i)
 
-    def slot_layer(self, slot: int) -> dict[str, torch.Tensor]:
-        """Layer-shaped views of staging slot ``slot`` (what ``layer(i)`` returns when i uses it);
-        no synchronisation: for capturing graphs that read whichever layer the slot holds."""
-        views = self.slot_views[slot]
+    def slot_layer(self, slot: int, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's views of staging slot ``slot`` (what ``layer(i)`` returns when i uses it); no
+        synchronisation: for capturing graphs that read whichever layer the slot holds."""
+        layout = self.layout_of(i)
+        views = self.slot_views.get((slot, id(layout)))
         if views is None:
-            views = self.slot_views[slot] = self.layout.views(self.stream.slots[slot])
+            views = self.slot_views[(slot, id(layout))] = layout.views(self.stream.slots[slot])
         return views
 
     def release(self, i: int) -> None:
@@ -157,7 +174,7 @@ class ModelWeights:
     def host_layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer-shaped views of host layer i's pinned host copy (what the CPU computes it from)."""
         assert i in self.plan.host_layers, f"layer {i} is not a host layer of the plan"
-        return self.layout.views(self.stream.host_bufs[self.unit_of[f"layer.{i}"]])
+        return self.layout_of(i).views(self.stream.host_bufs[self.unit_of[f"layer.{i}"]])
 
     def host_decode(self, on: bool) -> None:
         """Stream every streamed unit each pass (``on`` False: a prefill), or all but the plan's host

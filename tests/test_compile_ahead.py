@@ -146,7 +146,7 @@ def test_dry_weights_hand_out_slot_zero_without_streaming(model_dir):
         before = (stream.consumed, stream.streamed_bytes)
         w.dry = True
         views = w.layer(streamed[-1])
-        assert all(v.data_ptr() == s.data_ptr() for v, s in zip(views.values(), w.slot_layer(0).values()))
+        assert all(v.data_ptr() == s.data_ptr() for v, s in zip(views.values(), w.slot_layer(0, streamed[-1]).values()))
         w.release(streamed[-1])
         list(w.lm_head_parts())
         w.dry = False

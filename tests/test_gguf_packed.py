@@ -1,5 +1,8 @@
 """GGUF layers held packed (``engine.gguf.repack``): what the plan counts, streaming, and the cache.
 
+Files of Q4_K / Q6_K layers are held as their own blocks by default (``tests/test_gguf_native.py``);
+the tests of the repacked form set ``LAYERSTREAM_GGUF_NATIVE=0``.
+
 The tiny GGUF files of ``tests/test_gguf_tiny.py`` (whose logits test, run on these same files,
 now goes through the packed layers); here: the run's quantized form per file type, the plan's layer
 bytes equal to the packed layout (bits per weight of the linear weights as the form implies, far
@@ -54,7 +57,8 @@ def _form_bits(layout: QuantLayerLayout, forms: dict) -> float:
 
 
 @pytest.mark.parametrize("case", list(FORMS), ids=[f"{f}-{t}" for f, t in FORMS])
-def test_layers_are_packed_at_the_form_size(gguf_model, case):  # noqa: F811
+def test_layers_are_packed_at_the_form_size(gguf_model, case, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("LAYERSTREAM_GGUF_NATIVE", "0")  # K-quant layers repacked (tests/test_gguf_native.py: as they are)
     _, path = gguf_model(*case)
     engine = make_engine(path, max_context=32)
     forms = FORMS[case]
@@ -109,6 +113,7 @@ def test_quant_cache_keeps_repacked_layers(gguf_model, tmp_path, monkeypatch):  
     from engine.quant import layout as layout_mod
 
     monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LAYERSTREAM_GGUF_NATIVE", "0")  # native K-quant layers need no cache
     _, path = gguf_model("llama", "Q4_K_M")
     first = make_engine(path, quant_cache=True)
     prompt = random_prompts([5], first.cfg.vocab_size, seed=22)[0]

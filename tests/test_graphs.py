@@ -87,7 +87,7 @@ def test_streamed_layer_replays_the_piece_of_its_slot(model_dir):
     tok = torch.zeros(1, dtype=torch.long)
     for pos in range(3):
         graph(tok, i32([pos]))
-    slot_ptrs = [ours.weights.slot_layer(s)["self_attn.qkv_proj.weight"].data_ptr()
+    slot_ptrs = [ours.weights.slot_layer(s, 0)["self_attn.qkv_proj.weight"].data_ptr()
                  for s in range(len(ours.weights.stream.slots))]
     units = len(ours.weights.units)
     # unit g of the endless sequence sits in slot g % slots; lm_head chunks are units too

@@ -29,6 +29,7 @@ import threading
 from pathlib import Path
 
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from engine.checkpoint import TensorInfo, drop_pages, raise_problems, tensor_problems
 from engine.config import ModelConfig
@@ -36,6 +37,7 @@ from engine.gguf.dequant import PLAIN, block_geometry, check_supported, dequanti
 from engine.gguf.names import hf_name, permuted_heads, unpermute_rows
 from engine.gguf.reader import GGUFModelFiles, RawTensor
 from engine.gguf.repack import NATIVE, GGUFTarget, target_for, to_canonical
+from engine.quant.ggml import MODULES
 from engine.quant.layout import FUSED_LINEARS
 from engine.quant.spec import QuantWeight
 
@@ -134,6 +136,26 @@ class GGUFCheckpoint:
                 types.setdefault(FUSED_OF[n.split(".", 3)[3].removesuffix(".weight")], set()).add(t.qtype)
         forms = {fused: target_for(qtypes) for fused, qtypes in types.items()}
         return forms if forms and None not in forms.values() else None
+
+    def native_signatures(self) -> tuple[tuple[str, ...], ...] | None:
+        """Each layer's ggml type per module (``engine.quant.ggml.MODULES`` order) when every layer
+        linear is a type the kernels decode natively (Q4_K, Q6_K); None otherwise (repacked or widened)."""
+        names = {QT.Q4_K: "q4_k", QT.Q6_K: "q6_k"}
+        out = []
+        for i in range(self.cfg.num_hidden_layers):
+            types = [self.raw[f"model.layers.{i}.{m}.weight"].qtype for m in MODULES]
+            if any(t not in names for t in types):
+                return None
+            out.append(tuple(names[t] for t in types))
+        return tuple(out)
+
+    def module_blocks(self, module: str) -> torch.Tensor:
+        """Module ``module``'s (``model.layers.{i}.mlp.up_proj``) blocks as uint8 ``[rows, row bytes]`` in
+        the Hugging Face row order: a view of the map, or (llama's Q/K) its rows reordered."""
+        t = self.raw[f"{module}.weight"]
+        raw = self._mapped_bytes(t).view(t.shape[0], -1)
+        heads = permuted_heads(self.cfg, f"{module}.weight")
+        return unpermute_rows(raw, heads) if heads else raw
 
     def plan_note(self, quant_label: str | None) -> str:
         """The plan note saying how the GGUF tensors are held (``quant_label``: the layers' packed forms,

@@ -10,6 +10,7 @@ in one ValueError, as ``engine.checkpoint.Checkpoint.validate`` does for full-pr
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -123,6 +124,12 @@ def layer_quant(ckpt: Checkpoint, cfg: ModelConfig, qc: QuantizationConfig | Non
 def _gguf_quant(ckpt: Checkpoint, quantize: str | None) -> LayerQuant | None:
     """A GGUF checkpoint's packed layers (``engine.gguf.checkpoint.GGUFCheckpoint.layer_forms``), or None
     for any other checkpoint and for GGUF layers of float types. ValueError for ``--quantize`` on them."""
+    native = _gguf_native(ckpt)
+    if native is not None:
+        if quantize:
+            raise ValueError(f"--quantize {quantize}: the GGUF file is already quantized ({native.label}); "
+                             "drop --quantize")
+        return native
     forms_of = getattr(ckpt, "layer_forms", None)
     forms = forms_of() if forms_of is not None else None
     if forms is None:
@@ -135,6 +142,19 @@ def _gguf_quant(ckpt: Checkpoint, quantize: str | None) -> LayerQuant | None:
         raise ValueError(f"--quantize {quantize}: the GGUF file is already quantized ({quant.label}); "
                          "drop --quantize")
     return quant
+
+
+def _gguf_native(ckpt: Checkpoint) -> LayerQuant | None:
+    """GGUF layers of Q4_K / Q6_K held as the file's blocks (``engine.quant.ggml``), unless
+    ``LAYERSTREAM_GGUF_NATIVE=0`` asks for the canonical repacking (to compare the two)."""
+    signatures_of = getattr(ckpt, "native_signatures", None)
+    if signatures_of is None or os.environ.get("LAYERSTREAM_GGUF_NATIVE", "1") == "0":
+        return None
+    signatures = signatures_of()
+    if signatures is None:
+        return None
+    spec = QuantSpec(4, 32, True, "gguf", mins=True)  # the nearest canonical form, for what reads only .spec
+    return LayerQuant(spec, torch.float32, native=signatures, blocks=ckpt.module_blocks)
 
 
 def _fused_of(prefix: str) -> str:

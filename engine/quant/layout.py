@@ -42,7 +42,9 @@ class LayerQuant:
     (``source``), repacked by the checkpoint itself (``loader``: GGUF blocks, ``engine.gguf.repack``),
     or rounded to nearest at load from a full-precision one (both None). ``forms`` gives fused
     projections their own (spec, scale dtype) (GGUF: each projection in the narrowest exact form of
-    its types); ``spec`` / ``scale_dtype`` hold the others and name the run's widest form."""
+    its types); ``spec`` / ``scale_dtype`` hold the others and name the run's widest form.
+    ``native``: GGUF K-quant layers held as the file's own blocks (``engine.quant.ggml``), one
+    signature (ggml type per module) per layer, their blocks read through ``blocks(module)``."""
 
     spec: QuantSpec
     scale_dtype: torch.dtype
@@ -50,6 +52,8 @@ class LayerQuant:
     source: QuantizationConfig | None = None
     loader: LinearLoader | None = field(default=None, compare=False, repr=False)
     forms: tuple[tuple[str, QuantSpec, torch.dtype], ...] = ()
+    native: tuple[tuple[str, ...], ...] = ()
+    blocks: Callable[[str], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     def form(self, fused: str) -> tuple[QuantSpec, torch.dtype]:
         """(spec, scale dtype) of fused projection ``fused`` (``mlp.down_proj``, ...)."""
@@ -58,6 +62,9 @@ class LayerQuant:
     @property
     def label(self) -> str:
         """Plan-line description: the spec, or each projection's form when they differ."""
+        if self.native:
+            types = sorted({t.upper() for sig in self.native for t in sig})
+            return f"gguf {'/'.join(types)} blocks (native)"
         labels = {f.split(".")[-1].removesuffix("_proj"): self.form(f)[0].label for f in FUSED_LINEARS}
         if len(set(labels.values())) == 1:
             return next(iter(labels.values()))

@@ -1,0 +1,101 @@
+"""GGUF K-quant layers held as the file's own blocks (``engine.quant.ggml``): bytes, views and tokens.
+
+The tiny GGUF files of ``tests/test_gguf_tiny.py`` (rows of 256). A Q4_K_M file's layers mix Q4_K and
+Q6_K (llama.cpp gives some layers' attn_v / ffn_down more bits), so its layers have two signatures;
+each layer is planned and streamed at its own size, the blocks in VRAM are the file's bytes, and
+the tokens equal transformers reading the same file, resident and streamed (pinned and disk tiers).
+``LAYERSTREAM_GGUF_NATIVE=0`` brings back the canonical repacking (same tokens, more bytes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.footprint import min_budget
+from engine.generate import generate
+from engine.quant.ggml import MODULES, GGMLWeight, NativeLayouts
+from engine.quant.layout import QuantLayerLayout
+from engine.sampling import SamplingParams
+from tests.helpers import make_engine, random_prompts
+from tests.test_gguf_tiny import gguf_model  # noqa: F401 (the fixture)
+
+
+def _block_bytes(layout, views) -> int:
+    return sum(w.nbytes for n, w in views.items() if isinstance(w, GGMLWeight))
+
+
+def test_q4_k_m_layers_hold_the_files_blocks(gguf_model):  # noqa: F811
+    _, path = gguf_model("llama", "Q4_K_M")
+    engine = make_engine(path, max_context=32)
+    layouts, ckpt, cfg = engine.weights.layout, engine.ckpt, engine.cfg
+    assert isinstance(layouts, NativeLayouts) and engine.quant.label == "gguf Q4_K/Q6_K blocks (native)"
+    signatures = engine.quant.native
+    assert len(set(signatures)) == 2 and all(set(s) <= {"q4_k", "q6_k"} for s in signatures)
+    assert engine.plan.layer_bytes == layouts.nbytes == max(layouts.layer_bytes) > min(layouts.layer_bytes)
+    note = next(n for n in engine.plan.notes if n.startswith("GGUF: "))
+    assert f"layers packed as {engine.quant.label}" in note
+    for i in range(cfg.num_hidden_layers):
+        assert engine.plan.module(f"layers.{i}").bytes == layouts.of(i).nbytes
+        views = engine.weights.layer(i)
+        file_bytes = sum(ckpt.raw[f"model.layers.{i}.{m}.weight"].nbytes for m in MODULES)
+        assert _block_bytes(layouts.of(i), views) == file_bytes  # the file's bits per weight, nothing added
+        qkv, up = views["self_attn.qkv_proj.weight"], views["mlp.gate_up_proj.weight"]
+        assert [t for t, _ in qkv.parts] == (["q4_k"] if signatures[i][2] == "q4_k" else ["q4_k", "q6_k"])
+        widened = torch.cat([ckpt.tensor(f"model.layers.{i}.self_attn.{p}_proj.weight") for p in "qkv"])
+        assert torch.equal(qkv.dequantize(), widened)  # llama's Q/K rows back in the HF order
+        down = ckpt.tensor(f"model.layers.{i}.mlp.down_proj.weight")
+        assert torch.equal(views["mlp.down_proj.weight"].dequantize(), down)
+        assert torch.equal(up.dequantize()[cfg.intermediate_size:], ckpt.tensor(f"model.layers.{i}.mlp.up_proj.weight"))
+        engine.weights.release(i)
+    engine.close()
+
+
+def test_native_layers_are_smaller_than_repacked_and_give_the_same_tokens(gguf_model, monkeypatch):  # noqa: F811
+    _, path = gguf_model("llama", "Q4_K_M")
+    native = make_engine(path, max_context=32)
+    monkeypatch.setenv("LAYERSTREAM_GGUF_NATIVE", "0")
+    repacked = make_engine(path, max_context=32)
+    assert isinstance(repacked.weights.layout, QuantLayerLayout) and not repacked.quant.native
+    assert sum(native.weights.layout.layer_bytes) < 0.75 * repacked.cfg.num_hidden_layers * repacked.plan.layer_bytes
+    prompt = random_prompts([6], native.cfg.vocab_size, seed=31)[0]
+    got = [generate(e, [prompt], SamplingParams(), max_new_tokens=8).token_ids[0] for e in (native, repacked)]
+    assert got[0] == got[1]
+    native.close()
+    repacked.close()
+
+
+@pytest.mark.parametrize("tier", ["pinned", "disk"])
+def test_streamed_native_layers_give_transformers_tokens(gguf_model, tier):  # noqa: F811
+    ref, path = gguf_model("llama", "Q4_K_M")
+    probe = make_engine(path, max_context=32)
+    low = min_budget(probe.cfg, torch.float32, max_context=32, prefill_chunk=2048, quant=probe.quant)
+    probe.close()
+    engine = make_engine(path, max_context=32, vram_budget=low, host_budget=(1 << 30) if tier == "pinned" else 0)
+    plan = engine.plan
+    assert len(plan.streamed_layers) >= 2 and (tier == "pinned" or plan.disk_layers)
+    sizes = {u.name: u.nbytes for u in engine.weights.units}
+    assert all(sizes[f"layer.{i}"] == engine.weights.layout.of(i).nbytes for i in plan.streamed_layers)
+    prompt = random_prompts([5], engine.cfg.vocab_size, seed=32)[0]
+    with torch.no_grad():
+        p = torch.tensor([prompt])
+        want = ref.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=10,
+                            min_new_tokens=10, eos_token_id=None, pad_token_id=0)[0, 5:].tolist()
+    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=10).token_ids[0] == want
+    engine.close()
+
+
+@pytest.mark.parametrize("case,native", [(("qwen2-tied", "Q6_K"), True), (("qwen3", "Q5_K_M"), False),
+                                         (("llama", "Q4_0"), False)], ids=["Q6_K", "Q5_K_M", "Q4_0"])
+def test_only_k_quants_the_kernels_decode_stay_native(gguf_model, case, native):  # noqa: F811
+    _, path = gguf_model(*case)
+    engine = make_engine(path, max_context=32)
+    assert bool(engine.quant.native) == native
+    assert isinstance(engine.weights.layout, NativeLayouts if native else QuantLayerLayout)
+    engine.close()
+
+
+def test_quantize_is_refused_on_a_native_gguf(gguf_model):  # noqa: F811
+    _, path = gguf_model("llama", "Q4_K_M")
+    with pytest.raises(ValueError, match="already quantized .*native.*drop --quantize"):
+        make_engine(path, max_context=32, quantize="int8")
