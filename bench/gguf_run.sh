@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issues 15 and 17 on one GPU machine, steps in $1 (each time-boxed; one call holds "s" or one 72B step):
 #  s  7B: the synthetic Qwen2.5-7B AWQ and Q4_K_M GGUF (random blocks, written on the GPU): load time of
-#     each (a short engine.run, whole process) and decode at 6 GiB, batch 1 (bench_stream)
+#     each (a short engine.run, whole process) and decode at 6 GiB, batch 1 (bench_stream); the GGUF's
+#     layers as their own blocks (default) and repacked (LAYERSTREAM_GGUF_NATIVE=0), at 6 and 4 GiB
 #  a  72B AWQ (synthetic, ~42 GB) at --vram-budget 24GB: step against its bound, tok/s, peak VRAM, host RSS
 #  g  72B Q4_K_M GGUF (synthetic, ~47 GB) at 24GB, the same (the 72B AWQ is deleted first: 64 GiB of disk)
 # Results in $OUT/results.tar.gz.
@@ -27,7 +28,8 @@ if [[ $steps == *s* ]]; then
       echo "$(basename $m) run $i rc=$? wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s" | tee -a $R/load.txt
     done
   done
-  bench /tmp/q7b-awq 6GiB 90 awq7b; bench $G 6GiB 90 gguf7b
+  bench /tmp/q7b-awq 6GiB 90 awq7b; bench $G 6GiB,4GiB 120 gguf7b
+  LAYERSTREAM_GGUF_NATIVE=0 bench $G 6GiB,4GiB 120 gguf7b-repacked
 fi
 if [[ $steps == *a* ]]; then
   synth qwen2.5-72b /tmp/q72-awq --quant awq; du -sh /tmp/q72-awq | tee -a $R/env.txt

@@ -189,7 +189,8 @@ class Engine:
                           host_source=host_source, prefill_states=self.opts.prefill_states)
         note = getattr(self.ckpt, "plan_note", None)  # GGUF: which tensors stay packed, which are widened
         if note is not None:
-            plan = replace(plan, notes=(*plan.notes, note(self.quant.label if self.quant else None)))
+            head_blocks = self.quant is not None and self.quant.native_head is not None
+            plan = replace(plan, notes=(*plan.notes, note(self.quant.label if self.quant else None, head_blocks)))
         return plan
 
     def _host_rate(self, mode) -> tuple[float | None, str]:

@@ -13,7 +13,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.layout import LayerLayout, expected_tensors
-from engine.quant.ggml import NativeLayouts
+from engine.quant.ggml import DEQUANT_SCRATCH, NativeLayouts, row_bytes
 from engine.quant.layout import LayerQuant, QuantLayerLayout
 from memory.footprint import Footprint, Module
 from memory.plan import Plan
@@ -64,11 +64,13 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         layer_bytes = [QuantLayerLayout.build(cfg, dtype, quant).nbytes] * cfg.num_hidden_layers
     table = cfg.vocab_size * cfg.hidden_size * size
     head_file = tb[EMBED if cfg.tie_word_embeddings else LM_HEAD]
+    head = table if quant is None or quant.native_head is None else \
+        cfg.vocab_size * row_bytes(quant.native_head, cfg.hidden_size)
     modules = [Module("embed_tokens", "embedding", table, tb[EMBED])]
     files = _layer_file_bytes(cfg, tb, None if by_prefix else dense)
     modules += [Module(f"layers.{i}", "layer", layer_bytes[i], files[i]) for i in range(cfg.num_hidden_layers)]
     modules += [Module("norm", "norm", cfg.hidden_size * size, tb["model.norm.weight"]),
-                Module("lm_head", "lm_head", table, head_file)]
+                Module("lm_head", "lm_head", head, head_file)]
     # per prefill token: ~6 hidden-sized tensors, fused qkv, attention output, gate_up and the SwiGLU output
     act = 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + cfg.q_size + 3 * cfg.intermediate_size
     return Footprint(
@@ -78,7 +80,8 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         logits_bytes_per_seq=cfg.vocab_size * 4 * 2,  # fp32 logits + scratch
         rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
         max_positions=cfg.max_position_embeddings,
-        dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""))
+        dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""),
+        scratch_bytes=DEQUANT_SCRATCH if quant is not None and quant.native else 0)
 
 
 def plan_model(cfg: ModelConfig, tensor_bytes: dict[str, int] | None, dtype: torch.dtype,

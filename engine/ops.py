@@ -17,8 +17,19 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from engine.quant.ggml import GGMLWeight
+from engine.quant.ggml import DEQUANT_SCRATCH, GGMLWeight
 from engine.quant.spec import QuantWeight, dequantize
+
+
+def _ggml_dense_rows(w: GGMLWeight, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of a GGUF weight decoded into a dense ``[r1 - r0, K]`` tensor (Triton)."""
+    from kernels.ggml_dequant import ggml_dequant
+    dense = torch.empty((r1 - r0, w.in_features), dtype=dtype, device=w.parts[0][1].device)
+    for row, qtype, blocks in w.rows():
+        a, z = max(r0, row), min(r1, row + blocks.shape[0])
+        if a < z:
+            ggml_dequant(blocks[a - row:z - row], qtype, w.in_features, dtype, out=dense[a - r0:z - r0])
+    return dense
 
 
 class TorchOps:
@@ -124,22 +135,24 @@ class TritonOps(TorchOps):
         return self._k["linear"](x, w, b)
 
     def _ggml_linear(self, x: torch.Tensor, w: GGMLWeight, b: torch.Tensor | None) -> torch.Tensor:
-        """GGUF blocks: a GEMV per part into its columns of the output (decode), or the parts decoded
-        into one dense weight for the dense GEMM (prefill chunks: compute-bound, the decode is cheap)."""
-        from kernels.ggml_dequant import ggml_dequant
+        """GGUF blocks: a GEMV per part into its columns of the output (decode), or (prefill chunks:
+        compute-bound) rows of the weight decoded into a dense tile of at most ``DEQUANT_SCRATCH``
+        bytes at a time, each through the dense GEMM."""
         from kernels.ggml_gemv import GGML_GEMV_MAX_M, ggml_gemv
         (n, k), lead = w.shape, x.shape[:-1]
         x2 = x.reshape(-1, k)
+        out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
         if x2.shape[0] <= GGML_GEMV_MAX_M:
-            out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
             for row, qtype, blocks in w.rows():
                 bias = None if b is None else b[row:row + blocks.shape[0]]
                 ggml_gemv(x2, blocks, qtype, out=out[:, row:row + blocks.shape[0]], bias=bias)
             return out.view(*lead, n)
-        dense = torch.empty((n, k), dtype=x.dtype, device=x.device)
-        for row, qtype, blocks in w.rows():
-            ggml_dequant(blocks, qtype, k, x.dtype, out=dense[row:row + blocks.shape[0]])
-        return self._k["linear"](x, dense, b)
+        step = max(256, DEQUANT_SCRATCH // (k * x.element_size()) // 256 * 256)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            dense = _ggml_dense_rows(w, r0, r1, x.dtype)
+            out[:, r0:r1] = self._k["linear"](x2, dense, None if b is None else b[r0:r1])
+        return out.view(*lead, n)
 
     def swiglu(self, gate_up):
         return self._k["swiglu"](gate_up)

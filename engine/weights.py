@@ -18,7 +18,7 @@ from engine.checkpoint import Checkpoint
 from engine.config import ModelConfig
 from engine.layout import LayerLayout
 from engine.quant.cache import packed_layers_file
-from engine.quant.ggml import NativeLayouts
+from engine.quant.ggml import GGMLWeight, NativeLayouts, row_bytes
 from engine.quant.layout import LayerQuant, QuantLayerLayout
 from memory.plan import Plan
 from streamer.stream import WeightStreamer
@@ -26,12 +26,18 @@ from streamer.sync import SyncLog
 from streamer.units import Span, Tier, UnitSpec
 
 
+def head_row_bytes(cfg: ModelConfig, dtype: torch.dtype, head_blocks: str | None) -> int:
+    """Bytes of one lm_head row as held: ``dtype`` values, or GGUF blocks of type ``head_blocks``."""
+    return row_bytes(head_blocks, cfg.hidden_size) if head_blocks else cfg.hidden_size * dtype.itemsize
+
+
 class UnitBuilder:
     """Unit specs of one model's layers and lm_head chunks in a compute dtype."""
 
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, layout: LayerLayout | QuantLayerLayout | NativeLayouts,
-                 packed_file: Path | None = None) -> None:
+                 packed_file: Path | None = None, head_blocks: str | None = None) -> None:
         self.ckpt, self.cfg, self.layout, self.dtype = ckpt, cfg, layout, layout.dtype
+        self.head_blocks = head_blocks  # GGUF: lm_head's ggml type when it is held as its blocks
         self.packed_file = packed_file  # engine.quant.cache: every layer's packed bytes, in order
         self.head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
 
@@ -74,11 +80,15 @@ class UnitBuilder:
 
     def lm_head_chunks(self, chunks: int, tier: Tier) -> list[UnitSpec]:
         """lm_head in ``chunks`` units of consecutive vocabulary rows."""
-        vocab, row = self.cfg.vocab_size, self.cfg.hidden_size * self.dtype.itemsize
+        vocab, row = self.cfg.vocab_size, head_row_bytes(self.cfg, self.dtype, self.head_blocks)
         rows = -(-vocab // chunks)
         out = []
         for c in range(chunks):
             r0, n = c * rows, min(rows, vocab - c * rows)
+            if self.head_blocks:  # the file's block rows, read as they are
+                file, offset, _ = self.ckpt.block_span(self.head_name)
+                out.append(UnitSpec(f"lm_head.{c}", n * row, tier, spans=(Span(file, offset + r0 * row, n * row, 0),)))
+                continue
             span = self._span(self.head_name, 0, r0 * row, n * row)
             if span:
                 out.append(UnitSpec(f"lm_head.{c}", n * row, tier, spans=(span,)))
@@ -115,7 +125,8 @@ class ModelWeights:
         else:
             self.layout = QuantLayerLayout.build(cfg, dtype, quant) if quant else LayerLayout.build(cfg, dtype)
             self.layout_of = lambda i: self.layout
-        build = UnitBuilder(ckpt, cfg, self.layout)
+        self.head_blocks = quant.native_head if quant is not None else None
+        build = UnitBuilder(ckpt, cfg, self.layout, head_blocks=self.head_blocks)
         if quant_cache and quant is not None and not quant.native:  # native layers need no repacking
             build.packed_file = packed_layers_file(ckpt, self.layout, cfg.num_hidden_layers, build.pack_quant, threads)
         tiers = {i: ("disk" if i in plan.disk_layers else "pinned") for i in plan.streamed_layers}
@@ -143,8 +154,13 @@ class ModelWeights:
         if p.lm_head_resident:
             tied_here = self.cfg.tie_word_embeddings and p.embed_on_device
             head = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
-            self.lm_head = self.embed_table if tied_here else self.ckpt.tensor(head).to(dev, self.dtype)
-            progress(self.lm_head.numel() * self.lm_head.element_size())
+            if self.head_blocks:
+                blocks = self.ckpt.module_blocks("lm_head").to(dev)
+                self.lm_head = GGMLWeight(((self.head_blocks, blocks),), self.cfg.hidden_size)
+                progress(blocks.numel())
+            else:
+                self.lm_head = self.embed_table if tied_here else self.ckpt.tensor(head).to(dev, self.dtype)
+                progress(self.lm_head.numel() * self.lm_head.element_size())
 
     # ----- WeightSource -----
     def embed(self, ids: torch.Tensor, lookup=torch.nn.functional.embedding) -> torch.Tensor:
@@ -194,8 +210,10 @@ class ModelWeights:
             if not u.name.startswith("lm_head."):
                 continue
             slot = 0 if self.dry else self.stream.acquire(j)
-            rows = u.nbytes // (self.cfg.hidden_size * self.dtype.itemsize)
-            yield row0, self.stream.slots[slot][: u.nbytes].view(self.dtype).view(rows, self.cfg.hidden_size)
+            rows = u.nbytes // head_row_bytes(self.cfg, self.dtype, self.head_blocks)
+            buf = self.stream.slots[slot][: u.nbytes]
+            yield row0, (GGMLWeight(((self.head_blocks, buf.view(rows, -1)),), self.cfg.hidden_size)
+                         if self.head_blocks else buf.view(self.dtype).view(rows, self.cfg.hidden_size))
             if not self.dry:
                 self.stream.release()
             row0 += rows

@@ -43,6 +43,7 @@ class Footprint:
     rope_bytes_per_position: int  # the cos and sin table rows of one position
     max_positions: int  # the context the model was trained for
     dtype: str  # compute dtype name, for the plan's rendering
+    scratch_bytes: int = 0  # a fixed kernel scratch of a prefill pass (GGUF blocks decoded for the GEMM)
 
     def __post_init__(self) -> None:
         kinds = [m.kind for m in self.modules]
@@ -82,9 +83,9 @@ class Footprint:
     def workspace_bytes(self, batch: int, max_context: int, prefill_chunk: int, on_host: bool = False) -> int:
         """Activations of one prefill chunk of ``prefill_chunk`` tokens (a decode step is ``batch``
         tokens), the prompt states in VRAM (``prefill_state_bytes``), logits of ``batch`` sequences, rope
-        tables for ``max_context`` and allocator slack."""
+        tables for ``max_context``, the kernels' scratch and allocator slack."""
         tokens = max(prefill_chunk, batch)
         return (tokens * self.act_bytes_per_token
                 + self.prefill_state_bytes(batch, max_context, prefill_chunk, on_host)
                 + batch * self.logits_bytes_per_seq + max_context * self.rope_bytes_per_position
-                + ALLOCATOR_ALLOWANCE)
+                + self.scratch_bytes + ALLOCATOR_ALLOWANCE)

@@ -21,8 +21,8 @@ from tests.helpers import make_engine, random_prompts
 from tests.test_gguf_tiny import gguf_model  # noqa: F401 (the fixture)
 
 
-def _block_bytes(layout, views) -> int:
-    return sum(w.nbytes for n, w in views.items() if isinstance(w, GGMLWeight))
+def _block_bytes(views: dict) -> int:
+    return sum(w.nbytes for w in views.values() if isinstance(w, GGMLWeight))
 
 
 def test_q4_k_m_layers_hold_the_files_blocks(gguf_model):  # noqa: F811
@@ -34,12 +34,16 @@ def test_q4_k_m_layers_hold_the_files_blocks(gguf_model):  # noqa: F811
     assert len(set(signatures)) == 2 and all(set(s) <= {"q4_k", "q6_k"} for s in signatures)
     assert engine.plan.layer_bytes == layouts.nbytes == max(layouts.layer_bytes) > min(layouts.layer_bytes)
     note = next(n for n in engine.plan.notes if n.startswith("GGUF: "))
-    assert f"layers packed as {engine.quant.label}" in note
+    assert f"layers packed as {engine.quant.label}" in note and "output Q6_K held as its blocks" in note
+    head = engine.weights.lm_head  # the untied Q6_K output: blocks too, 6.56 bits per weight
+    assert engine.quant.native_head == "q6_k" and isinstance(head, GGMLWeight)
+    assert engine.plan.module("lm_head").bytes == head.nbytes == ckpt.raw["lm_head.weight"].nbytes
+    assert torch.equal(head.dequantize(), ckpt.tensor("lm_head.weight"))
     for i in range(cfg.num_hidden_layers):
         assert engine.plan.module(f"layers.{i}").bytes == layouts.of(i).nbytes
         views = engine.weights.layer(i)
         file_bytes = sum(ckpt.raw[f"model.layers.{i}.{m}.weight"].nbytes for m in MODULES)
-        assert _block_bytes(layouts.of(i), views) == file_bytes  # the file's bits per weight, nothing added
+        assert _block_bytes(views) == file_bytes  # the file's bits per weight, nothing added
         qkv, up = views["self_attn.qkv_proj.weight"], views["mlp.gate_up_proj.weight"]
         assert [t for t, _ in qkv.parts] == (["q4_k"] if signatures[i][2] == "q4_k" else ["q4_k", "q6_k"])
         widened = torch.cat([ckpt.tensor(f"model.layers.{i}.self_attn.{p}_proj.weight") for p in "qkv"])
@@ -76,6 +80,9 @@ def test_streamed_native_layers_give_transformers_tokens(gguf_model, tier):  # n
     assert len(plan.streamed_layers) >= 2 and (tier == "pinned" or plan.disk_layers)
     sizes = {u.name: u.nbytes for u in engine.weights.units}
     assert all(sizes[f"layer.{i}"] == engine.weights.layout.of(i).nbytes for i in plan.streamed_layers)
+    assert not plan.lm_head_resident and plan.lm_head_chunks >= 2  # the Q6_K output streams as block rows
+    head_rows = [n for n in sizes if n.startswith("lm_head.")]
+    assert sum(sizes[n] for n in head_rows) == engine.ckpt.raw["lm_head.weight"].nbytes
     prompt = random_prompts([5], engine.cfg.vocab_size, seed=32)[0]
     with torch.no_grad():
         p = torch.tensor([prompt])

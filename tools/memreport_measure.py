@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from engine.generate import decode_step, prefill
+from engine.quant.ggml import GGMLWeight
 from memory.process_vram import nvml_process_used
 
 PROMPT_TEXT = "Explain, step by step, why the sky looks blue on a clear day and red at sunset. "
@@ -50,6 +51,7 @@ def persistent_vram(engine) -> dict[str, int]:
         return nbytes(t) if t is not None and t.device.type == dev.type else 0
 
     head = w.lm_head
+    head = head.parts[0][1] if isinstance(head, GGMLWeight) else head  # GGUF blocks: one part
     same = head is not None and head.data_ptr() == w.embed_table.data_ptr()
     return {"resident layers": here(w.stream.resident_buf), "embedding": here(w.embed_table),
             "lm_head": 0 if same else here(head), "norm": here(w.final_norm), "staging slots": here(w.stream.slots),

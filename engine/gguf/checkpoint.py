@@ -137,6 +137,17 @@ class GGUFCheckpoint:
         forms = {fused: target_for(qtypes) for fused, qtypes in types.items()}
         return forms if forms and None not in forms.values() else None
 
+    def native_head(self) -> str | None:
+        """The ggml type of an untied output tensor the kernels decode natively (it is then held as
+        its blocks, like the layers); None for a tied one (the embedding is a widened row gather)."""
+        t = self.raw.get("lm_head.weight")
+        return {QT.Q4_K: "q4_k", QT.Q6_K: "q6_k"}.get(t.qtype) if t is not None else None
+
+    def block_span(self, name: str) -> tuple[Path, int, int]:
+        """(file, absolute offset, bytes) of tensor ``name``'s stored blocks."""
+        t = self.raw[name]
+        return t.file, t.offset, t.nbytes
+
     def native_signatures(self) -> tuple[tuple[str, ...], ...] | None:
         """Each layer's ggml type per module (``engine.quant.ggml.MODULES`` order) when every layer
         linear is a type the kernels decode natively (Q4_K, Q6_K); None otherwise (repacked or widened)."""
@@ -157,14 +168,18 @@ class GGUFCheckpoint:
         heads = permuted_heads(self.cfg, f"{module}.weight")
         return unpermute_rows(raw, heads) if heads else raw
 
-    def plan_note(self, quant_label: str | None) -> str:
+    def plan_note(self, quant_label: str | None, head_blocks: bool = False) -> str:
         """The plan note saying how the GGUF tensors are held (``quant_label``: the layers' packed forms,
-        None when they are widened) and why the embedding and output tensors are widened."""
-        head = "lm_head.weight" if "lm_head.weight" in self.raw else "model.embed_tokens.weight"
-        kinds = f"token_embd {self.raw['model.embed_tokens.weight'].qtype.name}" + (
-            f", output {self.raw[head].qtype.name}" if head == "lm_head.weight" else " (tied output)")
+        None when they are widened; ``head_blocks``: the output tensor is held as its blocks) and why
+        the embedding (and output) tensors are widened."""
+        embd = f"token_embd {self.raw['model.embed_tokens.weight'].qtype.name}"
         layers = f"layers packed as {quant_label}" if quant_label else \
             "layers widened (float types have no packed form)"
+        if head_blocks:
+            return (f"GGUF: {layers}; output {self.raw['lm_head.weight'].qtype.name} held as its blocks too "
+                    f"(resident or streamed in row chunks); {embd} widened to the compute dtype (a row gather)")
+        kinds = embd + (f", output {self.raw['lm_head.weight'].qtype.name}" if "lm_head.weight" in self.raw
+                        else " (tied output)")
         return (f"GGUF: {layers}; {kinds} widened to the compute dtype (the embedding is a row gather and "
                 "lm_head runs as dense rows, resident or streamed in row chunks)")
 

@@ -154,7 +154,8 @@ def _gguf_native(ckpt: Checkpoint) -> LayerQuant | None:
     if signatures is None:
         return None
     spec = QuantSpec(4, 32, True, "gguf", mins=True)  # the nearest canonical form, for what reads only .spec
-    return LayerQuant(spec, torch.float32, native=signatures, blocks=ckpt.module_blocks)
+    return LayerQuant(spec, torch.float32, native=signatures, native_head=ckpt.native_head(),
+                      blocks=ckpt.module_blocks)
 
 
 def _fused_of(prefix: str) -> str:

@@ -27,6 +27,7 @@ from engine.layout import ALIGN
 from engine.quant.layout import FUSED_LINEARS, QEntry, dense_shapes, linear_shapes
 
 NATIVE_BLOCKS = {"q4_k": (256, 144), "q6_k": (256, 210)}  # ggml type -> (values, bytes) per block
+DEQUANT_SCRATCH = 64 << 20  # bytes: the dense tile a prefill decodes blocks into for the GEMM, at most
 MODULES = tuple(m for parts in FUSED_LINEARS.values() for m in parts)  # q, k, v, o, gate, up, down
 Signature = tuple[str, ...]  # a layer's ggml type per module of MODULES
 
@@ -49,6 +50,10 @@ class GGMLWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return (sum(b.shape[0] for _, b in self.parts), self.in_features)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0][1].device
 
     def data_ptr(self) -> int:
         """Where the first part's blocks live (how a decode graph finds the slot it was captured on)."""

@@ -53,6 +53,7 @@ class LayerQuant:
     loader: LinearLoader | None = field(default=None, compare=False, repr=False)
     forms: tuple[tuple[str, QuantSpec, torch.dtype], ...] = ()
     native: tuple[tuple[str, ...], ...] = ()
+    native_head: str | None = None  # GGUF: the ggml type of an untied lm_head held as its blocks too
     blocks: Callable[[str], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     def form(self, fused: str) -> tuple[QuantSpec, torch.dtype]:
