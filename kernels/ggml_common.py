@@ -60,8 +60,10 @@ def to_out(w, dt: tl.constexpr, RNE_BF16: tl.constexpr):
     if RNE_BF16:
         b = w.to(tl.uint32, bitcast=True)
         b = b + 0x7FFF + ((b >> 16) & 1)
-        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return w.to(dt)
+        y = (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = w.to(dt)
+    return y
 
 
 @triton.jit

@@ -46,6 +46,13 @@ def _ggml_dequant_kernel(blk, h, out_ptr, N, row_bytes, stride_on,
         tl.store(o + cols + 32, to_out(s_hi[:, :, None] * hi - m_hi[:, :, None], dt, RNE_BF16), mask=keep)
 
 
+def launch_meta(qtype: str, dtype: torch.dtype) -> tuple[dict[str, int | bool], int]:
+    """The kernel's constexprs and num_warps for an output in ``dtype``."""
+    meta = {"Q6": qtype == "q6_k", "BLOCK_BYTES": BLOCKS[qtype][1], "BLOCK_N": _BLOCK_N,
+            "RNE_BF16": INTERPRET and dtype == torch.bfloat16}
+    return meta, _NUM_WARPS
+
+
 def ggml_dequant(blocks: torch.Tensor, qtype: str, k: int, dtype: torch.dtype,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense weight [N, k] in ``dtype`` (bf16 / fp16 / fp32) of ggml ``qtype`` blocks ("q4_k" / "q6_k").
@@ -61,10 +68,9 @@ def ggml_dequant(blocks: torch.Tensor, qtype: str, k: int, dtype: torch.dtype,
     if out is None:
         out = torch.empty((n, k), device=blocks.device, dtype=dtype)
     check_out(out, (n, k), dtype, blocks)
-    grid = (triton.cdiv(n, _BLOCK_N), k // SUPER)
-    _ggml_dequant_kernel[grid](blocks, h, out, n, blocks.shape[1], out.stride(0), Q6=qtype == "q6_k",
-                               BLOCK_BYTES=BLOCKS[qtype][1], BLOCK_N=_BLOCK_N,
-                               RNE_BF16=INTERPRET and dtype == torch.bfloat16, num_warps=_NUM_WARPS)
+    meta, warps = launch_meta(qtype, dtype)
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), k // SUPER)
+    _ggml_dequant_kernel[grid](blocks, h, out, n, blocks.shape[1], out.stride(0), **meta, num_warps=warps)
     return out
 
 

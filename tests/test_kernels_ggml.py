@@ -11,10 +11,15 @@ Without CUDA the kernels run under TRITON_INTERPRET=1 on small odd shapes; real 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import triton
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,6 +29,7 @@ from gguf.quants import dequantize as np_dequantize  # noqa: E402
 
 from engine.gguf import random_blocks as rb  # noqa: E402
 from kernels.ggml_blocks import BLOCKS, dequant_ref, row_bytes  # noqa: E402
+from kernels import ggml_dequant as dequant_mod, ggml_gemv as gemv_mod  # noqa: E402
 from kernels.ggml_dequant import ggml_dequant, ggml_dequant_ref  # noqa: E402
 from kernels.ggml_gemv import ggml_gemv, ggml_gemv_ref  # noqa: E402
 
@@ -159,3 +165,52 @@ def test_real_shapes_cuda(qtype: str, M: int) -> None:
         ref = x.float() @ dequant_ref(b, qtype, K).T + bias.float()
         assert rel_err(ggml_gemv(x, b, qtype, bias=bias), ref) < MATMUL_TOL[torch.bfloat16]
         assert torch.equal(ggml_dequant(b, qtype, K, torch.bfloat16), dequant_ref(b, qtype, K).to(torch.bfloat16))
+
+
+PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+NV_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def _sm90_usage(fn, ptrs: dict[str, str], meta: dict, warps: int) -> str:
+    """Compile ``fn`` for sm_90 on the CPU (Triton's bundled ptxas) and return cuobjdump's resource line."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    sig = {a: "constexpr" if a in meta else ptrs.get(a, "i32") for a in names}
+    src = ASTSource(fn, sig, constexprs={(names.index(a),): v for a, v in meta.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        out = subprocess.run([str(NV_BIN / "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                             capture_output=True, text=True, check=True).stdout
+    return next(line.strip() for line in out.splitlines() if "REG:" in line)
+
+
+def compile_all_sm90() -> None:
+    """Print the resource usage of every launch config the tests' shapes reach (run with TRITON_INTERPRET=0)."""
+    for qtype in QTYPES:
+        for m, dtype in ((1, torch.bfloat16), (8, torch.float16), (64, torch.bfloat16), (4, torch.float32)):
+            meta, warps = gemv_mod.launch_meta(qtype, m, dtype, has_bias=True)
+            ptrs = {"x_ptr": PTR[dtype], "blk": "*u8", "h": "*fp16", "bias_ptr": PTR[dtype], "out_ptr": PTR[dtype]}
+            print(f"gemv {qtype} M={m} {dtype}:", _sm90_usage(gemv_mod._ggml_gemv_kernel, ptrs, meta, warps))
+        for dtype in (torch.bfloat16, torch.float32):
+            meta, warps = dequant_mod.launch_meta(qtype, dtype)
+            ptrs = {"blk": "*u8", "h": "*fp16", "out_ptr": PTR[dtype]}
+            print(f"dequant {qtype} {dtype}:", _sm90_usage(dequant_mod._ggml_dequant_kernel, ptrs, meta, warps))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (NV_BIN / "cuobjdump").exists(), reason="Triton's NVIDIA tools are not bundled")
+def test_kernels_compile_for_sm90_without_spills() -> None:
+    """The GPU build of every launch config (which the interpreter never lowers) compiles for the
+    H200's sm_90 and keeps its registers: no stack, no local memory (spills)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-c", "from tests.test_kernels_ggml import compile_all_sm90 as c; c()"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 12, run.stdout
+    for line in lines:
+        assert "STACK:0" in line and "LOCAL:0" in line, line
