@@ -9,7 +9,9 @@ best config is reported with its time, its ratio to bf16 ``F.linear`` on the deq
 (peer us / ours), for qgemv the rate on the packed bytes (codes, scales, zeros) and its fraction of a
 device-to-device copy measured on the same bytes in the same run (copy rate counted read + write, as
 tools/bench_kernels.py's ceiling), and the largest relative error (Frobenius) of any of the
-variant's candidates against fp32 ``x @ dequant_ref(w).T``.
+variant's candidates against fp32 ``x @ dequant_ref(w).T``.  With ``--ggml`` (default: q4_k,q6_k), each
+decode batch (M <= 64) also times kernels/ggml_gemv.py on random GGUF blocks of those types at the same
+shapes (its one fixed launch config), with the rate on the block bytes and its fraction of a copy of them.
 
 Usage on the GPU machine: python bench/probe_qkernels.py --out probe.json
 """
@@ -29,6 +31,10 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import qgemm as qgemm_mod  # noqa: E402
 from kernels import qgemv as qgemv_mod  # noqa: E402
+from engine.gguf.random_blocks import random_blocks  # noqa: E402
+from gguf import GGMLQuantizationType  # noqa: E402
+from kernels import ggml_blocks  # noqa: E402
+from kernels.ggml_gemv import ggml_gemv  # noqa: E402
 from kernels.quant_common import dequant_ref  # noqa: E402
 from kernels.tuning import fits_l2, graph_ms, precompile  # noqa: E402
 from tools.bench_quant import QWEN7B_QUANT, packed_operands  # noqa: E402
@@ -43,7 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="projections of Qwen2.5-7B to probe (default: %(default)s)")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="code width (default: %(default)s)")
     p.add_argument("--group", type=int, default=128, help="quantization group size (default: %(default)s)")
+    p.add_argument("--ggml", default="q4_k,q6_k",
+                   help="GGUF block types to time kernels/ggml_gemv.py on at M <= 64, '' for none (default: %(default)s)")
     args = p.parse_args(argv)
+    args.ggml = [t for t in args.ggml.split(",") if t]
+    if any(t not in ggml_blocks.BLOCKS for t in args.ggml):
+        p.error(f"--ggml must name some of {', '.join(ggml_blocks.BLOCKS)}, got {','.join(args.ggml)!r}")
     try:
         args.batches = [int(b) for b in args.batches.split(",") if b]
     except ValueError:
@@ -114,12 +125,7 @@ def probe_shape(name: str, k: int, n: int, m: int, bits: int, group: int, sms: i
         run = functools.partial(qgemm_mod._launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=None, out=out)
     found = time_candidates(cands, run, ref, out, fits_l2(packed_bytes, x.device), gemv and m == 1)
     peer_us = graph_ms(lambda: F.linear(x, dense), cold=fits_l2(dense.nbytes, x.device)) * 1e3
-    copy_gbps = None
-    if gemv:
-        src = torch.empty(packed_bytes, device=x.device, dtype=torch.uint8)
-        dst = torch.empty_like(src)
-        copy_us = graph_ms(lambda: dst.copy_(src), cold=fits_l2(2 * packed_bytes, x.device)) * 1e3
-        copy_gbps = 2 * packed_bytes / copy_us / 1e3  # read + write
+    copy = copy_gbps(packed_bytes, x.device) if gemv else None
     rows = []
     for variant, r in found.items():
         row = {"kernel": "qgemv" if gemv else "qgemm", "proj": name, "M": m, "K": k, "N": n, "variant": variant,
@@ -130,11 +136,38 @@ def probe_shape(name: str, k: int, n: int, m: int, bits: int, group: int, sms: i
             row.update(us=us, config=cfg, x_bf16=peer_us / us)
             if gemv:
                 gbps = packed_bytes / us / 1e3
-                row.update(packed_GBps=gbps, copy_GBps=copy_gbps, of_copy=gbps / copy_gbps)
+                row.update(packed_GBps=gbps, copy_GBps=copy, of_copy=gbps / copy)
             else:
                 row.update(TFLOPs=2.0 * m * n * k / us / 1e6)
         rows.append(row)
     return rows
+
+
+def copy_gbps(nbytes: int, device: torch.device) -> float:
+    """Device-to-device copy rate of ``nbytes`` (read + write counted), timed as the kernels are."""
+    src = torch.empty(nbytes, device=device, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    copy_us = graph_ms(lambda: dst.copy_(src), cold=fits_l2(2 * nbytes, device)) * 1e3
+    return 2 * nbytes / copy_us / 1e3
+
+
+def probe_ggml(name: str, k: int, n: int, m: int, qtype: str) -> dict:
+    """One row: kernels/ggml_gemv.py on random ``qtype`` blocks (std 0.02) at M = m, bf16 x."""
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    blocks = random_blocks(GGMLQuantizationType[qtype.upper()], n * k // 256, 0.02, gen).view(n, -1)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = ggml_blocks.dequant_ref(blocks, qtype, k)
+    ref, dense = x.float() @ w.T, w.to(torch.bfloat16)
+    del w
+    out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    ggml_gemv(x, blocks, qtype, out=out)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    us = graph_ms(lambda: ggml_gemv(x, blocks, qtype, out=out), cold=fits_l2(blocks.nbytes, x.device)) * 1e3
+    peer_us = graph_ms(lambda: F.linear(x, dense), cold=fits_l2(dense.nbytes, x.device)) * 1e3
+    gbps, copy = blocks.nbytes / us / 1e3, copy_gbps(blocks.nbytes, x.device)
+    return {"kernel": "ggml", "proj": name, "M": m, "K": k, "N": n, "variant": qtype, "timed": 1, "failed": 0,
+            "max_rel_err": err, "peer_bf16_us": peer_us, "errors": [], "us": us, "config": "fixed",
+            "x_bf16": peer_us / us, "packed_GBps": gbps, "copy_GBps": copy, "of_copy": gbps / copy}
 
 
 def table(rows: list[dict]) -> str:
@@ -164,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.batches:
         for name in args.shapes:
             rows += probe_shape(name, *known[name], m, args.bits, args.group, sms)
+            rows += [probe_ggml(name, *known[name], m, qtype) for qtype in args.ggml if m <= 64]
             print(f"[{time.perf_counter() - t0:6.1f} s] {name} M={m} done", file=sys.stderr, flush=True)
             torch.cuda.empty_cache()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

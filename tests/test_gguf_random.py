@@ -23,6 +23,7 @@ from engine.gguf.random_writer import write_random_gguf
 from engine.gguf.writer import write_gguf
 from engine.gguf.names import hf_name
 from engine.synth.writer import INIT_STD, TensorSpec, make_tensor, synthesize, tensor_specs, write_safetensors
+from kernels.ggml_blocks import k_scales
 from tools.synth import main as synth_main
 
 
@@ -63,7 +64,7 @@ def test_scale_fields_are_valid(qtype: QT) -> None:
         sign = -1 if qtype in (QT.Q4_1, QT.Q5_1) else 1
         torch.testing.assert_close(m, sign * RECIPES[qtype].center * d, rtol=1e-3, atol=0)
     if qtype in (QT.Q4_K, QT.Q5_K):
-        sc, mn = dequant.k_scales(b[:, 4:16])
+        sc, mn = k_scales(b[:, 4:16])
         assert torch.equal(sc, mn) and sc.min() == K_SCALES[0] and sc.max() == K_SCALES[1]
     if qtype == QT.Q6_K:
         sc = b[:, 192:208].contiguous().view(torch.int8).abs()
@@ -189,4 +190,4 @@ def test_generated_on_cuda(tmp_path: Path, k_model_dir: Path) -> None:
         if len(t.shape) == 2:
             assert 0.9 * INIT_STD < y.std() < 1.1 * INIT_STD, t.name
     b = random_blocks(QT.Q4_K, 64, INIT_STD, torch.Generator(device="cuda").manual_seed(0))
-    assert b.is_cuda and (dequant.k_scales(b[:, 4:16].cpu())[0] >= K_SCALES[0]).all()
+    assert b.is_cuda and (k_scales(b[:, 4:16].cpu())[0] >= K_SCALES[0]).all()

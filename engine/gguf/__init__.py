@@ -14,7 +14,7 @@ blocks streamed to a file, for benchmark-size synthetic models).
 
 Quantized weights are widened to floats once, as the engine packs them; mapping block formats
 onto packed quantized linear weights (issue 15's representation) is a later step: the
-checkpoint's ``raw_span`` / ``raw`` table and ``dequant.k_scales`` are where it would start.
+checkpoint's ``raw_span`` / ``raw`` table and ``kernels.ggml_blocks.k_scales`` are where it would start.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ uint8 tensor and returns ``[n, block_size]`` float32 values, computed with the s
 operation order as ggml's reference dequantizers (scale products first, then the integers).
 
 Which formats exist (and their block geometry) comes from ``gguf.GGML_QUANT_SIZES``; the
-decoders are in :data:`DECODERS`. A type without a decoder is rejected with a clear error by
+decoders are in :data:`DECODERS`; those of Q4_K and Q6_K, and the field readers the others share,
+live in :mod:`kernels.ggml_blocks` (the references of the kernels that read these blocks natively). A type without a decoder is rejected with a clear error by
 :func:`check_supported` before any weight is read.
 """
 
@@ -18,23 +19,11 @@ from collections.abc import Callable
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
+from kernels.ggml_blocks import (f16_field as _f16, i8_fields as _i8, k_affine as _k_affine, nibbles as _nibbles,
+                                 q4_k_ints as _q4_k_ints, q4_k_values, q6_k_values)
+
 CHUNK_VALUES = 1 << 20  # values widened per step: float32 temporaries of 4 MiB stay in cache (about 2x
 # faster than 16M-value steps on one core) and bound the memory a large tensor needs beyond its output
-
-
-def _f16(b: torch.Tensor, byte: int) -> torch.Tensor:
-    """The fp16 scale at byte offset ``byte`` of each block, as [n, 1] float32 (no copy of the blocks:
-    every block size is even, so the rows view as fp16 directly)."""
-    return b.view(torch.float16)[:, byte // 2:byte // 2 + 1].float()
-
-
-def _i8(b: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    return b.view(torch.int8)[:, start:end].float()
-
-
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """[n, 16] bytes -> [n, 32] ints: the 16 low nibbles, then the 16 high ones (ggml's q4/q5 order)."""
-    return torch.cat([qs & 0xF, qs >> 4], dim=-1)
 
 
 def _bits(raw: torch.Tensor) -> torch.Tensor:
@@ -67,45 +56,10 @@ def _q8_0(b: torch.Tensor) -> torch.Tensor:
     return _i8(b, 2, 34) * _f16(b, 0)
 
 
-def k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 12 packed bytes of a Q4_K/Q5_K block -> 8 six-bit scales and 8 six-bit mins."""
-    s0, s1, s2 = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    scales = torch.cat([s0 & 63, (s2 & 0xF) | ((s0 >> 6) << 4)], dim=-1)
-    mins = torch.cat([s1 & 63, (s2 >> 4) | ((s1 >> 6) << 4)], dim=-1)
-    return scales, mins
-
-
-def _k_affine(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """y = d * scale_j * q - dmin * min_j over 8 sub-blocks of 32 (q: [n, 8, 32])."""
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    scales, mins = k_scales(b[:, 4:16])
-    y = (d * scales.float()).unsqueeze(-1) * q.float() - (dmin * mins.float()).unsqueeze(-1)
-    return y.flatten(1)
-
-
-def _q4_k_ints(qs: torch.Tensor) -> torch.Tensor:
-    """[n, 128] bytes -> [n, 8, 32]: byte run i holds sub-block 2i (low nibbles) and 2i+1 (high)."""
-    runs = qs.view(-1, 4, 32)
-    return torch.stack([runs & 0xF, runs >> 4], dim=2).view(-1, 8, 32)
-
-
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
-    return _k_affine(b, _q4_k_ints(b[:, 16:144]))
-
-
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
     qh = b[:, 16:48]  # bit j of qh[l] is the fifth bit of element l of sub-block j
     high = (qh.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)) & 1
     return _k_affine(b, _q4_k_ints(b[:, 48:176]) | (high << 4))
-
-
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
-    ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
-    scales, d = _i8(b, 192, 208), _f16(b, 208)
-    low = torch.cat([ql & 0xF, ql >> 4], dim=-1)  # per half: 4 runs of 32
-    high = (qh.unsqueeze(2) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3
-    q = (low | (high.flatten(2) << 4)).float().view(-1, 16, 16) - 32.0
-    return ((d * scales).unsqueeze(-1) * q).flatten(1)
 
 
 def _f32(b: torch.Tensor) -> torch.Tensor:
@@ -122,7 +76,7 @@ def _bf16(b: torch.Tensor) -> torch.Tensor:
 
 DECODERS: dict[QT, Callable[[torch.Tensor], torch.Tensor]] = {
     QT.F32: _f32, QT.F16: _f16_t, QT.BF16: _bf16, QT.Q8_0: _q8_0, QT.Q4_0: _q4_0, QT.Q4_1: _q4_1,
-    QT.Q5_0: _q5_0, QT.Q5_1: _q5_1, QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k,
+    QT.Q5_0: _q5_0, QT.Q5_1: _q5_1, QT.Q4_K: q4_k_values, QT.Q5_K: _q5_k, QT.Q6_K: q6_k_values,
 }
 PLAIN = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}  # stored as floats already
 

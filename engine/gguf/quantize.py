@@ -24,7 +24,7 @@ def f16_bytes(x: torch.Tensor) -> torch.Tensor:
 
 
 def pack_k_scales(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
-    """8 six-bit scales and mins per block -> the 12-byte packing that ``dequant.k_scales`` reads."""
+    """8 six-bit scales and mins per block -> the 12-byte packing that ``kernels.ggml_blocks.k_scales`` reads."""
     s = sc.new_zeros((sc.shape[0], 12))
     s[:, 0:4] = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
     s[:, 4:8] = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from engine.gguf.dequant import _bits, _f16, _nibbles, _q4_k_ints, block_geometry, k_scales
+from engine.gguf.dequant import _bits, block_geometry
 from engine.quant.spec import QuantSpec, QuantWeight, pack_codes
+from kernels.ggml_blocks import (f16_field as _f16, i8_fields, k_scales, nibbles as _nibbles, q4_k_ints as _q4_k_ints,
+                                 q6_k_codes)
 
 
 @dataclass(frozen=True)
@@ -94,11 +96,8 @@ def _legacy(b: torch.Tensor, qtype: QT, codes: bool) -> tuple[torch.Tensor | Non
 def _k_quant(b: torch.Tensor, qtype: QT, codes: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | int]:
     """Q4_K / Q5_K / Q6_K blocks -> (codes [n, 256] or None, scales [n, 8 or 16], mins [n, 8] or offset 32)."""
     if qtype == QT.Q6_K:
-        ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
-        low = torch.cat([ql & 0xF, ql >> 4], dim=-1)
-        high = (qh.unsqueeze(2) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3
-        scales = _f16(b, 208) * b.view(torch.int8)[:, 192:208].float()
-        return (low | (high.flatten(2) << 4)).flatten(1), scales, 32
+        scales = _f16(b, 208) * i8_fields(b, 192, 208)
+        return q6_k_codes(b) if codes else None, scales, 32
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = k_scales(b[:, 4:16])
     if not codes:

@@ -1,0 +1,107 @@
+"""ggml's K-quant blocks ("native ggml form"): geometry and the fp32 torch reference decoders.
+
+A GGUF tensor row of K values is K / 256 consecutive super-blocks (ggml's ``block_q4_K`` /
+``block_q6_K`` structs, little-endian, no padding):
+
+* Q4_K, 144 bytes: fp16 ``d`` (byte 0), fp16 ``dmin`` (byte 2), 12 bytes packing 8 six-bit scales
+  and 8 six-bit mins (byte 4), 128 bytes of nibbles (byte 16). Sub-block j (32 values) is
+  ``y = (d * sc_j) * q - (dmin * m_j)``; byte run i (32 bytes) holds sub-block 2i in its low
+  nibbles and 2i + 1 in its high ones.
+* Q6_K, 210 bytes: ``ql`` (128 bytes of low nibbles), ``qh`` (64 bytes of 2-bit highs), 16 int8
+  scales (byte 192), fp16 ``d`` (byte 208); ``y = (d * sc_{e // 16}) * (q - 32)``.
+
+The decoders take whole blocks as a ``[n, bytes]`` uint8 tensor and return ``[n, 256]`` float32
+values with ggml's operation order (scale products first, then the integers); they serve both the
+kernels' references here and the engine's GGUF widening (``engine.gguf.dequant``).
+Plain torch, no Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCKS: dict[str, tuple[int, int]] = {"q4_k": (256, 144), "q6_k": (256, 210)}  # values, bytes per block
+
+
+def row_bytes(qtype: str, k: int) -> int:
+    """Bytes of one row of ``k`` values stored as ``qtype`` blocks."""
+    if qtype not in BLOCKS:
+        raise ValueError(f"unknown ggml block type {qtype!r}; expected one of {sorted(BLOCKS)}")
+    values, size = BLOCKS[qtype]
+    if k <= 0 or k % values:
+        raise ValueError(f"{qtype} rows hold whole blocks of {values} values; K={k} is not a positive multiple")
+    return k // values * size
+
+
+def f16_field(b: torch.Tensor, byte: int) -> torch.Tensor:
+    """The fp16 field at byte offset ``byte`` of each block, as [n, 1] float32 (no copy of the blocks:
+    every block size is even, so the rows view as fp16 directly)."""
+    return b.view(torch.float16)[:, byte // 2:byte // 2 + 1].float()
+
+
+def i8_fields(b: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Bytes start..end of each block read as int8, in float32."""
+    return b.view(torch.int8)[:, start:end].float()
+
+
+def nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 16] bytes -> [n, 32] ints: the 16 low nibbles, then the 16 high ones (ggml's q4/q5 order)."""
+    return torch.cat([qs & 0xF, qs >> 4], dim=-1)
+
+
+def k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 12 packed bytes of a Q4_K/Q5_K block -> 8 six-bit scales and 8 six-bit mins (ggml's
+    ``get_scale_min_k4``: j < 4 in the low 6 bits of bytes j / j + 4, j >= 4 split over a nibble of
+    byte j + 4 and the top 2 bits of byte j - 4 / j)."""
+    s0, s1, s2 = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    scales = torch.cat([s0 & 63, (s2 & 0xF) | ((s0 >> 6) << 4)], dim=-1)
+    mins = torch.cat([s1 & 63, (s2 >> 4) | ((s1 >> 6) << 4)], dim=-1)
+    return scales, mins
+
+
+def k_affine(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """y = d * scale_j * q - dmin * min_j over 8 sub-blocks of 32 (q: [n, 8, 32]) of Q4_K/Q5_K blocks."""
+    d, dmin = f16_field(b, 0), f16_field(b, 2)
+    scales, mins = k_scales(b[:, 4:16])
+    y = (d * scales.float()).unsqueeze(-1) * q.float() - (dmin * mins.float()).unsqueeze(-1)
+    return y.flatten(1)
+
+
+def q4_k_ints(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 128] bytes -> [n, 8, 32]: byte run i holds sub-block 2i (low nibbles) and 2i+1 (high)."""
+    runs = qs.view(-1, 4, 32)
+    return torch.stack([runs & 0xF, runs >> 4], dim=2).view(-1, 8, 32)
+
+
+def q6_k_codes(b: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks [n, 210] -> their unsigned 6-bit codes [n, 256] (uint8, value order; q - 32 is the int)."""
+    ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
+    low = torch.cat([ql & 0xF, ql >> 4], dim=-1)  # per half: 4 runs of 32
+    high = (qh.unsqueeze(2) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)) & 3
+    return (low | (high.flatten(2) << 4)).flatten(1)
+
+
+def q4_k_values(b: torch.Tensor) -> torch.Tensor:
+    """Q4_K blocks [n, 144] -> [n, 256] float32."""
+    return k_affine(b, q4_k_ints(b[:, 16:144]))
+
+
+def q6_k_values(b: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks [n, 210] -> [n, 256] float32."""
+    q = q6_k_codes(b).float().view(-1, 16, 16) - 32.0
+    return ((f16_field(b, 208) * i8_fields(b, 192, 208)).unsqueeze(-1) * q).flatten(1)
+
+
+_DECODE = {"q4_k": q4_k_values, "q6_k": q6_k_values}
+
+
+def dequant_ref(blocks: torch.Tensor, qtype: str, k: int) -> torch.Tensor:
+    """fp32 [N, k] values of ``blocks`` (uint8 [N, row_bytes(qtype, k)]: each row the bytes of one
+    GGUF tensor row), as ggml's reference dequantizers compute them."""
+    size = row_bytes(qtype, k)
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != size:
+        raise ValueError(f"{qtype} blocks for K={k} must be uint8 [N, {size}], "
+                         f"got {blocks.dtype} {tuple(blocks.shape)}")
+    n = blocks.shape[0]
+    per_block = blocks.contiguous().view(-1, BLOCKS[qtype][1])
+    return _DECODE[qtype](per_block).view(n, k)
