@@ -150,13 +150,15 @@ def test_float_gguf_layers_stay_widened(gguf_model):  # noqa: F811
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [("llama", "Q4_K_M"), ("qwen3", "Q4_1")], ids=["Q4_K_M", "Q4_1"])
 def test_fused_kernels_on_packed_layers_match_transformers(gguf_model, case):  # noqa: F811
-    """The Triton qgemm (prefill, 2 x 40 rows) and qgemv (decode) read the packed GGUF layers (fp32 scales
-    and additive mins for the K-quants; interpreted on the CPU without a GPU): transformers' logits."""
+    """The Triton kernels read the GGUF layers (interpreted on the CPU without a GPU): Q4_K_M as their
+    blocks (ggml_dequant tiles for the prefill of 2 x 40 rows, ggml_gemv for decode), Q4_1 repacked
+    (qgemm and qgemv, additive mins): transformers' logits."""
     from engine.kv_cache import KVCache
     from tests.helpers import forward_decode, forward_prefill, rel_max_err
 
     ref, path = gguf_model(*case)
     engine = make_engine(path, batch=2, max_context=48, kernels="triton")
+    assert bool(engine.quant.native) == (case[1] == "Q4_K_M")  # Q4_K_M: kernels.ggml_gemv / ggml_dequant
     ids = torch.randint(0, engine.cfg.vocab_size, (2, 43), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         want = ref(ids).logits.float()

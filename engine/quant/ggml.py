@@ -25,18 +25,11 @@ import torch
 from engine.config import ModelConfig
 from engine.layout import ALIGN
 from engine.quant.layout import FUSED_LINEARS, QEntry, dense_shapes, linear_shapes
+from kernels.ggml_blocks import dequant_ref, row_bytes
 
-NATIVE_BLOCKS = {"q4_k": (256, 144), "q6_k": (256, 210)}  # ggml type -> (values, bytes) per block
 DEQUANT_SCRATCH = 64 << 20  # bytes: the dense tile a prefill decodes blocks into for the GEMM, at most
 MODULES = tuple(m for parts in FUSED_LINEARS.values() for m in parts)  # q, k, v, o, gate, up, down
 Signature = tuple[str, ...]  # a layer's ggml type per module of MODULES
-
-
-def row_bytes(qtype: str, k: int) -> int:
-    """Bytes of one row of ``k`` values in ``qtype`` blocks."""
-    values, size = NATIVE_BLOCKS[qtype]
-    assert k % values == 0, (qtype, k)
-    return k // values * size
 
 
 @dataclass(frozen=True)
@@ -73,7 +66,6 @@ class GGMLWeight:
 
     def dequantize(self) -> torch.Tensor:
         """fp32 reference: the full ``[N, K]`` weight, as ggml's dequantizers give it."""
-        from kernels.ggml_blocks import dequant_ref
         return torch.cat([dequant_ref(blocks, qtype, self.in_features) for qtype, blocks in self.parts])
 
 
