@@ -179,6 +179,10 @@ class Engine:
             log.info("GPU memory outside torch's allocator: %d MiB (%s)", outside.bytes >> 20, outside.source)
         gbps, source = h2d_bandwidth(self.device)
         mode = parse_host_compute(self.opts.host_compute)
+        if mode not in ("auto", "off", 0) and self.quant is not None and self.quant.native:
+            raise ValueError(f"--host-compute {mode}: this GGUF's layers are held as their {self.quant.label}, "
+                             "which the CPU has no kernel for (every call would widen whole layers); drop "
+                             "--host-compute, or set LAYERSTREAM_GGUF_NATIVE=0 to repack the layers instead")
         host_gbps, host_source = self._host_rate(mode)
         plan = plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
                           vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,

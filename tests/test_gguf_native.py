@@ -130,3 +130,9 @@ def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, dtype, monkeypatch):
     want = x.float() @ w.dequantize().T + b.float()
     assert got.shape == (rows, 512) and got.dtype == dtype
     assert rel_err(got.float(), want) < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_host_compute_layers_are_refused_on_native_layers(gguf_model):  # noqa: F811
+    _, path = gguf_model("llama", "Q4_K_M")
+    with pytest.raises(ValueError, match="--host-compute 2: .*no kernel.*LAYERSTREAM_GGUF_NATIVE=0"):
+        make_engine(path, max_context=32, host_compute=2)
