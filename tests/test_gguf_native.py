@@ -136,3 +136,30 @@ def test_host_compute_layers_are_refused_on_native_layers(gguf_model):  # noqa: 
     _, path = gguf_model("llama", "Q4_K_M")
     with pytest.raises(ValueError, match="--host-compute 2: .*no kernel.*LAYERSTREAM_GGUF_NATIVE=0"):
         make_engine(path, max_context=32, host_compute=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("budget", ["low", "full"])
+def test_gpu_native_layers_in_decode_graphs_give_transformers_tokens(gguf_model, budget):  # noqa: F811
+    """On a GPU with the Triton kernels and CUDA graphs: layers of both signatures streamed through the
+    same staging slots (each layer's graph reads its own layout's views) and the Q6_K output in block-row
+    chunks, or everything resident; fp32 compute, greedy tokens equal transformers'."""
+    ref, path = gguf_model("llama", "Q4_K_M")
+    opts = dict(device="cuda", kernels="triton", max_context=64)
+    if budget == "low":
+        probe = make_engine(path, **opts)
+        low = min_budget(probe.cfg, torch.float32, max_context=64, prefill_chunk=2048, quant=probe.quant)
+        opts["vram_budget"] = low + probe.plan.outside_bytes + probe.plan.layer_bytes // 2  # no layer resident
+        probe.close()
+    engine = make_engine(path, **opts)
+    plan = engine.plan
+    assert engine.graph is not None and bool(plan.streamed_layers) == (budget == "low")
+    if budget == "low":
+        assert len({engine.quant.native[i] for i in plan.streamed_layers}) == 2 and not plan.lm_head_resident
+    prompt = random_prompts([7], engine.cfg.vocab_size, seed=33)[0]
+    with torch.no_grad():
+        p = torch.tensor([prompt])
+        want = ref.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=12,
+                            min_new_tokens=12, eos_token_id=None, pad_token_id=0)[0, 7:].tolist()
+    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=12).token_ids[0] == want
+    engine.close()
