@@ -113,8 +113,8 @@ def test_quantize_is_refused_on_a_native_gguf(gguf_model):  # noqa: F811
 @pytest.mark.parametrize("rows", [3, 80], ids=["gemv", "dequant-tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, dtype, monkeypatch):
-    """TritonOps.linear on a qkv-like weight of two parts (q4_k rows, then q6_k rows) with a bias: a GEMV
-    per part into its columns, or (80 rows) dense tiles of 256 rows that straddle the parts' boundary."""
+    """TritonOps.linear on a qkv-like weight of three parts (q4_k, q5_k, then q6_k rows) with a bias: a
+    GEMV per part into its columns, or (80 rows) dense tiles of 256 rows that each straddle a boundary."""
     from engine import ops as ops_mod
     from engine.gguf import random_blocks as rb
     from gguf import GGMLQuantizationType as QT
@@ -123,7 +123,7 @@ def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, dtype, monkeypatch):
 
     k, gen = 512, torch.Generator(device=DEV).manual_seed(3)
     parts = tuple((t, rb.random_blocks(q, n * k // 256, 0.02, gen).view(n, row_bytes(t, k)))
-                  for t, q, n in (("q4_k", QT.Q4_K, 384), ("q6_k", QT.Q6_K, 128)))
+                  for t, q, n in (("q4_k", QT.Q4_K, 192), ("q5_k", QT.Q5_K, 192), ("q6_k", QT.Q6_K, 128)))
     w = GGMLWeight(parts, k)
     x = torch.randn((rows, k), generator=gen, device=DEV).to(dtype)
     b = torch.randn(512, generator=gen, device=DEV).to(dtype)
