@@ -1,12 +1,15 @@
 """ggml's K-quant blocks ("native ggml form"): geometry and the fp32 torch reference decoders.
 
 A GGUF tensor row of K values is K / 256 consecutive super-blocks (ggml's ``block_q4_K`` /
-``block_q6_K`` structs, little-endian, no padding):
+``block_q5_K`` / ``block_q6_K`` structs, little-endian, no padding):
 
 * Q4_K, 144 bytes: fp16 ``d`` (byte 0), fp16 ``dmin`` (byte 2), 12 bytes packing 8 six-bit scales
   and 8 six-bit mins (byte 4), 128 bytes of nibbles (byte 16). Sub-block j (32 values) is
   ``y = (d * sc_j) * q - (dmin * m_j)``; byte run i (32 bytes) holds sub-block 2i in its low
   nibbles and 2i + 1 in its high ones.
+* Q5_K, 176 bytes: Q4_K's ``d``, ``dmin`` and 12 scale bytes, then 32 bytes ``qh`` (byte 16: bit j of
+  ``qh[l]`` is the fifth bit of value l of sub-block j), then Q4_K's 128 nibble bytes (byte 48);
+  codes 0..31, same affine decode.
 * Q6_K, 210 bytes: ``ql`` (128 bytes of low nibbles), ``qh`` (64 bytes of 2-bit highs), 16 int8
   scales (byte 192), fp16 ``d`` (byte 208); ``y = (d * sc_{e // 16}) * (q - 32)``.
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-BLOCKS: dict[str, tuple[int, int]] = {"q4_k": (256, 144), "q6_k": (256, 210)}  # values, bytes per block
+BLOCKS: dict[str, tuple[int, int]] = {"q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}  # values, bytes
 
 
 def row_bytes(qtype: str, k: int) -> int:
@@ -73,6 +76,14 @@ def q4_k_ints(qs: torch.Tensor) -> torch.Tensor:
     return torch.stack([runs & 0xF, runs >> 4], dim=2).view(-1, 8, 32)
 
 
+def q5_k_ints(b: torch.Tensor) -> torch.Tensor:
+    """Q5_K blocks [n, 176] -> [n, 8, 32] 5-bit codes: Q4_K's nibbles (byte 48) plus bit j of qh[l]
+    (byte 16) as bit 4 of value l of sub-block j."""
+    bit = torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 8, 1)
+    high = (b[:, 16:48].unsqueeze(1) >> bit) & 1
+    return q4_k_ints(b[:, 48:176]) | (high << 4)
+
+
 def q6_k_codes(b: torch.Tensor) -> torch.Tensor:
     """Q6_K blocks [n, 210] -> their unsigned 6-bit codes [n, 256] (uint8, value order; q - 32 is the int)."""
     ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
@@ -86,13 +97,18 @@ def q4_k_values(b: torch.Tensor) -> torch.Tensor:
     return k_affine(b, q4_k_ints(b[:, 16:144]))
 
 
+def q5_k_values(b: torch.Tensor) -> torch.Tensor:
+    """Q5_K blocks [n, 176] -> [n, 256] float32."""
+    return k_affine(b, q5_k_ints(b))
+
+
 def q6_k_values(b: torch.Tensor) -> torch.Tensor:
     """Q6_K blocks [n, 210] -> [n, 256] float32."""
     q = q6_k_codes(b).float().view(-1, 16, 16) - 32.0
     return ((f16_field(b, 208) * i8_fields(b, 192, 208)).unsqueeze(-1) * q).flatten(1)
 
 
-_DECODE = {"q4_k": q4_k_values, "q6_k": q6_k_values}
+_DECODE = {"q4_k": q4_k_values, "q5_k": q5_k_values, "q6_k": q6_k_values}
 
 
 def dequant_ref(blocks: torch.Tensor, qtype: str, k: int) -> torch.Tensor:

@@ -7,6 +7,8 @@
 # fp16 field at byte o of a block is element (base + o) / 2; rows must start 2-byte aligned).
 #   Q4_K: one [BLOCK_N, 4, 32] byte tile (run i, byte l) of the 128 nibble bytes; its low nibbles are
 #         values 64 i + l (sub-block 2 i), its high ones values 64 i + 32 + l (sub-block 2 i + 1).
+#   Q5_K: the same tile (nibbles at byte 48) plus a [BLOCK_N, 1, 32] tile of the 32 qh bytes (byte 16),
+#         whose bits 2 i and 2 i + 1 are the fifth bits of run i's low and high codes.
 #   Q6_K: four [BLOCK_N, 4, 16] tiles, one per run r of 32 values in each 128-value half, indexed
 #         (t, l) with t = 2 * half + s: value 128 * half + 32 r + 16 s + l, int8 scale 8 * half + 2 r + s
 #         (each scale covers 16 consecutive values, so the 16 values of a tile row share one scale).
@@ -22,7 +24,7 @@ import triton.language as tl
 from kernels.checks import check_device
 from kernels.ggml_blocks import BLOCKS, row_bytes
 
-SUPER = 256  # values per super-block (both types)
+SUPER = 256  # values per super-block (every type)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -89,14 +91,23 @@ def _q4k_scale_min(blk, base, j):
 
 
 @triton.jit
-def q4k_tile(blk, h, base):
-    """One Q4_K super-block of BLOCK_N rows: (lo, hi) codes [BLOCK_N, 4, 32] fp32 and, per run, the
-    scales d * sc and mins dmin * m of its low and high sub-blocks ([BLOCK_N, 4] fp32 each)."""
+def q4k_tile(blk, h, base, Q5: tl.constexpr):
+    """One Q4_K (Q5: Q5_K) super-block of BLOCK_N rows: (lo, hi) codes [BLOCK_N, 4, 32] fp32 and, per
+    run, the scales d * sc and mins dmin * m of its low and high sub-blocks ([BLOCK_N, 4] fp32 each)."""
     i = tl.arange(0, 4)
-    offs = 16 + q4k_cols() - 32 * i[:, None]  # byte 16 + 32 i + l
+    offs = (48 if Q5 else 16) + q4k_cols() - 32 * i[:, None]  # byte 16 (48) + 32 i + l
     q = tl.load(blk + base[:, None, None] + offs[None, :, :], eviction_policy="evict_first")
-    lo = (q & 0xF).to(tl.float32)
-    hi = (q >> 4).to(tl.float32)
+    lo = q & 0xF
+    hi = q >> 4
+    if Q5:  # qh byte 16 + l, bit 2 i over lo and 2 i + 1 over hi.  Loaded again per run i in q's layout:
+        # a [BLOCK_N, 1, 32] load broadcast over i spills 64 bytes (dot path, BLOCK_M 64) on sm_90
+        qh_offs = 16 + q4k_cols() - 64 * i[:, None]
+        qh = tl.load(blk + base[:, None, None] + qh_offs[None, :, :], eviction_policy="evict_first")
+        bits = qh >> (2 * i).to(tl.uint8)[None, :, None]  # uint8 shifts (int32: ~30 more registers)
+        lo = lo | ((bits << 4) & 16)
+        hi = hi | ((bits << 3) & 16)
+    lo = lo.to(tl.float32)
+    hi = hi.to(tl.float32)
     d = tl.load(h + base // 2).to(tl.float32)[:, None]
     dmin = tl.load(h + base // 2 + 1).to(tl.float32)[:, None]
     sc_lo, m_lo = _q4k_scale_min(blk, base, 2 * i)

@@ -7,8 +7,8 @@
 #          and writes its 256 values a row.  Every product of the decode is exact in fp32 (fp16 d
 #          times a 6-bit or int8 scale times a code of at most 6 bits fits 24 bits), so each value is
 #          the reference's fp32 value rounded once to the output dtype, FMA contraction or not.
-# Tuning:  BLOCK_N and num_warps are fixed guesses (a program moves BLOCK_N * (144 or 210) bytes in
-#          and BLOCK_N * 256 values out); to tune on the GPU: BLOCK_N 8..64, num_warps 2..8.
+# Tuning:  BLOCK_N and num_warps are fixed guesses (a program moves BLOCK_N * (144, 176 or 210) bytes
+#          in and BLOCK_N * 256 values out); to tune on the GPU: BLOCK_N 8..64, num_warps 2..8.
 from __future__ import annotations
 
 import torch
@@ -26,7 +26,7 @@ _NUM_WARPS = 4
 
 @triton.jit
 def _ggml_dequant_kernel(blk, h, out_ptr, N, row_bytes, stride_on,
-                         Q6: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_N: tl.constexpr,
+                         Q5: tl.constexpr, Q6: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_N: tl.constexpr,
                          RNE_BF16: tl.constexpr):
     pid_n = tl.program_id(0)
     sb = tl.program_id(1)
@@ -40,7 +40,7 @@ def _ggml_dequant_kernel(blk, h, out_ptr, N, row_bytes, stride_on,
             q, s = q6k_run(blk, h, base, r)
             tl.store(o + q6k_cols(r)[None, :, :], to_out(s[:, :, None] * (q - 32.0), dt, RNE_BF16), mask=keep)
     else:
-        lo, hi, s_lo, s_hi, m_lo, m_hi = q4k_tile(blk, h, base)
+        lo, hi, s_lo, s_hi, m_lo, m_hi = q4k_tile(blk, h, base, Q5)
         cols = q4k_cols()[None, :, :]
         tl.store(o + cols, to_out(s_lo[:, :, None] * lo - m_lo[:, :, None], dt, RNE_BF16), mask=keep)
         tl.store(o + cols + 32, to_out(s_hi[:, :, None] * hi - m_hi[:, :, None], dt, RNE_BF16), mask=keep)
@@ -48,14 +48,14 @@ def _ggml_dequant_kernel(blk, h, out_ptr, N, row_bytes, stride_on,
 
 def launch_meta(qtype: str, dtype: torch.dtype) -> tuple[dict[str, int | bool], int]:
     """The kernel's constexprs and num_warps for an output in ``dtype``."""
-    meta = {"Q6": qtype == "q6_k", "BLOCK_BYTES": BLOCKS[qtype][1], "BLOCK_N": _BLOCK_N,
+    meta = {"Q5": qtype == "q5_k", "Q6": qtype == "q6_k", "BLOCK_BYTES": BLOCKS[qtype][1], "BLOCK_N": _BLOCK_N,
             "RNE_BF16": INTERPRET and dtype == torch.bfloat16}
     return meta, _NUM_WARPS
 
 
 def ggml_dequant(blocks: torch.Tensor, qtype: str, k: int, dtype: torch.dtype,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense weight [N, k] in ``dtype`` (bf16 / fp16 / fp32) of ggml ``qtype`` blocks ("q4_k" / "q6_k").
+    """Dense weight [N, k] in ``dtype`` (bf16 / fp16 / fp32) of ggml ``qtype`` blocks (q4_k / q5_k / q6_k).
 
     blocks: uint8 [N, row_bytes(qtype, k)], each row the bytes of one GGUF tensor row, contiguous
     and 2-byte aligned.  Values are :func:`kernels.ggml_blocks.dequant_ref`'s rounded once to

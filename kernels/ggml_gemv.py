@@ -1,5 +1,5 @@
 # Decode GEMV on ggml K-quant blocks: out = x @ dequant(blocks).T + bias for M = 1..64 token rows,
-# reading GGUF's own Q4_K / Q6_K bytes (no repacking; layouts: kernels/ggml_blocks.py).
+# reading GGUF's own Q4_K / Q5_K / Q6_K bytes (no repacking; layouts: kernels/ggml_blocks.py).
 #
 # Shapes:  x       [M, K]  bf16 / fp16 / fp32, unit stride along K, any row stride, 1 <= M <= 64
 #          blocks  uint8 [N, K/256 * bytes]  GGUF tensor rows, contiguous, 2-byte aligned
@@ -11,7 +11,7 @@
 #          decoding codes in registers (kernels/ggml_common.py).
 #          FMA path (M == 1, and fp32 x at any M): CUDA-core FMAs, program (n, m) takes row m of x.
 #          No value is dequantized: per sub-block the program forms sum(q * x) and sum(x) and
-#          applies the scale and min once (Q4_K: d sc sum(q x) - dmin m sum(x); Q6_K:
+#          applies the scale and min once (Q4_K / Q5_K: d sc sum(q x) - dmin m sum(x); Q6_K:
 #          d sc (sum(q x) - 32 sum(x))).  For M > 1 the block bytes are re-read per row (from L2).
 #          Dot path (bf16 / fp16 x, M >= 2): the tile is dequantized once in fp32, cast to x's dtype
 #          and fed to tensor-core tl.dot with x padded to BLOCK_M = max(16, next_pow2(M)) rows
@@ -19,13 +19,14 @@
 #          path: sm_90 ptxas spills 5.3 KB a thread for Q4_K's ieee fp32 dots at BLOCK_N 32.)
 # Tuning:  fixed guesses, no autotuning yet, picked only so that sm_90 ptxas spills nothing
 #          (tests/test_kernels_ggml.py compiles every config on the CPU): FMA BLOCK_N 16 / 8 warps
-#          (64 registers; 4 warps: 128), dot BLOCK_N 16 / 8 warps (166-210 registers at BLOCK_M
-#          16..64; BLOCK_N 32 spilled 8-72 bytes at some BLOCK_M).  Speed is unmeasured.  To tune on the
+#          (Q4_K / Q6_K 64 registers, 4 warps: 128; Q5_K 101, so 2 programs an SM instead of 4), dot
+#          BLOCK_N 16 / 8 warps (166-210 registers at BLOCK_M 16..64; BLOCK_N 32 spilled 8-72 bytes at
+#          some BLOCK_M).  Speed is unmeasured.  To tune on the
 #          GPU: BLOCK_N (8..64) and num_warps (2..8) per (qtype, M bucket, N, K); split-K for grids
 #          with fewer programs than ~4x the SMs (small N); prefetching the next super-block (Triton's
 #          pipeliner issues no cp.async for these byte loads even with tl.range num_stages: loading
 #          Q4_K's 144-byte blocks as 32-bit words may let it); loading each Q6_K byte once (q6k_run
-#          reads ql twice and qh four times per super-block, from L1).
+#          reads ql twice and qh four times per super-block, from L1; q4k_tile reads Q5_K's qh 4 times).
 from __future__ import annotations
 
 import torch
@@ -65,10 +66,10 @@ def _w_dot(acc, xt, w, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _q4k_step(acc, blk, h, base, x_ptr, rows_m, M, stride_xm,
+def _q4k_step(acc, blk, h, base, x_ptr, rows_m, M, stride_xm, Q5: tl.constexpr,
               USE_DOT: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
-    """acc plus one Q4_K super-block's contribution (x_ptr at the super-block's first column)."""
-    lo, hi, s_lo, s_hi, m_lo, m_hi = q4k_tile(blk, h, base)
+    """acc plus one Q4_K (Q5: Q5_K) super-block's contribution (x_ptr at the super-block's first column)."""
+    lo, hi, s_lo, s_hi, m_lo, m_hi = q4k_tile(blk, h, base, Q5)
     cols = q4k_cols()
     x_lo = _x_tile(x_ptr, rows_m, M, stride_xm, cols, USE_DOT)
     x_hi = _x_tile(x_ptr, rows_m, M, stride_xm, cols + 32, USE_DOT)
@@ -98,8 +99,8 @@ def _q6k_step(acc, blk, h, base, x_ptr, rows_m, M, stride_xm,
 
 @triton.jit
 def _ggml_gemv_kernel(x_ptr, blk, h, bias_ptr, out_ptr, M, N, n_super, row_bytes, stride_xm, stride_om,
-                      Q6: tl.constexpr, BLOCK_BYTES: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
-                      IS_FP32: tl.constexpr, UPCAST: tl.constexpr, RNE_BF16: tl.constexpr,
+                      Q5: tl.constexpr, Q6: tl.constexpr, BLOCK_BYTES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      USE_DOT: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, RNE_BF16: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if not USE_DOT:  # FMA path: program (n, m) takes row m of x
@@ -116,7 +117,8 @@ def _ggml_gemv_kernel(x_ptr, blk, h, bias_ptr, out_ptr, M, N, n_super, row_bytes
         if Q6:
             acc = _q6k_step(acc, blk, h, base, x_ptr + sb * 256, rows_m, M, stride_xm, USE_DOT, IS_FP32, UPCAST)
         else:
-            acc = _q4k_step(acc, blk, h, base, x_ptr + sb * 256, rows_m, M, stride_xm, USE_DOT, IS_FP32, UPCAST)
+            acc = _q4k_step(acc, blk, h, base, x_ptr + sb * 256, rows_m, M, stride_xm, Q5, USE_DOT, IS_FP32,
+                            UPCAST)
     if HAS_BIAS:
         b = tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
     else:
@@ -154,8 +156,8 @@ def launch_meta(qtype: str, m: int, dtype: torch.dtype, has_bias: bool) -> tuple
     these for sm_90 without a GPU)."""
     use_dot = m > 1 and dtype != torch.float32
     block_n, warps = (_DOT_BLOCK_N, _DOT_WARPS) if use_dot else (_FMA_BLOCK_N, _FMA_WARPS)
-    meta = {"Q6": qtype == "q6_k", "BLOCK_BYTES": BLOCKS[qtype][1], "HAS_BIAS": has_bias, "USE_DOT": use_dot,
-            "IS_FP32": dtype == torch.float32, "UPCAST": INTERPRET and dtype == torch.bfloat16,
+    meta = {"Q5": qtype == "q5_k", "Q6": qtype == "q6_k", "BLOCK_BYTES": BLOCKS[qtype][1], "HAS_BIAS": has_bias,
+            "USE_DOT": use_dot, "IS_FP32": dtype == torch.float32, "UPCAST": INTERPRET and dtype == torch.bfloat16,
             "RNE_BF16": INTERPRET and dtype == torch.bfloat16,
             "BLOCK_M": max(16, triton.next_power_of_2(m)) if use_dot else 1, "BLOCK_N": block_n}
     return meta, warps
@@ -166,7 +168,7 @@ def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tens
     """Decode matmul on ggml blocks: ``x @ dequant(blocks).T + bias`` as [M, N], fp32 accumulation.
 
     x: [M, K] bf16 / fp16 / fp32, unit stride along K, 1 <= M <= 64; blocks: uint8
-    [N, row_bytes(qtype, K)] of ``qtype`` "q4_k" or "q6_k" (GGUF tensor rows), contiguous, 2-byte
+    [N, row_bytes(qtype, K)] of ``qtype`` "q4_k", "q5_k" or "q6_k" (GGUF tensor rows), contiguous, 2-byte
     aligned; bias [N] in x's dtype or None; out: [M, N] in x's dtype with unit stride along N and any
     row stride (e.g. a column slice of a fused projection's output), or None for a new tensor.
     Returns out.  bf16 / fp16 x reads each block byte once for all M rows; fp32 x once per row.

@@ -1,7 +1,7 @@
 """GGUF K-quant layers held as the file's own blocks (``engine.quant.ggml``): bytes, views and tokens.
 
-The tiny GGUF files of ``tests/test_gguf_tiny.py`` (rows of 256). A Q4_K_M file's layers mix Q4_K and
-Q6_K (llama.cpp gives some layers' attn_v / ffn_down more bits), so its layers have two signatures;
+The tiny GGUF files of ``tests/test_gguf_tiny.py`` (rows of 256). A Q4_K_M (Q5_K_M) file's layers mix Q4_K
+(Q5_K) and Q6_K (llama.cpp gives some layers' attn_v / ffn_down more bits), so its layers have two signatures;
 each layer is planned and streamed at its own size, the blocks in VRAM are the file's bytes, and
 the tokens equal transformers reading the same file, resident and streamed (pinned and disk tiers).
 ``LAYERSTREAM_GGUF_NATIVE=0`` brings back the canonical repacking (same tokens, more bytes).
@@ -25,13 +25,15 @@ def _block_bytes(views: dict) -> int:
     return sum(w.nbytes for w in views.values() if isinstance(w, GGMLWeight))
 
 
-def test_q4_k_m_layers_hold_the_files_blocks(gguf_model):  # noqa: F811
-    _, path = gguf_model("llama", "Q4_K_M")
+@pytest.mark.parametrize("case,base", [(("llama", "Q4_K_M"), "q4_k"), (("qwen3", "Q5_K_M"), "q5_k")],
+                         ids=["Q4_K_M", "Q5_K_M"])
+def test_k_m_layers_hold_the_files_blocks(gguf_model, case, base):  # noqa: F811
+    _, path = gguf_model(*case)
     engine = make_engine(path, max_context=32)
     layouts, ckpt, cfg = engine.weights.layout, engine.ckpt, engine.cfg
-    assert isinstance(layouts, NativeLayouts) and engine.quant.label == "gguf Q4_K/Q6_K blocks (native)"
+    assert isinstance(layouts, NativeLayouts) and engine.quant.label == f"gguf {base.upper()}/Q6_K blocks (native)"
     signatures = engine.quant.native
-    assert len(set(signatures)) == 2 and all(set(s) <= {"q4_k", "q6_k"} for s in signatures)
+    assert len(set(signatures)) == 2 and all(set(s) == {base, "q6_k"} or set(s) == {base} for s in signatures)
     assert engine.plan.layer_bytes == layouts.nbytes == max(layouts.layer_bytes) > min(layouts.layer_bytes)
     note = next(n for n in engine.plan.notes if n.startswith("GGUF: "))
     assert f"layers packed as {engine.quant.label}" in note and "output Q6_K held as its blocks" in note
@@ -45,7 +47,7 @@ def test_q4_k_m_layers_hold_the_files_blocks(gguf_model):  # noqa: F811
         file_bytes = sum(ckpt.raw[f"model.layers.{i}.{m}.weight"].nbytes for m in MODULES)
         assert _block_bytes(views) == file_bytes  # the file's bits per weight, nothing added
         qkv, up = views["self_attn.qkv_proj.weight"], views["mlp.gate_up_proj.weight"]
-        assert [t for t, _ in qkv.parts] == (["q4_k"] if signatures[i][2] == "q4_k" else ["q4_k", "q6_k"])
+        assert [t for t, _ in qkv.parts] == ([base] if signatures[i][2] == base else [base, "q6_k"])
         widened = torch.cat([ckpt.tensor(f"model.layers.{i}.self_attn.{p}_proj.weight") for p in "qkv"])
         assert torch.equal(qkv.dequantize(), widened)  # llama's Q/K rows back in the HF order
         down = ckpt.tensor(f"model.layers.{i}.mlp.down_proj.weight")
@@ -92,7 +94,7 @@ def test_streamed_native_layers_give_transformers_tokens(gguf_model, tier):  # n
     engine.close()
 
 
-@pytest.mark.parametrize("case,native", [(("qwen2-tied", "Q6_K"), True), (("qwen3", "Q5_K_M"), False),
+@pytest.mark.parametrize("case,native", [(("qwen2-tied", "Q6_K"), True), (("qwen3", "Q5_K_M"), True),
                                          (("llama", "Q4_0"), False)], ids=["Q6_K", "Q5_K_M", "Q4_0"])
 def test_only_k_quants_the_kernels_decode_stay_native(gguf_model, case, native):  # noqa: F811
     _, path = gguf_model(*case)
@@ -111,8 +113,8 @@ def test_quantize_is_refused_on_a_native_gguf(gguf_model):  # noqa: F811
 @pytest.mark.parametrize("rows", [3, 80], ids=["gemv", "dequant-tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, dtype, monkeypatch):
-    """TritonOps.linear on a qkv-like weight of two parts (q4_k rows, then q6_k rows) with a bias: a GEMV
-    per part into its columns, or (80 rows) dense tiles of 256 rows that straddle the parts' boundary."""
+    """TritonOps.linear on a qkv-like weight of three parts (q4_k, q5_k, then q6_k rows) with a bias: a
+    GEMV per part into its columns, or (80 rows) dense tiles of 256 rows that each straddle a boundary."""
     from engine import ops as ops_mod
     from engine.gguf import random_blocks as rb
     from gguf import GGMLQuantizationType as QT
@@ -121,7 +123,7 @@ def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, dtype, monkeypatch):
 
     k, gen = 512, torch.Generator(device=DEV).manual_seed(3)
     parts = tuple((t, rb.random_blocks(q, n * k // 256, 0.02, gen).view(n, row_bytes(t, k)))
-                  for t, q, n in (("q4_k", QT.Q4_K, 384), ("q6_k", QT.Q6_K, 128)))
+                  for t, q, n in (("q4_k", QT.Q4_K, 192), ("q5_k", QT.Q5_K, 192), ("q6_k", QT.Q6_K, 128)))
     w = GGMLWeight(parts, k)
     x = torch.randn((rows, k), generator=gen, device=DEV).to(dtype)
     b = torch.randn(512, generator=gen, device=DEV).to(dtype)

@@ -1,6 +1,6 @@
 """GGUF layers held packed (``engine.gguf.repack``): what the plan counts, streaming, and the cache.
 
-Files of Q4_K / Q6_K layers are held as their own blocks by default (``tests/test_gguf_native.py``);
+Files of Q4_K / Q5_K / Q6_K layers are held as their own blocks by default (``tests/test_gguf_native.py``);
 the tests of the repacked form set ``LAYERSTREAM_GGUF_NATIVE=0``.
 
 The tiny GGUF files of ``tests/test_gguf_tiny.py`` (whose logits test, run on these same files,
@@ -148,9 +148,10 @@ def test_float_gguf_layers_stay_widened(gguf_model):  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [("llama", "Q4_K_M"), ("qwen3", "Q4_1")], ids=["Q4_K_M", "Q4_1"])
+@pytest.mark.parametrize("case", [("llama", "Q4_K_M"), ("qwen3", "Q5_K_M"), ("qwen3", "Q4_1")],
+                         ids=["Q4_K_M", "Q5_K_M", "Q4_1"])
 def test_fused_kernels_on_packed_layers_match_transformers(gguf_model, case):  # noqa: F811
-    """The Triton kernels read the GGUF layers (interpreted on the CPU without a GPU): Q4_K_M as their
+    """The Triton kernels read the GGUF layers (interpreted on the CPU without a GPU): Q4_K_M and Q5_K_M as their
     blocks (ggml_dequant tiles for the prefill of 2 x 40 rows, ggml_gemv for decode), Q4_1 repacked
     (qgemm and qgemv, additive mins): transformers' logits."""
     from engine.kv_cache import KVCache
@@ -158,7 +159,7 @@ def test_fused_kernels_on_packed_layers_match_transformers(gguf_model, case):  #
 
     ref, path = gguf_model(*case)
     engine = make_engine(path, batch=2, max_context=48, kernels="triton")
-    assert bool(engine.quant.native) == (case[1] == "Q4_K_M")  # Q4_K_M: kernels.ggml_gemv / ggml_dequant
+    assert bool(engine.quant.native) == case[1].endswith("_K_M")  # kernels.ggml_gemv / ggml_dequant
     ids = torch.randint(0, engine.cfg.vocab_size, (2, 43), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         want = ref(ids).logits.float()

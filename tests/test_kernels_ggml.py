@@ -1,7 +1,7 @@
 """Tests for the kernels on native ggml K-quant blocks (kernels/ggml_blocks.py, ggml_dequant.py, ggml_gemv.py).
 
 The gguf package cannot quantize K-quants (``gguf.quants.quantize`` raises NotImplementedError for
-Q4_K / Q6_K), so blocks are random but valid: random bytes with finite fp16 scales (every bit
+Q4_K / Q5_K / Q6_K), so blocks are random but valid: random bytes with finite fp16 scales (every bit
 pattern of codes, sub-scales and mins; tests.test_gguf_dequant.random_blocks) for the decoders, and
 blocks whose mins centre every sub-block (engine.gguf.random_blocks, as trained weights) for the
 matmuls.  The torch reference is checked bit for bit against the gguf package's numpy dequantizer;
@@ -36,7 +36,7 @@ from kernels.ggml_gemv import ggml_gemv, ggml_gemv_ref  # noqa: E402
 from tests.kernel_utils import DEV, MATMUL_TOL, needs_cuda, randn, rel_err  # noqa: E402
 from tests.test_gguf_dequant import random_blocks as byte_blocks  # noqa: E402
 
-QTYPES = {"q4_k": QT.Q4_K, "q6_k": QT.Q6_K}
+QTYPES = {"q4_k": QT.Q4_K, "q5_k": QT.Q5_K, "q6_k": QT.Q6_K}
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -47,12 +47,12 @@ def weights(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_geometry() -> None:
-    assert BLOCKS == {"q4_k": (256, 144), "q6_k": (256, 210)}
-    assert row_bytes("q4_k", 3584) == 14 * 144 and row_bytes("q6_k", 512) == 420
+    assert BLOCKS == {"q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}
+    assert row_bytes("q4_k", 3584) == 14 * 144 and row_bytes("q5_k", 768) == 528 and row_bytes("q6_k", 512) == 420
     with pytest.raises(ValueError, match="multiple"):
-        row_bytes("q4_k", 300)
-    with pytest.raises(ValueError, match="unknown ggml block type 'q5_k'"):
-        row_bytes("q5_k", 256)
+        row_bytes("q5_k", 300)
+    with pytest.raises(ValueError, match="unknown ggml block type 'q8_0'"):
+        row_bytes("q8_0", 256)
 
 
 @pytest.mark.parametrize("rows,blocks_per_row", [(1, 1), (5, 3)])
@@ -213,6 +213,6 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    assert len(lines) == 12, run.stdout
+    assert len(lines) == 6 * len(QTYPES), run.stdout
     for line in lines:
         assert "STACK:0" in line and "LOCAL:0" in line, line

@@ -40,8 +40,10 @@ from engine.gguf.repack import NATIVE, GGUFTarget, target_for, to_canonical
 from engine.quant.ggml import MODULES
 from engine.quant.layout import FUSED_LINEARS
 from engine.quant.spec import QuantWeight
+from kernels.ggml_blocks import BLOCKS
 
 log = logging.getLogger(__name__)
+KERNEL_TYPES: dict[QT, str] = {QT[name.upper()]: name for name in BLOCKS}  # the ggml types the kernels decode
 
 
 def widen_dtype(files: GGUFModelFiles) -> torch.dtype:
@@ -141,7 +143,7 @@ class GGUFCheckpoint:
         """The ggml type of an untied output tensor the kernels decode natively (it is then held as
         its blocks, like the layers); None for a tied one (the embedding is a widened row gather)."""
         t = self.raw.get("lm_head.weight")
-        return {QT.Q4_K: "q4_k", QT.Q6_K: "q6_k"}.get(t.qtype) if t is not None else None
+        return KERNEL_TYPES.get(t.qtype) if t is not None else None
 
     def block_span(self, name: str) -> tuple[Path, int, int]:
         """(file, absolute offset, bytes) of tensor ``name``'s stored blocks."""
@@ -150,14 +152,14 @@ class GGUFCheckpoint:
 
     def native_signatures(self) -> tuple[tuple[str, ...], ...] | None:
         """Each layer's ggml type per module (``engine.quant.ggml.MODULES`` order) when every layer
-        linear is a type the kernels decode natively (Q4_K, Q6_K); None otherwise (repacked or widened)."""
-        names = {QT.Q4_K: "q4_k", QT.Q6_K: "q6_k"}
+        linear is a type the kernels decode natively (:data:`KERNEL_TYPES`: Q4_K, Q5_K, Q6_K); None
+        otherwise (repacked or widened)."""
         out = []
         for i in range(self.cfg.num_hidden_layers):
             types = [self.raw[f"model.layers.{i}.{m}.weight"].qtype for m in MODULES]
-            if any(t not in names for t in types):
+            if any(t not in KERNEL_TYPES for t in types):
                 return None
-            out.append(tuple(names[t] for t in types))
+            out.append(tuple(KERNEL_TYPES[t] for t in types))
         return tuple(out)
 
     def module_blocks(self, module: str) -> torch.Tensor:

@@ -7,9 +7,10 @@ uint8 tensor and returns ``[n, block_size]`` float32 values, computed with the s
 operation order as ggml's reference dequantizers (scale products first, then the integers).
 
 Which formats exist (and their block geometry) comes from ``gguf.GGML_QUANT_SIZES``; the
-decoders are in :data:`DECODERS`; those of Q4_K and Q6_K, and the field readers the others share,
-live in :mod:`kernels.ggml_blocks` (the references of the kernels that read these blocks natively). A type without a decoder is rejected with a clear error by
-:func:`check_supported` before any weight is read.
+decoders are in :data:`DECODERS`; those of Q4_K, Q5_K and Q6_K, and the field readers the others
+share, live in :mod:`kernels.ggml_blocks` (the references of the kernels that read these blocks
+natively). A type without a decoder is rejected with a clear error by :func:`check_supported` before
+any weight is read.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from collections.abc import Callable
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from kernels.ggml_blocks import (f16_field as _f16, i8_fields as _i8, k_affine as _k_affine, nibbles as _nibbles,
-                                 q4_k_ints as _q4_k_ints, q4_k_values, q6_k_values)
+from kernels.ggml_blocks import (f16_field as _f16, i8_fields as _i8, nibbles as _nibbles, q4_k_values, q5_k_values,
+                                 q6_k_values)
 
 CHUNK_VALUES = 1 << 20  # values widened per step: float32 temporaries of 4 MiB stay in cache (about 2x
 # faster than 16M-value steps on one core) and bound the memory a large tensor needs beyond its output
@@ -56,12 +57,6 @@ def _q8_0(b: torch.Tensor) -> torch.Tensor:
     return _i8(b, 2, 34) * _f16(b, 0)
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
-    qh = b[:, 16:48]  # bit j of qh[l] is the fifth bit of element l of sub-block j
-    high = (qh.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)) & 1
-    return _k_affine(b, _q4_k_ints(b[:, 48:176]) | (high << 4))
-
-
 def _f32(b: torch.Tensor) -> torch.Tensor:
     return b.view(torch.float32)
 
@@ -76,7 +71,7 @@ def _bf16(b: torch.Tensor) -> torch.Tensor:
 
 DECODERS: dict[QT, Callable[[torch.Tensor], torch.Tensor]] = {
     QT.F32: _f32, QT.F16: _f16_t, QT.BF16: _bf16, QT.Q8_0: _q8_0, QT.Q4_0: _q4_0, QT.Q4_1: _q4_1,
-    QT.Q5_0: _q5_0, QT.Q5_1: _q5_1, QT.Q4_K: q4_k_values, QT.Q5_K: _q5_k, QT.Q6_K: q6_k_values,
+    QT.Q5_0: _q5_0, QT.Q5_1: _q5_1, QT.Q4_K: q4_k_values, QT.Q5_K: q5_k_values, QT.Q6_K: q6_k_values,
 }
 PLAIN = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}  # stored as floats already
 

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as QT
 from engine.gguf.dequant import _bits, block_geometry
 from engine.quant.spec import QuantSpec, QuantWeight, pack_codes
 from kernels.ggml_blocks import (f16_field as _f16, i8_fields, k_scales, nibbles as _nibbles, q4_k_ints as _q4_k_ints,
-                                 q6_k_codes)
+                                 q5_k_ints, q6_k_codes)
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,7 @@ def _k_quant(b: torch.Tensor, qtype: QT, codes: bool) -> tuple[torch.Tensor | No
         q = _q4_k_ints(b[:, 16:144])
     else:
         assert qtype == QT.Q5_K, qtype
-        high = (b[:, 16:48].unsqueeze(1) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)) & 1
-        q = _q4_k_ints(b[:, 48:176]) | (high << 4)
+        q = q5_k_ints(b)
     return None if q is None else q.flatten(1), d * sc.float(), -(dmin * mn.float())
 
 
