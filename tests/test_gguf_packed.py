@@ -148,12 +148,12 @@ def test_float_gguf_layers_stay_widened(gguf_model):  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [("llama", "Q4_K_M"), ("qwen3", "Q5_K_M"), ("qwen3", "Q4_1")],
-                         ids=["Q4_K_M", "Q5_K_M", "Q4_1"])
+@pytest.mark.parametrize("case", [("llama", "Q4_K_M"), ("qwen3", "Q4_1")], ids=["Q4_K_M", "Q4_1"])
 def test_fused_kernels_on_packed_layers_match_transformers(gguf_model, case):  # noqa: F811
-    """The Triton kernels read the GGUF layers (interpreted on the CPU without a GPU): Q4_K_M and Q5_K_M as their
+    """The Triton kernels read the GGUF layers (interpreted on the CPU without a GPU): Q4_K_M as its
     blocks (ggml_dequant tiles for the prefill of 2 x 40 rows, ggml_gemv for decode), Q4_1 repacked
-    (qgemm and qgemv, additive mins): transformers' logits."""
+    (qgemm and qgemv, additive mins): transformers' logits. (The q5_k kernels are checked against
+    the reference in tests/test_kernels_ggml.py; a Q5_K_M case here costs 156 s interpreted.)"""
     from engine.kv_cache import KVCache
     from tests.helpers import forward_decode, forward_prefill, rel_max_err
 
