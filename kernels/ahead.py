@@ -16,6 +16,15 @@ divisibility by 16 and 32/64-bit range), keyword arguments by value. A key that 
 specialisations only leaves one of them to compile in the real pass; it never changes a result.
 The compile gets small stand-ins for the tensors (same dtype, device and 16-byte alignment), so a
 pending compile never keeps a pass's activations alive past the budget.
+
+Where the compiles run (``LAYERSTREAM_COMPILE_AHEAD``): ``processes`` (the default, also ``1``)
+sends each new specialisation to a pool of worker processes that fill Triton's on-disk cache
+(kernels/ahead_procs.py: Triton's front end holds the GIL, so threads overlap only its back end);
+the launch is first run in the calling thread as a warm-up under a ``jit_cache_hook`` that takes the
+compile's inputs and skips the compile, so the calling thread pays only Triton's argument binding.
+A kernel already in the on-disk cache is left to the real launch (a file load). ``threads``, a pool
+that cannot start, and a kernel a worker cannot rebuild use the thread pool; ``0`` turns compile
+ahead off (checked by engine/ahead.py).
 """
 from __future__ import annotations
 
@@ -29,8 +38,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+import triton
 from triton.runtime.jit import JITFunction
 
+from kernels import ahead_procs
 from kernels.tuning import untuned
 
 log = logging.getLogger(__name__)
@@ -39,11 +50,67 @@ _LOCK = threading.Lock()  # one compile_only at a time (it patches a class)
 
 @dataclass
 class AheadStats:
-    """What a :func:`compile_only` block did: launches seen, compiles submitted, failures, seconds."""
+    """What a :func:`compile_only` block did: launches seen, compiles submitted (of which sent to worker
+    processes, and found already in Triton's on-disk cache), failures, seconds."""
     launches: int = 0
     compiles: int = 0
+    in_processes: int = 0
+    on_disk: int = 0
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def mode() -> str:
+    """``LAYERSTREAM_COMPILE_AHEAD`` as ``"processes"`` (default, ``1``), ``"threads"`` or ``"off"`` (``0``)."""
+    value = os.environ.get("LAYERSTREAM_COMPILE_AHEAD", "processes").strip().lower()
+    if value in ("0", "off"):
+        return "off"
+    if value in ("threads", "processes"):
+        return value
+    if value not in ("1", "on", ""):
+        log.warning("LAYERSTREAM_COMPILE_AHEAD=%r is not one of 0, 1, threads, processes: using processes", value)
+    return "processes"
+
+
+class _Capture:
+    """Triton's ``jit_cache_hook`` while a compile_only block sends compiles to processes: armed by the
+    block's thread around one warm-up, it takes that compile's inputs as a job and skips the compile;
+    any other compile goes to the hook that was there before."""
+
+    def __init__(self, owner: int, previous) -> None:
+        self.owner, self.previous = owner, previous
+        self.armed = self.reached = False
+        self.job = None
+        self.envs = ahead_procs.env_vars()
+
+    def __call__(self, **kw):
+        if not self.armed or threading.get_ident() != self.owner:
+            return self.previous(**kw) if self.previous is not None else None
+        self.armed, self.reached = False, True
+        try:
+            self.job = ahead_procs.job_from_hook(kw["fn"].jit_function, kw["compile"], self.envs)
+        except Exception as e:  # noqa: BLE001 - not shippable: the thread pool compiles it
+            log.debug("compile ahead: no job for %s: %s", kw.get("repr"), e)
+        return True
+
+    def warm(self, original, fn: JITFunction, args: tuple, kwargs: dict, grid) -> str:
+        """Run ``fn``'s warm-up with the hook armed: ``"job"`` (captured: ``self.job``, possibly None),
+        ``"compiled"`` (this process has the kernel already) or ``"failed"`` (raised before the hook)."""
+        self.armed, self.reached, self.job = True, False, None
+        try:
+            original(fn, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the thread pool meets it again and reports it
+            log.debug("compile ahead: warm-up of %s raised %s", getattr(fn, "__name__", "kernel"), e)
+            return "job" if self.reached else "failed"
+        finally:
+            self.armed = False
+        return "job" if self.reached else "compiled"
+
+
+def _hook_knobs():
+    """triton.knobs.runtime when this Triton has ``jit_cache_hook``, else None (threads only)."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return runtime if runtime is not None and hasattr(runtime, "jit_cache_hook") else None
 
 
 def _arg_key(v) -> object:
@@ -72,9 +139,29 @@ def launch_key(fn: JITFunction, args: tuple, kwargs: dict) -> tuple:
     return id(fn), tuple(_arg_key(a) for a in args), kw
 
 
+def _route(cap: _Capture | None, original, fn, args, kwargs, grid, stats: AheadStats, submit_thread) -> None:
+    """One new specialisation: to the worker processes when ``cap`` captures it, else to the threads."""
+    name = getattr(fn, "__name__", "kernel")
+    if cap is not None:
+        how = cap.warm(original, fn, args, kwargs, grid)
+        if how == "compiled":
+            return
+        if how == "job" and cap.job is not None:
+            if ahead_procs.in_disk_cache(cap.job):
+                stats.on_disk += 1
+                return
+            future = ahead_procs.submit(cap.job)
+            if future is not None:
+                stats.in_processes += 1
+                submit_thread(name, future)
+                return
+    submit_thread(name, None, fn, args, kwargs, grid)
+
+
 @contextlib.contextmanager
-def compile_only(workers: int | None = None) -> Iterator[AheadStats]:
-    """Inside: this thread's Triton launches compile in a pool and do not run (see module docstring).
+def compile_only(workers: int | None = None, how: str | None = None) -> Iterator[AheadStats]:
+    """Inside: this thread's Triton launches compile ahead and do not run (see module docstring);
+    ``how`` is ``"processes"`` or ``"threads"`` (default: :func:`mode`), ``workers`` the threads' count.
 
     On exit every compile has finished (or failed: logged, and left for the real launch to meet)."""
     stats = AheadStats()
@@ -82,9 +169,17 @@ def compile_only(workers: int | None = None) -> Iterator[AheadStats]:
     seen: set[tuple] = set()
     futures: list[tuple[str, Future]] = []
     pool = ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1), thread_name_prefix="compile")
+    runtime = _hook_knobs() if (how or mode()) == "processes" else None
     t0 = time.perf_counter()
     with _LOCK:
         original = JITFunction.run
+        previous = runtime.jit_cache_hook if runtime is not None else None
+        cap = _Capture(owner, previous) if runtime is not None else None
+
+        def submit_thread(name, future, fn=None, args=(), kwargs=None, grid=None):
+            if future is None:
+                future = pool.submit(original, fn, *args, grid=grid, warmup=True, **kwargs)
+            futures.append((name, future))
 
         def run(self, *args, grid, warmup, **kwargs):
             if warmup or threading.get_ident() != owner:
@@ -96,25 +191,36 @@ def compile_only(workers: int | None = None) -> Iterator[AheadStats]:
                 stats.compiles += 1
                 args = tuple(_standin(a) for a in args)
                 kwargs = {k: _standin(v) for k, v in kwargs.items()}
-                futures.append((getattr(self, "__name__", "kernel"),
-                                pool.submit(original, self, *args, grid=grid, warmup=True, **kwargs)))
+                _route(cap, original, self, args, kwargs, grid, stats, submit_thread)
             return None
 
         JITFunction.run = run
+        if cap is not None:
+            runtime.jit_cache_hook = cap
         try:
             with untuned():
                 yield stats
         finally:
             JITFunction.run = original
-            for name, fut in futures:
-                try:
-                    fut.result()
-                except Exception as e:  # noqa: BLE001 - the real launch meets it again
-                    stats.failures.append(f"{name}: {type(e).__name__}: {e}"[:300])
+            if cap is not None:
+                runtime.jit_cache_hook = previous
+            _wait(futures, stats)
             pool.shutdown()
             stats.seconds = time.perf_counter() - t0
+    _report(stats)
+
+
+def _wait(futures: list[tuple[str, Future]], stats: AheadStats) -> None:
+    for name, fut in futures:
+        try:
+            fut.result()
+        except Exception as e:  # noqa: BLE001 - the real launch meets it again (a cancelled job too)
+            stats.failures.append(f"{name}: {type(e).__name__}: {e}"[:300])
+
+
+def _report(stats: AheadStats) -> None:
     if stats.failures:
         log.info("compile ahead: %d of %d compiles failed (compiled at first launch instead): %s",
                  len(stats.failures), stats.compiles, "; ".join(stats.failures[:3]))
-    log.info("compile ahead: %d launches, %d kernels compiled in %.2f s", stats.launches, stats.compiles,
-             stats.seconds)
+    log.info("compile ahead: %d launches, %d kernels (%d in worker processes, %d already on disk) in %.2f s",
+             stats.launches, stats.compiles, stats.in_processes, stats.on_disk, stats.seconds)

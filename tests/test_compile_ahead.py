@@ -52,7 +52,7 @@ def recorder(monkeypatch):
 def test_launches_compile_once_per_specialisation_and_run_nothing(recorder):
     kernel = JITFunction(_body)
     buf = torch.zeros(64)
-    with compile_only(workers=2) as stats:
+    with compile_only(workers=2, how="threads") as stats:
         assert tuning_suspended()
         assert kernel[(1,)](buf, 32, BLOCK=16) is None  # nothing launched, nothing returned
         for _ in range(5):
@@ -76,7 +76,7 @@ def test_launches_compile_once_per_specialisation_and_run_nothing(recorder):
 def test_other_threads_and_explicit_warmups_pass_through(recorder):
     kernel = JITFunction(_body)
     buf = torch.zeros(8)
-    with compile_only(workers=1) as stats:
+    with compile_only(workers=1, how="threads") as stats:
         t = threading.Thread(target=lambda: kernel[(1,)](buf, 8, BLOCK=16))
         t.start()
         t.join()
@@ -89,7 +89,7 @@ def test_other_threads_and_explicit_warmups_pass_through(recorder):
 
 def test_failed_compiles_are_reported_not_raised(monkeypatch):
     monkeypatch.setattr(JITFunction, "run", Recorder(fail=True))
-    with compile_only(workers=2) as stats:
+    with compile_only(workers=2, how="threads") as stats:
         JITFunction(_body)[(1,)](torch.zeros(4), 4, BLOCK=16)
     assert stats.compiles == 1 and len(stats.failures) == 1 and "out of resources" in stats.failures[0]
 

@@ -1,0 +1,232 @@
+"""Compile ahead in worker processes that fill Triton's on-disk cache (used by kernels/ahead.py).
+
+Triton's front end (AST to TTIR, and the Python driving the pass pipeline) holds the GIL, so
+compiles started from threads overlap only part of their work. Here a compile is captured where
+Triton knows all its inputs -- ``knobs.runtime.jit_cache_hook``, which ``JITFunction._do_compile``
+calls with the kernel, its signature, constexprs, attributes and options before compiling, and
+whose True answer skips the in-process compile -- and sent as a picklable :class:`CompileJob` to a
+pool of *spawned* processes (the parent holds a CUDA context: never forked). A worker imports the
+kernel's module, rebuilds the ``ASTSource`` and calls ``triton.compile`` with the parent's target,
+options and cache-invalidating environment, which writes the kernel into the shared on-disk cache
+(``TRITON_CACHE_DIR``, by default ``~/.triton/cache``). The real launch that follows computes the
+same cache key and loads the kernel from disk. The parent computes that key for each job; a worker
+whose compile lands under another key reports it as a failure, and that kernel is compiled at its
+first launch, as is any job that fails or cannot be shipped (a kernel not importable by name).
+
+Workers (``default_workers``: physical cores - 1, at most 16) hide every GPU, never touch CUDA,
+and exit when their parent does (they watch its pid). The pool is process-wide and started once:
+``start_pool`` (the engine starts it while weights load, see engine/ahead.py) or at the first miss.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import sys
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+
+import triton
+from triton.compiler import ASTSource, get_cache_key, make_backend
+from triton.runtime.cache import get_cache_manager
+from triton.runtime.jit import JITFunction
+
+log = logging.getLogger(__name__)
+_POOL_LOCK = threading.Lock()
+_POOL: ProcessPoolExecutor | None = None
+_POOL_FAILED = False  # a pool that could not start is not retried in this process
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """One specialisation's compile inputs, picklable; ``cache_key`` is the hash the parent's own
+    compile of it will look up (a directory of the on-disk cache)."""
+    module: str
+    qualname: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    target: object  # triton.backends.compiler.GPUTarget
+    env_vars: dict
+    cache_key: str
+
+    @property
+    def name(self) -> str:
+        return self.qualname.rsplit(".", 1)[-1]
+
+
+def env_vars() -> dict:
+    """The environment variables that enter Triton's cache key, as the parent sees them now."""
+    from triton.compiler import compiler
+
+    return dict(compiler.get_cache_invalidating_env_vars())
+
+
+def resolve(module: str, qualname: str) -> JITFunction:
+    """The JITFunction named ``module:qualname`` (unwrapping autotuner / heuristics wrappers)."""
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
+        obj = obj.fn
+    if not isinstance(obj, JITFunction):
+        raise TypeError(f"{module}:{qualname} is a {type(obj).__name__}, not a Triton kernel")
+    return obj
+
+
+def expected_key(fn: JITFunction, signature: dict, constexprs: dict, attrs: dict, options: dict, target,
+                 envs: dict) -> str:
+    """The cache directory ``triton.compile`` uses for these inputs (what its first lines compute)."""
+    src = ASTSource(fn, signature, constexprs, attrs)
+    backend = make_backend(target)
+    opts = backend.parse_options(dict(options, **src.parse_options()))
+    return hashlib.sha256(get_cache_key(src, backend, opts, envs).encode("utf-8")).hexdigest()
+
+
+def make_job(fn: JITFunction, signature: dict, constexprs: dict, attrs: dict, options: dict, target,
+             envs: dict) -> CompileJob | None:
+    """The job for one compile, or None when a worker could not rebuild it (a kernel not reachable by
+    its module and name, or inputs that do not pickle)."""
+    module, qualname = fn.fn.__module__, fn.fn.__qualname__
+    if module == "__main__" or "<locals>" in qualname:
+        return None
+    try:
+        if resolve(module, qualname) is not fn:
+            return None
+        job = CompileJob(module, qualname, dict(signature), dict(constexprs), dict(attrs), dict(options), target,
+                         dict(envs), expected_key(fn, signature, constexprs, attrs, options, target, envs))
+        pickle.dumps(job)
+    except Exception as e:  # noqa: BLE001 - not shippable: compiled in this process instead
+        log.debug("compile ahead: %s:%s stays in this process: %s", module, qualname, e)
+        return None
+    return job
+
+
+def job_from_hook(fn: JITFunction, compile: dict, envs: dict) -> CompileJob | None:
+    """The job for the arguments ``knobs.runtime.jit_cache_hook`` receives (``fn`` is the kernel, ``compile``
+    the hook's dict). Options come from the hook's ``specialization_data`` and are parsed again by the
+    backend, as Triton's own ``JITFunction.preload`` does; target and backend are the device's."""
+    _, _, target, backend, _ = fn.device_caches[compile["device"]]
+    data = json.loads(compile["specialization_data"])
+    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in data["options"].items()}
+    options = dict(backend.parse_options(raw).__dict__)
+    return make_job(fn, compile["signature"], compile["constants"], compile["configs"][0], options, target, envs)
+
+
+def in_disk_cache(job: CompileJob) -> bool:
+    """Whether the on-disk cache already holds the job's kernel (its metadata file)."""
+    return get_cache_manager(job.cache_key).get_file(f"{job.name[:150]}.json") is not None
+
+
+def compile_job(job: CompileJob) -> float:
+    """Worker side: compile ``job`` into the on-disk cache; returns the seconds it took. Raises when
+    the compile lands under another key than the parent's (the parent would not find it)."""
+    t0 = time.perf_counter()
+    src = ASTSource(resolve(job.module, job.qualname), job.signature, job.constexprs, job.attrs)
+    kernel = triton.compile(src, target=job.target, options=job.options, _env_vars=job.env_vars)
+    if kernel.hash != job.cache_key:
+        raise RuntimeError(f"cache key differs from the parent's ({kernel.hash[:12]} vs {job.cache_key[:12]})")
+    return time.perf_counter() - t0
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthreads counted once); os.cpu_count() when unknown."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/core_id") as f:
+                core = f.read().strip()
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/physical_package_id") as f:
+                cores.add((f.read().strip(), core))
+        except OSError:
+            cores.add(("cpu", str(c)))
+    return max(1, len(cores))
+
+
+def default_workers() -> int:
+    """Worker processes for a pool: physical cores - 1 (the parent's dry pass keeps one), 1 to 16."""
+    return max(1, min(physical_cores() - 1, 16))
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)  # the parent is gone: nobody will read a result
+
+
+def _init_worker(parent: int, cache_dir: str | None, modules: tuple[str, ...]) -> None:
+    """Worker start: hide the GPUs, follow the parent's cache directory, import the kernel modules."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # compiling needs no device; a context would cost GPU memory
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-parent").start()
+    if cache_dir is not None:
+        triton.knobs.cache.dir = cache_dir
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except Exception as e:  # noqa: BLE001 - a job that needs it fails and says why
+            log.warning("compile-ahead worker: importing %s failed: %s", m, e)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def start_pool(workers: int | None = None) -> ProcessPoolExecutor | None:
+    """The process-wide pool, started (workers spawning and importing in the background) if it is not
+    yet; None when processes cannot be started here (logged once; callers compile in threads)."""
+    global _POOL, _POOL_FAILED
+    with _POOL_LOCK:
+        if _POOL is not None or _POOL_FAILED:
+            return _POOL
+        n = workers or default_workers()
+        modules = tuple(sorted(m for m in sys.modules if m.startswith("kernels.") and m != __name__))
+        cache_dir = getattr(getattr(triton, "knobs", None), "cache", None)
+        try:
+            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker,
+                                       initargs=(os.getpid(), cache_dir.dir if cache_dir else None, modules))
+            for _ in range(n):  # each submit to a spawn pool without an idle worker starts one
+                pool.submit(_ready)
+        except Exception as e:  # noqa: BLE001 - no processes here: threads instead
+            _POOL_FAILED = True
+            log.warning("compile ahead: cannot start worker processes (%s); compiling in threads", e)
+            return None
+        _POOL = pool
+        log.info("compile ahead: %d worker processes starting", n)
+        return pool
+
+
+def submit(job: CompileJob) -> Future | None:
+    """Hand ``job`` to the pool (started if needed); None when there is no pool."""
+    pool = start_pool()
+    if pool is None:
+        return None
+    try:
+        return pool.submit(compile_job, job)
+    except Exception as e:  # noqa: BLE001 - a broken pool (a worker died): threads from now on
+        log.warning("compile ahead: the worker pool is broken (%s); compiling in threads", e)
+        shutdown_pool(failed=True)
+        return None
+
+
+def shutdown_pool(failed: bool = False) -> None:
+    """Stop the worker processes (queued jobs are dropped); the next ``start_pool`` starts new ones
+    unless ``failed``."""
+    global _POOL, _POOL_FAILED
+    with _POOL_LOCK:
+        pool, _POOL = _POOL, None
+        _POOL_FAILED = _POOL_FAILED or failed
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+atexit.register(shutdown_pool)

@@ -1,0 +1,107 @@
+"""Compile ahead in processes on a machine without a GPU: Triton compiles this repo's kernels for sm_90 with
+its bundled ptxas. Run in a subprocess with ``TRITON_INTERPRET=0`` and a fresh ``TRITON_CACHE_DIR``
+(tests/test_compile_ahead_procs.py; the test process itself runs kernels in the interpreter).
+
+A stand-in driver answers what ``JITFunction.run`` asks the CUDA driver (device 0, stream 0, target
+sm_90), so Triton's own binder, specialisation, ``_do_compile`` and ``jit_cache_hook`` run as on a GPU
+(with CPU tensors: only their dtype and address are read). Each function prints one JSON line.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+from kernels import ahead_procs
+from kernels.ahead import compile_only
+from kernels.rmsnorm import _rmsnorm_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+class StandInDriver:
+    """What JITFunction.run and its binder ask the active driver, answered for an sm_90 device."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return TARGET
+
+
+def launches(n: int) -> list[tuple]:
+    """``n`` distinct rmsnorm specialisations (dtype x block sizes x warps), each as (grid, args, kwargs)."""
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for block_n in (64, 128, 256, 512):
+            for block_r, warps in ((1, 4), (4, 8)):
+                x = torch.zeros(64, dtype=dtype)
+                args = (x, x, x, 4, 1, 1, 64, 64, 64, 64, 1e-6)
+                out.append(((4,), args, {"BLOCK_R": block_r, "BLOCK_N": block_n, "num_warps": warps}))
+    assert n <= len(out)
+    return out[:n]
+
+
+class Listener:
+    """knobs.compilation.listener: counts compiles that hit and missed the on-disk cache."""
+
+    def __init__(self) -> None:
+        self.hits = self.misses = 0
+
+    def __call__(self, *, cache_hit: bool, **_) -> None:
+        if cache_hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+
+
+def cache_dirs() -> int:
+    return sum(1 for _ in Path(triton.knobs.cache.dir).iterdir()) if Path(triton.knobs.cache.dir).exists() else 0
+
+
+def real_pass(cases: list[tuple]) -> dict:
+    """What a pass after compile_only does: each launch compiles (warm-up: no kernel runs) in this process."""
+    listener = Listener()
+    triton.knobs.compilation.listener = listener
+    t0 = time.perf_counter()
+    for grid, args, kwargs in cases:
+        _rmsnorm_kernel.run(*args, grid=grid, warmup=True, **kwargs)
+    triton.knobs.compilation.listener = None
+    return {"hits": listener.hits, "misses": listener.misses, "seconds": time.perf_counter() - t0}
+
+
+def capture(n: int, workers: int) -> None:
+    """compile_only with processes over n specialisations (each launched twice), then the real pass."""
+    driver.set_active(StandInDriver())
+    cases = launches(n)
+    ahead_procs.start_pool(workers)
+    t0 = time.perf_counter()
+    with compile_only(how="processes") as stats:
+        for grid, args, kwargs in cases + cases:
+            assert _rmsnorm_kernel[grid](*args, **kwargs) is None
+    ahead = time.perf_counter() - t0
+    dirs = cache_dirs()
+    real = real_pass(cases)
+    print(json.dumps({"launches": stats.launches, "compiles": stats.compiles, "in_processes": stats.in_processes,
+                      "on_disk": stats.on_disk, "failures": stats.failures, "ahead_s": ahead, "dirs_after_ahead": dirs,
+                      "dirs_after_real": cache_dirs(), "real": real}))
+
+
+def serial(n: int) -> None:
+    """The same n specialisations compiled one after another in this process (today's first pass)."""
+    driver.set_active(StandInDriver())
+    print(json.dumps({"real": real_pass(launches(n)), "dirs": cache_dirs()}))
+
+
+if __name__ == "__main__":
+    what, n, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    capture(n, workers) if what == "capture" else serial(n)
