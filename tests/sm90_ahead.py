@@ -8,6 +8,7 @@ sm_90), so Triton's own binder, specialisation, ``_do_compile`` and ``jit_cache_
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -102,6 +103,45 @@ def serial(n: int) -> None:
     print(json.dumps({"real": real_pass(launches(n)), "dirs": cache_dirs()}))
 
 
+def inputs(warps: int) -> tuple[dict, dict, dict, dict]:
+    """An rmsnorm specialisation's compile inputs as written by hand (bf16 pointers, BLOCK_N 256)."""
+    names = _rmsnorm_kernel.arg_names
+    meta = {"BLOCK_R": 4, "BLOCK_N": 256}
+    sig = {a: "constexpr" if a in meta else "*bf16" if a.endswith("_ptr") else "fp32" if a == "eps" else "i32"
+           for a in names}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ("x_ptr", "w_ptr", "out_ptr", "N")}
+    options = dict(triton.compiler.make_backend(TARGET).parse_options({"num_warps": warps}).__dict__)
+    return sig, {(names.index(a),): v for a, v in meta.items()}, attrs, options
+
+
+def worker() -> None:
+    """A job compiled by a spawned worker, then the same inputs compiled here (a hit) and with other
+    options (a miss); a job whose expected key was altered (the worker must refuse it)."""
+    sig, constexprs, attrs, options = inputs(4)
+    job = ahead_procs.make_job(_rmsnorm_kernel, sig, constexprs, attrs, options, TARGET, ahead_procs.env_vars())
+    pool = ahead_procs.start_pool(1)
+    worker_s = pool.submit(ahead_procs.compile_job, job).result()
+    dirs = cache_dirs()
+    listener = Listener()
+    triton.knobs.compilation.listener = listener
+    t0 = time.perf_counter()
+    same = triton.compile(triton.compiler.ASTSource(_rmsnorm_kernel, sig, constexprs, attrs), target=TARGET,
+                          options=options)
+    hit_s = time.perf_counter() - t0
+    other = inputs(8)
+    triton.compile(triton.compiler.ASTSource(_rmsnorm_kernel, *other[:3]), target=TARGET, options=other[3])
+    triton.knobs.compilation.listener = None
+    bad = dataclasses.replace(job, cache_key="0" * 64)
+    try:
+        pool.submit(ahead_procs.compile_job, bad).result()
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
+    print(json.dumps({"job_key": job.cache_key, "parent_hash": same.hash, "worker_s": worker_s, "hit_s": hit_s,
+                      "dirs_after_worker": dirs, "dirs_after_parent": cache_dirs(), "hits": listener.hits,
+                      "misses": listener.misses, "refused": refused, "in_disk_cache": ahead_procs.in_disk_cache(job)}))
+
+
 if __name__ == "__main__":
     what, n, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0
-    capture(n, workers) if what == "capture" else serial(n)
+    {"capture": lambda: capture(n, workers), "serial": lambda: serial(n), "worker": worker}[what]()

@@ -1,0 +1,162 @@
+"""Compile ahead in worker processes (kernels/ahead_procs.py and its routing in kernels/ahead.py).
+
+Fast tests drive the routing with a stand-in for ``JITFunction.run`` that calls Triton's
+``jit_cache_hook`` as ``_do_compile`` does. The slow ones compile this repo's rmsnorm kernel for sm_90
+on the CPU in a subprocess (tests/sm90_ahead.py: Triton's real binder, hook and on-disk cache, with a
+stand-in driver) in a fresh TRITON_CACHE_DIR. The GPU test runs an engine's first run with processes
+and counts the compiles that missed the on-disk cache outside the dry passes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+from triton.runtime.jit import JITFunction
+
+from kernels import ahead_procs
+from kernels.ahead import compile_only, mode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _body(x_ptr, n, BLOCK):  # never compiled here: only its JITFunction wrapper is used
+    pass
+
+
+module_kernel = JITFunction(_body)
+
+
+class HookCaller:
+    """Stands in for JITFunction.run: a warm-up calls the jit_cache_hook (as _do_compile does) and compiles
+    (records) unless it answers True; records (thread, warmup) of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bool]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, fn, *args, grid, warmup, **kwargs):
+        hook = triton.knobs.runtime.jit_cache_hook
+        skipped = hook is not None and hook(key="k", repr="r", fn=type("Info", (), {"jit_function": fn}),
+                                            compile={"device": 0}, is_manual_warmup=warmup, already_compiled=False)
+        with self.lock:
+            self.calls.append((threading.get_ident(), skipped))
+        return None if skipped else "kernel"
+
+
+def _done(value=1.0) -> Future:
+    f = Future()
+    f.set_result(value)
+    return f
+
+
+@pytest.mark.parametrize("case", ["job", "on_disk", "no_pool", "no_job"])
+def test_routing(monkeypatch, case):
+    """A captured job goes to the processes (or nowhere when on disk); no pool or no job: the threads."""
+    caller = HookCaller()
+    monkeypatch.setattr(JITFunction, "run", caller)
+    monkeypatch.setattr(ahead_procs, "job_from_hook", lambda fn, compile, envs: None if case == "no_job" else "job")
+    monkeypatch.setattr(ahead_procs, "in_disk_cache", lambda job: case == "on_disk")
+    monkeypatch.setattr(ahead_procs, "submit", lambda job: None if case == "no_pool" else _done())
+    previous = lambda **kw: False  # noqa: E731 - a user's hook, kept for every other compile
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", previous)
+    buf = torch.zeros(64)
+    with compile_only(how="processes") as stats:
+        for _ in range(3):
+            assert module_kernel[(1,)](buf, 32, BLOCK=16) is None
+    assert triton.knobs.runtime.jit_cache_hook is previous  # restored
+    assert (stats.launches, stats.compiles, stats.failures) == (3, 1, [])
+    assert stats.in_processes == (case == "job") and stats.on_disk == (case == "on_disk")
+    me = threading.get_ident()
+    assert caller.calls[0] == (me, True)  # the warm-up here: captured, not compiled
+    threaded = caller.calls[1:]
+    if case in ("no_pool", "no_job"):
+        assert len(threaded) == 1 and threaded[0][0] != me and threaded[0][1] is False  # compiled in a thread
+    else:
+        assert threaded == []
+
+
+def test_mode(monkeypatch):
+    for value, want in [("0", "off"), ("threads", "threads"), ("processes", "processes"), ("1", "processes"),
+                        ("bogus", "processes")]:
+        monkeypatch.setenv("LAYERSTREAM_COMPILE_AHEAD", value)
+        assert mode() == want
+    monkeypatch.delenv("LAYERSTREAM_COMPILE_AHEAD")
+    assert mode() == "processes"
+
+
+def test_workers_are_bounded():
+    assert 1 <= ahead_procs.physical_cores() <= (os.cpu_count() or 1)
+    assert ahead_procs.default_workers() == max(1, min(ahead_procs.physical_cores() - 1, 16))
+
+
+def test_only_kernels_reachable_by_name_are_shipped():
+    local = JITFunction(_body)  # a <locals> qualname: a worker could not import it
+    assert ahead_procs.make_job(local, {}, {}, {}, {}, None, {}) is None
+    assert ahead_procs.resolve(__name__, "module_kernel") is module_kernel
+    wrapper = type("Autotuner", (), {"fn": module_kernel})()
+    globals()["wrapped_kernel"] = wrapper
+    assert ahead_procs.resolve(__name__, "wrapped_kernel") is module_kernel
+    with pytest.raises(TypeError, match="not a Triton kernel"):
+        ahead_procs.resolve(__name__, "_done")
+
+
+def _sm90(tmp_path: Path, *argv: str) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "triton"), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "tests.sm90_ahead", *argv], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_worker_compiles_under_the_parents_key(tmp_path):
+    """A spawned worker's compile is what the parent's later compile of the same inputs loads: same
+    hash, one cache directory, a listener-reported hit; other options miss; a job whose expected key
+    differs from the worker's compile is refused."""
+    got = _sm90(tmp_path, "worker", "0")
+    assert got["job_key"] == got["parent_hash"] and got["in_disk_cache"]
+    assert (got["hits"], got["misses"]) == (1, 1)  # the same inputs hit, num_warps=8 missed
+    assert (got["dirs_after_worker"], got["dirs_after_parent"]) == (1, 2)
+    assert got["hit_s"] < got["worker_s"] / 5
+    assert "cache key differs" in got["refused"]
+
+
+@pytest.mark.slow
+def test_capture_leaves_the_real_pass_nothing_to_compile(tmp_path):
+    """compile_only with processes over 4 rmsnorm specialisations (each launched twice): all 4 are sent
+    to 2 workers, and the real pass that follows loads all 4 from the on-disk cache."""
+    got = _sm90(tmp_path, "capture", "4", "2")
+    assert (got["launches"], got["compiles"], got["in_processes"], got["on_disk"]) == (8, 4, 4, 0)
+    assert got["failures"] == []
+    assert got["real"]["misses"] == 0 and got["real"]["hits"] == 4
+    assert got["dirs_after_ahead"] == got["dirs_after_real"] == 4
+
+
+PARENT = """
+import os, sys
+from kernels import ahead_procs
+pool = ahead_procs.start_pool(1)
+print(pool.submit(ahead_procs._ready).result(), flush=True)
+os._exit(0)  # no shutdown, no atexit: as a killed parent
+"""
+
+
+@pytest.mark.slow
+def test_workers_exit_with_their_parent():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", PARENT], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    pid = int(run.stdout.split()[-1])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
