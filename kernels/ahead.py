@@ -19,7 +19,7 @@ pending compile never keeps a pass's activations alive past the budget.
 
 Where the compiles run (``LAYERSTREAM_COMPILE_AHEAD``): ``processes`` (the default, also ``1``)
 sends each new specialisation to a pool of worker processes that fill Triton's on-disk cache
-(kernels/ahead_procs.py: Triton's front end holds the GIL, so threads overlap only its back end);
+(kernels/ahead_procs.py, kernels/ahead_pool.py: Triton's front end holds the GIL, so threads overlap only its back end);
 the launch is first run in the calling thread as a warm-up under a ``jit_cache_hook`` that takes the
 compile's inputs and skips the compile, so the calling thread pays only Triton's argument binding.
 A kernel already in the on-disk cache is left to the real launch (a file load). ``threads``, a pool
@@ -41,7 +41,7 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-from kernels import ahead_procs
+from kernels import ahead_pool, ahead_procs
 from kernels.tuning import untuned
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _route(cap: _Capture | None, original, fn, args, kwargs, grid, stats: AheadS
             if ahead_procs.in_disk_cache(cap.job):
                 stats.on_disk += 1
                 return
-            future = ahead_procs.submit(cap.job)
+            future = ahead_pool.submit(cap.job)
             if future is not None:
                 stats.in_processes += 1
                 submit_thread(name, future)

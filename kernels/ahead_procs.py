@@ -13,25 +13,20 @@ same cache key and loads the kernel from disk. The parent computes that key for 
 whose compile lands under another key reports it as a failure, and that kernel is compiled at its
 first launch, as is any job that fails or cannot be shipped (a kernel not importable by name).
 
-Workers (``default_workers``: physical cores - 1, at most 16) hide every GPU, never touch CUDA,
-and exit when their parent does (they watch its pid). The pool is process-wide and started once:
-``start_pool`` (the engine starts it while weights load, see engine/ahead.py) or at the first miss.
+The workers (kernels/ahead_pool.py: ``default_workers``, physical cores - 1, at most 16) run
+:func:`serve`; they never touch a GPU.
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
 import importlib
 import json
 import logging
-import multiprocessing
 import os
 import pickle
-import sys
-import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import triton
 from triton.compiler import ASTSource, get_cache_key, make_backend
@@ -39,9 +34,6 @@ from triton.runtime.cache import get_cache_manager
 from triton.runtime.jit import JITFunction
 
 log = logging.getLogger(__name__)
-_POOL_LOCK = threading.Lock()
-_POOL: ProcessPoolExecutor | None = None
-_POOL_FAILED = False  # a pool that could not start is not retried in this process
 
 
 @dataclass(frozen=True)
@@ -157,76 +149,32 @@ def default_workers() -> int:
     return max(1, min(physical_cores() - 1, 16))
 
 
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(0)  # the parent is gone: nobody will read a result
+def cache_looks_cold() -> bool:
+    """Whether Triton's on-disk cache directory is absent or empty (a fresh machine)."""
+    try:
+        with os.scandir(triton.knobs.cache.dir) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return True
 
 
-def _init_worker(parent: int, cache_dir: str | None, modules: tuple[str, ...]) -> None:
-    """Worker start: hide the GPUs, follow the parent's cache directory, import the kernel modules."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # compiling needs no device; a context would cost GPU memory
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-parent").start()
-    if cache_dir is not None:
-        triton.knobs.cache.dir = cache_dir
-    for m in modules:
+def serve(read_fd: int, write_fd: int, modules: str) -> None:
+    """A worker process's main loop (kernels/ahead_pool.py starts it): import the kernel modules, say
+    ready, then compile each ``(id, CompileJob)`` received and answer ``(id, ok, seconds or error)``,
+    until the parent closes the pipe (it exited, or shut the pool down)."""
+    jobs, answers = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    for m in filter(None, modules.split(",")):
         try:
             importlib.import_module(m)
         except Exception as e:  # noqa: BLE001 - a job that needs it fails and says why
             log.warning("compile-ahead worker: importing %s failed: %s", m, e)
-
-
-def _ready() -> int:
-    return os.getpid()
-
-
-def start_pool(workers: int | None = None) -> ProcessPoolExecutor | None:
-    """The process-wide pool, started (workers spawning and importing in the background) if it is not
-    yet; None when processes cannot be started here (logged once; callers compile in threads)."""
-    global _POOL, _POOL_FAILED
-    with _POOL_LOCK:
-        if _POOL is not None or _POOL_FAILED:
-            return _POOL
-        n = workers or default_workers()
-        modules = tuple(sorted(m for m in sys.modules if m.startswith("kernels.") and m != __name__))
-        cache_dir = getattr(getattr(triton, "knobs", None), "cache", None)
+    answers.send(("ready", True, os.getpid()))
+    while True:
         try:
-            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker,
-                                       initargs=(os.getpid(), cache_dir.dir if cache_dir else None, modules))
-            for _ in range(n):  # each submit to a spawn pool without an idle worker starts one
-                pool.submit(_ready)
-        except Exception as e:  # noqa: BLE001 - no processes here: threads instead
-            _POOL_FAILED = True
-            log.warning("compile ahead: cannot start worker processes (%s); compiling in threads", e)
-            return None
-        _POOL = pool
-        log.info("compile ahead: %d worker processes starting", n)
-        return pool
-
-
-def submit(job: CompileJob) -> Future | None:
-    """Hand ``job`` to the pool (started if needed); None when there is no pool."""
-    pool = start_pool()
-    if pool is None:
-        return None
-    try:
-        return pool.submit(compile_job, job)
-    except Exception as e:  # noqa: BLE001 - a broken pool (a worker died): threads from now on
-        log.warning("compile ahead: the worker pool is broken (%s); compiling in threads", e)
-        shutdown_pool(failed=True)
-        return None
-
-
-def shutdown_pool(failed: bool = False) -> None:
-    """Stop the worker processes (queued jobs are dropped); the next ``start_pool`` starts new ones
-    unless ``failed``."""
-    global _POOL, _POOL_FAILED
-    with _POOL_LOCK:
-        pool, _POOL = _POOL, None
-        _POOL_FAILED = _POOL_FAILED or failed
-    if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-atexit.register(shutdown_pool)
+            job_id, job = jobs.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            answers.send((job_id, True, compile_job(job)))
+        except Exception as e:  # noqa: BLE001 - reported to the parent, whose real launch compiles it
+            answers.send((job_id, False, f"{type(e).__name__}: {e}"[:500]))

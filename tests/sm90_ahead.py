@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
-from kernels import ahead_procs
+from kernels import ahead_pool, ahead_procs
 from kernels.ahead import compile_only
 from kernels.rmsnorm import _rmsnorm_kernel
 
@@ -84,7 +84,7 @@ def capture(n: int, workers: int) -> None:
     """compile_only with processes over n specialisations (each launched twice), then the real pass."""
     driver.set_active(StandInDriver())
     cases = launches(n)
-    ahead_procs.start_pool(workers)
+    ahead_pool.start_pool(workers)
     t0 = time.perf_counter()
     with compile_only(how="processes") as stats:
         for grid, args, kwargs in cases + cases:
@@ -119,8 +119,8 @@ def worker() -> None:
     options (a miss); a job whose expected key was altered (the worker must refuse it)."""
     sig, constexprs, attrs, options = inputs(4)
     job = ahead_procs.make_job(_rmsnorm_kernel, sig, constexprs, attrs, options, TARGET, ahead_procs.env_vars())
-    pool = ahead_procs.start_pool(1)
-    worker_s = pool.submit(ahead_procs.compile_job, job).result()
+    pool = ahead_pool.start_pool(1)
+    worker_s = pool.submit(job).result()
     dirs = cache_dirs()
     listener = Listener()
     triton.knobs.compilation.listener = listener
@@ -133,7 +133,7 @@ def worker() -> None:
     triton.knobs.compilation.listener = None
     bad = dataclasses.replace(job, cache_key="0" * 64)
     try:
-        pool.submit(ahead_procs.compile_job, bad).result()
+        pool.submit(bad).result()
         refused = ""
     except RuntimeError as e:
         refused = str(e)

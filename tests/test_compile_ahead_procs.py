@@ -22,7 +22,7 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-from kernels import ahead_procs
+from kernels import ahead_pool, ahead_procs
 from kernels.ahead import compile_only, mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_routing(monkeypatch, case):
     monkeypatch.setattr(JITFunction, "run", caller)
     monkeypatch.setattr(ahead_procs, "job_from_hook", lambda fn, compile, envs: None if case == "no_job" else "job")
     monkeypatch.setattr(ahead_procs, "in_disk_cache", lambda job: case == "on_disk")
-    monkeypatch.setattr(ahead_procs, "submit", lambda job: None if case == "no_pool" else _done())
+    monkeypatch.setattr(ahead_pool, "submit", lambda job: None if case == "no_pool" else _done())
     previous = lambda **kw: False  # noqa: E731 - a user's hook, kept for every other compile
     monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", previous)
     buf = torch.zeros(64)
@@ -142,10 +142,15 @@ def test_capture_leaves_the_real_pass_nothing_to_compile(tmp_path):
 
 
 PARENT = """
-import os, sys
-from kernels import ahead_procs
-pool = ahead_procs.start_pool(1)
-print(pool.submit(ahead_procs._ready).result(), flush=True)
+import os
+from kernels import ahead_pool, ahead_procs
+pool = ahead_pool.start_pool(1)
+job = ahead_procs.CompileJob("no_such_module", "k", {}, {}, {}, {}, None, {}, "0" * 64)
+try:
+    pool.submit(job).result()
+except RuntimeError as e:
+    print(e, flush=True)
+print(pool.procs[0].pid, flush=True)
 os._exit(0)  # no shutdown, no atexit: as a killed parent
 """
 
@@ -155,6 +160,7 @@ def test_workers_exit_with_their_parent():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-c", PARENT], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "ModuleNotFoundError" in run.stdout  # the worker ran, failed the job and said why
     pid = int(run.stdout.split()[-1])
     deadline = time.monotonic() + 10
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
