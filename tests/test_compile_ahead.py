@@ -173,18 +173,36 @@ def test_not_wanted_on_the_cpu(model_dir):
 
 @pytest.mark.cuda
 def test_gpu_dry_passes_compile_and_keep_the_tokens(model_dir, monkeypatch):
-    """On a GPU: the dry decode and prefill passes compile (no failure), and the tokens equal a run
-    without them."""
+    """On a GPU: the dry decode and prefill passes compile (in processes, or threads), and the tokens
+    equal a run without them."""
     monkeypatch.setattr(tuning_cache, "has_entries", lambda device: True)
     prompts = random_prompts([37, 5], 100, seed=4)
     runs = {}
-    for mode in ("0", "1"):
+    for mode in ("0", "1", "threads"):  # 1: worker processes
         monkeypatch.setenv("LAYERSTREAM_COMPILE_AHEAD", mode)
         eng = make_engine(model_dir, device="cuda", kernels="triton", batch=2, prefill_chunk=16)
         try:
-            assert engine_ahead.wanted(eng.model) == (mode == "1")
+            assert engine_ahead.wanted(eng.model) == (mode != "0")
             runs[mode] = generate(eng, prompts, SamplingParams(temperature=0.0), max_new_tokens=8).token_ids
             assert eng.prefill_shapes == {(8, 37, 5)}
         finally:
             eng.close()
-    assert runs["0"] == runs["1"]
+    assert runs["0"] == runs["1"] == runs["threads"]
+
+
+@pytest.mark.parametrize("how,cold,want", [("processes", True, True), ("processes", False, False),
+                                           ("threads", True, False), ("0", True, False)])
+def test_prestart_only_for_processes_on_a_cold_cache(monkeypatch, how, cold, want):
+    """The engine starts the worker processes before loading weights only when its dry passes will use
+    them (processes, CUDA with the Triton kernels, no host lane, tuning picks) and Triton's cache is cold."""
+    started = []
+    monkeypatch.setenv("LAYERSTREAM_COMPILE_AHEAD", how)
+    monkeypatch.setattr(tuning_cache, "has_entries", lambda device: True)
+    monkeypatch.setattr(engine_ahead, "cache_looks_cold", lambda: cold)
+    monkeypatch.setattr(engine_ahead, "start_pool", lambda: started.append(1) or "pool")
+    cuda = torch.device("cuda")
+    assert engine_ahead.prestart(cuda, "triton", host_lane=False) is want and len(started) == want
+    assert not engine_ahead.prestart(cuda, "triton", host_lane=True)
+    assert not engine_ahead.prestart(cuda, "torch", host_lane=False)
+    assert not engine_ahead.prestart(torch.device("cpu"), "triton", host_lane=False)
+    assert len(started) == want

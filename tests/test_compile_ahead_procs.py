@@ -166,3 +166,70 @@ def test_workers_exit_with_their_parent():
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+@pytest.mark.slow
+def test_an_idle_pool_stops(monkeypatch):
+    monkeypatch.setattr(ahead_pool, "LINGER_S", 0.5)
+    pool = ahead_pool.start_pool(1)
+    try:
+        assert pool is not None and ahead_pool.start_pool() is pool  # one pool per process
+        assert pool.procs[0].wait(timeout=60) is not None  # stopped: its jobs pipe was closed
+        assert ahead_pool._POOL is None
+    finally:
+        ahead_pool.shutdown_pool()
+
+
+def gpu_first_run(model_dir: str) -> None:
+    """An engine's first run with compile ahead in processes (a GPU, a fresh TRITON_CACHE_DIR, untuned
+    picks so the real pass launches what the dry passes saw); prints the compiles that missed the
+    on-disk cache outside the dry passes, and the dry passes' stats."""
+    import contextlib
+
+    from engine.generate import generate
+    from engine.sampling import SamplingParams
+    from kernels import ahead as kernels_ahead, tuning_cache
+    from kernels.tuning import untuned
+    from tests.helpers import make_engine, random_prompts
+
+    tuning_cache.has_entries = lambda device: True
+    inside, misses, hits, stats = [False], [], [], []
+    compile_only_real = kernels_ahead.compile_only
+
+    @contextlib.contextmanager
+    def watched(*args, **kwargs):
+        inside[0] = True
+        try:
+            with compile_only_real(*args, **kwargs) as s:
+                yield s
+        finally:
+            inside[0] = False
+        stats.append(s)
+
+    kernels_ahead.compile_only = watched
+    triton.knobs.compilation.listener = lambda *, src, cache_hit, **_: (hits if cache_hit else misses).append(
+        (src.name, inside[0]))
+    with untuned():
+        eng = make_engine(Path(model_dir), device="cuda", kernels="triton", batch=2, prefill_chunk=16)
+        try:
+            generate(eng, random_prompts([37, 5], 100, seed=4), SamplingParams(temperature=0.0), max_new_tokens=8)
+        finally:
+            eng.close()
+    print(json.dumps({"misses_outside": [n for n, ins in misses if not ins], "hits_outside": sum(not i for _, i in hits),
+                      "in_processes": sum(s.in_processes for s in stats), "failures": [f for s in stats for f in s.failures]}))
+
+
+@pytest.mark.cuda
+def test_gpu_first_run_compiles_nothing_after_the_dry_passes(tmp_path, tokenizer_dir):
+    from tests.helpers import make_hf_model
+
+    _, model_dir = make_hf_model("qwen2", tmp_path, tokenizer_dir=tokenizer_dir)
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "LAYERSTREAM_COMPILE_AHEAD": "processes",
+           "PYTHONPATH": str(ROOT), "LAYERSTREAM_TUNING_CACHE": "0"}
+    code = f"from tests.test_compile_ahead_procs import gpu_first_run; gpu_first_run({str(model_dir)!r})"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["failures"] == [] and got["in_processes"] > 0
+    assert got["misses_outside"] == [], got  # every real launch found its kernel on disk
+    assert got["hits_outside"] > 0
