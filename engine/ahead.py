@@ -25,7 +25,7 @@ import torch
 
 from kernels.ahead import mode
 from kernels.ahead_pool import start_pool
-from kernels.ahead_procs import cache_looks_cold
+from kernels.ahead_procs import cache_looks_cold, warm_key_in_background
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def prestart(device: torch.device, kernels: str, host_lane: bool) -> bool:
     cache looks cold; returns whether it started them."""
     if mode() != "processes" or not _enabled(device, kernels, host_lane) or not cache_looks_cold():
         return False
+    warm_key_in_background()
     return start_pool() is not None
 
 

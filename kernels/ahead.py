@@ -51,12 +51,13 @@ _LOCK = threading.Lock()  # one compile_only at a time (it patches a class)
 @dataclass
 class AheadStats:
     """What a :func:`compile_only` block did: launches seen, compiles submitted (of which sent to worker
-    processes, and found already in Triton's on-disk cache), failures, seconds."""
+    processes, and found already in Triton's on-disk cache), failures, workers' failures, seconds."""
     launches: int = 0
     compiles: int = 0
     in_processes: int = 0
     on_disk: int = 0
     failures: list[str] = field(default_factory=list)
+    worker_failures: list[str] = field(default_factory=list)  # then compiled in a thread instead
     seconds: float = 0.0
 
 
@@ -139,23 +140,52 @@ def launch_key(fn: JITFunction, args: tuple, kwargs: dict) -> tuple:
     return id(fn), tuple(_arg_key(a) for a in args), kw
 
 
-def _route(cap: _Capture | None, original, fn, args, kwargs, grid, stats: AheadStats, submit_thread) -> None:
-    """One new specialisation: to the worker processes when ``cap`` captures it, else to the threads."""
-    name = getattr(fn, "__name__", "kernel")
+class _Threads:
+    """The block's thread pool: warm-ups (compile, or load from the on-disk cache, into the kernel's
+    in-process cache), possibly after a worker process's compile of the same kernel."""
+
+    def __init__(self, workers: int | None, original, stats: AheadStats) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1),
+                                       thread_name_prefix="compile")
+        self.original, self.stats = original, stats
+        self.futures: list[tuple[str, Future]] = []
+
+    def warm(self, fn: JITFunction, args: tuple, kwargs: dict, grid, worker: Future | None = None) -> None:
+        self.futures.append((getattr(fn, "__name__", "kernel"),
+                             self.pool.submit(self._warm, fn, args, kwargs, grid, worker)))
+
+    def _warm(self, fn, args, kwargs, grid, worker: Future | None):
+        if worker is not None:
+            try:
+                worker.result()
+            except Exception as e:  # noqa: BLE001 - compiled in this thread instead
+                self.stats.worker_failures.append(f"{getattr(fn, '__name__', 'kernel')}: {e}"[:300])
+        return self.original(fn, *args, grid=grid, warmup=True, **kwargs)
+
+    def wait(self) -> None:
+        """Wait for every warm-up; a failed one is recorded (the real launch meets it again)."""
+        for name, fut in self.futures:
+            try:
+                fut.result()
+            except Exception as e:  # noqa: BLE001 - the real launch meets it again
+                self.stats.failures.append(f"{name}: {type(e).__name__}: {e}"[:300])
+        self.pool.shutdown()
+
+
+def _route(cap: _Capture | None, fn, args, kwargs, grid, stats: AheadStats, threads: _Threads) -> None:
+    """One new specialisation: compiled by a worker process when ``cap`` captures it (then loaded here by
+    a thread), loaded by a thread when it is on disk already, else compiled by a thread."""
+    worker = None
     if cap is not None:
-        how = cap.warm(original, fn, args, kwargs, grid)
+        how = cap.warm(threads.original, fn, args, kwargs, grid)
         if how == "compiled":
             return
         if how == "job" and cap.job is not None:
             if ahead_procs.in_disk_cache(cap.job):
                 stats.on_disk += 1
-                return
-            future = ahead_pool.submit(cap.job)
-            if future is not None:
+            elif (worker := ahead_pool.submit(cap.job)) is not None:
                 stats.in_processes += 1
-                submit_thread(name, future)
-                return
-    submit_thread(name, None, fn, args, kwargs, grid)
+    threads.warm(fn, args, kwargs, grid, worker)
 
 
 @contextlib.contextmanager
@@ -163,23 +193,18 @@ def compile_only(workers: int | None = None, how: str | None = None) -> Iterator
     """Inside: this thread's Triton launches compile ahead and do not run (see module docstring);
     ``how`` is ``"processes"`` or ``"threads"`` (default: :func:`mode`), ``workers`` the threads' count.
 
-    On exit every compile has finished (or failed: logged, and left for the real launch to meet)."""
+    On exit every compile has finished and is loaded in this process (or failed: logged, and left for
+    the real launch to meet)."""
     stats = AheadStats()
     owner = threading.get_ident()
     seen: set[tuple] = set()
-    futures: list[tuple[str, Future]] = []
-    pool = ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1), thread_name_prefix="compile")
     runtime = _hook_knobs() if (how or mode()) == "processes" else None
     t0 = time.perf_counter()
     with _LOCK:
         original = JITFunction.run
+        threads = _Threads(workers, original, stats)
         previous = runtime.jit_cache_hook if runtime is not None else None
         cap = _Capture(owner, previous) if runtime is not None else None
-
-        def submit_thread(name, future, fn=None, args=(), kwargs=None, grid=None):
-            if future is None:
-                future = pool.submit(original, fn, *args, grid=grid, warmup=True, **kwargs)
-            futures.append((name, future))
 
         def run(self, *args, grid, warmup, **kwargs):
             if warmup or threading.get_ident() != owner:
@@ -191,7 +216,7 @@ def compile_only(workers: int | None = None, how: str | None = None) -> Iterator
                 stats.compiles += 1
                 args = tuple(_standin(a) for a in args)
                 kwargs = {k: _standin(v) for k, v in kwargs.items()}
-                _route(cap, original, self, args, kwargs, grid, stats, submit_thread)
+                _route(cap, self, args, kwargs, grid, stats, threads)
             return None
 
         JITFunction.run = run
@@ -204,21 +229,15 @@ def compile_only(workers: int | None = None, how: str | None = None) -> Iterator
             JITFunction.run = original
             if cap is not None:
                 runtime.jit_cache_hook = previous
-            _wait(futures, stats)
-            pool.shutdown()
+            threads.wait()
             stats.seconds = time.perf_counter() - t0
     _report(stats)
 
 
-def _wait(futures: list[tuple[str, Future]], stats: AheadStats) -> None:
-    for name, fut in futures:
-        try:
-            fut.result()
-        except Exception as e:  # noqa: BLE001 - the real launch meets it again (a cancelled job too)
-            stats.failures.append(f"{name}: {type(e).__name__}: {e}"[:300])
-
-
 def _report(stats: AheadStats) -> None:
+    if stats.worker_failures:
+        log.warning("compile ahead: %d worker compiles failed (compiled in threads instead): %s",
+                    len(stats.worker_failures), "; ".join(stats.worker_failures[:3]))
     if stats.failures:
         log.info("compile ahead: %d of %d compiles failed (compiled at first launch instead): %s",
                  len(stats.failures), stats.compiles, "; ".join(stats.failures[:3]))

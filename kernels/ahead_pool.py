@@ -47,6 +47,7 @@ class WorkerPool:
         self.lock = threading.Lock()
         self.alive = 0
         self.pending = 0  # jobs submitted and not finished
+        self.ready = threading.Semaphore(0)  # released once per worker that finished its imports
         self.last_use = time.monotonic()
         self.procs: list[subprocess.Popen] = []
         modules = ",".join(sorted(m for m in sys.modules if m.startswith("kernels.") and "ahead" not in m))
@@ -80,6 +81,7 @@ class WorkerPool:
         item = None
         try:
             answers.recv()  # ("ready", True, pid): its imports are done
+            self.ready.release()
             while (item := self.jobs.get()) is not None:
                 job, fut = item
                 jobs.send((id(fut), job))
@@ -121,6 +123,11 @@ class WorkerPool:
             self.last_use = time.monotonic()
         fut.add_done_callback(self._done)
         return fut
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until every worker has imported its modules (for measurements); False on timeout."""
+        deadline = time.monotonic() + timeout
+        return all(self.ready.acquire(timeout=max(0.0, deadline - time.monotonic())) for _ in self.procs)
 
     def _done(self, _: Future) -> None:
         with self.lock:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pickle
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -147,6 +148,14 @@ def physical_cores() -> int:
 def default_workers() -> int:
     """Worker processes for a pool: physical cores - 1 (the parent's dry pass keeps one), 1 to 16."""
     return max(1, min(physical_cores() - 1, 16))
+
+
+def warm_key_in_background() -> None:
+    """Compute Triton's own key (a hash of its files, ~0.5 s the first time; part of every cache key) in a
+    daemon thread, so the first captured compile does not wait for it (hashing releases the GIL)."""
+    from triton.runtime.cache import triton_key
+
+    threading.Thread(target=triton_key, daemon=True, name="triton-key").start()
 
 
 def cache_looks_cold() -> bool:

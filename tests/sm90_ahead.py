@@ -80,20 +80,29 @@ def real_pass(cases: list[tuple]) -> dict:
     return {"hits": listener.hits, "misses": listener.misses, "seconds": time.perf_counter() - t0}
 
 
-def capture(n: int, workers: int) -> None:
-    """compile_only with processes over n specialisations (each launched twice), then the real pass."""
+def capture(n: int, workers: int, how: str = "processes") -> None:
+    """compile_only over n specialisations (each launched twice), then the real pass. The time of the
+    compile_only block includes the workers' start (they are started just before it)."""
     driver.set_active(StandInDriver())
     cases = launches(n)
-    ahead_pool.start_pool(workers)
+    if how.startswith("processes"):
+        pool = ahead_pool.start_pool(workers)
+        if how == "processes-ready":  # time the compiles only, not the workers' start
+            assert pool.wait_ready(120)
+    listener = Listener()  # compiles in this process during the block (in threads): loads, or compiles
+    triton.knobs.compilation.listener = listener
     t0 = time.perf_counter()
-    with compile_only(how="processes") as stats:
+    with compile_only(workers=workers, how=how.split("-")[0]) as stats:
         for grid, args, kwargs in cases + cases:
             assert _rmsnorm_kernel[grid](*args, **kwargs) is None
+        dispatch = time.perf_counter() - t0  # the calling thread's share: binding, capture, hand-off
     ahead = time.perf_counter() - t0
+    triton.knobs.compilation.listener = None
     dirs = cache_dirs()
     real = real_pass(cases)
     print(json.dumps({"launches": stats.launches, "compiles": stats.compiles, "in_processes": stats.in_processes,
-                      "on_disk": stats.on_disk, "failures": stats.failures, "ahead_s": ahead, "dirs_after_ahead": dirs,
+                      "on_disk": stats.on_disk, "failures": stats.failures, "worker_failures": stats.worker_failures,
+                      "ahead_hits": listener.hits, "ahead_misses": listener.misses, "ahead_s": ahead, "dispatch_s": dispatch, "dirs_after_ahead": dirs,
                       "dirs_after_real": cache_dirs(), "real": real}))
 
 
@@ -144,4 +153,5 @@ def worker() -> None:
 
 if __name__ == "__main__":
     what, n, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0
-    {"capture": lambda: capture(n, workers), "serial": lambda: serial(n), "worker": worker}[what]()
+    how = sys.argv[4] if len(sys.argv) > 4 else "processes"
+    {"capture": lambda: capture(n, workers, how), "serial": lambda: serial(n), "worker": worker}[what]()

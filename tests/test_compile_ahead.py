@@ -200,6 +200,7 @@ def test_prestart_only_for_processes_on_a_cold_cache(monkeypatch, how, cold, wan
     monkeypatch.setattr(tuning_cache, "has_entries", lambda device: True)
     monkeypatch.setattr(engine_ahead, "cache_looks_cold", lambda: cold)
     monkeypatch.setattr(engine_ahead, "start_pool", lambda: started.append(1) or "pool")
+    monkeypatch.setattr(engine_ahead, "warm_key_in_background", lambda: None)
     cuda = torch.device("cuda")
     assert engine_ahead.prestart(cuda, "triton", host_lane=False) is want and len(started) == want
     assert not engine_ahead.prestart(cuda, "triton", host_lane=True)
