@@ -17,14 +17,16 @@ specialisations only leaves one of them to compile in the real pass; it never ch
 The compile gets small stand-ins for the tensors (same dtype, device and 16-byte alignment), so a
 pending compile never keeps a pass's activations alive past the budget.
 
-Where the compiles run (``LAYERSTREAM_COMPILE_AHEAD``): ``processes`` (the default, also ``1``)
-sends each new specialisation to a pool of worker processes that fill Triton's on-disk cache
-(kernels/ahead_procs.py, kernels/ahead_pool.py: Triton's front end holds the GIL, so threads overlap only its back end);
-the launch is first run in the calling thread as a warm-up under a ``jit_cache_hook`` that takes the
-compile's inputs and skips the compile, so the calling thread pays only Triton's argument binding.
-A kernel already in the on-disk cache is left to the real launch (a file load). ``threads``, a pool
-that cannot start, and a kernel a worker cannot rebuild use the thread pool; ``0`` turns compile
-ahead off (checked by engine/ahead.py).
+Where the compiles run (``LAYERSTREAM_COMPILE_AHEAD``): with ``processes`` (the default, also
+``1``) each new specialisation is first warmed up in the calling thread under a ``jit_cache_hook``
+that takes the compile's inputs and skips the compile (the calling thread pays Triton's argument
+binding and the cache key: ~4 ms a kernel on this repo's 2-core CPU machine), then compiled by a
+pool of worker processes into Triton's on-disk cache (kernels/ahead_procs.py, kernels/ahead_pool.py;
+Triton's front end holds the GIL, so threads overlap only its back end). A thread of the block then
+loads it from disk into this process (as it does a kernel that was on disk already), so the real
+pass compiles and loads nothing. ``threads`` compiles in the threads only, as does a kernel a worker
+cannot rebuild, a failed worker compile (logged) and any compile when processes cannot start;
+``0`` turns compile ahead off (checked by engine/ahead.py).
 """
 from __future__ import annotations
 
