@@ -91,18 +91,18 @@ def capture(n: int, workers: int, how: str = "processes") -> None:
             assert pool.wait_ready(120)
     listener = Listener()  # compiles in this process during the block (in threads): loads, or compiles
     triton.knobs.compilation.listener = listener
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with compile_only(workers=workers, how=how.split("-")[0]) as stats:
         for grid, args, kwargs in cases + cases:
             assert _rmsnorm_kernel[grid](*args, **kwargs) is None
         dispatch = time.perf_counter() - t0  # the calling thread's share: binding, capture, hand-off
-    ahead = time.perf_counter() - t0
+    ahead, cpu = time.perf_counter() - t0, time.process_time() - cpu0  # cpu: this process's threads only
     triton.knobs.compilation.listener = None
     dirs = cache_dirs()
     real = real_pass(cases)
     print(json.dumps({"launches": stats.launches, "compiles": stats.compiles, "in_processes": stats.in_processes,
                       "on_disk": stats.on_disk, "failures": stats.failures, "worker_failures": stats.worker_failures,
-                      "ahead_hits": listener.hits, "ahead_misses": listener.misses, "ahead_s": ahead, "dispatch_s": dispatch, "dirs_after_ahead": dirs,
+                      "ahead_hits": listener.hits, "ahead_misses": listener.misses, "ahead_s": ahead, "dispatch_s": dispatch, "parent_cpu_s": cpu, "dirs_after_ahead": dirs,
                       "dirs_after_real": cache_dirs(), "real": real}))
 
 
