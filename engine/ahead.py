@@ -8,28 +8,49 @@ fresh machine the serial first-launch compiles are what made a first run slow (i
 CUDA with the Triton kernels, without host-lane layers (their CPU work is real), where tuning picks
 exist (the user's cache or those shipped for the GPU: a dry pass compiles the picks; without any,
 the real pass tunes and compiles its candidates in parallel itself); off with
-``LAYERSTREAM_COMPILE_AHEAD=0``.
+``LAYERSTREAM_COMPILE_AHEAD=0``, in threads rather than worker processes with ``=threads``.
+
+The worker processes (kernels/ahead_pool.py) take a few seconds each to import torch and triton, so
+:func:`prestart` starts them before the weights load when this run's dry passes will use them and
+Triton's on-disk cache looks cold (a fresh machine); otherwise they start at the first kernel the
+on-disk cache lacks, and a warm run starts none.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 
 import torch
 
+from kernels.ahead import mode
+from kernels.ahead_pool import start_pool
+from kernels.ahead_procs import cache_looks_cold, warm_key_in_background
+
 log = logging.getLogger(__name__)
+
+
+def _enabled(device: torch.device, kernels: str, host_lane: bool) -> bool:
+    if not (device.type == "cuda" and kernels == "triton" and not host_lane and mode() != "off"):
+        return False
+    from kernels.tuning_cache import has_entries
+
+    return has_entries(device)  # else the real pass tunes: its candidates compile in parallel there
 
 
 def wanted(model) -> bool:
     """Whether dry passes can save compiles for ``model`` (an engine.model.Model)."""
-    if not (model.device.type == "cuda" and model.ops.name == "triton" and model.host is None
-            and os.environ.get("LAYERSTREAM_COMPILE_AHEAD", "1") != "0"):
-        return False
-    from kernels.tuning_cache import has_entries
+    return _enabled(model.device, model.ops.name, model.host is not None)
 
-    return has_entries(model.device)  # else the real pass tunes: its candidates compile in parallel there
+
+def prestart(device: torch.device, kernels: str, host_lane: bool) -> bool:
+    """Start the compile-ahead worker processes now (they import while the weights load) when the dry
+    passes of a model on ``device`` with these ``kernels`` will send them compiles and Triton's on-disk
+    cache looks cold; returns whether it started them."""
+    if mode() != "processes" or not _enabled(device, kernels, host_lane) or not cache_looks_cold():
+        return False
+    warm_key_in_background()
+    return start_pool() is not None
 
 
 @contextlib.contextmanager

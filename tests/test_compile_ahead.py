@@ -52,7 +52,7 @@ def recorder(monkeypatch):
 def test_launches_compile_once_per_specialisation_and_run_nothing(recorder):
     kernel = JITFunction(_body)
     buf = torch.zeros(64)
-    with compile_only(workers=2) as stats:
+    with compile_only(workers=2, how="threads") as stats:
         assert tuning_suspended()
         assert kernel[(1,)](buf, 32, BLOCK=16) is None  # nothing launched, nothing returned
         for _ in range(5):
@@ -76,7 +76,7 @@ def test_launches_compile_once_per_specialisation_and_run_nothing(recorder):
 def test_other_threads_and_explicit_warmups_pass_through(recorder):
     kernel = JITFunction(_body)
     buf = torch.zeros(8)
-    with compile_only(workers=1) as stats:
+    with compile_only(workers=1, how="threads") as stats:
         t = threading.Thread(target=lambda: kernel[(1,)](buf, 8, BLOCK=16))
         t.start()
         t.join()
@@ -89,7 +89,7 @@ def test_other_threads_and_explicit_warmups_pass_through(recorder):
 
 def test_failed_compiles_are_reported_not_raised(monkeypatch):
     monkeypatch.setattr(JITFunction, "run", Recorder(fail=True))
-    with compile_only(workers=2) as stats:
+    with compile_only(workers=2, how="threads") as stats:
         JITFunction(_body)[(1,)](torch.zeros(4), 4, BLOCK=16)
     assert stats.compiles == 1 and len(stats.failures) == 1 and "out of resources" in stats.failures[0]
 
@@ -173,18 +173,37 @@ def test_not_wanted_on_the_cpu(model_dir):
 
 @pytest.mark.cuda
 def test_gpu_dry_passes_compile_and_keep_the_tokens(model_dir, monkeypatch):
-    """On a GPU: the dry decode and prefill passes compile (no failure), and the tokens equal a run
-    without them."""
+    """On a GPU: the dry decode and prefill passes compile (in processes, or threads), and the tokens
+    equal a run without them."""
     monkeypatch.setattr(tuning_cache, "has_entries", lambda device: True)
     prompts = random_prompts([37, 5], 100, seed=4)
     runs = {}
-    for mode in ("0", "1"):
+    for mode in ("0", "1", "threads"):  # 1: worker processes
         monkeypatch.setenv("LAYERSTREAM_COMPILE_AHEAD", mode)
         eng = make_engine(model_dir, device="cuda", kernels="triton", batch=2, prefill_chunk=16)
         try:
-            assert engine_ahead.wanted(eng.model) == (mode == "1")
+            assert engine_ahead.wanted(eng.model) == (mode != "0")
             runs[mode] = generate(eng, prompts, SamplingParams(temperature=0.0), max_new_tokens=8).token_ids
             assert eng.prefill_shapes == {(8, 37, 5)}
         finally:
             eng.close()
-    assert runs["0"] == runs["1"]
+    assert runs["0"] == runs["1"] == runs["threads"]
+
+
+@pytest.mark.parametrize("how,cold,want", [("processes", True, True), ("processes", False, False),
+                                           ("threads", True, False), ("0", True, False)])
+def test_prestart_only_for_processes_on_a_cold_cache(monkeypatch, how, cold, want):
+    """The engine starts the worker processes before loading weights only when its dry passes will use
+    them (processes, CUDA with the Triton kernels, no host lane, tuning picks) and Triton's cache is cold."""
+    started = []
+    monkeypatch.setenv("LAYERSTREAM_COMPILE_AHEAD", how)
+    monkeypatch.setattr(tuning_cache, "has_entries", lambda device: True)
+    monkeypatch.setattr(engine_ahead, "cache_looks_cold", lambda: cold)
+    monkeypatch.setattr(engine_ahead, "start_pool", lambda: started.append(1) or "pool")
+    monkeypatch.setattr(engine_ahead, "warm_key_in_background", lambda: None)
+    cuda = torch.device("cuda")
+    assert engine_ahead.prestart(cuda, "triton", host_lane=False) is want and len(started) == want
+    assert not engine_ahead.prestart(cuda, "triton", host_lane=True)
+    assert not engine_ahead.prestart(cuda, "torch", host_lane=False)
+    assert not engine_ahead.prestart(torch.device("cpu"), "triton", host_lane=False)
+    assert len(started) == want
