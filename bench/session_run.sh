@@ -3,7 +3,7 @@
 # call ends before the device tool's 10 minutes (results in $OUT/results.tar.gz):
 #  f  issue 14: a fresh machine's first run (empty tuning and Triton caches, the shipped picks, compile
 #     ahead) against the warm run, short and ~16k-token prompts at 6 GB; the short first run again
-#     with LAYERSTREAM_COMPILE_AHEAD=0 (its own empty Triton cache)
+#     with LAYERSTREAM_COMPILE_AHEAD=processes and =0 (each with its own empty Triton cache)
 #  h  issue 18: bench_stream --host-compute off,auto at 6 / 4 GiB, batch 1 and 4
 #  t  GPU tests of compile ahead, the host lane and worker, host prompt states, the timeline
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, all resident, the accelerate peer
@@ -22,9 +22,11 @@ if [[ $steps == *f* ]]; then
       --triton-cache fresh --cache-dir /tmp/ls-$p "${A[@]}" --timeout 60 --out $R/startup_$p.json > $R/startup_$p.txt 2>&1
     cat $R/startup_$p.txt
   done
-  LAYERSTREAM_COMPILE_AHEAD=0 timeout $(left 60) python3 -m tools.bench_startup --model $M --vram-budget 6GB \
-    --runs first --triton-cache fresh --cache-dir /tmp/ls-noahead --timeout 55 --out $R/startup_short_noahead.json \
-    > $R/startup_short_noahead.txt 2>&1; cat $R/startup_short_noahead.txt
+  for a in processes 0; do
+    LAYERSTREAM_COMPILE_AHEAD=$a timeout $(left 60) python3 -m tools.bench_startup --model $M --vram-budget 6GB \
+      --runs first --triton-cache fresh --cache-dir /tmp/ls-ahead$a --timeout 55 --out $R/startup_short_ahead$a.json \
+      > $R/startup_short_ahead$a.txt 2>&1; cat $R/startup_short_ahead$a.txt
+  done
 fi
 if [[ $steps == *h* ]]; then
   timeout $(left 150) python3 -m tools.bench_stream --model $M --budgets 6GiB,4GiB --batches 1,4 --steps 8 \
@@ -32,7 +34,8 @@ if [[ $steps == *h* ]]; then
   echo "hostlane rc=$?"; tail -11 $R/bench_hostlane.log
 fi
 if [[ $steps == *t* ]]; then
-  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_compile_ahead.py tests/test_host_lane.py \
+  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_compile_ahead.py \
+    tests/test_compile_ahead_procs.py tests/test_host_lane.py \
     tests/test_host_worker.py tests/test_prefill_host_states.py tests/test_gpu_timeline.py tests/test_gpu_serving.py \
     > $R/pytest_gpu.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_gpu.txt
 fi

@@ -17,8 +17,7 @@ specialisations only leaves one of them to compile in the real pass; it never ch
 The compile gets small stand-ins for the tensors (same dtype, device and 16-byte alignment), so a
 pending compile never keeps a pass's activations alive past the budget.
 
-Where the compiles run (``LAYERSTREAM_COMPILE_AHEAD``): with ``processes`` (the default, also
-``1``) each new specialisation is first warmed up in the calling thread under a ``jit_cache_hook``
+Where the compiles run (``LAYERSTREAM_COMPILE_AHEAD``): with ``processes`` each new specialisation is first warmed up in the calling thread under a ``jit_cache_hook``
 that takes the compile's inputs and skips the compile (the calling thread pays Triton's argument
 binding and the cache key: ~4 ms a kernel on this repo's 2-core CPU machine), then compiled by a
 pool of worker processes into Triton's on-disk cache (kernels/ahead_procs.py, kernels/ahead_pool.py;
@@ -26,7 +25,9 @@ Triton's front end holds the GIL, so threads overlap only its back end). A threa
 loads it from disk into this process (as it does a kernel that was on disk already), so the real
 pass compiles and loads nothing. ``threads`` compiles in the threads only, as does a kernel a worker
 cannot rebuild, a failed worker compile (logged) and any compile when processes cannot start;
-``0`` turns compile ahead off (checked by engine/ahead.py).
+``0`` turns compile ahead off (checked by engine/ahead.py). The default (``1``) is ``threads``
+until the processes are measured on a GPU machine (their first run against the threads' 20.5 s on
+an H200, bench/results/README.md); on the CPU they are checked for sm_90 (tests/test_compile_ahead_procs.py).
 """
 from __future__ import annotations
 
@@ -64,15 +65,15 @@ class AheadStats:
 
 
 def mode() -> str:
-    """``LAYERSTREAM_COMPILE_AHEAD`` as ``"processes"`` (default, ``1``), ``"threads"`` or ``"off"`` (``0``)."""
-    value = os.environ.get("LAYERSTREAM_COMPILE_AHEAD", "processes").strip().lower()
+    """``LAYERSTREAM_COMPILE_AHEAD`` as ``"threads"`` (default, ``1``), ``"processes"`` or ``"off"`` (``0``)."""
+    value = os.environ.get("LAYERSTREAM_COMPILE_AHEAD", "threads").strip().lower()
     if value in ("0", "off"):
         return "off"
     if value in ("threads", "processes"):
         return value
     if value not in ("1", "on", ""):
-        log.warning("LAYERSTREAM_COMPILE_AHEAD=%r is not one of 0, 1, threads, processes: using processes", value)
-    return "processes"
+        log.warning("LAYERSTREAM_COMPILE_AHEAD=%r is not one of 0, 1, threads, processes: using threads", value)
+    return "threads"
 
 
 class _Capture:

@@ -178,7 +178,7 @@ def test_gpu_dry_passes_compile_and_keep_the_tokens(model_dir, monkeypatch):
     monkeypatch.setattr(tuning_cache, "has_entries", lambda device: True)
     prompts = random_prompts([37, 5], 100, seed=4)
     runs = {}
-    for mode in ("0", "1", "threads"):  # 1: worker processes
+    for mode in ("0", "processes", "threads"):
         monkeypatch.setenv("LAYERSTREAM_COMPILE_AHEAD", mode)
         eng = make_engine(model_dir, device="cuda", kernels="triton", batch=2, prefill_chunk=16)
         try:
@@ -187,7 +187,7 @@ def test_gpu_dry_passes_compile_and_keep_the_tokens(model_dir, monkeypatch):
             assert eng.prefill_shapes == {(8, 37, 5)}
         finally:
             eng.close()
-    assert runs["0"] == runs["1"] == runs["threads"]
+    assert runs["0"] == runs["processes"] == runs["threads"]
 
 
 @pytest.mark.parametrize("how,cold,want", [("processes", True, True), ("processes", False, False),

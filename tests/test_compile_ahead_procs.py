@@ -91,12 +91,12 @@ def test_routing(monkeypatch, case):
 
 
 def test_mode(monkeypatch):
-    for value, want in [("0", "off"), ("threads", "threads"), ("processes", "processes"), ("1", "processes"),
-                        ("bogus", "processes")]:
+    for value, want in [("0", "off"), ("threads", "threads"), ("processes", "processes"), ("1", "threads"),
+                        ("bogus", "threads")]:
         monkeypatch.setenv("LAYERSTREAM_COMPILE_AHEAD", value)
         assert mode() == want
     monkeypatch.delenv("LAYERSTREAM_COMPILE_AHEAD")
-    assert mode() == "processes"
+    assert mode() == "threads"  # processes become the default once measured on a GPU
 
 
 def test_workers_are_bounded():
