@@ -94,13 +94,21 @@ def test_streamed_native_layers_give_transformers_tokens(gguf_model, tier):  # n
     engine.close()
 
 
-@pytest.mark.parametrize("case,native", [(("qwen2-tied", "Q6_K"), True), (("qwen3", "Q5_K_M"), True),
-                                         (("llama", "Q4_0"), False)], ids=["Q6_K", "Q5_K_M", "Q4_0"])
-def test_only_k_quants_the_kernels_decode_stay_native(gguf_model, case, native):  # noqa: F811
+@pytest.mark.parametrize("case,native", [(("qwen2-tied", "Q6_K"), "q6_k"), (("qwen3", "Q5_K_M"), "q5_k"),
+                                         (("llama", "Q4_0"), "q4_0"), (("qwen2", "Q8_0"), "q8_0"),
+                                         (("qwen2", "Q5_1"), "q5_1"), (("llama", "Q5_0"), "q5_0"),
+                                         (("qwen3", "Q4_1"), "q4_1"), (("llama", "BF16"), None)],
+                         ids=["Q6_K", "Q5_K_M", "Q4_0", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "BF16"])
+def test_only_types_the_kernels_decode_stay_native(gguf_model, case, native):  # noqa: F811
+    """Every quantized type the kernels decode (K-quants and the block-32 ones) keeps its blocks; float
+    layers (BF16) stay dense."""
     _, path = gguf_model(*case)
     engine = make_engine(path, max_context=32)
-    assert bool(engine.quant.native) == native
-    assert isinstance(engine.weights.layout, NativeLayouts if native else QuantLayerLayout)
+    if native is None:
+        assert engine.quant is None
+    else:
+        assert native in {t for s in engine.quant.native for t in s}
+    assert isinstance(engine.weights.layout, NativeLayouts) == (native is not None)
     engine.close()
 
 
