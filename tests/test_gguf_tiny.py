@@ -164,15 +164,20 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path, tokenizer_dir):
     engine.close()
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["repacked", "native"])
 @pytest.mark.parametrize("plan", ["stream-pinned", "stream-disk"])
-def test_half_precision_streaming_equals_resident(gguf_model, plan):
+def test_half_precision_streaming_equals_resident(gguf_model, plan, native, monkeypatch):
     """In bf16 (the GPU case: widened float32 tensors differ from the compute dtype, so the disk tier
-    falls back from read_into to packing through tensor()) streamed layers give the resident logits."""
+    falls back from read_into to packing through tensor()) streamed layers give the resident logits,
+    repacked (``LAYERSTREAM_GGUF_NATIVE=0``) or held as the file's Q8_0 blocks."""
     from engine.footprint import min_budget
 
+    if not native:
+        monkeypatch.setenv("LAYERSTREAM_GGUF_NATIVE", "0")
     _, path = gguf_model("qwen2", "Q8_0")
     resident = make_engine(path, dtype="bf16", max_context=32)
-    low = min_budget(resident.cfg, torch.bfloat16, batch=1, max_context=32, prefill_chunk=2048)
+    assert bool(resident.quant.native) == native
+    low = min_budget(resident.cfg, torch.bfloat16, batch=1, max_context=32, prefill_chunk=2048, quant=resident.quant)
     streamed = make_engine(path, dtype="bf16", max_context=32, vram_budget=low,
                            host_budget=(1 << 30) if plan == "stream-pinned" else 0)
     assert streamed.plan.streamed_layers and (plan == "stream-pinned" or streamed.plan.disk_layers)
