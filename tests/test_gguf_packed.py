@@ -155,22 +155,27 @@ def test_float_gguf_layers_stay_widened(gguf_model):  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,native", [(("llama", "Q4_K_M"), True), (("qwen3", "Q4_1"), False)],
-                         ids=["Q4_K_M", "Q4_1-repacked"])
-def test_fused_kernels_on_packed_layers_match_transformers(gguf_model, case, native, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("case,native,intermediate", [(("llama", "Q4_K_M"), True, 512), (("qwen3", "Q4_1"), False, 512),
+                                                      (("llama", "Q4_K_M"), True, 288)],
+                         ids=["Q4_K_M", "Q4_1-repacked", "Q4_K_M-fallbacks"])
+def test_fused_kernels_on_packed_layers_match_transformers(gguf_model, case, native, intermediate,  # noqa: F811
+                                                           monkeypatch):
     """The Triton kernels read the GGUF layers (interpreted on the CPU without a GPU): Q4_K_M as its
-    blocks (ggml_dequant tiles for the prefill of 2 x 40 rows, ggml_gemv for decode), Q4_1 repacked
+    blocks (ggml_dequant tiles for the prefill of 2 x 40 rows, ggml_gemv for decode; with rows of 288
+    its ffn_down blocks are llama.cpp's Q5_0 / Q8_0 fallbacks, 117 s interpreted), Q4_1 repacked
     (``LAYERSTREAM_GGUF_NATIVE=0``: qgemm and qgemv, additive mins): transformers' logits. (The q5_k
-    and block-32 kernels are checked against the reference in tests/test_kernels_ggml.py; a Q5_K_M
-    case here costs 156 s interpreted.)"""
+    and other block-32 kernels are checked against the reference in tests/test_kernels_ggml.py; a
+    Q5_K_M case here costs 156 s interpreted.)"""
     from engine.kv_cache import KVCache
     from tests.helpers import forward_decode, forward_prefill, rel_max_err
 
     if not native:
         monkeypatch.setenv("LAYERSTREAM_GGUF_NATIVE", "0")
-    ref, path = gguf_model(*case)
+    ref, path = gguf_model(*case, intermediate=intermediate)
     engine = make_engine(path, batch=2, max_context=48, kernels="triton")
     assert bool(engine.quant.native) == native  # kernels.ggml_gemv / ggml_dequant
+    if intermediate % 256:
+        assert {sig[-1] for sig in engine.quant.native} == {"q5_0", "q8_0"}  # ffn_down (MODULES' last)
     ids = torch.randint(0, engine.cfg.vocab_size, (2, 43), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         want = ref(ids).logits.float()
