@@ -9,7 +9,8 @@
 #         values 64 i + l (sub-block 2 i), its high ones values 64 i + 32 + l (sub-block 2 i + 1).
 #   Q5_K: the same tile (nibbles at byte 48) plus a [BLOCK_N, 1, 32] tile of the 32 qh bytes (byte 16),
 #         whose bits 2 i and 2 i + 1 are the fifth bits of run i's low and high codes.
-#   Legacy (block-32) types: a step is NB = 8 consecutive blocks (256 values, the last step of a row
+#   Legacy (block-32) types: a step is NB = 8 consecutive blocks (written out as 8 in the jit code: a
+#         global tl.constexpr breaks Triton 3.9's interpreter; 256 values, the last step of a row
 #         masked when K / 32 is not a multiple of 8): [BLOCK_N, NB] byte offsets ``base`` and two
 #         [BLOCK_N, NB, 16] code tiles, values 32 j + l (lo) and 32 j + 16 + l (hi) of block j.
 #   Q6_K: four [BLOCK_N, 4, 16] tiles, one per run r of 32 values in each 128-value half, indexed
@@ -28,7 +29,6 @@ from kernels.checks import check_device
 from kernels.ggml_blocks import BLOCKS, LEGACY, row_bytes
 
 SUPER = 256  # values per K-quant super-block, and per step of NB legacy blocks
-NB = 8  # legacy blocks of 32 values a step
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -157,6 +157,13 @@ def q6k_run(blk, h, base, R: tl.constexpr):
 def legacy_cols():
     """[NB, 16] value offsets (from a step's first value) of the legacy tiles' low halves; high: + 16."""
     return 32 * tl.arange(0, 8)[:, None] + tl.arange(0, 16)[None, :]
+
+
+@triton.jit
+def legacy_bases(row_off, sb, BLOCK_BYTES: tl.constexpr):
+    """[BLOCK_N, NB] byte offsets of step ``sb``'s legacy blocks (blocks NB * sb ..) in the rows that
+    start at byte ``row_off`` ([BLOCK_N] int64)."""
+    return row_off[:, None] + (sb * 8 + tl.arange(0, 8))[None, :] * BLOCK_BYTES
 
 
 @triton.jit

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from kernels.ggml_blocks import BLOCKS, dequant_ref
-from kernels.ggml_common import (INTERPRET, SUPER, check_blocks, check_out, layout_meta, legacy_cols, legacy_min,
-                                 legacy_tile, q4k_cols, q4k_tile, q6k_cols, q6k_run, to_out)
+from kernels.ggml_common import (INTERPRET, SUPER, check_blocks, check_out, layout_meta, legacy_bases, legacy_cols,
+                                 legacy_min, legacy_tile, q4k_cols, q4k_tile, q6k_cols, q6k_run, to_out)
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BLOCK_N = 16
@@ -60,8 +60,8 @@ def _ggml_dequant_kernel(blk, h, out_ptr, N, n_blocks, row_bytes, stride_on,
     dt = out_ptr.dtype.element_ty
     base = row_off + sb * BLOCK_BYTES
     if LEGACY:
-        bases = row_off[:, None] + (sb * 8 + tl.arange(0, 8))[None, :] * BLOCK_BYTES
-        _legacy_store(blk, h, bases, n_blocks - sb * 8, o, keep, QS, QH, BITS, MINS, OFFSET, RNE_BF16)
+        _legacy_store(blk, h, legacy_bases(row_off, sb, BLOCK_BYTES), n_blocks - sb * 8, o, keep, QS, QH, BITS, MINS,
+                      OFFSET, RNE_BF16)
     elif Q6:
         for r in tl.static_range(4):
             q, s = q6k_run(blk, h, base, r)

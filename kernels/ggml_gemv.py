@@ -15,7 +15,8 @@
 #          FMA path (M == 1, and fp32 x at any M): CUDA-core FMAs, program (n, m) takes row m of x.
 #          No value is dequantized: per sub-block the program forms sum(q * x) and sum(x) and
 #          applies the scale and min once (Q4_K / Q5_K: d sc sum(q x) - dmin m sum(x); Q6_K:
-#          d sc (sum(q x) - 32 sum(x)); legacy: d sum((q - offset) x) [+ m sum(x)]).  For M > 1 the block bytes are re-read per row (from L2).
+#          d sc (sum(q x) - 32 sum(x)); legacy: d sum((q - offset) x) [+ m sum(x)]).  For M > 1
+#          the block bytes are re-read per row (from L2).
 #          Dot path (bf16 / fp16 x, M >= 2): the tile is dequantized once in fp32, cast to x's dtype
 #          and fed to tensor-core tl.dot with x padded to BLOCK_M = max(16, next_pow2(M)) rows
 #          (kernels/mma.py), so the block bytes are read once for all rows.  (fp32 x stays on the FMA
@@ -40,8 +41,8 @@ import triton.language as tl
 
 from kernels.checks import check_device
 from kernels.ggml_blocks import BLOCKS, dequant_ref
-from kernels.ggml_common import (INTERPRET, check_blocks, check_out, layout_meta, legacy_cols, legacy_min,
-                                 legacy_tile, q4k_cols, q4k_tile, q6k_cols, q6k_run, to_out)
+from kernels.ggml_common import (INTERPRET, check_blocks, check_out, layout_meta, legacy_bases, legacy_cols,
+                                 legacy_min, legacy_tile, q4k_cols, q4k_tile, q6k_cols, q6k_run, to_out)
 from kernels.mma import mma_nt
 
 GGML_GEMV_MAX_M = 64
@@ -153,10 +154,9 @@ def _ggml_gemv_kernel(x_ptr, blk, h, bias_ptr, out_ptr, M, N, n_blocks, row_byte
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if LEGACY:  # n_blocks blocks of 32 a row, NB = 8 a step
-        j = tl.arange(0, 8)
         for sb in range(tl.cdiv(n_blocks, 8)):
-            base = row_off[:, None] + (sb * 8 + j)[None, :] * BLOCK_BYTES
-            acc = _legacy_step(acc, blk, h, base, n_blocks - sb * 8, x_ptr + sb * 256, rows_m, M, stride_xm,
+            acc = _legacy_step(acc, blk, h, legacy_bases(row_off, sb, BLOCK_BYTES), n_blocks - sb * 8,
+                               x_ptr + sb * 256, rows_m, M, stride_xm,
                                QS, QH, BITS, MINS, OFFSET, USE_DOT, IS_FP32, UPCAST)
     else:
         for sb in range(n_blocks):  # K-quant super-blocks
@@ -216,8 +216,9 @@ def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tens
 
     x: [M, K] bf16 / fp16 / fp32, unit stride along K, 1 <= M <= 64; blocks: uint8
     [N, row_bytes(qtype, K)] of ``qtype`` "q4_k", "q5_k", "q6_k" (K a multiple of 256) or "q8_0",
-    "q4_0", "q4_1", "q5_0", "q5_1" (K a multiple of 32) (GGUF tensor rows), contiguous, 2-byte aligned; bias [N] in x's dtype or None; out: [M, N] in x's dtype with unit stride along N and any
-    row stride (e.g. a column slice of a fused projection's output), or None for a new tensor.
+    "q4_0", "q4_1", "q5_0", "q5_1" (K a multiple of 32) (GGUF tensor rows), contiguous, 2-byte aligned;
+    bias [N] in x's dtype or None; out: [M, N] in x's dtype with unit stride along N and any row
+    stride (e.g. a column slice of a fused projection's output), or None for a new tensor.
     Returns out.  bf16 / fp16 x reads each block byte once for all M rows; fp32 x once per row.
     """
     h = _check(x, blocks, qtype, bias)

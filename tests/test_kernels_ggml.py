@@ -1,14 +1,14 @@
 """Tests for the kernels on native ggml blocks (kernels/ggml_blocks.py, ggml_dequant.py, ggml_gemv.py).
 
-The block-32 ("legacy") types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 are also packed from floats by the gguf
-package's own quantizer.  It cannot quantize K-quants (``gguf.quants.quantize`` raises
-NotImplementedError for Q4_K / Q5_K / Q6_K), so blocks are also random but valid: random bytes with finite fp16 scales (every bit
-pattern of codes, sub-scales and mins; tests.test_gguf_dequant.random_blocks) for the decoders, and
-blocks whose mins centre every sub-block (engine.gguf.random_blocks, as trained weights) for the
-matmuls.  The torch reference is checked bit for bit against the gguf package's numpy dequantizer;
-the dequant kernel against the reference rounded once; the GEMV by relative Frobenius error.
-Without CUDA the kernels run under TRITON_INTERPRET=1 on small odd shapes (legacy types at K an odd
-multiple of 32, as Qwen2.5-72B's 29568: the last 8-block step of a row is partial); real shapes need a GPU.
+Every type's blocks are random but valid: random bytes with finite fp16 scales (every bit pattern of
+codes, sub-scales and mins; tests.test_gguf_dequant.random_blocks) for the decoders, and blocks whose
+mins centre every sub-block (engine.gguf.random_blocks, as trained weights) for the matmuls.  The
+block-32 ("legacy") types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 are also packed from floats by the gguf
+package's own quantizer (it cannot quantize K-quants: NotImplementedError for Q4_K / Q5_K / Q6_K).
+The torch reference is checked bit for bit against the gguf package's numpy dequantizer; the dequant
+kernel against the reference rounded once; the GEMV by relative Frobenius error.  Without CUDA the
+kernels run under TRITON_INTERPRET=1 on small odd shapes (legacy types at K an odd multiple of 32, as
+Qwen2.5-72B's 29568: the last 8-block step of a row is partial); real shapes need a GPU.
 """
 from __future__ import annotations
 

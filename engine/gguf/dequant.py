@@ -40,7 +40,8 @@ def _bf16(b: torch.Tensor) -> torch.Tensor:
 
 
 DECODERS: dict[QT, Callable[[torch.Tensor], torch.Tensor]] = {
-    QT.F32: _f32, QT.F16: _f16_t, QT.BF16: _bf16, **{QT[name.upper()]: partial(legacy_values, qtype=name) for name in LEGACY},
+    QT.F32: _f32, QT.F16: _f16_t, QT.BF16: _bf16,
+    **{QT[name.upper()]: partial(legacy_values, qtype=name) for name in LEGACY},
     QT.Q4_K: q4_k_values, QT.Q5_K: q5_k_values, QT.Q6_K: q6_k_values,
 }
 PLAIN = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}  # stored as floats already
