@@ -1,6 +1,6 @@
-"""ggml's K-quant blocks ("native ggml form"): geometry and the fp32 torch reference decoders.
+"""ggml's quantized blocks ("native ggml form"): geometry and the fp32 torch reference decoders.
 
-A GGUF tensor row of K values is K / 256 consecutive super-blocks (ggml's ``block_q4_K`` /
+A GGUF tensor row of K values is K / 256 consecutive K-quant super-blocks (ggml's ``block_q4_K`` /
 ``block_q5_K`` / ``block_q6_K`` structs, little-endian, no padding):
 
 * Q4_K, 144 bytes: fp16 ``d`` (byte 0), fp16 ``dmin`` (byte 2), 12 bytes packing 8 six-bit scales
@@ -13,7 +13,13 @@ A GGUF tensor row of K values is K / 256 consecutive super-blocks (ggml's ``bloc
 * Q6_K, 210 bytes: ``ql`` (128 bytes of low nibbles), ``qh`` (64 bytes of 2-bit highs), 16 int8
   scales (byte 192), fp16 ``d`` (byte 208); ``y = (d * sc_{e // 16}) * (q - 32)``.
 
-The decoders take whole blocks as a ``[n, bytes]`` uint8 tensor and return ``[n, 256]`` float32
+or K / 32 consecutive "legacy" blocks of 32 values (:data:`LEGACY`): fp16 ``d`` (byte 0), for the
+``_1`` types fp16 ``m`` (byte 2), for the 5-bit ones 4 bytes ``qh`` (bit l of the little-endian
+word is the fifth bit of value l), then the codes: Q8_0 32 int8 (``y = d * q``), the others 16
+bytes of nibbles, low nibbles values 0..15, high ones 16..31 (``y = d * (q - 8)`` Q4_0,
+``d * (q - 16)`` Q5_0, ``d * q + m`` Q4_1 / Q5_1).  K need not be a multiple of 256.
+
+The decoders take whole blocks as a ``[n, bytes]`` uint8 tensor and return ``[n, 256]`` (``[n, 32]``)
 values with ggml's operation order (scale products first, then the integers); they serve both the
 kernels' references here and the engine's GGUF widening (``engine.gguf.dequant``).
 Plain torch, no Triton.
@@ -21,9 +27,29 @@ Plain torch, no Triton.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import NamedTuple
+
 import torch
 
-BLOCKS: dict[str, tuple[int, int]] = {"q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}  # values, bytes
+
+class Legacy(NamedTuple):
+    """Byte layout of a block-32 type: where its codes (``qs``) and fifth bits (``qh``, 0: none) start,
+    its code bits, whether it stores an fp16 min at byte 2, and the offset its codes are read from."""
+
+    qs: int
+    qh: int
+    bits: int
+    mins: bool
+    offset: int
+
+
+LEGACY: dict[str, Legacy] = {"q8_0": Legacy(2, 0, 8, False, 0), "q4_0": Legacy(2, 0, 4, False, 8),
+                             "q4_1": Legacy(4, 0, 4, True, 0), "q5_0": Legacy(6, 2, 5, False, 16),
+                             "q5_1": Legacy(8, 4, 5, True, 0)}
+BLOCKS: dict[str, tuple[int, int]] = {  # values, bytes
+    "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210),
+    **{name: (32, lay.qs + (32 if lay.bits == 8 else 16)) for name, lay in LEGACY.items()}}
 
 
 def row_bytes(qtype: str, k: int) -> int:
@@ -108,7 +134,33 @@ def q6_k_values(b: torch.Tensor) -> torch.Tensor:
     return ((f16_field(b, 208) * i8_fields(b, 192, 208)).unsqueeze(-1) * q).flatten(1)
 
 
-_DECODE = {"q4_k": q4_k_values, "q5_k": q5_k_values, "q6_k": q6_k_values}
+def fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """[n, 4] bytes -> [n, 32] bits: bit l of the little-endian 32-bit word (a Q5_0 / Q5_1 ``qh``)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
+    return ((qh.unsqueeze(-1) >> shifts) & 1).flatten(-2)
+
+
+def legacy_codes(b: torch.Tensor, qtype: str) -> torch.Tensor:
+    """Blocks [n, bytes] of a :data:`LEGACY` type -> its 32 codes a block, uint8 [n, 32] in value order
+    (Q8_0: the int8 bytes as stored; the others unsigned, the offset or min not applied)."""
+    lay = LEGACY[qtype]
+    if lay.bits == 8:
+        return b[:, lay.qs:lay.qs + 32]
+    q = nibbles(b[:, lay.qs:lay.qs + 16])
+    return q | (fifth_bits(b[:, lay.qh:lay.qh + 4]) << 4) if lay.bits == 5 else q
+
+
+def legacy_values(b: torch.Tensor, qtype: str) -> torch.Tensor:
+    """Blocks [n, bytes] of a :data:`LEGACY` type -> [n, 32] float32 (ggml: ``(q - offset) * d`` or
+    ``q * d + m``)."""
+    lay = LEGACY[qtype]
+    q = legacy_codes(b, qtype)
+    q = q.view(torch.int8).float() if lay.bits == 8 else q.float() - lay.offset
+    return q * f16_field(b, 0) + f16_field(b, 2) if lay.mins else q * f16_field(b, 0)
+
+
+_DECODE = {"q4_k": q4_k_values, "q5_k": q5_k_values, "q6_k": q6_k_values,
+           **{name: partial(legacy_values, qtype=name) for name in LEGACY}}
 
 
 def dequant_ref(blocks: torch.Tensor, qtype: str, k: int) -> torch.Tensor:

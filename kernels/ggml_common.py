@@ -9,6 +9,10 @@
 #         values 64 i + l (sub-block 2 i), its high ones values 64 i + 32 + l (sub-block 2 i + 1).
 #   Q5_K: the same tile (nibbles at byte 48) plus a [BLOCK_N, 1, 32] tile of the 32 qh bytes (byte 16),
 #         whose bits 2 i and 2 i + 1 are the fifth bits of run i's low and high codes.
+#   Legacy (block-32) types: a step is NB = 8 consecutive blocks (written out as 8 in the jit code: a
+#         global tl.constexpr breaks Triton 3.9's interpreter; 256 values, the last step of a row
+#         masked when K / 32 is not a multiple of 8): [BLOCK_N, NB] byte offsets ``base`` and two
+#         [BLOCK_N, NB, 16] code tiles, values 32 j + l (lo) and 32 j + 16 + l (hi) of block j.
 #   Q6_K: four [BLOCK_N, 4, 16] tiles, one per run r of 32 values in each 128-value half, indexed
 #         (t, l) with t = 2 * half + s: value 128 * half + 32 r + 16 s + l, int8 scale 8 * half + 2 r + s
 #         (each scale covers 16 consecutive values, so the 16 values of a tile row share one scale).
@@ -22,9 +26,9 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_device
-from kernels.ggml_blocks import BLOCKS, row_bytes
+from kernels.ggml_blocks import BLOCKS, LEGACY, row_bytes
 
-SUPER = 256  # values per super-block (every type)
+SUPER = 256  # values per K-quant super-block, and per step of NB legacy blocks
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -35,8 +39,8 @@ def check_blocks(blocks: torch.Tensor, qtype: str, k: int) -> torch.Tensor:
         raise ValueError(f"unknown ggml block type {qtype!r}; expected one of {sorted(BLOCKS)}")
     size = row_bytes(qtype, k)
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != size or blocks.shape[0] < 1:
-        raise ValueError(f"{qtype} blocks for K={k} must be uint8 [N >= 1, {size}] (K / 256 blocks of "
-                         f"{BLOCKS[qtype][1]} bytes a row), got {blocks.dtype} {tuple(blocks.shape)}")
+        raise ValueError(f"{qtype} blocks for K={k} must be uint8 [N >= 1, {size}] (K / {BLOCKS[qtype][0]} blocks "
+                         f"of {BLOCKS[qtype][1]} bytes a row), got {blocks.dtype} {tuple(blocks.shape)}")
     if not blocks.is_contiguous():
         raise ValueError("blocks must be row-major contiguous; pass blocks.contiguous()")
     if blocks.data_ptr() % 2:
@@ -53,6 +57,15 @@ def check_out(out: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype, lik
     if out.stride(1) != 1 and shape[1] > 1:
         raise ValueError(f"out must have unit stride along its last dim, got strides {out.stride()}")
     check_device(like, out)
+
+
+def layout_meta(qtype: str) -> dict[str, int | bool]:
+    """The decode constexprs both kernels take for ``qtype`` (K-quants: Q5 / Q6 flags; legacy types:
+    kernels.ggml_blocks.LEGACY's byte layout)."""
+    lay = LEGACY.get(qtype)
+    return {"Q5": qtype == "q5_k", "Q6": qtype == "q6_k", "BLOCK_BYTES": BLOCKS[qtype][1], "LEGACY": lay is not None,
+            "QS": lay.qs if lay else 0, "QH": lay.qh if lay else 0, "BITS": lay.bits if lay else 0,
+            "MINS": lay.mins if lay else False, "OFFSET": lay.offset if lay else 0}
 
 
 @triton.jit
@@ -138,3 +151,50 @@ def q6k_run(blk, h, base, R: tl.constexpr):
     d = tl.load(h + base // 2 + 104).to(tl.float32)[:, None]
     return q, d * sc.to(tl.int8, bitcast=True).to(tl.float32)
 
+
+
+@triton.jit
+def legacy_cols():
+    """[NB, 16] value offsets (from a step's first value) of the legacy tiles' low halves; high: + 16."""
+    return 32 * tl.arange(0, 8)[:, None] + tl.arange(0, 16)[None, :]
+
+
+@triton.jit
+def legacy_bases(row_off, sb, BLOCK_BYTES: tl.constexpr):
+    """[BLOCK_N, NB] byte offsets of step ``sb``'s legacy blocks (blocks NB * sb ..) in the rows that
+    start at byte ``row_off`` ([BLOCK_N] int64)."""
+    return row_off[:, None] + (sb * 8 + tl.arange(0, 8))[None, :] * BLOCK_BYTES
+
+
+@triton.jit
+def legacy_tile(blk, h, base, live, QS: tl.constexpr, QH: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr):
+    """NB legacy blocks of BLOCK_N rows (byte offsets ``base`` [BLOCK_N, NB]; ``live`` [NB] False past
+    the row's end, whose blocks read as d = 0 and code 0): (lo, hi) codes minus the offset [BLOCK_N, NB,
+    16] fp32 (Q8_0: its int8 values) and d [BLOCK_N, NB] fp32.  Nibbles: byte QS + l holds value l
+    (low) and 16 + l (high); qh: bit l of the 4 bytes at QH is value l's fifth bit."""
+    l = tl.arange(0, 16)[None, None, :]
+    row = blk + base[:, :, None]
+    keep = live[None, :, None]
+    if BITS == 8:
+        lo = tl.load(row + QS + l, mask=keep, other=0, eviction_policy="evict_first").to(tl.int8, bitcast=True)
+        hi = tl.load(row + QS + 16 + l, mask=keep, other=0, eviction_policy="evict_first").to(tl.int8, bitcast=True)
+    else:
+        q = tl.load(row + QS + l, mask=keep, other=0, eviction_policy="evict_first")
+        lo = q & 0xF
+        hi = q >> 4
+        if BITS == 5:  # the qh byte of value l is l // 8 (lo) or 2 + l // 8 (hi), read once per value from L1
+            bit = (l % 8).to(tl.uint8)
+            qh_lo = tl.load(row + QH + l // 8, mask=keep, other=0, eviction_policy="evict_first")
+            qh_hi = tl.load(row + QH + 2 + l // 8, mask=keep, other=0, eviction_policy="evict_first")
+            lo = lo | (((qh_lo >> bit) & 1) << 4)
+            hi = hi | (((qh_hi >> bit) & 1) << 4)
+    lo = lo.to(tl.float32) - OFFSET
+    hi = hi.to(tl.float32) - OFFSET
+    d = tl.load(h + base // 2, mask=live[None, :], other=0.0).to(tl.float32)
+    return lo, hi, d
+
+
+@triton.jit
+def legacy_min(h, base, live):
+    """The fp16 min at byte 2 of each legacy block (Q4_1 / Q5_1) as [BLOCK_N, NB] fp32 (0 past the row)."""
+    return tl.load(h + base // 2 + 1, mask=live[None, :], other=0.0).to(tl.float32)

@@ -1,18 +1,22 @@
-# Decode GEMV on ggml K-quant blocks: out = x @ dequant(blocks).T + bias for M = 1..64 token rows,
-# reading GGUF's own Q4_K / Q5_K / Q6_K bytes (no repacking; layouts: kernels/ggml_blocks.py).
+# Decode GEMV on ggml blocks: out = x @ dequant(blocks).T + bias for M = 1..64 token rows, reading
+# GGUF's own Q4_K / Q5_K / Q6_K or Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 bytes (no repacking; layouts:
+# kernels/ggml_blocks.py).
 #
 # Shapes:  x       [M, K]  bf16 / fp16 / fp32, unit stride along K, any row stride, 1 <= M <= 64
-#          blocks  uint8 [N, K/256 * bytes]  GGUF tensor rows, contiguous, 2-byte aligned
+#          blocks  uint8 [N, K/256 * bytes] (K-quants) or [N, K/32 * bytes] (legacy types: K any
+#                  multiple of 32)  GGUF tensor rows, contiguous, 2-byte aligned
 #          bias    [N]     x's dtype, optional
 #          out     [M, N]  x's dtype, unit stride along N, any row stride (a column slice of a wider
 #                          output is fine: columns outside [0, N) are never written)
 # Scheme:  memory-bound on the block bytes, as llama.cpp's mmvq.  Program n owns BLOCK_N weight rows
-#          and loops over the K / 256 super-blocks, reading each block's bytes once (evict-first) and
-#          decoding codes in registers (kernels/ggml_common.py).
+#          and loops over the K / 256 super-blocks (legacy types: steps of 8 blocks of 32, the last
+#          one masked), reading each block's bytes once (evict-first) and decoding codes in
+#          registers (kernels/ggml_common.py).
 #          FMA path (M == 1, and fp32 x at any M): CUDA-core FMAs, program (n, m) takes row m of x.
 #          No value is dequantized: per sub-block the program forms sum(q * x) and sum(x) and
 #          applies the scale and min once (Q4_K / Q5_K: d sc sum(q x) - dmin m sum(x); Q6_K:
-#          d sc (sum(q x) - 32 sum(x))).  For M > 1 the block bytes are re-read per row (from L2).
+#          d sc (sum(q x) - 32 sum(x)); legacy: d sum((q - offset) x) [+ m sum(x)]).  For M > 1
+#          the block bytes are re-read per row (from L2).
 #          Dot path (bf16 / fp16 x, M >= 2): the tile is dequantized once in fp32, cast to x's dtype
 #          and fed to tensor-core tl.dot with x padded to BLOCK_M = max(16, next_pow2(M)) rows
 #          (kernels/mma.py), so the block bytes are read once for all rows.  (fp32 x stays on the FMA
@@ -21,7 +25,9 @@
 #          (tests/test_kernels_ggml.py compiles every config on the CPU): FMA BLOCK_N 16 / 8 warps
 #          (Q4_K / Q6_K 64 registers, 4 warps: 128; Q5_K 101, so 2 programs an SM instead of 4), dot
 #          BLOCK_N 16 / 8 warps (166-210 registers at BLOCK_M 16..64; BLOCK_N 32 spilled 8-72 bytes at
-#          some BLOCK_M).  Speed is unmeasured.  To tune on the
+#          some BLOCK_M).  Legacy types, same BLOCK_N / warps: FMA 73-99 registers, dot 126-179 at
+#          BLOCK_M 16, 202-255 at BLOCK_M 64 (no spill; one 256-thread program an SM, as the K-quants'
+#          189).  Speed is unmeasured.  To tune on the
 #          GPU: BLOCK_N (8..64) and num_warps (2..8) per (qtype, M bucket, N, K); split-K for grids
 #          with fewer programs than ~4x the SMs (small N); prefetching the next super-block (Triton's
 #          pipeliner issues no cp.async for these byte loads even with tl.range num_stages: loading
@@ -35,8 +41,8 @@ import triton.language as tl
 
 from kernels.checks import check_device
 from kernels.ggml_blocks import BLOCKS, dequant_ref
-from kernels.ggml_common import (INTERPRET, check_blocks, check_out, q4k_cols, q4k_tile, q6k_cols, q6k_run,
-                                 to_out)
+from kernels.ggml_common import (INTERPRET, check_blocks, check_out, layout_meta, legacy_bases, legacy_cols,
+                                 legacy_min, legacy_tile, q4k_cols, q4k_tile, q6k_cols, q6k_run, to_out)
 from kernels.mma import mma_nt
 
 GGML_GEMV_MAX_M = 64
@@ -98,8 +104,43 @@ def _q6k_step(acc, blk, h, base, x_ptr, rows_m, M, stride_xm,
 
 
 @triton.jit
-def _ggml_gemv_kernel(x_ptr, blk, h, bias_ptr, out_ptr, M, N, n_super, row_bytes, stride_xm, stride_om,
-                      Q5: tl.constexpr, Q6: tl.constexpr, BLOCK_BYTES: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _legacy_step(acc, blk, h, base, left, x_ptr, rows_m, M, stride_xm, QS: tl.constexpr, QH: tl.constexpr,
+                 BITS: tl.constexpr, MINS: tl.constexpr, OFFSET: tl.constexpr,
+                 USE_DOT: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
+    """acc plus the contribution of NB legacy blocks, of which ``left`` or more remain in the row (x_ptr
+    at the step's first column; blocks past the row read x as 0 and weigh 0)."""
+    live = tl.arange(0, 8) < left
+    lo, hi, d = legacy_tile(blk, h, base, live, QS, QH, BITS, OFFSET)
+    cols = legacy_cols()
+    if USE_DOT:
+        flat = tl.reshape(cols, (cols.shape[0] * cols.shape[1],))
+        keep = (rows_m[:, None] < M) & (flat < 32 * left)[None, :]
+        x_rows = x_ptr + rows_m[:, None].to(tl.int64) * stride_xm
+        x_lo = tl.load(x_rows + flat[None, :], mask=keep, other=0.0, eviction_policy="evict_last")
+        x_hi = tl.load(x_rows + 16 + flat[None, :], mask=keep, other=0.0, eviction_policy="evict_last")
+        w_lo = d[:, :, None] * lo
+        w_hi = d[:, :, None] * hi
+        if MINS:
+            m = legacy_min(h, base, live)[:, :, None]
+            w_lo += m
+            w_hi += m
+        acc = _w_dot(acc, x_lo, w_lo, IS_FP32, UPCAST)
+        acc = _w_dot(acc, x_hi, w_hi, IS_FP32, UPCAST)
+    else:
+        x_lo = tl.load(x_ptr + cols, mask=live[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
+        x_hi = tl.load(x_ptr + 16 + cols, mask=live[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
+        qx = d * (tl.sum(lo * x_lo[None, :, :], axis=2) + tl.sum(hi * x_hi[None, :, :], axis=2))
+        if MINS:
+            qx += legacy_min(h, base, live) * (tl.sum(x_lo, axis=1) + tl.sum(x_hi, axis=1))[None, :]
+        acc += tl.sum(qx, axis=1)
+    return acc
+
+
+@triton.jit
+def _ggml_gemv_kernel(x_ptr, blk, h, bias_ptr, out_ptr, M, N, n_blocks, row_bytes, stride_xm, stride_om,
+                      Q5: tl.constexpr, Q6: tl.constexpr, BLOCK_BYTES: tl.constexpr, LEGACY: tl.constexpr,
+                      QS: tl.constexpr, QH: tl.constexpr, BITS: tl.constexpr, MINS: tl.constexpr,
+                      OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                       USE_DOT: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, RNE_BF16: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -112,13 +153,19 @@ def _ggml_gemv_kernel(x_ptr, blk, h, bias_ptr, out_ptr, M, N, n_super, row_bytes
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for sb in range(n_super):
-        base = row_off + sb * BLOCK_BYTES
-        if Q6:
-            acc = _q6k_step(acc, blk, h, base, x_ptr + sb * 256, rows_m, M, stride_xm, USE_DOT, IS_FP32, UPCAST)
-        else:
-            acc = _q4k_step(acc, blk, h, base, x_ptr + sb * 256, rows_m, M, stride_xm, Q5, USE_DOT, IS_FP32,
-                            UPCAST)
+    if LEGACY:  # n_blocks blocks of 32 a row, NB = 8 a step
+        for sb in range(tl.cdiv(n_blocks, 8)):
+            acc = _legacy_step(acc, blk, h, legacy_bases(row_off, sb, BLOCK_BYTES), n_blocks - sb * 8,
+                               x_ptr + sb * 256, rows_m, M, stride_xm,
+                               QS, QH, BITS, MINS, OFFSET, USE_DOT, IS_FP32, UPCAST)
+    else:
+        for sb in range(n_blocks):  # K-quant super-blocks
+            base = row_off + sb * BLOCK_BYTES
+            if Q6:
+                acc = _q6k_step(acc, blk, h, base, x_ptr + sb * 256, rows_m, M, stride_xm, USE_DOT, IS_FP32, UPCAST)
+            else:
+                acc = _q4k_step(acc, blk, h, base, x_ptr + sb * 256, rows_m, M, stride_xm, Q5, USE_DOT, IS_FP32,
+                                UPCAST)
     if HAS_BIAS:
         b = tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
     else:
@@ -156,7 +203,7 @@ def launch_meta(qtype: str, m: int, dtype: torch.dtype, has_bias: bool) -> tuple
     these for sm_90 without a GPU)."""
     use_dot = m > 1 and dtype != torch.float32
     block_n, warps = (_DOT_BLOCK_N, _DOT_WARPS) if use_dot else (_FMA_BLOCK_N, _FMA_WARPS)
-    meta = {"Q5": qtype == "q5_k", "Q6": qtype == "q6_k", "BLOCK_BYTES": BLOCKS[qtype][1], "HAS_BIAS": has_bias,
+    meta = {**layout_meta(qtype), "HAS_BIAS": has_bias,
             "USE_DOT": use_dot, "IS_FP32": dtype == torch.float32, "UPCAST": INTERPRET and dtype == torch.bfloat16,
             "RNE_BF16": INTERPRET and dtype == torch.bfloat16,
             "BLOCK_M": max(16, triton.next_power_of_2(m)) if use_dot else 1, "BLOCK_N": block_n}
@@ -168,9 +215,10 @@ def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tens
     """Decode matmul on ggml blocks: ``x @ dequant(blocks).T + bias`` as [M, N], fp32 accumulation.
 
     x: [M, K] bf16 / fp16 / fp32, unit stride along K, 1 <= M <= 64; blocks: uint8
-    [N, row_bytes(qtype, K)] of ``qtype`` "q4_k", "q5_k" or "q6_k" (GGUF tensor rows), contiguous, 2-byte
-    aligned; bias [N] in x's dtype or None; out: [M, N] in x's dtype with unit stride along N and any
-    row stride (e.g. a column slice of a fused projection's output), or None for a new tensor.
+    [N, row_bytes(qtype, K)] of ``qtype`` "q4_k", "q5_k", "q6_k" (K a multiple of 256) or "q8_0",
+    "q4_0", "q4_1", "q5_0", "q5_1" (K a multiple of 32) (GGUF tensor rows), contiguous, 2-byte aligned;
+    bias [N] in x's dtype or None; out: [M, N] in x's dtype with unit stride along N and any row
+    stride (e.g. a column slice of a fused projection's output), or None for a new tensor.
     Returns out.  bf16 / fp16 x reads each block byte once for all M rows; fp32 x once per row.
     """
     h = _check(x, blocks, qtype, bias)
@@ -180,7 +228,8 @@ def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tens
     check_out(out, (M, N), x.dtype, x)
     meta, warps = launch_meta(qtype, M, x.dtype, bias is not None)
     grid = (triton.cdiv(N, meta["BLOCK_N"]), 1 if meta["USE_DOT"] else M)
-    _ggml_gemv_kernel[grid](x, blocks, h, x if bias is None else bias, out, M, N, K // 256, blocks.shape[1],
+    n_blocks = K // BLOCKS[qtype][0]
+    _ggml_gemv_kernel[grid](x, blocks, h, x if bias is None else bias, out, M, N, n_blocks, blocks.shape[1],
                             x.stride(0), out.stride(0), **meta, num_warps=warps)
     return out
 

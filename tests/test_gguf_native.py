@@ -21,6 +21,15 @@ from tests.helpers import make_engine, random_prompts
 from tests.test_gguf_tiny import gguf_model  # noqa: F401 (the fixture)
 
 
+def _hf_tokens(ref, prompt: list[int], n: int) -> list[int]:
+    """transformers' ``n`` greedy tokens after ``prompt``."""
+    with torch.no_grad():
+        p = torch.tensor([prompt])
+        out = ref.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=n,
+                           min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
 def _block_bytes(views: dict) -> int:
     return sum(w.nbytes for w in views.values() if isinstance(w, GGMLWeight))
 
@@ -86,21 +95,46 @@ def test_streamed_native_layers_give_transformers_tokens(gguf_model, tier):  # n
     head_rows = [n for n in sizes if n.startswith("lm_head.")]
     assert sum(sizes[n] for n in head_rows) == engine.ckpt.raw["lm_head.weight"].nbytes
     prompt = random_prompts([5], engine.cfg.vocab_size, seed=32)[0]
-    with torch.no_grad():
-        p = torch.tensor([prompt])
-        want = ref.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=10,
-                            min_new_tokens=10, eos_token_id=None, pad_token_id=0)[0, 5:].tolist()
-    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=10).token_ids[0] == want
+    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=10).token_ids[0] == _hf_tokens(ref, prompt, 10)
     engine.close()
 
 
-@pytest.mark.parametrize("case,native", [(("qwen2-tied", "Q6_K"), True), (("qwen3", "Q5_K_M"), True),
-                                         (("llama", "Q4_0"), False)], ids=["Q6_K", "Q5_K_M", "Q4_0"])
-def test_only_k_quants_the_kernels_decode_stay_native(gguf_model, case, native):  # noqa: F811
+@pytest.mark.parametrize("file_type,fallbacks", [("Q4_K_M", {"q5_0", "q8_0"}), ("Q5_K_M", {"q5_1", "q8_0"})])
+def test_k_quants_mixed_with_fallback_types_stay_native(gguf_model, file_type, fallbacks):  # noqa: F811
+    """Rows of 288 (not a multiple of 256, as Qwen2.5-72B's 29568): llama.cpp writes those ffn_down
+    tensors in its block-32 fallbacks (Q5_0 / Q5_1 for the K-quant, Q8_0 for Q6_K).  The layers mix
+    K-quants and fallbacks, all held as the file's blocks, and give transformers' greedy tokens."""
+    ref, path = gguf_model("llama", file_type, intermediate=288)
+    engine = make_engine(path, max_context=32)
+    assert engine.cfg.intermediate_size == 288 and isinstance(engine.weights.layout, NativeLayouts)
+    downs = {s[MODULES.index("mlp.down_proj")] for s in engine.quant.native}
+    assert downs == fallbacks and {t for s in engine.quant.native for t in s} >= {"q6_k", file_type[:2].lower() + "_k"}
+    views = engine.weights.layer(0)
+    down = views["mlp.down_proj.weight"]
+    assert isinstance(down, GGMLWeight) and down.in_features == 288
+    assert torch.equal(down.dequantize(), engine.ckpt.tensor("model.layers.0.mlp.down_proj.weight"))
+    assert _block_bytes(views) == sum(engine.ckpt.raw[f"model.layers.0.{m}.weight"].nbytes for m in MODULES)
+    engine.weights.release(0)
+    prompt = random_prompts([5], engine.cfg.vocab_size, seed=33)[0]
+    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=10).token_ids[0] == _hf_tokens(ref, prompt, 10)
+    engine.close()
+
+
+@pytest.mark.parametrize("case,native", [(("qwen2-tied", "Q6_K"), "q6_k"), (("qwen3", "Q5_K_M"), "q5_k"),
+                                         (("llama", "Q4_0"), "q4_0"), (("qwen2", "Q8_0"), "q8_0"),
+                                         (("qwen2", "Q5_1"), "q5_1"), (("llama", "Q5_0"), "q5_0"),
+                                         (("qwen3", "Q4_1"), "q4_1"), (("llama", "BF16"), None)],
+                         ids=["Q6_K", "Q5_K_M", "Q4_0", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "BF16"])
+def test_only_types_the_kernels_decode_stay_native(gguf_model, case, native):  # noqa: F811
+    """Every quantized type the kernels decode (K-quants and the block-32 ones) keeps its blocks; float
+    layers (BF16) stay dense."""
     _, path = gguf_model(*case)
     engine = make_engine(path, max_context=32)
-    assert bool(engine.quant.native) == native
-    assert isinstance(engine.weights.layout, NativeLayouts if native else QuantLayerLayout)
+    if native is None:
+        assert engine.quant is None
+    else:
+        assert native in {t for s in engine.quant.native for t in s}
+    assert isinstance(engine.weights.layout, NativeLayouts) == (native is not None)
     engine.close()
 
 
@@ -165,3 +199,4 @@ def test_gpu_native_layers_in_decode_graphs_give_transformers_tokens(gguf_model,
                             min_new_tokens=12, eos_token_id=None, pad_token_id=0)[0, 7:].tolist()
     assert generate(engine, [prompt], SamplingParams(), max_new_tokens=12).token_ids[0] == want
     engine.close()
+

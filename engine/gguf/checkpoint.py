@@ -152,8 +152,8 @@ class GGUFCheckpoint:
 
     def native_signatures(self) -> tuple[tuple[str, ...], ...] | None:
         """Each layer's ggml type per module (``engine.quant.ggml.MODULES`` order) when every layer
-        linear is a type the kernels decode natively (:data:`KERNEL_TYPES`: Q4_K, Q5_K, Q6_K); None
-        otherwise (repacked or widened)."""
+        linear is a type the kernels decode natively (:data:`KERNEL_TYPES`: the K-quants and Q8_0 /
+        Q4_0 / Q4_1 / Q5_0 / Q5_1, in any mix); None otherwise (repacked or widened)."""
         out = []
         for i in range(self.cfg.num_hidden_layers):
             types = [self.raw[f"model.layers.{i}.{m}.weight"].qtype for m in MODULES]

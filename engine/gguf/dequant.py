@@ -7,54 +7,24 @@ uint8 tensor and returns ``[n, block_size]`` float32 values, computed with the s
 operation order as ggml's reference dequantizers (scale products first, then the integers).
 
 Which formats exist (and their block geometry) comes from ``gguf.GGML_QUANT_SIZES``; the
-decoders are in :data:`DECODERS`; those of Q4_K, Q5_K and Q6_K, and the field readers the others
-share, live in :mod:`kernels.ggml_blocks` (the references of the kernels that read these blocks
-natively). A type without a decoder is rejected with a clear error by :func:`check_supported` before
+decoders are in :data:`DECODERS`; those of the quantized types (Q4_K, Q5_K, Q6_K and the block-32
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) live in :mod:`kernels.ggml_blocks` (the references of the kernels that
+read these blocks natively). A type without a decoder is rejected with a clear error by :func:`check_supported` before
 any weight is read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from kernels.ggml_blocks import (f16_field as _f16, i8_fields as _i8, nibbles as _nibbles, q4_k_values, q5_k_values,
-                                 q6_k_values)
+from kernels.ggml_blocks import LEGACY, legacy_values, q4_k_values, q5_k_values, q6_k_values
 
 CHUNK_VALUES = 1 << 20  # values widened per step: float32 temporaries of 4 MiB stay in cache (about 2x
 # faster than 16M-value steps on one core) and bound the memory a large tensor needs beyond its output
-
-
-def _bits(raw: torch.Tensor) -> torch.Tensor:
-    """[n, k] bytes -> [n, 8k] bits, bit j of the little-endian word at column j."""
-    shifts = torch.arange(8, dtype=torch.uint8)
-    return ((raw.unsqueeze(-1) >> shifts) & 1).flatten(-2)
-
-
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    d, q = _f16(b, 0), _nibbles(b[:, 2:18])
-    return (q.float() - 8.0) * d
-
-
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m, q = _f16(b, 0), _f16(b, 2), _nibbles(b[:, 4:20])
-    return q.float() * d + m
-
-
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    d, high, q = _f16(b, 0), _bits(b[:, 2:6]), _nibbles(b[:, 6:22])
-    return ((q | (high << 4)).float() - 16.0) * d
-
-
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m, high, q = _f16(b, 0), _f16(b, 2), _bits(b[:, 4:8]), _nibbles(b[:, 8:24])
-    return (q | (high << 4)).float() * d + m
-
-
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return _i8(b, 2, 34) * _f16(b, 0)
 
 
 def _f32(b: torch.Tensor) -> torch.Tensor:
@@ -70,8 +40,9 @@ def _bf16(b: torch.Tensor) -> torch.Tensor:
 
 
 DECODERS: dict[QT, Callable[[torch.Tensor], torch.Tensor]] = {
-    QT.F32: _f32, QT.F16: _f16_t, QT.BF16: _bf16, QT.Q8_0: _q8_0, QT.Q4_0: _q4_0, QT.Q4_1: _q4_1,
-    QT.Q5_0: _q5_0, QT.Q5_1: _q5_1, QT.Q4_K: q4_k_values, QT.Q5_K: q5_k_values, QT.Q6_K: q6_k_values,
+    QT.F32: _f32, QT.F16: _f16_t, QT.BF16: _bf16,
+    **{QT[name.upper()]: partial(legacy_values, qtype=name) for name in LEGACY},
+    QT.Q4_K: q4_k_values, QT.Q5_K: q5_k_values, QT.Q6_K: q6_k_values,
 }
 PLAIN = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}  # stored as floats already
 

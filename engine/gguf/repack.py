@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from engine.gguf.dequant import _bits, block_geometry
+from engine.gguf.dequant import block_geometry
 from engine.quant.spec import QuantSpec, QuantWeight, pack_codes
-from kernels.ggml_blocks import (f16_field as _f16, i8_fields, k_scales, nibbles as _nibbles, q4_k_ints as _q4_k_ints,
+from kernels.ggml_blocks import (LEGACY, f16_field as _f16, i8_fields, k_scales, legacy_codes, q4_k_ints as _q4_k_ints,
                                  q5_k_ints, q6_k_codes)
 
 
@@ -81,16 +81,12 @@ def _nibble_runs(qs: torch.Tensor, run: int) -> torch.Tensor:
 
 def _legacy(b: torch.Tensor, qtype: QT, codes: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | int]:
     """Q8_0 / Q4_x / Q5_x blocks [n, size] -> (codes [n, 32] or None, scale [n, 1], offset or min [n, 1])."""
-    if qtype == QT.Q8_0:
-        return (b[:, 2:34] ^ 0x80) if codes else None, _f16(b, 0), 128  # int8 q -> q + 128
-    if qtype == QT.Q4_0:
-        return _nibbles(b[:, 2:18]) if codes else None, _f16(b, 0), 8
-    if qtype == QT.Q5_0:
-        return _nibbles(b[:, 6:22]) | (_bits(b[:, 2:6]) << 4) if codes else None, _f16(b, 0), 16
-    if qtype == QT.Q4_1:
-        return _nibbles(b[:, 4:20]) if codes else None, _f16(b, 0), _f16(b, 2)
-    assert qtype == QT.Q5_1, qtype
-    return _nibbles(b[:, 8:24]) | (_bits(b[:, 4:8]) << 4) if codes else None, _f16(b, 0), _f16(b, 2)
+    name = qtype.name.lower()
+    lay = LEGACY[name]
+    q = legacy_codes(b, name) if codes else None
+    if lay.bits == 8:  # int8 q -> q + 128
+        return None if q is None else q ^ 0x80, _f16(b, 0), 128
+    return q, _f16(b, 0), _f16(b, 2) if lay.mins else lay.offset
 
 
 def _k_quant(b: torch.Tensor, qtype: QT, codes: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | int]:
