@@ -32,22 +32,37 @@ def choose_residency(s: Sizes, budget: int) -> Residency:
     if not tied and s.fixed + sum(s.layers) + s.lm_head <= budget:
         return Residency(n, True, False, 0, ())  # only the embedding stays on the host
     k_streamed_head, k_resident_head = _head_options(s, budget)
-    head = k_resident_head >= 0 and k_resident_head * s.layer + s.lm_head >= k_streamed_head * s.layer
+    head = k_resident_head >= 0 and resident_bytes(s, k_resident_head) + s.lm_head >= resident_bytes(s, k_streamed_head)
     return _residency(s, budget, head)
+
+
+def resident_bytes(s: Sizes, k: int) -> int:
+    """Bytes of the layers that stay resident when ``k`` do (the others are ``spread`` out)."""
+    streamed = set(spread(s.n, s.n - k))
+    return sum(b for i, b in enumerate(s.layers) if i not in streamed)
+
+
+def _fit(s: Sizes, avail: int) -> int:
+    """The most resident layers ``avail`` bytes hold. Layers may differ in size (a GGUF file gives some
+    layers more bits): past the count at the largest size, more fit while the chosen ones' bytes do."""
+    k = min(s.n, avail // s.layer)
+    while k < s.n and resident_bytes(s, k + 1) <= avail:
+        k += 1
+    return k
 
 
 def _head_options(s: Sizes, budget: int) -> tuple[int, int]:
     """Resident layers with lm_head streamed, and with it resident (-1: lm_head does not fit)."""
     avail = budget - s.fixed - 2 * s.layer
     assert avail >= 0, "budget was checked against the minimum"
-    k_resident_head = min(s.n, (avail - s.lm_head) // s.layer) if s.lm_head <= avail else -1
-    return min(s.n, avail // s.layer), k_resident_head
+    k_resident_head = _fit(s, avail - s.lm_head) if s.lm_head <= avail else -1
+    return _fit(s, avail), k_resident_head
 
 
 def _residency(s: Sizes, budget: int, head: bool) -> Residency:
     k = _head_options(s, budget)[1 if head else 0]
     assert k < s.n or not head, "everything resident was handled above"
-    leftover = budget - s.fixed - 2 * s.layer - k * s.layer - (s.lm_head if head else 0)
+    leftover = budget - s.fixed - 2 * s.layer - resident_bytes(s, k) - (s.lm_head if head else 0)
     return Residency(k, head, head and s.tied, 3 if leftover >= s.layer else 2, spread(s.n, s.n - k))
 
 

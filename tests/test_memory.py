@@ -274,3 +274,28 @@ def test_disk_read_bandwidth(tmp_path):
     with pytest.raises(ValueError, match="not a file"):
         bandwidth.disk_read_bandwidth(Path(tmp_path / "missing"), 1)
 
+
+
+@pytest.mark.parametrize("budget_gib", [2.5, 3, 3.5])
+def test_layers_of_different_sizes_fill_the_budget(budget_gib):
+    """Layers of two sizes (a GGUF Q4_K_M gives every third layer more bits): the plan keeps as many
+    resident as their own bytes allow, not as many as the largest size allows, and stays in budget."""
+    from memory.footprint import Footprint, Module
+    from memory.planner import make_plan
+
+    big, small = 150 << 20, 130 << 20
+    layers = [big if i % 3 == 0 else small for i in range(28)]
+    fp = Footprint(modules=(Module("embed_tokens", "embedding", 1 << 30, 1 << 30),
+                            *(Module(f"layers.{i}", "layer", b, b) for i, b in enumerate(layers)),
+                            Module("norm", "norm", 7168, 7168), Module("lm_head", "lm_head", 450 << 20, 450 << 20)),
+                   rows=152064, tied=False, kv_bytes_per_token=57344, act_bytes_per_token=200_000,
+                   state_bytes_per_token=14336, logits_bytes_per_seq=152064 * 8, rope_bytes_per_position=512,
+                   max_positions=32768, dtype="bfloat16, test")
+    p = make_plan(fp, vram_budget=int(budget_gib * GiB), host_budget=64 * 10**9, batch=1, max_context=4096, h2d_gbps=54.6)
+    assert p.total_bytes <= p.budget_bytes and p.streamed_layers and p.slot_bytes == big
+    resident = p.resident_weight_bytes - 7168 - (p.module("lm_head").bytes if p.lm_head_resident else 0)
+    assert resident == sum(layers[i] for i in p.resident_layers)
+    free = p.budget_bytes - p.kv_cache_bytes - p.workspace_bytes - 7168 - 2 * big - (
+        p.module("lm_head").bytes if p.lm_head_resident else 0)
+    assert len(p.resident_layers) > free // big  # more than the largest size alone would allow
+    assert free - resident < big  # no further layer fits

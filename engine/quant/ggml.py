@@ -1,13 +1,16 @@
-"""GGUF K-quant layers held as the file's own blocks ("native" form): streamed packed, decoded in kernels.
+"""GGUF quantized layers held as the file's own blocks ("native" form): streamed packed, decoded in kernels.
 
 A Q4_K_M file stores most projections as Q4_K (4.5 bits per weight) and some (``attn_v``, ``ffn_down``
-in about half of the layers) as Q6_K (6.56 bits). Repacked into the engine's canonical int4/int8 form
-(``engine.gguf.repack``) such a layer needs the widest form of every type it mixes (int8, group 16,
-fp32 scales and mins: 12 bits per weight). Held natively, a layer costs its bytes in the file.
+in about half of the layers) as Q6_K (6.56 bits); rows that are not a whole number of 256-value
+blocks (Qwen2.5-72B's ffn_down, 29568) fall back to llama.cpp's block-32 types (Q5_0, Q8_0).
+Repacked into the engine's canonical int4/int8 form (``engine.gguf.repack``) such a layer needs the
+widest form of every type it mixes (int8, group 16, fp32 scales and mins: 12 bits per weight). Held
+natively, a layer costs its bytes in the file. The types are those ``kernels.ggml_blocks.BLOCKS``
+decodes (K-quants Q4_K / Q5_K / Q6_K and Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1).
 
-Each module's blocks are its GGUF tensor's rows unchanged (``[out_features, K / 256 * block bytes]``
+Each module's blocks are its GGUF tensor's rows unchanged (``[out_features, K / block * block bytes]``
 uint8; llama's Q/K rows put back in the Hugging Face order, which moves whole rows). Layers differ
-in which modules are Q6_K, so each distinct combination of types (a *signature*) has its own
+in which modules get more bits, so each distinct combination of types (a *signature*) has its own
 :class:`NativeLayerLayout`; :class:`NativeLayouts` maps layers to them and sizes the staging slots
 by the largest. Within a fused projection (``qkv_proj``, ``gate_up_proj``) consecutive modules of
 one type sit back to back, so they form one part: ``GGMLWeight.parts`` is one ``(qtype, blocks)``
