@@ -27,7 +27,10 @@
 #          BLOCK_N 16 / 8 warps (166-210 registers at BLOCK_M 16..64; BLOCK_N 32 spilled 8-72 bytes at
 #          some BLOCK_M).  Legacy types, same BLOCK_N / warps: FMA 73-99 registers, dot 126-179 at
 #          BLOCK_M 16, 202-255 at BLOCK_M 64 (no spill; one 256-thread program an SM, as the K-quants'
-#          189).  Speed is unmeasured.  To tune on the
+#          189).  Speed is unmeasured.  ggml_gemv(config=...) overrides BLOCK_N / num_warps /
+#          num_stages and can split K (SPLIT_K programs per tile take every SPLIT_K-th step and add
+#          fp32 partials atomically; bias and rounding follow) for bench/probe_qkernels.py
+#          --ggml-sweep and the tests; the engine passes none.  To tune on the
 #          GPU: BLOCK_N (8..64) and num_warps (2..8) per (qtype, M bucket, N, K); split-K for grids
 #          with fewer programs than ~4x the SMs (small N); prefetching the next super-block (Triton's
 #          pipeliner issues no cp.async for these byte loads even with tl.range num_stages: loading
@@ -49,6 +52,7 @@ GGML_GEMV_MAX_M = 64
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FMA_BLOCK_N, _FMA_WARPS = 16, 8
 _DOT_BLOCK_N, _DOT_WARPS = 16, 8
+_CONFIG_KEYS = frozenset({"BLOCK_N", "num_warps", "num_stages", "SPLIT_K"})
 
 
 @triton.jit
@@ -142,8 +146,12 @@ def _ggml_gemv_kernel(x_ptr, blk, h, bias_ptr, out_ptr, M, N, n_blocks, row_byte
                       QS: tl.constexpr, QH: tl.constexpr, BITS: tl.constexpr, MINS: tl.constexpr,
                       OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                       USE_DOT: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, RNE_BF16: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SPLIT_K > 1:  # program (n, m, s) takes steps s, s + SPLIT_K, ... and adds fp32 partials to out
+        s0 = tl.program_id(2)
+    else:
+        s0 = 0
     if not USE_DOT:  # FMA path: program (n, m) takes row m of x
         x_ptr += tl.program_id(1).to(tl.int64) * stride_xm
         out_ptr += tl.program_id(1).to(tl.int64) * stride_om
@@ -154,12 +162,12 @@ def _ggml_gemv_kernel(x_ptr, blk, h, bias_ptr, out_ptr, M, N, n_blocks, row_byte
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if LEGACY:  # n_blocks blocks of 32 a row, NB = 8 a step
-        for sb in range(tl.cdiv(n_blocks, 8)):
+        for sb in range(s0, tl.cdiv(n_blocks, 8), SPLIT_K):
             acc = _legacy_step(acc, blk, h, legacy_bases(row_off, sb, BLOCK_BYTES), n_blocks - sb * 8,
                                x_ptr + sb * 256, rows_m, M, stride_xm,
                                QS, QH, BITS, MINS, OFFSET, USE_DOT, IS_FP32, UPCAST)
     else:
-        for sb in range(n_blocks):  # K-quant super-blocks
+        for sb in range(s0, n_blocks, SPLIT_K):  # K-quant super-blocks
             base = row_off + sb * BLOCK_BYTES
             if Q6:
                 acc = _q6k_step(acc, blk, h, base, x_ptr + sb * 256, rows_m, M, stride_xm, USE_DOT, IS_FP32, UPCAST)
@@ -173,7 +181,13 @@ def _ggml_gemv_kernel(x_ptr, blk, h, bias_ptr, out_ptr, M, N, n_blocks, row_byte
     dt = out_ptr.dtype.element_ty
     if USE_DOT:
         o = out_ptr + rows_m[:, None].to(tl.int64) * stride_om + rows[None, :]
-        tl.store(o, to_out(acc + b[None, :], dt, RNE_BF16), mask=(rows_m[:, None] < M) & (rows[None, :] < N))
+        keep = (rows_m[:, None] < M) & (rows[None, :] < N)
+        if SPLIT_K > 1:  # out: a zeroed fp32 workspace; bias and rounding come after (the launcher)
+            tl.atomic_add(o, acc, mask=keep, sem="relaxed")
+        else:
+            tl.store(o, to_out(acc + b[None, :], dt, RNE_BF16), mask=keep)
+    elif SPLIT_K > 1:
+        tl.atomic_add(out_ptr + rows, acc, mask=rows < N, sem="relaxed")
     else:
         tl.store(out_ptr + rows, to_out(acc + b, dt, RNE_BF16), mask=rows < N)
 
@@ -198,20 +212,42 @@ def _check(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor
     return h
 
 
-def launch_meta(qtype: str, m: int, dtype: torch.dtype, has_bias: bool) -> tuple[dict[str, int | bool], int]:
+def check_config(config: dict[str, int]) -> dict[str, int]:
+    """Validate a launch override for :func:`ggml_gemv` (probes and tests): BLOCK_N (8..128, a power of
+    two), num_warps (1, 2, 4, 8, 16), num_stages (1..8), SPLIT_K (1..64); every key optional."""
+    if not isinstance(config, dict) or set(config) - _CONFIG_KEYS:
+        raise ValueError(f"config must be a dict with keys among {sorted(_CONFIG_KEYS)}, got {config!r}")
+    for key, value in config.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"config[{key!r}] must be an int, got {value!r}")
+    ok = {"BLOCK_N": lambda v: 8 <= v <= 128 and v & (v - 1) == 0, "num_warps": lambda v: v in (1, 2, 4, 8, 16),
+          "num_stages": lambda v: 1 <= v <= 8, "SPLIT_K": lambda v: 1 <= v <= 64}
+    bad = [f"{k}={v}" for k, v in config.items() if not ok[k](v)]
+    if bad:
+        raise ValueError(f"bad launch config {', '.join(bad)}: BLOCK_N is a power of two in 8..128, num_warps "
+                         "1/2/4/8/16, num_stages 1..8, SPLIT_K 1..64")
+    return config
+
+
+def launch_meta(qtype: str, m: int, dtype: torch.dtype, has_bias: bool,
+                config: dict[str, int] | None = None) -> tuple[dict[str, int | bool], int]:
     """The kernel's constexprs and num_warps for M = ``m`` rows of x in ``dtype`` (the tests compile
-    these for sm_90 without a GPU)."""
+    these for sm_90 without a GPU); ``config`` (see :func:`check_config`) overrides the fixed guesses.
+    With SPLIT_K > 1 the kernel adds fp32 partials without bias (the launcher adds it)."""
     use_dot = m > 1 and dtype != torch.float32
     block_n, warps = (_DOT_BLOCK_N, _DOT_WARPS) if use_dot else (_FMA_BLOCK_N, _FMA_WARPS)
-    meta = {**layout_meta(qtype), "HAS_BIAS": has_bias,
+    config = check_config({} if config is None else config)
+    split_k = config.get("SPLIT_K", 1)
+    meta = {**layout_meta(qtype), "HAS_BIAS": has_bias and split_k == 1,
             "USE_DOT": use_dot, "IS_FP32": dtype == torch.float32, "UPCAST": INTERPRET and dtype == torch.bfloat16,
             "RNE_BF16": INTERPRET and dtype == torch.bfloat16,
-            "BLOCK_M": max(16, triton.next_power_of_2(m)) if use_dot else 1, "BLOCK_N": block_n}
-    return meta, warps
+            "BLOCK_M": max(16, triton.next_power_of_2(m)) if use_dot else 1,
+            "BLOCK_N": config.get("BLOCK_N", block_n), "SPLIT_K": split_k}
+    return meta, config.get("num_warps", warps)
 
 
 def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor:
     """Decode matmul on ggml blocks: ``x @ dequant(blocks).T + bias`` as [M, N], fp32 accumulation.
 
     x: [M, K] bf16 / fp16 / fp32, unit stride along K, 1 <= M <= 64; blocks: uint8
@@ -219,6 +255,8 @@ def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tens
     "q4_0", "q4_1", "q5_0", "q5_1" (K a multiple of 32) (GGUF tensor rows), contiguous, 2-byte aligned;
     bias [N] in x's dtype or None; out: [M, N] in x's dtype with unit stride along N and any row
     stride (e.g. a column slice of a fused projection's output), or None for a new tensor.
+    config: a launch override for probes and tests (:func:`check_config`; the engine passes none);
+    SPLIT_K > 1 sums fp32 partials in a zeroed workspace, then adds bias and rounds once into out.
     Returns out.  bf16 / fp16 x reads each block byte once for all M rows; fp32 x once per row.
     """
     h = _check(x, blocks, qtype, bias)
@@ -226,11 +264,15 @@ def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tens
     if out is None:
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     check_out(out, (M, N), x.dtype, x)
-    meta, warps = launch_meta(qtype, M, x.dtype, bias is not None)
-    grid = (triton.cdiv(N, meta["BLOCK_N"]), 1 if meta["USE_DOT"] else M)
-    n_blocks = K // BLOCKS[qtype][0]
-    _ggml_gemv_kernel[grid](x, blocks, h, x if bias is None else bias, out, M, N, n_blocks, blocks.shape[1],
-                            x.stride(0), out.stride(0), **meta, num_warps=warps)
+    meta, warps = launch_meta(qtype, M, x.dtype, bias is not None, config)
+    split_k = meta["SPLIT_K"]
+    dst = out if split_k == 1 else torch.zeros((M, N), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, meta["BLOCK_N"]), 1 if meta["USE_DOT"] else M, split_k)
+    stages = {"num_stages": config["num_stages"]} if config and "num_stages" in config else {}
+    _ggml_gemv_kernel[grid](x, blocks, h, x if bias is None else bias, dst, M, N, K // BLOCKS[qtype][0],
+                            blocks.shape[1], x.stride(0), dst.stride(0), **meta, num_warps=warps, **stages)
+    if split_k > 1:
+        out.copy_(dst if bias is None else dst + bias.float())
     return out
 
 
