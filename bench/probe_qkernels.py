@@ -12,8 +12,11 @@ tools/bench_kernels.py's ceiling), and the largest relative error (Frobenius) of
 variant's candidates against fp32 ``x @ dequant_ref(w).T``.  With ``--ggml`` (default: q4_k,q6_k), each
 decode batch (M <= 64) also times kernels/ggml_gemv.py on random GGUF blocks of those types at the same
 shapes (its one fixed launch config), with the rate on the block bytes and its fraction of a copy of them.
+With ``--ggml-sweep`` only kernels/ggml_gemv.py runs: its launch configs swept per (qtype, M, GGUF
+tensor shape) within ``--budget-s`` seconds (bench/ggml_sweep.py), the best one per case written out.
 
 Usage on the GPU machine: python bench/probe_qkernels.py --out probe.json
+                          python bench/probe_qkernels.py --ggml-sweep --budget-s 150 --out sweep.json
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from kernels.ggml_gemv import ggml_gemv  # noqa: E402
 from kernels.quant_common import dequant_ref  # noqa: E402
 from kernels.tuning import fits_l2, graph_ms, precompile  # noqa: E402
 from tools.bench_quant import QWEN7B_QUANT, packed_operands  # noqa: E402
+from bench.ggml_sweep import SWEEP_QTYPES, copy_gbps, run_sweep, sweep_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +55,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=128, help="quantization group size (default: %(default)s)")
     p.add_argument("--ggml", default="q4_k,q6_k",
                    help="GGUF block types to time kernels/ggml_gemv.py on at M <= 64, '' for none (default: %(default)s)")
+    p.add_argument("--ggml-sweep", action="store_true",
+                   help="only sweep kernels/ggml_gemv.py's launch configs (bench/ggml_sweep.py)")
+    p.add_argument("--sweep-qtypes", default=",".join(SWEEP_QTYPES),
+                   help="GGUF block types the sweep covers (default: %(default)s)")
+    p.add_argument("--sweep-batches", default="1,4,16",
+                   help="token counts (1..64) the sweep covers (default: %(default)s)")
+    p.add_argument("--budget-s", type=float, default=150.0,
+                   help="seconds the sweep may take; the cases left then are listed as skipped "
+                        "(default: %(default)s)")
     args = p.parse_args(argv)
+    _check_sweep_args(p, args)
     args.ggml = [t for t in args.ggml.split(",") if t]
     if any(t not in ggml_blocks.BLOCKS for t in args.ggml):
         p.error(f"--ggml must name some of {', '.join(ggml_blocks.BLOCKS)}, got {','.join(args.ggml)!r}")
@@ -68,6 +82,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(known[s][0] % args.group for s in args.shapes):
         p.error(f"--group {args.group} must divide every probed K ({[known[s][0] for s in args.shapes]})")
     return args
+
+
+def _check_sweep_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.sweep_qtypes = [t for t in args.sweep_qtypes.split(",") if t]
+    if not args.sweep_qtypes or any(t not in ggml_blocks.BLOCKS for t in args.sweep_qtypes):
+        p.error(f"--sweep-qtypes must name some of {', '.join(ggml_blocks.BLOCKS)}, "
+                f"got {','.join(args.sweep_qtypes)!r}")
+    try:
+        args.sweep_batches = [int(b) for b in args.sweep_batches.split(",") if b]
+    except ValueError:
+        p.error(f"--sweep-batches must be comma-separated integers, got {args.sweep_batches!r}")
+    if not args.sweep_batches or not all(1 <= b <= 64 for b in args.sweep_batches):
+        p.error("--sweep-batches needs at least one count, each in 1..64")
+    if not args.budget_s > 0:
+        p.error(f"--budget-s must be > 0, got {args.budget_s}")
 
 
 def variant_name(cfg, gemv_m1: bool) -> str:
@@ -143,14 +172,6 @@ def probe_shape(name: str, k: int, n: int, m: int, bits: int, group: int, sms: i
     return rows
 
 
-def copy_gbps(nbytes: int, device: torch.device) -> float:
-    """Device-to-device copy rate of ``nbytes`` (read + write counted), timed as the kernels are."""
-    src = torch.empty(nbytes, device=device, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    copy_us = graph_ms(lambda: dst.copy_(src), cold=fits_l2(2 * nbytes, device)) * 1e3
-    return 2 * nbytes / copy_us / 1e3
-
-
 def probe_ggml(name: str, k: int, n: int, m: int, qtype: str) -> dict:
     """One row: kernels/ggml_gemv.py on random ``qtype`` blocks (std 0.02) at M = m, bf16 x."""
     gen = torch.Generator(device="cuda").manual_seed(m)
@@ -190,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: bench/probe_qkernels.py times Triton kernels and needs a CUDA GPU; none is visible "
               "(run it on the GPU machine)", file=sys.stderr)
         return 2
+    if args.ggml_sweep:
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "ggml_sweep": run_sweep(args.sweep_qtypes, args.sweep_batches, args.budget_s)}
+        print(f"device: {res['device']} | torch {res['torch']} | triton {res['triton']} | ggml_gemv sweep "
+              f"{res['ggml_sweep']['seconds']:.0f} s")
+        print(sweep_table(res["ggml_sweep"]))
+        return write_json(res, args.out)
     t0 = time.perf_counter()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     known = {n: (k, nn) for n, k, nn in QWEN7B_QUANT}
@@ -205,11 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {res['device']} | torch {res['torch']} | triton {res['triton']} | int{args.bits} g{args.group} "
           f"| {res['seconds']:.0f} s")
     print(table(rows))
-    tmp = args.out + ".tmp"
+    return write_json(res, args.out)
+
+
+def write_json(res: dict, path: str) -> int:
+    """Write ``res`` to ``path`` atomically (a temporary file renamed); returns the exit status 0."""
+    tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(res, fh, indent=1)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
     return 0
 
 
