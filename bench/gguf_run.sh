@@ -3,8 +3,9 @@
 #  s  7B: the synthetic Qwen2.5-7B AWQ and Q4_K_M GGUF (random blocks, written on the GPU): load time of
 #     each (a short engine.run, whole process) and decode at 6 GiB, batch 1 (bench_stream); the GGUF's
 #     layers as their own blocks (default) and repacked (LAYERSTREAM_GGUF_NATIVE=0), at 6 and 4 GiB
-#  k  the native GGUF kernels: CUDA tests (tests/test_kernels_ggml.py, tests/test_gguf_native.py) and
+#  k  the native GGUF kernels: CUDA tests (tests/test_kernels_ggml.py, tests/test_gguf_native.py),
 #     bench/probe_qkernels.py --ggml (ggml_gemv on Q4_K / Q6_K blocks at the 7B shapes against a copy)
+#     and --ggml-sweep (its launch configs; SWEEP_S seconds)
 #  a  72B AWQ (synthetic, ~42 GB) at --vram-budget 24GB: step against its bound, tok/s, peak VRAM, host RSS
 #  g  72B Q4_K_M GGUF (synthetic, ~47 GB) at 24GB, the same (the 72B AWQ is deleted first: 64 GiB of disk)
 # Results in $OUT/results.tar.gz.
@@ -35,9 +36,11 @@ if [[ $steps == *s* ]]; then
 fi
 if [[ $steps == *k* ]]; then
   timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels_ggml.py tests/test_gguf_native.py \
-    > $R/pytest_ggml.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_ggml.txt
-  timeout $(left 200) python3 bench/probe_qkernels.py --batches 1,4,16 --out $R/probe_ggml.json > $R/probe_ggml.txt 2>&1
+    tests/test_kernels_ggml_config.py > $R/pytest_ggml.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_ggml.txt
+  timeout $(left 150) python3 bench/probe_qkernels.py --batches 1,4,16 --out $R/probe_ggml.json > $R/probe_ggml.txt 2>&1
   echo "probe rc=$?"; tail -30 $R/probe_ggml.txt
+  timeout $(left 260) python3 bench/probe_qkernels.py --ggml-sweep --budget-s ${SWEEP_S:-220} --out $R/sweep_ggml.json \
+    > $R/sweep_ggml.txt 2>&1; echo "sweep rc=$?"; tail -40 $R/sweep_ggml.txt
 fi
 if [[ $steps == *a* ]]; then
   synth qwen2.5-72b /tmp/q72-awq --quant awq; du -sh /tmp/q72-awq | tee -a $R/env.txt
