@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,6 +53,30 @@ def open_stream(url: str, body: dict, headers: dict | None = None):
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json", **(headers or {})})
     return urllib.request.urlopen(req, timeout=60)
+
+
+@contextlib.contextmanager
+def app_server(loop, name: str = "m"):
+    """``loop``'s (an ``engine.serving.loop.EngineLoop``) app served by uvicorn in a thread of this process
+    on 127.0.0.1: yields its URL once it listens; on exit stops the server, then the loop."""
+    import uvicorn
+
+    from engine.serving.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(loop, name), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the in-process server did not start within 30 s"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        loop.close()
 
 
 class Server:

@@ -17,17 +17,8 @@ from engine.generate import generate
 from engine.quant.ggml import MODULES, GGMLWeight, NativeLayouts
 from engine.quant.layout import QuantLayerLayout
 from engine.sampling import SamplingParams
-from tests.helpers import make_engine, random_prompts
+from tests.helpers import hf_greedy, make_engine, random_prompts
 from tests.test_gguf_tiny import gguf_model  # noqa: F401 (the fixture)
-
-
-def _hf_tokens(ref, prompt: list[int], n: int) -> list[int]:
-    """transformers' ``n`` greedy tokens after ``prompt``."""
-    with torch.no_grad():
-        p = torch.tensor([prompt])
-        out = ref.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=n,
-                           min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def _block_bytes(views: dict) -> int:
@@ -95,7 +86,7 @@ def test_streamed_native_layers_give_transformers_tokens(gguf_model, tier):  # n
     head_rows = [n for n in sizes if n.startswith("lm_head.")]
     assert sum(sizes[n] for n in head_rows) == engine.ckpt.raw["lm_head.weight"].nbytes
     prompt = random_prompts([5], engine.cfg.vocab_size, seed=32)[0]
-    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=10).token_ids[0] == _hf_tokens(ref, prompt, 10)
+    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=10).token_ids[0] == hf_greedy(ref, prompt, 10)
     engine.close()
 
 
@@ -116,7 +107,7 @@ def test_k_quants_mixed_with_fallback_types_stay_native(gguf_model, file_type, f
     assert _block_bytes(views) == sum(engine.ckpt.raw[f"model.layers.0.{m}.weight"].nbytes for m in MODULES)
     engine.weights.release(0)
     prompt = random_prompts([5], engine.cfg.vocab_size, seed=33)[0]
-    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=10).token_ids[0] == _hf_tokens(ref, prompt, 10)
+    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=10).token_ids[0] == hf_greedy(ref, prompt, 10)
     engine.close()
 
 
@@ -193,10 +184,6 @@ def test_gpu_native_layers_in_decode_graphs_give_transformers_tokens(gguf_model,
     if budget == "low":
         assert len({engine.quant.native[i] for i in plan.streamed_layers}) == 2 and not plan.lm_head_resident
     prompt = random_prompts([7], engine.cfg.vocab_size, seed=33)[0]
-    with torch.no_grad():
-        p = torch.tensor([prompt])
-        want = ref.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=12,
-                            min_new_tokens=12, eos_token_id=None, pad_token_id=0)[0, 7:].tolist()
-    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=12).token_ids[0] == want
+    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=12).token_ids[0] == hf_greedy(ref, prompt, 12)
     engine.close()
 

@@ -21,7 +21,7 @@ from engine.generate import generate
 from engine.quant.layout import FUSED_LINEARS, QuantLayerLayout, dense_shapes, dense_shapes_of, linear_shapes
 from engine.quant.spec import QuantWeight, dequantize
 from engine.sampling import SamplingParams
-from tests.helpers import make_engine, random_prompts
+from tests.helpers import hf_greedy, make_engine, random_prompts
 from tests.test_gguf_tiny import gguf_model  # noqa: F401 (the fixture)
 
 # file type -> each fused projection's form (bits, group, additive mins, scale bytes), "*" for all of them;
@@ -106,10 +106,7 @@ def test_streamed_packed_layers_give_transformers_tokens(gguf_model, case, tier,
     assert plan.streamed_layers and (tier == "pinned" or plan.disk_layers)
     assert plan.slot_bytes >= plan.layer_bytes == resident.weights.layout.nbytes
     prompt = random_prompts([5], resident.cfg.vocab_size, seed=21)[0]
-    with torch.no_grad():
-        p = torch.tensor([prompt])
-        want = ref.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=10,
-                            min_new_tokens=10, eos_token_id=None, pad_token_id=0)[0, 5:].tolist()
+    want = hf_greedy(ref, prompt, 10)
     for engine in (resident, streamed):
         assert generate(engine, [prompt], SamplingParams(), max_new_tokens=10).token_ids[0] == want
         engine.close()

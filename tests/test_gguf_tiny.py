@@ -19,7 +19,8 @@ import torch
 from engine.generate import generate
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams
-from tests.helpers import _randomise, forward_decode, forward_prefill, make_engine, random_prompts, rel_max_err
+from tests.helpers import (_randomise, forward_decode, forward_prefill, hf_greedy, make_engine, random_prompts,
+                           rel_max_err)
 
 TOL = 1e-4
 # (family, file type): every block format the engine reads appears in at least one case
@@ -89,11 +90,7 @@ def test_logits_and_greedy_match_transformers(gguf_model, family, file_type):
         err = rel_max_err(forward_decode(engine.model, cache, ids[:, t], t), want[:, t])
         assert err <= TOL, f"decode at {t}: {err:.2e}"
     prompt = random_prompts([5], cfg.vocab_size, seed=8)[0]
-    with torch.no_grad():
-        p = torch.tensor([prompt])
-        hf = ref.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=12,
-                          min_new_tokens=12, eos_token_id=None, pad_token_id=0)[0, 5:].tolist()
-    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=12).token_ids[0] == hf
+    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=12).token_ids[0] == hf_greedy(ref, prompt, 12)
     engine.close()
 
 

@@ -8,12 +8,11 @@ import time
 import pytest
 
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
-from engine.serving.app import create_app  # noqa: E402
 from engine.serving.loop import EngineLoop  # noqa: E402
 from tests.helpers import make_engine  # noqa: E402
-from tests.serve_helpers import Server, free_port, get, open_stream, post  # noqa: E402
+from tests.serve_helpers import Server, app_server, get, open_stream, post  # noqa: E402
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -26,28 +25,19 @@ def test_health_is_503_while_loading_then_200(tiny_qwen2_dir):
         return make_engine(tiny_qwen2_dir, batch=2, max_context=256)
 
     loop = EngineLoop(load).start()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(loop, "m"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while not server.started:
-            time.sleep(0.05)
-        status, body, _ = get(url + "/health")
-        assert status == 503 and "loading" in body
-        status, out, headers = post(url + "/v1/chat/completions", CHAT)
-        assert status == 503 and out["error"]["type"] == "service_unavailable" and headers["retry-after"] == "1"
-        gate.set()
-        assert loop.ready.wait(30)
-        assert get(url + "/health")[0] == 200
-        status, out, _ = post(url + "/v1/chat/completions", CHAT)
-        assert status == 200 and out["usage"]["completion_tokens"] >= 1
-    finally:
-        gate.set()
-        server.should_exit = True
-        thread.join(10)
-        loop.close()
+    with app_server(loop) as url:
+        try:
+            status, body, _ = get(url + "/health")
+            assert status == 503 and "loading" in body
+            status, out, headers = post(url + "/v1/chat/completions", CHAT)
+            assert status == 503 and out["error"]["type"] == "service_unavailable" and headers["retry-after"] == "1"
+            gate.set()
+            assert loop.ready.wait(30)
+            assert get(url + "/health")[0] == 200
+            status, out, _ = post(url + "/v1/chat/completions", CHAT)
+            assert status == 200 and out["usage"]["completion_tokens"] >= 1
+        finally:
+            gate.set()
 
 
 def test_api_key_overload_and_sigterm(tiny_qwen2_dir):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
 
 import pytest
 
@@ -131,9 +130,8 @@ def test_warm_up_runs_its_shapes_and_leaves_nothing(tiny_qwen2_dir, monkeypatch,
 
 
 def test_health_says_warming_up_until_the_warm_up_ends(tiny_qwen2_dir):
-    uvicorn = pytest.importorskip("uvicorn")
-    from engine.serving.app import create_app
-    from tests.serve_helpers import free_port, get, post
+    pytest.importorskip("uvicorn")
+    from tests.serve_helpers import app_server, get, post
 
     gate, started = threading.Event(), threading.Event()
 
@@ -143,29 +141,20 @@ def test_health_says_warming_up_until_the_warm_up_ends(tiny_qwen2_dir):
         return warm_up(sched)
 
     loop = EngineLoop(lambda: make_engine(tiny_qwen2_dir, batch=2, max_context=256), warmup=slow_warm_up).start()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(loop, "m"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    try:
-        assert started.wait(30)
-        while not server.started:
-            time.sleep(0.05)
-        status, body, _ = get(url + "/health")
-        assert status == 503 and json.loads(body)["status"] == "warming up"
-        status, out, _ = post(url + "/v1/chat/completions", chat)
-        assert status == 503 and "warming up" in out["error"]["message"]
-        gate.set()
-        assert loop.ready.wait(60) and loop.warmup_report is not None
-        assert get(url + "/health")[0] == 200
-        assert post(url + "/v1/chat/completions", chat)[0] == 200
-    finally:
-        gate.set()
-        server.should_exit = True
-        thread.join(10)
-        loop.close()
+    with app_server(loop) as url:
+        try:
+            assert started.wait(30)
+            status, body, _ = get(url + "/health")
+            assert status == 503 and json.loads(body)["status"] == "warming up"
+            status, out, _ = post(url + "/v1/chat/completions", chat)
+            assert status == 503 and "warming up" in out["error"]["message"]
+            gate.set()
+            assert loop.ready.wait(60) and loop.warmup_report is not None
+            assert get(url + "/health")[0] == 200
+            assert post(url + "/v1/chat/completions", chat)[0] == 200
+        finally:
+            gate.set()
 
 
 def test_a_failing_warm_up_does_not_stop_the_server(tiny_qwen2_dir):
