@@ -21,17 +21,6 @@ from engine.quant.ggml import DEQUANT_SCRATCH, GGMLWeight
 from engine.quant.spec import QuantWeight, dequantize
 
 
-def _ggml_dense_rows(w: GGMLWeight, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``[r0, r1)`` of a GGUF weight decoded into a dense ``[r1 - r0, K]`` tensor (Triton)."""
-    from kernels.ggml_dequant import ggml_dequant
-    dense = torch.empty((r1 - r0, w.in_features), dtype=dtype, device=w.parts[0][1].device)
-    for row, qtype, blocks in w.rows():
-        a, z = max(r0, row), min(r1, row + blocks.shape[0])
-        if a < z:
-            ggml_dequant(blocks[a - row:z - row], qtype, w.in_features, dtype, out=dense[a - r0:z - r0])
-    return dense
-
-
 class TorchOps:
     """Plain torch ops in the compute dtype (norms and softmax in fp32, like HF)."""
 
@@ -118,6 +107,9 @@ class TritonOps(TorchOps):
                        swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
                        prefill=attention_prefill.attention_prefill, decode=attention_decode.attention_decode,
                        embedding=embedding.embedding)
+        from kernels import ggml_dequant, ggml_gemv
+        self._k.update(ggml_gemv=ggml_gemv.ggml_gemv, ggml_dequant=ggml_dequant.ggml_dequant)
+        self._ggml_max_m = ggml_gemv.GGML_GEMV_MAX_M
         from kernels.tuning import untuned
         self._untuned, self._gemv_max_m = untuned, linear.GEMV_MAX_M
 
@@ -138,21 +130,31 @@ class TritonOps(TorchOps):
         """GGUF blocks: a GEMV per part into its columns of the output (decode), or (prefill chunks:
         compute-bound) rows of the weight decoded into a dense tile of at most ``DEQUANT_SCRATCH``
         bytes at a time, each through the dense GEMM."""
-        from kernels.ggml_gemv import GGML_GEMV_MAX_M, ggml_gemv
         (n, k), lead = w.shape, x.shape[:-1]
         x2 = x.reshape(-1, k)
+        step = max(256, DEQUANT_SCRATCH // (k * x.element_size()) // 256 * 256)
+        if x2.shape[0] > self._ggml_max_m and step >= n:  # one tile: the GEMM writes the output itself
+            return self._k["linear"](x, self._ggml_dense_rows(w, 0, n, x.dtype), b)
         out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-        if x2.shape[0] <= GGML_GEMV_MAX_M:
+        if x2.shape[0] <= self._ggml_max_m:
             for row, qtype, blocks in w.rows():
                 bias = None if b is None else b[row:row + blocks.shape[0]]
-                ggml_gemv(x2, blocks, qtype, out=out[:, row:row + blocks.shape[0]], bias=bias)
+                self._k["ggml_gemv"](x2, blocks, qtype, out=out[:, row:row + blocks.shape[0]], bias=bias)
             return out.view(*lead, n)
-        step = max(256, DEQUANT_SCRATCH // (k * x.element_size()) // 256 * 256)
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
-            dense = _ggml_dense_rows(w, r0, r1, x.dtype)
+            dense = self._ggml_dense_rows(w, r0, r1, x.dtype)
             out[:, r0:r1] = self._k["linear"](x2, dense, None if b is None else b[r0:r1])
         return out.view(*lead, n)
+
+    def _ggml_dense_rows(self, w: GGMLWeight, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of a GGUF weight decoded into a dense ``[r1 - r0, K]`` tensor."""
+        dense = torch.empty((r1 - r0, w.in_features), dtype=dtype, device=w.device)
+        for row, qtype, blocks in w.rows():
+            a, z = max(r0, row), min(r1, row + blocks.shape[0])
+            if a < z:
+                self._k["ggml_dequant"](blocks[a - row:z - row], qtype, w.in_features, dtype, out=dense[a - r0:z - r0])
+        return dense
 
     def swiglu(self, gate_up):
         return self._k["swiglu"](gate_up)

@@ -69,7 +69,8 @@ class GGMLWeight:
 
     def dequantize(self) -> torch.Tensor:
         """fp32 reference: the full ``[N, K]`` weight, as ggml's dequantizers give it."""
-        return torch.cat([dequant_ref(blocks, qtype, self.in_features) for qtype, blocks in self.parts])
+        parts = [dequant_ref(blocks, qtype, self.in_features) for qtype, blocks in self.parts]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass(frozen=True)
