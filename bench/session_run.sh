@@ -6,6 +6,7 @@
 #     with LAYERSTREAM_COMPILE_AHEAD=processes and =0 (each with its own empty Triton cache)
 #  h  issue 18: bench_stream --host-compute off,auto at 6 / 4 GiB, batch 1 and 4
 #  t  GPU tests of compile ahead, the host lane and worker, host prompt states, the timeline
+#  m  issue 14: memreport at 6 GB with its pictures (memory.png, timeline.png: decode steps and a prefill)
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, all resident, the accelerate peer
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -27,6 +28,10 @@ if [[ $steps == *f* ]]; then
       --runs first --triton-cache fresh --cache-dir /tmp/ls-ahead$a --timeout 55 --out $R/startup_short_ahead$a.json \
       > $R/startup_short_ahead$a.txt 2>&1; cat $R/startup_short_ahead$a.txt
   done
+fi
+if [[ $steps == *m* ]]; then
+  timeout $(left 70) python3 tools/memreport.py --model $M --vram-budget 6GB --prompt-tokens 2048 --context 4096 --out-dir $R/memreport \
+    > $R/memreport.txt 2>&1; echo "memreport rc=$?"; tail -25 $R/memreport.txt
 fi
 if [[ $steps == *h* ]]; then
   timeout $(left 150) python3 -m tools.bench_stream --model $M --budgets 6GiB,4GiB --batches 1,4 --steps 8 \
