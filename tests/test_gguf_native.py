@@ -17,6 +17,7 @@ from engine.generate import generate
 from engine.quant.ggml import MODULES, GGMLWeight, NativeLayouts
 from engine.quant.layout import QuantLayerLayout
 from engine.sampling import SamplingParams
+from memory.process_vram import outside_allocator
 from tests.helpers import hf_greedy, make_engine, random_prompts
 from tests.test_gguf_tiny import gguf_model  # noqa: F401 (the fixture)
 
@@ -176,7 +177,9 @@ def test_gpu_native_layers_in_decode_graphs_give_transformers_tokens(gguf_model,
     if budget == "low":
         probe = make_engine(path, **opts)
         low = min_budget(probe.cfg, torch.float32, max_context=64, prefill_chunk=2048, quant=probe.quant)
-        opts["vram_budget"] = low + probe.plan.outside_bytes + probe.plan.layer_bytes // 2  # no layer resident
+        # the budget is the process's (memory.process_vram): the allocator's share plus what is held outside it
+        outside = outside_allocator(torch.device("cuda")).bytes
+        opts["vram_budget"] = low + outside + probe.plan.layer_bytes // 2  # no layer resident
         probe.close()
     engine = make_engine(path, **opts)
     plan = engine.plan
