@@ -70,7 +70,7 @@ def sweep_case(qtype: str, proj: str, k: int, n: int, m: int, sms: int, deadline
     cands: list[dict | None] = [None, *candidates(qtype, m, k, n, sms)]
 
     def run(cfg: dict | None) -> None:
-        ggml_gemv(x, blocks, qtype, out=out, config=cfg)
+        ggml_gemv(x, blocks, qtype, out=out, config={} if cfg is None else cfg)
 
     precompile(cands, run, x.device)
     timed, failed = [], []

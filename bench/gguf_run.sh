@@ -12,7 +12,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 source bench/common.sh  # carried wheels, env_info, synth_7b
-OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R
+OUT=${OUT:-/tmp/out}; R=${R_DIR:-/tmp/results}; rm -rf $R; mkdir -p "$OUT" $R
 steps=${1:-s}; END=$(( $(date +%s) + ${BOX:-540} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
 rss() { /usr/bin/time -f "max RSS %M KB, wall %e s" "$@"; }

@@ -219,7 +219,9 @@ def compile_only(workers: int | None = None, how: str | None = None) -> Iterator
                 stats.compiles += 1
                 args = tuple(_standin(a) for a in args)
                 kwargs = {k: _standin(v) for k, v in kwargs.items()}
-                _route(cap, self, args, kwargs, grid, stats, threads)
+                # a warm-up ignores the grid; a grid callable can close over the launch's tensors, and a
+                # queued compile would keep them (a prefill chunk's activations) alive past the pass
+                _route(cap, self, args, kwargs, (1,), stats, threads)
             return None
 
         JITFunction.run = run

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import ggml_tuned
 from kernels.checks import check_device
 from kernels.ggml_blocks import BLOCKS, dequant_ref
 from kernels.ggml_common import (INTERPRET, check_blocks, check_out, layout_meta, legacy_bases, legacy_cols,
@@ -255,7 +256,8 @@ def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tens
     "q4_0", "q4_1", "q5_0", "q5_1" (K a multiple of 32) (GGUF tensor rows), contiguous, 2-byte aligned;
     bias [N] in x's dtype or None; out: [M, N] in x's dtype with unit stride along N and any row
     stride (e.g. a column slice of a fused projection's output), or None for a new tensor.
-    config: a launch override for probes and tests (:func:`check_config`; the engine passes none);
+    config: a launch override for probes and tests (:func:`check_config`; ``{}``: the fixed guesses);
+    None (the engine): ``kernels.ggml_tuned``'s measured pick on sm_90, else the fixed guesses;
     SPLIT_K > 1 sums fp32 partials in a zeroed workspace, then adds bias and rounds once into out.
     Returns out.  bf16 / fp16 x reads each block byte once for all M rows; fp32 x once per row.
     """
@@ -264,6 +266,8 @@ def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tens
     if out is None:
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     check_out(out, (M, N), x.dtype, x)
+    if config is None:  # the H200's measured pick for this shape, else launch_meta's fixed guesses
+        config = ggml_tuned.pick(qtype, M, N, K, x.dtype, x.device)
     meta, warps = launch_meta(qtype, M, x.dtype, bias is not None, config)
     split_k = meta["SPLIT_K"]
     dst = out if split_k == 1 else torch.zeros((M, N), device=x.device, dtype=torch.float32)

@@ -6,6 +6,7 @@ weights' dry mode hands out slot 0 without streaming. Triton's launch is replace
 from __future__ import annotations
 
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,31 @@ def test_launches_compile_once_per_specialisation_and_run_nothing(recorder):
         assert args[0] is not buf and args[0].numel() <= 32
     aligned = {(a[0].dtype, a[0].data_ptr() % 16 == 0) for _, _, a, _ in recorder.calls}
     assert aligned == {(torch.float32, True), (torch.float32, False), (torch.float16, True)}
+
+
+def test_queued_compiles_keep_no_launch_tensor_alive(monkeypatch):
+    """A grid callable closing over the launch's output must not outlive the launch: on the H200 the
+    dry pass of a 2048-token prefill kept layer 0's activations (~300 MiB) alive through its queued
+    compiles and went out of memory under --vram-budget."""
+    gate = threading.Event()
+
+    def slow(fn, *args, grid, warmup, **kwargs):  # a compile still queued while the pass goes on
+        gate.wait(5)
+        return "kernel"
+
+    monkeypatch.setattr(JITFunction, "run", slow)
+    kernel = JITFunction(_body)
+
+    def launch() -> weakref.ref:  # like a launcher: the grid closes over its output
+        out = torch.zeros(1 << 16)
+        kernel[lambda meta: (out.numel() // meta["BLOCK"],)](out, 64, BLOCK=16)
+        return weakref.ref(out)
+
+    with compile_only(workers=1, how="threads"):
+        gone = launch()
+        kernel[(1,)](torch.zeros(4), 17, BLOCK=16)  # a second one queued behind the first
+        assert gone() is None  # freed while its compile is still running
+        gate.set()
 
 
 def test_other_threads_and_explicit_warmups_pass_through(recorder):
