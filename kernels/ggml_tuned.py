@@ -3,7 +3,7 @@
 ``bench/probe_qkernels.py --ggml-sweep`` timed every candidate (BLOCK_N, num_warps, SPLIT_K) against the
 fixed guesses of ``launch_meta`` for Q4_K, Q6_K, Q5_0 and Q8_0 blocks at the Qwen2.5-7B projection shapes,
 M = 1, 4 and 16 rows, bf16 x, each checked against the fp32 reference first
-(``bench/results/2026-12-01-h200-s9/sweep_ggml.*``). A shape is classed by its N and K (``kv``: N <= 1024,
+(``bench/results/2026-12-01-h200-s9/call2/sweep_ggml.*``). A shape is classed by its N and K (``kv``: N <= 1024,
 ``wide``: N >= 2K, ``deep``: K >= 2N, else ``square``); types not swept take the nearest swept one's
 pick (Q5_K: Q6_K's; Q4_0 / Q4_1 / Q5_1: Q5_0's); M classes 1, 2..4 and 5..64 (Q5_0 / Q8_0 were not swept
 at 16 rows: their 4-row picks). Other GPUs, fp32 x, or no entry: ``launch_meta``'s fixed guesses.
