@@ -112,11 +112,17 @@ def _host_lane(fp: Footprint, s: Sizes, r: Residency, t: Tiers, w: _Workload, co
     return host_lane(x, w.host_compute, w.host_source, kv_per_layer, notes)
 
 
+def head_chunk_count(fp: Footprint, s: Sizes) -> int:
+    """Streamed lm_head chunks of as many vocabulary rows as one staging slot holds, at lm_head's own row
+    size (a GGUF output held as blocks has smaller rows than the embedding widened for the look-up)."""
+    return math.ceil(fp.rows / (s.layer // max(1, s.lm_head // fp.rows)))
+
+
 def _head_chunks(fp: Footprint, s: Sizes, r: Residency) -> tuple[int, ...]:
     """Bytes of each streamed lm_head chunk (``engine.weights``: equal row counts, the last one short)."""
     if r.lm_head_resident:
         return ()
-    chunks = math.ceil(fp.rows / (s.layer // s.row))
+    chunks = head_chunk_count(fp, s)
     rows = -(-fp.rows // chunks)
     return tuple(s.lm_head * min(rows, fp.rows - c * rows) // fp.rows for c in range(chunks))
 
@@ -202,7 +208,7 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
 def _assemble(fp: Footprint, f: Fit, w: _Workload, budget: tuple[int, int], host: int, notes: list[str]) -> Plan:
     s, r, t = f.sizes, f.residency, f.tiers
     n, batch = s.n, w.batch
-    chunks = 0 if r.lm_head_resident else math.ceil(fp.rows / (s.layer // s.row))
+    chunks = 0 if r.lm_head_resident else head_chunk_count(fp, s)
     streamed_layers = r.streamed
     streamed = (sum(s.layers[i] for i in streamed_layers) + (0 if r.lm_head_resident else s.lm_head)
                 + (0 if r.embed_on_device else batch * s.row))

@@ -17,6 +17,7 @@ from engine.generate import generate
 from engine.quant.ggml import MODULES, GGMLWeight, NativeLayouts
 from engine.quant.layout import QuantLayerLayout
 from engine.sampling import SamplingParams
+from engine.weights import UnitBuilder
 from memory.process_vram import outside_allocator
 from tests.helpers import hf_greedy, make_engine, random_prompts
 from tests.test_gguf_tiny import gguf_model  # noqa: F401 (the fixture)
@@ -83,9 +84,16 @@ def test_streamed_native_layers_give_transformers_tokens(gguf_model, tier):  # n
     assert len(plan.streamed_layers) >= 2 and (tier == "pinned" or plan.disk_layers)
     sizes = {u.name: u.nbytes for u in engine.weights.units}
     assert all(sizes[f"layer.{i}"] == engine.weights.layout.of(i).nbytes for i in plan.streamed_layers)
-    assert not plan.lm_head_resident and plan.lm_head_chunks >= 2  # the Q6_K output streams as block rows
+    assert not plan.lm_head_resident and plan.lm_head_chunks >= 1  # the Q6_K output streams as block rows
     head_rows = [n for n in sizes if n.startswith("lm_head.")]
     assert sum(sizes[n] for n in head_rows) == engine.ckpt.raw["lm_head.weight"].nbytes
+    head_row = engine.ckpt.raw["lm_head.weight"].nbytes // engine.cfg.vocab_size  # block-row bytes, not widened
+    assert len(head_rows) == -(-engine.cfg.vocab_size // (plan.slot_bytes // head_row))  # each chunk fills a slot
+    w = engine.weights  # in more chunks: consecutive block rows of the file, covering it once
+    spans = [u.spans[0] for u in UnitBuilder(engine.ckpt, engine.cfg, w.layout, head_blocks=w.head_blocks)
+             .lm_head_chunks(3, "pinned")]
+    assert [sp.offset - spans[0].offset for sp in spans] == [0, spans[0].nbytes, 2 * spans[0].nbytes]
+    assert sum(sp.nbytes for sp in spans) == engine.ckpt.raw["lm_head.weight"].nbytes
     prompt = random_prompts([5], engine.cfg.vocab_size, seed=32)[0]
     assert generate(engine, [prompt], SamplingParams(), max_new_tokens=10).token_ids[0] == hf_greedy(ref, prompt, 10)
     engine.close()
