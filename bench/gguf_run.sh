@@ -20,10 +20,12 @@ env_info > $R/env.txt 2>&1
 synth() { [ -e $2 ] || timeout $(left 240) python3 -m tools.synth --preset $1 --out $2 --device cuda "${@:3}" 2>&1 | tail -1; }
 bench() { timeout $(left $3) rss python3 -m tools.bench_stream --model $1 --budgets $2 --batches 1 --steps 6 \
   --prefill-tokens 0 --out-dir $R --tag $4 > $R/bench_$4.log 2>&1; echo "$4 rc=$?"; tail -3 $R/bench_$4.log; }
-if [[ $steps == *s* ]]; then
-  synth qwen2.5-7b /tmp/q7b-awq --quant awq
+if [[ $steps == *s* ]]; then  # most wanted first: the native GGUF's decode, then AWQ's, load times, repacked
   synth qwen2.5-7b /tmp/q7b-gguf --format gguf --gguf-type Q4_K_M
-  G=$(ls /tmp/q7b-gguf/*.gguf | head -1); du -sh /tmp/q7b-awq $G | tee -a $R/env.txt
+  G=$(ls /tmp/q7b-gguf/*.gguf | head -1); du -sh $G | tee -a $R/env.txt
+  bench $G 6GiB,4GiB 120 gguf7b
+  synth qwen2.5-7b /tmp/q7b-awq --quant awq; du -sh /tmp/q7b-awq | tee -a $R/env.txt
+  bench /tmp/q7b-awq 6GiB 90 awq7b
   for m in /tmp/q7b-awq $G; do  # load time: whole process, warm page cache (second of two runs)
     for i in 1 2; do s=$(date +%s.%N)
       timeout $(left 90) python3 -m engine.run --model $m --vram-budget 6GiB --prompt Hello --max-new-tokens 8 --json \
@@ -31,7 +33,6 @@ if [[ $steps == *s* ]]; then
       echo "$(basename $m) run $i rc=$? wall $(python3 -c "print(round($(date +%s.%N) - $s, 1))") s" | tee -a $R/load.txt
     done
   done
-  bench /tmp/q7b-awq 6GiB 90 awq7b; bench $G 6GiB,4GiB 120 gguf7b
   LAYERSTREAM_GGUF_NATIVE=0 bench $G 6GiB,4GiB 120 gguf7b-repacked
 fi
 if [[ $steps == *k* ]]; then
