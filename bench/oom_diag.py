@@ -47,6 +47,22 @@ def report(title: str) -> None:
     sys.stderr.flush()
 
 
+def holders() -> None:
+    """What refers to the large CUDA tensors alive now (two levels up), to find who keeps them."""
+    import gc
+    big = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_cuda
+           and o.untyped_storage().nbytes() >= (8 << 20)]
+    for t in big[:40]:
+        refs = [r for r in gc.get_referrers(t) if r is not big]
+        desc = []
+        for r in refs[:4]:
+            up = [type(u).__name__ + (f":{u.f_code.co_name}@{u.f_lineno}" if hasattr(u, "f_code") else "")
+                  for u in gc.get_referrers(r)[:4] if u is not refs]
+            name = type(r).__name__ + (f":{r.f_code.co_name}@{r.f_lineno}" if hasattr(r, "f_code") else "")
+            desc.append(f"{name}<-{up}")
+        print(f"  {tuple(t.shape)} {t.untyped_storage().nbytes() >> 20} MiB held by {desc}", file=sys.stderr)
+
+
 def main() -> None:
     module, argv = sys.argv[1], sys.argv[2:]
     torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
@@ -58,6 +74,7 @@ def main() -> None:
             print(f"\nOOM #{len(seen)}: asked for {alloc / 2**20:.1f} MiB, from:", file=sys.stderr)
             traceback.print_stack(limit=12, file=sys.stderr)
             report(f"live at out-of-memory #{len(seen)}")
+            holders()
 
     torch._C._cuda_attach_out_of_memory_observer(on_oom)
     sys.argv = [module] + argv
