@@ -12,10 +12,14 @@ Inside, :func:`kernels.tuning.tuning_suspended` is true: a shape with a cached o
 compiles that pick, any other its default config; nothing is timed (nothing runs). Launches that
 repeat a specialisation (every layer calls the same kernels) are compiled once: they are keyed the
 way Triton specialises its arguments (tensors by dtype and 16-byte alignment, integers by == 1,
-divisibility by 16 and 32/64-bit range), keyword arguments by value. A key that merges two real
+divisibility by 16 and 32/64-bit range, host tensor descriptors by dtype, alignment and block shape),
+other keyword arguments by value. A key that merges two real
 specialisations only leaves one of them to compile in the real pass; it never changes a result.
-The compile gets small stand-ins for the tensors (same dtype, device and 16-byte alignment), so a
-pending compile never keeps a pass's activations alive past the budget.
+The compile gets small stand-ins for the tensors (same dtype, device and 16-byte alignment; a tensor
+descriptor gets one as its base) and a plain grid, so a pending compile never keeps a pass's
+activations alive past the budget. (Keyed by their repr, the TMA GEMM's descriptors once printed
+their tensors' values: every launch was a new key holding its outputs until compiled, and a 16k-token
+prompt went out of memory at 6 GB on the H200.)
 
 Where the compiles run (``LAYERSTREAM_COMPILE_AHEAD``): with ``processes`` each new specialisation is first warmed up in the calling thread under a ``jit_cache_hook``
 that takes the compile's inputs and skips the compile (the calling thread pays Triton's argument
@@ -32,6 +36,7 @@ an H200, bench/results/README.md); on the CPU they are checked for sm_90 (tests/
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import threading
@@ -117,6 +122,16 @@ def _hook_knobs():
     return runtime if runtime is not None and hasattr(runtime, "jit_cache_hook") else None
 
 
+def _desc_fields(v) -> tuple | None:
+    """A host tensor descriptor's specialisation (triton.tools.tensor_descriptor: a dataclass holding its
+    base tensor), or None for anything else."""
+    base = getattr(v, "base", None)
+    if not isinstance(base, torch.Tensor) or not hasattr(v, "block_shape"):
+        return None
+    return ("d", base.dtype, base.data_ptr() % 16 == 0, tuple(v.block_shape), len(v.shape),
+            getattr(v, "padding", None), getattr(v, "round_f32_to_tf32", None))
+
+
 def _arg_key(v) -> object:
     if isinstance(v, torch.Tensor):
         return ("t", v.dtype, v.data_ptr() % 16 == 0)
@@ -126,11 +141,17 @@ def _arg_key(v) -> object:
         return ("i", v == 1, v % 16 == 0, -(1 << 31) <= v < (1 << 31))
     if isinstance(v, float):
         return "f"
-    return repr(v)
+    desc = _desc_fields(v)  # never its repr: that prints the base tensor's values (a device sync)
+    return desc if desc is not None else repr(v)
 
 
 def _standin(v):
-    """A tensor argument as Triton's specialisation sees it (dtype, device, alignment), in a few bytes."""
+    """A tensor argument as Triton's specialisation sees it (dtype, device, alignment), in a few bytes;
+    a tensor descriptor gets such a base (it keeps its shape, strides and block shape)."""
+    if _desc_fields(v) is not None:
+        small = copy.copy(v)  # shape, strides, block shape and options kept; the base swapped
+        small.base = _standin(v.base)
+        return small
     if not isinstance(v, torch.Tensor):
         return v
     base = torch.empty(32, dtype=v.dtype, device=v.device)
@@ -139,7 +160,8 @@ def _standin(v):
 
 def launch_key(fn: JITFunction, args: tuple, kwargs: dict) -> tuple:
     """The key a launch is deduplicated by (see the module docstring)."""
-    kw = tuple(sorted((k, _arg_key(v) if isinstance(v, torch.Tensor) else repr(v)) for k, v in kwargs.items()))
+    kw = tuple(sorted((k, _arg_key(v) if isinstance(v, torch.Tensor) or _desc_fields(v) else repr(v))
+                      for k, v in kwargs.items()))  # constexprs by value
     return id(fn), tuple(_arg_key(a) for a in args), kw
 
 
