@@ -15,10 +15,10 @@ source bench/common.sh  # carried wheels, env_info, synth_7b
 OUT=${OUT:-/tmp/out}; R=${R_DIR:-/tmp/results}; rm -rf $R; mkdir -p "$OUT" $R
 steps=${1:-s}; END=$(( $(date +%s) + ${BOX:-540} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
-rss() { /usr/bin/time -f "max RSS %M KB, wall %e s" "$@"; }
+RSS=(); [ -x /usr/bin/time ] && RSS=(/usr/bin/time -f "max RSS %M KB, wall %e s")  # timeout runs programs, not functions
 env_info > $R/env.txt 2>&1
 synth() { [ -e $2 ] || timeout $(left 240) python3 -m tools.synth --preset $1 --out $2 --device cuda "${@:3}" 2>&1 | tail -1; }
-bench() { timeout $(left $3) rss python3 -m tools.bench_stream --model $1 --budgets $2 --batches 1 --steps 6 \
+bench() { timeout $(left $3) "${RSS[@]}" python3 -m tools.bench_stream --model $1 --budgets $2 --batches 1 --steps 6 \
   --prefill-tokens 0 --out-dir $R --tag $4 > $R/bench_$4.log 2>&1; echo "$4 rc=$?"; tail -3 $R/bench_$4.log; }
 if [[ $steps == *s* ]]; then  # most wanted first: the native GGUF's decode, then AWQ's, load times, repacked
   synth qwen2.5-7b /tmp/q7b-gguf --format gguf --gguf-type Q4_K_M
