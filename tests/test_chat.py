@@ -7,6 +7,7 @@ import io
 import os
 import re
 import select
+import signal
 import sys
 import time
 from pathlib import Path
@@ -121,11 +122,18 @@ class Pty:
     def send(self, data: bytes) -> None:
         os.write(self.fd, data)
 
-    def close(self) -> int:
-        self.send(b"\x04")  # Ctrl-D
-        _, status = os.waitpid(self.pid, 0)
+    def close(self, timeout: float = 30.0) -> int:
+        """Ctrl-D, then the exit code. A child still running after ``timeout`` seconds (a failed step left
+        a half-typed line, where Ctrl-D deletes a character) is killed: the test fails, it never hangs."""
+        self.send(b"\x04")
+        end = time.monotonic() + timeout
+        while (pid_status := os.waitpid(self.pid, os.WNOHANG))[0] == 0 and time.monotonic() < end:
+            time.sleep(0.1)
+        if pid_status[0] == 0:
+            os.kill(self.pid, signal.SIGKILL)
+            pid_status = os.waitpid(self.pid, 0)
         os.close(self.fd)
-        return os.waitstatus_to_exitcode(status)
+        return os.waitstatus_to_exitcode(pid_status[1])
 
 
 def _prompt_tokens(seen: bytes) -> int:
