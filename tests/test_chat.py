@@ -100,6 +100,9 @@ class Pty:
         import pty
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child
+            # a terminal user's Ctrl-C interrupts: undo an ignored SIGINT inherited from how the test runner
+            # was started (a background job of a non-interactive shell ignores it, and so would the CLI)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.chdir(ROOT)
             os.environ["PYTHONPATH"] = str(ROOT)
             os.execv(sys.executable, [sys.executable, "-m", "engine.run", *argv])
