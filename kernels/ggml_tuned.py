@@ -5,8 +5,8 @@ fixed guesses of ``launch_meta`` for Q4_K, Q6_K, Q5_0 and Q8_0 blocks at the Qwe
 M = 1, 4 and 16 rows, bf16 x, each checked against the fp32 reference first
 (``bench/results/2026-12-01-h200-s9/call2/sweep_ggml.*``). A shape is classed by its N and K (``kv``: N <= 1024,
 ``wide``: N >= 2K, ``deep``: K >= 2N, else ``square``); types not swept take the nearest swept one's
-pick (Q5_K: Q6_K's; Q4_0 / Q4_1 / Q5_1: Q5_0's); M classes 1, 2..4 and 5..64 (Q5_0 / Q8_0 were not swept
-at 16 rows: their 4-row picks). Other GPUs, fp32 x, or no entry: ``launch_meta``'s fixed guesses.
+pick (Q5_K: Q6_K's; Q4_0 / Q4_1 / Q5_1: Q5_0's); M classes 1, 2..4 and 5..16 (Q5_0 / Q8_0 were not swept
+at 16 rows: their 4-row picks). More rows, other GPUs, fp32 x, or no entry: ``launch_meta``'s fixed guesses.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ def pick(qtype: str, m: int, n: int, k: int, dtype: torch.dtype, device: torch.d
     if dtype == torch.float32 or not _sm90(device):
         return None
     swept = NEAREST.get(qtype)
+    if m > 16:  # not swept: a tile of more rows may not fit the registers a 16-row pick was timed with
+        return None
     mc = 1 if m == 1 else 4 if m <= 4 else 16
     hit = SM90.get((swept, mc, shape_class(n, k))) or SM90.get((swept, 4, shape_class(n, k)))
     if hit is None:

@@ -35,5 +35,6 @@ def test_pick_only_on_sm90_and_not_for_fp32(monkeypatch):
     assert ggml_tuned.pick("q5_k", 3, 512, 3584, torch.float16, cpu) == dict(
         zip(("BLOCK_N", "num_warps", "SPLIT_K"), ggml_tuned.SM90[("q6_k", 4, "kv")]))
     # Q8_0 was swept at 1 and 4 rows only: 16 rows take its 4-row pick
-    assert ggml_tuned.pick("q8_0", 40, 18944, 3584, torch.bfloat16, cpu)["BLOCK_N"] == \
+    assert ggml_tuned.pick("q8_0", 12, 18944, 3584, torch.bfloat16, cpu)["BLOCK_N"] == \
         ggml_tuned.SM90[("q8_0", 4, "wide")][0]
+    assert ggml_tuned.pick("q4_k", 17, 18944, 3584, torch.bfloat16, cpu) is None  # rows never swept
