@@ -32,10 +32,17 @@ from engine.weights import ModelWeights
 from memory.allocator_cap import AllocatorCap
 from memory.bandwidth import h2d_bandwidth
 from memory.host_lane import parse_host_compute
-from memory.host_rate import host_gemv_rate
+from memory.host_rate import host_gemv_rate, record_achieved
 from memory.process_vram import Outside, outside_allocator
 
 log = logging.getLogger(__name__)
+
+
+def host_form(quant) -> str:
+    """The host rate cache's name for a model's layer form ("" for full-precision layers)."""
+    group = int4_host_group(quant) if quant is not None else None
+    return f"int4 g{group} CPU kernel" if group is not None else ""
+
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -209,17 +216,30 @@ class Engine:
                 "the compute device is the CPU" if self.device.type != "cuda"
                 else "quantized layers without a CPU kernel (int8, or a group size torch's int4 kernel does not take)")
             return None, f"not measured: {why}"
-        form = measure = None
+        form, measure = host_form(self.quant), None
         if group is not None:
-            form, measure = f"int4 g{group} CPU kernel", functools.partial(measure_int4_gemv, group=group)
+            measure = functools.partial(measure_int4_gemv, group=group)
         # next to H2D copies, as the lane runs; on the worker's cores with its thread count (a disk tier,
         # which takes one more core, is not known yet)
-        rate = functools.partial(host_gemv_rate, contend=self.device, form=form or "", measure=measure)
+        rate = functools.partial(host_gemv_rate, contend=self.device, form=form, measure=measure)
         return run_pinned(machine_pick(disk_tier=False), rate, self.opts.batch, self.dtype)
+
+    def _keep_host_rate(self, min_steps: int = 4) -> None:
+        """After decode steps with a host lane: the GB/s it achieved, for the next plan (record_achieved)."""
+        host = self.model.host
+        if host.steps < min_steps or host.seconds <= 0:
+            return
+        gbps = len(host.layers) * host.layer_bytes * host.steps / host.seconds / 1e9
+        try:
+            record_achieved(self.opts.batch, self.dtype, host.worker.pick.threads, gbps, host_form(self.quant))
+        except OSError as e:  # a read-only cache directory costs the next plan its accuracy, nothing more
+            log.warning("could not keep the host lane's rate: %s", e)
+        log.info("host lane achieved %.1f GB/s over %d steps (kept for the next plan)", gbps, host.steps)
 
     def close(self) -> None:
         """Stop the host lane's worker; release the weight sources (file maps, disk readers) and the allocator cap."""
         if getattr(self, "model", None) is not None and self.model.host is not None:
+            self._keep_host_rate()
             self.model.host.close()
         self.weights.close()
         if self.cap is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -82,3 +83,36 @@ def test_another_weight_form_is_measured_and_cached_apart(monkeypatch, tmp_path)
     assert seen == [(1, torch.bfloat16)]
     keys = set(json.loads(path.read_text())["entries"])
     assert host_key(1, torch.bfloat16, torch.get_num_threads()) + ", int4 g128 CPU kernel" in keys and len(keys) == 2
+
+
+def test_the_rate_a_host_lane_achieved_is_planned_with_next(monkeypatch, tmp_path):
+    """A run's host lane leaves its achieved rate (engine.Engine._keep_host_rate); the next plan of the same
+    machine, batch, dtype, threads and form takes it over the micro-benchmark (``remeasure`` ignores it)."""
+    monkeypatch.setattr(host_rate, "measure_host_gemv", lambda b, d: 36.7)
+    path, threads = tmp_path / "bw.json", torch.get_num_threads()
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(host_rate, "h2d_traffic", lambda device: contextlib.nullcontext())
+    assert host_gemv_rate(1, torch.bfloat16, path, contend=cuda) == (36.7, "measured now")
+    host_rate.record_achieved(1, torch.bfloat16, threads, 29.2, cache_path=path)
+    gbps, source = host_gemv_rate(1, torch.bfloat16, path, contend=cuda)
+    assert gbps == 29.2 and source.startswith("achieved by the host lane on ")
+    assert host_gemv_rate(4, torch.bfloat16, path, contend=cuda)[0] == 36.7  # another batch: not this one's
+    assert host_gemv_rate(1, torch.bfloat16, path, contend=cuda, form="int4 g128 CPU kernel")[1] == "measured now"
+    assert host_gemv_rate(1, torch.bfloat16, path, contend=cuda, remeasure=True) == (36.7, "measured now")
+    with pytest.raises(ValueError, match="must be positive"):
+        host_rate.record_achieved(1, torch.bfloat16, threads, 0.0, cache_path=path)
+
+
+def test_an_engine_keeps_its_host_lanes_rate_after_enough_steps(monkeypatch):
+    import engine.engine as eng_mod
+    from types import SimpleNamespace as NS
+    kept = []
+    monkeypatch.setattr(eng_mod, "record_achieved", lambda *a: kept.append(a))
+    host = NS(steps=8, seconds=0.8, layers=(1, 5), layer_bytes=10**9, worker=NS(pick=NS(threads=15)))
+    monkeypatch.setattr(eng_mod, "host_form", lambda quant: "int4 g128 CPU kernel")
+    fake = NS(model=NS(host=host), opts=NS(batch=4), dtype=torch.bfloat16, quant=object())
+    eng_mod.Engine._keep_host_rate(fake)
+    assert kept == [(4, torch.bfloat16, 15, pytest.approx(20.0), "int4 g128 CPU kernel")]  # 2 GB x 8 / 0.8 s
+    host.steps = 3  # too few steps to say
+    eng_mod.Engine._keep_host_rate(fake)
+    assert len(kept) == 1
