@@ -131,8 +131,13 @@ class Engine:
     def __init__(self, model: str | Path | ModelFiles, opts: EngineOptions | None = None, progress=None) -> None:
         opts = opts or EngineOptions()
         self.opts = opts
+        # seconds of each start-up phase (--json stats' startup_s: where a first run's extra time goes)
+        self.startup_s: dict[str, float] = {}
+        self.prefill_compile_s = 0.0  # the last prefill's compile-ahead dry pass (engine.generate.prefill)
+        t0 = time.perf_counter()
         self.device = pick_device(opts.device)
         files = model if isinstance(model, ModelFiles) else open_model(model)
+        self.startup_s["open"] = time.perf_counter() - t0
         self.model_dir, self.cfg, self.ckpt, self.tokenizer = files.model_dir, files.cfg, files.ckpt, files.tokenizer
         self.dtype = pick_dtype(opts.dtype, self.ckpt.dtype, self.device)
         self.quant = layer_quant(self.ckpt, self.cfg, files.quant, opts.quantize, opts.quant_group)
@@ -140,7 +145,9 @@ class Engine:
         self.ops = make_ops(kernels)
         if opts.max_context < 2:
             raise ValueError(f"--max-context must be at least 2, got {opts.max_context}")
+        t0 = time.perf_counter()
         self.plan = self._plan()
+        self.startup_s["plan"] = time.perf_counter() - t0
         opts.prefill_chunk = self.plan.prefill_chunk  # lower than asked only with prefill_chunk_auto (a plan note)
         check_fits(PlanBytes.of(self.plan), Machine.probe(self.device.type), opts.host_budget is not None)
         self.cap = None  # set before the first weight reaches the GPU; released by close()
@@ -161,6 +168,7 @@ class Engine:
         self.weights = ModelWeights(self.ckpt, self.cfg, self.plan, self.device, self.dtype,
                                      threads=opts.threads, progress=progress, trace=opts.trace, quant=self.quant,
                                      quant_cache=opts.quant_cache)
+        self.startup_s["weights"] = time.perf_counter() - start
         self.quant_note = None  # for the CLI: how long converting / quantizing the layers took
         if self.quant is not None:
             how = "copied as they are" if self.quant.native else "repacked from the checkpoint" \
@@ -175,9 +183,12 @@ class Engine:
             self.model.host = HostLane(self.cfg, self.weights, self.cache, opts.max_context)
         self.graph = None
         self.prefill_shapes: set[tuple[int, ...]] = set()  # prompt shapes compiled ahead (engine/ahead.py)
+        t0 = time.perf_counter()
         ahead.decode(self.model, self.cache, opts.batch)
+        t1 = time.perf_counter()
         if opts.cuda_graph and self.device.type == "cuda" and self.ops.name == "triton":
             self.graph = try_capture(self.model, self.cache, opts.batch)
+        self.startup_s.update(compile_ahead=t1 - t0, graphs=time.perf_counter() - t1)
 
     def _plan(self):
         free, outside = None, Outside(0, "")

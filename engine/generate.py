@@ -53,9 +53,12 @@ def prefill(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
         ids[i, : len(p)] = torch.tensor(p)
     chunk = max(1, engine.opts.prefill_chunk // b)
     ids = ids.to(engine.device)
+    engine.prefill_compile_s = 0.0
     if (shape := (chunk, *lens)) not in engine.prefill_shapes:  # a new shape: its kernels compiled in parallel
         engine.prefill_shapes.add(shape)
+        t0 = time.perf_counter()
         ahead.prefill(engine.model, ids, lens, chunk, engine.cache, engine.ops.prompt_chunk)
+        engine.prefill_compile_s = time.perf_counter() - t0
     last = engine.model.prefill(ids, lens, chunk, engine.cache, engine.ops.prompt_chunk)
     engine.cache.lengths[:b] = lens
     return last
@@ -175,6 +178,7 @@ def _stats(engine: Engine, prompts, out, times: tuple[float, float, float], cros
         "decode_streamed_bytes_per_step": (crossed[2] - crossed[1]) // decode_steps if decode_steps and
         len(crossed) > 2 else 0,
         "host_rss_bytes": psutil.Process().memory_info().rss,
+        "startup_s": dict(engine.startup_s), "prefill_compile_s": engine.prefill_compile_s,
     }
     if engine.device.type == "cuda":
         stats["peak_vram_bytes"] = torch.cuda.max_memory_allocated(engine.device)

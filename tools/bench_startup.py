@@ -87,6 +87,15 @@ def summarize(results: dict) -> dict:
     return summary
 
 
+def _phases(stats: dict) -> str:
+    """``, prefill 5.00 s (compile 4.1)`` and the engine's start-up phases (engine.run --json's startup_s)."""
+    out = f", prefill {stats['prefill_s']:.2f} s"
+    if stats.get("prefill_compile_s", 0) >= 0.005:
+        out += f" (compile ahead {stats['prefill_compile_s']:.2f})"
+    phases = stats.get("startup_s") or {}
+    return out + ("; start: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) if phases else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not Path(args.model, "config.json").is_file():
@@ -103,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in wanted:
         r = results[name] = run_once(args, cache_dir, {**runs[name], **fresh})
-        print(f"{name:>9}: {r['wall_s']:6.1f} s wall, rc {r['rc']}"
-              + (f", prefill {r['stats']['prefill_s']:.2f} s" if "stats" in r else ""), flush=True)
+        print(f"{name:>9}: {r['wall_s']:6.1f} s wall, rc {r['rc']}" + (_phases(r["stats"]) if "stats" in r else ""),
+              flush=True)
     ok = all(r["rc"] == 0 for r in results.values())
     summary = summarize(results) if ok else {}
     tuning = sorted(p.name for p in Path(cache_dir, "tuning").glob("*.json"))
