@@ -243,9 +243,9 @@ class Engine:
         gbps = len(host.layers) * host.layer_bytes * host.steps / host.seconds / 1e9
         try:
             record_achieved(self.opts.batch, self.dtype, host.worker.pick.threads, gbps, host_form(self.quant))
+            log.info("host lane achieved %.1f GB/s over %d steps (kept for the next plan)", gbps, host.steps)
         except OSError as e:  # a read-only cache directory costs the next plan its accuracy, nothing more
-            log.warning("could not keep the host lane's rate: %s", e)
-        log.info("host lane achieved %.1f GB/s over %d steps (kept for the next plan)", gbps, host.steps)
+            log.warning("could not keep the host lane's rate (%.1f GB/s): %s", gbps, e)
 
     def close(self) -> None:
         """Stop the host lane's worker; release the weight sources (file maps, disk readers) and the allocator cap."""

@@ -21,17 +21,19 @@ activations alive past the budget. (Keyed by their repr, the TMA GEMM's descript
 their tensors' values: every launch was a new key holding its outputs until compiled, and a 16k-token
 prompt went out of memory at 6 GB on the H200.)
 
-Where the compiles run (``LAYERSTREAM_COMPILE_AHEAD``): with ``processes`` each new specialisation is first warmed up in the calling thread under a ``jit_cache_hook``
-that takes the compile's inputs and skips the compile (the calling thread pays Triton's argument
-binding and the cache key: ~4 ms a kernel on this repo's 2-core CPU machine), then compiled by a
+Where the compiles run (``LAYERSTREAM_COMPILE_AHEAD``): with ``processes`` each new specialisation is
+first warmed up in the calling thread under a ``jit_cache_hook`` that takes the compile's inputs and
+skips the compile (the calling thread pays Triton's argument binding and the cache key: ~4 ms a kernel
+on this repo's 2-core CPU machine), then compiled by a
 pool of worker processes into Triton's on-disk cache (kernels/ahead_procs.py, kernels/ahead_pool.py;
 Triton's front end holds the GIL, so threads overlap only its back end). A thread of the block then
 loads it from disk into this process (as it does a kernel that was on disk already), so the real
 pass compiles and loads nothing. ``threads`` compiles in the threads only, as does a kernel a worker
 cannot rebuild, a failed worker compile (logged) and any compile when processes cannot start;
-``0`` turns compile ahead off (checked by engine/ahead.py). The default (``1``) is ``threads``
-until the processes are measured on a GPU machine (their first run against the threads' 20.5 s on
-an H200, bench/results/README.md); on the CPU they are checked for sm_90 (tests/test_compile_ahead_procs.py).
+``0`` turns compile ahead off (checked by engine/ahead.py). The default (``1``) is ``threads``: on an
+H200 a first short run took 25.8 s with processes against 26.4 s with threads (24.8 s with compile
+ahead off; bench/results/2026-12-01-h200-s9/call1); on the CPU the processes are checked for sm_90
+(tests/test_compile_ahead_procs.py).
 """
 from __future__ import annotations
 

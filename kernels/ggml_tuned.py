@@ -76,13 +76,12 @@ def _sm90(device: torch.device) -> bool:
 
 def pick(qtype: str, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> dict[str, int] | None:
     """The measured config for this call (a ``ggml_gemv`` ``config``), or None for the fixed guesses."""
-    if dtype == torch.float32 or not _sm90(device):
+    # more than 16 rows were not swept: a tile of more rows may not fit the registers a 16-row pick had
+    if dtype == torch.float32 or m > 16 or not _sm90(device):
         return None
-    swept = NEAREST.get(qtype)
-    if m > 16:  # not swept: a tile of more rows may not fit the registers a 16-row pick was timed with
-        return None
+    swept, shape = NEAREST.get(qtype), shape_class(n, k)
     mc = 1 if m == 1 else 4 if m <= 4 else 16
-    hit = SM90.get((swept, mc, shape_class(n, k))) or SM90.get((swept, 4, shape_class(n, k)))
+    hit = SM90.get((swept, mc, shape)) or SM90.get((swept, 4, shape))
     if hit is None:
         return None
     block_n, warps, split = hit

@@ -104,8 +104,8 @@ def host_gemv_rate(batch: int, dtype: torch.dtype, cache_path: str | Path | None
     module docstring), next to host-to-device copies to ``contend`` when given; ``remeasure`` ignores the
     cache. ``measure(batch, dtype)`` times another weight form (e.g. int4 layers through torch's CPU int4
     kernel, engine.host_int4), cached under its own ``form`` name; default: the dense matmul."""
-    path = Path(cache_path) if cache_path is not None else default_cache_path()
-    key = host_key(batch, dtype, torch.get_num_threads(), contended=contend is not None) + (f", {form}" if form else "")
+    path = _path(cache_path)
+    key = _entry(batch, dtype, torch.get_num_threads(), contend is not None, form)
     cache = load_cache(path)
     lane, hit = cache.get(key + ACHIEVED), cache.get(key)
     if lane is not None and not remeasure:  # what the lane itself did here beats the micro-benchmark
@@ -130,6 +130,13 @@ def record_achieved(batch: int, dtype: torch.dtype, threads: int, gbps: float, f
     (tools/lane_trace.py on bench/results/2026-12-01-h200-s9/call1)."""
     if not gbps > 0:
         raise ValueError(f"an achieved host rate must be positive, got {gbps}")
-    path = Path(cache_path) if cache_path is not None else default_cache_path()
-    key = host_key(batch, dtype, threads, contended=True) + (f", {form}" if form else "") + ACHIEVED
-    save_cache_entry(path, key, gbps)
+    save_cache_entry(_path(cache_path), _entry(batch, dtype, threads, True, form) + ACHIEVED, gbps)
+
+
+def _path(cache_path: str | Path | None) -> Path:
+    return Path(cache_path) if cache_path is not None else default_cache_path()
+
+
+def _entry(batch: int, dtype: torch.dtype, threads: int, contended: bool, form: str) -> str:
+    """The cache entry of a rate: :func:`host_key` and the weight form (``""``: the dense matmul)."""
+    return host_key(batch, dtype, threads, contended) + (f", {form}" if form else "")

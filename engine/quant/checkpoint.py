@@ -145,8 +145,9 @@ def _gguf_quant(ckpt: Checkpoint, quantize: str | None) -> LayerQuant | None:
 
 
 def _gguf_native(ckpt: Checkpoint) -> LayerQuant | None:
-    """GGUF layers of Q4_K / Q5_K / Q6_K held as the file's blocks (``engine.quant.ggml``), unless
-    ``LAYERSTREAM_GGUF_NATIVE=0`` asks for the canonical repacking (to compare the two)."""
+    """GGUF layers of the types the kernels decode (K-quants, Q8_0 and the other block-32 types) held as
+    the file's blocks (``engine.quant.ggml``), unless ``LAYERSTREAM_GGUF_NATIVE=0`` asks for the canonical
+    repacking (to compare the two)."""
     signatures_of = getattr(ckpt, "native_signatures", None)
     if signatures_of is None or os.environ.get("LAYERSTREAM_GGUF_NATIVE", "1") == "0":
         return None
