@@ -28,6 +28,8 @@ import logging
 
 import torch
 
+from kernels.graph_capture import never_free
+
 log = logging.getLogger(__name__)
 
 _KEY = "self_attn.qkv_proj.weight"  # a slot's graph is found by where this weight lives
@@ -91,9 +93,13 @@ class DecodeGraph:
 
     def _graph(self, fns) -> torch.cuda.CUDAGraph:
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-            for fn in fns:
-                fn()
+        try:
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+                for fn in fns:
+                    fn()
+        except BaseException:
+            never_free(g)  # it may not have begun: freeing it could abort the process (kernels.graph_capture)
+            raise
         self.pool = self.pool or g.pool()
         return g
 

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from kernels.graph_capture import capture
+
 _UNTUNED = contextvars.ContextVar("kernels_untuned", default=False)
 
 
@@ -75,17 +77,10 @@ def fits_l2(nbytes: int, device: torch.device) -> bool:
 
 def _capture(body, calls: int) -> torch.cuda.CUDAGraph:
     """A CUDA graph of ``calls`` body() calls, captured on a side stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        graph.capture_begin(capture_error_mode="thread_local")
-        try:
-            for _ in range(calls):
-                body()
-        finally:
-            graph.capture_end()
-    torch.cuda.current_stream().wait_stream(stream)
+    with capture(graph, torch.cuda.Stream()):
+        for _ in range(calls):
+            body()
     return graph
 
 

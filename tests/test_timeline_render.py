@@ -93,6 +93,8 @@ def test_prefill_phase_copies_each_streamed_layer_once_then_runs_its_chunks():
     spans += [span("copy", "layer.0", end - 1.0, end + 5.0), span("copy", "layer.1", end + 5.0, end + 11.0)]
     ph = prefill_phase(spans)
     assert ph.title == "prefill (layer-major, 3 prompt chunks per layer)"
+    one = prefill_phase(simulate(PREFILL, passes=1, chunks=1)[0])
+    assert one.title == "prefill (layer-major, 1 prompt chunk per layer)"  # as memreport's 2048-token prompt drew it
     assert sorted(b.name for b in ph.copies) == sorted(u[0] for u in PREFILL)  # once each
     assert len(ph.chunks) == 3 * len(PREFILL)
     for c in ph.computes:  # a layer's chunks all sit inside its compute span, after its copy landed

@@ -174,7 +174,7 @@ def prefill_phase(spans: list[dict]) -> Phase | None:
     spans = [s for s in spans if not (s["lane"] == "copy" and s["start_ms"] > first.get(s["name"], float("inf")))]
     t0 = min(min(b.start for b in comp), min((b.start for b in _bars(spans, "copy")), default=comp[0].start))
     n_chunks = len({b.name for b in _bars(spans, "chunk")})
-    per_layer = f", {n_chunks} prompt chunks per layer" if n_chunks else ""
+    per_layer = f", {n_chunks} prompt chunk{'s' if n_chunks > 1 else ''} per layer" if n_chunks else ""
     return make_phase(spans, t0, max(b.end for b in comp), f"prefill (layer-major{per_layer})")
 
 
