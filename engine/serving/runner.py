@@ -3,9 +3,16 @@
 Sequence ``s`` lives in KV-cache row ``s.slot`` (slot cache) or in the blocks of its table (paged).
 A decode step feeds every row its one pending token ([rows, 1]; rows of free slots below the highest
 busy one ride along with no real token). A step with prompts to prefill runs groups in one pass over
-the layers: the decoding rows as one [rows, 1] group, each prompt's next slice as a group of its own,
-within the engine's prefill chunk (the activation workspace the memory plan sized), no row padded to
-another's length.
+the layers: the decoding rows as one [rows, 1] group, each prompt's next slices as groups of their own
+(each within the engine's prefill chunk, the activation workspace the memory plan sized), no row padded
+to another's length.
+
+How many prompt tokens one pass takes depends on what the pass costs. All resident, a pass is compute:
+one prefill chunk of prompt tokens a pass keeps the decoding rows' inter-token time short. With layers
+streaming, every pass pays for one stream of the non-resident weights, so a pass takes every waiting
+prompt token the plan's prompt-state memory holds (``batch x (max_context - 1)`` tokens, the layer-major
+prefill's reserve, in VRAM or in host memory): on the H200 at 6 GiB, 16 clients' prompts (128-2k tokens)
+took ~9 passes of 2048 tokens, 260 ms each, before their first tokens (TTFT p50 2.7 s).
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ class ModelRunner:
         self._samplers: dict[object, Sampler] = {}  # unseeded parameter sets -> one shared sampler each
         self.steps = 0
         self.last_tokens = 0  # real tokens fed by the last step
+        opts, plan = engine.opts, engine.plan
+        streams = plan is not None and plan.num_slots > 0
+        self.pass_tokens = max(opts.prefill_chunk, opts.batch * (opts.max_context - 1)) if streams \
+            else opts.prefill_chunk  # tokens one pass feeds at most (see the module docstring)
 
     def reset(self) -> None:
         """Forget the step counters and the shared samplers (after a warm-up's synthetic steps)."""
@@ -92,8 +103,8 @@ class ModelRunner:
     def _grouped(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
         """A step with prompts to prefill: the decoding sequences as one [rows, 1] group, then each
         prompt's next slice as a group of its own (its cache row, or its own block table), all in one
-        pass over the layers (``Model.forward_groups``), within ``--prefill-chunk`` tokens; a prompt that
-        finds no room waits for the next step. Returns (logits [rows, V] by slot, tokens fed per slot)."""
+        pass over the layers (``Model.forward_groups``), up to ``pass_tokens`` tokens in slices of at most
+        ``--prefill-chunk``; a prompt that finds no room waits for the next step. Returns (logits [rows, V] by slot, tokens fed per slot)."""
         eng, dev = self.engine, self.engine.device
         rows, cap = max(s.slot for s in seqs) + 1, eng.opts.max_context
         decode = [s for s in seqs if s.pending == 1]
@@ -106,18 +117,19 @@ class ModelRunner:
                 q_lens[s.slot] = 1
                 pick.append((0, s.slot, 0))
                 owners.append(s)
-        room = max(1, eng.opts.prefill_chunk - len(decode))
+        room = max(1, self.pass_tokens - len(decode))
         for s in (s for s in seqs if s.pending > 1):
-            n = min(s.pending, room, cap - s.num_computed)
-            if n < 1:
+            fed = min(s.pending, room, cap - s.num_computed)
+            if fed < 1:
                 continue
-            room -= n
-            ids = torch.tensor([s.all_ids[s.num_computed: s.num_computed + n]], device=dev)
-            groups.append(Group(ids, self._i32([s.num_computed]), self._i32([n]), s.slot, s.num_computed + n))
-            if self.paged:
-                specs.append(BindSpec([self.paged[1].reserve(s.seq_id, s.num_computed + n)], [s.num_computed],
-                                      [n], n))
-            q_lens[s.slot] = n
+            room -= fed
+            for a in range(s.num_computed, s.num_computed + fed, eng.opts.prefill_chunk):  # slices, in order
+                n = min(eng.opts.prefill_chunk, s.num_computed + fed - a)
+                ids = torch.tensor([s.all_ids[a: a + n]], device=dev)
+                groups.append(Group(ids, self._i32([a]), self._i32([n]), s.slot, a + n))
+                if self.paged:
+                    specs.append(BindSpec([self.paged[1].reserve(s.seq_id, a + n)], [a], [n], n))
+            q_lens[s.slot] = fed
             pick.append((len(groups) - 1, 0, n - 1))
             owners.append(s)
         cache = eng.cache
@@ -125,7 +137,8 @@ class ModelRunner:
             cache = self.paged[0]
             cache.bind_groups(specs)
             groups = [replace(g, kv=partial(cache.group_layer, k)) for k, g in enumerate(groups)]
-        out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk)
+        out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk,
+                                       host_states=eng.model.host_states and len(groups) > 1)
         logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
         logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
         return logits, q_lens
