@@ -43,6 +43,7 @@ if [[ $steps == *k* ]]; then
   timeout $(left 260) python3 bench/probe_qkernels.py --ggml-sweep --budget-s ${SWEEP_S:-220} --out $R/sweep_ggml.json \
     > $R/sweep_ggml.txt 2>&1; echo "sweep rc=$?"; tail -40 $R/sweep_ggml.txt
 fi
+[[ $steps == *[ag]* ]] && rm -rf /tmp/q7b /tmp/q7b-awq /tmp/q7b-gguf /tmp/ls-*  # a 72B needs the 64 GiB disk
 if [[ $steps == *a* ]]; then
   synth qwen2.5-72b /tmp/q72-awq --quant awq; du -sh /tmp/q72-awq | tee -a $R/env.txt
   bench /tmp/q72-awq 24GB 300 awq72b
