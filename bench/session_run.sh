@@ -4,6 +4,8 @@
 #  f  issue 14: a fresh machine's first run (empty tuning and Triton caches, the shipped picks, compile
 #     ahead) against the warm run, short and ~16k-token prompts at 6 GB; the short first run again
 #     with LAYERSTREAM_COMPILE_AHEAD=processes and =0 (each with its own empty Triton cache)
+#  p  issue 14: the short first and warm runs at 6 GB again under py-spy (every thread, waits included;
+#     fresh Triton and tuning caches), and tools.profile_summary's per-function difference of the two
 #  h  issue 18: bench_stream --host-compute off,auto at 6 / 4 GiB, batch 1 and 4
 #  t  GPU tests of compile ahead, the host lane and worker, host prompt states, the timeline
 #  m  issue 14: memreport at 6 GB with its pictures (memory.png, timeline.png: decode steps and a prefill)
@@ -29,6 +31,13 @@ if [[ $steps == *f* ]]; then
       > $R/startup_short_ahead$a.txt 2>&1; cat $R/startup_short_ahead$a.txt
   done
 fi
+if [[ $steps == *p* ]]; then
+  timeout $(left 150) python3 -m tools.bench_startup --model $M --vram-budget 6GB --runs first,cached \
+    --triton-cache fresh --cache-dir /tmp/ls-prof --timeout 70 --profile-dir $R/profile --out $R/startup_profiled.json \
+    > $R/startup_profiled.txt 2>&1; cat $R/startup_profiled.txt
+  python3 -m tools.profile_summary $R/profile/first.speedscope.json --base $R/profile/cached.speedscope.json \
+    --top 40 --root $PWD > $R/profile_diff.txt 2>&1; head -45 $R/profile_diff.txt
+fi
 if [[ $steps == *m* ]]; then
   timeout $(left 70) python3 tools/memreport.py --model $M --vram-budget 6GB --prompt-tokens 2048 --context 4096 --out-dir $R/memreport \
     > $R/memreport.txt 2>&1; echo "memreport rc=$?"; tail -25 $R/memreport.txt
@@ -41,7 +50,7 @@ fi
 if [[ $steps == *t* ]]; then
   timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_compile_ahead.py \
     tests/test_compile_ahead_procs.py tests/test_host_lane.py \
-    tests/test_host_worker.py tests/test_prefill_host_states.py tests/test_gpu_timeline.py tests/test_gpu_serving.py \
+    tests/test_host_worker.py tests/test_prefill_host_states.py tests/test_gpu_timeline.py tests/test_gpu_graph_capture.py tests/test_gpu_serving.py \
     > $R/pytest_gpu.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_gpu.txt
 fi
 if [[ $steps == *s* ]]; then

@@ -47,3 +47,32 @@ def test_model_without_config_is_refused(tmp_path, capsys):
     assert main(["--model", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
     assert "config.json" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_profiled_runs_leave_a_profile_each(tiny_qwen2_dir, tmp_path, capsys):
+    """--profile-dir: each run under py-spy, one speedscope file per run that tools.profile_summary reads."""
+    import shutil
+
+    from tools import profile_summary
+    if shutil.which("py-spy") is None:
+        pytest.skip("py-spy is not installed (pip install -e '.[dev]' brings it)")
+    prof = tmp_path / "prof"
+    rc = main(["--model", str(tiny_qwen2_dir), "--max-new-tokens", "2", "--cache-dir", str(tmp_path / "c"),
+               "--runs", "first,cached", "--profile-dir", str(prof), "--out", str(tmp_path / "s.json")])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in prof.iterdir()) == ["cached.speedscope.json", "first.speedscope.json"]
+    first = profile_summary.load(prof / "first.speedscope.json")
+    main_thread = first["MainThread"]
+    assert main_thread["(total)"] > 0.5  # the whole process, imports included
+    assert "engine/run.py:main" in main_thread and main_thread["engine/run.py:main"] <= main_thread["(total)"]
+    diff = profile_summary.report(first, profile_summary.load(prof / "cached.speedscope.json"), min_s=0.0)
+    assert diff.startswith("MainThread: ") and " vs " in diff
+
+
+def test_profile_dir_without_py_spy_is_refused(tiny_qwen2_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert main(["--model", str(tiny_qwen2_dir), "--profile-dir", str(tmp_path / "p"),
+                 "--out", str(tmp_path / "x.json")]) == 2
+    assert "py-spy" in capsys.readouterr().err

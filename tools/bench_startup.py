@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -47,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fresh: an empty TRITON_CACHE_DIR shared by these runs (a fresh machine's first run)")
     p.add_argument("--prompt-words", type=int, default=0, help="a raw prompt of this many words instead of 'Hello'")
     p.add_argument("--max-context", type=int, help="passed to engine.run (long prompts need it)")
+    p.add_argument("--profile-dir", help="record each run with py-spy (every thread, waits included) into "
+                   "DIR/<run>.speedscope.json, for tools.profile_summary; profiled runs are a little slower")
     p.add_argument("--out", default="startup.json")
     return p
 
 
-def run_once(args: argparse.Namespace, cache_dir: str, extra_env: dict) -> dict:
+def run_once(args: argparse.Namespace, cache_dir: str, extra_env: dict, name: str = "run") -> dict:
     """One CLI process; its wall time, exit code, tokens and stats."""
     prompt = ["--no-chat", "--prompt", " ".join(["hello"] * args.prompt_words)] if args.prompt_words else \
         ["--prompt", "Hello"]
@@ -59,6 +62,10 @@ def run_once(args: argparse.Namespace, cache_dir: str, extra_env: dict) -> dict:
            *prompt, "--max-new-tokens", str(args.max_new_tokens), "--json"]
     if args.max_context:
         cmd += ["--max-context", str(args.max_context)]
+    if args.profile_dir:
+        out = Path(args.profile_dir, f"{name}.speedscope.json")
+        cmd = [shutil.which("py-spy") or "py-spy", "record", "--format", "speedscope", "--idle",
+               "--rate", "100", "--output", str(out), "--", *cmd]
     env = {**os.environ, "LAYERSTREAM_CACHE": cache_dir, **extra_env}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout,
@@ -68,7 +75,7 @@ def run_once(args: argparse.Namespace, cache_dir: str, extra_env: dict) -> dict:
     if proc.returncode != 0:
         res["stderr_tail"] = proc.stderr[-2000:]
         return res
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")))  # py-spy adds lines
     res.update(token_ids=out["token_ids"], stats=out["stats"])
     return res
 
@@ -107,11 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     if not wanted or any(r not in runs for r in wanted):
         print(f"error: --runs takes names from {','.join(runs)}, got {args.runs!r}", file=sys.stderr)
         return 2
+    if args.profile_dir:
+        if shutil.which("py-spy") is None:
+            print("error: --profile-dir needs py-spy on the PATH: pip install py-spy", file=sys.stderr)
+            return 2
+        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="layerstream-startup-")
     fresh = {"TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-fresh-")} if args.triton_cache == "fresh" else {}
     results = {}
     for name in wanted:
-        r = results[name] = run_once(args, cache_dir, {**runs[name], **fresh})
+        r = results[name] = run_once(args, cache_dir, {**runs[name], **fresh}, name)
         print(f"{name:>9}: {r['wall_s']:6.1f} s wall, rc {r['rc']}" + (_phases(r["stats"]) if "stats" in r else ""),
               flush=True)
     ok = all(r["rc"] == 0 for r in results.values())
