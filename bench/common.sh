@@ -25,3 +25,7 @@ print()"
 synth_7b() {  # the synthetic Qwen2.5-7B (bf16) into $1 unless it is there
   [ -f $1/config.json ] || timeout 90 python3 -m tools.synth --preset qwen2.5-7b --out $1 --device cuda 2>&1 | tail -1
 }
+
+save() {  # results so far into $OUT (called after each step: a call cut by its time limit keeps them)
+  tar czf "$OUT/results.tar.gz.tmp" -C "$R" . && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"
+}

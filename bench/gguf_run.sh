@@ -34,7 +34,7 @@ if [[ $steps == *s* ]]; then  # most wanted first: the native GGUF's decode, the
     done
   done
   LAYERSTREAM_GGUF_NATIVE=0 bench $G 6GiB,4GiB 120 gguf7b-repacked
-fi
+save; fi
 if [[ $steps == *k* ]]; then
   timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels_ggml.py tests/test_gguf_native.py \
     tests/test_kernels_ggml_config.py > $R/pytest_ggml.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_ggml.txt
@@ -42,15 +42,15 @@ if [[ $steps == *k* ]]; then
   echo "probe rc=$?"; tail -30 $R/probe_ggml.txt
   timeout $(left 260) python3 bench/probe_qkernels.py --ggml-sweep --budget-s ${SWEEP_S:-220} --out $R/sweep_ggml.json \
     > $R/sweep_ggml.txt 2>&1; echo "sweep rc=$?"; tail -40 $R/sweep_ggml.txt
-fi
+save; fi
 [[ $steps == *[ag]* ]] && rm -rf /tmp/q7b /tmp/q7b-awq /tmp/q7b-gguf /tmp/ls-*  # a 72B needs the 64 GiB disk
 if [[ $steps == *a* ]]; then
   synth qwen2.5-72b /tmp/q72-awq --quant awq; du -sh /tmp/q72-awq | tee -a $R/env.txt
   bench /tmp/q72-awq 24GB 300 awq72b
-fi
+save; fi
 if [[ $steps == *g* ]]; then
   rm -rf /tmp/q72-awq
   synth qwen2.5-72b /tmp/q72-gguf --format gguf --gguf-type Q4_K_M; du -sh /tmp/q72-gguf | tee -a $R/env.txt
   bench "$(ls /tmp/q72-gguf/*.gguf | head -1)" 24GB 300 gguf72b
-fi
-tar czf $OUT/results.tar.gz -C $R .
+save; fi
+save

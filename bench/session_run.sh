@@ -30,35 +30,35 @@ if [[ $steps == *f* ]]; then
       --runs first --triton-cache fresh --cache-dir /tmp/ls-ahead$a --timeout 55 --out $R/startup_short_ahead$a.json \
       > $R/startup_short_ahead$a.txt 2>&1; cat $R/startup_short_ahead$a.txt
   done
-fi
+save; fi
 if [[ $steps == *p* ]]; then
   timeout $(left 150) python3 -m tools.bench_startup --model $M --vram-budget 6GB --runs first,cached \
     --triton-cache fresh --cache-dir /tmp/ls-prof --timeout 70 --profile-dir $R/profile --out $R/startup_profiled.json \
     > $R/startup_profiled.txt 2>&1; cat $R/startup_profiled.txt
   python3 -m tools.profile_summary $R/profile/first.speedscope.json --base $R/profile/cached.speedscope.json \
     --top 40 --root $PWD > $R/profile_diff.txt 2>&1; head -45 $R/profile_diff.txt
-fi
+save; fi
 if [[ $steps == *m* ]]; then
   timeout $(left 70) python3 tools/memreport.py --model $M --vram-budget 6GB --prompt-tokens 2048 --context 4096 --out-dir $R/memreport \
     > $R/memreport.txt 2>&1; echo "memreport rc=$?"; tail -25 $R/memreport.txt
-fi
+save; fi
 if [[ $steps == *h* ]]; then
   timeout $(left 150) python3 -m tools.bench_stream --model $M --budgets 6GiB,4GiB --batches 1,4 --steps 8 \
     --prefill-tokens 0 --host-compute off,auto --out-dir $R --tag hostlane > $R/bench_hostlane.log 2>&1
   echo "hostlane rc=$?"; tail -11 $R/bench_hostlane.log
-fi
+save; fi
 if [[ $steps == *t* ]]; then
   timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_compile_ahead.py \
     tests/test_compile_ahead_procs.py tests/test_host_lane.py \
     tests/test_host_worker.py tests/test_prefill_host_states.py tests/test_gpu_timeline.py tests/test_gpu_graph_capture.py tests/test_gpu_serving.py \
     > $R/pytest_gpu.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_gpu.txt
-fi
+save; fi
 if [[ $steps == *s* ]]; then
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
   timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients 1,4,16,32 --requests-per-client 1 \
     --prompt-tokens 128:2048 --max-tokens 128:256 --all-resident --peer-accelerate 6GiB --peer-time-limit 40 \
     --json $R/serve.json > $R/bench_serve.log 2>&1
   echo "serve rc=$?"; tail -14 $R/bench_serve.log
-fi
+save; fi
 mkdir -p $R/tuning && cp /tmp/ls-*/tuning/*.json $R/tuning/ 2>/dev/null
-tar czf $OUT/results.tar.gz -C $R .
+save
