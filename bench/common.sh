@@ -13,11 +13,11 @@ env_info() {  # device, software versions, host, date: each results folder's env
   python3 -c "
 import importlib, torch, triton
 print('torch', torch.__version__, 'triton', triton.__version__, end='')
-for m in ('transformers', 'accelerate'):
+for m in ('transformers', 'accelerate', 'gptqmodel', 'awq'):  # the last two: can transformers load AWQ here?
     try:
         print(' ' + m, importlib.import_module(m).__version__, end='')
     except ImportError:
-        pass
+        print(' ' + m, 'missing', end='')
 print()"
   nproc; lscpu | grep -E "Model name|^Core|^Socket|^Thread"; free -g | head -2; df -h /tmp | tail -1; date -u
 }
