@@ -81,7 +81,7 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
         max_positions=cfg.max_position_embeddings,
         dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""),
-        scratch_bytes=DEQUANT_SCRATCH if quant is not None and quant.native else 0)
+        scratch_bytes=DEQUANT_SCRATCH if quant is not None else 0)  # a prefill's dense tile of packed layers
 
 
 def plan_model(cfg: ModelConfig, tensor_bytes: dict[str, int] | None, dtype: torch.dtype,

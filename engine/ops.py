@@ -121,7 +121,8 @@ class TritonOps(TorchOps):
 
     def linear(self, x, w, b=None):
         if isinstance(w, QuantWeight):  # dequantized in the kernel's registers
-            return self._qlinear(x, w.qweight, w.scales, w.zeros, w.spec.bits, b, w.perm, mins=w.mins)
+            return self._qlinear(x, w.qweight, w.scales, w.zeros, w.spec.bits, b, w.perm, mins=w.mins,
+                                 tile_bytes=DEQUANT_SCRATCH)  # long chunks: the dense tile the plan holds
         if isinstance(w, GGMLWeight):
             return self._ggml_linear(x, w, b)
         return self._k["linear"](x, w, b)

@@ -3,24 +3,66 @@
 # Shapes:  x [..., K] (last dim unit stride; leading dims flattened to M), the packed weight as in
 #          kernels/quant_common.py (qweight int32 [N, K*BITS/32], scales / zeros [N, K/G], perm [K]
 #          or None, mins like scales or None), bias [N] or None; out [..., N] in x's dtype.
-# Dispatch: M <= 64 -> kernels.qgemv (decode), M > 64 -> kernels.qgemm (prefill).
+# Dispatch: M <= 64 -> kernels.qgemv (decode, memory-bound: each packed byte read once);
+#           64 < M < DENSE_MIN_M -> kernels.qgemm (dequantization fused into the tensor-core GEMM);
+#           M >= DENSE_MIN_M -> rows of the weight dequantized into a dense tile of at most
+#           ``tile_bytes`` (kernels.qdequant), each through the dense GEMM (kernels.linear).
+# Why the dense path: a long prefill chunk is compute-bound, and the fused qgemm reached only
+# 0.38-0.47x bf16 cuBLAS at 2048 tokens on the H200 (session 7, bench/results/2026-12-01-h200-s7-quant/);
+# widening the weight once costs about 5x the packed bytes of memory traffic (read int4, write bf16),
+# against 2*M*N*K FLOPs of GEMM: for a 2048-token chunk, ~0.1x the GEMM's time.  The caller's memory
+# plan holds the tile (engine: DEQUANT_SCRATCH, as for GGUF blocks).
 from __future__ import annotations
 
 import torch
 
+from kernels.linear import linear
+from kernels.qdequant import qdequant
 from kernels.qgemm import qgemm
 from kernels.qgemv import qgemv
+from kernels.quant_common import check_quant_inputs, permute_input
 
 QGEMV_MAX_M = 64
+DENSE_MIN_M = 256  # rows from which a chunk runs dequantize + dense GEMM (estimate: dequant < 1.5x GEMM time)
+TILE_BYTES = 64 << 20  # the default dense tile
 
 
 def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
             bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
-            mins: torch.Tensor | None = None) -> torch.Tensor:
+            mins: torch.Tensor | None = None, tile_bytes: int = TILE_BYTES) -> torch.Tensor:
     """Apply a packed linear weight with Triton kernels; returns [..., N] in x's dtype."""
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be [..., K] with K > 0, got shape {tuple(x.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    fn = qgemv if x2.shape[0] <= QGEMV_MAX_M else qgemm
-    return fn(x2, qweight, scales, zeros, bits, bias, perm, mins=mins).view(*lead, qweight.shape[0])
+    m = x2.shape[0]
+    if m >= DENSE_MIN_M:
+        out = dense_qlinear(x2, qweight, scales, zeros, bits, bias, perm, mins, tile_bytes)
+    else:
+        fn = qgemv if m <= QGEMV_MAX_M else qgemm
+        out = fn(x2, qweight, scales, zeros, bits, bias, perm, mins=mins)
+    return out.view(*lead, qweight.shape[0])
+
+
+def dense_qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+                  mins: torch.Tensor | None = None, tile_bytes: int = TILE_BYTES) -> torch.Tensor:
+    """``x @ dequant(w).T + bias`` for x [M, K]: rows of the weight widened into a dense tile of at most
+    ``tile_bytes`` (whole rows, a multiple of 256 unless the weight is smaller), each tile through the
+    dense GEMM into its columns of the output. One tile: the GEMM writes the output itself."""
+    n, k, _ = check_quant_inputs(x, qweight, scales, zeros, bits, bias, mins)
+    if tile_bytes < k * x.element_size():
+        raise ValueError(f"tile_bytes={tile_bytes} cannot hold one weight row of {k} x {x.element_size()} bytes")
+    x = permute_input(x, perm)
+    step = max(1, tile_bytes // (k * x.element_size()))
+    step = step // 256 * 256 if step >= 256 else step
+    if step >= n:
+        return linear(x, qdequant(qweight, scales, zeros, bits, x.dtype, mins=mins), bias)
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    tile = torch.empty((step, k), dtype=x.dtype, device=x.device)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        dense = qdequant(qweight[r0:r1], scales[r0:r1], None if zeros is None else zeros[r0:r1], bits,
+                         mins=None if mins is None else mins[r0:r1], out=tile[: r1 - r0])
+        out[:, r0:r1] = linear(x, dense, None if bias is None else bias[r0:r1])
+    return out

@@ -43,7 +43,7 @@ class Footprint:
     rope_bytes_per_position: int  # the cos and sin table rows of one position
     max_positions: int  # the context the model was trained for
     dtype: str  # compute dtype name, for the plan's rendering
-    scratch_bytes: int = 0  # a fixed kernel scratch of a prefill pass (GGUF blocks decoded for the GEMM)
+    scratch_bytes: int = 0  # a fixed kernel scratch of a prefill pass (packed layers decoded for the GEMM)
 
     def __post_init__(self) -> None:
         kinds = [m.kind for m in self.modules]

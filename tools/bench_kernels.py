@@ -29,7 +29,7 @@ from tools.bench_quant import bench_qlinear
 # name, K, N of the Qwen2.5-7B projections (hidden 3584, intermediate 18944, vocab 152064)
 QWEN7B_LINEAR = [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888),
                  ("down", 18944, 3584), ("lm_head", 3584, 152064)]
-GROUPS = ("ceilings", "gemv", "gemm", "decode_attn", "prefill_attn", "elementwise", "qgemv", "qgemm")
+GROUPS = ("ceilings", "gemv", "gemm", "decode_attn", "prefill_attn", "elementwise", "qgemv", "qgemm", "qprefill")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
              "prefill_attn": lambda: bench_prefill_attn(b, t),
              "elementwise": lambda: bench_elementwise(b, t),
              "qgemv": lambda: bench_qlinear(b, "qgemv", _ints(args.batches)),
-             "qgemm": lambda: bench_qlinear(b, "qgemm", [t])}
+             "qgemm": lambda: bench_qlinear(b, "qgemm", [t]),
+             "qprefill": lambda: bench_qlinear(b, "qprefill", [t])}
     for g in groups:
         if g in steps:
             steps[g]()

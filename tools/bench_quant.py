@@ -1,12 +1,14 @@
-"""Quantized-linear rows of ``tools.bench_kernels`` (groups ``qgemv`` and ``qgemm``) at Qwen2.5-7B shapes.
+"""Quantized-linear rows of ``tools.bench_kernels`` (groups ``qgemv``, ``qgemm``, ``qprefill``) at Qwen2.5-7B shapes.
 
 The weights are int4 (or ``--quant-bits 8``) in the engine's canonical layout (kernels/quant_common.py)
 with AWQ's group 128 and zero points. ``qgemv`` rates count the bytes a call must move (packed
 codes, scales, zeros, x and out) and compare with the device-to-device copy ceiling measured in the
 same run; its peer is the bf16 ``F.linear`` the packed weight replaces. ``qgemm`` rates are
 FLOP/s of the 2048-token prefill; ``speedup_vs_torch`` is the bf16 cuBLAS time over ours (the
-issue's "time-equivalent rate" ratio). ``rel_err_vs_torch`` compares with ``F.linear`` on the
-dequantized weight.
+issue's "time-equivalent rate" ratio). ``qprefill`` times what the engine runs for such a chunk,
+``kernels.qlinear`` (from ``DENSE_MIN_M`` rows: the weight widened into dense tiles of the engine's
+scratch size, each through the dense GEMM), on the same operands and against the same peer.
+``rel_err_vs_torch`` compares with ``F.linear`` on the dequantized weight.
 """
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ def bench_qlinear(b: Bench, group_name: str, batches: list[int], bits: int = 4, 
     """One row per (M, projection): ours on the packed weight against bf16 F.linear on the dense one."""
     from kernels.qgemm import qgemm
     from kernels.qgemv import qgemv
+    from kernels.qlinear import qlinear
     from kernels.quant_common import dequant_ref
 
-    fn = qgemv if group_name == "qgemv" else qgemm
+    fn = {"qgemv": qgemv, "qgemm": qgemm, "qprefill": qlinear}[group_name]
     for m in batches:
         for name, k, n in QWEN7B_QUANT:
             packed_bytes = n * k * bits // 8 + 2 * 2 * n * (k // group)

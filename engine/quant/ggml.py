@@ -30,7 +30,8 @@ from engine.layout import ALIGN
 from engine.quant.layout import FUSED_LINEARS, QEntry, dense_shapes, linear_shapes
 from kernels.ggml_blocks import dequant_ref, row_bytes
 
-DEQUANT_SCRATCH = 64 << 20  # bytes: the dense tile a prefill decodes blocks into for the GEMM, at most
+DEQUANT_SCRATCH = 64 << 20  # bytes: the dense tile a prefill decodes packed layers into for the GEMM, at most
+# (GGUF blocks here, int4 / int8 layers in kernels.qlinear)
 MODULES = tuple(m for parts in FUSED_LINEARS.values() for m in parts)  # q, k, v, o, gate, up, down
 Signature = tuple[str, ...]  # a layer's ggml type per module of MODULES
 

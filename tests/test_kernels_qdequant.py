@@ -1,0 +1,110 @@
+"""kernels/qdequant.py (packed weight -> dense rows) and kernels/qlinear.py's dense prefill path.
+
+Operands are packed by compressed-tensors (tests/test_kernels_quant.py's ``packed``, not our packer).
+Without CUDA the kernels run under TRITON_INTERPRET=1 on small odd shapes: N not a multiple of the
+32-row tile, K tails against the 256-wide tile, every scale mode (G a multiple of the tile or per
+channel, G dividing it, G = 96 / 48 gathered per element), zeros, symmetric and additive mins,
+int4 and int8, bf16 / fp16 / fp32 outputs and an output that is a row slice of a wider tile.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("KERNELS_AUTOTUNE", "0")
+
+from kernels import qlinear as qlinear_mod  # noqa: E402
+from kernels.qdequant import qdequant, qdequant_ref  # noqa: E402
+from kernels.qgemm import qgemm_ref  # noqa: E402
+from kernels.quant_common import scale_mode  # noqa: E402
+
+from tests.kernel_utils import DEV, MATMUL_TOL, randn, rel_err  # noqa: E402
+from tests.test_kernels_quant import packed, with_mins  # noqa: E402
+
+# (N, K, G): tile-sized G (256, per channel K), G dividing the tile (32, 128), gathered G (96, 48), K tails
+SHAPES = [(45, 256, 128), (33, 512, 256), (17, 200, 200), (40, 288, 96), (64, 320, 32), (70, 576, 48)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits,form", [(4, "zeros"), (4, "sym"), (8, "zeros"), (8, "sym"), (4, "mins"), (8, "mins")])
+@pytest.mark.parametrize("N,K,G", SHAPES)
+def test_dense_rows_equal_the_reference(N: int, K: int, G: int, bits: int, form: str, dtype: torch.dtype) -> None:
+    if form == "mins":
+        q, s, m = with_mins(N, K, G, bits, torch.float16)
+        z = None
+    else:
+        q, s, z = packed(N, K, G, bits, sym=form == "sym")
+        m = None
+    out = qdequant(q, s, z, bits, dtype, mins=m)
+    ref = qdequant_ref(q, s, z, bits, m)
+    assert out.shape == (N, K) and out.dtype == dtype
+    # the same fp32 arithmetic, then one rounding to dtype (the interpreter may truncate where the GPU rounds)
+    torch.testing.assert_close(out.float(), ref, rtol=torch.finfo(dtype).eps, atol=1e-7)
+
+
+def test_every_scale_mode_is_reached() -> None:
+    assert {scale_mode(g, k, 256) for _, k, g in SHAPES} == {0, 1, 2}
+
+
+def test_rows_written_into_a_slice_of_a_wider_tile() -> None:
+    N, K, G, bits = 40, 256, 64, 4
+    q, s, z = packed(N, K, G, bits, sym=False, seed=3)
+    tile = torch.full((64, K + 32), 7.0, dtype=torch.float32, device=DEV)
+    view = tile[8:8 + N, :K]  # row stride K + 32: only its [N, K] cells change
+    assert qdequant(q, s, z, bits, out=view) is view
+    assert torch.equal(view, qdequant_ref(q, s, z, bits))
+    assert (tile[:8] == 7).all() and (tile[8 + N:] == 7).all() and (tile[:, K:] == 7).all()
+
+
+def test_bad_inputs_name_what_to_fix() -> None:
+    q, s, z = packed(24, 128, 32, 4, sym=False)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        qdequant(q, s, z, 3)
+    with pytest.raises(ValueError, match="out must be"):
+        qdequant(q, s, z, 4, out=torch.empty(24, 64, device=DEV))
+    with pytest.raises(ValueError, match="out must be"):
+        qdequant(q, s, z, 4, out=torch.empty(128, 24, device=DEV).T)  # K not unit stride
+    with pytest.raises(ValueError, match="zeros must match scales"):
+        qdequant(q, s, z[:, :2], 4)
+    with pytest.raises(ValueError, match="zeros or mins, not both"):
+        qdequant(q, s, z, 4, mins=z)
+    with pytest.raises(ValueError, match="scales must be"):
+        qdequant(q, s[:, :3], None, 4)
+
+
+@pytest.mark.parametrize("tile_rows", [None, 256, 16])  # one tile; tiles of 256 rows; tiles smaller than 256
+@pytest.mark.parametrize("bias,perm", [(False, False), (True, True)])
+def test_dense_path_equals_the_fused_reference(tile_rows, bias: bool, perm: bool) -> None:
+    """qlinear at M >= DENSE_MIN_M: the weight widened tile by tile, each through the dense GEMM."""
+    M, K, N, G, bits = qlinear_mod.DENSE_MIN_M, 64, 600, 32, 4
+    q, s, z = packed(N, K, G, bits, sym=False, sdtype=torch.float32, seed=11)
+    x = randn(M, K, dtype=torch.float32)
+    b = randn(N, dtype=torch.float32) if bias else None
+    p = torch.randperm(K, generator=torch.Generator().manual_seed(2)).to(torch.int32).to(DEV) if perm else None
+    tile_bytes = qlinear_mod.TILE_BYTES if tile_rows is None else tile_rows * K * 4
+    out = qlinear_mod.qlinear(x.view(2, M // 2, K), q, s, z, bits, b, p, tile_bytes=tile_bytes)
+    assert out.shape == (2, M // 2, N)
+    assert rel_err(out.reshape(M, N), qgemm_ref(x, q, s, z, bits, b, p)) < MATMUL_TOL[torch.float32]
+
+
+def test_dispatch_by_rows(monkeypatch) -> None:
+    """<= 64 rows: qgemv; up to DENSE_MIN_M: the fused qgemm; from there: dequantize + dense GEMM."""
+    calls = []
+    monkeypatch.setattr(qlinear_mod, "qgemv", lambda *a, **k: calls.append("qgemv") or torch.zeros(a[0].shape[0], 8))
+    monkeypatch.setattr(qlinear_mod, "qgemm", lambda *a, **k: calls.append("qgemm") or torch.zeros(a[0].shape[0], 8))
+    monkeypatch.setattr(qlinear_mod, "dense_qlinear",
+                        lambda *a, **k: calls.append("dense") or torch.zeros(a[0].shape[0], 8))
+    q = torch.zeros(8, 4, dtype=torch.int32)
+    for m in (1, 64, 65, qlinear_mod.DENSE_MIN_M - 1, qlinear_mod.DENSE_MIN_M, 2048):
+        qlinear_mod.qlinear(torch.zeros(m, 32), q, torch.ones(8, 1), None, 4)
+    assert calls == ["qgemv", "qgemv", "qgemm", "qgemm", "dense", "dense"]
+
+
+def test_a_tile_smaller_than_a_row_is_refused() -> None:
+    q, s, z = packed(24, 128, 32, 4, sym=False)
+    with pytest.raises(ValueError, match="cannot hold one weight row"):
+        qlinear_mod.dense_qlinear(randn(300, 128, dtype=torch.float32), q, s, z, 4, tile_bytes=100)
