@@ -18,7 +18,7 @@ from kernels.quant_common import dequant_ref, load_dequant, scale_mode
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _S_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-BLOCK_N, BLOCK_K, NUM_WARPS = 32, 256, 4
+BLOCK_N, BLOCK_K, NUM_WARPS = 32, 256, 8
 
 
 @triton.jit

@@ -108,3 +108,39 @@ def test_a_tile_smaller_than_a_row_is_refused() -> None:
     q, s, z = packed(24, 128, 32, 4, sym=False)
     with pytest.raises(ValueError, match="cannot hold one weight row"):
         qlinear_mod.dense_qlinear(randn(300, 128, dtype=torch.float32), q, s, z, 4, tile_bytes=100)
+
+
+def compile_all_sm90() -> None:
+    """Print sm_90 resource usage of the dequant kernel over its specializations (run with TRITON_INTERPRET=0)."""
+    from kernels import qdequant as mod
+    from tests.test_kernels_ggml import PTR, _sm90_usage
+    for bits in (4, 8):
+        for form in ("zeros", "sym", "mins"):
+            for mode, group in ((0, 256), (1, 128), (2, 96)):
+                for dtype in (torch.bfloat16, torch.float32):
+                    meta = dict(HAS_ZEROS=form == "zeros", HAS_MINS=form == "mins", BITS=bits, BLOCK_N=mod.BLOCK_N,
+                                BLOCK_K=mod.BLOCK_K, SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, EVEN_K=mode != 2)
+                    ptrs = {"q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": PTR[dtype]}
+                    usage = _sm90_usage(mod._qdequant_kernel, ptrs, meta, mod.NUM_WARPS)
+                    print(f"int{bits} {form} mode {mode} {dtype}: {usage}")
+
+
+@pytest.mark.slow
+def test_the_kernel_compiles_for_sm90_without_spills() -> None:
+    """The GPU build (which the interpreter never lowers) compiles for the H200's sm_90 with no stack
+    and no local memory, at every specialization."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_kernels_ggml import NV_BIN
+    if not (NV_BIN / "cuobjdump").exists():
+        pytest.skip("Triton's NVIDIA tools are not bundled")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-c", "from tests.test_kernels_qdequant import compile_all_sm90 as c; c()"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 2 * 3 * 3 * 2, run.stdout
+    for line in lines:
+        assert "STACK:0" in line and "LOCAL:0" in line, line
