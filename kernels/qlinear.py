@@ -48,21 +48,27 @@ def dense_qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   bits: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
                   mins: torch.Tensor | None = None, tile_bytes: int = TILE_BYTES) -> torch.Tensor:
     """``x @ dequant(w).T + bias`` for x [M, K]: rows of the weight widened into a dense tile of at most
-    ``tile_bytes`` (whole rows, a multiple of 256 unless the weight is smaller), each tile through the
-    dense GEMM into its columns of the output. One tile: the GEMM writes the output itself."""
+    ``tile_bytes``, each tile through the dense GEMM into its columns of the output. One tile: the GEMM
+    writes the output itself. Several: as few tiles as fit, of equal rows (a multiple of 8: the
+    GEMM output's rows stay 16-byte aligned), the last one's spare rows keeping the previous tile's
+    values, so every GEMM of a weight has one shape (one tuning) and little spare work."""
     n, k, _ = check_quant_inputs(x, qweight, scales, zeros, bits, bias, mins)
-    if tile_bytes < k * x.element_size():
+    most = tile_bytes // (k * x.element_size())
+    if most < 1:
         raise ValueError(f"tile_bytes={tile_bytes} cannot hold one weight row of {k} x {x.element_size()} bytes")
     x = permute_input(x, perm)
-    step = max(1, tile_bytes // (k * x.element_size()))
-    step = step // 256 * 256 if step >= 256 else step
-    if step >= n:
+    if most >= n:
         return linear(x, qdequant(qweight, scales, zeros, bits, x.dtype, mins=mins), bias)
+    step = -(-n // -(-n // most))  # as few tiles as fit, of equal rows
+    step = -(-step // 8) * 8 if -(-step // 8) * 8 <= most else max(1, most // 8 * 8)  # 16-byte output rows
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    tile = torch.empty((step, k), dtype=x.dtype, device=x.device)
+    tile = torch.zeros((step, k), dtype=x.dtype, device=x.device)
+    b = torch.zeros(step, dtype=x.dtype, device=x.device) if bias is not None else None
     for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        dense = qdequant(qweight[r0:r1], scales[r0:r1], None if zeros is None else zeros[r0:r1], bits,
-                         mins=None if mins is None else mins[r0:r1], out=tile[: r1 - r0])
-        out[:, r0:r1] = linear(x, dense, None if bias is None else bias[r0:r1])
+        r = min(n, r0 + step) - r0
+        qdequant(qweight[r0:r0 + r], scales[r0:r0 + r], None if zeros is None else zeros[r0:r0 + r], bits,
+                 mins=None if mins is None else mins[r0:r0 + r], out=tile[:r])
+        if b is not None:
+            b[:r] = bias[r0:r0 + r]
+        out[:, r0:r0 + r] = linear(x, tile, b)[:, :r]
     return out

@@ -91,6 +91,26 @@ def test_dense_path_equals_the_fused_reference(tile_rows, bias: bool, perm: bool
     assert rel_err(out.reshape(M, N), qgemm_ref(x, q, s, z, bits, b, p)) < MATMUL_TOL[torch.float32]
 
 
+def test_tiles_share_one_gemm_shape(monkeypatch) -> None:
+    """As few equal tiles as fit (rows a multiple of 8): every GEMM of a weight has one shape (one tuning);
+    the last tile's spare rows are computed and dropped (gate_up of Qwen2.5-7B at 64 MiB: 5 tiles of 7584
+    rows for 37888)."""
+    shapes = []
+    real = qlinear_mod.linear
+    monkeypatch.setattr(qlinear_mod, "linear", lambda x, w, b=None: shapes.append(tuple(w.shape)) or real(x, w, b))
+    M, K, N, G, bits = 300, 64, 600, 32, 4
+    q, s, z = packed(N, K, G, bits, sym=False, sdtype=torch.float32, seed=12)
+    x, b = randn(M, K, dtype=torch.float32), randn(N, dtype=torch.float32)
+    ref = qgemm_ref(x, q, s, z, bits, b)
+    out = qlinear_mod.dense_qlinear(x, q, s, z, bits, b, tile_bytes=250 * K * 4)  # at most 250 rows a tile
+    assert shapes == [(200, K)] * 3  # 600 rows: 3 tiles of 200
+    assert rel_err(out, ref) < MATMUL_TOL[torch.float32]
+    shapes.clear()
+    out = qlinear_mod.dense_qlinear(x, q, s, z, bits, b, tile_bytes=160 * K * 4)
+    assert shapes == [(152, K)] * 4  # 4 tiles of 150 rows would not be 8-aligned: 152 (608 for 600)
+    assert rel_err(out, ref) < MATMUL_TOL[torch.float32]
+
+
 def test_dispatch_by_rows(monkeypatch) -> None:
     """<= 64 rows: qgemv; up to DENSE_MIN_M: the fused qgemm; from there: dequantize + dense GEMM."""
     calls = []
