@@ -102,7 +102,7 @@ class TritonOps(TorchOps):
         from kernels import (add_rmsnorm, attention_decode, attention_prefill, embedding, kv_append, linear,
                              rmsnorm, rope, swiglu)
         from kernels import qlinear
-        self._qlinear = qlinear.qlinear
+        self._qlinear, self._tile_rows = qlinear.qlinear, qlinear.tile_rows
         self._k = dict(rmsnorm=rmsnorm.rmsnorm, add_rmsnorm=add_rmsnorm.add_rmsnorm, linear=linear.linear,
                        swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
                        prefill=attention_prefill.attention_prefill, decode=attention_decode.attention_decode,
@@ -133,24 +133,30 @@ class TritonOps(TorchOps):
         bytes at a time, each through the dense GEMM."""
         (n, k), lead = w.shape, x.shape[:-1]
         x2 = x.reshape(-1, k)
-        step = max(256, DEQUANT_SCRATCH // (k * x.element_size()) // 256 * 256)
-        if x2.shape[0] > self._ggml_max_m and step >= n:  # one tile: the GEMM writes the output itself
-            return self._k["linear"](x, self._ggml_dense_rows(w, 0, n, x.dtype), b)
-        out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
         if x2.shape[0] <= self._ggml_max_m:
+            out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
             for row, qtype, blocks in w.rows():
                 bias = None if b is None else b[row:row + blocks.shape[0]]
                 self._k["ggml_gemv"](x2, blocks, qtype, out=out[:, row:row + blocks.shape[0]], bias=bias)
             return out.view(*lead, n)
+        step = self._tile_rows(n, k, x.element_size(), DEQUANT_SCRATCH)
+        if step >= n:  # one tile: the GEMM writes the output itself
+            return self._k["linear"](x, self._ggml_dense_rows(w, 0, n, x.dtype), b)
+        out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+        tile = torch.zeros((step, k), dtype=x.dtype, device=x.device)  # equal tiles: one GEMM shape (one tuning)
+        bias = torch.zeros(step, dtype=x.dtype, device=x.device) if b is not None else None
         for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            dense = self._ggml_dense_rows(w, r0, r1, x.dtype)
-            out[:, r0:r1] = self._k["linear"](x2, dense, None if b is None else b[r0:r1])
+            r = min(n, r0 + step) - r0  # the last tile's spare rows keep earlier values: computed, dropped
+            self._ggml_dense_rows(w, r0, r0 + r, x.dtype, out=tile[:r])
+            if bias is not None:
+                bias[:r] = b[r0:r0 + r]
+            out[:, r0:r0 + r] = self._k["linear"](x2, tile, bias)[:, :r]
         return out.view(*lead, n)
 
-    def _ggml_dense_rows(self, w: GGMLWeight, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows ``[r0, r1)`` of a GGUF weight decoded into a dense ``[r1 - r0, K]`` tensor."""
-        dense = torch.empty((r1 - r0, w.in_features), dtype=dtype, device=w.device)
+    def _ggml_dense_rows(self, w: GGMLWeight, r0: int, r1: int, dtype: torch.dtype,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of a GGUF weight decoded into a dense ``[r1 - r0, K]`` tensor (``out`` if given)."""
+        dense = out if out is not None else torch.empty((r1 - r0, w.in_features), dtype=dtype, device=w.device)
         for row, qtype, blocks in w.rows():
             a, z = max(r0, row), min(r1, row + blocks.shape[0])
             if a < z:

@@ -53,14 +53,10 @@ def dense_qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     GEMM output's rows stay 16-byte aligned), the last one's spare rows keeping the previous tile's
     values, so every GEMM of a weight has one shape (one tuning) and little spare work."""
     n, k, _ = check_quant_inputs(x, qweight, scales, zeros, bits, bias, mins)
-    most = tile_bytes // (k * x.element_size())
-    if most < 1:
-        raise ValueError(f"tile_bytes={tile_bytes} cannot hold one weight row of {k} x {x.element_size()} bytes")
+    step = tile_rows(n, k, x.element_size(), tile_bytes)
     x = permute_input(x, perm)
-    if most >= n:
+    if step >= n:
         return linear(x, qdequant(qweight, scales, zeros, bits, x.dtype, mins=mins), bias)
-    step = -(-n // -(-n // most))  # as few tiles as fit, of equal rows
-    step = -(-step // 8) * 8 if -(-step // 8) * 8 <= most else max(1, most // 8 * 8)  # 16-byte output rows
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     tile = torch.zeros((step, k), dtype=x.dtype, device=x.device)
     b = torch.zeros(step, dtype=x.dtype, device=x.device) if bias is not None else None
@@ -72,3 +68,16 @@ def dense_qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             b[:r] = bias[r0:r0 + r]
         out[:, r0:r0 + r] = linear(x, tile, b)[:, :r]
     return out
+
+
+def tile_rows(n: int, k: int, itemsize: int, tile_bytes: int) -> int:
+    """Rows of an ``[n, k]`` weight's dense tiles of at most ``tile_bytes``: ``n`` when it fits whole, else
+    as few tiles as fit, of equal rows rounded up to a multiple of 8 (16-byte rows of a bf16 GEMM
+    output) where that still fits."""
+    most = tile_bytes // (k * itemsize)
+    if most < 1:
+        raise ValueError(f"tile_bytes={tile_bytes} cannot hold one weight row of {k} x {itemsize} bytes")
+    if most >= n:
+        return n
+    step = -(-n // -(-n // most))
+    return -(-step // 8) * 8 if -(-step // 8) * 8 <= most else max(1, most // 8 * 8)

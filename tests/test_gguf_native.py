@@ -144,11 +144,12 @@ def test_quantize_is_refused_on_a_native_gguf(gguf_model):  # noqa: F811
         make_engine(path, max_context=32, quantize="int8")
 
 
-@pytest.mark.parametrize("rows", [3, 80], ids=["gemv", "dequant-tiles"])
+@pytest.mark.parametrize("rows,tile", [(3, 256), (80, 256), (80, 200)], ids=["gemv", "dequant-tiles", "uneven"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, dtype, monkeypatch):
+def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, tile, dtype, monkeypatch):
     """TritonOps.linear on a qkv-like weight of three parts (q4_k, q5_k, then q6_k rows) with a bias: a
-    GEMV per part into its columns, or (80 rows) dense tiles of 256 rows that each straddle a boundary."""
+    GEMV per part into its columns, or (80 rows) dense tiles that each straddle a boundary: 2 of 256
+    rows, or with room for 200 rows 3 equal tiles of 176 (the last one's 16 spare rows dropped)."""
     from engine import ops as ops_mod
     from engine.gguf import random_blocks as rb
     from gguf import GGMLQuantizationType as QT
@@ -161,8 +162,13 @@ def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, dtype, monkeypatch):
     w = GGMLWeight(parts, k)
     x = torch.randn((rows, k), generator=gen, device=DEV).to(dtype)
     b = torch.randn(512, generator=gen, device=DEV).to(dtype)
-    monkeypatch.setattr(ops_mod, "DEQUANT_SCRATCH", 256 * k * dtype.itemsize)  # tiles of 256 rows
-    got = ops_mod.TritonOps().linear(x, w, b)
+    monkeypatch.setattr(ops_mod, "DEQUANT_SCRATCH", tile * k * dtype.itemsize)
+    ops = ops_mod.TritonOps()
+    shapes = []
+    gemm = ops._k["linear"]
+    ops._k["linear"] = lambda x, w, b=None: shapes.append(tuple(w.shape)) or gemm(x, w, b)
+    got = ops.linear(x, w, b)
+    assert shapes == ([] if rows == 3 else [(256, k)] * 2 if tile == 256 else [(176, k)] * 3)
     want = x.float() @ w.dequantize().T + b.float()
     assert got.shape == (rows, 512) and got.dtype == dtype
     assert rel_err(got.float(), want) < (1e-4 if dtype == torch.float32 else 2e-2)
