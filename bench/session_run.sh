@@ -9,6 +9,8 @@
 #  h  issue 18: bench_stream --host-compute off,auto at 6 / 4 GiB, batch 1 and 4
 #  t  GPU tests of compile ahead, the host lane and worker, host prompt states, the timeline
 #  m  issue 14: memreport at 6 GB with its pictures (memory.png, timeline.png: decode steps and a prefill)
+#  q  issue 15: the quantized prefill (bench_kernels --only qgemm,qprefill: the fused GEMM and the engine's
+#     dense-tile path at 2048 tokens against bf16 cuBLAS) and the quantized GPU tests
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, all resident, the accelerate peer
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -50,8 +52,16 @@ save; fi
 if [[ $steps == *t* ]]; then
   timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_compile_ahead.py \
     tests/test_compile_ahead_procs.py tests/test_host_lane.py \
-    tests/test_host_worker.py tests/test_prefill_host_states.py tests/test_gpu_timeline.py tests/test_gpu_graph_capture.py tests/test_kernels_qdequant.py tests/test_gpu_serving.py \
+    tests/test_host_worker.py tests/test_prefill_host_states.py tests/test_gpu_timeline.py tests/test_gpu_graph_capture.py tests/test_gpu_serving.py \
     > $R/pytest_gpu.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_gpu.txt
+save; fi
+if [[ $steps == *q* ]]; then
+  timeout $(left 200) python3 -m tools.bench_kernels --only qgemm,qprefill --out $R/kernels_qprefill.json \
+    > $R/kernels_qprefill.txt 2>&1; echo "qprefill rc=$?"; tail -14 $R/kernels_qprefill.txt
+  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider tests/test_kernels_qdequant.py \
+    tests/test_kernels_quant.py > $R/pytest_quant.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant.txt
+  timeout $(left 100) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_quant_parity.py \
+    > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_parity.txt
 save; fi
 if [[ $steps == *s* ]]; then
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"

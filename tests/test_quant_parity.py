@@ -130,6 +130,34 @@ def test_triton_kernels_on_quantized_layers(qmodel) -> None:
     eng.close()
 
 
+@pytest.mark.slow
+def test_triton_dense_prefill_on_quantized_layers(qmodel, monkeypatch) -> None:
+    """A prefill of 2 x 130 rows (kernels.qlinear.DENSE_MIN_M and more: the act-order weights widened
+    into dense tiles through the dense GEMM), then decode steps (the GEMV), against transformers."""
+    from engine.ops import TritonOps
+    from kernels import qlinear as qlinear_mod
+    from kernels.qlinear import DENSE_MIN_M
+
+    dense_rows = []
+    real = qlinear_mod.dense_qlinear
+    monkeypatch.setattr(qlinear_mod, "dense_qlinear", lambda x, *a, **k: dense_rows.append(x.shape[0]) or real(x, *a, **k))
+
+    ref, d = qmodel("qwen3", "gptq-actorder")
+    eng = make_engine(d, max_context=160)
+    eng.model.ops = TritonOps()
+    ids = torch.randint(0, eng.cfg.vocab_size, (2, 134), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        want = ref(ids).logits.float()
+    cache = KVCache(eng.cfg, 2, 160, torch.float32, "cpu")
+    assert 2 * 130 >= DENSE_MIN_M
+    assert rel_max_err(forward_prefill(eng.model, cache, ids[:, :130], last_only=False), want[:, :130]) <= TRITON_TOL
+    assert dense_rows and set(dense_rows) == {260}  # every packed projection of the prefill took the dense path
+    for t in range(130, 133):
+        assert rel_max_err(forward_decode(eng.model, cache, ids[:, t], t), want[:, t]) <= TRITON_TOL, f"position {t}"
+    assert set(dense_rows) == {260}
+    eng.close()
+
+
 def _rewrite_config(d, **changes) -> None:
     cfg = json.loads((d / "config.json").read_text())
     cfg["quantization_config"].update(changes)
@@ -178,16 +206,17 @@ def test_gpu_kernels_match_torch_dequantized_path(tmp_path, preset: str, kind: s
     from engine.synth.writer import synthesize
 
     d = synthesize(preset, tmp_path / kind, quant=kind, layers=2, device="cuda")
-    eng = Engine(d, EngineOptions(device="cuda", dtype="bf16", kernels="triton", max_context=64, cuda_graph=False))
-    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
-    outs = []
-    for ops in (TorchOps(), TritonOps()):
-        eng.model.ops = ops
-        cache = KVCache(eng.cfg, 2, 64, torch.bfloat16, "cuda")
-        steps = [forward_prefill(eng.model, cache, ids[:, :33].cuda(), last_only=False)]  # qgemm (M = 66)
-        for t in range(33, 37):  # qgemv (M = 2)
-            steps.append(forward_decode(eng.model, cache, ids[:, t].cuda(), t))
-        outs.append(steps)
-    for a, b in zip(*outs):
-        assert rel_max_err(b, a) <= 3e-2
+    eng = Engine(d, EngineOptions(device="cuda", dtype="bf16", kernels="triton", max_context=192, cuda_graph=False))
+    ids = torch.randint(0, 1000, (2, 160), generator=torch.Generator().manual_seed(1))
+    for n in (33, 150):  # the prefill through qgemm (M = 66), or dense tiles and the GEMM (M = 300)
+        outs = []
+        for ops in (TorchOps(), TritonOps()):
+            eng.model.ops = ops
+            cache = KVCache(eng.cfg, 2, 192, torch.bfloat16, "cuda")
+            steps = [forward_prefill(eng.model, cache, ids[:, :n].cuda(), last_only=False)]
+            for t in range(n, n + 4):  # qgemv (M = 2)
+                steps.append(forward_decode(eng.model, cache, ids[:, t].cuda(), t))
+            outs.append(steps)
+        for a, b in zip(*outs):
+            assert rel_max_err(b, a) <= 3e-2, f"prefill of {n}"
     eng.close()
