@@ -7,6 +7,8 @@
 #  p  issue 14: the short first and warm runs at 6 GB again under py-spy (every thread, waits included;
 #     fresh Triton and tuning caches), and tools.profile_summary's per-function difference of the two
 #  h  issue 18: bench_stream --host-compute off,auto at 6 / 4 GiB, batch 1 and 4
+#  a  issue 18: the host lane on the synthetic 7B AWQ (torch's int4 CPU kernel) at 4 / 3 GiB, batch 1; run
+#     after h on one machine, h's second run plans with the rate the first one's host lane achieved
 #  t  GPU tests of compile ahead, the host lane and worker, host prompt states, the timeline
 #  m  issue 14: memreport at 6 GB with its pictures (memory.png, timeline.png: decode steps and a prefill)
 #  q  issue 15: the quantized prefill (bench_kernels --only qgemm,qprefill: the fused GEMM and the engine's
@@ -48,6 +50,13 @@ if [[ $steps == *h* ]]; then
   timeout $(left 150) python3 -m tools.bench_stream --model $M --budgets 6GiB,4GiB --batches 1,4 --steps 8 \
     --prefill-tokens 0 --host-compute off,auto --out-dir $R --tag hostlane > $R/bench_hostlane.log 2>&1
   echo "hostlane rc=$?"; tail -11 $R/bench_hostlane.log
+save; fi
+if [[ $steps == *a* ]]; then
+  [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b --out /tmp/q7b-awq \
+    --quant awq --device cuda 2>&1 | tail -1
+  timeout $(left 150) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 4GiB,3GiB --batches 1 --steps 8 \
+    --prefill-tokens 0 --host-compute off,auto --out-dir $R --tag hostlane-awq > $R/bench_hostlane_awq.log 2>&1
+  echo "hostlane awq rc=$?"; tail -7 $R/bench_hostlane_awq.log
 save; fi
 if [[ $steps == *t* ]]; then
   timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_compile_ahead.py \
