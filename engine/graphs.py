@@ -92,14 +92,16 @@ class DecodeGraph:
         return steps
 
     def _graph(self, fns) -> torch.cuda.CUDAGraph:
-        g = torch.cuda.CUDAGraph()
+        g, began = torch.cuda.CUDAGraph(), False
         try:
             with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+                began = True
                 for fn in fns:
                     fn()
         except BaseException:
-            never_free(g)  # it may not have begun: freeing it could abort the process (kernels.graph_capture)
-            raise
+            if not began:  # freeing a graph whose capture did not begin can abort the process (kernels.graph_capture)
+                never_free(g)
+            raise  # one that began is freed as usual, with its memory pool (try_capture then decodes eagerly)
         self.pool = self.pool or g.pool()
         return g
 

@@ -27,8 +27,8 @@ _NEVER_FREED: list[torch.cuda.CUDAGraph] = []  # the graphs kept (for counting a
 
 
 def never_free(graph: torch.cuda.CUDAGraph) -> None:
-    """Keep ``graph`` alive for the rest of the process (a graph whose capture failed to begin,
-    or failed somewhere a caller cannot tell from a failed start)."""
+    """Keep ``graph``, whose capture failed to begin, alive for the rest of the process (a capture that
+    began and then failed is freed as usual, with its memory pool)."""
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(graph))  # a reference no one holds: never freed
     _NEVER_FREED.append(graph)
 

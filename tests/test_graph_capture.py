@@ -96,6 +96,23 @@ def test_the_tuners_capture_keeps_a_graph_that_did_not_begin(fake_streams, monke
     assert body == [1, 1, 1] and [c[0] for c in g.calls] == ["begin", "end"]
 
 
+def test_the_decode_graphs_capture_frees_a_graph_that_began(monkeypatch):
+    """A capture that began and then failed (a kernel error, out of memory inside it) frees its graph and
+    so its memory pool: the engine then decodes eagerly and needs that memory back."""
+    before = len(graph_capture._NEVER_FREED)
+    made = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: made.append(FakeGraph()) or made[-1])
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, **kw: contextlib.nullcontext())
+
+    def failing() -> None:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing (fake)")
+    with pytest.raises(RuntimeError):
+        DecodeGraph._graph(SimpleNamespace(pool=None), [failing])
+    ref = weakref.ref(made.pop())
+    gc.collect()
+    assert ref() is None and len(graph_capture._NEVER_FREED) == before
+
+
 def test_the_decode_graphs_capture_keeps_a_graph_that_failed(monkeypatch):
     before = len(graph_capture._NEVER_FREED)
     made = []
