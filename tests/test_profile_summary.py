@@ -18,11 +18,11 @@ FRAMES = [{"name": "_run_module_as_main", "file": "<frozen runpy>"},  # 0
           {"name": "_worker", "file": "/usr/lib/python3.12/concurrent/futures/thread.py"}]  # 6
 
 
-def write(path, main_samples, worker_samples=()):
+def write(path, main_samples, worker_samples=(), workers=1):
     profiles = [{"type": "sampled", "name": 'Thread 7 ""', "unit": "seconds",
                  "samples": [s for s, _ in main_samples], "weights": [w for _, w in main_samples]}]
-    if worker_samples:
-        profiles.append({"type": "sampled", "name": 'Thread 9 "compile-0"', "unit": "seconds",
+    for i in range(workers if worker_samples else 0):
+        profiles.append({"type": "sampled", "name": f'Thread {9 + i} "compile_{i}"', "unit": "seconds",
                          "samples": [s for s, _ in worker_samples], "weights": [w for _, w in worker_samples]})
     path.write_text(json.dumps({"shared": {"frames": FRAMES}, "profiles": profiles}))
     return path
@@ -31,14 +31,15 @@ def write(path, main_samples, worker_samples=()):
 def test_inclusive_seconds_per_function_and_thread(tmp_path):
     f = write(tmp_path / "a.json",
               [([0, 1, 2, 3], 1.5), ([0, 1, 2, 5, 5, 4], 0.5), ([0, 1], 0.25)],  # fastest recursing: counted once
-              [([6, 3, 4], 2.0)])
+              [([6, 3, 4], 2.0)], workers=3)
     run = profile_summary.load(f)
     main = run["MainThread"]  # the thread whose stacks start at the script: its name is empty in the file
     assert main["(total)"] == 2.25 and main["engine/run.py:main"] == 2.25
     assert main["engine/engine.py:Engine.__init__"] == 2.0 and main["kernels/tuning.py:fastest"] == 0.5
     assert main["compiler/compiler.py:compile"] == 1.5
     assert not any("numpy" in k for k in main)  # neither ours nor a listed library entry point
-    assert run["compile-0"]["compiler/compiler.py:compile"] == 2.0
+    assert set(run) == {"MainThread", "compile_*"}  # the pool's three threads add up
+    assert run["compile_*"]["compiler/compiler.py:compile"] == 6.0
     text = profile_summary.report(run, min_s=0.3)
     assert text.splitlines()[0] == "MainThread: 2.25 s" and "fastest" in text
     assert "fastest" not in profile_summary.report(run, min_s=0.6)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -53,7 +54,8 @@ def _thread_name(prof: dict, frames: list[dict]) -> str:
 
 def load(path: str | Path, root: str | None = None) -> dict[str, Counter]:
     """{thread name: Counter(function label -> inclusive seconds)} of a speedscope file, plus each
-    thread's total under the label ``(total)``."""
+    thread's total under the label ``(total)``; the threads of a pool (``name_0``, ``name_1``, ...) are
+    summed under ``name_*``."""
     try:
         doc = json.loads(Path(path).read_text())
         frames, profiles = doc["shared"]["frames"], doc["profiles"]
@@ -63,8 +65,8 @@ def load(path: str | Path, root: str | None = None) -> dict[str, Counter]:
     keep = [_wanted(f, root) for f in frames]
     labels = [_label(f) for f in frames]
     out: dict[str, Counter] = {}
-    for prof in profiles:
-        seen = out.setdefault(_thread_name(prof, frames), Counter())
+    for prof in profiles:  # a pool's threads (name_0, name_1, ...) add up under name_*
+        seen = out.setdefault(re.sub(r"_\d+$", "_*", _thread_name(prof, frames)), Counter())
         for stack, w in zip(prof["samples"], prof["weights"]):
             seen["(total)"] += w
             for label in {labels[i] for i in stack if keep[i]}:
