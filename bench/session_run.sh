@@ -13,6 +13,7 @@
 #  m  issue 14: memreport at 6 GB with its pictures (memory.png, timeline.png: decode steps and a prefill)
 #  q  issue 15: the quantized prefill (bench_kernels --only qgemm,qprefill: the fused GEMM and the engine's
 #     dense-tile path at 2048 tokens against bf16 cuBLAS) and the quantized GPU tests
+#  w  issue 15: bench/qgemv_sweep.py, the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, all resident, the accelerate peer
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -71,6 +72,10 @@ if [[ $steps == *q* ]]; then
     tests/test_kernels_quant.py > $R/pytest_quant.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant.txt
   timeout $(left 100) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_quant_parity.py \
     > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_parity.txt
+save; fi
+if [[ $steps == *w* ]]; then
+  timeout $(left 360) python3 bench/qgemv_sweep.py --budget-s $(( $(left 360) - 60 )) --out $R/qgemv_sweep.json \
+    > $R/qgemv_sweep.txt 2>&1; echo "sweep rc=$?"; cat $R/qgemv_sweep.txt | grep -v Warning | tail -6
 save; fi
 if [[ $steps == *s* ]]; then
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
