@@ -6,7 +6,8 @@ short run against 10.7 s warm, the difference being compiles; bench/results/READ
 :func:`compile_only`, a Triton launch from the calling thread hands ``run(..., warmup=True)`` (compile
 and load, no launch) to a pool of threads and returns None; Triton releases the GIL while it compiles,
 so a dry pass over the model (run by the engine, see engine/ahead.py) turns the serial compiles into
-parallel ones, and the real pass that follows finds every kernel compiled.
+parallel ones, and the real pass that follows finds every kernel compiled. The pool also builds each
+kernel's launcher (kernels/launchers.py: Triton 3.6 compiles one in C at a kernel's first launch).
 
 Inside, :func:`kernels.tuning.tuning_suspended` is true: a shape with a cached or shipped pick
 compiles that pick, any other its default config; nothing is timed (nothing runs). Launches that
@@ -52,6 +53,7 @@ import triton
 from triton.runtime.jit import JITFunction
 
 from kernels import ahead_pool, ahead_procs
+from kernels.launchers import prebuild_launcher
 from kernels.tuning import untuned
 
 log = logging.getLogger(__name__)
@@ -61,11 +63,13 @@ _LOCK = threading.Lock()  # one compile_only at a time (it patches a class)
 @dataclass
 class AheadStats:
     """What a :func:`compile_only` block did: launches seen, compiles submitted (of which sent to worker
-    processes, and found already in Triton's on-disk cache), failures, workers' failures, seconds."""
+    processes, and found already in Triton's on-disk cache), launchers built, failures, workers' failures,
+    seconds."""
     launches: int = 0
     compiles: int = 0
     in_processes: int = 0
     on_disk: int = 0
+    launchers: int = 0  # launchers built in the pool (kernels/launchers.py)
     failures: list[str] = field(default_factory=list)
     worker_failures: list[str] = field(default_factory=list)  # then compiled in a thread instead
     seconds: float = 0.0
@@ -176,6 +180,7 @@ class _Threads:
                                        thread_name_prefix="compile")
         self.original, self.stats = original, stats
         self.futures: list[tuple[str, Future]] = []
+        self.lock = threading.Lock()
 
     def warm(self, fn: JITFunction, args: tuple, kwargs: dict, grid, worker: Future | None = None) -> None:
         self.futures.append((getattr(fn, "__name__", "kernel"),
@@ -187,7 +192,11 @@ class _Threads:
                 worker.result()
             except Exception as e:  # noqa: BLE001 - compiled in this thread instead
                 self.stats.worker_failures.append(f"{getattr(fn, '__name__', 'kernel')}: {e}"[:300])
-        return self.original(fn, *args, grid=grid, warmup=True, **kwargs)
+        kernel = self.original(fn, *args, grid=grid, warmup=True, **kwargs)
+        if prebuild_launcher(kernel):  # raises like a compile: recorded by wait()
+            with self.lock:
+                self.stats.launchers += 1
+        return kernel
 
     def wait(self) -> None:
         """Wait for every warm-up; a failed one is recorded (the real launch meets it again)."""
@@ -270,5 +279,6 @@ def _report(stats: AheadStats) -> None:
     if stats.failures:
         log.info("compile ahead: %d of %d compiles failed (compiled at first launch instead): %s",
                  len(stats.failures), stats.compiles, "; ".join(stats.failures[:3]))
-    log.info("compile ahead: %d launches, %d kernels (%d in worker processes, %d already on disk) in %.2f s",
-             stats.launches, stats.compiles, stats.in_processes, stats.on_disk, stats.seconds)
+    log.info("compile ahead: %d launches, %d kernels (%d in worker processes, %d already on disk), %d launchers "
+             "built, in %.2f s", stats.launches, stats.compiles, stats.in_processes, stats.on_disk, stats.launchers,
+             stats.seconds)

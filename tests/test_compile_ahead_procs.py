@@ -142,7 +142,7 @@ def test_capture_leaves_the_real_pass_nothing_to_compile(tmp_path):
     to 2 workers, threads here load them from the on-disk cache, and the real pass compiles nothing."""
     got = _sm90(tmp_path, "capture", "4", "2")
     assert (got["launches"], got["compiles"], got["in_processes"], got["on_disk"]) == (8, 4, 4, 0)
-    assert got["failures"] == [] and got["worker_failures"] == []
+    assert got["failures"] == [] and got["worker_failures"] == [] and got["launchers"] == 4  # one per kernel
     assert (got["ahead_hits"], got["ahead_misses"]) == (4, 0)  # this process only loaded them from disk
     assert (got["real"]["misses"], got["real"]["hits"]) == (0, 0)  # and the real pass found them loaded
     assert got["dirs_after_ahead"] == got["dirs_after_real"] == 4
