@@ -39,9 +39,9 @@ class FakeDriver:
 
 @pytest.fixture
 def fake_driver(monkeypatch):
-    fake = FakeDriver()
-    monkeypatch.setattr(driver, "_active", fake)
-    return fake
+    """Triton's active driver replaced by a FakeDriver for the test."""
+    monkeypatch.setattr(driver, "_active", FakeDriver())
+    return driver._active
 
 
 def test_a_compiled_kernel_gets_its_launcher(fake_driver):
