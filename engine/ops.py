@@ -102,7 +102,7 @@ class TritonOps(TorchOps):
         from kernels import (add_rmsnorm, attention_decode, attention_prefill, embedding, kv_append, linear,
                              rmsnorm, rope, swiglu)
         from kernels import qlinear
-        self._qlinear, self._tile_rows = qlinear.qlinear, qlinear.tile_rows
+        self._qlinear, self._tile_rows, self._tiled = qlinear.qlinear, qlinear.tile_rows, qlinear.tiled_linear
         self._k = dict(rmsnorm=rmsnorm.rmsnorm, add_rmsnorm=add_rmsnorm.add_rmsnorm, linear=linear.linear,
                        swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
                        prefill=attention_prefill.attention_prefill, decode=attention_decode.attention_decode,
@@ -142,16 +142,8 @@ class TritonOps(TorchOps):
         step = self._tile_rows(n, k, x.element_size(), DEQUANT_SCRATCH)
         if step >= n:  # one tile: the GEMM writes the output itself
             return self._k["linear"](x, self._ggml_dense_rows(w, 0, n, x.dtype), b)
-        out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-        tile = torch.zeros((step, k), dtype=x.dtype, device=x.device)  # equal tiles: one GEMM shape (one tuning)
-        bias = torch.zeros(step, dtype=x.dtype, device=x.device) if b is not None else None
-        for r0 in range(0, n, step):
-            r = min(n, r0 + step) - r0  # the last tile's spare rows keep earlier values: computed, dropped
-            self._ggml_dense_rows(w, r0, r0 + r, x.dtype, out=tile[:r])
-            if bias is not None:
-                bias[:r] = b[r0:r0 + r]
-            out[:, r0:r0 + r] = self._k["linear"](x2, tile, bias)[:, :r]
-        return out.view(*lead, n)
+        fill = lambda r0, tile: self._ggml_dense_rows(w, r0, r0 + tile.shape[0], x.dtype, out=tile)  # noqa: E731
+        return self._tiled(x2, n, step, fill, b, gemm=self._k["linear"]).view(*lead, n)
 
     def _ggml_dense_rows(self, w: GGMLWeight, r0: int, r1: int, dtype: torch.dtype,
                          out: torch.Tensor | None = None) -> torch.Tensor:

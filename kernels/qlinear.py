@@ -49,24 +49,38 @@ def dense_qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   mins: torch.Tensor | None = None, tile_bytes: int = TILE_BYTES) -> torch.Tensor:
     """``x @ dequant(w).T + bias`` for x [M, K]: rows of the weight widened into a dense tile of at most
     ``tile_bytes``, each tile through the dense GEMM into its columns of the output. One tile: the GEMM
-    writes the output itself. Several: as few tiles as fit, of equal rows (a multiple of 8: the
-    GEMM output's rows stay 16-byte aligned), the last one's spare rows keeping the previous tile's
-    values, so every GEMM of a weight has one shape (one tuning) and little spare work."""
+    writes the output itself. Several: as few tiles as fit, of equal rows (:func:`tile_rows`), through
+    :func:`tiled_linear`."""
     n, k, _ = check_quant_inputs(x, qweight, scales, zeros, bits, bias, mins)
     step = tile_rows(n, k, x.element_size(), tile_bytes)
     x = permute_input(x, perm)
     if step >= n:
         return linear(x, qdequant(qweight, scales, zeros, bits, x.dtype, mins=mins), bias)
+
+    def fill(r0: int, tile: torch.Tensor) -> None:
+        r1 = r0 + tile.shape[0]
+        qdequant(qweight[r0:r1], scales[r0:r1], None if zeros is None else zeros[r0:r1], bits,
+                 mins=None if mins is None else mins[r0:r1], out=tile)
+    return tiled_linear(x, n, step, fill, bias)
+
+
+def tiled_linear(x: torch.Tensor, n: int, step: int, fill, bias: torch.Tensor | None = None,
+                 gemm=None) -> torch.Tensor:
+    """``x @ w.T + bias`` for x [M, K] and a weight ``w`` [n, K] that exists only tile by tile:
+    ``fill(r0, tile)`` writes rows ``r0 .. r0 + len(tile)`` of ``w`` into ``tile``; each tile of ``step``
+    rows goes through ``gemm`` (default :func:`kernels.linear.linear`) into its columns of the output.
+    The last tile's spare rows keep the previous tile's values (computed, dropped), so every GEMM has
+    one shape (one tuning)."""
+    gemm = gemm or linear
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    tile = torch.zeros((step, k), dtype=x.dtype, device=x.device)
+    tile = torch.zeros((step, x.shape[1]), dtype=x.dtype, device=x.device)
     b = torch.zeros(step, dtype=x.dtype, device=x.device) if bias is not None else None
     for r0 in range(0, n, step):
         r = min(n, r0 + step) - r0
-        qdequant(qweight[r0:r0 + r], scales[r0:r0 + r], None if zeros is None else zeros[r0:r0 + r], bits,
-                 mins=None if mins is None else mins[r0:r0 + r], out=tile[:r])
+        fill(r0, tile[:r])
         if b is not None:
             b[:r] = bias[r0:r0 + r]
-        out[:, r0:r0 + r] = linear(x, tile, b)[:, :r]
+        out[:, r0:r0 + r] = gemm(x, tile, b)[:, :r]
     return out
 
 

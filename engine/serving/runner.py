@@ -104,7 +104,8 @@ class ModelRunner:
         """A step with prompts to prefill: the decoding sequences as one [rows, 1] group, then each
         prompt's next slice as a group of its own (its cache row, or its own block table), all in one
         pass over the layers (``Model.forward_groups``), up to ``pass_tokens`` tokens in slices of at most
-        ``--prefill-chunk``; a prompt that finds no room waits for the next step. Returns (logits [rows, V] by slot, tokens fed per slot)."""
+        ``--prefill-chunk``; a prompt that finds no room waits for the next step. Returns (logits [rows, V]
+        by slot, tokens fed per slot)."""
         eng, dev = self.engine, self.engine.device
         rows, cap = max(s.slot for s in seqs) + 1, eng.opts.max_context
         decode = [s for s in seqs if s.pending == 1]
