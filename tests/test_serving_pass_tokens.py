@@ -1,0 +1,63 @@
+"""How many prompt tokens one server pass takes (engine/serving/runner.py): with layers streaming, every
+waiting prompt the plan's prompt-state reserve holds, in prefill-chunk slices; all resident, one chunk.
+CPU, fp32, the tiny model; each sequence still gets its own greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.serving.params import SamplingParams
+from engine.serving.scheduler import Scheduler
+from engine.serving.sequence import Sequence
+from tests.helpers import make_engine, random_prompts
+from tests.test_serving_scheduler import alone, engines  # noqa: F401 - a fixture, used by name
+
+
+@pytest.fixture(scope="module")
+def streamed_budget(tiny_qwen2_dir) -> int:
+    """A VRAM budget (planned for the CPU run as if it were a GPU's) that streams layers of the tiny model."""
+    import torch
+
+    from tests.helpers import min_budget
+    probe = make_engine(tiny_qwen2_dir)
+    try:
+        return min_budget(probe.cfg, torch.float32, batch=4, max_context=64, prefill_chunk=8)
+    finally:
+        probe.close()
+
+
+@pytest.mark.parametrize("kv", ["slots", "paged-4", "paged-3"])
+@pytest.mark.parametrize("states", ["vram", "host"])
+def test_with_streamed_layers_one_pass_prefills_every_waiting_prompt(engines, tiny_qwen2_dir,  # noqa: F811
+                                                                     streamed_budget, kv, states):
+    """Each pass streams the non-resident layers once, so it takes every waiting prompt (in slices of at
+    most the prefill chunk) up to the plan's prompt-state reserve: four prompts of 3-30 tokens, 8-token
+    chunks, all get their first token from the first pass, and every one its own greedy tokens."""
+    single, _ = engines
+    eng = make_engine(tiny_qwen2_dir, batch=4, max_context=64, prefill_chunk=8, vram_budget=streamed_budget,
+                      prefill_states=states)
+    try:
+        assert eng.plan.num_slots > 0 and eng.plan.streamed_layers, "the budget must stream layers"
+        assert eng.model.host_states == (states == "host")
+        sched = Scheduler(eng) if kv == "slots" else Scheduler(eng, kv_cache="paged", block_size=int(kv[6:]))
+        assert sched.runner.pass_tokens == 4 * 63
+        prompts = random_prompts([30, 3, 17, 9], eng.cfg.vocab_size, seed=47)
+        seqs = [Sequence(p, SamplingParams(max_tokens=5), eng.tokenizer) for p in prompts]
+        for s in seqs:
+            sched.add(s)
+        sched.step()
+        assert [len(s.output_ids) for s in seqs] == [1, 1, 1, 1]
+        assert sched.stats.last_tokens == 30 + 3 + 17 + 9
+        assert eng.model.state_host_bytes > 0 if states == "host" else eng.model.state_host_bytes == 0
+        while sched.has_work():
+            sched.step()
+        assert sched.stats.steps == 5
+        for p, s in zip(prompts, seqs):
+            assert s.output_ids == alone(single, p, 5), f"prompt of {len(p)} tokens"
+    finally:
+        eng.close()
+
+
+def test_all_resident_a_pass_takes_one_prefill_chunk(engines):  # noqa: F811
+    _, multi = engines
+    assert multi.plan.num_slots == 0 and Scheduler(multi).runner.pass_tokens == 16
