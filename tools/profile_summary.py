@@ -33,7 +33,8 @@ def _wanted(frame: dict, root: str | None) -> bool:
     if any(path.endswith(f) and frame["name"] == n for f, n in LIBRARY):
         return True
     rel = path[len(root):].lstrip("/") if root and path.startswith(root) else path
-    return rel.startswith(PROJECT) or any(f"/{p}" in path for p in PROJECT) and "site-packages" not in path
+    ours_elsewhere = "site-packages" not in path and any(f"/{p}" in path for p in PROJECT)  # another checkout
+    return rel.startswith(PROJECT) or ours_elsewhere
 
 
 def _label(frame: dict) -> str:
