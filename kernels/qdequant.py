@@ -21,6 +21,11 @@ _S_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_N, BLOCK_K, NUM_WARPS = 32, 256, 8
 
 
+def block_n(dtype: torch.dtype) -> int:
+    """Rows per program: half for fp32 output, whose 32-row tile spills under Triton 3.6 at sm_90."""
+    return BLOCK_N // 2 if dtype == torch.float32 else BLOCK_N
+
+
 @triton.jit
 def _qdequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, group, stride_qn, stride_sn, stride_on,
                      HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, BITS: tl.constexpr,
@@ -77,10 +82,10 @@ def qdequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     if n == 0 or k == 0:
         return out
     z = mins if mins is not None else zeros
-    mode = scale_mode(group, k, BLOCK_K)
-    _qdequant_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))](
+    mode, bn = scale_mode(group, k, BLOCK_K), block_n(out.dtype)
+    _qdequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, BLOCK_K))](
         qweight, scales, scales if z is None else z, out, n, k, group, qweight.stride(0), scales.stride(0),
-        out.stride(0), HAS_ZEROS=zeros is not None, HAS_MINS=mins is not None, BITS=bits, BLOCK_N=BLOCK_N,
+        out.stride(0), HAS_ZEROS=zeros is not None, HAS_MINS=mins is not None, BITS=bits, BLOCK_N=bn,
         BLOCK_K=BLOCK_K, SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, EVEN_K=k % BLOCK_K == 0,
         num_warps=NUM_WARPS)
     return out

@@ -178,20 +178,20 @@ def load_ours(model_dir: Path, ops=None, plan: str = "resident", *, batch: int =
     return Loaded(cfg, ckpt, wm, model, p)
 
 
-def i32(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32)
+def i32(values, device: str | torch.device = "cpu") -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)
 
 
 def forward_prefill(model: Model, cache: KVCache, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
     """One pass over ids [B, T] (all rows real) from position 0."""
     b, t = ids.shape
-    return model.forward(ids, i32([0] * b), i32([t] * b), cache, t, last_only=last_only)
+    return model.forward(ids, i32([0] * b, ids.device), i32([t] * b, ids.device), cache, t, last_only=last_only)
 
 
 def forward_decode(model: Model, cache: KVCache, tok: torch.Tensor, pos: int) -> torch.Tensor:
     """One decode step: tok [B] at position ``pos`` for every row; logits [B, V]."""
     b = tok.shape[0]
-    return model.forward(tok.view(b, 1), i32([pos] * b), i32([1] * b), cache, pos + 1)
+    return model.forward(tok.view(b, 1), i32([pos] * b, tok.device), i32([1] * b, tok.device), cache, pos + 1)
 
 
 def greedy_cached(model: Model, cfg: ModelConfig, prompt: list[int], steps: int, max_context: int = 64) -> list[int]:

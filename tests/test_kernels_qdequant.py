@@ -138,7 +138,7 @@ def compile_all_sm90() -> None:
         for form in ("zeros", "sym", "mins"):
             for mode, group in ((0, 256), (1, 128), (2, 96)):
                 for dtype in (torch.bfloat16, torch.float32):
-                    meta = dict(HAS_ZEROS=form == "zeros", HAS_MINS=form == "mins", BITS=bits, BLOCK_N=mod.BLOCK_N,
+                    meta = dict(HAS_ZEROS=form == "zeros", HAS_MINS=form == "mins", BITS=bits, BLOCK_N=mod.block_n(dtype),
                                 BLOCK_K=mod.BLOCK_K, SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, EVEN_K=mode != 2)
                     ptrs = {"q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": PTR[dtype]}
                     usage = _sm90_usage(mod._qdequant_kernel, ptrs, meta, mod.NUM_WARPS)

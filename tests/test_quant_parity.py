@@ -197,26 +197,34 @@ def test_bad_quantized_checkpoints(qmodel, tmp_path, tokenizer_dir) -> None:
         make_engine(bad)
 
 
+def _gpu_logits(d, dtype: str, ops, n: int, ids: torch.Tensor) -> list[torch.Tensor]:
+    """fp32 logits of a prefill of ``n`` tokens (2 rows) and 4 decode steps, on CUDA with ``ops``."""
+    eng = Engine(d, EngineOptions(device="cuda", dtype=dtype, kernels="triton", max_context=192, cuda_graph=False))
+    eng.model.ops = ops
+    cache = KVCache(eng.cfg, 2, 192, eng.model.dtype, "cuda")
+    steps = [forward_prefill(eng.model, cache, ids[:, :n].cuda(), last_only=False)]
+    for t in range(n, n + 4):  # qgemv (M = 2)
+        steps.append(forward_decode(eng.model, cache, ids[:, t].cuda(), t))
+    eng.close()
+    return [s.float().cpu() for s in steps]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("preset,kind", [("qwen2.5-7b", "awq"), ("qwen2.5-7b", "gptq8"), ("tiny-qwen3", "ct-int4")])
 def test_gpu_kernels_match_torch_dequantized_path(tmp_path, preset: str, kind: str) -> None:
-    """GPU: the quantized Triton kernels' logits against the torch path that dequantizes per layer."""
+    """GPU, bf16: the quantized Triton kernels' logits are as close to the fp32 torch path (dequantized
+    per layer, same packed weights) as the bf16 torch path is: relative L2 error at most 2x torch's + 0.005."""
     from engine.ops import TorchOps, TritonOps
     from engine.synth.writer import synthesize
 
     d = synthesize(preset, tmp_path / kind, quant=kind, layers=2, device="cuda")
-    eng = Engine(d, EngineOptions(device="cuda", dtype="bf16", kernels="triton", max_context=192, cuda_graph=False))
     ids = torch.randint(0, 1000, (2, 160), generator=torch.Generator().manual_seed(1))
     for n in (33, 150):  # the prefill through qgemm (M = 66), or dense tiles and the GEMM (M = 300)
-        outs = []
-        for ops in (TorchOps(), TritonOps()):
-            eng.model.ops = ops
-            cache = KVCache(eng.cfg, 2, 192, torch.bfloat16, "cuda")
-            steps = [forward_prefill(eng.model, cache, ids[:, :n].cuda(), last_only=False)]
-            for t in range(n, n + 4):  # qgemv (M = 2)
-                steps.append(forward_decode(eng.model, cache, ids[:, t].cuda(), t))
-            outs.append(steps)
-        for a, b in zip(*outs):
-            assert rel_max_err(b, a) <= 3e-2, f"prefill of {n}"
-    eng.close()
+        ref = _gpu_logits(d, "fp32", TorchOps(), n, ids)
+        torch_bf16 = _gpu_logits(d, "bf16", TorchOps(), n, ids)
+        triton_bf16 = _gpu_logits(d, "bf16", TritonOps(), n, ids)
+        for step, (r, a, b) in enumerate(zip(ref, torch_bf16, triton_bf16)):
+            err_torch, err_triton = ((a - r).norm() / r.norm()).item(), ((b - r).norm() / r.norm()).item()
+            print(f"{kind} prefill {n} step {step}: torch bf16 {err_torch:.4f}, triton bf16 {err_triton:.4f}")
+            assert err_triton <= 2 * err_torch + 5e-3, f"prefill of {n}, step {step}"
