@@ -82,7 +82,7 @@ def _x_tile(x_ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
 def _word_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, kb_lo, kb_hi, K, group, stride_qn, stride_sn,
                HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SCALE_MODE: tl.constexpr, VARIANT: tl.constexpr,
-               STAGES: tl.constexpr):
+               STAGES: tl.constexpr, GROUP_C: tl.constexpr, ASM: tl.constexpr):
     """The [1, BLOCK_N] fp32 sum over K blocks kb_lo..kb_hi of variant 1 / 2's per-word partial sums.
 
     The loop is software-pipelined STAGES deep (cp.async of the packed words, scales and zeros of
@@ -92,7 +92,7 @@ def _word_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, kb_lo, kb_hi, K, group, strid
     acc_w = tl.zeros((BLOCK_N, BLOCK_K // (32 // BITS)), dtype=tl.float32)
     for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
         acc_w += gemv_tile(q_ptr, s_ptr, z_ptr, x_ptr, rows_w, stride_qn, stride_sn, kb * BLOCK_K, K, group,
-                           HAS_ZEROS, HAS_MINS, BITS, BLOCK_K, SCALE_MODE, EVEN_K, VARIANT)
+                           HAS_ZEROS, HAS_MINS, BITS, BLOCK_K, SCALE_MODE, EVEN_K, VARIANT, GROUP_C, ASM)
     return tl.sum(acc_w, axis=1)[None, :]
 
 
@@ -100,7 +100,8 @@ def _word_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, kb_lo, kb_hi, K, group, strid
 def _split_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, rows_x, kb_lo, kb_hi, K, group, stride_xm, stride_qn, stride_sn,
                 HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, BITS: tl.constexpr, IS_FP32: tl.constexpr,
                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_MODE: tl.constexpr):
+                EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr,
+                ASM: tl.constexpr):
     """The [BLOCK_M, BLOCK_N] fp32 sum over K blocks kb_lo..kb_hi of variant 3's split dots."""
     PER: tl.constexpr = 32 // BITS
     BW: tl.constexpr = BLOCK_K // PER
@@ -114,9 +115,9 @@ def _split_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, rows_x, kb_lo, kb_hi, K, gro
         k0 = kb * BLOCK_K
         words = load_words(q_ptr, rows_w, stride_qn, k0, K, BITS, BW, EVEN_K)
         s, z = word_scales(s_ptr, z_ptr, rows_w, stride_sn, k0, K, group, HAS_ZEROS, HAS_MINS, BITS, BW,
-                           SCALE_MODE)
+                           SCALE_MODE, GROUP_C)
         x_mask = None if EVEN_K else (k0 // PER + offs_j)[None, :] < K // PER
-        acc = split_dots(acc, words, s, z, x_ptrs + k0, x_mask, 1, HAS_MINS, BITS, SWAP_AB, IS_FP32, UPCAST)
+        acc = split_dots(acc, words, s, z, x_ptrs + k0, x_mask, 1, HAS_MINS, BITS, SWAP_AB, IS_FP32, UPCAST, ASM)
     if SWAP_AB:
         acc = tl.trans(acc)
     return acc
@@ -131,6 +132,7 @@ def _qgemv_kernel(
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, TICKET: tl.constexpr,
     SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr, VARIANT: tl.constexpr, STAGES: tl.constexpr,
+    ASM: tl.constexpr = False,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -146,7 +148,7 @@ def _qgemv_kernel(
 
     if BLOCK_M == 1 and VARIANT > 0:  # 3d: per-word partial sums
         acc = _word_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, kb_lo, kb_hi, K, group, stride_qn, stride_sn,
-                         HAS_ZEROS, HAS_MINS, BITS, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, VARIANT, STAGES)
+                         HAS_ZEROS, HAS_MINS, BITS, BLOCK_N, BLOCK_K, EVEN_K, SCALE_MODE, VARIANT, STAGES, GROUP_C, ASM)
     elif BLOCK_M == 1:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for kb in range(kb_lo, kb_hi):
@@ -158,7 +160,7 @@ def _qgemv_kernel(
     elif VARIANT == 3:  # split dots: x_i are the columns k0 + j * P + i (stride P, from L1/L2)
         acc = _split_loop(x_ptr, q_ptr, s_ptr, z_ptr, rows_w, rows_x, kb_lo, kb_hi, K, group, stride_xm,
                           stride_qn, stride_sn, HAS_ZEROS, HAS_MINS, BITS, IS_FP32, UPCAST, BLOCK_M, BLOCK_N,
-                          BLOCK_K, EVEN_K, SWAP_AB, SCALE_MODE)
+                          BLOCK_K, EVEN_K, SWAP_AB, SCALE_MODE, GROUP_C, ASM)
     elif SWAP_AB:  # weight rows are the MMA's M dimension, token rows its N
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kb in range(kb_lo, kb_hi):
@@ -227,7 +229,8 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         SPLIT_K=sk, EVEN_K=K % bk == 0, SWAP_AB=cfg.kwargs.get("SWAP_AB", False), TICKET=cnt is not None,
         SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, VARIANT=variant, STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ASM=not _INTERPRET and x.is_cuda and torch.version.hip is None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     if sk > 1 and cnt is None:
         _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
             ws, b, out, M, N, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=sk, BLOCK=1024, num_warps=4)

@@ -18,7 +18,11 @@
 # i * BITS - p_i, which is 0 for the low codes), so its float is code * 2**p_i; the 2**-p_i goes
 # into x (GEMV) or into the scale (dots), exact power-of-two scalings.  GEMV factors the affine
 # part out per word: sum_i (c_i - z) s x_i = s (sum_i c_i x_i - z xw), xw = sum_i x_i (with mins:
-# s sum_i c_i x_i + m xw), so each code costs a mask, a subtract and an FMA.
+# s sum_i c_i x_i + m xw), so each code costs a mask, a subtract and an FMA.  On the GPU the mask and
+# the magic bits are one PTX lop3 (ASM; ptxas spent two LOP3s, each taking one immediate), and the
+# group of a word is a constant shift when GROUP_C is known (a runtime division cost ~2 instructions
+# per code): the batch-1 loop went from 10.1 to 6.7 sm_90 instructions per 4-bit code under Triton
+# 3.6 (tests/test_kernels_qgemv_sm90.py keeps it within a budget).
 # All variants need the P codes of a word in one group (G % P == 0): see :func:`variant_ok`.
 from __future__ import annotations
 
@@ -56,6 +60,17 @@ def _pow2_neg(p):
 
 
 @triton.jit
+def mask_or_magic(v, mask, ASM: tl.constexpr):
+    """``(v & mask) | 0x4B000000``: one LOP3 with ASM (ptxas otherwise spends two, its LOP3 taking one
+    immediate); the interpreter cannot run PTX, so it takes the plain expression."""
+    if ASM:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                         [v, mask + tl.zeros_like(v), tl.full(v.shape, _MAGIC, tl.int32)],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return (v & mask) | _MAGIC
+
+
+@triton.jit
 def load_words(q_ptr, rows, stride_qn, k0, K, BITS: tl.constexpr, BW: tl.constexpr, EVEN_K: tl.constexpr):
     """The [BN, BW] int32 words of rows ``rows`` from column k0 (words past K read as 0, evict-first)."""
     PER: tl.constexpr = 32 // BITS
@@ -68,7 +83,7 @@ def load_words(q_ptr, rows, stride_qn, k0, K, BITS: tl.constexpr, BW: tl.constex
 
 @triton.jit
 def word_scales(s_ptr, z_ptr, rows, stride_sn, k0, K, group, HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr,
-                BITS: tl.constexpr, BW: tl.constexpr, SCALE_MODE: tl.constexpr):
+                BITS: tl.constexpr, BW: tl.constexpr, SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr = 1):
     """fp32 (scale, zero-or-min) of each word of the tile: [BN, 1] when the tile lies in one group
     (SCALE_MODE 0), else [BN, BW] gathered by the word's group (words past K get 0, 0).  The zero is
     2**(BITS-1) when symmetric (no HAS_ZEROS / HAS_MINS)."""
@@ -84,7 +99,10 @@ def word_scales(s_ptr, z_ptr, rows, stride_sn, k0, K, group, HAS_ZEROS: tl.const
             z = tl.full((s.shape[0], 1), 1 << (BITS - 1), tl.float32)
     else:
         offs_w = k0 // PER + tl.arange(0, BW)
-        g = ((offs_w * PER) // group)[None, :]
+        if SCALE_MODE == 1 and GROUP_C >= PER:  # k0 is a multiple of GROUP_C: constant shifts, no division
+            g = (k0 // GROUP_C + tl.arange(0, BW) // (GROUP_C // PER))[None, :]
+        else:
+            g = ((offs_w * PER) // group)[None, :]
         mask = offs_w[None, :] < K // PER
         s = tl.load(s_row[:, None] + g, mask=mask, other=0.0).to(tl.float32)
         if HAS_ZEROS + HAS_MINS > 0:
@@ -105,9 +123,11 @@ def _words_affine(t, xw, s, z, HAS_MINS: tl.constexpr):
 @triton.jit
 def gemv_tile(q_ptr, s_ptr, z_ptr, x_ptr, rows, stride_qn, stride_sn, k0, K, group,
               HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-              SCALE_MODE: tl.constexpr, EVEN_K: tl.constexpr, VARIANT: tl.constexpr):
+              SCALE_MODE: tl.constexpr, EVEN_K: tl.constexpr, VARIANT: tl.constexpr, GROUP_C: tl.constexpr = 1,
+              ASM: tl.constexpr = False):
     """fp32 [BN, BLOCK_K / P] partial sums of w[rows, k0:k0+BLOCK_K] * x[k0:k0+BLOCK_K] per word
-    (VARIANT 1 "3d"); x_ptr points at x's row, columns past K count as 0."""
+    (VARIANT 1 "3d"); x_ptr points at x's row, columns past K count as 0.  ASM: the unpack's
+    mask-and-magic as one PTX lop3 (the interpreter cannot run PTX)."""
     PER: tl.constexpr = 32 // BITS
     BW: tl.constexpr = BLOCK_K // PER
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -127,16 +147,18 @@ def gemv_tile(q_ptr, s_ptr, z_ptr, x_ptr, rows, stride_qn, stride_sn, k0, K, gro
     else:
         x2 = tl.load(x_ptrs, mask=w_ok[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
     xw = tl.sum(x2, axis=1)
-    v = (words >> (lane * BITS - p)[None, None, :]) & (MASK << p)[None, None, :]
-    c = (v | _MAGIC).to(tl.float32, bitcast=True) - _TWO23
+    v = mask_or_magic(words >> (lane * BITS - p)[None, None, :], (MASK << p)[None, None, :], ASM)
+    c = v.to(tl.float32, bitcast=True) - _TWO23
     t = tl.sum(c * (x2 * _pow2_neg(p)[None, :])[None, :, :], axis=2)
-    s, z = word_scales(s_ptr, z_ptr, rows, stride_sn, k0, K, group, HAS_ZEROS, HAS_MINS, BITS, BW, SCALE_MODE)
+    s, z = word_scales(s_ptr, z_ptr, rows, stride_sn, k0, K, group, HAS_ZEROS, HAS_MINS, BITS, BW, SCALE_MODE,
+                       GROUP_C)
     return _words_affine(t, xw, s, z, HAS_MINS)
 
 
 @triton.jit
 def split_dots(acc, words, s, z, x_ptrs, x_mask, XI: tl.constexpr, HAS_MINS: tl.constexpr,
-               BITS: tl.constexpr, SWAP_AB: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
+               BITS: tl.constexpr, SWAP_AB: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+               ASM: tl.constexpr = False):
     """acc + sum_i x_i @ w_i.T (SWAP_AB: acc_t + sum_i w_i @ x_i.T) over the P codes of each word.
 
     words [BN, BW] int32, s / z per word (:func:`word_scales`), x_ptrs [BM, BW] the pointers of
@@ -146,7 +168,7 @@ def split_dots(acc, words, s, z, x_ptrs, x_mask, XI: tl.constexpr, HAS_MINS: tl.
     dt = x_ptrs.dtype.element_ty
     for i in tl.static_range(PER):
         P_I = i * BITS if i * BITS <= 23 - BITS else 23 - BITS
-        v = ((words >> (i * BITS - P_I)) & (MASK << P_I)) | _MAGIC
+        v = mask_or_magic(words >> (i * BITS - P_I), MASK << P_I, ASM)
         si = s * (1.0 / (1 << P_I))  # code * 2**P_I against scale * 2**-P_I
         if HAS_MINS:
             w = (v.to(tl.float32, bitcast=True) - _TWO23) * si + z

@@ -1,0 +1,115 @@
+"""The quantized decode GEMV's GPU build, compiled for the H200's sm_90 on the CPU with Triton's bundled
+ptxas (the interpreter never lowers it, and never runs its PTX ``lop3`` unpack, ``ASM``).
+
+Every batch-1 "3d" candidate and the tensor-core "split" candidates compile with the ``lop3``, spilling
+at most 8 bytes (Triton 3.9's build of the int8 64x256 candidate; none under Triton 3.6, the GPU
+machine's); and the batch-1 loop, which is bound by instruction issue rather than by memory (H200,
+session 11: 30-34% of copy bandwidth at every launch config swept), stays within an instruction
+budget per code.  The budget is a static property of the compiled loop, not a timing.  For the int4
+32x512 8-warp candidate the loop took 10.1 (Triton 3.6) and 7.2 (Triton 3.9) instructions per code
+before the ``lop3`` and the constant group index, and 6.7 and 6.0 with them.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+from tests.test_kernels_ggml import NV_BIN, PTR
+
+K, N, GROUP = 3584, 4608, 128
+BUDGET = 7.0  # loop instructions per 4-bit code, batch 1, BLOCK_N 32 x BLOCK_K 512, 8 warps
+
+
+def _compile(meta: dict, warps: int, stages: int) -> tuple[str, str]:
+    """(cuobjdump's resource line, the SASS) of kernels.qgemv's kernel for sm_90."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import qgemv as mod
+    fn = mod._qgemv_kernel
+    names = fn.arg_names
+    ptrs = {"x_ptr": PTR[torch.bfloat16], "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+            "b_ptr": PTR[torch.bfloat16], "out_ptr": PTR[torch.bfloat16], "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    meta = {a: v for a, v in meta.items() if a in names}
+    sig = {a: "constexpr" if a in meta else ptrs.get(a, "i32") for a in names}
+    aligned = [a for a in names if a in ptrs or a in ("N", "K", "group", "stride_qn", "stride_sn")]
+    src = ASTSource(fn, sig, constexprs={(names.index(a),): v for a, v in meta.items()},
+                    attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage, sass = (subprocess.run([str(NV_BIN / "cuobjdump"), flag, str(cubin)], capture_output=True, text=True,
+                                      check=True).stdout for flag in ("--dump-resource-usage", "-sass"))
+    return next(line.strip() for line in usage.splitlines() if "REG:" in line), sass
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions of the longest loop (a backward branch's span) in cuobjdump's SASS."""
+    ops = [(int(m.group(1), 16), line) for line in sass.splitlines()
+           if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+\S", line))]
+    best = 0
+    for addr, line in ops:
+        target = re.search(r"\bBRA\b[^;]*?0x([0-9a-f]+)", line)
+        if target and int(target.group(1), 16) < addr:
+            best = max(best, sum(1 for a, _ in ops if int(target.group(1), 16) <= a <= addr))
+    return best
+
+
+def report() -> None:
+    """One line per candidate: ``bits M=m BNxBK wW sS vV: <resource line> | loop L codes C`` (run with
+    TRITON_INTERPRET=0)."""
+    from kernels import qgemv as mod
+    from kernels.quant_common import scale_mode
+    for bits, zeros in ((4, True), (8, False)):
+        for block_m, shapes in ((1, [(s, False, 1) for s in mod._WORD_SHAPES]), (16, mod._SPLIT_SHAPES)):
+            for item in shapes:
+                (bn, bk, warps, stages), swap = item[0], item[1]
+                mode, variant = scale_mode(GROUP, K, bk), 1 if block_m == 1 else 3
+                meta = dict(HAS_ZEROS=zeros, HAS_MINS=False, HAS_BIAS=False, BITS=bits, IS_FP32=False, UPCAST=False,
+                            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, EVEN_K=True, SWAP_AB=swap,
+                            TICKET=False, SCALE_MODE=mode, GROUP_C=GROUP if mode == 1 else 1, VARIANT=variant,
+                            STAGES=stages, ASM=True)
+                usage, sass = _compile(meta, warps, stages)
+                codes = bn * bk // (32 * warps)
+                print(f"int{bits} M={block_m} {bn}x{bk} w{warps} s{stages} v{variant}: {usage} | "
+                      f"loop {loop_instructions(sass)} codes {codes}",
+                      flush=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (NV_BIN / "cuobjdump").exists(), reason="Triton's NVIDIA tools are not bundled")
+def test_qgemv_compiles_for_sm90_within_budget() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-c", "from tests.test_kernels_qgemv_sm90 import report; report()"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    from kernels import qgemv as mod
+    assert len(lines) == 2 * (len(mod._WORD_SHAPES) + len(mod._SPLIT_SHAPES)), run.stdout
+    for line in lines:
+        assert "LOCAL:0" in line and int(re.search(r"STACK:(\d+)", line).group(1)) <= 8, line
+    pick = next(line for line in lines if line.startswith("int4 M=1 32x512 w8 s2"))
+    loop, codes = (int(v) for v in re.search(r"loop (\d+) codes (\d+)", pick).groups())
+    assert loop / codes <= BUDGET, f"{loop / codes:.2f} instructions per code (budget {BUDGET}): {pick}"
+
+
+def test_loop_instructions_reads_the_longest_backward_branch() -> None:
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LOP3.LUT R2, R3, 0xf, R4, 0xea, !PT ;
+        /*0020*/                   FFMA R5, R2, R6, R5 ;
+        /*0030*/              @P0 BRA 0x10 ;
+        /*0040*/                   FADD R5, R5, R7 ;
+        /*0050*/                   BRA 0x40 ;
+        /*0060*/                   EXIT ;
+    """
+    assert loop_instructions(sass) == 3
