@@ -70,14 +70,17 @@ def dry(model) -> Iterator[None]:
 
 def decode(model, cache, batch: int) -> None:
     """Compile the kernels of a decode step of ``batch`` rows at the cache's full length (what the
-    decode graph's warm-up runs next)."""
+    decode graph's warm-up runs next) and of its greedy sampling."""
     if not wanted(model):
         return
     dev = model.device
     ids = torch.zeros((batch, 1), dtype=torch.long, device=dev)
     start = torch.zeros(batch, dtype=torch.int32, device=dev)
     with dry(model):
-        model.forward(ids, start, torch.ones(batch, dtype=torch.int32, device=dev), cache, cache.max_context)
+        logits = model.forward(ids, start, torch.ones(batch, dtype=torch.int32, device=dev), cache, cache.max_context)
+        from kernels.sampling import argmax  # greedy's kernels too (0.6 s at the first token of a first run)
+
+        argmax(logits[:, :model.cfg.vocab_size])
 
 
 def prefill(model, ids: torch.Tensor, lens: list[int], chunk: int, cache, chunk_context) -> None:

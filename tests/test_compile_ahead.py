@@ -231,6 +231,22 @@ def test_not_wanted_on_the_cpu(model_dir):
         eng.close()
 
 
+def test_the_dry_decode_takes_greedy_sampling_along(model_dir, monkeypatch):
+    """The dry decode pass also meets the argmax kernels (a first run compiled them at its first token),
+    on the logits' first vocab_size columns as the sampler slices them."""
+    import contextlib
+
+    import kernels.sampling
+
+    seen = []
+    monkeypatch.setattr(engine_ahead, "wanted", lambda model: True)
+    monkeypatch.setattr(engine_ahead, "dry", lambda model: contextlib.nullcontext())  # a real pass, on the CPU
+    monkeypatch.setattr(kernels.sampling, "argmax", lambda logits: seen.append(tuple(logits.shape)))
+    eng = make_engine(model_dir)  # the engine's start runs the dry decode once
+    eng.close()
+    assert seen == [(1, eng.cfg.vocab_size)]
+
+
 @pytest.mark.cuda
 def test_gpu_dry_passes_compile_and_keep_the_tokens(model_dir, monkeypatch):
     """On a GPU: the dry decode and prefill passes compile (in processes, or threads), and the tokens
