@@ -262,6 +262,15 @@ def test_bandwidth_cache_unwritable_or_corrupt(fake_gpu, tmp_path, caplog):
     assert bandwidth.load_cache(corrupt)  # rewritten with the new entry
 
 
+def test_the_engines_measurement_pins_a_quarter_gib(monkeypatch, tmp_path):
+    sizes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bandwidth, "device_key", lambda device: "Fake GPU @ 00000000:01:00.0")
+    monkeypatch.setattr(bandwidth, "measure_h2d", lambda device, nbytes=1 << 30, repeats=5: sizes.append(nbytes) or 50.0)
+    bandwidth.h2d_bandwidth("cuda:0", cache_path=tmp_path / "bw.json")
+    assert sizes == [256 << 20]
+
+
 def test_measure_h2d_needs_cuda():
     with pytest.raises(ValueError, match="CUDA"):
         bandwidth.measure_h2d("cpu")
