@@ -14,7 +14,9 @@
 #  q  issue 15: the quantized prefill (bench_kernels --only qgemm,qprefill: the fused GEMM and the engine's
 #     dense-tile path at 2048 tokens against bf16 cuBLAS) and the quantized GPU tests
 #  w  issue 15: bench/qgemv_sweep.py, the int4 decode GEMV over a wider launch grid than the tuner's
-#  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, all resident, the accelerate peer
+#  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident
+#  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
+#     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 source bench/common.sh  # carried wheels, env_info, synth_7b
@@ -80,9 +82,15 @@ save; fi
 if [[ $steps == *s* ]]; then
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
   timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients 1,4,16,32 --requests-per-client 1 \
-    --prompt-tokens 128:2048 --max-tokens 128:256 --all-resident --peer-accelerate 6GiB --peer-time-limit 40 \
-    --json $R/serve.json > $R/bench_serve.log 2>&1
+    --prompt-tokens 128:2048 --max-tokens 128:256 --all-resident --json $R/serve.json > $R/bench_serve.log 2>&1
   echo "serve rc=$?"; tail -14 $R/bench_serve.log
+save; fi
+if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
+  S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
+  timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients 1 --requests-per-client 1 \
+    --prompt-tokens 128:2048 --max-tokens 128:256 --peer-accelerate 6GiB --peer-time-limit 60 \
+    --json $R/serve_peer.json > $R/bench_serve_peer.log 2>&1
+  echo "peer rc=$?"; tail -4 $R/bench_serve_peer.log
 save; fi
 mkdir -p $R/tuning && cp /tmp/ls-*/tuning/*.json $R/tuning/ 2>/dev/null
 save

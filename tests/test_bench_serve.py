@@ -88,6 +88,27 @@ def test_all_resident_reruns_the_levels_without_the_budget(tiny_qwen2_dir, tmp_p
     assert all(r["complete"] == r["requests"] == 2 and r["tokens"] == 6 for r in rows)
 
 
+def test_rows_are_written_before_the_peer_runs(tmp_path, monkeypatch):
+    """A run cut short in its slow peer (a device call's time box) keeps the served levels' rows."""
+    import tools.bench_serve as bs
+    import tools.bench_serve_peer as peer
+
+    out = tmp_path / "rows.json"
+    row = {"config": "server", "clients": 1, "requests": 1, "complete": 1, "errors": 0}
+    monkeypatch.setattr(bs, "server_rows", lambda args, config, flags: [{**row, "config": config}])
+    monkeypatch.setattr(bs, "_print_row", lambda r: None)
+
+    def cut(*a, **k):
+        assert [r["config"] for r in json.loads(out.read_text())] == ["server", "resident"]
+        raise KeyboardInterrupt  # the box's kill
+
+    monkeypatch.setattr(peer, "run_peer", cut)
+    with pytest.raises(KeyboardInterrupt):
+        bs.main(["--serve", f"--model {tmp_path} --vram-budget 6GiB", "--all-resident", "--clients", "1",
+                 "--peer-accelerate", "6GiB", "--json", str(out)])
+    assert [r["config"] for r in json.loads(out.read_text())] == ["server", "resident"]
+
+
 @pytest.mark.parametrize("argv", [
     ["--serve", "--model m", "--all-resident"],  # nothing to drop
     ["--url", "http://x", "--peer-accelerate", "6GiB"],  # no model directory for the peer

@@ -236,6 +236,14 @@ def server_rows(args, config: str, flags: str | None) -> list[dict]:
             proc.wait(60)
 
 
+def _write(path: str | None, rows: list[dict]) -> None:
+    """The rows so far as a JSON list at ``path`` (written whole, then renamed), when a path is given."""
+    if path:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -244,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = server_rows(args, "server", args.serve)
+    _write(args.json, rows)  # after each part: a run cut short (a time box, the slow peer) keeps what it measured
     if args.all_resident:
         rows += server_rows(args, "resident", shlex.join(_flag(shlex.split(args.serve), "--vram-budget")[1]))
+        _write(args.json, rows)
     if args.peer_budget is not None:
         from tools.bench_serve_peer import run_peer  # torch and transformers: only for the peer
 
@@ -254,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                          args.shared_prefix)[0]
         rows.append(run_peer(args.peer_model, args.peer_budget, jobs, args.peer_time_limit))
         _print_row(rows[-1])
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        _write(args.json, rows)
     served = [r for r in rows if r["config"] != "peer"]  # the peer's time limit may leave requests undone
     return 0 if all(r["errors"] == 0 and r["complete"] == r["requests"] for r in served) else 1
 
