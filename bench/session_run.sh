@@ -79,8 +79,8 @@ if [[ $steps == *w* ]]; then
   timeout $(left 360) python3 bench/qgemv_sweep.py --budget-s $(( $(left 360) - 60 )) --out $R/qgemv_sweep.json \
     > $R/qgemv_sweep.txt 2>&1; echo "sweep rc=$?"; cat $R/qgemv_sweep.txt | grep -v Warning | tail -6
 save; fi
-if [[ $steps == *s* ]]; then
-  S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
+if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-resident run's follow, from step 1 again)
+  S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps.jsonl"
   timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients 1,4,16,32 --requests-per-client 1 \
     --prompt-tokens 128:2048 --max-tokens 128:256 --all-resident --json $R/serve.json > $R/bench_serve.log 2>&1
   echo "serve rc=$?"; tail -14 $R/bench_serve.log

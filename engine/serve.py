@@ -48,6 +48,8 @@ def build_parser(prog: str = "python -m engine.serve") -> CliParser:
                    help="skip the warm-up (before /health says ready, the server runs the shapes its steps meet, "
                    "so that kernel compiles and tuning do not fall on the first requests)")
     p.add_argument("--grace", type=int, default=30, help="seconds in-flight requests get at shutdown (default 30)")
+    p.add_argument("--step-log", metavar="FILE",
+                   help="append one JSON line per engine step (start, duration, batch, tokens fed, waiting) to FILE")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
         from engine.engine import open_model
         model_dir, is_default = resolve_or_default(args.model)
         files = open_model(model_dir)  # config, headers, tokenizer: bad input fails before serving
+        from engine.serving.steplog import StepLog
+        step_log = StepLog(args.step_log) if args.step_log else None
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     loop = EngineLoop(load, max_waiting=args.max_waiting, kv_cache=args.kv_cache, block_size=args.block_size,
                       warmup=warm_up if args.warmup else None)
     metrics = ServerMetrics(loop)
-    loop.on_step = metrics.on_step
+    loop.on_step = metrics.on_step if step_log is None else (lambda st: (metrics.on_step(st), step_log(st)))
     name = args.served_model_name or args.model or "default"
     app = create_app(loop, name, args.api_key, metrics)
     # uvicorn's own limit only backs ours up: at --grace the engine cancels what is left, so every stream
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
           file=sys.stderr)
     server.run()
     loop.close()
+    if step_log is not None:
+        step_log.close()
     if loop.error is not None:
         print(f"error: loading the model failed: {loop.error}", file=sys.stderr)
         return 1

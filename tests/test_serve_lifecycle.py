@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -75,6 +76,7 @@ def test_api_key_overload_and_sigterm(tiny_qwen2_dir):
     (["serve", "--model", "/nonexistent/model-dir"], "nonexistent"),
     (["serve", "--max-batch", "0"], "--batch must be >= 1"),
     (["serve", "--host", "203.0.113.7"], "cannot listen on 203.0.113.7"),
+    (["serve", "--step-log", "/nonexistent/dir/steps.jsonl"], "--step-log /nonexistent/dir/steps.jsonl: cannot open"),
 ])
 def test_layerstream_serve_bad_flags_exit_2(capsys, argv, match):
     from engine.run import main
@@ -84,9 +86,10 @@ def test_layerstream_serve_bad_flags_exit_2(capsys, argv, match):
     assert err.startswith("error: ") and match in err and "Traceback" not in err
 
 
-def test_paged_server_reuses_a_shared_system_prompt(tiny_qwen2_dir):
+def test_paged_server_reuses_a_shared_system_prompt(tiny_qwen2_dir, tmp_path):
+    steps = tmp_path / "steps.jsonl"
     srv = Server(tiny_qwen2_dir, "--served-model-name", "m", "--kv-cache", "paged", "--block-size", "8",
-                 "--max-context", "256", "--max-batch", "2")
+                 "--max-context", "256", "--max-batch", "2", "--step-log", str(steps))
     try:
         system = {"role": "system", "content": "Answer briefly and politely, please. " * 4}
         replies = []
@@ -102,6 +105,11 @@ def test_paged_server_reuses_a_shared_system_prompt(tiny_qwen2_dir):
     finally:
         rc, err = srv.stop()
     assert rc == 0, err
+    lines = [json.loads(line) for line in steps.read_text().splitlines()]  # --step-log: a line per step
+    assert [r["step"] for r in lines] == list(range(1, len(lines) + 1)) and len(lines) >= 3
+    assert all(r["batch"] == 1 and r["tokens"] >= 1 and r["step_s"] > 0 and r["waiting"] == 0 for r in lines)
+    assert all(a["start_s"] + a["step_s"] <= b["start_s"] + 1e-6 for a, b in zip(lines, lines[1:]))
+    assert lines[-1]["generated_total"] == sum(1 for r in lines)  # batch 1: one token a step (3 replies)
 
 
 def test_sigterm_cancels_what_outlives_the_grace_period(tiny_qwen2_dir):

@@ -45,6 +45,7 @@ class StepStats:
     last_batch: int = 0
     last_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens found in cached KV blocks (not computed again)
+    last_waiting: int = 0  # sequences left waiting for a slot after the last step's admission
 
 
 class Scheduler:
@@ -137,7 +138,7 @@ class Scheduler:
         st.steps += 1
         st.generated_tokens += sum(len(o.token_ids) for o in outs)
         st.last_step_s, st.last_batch = time.perf_counter() - t0, len(self.running) + sum(o.finished for o in outs)
-        st.last_tokens = self.runner.last_tokens
+        st.last_tokens, st.last_waiting = self.runner.last_tokens, len(self.waiting)
         if self.on_step:
             self.on_step(st)
         for out in outs:
