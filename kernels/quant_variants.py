@@ -60,6 +60,12 @@ def _pow2_neg(p):
 
 
 @triton.jit
+def _pow2(e):
+    """2**e exactly (int32 e in 0..127), built from its exponent bits."""
+    return ((127 + e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def mask_or_magic(v, mask, ASM: tl.constexpr):
     """``(v & mask) | 0x4B000000``: one LOP3 with ASM (ptxas otherwise spends two, its LOP3 taking one
     immediate); the interpreter cannot run PTX, so it takes the plain expression."""
@@ -113,11 +119,12 @@ def word_scales(s_ptr, z_ptr, rows, stride_sn, k0, K, group, HAS_ZEROS: tl.const
 
 
 @triton.jit
-def _words_affine(t, xw, s, z, HAS_MINS: tl.constexpr):
-    """Per word: s * t + z * xw with mins, else s * (t - z * xw)."""
+def _words_affine(t, xw, s, z, HAS_MINS: tl.constexpr, BITS: tl.constexpr):
+    """Per word, with t = sum_i (c_i + 2**BITS) x_i (:func:`gemv_tile`): s * (t - (z + 2**BITS) * xw), or with
+    mins s * (t - 2**BITS * xw) + z * xw."""
     if HAS_MINS:
-        return s * t + z * xw[None, :]
-    return s * (t - z * xw[None, :])
+        return s * t + (z - s * (1 << BITS)) * xw[None, :]
+    return s * (t - (z + (1 << BITS)) * xw[None, :])
 
 
 @triton.jit
@@ -148,11 +155,13 @@ def gemv_tile(q_ptr, s_ptr, z_ptr, x_ptr, rows, stride_qn, stride_sn, k0, K, gro
         x2 = tl.load(x_ptrs, mask=w_ok[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
     xw = tl.sum(x2, axis=1)
     v = mask_or_magic(words >> (lane * BITS - p)[None, None, :], (MASK << p)[None, None, :], ASM)
-    c = v.to(tl.float32, bitcast=True) - _TWO23
+    # (c + 2**BITS) * 2**p: the lanes at the top bit (p = 23 - BITS) subtract 0, which folds away
+    off = _TWO23 - _pow2(BITS + p)  # 0.0 at the top lanes: x - 0.0 folds away (x + 0.0 would not)
+    c = v.to(tl.float32, bitcast=True) - off[None, None, :]
     t = tl.sum(c * (x2 * _pow2_neg(p)[None, :])[None, :, :], axis=2)
     s, z = word_scales(s_ptr, z_ptr, rows, stride_sn, k0, K, group, HAS_ZEROS, HAS_MINS, BITS, BW, SCALE_MODE,
                        GROUP_C)
-    return _words_affine(t, xw, s, z, HAS_MINS)
+    return _words_affine(t, xw, s, z, HAS_MINS, BITS)
 
 
 @triton.jit
