@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 _KEY = "self_attn.qkv_proj.weight"  # a slot's graph is found by where this weight lives
 
 
+def slot_address(weight) -> int:
+    """Where a layer's ``_KEY`` weight lives: a tensor's data pointer, or that of the first tensor of a
+    packed one (``QuantWeight.qweight``, ``GGMLWeight``'s first blocks), which have none of their own
+    (asking them for one failed every capture of streamed quantized layers: those decoded eagerly)."""
+    if isinstance(weight, torch.Tensor):
+        return weight.data_ptr()
+    first = weight.qweight if hasattr(weight, "qweight") else weight.parts[0][1]
+    return first.data_ptr()
+
+
 class DecodeGraph:
     """A decode step for ``batch`` sequences as replayable CUDA graphs over ModelWeights."""
 
@@ -114,7 +124,7 @@ class DecodeGraph:
         per_slot = {}
         for s in range(len(self.weights.stream.slots)):
             w = self.weights.slot_layer(s, i)
-            per_slot[w[_KEY].data_ptr()] = self._graph([self._layers_fn((i,), lambda _, w=w: w)])
+            per_slot[slot_address(w[_KEY])] = self._graph([self._layers_fn((i,), lambda _, w=w: w)])
         return kind, (i, per_slot)
 
     # ----- the captured pieces -----
@@ -162,7 +172,7 @@ class DecodeGraph:
                 continue
             i, per_slot = what
             w = self.weights.layer(i)
-            per_slot[w[_KEY].data_ptr()].replay()
+            per_slot[slot_address(w[_KEY])].replay()
             self.weights.release(i)
         if self.head_in_graph:
             return self.logits

@@ -94,3 +94,18 @@ def test_streamed_layer_replays_the_piece_of_its_slot(model_dir):
     expected = [slot_ptrs[g % len(slot_ptrs)] for p in range(3) for g in range(p * units, p * units + units)
                 if ours.weights.units[g % units].name.startswith("layer.")]
     assert used == expected
+
+
+def test_slot_address_of_plain_and_packed_weights():
+    """A slot's piece is keyed by where its qkv weight lives, whatever form the weight takes."""
+    from engine.graphs import slot_address
+    from engine.quant.ggml import GGMLWeight
+    from engine.quant.spec import QuantWeight
+
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    plain = buf[64:128]
+    packed = QuantWeight(buf[256:512].view(torch.int32).view(8, 8), torch.ones(8, 1), None, None, None, 64)
+    blocks = GGMLWeight((("q4_k", buf[1024:2048].view(4, 256)), ("q6_k", buf[2048:2560].view(2, 256))), 256)
+    assert slot_address(plain) == buf.data_ptr() + 64
+    assert slot_address(packed) == buf.data_ptr() + 256
+    assert slot_address(blocks) == buf.data_ptr() + 1024

@@ -228,3 +228,37 @@ def test_gpu_kernels_match_torch_dequantized_path(tmp_path, preset: str, kind: s
             err_torch, err_triton = ((a - r).norm() / r.norm()).item(), ((b - r).norm() / r.norm()).item()
             print(f"{kind} prefill {n} step {step}: torch bf16 {err_torch:.4f}, triton bf16 {err_triton:.4f}")
             assert err_triton <= 2 * err_torch + 5e-3, f"prefill of {n}, step {step}"
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_decode_graph_pieces_of_streamed_quantized_layers(qmodel, fmt: str) -> None:
+    """The decode graph's per-slot pieces (replayed as Python on the CPU) find a streamed packed layer's
+    slot by where its qweight lives, and equal eager decode steps (its capture failed on every streamed
+    quantized layer once: ``QuantWeight`` has no data pointer of its own, so those steps ran eagerly)."""
+    from engine.graphs import slot_address
+    from tests.helpers import CpuDecodeGraph, i32
+
+    _, d = qmodel("qwen2", fmt)
+    probe = make_engine(d)
+    low = min_budget(probe.cfg, torch.float32, max_context=64, prefill_chunk=2048, quant=probe.quant)
+    probe.close()
+    runs = []
+    for use_graph in (False, True):
+        s = make_engine(d, vram_budget=low, host_budget=1 << 30)
+        assert s.plan.streamed_layers and not s.plan.resident_layers
+        cache = KVCache(s.cfg, 1, 64, torch.float32, "cpu")
+        graph = CpuDecodeGraph(s.model, cache, 1) if use_graph else None
+        ids = torch.randint(0, s.cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+        logits, out = forward_prefill(s.model, cache, ids, last_only=True), []
+        for pos in range(5, 9):
+            tok = logits.argmax(-1)
+            logits = forward_decode(s.model, cache, tok, pos) if graph is None else graph(tok, i32([pos])).clone()
+            out.append(logits)
+        if graph is not None:
+            pieces = [per_slot for k, (_, per_slot) in ((k, w) for k, w in graph.steps if k == "streamed")]
+            assert len(pieces) == len(s.plan.streamed_layers)
+            assert all(set(p) == {slot_address(s.weights.slot_layer(j, 0)["self_attn.qkv_proj.weight"])
+                                  for j in range(len(s.weights.stream.slots))} for p in pieces)
+        runs.append(torch.stack(out))
+        s.close()
+    assert rel_max_err(runs[1], runs[0]) < 1e-5
