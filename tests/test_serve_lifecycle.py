@@ -157,6 +157,30 @@ def test_engine_thread_failure_fails_requests_instead_of_hanging(tiny_qwen2_dir)
     loop.close()
 
 
+@pytest.mark.parametrize("gather_s,first_batch", [(0.6, 2), (0.0, 1)])
+def test_requests_close_together_share_the_idle_engines_first_pass(tiny_qwen2_dir, gather_s, first_batch):
+    """A request that wakes the idle engine waits the gather window for others (the window restarts at
+    each arrival): one sent 0.2 s later joins its first pass; without a window it meets the next pass."""
+    from engine.serving.loop import gather_window
+    from engine.serving.params import SamplingParams
+    from engine.serving.sequence import Sequence
+
+    batches = []
+    loop = EngineLoop(lambda: make_engine(tiny_qwen2_dir, batch=2, max_context=64), gather_s=gather_s,
+                      on_step=lambda st: batches.append(st.last_batch)).start()
+    assert loop.ready.wait(30) and loop.error is None
+    outs = []
+    for prompt in ([1, 2, 3], [4, 5, 6, 7]):
+        loop.submit([Sequence(prompt, SamplingParams(max_tokens=3), loop.engine.tokenizer, sink=outs.append)])
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while loop.outstanding and time.monotonic() < deadline:
+        time.sleep(0.02)
+    loop.close()
+    assert loop.outstanding == 0 and batches[0] == first_batch
+    assert gather_window(loop.engine) == pytest.approx(min(0.025, 0.1 * loop.engine.plan.predicted_step_s))
+
+
 def test_port_in_use_is_one_error_line(capsys):
     import socket
 
