@@ -13,6 +13,8 @@
 #  m  issue 14: memreport at 6 GB with its pictures (memory.png, timeline.png: decode steps and a prefill)
 #  q  issue 15: the quantized prefill (bench_kernels --only qgemm,qprefill: the fused GEMM and the engine's
 #     dense-tile path at 2048 tokens against bf16 cuBLAS) and the quantized GPU tests
+#  k  issue 15: the quantized kernels' tests on the GPU (their PTX lop3 unpack never runs in the
+#     interpreter) and the CUDA parity test (prints each path's error against the fp32 torch path)
 #  w  issue 15: bench/qgemv_sweep.py, the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
@@ -74,6 +76,12 @@ if [[ $steps == *q* ]]; then
     tests/test_kernels_quant.py > $R/pytest_quant.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant.txt
   timeout $(left 100) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_quant_parity.py \
     > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_parity.txt
+save; fi
+if [[ $steps == *k* ]]; then  # the GPU build of the quantized kernels (the PTX lop3 path runs only here)
+  timeout $(left 300) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_quant_variants.py \
+    tests/test_kernels_quant.py > $R/pytest_quant_kernels.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_kernels.txt
+  timeout $(left 200) python3 -m pytest -q -s -p no:cacheprovider -m cuda tests/test_quant_parity.py \
+    > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; grep -E "bf16|passed|failed" $R/pytest_quant_parity.txt | tail -12
 save; fi
 if [[ $steps == *w* ]]; then
   timeout $(left 360) python3 bench/qgemv_sweep.py --budget-s $(( $(left 360) - 60 )) --out $R/qgemv_sweep.json \
