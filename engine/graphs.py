@@ -37,8 +37,9 @@ _KEY = "self_attn.qkv_proj.weight"  # a slot's graph is found by where this weig
 
 def slot_address(weight) -> int:
     """Where a layer's ``_KEY`` weight lives: a tensor's data pointer, or that of the first tensor of a
-    packed one (``QuantWeight.qweight``, ``GGMLWeight``'s first blocks), which have none of their own
-    (asking them for one failed every capture of streamed quantized layers: those decoded eagerly)."""
+    packed one (``QuantWeight.qweight``; ``GGMLWeight``'s first blocks, what its ``data_ptr`` gives).
+    ``QuantWeight`` has no ``data_ptr``: asking it for one failed every capture with streamed AWQ, GPTQ,
+    compressed-tensors, ``--quantize`` or repacked GGUF layers, which then decoded eagerly."""
     if isinstance(weight, torch.Tensor):
         return weight.data_ptr()
     first = weight.qweight if hasattr(weight, "qweight") else weight.parts[0][1]
