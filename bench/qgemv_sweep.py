@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-BLOCK_NS, BLOCK_KS, WARPS, STAGES, SPLITS = (8, 16, 32, 64, 128), (256, 512, 1024), (4, 8), (2, 3, 4), (2, 4)
+BLOCK_NS, BLOCK_KS, WARPS, STAGES, SPLITS = (8, 16, 32, 64, 128, 256), (128, 256, 512, 1024), (4, 8), (2, 3, 4), (2, 4)
 MAX_REL_ERR = 1e-2
 
 

@@ -1,13 +1,14 @@
 """The quantized decode GEMV's GPU build, compiled for the H200's sm_90 on the CPU with Triton's bundled
 ptxas (the interpreter never lowers it, and never runs its PTX ``lop3`` unpack, ``ASM``).
 
-Every batch-1 "3d" candidate and the tensor-core "split" candidates compile with the ``lop3``, spilling
-at most 8 bytes (Triton 3.9's build of the int8 64x256 candidate; none under Triton 3.6, the GPU
-machine's); and the batch-1 loop, which is bound by instruction issue rather than by memory (H200,
-session 11: 30-34% of copy bandwidth at every launch config swept), stays within an instruction
-budget per code.  The budget is a static property of the compiled loop, not a timing.  For the int4
-32x512 8-warp candidate the loop took 10.1 (Triton 3.6) and 7.2 (Triton 3.9) instructions per code
-before the ``lop3`` and the constant group index, and 6.7 and 6.0 with them.
+Every batch-1 "3d" candidate and the tensor-core "split" candidates compile with the ``lop3`` and spill
+nothing; and the batch-1 loop, which is bound by instruction issue rather than by memory (H200,
+session 11: 30-34% of copy bandwidth at every launch config swept, time tracking the loop's
+instruction count), stays within an instruction budget per code.  The budget is a static property of
+the compiled loop, not a timing.  For the int4 32x512 4-warp tile (the sweep's fastest for gate_up)
+the loop took 9.1 (Triton 3.6, the GPU machine's) and 7.3 (Triton 3.9) instructions per code before
+the ``lop3``, the constant group index and the folded offsets, and 5.8 and 6.2 with them; the tiles of
+one 128-column group take 4.2-4.8.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import triton
 from tests.test_kernels_ggml import NV_BIN, PTR
 
 K, N, GROUP = 3584, 4608, 128
-BUDGET = 7.0  # loop instructions per 4-bit code, batch 1, BLOCK_N 32 x BLOCK_K 512, 8 warps
+BUDGET = 7.0  # loop instructions per 4-bit code, batch 1, BLOCK_N 32 x BLOCK_K 512, 4 warps
+GROUP_TILE_BUDGET = 5.0  # the same for the 128 x 128 tile (one group per row: scales once per row)
 
 
 def _compile(meta: dict, warps: int, stages: int) -> tuple[str, str]:
@@ -96,10 +98,11 @@ def test_qgemv_compiles_for_sm90_within_budget() -> None:
     from kernels import qgemv as mod
     assert len(lines) == 2 * (len(mod._WORD_SHAPES) + len(mod._SPLIT_SHAPES)), run.stdout
     for line in lines:
-        assert "LOCAL:0" in line and int(re.search(r"STACK:(\d+)", line).group(1)) <= 8, line
-    pick = next(line for line in lines if line.startswith("int4 M=1 32x512 w8 s2"))
-    loop, codes = (int(v) for v in re.search(r"loop (\d+) codes (\d+)", pick).groups())
-    assert loop / codes <= BUDGET, f"{loop / codes:.2f} instructions per code (budget {BUDGET}): {pick}"
+        assert "STACK:0" in line and "LOCAL:0" in line, line
+    for tile, budget in (("32x512 w4 s3", BUDGET), ("128x128 w4 s3", GROUP_TILE_BUDGET)):
+        pick = next(line for line in lines if line.startswith(f"int4 M=1 {tile}"))
+        loop, codes = (int(v) for v in re.search(r"loop (\d+) codes (\d+)", pick).groups())
+        assert loop / codes <= budget, f"{loop / codes:.2f} instructions per code (budget {budget}): {pick}"
 
 
 def test_loop_instructions_reads_the_longest_backward_branch() -> None:
