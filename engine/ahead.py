@@ -68,11 +68,14 @@ def dry(model) -> Iterator[None]:
         torch.cuda.synchronize(model.device)  # the dry pass's torch work, before real work reuses its memory
 
 
-def decode(model, cache, batch: int) -> None:
+def decode(model, cache, batch: int, first_prompts: tuple[int, ...] = (), prefill_chunk: int = 0,
+           chunk_context=None) -> tuple[int, ...] | None:
     """Compile the kernels of a decode step of ``batch`` rows at the cache's full length (what the
-    decode graph's warm-up runs next) and of its greedy sampling."""
+    decode graph's warm-up runs next) and of its greedy sampling; with ``first_prompts`` (prompt lengths)
+    also those of their prefill (``engine.generate.prefill``'s call), in the same pool, so the two sets
+    compile side by side. Returns that prefill's shape key ``(chunk, *lengths)``, or None."""
     if not wanted(model):
-        return
+        return None
     dev = model.device
     ids = torch.zeros((batch, 1), dtype=torch.long, device=dev)
     start = torch.zeros(batch, dtype=torch.int32, device=dev)
@@ -81,6 +84,13 @@ def decode(model, cache, batch: int) -> None:
         from kernels.sampling import argmax  # greedy's kernels too (0.6 s at the first token of a first run)
 
         argmax(logits[:, :model.cfg.vocab_size])
+        if not first_prompts:
+            return None
+        lens = list(first_prompts)
+        chunk = max(1, prefill_chunk // len(lens))
+        model.prefill(torch.zeros((len(lens), max(lens)), dtype=torch.long, device=dev), lens, chunk, cache,
+                      chunk_context)
+    return (chunk, *lens)
 
 
 def prefill(model, ids: torch.Tensor, lens: list[int], chunk: int, cache, chunk_context) -> None:

@@ -160,6 +160,8 @@ def run_session(args: argparse.Namespace, opts: EngineOptions, prompts: list[str
     note = choose_cpu_dtype(files, opts, args.host_budget is not None)
     if note and not args.json:
         print(f"note: {note}", file=sys.stderr)
+    if ids is not None:  # the first group's prefill compiles ahead at load, beside the decode step's kernels
+        opts.first_prompts = tuple(len(p) for p in (ids * opts.batch if len(ids) == 1 else ids)[:opts.batch])
     engine, _ = load_engine(args.model, opts, quiet=args.json, resolved=(files, is_default))
     try:
         if not args.json:

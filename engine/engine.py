@@ -70,6 +70,7 @@ class EngineOptions:
     quant_cache: bool = False  # keep repacked / rounded layers in a cache file (engine.quant.cache)
     host_compute: str | int = "off"  # auto | off | N: decode steps compute host layers on the CPU (memory.host_lane)
     prefill_states: str = "auto"  # auto | vram | host: where a layer-major prefill's prompt states wait (planner)
+    first_prompts: tuple[int, ...] = ()  # the first generate's prompt lengths: its prefill compiles ahead at load
 
 
 def pick_device(name: str) -> torch.device:
@@ -184,7 +185,10 @@ class Engine:
         self.graph = None
         self.prefill_shapes: set[tuple[int, ...]] = set()  # prompt shapes compiled ahead (engine/ahead.py)
         t0 = time.perf_counter()
-        ahead.decode(self.model, self.cache, opts.batch)
+        shape = ahead.decode(self.model, self.cache, opts.batch, opts.first_prompts, opts.prefill_chunk,
+                             self.ops.prompt_chunk)
+        if shape is not None:  # the first prompts' prefill compiled beside the decode step's kernels
+            self.prefill_shapes.add(shape)
         t1 = time.perf_counter()
         if opts.cuda_graph and self.device.type == "cuda" and self.ops.name == "triton":
             self.graph = try_capture(self.model, self.cache, opts.batch)

@@ -85,6 +85,18 @@ def test_plain_output_streams_text(capsys, tiny_qwen2_dir):
     assert out.endswith("\n") and "{" not in out
 
 
+def test_the_first_groups_prompt_lengths_reach_the_engine(capsys, tiny_qwen2_dir, monkeypatch):
+    """The CLI tells the engine its first group's prompt lengths (compiled ahead at load, on a GPU):
+    one prompt at --batch 2 is decoded twice."""
+    seen = []
+    real = cli_session.load_engine
+    monkeypatch.setattr(cli_session, "load_engine",
+                        lambda spec, opts, **kw: seen.append(opts.first_prompts) or real(spec, opts, **kw))
+    raw, _ = run_json(capsys, ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--no-chat", "--batch", "2",
+                               "--max-new-tokens", "2", *CPU])
+    assert seen == [(len(raw["prompt_token_ids"]),) * 2]
+
+
 def test_no_chat_and_system(capsys, tiny_qwen2_dir, greedy_ref):
     tok = Tokenizer.from_dir(tiny_qwen2_dir)
     raw, _ = run_json(capsys, ["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--no-chat",

@@ -247,6 +247,34 @@ def test_the_dry_decode_takes_greedy_sampling_along(model_dir, monkeypatch):
     assert seen == [(1, eng.cfg.vocab_size)]
 
 
+def test_the_first_prompts_prefill_compiles_at_load(model_dir, monkeypatch):
+    """With ``first_prompts`` the dry decode pass runs their prefill too (one pool, one wait), so the first
+    generate finds its shape compiled and runs no dry pass of its own; the tokens are unchanged."""
+    import contextlib
+
+    prompts = random_prompts([9, 5], 100, seed=7)
+    ref = make_engine(model_dir, batch=2)
+    try:
+        want = generate(ref, prompts, SamplingParams(temperature=0.0), max_new_tokens=5).token_ids
+    finally:
+        ref.close()
+    prefilled, later = [], []
+    monkeypatch.setattr(engine_ahead, "wanted", lambda model: True)
+    monkeypatch.setattr(engine_ahead, "dry", lambda model: contextlib.nullcontext())  # a real pass, on the CPU
+    monkeypatch.setattr(engine_ahead, "prefill", lambda *a, **k: later.append(1))
+    eng = make_engine(model_dir, batch=2, first_prompts=(9, 5))
+    try:
+        prefill = eng.model.prefill
+        eng.model.prefill = lambda ids, lens, *a: prefilled.append((tuple(ids.shape), lens)) or prefill(ids, lens, *a)
+        chunk = eng.opts.prefill_chunk // 2
+        assert eng.prefill_shapes == {(chunk, 9, 5)}
+        got = generate(eng, prompts, SamplingParams(temperature=0.0), max_new_tokens=5).token_ids
+    finally:
+        eng.close()
+    assert later == [] and prefilled == [((2, 9), [9, 5])]  # the generate's real prefill only
+    assert got == want
+
+
 @pytest.mark.cuda
 def test_gpu_dry_passes_compile_and_keep_the_tokens(model_dir, monkeypatch):
     """On a GPU: the dry decode and prefill passes compile (in processes, or threads), and the tokens
