@@ -58,6 +58,29 @@ def test_with_streamed_layers_one_pass_prefills_every_waiting_prompt(engines, ti
         eng.close()
 
 
+def test_a_pass_whose_states_fit_the_vram_reserve_keeps_them_there(engines, tiny_qwen2_dir,  # noqa: F811
+                                                                     streamed_budget):
+    """With the plan's prompt states in host memory, a pass of two short prompts (8 tokens, within the two
+    chunks' worth of VRAM the plan keeps for states) keeps its states on the device: nothing crosses."""
+    single, _ = engines
+    eng = make_engine(tiny_qwen2_dir, batch=4, max_context=64, prefill_chunk=8, vram_budget=streamed_budget,
+                      prefill_states="host")
+    try:
+        assert eng.model.host_states and eng.plan.prefill_state_bytes == 2 * 8 * 2 * eng.cfg.hidden_size * 4
+        sched = Scheduler(eng)
+        prompts = random_prompts([3, 5], eng.cfg.vocab_size, seed=48)
+        seqs = [Sequence(p, SamplingParams(max_tokens=4), eng.tokenizer) for p in prompts]
+        for s in seqs:
+            sched.add(s)
+        while sched.has_work():
+            sched.step()
+        assert eng.model.state_host_bytes == 0
+        for p, s in zip(prompts, seqs):
+            assert s.output_ids == alone(single, p, 4)
+    finally:
+        eng.close()
+
+
 def test_all_resident_a_pass_takes_one_prefill_chunk(engines):  # noqa: F811
     _, multi = engines
     assert multi.plan.num_slots == 0 and Scheduler(multi).runner.pass_tokens == 16

@@ -138,11 +138,20 @@ class ModelRunner:
             cache = self.paged[0]
             cache.bind_groups(specs)
             groups = [replace(g, kv=partial(cache.group_layer, k)) for k, g in enumerate(groups)]
-        out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk,
-                                       host_states=eng.model.host_states and len(groups) > 1)
+        out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk, host_states=self._host_states(groups))
         logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
         logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
         return logits, q_lens
+
+    def _host_states(self, groups: list[Group]) -> bool:
+        """Whether this pass's groups wait between layers in host memory: when the plan puts prompt states
+        there and they would not fit the VRAM it keeps for states beside the computed chunk (a pass of a
+        few short prompts stays on the GPU, its states never crossing PCIe)."""
+        eng = self.engine
+        if not eng.model.host_states or len(groups) < 2:
+            return False
+        per_token = 2 * eng.cfg.hidden_size * eng.dtype.itemsize  # hidden + residual (the plan's figure)
+        return sum(g.ids.numel() for g in groups) * per_token > eng.plan.prefill_state_bytes
 
     def _decode_group(self, seqs: list[Sequence], decode: list[Sequence]) -> tuple[Group, BindSpec | None]:
         """Rows 0 .. the highest decoding slot, one token each, and (paged) their binding: in place
