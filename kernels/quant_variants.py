@@ -21,8 +21,9 @@
 # s sum_i c_i x_i + m xw), so each code costs a mask, a subtract and an FMA.  On the GPU the mask and
 # the magic bits are one PTX lop3 (ASM; ptxas spent two LOP3s, each taking one immediate), and the
 # group of a word is a constant shift when GROUP_C is known (a runtime division cost ~2 instructions
-# per code): the batch-1 loop went from 10.1 to 6.7 sm_90 instructions per 4-bit code under Triton
-# 3.6 (tests/test_kernels_qgemv_sm90.py keeps it within a budget).
+# per code), and a 2**BITS offset per code, folded into the zero point, spares the top lanes their
+# subtraction: the batch-1 loop of the 32x512 tile went from 9.1 to 5.8 sm_90 instructions per 4-bit
+# code under Triton 3.6 (tests/test_kernels_qgemv_sm90.py keeps it within a budget).
 # All variants need the P codes of a word in one group (G % P == 0): see :func:`variant_ok`.
 from __future__ import annotations
 
@@ -54,14 +55,8 @@ def _pos(i, BITS: tl.constexpr):
 
 
 @triton.jit
-def _pow2_neg(p):
-    """2**-p exactly (int32 p in 0..126), built from its exponent bits."""
-    return ((127 - p) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _pow2(e):
-    """2**e exactly (int32 e in 0..127), built from its exponent bits."""
+    """2**e exactly (int32 e in -126..127), built from its exponent bits."""
     return ((127 + e) << 23).to(tl.float32, bitcast=True)
 
 
@@ -155,10 +150,11 @@ def gemv_tile(q_ptr, s_ptr, z_ptr, x_ptr, rows, stride_qn, stride_sn, k0, K, gro
         x2 = tl.load(x_ptrs, mask=w_ok[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
     xw = tl.sum(x2, axis=1)
     v = mask_or_magic(words >> (lane * BITS - p)[None, None, :], (MASK << p)[None, None, :], ASM)
-    # (c + 2**BITS) * 2**p: the lanes at the top bit (p = 23 - BITS) subtract 0, which folds away
-    off = _TWO23 - _pow2(BITS + p)  # 0.0 at the top lanes: x - 0.0 folds away (x + 0.0 would not)
+    # c = (code + 2**BITS) * 2**p: the lanes at the top bit (p = 23 - BITS) subtract 0.0, which folds away
+    # (x + 0.0 would not); _words_affine takes the 2**BITS off per word
+    off = _TWO23 - _pow2(BITS + p)
     c = v.to(tl.float32, bitcast=True) - off[None, None, :]
-    t = tl.sum(c * (x2 * _pow2_neg(p)[None, :])[None, :, :], axis=2)
+    t = tl.sum(c * (x2 * _pow2(-p)[None, :])[None, :, :], axis=2)
     s, z = word_scales(s_ptr, z_ptr, rows, stride_sn, k0, K, group, HAS_ZEROS, HAS_MINS, BITS, BW, SCALE_MODE,
                        GROUP_C)
     return _words_affine(t, xw, s, z, HAS_MINS, BITS)
