@@ -68,6 +68,12 @@ def dry(model) -> Iterator[None]:
         torch.cuda.synchronize(model.device)  # the dry pass's torch work, before real work reuses its memory
 
 
+def prefill_key(prefill_chunk: int, lens: list[int]) -> tuple[int, ...]:
+    """A prefill's shape as compile ahead keys it: ``(chunk per row, *prompt lengths)``; the chunk per row is
+    what ``Model.prefill`` gets for these prompts (``engine.generate.prefill``)."""
+    return (max(1, prefill_chunk // len(lens)), *lens)
+
+
 def decode(model, cache, batch: int, first_prompts: tuple[int, ...] = (), prefill_chunk: int = 0,
            chunk_context=None) -> tuple[int, ...] | None:
     """Compile the kernels of a decode step of ``batch`` rows at the cache's full length (what the
@@ -86,11 +92,11 @@ def decode(model, cache, batch: int, first_prompts: tuple[int, ...] = (), prefil
         argmax(logits[:, :model.cfg.vocab_size])
         if not first_prompts:
             return None
-        lens = list(first_prompts)
-        chunk = max(1, prefill_chunk // len(lens))
-        model.prefill(torch.zeros((len(lens), max(lens)), dtype=torch.long, device=dev), lens, chunk, cache,
+        key = prefill_key(prefill_chunk, list(first_prompts))
+        lens = list(key[1:])
+        model.prefill(torch.zeros((len(lens), max(lens)), dtype=torch.long, device=dev), lens, key[0], cache,
                       chunk_context)
-    return (chunk, *lens)
+    return key
 
 
 def prefill(model, ids: torch.Tensor, lens: list[int], chunk: int, cache, chunk_context) -> None:

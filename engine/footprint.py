@@ -39,6 +39,11 @@ def _layer_file_bytes(cfg: ModelConfig, tb: dict[str, int], layout: LayerLayout 
     return out
 
 
+def state_bytes_per_token(cfg: ModelConfig, elem_size: int) -> int:
+    """What a prompt token keeps between layers in a layer-major prefill: its hidden state and residual."""
+    return 2 * cfg.hidden_size * elem_size
+
+
 def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int] | None = None,
               quant: LayerQuant | None = None) -> Footprint:
     """The model's modules and per-token costs in compute ``dtype``.
@@ -76,7 +81,7 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
     return Footprint(
         modules=tuple(modules), rows=cfg.vocab_size, tied=cfg.tie_word_embeddings,
         kv_bytes_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size,
-        act_bytes_per_token=act * size, state_bytes_per_token=2 * cfg.hidden_size * size,  # hidden + residual
+        act_bytes_per_token=act * size, state_bytes_per_token=state_bytes_per_token(cfg, size),
         logits_bytes_per_seq=cfg.vocab_size * 4 * 2,  # fp32 logits + scratch
         rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
         max_positions=cfg.max_position_embeddings,

@@ -51,10 +51,11 @@ def prefill(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
     ids = torch.zeros((b, max(lens)), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
-    chunk = max(1, engine.opts.prefill_chunk // b)
+    shape = ahead.prefill_key(engine.opts.prefill_chunk, lens)
+    chunk = shape[0]
     ids = ids.to(engine.device)
     engine.prefill_compile_s = 0.0
-    if (shape := (chunk, *lens)) not in engine.prefill_shapes:  # a new shape: its kernels compiled in parallel
+    if shape not in engine.prefill_shapes:  # a new shape: its kernels compiled in parallel
         engine.prefill_shapes.add(shape)
         t0 = time.perf_counter()
         ahead.prefill(engine.model, ids, lens, chunk, engine.cache, engine.ops.prompt_chunk)

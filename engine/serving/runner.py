@@ -23,6 +23,7 @@ from functools import partial
 import torch
 
 from engine.engine import Engine
+from engine.footprint import state_bytes_per_token
 from engine.model import Group
 from engine.sampling import Sampler
 from engine.serving.blocks import BlockManager
@@ -150,7 +151,7 @@ class ModelRunner:
         eng = self.engine
         if not eng.model.host_states or len(groups) < 2:
             return False
-        per_token = 2 * eng.cfg.hidden_size * eng.dtype.itemsize  # hidden + residual (the plan's figure)
+        per_token = state_bytes_per_token(eng.cfg, eng.dtype.itemsize)  # the plan's figure
         return sum(g.ids.numel() for g in groups) * per_token > eng.plan.prefill_state_bytes
 
     def _decode_group(self, seqs: list[Sequence], decode: list[Sequence]) -> tuple[Group, BindSpec | None]:
