@@ -237,11 +237,11 @@ def server_rows(args, config: str, flags: str | None) -> list[dict]:
 
 
 def _write(path: str | None, rows: list[dict]) -> None:
-    """The rows so far as a JSON list at ``path`` (written whole, then renamed), when a path is given."""
+    """The rows so far as a JSON list at ``path`` (atomically), when a path is given."""
     if path:
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(path)
+        from tools.report_render import atomic_write
+
+        atomic_write(Path(path), json.dumps(rows, indent=1).encode())
 
 
 def main(argv: list[str] | None = None) -> int:
