@@ -160,8 +160,10 @@ def run_session(args: argparse.Namespace, opts: EngineOptions, prompts: list[str
     note = choose_cpu_dtype(files, opts, args.host_budget is not None)
     if note and not args.json:
         print(f"note: {note}", file=sys.stderr)
-    if ids is not None:  # the first group's prefill compiles ahead at load, beside the decode step's kernels
-        opts.first_prompts = tuple(len(p) for p in (ids * opts.batch if len(ids) == 1 else ids)[:opts.batch])
+    if ids is not None:
+        if len(ids) == 1 and opts.batch > 1:  # one prompt, a larger batch: decode it opts.batch times
+            prompts, ids = prompts * opts.batch, ids * opts.batch
+        opts.first_prompts = tuple(len(p) for p in ids[:opts.batch])  # its prefill compiles ahead at load
     engine, _ = load_engine(args.model, opts, quiet=args.json, resolved=(files, is_default))
     try:
         if not args.json:
@@ -169,8 +171,6 @@ def run_session(args: argparse.Namespace, opts: EngineOptions, prompts: list[str
         if ids is None:
             from engine.chat import chat
             return chat(engine, args, lambda p: _generate(engine, args, [p], echo=True))
-        if len(ids) == 1 and opts.batch > 1:  # one prompt, a larger batch: decode it opts.batch times
-            prompts, ids = prompts * opts.batch, ids * opts.batch
         groups = [(prompts[i:i + opts.batch], ids[i:i + opts.batch]) for i in range(0, len(ids), opts.batch)]
         results = [(g_ids, _generate(engine, args, g_ids, echo=len(ids) == 1 and not args.json))
                    for _, g_ids in groups]
