@@ -92,7 +92,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     loop = EngineLoop(load, max_waiting=args.max_waiting, kv_cache=args.kv_cache, block_size=args.block_size,
                       warmup=warm_up if args.warmup else None)
     metrics = ServerMetrics(loop)
-    loop.on_step = metrics.on_step if step_log is None else (lambda st: (metrics.on_step(st), step_log(st)))
+
+    def on_step(st) -> None:
+        metrics.on_step(st)
+        if step_log is not None:
+            step_log(st)
+
+    loop.on_step = on_step
     name = args.served_model_name or args.model or "default"
     app = create_app(loop, name, args.api_key, metrics)
     # uvicorn's own limit only backs ours up: at --grace the engine cancels what is left, so every stream
