@@ -22,12 +22,13 @@ QWEN7B_QUANT = [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888)
 
 
 def packed_operands(m: int, k: int, n: int, bits: int, group: int, device: str = "cuda") -> tuple:
-    """(x bf16 [m, k], qweight, fp16 scales, fp16 zeros) with random codes, mid-range zeros and
+    """(x bf16 [m, k], qweight, fp16 scales, fp16 zeros) with random codes, zeros within 2 of mid-range and
     scales that give the dequantized weight a std of about k**-0.5 (as AWQ checkpoints: fp16 scales)."""
     qweight = torch.randint(-(1 << 31), 1 << 31, (n, k * bits // 32), device=device, dtype=torch.int64).to(torch.int32)
     spread = ((1 << bits) ** 2 / 12) ** 0.5  # std of uniform codes around the mid-range zero
     scales = (torch.rand(n, k // group, device=device) * 0.4 + 0.8).mul_(k ** -0.5 / spread).to(torch.float16)
-    zeros = torch.full((n, k // group), float(1 << (bits - 1)), device=device, dtype=torch.float16)
+    mid = 1 << (bits - 1)  # zero points vary by group, as in AWQ / GPTQ checkpoints (a misindexed zero shows)
+    zeros = torch.randint(mid - 2, mid + 3, (n, k // group), device=device).to(torch.float16)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     return x, qweight, scales, zeros
 

@@ -1,0 +1,141 @@
+"""Diagnose a quantized model's prefill and decode on the GPU (tests/test_quant_parity.py's GPU case).
+
+A 2-layer synthetic model runs a 33-token prefill of 2 rows and 3 decode steps with the fp32 torch ops (the
+reference), the bf16 torch ops and, twice in one engine, the bf16 Triton ops. Printed: each run's logits per
+step against the reference, copied as each step returns and after the last (a tensor changed after it is
+returned shows), the residual stream after every layer call and the logits (l / h) against the reference's,
+and the Triton ops' outputs against the torch ops' on the same inputs (fp32 math for packed linears; in-place
+ops: the tensors they write), those beyond ``--tol`` as they happen.
+
+    python bench/quant_decode_check.py --kind awq      (GPU machine; synthesizes a 2-layer Qwen2.5-7B)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+OPS = ("rmsnorm", "add_rmsnorm", "linear", "swiglu", "attention", "embedding", "rope_", "kv_append_")
+MUTATED = {"rope_": (0, 1), "kv_append_": (2, 3)}  # in-place ops: the arguments they write
+
+
+def _rel(a, b) -> float:
+    if isinstance(a, tuple):
+        return max(_rel(x, y) for x, y in zip(a, b))
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _clone(v):
+    return v.clone() if isinstance(v, torch.Tensor) else v
+
+
+def checked(ops, ref_ops, tol: float, log: list):
+    """Wrap ``ops``'s methods in OPS: each call's output is compared with ``ref_ops`` on cloned inputs."""
+    from engine.quant.spec import QuantWeight, dequantize
+    for name in OPS:
+        fn, ref_fn = getattr(ops, name), getattr(ref_ops, name)
+
+        def wrapped(*args, _fn=fn, _ref=ref_fn, _name=name):
+            ref_args = [_clone(a) for a in args]
+            out = _fn(*args)
+            if _name == "linear" and isinstance(args[1], QuantWeight):
+                x, w = args[0], args[1]
+                b = args[2] if len(args) > 2 else None
+                dense = dequantize(w)
+                ref = x.float().reshape(-1, x.shape[-1]) @ dense.T + (0 if b is None else b.float())
+                err = _rel(out.reshape(ref.shape), ref)
+                what = f"qlinear x{tuple(x.shape)} {x.dtype} stride {x.stride()} w[{w.qweight.shape[0]}, {w.in_features}] " \
+                       f"bits {w.spec.bits} g {w.group_size} scales {w.scales.dtype} zeros " \
+                       f"{None if w.zeros is None else w.zeros.dtype} bias {b is not None}"
+            elif _name in MUTATED:
+                _ref(*ref_args)
+                err = max(_rel(args[i], ref_args[i]) for i in MUTATED[_name])
+                what = f"{_name} " + " ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+            else:
+                ref = _ref(*ref_args)
+                err = _rel(out, ref)
+                what = f"{_name} " + " ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+            log.append((err, what))
+            if err > tol:
+                print(f"  DIFF {err:.3e} {what}", flush=True)
+            return out
+        setattr(ops, name, wrapped)
+
+
+def _recorded(model, rec: list) -> None:
+    """Keep a float copy of each decoder layer's (output, residual) and of each head's logits, in call order."""
+    layer, head = model.layer, model.head
+
+    def rec_layer(*a, **k):
+        h, r = layer(*a, **k)
+        rec.append(("layer", (h.float() + r.float()).cpu()))  # the residual stream after the layer
+        return h, r
+
+    def rec_head(*a, **k):
+        out = head(*a, **k)
+        rec.append(("head", out.float().cpu()))
+        return out
+    model.layer, model.head = rec_layer, rec_head
+
+
+def trajectory(d, ids: torch.Tensor, device: str, dtype: str, triton: bool, log: list | None, tol: float,
+               rounds: int = 1) -> list[dict]:
+    """Per round: {"at_once": logits copied as each step returns, "later": copied after the last step,
+    "trace": the recorded layer outputs and logits}; a prefill of 33 tokens x 2 rows and 3 decode steps."""
+    from engine.engine import Engine, EngineOptions
+    from engine.kv_cache import KVCache
+    from engine.ops import TorchOps, TritonOps
+    from tests.helpers import forward_decode, forward_prefill
+    eng = Engine(d, EngineOptions(device=device, dtype=dtype, kernels="triton", max_context=192, cuda_graph=False))
+    eng.model.ops = TritonOps() if triton else TorchOps()
+    if log is not None:
+        checked(eng.model.ops, TorchOps(), tol, log)
+    out = []
+    for _ in range(rounds):
+        trace: list = []
+        _recorded(eng.model, trace)
+        cache = KVCache(eng.cfg, 2, 192, eng.model.dtype, device)
+        steps = [forward_prefill(eng.model, cache, ids[:, :33], last_only=False)]
+        at_once = [steps[0].float().cpu()]
+        for t in range(33, 36):
+            steps.append(forward_decode(eng.model, cache, ids[:, t], t))
+            at_once.append(steps[-1].float().cpu())
+        out.append({"at_once": at_once, "later": [x.float().cpu() for x in steps], "trace": trace})
+        del eng.model.layer, eng.model.head  # the instance attributes: the class's methods again
+    eng.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kind", default="awq")
+    p.add_argument("--preset", default="qwen2.5-7b")
+    p.add_argument("--tol", type=float, default=1e-2)
+    p.add_argument("--device", default="cuda", help="cuda, or cpu (TRITON_INTERPRET=1, tiny presets)")
+    args = p.parse_args(argv)
+    from engine.synth.writer import synthesize
+    d = synthesize(args.preset, os.path.join(tempfile.mkdtemp(), args.kind), quant=args.kind, layers=2, device=args.device)
+    ids = torch.randint(0, 1000, (2, 160), generator=torch.Generator().manual_seed(1)).to(args.device)
+    log: list = []
+    ref = trajectory(d, ids, args.device, "fp32", False, None, args.tol)[0]
+    runs = {"bf16 torch": trajectory(d, ids, args.device, "bf16", False, None, args.tol)[0]}
+    tri = trajectory(d, ids, args.device, "bf16", True, log, args.tol, rounds=2)
+    runs["bf16 triton"], runs["bf16 triton, 2nd round"] = tri
+    for name, r in runs.items():
+        print(f"{name:24} logits vs fp32 torch per step: "
+              + ", ".join(f"{_rel(a, b):.4f}" for a, b in zip(r["at_once"], ref["at_once"]))
+              + " | copied later vs at once: " + ", ".join(f"{_rel(a, b):.1e}" for a, b in zip(r["later"], r["at_once"])))
+        print(f"{'':24} recorded vs fp32 torch: " + " ".join(
+            f"{kind[0]}{_rel(a[1], b[1]):.4f}" for kind, a, b in zip((e[0] for e in r["trace"]), r["trace"], ref["trace"])))
+    worst = sorted(log, key=lambda e: -e[0])[:8]
+    print("Triton ops against torch ops on the same inputs, largest differences:\n"
+          + "\n".join(f"  {e:.3e} {w}" for e, w in worst))
+    return 0
+
+if __name__ == "__main__":
+    raise SystemExit(main())
