@@ -116,16 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", default="awq")
     p.add_argument("--preset", default="qwen2.5-7b")
     p.add_argument("--tol", type=float, default=1e-2)
+    p.add_argument("--triton-first", action="store_true",
+                   help="run the Triton engine before the torch ones (is an earlier engine's teardown involved?)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (TRITON_INTERPRET=1, tiny presets)")
     args = p.parse_args(argv)
     from engine.synth.writer import synthesize
     d = synthesize(args.preset, os.path.join(tempfile.mkdtemp(), args.kind), quant=args.kind, layers=2, device=args.device)
     ids = torch.randint(0, 1000, (2, 160), generator=torch.Generator().manual_seed(1)).to(args.device)
     log: list = []
+    runs = {}
+    if args.triton_first:
+        runs["bf16 triton"], runs["bf16 triton, 2nd round"] = trajectory(d, ids, args.device, "bf16", True, log,
+                                                                         args.tol, rounds=2)
     ref = trajectory(d, ids, args.device, "fp32", False, None, args.tol)[0]
-    runs = {"bf16 torch": trajectory(d, ids, args.device, "bf16", False, None, args.tol)[0]}
-    tri = trajectory(d, ids, args.device, "bf16", True, log, args.tol, rounds=2)
-    runs["bf16 triton"], runs["bf16 triton, 2nd round"] = tri
+    runs["bf16 torch"] = trajectory(d, ids, args.device, "bf16", False, None, args.tol)[0]
+    if not args.triton_first:
+        runs["bf16 triton"], runs["bf16 triton, 2nd round"] = trajectory(d, ids, args.device, "bf16", True, log,
+                                                                         args.tol, rounds=2)
     for name, r in runs.items():
         print(f"{name:24} logits vs fp32 torch per step: "
               + ", ".join(f"{_rel(a, b):.4f}" for a, b in zip(r["at_once"], ref["at_once"]))

@@ -15,6 +15,8 @@
 #     dense-tile path at 2048 tokens against bf16 cuBLAS) and the quantized GPU tests
 #  k  issue 15: the quantized kernels' tests on the GPU (their PTX lop3 unpack never runs in the
 #     interpreter) and the CUDA parity test (prints each path's error against the fp32 torch path)
+#  x  issue 15: bench/quant_decode_check.py on the 7B AWQ (the parity test's first-decode-step failure): as the
+#     test, Triton engine first, and with LAYERSTREAM_COMPILE_AHEAD=0
 #  w  issue 15: bench/qgemv_sweep.py, the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
@@ -82,6 +84,13 @@ if [[ $steps == *k* ]]; then  # the GPU build of the quantized kernels (the PTX 
     tests/test_kernels_quant.py > $R/pytest_quant_kernels.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_kernels.txt
   timeout $(left 200) python3 -m pytest -q -s -p no:cacheprovider -m cuda tests/test_quant_parity.py \
     > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; grep -E "bf16|passed|failed" $R/pytest_quant_parity.txt | tail -12
+save; fi
+if [[ $steps == *x* ]]; then
+  for v in plain first noahead; do
+    A=(); E=(); [ $v = first ] && A=(--triton-first); [ $v = noahead ] && E=(LAYERSTREAM_COMPILE_AHEAD=0)
+    env "${E[@]}" timeout $(left 150) python3 bench/quant_decode_check.py --kind awq "${A[@]}" > $R/decode_check_$v.txt 2>&1
+    echo "check $v rc=$?"; grep -E "logits vs|recorded|DIFF" $R/decode_check_$v.txt | head -12
+  done
 save; fi
 if [[ $steps == *w* ]]; then
   timeout $(left 360) python3 bench/qgemv_sweep.py --budget-s $(( $(left 360) - 60 )) --out $R/qgemv_sweep.json \
