@@ -100,10 +100,10 @@ def _check_sweep_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def variant_name(cfg, gemv_m1: bool) -> str:
-    """base / swap / 3d / split / split+swap."""
+    """base / swap / 3d / i8x / split / split+swap."""
     v, swap = cfg.kwargs.get("VARIANT", 0), cfg.kwargs.get("SWAP_AB", False)
     if gemv_m1:
-        return {0: "base", 1: "3d"}[v]
+        return {0: "base", 1: "3d", 4: "i8x"}[v]
     return ("split" if v == 3 else "base" if not swap else "swap") + ("+swap" if v == 3 and swap else "")
 
 

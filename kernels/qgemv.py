@@ -23,10 +23,11 @@
 #          M == 1: 0 "base" (load_dequant + reshape + I2F: the first version, 17-25% of the H200's
 #          copy ceiling), 1 "3d" (no reshape, no I2F, the affine part applied once
 #          per word; their K loop is software-pipelined num_stages deep by an explicit tl.range,
-#          as the first version's loop was not: Triton pipelines only loads that feed a dot).
+#          as the first version's loop was not: Triton pipelines only loads that feed a dot), 4 "i8x"
+#          (int4 only: x rounded to int8 per 32 columns, codes times x by dp4a; kernels/qgemv_i8.py).
 #          M >= 2: 0 (load_dequant, either SWAP_AB)
 #          and 3 "split" (P dots of K = BLOCK_K / P, no reshape, either SWAP_AB).
-# Candidates: M == 1: _FMA_SHAPES (variant 0) and _WORD_SHAPES (variant 1); M >= 2:
+# Candidates: M == 1: _FMA_SHAPES (variant 0), _WORD_SHAPES (variant 1), _I8_SHAPES (variant 4); M >= 2:
 #          _DOT_SHAPES, _SWAP_SHAPES (variant 0) and _SPLIT_SHAPES (variant 3); each with split-K
 #          where the grid lacks programs.  To keep first-run compiles near the first version's
 #          count, the base lists lost their smallest tiles (FMA 16x256 / 32x256, dot 32x128): an
@@ -41,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import tuning_cache
+from kernels import qgemv_i8, tuning_cache
 from kernels.gemv import _gemv_splitk_reduce_kernel, store_split_k
 from kernels.mma import mma_nt
 from kernels.quant_common import (agrees_with_reference, check_quant_inputs, dequant_ref, load_dequant,
@@ -57,6 +58,8 @@ _FMA_SHAPES = [(8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2)]
 # down, all 4 warps, 3 stages) and tiles of one 128-column group, whose scales come once per row and whose
 # threads hold 128-256 codes: 4.2-4.8 sm_90 instructions per code against 5.8-7.0 (tests/test_kernels_qgemv_sm90.py)
 _WORD_SHAPES = [(16, 512, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (128, 128, 4, 3), (256, 128, 4, 3)]
+# variant 4 (kernels/qgemv_i8.py: x in int8, dp4a): 1.4-1.9 sm_90 instructions per code (Triton 3.6) against 4.2-7.0
+_I8_SHAPES = [(128, 128, 4, 3), (256, 128, 4, 3), (128, 256, 4, 3)]
 _DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3)]
 _SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
 # variant 3 (without swap: 1.4-2.4x slower); 256x128 at 8 warps: 5.8 sm_90 instructions per code at M = 16 against
@@ -198,6 +201,8 @@ def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: 
         return [config(16, 64, 2 if K >= 128 else 1)]
     if block_m == 1:
         shapes = [(s, False, 0) for s in _FMA_SHAPES] + [(s, False, 1) for s in _WORD_SHAPES]
+        if qgemv_i8.enabled() and K % qgemv_i8.QBLOCK == 0:
+            shapes += [(s, False, 4) for s in _I8_SHAPES]
     else:
         shapes = [(s, False, 0) for s in _DOT_SHAPES] + [(s, True, 0) for s in _SWAP_SHAPES] + \
             [(s, swap, 3) for s, swap in _SPLIT_SHAPES]
@@ -223,9 +228,14 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     grid_n = triton.cdiv(N, bn)
     cnt = counters(x.device, grid_n, "qgemv") if sk > 1 and cfg.kwargs.get("TICKET") else None
     mode, variant = scale_mode(group, K, bk), cfg.kwargs.get("VARIANT", 0)
-    if not variant_ok(variant, group, bits, bk) or variant in (1, 2) and block_m > 1 or variant == 3 and block_m == 1:
+    if (not variant_ok(variant, group, bits, bk) or variant in (1, 2, 4) and block_m > 1 or variant == 3 and block_m == 1
+            or variant == 4 and K % qgemv_i8.QBLOCK):
         raise ValueError(f"qgemv variant {variant} cannot run M={M} (BLOCK_M {block_m}), group {group}, "
                          f"int{bits}, BLOCK_K {bk}: pick one that kernels.quant_variants.variant_ok accepts")
+    asm = not _INTERPRET and x.is_cuda and torch.version.hip is None
+    if variant == 4:
+        qgemv_i8.launch_i8(cfg, x, q, s, z, group, bias, out, mins, asm)
+        return
     _qgemv_kernel[(grid_n, sk)](
         x, q, s, s if z is None else z, b, out, ws, out if cnt is None else cnt,
         M, N, K, group, x.stride(0), q.stride(0), s.stride(0), out.stride(0),
@@ -234,7 +244,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         SPLIT_K=sk, EVEN_K=K % bk == 0, SWAP_AB=cfg.kwargs.get("SWAP_AB", False), TICKET=cnt is not None,
         SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, VARIANT=variant, STAGES=cfg.num_stages,
-        ASM=not _INTERPRET and x.is_cuda and torch.version.hip is None, num_warps=cfg.num_warps,
+        ASM=asm, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     if sk > 1 and cnt is None:
         _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
@@ -248,7 +258,8 @@ _TUNED: dict[tuple, triton.Config] = {}
 def _tuned(x, q, s, z, bits, group, bias, out, block_m, mins=False) -> triton.Config:
     """The cached config for this shape; the first call tunes it (timing into out)."""
     (_, K), N = x.shape, q.shape[0]
-    key = (block_m, N, K, group, bits, z is not None, mins, x.dtype, s.dtype, bias is not None)
+    key = (block_m, N, K, group, bits, z is not None, mins, x.dtype, s.dtype, bias is not None,
+           "i8x" if block_m == 1 and qgemv_i8.enabled() else "")  # picks made before variant 4 are tuned again
     cfg = _TUNED.get(key)
     default = _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT
     if cfg is None and (tuning_suspended() or x.is_cuda and torch.cuda.is_current_stream_capturing()):

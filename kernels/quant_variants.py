@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-VARIANTS = {"base": 0, "3d": 1, "split": 3}
+VARIANTS = {"base": 0, "3d": 1, "split": 3, "i8x": 4}  # 4: kernels/qgemv_i8.py (int8 x, dp4a; batch 1, int4)
 _MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
 _TWO23 = tl.constexpr(8388608.0)
 
@@ -41,6 +41,8 @@ def variant_ok(variant: int, group: int, bits: int, block_k: int) -> bool:
     per = 32 // bits
     if variant == 0:
         return True
+    if variant == 4:
+        return bits == 4 and group % 32 == 0 and block_k % 32 == 0
     if variant not in (1, 3):  # 2 ("imajor") was removed; no other exists
         return False
     if group % per or block_k % per:

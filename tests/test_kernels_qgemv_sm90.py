@@ -32,14 +32,19 @@ GROUP_TILE_BUDGET = 5.0  # the same for the 128 x 128 tile (one group per row: s
 
 def _compile(meta: dict, warps: int, stages: int) -> tuple[str, str]:
     """(cuobjdump's resource line, the SASS) of kernels.qgemv's kernel for sm_90."""
+    from kernels import qgemv as mod
+    ptrs = {"x_ptr": PTR[torch.bfloat16], "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+            "b_ptr": PTR[torch.bfloat16], "out_ptr": PTR[torch.bfloat16], "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    return compile_sm90(mod._qgemv_kernel, ptrs, meta, warps, stages)
+
+
+def compile_sm90(fn, ptrs: dict[str, str], meta: dict, warps: int, stages: int) -> tuple[str, str]:
+    """(cuobjdump's resource line, the SASS) of the Triton kernel ``fn`` for sm_90: pointer arguments typed by
+    ``ptrs``, ``meta`` as its constexprs, other arguments i32; pointers and N, K, group, strides 16-divisible."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import qgemv as mod
-    fn = mod._qgemv_kernel
     names = fn.arg_names
-    ptrs = {"x_ptr": PTR[torch.bfloat16], "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-            "b_ptr": PTR[torch.bfloat16], "out_ptr": PTR[torch.bfloat16], "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     meta = {a: v for a, v in meta.items() if a in names}
     sig = {a: "constexpr" if a in meta else ptrs.get(a, "i32") for a in names}
     aligned = [a for a in names if a in ptrs or a in ("N", "K", "group", "stride_qn", "stride_sn")]

@@ -1,0 +1,219 @@
+# Quantized batch-1 decode GEMV on int8 activations: out = x @ dequant(w).T + bias for x [1, K], int4 codes.
+#
+# Why: the fp32-unpacking GEMV (kernels/qgemv.py, variant "3d") is bound by instruction issue, not memory: on the
+# H200 its best tiles took 4.2-4.8 sm_90 instructions per 4-bit code (bench/sass_qgemv.py) and ran at 36-46% of a
+# copy of the packed bytes (bench/results/2026-12-02-h200-s12/call2/probe.txt). Here x is first quantized to int8
+# in blocks of 32 columns (one fp32 step each, as llama.cpp's q8_1 activations), so the K loop multiplies codes by
+# x in integers: per packed word, two LOP3s and a shift give the 8 codes as two words of 4 bytes, and two DP4As
+# (4 byte products each) add them into one int32; per 32 columns and row, one I2F and two FMAs apply the block's
+# step and the weight's scale and zero point. That core is 0.64 instructions per code; with addressing and the
+# pipeline's copies the sm_90 loop takes 1.4-1.9 per code under Triton 3.6 against 4.2-7.0 for variant 1
+# (bench/results/2026-12-02-cpu-sass-qgemv-i8/; tests/test_kernels_qgemv_i8.py holds it within 2.5). Its speed on
+# a GPU is not measured yet.
+#
+# Shapes:  x       [1, K]      bf16 / fp16 / fp32, unit stride along K (K % 32 == 0)
+#          qweight int32 [N, K/8]  int4 codes, layout of kernels/quant_common.py (code j*8+i at bits 4i..4i+3)
+#          scales  [N, K/G]    fp16 / bf16 / fp32, G % 32 == 0; zeros like scales, or None (symmetric: 8);
+#          mins    like scales or None (w = code * scale + min; zeros then None); bias [N] x's dtype or None
+# Stage 1 (_quant_x_kernel): per 32-column block b, step d_b = max|x| / 127, q = x / d_b rounded half away
+#          from zero (in [-127, 127]),
+#          stored as int32 words xq[j] = bytes q[8j], q[8j+2], q[8j+4], q[8j+6] (the low nibbles' columns of
+#          packed word j), xq[K/8 + j] = q[8j+1], q[8j+3], q[8j+5], q[8j+7] (the high nibbles'); d [K/32] fp32;
+#          qs [K/32] = sum of the block's q (for the zero point / min term).
+# Stage 2 (_qgemv_i8_kernel): program (n, s) owns BLOCK_N rows and the s-th of SPLIT_K slices of K:
+#          acc[n] += sum_b s_nb * d_b * (dot_b(codes, q) - z_nb * qs_b)     (zeros; symmetric: z = 8)
+#          acc[n] += sum_b d_b * (s_nb * dot_b(codes, q) + m_nb * qs_b)     (mins)
+#          then the epilogue of kernels/gemv.py (bias, split-K partials summed by the last program).
+# Accuracy: against fp32 torch on x itself, 0.4-1.1% relative error (Frobenius) in the tests' shapes with bf16
+#          output (bf16 rounding alone: about 0.3%); tests bound it by 1.5%; the tuner (kernels/qgemv.py) times this as its variant 4 and keeps it only if it is the
+#          fastest and agrees with fp32 torch within the tuner's check; LAYERSTREAM_INT8_X=0 leaves it out.
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.gemv import _gemv_splitk_reduce_kernel, store_split_k
+from kernels.tickets import counters
+
+QBLOCK = 32  # x columns per int8 step
+
+
+def enabled() -> bool:
+    """Whether the tuner may time this GEMV (``LAYERSTREAM_INT8_X=0`` keeps x in its own precision)."""
+    return os.environ.get("LAYERSTREAM_INT8_X", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+@triton.jit
+def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, NB: tl.constexpr):
+    """NB blocks of 32 columns per program: steps, int8 codes packed in nibble order, code sums."""
+    blk = tl.program_id(0) * NB + tl.arange(0, NB)
+    w4 = tl.arange(0, 4)  # packed word within the block
+    p = tl.arange(0, 4)  # byte within the x word
+    h = tl.arange(0, 2)  # 0: low nibble's column (even), 1: high nibble's (odd)
+    col = (blk[:, None, None, None] * 32 + w4[None, :, None, None] * 8 + p[None, None, :, None] * 2
+           + h[None, None, None, :])
+    ok = blk < K // 32
+    x = tl.load(x_ptr + col, mask=ok[:, None, None, None], other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)
+    d = amax / 127.0
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    y = x * inv[:, None, None, None]
+    r = tl.floor(tl.abs(y) + 0.5)  # half away from zero
+    q = tl.where(y < 0, -r, r).to(tl.int32)
+    qs = tl.sum(tl.sum(tl.sum(q, axis=3), axis=2), axis=1)
+    byte = (q & 0xFF) << (p[None, None, :, None] * 8)
+    words = tl.sum(byte, axis=2)  # [NB, 4, 2]: disjoint bytes, so the sum is their OR
+    widx = blk[:, None, None] * 4 + w4[None, :, None] + h[None, None, :] * (K // 8)
+    tl.store(xq_ptr + widx, words, mask=ok[:, None, None])
+    tl.store(d_ptr + blk, d, mask=ok)
+    tl.store(qs_ptr + blk, qs, mask=ok)
+
+
+@triton.jit
+def _dp4a2(a0, b0, a1, b1, ASM: tl.constexpr):
+    """sum over the 4 signed bytes of a0 * b0 plus those of a1 * b1, as int32 (PTX dp4a with ASM)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .s32 t; dp4a.s32.s32 t, $1, $2, 0; dp4a.s32.s32 $0, $3, $4, t; }", "=r,r,r,r,r",
+            [a0, b0, a1, b1], dtype=tl.int32, is_pure=True, pack=1)
+    acc = tl.zeros_like(a0)
+    for i in tl.static_range(4):  # the interpreter: bytes sign-extended by shifts
+        acc += ((a0 << (24 - 8 * i)) >> 24) * ((b0 << (24 - 8 * i)) >> 24)
+        acc += ((a1 << (24 - 8 * i)) >> 24) * ((b1 << (24 - 8 * i)) >> 24)
+    return acc
+
+
+@triton.jit
+def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                     N, K, group, stride_qn, stride_sn,
+                     HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr,
+                     ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
+                     ASM: tl.constexpr):
+    NBLK: tl.constexpr = BLOCK_K // 32
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N  # the tail block wraps onto valid rows; the store masks it
+    num_k = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(num_k, SPLIT_K)
+    kb_lo = tl.program_id(1) * per_split
+    kb_hi = tl.minimum(kb_lo + per_split, num_k)
+    b = tl.arange(0, NBLK)
+    j = tl.arange(0, 4)
+    q_rows = q_ptr + rows[:, None, None].to(tl.int64) * stride_qn
+    s_rows = s_ptr + rows[:, None].to(tl.int64) * stride_sn
+    z_rows = z_ptr + rows[:, None].to(tl.int64) * stride_sn
+    bcast = rows[:, None] * 0  # x's operands are loaded in the weight tile's own layout: no shuffle between them
+    acc = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
+    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
+        blk = kb * NBLK + b  # global 32-column blocks of this K step
+        wcol = blk[None, :, None] * 4 + j[None, None, :]  # packed words [1, NBLK, 4]
+        x_lo = xq_ptr + wcol + bcast[:, :, None]
+        if EVEN_K:
+            words = tl.load(q_rows + wcol, eviction_policy="evict_first")
+            xlo = tl.load(x_lo, eviction_policy="evict_last")
+            xhi = tl.load(x_lo + K // 8, eviction_policy="evict_last")
+            d = tl.load(d_ptr + blk[None, :] + bcast, eviction_policy="evict_last")
+            qs = tl.load(qs_ptr + blk[None, :] + bcast, eviction_policy="evict_last").to(tl.float32)
+        else:
+            ok = blk < K // 32
+            words = tl.load(q_rows + wcol, mask=ok[None, :, None], other=0, eviction_policy="evict_first")
+            xlo = tl.load(x_lo, mask=ok[None, :, None], other=0)
+            xhi = tl.load(x_lo + K // 8, mask=ok[None, :, None], other=0)
+            d = tl.load(d_ptr + blk[None, :] + bcast, mask=ok[None, :], other=0.0)
+            qs = tl.load(qs_ptr + blk[None, :] + bcast, mask=ok[None, :], other=0).to(tl.float32)
+        lo = words & 0x0F0F0F0F
+        hi = (words >> 4) & 0x0F0F0F0F
+        dot = tl.sum(_dp4a2(lo, xlo, hi, xhi, ASM), axis=2).to(tl.float32)
+        if ONE_GROUP:  # the K step lies in one group (GROUP_C = G, a multiple of BLOCK_K): one scale per row
+            g = (kb // (GROUP_C // BLOCK_K)) + tl.zeros((1, 1), tl.int32)
+        elif GROUP_C > 1:  # G (a power of two) divides BLOCK_K: a constant shift
+            g = tl.minimum(blk // (GROUP_C // 32), K // GROUP_C - 1)[None, :]  # past K: the last group (terms 0)
+        else:
+            g = tl.minimum(blk * 32 // group, K // group - 1)[None, :]
+        s = tl.load(s_rows + g).to(tl.float32)
+        if HAS_MINS:
+            acc += d * (s * dot + tl.load(z_rows + g).to(tl.float32) * qs)
+        else:
+            if HAS_ZEROS:
+                z = tl.load(z_rows + g).to(tl.float32)
+            else:
+                z = 8.0
+            acc += (s * d) * (dot - z * qs)
+    out = tl.sum(acc, axis=1)[None, :]
+    offs_m = tl.arange(0, 1)
+    store_split_k(out, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, rows, 1, N, N,
+                  HAS_BIAS, SPLIT_K, TICKET, 1, BLOCK_N)
+
+
+def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [1, K] (K % 32 == 0) -> (xq int32 [K/4]: the low then the high nibbles' words, steps fp32 [K/32],
+    code sums int32 [K/32])."""
+    k = x.shape[1]
+    assert x.shape[0] == 1 and k % QBLOCK == 0 and x.stride(1) == 1
+    xq = torch.empty(k // 4, device=x.device, dtype=torch.int32)
+    d = torch.empty(k // QBLOCK, device=x.device, dtype=torch.float32)
+    qs = torch.empty(k // QBLOCK, device=x.device, dtype=torch.int32)
+    nb = 4
+    _quant_x_kernel[(triton.cdiv(k // QBLOCK, nb),)](x, xq, d, qs, k, NB=nb, num_warps=1)
+    return xq, d, qs
+
+
+def supports(m: int, k: int, bits: int, group: int, block_k: int) -> bool:
+    """Whether this GEMV can run these operands with tiles of ``block_k`` columns."""
+    return m == 1 and bits == 4 and k % QBLOCK == 0 and group % QBLOCK == 0 and block_k % QBLOCK == 0
+
+
+def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+              group: int, bias: torch.Tensor | None, out: torch.Tensor, mins: bool, asm: bool) -> None:
+    """One launch with ``cfg`` (kernels.qgemv.config's keys); operands checked by kernels.qgemv."""
+    (_, K), N = x.shape, q.shape[0]
+    bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
+    assert supports(1, K, 4, group, bk), (K, group, bk)
+    xq, d, qs = quantize_x(x)
+    ws = torch.empty((sk, 1, N), device=x.device, dtype=torch.float32) if sk > 1 else out
+    grid_n = triton.cdiv(N, bn)
+    cnt = counters(x.device, grid_n, "qgemv_i8") if sk > 1 else None
+    b = bias if bias is not None else out
+    shift = group % bk == 0 or bk % group == 0 and group & (group - 1) == 0  # the group index by a shift
+    _qgemv_i8_kernel[(grid_n, sk)](
+        xq, d, qs, q, s, s if z is None else z, b, out, ws, out if cnt is None else cnt,
+        N, K, group, q.stride(0), s.stride(0),
+        HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
+        SPLIT_K=sk, TICKET=cnt is not None, ONE_GROUP=group % bk == 0,
+        GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if sk > 1 and cnt is None:
+        _gemv_splitk_reduce_kernel[(triton.cdiv(N, 1024),)](
+            ws, b, out, 1, N, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=sk, BLOCK=1024, num_warps=4)
+
+
+def quantize_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 torch reference of stage 1: (int8-valued codes as float [K], per-column step [K])."""
+    xb = x.float().reshape(-1, QBLOCK)
+    amax = xb.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    y = xb * inv
+    return (torch.floor(y.abs() + 0.5) * torch.sign(y)).reshape(-1), (amax / 127.0).expand(-1, QBLOCK).reshape(-1)
+
+
+def decode_x(xq: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1's output as :func:`quantize_x_ref` gives it: (codes as float [K], per-column step [K])."""
+    k = xq.numel() * 4
+    b = torch.stack([(xq >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.int8).float()  # [K/4, 4]
+    codes = torch.stack([b[: k // 8], b[k // 8:]], dim=-1).reshape(-1)  # column 8j + 2p + h
+    return codes, d.float().repeat_interleave(QBLOCK)
+
+
+def qgemv_i8_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None = None, mins: torch.Tensor | None = None,
+                 rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """fp32 torch reference of stage 2's arithmetic on x rounded to int8 (``rounded``: stage 1's output through
+    :func:`decode_x`; default :func:`quantize_x_ref`, which may round a code the other way where x / step lies
+    within float error of a half), float32 [1, N]."""
+    from kernels.quant_common import dequant_ref
+    q, d = rounded if rounded is not None else quantize_x_ref(x)
+    out = (q * d)[None, :] @ dequant_ref(qweight, scales, zeros, 4, mins).T
+    return out if bias is None else out + bias.float()

@@ -1,0 +1,138 @@
+"""kernels/qgemv_i8.py: the batch-1 int4 GEMV on int8-rounded x (dp4a on the GPU, emulated bytes in the
+interpreter). Its arithmetic is checked against its own fp32 reference (x rounded as stage 1 rounds it) to
+fp32 accuracy, its total error against fp32 torch on the unrounded x within the int8 rounding's bound, and
+its sm_90 build for the dp4a loop it exists for (instructions per code, no spill)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import qgemv as q
+from kernels.qgemv_i8 import decode_x, launch_i8, qgemv_i8_ref, quantize_x, quantize_x_ref
+from tests.test_kernels_ggml import NV_BIN
+from tools.bench_quant import packed_operands
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+INT8_ERR = 1.5e-2  # relative (Frobenius) error against fp32 torch on x itself: x's int8 rounding, bf16 output
+
+
+def _operands(k: int, n: int, group: int, dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    x, qw, s, z = packed_operands(1, k, n, 4, group, device=DEV)
+    return x.to(dtype), qw, s, z
+
+
+@pytest.mark.parametrize("k", [32, 96, 256, 1056])
+def test_quantize_x_matches_its_reference(k: int) -> None:
+    x = torch.randn(1, k, device=DEV) * torch.linspace(0.1, 10, k, device=DEV)
+    if k >= 64:
+        x[0, :32] = 0.0  # an all-zero block: step 0, codes 0
+        x[0, 40] = -x[0, 32:64].abs().max() / 2  # x / step = -63.5 exactly: float error picks the side
+    xq, d, qs = quantize_x(x)
+    codes, step = quantize_x_ref(x)
+    got, got_step = decode_x(xq.cpu(), d.cpu())
+    assert torch.allclose(got_step, step.cpu(), rtol=1e-6, atol=0) and (k < 64 or d[0] == 0)
+    assert torch.equal(qs.cpu(), got.view(-1, 32).sum(1).int())
+    assert got.abs().max() <= 127
+    # the words: xq[j] holds columns 8j, 8j+2, 8j+4, 8j+6 as bytes, xq[k/8 + j] columns 8j+1, ..., 8j+7 (decode_x);
+    # a code may differ by one from the reference's where x / step is a half within float error
+    y = (x.float() / torch.where(step > 0, step, 1)).cpu()
+    near_half = ((y.abs() - y.abs().floor() - 0.5).abs() < 1e-4)[0]
+    diff = (got - codes.cpu()).abs()
+    assert diff.max() <= 1 and bool(near_half[diff > 0].all())
+
+
+CASES = [  # K, N, group, BLOCK_N, BLOCK_K, SPLIT_K
+    (256, 64, 128, 16, 128, 1),
+    (512, 48, 64, 16, 128, 2),  # groups smaller than the K step: scales gathered per 32 columns
+    (384, 40, 32, 32, 256, 2),  # K not a multiple of BLOCK_K: the masked tail
+    (1024, 33, 128, 16, 64, 4),  # N not a multiple of BLOCK_N, ticketed split-K
+    (3584, 24, 128, 16, 128, 8),  # the 7B's K
+]
+
+
+@pytest.mark.parametrize("k,n,group,bn,bk,sk", CASES)
+@pytest.mark.parametrize("kind", ["zeros", "symmetric", "mins"])
+def test_qgemv_i8_arithmetic(k: int, n: int, group: int, bn: int, bk: int, sk: int, kind: str) -> None:
+    """fp32 x: the kernel equals its reference (x rounded as stage 1 rounds it) to fp32 accuracy."""
+    x, qw, s, z = _operands(k, n, group, torch.float32)
+    zeros, mins = {"zeros": (z, None), "symmetric": (None, None), "mins": (None, s * -7.5)}[kind]
+    bias = torch.randn(n, device=DEV)
+    out = torch.empty(1, n, device=DEV)
+    cfg = q.config(bn, bk, sk, warps=4, stages=2, ticket=sk > 1, variant=4)
+    launch_i8(cfg, x, qw, s, zeros if mins is None else mins, group, bias, out, mins is not None, DEV == "cuda")
+    xq, d, _ = quantize_x(x)  # the codes stage 1 gave (deterministic)
+    ref = qgemv_i8_ref(x, qw, s, zeros, bias, mins, rounded=decode_x(xq, d))
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("k,n,group,bn,bk,sk", CASES[:3])
+def test_qgemv_i8_through_qgemv_against_fp32(k: int, n: int, group: int, bn: int, bk: int, sk: int) -> None:
+    """bf16 x through kernels.qgemv's dispatch (the tuner's variant 4): within INT8_ERR of fp32 torch on x."""
+    x, qw, s, z = _operands(k, n, group, torch.bfloat16, seed=1)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    perm = torch.randperm(k, device=DEV).to(torch.int32)
+    out = q._qgemv(x, qw, s, z, 4, bias, perm, cfg=q.config(bn, bk, sk, warps=4, stages=2, ticket=sk > 1, variant=4))
+    ref = q.qgemv_ref(x, qw, s, z, 4, bias, perm)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < INT8_ERR
+
+
+def test_variant_4_refuses_what_it_cannot_run() -> None:
+    x, qw, s, z = _operands(256, 16, 128, torch.bfloat16)
+    cfg = q.config(16, 128, variant=4)
+    with pytest.raises(ValueError, match="variant 4 cannot run M=2"):
+        q._qgemv(torch.cat([x, x]), qw, s, z, 4, cfg=cfg)
+    x8, qw8, s8, z8 = packed_operands(1, 256, 16, 8, 128, device=DEV)
+    with pytest.raises(ValueError, match="variant 4 cannot run M=1 .*int8"):
+        q._qgemv(x8, qw8, s8, z8, 8, cfg=cfg)
+
+
+def test_tuner_candidates_include_variant_4_unless_turned_off(monkeypatch) -> None:
+    monkeypatch.setattr(q, "_INTERPRET", False)
+    variants = {c.kwargs["VARIANT"] for c in q._candidates(1, 4608, 3584, 132)}
+    assert 4 in variants and {0, 1} <= variants
+    assert all(c.kwargs["VARIANT"] != 4 for c in q._candidates(16, 4608, 3584, 132))
+    assert all(c.kwargs["VARIANT"] != 4 for c in q._candidates(1, 4608, 3584, 132, bits=8))
+    monkeypatch.setenv("LAYERSTREAM_INT8_X", "0")
+    assert all(c.kwargs["VARIANT"] != 4 for c in q._candidates(1, 4608, 3584, 132))
+
+
+_SM90 = """
+from tests.test_kernels_qgemv_sm90 import compile_sm90, loop_instructions
+from kernels import qgemv as q, qgemv_i8 as mod
+ptrs = {"xq_ptr": "*i32", "d_ptr": "*fp32", "qs_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+        "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+for bn, bk, warps, stages in q._I8_SHAPES:
+    one = 128 % bk == 0
+    meta = dict(HAS_ZEROS=True, HAS_MINS=False, HAS_BIAS=False, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, TICKET=False,
+                ONE_GROUP=one, GROUP_C=128, EVEN_K=True, STAGES=stages, ASM=True)
+    usage, sass = compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages)
+    print(f"{bn}x{bk} w{warps} s{stages}: {usage} | loop {loop_instructions(sass)} idp {sass.count('IDP.4A')} "
+          f"codes {bn * bk // (32 * warps)}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (NV_BIN / "cuobjdump").exists(), reason="Triton's NVIDIA tools are not bundled")
+def test_qgemv_i8_compiles_for_sm90_to_a_dp4a_loop() -> None:
+    """Each variant-4 candidate compiles for sm_90 without spilling, with two DP4As per packed word of the
+    thread's tile and at most 2.5 loop instructions per code (Triton 3.6: 1.4-1.9; 3.9: 1.3-1.6)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-c", _SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == len(q._I8_SHAPES), run.stdout
+    for line in lines:
+        assert "STACK:0" in line and "LOCAL:0" in line, line
+        loop, idp, codes = (int(v) for v in re.search(r"loop (\d+) idp (\d+) codes (\d+)", line).groups())
+        assert idp >= codes // 4, line  # 8 codes a word, 2 DP4As a word (the pipelined loop may hold more)
+        assert loop / codes <= 2.5, f"{loop / codes:.2f} instructions per code: {line}"
