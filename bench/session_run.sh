@@ -13,7 +13,7 @@
 #  m  issue 14: memreport at 6 GB with its pictures (memory.png, timeline.png: decode steps and a prefill)
 #  q  issue 15: the quantized prefill (bench_kernels --only qgemm,qprefill: the fused GEMM and the engine's
 #     dense-tile path at 2048 tokens against bf16 cuBLAS) and the quantized GPU tests
-#  k  issue 15: the quantized kernels' tests on the GPU (their PTX lop3 unpack never runs in the
+#  k  issue 15: the quantized kernels' tests on the GPU (their PTX lop3 unpack and dp4a never run in the
 #     interpreter) and the CUDA parity test (prints each path's error against the fp32 torch path)
 #  x  issue 15: bench/quant_decode_check.py on the 7B AWQ (the parity test's first-decode-step failure): as the
 #     test, Triton engine first, and with LAYERSTREAM_COMPILE_AHEAD=0
@@ -80,8 +80,8 @@ if [[ $steps == *q* ]]; then
     > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_parity.txt
 save; fi
 if [[ $steps == *k* ]]; then  # the GPU build of the quantized kernels (the PTX lop3 path runs only here)
-  timeout $(left 300) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_quant_variants.py \
-    tests/test_kernels_quant.py > $R/pytest_quant_kernels.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_kernels.txt
+  timeout $(left 300) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py \
+    tests/test_kernels_quant_variants.py tests/test_kernels_quant.py > $R/pytest_quant_kernels.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_kernels.txt
   timeout $(left 200) python3 -m pytest -q -s -p no:cacheprovider -m cuda tests/test_quant_parity.py \
     > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; grep -E "bf16|passed|failed" $R/pytest_quant_parity.txt | tail -12
 save; fi
