@@ -17,6 +17,8 @@
 #     interpreter) and the CUDA parity test (prints each path's error against the fp32 torch path)
 #  x  issue 15: bench/quant_decode_check.py on the 7B AWQ (the parity test's first-decode-step failure): as the
 #     test, Triton engine first, and with LAYERSTREAM_COMPILE_AHEAD=0
+#  i  issue 15: the int8-x GEMV (kernels/qgemv_i8.py, dp4a) on the GPU: its tests, then bench/probe_qkernels.py
+#     at batch 1 (every variant's best at the 7B's shapes, % of copy)
 #  w  issue 15: bench/qgemv_sweep.py, the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
@@ -91,6 +93,12 @@ if [[ $steps == *x* ]]; then
     env "${E[@]}" timeout $(left 150) python3 bench/quant_decode_check.py --kind awq "${A[@]}" > $R/decode_check_$v.txt 2>&1
     echo "check $v rc=$?"; grep -E "logits vs|recorded|DIFF" $R/decode_check_$v.txt | head -12
   done
+save; fi
+if [[ $steps == *i* ]]; then
+  timeout $(left 120) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py \
+    > $R/pytest_qgemv_i8.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_qgemv_i8.txt
+  timeout $(left 150) python3 bench/probe_qkernels.py --batches 1 --ggml '' --out $R/probe_m1.json \
+    > $R/probe_m1.txt 2>&1; echo "probe rc=$?"; grep -E "qgemv|wrong" $R/probe_m1.txt | head -16
 save; fi
 if [[ $steps == *w* ]]; then
   timeout $(left 360) python3 bench/qgemv_sweep.py --budget-s $(( $(left 360) - 60 )) --out $R/qgemv_sweep.json \
