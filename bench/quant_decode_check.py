@@ -84,14 +84,15 @@ def _recorded(model, rec: list) -> None:
 
 
 def trajectory(d, ids: torch.Tensor, device: str, dtype: str, triton: bool, log: list | None, tol: float,
-               rounds: int = 1) -> list[dict]:
+               rounds: int = 1, host_compute: str = "off") -> list[dict]:
     """Per round: {"at_once": logits copied as each step returns, "later": copied after the last step,
     "trace": the recorded layer outputs and logits}; a prefill of 33 tokens x 2 rows and 3 decode steps."""
     from engine.engine import Engine, EngineOptions
     from engine.kv_cache import KVCache
     from engine.ops import TorchOps, TritonOps
     from tests.helpers import forward_decode, forward_prefill
-    eng = Engine(d, EngineOptions(device=device, dtype=dtype, kernels="triton", max_context=192, cuda_graph=False))
+    eng = Engine(d, EngineOptions(device=device, dtype=dtype, kernels="triton", max_context=192, cuda_graph=False,
+                                  host_compute=host_compute))
     eng.model.ops = TritonOps() if triton else TorchOps()
     if log is not None:
         checked(eng.model.ops, TorchOps(), tol, log)
@@ -118,21 +119,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tol", type=float, default=1e-2)
     p.add_argument("--triton-first", action="store_true",
                    help="run the Triton engine before the torch ones (is an earlier engine's teardown involved?)")
+    p.add_argument("--host-compute", default="off", help="the engines' host_compute (EngineOptions' default: off)")
+    p.add_argument("--model-dir", default="", help="the synthetic model's folder, kept (reused when it exists)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (TRITON_INTERPRET=1, tiny presets)")
     args = p.parse_args(argv)
     from engine.synth.writer import synthesize
-    d = synthesize(args.preset, os.path.join(tempfile.mkdtemp(), args.kind), quant=args.kind, layers=2, device=args.device)
+    d = args.model_dir or os.path.join(tempfile.mkdtemp(), args.kind)
+    if not os.path.exists(os.path.join(d, "config.json")):
+        d = synthesize(args.preset, d, quant=args.kind, layers=2, device=args.device)
     ids = torch.randint(0, 1000, (2, 160), generator=torch.Generator().manual_seed(1)).to(args.device)
     log: list = []
     runs = {}
     if args.triton_first:
         runs["bf16 triton"], runs["bf16 triton, 2nd round"] = trajectory(d, ids, args.device, "bf16", True, log,
-                                                                         args.tol, rounds=2)
-    ref = trajectory(d, ids, args.device, "fp32", False, None, args.tol)[0]
-    runs["bf16 torch"] = trajectory(d, ids, args.device, "bf16", False, None, args.tol)[0]
+                                                                         args.tol, rounds=2,
+                                                                         host_compute=args.host_compute)
+    ref = trajectory(d, ids, args.device, "fp32", False, None, args.tol, host_compute=args.host_compute)[0]
+    runs["bf16 torch"] = trajectory(d, ids, args.device, "bf16", False, None, args.tol,
+                                    host_compute=args.host_compute)[0]
     if not args.triton_first:
         runs["bf16 triton"], runs["bf16 triton, 2nd round"] = trajectory(d, ids, args.device, "bf16", True, log,
-                                                                         args.tol, rounds=2)
+                                                                         args.tol, rounds=2,
+                                                                         host_compute=args.host_compute)
     for name, r in runs.items():
         print(f"{name:24} logits vs fp32 torch per step: "
               + ", ".join(f"{_rel(a, b):.4f}" for a, b in zip(r["at_once"], ref["at_once"]))

@@ -89,7 +89,7 @@ if [[ $steps == *k* ]]; then  # the GPU build of the quantized kernels (the PTX 
 save; fi
 if [[ $steps == *x* ]]; then
   for v in plain first noahead; do
-    A=(); E=(); [ $v = first ] && A=(--triton-first); [ $v = noahead ] && E=(LAYERSTREAM_COMPILE_AHEAD=0)
+    A=(--model-dir /tmp/awq2l); E=(); [ $v = first ] && A+=(--triton-first); [ $v = noahead ] && E=(LAYERSTREAM_COMPILE_AHEAD=0)
     env "${E[@]}" timeout $(left 150) python3 bench/quant_decode_check.py --kind awq "${A[@]}" > $R/decode_check_$v.txt 2>&1
     echo "check $v rc=$?"; grep -E "logits vs|recorded|DIFF" $R/decode_check_$v.txt | head -12
   done
