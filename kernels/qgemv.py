@@ -20,19 +20,13 @@
 #          kernels.tuning.fastest and the on-disk tuning cache, timed cold where the packed weight
 #          fits the L2 (as kernels/gemv.py); KERNELS_AUTOTUNE=0 and the interpreter use one config.
 # Variants (config VARIANT, kernels/quant_variants.py), all timed by the tuner, which keeps the fastest:
-#          M == 1: 0 "base" (load_dequant + reshape + I2F: the first version, 17-25% of the H200's
-#          copy ceiling), 1 "3d" (no reshape, no I2F, the affine part applied once
-#          per word; their K loop is software-pipelined num_stages deep by an explicit tl.range,
-#          as the first version's loop was not: Triton pipelines only loads that feed a dot), 4 "i8x"
-#          (int4 only: x rounded to int8 per 32 columns, codes times x by dp4a; kernels/qgemv_i8.py).
-#          M >= 2: 0 (load_dequant, either SWAP_AB)
-#          and 3 "split" (P dots of K = BLOCK_K / P, no reshape, either SWAP_AB).
-# Candidates: M == 1: _FMA_SHAPES (variant 0), _WORD_SHAPES (variant 1), _I8_SHAPES (variant 4); M >= 2:
-#          _DOT_SHAPES, _SWAP_SHAPES (variant 0) and _SPLIT_SHAPES (variant 3); each with split-K
-#          where the grid lacks programs.  To keep first-run compiles near the first version's
-#          count, the base lists lost their smallest tiles (FMA 16x256 / 32x256, dot 32x128): an
-#          unmeasured guess that bigger K steps keep more bytes in flight; the probe
-#          (bench/probe_qkernels.py) times every candidate of every variant.
+#          M == 1: 0 "base" (load_dequant + reshape + I2F), 1 "3d" (no reshape, no I2F, the affine part
+#          once per word, K loop software-pipelined by an explicit tl.range: Triton pipelines only loads
+#          that feed a dot), 4 "i8x" (int4: x rounded to int8 per 32 columns, dp4a; kernels/qgemv_i8.py);
+#          M >= 2: 0 (either SWAP_AB) and 3 "split" (P dots of K = BLOCK_K / P, either SWAP_AB).
+# Candidates: M == 1: _FMA_SHAPES (variant 0), _WORD_SHAPES (1), _I8_SHAPES (4); M >= 2: _DOT_SHAPES,
+#          _SWAP_SHAPES (0) and _SPLIT_SHAPES (3); each with split-K where the grid lacks programs
+#          (bench/probe_qkernels.py times every candidate of every variant).
 from __future__ import annotations
 
 import functools
