@@ -188,14 +188,16 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: int = 4) -> list[triton.Config]:
+def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: int = 4,
+                int8_x: bool = True) -> list[triton.Config]:
     """Configs worth timing (one under the interpreter); split-K only where the grid lacks programs,
-    variants only where they can run this group size (kernels.quant_variants.variant_ok)."""
+    variants only where they can run this group size (kernels.quant_variants.variant_ok); variant 4
+    (x rounded to int8) only with ``int8_x`` (not for fp32 x: an fp32 run asks for accuracy first)."""
     if _INTERPRET:
         return [config(16, 64, 2 if K >= 128 else 1)]
     if block_m == 1:
         shapes = [(s, False, 0) for s in _FMA_SHAPES] + [(s, False, 1) for s in _WORD_SHAPES]
-        if qgemv_i8.enabled() and K % qgemv_i8.QBLOCK == 0:
+        if int8_x and qgemv_i8.enabled() and K % qgemv_i8.QBLOCK == 0:
             shapes += [(s, False, 4) for s in _I8_SHAPES]
     else:
         shapes = [(s, False, 0) for s in _DOT_SHAPES] + [(s, True, 0) for s in _SWAP_SHAPES] + \
@@ -222,8 +224,8 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     grid_n = triton.cdiv(N, bn)
     cnt = counters(x.device, grid_n, "qgemv") if sk > 1 and cfg.kwargs.get("TICKET") else None
     mode, variant = scale_mode(group, K, bk), cfg.kwargs.get("VARIANT", 0)
-    if (not variant_ok(variant, group, bits, bk) or variant in (1, 2, 4) and block_m > 1 or variant == 3 and block_m == 1
-            or variant == 4 and K % qgemv_i8.QBLOCK):
+    if (not variant_ok(variant, group, bits, bk) or variant in (1, 2, 4) and block_m > 1
+            or variant == 3 and block_m == 1 or variant == 4 and K % qgemv_i8.QBLOCK):
         raise ValueError(f"qgemv variant {variant} cannot run M={M} (BLOCK_M {block_m}), group {group}, "
                          f"int{bits}, BLOCK_K {bk}: pick one that kernels.quant_variants.variant_ok accepts")
     asm = not _INTERPRET and x.is_cuda and torch.version.hip is None
@@ -252,16 +254,17 @@ _TUNED: dict[tuple, triton.Config] = {}
 def _tuned(x, q, s, z, bits, group, bias, out, block_m, mins=False) -> triton.Config:
     """The cached config for this shape; the first call tunes it (timing into out)."""
     (_, K), N = x.shape, q.shape[0]
+    int8_x = block_m == 1 and qgemv_i8.enabled() and x.dtype != torch.float32
     key = (block_m, N, K, group, bits, z is not None, mins, x.dtype, s.dtype, bias is not None,
-           "i8x" if block_m == 1 and qgemv_i8.enabled() else "")  # picks made before variant 4 are tuned again
+           "i8x" if int8_x else "")  # picks made before variant 4 existed are tuned again
     cfg = _TUNED.get(key)
     default = _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT
     if cfg is None and (tuning_suspended() or x.is_cuda and torch.cuda.is_current_stream_capturing()):
         sms = _num_sms(x.device.index or 0) if x.is_cuda else 1
-        return tuning_cache.untimed_pick(x.device, "qgemv", key, lambda: _candidates(block_m, N, K, sms, group, bits),
-                                         default)  # a pick or the default; not kept
+        return tuning_cache.untimed_pick(x.device, "qgemv", key, lambda: _candidates(block_m, N, K, sms, group, bits,
+                                         int8_x), default)  # a pick or the default; not kept
     if cfg is None:
-        cands = _candidates(block_m, N, K, _num_sms(x.device.index or 0) if x.is_cuda else 1, group, bits)
+        cands = _candidates(block_m, N, K, _num_sms(x.device.index or 0) if x.is_cuda else 1, group, bits, int8_x)
         if os.environ.get("KERNELS_AUTOTUNE", "1") == "0" and len(cands) > 1:
             cands = [default]
         nbytes = q.nbytes + s.nbytes + (z.nbytes if z is not None else 0)

@@ -102,6 +102,7 @@ def test_tuner_candidates_include_variant_4_unless_turned_off(monkeypatch) -> No
     assert 4 in variants and {0, 1} <= variants
     assert all(c.kwargs["VARIANT"] != 4 for c in q._candidates(16, 4608, 3584, 132))
     assert all(c.kwargs["VARIANT"] != 4 for c in q._candidates(1, 4608, 3584, 132, bits=8))
+    assert all(c.kwargs["VARIANT"] != 4 for c in q._candidates(1, 4608, 3584, 132, int8_x=False))  # fp32 x
     monkeypatch.setenv("LAYERSTREAM_INT8_X", "0")
     assert all(c.kwargs["VARIANT"] != 4 for c in q._candidates(1, 4608, 3584, 132))
 

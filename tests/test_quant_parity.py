@@ -130,6 +130,45 @@ def test_triton_kernels_on_quantized_layers(qmodel) -> None:
     eng.close()
 
 
+def _batch_one_decode_errors(d, ref, variant: int, monkeypatch) -> tuple[list[float], set[int]]:
+    """A bf16 Triton engine's batch-1 decode logits (3 steps after a 9-token prefill) with every packed
+    projection of the steps forced to qgemv ``variant``: their errors against ``ref`` (rel_max_err) and the
+    variants the steps' launches took."""
+    from engine.ops import TritonOps
+    from kernels import qgemv
+
+    forced = qgemv.config(16, 64, variant=variant)
+    monkeypatch.setattr(qgemv, "_candidates", lambda block_m, *a, **k: [forced if block_m == 1 else qgemv.config(16, 64)])
+    monkeypatch.setattr(qgemv, "_TUNED", {})
+    picked, real_launch = [], qgemv._launch
+    monkeypatch.setattr(qgemv, "_launch", lambda cfg, *a, **k: (picked.append(cfg.kwargs["VARIANT"]),
+                                                                 real_launch(cfg, *a, **k))[1])
+    eng = make_engine(d, max_context=32, dtype="bf16")
+    eng.model.ops = TritonOps()
+    ids = torch.randint(0, eng.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        want = ref(ids).logits.float()
+    cache = KVCache(eng.cfg, 1, 32, torch.bfloat16, "cpu")
+    forward_prefill(eng.model, cache, ids[:, :9], last_only=True)
+    picked.clear()
+    errs = [rel_max_err(forward_decode(eng.model, cache, ids[:, t], t), want[:, t]) for t in range(9, 12)]
+    eng.close()
+    return errs, set(picked)
+
+
+def test_int8_x_gemv_in_batch_one_decode(qmodel, monkeypatch) -> None:
+    """Batch-1 decode steps through kernels/qgemv_i8.py (the tuner's variant 4, x rounded to int8; forced here)
+    against transformers on the dequantized weights, beside the same bf16 engine through variant 1."""
+    ref, d = qmodel("qwen2", "awq")
+    errs_i8, picked = _batch_one_decode_errors(d, ref, 4, monkeypatch)
+    assert picked == {4}  # every packed projection of the decode steps took variant 4
+    errs_3d, picked = _batch_one_decode_errors(d, ref, 1, monkeypatch)
+    assert picked == {1}
+    # measured: int8 x 2.7 / 3.6 / 7.7%, bf16 x 2.3 / 2.8 / 4.0% (x's int8 rounding per 32 columns is about 2.5x
+    # bf16's; a wrong zero point or scale would be tens of percent)
+    assert max(errs_i8) <= 2.5 * max(errs_3d), (errs_i8, errs_3d)
+
+
 @pytest.mark.slow
 def test_triton_dense_prefill_on_quantized_layers(qmodel, monkeypatch) -> None:
     """A prefill of 2 x 130 rows (kernels.qlinear.DENSE_MIN_M and more: the act-order weights widened
