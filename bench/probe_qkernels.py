@@ -153,7 +153,7 @@ def probe_shape(name: str, k: int, n: int, m: int, bits: int, group: int, sms: i
     gemv = m <= 64
     if gemv:
         block_m = 1 if m == 1 else max(16, 1 << (m - 1).bit_length())
-        cands = qgemv_mod._candidates(block_m, n, k, sms, group, bits)
+        cands = qgemv_mod._candidates(block_m, n, k, sms, group, bits, int8_x=m <= qgemv_mod.qgemv_i8.MAX_M)
         run = functools.partial(qgemv_mod._launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=None,
                                 out=out, block_m=block_m)
     else:

@@ -46,14 +46,15 @@ def i8_rows() -> None:
     from kernels import qgemv_i8 as mod
     ptrs = {"xq_ptr": "*i32", "d_ptr": "*fp32", "qs_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
             "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-    for bn, bk, warps, stages in q._I8_SHAPES + [(256, 128, 4, 4), (512, 128, 8, 3), (64, 128, 4, 3)]:
-        one = GROUP % bk == 0
-        meta = dict(HAS_ZEROS=True, HAS_MINS=False, HAS_BIAS=False, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, TICKET=False,
-                    ONE_GROUP=one, GROUP_C=GROUP, EVEN_K=True, STAGES=stages, ASM=True)
-        usage, sass = compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages)
-        codes, loop = bn * bk // (32 * warps), loop_instructions(sass)
-        print(f"i8x M=1 {bn:>4d}x{bk:<5d}w{warps} s{stages}: loop {loop:5d} / {codes:3d} codes = "
-              f"{loop / codes:5.2f} per code, stack {usage.split('STACK:')[1].split()[0]}", flush=True)
+    for rows in (1, 2, 4):
+        for bn, bk, warps, stages in (q._I8_SHAPES if rows == 1 else q._I8_ROWS_SHAPES) + [(512, 128, 8, 3)]:
+            one = GROUP % bk == 0
+            meta = dict(HAS_ZEROS=True, HAS_MINS=False, HAS_BIAS=False, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk,
+                        SPLIT_K=1, TICKET=False, ONE_GROUP=one, GROUP_C=GROUP, EVEN_K=True, STAGES=stages, ASM=True)
+            usage, sass = compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages)
+            codes, loop = bn * bk // (32 * warps), loop_instructions(sass)
+            print(f"i8x M={rows} {bn:>4d}x{bk:<5d}w{warps} s{stages}: loop {loop:5d} / {codes:3d} codes = "
+                  f"{loop / codes:5.2f} per code, stack {usage.split('STACK:')[1].split()[0]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@
 #          M == 1: 0 "base" (load_dequant + reshape + I2F), 1 "3d" (no reshape, no I2F, the affine part
 #          once per word, K loop software-pipelined by an explicit tl.range: Triton pipelines only loads
 #          that feed a dot), 4 "i8x" (int4: x rounded to int8 per 32 columns, dp4a; kernels/qgemv_i8.py);
-#          M >= 2: 0 (either SWAP_AB) and 3 "split" (P dots of K = BLOCK_K / P, either SWAP_AB).
-# Candidates: M == 1: _FMA_SHAPES (variant 0), _WORD_SHAPES (1), _I8_SHAPES (4); M >= 2: _DOT_SHAPES,
-#          _SWAP_SHAPES (0) and _SPLIT_SHAPES (3); each with split-K where the grid lacks programs
+#          M >= 2: 0 (either SWAP_AB) and 3 "split" (P dots of K = BLOCK_K / P, either SWAP_AB), and 4 up to M = 4.
+# Candidates: M == 1: _FMA_SHAPES (variant 0), _WORD_SHAPES (1); M >= 2: _DOT_SHAPES, _SWAP_SHAPES (0)
+#          and _SPLIT_SHAPES (3); M <= 4 also _I8_SHAPES (4); each with split-K where the grid lacks programs
 #          (bench/probe_qkernels.py times every candidate of every variant).
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ _FMA_SHAPES = [(8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2)]
 _WORD_SHAPES = [(16, 512, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (128, 128, 4, 3), (256, 128, 4, 3)]
 # variant 4 (kernels/qgemv_i8.py: x in int8, dp4a): 1.4-1.9 sm_90 instructions per code (Triton 3.6) against 4.2-7.0
 _I8_SHAPES = [(128, 128, 4, 3), (256, 128, 4, 3), (128, 256, 4, 3)]
+# ... for 2-4 rows (2.5-4.8 per code for all rows, no spill under Triton 3.6 or 3.9; the split dots take 5.8-9.7)
+_I8_ROWS_SHAPES = [(128, 128, 4, 3), (256, 128, 8, 3), (128, 256, 8, 3)]
 _DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3)]
 _SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
 # variant 3 (without swap: 1.4-2.4x slower); 256x128 at 8 warps: 5.8 sm_90 instructions per code at M = 16 against
@@ -189,19 +191,20 @@ def _num_sms(index: int) -> int:
 
 
 def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: int = 4,
-                int8_x: bool = True) -> list[triton.Config]:
+                int8_x: bool = False) -> list[triton.Config]:
     """Configs worth timing (one under the interpreter); split-K only where the grid lacks programs,
     variants only where they can run this group size (kernels.quant_variants.variant_ok); variant 4
-    (x rounded to int8) only with ``int8_x`` (not for fp32 x: an fp32 run asks for accuracy first)."""
+    (x rounded to int8) only with ``int8_x``: at most kernels.qgemv_i8.MAX_M rows, not fp32 x (an fp32
+    run asks for accuracy first)."""
     if _INTERPRET:
         return [config(16, 64, 2 if K >= 128 else 1)]
     if block_m == 1:
         shapes = [(s, False, 0) for s in _FMA_SHAPES] + [(s, False, 1) for s in _WORD_SHAPES]
-        if int8_x and qgemv_i8.enabled() and K % qgemv_i8.QBLOCK == 0:
-            shapes += [(s, False, 4) for s in _I8_SHAPES]
     else:
         shapes = [(s, False, 0) for s in _DOT_SHAPES] + [(s, True, 0) for s in _SWAP_SHAPES] + \
             [(s, swap, 3) for s, swap in _SPLIT_SHAPES]
+    if int8_x and qgemv_i8.enabled() and K % qgemv_i8.QBLOCK == 0:  # the caller's rows are at most MAX_M
+        shapes += [(s, False, 4) for s in (_I8_SHAPES if block_m == 1 else _I8_ROWS_SHAPES)]
     out = []
     for (bn, bk, warps, stages), swap, variant in shapes:
         if not variant_ok(variant, group, bits, bk):
@@ -224,8 +227,8 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     grid_n = triton.cdiv(N, bn)
     cnt = counters(x.device, grid_n, "qgemv") if sk > 1 and cfg.kwargs.get("TICKET") else None
     mode, variant = scale_mode(group, K, bk), cfg.kwargs.get("VARIANT", 0)
-    if (not variant_ok(variant, group, bits, bk) or variant in (1, 2, 4) and block_m > 1
-            or variant == 3 and block_m == 1 or variant == 4 and K % qgemv_i8.QBLOCK):
+    if (not variant_ok(variant, group, bits, bk) or variant in (1, 2) and block_m > 1
+            or variant == 3 and block_m == 1 or variant == 4 and not qgemv_i8.supports(M, K, bits, group, bk)):
         raise ValueError(f"qgemv variant {variant} cannot run M={M} (BLOCK_M {block_m}), group {group}, "
                          f"int{bits}, BLOCK_K {bk}: pick one that kernels.quant_variants.variant_ok accepts")
     asm = not _INTERPRET and x.is_cuda and torch.version.hip is None
@@ -254,9 +257,10 @@ _TUNED: dict[tuple, triton.Config] = {}
 def _tuned(x, q, s, z, bits, group, bias, out, block_m, mins=False) -> triton.Config:
     """The cached config for this shape; the first call tunes it (timing into out)."""
     (_, K), N = x.shape, q.shape[0]
-    int8_x = block_m == 1 and qgemv_i8.enabled() and x.dtype != torch.float32
+    M = x.shape[0]
+    int8_x = M <= qgemv_i8.MAX_M and qgemv_i8.enabled() and x.dtype != torch.float32
     key = (block_m, N, K, group, bits, z is not None, mins, x.dtype, s.dtype, bias is not None,
-           "i8x" if int8_x else "")  # picks made before variant 4 existed are tuned again
+           f"i8x{triton.next_power_of_2(M)}" if int8_x else "")  # its own bucket (picks from before it: tuned again)
     cfg = _TUNED.get(key)
     default = _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT
     if cfg is None and (tuning_suspended() or x.is_cuda and torch.cuda.is_current_stream_capturing()):

@@ -1,4 +1,4 @@
-# Quantized batch-1 decode GEMV on int8 activations: out = x @ dequant(w).T + bias for x [1, K], int4 codes.
+# Quantized decode GEMV on int8 activations: out = x @ dequant(w).T + bias for x [M <= 4, K], int4 codes.
 #
 # Why: the fp32-unpacking GEMV (kernels/qgemv.py, variant "3d") is bound by instruction issue, not memory: on the
 # H200 its best tiles took 4.2-4.8 sm_90 instructions per 4-bit code (bench/sass_qgemv.py) and ran at 36-46% of a
@@ -7,20 +7,22 @@
 # x in integers: per packed word, two LOP3s and a shift give the 8 codes as two words of 4 bytes, and two DP4As
 # (4 byte products each) add them into one int32; per 32 columns and row, one I2F and two FMAs apply the block's
 # step and the weight's scale and zero point. That core is 0.64 instructions per code; with addressing and the
-# pipeline's copies the sm_90 loop takes 1.4-1.9 per code under Triton 3.6 against 4.2-7.0 for variant 1
-# (bench/results/2026-12-02-cpu-sass-qgemv-i8/; tests/test_kernels_qgemv_i8.py holds it within 2.5). Its speed on
-# a GPU is not measured yet.
+# pipeline's copies the sm_90 loop takes 1.6-1.9 per code for one row of x under Triton 3.6 against 4.2-7.0 for
+# variant 1, 2.9-3.2 for two rows and 4.5-4.8 for four against 5.8-9.7 for the tensor-core split dots
+# (bench/results/2026-12-02-cpu-sass-qgemv-i8/; tests/test_kernels_qgemv_i8.py holds them within budgets).
+# Its speed on a GPU is not measured yet.
 #
-# Shapes:  x       [1, K]      bf16 / fp16 / fp32, unit stride along K (K % 32 == 0)
+# Shapes:  x       [M, K]      M <= 4, bf16 / fp16 / fp32, unit stride along K (K % 32 == 0)
 #          qweight int32 [N, K/8]  int4 codes, layout of kernels/quant_common.py (code j*8+i at bits 4i..4i+3)
 #          scales  [N, K/G]    fp16 / bf16 / fp32, G % 32 == 0; zeros like scales, or None (symmetric: 8);
 #          mins    like scales or None (w = code * scale + min; zeros then None); bias [N] x's dtype or None
-# Stage 1 (_quant_x_kernel): per 32-column block b, step d_b = max|x| / 127, q = x / d_b rounded half away
+# Stage 1 (_quant_x_kernel): per row and 32-column block b, step d_b = max|x| / 127, q = x / d_b rounded half away
 #          from zero (in [-127, 127]),
 #          stored as int32 words xq[j] = bytes q[8j], q[8j+2], q[8j+4], q[8j+6] (the low nibbles' columns of
 #          packed word j), xq[K/8 + j] = q[8j+1], q[8j+3], q[8j+5], q[8j+7] (the high nibbles'); d [K/32] fp32;
 #          qs [K/32] = sum of the block's q (for the zero point / min term).
-# Stage 2 (_qgemv_i8_kernel): program (n, s) owns BLOCK_N rows and the s-th of SPLIT_K slices of K:
+# Stage 2 (_qgemv_i8_kernel): program (n, s) owns BLOCK_N rows and the s-th of SPLIT_K slices of K; the codes
+#          of a K step are unpacked once for all M rows of x (each its own accumulator):
 #          acc[n] += sum_b s_nb * d_b * (dot_b(codes, q) - z_nb * qs_b)     (zeros; symmetric: z = 8)
 #          acc[n] += sum_b d_b * (s_nb * dot_b(codes, q) + m_nb * qs_b)     (mins)
 #          then the epilogue of kernels/gemv.py (bias, split-K partials summed by the last program).
@@ -28,8 +30,9 @@
 #          output (bf16 rounding alone: about 0.3%); tests bound it by 1.5%. x's rounding per 32 columns has about
 #          2.5x the error of bf16's (more in a block holding an outlier channel): in a tiny Qwen2's batch-1 decode
 #          the logits' largest error against fp32 went from 2.3-4.0% (bf16 x) to 2.7-7.7%
-#          (tests/test_quant_parity.py). Not used for fp32 x (a run that asks for accuracy first); the tuner (kernels/qgemv.py) times this as its variant 4 and keeps it only if it is the
-#          fastest and agrees with fp32 torch within the tuner's check; LAYERSTREAM_INT8_X=0 leaves it out.
+#          (tests/test_quant_parity.py). Not used for fp32 x (a run that asks for accuracy first); the tuner
+#          (kernels/qgemv.py) times this as its variant 4 and keeps it only if it is the fastest and agrees with
+#          fp32 torch within the tuner's check; LAYERSTREAM_INT8_X=0 leaves it out.
 from __future__ import annotations
 
 import os
@@ -50,8 +53,13 @@ def enabled() -> bool:
 
 
 @triton.jit
-def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, NB: tl.constexpr):
-    """NB blocks of 32 columns per program: steps, int8 codes packed in nibble order, code sums."""
+def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr):
+    """NB blocks of 32 columns of row program_id(1) per program: steps, int8 codes in nibble order, code sums."""
+    row = tl.program_id(1)
+    x_ptr += row.to(tl.int64) * stride_xm
+    xq_ptr += row * (K // 4)
+    d_ptr += row * (K // 32)
+    qs_ptr += row * (K // 32)
     blk = tl.program_id(0) * NB + tl.arange(0, NB)
     w4 = tl.arange(0, 4)  # packed word within the block
     p = tl.arange(0, 4)  # byte within the x word
@@ -90,9 +98,32 @@ def _dp4a2(a0, b0, a1, b1, ASM: tl.constexpr):
 
 
 @triton.jit
+def _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, bcast, s, z, K, HAS_MINS: tl.constexpr, EVEN_K: tl.constexpr,
+              ASM: tl.constexpr):
+    """One x row's [BLOCK_N, NBLK] contribution of a K step: its int8 words against the step's codes (lo / hi),
+    times its steps, with the weight's scales and zero points (or mins) ``s`` / ``z``."""
+    x_lo = xq_ptr + wcol + bcast[:, :, None]
+    if EVEN_K:
+        xlo = tl.load(x_lo, eviction_policy="evict_last")
+        xhi = tl.load(x_lo + K // 8, eviction_policy="evict_last")
+        d = tl.load(d_ptr + blk[None, :] + bcast, eviction_policy="evict_last")
+        qs = tl.load(qs_ptr + blk[None, :] + bcast, eviction_policy="evict_last").to(tl.float32)
+    else:
+        ok = blk < K // 32
+        xlo = tl.load(x_lo, mask=ok[None, :, None], other=0)
+        xhi = tl.load(x_lo + K // 8, mask=ok[None, :, None], other=0)
+        d = tl.load(d_ptr + blk[None, :] + bcast, mask=ok[None, :], other=0.0)
+        qs = tl.load(qs_ptr + blk[None, :] + bcast, mask=ok[None, :], other=0).to(tl.float32)
+    dot = tl.sum(_dp4a2(lo, xlo, hi, xhi, ASM), axis=2).to(tl.float32)
+    if HAS_MINS:
+        return d * (s * dot + z * qs)
+    return (s * d) * (dot - z * qs)
+
+
+@triton.jit
 def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                     N, K, group, stride_qn, stride_sn,
-                     HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     M, N, K, group, stride_qn, stride_sn, stride_om,
+                     HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr,
                      ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
                      ASM: tl.constexpr):
@@ -109,27 +140,19 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     s_rows = s_ptr + rows[:, None].to(tl.int64) * stride_sn
     z_rows = z_ptr + rows[:, None].to(tl.int64) * stride_sn
     bcast = rows[:, None] * 0  # x's operands are loaded in the weight tile's own layout: no shuffle between them
-    acc = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
+    # x rows past M repeat row M - 1 (computed, never stored)
+    r1, r2, r3 = tl.minimum(1, M - 1), tl.minimum(2, M - 1), tl.minimum(3, M - 1)
+    acc0 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
     for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
         blk = kb * NBLK + b  # global 32-column blocks of this K step
         wcol = blk[None, :, None] * 4 + j[None, None, :]  # packed words [1, NBLK, 4]
-        x_lo = xq_ptr + wcol + bcast[:, :, None]
         if EVEN_K:
             words = tl.load(q_rows + wcol, eviction_policy="evict_first")
-            xlo = tl.load(x_lo, eviction_policy="evict_last")
-            xhi = tl.load(x_lo + K // 8, eviction_policy="evict_last")
-            d = tl.load(d_ptr + blk[None, :] + bcast, eviction_policy="evict_last")
-            qs = tl.load(qs_ptr + blk[None, :] + bcast, eviction_policy="evict_last").to(tl.float32)
         else:
-            ok = blk < K // 32
-            words = tl.load(q_rows + wcol, mask=ok[None, :, None], other=0, eviction_policy="evict_first")
-            xlo = tl.load(x_lo, mask=ok[None, :, None], other=0)
-            xhi = tl.load(x_lo + K // 8, mask=ok[None, :, None], other=0)
-            d = tl.load(d_ptr + blk[None, :] + bcast, mask=ok[None, :], other=0.0)
-            qs = tl.load(qs_ptr + blk[None, :] + bcast, mask=ok[None, :], other=0).to(tl.float32)
-        lo = words & 0x0F0F0F0F
-        hi = (words >> 4) & 0x0F0F0F0F
-        dot = tl.sum(_dp4a2(lo, xlo, hi, xhi, ASM), axis=2).to(tl.float32)
+            words = tl.load(q_rows + wcol, mask=(blk < K // 32)[None, :, None], other=0, eviction_policy="evict_first")
         if ONE_GROUP:  # the K step lies in one group (GROUP_C = G, a multiple of BLOCK_K): one scale per row
             g = (kb // (GROUP_C // BLOCK_K)) + tl.zeros((1, 1), tl.int32)
         elif GROUP_C > 1:  # G (a power of two) divides BLOCK_K: a constant shift
@@ -137,77 +160,93 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         else:
             g = tl.minimum(blk * 32 // group, K // group - 1)[None, :]
         s = tl.load(s_rows + g).to(tl.float32)
-        if HAS_MINS:
-            acc += d * (s * dot + tl.load(z_rows + g).to(tl.float32) * qs)
+        if HAS_ZEROS + HAS_MINS > 0:
+            z = tl.load(z_rows + g).to(tl.float32)
         else:
-            if HAS_ZEROS:
-                z = tl.load(z_rows + g).to(tl.float32)
-            else:
-                z = 8.0
-            acc += (s * d) * (dot - z * qs)
-    out = tl.sum(acc, axis=1)[None, :]
-    offs_m = tl.arange(0, 1)
-    store_split_k(out, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, rows, 1, N, N,
-                  HAS_BIAS, SPLIT_K, TICKET, 1, BLOCK_N)
+            z = tl.full((1, 1), 8.0, tl.float32)
+        lo = words & 0x0F0F0F0F
+        hi = (words >> 4) & 0x0F0F0F0F
+        acc0 += _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, bcast, s, z, K, HAS_MINS, EVEN_K, ASM)
+        if BLOCK_M > 1:
+            acc1 += _row_step(xq_ptr + r1 * (K // 4), d_ptr + r1 * (K // 32), qs_ptr + r1 * (K // 32), lo, hi, wcol,
+                              blk, bcast, s, z, K, HAS_MINS, EVEN_K, ASM)
+        if BLOCK_M > 2:
+            acc2 += _row_step(xq_ptr + r2 * (K // 4), d_ptr + r2 * (K // 32), qs_ptr + r2 * (K // 32), lo, hi, wcol,
+                              blk, bcast, s, z, K, HAS_MINS, EVEN_K, ASM)
+            acc3 += _row_step(xq_ptr + r3 * (K // 4), d_ptr + r3 * (K // 32), qs_ptr + r3 * (K // 32), lo, hi, wcol,
+                              blk, bcast, s, z, K, HAS_MINS, EVEN_K, ASM)
+    offs_m = tl.arange(0, BLOCK_M)
+    out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
+    if BLOCK_M > 1:
+        out = tl.where(offs_m[:, None] == 1, tl.sum(acc1, axis=1)[None, :], out)
+    if BLOCK_M > 2:
+        out = tl.where(offs_m[:, None] == 2, tl.sum(acc2, axis=1)[None, :], out)
+        out = tl.where(offs_m[:, None] == 3, tl.sum(acc3, axis=1)[None, :], out)
+    store_split_k(out, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, rows, M, N, stride_om,
+                  HAS_BIAS, SPLIT_K, TICKET, BLOCK_M, BLOCK_N)
 
 
 def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [1, K] (K % 32 == 0) -> (xq int32 [K/4]: the low then the high nibbles' words, steps fp32 [K/32],
-    code sums int32 [K/32])."""
-    k = x.shape[1]
-    assert x.shape[0] == 1 and k % QBLOCK == 0 and x.stride(1) == 1
-    xq = torch.empty(k // 4, device=x.device, dtype=torch.int32)
-    d = torch.empty(k // QBLOCK, device=x.device, dtype=torch.float32)
-    qs = torch.empty(k // QBLOCK, device=x.device, dtype=torch.int32)
+    """x [M, K] (K % 32 == 0) -> per row (xq int32 [M, K/4]: the low then the high nibbles' words,
+    steps fp32 [M, K/32], code sums int32 [M, K/32])."""
+    m, k = x.shape
+    assert k % QBLOCK == 0 and x.stride(1) == 1
+    xq = torch.empty((m, k // 4), device=x.device, dtype=torch.int32)
+    d = torch.empty((m, k // QBLOCK), device=x.device, dtype=torch.float32)
+    qs = torch.empty((m, k // QBLOCK), device=x.device, dtype=torch.int32)
     nb = 4
-    _quant_x_kernel[(triton.cdiv(k // QBLOCK, nb),)](x, xq, d, qs, k, NB=nb, num_warps=1)
+    _quant_x_kernel[(triton.cdiv(k // QBLOCK, nb), m)](x, xq, d, qs, k, x.stride(0), NB=nb, num_warps=1)
     return xq, d, qs
+
+
+MAX_M = 4  # x rows one launch takes (each row's int8 words against the codes unpacked once)
 
 
 def supports(m: int, k: int, bits: int, group: int, block_k: int) -> bool:
     """Whether this GEMV can run these operands with tiles of ``block_k`` columns."""
-    return m == 1 and bits == 4 and k % QBLOCK == 0 and group % QBLOCK == 0 and block_k % QBLOCK == 0
+    return 1 <= m <= MAX_M and bits == 4 and k % QBLOCK == 0 and group % QBLOCK == 0 and block_k % QBLOCK == 0
 
 
 def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
               group: int, bias: torch.Tensor | None, out: torch.Tensor, mins: bool, asm: bool) -> None:
     """One launch with ``cfg`` (kernels.qgemv.config's keys); operands checked by kernels.qgemv."""
-    (_, K), N = x.shape, q.shape[0]
+    (M, K), N = x.shape, q.shape[0]
     bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
-    assert supports(1, K, 4, group, bk), (K, group, bk)
+    assert supports(M, K, 4, group, bk), (M, K, group, bk)
     xq, d, qs = quantize_x(x)
-    ws = torch.empty((sk, 1, N), device=x.device, dtype=torch.float32) if sk > 1 else out
+    ws = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if sk > 1 else out
     grid_n = triton.cdiv(N, bn)
     cnt = counters(x.device, grid_n, "qgemv_i8") if sk > 1 else None
     b = bias if bias is not None else out
     shift = group % bk == 0 or bk % group == 0 and group & (group - 1) == 0  # the group index by a shift
     _qgemv_i8_kernel[(grid_n, sk)](
         xq, d, qs, q, s, s if z is None else z, b, out, ws, out if cnt is None else cnt,
-        N, K, group, q.stride(0), s.stride(0),
-        HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
-        SPLIT_K=sk, TICKET=cnt is not None, ONE_GROUP=group % bk == 0,
-        GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
+        M, N, K, group, q.stride(0), s.stride(0), out.stride(0),
+        HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None,
+        BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, TICKET=cnt is not None,
+        ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if sk > 1 and cnt is None:
-        _gemv_splitk_reduce_kernel[(triton.cdiv(N, 1024),)](
-            ws, b, out, 1, N, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=sk, BLOCK=1024, num_warps=4)
+        _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
+            ws, b, out, M, N, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=sk, BLOCK=1024, num_warps=4)
 
 
 def quantize_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 torch reference of stage 1: (int8-valued codes as float [K], per-column step [K])."""
+    """fp32 torch reference of stage 1: (int8-valued codes as float [M, K], per-column steps [M, K])."""
     xb = x.float().reshape(-1, QBLOCK)
     amax = xb.abs().amax(dim=1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     y = xb * inv
-    return (torch.floor(y.abs() + 0.5) * torch.sign(y)).reshape(-1), (amax / 127.0).expand(-1, QBLOCK).reshape(-1)
+    return ((torch.floor(y.abs() + 0.5) * torch.sign(y)).reshape(x.shape),
+            (amax / 127.0).expand(-1, QBLOCK).reshape(x.shape))
 
 
 def decode_x(xq: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1's output as :func:`quantize_x_ref` gives it: (codes as float [K], per-column step [K])."""
-    k = xq.numel() * 4
-    b = torch.stack([(xq >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.int8).float()  # [K/4, 4]
-    codes = torch.stack([b[: k // 8], b[k // 8:]], dim=-1).reshape(-1)  # column 8j + 2p + h
-    return codes, d.float().repeat_interleave(QBLOCK)
+    """Stage 1's output as :func:`quantize_x_ref` gives it: (codes as float [M, K], per-column steps [M, K])."""
+    m, k = xq.shape[0], xq.shape[1] * 4
+    b = torch.stack([(xq >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.int8).float()  # [M, K/4, 4]
+    codes = torch.stack([b[:, : k // 8], b[:, k // 8:]], dim=-1).reshape(m, k)  # column 8j + 2p + h
+    return codes, d.float().repeat_interleave(QBLOCK, dim=1)
 
 
 def qgemv_i8_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -215,8 +254,8 @@ def qgemv_i8_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                  rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """fp32 torch reference of stage 2's arithmetic on x rounded to int8 (``rounded``: stage 1's output through
     :func:`decode_x`; default :func:`quantize_x_ref`, which may round a code the other way where x / step lies
-    within float error of a half), float32 [1, N]."""
+    within float error of a half), float32 [M, N]."""
     from kernels.quant_common import dequant_ref
     q, d = rounded if rounded is not None else quantize_x_ref(x)
-    out = (q * d)[None, :] @ dequant_ref(qweight, scales, zeros, 4, mins).T
+    out = (q * d) @ dequant_ref(qweight, scales, zeros, 4, mins).T
     return out if bias is None else out + bias.float()
