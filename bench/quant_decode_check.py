@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", default="", help="the synthetic model's folder, kept (reused when it exists)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (TRITON_INTERPRET=1, tiny presets)")
     args = p.parse_args(argv)
+    os.environ.setdefault("LAYERSTREAM_INT8_X", "0")  # as the parity test: the kernels without x's int8 rounding
     from engine.synth.writer import synthesize
     d = args.model_dir or os.path.join(tempfile.mkdtemp(), args.kind)
     if not os.path.exists(os.path.join(d, "config.json")):
