@@ -87,18 +87,18 @@ if [[ $steps == *k* ]]; then  # the GPU build of the quantized kernels (the PTX 
   timeout $(left 200) python3 -m pytest -q -s -p no:cacheprovider -m cuda tests/test_quant_parity.py \
     > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; grep -E "bf16|passed|failed" $R/pytest_quant_parity.txt | tail -12
 save; fi
-if [[ $steps == *x* ]]; then
-  for v in plain first noahead; do
-    A=(--model-dir /tmp/awq2l); E=(); [ $v = first ] && A+=(--triton-first); [ $v = noahead ] && E=(LAYERSTREAM_COMPILE_AHEAD=0)
-    env "${E[@]}" timeout $(left 150) python3 bench/quant_decode_check.py --kind awq "${A[@]}" > $R/decode_check_$v.txt 2>&1
-    echo "check $v rc=$?"; grep -E "logits vs|recorded|DIFF" $R/decode_check_$v.txt | head -12
-  done
-save; fi
 if [[ $steps == *i* ]]; then
   timeout $(left 120) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py \
     > $R/pytest_qgemv_i8.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_qgemv_i8.txt
   timeout $(left 150) python3 bench/probe_qkernels.py --batches 1 --ggml '' --out $R/probe_m1.json \
     > $R/probe_m1.txt 2>&1; echo "probe rc=$?"; grep -E "qgemv|wrong" $R/probe_m1.txt | head -16
+save; fi
+if [[ $steps == *x* ]]; then
+  for v in plain first noahead; do
+    A=(--model-dir /tmp/awq2l); E=(); [ $v = first ] && A+=(--triton-first); [ $v = noahead ] && E=(LAYERSTREAM_COMPILE_AHEAD=0)
+    env "${E[@]}" timeout $(left 130) python3 bench/quant_decode_check.py --kind awq "${A[@]}" > $R/decode_check_$v.txt 2>&1
+    echo "check $v rc=$?"; grep -E "logits vs|recorded|DIFF" $R/decode_check_$v.txt | head -12
+  done
 save; fi
 if [[ $steps == *w* ]]; then
   timeout $(left 360) python3 bench/qgemv_sweep.py --budget-s $(( $(left 360) - 60 )) --out $R/qgemv_sweep.json \
