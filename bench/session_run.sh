@@ -15,10 +15,12 @@
 #     dense-tile path at 2048 tokens against bf16 cuBLAS) and the quantized GPU tests
 #  k  issue 15: the quantized kernels' tests on the GPU (their PTX lop3 unpack and dp4a never run in the
 #     interpreter) and the CUDA parity test (prints each path's error against the fp32 torch path)
-#  x  issue 15: bench/quant_decode_check.py on the 7B AWQ (the parity test's first-decode-step failure): as the
-#     test, Triton engine first, and with LAYERSTREAM_COMPILE_AHEAD=0
+#  x  issue 15: bench/quant_decode_check.py on the 7B AWQ (the parity test's first-decode-step failure), runs named
+#     by $X_VARIANTS (default all): plain (as the test), sync (CUDA_LAUNCH_BLOCKING=1), first (the Triton engine
+#     first), noahead (LAYERSTREAM_COMPILE_AHEAD=0); about 100 s each
 #  i  issue 15: the int8-x GEMV (kernels/qgemv_i8.py, dp4a) on the GPU: its tests, then bench/probe_qkernels.py
 #     at batch 1 (every variant's best at the 7B's shapes, % of copy)
+#  v  issue 15: the synthetic 7B AWQ at 6 GiB against the all-resident bf16 7B, batch 1 (target 1.5x the tok/s)
 #  w  issue 15: bench/qgemv_sweep.py, the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
@@ -93,9 +95,18 @@ if [[ $steps == *i* ]]; then
   timeout $(left 150) python3 bench/probe_qkernels.py --batches 1 --ggml '' --out $R/probe_m1.json \
     > $R/probe_m1.txt 2>&1; echo "probe rc=$?"; grep -E "qgemv|wrong" $R/probe_m1.txt | head -16
 save; fi
+if [[ $steps == *v* ]]; then
+  [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b --out /tmp/q7b-awq \
+    --quant awq --device cuda 2>&1 | tail -1
+  timeout $(left 120) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 6GiB --batches 1 --steps 8 \
+    --prefill-tokens 0 --out-dir $R --tag awq > $R/bench_awq.log 2>&1; echo "awq rc=$?"; tail -4 $R/bench_awq.log
+  timeout $(left 80) python3 -m tools.bench_stream --model $M --budgets full --batches 1 --steps 8 --prefill-tokens 0 \
+    --out-dir $R --tag bf16-full > $R/bench_bf16_full.log 2>&1; echo "full rc=$?"; tail -3 $R/bench_bf16_full.log
+save; fi
 if [[ $steps == *x* ]]; then
-  for v in plain first noahead; do
+  for v in ${X_VARIANTS:-plain sync first noahead}; do  # sync: every launch waits for its kernel (a race vanishes)
     A=(--model-dir /tmp/awq2l); E=(); [ $v = first ] && A+=(--triton-first); [ $v = noahead ] && E=(LAYERSTREAM_COMPILE_AHEAD=0)
+    [ $v = sync ] && E=(CUDA_LAUNCH_BLOCKING=1)
     env "${E[@]}" timeout $(left 130) python3 bench/quant_decode_check.py --kind awq "${A[@]}" > $R/decode_check_$v.txt 2>&1
     echo "check $v rc=$?"; grep -E "logits vs|recorded|DIFF" $R/decode_check_$v.txt | head -12
   done
