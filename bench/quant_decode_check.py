@@ -49,7 +49,8 @@ def checked(ops, ref_ops, tol: float, log: list):
                 dense = dequantize(w)
                 ref = x.float().reshape(-1, x.shape[-1]) @ dense.T + (0 if b is None else b.float())
                 err = _rel(out.reshape(ref.shape), ref)
-                what = f"qlinear x{tuple(x.shape)} {x.dtype} stride {x.stride()} w[{w.qweight.shape[0]}, {w.in_features}] " \
+                what = f"qlinear x{tuple(x.shape)} {x.dtype} stride {x.stride()} " \
+                       f"w[{w.qweight.shape[0]}, {w.in_features}] " \
                        f"bits {w.spec.bits} g {w.group_size} scales {w.scales.dtype} zeros " \
                        f"{None if w.zeros is None else w.zeros.dtype} bias {b is not None}"
             elif _name in MUTATED:
@@ -145,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in runs.items():
         print(f"{name:24} logits vs fp32 torch per step: "
               + ", ".join(f"{_rel(a, b):.4f}" for a, b in zip(r["at_once"], ref["at_once"]))
-              + " | copied later vs at once: " + ", ".join(f"{_rel(a, b):.1e}" for a, b in zip(r["later"], r["at_once"])))
+              + " | copied later vs at once: "
+              + ", ".join(f"{_rel(a, b):.1e}" for a, b in zip(r["later"], r["at_once"])))
         print(f"{'':24} recorded vs fp32 torch: " + " ".join(
-            f"{kind[0]}{_rel(a[1], b[1]):.4f}" for kind, a, b in zip((e[0] for e in r["trace"]), r["trace"], ref["trace"])))
+            f"{a[0][0]}{_rel(a[1], b[1]):.4f}" for a, b in zip(r["trace"], ref["trace"])))
     worst = sorted(log, key=lambda e: -e[0])[:8]
     print("Triton ops against torch ops on the same inputs, largest differences:\n"
           + "\n".join(f"  {e:.3e} {w}" for e, w in worst))

@@ -138,7 +138,8 @@ def _batch_one_decode_errors(d, ref, variant: int, monkeypatch) -> tuple[list[fl
     from kernels import qgemv
 
     forced = qgemv.config(16, 64, variant=variant)
-    monkeypatch.setattr(qgemv, "_candidates", lambda block_m, *a, **k: [forced if block_m == 1 else qgemv.config(16, 64)])
+    monkeypatch.setattr(qgemv, "_candidates",
+                        lambda block_m, *a, **k: [forced if block_m == 1 else qgemv.config(16, 64)])
     monkeypatch.setattr(qgemv, "_TUNED", {})
     picked, real_launch = [], qgemv._launch
     monkeypatch.setattr(qgemv, "_launch", lambda cfg, *a, **k: (picked.append(cfg.kwargs["VARIANT"]),
