@@ -17,7 +17,8 @@
 #     interpreter) and the CUDA parity test (prints each path's error against the fp32 torch path)
 #  x  issue 15: bench/quant_decode_check.py on the 7B AWQ (the parity test's first-decode-step failure), runs named
 #     by $X_VARIANTS (default all): plain (as the test), sync (CUDA_LAUNCH_BLOCKING=1), first (the Triton engine
-#     first), noahead (LAYERSTREAM_COMPILE_AHEAD=0); about 100 s each
+#     first), noahead (LAYERSTREAM_COMPILE_AHEAD=0); and, named only, int8 (with the int8-x GEMV: its accuracy at
+#     the 7B's shapes); about 100 s each
 #  i  issue 15: the int8-x GEMV (kernels/qgemv_i8.py, dp4a) on the GPU: its tests, then bench/probe_qkernels.py
 #     at batch 1 (every variant's best at the 7B's shapes, % of copy)
 #  v  issue 15: the synthetic 7B AWQ at 6 GiB against the all-resident bf16 7B, batch 1 (target 1.5x the tok/s)
@@ -106,7 +107,7 @@ save; fi
 if [[ $steps == *x* ]]; then
   for v in ${X_VARIANTS:-plain sync first noahead}; do  # sync: every launch waits for its kernel (a race vanishes)
     A=(--model-dir /tmp/awq2l); E=(); [ $v = first ] && A+=(--triton-first); [ $v = noahead ] && E=(LAYERSTREAM_COMPILE_AHEAD=0)
-    [ $v = sync ] && E=(CUDA_LAUNCH_BLOCKING=1)
+    [ $v = sync ] && E=(CUDA_LAUNCH_BLOCKING=1); [ $v = int8 ] && E=(LAYERSTREAM_INT8_X=1)
     env "${E[@]}" timeout $(left 130) python3 bench/quant_decode_check.py --kind awq "${A[@]}" > $R/decode_check_$v.txt 2>&1
     echo "check $v rc=$?"; grep -E "logits vs|recorded|DIFF" $R/decode_check_$v.txt | head -12
   done
