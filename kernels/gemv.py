@@ -45,7 +45,7 @@ import triton.language as tl
 from kernels import tuning_cache
 from kernels.gemm import check_linear_inputs
 from kernels.mma import mma_nt
-from kernels.tickets import counters, last_ticket
+from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -133,63 +133,6 @@ def _gemv_kernel(
                   HAS_BIAS, SPLIT_K, TICKET, BLOCK_M, BLOCK_N)
 
 
-@triton.jit
-def store_split_k(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, rows_w, M, N, stride_om,
-                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """A GEMV program's epilogue (also kernels/qgemv.py's): the out tile (+ bias), or with SPLIT_K > 1 its
-    fp32 partial into the workspace, summed by the last program of the N block (TICKET) or by
-    _gemv_splitk_reduce_kernel."""
-    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        _store_out(acc, b_ptr, out_ptr, offs_m, offs_n, rows_w, stride_om, out_mask, HAS_BIAS)
-    else:
-        ws_ptrs = ws_ptr + (tl.program_id(1) * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
-        tl.store(ws_ptrs, acc, mask=out_mask)
-        if TICKET:  # the last of the N block's SPLIT_K programs sums the partials (no 2nd kernel)
-            if last_ticket(cnt_ptr + tl.program_id(0), tl.program_id(1), SPLIT_K):
-                tl.store(cnt_ptr + tl.program_id(0), 0)
-                _finish_split_k(ws_ptr, b_ptr, out_ptr, offs_m, offs_n, rows_w, M, N, stride_om,
-                                out_mask, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _finish_split_k(ws_ptr, b_ptr, out_ptr, offs_m, offs_n, rows_w, M, N, stride_om, out_mask,
-                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """out tile = sum of the SPLIT_K fp32 partial tiles (read at L2: .cg) + bias."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        ptrs = ws_ptr + (s * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
-        acc += tl.load(ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
-    _store_out(acc, b_ptr, out_ptr, offs_m, offs_n, rows_w, stride_om, out_mask, HAS_BIAS)
-
-
-@triton.jit
-def _store_out(acc, b_ptr, out_ptr, offs_m, offs_n, rows_w, stride_om, out_mask, HAS_BIAS: tl.constexpr):
-    """out tile = fp32 acc [BLOCK_M, BLOCK_N] + bias, cast to out's dtype."""
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows_w).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _gemv_splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, N, stride_om,
-                               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                               BLOCK: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < M * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0)
-    n = idx % N
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (idx // N).to(tl.int64) * stride_om + n,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 @functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -221,10 +164,9 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
             out: torch.Tensor, block_m: int) -> None:
     (M, K), N = x.shape, w.shape[0]
     bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
-    ws = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if sk > 1 else out
+    ws, cnt = split_k_scratch(cfg, out, "gemv")
     b = bias if bias is not None else w
     grid_n = triton.cdiv(N, bn)
-    cnt = counters(x.device, grid_n, "gemv") if sk > 1 and cfg.kwargs.get("TICKET") else None
     _gemv_kernel[(grid_n, sk)](
         x, w, b, out, ws, out if cnt is None else cnt, M, N, K, x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
@@ -232,10 +174,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
         BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, EVEN_K=K % bk == 0,
         SWAP_AB=cfg.kwargs.get("SWAP_AB", False), TICKET=cnt is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if sk > 1 and cnt is None:
-        _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
-            ws, b, out, M, N, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=sk,
-            BLOCK=1024, num_warps=4)
+    reduce_split_k(ws, cnt, bias, out)
 
 
 def _pick(cands: list[triton.Config], run: Callable[[triton.Config], None], cold: bool = False,

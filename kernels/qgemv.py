@@ -15,7 +15,7 @@
 #          M >= 2: the dequantized tile, cast to x's dtype, goes through tensor-core tl.dot (x padded
 #          to BLOCK_M = max(16, next_pow2(M)) rows), in either operand order (SWAP_AB as in
 #          kernels/gemv.py).  SPLIT_K > 1 writes fp32 partials summed by the last program of the
-#          N block (ticket) or by kernels/gemv.py's reduce kernel.
+#          N block (ticket) or by a second kernel (kernels/split_k.py).
 # Tuning:  per (M bucket, N, K, G, BITS, zeros, mins, x dtype, scale dtype, bias) on first use, through
 #          kernels.tuning.fastest and the on-disk tuning cache, timed cold where the packed weight
 #          fits the L2 (as kernels/gemv.py); KERNELS_AUTOTUNE=0 and the interpreter use one config.
@@ -37,12 +37,11 @@ import triton
 import triton.language as tl
 
 from kernels import qgemv_i8, tuning_cache
-from kernels.gemv import _gemv_splitk_reduce_kernel, store_split_k
+from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
 from kernels.mma import mma_nt
 from kernels.quant_common import (agrees_with_reference, check_quant_inputs, dequant_ref, load_dequant,
                                   permute_input, scale_mode)
 from kernels.quant_variants import gemv_tile, load_words, split_dots, variant_ok, word_scales
-from kernels.tickets import counters
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,7 +51,7 @@ _FMA_SHAPES = [(8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2)]
 # down, all 4 warps, 3 stages) and tiles of one 128-column group, whose scales come once per row and whose
 # threads hold 128-256 codes: 4.2-4.8 sm_90 instructions per code against 5.8-7.0 (tests/test_kernels_qgemv_sm90.py)
 _WORD_SHAPES = [(16, 512, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (128, 128, 4, 3), (256, 128, 4, 3)]
-# variant 4 (kernels/qgemv_i8.py: x in int8, dp4a): 1.4-1.9 sm_90 instructions per code (Triton 3.6) against 4.2-7.0
+# variant 4 (kernels/qgemv_i8.py: x in int8, dp4a): 1.6-1.9 sm_90 instructions per code (Triton 3.6) against 4.2-7.0
 _I8_SHAPES = [(128, 128, 4, 3), (256, 128, 4, 3), (128, 256, 4, 3)]
 # ... for 2-4 rows (2.5-4.8 per code for all rows, no spill under Triton 3.6 or 3.9; the split dots take 5.8-9.7)
 _I8_ROWS_SHAPES = [(128, 128, 4, 3), (256, 128, 8, 3), (128, 256, 8, 3)]
@@ -222,10 +221,6 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     """One launch; ``z`` holds the zero points, or the additive mins when ``mins``."""
     (M, K), N = x.shape, q.shape[0]
     bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
-    ws = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if sk > 1 else out
-    b = bias if bias is not None else out
-    grid_n = triton.cdiv(N, bn)
-    cnt = counters(x.device, grid_n, "qgemv") if sk > 1 and cfg.kwargs.get("TICKET") else None
     mode, variant = scale_mode(group, K, bk), cfg.kwargs.get("VARIANT", 0)
     if (not variant_ok(variant, group, bits, bk) or variant in (1, 2) and block_m > 1
             or variant == 3 and block_m == 1 or variant == 4 and not qgemv_i8.supports(M, K, bits, group, bk)):
@@ -235,7 +230,9 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     if variant == 4:
         qgemv_i8.launch_i8(cfg, x, q, s, z, group, bias, out, mins, asm)
         return
-    _qgemv_kernel[(grid_n, sk)](
+    ws, cnt = split_k_scratch(cfg, out, "qgemv")
+    b = bias if bias is not None else out
+    _qgemv_kernel[(triton.cdiv(N, bn), sk)](
         x, q, s, s if z is None else z, b, out, ws, out if cnt is None else cnt,
         M, N, K, group, x.stride(0), q.stride(0), s.stride(0), out.stride(0),
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None, BITS=bits,
@@ -245,9 +242,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
         SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, VARIANT=variant, STAGES=cfg.num_stages,
         ASM=asm, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
-    if sk > 1 and cnt is None:
-        _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
-            ws, b, out, M, N, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=sk, BLOCK=1024, num_warps=4)
+    reduce_split_k(ws, cnt, bias, out)
 
 
 # (M bucket, N, K, G, bits, has_zeros, x dtype, scale dtype, has_bias) -> tuned config
@@ -256,8 +251,7 @@ _TUNED: dict[tuple, triton.Config] = {}
 
 def _tuned(x, q, s, z, bits, group, bias, out, block_m, mins=False) -> triton.Config:
     """The cached config for this shape; the first call tunes it (timing into out)."""
-    (_, K), N = x.shape, q.shape[0]
-    M = x.shape[0]
+    (M, K), N = x.shape, q.shape[0]
     int8_x = M <= qgemv_i8.MAX_M and qgemv_i8.enabled() and x.dtype != torch.float32
     key = (block_m, N, K, group, bits, z is not None, mins, x.dtype, s.dtype, bias is not None,
            f"i8x{triton.next_power_of_2(M)}" if int8_x else "")  # its own bucket (picks from before it: tuned again)

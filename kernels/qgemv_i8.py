@@ -41,8 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemv import _gemv_splitk_reduce_kernel, store_split_k
-from kernels.tickets import counters
+from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
 
 QBLOCK = 32  # x columns per int8 step
 
@@ -214,21 +213,17 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
     bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
     assert supports(M, K, 4, group, bk), (M, K, group, bk)
     xq, d, qs = quantize_x(x)
-    ws = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if sk > 1 else out
-    grid_n = triton.cdiv(N, bn)
-    cnt = counters(x.device, grid_n, "qgemv_i8") if sk > 1 else None
+    ws, cnt = split_k_scratch(cfg, out, "qgemv_i8")
     b = bias if bias is not None else out
     shift = group % bk == 0 or bk % group == 0 and group & (group - 1) == 0  # the group index by a shift
-    _qgemv_i8_kernel[(grid_n, sk)](
+    _qgemv_i8_kernel[(triton.cdiv(N, bn), sk)](
         xq, d, qs, q, s, s if z is None else z, b, out, ws, out if cnt is None else cnt,
         M, N, K, group, q.stride(0), s.stride(0), out.stride(0),
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, TICKET=cnt is not None,
         ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if sk > 1 and cnt is None:
-        _gemv_splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](
-            ws, b, out, M, N, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=sk, BLOCK=1024, num_warps=4)
+    reduce_split_k(ws, cnt, bias, out)
 
 
 def quantize_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
