@@ -9,7 +9,7 @@ import sys
 
 import triton
 
-from tests.test_kernels_qgemv_sm90 import GROUP, K, _compile, compile_sm90, loop_instructions
+from tests.test_kernels_qgemv_sm90 import GROUP, K, _compile, compile_i8, loop_instructions
 
 TILES = {1: [(16, 512, 4, 3), (32, 512, 4, 3), (32, 512, 8, 2), (8, 1024, 4, 3), (32, 256, 4, 4),
              (64, 256, 8, 1), (128, 128, 4, 3), (256, 128, 4, 3)],
@@ -41,21 +41,14 @@ def main() -> int:
 
 
 def i8_rows() -> None:
-    """The same count for kernels/qgemv_i8.py's tiles (x in int8, dp4a; batch 1)."""
+    """The same count for kernels/qgemv_i8.py's tiles (x in int8, dp4a) at 1, 2 and 4 rows of x."""
     from kernels import qgemv as q
-    from kernels import qgemv_i8 as mod
-    ptrs = {"xq_ptr": "*i32", "d_ptr": "*fp32", "qs_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-            "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     for rows in (1, 2, 4):
         for bn, bk, warps, stages in (q._I8_SHAPES if rows == 1 else q._I8_ROWS_SHAPES) + [(512, 128, 8, 3)]:
-            one = GROUP % bk == 0
-            meta = dict(HAS_ZEROS=True, HAS_MINS=False, HAS_BIAS=False, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk,
-                        SPLIT_K=1, TICKET=False, ONE_GROUP=one, GROUP_C=GROUP, EVEN_K=True, STAGES=stages, ASM=True)
-            usage, sass = compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages)
+            usage, sass = compile_i8(rows, bn, bk, warps, stages)
             codes, loop = bn * bk // (32 * warps), loop_instructions(sass)
             print(f"i8x M={rows} {bn:>4d}x{bk:<5d}w{warps} s{stages}: loop {loop:5d} / {codes:3d} codes = "
                   f"{loop / codes:5.2f} per code, stack {usage.split('STACK:')[1].split()[0]}", flush=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())

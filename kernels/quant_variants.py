@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-VARIANTS = {"base": 0, "3d": 1, "split": 3, "i8x": 4}  # 4: kernels/qgemv_i8.py (int8 x, dp4a; batch 1, int4)
+VARIANTS = {"base": 0, "3d": 1, "split": 3, "i8x": 4}  # 4: kernels/qgemv_i8.py (int8 x, dp4a; 1-4 rows, int4)
 _MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
 _TWO23 = tl.constexpr(8388608.0)
 

@@ -112,16 +112,11 @@ def test_tuner_candidates_include_variant_4_unless_turned_off(monkeypatch) -> No
 
 
 _SM90 = """
-from tests.test_kernels_qgemv_sm90 import compile_sm90, loop_instructions
-from kernels import qgemv as q, qgemv_i8 as mod
-ptrs = {"xq_ptr": "*i32", "d_ptr": "*fp32", "qs_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-        "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+from tests.test_kernels_qgemv_sm90 import compile_i8, loop_instructions
+from kernels import qgemv as q
 for rows, shapes in ((1, q._I8_SHAPES), (2, q._I8_ROWS_SHAPES), (4, q._I8_ROWS_SHAPES)):
     for bn, bk, warps, stages in shapes:
-        one = 128 % bk == 0
-        meta = dict(HAS_ZEROS=True, HAS_MINS=False, HAS_BIAS=False, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1,
-                    TICKET=False, ONE_GROUP=one, GROUP_C=128, EVEN_K=True, STAGES=stages, ASM=True)
-        usage, sass = compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages)
+        usage, sass = compile_i8(rows, bn, bk, warps, stages)
         print(f"M={rows} {bn}x{bk} w{warps} s{stages}: {usage} | loop {loop_instructions(sass)} "
               f"idp {sass.count('IDP.4A')} codes {bn * bk // (32 * warps)}", flush=True)
 """
