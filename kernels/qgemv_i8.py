@@ -30,9 +30,10 @@
 #          output (bf16 rounding alone: about 0.3%); tests bound it by 1.5%. x's rounding per 32 columns has about
 #          2.5x the error of bf16's (more in a block holding an outlier channel): in a tiny Qwen2's batch-1 decode
 #          the logits' largest error against fp32 went from 2.3-4.0% (bf16 x) to 2.7-7.7%
-#          (tests/test_quant_parity.py; bench/results/2026-12-02-cpu-int8x-accuracy/). Not used for fp32 x (a run that asks for accuracy first); the tuner
-#          (kernels/qgemv.py) times this as its variant 4 and keeps it only if it is the fastest and agrees with
-#          fp32 torch within the tuner's check; LAYERSTREAM_INT8_X=0 leaves it out.
+#          (tests/test_quant_parity.py; bench/results/2026-12-02-cpu-int8x-accuracy/). Not used for fp32 x (a
+#          run that asks for accuracy first); the tuner (kernels/qgemv.py) times this as its variant 4 and keeps it
+#          only if it is the fastest and agrees with fp32 torch within the tuner's check; LAYERSTREAM_INT8_X=0
+#          leaves it out.
 from __future__ import annotations
 
 import os
