@@ -35,12 +35,12 @@ def candidates(n: int, k: int, sms: int, variants: tuple[int, ...] = (1,)) -> li
     from kernels import qgemv as q
     out = []
     for v in variants:
-        for bn in BLOCK_NS + ((512,) if v == 4 else ()):
+        for bn in (32, 64, 128, 256, 512) if v == 4 else BLOCK_NS:
             for bk in BLOCK_KS:
                 if bn * bk > 65536 or bk > k or v == 4 and bk > 256:
                     continue
                 for warps in WARPS:
-                    for stages in STAGES:
+                    for stages in (1, 2, 3) if v == 4 else STAGES:  # variant 4 may do without the pipeliner
                         out.append(q.config(bn, bk, 1, warps=warps, stages=stages, variant=v))
                         out += [q.config(bn, bk, s, warps=warps, stages=stages, ticket=True, variant=v)
                                 for s in SPLITS if -(-n // bn) * s // 2 < 4 * sms and -(-k // bk) >= 2 * s]

@@ -22,7 +22,7 @@
 #  i  issue 15: the int8-x GEMV (kernels/qgemv_i8.py, dp4a) on the GPU: its tests, then bench/probe_qkernels.py
 #     at batch 1 (every variant's best at the 7B's shapes, % of copy)
 #  v  issue 15: the synthetic 7B AWQ at 6 GiB against the all-resident bf16 7B, batch 1 (target 1.5x the tok/s)
-#  w  issue 15: bench/qgemv_sweep.py, the int4 decode GEMV over a wider launch grid than the tuner's
+#  w  issue 15: bench/qgemv_sweep.py (arguments from $W_ARGS), the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
@@ -113,7 +113,7 @@ if [[ $steps == *x* ]]; then
   done
 save; fi
 if [[ $steps == *w* ]]; then
-  timeout $(left 360) python3 bench/qgemv_sweep.py --budget-s $(( $(left 360) - 60 )) --out $R/qgemv_sweep.json \
+  timeout $(left 360) python3 bench/qgemv_sweep.py ${W_ARGS:-} --budget-s $(( $(left 360) - 60 )) --out $R/qgemv_sweep.json \
     > $R/qgemv_sweep.txt 2>&1; echo "sweep rc=$?"; cat $R/qgemv_sweep.txt | grep -v Warning | tail -6
 save; fi
 if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-resident run's follow, from step 1 again)

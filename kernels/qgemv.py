@@ -52,9 +52,9 @@ _FMA_SHAPES = [(8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2)]
 # threads hold 128-256 codes: 4.2-4.8 sm_90 instructions per code against 5.8-7.0 (tests/test_kernels_qgemv_sm90.py)
 _WORD_SHAPES = [(16, 512, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (128, 128, 4, 3), (256, 128, 4, 3)]
 # variant 4 (kernels/qgemv_i8.py: x in int8, dp4a): 1.6-1.9 sm_90 instructions per code (Triton 3.6) against 4.2-7.0
-_I8_SHAPES = [(128, 128, 4, 3), (256, 128, 4, 3), (128, 256, 4, 3)]
+_I8_SHAPES = [(128, 128, 4, 1), (256, 128, 4, 1), (128, 256, 4, 1), (128, 128, 4, 3)]
 # ... for 2-4 rows (2.5-4.8 per code for all rows, no spill under Triton 3.6 or 3.9; the split dots take 5.8-9.7)
-_I8_ROWS_SHAPES = [(128, 128, 4, 3), (256, 128, 8, 3), (128, 256, 8, 3)]
+_I8_ROWS_SHAPES = [(128, 128, 4, 1), (256, 128, 8, 1), (128, 256, 8, 1), (128, 128, 4, 3)]
 _DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3)]
 _SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
 # variant 3 (without swap: 1.4-2.4x slower); 256x128 at 8 warps: 5.8 sm_90 instructions per code at M = 16 against

@@ -98,23 +98,27 @@ def _dp4a2(a0, b0, a1, b1, ASM: tl.constexpr):
 
 
 @triton.jit
-def _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, bcast, s, z, K, HAS_MINS: tl.constexpr, EVEN_K: tl.constexpr,
+def _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS: tl.constexpr, EVEN_K: tl.constexpr,
               ASM: tl.constexpr):
     """One x row's [BLOCK_N, NBLK] contribution of a K step: its int8 words against the step's codes (lo / hi),
     times its steps, with the weight's scales and zero points (or mins) ``s`` / ``z``."""
-    x_lo = xq_ptr + wcol + bcast[:, :, None]
+    # x's words are loaded at [1, NBLK, 4] and broadcast in registers: loaded in the tile's own [BLOCK_N, ...] shape,
+    # the software pipeliner staged BLOCK_N copies of them in shared memory (57-360 KB a program; on the H200
+    # 3-8% of a copy's rate, bench/results/2026-12-02-h200-s13/)
+    x_lo = xq_ptr + wcol
     if EVEN_K:
         xlo = tl.load(x_lo, eviction_policy="evict_last")
         xhi = tl.load(x_lo + K // 8, eviction_policy="evict_last")
-        d = tl.load(d_ptr + blk[None, :] + bcast, eviction_policy="evict_last")
-        qs = tl.load(qs_ptr + blk[None, :] + bcast, eviction_policy="evict_last").to(tl.float32)
+        d = tl.load(d_ptr + blk[None, :], eviction_policy="evict_last")
+        qs = tl.load(qs_ptr + blk[None, :], eviction_policy="evict_last").to(tl.float32)
     else:
         ok = blk < K // 32
         xlo = tl.load(x_lo, mask=ok[None, :, None], other=0)
         xhi = tl.load(x_lo + K // 8, mask=ok[None, :, None], other=0)
-        d = tl.load(d_ptr + blk[None, :] + bcast, mask=ok[None, :], other=0.0)
-        qs = tl.load(qs_ptr + blk[None, :] + bcast, mask=ok[None, :], other=0).to(tl.float32)
-    dot = tl.sum(_dp4a2(lo, xlo, hi, xhi, ASM), axis=2).to(tl.float32)
+        d = tl.load(d_ptr + blk[None, :], mask=ok[None, :], other=0.0)
+        qs = tl.load(qs_ptr + blk[None, :], mask=ok[None, :], other=0).to(tl.float32)
+    dot = tl.sum(_dp4a2(lo, tl.broadcast_to(xlo, lo.shape), hi, tl.broadcast_to(xhi, hi.shape), ASM), axis=2)
+    dot = dot.to(tl.float32)
     if HAS_MINS:
         return d * (s * dot + z * qs)
     return (s * d) * (dot - z * qs)
@@ -139,7 +143,6 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     q_rows = q_ptr + rows[:, None, None].to(tl.int64) * stride_qn
     s_rows = s_ptr + rows[:, None].to(tl.int64) * stride_sn
     z_rows = z_ptr + rows[:, None].to(tl.int64) * stride_sn
-    bcast = rows[:, None] * 0  # x's operands are loaded in the weight tile's own layout: no shuffle between them
     # x rows past M repeat row M - 1 (computed, never stored)
     r1, r2, r3 = tl.minimum(1, M - 1), tl.minimum(2, M - 1), tl.minimum(3, M - 1)
     acc0 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
@@ -166,15 +169,15 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
             z = tl.full((1, 1), 8.0, tl.float32)
         lo = words & 0x0F0F0F0F
         hi = (words >> 4) & 0x0F0F0F0F
-        acc0 += _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, bcast, s, z, K, HAS_MINS, EVEN_K, ASM)
+        acc0 += _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS, EVEN_K, ASM)
         if BLOCK_M > 1:
             acc1 += _row_step(xq_ptr + r1 * (K // 4), d_ptr + r1 * (K // 32), qs_ptr + r1 * (K // 32), lo, hi, wcol,
-                              blk, bcast, s, z, K, HAS_MINS, EVEN_K, ASM)
+                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
         if BLOCK_M > 2:
             acc2 += _row_step(xq_ptr + r2 * (K // 4), d_ptr + r2 * (K // 32), qs_ptr + r2 * (K // 32), lo, hi, wcol,
-                              blk, bcast, s, z, K, HAS_MINS, EVEN_K, ASM)
+                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
             acc3 += _row_step(xq_ptr + r3 * (K // 4), d_ptr + r3 * (K // 32), qs_ptr + r3 * (K // 32), lo, hi, wcol,
-                              blk, bcast, s, z, K, HAS_MINS, EVEN_K, ASM)
+                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
     offs_m = tl.arange(0, BLOCK_M)
     out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
     if BLOCK_M > 1:
