@@ -51,10 +51,12 @@ _FMA_SHAPES = [(8, 512, 4, 2), (16, 512, 4, 2), (8, 1024, 4, 2)]
 # down, all 4 warps, 3 stages) and tiles of one 128-column group, whose scales come once per row and whose
 # threads hold 128-256 codes: 4.2-4.8 sm_90 instructions per code against 5.8-7.0 (tests/test_kernels_qgemv_sm90.py)
 _WORD_SHAPES = [(16, 512, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (128, 128, 4, 3), (256, 128, 4, 3)]
-# variant 4 (kernels/qgemv_i8.py: x in int8, dp4a): 1.6-1.9 sm_90 instructions per code (Triton 3.6) against 4.2-7.0
-_I8_SHAPES = [(128, 128, 4, 1), (256, 128, 4, 1), (128, 256, 4, 1), (128, 128, 4, 3)]
-# ... for 2-4 rows (2.5-4.8 per code for all rows, no spill under Triton 3.6 or 3.9; the split dots take 5.8-9.7)
-_I8_ROWS_SHAPES = [(128, 128, 4, 1), (256, 128, 8, 1), (128, 256, 8, 1), (128, 128, 4, 3)]
+# variant 4 (kernels/qgemv_i8.py: x in int8, dp4a): the H200 sweep's fastest tiles at M = 1 (session 13: 32x256 at
+# 4 warps for gate_up, at 8 for qkv; 128x128 pipelined for down and o; bench/results/2026-12-02-h200-s13/), most of
+# them without the software pipeliner: 1.1-2.2 sm_90 instructions per code (Triton 3.6) against 4.2-7.0
+_I8_SHAPES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1), (128, 128, 4, 3)]
+# ... at M = 2-4 (the sweep's fastest: 32x128 and 32x256 at 8 warps, 256x128 with 2 stages for gate_up at M = 4)
+_I8_ROWS_SHAPES = [(32, 128, 8, 1), (32, 256, 8, 1), (256, 128, 4, 2), (64, 128, 8, 3)]
 _DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3)]
 _SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
 # variant 3 (without swap: 1.4-2.4x slower); 256x128 at 8 warps: 5.8 sm_90 instructions per code at M = 16 against

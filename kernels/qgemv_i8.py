@@ -1,16 +1,16 @@
 # Quantized decode GEMV on int8 activations: out = x @ dequant(w).T + bias for x [M <= 4, K], int4 codes.
 #
-# Why: the fp32-unpacking GEMV (kernels/qgemv.py, variant "3d") is bound by instruction issue, not memory: on the
+# Why: the fp32-unpacking GEMV (kernels/qgemv.py, variant "3d") looked bound by instruction issue, not memory: on the
 # H200 its best tiles took 4.2-4.8 sm_90 instructions per 4-bit code (bench/sass_qgemv.py) and ran at 36-46% of a
 # copy of the packed bytes (bench/results/2026-12-02-h200-s12/call2/probe.txt). Here x is first quantized to int8
 # in blocks of 32 columns (one fp32 step each, as llama.cpp's q8_1 activations), so the K loop multiplies codes by
 # x in integers: per packed word, two LOP3s and a shift give the 8 codes as two words of 4 bytes, and two DP4As
 # (4 byte products each) add them into one int32; per 32 columns and row, one I2F and two FMAs apply the block's
-# step and the weight's scale and zero point. That core is 0.64 instructions per code; with addressing and the
-# pipeline's copies the sm_90 loop takes 1.6-1.9 per code for one row of x under Triton 3.6 against 4.2-7.0 for
-# variant 1, 2.9-3.2 for two rows and 4.5-4.8 for four against 5.8-9.7 for the tensor-core split dots
-# (bench/results/2026-12-02-cpu-sass-qgemv-i8/; tests/test_kernels_qgemv_i8.py holds them within budgets).
-# Its speed on a GPU is not measured yet.
+# step and the weight's scale and zero point. That core is 0.64 instructions per code; with addressing the sm_90 K
+# loop takes 1.1-2.2 per code for one row of x under Triton 3.6 (tests/test_kernels_qgemv_i8.py bounds them).
+# Measured on the H200 (bench/results/2026-12-02-h200-s13/call2/, cold, M = 1): fewer instructions did not make it
+# much faster, so the GEMV is not bound by issue alone: the sweep's best reached 51% of a copy for gate_up (the fp32
+# path: 46%), 40 / 35 / 33% for down / qkv / o (43 / 40 / 38%); at M = 4 34% for gate_up against 28%.
 #
 # Shapes:  x       [M, K]      M <= 4, bf16 / fp16 / fp32, unit stride along K (K % 32 == 0)
 #          qweight int32 [N, K/8]  int4 codes, layout of kernels/quant_common.py (code j*8+i at bits 4i..4i+3)

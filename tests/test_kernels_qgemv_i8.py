@@ -126,8 +126,9 @@ for rows, shapes in ((1, q._I8_SHAPES), (2, q._I8_ROWS_SHAPES), (4, q._I8_ROWS_S
 @pytest.mark.skipif(not (NV_BIN / "cuobjdump").exists(), reason="Triton's NVIDIA tools are not bundled")
 def test_qgemv_i8_compiles_for_sm90_to_a_dp4a_loop() -> None:
     """Each variant-4 candidate compiles for sm_90 without spilling, with two DP4As per packed word of the
-    thread's tile and row of x, within a budget of loop instructions per code: 2.5 for one row (Triton 3.6:
-    1.4-1.9; 3.9: 1.3-1.6), 3.5 for two (2.5-3.2), 5.5 for four (4.1-4.8)."""
+    thread's tile and row of x, its K loop within 100 instructions plus 1.5 per code for one row of x, 2.5 for
+    two, 5.5 for four (Triton 3.6: 57-276 for one row, 72-638 for two, 132-1351 for four; the H200's fastest
+    tiles hold few codes a thread, so a step's fixed addressing weighs more than in the fewest-instruction ones)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     run = subprocess.run([sys.executable, "-c", _SM90], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -138,5 +139,5 @@ def test_qgemv_i8_compiles_for_sm90_to_a_dp4a_loop() -> None:
         rows = int(line.split()[0].removeprefix("M="))
         loop, idp, codes = (int(v) for v in re.search(r"loop (\d+) idp (\d+) codes (\d+)", line).groups())
         assert idp >= rows * codes // 4, line  # 2 DP4As per packed word (8 codes) and row of x
-        budget = {1: 2.5, 2: 3.5, 4: 5.5}[rows]  # per code, all rows (the split dots: 5.8-9.7)
-        assert loop / codes <= budget, f"{loop / codes:.2f} instructions per code: {line}"
+        budget = 100 + {1: 1.5, 2: 2.5, 4: 5.5}[rows] * codes  # all rows (the split dots: 5.8-9.7 per code)
+        assert loop <= budget, f"{loop} loop instructions for {codes} codes: {line}"
