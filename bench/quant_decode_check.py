@@ -84,8 +84,45 @@ def _recorded(model, rec: list) -> None:
     model.layer, model.head = rec_layer, rec_head
 
 
+def perturbed(ops, noise: float, seed: int) -> None:
+    """Multiply each ``ops.linear`` output by (1 + noise * N(0, 1)) elementwise, seeded: how far a step's logits
+    move when every linear is off by about ``noise`` (the Triton ops' distance from torch's on the same inputs)."""
+    fn, gen = ops.linear, torch.Generator(device="cpu").manual_seed(seed)
+
+    def linear(*args):
+        out = fn(*args)
+        e = torch.randn(out.shape, generator=gen).to(out.device, torch.float32)
+        return (out.float() * (1 + noise * e)).to(out.dtype)
+    ops.linear = linear
+
+
+def watched_attention(ops, notes: list) -> None:
+    """Per decode call of ``ops.attention``: (largest |score|, smallest gap between a head's top two scores,
+    that head's top probability), over rows and heads; a gap small against the scores' size is a near-tie
+    that a small perturbation of q or k can flip (an ill-conditioned step)."""
+    fn = ops.attention
+
+    def attention(q, k_cache, v_cache, start_pos, q_lens, scale, max_len):
+        if q.shape[1] == 1:
+            hq, hk = q.shape[2], k_cache.shape[1]
+            k = k_cache[:, :, :max_len].float().repeat_interleave(hq // hk, dim=1)  # [B, Hq, S, D]
+            sc = torch.einsum("bhd,bhsd->bhs", q[:, 0].float(), k) * scale
+            valid = torch.arange(max_len, device=q.device).view(1, 1, -1) <= start_pos.long().view(-1, 1, 1)
+            sc = sc.masked_fill(~valid, float("-inf"))
+            top = sc.topk(2, dim=-1).values
+            p1 = torch.softmax(sc, dim=-1).amax(dim=-1)
+            gap = (top[..., 0] - top[..., 1]).masked_fill(p1 < 0.5, float("inf"))  # dominant heads only
+            notes.append((sc[valid.expand_as(sc)].abs().max().item(), gap.min().item(),
+                          p1.flatten()[gap.flatten().argmin()].item()))
+        return fn(q, k_cache, v_cache, start_pos, q_lens, scale, max_len)
+    ops.attention = attention
+
+
+_ATTN_NOTES: list = []  # the fp32 reference's decode attention: (max |score|, smallest top-2 gap, top prob)
+
+
 def trajectory(d, ids: torch.Tensor, device: str, dtype: str, triton: bool, log: list | None, tol: float,
-               rounds: int = 1, host_compute: str = "off") -> list[dict]:
+               rounds: int = 1, host_compute: str = "off", noise: float = 0.0, seed: int = 0) -> list[dict]:
     """Per round: {"at_once": logits copied as each step returns, "later": copied after the last step,
     "trace": the recorded layer outputs and logits}; a prefill of 33 tokens x 2 rows and 3 decode steps."""
     from engine.engine import Engine, EngineOptions
@@ -97,6 +134,10 @@ def trajectory(d, ids: torch.Tensor, device: str, dtype: str, triton: bool, log:
     eng.model.ops = TritonOps() if triton else TorchOps()
     if log is not None:
         checked(eng.model.ops, TorchOps(), tol, log)
+    if noise:
+        perturbed(eng.model.ops, noise, seed)
+    if dtype == "fp32":
+        watched_attention(eng.model.ops, _ATTN_NOTES)
     out = []
     for _ in range(rounds):
         trace: list = []
@@ -123,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-compute", default="off", help="the engines' host_compute (EngineOptions' default: off)")
     p.add_argument("--model-dir", default="", help="the synthetic model's folder, kept (reused when it exists)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (TRITON_INTERPRET=1, tiny presets)")
+    p.add_argument("--perturb", type=int, default=0,
+                   help="also run the bf16 torch ops this many times with every linear's output perturbed by "
+                        "--noise (relative, seeded): the spread of each step's logits error (is a step ill-conditioned?)")
+    p.add_argument("--noise", type=float, default=3e-3, help="relative size of --perturb's noise")
     args = p.parse_args(argv)
     os.environ.setdefault("LAYERSTREAM_INT8_X", "0")  # as the parity test: the kernels without x's int8 rounding
     from engine.synth.writer import synthesize
@@ -143,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         runs["bf16 triton"], runs["bf16 triton, 2nd round"] = trajectory(d, ids, args.device, "bf16", True, log,
                                                                          args.tol, rounds=2,
                                                                          host_compute=args.host_compute)
+    for i in range(args.perturb):
+        runs[f"bf16 torch, noise {i}"] = trajectory(d, ids, args.device, "bf16", False, None, args.tol,
+                                                   host_compute=args.host_compute, noise=args.noise, seed=i)[0]
     for name, r in runs.items():
         print(f"{name:24} logits vs fp32 torch per step: "
               + ", ".join(f"{_rel(a, b):.4f}" for a, b in zip(r["at_once"], ref["at_once"]))
@@ -150,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{_rel(a, b):.1e}" for a, b in zip(r["later"], r["at_once"])))
         print(f"{'':24} recorded vs fp32 torch: " + " ".join(
             f"{a[0][0]}{_rel(a[1], b[1]):.4f}" for a, b in zip(r["trace"], ref["trace"])))
+    layers = len(_ATTN_NOTES) // 3
+    for step in range(3):
+        print(f"fp32 decode step {step + 1} attention per layer (max |score|, smallest top-2 gap of a head whose top "
+              "probability > 0.5, that probability): " + "; ".join(
+                  f"l{i} {m:.1f} {g:.3f} {p:.2f}" for i, (m, g, p) in enumerate(_ATTN_NOTES[step * layers:
+                                                                                           (step + 1) * layers])))
     worst = sorted(log, key=lambda e: -e[0])[:8]
     print("Triton ops against torch ops on the same inputs, largest differences:\n"
           + "\n".join(f"  {e:.3e} {w}" for e, w in worst))

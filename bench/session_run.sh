@@ -18,7 +18,8 @@
 #  x  issue 15: bench/quant_decode_check.py on the 7B AWQ (the parity test's first-decode-step failure), runs named
 #     by $X_VARIANTS (default all): plain (as the test), sync (CUDA_LAUNCH_BLOCKING=1), first (the Triton engine
 #     first), noahead (LAYERSTREAM_COMPILE_AHEAD=0); and, named only, int8 (with the int8-x GEMV: its accuracy at
-#     the 7B's shapes); about 100 s each
+#     the 7B's shapes), perturb (8 more bf16 torch runs, each linear's output off by 0.3%: the spread of each step's
+#     logits error); about 100 s each
 #  i  issue 15: the int8-x GEMV (kernels/qgemv_i8.py, dp4a) on the GPU: its tests, then bench/probe_qkernels.py
 #     at batch 1 (every variant's best at the 7B's shapes, % of copy)
 #  v  issue 15: the synthetic 7B AWQ at 6 GiB against the all-resident bf16 7B, batch 1 (target 1.5x the tok/s)
@@ -107,9 +108,9 @@ save; fi
 if [[ $steps == *x* ]]; then
   for v in ${X_VARIANTS:-plain sync first noahead}; do  # sync: every launch waits for its kernel (a race vanishes)
     A=(--model-dir /tmp/awq2l); E=(); [ $v = first ] && A+=(--triton-first); [ $v = noahead ] && E=(LAYERSTREAM_COMPILE_AHEAD=0)
-    [ $v = sync ] && E=(CUDA_LAUNCH_BLOCKING=1); [ $v = int8 ] && E=(LAYERSTREAM_INT8_X=1)
+    [ $v = sync ] && E=(CUDA_LAUNCH_BLOCKING=1); [ $v = int8 ] && E=(LAYERSTREAM_INT8_X=1); [ $v = perturb ] && A+=(--perturb 8)
     env "${E[@]}" timeout $(left 130) python3 bench/quant_decode_check.py --kind awq "${A[@]}" > $R/decode_check_$v.txt 2>&1
-    echo "check $v rc=$?"; grep -E "logits vs|recorded|DIFF" $R/decode_check_$v.txt | head -12
+    echo "check $v rc=$?"; grep -E "logits vs|recorded|DIFF|attention" $R/decode_check_$v.txt | head -30
   done
 save; fi
 if [[ $steps == *w* ]]; then
