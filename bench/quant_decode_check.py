@@ -20,53 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-OPS = ("rmsnorm", "add_rmsnorm", "linear", "swiglu", "attention", "embedding", "rope_", "kv_append_")
-MUTATED = {"rope_": (0, 1), "kv_append_": (2, 3)}  # in-place ops: the arguments they write
-
-
-def _rel(a, b) -> float:
-    if isinstance(a, tuple):
-        return max(_rel(x, y) for x, y in zip(a, b))
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def _clone(v):
-    return v.clone() if isinstance(v, torch.Tensor) else v
-
-
-def checked(ops, ref_ops, tol: float, log: list):
-    """Wrap ``ops``'s methods in OPS: each call's output is compared with ``ref_ops`` on cloned inputs."""
-    from engine.quant.spec import QuantWeight, dequantize
-    for name in OPS:
-        fn, ref_fn = getattr(ops, name), getattr(ref_ops, name)
-
-        def wrapped(*args, _fn=fn, _ref=ref_fn, _name=name):
-            ref_args = [_clone(a) for a in args]
-            out = _fn(*args)
-            if _name == "linear" and isinstance(args[1], QuantWeight):
-                x, w = args[0], args[1]
-                b = args[2] if len(args) > 2 else None
-                dense = dequantize(w)
-                ref = x.float().reshape(-1, x.shape[-1]) @ dense.T + (0 if b is None else b.float())
-                err = _rel(out.reshape(ref.shape), ref)
-                what = f"qlinear x{tuple(x.shape)} {x.dtype} stride {x.stride()} " \
-                       f"w[{w.qweight.shape[0]}, {w.in_features}] " \
-                       f"bits {w.spec.bits} g {w.group_size} scales {w.scales.dtype} zeros " \
-                       f"{None if w.zeros is None else w.zeros.dtype} bias {b is not None}"
-            elif _name in MUTATED:
-                _ref(*ref_args)
-                err = max(_rel(args[i], ref_args[i]) for i in MUTATED[_name])
-                what = f"{_name} " + " ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
-            else:
-                ref = _ref(*ref_args)
-                err = _rel(out, ref)
-                what = f"{_name} " + " ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
-            log.append((err, what))
-            if err > tol:
-                print(f"  DIFF {err:.3e} {what}", flush=True)
-            return out
-        setattr(ops, name, wrapped)
-
+from tests.op_check import checked, perturbed, rel as _rel  # noqa: E402
 
 def _recorded(model, rec: list) -> None:
     """Keep a float copy of each decoder layer's (output, residual) and of each head's logits, in call order."""
@@ -82,18 +36,6 @@ def _recorded(model, rec: list) -> None:
         rec.append(("head", out.float().cpu()))
         return out
     model.layer, model.head = rec_layer, rec_head
-
-
-def perturbed(ops, noise: float, seed: int) -> None:
-    """Multiply each ``ops.linear`` output by (1 + noise * N(0, 1)) elementwise, seeded: how far a step's logits
-    move when every linear is off by about ``noise`` (the Triton ops' distance from torch's on the same inputs)."""
-    fn, gen = ops.linear, torch.Generator(device="cpu").manual_seed(seed)
-
-    def linear(*args):
-        out = fn(*args)
-        e = torch.randn(out.shape, generator=gen).to(out.device, torch.float32)
-        return (out.float() * (1 + noise * e)).to(out.dtype)
-    ops.linear = linear
 
 
 def watched_attention(ops, notes: list) -> None:
@@ -166,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda, or cpu (TRITON_INTERPRET=1, tiny presets)")
     p.add_argument("--perturb", type=int, default=0,
                    help="also run the bf16 torch ops this many times with every linear's output perturbed by "
-                        "--noise (relative, seeded): the spread of each step's logits error (is a step ill-conditioned?)")
+                        "--noise (relative, seeded): the spread of each step's logits error (an ill-conditioned step?)")
     p.add_argument("--noise", type=float, default=3e-3, help="relative size of --perturb's noise")
     args = p.parse_args(argv)
     os.environ.setdefault("LAYERSTREAM_INT8_X", "0")  # as the parity test: the kernels without x's int8 rounding
