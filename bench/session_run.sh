@@ -24,7 +24,7 @@
 #     at batch 1 (every variant's best at the 7B's shapes, % of copy)
 #  v  issue 15: the synthetic 7B AWQ at 6 GiB against the all-resident bf16 7B, batch 1 (target 1.5x the tok/s)
 #  w  issue 15: bench/qgemv_sweep.py (arguments from $W_ARGS), the int4 decode GEMV over a wider launch grid than the tuner's
-#  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident
+#  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident; tools.ttft_breakdown of each level
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -122,6 +122,9 @@ if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-reside
   timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients 1,4,16,32 --requests-per-client 1 \
     --prompt-tokens 128:2048 --max-tokens 128:256 --all-resident --json $R/serve.json > $R/bench_serve.log 2>&1
   echo "serve rc=$?"; tail -14 $R/bench_serve.log
+  for c in server resident; do  # each level's TTFT against the passes (the all-resident server's log follows)
+    python3 -m tools.ttft_breakdown $R/serve.json $R/steps.jsonl --config $c > $R/ttft_$c.txt 2>&1; head -24 $R/ttft_$c.txt
+  done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"

@@ -64,7 +64,7 @@ def one_request(url: str, model: str, prompt: list[int], max_tokens: int) -> dic
     conn = HTTPConnection(u.hostname, u.port, timeout=600)
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
-    t0 = time.perf_counter()
+    t0 = time.monotonic()  # the clock of the server's --step-log "mono_s" (same host): tools/ttft_breakdown.py
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
@@ -78,9 +78,10 @@ def one_request(url: str, model: str, prompt: list[int], max_tokens: int) -> dic
         if event.get("usage"):
             usage = event["usage"]
         if event["choices"] and event["choices"][0]["text"]:
-            chunks.append(time.perf_counter())
+            chunks.append(time.monotonic())
     conn.close()
-    return {"t0": t0, "chunks": chunks, "tokens": usage["completion_tokens"] if usage else 0}
+    return {"t0": t0, "chunks": chunks, "tokens": usage["completion_tokens"] if usage else 0,
+            "prompt_tokens": len(prompt)}
 
 
 def make_jobs(clients: int, per_client: int, prompt_range: tuple[int, int], new_range: tuple[int, int],
@@ -106,7 +107,9 @@ def summarize(results: list[dict], errors: list[str], wall: float, streamed: flo
             "ttft_p99_s": percentile(ttft, 99), "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
             "itl_mean_s": statistics.fmean(itl) if itl else 0.0,
             "streamed_gb_s": None if streamed is None else streamed / wall / 1e9,
-            "first_error": errors[0] if errors else None}
+            "first_error": errors[0] if errors else None,
+            "per_request": [{"sent_s": r["t0"], "first_s": r["chunks"][0] if r["chunks"] else None,
+                             "prompt_tokens": r.get("prompt_tokens"), "tokens": r["tokens"]} for r in results]}
 
 
 def run_level(url: str, model: str, jobs: list[list[tuple[list[int], int]]]) -> dict:

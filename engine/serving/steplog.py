@@ -1,6 +1,7 @@
 """``layerstream serve --step-log FILE``: one JSON line per engine step (one pass over the layers), for
 reading a load test afterwards: when each pass ran, how long it took, how many sequences it carried,
-how many tokens it fed (prompt slices and decode rows together) and how many sequences still waited."""
+how many tokens it fed (prompt slices and decode rows together) and how many sequences still waited;
+``mono_s``, its end on ``time.monotonic()``, matches a load test's request times (tools/ttft_breakdown.py)."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ class StepLog:
     def __call__(self, st: StepStats) -> None:
         end = time.monotonic() - self._t0
         self._file.write(json.dumps({"step": st.steps, "start_s": round(end - st.last_step_s, 6),
+                                     "mono_s": round(self._t0 + end, 6),  # time.monotonic() at its end
                                      "step_s": round(st.last_step_s, 6), "batch": st.last_batch,
                                      "tokens": st.last_tokens, "waiting": st.last_waiting,
                                      "generated_total": st.generated_tokens}) + "\n")

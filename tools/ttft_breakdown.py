@@ -1,0 +1,88 @@
+"""Where a load test's time to first token went: each request against the server's passes.
+
+    python -m tools.ttft_breakdown serve.json steps.jsonl [--config server] [--clients 16]
+
+``serve.json`` is ``tools.bench_serve --json``'s output (its rows carry each request's send and first-token
+times on ``time.monotonic()``), ``steps.jsonl`` the server's ``--step-log`` (one line per pass, its end as
+``mono_s`` on the same clock: run both on one host). Per level: the TTFT p50, how many passes ended between a
+request's send and its first token (the pass that produced the token included), and for the request at the
+median TTFT each of those passes: when it started relative to the send (negative: already running), how long it took, the sequences it
+carried, the tokens it fed and how many sequences still waited. Issue 16's target reads straight off it: a
+TTFT of two decode passes plus the request's own prefill.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def load_steps(path: Path) -> list[dict]:
+    """The step log's passes that carry ``mono_s`` (older logs do not), in order."""
+    steps = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{n}: not a JSON line; give the server's --step-log file") from None
+        if "mono_s" in rec:
+            steps.append(rec)
+    if not steps:
+        raise ValueError(f"{path}: no pass with 'mono_s' (a step log from before it was recorded?)")
+    return steps
+
+
+def passes_of(req: dict, steps: list[dict]) -> list[dict]:
+    """The passes that ended after the request was sent and no later than its first token arrived."""
+    return [s for s in steps if req["sent_s"] < s["mono_s"] <= req["first_s"]]
+
+
+def level_report(row: dict, steps: list[dict]) -> list[str]:
+    """Lines for one bench_serve row (a config at one concurrency level)."""
+    reqs = sorted((r for r in row.get("per_request", []) if r["first_s"] is not None),
+                  key=lambda r: r["first_s"] - r["sent_s"])
+    head = f"{row['config']}, {row['clients']} clients"
+    if not reqs:
+        return [f"{head}: no request got a first token"]
+    counts = [len(passes_of(r, steps)) for r in reqs]
+    mid = reqs[len(reqs) // 2]
+    lines = [f"{head}: TTFT p50 {(mid['first_s'] - mid['sent_s']) * 1e3:.0f} ms; passes before the first token: "
+             f"median {statistics.median(counts):g}, min {min(counts)}, max {max(counts)}",
+             f"  the median request ({mid['prompt_tokens']} prompt tokens), its passes:"]
+    for s in passes_of(mid, steps):
+        start = s["mono_s"] - s["step_s"] - mid["sent_s"]
+        lines.append(f"    {start * 1e3:+8.0f} ms  {s['step_s'] * 1e3:6.0f} ms  batch {s['batch']:3d}  "
+                     f"tokens {s['tokens']:6d}  waiting {s['waiting']}")
+    lines.append(f"    first token at +{(mid['first_s'] - mid['sent_s']) * 1e3:.0f} ms")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.ttft_breakdown", description=__doc__.split("\n\n")[0])
+    p.add_argument("serve_json", type=Path, help="tools.bench_serve --json output")
+    p.add_argument("step_log", type=Path, help="the server's --step-log file")
+    p.add_argument("--config", default="server", help="rows of this config (server, resident; default server)")
+    p.add_argument("--clients", default="", help="comma-separated levels (default: all)")
+    args = p.parse_args(argv)
+    try:
+        rows = json.loads(args.serve_json.read_text())
+        steps = load_steps(args.step_log)
+        levels = {int(c) for c in args.clients.split(",") if c.strip()}
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    chosen = [r for r in rows if r.get("config") == args.config and (not levels or r.get("clients") in levels)]
+    if not chosen:
+        print(f"error: {args.serve_json} has no {args.config!r} row at those levels", file=sys.stderr)
+        return 2
+    for row in chosen:
+        print("\n".join(level_report(row, steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
