@@ -1,4 +1,4 @@
-"""Diagnose a quantized model's prefill and decode on the GPU (tests/test_quant_parity.py's GPU case).
+"""Diagnose a quantized model's prefill and decode on the GPU (tests/test_quant_parity_gpu.py's GPU case).
 
 A 2-layer synthetic model runs a 33-token prefill of 2 rows and 3 decode steps with the fp32 torch ops (the
 reference), the bf16 torch ops and, twice in one engine, the bf16 Triton ops. Printed: each run's logits per

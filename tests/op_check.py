@@ -1,4 +1,4 @@
-"""Op-level parity and conditioning probes (tests/test_quant_parity.py, bench/quant_decode_check.py).
+"""Op-level parity and conditioning probes (tests/test_quant_parity_gpu.py, bench/quant_decode_check.py).
 
 ``checked`` wraps an ops object so that every call is compared with a reference ops object on cloned inputs:
 a kernel that disagrees shows at the op it sits in, whatever the model's conditioning. ``perturbed`` makes
