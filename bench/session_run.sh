@@ -4,6 +4,7 @@
 #  f  issue 14: a fresh machine's first run (empty tuning and Triton caches, the shipped picks, compile
 #     ahead) against the warm run, short and ~16k-token prompts at 6 GB; the short first run again
 #     with LAYERSTREAM_COMPILE_AHEAD=processes and =0 (each with its own empty Triton cache)
+#  l  issue 14: bench_prefill at 6 GiB and all resident, 8k and 16k tokens, prompt states in host memory and in VRAM
 #  p  issue 14: the short first and warm runs at 6 GB again under py-spy (every thread, waits included;
 #     fresh Triton and tuning caches), and tools.profile_summary's per-function difference of the two
 #  h  issue 18: bench_stream --host-compute off,auto at 6 / 4 GiB, batch 1 and 4
@@ -46,6 +47,13 @@ if [[ $steps == *f* ]]; then
     LAYERSTREAM_COMPILE_AHEAD=$a timeout $(left 60) python3 -m tools.bench_startup --model $M --vram-budget 6GB \
       --runs first --triton-cache fresh --cache-dir /tmp/ls-ahead$a --timeout 55 --out $R/startup_short_ahead$a.json \
       > $R/startup_short_ahead$a.txt 2>&1; cat $R/startup_short_ahead$a.txt
+  done
+save; fi
+if [[ $steps == *l* ]]; then  # issue 14: the bounded host prompt states (never measured on a GPU since bounded)
+  for st in host vram; do
+    timeout $(left 150) python3 -m tools.bench_prefill --model $M --budgets 6GiB,full --tokens 8192,16384 \
+      --prefill-states $st --out $R/prefill_$st.json > $R/prefill_$st.txt 2>&1; echo "prefill $st rc=$?"
+    grep -v Warning $R/prefill_$st.txt | tail -8
   done
 save; fi
 if [[ $steps == *p* ]]; then
