@@ -112,6 +112,7 @@ if [[ $steps == *v* ]]; then
     --prefill-tokens 0 --out-dir $R --tag awq > $R/bench_awq.log 2>&1; echo "awq rc=$?"; tail -4 $R/bench_awq.log
   timeout $(left 80) python3 -m tools.bench_stream --model $M --budgets full --batches 1 --steps 8 --prefill-tokens 0 \
     --out-dir $R --tag bf16-full > $R/bench_bf16_full.log 2>&1; echo "full rc=$?"; tail -3 $R/bench_bf16_full.log
+  mkdir -p $R/tuning_home && cp ~/.cache/layerstream/tuning/*.json $R/tuning_home/ 2>/dev/null  # for export_tuning
 save; fi
 if [[ $steps == *x* ]]; then
   for v in ${X_VARIANTS:-plain sync first noahead}; do  # sync: every launch waits for its kernel (a race vanishes)
