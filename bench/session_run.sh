@@ -23,7 +23,8 @@
 #     logits error); about 100 s each
 #  i  issue 15: the int8-x GEMV (kernels/qgemv_i8.py, dp4a) on the GPU: its tests, then bench/probe_qkernels.py
 #     at batch 1 (every variant's best at the 7B's shapes, % of copy)
-#  v  issue 15: the synthetic 7B AWQ at 6 GiB against the all-resident bf16 7B, batch 1 (target 1.5x the tok/s)
+#  v  issue 15: the synthetic 7B AWQ at 6 GiB against the all-resident bf16 7B, batch 1 (target 1.5x the tok/s);
+#     then tools.profile_decode of both (each step's kernels by kind)
 #  w  issue 15: bench/qgemv_sweep.py (arguments from $W_ARGS), the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident; tools.ttft_breakdown of each level
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
@@ -113,6 +114,11 @@ if [[ $steps == *v* ]]; then
   timeout $(left 80) python3 -m tools.bench_stream --model $M --budgets full --batches 1 --steps 8 --prefill-tokens 0 \
     --out-dir $R --tag bf16-full > $R/bench_bf16_full.log 2>&1; echo "full rc=$?"; tail -3 $R/bench_bf16_full.log
   mkdir -p $R/tuning_home && cp ~/.cache/layerstream/tuning/*.json $R/tuning_home/ 2>/dev/null  # for export_tuning
+  for pm in "awq /tmp/q7b-awq --vram-budget 6GiB" "bf16-full $M"; do  # where each step's time goes, per kernel
+    set -- $pm; tag=$1; shift
+    timeout $(left 90) python3 -m tools.profile_decode --model "$@" --steps 8 --json $R/profile_$tag.json \
+      > $R/profile_$tag.txt 2>&1; echo "profile $tag rc=$?"; grep -v Warning $R/profile_$tag.txt | head -16
+  done
 save; fi
 if [[ $steps == *x* ]]; then
   for v in ${X_VARIANTS:-plain sync first noahead}; do  # sync: every launch waits for its kernel (a race vanishes)
