@@ -200,7 +200,7 @@ class Model:
         attn = ops.attention(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len)
         o = ops.linear(attn.reshape(b, t, cfg.q_size), w["self_attn.o_proj.weight"])
         x, residual = ops.add_rmsnorm(o, residual, w["post_attention_layernorm.weight"], eps)
-        mlp = ops.linear(ops.swiglu(ops.linear(x, w["mlp.gate_up_proj.weight"])), w["mlp.down_proj.weight"])
+        mlp = ops.swiglu_linear(ops.linear(x, w["mlp.gate_up_proj.weight"]), w["mlp.down_proj.weight"])
         return mlp, residual
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

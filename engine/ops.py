@@ -47,6 +47,10 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def swiglu_linear(self, gate_up: torch.Tensor, w: torch.Tensor | QuantWeight) -> torch.Tensor:
+        """``linear(swiglu(gate_up), w)``: the MLP's down projection (one op, so a backend may fuse it)."""
+        return self.linear(self.swiglu(gate_up), w)
+
     def rope_(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               positions: torch.Tensor) -> None:
         c = cos[positions].unsqueeze(2)  # [B, T, 1, D/2] fp32
@@ -101,8 +105,9 @@ class TritonOps(TorchOps):
     def __init__(self) -> None:
         from kernels import (add_rmsnorm, attention_decode, attention_prefill, embedding, kv_append, linear,
                              rmsnorm, rope, swiglu)
-        from kernels import qlinear
+        from kernels import qgemv_i8, qlinear
         self._qlinear, self._tile_rows, self._tiled = qlinear.qlinear, qlinear.tile_rows, qlinear.tiled_linear
+        self._swiglu_qgemv, self._i8_rows = qgemv_i8.swiglu_qgemv, qgemv_i8.MAX_M
         self._k = dict(rmsnorm=rmsnorm.rmsnorm, add_rmsnorm=add_rmsnorm.add_rmsnorm, linear=linear.linear,
                        swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
                        prefill=attention_prefill.attention_prefill, decode=attention_decode.attention_decode,
@@ -157,6 +162,15 @@ class TritonOps(TorchOps):
 
     def swiglu(self, gate_up):
         return self._k["swiglu"](gate_up)
+
+    def swiglu_linear(self, gate_up, w):
+        if isinstance(w, QuantWeight) and w.perm is None and w.spec.bits == 4:  # decode rows on the int8-x GEMV:
+            rows = gate_up.numel() // gate_up.shape[-1]  # x's int8 rounding computes the SwiGLU (a launch less)
+            if rows <= self._i8_rows:
+                out = self._swiglu_qgemv(gate_up.reshape(rows, -1), w.qweight, w.scales, w.zeros, 4, mins=w.mins)
+                if out is not None:
+                    return out.view(*gate_up.shape[:-1], out.shape[-1])
+        return self.linear(self.swiglu(gate_up), w)
 
     def rope_(self, q, k, cos, sin, positions):
         self._k["rope"](q, k, cos, sin, positions)

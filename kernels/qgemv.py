@@ -251,12 +251,21 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
 _TUNED: dict[tuple, triton.Config] = {}
 
 
+def tuning_key(M: int, N: int, K: int, group: int, bits: int, zeros: bool, mins: bool, x_dtype: torch.dtype,
+               s_dtype: torch.dtype, bias: bool) -> tuple:
+    """The key of a shape's tuned config in ``_TUNED`` and the tuning cache."""
+    int8_x = M <= qgemv_i8.MAX_M and qgemv_i8.enabled() and x_dtype != torch.float32
+    block_m = 1 if M == 1 else max(16, triton.next_power_of_2(M))
+    return (block_m, N, K, group, bits, zeros, mins, x_dtype, s_dtype, bias,
+            f"i8x{triton.next_power_of_2(M)}" if int8_x else "")  # its own bucket (picks from before it: tuned again)
+
+
 def _tuned(x, q, s, z, bits, group, bias, out, block_m, mins=False) -> triton.Config:
     """The cached config for this shape; the first call tunes it (timing into out)."""
     (M, K), N = x.shape, q.shape[0]
     int8_x = M <= qgemv_i8.MAX_M and qgemv_i8.enabled() and x.dtype != torch.float32
-    key = (block_m, N, K, group, bits, z is not None, mins, x.dtype, s.dtype, bias is not None,
-           f"i8x{triton.next_power_of_2(M)}" if int8_x else "")  # its own bucket (picks from before it: tuned again)
+    key = tuning_key(M, N, K, group, bits, z is not None, mins, x.dtype, s.dtype, bias is not None)
+    assert key[0] == block_m
     cfg = _TUNED.get(key)
     default = _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT
     if cfg is None and (tuning_suspended() or x.is_cuda and torch.cuda.is_current_stream_capturing()):

@@ -20,7 +20,9 @@
 #          from zero (in [-127, 127]),
 #          stored as int32 words xq[j] = bytes q[8j], q[8j+2], q[8j+4], q[8j+6] (the low nibbles' columns of
 #          packed word j), xq[K/8 + j] = q[8j+1], q[8j+3], q[8j+5], q[8j+7] (the high nibbles'); d [K/32] fp32;
-#          qs [K/32] = sum of the block's q (for the zero point / min term).
+#          qs [K/32] = sum of the block's q (for the zero point / min term). With SWIGLU its input is the
+#          MLP's [gate; up] [M, 2K] and x = silu(gate) * up, rounded as kernels/swiglu.py rounds it (the same
+#          codes): swiglu_qgemv runs the down projection in two launches instead of three.
 # Stage 2 (_qgemv_i8_kernel): program (n, s) owns BLOCK_N rows and the s-th of SPLIT_K slices of K; the codes
 #          of a K step are unpacked once for all M rows of x (each its own accumulator):
 #          acc[n] += sum_b s_nb * d_b * (dot_b(codes, q) - z_nb * qs_b)     (zeros; symmetric: z = 8)
@@ -53,8 +55,9 @@ def enabled() -> bool:
 
 
 @triton.jit
-def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr):
-    """NB blocks of 32 columns of row program_id(1) per program: steps, int8 codes in nibble order, code sums."""
+def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr, SWIGLU: tl.constexpr):
+    """NB blocks of 32 columns of row program_id(1) per program: steps, int8 codes in nibble order, code sums.
+    SWIGLU: x_ptr holds [gate; up] rows of 2K and x = silu(gate) * up, rounded as kernels/swiglu.py rounds it."""
     row = tl.program_id(1)
     x_ptr += row.to(tl.int64) * stride_xm
     xq_ptr += row * (K // 4)
@@ -68,6 +71,10 @@ def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr
            + h[None, None, None, :])
     ok = blk < K // 32
     x = tl.load(x_ptr + col, mask=ok[:, None, None, None], other=0.0).to(tl.float32)
+    if SWIGLU:  # the same arithmetic as kernels/swiglu.py: the codes equal those of its output
+        ty = x_ptr.dtype.element_ty
+        u = tl.load(x_ptr + K + col, mask=ok[:, None, None, None], other=0.0).to(tl.float32)
+        x = ((x * tl.sigmoid(x)).to(ty).to(tl.float32) * u).to(ty).to(tl.float32)
     amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)
     d = amax / 127.0
     inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
@@ -189,16 +196,18 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                   HAS_BIAS, SPLIT_K, TICKET, BLOCK_M, BLOCK_N)
 
 
-def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_x(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] (K % 32 == 0) -> per row (xq int32 [M, K/4]: the low then the high nibbles' words,
-    steps fp32 [M, K/32], code sums int32 [M, K/32])."""
-    m, k = x.shape
-    assert k % QBLOCK == 0 and x.stride(1) == 1
+    steps fp32 [M, K/32], code sums int32 [M, K/32]). ``swiglu``: x is a contiguous [gate; up] [M, 2K] and
+    the rows rounded are kernels.swiglu's ``silu(gate) * up`` (one launch less in a decode layer)."""
+    m, k = x.shape[0], x.shape[1] // 2 if swiglu else x.shape[1]
+    assert k % QBLOCK == 0 and x.stride(1) == 1 and (not swiglu or x.shape[1] == 2 * k)
     xq = torch.empty((m, k // 4), device=x.device, dtype=torch.int32)
     d = torch.empty((m, k // QBLOCK), device=x.device, dtype=torch.float32)
     qs = torch.empty((m, k // QBLOCK), device=x.device, dtype=torch.int32)
     nb = 4
-    _quant_x_kernel[(triton.cdiv(k // QBLOCK, nb), m)](x, xq, d, qs, k, x.stride(0), NB=nb, num_warps=1)
+    _quant_x_kernel[(triton.cdiv(k // QBLOCK, nb), m)](x, xq, d, qs, k, x.stride(0), NB=nb, SWIGLU=swiglu,
+                                                       num_warps=1)
     return xq, d, qs
 
 
@@ -211,12 +220,14 @@ def supports(m: int, k: int, bits: int, group: int, block_k: int) -> bool:
 
 
 def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
-              group: int, bias: torch.Tensor | None, out: torch.Tensor, mins: bool, asm: bool) -> None:
-    """One launch with ``cfg`` (kernels.qgemv.config's keys); operands checked by kernels.qgemv."""
-    (M, K), N = x.shape, q.shape[0]
+              group: int, bias: torch.Tensor | None, out: torch.Tensor, mins: bool, asm: bool,
+              swiglu: bool = False) -> None:
+    """One launch with ``cfg`` (kernels.qgemv.config's keys); operands checked by kernels.qgemv.
+    ``swiglu``: x is [gate; up] [M, 2K] and the GEMV's input is silu(gate) * up (see :func:`quantize_x`)."""
+    M, K, N = x.shape[0], x.shape[1] // 2 if swiglu else x.shape[1], q.shape[0]
     bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
     assert supports(M, K, 4, group, bk), (M, K, group, bk)
-    xq, d, qs = quantize_x(x)
+    xq, d, qs = quantize_x(x, swiglu)
     ws, cnt = split_k_scratch(cfg, out, "qgemv_i8")
     b = bias if bias is not None else out
     shift = group % bk == 0 or bk % group == 0 and group & (group - 1) == 0  # the group index by a shift
@@ -228,6 +239,31 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
         ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     reduce_split_k(ws, cnt, bias, out)
+
+
+def swiglu_qgemv(gate_up: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int,
+                 bias: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``qgemv(swiglu(gate_up), ...)`` in two launches instead of three, when this GEMV is what the tuner
+    picked for that shape (kernels.qgemv's tuned config is variant 4): x's int8 rounding computes the SwiGLU.
+    None otherwise (not tuned yet, another variant, or operands it does not take): the caller runs both."""
+    from kernels import qgemv as mod  # kernels.qgemv imports this module
+
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or not gate_up.is_contiguous():
+        return None
+    m, k, n = gate_up.shape[0], gate_up.shape[1] // 2, q.shape[0]
+    if bits != 4 or q.shape[1] * 8 != k or s.shape[0] != n or not s.shape[1] or k % s.shape[1]:
+        return None
+    group = k // s.shape[1]
+    zz = mins if mins is not None else z
+    key = mod.tuning_key(m, n, k, group, bits, zz is not None and mins is None, mins is not None, gate_up.dtype,
+                         s.dtype, bias is not None)
+    cfg = mod._TUNED.get(key)
+    if cfg is None or cfg.kwargs.get("VARIANT") != 4 or not supports(m, k, bits, group, cfg.kwargs["BLOCK_K"]):
+        return None
+    out = torch.empty((m, n), device=gate_up.device, dtype=gate_up.dtype)
+    asm = not mod._INTERPRET and gate_up.is_cuda and torch.version.hip is None  # as kernels.qgemv's launches
+    launch_i8(cfg, gate_up, q, s, zz, group, bias, out, mins is not None, asm, swiglu=True)
+    return out
 
 
 def quantize_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

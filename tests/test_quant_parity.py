@@ -23,8 +23,8 @@ from engine.quant.layout import QuantLayerLayout
 from engine.quant.rtn import quantize_rtn
 from engine.quant.spec import dequantize
 from engine.sampling import SamplingParams
-from tests.helpers import (forward_decode, forward_prefill, hf_greedy, make_engine, make_hf_model, random_prompts,
-                           rel_max_err)
+from tests.helpers import (LAYERS, forward_decode, forward_prefill, hf_greedy, make_engine, make_hf_model,
+                           random_prompts, rel_max_err)
 from tests.quant_packers import FORMATS, quantize_model_dir
 
 TOL = 1e-4  # fp32 compute, torch kernels: relative to max |ref logits|
@@ -130,12 +130,16 @@ def test_triton_kernels_on_quantized_layers(qmodel) -> None:
     eng.close()
 
 
-def _batch_one_decode_errors(d, ref, variant: int, monkeypatch) -> tuple[list[float], set[int]]:
+def _batch_one_decode_errors(d, ref, variant: int, monkeypatch) -> tuple[list[float], set[int], int]:
     """A bf16 Triton engine's batch-1 decode logits (3 steps after a 9-token prefill) with every packed
-    projection of the steps forced to qgemv ``variant``: their errors against ``ref`` (rel_max_err) and the
-    variants the steps' launches took."""
+    projection of the steps forced to qgemv ``variant``: their errors against ``ref`` (rel_max_err), the
+    variants the steps' launches took and how many down projections took the SwiGLU-fused int8-x GEMV."""
     from engine.ops import TritonOps
-    from kernels import qgemv
+    from kernels import qgemv, qgemv_i8
+
+    fused, real_fused = [], qgemv_i8.swiglu_qgemv
+    monkeypatch.setattr(qgemv_i8, "swiglu_qgemv", lambda *a, **k: (lambda o: fused.append(o is not None) or o)(
+        real_fused(*a, **k)))
 
     forced = qgemv.config(16, 64, variant=variant)
     monkeypatch.setattr(qgemv, "_candidates",
@@ -154,17 +158,20 @@ def _batch_one_decode_errors(d, ref, variant: int, monkeypatch) -> tuple[list[fl
     picked.clear()
     errs = [rel_max_err(forward_decode(eng.model, cache, ids[:, t], t), want[:, t]) for t in range(9, 12)]
     eng.close()
-    return errs, set(picked)
+    return errs, set(picked), sum(fused)
 
 
 def test_int8_x_gemv_in_batch_one_decode(qmodel, monkeypatch) -> None:
     """Batch-1 decode steps through kernels/qgemv_i8.py (the tuner's variant 4, x rounded to int8; forced here)
     against transformers on the dequantized weights, beside the same bf16 engine through variant 1."""
     ref, d = qmodel("qwen2", "awq")
-    errs_i8, picked = _batch_one_decode_errors(d, ref, 4, monkeypatch)
+    errs_i8, picked, fused = _batch_one_decode_errors(d, ref, 4, monkeypatch)
     assert picked == {4}  # every packed projection of the decode steps took variant 4
-    errs_3d, picked = _batch_one_decode_errors(d, ref, 1, monkeypatch)
-    assert picked == {1}
+    # every down projection of the 3 steps (3 layers, one shape) took the SwiGLU in x's rounding but the first,
+    # which ran swiglu and then qgemv (that call tuned the shape)
+    assert fused == 3 * LAYERS - 1
+    errs_3d, picked, fused = _batch_one_decode_errors(d, ref, 1, monkeypatch)
+    assert picked == {1} and fused == 0
     # measured: int8 x 2.7 / 3.6 / 7.7%, bf16 x 2.3 / 2.8 / 4.0% (x's int8 rounding per 32 columns is about 2.5x
     # bf16's; a wrong zero point or scale would be tens of percent)
     assert max(errs_i8) <= 2.5 * max(errs_3d), (errs_i8, errs_3d)
