@@ -182,12 +182,13 @@ class Model:
               q_lens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder layer with weights w; returns (output, residual) (residual None: first layer)."""
         cfg, ops, eps = self.cfg, self.ops, self.cfg.rms_norm_eps
+        w_qkv, b_qkv = w["self_attn.qkv_proj.weight"], w.get("self_attn.qkv_proj.bias")
         if residual is None:
-            residual, x = h, ops.rmsnorm(h, w["input_layernorm.weight"], eps)
+            residual = h
+            qkv = ops.linear(ops.rmsnorm(h, w["input_layernorm.weight"], eps), w_qkv, b_qkv)
         else:
-            x, residual = ops.add_rmsnorm(h, residual, w["input_layernorm.weight"], eps)
-        b, t, _ = x.shape
-        qkv = ops.linear(x, w["self_attn.qkv_proj.weight"], w.get("self_attn.qkv_proj.bias"))
+            qkv, residual = ops.add_rmsnorm_linear(h, residual, w["input_layernorm.weight"], eps, w_qkv, b_qkv)
+        b, t = h.shape[:2]
         q = qkv[..., : cfg.q_size].view(b, t, cfg.num_attention_heads, cfg.head_dim)
         k = qkv[..., cfg.q_size: cfg.q_size + cfg.kv_size].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
         v = qkv[..., cfg.q_size + cfg.kv_size:].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
@@ -199,8 +200,9 @@ class Model:
         ops.kv_append_(k, v, k_cache, v_cache, start_pos)
         attn = ops.attention(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len)
         o = ops.linear(attn.reshape(b, t, cfg.q_size), w["self_attn.o_proj.weight"])
-        x, residual = ops.add_rmsnorm(o, residual, w["post_attention_layernorm.weight"], eps)
-        mlp = ops.swiglu_linear(ops.linear(x, w["mlp.gate_up_proj.weight"]), w["mlp.down_proj.weight"])
+        gate_up, residual = ops.add_rmsnorm_linear(o, residual, w["post_attention_layernorm.weight"], eps,
+                                                   w["mlp.gate_up_proj.weight"])
+        mlp = ops.swiglu_linear(gate_up, w["mlp.down_proj.weight"])
         return mlp, residual
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,14 @@ class TorchOps:
         residual = residual + x
         return self.rmsnorm(residual, w, eps), residual
 
+    def add_rmsnorm_linear(self, x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, eps: float,
+                           w: torch.Tensor | QuantWeight, b: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(linear(add_rmsnorm(x, residual)[0], w, b), the new residual)``: a norm and the projection it
+        feeds as one op (a backend may fuse them)."""
+        h, residual = self.add_rmsnorm(x, residual, norm_w, eps)
+        return self.linear(h, w, b), residual
+
     def linear(self, x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, QuantWeight):  # dequantized per call, never kept: the packed bytes stay the copy
             w = dequantize(w).to(x.dtype)
@@ -107,7 +115,8 @@ class TritonOps(TorchOps):
                              rmsnorm, rope, swiglu)
         from kernels import qgemv_i8, qlinear
         self._qlinear, self._tile_rows, self._tiled = qlinear.qlinear, qlinear.tile_rows, qlinear.tiled_linear
-        self._swiglu_qgemv, self._i8_rows = qgemv_i8.swiglu_qgemv, qgemv_i8.MAX_M
+        from kernels.add_rmsnorm_i8 import add_rmsnorm_qgemv
+        self._swiglu_qgemv, self._norm_qgemv, self._i8_rows = qgemv_i8.swiglu_qgemv, add_rmsnorm_qgemv, qgemv_i8.MAX_M
         self._k = dict(rmsnorm=rmsnorm.rmsnorm, add_rmsnorm=add_rmsnorm.add_rmsnorm, linear=linear.linear,
                        swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
                        prefill=attention_prefill.attention_prefill, decode=attention_decode.attention_decode,
@@ -162,6 +171,17 @@ class TritonOps(TorchOps):
 
     def swiglu(self, gate_up):
         return self._k["swiglu"](gate_up)
+
+    def add_rmsnorm_linear(self, x, residual, norm_w, eps, w, b=None):
+        if isinstance(w, QuantWeight) and w.perm is None and w.spec.bits == 4:  # decode rows on the int8-x GEMV:
+            rows = x.numel() // x.shape[-1]  # the norm's program rounds its rows to int8 (a launch less)
+            if rows <= self._i8_rows:
+                fused = self._norm_qgemv(x.reshape(rows, -1), residual.reshape(rows, -1), norm_w, eps, w.qweight,
+                                         w.scales, w.zeros, 4, b, mins=w.mins)
+                if fused is not None:
+                    return fused[0].view(*x.shape[:-1], -1), fused[1].view(x.shape)
+        h, residual = self.add_rmsnorm(x, residual, norm_w, eps)
+        return self.linear(h, w, b), residual
 
     def swiglu_linear(self, gate_up, w):
         if isinstance(w, QuantWeight) and w.perm is None and w.spec.bits == 4:  # decode rows on the int8-x GEMV:

@@ -221,13 +221,14 @@ def supports(m: int, k: int, bits: int, group: int, block_k: int) -> bool:
 
 def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
               group: int, bias: torch.Tensor | None, out: torch.Tensor, mins: bool, asm: bool,
-              swiglu: bool = False) -> None:
+              swiglu: bool = False, rounded: tuple | None = None) -> None:
     """One launch with ``cfg`` (kernels.qgemv.config's keys); operands checked by kernels.qgemv.
-    ``swiglu``: x is [gate; up] [M, 2K] and the GEMV's input is silu(gate) * up (see :func:`quantize_x`)."""
+    ``swiglu``: x is [gate; up] [M, 2K] and the GEMV's input is silu(gate) * up (see :func:`quantize_x`);
+    ``rounded``: stage 1's (xq, steps, sums) already computed (kernels/add_rmsnorm_i8.py), x only for its shape."""
     M, K, N = x.shape[0], x.shape[1] // 2 if swiglu else x.shape[1], q.shape[0]
     bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
     assert supports(M, K, 4, group, bk), (M, K, group, bk)
-    xq, d, qs = quantize_x(x, swiglu)
+    xq, d, qs = rounded if rounded is not None else quantize_x(x, swiglu)
     ws, cnt = split_k_scratch(cfg, out, "qgemv_i8")
     b = bias if bias is not None else out
     shift = group % bk == 0 or bk % group == 0 and group & (group - 1) == 0  # the group index by a shift

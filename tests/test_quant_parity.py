@@ -130,16 +130,19 @@ def test_triton_kernels_on_quantized_layers(qmodel) -> None:
     eng.close()
 
 
-def _batch_one_decode_errors(d, ref, variant: int, monkeypatch) -> tuple[list[float], set[int], int]:
+def _batch_one_decode_errors(d, ref, variant: int, monkeypatch) -> tuple[list[float], set[int], list[str]]:
     """A bf16 Triton engine's batch-1 decode logits (3 steps after a 9-token prefill) with every packed
     projection of the steps forced to qgemv ``variant``: their errors against ``ref`` (rel_max_err), the
-    variants the steps' launches took and how many down projections took the SwiGLU-fused int8-x GEMV."""
+    variants the steps' launches took and the fused int8-x launches (kernels.qgemv_i8.swiglu_qgemv, kernels.
+    add_rmsnorm_i8.add_rmsnorm_qgemv) that ran, by name."""
     from engine.ops import TritonOps
-    from kernels import qgemv, qgemv_i8
+    from kernels import add_rmsnorm_i8, qgemv, qgemv_i8
 
-    fused, real_fused = [], qgemv_i8.swiglu_qgemv
-    monkeypatch.setattr(qgemv_i8, "swiglu_qgemv", lambda *a, **k: (lambda o: fused.append(o is not None) or o)(
-        real_fused(*a, **k)))
+    fused: list[str] = []  # which fused int8-x launches ran
+    for mod, name in ((qgemv_i8, "swiglu_qgemv"), (add_rmsnorm_i8, "add_rmsnorm_qgemv")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: (
+            lambda o: (o is not None and fused.append(_n)) or o)(_r(*a, **k)))
 
     forced = qgemv.config(16, 64, variant=variant)
     monkeypatch.setattr(qgemv, "_candidates",
@@ -158,7 +161,7 @@ def _batch_one_decode_errors(d, ref, variant: int, monkeypatch) -> tuple[list[fl
     picked.clear()
     errs = [rel_max_err(forward_decode(eng.model, cache, ids[:, t], t), want[:, t]) for t in range(9, 12)]
     eng.close()
-    return errs, set(picked), sum(fused)
+    return errs, set(picked), fused
 
 
 def test_int8_x_gemv_in_batch_one_decode(qmodel, monkeypatch) -> None:
@@ -168,10 +171,12 @@ def test_int8_x_gemv_in_batch_one_decode(qmodel, monkeypatch) -> None:
     errs_i8, picked, fused = _batch_one_decode_errors(d, ref, 4, monkeypatch)
     assert picked == {4}  # every packed projection of the decode steps took variant 4
     # every down projection of the 3 steps (3 layers, one shape) took the SwiGLU in x's rounding but the first,
-    # which ran swiglu and then qgemv (that call tuned the shape)
-    assert fused == 3 * LAYERS - 1
+    # which ran swiglu and then qgemv (that call tuned the shape); likewise gate_up after its norm, and qkv after
+    # the norms of layers 1 and 2 (layer 0's input norm has no residual to add: no fused path)
+    assert fused.count("swiglu_qgemv") == 3 * LAYERS - 1
+    assert fused.count("add_rmsnorm_qgemv") == (3 * LAYERS - 1) + 3 * (LAYERS - 1)
     errs_3d, picked, fused = _batch_one_decode_errors(d, ref, 1, monkeypatch)
-    assert picked == {1} and fused == 0
+    assert picked == {1} and not fused
     # measured: int8 x 2.7 / 3.6 / 7.7%, bf16 x 2.3 / 2.8 / 4.0% (x's int8 rounding per 32 columns is about 2.5x
     # bf16's; a wrong zero point or scale would be tens of percent)
     assert max(errs_i8) <= 2.5 * max(errs_3d), (errs_i8, errs_3d)
