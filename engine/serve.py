@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    step_log = None
     try:
         if not 0 <= args.port < 65536 or args.max_waiting < 0 or args.grace < 0 or args.block_size < 1:
             raise ValueError("--port must be in 0..65535, --max-waiting and --grace >= 0, --block-size >= 1")
@@ -71,12 +72,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
                              "of each prompt per step, whose states never wait between passes): leave it out")
         _check_address(args.host, args.port)
         opts = options_from_args(args)
+        from engine.serving.steplog import StepLog
+        step_log = StepLog(args.step_log) if args.step_log else None  # before the default model is synthesized
         from engine.engine import open_model
         model_dir, is_default = resolve_or_default(args.model)
         files = open_model(model_dir)  # config, headers, tokenizer: bad input fails before serving
-        from engine.serving.steplog import StepLog
-        step_log = StepLog(args.step_log) if args.step_log else None
     except (ValueError, FileNotFoundError) as e:
+        if step_log is not None:
+            step_log.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
     import uvicorn
