@@ -26,26 +26,35 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _add_rmsnorm_kernel(
-    x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
-    R, N, eps,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+def residual_norm(x_ptr, r_ptr, w_ptr, res_out_ptr, rows, R, N, eps, BLOCK_N: tl.constexpr):
+    """Rows ``rows`` ([BLOCK_R]) of x + residual stored at res_out_ptr (rounded to its dtype); returns the
+    normed rows times the weight [BLOCK_R, BLOCK_N] in fp32 (the norm rounded to that dtype first), and the
+    tile's offsets and mask (also kernels/add_rmsnorm_i8.py)."""
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = (rows < R)[:, None] & col_mask[None, :]
     offs = rows[:, None] * N + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out_ty = out_ptr.dtype.element_ty
+    out_ty = res_out_ptr.dtype.element_ty
     s = (x + r).to(out_ty)
     tl.store(res_out_ptr + offs, s, mask=mask)
     s = s.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(s * s, axis=1) / N + eps)
     h = (s * rstd[:, None]).to(out_ty).to(tl.float32)
-    tl.store(out_ptr + offs, (h * w).to(out_ty), mask=mask)
+    return h * w, offs, mask
+
+
+@triton.jit
+def _add_rmsnorm_kernel(
+    x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
+    R, N, eps,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    y, offs, mask = residual_norm(x_ptr, r_ptr, w_ptr, res_out_ptr, rows, R, N, eps, BLOCK_N)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _validate(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> None:

@@ -16,26 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.add_rmsnorm import residual_norm
 from kernels.rmsnorm import row_blocking
 
 
 @triton.jit
 def _add_rmsnorm_i8_kernel(x_ptr, r_ptr, w_ptr, res_out_ptr, xq_ptr, d_ptr, qs_ptr, K, eps,
                            BLOCK_N: tl.constexpr):
-    # a [1, BLOCK_N] tile as kernels/add_rmsnorm.py's (BLOCK_R = 1 at decode): the same layout, the same sum
+    # a [1, BLOCK_N] tile through kernels/add_rmsnorm.py's own arithmetic (BLOCK_R = 1 there at decode)
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    ok = (cols < K)[None, :]
-    offs = row * K + cols[None, :]
-    w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    ty = res_out_ptr.dtype.element_ty
-    s = (x + r).to(ty)
-    tl.store(res_out_ptr + offs, s, mask=ok)
-    s = s.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(s * s, axis=1) / K + eps)
-    y = ((s * rstd[:, None]).to(ty).to(tl.float32) * w).to(ty).to(tl.float32)  # the normed row, rounded as there
+    y, _, _ = residual_norm(x_ptr, r_ptr, w_ptr, res_out_ptr, row + tl.arange(0, 1), row + 1, K, eps, BLOCK_N)
+    y = y.to(res_out_ptr.dtype.element_ty).to(tl.float32)  # the normed row as add_rmsnorm stores it
     y = tl.reshape(y, (BLOCK_N // 32, 4, 4, 2))  # column 32b + 8j + 2p + h
     amax = tl.max(tl.max(tl.max(tl.abs(y), axis=3), axis=2), axis=1)
     d = amax / 127.0
