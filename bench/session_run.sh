@@ -95,13 +95,13 @@ if [[ $steps == *q* ]]; then
     > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_parity.txt
 save; fi
 if [[ $steps == *k* ]]; then  # the GPU build of the quantized kernels (the PTX lop3 path runs only here)
-  timeout $(left 300) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py \
+  timeout $(left 300) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py tests/test_kernels_qgemv_i8_fused.py \
     tests/test_kernels_quant_variants.py tests/test_kernels_quant.py > $R/pytest_quant_kernels.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_kernels.txt
   timeout $(left 200) python3 -m pytest -q -s -p no:cacheprovider -m cuda tests/test_quant_parity.py tests/test_quant_parity_gpu.py \
     > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; grep -E "bf16|passed|failed" $R/pytest_quant_parity.txt | tail -12
 save; fi
 if [[ $steps == *i* ]]; then
-  timeout $(left 120) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py \
+  timeout $(left 120) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py tests/test_kernels_qgemv_i8_fused.py \
     > $R/pytest_qgemv_i8.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_qgemv_i8.txt
   timeout $(left 150) python3 bench/probe_qkernels.py --batches 1 --ggml '' --out $R/probe_m1.json \
     > $R/probe_m1.txt 2>&1; echo "probe rc=$?"; grep -E "qgemv|wrong" $R/probe_m1.txt | head -16
