@@ -118,6 +118,10 @@ if [[ $steps == *v* ]]; then
     set -- $pm; tag=$1; shift
     timeout $(left 90) python3 -m tools.profile_decode --model "$@" --steps 8 --json $R/profile_$tag.json \
       > $R/profile_$tag.txt 2>&1; echo "profile $tag rc=$?"; grep -v Warning $R/profile_$tag.txt | head -16
+    if grep -q "no kernel recorded" $R/profile_$tag.txt; then  # the profiler did not see into the graph
+      timeout $(left 90) python3 -m tools.profile_decode --model "$@" --steps 8 --cuda-graph off \
+        --json $R/profile_${tag}_eager.json > $R/profile_${tag}_eager.txt 2>&1; head -16 $R/profile_${tag}_eager.txt
+    fi
   done
 save; fi
 if [[ $steps == *x* ]]; then
