@@ -172,24 +172,26 @@ class TritonOps(TorchOps):
     def swiglu(self, gate_up):
         return self._k["swiglu"](gate_up)
 
+    def _i8_rows_of(self, x: torch.Tensor, w) -> int | None:
+        """x's rows when a fused int8-x path may take x @ w (decode rows, an int4 weight without act order)."""
+        rows = x.numel() // x.shape[-1]
+        ok = isinstance(w, QuantWeight) and w.perm is None and w.spec.bits == 4 and rows <= self._i8_rows
+        return rows if ok else None
+
     def add_rmsnorm_linear(self, x, residual, norm_w, eps, w, b=None):
-        if isinstance(w, QuantWeight) and w.perm is None and w.spec.bits == 4:  # decode rows on the int8-x GEMV:
-            rows = x.numel() // x.shape[-1]  # the norm's program rounds its rows to int8 (a launch less)
-            if rows <= self._i8_rows:
-                fused = self._norm_qgemv(x.reshape(rows, -1), residual.reshape(rows, -1), norm_w, eps, w.qweight,
-                                         w.scales, w.zeros, 4, b, mins=w.mins)
-                if fused is not None:
-                    return fused[0].view(*x.shape[:-1], -1), fused[1].view(x.shape)
+        if (rows := self._i8_rows_of(x, w)) is not None:  # the norm's program rounds its rows (a launch less)
+            fused = self._norm_qgemv(x.reshape(rows, -1), residual.reshape(rows, -1), norm_w, eps, w.qweight,
+                                     w.scales, w.zeros, 4, b, mins=w.mins)
+            if fused is not None:
+                return fused[0].view(*x.shape[:-1], -1), fused[1].view(x.shape)
         h, residual = self.add_rmsnorm(x, residual, norm_w, eps)
         return self.linear(h, w, b), residual
 
     def swiglu_linear(self, gate_up, w):
-        if isinstance(w, QuantWeight) and w.perm is None and w.spec.bits == 4:  # decode rows on the int8-x GEMV:
-            rows = gate_up.numel() // gate_up.shape[-1]  # x's int8 rounding computes the SwiGLU (a launch less)
-            if rows <= self._i8_rows:
-                out = self._swiglu_qgemv(gate_up.reshape(rows, -1), w.qweight, w.scales, w.zeros, 4, mins=w.mins)
-                if out is not None:
-                    return out.view(*gate_up.shape[:-1], out.shape[-1])
+        if (rows := self._i8_rows_of(gate_up, w)) is not None:  # x's int8 rounding computes the SwiGLU
+            out = self._swiglu_qgemv(gate_up.reshape(rows, -1), w.qweight, w.scales, w.zeros, 4, mins=w.mins)
+            if out is not None:
+                return out.view(*gate_up.shape[:-1], -1)
         return self.linear(self.swiglu(gate_up), w)
 
     def rope_(self, q, k, cos, sin, positions):

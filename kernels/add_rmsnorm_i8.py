@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.add_rmsnorm import residual_norm
+from kernels.add_rmsnorm import MAX_N, residual_norm
+from kernels.qgemv_i8 import launch_i8, tuned_pick
 from kernels.rmsnorm import row_blocking
 
 
@@ -70,24 +71,15 @@ def add_rmsnorm_qgemv(x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Ten
                       s: torch.Tensor, z: torch.Tensor | None, bits: int, bias: torch.Tensor | None = None,
                       mins: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(qgemv(add_rmsnorm(x, residual)[0], ...), new residual)`` in two launches instead of three, when the
-    tuner's pick for that GEMV is the int8-x one (variant 4); None otherwise (the caller runs both)."""
-    from kernels import qgemv as mod
-    from kernels import qgemv_i8
-
-    if x.dim() != 2 or not x.is_contiguous() or bits != 4 or x.dtype == torch.float32:
+    tuner's pick for that GEMV is the int8-x one (kernels.qgemv_i8.tuned_pick); None otherwise (the caller runs
+    both)."""
+    if x.dim() != 2 or not x.is_contiguous() or x.shape[1] > MAX_N:
         return None
-    (m, k), n = x.shape, q.shape[0]
-    if q.shape[1] * 8 != k or s.shape[0] != n or not s.shape[1] or k % s.shape[1] or k > 65536:
+    pick = tuned_pick(x.shape[0], x.shape[1], x.dtype, x.device, q, s, z, bits, bias, mins)
+    if pick is None:
         return None
-    group, zz = k // s.shape[1], mins if mins is not None else z
-    key = mod.tuning_key(m, n, k, group, bits, zz is not None and mins is None, mins is not None, x.dtype, s.dtype,
-                         bias is not None)
-    cfg = mod._TUNED.get(key)
-    if cfg is None or cfg.kwargs.get("VARIANT") != 4 or not qgemv_i8.supports(m, k, bits, group,
-                                                                              cfg.kwargs["BLOCK_K"]):
-        return None
+    cfg, group, zz, asm = pick
     new_residual, rounded = add_rmsnorm_i8(x, residual, norm_w, eps)
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    asm = not mod._INTERPRET and x.is_cuda and torch.version.hip is None  # as kernels.qgemv's launches
-    qgemv_i8.launch_i8(cfg, x, q, s, zz, group, bias, out, mins is not None, asm, rounded=rounded)
+    out = torch.empty((x.shape[0], q.shape[0]), device=x.device, dtype=x.dtype)
+    launch_i8(cfg, x, q, s, zz, group, bias, out, mins is not None, asm, rounded=rounded)
     return out, new_residual

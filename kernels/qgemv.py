@@ -247,7 +247,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     reduce_split_k(ws, cnt, bias, out)
 
 
-# (M bucket, N, K, G, bits, has_zeros, x dtype, scale dtype, has_bias) -> tuned config
+# tuning_key(...) -> tuned config
 _TUNED: dict[tuple, triton.Config] = {}
 
 
@@ -263,9 +263,9 @@ def tuning_key(M: int, N: int, K: int, group: int, bits: int, zeros: bool, mins:
 def _tuned(x, q, s, z, bits, group, bias, out, block_m, mins=False) -> triton.Config:
     """The cached config for this shape; the first call tunes it (timing into out)."""
     (M, K), N = x.shape, q.shape[0]
-    int8_x = M <= qgemv_i8.MAX_M and qgemv_i8.enabled() and x.dtype != torch.float32
     key = tuning_key(M, N, K, group, bits, z is not None, mins, x.dtype, s.dtype, bias is not None)
     assert key[0] == block_m
+    int8_x = bool(key[-1])  # variant 4 is a candidate
     cfg = _TUNED.get(key)
     default = _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT
     if cfg is None and (tuning_suspended() or x.is_cuda and torch.cuda.is_current_stream_capturing()):

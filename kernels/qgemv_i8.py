@@ -242,27 +242,39 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
     reduce_split_k(ws, cnt, bias, out)
 
 
-def swiglu_qgemv(gate_up: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int,
-                 bias: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``qgemv(swiglu(gate_up), ...)`` in two launches instead of three, when this GEMV is what the tuner
-    picked for that shape (kernels.qgemv's tuned config is variant 4): x's int8 rounding computes the SwiGLU.
-    None otherwise (not tuned yet, another variant, or operands it does not take): the caller runs both."""
+def tuned_pick(m: int, k: int, x_dtype: torch.dtype, device: torch.device, q: torch.Tensor, s: torch.Tensor,
+               z: torch.Tensor | None, bits: int, bias: torch.Tensor | None, mins: torch.Tensor | None
+               ) -> tuple[triton.Config, int, torch.Tensor | None, bool] | None:
+    """For a fused path (a producer computing stage 1): kernels.qgemv's tuned config for x [m, k] of ``x_dtype``
+    on this weight when it is this GEMV (variant 4), as (config, group, zeros or mins, asm); None when the shape
+    is not tuned yet, another variant won, or the operands are not this GEMV's."""
     from kernels import qgemv as mod  # kernels.qgemv imports this module
 
-    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or not gate_up.is_contiguous():
-        return None
-    m, k, n = gate_up.shape[0], gate_up.shape[1] // 2, q.shape[0]
+    n = q.shape[0]
     if bits != 4 or q.shape[1] * 8 != k or s.shape[0] != n or not s.shape[1] or k % s.shape[1]:
         return None
-    group = k // s.shape[1]
-    zz = mins if mins is not None else z
-    key = mod.tuning_key(m, n, k, group, bits, zz is not None and mins is None, mins is not None, gate_up.dtype,
-                         s.dtype, bias is not None)
+    group, zz = k // s.shape[1], mins if mins is not None else z
+    key = mod.tuning_key(m, n, k, group, bits, zz is not None and mins is None, mins is not None, x_dtype, s.dtype,
+                         bias is not None)
     cfg = mod._TUNED.get(key)
     if cfg is None or cfg.kwargs.get("VARIANT") != 4 or not supports(m, k, bits, group, cfg.kwargs["BLOCK_K"]):
         return None
-    out = torch.empty((m, n), device=gate_up.device, dtype=gate_up.dtype)
-    asm = not mod._INTERPRET and gate_up.is_cuda and torch.version.hip is None  # as kernels.qgemv's launches
+    return cfg, group, zz, not mod._INTERPRET and device.type == "cuda" and torch.version.hip is None
+
+
+def swiglu_qgemv(gate_up: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int,
+                 bias: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``qgemv(swiglu(gate_up), ...)`` in two launches instead of three, when this GEMV is what the tuner
+    picked for that shape (:func:`tuned_pick`): x's int8 rounding computes the SwiGLU. None otherwise: the
+    caller runs both."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or not gate_up.is_contiguous():
+        return None
+    m, k = gate_up.shape[0], gate_up.shape[1] // 2
+    pick = tuned_pick(m, k, gate_up.dtype, gate_up.device, q, s, z, bits, bias, mins)
+    if pick is None:
+        return None
+    cfg, group, zz, asm = pick
+    out = torch.empty((m, q.shape[0]), device=gate_up.device, dtype=gate_up.dtype)
     launch_i8(cfg, gate_up, q, s, zz, group, bias, out, mins is not None, asm, swiglu=True)
     return out
 
