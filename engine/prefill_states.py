@@ -15,10 +15,13 @@ after, groups in order, layer after layer; ``close()`` after the last layer (or 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
+
+from memory.footprint import HOST_STATE_RING
 
 Embed = Callable[[int], torch.Tensor]  # group index -> its embedded ids [B, T, H] on the compute device
 Pick = list[tuple[int, int, int]]  # (group, row in the group, token index)
@@ -51,9 +54,9 @@ class DeviceStates:
 class CopyLane(Protocol):
     """Where HostStates' copies between host and device run, and how their ends are waited for."""
 
-    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> object:
-        """Queue ``dst.copy_(src)`` for each (dst, src), after the compute work queued so far; a marker of
-        their end for ``compute_waits`` / ``host_waits``."""
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], out: bool = False, after: object = None) -> object:
+        """Queue ``dst.copy_(src)`` for each (dst, src), after the compute work queued so far and the copies
+        ``after`` marks; ``out``: device to host. A marker of their end for ``compute_waits`` / ``host_waits``."""
 
     def compute_waits(self, done: object) -> None:
         """Compute queued from now on starts after the copies ``done`` marks."""
@@ -66,20 +69,27 @@ class CopyLane(Protocol):
 
 
 class StreamLane:
-    """A CUDA copy stream, ordered against the compute stream by events."""
+    """CUDA copy streams, ordered against the compute stream by events: one for both directions, or
+    (``split``) copies out on their own stream, so that they never wait behind copies in (which share
+    the host-to-device engine with the weight stream)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, split: bool = False) -> None:
         self.device, self.stream = device, torch.cuda.Stream(device)
+        self.out_stream = torch.cuda.Stream(device) if split else self.stream
 
-    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], out: bool = False,
+             after: torch.cuda.Event | None = None) -> torch.cuda.Event:
+        stream = self.out_stream if out else self.stream
         computed = torch.cuda.Event()
         computed.record(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(computed)
+        with torch.cuda.stream(stream):
+            stream.wait_event(computed)
+            if after is not None:
+                stream.wait_event(after)
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
-            done.record(self.stream)
+            done.record(stream)
         return done
 
     def compute_waits(self, done: torch.cuda.Event) -> None:
@@ -90,12 +100,13 @@ class StreamLane:
 
     def drain(self) -> None:
         self.stream.synchronize()
+        self.out_stream.synchronize()
 
 
 class ImmediateLane:
     """The CPU: every copy is done when it is queued."""
 
-    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], out: bool = False, after: None = None) -> None:
         for dst, src in pairs:
             dst.copy_(src)
 
@@ -127,8 +138,10 @@ class HostStates:
     def __init__(self, shapes: list[tuple[int, int]], embed: Embed, layers: int, pick: Pick,
                  device: torch.device, lane: CopyLane | None = None) -> None:
         self.shapes, self.n, self.embed, self.layers, self.device = shapes, len(shapes), embed, layers, device
-        self.lane = lane or (StreamLane(device) if device.type == "cuda" else ImmediateLane())
-        self.ring = min(self.n, 2)  # staging buffers, and steps between a group's output and its release
+        split = os.environ.get("LAYERSTREAM_STATE_LANES", "1") == "2"
+        self.lane = lane or (StreamLane(device, split) if device.type == "cuda" else ImmediateLane())
+        self.ring = min(self.n, HOST_STATE_RING)  # staging buffers, and steps between an output and its release
+        self.copied_out: dict[int, object] = {}  # group -> marker of its last copy out (its host states')
         self.host: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.n
         self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.ring
         self.uploaded: dict[int, object] = {}  # step -> marker of its copy into its staging buffer
@@ -166,13 +179,15 @@ class HostStates:
                             torch.empty(residual.shape, dtype=residual.dtype, pin_memory=pin))
         host_h, host_r = self.host[k]
         self.moved_bytes += 2 * h.numel() * h.element_size()
-        self.held[s] = (h, residual, self.lane.copy([(host_h, h), (host_r, residual)]))
+        done = self.lane.copy([(host_h, h), (host_r, residual)], out=True)
+        self.held[s], self.copied_out[k] = (h, residual, done), done
 
     def close(self) -> None:
         """Wait for every queued copy and drop the device buffers (also after an error, before they are freed)."""
         self.lane.drain()
         self.held.clear()
         self.uploaded.clear()
+        self.copied_out.clear()
         self.slots = [None] * self.ring
 
     def pick(self, pick: Pick) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +203,7 @@ class HostStates:
         """Queue the copy of step s's group into its staging buffer (after the compute that read it last)."""
         host_h, host_r = self.host[s % self.n]
         h, res = self._staging(s)
-        self.uploaded[s] = self.lane.copy([(h, host_h), (res, host_r)])
+        self.uploaded[s] = self.lane.copy([(h, host_h), (res, host_r)], after=self.copied_out.get(s % self.n))
         self.moved_bytes += 2 * host_h.numel() * host_h.element_size()
 
     def _staging(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:

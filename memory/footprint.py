@@ -6,10 +6,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
 ALLOCATOR_ALLOWANCE = 64 << 20  # caching-allocator slack, cuBLAS workspace
+# a layer-major prefill with prompt states in host memory keeps this many chunk-sized staging buffers
+# (engine.prefill_states.HostStates): the host runs up to HOST_STATE_RING - 1 chunks ahead of the copies
+HOST_STATE_RING = max(2, int(os.environ.get("LAYERSTREAM_STATE_RING", "2")))
 
 ModuleKind = Literal["embedding", "layer", "norm", "lm_head"]
 
@@ -73,7 +77,8 @@ class Footprint:
         in_vram = max(0, batch * (max_context - 1) - max(prefill_chunk, batch)) * self.state_bytes_per_token
         if not on_host:
             return in_vram
-        return 2 * max(prefill_chunk, batch) * self.state_bytes_per_token if in_vram else 0
+        extra = 2 * (HOST_STATE_RING - 1)  # chunks in flight: being copied in, and out
+        return extra * max(prefill_chunk, batch) * self.state_bytes_per_token if in_vram else 0
 
     def prefill_state_host_bytes(self, batch: int, max_context: int) -> int:
         """Host memory for the prompt states of ``batch`` prompts of up to ``max_context`` tokens, when a

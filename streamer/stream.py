@@ -15,6 +15,7 @@ mean is the caller's business.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,6 +39,9 @@ class WeightStreamer:
         self.device = torch.device(device)
         self.units, self.slot_bytes = list(streamed), slot_bytes
         self.order = list(range(len(self.units)))  # the units of one pass, in use order (see set_order)
+        # a unit is copied in pieces of this many bytes (0: one copy), so that other streams' host-to-device
+        # copies (a prefill's prompt states) queue behind one piece, not behind a whole layer
+        self.piece = int(float(os.environ.get("LAYERSTREAM_COPY_PIECE_MB", "0")) * (1 << 20))
         assert all(u.nbytes <= slot_bytes for u in self.units), "a streamed unit exceeds the slot size"
         assert not self.units or num_slots >= 2, "streaming needs at least two staging slots"
         self.num_slots = num_slots if self.units else 0
@@ -118,7 +122,10 @@ class WeightStreamer:
             self.sync.copy_stream.wait_event(self.free[slot])
             if self.tracer:
                 self.tracer.begin("copy", unit.name, self.sync.copy_stream)
-            self.slots[slot, : unit.nbytes].copy_(src[: unit.nbytes], non_blocking=True)
+            step = self.piece or unit.nbytes
+            for a in range(0, unit.nbytes, step):
+                b = min(unit.nbytes, a + step)
+                self.slots[slot, a:b].copy_(src[a:b], non_blocking=True)
             self.ready[slot].record(self.sync.copy_stream)
             if self.tracer:
                 self.tracer.end("copy", unit.name, self.sync.copy_stream)

@@ -24,6 +24,7 @@ import engine.model
 from engine.footprint import min_budget
 from engine.generate import generate, prefill
 from engine.prefill_states import HostStates
+from memory.footprint import HOST_STATE_RING
 from engine.sampling import SamplingParams
 from tests.helpers import make_engine, make_hf_model, random_prompts
 
@@ -38,7 +39,8 @@ class LaggingLane:
         self.queue: deque[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = deque()
         self.count = self.max_pending = 0
 
-    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], out: bool = False, after: int | None = None) -> int:
+        assert after is None or after <= self.count  # FIFO: what it waits for is already queued
         self.count += 1
         self.queue.append((self.count, pairs))
         self.max_pending = max(self.max_pending, len(self.queue))
@@ -125,7 +127,8 @@ def test_device_states_are_the_planned_four_chunks(model_dir, monkeypatch, batch
     assert host.plan.prefill_state_place == "host"
     per_token = 2 * host.cfg.hidden_size * 4  # hidden + residual, fp32
     chunk_states = CHUNK * per_token  # one group of CHUNK tokens (every group is full here)
-    assert host.plan.prefill_state_bytes == 2 * chunk_states  # the planner: one copied in, one copied out
+    ahead = HOST_STATE_RING - 1  # chunks the host runs ahead of the copies
+    assert host.plan.prefill_state_bytes == 2 * ahead * chunk_states  # the planner: copied in, copied out
     prompts = random_prompts(lengths, host.cfg.vocab_size, seed=3 + b)
     want = prefill(vram, prompts)
     lane = LaggingLane() if lagging else None
@@ -135,7 +138,7 @@ def test_device_states_are_the_planned_four_chunks(model_dir, monkeypatch, batch
     # besides the computing group's input and output (its activations): the plan's two groups, no more
     assert meter.peak == 2 * chunk_states + host.plan.prefill_state_bytes, (meter.peak / chunk_states)
     if lagging:
-        assert lane.max_pending == 3  # the host runs at most two steps ahead of the copies
+        assert lane.max_pending == ahead + 2  # the ring's copies out and one copy in, no more
         assert not lane.queue  # all copies done when the prefill returns
     for eng in (host, vram):
         eng.close()
