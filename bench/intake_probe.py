@@ -10,7 +10,7 @@ prompt states and the weights cross PCIe, as named by '+'-joined parts:
 
 - ``split``: the states' copies out on their own CUDA stream (``LAYERSTREAM_STATE_LANES=2``);
 - ``pieceN``: the weight streamer copies a layer in pieces of N MiB (other streams' copies interleave);
-- ``ringN``: N staging buffers, the host N - 1 chunks ahead of the copies (the plan reserves 2);
+- ``ringN``: N staging buffers, the host N - 1 chunks ahead of the copies (over the plan's 2 for N > 2);
 - ``device``: the states stay on the GPU (over the plan: a compute floor, may run out of memory).
 
 A decode step's time (one streamed pass, no prompt) is printed beside them. ``--profile`` names variants

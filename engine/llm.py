@@ -115,7 +115,7 @@ class LLM:
                         g = owner[out.seq.seq_id]
                         left[id(g)] -= 1
                         bar.update(left[id(g)] == 0)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or an error (out of memory): the LLM stays usable for the next call
             for s in list(sched.running) + list(sched.waiting):
                 sched.abort(s.seq_id)
             raise

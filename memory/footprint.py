@@ -6,14 +6,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 ALLOCATOR_ALLOWANCE = 64 << 20  # caching-allocator slack, cuBLAS workspace
 # a layer-major prefill with prompt states in host memory keeps this many chunk-sized staging buffers
-# (engine.prefill_states.HostStates): the host runs up to HOST_STATE_RING - 1 chunks ahead of the copies
-HOST_STATE_RING = max(2, int(os.environ.get("LAYERSTREAM_STATE_RING", "2")))
+# (engine.prefill_states.HostStates): the host runs up to HOST_STATE_RING - 1 chunks ahead of the copies.
+# A ring of 3 ran out of memory at 4 GiB on a 32k-token prompt (session 14) while gaining nothing measurable
+HOST_STATE_RING = 2
 
 ModuleKind = Literal["embedding", "layer", "norm", "lm_head"]
 

@@ -42,6 +42,26 @@ def test_generate_matches_each_prompt_alone(llm, alone):
         assert c.text == llm.tokenizer.decode(c.token_ids, skip_special_tokens=True)
 
 
+def test_an_error_mid_call_leaves_the_llm_usable(llm, alone, monkeypatch):
+    """A pass that fails (out of memory on a GPU) aborts that call's sequences: the next call starts clean."""
+    prompts = random_prompts([5, 30, 12], llm.engine.cfg.vocab_size, seed=4)
+    runner, real = llm.scheduler.runner, llm.scheduler.runner.step
+    calls = []
+
+    def failing(seqs):
+        calls.append(len(seqs))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(seqs)
+
+    monkeypatch.setattr(runner, "step", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        llm.generate(prompts, SamplingParams(max_tokens=4), use_tqdm=False)
+    assert not llm.scheduler.has_work() and len(llm.scheduler.free_slots) == 3
+    outs = llm.generate(prompts, SamplingParams(max_tokens=4), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [alone(p, 4).token_ids[0] for p in prompts]
+
+
 def test_text_prompts_and_chat(llm, alone, capsys):
     (out,) = llm.generate("hello world", SamplingParams(max_tokens=5), use_tqdm=False)
     assert out.prompt == "hello world" and out.outputs[0].token_ids == alone(llm.tokenizer.encode("hello world"),

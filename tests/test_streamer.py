@@ -126,3 +126,22 @@ def test_truncated_file_is_a_clear_error(model_dir, tmp_path):
         reader.fill(UnitSpec("t", nbytes, "disk", spans=(Span(short, offset, nbytes, 0),)),
                     torch.empty(nbytes, dtype=torch.uint8))
     reader.close()
+
+
+@pytest.mark.parametrize("piece_mb", ["0", "0.00002", "0.0001"])  # one copy; 20-byte and 104-byte pieces
+def test_pieces_copy_every_byte(monkeypatch, piece_mb):
+    """``LAYERSTREAM_COPY_PIECE_MB`` splits a unit's copy into pieces (odd sizes: a short last piece)."""
+    from streamer.stream import WeightStreamer
+    monkeypatch.setenv("LAYERSTREAM_COPY_PIECE_MB", piece_mb)
+
+    def unit(j: int, size: int) -> UnitSpec:
+        return UnitSpec(f"u{j}", size, "pinned", pack=lambda buf: buf.copy_(torch.arange(size, dtype=torch.uint8) + j))
+    sizes = [100, 257, 64]
+    ws = WeightStreamer([], [unit(j, n) for j, n in enumerate(sizes)], 2, 300, "cpu", threads=1)
+    assert ws.piece == int(float(piece_mb) * (1 << 20))
+    for _ in range(2):
+        for j, n in enumerate(sizes):
+            got = ws.slots[ws.acquire(j)][:n]
+            assert torch.equal(got, torch.arange(n, dtype=torch.uint8) + j)
+            ws.release()
+    ws.close()
