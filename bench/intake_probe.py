@@ -10,6 +10,8 @@ prompt states and the weights cross PCIe, as named by '+'-joined parts:
 
 - ``split``: the states' copies out on their own CUDA stream (``LAYERSTREAM_STATE_LANES=2``);
 - ``pieceN``: the weight streamer copies a layer in pieces of N MiB (other streams' copies interleave);
+- ``pump``: the streamer holds each layer's copy and issues a group's share of it after the group's states
+  (``LAYERSTREAM_PUMP_WEIGHTS=1``; with ``pieceN``, or a share is a whole layer);
 - ``ringN``: N staging buffers, the host N - 1 chunks ahead of the copies (over the plan's 2 for N > 2);
 - ``device``: the states stay on the GPU (over the plan: a compute floor, may run out of memory).
 
@@ -37,6 +39,7 @@ def apply(llm: LLM, variant: str) -> None:
     """Set the knobs a variant names (every knob back to the default first)."""
     parts = set(variant.split("+")) - {"base"}
     os.environ["LAYERSTREAM_STATE_LANES"] = "2" if "split" in parts else "1"
+    os.environ["LAYERSTREAM_PUMP_WEIGHTS"] = "1" if "pump" in parts else "0"
     stream = getattr(llm.engine.weights, "stream", None)
     piece = next((p for p in parts if p.startswith("piece")), None)
     if stream is not None:
@@ -88,8 +91,9 @@ def main() -> None:
     p.add_argument("--max-context", type=int, default=2304)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--variants", default="base,split,piece32,split+piece32,ring3,split+piece32+ring3,device")
-    p.add_argument("--profile", default="base", help="comma list of variants to profile once ('' for none)")
+    p.add_argument("--variants", default="base,split+piece32,pump+piece32,pump+piece8,pump+split+piece8,base,"
+                                         "pump+piece8")
+    p.add_argument("--profile", default="base,pump+piece8", help="comma list of variants to profile once ('' for none)")
     p.add_argument("--out", default="intake_probe.json")
     a = p.parse_args()
     llm = LLM(a.model, a.vram_budget, max_batch=a.max_batch, max_context=a.max_context)

@@ -8,6 +8,7 @@ which lets the streamer reuse the slot. The model owns no parameters.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,7 +18,7 @@ import torch
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.ops import TorchOps
-from engine.prefill_states import DeviceStates, HostStates
+from engine.prefill_states import DeviceStates, HostStates, interleave_weights
 from kernels.rope import rope_tables
 
 
@@ -39,6 +40,15 @@ class WeightSource(Protocol):
 
     def lm_head_parts(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(first vocab row, weight rows [n, H]) covering the whole vocabulary."""
+
+    def meter(self, on: bool) -> None:
+        """While on, streamed weights' copies are issued only by ``pump_to`` (or when a layer is fetched)."""
+
+    def pump_start(self) -> None:
+        """Mark the held copies that the following ``pump_to`` calls share out."""
+
+    def pump_to(self, fraction: float) -> None:
+        """Issue held copies until ``fraction`` of the marked ones are on their way."""
 
 
 @dataclass(frozen=True)
@@ -136,9 +146,14 @@ class Model:
         embed = lambda k: self.weights.embed(groups[k].ids, self.ops.embedding)  # noqa: E731
         states = (HostStates([tuple(g.ids.shape) for g in groups], embed, n, pick, self.device) if host_states
                   else DeviceStates(len(groups), embed))
+        pump = host_states and interleave_weights() and len(groups) > 1  # the weight copies interleave with the states'
+        share = list(itertools.accumulate(g.ids.numel() for g in groups))  # group k's fraction of the tokens
         try:
+            self.weights.meter(pump)
             for i in range(n):
                 w = self.weights.layer(i)
+                if pump:
+                    self.weights.pump_start()
                 shared = None
                 for k, g in enumerate(groups):
                     b, t = g.ids.shape
@@ -147,7 +162,9 @@ class Model:
                     else:
                         shared = shared or cache.layer(i)
                         kv = (shared[0][g.row0:g.row0 + b], shared[1][g.row0:g.row0 + b])
-                    h, res = states.get(k)
+                    h, res = states.get(k)  # queues the next group's states in
+                    if pump:  # then this group's share of the next streamed layer
+                        self.weights.pump_to(share[k] / share[-1])
                     with ctx(b * t):
                         h, res = self.layer(w, h, res, positions[k], kv, g.start_pos, g.q_lens, g.max_len)
                     states.put(k, h, res)
@@ -157,6 +174,7 @@ class Model:
                     after_layer(i)
         finally:
             states.close()  # host states: their copies end before the buffers they use are freed
+            self.weights.meter(False)
         self.state_host_bytes += states.moved_bytes
         h, residual = states.pick(pick)
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)

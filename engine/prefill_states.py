@@ -27,6 +27,14 @@ Embed = Callable[[int], torch.Tensor]  # group index -> its embedded ids [B, T, 
 Pick = list[tuple[int, int, int]]  # (group, row in the group, token index)
 
 
+def interleave_weights() -> bool:
+    """Whether a pass with host states has the weight streamer hold its copies and issue each group's share
+    after that group's states (``LAYERSTREAM_PUMP_WEIGHTS=1``; off until measured on a GPU): a copy engine
+    that serves queued copies in order then never puts a whole layer's weights ahead of the states the
+    next group's compute waits for."""
+    return os.environ.get("LAYERSTREAM_PUMP_WEIGHTS", "0") == "1"
+
+
 class DeviceStates:
     """Every group's states stay on the compute device between layers."""
 

@@ -187,6 +187,19 @@ class ModelWeights:
         if i not in self.resident and not self.dry:
             self.stream.release()
 
+    def meter(self, on: bool) -> None:
+        """Hold the weight copies for ``pump_to`` (``on``), or issue them all again (see WeightStreamer.meter)."""
+        if self.stream.num_slots and not self.dry:
+            self.stream.meter(on)
+
+    def pump_start(self) -> None:
+        if self.stream.num_slots and not self.dry:
+            self.stream.pump_start()
+
+    def pump_to(self, fraction: float) -> None:
+        if self.stream.num_slots and not self.dry:
+            self.stream.pump_to(fraction)
+
     def host_layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer-shaped views of host layer i's pinned host copy (what the CPU computes it from)."""
         assert i in self.plan.host_layers, f"layer {i} is not a host layer of the plan"

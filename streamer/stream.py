@@ -6,7 +6,9 @@ goes to slot ``g % num_slots``. A copy stream fills the slots; per slot a *ready
 the compute stream has been given all work reading the slot; the copy stream waits on it
 before overwriting). When unit g is released, the copy of unit g + num_slots is issued at
 once, which keeps the copy engine busy across unit and pass boundaries (weights do not depend
-on the tokens). No host synchronisation is needed.
+on the tokens). No host synchronisation is needed. A caller that queues host-to-device copies of its
+own between uses (a prefill's prompt states) can ``meter`` the streamer: its copies, in pieces, are
+then issued in shares (``pump_to``) between the caller's, or at the latest when the unit is acquired.
 
 The streamer knows units only as byte buffers (``streamer.units.UnitSpec``); what the bytes
 mean is the caller's business.
@@ -15,8 +17,11 @@ mean is the caller's business.
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +33,18 @@ from streamer.trace import Tracer
 from streamer.units import UnitSpec
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Copy:
+    """Unit g of the endless sequence (streamed unit j) into ``slot``: its pieces, ``done`` of them issued."""
+
+    g: int
+    j: int
+    slot: int
+    src: torch.Tensor
+    pieces: list[tuple[int, int]]
+    done: int = 0
 
 
 class WeightStreamer:
@@ -42,6 +59,7 @@ class WeightStreamer:
         # a unit is copied in pieces of this many bytes (0: one copy), so that other streams' host-to-device
         # copies (a prefill's prompt states) queue behind one piece, not behind a whole layer
         self.piece = int(float(os.environ.get("LAYERSTREAM_COPY_PIECE_MB", "0")) * (1 << 20))
+        self.metered = False
         assert all(u.nbytes <= slot_bytes for u in self.units), "a streamed unit exceeds the slot size"
         assert not self.units or num_slots >= 2, "streaming needs at least two staging slots"
         self.num_slots = num_slots if self.units else 0
@@ -86,8 +104,10 @@ class WeightStreamer:
             self.slots = torch.empty((n, self.slot_bytes), dtype=torch.uint8, device=self.device)
         self.ready = [self.sync.event() for _ in range(n)]
         self.free = [self.sync.event() for _ in range(n)]
-        self.issued = 0  # units whose copy has been issued
+        self.issued = 0  # units whose copy has been issued (or queued, see meter)
         self.consumed = 0  # units acquired by the compute side
+        self.queued: deque[_Copy] = deque()  # units whose pieces are not all on the copy stream yet
+        self.pieces_issued, self._mark = 0, (0, 0)
         if not self.order:  # a pass that streams nothing (every unit it uses is elsewhere)
             return
         for g in range(n):
@@ -118,23 +138,56 @@ class WeightStreamer:
         if src is None:
             src = self.disk.get(g)
         self._request_read(g + n)  # unit g + n may come from disk even when unit g is pinned
-        with self.sync.on_copy_stream():
-            self.sync.copy_stream.wait_event(self.free[slot])
-            if self.tracer:
-                self.tracer.begin("copy", unit.name, self.sync.copy_stream)
-            step = self.piece or unit.nbytes
-            for a in range(0, unit.nbytes, step):
-                b = min(unit.nbytes, a + step)
-                self.slots[slot, a:b].copy_(src[a:b], non_blocking=True)
-            self.ready[slot].record(self.sync.copy_stream)
-            if self.tracer:
-                self.tracer.end("copy", unit.name, self.sync.copy_stream)
-        if self.disk is not None and j not in self.host_bufs:
-            done = self.sync.event()
-            done.record(self.sync.copy_stream)
-            self.disk.copied(g, done)
-        self.sync.note("copy", g, slot)
+        step = self.piece or unit.nbytes
+        self.queued.append(_Copy(g, j, slot, src, [(a, min(unit.nbytes, a + step)) for a in range(0, unit.nbytes, step)]))
         self.issued += 1
+        if not self.metered:
+            self._issue(sum(len(c.pieces) - c.done for c in self.queued))
+
+    def _issue(self, pieces: int, upto: int | None = None) -> None:
+        """Put up to ``pieces`` queued pieces on the copy stream, in order (only units <= ``upto``)."""
+        while pieces > 0 and self.queued and (upto is None or self.queued[0].g <= upto):
+            c = self.queued[0]
+            unit = self.units[c.j]
+            with self.sync.on_copy_stream():
+                if c.done == 0:
+                    self.sync.copy_stream.wait_event(self.free[c.slot])
+                    if self.tracer:
+                        self.tracer.begin("copy", unit.name, self.sync.copy_stream)
+                a, b = c.pieces[c.done]
+                self.slots[c.slot, a:b].copy_(c.src[a:b], non_blocking=True)
+                c.done += 1
+                pieces -= 1
+                self.pieces_issued += 1
+                if c.done < len(c.pieces):
+                    continue
+                self.ready[c.slot].record(self.sync.copy_stream)
+                if self.tracer:
+                    self.tracer.end("copy", unit.name, self.sync.copy_stream)
+            if self.disk is not None and c.j not in self.host_bufs:
+                done = self.sync.event()
+                done.record(self.sync.copy_stream)
+                self.disk.copied(c.g, done)
+            self.sync.note("copy", c.g, c.slot)
+            self.queued.popleft()
+
+    def meter(self, on: bool) -> None:
+        """While on, units' copies wait in a queue until ``pump_to`` (or the unit's ``acquire``) issues them,
+        so a caller interleaves them with its own host-to-device copies (a prefill's prompt states)
+        rather than finding a whole layer's copy queued ahead of each of its own. Off: all are issued."""
+        self.metered = on
+        if not on:
+            self._issue(sum(len(c.pieces) - c.done for c in self.queued))
+
+    def pump_start(self) -> None:
+        """Mark the queue's pieces now as the ones ``pump_to`` shares out."""
+        self._mark = (self.pieces_issued, sum(len(c.pieces) - c.done for c in self.queued))
+
+    def pump_to(self, fraction: float) -> None:
+        """Issue queued pieces until ``fraction`` of those marked by ``pump_start`` have been issued."""
+        base, total = self._mark
+        want = base + math.ceil(total * min(1.0, fraction) - 1e-9)
+        self._issue(want - self.pieces_issued)
 
     def acquire(self, j: int) -> int:
         """Wait (on the compute stream) for streamed unit ``j``; returns the slot that holds it.
@@ -146,6 +199,7 @@ class WeightStreamer:
             log.warning("streamer out of order (unit %d of the pass, got unit %d): restarting", self.consumed, j)
             self.reset()
         slot = self.consumed % self.num_slots
+        self._issue(sum(len(c.pieces) for c in self.queued), upto=self.consumed)  # its own pieces, if queued
         self.streamed_bytes += self.units[j].nbytes
         self.sync.compute_stream().wait_event(self.ready[slot])
         self.sync.note("wait", self.consumed, slot)

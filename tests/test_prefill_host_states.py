@@ -109,14 +109,15 @@ def test_cli_flag_reaches_the_plan_and_the_json(capsys, model_dir):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("knobs", ["default", "split+pieces"])
+@pytest.mark.parametrize("knobs", ["default", "split+pieces", "pump+pieces"])
 @pytest.mark.parametrize("tier", ["resident", "pinned", "disk"])
 def test_host_states_on_the_gpu_with_the_copy_stream(model_dir, tier, knobs, monkeypatch):
-    """Also with the copies out on their own stream and the weights copied in 1 KiB pieces (the options
-    bench/intake_probe.py measures)."""
+    """Also with the copies out on their own stream, or the weights' copies held and issued in shares
+    after each group's states, the weights copied in 1 KiB pieces (the options bench/intake_probe.py measures)."""
     from memory.process_vram import Outside
     if knobs != "default":
-        monkeypatch.setenv("LAYERSTREAM_STATE_LANES", "2")
+        monkeypatch.setenv("LAYERSTREAM_STATE_LANES" if knobs.startswith("split") else "LAYERSTREAM_PUMP_WEIGHTS",
+                           "2" if knobs.startswith("split") else "1")
         monkeypatch.setenv("LAYERSTREAM_COPY_PIECE_MB", str(1 / 1024))
     # budgets of a few tiny layers: the CUDA context (measured in MiB) is left out of them here
     monkeypatch.setattr("engine.engine.outside_allocator", lambda dev: Outside(0, "left out by the test"))

@@ -145,3 +145,44 @@ def test_pieces_copy_every_byte(monkeypatch, piece_mb):
             assert torch.equal(got, torch.arange(n, dtype=torch.uint8) + j)
             ws.release()
     ws.close()
+
+
+@pytest.mark.parametrize("kind", ["stream-all", "disk-some"])
+def test_metered_copies_interleave_with_host_states(model_dir, monkeypatch, kind):
+    """``LAYERSTREAM_PUMP_WEIGHTS=1``: in a pass with host prompt states the streamer holds each layer's
+    copy and issues it in shares after the groups' state uploads; the slot protocol holds, every piece is
+    issued, and the logits equal the unmetered pass's."""
+    import engine.model
+    from engine.prefill_states import HostStates, ImmediateLane
+
+    monkeypatch.setenv("LAYERSTREAM_COPY_PIECE_MB", str(2048 / (1 << 20)))  # 2 KiB pieces: many per layer
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for pump in ("0", "1"):
+        monkeypatch.setenv("LAYERSTREAM_PUMP_WEIGHTS", pump)
+        cfg, plan, wm, model, log = _load(model_dir, kind)
+        model.host_states = True
+        seen: list[tuple[int, int]] = []  # (pieces issued, of units) at each state upload
+
+        class Lane(ImmediateLane):
+            def copy(self, pairs, out=False, after=None):
+                if not out:
+                    seen.append((wm.stream.pieces_issued, wm.stream.issued))
+                return super().copy(pairs, out, after)
+
+        monkeypatch.setattr(engine.model, "HostStates", lambda *a, **kw: HostStates(*a, lane=Lane(), **kw))
+        cache = KVCache(cfg, 1, 64, torch.float32, "cpu")
+        logits = model.prefill(ids, [12], 4, cache)  # 3 groups of 4 tokens
+        _check_protocol(log.entries, plan.num_slots)
+        assert not wm.stream.queued and not wm.stream.metered  # all issued after the pass
+        per_unit = -(-plan.slot_bytes // wm.stream.piece)
+        assert wm.stream.pieces_issued >= per_unit  # pieces, not whole units
+        runs[pump] = logits, seen
+        wm.close()
+    assert torch.equal(runs["0"][0], runs["1"][0])
+    # metered: the pieces issued move on between a layer's state uploads (each group's share after its
+    # states), unmetered they are all on the stream before them
+    between = [b[0] - a[0] for a, b in zip(runs["1"][1], runs["1"][1][1:]) if a[1] == b[1]]
+    assert any(0 < d < per_unit for d in between), between
+    assert all(d == 0 for a, b in zip(runs["0"][1], runs["0"][1][1:]) if a[1] == b[1]
+               for d in [b[0] - a[0]])
