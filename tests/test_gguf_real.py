@@ -123,9 +123,10 @@ def test_greedy_raw_prompts_match_transformers(smollm2, reference, hf_greedy, mo
         assert engine.plan.disk_layers, engine.plan.table()
     prompts = [engine.tokenizer.encode(p) for p in RAW_PROMPTS]
     assert prompts == [reference[1](p)["input_ids"] for p in RAW_PROMPTS]
-    got = generate(engine, prompts, SamplingParams(), max_new_tokens=GREEDY_TOKENS)
+    n = GREEDY_TOKENS if mode == "resident" else 8  # streaming moves the same bytes: 8 tokens show it (CI time)
+    got = generate(engine, prompts, SamplingParams(), max_new_tokens=n)
     for p, ids in zip(RAW_PROMPTS, got.token_ids):
-        assert ids == hf_greedy[p], f"{mode}: {p!r}: ours {engine.tokenizer.decode(ids)!r}"
+        assert ids == hf_greedy[p][:n], f"{mode}: {p!r}: ours {engine.tokenizer.decode(ids)!r}"
     engine.close()
 
 
