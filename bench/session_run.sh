@@ -28,7 +28,7 @@
 #  w  issue 15: bench/qgemv_sweep.py (arguments from $W_ARGS), the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident; tools.ttft_breakdown of each level
 #  n  issues 16 / 14: bench/intake_probe.py (16 prompts at once, one pass with host prompt states, at 6 GiB with
-#     32 slots) under the copy variants; bench_prefill at 4 GiB / 32k tokens (host states) and 6 GiB / 8k-16k
+#     32 slots) under the copy variants; bench_prefill at 4 GiB / 8k and 32k tokens (host states) and 6 GiB / 8k-16k
 #     (host states forced), plain and with $N_ENV (default: the weights' copies issued in 8 MiB pieces, each
 #     group's share after its states)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
@@ -155,7 +155,7 @@ if [[ $steps == *n* ]]; then  # the intake pass's copies (issue 16's TTFT) and h
   NE=(${N_ENV:-LAYERSTREAM_PUMP_WEIGHTS=1 LAYERSTREAM_COPY_PIECE_MB=8})
   for tag in plain tuned; do
     E=(); B=4GiB,full; [ $tag = tuned ] && E=("${NE[@]}") && B=4GiB  # plain: also the all-resident reference
-    env "${E[@]}" timeout $(left 110) python3 -m tools.bench_prefill --model $M --budgets $B --tokens 32768 \
+    env "${E[@]}" timeout $(left 110) python3 -m tools.bench_prefill --model $M --budgets $B --tokens 8192,32768 \
       --out $R/prefill4g_$tag.json > $R/prefill4g_$tag.txt 2>&1; echo "prefill 4GiB $tag rc=$?"; grep -v Warn $R/prefill4g_$tag.txt | tail -3
     env "${E[@]}" timeout $(left 80) python3 -m tools.bench_prefill --model $M --budgets 6GiB --tokens 8192,16384 \
       --prefill-states host --out $R/prefill6g_$tag.json > $R/prefill6g_$tag.txt 2>&1; echo "prefill 6GiB host $tag rc=$?"
