@@ -28,10 +28,10 @@ CASES = [("llama", "Q4_K_M"), ("llama", "Q4_0"), ("qwen2", "Q8_0"), ("qwen2", "Q
          ("qwen2-tied", "Q6_K"), ("llama", "Q5_0"), ("qwen3", "Q4_1"), ("llama", "BF16"), ("qwen2", "F16")]
 
 
-def tiny_config(family: str, vocab: int, intermediate: int = 512):
+def tiny_config(family: str, vocab: int, intermediate: int = 512, layers: int = 3):
     import transformers
 
-    common = dict(hidden_size=256, intermediate_size=intermediate, num_hidden_layers=3, num_attention_heads=4,
+    common = dict(hidden_size=256, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, initializer_range=0.08,
                   rms_norm_eps=1e-6, tie_word_embeddings=family == "qwen2-tied", bos_token_id=None,
                   eos_token_id=None, pad_token_id=None)
@@ -45,7 +45,7 @@ def tiny_config(family: str, vocab: int, intermediate: int = 512):
 
 @pytest.fixture(scope="module")
 def gguf_model(tmp_path_factory, tokenizer_dir):
-    """``get(family, file_type, split=0, intermediate=512) -> (transformers model of the GGUF, its path)``
+    """``get(family, file_type, split=0, intermediate=512, layers=3) -> (transformers model of the GGUF, its path)``
     (an intermediate size that is not a multiple of 256 puts ffn_down in llama.cpp's fallback types)."""
     from transformers import AutoModelForCausalLM
 
@@ -54,11 +54,11 @@ def gguf_model(tmp_path_factory, tokenizer_dir):
 
     built = {}
 
-    def get(family: str, file_type: str, split: int = 0, intermediate: int = 512):
-        key = (family, file_type, split, intermediate)
+    def get(family: str, file_type: str, split: int = 0, intermediate: int = 512, layers: int = 3):
+        key = (family, file_type, split, intermediate, layers)
         if key not in built:
             d = tmp_path_factory.mktemp(f"{family}-hf")
-            cls, cfg = tiny_config(family, vocab_for(tokenizer_dir), intermediate)
+            cls, cfg = tiny_config(family, vocab_for(tokenizer_dir), intermediate, layers)
             torch.manual_seed(CASES.index((family, file_type)) if (family, file_type) in CASES else 0)
             model = cls(cfg).float()
             _randomise(model, seed=1)
