@@ -24,13 +24,7 @@ import pytest  # noqa: E402
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``cuda`` are skipped without a CUDA GPU (``pytest -m cuda`` selects them on a GPU
-    machine, ``-m "not cuda"`` leaves them out); ``slow`` marks the slowest CPU tests (``-m "not slow"``).
-
-    Modules with a slow test run first (each module's tests stay together, so its fixtures are built once
-    per worker): with ``-n 2`` the long tests start early and the short ones even out the workers' ends."""
-    slow_modules = {getattr(i, "module", None) for i in items if "slow" in i.keywords} - {None}
-    first = [getattr(i, "module", None) in slow_modules for i in items]
-    items[:] = [i for i, f in zip(items, first) if f] + [i for i, f in zip(items, first) if not f]
+    machine, ``-m "not cuda"`` leaves them out); ``slow`` marks the slowest CPU tests (``-m "not slow"``)."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
