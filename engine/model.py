@@ -147,7 +147,7 @@ class Model:
         states = (HostStates([tuple(g.ids.shape) for g in groups], embed, n, pick, self.device) if host_states
                   else DeviceStates(len(groups), embed))
         pump = host_states and interleave_weights() and len(groups) > 1  # the weight copies interleave with the states'
-        share = list(itertools.accumulate(g.ids.numel() for g in groups))  # group k's fraction of the tokens
+        share = list(itertools.accumulate(g.ids.numel() for g in groups)) if pump else []  # tokens up to group k
         try:
             self.weights.meter(pump)
             for i in range(n):

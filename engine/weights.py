@@ -189,16 +189,20 @@ class ModelWeights:
 
     def meter(self, on: bool) -> None:
         """Hold the weight copies for ``pump_to`` (``on``), or issue them all again (see WeightStreamer.meter)."""
-        if self.stream.num_slots and not self.dry:
+        if self._copies():
             self.stream.meter(on)
 
     def pump_start(self) -> None:
-        if self.stream.num_slots and not self.dry:
+        if self._copies():
             self.stream.pump_start()
 
     def pump_to(self, fraction: float) -> None:
-        if self.stream.num_slots and not self.dry:
+        if self._copies():
             self.stream.pump_to(fraction)
+
+    def _copies(self) -> bool:
+        """Whether units stream (a dry pass or an all-resident plan copies nothing)."""
+        return bool(self.stream.num_slots) and not self.dry
 
     def host_layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer-shaped views of host layer i's pinned host copy (what the CPU computes it from)."""

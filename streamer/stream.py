@@ -142,10 +142,11 @@ class WeightStreamer:
         self.queued.append(_Copy(g, j, slot, src, [(a, min(unit.nbytes, a + step)) for a in range(0, unit.nbytes, step)]))
         self.issued += 1
         if not self.metered:
-            self._issue(sum(len(c.pieces) - c.done for c in self.queued))
+            self._issue()
 
-    def _issue(self, pieces: int, upto: int | None = None) -> None:
-        """Put up to ``pieces`` queued pieces on the copy stream, in order (only units <= ``upto``)."""
+    def _issue(self, pieces: int | None = None, upto: int | None = None) -> None:
+        """Put up to ``pieces`` (None: all) queued pieces on the copy stream, in order (only units <= ``upto``)."""
+        pieces = math.inf if pieces is None else pieces
         while pieces > 0 and self.queued and (upto is None or self.queued[0].g <= upto):
             c = self.queued[0]
             unit = self.units[c.j]
@@ -177,7 +178,7 @@ class WeightStreamer:
         rather than finding a whole layer's copy queued ahead of each of its own. Off: all are issued."""
         self.metered = on
         if not on:
-            self._issue(sum(len(c.pieces) - c.done for c in self.queued))
+            self._issue()
 
     def pump_start(self) -> None:
         """Mark the queue's pieces now as the ones ``pump_to`` shares out."""
@@ -199,7 +200,7 @@ class WeightStreamer:
             log.warning("streamer out of order (unit %d of the pass, got unit %d): restarting", self.consumed, j)
             self.reset()
         slot = self.consumed % self.num_slots
-        self._issue(sum(len(c.pieces) for c in self.queued), upto=self.consumed)  # its own pieces, if queued
+        self._issue(upto=self.consumed)  # its own pieces, if still queued
         self.streamed_bytes += self.units[j].nbytes
         self.sync.compute_stream().wait_event(self.ready[slot])
         self.sync.note("wait", self.consumed, slot)
