@@ -13,7 +13,8 @@ prompt states and the weights cross PCIe, as named by '+'-joined parts:
 - ``pump``: the streamer holds each layer's copy and issues a group's share of it after the group's states
   (``LAYERSTREAM_PUMP_WEIGHTS=1``; with ``pieceN``, or a share is a whole layer);
 - ``ringN``: N staging buffers, the host N - 1 chunks ahead of the copies (over the plan's 2 for N > 2);
-- ``device``: the states stay on the GPU (over the plan: a compute floor, may run out of memory).
+- ``device``: the states stay on the GPU (over the plan: a compute floor, may run out of memory);
+- ``slowlaunch``: every kernel launched through Triton's own path (``LAYERSTREAM_FAST_LAUNCH=0``).
 
 A decode step's time (one streamed pass, no prompt) is printed beside them. ``--profile`` names variants
 to run once more under torch.profiler: the compute stream's kernel time and the copies' time per kind.
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import LLM, SamplingParams  # noqa: E402
 import engine.prefill_states as prefill_states  # noqa: E402
+from engine.model import Model  # noqa: E402
 
 
 def apply(llm: LLM, variant: str) -> None:
@@ -40,6 +42,7 @@ def apply(llm: LLM, variant: str) -> None:
     parts = set(variant.split("+")) - {"base"}
     os.environ["LAYERSTREAM_STATE_LANES"] = "2" if "split" in parts else "1"
     os.environ["LAYERSTREAM_PUMP_WEIGHTS"] = "1" if "pump" in parts else "0"
+    os.environ["LAYERSTREAM_FAST_LAUNCH"] = "0" if "slowlaunch" in parts else "1"
     stream = getattr(llm.engine.weights, "stream", None)
     piece = next((p for p in parts if p.startswith("piece")), None)
     if stream is not None:
@@ -63,11 +66,49 @@ def one_pass(llm: LLM, prompts: list[list[int]]) -> float:
     return time.perf_counter() - t0
 
 
-def profiled(llm: LLM, prompts: list[list[int]]) -> dict:
-    """Kernel and copy time per kind over one pass."""
+class HostClock:
+    """Host time inside ``Model.forward_groups`` and, of it, blocked in ``StreamLane.host_waits``."""
+
+    def __init__(self) -> None:
+        self.total = self.blocked = 0.0
+        lane, model = prefill_states.StreamLane, Model
+        self._waits, self._fwd = lane.host_waits, model.forward_groups
+        clock = self
+
+        def waits(lane_self, done):
+            t = time.perf_counter()
+            clock._waits(lane_self, done)
+            clock.blocked += time.perf_counter() - t
+
+        def fwd(model_self, *a, **k):
+            t = time.perf_counter()
+            try:
+                return clock._fwd(model_self, *a, **k)
+            finally:
+                clock.total += time.perf_counter() - t
+        lane.host_waits, model.forward_groups = waits, fwd
+
+    def take(self) -> tuple[float, float]:
+        out, self.total, self.blocked = (self.total * 1e3, self.blocked * 1e3), 0.0, 0.0
+        return out
+
+
+def profiled(llm: LLM, prompts: list[list[int]], trace: Path | None = None, tag: str = "") -> dict:
+    """Kernel and copy time per kind over one pass; with ``trace``, the chrome trace and its overlap."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         wall = one_pass(llm, prompts)
+    extra = {}
+    if trace is not None:
+        import gzip
+        import shutil
+        from trace_overlap import load, overlap
+        raw = trace / f"trace_{tag.replace('+', '_')}.json"
+        prof.export_chrome_trace(str(raw))
+        extra["overlap"] = overlap(load(str(raw)))
+        with open(raw, "rb") as f, gzip.open(f"{raw}.gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+        raw.unlink()
     kinds: dict[str, float] = defaultdict(float)
     for e in prof.key_averages():
         us = getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0)
@@ -78,7 +119,7 @@ def profiled(llm: LLM, prompts: list[list[int]]) -> dict:
                 else "gemm" if any(s in name.lower() for s in ("gemm", "nvjet", "xmma", "cutlass", "sm90"))
                 else "attention" if "attention" in name else "other kernels")
         kinds[kind] += us / 1e3
-    return {"wall_ms": wall * 1e3, "ms_by_kind": dict(kinds),
+    return {"wall_ms": wall * 1e3, "ms_by_kind": dict(kinds), **extra,
             "top": [(e.key[:70], round((getattr(e, "device_time_total", 0.0) or 0.0) / 1e3, 2), e.count)
                     for e in sorted(prof.key_averages(), key=lambda e: -(getattr(e, "device_time_total", 0.0) or 0))[:14]]}
 
@@ -95,8 +136,12 @@ def main() -> None:
                                          "pump+piece8")
     p.add_argument("--profile", default="base,pump+piece8", help="comma list of variants to profile once ('' for none)")
     p.add_argument("--out", default="intake_probe.json")
+    p.add_argument("--trace", type=Path, help="folder for each profiled variant's chrome trace (gzip) and its overlap")
     a = p.parse_args()
     llm = LLM(a.model, a.vram_budget, max_batch=a.max_batch, max_context=a.max_context)
+    clock = HostClock()
+    if a.trace:
+        a.trace.mkdir(parents=True, exist_ok=True)
     plan = llm.engine.plan
     print(f"plan: states {plan.prefill_state_place}, chunk {plan.prefill_chunk}, "
           f"{len(plan.resident_layers)} resident layers, {plan.streamed_bytes_per_step / 1e9:.2f} GB a pass", flush=True)
@@ -116,24 +161,27 @@ def main() -> None:
            "tokens": sum(lens), "clients": a.clients, "decode_step_ms": decode_ms, "variants": {}, "profiles": {}}
     for v in a.variants.split(","):
         apply(llm, v)
-        times = []
+        times, host = [], []
         try:
             for _ in range(a.reps):
                 times.append(one_pass(llm, prompts) * 1e3)
+                host.append(clock.take())
         except torch.OutOfMemoryError as e:
             print(f"{v:28s} out of memory: {str(e)[:120]}", flush=True)
             out["variants"][v] = {"error": "out of memory"}
             torch.cuda.empty_cache()
             continue
-        out["variants"][v] = {"ms": times}
-        print(f"{v:28s} " + "  ".join(f"{x:7.1f} ms" for x in times) + f"   {sum(lens) / min(times) * 1e3:8.0f} tok/s",
-              flush=True)
+        out["variants"][v] = {"ms": times, "host_ms_in_forward_and_blocked": host}
+        print(f"{v:28s} " + "  ".join(f"{x:7.1f} ms" for x in times) + f"   {sum(lens) / min(times) * 1e3:8.0f} tok/s"
+              + "   host in pass / blocked: " + ", ".join(f"{t:.0f}/{b:.0f} ms" for t, b in host), flush=True)
     for v in filter(None, a.profile.split(",")):
         apply(llm, v)
-        r = profiled(llm, prompts)
+        r = profiled(llm, prompts, a.trace, v)
         out["profiles"][v] = r
         print(f"profile {v}: wall {r['wall_ms']:.0f} ms; " +
               ", ".join(f"{k} {ms:.0f} ms" for k, ms in sorted(r["ms_by_kind"].items())), flush=True)
+        if "overlap" in r:
+            print("    overlap:", json.dumps(r["overlap"]), flush=True)
         for row in r["top"]:
             print("   ", row)
     apply(llm, "base")

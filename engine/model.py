@@ -53,7 +53,7 @@ class WeightSource(Protocol):
 
 @dataclass(frozen=True)
 class Group:
-    """Rows ``row0 .. row0 + B`` of the KV cache fed ids [B, T] (on the device) at positions
+    """Rows ``row0 .. row0 + B`` of the KV cache fed ids [B, T] (on the host or the device) at positions
     ``start_pos[r] + j``; ``q_lens[r]`` of row r's tokens are real (the rest is right padding);
     ``max_len`` is max(start_pos + q_lens), known on the host. ``kv(i)``, when given, is the group's
     layer-i keys and values in place of those rows of ``cache.layer(i)`` (a paged cache's own view)."""

@@ -164,10 +164,11 @@ class ModelWeights:
 
     # ----- WeightSource -----
     def embed(self, ids: torch.Tensor, lookup=torch.nn.functional.embedding) -> torch.Tensor:
+        # ids on the host (a prompt's) cross without a device sync (a pageable source is staged at once)
         if self.plan.embed_on_device:
-            return lookup(ids.to(self.device), self.embed_table)
+            return lookup(ids.to(self.device, non_blocking=True), self.embed_table)
         rows = torch.nn.functional.embedding(ids.cpu(), self.embed_table)  # host table: gather on the host
-        return rows.to(self.dtype).to(self.device, non_blocking=False)
+        return rows.to(self.dtype).to(self.device, non_blocking=True)
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         if i in self.resident:

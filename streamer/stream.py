@@ -56,9 +56,10 @@ class WeightStreamer:
         self.device = torch.device(device)
         self.units, self.slot_bytes = list(streamed), slot_bytes
         self.order = list(range(len(self.units)))  # the units of one pass, in use order (see set_order)
-        # a unit is copied in pieces of this many bytes (0: one copy), so that other streams' host-to-device
-        # copies (a prefill's prompt states) queue behind one piece, not behind a whole layer
-        self.piece = int(float(os.environ.get("LAYERSTREAM_COPY_PIECE_MB", "0")) * (1 << 20))
+        # while metered, a unit is copied in pieces of this many bytes (0: one copy), so that other streams'
+        # host-to-device copies (a prefill's prompt states) queue behind one piece, not behind a whole layer;
+        # 8 MiB measured best of 8 / 32 on an H200 (bench/results/2026-12-02-h200-s15); unmetered: one copy
+        self.piece = int(float(os.environ.get("LAYERSTREAM_COPY_PIECE_MB", "8")) * (1 << 20))
         self.metered = False
         assert all(u.nbytes <= slot_bytes for u in self.units), "a streamed unit exceeds the slot size"
         assert not self.units or num_slots >= 2, "streaming needs at least two staging slots"
@@ -138,7 +139,7 @@ class WeightStreamer:
         if src is None:
             src = self.disk.get(g)
         self._request_read(g + n)  # unit g + n may come from disk even when unit g is pinned
-        step = self.piece or unit.nbytes
+        step = (self.piece if self.metered else 0) or unit.nbytes
         self.queued.append(_Copy(g, j, slot, src, [(a, min(unit.nbytes, a + step)) for a in range(0, unit.nbytes, step)]))
         self.issued += 1
         if not self.metered:
@@ -147,30 +148,35 @@ class WeightStreamer:
     def _issue(self, pieces: int | None = None, upto: int | None = None) -> None:
         """Put up to ``pieces`` (None: all) queued pieces on the copy stream, in order (only units <= ``upto``)."""
         pieces = math.inf if pieces is None else pieces
-        while pieces > 0 and self.queued and (upto is None or self.queued[0].g <= upto):
-            c = self.queued[0]
-            unit = self.units[c.j]
-            with self.sync.on_copy_stream():
+        if not (pieces > 0 and self.queued and (upto is None or self.queued[0].g <= upto)):
+            return  # the common metered call: nothing due (no stream switch)
+        with self.sync.on_copy_stream():  # once per call: a stream switch costs as much as a piece's copy call
+            while pieces > 0 and self.queued and (upto is None or self.queued[0].g <= upto):
+                c = self.queued[0]
                 if c.done == 0:
                     self.sync.copy_stream.wait_event(self.free[c.slot])
                     if self.tracer:
-                        self.tracer.begin("copy", unit.name, self.sync.copy_stream)
-                a, b = c.pieces[c.done]
-                self.slots[c.slot, a:b].copy_(c.src[a:b], non_blocking=True)
-                c.done += 1
-                pieces -= 1
-                self.pieces_issued += 1
-                if c.done < len(c.pieces):
-                    continue
-                self.ready[c.slot].record(self.sync.copy_stream)
-                if self.tracer:
-                    self.tracer.end("copy", unit.name, self.sync.copy_stream)
-            if self.disk is not None and c.j not in self.host_bufs:
-                done = self.sync.event()
-                done.record(self.sync.copy_stream)
-                self.disk.copied(c.g, done)
-            self.sync.note("copy", c.g, c.slot)
-            self.queued.popleft()
+                        self.tracer.begin("copy", self.units[c.j].name, self.sync.copy_stream)
+                n = min(len(c.pieces) - c.done, pieces)
+                for a, b in c.pieces[c.done:c.done + n]:
+                    self.slots[c.slot, a:b].copy_(c.src[a:b], non_blocking=True)
+                c.done += n
+                pieces -= n
+                self.pieces_issued += n
+                if c.done == len(c.pieces):
+                    self._issued(c)
+
+    def _issued(self, c: _Copy) -> None:
+        """Unit ``c``'s last piece is on the copy stream (called there): mark it ready and drop it from the queue."""
+        self.ready[c.slot].record(self.sync.copy_stream)
+        if self.tracer:
+            self.tracer.end("copy", self.units[c.j].name, self.sync.copy_stream)
+        if self.disk is not None and c.j not in self.host_bufs:
+            done = self.sync.event()
+            done.record(self.sync.copy_stream)
+            self.disk.copied(c.g, done)
+        self.sync.note("copy", c.g, c.slot)
+        self.queued.popleft()
 
     def meter(self, on: bool) -> None:
         """While on, units' copies wait in a queue until ``pump_to`` (or the unit's ``acquire``) issues them,

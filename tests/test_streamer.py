@@ -130,7 +130,8 @@ def test_truncated_file_is_a_clear_error(model_dir, tmp_path):
 
 @pytest.mark.parametrize("piece_mb", ["0", "0.00002", "0.0001"])  # one copy; 20-byte and 104-byte pieces
 def test_pieces_copy_every_byte(monkeypatch, piece_mb):
-    """``LAYERSTREAM_COPY_PIECE_MB`` splits a unit's copy into pieces (odd sizes: a short last piece)."""
+    """``LAYERSTREAM_COPY_PIECE_MB`` splits a metered unit's copy into pieces (odd sizes: a short last piece);
+    acquiring a unit issues its pieces still held."""
     from streamer.stream import WeightStreamer
     monkeypatch.setenv("LAYERSTREAM_COPY_PIECE_MB", piece_mb)
 
@@ -139,11 +140,17 @@ def test_pieces_copy_every_byte(monkeypatch, piece_mb):
     sizes = [100, 257, 64]
     ws = WeightStreamer([], [unit(j, n) for j, n in enumerate(sizes)], 2, 300, "cpu", threads=1)
     assert ws.piece == int(float(piece_mb) * (1 << 20))
+    ws.meter(True)
+    start = ws.pieces_issued
     for _ in range(2):
         for j, n in enumerate(sizes):
             got = ws.slots[ws.acquire(j)][:n]
             assert torch.equal(got, torch.arange(n, dtype=torch.uint8) + j)
             ws.release()
+    ws.meter(False)
+    # units 2..7 were queued metered (0 and 1 before): each in ceil(size / piece) pieces
+    per = [-(-n // ws.piece) if ws.piece else 1 for n in sizes]
+    assert ws.pieces_issued - start == per[2] + per[0] + per[1] + per[2] + per[0] + per[1]
     ws.close()
 
 
@@ -176,7 +183,8 @@ def test_metered_copies_interleave_with_host_states(model_dir, monkeypatch, kind
         _check_protocol(log.entries, plan.num_slots)
         assert not wm.stream.queued and not wm.stream.metered  # all issued after the pass
         per_unit = -(-plan.slot_bytes // wm.stream.piece)
-        assert wm.stream.pieces_issued >= per_unit  # pieces, not whole units
+        # metered: pieces, not whole units; unmetered: one copy per unit
+        assert (wm.stream.pieces_issued >= per_unit) == (pump == "1"), wm.stream.pieces_issued
         runs[pump] = logits, seen
         wm.close()
     assert torch.equal(runs["0"][0], runs["1"][0])

@@ -107,7 +107,7 @@ class ModelRunner:
         pass over the layers (``Model.forward_groups``), up to ``pass_tokens`` tokens in slices of at most
         ``--prefill-chunk``; a prompt that finds no room waits for the next step. Returns (logits [rows, V]
         by slot, tokens fed per slot)."""
-        eng, dev = self.engine, self.engine.device
+        eng = self.engine
         rows, cap = max(s.slot for s in seqs) + 1, eng.opts.max_context
         decode = [s for s in seqs if s.pending == 1]
         q_lens, groups, specs, pick, owners = [0] * rows, [], [], [], []
@@ -127,7 +127,7 @@ class ModelRunner:
             room -= fed
             for a in range(s.num_computed, s.num_computed + fed, eng.opts.prefill_chunk):  # slices, in order
                 n = min(eng.opts.prefill_chunk, s.num_computed + fed - a)
-                ids = torch.tensor([s.all_ids[a: a + n]], device=dev)
+                ids = torch.tensor([s.all_ids[a: a + n]])  # on the host: a host embedding table needs no sync
                 groups.append(Group(ids, self._i32([a]), self._i32([n]), s.slot, a + n))
                 if self.paged:
                     specs.append(BindSpec([self.paged[1].reserve(s.seq_id, a + n)], [a], [n], n))
@@ -166,7 +166,7 @@ class ModelRunner:
         for s in decode:
             ids[s.slot, 0] = s.all_ids[s.num_computed]
             start[s.slot], q_lens[s.slot] = s.num_computed, 1
-        group = Group(ids.to(self.engine.device), self._i32(start), self._i32(q_lens), 0,
+        group = Group(ids, self._i32(start), self._i32(q_lens), 0,
                       max(s.num_computed + 1 for s in decode))
         if self.paged is None:
             return group, None
