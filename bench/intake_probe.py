@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import LLM, SamplingParams  # noqa: E402
 import engine.prefill_states as prefill_states  # noqa: E402
 from engine.model import Model  # noqa: E402
+import kernels.launch as launch  # noqa: E402
 
 
 def apply(llm: LLM, variant: str) -> None:
@@ -161,7 +162,7 @@ def main() -> None:
            "tokens": sum(lens), "clients": a.clients, "decode_step_ms": decode_ms, "variants": {}, "profiles": {}}
     for v in a.variants.split(","):
         apply(llm, v)
-        times, host = [], []
+        times, host, before = [], [], launch.counts()
         try:
             for _ in range(a.reps):
                 times.append(one_pass(llm, prompts) * 1e3)
@@ -171,9 +172,12 @@ def main() -> None:
             out["variants"][v] = {"error": "out of memory"}
             torch.cuda.empty_cache()
             continue
-        out["variants"][v] = {"ms": times, "host_ms_in_forward_and_blocked": host}
+        after = launch.counts()
+        out["variants"][v] = {"ms": times, "host_ms_in_forward_and_blocked": host,
+                              "launches": {k: after[k] - before[k] for k in after}}
         print(f"{v:28s} " + "  ".join(f"{x:7.1f} ms" for x in times) + f"   {sum(lens) / min(times) * 1e3:8.0f} tok/s"
-              + "   host in pass / blocked: " + ", ".join(f"{t:.0f}/{b:.0f} ms" for t, b in host), flush=True)
+              + "   host in pass / blocked: " + ", ".join(f"{t:.0f}/{b:.0f} ms" for t, b in host)
+              + f"   launches {out['variants'][v]['launches']}", flush=True)
     for v in filter(None, a.profile.split(",")):
         apply(llm, v)
         r = profiled(llm, prompts, a.trace, v)

@@ -56,6 +56,14 @@ def spec(a: Any) -> Any:
     raise TypeError(f"no launch key for a {type(a).__name__} argument")
 
 
+_ALL: list[Launcher] = []
+
+
+def counts() -> dict[str, int]:
+    """Launches so far, by every Launcher: ``cached`` (straight to the kept kernel) and ``triton`` (Triton's path)."""
+    return {"cached": sum(x.cached for x in _ALL), "triton": sum(x.triton for x in _ALL)}
+
+
 class Launcher:
     """``Launcher(fn)(grid, *args, **meta)`` launches ``fn[grid](*args, **meta)`` (see the module docstring)."""
 
@@ -64,21 +72,27 @@ class Launcher:
         self.names: list[str] = list(getattr(fn, "arg_names", []))
         self.kernels: dict[tuple, Any] = {}
         self.usable = bool(self.names)
+        self.cached = self.triton = 0
+        _ALL.append(self)
 
     def __call__(self, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
         if not (self.usable and enabled()) or _hooks():
+            self.triton += 1
             self.fn[grid](*args, **meta)
             return
         try:
             key = (torch.cuda.current_device(), tuple(map(spec, args)), tuple(meta.items()))
             hash(key)
         except TypeError:  # an argument we cannot key (Triton's own path handles it)
+            self.triton += 1
             self.fn[grid](*args, **meta)
             return
         kernel = self.kernels.get(key)
         if kernel is None:
+            self.triton += 1
             self._first(key, grid, args, meta)
             return
+        self.cached += 1
         if os.environ.get("LAYERSTREAM_FAST_LAUNCH_CHECK") == "1":
             own = self.fn.run(*args, grid=grid, warmup=True, **meta)
             assert own is kernel, f"{self.names[0]}...: the kept kernel is not the one Triton picks for this call"

@@ -55,7 +55,7 @@ def test_later_calls_of_a_key_skip_triton(fast):
     assert len(fn.slow) == 1
     kernel = run.kernels[next(iter(run.kernels))]
     run((8, 2), x[4:], 48, 0.25, BLOCK=16, num_warps=4)  # the same key: aligned, n % 16 == 0, a float
-    assert len(fn.slow) == 1 and len(kernel.calls) == 1
+    assert len(fn.slow) == 1 and len(kernel.calls) == 1 and (run.triton, run.cached) == (1, 1)
     grid_x, grid_y, grid_z, stream, function, meta, lmeta, enter, leave, *values = kernel.calls[0]
     assert (grid_x, grid_y, grid_z, stream, function, meta) == (8, 2, 1, 1234, "fn", "meta")
     assert (lmeta, enter, leave) == (None, None, None)
@@ -145,10 +145,14 @@ def test_engine_prefill_and_decode_with_cached_launches(tmp_path, tokenizer_dir,
     for mode in ("0", "1"):
         monkeypatch.setenv("LAYERSTREAM_FAST_LAUNCH", mode)
         monkeypatch.setenv("LAYERSTREAM_FAST_LAUNCH_CHECK", mode)
-        eng = make_engine(d, device="cuda", dtype="bf16", kernels="triton", batch=3, prefill_chunk=16)
+        before = launch.counts()
+        eng = make_engine(d, device="cuda", dtype="bf16", kernels="triton", batch=3, prefill_chunk=16,
+                          max_context=128)
         prompts = random_prompts([5, 37, 70], eng.cfg.vocab_size, seed=5)
         logits = prefill(eng, prompts)
         tokens = generate(eng, prompts, SamplingParams(), max_new_tokens=5).token_ids
         runs[mode] = logits.float().cpu(), tokens
         eng.close()
+        after = launch.counts()
+        assert (after["cached"] > before["cached"]) == (mode == "1"), (before, after)
     assert torch.equal(runs["0"][0], runs["1"][0]) and runs["0"][1] == runs["1"][1]
