@@ -13,8 +13,7 @@ prompt states and the weights cross PCIe, as named by '+'-joined parts:
 - ``pump``: the streamer holds each layer's copy and issues a group's share of it after the group's states
   (``LAYERSTREAM_PUMP_WEIGHTS=1``; with ``pieceN``, or a share is a whole layer);
 - ``ringN``: N staging buffers, the host N - 1 chunks ahead of the copies (over the plan's 2 for N > 2);
-- ``device``: the states stay on the GPU (over the plan: a compute floor, may run out of memory);
-- ``slowlaunch``: every kernel launched through Triton's own path (``LAYERSTREAM_FAST_LAUNCH=0``).
+- ``device``: the states stay on the GPU (over the plan: a compute floor, may run out of memory).
 
 A decode step's time (one streamed pass, no prompt) is printed beside them. ``--profile`` names variants
 to run once more under torch.profiler: the compute stream's kernel time and the copies' time per kind.
@@ -35,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import LLM, SamplingParams  # noqa: E402
 import engine.prefill_states as prefill_states  # noqa: E402
 from engine.model import Model  # noqa: E402
-import kernels.launch as launch  # noqa: E402
 
 
 def apply(llm: LLM, variant: str) -> None:
@@ -43,7 +41,6 @@ def apply(llm: LLM, variant: str) -> None:
     parts = set(variant.split("+")) - {"base"}
     os.environ["LAYERSTREAM_STATE_LANES"] = "2" if "split" in parts else "1"
     os.environ["LAYERSTREAM_PUMP_WEIGHTS"] = "1" if "pump" in parts else "0"
-    os.environ["LAYERSTREAM_FAST_LAUNCH"] = "0" if "slowlaunch" in parts else "1"
     stream = getattr(llm.engine.weights, "stream", None)
     piece = next((p for p in parts if p.startswith("piece")), None)
     if stream is not None:
@@ -162,7 +159,7 @@ def main() -> None:
            "tokens": sum(lens), "clients": a.clients, "decode_step_ms": decode_ms, "variants": {}, "profiles": {}}
     for v in a.variants.split(","):
         apply(llm, v)
-        times, host, before = [], [], launch.counts()
+        times, host = [], []
         try:
             for _ in range(a.reps):
                 times.append(one_pass(llm, prompts) * 1e3)
@@ -172,12 +169,9 @@ def main() -> None:
             out["variants"][v] = {"error": "out of memory"}
             torch.cuda.empty_cache()
             continue
-        after = launch.counts()
-        out["variants"][v] = {"ms": times, "host_ms_in_forward_and_blocked": host,
-                              "launches": {k: after[k] - before[k] for k in after}}
+        out["variants"][v] = {"ms": times, "host_ms_in_forward_and_blocked": host}
         print(f"{v:28s} " + "  ".join(f"{x:7.1f} ms" for x in times) + f"   {sum(lens) / min(times) * 1e3:8.0f} tok/s"
-              + "   host in pass / blocked: " + ", ".join(f"{t:.0f}/{b:.0f} ms" for t, b in host)
-              + f"   launches {out['variants'][v]['launches']}", flush=True)
+              + "   host in pass / blocked: " + ", ".join(f"{t:.0f}/{b:.0f} ms" for t, b in host), flush=True)
     for v in filter(None, a.profile.split(",")):
         apply(llm, v)
         r = profiled(llm, prompts, a.trace, v)

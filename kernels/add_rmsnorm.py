@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher
 from kernels.checks import check_device
 from kernels.rmsnorm import row_blocking
 
@@ -58,9 +57,6 @@ def _add_rmsnorm_kernel(
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_add_rmsnorm_launch = Launcher(_add_rmsnorm_kernel)
-
-
 def _validate(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dim() < 1 or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(
@@ -98,7 +94,7 @@ def add_rmsnorm(
     if rows == 0:
         return normed, new_residual
     block_r, block_n, warps = row_blocking(rows, n, 2 * x.element_size(), x.device)
-    _add_rmsnorm_launch((triton.cdiv(rows, block_r),),
+    _add_rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
         x, residual, weight, normed, new_residual, rows, n, float(eps),
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )

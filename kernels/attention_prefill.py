@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher
 from kernels import tuning_cache
 from kernels.checks import check_kv_cache
 from kernels.flash_common import online_softmax_pv, qk_scores
@@ -125,15 +124,12 @@ def _attention_prefill_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m < T)[:, None] & d_mask[None, :])
 
 
-_attention_prefill_launch = Launcher(_attention_prefill_kernel)
-
-
 # (T bucket, BLOCK_D, group, dtype) -> tuned config
 _TUNED: dict[tuple, triton.Config] = {}
 
 
 def _launch(cfg: triton.Config, args: tuple, consts: dict, grid_m: int, grid_bh: int) -> None:
-    _attention_prefill_launch((triton.cdiv(grid_m, cfg.kwargs["BLOCK_M"]), grid_bh),
+    _attention_prefill_kernel[(triton.cdiv(grid_m, cfg.kwargs["BLOCK_M"]), grid_bh)](
         *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

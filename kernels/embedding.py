@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher
 from kernels.checks import check_device
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,9 +32,6 @@ def _embedding_kernel(ids_ptr, table_ptr, out_ptr, V, H, stride_row, BLOCK_H: tl
     load_mask = cols < tl.where(valid, H, 0)
     row = tl.load(table_ptr + idx * stride_row + cols, mask=load_mask, other=0.0)
     tl.store(out_ptr + tok * H + cols, row, mask=mask)
-
-
-_embedding_launch = Launcher(_embedding_kernel)
 
 
 def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -60,7 +56,7 @@ def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     flat = flat.contiguous()
     block = min(triton.next_power_of_2(hidden), 2048)
     grid = (flat.numel(), triton.cdiv(hidden, block))
-    _embedding_launch(grid,
+    _embedding_kernel[grid](
         flat, table, out, vocab, hidden, table.stride(0), BLOCK_H=block, num_warps=4 if block <= 1024 else 8
     )
     return out

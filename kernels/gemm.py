@@ -32,7 +32,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher
 from kernels import gemm_tma, tuning_cache
 from kernels.mma import mma_nt
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
@@ -124,9 +123,6 @@ def _gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-_gemm_launch = Launcher(_gemm_kernel)
-
-
 def _candidates(x: torch.Tensor, tma_ok: bool) -> list[triton.Config]:
     """Configs to time for this call: the pointer family, plus the TMA family where it may run."""
     if _INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
@@ -216,7 +212,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
     (M, K), N = x.shape, w.shape[0]
     kw = cfg.kwargs
     grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
-    _gemm_launch(grid,
+    _gemm_kernel[grid](
         x, w, bias if bias is not None else w, out, M, N, K,
         x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,

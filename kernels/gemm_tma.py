@@ -35,7 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher
 from kernels.mma import mma_nt
 
 try:  # host-side tensor descriptors (present in triton 3.6, the GPU machine, and 3.9)
@@ -153,9 +152,6 @@ def _gemm_tma_kernel(
             o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], c)
 
 
-_gemm_tma_launch = Launcher(_gemm_tma_kernel)
-
-
 def _desc(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     return TensorDescriptor(t, [t.shape[0], t.shape[1]], [t.stride(0), 1], [rows, cols])
 
@@ -172,7 +168,7 @@ def launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
         progs = min(tiles, _num_sms(x.device.index or 0) if x.is_cuda else _INTERPRET_PROGS)
     tma_store = (out.stride(0) * out.element_size()) % 16 == 0
     o_desc = _desc(out, bm, bn // 2 if kw["SUBTILE"] else bn) if tma_store else out
-    _gemm_tma_launch((progs,),
+    _gemm_tma_kernel[(progs,)](
         _desc(x, bm, bk), _desc(w, bn, bk), o_desc, bias if bias is not None else out, out,
         M, N, K, out.stride(0), progs,
         HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,

@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher
 from kernels.checks import check_device
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,9 +46,6 @@ def _kv_append_kernel(
     mask = (heads[:, None] < tl.where(in_range, HK, 0)) & (d[None, :] < D)
     _copy_heads(k_ptr + b * skb + t * skt, kc_ptr + b * scb + pos * scs, heads, skh, sch, mask, d)
     _copy_heads(v_ptr + b * svb + t * svt, vc_ptr + b * sdb + pos * sds, heads, svh, sdh, mask, d)
-
-
-_kv_append_launch = Launcher(_kv_append_kernel)
 
 
 def _validate(k, v, k_cache, v_cache, start_pos) -> None:
@@ -89,7 +85,7 @@ def kv_append_(
     block_d = triton.next_power_of_2(d)
     block_h = min(triton.next_power_of_2(hk), max(1, 2048 // block_d))
     grid = (b * t, triton.cdiv(hk, block_h))
-    _kv_append_launch(grid,
+    _kv_append_kernel[grid](
         k, v, k_cache, v_cache, start,
         t, hk, k_cache.shape[2], d,
         *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],

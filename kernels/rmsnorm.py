@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher
 from kernels.checks import check_device
 
 MAX_N = 65536
@@ -53,9 +52,6 @@ def _rmsnorm_kernel(
     out_ty = out_ptr.dtype.element_ty
     h = (x * rstd[:, None]).to(out_ty).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], (h * w).to(out_ty), mask=mask)
-
-
-_rmsnorm_launch = Launcher(_rmsnorm_kernel)
 
 
 @functools.cache
@@ -132,7 +128,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(f"rmsnorm: at most 2**30 - 1 rows, got {rows}")
     sizes, strides = _leading_layout(x)
     block_r, block_n, warps = row_blocking(rows, n, x.element_size(), x.device)
-    _rmsnorm_launch((triton.cdiv(rows, block_r),),
+    _rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
         x, weight, out, rows, sizes[1], sizes[2], strides[0], strides[1], strides[2],
         n, float(eps), BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )

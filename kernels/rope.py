@@ -34,7 +34,6 @@ import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from kernels.launch import Launcher
 from kernels import tuning_cache
 from kernels.checks import check_device
 from kernels.tuning import NoCandidate, fastest, graph_ms, tuning_suspended
@@ -75,9 +74,6 @@ def _rope_kernel(
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     tl.store(ptrs, (x1 * c - x2 * s).to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(ptrs + HALF, (x2 * c + x1 * s).to(q_ptr.dtype.element_ty), mask=mask)
-
-
-_rope_launch = Launcher(_rope_kernel)
 
 
 @functools.cache
@@ -126,7 +122,7 @@ def _launch(q, k, cos, sin, positions, cfg: tuple[int, int, int]) -> None:
     hk = k.shape[2]
     block_t, block_h, warps = cfg
     grid = (triton.cdiv(b * t, block_t), triton.cdiv(hq + hk, block_h))
-    _rope_launch(grid,
+    _rope_kernel[grid](
         q, k, cos, sin, positions,
         b * t, t, hq, hk, cos.shape[0],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

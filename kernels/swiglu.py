@@ -14,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher
 from kernels.checks import check_device
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -31,9 +30,6 @@ def _swiglu_kernel(gu_ptr, out_ptr, I, BLOCK: tl.constexpr):
     ty = out_ptr.dtype.element_ty
     a = (g * tl.sigmoid(g)).to(ty).to(tl.float32)
     tl.store(out_ptr + row * I + cols, (a * u).to(ty), mask=mask)
-
-
-_swiglu_launch = Launcher(_swiglu_kernel)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -55,7 +51,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block = min(triton.next_power_of_2(inter), 2048)
     grid = (rows, triton.cdiv(inter, block))
-    _swiglu_launch(grid, gate_up, out, inter, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    _swiglu_kernel[grid](gate_up, out, inter, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return out
 
 
