@@ -19,6 +19,7 @@ from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.ops import TorchOps
 from engine.prefill_states import DeviceStates, HostStates, interleave_weights
+from engine.state_parking import Parking, kv_tail_spans, parking_enabled
 from kernels.rope import rope_tables
 
 
@@ -79,6 +80,7 @@ class Model:
         self.host = None  # engine.host_lane.HostLane: decode steps compute its layers on the CPU
         self.host_states = False  # a prefill keeps the prompt states in host memory between layers (the plan's)
         self.state_host_bytes = 0  # prompt-state bytes copied between host and device so far (both ways)
+        self.parked_passes = 0  # passes whose host states waited in unreached KV positions instead
 
     def forward(self, ids: torch.Tensor, start_pos: torch.Tensor, q_lens: torch.Tensor, cache: KVCache,
                 max_len: int, last_only: bool = True) -> torch.Tensor:
@@ -129,24 +131,30 @@ class Model:
         if host is not None:
             self.weights.host_decode(False)  # a prefill streams the host layers too
             after = lambda i: host.absorb(i, tuple(c[:b] for c in cache.layer(i)), t)  # noqa: E731
-        return self.forward_groups(groups, cache, pick, chunk_context, after, self.host_states)
+        return self.forward_groups(groups, cache, pick, chunk_context, after, self.host_states, park=True)
 
     def forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
-                       chunk_context=None, after_layer=None, host_states: bool = False) -> torch.Tensor:
+                       chunk_context=None, after_layer=None, host_states: bool = False,
+                       park: bool = False) -> torch.Tensor:
         """Run several groups of sequences through one pass over the layers: each layer's weights are
         fetched once and every group (in order) runs through them, each on its own rows of the KV cache
         and with its own token count, so prompt slices and single decode tokens share a pass without
         padding one to the other. Returns fp32 logits [len(pick), V] of the tokens ``pick`` names as
         (group, row in the group, token index). ``after_layer(i)`` runs after layer i's groups.
         ``host_states``: the groups' states wait in host memory between layers (``engine.prefill_states``).
-        ``cache`` may be None when every group brings its own ``kv``."""
+        ``park``: the groups are all the rows in use of a contiguous ``cache``, so host states that fit its
+        unreached positions wait there instead (``engine.state_parking``). ``cache`` may be None when every
+        group brings its own ``kv``."""
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
         embed = lambda k: self.weights.embed(groups[k].ids, self.ops.embedding)  # noqa: E731
-        states = (HostStates([tuple(g.ids.shape) for g in groups], embed, n, pick, self.device) if host_states
-                  else DeviceStates(len(groups), embed))
-        pump = host_states and interleave_weights() and len(groups) > 1  # the weight copies interleave with the states'
+        parking = self._parking(groups, cache) if host_states and park else None
+        self.parked_passes += parking is not None
+        states = (HostStates([tuple(g.ids.shape) for g in groups], embed, n, pick, self.device, park=parking)
+                  if host_states else DeviceStates(len(groups), embed))
+        # the weight copies interleave with the states' (host states only: parked ones do not cross PCIe)
+        pump = host_states and parking is None and interleave_weights() and len(groups) > 1
         share = list(itertools.accumulate(g.ids.numel() for g in groups)) if pump else []  # tokens up to group k
         try:
             self.weights.meter(pump)
@@ -179,6 +187,19 @@ class Model:
         h, residual = states.pick(pick)
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
         return self._logits(x)
+
+    def _parking(self, groups: list[Group], cache: KVCache | None) -> Parking | None:
+        """The unreached positions of a contiguous cache past every group's rows' ends, when all the groups'
+        states fit there (``engine.state_parking``); else None."""
+        if not parking_enabled() or not isinstance(cache, KVCache) or any(g.kv is not None for g in groups):
+            return None
+        ends: dict[int, int] = {}
+        for g in groups:
+            for r in range(g.row0, g.row0 + g.ids.shape[0]):
+                ends[r] = max(ends.get(r, 0), g.max_len)
+        parking = Parking(kv_tail_spans(cache, ends))
+        need = [2 * g.ids.numel() * self.cfg.hidden_size for g in groups]  # hidden states and residual
+        return parking if parking.fits(need, self.dtype) else None
 
     def positions(self, start_pos: torch.Tensor, t: int) -> torch.Tensor:
         """Positions [B, t] of a pass starting at start_pos [B], clamped to the RoPE table."""

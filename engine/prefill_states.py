@@ -21,8 +21,10 @@ from typing import Protocol
 
 import torch
 
+from engine.state_parking import Parking, pairs
 from memory.footprint import HOST_STATE_RING
 
+Buffer = torch.Tensor | list[torch.Tensor]  # a host tensor, or a parked buffer's pieces (engine.state_parking)
 Embed = Callable[[int], torch.Tensor]  # group index -> its embedded ids [B, T, H] on the compute device
 Pick = list[tuple[int, int, int]]  # (group, row in the group, token index)
 
@@ -144,13 +146,17 @@ class HostStates:
     """
 
     def __init__(self, shapes: list[tuple[int, int]], embed: Embed, layers: int, pick: Pick,
-                 device: torch.device, lane: CopyLane | None = None) -> None:
+                 device: torch.device, lane: CopyLane | None = None, park: Parking | None = None) -> None:
         self.shapes, self.n, self.embed, self.layers, self.device = shapes, len(shapes), embed, layers, device
         split = os.environ.get("LAYERSTREAM_STATE_LANES", "1") == "2"
-        self.lane = lane or (StreamLane(device, split) if device.type == "cuda" else ImmediateLane())
+        # parked (engine.state_parking): the states wait in unreached KV positions, copied on the device in
+        # the compute stream's order; else in host memory, copied on a copy stream
+        self.park = park
+        self.lane = lane or (StreamLane(device, split) if device.type == "cuda" and park is None else ImmediateLane())
+        self.state_shape: dict[int, tuple[torch.Size, torch.dtype]] = {}  # group -> its states' shape and dtype
         self.ring = min(self.n, HOST_STATE_RING)  # staging buffers, and steps between an output and its release
         self.copied_out: dict[int, object] = {}  # group -> marker of its last copy out (its host states')
-        self.host: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.n
+        self.host: list[tuple[Buffer, Buffer] | None] = [None] * self.n  # each group's states between layers
         self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.ring
         self.uploaded: dict[int, object] = {}  # step -> marker of its copy into its staging buffer
         self.held: dict[int, tuple[torch.Tensor, torch.Tensor, object]] = {}  # step -> outputs being copied out
@@ -182,12 +188,17 @@ class HostStates:
                     self.last[(g, r, j)] = (h[r, j].clone(), residual[r, j].clone())
             return
         if self.host[k] is None:
-            pin = self.device.type == "cuda"
-            self.host[k] = (torch.empty(h.shape, dtype=h.dtype, pin_memory=pin),
-                            torch.empty(residual.shape, dtype=residual.dtype, pin_memory=pin))
+            self.state_shape[k] = (h.shape, h.dtype)
+            if self.park is not None:
+                self.host[k] = (self.park.take(h.numel()), self.park.take(residual.numel()))
+            else:
+                pin = self.device.type == "cuda"
+                self.host[k] = (torch.empty(h.shape, dtype=h.dtype, pin_memory=pin),
+                                torch.empty(residual.shape, dtype=residual.dtype, pin_memory=pin))
         host_h, host_r = self.host[k]
-        self.moved_bytes += 2 * h.numel() * h.element_size()
-        done = self.lane.copy([(host_h, h), (host_r, residual)], out=True)
+        if self.park is None:
+            self.moved_bytes += 2 * h.numel() * h.element_size()
+        done = self.lane.copy(pairs(host_h, h) + pairs(host_r, residual), out=True)
         self.held[s], self.copied_out[k] = (h, residual, done), done
 
     def close(self) -> None:
@@ -211,14 +222,15 @@ class HostStates:
         """Queue the copy of step s's group into its staging buffer (after the compute that read it last)."""
         host_h, host_r = self.host[s % self.n]
         h, res = self._staging(s)
-        self.uploaded[s] = self.lane.copy([(h, host_h), (res, host_r)], after=self.copied_out.get(s % self.n))
-        self.moved_bytes += 2 * host_h.numel() * host_h.element_size()
+        self.uploaded[s] = self.lane.copy(pairs(h, host_h) + pairs(res, host_r), after=self.copied_out.get(s % self.n))
+        if self.park is None:
+            self.moved_bytes += 2 * h.numel() * h.element_size()
 
     def _staging(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step s's staging buffer, as the (hidden, residual) shapes of its group."""
-        host_h = self.host[s % self.n][0]
+        shape, dtype = self.state_shape[s % self.n]
         i = s % self.ring
         if self.slots[i] is None:
-            size = max(b * t for b, t in self.shapes) * host_h.shape[-1]
-            self.slots[i] = tuple(torch.empty(size, dtype=host_h.dtype, device=self.device) for _ in range(2))
-        return tuple(buf[: host_h.numel()].view(host_h.shape) for buf in self.slots[i])
+            size = max(b * t for b, t in self.shapes) * shape[-1]
+            self.slots[i] = tuple(torch.empty(size, dtype=dtype, device=self.device) for _ in range(2))
+        return tuple(buf[: shape.numel()].view(shape) for buf in self.slots[i])

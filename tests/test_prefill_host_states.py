@@ -95,13 +95,18 @@ def test_auto_moves_the_states_to_the_host_below_the_in_vram_minimum(model_dir):
     roomy.close()
 
 
-def test_cli_flag_reaches_the_plan_and_the_json(capsys, model_dir):
+def test_cli_flag_reaches_the_plan_and_the_json(capsys, model_dir, monkeypatch):
     argv = ["--model", str(model_dir), "--prompt", "hello there", "--max-new-tokens", "2", "--device", "cpu",
             "--prefill-chunk", "2", "--prefill-states", "host", "--json"]
     assert main(argv) == 0
     obj = json.loads(capsys.readouterr().out)
     assert obj["plan"]["prefill_state_place"] == "host" and obj["plan"]["prefill_state_host_bytes"] > 0
-    assert obj["stats"]["prefill_state_host_bytes"] > 0
+    # the 4096-position context leaves room for the short prompt's states: parked there, not copied
+    assert obj["stats"]["prefill_states_parked"] and obj["stats"]["prefill_state_host_bytes"] == 0
+    monkeypatch.setenv("LAYERSTREAM_PARK_STATES", "0")
+    assert main(argv) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert not obj["stats"]["prefill_states_parked"] and obj["stats"]["prefill_state_host_bytes"] > 0
     assert main([*argv[:-3], "--prefill-states", "gpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "--prefill-states" in err[0]
@@ -109,13 +114,16 @@ def test_cli_flag_reaches_the_plan_and_the_json(capsys, model_dir):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("knobs", ["default", "split+pieces", "pump+pieces"])
+@pytest.mark.parametrize("knobs", ["default", "split+pieces", "pump+pieces", "parked"])
 @pytest.mark.parametrize("tier", ["resident", "pinned", "disk"])
 def test_host_states_on_the_gpu_with_the_copy_stream(model_dir, tier, knobs, monkeypatch):
     """Also with the copies out on their own stream, or the weights' copies held and issued in shares
-    after each group's states, the weights copied in 1 KiB pieces (the options bench/intake_probe.py measures)."""
+    after each group's states, the weights copied in 1 KiB pieces (the options bench/intake_probe.py measures);
+    or parked in the KV cache's unreached positions (engine.state_parking: every span used, however short)."""
     from memory.process_vram import Outside
-    if knobs != "default":
+    if knobs == "parked":
+        monkeypatch.setattr("engine.state_parking.MIN_SPAN_ELEMENTS", 1)
+    elif knobs != "default":
         monkeypatch.setenv("LAYERSTREAM_STATE_LANES" if knobs.startswith("split") else "LAYERSTREAM_PUMP_WEIGHTS",
                            "2" if knobs.startswith("split") else "1")
         monkeypatch.setenv("LAYERSTREAM_COPY_PIECE_MB", str(1 / 1024))
@@ -132,6 +140,8 @@ def test_host_states_on_the_gpu_with_the_copy_stream(model_dir, tier, knobs, mon
     tokens = generate(vram, prompts, SamplingParams(), max_new_tokens=6).token_ids
     run = generate(host, prompts, SamplingParams(), max_new_tokens=6)
     assert run.token_ids == tokens
-    assert run.stats["prefill_state_host_bytes"] == _moved(host, lengths) // 2  # bf16: half fp32's bytes
+    parked = knobs == "parked"
+    assert host.model.parked_passes == (2 if parked else 0)  # prefill and generate's prefill
+    assert run.stats["prefill_state_host_bytes"] == (0 if parked else _moved(host, lengths) // 2)  # bf16: half fp32's
     vram.close()
     host.close()

@@ -1,0 +1,85 @@
+"""Prompt states parked in the KV cache's unreached positions instead of host memory.
+
+A plan that keeps the prompt states of a layer-major prefill in host memory (``HostStates``) does so
+for the longest prompt its context allows. A shorter prompt leaves most of the contiguous KV cache
+unreached during its pass: every layer's keys and values past the longest row's end. Those positions
+are already allocated and nothing reads them before a later token writes them (attention reads only
+positions below each sequence's length), so a pass whose states fit there parks them there: copies
+between the compute buffers and the parked pieces run on the device at memory speed, and nothing
+crosses PCIe but the weights. Measured as the reason to want this: on an H200 at 4 GiB, an 8k-token
+prompt with its states in host memory took 1.55x one streamed pass (bench/results/2026-12-02-h200-s15).
+
+:func:`kv_tail_spans` lists the free spans; :class:`Parking` carves a pass's buffers from them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MIN_SPAN_ELEMENTS = 1 << 15  # spans shorter than this are not used (each piece is one more copy)
+
+
+def parking_enabled() -> bool:
+    """Whether host states that fit unreached KV positions are parked there (``LAYERSTREAM_PARK_STATES=0``: never)."""
+    return os.environ.get("LAYERSTREAM_PARK_STATES", "1") == "1"
+
+
+def kv_tail_spans(cache, ends: dict[int, int]) -> list[torch.Tensor]:
+    """Flat views of the positions ``ends[row]`` .. ``max_context`` of every layer, head, keys and values
+    of each row in ``ends`` (rows a pass does not name are left alone: other sequences' may be in use).
+
+    ``cache`` is a contiguous ``engine.kv_cache.KVCache`` ([layers, rows, heads, positions, dim]): one
+    head's tail is contiguous."""
+    spans = []
+    for t in (cache.k, cache.v):
+        layers, _, heads, positions, dim = t.shape
+        for row, end in sorted(ends.items()):
+            if (positions - end) * dim < MIN_SPAN_ELEMENTS:
+                continue
+            spans += [t[i, row, h, end:].view(-1) for i in range(layers) for h in range(heads)]
+    return spans
+
+
+class Parking:
+    """Buffers carved in order from flat spans of one dtype; each buffer is a list of pieces."""
+
+    def __init__(self, spans: list[torch.Tensor]) -> None:
+        self.spans = sorted(spans, key=lambda s: -s.numel())
+        self.free = sum(s.numel() for s in spans)
+        self.dtype = spans[0].dtype if spans else None
+        self._span, self._offset = 0, 0
+
+    def fits(self, sizes: list[int], dtype: torch.dtype) -> bool:
+        """Whether buffers of these element counts, of ``dtype``, can be carved."""
+        return self.dtype == dtype and sum(sizes) <= self.free
+
+    def take(self, n: int) -> list[torch.Tensor]:
+        """Pieces (flat views, in order) holding ``n`` elements."""
+        assert n <= self.free, "parking over its free space (call fits first)"
+        pieces = []
+        while n > 0:
+            span = self.spans[self._span]
+            k = min(n, span.numel() - self._offset)
+            pieces.append(span[self._offset:self._offset + k])
+            n -= k
+            self.free -= k
+            self._offset += k
+            if self._offset == span.numel():
+                self._span, self._offset = self._span + 1, 0
+        return pieces
+
+
+def pairs(dst: list[torch.Tensor] | torch.Tensor, src: list[torch.Tensor] | torch.Tensor) -> list:
+    """(dst, src) copy pairs between a whole tensor and a buffer's pieces, either way round."""
+    if not isinstance(dst, list) and not isinstance(src, list):
+        return [(dst, src)]
+    whole, pieces, out = (src, dst, True) if isinstance(dst, list) else (dst, src, False)
+    flat, at, result = whole.view(-1), 0, []
+    for p in pieces:
+        part = flat[at:at + p.numel()]
+        result.append((p, part) if out else (part, p))
+        at += p.numel()
+    assert at == flat.numel(), "a buffer's pieces cover its tensor exactly"
+    return result
