@@ -28,9 +28,9 @@
 #  w  issue 15: bench/qgemv_sweep.py (arguments from $W_ARGS), the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident; tools.ttft_breakdown of each level
 #  n  issues 16 / 14: bench/intake_probe.py (16 prompts at once, one pass with host prompt states, at 6 GiB with
-#     32 slots) under the copy variants; bench_prefill at 4 GiB / 8k and 32k tokens (host states) and 6 GiB / 8k-16k
-#     (host states forced), plain and with $N_ENV (default: the weights' copies issued in 8 MiB pieces, each
-#     group's share after its states)
+#     32 slots) under the copy variants; issue 14's table: bench_prefill at 4 GiB, 6 GiB and all resident, 2k-32k
+#     tokens (context 32k: at 4 GiB the plan keeps host states, parked in the KV cache's unreached positions where
+#     they fit); then 4 GiB 8k / 16k with $N_ENV (default: LAYERSTREAM_PARK_STATES=0, the states in host memory)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -150,17 +150,14 @@ if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-reside
   done
 save; fi
 if [[ $steps == *n* ]]; then  # the intake pass's copies (issue 16's TTFT) and host prompt states (issue 14)
-  timeout $(left 200) python3 bench/intake_probe.py --model $M --out $R/intake_probe.json > $R/intake_probe.txt 2>&1
+  timeout $(left 150) python3 bench/intake_probe.py --model $M --variants pump+piece8,base,pump+piece8,base --profile '' \
+    --out $R/intake_probe.json > $R/intake_probe.txt 2>&1
   echo "probe rc=$?"; grep -v Warn $R/intake_probe.txt | tail -32
-  NE=(${N_ENV:-LAYERSTREAM_PUMP_WEIGHTS=1 LAYERSTREAM_COPY_PIECE_MB=8})
-  for tag in plain tuned; do
-    E=(); B=4GiB,full; [ $tag = tuned ] && E=("${NE[@]}") && B=4GiB  # plain: also the all-resident reference
-    env "${E[@]}" timeout $(left 110) python3 -m tools.bench_prefill --model $M --budgets $B --tokens 8192,32768 \
-      --out $R/prefill4g_$tag.json > $R/prefill4g_$tag.txt 2>&1; echo "prefill 4GiB $tag rc=$?"; grep -v Warn $R/prefill4g_$tag.txt | tail -3
-    env "${E[@]}" timeout $(left 80) python3 -m tools.bench_prefill --model $M --budgets 6GiB --tokens 8192,16384 \
-      --prefill-states host --out $R/prefill6g_$tag.json > $R/prefill6g_$tag.txt 2>&1; echo "prefill 6GiB host $tag rc=$?"
-    grep -v Warn $R/prefill6g_$tag.txt | tail -4
-  done
+  timeout $(left 220) python3 -m tools.bench_prefill --model $M --budgets 4GiB,6GiB,full --tokens 2048,8192,16384,32768 \
+    --out $R/prefill_table.json > $R/prefill_table.txt 2>&1; echo "prefill table rc=$?"; grep -v Warn $R/prefill_table.txt | tail -4
+  NE=(${N_ENV:-LAYERSTREAM_PARK_STATES=0})
+  env "${NE[@]}" timeout $(left 100) python3 -m tools.bench_prefill --model $M --budgets 4GiB --tokens 8192,16384,32768 \
+    --out $R/prefill4g_env.json > $R/prefill4g_env.txt 2>&1; echo "prefill 4GiB ${NE[*]} rc=$?"; grep -v Warn $R/prefill4g_env.txt | tail -4
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"

@@ -3,7 +3,7 @@
     python -m tools.bench_prefill --model DIR --budgets 6GiB,4GiB,full --tokens 2048,8192,16384,32768
 
 For each budget one engine (context = the longest prompt + 1) prefills each prompt length, warm
-(every shape run once first), timed with a device sync. Beside each time: the bytes the streamer
+(every shape run once first), timed with a device sync (the median of ``--reps`` runs). Beside each time: the bytes the streamer
 handed out during it (layer-major: one pass per prompt), one streamed pass at the pinned
 host-to-device rate measured in the same run, the all-resident prefill of the same length, and
 their ratio. ``--chunk-major`` also times the order before layer-major (the whole model per chunk)
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-major", action="store_true", help="also time the chunk-major order once per budget")
     p.add_argument("--prefill-states", default="auto", choices=["auto", "vram", "host"],
                    help="where the prompt states wait between layers (the planner's choice with auto)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per length (the median is reported)")
     p.add_argument("--out", default="bench/results/prefill.json")
     return p
 
@@ -60,7 +62,7 @@ def _chunk_major(engine: Engine, ids: list[int]) -> None:
 
 
 def run_budget(model: str, budget: int | None, lengths: list[int], chunk_major: bool, h2d: float,
-               states: str = "auto") -> dict:
+               states: str = "auto", reps: int = 1) -> dict:
     opts = EngineOptions(device="cuda", kernels="triton", vram_budget=budget, max_context=max(lengths) + 1,
                          prefill_states=states)
     engine = Engine(model, opts)
@@ -70,11 +72,15 @@ def run_budget(model: str, budget: int | None, lengths: list[int], chunk_major: 
     for n in lengths:
         ids = torch.randint(0, min(engine.cfg.vocab_size, 1000), (n,), generator=gen).tolist()
         prefill(engine, [ids])  # warm: compile and tune this length's shapes
-        before = stream.streamed_bytes
-        t = _timed(lambda: prefill(engine, [ids]))
-        rows.append({"tokens": n, "prefill_s": t, "tok_s": n / t, "streamed_bytes": stream.streamed_bytes - before})
-        print(f"  {n:>6} tokens: {t:.3f} s ({n / t:,.0f} tok/s), streamed {format_size(rows[-1]['streamed_bytes'])}",
-              flush=True)
+        before, parked = stream.streamed_bytes, engine.model.parked_passes
+        times = [_timed(lambda: prefill(engine, [ids])) for _ in range(max(1, reps))]
+        t = statistics.median(times)
+        rows.append({"tokens": n, "prefill_s": t, "tok_s": n / t, "times_s": times,
+                     "streamed_bytes": (stream.streamed_bytes - before) // len(times),
+                     "states_parked": engine.model.parked_passes > parked})
+        where = " (states parked in the KV cache)" if rows[-1]["states_parked"] else ""
+        print(f"  {n:>6} tokens: {t:.3f} s median of {len(times)} ({n / t:,.0f} tok/s), streamed "
+              f"{format_size(rows[-1]['streamed_bytes'])}{where}", flush=True)
     res = {"budget_bytes": budget, "resident_layers": len(plan.resident_layers),
            "streamed_bytes_per_step": plan.streamed_bytes_per_step, "one_pass_s": plan.streamed_bytes_per_step / (h2d * 1e9),
            "prefill_state_bytes": plan.prefill_state_bytes, "prefill_state_place": plan.prefill_state_place,
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for b in budgets:
         print(f"budget {format_size(b) if b else 'full'}:", flush=True)
-        results.append(run_budget(args.model, b, lengths, args.chunk_major, h2d, args.prefill_states))
+        results.append(run_budget(args.model, b, lengths, args.chunk_major, h2d, args.prefill_states, args.reps))
     full = next((r for r in results if r["budget_bytes"] is None), None)
     for r in results:
         for row in r["rows"]:
