@@ -84,3 +84,57 @@ def test_a_pass_whose_states_fit_the_vram_reserve_keeps_them_there(engines, tiny
 def test_all_resident_a_pass_takes_one_prefill_chunk(engines):  # noqa: F811
     _, multi = engines
     assert multi.plan.num_slots == 0 and Scheduler(multi).runner.pass_tokens == 16
+
+
+@pytest.mark.parametrize("states", ["vram", "host"])
+def test_paged_last_slices_share_groups_within_the_chunk(engines, tiny_qwen2_dir, streamed_budget,  # noqa: F811
+                                                        states, monkeypatch):
+    """With a paged cache, the prompts' last slices of a pass are packed into [rows, longest] groups of at
+    most the prefill chunk's tokens (a group's launches serve several prompts); each sequence still gets
+    its own greedy tokens, and a prompt's earlier slices run before its last."""
+    from engine.model import Model
+    single, _ = engines
+    eng = make_engine(tiny_qwen2_dir, batch=4, max_context=64, prefill_chunk=8, vram_budget=streamed_budget,
+                      prefill_states=states)
+    shapes: list[list[tuple[int, int]]] = []
+    real = Model.forward_groups
+
+    def spy(self, groups, *a, **k):
+        shapes.append([tuple(g.ids.shape) for g in groups])
+        return real(self, groups, *a, **k)
+    monkeypatch.setattr(Model, "forward_groups", spy)
+    try:
+        sched = Scheduler(eng, kv_cache="paged", block_size=4)
+        prompts = random_prompts([30, 3, 17, 2], eng.cfg.vocab_size, seed=48)
+        seqs = [Sequence(p, SamplingParams(max_tokens=4), eng.tokenizer) for p in prompts]
+        for s in seqs:
+            sched.add(s)
+        sched.step()
+        # slices 8, 8, 8 | 6 (30); 3; 8, 8 | 1 (17); 2: the last slices 6, 3, 2, 1 in groups [6], [3, 2], [1]
+        assert shapes[0] == [(1, 8)] * 5 + [(1, 6), (2, 3), (1, 1)]
+        assert all(b * t <= 8 for b, t in shapes[0])
+        assert [len(s.output_ids) for s in seqs] == [1, 1, 1, 1]
+        while sched.has_work():
+            sched.step()
+        for p, s in zip(prompts, seqs):
+            assert s.output_ids == alone(single, p, 4), f"prompt of {len(p)} tokens"
+    finally:
+        eng.close()
+
+
+PROBE_LASTS = [103, 168, 187, 236, 269, 392, 423, 427, 512, 637, 645, 734, 770, 772, 851, 866]  # bench/intake_probe.py's
+
+
+@pytest.mark.parametrize("lengths,limit", [([6, 3, 1, 1], 8), (PROBE_LASTS, 1024), ([5], 3), ([1] * 9, 4), ([], 8)])
+def test_pack_rows_covers_every_slice_once_within_the_limit(lengths, limit):
+    from engine.serving.packing import pack_rows
+    groups = pack_rows(lengths, limit)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        longest = max(lengths[i] for i in g)
+        assert len(g) * longest <= limit or len(g) == 1
+        assert [lengths[i] for i in g] == sorted((lengths[i] for i in g), reverse=True)
+    if lengths == [1] * 9:
+        assert [len(g) for g in groups] == [4, 4, 1]
+    if limit == 1024:
+        assert len(groups) == 11  # the 16 prompts' last slices (chunk 1024): 11 groups, with 7 full slices 18 not 23

@@ -28,6 +28,7 @@ from engine.model import Group
 from engine.sampling import Sampler
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
+from engine.serving.packing import pack_rows
 from engine.serving.sequence import Logprob, Sequence
 
 
@@ -102,13 +103,12 @@ class ModelRunner:
         return self._forward(ids, start, q_lens, max_len), q_lens
 
     def _grouped(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
-        """A step with prompts to prefill: the decoding sequences as one [rows, 1] group, then each
-        prompt's next slice as a group of its own (its cache row, or its own block table), all in one
-        pass over the layers (``Model.forward_groups``), up to ``pass_tokens`` tokens in slices of at most
-        ``--prefill-chunk``; a prompt that finds no room waits for the next step. Returns (logits [rows, V]
-        by slot, tokens fed per slot)."""
+        """A step with prompts to prefill: the decoding sequences as one [rows, 1] group, then the
+        prompts' slices (``_slices``), all in one pass over the layers (``Model.forward_groups``), up to
+        ``pass_tokens`` tokens; a prompt that finds no room waits for the next step. Returns (logits
+        [rows, V] by slot, tokens fed per slot)."""
         eng = self.engine
-        rows, cap = max(s.slot for s in seqs) + 1, eng.opts.max_context
+        rows = max(s.slot for s in seqs) + 1
         decode = [s for s in seqs if s.pending == 1]
         q_lens, groups, specs, pick, owners = [0] * rows, [], [], [], []
         if decode:
@@ -119,21 +119,14 @@ class ModelRunner:
                 q_lens[s.slot] = 1
                 pick.append((0, s.slot, 0))
                 owners.append(s)
-        room = max(1, self.pass_tokens - len(decode))
-        for s in (s for s in seqs if s.pending > 1):
-            fed = min(s.pending, room, cap - s.num_computed)
-            if fed < 1:
-                continue
-            room -= fed
-            for a in range(s.num_computed, s.num_computed + fed, eng.opts.prefill_chunk):  # slices, in order
-                n = min(eng.opts.prefill_chunk, s.num_computed + fed - a)
-                ids = torch.tensor([s.all_ids[a: a + n]])  # on the host: a host embedding table needs no sync
-                groups.append(Group(ids, self._i32([a]), self._i32([n]), s.slot, a + n))
-                if self.paged:
-                    specs.append(BindSpec([self.paged[1].reserve(s.seq_id, a + n)], [a], [n], n))
-            q_lens[s.slot] = fed
-            pick.append((len(groups) - 1, 0, n - 1))
-            owners.append(s)
+        for part in self._slices(seqs, max(1, self.pass_tokens - len(decode)), q_lens):
+            group, spec = self._slice_group(part)
+            groups.append(group)
+            specs.append(spec)
+            for r, (s, a, n) in enumerate(part):
+                if a + n == s.num_computed + q_lens[s.slot]:  # the sequence's last slice this step
+                    pick.append((len(groups) - 1, r, n - 1))
+                    owners.append(s)
         cache = eng.cache
         if self.paged:  # every group reads and writes its own rows' blocks
             cache = self.paged[0]
@@ -143,6 +136,40 @@ class ModelRunner:
         logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
         logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
         return logits, q_lens
+
+    def _slices(self, seqs: list[Sequence], room: int, q_lens: list[int]) -> list[list[tuple[Sequence, int, int]]]:
+        """The prompts' slices of this step, as groups of (sequence, start, tokens) rows, in run order: a
+        prompt's slices of at most ``--prefill-chunk`` tokens, in order, each but the last a group of its own;
+        then the last slices, packed (paged cache) into groups whose rows x longest slice stay within the
+        chunk (the activation workspace the plan sized), so short prompts share a group's launches (a
+        streamed pass with many prompts is host-bound: each group costs ~1 ms of launches a layer on an
+        H200's host). Sets ``q_lens[slot]`` to each fed sequence's token count."""
+        eng, chunk = self.engine, self.engine.opts.prefill_chunk
+        singles, lasts = [], []
+        for s in (s for s in seqs if s.pending > 1):
+            fed = min(s.pending, room, eng.opts.max_context - s.num_computed)
+            if fed < 1:
+                continue
+            room -= fed
+            q_lens[s.slot] = fed
+            starts = list(range(s.num_computed, s.num_computed + fed, chunk))
+            singles += [[(s, a, chunk)] for a in starts[:-1]]
+            lasts.append((s, starts[-1], s.num_computed + fed - starts[-1]))
+        if not self.paged:  # a group's rows are consecutive cache rows: one slice a group
+            return singles + [[x] for x in lasts]
+        return singles + [[lasts[i] for i in part] for part in pack_rows([n for _, _, n in lasts], chunk)]
+
+    def _slice_group(self, part: list[tuple[Sequence, int, int]]) -> tuple[Group, BindSpec | None]:
+        """One group of prompt slices: row r feeds ``part[r]``'s tokens, right-padded to the longest."""
+        t = max(n for _, _, n in part)
+        ids = torch.zeros((len(part), t), dtype=torch.long)  # on the host: a host embedding table needs no sync
+        for r, (s, a, n) in enumerate(part):
+            ids[r, :n] = torch.tensor(s.all_ids[a: a + n])
+        start, lens = [a for _, a, _ in part], [n for _, _, n in part]
+        group = Group(ids, self._i32(start), self._i32(lens), part[0][0].slot, max(a + n for _, a, n in part))
+        if not self.paged:
+            return group, None
+        return group, BindSpec([self.paged[1].reserve(s.seq_id, a + n) for s, a, n in part], start, lens, t)
 
     def _host_states(self, groups: list[Group]) -> bool:
         """Whether this pass's groups wait between layers in host memory: when the plan puts prompt states
