@@ -3,9 +3,10 @@
 Sequence ``s`` lives in KV-cache row ``s.slot`` (slot cache) or in the blocks of its table (paged).
 A decode step feeds every row its one pending token ([rows, 1]; rows of free slots below the highest
 busy one ride along with no real token). A step with prompts to prefill runs groups in one pass over
-the layers: the decoding rows as one [rows, 1] group, each prompt's next slices as groups of their own
-(each within the engine's prefill chunk, the activation workspace the memory plan sized), no row padded
-to another's length.
+the layers: the decoding rows as one [rows, 1] group, then each prompt's slices of at most the engine's
+prefill chunk (the activation workspace the memory plan sized); with a paged cache the prompts' last
+slices share [rows, longest] groups within that chunk (``ModelRunner._slices``), else each slice is a
+group of its own. Decode tokens are never padded to a prompt's length.
 
 How many prompt tokens one pass takes depends on what the pass costs. All resident, a pass is compute:
 one prefill chunk of prompt tokens a pass keeps the decoding rows' inter-token time short. With layers
