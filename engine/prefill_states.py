@@ -86,12 +86,13 @@ class StreamLane:
     def __init__(self, device: torch.device, split: bool = False) -> None:
         self.device, self.stream = device, torch.cuda.Stream(device)
         self.out_stream = torch.cuda.Stream(device) if split else self.stream
+        self.compute = torch.cuda.current_stream(device)  # a pass runs on one stream (looked up once: not cheap)
 
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], out: bool = False,
              after: torch.cuda.Event | None = None) -> torch.cuda.Event:
         stream = self.out_stream if out else self.stream
         computed = torch.cuda.Event()
-        computed.record(torch.cuda.current_stream(self.device))
+        computed.record(self.compute)
         with torch.cuda.stream(stream):
             stream.wait_event(computed)
             if after is not None:
@@ -103,7 +104,7 @@ class StreamLane:
         return done
 
     def compute_waits(self, done: torch.cuda.Event) -> None:
-        torch.cuda.current_stream(self.device).wait_event(done)
+        self.compute.wait_event(done)
 
     def host_waits(self, done: torch.cuda.Event) -> None:
         done.synchronize()
