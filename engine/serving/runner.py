@@ -47,6 +47,7 @@ class ModelRunner:
         self._samplers: dict[object, Sampler] = {}  # unseeded parameter sets -> one shared sampler each
         self.steps = 0
         self.last_tokens = 0  # real tokens fed by the last step
+        self.pack_slices = True  # paged: prompts' last slices share groups (off during the warm-up)
         opts, plan = engine.opts, engine.plan
         streams = plan is not None and plan.num_slots > 0
         self.pass_tokens = max(opts.prefill_chunk, opts.batch * (opts.max_context - 1)) if streams \
@@ -156,7 +157,7 @@ class ModelRunner:
             starts = list(range(s.num_computed, s.num_computed + fed, chunk))
             singles += [[(s, a, chunk)] for a in starts[:-1]]
             lasts.append((s, starts[-1], s.num_computed + fed - starts[-1]))
-        if not self.paged:  # a group's rows are consecutive cache rows: one slice a group
+        if not self.paged or not self.pack_slices:  # slot cache: a group's rows are consecutive rows
             return singles + [[x] for x in lasts]
         return singles + [[lasts[i] for i in part] for part in pack_rows([n for _, _, n in lasts], chunk)]
 

@@ -154,6 +154,9 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
                         eager_decode=paged or eng.graph is None, dry=ahead.wanted(eng.model),
                         block_size=scheduler.blocks.block_size if paged else None)
     report = WarmupReport()
+    # each planned slice its own group: the slices hit the GEMM row buckets to tune one by one (packed, a
+    # real pass's [rows, longest] groups meet those buckets and the same kernel specialisations)
+    scheduler.runner.pack_slices = False
     try:
         t0 = time.perf_counter()
         for step in (s for s in steps if not s.dry):
@@ -170,6 +173,7 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
                     _run(scheduler, step, report)
             report.dry_s = time.perf_counter() - t0
     finally:
+        scheduler.runner.pack_slices = True
         _clean(scheduler)
     log.info("%s", report.summary())
     return report
