@@ -231,7 +231,7 @@ def test_paged_decode_reads_blocks_in_place_with_triton_kernels(tiny_qwen2_dir):
     prompts = random_prompts([3, 9, 20], slots_eng.cfg.vocab_size, seed=31)
     runs = []
     for sched in (Scheduler(slots_eng), Scheduler(paged_eng, kv_cache="paged", block_size=16)):
-        seqs = [Sequence(p, SamplingParams(max_tokens=n), sched.engine.tokenizer) for p, n in zip(prompts, [2, 8, 5])]
+        seqs = [Sequence(p, SamplingParams(max_tokens=n), sched.engine.tokenizer) for p, n in zip(prompts, [2, 5, 4])]
         # the third takes the first's slot 0 while the second decodes in slot 1: the decode group's
         # row 0 reads no block in the mixed steps
         run_all(sched, seqs, {2: 4})
