@@ -86,11 +86,11 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
     engine.cache.reset()
     _sync(dev)
     t0, crossed = time.perf_counter(), [engine.weights.stream.streamed_bytes]
-    moved = [engine.model.state_host_bytes, engine.model.parked_passes]
+    moved = [(engine.model.state_host_bytes, engine.model.parked_passes)]
     try:
         logits = prefill(engine, prompts)
         crossed.append(engine.weights.stream.streamed_bytes)
-        moved += [engine.model.state_host_bytes, engine.model.parked_passes]
+        moved.append((engine.model.state_host_bytes, engine.model.parked_passes))
         pos = [len(p) for p in prompts]
         t1 = None
         for step in range(max_new_tokens):
@@ -160,11 +160,11 @@ def _sync(dev: torch.device) -> None:
 
 
 def _stats(engine: Engine, prompts, out, times: tuple[float, float, float], crossed: list[int],
-           moved: list[int]) -> dict:
+           moved: list[tuple[int, int]]) -> dict:
     """Token counts, rates and the bytes streamed to the device (``crossed``: the streamer's byte
     counter before the prefill, after it and at the end, when the run got that far; ``moved``: the
-    model's prompt-state bytes copied to and from host memory and its count of parked passes, before the
-    prefill and after it)."""
+    model's (prompt-state bytes copied to and from host memory, parked passes), before the prefill and
+    after it)."""
     t0, t1, t2 = times
     n_prompt = sum(map(len, prompts))
     n_gen = sum(map(len, out))
@@ -176,9 +176,9 @@ def _stats(engine: Engine, prompts, out, times: tuple[float, float, float], cros
         "decode_tok_s": (n_gen - len(prompts)) / (t2 - t1) if t2 > t1 and decode_steps else 0.0,
         "decode_step_s": (t2 - t1) / decode_steps if decode_steps else 0.0,
         "prefill_streamed_bytes": crossed[1] - crossed[0] if len(crossed) > 1 else 0,
-        "prefill_state_host_bytes": moved[2] - moved[0] if len(moved) > 2 else 0,
+        "prefill_state_host_bytes": moved[1][0] - moved[0][0] if len(moved) > 1 else 0,
         # the prompt states waited in the KV cache's unreached positions (engine.state_parking), not the host's
-        "prefill_states_parked": len(moved) > 2 and moved[3] > moved[1],
+        "prefill_states_parked": len(moved) > 1 and moved[1][1] > moved[0][1],
         "decode_streamed_bytes_per_step": (crossed[2] - crossed[1]) // decode_steps if decode_steps and
         len(crossed) > 2 else 0,
         "host_rss_bytes": psutil.Process().memory_info().rss,

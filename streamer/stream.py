@@ -58,7 +58,7 @@ class WeightStreamer:
         self.order = list(range(len(self.units)))  # the units of one pass, in use order (see set_order)
         # while metered, a unit is copied in pieces of this many bytes (0: one copy), so that other streams'
         # host-to-device copies (a prefill's prompt states) queue behind one piece, not behind a whole layer;
-        # 8 MiB measured best of 8 / 32 on an H200 (bench/results/2026-12-02-h200-s15); unmetered: one copy
+        # 8 MiB is what the H200 prefill runs measured (bench/results/2026-12-02-h200-s15); unmetered: one copy
         self.piece = int(float(os.environ.get("LAYERSTREAM_COPY_PIECE_MB", "8")) * (1 << 20))
         self.metered = False
         assert all(u.nbytes <= slot_bytes for u in self.units), "a streamed unit exceeds the slot size"

@@ -3,8 +3,9 @@
     python -m tools.bench_prefill --model DIR --budgets 6GiB,4GiB,full --tokens 2048,8192,16384,32768
 
 For each budget one engine (context = the longest prompt + 1) prefills each prompt length, warm
-(every shape run once first), timed with a device sync (the median of ``--reps`` runs). Beside each time: the bytes the streamer
-handed out during it (layer-major: one pass per prompt), one streamed pass at the pinned
+(every shape run once first), timed with a device sync (the median of ``--reps`` runs). Beside each
+time: the bytes the streamer handed out during one run (layer-major: one pass per prompt), whether its
+prompt states were parked in the KV cache (engine.state_parking), one streamed pass at the pinned
 host-to-device rate measured in the same run, the all-resident prefill of the same length, and
 their ratio. ``--chunk-major`` also times the order before layer-major (the whole model per chunk)
 at the second length, for comparison. Writes one JSON file.
