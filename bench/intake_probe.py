@@ -1,7 +1,8 @@
 """Issue 16's slow intake pass, isolated: many prompts arriving at once, prefilled in one streamed pass.
 
     python bench/intake_probe.py --model DIR [--vram-budget 6GiB --max-batch 32 --max-context 2304]
-        [--clients 16] [--reps 2] [--variants base,split,piece32,...] [--profile base] [--out probe.json]
+        [--clients 16] [--reps 2] [--variants base,split,piece32,...] [--profile base] [--kv-cache slots]
+        [--out probe.json]
 
 The server's scheduler (``engine.LLM``, the one ``engine.serve`` runs) gets ``--clients`` prompts of
 128-2048 random tokens at once with ``max_tokens=1``: one pass takes them all (layer-major, prompt states
@@ -13,7 +14,10 @@ prompt states and the weights cross PCIe, as named by '+'-joined parts:
 - ``pump``: the streamer holds each layer's copy and issues a group's share of it after the group's states
   (``LAYERSTREAM_PUMP_WEIGHTS=1``; with ``pieceN``, or a share is a whole layer);
 - ``ringN``: N staging buffers, the host N - 1 chunks ahead of the copies (over the plan's 2 for N > 2);
-- ``device``: the states stay on the GPU (over the plan: a compute floor, may run out of memory).
+- ``device``: the states stay on the GPU (over the plan: a compute floor, may run out of memory);
+- ``nopack``: with ``--kv-cache paged``, each prompt's last slice keeps a group of its own (no packing).
+
+``--kv-cache slots,paged`` runs every variant on each cache in turn (one model load each).
 
 A decode step's time (one streamed pass, no prompt) is printed beside them. ``--profile`` names variants
 to run once more under torch.profiler: the compute stream's kernel time and the copies' time per kind.
@@ -21,6 +25,7 @@ to run once more under torch.profiler: the compute stream's kernel time and the 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -49,6 +54,7 @@ def apply(llm: LLM, variant: str) -> None:
     prefill_states.HOST_STATE_RING = int(ring[4:]) if ring else 2
     runner = llm.scheduler.runner
     runner._host_states = (lambda groups: False) if "device" in parts else type(runner)._host_states.__get__(runner)
+    runner.pack_slices = "nopack" not in parts
 
 
 def _sync() -> None:
@@ -56,10 +62,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+_PASSES = [0]
+
+
 def one_pass(llm: LLM, prompts: list[list[int]]) -> float:
+    """One pass over fresh prompts: each call's first token differs, so a paged cache reuses no prefix."""
+    _PASSES[0] += 1
+    fresh = [[1000 + _PASSES[0]] + p[1:] for p in prompts]
     _sync()
     t0 = time.perf_counter()
-    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+    llm.generate(fresh, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
     _sync()
     return time.perf_counter() - t0
 
@@ -122,26 +134,12 @@ def profiled(llm: LLM, prompts: list[list[int]], trace: Path | None = None, tag:
                     for e in sorted(prof.key_averages(), key=lambda e: -(getattr(e, "device_time_total", 0.0) or 0))[:14]]}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--vram-budget", default="6GiB")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-context", type=int, default=2304)
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--variants", default="base,split+piece32,pump+piece32,pump+piece8,pump+split+piece8,base,"
-                                         "pump+piece8")
-    p.add_argument("--profile", default="base,pump+piece8", help="comma list of variants to profile once ('' for none)")
-    p.add_argument("--out", default="intake_probe.json")
-    p.add_argument("--trace", type=Path, help="folder for each profiled variant's chrome trace (gzip) and its overlap")
-    a = p.parse_args()
-    llm = LLM(a.model, a.vram_budget, max_batch=a.max_batch, max_context=a.max_context)
+def probe(a: argparse.Namespace, kv_cache: str) -> dict:
+    """One model load on ``kv_cache``: the warm-up pass, a decode step, then every variant and profile."""
+    llm = LLM(a.model, a.vram_budget, max_batch=a.max_batch, max_context=a.max_context, kv_cache=kv_cache)
     clock = HostClock()
-    if a.trace:
-        a.trace.mkdir(parents=True, exist_ok=True)
     plan = llm.engine.plan
-    print(f"plan: states {plan.prefill_state_place}, chunk {plan.prefill_chunk}, "
+    print(f"[{kv_cache}] plan: states {plan.prefill_state_place}, chunk {plan.prefill_chunk}, "
           f"{len(plan.resident_layers)} resident layers, {plan.streamed_bytes_per_step / 1e9:.2f} GB a pass", flush=True)
     g = torch.Generator().manual_seed(16)
     lens = torch.randint(128, 2049, (a.clients,), generator=g).tolist()
@@ -153,6 +151,7 @@ def main() -> None:
     steps = llm.generate([prompts[0][:8]], SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)
     del steps
     decode_ms = llm.scheduler.stats.last_step_s * 1e3
+    clock.take()  # the warm-up's host time is nobody's
     print(f"a decode step (one streamed pass): {decode_ms:.0f} ms", flush=True)
     out = {"plan": {"states": plan.prefill_state_place, "chunk": plan.prefill_chunk,
                     "pass_gb": plan.streamed_bytes_per_step / 1e9},
@@ -174,7 +173,7 @@ def main() -> None:
               + "   host in pass / blocked: " + ", ".join(f"{t:.0f}/{b:.0f} ms" for t, b in host), flush=True)
     for v in filter(None, a.profile.split(",")):
         apply(llm, v)
-        r = profiled(llm, prompts, a.trace, v)
+        r = profiled(llm, prompts, a.trace, f"{kv_cache}-{v}")
         out["profiles"][v] = r
         print(f"profile {v}: wall {r['wall_ms']:.0f} ms; " +
               ", ".join(f"{k} {ms:.0f} ms" for k, ms in sorted(r["ms_by_kind"].items())), flush=True)
@@ -183,6 +182,34 @@ def main() -> None:
         for row in r["top"]:
             print("   ", row)
     apply(llm, "base")
+    llm.close()
+    del llm
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--vram-budget", default="6GiB")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-context", type=int, default=2304)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--variants", default="base,split+piece32,pump+piece32,pump+piece8,pump+split+piece8,base,"
+                                         "pump+piece8")
+    p.add_argument("--profile", default="base,pump+piece8", help="comma list of variants to profile once ('' for none)")
+    p.add_argument("--kv-cache", default="slots", help="comma list of KV caches (slots, paged), one load each")
+    p.add_argument("--out", default="intake_probe.json")
+    p.add_argument("--trace", type=Path, help="folder for each profiled variant's chrome trace (gzip) and its overlap")
+    a = p.parse_args()
+    if a.trace:
+        a.trace.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for kv in a.kv_cache.split(","):
+        out[kv] = probe(a, kv)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {a.out}")
 

@@ -27,8 +27,9 @@
 #     then tools.profile_decode of both (each step's kernels by kind)
 #  w  issue 15: bench/qgemv_sweep.py (arguments from $W_ARGS), the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident; tools.ttft_breakdown of each level
+#     (the paged cache, packed slices; S_KV='' for the slot cache)
 #  n  issues 16 / 14: bench/intake_probe.py (16 prompts at once, one pass with host prompt states, at 6 GiB with
-#     32 slots) under the copy variants; issue 14's table: bench_prefill at 4 GiB, 6 GiB and all resident, 2k-32k
+#     32 slots) on the slot and the paged cache, the paged one with and without packed slices; issue 14's table: bench_prefill at 4 GiB, 6 GiB and all resident, 2k-32k
 #     tokens (context 32k: at 4 GiB the plan keeps host states, parked in the KV cache's unreached positions where
 #     they fit); then 4 GiB 8k / 16k with $N_ENV (default: LAYERSTREAM_PARK_STATES=0, the states in host memory)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
@@ -141,7 +142,7 @@ if [[ $steps == *w* ]]; then
     > $R/qgemv_sweep.txt 2>&1; echo "sweep rc=$?"; cat $R/qgemv_sweep.txt | grep -v Warning | tail -6
 save; fi
 if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-resident run's follow, from step 1 again)
-  S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps.jsonl"
+  S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps.jsonl ${S_KV---kv-cache paged}"
   timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients 1,4,16,32 --requests-per-client 1 \
     --prompt-tokens 128:2048 --max-tokens 128:256 --all-resident --json $R/serve.json > $R/bench_serve.log 2>&1
   echo "serve rc=$?"; tail -14 $R/bench_serve.log
@@ -150,13 +151,13 @@ if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-reside
   done
 save; fi
 if [[ $steps == *n* ]]; then  # the intake pass's copies (issue 16's TTFT) and host prompt states (issue 14)
-  timeout $(left 150) python3 bench/intake_probe.py --model $M --variants pump+piece8,base,pump+piece8,base --profile '' \
-    --out $R/intake_probe.json > $R/intake_probe.txt 2>&1
+  timeout $(left 200) python3 bench/intake_probe.py --model $M --variants pump+piece8,pump+piece8+nopack,base,pump+piece8,pump+piece8+nopack \
+    --profile '' --kv-cache slots,paged --out $R/intake_probe.json > $R/intake_probe.txt 2>&1
   echo "probe rc=$?"; grep -v Warn $R/intake_probe.txt | tail -32
   timeout $(left 220) python3 -m tools.bench_prefill --model $M --budgets 4GiB,6GiB,full --tokens 2048,8192,16384,32768 \
     --out $R/prefill_table.json > $R/prefill_table.txt 2>&1; echo "prefill table rc=$?"; grep -v Warn $R/prefill_table.txt | tail -4
   NE=(${N_ENV:-LAYERSTREAM_PARK_STATES=0})
-  env "${NE[@]}" timeout $(left 100) python3 -m tools.bench_prefill --model $M --budgets 4GiB --tokens 8192,16384,32768 \
+  env "${NE[@]}" timeout $(left 100) python3 -m tools.bench_prefill --model $M --budgets 4GiB --tokens 8192,16384 \
     --out $R/prefill4g_env.json > $R/prefill4g_env.txt 2>&1; echo "prefill 4GiB ${NE[*]} rc=$?"; grep -v Warn $R/prefill4g_env.txt | tail -4
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
