@@ -31,7 +31,8 @@
 #  n  issues 16 / 14: bench/intake_probe.py (16 prompts at once, one pass with host prompt states, at 6 GiB with
 #     32 slots) on the slot and the paged cache, the paged one with and without packed slices; issue 14's table: bench_prefill at 4 GiB, 6 GiB and all resident, 2k-32k
 #     tokens (context 32k: at 4 GiB the plan keeps host states, parked in the KV cache's unreached positions where
-#     they fit); then 4 GiB 8k / 16k with $N_ENV (default: LAYERSTREAM_PARK_STATES=0, the states in host memory)
+#     they fit); then, given $N_ENV (e.g. LAYERSTREAM_PARK_STATES=0: the states in host memory), 4 GiB 8k / 16k with it
+#  e  GPU tests of parked prompt states and of packed slices in a warmed-up server
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -151,14 +152,22 @@ if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-reside
   done
 save; fi
 if [[ $steps == *n* ]]; then  # the intake pass's copies (issue 16's TTFT) and host prompt states (issue 14)
-  timeout $(left 200) python3 bench/intake_probe.py --model $M --variants pump+piece8,pump+piece8+nopack,base,pump+piece8,pump+piece8+nopack \
-    --profile '' --kv-cache slots,paged --out $R/intake_probe.json > $R/intake_probe.txt 2>&1
-  echo "probe rc=$?"; grep -v Warn $R/intake_probe.txt | tail -32
-  timeout $(left 220) python3 -m tools.bench_prefill --model $M --budgets 4GiB,6GiB,full --tokens 2048,8192,16384,32768 \
-    --out $R/prefill_table.json > $R/prefill_table.txt 2>&1; echo "prefill table rc=$?"; grep -v Warn $R/prefill_table.txt | tail -4
-  NE=(${N_ENV:-LAYERSTREAM_PARK_STATES=0})
-  env "${NE[@]}" timeout $(left 100) python3 -m tools.bench_prefill --model $M --budgets 4GiB --tokens 8192,16384 \
+  for kv in ${N_KV:-paged slots}; do  # one process each: a second engine in a process plans with the first's kernels
+    timeout $(left 110) python3 bench/intake_probe.py --model $M --variants pump+piece8,pump+piece8+nopack,pump+piece8,pump+piece8+nopack \
+      --profile '' --kv-cache $kv --out $R/intake_probe_$kv.json > $R/intake_probe_$kv.txt 2>&1
+    echo "probe $kv rc=$?"; grep -v Warn $R/intake_probe_$kv.txt | tail -12
+  done
+  for b in 6GiB,full 4GiB; do  # issue 14's table; the 4 GiB ratios against the all-resident run of the first
+    timeout $(left 150) python3 -m tools.bench_prefill --model $M --budgets $b --tokens 2048,8192,16384,32768 \
+      --out $R/prefill_table_${b%%,*}.json > $R/prefill_table_${b%%,*}.txt 2>&1; echo "prefill $b rc=$?"
+    grep -v Warn $R/prefill_table_${b%%,*}.txt | tail -12
+  done
+  NE=(${N_ENV:-}); [ ${#NE[@]} -gt 0 ] && env "${NE[@]}" timeout $(left 60) python3 -m tools.bench_prefill --model $M --budgets 4GiB --tokens 8192,16384 \
     --out $R/prefill4g_env.json > $R/prefill4g_env.txt 2>&1; echo "prefill 4GiB ${NE[*]} rc=$?"; grep -v Warn $R/prefill4g_env.txt | tail -4
+save; fi
+if [[ $steps == *e* ]]; then  # GPU tests of session 15's work: parked states, packed slices in a warmed-up server
+  timeout $(left 200) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_prefill_host_states.py \
+    tests/test_gpu_serving_warmup.py > $R/pytest_e.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_e.txt
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"

@@ -62,9 +62,21 @@ def nvml_process_used(dev: torch.device) -> tuple[int | None, str]:
             pass
 
 
+_MEASURED: dict[int, Outside] = {}  # per device index: the process's first measurement
+
+
 def outside_allocator(dev: torch.device) -> Outside:
     """Start the CUDA context and cuBLAS on ``dev``, then measure what they hold beyond torch's
-    reserved bytes, plus :data:`KERNEL_MODULES_ALLOWANCE` for kernels loaded later."""
+    reserved bytes, plus :data:`KERNEL_MODULES_ALLOWANCE` for kernels loaded later. Measured once per
+    process and device: a later engine (a second ``LLM`` in a notebook) would count the first one's
+    kernel modules as context and the allowance again, and plan with less than the budget gives."""
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _MEASURED:
+        _MEASURED[idx] = _measure(dev)
+    return _MEASURED[idx]
+
+
+def _measure(dev: torch.device) -> Outside:
     a = torch.ones(64, 64, device=dev)
     (a @ a).sum().item()  # creates the context, the cuBLAS handle and its workspace
     del a

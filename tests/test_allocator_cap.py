@@ -117,3 +117,21 @@ def test_no_cap_without_a_budget_or_when_turned_off(tiny_qwen2_dir, fake_cap, op
     with pytest.raises(RuntimeError, match="no GPU"):
         engine_mod.Engine(tiny_qwen2_dir, engine_mod.EngineOptions(device="cuda", kernels="torch", **opts))
     assert events == []
+
+
+def test_outside_bytes_are_measured_once_per_process_and_device(monkeypatch):
+    """A second engine in the process (a second LLM in a notebook) plans with the first measurement, not
+    with one that counts the first engine's kernel modules as context and adds their allowance again."""
+    import memory.process_vram as pv
+    calls = []
+
+    def measure(dev):
+        calls.append(dev)
+        return pv.Outside(100 + len(calls), "fake")
+
+    monkeypatch.setattr(pv, "_MEASURED", {})
+    monkeypatch.setattr(pv, "_measure", measure)
+    first = pv.outside_allocator(torch.device("cuda:0"))
+    assert pv.outside_allocator(torch.device("cuda:0")) == first == pv.Outside(101, "fake")
+    assert pv.outside_allocator(torch.device("cuda:1")) == pv.Outside(102, "fake")  # each device its own
+    assert len(calls) == 2

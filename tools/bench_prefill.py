@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import statistics
 import sys
@@ -95,8 +96,12 @@ def run_budget(model: str, budget: int | None, lengths: list[int], chunk_major: 
         print(f"  chunk-major {lengths[1]} tokens: {t:.3f} s, streamed {format_size(stream.streamed_bytes - before)}")
     res["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
     engine.close()
-    del engine
+    del engine, plan, stream
+    gc.collect()  # the next budget's engine plans and caps with what this one leaves allocated
     torch.cuda.empty_cache()
+    res["left_allocated_bytes"] = torch.cuda.memory_allocated()
+    if res["left_allocated_bytes"] > 64 << 20:
+        print(f"  note: {format_size(res['left_allocated_bytes'])} still allocated after the engine closed", flush=True)
     torch.cuda.reset_peak_memory_stats()
     return res
 
