@@ -32,7 +32,7 @@
 #     32 slots) on the slot and the paged cache, the paged one with and without packed slices; issue 14's table: bench_prefill at 4 GiB, 6 GiB and all resident, 2k-32k
 #     tokens (context 32k: at 4 GiB the plan keeps host states, parked in the KV cache's unreached positions where
 #     they fit); then, given $N_ENV (e.g. LAYERSTREAM_PARK_STATES=0: the states in host memory), 4 GiB 8k / 16k with it
-#  e  GPU tests of parked prompt states, of packed slices in a warmed-up server and of the fused MLP GEMM
+#  e  GPU tests of parked prompt states and of packed slices in a warmed-up server
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -165,9 +165,9 @@ if [[ $steps == *n* ]]; then  # the intake pass's copies (issue 16's TTFT) and h
   NE=(${N_ENV:-}); [ ${#NE[@]} -gt 0 ] && env "${NE[@]}" timeout $(left 60) python3 -m tools.bench_prefill --model $M --budgets 4GiB --tokens 8192,16384 \
     --out $R/prefill4g_env.json > $R/prefill4g_env.txt 2>&1; echo "prefill 4GiB ${NE[*]} rc=$?"; grep -v Warn $R/prefill4g_env.txt | tail -4
 save; fi
-if [[ $steps == *e* ]]; then  # GPU tests: parked states, packed slices in a warmed-up server, the fused MLP GEMM
+if [[ $steps == *e* ]]; then  # GPU tests of session 15's work: parked states, packed slices in a warmed-up server
   timeout $(left 200) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_prefill_host_states.py \
-    tests/test_gpu_serving_warmup.py tests/test_kernels_gemm_swiglu.py > $R/pytest_e.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_e.txt
+    tests/test_gpu_serving_warmup.py > $R/pytest_e.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_e.txt
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"

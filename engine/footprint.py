@@ -13,7 +13,6 @@ import torch
 
 from engine.config import ModelConfig
 from engine.layout import LayerLayout, expected_tensors
-from engine.ops import MLP_ROWS
 from engine.quant.ggml import DEQUANT_SCRATCH, NativeLayouts, row_bytes
 from engine.quant.layout import LayerQuant, QuantLayerLayout
 from memory.footprint import Footprint, Module
@@ -77,12 +76,8 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
     modules += [Module(f"layers.{i}", "layer", layer_bytes[i], files[i]) for i in range(cfg.num_hidden_layers)]
     modules += [Module("norm", "norm", cfg.hidden_size * size, tb["model.norm.weight"]),
                 Module("lm_head", "lm_head", head, head_file)]
-    # per prefill token: ~6 hidden-sized tensors, fused qkv, attention output and the MLP's: dense weights
-    # hold only the SwiGLU output (gate_up fused into it, or MLP_ROWS rows at a time: engine.ops), packed
-    # ones gate_up and the SwiGLU output
-    mlp = cfg.intermediate_size * (1 if quant is None else 3)
-    act = 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + cfg.q_size + mlp
-    scratch = DEQUANT_SCRATCH if quant is not None else 3 * cfg.intermediate_size * MLP_ROWS * size
+    # per prefill token: ~6 hidden-sized tensors, fused qkv, attention output, gate_up and the SwiGLU output
+    act = 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + cfg.q_size + 3 * cfg.intermediate_size
     return Footprint(
         modules=tuple(modules), rows=cfg.vocab_size, tied=cfg.tie_word_embeddings,
         kv_bytes_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size,
@@ -91,7 +86,7 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
         max_positions=cfg.max_position_embeddings,
         dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""),
-        scratch_bytes=scratch)  # a prefill's dense tile of packed layers, or a block of dense gate_up rows
+        scratch_bytes=DEQUANT_SCRATCH if quant is not None else 0)  # a prefill's dense tile of packed layers
 
 
 def plan_model(cfg: ModelConfig, tensor_bytes: dict[str, int] | None, dtype: torch.dtype,

@@ -239,8 +239,10 @@ class Model:
         ops.kv_append_(k, v, k_cache, v_cache, start_pos)
         attn = ops.attention(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len)
         o = ops.linear(attn.reshape(b, t, cfg.q_size), w["self_attn.o_proj.weight"])
-        return ops.add_rmsnorm_mlp(o, residual, w["post_attention_layernorm.weight"], eps,
-                                   w["mlp.gate_up_proj.weight"], w["mlp.down_proj.weight"])
+        gate_up, residual = ops.add_rmsnorm_linear(o, residual, w["post_attention_layernorm.weight"], eps,
+                                                   w["mlp.gate_up_proj.weight"])
+        mlp = ops.swiglu_linear(gate_up, w["mlp.down_proj.weight"])
+        return mlp, residual
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(*x.shape[:-1], self.cfg.vocab_size, dtype=torch.float32, device=self.device)

@@ -20,11 +20,6 @@ import torch.nn.functional as F
 from engine.quant.ggml import DEQUANT_SCRATCH, GGMLWeight
 from engine.quant.spec import QuantWeight, dequantize
 
-# rows of a dense prefill MLP's gate_up projection held at once by TorchOps (the planner counts a token's
-# MLP activations as I, the SwiGLU output, plus this many rows' gate_up and SwiGLU as scratch:
-# engine.footprint); TritonOps never holds gate_up (kernels.gemm_swiglu)
-MLP_ROWS = 64
-
 
 class TorchOps:
     """Plain torch ops in the compute dtype (norms and softmax in fp32, like HF)."""
@@ -63,22 +58,6 @@ class TorchOps:
     def swiglu_linear(self, gate_up: torch.Tensor, w: torch.Tensor | QuantWeight) -> torch.Tensor:
         """``linear(swiglu(gate_up), w)``: the MLP's down projection (one op, so a backend may fuse it)."""
         return self.linear(self.swiglu(gate_up), w)
-
-    def add_rmsnorm_mlp(self, x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, eps: float,
-                        w_gate_up: torch.Tensor | QuantWeight, w_down: torch.Tensor | QuantWeight
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(linear(swiglu(linear(add_rmsnorm(x, residual)[0], w_gate_up)), w_down), the new residual)``:
-        the MLP and its norm. Dense weights: more than ``MLP_ROWS`` rows run gate_up and the SwiGLU
-        ``MLP_ROWS`` rows at a time, so the [rows, 2I] projection never exists whole."""
-        if not isinstance(w_gate_up, torch.Tensor) or x.numel() // x.shape[-1] <= MLP_ROWS:
-            gate_up, residual = self.add_rmsnorm_linear(x, residual, norm_w, eps, w_gate_up)
-            return self.swiglu_linear(gate_up, w_down), residual
-        h, residual = self.add_rmsnorm(x, residual, norm_w, eps)
-        h2 = h.reshape(-1, h.shape[-1])
-        act = torch.empty((h2.shape[0], w_gate_up.shape[0] // 2), dtype=h.dtype, device=h.device)
-        for r in range(0, h2.shape[0], MLP_ROWS):
-            act[r:r + MLP_ROWS] = self.swiglu(self.linear(h2[r:r + MLP_ROWS], w_gate_up))
-        return self.linear(act.view(*h.shape[:-1], -1), w_down), residual
 
     def rope_(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               positions: torch.Tensor) -> None:
@@ -132,8 +111,8 @@ class TritonOps(TorchOps):
     name = "triton"
 
     def __init__(self) -> None:
-        from kernels import (add_rmsnorm, attention_decode, attention_prefill, embedding, gemm_swiglu, kv_append,
-                             linear, rmsnorm, rope, swiglu)
+        from kernels import (add_rmsnorm, attention_decode, attention_prefill, embedding, kv_append, linear,
+                             rmsnorm, rope, swiglu)
         from kernels import qgemv_i8, qlinear
         self._qlinear, self._tile_rows, self._tiled = qlinear.qlinear, qlinear.tile_rows, qlinear.tiled_linear
         from kernels.add_rmsnorm_i8 import add_rmsnorm_qgemv
@@ -141,7 +120,7 @@ class TritonOps(TorchOps):
         self._k = dict(rmsnorm=rmsnorm.rmsnorm, add_rmsnorm=add_rmsnorm.add_rmsnorm, linear=linear.linear,
                        swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
                        prefill=attention_prefill.attention_prefill, decode=attention_decode.attention_decode,
-                       embedding=embedding.embedding, gemm_swiglu=gemm_swiglu.gemm_swiglu)
+                       embedding=embedding.embedding)
         from kernels import ggml_dequant, ggml_gemv
         self._k.update(ggml_gemv=ggml_gemv.ggml_gemv, ggml_dequant=ggml_dequant.ggml_dequant)
         self._ggml_max_m = ggml_gemv.GGML_GEMV_MAX_M
@@ -214,14 +193,6 @@ class TritonOps(TorchOps):
             if out is not None:
                 return out.view(*gate_up.shape[:-1], -1)
         return self.linear(self.swiglu(gate_up), w)
-
-    def add_rmsnorm_mlp(self, x, residual, norm_w, eps, w_gate_up, w_down):
-        rows = x.numel() // x.shape[-1]
-        if not isinstance(w_gate_up, torch.Tensor) or rows <= self._gemv_max_m:  # decode rows, packed weights
-            return super().add_rmsnorm_mlp(x, residual, norm_w, eps, w_gate_up, w_down)
-        h, residual = self.add_rmsnorm(x, residual, norm_w, eps)
-        act = self._k["gemm_swiglu"](h.reshape(rows, -1), w_gate_up)  # gate_up's [rows, 2I] never exists
-        return self.linear(act.view(*x.shape[:-1], -1), w_down), residual
 
     def rope_(self, q, k, cos, sin, positions):
         self._k["rope"](q, k, cos, sin, positions)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels import gemm_tma, tuning_cache
-from kernels.mma import mma_nt, swiglu_tile
+from kernels.mma import mma_nt
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -91,7 +91,7 @@ def _gemm_kernel(
     stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr = False,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -101,31 +101,23 @@ def _gemm_kernel(
     # Clamp out-of-range rows onto valid ones: loads need no M/N mask, the store masks.
     x_ptrs = x_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + (offs_n % N)[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    up_ptrs = w_ptrs + (N * stride_wn if SWIGLU else 0)  # SWIGLU: w is [2N, K], the up rows N further
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SWIGLU only (else never read)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k[None, :] < K - k * BLOCK_K
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
         else:
+            k_mask = offs_k[None, :] < K - k * BLOCK_K
             a = tl.load(x_ptrs, mask=k_mask, other=0.0)
             b = tl.load(w_ptrs, mask=k_mask, other=0.0)
         acc = mma_nt(a, b, acc, IS_FP32, UPCAST)
-        if SWIGLU:
-            b_up = tl.load(up_ptrs, mask=k_mask, other=0.0)
-            acc_up = mma_nt(a, b_up, acc_up, IS_FP32, UPCAST)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-        up_ptrs += BLOCK_K
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    if SWIGLU:
-        acc = swiglu_tile(acc, acc_up, out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -178,7 +170,7 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: tor
                                          _default_config(x.dtype))
     if cfg is None:
         cands = _candidates(x, tma_ok)
-        tune = functools.partial(_pick, cands, lambda c: launch(c, x, w, bias, out), out,
+        tune = functools.partial(_pick, cands, lambda c: _launch(c, x, w, bias, out), out,
                                  fits_l2(w.nbytes, w.device))
         cfg = _TUNED[key] = tuning_cache.tuned(x.device, "gemm", key, cands, tune) or _default_config(x.dtype)
     return cfg
@@ -211,14 +203,13 @@ def check_linear_inputs(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
             raise ValueError("bias must be contiguous and on the same device as x")
 
 
-def launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-           out: torch.Tensor, swiglu: bool = False) -> None:
-    """Run one config (either family) into out; ``swiglu``: w is [2N, K] (gate rows, then up rows) and
-    out [M, N] gets silu(gate) * up (kernels.gemm_swiglu)."""
+def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+            out: torch.Tensor) -> None:
+    """Run one config (either family) into out."""
     if cfg.kwargs.get("TMA"):
-        gemm_tma.launch(cfg, x, w, bias, out, swiglu)
+        gemm_tma.launch(cfg, x, w, bias, out)
         return
-    (M, K), N = x.shape, out.shape[1]
+    (M, K), N = x.shape, w.shape[0]
     kw = cfg.kwargs
     grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
     _gemm_kernel[grid](
@@ -227,7 +218,7 @@ def launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
         HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
         BLOCK_M=kw["BLOCK_M"], BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], GROUP_M=kw["GROUP_M"],
-        EVEN_K=K % kw["BLOCK_K"] == 0, SWIGLU=swiglu, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        EVEN_K=K % kw["BLOCK_K"] == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -239,7 +230,7 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     if cfg is not None and cfg.kwargs.get("TMA") and not tma_ok:
         raise ValueError("a TMA config needs capability >= 9 (or the interpreter) and 16-byte "
                          "aligned x / w base pointers and row strides")
-    launch(cfg or _tuned(x, w, bias, out, tma_ok), x, w, bias, out)
+    _launch(cfg or _tuned(x, w, bias, out, tma_ok), x, w, bias, out)
     return out
 
 

@@ -26,8 +26,6 @@
 #          from the loads' pipeline stage into the store's.  SUBTILE stores the tile
 #          as two [BLOCK_M, BLOCK_N/2] halves (half the epilogue shared memory).
 #          WARP_SPEC asks for automatic warp specialization of the tile loop.
-# SWIGLU:  w is [2N, K] (gate rows, then up rows); each tile also loads the up rows of its
-#          columns into a second accumulator and stores silu(gate) * up (kernels.gemm_swiglu).
 from __future__ import annotations
 
 import functools
@@ -37,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mma import mma_nt, swiglu_tile
+from kernels.mma import mma_nt
 
 try:  # host-side tensor descriptors (present in triton 3.6, the GPU machine, and 3.9)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -122,7 +120,6 @@ def _gemm_tma_kernel(
     HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
-    SWIGLU: tl.constexpr = False,
 ):
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -132,14 +129,10 @@ def _gemm_tma_kernel(
                          flatten=FLATTEN, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SWIGLU only (else never read)
         for kb in range(k_tiles):
             a = x_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
             b = w_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
             acc = mma_nt(a, b, acc, IS_FP32, UPCAST)
-            if SWIGLU:  # the up rows of the same output columns, N rows further down w
-                b_up = w_desc.load([N + pid_n * BLOCK_N, kb * BLOCK_K])
-                acc_up = mma_nt(a, b_up, acc_up, IS_FP32, UPCAST)
 
         tile_c += NUM_PROGS
         pid_m, pid_n = _tile_coords(tile_c, grid_m, grid_n, GROUP_M)
@@ -147,8 +140,6 @@ def _gemm_tma_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if SWIGLU:
-            acc = swiglu_tile(acc, acc_up, o_ptr.dtype.element_ty)
         c = acc.to(o_ptr.dtype.element_ty)
         if not TMA_STORE:
             mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -166,11 +157,10 @@ def _desc(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
 
 
 def launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-           out: torch.Tensor, swiglu: bool = False) -> None:
-    """Run one config of this family into out (the caller checked eligible()). ``swiglu``: w is [2N, K]
-    (gate rows, then up rows) and out [M, N] gets silu(x @ gate.T) * (x @ up.T) (kernels.gemm_swiglu)."""
+           out: torch.Tensor) -> None:
+    """Run one config of this family into out (the caller checked eligible())."""
     kw = cfg.kwargs
-    (M, K), N = x.shape, out.shape[1]
+    (M, K), N = x.shape, w.shape[0]
     bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     progs = tiles
@@ -184,5 +174,5 @@ def launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
         HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=kw["GROUP_M"], TMA_STORE=tma_store,
-        SUBTILE=kw["SUBTILE"], FLATTEN=kw["FLATTEN"], WARP_SPEC=kw["WARP_SPEC"], SWIGLU=swiglu,
+        SUBTILE=kw["SUBTILE"], FLATTEN=kw["FLATTEN"], WARP_SPEC=kw["WARP_SPEC"],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

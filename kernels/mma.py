@@ -1,5 +1,4 @@
-# Shared tensor-core step of the matmul kernels (gemm, gemm_tma, gemv): acc += a @ b.T;
-# and the SwiGLU epilogue of the fused gate_up GEMM (kernels.gemm_swiglu).
+# Shared tensor-core step of the matmul kernels (gemm, gemm_tma, gemv): acc += a @ b.T.
 #
 # Shapes:  a [R, BLOCK_K], b [C, BLOCK_K] (both K-contiguous tiles), acc [R, C] fp32.
 # Dtypes:  bf16 / fp16 use the tensor cores' default precision; fp32 uses
@@ -23,12 +22,3 @@ def mma_nt(a, b, acc, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
     else:
         acc = tl.dot(a, tl.trans(b), acc)
     return acc
-
-
-@triton.jit
-def swiglu_tile(gate, up, ty: tl.constexpr):
-    """silu(gate) * up of two fp32 accumulator tiles, rounded as kernels.swiglu does after a GEMM in
-    dtype ty: gate and up to ty first, silu(gate) to ty, the product (fp32, rounded by the caller)."""
-    g = gate.to(ty).to(tl.float32)
-    a = (g * tl.sigmoid(g)).to(ty).to(tl.float32)
-    return a * up.to(ty).to(tl.float32)
