@@ -153,11 +153,13 @@ if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-reside
 save; fi
 if [[ $steps == *n* ]]; then  # the intake pass's copies (issue 16's TTFT) and host prompt states (issue 14)
   for kv in ${N_KV:-paged slots}; do  # one process each: a second engine in a process plans with the first's kernels
-    timeout $(left 110) python3 bench/intake_probe.py --model $M --variants pump+piece8,pump+piece8+nopack,pump+piece8,pump+piece8+nopack \
+    V=pump+piece8,pump+piece8+nopack,pump+piece8,pump+piece8+nopack  # paged: packed slices or not
+    [ $kv = slots ] && V=pump+piece8,pump+piece8+nopark,pump+piece8,pump+piece8+nopark  # slots: parked states or not
+    timeout $(left 110) python3 bench/intake_probe.py --model $M --variants $V \
       --profile '' --kv-cache $kv --out $R/intake_probe_$kv.json > $R/intake_probe_$kv.txt 2>&1
     echo "probe $kv rc=$?"; grep -v Warn $R/intake_probe_$kv.txt | tail -12
   done
-  for b in 6GiB,full 4GiB; do  # issue 14's table; the 4 GiB ratios against the all-resident run of the first
+  for b in ${N_TABLE-6GiB,full 4GiB}; do  # issue 14's table (N_TABLE= : none); the 4 GiB ratios against the all-resident run of the first
     timeout $(left 150) python3 -m tools.bench_prefill --model $M --budgets $b --tokens 2048,8192,16384,32768 \
       --out $R/prefill_table_${b%%,*}.json > $R/prefill_table_${b%%,*}.txt 2>&1; echo "prefill $b rc=$?"
     grep -v Warn $R/prefill_table_${b%%,*}.txt | tail -12

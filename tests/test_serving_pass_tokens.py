@@ -29,11 +29,12 @@ def streamed_budget(tiny_qwen2_dir) -> int:
 @pytest.mark.parametrize("kv", ["slots", "paged-4", "paged-3"])
 @pytest.mark.parametrize("states", ["vram", "host"])
 def test_with_streamed_layers_one_pass_prefills_every_waiting_prompt(engines, tiny_qwen2_dir,  # noqa: F811
-                                                                     streamed_budget, kv, states):
+                                                                     streamed_budget, kv, states, monkeypatch):
     """Each pass streams the non-resident layers once, so it takes every waiting prompt (in slices of at
     most the prefill chunk) up to the plan's prompt-state reserve: four prompts of 3-30 tokens, 8-token
     chunks, all get their first token from the first pass, and every one its own greedy tokens."""
     single, _ = engines
+    monkeypatch.setattr("engine.state_parking.MIN_SPAN_ELEMENTS", 1)  # the tiny model's tails are short
     eng = make_engine(tiny_qwen2_dir, batch=4, max_context=64, prefill_chunk=8, vram_budget=streamed_budget,
                       prefill_states=states)
     try:
@@ -48,7 +49,10 @@ def test_with_streamed_layers_one_pass_prefills_every_waiting_prompt(engines, ti
         sched.step()
         assert [len(s.output_ids) for s in seqs] == [1, 1, 1, 1]
         assert sched.stats.last_tokens == 30 + 3 + 17 + 9
-        assert eng.model.state_host_bytes > 0 if states == "host" else eng.model.state_host_bytes == 0
+        # host states: a slot cache parks them in its rows' unreached positions, a paged one copies them out
+        parked = states == "host" and kv == "slots"
+        assert eng.model.state_host_bytes > 0 if states == "host" and not parked else eng.model.state_host_bytes == 0
+        assert eng.model.parked_passes == int(parked)
         while sched.has_work():
             sched.step()
         assert sched.stats.steps == 5
@@ -138,3 +142,22 @@ def test_pack_rows_covers_every_slice_once_within_the_limit(lengths, limit):
         assert [len(g) for g in groups] == [4, 4, 1]
     if limit == 1024:
         assert len(groups) == 11  # the 16 prompts' last slices (chunk 1024): 11 groups, with 7 full slices 18 not 23
+
+
+def test_decode_group_reaches_past_every_rows_cached_positions(engines, tiny_qwen2_dir,  # noqa: F811
+                                                               streamed_budget):
+    """A pass's decode group spans slots 0 .. the highest decoding one; a slot in that range whose prompt is
+    still being prefilled (cached further than any decoding row) writes its padding at its cached length.
+    The group's max_len must pass that row's cached positions too: parked states take the positions past
+    it, and would otherwise overwrite that row's keys and values."""
+    from types import SimpleNamespace
+    eng = make_engine(tiny_qwen2_dir, batch=4, max_context=64, prefill_chunk=8, vram_budget=streamed_budget)
+    try:
+        runner = Scheduler(eng).runner
+        mk = lambda slot, n: SimpleNamespace(slot=slot, num_computed=n, all_ids=list(range(n + 1)))  # noqa: E731
+        decoding, prefilling = mk(2, 9), mk(0, 40)
+        group, _ = runner._decode_group([prefilling, decoding], [decoding])
+        assert group.ids.shape == (3, 1) and group.start_pos.tolist() == [40, 0, 9]
+        assert group.max_len == 41  # not 10: slot 0 holds 40 cached positions and pads position 40
+    finally:
+        eng.close()

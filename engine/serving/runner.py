@@ -134,7 +134,10 @@ class ModelRunner:
             cache = self.paged[0]
             cache.bind_groups(specs)
             groups = [replace(g, kv=partial(cache.group_layer, k)) for k, g in enumerate(groups)]
-        out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk, host_states=self._host_states(groups))
+        # park: host states wait in the unreached positions of the slot rows this pass names, when they fit
+        # (engine.state_parking: a paged cache's groups bring their own views and never park)
+        out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk, host_states=self._host_states(groups),
+                                       park=True)
         logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
         logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
         return logits, q_lens
@@ -195,8 +198,9 @@ class ModelRunner:
         for s in decode:
             ids[s.slot, 0] = s.all_ids[s.num_computed]
             start[s.slot], q_lens[s.slot] = s.num_computed, 1
-        group = Group(ids, self._i32(start), self._i32(q_lens), 0,
-                      max(s.num_computed + 1 for s in decode))
+        # max_len covers every row's cached positions and the padding written after them, so the rows' tails
+        # past it are unreached (parked prompt states may wait there: engine.state_parking)
+        group = Group(ids, self._i32(start), self._i32(q_lens), 0, max(start) + 1)
         if self.paged is None:
             return group, None
         tables: list[list[int]] = [[] for _ in range(d_rows)]  # a row that is not decoding reads no key
