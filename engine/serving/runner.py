@@ -10,14 +10,16 @@ group of its own. Decode tokens are never padded to a prompt's length.
 
 How many prompt tokens one pass takes depends on what the pass costs. All resident, a pass is compute:
 one prefill chunk of prompt tokens a pass keeps the decoding rows' inter-token time short. With layers
-streaming, every pass pays for one stream of the non-resident weights, so a pass takes every waiting
-prompt token the plan's prompt-state memory holds (``batch x (max_context - 1)`` tokens, the layer-major
-prefill's reserve, in VRAM or in host memory): on the H200 at 6 GiB, 16 clients' prompts (128-2k tokens)
-took ~9 passes of 2048 tokens, 260 ms each, before their first tokens (TTFT p50 2.7 s).
+streaming, every pass pays for one stream of the non-resident weights: a pass takes about two streams'
+time of prompt tokens at their measured cost (``passcost``), at most what the plan's prompt-state memory
+holds (``batch x (max_context - 1)``). Passes of one 2048-token chunk left 16 clients' prompts waiting
+~9 passes (TTFT p50 2.7 s on the H200 at 6 GiB); all in one pass, every first token waited 1.0 s.
+Prompts take a pass's room fewest tokens left first (``_prompt_order``).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from functools import partial
 
@@ -30,6 +32,7 @@ from engine.sampling import Sampler
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
 from engine.serving.packing import pack_rows
+from engine.serving.passcost import PassCost
 from engine.serving.sequence import Logprob, Sequence
 
 
@@ -52,16 +55,20 @@ class ModelRunner:
         streams = plan is not None and plan.num_slots > 0
         self.pass_tokens = max(opts.prefill_chunk, opts.batch * (opts.max_context - 1)) if streams \
             else opts.prefill_chunk  # tokens one pass feeds at most (see the module docstring)
+        self.cost = PassCost() if streams else None  # streamed passes: their size from their measured cost
 
     def reset(self) -> None:
         """Forget the step counters and the shared samplers (after a warm-up's synthetic steps)."""
         self.steps = self.last_tokens = 0
         self._samplers.clear()
+        if self.cost is not None:
+            self.cost.reset()
 
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int, Logprob | None]]:
         """Feed every sequence its next chunk; (sequence, sampled token, its logprob entry when asked for)
         for those fed to the end."""
         assert seqs and all(s.slot is not None and s.pending > 0 for s in seqs)
+        t0, decoding = time.perf_counter(), sum(s.pending == 1 for s in seqs)
         if any(s.pending > 1 for s in seqs):
             logits, q_lens = self._grouped(seqs)  # prompt slices next to decode tokens, no padding between
         else:
@@ -78,7 +85,9 @@ class ModelRunner:
         ready = [s for s in seqs if s.pending == 0]
         if not ready:
             return []
-        tokens = self.sample(logits, ready)
+        tokens = self.sample(logits, ready)  # the host waits for the pass here: its time is known
+        if self.cost is not None:
+            self.cost.observe(self.last_tokens - decoding, time.perf_counter() - t0)
         return [(s, tok, self.logprob(logits, s, tok)) for s, tok in zip(ready, tokens)]
 
     def _padded(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
@@ -121,7 +130,8 @@ class ModelRunner:
                 q_lens[s.slot] = 1
                 pick.append((0, s.slot, 0))
                 owners.append(s)
-        for part in self._slices(seqs, max(1, self.pass_tokens - len(decode)), q_lens):
+        budget = self.pass_tokens if self.cost is None else self.cost.budget(eng.opts.prefill_chunk, self.pass_tokens)
+        for part in self._slices(seqs, max(1, budget - len(decode)), q_lens):
             group, spec = self._slice_group(part)
             groups.append(group)
             specs.append(spec)
@@ -151,10 +161,12 @@ class ModelRunner:
         H200's host). Sets ``q_lens[slot]`` to each fed sequence's token count."""
         eng, chunk = self.engine, self.engine.opts.prefill_chunk
         singles, lasts = [], []
-        for s in (s for s in seqs if s.pending > 1):
+        for s in sorted((s for s in seqs if s.pending > 1), key=_prompt_order):
             fed = min(s.pending, room, eng.opts.max_context - s.num_computed)
             if fed < 1:
+                s.deferred += 1
                 continue
+            s.deferred = 0
             room -= fed
             q_lens[s.slot] = fed
             starts = list(range(s.num_computed, s.num_computed + fed, chunk))
@@ -277,3 +289,15 @@ class ModelRunner:
         if p.repetition_penalty != 1.0:
             history = torch.tensor([s.all_ids], dtype=torch.long, device=row.device)
         return int(s.sampler(row, history))
+
+
+MAX_DEFERRED = 4  # passes a prompt may be passed over before it goes first (oldest first)
+
+
+def _prompt_order(s: Sequence) -> tuple[int, int, int]:
+    """The order prompts take a pass's room in: those passed over ``MAX_DEFERRED`` times first, oldest
+    first; then the fewest tokens left first (the most first tokens per pass: the median request's wait
+    is shortest), oldest first among equals."""
+    if s.deferred >= MAX_DEFERRED:
+        return (0, 0, s.seq_id)
+    return (1, s.pending, s.seq_id)

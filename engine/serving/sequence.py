@@ -66,6 +66,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.slot: int | None = None
         self.num_computed = 0
+        self.deferred = 0  # passes in a row that fed none of this prompt (no room left): the runner's order
         self.text = ""
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True, context_ids=self.prompt_ids)
         self.stops = StopStringMatcher(list(params.stop))

@@ -1,0 +1,55 @@
+"""How many prompt tokens a streamed pass takes: about two weight streams' time of work.
+
+A streamed pass pays one stream of the non-resident weights whatever it computes (``stream_s``: the
+time of a pass that only decodes); the prompt tokens fed beside it are compute that overlaps that
+stream. A pass that takes every waiting prompt makes every first token, and every decoding row's next
+token, wait for its end: on the H200 at 6 GiB, 16 clients' 18,906 prompt tokens in one pass took 1.0 s,
+four times a decode step. Passes sized to about ``STREAMS`` weight streams give the shortest prompts
+(``ModelRunner`` feeds them first) their first token after the first such pass, and keep the decoding
+rows' inter-token time within ``STREAMS`` step times: the issue's TTFT target is two step times plus a
+request's own prefill. Once a pass's tokens take longer than the stream they hide it, so splitting a
+long intake costs only the extra passes' launch overhead, not another stream each.
+
+Both figures are learned from the server's own timed passes: ``stream_s``, an exponential average
+of decode-only passes; ``token_s`` (seconds per prompt token), time / prompt tokens of the newest pass
+that fed prompts. At the operating point (a pass of ``STREAMS x stream_s``) that ratio is the pass's
+true cost per token. A pass that was bound by the stream (too few tokens) overstates it; the budget it
+gives is then ``STREAMS`` times that pass's tokens, so it doubles until passes are compute-bound. Until both figures are known (the first prompts after start) a pass takes every
+waiting prompt token, as before.
+"""
+
+from __future__ import annotations
+
+STREAMS = 2.0  # a pass with prompts aims at this many weight streams' time
+ALPHA = 0.5  # weight of the newest decode-only pass in the stream's average
+MIN_PROMPT_TOKENS = 64  # passes feeding fewer prompt tokens tell little about the cost per token
+
+
+class PassCost:
+    """Learns a streamed pass's stream time and cost per prompt token; gives the next pass's budget."""
+
+    def __init__(self) -> None:
+        self.stream_s: float | None = None
+        self.token_s: float | None = None
+
+    def observe(self, prompt_tokens: int, seconds: float) -> None:
+        """One timed pass (host clock, synchronized at its end) that fed ``prompt_tokens`` prompt tokens."""
+        assert prompt_tokens >= 0 and seconds >= 0
+        if prompt_tokens == 0:
+            self.stream_s = _average(self.stream_s, seconds)
+        elif prompt_tokens >= MIN_PROMPT_TOKENS:
+            self.token_s = seconds / prompt_tokens
+
+    def budget(self, floor: int, cap: int) -> int:
+        """Prompt tokens for the next pass: ``STREAMS`` streams' worth at the learned cost, within
+        [``floor``, ``cap``]; ``cap`` while either figure is unknown."""
+        if self.stream_s is None or not self.token_s:
+            return cap
+        return max(floor, min(cap, int(STREAMS * self.stream_s / self.token_s)))
+
+    def reset(self) -> None:
+        self.stream_s = self.token_s = None
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else (1 - ALPHA) * old + ALPHA * new

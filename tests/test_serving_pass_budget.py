@@ -1,0 +1,173 @@
+"""A streamed server pass's size (engine/serving/passcost.py) and the order prompts take its room in
+(engine/serving/runner.py): about two weight streams' time of prompt tokens at their measured cost, fewest
+tokens left first, a prompt passed over too often first. CPU, fp32, the tiny model; every sequence still
+gets its own greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.serving import passcost, runner
+from engine.serving.params import SamplingParams
+from engine.serving.passcost import PassCost
+from engine.serving.scheduler import Scheduler
+from engine.serving.sequence import Sequence
+from tests.helpers import make_engine, random_prompts
+from tests.test_serving_pass_tokens import streamed_budget  # noqa: F401 - a fixture, used by name
+from tests.test_serving_scheduler import alone, engines  # noqa: F401 - a fixture, used by name
+
+
+def test_budget_is_every_token_until_both_costs_are_known():
+    cost = PassCost()
+    assert cost.budget(8, 1000) == 1000
+    cost.observe(0, 0.25)  # a decode-only pass: the stream's time
+    assert cost.budget(8, 1000) == 1000
+    cost.observe(passcost.MIN_PROMPT_TOKENS - 1, 0.3)  # too few prompt tokens to price one
+    assert cost.token_s is None and cost.budget(8, 1000) == 1000
+
+
+@pytest.mark.parametrize("stream_s, token_s, floor, cap, want", [
+    (0.25, 1e-4, 8, 100_000, 5000),  # two streams' time: 0.5 s / 0.1 ms
+    (0.25, 1e-4, 8, 3000, 3000),  # the plan's prompt-state reserve caps it
+    (0.25, 1e-1, 64, 100_000, 64),  # never below one prefill chunk
+])
+def test_budget_is_two_streams_of_prompt_tokens(stream_s, token_s, floor, cap, want):
+    cost = PassCost()
+    cost.observe(0, stream_s)
+    cost.observe(10_000, token_s * 10_000)
+    assert cost.budget(floor, cap) == want
+    cost.reset()
+    assert cost.stream_s is None and cost.token_s is None and cost.budget(floor, cap) == cap
+
+
+@pytest.mark.parametrize("intercept_s, per_token_s, first", [(0.03, 5e-5, 512), (0.03, 5e-5, 200_000),
+                                                               (0.0, 2e-5, 1024), (0.1, 1e-4, 64)])
+def test_learned_budget_settles_at_two_streams_from_above_or_below(intercept_s, per_token_s, first):
+    """Passes that cost max(stream, intercept + tokens x per-token) (a stream-bound pass overstates the
+    cost per token): from a pass far too small or far too large the budget settles where a pass takes
+    about two streams' time, within ten passes."""
+    stream_s = 0.25
+    cost, tokens = PassCost(), first
+
+    def took(n: int) -> float:
+        return max(stream_s, intercept_s + n * per_token_s)
+
+    for _ in range(10):
+        cost.observe(0, stream_s)
+        cost.observe(tokens, took(tokens))
+        tokens = cost.budget(64, 10**6)
+    assert 1.8 * stream_s <= took(tokens) <= 2.1 * stream_s, (tokens, took(tokens))
+
+
+class FixedBudget:
+    """A pass cost whose budget is fixed (the runner's order is what these tests check)."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.observed: list[int] = []
+
+    def observe(self, prompt_tokens: int, seconds: float) -> None:
+        self.observed.append(prompt_tokens)
+
+    def budget(self, floor: int, cap: int) -> int:
+        return self.tokens
+
+    def reset(self) -> None:
+        self.observed.clear()
+
+
+def _streamed(tiny_qwen2_dir, budget: int, kv: str):
+    eng = make_engine(tiny_qwen2_dir, batch=4, max_context=64, prefill_chunk=8, vram_budget=budget)
+    assert eng.plan.num_slots > 0 and eng.plan.streamed_layers, "the budget must stream layers"
+    sched = Scheduler(eng) if kv == "slots" else Scheduler(eng, kv_cache="paged", block_size=int(kv[6:]))
+    assert isinstance(sched.runner.cost, PassCost)
+    return eng, sched
+
+
+@pytest.mark.parametrize("kv", ["slots", "paged-4"])
+def test_a_pass_feeds_the_fewest_tokens_left_first_within_its_budget(engines, tiny_qwen2_dir,  # noqa: F811
+                                                                     streamed_budget, kv):  # noqa: F811
+    """Budget 20 tokens a pass (decode rows included): prompts of 30, 3, 17 and 9 tokens. Pass 1 feeds 3,
+    9 and 8 of 17 (first tokens for two); pass 2 (two decode rows) the other 9 of 17 and 9 of 30; pass 3
+    (three decode rows) 17 more of 30; pass 4 its last 4. Each gets its own greedy tokens."""
+    single, _ = engines
+    eng, sched = _streamed(tiny_qwen2_dir, streamed_budget, kv)
+    try:
+        sched.runner.cost = fixed = FixedBudget(20)
+        prompts = random_prompts([30, 3, 17, 9], eng.cfg.vocab_size, seed=53)
+        seqs = [Sequence(p, SamplingParams(max_tokens=6), eng.tokenizer) for p in prompts]
+        for s in seqs:
+            sched.add(s)
+        firsts = []
+        for _ in range(4):
+            sched.step()
+            firsts.append([len(s.output_ids) > 0 for s in seqs])
+        assert firsts == [[False, True, False, True], [False, True, True, True],
+                          [False, True, True, True], [True, True, True, True]]
+        assert fixed.observed == [20, 18, 17, 4]  # prompt tokens of each timed pass
+        while sched.has_work():
+            sched.step()
+        for p, s in zip(prompts, seqs):
+            assert s.output_ids == alone(single, p, 6), f"prompt of {len(p)} tokens"
+    finally:
+        eng.close()
+
+
+def test_a_prompt_passed_over_too_often_goes_first(engines, tiny_qwen2_dir, streamed_budget):  # noqa: F811
+    """A long prompt passed over ``MAX_DEFERRED`` passes in a row takes the room before shorter ones."""
+    single, _ = engines
+    eng, sched = _streamed(tiny_qwen2_dir, streamed_budget, "slots")
+    try:
+        sched.runner.cost = FixedBudget(20)
+        prompts = random_prompts([30, 3], eng.cfg.vocab_size, seed=54)
+        seqs = [Sequence(p, SamplingParams(max_tokens=3), eng.tokenizer) for p in prompts]
+        seqs[0].deferred = runner.MAX_DEFERRED - 1
+        for s in seqs:
+            sched.add(s)
+        sched.step()  # the short one first: the long one's fourth pass passed over
+        assert seqs[0].num_computed == 17 and seqs[0].deferred == 0  # 20 - 3 tokens of room left for it
+        seqs[1].deferred = 0
+        seqs[0].deferred = runner.MAX_DEFERRED
+        sched.step()  # now it goes first: 19 tokens of room (one decode row), 13 left of it
+        assert seqs[0].num_computed == 30 and len(seqs[0].output_ids) == 1
+        while sched.has_work():
+            sched.step()
+        for p, s in zip(prompts, seqs):
+            assert s.output_ids == alone(single, p, 3)
+    finally:
+        eng.close()
+
+
+def test_the_runner_learns_its_pass_cost_and_forgets_it_on_reset(engines, tiny_qwen2_dir,  # noqa: F811
+                                                                 streamed_budget, monkeypatch):  # noqa: F811
+    """Timed passes teach the runner both figures (a decode-only pass, a pass with prompts); the budget
+    then bounds the next passes' prompt tokens; a reset (after the warm-up's passes) forgets them."""
+    monkeypatch.setattr(passcost, "MIN_PROMPT_TOKENS", 1)
+    eng, sched = _streamed(tiny_qwen2_dir, streamed_budget, "slots")
+    try:
+        cost = sched.runner.cost
+        prompts = random_prompts([20, 12], eng.cfg.vocab_size, seed=55)
+        for p in prompts:
+            sched.add(Sequence(p, SamplingParams(max_tokens=3), eng.tokenizer))
+        sched.step()
+        assert sched.stats.last_tokens == 32 and cost.token_s > 0 and cost.stream_s is None
+        sched.step()
+        assert cost.stream_s > 0
+        while sched.has_work():
+            sched.step()
+        want = cost.budget(8, sched.runner.pass_tokens)
+        assert 8 <= want <= sched.runner.pass_tokens
+        cost.budget = lambda floor, cap: 9  # what the learned figures give, fixed for the check
+        for p in random_prompts([25, 25], eng.cfg.vocab_size, seed=56):
+            sched.add(Sequence(p, SamplingParams(max_tokens=2), eng.tokenizer))
+        sched.step()
+        assert sched.stats.last_tokens == 9
+        sched.runner.reset()
+        assert cost.stream_s is None and cost.token_s is None
+    finally:
+        eng.close()
+
+
+def test_all_resident_passes_keep_one_chunk_and_learn_nothing(engines):  # noqa: F811
+    _, multi = engines
+    assert Scheduler(multi).runner.cost is None
