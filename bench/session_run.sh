@@ -33,6 +33,7 @@
 #     tokens (context 32k: at 4 GiB the plan keeps host states, parked in the KV cache's unreached positions where
 #     they fit); then, given $N_ENV (e.g. LAYERSTREAM_PARK_STATES=0: the states in host memory), 4 GiB 8k / 16k with it
 #  e  GPU tests of parked prompt states and of packed slices in a warmed-up server
+#  r  issue 16: bench/first_request_probe.py (a warmed-up server's first requests alone: time, compiles, tuning)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -170,6 +171,10 @@ save; fi
 if [[ $steps == *e* ]]; then  # GPU tests of session 15's work: parked states, packed slices in a warmed-up server
   timeout $(left 200) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_prefill_host_states.py \
     tests/test_gpu_serving_warmup.py > $R/pytest_e.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_e.txt
+save; fi
+if [[ $steps == *r* ]]; then  # the 1-client level's slow first pass: what a warmed-up server still compiles
+  timeout $(left 150) python3 bench/first_request_probe.py --model $M --out $R/first_request.json \
+    > $R/first_request.txt 2>&1; echo "first-request rc=$?"; grep -v Warn $R/first_request.txt | tail -30
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
