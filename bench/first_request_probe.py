@@ -31,6 +31,11 @@ def _tuned() -> dict[str, set]:
     return {n: set(importlib.import_module(f"kernels.{n}")._TUNED) for n in _TUNERS}
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
@@ -48,15 +53,15 @@ def main() -> None:
     print(f"{report.summary()} ({time.perf_counter() - t:.1f} s); chunk {llm.engine.opts.prefill_chunk}")
     compiled: list[str] = []
     triton.knobs.runtime.jit_cache_hook = lambda **k: compiled.append(str(k.get("repr", k))[:160])
-    gen = torch.Generator().manual_seed(0)
+    gen, vocab = torch.Generator().manual_seed(0), llm.engine.cfg.vocab_size
     rows = []
     for i, n in enumerate(int(x) for x in a.lengths.split(",")):
-        ids = [1000 + i] + torch.randint(2000, 30000, (n - 1,), generator=gen).tolist()
+        ids = [(1000 + i) % vocab] + torch.randint(0, vocab, (n - 1,), generator=gen).tolist()
         before, compiled[:] = _tuned(), []
-        torch.cuda.synchronize()
+        _sync()
         t = time.perf_counter()
         llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-        torch.cuda.synchronize()
+        _sync()
         ms = (time.perf_counter() - t) * 1e3
         new = {k: sorted(map(str, v - before[k])) for k, v in _tuned().items() if v - before[k]}
         rows.append({"tokens": n, "ms": ms, "compiled": list(compiled), "tuned": new})
