@@ -27,7 +27,8 @@
 #     then tools.profile_decode of both (each step's kernels by kind)
 #  w  issue 15: bench/qgemv_sweep.py (arguments from $W_ARGS), the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident; tools.ttft_breakdown of each level
-#     (S_KV="--kv-cache paged": on the paged cache, its last slices packed)
+#     (S_KV="--kv-cache paged": on the paged cache, its last slices packed; S_LEVELS=1,4: those levels;
+#     S_RES= : no all-resident run)
 #  n  issues 16 / 14: bench/intake_probe.py (16 prompts at once, one pass with host prompt states, at 6 GiB with
 #     32 slots) on the slot and the paged cache, the paged one with and without packed slices; issue 14's table: bench_prefill at 4 GiB, 6 GiB and all resident, 2k-32k
 #     tokens (context 32k: at 4 GiB the plan keeps host states, parked in the KV cache's unreached positions where
@@ -145,8 +146,8 @@ if [[ $steps == *w* ]]; then
 save; fi
 if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-resident run's follow, from step 1 again)
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps.jsonl ${S_KV:-}"
-  timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients 1,4,16,32 --requests-per-client 1 \
-    --prompt-tokens 128:2048 --max-tokens 128:256 --all-resident --json $R/serve.json > $R/bench_serve.log 2>&1
+  timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients ${S_LEVELS:-1,4,16,32} --requests-per-client 1 \
+    --prompt-tokens 128:2048 --max-tokens 128:256 ${S_RES---all-resident} --json $R/serve.json > $R/bench_serve.log 2>&1
   echo "serve rc=$?"; tail -14 $R/bench_serve.log
   for c in server resident; do  # each level's TTFT against the passes (the all-resident server's log follows)
     python3 -m tools.ttft_breakdown $R/serve.json $R/steps.jsonl --config $c > $R/ttft_$c.txt 2>&1; head -24 $R/ttft_$c.txt

@@ -48,7 +48,8 @@ def test_requests_after_the_warm_up_compile_and_tune_nothing(tiny_qwen2_dir, mon
         tuned, compiled = _tuned(), []
         # called by Triton before compiling a specialisation this process has not compiled yet
         monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", lambda **k: compiled.append(k["repr"][:200]))
-        lengths, news = [3, 70, 200, 256, 130, 17, 255, 90], [8, 5, 12, 3, 9, 20, 4, 7]
+        # 300 and 411: longer than the chunk, a later slice after 256 cached tokens
+        lengths, news = [3, 70, 300, 200, 256, 130, 411, 17, 255, 90], [8, 5, 6, 12, 3, 9, 9, 20, 4, 7]
         prompts = random_prompts(lengths, eng.cfg.vocab_size, seed=8)
         seqs = [Sequence(p, SamplingParams(max_tokens=n), eng.tokenizer) for p, n in zip(prompts, news)]
         for step in range(1000):

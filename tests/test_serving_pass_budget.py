@@ -1,6 +1,6 @@
 """A streamed server pass's size (engine/serving/passcost.py) and the order prompts take its room in
-(engine/serving/runner.py): about two weight streams' time of prompt tokens at their measured cost, fewest
-tokens left first, a prompt passed over too often first. CPU, fp32, the tiny model; every sequence still
+(engine/serving/runner.py): about two weight streams' time of prompt tokens at their measured cost or half
+the waiting ones, fewest tokens left first, a prompt passed over or cut short whole in the next pass. CPU, fp32, the tiny model; every sequence still
 gets its own greedy tokens."""
 
 from __future__ import annotations
@@ -85,11 +85,11 @@ def _streamed(tiny_qwen2_dir, budget: int, kv: str):
 
 
 @pytest.mark.parametrize("kv", ["slots", "paged-4"])
-def test_a_pass_feeds_the_fewest_tokens_left_first_within_its_budget(engines, tiny_qwen2_dir,  # noqa: F811
-                                                                     streamed_budget, kv):  # noqa: F811
-    """Budget 20 tokens a pass (decode rows included): prompts of 30, 3, 17 and 9 tokens. Pass 1 feeds 3,
-    9 and 8 of 17 (first tokens for two); pass 2 (two decode rows) the other 9 of 17 and 9 of 30; pass 3
-    (three decode rows) 17 more of 30; pass 4 its last 4. Each gets its own greedy tokens."""
+def test_a_pass_feeds_the_fewest_tokens_left_first_and_the_rest_next(engines, tiny_qwen2_dir,  # noqa: F811
+                                                                      streamed_budget, kv):  # noqa: F811
+    """Budget 20 tokens, prompts of 30, 3, 17 and 9 tokens (59 waiting): pass 1 takes half of them, 30
+    tokens, fewest first: 3, 9 and 17 (first tokens) and 1 of 30, cut short; pass 2 (three decode rows,
+    17 tokens of room) feeds the cut prompt's other 29 whole. Each gets its own greedy tokens."""
     single, _ = engines
     eng, sched = _streamed(tiny_qwen2_dir, streamed_budget, kv)
     try:
@@ -99,12 +99,11 @@ def test_a_pass_feeds_the_fewest_tokens_left_first_within_its_budget(engines, ti
         for s in seqs:
             sched.add(s)
         firsts = []
-        for _ in range(4):
+        for _ in range(2):
             sched.step()
             firsts.append([len(s.output_ids) > 0 for s in seqs])
-        assert firsts == [[False, True, False, True], [False, True, True, True],
-                          [False, True, True, True], [True, True, True, True]]
-        assert fixed.observed == [20, 18, 17, 4]  # prompt tokens of each timed pass
+        assert firsts == [[False, True, True, True], [True, True, True, True]]
+        assert fixed.observed == [30, 29]  # prompt tokens of each timed pass
         while sched.has_work():
             sched.step()
         for p, s in zip(prompts, seqs):
@@ -113,29 +112,35 @@ def test_a_pass_feeds_the_fewest_tokens_left_first_within_its_budget(engines, ti
         eng.close()
 
 
-def test_a_prompt_passed_over_too_often_goes_first(engines, tiny_qwen2_dir, streamed_budget):  # noqa: F811
-    """A long prompt passed over ``MAX_DEFERRED`` passes in a row takes the room before shorter ones."""
+def test_a_prompt_passed_over_goes_whole_in_the_next_pass(engines, tiny_qwen2_dir, streamed_budget):  # noqa: F811
+    """Prompts of 10, 10 and 20 tokens, budget 20 (half the waiting 40): the two short ones fill pass 1,
+    the long one is passed over; pass 2 feeds it whole although its room (20 - two decode rows) is 18."""
     single, _ = engines
     eng, sched = _streamed(tiny_qwen2_dir, streamed_budget, "slots")
     try:
         sched.runner.cost = FixedBudget(20)
-        prompts = random_prompts([30, 3], eng.cfg.vocab_size, seed=54)
+        prompts = random_prompts([10, 20, 10], eng.cfg.vocab_size, seed=54)
         seqs = [Sequence(p, SamplingParams(max_tokens=3), eng.tokenizer) for p in prompts]
-        seqs[0].deferred = runner.MAX_DEFERRED - 1
         for s in seqs:
             sched.add(s)
-        sched.step()  # the short one first: the long one's fourth pass passed over
-        assert seqs[0].num_computed == 17 and seqs[0].deferred == 0  # 20 - 3 tokens of room left for it
-        seqs[1].deferred = 0
-        seqs[0].deferred = runner.MAX_DEFERRED
-        sched.step()  # now it goes first: 19 tokens of room (one decode row), 13 left of it
-        assert seqs[0].num_computed == 30 and len(seqs[0].output_ids) == 1
+        sched.step()
+        assert [s.num_computed for s in seqs] == [10, 0, 10] and seqs[1].deferred == 1
+        sched.step()
+        assert seqs[1].num_computed == 20 and len(seqs[1].output_ids) == 1 and seqs[1].deferred == 0
         while sched.has_work():
             sched.step()
         for p, s in zip(prompts, seqs):
             assert s.output_ids == alone(single, p, 3)
     finally:
         eng.close()
+
+
+def test_all_resident_a_prompt_passed_over_four_times_goes_first(engines):  # noqa: F811
+    _, multi = engines
+    short, long_ = (Sequence([1] * n, SamplingParams(), multi.tokenizer) for n in (3, 30))
+    assert sorted([long_, short], key=lambda s: runner._prompt_order(runner.MAX_DEFERRED, s)) == [short, long_]
+    long_.deferred = runner.MAX_DEFERRED
+    assert sorted([short, long_], key=lambda s: runner._prompt_order(runner.MAX_DEFERRED, s)) == [long_, short]
 
 
 def test_the_runner_learns_its_pass_cost_and_forgets_it_on_reset(engines, tiny_qwen2_dir,  # noqa: F811
@@ -158,10 +163,13 @@ def test_the_runner_learns_its_pass_cost_and_forgets_it_on_reset(engines, tiny_q
         want = cost.budget(8, sched.runner.pass_tokens)
         assert 8 <= want <= sched.runner.pass_tokens
         cost.budget = lambda floor, cap: 9  # what the learned figures give, fixed for the check
-        for p in random_prompts([25, 25], eng.cfg.vocab_size, seed=56):
+        for p in random_prompts([25, 25, 20], eng.cfg.vocab_size, seed=56):
             sched.add(Sequence(p, SamplingParams(max_tokens=2), eng.tokenizer))
         sched.step()
-        assert sched.stats.last_tokens == 9
+        assert sched.stats.last_tokens == 35  # half the 70 waiting: more than the budget of 9
+        cost.budget = lambda floor, cap: 60
+        sched.step()  # pass 1 fed 20 and 15 of a 25: one decode row, the cut prompt's 10, the other 25
+        assert sched.stats.last_tokens == 1 + 10 + 25
         sched.runner.reset()
         assert cost.stream_s is None and cost.token_s is None
     finally:

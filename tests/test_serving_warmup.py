@@ -37,6 +37,9 @@ def test_plan_for_the_h200_serving_run():
     sizes = {n for s in steps if s.dry and s.kind == "prefill" for n in s.slices}
     assert {127, 128, 1023, 1024, 2047, 2048, 2, 3, 63, 64} <= sizes and max(sizes) == 2048
     assert plan_warmup(32, 2048, 2304, eager_decode=True, dry=False) == real  # eager decode runs untuned
+    assert not any(s.cached for s in steps)  # no later slice fits a 2304-token context after 2048 cached
+    later = [(s.slices, s.cached) for s in plan_warmup(32, 1024, 2304, eager_decode=False, dry=True) if s.cached]
+    assert later == [((512,), 1024), ((513,), 1024), ((1023,), 1024)]  # the plan's 1024-token chunk at 6 GiB
     paged = plan_warmup(32, 2048, 2304, eager_decode=True, dry=True, block_size=16)
     widths = (1, 2, 4, 8, 15, 16, 31, 32, 63, 64, 127, 128)  # then the last, partial block of 2303 tokens
     assert {(s.decode_rows, s.context) for s in paged if s.kind == "mixed" and s.dry} == \

@@ -14,7 +14,9 @@ streaming, every pass pays for one stream of the non-resident weights: a pass ta
 time of prompt tokens at their measured cost (``passcost``), at most what the plan's prompt-state memory
 holds (``batch x (max_context - 1)``). Passes of one 2048-token chunk left 16 clients' prompts waiting
 ~9 passes (TTFT p50 2.7 s on the H200 at 6 GiB); all in one pass, every first token waited 1.0 s.
-Prompts take a pass's room fewest tokens left first (``_prompt_order``).
+Prompts take a pass's room fewest tokens left first (``_prompt_order``). A streamed pass takes at least
+half the waiting prompt tokens, and a prompt passed over (or cut short) goes whole in the next pass: a
+burst of arrivals gets its first tokens from two passes at most, the shorter half's from the first.
 """
 
 from __future__ import annotations
@@ -130,7 +132,10 @@ class ModelRunner:
                 q_lens[s.slot] = 1
                 pick.append((0, s.slot, 0))
                 owners.append(s)
-        budget = self.pass_tokens if self.cost is None else self.cost.budget(eng.opts.prefill_chunk, self.pass_tokens)
+        budget = self.pass_tokens
+        if self.cost is not None:  # streamed: two streams' worth, or half the waiting prompts (two passes at most)
+            waiting = sum(s.pending for s in seqs if s.pending > 1)
+            budget = min(budget, max(self.cost.budget(eng.opts.prefill_chunk, budget), -(-waiting // 2)))
         for part in self._slices(seqs, max(1, budget - len(decode)), q_lens):
             group, spec = self._slice_group(part)
             groups.append(group)
@@ -161,13 +166,15 @@ class ModelRunner:
         H200's host). Sets ``q_lens[slot]`` to each fed sequence's token count."""
         eng, chunk = self.engine, self.engine.opts.prefill_chunk
         singles, lasts = [], []
-        for s in sorted((s for s in seqs if s.pending > 1), key=_prompt_order):
-            fed = min(s.pending, room, eng.opts.max_context - s.num_computed)
+        force = self.cost is not None  # streamed: a prompt passed over or cut short goes whole in the next pass
+        for s in sorted((s for s in seqs if s.pending > 1), key=partial(_prompt_order, 1 if force else MAX_DEFERRED)):
+            fed = min(s.pending, max(room, s.pending) if force and s.deferred else room,
+                      eng.opts.max_context - s.num_computed)
             if fed < 1:
                 s.deferred += 1
                 continue
-            s.deferred = 0
-            room -= fed
+            s.deferred = int(force and fed < s.pending)
+            room = max(0, room - fed)
             q_lens[s.slot] = fed
             starts = list(range(s.num_computed, s.num_computed + fed, chunk))
             singles += [[(s, a, chunk)] for a in starts[:-1]]
@@ -291,13 +298,13 @@ class ModelRunner:
         return int(s.sampler(row, history))
 
 
-MAX_DEFERRED = 4  # passes a prompt may be passed over before it goes first (oldest first)
+MAX_DEFERRED = 4  # all resident: passes a prompt may be passed over before it goes first (oldest first)
 
 
-def _prompt_order(s: Sequence) -> tuple[int, int, int]:
-    """The order prompts take a pass's room in: those passed over ``MAX_DEFERRED`` times first, oldest
-    first; then the fewest tokens left first (the most first tokens per pass: the median request's wait
-    is shortest), oldest first among equals."""
-    if s.deferred >= MAX_DEFERRED:
+def _prompt_order(most: int, s: Sequence) -> tuple[int, int, int]:
+    """The order prompts take a pass's room in: those passed over ``most`` times first, oldest first;
+    then the fewest tokens left first (the most first tokens per pass: the median request's wait is
+    shortest), oldest first among equals."""
+    if s.deferred >= most:
         return (0, 0, s.seq_id)
     return (1, s.pending, s.seq_id)

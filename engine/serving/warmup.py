@@ -46,13 +46,15 @@ _SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.05)  # c
 class WarmStep:
     """One warm-up step: ``decoding`` sequences decode in the top slots of rows ``0 .. decode_rows``
     (the decode group's rows), each with ``context`` tokens after the step; each entry of ``slices``
-    is a prompt of that many tokens prefilled whole in a free slot. ``dry``: a compile-only pass."""
+    is a prompt of that many tokens prefilled whole in a free slot (after ``cached`` tokens already in the
+    cache: a long prompt's later slice). ``dry``: a compile-only pass."""
 
     dry: bool
     decode_rows: int
     decoding: int
     context: int
     slices: tuple[int, ...] = ()
+    cached: int = 0  # each slice's prompt has this many tokens in the cache before it (a later slice)
 
     @property
     def kind(self) -> str:
@@ -132,6 +134,10 @@ def plan_warmup(batch: int, chunk: int, max_context: int, eager_decode: bool, dr
         return steps
     sizes = {n for b in _pow2(4, eff) for n in (b - 1, b)} | {2, eff}  # each bucket's even and odd sizes
     steps += [WarmStep(True, 0, 0, 0, p) for p in _pack([n for n in sizes if 2 <= n <= eff], eff, batch)]
+    # a prompt longer than the chunk: a later slice after a chunk of cached positions, even and odd (the
+    # H200's first 1857-token request after a warm-up without them compiled two GEMM specialisations)
+    steps += [WarmStep(True, 0, 0, 0, (n,), cached=eff) for n in sorted({eff // 2, eff // 2 + 1, eff - 1})
+              if n >= 2 and eff + n < max_context]
     contexts = _contexts(max_context, block_size)
     for c in contexts:
         for r in range(1, batch + 1):
@@ -187,7 +193,7 @@ def _sequences(scheduler: Scheduler, step: WarmStep) -> list[Sequence]:
     free = [s for s in range(eng.opts.batch) if s not in decode_slots]
     seqs = []
     for i, (slot, n, computed) in enumerate([(s, step.context, step.context - 1) for s in decode_slots]
-                                            + [(s, n, 0) for s, n in zip(free, step.slices)]):
+                                            + [(s, step.cached + n, step.cached) for s, n in zip(free, step.slices)]):
         params = _SAMPLED if computed == 0 and step.decode_rows and not step.dry else SamplingParams()
         # a token of its own: no two share a KV block (the content does not matter to kernels or tuning)
         s = Sequence([i % vocab] * n, params, eng.tokenizer, request_id="warm-up")
