@@ -40,12 +40,23 @@ def test_budget_is_two_streams_of_prompt_tokens(stream_s, token_s, floor, cap, w
     assert cost.stream_s is None and cost.token_s is None and cost.budget(floor, cap) == cap
 
 
+def test_a_pass_bound_by_the_stream_forgets_the_cost_per_token():
+    """A pass with prompts that took less than ``BOUND`` streams hid its tokens under the stream: the next
+    pass may take everything again."""
+    cost = PassCost()
+    cost.observe(0, 0.25)
+    cost.observe(10_000, 1.0)
+    assert cost.budget(8, 10**6) == 5000
+    cost.observe(5000, 0.3)
+    assert cost.token_s is None and cost.budget(8, 10**6) == 10**6
+
+
 @pytest.mark.parametrize("intercept_s, per_token_s, first", [(0.03, 5e-5, 512), (0.03, 5e-5, 200_000),
                                                                (0.0, 2e-5, 1024), (0.1, 1e-4, 64)])
 def test_learned_budget_settles_at_two_streams_from_above_or_below(intercept_s, per_token_s, first):
-    """Passes that cost max(stream, intercept + tokens x per-token) (a stream-bound pass overstates the
-    cost per token): from a pass far too small or far too large the budget settles where a pass takes
-    about two streams' time, within ten passes."""
+    """Passes that cost max(stream, intercept + tokens x per-token): from a pass far too small (bound by the
+    stream: the next takes everything) or far too large the budget settles where a pass takes about two
+    streams' time, within ten passes."""
     stream_s = 0.25
     cost, tokens = PassCost(), first
 
@@ -112,25 +123,42 @@ def test_a_pass_feeds_the_fewest_tokens_left_first_and_the_rest_next(engines, ti
         eng.close()
 
 
-def test_a_prompt_passed_over_goes_whole_in_the_next_pass(engines, tiny_qwen2_dir, streamed_budget):  # noqa: F811
-    """Prompts of 10, 10 and 20 tokens, budget 20 (half the waiting 40): the two short ones fill pass 1,
-    the long one is passed over; pass 2 feeds it whole although its room (20 - two decode rows) is 18."""
+def test_prompts_passed_over_or_cut_short_go_whole_in_the_next_pass(engines, tiny_qwen2_dir,  # noqa: F811
+                                                                     streamed_budget):  # noqa: F811
+    """Prompts of 10, 20, 10 and 20 tokens (60 waiting, half 30): pass 1 feeds both 10s and 10 of the first
+    20, cut short, and passes the second 20 over; pass 2's room is 20 (the budget), yet both go whole."""
     single, _ = engines
     eng, sched = _streamed(tiny_qwen2_dir, streamed_budget, "slots")
     try:
         sched.runner.cost = FixedBudget(20)
-        prompts = random_prompts([10, 20, 10], eng.cfg.vocab_size, seed=54)
+        prompts = random_prompts([10, 20, 10, 20], eng.cfg.vocab_size, seed=54)
         seqs = [Sequence(p, SamplingParams(max_tokens=3), eng.tokenizer) for p in prompts]
         for s in seqs:
             sched.add(s)
         sched.step()
-        assert [s.num_computed for s in seqs] == [10, 0, 10] and seqs[1].deferred == 1
+        assert [s.num_computed for s in seqs] == [10, 10, 10, 0] and [s.deferred for s in seqs] == [0, 1, 0, 1]
         sched.step()
-        assert seqs[1].num_computed == 20 and len(seqs[1].output_ids) == 1 and seqs[1].deferred == 0
+        assert sched.stats.last_tokens == 2 + 10 + 20 and all(s.output_ids for s in seqs)
+        assert [s.deferred for s in seqs] == [0, 0, 0, 0]
         while sched.has_work():
             sched.step()
         for p, s in zip(prompts, seqs):
             assert s.output_ids == alone(single, p, 3)
+    finally:
+        eng.close()
+
+
+def test_a_lone_prompt_is_never_cut(engines, tiny_qwen2_dir, streamed_budget):  # noqa: F811
+    """Whatever the learned budget, a pass takes the shortest waiting prompt whole: one client's prompt
+    never pays for two streams."""
+    eng, sched = _streamed(tiny_qwen2_dir, streamed_budget, "slots")
+    try:
+        sched.runner.cost = FixedBudget(8)
+        seq = Sequence(random_prompts([40], eng.cfg.vocab_size, seed=57)[0], SamplingParams(max_tokens=2),
+                       eng.tokenizer)
+        sched.add(seq)
+        sched.step()
+        assert seq.num_computed == 40 and len(seq.output_ids) == 1
     finally:
         eng.close()
 

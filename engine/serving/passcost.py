@@ -12,9 +12,10 @@ long intake costs only the extra passes' launch overhead, not another stream eac
 
 Both figures are learned from the server's own timed passes: ``stream_s``, an exponential average
 of decode-only passes; ``token_s`` (seconds per prompt token), time / prompt tokens of the newest pass
-that fed prompts. At the operating point (a pass of ``STREAMS x stream_s``) that ratio is the pass's
-true cost per token. A pass that was bound by the stream (too few tokens) overstates it; the budget it
-gives is then ``STREAMS`` times that pass's tokens, so it doubles until passes are compute-bound. Until both figures are known (the first prompts after start) a pass takes every
+that fed prompts and took longer than ``BOUND`` streams. At the operating point (a pass of ``STREAMS x
+stream_s``) that ratio is the pass's true cost per token. A pass bound by the stream (its tokens hid
+under it) overstates it and says only that tokens are cheap: it forgets ``token_s``, so the next pass
+takes everything again until one is compute-bound. Until both figures are known (the first prompts after start) a pass takes every
 waiting prompt token, as before.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 STREAMS = 2.0  # a pass with prompts aims at this many weight streams' time
 ALPHA = 0.5  # weight of the newest decode-only pass in the stream's average
 MIN_PROMPT_TOKENS = 64  # passes feeding fewer prompt tokens tell little about the cost per token
+BOUND = 1.5  # a pass with prompts shorter than this many streams was bound by the stream
 
 
 class PassCost:
@@ -38,7 +40,8 @@ class PassCost:
         if prompt_tokens == 0:
             self.stream_s = _average(self.stream_s, seconds)
         elif prompt_tokens >= MIN_PROMPT_TOKENS:
-            self.token_s = seconds / prompt_tokens
+            bound = self.stream_s is not None and seconds < BOUND * self.stream_s
+            self.token_s = None if bound else seconds / prompt_tokens
 
     def budget(self, floor: int, cap: int) -> int:
         """Prompt tokens for the next pass: ``STREAMS`` streams' worth at the learned cost, within

@@ -133,9 +133,10 @@ class ModelRunner:
                 pick.append((0, s.slot, 0))
                 owners.append(s)
         budget = self.pass_tokens
-        if self.cost is not None:  # streamed: two streams' worth, or half the waiting prompts (two passes at most)
-            waiting = sum(s.pending for s in seqs if s.pending > 1)
-            budget = min(budget, max(self.cost.budget(eng.opts.prefill_chunk, budget), -(-waiting // 2)))
+        if self.cost is not None:  # streamed: two streams' worth, or half the waiting prompts (two passes at
+            prompts = [s.pending for s in seqs if s.pending > 1]  # most), never cutting the shortest prompt
+            wanted = max(self.cost.budget(eng.opts.prefill_chunk, budget), -(-sum(prompts) // 2), min(prompts, default=0))
+            budget = min(budget, wanted + len(decode))
         for part in self._slices(seqs, max(1, budget - len(decode)), q_lens):
             group, spec = self._slice_group(part)
             groups.append(group)
