@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.serving import passcost, runner
+from engine.serving import passcost
 from engine.serving.params import SamplingParams
 from engine.serving.passcost import PassCost
 from engine.serving.scheduler import Scheduler
@@ -70,10 +70,11 @@ def test_learned_budget_settles_at_two_streams_from_above_or_below(intercept_s, 
     assert 1.8 * stream_s <= took(tokens) <= 2.1 * stream_s, (tokens, took(tokens))
 
 
-class FixedBudget:
+class FixedBudget(PassCost):
     """A pass cost whose budget is fixed (the runner's order is what these tests check)."""
 
     def __init__(self, tokens: int) -> None:
+        super().__init__()
         self.tokens = tokens
         self.observed: list[int] = []
 
@@ -166,9 +167,9 @@ def test_a_lone_prompt_is_never_cut(engines, tiny_qwen2_dir, streamed_budget):  
 def test_all_resident_a_prompt_passed_over_four_times_goes_first(engines):  # noqa: F811
     _, multi = engines
     short, long_ = (Sequence([1] * n, SamplingParams(), multi.tokenizer) for n in (3, 30))
-    assert sorted([long_, short], key=lambda s: runner._prompt_order(runner.MAX_DEFERRED, s)) == [short, long_]
-    long_.deferred = runner.MAX_DEFERRED
-    assert sorted([short, long_], key=lambda s: runner._prompt_order(runner.MAX_DEFERRED, s)) == [long_, short]
+    assert sorted([long_, short], key=lambda s: passcost.prompt_order(passcost.MAX_DEFERRED, s)) == [short, long_]
+    long_.deferred = passcost.MAX_DEFERRED
+    assert sorted([short, long_], key=lambda s: passcost.prompt_order(passcost.MAX_DEFERRED, s)) == [long_, short]
 
 
 def test_the_runner_learns_its_pass_cost_and_forgets_it_on_reset(engines, tiny_qwen2_dir,  # noqa: F811
@@ -207,3 +208,13 @@ def test_the_runner_learns_its_pass_cost_and_forgets_it_on_reset(engines, tiny_q
 def test_all_resident_passes_keep_one_chunk_and_learn_nothing(engines):  # noqa: F811
     _, multi = engines
     assert Scheduler(multi).runner.cost is None
+
+
+def test_room_is_the_budget_half_the_waiting_or_the_shortest_prompt():
+    cost = PassCost()
+    cost.observe(0, 0.25)
+    cost.observe(10_000, 1.0)  # budget 5000 tokens
+    assert cost.room([100, 200], 8, 10**6) == 5000
+    assert cost.room([7000, 8000, 101], 8, 10**6) == 7551  # half of 15,101, rounded up
+    assert cost.room([9000], 8, 10**6) == 9000  # a lone prompt whole
+    assert cost.room([], 8, 10**6) == 5000

@@ -50,9 +50,28 @@ class PassCost:
             return cap
         return max(floor, min(cap, int(STREAMS * self.stream_s / self.token_s)))
 
+    def room(self, prompts: list[int], floor: int, cap: int) -> int:
+        """Prompt tokens for the next pass, given the tokens each waiting prompt has left: the budget, or
+        half of them if that is more (a burst's first tokens in two passes at most, with the runner feeding
+        passed-over prompts whole next), and never less than the shortest prompt (a lone prompt is never
+        cut into two streams)."""
+        return max(self.budget(floor, cap), -(-sum(prompts) // 2), min(prompts, default=0))
+
     def reset(self) -> None:
         self.stream_s = self.token_s = None
 
 
 def _average(old: float | None, new: float) -> float:
     return new if old is None else (1 - ALPHA) * old + ALPHA * new
+
+
+MAX_DEFERRED = 4  # all resident: passes a prompt may be passed over before it goes first (oldest first)
+
+
+def prompt_order(most: int, s) -> tuple[int, int, int]:
+    """The order prompts (``engine.serving.sequence.Sequence``) take a pass's room in: those passed over
+    ``most`` times first, oldest first; then the fewest tokens left first (the most first tokens per
+    pass: the median request's wait is shortest), oldest first among equals."""
+    if s.deferred >= most:
+        return (0, 0, s.seq_id)
+    return (1, s.pending, s.seq_id)

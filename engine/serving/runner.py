@@ -14,7 +14,7 @@ streaming, every pass pays for one stream of the non-resident weights: a pass ta
 time of prompt tokens at their measured cost (``passcost``), at most what the plan's prompt-state memory
 holds (``batch x (max_context - 1)``). Passes of one 2048-token chunk left 16 clients' prompts waiting
 ~9 passes (TTFT p50 2.7 s on the H200 at 6 GiB); all in one pass, every first token waited 1.0 s.
-Prompts take a pass's room fewest tokens left first (``_prompt_order``). A streamed pass takes at least
+Prompts take a pass's room fewest tokens left first (``passcost.prompt_order``). A streamed pass takes at least
 half the waiting prompt tokens, and a prompt passed over (or cut short) goes whole in the next pass: a
 burst of arrivals gets its first tokens from two passes at most, the shorter half's from the first.
 """
@@ -34,7 +34,7 @@ from engine.sampling import Sampler
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
 from engine.serving.packing import pack_rows
-from engine.serving.passcost import PassCost
+from engine.serving.passcost import MAX_DEFERRED, PassCost, prompt_order
 from engine.serving.sequence import Logprob, Sequence
 
 
@@ -132,12 +132,11 @@ class ModelRunner:
                 q_lens[s.slot] = 1
                 pick.append((0, s.slot, 0))
                 owners.append(s)
-        budget = self.pass_tokens
-        if self.cost is not None:  # streamed: two streams' worth, or half the waiting prompts (two passes at
-            prompts = [s.pending for s in seqs if s.pending > 1]  # most), never cutting the shortest prompt
-            wanted = max(self.cost.budget(eng.opts.prefill_chunk, budget), -(-sum(prompts) // 2), min(prompts, default=0))
-            budget = min(budget, wanted + len(decode))
-        for part in self._slices(seqs, max(1, budget - len(decode)), q_lens):
+        room = self.pass_tokens - len(decode)
+        if self.cost is not None:
+            room = min(room, self.cost.room([s.pending for s in seqs if s.pending > 1], eng.opts.prefill_chunk,
+                                            self.pass_tokens))
+        for part in self._slices(seqs, max(1, room), q_lens):
             group, spec = self._slice_group(part)
             groups.append(group)
             specs.append(spec)
@@ -168,7 +167,7 @@ class ModelRunner:
         eng, chunk = self.engine, self.engine.opts.prefill_chunk
         singles, lasts = [], []
         force = self.cost is not None  # streamed: a prompt passed over or cut short goes whole in the next pass
-        for s in sorted((s for s in seqs if s.pending > 1), key=partial(_prompt_order, 1 if force else MAX_DEFERRED)):
+        for s in sorted((s for s in seqs if s.pending > 1), key=partial(prompt_order, 1 if force else MAX_DEFERRED)):
             fed = min(s.pending, max(room, s.pending) if force and s.deferred else room,
                       eng.opts.max_context - s.num_computed)
             if fed < 1:
@@ -297,15 +296,3 @@ class ModelRunner:
         if p.repetition_penalty != 1.0:
             history = torch.tensor([s.all_ids], dtype=torch.long, device=row.device)
         return int(s.sampler(row, history))
-
-
-MAX_DEFERRED = 4  # all resident: passes a prompt may be passed over before it goes first (oldest first)
-
-
-def _prompt_order(most: int, s: Sequence) -> tuple[int, int, int]:
-    """The order prompts take a pass's room in: those passed over ``most`` times first, oldest first;
-    then the fewest tokens left first (the most first tokens per pass: the median request's wait is
-    shortest), oldest first among equals."""
-    if s.deferred >= most:
-        return (0, 0, s.seq_id)
-    return (1, s.pending, s.seq_id)
