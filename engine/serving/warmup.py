@@ -14,7 +14,8 @@ sampling):
   the decode group of mixed steps need compiles only. With the slot cache on CUDA, pure decode
   replays the decode graph, whose capture already ran its shapes (tuned) at load.
 * dry, compile-only passes (``engine.ahead.dry``: no weight is streamed, Triton launches compile in a
-  thread pool) where only compiles are missing: prompt slices at each bucket's even and odd sizes,
+  thread pool) where only compiles are missing: prompt slices at each bucket's even and odd sizes and
+  a long prompt's later slice (after a chunk of cached positions),
   and the decode group of mixed steps at every row count and at contexts that give each attention
   split bound (eager pure decode runs the same layer shapes; it gets a pass per row count for its head). Only where compile-ahead is wanted (CUDA, Triton kernels).
 
