@@ -1,7 +1,7 @@
 """A streamed server pass's size (engine/serving/passcost.py) and the order prompts take its room in
 (engine/serving/runner.py): about two weight streams' time of prompt tokens at their measured cost or half
-the waiting ones, fewest tokens left first, a prompt passed over or cut short whole in the next pass. CPU, fp32, the tiny model; every sequence still
-gets its own greedy tokens."""
+the waiting ones, fewest tokens left first, a prompt passed over or cut short whole in the next pass.
+CPU, fp32, the tiny model; every sequence still gets its own greedy tokens."""
 
 from __future__ import annotations
 

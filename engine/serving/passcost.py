@@ -1,25 +1,31 @@
-"""How many prompt tokens a streamed pass takes: about two weight streams' time of work.
+"""How many prompt tokens a streamed pass takes, and in what order prompts take them.
 
 A streamed pass pays one stream of the non-resident weights whatever it computes (``stream_s``: the
 time of a pass that only decodes); the prompt tokens fed beside it are compute that overlaps that
 stream. A pass that takes every waiting prompt makes every first token, and every decoding row's next
 token, wait for its end: on the H200 at 6 GiB, 16 clients' 18,906 prompt tokens in one pass took 1.0 s,
 four times a decode step. Passes sized to about ``STREAMS`` weight streams give the shortest prompts
-(``ModelRunner`` feeds them first) their first token after the first such pass, and keep the decoding
-rows' inter-token time within ``STREAMS`` step times: the issue's TTFT target is two step times plus a
-request's own prefill. Once a pass's tokens take longer than the stream they hide it, so splitting a
-long intake costs only the extra passes' launch overhead, not another stream each.
+(``prompt_order``) their first token after the first such pass: the issue's TTFT target is two step
+times plus a request's own prefill. But a pass with prompts also has a fixed cost beyond its tokens
+(measured there: ~0.19 s with 16 decoding rows, ~0.4 s with 32), so many small passes delay the last
+prompts of a burst (32 clients: ~7 passes, TTFT p99 5.1 s). Hence ``room``: at least half the waiting
+prompt tokens, the rest whole in the next pass (the runner), two passes a burst at most.
 
 Both figures are learned from the server's own timed passes: ``stream_s``, an exponential average
 of decode-only passes; ``token_s`` (seconds per prompt token), time / prompt tokens of the newest pass
 that fed prompts and took longer than ``BOUND`` streams. At the operating point (a pass of ``STREAMS x
 stream_s``) that ratio is the pass's true cost per token. A pass bound by the stream (its tokens hid
 under it) overstates it and says only that tokens are cheap: it forgets ``token_s``, so the next pass
-takes everything again until one is compute-bound. Until both figures are known (the first prompts after start) a pass takes every
-waiting prompt token, as before.
+takes everything again until one is compute-bound. Until both figures are known (the first prompts
+after start) a pass takes every waiting prompt token.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.serving.sequence import Sequence
 
 STREAMS = 2.0  # a pass with prompts aims at this many weight streams' time
 ALPHA = 0.5  # weight of the newest decode-only pass in the stream's average
@@ -68,8 +74,8 @@ def _average(old: float | None, new: float) -> float:
 MAX_DEFERRED = 4  # all resident: passes a prompt may be passed over before it goes first (oldest first)
 
 
-def prompt_order(most: int, s) -> tuple[int, int, int]:
-    """The order prompts (``engine.serving.sequence.Sequence``) take a pass's room in: those passed over
+def prompt_order(most: int, s: Sequence) -> tuple[int, int, int]:
+    """The order prompts take a pass's room in: those passed over
     ``most`` times first, oldest first; then the fewest tokens left first (the most first tokens per
     pass: the median request's wait is shortest), oldest first among equals."""
     if s.deferred >= most:

@@ -14,9 +14,10 @@ streaming, every pass pays for one stream of the non-resident weights: a pass ta
 time of prompt tokens at their measured cost (``passcost``), at most what the plan's prompt-state memory
 holds (``batch x (max_context - 1)``). Passes of one 2048-token chunk left 16 clients' prompts waiting
 ~9 passes (TTFT p50 2.7 s on the H200 at 6 GiB); all in one pass, every first token waited 1.0 s.
-Prompts take a pass's room fewest tokens left first (``passcost.prompt_order``). A streamed pass takes at least
-half the waiting prompt tokens, and a prompt passed over (or cut short) goes whole in the next pass: a
-burst of arrivals gets its first tokens from two passes at most, the shorter half's from the first.
+Prompts take a pass's room fewest tokens left first (``passcost.prompt_order``). A streamed pass
+takes at least half the waiting prompt tokens, and a prompt passed over (or cut short) goes whole in
+the next pass: a burst of arrivals gets its first tokens from two passes at most, the shorter half's
+from the first.
 """
 
 from __future__ import annotations

@@ -66,7 +66,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.slot: int | None = None
         self.num_computed = 0
-        self.deferred = 0  # passes in a row that fed none of this prompt (no room left): the runner's order
+        # passes in a row that fed none of this prompt (streamed: 1 after one that cut it short too); the
+        # order prompts take a pass's room in (engine.serving.passcost.prompt_order)
+        self.deferred = 0
         self.text = ""
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True, context_ids=self.prompt_ids)
         self.stops = StopStringMatcher(list(params.stop))
