@@ -17,13 +17,16 @@ from tests.test_serving_pass_tokens import streamed_budget  # noqa: F401 - a fix
 from tests.test_serving_scheduler import alone, engines  # noqa: F401 - a fixture, used by name
 
 
-def test_budget_is_every_token_until_both_costs_are_known():
+def test_budget_is_the_floor_until_both_costs_are_known():
+    """Unknown costs: the budget is the floor, so a burst's room is half its tokens (two passes)."""
     cost = PassCost()
-    assert cost.budget(8, 1000) == 1000
+    assert cost.budget(8, 1000) == 8 and cost.budget(8, 5) == 5
+    assert cost.room([300, 500, 1000], 8, 10_000) == 900  # half the waiting tokens
+    assert cost.room([700], 8, 10_000) == 700  # a lone prompt whole
     cost.observe(0, 0.25)  # a decode-only pass: the stream's time
-    assert cost.budget(8, 1000) == 1000
+    assert cost.budget(8, 1000) == 8
     cost.observe(passcost.MIN_PROMPT_TOKENS - 1, 0.3)  # too few prompt tokens to price one
-    assert cost.token_s is None and cost.budget(8, 1000) == 1000
+    assert cost.token_s is None and cost.budget(8, 1000) == 8
 
 
 @pytest.mark.parametrize("stream_s, token_s, floor, cap, want", [
@@ -37,26 +40,33 @@ def test_budget_is_two_streams_of_prompt_tokens(stream_s, token_s, floor, cap, w
     cost.observe(10_000, token_s * 10_000)
     assert cost.budget(floor, cap) == want
     cost.reset()
-    assert cost.stream_s is None and cost.token_s is None and cost.budget(floor, cap) == cap
+    assert cost.stream_s is None and cost.token_s is None and cost.budget(floor, cap) == min(floor, cap)
 
 
-def test_a_pass_bound_by_the_stream_forgets_the_cost_per_token():
-    """A pass with prompts that took less than ``BOUND`` streams hid its tokens under the stream: the next
-    pass may take everything again."""
+def test_a_pass_bound_by_the_stream_only_lowers_the_cost_per_token():
+    """A pass with prompts that took less than ``BOUND`` streams hid its tokens under the stream: its
+    time / tokens is an upper bound of the cost per token, kept only where it is lower than what is known;
+    a pass bound by its tokens replaces it."""
     cost = PassCost()
     cost.observe(0, 0.25)
-    cost.observe(10_000, 1.0)
+    cost.observe(2000, 0.3)  # bound by the stream, nothing known yet: 150 us a token at most
+    assert cost.token_s == pytest.approx(1.5e-4) and cost.budget(8, 10**6) == 3333
+    cost.observe(10_000, 1.0)  # bound by its tokens: 100 us a token
     assert cost.budget(8, 10**6) == 5000
-    cost.observe(5000, 0.3)
-    assert cost.token_s is None and cost.budget(8, 10**6) == 10**6
+    cost.observe(5000, 0.3)  # bound by the stream, at most 60 us: lower, kept
+    assert cost.token_s == pytest.approx(6e-5)
+    cost.observe(1000, 0.26)  # bound by the stream, at most 260 us: higher, ignored
+    assert cost.token_s == pytest.approx(6e-5)
+    cost.observe(12_000, 0.9)  # bound by its tokens: 75 us, replaces the bound
+    assert cost.token_s == pytest.approx(7.5e-5)
 
 
 @pytest.mark.parametrize("intercept_s, per_token_s, first", [(0.03, 5e-5, 512), (0.03, 5e-5, 200_000),
                                                                (0.0, 2e-5, 1024), (0.1, 1e-4, 64)])
 def test_learned_budget_settles_at_two_streams_from_above_or_below(intercept_s, per_token_s, first):
     """Passes that cost max(stream, intercept + tokens x per-token): from a pass far too small (bound by the
-    stream: the next takes everything) or far too large the budget settles where a pass takes about two
-    streams' time, within ten passes."""
+    stream: each next one at least ``STREAMS / BOUND`` times larger) or far too large the budget settles
+    where a pass takes about two streams' time, within ten passes."""
     stream_s = 0.25
     cost, tokens = PassCost(), first
 
@@ -183,8 +193,10 @@ def test_the_runner_learns_its_pass_cost_and_forgets_it_on_reset(engines, tiny_q
         prompts = random_prompts([20, 12], eng.cfg.vocab_size, seed=55)
         for p in prompts:
             sched.add(Sequence(p, SamplingParams(max_tokens=3), eng.tokenizer))
-        sched.step()
-        assert sched.stats.last_tokens == 32 and cost.token_s > 0 and cost.stream_s is None
+        sched.step()  # nothing known: half the 32 waiting tokens, the shortest prompt whole
+        assert sched.stats.last_tokens == 16 and cost.token_s > 0 and cost.stream_s is None
+        sched.step()  # the cut prompt's other 16 whole, beside the first one's decode row
+        assert sched.stats.last_tokens == 1 + 16 and cost.stream_s is None
         sched.step()
         assert cost.stream_s > 0
         while sched.has_work():

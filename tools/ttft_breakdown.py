@@ -56,7 +56,8 @@ def level_report(row: dict, steps: list[dict]) -> list[str]:
     for s in passes_of(mid, steps):
         start = s["mono_s"] - s["step_s"] - mid["sent_s"]
         lines.append(f"    {start * 1e3:+8.0f} ms  {s['step_s'] * 1e3:6.0f} ms  batch {s['batch']:3d}  "
-                     f"tokens {s['tokens']:6d}  waiting {s['waiting']}")
+                     f"tokens {s['tokens']:6d}  waiting {s['waiting']}"
+                     + (f"  compiles {s['compiles']}" if s.get("compiles") else ""))
     lines.append(f"    first token at +{(mid['first_s'] - mid['sent_s']) * 1e3:.0f} ms")
     return lines
 

@@ -1,7 +1,9 @@
 """``layerstream serve --step-log FILE``: one JSON line per engine step (one pass over the layers), for
 reading a load test afterwards: when each pass ran, how long it took, how many sequences it carried,
-how many tokens it fed (prompt slices and decode rows together) and how many sequences still waited;
-``mono_s``, its end on ``time.monotonic()``, matches a load test's request times (tools/ttft_breakdown.py)."""
+how many tokens it fed (prompt slices and decode rows together), how many sequences still waited and
+how many Triton kernel specialisations it had to build (``compiles``: compiled, or loaded from Triton's
+disk cache; a warmed-up server's passes should build none); ``mono_s``, its end on
+``time.monotonic()``, matches a load test's request times (tools/ttft_breakdown.py)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +23,18 @@ class StepLog:
             raise ValueError(f"--step-log {path}: cannot open it for writing ({e.strerror}); give a writable path") \
                 from None
         self._t0 = time.monotonic()
+        self.compiles = 0
+        self._runtime = _hook_knobs()
+        self._previous = None
+        if self._runtime is not None:  # chained: a hook installed before keeps working
+            self._previous = self._runtime.jit_cache_hook
+            self._runtime.jit_cache_hook = self._count
+
+    def _count(self, *args, **kwargs):
+        """Triton's ``jit_cache_hook``: called once for each specialisation a launch has to build; a
+        truthy return would skip the build, so it returns what the hook before it returns."""
+        self.compiles += 1
+        return self._previous(*args, **kwargs) if self._previous is not None else False
 
     def __call__(self, st: StepStats) -> None:
         end = time.monotonic() - self._t0
@@ -28,7 +42,20 @@ class StepLog:
                                      "mono_s": round(self._t0 + end, 6),  # time.monotonic() at its end
                                      "step_s": round(st.last_step_s, 6), "batch": st.last_batch,
                                      "tokens": st.last_tokens, "waiting": st.last_waiting,
-                                     "generated_total": st.generated_tokens}) + "\n")
+                                     "generated_total": st.generated_tokens, "compiles": self.compiles}) + "\n")
+        self.compiles = 0
 
     def close(self) -> None:
+        if self._runtime is not None and self._runtime.jit_cache_hook == self._count:
+            self._runtime.jit_cache_hook = self._previous
         self._file.close()
+
+
+def _hook_knobs():
+    """triton.knobs.runtime when this Triton has ``jit_cache_hook``, else None (no count)."""
+    try:
+        import triton
+    except ImportError:  # pragma: no cover - triton is a runtime dependency
+        return None
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return runtime if runtime is not None and hasattr(runtime, "jit_cache_hook") else None

@@ -1,0 +1,48 @@
+"""``--step-log``'s ``compiles`` column (engine/serving/steplog.py): Triton's ``jit_cache_hook`` counts the
+kernel specialisations each step had to build, chained to a hook installed before it and removed on close.
+A stand-in for triton.knobs.runtime (the CPU interpreter never calls the hook)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from engine.serving import steplog
+from engine.serving.scheduler import StepStats
+
+
+def _stats(step: int) -> StepStats:
+    st = StepStats()
+    st.steps, st.last_step_s, st.last_batch, st.last_tokens = step, 0.01, 1, 1
+    return st
+
+
+def test_each_step_counts_the_builds_during_it_and_close_restores_the_hook(tmp_path, monkeypatch):
+    seen = []
+
+    def before(**kw):
+        seen.append(kw["key"])
+        return kw["key"] == "skip"  # a hook installed before may ask Triton to skip a build
+
+    runtime = SimpleNamespace(jit_cache_hook=before)
+    monkeypatch.setattr(steplog, "_hook_knobs", lambda: runtime)
+    log = steplog.StepLog(tmp_path / "steps.jsonl")
+    assert runtime.jit_cache_hook == log._count
+    assert runtime.jit_cache_hook(key="a") is False and runtime.jit_cache_hook(key="skip") is True
+    log(_stats(1))
+    log(_stats(2))
+    runtime.jit_cache_hook(key="b")
+    log(_stats(3))
+    log.close()
+    assert runtime.jit_cache_hook is before and seen == ["a", "skip", "b"]
+    rows = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [r["compiles"] for r in rows] == [2, 0, 1]
+
+
+def test_without_a_hook_before_it_builds_are_never_skipped(tmp_path, monkeypatch):
+    runtime = SimpleNamespace(jit_cache_hook=None)
+    monkeypatch.setattr(steplog, "_hook_knobs", lambda: runtime)
+    log = steplog.StepLog(tmp_path / "steps.jsonl")
+    assert runtime.jit_cache_hook(key="a", repr="k") is False
+    log.close()
+    assert runtime.jit_cache_hook is None
