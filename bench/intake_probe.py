@@ -58,6 +58,8 @@ def apply(llm: LLM, variant: str) -> None:
     runner = llm.scheduler.runner
     runner._host_states = (lambda groups: False) if "device" in parts else type(runner)._host_states.__get__(runner)
     runner.pack_slices = "nopack" not in parts
+    if runner.cost is not None:  # one pass takes every prompt, whatever the server's pass budget would allow
+        runner.cost.budget = lambda floor, cap: cap
 
 
 def _sync() -> None:

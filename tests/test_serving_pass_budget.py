@@ -1,6 +1,7 @@
 """A streamed server pass's size (engine/serving/passcost.py) and the order prompts take its room in
-(engine/serving/runner.py): about two weight streams' time of prompt tokens at their measured cost or half
-the waiting ones, fewest tokens left first, a prompt passed over or cut short whole in the next pass.
+(engine/serving/runner.py): about two weight streams' time of prompt tokens at their measured cost or the
+shorter half of the waiting prompts, fewest tokens left first, a prompt passed over or cut short whole in
+the next pass.
 CPU, fp32, the tiny model; every sequence still gets its own greedy tokens."""
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from tests.test_serving_scheduler import alone, engines  # noqa: F401 - a fixtur
 
 
 def test_budget_is_the_floor_until_both_costs_are_known():
-    """Unknown costs: the budget is the floor, so a burst's room is half its tokens (two passes)."""
+    """Unknown costs: the budget is the floor, so a burst's room is its shorter half (two passes)."""
     cost = PassCost()
     assert cost.budget(8, 1000) == 8 and cost.budget(8, 5) == 5
-    assert cost.room([300, 500, 1000], 8, 10_000) == 900  # half the waiting tokens
+    assert cost.room([1000, 300, 500], 8, 10_000) == 800  # the shorter half and the median prompt
+    assert cost.room([5, 1, 4, 2, 3, 6], 8, 10_000) == 10  # six prompts: the four shortest
+    assert cost.room([5, 1, 4, 2, 3, 6], 12, 10_000) == 12  # the budget, when more
     assert cost.room([700], 8, 10_000) == 700  # a lone prompt whole
     cost.observe(0, 0.25)  # a decode-only pass: the stream's time
     assert cost.budget(8, 1000) == 8
@@ -81,12 +84,16 @@ def test_learned_budget_settles_at_two_streams_from_above_or_below(intercept_s, 
 
 
 class FixedBudget(PassCost):
-    """A pass cost whose budget is fixed (the runner's order is what these tests check)."""
+    """A pass cost whose budget is fixed (the runner's order is what these tests check); with
+    ``fixed_room`` the pass's room is that budget too, whatever waits."""
 
-    def __init__(self, tokens: int) -> None:
+    def __init__(self, tokens: int, fixed_room: bool = False) -> None:
         super().__init__()
-        self.tokens = tokens
+        self.tokens, self.fixed_room = tokens, fixed_room
         self.observed: list[int] = []
+
+    def room(self, prompts: list[int], floor: int, cap: int) -> int:
+        return self.tokens if self.fixed_room else super().room(prompts, floor, cap)
 
     def observe(self, prompt_tokens: int, seconds: float) -> None:
         self.observed.append(prompt_tokens)
@@ -109,13 +116,13 @@ def _streamed(tiny_qwen2_dir, budget: int, kv: str):
 @pytest.mark.parametrize("kv", ["slots", "paged-4"])
 def test_a_pass_feeds_the_fewest_tokens_left_first_and_the_rest_next(engines, tiny_qwen2_dir,  # noqa: F811
                                                                       streamed_budget, kv):  # noqa: F811
-    """Budget 20 tokens, prompts of 30, 3, 17 and 9 tokens (59 waiting): pass 1 takes half of them, 30
-    tokens, fewest first: 3, 9 and 17 (first tokens) and 1 of 30, cut short; pass 2 (three decode rows,
-    17 tokens of room) feeds the cut prompt's other 29 whole. Each gets its own greedy tokens."""
+    """Room 20 tokens, prompts of 30, 3, 17 and 9 tokens: pass 1 feeds the fewest first: 3 and 9 (first
+    tokens) and 8 of 17, cut short, and passes the 30 over; pass 2 (two decode rows, room 20) feeds both
+    whole, the 30 and the cut prompt's other 9. Each gets its own greedy tokens."""
     single, _ = engines
     eng, sched = _streamed(tiny_qwen2_dir, streamed_budget, kv)
     try:
-        sched.runner.cost = fixed = FixedBudget(20)
+        sched.runner.cost = fixed = FixedBudget(20, fixed_room=True)
         prompts = random_prompts([30, 3, 17, 9], eng.cfg.vocab_size, seed=53)
         seqs = [Sequence(p, SamplingParams(max_tokens=6), eng.tokenizer) for p in prompts]
         for s in seqs:
@@ -124,8 +131,8 @@ def test_a_pass_feeds_the_fewest_tokens_left_first_and_the_rest_next(engines, ti
         for _ in range(2):
             sched.step()
             firsts.append([len(s.output_ids) > 0 for s in seqs])
-        assert firsts == [[False, True, True, True], [True, True, True, True]]
-        assert fixed.observed == [30, 29]  # prompt tokens of each timed pass
+        assert firsts == [[False, True, False, True], [True, True, True, True]]
+        assert fixed.observed == [20, 39]  # prompt tokens of each timed pass
         while sched.has_work():
             sched.step()
         for p, s in zip(prompts, seqs):
@@ -136,18 +143,19 @@ def test_a_pass_feeds_the_fewest_tokens_left_first_and_the_rest_next(engines, ti
 
 def test_prompts_passed_over_or_cut_short_go_whole_in_the_next_pass(engines, tiny_qwen2_dir,  # noqa: F811
                                                                      streamed_budget):  # noqa: F811
-    """Prompts of 10, 20, 10 and 20 tokens (60 waiting, half 30): pass 1 feeds both 10s and 10 of the first
-    20, cut short, and passes the second 20 over; pass 2's room is 20 (the budget), yet both go whole."""
+    """Prompts of 10, 20, 10 and 20 tokens, room 30: pass 1 feeds both 10s and 10 of the first 20, cut
+    short, and passes the second 20 over; pass 2's room is 20, yet both go whole."""
     single, _ = engines
     eng, sched = _streamed(tiny_qwen2_dir, streamed_budget, "slots")
     try:
-        sched.runner.cost = FixedBudget(20)
+        sched.runner.cost = fixed = FixedBudget(30, fixed_room=True)
         prompts = random_prompts([10, 20, 10, 20], eng.cfg.vocab_size, seed=54)
         seqs = [Sequence(p, SamplingParams(max_tokens=3), eng.tokenizer) for p in prompts]
         for s in seqs:
             sched.add(s)
         sched.step()
         assert [s.num_computed for s in seqs] == [10, 10, 10, 0] and [s.deferred for s in seqs] == [0, 1, 0, 1]
+        fixed.tokens = 20
         sched.step()
         assert sched.stats.last_tokens == 2 + 10 + 20 and all(s.output_ids for s in seqs)
         assert [s.deferred for s in seqs] == [0, 0, 0, 0]
@@ -193,10 +201,8 @@ def test_the_runner_learns_its_pass_cost_and_forgets_it_on_reset(engines, tiny_q
         prompts = random_prompts([20, 12], eng.cfg.vocab_size, seed=55)
         for p in prompts:
             sched.add(Sequence(p, SamplingParams(max_tokens=3), eng.tokenizer))
-        sched.step()  # nothing known: half the 32 waiting tokens, the shortest prompt whole
-        assert sched.stats.last_tokens == 16 and cost.token_s > 0 and cost.stream_s is None
-        sched.step()  # the cut prompt's other 16 whole, beside the first one's decode row
-        assert sched.stats.last_tokens == 1 + 16 and cost.stream_s is None
+        sched.step()  # nothing known: the shorter half and the median prompt (of two: both)
+        assert sched.stats.last_tokens == 32 and cost.token_s > 0 and cost.stream_s is None
         sched.step()
         assert cost.stream_s > 0
         while sched.has_work():
@@ -207,10 +213,10 @@ def test_the_runner_learns_its_pass_cost_and_forgets_it_on_reset(engines, tiny_q
         for p in random_prompts([25, 25, 20], eng.cfg.vocab_size, seed=56):
             sched.add(Sequence(p, SamplingParams(max_tokens=2), eng.tokenizer))
         sched.step()
-        assert sched.stats.last_tokens == 35  # half the 70 waiting: more than the budget of 9
+        assert sched.stats.last_tokens == 45  # the two shortest of three, 20 + 25: more than the budget of 9
         cost.budget = lambda floor, cap: 60
-        sched.step()  # pass 1 fed 20 and 15 of a 25: one decode row, the cut prompt's 10, the other 25
-        assert sched.stats.last_tokens == 1 + 10 + 25
+        sched.step()  # two decode rows, the 25 passed over
+        assert sched.stats.last_tokens == 2 + 25
         sched.runner.reset()
         assert cost.stream_s is None and cost.token_s is None
     finally:
@@ -222,11 +228,12 @@ def test_all_resident_passes_keep_one_chunk_and_learn_nothing(engines):  # noqa:
     assert Scheduler(multi).runner.cost is None
 
 
-def test_room_is_the_budget_half_the_waiting_or_the_shortest_prompt():
+def test_room_is_the_budget_the_shorter_half_or_the_shortest_prompt():
     cost = PassCost()
     cost.observe(0, 0.25)
     cost.observe(10_000, 1.0)  # budget 5000 tokens
     assert cost.room([100, 200], 8, 10**6) == 5000
-    assert cost.room([7000, 8000, 101], 8, 10**6) == 7551  # half of 15,101, rounded up
+    assert cost.room([7000, 8000, 101], 8, 10**6) == 7101  # the two shortest of three
+    assert cost.room([9000, 10, 20, 30, 40], 8, 10**6) == 5000  # the three shortest, 60: the budget
     assert cost.room([9000], 8, 10**6) == 9000  # a lone prompt whole
     assert cost.room([], 8, 10**6) == 5000

@@ -30,9 +30,10 @@ def streamed_budget(tiny_qwen2_dir) -> int:
 @pytest.mark.parametrize("states", ["vram", "host"])
 def test_with_streamed_layers_one_pass_prefills_every_waiting_prompt(engines, tiny_qwen2_dir,  # noqa: F811
                                                                      streamed_budget, kv, states, monkeypatch):
-    """Each pass streams the non-resident layers once, so it takes every waiting prompt (in slices of at
-    most the prefill chunk) up to the plan's prompt-state reserve: four prompts of 3-30 tokens, 8-token
-    chunks, all get their first token from the first pass, and every one its own greedy tokens."""
+    """A streamed pass can take every waiting prompt (in slices of at most the prefill chunk) up to the
+    plan's prompt-state reserve, with its states in VRAM, parked or in host memory: with a learned budget
+    that allows it, four prompts of 3-30 tokens, 8-token chunks, all get their first token from the first
+    pass, and every one its own greedy tokens."""
     single, _ = engines
     monkeypatch.setattr("engine.state_parking.MIN_SPAN_ELEMENTS", 1)  # the tiny model's tails are short
     eng = make_engine(tiny_qwen2_dir, batch=4, max_context=64, prefill_chunk=8, vram_budget=streamed_budget,
@@ -42,6 +43,7 @@ def test_with_streamed_layers_one_pass_prefills_every_waiting_prompt(engines, ti
         assert eng.model.host_states == (states == "host")
         sched = Scheduler(eng) if kv == "slots" else Scheduler(eng, kv_cache="paged", block_size=int(kv[6:]))
         assert sched.runner.pass_tokens == 4 * 63
+        sched.runner.cost.budget = lambda floor, cap: cap  # as if two streams' time held every prompt
         prompts = random_prompts([30, 3, 17, 9], eng.cfg.vocab_size, seed=47)
         seqs = [Sequence(p, SamplingParams(max_tokens=5), eng.tokenizer) for p in prompts]
         for s in seqs:
@@ -109,6 +111,7 @@ def test_paged_last_slices_share_groups_within_the_chunk(engines, tiny_qwen2_dir
     monkeypatch.setattr(Model, "forward_groups", spy)
     try:
         sched = Scheduler(eng, kv_cache="paged", block_size=4)
+        sched.runner.cost.budget = lambda floor, cap: cap  # one pass for every prompt
         prompts = random_prompts([30, 3, 17, 2], eng.cfg.vocab_size, seed=48)
         seqs = [Sequence(p, SamplingParams(max_tokens=4), eng.tokenizer) for p in prompts]
         for s in seqs:

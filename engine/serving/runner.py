@@ -15,9 +15,9 @@ time of prompt tokens at their measured cost (``passcost``), at most what the pl
 holds (``batch x (max_context - 1)``). Passes of one 2048-token chunk left 16 clients' prompts waiting
 ~9 passes (TTFT p50 2.7 s on the H200 at 6 GiB); all in one pass, every first token waited 1.0 s.
 Prompts take a pass's room fewest tokens left first (``passcost.prompt_order``). A streamed pass
-takes at least half the waiting prompt tokens, and a prompt passed over (or cut short) goes whole in
-the next pass: a burst of arrivals gets its first tokens from two passes at most, the shorter half's
-from the first.
+takes at least the shorter half of the waiting prompts (and the median one), and a prompt passed over
+(or cut short) goes whole in the next pass: a burst of arrivals gets its first tokens from two passes
+at most, the shorter half's from the first.
 """
 
 from __future__ import annotations
