@@ -6,8 +6,10 @@ The prompts are those of ``tools.bench_serve``'s level (``make_jobs(clients, 1, 
 level's seed: 2 for the third level, 16 clients), each round with a fresh first token so nothing is
 reused. The scheduler is warmed up as ``engine.serve`` does; each round adds every prompt at once and
 steps (synchronized) until all have their first token. On the H200 at 6 GiB the served 16-client burst's
-first pass (9,453 tokens) took 931 ms and its second (9,463 tokens) 724 ms (session 19, call 2): the same
-here points at the passes' contents, a faster first pass at the server around them.
+first pass (9,453 tokens) took 931 ms and its second (9,463 tokens) 724 ms (session 19, call 2); here, on
+the next machine, with the passes sized by the median rule: 6,647 tokens in 386 ms (9 first tokens), then
+12,268 in 575 ms (call 4). Host-bound passes differ from machine to machine, so ``session_run.sh bs`` runs
+this and the served level on one.
 """
 from __future__ import annotations
 

@@ -35,6 +35,8 @@
 #     they fit); then, given $N_ENV (e.g. LAYERSTREAM_PARK_STATES=0: the states in host memory), 4 GiB 8k / 16k with it
 #  e  GPU tests of parked prompt states and of packed slices in a warmed-up server
 #  r  issue 16: bench/first_request_probe.py (a warmed-up server's first requests alone: time, compiles, tuning)
+#  b  issue 16: bench/burst_probe.py (the 16-client level's burst in process, no HTTP: each pass until every first
+#     token, twice); run before s on one machine, its passes against the served ones in steps.jsonl
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -143,6 +145,10 @@ save; fi
 if [[ $steps == *w* ]]; then
   timeout $(left 360) python3 bench/qgemv_sweep.py ${W_ARGS:-} --budget-s $(( $(left 360) - 60 )) --out $R/qgemv_sweep.json \
     > $R/qgemv_sweep.txt 2>&1; echo "sweep rc=$?"; cat $R/qgemv_sweep.txt | grep -v Warning | tail -6
+save; fi
+if [[ $steps == *b* ]]; then  # the served burst's passes without the server around them (same machine as s)
+  timeout $(left 150) python3 bench/burst_probe.py --model $M --out $R/burst.json > $R/burst.txt 2>&1
+  echo "burst rc=$?"; grep -v Warn $R/burst.txt | tail -6
 save; fi
 if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-resident run's follow, from step 1 again)
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps.jsonl ${S_KV:-}"
