@@ -16,8 +16,8 @@ prompt states and the weights cross PCIe, as named by '+'-joined parts:
 - ``ringN``: N staging buffers, the host N - 1 chunks ahead of the copies (over the plan's 2 for N > 2);
 - ``device``: the states stay on the GPU (over the plan: a compute floor, may run out of memory);
 - ``nopack``: with ``--kv-cache paged``, each prompt's last slice keeps a group of its own (no packing);
-- ``nopark``: with ``--kv-cache slots``, host states stay in host memory (``LAYERSTREAM_PARK_STATES=0``), not
-  in the slot rows' unreached KV positions.
+- ``nopark``: host states stay in host memory (``LAYERSTREAM_PARK_STATES=0``), not in the slot rows' unreached
+  KV positions or the paged cache's never-used blocks.
 
 ``--kv-cache slots,paged`` runs every variant on each cache in turn (one model load each).
 
@@ -48,7 +48,7 @@ def apply(llm: LLM, variant: str) -> None:
     parts = set(variant.split("+")) - {"base"}
     os.environ["LAYERSTREAM_STATE_LANES"] = "2" if "split" in parts else "1"
     os.environ["LAYERSTREAM_PUMP_WEIGHTS"] = "1" if "pump" in parts else "0"
-    os.environ["LAYERSTREAM_PARK_STATES"] = "0" if "nopark" in parts else "1"  # slot cache: states in unreached KV
+    os.environ["LAYERSTREAM_PARK_STATES"] = "0" if "nopark" in parts else "1"  # states in unreached KV / unused blocks
     stream = getattr(llm.engine.weights, "stream", None)
     piece = next((p for p in parts if p.startswith("piece")), None)
     if stream is not None:

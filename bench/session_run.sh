@@ -30,7 +30,8 @@
 #     (S_KV="--kv-cache paged": on the paged cache, its last slices packed; S_LEVELS=1,4: those levels;
 #     S_RES= : no all-resident run)
 #  n  issues 16 / 14: bench/intake_probe.py (16 prompts at once, one pass with host prompt states, at 6 GiB with
-#     32 slots) on the slot and the paged cache, the paged one with and without packed slices; issue 14's table: bench_prefill at 4 GiB, 6 GiB and all resident, 2k-32k
+#     32 slots) on the slot and the paged cache, each with its states parked or not, the paged one with and without
+#     packed slices; issue 14's table: bench_prefill at 4 GiB, 6 GiB and all resident, 2k-32k
 #     tokens (context 32k: at 4 GiB the plan keeps host states, parked in the KV cache's unreached positions where
 #     they fit); then, given $N_ENV (e.g. LAYERSTREAM_PARK_STATES=0: the states in host memory), 4 GiB 8k / 16k with it
 #  e  GPU tests of parked prompt states and of packed slices in a warmed-up server
@@ -161,7 +162,7 @@ if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-reside
 save; fi
 if [[ $steps == *n* ]]; then  # the intake pass's copies (issue 16's TTFT) and host prompt states (issue 14)
   for kv in ${N_KV:-paged slots}; do  # one process each: a second engine in a process plans with the first's kernels
-    V=pump+piece8,pump+piece8+nopack,pump+piece8,pump+piece8+nopack  # paged: packed slices or not
+    V=pump+piece8,pump+piece8+nopark,pump+piece8+nopack,pump+piece8,pump+piece8+nopark  # paged: parked in unused blocks or not, packed or not
     [ $kv = slots ] && V=pump+piece8,pump+piece8+nopark,pump+piece8,pump+piece8+nopark  # slots: parked states or not
     timeout $(left 110) python3 bench/intake_probe.py --model $M --variants $V \
       --profile '' --kv-cache $kv --out $R/intake_probe_$kv.json > $R/intake_probe_$kv.txt 2>&1

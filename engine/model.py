@@ -135,21 +135,22 @@ class Model:
 
     def forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
                        chunk_context=None, after_layer=None, host_states: bool = False,
-                       park: bool = False) -> torch.Tensor:
+                       park: bool | list[torch.Tensor] = False) -> torch.Tensor:
         """Run several groups of sequences through one pass over the layers: each layer's weights are
         fetched once and every group (in order) runs through them, each on its own rows of the KV cache
         and with its own token count, so prompt slices and single decode tokens share a pass without
         padding one to the other. Returns fp32 logits [len(pick), V] of the tokens ``pick`` names as
         (group, row in the group, token index). ``after_layer(i)`` runs after layer i's groups.
         ``host_states``: the groups' states wait in host memory between layers (``engine.prefill_states``).
-        ``park``: the groups are all the rows in use of a contiguous ``cache``, so host states that fit its
-        unreached positions wait there instead (``engine.state_parking``). ``cache`` may be None when every
-        group brings its own ``kv``."""
+        ``park``: True: the groups are all the rows in use of a contiguous ``cache``, so host states that fit
+        its unreached positions wait there instead (``engine.state_parking``); a list: flat spans of KV memory
+        nothing reads during the pass (a paged cache's unused blocks) to park them in. ``cache`` may be None
+        when every group brings its own ``kv``."""
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
         embed = lambda k: self.weights.embed(groups[k].ids, self.ops.embedding)  # noqa: E731
-        parking = self._parking(groups, cache) if host_states and park else None
+        parking = self._parking(groups, cache, park) if host_states and park is not False else None
         self.parked_passes += parking is not None
         states = (HostStates([tuple(g.ids.shape) for g in groups], embed, n, pick, self.device, park=parking)
                   if host_states else DeviceStates(len(groups), embed))
@@ -188,16 +189,22 @@ class Model:
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
         return self._logits(x)
 
-    def _parking(self, groups: list[Group], cache: KVCache | None) -> Parking | None:
-        """The unreached positions of a contiguous cache past every group's rows' ends, when all the groups'
-        states fit there (``engine.state_parking``); else None."""
-        if not parking_enabled() or not isinstance(cache, KVCache) or any(g.kv is not None for g in groups):
+    def _parking(self, groups: list[Group], cache: KVCache | None, park: bool | list[torch.Tensor]) -> Parking | None:
+        """The spans ``park`` names, or the unreached positions of a contiguous cache past every group's rows'
+        ends, when all the groups' states fit there (``engine.state_parking``); else None."""
+        if not parking_enabled():
             return None
-        ends: dict[int, int] = {}
-        for g in groups:
-            for r in range(g.row0, g.row0 + g.ids.shape[0]):
-                ends[r] = max(ends.get(r, 0), g.max_len)
-        parking = Parking(kv_tail_spans(cache, ends))
+        if isinstance(park, list):
+            spans = park
+        elif not isinstance(cache, KVCache) or any(g.kv is not None for g in groups):
+            return None
+        else:
+            ends: dict[int, int] = {}
+            for g in groups:
+                for r in range(g.row0, g.row0 + g.ids.shape[0]):
+                    ends[r] = max(ends.get(r, 0), g.max_len)
+            spans = kv_tail_spans(cache, ends)
+        parking = Parking(spans)
         need = [2 * g.ids.numel() * self.cfg.hidden_size for g in groups]  # hidden states and residual
         return parking if parking.fits(need, self.dtype) else None
 

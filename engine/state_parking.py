@@ -9,7 +9,10 @@ between the compute buffers and the parked pieces run on the device at memory sp
 crosses PCIe but the weights. Measured as the reason to want this: on an H200 at 4 GiB, an 8k-token
 prompt with its states in host memory took 1.55x one streamed pass (bench/results/2026-12-02-h200-s15).
 
-:func:`kv_tail_spans` lists the free spans; :class:`Parking` carves a pass's buffers from them.
+:func:`kv_tail_spans` lists the free spans; :class:`Parking` carves a pass's buffers from them. A paged
+cache (engine.serving.paged_cache) has no rows to run past, but its never-used blocks (free, holding no
+cached prefix) are just as unread until a sequence is handed one and writes it: :func:`block_run_spans`
+lists the runs of consecutive such blocks.
 """
 
 from __future__ import annotations
@@ -39,6 +42,25 @@ def kv_tail_spans(cache, ends: dict[int, int]) -> list[torch.Tensor]:
             if (positions - end) * dim < MIN_SPAN_ELEMENTS:
                 continue
             spans += [t[i, row, h, end:].view(-1) for i in range(layers) for h in range(heads)]
+    return spans
+
+
+def block_run_spans(tensors: tuple[torch.Tensor, ...], blocks) -> list[torch.Tensor]:
+    """Flat views of every layer's runs of consecutive ``blocks`` in each of ``tensors`` ([layers,
+    blocks, ...] block pools: one run of one layer is contiguous); runs shorter than
+    ``MIN_SPAN_ELEMENTS`` are left out."""
+    ids, runs = sorted(blocks), []
+    for b in ids:
+        if runs and runs[-1][1] == b:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1])
+    spans = []
+    for t in tensors:
+        per_block = t[0, 0].numel()
+        for a, b in runs:
+            if (b - a) * per_block >= MIN_SPAN_ELEMENTS:
+                spans += [t[i, a:b].view(-1) for i in range(t.shape[0])]
     return spans
 
 

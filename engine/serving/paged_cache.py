@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ModelConfig
+from engine.state_parking import block_run_spans
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,13 @@ class PagedKVCache:
         """Whether the block-table kernel can read these blocks (a power-of-two block size >= 16)."""
         bs = self.block_size
         return bs >= 16 and bs & (bs - 1) == 0
+
+    def unused_spans(self, blocks) -> list[torch.Tensor]:
+        """Flat views of ``blocks`` (never-used ones: nothing reads them before a sequence is handed one
+        and writes it) in every layer's keys and values, where a pass's prompt states may wait
+        (``engine.state_parking``)."""
+        assert all(0 <= b < self.num_blocks for b in blocks), "the scratch block is never unused"
+        return block_run_spans((self.k, self.v), blocks)
 
     @property
     def nbytes(self) -> int:

@@ -150,10 +150,11 @@ class ModelRunner:
             cache = self.paged[0]
             cache.bind_groups(specs)
             groups = [replace(g, kv=partial(cache.group_layer, k)) for k, g in enumerate(groups)]
-        # park: host states wait in the unreached positions of the slot rows this pass names, when they fit
-        # (engine.state_parking: a paged cache's groups bring their own views and never park)
-        out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk, host_states=self._host_states(groups),
-                                       park=True)
+        # park: host states wait in the unreached positions of the slot rows this pass names, or in a paged
+        # cache's never-used blocks (this pass's blocks are reserved by now), when they fit (engine.state_parking)
+        host = self._host_states(groups)
+        park = (cache.unused_spans(self.paged[1].alloc.free) if host else False) if self.paged else True
+        out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk, host_states=host, park=park)
         logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
         logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
         return logits, q_lens
