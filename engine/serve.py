@@ -49,7 +49,8 @@ def build_parser(prog: str = "python -m engine.serve") -> CliParser:
                    "so that kernel compiles and tuning do not fall on the first requests)")
     p.add_argument("--grace", type=int, default=30, help="seconds in-flight requests get at shutdown (default 30)")
     p.add_argument("--step-log", metavar="FILE",
-                   help="append one JSON line per engine step (start, duration, batch, tokens fed, waiting) to FILE")
+                   help="append one JSON line per engine step (start, duration, batch, tokens fed, waiting, Triton "
+                        "kernels built) to FILE")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
