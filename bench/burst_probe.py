@@ -13,24 +13,17 @@ this and the served level on one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.probe_server import server_parser, sync  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.serving.sequence import Sequence  # noqa: E402
 from engine.serving.warmup import warm_up  # noqa: E402
 from tools.bench_serve import VOCAB, make_jobs  # noqa: E402
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def burst(llm: LLM, prompts: list[list[int]]) -> list[dict]:
@@ -41,10 +34,10 @@ def burst(llm: LLM, prompts: list[list[int]]) -> list[dict]:
         sched.add(s)
     passes = []
     while any(not s.output_ids for s in seqs):
-        _sync()
+        sync()
         t = time.perf_counter()
         sched.step()
-        _sync()
+        sync()
         st = sched.stats
         passes.append({"ms": (time.perf_counter() - t) * 1e3, "batch": st.last_batch, "tokens": st.last_tokens,
                        "first_tokens": sum(1 for s in seqs if s.output_ids)})
@@ -54,11 +47,7 @@ def burst(llm: LLM, prompts: list[list[int]]) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--vram-budget", default="6GiB")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-context", type=int, default=2304)
+    p = server_parser(__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)

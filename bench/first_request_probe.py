@@ -11,7 +11,6 @@ took 781 ms where 4 clients' 4946 tokens took 393 ms right after it (session 18,
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.probe_server import server_parser, sync  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.serving.warmup import warm_up  # noqa: E402
 
@@ -31,17 +31,8 @@ def _tuned() -> dict[str, set]:
     return {n: set(importlib.import_module(f"kernels.{n}")._TUNED) for n in _TUNERS}
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--vram-budget", default="6GiB")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-context", type=int, default=2304)
+    p = server_parser(__doc__.split("\n")[0])
     p.add_argument("--lengths", default="1857,1857,1024,1025,2048,500")
     p.add_argument("--out")
     a = p.parse_args()
@@ -58,10 +49,10 @@ def main() -> None:
     for i, n in enumerate(int(x) for x in a.lengths.split(",")):
         ids = [(1000 + i) % vocab] + torch.randint(0, vocab, (n - 1,), generator=gen).tolist()
         before, compiled[:] = _tuned(), []
-        _sync()
+        sync()
         t = time.perf_counter()
         llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-        _sync()
+        sync()
         ms = (time.perf_counter() - t) * 1e3
         new = {k: sorted(map(str, v - before[k])) for k, v in _tuned().items() if v - before[k]}
         rows.append({"tokens": n, "ms": ms, "compiled": list(compiled), "tuned": new})

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.probe_server import server_parser, sync  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 import engine.prefill_states as prefill_states  # noqa: E402
 from engine.model import Model  # noqa: E402
@@ -62,11 +63,6 @@ def apply(llm: LLM, variant: str) -> None:
         runner.cost.budget = lambda floor, cap: cap
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 _PASSES = [0]
 
 
@@ -74,10 +70,10 @@ def one_pass(llm: LLM, prompts: list[list[int]]) -> float:
     """One pass over fresh prompts: each call's first token differs, so a paged cache reuses no prefix."""
     _PASSES[0] += 1
     fresh = [[1000 + _PASSES[0]] + p[1:] for p in prompts]
-    _sync()
+    sync()
     t0 = time.perf_counter()
     llm.generate(fresh, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-    _sync()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -193,11 +189,7 @@ def probe(a: argparse.Namespace, kv_cache: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--vram-budget", default="6GiB")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-context", type=int, default=2304)
+    p = server_parser(__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--variants", default="base,split+piece32,pump+piece32,pump+piece8,pump+split+piece8,base,"
