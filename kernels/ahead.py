@@ -122,8 +122,9 @@ class _Capture:
         return "job" if self.reached else "compiled"
 
 
-def _hook_knobs():
-    """triton.knobs.runtime when this Triton has ``jit_cache_hook``, else None (threads only)."""
+def hook_knobs():
+    """triton.knobs.runtime when this Triton has ``jit_cache_hook``, else None (then compile ahead runs in
+    threads only, and the serve step log counts no builds)."""
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
     return runtime if runtime is not None and hasattr(runtime, "jit_cache_hook") else None
 
@@ -234,7 +235,7 @@ def compile_only(workers: int | None = None, how: str | None = None) -> Iterator
     stats = AheadStats()
     owner = threading.get_ident()
     seen: set[tuple] = set()
-    runtime = _hook_knobs() if (how or mode()) == "processes" else None
+    runtime = hook_knobs() if (how or mode()) == "processes" else None
     t0 = time.perf_counter()
     with _LOCK:
         original = JITFunction.run

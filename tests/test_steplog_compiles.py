@@ -25,7 +25,7 @@ def test_each_step_counts_the_builds_during_it_and_close_restores_the_hook(tmp_p
         return kw["key"] == "skip"  # a hook installed before may ask Triton to skip a build
 
     runtime = SimpleNamespace(jit_cache_hook=before)
-    monkeypatch.setattr(steplog, "_hook_knobs", lambda: runtime)
+    monkeypatch.setattr(steplog, "hook_knobs", lambda: runtime)
     log = steplog.StepLog(tmp_path / "steps.jsonl")
     assert runtime.jit_cache_hook == log._count
     assert runtime.jit_cache_hook(key="a") is False and runtime.jit_cache_hook(key="skip") is True
@@ -41,7 +41,7 @@ def test_each_step_counts_the_builds_during_it_and_close_restores_the_hook(tmp_p
 
 def test_without_a_hook_before_it_builds_are_never_skipped(tmp_path, monkeypatch):
     runtime = SimpleNamespace(jit_cache_hook=None)
-    monkeypatch.setattr(steplog, "_hook_knobs", lambda: runtime)
+    monkeypatch.setattr(steplog, "hook_knobs", lambda: runtime)
     log = steplog.StepLog(tmp_path / "steps.jsonl")
     assert runtime.jit_cache_hook(key="a", repr="k") is False
     log.close()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from engine.serving.scheduler import StepStats
+from kernels.ahead import hook_knobs
 
 
 class StepLog:
@@ -24,7 +25,7 @@ class StepLog:
                 from None
         self._t0 = time.monotonic()
         self.compiles = 0
-        self._runtime = _hook_knobs()
+        self._runtime = hook_knobs()
         self._previous = None
         if self._runtime is not None:  # chained: a hook installed before keeps working
             self._previous = self._runtime.jit_cache_hook
@@ -50,12 +51,3 @@ class StepLog:
             self._runtime.jit_cache_hook = self._previous
         self._file.close()
 
-
-def _hook_knobs():
-    """triton.knobs.runtime when this Triton has ``jit_cache_hook``, else None (no count)."""
-    try:
-        import triton
-    except ImportError:  # pragma: no cover - triton is a runtime dependency
-        return None
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    return runtime if runtime is not None and hasattr(runtime, "jit_cache_hook") else None
