@@ -156,7 +156,8 @@ if [[ $steps == *s* ]]; then  # steps.jsonl: the server's passes (the all-reside
   timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients ${S_LEVELS:-1,4,16,32} --requests-per-client 1 \
     --prompt-tokens 128:2048 --max-tokens 128:256 ${S_RES---all-resident} --json $R/serve.json > $R/bench_serve.log 2>&1
   echo "serve rc=$?"; tail -14 $R/bench_serve.log
-  for c in server resident; do  # each level's TTFT against the passes (the all-resident server's log follows)
+  C=server; [ -n "${S_RES---all-resident}" ] && C="server resident"
+  for c in $C; do  # each level's TTFT against the passes (the all-resident server's log follows)
     python3 -m tools.ttft_breakdown $R/serve.json $R/steps.jsonl --config $c > $R/ttft_$c.txt 2>&1; head -24 $R/ttft_$c.txt
   done
 save; fi
@@ -173,8 +174,10 @@ if [[ $steps == *n* ]]; then  # the intake pass's copies (issue 16's TTFT) and h
       --out $R/prefill_table_${b%%,*}.json > $R/prefill_table_${b%%,*}.txt 2>&1; echo "prefill $b rc=$?"
     grep -v Warn $R/prefill_table_${b%%,*}.txt | tail -12
   done
-  NE=(${N_ENV:-}); [ ${#NE[@]} -gt 0 ] && env "${NE[@]}" timeout $(left 60) python3 -m tools.bench_prefill --model $M --budgets 4GiB --tokens 8192,16384 \
-    --out $R/prefill4g_env.json > $R/prefill4g_env.txt 2>&1; echo "prefill 4GiB ${NE[*]} rc=$?"; grep -v Warn $R/prefill4g_env.txt | tail -4
+  NE=(${N_ENV:-}); if [ ${#NE[@]} -gt 0 ]; then  # the 4 GiB prefill again under N_ENV's variables
+    env "${NE[@]}" timeout $(left 60) python3 -m tools.bench_prefill --model $M --budgets 4GiB --tokens 8192,16384 \
+      --out $R/prefill4g_env.json > $R/prefill4g_env.txt 2>&1; echo "prefill 4GiB ${NE[*]} rc=$?"; grep -v Warn $R/prefill4g_env.txt | tail -4
+  fi
 save; fi
 if [[ $steps == *e* ]]; then  # GPU tests of session 15's work: parked states, packed slices in a warmed-up server
   timeout $(left 200) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_prefill_host_states.py \
