@@ -256,3 +256,25 @@ def test_a_receiver_gone_at_shutdown_does_not_break_the_engine_thread(tiny_qwen2
     finally:
         loop.close()
     assert loop.error is None
+
+
+def test_paged_disconnect_mid_stream_frees_its_blocks(tiny_qwen2_dir):
+    """A streaming client that goes away: its sequence and its KV blocks are freed at the next step."""
+    srv = Server(tiny_qwen2_dir, "--served-model-name", "m", "--kv-cache", "paged", "--block-size", "4",
+                 "--max-batch", "2", "--max-context", "256")
+    body = {"model": "m", "prompt": "keep going", "max_tokens": 200, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    try:
+        before = srv.metric("layerstream_generation_tokens_total")
+        with open_stream(srv.url + "/v1/completions", body) as r:
+            assert r.readline().startswith(b"data: ")
+            held = srv.metric("layerstream_kv_blocks_in_use")  # then the connection closes
+        deadline = time.monotonic() + 10
+        while srv.metric("layerstream_kv_blocks_in_use") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        in_use, running = srv.metric("layerstream_kv_blocks_in_use"), srv.metric("layerstream_requests_running")
+        made = srv.metric("layerstream_generation_tokens_total") - before
+    finally:
+        rc, err = srv.stop()
+    assert rc == 0, err
+    assert held > 0 and in_use == 0 and running == 0 and made < 150

@@ -166,6 +166,29 @@ def test_abort_frees_the_slot_and_queue_is_bounded(engines):
     assert not sched.abort(10**9)
 
 
+def test_paged_abort_mid_decode_frees_its_blocks(engines, tiny_qwen2_dir):
+    """A sequence aborted while decoding (a client gone) gives its blocks back at once; the others'
+    tokens are still those of each prompt alone, and a request that waited for blocks then runs."""
+    single, _ = engines
+    eng = make_engine(tiny_qwen2_dir, batch=4, max_context=32, prefill_chunk=16)
+    sched = Scheduler(eng, kv_cache="paged", block_size=4, num_blocks=8)  # room for the first two (4 blocks each)
+    prompts = random_prompts([10, 7, 12], single.cfg.vocab_size, seed=31)
+    seqs = [Sequence(p, SamplingParams(max_tokens=6), eng.tokenizer) for p in prompts]
+    for s in seqs:
+        sched.add(s)
+    for _ in range(3):
+        sched.step()
+    assert len(sched.running) == 2 and len(sched.waiting) == 1
+    held = sched.blocks.alloc.in_use
+    assert sched.abort(seqs[0].seq_id) and seqs[0].finish_reason == "abort"
+    assert sched.blocks.alloc.in_use < held and seqs[0].seq_id not in sched.blocks.tables
+    while sched.has_work():
+        sched.step()
+    for p, s in zip(prompts[1:], seqs[1:]):
+        assert s.output_ids == alone(single, p, 6)
+    assert sched.blocks.alloc.in_use == 0
+
+
 def test_request_too_long_names_the_counts(engines):
     _, multi = engines
     sched = Scheduler(multi)
