@@ -38,6 +38,7 @@
 #  r  issue 16: bench/first_request_probe.py (a warmed-up server's first requests alone: time, compiles, tuning)
 #  b  issue 16: bench/burst_probe.py (the 16-client level's burst in process, no HTTP: each pass until every first
 #     token, twice); run before s on one machine, its passes against the served ones in steps.jsonl
+#  u  issue 16: bench_serve on the synthetic 7B AWQ at 6 GiB, 1/4/16/32 clients (U_LEVELS), and its TTFT breakdown
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -47,7 +48,7 @@ OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
 steps=${1:-fhts}; END=$(( $(date +%s) + ${BOX:-545} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
 env_info > $R/env.txt 2>&1
-synth_7b $M
+[ "$steps" = u ] || synth_7b $M  # u serves only the AWQ checkpoint
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -186,6 +187,15 @@ save; fi
 if [[ $steps == *r* ]]; then  # the 1-client level's slow first pass: what a warmed-up server still compiles
   timeout $(left 150) python3 bench/first_request_probe.py --model $M --out $R/first_request.json \
     > $R/first_request.txt 2>&1; echo "first-request rc=$?"; grep -v Warn $R/first_request.txt | tail -30
+save; fi
+if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
+  [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b --out /tmp/q7b-awq \
+    --quant awq --device cuda 2>&1 | tail -1
+  S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_awq.jsonl"
+  timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients ${U_LEVELS:-1,4,16,32} --requests-per-client 1 \
+    --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_awq.json > $R/bench_serve_awq.log 2>&1
+  echo "serve awq rc=$?"; tail -8 $R/bench_serve_awq.log
+  python3 -m tools.ttft_breakdown $R/serve_awq.json $R/steps_awq.jsonl --config server > $R/ttft_awq.txt 2>&1; head -24 $R/ttft_awq.txt
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"

@@ -189,6 +189,27 @@ def test_paged_abort_mid_decode_frees_its_blocks(engines, tiny_qwen2_dir):
     assert sched.blocks.alloc.in_use == 0
 
 
+@pytest.mark.parametrize("kv", ["slots", "paged-4"])
+def test_awq_model_greedy_matches_alone(tmp_path_factory, kv):
+    """A packed int4 (AWQ) checkpoint through the scheduler: requests joining mid-flight each get the
+    tokens of their prompt alone on the same checkpoint."""
+    from engine.synth.writer import synthesize
+
+    d = synthesize("tiny-qwen2", tmp_path_factory.mktemp("awq") / "m", quant="awq", seed=3)
+    single = make_engine(d, batch=1, max_context=64)
+    multi = make_engine(d, batch=4, max_context=64, prefill_chunk=16)
+    try:
+        sched = scheduler_for(kv, d, multi)
+        prompts = random_prompts([9, 21, 3, 14, 6], single.cfg.vocab_size, seed=13)
+        seqs = [Sequence(p, SamplingParams(max_tokens=n), multi.tokenizer) for p, n in zip(prompts, [5, 3, 7, 4, 6])]
+        run_all(sched, seqs, {1: 1, 2: 2, 3: 2, 4: 4})
+        for p, s in zip(prompts, seqs):
+            assert s.output_ids == alone(single, p, len(s.output_ids)) and s.output_ids
+    finally:
+        single.close()
+        multi.close()
+
+
 def test_request_too_long_names_the_counts(engines):
     _, multi = engines
     sched = Scheduler(multi)
