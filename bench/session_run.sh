@@ -193,8 +193,8 @@ if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
     --quant awq --device cuda 2>&1 | tail -1
   S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_awq.jsonl"
   timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients ${U_LEVELS:-1,4,16,32} --requests-per-client 1 \
-    --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_awq.json > $R/bench_serve_awq.log 2>&1
-  echo "serve awq rc=$?"; tail -8 $R/bench_serve_awq.log
+    --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_awq.json --server-log $R/server_awq.log > $R/bench_serve_awq.log 2>&1
+  echo "serve awq rc=$?"; tail -8 $R/bench_serve_awq.log; grep -v Warn $R/server_awq.log | tail -30
   python3 -m tools.ttft_breakdown $R/serve_awq.json $R/steps_awq.jsonl --config server > $R/ttft_awq.txt 2>&1; head -24 $R/ttft_awq.txt
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step

@@ -69,7 +69,7 @@ def one_request(url: str, model: str, prompt: list[int], max_tokens: int) -> dic
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-    chunks, usage = [], None
+    chunks, usage, finish = [], None, None
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
@@ -79,7 +79,11 @@ def one_request(url: str, model: str, prompt: list[int], max_tokens: int) -> dic
             usage = event["usage"]
         if event["choices"] and event["choices"][0]["text"]:
             chunks.append(time.monotonic())
+        if event["choices"] and event["choices"][0].get("finish_reason"):
+            finish = event["choices"][0]["finish_reason"]
     conn.close()
+    if finish not in ("stop", "length"):  # "abort": the server gave up on it (its log says why)
+        raise RuntimeError(f"the stream ended with finish_reason {finish!r} after {len(chunks)} chunks")
     return {"t0": t0, "chunks": chunks, "tokens": usage["completion_tokens"] if usage else 0,
             "prompt_tokens": len(prompt)}
 
@@ -170,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-time-limit", type=float, default=600.0, metavar="SECONDS",
                    help="the peer stops by itself after this long (default 600), mid-request if need be")
     p.add_argument("--json", help="write the rows here as a JSON list")
+    p.add_argument("--server-log", help="append the started servers' stderr to this file (else discarded)")
     return p
 
 
@@ -218,7 +223,7 @@ def _print_row(row: dict) -> None:
 
 def server_rows(args, config: str, flags: str | None) -> list[dict]:
     """Every concurrency level against ``--url``, or against a server started with ``flags``."""
-    proc, url = start_server(shlex.split(flags)) if flags else (None, args.url.rstrip("/"))
+    proc, url = start_server(shlex.split(flags), log=args.server_log) if flags else (None, args.url.rstrip("/"))
     try:
         with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
             card = json.loads(r.read())["data"][0]

@@ -14,21 +14,26 @@ ROOT = Path(__file__).resolve().parents[1]  # engine is importable from here
 
 
 def start_server(flags: list[str], timeout: float | None = None, env: dict[str, str] | None = None,
-                 keep_stderr: bool = False) -> tuple[subprocess.Popen, str]:
+                 keep_stderr: bool = False, log: Path | None = None) -> tuple[subprocess.Popen, str]:
     """(process, base URL) of a server started with ``flags`` once it is ready. ``keep_stderr`` pipes the
-    server's stderr into the error raised when it exits early (else it is discarded); ``timeout``
+    server's stderr into the error raised when it exits early; ``log`` appends it to that file (for a
+    server that runs on: a pipe nobody reads would stall it); else it is discarded. ``timeout``
     seconds (None: no limit while the process lives) before it is killed and TimeoutError raised."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    assert not (keep_stderr and log), "one place for the server's stderr"
+    err = subprocess.PIPE if keep_stderr else open(log, "a") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--port", str(port), *flags],
                             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE if keep_stderr else subprocess.DEVNULL, text=True)
+                            stderr=err, text=True)
+    if log:
+        err.close()  # the child holds its own descriptor
     url = f"http://127.0.0.1:{port}"
     deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
         if proc.poll() is not None:
-            why = proc.stderr.read() if keep_stderr else "run it by hand to see why"
+            why = proc.stderr.read() if keep_stderr else f"see {log}" if log else "run it by hand to see why"
             raise RuntimeError(f"the server exited with {proc.returncode}: {why}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
