@@ -39,6 +39,8 @@
 #  b  issue 16: bench/burst_probe.py (the 16-client level's burst in process, no HTTP: each pass until every first
 #     token, twice); run before s on one machine, its passes against the served ones in steps.jsonl
 #  u  issue 16: bench_serve on the synthetic 7B AWQ at 6 GiB, 1/4/16/32 clients (U_LEVELS), and its TTFT breakdown
+#  z  bench/nonfinite_probe.py on the synthetic 7B AWQ (Z_DTYPE, default the checkpoint's fp16): which serving pass
+#     first gives non-finite logits
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -48,7 +50,7 @@ OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
 steps=${1:-fhts}; END=$(( $(date +%s) + ${BOX:-545} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
 env_info > $R/env.txt 2>&1
-[ "$steps" = u ] || synth_7b $M  # u serves only the AWQ checkpoint
+[[ "$steps" = u || "$steps" = z ]] || synth_7b $M  # u and z need only the AWQ checkpoint
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -196,6 +198,12 @@ if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
     --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_awq.json --server-log $R/server_awq.log > $R/bench_serve_awq.log 2>&1
   echo "serve awq rc=$?"; tail -8 $R/bench_serve_awq.log; grep -v Warn $R/server_awq.log | tail -30
   python3 -m tools.ttft_breakdown $R/serve_awq.json $R/steps_awq.jsonl --config server > $R/ttft_awq.txt 2>&1; head -24 $R/ttft_awq.txt
+save; fi
+if [[ $steps == *z* ]]; then
+  [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b --out /tmp/q7b-awq \
+    --quant awq --device cuda 2>&1 | tail -1
+  timeout $(left 400) python3 bench/nonfinite_probe.py --model /tmp/q7b-awq --dtype ${Z_DTYPE:-auto} \
+    --out $R/nonfinite.json > $R/nonfinite.txt 2>&1; echo "nonfinite rc=$?"; grep -v Warn $R/nonfinite.txt | tail -16
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
