@@ -25,13 +25,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CompletionOutput:
-    """One generated continuation: ``finish_reason`` is "stop" (eos or a stop string) or "length"."""
+    """One generated continuation: ``finish_reason`` is "stop" (eos or a stop string) or "length", or
+    "abort" with ``error`` saying why the engine stopped it (non-finite logits: an fp16 overflow)."""
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str
     logprobs: list[Logprob] | None = None  # with SamplingParams(logprobs=k)
+    error: str | None = None
 
 
 @dataclass
@@ -122,7 +124,8 @@ class LLM:
         finally:
             bar.close()
         return [RequestOutput(text, ids, [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,
-                                                           s.logprobs if s.params.logprobs is not None else None)
+                                                           s.logprobs if s.params.logprobs is not None else None,
+                                                           s.error)
                                           for s in g]) for (text, ids), g in zip(items, groups)]
 
     def close(self) -> None:

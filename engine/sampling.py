@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.draw import draw
+
 logger = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
@@ -159,4 +161,4 @@ class Sampler:
         if p.greedy:
             return logits.argmax(dim=-1)
         probs = filtered_probs(logits, p)
-        return torch.multinomial(probs, 1, generator=self.generator(logits.device)).squeeze(1)
+        return draw(probs, self.generator(logits.device)).squeeze(1)

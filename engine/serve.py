@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     if step_log is not None:
         step_log.close()
     if loop.error is not None:
-        print(f"error: loading the model failed: {loop.error}", file=sys.stderr)
+        what = "the engine failed" if loop.phase == "ready" else "loading the model failed"
+        print(f"error: {what}: {loop.error}", file=sys.stderr)
         return 1
     print("layerstream: stopped", file=sys.stderr)
     return 0
@@ -152,12 +153,15 @@ def _announce(loop, server) -> None:
 
 
 def _watch(loop, server, grace: float) -> None:
-    """Stop the server when loading fails; once it is stopping, cancel what runs past the grace period."""
+    """Stop the server when loading fails or the engine thread dies; once it is stopping, cancel what runs past
+    the grace period."""
     announced = False
     while not server.should_exit:
         if loop.ready.is_set() and not announced:
             announced = True
             _announce(loop, server)
+        elif announced and loop.error is not None:  # the engine thread died (a lost GPU): nothing can be served
+            server.should_exit = True
         time.sleep(0.1)
     if loop.ready.is_set() and not announced:  # ready, then stopped within one poll: still say so
         _announce(loop, server)

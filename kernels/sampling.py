@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.draw import draw
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ARGMAX_BLOCK = 4096
 _TIE_MARGIN = 64  # extra top_k candidates fetched so ties at the k-th value are kept (HF keeps them)
@@ -152,7 +154,7 @@ def sample(
     _check_logits(logits, "sample")
     _check_params(temperature, top_k, top_p, min_p)
     probs, idx = _candidate_probs(logits, temperature, top_k, top_p, min_p)
-    choice = torch.multinomial(probs, 1, generator=generator)
+    choice = draw(probs, generator)  # a non-finite row draws its top candidate, never a device assert
     return idx.gather(1, choice).squeeze(1)
 
 

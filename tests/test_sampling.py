@@ -115,3 +115,21 @@ def test_empirical_frequencies(params: SamplingParams) -> None:
     expected = filtered_probs(base, params)[0]
     assert (freq - expected).abs().max().item() < 0.02
     assert freq[expected == 0].sum().item() == 0.0
+
+
+def test_draw_gives_broken_rows_their_first_column_and_leaves_the_rest_alone():
+    """kernels.draw: NaN, inf, negative or massless rows (non-finite logits) draw column 0 instead of
+    tripping multinomial (a device-side assert on CUDA); good rows draw as torch.multinomial does."""
+    from kernels.draw import draw
+
+    good = torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.5, 0.0]])
+    nan, inf = float("nan"), float("inf")
+    broken = torch.tensor([[nan, 0.5, 0.5], [0.2, inf, 0.1], [0.0, 0.0, 0.0], [-0.1, 0.6, 0.5]])
+    probs = torch.cat([good, broken, good])
+    got = draw(probs, torch.Generator().manual_seed(5)).flatten().tolist()
+    assert got[2:6] == [0, 0, 0, 0]
+    want = torch.multinomial(torch.cat([good, torch.eye(3)[:1].expand(4, 3), good]), 1,
+                             generator=torch.Generator().manual_seed(5)).flatten().tolist()
+    assert got == want
+    with pytest.raises(RuntimeError):
+        torch.multinomial(broken[:1], 1)  # what draw saves the caller from

@@ -157,6 +157,58 @@ def test_engine_thread_failure_fails_requests_instead_of_hanging(tiny_qwen2_dir)
     loop.close()
 
 
+def test_a_lost_gpu_ends_the_engine_thread_and_says_why(tiny_qwen2_dir):
+    """A step failing with a device-side assert (the CUDA context is gone: nothing can run after it) fails
+    the running requests and ends the engine thread with an error naming the cause, which /health reports."""
+    loop = EngineLoop(lambda: make_engine(tiny_qwen2_dir, batch=2, max_context=64)).start()
+    assert loop.ready.wait(30) and loop.error is None
+    from engine.serving.params import SamplingParams
+    from engine.serving.sequence import Sequence
+
+    outs = []
+    assert_msg = "CUDA error: device-side assert triggered"
+    loop.scheduler.runner.step = lambda seqs: (_ for _ in ()).throw(RuntimeError(assert_msg))
+    loop.submit([Sequence([1, 2, 3], SamplingParams(max_tokens=4), loop.engine.tokenizer, sink=outs.append)])
+    loop._thread.join(10)
+    assert not loop._thread.is_alive() and outs and outs[-1].finish_reason == "abort"
+    assert "the GPU failed" in str(loop.error) and "restart the server" in str(loop.error)
+    from engine.serving.app import create_app
+    from fastapi.testclient import TestClient
+
+    r = TestClient(create_app(loop, "m")).get("/health")
+    assert r.status_code == 503 and "device-side assert" in r.json()["message"]
+    loop.close()
+
+
+def test_nonfinite_logits_get_an_error_response_and_the_server_goes_on(tiny_qwen2_dir):
+    """Requests whose logits come out NaN: a plain one gets a 500 envelope naming the cause, a stream gets
+    the error event before [DONE]; once the logits are finite again the same server answers normally."""
+    loop = EngineLoop(lambda: make_engine(tiny_qwen2_dir, batch=2, max_context=64)).start()
+    assert loop.ready.wait(30) and loop.error is None
+    runner, poison = loop.scheduler.runner, [True]
+    for name in ("_grouped", "_padded"):
+        real = getattr(runner, name)
+
+        def poisoned(seqs, _real=real):
+            logits, q_lens = _real(seqs)
+            if poison[0]:
+                logits[:, 3] = float("nan")
+            return logits, q_lens
+        setattr(runner, name, poisoned)
+    body = {"model": "m", "prompt": "hello", "max_tokens": 4}
+    with app_server(loop) as url:
+        status, reply, _ = post(url + "/v1/completions", body)
+        assert status == 500 and reply["error"]["code"] == "nonfinite_logits"
+        assert "non-finite logits" in reply["error"]["message"]
+        with open_stream(url + "/v1/completions", {**body, "stream": True}) as r:
+            events = [line.decode().strip() for line in r if line.strip()]
+        assert '"finish_reason":"abort"' in events[-3] and '"nonfinite_logits"' in events[-2]
+        assert events[-1] == "data: [DONE]"
+        poison[0] = False
+        status, reply, _ = post(url + "/v1/completions", body)
+        assert status == 200 and reply["choices"][0]["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize("gather_s,first_batch", [(0.6, 2), (0.0, 1)])
 def test_requests_close_together_share_the_idle_engines_first_pass(tiny_qwen2_dir, gather_s, first_batch):
     """A request that wakes the idle engine waits the gather window for others (the window restarts at

@@ -210,6 +210,37 @@ def test_awq_model_greedy_matches_alone(tmp_path_factory, kv):
         multi.close()
 
 
+@pytest.mark.parametrize("kv", ["slots", "paged-4"])
+def test_nonfinite_logits_fail_that_request_only(engines, tiny_qwen2_dir, monkeypatch, kv):
+    """A sequence whose logits row comes out NaN (an fp16 overflow) finishes "abort" with a message saying
+    so; the others, greedy and sampled, go on and get the tokens of their prompts alone."""
+    single, multi = engines
+    sched = scheduler_for(kv, tiny_qwen2_dir, multi)
+    prompts = random_prompts([7, 19, 4], single.cfg.vocab_size, seed=17)
+    sampled = SamplingParams(max_tokens=5, temperature=0.9, top_p=0.8)
+    seqs = [Sequence(prompts[0], SamplingParams(max_tokens=5), multi.tokenizer),
+            Sequence(prompts[1], sampled, multi.tokenizer), Sequence(prompts[2], SamplingParams(max_tokens=5),
+                                                                      multi.tokenizer)]
+    runner, broken, passes, at = sched.runner, seqs[1], [0], []
+    for name in ("_grouped", "_padded"):
+        real = getattr(runner, name)
+
+        def poisoned(ss, _real=real):
+            logits, q_lens = _real(ss)
+            passes[0] += 1
+            if passes[0] == 4 and broken.slot is not None:  # a token after its first
+                logits[broken.slot, 5] = float("nan")
+                at.append(len(broken.output_ids))
+            return logits, q_lens
+        monkeypatch.setattr(runner, name, poisoned)
+    run_all(sched, seqs)
+    assert at and at[0] >= 1 and len(broken.output_ids) == at[0] and broken.finish_reason == "abort"
+    assert f"non-finite logits (NaN or inf) in float32 after {at[0]} generated tokens" in broken.error
+    for p, s in ((prompts[0], seqs[0]), (prompts[2], seqs[2])):
+        assert s.error is None and s.output_ids == alone(single, p, 5)
+    assert broken.slot is None and not sched.running
+
+
 def test_request_too_long_names_the_counts(engines):
     _, multi = engines
     sched = Scheduler(multi)

@@ -110,6 +110,9 @@ class Api:
                     self._observe_first(out.seq)
         finally:
             self._abort_unfinished(seqs)
+        failed = next((s.error for s in seqs if s.error), None)
+        if failed:
+            return error(500, failed, "server_error", code="nonfinite_logits")
         if any(s.finish_reason == "abort" for s in seqs):
             return error(503, "the request was cancelled (the server is shutting down or a step failed)",
                          "service_unavailable")
@@ -132,6 +135,8 @@ class Api:
                     done += 1
                     self._observe_first(out.seq)
                     yield _sse(reply.chunk(out.seq.index, None, out.finish_reason, with_usage=include_usage))
+                    if out.seq.error:  # the stream has begun (status 200): the error goes in it, as OpenAI's do
+                        yield _sse(error_body(out.seq.error, "server_error", code="nonfinite_logits"))
             if include_usage:
                 yield _sse(reply.usage_chunk(seqs, prompt_tokens))
             yield "data: [DONE]\n\n"

@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
+
 from engine.engine import Engine
 from engine.serving.scheduler import QueueFull, Scheduler, StepStats
 from engine.serving.sequence import Sequence, SeqOutput
@@ -32,6 +34,17 @@ def gather_window(engine: Engine) -> float:
 
 class NotReady(RuntimeError):
     """The model is still loading (or failed to load)."""
+
+
+class DeviceLost(RuntimeError):
+    """The CUDA context is gone (a device-side assert, an illegal address): no later step can run."""
+
+
+def device_lost(e: BaseException) -> bool:
+    """Whether ``e`` is an error after which this process cannot use its GPU again."""
+    text = str(e)
+    return (isinstance(e, getattr(torch, "AcceleratorError", ())) or "device-side assert" in text
+            or "illegal memory access" in text)
 
 
 class EngineLoop:
@@ -157,7 +170,9 @@ class EngineLoop:
         self.phase = "warming up"
         try:
             self.warmup_report = self._warmup(self.scheduler)
-        except Exception:  # an optimisation: serving goes on (first requests then compile and tune)
+        except Exception as e:  # an optimisation: serving goes on (first requests then compile and tune)
+            if device_lost(e):
+                raise DeviceLost(f"the GPU failed during the warm-up ({e}); restart the server") from e
             log.exception("the warm-up failed; serving without it")
 
     def _serve(self) -> None:
@@ -171,7 +186,9 @@ class EngineLoop:
             if sched.has_work():
                 try:
                     sched.step()
-                except Exception:  # one bad step must not kill the server: fail the running requests
+                except Exception as e:  # one bad step must not kill the server: fail the running requests
+                    if device_lost(e):  # but nothing runs on a lost CUDA context: the thread ends, and the server
+                        raise DeviceLost(f"the GPU failed ({e}); restart the server") from e
                     log.exception("engine step failed; aborting %d running sequences", len(sched.running))
                     self._abort_all(running_only=True)
 

@@ -67,9 +67,9 @@ class ModelRunner:
         if self.cost is not None:
             self.cost.reset()
 
-    def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int, Logprob | None]]:
+    def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int | None, Logprob | None]]:
         """Feed every sequence its next chunk; (sequence, sampled token, its logprob entry when asked for)
-        for those fed to the end."""
+        for those fed to the end; the token is None where the logits came out non-finite."""
         assert seqs and all(s.slot is not None and s.pending > 0 for s in seqs)
         t0, decoding = time.perf_counter(), sum(s.pending == 1 for s in seqs)
         if any(s.pending > 1 for s in seqs):
@@ -88,10 +88,18 @@ class ModelRunner:
         ready = [s for s in seqs if s.pending == 0]
         if not ready:
             return []
-        tokens = self.sample(logits, ready)  # the host waits for the pass here: its time is known
+        bad = self.nonfinite(logits, ready)  # the host waits for the pass here: its time is known
+        tokens = self.sample(logits, ready)
         if self.cost is not None:
             self.cost.observe(self.last_tokens - decoding, time.perf_counter() - t0)
-        return [(s, tok, self.logprob(logits, s, tok)) for s, tok in zip(ready, tokens)]
+        return [(s, None if s.seq_id in bad else tok, None if s.seq_id in bad else self.logprob(logits, s, tok))
+                for s, tok in zip(ready, tokens)]
+
+    def nonfinite(self, logits: torch.Tensor, seqs: list[Sequence]) -> set[int]:
+        """Ids of the sequences whose logits row holds a NaN or an inf (their sampled token means nothing)."""
+        rows = logits[torch.tensor([s.slot for s in seqs], device=logits.device), : self.vocab]
+        ok = torch.isfinite(rows).all(-1).tolist()
+        return {s.seq_id for s, good in zip(seqs, ok) if not good}
 
     def _padded(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
         """One [rows, t] batch, every row right-padded to t (the decode steps)."""

@@ -130,7 +130,8 @@ class Scheduler:
         results = self.runner.step(self.running)
         outs = []
         for s, tok, logprob in results:
-            out = s.append(tok, self.engine.tokenizer.eos_ids, self.max_context, logprob)
+            out = (self._fail_nonfinite(s) if tok is None
+                   else s.append(tok, self.engine.tokenizer.eos_ids, self.max_context, logprob))
             outs.append(out)
             if out.finished:
                 self._retire(s)
@@ -145,6 +146,14 @@ class Scheduler:
             if out.seq.sink:
                 out.seq.sink(out)
         return outs
+
+    def _fail_nonfinite(self, s: Sequence) -> SeqOutput:
+        dtype = str(self.engine.dtype).removeprefix("torch.")
+        hint = " (fp16 overflows where bf16 does not: try --dtype bf16)" if dtype == "float16" else ""
+        log.error("sequence %s: non-finite logits (NaN or inf) after %d tokens in %s%s; failing its request",
+                  s.request_id, len(s.output_ids), dtype, hint)
+        return s.fail(f"the model produced non-finite logits (NaN or inf) in {dtype} after {len(s.output_ids)} "
+                      f"generated tokens{hint}; the request was stopped")
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:

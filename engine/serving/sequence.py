@@ -64,6 +64,7 @@ class Sequence:
         self.sink = sink
         self.status = Status.WAITING
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why the engine gave up on it (finish_reason "abort"), for the client
         self.slot: int | None = None
         self.num_computed = 0
         # passes in a row that fed none of this prompt (streamed: 1 after one that cut it short too); the
@@ -114,6 +115,11 @@ class Sequence:
     def abort(self) -> SeqOutput:
         """Finish now (a cancelled request, a server shutting down)."""
         return self._finish("abort", "", [])
+
+    def fail(self, message: str) -> SeqOutput:
+        """Finish now because the engine cannot go on with it; ``message`` says why, for the client."""
+        self.error = message
+        return self.abort()
 
     def _finish(self, reason: str, text: str, tokens: list[int], tail: str | None = None) -> SeqOutput:
         """``text`` is already past the stop matcher; ``tail`` (the detokenizer's held-back end) is not."""
