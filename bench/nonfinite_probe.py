@@ -7,6 +7,9 @@ the warm-up's sampled step hit ``torch.multinomial``'s device assert on non-fini
 CUDA context was lost for every step after it. This wraps the runner's sampling: each pass's logits rows
 are checked before sampling (one sync, a probe only) and the first bad passes are printed with their
 sequences (slot, prompt length, positions computed); bad rows are zeroed so the run goes on.
+The cause, found afterwards on the CPU (torch ops, fp16): the synthesizer's uniform int4 codes sat half a
+step below their zero point on average, and that common offset grew through the residual stream past
+fp16's range (engine/synth/quant.py now centres them). Run this after changing kernels or the synthesizer.
 """
 from __future__ import annotations
 

@@ -11,10 +11,14 @@
 * ``int8``: compressed-tensors ``pack-quantized`` W8A16: int8 symmetric, one scale per output channel.
 
 The decoder layers' projections are quantized; embeddings, norms, biases and lm_head stay in the
-format's published dtype (fp16 for AWQ / GPTQ, bf16 for compressed-tensors). Codes are uniform random,
-zero points sit mid-range and the scales make the weights' spread close to the full-precision
-synthesizer's (std ~0.02). Qwen2.5-72B's AWQ / GPTQ checkpoints pad ``intermediate_size`` from 29568
-to 29696 (so that it splits into 8 tensor-parallel shards of whole groups); so do these.
+format's published dtype (fp16 for AWQ / GPTQ, bf16 for compressed-tensors). Codes are random and
+symmetric around a mid-range zero point (a code of 0 becomes the zero point), and the scales make the
+weights' spread close to the full-precision synthesizer's (std ~0.02). Uniform codes 0 .. 2^bits - 1 put
+every weight half a step off, with the same sign everywhere; through the residual stream's all-ones
+direction that grew layer by layer (the 7B AWQ's residual passed fp16's 65,504 at layer 26, and its
+logits were all NaN in fp16, the format's dtype); real checkpoints are centred. Qwen2.5-72B's AWQ / GPTQ
+checkpoints pad ``intermediate_size`` from 29568 to 29696 (so that it splits into 8 tensor-parallel
+shards of whole groups); so do these.
 """
 
 from __future__ import annotations
@@ -122,12 +126,13 @@ class QuantTensors:
         bits = self.bits
         gen = torch.Generator(device="cpu").manual_seed(tensor_seed(self.seed, spec.name))
         if name in ("qweight", "weight_packed"):
-            return torch.randint(-(1 << 31), 1 << 31, spec.shape, generator=gen, dtype=torch.int64).to(torch.int32)
+            return _code_words(spec.shape, bits, gen)
         if name == "qzeros":  # every zero mid-range; GPTQ v1 stores it minus one
             word = sum(((1 << (bits - 1)) - (self.kind != "awq")) << (bits * i) for i in range(32 // bits))
             return torch.full(spec.shape, word - (1 << 32) if word >= 1 << 31 else word, dtype=torch.int32)
         if name in ("scales", "weight_scale"):
-            spread = ((1 << bits) ** 2 / 12) ** 0.5  # std of uniform codes around a mid-range zero
+            half = 1 << (bits - 1)  # std of the codes around the zero point (_code_words)
+            spread = ((half - 1) * (2 * half - 1) / 6) ** 0.5
             scale = torch.empty(spec.shape).uniform_(0.8, 1.2, generator=gen) * (INIT_STD / spread)
             return scale.to(torch.float16 if spec.dtype == "fp16" else torch.bfloat16)
         if name == "g_idx":
@@ -136,3 +141,18 @@ class QuantTensors:
         if name == "weight_shape":
             return torch.tensor(self.shapes[prefix], dtype=torch.int64)
         return make_tensor(spec, self.seed, self.device)
+
+
+
+def _code_words(shape: tuple[int, ...], bits: int, gen: torch.Generator) -> torch.Tensor:
+    """int32 words of ``shape``, each holding 32 / ``bits`` independent codes, symmetric around the mid-range
+    zero point 2^(bits-1) (mean exactly there): uniform random bits, then every all-zero code set to the
+    zero point, so codes 1 .. 2^bits - 1 have 1/2^bits each and the zero point twice that."""
+    word = torch.randint(0, 1 << 32, shape, generator=gen, dtype=torch.int64)
+    low = sum(1 << (bits * i) for i in range(32 // bits))  # the lowest bit of every code
+    any_bit = word
+    for b in range(1, bits):
+        any_bit = any_bit | (word >> b)
+    zero = ~any_bit & low  # 1 at the lowest bit of each all-zero code
+    word = word | (zero << (bits - 1))
+    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
