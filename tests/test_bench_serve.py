@@ -81,10 +81,12 @@ def test_all_resident_reruns_the_levels_without_the_budget(tiny_qwen2_dir, tmp_p
     out = tmp_path / "rows.json"
     flags = f"--model {tiny_qwen2_dir} --device cpu --vram-budget 1GiB --max-batch 2 --max-context 64"
     rc = main(["--serve", flags, "--all-resident", "--clients", "2", "--requests-per-client", "1",
-               "--prompt-tokens", "4:8", "--max-tokens", "3", "--json", str(out)])
+               "--prompt-tokens", "4:8", "--max-tokens", "3", "--json", str(out),
+               "--server-log", str(tmp_path / "server.log")])
     assert rc == 0, capsys.readouterr()
     rows = json.loads(out.read_text())
     assert [r["config"] for r in rows] == ["server", "resident"]
+    assert (tmp_path / "server.log").read_text().count("layerstream: serving") == 2  # both servers' stderr
     assert all(r["complete"] == r["requests"] == 2 and r["tokens"] == 6 for r in rows)
 
 
@@ -118,3 +120,35 @@ def test_rows_are_written_before_the_peer_runs(tmp_path, monkeypatch):
 def test_bad_peer_flags_exit_2(capsys, argv):
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_an_aborted_stream_is_an_error_not_an_empty_success():
+    """A stream that ends with finish_reason "abort" (the server gave up on the request) raises, so the level
+    counts it among its errors (session 20: a server whose GPU was lost answered every request that way)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tools.bench_serve import one_request
+
+    class Aborting(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = ('data: {"choices":[{"index":0,"text":"","finish_reason":"abort"}]}\n\n'
+                    'data: [DONE]\n\n').encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Aborting)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError, match="finish_reason 'abort' after 0 chunks"):
+            one_request(f"http://127.0.0.1:{srv.server_port}", "m", [1, 2, 3], 4)
+    finally:
+        srv.shutdown()
+        srv.server_close()
