@@ -182,6 +182,8 @@ def run_session(args: argparse.Namespace, opts: EngineOptions, prompts: list[str
 
 def main_session(args: argparse.Namespace, prompts: list[str] | None) -> int:
     """``run_session`` with every expected failure turned into one ``error:`` line and an exit code."""
+    from engine.generate import NonFiniteLogits
+
     try:
         return run_session(args, options_from_args(args, len(prompts or [None])), prompts)
     except UsageError as e:
@@ -190,6 +192,9 @@ def main_session(args: argparse.Namespace, prompts: list[str] | None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLogits as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except torch.cuda.OutOfMemoryError as e:
         print(f"error: out of GPU memory ({str(e).splitlines()[0]}). With --vram-budget the engine's CUDA "
               "allocator is held to the budget: raise --vram-budget, or lower --max-context, --batch or "

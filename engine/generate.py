@@ -65,6 +65,18 @@ def prefill(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
     return last
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model's logits came out NaN or inf: nothing sampled from them means anything."""
+
+
+def nonfinite_message(dtype: torch.dtype, generated: int, prompt: int | None = None) -> str:
+    """What to tell the user when a row of logits is not finite (``prompt``: which one, when several)."""
+    name = str(dtype).removeprefix("torch.")
+    hint = ": fp16 overflows where bf16 does not, so try --dtype bf16" if dtype == torch.float16 else ""
+    which = f" for prompt {prompt}" if prompt is not None else ""
+    return f"the model produced non-finite logits (NaN or inf) in {name} after {generated} generated tokens{which}{hint}"
+
+
 def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | None = None,
              max_new_tokens: int = 128, stop_strings: list[str] | None = None,
              on_text: Callable[[int, str], None] | None = None) -> Generation:
@@ -95,7 +107,11 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
         t1 = None
         for step in range(max_new_tokens):
             tok = sampler(logits, history)
-            toks = tok.tolist()  # the one host sync per step: tokens must reach the terminal
+            bad = ~torch.isfinite(logits[:, : engine.cfg.vocab_size]).all(-1)
+            toks, bads = torch.stack([tok, bad.to(tok.dtype)]).tolist()  # the one host sync per step
+            if any(bads):
+                i = bads.index(1)
+                raise NonFiniteLogits(nonfinite_message(engine.dtype, len(out[i]), i if b > 1 else None))
             if t1 is None:
                 t1 = time.perf_counter()
             for i in range(b):

@@ -262,3 +262,32 @@ def test_several_prompts_print_every_reply(capsys, tiny_qwen2_dir, tmp_path, gre
     assert err.count("finish: ") == 3
     for r in res:
         assert r["text"] in out
+
+
+def test_nonfinite_logits_stop_with_one_error_line(tiny_qwen2_dir, capsys, monkeypatch):
+    """Logits that turn NaN mid-generation (an fp16 overflow): generate raises NonFiniteLogits naming the
+    dtype, the step and the prompt, and the CLI prints it as one error line, exit 1, no traceback."""
+    import engine.generate as gen
+
+    real = gen.decode_step
+    steps = [0]
+
+    def poisoned(engine, tok, start):
+        logits = real(engine, tok, start)
+        steps[0] += 1
+        if steps[0] == 2:
+            logits[-1:, 7] = float("nan")  # the last prompt's row
+        return logits
+    monkeypatch.setattr(gen, "decode_step", poisoned)
+    eng = Engine(tiny_qwen2_dir, EngineOptions(device="cpu", dtype="fp32", kernels="torch", max_context=64, batch=2))
+    try:
+        with pytest.raises(gen.NonFiniteLogits, match=r"in float32 after 2 generated tokens for prompt 1$"):
+            generate(eng, [[1, 2, 3], [4, 5]], SamplingParams(), max_new_tokens=6)
+    finally:
+        eng.close()
+    steps[0] = 0
+    rc = main(["--model", str(tiny_qwen2_dir), "--prompt", "hi", "--max-new-tokens", "5", "--dtype", "fp16", *CPU])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "error: the model produced non-finite logits (NaN or inf) in float16 after 2 generated tokens" in err
+    assert "try --dtype bf16" in err

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.engine import Engine
+from engine.generate import nonfinite_message
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import PagedKVCache
 from engine.serving.params import SamplingParams
@@ -148,12 +149,9 @@ class Scheduler:
         return outs
 
     def _fail_nonfinite(self, s: Sequence) -> SeqOutput:
-        dtype = str(self.engine.dtype).removeprefix("torch.")
-        hint = " (fp16 overflows where bf16 does not: try --dtype bf16)" if dtype == "float16" else ""
-        log.error("sequence %s: non-finite logits (NaN or inf) after %d tokens in %s%s; failing its request",
-                  s.request_id, len(s.output_ids), dtype, hint)
-        return s.fail(f"the model produced non-finite logits (NaN or inf) in {dtype} after {len(s.output_ids)} "
-                      f"generated tokens{hint}; the request was stopped")
+        message = nonfinite_message(self.engine.dtype, len(s.output_ids))
+        log.error("request %s: %s; failing it", s.request_id, message)
+        return s.fail(message)
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
