@@ -109,8 +109,8 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
             tok = sampler(logits, history)
             bad = ~torch.isfinite(logits[:, : engine.cfg.vocab_size]).all(-1)
             toks, bads = torch.stack([tok, bad.to(tok.dtype)]).tolist()  # the one host sync per step
-            if any(bads):
-                i = bads.index(1)
+            i = next((i for i, x in enumerate(bads) if x and not reasons[i]), None)  # finished rows: ignored
+            if i is not None:
                 raise NonFiniteLogits(nonfinite_message(engine.dtype, len(out[i]), i if b > 1 else None))
             if t1 is None:
                 t1 = time.perf_counter()
