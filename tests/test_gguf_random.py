@@ -48,7 +48,7 @@ def test_random_blocks_decode_to_the_asked_std(qtype: QT, std: float) -> None:
     assert np.isfinite(y).all()
     rms = np.sqrt(np.mean(y.astype(np.float64) ** 2))  # what the recipes solve for (0.6 % off over 5 seeds)
     assert abs(rms / std - 1) < 0.015 and 0.95 * std < y.std() < 1.05 * std, (rms, y.std(), std)
-    assert abs(y.mean()) < 0.12 * std  # Q4_0 / Q5_0 / Q8_0 keep their codes' half-step offset
+    assert abs(y.mean()) < 0.02 * std  # centred (a common offset grows through the residual stream)
 
 
 @pytest.mark.parametrize("qtype", list(RECIPES), ids=lambda t: t.name)

@@ -11,7 +11,10 @@ are overwritten with values drawn so that the decoded weights have root-mean-squ
 * K-quant sub-block scales: 6-bit values in 8..31 (Q4_K / Q5_K), int8 values of magnitude 4..15 and
   random sign (Q6_K, whose scales are signed as llama.cpp writes them).
 
-Q4_0, Q5_0 and Q8_0 keep their codes' half-step offset (a mean of ``-d / 2``, under 1/9 of ``std``).
+* Q4_0, Q5_0 and Q8_0 (no min field): the one code without a mirror image about the zero point (0, 0,
+  -128) becomes the zero point, so every block is centred. Left alone, that half-step offset (Q4_0:
+  -0.11 std, the same sign in every weight) grows through a model's residual stream: the synthetic AWQ
+  7B, whose int4 codes had it, overflowed fp16 (bench/results/2026-12-03-cpu-awq-fp16/).
 The layouts are the decoders' in :mod:`engine.gguf.dequant` (packers shared with ``quantize``).
 """
 
@@ -26,6 +29,7 @@ from gguf import GGMLQuantizationType as QT
 
 from engine.gguf.dequant import PLAIN, block_geometry
 from engine.gguf.quantize import f16_bytes, pack_k_scales
+from kernels.ggml_blocks import fifth_bits
 
 CHUNK_BYTES = 32 << 20  # bytes generated per step: bounds the memory a large tensor needs
 _U_LO, _U_HI = 0.75, 1.25  # range of d / d0
@@ -36,6 +40,12 @@ _D_MIN = 2.0 ** -18  # smallest d drawn: fp16's subnormal step (2**-24) is then 
 def _uniform_ms(levels: int, offset: float) -> float:
     """Mean square of ``q - offset`` for q uniform over the integers 0 .. levels - 1."""
     return (levels ** 2 - 1) / 12 + ((levels - 1) / 2 - offset) ** 2
+
+
+def _centred_ms(levels: int) -> float:
+    """Mean square about ``levels / 2`` of codes uniform over 0 .. levels - 1 with 0 moved to ``levels / 2``."""
+    half = levels // 2
+    return (half - 1) * (2 * half - 1) / 6
 
 
 def _ints_ms(lo: int, hi: int) -> float:
@@ -57,9 +67,9 @@ class Recipe:
 K_SCALES = (8, 31)  # Q4_K / Q5_K 6-bit sub-block scales (and mins)
 Q6_SCALES = (4, 15)  # Q6_K int8 sub-block scale magnitudes
 RECIPES = {
-    QT.Q8_0: Recipe(0, None, 0.0, _uniform_ms(256, 128)),  # int8 codes, -128 .. 127
-    QT.Q4_0: Recipe(0, None, 0.0, _uniform_ms(16, 8)),
-    QT.Q5_0: Recipe(0, None, 0.0, _uniform_ms(32, 16)),
+    QT.Q8_0: Recipe(0, None, 0.0, _centred_ms(256)),  # int8 codes, -127 .. 127 (_centre_codes)
+    QT.Q4_0: Recipe(0, None, 0.0, _centred_ms(16)),
+    QT.Q5_0: Recipe(0, None, 0.0, _centred_ms(32)),
     QT.Q4_1: Recipe(0, 2, 7.5, _uniform_ms(16, 7.5)),
     QT.Q5_1: Recipe(0, 2, 15.5, _uniform_ms(32, 15.5)),
     QT.Q4_K: Recipe(0, 2, 7.5, _uniform_ms(16, 7.5) * _ints_ms(*K_SCALES)),
@@ -100,6 +110,21 @@ def _scales(b: torch.Tensor, qtype: QT, d: torch.Tensor, gen: torch.Generator) -
         b[:, 192:208] = (mag * sign).to(torch.int8).view(torch.uint8)
 
 
+def _centre_codes(b: torch.Tensor, qtype: QT) -> None:
+    """Q8_0 / Q4_0 / Q5_0 blocks ``b`` [n, size]: each code of 0 (Q8_0: -128) set to the zero point in place."""
+    if qtype == QT.Q8_0:
+        q = b[:, 2:34]
+        q[q == 0x80] = 0
+    elif qtype == QT.Q4_0:
+        q = b[:, 2:18]
+        q |= (((q & 0x0F) == 0).to(torch.uint8) << 3) | (((q >> 4) == 0).to(torch.uint8) << 7)
+    elif qtype == QT.Q5_0:  # a code is 0 when its nibble and its fifth bit (qh, bytes 2..5) are
+        qh, qs = b[:, 2:6], b[:, 6:22]
+        zero = torch.cat([(qs & 0x0F) == 0, (qs >> 4) == 0], dim=-1) & (fifth_bits(qh) == 0)  # [n, 32]
+        bits = zero.view(-1, 4, 8).to(torch.int32) << torch.arange(8, dtype=torch.int32, device=b.device)
+        qh |= bits.sum(-1).to(torch.uint8)
+
+
 def random_blocks(qtype: QT, n_blocks: int, std: float, gen: torch.Generator) -> torch.Tensor:
     """``n_blocks`` random blocks of ``qtype`` as uint8 [n_blocks, type_size] on ``gen``'s device, decoding
     to values of root-mean-square ``std``."""
@@ -108,6 +133,7 @@ def random_blocks(qtype: QT, n_blocks: int, std: float, gen: torch.Generator) ->
     b = _random_bytes(n_blocks * size, gen, gen.device).view(n_blocks, size)
     u = torch.rand(n_blocks, generator=gen, device=gen.device) * (_U_HI - _U_LO) + _U_LO
     _scales(b, qtype, d0 * u, gen)
+    _centre_codes(b, qtype)
     return b
 
 
