@@ -92,14 +92,13 @@ class ModelRunner:
         tokens = self.sample(logits, ready)
         if self.cost is not None:
             self.cost.observe(self.last_tokens - decoding, time.perf_counter() - t0)
-        return [(s, None if s.seq_id in bad else tok, None if s.seq_id in bad else self.logprob(logits, s, tok))
+        return [(s, None, None) if s.seq_id in bad else (s, tok, self.logprob(logits, s, tok))
                 for s, tok in zip(ready, tokens)]
 
     def nonfinite(self, logits: torch.Tensor, seqs: list[Sequence]) -> set[int]:
-        """Ids of the sequences whose logits row holds a NaN or an inf (their sampled token means nothing)."""
-        rows = logits[torch.tensor([s.slot for s in seqs], device=logits.device), : self.vocab]
-        ok = torch.isfinite(rows).all(-1).tolist()
-        return {s.seq_id for s, good in zip(seqs, ok) if not good}
+        """Ids of the sequences whose logits row (by slot) holds a NaN or an inf: their token means nothing."""
+        ok = torch.isfinite(logits[:, : self.vocab]).all(-1).tolist()  # a flag a row: no index tensor to upload
+        return {s.seq_id for s in seqs if not ok[s.slot]}
 
     def _padded(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
         """One [rows, t] batch, every row right-padded to t (the decode steps)."""
