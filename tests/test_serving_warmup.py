@@ -48,6 +48,36 @@ def test_plan_for_the_h200_serving_run():
     assert [(s.decode_rows, s.context) for s in paged if s.kind == "decode"] == [(r, 16) for r in range(1, 33)]
 
 
+def test_a_split_inside_a_bucket_gets_a_real_slice():
+    """A quantized model's fused qgemm takes up to DENSE_MIN_M - 1 rows, inside the dense GEMM's 256 bucket: the
+    H200's AWQ server tuned that bucket in its first 16-client pass (10 builds, 11.2 s) until it had a slice."""
+    plain = plan_warmup(32, 2048, 2304, eager_decode=False, dry=True)
+    split = plan_warmup(32, 2048, 2304, eager_decode=False, dry=True, splits=(255,))
+    real = sorted(n for s in split if s.kind == "prefill" and not s.dry for n in s.slices)
+    assert real == [128, 255, 256, 512, 1024, 2048]
+    assert [s for s in split if s.dry] == [s for s in plain if s.dry]
+    for s in split:
+        assert sum(s.slices) + s.decoding <= 2048 and s.decoding + len(s.slices) <= 32
+    # a split at a bucket's own size, below the GEMM range or past the chunk adds nothing
+    assert plan_warmup(32, 2048, 2304, False, True, splits=(256, 100, 4000)) == plain
+
+
+@pytest.mark.parametrize("quant", [None, "awq"])
+def test_warm_up_passes_the_quantized_split(tmp_path, monkeypatch, quant):
+    from engine.synth.writer import synthesize
+    from kernels.qlinear import DENSE_MIN_M
+
+    d = synthesize("tiny-qwen2", tmp_path / "m", quant=quant, layers=1, device="cpu")
+    eng = make_engine(d, batch=2, max_context=64, prefill_chunk=32)
+    seen = []
+    monkeypatch.setattr(warmup, "plan_warmup", lambda *a, **k: seen.append(k["splits"]) or [])
+    try:
+        warm_up(Scheduler(eng))
+    finally:
+        eng.close()
+    assert seen == [(DENSE_MIN_M - 1,) if quant else ()]
+
+
 @pytest.mark.parametrize("batch,chunk,ctx,eager", [(1, 16, 64, True), (4, 256, 512, False), (5, 1536, 1000, True),
                                                     (3, 100, 64, True), (40, 512, 4096, True), (2, 2, 8, False)])
 def test_every_planned_step_fits_the_scheduler(batch, chunk, ctx, eager):

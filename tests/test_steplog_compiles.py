@@ -1,5 +1,5 @@
 """``--step-log``'s ``compiles`` column (engine/serving/steplog.py): Triton's ``jit_cache_hook`` counts the
-kernel specialisations each step had to build, chained to a hook installed before it and removed on close.
+kernel specialisations each step had to build (and names them), chained to a hook installed before it and removed on close.
 A stand-in for triton.knobs.runtime (the CPU interpreter never calls the hook)."""
 
 from __future__ import annotations
@@ -28,15 +28,19 @@ def test_each_step_counts_the_builds_during_it_and_close_restores_the_hook(tmp_p
     monkeypatch.setattr(steplog, "hook_knobs", lambda: runtime)
     log = steplog.StepLog(tmp_path / "steps.jsonl")
     assert runtime.jit_cache_hook == log._count
-    assert runtime.jit_cache_hook(key="a") is False and runtime.jit_cache_hook(key="skip") is True
+    assert runtime.jit_cache_hook(key="a", repr="_k1[num_warps=4](M: i32:16)") is False
+    assert runtime.jit_cache_hook(key="skip", repr="_k2[num_warps=8](M: i32)") is True
     log(_stats(1))
     log(_stats(2))
-    runtime.jit_cache_hook(key="b")
+    runtime.jit_cache_hook(key="b", repr="_k1[num_warps=4](M: i32)")
     log(_stats(3))
     log.close()
     assert runtime.jit_cache_hook is before and seen == ["a", "skip", "b"]
     rows = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert [r["compiles"] for r in rows] == [2, 0, 1]
+    # which builds: Triton's description of each, only on steps that built something
+    assert [r.get("built") for r in rows] == [["_k1[num_warps=4](M: i32:16)", "_k2[num_warps=8](M: i32)"], None,
+                                              ["_k1[num_warps=4](M: i32)"]]
 
 
 def test_without_a_hook_before_it_builds_are_never_skipped(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 reading a load test afterwards: when each pass ran, how long it took, how many sequences it carried,
 how many tokens it fed (prompt slices and decode rows together), how many sequences still waited and
 how many Triton kernel specialisations it had to build (``compiles``: compiled, or loaded from Triton's
-disk cache; a warmed-up server's passes should build none); ``mono_s``, its end on
+disk cache; a warmed-up server's passes should build none), and which (``built``: Triton's description of
+each, its kernel and argument specialisations, where there were any); ``mono_s``, its end on
 ``time.monotonic()``, matches a load test's request times (tools/ttft_breakdown.py)."""
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class StepLog:
                 from None
         self._t0 = time.monotonic()
         self.compiles = 0
+        self.built: list[str] = []
         self._runtime = hook_knobs()
         self._previous = None
         if self._runtime is not None:  # chained: a hook installed before keeps working
@@ -35,16 +37,19 @@ class StepLog:
         """Triton's ``jit_cache_hook``: called once for each specialisation a launch has to build; a
         truthy return would skip the build, so it returns what the hook before it returns."""
         self.compiles += 1
+        self.built.append(str(kwargs.get("repr", "?")))
         return self._previous(*args, **kwargs) if self._previous is not None else False
 
     def __call__(self, st: StepStats) -> None:
         end = time.monotonic() - self._t0
-        self._file.write(json.dumps({"step": st.steps, "start_s": round(end - st.last_step_s, 6),
-                                     "mono_s": round(self._t0 + end, 6),  # time.monotonic() at its end
-                                     "step_s": round(st.last_step_s, 6), "batch": st.last_batch,
-                                     "tokens": st.last_tokens, "waiting": st.last_waiting,
-                                     "generated_total": st.generated_tokens, "compiles": self.compiles}) + "\n")
-        self.compiles = 0
+        line = {"step": st.steps, "start_s": round(end - st.last_step_s, 6),
+                "mono_s": round(self._t0 + end, 6),  # time.monotonic() at its end
+                "step_s": round(st.last_step_s, 6), "batch": st.last_batch, "tokens": st.last_tokens,
+                "waiting": st.last_waiting, "generated_total": st.generated_tokens, "compiles": self.compiles}
+        if self.built:
+            line["built"] = self.built
+        self._file.write(json.dumps(line) + "\n")
+        self.compiles, self.built = 0, []
 
     def close(self) -> None:
         if self._runtime is not None and self._runtime.jit_cache_hook == self._count:

@@ -34,6 +34,7 @@ from engine import ahead
 from engine.serving.params import SamplingParams
 from engine.serving.scheduler import Scheduler
 from engine.serving.sequence import Sequence
+from kernels.qlinear import DENSE_MIN_M
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +118,20 @@ def _contexts(max_context: int, block_size: int | None) -> list[int]:
 
 
 def plan_warmup(batch: int, chunk: int, max_context: int, eager_decode: bool, dry: bool,
-                block_size: int | None = None) -> list[WarmStep]:
+                block_size: int | None = None, splits: tuple[int, ...] = ()) -> list[WarmStep]:
     """The warm-up steps for ``batch`` slots and a ``chunk``-token prefill chunk: real passes first, then
     (``dry``) compile-only ones. ``eager_decode``: pure decode steps run eagerly (paged KV, no decode
     graph) and get compile-only passes too; ``block_size``: paged KV's (None: the slot cache), which
-    decides the decode contexts whose kernels differ (:func:`_contexts`)."""
+    decides the decode contexts whose kernels differ (:func:`_contexts`). ``splits``: row counts where the
+    linears change kernel inside a GEMM bucket; each gets a real slice too (a quantized model's fused
+    qgemm takes rows up to ``DENSE_MIN_M - 1``, inside the dense GEMM's 256-row bucket: without its own
+    slice its 129..255-row bucket tuned in the first live pass that met it: 10 builds, 11.2 s, on the H200)."""
     eff = max(1, min(chunk, max_context))
     ctx = max(1, min(REAL_CONTEXT, max_context - 1))
     # the first pack is the chunk alone: its one picked row also tunes the lm_head GEMV's single-row bucket
-    packs = _pack([min(b, eff) for b in _pow2(2 * GEMV_MAX_M, eff)], eff, batch) or ([(eff,)] if eff >= 2 else [])
+    real = sorted({min(b, eff) for b in _pow2(2 * GEMV_MAX_M, eff)} | {n for n in splits if 2 * GEMV_MAX_M < n < eff},
+                  reverse=True)
+    packs = _pack(real, eff, batch) or ([(eff,)] if eff >= 2 else [])
     steps = [WarmStep(False, 0, 0, 0, p) for p in packs]
     for m in (16, 32, 64):  # lm_head rows of a mixed step = decoding rows + slices: each GEMV bucket once
         p = min(m, batch)
@@ -159,7 +165,8 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
     paged = scheduler.blocks is not None
     steps = plan_warmup(eng.opts.batch, eng.opts.prefill_chunk, eng.opts.max_context,
                         eager_decode=paged or eng.graph is None, dry=ahead.wanted(eng.model),
-                        block_size=scheduler.blocks.block_size if paged else None)
+                        block_size=scheduler.blocks.block_size if paged else None,
+                        splits=(DENSE_MIN_M - 1,) if eng.quant is not None else ())
     report = WarmupReport()
     # each planned slice its own group: the slices hit the GEMM row buckets to tune one by one (packed, a
     # real pass's [rows, longest] groups meet those buckets and the same kernel specialisations)
