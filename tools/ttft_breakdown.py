@@ -58,7 +58,7 @@ def level_report(row: dict, steps: list[dict]) -> list[str]:
         lines.append(f"    {start * 1e3:+8.0f} ms  {s['step_s'] * 1e3:6.0f} ms  batch {s['batch']:3d}  "
                      f"tokens {s['tokens']:6d}  waiting {s['waiting']}"
                      + (f"  compiles {s['compiles']}" if s.get("compiles") else ""))
-        lines += [f"      built {b[:300]}" for b in s.get("built", [])]
+        lines += [f"      built {b}" for b in s.get("built", [])]
     lines.append(f"    first token at +{(mid['first_s'] - mid['sent_s']) * 1e3:.0f} ms")
     return lines
 
