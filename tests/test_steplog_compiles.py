@@ -32,7 +32,7 @@ def test_each_step_counts_the_builds_during_it_and_close_restores_the_hook(tmp_p
     assert runtime.jit_cache_hook(key="skip", repr="_k2[num_warps=8](M: i32)") is True
     log(_stats(1))
     log(_stats(2))
-    runtime.jit_cache_hook(key="b", repr="_k1[num_warps=4](M: i32)")
+    runtime.jit_cache_hook(key="b", repr="_k1[num_warps=4]()", compile={"constants": {(3,): 64}, "configs": [{(1,): 16}]})
     log(_stats(3))
     log.close()
     assert runtime.jit_cache_hook is before and seen == ["a", "skip", "b"]
@@ -40,7 +40,7 @@ def test_each_step_counts_the_builds_during_it_and_close_restores_the_hook(tmp_p
     assert [r["compiles"] for r in rows] == [2, 0, 1]
     # which builds: Triton's description of each, only on steps that built something
     assert [r.get("built") for r in rows] == [["_k1[num_warps=4](M: i32:16)", "_k2[num_warps=8](M: i32)"], None,
-                                              ["_k1[num_warps=4](M: i32)"]]
+                                              ["_k1[num_warps=4]() constants={(3,): 64} configs=[{(1,): 16}]"]]
 
 
 def test_without_a_hook_before_it_builds_are_never_skipped(tmp_path, monkeypatch):

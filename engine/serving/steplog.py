@@ -3,7 +3,7 @@ reading a load test afterwards: when each pass ran, how long it took, how many s
 how many tokens it fed (prompt slices and decode rows together), how many sequences still waited and
 how many Triton kernel specialisations it had to build (``compiles``: compiled, or loaded from Triton's
 disk cache; a warmed-up server's passes should build none), and which (``built``: Triton's description of
-each, its kernel and argument specialisations, where there were any); ``mono_s``, its end on
+each, with its constexprs and argument specialisations, where there were any); ``mono_s``, its end on
 ``time.monotonic()``, matches a load test's request times (tools/ttft_breakdown.py)."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class StepLog:
         """Triton's ``jit_cache_hook``: called once for each specialisation a launch has to build; a
         truthy return would skip the build, so it returns what the hook before it returns."""
         self.compiles += 1
-        self.built.append(str(kwargs.get("repr", "?")))
+        self.built.append(_described(kwargs))
         return self._previous(*args, **kwargs) if self._previous is not None else False
 
     def __call__(self, st: StepStats) -> None:
@@ -56,3 +56,15 @@ class StepLog:
             self._runtime.jit_cache_hook = self._previous
         self._file.close()
 
+
+
+def _described(hook_kwargs: dict) -> str:
+    """One build as the hook saw it: Triton's repr (kernel, launch options; Triton 3.6 leaves its argument list
+    empty), then the constexprs and the specialised argument attributes (e.g. divisible by 16), which tell two
+    builds of one kernel apart."""
+    text = str(hook_kwargs.get("repr", "?"))
+    compile_ = hook_kwargs.get("compile") or {}
+    for name in ("constants", "configs"):
+        if compile_.get(name):
+            text += f" {name}={compile_[name]}"
+    return text[:4000]
