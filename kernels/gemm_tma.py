@@ -113,7 +113,10 @@ def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
     return first_m + (tile % group) % rows, (tile % group) // rows
 
 
-@triton.jit
+# NUM_PROGS (min(tiles, SMs)) is not specialised: below the SM count it is the tile count, whose divisibility by 16
+# changes with M inside a tuning bucket (the 7B AWQ's down tiles of 1,200 rows: 80 programs at 2,047-2,048 rows, 75
+# at 1,857), and each such value built a kernel in a warmed-up server's pass (H200, session 21)
+@triton.jit(do_not_specialize=["NUM_PROGS"])
 def _gemm_tma_kernel(
     x_desc, w_desc, o_desc, b_ptr, o_ptr,
     M, N, K, stride_om, NUM_PROGS,

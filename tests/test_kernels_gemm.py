@@ -115,6 +115,18 @@ def test_gemm_misaligned_falls_back_to_pointer(monkeypatch: pytest.MonkeyPatch) 
 
 # ------------------------------------------------------------------------- tuner ----
 
+def test_tma_program_count_is_not_a_specialisation() -> None:
+    """NUM_PROGS is the tile count below the SM count, so its divisibility by 16 changes with M inside one
+    tuning bucket (the 7B AWQ's 1,200-row down tiles: 80 programs at 2,047 / 2,048 rows, 75 at 1,857); were it
+    specialised, a warmed-up server would build a kernel in a live pass (it did on the H200, session 21)."""
+    from triton import cdiv
+
+    k = gemm_tma._gemm_tma_kernel  # under the interpreter a wrapper that keeps the jit's arguments
+    assert list(k.kwargs["do_not_specialize"] if hasattr(k, "kwargs") else k.do_not_specialize) == ["NUM_PROGS"]
+    tiles = {m: cdiv(m, 128) * cdiv(1200, 256) for m in (1857, 2047, 2048)}
+    assert tiles == {1857: 75, 2047: 80, 2048: 80}  # the case above, with a 128 x 256 tile
+
+
 def test_tma_candidates_fit_and_stay_few() -> None:
     for esize in (2, 4):
         cands = gemm_tma.candidates(esize)
