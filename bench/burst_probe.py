@@ -1,6 +1,6 @@
 """A burst of requests in process, no HTTP: each pass until every prompt has its first token, timed.
 
-    python bench/burst_probe.py --model DIR [--clients 16 --seed 2 --rounds 2] [--out burst.json]
+    python bench/burst_probe.py --model DIR [--clients 16 --seed 2 --rounds 2] [--out burst.json] [--profile]
 
 The prompts are those of ``tools.bench_serve``'s level (``make_jobs(clients, 1, 128:2048, ...)`` with the
 level's seed: 2 for the third level, 16 clients), each round with a fresh first token so nothing is
@@ -9,7 +9,10 @@ steps (synchronized) until all have their first token. On the H200 at 6 GiB the 
 first pass (9,453 tokens) took 931 ms and its second (9,463 tokens) 724 ms (session 19, call 2); here, on
 the next machine, with the passes sized by the median rule: 6,647 tokens in 386 ms (9 first tokens), then
 12,268 in 575 ms (call 4). Host-bound passes differ from machine to machine, so ``session_run.sh bs`` runs
-this and the served level on one.
+this and the served level on one. ``--profile``: one more round whose first pass runs under torch's
+profiler, its GPU kernels summed by kind and by name (tools.profile_decode's table): where a pass's time goes
+(the synthetic 7B AWQ's served passes cost ~95 us a prompt token on the H200 against ~59 for the bf16 7B's,
+session 21).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.serving.sequence import Sequence  # noqa: E402
 from engine.serving.warmup import warm_up  # noqa: E402
 from tools.bench_serve import VOCAB, make_jobs  # noqa: E402
+from tools.profile_decode import kind_of, report  # noqa: E402
 
 
 def burst(llm: LLM, prompts: list[list[int]]) -> list[dict]:
@@ -46,12 +50,50 @@ def burst(llm: LLM, prompts: list[list[int]]) -> list[dict]:
     return passes
 
 
+def profiled_pass(llm: LLM, prompts: list[list[int]]) -> dict:
+    """Every prompt added at once, the first pass under torch's profiler: tools.profile_decode's result shape
+    (one "step": the pass), GPU kernel time summed by name; then the rest of the burst unprofiled."""
+    from collections import defaultdict
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sched, params = llm.scheduler, SamplingParams(max_tokens=2, temperature=0.0)
+    seqs = [Sequence(p, params, llm.tokenizer) for p in prompts]
+    for s in seqs:
+        sched.add(s)
+    gpu = torch.cuda.is_available()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        t = time.perf_counter()
+        sched.step()
+        sync()
+        wall = time.perf_counter() - t
+    batch, tokens = sched.stats.last_batch, sched.stats.last_tokens
+    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if not gpu or e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name][0] += e.time_range.elapsed_us() if gpu else e.self_cpu_time_total
+            per[e.name][1] += 1
+    while sched.has_work():
+        sched.step()
+    rows = sorted(({"name": n, "kind": kind_of(n) if gpu else "cpu op", "us_per_step": us, "launches_per_step": c}
+                   for n, (us, c) in per.items()), key=lambda r: -r["us_per_step"])
+    return {"step_ms": wall * 1e3, "rows": rows, "gpu": gpu, "steps": 1, "batch": batch, "tokens": tokens}
+
+
+def _fresh(llm: LLM, jobs: list, r: int) -> list[list[int]]:
+    """Round ``r``'s prompts: the level's, each with a first token of its own (nothing reused)."""
+    return [[(VOCAB + 7 * r + i) % llm.engine.cfg.vocab_size] + ids[1:] for i, (ids, _) in enumerate(jobs)]
+
+
 def main() -> None:
     p = server_parser(__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out")
+    p.add_argument("--profile", action="store_true", help="one more round, its first pass profiled")
     a = p.parse_args()
     llm = LLM(a.model, vram_budget=a.vram_budget, max_batch=a.max_batch, max_context=a.max_context)
     t = time.perf_counter()
@@ -60,13 +102,19 @@ def main() -> None:
     print("prompt tokens:", sorted(len(ids) for ids, _ in jobs))
     rounds = []
     for r in range(a.rounds):
-        prompts = [[(VOCAB + 7 * r + i) % llm.engine.cfg.vocab_size] + ids[1:] for i, (ids, _) in enumerate(jobs)]
+        prompts = _fresh(llm, jobs, r)
         rounds.append(burst(llm, prompts))
         for x in rounds[-1]:
             print(f"round {r + 1}: {x['ms']:7.1f} ms  batch {x['batch']:3d}  tokens {x['tokens']:6d}  "
                   f"first tokens so far {x['first_tokens']}", flush=True)
+    out = {"rounds": rounds}
+    if a.profile:
+        prompts = _fresh(llm, jobs, a.rounds)
+        res = out["profiled_pass"] = profiled_pass(llm, prompts)
+        print(f"profiled pass: {res['tokens']} tokens, batch {res['batch']}", flush=True)
+        print("\n".join(report(res, top=30)), flush=True)
     if a.out:
-        Path(a.out).write_text(json.dumps(rounds, indent=1))
+        Path(a.out).write_text(json.dumps(out if a.profile else rounds, indent=1))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@
 #  u  issue 16: bench_serve on the synthetic 7B AWQ at 6 GiB, 1/4/16/32 clients (U_LEVELS), and its TTFT breakdown
 #  z  bench/nonfinite_probe.py on the synthetic 7B AWQ (Z_DTYPE, default the checkpoint's fp16): which serving pass
 #     first gives non-finite logits
+#  y  issue 16: bench/burst_probe.py --profile on the synthetic 7B AWQ and the bf16 7B at 6 GiB (the 16-client burst
+#     in process, then one more whose first pass runs under torch's profiler: its kernels by kind), to see why the
+#     AWQ's served passes cost ~1.6x the bf16's per prompt token
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -49,6 +52,8 @@ source bench/common.sh  # carried wheels, env_info, synth_7b
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
 steps=${1:-fhts}; END=$(( $(date +%s) + ${BOX:-545} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
+awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
+  --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
 [[ "$steps" = u || "$steps" = z ]] || synth_7b $M  # u and z need only the AWQ checkpoint
 if [[ $steps == *f* ]]; then
@@ -88,8 +93,7 @@ if [[ $steps == *h* ]]; then
   echo "hostlane rc=$?"; tail -11 $R/bench_hostlane.log
 save; fi
 if [[ $steps == *a* ]]; then
-  [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b --out /tmp/q7b-awq \
-    --quant awq --device cuda 2>&1 | tail -1
+  awq_7b
   timeout $(left 150) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 4GiB,3GiB --batches 1 --steps 8 \
     --prefill-tokens 0 --host-compute off,auto --out-dir $R --tag hostlane-awq > $R/bench_hostlane_awq.log 2>&1
   echo "hostlane awq rc=$?"; tail -7 $R/bench_hostlane_awq.log
@@ -121,8 +125,7 @@ if [[ $steps == *i* ]]; then
     > $R/probe_m1.txt 2>&1; echo "probe rc=$?"; grep -E "qgemv|wrong" $R/probe_m1.txt | head -16
 save; fi
 if [[ $steps == *v* ]]; then
-  [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b --out /tmp/q7b-awq \
-    --quant awq --device cuda 2>&1 | tail -1
+  awq_7b
   timeout $(left 120) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 6GiB --batches 1 --steps 8 \
     --prefill-tokens 0 --out-dir $R --tag awq > $R/bench_awq.log 2>&1; echo "awq rc=$?"; tail -4 $R/bench_awq.log
   timeout $(left 80) python3 -m tools.bench_stream --model $M --budgets full --batches 1 --steps 8 --prefill-tokens 0 \
@@ -191,8 +194,7 @@ if [[ $steps == *r* ]]; then  # the 1-client level's slow first pass: what a war
     > $R/first_request.txt 2>&1; echo "first-request rc=$?"; grep -v Warn $R/first_request.txt | tail -30
 save; fi
 if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
-  [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b --out /tmp/q7b-awq \
-    --quant awq --device cuda 2>&1 | tail -1
+  awq_7b
   S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_awq.jsonl"
   timeout $(left 400) python3 -m tools.bench_serve --serve "$S" --clients ${U_LEVELS:-1,4,16,32} --requests-per-client 1 \
     --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_awq.json --server-log $R/server_awq.log > $R/bench_serve_awq.log 2>&1
@@ -200,10 +202,16 @@ if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
   python3 -m tools.ttft_breakdown $R/serve_awq.json $R/steps_awq.jsonl --config server > $R/ttft_awq.txt 2>&1; head -24 $R/ttft_awq.txt
 save; fi
 if [[ $steps == *z* ]]; then
-  [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b --out /tmp/q7b-awq \
-    --quant awq --device cuda 2>&1 | tail -1
+  awq_7b
   timeout $(left 400) python3 bench/nonfinite_probe.py --model /tmp/q7b-awq --dtype ${Z_DTYPE:-auto} \
     --out $R/nonfinite.json > $R/nonfinite.txt 2>&1; echo "nonfinite rc=$?"; grep -v Warn $R/nonfinite.txt | tail -16
+save; fi
+if [[ $steps == *y* ]]; then  # a served burst's pass, AWQ against bf16: where its time goes
+  awq_7b
+  for pm in "awq /tmp/q7b-awq" "bf16 $M"; do set -- $pm
+    timeout $(left 220) python3 bench/burst_probe.py --model $2 --rounds 1 --profile --out $R/burst_$1.json \
+      > $R/burst_$1.txt 2>&1; echo "burst $1 rc=$?"; grep -v Warn $R/burst_$1.txt | head -22
+  done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
