@@ -27,7 +27,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.serving.sequence import Sequence  # noqa: E402
 from engine.serving.warmup import warm_up  # noqa: E402
 from tools.bench_serve import VOCAB, make_jobs  # noqa: E402
-from tools.profile_decode import kind_of, report  # noqa: E402
+from tools.profile_decode import kernel_rows, report  # noqa: E402
 
 
 def burst(llm: LLM, prompts: list[list[int]]) -> list[dict]:
@@ -52,9 +52,7 @@ def burst(llm: LLM, prompts: list[list[int]]) -> list[dict]:
 
 def profiled_pass(llm: LLM, prompts: list[list[int]]) -> dict:
     """Every prompt added at once, the first pass under torch's profiler: tools.profile_decode's result shape
-    (one "step": the pass), GPU kernel time summed by name; then the rest of the burst unprofiled."""
-    from collections import defaultdict
-
+    (one "step": the pass, tools.profile_decode.kernel_rows); then the rest of the burst unprofiled."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -70,16 +68,10 @@ def profiled_pass(llm: LLM, prompts: list[list[int]]) -> dict:
         sync()
         wall = time.perf_counter() - t
     batch, tokens = sched.stats.last_batch, sched.stats.last_tokens
-    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if not gpu or e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name][0] += e.time_range.elapsed_us() if gpu else e.self_cpu_time_total
-            per[e.name][1] += 1
     while sched.has_work():
         sched.step()
-    rows = sorted(({"name": n, "kind": kind_of(n) if gpu else "cpu op", "us_per_step": us, "launches_per_step": c}
-                   for n, (us, c) in per.items()), key=lambda r: -r["us_per_step"])
-    return {"step_ms": wall * 1e3, "rows": rows, "gpu": gpu, "steps": 1, "batch": batch, "tokens": tokens}
+    return {"step_ms": wall * 1e3, "rows": kernel_rows(prof, gpu, 1), "gpu": gpu, "steps": 1, "batch": batch,
+            "tokens": tokens}
 
 
 def _fresh(llm: LLM, jobs: list, r: int) -> list[list[int]]:

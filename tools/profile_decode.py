@@ -70,6 +70,13 @@ def profile_steps(engine: Engine, batch: int, steps: int) -> dict:
             tok = decode_step(engine, tok, [pos + i] * batch).argmax(-1)
         _sync(engine)
         wall = time.perf_counter() - t
+    return {"step_ms": wall / steps * 1e3, "rows": kernel_rows(prof, gpu, steps), "gpu": gpu, "steps": steps,
+            "batch": batch}
+
+
+def kernel_rows(prof, gpu: bool, steps: int) -> list[dict]:
+    """A finished torch profile's GPU kernels (``gpu``; else CPU ops by self time), summed by name:
+    [{"name", "kind", "us_per_step", "launches_per_step"}] over ``steps`` steps, the most time first."""
     per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     if gpu:
         for e in prof.events():
@@ -80,9 +87,8 @@ def profile_steps(engine: Engine, batch: int, steps: int) -> dict:
         for e in prof.key_averages():
             per[e.key][0] += e.self_cpu_time_total
             per[e.key][1] += e.count
-    rows = sorted(({"name": n, "kind": kind_of(n) if gpu else "cpu op", "us_per_step": us / steps,
+    return sorted(({"name": n, "kind": kind_of(n) if gpu else "cpu op", "us_per_step": us / steps,
                     "launches_per_step": c / steps} for n, (us, c) in per.items()), key=lambda r: -r["us_per_step"])
-    return {"step_ms": wall / steps * 1e3, "rows": rows, "gpu": gpu, "steps": steps, "batch": batch}
 
 
 def report(res: dict, top: int = 25) -> list[str]:

@@ -57,7 +57,6 @@ class StepLog:
         self._file.close()
 
 
-
 def _described(hook_kwargs: dict) -> str:
     """One build as the hook saw it: Triton's repr (kernel, launch options; Triton 3.6 leaves its argument list
     empty), then the constexprs and the specialised argument attributes (e.g. divisible by 16), which tell two
