@@ -55,7 +55,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" = u || "$steps" = z ]] || synth_7b $M  # u and z need only the AWQ checkpoint
+[[ "$steps" =~ ^[uzyw]+$ ]] || synth_7b $M  # u, z, w need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -209,6 +209,7 @@ save; fi
 if [[ $steps == *y* ]]; then  # a served burst's pass, AWQ against bf16: where its time goes
   awq_7b
   for pm in "awq /tmp/q7b-awq" "bf16 $M"; do set -- $pm
+    [ $1 = bf16 ] && synth_7b $M
     timeout $(left 220) python3 bench/burst_probe.py --model $2 --rounds 1 --profile --out $R/burst_$1.json \
       > $R/burst_$1.txt 2>&1; echo "burst $1 rc=$?"; grep -v Warn $R/burst_$1.txt | head -22
   done
