@@ -8,6 +8,7 @@ which lets the streamer reuse the slot. The model owns no parameters.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Protocol
 import torch
 
 from engine.config import ModelConfig
+from engine.decoder import DecoderLayers
 from engine.kv_cache import KVCache
 from engine.ops import TorchOps
 from engine.prefill_states import DeviceStates, HostStates, interleave_weights
@@ -67,7 +69,25 @@ class Group:
     kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-class Model:
+def stacked_runs(groups: list[Group], stack_rows: int) -> list[list[int]]:
+    """The groups' indices in order, split into runs that share each layer's projections: consecutive groups of
+    more than one token a row whose token rows (padding included) add up to at most ``stack_rows``; every
+    other group alone (a decode group keeps its own GEMV)."""
+    runs: list[list[int]] = []
+    total = 0
+    for k, g in enumerate(groups):
+        n = g.ids.numel()
+        prompt = g.ids.shape[1] > 1
+        if prompt and runs and total + n <= stack_rows and groups[runs[-1][-1]].ids.shape[1] > 1:
+            runs[-1].append(k)
+            total += n
+        else:
+            runs.append([k])
+            total = n if prompt else stack_rows + 1
+    return runs
+
+
+class Model(DecoderLayers):
     """Qwen2/2.5, Qwen3, Llama and Mistral decoder over a ``WeightSource``."""
 
     def __init__(self, cfg: ModelConfig, weights: WeightSource, ops: TorchOps, device: torch.device,
@@ -135,7 +155,7 @@ class Model:
 
     def forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
                        chunk_context=None, after_layer=None, host_states: bool = False,
-                       park: bool | list[torch.Tensor] = False) -> torch.Tensor:
+                       park: bool | list[torch.Tensor] = False, stack_rows: int = 0) -> torch.Tensor:
         """Run several groups of sequences through one pass over the layers: each layer's weights are
         fetched once and every group (in order) runs through them, each on its own rows of the KV cache
         and with its own token count, so prompt slices and single decode tokens share a pass without
@@ -145,7 +165,8 @@ class Model:
         ``park``: True: the groups are all the rows in use of a contiguous ``cache``, so host states that fit
         its unreached positions wait there instead (``engine.state_parking``); a list: flat spans of KV memory
         nothing reads during the pass (a paged cache's unused blocks) to park them in. ``cache`` may be None
-        when every group brings its own ``kv``."""
+        when every group brings its own ``kv``. ``stack_rows`` > 0: consecutive prompt groups (device states)
+        whose token rows add up to at most that many run each layer together (``layer_stacked``)."""
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
@@ -159,23 +180,30 @@ class Model:
         share = list(itertools.accumulate(g.ids.numel() for g in groups)) if pump else []  # tokens up to group k
         try:
             self.weights.meter(pump)
+            runs = stacked_runs(groups, 0 if host_states or pump else stack_rows)
             for i in range(n):
                 w = self.weights.layer(i)
                 if pump:
                     self.weights.pump_start()
-                shared = None
-                for k, g in enumerate(groups):
-                    b, t = g.ids.shape
-                    if g.kv is not None:
-                        kv = g.kv(i)
-                    else:
-                        shared = shared or cache.layer(i)
-                        kv = (shared[0][g.row0:g.row0 + b], shared[1][g.row0:g.row0 + b])
+                shared: list = []  # cache.layer(i), fetched once when a group needs it
+                for run in runs:
+                    # each group's keys and values fetched just before its attention (a paged cache's
+                    # gathered copy of one group is written back when the next is fetched)
+                    kvs = [functools.partial(self._group_kv, groups[k], i, cache, shared) for k in run]
+                    if len(run) > 1:  # one stack of prompt slices (device states only)
+                        with ctx(sum(groups[k].ids.numel() for k in run)):
+                            outs = self.layer_stacked(w, [states.get(k) for k in run], [groups[k] for k in run],
+                                                      [positions[k] for k in run], kvs)
+                        for k, out in zip(run, outs):
+                            states.put(k, *out)
+                        del outs
+                        continue
+                    k, g = run[0], groups[run[0]]
                     h, res = states.get(k)  # queues the next group's states in
                     if pump:  # then this group's share of the next streamed layer
                         self.weights.pump_to(share[k] / share[-1])
-                    with ctx(b * t):
-                        h, res = self.layer(w, h, res, positions[k], kv, g.start_pos, g.q_lens, g.max_len)
+                    with ctx(g.ids.numel()):
+                        h, res = self.layer(w, h, res, positions[k], kvs[0](), g.start_pos, g.q_lens, g.max_len)
                     states.put(k, h, res)
                     del h, res  # the states object decides how long a group's output lives
                 self.weights.release(i)
@@ -188,6 +216,17 @@ class Model:
         h, residual = states.pick(pick)
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
         return self._logits(x)
+
+    @staticmethod
+    def _group_kv(g: Group, i: int, cache: KVCache | None, shared: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group g's layer-i keys and values: its own view, or its rows of ``cache.layer(i)`` (fetched into
+        ``shared`` by the first group that needs it)."""
+        if g.kv is not None:
+            return g.kv(i)
+        if not shared:
+            shared.append(cache.layer(i))
+        k_cache, v_cache = shared[0]
+        return k_cache[g.row0:g.row0 + g.ids.shape[0]], v_cache[g.row0:g.row0 + g.ids.shape[0]]
 
     def _parking(self, groups: list[Group], cache: KVCache | None, park: bool | list[torch.Tensor]) -> Parking | None:
         """The spans ``park`` names, or the unreached positions of a contiguous cache past every group's rows'
@@ -222,34 +261,6 @@ class Model:
             h, residual = h[rows, idx], residual[rows, idx]
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
         return self._logits(x)
-
-    def layer(self, w: dict[str, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
-              positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], start_pos: torch.Tensor,
-              q_lens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder layer with weights w; returns (output, residual) (residual None: first layer)."""
-        cfg, ops, eps = self.cfg, self.ops, self.cfg.rms_norm_eps
-        w_qkv, b_qkv = w["self_attn.qkv_proj.weight"], w.get("self_attn.qkv_proj.bias")
-        if residual is None:
-            residual = h
-            qkv = ops.linear(ops.rmsnorm(h, w["input_layernorm.weight"], eps), w_qkv, b_qkv)
-        else:
-            qkv, residual = ops.add_rmsnorm_linear(h, residual, w["input_layernorm.weight"], eps, w_qkv, b_qkv)
-        b, t = h.shape[:2]
-        q = qkv[..., : cfg.q_size].view(b, t, cfg.num_attention_heads, cfg.head_dim)
-        k = qkv[..., cfg.q_size: cfg.q_size + cfg.kv_size].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        v = qkv[..., cfg.q_size + cfg.kv_size:].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        if cfg.has_qk_norm:
-            q = ops.rmsnorm(q, w["self_attn.q_norm.weight"], eps)
-            k = ops.rmsnorm(k, w["self_attn.k_norm.weight"], eps)
-        ops.rope_(q, k, self.cos, self.sin, positions)
-        k_cache, v_cache = kv
-        ops.kv_append_(k, v, k_cache, v_cache, start_pos)
-        attn = ops.attention(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len)
-        o = ops.linear(attn.reshape(b, t, cfg.q_size), w["self_attn.o_proj.weight"])
-        gate_up, residual = ops.add_rmsnorm_linear(o, residual, w["post_attention_layernorm.weight"], eps,
-                                                   w["mlp.gate_up_proj.weight"])
-        mlp = ops.swiglu_linear(gate_up, w["mlp.down_proj.weight"])
-        return mlp, residual
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(*x.shape[:-1], self.cfg.vocab_size, dtype=torch.float32, device=self.device)

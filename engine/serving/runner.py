@@ -6,7 +6,9 @@ busy one ride along with no real token). A step with prompts to prefill runs gro
 the layers: the decoding rows as one [rows, 1] group, then each prompt's slices of at most the engine's
 prefill chunk (the activation workspace the memory plan sized); with a paged cache the prompts' last
 slices share [rows, longest] groups within that chunk (``ModelRunner._slices``), else each slice is a
-group of its own. Decode tokens are never padded to a prompt's length.
+group of its own. Decode tokens are never padded to a prompt's length. Consecutive prompt groups whose
+states stay on the GPU run each layer's projections as one stack of token rows, at most one chunk
+(``Model.layer_stacked``; ``LAYERSTREAM_STACK_PROMPTS=0``: group by group), the attention group by group.
 
 How many prompt tokens one pass takes depends on what the pass costs. All resident, a pass is compute:
 one prefill chunk of prompt tokens a pass keeps the decoding rows' inter-token time short. With layers
@@ -22,6 +24,7 @@ at most, the shorter half's from the first.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from functools import partial
@@ -59,6 +62,9 @@ class ModelRunner:
         self.pass_tokens = max(opts.prefill_chunk, opts.batch * (opts.max_context - 1)) if streams \
             else opts.prefill_chunk  # tokens one pass feeds at most (see the module docstring)
         self.cost = PassCost() if streams else None  # streamed passes: their size from their measured cost
+        # prompt groups kept on the device share each layer's projections up to one chunk of token rows
+        # (the workspace the plan sized): fewer launches, and a packed weight widened once for all of them
+        self.stack_rows = opts.prefill_chunk if os.environ.get("LAYERSTREAM_STACK_PROMPTS", "1") == "1" else 0
 
     def reset(self) -> None:
         """Forget the step counters and the shared samplers (after a warm-up's synthetic steps)."""
@@ -161,7 +167,8 @@ class ModelRunner:
         # cache's never-used blocks (this pass's blocks are reserved by now), when they fit (engine.state_parking)
         host = self._host_states(groups)
         park = (cache.unused_spans(self.paged[1].alloc.free) if host else False) if self.paged else True
-        out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk, host_states=host, park=park)
+        out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk, host_states=host, park=park,
+                                       stack_rows=self.stack_rows)
         logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
         logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
         return logits, q_lens

@@ -1,0 +1,91 @@
+"""One decoder layer of the supported families (Qwen2/2.5, Qwen3, Llama, Mistral), for one group of sequences
+(``layer``) or several stacked through the projections (``layer_stacked``), against ``Model``'s ops backend,
+config and RoPE tables."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from engine.config import ModelConfig
+    from engine.model import Group
+    from engine.ops import TorchOps
+
+
+class DecoderLayers:
+    """The layer maths of ``engine.model.Model`` (a mixin: the model sets these)."""
+
+    cfg: ModelConfig
+    ops: TorchOps
+    cos: torch.Tensor
+    sin: torch.Tensor
+    scale: float
+
+    def layer(self, w: dict[str, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
+              positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], start_pos: torch.Tensor,
+              q_lens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder layer with weights w; returns (output, residual) (residual None: first layer)."""
+        b, t = h.shape[:2]
+        qkv, residual = self._qkv(w, h, residual)
+        attn = self._attend(w, qkv, b, t, positions, kv, start_pos, q_lens, max_len)
+        return self._mlp(w, attn.reshape(b, t, self.cfg.q_size), residual)
+
+    def layer_stacked(self, w: dict[str, torch.Tensor], states: list[tuple[torch.Tensor, torch.Tensor | None]],
+                      groups: list[Group], positions: list[torch.Tensor],
+                      kvs: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``layer`` for several groups at once: their token rows stacked through each projection (one GEMM,
+        and for a packed weight one dequantization, for all of them instead of one each), the attention group
+        by group in order (a later group may read an earlier one's keys), each fetching its keys and values (``kvs``)
+        right before. Returns each group's (output, residual)."""
+        rows = [h.shape[0] * h.shape[1] for h, _ in states]
+        stack = lambda xs: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])  # noqa: E731
+        qkv, residual = self._qkv(w, stack([h for h, _ in states]),
+                                  None if states[0][1] is None else stack([r for _, r in states]))
+        attn, r0 = [], 0
+        for (h, _), n, g, pos, kv in zip(states, rows, groups, positions, kvs):
+            b, t = h.shape[:2]
+            part = self._attend(w, qkv[r0:r0 + n].view(b, t, -1), b, t, pos, kv(), g.start_pos, g.q_lens, g.max_len)
+            attn.append(part.reshape(n, self.cfg.q_size))
+            r0 += n
+        out, residual = self._mlp(w, stack(attn), residual)
+        ends = list(itertools.accumulate(rows, initial=0))
+        return [(out[a:z].view(h.shape), residual[a:z].view(h.shape)) for (h, _), a, z in zip(states, ends, ends[1:])]
+
+    def _qkv(self, w: dict[str, torch.Tensor], h: torch.Tensor,
+             residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention input norm and the fused q/k/v projection: (qkv, residual)."""
+        ops, eps = self.ops, self.cfg.rms_norm_eps
+        w_qkv, b_qkv = w["self_attn.qkv_proj.weight"], w.get("self_attn.qkv_proj.bias")
+        if residual is None:
+            return ops.linear(ops.rmsnorm(h, w["input_layernorm.weight"], eps), w_qkv, b_qkv), h
+        return ops.add_rmsnorm_linear(h, residual, w["input_layernorm.weight"], eps, w_qkv, b_qkv)
+
+    def _attend(self, w: dict[str, torch.Tensor], qkv: torch.Tensor, b: int, t: int, positions: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor], start_pos: torch.Tensor, q_lens: torch.Tensor,
+                max_len: int) -> torch.Tensor:
+        """RoPE, the keys and values into the cache, attention: [b, t, heads, head_dim]."""
+        cfg, ops, eps = self.cfg, self.ops, self.cfg.rms_norm_eps
+        q = qkv[..., : cfg.q_size].view(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = qkv[..., cfg.q_size: cfg.q_size + cfg.kv_size].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = qkv[..., cfg.q_size + cfg.kv_size:].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.has_qk_norm:
+            q = ops.rmsnorm(q, w["self_attn.q_norm.weight"], eps)
+            k = ops.rmsnorm(k, w["self_attn.k_norm.weight"], eps)
+        ops.rope_(q, k, self.cos, self.sin, positions)
+        k_cache, v_cache = kv
+        ops.kv_append_(k, v, k_cache, v_cache, start_pos)
+        return ops.attention(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len)
+
+    def _mlp(self, w: dict[str, torch.Tensor], attn: torch.Tensor,
+             residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output projection, the residual add and norm, the MLP: (output, residual)."""
+        ops = self.ops
+        o = ops.linear(attn, w["self_attn.o_proj.weight"])
+        gate_up, residual = ops.add_rmsnorm_linear(o, residual, w["post_attention_layernorm.weight"],
+                                                   self.cfg.rms_norm_eps, w["mlp.gate_up_proj.weight"])
+        return ops.swiglu_linear(gate_up, w["mlp.down_proj.weight"]), residual

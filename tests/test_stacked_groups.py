@@ -1,0 +1,76 @@
+"""Prompt groups stacked through each layer's projections (``Model.layer_stacked``, ``stacked_runs``): the same
+logits as group by group, on the plain, the q/k-norm and a packed (AWQ) tiny model, CPU fp32 torch kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.model import Group, Model, stacked_runs
+from tests.helpers import make_engine, random_prompts
+
+
+def _group(n_rows: int, t: int, start: int = 0, row0: int = 0) -> Group:
+    ids = torch.zeros((n_rows, t), dtype=torch.long)
+    return Group(ids, torch.full((n_rows,), start, dtype=torch.int32), torch.full((n_rows,), t, dtype=torch.int32),
+                 row0, start + t)
+
+
+@pytest.mark.parametrize("shapes,limit,runs", [
+    ([(2, 1), (1, 5), (1, 3), (1, 8)], 8, [[0], [1, 2], [3]]),  # the decode group alone; 5 + 3 fit, 8 alone
+    ([(1, 5), (1, 3), (1, 8)], 16, [[0, 1, 2]]),
+    ([(1, 5), (2, 1), (1, 3)], 16, [[0], [1], [2]]),  # a decode group between prompts splits the run
+    ([(1, 9), (1, 2)], 8, [[0], [1]]),  # a group over the limit stays alone (the plan ran it alone anyway)
+    ([(2, 3), (1, 2)], 8, [[0, 1]]),  # rows x tokens, padding included
+    ([(1, 5), (1, 3)], 0, [[0], [1]]),  # 0: off
+    ([], 8, []),
+])
+def test_stacked_runs_keep_order_and_the_limit(shapes, limit, runs):
+    groups = [_group(b, t) for b, t in shapes]
+    assert stacked_runs(groups, limit) == runs
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen2", "tiny-qwen3", "tiny-qwen2-awq"])
+def model_dir(request, tmp_path_factory):
+    from engine.synth.writer import synthesize
+    preset, _, quant = request.param.partition("-awq")
+    return synthesize(preset, tmp_path_factory.mktemp("stack") / request.param, dtype="bf16", seed=3,
+                      quant="awq" if request.param.endswith("-awq") else None)
+
+
+def test_stacked_pass_gives_the_logits_of_group_by_group(model_dir, monkeypatch):
+    """Three prompts (two slices of one, the later reading the earlier's keys) and a decode group in one pass:
+    stacked (one run of prompt slices) and group by group give the same logits and the same KV cache."""
+    eng = make_engine(model_dir, batch=4, max_context=64)
+    calls = []
+    real = Model.layer_stacked
+    monkeypatch.setattr(Model, "layer_stacked", lambda self, w, states, *a: calls.append(len(states)) or
+                        real(self, w, states, *a))
+    try:
+        prompts = random_prompts([7, 5, 4], eng.cfg.vocab_size, seed=9)
+        groups = [Group(torch.tensor([[11], [12]]), torch.tensor([20, 30], dtype=torch.int32),
+                        torch.ones(2, dtype=torch.int32), 0, 31)]  # rows 0-1 decode at positions 20 and 30
+        spans = [(2, prompts[0][:4], 0), (2, prompts[0][4:], 4), (3, prompts[1], 0)]
+        for row, ids, start in spans:
+            groups.append(Group(torch.tensor([ids]), torch.tensor([start], dtype=torch.int32),
+                                torch.tensor([len(ids)], dtype=torch.int32), row, start + len(ids)))
+        pick = [(0, 0, 0), (0, 1, 0), (2, 0, 2), (3, 0, 4)]
+        gen = torch.Generator().manual_seed(1)
+        for k_cache, v_cache in (eng.cache.layer(i) for i in range(eng.cfg.num_hidden_layers)):
+            k_cache.copy_(torch.randn(k_cache.shape, generator=gen))  # the decode rows' earlier keys
+            v_cache.copy_(torch.randn(v_cache.shape, generator=gen))
+        before = [tuple(c.clone() for c in eng.cache.layer(i)) for i in range(eng.cfg.num_hidden_layers)]
+        alone = eng.model.forward_groups(groups, eng.cache, pick, stack_rows=0)
+        kv_alone = [tuple(c.clone() for c in eng.cache.layer(i)) for i in range(eng.cfg.num_hidden_layers)]
+        for i, (k_cache, v_cache) in enumerate(eng.cache.layer(j) for j in range(eng.cfg.num_hidden_layers)):
+            k_cache.copy_(before[i][0])
+            v_cache.copy_(before[i][1])
+        assert not calls
+        stacked = eng.model.forward_groups(groups, eng.cache, pick, stack_rows=16)
+        assert calls == [3] * eng.cfg.num_hidden_layers  # 4 + 3 + 5 prompt rows in one run a layer
+        torch.testing.assert_close(stacked, alone, rtol=1e-5, atol=1e-5)
+        for i in range(eng.cfg.num_hidden_layers):
+            torch.testing.assert_close(eng.cache.layer(i)[0], kv_alone[i][0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(eng.cache.layer(i)[1], kv_alone[i][1], rtol=1e-5, atol=1e-5)
+    finally:
+        eng.close()
