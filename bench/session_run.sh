@@ -43,7 +43,7 @@
 #     first gives non-finite logits
 #  y  issue 16: bench/burst_probe.py --profile on the synthetic 7B AWQ and the bf16 7B at 6 GiB (the 16-client burst
 #     in process, then one more whose first pass runs under torch's profiler: its kernels by kind), to see why the
-#     AWQ's served passes cost ~1.6x the bf16's per prompt token
+#     AWQ's served passes cost ~1.6x the bf16's per prompt token; the AWQ again with LAYERSTREAM_STACK_PROMPTS=0
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -208,10 +208,10 @@ if [[ $steps == *z* ]]; then
 save; fi
 if [[ $steps == *y* ]]; then  # a served burst's pass, AWQ against bf16: where its time goes
   awq_7b
-  for pm in "awq /tmp/q7b-awq" "bf16 $M"; do set -- $pm
+  for pm in "awq /tmp/q7b-awq 1" "awq-unstacked /tmp/q7b-awq 0" "bf16 $M 1"; do set -- $pm
     [ $1 = bf16 ] && synth_7b $M
-    timeout $(left 220) python3 bench/burst_probe.py --model $2 --rounds 1 --profile --out $R/burst_$1.json \
-      > $R/burst_$1.txt 2>&1; echo "burst $1 rc=$?"; grep -v Warn $R/burst_$1.txt | head -22
+    LAYERSTREAM_STACK_PROMPTS=$3 timeout $(left 220) python3 bench/burst_probe.py --model $2 --rounds 1 --profile \
+      --out $R/burst_$1.json > $R/burst_$1.txt 2>&1; echo "burst $1 rc=$?"; grep -v Warn $R/burst_$1.txt | head -22
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
