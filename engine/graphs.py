@@ -139,10 +139,11 @@ class DecodeGraph:
 
         def run() -> None:
             h, res = self.h, (None if layers[0] == 0 else self.res)
-            for i in layers:
-                kv = tuple(c[: self.batch] for c in self.cache.layer(i))
-                h, res = self.model.layer(weights_of(i), h, res, self.pos, kv, self.start, self.q_lens,
-                                          self.cache.max_context)
+            with self.model.ops.pass_scope():  # the piece's layers share one start + q_lens
+                for i in layers:
+                    kv = tuple(c[: self.batch] for c in self.cache.layer(i))
+                    h, res = self.model.layer(weights_of(i), h, res, self.pos, kv, self.start, self.q_lens,
+                                              self.cache.max_context)
             self.res.copy_(res)
             self.h.copy_(h)
         return run

@@ -118,17 +118,18 @@ class Model(DecoderLayers):
         h = self.weights.embed(ids, self.ops.embedding)
         positions = self.positions(start_pos, t)
         residual = None
-        for i in range(self.cfg.num_hidden_layers):
-            kv = tuple(c[:b] for c in cache.layer(i))  # the first b rows: fewer prompts than cache.batch
-            if i in on_host:  # the first layer of a run of host layers runs the whole run on the host
-                if i - 1 not in on_host:
-                    h, residual = host.run(host.run_from(i), h, residual, start_pos, q_lens)
-                continue
-            w = self.weights.layer(i)
-            h, residual = self.layer(w, h, residual, positions, kv, start_pos, q_lens, max_len)
-            self.weights.release(i)
-            if host is not None:
-                host.absorb(i, kv, max_len)  # a streamed pass over a host layer: its keys go to the host too
+        with self.ops.pass_scope():  # start_pos + q_lens once, not once a layer
+            for i in range(self.cfg.num_hidden_layers):
+                kv = tuple(c[:b] for c in cache.layer(i))  # the first b rows: fewer prompts than cache.batch
+                if i in on_host:  # the first layer of a run of host layers runs the whole run on the host
+                    if i - 1 not in on_host:
+                        h, residual = host.run(host.run_from(i), h, residual, start_pos, q_lens)
+                    continue
+                w = self.weights.layer(i)
+                h, residual = self.layer(w, h, residual, positions, kv, start_pos, q_lens, max_len)
+                self.weights.release(i)
+                if host is not None:
+                    host.absorb(i, kv, max_len)  # a streamed pass over a host layer: its keys go to the host too
         return self.head(h, residual, q_lens, last_only)
 
     def prefill(self, ids: torch.Tensor, lens: list[int], chunk: int, cache: KVCache,
@@ -181,34 +182,35 @@ class Model(DecoderLayers):
         try:
             self.weights.meter(pump)
             runs = stacked_runs(groups, 0 if host_states or pump else stack_rows)
-            for i in range(n):
-                w = self.weights.layer(i)
-                if pump:
-                    self.weights.pump_start()
-                shared: list = []  # cache.layer(i), fetched once when a group needs it
-                for run in runs:
-                    # each group's keys and values fetched just before its attention (a paged cache's
-                    # gathered copy of one group is written back when the next is fetched)
-                    kvs = [functools.partial(self._group_kv, groups[k], i, cache, shared) for k in run]
-                    if len(run) > 1:  # one stack of prompt slices (device states only)
-                        with ctx(sum(groups[k].ids.numel() for k in run)):
-                            outs = self.layer_stacked(w, [states.get(k) for k in run], [groups[k] for k in run],
-                                                      [positions[k] for k in run], kvs)
-                        for k, out in zip(run, outs):
-                            states.put(k, *out)
-                        del outs
-                        continue
-                    k, g = run[0], groups[run[0]]
-                    h, res = states.get(k)  # queues the next group's states in
-                    if pump:  # then this group's share of the next streamed layer
-                        self.weights.pump_to(share[k] / share[-1])
-                    with ctx(g.ids.numel()):
-                        h, res = self.layer(w, h, res, positions[k], kvs[0](), g.start_pos, g.q_lens, g.max_len)
-                    states.put(k, h, res)
-                    del h, res  # the states object decides how long a group's output lives
-                self.weights.release(i)
-                if after_layer is not None:
-                    after_layer(i)
+            with self.ops.pass_scope():  # start_pos + q_lens once, not once a layer
+                for i in range(n):
+                    w = self.weights.layer(i)
+                    if pump:
+                        self.weights.pump_start()
+                    shared: list = []  # cache.layer(i), fetched once when a group needs it
+                    for run in runs:
+                        # each group's keys and values fetched just before its attention (a paged cache's
+                        # gathered copy of one group is written back when the next is fetched)
+                        kvs = [functools.partial(self._group_kv, groups[k], i, cache, shared) for k in run]
+                        if len(run) > 1:  # one stack of prompt slices (device states only)
+                            with ctx(sum(groups[k].ids.numel() for k in run)):
+                                outs = self.layer_stacked(w, [states.get(k) for k in run], [groups[k] for k in run],
+                                                          [positions[k] for k in run], kvs)
+                            for k, out in zip(run, outs):
+                                states.put(k, *out)
+                            del outs
+                            continue
+                        k, g = run[0], groups[run[0]]
+                        h, res = states.get(k)  # queues the next group's states in
+                        if pump:  # then this group's share of the next streamed layer
+                            self.weights.pump_to(share[k] / share[-1])
+                        with ctx(g.ids.numel()):
+                            h, res = self.layer(w, h, res, positions[k], kvs[0](), g.start_pos, g.q_lens, g.max_len)
+                        states.put(k, h, res)
+                        del h, res  # the states object decides how long a group's output lives
+                    self.weights.release(i)
+                    if after_layer is not None:
+                        after_layer(i)
         finally:
             states.close()  # host states: their copies end before the buffers they use are freed
             self.weights.meter(False)

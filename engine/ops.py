@@ -25,6 +25,27 @@ class TorchOps:
     """Plain torch ops in the compute dtype (norms and softmax in fp32, like HF)."""
 
     name = "torch"
+    _lens: dict | None = None  # inside pass_scope: (start_pos, q_lens) ids -> (start_pos, q_lens, their sum)
+
+    @contextlib.contextmanager
+    def pass_scope(self):
+        """One pass over the layers (or a captured piece of one): its inputs ``start_pos`` / ``q_lens`` are not
+        written meanwhile, so ``seq_lens`` computes their sum once for all its layers."""
+        outer = self._lens
+        self._lens = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._lens = outer
+
+    def seq_lens(self, start_pos: torch.Tensor, q_lens: torch.Tensor) -> torch.Tensor:
+        """``start_pos + q_lens`` (each row's length after this pass), once per pass inside ``pass_scope``."""
+        if self._lens is None:
+            return start_pos + q_lens
+        key = (id(start_pos), id(q_lens))  # the entry holds both tensors: their ids stay theirs
+        if key not in self._lens:
+            self._lens[key] = (start_pos, q_lens, start_pos + q_lens)
+        return self._lens[key][2]
 
     def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         h = x.float()
@@ -204,7 +225,8 @@ class TritonOps(TorchOps):
         if q.shape[1] == 1:  # decode: one query per sequence, flash-decoding over the cache
             # split the context by a power-of-two bound on the lengths: few distinct kernel variants
             bound = min(k_cache.shape[2], 1 << max(8, (max_len - 1).bit_length()))
-            out = self._k["decode"](q[:, 0], k_cache, v_cache, start_pos + q_lens, scale, max_seq_len=bound)
+            out = self._k["decode"](q[:, 0], k_cache, v_cache, self.seq_lens(start_pos, q_lens), scale,
+                                    max_seq_len=bound)
             return out.unsqueeze(1)
         return self._k["prefill"](q, k_cache, v_cache, start_pos, q_lens, scale)
 

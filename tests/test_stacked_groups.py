@@ -74,3 +74,20 @@ def test_stacked_pass_gives_the_logits_of_group_by_group(model_dir, monkeypatch)
             torch.testing.assert_close(eng.cache.layer(i)[1], kv_alone[i][1], rtol=1e-5, atol=1e-5)
     finally:
         eng.close()
+
+
+def test_pass_scope_sums_start_and_lengths_once_per_pass():
+    """Inside ``pass_scope`` every layer's ``seq_lens`` of the same inputs is one tensor (one launch a pass, not one
+    a layer); outside it, or after it, a fresh sum each call; another pair of inputs gets its own."""
+    from engine.ops import TorchOps
+    ops = TorchOps()
+    start, lens = torch.tensor([3, 0], dtype=torch.int32), torch.tensor([1, 1], dtype=torch.int32)
+    assert ops.seq_lens(start, lens) is not ops.seq_lens(start, lens)
+    with ops.pass_scope():
+        first = ops.seq_lens(start, lens)
+        assert first.tolist() == [4, 1] and ops.seq_lens(start, lens) is first
+        with ops.pass_scope():  # a nested scope (a captured piece inside a pass) shares the outer one's
+            assert ops.seq_lens(start, lens) is first
+        other = torch.tensor([5, 5], dtype=torch.int32)
+        assert ops.seq_lens(other, lens).tolist() == [6, 6]
+    assert ops._lens is None and ops.seq_lens(start, lens) is not first

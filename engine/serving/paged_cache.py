@@ -178,6 +178,6 @@ class PagedOps:
             return self.base.attention(q, k_cache, v_cache, start_pos, q_lens, scale, max_len)
         from kernels.attention_decode_paged import attention_decode_paged
 
-        out = attention_decode_paged(q[:, 0], k_cache.blocks, v_cache.blocks, k_cache.tables, start_pos + q_lens,
-                                     scale)
+        out = attention_decode_paged(q[:, 0], k_cache.blocks, v_cache.blocks, k_cache.tables,
+                                     self.base.seq_lens(start_pos, q_lens), scale)
         return out.unsqueeze(1)
