@@ -4,7 +4,6 @@ config and RoPE tables."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -34,27 +33,26 @@ class DecoderLayers:
         attn = self._attend(w, qkv, b, t, positions, kv, start_pos, q_lens, max_len)
         return self._mlp(w, attn.reshape(b, t, self.cfg.q_size), residual)
 
-    def layer_stacked(self, w: dict[str, torch.Tensor], states: list[tuple[torch.Tensor, torch.Tensor | None]],
+    def layer_stacked(self, w: dict[str, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
                       groups: list[Group], positions: list[torch.Tensor],
-                      kvs: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]
-                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``layer`` for several groups at once: their token rows stacked through each projection (one GEMM,
-        and for a packed weight one dequantization, for all of them instead of one each), the attention group
-        by group in order (a later group may read an earlier one's keys), each fetching its keys and values (``kvs``)
-        right before. Returns each group's (output, residual)."""
-        rows = [h.shape[0] * h.shape[1] for h, _ in states]
-        stack = lambda xs: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])  # noqa: E731
-        qkv, residual = self._qkv(w, stack([h for h, _ in states]),
-                                  None if states[0][1] is None else stack([r for _, r in states]))
+                      kvs: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer`` for several groups at once, their token rows stacked: h / residual [1, R, H] hold each
+        group's [B, T] rows flattened, in order (R = the sum of B x T). Each projection runs once over all R
+        rows (one GEMM, and for a packed weight one dequantization, instead of one a group); the attention runs
+        group by group in order (a later group may read an earlier one's keys), each fetching its keys and values
+        (``kvs``) right before. Returns (output, residual) [1, R, H]."""
+        rows = h.shape[0] * h.shape[1]
+        qkv, residual = self._qkv(w, h.reshape(rows, -1), None if residual is None else residual.reshape(rows, -1))
         attn, r0 = [], 0
-        for (h, _), n, g, pos, kv in zip(states, rows, groups, positions, kvs):
-            b, t = h.shape[:2]
-            part = self._attend(w, qkv[r0:r0 + n].view(b, t, -1), b, t, pos, kv(), g.start_pos, g.q_lens, g.max_len)
-            attn.append(part.reshape(n, self.cfg.q_size))
-            r0 += n
-        out, residual = self._mlp(w, stack(attn), residual)
-        ends = list(itertools.accumulate(rows, initial=0))
-        return [(out[a:z].view(h.shape), residual[a:z].view(h.shape)) for (h, _), a, z in zip(states, ends, ends[1:])]
+        for g, pos, kv in zip(groups, positions, kvs):
+            b, t = g.ids.shape
+            part = self._attend(w, qkv[r0:r0 + b * t].view(b, t, -1), b, t, pos, kv(), g.start_pos, g.q_lens,
+                                g.max_len)
+            attn.append(part.reshape(b * t, self.cfg.q_size))
+            r0 += b * t
+        assert r0 == rows, "the stacked rows are the groups' rows"
+        out, residual = self._mlp(w, torch.cat(attn), residual)
+        return out.view(h.shape), residual.view(h.shape)
 
     def _qkv(self, w: dict[str, torch.Tensor], h: torch.Tensor,
              residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,6 +87,21 @@ def stacked_runs(groups: list[Group], stack_rows: int) -> list[list[int]]:
     return runs
 
 
+def run_pick(groups: list[Group], runs: list[list[int]], pick: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """``pick``'s (group, row, token) as (unit, row, token) of ``runs``' units: a stacked run is one [1, R] row."""
+    where: dict[int, tuple[int, int]] = {}  # group -> (its unit, rows of the unit before it)
+    for u, run in enumerate(runs):
+        off = 0
+        for k in run:
+            where[k] = (u, off)
+            off += groups[k].ids.numel()
+    out = []
+    for g, r, j in pick:
+        u, off = where[g]
+        out.append((u, r, j) if len(runs[u]) == 1 else (u, 0, off + r * groups[g].ids.shape[1] + j))
+    return out
+
+
 class Model(DecoderLayers):
     """Qwen2/2.5, Qwen3, Llama and Mistral decoder over a ``WeightSource``."""
 
@@ -166,58 +181,65 @@ class Model(DecoderLayers):
         ``park``: True: the groups are all the rows in use of a contiguous ``cache``, so host states that fit
         its unreached positions wait there instead (``engine.state_parking``); a list: flat spans of KV memory
         nothing reads during the pass (a paged cache's unused blocks) to park them in. ``cache`` may be None
-        when every group brings its own ``kv``. ``stack_rows`` > 0: consecutive prompt groups (device states)
-        whose token rows add up to at most that many run each layer together (``layer_stacked``)."""
+        when every group brings its own ``kv``. ``stack_rows`` > 0: consecutive prompt groups whose token rows
+        add up to at most that many run each layer together (``layer_stacked``), their states one unit."""
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
-        embed = lambda k: self.weights.embed(groups[k].ids, self.ops.embedding)  # noqa: E731
-        parking = self._parking(groups, cache, park) if host_states and park is not False else None
+        runs = stacked_runs(groups, stack_rows)  # the states' units: a group, or a run of them stacked [1, rows]
+        shapes = [tuple(groups[r[0]].ids.shape) if len(r) == 1 else (1, sum(groups[k].ids.numel() for k in r))
+                  for r in runs]
+        embed = lambda u: self.weights.embed(self._run_ids(groups, runs[u]), self.ops.embedding)  # noqa: E731
+        parking = self._parking(groups, shapes, cache, park) if host_states and park is not False else None
         self.parked_passes += parking is not None
-        states = (HostStates([tuple(g.ids.shape) for g in groups], embed, n, pick, self.device, park=parking)
-                  if host_states else DeviceStates(len(groups), embed))
+        unit_pick = run_pick(groups, runs, pick)
+        states = (HostStates(shapes, embed, n, unit_pick, self.device, park=parking)
+                  if host_states else DeviceStates(len(runs), embed))
         # the weight copies interleave with the states' (host states only: parked ones do not cross PCIe)
-        pump = host_states and parking is None and interleave_weights() and len(groups) > 1
-        share = list(itertools.accumulate(g.ids.numel() for g in groups)) if pump else []  # tokens up to group k
+        pump = host_states and parking is None and interleave_weights() and len(runs) > 1
+        share = list(itertools.accumulate(b * t for b, t in shapes)) if pump else []  # tokens up to unit u
         try:
             self.weights.meter(pump)
-            runs = stacked_runs(groups, 0 if host_states or pump else stack_rows)
             with self.ops.pass_scope():  # start_pos + q_lens once, not once a layer
                 for i in range(n):
                     w = self.weights.layer(i)
                     if pump:
                         self.weights.pump_start()
                     shared: list = []  # cache.layer(i), fetched once when a group needs it
-                    for run in runs:
-                        # each group's keys and values fetched just before its attention (a paged cache's
+                    for u, run in enumerate(runs):
+                        h, res = states.get(u)  # queues the next unit's states in
+                        if pump:  # then this unit's share of the next streamed layer
+                            self.weights.pump_to(share[u] / share[-1])
+                        # each group's keys and values fetched right before its attention (a paged cache's
                         # gathered copy of one group is written back when the next is fetched)
                         kvs = [functools.partial(self._group_kv, groups[k], i, cache, shared) for k in run]
-                        if len(run) > 1:  # one stack of prompt slices (device states only)
-                            with ctx(sum(groups[k].ids.numel() for k in run)):
-                                outs = self.layer_stacked(w, [states.get(k) for k in run], [groups[k] for k in run],
-                                                          [positions[k] for k in run], kvs)
-                            for k, out in zip(run, outs):
-                                states.put(k, *out)
-                            del outs
-                            continue
-                        k, g = run[0], groups[run[0]]
-                        h, res = states.get(k)  # queues the next group's states in
-                        if pump:  # then this group's share of the next streamed layer
-                            self.weights.pump_to(share[k] / share[-1])
-                        with ctx(g.ids.numel()):
-                            h, res = self.layer(w, h, res, positions[k], kvs[0](), g.start_pos, g.q_lens, g.max_len)
-                        states.put(k, h, res)
-                        del h, res  # the states object decides how long a group's output lives
+                        with ctx(shapes[u][0] * shapes[u][1]):
+                            if len(run) > 1:
+                                h, res = self.layer_stacked(w, h, res, [groups[k] for k in run],
+                                                            [positions[k] for k in run], kvs)
+                            else:
+                                g = groups[run[0]]
+                                h, res = self.layer(w, h, res, positions[run[0]], kvs[0](), g.start_pos, g.q_lens,
+                                                    g.max_len)
+                        states.put(u, h, res)
+                        del h, res  # the states object decides how long a unit's output lives
                     self.weights.release(i)
                     if after_layer is not None:
                         after_layer(i)
         finally:
             states.close()  # host states: their copies end before the buffers they use are freed
             self.weights.meter(False)
-        self.state_host_bytes += states.moved_bytes
-        h, residual = states.pick(pick)
+        h, residual = states.pick(unit_pick)
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
+        self.state_host_bytes += states.moved_bytes
         return self._logits(x)
+
+    @staticmethod
+    def _run_ids(groups: list[Group], run: list[int]) -> torch.Tensor:
+        """A unit's token ids: a group's [B, T], or a run's rows flattened in order into [1, R]."""
+        if len(run) == 1:
+            return groups[run[0]].ids
+        return torch.cat([groups[k].ids.reshape(1, -1) for k in run], dim=1)
 
     @staticmethod
     def _group_kv(g: Group, i: int, cache: KVCache | None, shared: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,9 +252,11 @@ class Model(DecoderLayers):
         k_cache, v_cache = shared[0]
         return k_cache[g.row0:g.row0 + g.ids.shape[0]], v_cache[g.row0:g.row0 + g.ids.shape[0]]
 
-    def _parking(self, groups: list[Group], cache: KVCache | None, park: bool | list[torch.Tensor]) -> Parking | None:
+    def _parking(self, groups: list[Group], shapes: list[tuple[int, int]], cache: KVCache | None,
+                 park: bool | list[torch.Tensor]) -> Parking | None:
         """The spans ``park`` names, or the unreached positions of a contiguous cache past every group's rows'
-        ends, when all the groups' states fit there (``engine.state_parking``); else None."""
+        ends, when the states of every unit (``shapes``: [B, T] each) fit there (``engine.state_parking``);
+        else None."""
         if not parking_enabled():
             return None
         if isinstance(park, list):
@@ -246,7 +270,7 @@ class Model(DecoderLayers):
                     ends[r] = max(ends.get(r, 0), g.max_len)
             spans = kv_tail_spans(cache, ends)
         parking = Parking(spans)
-        need = [2 * g.ids.numel() * self.cfg.hidden_size for g in groups]  # hidden states and residual
+        need = [2 * b * t * self.cfg.hidden_size for b, t in shapes]  # hidden states and residual
         return parking if parking.fits(need, self.dtype) else None
 
     def positions(self, start_pos: torch.Tensor, t: int) -> torch.Tensor:

@@ -132,9 +132,12 @@ def test_warm_up_runs_its_shapes_and_leaves_nothing(tiny_qwen2_dir, monkeypatch,
     paged = kv != "slots"
     sched = Scheduler(eng, kv_cache="paged", block_size=int(kv.split("-")[1])) if paged else Scheduler(eng)
     calls = _spy(monkeypatch, eng)
+    stacked = []  # the warm-up's slices tune their own row buckets: never stacked (engine.model.layer_stacked)
+    monkeypatch.setattr(type(eng.model), "layer_stacked", lambda *a: stacked.append(a))
     report = warm_up(sched)
     monkeypatch.undo()
     try:
+        assert not stacked and sched.runner.stack_rows == 256  # stacking back on for the served passes
         assert report.steps == plan_warmup(4, 256, 512, eager_decode=True, dry=True,
                                            block_size=int(kv.split("-")[1]) if paged else None)
         assert not report.skipped and any(s.dry for s in report.steps)

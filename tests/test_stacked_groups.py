@@ -38,14 +38,16 @@ def model_dir(request, tmp_path_factory):
                       quant="awq" if request.param.endswith("-awq") else None)
 
 
-def test_stacked_pass_gives_the_logits_of_group_by_group(model_dir, monkeypatch):
+@pytest.mark.parametrize("states", ["device", "host", "parked"])
+def test_stacked_pass_gives_the_logits_of_group_by_group(model_dir, monkeypatch, states):
     """Three prompts (two slices of one, the later reading the earlier's keys) and a decode group in one pass:
-    stacked (one run of prompt slices) and group by group give the same logits and the same KV cache."""
+    stacked (one run of prompt slices, its states one [1, 12] unit: on the device, in host memory, parked in
+    the cache's unreached positions) and group by group give the same logits and the same KV cache."""
     eng = make_engine(model_dir, batch=4, max_context=64)
     calls = []
     real = Model.layer_stacked
-    monkeypatch.setattr(Model, "layer_stacked", lambda self, w, states, *a: calls.append(len(states)) or
-                        real(self, w, states, *a))
+    monkeypatch.setattr(Model, "layer_stacked", lambda self, w, h, res, groups, *a: calls.append(len(groups)) or
+                        real(self, w, h, res, groups, *a))
     try:
         prompts = random_prompts([7, 5, 4], eng.cfg.vocab_size, seed=9)
         groups = [Group(torch.tensor([[11], [12]]), torch.tensor([20, 30], dtype=torch.int32),
@@ -60,18 +62,24 @@ def test_stacked_pass_gives_the_logits_of_group_by_group(model_dir, monkeypatch)
             k_cache.copy_(torch.randn(k_cache.shape, generator=gen))  # the decode rows' earlier keys
             v_cache.copy_(torch.randn(v_cache.shape, generator=gen))
         before = [tuple(c.clone() for c in eng.cache.layer(i)) for i in range(eng.cfg.num_hidden_layers)]
-        alone = eng.model.forward_groups(groups, eng.cache, pick, stack_rows=0)
+        monkeypatch.setattr("engine.state_parking.MIN_SPAN_ELEMENTS", 1)  # the tiny model's tails are short
+        kw = dict(host_states=states != "device", park=states == "parked")
+        alone = eng.model.forward_groups(groups, eng.cache, pick, stack_rows=0, **kw)
         kv_alone = [tuple(c.clone() for c in eng.cache.layer(i)) for i in range(eng.cfg.num_hidden_layers)]
         for i, (k_cache, v_cache) in enumerate(eng.cache.layer(j) for j in range(eng.cfg.num_hidden_layers)):
             k_cache.copy_(before[i][0])
             v_cache.copy_(before[i][1])
         assert not calls
-        stacked = eng.model.forward_groups(groups, eng.cache, pick, stack_rows=16)
+        parked = eng.model.parked_passes
+        stacked = eng.model.forward_groups(groups, eng.cache, pick, stack_rows=16, **kw)
+        assert eng.model.parked_passes - parked == (states == "parked")
         assert calls == [3] * eng.cfg.num_hidden_layers  # 4 + 3 + 5 prompt rows in one run a layer
         torch.testing.assert_close(stacked, alone, rtol=1e-5, atol=1e-5)
+        ends = [21, 31, 7, 5]  # each row's positions written or read (parked states wait past them)
         for i in range(eng.cfg.num_hidden_layers):
-            torch.testing.assert_close(eng.cache.layer(i)[0], kv_alone[i][0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(eng.cache.layer(i)[1], kv_alone[i][1], rtol=1e-5, atol=1e-5)
+            for r, end in enumerate(ends):
+                for got, want in zip(eng.cache.layer(i), kv_alone[i]):
+                    torch.testing.assert_close(got[r, :, :end], want[r, :, :end], rtol=1e-5, atol=1e-5)
     finally:
         eng.close()
 
@@ -91,3 +99,12 @@ def test_pass_scope_sums_start_and_lengths_once_per_pass():
         other = torch.tensor([5, 5], dtype=torch.int32)
         assert ops.seq_lens(other, lens).tolist() == [6, 6]
     assert ops._lens is None and ops.seq_lens(start, lens) is not first
+
+
+def test_run_pick_maps_tokens_into_stacked_units():
+    from engine.model import run_pick
+    groups = [_group(2, 1), _group(2, 3), _group(1, 4)]
+    runs = stacked_runs(groups, 16)
+    assert runs == [[0], [1, 2]]
+    assert run_pick(groups, runs, [(0, 1, 0), (1, 1, 2), (2, 0, 3), (1, 0, 0)]) == [(0, 1, 0), (1, 0, 5), (1, 0, 9),
+                                                                                (1, 0, 0)]

@@ -6,9 +6,9 @@ busy one ride along with no real token). A step with prompts to prefill runs gro
 the layers: the decoding rows as one [rows, 1] group, then each prompt's slices of at most the engine's
 prefill chunk (the activation workspace the memory plan sized); with a paged cache the prompts' last
 slices share [rows, longest] groups within that chunk (``ModelRunner._slices``), else each slice is a
-group of its own. Decode tokens are never padded to a prompt's length. Consecutive prompt groups whose
-states stay on the GPU run each layer's projections as one stack of token rows, at most one chunk
-(``Model.layer_stacked``; ``LAYERSTREAM_STACK_PROMPTS=0``: group by group), the attention group by group.
+group of its own. Decode tokens are never padded to a prompt's length. Consecutive prompt groups run each
+layer's projections as one stack of token rows, at most one chunk (``Model.layer_stacked``, their states one
+unit; ``LAYERSTREAM_STACK_PROMPTS=0``: group by group), the attention group by group.
 
 How many prompt tokens one pass takes depends on what the pass costs. All resident, a pass is compute:
 one prefill chunk of prompt tokens a pass keeps the decoding rows' inter-token time short. With layers
@@ -62,8 +62,8 @@ class ModelRunner:
         self.pass_tokens = max(opts.prefill_chunk, opts.batch * (opts.max_context - 1)) if streams \
             else opts.prefill_chunk  # tokens one pass feeds at most (see the module docstring)
         self.cost = PassCost() if streams else None  # streamed passes: their size from their measured cost
-        # prompt groups kept on the device share each layer's projections up to one chunk of token rows
-        # (the workspace the plan sized): fewer launches, and a packed weight widened once for all of them
+        # prompt groups share each layer's projections up to one chunk of token rows (the workspace the plan
+        # sized): fewer launches, and a packed weight widened once for all of them
         self.stack_rows = opts.prefill_chunk if os.environ.get("LAYERSTREAM_STACK_PROMPTS", "1") == "1" else 0
 
     def reset(self) -> None:

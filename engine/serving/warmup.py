@@ -168,9 +168,11 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
                         block_size=scheduler.blocks.block_size if paged else None,
                         splits=(DENSE_MIN_M - 1,) if eng.quant is not None else ())
     report = WarmupReport()
-    # each planned slice its own group: the slices hit the GEMM row buckets to tune one by one (packed, a
-    # real pass's [rows, longest] groups meet those buckets and the same kernel specialisations)
+    # each planned slice its own group, its own projections: the slices hit the GEMM row buckets to tune one by
+    # one (packed or stacked, a real pass's groups meet those buckets and the same kernel specialisations;
+    # stacked in the warm-up, the slices' row counts would add up and leave those buckets untuned)
     scheduler.runner.pack_slices = False
+    stack_rows, scheduler.runner.stack_rows = scheduler.runner.stack_rows, 0
     try:
         t0 = time.perf_counter()
         for step in (s for s in steps if not s.dry):
@@ -188,6 +190,7 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
             report.dry_s = time.perf_counter() - t0
     finally:
         scheduler.runner.pack_slices = True
+        scheduler.runner.stack_rows = stack_rows
         _clean(scheduler)
     log.info("%s", report.summary())
     return report
