@@ -74,9 +74,8 @@ class DecoderLayers:
         if cfg.has_qk_norm:
             q = ops.rmsnorm(q, w["self_attn.q_norm.weight"], eps)
             k = ops.rmsnorm(k, w["self_attn.k_norm.weight"], eps)
-        ops.rope_(q, k, self.cos, self.sin, positions)
         k_cache, v_cache = kv
-        ops.kv_append_(k, v, k_cache, v_cache, start_pos)
+        ops.rope_kv_append_(q, k, v, self.cos, self.sin, positions, k_cache, v_cache, start_pos)
         return ops.attention(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len)
 
     def _mlp(self, w: dict[str, torch.Tensor], attn: torch.Tensor,

@@ -91,6 +91,14 @@ class TorchOps:
             r2 = x2 * c_ + x1 * s_
             t.copy_(torch.cat((r1, r2), dim=-1))
 
+    def rope_kv_append_(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        start_pos: torch.Tensor) -> None:
+        """``rope_`` then ``kv_append_`` as one op (a backend may fuse them): afterwards q and the caches are
+        defined, ``k`` itself may or may not be rotated."""
+        self.rope_(q, k, cos, sin, positions)
+        self.kv_append_(k, v, k_cache, v_cache, start_pos)
+
     def kv_append_(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    start_pos: torch.Tensor) -> None:
         b, t = k.shape[:2]
@@ -133,13 +141,14 @@ class TritonOps(TorchOps):
 
     def __init__(self) -> None:
         from kernels import (add_rmsnorm, attention_decode, attention_prefill, embedding, kv_append, linear,
-                             rmsnorm, rope, swiglu)
+                             rmsnorm, rope, rope_kv_append, swiglu)
         from kernels import qgemv_i8, qlinear
         self._qlinear, self._tile_rows, self._tiled = qlinear.qlinear, qlinear.tile_rows, qlinear.tiled_linear
         from kernels.add_rmsnorm_i8 import add_rmsnorm_qgemv
         self._swiglu_qgemv, self._norm_qgemv, self._i8_rows = qgemv_i8.swiglu_qgemv, add_rmsnorm_qgemv, qgemv_i8.MAX_M
         self._k = dict(rmsnorm=rmsnorm.rmsnorm, add_rmsnorm=add_rmsnorm.add_rmsnorm, linear=linear.linear,
                        swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
+                       rope_kv_append=rope_kv_append.rope_kv_append_,
                        prefill=attention_prefill.attention_prefill, decode=attention_decode.attention_decode,
                        embedding=embedding.embedding)
         from kernels import ggml_dequant, ggml_gemv
@@ -220,6 +229,12 @@ class TritonOps(TorchOps):
 
     def kv_append_(self, k, v, k_cache, v_cache, start_pos):
         self._k["kv_append"](k, v, k_cache, v_cache, start_pos)
+
+    def rope_kv_append_(self, q, k, v, cos, sin, positions, k_cache, v_cache, start_pos):
+        if q.shape[1] == 1 and isinstance(k_cache, torch.Tensor):  # a decode step: one launch, not two
+            self._k["rope_kv_append"](q, k, v, cos, sin, positions, k_cache, v_cache, start_pos)
+        else:
+            super().rope_kv_append_(q, k, v, cos, sin, positions, k_cache, v_cache, start_pos)
 
     def attention(self, q, k_cache, v_cache, start_pos, q_lens, scale, max_len):
         if q.shape[1] == 1:  # decode: one query per sequence, flash-decoding over the cache

@@ -167,6 +167,12 @@ class PagedOps:
     def __getattr__(self, name: str):
         return getattr(self.base, name)
 
+    def rope_kv_append_(self, q, k, v, cos, sin, positions, k_cache, v_cache, start_pos) -> None:
+        if not isinstance(k_cache, PagedLayer):
+            return self.base.rope_kv_append_(q, k, v, cos, sin, positions, k_cache, v_cache, start_pos)
+        self.base.rope_(q, k, cos, sin, positions)
+        self.kv_append_(k, v, k_cache, v_cache, start_pos)
+
     def kv_append_(self, k, v, k_cache, v_cache, start_pos) -> None:
         if not isinstance(k_cache, PagedLayer):
             return self.base.kv_append_(k, v, k_cache, v_cache, start_pos)
