@@ -23,8 +23,8 @@
 #     logits error); about 100 s each
 #  i  issue 15: the int8-x GEMV (kernels/qgemv_i8.py, dp4a) on the GPU: its tests, then bench/probe_qkernels.py
 #     at batch 1 (every variant's best at the 7B's shapes, % of copy)
-#  v  issue 15: the synthetic 7B AWQ at 6 GiB against the all-resident bf16 7B, batch 1 (target 1.5x the tok/s);
-#     then tools.profile_decode of both (each step's kernels by kind)
+#  v  issue 15: the fused decode RoPE + KV append's tests on the GPU; the synthetic 7B AWQ at 6 GiB against the
+#     all-resident bf16 7B, batch 1 (target 1.5x the tok/s); then tools.profile_decode of both (kernels by kind)
 #  w  issue 15: bench/qgemv_sweep.py (arguments from $W_ARGS), the int4 decode GEMV over a wider launch grid than the tuner's
 #  s  issue 16: bench_serve at 6 GiB, 1/4/16/32 clients, and all resident; tools.ttft_breakdown of each level
 #     (S_KV="--kv-cache paged": on the paged cache, its last slices packed; S_LEVELS=1,4: those levels;
@@ -126,6 +126,8 @@ if [[ $steps == *i* ]]; then
 save; fi
 if [[ $steps == *v* ]]; then
   awq_7b
+  timeout $(left 90) python3 -m pytest -q -p no:cacheprovider tests/test_kernels_rope_kv_append.py tests/test_kernels_rope.py \
+    > $R/pytest_rope_kv.txt 2>&1; echo "pytest rc=$?"; tail -3 $R/pytest_rope_kv.txt  # the fused decode RoPE + append
   timeout $(left 120) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 6GiB --batches 1 --steps 8 \
     --prefill-tokens 0 --out-dir $R --tag awq > $R/bench_awq.log 2>&1; echo "awq rc=$?"; tail -4 $R/bench_awq.log
   timeout $(left 80) python3 -m tools.bench_stream --model $M --budgets full --batches 1 --steps 8 --prefill-tokens 0 \
