@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI) in front of an :class:`EngineLoop`.
 
 Handlers run on the event loop; they tokenize, build sequences whose sinks hand each step's output
-back to the loop (``call_soon_threadsafe``), and submit them to the engine thread. A stream that the
+back to the loop (``engine.serving.delivery``: one wake-up a step), and submit them to the engine thread. A stream that the
 client drops, or a plain request whose client disconnects, aborts its sequences.
 """
 
@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from engine.serving.delivery import LoopDelivery
 from engine.serving.loop import EngineLoop, NotReady
 from engine.serving.metrics import ServerMetrics
 from engine.serving.protocol import ChatRequest, CompletionRequest, Reply, error_body
@@ -44,6 +45,7 @@ class Api:
 
     def __init__(self, loop: EngineLoop, model_name: str, metrics: ServerMetrics) -> None:
         self.loop, self.model_name, self.metrics = loop, model_name, metrics
+        self.delivery: LoopDelivery | None = None  # outputs to the event loop, one wake-up a step
 
     def health(self) -> JSONResponse:
         if self.loop.error is not None:
@@ -68,6 +70,8 @@ class Api:
             return unavailable(f"the model is still {loop.phase}; retry shortly")
         queue: asyncio.Queue = asyncio.Queue()
         aio = asyncio.get_running_loop()
+        if self.delivery is None or self.delivery.aio is not aio:
+            self.delivery = LoopDelivery(aio)
         reply = Reply(chat, self.model_name, loop.engine.tokenizer)
         try:  # tokenizing a long prompt takes a while: off the event loop
             prompts = await asyncio.to_thread(body.prompts, loop.engine.tokenizer)
@@ -75,7 +79,7 @@ class Api:
             for p, ids in enumerate(prompts):  # choice index p * n + i, as OpenAI numbers a batch
                 params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)))
                 seqs += [Sequence(ids, params, loop.engine.tokenizer, index=p * params.n + i, request_id=reply.id,
-                                  sink=lambda out: aio.call_soon_threadsafe(queue.put_nowait, out))
+                                  sink=self.delivery.sink(queue))
                          for i in range(params.n)]
             loop.submit(seqs)
         except QueueFull as e:
