@@ -210,17 +210,9 @@ class Model(DecoderLayers):
                         h, res = states.get(u)  # queues the next unit's states in
                         if pump:  # then this unit's share of the next streamed layer
                             self.weights.pump_to(share[u] / share[-1])
-                        # each group's keys and values fetched right before its attention (a paged cache's
-                        # gathered copy of one group is written back when the next is fetched)
-                        kvs = [functools.partial(self._group_kv, groups[k], i, cache, shared) for k in run]
                         with ctx(shapes[u][0] * shapes[u][1]):
-                            if len(run) > 1:
-                                h, res = self.layer_stacked(w, h, res, [groups[k] for k in run],
-                                                            [positions[k] for k in run], kvs)
-                            else:
-                                g = groups[run[0]]
-                                h, res = self.layer(w, h, res, positions[run[0]], kvs[0](), g.start_pos, g.q_lens,
-                                                    g.max_len)
+                            h, res = self._unit_layer(w, i, h, res, [groups[k] for k in run],
+                                                      [positions[k] for k in run], cache, shared)
                         states.put(u, h, res)
                         del h, res  # the states object decides how long a unit's output lives
                     self.weights.release(i)
@@ -233,6 +225,18 @@ class Model(DecoderLayers):
         x, _ = self.ops.add_rmsnorm(h, residual, self.weights.norm(), self.cfg.rms_norm_eps)
         self.state_host_bytes += states.moved_bytes
         return self._logits(x)
+
+    def _unit_layer(self, w: dict[str, torch.Tensor], i: int, h: torch.Tensor, res: torch.Tensor | None,
+                    groups: list[Group], positions: list[torch.Tensor], cache: KVCache | None,
+                    shared: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i (weights w) of one states unit: one group, or several stacked (``layer_stacked``)."""
+        # each group's keys and values fetched right before its attention (a paged cache's gathered copy of
+        # one group is written back when the next is fetched)
+        kvs = [functools.partial(self._group_kv, g, i, cache, shared) for g in groups]
+        if len(groups) > 1:
+            return self.layer_stacked(w, h, res, groups, positions, kvs)
+        g = groups[0]
+        return self.layer(w, h, res, positions[0], kvs[0](), g.start_pos, g.q_lens, g.max_len)
 
     @staticmethod
     def _run_ids(groups: list[Group], run: list[int]) -> torch.Tensor:

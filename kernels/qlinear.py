@@ -70,11 +70,12 @@ def tiled_linear(x: torch.Tensor, n: int, step: int, fill, bias: torch.Tensor | 
     ``fill(r0, tile)`` writes rows ``r0 .. r0 + len(tile)`` of ``w`` into ``tile``; each tile of ``step``
     rows goes through ``gemm`` (default :func:`kernels.linear.linear`) into its columns of the output.
     The last tile's spare rows keep the previous tile's values (computed, dropped), so every GEMM has
-    one shape (one tuning)."""
+    one shape (one tuning). The first tile is full (``step < n``): nothing is read before it is written."""
+    assert 0 < step < n, "one tile: the caller runs the GEMM itself"
     gemm = gemm or linear
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    tile = torch.zeros((step, x.shape[1]), dtype=x.dtype, device=x.device)
-    b = torch.zeros(step, dtype=x.dtype, device=x.device) if bias is not None else None
+    tile = torch.empty((step, x.shape[1]), dtype=x.dtype, device=x.device)
+    b = torch.empty(step, dtype=x.dtype, device=x.device) if bias is not None else None
     for r0 in range(0, n, step):
         r = min(n, r0 + step) - r0
         fill(r0, tile[:r])
