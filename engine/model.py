@@ -74,11 +74,10 @@ def stacked_runs(groups: list[Group], stack_rows: int) -> list[list[int]]:
     more than one token a row whose token rows (padding included) add up to at most ``stack_rows``; every
     other group alone (a decode group keeps its own GEMV)."""
     runs: list[list[int]] = []
-    total = 0
+    total = stack_rows + 1  # the last run's rows; past the limit: nothing joins it (none yet, or a decode group)
     for k, g in enumerate(groups):
-        n = g.ids.numel()
-        prompt = g.ids.shape[1] > 1
-        if prompt and runs and total + n <= stack_rows and groups[runs[-1][-1]].ids.shape[1] > 1:
+        n, prompt = g.ids.numel(), g.ids.shape[1] > 1
+        if prompt and total + n <= stack_rows:
             runs[-1].append(k)
             total += n
         else:
