@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     # a graceful shutdown it re-raises the signal it caught, which lands here too, so the exit is 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
-    switch, _ = sys.getswitchinterval(), sys.setswitchinterval(switch)  # restored when serving ends
+    python_switch = sys.getswitchinterval()  # restored when serving ends
+    sys.setswitchinterval(switch)
     loop.start()
     threading.Thread(target=_watch, args=(loop, server, args.grace), daemon=True).start()
     print(f"layerstream: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page "
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     try:
         server.run()
     finally:
-        sys.setswitchinterval(switch)
+        sys.setswitchinterval(python_switch)
     loop.close()
     if step_log is not None:
         step_log.close()

@@ -24,6 +24,7 @@ at most, the shorter half's from the first.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import replace
@@ -56,7 +57,7 @@ class ModelRunner:
         self._samplers: dict[object, Sampler] = {}  # unseeded parameter sets -> one shared sampler each
         self.steps = 0
         self.last_tokens = 0  # real tokens fed by the last step
-        self.pack_slices = True  # paged: prompts' last slices share groups (off during the warm-up)
+        self.pack_slices = True  # paged: prompts' last slices share groups (off during the warm-up: groups_apart)
         opts, plan = engine.opts, engine.plan
         streams = plan is not None and plan.num_slots > 0
         self.pass_tokens = max(opts.prefill_chunk, opts.batch * (opts.max_context - 1)) if streams \
@@ -65,6 +66,17 @@ class ModelRunner:
         # prompt groups share each layer's projections up to one chunk of token rows (the workspace the plan
         # sized): fewer launches, and a packed weight widened once for all of them
         self.stack_rows = opts.prefill_chunk if os.environ.get("LAYERSTREAM_STACK_PROMPTS", "1") == "1" else 0
+
+    @contextlib.contextmanager
+    def groups_apart(self):
+        """Within: every prompt slice its own group and its own projections (no packed slices, no stacking), so
+        that each meets its own GEMM row bucket (the warm-up's tuning)."""
+        saved = self.pack_slices, self.stack_rows
+        self.pack_slices, self.stack_rows = False, 0
+        try:
+            yield
+        finally:
+            self.pack_slices, self.stack_rows = saved
 
     def reset(self) -> None:
         """Forget the step counters and the shared samplers (after a warm-up's synthetic steps)."""

@@ -171,29 +171,32 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
     # each planned slice its own group, its own projections: the slices hit the GEMM row buckets to tune one by
     # one (packed or stacked, a real pass's groups meet those buckets and the same kernel specialisations;
     # stacked in the warm-up, the slices' row counts would add up and leave those buckets untuned)
-    scheduler.runner.pack_slices = False
-    stack_rows, scheduler.runner.stack_rows = scheduler.runner.stack_rows, 0
-    try:
-        t0 = time.perf_counter()
-        for step in (s for s in steps if not s.dry):
-            _run(scheduler, step, report)
-        report.real_s = time.perf_counter() - t0
-        dry = [s for s in steps if s.dry]
-        if dry:
-            t0 = time.perf_counter()
-            with ahead.dry(eng.model):
-                for i, step in enumerate(dry):
-                    if time.perf_counter() - t0 > dry_limit_s:
-                        report.cut = len(dry) - i
-                        break
-                    _run(scheduler, step, report)
-            report.dry_s = time.perf_counter() - t0
-    finally:
-        scheduler.runner.pack_slices = True
-        scheduler.runner.stack_rows = stack_rows
-        _clean(scheduler)
+    with scheduler.runner.groups_apart():
+        try:
+            _run_planned(scheduler, steps, report, dry_limit_s)
+        finally:
+            _clean(scheduler)
     log.info("%s", report.summary())
     return report
+
+
+def _run_planned(scheduler: Scheduler, steps: list[WarmStep], report: WarmupReport, dry_limit_s: float) -> None:
+    """The real steps, then the compile-only ones until ``dry_limit_s`` (the rest counted as ``cut``)."""
+    t0 = time.perf_counter()
+    for step in (s for s in steps if not s.dry):
+        _run(scheduler, step, report)
+    report.real_s = time.perf_counter() - t0
+    dry = [s for s in steps if s.dry]
+    if not dry:
+        return
+    t0 = time.perf_counter()
+    with ahead.dry(scheduler.engine.model):
+        for i, step in enumerate(dry):
+            if time.perf_counter() - t0 > dry_limit_s:
+                report.cut = len(dry) - i
+                break
+            _run(scheduler, step, report)
+    report.dry_s = time.perf_counter() - t0
 
 
 def _sequences(scheduler: Scheduler, step: WarmStep) -> list[Sequence]:
