@@ -12,7 +12,6 @@ rest (their streams end with finish_reason "abort" and [DONE]), then exits 0.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import sys
@@ -21,23 +20,6 @@ import time
 
 from engine.cli_args import CliParser, add_engine_args, check_engine_args
 from engine.cli_session import load_engine, options_from_args, resolve_or_default
-
-# The engine thread issues each streamed layer's weight copies from Python, while the event loop's handlers
-# (16 streams' chunks a step) want the GIL too; Python hands it over after 5 ms by default, longer than the
-# copy of an int4 7B layer (~2.8 ms at 54 GB/s): the server asks for 1 ms (LAYERSTREAM_GIL_SWITCH_MS)
-GIL_SWITCH_MS = 1.0
-
-
-def gil_switch_s() -> float:
-    """The GIL switch interval the server sets, in seconds (``LAYERSTREAM_GIL_SWITCH_MS``, default 1 ms)."""
-    raw = os.environ.get("LAYERSTREAM_GIL_SWITCH_MS", str(GIL_SWITCH_MS))
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = -1.0
-    if not 0 < ms <= 100:
-        raise ValueError(f"LAYERSTREAM_GIL_SWITCH_MS must be a number of milliseconds in (0, 100], got {raw!r}")
-    return ms / 1000
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +72,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
             raise ValueError("--prefill-states applies to layerstream runs, not to the server (it prefills a slice "
                              "of each prompt per step, whose states never wait between passes): leave it out")
         _check_address(args.host, args.port)
-        switch = gil_switch_s()
         opts = options_from_args(args)
         from engine.serving.steplog import StepLog
         step_log = StepLog(args.step_log) if args.step_log else None  # before the default model is synthesized
@@ -133,17 +114,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     # a graceful shutdown it re-raises the signal it caught, which lands here too, so the exit is 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
-    python_switch = sys.getswitchinterval()  # restored when serving ends
-    sys.setswitchinterval(switch)
     loop.start()
     threading.Thread(target=_watch, args=(loop, server, args.grace), daemon=True).start()
     print(f"layerstream: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page "
           f"at /); the model is loading{' and warming up' if args.warmup else ''}, /health says when it is ready",
           file=sys.stderr)
-    try:
-        server.run()
-    finally:
-        sys.setswitchinterval(python_switch)
+    server.run()
     loop.close()
     if step_log is not None:
         step_log.close()

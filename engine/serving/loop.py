@@ -146,7 +146,8 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             self.engine = self._load()
-            self.scheduler = Scheduler(self.engine, self.max_waiting, self.on_step, **self._scheduler_options)
+            self.scheduler = Scheduler(self.engine, self.max_waiting, self.on_step, hold_outputs=True,
+                                       **self._scheduler_options)
             self._warm_up()
         except BaseException as e:  # reported by /health and NotReady; the process decides what to do
             log.error("loading the model failed: %s", e)

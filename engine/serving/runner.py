@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
@@ -57,6 +58,7 @@ class ModelRunner:
         self._samplers: dict[object, Sampler] = {}  # unseeded parameter sets -> one shared sampler each
         self.steps = 0
         self.last_tokens = 0  # real tokens fed by the last step
+        self.on_queued: Callable[[], None] | None = None  # called once a step's pass is queued, before its wait
         self.pack_slices = True  # paged: prompts' last slices share groups (off during the warm-up: groups_apart)
         opts, plan = engine.opts, engine.plan
         streams = plan is not None and plan.num_slots > 0
@@ -94,6 +96,8 @@ class ModelRunner:
             logits, q_lens = self._grouped(seqs)  # prompt slices next to decode tokens, no padding between
         else:
             logits, q_lens = self._padded(seqs)
+        if self.on_queued is not None:
+            self.on_queued()
         for s in seqs:
             s.num_computed += q_lens[s.slot]
         if self.paged:
@@ -126,12 +130,12 @@ class ModelRunner:
         # never pad past the context end: the torch kv_append clamps such positions onto the last one
         t = min(max(s.pending for s in seqs), max(1, eng.opts.prefill_chunk // rows),
                 min(cap - s.num_computed for s in seqs))
-        ids = torch.zeros((rows, t), dtype=torch.long)
-        start, q_lens = [0] * rows, [0] * rows
-        for s in seqs:
+        grid, start, q_lens = [[0] * t for _ in range(rows)], [0] * rows, [0] * rows
+        for s in seqs:  # one tensor from lists: torch calls per row cost the host more than a decode step's copies
             n = min(s.pending, t)
-            ids[s.slot, :n] = torch.tensor(s.all_ids[s.num_computed: s.num_computed + n])
+            grid[s.slot][:n] = s.all_ids[s.num_computed: s.num_computed + n]
             start[s.slot], q_lens[s.slot] = s.num_computed, n
+        ids = torch.tensor(grid, dtype=torch.long)
         max_len = max(a + n for a, n in zip(start, q_lens))
         if self.paged:
             cache, blocks = self.paged
@@ -274,8 +278,8 @@ class ModelRunner:
         graph = eng.graph if self.paged is None else None
         if t == 1 and graph is not None and rows <= graph.batch:  # a pure decode step: replay the graph
             pad = graph.batch - rows
-            tok = torch.cat([ids[:, 0], torch.zeros(pad, dtype=torch.long)]).to(dev)
-            return graph(tok, torch.tensor(start + [0] * pad, dtype=torch.int32, device=dev))[:rows]
+            tok = torch.cat([ids[:, 0], torch.zeros(pad, dtype=torch.long)])  # on the host: the graph stages them
+            return graph(tok, torch.tensor(start + [0] * pad, dtype=torch.int32))[:rows]
         start_t = torch.tensor(start, dtype=torch.int32, device=dev)
         q_t = torch.tensor(q_lens, dtype=torch.int32, device=dev)
         with eng.ops.prompt_chunk(rows * t):

@@ -54,9 +54,15 @@ class Scheduler:
 
     def __init__(self, engine: Engine, max_waiting: int = 256,
                  on_step: Callable[[StepStats], None] | None = None, kv_cache: str = "slots",
-                 block_size: int = 16, num_blocks: int | None = None) -> None:
+                 block_size: int = 16, num_blocks: int | None = None, hold_outputs: bool = False) -> None:
         """``kv_cache="paged"`` replaces the engine's contiguous cache (and the decode graph that reads it)
-        by ``num_blocks`` blocks (default ``batch * max_context / block_size``: the memory the plan sized)."""
+        by ``num_blocks`` blocks (default ``batch * max_context / block_size``: the memory the plan sized).
+
+        ``hold_outputs`` (the server's): a step's unfinished outputs reach their sinks once the next step's pass
+        has been queued on the device, while the host waits for it, instead of between the two steps. Between
+        steps the host is on the critical path (a streamed pass's first layers wait for it), and a server's
+        sinks wake the event loop, whose work on the streamed chunks then competes with it for the GIL. On a
+        CPU the pass runs as it is queued, so there nothing is held."""
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         if kv_cache not in ("slots", "paged") or block_size < 1:
@@ -81,6 +87,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.stats = StepStats()
         self.on_step = on_step  # called after every step (metrics)
+        self.hold_outputs = hold_outputs and engine.device.type == "cuda"
+        self._held: list[SeqOutput] = []  # outputs waiting for the next step's pass to be queued
+        self.runner.on_queued = self.deliver_held
 
     @property
     def max_context(self) -> int:
@@ -108,6 +117,7 @@ class Scheduler:
 
     def abort(self, seq_id: int) -> bool:
         """Finish a waiting or running sequence now (its sink gets an ``abort`` output); False if unknown."""
+        self.deliver_held()  # a sequence's tokens reach its sink before its end
         for s in list(self.waiting) + self.running:
             if s.seq_id == seq_id:
                 if s in self.waiting:
@@ -125,10 +135,13 @@ class Scheduler:
     def step(self) -> list[SeqOutput]:
         """Admit what fits, run one pass over all running sequences, retire the finished ones."""
         self._admit()
+        if not self.running or any(s.pending > 1 for s in self.running):
+            self.deliver_held()  # a prompt's pass may wait for the device midway: the outputs go first
         if not self.running:
             return []
         t0 = time.perf_counter()
-        results = self.runner.step(self.running)
+        results = self.runner.step(self.running)  # delivers the held outputs once its pass is queued
+        self.deliver_held()  # (had the pass not queued anything)
         outs = []
         for s, tok, logprob in results:
             out = (self._fail_nonfinite(s) if tok is None
@@ -144,9 +157,19 @@ class Scheduler:
         if self.on_step:
             self.on_step(st)
         for out in outs:
-            if out.seq.sink:
+            if not out.seq.sink:
+                continue
+            if self.hold_outputs and self.running and not out.finished:
+                self._held.append(out)
+            else:
                 out.seq.sink(out)
         return outs
+
+    def deliver_held(self) -> None:
+        """Give the held outputs (``hold_outputs``) to their sinks, in order."""
+        held, self._held = self._held, []
+        for out in held:
+            out.seq.sink(out)
 
     def _fail_nonfinite(self, s: Sequence) -> SeqOutput:
         message = nonfinite_message(self.engine.dtype, len(s.output_ids))
