@@ -39,8 +39,10 @@
 #  b  issue 16: bench/burst_probe.py (the 16-client level's burst in process, no HTTP: each pass until every first
 #     token, twice); run before s on one machine, its passes against the served ones in steps.jsonl
 #  u  issue 16: bench_serve on the synthetic 7B AWQ at 6 GiB, 1/4/16/32 clients (U_LEVELS), and its TTFT breakdown
-#  g  issue 16: the synthetic 7B AWQ served at 1 and 16 clients with the server's GIL switch interval at 5 ms (Python's
-#     default) and at 1 ms (the server's): does the batch-16 step's growth (ITL 79.8 against 76.4 ms) come from there?
+#  g  issue 16: the synthetic 7B AWQ served at 1 and 16 clients with its outputs held until the next pass is queued
+#     (the server's default) and with LAYERSTREAM_HOLD_OUTPUTS=0 (each step's at its end), on one machine
+#  d  bench/decode_step_probe.py on the synthetic 7B AWQ: served decode steps in process at 1 and 16 sequences,
+#     timed, then profiled (the copy engine's idle gaps and the host calls during each)
 #  z  bench/nonfinite_probe.py on the synthetic 7B AWQ (Z_DTYPE, default the checkpoint's fp16): which serving pass
 #     first gives non-finite logits
 #  y  issue 16: bench/burst_probe.py --profile on the synthetic 7B AWQ and the bf16 7B at 6 GiB (the 16-client burst
@@ -57,7 +59,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywg]+$ ]] || synth_7b $M  # u, z, w, g need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgd]+$ ]] || synth_7b $M  # u, z, w, g, d need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -205,14 +207,19 @@ if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
   echo "serve awq rc=$?"; tail -8 $R/bench_serve_awq.log; grep -v Warn $R/server_awq.log | tail -30
   python3 -m tools.ttft_breakdown $R/serve_awq.json $R/steps_awq.jsonl --config server > $R/ttft_awq.txt 2>&1; head -24 $R/ttft_awq.txt
 save; fi
-if [[ $steps == *g* ]]; then  # issue 16: the AWQ's batch-16 step, the server's GIL switch interval at 5 ms and 1 ms
+if [[ $steps == *g* ]]; then  # issue 16: the AWQ served with its outputs held (the default) and not, one machine
   awq_7b
-  for ms in 5 1; do
-    S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_gil$ms.jsonl"
-    LAYERSTREAM_GIL_SWITCH_MS=$ms timeout $(left 200) python3 -m tools.bench_serve --serve "$S" --clients 1,16 \
-      --requests-per-client 1 --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_gil$ms.json \
-      > $R/bench_serve_gil$ms.log 2>&1; echo "serve gil $ms ms rc=$?"; grep "clients:" $R/bench_serve_gil$ms.log
+  for h in 1 0; do
+    S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_hold$h.jsonl"
+    LAYERSTREAM_HOLD_OUTPUTS=$h timeout $(left 200) python3 -m tools.bench_serve --serve "$S" --clients 1,16 \
+      --requests-per-client 1 --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_hold$h.json \
+      > $R/bench_serve_hold$h.log 2>&1; echo "serve hold $h rc=$?"; grep "clients:" $R/bench_serve_hold$h.log
   done
+save; fi
+if [[ $steps == *d* ]]; then  # the served decode steps in process, 1 and 16 sequences: times, profile, copy-engine gaps
+  awq_7b
+  timeout $(left 200) python3 bench/decode_step_probe.py --model /tmp/q7b-awq --out $R > $R/decode_probe.txt 2>&1
+  echo "probe rc=$?"; grep -v -E "Warn|USDT|warn" $R/decode_probe.txt | cut -c1-400 | tail -20
 save; fi
 if [[ $steps == *z* ]]; then
   awq_7b

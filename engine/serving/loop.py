@@ -10,6 +10,7 @@ after each step that changed it. At most ``max_batch + max_waiting`` sequences a
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -146,7 +147,8 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             self.engine = self._load()
-            self.scheduler = Scheduler(self.engine, self.max_waiting, self.on_step, hold_outputs=True,
+            hold = os.environ.get("LAYERSTREAM_HOLD_OUTPUTS", "1") != "0"  # 0: each step's outputs at its end
+            self.scheduler = Scheduler(self.engine, self.max_waiting, self.on_step, hold_outputs=hold,
                                        **self._scheduler_options)
             self._warm_up()
         except BaseException as e:  # reported by /health and NotReady; the process decides what to do
