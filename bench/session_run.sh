@@ -113,13 +113,13 @@ if [[ $steps == *q* ]]; then
     > $R/kernels_qprefill.txt 2>&1; echo "qprefill rc=$?"; tail -14 $R/kernels_qprefill.txt
   timeout $(left 150) python3 -m pytest -q -p no:cacheprovider tests/test_kernels_qdequant.py \
     tests/test_kernels_quant.py > $R/pytest_quant.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant.txt
-  timeout $(left 100) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_quant_parity.py tests/test_quant_parity_gpu.py \
+  timeout $(left 100) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_quant_parity_gpu.py \
     > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_parity.txt
 save; fi
 if [[ $steps == *k* ]]; then  # the GPU build of the quantized kernels (the PTX lop3 path runs only here)
   timeout $(left 300) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py tests/test_kernels_qgemv_i8_fused.py \
     tests/test_kernels_quant_variants.py tests/test_kernels_quant.py > $R/pytest_quant_kernels.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_kernels.txt
-  timeout $(left 200) python3 -m pytest -q -s -p no:cacheprovider -m cuda tests/test_quant_parity.py tests/test_quant_parity_gpu.py \
+  timeout $(left 200) python3 -m pytest -q -s -p no:cacheprovider -m cuda tests/test_quant_parity_gpu.py \
     > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; grep -E "bf16|passed|failed" $R/pytest_quant_parity.txt | tail -12
 save; fi
 if [[ $steps == *i* ]]; then
