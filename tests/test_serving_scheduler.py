@@ -378,6 +378,6 @@ def test_unseeded_rows_share_one_draw_per_parameter_set(engines, tiny_qwen2_dir)
     params = SamplingParams(temperature=0.8, top_k=1, max_tokens=5)
     seqs = [Sequence(p, params, multi.tokenizer) for p in prompts]
     run_all(sched, seqs)
-    assert list(sched.runner._samplers) == [params.token_params(0)]  # one shared sampler for the three
+    assert list(sched.runner.rows.samplers) == [params.token_params(0)]  # one shared sampler for the three
     for p, s in zip(prompts, seqs):
         assert s.output_ids == alone(single, p, 5)

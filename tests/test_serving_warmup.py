@@ -150,7 +150,7 @@ def test_warm_up_runs_its_shapes_and_leaves_nothing(tiny_qwen2_dir, monkeypatch,
             alloc = sched.blocks.alloc
             assert alloc.available == alloc.num_blocks and not alloc.by_hash and not alloc.lru
             assert not sched.blocks.tables and sched.blocks.hits == 0 and cache.direct_steps == 0
-        assert sched.stats == StepStats() and sched.runner.steps == 0 and not sched.runner._samplers
+        assert sched.stats == StepStats() and sched.runner.steps == 0 and not sched.runner.rows.samplers
         single = make_engine(tiny_qwen2_dir, batch=1, max_context=512)
         prompts = random_prompts([5, 40, 17], eng.cfg.vocab_size, seed=3)
         seqs = [Sequence(p, SamplingParams(max_tokens=6), eng.tokenizer) for p in prompts]

@@ -36,11 +36,11 @@ import torch
 from engine.engine import Engine
 from engine.footprint import state_bytes_per_token
 from engine.model import Group
-from engine.sampling import Sampler
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
 from engine.serving.packing import pack_rows
 from engine.serving.passcost import MAX_DEFERRED, PassCost, prompt_order
+from engine.serving.rows import RowSampler
 from engine.serving.sequence import Logprob, Sequence
 
 
@@ -55,7 +55,7 @@ class ModelRunner:
         if self.direct:
             engine.model.ops = PagedOps(engine.model.ops)
         self.vocab = engine.cfg.vocab_size
-        self._samplers: dict[object, Sampler] = {}  # unseeded parameter sets -> one shared sampler each
+        self.rows = RowSampler(engine)  # each sequence's token from its logits row
         self.steps = 0
         self.last_tokens = 0  # real tokens fed by the last step
         self.on_queued: Callable[[], None] | None = None  # called once a step's pass is queued, before its wait
@@ -83,7 +83,7 @@ class ModelRunner:
     def reset(self) -> None:
         """Forget the step counters and the shared samplers (after a warm-up's synthetic steps)."""
         self.steps = self.last_tokens = 0
-        self._samplers.clear()
+        self.rows.samplers.clear()
         if self.cost is not None:
             self.cost.reset()
 
@@ -262,16 +262,6 @@ class ModelRunner:
     def _i32(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device=self.engine.device)
 
-    def logprob(self, logits: torch.Tensor, s: Sequence, token: int) -> Logprob | None:
-        """The token's log-probability under the model's raw logits, with the top ``params.logprobs``."""
-        k = s.params.logprobs
-        if k is None:
-            return None
-        lp = torch.log_softmax(logits[s.slot, : self.vocab].float(), dim=-1)
-        top = torch.topk(lp, k) if k else None
-        pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-        return Logprob(token, float(lp[token]), pairs)
-
     def _forward(self, ids: torch.Tensor, start: list[int], q_lens: list[int], max_len: int) -> torch.Tensor:
         eng, dev = self.engine, self.engine.device
         rows, t = ids.shape
@@ -287,44 +277,9 @@ class ModelRunner:
             return eng.model.forward(ids.to(dev), start_t, q_t, cache, max_len=max_len)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """Next token of each sequence from its row of ``logits`` [rows, V], with its own parameters.
+        """Next token of each sequence from its row (by slot) of ``logits`` (``engine.serving.rows``)."""
+        return self.rows.sample(logits, seqs)
 
-        Greedy rows share one argmax; unseeded rows without penalties share one draw per parameter set
-        (one host sync each); seeded or penalised rows draw alone, from their own generator and history.
-        """
-        out: dict[int, int] = {}
-        groups: dict[object, list[Sequence]] = {}
-        for s in seqs:
-            if not s.params.penalised and (s.token_params.greedy or s.token_params.seed is None):
-                groups.setdefault("greedy" if s.token_params.greedy else s.token_params, []).append(s)
-        for key, group in groups.items():
-            rows = logits[torch.tensor([s.slot for s in group], device=logits.device), : self.vocab]
-            toks = rows.argmax(-1) if key == "greedy" else self._shared_sampler(key)(rows)
-            out.update(zip((s.seq_id for s in group), toks.tolist()))
-        for s in seqs:
-            if s.seq_id not in out:
-                out[s.seq_id] = self._sample_one(logits[s.slot: s.slot + 1], s)
-        return [out[s.seq_id] for s in seqs]
-
-    def _shared_sampler(self, params) -> Sampler:
-        sampler = self._samplers.get(params)
-        if sampler is None:
-            eng = self.engine
-            sampler = self._samplers[params] = Sampler(params, self.vocab, eng.device,
-                                                       use_triton=eng.ops.name == "triton")
-        return sampler
-
-    def _sample_one(self, row: torch.Tensor, s: Sequence) -> int:
-        eng = self.engine
-        if s.sampler is None:
-            s.sampler = Sampler(s.token_params, self.vocab, eng.device, use_triton=eng.ops.name == "triton")
-        row = row[:, : self.vocab].float()
-        p = s.params
-        if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
-            counts = torch.bincount(torch.tensor(s.output_ids, device=row.device), minlength=self.vocab)
-            counts = counts[: self.vocab].to(row.dtype)
-            row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
-        history = None
-        if p.repetition_penalty != 1.0:
-            history = torch.tensor([s.all_ids], dtype=torch.long, device=row.device)
-        return int(s.sampler(row, history))
+    def logprob(self, logits: torch.Tensor, s: Sequence, token: int) -> Logprob | None:
+        """The token's log-probability entry, when the sequence asks for one (``engine.serving.rows``)."""
+        return self.rows.logprob(logits, s, token)

@@ -1,0 +1,71 @@
+"""A step's tokens from its logits: each sequence's row (by slot), sampled with the sequence's own parameters,
+and the log-probabilities it asks for (the OpenAI API's ``logprobs``)."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.sampling import Sampler
+from engine.serving.sequence import Logprob, Sequence
+
+
+class RowSampler:
+    """Samples rows of a pass's logits; unseeded parameter sets share one :class:`Sampler` each."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.vocab = engine.cfg.vocab_size
+        self.samplers: dict[object, Sampler] = {}  # unseeded parameter sets -> one shared sampler each
+
+    def logprob(self, logits: torch.Tensor, s: Sequence, token: int) -> Logprob | None:
+        """The token's log-probability under the model's raw logits, with the top ``params.logprobs``."""
+        k = s.params.logprobs
+        if k is None:
+            return None
+        lp = torch.log_softmax(logits[s.slot, : self.vocab].float(), dim=-1)
+        top = torch.topk(lp, k) if k else None
+        pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return Logprob(token, float(lp[token]), pairs)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """Next token of each sequence from its row (by slot) of ``logits`` [rows, V], with its own parameters.
+
+        Greedy rows share one argmax; unseeded rows without penalties share one draw per parameter set
+        (one host sync each); seeded or penalised rows draw alone, from their own generator and history.
+        """
+        out: dict[int, int] = {}
+        groups: dict[object, list[Sequence]] = {}
+        for s in seqs:
+            if not s.params.penalised and (s.token_params.greedy or s.token_params.seed is None):
+                groups.setdefault("greedy" if s.token_params.greedy else s.token_params, []).append(s)
+        for key, group in groups.items():
+            rows = logits[torch.tensor([s.slot for s in group], device=logits.device), : self.vocab]
+            toks = rows.argmax(-1) if key == "greedy" else self._shared(key)(rows)
+            out.update(zip((s.seq_id for s in group), toks.tolist()))
+        for s in seqs:
+            if s.seq_id not in out:
+                out[s.seq_id] = self._sample_one(logits[s.slot: s.slot + 1], s)
+        return [out[s.seq_id] for s in seqs]
+
+    def _shared(self, params) -> Sampler:
+        sampler = self.samplers.get(params)
+        if sampler is None:
+            eng = self.engine
+            sampler = self.samplers[params] = Sampler(params, self.vocab, eng.device,
+                                                       use_triton=eng.ops.name == "triton")
+        return sampler
+
+    def _sample_one(self, row: torch.Tensor, s: Sequence) -> int:
+        eng = self.engine
+        if s.sampler is None:
+            s.sampler = Sampler(s.token_params, self.vocab, eng.device, use_triton=eng.ops.name == "triton")
+        row = row[:, : self.vocab].float()
+        p = s.params
+        if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
+            counts = torch.bincount(torch.tensor(s.output_ids, device=row.device), minlength=self.vocab)
+            counts = counts[: self.vocab].to(row.dtype)
+            row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
+        history = None
+        if p.repetition_penalty != 1.0:
+            history = torch.tensor([s.all_ids], dtype=torch.long, device=row.device)
+        return int(s.sampler(row, history))
