@@ -8,8 +8,12 @@ Why: the synthetic 7B AWQ served at 6 GiB steps in 76.1 ms at batch 1, but at ba
 interval at 5 ms and at 1 ms. The same batch-32 graph runs in both, so the question is what the host or
 the copy engine does differently. The prompts are ``tools.bench_serve``'s (128-2048 tokens, the level's
 seed); each sequence is prefilled, then the timed steps are pure decode steps of every sequence.
-Per profiled level: the chrome trace (gzip), tools' kernel table, and the host-to-device idle gaps over
-200 us with the host calls that ran during each (a host sync, a pageable copy, a launch).
+Per profiled level: the chrome trace (gzip), the overlap summary (bench/trace_overlap.py), and the
+host-to-device idle gaps over 200 us with the host calls that ran during each (a host sync, a pageable copy,
+a launch). Session 23, call 3 (bench/results/2026-12-03-h200-s23/): median 76.47 ms at 1 sequence and 76.39
+ms at 16, the copy engine busy 99%, one ~0.3 ms gap a step while the host prepared the step's inputs: the
+server's extra time came from its event loop (the scheduler now holds a step's outputs until the next
+pass is queued).
 """
 from __future__ import annotations
 
