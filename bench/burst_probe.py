@@ -71,7 +71,15 @@ def profiled_pass(llm: LLM, prompts: list[list[int]]) -> dict:
     while sched.has_work():
         sched.step()
     return {"step_ms": wall * 1e3, "rows": kernel_rows(prof, gpu, 1), "gpu": gpu, "steps": 1, "batch": batch,
-            "tokens": tokens}
+            "tokens": tokens, "host_calls": host_calls(prof)}
+
+
+def host_calls(prof, top: int = 12) -> list[dict]:
+    """The host's CUDA runtime calls over a profile, by total time: where a host-bound pass's thread went
+    (launches, pinned allocations, synchronisations, copies from pageable memory)."""
+    rows = [{"name": e.key, "calls": e.count, "ms": e.cpu_time_total / 1e3} for e in prof.key_averages()
+            if e.key.startswith("cuda")]
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
 def _fresh(llm: LLM, jobs: list, r: int) -> list[list[int]]:
@@ -105,6 +113,9 @@ def main() -> None:
         res = out["profiled_pass"] = profiled_pass(llm, prompts)
         print(f"profiled pass: {res['tokens']} tokens, batch {res['batch']}", flush=True)
         print("\n".join(report(res, top=30)), flush=True)
+        print(f"{'host CUDA call':40} {'calls':>7} {'ms':>9}", flush=True)
+        for r in res["host_calls"]:
+            print(f"{r['name'][:40]:40} {r['calls']:7d} {r['ms']:9.2f}", flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(out if a.profile else rounds, indent=1))
 
