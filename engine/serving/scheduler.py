@@ -61,8 +61,9 @@ class Scheduler:
         ``hold_outputs`` (the server's): a step's unfinished outputs reach their sinks once the next step's pass
         has been queued on the device, while the host waits for it, instead of between the two steps. Between
         steps the host is on the critical path (a streamed pass's first layers wait for it), and a server's
-        sinks wake the event loop, whose work on the streamed chunks then competes with it for the GIL. On a
-        CPU the pass runs as it is queued, so there nothing is held."""
+        sinks wake the event loop, whose work on the streamed chunks then competes with it for the GIL. Nothing is
+        held on a CPU, where a pass runs as it is queued, nor when layers stream from disk, where queueing a
+        pass waits for the reads."""
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         if kv_cache not in ("slots", "paged") or block_size < 1:
@@ -87,7 +88,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.stats = StepStats()
         self.on_step = on_step  # called after every step (metrics)
-        self.hold_outputs = hold_outputs and engine.device.type == "cuda"
+        stream = getattr(getattr(engine, "weights", None), "stream", None)
+        self.hold_outputs = hold_outputs and engine.device.type == "cuda" and getattr(stream, "disk", None) is None
         self._held: list[SeqOutput] = []  # outputs waiting for the next step's pass to be queued
         self.runner.on_queued = self.deliver_held
 
