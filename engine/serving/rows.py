@@ -30,8 +30,10 @@ class RowSampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """Next token of each sequence from its row (by slot) of ``logits`` [rows, V], with its own parameters.
 
-        Greedy rows share one argmax; unseeded rows without penalties share one draw per parameter set
-        (one host sync each); seeded or penalised rows draw alone, from their own generator and history.
+        Greedy rows share one argmax, over every row (a row index to upload would be a pageable copy, which
+        waits behind the copy engine's weight copies); unseeded rows without penalties share one draw per
+        parameter set (one host sync each); seeded or penalised rows draw alone, from their own generator and
+        history.
         """
         out: dict[int, int] = {}
         groups: dict[object, list[Sequence]] = {}
@@ -39,9 +41,12 @@ class RowSampler:
             if not s.params.penalised and (s.token_params.greedy or s.token_params.seed is None):
                 groups.setdefault("greedy" if s.token_params.greedy else s.token_params, []).append(s)
         for key, group in groups.items():
+            if key == "greedy":
+                best = logits[:, : self.vocab].argmax(-1).tolist()
+                out.update((s.seq_id, best[s.slot]) for s in group)
+                continue
             rows = logits[torch.tensor([s.slot for s in group], device=logits.device), : self.vocab]
-            toks = rows.argmax(-1) if key == "greedy" else self._shared(key)(rows)
-            out.update(zip((s.seq_id for s in group), toks.tolist()))
+            out.update(zip((s.seq_id for s in group), self._shared(key)(rows).tolist()))
         for s in seqs:
             if s.seq_id not in out:
                 out[s.seq_id] = self._sample_one(logits[s.slot: s.slot + 1], s)
