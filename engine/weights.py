@@ -20,6 +20,7 @@ from engine.layout import LayerLayout
 from engine.quant.cache import packed_layers_file
 from engine.quant.ggml import GGMLWeight, NativeLayouts, row_bytes
 from engine.quant.layout import LayerQuant, QuantLayerLayout
+from engine.upload import upload
 from memory.plan import Plan
 from streamer.stream import WeightStreamer
 from streamer.sync import SyncLog
@@ -164,9 +165,9 @@ class ModelWeights:
 
     # ----- WeightSource -----
     def embed(self, ids: torch.Tensor, lookup=torch.nn.functional.embedding) -> torch.Tensor:
-        # ids on the host (a prompt's) cross without a device sync (a pageable source is staged at once)
+        # ids on the host (a prompt's) cross through pinned memory: the host does not wait (engine.upload)
         if self.plan.embed_on_device:
-            return lookup(ids.to(self.device, non_blocking=True), self.embed_table)
+            return lookup(upload(ids, self.device) if ids.device.type == "cpu" else ids, self.embed_table)
         rows = torch.nn.functional.embedding(ids.cpu(), self.embed_table)  # host table: gather on the host
         return rows.to(self.dtype).to(self.device, non_blocking=True)
 

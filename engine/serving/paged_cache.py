@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ModelConfig
+from engine.upload import upload
 from engine.state_parking import block_run_spans
 
 
@@ -102,8 +103,8 @@ class PagedKVCache:
         rows_t, pos_t = torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
         blk = idx[rows_t, pos_t // bs]
         dev = self.device
-        idx = idx.to(dev)
-        return _Binding(idx, rows_t.to(dev), pos_t.to(dev), blk.to(dev), spec.direct,
+        idx = upload(idx, dev)
+        return _Binding(idx, upload(rows_t, dev), upload(pos_t, dev), upload(blk, dev), spec.direct,
                         idx.to(torch.int32) if spec.direct else None)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,7 @@ from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
 from engine.serving.packing import pack_rows
 from engine.serving.passcost import MAX_DEFERRED, PassCost, prompt_order
 from engine.serving.rows import RowSampler
+from engine.upload import upload, upload_list
 from engine.serving.sequence import Logprob, Sequence
 
 
@@ -260,7 +261,7 @@ class ModelRunner:
         return group, BindSpec(tables, start, q_lens, 1, direct=self.direct)
 
     def _i32(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=self.engine.device)
+        return upload_list(values, torch.int32, self.engine.device)
 
     def _forward(self, ids: torch.Tensor, start: list[int], q_lens: list[int], max_len: int) -> torch.Tensor:
         eng, dev = self.engine, self.engine.device
@@ -270,11 +271,10 @@ class ModelRunner:
             pad = graph.batch - rows
             tok = torch.cat([ids[:, 0], torch.zeros(pad, dtype=torch.long)])  # on the host: the graph stages them
             return graph(tok, torch.tensor(start + [0] * pad, dtype=torch.int32))[:rows]
-        start_t = torch.tensor(start, dtype=torch.int32, device=dev)
-        q_t = torch.tensor(q_lens, dtype=torch.int32, device=dev)
+        start_t, q_t = upload_list(start, torch.int32, dev), upload_list(q_lens, torch.int32, dev)
         with eng.ops.prompt_chunk(rows * t):
             cache = self.paged[0] if self.paged else eng.cache
-            return eng.model.forward(ids.to(dev), start_t, q_t, cache, max_len=max_len)
+            return eng.model.forward(upload(ids, dev), start_t, q_t, cache, max_len=max_len)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """Next token of each sequence from its row (by slot) of ``logits`` (``engine.serving.rows``)."""
