@@ -105,7 +105,7 @@ save; fi
 if [[ $steps == *t* ]]; then
   timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_compile_ahead.py \
     tests/test_compile_ahead_procs.py tests/test_host_lane.py \
-    tests/test_host_worker.py tests/test_prefill_host_states.py tests/test_gpu_timeline.py tests/test_gpu_graph_capture.py tests/test_gpu_serving.py \
+    tests/test_host_worker.py tests/test_prefill_host_states.py tests/test_gpu_timeline.py tests/test_gpu_graph_capture.py tests/test_gpu_serving.py tests/test_upload.py \
     > $R/pytest_gpu.txt 2>&1; echo "pytest rc=$?"; tail -8 $R/pytest_gpu.txt
 save; fi
 if [[ $steps == *q* ]]; then
