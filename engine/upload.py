@@ -13,8 +13,8 @@ import torch
 
 
 def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` (on the host) on ``device``; through a pinned copy, without the host waiting, on a GPU."""
-    if device.type != "cuda":
+    """``t`` on ``device``; from the host to a GPU through a pinned copy, without the host waiting."""
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

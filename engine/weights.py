@@ -167,7 +167,7 @@ class ModelWeights:
     def embed(self, ids: torch.Tensor, lookup=torch.nn.functional.embedding) -> torch.Tensor:
         # ids on the host (a prompt's) cross through pinned memory: the host does not wait (engine.upload)
         if self.plan.embed_on_device:
-            return lookup(upload(ids, self.device) if ids.device.type == "cpu" else ids, self.embed_table)
+            return lookup(upload(ids, self.device), self.embed_table)
         rows = torch.nn.functional.embedding(ids.cpu(), self.embed_table)  # host table: gather on the host
         return rows.to(self.dtype).to(self.device, non_blocking=True)
 
