@@ -28,6 +28,7 @@ import logging
 
 import torch
 
+from engine.upload import copy_into
 from kernels.graph_capture import never_free
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ class DecodeGraph:
         self.h = torch.zeros((batch, 1, cfg.hidden_size), dtype=model.dtype, device=dev)
         self.res = torch.zeros_like(self.h)
         self.logits: torch.Tensor | None = None
-        self._pinned: tuple | None = None  # host inputs' staging (see _inputs_from_host)
         self._warm_up()
         self.pool = None
         self.steps = [self._capture(kind, what) for kind, what in self._schedule()]
@@ -157,41 +157,13 @@ class DecodeGraph:
     def _head(self) -> None:
         self.logits = self.model.head(self.h, self.res, self.q_lens)
 
-    def _inputs_from_host(self, tok: torch.Tensor, start: torch.Tensor) -> None:
-        """The step's inputs given on the host (a server's): through pinned buffers, copied without the host
-        waiting. A pageable copy would wait for the copy engine, busy with the next layers' weights, while the
-        host is what the step's first streamed layers wait for."""
-        if self._pinned is None:
-            pin = self.ids.device.type == "cuda"  # (a CPU graph, the tests': plain buffers)
-            self._pinned = (torch.empty((self.batch, 1), dtype=torch.long, pin_memory=pin),
-                            torch.empty(self.batch, dtype=torch.int32, pin_memory=pin),
-                            None if self.embed_in_graph else torch.empty(self.h.shape, dtype=self.h.dtype,
-                                                                         pin_memory=pin),
-                            torch.cuda.Event() if pin else None)
-        ids, start_h, rows, copied = self._pinned
-        if copied is not None:
-            copied.synchronize()  # the last step's copies out of them are over (at once: that step was waited for)
-        ids.copy_(tok.view(self.batch, 1))
-        start_h.copy_(start)
-        self.start.copy_(start_h, non_blocking=True)
-        if self.embed_in_graph:
-            self.ids.copy_(ids, non_blocking=True)
-        else:  # the table stays on the host: its rows are gathered there
-            self.weights.embed_into(ids, rows)
-            self.h.copy_(rows, non_blocking=True)
-        if copied is not None:
-            copied.record()
-
     def __call__(self, tok: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for tokens tok [B] at positions start [B] (int32), both on the device or both on
-        the host."""
-        if tok.device.type == "cpu":
-            self._inputs_from_host(tok, start)
-        elif self.embed_in_graph:
-            self.start.copy_(start)
-            self.ids.copy_(tok.view(self.batch, 1))
+        """Logits [B, V] for tokens tok [B] at positions start [B] (int32), on the device or on the host (a
+        server's: they cross through pinned memory, the host not waiting behind the copy engine's weights)."""
+        copy_into(self.start, start)
+        if self.embed_in_graph:
+            copy_into(self.ids, tok.view(self.batch, 1))
         else:  # the table stays on the host: its rows are gathered there
-            self.start.copy_(start)
             self.h.copy_(self.weights.embed(tok.view(self.batch, 1)))
         if self.model.host is not None:
             self.weights.host_decode(True)

@@ -22,3 +22,10 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def upload_list(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A list of ints as a ``dtype`` tensor on ``device`` (see :func:`upload`)."""
     return upload(torch.tensor(values, dtype=dtype), device)
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``; from the host into a GPU tensor through a pinned copy, without the host waiting."""
+    if dst.device.type == "cuda" and src.device.type == "cpu":
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=True)

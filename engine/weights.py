@@ -169,17 +169,7 @@ class ModelWeights:
         if self.plan.embed_on_device:
             return lookup(upload(ids, self.device), self.embed_table)
         rows = torch.nn.functional.embedding(ids.cpu(), self.embed_table)  # host table: gather on the host
-        return rows.to(self.dtype).to(self.device, non_blocking=True)
-
-    def embed_into(self, ids: torch.Tensor, out: torch.Tensor) -> None:
-        """The host table's rows for host ``ids`` [B, 1], gathered into host ``out`` [B, 1, H] (a pinned buffer
-        that a decode step then copies to the device without the host waiting)."""
-        assert not self.plan.embed_on_device and ids.device.type == "cpu", "embed_into gathers from a host table"
-        flat, rows = ids.view(-1), out.view(ids.numel(), -1)
-        if self.embed_table.dtype == out.dtype:
-            torch.index_select(self.embed_table, 0, flat, out=rows)
-        else:
-            rows.copy_(self.embed_table.index_select(0, flat))
+        return upload(rows.to(self.dtype), self.device)
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         if i in self.resident:

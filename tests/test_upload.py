@@ -1,11 +1,11 @@
-"""engine.upload: a host tensor on the device, equal to the source (the GPU's pinned path: tests/test_gpu_serving.py)."""
+"""engine.upload: host tensors onto the device, equal to their source (the GPU's pinned path: tests/test_gpu_serving.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.upload import upload, upload_list
+from engine.upload import copy_into, upload, upload_list
 
 
 def test_upload_on_the_cpu_is_the_tensor():
@@ -13,6 +13,9 @@ def test_upload_on_the_cpu_is_the_tensor():
     assert torch.equal(upload(t, torch.device("cpu")), t)
     out = upload_list([3, -1, 7], torch.int32, torch.device("cpu"))
     assert out.dtype == torch.int32 and out.tolist() == [3, -1, 7]
+    dst = torch.zeros(2, 3, dtype=torch.long)
+    copy_into(dst, t)
+    assert torch.equal(dst, t)
 
 
 @pytest.mark.cuda
@@ -22,3 +25,7 @@ def test_upload_through_pinned_memory_survives_the_source():
     outs = [upload_list(list(range(i, i + 1000)), torch.int32, dev) for i in range(50)]  # sources dropped at once
     torch.cuda.synchronize()
     assert all(o.tolist() == list(range(i, i + 1000)) for i, o in enumerate(outs))
+    dst = torch.zeros(1000, dtype=torch.int32, device=dev)
+    copy_into(dst, torch.arange(1000, dtype=torch.int32))
+    torch.cuda.synchronize()
+    assert dst.tolist() == list(range(1000))
