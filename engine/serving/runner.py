@@ -41,8 +41,17 @@ from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
 from engine.serving.packing import pack_rows
 from engine.serving.passcost import MAX_DEFERRED, PassCost, prompt_order
 from engine.serving.rows import RowSampler
-from engine.upload import upload, upload_list
 from engine.serving.sequence import Logprob, Sequence
+from engine.upload import upload, upload_list
+
+
+def id_grid(rows: int, t: int, fills) -> torch.Tensor:
+    """Token ids [rows, t] on the host, zero-padded, row r starting with the ids ``fills`` gives it as
+    (r, ids) pairs: built as lists and made one tensor (a torch call per row costs the host more)."""
+    grid = [[0] * t for _ in range(rows)]
+    for r, ids in fills:
+        grid[r][: len(ids)] = ids
+    return torch.tensor(grid, dtype=torch.long)
 
 
 class ModelRunner:
@@ -131,12 +140,10 @@ class ModelRunner:
         # never pad past the context end: the torch kv_append clamps such positions onto the last one
         t = min(max(s.pending for s in seqs), max(1, eng.opts.prefill_chunk // rows),
                 min(cap - s.num_computed for s in seqs))
-        grid, start, q_lens = [[0] * t for _ in range(rows)], [0] * rows, [0] * rows
-        for s in seqs:  # one tensor from lists: torch calls per row cost the host more than a decode step's copies
-            n = min(s.pending, t)
-            grid[s.slot][:n] = s.all_ids[s.num_computed: s.num_computed + n]
-            start[s.slot], q_lens[s.slot] = s.num_computed, n
-        ids = torch.tensor(grid, dtype=torch.long)
+        start, q_lens = [0] * rows, [0] * rows
+        for s in seqs:
+            start[s.slot], q_lens[s.slot] = s.num_computed, min(s.pending, t)
+        ids = id_grid(rows, t, ((s.slot, s.all_ids[s.num_computed: s.num_computed + q_lens[s.slot]]) for s in seqs))
         max_len = max(a + n for a, n in zip(start, q_lens))
         if self.paged:
             cache, blocks = self.paged
@@ -219,9 +226,7 @@ class ModelRunner:
     def _slice_group(self, part: list[tuple[Sequence, int, int]]) -> tuple[Group, BindSpec | None]:
         """One group of prompt slices: row r feeds ``part[r]``'s tokens, right-padded to the longest."""
         t = max(n for _, _, n in part)
-        ids = torch.zeros((len(part), t), dtype=torch.long)  # on the host: a host embedding table needs no sync
-        for r, (s, a, n) in enumerate(part):
-            ids[r, :n] = torch.tensor(s.all_ids[a: a + n])
+        ids = id_grid(len(part), t, ((r, s.all_ids[a: a + n]) for r, (s, a, n) in enumerate(part)))
         start, lens = [a for _, a, _ in part], [n for _, _, n in part]
         group = Group(ids, self._i32(start), self._i32(lens), part[0][0].slot, max(a + n for _, a, n in part))
         if not self.paged:
@@ -242,14 +247,14 @@ class ModelRunner:
         """Rows 0 .. the highest decoding slot, one token each, and (paged) their binding: in place
         through the block tables when the kernels can read them."""
         d_rows = max(s.slot for s in decode) + 1
-        ids, start, q_lens = torch.zeros((d_rows, 1), dtype=torch.long), [0] * d_rows, [0] * d_rows
+        start, q_lens = [0] * d_rows, [0] * d_rows
         if self.paged is None:  # a slot row that is not decoding writes its padding past its cached positions
             for s in seqs:
                 if s.slot < d_rows:
                     start[s.slot] = s.num_computed
         for s in decode:
-            ids[s.slot, 0] = s.all_ids[s.num_computed]
             start[s.slot], q_lens[s.slot] = s.num_computed, 1
+        ids = id_grid(d_rows, 1, ((s.slot, [s.all_ids[s.num_computed]]) for s in decode))
         # max_len covers every row's cached positions and the padding written after them, so the rows' tails
         # past it are unreached (parked prompt states may wait there: engine.state_parking)
         group = Group(ids, self._i32(start), self._i32(q_lens), 0, max(start) + 1)
