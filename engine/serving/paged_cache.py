@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ModelConfig
-from engine.upload import upload
 from engine.state_parking import block_run_spans
+from engine.upload import upload
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import torch
 
 from engine.sampling import Sampler
 from engine.serving.sequence import Logprob, Sequence
+from engine.upload import upload_list
 
 
 class RowSampler:
@@ -30,10 +31,9 @@ class RowSampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """Next token of each sequence from its row (by slot) of ``logits`` [rows, V], with its own parameters.
 
-        Greedy rows share one argmax, over every row (a row index to upload would be a pageable copy, which
-        waits behind the copy engine's weight copies); unseeded rows without penalties share one draw per
-        parameter set (one host sync each); seeded or penalised rows draw alone, from their own generator and
-        history.
+        Greedy rows share one argmax, over every row (no row index to upload); unseeded rows without penalties
+        share one draw per parameter set (one host sync each); seeded or penalised rows draw alone, from their
+        own generator and history.
         """
         out: dict[int, int] = {}
         groups: dict[object, list[Sequence]] = {}
@@ -45,7 +45,7 @@ class RowSampler:
                 best = logits[:, : self.vocab].argmax(-1).tolist()
                 out.update((s.seq_id, best[s.slot]) for s in group)
                 continue
-            rows = logits[torch.tensor([s.slot for s in group], device=logits.device), : self.vocab]
+            rows = logits[upload_list([s.slot for s in group], torch.long, logits.device), : self.vocab]
             out.update(zip((s.seq_id for s in group), self._shared(key)(rows).tolist()))
         for s in seqs:
             if s.seq_id not in out:
@@ -67,10 +67,10 @@ class RowSampler:
         row = row[:, : self.vocab].float()
         p = s.params
         if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
-            counts = torch.bincount(torch.tensor(s.output_ids, device=row.device), minlength=self.vocab)
+            counts = torch.bincount(upload_list(s.output_ids, torch.long, row.device), minlength=self.vocab)
             counts = counts[: self.vocab].to(row.dtype)
             row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
         history = None
         if p.repetition_penalty != 1.0:
-            history = torch.tensor([s.all_ids], dtype=torch.long, device=row.device)
+            history = upload_list(s.all_ids, torch.long, row.device).view(1, -1)
         return int(s.sampler(row, history))
