@@ -88,8 +88,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.stats = StepStats()
         self.on_step = on_step  # called after every step (metrics)
-        stream = getattr(getattr(engine, "weights", None), "stream", None)
-        self.hold_outputs = hold_outputs and engine.device.type == "cuda" and getattr(stream, "disk", None) is None
+        self.hold_outputs = hold_outputs and engine.device.type == "cuda" and engine.weights.stream.disk is None
         self._held: list[SeqOutput] = []  # outputs waiting for the next step's pass to be queued
         self.runner.on_queued = self.deliver_held
 
@@ -143,7 +142,6 @@ class Scheduler:
             return []
         t0 = time.perf_counter()
         results = self.runner.step(self.running)  # delivers the held outputs once its pass is queued
-        self.deliver_held()  # (had the pass not queued anything)
         outs = []
         for s, tok, logprob in results:
             out = (self._fail_nonfinite(s) if tok is None
