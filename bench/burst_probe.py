@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.probe_server import server_parser, sync  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
@@ -82,6 +84,28 @@ def host_calls(prof, top: int = 12) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
+def oom_report(llm: LLM, top: int = 25) -> list[str]:
+    """After an out-of-memory error: the plan, the allocator's counters and the live CUDA tensors by shape."""
+    import gc
+    from collections import Counter
+    size, count = Counter(), Counter()
+    for o in gc.get_objects():
+        try:
+            if isinstance(o, torch.Tensor) and o.is_cuda:
+                k = (tuple(o.shape), str(o.dtype).replace("torch.", ""))
+                size[k] += o.untyped_storage().nbytes()
+                count[k] += 1
+        except Exception:  # noqa: BLE001  (objects gc hands back can be half-built)
+            continue
+    st = torch.cuda.memory_stats()
+    lines = llm.engine.plan.summary_lines() + [
+        f"allocated {st['allocated_bytes.all.current'] / 2**20:.0f} MiB, peak {st['allocated_bytes.all.peak'] / 2**20:.0f}"
+        f" MiB, reserved {st['reserved_bytes.all.current'] / 2**20:.0f} MiB; live CUDA tensors "
+        f"{sum(size.values()) / 2**20:.0f} MiB by shape:"]
+    lines += [f"  {k[0]} {k[1]}: {count[k]} x, {v / 2**20:.1f} MiB" for k, v in size.most_common(top)]
+    return lines
+
+
 def _fresh(llm: LLM, jobs: list, r: int) -> list[list[int]]:
     """Round ``r``'s prompts: the level's, each with a first token of its own (nothing reused)."""
     return [[(VOCAB + 7 * r + i) % llm.engine.cfg.vocab_size] + ids[1:] for i, (ids, _) in enumerate(jobs)]
@@ -103,7 +127,11 @@ def main() -> None:
     rounds = []
     for r in range(a.rounds):
         prompts = _fresh(llm, jobs, r)
-        rounds.append(burst(llm, prompts))
+        try:
+            rounds.append(burst(llm, prompts))
+        except torch.OutOfMemoryError:
+            print("\n".join(oom_report(llm)), flush=True)
+            raise
         for x in rounds[-1]:
             print(f"round {r + 1}: {x['ms']:7.1f} ms  batch {x['batch']:3d}  tokens {x['tokens']:6d}  "
                   f"first tokens so far {x['first_tokens']}", flush=True)

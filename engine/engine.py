@@ -29,7 +29,7 @@ from engine.quant.checkpoint import layer_quant, read_quantization, validate_qua
 from engine.quant.config import QuantizationConfig
 from engine.tokenizer import Tokenizer
 from engine.weights import ModelWeights
-from memory.allocator_cap import AllocatorCap
+from memory.allocator_cap import AllocatorCap, prefer_expandable_segments
 from memory.bandwidth import h2d_bandwidth
 from memory.host_lane import parse_host_compute
 from memory.host_rate import host_gemv_rate, record_achieved
@@ -137,6 +137,8 @@ class Engine:
         self.prefill_compile_s = 0.0  # the last prefill's compile-ahead dry pass (engine.generate.prefill)
         t0 = time.perf_counter()
         self.device = pick_device(opts.device)
+        if self.device.type == "cuda":
+            prefer_expandable_segments()  # before the first weight: a pass's activations must not fragment the cap
         files = model if isinstance(model, ModelFiles) else open_model(model)
         self.startup_s["open"] = time.perf_counter() - t0
         self.model_dir, self.cfg, self.ckpt, self.tokenizer = files.model_dir, files.cfg, files.ckpt, files.tokenizer

@@ -3,6 +3,7 @@ tests/test_gpu_stream.py), and the command line's answer to running out of GPU m
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -135,3 +136,35 @@ def test_outside_bytes_are_measured_once_per_process_and_device(monkeypatch):
     assert pv.outside_allocator(torch.device("cuda:0")) == first == pv.Outside(101, "fake")
     assert pv.outside_allocator(torch.device("cuda:1")) == pv.Outside(102, "fake")  # each device its own
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("before, after", [
+    (None, "expandable_segments:True"),
+    ("max_split_size_mb:128", "max_split_size_mb:128,expandable_segments:True"),
+    ("expandable_segments:False", "expandable_segments:False"),  # the user's choice stays
+])
+def test_expandable_segments_join_the_allocator_settings(monkeypatch, before, after):
+    from memory.allocator_cap import prefer_expandable_segments
+    if before is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", before)
+    told = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", told.append, raising=False)
+    assert prefer_expandable_segments() == (before != after)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == after
+    assert told == []  # CUDA not started: the environment is enough
+
+
+def test_expandable_segments_reach_a_started_allocator(monkeypatch):
+    from memory.allocator_cap import prefer_expandable_segments
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    told = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", told.append, raising=False)
+    assert prefer_expandable_segments()
+    assert told == ["expandable_segments:True"]
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.delattr(torch._C, "_accelerator_setAllocatorSettings")
+    assert not prefer_expandable_segments()  # no way to tell it: off, and said so in the log
