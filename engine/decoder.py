@@ -4,7 +4,9 @@ config and RoPE tables."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,19 +37,24 @@ class DecoderLayers:
 
     def layer_stacked(self, w: dict[str, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
                       groups: list[Group], positions: list[torch.Tensor],
-                      kvs: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor]:
+                      kvs: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]],
+                      attend_context: Callable[[int], AbstractContextManager] | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer`` for several groups at once, their token rows stacked: h / residual [1, R, H] hold each
         group's [B, T] rows flattened, in order (R = the sum of B x T). Each projection runs once over all R
         rows (one GEMM, and for a packed weight one dequantization, instead of one a group); the attention runs
         group by group in order (a later group may read an earlier one's keys), each fetching its keys and values
-        (``kvs``) right before. Returns (output, residual) [1, R, H]."""
+        (``kvs``) right before, under ``attend_context(its rows)`` where given (a short group's rope and
+        attention shapes run untuned as they would alone, not tuned at serve time because the stack is long).
+        Returns (output, residual) [1, R, H]."""
         rows = h.shape[0] * h.shape[1]
         qkv, residual = self._qkv(w, h.reshape(rows, -1), None if residual is None else residual.reshape(rows, -1))
         attn, r0 = [], 0
         for g, pos, kv in zip(groups, positions, kvs):
             b, t = g.ids.shape
-            part = self._attend(w, qkv[r0:r0 + b * t].view(b, t, -1), b, t, pos, kv(), g.start_pos, g.q_lens,
-                                g.max_len)
+            with attend_context(b * t) if attend_context is not None else contextlib.nullcontext():
+                part = self._attend(w, qkv[r0:r0 + b * t].view(b, t, -1), b, t, pos, kv(), g.start_pos, g.q_lens,
+                                    g.max_len)
             attn.append(part.reshape(b * t, self.cfg.q_size))
             r0 += b * t
         assert r0 == rows, "the stacked rows are the groups' rows"

@@ -211,7 +211,7 @@ class Model(DecoderLayers):
                             self.weights.pump_to(share[u] / share[-1])
                         with ctx(shapes[u][0] * shapes[u][1]):
                             h, res = self._unit_layer(w, i, h, res, [groups[k] for k in run],
-                                                      [positions[k] for k in run], cache, shared)
+                                                      [positions[k] for k in run], cache, shared, ctx)
                         states.put(u, h, res)
                         del h, res  # the states object decides how long a unit's output lives
                     self.weights.release(i)
@@ -227,13 +227,14 @@ class Model(DecoderLayers):
 
     def _unit_layer(self, w: dict[str, torch.Tensor], i: int, h: torch.Tensor, res: torch.Tensor | None,
                     groups: list[Group], positions: list[torch.Tensor], cache: KVCache | None,
-                    shared: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i (weights w) of one states unit: one group, or several stacked (``layer_stacked``)."""
+                    shared: list, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i (weights w) of one states unit: one group, or several stacked (``layer_stacked``, each
+        group's attention under ``ctx(its rows)``)."""
         # each group's keys and values fetched right before its attention (a paged cache's gathered copy of
         # one group is written back when the next is fetched)
         kvs = [functools.partial(self._group_kv, g, i, cache, shared) for g in groups]
         if len(groups) > 1:
-            return self.layer_stacked(w, h, res, groups, positions, kvs)
+            return self.layer_stacked(w, h, res, groups, positions, kvs, ctx)
         g = groups[0]
         return self.layer(w, h, res, positions[0], kvs[0](), g.start_pos, g.q_lens, g.max_len)
 

@@ -3,6 +3,8 @@ logits as group by group, on the plain, the q/k-norm and a packed (AWQ) tiny mod
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -71,9 +73,13 @@ def test_stacked_pass_gives_the_logits_of_group_by_group(model_dir, monkeypatch,
             v_cache.copy_(before[i][1])
         assert not calls
         parked = eng.model.parked_passes
-        stacked = eng.model.forward_groups(groups, eng.cache, pick, stack_rows=16, **kw)
+        entered = []  # the chunk contexts entered, by rows: the stack's, then each stacked group's attention
+        chunk_context = lambda rows: entered.append(rows) or contextlib.nullcontext()  # noqa: E731
+        stacked = eng.model.forward_groups(groups, eng.cache, pick, chunk_context, stack_rows=16, **kw)
         assert eng.model.parked_passes - parked == (states == "parked")
         assert calls == [3] * eng.cfg.num_hidden_layers  # 4 + 3 + 5 prompt rows in one run a layer
+        # a short group's rope and attention run under its own rows' context (ops.prompt_chunk: untuned, as alone)
+        assert entered == [2, 12, 4, 3, 5] * eng.cfg.num_hidden_layers
         torch.testing.assert_close(stacked, alone, rtol=1e-5, atol=1e-5)
         ends = [21, 31, 7, 5]  # each row's positions written or read (parked states wait past them)
         for i in range(eng.cfg.num_hidden_layers):
