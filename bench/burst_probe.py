@@ -45,7 +45,8 @@ def burst(llm: LLM, prompts: list[list[int]]) -> list[dict]:
         sched.step()
         sync()
         st = sched.stats
-        passes.append({"ms": (time.perf_counter() - t) * 1e3, "batch": st.last_batch, "tokens": st.last_tokens,
+        passes.append({"ms": (time.perf_counter() - t) * 1e3, "cpu_ms": st.last_cpu_s * 1e3, "batch": st.last_batch,
+                       "tokens": st.last_tokens,
                        "first_tokens": sum(1 for s in seqs if s.output_ids)})
     while sched.has_work():
         sched.step()
@@ -133,7 +134,7 @@ def main() -> None:
             print("\n".join(oom_report(llm)), flush=True)
             raise
         for x in rounds[-1]:
-            print(f"round {r + 1}: {x['ms']:7.1f} ms  batch {x['batch']:3d}  tokens {x['tokens']:6d}  "
+            print(f"round {r + 1}: {x['ms']:7.1f} ms (engine thread CPU {x['cpu_ms']:7.1f})  batch {x['batch']:3d}  tokens {x['tokens']:6d}  "
                   f"first tokens so far {x['first_tokens']}", flush=True)
     out = {"rounds": rounds}
     if a.profile:

@@ -108,6 +108,8 @@ def test_paged_server_reuses_a_shared_system_prompt(tiny_qwen2_dir, tmp_path):
     lines = [json.loads(line) for line in steps.read_text().splitlines()]  # --step-log: a line per step
     assert [r["step"] for r in lines] == list(range(1, len(lines) + 1)) and len(lines) >= 3
     assert all(r["batch"] == 1 and r["tokens"] >= 1 and r["step_s"] > 0 and r["waiting"] == 0 for r in lines)
+    # the engine thread's CPU time in each step: positive, and within its wall time (plus the clocks' granularity)
+    assert all(0 < r["cpu_s"] <= r["step_s"] + 0.01 for r in lines)
     assert all(a["start_s"] + a["step_s"] <= b["start_s"] + 1e-6 for a, b in zip(lines, lines[1:]))
     assert lines[-1]["generated_total"] == sum(1 for r in lines)  # batch 1: one token a step (3 replies)
 

@@ -43,6 +43,7 @@ class StepStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     last_step_s: float = 0.0
+    last_cpu_s: float = 0.0  # the stepping thread's CPU time in it: below last_step_s, it was blocked (GIL, device)
     last_batch: int = 0
     last_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens found in cached KV blocks (not computed again)
@@ -140,7 +141,7 @@ class Scheduler:
             self.deliver_held()  # a prompt's pass may wait for the device midway: the outputs go first
         if not self.running:
             return []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         results = self.runner.step(self.running)  # delivers the held outputs once its pass is queued
         outs = []
         for s, tok, logprob in results:
@@ -152,7 +153,8 @@ class Scheduler:
         st = self.stats
         st.steps += 1
         st.generated_tokens += sum(len(o.token_ids) for o in outs)
-        st.last_step_s, st.last_batch = time.perf_counter() - t0, len(self.running) + sum(o.finished for o in outs)
+        st.last_step_s, st.last_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+        st.last_batch = len(self.running) + sum(o.finished for o in outs)
         st.last_tokens, st.last_waiting = self.runner.last_tokens, len(self.waiting)
         if self.on_step:
             self.on_step(st)
