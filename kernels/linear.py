@@ -17,12 +17,15 @@ from kernels.gemv import gemv
 GEMV_MAX_M = 64
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """Apply ``x @ w.T + bias`` with Triton kernels; returns [..., N] in x's dtype.
 
     x: [..., K], w: [N, K] (Hugging Face layout), bias: [N] or None; x, w and
     bias must share one dtype (bf16/fp16/fp32).  Rows M = prod(leading dims)
-    go to the GEMV kernel when M <= 64, else to the tiled GEMM.
+    go to the GEMV kernel when M <= 64, else to the tiled GEMM. ``out``: an
+    [M, N] view to write the result into (x 2-D; unit stride along N, any row
+    stride: a tile's columns of a wider output).
     """
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., K]")
@@ -35,6 +38,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     check_linear_inputs(x2, w, bias)
+    if out is not None:  # into a 2-D view (a tile's columns of a wider output), x 2-D too
+        if x.dim() != 2:
+            raise ValueError(f"linear(out=...) takes a 2-D x [M, K], got {tuple(x.shape)}")
+        if x.shape[0] > GEMV_MAX_M:
+            return gemm(x, w, bias, out=out)
+        out.copy_(gemv(x, w, bias))
+        return out
     fn = gemv if x2.shape[0] <= GEMV_MAX_M else gemm
     return fn(x2, w, bias).view(*lead, w.shape[0])
 
