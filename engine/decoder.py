@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,7 +37,7 @@ class DecoderLayers:
     def layer_stacked(self, w: dict[str, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
                       groups: list[Group], positions: list[torch.Tensor],
                       kvs: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]],
-                      attend_context: Callable[[int], AbstractContextManager] | None = None,
+                      attend_context: Callable[[int], contextlib.AbstractContextManager] | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer`` for several groups at once, their token rows stacked: h / residual [1, R, H] hold each
         group's [B, T] rows flattened, in order (R = the sum of B x T). Each projection runs once over all R

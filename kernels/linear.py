@@ -41,10 +41,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     if out is not None:  # into a 2-D view (a tile's columns of a wider output), x 2-D too
         if x.dim() != 2:
             raise ValueError(f"linear(out=...) takes a 2-D x [M, K], got {tuple(x.shape)}")
-        if x.shape[0] > GEMV_MAX_M:
-            return gemm(x, w, bias, out=out)
-        out.copy_(gemv(x, w, bias))
-        return out
+        return out.copy_(gemv(x, w, bias)) if x.shape[0] <= GEMV_MAX_M else gemm(x, w, bias, out=out)
     fn = gemv if x2.shape[0] <= GEMV_MAX_M else gemm
     return fn(x2, w, bias).view(*lead, w.shape[0])
 

@@ -1,9 +1,9 @@
 """``layerstream serve --step-log FILE``: one JSON line per engine step (one pass over the layers), for
 reading a load test afterwards: when each pass ran, how long it took, how many sequences it carried,
 how many tokens it fed (prompt slices and decode rows together), the engine thread's CPU time in it
-(``cpu_s``: a host-bound pass far below its ``step_s`` waited, for the GIL or the device), how many sequences still waited and
-how many Triton kernel specialisations it had to build (``compiles``: compiled, or loaded from Triton's
-disk cache; a warmed-up server's passes should build none), and which (``built``: Triton's description of
+(``cpu_s``: a host-bound pass far below its ``step_s`` waited, for the GIL or the device), how many
+sequences still waited and how many Triton kernel specialisations it had to build (``compiles``:
+compiled, or loaded from Triton's disk cache; a warmed-up server's passes should build none), and which (``built``: Triton's description of
 each, with its constexprs and argument specialisations, where there were any); ``mono_s``, its end on
 ``time.monotonic()``, matches a load test's request times (tools/ttft_breakdown.py)."""
 from __future__ import annotations
@@ -45,8 +45,9 @@ class StepLog:
         end = time.monotonic() - self._t0
         line = {"step": st.steps, "start_s": round(end - st.last_step_s, 6),
                 "mono_s": round(self._t0 + end, 6),  # time.monotonic() at its end
-                "step_s": round(st.last_step_s, 6), "cpu_s": round(st.last_cpu_s, 6), "batch": st.last_batch, "tokens": st.last_tokens,
-                "waiting": st.last_waiting, "generated_total": st.generated_tokens, "compiles": self.compiles}
+                "step_s": round(st.last_step_s, 6), "cpu_s": round(st.last_cpu_s, 6), "batch": st.last_batch,
+                "tokens": st.last_tokens, "waiting": st.last_waiting, "generated_total": st.generated_tokens,
+                "compiles": self.compiles}
         if self.built:
             line["built"] = self.built
         self._file.write(json.dumps(line) + "\n")
