@@ -3,9 +3,10 @@ reading a load test afterwards: when each pass ran, how long it took, how many s
 how many tokens it fed (prompt slices and decode rows together), the engine thread's CPU time in it
 (``cpu_s``: a host-bound pass far below its ``step_s`` waited, for the GIL or the device), how many
 sequences still waited and how many Triton kernel specialisations it had to build (``compiles``:
-compiled, or loaded from Triton's disk cache; a warmed-up server's passes should build none), and which (``built``: Triton's description of
-each, with its constexprs and argument specialisations, where there were any); ``mono_s``, its end on
-``time.monotonic()``, matches a load test's request times (tools/ttft_breakdown.py)."""
+compiled, or loaded from Triton's disk cache; a warmed-up server's passes should build none), and which
+(``built``: Triton's description of each, with its constexprs and argument specialisations, where there
+were any); ``mono_s``, its end on ``time.monotonic()``, matches a load test's request times
+(tools/ttft_breakdown.py)."""
 from __future__ import annotations
 
 import json
