@@ -222,13 +222,10 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
 
 
 def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-          cfg: triton.Config | None, out: torch.Tensor | None = None) -> torch.Tensor:
+          cfg: triton.Config | None) -> torch.Tensor:
     """:func:`gemm` with an optional pinned launch config (tests force each family with it)."""
     check_linear_inputs(x, w, bias)
-    if out is None:
-        out = torch.empty((x.shape[0], w.shape[0]), device=x.device, dtype=x.dtype)
-    else:
-        _check_out(out, x, w)
+    out = torch.empty((x.shape[0], w.shape[0]), device=x.device, dtype=x.dtype)
     tma_ok = gemm_tma.eligible(x, w, out)
     if cfg is not None and cfg.kwargs.get("TMA") and not tma_ok:
         raise ValueError("a TMA config needs capability >= 9 (or the interpreter) and 16-byte "
@@ -237,26 +234,16 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     return out
 
 
-def _check_out(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-    if out.shape != (x.shape[0], w.shape[0]) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be [{x.shape[0]}, {w.shape[0]}] {x.dtype} on {x.device}, got "
-                         f"{list(out.shape)} {out.dtype} on {out.device}")
-    if out.stride(1) != 1 or out.stride(0) < out.shape[1]:
-        raise ValueError(f"out must have unit stride along N and rows that do not overlap, got strides {out.stride()}")
-
-
-def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Tiled tensor-core GEMM for prefill: returns ``x @ w.T + bias`` as [M, N].
 
     x: [M, K] (unit stride along K), w: [N, K] contiguous, bias: [N] or None.
     All inputs share one dtype (bf16/fp16/fp32); accumulation is fp32 and the
     output has the input dtype.  The first call of a new (M bucket, N, K, dtype,
     bias) times the pointer kernel's and (Hopper+, aligned operands) the TMA
-    kernel's configs and keeps the fastest. ``out`` (optional): an [M, N] view to write into, unit stride
-    along N and any row stride (a tile's columns of a wider output).
+    kernel's configs and keeps the fastest.
     """
-    return _gemm(x, w, bias, None, out)
+    return _gemm(x, w, bias, None)
 
 
 def gemm_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

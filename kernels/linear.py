@@ -17,15 +17,12 @@ from kernels.gemv import gemv
 GEMV_MAX_M = 64
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Apply ``x @ w.T + bias`` with Triton kernels; returns [..., N] in x's dtype.
 
     x: [..., K], w: [N, K] (Hugging Face layout), bias: [N] or None; x, w and
     bias must share one dtype (bf16/fp16/fp32).  Rows M = prod(leading dims)
-    go to the GEMV kernel when M <= 64, else to the tiled GEMM. ``out``: an
-    [M, N] view to write the result into (x 2-D; unit stride along N, any row
-    stride: a tile's columns of a wider output).
+    go to the GEMV kernel when M <= 64, else to the tiled GEMM.
     """
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., K]")
@@ -38,10 +35,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     check_linear_inputs(x2, w, bias)
-    if out is not None:  # into a 2-D view (a tile's columns of a wider output), x 2-D too
-        if x.dim() != 2:
-            raise ValueError(f"linear(out=...) takes a 2-D x [M, K], got {tuple(x.shape)}")
-        return out.copy_(gemv(x, w, bias)) if x.shape[0] <= GEMV_MAX_M else gemm(x, w, bias, out=out)
     fn = gemv if x2.shape[0] <= GEMV_MAX_M else gemm
     return fn(x2, w, bias).view(*lead, w.shape[0])
 

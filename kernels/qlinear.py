@@ -67,28 +67,22 @@ def dense_qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 def tiled_linear(x: torch.Tensor, n: int, step: int, fill, bias: torch.Tensor | None = None,
                  gemm=None) -> torch.Tensor:
     """``x @ w.T + bias`` for x [M, K] and a weight ``w`` [n, K] that exists only tile by tile:
-    ``fill(r0, tile)`` writes rows ``r0 .. r0 + step`` of ``w`` into ``tile``; each tile goes through
-    ``gemm(x, tile, bias_rows, out=...)`` (default :func:`kernels.linear.linear`) straight into its columns
-    of the output. Every tile is full, so every GEMM has one shape (one tuning) and nothing is copied: the
-    last one starts at ``n - step`` and writes the columns it shares with the one before again, with the
-    same values (on the H200 the copies of GEMM outputs into their columns were 1,120 launches and 18 ms
-    of a 7B AWQ prompt pass: 8 a layer and states unit). Its columns are 16-byte aligned (the TMA GEMM)
-    when ``n`` is a multiple of 8, as ``step`` is (:func:`tile_rows`)."""
+    ``fill(r0, tile)`` writes rows ``r0 .. r0 + len(tile)`` of ``w`` into ``tile``; each tile of ``step``
+    rows goes through ``gemm`` (default :func:`kernels.linear.linear`) into its columns of the output.
+    The last tile's spare rows keep the previous tile's values (computed, dropped), so every GEMM has
+    one shape (one tuning). The first tile is full (``step < n``): nothing is read before it is written."""
     assert 0 < step < n, "one tile: the caller runs the GEMM itself"
     gemm = gemm or linear
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     tile = torch.empty((step, x.shape[1]), dtype=x.dtype, device=x.device)
-    for r0 in tile_starts(n, step):
-        fill(r0, tile)
-        gemm(x, tile, None if bias is None else bias[r0:r0 + step], out=out[:, r0:r0 + step])
+    b = torch.empty(step, dtype=x.dtype, device=x.device) if bias is not None else None
+    for r0 in range(0, n, step):
+        r = min(n, r0 + step) - r0
+        fill(r0, tile[:r])
+        if b is not None:
+            b[:r] = bias[r0:r0 + r]
+        out[:, r0:r0 + r] = gemm(x, tile, b)[:, :r]
     return out
-
-
-def tile_starts(n: int, step: int) -> list[int]:
-    """The first rows of full ``step``-row tiles covering ``n`` rows: every ``step`` rows, the last at
-    ``n - step`` (overlapping the one before unless ``step`` divides ``n``)."""
-    assert 0 < step < n
-    return list(range(0, n - step, step)) + [n - step]
 
 
 def tile_rows(n: int, k: int, itemsize: int, tile_bytes: int) -> int:
