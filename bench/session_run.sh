@@ -48,6 +48,9 @@
 #  y  issue 16: bench/burst_probe.py --profile on the synthetic 7B AWQ and the bf16 7B at 6 GiB (the 16-client burst
 #     in process, then one more whose first pass runs under torch's profiler: its kernels by kind), to see why the
 #     AWQ's served passes cost ~1.6x the bf16's per prompt token; the AWQ again with LAYERSTREAM_STACK_PROMPTS=0
+#  j  issue 16: the dense tile's size (LAYERSTREAM_DEQUANT_SCRATCH, sizes in $J_SIZES, default 64MiB 512MiB twice,
+#     alternated) on the synthetic 7B AWQ at 6 GiB: the 16-prompt burst in process (burst_probe: fewer dequantize + GEMM
+#     launches a pass with whole projections per tile) and batch-1 decode (bench_stream: fewer resident layers)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -59,7 +62,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgd]+$ ]] || synth_7b $M  # u, z, w, g, d need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdj]+$ ]] || synth_7b $M  # u, z, w, g, d need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -232,6 +235,16 @@ if [[ $steps == *y* ]]; then  # a served burst's pass, AWQ against bf16: where i
     [ $1 = bf16 ] && synth_7b $M
     LAYERSTREAM_STACK_PROMPTS=$3 timeout $(left 220) python3 bench/burst_probe.py --model $2 --rounds 1 --profile \
       --out $R/burst_$1.json > $R/burst_$1.txt 2>&1; echo "burst $1 rc=$?"; grep -v Warn $R/burst_$1.txt | head -22
+  done
+save; fi
+if [[ $steps == *j* ]]; then  # the dense tile's size: prompt-pass launches against resident layers
+  awq_7b; n=0
+  for sz in ${J_SIZES:-64MiB 512MiB 64MiB 512MiB}; do n=$((n+1))
+    LAYERSTREAM_DEQUANT_SCRATCH=$sz timeout $(left 120) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 \
+      --out $R/burst_tile$n-$sz.json > $R/burst_tile$n-$sz.txt 2>&1; echo "burst tile $sz rc=$?"; grep round $R/burst_tile$n-$sz.txt
+    LAYERSTREAM_DEQUANT_SCRATCH=$sz timeout $(left 90) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 6GiB \
+      --batches 1 --steps 8 --prefill-tokens 0 --out-dir $R --tag tile$n-$sz > $R/stream_tile$n-$sz.log 2>&1
+    echo "decode tile $sz rc=$?"; tail -2 $R/stream_tile$n-$sz.log
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step

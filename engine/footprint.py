@@ -13,7 +13,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.layout import LayerLayout, expected_tensors
-from engine.quant.ggml import DEQUANT_SCRATCH, NativeLayouts, row_bytes
+from engine.quant.ggml import NativeLayouts, dequant_scratch, row_bytes
 from engine.quant.layout import LayerQuant, QuantLayerLayout
 from memory.footprint import Footprint, Module
 from memory.plan import Plan
@@ -86,7 +86,7 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
         max_positions=cfg.max_position_embeddings,
         dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""),
-        scratch_bytes=DEQUANT_SCRATCH if quant is not None else 0)  # a prefill's dense tile of packed layers
+        scratch_bytes=dequant_scratch() if quant is not None else 0)  # a prefill's dense tile of packed layers
 
 
 def plan_model(cfg: ModelConfig, tensor_bytes: dict[str, int] | None, dtype: torch.dtype,

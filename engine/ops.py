@@ -17,7 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from engine.quant.ggml import DEQUANT_SCRATCH, GGMLWeight
+from engine.quant.ggml import GGMLWeight, dequant_scratch
 from engine.quant.spec import QuantWeight, dequantize
 
 
@@ -156,6 +156,7 @@ class TritonOps(TorchOps):
         self._ggml_max_m = ggml_gemv.GGML_GEMV_MAX_M
         from kernels.tuning import untuned
         self._untuned, self._gemv_max_m = untuned, linear.GEMV_MAX_M
+        self._scratch = dequant_scratch()  # the plan's dense tile (engine.footprint plans the same)
 
     def rmsnorm(self, x, w, eps):
         return self._k["rmsnorm"](x, w, eps)
@@ -166,14 +167,14 @@ class TritonOps(TorchOps):
     def linear(self, x, w, b=None):
         if isinstance(w, QuantWeight):  # dequantized in the kernel's registers
             return self._qlinear(x, w.qweight, w.scales, w.zeros, w.spec.bits, b, w.perm, mins=w.mins,
-                                 tile_bytes=DEQUANT_SCRATCH)  # long chunks: the dense tile the plan holds
+                                 tile_bytes=self._scratch)  # long chunks: the dense tile the plan holds
         if isinstance(w, GGMLWeight):
             return self._ggml_linear(x, w, b)
         return self._k["linear"](x, w, b)
 
     def _ggml_linear(self, x: torch.Tensor, w: GGMLWeight, b: torch.Tensor | None) -> torch.Tensor:
         """GGUF blocks: a GEMV per part into its columns of the output (decode), or (prefill chunks:
-        compute-bound) rows of the weight decoded into a dense tile of at most ``DEQUANT_SCRATCH``
+        compute-bound) rows of the weight decoded into a dense tile of at most ``self._scratch``
         bytes at a time, each through the dense GEMM."""
         (n, k), lead = w.shape, x.shape[:-1]
         x2 = x.reshape(-1, k)
@@ -183,7 +184,7 @@ class TritonOps(TorchOps):
                 bias = None if b is None else b[row:row + blocks.shape[0]]
                 self._k["ggml_gemv"](x2, blocks, qtype, out=out[:, row:row + blocks.shape[0]], bias=bias)
             return out.view(*lead, n)
-        step = self._tile_rows(n, k, x.element_size(), DEQUANT_SCRATCH)
+        step = self._tile_rows(n, k, x.element_size(), self._scratch)
         if step >= n:  # one tile: the GEMM writes the output itself
             return self._k["linear"](x, self._ggml_dense_rows(w, 0, n, x.dtype), b)
         fill = lambda r0, tile: self._ggml_dense_rows(w, r0, r0 + tile.shape[0], x.dtype, out=tile)  # noqa: E731

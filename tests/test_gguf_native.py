@@ -162,7 +162,7 @@ def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, tile, dtype, monkeypa
     w = GGMLWeight(parts, k)
     x = torch.randn((rows, k), generator=gen, device=DEV).to(dtype)
     b = torch.randn(512, generator=gen, device=DEV).to(dtype)
-    monkeypatch.setattr(ops_mod, "DEQUANT_SCRATCH", tile * k * dtype.itemsize)
+    monkeypatch.setenv("LAYERSTREAM_DEQUANT_SCRATCH", str(tile * k * dtype.itemsize))  # read by TritonOps()
     ops = ops_mod.TritonOps()
     shapes = []
     gemm = ops._k["linear"]

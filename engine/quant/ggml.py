@@ -19,6 +19,7 @@ per run of a type, the rows of the fused output in order.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
@@ -29,12 +30,29 @@ from engine.config import ModelConfig
 from engine.layout import ALIGN
 from engine.quant.layout import FUSED_LINEARS, QEntry, dense_shapes, linear_shapes
 from kernels.ggml_blocks import dequant_ref, row_bytes
+from memory.units import parse_size
 
 DEQUANT_SCRATCH = 64 << 20  # bytes: the dense tile a prefill decodes packed layers into for the GEMM, at most
-# (GGUF blocks here, int4 / int8 layers in kernels.qlinear)
+# (GGUF blocks here, int4 / int8 layers in kernels.qlinear); LAYERSTREAM_DEQUANT_SCRATCH overrides it
 MODULES = tuple(m for parts in FUSED_LINEARS.values() for m in parts)  # q, k, v, o, gate, up, down
 Signature = tuple[str, ...]  # a layer's ggml type per module of MODULES
 
+
+def dequant_scratch() -> int:
+    """Bytes of the prefill's dense tile (planned in the footprint, used by the ops): ``DEQUANT_SCRATCH``, or
+    ``LAYERSTREAM_DEQUANT_SCRATCH`` (a size such as ``256MiB``). A larger tile means fewer dequantize + GEMM
+    launches per prompt pass (a whole projection per tile from ~271 MB on a 7B) for less VRAM left to layers."""
+    text = os.environ.get("LAYERSTREAM_DEQUANT_SCRATCH")
+    if not text:
+        return DEQUANT_SCRATCH
+    try:
+        n = parse_size(text)
+    except ValueError as e:
+        raise ValueError(f"LAYERSTREAM_DEQUANT_SCRATCH: {e}") from None
+    if n < 1 << 16:
+        raise ValueError(f"LAYERSTREAM_DEQUANT_SCRATCH={text!r} is below 64KiB: give a size such as 64MiB "
+                         "(the default) or 512MiB, or unset it")
+    return n
 
 @dataclass(frozen=True)
 class GGMLWeight:
