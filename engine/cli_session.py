@@ -53,8 +53,11 @@ def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: 
         return None
     from engine.footprint import plan_model
     from engine.quant.checkpoint import layer_quant
+    from engine.quant.ggml import dequant_scratch
     machine = Machine.probe("cpu")
     quant = layer_quant(files.ckpt, files.cfg, files.quant, opts.quantize, opts.quant_group)  # bad flags: an error
+    if quant is not None:
+        dequant_scratch()  # a bad LAYERSTREAM_DEQUANT_SCRATCH: its own error, not a reason for the dtype below
     try:
         fp32 = PlanBytes.of(plan_model(files.cfg, {n: i.nbytes for n, i in files.ckpt.tensors.items()},
                                        torch.float32, quant, vram_budget=opts.vram_budget, host_budget=opts.host_budget,

@@ -52,3 +52,13 @@ def test_plan_and_ops_use_one_size(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert footprint(cfg, torch.float16).scratch_bytes == 0  # nothing packed: no tile
         work[want] = fp.workspace_bytes(1, 256, 128)
     assert work[DEQUANT_SCRATCH] - work[3 << 20] == DEQUANT_SCRATCH - (3 << 20)  # the plan holds the tile
+
+
+def test_cli_names_a_bad_value_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """engine.run on a packed model: one error line naming the variable, not a dtype note built from it."""
+    from engine.run import main
+    d = synthesize("tiny-qwen2", tmp_path / "awq", quant="awq")
+    monkeypatch.setenv(ENV, "lots")
+    assert main(["--model", str(d), "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ENV}: cannot parse size 'lots'") and "note:" not in err and "Traceback" not in err
