@@ -43,7 +43,7 @@ class StepStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     last_step_s: float = 0.0
-    last_cpu_s: float = 0.0  # the stepping thread's CPU time in it: below last_step_s, it was blocked (GIL, device)
+    last_cpu_s: float = 0.0  # the stepping thread's CPU time in it: well below last_step_s, it was blocked (GIL)
     last_batch: int = 0
     last_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens found in cached KV blocks (not computed again)

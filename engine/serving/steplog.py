@@ -1,7 +1,8 @@
 """``layerstream serve --step-log FILE``: one JSON line per engine step (one pass over the layers), for
 reading a load test afterwards: when each pass ran, how long it took, how many sequences it carried,
 how many tokens it fed (prompt slices and decode rows together), the engine thread's CPU time in it
-(``cpu_s``: a host-bound pass far below its ``step_s`` waited, for the GIL or the device), how many
+(``cpu_s``: far below its ``step_s``, the thread was blocked, e.g. on the GIL; near it says little, since
+CUDA's default synchronisation spins and a wait for the device counts as CPU time), how many
 sequences still waited and how many Triton kernel specialisations it had to build (``compiles``:
 compiled, or loaded from Triton's disk cache; a warmed-up server's passes should build none), and which
 (``built``: Triton's description of each, with its constexprs and argument specialisations, where there
