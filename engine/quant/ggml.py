@@ -54,6 +54,7 @@ def dequant_scratch() -> int:
                          "(the default) or 512MiB, or unset it")
     return n
 
+
 @dataclass(frozen=True)
 class GGMLWeight:
     """A (fused) linear weight ``[N, K]`` held as ggml blocks: ``parts`` are ``(qtype, blocks)`` runs
