@@ -121,6 +121,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="one more round, its first pass profiled")
     a = p.parse_args()
     llm = LLM(a.model, vram_budget=a.vram_budget, max_batch=a.max_batch, max_context=a.max_context)
+    plan = llm.engine.plan
+    print(f"plan: {len(plan.resident_layers)} layers resident, {len(plan.streamed_layers)} streamed, dense tile "
+          f"{plan.scratch_bytes >> 20} MiB, KV {plan.kv_cache_bytes >> 20} MiB", flush=True)
     t = time.perf_counter()
     print(f"{warm_up(llm.scheduler).summary()} ({time.perf_counter() - t:.1f} s)", flush=True)
     jobs = [job for client in make_jobs(a.clients, 1, (128, 2048), (2, 2), VOCAB, a.seed) for job in client]

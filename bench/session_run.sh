@@ -239,13 +239,14 @@ if [[ $steps == *y* ]]; then  # a served burst's pass, AWQ against bf16: where i
 save; fi
 if [[ $steps == *j* ]]; then  # the dense tile's size: prompt-pass launches against resident layers
   awq_7b; n=0
-  for sz in ${J_SIZES:-64MiB 512MiB 64MiB 512MiB}; do n=$((n+1))
-    LAYERSTREAM_DEQUANT_SCRATCH=$sz timeout $(left 120) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 \
-      --out $R/burst_tile$n-$sz.json > $R/burst_tile$n-$sz.txt 2>&1; echo "burst tile $sz rc=$?"; grep round $R/burst_tile$n-$sz.txt
-    LAYERSTREAM_DEQUANT_SCRATCH=$sz timeout $(left 90) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 6GiB \
+  for sz in ${J_SIZES:-64MiB 512MiB 64MiB 512MiB}; do n=$((n+1))  # auto: the planner's tile (variable unset)
+    export LAYERSTREAM_DEQUANT_SCRATCH=$sz; [ $sz = auto ] && unset LAYERSTREAM_DEQUANT_SCRATCH
+    timeout $(left 120) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 --out $R/burst_tile$n-$sz.json \
+      > $R/burst_tile$n-$sz.txt 2>&1; echo "burst tile $sz rc=$?"; grep -E "round|plan:" $R/burst_tile$n-$sz.txt
+    timeout $(left 90) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 6GiB \
       --batches 1 --steps 8 --prefill-tokens 0 --out-dir $R --tag tile$n-$sz > $R/stream_tile$n-$sz.log 2>&1
     echo "decode tile $sz rc=$?"; tail -2 $R/stream_tile$n-$sz.log
-  done
+  done; unset LAYERSTREAM_DEQUANT_SCRATCH
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"

@@ -152,6 +152,8 @@ class Engine:
         self.plan = self._plan()
         self.startup_s["plan"] = time.perf_counter() - t0
         opts.prefill_chunk = self.plan.prefill_chunk  # lower than asked only with prefill_chunk_auto (a plan note)
+        if self.plan.scratch_bytes:
+            self.ops.use_scratch(self.plan.scratch_bytes)  # the dense tile of packed layers the plan holds
         check_fits(PlanBytes.of(self.plan), Machine.probe(self.device.type), opts.host_budget is not None)
         self.cap = None  # set before the first weight reaches the GPU; released by close()
         if opts.cap_allocator and opts.vram_budget is not None and self.device.type == "cuda":

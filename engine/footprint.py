@@ -13,7 +13,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.layout import LayerLayout, expected_tensors
-from engine.quant.ggml import NativeLayouts, dequant_scratch, row_bytes
+from engine.quant.ggml import NativeLayouts, dequant_scratch_range, row_bytes
 from engine.quant.layout import LayerQuant, QuantLayerLayout
 from memory.footprint import Footprint, Module
 from memory.plan import Plan
@@ -78,6 +78,7 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
                 Module("lm_head", "lm_head", head, head_file)]
     # per prefill token: ~6 hidden-sized tensors, fused qkv, attention output, gate_up and the SwiGLU output
     act = 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + cfg.q_size + 3 * cfg.intermediate_size
+    tile = dequant_scratch_range(widest_projection(cfg) * size) if quant is not None else (0, 0)
     return Footprint(
         modules=tuple(modules), rows=cfg.vocab_size, tied=cfg.tie_word_embeddings,
         kv_bytes_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size,
@@ -86,7 +87,14 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
         max_positions=cfg.max_position_embeddings,
         dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""),
-        scratch_bytes=dequant_scratch() if quant is not None else 0)  # a prefill's dense tile of packed layers
+        scratch_bytes=tile[0], scratch_max_bytes=tile[1])  # a prefill's dense tile of packed layers
+
+
+def widest_projection(cfg: ModelConfig) -> int:
+    """Elements of a layer's largest fused projection (qkv, o, gate_up, down): the dense tile that holds any
+    of them whole."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    return max((cfg.q_size + 2 * cfg.kv_size) * h, h * cfg.q_size, 2 * inter * h)
 
 
 def plan_model(cfg: ModelConfig, tensor_bytes: dict[str, int] | None, dtype: torch.dtype,

@@ -26,6 +26,12 @@ class TorchOps:
 
     name = "torch"
     _lens: dict | None = None  # inside pass_scope: (start_pos, q_lens) ids -> (start_pos, q_lens, their sum)
+    _scratch = 0  # bytes of a prefill's dense tile of packed layers (TritonOps; torch widens a whole weight)
+
+    def use_scratch(self, nbytes: int) -> None:
+        """Decode packed layers for a prefill's GEMM into dense tiles of at most ``nbytes`` (the plan's)."""
+        assert nbytes >= 1 << 16, nbytes
+        self._scratch = nbytes
 
     @contextlib.contextmanager
     def pass_scope(self):
@@ -156,7 +162,7 @@ class TritonOps(TorchOps):
         self._ggml_max_m = ggml_gemv.GGML_GEMV_MAX_M
         from kernels.tuning import untuned
         self._untuned, self._gemv_max_m = untuned, linear.GEMV_MAX_M
-        self._scratch = dequant_scratch()  # the plan's dense tile (engine.footprint plans the same)
+        self._scratch = dequant_scratch()  # the dense tile; the engine sets its plan's (use_scratch)
 
     def rmsnorm(self, x, w, eps):
         return self._k["rmsnorm"](x, w, eps)

@@ -48,6 +48,7 @@ class Footprint:
     max_positions: int  # the context the model was trained for
     dtype: str  # compute dtype name, for the plan's rendering
     scratch_bytes: int = 0  # a fixed kernel scratch of a prefill pass (packed layers decoded for the GEMM)
+    scratch_max_bytes: int = 0  # the largest such scratch that helps: the planner grows it into spare VRAM
 
     def __post_init__(self) -> None:
         kinds = [m.kind for m in self.modules]

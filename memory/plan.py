@@ -103,6 +103,7 @@ class Plan:
     host_lane: HostLane | None = None  # None: --host-compute off (every non-resident layer streams)
     prefill_state_place: Literal["vram", "host"] = "vram"  # where the prompt states wait between layers
     prefill_state_host_bytes: int = 0  # host memory holding them (host placement; part of host_pinned_bytes)
+    scratch_bytes: int = 0  # part of workspace_bytes: a prefill's dense tile of packed layers (the ops use it)
 
     @property
     def host_layers(self) -> tuple[int, ...]:
@@ -117,6 +118,9 @@ class Plan:
         assert not set(self.resident_layers) & set(self.streamed_layers)
         assert (self.num_slots == 0) == (not self.streamed_layers and self.lm_head_resident)
         assert set(self.host_layers) <= set(self.streamed_layers) - set(self.disk_layers)
+
+    def _tile(self) -> str:
+        return f" a {format_size(self.scratch_bytes)} dense tile of packed layers," if self.scratch_bytes else ""
 
     def module(self, name: str) -> ModulePlan:
         """The decision for module ``name`` (e.g. ``"layers.3"``, ``"lm_head"``)."""
@@ -170,7 +174,7 @@ class Plan:
             f"KV cache         : {format_size(self.kv_cache_bytes)} "
             f"(batch {self.batch}, context {self.max_context}, {self.dtype})",
             f"workspace        : {format_size(self.workspace_bytes)} (one {self.prefill_chunk}-token prefill chunk's "
-            "activations, the prompt states below, logits, rope tables, allocator slack)",
+            f"activations, the prompt states below, logits, rope tables,{self._tile()} allocator slack)",
             self._states_line(),
             *([f"CUDA context and kernels: {format_size(self.outside_bytes)} (outside torch's allocator)"]
               if self.outside_bytes else []),

@@ -171,6 +171,35 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
     chunk size). Raises ValueError when the budget is below the minimum or more host layers are forced than
     can be.
     """
+    kw = {k: v for k, v in locals().items() if k != "fp"}
+    plan = _plan_once(fp, **kw)
+    plan = _spare_scratch(fp, plan, lambda bigger: _plan_once(bigger, **kw))
+    for note in plan.notes:
+        log.info("memory plan: %s", note)
+    return plan
+
+
+def _spare_scratch(fp: Footprint, plan: Plan, replan) -> Plan:
+    """The plan with the prefill's dense tile of packed layers (``fp.scratch_bytes``) grown into VRAM it
+    leaves unused, up to ``fp.scratch_max_bytes`` (a whole projection at a time: fewer dequantize + GEMM
+    launches in a prefill pass), when ``replan`` with the larger tile places every module, slot and
+    prompt state as before; else ``plan``. A tile never costs a resident layer: at the 7B AWQ's 6 GiB,
+    the 512 MiB tile made 5 layers stream and decode 3.6x slower while its prompt passes gained 20%."""
+    spare = plan.budget_bytes - plan.outside_bytes - plan.total_bytes
+    grow = min(spare, fp.scratch_max_bytes - fp.scratch_bytes) >> 20 << 20  # whole MiB
+    if grow <= 0:
+        return plan
+    bigger = replan(dataclasses.replace(fp, scratch_bytes=fp.scratch_bytes + grow))
+    same = ("resident_layers", "streamed_layers", "disk_layers", "embed_on_device", "lm_head_resident",
+            "num_slots", "prefill_chunk", "prefill_state_place", "host_layers")
+    return bigger if all(getattr(bigger, a) == getattr(plan, a) for a in same) else plan
+
+
+def _plan_once(fp: Footprint, *, vram_budget: int | None, host_budget: int | None, batch: int, max_context: int,
+               prefill_chunk: int, device_free: int | None, h2d_gbps: float, h2d_source: str,
+               disk_gbps: float | None, hbm_gbps: float, outside_bytes: int, auto_chunk: bool,
+               host_compute: HostCompute, host_gbps: float | None, host_source: str, prefill_states: str) -> Plan:
+    """make_plan for one footprint, its tile as given."""
     check_workload(batch, max_context, prefill_chunk)
     if not h2d_gbps > 0:
         raise ValueError(f"h2d_gbps must be positive, got {h2d_gbps}")
@@ -199,10 +228,7 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
         notes.append(f"max_context {max_context} exceeds the model's max_position_embeddings "
                      f"{fp.max_positions}: quality beyond it is not guaranteed")
     plan = _assemble(fp, f, w, (budget, outside), host, list(notes))
-    plan = _other_head_if_faster(fp, f, w, (budget, outside), host, notes, plan)
-    for note in plan.notes:
-        log.info("memory plan: %s", note)
-    return plan
+    return _other_head_if_faster(fp, f, w, (budget, outside), host, notes, plan)
 
 
 def _assemble(fp: Footprint, f: Fit, w: _Workload, budget: tuple[int, int], host: int, notes: list[str]) -> Plan:
@@ -236,4 +262,5 @@ def _assemble(fp: Footprint, f: Fit, w: _Workload, budget: tuple[int, int], host
         streamed_bytes_per_step=streamed, disk_bytes_per_step=disk, host_pinned_bytes=t.host_pinned + s.state_host,
         host_budget_bytes=host, predicted_step_s=step, predicted_tok_s=batch / step, step_bound=bound,
         h2d_gbps=w.h2d_gbps, h2d_source=w.h2d_source, dtype=fp.dtype, batch=batch,
-        max_context=w.max_context, prefill_chunk=w.prefill_chunk, notes=tuple(notes), host_lane=lane)
+        max_context=w.max_context, prefill_chunk=w.prefill_chunk, notes=tuple(notes), host_lane=lane,
+        scratch_bytes=fp.scratch_bytes)

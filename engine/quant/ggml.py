@@ -55,6 +55,14 @@ def dequant_scratch() -> int:
     return n
 
 
+def dequant_scratch_range(useful: int) -> tuple[int, int]:
+    """The prefill's dense tile as the planner may size it: ``(base, most)``. Unset
+    ``LAYERSTREAM_DEQUANT_SCRATCH``: ``DEQUANT_SCRATCH`` growing into spare VRAM up to ``useful`` (the
+    layer's largest projection widened: one tile, one GEMM); set: that size, fixed."""
+    base = dequant_scratch()
+    return (base, base) if os.environ.get("LAYERSTREAM_DEQUANT_SCRATCH") else (base, max(base, useful))
+
+
 @dataclass(frozen=True)
 class GGMLWeight:
     """A (fused) linear weight ``[N, K]`` held as ggml blocks: ``parts`` are ``(qtype, blocks)`` runs
