@@ -241,7 +241,7 @@ if [[ $steps == *j* ]]; then  # the dense tile's size: prompt-pass launches agai
   awq_7b; n=0
   for sz in ${J_SIZES:-64MiB 512MiB 64MiB 512MiB}; do n=$((n+1))  # auto: the planner's tile (variable unset)
     export LAYERSTREAM_DEQUANT_SCRATCH=$sz; [ $sz = auto ] && unset LAYERSTREAM_DEQUANT_SCRATCH
-    timeout $(left 120) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 --out $R/burst_tile$n-$sz.json \
+    timeout $(left 180) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 --out $R/burst_tile$n-$sz.json \
       > $R/burst_tile$n-$sz.txt 2>&1; echo "burst tile $sz rc=$?"; grep -E "round|plan:" $R/burst_tile$n-$sz.txt
     timeout $(left 90) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 6GiB \
       --batches 1 --steps 8 --prefill-tokens 0 --out-dir $R --tag tile$n-$sz > $R/stream_tile$n-$sz.log 2>&1

@@ -49,6 +49,12 @@ class Footprint:
     dtype: str  # compute dtype name, for the plan's rendering
     scratch_bytes: int = 0  # a fixed kernel scratch of a prefill pass (packed layers decoded for the GEMM)
     scratch_max_bytes: int = 0  # the largest such scratch that helps: the planner grows it into spare VRAM
+    scratch_k: int = 0  # the narrowest tiled weight's row length: a tile holds at most scratch_bytes / (k x
+    # element) rows, and a chunk's GEMM through it writes tokens x rows elements besides the output (tile_bytes)
+
+    def tile_bytes(self, tokens: int) -> int:
+        """The dense tile and what a ``tokens``-token GEMM through it writes before its columns are placed."""
+        return self.scratch_bytes + (tokens * self.scratch_bytes // self.scratch_k if self.scratch_k else 0)
 
     def __post_init__(self) -> None:
         kinds = [m.kind for m in self.modules]
@@ -94,4 +100,4 @@ class Footprint:
         return (tokens * self.act_bytes_per_token
                 + self.prefill_state_bytes(batch, max_context, prefill_chunk, on_host)
                 + batch * self.logits_bytes_per_seq + max_context * self.rope_bytes_per_position
-                + self.scratch_bytes + ALLOCATOR_ALLOWANCE)
+                + self.tile_bytes(tokens) + ALLOCATOR_ALLOWANCE)

@@ -55,7 +55,9 @@ def test_plan_and_ops_use_one_size(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert fp.scratch_bytes == want and TritonOps()._scratch == want
         assert footprint(cfg, torch.float16).scratch_bytes == 0  # nothing packed: no tile
         work[want] = fp.workspace_bytes(1, 256, 128)
-    assert work[DEQUANT_SCRATCH] - work[3 << 20] == DEQUANT_SCRATCH - (3 << 20)  # the plan holds the tile
+        # the plan holds the tile and what a 128-token GEMM through it writes (rows of the narrowest K)
+        assert fp.tile_bytes(128) == want + 128 * want // min(cfg.hidden_size, cfg.q_size)
+    assert work[DEQUANT_SCRATCH] - work[3 << 20] == (DEQUANT_SCRATCH - (3 << 20)) * (1 + 128 / cfg.hidden_size)
 
 
 def test_cli_names_a_bad_value_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -71,7 +73,7 @@ def test_cli_names_a_bad_value_before_loading(tmp_path: Path, monkeypatch: pytes
 MiB = 1 << 20
 
 
-def _tiled_footprint(most: int, layers: int = 8) -> Footprint:
+def _tiled_footprint(most: int, layers: int = 8, k: int = 0) -> Footprint:
     """Packed-layer sizes on a MiB scale, a 64 MiB tile that may grow to ``most``."""
     rows, row = 1000, 64
     mods = [Module("embed_tokens", "embedding", rows * row, rows * row)]
@@ -79,7 +81,8 @@ def _tiled_footprint(most: int, layers: int = 8) -> Footprint:
     mods += [Module("norm", "norm", row, row), Module("lm_head", "lm_head", rows * row, rows * row)]
     return Footprint(tuple(mods), rows=rows, tied=False, kv_bytes_per_token=100, act_bytes_per_token=10,
                      state_bytes_per_token=4, logits_bytes_per_seq=8000, rope_bytes_per_position=16,
-                     max_positions=128, dtype="float16, awq", scratch_bytes=64 * MiB, scratch_max_bytes=most)
+                     max_positions=128, dtype="float16, awq", scratch_bytes=64 * MiB, scratch_max_bytes=most,
+                     scratch_k=k)
 
 
 @pytest.mark.parametrize("spare_mib, want_mib", [(0, 64), (0.5, 64), (100.7, 164), (196, 260), (4000, 260)])
@@ -93,6 +96,18 @@ def test_tile_grows_into_vram_no_module_needs(spare_mib: float, want_mib: int) -
     assert p.scratch_bytes == want_mib * MiB and not p.streamed_layers and p.total_bytes <= budget
     assert p.workspace_bytes - fixed.workspace_bytes == p.scratch_bytes - 64 * MiB  # the plan holds the tile
     assert "dense tile of packed layers" in "\n".join(p.summary_lines())
+
+
+@pytest.mark.parametrize("spare_mib", [10, 100, 1000])
+def test_a_larger_tile_pays_for_its_gemm_output(spare_mib: int) -> None:
+    """A 16-token chunk through tiles of rows of 48 elements: each tile byte costs 1 + 16/48 of VRAM."""
+    kw = dict(host_budget=1 << 40, max_context=64, prefill_chunk=16)
+    fixed = make_plan(_tiled_footprint(64 * MiB, k=48), vram_budget=1 << 40, **kw)
+    assert fixed.workspace_bytes - make_plan(_tiled_footprint(64 * MiB), vram_budget=1 << 40, **kw).workspace_bytes \
+        == 16 * 64 * MiB // 48
+    p = make_plan(_tiled_footprint(1 << 40, k=48), vram_budget=fixed.total_bytes + spare_mib * MiB, **kw)
+    grown = p.scratch_bytes - 64 * MiB
+    assert grown == int(spare_mib * MiB * 48 / 64) >> 20 << 20 and p.total_bytes <= p.budget_bytes
 
 
 @pytest.mark.parametrize("short_mib", [1, 60, 150, 350])
