@@ -88,7 +88,8 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         max_positions=cfg.max_position_embeddings,
         dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""),
         scratch_bytes=tile[0], scratch_max_bytes=tile[1],  # a prefill's dense tile of packed layers
-        scratch_k=min(cfg.hidden_size, cfg.q_size) if quant is not None else 0)
+        scratch_k=min(cfg.hidden_size, cfg.q_size) if quant is not None else 0,
+        scratch_out_max=max(cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size, 2 * cfg.intermediate_size) * size)
 
 
 def widest_projection(cfg: ModelConfig) -> int:

@@ -56,8 +56,9 @@ def test_plan_and_ops_use_one_size(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert footprint(cfg, torch.float16).scratch_bytes == 0  # nothing packed: no tile
         work[want] = fp.workspace_bytes(1, 256, 128)
         # the plan holds the tile and what a 128-token GEMM through it writes (rows of the narrowest K)
-        assert fp.tile_bytes(128) == want + 128 * want // min(cfg.hidden_size, cfg.q_size)
-    assert work[DEQUANT_SCRATCH] - work[3 << 20] == (DEQUANT_SCRATCH - (3 << 20)) * (1 + 128 / cfg.hidden_size)
+        # (a tiny model's tile holds every row of a projection: a token's output is its widest, gate_up's)
+        assert fp.tile_bytes(128) == want + 128 * 2 * cfg.intermediate_size * 2
+    assert work[DEQUANT_SCRATCH] - work[3 << 20] == DEQUANT_SCRATCH - (3 << 20)
 
 
 def test_cli_names_a_bad_value_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -73,7 +74,7 @@ def test_cli_names_a_bad_value_before_loading(tmp_path: Path, monkeypatch: pytes
 MiB = 1 << 20
 
 
-def _tiled_footprint(most: int, layers: int = 8, k: int = 0) -> Footprint:
+def _tiled_footprint(most: int, layers: int = 8, k: int = 0, out_max: int = 1 << 40) -> Footprint:
     """Packed-layer sizes on a MiB scale, a 64 MiB tile that may grow to ``most``."""
     rows, row = 1000, 64
     mods = [Module("embed_tokens", "embedding", rows * row, rows * row)]
@@ -82,7 +83,7 @@ def _tiled_footprint(most: int, layers: int = 8, k: int = 0) -> Footprint:
     return Footprint(tuple(mods), rows=rows, tied=False, kv_bytes_per_token=100, act_bytes_per_token=10,
                      state_bytes_per_token=4, logits_bytes_per_seq=8000, rope_bytes_per_position=16,
                      max_positions=128, dtype="float16, awq", scratch_bytes=64 * MiB, scratch_max_bytes=most,
-                     scratch_k=k)
+                     scratch_k=k, scratch_out_max=out_max)
 
 
 @pytest.mark.parametrize("spare_mib, want_mib", [(0, 64), (0.5, 64), (100.7, 164), (196, 260), (4000, 260)])
@@ -104,10 +105,32 @@ def test_a_larger_tile_pays_for_its_gemm_output(spare_mib: int) -> None:
     kw = dict(host_budget=1 << 40, max_context=64, prefill_chunk=16)
     fixed = make_plan(_tiled_footprint(64 * MiB, k=48), vram_budget=1 << 40, **kw)
     assert fixed.workspace_bytes - make_plan(_tiled_footprint(64 * MiB), vram_budget=1 << 40, **kw).workspace_bytes \
-        == 16 * 64 * MiB // 48
+        == 16 * (64 * MiB // 48)
     p = make_plan(_tiled_footprint(1 << 40, k=48), vram_budget=fixed.total_bytes + spare_mib * MiB, **kw)
     grown = p.scratch_bytes - 64 * MiB
     assert grown == int(spare_mib * MiB * 48 / 64) >> 20 << 20 and p.total_bytes <= p.budget_bytes
+
+
+def test_a_tiles_gemm_writes_at_most_the_widest_output() -> None:
+    """Rows of 48 elements, 2-byte outputs of at most 4,096 columns: a 64 MiB tile's GEMM writes 8 KiB a token,
+    not 64 MiB / 48 (the tile holds more rows than any projection has)."""
+    fp = _tiled_footprint(64 * MiB, k=48, out_max=4096 * 2)
+    assert fp.tile_out_bytes(64 * MiB) == 8192 and fp.tile_bytes(16) == 64 * MiB + 16 * 8192
+    assert _tiled_footprint(64 * MiB, k=48).tile_out_bytes(48 * MiB) == MiB  # below the cap: rows x element
+    p = make_plan(fp, vram_budget=1 << 40, host_budget=1 << 40, max_context=64, prefill_chunk=16)
+    assert p.workspace_bytes == fp.workspace_bytes(1, 64, 16)
+
+
+def test_a_tiny_packed_model_keeps_its_prefill_chunk(tmp_path: Path) -> None:
+    """The tiny AWQ model at 1 GiB plans its 2048-token chunk (a 64 MiB tile's GEMM over rows of 64 elements
+    counted as 64 MiB / 64 a token once asked for 2 GiB and halved the chunk)."""
+    d = synthesize("tiny-qwen2", tmp_path / "awq", quant="awq")
+    cfg, ckpt = ModelConfig.from_file(d / "config.json"), Checkpoint(d)
+    quant = layer_quant(ckpt, cfg, read_quantization(d))
+    fp = footprint(cfg, torch.float16, {n: i.nbytes for n, i in ckpt.tensors.items()}, quant)
+    p = make_plan(fp, vram_budget=1 << 30, host_budget=1 << 40, max_context=4096, prefill_chunk=2048,
+                  auto_chunk=True)
+    assert p.prefill_chunk == 2048 and not p.streamed_layers
 
 
 @pytest.mark.parametrize("short_mib", [1, 60, 150, 350])
