@@ -14,7 +14,7 @@ import torch
 from engine.config import ModelConfig
 from engine.layout import LayerLayout, expected_tensors
 from engine.quant.ggml import NativeLayouts, dequant_scratch_range, row_bytes
-from engine.quant.layout import LayerQuant, QuantLayerLayout
+from engine.quant.layout import FUSED_LINEARS, LayerQuant, QuantLayerLayout, linear_shapes
 from memory.footprint import Footprint, Module
 from memory.plan import Plan
 from memory.planner import make_plan, minimum_budget
@@ -79,6 +79,7 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
     # per prefill token: ~6 hidden-sized tensors, fused qkv, attention output, gate_up and the SwiGLU output
     act = 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + cfg.q_size + 3 * cfg.intermediate_size
     tile = dequant_scratch_range(widest_projection(cfg) * size) if quant is not None else (0, 0)
+    shapes = fused_shapes(cfg) if quant is not None else [(0, 0)]
     return Footprint(
         modules=tuple(modules), rows=cfg.vocab_size, tied=cfg.tie_word_embeddings,
         kv_bytes_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size,
@@ -88,15 +89,18 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         max_positions=cfg.max_position_embeddings,
         dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""),
         scratch_bytes=tile[0], scratch_max_bytes=tile[1],  # a prefill's dense tile of packed layers
-        scratch_k=min(cfg.hidden_size, cfg.q_size) if quant is not None else 0,
-        scratch_out_max=max(cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size, 2 * cfg.intermediate_size) * size)
+        scratch_k=min(k for _, k in shapes), scratch_out_max=max(n for n, _ in shapes) * size)
+
+
+def fused_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(out_features, in_features) of a layer's fused projections (qkv, o, gate_up, down), as the ops apply them."""
+    each = linear_shapes(cfg)
+    return [(sum(each[p][0] for p in parts), each[parts[0]][1]) for parts in FUSED_LINEARS.values()]
 
 
 def widest_projection(cfg: ModelConfig) -> int:
-    """Elements of a layer's largest fused projection (qkv, o, gate_up, down): the dense tile that holds any
-    of them whole."""
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    return max((cfg.q_size + 2 * cfg.kv_size) * h, h * cfg.q_size, 2 * inter * h)
+    """Elements of a layer's largest fused projection: the dense tile that holds any of them whole."""
+    return max(n * k for n, k in fused_shapes(cfg))
 
 
 def plan_model(cfg: ModelConfig, tensor_bytes: dict[str, int] | None, dtype: torch.dtype,
