@@ -1,6 +1,6 @@
 """A burst of requests in process, no HTTP: each pass until every prompt has its first token, timed.
 
-    python bench/burst_probe.py --model DIR [--clients 16 --seed 2 --rounds 2] [--out burst.json] [--profile]
+    python bench/burst_probe.py --model DIR [--clients 16 --seed 2 --rounds 2] [--out burst.json] [--profile] [--cprofile]
 
 The prompts are those of ``tools.bench_serve``'s level (``make_jobs(clients, 1, 128:2048, ...)`` with the
 level's seed: 2 for the third level, 16 clients), each round with a fresh first token so nothing is
@@ -12,7 +12,8 @@ the next machine, with the passes sized by the median rule: 6,647 tokens in 386 
 this and the served level on one. ``--profile``: one more round whose first pass runs under torch's
 profiler, its GPU kernels summed by kind and by name (tools.profile_decode's table): where a pass's time goes
 (the synthetic 7B AWQ's served passes cost ~95 us a prompt token on the H200 against ~59 for the bf16 7B's,
-session 21).
+session 21). ``--cprofile``: one more round whose first pass runs under cProfile (the engine thread's
+Python functions by own and cumulative time: where a host-bound pass's thread goes).
 """
 from __future__ import annotations
 
@@ -77,6 +78,34 @@ def profiled_pass(llm: LLM, prompts: list[list[int]]) -> dict:
             "tokens": tokens, "host_calls": host_calls(prof)}
 
 
+def cprofiled_pass(llm: LLM, prompts: list[list[int]], top: int = 40) -> list[str]:
+    """Every prompt added at once, the first pass under cProfile (the engine thread's Python, which bounds a
+    host-bound pass): its functions by own time and by cumulative time; the rest of the burst unprofiled."""
+    import cProfile
+    import io
+    import pstats
+
+    sched, params = llm.scheduler, SamplingParams(max_tokens=2, temperature=0.0)
+    for p in prompts:
+        sched.add(Sequence(p, params, llm.tokenizer))
+    sync()
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    sched.step()
+    sync()
+    prof.disable()
+    lines = [f"cProfiled pass: {(time.perf_counter() - t) * 1e3:.1f} ms, batch {sched.stats.last_batch}, "
+             f"tokens {sched.stats.last_tokens}"]
+    while sched.has_work():
+        sched.step()
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(top)
+        lines += [ln for ln in buf.getvalue().splitlines() if ln.strip()][3:]
+    return lines
+
+
 def host_calls(prof, top: int = 12) -> list[dict]:
     """The host's CUDA runtime calls over a profile, by total time: where a host-bound pass's thread went
     (launches, pinned allocations, synchronisations, copies from pageable memory)."""
@@ -119,6 +148,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out")
     p.add_argument("--profile", action="store_true", help="one more round, its first pass profiled")
+    p.add_argument("--cprofile", action="store_true", help="one more round, its first pass under cProfile")
     a = p.parse_args()
     llm = LLM(a.model, vram_budget=a.vram_budget, max_batch=a.max_batch, max_context=a.max_context)
     plan = llm.engine.plan
@@ -148,8 +178,11 @@ def main() -> None:
         print(f"{'host CUDA call':40} {'calls':>7} {'ms':>9}", flush=True)
         for r in res["host_calls"]:
             print(f"{r['name'][:40]:40} {r['calls']:7d} {r['ms']:9.2f}", flush=True)
+    if a.cprofile:
+        out["cprofile"] = cprofiled_pass(llm, _fresh(llm, jobs, a.rounds + 1))
+        print("\n".join(out["cprofile"]), flush=True)
     if a.out:
-        Path(a.out).write_text(json.dumps(out if a.profile else rounds, indent=1))
+        Path(a.out).write_text(json.dumps(out if a.profile or a.cprofile else rounds, indent=1))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@
 #  y  issue 16: bench/burst_probe.py --profile on the synthetic 7B AWQ and the bf16 7B at 6 GiB (the 16-client burst
 #     in process, then one more whose first pass runs under torch's profiler: its kernels by kind), to see why the
 #     AWQ's served passes cost ~1.6x the bf16's per prompt token; the AWQ again with LAYERSTREAM_STACK_PROMPTS=0
+#     (Y_RUNS="awq:/tmp/q7b-awq:1": only the runs named, tag:model:stacked)
 #  j  issue 16: the dense tile's size (LAYERSTREAM_DEQUANT_SCRATCH, sizes in $J_SIZES, default 64MiB 512MiB twice,
 #     alternated) on the synthetic 7B AWQ at 6 GiB: the 16-prompt burst in process (burst_probe: fewer dequantize + GEMM
 #     launches a pass with whole projections per tile) and batch-1 decode (bench_stream: fewer resident layers)
@@ -231,10 +232,10 @@ if [[ $steps == *z* ]]; then
 save; fi
 if [[ $steps == *y* ]]; then  # a served burst's pass, AWQ against bf16: where its time goes
   awq_7b
-  for pm in "awq /tmp/q7b-awq 1" "awq-unstacked /tmp/q7b-awq 0" "bf16 $M 1"; do set -- $pm
+  for pm in ${Y_RUNS:-awq:/tmp/q7b-awq:1 awq-unstacked:/tmp/q7b-awq:0 bf16:$M:1}; do set -- ${pm//:/ }
     [ $1 = bf16 ] && synth_7b $M
-    LAYERSTREAM_STACK_PROMPTS=$3 timeout $(left 220) python3 bench/burst_probe.py --model $2 --rounds 1 --profile \
-      --out $R/burst_$1.json > $R/burst_$1.txt 2>&1; echo "burst $1 rc=$?"; grep -v Warn $R/burst_$1.txt | head -22
+    LAYERSTREAM_STACK_PROMPTS=$3 timeout $(left 220) python3 bench/burst_probe.py --model $2 --rounds 1 --profile ${Y_ARGS:-} \
+      --out $R/burst_$1.json > $R/burst_$1.txt 2>&1; echo "burst $1 rc=$?"; grep -v Warn $R/burst_$1.txt | head -${Y_HEAD:-22}
   done
 save; fi
 if [[ $steps == *j* ]]; then  # the dense tile's size: prompt-pass launches against resident layers
