@@ -79,7 +79,6 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
     # per prefill token: ~6 hidden-sized tensors, fused qkv, attention output, gate_up and the SwiGLU output
     act = 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + cfg.q_size + 3 * cfg.intermediate_size
     tile = dequant_scratch_range(widest_projection(cfg) * size) if quant is not None else (0, 0)
-    shapes = fused_shapes(cfg) if quant is not None else [(0, 0)]
     return Footprint(
         modules=tuple(modules), rows=cfg.vocab_size, tied=cfg.tie_word_embeddings,
         kv_bytes_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size,
@@ -88,8 +87,7 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
         max_positions=cfg.max_position_embeddings,
         dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""),
-        scratch_bytes=tile[0], scratch_max_bytes=tile[1],  # a prefill's dense tile of packed layers
-        scratch_k=min(k for _, k in shapes), scratch_out_max=max(n for n, _ in shapes) * size)
+        scratch_bytes=tile[0], scratch_max_bytes=tile[1])  # a prefill's dense tile of packed layers
 
 
 def fused_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:

@@ -37,11 +37,12 @@ def kv_tail_spans(cache, ends: dict[int, int]) -> list[torch.Tensor]:
     head's tail is contiguous."""
     spans = []
     for t in (cache.k, cache.v):
-        layers, _, heads, positions, dim = t.shape
+        positions, dim = t.shape[3:]
         for row, end in sorted(ends.items()):
             if (positions - end) * dim < MIN_SPAN_ELEMENTS:
                 continue
-            spans += [t[i, row, h, end:].view(-1) for i in range(layers) for h in range(heads)]
+            per_layer = t[:, row, :, end:].flatten(-2).unbind(0)  # [heads, tail] each: one head's tail is flat
+            spans += [head for layer in per_layer for head in layer.unbind(0)]
     return spans
 
 
@@ -98,10 +99,7 @@ def pairs(dst: list[torch.Tensor] | torch.Tensor, src: list[torch.Tensor] | torc
     if not isinstance(dst, list) and not isinstance(src, list):
         return [(dst, src)]
     whole, pieces, out = (src, dst, True) if isinstance(dst, list) else (dst, src, False)
-    flat, at, result = whole.view(-1), 0, []
-    for p in pieces:
-        part = flat[at:at + p.numel()]
-        result.append((p, part) if out else (part, p))
-        at += p.numel()
-    assert at == flat.numel(), "a buffer's pieces cover its tensor exactly"
-    return result
+    sizes = [p.numel() for p in pieces]
+    assert sum(sizes) == whole.numel(), "a buffer's pieces cover its tensor exactly"
+    parts = whole.view(-1).split(sizes)  # one call for every view (a pass makes ~500 of these lists)
+    return list(zip(pieces, parts)) if out else list(zip(parts, pieces))

@@ -221,11 +221,24 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
         EVEN_K=K % kw["BLOCK_K"] == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def check_out(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """A caller's output: [M, N] in x's dtype and device, unit stride along N (any row stride, e.g. a
+    column slice of a wider output)."""
+    if out.shape != (x.shape[0], w.shape[0]) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be [{x.shape[0]}, {w.shape[0]}] {x.dtype} on {x.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.stride(1) != 1 or out.stride(0) < out.shape[1]:
+        raise ValueError(f"out must have unit stride along N and rows that do not overlap, got strides {out.stride()}")
+
+
 def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-          cfg: triton.Config | None) -> torch.Tensor:
+          cfg: triton.Config | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`gemm` with an optional pinned launch config (tests force each family with it)."""
     check_linear_inputs(x, w, bias)
-    out = torch.empty((x.shape[0], w.shape[0]), device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty((x.shape[0], w.shape[0]), device=x.device, dtype=x.dtype)
+    else:
+        check_out(x, w, out)
     tma_ok = gemm_tma.eligible(x, w, out)
     if cfg is not None and cfg.kwargs.get("TMA") and not tma_ok:
         raise ValueError("a TMA config needs capability >= 9 (or the interpreter) and 16-byte "
@@ -234,8 +247,10 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     return out
 
 
-def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Tiled tensor-core GEMM for prefill: returns ``x @ w.T + bias`` as [M, N].
+def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Tiled tensor-core GEMM for prefill: returns ``x @ w.T + bias`` as [M, N] (written into ``out`` when
+    given: [M, N], unit stride along N, any row stride, e.g. a column slice of a wider output).
 
     x: [M, K] (unit stride along K), w: [N, K] contiguous, bias: [N] or None.
     All inputs share one dtype (bf16/fp16/fp32); accumulation is fp32 and the
@@ -243,7 +258,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
     bias) times the pointer kernel's and (Hopper+, aligned operands) the TMA
     kernel's configs and keeps the fastest.
     """
-    return _gemm(x, w, bias, None)
+    return _gemm(x, w, bias, None, out)
 
 
 def gemm_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,25 +4,27 @@
 #                         (a copy is made only if they cannot be viewed as one)
 #          w    [N, K]    row-major contiguous ([out_features, in_features])
 #          bias [N]       contiguous, optional
-#          out  [..., N]  new contiguous tensor, dtype of x
+#          out  [..., N]  new contiguous tensor, dtype of x (or the caller's [M, N], any row stride)
 # Dispatch: M <= 64 -> kernels.gemv (weight streaming, decode)
 #           M  > 64 -> kernels.gemm (tiled tensor-core GEMM, prefill)
 from __future__ import annotations
 
 import torch
 
-from kernels.gemm import check_linear_inputs, gemm
+from kernels.gemm import check_linear_inputs, check_out, gemm
 from kernels.gemv import gemv
 
 GEMV_MAX_M = 64
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """Apply ``x @ w.T + bias`` with Triton kernels; returns [..., N] in x's dtype.
 
     x: [..., K], w: [N, K] (Hugging Face layout), bias: [N] or None; x, w and
     bias must share one dtype (bf16/fp16/fp32).  Rows M = prod(leading dims)
-    go to the GEMV kernel when M <= 64, else to the tiled GEMM.
+    go to the GEMV kernel when M <= 64, else to the tiled GEMM. ``out`` (x 2-D only): [M, N] with unit
+    stride along N and any row stride (a column slice of a wider output), written and returned.
     """
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., K]")
@@ -35,6 +37,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     check_linear_inputs(x2, w, bias)
+    if out is not None:
+        if x.dim() != 2:
+            raise ValueError(f"out needs a 2-D x [M, K], got x{tuple(x.shape)}")
+        check_out(x2, w, out)
+        return out.copy_(gemv(x2, w, bias)) if x2.shape[0] <= GEMV_MAX_M else gemm(x2, w, bias, out=out)
     fn = gemv if x2.shape[0] <= GEMV_MAX_M else gemm
     return fn(x2, w, bias).view(*lead, w.shape[0])
 

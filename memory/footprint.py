@@ -49,17 +49,6 @@ class Footprint:
     dtype: str  # compute dtype name, for the plan's rendering
     scratch_bytes: int = 0  # a fixed kernel scratch of a prefill pass (packed layers decoded for the GEMM)
     scratch_max_bytes: int = 0  # the largest such scratch that helps: the planner grows it into spare VRAM
-    scratch_k: int = 0  # the narrowest tiled weight's row length: a tile holds at most scratch_bytes / (k x
-    # element) rows, and a chunk's GEMM through it writes tokens x rows elements besides the output (tile_bytes)
-    scratch_out_max: int = 0  # bytes of a token's widest projection output: no tile's GEMM writes more a token
-
-    def tile_out_bytes(self, scratch: int) -> int:
-        """What one token's GEMM through a ``scratch``-byte tile writes before its columns are placed."""
-        return min(scratch // self.scratch_k, self.scratch_out_max) if self.scratch_k else 0
-
-    def tile_bytes(self, tokens: int) -> int:
-        """The dense tile and what a ``tokens``-token GEMM through it writes before its columns are placed."""
-        return self.scratch_bytes + tokens * self.tile_out_bytes(self.scratch_bytes)
 
     def __post_init__(self) -> None:
         kinds = [m.kind for m in self.modules]
@@ -105,4 +94,4 @@ class Footprint:
         return (tokens * self.act_bytes_per_token
                 + self.prefill_state_bytes(batch, max_context, prefill_chunk, on_host)
                 + batch * self.logits_bytes_per_seq + max_context * self.rope_bytes_per_position
-                + self.tile_bytes(tokens) + ALLOCATOR_ALLOWANCE)
+                + self.scratch_bytes + ALLOCATOR_ALLOWANCE)

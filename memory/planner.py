@@ -186,9 +186,7 @@ def _spare_scratch(fp: Footprint, plan: Plan, replan) -> Plan:
     prompt state as before; else ``plan``. A tile never costs a resident layer: at the 7B AWQ's 6 GiB,
     the 512 MiB tile made 5 layers stream and decode 3.6x slower while its prompt passes gained 20%."""
     spare = plan.budget_bytes - plan.outside_bytes - plan.total_bytes
-    tokens = max(plan.prefill_chunk, plan.batch)  # a tile byte costs up to 1 + tokens / k with its GEMM's output
-    per_byte = (fp.scratch_k + tokens) / fp.scratch_k if fp.scratch_k else 1.0
-    grow = min(int(spare / per_byte), fp.scratch_max_bytes - fp.scratch_bytes) >> 20 << 20  # whole MiB
+    grow = min(spare, fp.scratch_max_bytes - fp.scratch_bytes) >> 20 << 20  # whole MiB (the GEMMs write in place)
     if grow <= 0:
         return plan
     bigger = replan(dataclasses.replace(fp, scratch_bytes=fp.scratch_bytes + grow))

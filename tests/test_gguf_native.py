@@ -149,7 +149,7 @@ def test_quantize_is_refused_on_a_native_gguf(gguf_model):  # noqa: F811
 def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, tile, dtype, monkeypatch):
     """TritonOps.linear on a qkv-like weight of three parts (q4_k, q5_k, then q6_k rows) with a bias: a
     GEMV per part into its columns, or (80 rows) dense tiles that each straddle a boundary: 2 of 256
-    rows, or with room for 200 rows 3 equal tiles of 176 (the last one's 16 spare rows dropped)."""
+    rows, or with room for 200 rows 3 equal tiles of 176 (the last one ending at row 512, over 16 rows of the second's)."""
     from engine import ops as ops_mod
     from engine.gguf import random_blocks as rb
     from gguf import GGMLQuantizationType as QT
@@ -166,7 +166,7 @@ def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, tile, dtype, monkeypa
     ops = ops_mod.TritonOps()
     shapes = []
     gemm = ops._k["linear"]
-    ops._k["linear"] = lambda x, w, b=None: shapes.append(tuple(w.shape)) or gemm(x, w, b)
+    ops._k["linear"] = lambda x, w, b=None, out=None: shapes.append(tuple(w.shape)) or gemm(x, w, b, out=out)
     got = ops.linear(x, w, b)
     assert shapes == ([] if rows == 3 else [(256, k)] * 2 if tile == 256 else [(176, k)] * 3)
     want = x.float() @ w.dequantize().T + b.float()

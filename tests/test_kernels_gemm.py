@@ -91,6 +91,52 @@ def test_gemm_families_strided_x(name: str) -> None:
     assert rel_err(out, gemm_ref(x, w)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("col0,wide", [(0, 104), (40, 104), (24, 67)])  # 16-byte aligned rows / an odd row stride
+def test_gemm_families_write_a_column_slice(name: str, col0: int, wide: int) -> None:
+    """``out`` a column slice of a wider output (kernels.qlinear.tiled_linear's tiles): exactly its columns
+    are written, the others keep their values (TMA stores clip to the slice's descriptor)."""
+    M, K, N = 70, 72, 40
+    x, w, b = operands(M, K, N, torch.bfloat16, True)
+    if name != "pointer" and not TMA_DEVICE:
+        pytest.skip("TMA needs CUDA capability >= 9")
+    big = torch.full((M, wide), 7.0, dtype=torch.bfloat16, device=DEV)
+    try:
+        res = _gemm(x, w, b, FAMILIES[name], out=big[:, col0:col0 + N])  # 67: the TMA kernel stores by pointer
+    except Exception as e:  # noqa: BLE001
+        if CUDA and FAMILIES[name].kwargs.get("WARP_SPEC"):
+            pytest.skip(f"warp-specialized config did not compile here: {type(e).__name__}")
+        raise
+    assert res.data_ptr() == big[:, col0:].data_ptr()
+    assert rel_err(big[:, col0:col0 + N], gemm_ref(x, w, b)) < TOL[torch.bfloat16]
+    rest = torch.cat((big[:, :col0], big[:, col0 + N:]), dim=1)
+    assert bool((rest == 7.0).all())
+
+
+def test_gemm_and_linear_refuse_a_wrong_out() -> None:
+    """A caller's output of the wrong shape, dtype or layout: a ValueError naming what out must be."""
+    from kernels.linear import linear
+    x, w, _ = operands(70, 32, 24, torch.float32, False)
+    for bad in (torch.empty(70, 23, device=DEV), torch.empty(70, 24, device=DEV, dtype=torch.float16),
+                torch.empty(24, 70, device=DEV).T):
+        with pytest.raises(ValueError, match="out must"):
+            gemm(x, w, out=bad)
+        with pytest.raises(ValueError, match="out must"):
+            linear(x, w, out=bad)
+    with pytest.raises(ValueError, match="2-D x"):
+        linear(x.view(2, 35, 32), w, out=torch.empty(70, 24, device=DEV))
+
+
+@pytest.mark.parametrize("M", [3, 70])  # the GEMV's rows and the GEMM's
+def test_linear_writes_out(M: int) -> None:
+    from kernels.linear import linear
+    x, w, b = operands(M, 32, 24, torch.float32, True)
+    big = torch.zeros(M, 40, device=DEV)
+    res = linear(x, w, b, out=big[:, 8:32])
+    assert res.data_ptr() == big[:, 8:].data_ptr() and bool((big[:, :8] == 0).all() and (big[:, 32:] == 0).all())
+    assert rel_err(big[:, 8:32], gemm_ref(x, w, b)) < TOL[torch.float32]
+
+
 @pytest.mark.skipif(not TMA_DEVICE, reason="TMA needs CUDA capability >= 9")
 def test_gemm_misaligned_falls_back_to_pointer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Operands TMA cannot describe: the private launcher refuses a TMA config, gemm uses pointers."""

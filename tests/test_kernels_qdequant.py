@@ -92,22 +92,30 @@ def test_dense_path_equals_the_fused_reference(tile_rows, bias: bool, perm: bool
 
 
 def test_tiles_share_one_gemm_shape(monkeypatch) -> None:
-    """As few equal tiles as fit (rows a multiple of 8): every GEMM of a weight has one shape (one tuning);
-    the last tile's spare rows are computed and dropped (gate_up of Qwen2.5-7B at 64 MiB: 5 tiles of 7584
-    rows for 37888)."""
-    shapes = []
+    """As few equal tiles as fit (rows a multiple of 8): every GEMM of a weight has one shape (one tuning),
+    each writes its columns of the output in place; the last tile ends at the last row, overlapping the one
+    before (gate_up of Qwen2.5-7B at 64 MiB: 5 tiles of 7584 rows for 37888)."""
+    shapes, starts, base = [], [], []
     real = qlinear_mod.linear
-    monkeypatch.setattr(qlinear_mod, "linear", lambda x, w, b=None: shapes.append(tuple(w.shape)) or real(x, w, b))
+
+    def spy(x, w, b=None, out=None):  # where each GEMM writes: columns from the first tile's (column 0)
+        base.append(out.data_ptr()) if not base else None
+        shapes.append(tuple(w.shape))
+        starts.append((out.data_ptr() - base[0]) // out.element_size())
+        assert out.shape == (x.shape[0], w.shape[0]) and out.stride() == (N, 1)
+        return real(x, w, b, out=out)
+    monkeypatch.setattr(qlinear_mod, "linear", spy)
     M, K, N, G, bits = 300, 64, 600, 32, 4
     q, s, z = packed(N, K, G, bits, sym=False, sdtype=torch.float32, seed=12)
     x, b = randn(M, K, dtype=torch.float32), randn(N, dtype=torch.float32)
     ref = qgemm_ref(x, q, s, z, bits, b)
     out = qlinear_mod.dense_qlinear(x, q, s, z, bits, b, tile_bytes=250 * K * 4)  # at most 250 rows a tile
-    assert shapes == [(200, K)] * 3  # 600 rows: 3 tiles of 200
+    assert shapes == [(200, K)] * 3 and starts == [0, 200, 400]  # 600 rows: 3 tiles of 200
     assert rel_err(out, ref) < MATMUL_TOL[torch.float32]
-    shapes.clear()
+    shapes.clear(), starts.clear(), base.clear()
     out = qlinear_mod.dense_qlinear(x, q, s, z, bits, b, tile_bytes=160 * K * 4)
     assert shapes == [(152, K)] * 4  # 4 tiles of 150 rows would not be 8-aligned: 152 (608 for 600)
+    assert starts == [0, 152, 304, 448]  # the last one ends at row 600
     assert rel_err(out, ref) < MATMUL_TOL[torch.float32]
 
 
