@@ -28,10 +28,12 @@ class TorchOps:
     _lens: dict | None = None  # inside pass_scope: (start_pos, q_lens) ids -> (start_pos, q_lens, their sum)
     _scratch = 0  # bytes of a prefill's dense tile of packed layers (TritonOps; torch widens a whole weight)
 
+    _tile: torch.Tensor | None = None  # the dense tile's buffer (TritonOps: allocated at the first long chunk, kept)
+
     def use_scratch(self, nbytes: int) -> None:
         """Decode packed layers for a prefill's GEMM into dense tiles of at most ``nbytes`` (the plan's)."""
         assert nbytes >= 1 << 16, nbytes
-        self._scratch = nbytes
+        self._scratch, self._tile = nbytes, None
 
     @contextlib.contextmanager
     def pass_scope(self):
@@ -150,6 +152,7 @@ class TritonOps(TorchOps):
                              rmsnorm, rope, rope_kv_append, swiglu)
         from kernels import qgemv_i8, qlinear
         self._qlinear, self._tile_rows, self._tiled = qlinear.qlinear, qlinear.tile_rows, qlinear.tiled_linear
+        self._tile_view, self._dense_min_m = qlinear.tile_view, qlinear.DENSE_MIN_M
         from kernels.add_rmsnorm_i8 import add_rmsnorm_qgemv
         self._swiglu_qgemv, self._norm_qgemv, self._i8_rows = qgemv_i8.swiglu_qgemv, add_rmsnorm_qgemv, qgemv_i8.MAX_M
         self._k = dict(rmsnorm=rmsnorm.rmsnorm, add_rmsnorm=add_rmsnorm.add_rmsnorm, linear=linear.linear,
@@ -170,10 +173,20 @@ class TritonOps(TorchOps):
     def add_rmsnorm(self, x, residual, w, eps):
         return self._k["add_rmsnorm"](x, residual, w, eps)
 
+    def _tile_buffer(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The dense tile's buffer for a chunk of x's rows (None below the dense path's rows): allocated once
+        and kept, as the plan holds it (a fresh tile a call, up to a whole 130 MiB projection, left the 7B AWQ's
+        32-client burst at 6 GiB short of a contiguous block: session 27)."""
+        if x.numel() // max(1, x.shape[-1]) < self._dense_min_m:
+            return None
+        if self._tile is None or self._tile.device != x.device:
+            self._tile = torch.empty(self._scratch, dtype=torch.uint8, device=x.device)
+        return self._tile
+
     def linear(self, x, w, b=None):
         if isinstance(w, QuantWeight):  # dequantized in the kernel's registers
             return self._qlinear(x, w.qweight, w.scales, w.zeros, w.spec.bits, b, w.perm, mins=w.mins,
-                                 tile_bytes=self._scratch)  # long chunks: the dense tile the plan holds
+                                 tile_bytes=self._scratch, tile=self._tile_buffer(x))  # long chunks: the plan's tile
         if isinstance(w, GGMLWeight):
             return self._ggml_linear(x, w, b)
         return self._k["linear"](x, w, b)
@@ -191,10 +204,12 @@ class TritonOps(TorchOps):
                 self._k["ggml_gemv"](x2, blocks, qtype, out=out[:, row:row + blocks.shape[0]], bias=bias)
             return out.view(*lead, n)
         step = self._tile_rows(n, k, x.element_size(), self._scratch)
+        buf = self._tile_buffer(x2)
         if step >= n:  # one tile: the GEMM writes the output itself
-            return self._k["linear"](x, self._ggml_dense_rows(w, 0, n, x.dtype), b)
+            dense = None if buf is None else self._tile_view(buf, n, k, x.dtype)
+            return self._k["linear"](x, self._ggml_dense_rows(w, 0, n, x.dtype, out=dense), b)
         fill = lambda r0, tile: self._ggml_dense_rows(w, r0, r0 + tile.shape[0], x.dtype, out=tile)  # noqa: E731
-        return self._tiled(x2, n, step, fill, b, gemm=self._k["linear"]).view(*lead, n)
+        return self._tiled(x2, n, step, fill, b, gemm=self._k["linear"], tile=buf).view(*lead, n)
 
     def _ggml_dense_rows(self, w: GGMLWeight, r0: int, r1: int, dtype: torch.dtype,
                          out: torch.Tensor | None = None) -> torch.Tensor:

@@ -144,12 +144,14 @@ def test_quantize_is_refused_on_a_native_gguf(gguf_model):  # noqa: F811
         make_engine(path, max_context=32, quantize="int8")
 
 
-@pytest.mark.parametrize("rows,tile", [(3, 256), (80, 256), (80, 200)], ids=["gemv", "dequant-tiles", "uneven"])
+@pytest.mark.parametrize("rows,tile", [(3, 256), (80, 256), (80, 200), (256, 200), (256, 512)],
+                         ids=["gemv", "dequant-tiles", "uneven", "kept-tile", "kept-one-tile"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, tile, dtype, monkeypatch):
     """TritonOps.linear on a qkv-like weight of three parts (q4_k, q5_k, then q6_k rows) with a bias: a
     GEMV per part into its columns, or (80 rows) dense tiles that each straddle a boundary: 2 of 256
-    rows, or with room for 200 rows 3 equal tiles of 176 (the last one ending at row 512, over 16 rows of the second's)."""
+    rows, or with room for 200 rows 3 equal tiles of 176 (the last one ending at row 512, over 16 rows of the second's).
+    From the dense path's 256 rows, the tiles (or the one whole weight) live in the buffer TritonOps keeps."""
     from engine import ops as ops_mod
     from engine.gguf import random_blocks as rb
     from gguf import GGMLQuantizationType as QT
@@ -168,7 +170,10 @@ def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, tile, dtype, monkeypa
     gemm = ops._k["linear"]
     ops._k["linear"] = lambda x, w, b=None, out=None: shapes.append(tuple(w.shape)) or gemm(x, w, b, out=out)
     got = ops.linear(x, w, b)
-    assert shapes == ([] if rows == 3 else [(256, k)] * 2 if tile == 256 else [(176, k)] * 3)
+    assert shapes == ([] if rows == 3 else [(512, k)] if tile == 512 else [(256, k)] * 2 if tile == 256
+                      else [(176, k)] * 3)
+    kept = ops._tile
+    assert (kept is None) == (rows < 256) and (kept is None or kept.numel() == tile * k * dtype.itemsize)
     want = x.float() @ w.dequantize().T + b.float()
     assert got.shape == (rows, 512) and got.dtype == dtype
     assert rel_err(got.float(), want) < (1e-4 if dtype == torch.float32 else 2e-2)

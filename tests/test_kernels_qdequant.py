@@ -172,3 +172,46 @@ def test_the_kernel_compiles_for_sm90_without_spills() -> None:
     assert len(lines) == 2 * 3 * 3 * 2, run.stdout
     for line in lines:
         assert "STACK:0" in line and "LOCAL:0" in line, line
+
+
+@pytest.mark.parametrize("tile_rows", [None, 16])  # one tile; tiles of 16 rows (the last overlapping)
+def test_dense_path_in_a_callers_tile_buffer(tile_rows) -> None:
+    """qlinear's dense path in a caller's kept buffer (engine.ops.TritonOps holds the plan's tile): the same
+    output as with tiles of its own, the buffer's storage used (its bytes change), a buffer too small refused."""
+    M, K, N, G, bits = qlinear_mod.DENSE_MIN_M, 64, 100, 32, 4
+    q, s, z = packed(N, K, G, bits, sym=False, sdtype=torch.float32, seed=13)
+    x, b = randn(M, K, dtype=torch.float32), randn(N, dtype=torch.float32)
+    tile_bytes = N * K * 4 if tile_rows is None else tile_rows * K * 4
+    buf = torch.zeros(tile_bytes + 24, dtype=torch.uint8, device=DEV)
+    own = qlinear_mod.qlinear(x, q, s, z, bits, b, tile_bytes=tile_bytes)
+    got = qlinear_mod.qlinear(x, q, s, z, bits, b, tile_bytes=tile_bytes, tile=buf)
+    assert torch.equal(got, own) and rel_err(got, qgemm_ref(x, q, s, z, bits, b)) < MATMUL_TOL[torch.float32]
+    assert bool(buf[:tile_bytes].any()) and not bool(buf[tile_bytes:].any())  # the tile's bytes, no more
+    with pytest.raises(ValueError, match="tile must be a contiguous buffer of at least"):
+        qlinear_mod.qlinear(x, q, s, z, bits, b, tile_bytes=tile_bytes, tile=buf[:tile_bytes - 1])
+
+
+def test_triton_ops_keep_one_tile_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TritonOps allocates the dense tile once, at the first chunk of the dense path's rows, and every later
+    long chunk decodes into it; decode rows allocate none; a new plan size drops it."""
+    from engine.ops import TritonOps
+    from engine.quant.spec import QuantSpec, QuantWeight
+    M, K, N, G = qlinear_mod.DENSE_MIN_M, 256, 200, 32
+    q, s, z = packed(N, K, G, 4, sym=False, sdtype=torch.float32, seed=14)
+    w = QuantWeight(qweight=q, scales=s, zeros=z, perm=None, spec=QuantSpec(bits=4, group_size=G, sym=False, fmt="awq"),
+                    in_features=K)
+    ops = TritonOps()
+    ops.use_scratch(80 * K * 4)  # tiles of 80 rows (the plan's sizes are at least 64 KiB)
+    seen = []
+    real = qlinear_mod.qlinear
+    monkeypatch.setattr(ops, "_qlinear", lambda *a, tile=None, **kw: seen.append(tile) or real(*a, tile=tile, **kw))
+    x = randn(M, K, dtype=torch.float32)
+    ops.linear(x[:8], w)
+    assert seen == [None] and ops._tile is None  # decode rows: no tile
+    out1, out2 = ops.linear(x, w), ops.linear(x.view(2, M // 2, K), w)
+    assert seen[1] is seen[2] is ops._tile and ops._tile.numel() == 80 * K * 4
+    assert torch.equal(out1, out2.view(M, N)) and rel_err(out1, qgemm_ref(x, q, s, z, 4)) < MATMUL_TOL[torch.float32]
+    ops.use_scratch(70 * K * 4)
+    assert ops._tile is None
+    ops.linear(x, w)
+    assert ops._tile.numel() == 70 * K * 4
