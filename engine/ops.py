@@ -253,7 +253,7 @@ class TritonOps(TorchOps):
         self._k["kv_append"](k, v, k_cache, v_cache, start_pos)
 
     def rope_kv_append_(self, q, k, v, cos, sin, positions, k_cache, v_cache, start_pos):
-        if q.shape[1] == 1 and isinstance(k_cache, torch.Tensor):  # a decode step: one launch, not two
+        if isinstance(k_cache, torch.Tensor):  # a contiguous cache: one launch, not two (paged: its own append)
             self._k["rope_kv_append"](q, k, v, cos, sin, positions, k_cache, v_cache, start_pos)
         else:
             super().rope_kv_append_(q, k, v, cos, sin, positions, k_cache, v_cache, start_pos)

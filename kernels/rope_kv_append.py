@@ -1,18 +1,20 @@
-# A decode step's RoPE and KV append in one launch: q rotated in place, k rotated straight into the key
-# cache, v copied into the value cache (kernels/rope.py then kernels/kv_append.py, one token a sequence).
+# RoPE and KV append in one launch: q rotated in place, k rotated straight into the key cache, v copied
+# into the value cache (kernels/rope.py then kernels/kv_append.py): a decode step's one token a sequence, or
+# a prompt slice's T tokens.
 #
-# Shapes:  q [B, 1, Hq, D], k / v [B, 1, Hk, D] (strided views, e.g. of the fused qkv output; last dim
+# Shapes:  q [B, T, Hq, D], k / v [B, T, Hk, D] (strided views, e.g. of the fused qkv output; last dim
 #          contiguous), k_cache / v_cache [B, Hk, S, D] (last dim contiguous), cos / sin [P, D//2] fp32
-#          contiguous, positions [B, 1] int32/int64 (the table row), start_pos [B] int32/int64 (the cache
-#          position).
-# Math:    HF rotate-half in fp32 as kernels/rope.py, stored in q's dtype: q[b, 0, h] in place, and k[b, 0, h]
-#          rotated into k_cache[b, h, start_pos[b]] (k itself is left as it was); v[b, 0, h] into
-#          v_cache[b, h, start_pos[b]]. A cache position outside [0, S) is skipped (nothing written, as
+#          contiguous, positions [B, T] int32/int64 (the table rows), start_pos [B] int32/int64 (the cache
+#          position of each row's first token).
+# Math:    HF rotate-half in fp32 as kernels/rope.py, stored in q's dtype: q[b, t, h] in place, and k[b, t, h]
+#          rotated into k_cache[b, h, start_pos[b] + t] (k itself is left as it was); v[b, t, h] into
+#          v_cache[b, h, start_pos[b] + t]. A cache position outside [0, S) is skipped (nothing written, as
 #          kv_append_); a table row outside [0, P) leaves the token unrotated (as apply_rope_).
 # Dtypes:  q, k, v and both caches one float dtype (bf16 / fp16 / fp32).
-# Grid:    (B,): a program takes a sequence's every head: q as [BLOCK_HQ, HALF] halves, k likewise, v as
-#          [BLOCK_HK, D]. A decode step's heads are few (28 + 4 + 4 of 128 on the 7B: 18 KB), so one
-#          program a sequence is enough; the point is the launch saved (one a layer and step).
+# Grid:    (B * T,): a program takes a token's every head: q as [BLOCK_HQ, HALF] halves, k likewise, v as
+#          [BLOCK_HK, D]. A token's heads are few (28 + 4 + 4 of 128 on the 7B: 18 KB), so one program a
+#          token is enough; the point is the launch saved (one a layer and step, or a layer and prompt group:
+#          252 of a 7B AWQ burst pass's 2,976 launches, session 27).
 from __future__ import annotations
 
 import torch
@@ -37,55 +39,53 @@ def _rotate_store(src, dst, heads, s_h, d_h, mask, i, c, s, HALF: tl.constexpr):
 @triton.jit
 def _rope_kv_append_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, start_ptr,
-    HQ, HK, P, S, D,
-    sqb, sqh, skb, skh, svb, svh, scb, sch, scs, sdb, sdh, sds, spb,
+    T, HQ, HK, P, S, D,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, scb, sch, scs, sdb, sdh, sds, spb, spt,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    row = tl.load(pos_ptr + b * spb).to(tl.int64)
-    at = tl.load(start_ptr + b).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    b, t = pid // T, pid % T
+    row = tl.load(pos_ptr + b * spb + t * spt).to(tl.int64)
+    at = tl.load(start_ptr + b).to(tl.int64) + t
     i = tl.arange(0, BLOCK_HALF)
     # scalar conditions folded into the limits (scalar & block masks trip the interpreter)
     table = i < tl.where((row >= 0) & (row < P), HALF, 0)  # outside the table: c = 1, s = 0 (unrotated)
     c = tl.load(cos_ptr + row * HALF + i, mask=table, other=1.0)[None, :]
     s = tl.load(sin_ptr + row * HALF + i, mask=table, other=0.0)[None, :]
     hq = tl.arange(0, BLOCK_HQ).to(tl.int64)
-    q_row = q_ptr + b * sqb
+    q_row = q_ptr + b * sqb + t * sqt
     _rotate_store(q_row, q_row, hq, sqh, sqh, (hq[:, None] < HQ) & (i[None, :] < HALF), i, c, s, HALF)
     hk = tl.arange(0, BLOCK_HK).to(tl.int64)
     in_cache = tl.where((at >= 0) & (at < S), HK, 0)
-    _rotate_store(k_ptr + b * skb, kc_ptr + b * scb + at * scs, hk, skh, sch,
+    _rotate_store(k_ptr + b * skb + t * skt, kc_ptr + b * scb + at * scs, hk, skh, sch,
                   (hk[:, None] < in_cache) & (i[None, :] < HALF), i, c, s, HALF)
     d = tl.arange(0, BLOCK_D)
     v_mask = (hk[:, None] < in_cache) & (d[None, :] < D)
-    vals = tl.load(v_ptr + b * svb + hk[:, None] * svh + d[None, :], mask=v_mask, other=0.0)
+    vals = tl.load(v_ptr + b * svb + t * svt + hk[:, None] * svh + d[None, :], mask=v_mask, other=0.0)
     tl.store(vc_ptr + b * sdb + at * sds + hk[:, None] * sdh + d[None, :], vals, mask=v_mask)
 
 
 def rope_kv_append_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     start_pos: torch.Tensor) -> None:
-    """``apply_rope_(q, k, cos, sin, positions)`` then ``kv_append_(k, v, k_cache, v_cache, start_pos)`` for one
-    token a sequence (T == 1), in one launch; unlike that pair, ``k`` itself stays unrotated (only its cached
-    copy is). See the file header for shapes; ValueError for anything else."""
+    """``apply_rope_(q, k, cos, sin, positions)`` then ``kv_append_(k, v, k_cache, v_cache, start_pos)`` in one
+    launch; unlike that pair, ``k`` itself stays unrotated (only its cached copy is). See the file header for
+    shapes; ValueError for anything else."""
     _validate_rope(q, k, cos, sin, positions)
     _validate_append(k, v, k_cache, v_cache, start_pos)
     b, t, hq, d = q.shape
-    if t != 1:
-        raise ValueError(f"rope_kv_append_: one token a sequence (T == 1), got T = {t}; use apply_rope_ and "
-                         "kv_append_ for longer slices")
     if k_cache.dtype != q.dtype:
         raise ValueError(f"rope_kv_append_: the caches must be in q's dtype {q.dtype}, got {k_cache.dtype}")
     hk = k.shape[2]
-    if b == 0 or k_cache.shape[2] == 0:
+    if b * t == 0 or k_cache.shape[2] == 0:
         return
     half = d // 2
-    _rope_kv_append_kernel[(b,)](
+    _rope_kv_append_kernel[(b * t,)](
         q, k, v, k_cache, v_cache, cos, sin, positions, start_pos.contiguous(),
-        hq, hk, cos.shape[0], k_cache.shape[2], d,
-        q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], positions.stride(0),
+        t, hq, hk, cos.shape[0], k_cache.shape[2], d,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *k_cache.stride()[:3], *v_cache.stride()[:3], *positions.stride(),
         HALF=half, BLOCK_HQ=max(2, triton.next_power_of_2(hq)), BLOCK_HK=max(2, triton.next_power_of_2(hk)),
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
     )

@@ -1,5 +1,6 @@
-"""Tests for the decode step's fused RoPE + KV append (kernels/rope_kv_append.py) against the fp32 references
-and against the two kernels it replaces (kernels/rope.py, kernels/kv_append.py)."""
+"""Tests for the fused RoPE + KV append (kernels/rope_kv_append.py), a decode step's one token a sequence and a
+prompt slice's T, against the fp32 references and against the two kernels it replaces (kernels/rope.py,
+kernels/kv_append.py)."""
 from __future__ import annotations
 
 import pytest
@@ -12,21 +13,24 @@ from kernels.rope import apply_rope_, rope_tables  # noqa: E402
 from kernels.rope_kv_append import rope_kv_append_, rope_kv_append_ref  # noqa: E402
 
 
-def _case(b: int, hq: int, hk: int, d: int, s: int, dtype: torch.dtype, starts: list[int], rows: list[int]):
-    q, k, v = qkv_views(b, 1, hq, hk, d, dtype)
+def _case(b: int, hq: int, hk: int, d: int, s: int, dtype: torch.dtype, starts: list[int], rows: list[int],
+          t: int = 1):
+    """Rows' first table rows ``rows`` (each token of a row the next one) and cache positions ``starts``."""
+    q, k, v = qkv_views(b, t, hq, hk, d, dtype)
     q, k, v = (x.to(DEV) for x in (q, k, v))
     kc, vc = rand(b, hk, s, d, dtype=dtype, seed=3).to(DEV), rand(b, hk, s, d, dtype=dtype, seed=4).to(DEV)
     cos, sin = (x.to(DEV) for x in rope_tables(d, 48, 10000.0, None))
-    pos = torch.tensor(rows, dtype=torch.int64, device=DEV).view(b, 1)
+    pos = (torch.tensor(rows, dtype=torch.int64).view(b, 1) + torch.arange(t)).to(DEV)
     start = torch.tensor(starts, dtype=torch.int32, device=DEV)
     return q, k, v, cos, sin, pos, kc, vc, start
 
 
+@pytest.mark.parametrize("t", [1, 5])  # a decode step; a prompt slice (row 1 runs past the table, row 2 past S)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,hq,hk,d", [(1, 28, 4, 128), (3, 4, 2, 64), (2, 7, 1, 32), (1, 6, 6, 16)])
-def test_matches_the_reference_and_the_two_kernels(dtype, b, hq, hk, d):
-    starts, rows = [5, 0, 11][:b], [5, 47, 11][:b]
-    q, k, v, cos, sin, pos, kc, vc, start = _case(b, hq, hk, d, 16, dtype, starts, rows)
+def test_matches_the_reference_and_the_two_kernels(dtype, b, hq, hk, d, t):
+    starts, rows = [5, 0, 13][:b], [5, 45, 11][:b]
+    q, k, v, cos, sin, pos, kc, vc, start = _case(b, hq, hk, d, 16, dtype, starts, rows, t)
     k_before = k.clone()
     q_ref, kc_ref, vc_ref = rope_kv_append_ref(q, k, v, cos, sin, pos, kc, vc, start)
     q2, k2, kc2, vc2 = q.clone(), k.clone(), kc.clone(), vc.clone()  # the pair of launches it replaces
@@ -58,9 +62,9 @@ def test_out_of_range_positions_are_skipped_or_left_unrotated():
 
 def test_bad_inputs_raise_value_errors():
     q, k, v, cos, sin, pos, kc, vc, start = _case(1, 4, 2, 32, 8, torch.float32, starts=[0], rows=[0])
-    with pytest.raises(ValueError, match="T == 1"):
+    with pytest.raises(ValueError, match="positions must be"):
         q2, k2, v2 = (x.expand(1, 2, *x.shape[2:]) for x in (q, k, v))
-        rope_kv_append_(q2, k2, v2, cos, sin, pos.expand(1, 2), kc, vc, start)
+        rope_kv_append_(q2, k2, v2, cos, sin, pos, kc, vc, start)
     with pytest.raises(ValueError, match="kv_append_"):
         rope_kv_append_(q, k, v, cos, sin, pos, kc[:, :1], vc[:, :1], start)
     with pytest.raises(ValueError, match="apply_rope_"):
