@@ -37,6 +37,20 @@ def test_levels_against_a_live_server(tiny_qwen2_dir, tmp_path, capsys):
         assert 5 * r["requests"] <= r["tokens"] <= 9 * r["requests"]
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] < r["wall_s"] and 0 < r["itl_p50_s"] <= r["itl_p99_s"]
         assert r["streamed_gb_s"] == 0.0  # everything resident on the CPU: nothing streams
+        assert sorted({q["client"] for q in r["per_request"]}) == list(range(r["clients"]))
+    one, three = rows
+    assert "vs_one" not in one and three["vs_one"] == pytest.approx(three["tok_s"] / one["tok_s"])
+    assert 0 < three["ceiling_vs_one"] and "3 clients: " in printed.out and "of it" in printed.out
+
+
+def test_scaling_ceiling_is_the_busiest_client_at_one_clients_latency():
+    """Two clients of 10 + 20 and 5 tokens at 0.1 s a token: done at best in 3 s, 35 tokens: 11.67 tok/s;
+    one client made 8 tok/s: ceiling 1.46x; measured 10 tok/s: 1.25x."""
+    from tools.bench_serve import scaling
+    reqs = [{"client": 0, "tokens": 10}, {"client": 0, "tokens": 20}, {"client": 1, "tokens": 5}]
+    vs, ceiling = scaling({"per_request": reqs, "tokens": 35, "tok_s": 10.0}, {"tok_s": 8.0, "itl_mean_s": 0.1})
+    assert vs == pytest.approx(1.25) and ceiling == pytest.approx(35 / 3.0 / 8.0)
+    assert scaling({"per_request": [], "tokens": 0, "tok_s": 0.0}, {"tok_s": 8.0, "itl_mean_s": 0.1}) is None
 
 
 def test_bad_flags_exit_2(capsys):

@@ -113,7 +113,22 @@ def summarize(results: list[dict], errors: list[str], wall: float, streamed: flo
             "streamed_gb_s": None if streamed is None else streamed / wall / 1e9,
             "first_error": errors[0] if errors else None,
             "per_request": [{"sent_s": r["t0"], "first_s": r["chunks"][0] if r["chunks"] else None,
-                             "prompt_tokens": r.get("prompt_tokens"), "tokens": r["tokens"]} for r in results]}
+                             "prompt_tokens": r.get("prompt_tokens"), "tokens": r["tokens"],
+                             "client": r.get("client", 0)} for r in results]}
+
+
+def scaling(row: dict, one: dict) -> tuple[float, float] | None:
+    """A level's aggregate tok/s as a multiple of the one-client level's, and the most it could be: every
+    token at the one-client level's mean inter-token latency, nothing else (no prefill, no wait), the level
+    done when its busiest client is (with 128-256 new tokens a request, 16 clients x 1 request top out near
+    12.7x: session 27). None without tokens on either side."""
+    per_client: dict[int, int] = {}
+    for r in row["per_request"]:
+        per_client[r["client"]] = per_client.get(r["client"], 0) + r["tokens"]
+    if not one["tok_s"] or not row["tokens"] or not one["itl_mean_s"]:
+        return None
+    ceiling = row["tokens"] / (max(per_client.values()) * one["itl_mean_s"])
+    return row["tok_s"] / one["tok_s"], ceiling / one["tok_s"]
 
 
 def run_level(url: str, model: str, jobs: list[list[tuple[list[int], int]]]) -> dict:
@@ -122,7 +137,7 @@ def run_level(url: str, model: str, jobs: list[list[tuple[list[int], int]]]) -> 
     errors: list[str] = []
     lock = threading.Lock()
 
-    def client(my_jobs) -> None:
+    def client(c: int, my_jobs) -> None:
         for prompt, n in my_jobs:
             try:
                 r = one_request(url, model, prompt, n)
@@ -130,13 +145,13 @@ def run_level(url: str, model: str, jobs: list[list[tuple[list[int], int]]]) -> 
                 with lock:
                     errors.append(str(e))
                 continue
-            r["wanted"] = n
+            r["wanted"], r["client"] = n, c
             with lock:
                 results.append(r)
 
     streamed0 = metric(url, "layerstream_streamed_bytes_total")
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(j,)) for j in jobs]
+    threads = [threading.Thread(target=client, args=(c, j)) for c, j in enumerate(jobs)]
     for t in threads:
         t.start()
     for t in threads:
@@ -237,6 +252,13 @@ def server_rows(args, config: str, flags: str | None) -> list[dict]:
                              args.seed + i, args.shared_prefix)
             rows.append({"config": config, **run_level(url, card["id"], jobs)})
             _print_row(rows[-1])
+        one = next((r for r in rows if r["clients"] == 1), None)
+        for row in rows if one is not None else []:
+            if row["clients"] > 1 and (sc := scaling(row, one)) is not None:
+                row["vs_one"], row["ceiling_vs_one"] = sc
+                print(f"{config}, {row['clients']:2d} clients: {sc[0]:.2f}x one client's tok/s; ceiling {sc[1]:.2f}x "
+                      f"(every token at one client's mean ITL, the busiest client last): {sc[0] / sc[1]:.0%} of it",
+                      flush=True)
         return rows
     finally:
         if proc is not None:
