@@ -52,6 +52,8 @@
 #  j  issue 16: the dense tile's size (LAYERSTREAM_DEQUANT_SCRATCH, sizes in $J_SIZES, default 64MiB 512MiB twice,
 #     alternated) on the synthetic 7B AWQ at 6 GiB: the 16-prompt burst in process (burst_probe: fewer dequantize + GEMM
 #     launches a pass with whole projections per tile) and batch-1 decode (bench_stream: fewer resident layers)
+#  o  GPU tests of session 27's unmeasured changes (the kept dense tile, RoPE + KV append for prompt groups);
+#     then `U_LEVELS=1,16,32 ... ou`: the AWQ 32-client level that ran out of memory in session 27's call 5
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -63,7 +65,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdj]+$ ]] || synth_7b $M  # u, z, w, g, d, j need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjo]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -125,6 +127,11 @@ if [[ $steps == *k* ]]; then  # the GPU build of the quantized kernels (the PTX 
     tests/test_kernels_quant_variants.py tests/test_kernels_quant.py > $R/pytest_quant_kernels.txt 2>&1; echo "pytest rc=$?"; tail -4 $R/pytest_quant_kernels.txt
   timeout $(left 200) python3 -m pytest -q -s -p no:cacheprovider -m cuda tests/test_quant_parity_gpu.py \
     > $R/pytest_quant_parity.txt 2>&1; echo "pytest rc=$?"; grep -E "bf16|passed|failed" $R/pytest_quant_parity.txt | tail -12
+save; fi
+if [[ $steps == *o* ]]; then  # session 27's changes measured nowhere yet: the kept tile, RoPE + KV append at T > 1
+  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider tests/test_kernels_rope_kv_append.py tests/test_kernels_qdequant.py \
+    tests/test_gguf_native.py tests/test_kernels_gemm.py -k "not qwen_shapes" > $R/pytest_s27.txt 2>&1; echo "pytest rc=$?"
+  tail -4 $R/pytest_s27.txt
 save; fi
 if [[ $steps == *i* ]]; then
   timeout $(left 120) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py tests/test_kernels_qgemv_i8_fused.py \
