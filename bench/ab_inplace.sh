@@ -4,7 +4,7 @@
 # ("old"), alternated ($AB_ORDER), to tell a slower machine from a slower engine (burst passes are host-bound
 # and a machine's host speed varies by ~20%). Session 25 compared in-place tile GEMMs (new) with copies
 # (old: the kernel files of 07eddb8^); session 27 made .ab_old with
-# `git archive f887934^ kernels memory engine | tar -x -C .ab_old` (copies, 100 MiB tile) against f887934+.
+# `git archive ba97b43^ kernels memory engine | tar -x -C .ab_old` (copies, 100 MiB tile) against ba97b43+.
 # AB_ENV_new / AB_ENV_old: variables for that side's runs, e.g. AB_ENV_new=LAYERSTREAM_DEQUANT_SCRATCH=100MiB
 # (the in-place GEMMs at the old side's tile size: one change at a time).
 set -uo pipefail
