@@ -82,19 +82,14 @@ def burst(llm: LLM, prompts: list[list[int]]) -> list[dict]:
     return passes
 
 
-def profiled_pass(llm: LLM, prompts: list[list[int]]) -> dict:
-    """Every prompt added at once, the first pass under torch's profiler: tools.profile_decode's result shape
-    (one "step": the pass, tools.profile_decode.kernel_rows); then the rest of the burst unprofiled."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
+def first_pass_under(llm: LLM, prompts: list[list[int]], wrap) -> tuple[float, int, int]:
+    """Every prompt added at once, the first pass run (synchronized) inside the context manager ``wrap``, the
+    rest of the burst after it, outside; returns that pass's (wall ms, batch, tokens)."""
     sched, params = llm.scheduler, SamplingParams(max_tokens=2, temperature=0.0)
-    seqs = [Sequence(p, params, llm.tokenizer) for p in prompts]
-    for s in seqs:
-        sched.add(s)
-    gpu = torch.cuda.is_available()
+    for p in prompts:
+        sched.add(Sequence(p, params, llm.tokenizer))
     sync()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+    with wrap:
         t = time.perf_counter()
         sched.step()
         sync()
@@ -102,31 +97,32 @@ def profiled_pass(llm: LLM, prompts: list[list[int]]) -> dict:
     batch, tokens = sched.stats.last_batch, sched.stats.last_tokens
     while sched.has_work():
         sched.step()
-    return {"step_ms": wall * 1e3, "rows": kernel_rows(prof, gpu, 1), "gpu": gpu, "steps": 1, "batch": batch,
+    return wall * 1e3, batch, tokens
+
+
+def profiled_pass(llm: LLM, prompts: list[list[int]]) -> dict:
+    """The burst's first pass under torch's profiler: tools.profile_decode's result shape (one "step": the
+    pass, tools.profile_decode.kernel_rows)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.cuda.is_available()
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else []))
+    ms, batch, tokens = first_pass_under(llm, prompts, prof)
+    return {"step_ms": ms, "rows": kernel_rows(prof, gpu, 1), "gpu": gpu, "steps": 1, "batch": batch,
             "tokens": tokens, "host_calls": host_calls(prof)}
 
 
 def cprofiled_pass(llm: LLM, prompts: list[list[int]], top: int = 40) -> list[str]:
-    """Every prompt added at once, the first pass under cProfile (the engine thread's Python, which bounds a
-    host-bound pass): its functions by own time and by cumulative time; the rest of the burst unprofiled."""
+    """The burst's first pass under cProfile (the engine thread's Python, which bounds a host-bound pass): its
+    functions by own time and by cumulative time."""
     import cProfile
     import io
     import pstats
 
-    sched, params = llm.scheduler, SamplingParams(max_tokens=2, temperature=0.0)
-    for p in prompts:
-        sched.add(Sequence(p, params, llm.tokenizer))
-    sync()
     prof = cProfile.Profile()
-    t = time.perf_counter()
-    prof.enable()
-    sched.step()
-    sync()
-    prof.disable()
-    lines = [f"cProfiled pass: {(time.perf_counter() - t) * 1e3:.1f} ms, batch {sched.stats.last_batch}, "
-             f"tokens {sched.stats.last_tokens}"]
-    while sched.has_work():
-        sched.step()
+    ms, batch, tokens = first_pass_under(llm, prompts, prof)
+    lines = [f"cProfiled pass: {ms:.1f} ms, batch {batch}, tokens {tokens}"]
     for key in ("tottime", "cumulative"):
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(top)

@@ -62,10 +62,10 @@ def dense_qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         dense = None if tile is None else tile_view(tile, n, k, x.dtype)
         return linear(x, qdequant(qweight, scales, zeros, bits, x.dtype, mins=mins, out=dense), bias)
 
-    def fill(r0: int, tile: torch.Tensor) -> None:
-        r1 = r0 + tile.shape[0]
+    def fill(r0: int, dst: torch.Tensor) -> None:
+        r1 = r0 + dst.shape[0]
         qdequant(qweight[r0:r1], scales[r0:r1], None if zeros is None else zeros[r0:r1], bits,
-                 mins=None if mins is None else mins[r0:r1], out=tile)
+                 mins=None if mins is None else mins[r0:r1], out=dst)
     return tiled_linear(x, n, step, fill, bias, tile=tile)
 
 
@@ -82,10 +82,11 @@ def tiled_linear(x: torch.Tensor, n: int, step: int, fill, bias: torch.Tensor | 
                  gemm=None, tile: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T + bias`` for x [M, K] and a weight ``w`` [n, K] that exists only tile by tile:
     ``fill(r0, tile)`` writes rows ``r0 .. r0 + len(tile)`` of ``w`` into ``tile``; each tile of ``step``
-    rows (in ``tile``'s storage when given) goes through ``gemm(x, tile, bias, out=...)`` (default :func:`kernels.linear.linear`), which writes
-    its columns of the output in place (a copy a tile had cost the H200's 7B AWQ burst pass 700 launches and
-    18.7 ms of GPU time, session 27). The last tile ends at row ``n`` and overlaps the one before (its first
-    rows computed twice, written with the same values), so every GEMM has one shape (one tuning)."""
+    rows (in ``tile``'s storage when given) goes through ``gemm(x, tile, bias, out=...)`` (default
+    :func:`kernels.linear.linear`), which writes its columns of the output in place (a copy a tile had cost
+    the H200's 7B AWQ burst pass 700 launches and 18.7 ms of GPU time, session 27). The last tile ends at row
+    ``n`` and overlaps the one before (its first rows computed twice, written with the same values), so every
+    GEMM has one shape (one tuning)."""
     assert 0 < step < n, "one tile: the caller runs the GEMM itself"
     gemm = gemm or linear
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
