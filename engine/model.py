@@ -21,6 +21,7 @@ from engine.decoder import DecoderLayers
 from engine.kv_cache import KVCache
 from engine.ops import TorchOps
 from engine.prefill_states import DeviceStates, HostStates, interleave_weights
+from engine.stacking import run_pick, stacked_runs
 from engine.state_parking import Parking, kv_tail_spans, parking_enabled
 from kernels.rope import rope_tables
 
@@ -67,38 +68,6 @@ class Group:
     row0: int
     max_len: int
     kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
-
-
-def stacked_runs(groups: list[Group], stack_rows: int) -> list[list[int]]:
-    """The groups' indices in order, split into runs that share each layer's projections: consecutive groups of
-    more than one token a row whose token rows (padding included) add up to at most ``stack_rows``; every
-    other group alone (a decode group keeps its own GEMV)."""
-    runs: list[list[int]] = []
-    total = stack_rows + 1  # the last run's rows; past the limit: nothing joins it (none yet, or a decode group)
-    for k, g in enumerate(groups):
-        n, prompt = g.ids.numel(), g.ids.shape[1] > 1
-        if prompt and total + n <= stack_rows:
-            runs[-1].append(k)
-            total += n
-        else:
-            runs.append([k])
-            total = n if prompt else stack_rows + 1
-    return runs
-
-
-def run_pick(groups: list[Group], runs: list[list[int]], pick: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """``pick``'s (group, row, token) as (unit, row, token) of ``runs``' units: a stacked run is one [1, R] row."""
-    where: dict[int, tuple[int, int]] = {}  # group -> (its unit, rows of the unit before it)
-    for u, run in enumerate(runs):
-        off = 0
-        for k in run:
-            where[k] = (u, off)
-            off += groups[k].ids.numel()
-    out = []
-    for g, r, j in pick:
-        u, off = where[g]
-        out.append((u, r, j) if len(runs[u]) == 1 else (u, 0, off + r * groups[g].ids.shape[1] + j))
-    return out
 
 
 class Model(DecoderLayers):
@@ -170,7 +139,8 @@ class Model(DecoderLayers):
 
     def forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
                        chunk_context=None, after_layer=None, host_states: bool = False,
-                       park: bool | list[torch.Tensor] = False, stack_rows: int = 0) -> torch.Tensor:
+                       park: bool | list[torch.Tensor] = False, stack_rows: int = 0,
+                       stack_free: set[int] | None = None) -> torch.Tensor:
         """Run several groups of sequences through one pass over the layers: each layer's weights are
         fetched once and every group (in order) runs through them, each on its own rows of the KV cache
         and with its own token count, so prompt slices and single decode tokens share a pass without
@@ -180,12 +150,14 @@ class Model(DecoderLayers):
         ``park``: True: the groups are all the rows in use of a contiguous ``cache``, so host states that fit
         its unreached positions wait there instead (``engine.state_parking``); a list: flat spans of KV memory
         nothing reads during the pass (a paged cache's unused blocks) to park them in. ``cache`` may be None
-        when every group brings its own ``kv``. ``stack_rows`` > 0: consecutive prompt groups whose token rows
-        add up to at most that many run each layer together (``layer_stacked``), their states one unit."""
+        when every group brings its own ``kv``. ``stack_rows`` > 0: groups whose token rows add up to at most that
+        many run each layer together (``layer_stacked``), their states one unit: consecutive prompt groups, or with
+        ``stack_free`` (the groups that may run in any order) packed into as few units as fit, the decode group
+        heading the first (``engine.stacking``)."""
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
-        runs = stacked_runs(groups, stack_rows)  # the states' units: a group, or a run of them stacked [1, rows]
+        runs = stacked_runs(groups, stack_rows, stack_free)  # the states' units: a group, or a stack [1, rows]
         shapes = [tuple(groups[r[0]].ids.shape) if len(r) == 1 else (1, sum(groups[k].ids.numel() for k in r))
                   for r in runs]
         embed = lambda u: self.weights.embed(self._run_ids(groups, runs[u]), self.ops.embedding)  # noqa: E731

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from kernels.checks import check_device
 from kernels.rmsnorm import row_blocking
+from kernels.fastlaunch import fast
 
 MAX_N = 65536
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,7 +95,7 @@ def add_rmsnorm(
     if rows == 0:
         return normed, new_residual
     block_r, block_n, warps = row_blocking(rows, n, 2 * x.element_size(), x.device)
-    _add_rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
+    _add_rmsnorm_launch[(triton.cdiv(rows, block_r),)](
         x, residual, weight, normed, new_residual, rows, n, float(eps),
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )
@@ -108,3 +109,6 @@ def add_rmsnorm_ref(
     s = x.float() + residual.float()
     h = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
     return weight.float() * h, s
+
+
+_add_rmsnorm_launch = fast(_add_rmsnorm_kernel)  # launched through kernels.fastlaunch

@@ -42,6 +42,7 @@ from kernels.checks import check_decode_inputs
 from kernels.flash_common import chunk_len, merge_splits, online_softmax_pv, qk_scores, store_rows
 from kernels.tickets import counters, last_ticket
 from kernels.tuning import NoCandidate, fastest, fits_l2, graph_ms, tuning_suspended
+from kernels.fastlaunch import fast
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -194,7 +195,7 @@ def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: trito
     block_s = min(triton.next_power_of_2(splits), _REDUCE_BLOCK_S)
     block_g = triton.next_power_of_2(Hq // Hk) if cnt is not None else 1
     merge_s = min(block_s, max(1, _MERGE_REGS * 32 * cfg.num_warps // (block_g * block_d)))
-    _attention_decode_kernel[(B * Hk, splits)](
+    _attention_decode_launch[(B * Hk, splits)](
         q, k_cache, v_cache, seq_lens, out, ws_m, ws_l, ws_acc, seq_lens if cnt is None else cnt,
         float(scale) * _LOG2E, Hq, Hk, D, Hq // Hk, splits, *q.stride()[:2], *k_cache.stride()[:3],
         *v_cache.stride()[:3], *out.stride()[:2], BLOCK_H=block_h, BLOCK_N=cfg.kwargs["BLOCK_N"],
@@ -202,7 +203,7 @@ def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: trito
         DIRECT=splits == 1, PDL=pdl, FUSED=cnt is not None, BLOCK_G=block_g, BLOCK_S=merge_s,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1 and cnt is None:
-        _attention_decode_reduce_kernel[(B * Hq,)](
+        _attention_decode_reduce_launch[(B * Hq,)](
             ws_m, ws_l, ws_acc, seq_lens, out, splits, cfg.kwargs["BLOCK_N"], Hq, D, *out.stride()[:2],
             BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl,
             num_warps=8 if block_s * block_d >= 8192 else 4, **({"launch_pdl": True} if pdl else {}))
@@ -306,3 +307,8 @@ def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         s = torch.einsum("hd,hnd->hn", q[b].float(), k) * scale
         out[b] = torch.einsum("hn,hnd->hd", torch.softmax(s, dim=-1), v)
     return out
+
+
+# launched through kernels.fastlaunch
+_attention_decode_launch = fast(_attention_decode_kernel)
+_attention_decode_reduce_launch = fast(_attention_decode_reduce_kernel)

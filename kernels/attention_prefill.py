@@ -27,6 +27,7 @@ from kernels import tuning_cache
 from kernels.checks import check_kv_cache
 from kernels.flash_common import online_softmax_pv, qk_scores
 from kernels.tuning import bench_ms, fastest, tuning_suspended
+from kernels.fastlaunch import fast
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -129,7 +130,7 @@ _TUNED: dict[tuple, triton.Config] = {}
 
 
 def _launch(cfg: triton.Config, args: tuple, consts: dict, grid_m: int, grid_bh: int) -> None:
-    _attention_prefill_kernel[(triton.cdiv(grid_m, cfg.kwargs["BLOCK_M"]), grid_bh)](
+    _attention_prefill_launch[(triton.cdiv(grid_m, cfg.kwargs["BLOCK_M"]), grid_bh)](
         *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -232,3 +233,5 @@ def attention_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         out[b, :n] = torch.einsum("hts,hsd->thd", p, v[b, :, :kv])
     return out
 
+
+_attention_prefill_launch = fast(_attention_prefill_kernel)  # launched through kernels.fastlaunch

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_device
+from kernels.fastlaunch import fast
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -56,7 +57,7 @@ def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     flat = flat.contiguous()
     block = min(triton.next_power_of_2(hidden), 2048)
     grid = (flat.numel(), triton.cdiv(hidden, block))
-    _embedding_kernel[grid](
+    _embedding_launch[grid](
         flat, table, out, vocab, hidden, table.stride(0), BLOCK_H=block, num_warps=4 if block <= 1024 else 8
     )
     return out
@@ -65,3 +66,6 @@ def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 def embedding_ref(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """fp32 reference: ``table[ids]`` as a float32 tensor."""
     return table.float()[ids.long()]
+
+
+_embedding_launch = fast(_embedding_kernel)  # launched through kernels.fastlaunch

@@ -35,6 +35,7 @@ import triton.language as tl
 from kernels import gemm_tma, tuning_cache
 from kernels.mma import mma_nt
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
+from kernels.fastlaunch import fast
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -212,7 +213,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
     (M, K), N = x.shape, w.shape[0]
     kw = cfg.kwargs
     grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
-    _gemm_kernel[grid](
+    _gemm_launch[grid](
         x, w, bias if bias is not None else w, out, M, N, K,
         x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
@@ -267,3 +268,6 @@ def gemm_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None)
     if bias is not None:
         out = out + bias.float()
     return out
+
+
+_gemm_launch = fast(_gemm_kernel)  # launched through kernels.fastlaunch

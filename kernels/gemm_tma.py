@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from kernels.mma import mma_nt
+from kernels.fastlaunch import fast
 
 try:  # host-side tensor descriptors (present in triton 3.6, the GPU machine, and 3.9)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -171,7 +172,7 @@ def launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
         progs = min(tiles, _num_sms(x.device.index or 0) if x.is_cuda else _INTERPRET_PROGS)
     tma_store = (out.stride(0) * out.element_size()) % 16 == 0
     o_desc = _desc(out, bm, bn // 2 if kw["SUBTILE"] else bn) if tma_store else out
-    _gemm_tma_kernel[(progs,)](
+    _gemm_tma_launch[(progs,)](
         _desc(x, bm, bk), _desc(w, bn, bk), o_desc, bias if bias is not None else out, out,
         M, N, K, out.stride(0), progs,
         HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
@@ -179,3 +180,6 @@ def launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=kw["GROUP_M"], TMA_STORE=tma_store,
         SUBTILE=kw["SUBTILE"], FLATTEN=kw["FLATTEN"], WARP_SPEC=kw["WARP_SPEC"],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+_gemm_tma_launch = fast(_gemm_tma_kernel)  # launched through kernels.fastlaunch

@@ -47,6 +47,7 @@ from kernels.gemm import check_linear_inputs
 from kernels.mma import mma_nt
 from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
+from kernels.fastlaunch import fast
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -167,7 +168,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
     ws, cnt = split_k_scratch(cfg, out, "gemv")
     b = bias if bias is not None else w
     grid_n = triton.cdiv(N, bn)
-    _gemv_kernel[(grid_n, sk)](
+    _gemv_launch[(grid_n, sk)](
         x, w, b, out, ws, out if cnt is None else cnt, M, N, K, x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m,
@@ -243,3 +244,6 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None)
     if bias is not None:
         out = out + bias.float()
     return out
+
+
+_gemv_launch = fast(_gemv_kernel)  # launched through kernels.fastlaunch

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_device
+from kernels.fastlaunch import fast
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -85,7 +86,7 @@ def kv_append_(
     block_d = triton.next_power_of_2(d)
     block_h = min(triton.next_power_of_2(hk), max(1, 2048 // block_d))
     grid = (b * t, triton.cdiv(hk, block_h))
-    _kv_append_kernel[grid](
+    _kv_append_launch[grid](
         k, v, k_cache, v_cache, start,
         t, hk, k_cache.shape[2], d,
         *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
@@ -106,3 +107,6 @@ def kv_append_ref(
                 kc[b, :, pos] = k[b, t].float()
                 vc[b, :, pos] = v[b, t].float()
     return kc, vc
+
+
+_kv_append_launch = fast(_kv_append_kernel)  # launched through kernels.fastlaunch

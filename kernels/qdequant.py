@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant_common import dequant_ref, load_dequant, scale_mode
+from kernels.fastlaunch import fast
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _S_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -83,7 +84,7 @@ def qdequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
         return out
     z = mins if mins is not None else zeros
     mode, bn = scale_mode(group, k, BLOCK_K), block_n(out.dtype)
-    _qdequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, BLOCK_K))](
+    _qdequant_launch[(triton.cdiv(n, bn), triton.cdiv(k, BLOCK_K))](
         qweight, scales, scales if z is None else z, out, n, k, group, qweight.stride(0), scales.stride(0),
         out.stride(0), HAS_ZEROS=zeros is not None, HAS_MINS=mins is not None, BITS=bits, BLOCK_N=bn,
         BLOCK_K=BLOCK_K, SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, EVEN_K=k % BLOCK_K == 0,
@@ -95,3 +96,6 @@ def qdequant_ref(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
                  mins: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 torch reference for :func:`qdequant` (kernels.quant_common.dequant_ref)."""
     return dequant_ref(qweight, scales, zeros, bits, mins)
+
+
+_qdequant_launch = fast(_qdequant_kernel)  # launched through kernels.fastlaunch

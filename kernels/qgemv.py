@@ -43,6 +43,7 @@ from kernels.quant_common import (agrees_with_reference, check_quant_inputs, deq
                                   permute_input, scale_mode)
 from kernels.quant_variants import gemv_tile, load_words, split_dots, variant_ok, word_scales
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
+from kernels.fastlaunch import fast
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -234,7 +235,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
         return
     ws, cnt = split_k_scratch(cfg, out, "qgemv")
     b = bias if bias is not None else out
-    _qgemv_kernel[(triton.cdiv(N, bn), sk)](
+    _qgemv_launch[(triton.cdiv(N, bn), sk)](
         x, q, s, s if z is None else z, b, out, ws, out if cnt is None else cnt,
         M, N, K, group, x.stride(0), q.stride(0), s.stride(0), out.stride(0),
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None, BITS=bits,
@@ -322,3 +323,6 @@ def qgemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     xp = x.float() if perm is None else x.float()[:, perm.long()]
     out = xp @ dequant_ref(qweight, scales, zeros, bits, mins).T
     return out if bias is None else out + bias.float()
+
+
+_qgemv_launch = fast(_qgemv_kernel)  # launched through kernels.fastlaunch

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_device
+from kernels.fastlaunch import fast
 
 MAX_N = 65536
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -128,7 +129,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(f"rmsnorm: at most 2**30 - 1 rows, got {rows}")
     sizes, strides = _leading_layout(x)
     block_r, block_n, warps = row_blocking(rows, n, x.element_size(), x.device)
-    _rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
+    _rmsnorm_launch[(triton.cdiv(rows, block_r),)](
         x, weight, out, rows, sizes[1], sizes[2], strides[0], strides[1], strides[2],
         n, float(eps), BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )
@@ -140,3 +141,6 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight.float() * h
+
+
+_rmsnorm_launch = fast(_rmsnorm_kernel)  # launched through kernels.fastlaunch

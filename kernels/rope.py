@@ -37,6 +37,7 @@ from triton.runtime.errors import OutOfResources, PTXASError
 from kernels import tuning_cache
 from kernels.checks import check_device
 from kernels.tuning import NoCandidate, fastest, graph_ms, tuning_suspended
+from kernels.fastlaunch import fast
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -122,7 +123,7 @@ def _launch(q, k, cos, sin, positions, cfg: tuple[int, int, int]) -> None:
     hk = k.shape[2]
     block_t, block_h, warps = cfg
     grid = (triton.cdiv(b * t, block_t), triton.cdiv(hq + hk, block_h))
-    _rope_kernel[grid](
+    _rope_launch[grid](
         q, k, cos, sin, positions,
         b * t, t, hq, hk, cos.shape[0],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -301,3 +302,6 @@ def rope_tables(
     t = torch.arange(max_positions, dtype=torch.int64).float()
     freqs = torch.outer(t, inv_freq)
     return freqs.cos().contiguous(), freqs.sin().contiguous()
+
+
+_rope_launch = fast(_rope_kernel)  # launched through kernels.fastlaunch

@@ -25,6 +25,7 @@ from kernels.kv_append import _validate as _validate_append
 from kernels.kv_append import kv_append_ref
 from kernels.rope import _validate as _validate_rope
 from kernels.rope import apply_rope_ref
+from kernels.fastlaunch import fast
 
 
 @triton.jit
@@ -81,7 +82,7 @@ def rope_kv_append_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     if b * t == 0 or k_cache.shape[2] == 0:
         return
     half = d // 2
-    _rope_kv_append_kernel[(b * t,)](
+    _rope_kv_append_launch[(b * t,)](
         q, k, v, k_cache, v_cache, cos, sin, positions, start_pos.contiguous(),
         t, hq, hk, cos.shape[0], k_cache.shape[2], d,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -103,3 +104,6 @@ def rope_kv_append_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
     q_rot, k_rot = torch.where(keep, q_rot, q.float()), torch.where(keep, k_rot, k.float())
     kc, vc = kv_append_ref(k_rot, v, k_cache, v_cache, start_pos)
     return q_rot, kc, vc
+
+
+_rope_kv_append_launch = fast(_rope_kv_append_kernel)  # launched through kernels.fastlaunch

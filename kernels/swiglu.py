@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_device
+from kernels.fastlaunch import fast
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,7 +52,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block = min(triton.next_power_of_2(inter), 2048)
     grid = (rows, triton.cdiv(inter, block))
-    _swiglu_kernel[grid](gate_up, out, inter, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    _swiglu_launch[grid](gate_up, out, inter, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return out
 
 
@@ -59,3 +60,6 @@ def swiglu_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """fp32 reference: ``silu(gate) * up`` as a float32 tensor."""
     g, u = gate_up.float().chunk(2, dim=-1)
     return torch.nn.functional.silu(g) * u
+
+
+_swiglu_launch = fast(_swiglu_kernel)  # launched through kernels.fastlaunch

@@ -32,6 +32,28 @@ def test_stacked_runs_keep_order_and_the_limit(shapes, limit, runs):
     assert stacked_runs(groups, limit) == runs
 
 
+@pytest.mark.parametrize("shapes,free,limit,runs", [
+    # the decode group heads the first unit; the free prompts first fit by decreasing rows
+    ([(2, 1), (1, 5), (1, 3), (1, 8)], {1, 2, 3}, 8, [[0, 1], [3], [2]]),
+    # the burst of session 27 at its 2048-row limit: five units in order, four packed
+    ([(1, n) for n in (132, 306, 567, 639, 681, 913, 947, 1117, 1345)], set(range(9)), 2048,
+     [[4, 8], [5, 7], [0, 1, 3, 6], [2]]),
+    # a long prompt's slices (1, 2: one sequence) keep their order, after the decode group's unit
+    ([(3, 1), (1, 8), (1, 2), (1, 4), (1, 1)], {3, 4}, 8, [[0, 3, 4], [1], [2]]),
+    ([(1, 5), (1, 3)], {0, 1}, 8, [[0, 1]]),  # no decode group: the free prompts alone packed
+    ([(9, 1), (1, 3)], {1}, 8, [[0], [1]]),  # a decode group over the limit stays alone, first
+    ([(2, 1), (1, 9), (1, 3)], {1, 2}, 8, [[0, 2], [1]]),  # a free group over the limit runs alone
+    ([(2, 1), (1, 5)], set(), 8, [[0], [1]]),  # nothing free: in order
+    ([(2, 1), (1, 5)], {1}, 0, [[0], [1]]),  # 0: off
+])
+def test_stacked_runs_packed(shapes, free, limit, runs):
+    groups = [_group(b, t) for b, t in shapes]
+    got = stacked_runs(groups, limit, free)
+    assert got == runs
+    assert sorted(k for run in got for k in run) == list(range(len(groups)))  # every group once
+    assert all(sum(groups[k].ids.numel() for k in run) <= limit for run in got if len(run) > 1)
+
+
 @pytest.fixture(scope="module", params=["tiny-qwen2", "tiny-qwen3", "tiny-qwen2-awq"])
 def model_dir(request, tmp_path_factory):
     from engine.synth.writer import synthesize
@@ -40,11 +62,18 @@ def model_dir(request, tmp_path_factory):
                       quant="awq" if request.param.endswith("-awq") else None)
 
 
+# stack_free None: one run of the three prompt groups (4 + 3 + 5 rows), the decode group alone; {3}: the decode
+# group and the free prompt (2 + 5 rows), then the long prompt's two slices (4 + 3 rows)
+PACKINGS = {None: ([3], [2, 12, 4, 3, 5]), 3: ([2, 2], [7, 2, 5, 7, 4, 3])}
+
+
+@pytest.mark.parametrize("free", [None, 3])
 @pytest.mark.parametrize("states", ["device", "host", "parked"])
-def test_stacked_pass_gives_the_logits_of_group_by_group(model_dir, monkeypatch, states):
-    """Three prompts (two slices of one, the later reading the earlier's keys) and a decode group in one pass:
-    stacked (one run of prompt slices, its states one [1, 12] unit: on the device, in host memory, parked in
-    the cache's unreached positions) and group by group give the same logits and the same KV cache."""
+def test_stacked_pass_gives_the_logits_of_group_by_group(model_dir, monkeypatch, states, free):
+    """Two prompts (two slices of one, the later reading the earlier's keys) and a decode group in one pass:
+    stacked (in order: one run of prompt slices, its states one [1, 12] unit; packed: the decode group with the
+    free prompt, then the slices; their states on the device, in host memory, parked in the cache's unreached
+    positions) and group by group give the same logits and the same KV cache."""
     eng = make_engine(model_dir, batch=4, max_context=64)
     calls = []
     real = Model.layer_stacked
@@ -75,11 +104,13 @@ def test_stacked_pass_gives_the_logits_of_group_by_group(model_dir, monkeypatch,
         parked = eng.model.parked_passes
         entered = []  # the chunk contexts entered, by rows: the stack's, then each stacked group's attention
         chunk_context = lambda rows: entered.append(rows) or contextlib.nullcontext()  # noqa: E731
-        stacked = eng.model.forward_groups(groups, eng.cache, pick, chunk_context, stack_rows=16, **kw)
+        stacked = eng.model.forward_groups(groups, eng.cache, pick, chunk_context, stack_rows=16,
+                                           stack_free=None if free is None else {free}, **kw)
         assert eng.model.parked_passes - parked == (states == "parked")
-        assert calls == [3] * eng.cfg.num_hidden_layers  # 4 + 3 + 5 prompt rows in one run a layer
+        units, contexts = PACKINGS[free]
+        assert calls == units * eng.cfg.num_hidden_layers
         # a short group's rope and attention run under its own rows' context (ops.prompt_chunk: untuned, as alone)
-        assert entered == [2, 12, 4, 3, 5] * eng.cfg.num_hidden_layers
+        assert entered == contexts * eng.cfg.num_hidden_layers
         torch.testing.assert_close(stacked, alone, rtol=1e-5, atol=1e-5)
         ends = [21, 31, 7, 5]  # each row's positions written or read (parked states wait past them)
         for i in range(eng.cfg.num_hidden_layers):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 
 def pack_rows(lengths: list[int], limit: int) -> list[list[int]]:
     """Indices of ``lengths`` in groups whose size x longest member stays within ``limit`` (the
@@ -18,3 +20,10 @@ def pack_rows(lengths: list[int], limit: int) -> list[list[int]]:
         else:
             groups.append([i])
     return groups
+
+
+def stack_free(parts: list[list[tuple]], first: int) -> set[int]:
+    """The indices (from ``first``) of the prompt groups ``parts`` whose sequences have no other group in the pass:
+    they may run in any order (``engine.stacking``); a long prompt's slices keep theirs."""
+    count = Counter(s.seq_id for part in parts for s, _, _ in part)
+    return {first + k for k, part in enumerate(parts) if all(count[s.seq_id] == 1 for s, _, _ in part)}

@@ -38,7 +38,7 @@ from engine.footprint import state_bytes_per_token
 from engine.model import Group
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
-from engine.serving.packing import pack_rows
+from engine.serving.packing import pack_rows, stack_free
 from engine.serving.passcost import MAX_DEFERRED, PassCost, prompt_order
 from engine.serving.rows import RowSampler
 from engine.serving.sequence import Logprob, Sequence
@@ -77,7 +77,10 @@ class ModelRunner:
         self.cost = PassCost() if streams else None  # streamed passes: their size from their measured cost
         # prompt groups share each layer's projections up to one chunk of token rows (the workspace the plan
         # sized): fewer launches, and a packed weight widened once for all of them
-        self.stack_rows = opts.prefill_chunk if os.environ.get("LAYERSTREAM_STACK_PROMPTS", "1") == "1" else 0
+        # (LAYERSTREAM_STACK_PROMPTS=order: consecutive groups only, the decode group alone; 0: none stacked)
+        stack = os.environ.get("LAYERSTREAM_STACK_PROMPTS", "packed")
+        self.stack_rows = opts.prefill_chunk if stack != "0" else 0
+        self.stack_packed = stack != "order"
 
     @contextlib.contextmanager
     def groups_apart(self):
@@ -174,7 +177,8 @@ class ModelRunner:
         if self.cost is not None:
             room = min(room, self.cost.room([s.pending for s in seqs if s.pending > 1], eng.opts.prefill_chunk,
                                             self.pass_tokens))
-        for part in self._slices(seqs, max(1, room), q_lens):
+        parts = self._slices(seqs, max(1, room), q_lens)
+        for part in parts:
             group, spec = self._slice_group(part)
             groups.append(group)
             specs.append(spec)
@@ -191,8 +195,9 @@ class ModelRunner:
         # cache's never-used blocks (this pass's blocks are reserved by now), when they fit (engine.state_parking)
         host = self._host_states(groups)
         park = (cache.unused_spans(self.paged[1].alloc.free) if host else False) if self.paged else True
+        free = stack_free(parts, len(groups) - len(parts)) if self.stack_packed else None
         out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk, host_states=host, park=park,
-                                       stack_rows=self.stack_rows)
+                                       stack_rows=self.stack_rows, stack_free=free)
         logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
         logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
         return logits, q_lens
@@ -288,3 +293,4 @@ class ModelRunner:
     def logprob(self, logits: torch.Tensor, s: Sequence, token: int) -> Logprob | None:
         """The token's log-probability entry, when the sequence asks for one (``engine.serving.rows``)."""
         return self.rows.logprob(logits, s, token)
+
