@@ -9,7 +9,7 @@ cProfile ``JITFunction.run`` and its callees were 36% of the pass's Python).
 ``FastKernel`` wraps a ``@triton.jit`` function; ``kernel[grid](*args, **kwargs)`` launches as Triton would. The
 first launch of a *key* goes through Triton (compiling if needed) and keeps the compiled kernel; later launches
 of that key call its launcher directly. The key holds everything Triton specializes on, exactly or more finely:
-each integer's value, each tensor's dtype and whether its address is 16-byte aligned, a tensor descriptor's base
+each integer's and float's value, each tensor's dtype and whether its address is 16-byte aligned, a tensor descriptor's base
 (the same), shape, strides and block shape, every keyword (constexprs and launch options) and the device. So a
 kernel compiled for one specialization never runs for another; a new key costs one ordinary launch.
 
@@ -57,10 +57,8 @@ def _arg_key(a):
     t = type(a)
     if t is int:
         return a
-    if t is bool or a is None or t is str:
+    if t is bool or a is None or t is str or t is float:  # a float's value: it may be a constexpr
         return (t, a)
-    if t is float:
-        return float
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
     if TensorDescriptor is not None and t is TensorDescriptor:
@@ -68,6 +66,16 @@ def _arg_key(a):
         return (TensorDescriptor, base.dtype, base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides),
                 tuple(a.block_shape), getattr(a, "padding", None))
     raise TypeError(type(a).__name__)
+
+
+def _kw_key(v):
+    """A keyword's key: as a positional argument's, or for a constexpr of another hashable kind (a dtype, a
+    tuple) its value; a tensor never by identity."""
+    try:
+        return _arg_key(v)
+    except TypeError:
+        hash(v)
+        return (type(v), v)
 
 
 class FastKernel:
@@ -89,7 +97,7 @@ class FastKernel:
             return self._triton(grid, args, kwargs)
         dev = torch.cuda.current_device()
         try:
-            key = (dev, tuple(map(_arg_key, args)), tuple(kwargs.items()))
+            key = (dev, tuple(map(_arg_key, args)), tuple((k, _kw_key(v)) for k, v in kwargs.items()))
             hit = self.kernels.get(key)
         except TypeError:  # an argument of another kind, or an unhashable keyword: Triton's path
             return self._triton(grid, args, kwargs)

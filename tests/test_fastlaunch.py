@@ -8,20 +8,23 @@ import pytest
 import torch
 
 from kernels import fastlaunch
-from kernels.fastlaunch import FastKernel, _arg_key
+from kernels.fastlaunch import FastKernel, _arg_key, _kw_key
 
 
 def test_key_holds_each_specialization():
     x = torch.zeros(64)
     assert _arg_key(16) == 16 and _arg_key(17) != _arg_key(16) and _arg_key(1) == 1
     assert _arg_key(True) != _arg_key(1) and _arg_key(None) == (type(None), None)
-    assert _arg_key(2.5) == _arg_key(0.5)  # a float is passed as fp32, whatever its value
+    assert _arg_key(2.5) != _arg_key(0.5) and _arg_key(0.5) == _arg_key(0.5)  # a float may be a constexpr
     assert _arg_key(x) == (torch.float32, True)
     assert _arg_key(x[1:]) == (torch.float32, False)  # 4 bytes past an aligned base
     assert _arg_key(x[4:]) == (torch.float32, True)
     assert _arg_key(x.half()) != _arg_key(x)
     with pytest.raises(TypeError):
         _arg_key([1, 2])
+    assert _kw_key(x) == _arg_key(x) and _kw_key(torch.float16) == (torch.dtype, torch.float16)
+    with pytest.raises(TypeError):
+        _kw_key([1, 2])  # unhashable: Triton's path
 
 
 def test_descriptor_key_holds_shape_strides_and_block():
