@@ -13,7 +13,8 @@ each integer's and float's value, each tensor's dtype and whether its address is
 (the same), shape, strides and block shape, every keyword (constexprs and launch options) and the device. So a
 kernel compiled for one specialization never runs for another; a new key costs one ordinary launch.
 
-Triton's own path is taken while its launch hooks are set (a profiler's), under the interpreter, for arguments
+Triton's own path is taken while its launch hooks are set (a profiler's), inside ``kernels.ahead.compile_only``
+(its launches compile and never run), under the interpreter, for arguments
 of other kinds, and for a grid given as a function. ``LAYERSTREAM_FAST_LAUNCH=0`` turns the direct path off.
 """
 
@@ -27,6 +28,12 @@ try:  # Triton >= 3.4: the launch hooks live in knobs
     from triton import knobs as _knobs
 except ImportError:  # pragma: no cover - older Triton: never fast
     _knobs = None
+
+try:
+    from triton.runtime.jit import JITFunction
+except ImportError:  # pragma: no cover
+    JITFunction = None
+_RUN = getattr(JITFunction, "run", None)  # Triton's own; kernels.ahead.compile_only patches it (no launch inside)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -93,7 +100,7 @@ class FastKernel:
 
     def launch(self, grid, args: tuple, kwargs: dict):
         """Launch over ``grid`` (a tuple of 1-3 ints); returns what Triton's launch returns on its path."""
-        if not _ENABLED or not self.names or type(grid) is not tuple or _hooked():
+        if not _ENABLED or not self.names or type(grid) is not tuple or JITFunction.run is not _RUN or _hooked():
             return self._triton(grid, args, kwargs)
         dev = torch.cuda.current_device()
         try:
