@@ -15,7 +15,14 @@ kernel compiled for one specialization never runs for another; a new key costs o
 
 Triton's own path is taken while its launch hooks are set (a profiler's), inside ``kernels.ahead.compile_only``
 (its launches compile and never run), under the interpreter, for arguments
-of other kinds, and for a grid given as a function. ``LAYERSTREAM_FAST_LAUNCH=0`` turns the direct path off.
+of other kinds, and for a grid given as a function.
+
+Off unless ``LAYERSTREAM_FAST_LAUNCH=1``. Measured on an H200 (session 28, bench/results/2026-12-04-h200-s28):
+in process (bench/burst_probe.py, alternated on one machine) the 7B AWQ's 16-prompt burst passes took 265-436 /
+441-685 ms with it and ``engine.stacking``'s packing against 453-621 / 698-893 ms without; but served
+(tools/bench_serve, 16 clients, new / old / new processes on one machine) the burst's passes took 422-427 /
+689-698 ms with both against 283 / 485 ms without, and nothing measured there tells which of the two, or what
+in the server, made them slower. Until a profile of the served pass says why, the default is Triton's path.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ def _hooked() -> bool:
     return any(h is not None and bool(getattr(h, "calls", True)) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
 
-_ENABLED = (os.environ.get("LAYERSTREAM_FAST_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+_ENABLED = (os.environ.get("LAYERSTREAM_FAST_LAUNCH", "0") == "1" and os.environ.get("TRITON_INTERPRET", "0") != "1"
             and _knobs is not None)
 
 
