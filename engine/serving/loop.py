@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from engine.engine import Engine
+from engine.serving.passprof import PassProfiler
 from engine.serving.scheduler import QueueFull, Scheduler, StepStats
 from engine.serving.sequence import Sequence, SeqOutput
 
@@ -151,6 +152,7 @@ class EngineLoop:
             self.scheduler = Scheduler(self.engine, self.max_waiting, self.on_step, hold_outputs=hold,
                                        **self._scheduler_options)
             self._warm_up()
+            self.scheduler.profiler = PassProfiler.from_env()  # served passes only, not the warm-up's
         except BaseException as e:  # reported by /health and NotReady; the process decides what to do
             log.error("loading the model failed: %s", e)
             self.error = e

@@ -25,6 +25,7 @@ from engine.generate import nonfinite_message
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import PagedKVCache
 from engine.serving.params import SamplingParams
+from engine.serving.passprof import PassProfiler
 from engine.serving.runner import ModelRunner
 from engine.serving.sequence import Sequence, SeqOutput, Status
 
@@ -91,6 +92,7 @@ class Scheduler:
         self.on_step = on_step  # called after every step (metrics)
         self.hold_outputs = hold_outputs and engine.device.type == "cuda" and engine.weights.stream.disk is None
         self._held: list[SeqOutput] = []  # outputs waiting for the next step's pass to be queued
+        self.profiler: PassProfiler | None = None  # the server sets it after its warm-up (engine.serving.passprof)
         self.runner.on_queued = self.deliver_held
 
     @property
@@ -142,7 +144,11 @@ class Scheduler:
         if not self.running:
             return []
         t0, c0 = time.perf_counter(), time.thread_time()
-        results = self.runner.step(self.running)  # delivers the held outputs once its pass is queued
+        if self.profiler is not None and self.profiler.wants(any(s.pending > 1 for s in self.running)):
+            results = self.profiler.run(self.stats.steps + 1, lambda: self.runner.step(self.running),
+                                        lambda: self.runner.last_tokens)
+        else:
+            results = self.runner.step(self.running)  # delivers the held outputs once its pass is queued
         outs = []
         for s, tok, logprob in results:
             out = (self._fail_nonfinite(s) if tok is None

@@ -1,0 +1,64 @@
+"""LAYERSTREAM_PROFILE_PASSES (engine.serving.passprof): the variable's forms; the first N passes that feed prompts
+profiled into their files, decode-only passes never; the tokens stay those of an unprofiled run; a directory that
+cannot be written costs the profile only."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from engine.serving.params import SamplingParams
+from engine.serving.passprof import PassProfiler
+from engine.serving.scheduler import Scheduler
+from engine.serving.sequence import Sequence
+from tests.helpers import random_prompts
+from tests.sched_helpers import engines, run_all  # noqa: F401 (the fixture)
+
+
+@pytest.mark.parametrize("spec,where,limit", [
+    ("/tmp/prof", "/tmp/prof", 4), ("/tmp/prof:2", "/tmp/prof", 2), ("rel/dir:10", "rel/dir", 10),
+    ("/tmp/a:b", "/tmp/a:b", 4),  # a colon not followed by a count belongs to the path
+])
+def test_the_variable_names_a_directory_and_a_count(monkeypatch, spec, where, limit):
+    monkeypatch.setenv("LAYERSTREAM_PROFILE_PASSES", spec)
+    prof = PassProfiler.from_env()
+    assert str(prof.directory) == where and prof.limit == limit
+
+
+def test_unset_or_empty_profiles_nothing(monkeypatch):
+    monkeypatch.delenv("LAYERSTREAM_PROFILE_PASSES", raising=False)
+    assert PassProfiler.from_env() is None
+    monkeypatch.setenv("LAYERSTREAM_PROFILE_PASSES", "")
+    assert PassProfiler.from_env() is None
+
+
+def _run(multi, profiler) -> list[list[int]]:
+    sched = Scheduler(multi)
+    sched.profiler = profiler
+    prompts = random_prompts([9, 20, 5], multi.cfg.vocab_size, seed=4)
+    seqs = [Sequence(p, SamplingParams(max_tokens=4), multi.tokenizer) for p in prompts]
+    run_all(sched, seqs, arrivals={0: 0, 1: 0, 2: 3})  # a third prompt arrives among decode steps
+    return [s.output_ids for s in seqs]
+
+
+def test_first_prompt_passes_profiled_tokens_unchanged(engines, tmp_path):  # noqa: F811
+    _, multi = engines
+    plain = _run(multi, None)
+    prof = PassProfiler(tmp_path / "prof", limit=2)
+    assert _run(multi, prof) == plain
+    files = sorted((tmp_path / "prof").glob("pass_*.txt"))
+    assert len(files) == 2 and prof.done == 2  # the limit: later prompt passes run unprofiled
+    text = files[0].read_text()
+    assert text.startswith("pass at step 1:") and "tokens" in text and "tottime" in text and "cumulative" in text
+    assert "runner.py" in text  # the pass's own functions are in it
+
+
+def test_an_unwritable_directory_costs_only_the_profile(engines, tmp_path, caplog):  # noqa: F811
+    _, multi = engines
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    prof = PassProfiler(blocker / "prof", limit=1)
+    with caplog.at_level(logging.WARNING, logger="engine.serving.passprof"):
+        assert _run(multi, prof) == _run(multi, None)
+    assert "cannot write" in caplog.text
