@@ -33,32 +33,36 @@ def test_unset_or_empty_profiles_nothing(monkeypatch):
     assert PassProfiler.from_env() is None
 
 
-def _run(multi, profiler) -> list[list[int]]:
+def _run(multi, profiler, monkeypatch) -> list[list[int]]:
     sched = Scheduler(multi)
     sched.profiler = profiler
+    monkeypatch.setattr("engine.serving.passprof.MIN_TOKENS", 8)  # the 5-token prompt's pass is not profiled
     prompts = random_prompts([9, 20, 5], multi.cfg.vocab_size, seed=4)
     seqs = [Sequence(p, SamplingParams(max_tokens=4), multi.tokenizer) for p in prompts]
     run_all(sched, seqs, arrivals={0: 0, 1: 0, 2: 3})  # a third prompt arrives among decode steps
     return [s.output_ids for s in seqs]
 
 
-def test_first_prompt_passes_profiled_tokens_unchanged(engines, tmp_path):  # noqa: F811
+def test_first_prompt_passes_profiled_tokens_unchanged(engines, tmp_path, monkeypatch):  # noqa: F811
     _, multi = engines
-    plain = _run(multi, None)
+    plain = _run(multi, None, monkeypatch)
     prof = PassProfiler(tmp_path / "prof", limit=2)
-    assert _run(multi, prof) == plain
+    assert _run(multi, prof, monkeypatch) == plain
     files = sorted((tmp_path / "prof").glob("pass_*.txt"))
     assert len(files) == 2 and prof.done == 2  # the limit: later prompt passes run unprofiled
+    prof = PassProfiler(tmp_path / "all", limit=10)
+    _run(multi, prof, monkeypatch)  # the first prompts' two passes (29 and 13 tokens waiting), not the 5-token one's
+    assert sorted(f.name for f in (tmp_path / "all").glob("*.txt")) == ["pass_1.txt", "pass_2.txt"]
     text = files[0].read_text()
     assert text.startswith("pass at step 1:") and "tokens" in text and "tottime" in text and "cumulative" in text
     assert "runner.py" in text  # the pass's own functions are in it
 
 
-def test_an_unwritable_directory_costs_only_the_profile(engines, tmp_path, caplog):  # noqa: F811
+def test_an_unwritable_directory_costs_only_the_profile(engines, tmp_path, caplog, monkeypatch):  # noqa: F811
     _, multi = engines
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     prof = PassProfiler(blocker / "prof", limit=1)
     with caplog.at_level(logging.WARNING, logger="engine.serving.passprof"):
-        assert _run(multi, prof) == _run(multi, None)
+        assert _run(multi, prof, monkeypatch) == _run(multi, None, monkeypatch)
     assert "cannot write" in caplog.text

@@ -1,5 +1,5 @@
-"""``LAYERSTREAM_PROFILE_PASSES=DIR[:N]``: a server's first N passes that feed prompts after its warm-up (default
-4) run under cProfile on the thread that steps the scheduler, each written to ``DIR/pass_<step>.txt``: its prompt tokens, wall and thread CPU
+"""``LAYERSTREAM_PROFILE_PASSES=DIR[:N]``: a server's first N passes that feed prompts (at least ``MIN_TOKENS``
+waiting) after its warm-up (default 4) run under cProfile on the thread that steps the scheduler, each written to ``DIR/pass_<step>.txt``: its prompt tokens, wall and thread CPU
 time, then the functions by own time and by cumulative time.
 
 Why: a served prompt pass and the same pass run in process (bench/burst_probe.py) took different times on an
@@ -25,6 +25,7 @@ from typing import TypeVar
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TOP = 45  # functions listed in each order
+MIN_TOKENS = 256  # prompt tokens waiting for a pass to be one worth profiling
 
 
 class PassProfiler:
@@ -44,8 +45,10 @@ class PassProfiler:
             where, count = spec, "4"
         return cls(Path(where), int(count))
 
-    def wants(self, feeds_prompts: bool) -> bool:
-        return feeds_prompts and self.done < self.limit
+    def wants(self, prompt_tokens: int) -> bool:
+        """Whether the next pass, with this many prompt tokens waiting, is profiled: one of the first ``limit``
+        with at least ``MIN_TOKENS`` (a load test's one-request warm-up, a few tokens, is not the pass to see)."""
+        return prompt_tokens >= MIN_TOKENS and self.done < self.limit
 
     def run(self, step: int, fn: Callable[[], T], tokens: Callable[[], int]) -> T:
         """``fn()`` under cProfile; its report (``tokens()`` read after it) as ``pass_<step>.txt``."""

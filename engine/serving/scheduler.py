@@ -144,7 +144,7 @@ class Scheduler:
         if not self.running:
             return []
         t0, c0 = time.perf_counter(), time.thread_time()
-        if self.profiler is not None and self.profiler.wants(any(s.pending > 1 for s in self.running)):
+        if self.profiler is not None and self.profiler.wants(sum(s.pending for s in self.running if s.pending > 1)):
             results = self.profiler.run(self.stats.steps + 1, lambda: self.runner.step(self.running),
                                         lambda: self.runner.last_tokens)
         else:
