@@ -59,15 +59,24 @@ def test_full_arguments_in_declaration_order_with_defaults():
     assert k._full((1,), {"n": 3, "BLOCK": 8, "FLAG": True}) == [1, 3, 8, True]
 
 
-def test_off_the_gpu_every_launch_is_tritons(monkeypatch):
+def test_off_every_launch_is_tritons_own(monkeypatch):
+    """Off (the default; always under the interpreter): ``k[grid]`` is the function's own launcher, nothing kept."""
     monkeypatch.setattr(fastlaunch, "_ENABLED", False)
     fn = _Fn()
     k = FastKernel(fn)
     before = dict(fastlaunch.STATS)
     for _ in range(3):
         assert k[(4,)](torch.zeros(4), 4, BLOCK=4) == "compiled"
-    assert len(fn.launches) == 3 and fastlaunch.STATS["triton"] - before["triton"] == 3
-    assert fastlaunch.STATS["direct"] == before["direct"] and not k.kernels
+    assert len(fn.launches) == 3 and fastlaunch.STATS == before and not k.kernels
+
+
+def test_on_a_grid_function_goes_through_triton(monkeypatch):
+    monkeypatch.setattr(fastlaunch, "_ENABLED", True)
+    fn = _Fn()
+    k = FastKernel(fn)
+    before = fastlaunch.STATS["triton"]
+    assert k[lambda meta: (1,)](torch.zeros(4), 4, BLOCK=4) == "compiled"  # a callable grid
+    assert len(fn.launches) == 1 and fastlaunch.STATS["triton"] == before + 1 and not k.kernels
 
 
 @pytest.mark.cuda
