@@ -67,7 +67,8 @@ def _in_order(groups: list[Group], order, stack_rows: int) -> list[list[int]]:
     return runs
 
 
-def run_pick(groups: list[Group], runs: list[list[int]], pick: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+def run_pick(groups: list[Group], runs: list[list[int]],
+             pick: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """``pick``'s (group, row, token) as (unit, row, token) of ``runs``' units: a stacked run is one [1, R] row."""
     where: dict[int, tuple[int, int]] = {}  # group -> (its unit, rows of the unit before it)
     for u, run in enumerate(runs):

@@ -9,13 +9,14 @@ cProfile ``JITFunction.run`` and its callees were 36% of the pass's Python).
 ``FastKernel`` wraps a ``@triton.jit`` function; ``kernel[grid](*args, **kwargs)`` launches as Triton would. The
 first launch of a *key* goes through Triton (compiling if needed) and keeps the compiled kernel; later launches
 of that key call its launcher directly. The key holds everything Triton specializes on, exactly or more finely:
-each integer's and float's value, each tensor's dtype and whether its address is 16-byte aligned, a tensor descriptor's base
-(the same), shape, strides and block shape, every keyword (constexprs and launch options) and the device. So a
-kernel compiled for one specialization never runs for another; a new key costs one ordinary launch.
+each integer's and float's value, each tensor's dtype and whether its address is 16-byte aligned, a tensor
+descriptor's base (the same), shape, strides and block shape, every keyword (constexprs and launch options) and
+the device. So a kernel compiled for one specialization never runs for another; a new key costs one ordinary
+launch.
 
 Triton's own path is taken while its launch hooks are set (a profiler's), inside ``kernels.ahead.compile_only``
-(its launches compile and never run), under the interpreter, for arguments
-of other kinds, and for a grid given as a function.
+(its launches compile and never run), under the interpreter, for arguments of other kinds, and for a grid given
+as a function.
 
 Off unless ``LAYERSTREAM_FAST_LAUNCH=1``. Measured on an H200 (session 28, bench/results/2026-12-04-h200-s28):
 in process (bench/burst_probe.py, alternated on one machine) the 7B AWQ's 16-prompt burst passes took 265-436 /
@@ -51,17 +52,13 @@ _MAX_KEYS = 4096  # compiled kernels kept per wrapped function (cleared when ful
 STATS = {"direct": 0, "triton": 0}  # launches each way (tests and probes read them)
 
 
-def enabled() -> bool:
-    """Whether launches may take the direct path (read once; tests set ``_ENABLED``)."""
-    return _ENABLED
-
-
 def _hooked() -> bool:
     """Whether a launch hook is set (Triton 3.6: a function or None; later: a chain of them, maybe empty)."""
     rt = _knobs.runtime
     return any(h is not None and bool(getattr(h, "calls", True)) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
 
+# whether launches may take the direct path (read once; tests and probes set it)
 _ENABLED = (os.environ.get("LAYERSTREAM_FAST_LAUNCH", "0") == "1" and os.environ.get("TRITON_INTERPRET", "0") != "1"
             and _knobs is not None)
 
@@ -146,9 +143,6 @@ class FastKernel:
     def _triton(self, grid, args: tuple, kwargs: dict):
         STATS["triton"] += 1
         return self.fn[grid](*args, **kwargs)
-
-    def __getattr__(self, name):  # warmup, cache, ... of the wrapped function
-        return getattr(self.fn, name)
 
 
 def fast(fn) -> FastKernel:

@@ -1,6 +1,7 @@
-"""``LAYERSTREAM_PROFILE_PASSES=DIR[:N]``: a server's first N passes that feed prompts (at least ``MIN_TOKENS``
-waiting) after its warm-up (default 4) run under cProfile on the thread that steps the scheduler, each written to ``DIR/pass_<step>.txt``: its prompt tokens, wall and thread CPU
-time, then the functions by own time and by cumulative time.
+"""``LAYERSTREAM_PROFILE_PASSES=DIR[:N]``: a server's first N passes after its warm-up that feed prompts (at least
+``MIN_TOKENS`` waiting; N default 4) run under cProfile on the thread that steps the scheduler, each written to
+``DIR/pass_<step>.txt``: its prompt tokens, wall and thread CPU time, then the functions by own time and by
+cumulative time.
 
 Why: a served prompt pass and the same pass run in process (bench/burst_probe.py) took different times on an
 H200 (session 28: 422-427 ms served against 265-436 ms in process, with kernels/fastlaunch.py and packed stacking

@@ -294,4 +294,3 @@ class ModelRunner:
     def logprob(self, logits: torch.Tensor, s: Sequence, token: int) -> Logprob | None:
         """The token's log-probability entry, when the sequence asks for one (``engine.serving.rows``)."""
         return self.rows.logprob(logits, s, token)
-
