@@ -56,6 +56,10 @@ def test_first_prompt_passes_profiled_tokens_unchanged(engines, tmp_path, monkey
     text = files[0].read_text()
     assert text.startswith("pass at step 1:") and "tokens" in text and "tottime" in text and "cumulative" in text
     assert "runner.py" in text  # the pass's own functions are in it
+    host, thread = text.splitlines()[1:3]  # what the rest of the machine did meanwhile
+    assert host.startswith("host: user ") and "steal" in host, host
+    assert thread.startswith("this thread: CPU ") and "context switches" in thread, thread
+    assert "called by" in text  # the callers of the calls seen slow
 
 
 def test_an_unwritable_directory_costs_only_the_profile(engines, tmp_path, caplog, monkeypatch):  # noqa: F811
