@@ -59,6 +59,7 @@ def test_first_prompt_passes_profiled_tokens_unchanged(engines, tmp_path, monkey
     host, thread = text.splitlines()[1:3]  # what the rest of the machine did meanwhile
     assert host.startswith("host: user ") and "steal" in host, host
     assert thread.startswith("this thread: CPU ") and "context switches" in thread, thread
+    assert "garbage collections: gen0 " in text and "objects frozen" in text
     assert "called by" in text  # the callers of the calls seen slow
 
 
@@ -70,3 +71,14 @@ def test_an_unwritable_directory_costs_only_the_profile(engines, tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="engine.serving.passprof"):
         assert _run(multi, prof, monkeypatch) == _run(multi, None, monkeypatch)
     assert "cannot write" in caplog.text
+
+
+def test_a_collection_during_the_pass_is_counted_and_timed(tmp_path):
+    import gc
+
+    prof = PassProfiler(tmp_path, 1)
+    assert prof.run(7, lambda: gc.collect(2) * 0 + 5, lambda: 300) == 5
+    text = (tmp_path / "pass_7.txt").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("garbage collections:"))
+    assert "gen2 1 (" in line and "gen0 0 (0.0 ms)" in line, line
+    assert gc.callbacks == [] or all(type(c).__name__ != "_GcTimer" for c in gc.callbacks)  # removed after

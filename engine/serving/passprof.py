@@ -10,7 +10,7 @@ work from its waits: a pass bound by the device spends its end in the synchronis
 (``tolist``, CUDA's default sync spins, so it counts as CPU time too); one bound by the host spends it in the
 launch path. Each report also says what the rest of the host did meanwhile (the machine's CPU time by kind from
 ``/proc/stat``, steal included: a virtual machine's vCPU taken away by its host; the thread's context switches and
-the CPU it ran on; the busiest threads of every process by CPU ticks): session 29 found whole server processes
+the CPU it ran on; the busiest threads of every process by CPU ticks; the cyclic garbage collector's runs and time): session 29 found whole server processes
 running every Python function ~1.8x slower than others on the same machine, and the profile alone cannot say why.
 Write errors are logged, never raised: a profile must not fail a request.
 """
@@ -18,6 +18,7 @@ Write errors are logged, never raised: a profile must not fail a request.
 from __future__ import annotations
 
 import cProfile
+import gc
 import io
 import logging
 import os
@@ -60,11 +61,15 @@ class PassProfiler:
     def run(self, step: int, fn: Callable[[], T], tokens: Callable[[], int]) -> T:
         """``fn()`` under cProfile; its report (``tokens()`` read after it) as ``pass_<step>.txt``."""
         prof = cProfile.Profile()
-        host0 = _host_snapshot()
+        host0, collector = _host_snapshot(), _GcTimer()
+        gc.callbacks.append(collector)
         t0, c0 = time.perf_counter(), time.thread_time()
-        result = prof.runcall(fn)
+        try:
+            result = prof.runcall(fn)
+        finally:
+            gc.callbacks.remove(collector)
         wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-        host = _host_report(host0, _host_snapshot())
+        host = _host_report(host0, _host_snapshot()) + collector.report()
         self.done += 1
         out = io.StringIO()
         out.write(f"pass at step {step}: {tokens()} tokens, {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms thread CPU "
@@ -79,6 +84,24 @@ class PassProfiler:
         except OSError as e:
             log.warning("LAYERSTREAM_PROFILE_PASSES: cannot write %s (%s)", self.directory, e)
         return result
+
+
+class _GcTimer:
+    """A ``gc.callbacks`` entry: the cyclic collector's runs by generation and their time, meanwhile."""
+
+    def __init__(self) -> None:
+        self.runs, self.seconds, self.started = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.runs[info["generation"]] += 1
+            self.seconds[info["generation"]] += time.perf_counter() - self.started
+
+    def report(self) -> str:
+        runs = ", ".join(f"gen{g} {n} ({s * 1e3:.1f} ms)" for g, (n, s) in enumerate(zip(self.runs, self.seconds)))
+        return f"garbage collections: {runs}; {gc.get_freeze_count()} objects frozen\n"
 
 
 def _host_snapshot() -> tuple:
