@@ -62,16 +62,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
                         format="%(levelname)s %(name)s: %(message)s")
     step_log = None
     try:
-        if not 0 <= args.port < 65536 or args.max_waiting < 0 or args.grace < 0 or args.block_size < 1:
-            raise ValueError("--port must be in 0..65535, --max-waiting and --grace >= 0, --block-size >= 1")
-        check_engine_args(args)
-        if args.host_compute != "off":
-            raise ValueError("--host-compute applies to layerstream runs, not to the server (its paged KV cache "
-                             "has no host lane): leave it off")
-        if args.prefill_states != "auto":
-            raise ValueError("--prefill-states applies to layerstream runs, not to the server (it prefills a slice "
-                             "of each prompt per step, whose states never wait between passes): leave it out")
-        _check_address(args.host, args.port)
+        _check_server_args(args)
         opts = options_from_args(args)
         from engine.serving.steplog import StepLog
         step_log = StepLog(args.step_log) if args.step_log else None  # before the default model is synthesized
@@ -83,15 +74,43 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
             step_log.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        loop = _serve(args, lambda: load_engine(args.model, opts, quiet=not args.verbose,
+                                                resolved=(files, is_default))[0], step_log)
+    finally:
+        if step_log is not None:
+            step_log.close()
+    if loop.error is not None:
+        what = "the engine failed" if loop.phase == "ready" else "loading the model failed"
+        print(f"error: {what}: {loop.error}", file=sys.stderr)
+        return 1
+    print("layerstream: stopped", file=sys.stderr)
+    return 0
+
+
+def _check_server_args(args) -> None:
+    """ValueError for a flag the server cannot take (before anything loads)."""
+    if not 0 <= args.port < 65536 or args.max_waiting < 0 or args.grace < 0 or args.block_size < 1:
+        raise ValueError("--port must be in 0..65535, --max-waiting and --grace >= 0, --block-size >= 1")
+    check_engine_args(args)
+    if args.host_compute != "off":
+        raise ValueError("--host-compute applies to layerstream runs, not to the server (its paged KV cache "
+                         "has no host lane): leave it off")
+    if args.prefill_states != "auto":
+        raise ValueError("--prefill-states applies to layerstream runs, not to the server (it prefills a slice "
+                         "of each prompt per step, whose states never wait between passes): leave it out")
+    _check_address(args.host, args.port)
+
+
+def _serve(args, load, step_log):
+    """Start the engine thread (``load`` builds its engine) and serve until SIGTERM / Ctrl-C; returns the
+    closed :class:`EngineLoop` (its ``error`` says whether loading or serving failed)."""
     import uvicorn
 
     from engine.serving.app import create_app
     from engine.serving.loop import EngineLoop
     from engine.serving.metrics import ServerMetrics
     from engine.serving.warmup import warm_up
-
-    def load():
-        return load_engine(args.model, opts, quiet=not args.verbose, resolved=(files, is_default))[0]
 
     loop = EngineLoop(load, max_waiting=args.max_waiting, kv_cache=args.kv_cache, block_size=args.block_size,
                       warmup=warm_up if args.warmup else None)
@@ -119,16 +138,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     print(f"layerstream: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page "
           f"at /); the model is loading{' and warming up' if args.warmup else ''}, /health says when it is ready",
           file=sys.stderr)
-    server.run()
-    loop.close()
-    if step_log is not None:
-        step_log.close()
-    if loop.error is not None:
-        what = "the engine failed" if loop.phase == "ready" else "loading the model failed"
-        print(f"error: {what}: {loop.error}", file=sys.stderr)
-        return 1
-    print("layerstream: stopped", file=sys.stderr)
-    return 0
+    try:
+        server.run()
+    finally:
+        loop.close()
+    return loop
 
 
 def _check_address(host: str, port: int) -> None:

@@ -113,76 +113,87 @@ def what_if(inputs: PlanInputs, plan: Plan, device_free: int | None = None) -> d
     inputs = inputs.pinned_to(plan)
     cfg, f = inputs.cfg, format_size
     free = plan.allocator_bytes - plan.total_bytes
-    total_weights = sum(m.bytes for m in plan.modules)
     out: dict = {"free_in_budget_bytes": free, "layer_bytes": plan.layer_bytes,
                  "minimum_budget_bytes": min_budget(cfg, inputs.dtype, quant=inputs.quant, batch=plan.batch,
                                                     max_context=plan.max_context,
                                                     prefill_chunk=plan.prefill_chunk,
                                                     host_states=plan.prefill_state_place == "host"),
                  "lines": []}
-    lines = out["lines"]
-    units = _units(plan)
-    if units == 0:
-        lines.append(f"nothing streams: all {cfg.num_hidden_layers} layers and lm_head are resident; "
-                     f"{f(free)} of the budget is free")
+    if _units(plan) == 0:
+        out["lines"].append(f"nothing streams: all {cfg.num_hidden_layers} layers and lm_head are resident; "
+                            f"{f(free)} of the budget is free")
         if not plan.embed_on_device:
-            lines.append(f"the embedding ({f(plan.module('embed_tokens').bytes)}) stays in host memory: only "
-                         f"{plan.batch} row(s) per step cross PCIe, which costs next to nothing")
+            out["lines"].append(f"the embedding ({f(plan.module('embed_tokens').bytes)}) stays in host memory: "
+                                f"only {plan.batch} row(s) per step cross PCIe, which costs next to nothing")
     else:
-        gain = min(plan.layer_bytes, units)
-        what = "1 more layer's worth of resident weights" if gain == plan.layer_bytes else "a resident lm_head"
-        out["goal"] = what
-
-        def better(p: Plan) -> bool:
-            return _units(p) <= units - gain
-
-        hi = plan.budget_bytes + total_weights + 3 * plan.layer_bytes
-        need = _smallest(plan.budget_bytes + 1, hi, lambda b: _ok(inputs, better, vram_budget=b))
-        everything = _smallest(plan.budget_bytes + 1, hi, lambda b: _ok(inputs, lambda p: _units(p) == 0,
-                                                                         vram_budget=b))
-        ctx = _largest(2, plan.max_context - 1, lambda c: _ok(inputs, better, max_context=c))
-        chunk = _largest(1, plan.prefill_chunk - 1, lambda c: _ok(inputs, better, prefill_chunk=c))
-        batch = _largest(1, plan.batch - 1, lambda b: _ok(inputs, better, batch=b))
-        small = min(plan.prefill_chunk, 256)
-        both = None if ctx or chunk else _largest(2, plan.max_context - 1, lambda c: _ok(
-            inputs, better, max_context=c, prefill_chunk=small))
-        out.update(budget_needed_bytes=need, raise_budget_by_bytes=None if need is None else need - plan.budget_bytes,
-                   all_resident_budget_bytes=everything, context_for_goal=ctx, prefill_chunk_for_goal=chunk,
-                   batch_for_goal=batch, context_with_small_chunk_for_goal=both)
-        lines.append(f"{what} needs {f(gain)}; free in budget {f(free)} "
-                     f"({len(plan.resident_layers)}/{cfg.num_hidden_layers} layers resident now)")
-        opts = []
-        if need is not None:
-            after = inputs.plan(vram_budget=need)
-            out["tok_s_after"] = after.predicted_tok_s
-            over = f" (more than the GPU's {f(device_free)} free)" if device_free and need > device_free else ""
-            opts.append(f"raise --vram-budget by {f(need - plan.budget_bytes)} to {f(need)}{over} -> predicted "
-                        f"{after.predicted_tok_s:.3g} tok/s (now {plan.predicted_tok_s:.3g})")
-        if ctx is not None:
-            opts.append(f"lower --context to {ctx} (KV cache {f(plan.kv_cache_bytes)} now)")
-        if chunk is not None:
-            opts.append(f"lower --prefill-chunk to {chunk} (workspace {f(plan.workspace_bytes)} now; "
-                        "slower prefill only)")
-        if both is not None:
-            opts.append(f"lower --context to {both} and --prefill-chunk to {small} together")
-        if batch is not None:
-            opts.append(f"lower --batch to {batch}")
-        lines += [f"  - {o}" for o in opts] or ["  - no single change of budget, context or batch gets it"]
-        if ctx is None and both is None:
-            lines.append(f"  (lowering --context alone cannot free {f(gain - free)}: the KV cache is "
-                         f"{f(plan.kv_cache_bytes)})")
-        if everything is not None:
-            lines.append(f"everything resident (nothing streamed) needs --vram-budget {f(everything)}")
+        _one_more_resident(inputs, plan, out, device_free)
     if plan.disk_bytes_per_step:
-        host = _smallest(plan.host_budget_bytes + 1, plan.host_budget_bytes + total_weights,
-                         lambda h: _ok(inputs, lambda p: p.disk_bytes_per_step == 0, host_budget=h))
-        out["host_budget_for_no_disk_bytes"] = host
-        tiers = {m.name: m.tier for m in plan.modules}
-        what = [f"{len(plan.disk_layers)} layers"] if plan.disk_layers else []
-        what += ["lm_head"] if tiers["lm_head"] == "disk" else []
-        what += ["embedding rows"] if tiers["embed_tokens"] == "disk" else []
-        lines.append(f"{' + '.join(what)} ({f(plan.disk_bytes_per_step)} per step) are read from the checkpoint "
-                     "files every step (page cache or disk)" + (
-                         f"; pinning them needs --host-budget {f(host)} (now {f(plan.host_budget_bytes)})"
-                         if host is not None else ""))
+        _no_disk_reads(inputs, plan, out)
     return out
+
+
+def _one_more_resident(inputs: PlanInputs, plan: Plan, out: dict, device_free: int | None) -> None:
+    """Into ``out``: the single changes (budget, context, prefill chunk, batch) that make one more unit resident."""
+    cfg, f, lines, units = inputs.cfg, format_size, out["lines"], _units(plan)
+    free = out["free_in_budget_bytes"]
+    gain = min(plan.layer_bytes, units)
+    what = "1 more layer's worth of resident weights" if gain == plan.layer_bytes else "a resident lm_head"
+    out["goal"] = what
+
+    def better(p: Plan) -> bool:
+        return _units(p) <= units - gain
+
+    hi = plan.budget_bytes + sum(m.bytes for m in plan.modules) + 3 * plan.layer_bytes
+    need = _smallest(plan.budget_bytes + 1, hi, lambda b: _ok(inputs, better, vram_budget=b))
+    everything = _smallest(plan.budget_bytes + 1, hi, lambda b: _ok(inputs, lambda p: _units(p) == 0,
+                                                                     vram_budget=b))
+    ctx = _largest(2, plan.max_context - 1, lambda c: _ok(inputs, better, max_context=c))
+    chunk = _largest(1, plan.prefill_chunk - 1, lambda c: _ok(inputs, better, prefill_chunk=c))
+    batch = _largest(1, plan.batch - 1, lambda b: _ok(inputs, better, batch=b))
+    small = min(plan.prefill_chunk, 256)
+    both = None if ctx or chunk else _largest(2, plan.max_context - 1, lambda c: _ok(
+        inputs, better, max_context=c, prefill_chunk=small))
+    out.update(budget_needed_bytes=need, raise_budget_by_bytes=None if need is None else need - plan.budget_bytes,
+               all_resident_budget_bytes=everything, context_for_goal=ctx, prefill_chunk_for_goal=chunk,
+               batch_for_goal=batch, context_with_small_chunk_for_goal=both)
+    lines.append(f"{what} needs {f(gain)}; free in budget {f(free)} "
+                 f"({len(plan.resident_layers)}/{cfg.num_hidden_layers} layers resident now)")
+    opts = []
+    if need is not None:
+        after = inputs.plan(vram_budget=need)
+        out["tok_s_after"] = after.predicted_tok_s
+        over = f" (more than the GPU's {f(device_free)} free)" if device_free and need > device_free else ""
+        opts.append(f"raise --vram-budget by {f(need - plan.budget_bytes)} to {f(need)}{over} -> predicted "
+                    f"{after.predicted_tok_s:.3g} tok/s (now {plan.predicted_tok_s:.3g})")
+    if ctx is not None:
+        opts.append(f"lower --context to {ctx} (KV cache {f(plan.kv_cache_bytes)} now)")
+    if chunk is not None:
+        opts.append(f"lower --prefill-chunk to {chunk} (workspace {f(plan.workspace_bytes)} now; "
+                    "slower prefill only)")
+    if both is not None:
+        opts.append(f"lower --context to {both} and --prefill-chunk to {small} together")
+    if batch is not None:
+        opts.append(f"lower --batch to {batch}")
+    lines += [f"  - {o}" for o in opts] or ["  - no single change of budget, context or batch gets it"]
+    if ctx is None and both is None:
+        lines.append(f"  (lowering --context alone cannot free {f(gain - free)}: the KV cache is "
+                     f"{f(plan.kv_cache_bytes)})")
+    if everything is not None:
+        lines.append(f"everything resident (nothing streamed) needs --vram-budget {f(everything)}")
+
+
+def _no_disk_reads(inputs: PlanInputs, plan: Plan, out: dict) -> None:
+    """Into ``out``: what is read from the checkpoint files every step, and the host budget that pins it."""
+    f = format_size
+    total_weights = sum(m.bytes for m in plan.modules)
+    host = _smallest(plan.host_budget_bytes + 1, plan.host_budget_bytes + total_weights,
+                     lambda h: _ok(inputs, lambda p: p.disk_bytes_per_step == 0, host_budget=h))
+    out["host_budget_for_no_disk_bytes"] = host
+    tiers = {m.name: m.tier for m in plan.modules}
+    what = [f"{len(plan.disk_layers)} layers"] if plan.disk_layers else []
+    what += ["lm_head"] if tiers["lm_head"] == "disk" else []
+    what += ["embedding rows"] if tiers["embed_tokens"] == "disk" else []
+    out["lines"].append(f"{' + '.join(what)} ({f(plan.disk_bytes_per_step)} per step) are read from the checkpoint "
+                        "files every step (page cache or disk)" + (
+                            f"; pinning them needs --host-budget {f(host)} (now {f(plan.host_budget_bytes)})"
+                            if host is not None else ""))
