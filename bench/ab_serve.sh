@@ -9,6 +9,9 @@
 # Session 28 found direct launches + packed stacking faster in process (bench/ab_inplace.sh) but slower served:
 #   AB_ORDER="fast old pack old" AB_ENV_fast=LAYERSTREAM_FAST_LAUNCH=1 AB_ENV_pack=LAYERSTREAM_STACK_PROMPTS=packed \
 #   AB_PROFILE=2 bash bench/ab_serve.sh
+# Session 29 ran that: neither faster served; the defaults' first burst pass took 281-840 ms from machine to machine
+# (bench/results/2026-12-04-h200-s29/). AB_LEVELS=1,16,16,16 (AB_T=200) gives three bursts a server process.
+# At the end, bench/ab_summary.py prints each run's passes and each arm's medians.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 source bench/common.sh
@@ -29,3 +32,4 @@ print("   prompt passes (batch, tokens, ms):", [(r["batch"], r["tokens"], round(
                                             if r["tokens"] > r["batch"] + 8][:8])
 EOF
 done
+python3 bench/ab_summary.py $OUT

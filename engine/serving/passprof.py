@@ -12,7 +12,10 @@ launch path. Each report also says what the rest of the host did meanwhile (the 
 ``/proc/stat``, steal included: a virtual machine's vCPU taken away by its host; the thread's context switches and
 the CPU it ran on; the busiest threads of every process by CPU ticks; the cyclic garbage collector's runs and time): session 29 found whole server processes
 running every Python function ~1.8x slower than others on the same machine, and the profile alone cannot say why.
-Write errors are logged, never raised: a profile must not fail a request.
+From Python 3.12 cProfile listens through ``sys.monitoring``, whose events come from every thread: a report then
+also holds the other threads' calls made during the pass (the server's watcher sleeping 0.1 s at a time showed up
+as ``time.sleep`` "called by" the launch path in session 29), so read the thread CPU line and the host report for
+the stepping thread alone. Write errors are logged, never raised: a profile must not fail a request.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import os
 import pstats
 import resource
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +37,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 TOP = 45  # functions listed in each order
 CALLERS_OF = "sleep|pin_memory|embedding"  # calls whose callers each report lists (seen slow in session 29)
-MIN_TOKENS = 256  # prompt tokens waiting for a pass to be one worth profiling
+MIN_TOKENS = 256
+EVERY_THREAD = "; its calls include other threads'" if sys.version_info >= (3, 12) else ""  # prompt tokens waiting for a pass to be one worth profiling
 
 
 class PassProfiler:
@@ -73,7 +78,7 @@ class PassProfiler:
         self.done += 1
         out = io.StringIO()
         out.write(f"pass at step {step}: {tokens()} tokens, {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms thread CPU "
-                  "(under cProfile)\n")
+                  f"(under cProfile{EVERY_THREAD})\n")
         out.write(host)
         for order in ("tottime", "cumulative"):
             pstats.Stats(prof, stream=out).sort_stats(order).print_stats(TOP)
