@@ -121,7 +121,8 @@ def _host_snapshot() -> tuple:
         try:
             name, rest = task.read_text().rsplit(")", 1)
             fields = rest.split()
-            threads[task.parent.name] = (name.split("(", 1)[1], task.parts[2], int(fields[11]) + int(fields[12]))
+            threads[task.parent.name] = (name.split("(", 1)[1], task.parts[2], int(fields[11]) + int(fields[12]),
+                                         int(fields[36]))
         except (OSError, ValueError, IndexError):
             continue
     return stat, cpu_now, resource.getrusage(resource.RUSAGE_THREAD), threads
@@ -136,6 +137,7 @@ def _host_report(before: tuple, after: tuple) -> str:
     lines = ["host: " + " ".join(f"{k} {100 * d / total:.1f}%" for k, d in zip(kinds, delta)),
              f"this thread: CPU {cpu0} -> {cpu1}, {r1.ru_nvcsw - r0.ru_nvcsw} voluntary and "
              f"{r1.ru_nivcsw - r0.ru_nivcsw} involuntary context switches; load average {os.getloadavg()[0]:.1f}"]
-    busy = sorted(((v[2] - t0[tid][2], v[1], tid, v[0]) for tid, v in t1.items() if tid in t0), reverse=True)
-    lines += [f"  {ticks:4d} ticks  pid {pid:>7} tid {tid:>7} {name}" for ticks, pid, tid, name in busy[:12] if ticks]
+    busy = sorted(((v[2] - t0[tid][2], v[1], tid, v[0], v[3]) for tid, v in t1.items() if tid in t0), reverse=True)
+    lines += [f"  {ticks:4d} ticks  pid {pid:>7} tid {tid:>7} last on CPU {cpu:>3}  {name}"
+              for ticks, pid, tid, name, cpu in busy[:12] if ticks]
     return "\n".join(lines) + "\n"
