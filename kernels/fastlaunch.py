@@ -23,7 +23,10 @@ in process (bench/burst_probe.py, alternated on one machine) the 7B AWQ's 16-pro
 441-685 ms with it and ``engine.stacking``'s packing against 453-621 / 698-893 ms without; but served
 (tools/bench_serve, 16 clients, new / old / new processes on one machine) the burst's passes took 422-427 /
 689-698 ms with both against 283 / 485 ms without, and nothing measured there tells which of the two, or what
-in the server, made them slower. Until a profile of the served pass says why, the default is Triton's path.
+in the server, made them slower. Session 29 (bench/results/2026-12-04-h200-s29, bench/ab_serve.sh) served each
+alone against the defaults: slower in every pair (direct launches 918 ms against 497 for the burst's first pass),
+and bench/probe_fastlaunch.py found the direct call saving only 10-15% of a launch's host time. The default is
+Triton's path.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ work from its waits: a pass bound by the device spends its end in the synchronis
 (``tolist``, CUDA's default sync spins, so it counts as CPU time too); one bound by the host spends it in the
 launch path. Each report also says what the rest of the host did meanwhile (the machine's CPU time by kind from
 ``/proc/stat``, steal included: a virtual machine's vCPU taken away by its host; the thread's context switches and
-the CPU it ran on; the busiest threads of every process by CPU ticks; the cyclic garbage collector's runs and time): session 29 found whole server processes
-running every Python function ~1.8x slower than others on the same machine, and the profile alone cannot say why.
+the CPU it ran on; the busiest threads of every process by CPU ticks; the cyclic garbage collector's runs and
+time): session 29 found passes running every Python function ~1.75x slower than others on the same machine, and
+the profile alone cannot say why.
 From Python 3.12 cProfile listens through ``sys.monitoring``, whose events come from every thread: a report then
 also holds the other threads' calls made during the pass (the server's watcher sleeping 0.1 s at a time showed up
 as ``time.sleep`` "called by" the launch path in session 29), so read the thread CPU line and the host report for
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 TOP = 45  # functions listed in each order
 CALLERS_OF = "sleep|pin_memory|embedding"  # calls whose callers each report lists (seen slow in session 29)
-MIN_TOKENS = 256
-EVERY_THREAD = "; its calls include other threads'" if sys.version_info >= (3, 12) else ""  # prompt tokens waiting for a pass to be one worth profiling
+MIN_TOKENS = 256  # prompt tokens waiting for a pass to be one worth profiling
+EVERY_THREAD = "; its calls include other threads'" if sys.version_info >= (3, 12) else ""  # see the docstring
 
 
 class PassProfiler:

@@ -77,8 +77,8 @@ class ModelRunner:
         self.cost = PassCost() if streams else None  # streamed passes: their size from their measured cost
         # prompt groups share each layer's projections up to one chunk of token rows (the workspace the plan
         # sized): fewer launches, and a packed weight widened once for all of them
-        # (LAYERSTREAM_STACK_PROMPTS=packed: engine.stacking's packing, the decode group stacked too: off until
-        # the served slowdown measured with it in session 28 is understood, see kernels/fastlaunch.py; 0: none)
+        # (LAYERSTREAM_STACK_PROMPTS=packed: engine.stacking's packing, the decode group stacked too: off, served
+        # it was slower than the default in every pair of sessions 28 and 29; 0: none)
         stack = os.environ.get("LAYERSTREAM_STACK_PROMPTS", "order")
         self.stack_rows = opts.prefill_chunk if stack != "0" else 0
         self.stack_packed = stack == "packed"
