@@ -28,8 +28,8 @@ n=0; for i in ${AB_ORDER:-new old new old}; do n=$((n+1)); D=$OUT/$n$i; mkdir -p
   python3 - "$D/steps.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print("   prompt passes (batch, tokens, ms):", [(r["batch"], r["tokens"], round(r["step_s"] * 1e3)) for r in rows
-                                            if r["tokens"] > r["batch"] + 8][:8])
+print("   prompt passes (batch, tokens, ms, peak MiB):", [(r["batch"], r["tokens"], round(r["step_s"] * 1e3),
+       r.get("peak_mib")) for r in rows if r["tokens"] > r["batch"] + 8][:8])
 EOF
 done
 python3 bench/ab_summary.py $OUT

@@ -50,3 +50,30 @@ def test_without_a_hook_before_it_builds_are_never_skipped(tmp_path, monkeypatch
     assert runtime.jit_cache_hook(key="a", repr="k") is False
     log.close()
     assert runtime.jit_cache_hook is None
+
+
+def test_on_a_gpu_each_step_records_its_peak_allocation_and_resets_it(tmp_path, monkeypatch):
+    cuda = steplog.torch.cuda
+    peaks = [700 << 20, 300 << 20]
+    resets = []
+    monkeypatch.setattr(steplog, "hook_knobs", lambda: None)
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda: peaks[len(resets)])
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda: resets.append(1))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda: 900 << 20)
+    log = steplog.StepLog(tmp_path / "steps.jsonl")
+    log(_stats(1))
+    log(_stats(2))
+    log.close()
+    rows = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [(r["peak_mib"], r["reserved_mib"]) for r in rows] == [(700, 900), (300, 900)] and len(resets) == 2
+
+
+def test_without_cuda_in_use_a_step_has_no_memory_columns(tmp_path, monkeypatch):
+    monkeypatch.setattr(steplog, "hook_knobs", lambda: None)
+    monkeypatch.setattr(steplog.torch.cuda, "is_initialized", lambda: False)
+    log = steplog.StepLog(tmp_path / "steps.jsonl")
+    log(_stats(1))
+    log.close()
+    assert "peak_mib" not in json.loads((tmp_path / "steps.jsonl").read_text())

@@ -7,12 +7,15 @@ sequences still waited and how many Triton kernel specialisations it had to buil
 compiled, or loaded from Triton's disk cache; a warmed-up server's passes should build none), and which
 (``built``: Triton's description of each, with its constexprs and argument specialisations, where there
 were any); ``mono_s``, its end on ``time.monotonic()``, matches a load test's request times
-(tools/ttft_breakdown.py)."""
+(tools/ttft_breakdown.py); on a GPU, ``peak_mib`` is the most memory the caching allocator had allocated during
+the step (how close the pass came to the budget's allocator cap) and ``reserved_mib`` what it held at its end."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+
+import torch
 
 from engine.serving.scheduler import StepStats
 from kernels.ahead import hook_knobs
@@ -52,6 +55,7 @@ class StepLog:
                 "compiles": self.compiles}
         if self.built:
             line["built"] = self.built
+        line.update(_memory())
         self._file.write(json.dumps(line) + "\n")
         self.compiles, self.built = 0, []
 
@@ -71,3 +75,13 @@ def _described(hook_kwargs: dict) -> str:
         if compile_.get(name):
             text += f" {name}={compile_[name]}"
     return text[:4000]
+
+
+def _memory() -> dict[str, int]:
+    """The step's peak allocated and the end's reserved device memory (MiB) once CUDA is in use; the peak is
+    reset for the next step (nothing else in a server reads it)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    return {"peak_mib": peak >> 20, "reserved_mib": torch.cuda.memory_reserved() >> 20}
