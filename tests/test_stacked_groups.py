@@ -145,3 +145,51 @@ def test_run_pick_maps_tokens_into_stacked_units():
     assert runs == [[0], [1, 2]]
     assert run_pick(groups, runs, [(0, 1, 0), (1, 1, 2), (2, 0, 3), (1, 0, 0)]) == [(0, 1, 0), (1, 0, 5), (1, 0, 9),
                                                                                 (1, 0, 0)]
+
+
+@pytest.mark.parametrize("stack_rows", [0, 16])
+def test_at_the_swiglu_only_gate_up_and_the_residual_are_alive(model_dir, stack_rows):
+    """A prefill chunk's peak is the SwiGLU (gate_up and its output): the layer's qkv, attention output, o, the
+    normed inputs and the old residual must be dead by then (held, they had run a served pass out of memory at
+    6 GiB: session 30). Every tensor the ops returned in the layer is tracked by weak reference."""
+    import weakref
+    eng = make_engine(model_dir, batch=4, max_context=64)
+    ops, tracked, checked = eng.model.ops, [], []
+
+    def tracking(name):
+        real = getattr(ops, name)
+
+        def call(*a, **k):
+            out = real(*a, **k)
+            tracked.extend(weakref.ref(t) for t in (out if isinstance(out, tuple) else (out,))
+                           if isinstance(t, torch.Tensor))
+            return out
+        return call
+
+    names = ["linear", "add_rmsnorm_linear", "add_rmsnorm", "rmsnorm", "attention", "swiglu"]
+    patched = {n: tracking(n) for n in names}
+    real_swiglu_linear = ops.swiglu_linear
+
+    def swiglu_linear(gate_up, w):
+        latest = [r() for r in tracked[-2:]]  # the last add_rmsnorm_linear's (gate_up, new residual)
+        alive = [t for t in (r() for r in tracked) if t is not None and not any(t is x for x in latest)]
+        checked.append(len(alive))
+        out = real_swiglu_linear(gate_up, w)
+        tracked.clear()  # the layer's output is the next layer's input: alive, rightly
+        return out
+
+    try:
+        for n, fn in patched.items():
+            setattr(ops, n, fn)
+        ops.swiglu_linear = swiglu_linear
+        prompts = random_prompts([7, 5], eng.cfg.vocab_size, seed=4)
+        groups = [Group(torch.tensor([ids]), torch.zeros(1, dtype=torch.int32), torch.tensor([len(ids)],
+                                                                                         dtype=torch.int32), r, len(ids))
+                  for r, ids in enumerate(prompts)]
+        eng.model.forward_groups(groups, eng.cache, [(0, 0, 6), (1, 0, 4)], stack_rows=stack_rows)
+    finally:
+        for n in [*names, "swiglu_linear"]:
+            ops.__dict__.pop(n, None)
+        eng.close()
+    units = 1 if stack_rows else 2
+    assert checked == [0] * (units * eng.cfg.num_hidden_layers)

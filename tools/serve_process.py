@@ -25,7 +25,7 @@ def start_server(flags: list[str], timeout: float | None = None, env: dict[str, 
     assert not (keep_stderr and log), "one place for the server's stderr"
     err = subprocess.PIPE if keep_stderr else open(log, "a") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--port", str(port), *flags],
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": _pythonpath(), **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=err, text=True)
     if log:
         err.close()  # the child holds its own descriptor
@@ -44,3 +44,8 @@ def start_server(flags: list[str], timeout: float | None = None, env: dict[str, 
         time.sleep(0.3)
     proc.kill()
     raise TimeoutError(f"the server was not ready within {timeout:.0f} s")
+
+
+def _pythonpath() -> str:
+    """The repository first, then what PYTHONPATH named already (e.g. bench/oomsite's diagnostic hook)."""
+    return os.pathsep.join(dict.fromkeys([str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))

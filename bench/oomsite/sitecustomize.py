@@ -64,6 +64,7 @@ def _install() -> None:
                 print(f"oomsite: could not write {path}: {e}", file=sys.stderr)
 
     torch._C._cuda_attach_out_of_memory_observer(observer)
+    print(f"oomsite: recording allocation stacks; an out-of-memory writes {path}.N", file=sys.stderr)
 
 
 _install()
