@@ -28,7 +28,7 @@ def test_a_released_matmul_on_a_fresh_stream_leaves_only_its_output():
             out = run()
             torch.cuda.synchronize()
             grown.append(torch.cuda.memory_allocated() - before - out.untyped_storage().nbytes())
-            torch.testing.assert_close(out, a.cpu() @ b.cpu(), check_device=False)
+            torch.testing.assert_close(out.cpu(), a.cpu() @ b.cpu(), rtol=1e-2, atol=1e-2)  # TF32 or not
             del out
     assert grown[0] >= 1 << 20, f"torch {torch.__version__} kept no cuBLAS workspace: the control means nothing"
     assert grown[1] == 0, grown

@@ -23,8 +23,14 @@ def _ours(frames: list[dict]) -> list[str]:
 def _dump(path: str, device: int, alloc: int, device_alloc: int, device_free: int) -> None:
     import torch
 
-    live, by_site = [], {}
+    live, by_site, segments = [], {}, {}
     for seg in torch.cuda.memory._snapshot()["segments"]:
+        key = f"stream {seg.get('stream')} pool {seg.get('segment_pool_id')} {seg.get('segment_type')}" + \
+            (" expandable" if seg.get("is_expandable") else "")
+        agg = segments.setdefault(key, {"segments": 0, "total_mib": 0.0, "allocated_mib": 0.0})
+        agg["segments"] += 1
+        agg["total_mib"] += seg["total_size"] / 2**20
+        agg["allocated_mib"] += seg["allocated_size"] / 2**20
         for b in seg["blocks"]:
             if b["state"] != "active_allocated":
                 continue
@@ -35,7 +41,8 @@ def _dump(path: str, device: int, alloc: int, device_alloc: int, device_free: in
     live.sort(key=lambda x: -x[0])
     report = {"failed_alloc_bytes": alloc, "allocated_bytes": torch.cuda.memory_allocated(device),
               "reserved_bytes": torch.cuda.memory_reserved(device), "device_allocated": device_alloc,
-              "device_free": device_free, "live_blocks": len(live),
+              "device_free": device_free, "live_blocks": len(live), "segments": segments,
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
               "by_innermost_frame_mib": {k: round(v / 2**20, 1) for k, v in sorted(by_site.items(), key=lambda x: -x[1])},
               "largest": [{"mib": round(s / 2**20, 1), "frames": f} for s, f in live[:40]]}
     tmp = path + ".tmp"
