@@ -132,6 +132,10 @@ class PagedKVCache:
         self._write_back()
         self._bound = None
 
+    def abandon(self) -> None:
+        """Forget a failed pass's binding and its last gathered copy (the pass runs again from its start)."""
+        self._pending = self._bound = None
+
     def _write_back(self) -> None:
         if self._pending is None:
             return

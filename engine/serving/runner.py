@@ -40,6 +40,7 @@ from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
 from engine.serving.packing import pack_rows, stack_free
 from engine.serving.passcost import MAX_DEFERRED, PassCost, prompt_order
+from engine.serving.retry import grouped_retried
 from engine.serving.rows import RowSampler
 from engine.serving.sequence import Logprob, Sequence
 from engine.upload import upload, upload_list
@@ -107,7 +108,7 @@ class ModelRunner:
         assert seqs and all(s.slot is not None and s.pending > 0 for s in seqs)
         t0, decoding = time.perf_counter(), sum(s.pending == 1 for s in seqs)
         if any(s.pending > 1 for s in seqs):
-            logits, q_lens = self._grouped(seqs)  # prompt slices next to decode tokens, no padding between
+            logits, q_lens = grouped_retried(self, seqs)  # prompt slices next to decode tokens, no padding between
         else:
             logits, q_lens = self._padded(seqs)
         if self.on_queued is not None:

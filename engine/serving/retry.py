@@ -1,0 +1,45 @@
+"""A served pass that runs out of device memory runs once more before the error reaches the server.
+
+Session 30: with ``--prefill-chunk 3072`` at 6 GiB on the H200, a served pass failed asking 220 MiB with 4.65 GiB
+allocated of the 5.15 GiB allowed and 297 MiB reserved but not in one piece (the allocator's own release and retry
+had not found it). The server then failed every running request."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from engine.serving.runner import ModelRunner
+    from engine.serving.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def grouped_retried(runner: ModelRunner, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
+    """``runner._grouped(seqs)``; when it runs out of device memory, again once with the cached memory released
+    and half as many rows a stack (the peak of a prompt pass is one stack's MLP), before the error reaches the
+    caller (the server fails the running requests). A pass changes nothing a retry would see twice: the
+    sequences' computed tokens advance after it returns, it rewrites its keys and values, and a paged cache's
+    binding and last gathered copy are dropped."""
+    deferred = [s.deferred for s in seqs]
+    try:
+        return runner._grouped(seqs)
+    except torch.OutOfMemoryError as e:  # leaving the handler frees the failed pass's frames and tensors
+        why = str(e).split(". ")[0]
+    log.warning("a pass of %d sequences ran out of device memory (%s): running it again with %d rows a stack",
+                len(seqs), why, runner.stack_rows // 2)
+    for s, d in zip(seqs, deferred):
+        s.deferred = d
+    if runner.paged:
+        runner.paged[0].abandon()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    saved = runner.stack_rows
+    runner.stack_rows = saved // 2
+    try:
+        return runner._grouped(seqs)
+    finally:
+        runner.stack_rows = saved

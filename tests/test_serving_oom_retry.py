@@ -1,0 +1,62 @@
+"""A served pass that runs out of device memory runs once more with half the stacked rows (engine/serving/
+retry.py), and every request still gets the tokens it gets alone; a second failure reaches
+the server as before. CPU, tiny model: an op raises torch's OutOfMemoryError partway through a prompt's pass, after
+earlier layers wrote their keys and values."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine.serving.params import SamplingParams
+from engine.serving.sequence import Sequence
+from tests.helpers import random_prompts
+from tests.sched_helpers import alone, engines, run_all, scheduler_for  # noqa: F401  (engines: a fixture)
+
+
+def _failing(ops, monkeypatch, failures: int):
+    """ops.swiglu_linear raising OutOfMemoryError on its 2nd call of a prompt pass, ``failures`` times."""
+    real, calls, left = ops.swiglu_linear, [], [failures]
+
+    def swiglu_linear(gate_up, w):
+        if gate_up.numel() // gate_up.shape[-1] > 4:  # a prompt's rows, not a decode step's
+            calls.append(1)
+            if left[0] and len(calls) % 2 == 0:
+                left[0] -= 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 220.00 MiB")
+        return real(gate_up, w)
+    monkeypatch.setattr(ops, "swiglu_linear", swiglu_linear)
+
+
+@pytest.mark.parametrize("kv", ["slots", "paged-16"])
+def test_a_pass_out_of_memory_runs_again_with_smaller_stacks(tiny_qwen2_dir, engines, monkeypatch, caplog, kv):
+    single, multi = engines
+    sched = scheduler_for(kv, tiny_qwen2_dir, multi)
+    eng = sched.engine
+    stacks = []
+    real = eng.model.forward_groups
+    monkeypatch.setattr(eng.model, "forward_groups", lambda *a, **k: stacks.append(k.get("stack_rows")) or real(*a, **k))
+    _failing(eng.model.ops, monkeypatch, failures=1)
+    prompts = random_prompts([9, 13, 5], eng.cfg.vocab_size, seed=12)
+    seqs = [Sequence(p, SamplingParams(max_tokens=5), eng.tokenizer) for p in prompts]
+    with caplog.at_level(logging.WARNING, logger="engine.serving.retry"):
+        run_all(sched, seqs)
+    assert stacks[:2] == [16, 8] and "ran out of device memory" in caplog.text
+    assert sched.runner.stack_rows == 16  # restored after the retry
+    for p, s in zip(prompts, seqs):
+        assert s.output_ids == alone(single, p, 5)
+    if kv != "slots":
+        eng.close()
+
+
+def test_a_second_failure_reaches_the_caller(tiny_qwen2_dir, engines, monkeypatch):
+    _, multi = engines
+    sched = scheduler_for("slots", tiny_qwen2_dir, multi)
+    _failing(multi.model.ops, monkeypatch, failures=2)
+    sched.add(Sequence(random_prompts([11], multi.cfg.vocab_size, seed=2)[0], SamplingParams(max_tokens=3),
+                       multi.tokenizer))
+    with pytest.raises(torch.OutOfMemoryError):
+        sched.step()
+    assert sched.runner.stack_rows == 16 and all(s.num_computed == 0 for s in sched.running)
