@@ -114,7 +114,8 @@ def main() -> None:
     per_layer = [[torch.randn(b // (2 * K), K, device="cuda", dtype=torch.bfloat16) for b in SHAPES.values()]
                  for _ in range(args.layers)]
     x = torch.randn(K, device="cuda", dtype=torch.bfloat16)
-    outs = [torch.zeros(max(b // (2 * K), K), device="cuda", dtype=torch.bfloat16) for _ in range(5)]
+    rows = max(max(b // (2 * K) for b in SHAPES.values()), K)
+    outs = [torch.zeros(rows, device="cuda", dtype=torch.bfloat16) for _ in range(5)]
     nbytes = sum(SHAPES.values()) * args.layers
 
     def run(mode):
