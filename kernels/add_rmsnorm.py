@@ -21,6 +21,7 @@ import triton.language as tl
 from kernels.checks import check_device
 from kernels.rmsnorm import row_blocking
 from kernels.fastlaunch import fast
+from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 
 MAX_N = 65536
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,8 +52,9 @@ def residual_norm(x_ptr, r_ptr, w_ptr, res_out_ptr, rows, R, N, eps, BLOCK_N: tl
 def _add_rmsnorm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
     R, N, eps,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL_CHAIN: tl.constexpr = False,
 ):
+    pdl_enter(PDL_CHAIN)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     y, offs, mask = residual_norm(x_ptr, r_ptr, w_ptr, res_out_ptr, rows, R, N, eps, BLOCK_N)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -97,7 +99,7 @@ def add_rmsnorm(
     block_r, block_n, warps = row_blocking(rows, n, 2 * x.element_size(), x.device)
     _add_rmsnorm_launch[(triton.cdiv(rows, block_r),)](
         x, residual, weight, normed, new_residual, rows, n, float(eps),
-        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps, **pdl_opts(x),
     )
     return normed, new_residual
 

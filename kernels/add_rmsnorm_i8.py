@@ -19,11 +19,13 @@ import triton.language as tl
 from kernels.add_rmsnorm import MAX_N, residual_norm
 from kernels.qgemv_i8 import launch_i8, tuned_pick
 from kernels.rmsnorm import row_blocking
+from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 
 
 @triton.jit
 def _add_rmsnorm_i8_kernel(x_ptr, r_ptr, w_ptr, res_out_ptr, xq_ptr, d_ptr, qs_ptr, K, eps,
-                           BLOCK_N: tl.constexpr):
+                           BLOCK_N: tl.constexpr, PDL_CHAIN: tl.constexpr = False):
+    pdl_enter(PDL_CHAIN)
     # a [1, BLOCK_N] tile through kernels/add_rmsnorm.py's own arithmetic (BLOCK_R = 1 there at decode)
     row = tl.program_id(0).to(tl.int64)
     y, _, _ = residual_norm(x_ptr, r_ptr, w_ptr, res_out_ptr, row + tl.arange(0, 1), row + 1, K, eps, BLOCK_N)
@@ -63,7 +65,7 @@ def add_rmsnorm_i8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     qs = torch.empty((m, k // 32), device=x.device, dtype=torch.int32)
     _, block_n, warps = row_blocking(m, k, 2 * x.element_size(), x.device)
     _add_rmsnorm_i8_kernel[(m,)](x, residual, weight, new_residual, xq, d, qs, k, float(eps), BLOCK_N=block_n,
-                                 num_warps=warps)
+                                 num_warps=warps, **pdl_opts(x))
     return new_residual, (xq, d, qs)
 
 

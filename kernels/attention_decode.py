@@ -43,6 +43,7 @@ from kernels.flash_common import chunk_len, merge_splits, online_softmax_pv, qk_
 from kernels.tickets import counters, last_ticket
 from kernels.tuning import NoCandidate, fastest, fits_l2, graph_ms, tuning_suspended
 from kernels.fastlaunch import fast
+from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -98,8 +99,9 @@ def _attention_decode_kernel(
     sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP32: tl.constexpr,
     UPCAST: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr, FUSED: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, PDL_CHAIN: tl.constexpr = False,
 ):
+    pdl_enter(PDL_CHAIN)  # (kernels.pdl: the kernel before, then the next layer's; PDL: pass 2, below)
     b = tl.program_id(0) // Hk
     kvh = tl.program_id(0) % Hk
     split = tl.program_id(1)
@@ -201,7 +203,7 @@ def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: trito
         *v_cache.stride()[:3], *out.stride()[:2], BLOCK_H=block_h, BLOCK_N=cfg.kwargs["BLOCK_N"],
         BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32, UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         DIRECT=splits == 1, PDL=pdl, FUSED=cnt is not None, BLOCK_G=block_g, BLOCK_S=merge_s,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(q))
     if splits > 1 and cnt is None:
         _attention_decode_reduce_launch[(B * Hq,)](
             ws_m, ws_l, ws_acc, seq_lens, out, splits, cfg.kwargs["BLOCK_N"], Hq, D, *out.stride()[:2],

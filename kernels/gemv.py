@@ -48,6 +48,7 @@ from kernels.mma import mma_nt
 from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 from kernels.fastlaunch import fast
+from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -93,7 +94,9 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, TICKET: tl.constexpr,
+    PDL_CHAIN: tl.constexpr = False,
 ):
+    pdl_enter(PDL_CHAIN)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
@@ -174,7 +177,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_M=block_m,
         BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, EVEN_K=K % bk == 0,
         SWAP_AB=cfg.kwargs.get("SWAP_AB", False), TICKET=cnt is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out))
     reduce_split_k(ws, cnt, bias, out)
 
 

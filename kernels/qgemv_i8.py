@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
+from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 
 QBLOCK = 32  # x columns per int8 step
 
@@ -55,9 +56,11 @@ def enabled() -> bool:
 
 
 @triton.jit
-def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr, SWIGLU: tl.constexpr):
+def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr, SWIGLU: tl.constexpr,
+                    PDL_CHAIN: tl.constexpr = False):
     """NB blocks of 32 columns of row program_id(1) per program: steps, int8 codes in nibble order, code sums.
     SWIGLU: x_ptr holds [gate; up] rows of 2K and x = silu(gate) * up, rounded as kernels/swiglu.py rounds it."""
+    pdl_enter(PDL_CHAIN)
     row = tl.program_id(1)
     x_ptr += row.to(tl.int64) * stride_xm
     xq_ptr += row * (K // 4)
@@ -137,7 +140,8 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                      HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr,
                      ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                     ASM: tl.constexpr):
+                     ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False):
+    pdl_enter(PDL_CHAIN)
     NBLK: tl.constexpr = BLOCK_K // 32
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n % N  # the tail block wraps onto valid rows; the store masks it
@@ -207,7 +211,7 @@ def quantize_x(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, tor
     qs = torch.empty((m, k // QBLOCK), device=x.device, dtype=torch.int32)
     nb = 4
     _quant_x_kernel[(triton.cdiv(k // QBLOCK, nb), m)](x, xq, d, qs, k, x.stride(0), NB=nb, SWIGLU=swiglu,
-                                                       num_warps=1)
+                                                       num_warps=1, **pdl_opts(x))
     return xq, d, qs
 
 
@@ -238,7 +242,7 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, TICKET=cnt is not None,
         ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out))
     reduce_split_k(ws, cnt, bias, out)
 
 

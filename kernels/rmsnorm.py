@@ -24,6 +24,7 @@ import triton.language as tl
 
 from kernels.checks import check_device
 from kernels.fastlaunch import fast
+from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 
 MAX_N = 65536
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,8 +37,9 @@ def _rmsnorm_kernel(
     R, S1, S2,  # rows; sizes of the 2nd and 3rd (padded) leading dims
     sx0, sx1, sx2,  # strides of the 3 (padded) leading dims of x
     N, eps,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL_CHAIN: tl.constexpr = False,
 ):
+    pdl_enter(PDL_CHAIN)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -131,7 +133,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block_r, block_n, warps = row_blocking(rows, n, x.element_size(), x.device)
     _rmsnorm_launch[(triton.cdiv(rows, block_r),)](
         x, weight, out, rows, sizes[1], sizes[2], strides[0], strides[1], strides[2],
-        n, float(eps), BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+        n, float(eps), BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps, **pdl_opts(x),
     )
     return out
 

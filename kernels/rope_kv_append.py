@@ -26,6 +26,7 @@ from kernels.kv_append import kv_append_ref
 from kernels.rope import _validate as _validate_rope
 from kernels.rope import apply_rope_ref
 from kernels.fastlaunch import fast
+from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 
 
 @triton.jit
@@ -43,8 +44,9 @@ def _rope_kv_append_kernel(
     T, HQ, HK, P, S, D,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, scb, sch, scs, sdb, sdh, sds, spb, spt,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PDL_CHAIN: tl.constexpr = False,
 ):
+    pdl_enter(PDL_CHAIN)
     pid = tl.program_id(0).to(tl.int64)
     b, t = pid // T, pid % T
     row = tl.load(pos_ptr + b * spb + t * spt).to(tl.int64)
@@ -89,6 +91,7 @@ def rope_kv_append_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         *k_cache.stride()[:3], *v_cache.stride()[:3], *positions.stride(),
         HALF=half, BLOCK_HQ=max(2, triton.next_power_of_2(hq)), BLOCK_HK=max(2, triton.next_power_of_2(hk)),
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+        **pdl_opts(q),
     )
 
 
