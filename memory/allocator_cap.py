@@ -34,19 +34,29 @@ def prefer_expandable_segments() -> bool:
     are lost: the bf16 7B at 6 GiB served 16 long prompts into ``OutOfMemoryError`` with 4.94 GiB allocated
     of 5.15 GiB allowed and 165 MiB reserved but unusable (H200, session 24). Expandable segments grow one
     mapping a page at a time, so freed memory is usable again whatever its size. The user's own setting
-    (``expandable_segments:False`` included) is left alone. Returns whether it turned them on."""
+    (``expandable_segments:False`` included) is left alone. Returns whether it turned them on.
+
+    torch reads the environment once, when its allocator settings are first needed, which may be before CUDA
+    starts (torch 2.13 on the CPU: the first read of the settings fixes them), so the running settings are
+    told too, with the user's other settings kept."""
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     if "expandable_segments" in conf:
         return False
     setting = "expandable_segments:True"
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = f"{conf},{setting}" if conf else setting  # read at CUDA's start
-    if torch.cuda.is_initialized():  # the environment is read once: tell the running allocator too
-        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-        if setter is None:
-            log.info("CUDA already started and this torch cannot change its allocator's settings: "
-                     "expandable segments stay off")
-            return False
-        setter(setting)
+    full = f"{conf},{setting}" if conf else setting
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = full  # for settings not read yet (and child processes)
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is not None:
+        setter(full)
+    elif torch.cuda.is_initialized():  # read already, and this torch cannot change them
+        log.info("CUDA already started and this torch cannot change its allocator's settings: "
+                 "expandable segments stay off")
+        return False
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    if getter is not None and setting not in getter():
+        log.warning("the caching allocator did not take %s (its settings: %r): a served pass's freed memory may "
+                    "stay unusable under the VRAM budget", setting, getter())
+        return False
     log.info("caching allocator: expandable segments on")
     return True
 

@@ -152,9 +152,29 @@ def test_expandable_segments_join_the_allocator_settings(monkeypatch, before, af
     told = []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", told.append, raising=False)
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: ",".join(told), raising=False)
     assert prefer_expandable_segments() == (before != after)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == after
-    assert told == []  # CUDA not started: the environment is enough
+    # CUDA not started, but the settings may have been read already (by the first use of the allocator's
+    # settings): told too, the user's others kept
+    assert told == ([] if before == after else [after])
+
+
+def test_settings_read_before_the_environment_changed_are_told_on_this_torch(monkeypatch):
+    """Not mocked: this torch's own settings, read once before the environment names expandable segments
+    (the CPU build keeps the CUDA allocator's settings too)."""
+    from memory.allocator_cap import prefer_expandable_segments
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    if get is None or getattr(torch._C, "_accelerator_setAllocatorSettings", None) is None:
+        pytest.skip("this torch has no allocator settings API")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    torch._C._accelerator_setAllocatorSettings("expandable_segments:False")  # read and fixed without them
+    assert "expandable_segments:True" not in get()
+    try:
+        assert prefer_expandable_segments()
+        assert "expandable_segments:True" in get()
+    finally:
+        torch._C._accelerator_setAllocatorSettings("expandable_segments:False")
 
 
 def test_expandable_segments_reach_a_started_allocator(monkeypatch):
@@ -163,8 +183,13 @@ def test_expandable_segments_reach_a_started_allocator(monkeypatch):
     told = []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", told.append, raising=False)
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: ",".join(told), raising=False)
     assert prefer_expandable_segments()
     assert told == ["expandable_segments:True"]
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    told.clear()
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", lambda conf: None)  # a setter that takes nothing
+    assert not prefer_expandable_segments()  # said so in the log
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     monkeypatch.delattr(torch._C, "_accelerator_setAllocatorSettings")
     assert not prefer_expandable_segments()  # no way to tell it: off, and said so in the log
