@@ -44,6 +44,10 @@ except ImportError:  # pragma: no cover - older triton: the pointer kernel only
     TensorDescriptor = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# LAYERSTREAM_GEMM_TMA=0: the pointer family only. Each launch of this family builds three tensor descriptors on
+# the host: in session 29's profile of a served 16-prompt pass (host-bound), 784 TMA GEMM launches took 155 ms of
+# 674 ms, 198 us each against 89 us for the average launch (bench/results/2026-12-04-h200-s29/call4/1old/passprof)
+_ENABLED = os.environ.get("LAYERSTREAM_GEMM_TMA", "1") != "0"
 _SMEM_BYTES = 227 * 1024  # largest opt-in shared memory per block (H100/H200)
 _INTERPRET_PROGS = 4  # "SM count" under the interpreter: persistent programs take several tiles
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, persistent, FLATTEN, SUBTILE, WARP_SPEC)
@@ -94,8 +98,9 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 def device_ok(x: torch.Tensor) -> bool:
-    """True when x's device can run this family: descriptors exist, capability >= 9 or the interpreter."""
-    if TensorDescriptor is None:
+    """True when x's device can run this family: descriptors exist, capability >= 9 or the interpreter, and
+    ``LAYERSTREAM_GEMM_TMA`` is not 0."""
+    if TensorDescriptor is None or not _ENABLED:
         return False
     return _capability_ok(x.device.index or 0) if x.is_cuda else _INTERPRET
 

@@ -280,3 +280,16 @@ def test_gemm_tma_in_cuda_graph() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out, gemm_ref(x, w, b)) < 1e-2
+
+
+def test_the_tma_family_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAYERSTREAM_GEMM_TMA=0 (read at import: the module flag here): the pointer family alone, tuned under the
+    pointer key, with the same result (a host-bound served pass may prefer its cheaper launch)."""
+    monkeypatch.setattr(gemm_mod, "_TUNED", {})
+    x, w = rand(70, 64, dtype=torch.bfloat16), rand(48, 64, dtype=torch.bfloat16, scale=64 ** -0.5)
+    out = torch.empty(70, 48, device=DEV, dtype=torch.bfloat16)
+    assert gemm_tma.eligible(x, w, out) == TMA_DEVICE
+    monkeypatch.setattr(gemm_tma, "_ENABLED", False)
+    assert not gemm_tma.eligible(x, w, out) and not gemm_tma.device_ok(x)
+    assert rel_err(gemm(x, w, out=out), gemm_ref(x, w)) < TOL[torch.bfloat16]
+    assert gemm_mod._TUNED and all(not c.kwargs.get("TMA") for c in gemm_mod._TUNED.values())
