@@ -5,8 +5,9 @@
 #   1. bench/probe_pdl.py: a chain of the step's shape in one CUDA graph, plain / PDL / PDL with a weight prefetch;
 #   2. the PDL kernels' GPU tests under LAYERSTREAM_PDL=1 (eager launches), and the AWQ's greedy text with and
 #      without PDL (tools.bench_stream does not check tokens);
-#   3. tools.bench_stream in the order $AB_ORDER (default "old pdl old pdl"), AWQ at 6 GiB then bf16 all resident.
-# AB_STEPS picks among 1, 2, 3 (default 123; two calls of the device tool: AB_STEPS=12, then AB_STEPS=3).
+#   3. tools.bench_stream in the order $AB_ORDER (default "old pdl old pdl"), AWQ at 6 GiB then bf16 all resident;
+#   4. tools.profile_decode of the AWQ at 6 GiB without and with PDL (kernel time against step time: the gaps).
+# AB_STEPS picks among 1-4 (default 123; two calls of the device tool: AB_STEPS=12, then AB_STEPS=34).
 # Results in $OUT (tar it: the device tool returns ~8 files); each arm's tok/s and the AWQ / bf16 ratio.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -28,7 +29,7 @@ for arm in old pdl; do
 done
 cmp -s $OUT/text_old.txt $OUT/text_pdl.txt && echo "greedy text: same" || { echo "greedy text DIFFERS"; diff $OUT/text_old.txt $OUT/text_pdl.txt | head; }
 fi
-[[ $steps == *3* ]] || exit 0
+if [[ $steps == *3* ]]; then
 synth_7b /tmp/q7b
 n=0; for arm in ${AB_ORDER:-old pdl old pdl}; do n=$((n+1)); P=$([ $arm = pdl ] && echo LAYERSTREAM_PDL=1)
   env $P timeout 120 python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 6GiB --batches 1 --steps 8 \
@@ -39,3 +40,11 @@ n=0; for arm in ${AB_ORDER:-old pdl old pdl}; do n=$((n+1)); P=$([ $arm = pdl ] 
   b=$(grep -oE "[0-9.]+ tok/s" $OUT/bench_bf16_$n$arm.log | tail -1 | cut -d' ' -f1)
   echo "== $n $arm: awq ${a:-?} tok/s, bf16 all resident ${b:-?} tok/s, ratio $(python3 -c "print(round(${a:-0}/${b:-1}, 3))")"
 done
+fi
+if [[ $steps == *4* ]]; then
+for arm in old pdl; do
+  env $([ $arm = pdl ] && echo LAYERSTREAM_PDL=1) timeout 90 python3 -m tools.profile_decode --model /tmp/q7b-awq \
+    --vram-budget 6GiB --steps 8 --json $OUT/profile_$arm.json > $OUT/profile_$arm.txt 2>&1
+  echo "profile $arm rc=$?"; grep -v Warning $OUT/profile_$arm.txt | head -3
+done
+fi
