@@ -10,7 +10,11 @@ is complete and visible) before they touch anything, then at once let the next k
 one never goes without the other. A kernel launched after one that did not call ``gdc_launch_dependents`` simply
 starts when it ends; torch's kernels are launched plainly.
 
-Measured: not yet (bench/probe_pdl.py times the decode step's shape of chain with and without).
+``LAYERSTREAM_PDL=prefetch`` also has the int4 GEMVs (kernels/qgemv.py, kernels/qgemv_i8.py) issue an L2 prefetch of
+the first lines of their rows' packed words before they wait (``enter_prefetching``): the weights need nothing
+from the kernel before, so a GEMV's first bytes are on their way while it finishes.
+
+Measured: not yet (bench/probe_pdl.py times the decode step's shape of chain each way; bench/ab_decode.sh the engine).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ try:  # Triton >= 3.4
 except ImportError:  # pragma: no cover - older Triton: never enabled
     gdc_launch_dependents = gdc_wait = None
 
-ENABLED = (os.environ.get("LAYERSTREAM_PDL", "0") == "1" and os.environ.get("TRITON_INTERPRET", "0") != "1"
-           and gdc_wait is not None)
+_MODE = os.environ.get("LAYERSTREAM_PDL", "0")  # 1: PDL; prefetch: PDL, and the GEMVs prefetch before they wait
+ENABLED = _MODE in ("1", "prefetch") and os.environ.get("TRITON_INTERPRET", "0") != "1" and gdc_wait is not None
+PREFETCH = ENABLED and _MODE == "prefetch"
+PREFETCH_LINES = tl.constexpr(16)  # 128-byte lines of each weight row a GEMV program prefetches (K 3584 int4: 14 a row)
 _CAPABLE: dict[int, bool] = {}
 
 
@@ -41,10 +47,13 @@ def active(t: torch.Tensor) -> bool:
     return _CAPABLE[idx]
 
 
-def opts(t: torch.Tensor) -> dict:
-    """The launch keywords of a kernel that begins with ``enter(PDL_CHAIN)``, for operands on ``t``'s device:
-    ``{"PDL_CHAIN": True, "launch_pdl": True}`` where :func:`active`, else ``{}`` (the kernel's default, no PDL)."""
-    return {"PDL_CHAIN": True, "launch_pdl": True} if active(t) else {}
+def opts(t: torch.Tensor, prefetch: bool = False) -> dict:
+    """The launch keywords of a kernel that begins with ``enter(PDL_CHAIN)`` (``prefetch``: with
+    ``enter_prefetching``), for operands on ``t``'s device: ``{"PDL_CHAIN": True, "launch_pdl": True}`` (and
+    ``PDL_PREFETCH`` under ``LAYERSTREAM_PDL=prefetch``) where :func:`active`, else ``{}`` (no PDL)."""
+    if not active(t):
+        return {}
+    return {"PDL_CHAIN": True, "launch_pdl": True, **({"PDL_PREFETCH": True} if prefetch and PREFETCH else {})}
 
 
 @triton.jit
@@ -53,3 +62,26 @@ def enter(PDL_CHAIN: tl.constexpr):
     if PDL_CHAIN:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def enter_prefetching(PDL_CHAIN: tl.constexpr, PDL_PREFETCH: tl.constexpr, q_ptr, row0, n_rows, word0, row_words,
+                      stride_qn, BLOCK_N: tl.constexpr, LINES: tl.constexpr):
+    """``enter`` for a GEMV over packed words ``q_ptr`` [n_rows, row_words]: with PDL_PREFETCH, before waiting,
+    an L2 prefetch of up to LINES 128-byte lines of each of the program's rows row0.. (wrapped onto valid rows)
+    from word ``word0`` on: the weights need nothing from the kernel before, so their first bytes are on their
+    way while it finishes."""
+    if PDL_CHAIN:
+        if PDL_PREFETCH:
+            rows = (row0 + tl.arange(0, BLOCK_N)) % n_rows
+            words = tl.minimum(word0 + tl.arange(0, LINES) * 32, row_words - 1)  # never past a row's end
+            _prefetch_l2(q_ptr + rows[:, None].to(tl.int64) * stride_qn + words[None, :])
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """An L2 prefetch of the line holding each of ``ptrs`` (an instruction with a side effect: never removed)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

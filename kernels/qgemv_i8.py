@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
-from kernels.pdl import enter as pdl_enter, opts as pdl_opts
+from kernels.pdl import PREFETCH_LINES, enter as pdl_enter, enter_prefetching as pdl_enter_prefetching, \
+    opts as pdl_opts
 
 QBLOCK = 32  # x columns per int8 step
 
@@ -140,8 +141,10 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                      HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr,
                      ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                     ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False):
-    pdl_enter(PDL_CHAIN)
+                     ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False, PDL_PREFETCH: tl.constexpr = False):
+    pdl_enter_prefetching(PDL_CHAIN, PDL_PREFETCH, q_ptr, tl.program_id(0) * BLOCK_N, N,
+                          tl.program_id(1) * tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * (BLOCK_K // 8), K // 8, stride_qn,
+                          BLOCK_N, PREFETCH_LINES)
     NBLK: tl.constexpr = BLOCK_K // 32
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n % N  # the tail block wraps onto valid rows; the store masks it
@@ -242,7 +245,7 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, TICKET=cnt is not None,
         ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out, prefetch=True))
     reduce_split_k(ws, cnt, bias, out)
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 from kernels import pdl
 
@@ -34,11 +35,12 @@ def test_every_kernel_taking_the_flag_enters_first():
     assert {"_qgemv_kernel", "_qgemv_i8_kernel", "_quant_x_kernel", "_add_rmsnorm_kernel", "_add_rmsnorm_i8_kernel",
             "_rope_kv_append_kernel", "_attention_decode_kernel", "_gemv_kernel", "_rmsnorm_kernel"} <= names
     for name, fn in found.items():
-        if name == "pdl.py:enter":
+        if name in ("pdl.py:enter", "pdl.py:enter_prefetching"):
             continue
         body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-        first = body[0]
-        assert isinstance(first, ast.Expr) and ast.unparse(first) == "pdl_enter(PDL_CHAIN)", name
+        first = ast.unparse(body[0])
+        assert first == "pdl_enter(PDL_CHAIN)" or first.startswith("pdl_enter_prefetching(PDL_CHAIN, PDL_PREFETCH,"), \
+            (name, first)
 
 
 def test_launch_pdl_only_with_the_wait():
@@ -60,30 +62,62 @@ def test_opts(monkeypatch):
     for cap, want in (((9, 0), {"PDL_CHAIN": True, "launch_pdl": True}), ((8, 9), {})):
         pdl._CAPABLE.clear()
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx, c=cap: c)
-        assert pdl.opts(on_gpu) == want
+        assert pdl.opts(on_gpu) == want == pdl.opts(on_gpu, prefetch=True)  # prefetch only when asked for
+    monkeypatch.setattr(pdl, "PREFETCH", True)
+    pdl._CAPABLE.clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx: (9, 0))
+    assert pdl.opts(on_gpu, prefetch=True) == {"PDL_CHAIN": True, "launch_pdl": True, "PDL_PREFETCH": True}
+    assert pdl.opts(on_gpu) == {"PDL_CHAIN": True, "launch_pdl": True}  # a kernel without the prefetch
     pdl._CAPABLE.clear()
 
 
-SM90 = r'''
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels.rmsnorm import _rmsnorm_kernel as k
-for chain in (True, False):
-    meta = {"BLOCK_R": 1, "BLOCK_N": 4096, "PDL_CHAIN": chain}
-    sig = {a: "constexpr" if a in meta else "*bf16" if a.endswith("_ptr") else "fp32" if a == "eps" else "i32"
-           for a in k.arg_names}
-    src = ASTSource(k, sig, constexprs={(k.arg_names.index(a),): v for a, v in meta.items()})
+MARKS = ("prefetch.global.L2", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global")
+
+
+def _ptx_marks(fn, ptrs: dict[str, str], meta: dict) -> list[int]:
+    """Where each of MARKS first appears in ``fn``'s sm_90 PTX body (-1: nowhere), and the prefetches' count."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {a: "constexpr" if a in meta else ptrs.get(a, "fp32" if a == "eps" else "i32") for a in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(a),): v for a, v in meta.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     body = ptx[ptx.index("{", ptx.index(".entry")):]
-    print([body.find(s) for s in ("griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global")])
-'''
+    return [body.find(m) for m in MARKS] + [body.count(MARKS[0])]
 
 
-def test_enter_compiles_to_the_wait_before_any_load_on_sm90():
+def report() -> None:
+    """Run with TRITON_INTERPRET=0: one JSON line of marks per case (the test below reads them)."""
+    import json
+
+    from kernels.qgemv_i8 import _qgemv_i8_kernel
+    from kernels.rmsnorm import _rmsnorm_kernel
+    bf16 = {a: "*bf16" for a in _rmsnorm_kernel.arg_names if a.endswith("_ptr")}
+    i8 = {"xq_ptr": "*i32", "d_ptr": "*fp32", "qs_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+          "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    gemv = dict(HAS_ZEROS=True, HAS_MINS=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1,
+                TICKET=False, ONE_GROUP=False, GROUP_C=128, EVEN_K=True, STAGES=1, ASM=True)
+    cases = {"norm chain": (_rmsnorm_kernel, bf16, {"BLOCK_R": 1, "BLOCK_N": 4096, "PDL_CHAIN": True}),
+             "norm plain": (_rmsnorm_kernel, bf16, {"BLOCK_R": 1, "BLOCK_N": 4096, "PDL_CHAIN": False}),
+             "gemv chain": (_qgemv_i8_kernel, i8, {**gemv, "PDL_CHAIN": True, "PDL_PREFETCH": False}),
+             "gemv prefetch": (_qgemv_i8_kernel, i8, {**gemv, "PDL_CHAIN": True, "PDL_PREFETCH": True})}
+    print(json.dumps({name: _ptx_marks(*case) for name, case in cases.items()}))
+
+
+def test_the_wait_comes_before_any_load_and_prefetches_before_it_on_sm90():
+    """Compiled for sm_90 on the CPU: with PDL_CHAIN the wait, then the trigger, then the first global load;
+    without it neither; the int8-x GEMV with PDL_PREFETCH issues L2 prefetches of its rows' packed words (32 rows
+    x 16 lines over 128 threads) before the wait, and none without."""
+    import json
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(KERNELS.parent)}
-    out = subprocess.run([sys.executable, "-c", SM90], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", "from tests.test_pdl import report; report()"], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    (wait, launch, load), plain = (eval(line) for line in out.stdout.strip().splitlines()[-2:])
-    assert 0 <= wait < launch < load, (wait, launch, load)  # PDL_CHAIN: the wait, the trigger, then loads
-    assert plain[:2] == [-1, -1] and plain[2] >= 0  # without it: neither
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("norm chain", "gemv chain", "gemv prefetch"):
+        _, wait, launch, load, _ = got[name]
+        assert 0 <= wait < launch < load, (name, got[name])
+    assert got["norm plain"][1:3] == [-1, -1] and got["norm plain"][3] >= 0
+    assert got["norm chain"][0] == got["gemv chain"][0] == -1  # no prefetch unless asked
+    first, wait, _, _, count = got["gemv prefetch"]
+    assert 0 <= first < wait and count == 32 * 16 // 128, got["gemv prefetch"]
