@@ -19,6 +19,7 @@ Measured: not yet (bench/probe_pdl.py times the decode step's shape of chain eac
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -35,6 +36,8 @@ ENABLED = _MODE in ("1", "prefetch") and os.environ.get("TRITON_INTERPRET", "0")
 PREFETCH = ENABLED and _MODE == "prefetch"
 PREFETCH_LINES = tl.constexpr(16)  # 128-byte lines of each weight row a GEMV program prefetches (K 3584 int4: 14 a row)
 _CAPABLE: dict[int, bool] = {}
+if _MODE not in ("0", "1", "prefetch"):
+    logging.getLogger(__name__).warning("LAYERSTREAM_PDL=%r is none of 0, 1, prefetch: PDL stays off", _MODE)
 
 
 def active(t: torch.Tensor) -> bool:
