@@ -11,6 +11,9 @@
 #   AB_PROFILE=2 bash bench/ab_serve.sh
 # Session 29 ran that: neither faster served; the defaults' first burst pass took 281-840 ms from machine to machine
 # (bench/results/2026-12-04-h200-s29/). AB_LEVELS=1,16,16,16 (AB_T=200) gives three bursts a server process.
+# Session 30: a 280 MiB dense tile (AB_ENV_t280=LAYERSTREAM_DEQUANT_SCRATCH=280MiB) and --prefill-chunk 3072 won no pair;
+# the 3072-row chunk ran passes out of memory (AB_ENV_<name>="PYTHONPATH=$PWD/bench/oomsite OOM_DUMP=$OUT/oom.json"
+# dumps the live blocks: bench/oomsite); the step log's peak_mib column holds each pass's peak allocation.
 # At the end, bench/ab_summary.py prints each run's passes and each arm's medians.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
