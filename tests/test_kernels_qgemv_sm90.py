@@ -51,11 +51,13 @@ def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int) -> tuple[st
 
 def compile_sm90(fn, ptrs: dict[str, str], meta: dict, warps: int, stages: int) -> tuple[str, str]:
     """(cuobjdump's resource line, the SASS) of the Triton kernel ``fn`` for sm_90: pointer arguments typed by
-    ``ptrs``, ``meta`` as its constexprs, other arguments i32; pointers and N, K, group, strides 16-divisible."""
+    ``ptrs``, ``meta`` as its constexprs (kernels.pdl's flags off unless given), other arguments i32; pointers and
+    N, K, group, strides 16-divisible."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
+    meta = {"PDL_CHAIN": False, "PDL_PREFETCH": False, **meta}  # kernels.pdl's flags as launches pass them: off
     meta = {a: v for a, v in meta.items() if a in names}
     sig = {a: "constexpr" if a in meta else ptrs.get(a, "i32") for a in names}
     aligned = [a for a in names if a in ptrs or a in ("N", "K", "group", "stride_qn", "stride_sn")]
