@@ -19,6 +19,7 @@ Measured: not yet (bench/probe_pdl.py times the decode step's shape of chain eac
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -35,7 +36,6 @@ _MODE = os.environ.get("LAYERSTREAM_PDL", "0")  # 1: PDL; prefetch: PDL, and the
 ENABLED = _MODE in ("1", "prefetch") and os.environ.get("TRITON_INTERPRET", "0") != "1" and gdc_wait is not None
 PREFETCH = ENABLED and _MODE == "prefetch"
 PREFETCH_LINES = tl.constexpr(16)  # 128-byte lines of each weight row a GEMV program prefetches (K 3584 int4: 14 a row)
-_CAPABLE: dict[int, bool] = {}
 if _MODE not in ("0", "1", "prefetch"):
     logging.getLogger(__name__).warning("LAYERSTREAM_PDL=%r is none of 0, 1, prefetch: PDL stays off", _MODE)
 
@@ -44,10 +44,12 @@ def active(t: torch.Tensor) -> bool:
     """Whether launches on ``t``'s device use PDL (enabled, CUDA, compute capability 9.0+)."""
     if not ENABLED or t.device.type != "cuda":
         return False
-    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPABLE:
-        _CAPABLE[idx] = torch.cuda.get_device_capability(idx) >= (9, 0)
-    return _CAPABLE[idx]
+    return _capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def opts(t: torch.Tensor, prefetch: bool = False) -> dict:
@@ -68,16 +70,18 @@ def enter(PDL_CHAIN: tl.constexpr):
 
 
 @triton.jit
-def enter_prefetching(PDL_CHAIN: tl.constexpr, PDL_PREFETCH: tl.constexpr, q_ptr, row0, n_rows, word0, row_words,
-                      stride_qn, BLOCK_N: tl.constexpr, LINES: tl.constexpr):
-    """``enter`` for a GEMV over packed words ``q_ptr`` [n_rows, row_words]: with PDL_PREFETCH, before waiting,
-    an L2 prefetch of up to LINES 128-byte lines of each of the program's rows row0.. (wrapped onto valid rows)
-    from word ``word0`` on: the weights need nothing from the kernel before, so their first bytes are on their
-    way while it finishes."""
+def enter_prefetching(PDL_CHAIN: tl.constexpr, PDL_PREFETCH: tl.constexpr, q_ptr, N, K, stride_qn,
+                      BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """``enter`` for a GEMV over ``BITS``-bit codes packed in int32 words ``q_ptr`` [N, K * BITS / 32], programs
+    of BLOCK_N rows (axis 0) and SPLIT_K parts of K in blocks of BLOCK_K (axis 1): with PDL_PREFETCH, before
+    waiting, an L2 prefetch of up to PREFETCH_LINES 128-byte lines of each of the program's rows (wrapped onto
+    valid rows) from its part's first word: the weights need nothing from the kernel before, so their first
+    bytes are on their way while it finishes."""
     if PDL_CHAIN:
         if PDL_PREFETCH:
-            rows = (row0 + tl.arange(0, BLOCK_N)) % n_rows
-            words = tl.minimum(word0 + tl.arange(0, LINES) * 32, row_words - 1)  # never past a row's end
+            rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+            word0 = tl.program_id(1) * tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * (BLOCK_K * BITS // 32)
+            words = tl.minimum(word0 + tl.arange(0, PREFETCH_LINES) * 32, K * BITS // 32 - 1)  # within the row
             _prefetch_l2(q_ptr + rows[:, None].to(tl.int64) * stride_qn + words[None, :])
         gdc_wait()
         gdc_launch_dependents()

@@ -44,7 +44,7 @@ from kernels.quant_common import (agrees_with_reference, check_quant_inputs, deq
 from kernels.quant_variants import gemv_tile, load_words, split_dots, variant_ok, word_scales
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 from kernels.fastlaunch import fast
-from kernels.pdl import PREFETCH_LINES, enter_prefetching as pdl_enter_prefetching, opts as pdl_opts
+from kernels.pdl import enter_prefetching as pdl_enter_prefetching, opts as pdl_opts
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -141,9 +141,7 @@ def _qgemv_kernel(
     SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr, VARIANT: tl.constexpr, STAGES: tl.constexpr,
     ASM: tl.constexpr = False, PDL_CHAIN: tl.constexpr = False, PDL_PREFETCH: tl.constexpr = False,
 ):
-    pdl_enter_prefetching(PDL_CHAIN, PDL_PREFETCH, q_ptr, tl.program_id(0) * BLOCK_N, N,
-                          tl.program_id(1) * tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * (BLOCK_K * BITS // 32),
-                          K * BITS // 32, stride_qn, BLOCK_N, PREFETCH_LINES)
+    pdl_enter_prefetching(PDL_CHAIN, PDL_PREFETCH, q_ptr, N, K, stride_qn, BITS, BLOCK_N, BLOCK_K, SPLIT_K)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)

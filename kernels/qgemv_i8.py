@@ -45,8 +45,7 @@ import triton
 import triton.language as tl
 
 from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
-from kernels.pdl import PREFETCH_LINES, enter as pdl_enter, enter_prefetching as pdl_enter_prefetching, \
-    opts as pdl_opts
+from kernels.pdl import enter as pdl_enter, enter_prefetching as pdl_enter_prefetching, opts as pdl_opts
 
 QBLOCK = 32  # x columns per int8 step
 
@@ -142,9 +141,7 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr,
                      ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
                      ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False, PDL_PREFETCH: tl.constexpr = False):
-    pdl_enter_prefetching(PDL_CHAIN, PDL_PREFETCH, q_ptr, tl.program_id(0) * BLOCK_N, N,
-                          tl.program_id(1) * tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * (BLOCK_K // 8), K // 8, stride_qn,
-                          BLOCK_N, PREFETCH_LINES)
+    pdl_enter_prefetching(PDL_CHAIN, PDL_PREFETCH, q_ptr, N, K, stride_qn, 4, BLOCK_N, BLOCK_K, SPLIT_K)
     NBLK: tl.constexpr = BLOCK_K // 32
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n % N  # the tail block wraps onto valid rows; the store masks it

@@ -60,15 +60,15 @@ def test_opts(monkeypatch):
     assert pdl.opts(t) == {}
     on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
     for cap, want in (((9, 0), {"PDL_CHAIN": True, "launch_pdl": True}), ((8, 9), {})):
-        pdl._CAPABLE.clear()
+        pdl._capable.cache_clear()
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx, c=cap: c)
         assert pdl.opts(on_gpu) == want == pdl.opts(on_gpu, prefetch=True)  # prefetch only when asked for
     monkeypatch.setattr(pdl, "PREFETCH", True)
-    pdl._CAPABLE.clear()
+    pdl._capable.cache_clear()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx: (9, 0))
     assert pdl.opts(on_gpu, prefetch=True) == {"PDL_CHAIN": True, "launch_pdl": True, "PDL_PREFETCH": True}
     assert pdl.opts(on_gpu) == {"PDL_CHAIN": True, "launch_pdl": True}  # a kernel without the prefetch
-    pdl._CAPABLE.clear()
+    pdl._capable.cache_clear()
 
 
 MARKS = ("prefetch.global.L2", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global")

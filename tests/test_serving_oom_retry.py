@@ -37,7 +37,8 @@ def test_a_pass_out_of_memory_runs_again_with_smaller_stacks(tiny_qwen2_dir, eng
     eng = sched.engine
     stacks = []
     real = eng.model.forward_groups
-    monkeypatch.setattr(eng.model, "forward_groups", lambda *a, **k: stacks.append(k.get("stack_rows")) or real(*a, **k))
+    monkeypatch.setattr(eng.model, "forward_groups",
+                        lambda *a, **k: stacks.append(k.get("stack_rows")) or real(*a, **k))
     _failing(eng.model.ops, monkeypatch, failures=1)
     prompts = random_prompts([9, 13, 5], eng.cfg.vocab_size, seed=12)
     seqs = [Sequence(p, SamplingParams(max_tokens=5), eng.tokenizer) for p in prompts]

@@ -48,4 +48,5 @@ def start_server(flags: list[str], timeout: float | None = None, env: dict[str, 
 
 def _pythonpath() -> str:
     """The repository first, then what PYTHONPATH named already (e.g. bench/oomsite's diagnostic hook)."""
-    return os.pathsep.join(dict.fromkeys([str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+    given = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys([str(ROOT), *given]))

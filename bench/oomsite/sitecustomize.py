@@ -43,7 +43,8 @@ def _dump(path: str, device: int, alloc: int, device_alloc: int, device_free: in
               "reserved_bytes": torch.cuda.memory_reserved(device), "device_allocated": device_alloc,
               "device_free": device_free, "live_blocks": len(live), "segments": segments,
               "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-              "by_innermost_frame_mib": {k: round(v / 2**20, 1) for k, v in sorted(by_site.items(), key=lambda x: -x[1])},
+              "by_innermost_frame_mib": {k: round(v / 2**20, 1)
+                                         for k, v in sorted(by_site.items(), key=lambda x: -x[1])},
               "largest": [{"mib": round(s / 2**20, 1), "frames": f} for s, f in live[:40]]}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
