@@ -150,7 +150,7 @@ def _candidates(block_m: int, N: int, K: int, esize: int, sms: int) -> list[trit
     split); tiles whose pipeline cannot fit shared memory are dropped.
     """
     if _INTERPRET:
-        return [_cfg(16, 64, 2 if K >= 128 else 1, False)]
+        return [_cfg(64, 64, 2 if K >= 128 else 1, False)]  # interpreted: fewer, wider programs
     shapes = [(s, False) for s in _FMA_SHAPES] if block_m == 1 else \
         [(s, False) for s in _DOT_SHAPES] + [(s, True) for s in _SWAP_SHAPES]
     out = []

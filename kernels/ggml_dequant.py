@@ -22,7 +22,7 @@ from kernels.ggml_common import (INTERPRET, SUPER, check_blocks, check_out, layo
                                  legacy_min, legacy_tile, q4k_cols, q4k_tile, q6k_cols, q6k_run, to_out)
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_BLOCK_N = 16
+_BLOCK_N = 32 if INTERPRET else 16  # the interpreter: fewer, wider programs (kernels.ggml_gemv)
 _NUM_WARPS = 4
 
 

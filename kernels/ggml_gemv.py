@@ -51,8 +51,9 @@ from kernels.mma import mma_nt
 
 GGML_GEMV_MAX_M = 64
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_FMA_BLOCK_N, _FMA_WARPS = 16, 8
-_DOT_BLOCK_N, _DOT_WARPS = 16, 8
+# the interpreter runs each program in Python: fewer, wider ones (still several for the tests' N of 40+)
+_FMA_BLOCK_N, _FMA_WARPS = 32 if INTERPRET else 16, 8
+_DOT_BLOCK_N, _DOT_WARPS = 32 if INTERPRET else 16, 8
 _CONFIG_KEYS = frozenset({"BLOCK_N", "num_warps", "num_stages", "SPLIT_K"})
 
 

@@ -68,7 +68,7 @@ _SHAPES = [
 def _configs(group: int = 128, bits: int = 4) -> list[triton.Config]:
     """The tuning candidates for this group size and bit width (variants only where they can run)."""
     if _INTERPRET:
-        return [config(32, 32, 64, 4)]
+        return [config(64, 64, 64, 4)]
     return [config(bm, bn, bk, 8, w, st, swap, v) for bm, bn, bk, w, st, swap, v in _SHAPES
             if variant_ok(v, group, bits, bk)]
 

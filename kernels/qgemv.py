@@ -201,7 +201,7 @@ def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: 
     (x rounded to int8) only with ``int8_x``: at most kernels.qgemv_i8.MAX_M rows, not fp32 x (an fp32
     run asks for accuracy first)."""
     if _INTERPRET:
-        return [config(16, 64, 2 if K >= 128 else 1)]
+        return [config(64, 64, 2 if K >= 128 else 1)]  # interpreted: fewer, wider programs
     if block_m == 1:
         shapes = [(s, False, 0) for s in _FMA_SHAPES] + [(s, False, 1) for s in _WORD_SHAPES]
     else:

@@ -158,7 +158,7 @@ def test_fused_kernels_on_packed_layers_match_transformers(gguf_model, case, nat
                                                            monkeypatch):
     """The Triton kernels read the GGUF layers (interpreted on the CPU without a GPU): Q4_K_M as its
     blocks (ggml_dequant tiles for the prefill of 2 x 40 rows, ggml_gemv for decode; with rows of 288
-    its ffn_down blocks are llama.cpp's Q5_0 / Q8_0 fallbacks, 117 s interpreted), Q4_1 repacked
+    its ffn_down blocks are llama.cpp's Q5_0 / Q8_0 fallbacks; 45 s interpreted on 2 cores), Q4_1 repacked
     (``LAYERSTREAM_GGUF_NATIVE=0``: qgemm and qgemv, additive mins): transformers' logits. (The q5_k
     and other block-32 kernels are checked against the reference in tests/test_kernels_ggml.py; a
     Q5_K_M case here costs 156 s interpreted.)"""

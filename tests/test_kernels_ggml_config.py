@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels.ggml_blocks import dequant_ref  # noqa: E402
+from kernels.ggml_common import INTERPRET  # noqa: E402
 from kernels import ggml_gemv as gemv_mod  # noqa: E402
 from kernels.ggml_gemv import check_config, ggml_gemv, launch_meta  # noqa: E402
 
@@ -72,7 +73,7 @@ def test_no_config_keeps_the_fixed_launch() -> None:
     """config=None and {} launch the fixed guesses (the engine's path), bit for bit alike."""
     for m, dtype in ((1, torch.bfloat16), (4, torch.bfloat16), (4, torch.float32)):
         meta, warps = launch_meta("q4_k", m, dtype, has_bias=True)
-        assert (meta["BLOCK_N"], warps, meta["SPLIT_K"], meta["HAS_BIAS"]) == (16, 8, 1, True)
+        assert (meta["BLOCK_N"], warps, meta["SPLIT_K"], meta["HAS_BIAS"]) == (32 if INTERPRET else 16, 8, 1, True)
         assert launch_meta("q4_k", m, dtype, True, {}) == (meta, warps)
     split_meta, _ = launch_meta("q4_k", 4, torch.bfloat16, True, {"SPLIT_K": 2})
     assert not split_meta["HAS_BIAS"]  # the launcher adds the bias after the fp32 sum
