@@ -8,7 +8,8 @@
 #  p  issue 14: the short first and warm runs at 6 GB again under py-spy (every thread, waits included;
 #     fresh Triton and tuning caches), and tools.profile_summary's per-function difference of the two
 #  h  issue 18: bench_stream --host-compute off,auto at 6 / 4 GiB, batch 1 and 4
-#  a  issue 18: the host lane on the synthetic 7B AWQ (torch's int4 CPU kernel) at 4 / 3 GiB, batch 1; run
+#  a  issue 18: the host lane on the synthetic 7B AWQ (torch's int4 CPU kernel or widened layers, the faster
+#     measured: engine/host_forms.py) at 4 / 3 GiB, batch 1; run
 #     after h on one machine, h's second run plans with the rate the first one's host lane achieved
 #  t  GPU tests of compile ahead, the host lane and worker, host prompt states, the timeline
 #  m  issue 14: memreport at 6 GB with its pictures (memory.png, timeline.png: decode steps and a prefill)

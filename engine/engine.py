@@ -17,7 +17,7 @@ from engine.gguf import open_gguf
 from engine.gguf.paths import is_gguf_path
 from engine import ahead
 from engine.graphs import try_capture
-from engine.host_int4 import int4_host_group, measure_int4_gemv
+from engine.host_forms import PACKED, form_name, packed_per_widened, pick_form, weight_forms
 from engine.host_lane import HostLane
 from engine.host_worker import machine_pick, run_pinned
 from engine.kv_cache import KVCache
@@ -36,12 +36,6 @@ from memory.host_rate import host_gemv_rate, record_achieved
 from memory.process_vram import Outside, outside_allocator
 
 log = logging.getLogger(__name__)
-
-
-def host_form(quant) -> str:
-    """The host rate cache's name for a model's layer form ("" for full-precision layers)."""
-    group = int4_host_group(quant) if quant is not None else None
-    return f"int4 g{group} CPU kernel" if group is not None else ""
 
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -185,7 +179,8 @@ class Engine:
         self.model.host_states = self.plan.prefill_state_place == "host"
         self.cache = KVCache(self.cfg, opts.batch, opts.max_context, self.dtype, self.device)
         if self.plan.host_layers:
-            self.model.host = HostLane(self.cfg, self.weights, self.cache, opts.max_context)
+            self.model.host = HostLane(self.cfg, self.weights, self.cache, opts.max_context,
+                                       weight_form=self.host_weights)
         self.graph = None
         self.prefill_shapes: set[tuple[int, ...]] = set()  # prompt shapes compiled ahead (engine/ahead.py)
         t0 = time.perf_counter()
@@ -206,10 +201,12 @@ class Engine:
             log.info("GPU memory outside torch's allocator: %d MiB (%s)", outside.bytes >> 20, outside.source)
         gbps, source = h2d_bandwidth(self.device)
         mode = parse_host_compute(self.opts.host_compute)
-        if mode not in ("auto", "off", 0) and self.quant is not None and self.quant.native:
+        if (mode not in ("auto", "off", 0) and self.quant is not None and self.quant.native
+                and weight_forms(self.cfg, self.dtype, self.quant) == (PACKED,)):
             raise ValueError(f"--host-compute {mode}: this GGUF's layers are held as their {self.quant.label}, "
-                             "which the CPU has no kernel for (every call would widen whole layers); drop "
-                             "--host-compute, or set LAYERSTREAM_GGUF_NATIVE=0 to repack the layers instead")
+                             "which the CPU has no kernel for, and too little RAM is available to widen them "
+                             "once (every call would widen whole layers); drop --host-compute, or set "
+                             "LAYERSTREAM_GGUF_NATIVE=0 to repack the layers instead")
         host_gbps, host_source = self._host_rate(mode)
         plan = plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
                           vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
@@ -225,23 +222,26 @@ class Engine:
         return plan
 
     def _host_rate(self, mode) -> tuple[float | None, str]:
-        """The host's GEMV GB/s at this batch and dtype (measured once, cached), when the host lane may be
-        used: on a GPU, with full-precision layers (a dense GEMV's rate) or int4 layers torch's CPU int4
-        kernel takes (its rate on the packed bytes, engine.host_int4); other packed layers go to the host
-        only with --host-compute N."""
-        group = int4_host_group(self.quant) if self.quant is not None else None
-        if mode == "off" or self.device.type != "cuda" or (self.quant is not None and group is None):
+        """The host's GEMV GB/s at this batch and dtype, in the plan's layer bytes (measured once, cached),
+        when the host lane may be used (on a GPU); sets ``host_weights``, the form host layers take
+        (engine.host_forms: the faster measured one, or the preferred one when none is measured)."""
+        forms = weight_forms(self.cfg, self.dtype, self.quant)
+        self.host_weights = forms[0]
+        if mode == "off" or self.device.type != "cuda" or forms == (PACKED,):
             why = "host compute off" if mode == "off" else (
                 "the compute device is the CPU" if self.device.type != "cuda"
-                else "quantized layers without a CPU kernel (int8, or a group size torch's int4 kernel does not take)")
+                else "quantized layers the CPU has no fast form for (no int4 kernel, and too little RAM to "
+                     "widen them)")
             return None, f"not measured: {why}"
-        form, measure = host_form(self.quant), None
-        if group is not None:
-            measure = functools.partial(measure_int4_gemv, group=group)
+        ratio = packed_per_widened(self.cfg, self.dtype, self.quant) if self.quant is not None else 1.0
         # next to H2D copies, as the lane runs; on the worker's cores with its thread count (a disk tier,
         # which takes one more core, is not known yet)
-        rate = functools.partial(host_gemv_rate, contend=self.device, form=form, measure=measure)
-        return run_pinned(machine_pick(disk_tier=False), rate, self.opts.batch, self.dtype)
+        rate = functools.partial(host_gemv_rate, contend=self.device)
+        pick = functools.partial(pick_form, forms, self.quant, self.dtype, rate=rate, packed_per_widened=ratio)
+        self.host_weights, gbps, source = run_pinned(machine_pick(disk_tier=False), pick, self.opts.batch)
+        if self.quant is not None:
+            source += f"; host layers {self.host_weights}"
+        return gbps, source
 
     def _keep_host_rate(self, min_steps: int = 4) -> None:
         """After decode steps with a host lane: the GB/s it achieved, for the next plan (record_achieved)."""
@@ -250,7 +250,8 @@ class Engine:
             return
         gbps = len(host.layers) * host.layer_bytes * host.steps / host.seconds / 1e9
         try:
-            record_achieved(self.opts.batch, self.dtype, host.worker.pick.threads, gbps, host_form(self.quant))
+            record_achieved(self.opts.batch, self.dtype, host.worker.pick.threads, gbps,
+                            form_name(host.weight_form, self.quant))
             log.info("host lane achieved %.1f GB/s over %d steps (kept for the next plan)", gbps, host.steps)
         except OSError as e:  # a read-only cache directory costs the next plan its accuracy, nothing more
             log.warning("could not keep the host lane's rate (%.1f GB/s): %s", gbps, e)

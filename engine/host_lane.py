@@ -8,7 +8,8 @@ layers) and back after it; its keys and values live in a KV cache in host memory
 of a host layer is written by the passes that stream it (the prefill) and copied to the host
 cache after each of them (:meth:`HostLane.absorb`), so a decode step finds the prompt's keys
 there. Attention reads that cache in place (:class:`HostOps`: grouped query heads, no per-head
-copy of the keys); int4 weights run on torch's CPU int4 kernel (``engine.host_int4``).
+copy of the keys); quantized weights run on torch's CPU int4 kernel (``engine.host_int4``) or are
+widened once to the lane's dtype (``engine.host_forms`` picks by measured rate).
 
 The host layers run on one worker thread (``engine.host_worker``: pinned to the physical cores
 the streamer's threads leave free, with one torch thread per core). On CUDA the crossings are
@@ -29,7 +30,8 @@ import time
 import torch
 
 from engine.config import ModelConfig
-from engine.host_int4 import CpuInt4Weight, convert_layer, int4_linear
+from engine.host_forms import INT4, WIDENED, hold_layer, widened_layer_bytes
+from engine.host_int4 import CpuInt4Weight, int4_linear
 from engine.host_worker import CorePick, HostWorker, machine_pick
 from engine.model import Model
 from engine.ops import TorchOps
@@ -114,25 +116,28 @@ class HostLane:
     """Host layers' weights (views of pinned host copies), their host KV cache, the worker thread that
     computes them and, on CUDA, the crossings of the hidden state."""
 
-    def __init__(self, cfg: ModelConfig, weights, cache, max_positions: int, pick: CorePick | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, weights, cache, max_positions: int, pick: CorePick | None = None,
+                 weight_form: str = INT4) -> None:
         """``weights``: ``engine.weights.ModelWeights`` whose plan has host layers; ``cache``: the
         device KV cache (``engine.kv_cache.KVCache``) whose decode steps this lane serves; ``pick``:
-        the worker's cores (default: :func:`engine.host_worker.machine_pick`)."""
+        the worker's cores (default: :func:`engine.host_worker.machine_pick`); ``weight_form``: how
+        quantized layers are held (``engine.host_forms``: int4 kernel, widened, or packed)."""
         self.cfg, self.weights, self.cache = cfg, weights, cache
         self.layers = tuple(weights.plan.host_layers)
         assert self.layers, "a host lane needs host layers in the plan"
         self.dtype = weights.dtype
         self.cpu = Model(cfg, weights, HostOps(), torch.device("cpu"), self.dtype, max_positions)
-        self.views, self.int4_bytes = {}, 0
-        for i in self.layers:  # int4 weights converted once for torch's CPU kernel (engine.host_int4)
-            self.views[i], extra = convert_layer(weights.host_layer(i), self.dtype)
-            self.int4_bytes += extra
+        self.weight_form, self.views, self.held_bytes = weight_form, {}, 0
+        for i in self.layers:  # converted once (engine.host_forms): the int4 kernel's form, or widened
+            self.views[i], extra = hold_layer(weights.host_layer(i), self.dtype, weight_form)
+            self.held_bytes += extra
         shape = (cache.batch, cfg.num_key_value_heads, cache.max_context, cfg.head_dim)
         self.kv = {i: (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
                    for i in self.layers}
         self.steps = 0  # decode steps that used the lane (counted at its first layer)
         self.seconds = 0.0  # wall time spent in host layers, crossings included (benchmarks: achieved GB/s)
-        self.layer_bytes = weights.layout.nbytes  # what the CPU reads per host layer
+        widened = weight_form == WIDENED and self.held_bytes > 0
+        self.layer_bytes = widened_layer_bytes(cfg, self.dtype) if widened else weights.layout.nbytes  # CPU reads
         device = cache.k.device
         self.crossing = Crossing(device, cache.batch, cfg.hidden_size, self.dtype) if device.type == "cuda" else None
         self.worker = HostWorker(pick or machine_pick(bool(weights.plan.disk_layers)))
@@ -140,9 +145,10 @@ class HostLane:
 
     def describe(self) -> str:
         """Where the host layers run (for ``--show-plan`` and the log)."""
-        int4 = (f"; int4 weights on torch's CPU int4 kernel ({self.int4_bytes / 2**20:.1f} MiB converted "
-                "copies beside the pinned ones)" if self.int4_bytes else "")
-        return self.worker.pick.describe() + int4
+        held = f" ({self.held_bytes / 2**20:.1f} MiB of copies beside the pinned ones)"
+        form = ("" if not self.held_bytes else f"; int4 weights on torch's CPU int4 kernel{held}"
+                if self.weight_form == INT4 else f"; quantized weights widened to {self.dtype}{held}")
+        return self.worker.pick.describe() + form
 
     def serves(self, cache, t: int) -> bool:
         """A pass over ``cache`` with ``t`` tokens per row computes the host layers here (decode steps)."""

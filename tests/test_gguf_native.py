@@ -179,9 +179,26 @@ def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, tile, dtype, monkeypa
     assert rel_err(got.float(), want) < (1e-4 if dtype == torch.float32 else 2e-2)
 
 
-def test_host_compute_layers_are_refused_on_native_layers(gguf_model):  # noqa: F811
-    _, path = gguf_model("llama", "Q4_K_M")
-    with pytest.raises(ValueError, match="--host-compute 2: .*no kernel.*LAYERSTREAM_GGUF_NATIVE=0"):
+def test_host_layers_of_native_blocks_are_widened_once(gguf_model, monkeypatch):  # noqa: F811
+    """--host-compute N on a GGUF held as its blocks: the host layers' blocks are widened once to the
+    lane's dtype (engine.host_forms), transformers' greedy tokens; refused when too little RAM is
+    available to widen every layer."""
+    import engine.host_forms as forms
+
+    ref, path = gguf_model("llama", "Q4_K_M")
+    resident = make_engine(path, max_context=32)
+    low = min_budget(resident.cfg, torch.float32, max_context=32, prefill_chunk=4, quant=resident.quant)
+    engine = make_engine(path, max_context=32, prefill_chunk=4, vram_budget=low, host_compute=2)
+    lane = engine.model.host
+    assert lane.weight_form == "widened" and "widened to torch.float32" in lane.describe()
+    assert all(type(v) is torch.Tensor for i in lane.layers for v in lane.views[i].values())
+    prompt = random_prompts([6], resident.cfg.vocab_size, seed=23)[0]
+    assert generate(engine, [prompt], SamplingParams(), max_new_tokens=5).token_ids[0] == hf_greedy(ref, prompt, 5)
+    assert lane.steps == 4
+    for e in (resident, engine):
+        e.close()
+    monkeypatch.setattr(forms.psutil, "virtual_memory", lambda: type("VM", (), {"available": 1 << 20})())
+    with pytest.raises(ValueError, match="--host-compute 2: .*no kernel.*too little RAM.*LAYERSTREAM_GGUF_NATIVE=0"):
         make_engine(path, max_context=32, host_compute=2)
 
 

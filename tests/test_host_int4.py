@@ -3,25 +3,19 @@
 Checked: the kernel's output against the dequantized reference matmul (fp32: to fp32 rounding;
 bf16: to bf16's) for zero points, symmetric weights, additive mins, act-order permutations, odd
 shapes and group sizes 32 / 64 / 128 (and larger groups and per-channel scales, expressed at a
-group the kernel takes); the weights it refuses; and a tiny AWQ model whose host layers run the
-kernel produces the tokens of the same model without host layers.
+group the kernel takes); the weights it refuses. (A tiny AWQ model whose host layers run the kernel:
+tests/test_host_forms.py.)
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.footprint import min_budget
-from engine.generate import generate
 from engine.host_int4 import convert_layer, int4_linear, kernel_group, to_cpu_int4
 from engine.quant.spec import QuantSpec, QuantWeight, dequantize, pack_codes
-from engine.sampling import SamplingParams
-from engine.synth.writer import synthesize
-from tests.helpers import make_engine, random_prompts, rel_max_err
+from tests.helpers import rel_max_err
 
 
 def _weight(n: int, k: int, group: int, form: str, seed: int, act_order: bool = False) -> QuantWeight:
@@ -110,29 +104,6 @@ def test_weights_the_kernel_cannot_take_keep_the_dequantizing_path(n, k, group, 
     assert to_cpu_int4(w, torch.float32) is None
 
 
-@pytest.fixture(scope="module")
-def awq_dir(tmp_path_factory) -> Path:
-    return synthesize("tiny-qwen2", tmp_path_factory.mktemp("host_int4") / "awq", quant="awq", seed=3)
-
-
-@pytest.mark.parametrize("lengths", [[9], [4, 11]], ids=["batch1", "batch2"])
-def test_tiny_awq_model_with_host_layers_matches_without(awq_dir, lengths):
-    b = len(lengths)
-    ref = make_engine(awq_dir, batch=b)
-    low = min_budget(ref.cfg, torch.float32, batch=b, max_context=64, prefill_chunk=4, quant=ref.quant)
-    ours = make_engine(awq_dir, batch=b, prefill_chunk=4, vram_budget=low, host_compute=2)
-    lane = ours.model.host
-    assert len(ours.plan.host_layers) == 2 and lane.int4_bytes > 0 and "int4 kernel" in lane.describe()
-    assert all(type(v).__name__ == "CpuInt4Weight" for i in lane.layers for k, v in lane.views[i].items()
-               if k.endswith("proj.weight"))
-    prompts = random_prompts(lengths, ref.cfg.vocab_size, seed=4)
-    want = generate(ref, prompts, SamplingParams(), max_new_tokens=6).token_ids
-    assert generate(ours, prompts, SamplingParams(), max_new_tokens=6).token_ids == want
-    assert lane.steps == 5
-    ref.close()
-    ours.close()
-
-
 def test_measured_int4_rate_is_positive_and_checks_its_arguments():
     from engine.host_int4 import measure_int4_gemv
 
@@ -165,25 +136,24 @@ def test_int4_host_group(quant, want):
 
 
 def test_the_engine_measures_the_int4_rate_for_int4_layers(monkeypatch):
-    """Engine._host_rate: int4 layers get the CPU int4 kernel's rate under its own cache entry; int8 ones
-    none (they reach the host only with --host-compute N)."""
+    """Engine._host_rate: int4 layers held for the CPU int4 kernel get its rate under its own cache entry;
+    full-precision ones the dense GEMV's (engine.host_forms: widened layers, tests/test_host_forms.py)."""
     import types
 
     import engine.engine as eng_mod
+    from tests.test_host_forms import _cfg
 
     calls = []
+    monkeypatch.setenv("LAYERSTREAM_HOST_WEIGHTS", "int4")
     monkeypatch.setattr(eng_mod, "run_pinned", lambda pick, fn, *a: fn(*a))
     monkeypatch.setattr(eng_mod, "machine_pick", lambda disk_tier: None)
     monkeypatch.setattr(eng_mod, "host_gemv_rate",
                         lambda batch, dtype, contend=None, form="", measure=None: calls.append((form, measure)) or (9.0, "x"))
     fake = types.SimpleNamespace(device=torch.device("cuda", 0), opts=types.SimpleNamespace(batch=1),
-                                 dtype=torch.bfloat16, quant=_layer_quant())
-    assert eng_mod.Engine._host_rate(fake, "auto") == (9.0, "x")
+                                 dtype=torch.bfloat16, quant=_layer_quant(), cfg=_cfg())
+    assert eng_mod.Engine._host_rate(fake, "auto") == (9.0, "x; host layers int4") and fake.host_weights == "int4"
     form, measure = calls[-1]
     assert form == "int4 g128 CPU kernel" and measure.keywords == {"group": 128}
     fake.quant = None
-    eng_mod.Engine._host_rate(fake, "auto")
-    assert calls[-1] == ("", None)  # the dense GEMV
-    fake.quant = _layer_quant(main=QuantSpec(8, 128, True, "gptq"))
-    rate, why = eng_mod.Engine._host_rate(fake, "auto")
-    assert rate is None and "without a CPU kernel" in why and len(calls) == 2
+    assert eng_mod.Engine._host_rate(fake, "auto") == (9.0, "x")
+    assert calls[-1] == ("", None) and len(calls) == 2  # the dense GEMV
