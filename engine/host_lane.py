@@ -38,10 +38,26 @@ from engine.ops import TorchOps
 
 log = logging.getLogger(__name__)
 
+HOST_KV_DTYPE = torch.float32  # the host layers' KV cache (HostOps: fp32 attention; memory.host_lane counts it)
+
 
 class HostOps(TorchOps):
-    """Torch ops for host layers: a decode step's attention reads the host KV cache in place, each
-    group of query heads against its one KV head (no per-head copy of the keys and values)."""
+    """Torch ops for host layers. A decode step's attention reads the host KV cache in place, each
+    group of query heads against its one KV head (no per-head copy of the keys and values), in fp32:
+    the host cache is fp32 (:data:`HOST_KV_DTYPE`), since torch's CPU batched matmuls of a decode
+    step's shapes were 5-7x slower in bf16 than in fp32 on an AVX2 host (3.1 against 31.2 ms at 4,096
+    positions of the 7B, bench/probe_host_layer.py), while the cache is a few MB per layer beside its
+    ~0.5 GB of weights. A step's keys and values go into the cache by index (a scatter of one position
+    cost 8x as much)."""
+
+    def kv_append_(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   start_pos: torch.Tensor) -> None:
+        b, t = k.shape[:2]
+        if t != 1:
+            return super().kv_append_(k, v, k_cache, v_cache, start_pos)
+        rows, pos = torch.arange(b), start_pos.long().clamp(max=k_cache.shape[2] - 1)
+        k_cache[rows, :, pos] = k[:, 0].to(k_cache.dtype)
+        v_cache[rows, :, pos] = v[:, 0].to(v_cache.dtype)
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: torch.Tensor,
                   q_lens: torch.Tensor, scale: float, max_len: int) -> torch.Tensor:
@@ -50,11 +66,11 @@ class HostOps(TorchOps):
             return super().attention(q, k_cache, v_cache, start_pos, q_lens, scale, max_len)
         hk = k_cache.shape[1]
         k, v = k_cache[:, :, :max_len], v_cache[:, :, :max_len]  # [B, Hk, S, D]
-        qg = q.reshape(b, hk, hq // hk, d)  # query head h reads KV head h // (Hq / Hk)
+        qg = q.reshape(b, hk, hq // hk, d).to(k.dtype)  # query head h reads KV head h // (Hq / Hk)
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hk, G, S]
         hidden = torch.arange(max_len).view(1, 1, 1, max_len) > start_pos.long().view(b, 1, 1, 1)
         probs = scores.masked_fill(hidden, float("-inf")).softmax(-1).to(v.dtype)
-        out = torch.matmul(probs, v).reshape(b, 1, hq, d)
+        out = torch.matmul(probs, v).reshape(b, 1, hq, d).to(q.dtype)
         return out * (q_lens.view(b, 1, 1, 1) > 0).to(out.dtype)
 
     def linear(self, x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,7 +148,7 @@ class HostLane:
             self.views[i], extra = hold_layer(weights.host_layer(i), self.dtype, weight_form)
             self.held_bytes += extra
         shape = (cache.batch, cfg.num_key_value_heads, cache.max_context, cfg.head_dim)
-        self.kv = {i: (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+        self.kv = {i: (torch.zeros(shape, dtype=HOST_KV_DTYPE), torch.zeros(shape, dtype=HOST_KV_DTYPE))
                    for i in self.layers}
         self.steps = 0  # decode steps that used the lane (counted at its first layer)
         self.seconds = 0.0  # wall time spent in host layers, crossings included (benchmarks: achieved GB/s)

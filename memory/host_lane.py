@@ -60,6 +60,7 @@ from memory.lane_schedule import BOUNDARY_S, StepUnit, simulate
 from memory.plan import HostLane
 
 HostCompute = str | int  # "auto" | "off" | a forced number of host layers
+HOST_KV_ITEMSIZE = 4  # the host layers' KV cache is fp32 (engine.host_lane.HostOps: fp32 attention)
 SEARCHED_COUNTS = 3  # host-layer counts (the best spread ones) whose placement is then improved
 MAX_TRIES = 240  # simulated layouts per improved count (the 7B plans converged within 108)
 

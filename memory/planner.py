@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from memory.budgets import check_workload, resolve_budget, resolve_host_budget
 from memory.footprint import ALLOCATOR_ALLOWANCE, Footprint
-from memory.host_lane import HostCompute, LaneInputs, host_lane
+from memory.host_lane import HOST_KV_ITEMSIZE, HostCompute, LaneInputs, host_lane
 from memory.placement import Residency, Tiers, assign_tiers, module_plans, other_head_residency
 from memory.plan import HostLane, ModulePlan, Plan
 from memory.prefill_states import MIN_AUTO_CHUNK, Fit, StateInputs, place_states
@@ -108,8 +108,13 @@ def _host_lane(fp: Footprint, s: Sizes, r: Residency, t: Tiers, w: _Workload, co
                    copy_other=copy_other - sum(head), streamed=r.streamed, gpu_other=s.lm_head + s.norm,
                    h2d_gbps=w.h2d_gbps, hbm_gbps=w.hbm_gbps, host_gbps=w.host_gbps, head_chunks=head,
                    slots=r.num_slots)
-    kv_per_layer = fp.kv_bytes_per_token // max(1, s.n) * w.batch * w.max_context
+    kv_per_layer = fp.kv_bytes_per_token // max(1, s.n) * w.batch * w.max_context * HOST_KV_ITEMSIZE // _itemsize(fp)
     return host_lane(x, w.host_compute, w.host_source, kv_per_layer, notes)
+
+
+def _itemsize(fp: Footprint) -> int:
+    """Bytes of one element of the compute dtype (``fp.dtype`` names it first, e.g. "bfloat16, int4 g128")."""
+    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(fp.dtype.split(",")[0], 2)
 
 
 def head_chunk_count(fp: Footprint, s: Sizes) -> int:

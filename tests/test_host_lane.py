@@ -122,6 +122,25 @@ def test_host_decode_attention_matches_the_reference(hq, hk, d, dtype, tol):
     assert not got[2].any()  # a padded row (q_lens 0) is zero
 
 
+@pytest.mark.parametrize("b,t", [(1, 1), (3, 1), (2, 3)])
+def test_host_kv_append_writes_the_fp32_cache(b, t):
+    """HostOps.kv_append_ (by index for one token a row) into the fp32 host cache as TorchOps' scatter does;
+    the lane's bf16 query against that cache gives the fp32 attention rounded to bf16."""
+    gen = torch.Generator().manual_seed(b * 10 + t)
+    k, v = (torch.randn((b, t, 2, 8), generator=gen).to(torch.bfloat16) for _ in range(2))
+    start = torch.tensor([5, 0, 11][:b], dtype=torch.int32)
+    want = [torch.randn((b, 2, 16, 8), generator=gen) for _ in range(2)]
+    got = [c.clone() for c in want]
+    TorchOps().kv_append_(k, v, *want, start)
+    HostOps().kv_append_(k, v, *got, start)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    q = torch.randn((b, 1, 4, 8), generator=gen)
+    q_lens = torch.ones(b, dtype=torch.int32)
+    ref = TorchOps().attention(q, *want, start, q_lens, 8 ** -0.5, 16)
+    out = HostOps().attention(q.to(torch.bfloat16), *got, start, q_lens, 8 ** -0.5, 16)
+    assert out.dtype == torch.bfloat16 and rel_max_err(out, ref) <= 1e-2
+
+
 def _units(n: int, size: int = 16) -> list[UnitSpec]:
     def pack(j: int):
         return lambda buf: buf.fill_(j + 1)

@@ -163,7 +163,7 @@ def test_the_plan_table_says_where_each_layer_runs_and_each_lane_s_time():
     assert f"copy {lane.copy_s * 1e3:.1f} ms" in table and f"host {lane.host_s * 1e3:.1f} ms (67.0 GB/s, cached)" \
         in table and f"GPU {lane.gpu_s * 1e3:.1f} ms" in table
     assert "computed on the CPU" in table
-    assert lane.kv_bytes == len(p.host_layers) * (fp.kv_bytes_per_token // N_LAYERS) * 1024
+    assert lane.kv_bytes == len(p.host_layers) * (fp.kv_bytes_per_token // N_LAYERS) * 1024 * 2  # fp32 of bf16
     assert tuple(p.to_dict()["host_lane"]["layers"]) == p.host_layers
 
 

@@ -26,7 +26,7 @@ from engine.host_int4 import int4_linear, random_int4, to_cpu_int4
 from engine.quant.spec import dequantize
 
 
-def _times_ms(fn, repeats: int) -> tuple[float, float]:
+def times_ms(fn, repeats: int) -> tuple[float, float]:
     """(median, best) milliseconds of ``repeats`` calls after a warm-up call."""
     fn()
     times = []
@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for b in args.batches:
             x = torch.randn(b, k).to(dtype)
-            old = _times_ms(lambda: F.linear(x, dequantize(w).to(dtype)), args.repeats)
-            new = _times_ms(lambda: int4_linear(x, c), args.repeats)
+            old = times_ms(lambda: F.linear(x, dequantize(w).to(dtype)), args.repeats)
+            new = times_ms(lambda: int4_linear(x, c), args.repeats)
             dense_w = dequantize(w).to(dtype)
-            dense = _times_ms(lambda: F.linear(x, dense_w), args.repeats)
+            dense = times_ms(lambda: F.linear(x, dense_w), args.repeats)
             gb = w.nbytes / 1e9
             print(f"N={n} K={k} batch {b}: dequant {old[0]:.2f} ms (best {old[1]:.2f}, {gb / old[0] * 1e3:.2f} GB/s)"
                   f"  int4 {new[0]:.2f} ms (best {new[1]:.2f}, {gb / new[0] * 1e3:.2f} GB/s)  "
