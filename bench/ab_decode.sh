@@ -4,7 +4,7 @@
 # machine (issue 15: the synthetic 7B AWQ at 6 GiB against the all-resident bf16 7B, target 1.5x; session 23:
 # 1.385x, 2.9 ms a step of which 2.60 ms kernels in ~267 launches).
 #   1. bench/probe_pdl.py: a chain of the step's shape in one CUDA graph, plain / PDL / PDL with a weight prefetch;
-#      tools.bench_host_int4 per activation dtype (issue 18's int4 host layers);
+#      tools.bench_host_int4 per activation dtype (issue 18's int4 host layers), bench/probe_host_layer.py;
 #   2. the PDL kernels' GPU tests under LAYERSTREAM_PDL=1 (eager launches), and the AWQ's greedy text with and
 #      without PDL (tools.bench_stream does not check tokens);
 #   3. tools.bench_stream in the order $AB_ORDER (default "old pdl pf pf pdl old"), AWQ at 6 GiB then bf16 all
@@ -24,6 +24,8 @@ timeout 90 python3 bench/probe_pdl.py > $OUT/probe_pdl.txt 2>&1; echo "probe rc=
 # machine: its rate per activation dtype (the host lane runs it in bf16), with env.txt's cpu flags
 for dt in bfloat16 float32 float16; do timeout 40 python3 -m tools.bench_host_int4 --shapes 4608x3584 --batches 1,4 \
   --dtype $dt --repeats 3 2>&1 | tail -3; done > $OUT/host_int4.txt; grep -i "int4\|GB/s" $OUT/host_int4.txt | head -8
+for c in 1024 4096; do timeout 60 python3 bench/probe_host_layer.py --context $c 2>&1 | tail -5; done > $OUT/host_layer.txt
+cat $OUT/host_layer.txt  # a 7B host layer's time against its projections (the fp32 host attention)
 fi
 [ -f /tmp/q7b-awq/config.json ] || timeout 90 python3 -m tools.synth --preset qwen2.5-7b --out /tmp/q7b-awq --quant awq \
   --device cuda 2>&1 | tail -1
