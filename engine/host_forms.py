@@ -37,6 +37,7 @@ from engine.config import ModelConfig
 from engine.host_int4 import convert_layer, int4_host_group, measure_int4_gemv
 from engine.layout import LayerLayout
 from engine.quant.ggml import GGMLWeight, NativeLayouts
+from kernels.ggml_blocks import dequant_ref
 from engine.quant.layout import QuantLayerLayout
 from engine.quant.spec import QuantWeight, dequantize
 
@@ -109,10 +110,32 @@ def pick_form(forms: tuple[str, ...], quant, dtype: torch.dtype, batch: int, pac
     return best
 
 
+WIDEN_ROWS = 1024  # output rows dequantized at a time: bounds the fp32 temporaries (~16 bytes a weight)
+
+
+def widen(w: QuantWeight | GGMLWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` dequantized to a contiguous ``dtype`` [N, K], :data:`WIDEN_ROWS` output rows at a time (a
+    7B gate_up at once would hold ~2 GB of fp32 temporaries)."""
+    n, k = w.shape
+    out = torch.empty((n, k), dtype=dtype)
+    if isinstance(w, GGMLWeight):
+        for row, qtype, blocks in w.rows():
+            for r in range(0, blocks.shape[0], WIDEN_ROWS):
+                part = blocks[r:r + WIDEN_ROWS]
+                out[row + r:row + r + part.shape[0]] = dequant_ref(part, qtype, k)
+        return out
+    for r in range(0, n, WIDEN_ROWS):
+        rows = slice(r, r + WIDEN_ROWS)
+        part = QuantWeight(w.qweight[rows], w.scales[rows], None if w.zeros is None else w.zeros[rows], w.perm,
+                           w.spec, k, None if w.mins is None else w.mins[rows])
+        out[rows] = dequantize(part)
+    return out
+
+
 def hold_layer(views: dict[str, object], dtype: torch.dtype, form: str) -> tuple[dict[str, object], int]:
     """A host layer's tensors as ``form`` holds them (``int4``: engine.host_int4's conversion; ``widened``:
-    every quantized weight dequantized to ``dtype``, contiguous; else as given) and the host bytes the
-    converted copies take beside the pinned ones."""
+    every quantized weight dequantized to ``dtype`` by :func:`widen`; else as given) and the host bytes
+    the converted copies take beside the pinned ones."""
     if form == INT4:
         return convert_layer(views, dtype)
     if form != WIDENED:
@@ -120,6 +143,6 @@ def hold_layer(views: dict[str, object], dtype: torch.dtype, form: str) -> tuple
     out, extra = dict(views), 0
     for name, t in views.items():
         if isinstance(t, QuantWeight | GGMLWeight):
-            w = (dequantize(t) if isinstance(t, QuantWeight) else t.dequantize()).to(dtype).contiguous()
-            out[name], extra = w, extra + w.nbytes
+            out[name] = widen(t, dtype)
+            extra += out[name].nbytes
     return out, extra

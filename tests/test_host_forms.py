@@ -87,14 +87,27 @@ def _int8_weight(n: int, k: int, seed: int) -> QuantWeight:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_widened_layer_holds_the_dequantized_weights(dtype):
-    w, norm = _int8_weight(48, 96, seed=1), torch.ones(96)
-    held, extra = forms.hold_layer({"mlp.down_proj.weight": w, "input_layernorm.weight": norm}, dtype, "widened")
-    got = held["mlp.down_proj.weight"]
-    assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, dequantize(w).to(dtype))
-    assert held["input_layernorm.weight"] is norm and extra == got.nbytes
-    same, none = forms.hold_layer({"w": w}, dtype, "packed")
-    assert same["w"] is w and none == 0
+def test_a_widened_layer_holds_the_dequantized_weights(dtype, monkeypatch):
+    """Widened a few rows at a time (WIDEN_ROWS 16: chunks with a remainder, across a GGUF weight's
+    parts): the dequantized weights exactly, for int8, int4 with zero points, mins or act order, and
+    ggml blocks of two types."""
+    from engine.quant.ggml import GGMLWeight
+    from tests.test_host_int4 import _weight
+    from tests.test_kernels_ggml import weights as ggml_blocks
+
+    monkeypatch.setattr(forms, "WIDEN_ROWS", 16)
+    ws = {"int8": _int8_weight(48, 96, seed=1), "zeros": _weight(40, 128, 32, "zeros", seed=2),
+          "mins": _weight(40, 128, 64, "mins", seed=3), "act": _weight(37 + 3, 128, 32, "sym", seed=4, act_order=True),
+          "ggml": GGMLWeight((("q8_0", ggml_blocks("q8_0", 20, 64)), ("q4_1", ggml_blocks("q4_1", 30, 64, seed=1))), 64)}
+    norm = torch.ones(96)
+    held, extra = forms.hold_layer({**ws, "input_layernorm.weight": norm}, dtype, "widened")
+    for name, w in ws.items():
+        got = held[name]
+        assert got.dtype == dtype and got.is_contiguous() and got.shape == w.shape, name
+        assert torch.equal(got, (dequantize(w) if name != "ggml" else w.dequantize()).to(dtype)), name
+    assert held["input_layernorm.weight"] is norm and extra == sum(held[n].nbytes for n in ws)
+    same, none = forms.hold_layer({"w": ws["int8"]}, dtype, "packed")
+    assert same["w"] is ws["int8"] and none == 0
 
 
 @pytest.fixture(scope="module")
