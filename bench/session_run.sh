@@ -105,6 +105,8 @@ if [[ $steps == *h* ]]; then
   echo "hostlane rc=$?"; tail -11 $R/bench_hostlane.log
 save; fi
 if [[ $steps == *a* ]]; then
+  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_host_lane.py > $R/pytest_hostlane.txt 2>&1
+  echo "pytest hostlane rc=$?"; tail -2 $R/pytest_hostlane.txt
   awq_7b
   timeout $(left 150) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 4GiB,3GiB --batches 1 --steps 8 \
     --prefill-tokens 0 --host-compute off,auto --out-dir $R --tag hostlane-awq > $R/bench_hostlane_awq.log 2>&1

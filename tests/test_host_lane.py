@@ -200,15 +200,12 @@ def gpu_model(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_host_lane_on_the_gpu_matches_resident(gpu_model, kernels, batch):
-    """GPU path: host layers run on the CPU between the decode graph's pieces (triton) or the eager
-    layers (torch); fp32 so that the CPU's and the GPU's matmuls agree to rounding."""
+def _gpu_lane_matches_resident(model: Path, kernels: str, batch: int):
+    """The host lane's engine against the all-resident one on the GPU, fp32: greedy tokens equal;
+    returns the host-lane engine (open) and its generation."""
     base = dict(device="cuda", dtype="fp32", kernels=kernels, max_context=256, batch=batch)
     prompts = [list(range(100 + i, 140 + 3 * i)) for i in range(batch)]
-    ref = Engine(gpu_model, EngineOptions(**base))
+    ref = Engine(model, EngineOptions(**base))
     ref.tokenizer.eos_ids = set()  # fixed-length token streams
     want = generate(ref, prompts, SamplingParams(), max_new_tokens=16).token_ids
     half = ref.plan.total_bytes // 2  # the allocator's share: about half the layers stream
@@ -219,13 +216,38 @@ def test_host_lane_on_the_gpu_matches_resident(gpu_model, kernels, batch):
     # --vram-budget counts the CUDA context and kernels too: the engine takes them off a given budget
     # (memory.process_vram), so the budget is the allocator's share plus what this process holds outside it
     budget = half + outside_allocator(torch.device("cuda")).bytes
-    ours = Engine(gpu_model, EngineOptions(**base, vram_budget=budget, host_compute=2))
+    ours = Engine(model, EngineOptions(**base, vram_budget=budget, host_compute=2))
     assert len(ours.plan.host_layers) == 2 and (ours.graph is not None) == (kernels == "triton")
     assert set(ours.plan.streamed_layers) - set(ours.plan.host_layers) and ours.plan.outside_bytes > 0  # all 3 lanes
     ours.tokenizer.eos_ids = set()
     gen = generate(ours, prompts, SamplingParams(), max_new_tokens=16)
     assert gen.token_ids == want
     assert ours.model.host.steps >= 15
+    return ours, gen
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_host_lane_on_the_gpu_matches_resident(gpu_model, kernels, batch):
+    """GPU path: host layers run on the CPU between the decode graph's pieces (triton) or the eager
+    layers (torch); fp32 so that the CPU's and the GPU's matmuls agree to rounding."""
+    ours, gen = _gpu_lane_matches_resident(gpu_model, kernels, batch)
     per_step = sum(u.nbytes for u in ours.weights.units) - 2 * ours.plan.layer_bytes
     assert gen.stats["decode_streamed_bytes_per_step"] == per_step
+    ours.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("form", ["int4", "widened"])
+def test_quantized_host_layers_on_the_gpu_match_resident(tmp_path_factory, monkeypatch, form):
+    """AWQ layers: the GPU's fused int4 kernels and the host lane's layers (torch's CPU int4 kernel, or
+    widened once: engine.host_forms) give the same greedy tokens, fp32."""
+    from engine.synth.writer import synthesize
+
+    monkeypatch.setenv("LAYERSTREAM_HOST_WEIGHTS", form)
+    out = tmp_path_factory.mktemp("host_gpu_awq") / "qwen2.5-0.5b-awq"
+    synthesize("qwen2.5-0.5b", out, seed=0, layers=8, device="cuda", quant="awq")
+    ours, _ = _gpu_lane_matches_resident(out, "triton", 2)
+    assert ours.model.host.weight_form == form and ours.model.host.held_bytes > 0
     ours.close()
