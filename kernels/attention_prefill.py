@@ -36,7 +36,7 @@ _LOG2E = 1.4426950408889634
 
 def _configs() -> list[triton.Config]:
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]  # interpreted: fewer programs, still several blocks
     shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
               (128, 32, 4, 4), (64, 128, 4, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)

@@ -43,7 +43,7 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def _configs() -> list[triton.Config]:
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})]  # fewer programs
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),

@@ -70,8 +70,9 @@ def _cfg(bn: int, bk: int, sk: int, swap: bool, warps: int = 4, stages: int = 1,
 
 
 # used without timing when KERNELS_AUTOTUNE=0 (fits shared memory for every dtype)
-_DEFAULT_FMA = _cfg(8, 512, 1, False)
-_DEFAULT_DOT = _cfg(32, 128, 1, False, stages=2)
+# (the interpreter runs each program in Python: there fewer, wider ones, as its tuning candidate)
+_DEFAULT_FMA = _cfg(64, 64, 1, False) if _INTERPRET else _cfg(8, 512, 1, False)
+_DEFAULT_DOT = _cfg(64, 64, 1, False) if _INTERPRET else _cfg(32, 128, 1, False, stages=2)
 
 
 @triton.jit

@@ -74,8 +74,8 @@ def config(bn: int, bk: int, sk: int = 1, swap: bool = False, warps: int = 4, st
                           "VARIANT": variant}, num_warps=warps, num_stages=stages)
 
 
-_DEFAULT_FMA = config(8, 512, stages=2)
-_DEFAULT_DOT = config(32, 128, stages=2)
+_DEFAULT_FMA = config(64, 64) if _INTERPRET else config(8, 512, stages=2)  # interpreted: fewer, wider programs
+_DEFAULT_DOT = config(64, 64) if _INTERPRET else config(32, 128, stages=2)
 
 
 @triton.jit

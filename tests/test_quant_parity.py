@@ -185,7 +185,7 @@ def test_int8_x_gemv_in_batch_one_decode(qmodel, monkeypatch) -> None:
 @pytest.mark.slow
 def test_triton_dense_prefill_on_quantized_layers(qmodel, monkeypatch) -> None:
     """A prefill of 2 x 130 rows (kernels.qlinear.DENSE_MIN_M and more: the act-order weights widened
-    into dense tiles through the dense GEMM), then decode steps (the GEMV), against transformers."""
+    into dense tiles through the dense GEMM), then a decode step (the GEMV), against transformers."""
     from engine.ops import TritonOps
     from kernels import qlinear as qlinear_mod
     from kernels.qlinear import DENSE_MIN_M
@@ -204,8 +204,7 @@ def test_triton_dense_prefill_on_quantized_layers(qmodel, monkeypatch) -> None:
     assert 2 * 130 >= DENSE_MIN_M
     assert rel_max_err(forward_prefill(eng.model, cache, ids[:, :130], last_only=False), want[:, :130]) <= TRITON_TOL
     assert dense_rows and set(dense_rows) == {260}  # every packed projection of the prefill took the dense path
-    for t in range(130, 133):
-        assert rel_max_err(forward_decode(eng.model, cache, ids[:, t], t), want[:, t]) <= TRITON_TOL, f"position {t}"
+    assert rel_max_err(forward_decode(eng.model, cache, ids[:, 130], 130), want[:, 130]) <= TRITON_TOL  # the GEMV
     assert set(dense_rows) == {260}
     eng.close()
 
