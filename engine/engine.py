@@ -225,13 +225,14 @@ class Engine:
         """The host's GEMV GB/s at this batch and dtype, in the plan's layer bytes (measured once, cached),
         when the host lane may be used (on a GPU); sets ``host_weights``, the form host layers take
         (engine.host_forms: the faster measured one, or the preferred one when none is measured)."""
+        if mode == "off":  # (LAYERSTREAM_HOST_WEIGHTS is not looked at)
+            self.host_weights = ""
+            return None, "not measured: host compute off"
         forms = weight_forms(self.cfg, self.dtype, self.quant)
         self.host_weights = forms[0]
-        if mode == "off" or self.device.type != "cuda" or forms == (PACKED,):
-            why = "host compute off" if mode == "off" else (
-                "the compute device is the CPU" if self.device.type != "cuda"
-                else "quantized layers the CPU has no fast form for (no int4 kernel, and too little RAM to "
-                     "widen them)")
+        if self.device.type != "cuda" or forms == (PACKED,):
+            why = ("the compute device is the CPU" if self.device.type != "cuda" else
+                   "quantized layers the CPU has no fast form for (no int4 kernel, and too little RAM to widen them)")
             return None, f"not measured: {why}"
         ratio = packed_per_widened(self.cfg, self.dtype, self.quant) if self.quant is not None else 1.0
         # next to H2D copies, as the lane runs; on the worker's cores with its thread count (a disk tier,

@@ -168,3 +168,7 @@ def test_the_engine_picks_the_host_form_by_rate(monkeypatch):
     assert eng_mod.Engine._host_rate(fake, "auto") == (None, "not measured: quantized layers the CPU has no fast "
                                                        "form for (no int4 kernel, and too little RAM to widen them)")
     assert fake.host_weights == "packed"
+    monkeypatch.setenv("LAYERSTREAM_HOST_WEIGHTS", "fast")  # not looked at with host compute off
+    assert eng_mod.Engine._host_rate(fake, "off") == (None, "not measured: host compute off")
+    with pytest.raises(ValueError, match="LAYERSTREAM_HOST_WEIGHTS must be"):
+        eng_mod.Engine._host_rate(fake, "auto")
