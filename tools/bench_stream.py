@@ -81,6 +81,9 @@ def _host_fields(engine: Engine, step: float, steps: int, spans: list[dict], win
     if host is not None and host.seconds > 0:
         out.update(host_s_per_step=host.seconds / steps,
                    host_gbps_achieved=len(host.layers) * host.layer_bytes * steps / host.seconds / 1e9,
+                   # the bytes the CPU read per host layer (widened layers: their widened copy; the plan's
+                   # host_gbps_planned is over the packed bytes, engine.host_forms) and the form
+                   host_layer_read_bytes=host.layer_bytes, host_weight_form=host.weight_form,
                    host_busy_fraction=busy_fraction(spans, "host", window) if spans else None,
                    host_worker=host.describe())  # the cores and torch threads the host layers ran on
     return out
