@@ -201,12 +201,6 @@ class Engine:
             log.info("GPU memory outside torch's allocator: %d MiB (%s)", outside.bytes >> 20, outside.source)
         gbps, source = h2d_bandwidth(self.device)
         mode = parse_host_compute(self.opts.host_compute)
-        if (mode not in ("auto", "off", 0) and self.quant is not None and self.quant.native
-                and weight_forms(self.cfg, self.dtype, self.quant) == (PACKED,)):
-            raise ValueError(f"--host-compute {mode}: this GGUF's layers are held as their {self.quant.label}, "
-                             "which the CPU has no kernel for, and too little RAM is available to widen them "
-                             "once (every call would widen whole layers); drop --host-compute, or set "
-                             "LAYERSTREAM_GGUF_NATIVE=0 to repack the layers instead")
         host_gbps, host_source = self._host_rate(mode)
         plan = plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
                           vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
@@ -224,12 +218,18 @@ class Engine:
     def _host_rate(self, mode) -> tuple[float | None, str]:
         """The host's GEMV GB/s at this batch and dtype, in the plan's layer bytes (measured once, cached),
         when the host lane may be used (on a GPU); sets ``host_weights``, the form host layers take
-        (engine.host_forms: the faster measured one, or the preferred one when none is measured)."""
+        (engine.host_forms: the faster measured one, or the preferred one when none is measured). A forced
+        ``--host-compute N`` on GGUF blocks that no form can hold is a ValueError."""
         if mode == "off":  # (LAYERSTREAM_HOST_WEIGHTS is not looked at)
             self.host_weights = ""
             return None, "not measured: host compute off"
         forms = weight_forms(self.cfg, self.dtype, self.quant)
         self.host_weights = forms[0]
+        if forms == (PACKED,) and self.quant.native and mode not in ("auto", 0):
+            raise ValueError(f"--host-compute {mode}: this GGUF's layers are held as their {self.quant.label}, "
+                             "which the CPU has no kernel for, and too little RAM is available to widen them "
+                             "once (every call would widen whole layers); drop --host-compute, or set "
+                             "LAYERSTREAM_GGUF_NATIVE=0 to repack the layers instead")
         if self.device.type != "cuda" or forms == (PACKED,):
             why = ("the compute device is the CPU" if self.device.type != "cuda" else
                    "quantized layers the CPU has no fast form for (no int4 kernel, and too little RAM to widen them)")

@@ -87,7 +87,8 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         rope_bytes_per_position=2 * (cfg.head_dim // 2) * 4,  # fp32 cos and sin
         max_positions=cfg.max_position_embeddings,
         dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""),
-        scratch_bytes=tile[0], scratch_max_bytes=tile[1])  # a prefill's dense tile of packed layers
+        scratch_bytes=tile[0], scratch_max_bytes=tile[1],  # a prefill's dense tile of packed layers
+        dtype_bytes=size)
 
 
 def fused_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:

@@ -49,6 +49,7 @@ class Footprint:
     dtype: str  # compute dtype name, for the plan's rendering
     scratch_bytes: int = 0  # a fixed kernel scratch of a prefill pass (packed layers decoded for the GEMM)
     scratch_max_bytes: int = 0  # the largest such scratch that helps: the planner grows it into spare VRAM
+    dtype_bytes: int = 2  # bytes of one compute-dtype element (the host lane's fp32 KV is counted against it)
 
     def __post_init__(self) -> None:
         kinds = [m.kind for m in self.modules]

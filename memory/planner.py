@@ -108,13 +108,8 @@ def _host_lane(fp: Footprint, s: Sizes, r: Residency, t: Tiers, w: _Workload, co
                    copy_other=copy_other - sum(head), streamed=r.streamed, gpu_other=s.lm_head + s.norm,
                    h2d_gbps=w.h2d_gbps, hbm_gbps=w.hbm_gbps, host_gbps=w.host_gbps, head_chunks=head,
                    slots=r.num_slots)
-    kv_per_layer = fp.kv_bytes_per_token // max(1, s.n) * w.batch * w.max_context * HOST_KV_ITEMSIZE // _itemsize(fp)
+    kv_per_layer = fp.kv_bytes_per_token // max(1, s.n) * w.batch * w.max_context * HOST_KV_ITEMSIZE // fp.dtype_bytes
     return host_lane(x, w.host_compute, w.host_source, kv_per_layer, notes)
-
-
-def _itemsize(fp: Footprint) -> int:
-    """Bytes of one element of the compute dtype (``fp.dtype`` names it first, e.g. "bfloat16, int4 g128")."""
-    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(fp.dtype.split(",")[0], 2)
 
 
 def head_chunk_count(fp: Footprint, s: Sizes) -> int:
