@@ -20,8 +20,8 @@ steps=${AB_STEPS:-123}
 arm_env() { case $1 in pdl) echo LAYERSTREAM_PDL=1;; pf) echo LAYERSTREAM_PDL=prefetch;; esac; }
 if [[ $steps == *1* ]]; then
 timeout 90 python3 bench/probe_pdl.py > $OUT/probe_pdl.txt 2>&1; echo "probe rc=$?"; cat $OUT/probe_pdl.txt | tail -8
-# issue 18: torch's CPU int4 kernel read 0.9 GB/s on this host (session 11) against ~3-11 GB/s on a 2-vCPU CI
-# machine: its rate per activation dtype (the host lane runs it in bf16), with env.txt's cpu flags
+# issue 18: torch's CPU int4 kernel read 0.9 GB/s on this host (session 11) against 7.5 GB/s on a 2-vCPU AVX2 CI
+# machine (bench/results/2026-12-04-cpu-host-lane): its rate per activation dtype, with env.txt's cpu flags
 for dt in bfloat16 float32 float16; do timeout 40 python3 -m tools.bench_host_int4 --shapes 4608x3584 --batches 1,4 \
   --dtype $dt --repeats 3 2>&1 | tail -3; done > $OUT/host_int4.txt; grep -i "int4\|GB/s" $OUT/host_int4.txt | head -8
 for c in 1024 4096; do timeout 60 python3 bench/probe_host_layer.py --context $c 2>&1 | tail -5; done > $OUT/host_layer.txt

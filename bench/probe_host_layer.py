@@ -6,7 +6,8 @@ against one F.linear over the layer's bytes (what memory.host_rate measures).
 
 Prints milliseconds (median of --repeats after a warm-up) and GB/s of the layer's weight bytes for:
 the whole layer (norms, RoPE, KV append, attention over --context positions, the projections), its
-four projections alone, and the single large GEMV of memory.host_rate over the same bytes.
+four projections alone, the single large GEMV of memory.host_rate over the same bytes, and the
+attention alone with the host KV cache in fp32 (the lane's) and in the compute dtype.
 """
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ def _weights(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
             "self_attn.o_proj.weight": rnd(h, q), "mlp.gate_up_proj.weight": rnd(2 * i, h),
             "mlp.down_proj.weight": rnd(h, i), "input_layernorm.weight": torch.ones(h, dtype=dtype),
             "post_attention_layernorm.weight": torch.ones(h, dtype=dtype)}
+
+
+def _attention_ms(cfg: ModelConfig, b: int, context: int, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """HostOps' decode attention alone over ``context`` positions, with the host KV cache in fp32 (the
+    lane's) and in the compute dtype (what it held before): median ms of each."""
+    q = torch.randn(b, 1, cfg.num_attention_heads, cfg.head_dim).to(dtype)
+    start, q_lens = torch.full((b,), context - 1, dtype=torch.int32), torch.ones(b, dtype=torch.int32)
+    shape = (b, cfg.num_key_value_heads, context + 8, cfg.head_dim)
+    out = {}
+    for name, kv_dtype in (("fp32 cache", torch.float32), (f"{dtype} cache", dtype)):
+        kv = [torch.randn(shape).to(kv_dtype) for _ in range(2)]
+        out[name] = _ms(lambda: HostOps().attention(q, *kv, start, q_lens, cfg.head_dim ** -0.5, context), repeats)
+    return out
 
 
 def main() -> None:
@@ -79,6 +93,8 @@ def main() -> None:
           + ", ".join(f"{k} {v:.2f}" for k, v in part_ms.items()))
     print(f"one GEMV over the same bytes {gemv:.2f} ms ({gb / gemv * 1e3:.1f} GB/s)")
     print(f"layer minus projections {layer - sum(part_ms.values()):.2f} ms")
+    print("attention alone: " + ", ".join(f"{k} {v:.2f} ms" for k, v in
+                                          _attention_ms(cfg, b, a.context, dtype, a.repeats).items()))
 
 
 if __name__ == "__main__":

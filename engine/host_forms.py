@@ -5,8 +5,9 @@ run through torch's dense GEMV as they are. Quantized layers have two forms wort
 
 * ``int4``: torch's CPU int4 kernel on the packed codes (``engine.host_int4``), for int4 layers it
   takes. It reads the fewest bytes, but its speed depends on the CPU's vector units: on the H200
-  host it read 0.9 GB/s (bench/results/2026-12-02-h200-s11, where the dense bf16 GEMV reads 67),
-  on this project's 2-vCPU AVX2 CI machine 1.1 GB/s, on a 2-vCPU AMX Xeon 11 GB/s.
+  host it read 0.9 GB/s (bench/results/2026-12-02-h200-s11), where the dense bf16 GEMV reads 36.7
+  GB/s beside host-to-device copies and 70.6 alone; on this project's 2-vCPU AVX2 CI machine it read
+  7.5 GB/s, faster there than the widened form (bench/results/2026-12-04-cpu-host-lane).
 * ``widened``: every quantized weight of a host layer dequantized once, when the lane is set up,
   to the lane's dtype (a copy in ordinary host memory beside the pinned packed one) and run through
   the dense GEMV: ~3.6x the bytes of int4 g128 in bf16, read at the dense rate. Any quantized form

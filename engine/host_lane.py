@@ -45,10 +45,10 @@ class HostOps(TorchOps):
     """Torch ops for host layers. A decode step's attention reads the host KV cache in place, each
     group of query heads against its one KV head (no per-head copy of the keys and values), in fp32:
     the host cache is fp32 (:data:`HOST_KV_DTYPE`), since torch's CPU batched matmuls of a decode
-    step's shapes were 5-7x slower in bf16 than in fp32 on an AVX2 host (3.1 against 31.2 ms at 4,096
-    positions of the 7B, bench/probe_host_layer.py), while the cache is a few MB per layer beside its
-    ~0.5 GB of weights. A step's keys and values go into the cache by index (a scatter of one position
-    cost 8x as much)."""
+    step's shapes were 6-12x slower with a bf16 cache on an AVX2 host (the 7B's attention 6.0 / 26.0
+    against 1.1 / 2.2 ms at 1,024 / 4,096 positions, bench/results/2026-12-04-cpu-host-lane), while the
+    cache is a few MB per layer beside its ~0.5 GB of weights. A step's keys and values go into the
+    cache by index, not by a scatter."""
 
     def kv_append_(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    start_pos: torch.Tensor) -> None:
