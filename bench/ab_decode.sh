@@ -9,15 +9,20 @@
 #      without PDL (tools.bench_stream does not check tokens);
 #   3. tools.bench_stream in the order $AB_ORDER (default "old pdl pf pf pdl old"), AWQ at 6 GiB then bf16 all
 #      resident;
-#   4. tools.profile_decode of the AWQ at 6 GiB in each arm (kernel time against step time: the gaps).
-# AB_STEPS picks among 1-4 (default 123; three calls of the device tool: AB_STEPS=12, AB_STEPS=3, AB_STEPS=4).
+#   4. tools.profile_decode of the AWQ at 6 GiB in each arm (kernel time against step time: the gaps);
+#   5. bench/probe_qkernels.py at batch 1 and 4: every candidate of the int4 GEMV timed, the int8-x GEMV's best
+#      with and without its K steps loaded ahead (variants i8x / i8x+ahead: kernels/qgemv_i8.py's LOOKAHEAD).
+# Arms fresh0 / ahead (for step 3: AB_ORDER="fresh0 ahead ahead fresh0"): the tuning cache off, so the engine tunes
+# every kernel in its process (the shipped H200 picks predate the lookahead tiles), without / with those tiles.
+# AB_STEPS picks among 1-5 (default 123; calls of the device tool: AB_STEPS=12, AB_STEPS=3, AB_STEPS=4, AB_STEPS=5).
 # Results in $OUT (tar it: the device tool returns ~8 files); each arm's tok/s and the AWQ / bf16 ratio.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 source bench/common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; env_info > $OUT/env.txt 2>&1
 steps=${AB_STEPS:-123}
-arm_env() { case $1 in pdl) echo LAYERSTREAM_PDL=1;; pf) echo LAYERSTREAM_PDL=prefetch;; esac; }
+arm_env() { case $1 in pdl) echo LAYERSTREAM_PDL=1;; pf) echo LAYERSTREAM_PDL=prefetch;;
+  fresh0) echo LAYERSTREAM_TUNING_CACHE=0 LAYERSTREAM_I8_AHEAD=0;; ahead) echo LAYERSTREAM_TUNING_CACHE=0;; esac; }
 if [[ $steps == *1* ]]; then
 timeout 90 python3 bench/probe_pdl.py > $OUT/probe_pdl.txt 2>&1; echo "probe rc=$?"; cat $OUT/probe_pdl.txt | tail -8
 # issue 18: torch's CPU int4 kernel read 0.9 GB/s on this host (session 11) against 7.5 GB/s on a 2-vCPU AVX2 CI
@@ -60,4 +65,8 @@ for arm in old pdl pf; do
     --vram-budget 6GiB --steps 8 --json $OUT/profile_$arm.json > $OUT/profile_$arm.txt 2>&1
   echo "profile $arm rc=$?"; grep -v Warning $OUT/profile_$arm.txt | head -3
 done
+fi
+if [[ $steps == *5* ]]; then
+timeout 240 python3 bench/probe_qkernels.py --batches 1,4 --ggml '' --out $OUT/probe_ahead.json \
+  > $OUT/probe_ahead.txt 2>&1; echo "probe rc=$?"; grep -E "i8x|3d|wrong" $OUT/probe_ahead.txt | head -24
 fi

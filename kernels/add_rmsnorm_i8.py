@@ -4,10 +4,10 @@
 # (kernels/qgemv_i8.py), its stage 1 is a launch of its own that reads the normed rows back. Here the norm's
 # program rounds them as it computes them: the decode layer loses a launch per such projection.
 # Shapes:  x, residual [M, K] contiguous, one float dtype; weight [K]; K % 32 == 0
-#          -> new_residual [M, K] (x.dtype) and stage 1's operands of kernels/qgemv_i8.py: xq int32 [M, K/4],
+#          -> new_residual [M, K] (x.dtype) and stage 1's operands (kernels/quant_x.py): xq int32 [M, K/4],
 #          steps fp32 [M, K/32], code sums int32 [M, K/32]. The normed rows themselves are not written.
 # Math:    new_residual and the normed row as kernels/add_rmsnorm.py computes them (rounded to x.dtype), then
-#          per 32 columns the rounding of kernels/qgemv_i8.py's _quant_x_kernel: the same codes.
+#          per 32 columns the rounding of kernels/quant_x.py's _quant_x_kernel: the same codes.
 # Grid:    (M,), one row a program, BLOCK_N = next_pow2(K), num_warps as kernels.rmsnorm.row_blocking (at 1-4
 #          rows add_rmsnorm's own blocking is one row a program too).
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _add_rmsnorm_i8_kernel(x_ptr, r_ptr, w_ptr, res_out_ptr, xq_ptr, d_ptr, qs_p
 
 def add_rmsnorm_i8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(x + residual rounded to x's dtype, stage 1 of kernels/qgemv_i8.py on rmsnorm(x + residual) * weight):
+    """(x + residual rounded to x's dtype, stage 1 (kernels/quant_x.py) on rmsnorm(x + residual) * weight):
     the same residual as kernels.add_rmsnorm and the same codes as its normed rows through quantize_x."""
     m, k = x.shape if x.dim() == 2 else (0, 0)
     if x.dim() != 2 or residual.shape != x.shape or weight.shape != (k,) or k % 32 or residual.dtype != x.dtype:

@@ -16,18 +16,18 @@
 #          qweight int32 [N, K/8]  int4 codes, layout of kernels/quant_common.py (code j*8+i at bits 4i..4i+3)
 #          scales  [N, K/G]    fp16 / bf16 / fp32, G % 32 == 0; zeros like scales, or None (symmetric: 8);
 #          mins    like scales or None (w = code * scale + min; zeros then None); bias [N] x's dtype or None
-# Stage 1 (_quant_x_kernel): per row and 32-column block b, step d_b = max|x| / 127, q = x / d_b rounded half away
-#          from zero (in [-127, 127]),
-#          stored as int32 words xq[j] = bytes q[8j], q[8j+2], q[8j+4], q[8j+6] (the low nibbles' columns of
-#          packed word j), xq[K/8 + j] = q[8j+1], q[8j+3], q[8j+5], q[8j+7] (the high nibbles'); d [K/32] fp32;
-#          qs [K/32] = sum of the block's q (for the zero point / min term). With SWIGLU its input is the
-#          MLP's [gate; up] [M, 2K] and x = silu(gate) * up, rounded as kernels/swiglu.py rounds it (the same
-#          codes): swiglu_qgemv runs the down projection in two launches instead of three.
+# Stage 1 (kernels/quant_x.py): x rounded to int8 per 32 columns, as words laid out for the loop below, with
+#          each block's step d_b and code sum qs_b.
 # Stage 2 (_qgemv_i8_kernel): program (n, s) owns BLOCK_N rows and the s-th of SPLIT_K slices of K; the codes
 #          of a K step are unpacked once for all M rows of x (each its own accumulator):
 #          acc[n] += sum_b s_nb * d_b * (dot_b(codes, q) - z_nb * qs_b)     (zeros; symmetric: z = 8)
 #          acc[n] += sum_b d_b * (s_nb * dot_b(codes, q) + m_nb * qs_b)     (mins)
 #          then the epilogue of kernels/gemv.py (bias, split-K partials summed by the last program).
+#          LOOKAHEAD = 1 or 2 (with STAGES 1): step kb + LOOKAHEAD's codes, scales and zero points are loaded
+#          before step kb's arithmetic and carried in registers. Without it (and without the pipeliner's shared-
+#          memory stages) a step waits on memory two to four times, the codes and then each scale and zero point
+#          loaded where first used; ptxas sinks one step's loads to the loop's end, so two are the useful depth
+#          (bench/sass_qgemv.py prints how far from its load each loop first uses the codes). Not yet timed on a GPU.
 # Accuracy: against fp32 torch on x itself, 0.4-1.1% relative error (Frobenius) in the tests' shapes with bf16
 #          output (bf16 rounding alone: about 0.3%); tests bound it by 1.5%. x's rounding per 32 columns has about
 #          2.5x the error of bf16's (more in a block holding an outlier channel): in a tiny Qwen2's batch-1 decode
@@ -45,9 +45,8 @@ import triton
 import triton.language as tl
 
 from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
-from kernels.pdl import enter as pdl_enter, enter_prefetching as pdl_enter_prefetching, opts as pdl_opts
-
-QBLOCK = 32  # x columns per int8 step
+from kernels.pdl import enter_prefetching as pdl_enter_prefetching, opts as pdl_opts
+from kernels.quant_x import QBLOCK, quantize_x, quantize_x_ref
 
 
 def enabled() -> bool:
@@ -55,42 +54,10 @@ def enabled() -> bool:
     return os.environ.get("LAYERSTREAM_INT8_X", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-@triton.jit
-def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr, SWIGLU: tl.constexpr,
-                    PDL_CHAIN: tl.constexpr = False):
-    """NB blocks of 32 columns of row program_id(1) per program: steps, int8 codes in nibble order, code sums.
-    SWIGLU: x_ptr holds [gate; up] rows of 2K and x = silu(gate) * up, rounded as kernels/swiglu.py rounds it."""
-    pdl_enter(PDL_CHAIN)
-    row = tl.program_id(1)
-    x_ptr += row.to(tl.int64) * stride_xm
-    xq_ptr += row * (K // 4)
-    d_ptr += row * (K // 32)
-    qs_ptr += row * (K // 32)
-    blk = tl.program_id(0) * NB + tl.arange(0, NB)
-    w4 = tl.arange(0, 4)  # packed word within the block
-    p = tl.arange(0, 4)  # byte within the x word
-    h = tl.arange(0, 2)  # 0: low nibble's column (even), 1: high nibble's (odd)
-    col = (blk[:, None, None, None] * 32 + w4[None, :, None, None] * 8 + p[None, None, :, None] * 2
-           + h[None, None, None, :])
-    ok = blk < K // 32
-    x = tl.load(x_ptr + col, mask=ok[:, None, None, None], other=0.0).to(tl.float32)
-    if SWIGLU:  # the same arithmetic as kernels/swiglu.py: the codes equal those of its output
-        ty = x_ptr.dtype.element_ty
-        u = tl.load(x_ptr + K + col, mask=ok[:, None, None, None], other=0.0).to(tl.float32)
-        x = ((x * tl.sigmoid(x)).to(ty).to(tl.float32) * u).to(ty).to(tl.float32)
-    amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)
-    d = amax / 127.0
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    y = x * inv[:, None, None, None]
-    r = tl.floor(tl.abs(y) + 0.5)  # half away from zero
-    q = tl.where(y < 0, -r, r).to(tl.int32)
-    qs = tl.sum(tl.sum(tl.sum(q, axis=3), axis=2), axis=1)
-    byte = (q & 0xFF) << (p[None, None, :, None] * 8)
-    words = tl.sum(byte, axis=2)  # [NB, 4, 2]: disjoint bytes, so the sum is their OR
-    widx = blk[:, None, None] * 4 + w4[None, :, None] + h[None, None, :] * (K // 8)
-    tl.store(xq_ptr + widx, words, mask=ok[:, None, None])
-    tl.store(d_ptr + blk, d, mask=ok)
-    tl.store(qs_ptr + blk, qs, mask=ok)
+def ahead_enabled() -> bool:
+    """Whether the tuner may time the tiles that load K steps ahead (``LAYERSTREAM_I8_AHEAD=0`` leaves them out:
+    an A/B of the tuner's picks with and without them, bench/ab_decode.sh)."""
+    return os.environ.get("LAYERSTREAM_I8_AHEAD", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 @triton.jit
@@ -135,12 +102,60 @@ def _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS: tl.co
 
 
 @triton.jit
+def _step_operands(q_rows, s_rows, z_rows, kb, b, j, K, group, NBLK: tl.constexpr, BLOCK_K: tl.constexpr,
+                   HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr,
+                   EVEN_K: tl.constexpr):
+    """K step ``kb``'s packed words [BLOCK_N, NBLK, 4] and the scales and zero points (or mins) they need."""
+    blk = kb * NBLK + b  # global 32-column blocks of this K step
+    wcol = blk[None, :, None] * 4 + j[None, None, :]  # packed words [1, NBLK, 4]
+    if EVEN_K:
+        words = tl.load(q_rows + wcol, eviction_policy="evict_first")
+    else:
+        words = tl.load(q_rows + wcol, mask=(blk < K // 32)[None, :, None], other=0, eviction_policy="evict_first")
+    if ONE_GROUP:  # the K step lies in one group (GROUP_C = G, a multiple of BLOCK_K): one scale per row
+        g = (kb // (GROUP_C // BLOCK_K)) + tl.zeros((1, 1), tl.int32)
+    elif GROUP_C > 1:  # G (a power of two) divides BLOCK_K: a constant shift
+        g = tl.minimum(blk // (GROUP_C // 32), K // GROUP_C - 1)[None, :]  # past K: the last group (terms 0)
+    else:
+        g = tl.minimum(blk * 32 // group, K // group - 1)[None, :]
+    s = tl.load(s_rows + g).to(tl.float32)
+    if HAS_ZEROS + HAS_MINS > 0:
+        z = tl.load(z_rows + g).to(tl.float32)
+    else:
+        z = tl.full((1, 1), 8.0, tl.float32)
+    return words, s, z
+
+
+@triton.jit
+def _step_accumulate(acc0, acc1, acc2, acc3, words, s, z, kb, b, j, xq_ptr, d_ptr, qs_ptr, K, r1, r2, r3,
+                     NBLK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_MINS: tl.constexpr, EVEN_K: tl.constexpr,
+                     ASM: tl.constexpr):
+    """The accumulators after K step ``kb`` (its operands from :func:`_step_operands`): the codes unpacked once,
+    each row of x against them."""
+    blk = kb * NBLK + b
+    wcol = blk[None, :, None] * 4 + j[None, None, :]
+    lo = words & 0x0F0F0F0F
+    hi = (words >> 4) & 0x0F0F0F0F
+    acc0 += _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+    if BLOCK_M > 1:
+        acc1 += _row_step(xq_ptr + r1 * (K // 4), d_ptr + r1 * (K // 32), qs_ptr + r1 * (K // 32), lo, hi, wcol,
+                          blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+    if BLOCK_M > 2:
+        acc2 += _row_step(xq_ptr + r2 * (K // 4), d_ptr + r2 * (K // 32), qs_ptr + r2 * (K // 32), lo, hi, wcol,
+                          blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+        acc3 += _row_step(xq_ptr + r3 * (K // 4), d_ptr + r3 * (K // 32), qs_ptr + r3 * (K // 32), lo, hi, wcol,
+                          blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, group, stride_qn, stride_sn, stride_om,
                      HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr,
                      ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                     ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False, PDL_PREFETCH: tl.constexpr = False):
+                     ASM: tl.constexpr, LOOKAHEAD: tl.constexpr = 0, PDL_CHAIN: tl.constexpr = False,
+                     PDL_PREFETCH: tl.constexpr = False):
     pdl_enter_prefetching(PDL_CHAIN, PDL_PREFETCH, q_ptr, N, K, stride_qn, 4, BLOCK_N, BLOCK_K, SPLIT_K)
     NBLK: tl.constexpr = BLOCK_K // 32
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,35 +175,31 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     acc1 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
-    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
-        blk = kb * NBLK + b  # global 32-column blocks of this K step
-        wcol = blk[None, :, None] * 4 + j[None, None, :]  # packed words [1, NBLK, 4]
-        if EVEN_K:
-            words = tl.load(q_rows + wcol, eviction_policy="evict_first")
-        else:
-            words = tl.load(q_rows + wcol, mask=(blk < K // 32)[None, :, None], other=0, eviction_policy="evict_first")
-        if ONE_GROUP:  # the K step lies in one group (GROUP_C = G, a multiple of BLOCK_K): one scale per row
-            g = (kb // (GROUP_C // BLOCK_K)) + tl.zeros((1, 1), tl.int32)
-        elif GROUP_C > 1:  # G (a power of two) divides BLOCK_K: a constant shift
-            g = tl.minimum(blk // (GROUP_C // 32), K // GROUP_C - 1)[None, :]  # past K: the last group (terms 0)
-        else:
-            g = tl.minimum(blk * 32 // group, K // group - 1)[None, :]
-        s = tl.load(s_rows + g).to(tl.float32)
-        if HAS_ZEROS + HAS_MINS > 0:
-            z = tl.load(z_rows + g).to(tl.float32)
-        else:
-            z = tl.full((1, 1), 8.0, tl.float32)
-        lo = words & 0x0F0F0F0F
-        hi = (words >> 4) & 0x0F0F0F0F
-        acc0 += _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS, EVEN_K, ASM)
-        if BLOCK_M > 1:
-            acc1 += _row_step(xq_ptr + r1 * (K // 4), d_ptr + r1 * (K // 32), qs_ptr + r1 * (K // 32), lo, hi, wcol,
-                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
-        if BLOCK_M > 2:
-            acc2 += _row_step(xq_ptr + r2 * (K // 4), d_ptr + r2 * (K // 32), qs_ptr + r2 * (K // 32), lo, hi, wcol,
-                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
-            acc3 += _row_step(xq_ptr + r3 * (K // 4), d_ptr + r3 * (K // 32), qs_ptr + r3 * (K // 32), lo, hi, wcol,
-                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+    if LOOKAHEAD > 0:  # K step kb + LOOKAHEAD's loads go out before step kb's arithmetic (module comment)
+        words, s, z = _step_operands(q_rows, s_rows, z_rows, tl.minimum(kb_lo, num_k - 1), b, j, K, group, NBLK,
+                                     BLOCK_K, HAS_ZEROS, HAS_MINS, ONE_GROUP, GROUP_C, EVEN_K)
+        words2, s2, z2 = words, s, z
+        if LOOKAHEAD > 1:
+            words2, s2, z2 = _step_operands(q_rows, s_rows, z_rows, tl.minimum(kb_lo + 1, num_k - 1), b, j, K,
+                                            group, NBLK, BLOCK_K, HAS_ZEROS, HAS_MINS, ONE_GROUP, GROUP_C, EVEN_K)
+        for kb in tl.range(kb_lo, kb_hi, num_stages=1):
+            # past the slice's last step: its own again (cached, never used)
+            nxt_words, nxt_s, nxt_z = _step_operands(q_rows, s_rows, z_rows, tl.minimum(kb + LOOKAHEAD, kb_hi - 1),
+                                                     b, j, K, group, NBLK, BLOCK_K, HAS_ZEROS, HAS_MINS, ONE_GROUP,
+                                                     GROUP_C, EVEN_K)
+            acc0, acc1, acc2, acc3 = _step_accumulate(acc0, acc1, acc2, acc3, words, s, z, kb, b, j, xq_ptr, d_ptr,
+                                                      qs_ptr, K, r1, r2, r3, NBLK, BLOCK_M, HAS_MINS, EVEN_K, ASM)
+            if LOOKAHEAD > 1:
+                words, s, z = words2, s2, z2
+                words2, s2, z2 = nxt_words, nxt_s, nxt_z
+            else:
+                words, s, z = nxt_words, nxt_s, nxt_z
+    else:
+        for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
+            words, s, z = _step_operands(q_rows, s_rows, z_rows, kb, b, j, K, group, NBLK, BLOCK_K, HAS_ZEROS,
+                                         HAS_MINS, ONE_GROUP, GROUP_C, EVEN_K)
+            acc0, acc1, acc2, acc3 = _step_accumulate(acc0, acc1, acc2, acc3, words, s, z, kb, b, j, xq_ptr, d_ptr,
+                                                      qs_ptr, K, r1, r2, r3, NBLK, BLOCK_M, HAS_MINS, EVEN_K, ASM)
     offs_m = tl.arange(0, BLOCK_M)
     out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
     if BLOCK_M > 1:
@@ -198,21 +209,6 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         out = tl.where(offs_m[:, None] == 3, tl.sum(acc3, axis=1)[None, :], out)
     store_split_k(out, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, rows, M, N, stride_om,
                   HAS_BIAS, SPLIT_K, TICKET, BLOCK_M, BLOCK_N)
-
-
-def quantize_x(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] (K % 32 == 0) -> per row (xq int32 [M, K/4]: the low then the high nibbles' words,
-    steps fp32 [M, K/32], code sums int32 [M, K/32]). ``swiglu``: x is a contiguous [gate; up] [M, 2K] and
-    the rows rounded are kernels.swiglu's ``silu(gate) * up`` (one launch less in a decode layer)."""
-    m, k = x.shape[0], x.shape[1] // 2 if swiglu else x.shape[1]
-    assert k % QBLOCK == 0 and x.stride(1) == 1 and (not swiglu or x.shape[1] == 2 * k)
-    xq = torch.empty((m, k // 4), device=x.device, dtype=torch.int32)
-    d = torch.empty((m, k // QBLOCK), device=x.device, dtype=torch.float32)
-    qs = torch.empty((m, k // QBLOCK), device=x.device, dtype=torch.int32)
-    nb = 4
-    _quant_x_kernel[(triton.cdiv(k // QBLOCK, nb), m)](x, xq, d, qs, k, x.stride(0), NB=nb, SWIGLU=swiglu,
-                                                       num_warps=1, **pdl_opts(x))
-    return xq, d, qs
 
 
 MAX_M = 4  # x rows one launch takes (each row's int8 words against the codes unpacked once)
@@ -242,7 +238,8 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, TICKET=cnt is not None,
         ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out, prefetch=True))
+        LOOKAHEAD=cfg.kwargs.get("LOOKAHEAD", 0), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_opts(out, prefetch=True))
     reduce_split_k(ws, cnt, bias, out)
 
 
@@ -283,30 +280,12 @@ def swiglu_qgemv(gate_up: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: tor
     return out
 
 
-def quantize_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 torch reference of stage 1: (int8-valued codes as float [M, K], per-column steps [M, K])."""
-    xb = x.float().reshape(-1, QBLOCK)
-    amax = xb.abs().amax(dim=1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    y = xb * inv
-    return ((torch.floor(y.abs() + 0.5) * torch.sign(y)).reshape(x.shape),
-            (amax / 127.0).expand(-1, QBLOCK).reshape(x.shape))
-
-
-def decode_x(xq: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1's output as :func:`quantize_x_ref` gives it: (codes as float [M, K], per-column steps [M, K])."""
-    m, k = xq.shape[0], xq.shape[1] * 4
-    b = torch.stack([(xq >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.int8).float()  # [M, K/4, 4]
-    codes = torch.stack([b[:, : k // 8], b[:, k // 8:]], dim=-1).reshape(m, k)  # column 8j + 2p + h
-    return codes, d.float().repeat_interleave(QBLOCK, dim=1)
-
-
 def qgemv_i8_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  bias: torch.Tensor | None = None, mins: torch.Tensor | None = None,
                  rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """fp32 torch reference of stage 2's arithmetic on x rounded to int8 (``rounded``: stage 1's output through
-    :func:`decode_x`; default :func:`quantize_x_ref`, which may round a code the other way where x / step lies
-    within float error of a half), float32 [M, N]."""
+    :func:`kernels.quant_x.decode_x`; default :func:`kernels.quant_x.quantize_x_ref`, which may round a code the
+    other way where x / step lies within float error of a half), float32 [M, N]."""
     from kernels.quant_common import dequant_ref
     q, d = rounded if rounded is not None else quantize_x_ref(x)
     out = (q * d) @ dequant_ref(qweight, scales, zeros, 4, mins).T

@@ -11,7 +11,8 @@ import torch
 from kernels import qgemv as q
 from kernels.add_rmsnorm import add_rmsnorm
 from kernels.add_rmsnorm_i8 import add_rmsnorm_i8, add_rmsnorm_qgemv
-from kernels.qgemv_i8 import quantize_x, swiglu_qgemv
+from kernels.qgemv_i8 import swiglu_qgemv
+from kernels.quant_x import quantize_x
 from kernels.swiglu import swiglu
 from tools.bench_quant import packed_operands
 

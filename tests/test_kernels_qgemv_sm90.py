@@ -38,14 +38,15 @@ def _compile(meta: dict, warps: int, stages: int) -> tuple[str, str]:
     return compile_sm90(mod._qgemv_kernel, ptrs, meta, warps, stages)
 
 
-def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int) -> tuple[str, str]:
+def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int, lookahead: int = 0) -> tuple[str, str]:
     """(cuobjdump's resource line, the SASS) of kernels/qgemv_i8.py's GEMV for sm_90: ``rows`` rows of x, int4
-    g128 with zero points, bf16 out, no split-K."""
+    g128 with zero points, bf16 out, no split-K, ``lookahead`` K steps loaded ahead."""
     from kernels import qgemv_i8 as mod
     ptrs = {"xq_ptr": "*i32", "d_ptr": "*fp32", "qs_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
             "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     meta = dict(HAS_ZEROS=True, HAS_MINS=False, HAS_BIAS=False, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1,
-                TICKET=False, ONE_GROUP=GROUP % bk == 0, GROUP_C=GROUP, EVEN_K=True, STAGES=stages, ASM=True)
+                TICKET=False, ONE_GROUP=GROUP % bk == 0, GROUP_C=GROUP, EVEN_K=True, STAGES=stages, ASM=True,
+                LOOKAHEAD=lookahead)
     return compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages)
 
 
@@ -82,6 +83,34 @@ def loop_instructions(sass: str) -> int:
         if target and int(target.group(1), 16) < addr:
             best = max(best, sum(1 for a, _ in ops if int(target.group(1), 16) <= a <= addr))
     return best
+
+
+def _loop_body(sass: str) -> list[str]:
+    """The instructions of the longest loop in cuobjdump's SASS (as :func:`loop_instructions` counts them)."""
+    ops = [(int(m.group(1), 16), re.sub(r"/\*[0-9a-f]+\*/", "", line).strip()) for line in sass.splitlines()
+           if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+\S", line))]
+    span = (0, -1)
+    for addr, line in ops:
+        target = re.search(r"\bBRA\b[^;]*?0x([0-9a-f]+)", line)
+        if target and int(target.group(1), 16) < addr and addr - int(target.group(1), 16) > span[1] - span[0]:
+            span = (int(target.group(1), 16), addr)
+    return [line for a, line in ops if span[0] <= a <= span[1]]
+
+
+def load_use_distances(sass: str, opcode: str = "LDG.E.EF") -> list[int]:
+    """For each load in the longest loop whose opcode is ``opcode`` (of any width; default: the evict-first loads,
+    the weight's codes): how many instructions later (going round the loop) its destination registers next
+    appear, where the warp waits for the load at the latest."""
+    body, out = _loop_body(sass), []
+    for i, line in enumerate(body):
+        m = re.match(r"(?:@!?P\d\s+)?(\S+)\s+R(\d+),", line)
+        if not m or re.sub(r"\.(128|64)$", "", m.group(1)) != opcode:
+            continue
+        width = 4 if m.group(1).endswith(".128") else 2 if m.group(1).endswith(".64") else 1
+        regs = [f"R{int(m.group(2)) + r}" for r in range(width)]
+        out.append(next(d for d in range(1, len(body) + 1)
+                        if any(re.search(rf"\b{r}\b", body[(i + d) % len(body)]) for r in regs)))
+    return out
 
 
 def report() -> None:
@@ -134,3 +163,21 @@ def test_loop_instructions_reads_the_longest_backward_branch() -> None:
         /*0060*/                   EXIT ;
     """
     assert loop_instructions(sass) == 3
+
+
+def test_load_use_distances_go_round_the_loop() -> None:
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IADD3 R9, R9, 0x1, RZ ;
+        /*0020*/                   LDG.E.EF.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   LDG.E.U16 R12, desc[UR4][R2.64] ;
+        /*0040*/                   LOP3.LUT R8, R12, 0xf, RZ, 0xc0, !PT ;
+        /*0050*/                   IDP.4A.S8.S8 R10, R6, R11, R10 ;
+        /*0060*/              @P0 BRA 0x10 ;
+        /*0070*/                   EXIT ;
+    """
+    assert load_use_distances(sass) == [3]  # R6 (of R4-R7) is read three instructions later
+    assert load_use_distances(sass.replace("EF.128 R4", "EF.64 R6")) == [3]
+    assert load_use_distances(sass.replace("EF.128 R4", "EF.64 R4")) == [6]  # R4-R5 only
+    assert load_use_distances(sass, "LDG.E.U16") == [1]
+    assert load_use_distances(sass.replace("R6, R11", "R13, R11")) == [6]  # only its own reload: round the loop
