@@ -225,8 +225,8 @@ def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: 
     for (bn, bk, warps, stages, *ahead), swap, variant in shapes:
         if not variant_ok(variant, group, bits, bk):
             continue
-        for sk in _SPLITS:
-            if sk > 1 and (triton.cdiv(N, bn) * sk > 6 * sms or triton.cdiv(K, bk) < 2 * sk):
+        for sk in _SPLITS:  # slices of at least two K steps; loading ahead, an odd last slice may hold one
+            if sk > 1 and (triton.cdiv(N, bn) * sk > 6 * sms or triton.cdiv(K, bk) < 2 * sk - (1 if ahead else 0)):
                 continue
             out.append(config(bn, bk, sk, swap, warps, stages, ticket=sk > 1, variant=variant, lookahead=sum(ahead)))
     return out

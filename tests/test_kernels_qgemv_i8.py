@@ -102,7 +102,8 @@ def test_qgemv_i8_loading_ahead(ahead: int, m: int, k: int, n: int, group: int, 
 
 def test_lookahead_is_a_key_only_when_set(monkeypatch) -> None:
     """Configs without a lookahead encode as before it existed (the shipped and cached picks still name them);
-    only unpipelined variant-4 configs take one."""
+    only unpipelined variant-4 configs take one; with one, a K slice may be a single step (all its loads go
+    out before any arithmetic)."""
     assert "LOOKAHEAD" not in q.config(32, 256, variant=4).kwargs
     assert q.config(32, 256, variant=4, lookahead=2).kwargs["LOOKAHEAD"] == 2
     for bad in (dict(variant=1, lookahead=2), dict(variant=4, stages=3, lookahead=2), dict(variant=4, lookahead=3)):
@@ -111,6 +112,10 @@ def test_lookahead_is_a_key_only_when_set(monkeypatch) -> None:
     monkeypatch.setattr(q, "_INTERPRET", False)
     for block_m in (1, 16):
         assert {c.kwargs.get("LOOKAHEAD", 0) for c in q._candidates(block_m, 37888, 3584, 132, int8_x=True)} == {0, 2}
+    # the 7B's o (K 3584 = 7 steps of 512): four slices of 2, 2, 2 and 1 steps only when loading ahead
+    splits = {(c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.kwargs.get("LOOKAHEAD", 0))
+              for c in q._candidates(1, 3584, 3584, 132, int8_x=True)}
+    assert (512, 4, 2) in splits and (512, 8, 2) not in splits and (256, 8, 0) not in splits
     monkeypatch.setenv("LAYERSTREAM_I8_AHEAD", "0")
     assert {c.kwargs.get("LOOKAHEAD", 0) for c in q._candidates(1, 37888, 3584, 132, int8_x=True)} == {0}
 
