@@ -72,3 +72,17 @@ def test_bad_inputs(env: Path, tmp_path: Path, capsys) -> None:
     env.mkdir()
     td.defaults_path(FAKE_GPU[0], env).write_text("not json")
     assert td.lookup(FAKE_GPU[0], "gemv", tc._key_str(KEY), env) is None  # a broken shipped file: tune
+
+
+def test_the_shipped_qgemv_picks_are_still_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each int4 GEMV pick shipped for the H200 is one of the tuner's current candidates for its key (132 SMs):
+    a change to the candidates that drops one makes an H200's first run tune that shape again."""
+    from kernels import qgemv
+    monkeypatch.setattr(qgemv, "_INTERPRET", False)
+    shipped = json.loads(td.defaults_path("NVIDIA H200").read_text())["entries"]["qgemv"]
+    assert shipped
+    for key, value in shipped.items():
+        block_m, n, k, group, bits = json.loads(key)[:5]
+        cands = qgemv._candidates(block_m, n, k, 132, group, bits, int8_x=bool(json.loads(key)[-1]))
+        pick = value[1] if isinstance(value, list) else value
+        assert any(tc.config_to_json(c) == pick for c in cands), (key, pick)
