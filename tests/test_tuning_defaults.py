@@ -74,15 +74,27 @@ def test_bad_inputs(env: Path, tmp_path: Path, capsys) -> None:
     assert td.lookup(FAKE_GPU[0], "gemv", tc._key_str(KEY), env) is None  # a broken shipped file: tune
 
 
-def test_the_shipped_qgemv_picks_are_still_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each int4 GEMV pick shipped for the H200 is one of the tuner's current candidates for its key (132 SMs):
-    a change to the candidates that drops one makes an H200's first run tune that shape again."""
+def _gemv_candidates(key: list) -> list[triton.Config]:
+    from kernels import gemv
+    block_m, n, k, dtype = key[:4]
+    return gemv._candidates(block_m, n, k, getattr(torch, dtype.removeprefix("torch.")).itemsize, 132)
+
+
+def _qgemv_candidates(key: list) -> list[triton.Config]:
     from kernels import qgemv
-    monkeypatch.setattr(qgemv, "_INTERPRET", False)
-    shipped = json.loads(td.defaults_path("NVIDIA H200").read_text())["entries"]["qgemv"]
+    block_m, n, k, group, bits = key[:5]
+    return qgemv._candidates(block_m, n, k, 132, group, bits, int8_x=bool(key[-1]))
+
+
+@pytest.mark.parametrize("kernel,candidates", [("gemv", _gemv_candidates), ("qgemv", _qgemv_candidates)])
+def test_the_shipped_gemv_picks_are_still_candidates(kernel: str, candidates, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each dense and int4 GEMV pick shipped for the H200 is one of the tuner's current candidates for its key
+    (132 SMs): a change to the candidates that drops one makes an H200's first run tune that shape again."""
+    from kernels import gemv, qgemv
+    for mod in (gemv, qgemv):
+        monkeypatch.setattr(mod, "_INTERPRET", False)
+    shipped = json.loads(td.defaults_path("NVIDIA H200").read_text())["entries"][kernel]
     assert shipped
     for key, value in shipped.items():
-        block_m, n, k, group, bits = json.loads(key)[:5]
-        cands = qgemv._candidates(block_m, n, k, 132, group, bits, int8_x=bool(json.loads(key)[-1]))
         pick = value[1] if isinstance(value, list) else value
-        assert any(tc.config_to_json(c) == pick for c in cands), (key, pick)
+        assert any(tc.config_to_json(c) == pick for c in candidates(json.loads(key))), (key, pick)
