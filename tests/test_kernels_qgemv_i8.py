@@ -80,7 +80,8 @@ def test_qgemv_i8_arithmetic(m: int, k: int, n: int, group: int, bn: int, bk: in
 @pytest.mark.parametrize("ahead", [1, 2])
 @pytest.mark.parametrize("m,k,n,group,bn,bk,sk,kind", [(1, *c, "zeros") for c in CASES] + [
     (3, 640, 40, 128, 16, 128, 4, "mins"),  # 5 K steps in 4 slices of 2: one of a single step, one empty
-    (2, 640, 40, 64, 32, 128, 4, "symmetric")])
+    (2, 640, 40, 64, 32, 128, 4, "symmetric"),
+    (4, 384, 40, 32, 16, 256, 2, "zeros")])  # four rows of x, K not a multiple of the step: the masked tail
 def test_qgemv_i8_loading_ahead(ahead: int, m: int, k: int, n: int, group: int, bn: int, bk: int, sk: int,
                                 kind: str) -> None:
     """K steps loaded ``ahead`` of their arithmetic (LOOKAHEAD): the same sums as without it, also for a slice
