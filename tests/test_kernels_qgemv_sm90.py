@@ -75,18 +75,11 @@ def compile_sm90(fn, ptrs: dict[str, str], meta: dict, warps: int, stages: int) 
 
 def loop_instructions(sass: str) -> int:
     """Instructions of the longest loop (a backward branch's span) in cuobjdump's SASS."""
-    ops = [(int(m.group(1), 16), line) for line in sass.splitlines()
-           if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+\S", line))]
-    best = 0
-    for addr, line in ops:
-        target = re.search(r"\bBRA\b[^;]*?0x([0-9a-f]+)", line)
-        if target and int(target.group(1), 16) < addr:
-            best = max(best, sum(1 for a, _ in ops if int(target.group(1), 16) <= a <= addr))
-    return best
+    return len(_loop_body(sass))
 
 
 def _loop_body(sass: str) -> list[str]:
-    """The instructions of the longest loop in cuobjdump's SASS (as :func:`loop_instructions` counts them)."""
+    """The instructions of the longest loop (a backward branch's span) in cuobjdump's SASS, addresses dropped."""
     ops = [(int(m.group(1), 16), re.sub(r"/\*[0-9a-f]+\*/", "", line).strip()) for line in sass.splitlines()
            if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+\S", line))]
     span = (0, -1)
