@@ -49,15 +49,19 @@ from kernels.pdl import enter_prefetching as pdl_enter_prefetching, opts as pdl_
 from kernels.quant_x import QBLOCK, quantize_x, quantize_x_ref
 
 
+def _switched_on(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
 def enabled() -> bool:
     """Whether the tuner may time this GEMV (``LAYERSTREAM_INT8_X=0`` keeps x in its own precision)."""
-    return os.environ.get("LAYERSTREAM_INT8_X", "1").strip().lower() not in ("0", "off", "false", "no")
+    return _switched_on("LAYERSTREAM_INT8_X")
 
 
 def ahead_enabled() -> bool:
     """Whether the tuner may time the tiles that load K steps ahead (``LAYERSTREAM_I8_AHEAD=0`` leaves them out:
     an A/B of the tuner's picks with and without them, bench/ab_decode.sh)."""
-    return os.environ.get("LAYERSTREAM_I8_AHEAD", "1").strip().lower() not in ("0", "off", "false", "no")
+    return _switched_on("LAYERSTREAM_I8_AHEAD")
 
 
 @triton.jit
