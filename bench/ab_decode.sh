@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Programmatic dependent launch (kernels/pdl.py: arm pdl = LAYERSTREAM_PDL=1; arm pf = LAYERSTREAM_PDL=prefetch, the
+# Programmatic dependent launch (kernels/pdl.py, on by default since session 33: arm old = LAYERSTREAM_PDL=0; arm pdl = LAYERSTREAM_PDL=1; arm pf = LAYERSTREAM_PDL=prefetch, the
 # GEMVs prefetching their first weight lines into L2 before they wait) against the defaults, batch-1 decode on one
 # machine (issue 15: the synthetic 7B AWQ at 6 GiB against the all-resident bf16 7B, target 1.5x; session 23:
 # 1.385x, 2.9 ms a step of which 2.60 ms kernels in ~267 launches).
@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 source bench/common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; env_info > $OUT/env.txt 2>&1
 steps=${AB_STEPS:-123}
-arm_env() { case $1 in pdl) echo LAYERSTREAM_PDL=1;; pf) echo LAYERSTREAM_PDL=prefetch;;
+arm_env() { case $1 in old) echo LAYERSTREAM_PDL=0;; pdl) echo LAYERSTREAM_PDL=1;; pf) echo LAYERSTREAM_PDL=prefetch;;
   fresh0) echo LAYERSTREAM_TUNING_CACHE=0 LAYERSTREAM_I8_AHEAD=0;; ahead) echo LAYERSTREAM_TUNING_CACHE=0;; esac; }
 if [[ $steps == *1* ]]; then
 timeout 90 python3 bench/probe_pdl.py > $OUT/probe_pdl.txt 2>&1; echo "probe rc=$?"; cat $OUT/probe_pdl.txt | tail -8
