@@ -1,19 +1,14 @@
 #!/usr/bin/env bash
-# Programmatic dependent launch (kernels/pdl.py, on by default since session 33: arm old = LAYERSTREAM_PDL=0; arm pdl = LAYERSTREAM_PDL=1; arm pf = LAYERSTREAM_PDL=prefetch, the
-# GEMVs prefetching their first weight lines into L2 before they wait) against the defaults, batch-1 decode on one
-# machine (issue 15: the synthetic 7B AWQ at 6 GiB against the all-resident bf16 7B, target 1.5x; session 23:
-# 1.385x, 2.9 ms a step of which 2.60 ms kernels in ~267 launches).
-#   1. bench/probe_pdl.py: a chain of the step's shape in one CUDA graph, plain / PDL / PDL with a weight prefetch;
+# Programmatic dependent launch (kernels/pdl.py, on by default since session 33: arm old = LAYERSTREAM_PDL=0; arm
+# pdl = LAYERSTREAM_PDL=1), batch-1 decode on one machine (issue 15: the synthetic 7B AWQ at 6 GiB against the
+# all-resident bf16 7B, target 1.5x; session 23: 1.385x, 2.9 ms a step of which 2.60 ms kernels in ~267 launches).
+#   1. bench/probe_pdl.py: a chain of the step's shape in one CUDA graph, plain / PDL;
 #      tools.bench_host_int4 per activation dtype (issue 18's int4 host layers), bench/probe_host_layer.py;
 #   2. the PDL kernels' GPU tests under LAYERSTREAM_PDL=1 (eager launches), and the AWQ's greedy text with and
 #      without PDL (tools.bench_stream does not check tokens);
-#   3. tools.bench_stream in the order $AB_ORDER (default "old pdl pf pf pdl old"), AWQ at 6 GiB then bf16 all
-#      resident;
+#   3. tools.bench_stream in the order $AB_ORDER (default "old pdl pdl old"), AWQ at 6 GiB then bf16 all resident;
 #   4. tools.profile_decode of the AWQ at 6 GiB in each arm (kernel time against step time: the gaps);
-#   5. bench/probe_qkernels.py at batch 1 and 4: every candidate of the int4 GEMV timed, the int8-x GEMV's best
-#      with and without its K steps loaded ahead (variants i8x / i8x+ahead: kernels/qgemv_i8.py's LOOKAHEAD).
-# Arms fresh0 / ahead (for step 3: AB_ORDER="fresh0 ahead ahead fresh0"): the tuning cache off, so the engine tunes
-# every kernel in its process (the shipped H200 picks predate the lookahead tiles), without / with those tiles.
+#   5. bench/probe_qkernels.py at batch 1 and 4: every candidate of the int4 GEMV timed, the best of each variant.
 # AB_STEPS picks among 1-5 (default 123; calls of the device tool: AB_STEPS=12, AB_STEPS=3, AB_STEPS=4, AB_STEPS=5).
 # Results in $OUT (tar it: the device tool returns ~8 files); each arm's tok/s and the AWQ / bf16 ratio.
 set -uo pipefail
@@ -21,8 +16,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 source bench/common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; env_info > $OUT/env.txt 2>&1
 steps=${AB_STEPS:-123}
-arm_env() { case $1 in old) echo LAYERSTREAM_PDL=0;; pdl) echo LAYERSTREAM_PDL=1;; pf) echo LAYERSTREAM_PDL=prefetch;;
-  fresh0) echo LAYERSTREAM_TUNING_CACHE=0 LAYERSTREAM_I8_AHEAD=0;; ahead) echo LAYERSTREAM_TUNING_CACHE=0;; esac; }
+arm_env() { case $1 in old) echo LAYERSTREAM_PDL=0;; pdl) echo LAYERSTREAM_PDL=1;; esac; }
 if [[ $steps == *1* ]]; then
 timeout 90 python3 bench/probe_pdl.py > $OUT/probe_pdl.txt 2>&1; echo "probe rc=$?"; cat $OUT/probe_pdl.txt | tail -8
 # issue 18: torch's CPU int4 kernel read 0.9 GB/s on this host (session 11) against 7.5 GB/s on a 2-vCPU AVX2 CI
@@ -35,21 +29,19 @@ fi
 [[ $steps == *[234]* ]] && { [ -f /tmp/q7b-awq/config.json ] || timeout 90 python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }
 if [[ $steps == *2* ]]; then
-LAYERSTREAM_PDL=prefetch timeout ${AB_TEST_S:-180} python3 -m pytest -q -x -p no:cacheprovider -m cuda \
+LAYERSTREAM_PDL=1 timeout ${AB_TEST_S:-180} python3 -m pytest -q -x -p no:cacheprovider -m cuda \
   tests/test_kernels_qgemv_i8.py tests/test_kernels_rope_kv_append.py tests/test_kernels_attention_decode.py \
   tests/test_kernels_quant.py -k "gemv or rope or attention or i8" \
   > $OUT/pytest_pdl.txt 2>&1; echo "pytest rc=$?"; tail -2 $OUT/pytest_pdl.txt
-for arm in old pdl pf; do
+for arm in old pdl; do
   env $(arm_env $arm) timeout 120 python3 -m engine.run --model /tmp/q7b-awq \
     --vram-budget 6GiB --prompt "The quick brown fox" --max-new-tokens 48 --temperature 0 > $OUT/text_$arm.txt 2> $OUT/run_$arm.log
 done
-for arm in pdl pf; do
-  cmp -s $OUT/text_old.txt $OUT/text_$arm.txt && echo "greedy text $arm: same" || { echo "greedy text $arm DIFFERS"; diff $OUT/text_old.txt $OUT/text_$arm.txt | head; }
-done
+cmp -s $OUT/text_old.txt $OUT/text_pdl.txt && echo "greedy text: same" || { echo "greedy text DIFFERS"; diff $OUT/text_old.txt $OUT/text_pdl.txt | head; }
 fi
 if [[ $steps == *3* ]]; then
 synth_7b /tmp/q7b
-n=0; for arm in ${AB_ORDER:-old pdl pf pf pdl old}; do n=$((n+1)); P=$(arm_env $arm)
+n=0; for arm in ${AB_ORDER:-old pdl pdl old}; do n=$((n+1)); P=$(arm_env $arm)
   env $P timeout 120 python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 6GiB --batches 1 --steps 8 \
     --prefill-tokens 0 --out-dir $OUT --tag awq_$n$arm > $OUT/bench_awq_$n$arm.log 2>&1
   env $P timeout 120 python3 -m tools.bench_stream --model /tmp/q7b --budgets full --batches 1 --steps 8 \
@@ -60,7 +52,7 @@ n=0; for arm in ${AB_ORDER:-old pdl pf pf pdl old}; do n=$((n+1)); P=$(arm_env $
 done
 fi
 if [[ $steps == *4* ]]; then
-for arm in old pdl pf; do
+for arm in old pdl; do
   env $(arm_env $arm) timeout 90 python3 -m tools.profile_decode --model /tmp/q7b-awq \
     --vram-budget 6GiB --steps 8 --json $OUT/profile_$arm.json > $OUT/profile_$arm.txt 2>&1
   echo "profile $arm rc=$?"; grep -v Warning $OUT/profile_$arm.txt | head -3
@@ -68,7 +60,7 @@ done
 fi
 if [[ $steps == *5* ]]; then  # one batch a run: a run cut by its timeout prints nothing
 for m in 1 4; do
-  timeout 200 python3 bench/probe_qkernels.py --batches $m --ggml '' --out $OUT/probe_ahead_m$m.json \
-    > $OUT/probe_ahead_m$m.txt 2>&1; echo "probe M=$m rc=$?"; grep -E "i8x|3d|split|wrong" $OUT/probe_ahead_m$m.txt | head -16
+  timeout 200 python3 bench/probe_qkernels.py --batches $m --ggml '' --out $OUT/probe_qkernels_m$m.json \
+    > $OUT/probe_qkernels_m$m.txt 2>&1; echo "probe M=$m rc=$?"; grep -E "i8x|3d|split|wrong" $OUT/probe_qkernels_m$m.txt | head -16
 done
 fi

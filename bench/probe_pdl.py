@@ -3,13 +3,11 @@ step, timed as one CUDA graph with and without PDL, alternated.
 
 Issue 15's decode is 2.9 ms a step against 2.60 ms of kernels (322 launches, session 23): ~1 us between two
 dependent kernels, and each GEMV's ramp and tail leave SMs idle. With PDL (Hopper: Triton's ``launch_pdl=True``
-and ``gdc_wait`` / ``gdc_launch_dependents``) a kernel's programs start while the one before drains, and read only
-what needs no predecessor (here: the weights) before they wait for it. The chain: 28 layers of a norm-sized small
-kernel, then four GEMVs reading bf16 weights of the packed int4 projections' bytes (qkv 8.3 MB, o 6.4, gate_up 67.9,
-down 33.9 MB: a GEMV over the same bytes), each reading one value its predecessor wrote, so the order is real.
-Three modes: plain; ``wait``: PDL, every program waits before its first load; ``prefetch``: PDL, each program loads
-its first weight tile before it waits. Prints ms a step (median of the rounds) and GB/s over the weights' bytes,
-beside a copy of the same bytes.
+and ``gdc_wait`` / ``gdc_launch_dependents``) a kernel's programs start while the one before drains. The chain: 28
+layers of a norm-sized small kernel, then four GEMVs reading bf16 weights of the packed int4 projections' bytes (qkv
+8.3 MB, o 6.4, gate_up 67.9, down 33.9 MB: a GEMV over the same bytes), each reading one value its predecessor wrote,
+so the order is real. Two modes: plain; ``wait``: PDL, every program waits before its first load. Prints ms a step
+(median of the rounds) and GB/s over the weights' bytes, beside a copy of the same bytes.
 
     python bench/probe_pdl.py [--rounds 7] [--layers 28]
 """
@@ -38,17 +36,10 @@ def _gemv(w_ptr, x_ptr, prev_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.const
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
     mask = rows[:, None] < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if MODE == 2:  # the first weight tile needs no predecessor: read it before waiting
-        w0 = tl.load(w_ptrs, mask=mask, other=0.0)
     if MODE > 0:
         gdc_wait()
         gdc_launch_dependents()
-    if MODE == 2:
-        acc += w0.to(tl.float32) * tl.load(x_ptr + cols)[None, :].to(tl.float32)
-        start = BLOCK_K
-    else:
-        start = 0
-    for k0 in range(start, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         w = tl.load(w_ptrs + k0, mask=mask, other=0.0)
         acc += w.to(tl.float32) * tl.load(x_ptr + k0 + cols)[None, :].to(tl.float32)
     dep = tl.load(prev_ptr).to(tl.float32)
@@ -124,7 +115,7 @@ def main() -> None:
                 _chain(ws, x, outs, mode, 1)
         return fn
 
-    names = {0: "plain", 1: "wait", 2: "prefetch"}
+    names = {0: "plain", 1: "wait"}
     graphs = {m: _graph(run(m)) for m in names}
     src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
@@ -141,9 +132,7 @@ def main() -> None:
         rate = nbytes / ms / 1e6 * (2 if name == "copy" else 1)  # a copy reads and writes the bytes
         print(f"  {name:9s} {ms:7.3f} ms a step  ({min(ts):.3f}-{max(ts):.3f})  {rate:7.0f} GB/s"
               + (" read + written" if name == "copy" else " of weights read"))
-    base = statistics.median(times["plain"])
-    for name in ("wait", "prefetch"):
-        print(f"  {name} / plain: {statistics.median(times[name]) / base:.3f}")
+    print(f"  wait / plain: {statistics.median(times['wait']) / statistics.median(times['plain']):.3f}")
 
 
 if __name__ == "__main__":

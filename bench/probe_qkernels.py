@@ -100,10 +100,8 @@ def _check_sweep_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def variant_name(cfg, gemv_m1: bool) -> str:
-    """base / swap / 3d / i8x / i8x+ahead (K steps loaded ahead) / split / split+swap."""
+    """base / swap / 3d / i8x / split / split+swap."""
     v, swap = cfg.kwargs.get("VARIANT", 0), cfg.kwargs.get("SWAP_AB", False)
-    if v == 4 and cfg.kwargs.get("LOOKAHEAD"):
-        return "i8x+ahead"
     if gemv_m1:
         return {0: "base", 1: "3d", 4: "i8x"}[v]
     return ("split" if v == 3 else "base" if not swap else "swap") + ("+swap" if v == 3 and swap else "")
@@ -136,7 +134,7 @@ def time_candidates(cands: list, run, ref: torch.Tensor, out: torch.Tensor, cold
             continue
         r["timed"] += 1
         r["err"] = max(r["err"], err)
-        if err > (BAD_ERR_I8X if variant_name(cfg, gemv_m1).startswith("i8x") else BAD_ERR):
+        if err > (BAD_ERR_I8X if variant_name(cfg, gemv_m1) == "i8x" else BAD_ERR):
             r.setdefault("bad", []).append(f"{cfg_name(cfg)}: {err:.1e}")
         if r["best"] is None or us < r["best"][0]:
             r["best"] = (us, cfg_name(cfg))

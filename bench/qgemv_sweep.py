@@ -37,14 +37,12 @@ def candidates(n: int, k: int, sms: int, variants: tuple[int, ...] = (1,)) -> li
     for v in variants:
         for bn in (32, 64, 128, 256, 512) if v == 4 else BLOCK_NS:
             for bk in BLOCK_KS:
-                if bn * bk > 65536 or bk > k or v == 4 and bk > 512:
+                if bn * bk > 65536 or bk > k or v == 4 and bk > 256:
                     continue
                 for warps in WARPS:
-                    for stages, ahead in ((1, 0), (1, 2), (2, 0), (3, 0)) if v == 4 else ((s, 0) for s in STAGES):
-                        # variant 4 may do without the pipeliner, loading K steps ahead itself (LOOKAHEAD)
-                        out.append(q.config(bn, bk, 1, warps=warps, stages=stages, variant=v, lookahead=ahead))
-                        out += [q.config(bn, bk, s, warps=warps, stages=stages, ticket=True, variant=v,
-                                         lookahead=ahead)
+                    for stages in (1, 2, 3) if v == 4 else STAGES:  # variant 4 may do without the pipeliner
+                        out.append(q.config(bn, bk, 1, warps=warps, stages=stages, variant=v))
+                        out += [q.config(bn, bk, s, warps=warps, stages=stages, ticket=True, variant=v)
                                 for s in SPLITS if -(-n // bn) * s // 2 < 4 * sms and -(-k // bk) >= 2 * s]
     out += [q.config(bn, bk, 1, warps=w, stages=2) for bn, bk, w, _ in q._FMA_SHAPES]
     return out
@@ -52,9 +50,7 @@ def candidates(n: int, k: int, sms: int, variants: tuple[int, ...] = (1,)) -> li
 
 def label(cfg) -> str:
     kw = cfg.kwargs
-    ahead = f" a{kw['LOOKAHEAD']}" if kw.get("LOOKAHEAD") else ""
-    return (f"v{kw['VARIANT']} BN{kw['BLOCK_N']} BK{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages} "
-            f"sk{kw['SPLIT_K']}{ahead}")
+    return f"v{kw['VARIANT']} BN{kw['BLOCK_N']} BK{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages} sk{kw['SPLIT_K']}"
 
 
 def sweep_shape(name: str, k: int, n: int, m: int, sms: int, deadline: float, variants: tuple[int, ...] = (1,)) -> dict:

@@ -42,15 +42,14 @@ def main() -> int:
 
 def i8_rows() -> None:
     """The same count for kernels/qgemv_i8.py's tiles (x in int8, dp4a) at 1, 2 and 4 rows of x, and how many
-    instructions after its load the loop first uses each code load (the fewest; tiles loading K steps ahead)."""
+    instructions after its load the loop first uses each code load (the fewest)."""
     from kernels import qgemv as q
     for rows in (1, 2, 4):
-        for bn, bk, warps, stages, *ahead in (q._I8_SHAPES if rows == 1 else q._I8_ROWS_SHAPES) + [(512, 128, 8, 3)]:
-            usage, sass = compile_i8(rows, bn, bk, warps, stages, sum(ahead))
+        for bn, bk, warps, stages in (q._I8_SHAPES if rows == 1 else q._I8_ROWS_SHAPES) + [(512, 128, 8, 3)]:
+            usage, sass = compile_i8(rows, bn, bk, warps, stages)
             codes, loop = bn * bk // (32 * warps), loop_instructions(sass)
             used = min(load_use_distances(sass), default=None)  # None: the pipeliner's copies, no plain loads
-            print(f"i8x M={rows} {bn:>4d}x{bk:<5d}w{warps} s{stages} a{sum(ahead)}: loop {loop:5d} / {codes:3d} "
-                  f"codes = "
+            print(f"i8x M={rows} {bn:>4d}x{bk:<5d}w{warps} s{stages}: loop {loop:5d} / {codes:3d} codes = "
                   f"{loop / codes:5.2f} per code, codes used {'-' if used is None else used:>3} after their load, "
                   f"stack {usage.split('STACK:')[1].split()[0]}", flush=True)
 

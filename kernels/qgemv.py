@@ -44,7 +44,7 @@ from kernels.quant_common import (agrees_with_reference, check_quant_inputs, deq
 from kernels.quant_variants import gemv_tile, load_words, split_dots, variant_ok, word_scales
 from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
 from kernels.fastlaunch import fast
-from kernels.pdl import enter_prefetching as pdl_enter_prefetching, opts as pdl_opts
+from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -56,16 +56,9 @@ _WORD_SHAPES = [(16, 512, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (128, 128, 4,
 # variant 4 (kernels/qgemv_i8.py: x in int8, dp4a): the H200 sweep's fastest tiles at M = 1 (session 13: 32x256 at
 # 4 warps for gate_up, at 8 for qkv; 128x128 pipelined for down and o; bench/results/2026-12-02-h200-s13/), most of
 # them without the software pipeliner: 1.1-2.2 sm_90 instructions per code (Triton 3.6) against 4.2-7.0
-# A fifth entry is the K steps loaded ahead (LOOKAHEAD, without the pipeliner): the unpipelined tiles wait on memory
-# two to four times a step (the codes, then each scale and zero point, each loaded where it is used); two steps
-# ahead, a step's loads go out together before the previous step's arithmetic (sm_90, Triton 3.6: the codes used
-# 134-209 instructions after their load in a 160-268 instruction loop, against 7-11 in the tiles above), for
-# 14-37% more instructions (bench/sass_qgemv.py; one step ahead, ptxas sinks the loads to the loop's end)
-_I8_SHAPES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1), (128, 128, 4, 3),
-              (32, 256, 4, 1, 2), (128, 128, 4, 1, 2), (32, 512, 4, 1, 2)]
+_I8_SHAPES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1), (128, 128, 4, 3)]
 # ... at M = 2-4 (the sweep's fastest: 32x128 and 32x256 at 8 warps, 256x128 with 2 stages for gate_up at M = 4)
-_I8_ROWS_SHAPES = [(32, 128, 8, 1), (32, 256, 8, 1), (256, 128, 4, 2), (64, 128, 8, 3),
-                   (32, 128, 8, 1, 2), (32, 256, 8, 1, 2)]
+_I8_ROWS_SHAPES = [(32, 128, 8, 1), (32, 256, 8, 1), (256, 128, 4, 2), (64, 128, 8, 3)]
 _DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3)]
 _SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
 # variant 3 (without swap: 1.4-2.4x slower); 256x128 at 8 warps: 5.8 sm_90 instructions per code at M = 16 against
@@ -75,14 +68,10 @@ _SPLITS = (1, 2, 4, 8)
 
 
 def config(bn: int, bk: int, sk: int = 1, swap: bool = False, warps: int = 4, stages: int = 1,
-           ticket: bool = False, variant: int = 0, lookahead: int = 0) -> triton.Config:
-    """One launch config (tests pin configs with it); ``variant`` as kernels/quant_variants.py; ``lookahead``
-    (variant 4 only): K steps whose loads go out ahead of the arithmetic (kernels/qgemv_i8.py; a key only when
-    set, so the picks stored before it still name their configs)."""
-    assert lookahead in (0, 1, 2) and (not lookahead or variant == 4 and stages == 1), (lookahead, variant, stages)
+           ticket: bool = False, variant: int = 0) -> triton.Config:
+    """One launch config (tests pin configs with it); ``variant`` as kernels/quant_variants.py."""
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SWAP_AB": swap, "TICKET": ticket,
-                          "VARIANT": variant, **({"LOOKAHEAD": lookahead} if lookahead else {})},
-                         num_warps=warps, num_stages=stages)
+                          "VARIANT": variant}, num_warps=warps, num_stages=stages)
 
 
 _DEFAULT_FMA = config(64, 64) if _INTERPRET else config(8, 512, stages=2)  # interpreted: fewer, wider programs
@@ -150,9 +139,9 @@ def _qgemv_kernel(
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, TICKET: tl.constexpr,
     SCALE_MODE: tl.constexpr, GROUP_C: tl.constexpr, VARIANT: tl.constexpr, STAGES: tl.constexpr,
-    ASM: tl.constexpr = False, PDL_CHAIN: tl.constexpr = False, PDL_PREFETCH: tl.constexpr = False,
+    ASM: tl.constexpr = False, PDL_CHAIN: tl.constexpr = False,
 ):
-    pdl_enter_prefetching(PDL_CHAIN, PDL_PREFETCH, q_ptr, N, K, stride_qn, BITS, BLOCK_N, BLOCK_K, SPLIT_K)
+    pdl_enter(PDL_CHAIN)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
@@ -219,16 +208,15 @@ def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: 
         shapes = [(s, False, 0) for s in _DOT_SHAPES] + [(s, True, 0) for s in _SWAP_SHAPES] + \
             [(s, swap, 3) for s, swap in _SPLIT_SHAPES]
     if int8_x and qgemv_i8.enabled() and K % qgemv_i8.QBLOCK == 0:  # the caller's rows are at most MAX_M
-        shapes += [(s, False, 4) for s in (_I8_SHAPES if block_m == 1 else _I8_ROWS_SHAPES)
-                   if len(s) == 4 or qgemv_i8.ahead_enabled()]
+        shapes += [(s, False, 4) for s in (_I8_SHAPES if block_m == 1 else _I8_ROWS_SHAPES)]
     out = []
-    for (bn, bk, warps, stages, *ahead), swap, variant in shapes:
+    for (bn, bk, warps, stages), swap, variant in shapes:
         if not variant_ok(variant, group, bits, bk):
             continue
-        for sk in _SPLITS:  # slices of at least two K steps; loading ahead, an odd last slice may hold one
-            if sk > 1 and (triton.cdiv(N, bn) * sk > 6 * sms or triton.cdiv(K, bk) < 2 * sk - (1 if ahead else 0)):
+        for sk in _SPLITS:
+            if sk > 1 and (triton.cdiv(N, bn) * sk > 6 * sms or triton.cdiv(K, bk) < 2 * sk):
                 continue
-            out.append(config(bn, bk, sk, swap, warps, stages, ticket=sk > 1, variant=variant, lookahead=sum(ahead)))
+            out.append(config(bn, bk, sk, swap, warps, stages, ticket=sk > 1, variant=variant))
     return out
 
 
@@ -258,7 +246,7 @@ def _launch(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
         SPLIT_K=sk, EVEN_K=K % bk == 0, SWAP_AB=cfg.kwargs.get("SWAP_AB", False), TICKET=cnt is not None,
         SCALE_MODE=mode, GROUP_C=group if mode == 1 else 1, VARIANT=variant, STAGES=cfg.num_stages,
         ASM=asm, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl_opts(out, prefetch=True))
+        num_stages=cfg.num_stages, **pdl_opts(out))
     reduce_split_k(ws, cnt, bias, out)
 
 

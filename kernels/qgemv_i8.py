@@ -23,11 +23,9 @@
 #          acc[n] += sum_b s_nb * d_b * (dot_b(codes, q) - z_nb * qs_b)     (zeros; symmetric: z = 8)
 #          acc[n] += sum_b d_b * (s_nb * dot_b(codes, q) + m_nb * qs_b)     (mins)
 #          then the epilogue of kernels/gemv.py (bias, split-K partials summed by the last program).
-#          LOOKAHEAD = 1 or 2 (with STAGES 1): step kb + LOOKAHEAD's codes, scales and zero points are loaded
-#          before step kb's arithmetic and carried in registers. Without it (and without the pipeliner's shared-
-#          memory stages) a step waits on memory two to four times, the codes and then each scale and zero point
-#          loaded where first used; ptxas sinks one step's loads to the loop's end, so two are the useful depth
-#          (bench/sass_qgemv.py prints how far from its load each loop first uses the codes). Not yet timed on a GPU.
+#          Loading K steps ahead in registers (the codes used 134-209 sm_90 instructions after their load, against
+#          7-11 here: bench/sass_qgemv.py) was never faster on the H200 (bench/results/2026-12-05-h200-s33/call1)
+#          and was removed.
 # Accuracy: against fp32 torch on x itself, 0.4-1.1% relative error (Frobenius) in the tests' shapes with bf16
 #          output (bf16 rounding alone: about 0.3%); tests bound it by 1.5%. x's rounding per 32 columns has about
 #          2.5x the error of bf16's (more in a block holding an outlier channel): in a tiny Qwen2's batch-1 decode
@@ -45,23 +43,13 @@ import triton
 import triton.language as tl
 
 from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
-from kernels.pdl import enter_prefetching as pdl_enter_prefetching, opts as pdl_opts
+from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 from kernels.quant_x import QBLOCK, quantize_x, quantize_x_ref
-
-
-def _switched_on(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 def enabled() -> bool:
     """Whether the tuner may time this GEMV (``LAYERSTREAM_INT8_X=0`` keeps x in its own precision)."""
-    return _switched_on("LAYERSTREAM_INT8_X")
-
-
-def ahead_enabled() -> bool:
-    """Whether the tuner may time the tiles that load K steps ahead (``LAYERSTREAM_I8_AHEAD=0`` leaves them out:
-    an A/B of the tuner's picks with and without them, bench/ab_decode.sh)."""
-    return _switched_on("LAYERSTREAM_I8_AHEAD")
+    return os.environ.get("LAYERSTREAM_INT8_X", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 @triton.jit
@@ -106,61 +94,13 @@ def _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS: tl.co
 
 
 @triton.jit
-def _step_operands(q_rows, s_rows, z_rows, kb, b, j, K, group, NBLK: tl.constexpr, BLOCK_K: tl.constexpr,
-                   HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr,
-                   EVEN_K: tl.constexpr):
-    """K step ``kb``'s packed words [BLOCK_N, NBLK, 4] and the scales and zero points (or mins) they need."""
-    blk = kb * NBLK + b  # global 32-column blocks of this K step
-    wcol = blk[None, :, None] * 4 + j[None, None, :]  # packed words [1, NBLK, 4]
-    if EVEN_K:
-        words = tl.load(q_rows + wcol, eviction_policy="evict_first")
-    else:
-        words = tl.load(q_rows + wcol, mask=(blk < K // 32)[None, :, None], other=0, eviction_policy="evict_first")
-    if ONE_GROUP:  # the K step lies in one group (GROUP_C = G, a multiple of BLOCK_K): one scale per row
-        g = (kb // (GROUP_C // BLOCK_K)) + tl.zeros((1, 1), tl.int32)
-    elif GROUP_C > 1:  # G (a power of two) divides BLOCK_K: a constant shift
-        g = tl.minimum(blk // (GROUP_C // 32), K // GROUP_C - 1)[None, :]  # past K: the last group (terms 0)
-    else:
-        g = tl.minimum(blk * 32 // group, K // group - 1)[None, :]
-    s = tl.load(s_rows + g).to(tl.float32)
-    if HAS_ZEROS + HAS_MINS > 0:
-        z = tl.load(z_rows + g).to(tl.float32)
-    else:
-        z = tl.full((1, 1), 8.0, tl.float32)
-    return words, s, z
-
-
-@triton.jit
-def _step_accumulate(acc0, acc1, acc2, acc3, words, s, z, kb, b, j, xq_ptr, d_ptr, qs_ptr, K, r1, r2, r3,
-                     NBLK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_MINS: tl.constexpr, EVEN_K: tl.constexpr,
-                     ASM: tl.constexpr):
-    """The accumulators after K step ``kb`` (its operands from :func:`_step_operands`): the codes unpacked once,
-    each row of x against them."""
-    blk = kb * NBLK + b
-    wcol = blk[None, :, None] * 4 + j[None, None, :]
-    lo = words & 0x0F0F0F0F
-    hi = (words >> 4) & 0x0F0F0F0F
-    acc0 += _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS, EVEN_K, ASM)
-    if BLOCK_M > 1:
-        acc1 += _row_step(xq_ptr + r1 * (K // 4), d_ptr + r1 * (K // 32), qs_ptr + r1 * (K // 32), lo, hi, wcol,
-                          blk, s, z, K, HAS_MINS, EVEN_K, ASM)
-    if BLOCK_M > 2:
-        acc2 += _row_step(xq_ptr + r2 * (K // 4), d_ptr + r2 * (K // 32), qs_ptr + r2 * (K // 32), lo, hi, wcol,
-                          blk, s, z, K, HAS_MINS, EVEN_K, ASM)
-        acc3 += _row_step(xq_ptr + r3 * (K // 4), d_ptr + r3 * (K // 32), qs_ptr + r3 * (K // 32), lo, hi, wcol,
-                          blk, s, z, K, HAS_MINS, EVEN_K, ASM)
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
 def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, group, stride_qn, stride_sn, stride_om,
                      HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr,
                      ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                     ASM: tl.constexpr, LOOKAHEAD: tl.constexpr = 0, PDL_CHAIN: tl.constexpr = False,
-                     PDL_PREFETCH: tl.constexpr = False):
-    pdl_enter_prefetching(PDL_CHAIN, PDL_PREFETCH, q_ptr, N, K, stride_qn, 4, BLOCK_N, BLOCK_K, SPLIT_K)
+                     ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False):
+    pdl_enter(PDL_CHAIN)
     NBLK: tl.constexpr = BLOCK_K // 32
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n % N  # the tail block wraps onto valid rows; the store masks it
@@ -179,31 +119,35 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     acc1 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
-    if LOOKAHEAD > 0:  # K step kb + LOOKAHEAD's loads go out before step kb's arithmetic (module comment)
-        words, s, z = _step_operands(q_rows, s_rows, z_rows, tl.minimum(kb_lo, num_k - 1), b, j, K, group, NBLK,
-                                     BLOCK_K, HAS_ZEROS, HAS_MINS, ONE_GROUP, GROUP_C, EVEN_K)
-        words2, s2, z2 = words, s, z
-        if LOOKAHEAD > 1:
-            words2, s2, z2 = _step_operands(q_rows, s_rows, z_rows, tl.minimum(kb_lo + 1, num_k - 1), b, j, K,
-                                            group, NBLK, BLOCK_K, HAS_ZEROS, HAS_MINS, ONE_GROUP, GROUP_C, EVEN_K)
-        for kb in tl.range(kb_lo, kb_hi, num_stages=1):
-            # past the slice's last step: its own again (cached, never used)
-            nxt_words, nxt_s, nxt_z = _step_operands(q_rows, s_rows, z_rows, tl.minimum(kb + LOOKAHEAD, kb_hi - 1),
-                                                     b, j, K, group, NBLK, BLOCK_K, HAS_ZEROS, HAS_MINS, ONE_GROUP,
-                                                     GROUP_C, EVEN_K)
-            acc0, acc1, acc2, acc3 = _step_accumulate(acc0, acc1, acc2, acc3, words, s, z, kb, b, j, xq_ptr, d_ptr,
-                                                      qs_ptr, K, r1, r2, r3, NBLK, BLOCK_M, HAS_MINS, EVEN_K, ASM)
-            if LOOKAHEAD > 1:
-                words, s, z = words2, s2, z2
-                words2, s2, z2 = nxt_words, nxt_s, nxt_z
-            else:
-                words, s, z = nxt_words, nxt_s, nxt_z
-    else:
-        for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
-            words, s, z = _step_operands(q_rows, s_rows, z_rows, kb, b, j, K, group, NBLK, BLOCK_K, HAS_ZEROS,
-                                         HAS_MINS, ONE_GROUP, GROUP_C, EVEN_K)
-            acc0, acc1, acc2, acc3 = _step_accumulate(acc0, acc1, acc2, acc3, words, s, z, kb, b, j, xq_ptr, d_ptr,
-                                                      qs_ptr, K, r1, r2, r3, NBLK, BLOCK_M, HAS_MINS, EVEN_K, ASM)
+    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
+        blk = kb * NBLK + b  # global 32-column blocks of this K step
+        wcol = blk[None, :, None] * 4 + j[None, None, :]  # packed words [1, NBLK, 4]
+        if EVEN_K:
+            words = tl.load(q_rows + wcol, eviction_policy="evict_first")
+        else:
+            words = tl.load(q_rows + wcol, mask=(blk < K // 32)[None, :, None], other=0, eviction_policy="evict_first")
+        if ONE_GROUP:  # the K step lies in one group (GROUP_C = G, a multiple of BLOCK_K): one scale per row
+            g = (kb // (GROUP_C // BLOCK_K)) + tl.zeros((1, 1), tl.int32)
+        elif GROUP_C > 1:  # G (a power of two) divides BLOCK_K: a constant shift
+            g = tl.minimum(blk // (GROUP_C // 32), K // GROUP_C - 1)[None, :]  # past K: the last group (terms 0)
+        else:
+            g = tl.minimum(blk * 32 // group, K // group - 1)[None, :]
+        s = tl.load(s_rows + g).to(tl.float32)
+        if HAS_ZEROS + HAS_MINS > 0:
+            z = tl.load(z_rows + g).to(tl.float32)
+        else:
+            z = tl.full((1, 1), 8.0, tl.float32)
+        lo = words & 0x0F0F0F0F
+        hi = (words >> 4) & 0x0F0F0F0F
+        acc0 += _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+        if BLOCK_M > 1:
+            acc1 += _row_step(xq_ptr + r1 * (K // 4), d_ptr + r1 * (K // 32), qs_ptr + r1 * (K // 32), lo, hi, wcol,
+                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+        if BLOCK_M > 2:
+            acc2 += _row_step(xq_ptr + r2 * (K // 4), d_ptr + r2 * (K // 32), qs_ptr + r2 * (K // 32), lo, hi, wcol,
+                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+            acc3 += _row_step(xq_ptr + r3 * (K // 4), d_ptr + r3 * (K // 32), qs_ptr + r3 * (K // 32), lo, hi, wcol,
+                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
     offs_m = tl.arange(0, BLOCK_M)
     out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
     if BLOCK_M > 1:
@@ -242,8 +186,7 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, TICKET=cnt is not None,
         ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
-        LOOKAHEAD=cfg.kwargs.get("LOOKAHEAD", 0), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pdl_opts(out, prefetch=True))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out))
     reduce_split_k(ws, cnt, bias, out)
 
 

@@ -38,27 +38,26 @@ def _compile(meta: dict, warps: int, stages: int) -> tuple[str, str]:
     return compile_sm90(mod._qgemv_kernel, ptrs, meta, warps, stages)
 
 
-def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int, lookahead: int = 0) -> tuple[str, str]:
+def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int) -> tuple[str, str]:
     """(cuobjdump's resource line, the SASS) of kernels/qgemv_i8.py's GEMV for sm_90: ``rows`` rows of x, int4
-    g128 with zero points, bf16 out, no split-K, ``lookahead`` K steps loaded ahead."""
+    g128 with zero points, bf16 out, no split-K."""
     from kernels import qgemv_i8 as mod
     ptrs = {"xq_ptr": "*i32", "d_ptr": "*fp32", "qs_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
             "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     meta = dict(HAS_ZEROS=True, HAS_MINS=False, HAS_BIAS=False, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1,
-                TICKET=False, ONE_GROUP=GROUP % bk == 0, GROUP_C=GROUP, EVEN_K=True, STAGES=stages, ASM=True,
-                LOOKAHEAD=lookahead)
+                TICKET=False, ONE_GROUP=GROUP % bk == 0, GROUP_C=GROUP, EVEN_K=True, STAGES=stages, ASM=True)
     return compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages)
 
 
 def compile_sm90(fn, ptrs: dict[str, str], meta: dict, warps: int, stages: int) -> tuple[str, str]:
     """(cuobjdump's resource line, the SASS) of the Triton kernel ``fn`` for sm_90: pointer arguments typed by
-    ``ptrs``, ``meta`` as its constexprs (kernels.pdl's flags off unless given), other arguments i32; pointers and
+    ``ptrs``, ``meta`` as its constexprs (kernels.pdl's flag off unless given), other arguments i32; pointers and
     N, K, group, strides 16-divisible."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
-    meta = {"PDL_CHAIN": False, "PDL_PREFETCH": False, **meta}  # kernels.pdl's flags as launches pass them: off
+    meta = {"PDL_CHAIN": False, **meta}  # kernels.pdl's flag as launches pass it: off
     meta = {a: v for a, v in meta.items() if a in names}
     sig = {a: "constexpr" if a in meta else ptrs.get(a, "i32") for a in names}
     aligned = [a for a in names if a in ptrs or a in ("N", "K", "group", "stride_qn", "stride_sn")]

@@ -35,12 +35,11 @@ def test_every_kernel_taking_the_flag_enters_first():
     assert {"_qgemv_kernel", "_qgemv_i8_kernel", "_quant_x_kernel", "_add_rmsnorm_kernel", "_add_rmsnorm_i8_kernel",
             "_rope_kv_append_kernel", "_attention_decode_kernel", "_gemv_kernel", "_rmsnorm_kernel"} <= names
     for name, fn in found.items():
-        if name in ("pdl.py:enter", "pdl.py:enter_prefetching"):
+        if name == "pdl.py:enter":
             continue
         body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
         first = ast.unparse(body[0])
-        assert first == "pdl_enter(PDL_CHAIN)" or first.startswith("pdl_enter_prefetching(PDL_CHAIN, PDL_PREFETCH,"), \
-            (name, first)
+        assert first == "pdl_enter(PDL_CHAIN)", (name, first)
 
 
 def test_launch_pdl_only_with_the_wait():
@@ -55,27 +54,22 @@ def test_launch_pdl_only_with_the_wait():
 def test_opts(monkeypatch):
     from types import SimpleNamespace
     t = torch.zeros(1)
-    assert pdl.opts(t) == {}  # off by default, and never on a CPU tensor
+    assert pdl.opts(t) == {}  # off in the interpreter, and never on a CPU tensor
     monkeypatch.setattr(pdl, "ENABLED", True)
     assert pdl.opts(t) == {}
     on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
     for cap, want in (((9, 0), {"PDL_CHAIN": True, "launch_pdl": True}), ((8, 9), {})):
         pdl._capable.cache_clear()
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx, c=cap: c)
-        assert pdl.opts(on_gpu) == want == pdl.opts(on_gpu, prefetch=True)  # prefetch only when asked for
-    monkeypatch.setattr(pdl, "PREFETCH", True)
-    pdl._capable.cache_clear()
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx: (9, 0))
-    assert pdl.opts(on_gpu, prefetch=True) == {"PDL_CHAIN": True, "launch_pdl": True, "PDL_PREFETCH": True}
-    assert pdl.opts(on_gpu) == {"PDL_CHAIN": True, "launch_pdl": True}  # a kernel without the prefetch
+        assert pdl.opts(on_gpu) == want
     pdl._capable.cache_clear()
 
 
-MARKS = ("prefetch.global.L2", "griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global")
+MARKS = ("griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global")
 
 
 def _ptx_marks(fn, ptrs: dict[str, str], meta: dict) -> list[int]:
-    """Where each of MARKS first appears in ``fn``'s sm_90 PTX body (-1: nowhere), and the prefetches' count."""
+    """Where each of MARKS first appears in ``fn``'s sm_90 PTX body (-1: nowhere)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -83,7 +77,7 @@ def _ptx_marks(fn, ptrs: dict[str, str], meta: dict) -> list[int]:
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(a),): v for a, v in meta.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     body = ptx[ptx.index("{", ptx.index(".entry")):]
-    return [body.find(m) for m in MARKS] + [body.count(MARKS[0])]
+    return [body.find(m) for m in MARKS]
 
 
 def report() -> None:
@@ -99,25 +93,20 @@ def report() -> None:
                 TICKET=False, ONE_GROUP=False, GROUP_C=128, EVEN_K=True, STAGES=1, ASM=True)
     cases = {"norm chain": (_rmsnorm_kernel, bf16, {"BLOCK_R": 1, "BLOCK_N": 4096, "PDL_CHAIN": True}),
              "norm plain": (_rmsnorm_kernel, bf16, {"BLOCK_R": 1, "BLOCK_N": 4096, "PDL_CHAIN": False}),
-             "gemv chain": (_qgemv_i8_kernel, i8, {**gemv, "PDL_CHAIN": True, "PDL_PREFETCH": False}),
-             "gemv prefetch": (_qgemv_i8_kernel, i8, {**gemv, "PDL_CHAIN": True, "PDL_PREFETCH": True})}
+             "gemv chain": (_qgemv_i8_kernel, i8, {**gemv, "PDL_CHAIN": True})}
     print(json.dumps({name: _ptx_marks(*case) for name, case in cases.items()}))
 
 
-def test_the_wait_comes_before_any_load_and_prefetches_before_it_on_sm90():
-    """Compiled for sm_90 on the CPU: with PDL_CHAIN the wait, then the trigger, then the first global load;
-    without it neither; the int8-x GEMV with PDL_PREFETCH issues L2 prefetches of its rows' packed words (32 rows
-    x 16 lines over 128 threads) before the wait, and none without."""
+def test_the_wait_comes_before_any_load_on_sm90():
+    """Compiled for sm_90 on the CPU: with PDL_CHAIN the wait, then the trigger, then the first global load (the
+    norm and the int8-x GEMV); without it neither."""
     import json
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(KERNELS.parent)}
     out = subprocess.run([sys.executable, "-c", "from tests.test_pdl import report; report()"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    for name in ("norm chain", "gemv chain", "gemv prefetch"):
-        _, wait, launch, load, _ = got[name]
+    for name in ("norm chain", "gemv chain"):
+        wait, launch, load = got[name]
         assert 0 <= wait < launch < load, (name, got[name])
-    assert got["norm plain"][1:3] == [-1, -1] and got["norm plain"][3] >= 0
-    assert got["norm chain"][0] == got["gemv chain"][0] == -1  # no prefetch unless asked
-    first, wait, _, _, count = got["gemv prefetch"]
-    assert 0 <= first < wait and count == 32 * 16 // 128, got["gemv prefetch"]
+    assert got["norm plain"][:2] == [-1, -1] and got["norm plain"][2] >= 0

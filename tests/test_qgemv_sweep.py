@@ -23,17 +23,3 @@ def test_candidates_are_valid_and_distinct(name: str, k: int, n: int) -> None:
     assert {c.kwargs["VARIANT"] for c in cands} == {0, 1}
     if name == "gate_up":  # 37888 rows in tiles of 8: 4736 programs, no split
         assert all(c.kwargs["SPLIT_K"] == 1 for c in cands if c.kwargs["BLOCK_N"] == 8)
-
-
-def test_int8_x_candidates_load_ahead_only_without_the_pipeliner() -> None:
-    """Variant 4 is swept with its K steps loaded ahead too (LOOKAHEAD 2, one stage), labelled apart, and
-    bench/probe_qkernels.py reports those tiles as a variant of their own."""
-    from bench.probe_qkernels import variant_name
-    cands = candidates(3584, 3584, sms=132, variants=(4,))
-    ahead = [c for c in cands if c.kwargs.get("LOOKAHEAD")]
-    assert ahead and all(c.num_stages == 1 and c.kwargs["LOOKAHEAD"] == 2 for c in ahead)
-    assert any(c.kwargs["BLOCK_K"] == 512 for c in ahead)
-    labels = [label(c) for c in cands]
-    assert len(labels) == len(set(labels)) and all(label(c).endswith(" a2") for c in ahead)
-    assert {variant_name(c, True) for c in cands if c.kwargs["VARIANT"] == 4} == {"i8x", "i8x+ahead"}
-    assert {variant_name(c, False) for c in ahead} == {"i8x+ahead"}
