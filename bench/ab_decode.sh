@@ -8,8 +8,10 @@
 #      without PDL (tools.bench_stream does not check tokens);
 #   3. tools.bench_stream in the order $AB_ORDER (default "old pdl pdl old"), AWQ at 6 GiB then bf16 all resident;
 #   4. tools.profile_decode of the AWQ at 6 GiB in each arm (kernel time against step time: the gaps);
-#   5. bench/probe_qkernels.py at batch 1 and 4: every candidate of the int4 GEMV timed, the best of each variant.
-# AB_STEPS picks among 1-5 (default 123; calls of the device tool: AB_STEPS=12, AB_STEPS=3, AB_STEPS=4, AB_STEPS=5).
+#   5. bench/probe_qkernels.py at batch 1 and 4: every candidate of the int4 GEMV timed, the best of each variant;
+#   6. bench/probe_ladder.py (what the int8-x GEMV adds to reading its weights, piece by piece) and
+#      bench/probe_access.py (reading them alone, every tile kept in access.json).
+# AB_STEPS picks among 1-6 (default 123; calls of the device tool: AB_STEPS=12, 3, 4, 5, 6).
 # Results in $OUT (tar it: the device tool returns ~8 files); each arm's tok/s and the AWQ / bf16 ratio.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -63,4 +65,9 @@ for m in 1 4; do
   timeout 200 python3 bench/probe_qkernels.py --batches $m --ggml '' --out $OUT/probe_qkernels_m$m.json \
     > $OUT/probe_qkernels_m$m.txt 2>&1; echo "probe M=$m rc=$?"; grep -E "i8x|3d|split|wrong" $OUT/probe_qkernels_m$m.txt | head -16
 done
+fi
+if [[ $steps == *6* ]]; then
+timeout 240 python3 bench/probe_ladder.py --out $OUT/ladder.json > $OUT/ladder.txt 2>&1; echo "ladder rc=$?"
+grep best $OUT/ladder.txt
+timeout 150 python3 bench/probe_access.py --out $OUT/access.json > $OUT/access.txt 2>&1; echo "access rc=$?"
 fi

@@ -10,7 +10,7 @@ Kernels that only read and sum int32 words, no dequantization, at the packed sha
   flat  - one contiguous run per program (the plain read ceiling of these bytes).
 Each is timed as the tuner times kernels (kernels.tuning.graph_ms, cold where the bytes fit the L2) over a grid of
 tiles, warps and pipeliner stages; per shape the best of each with its read rate, and a device-to-device copy of
-the same bytes (read + write counted, as bench/probe_qkernels.py's "of copy"). If rows reads near the copy's rate
+the same bytes (read + write counted, as bench/probe_qkernels.py's "of copy"); the JSON holds every tile's time. If rows reads near the copy's rate
 the pattern is not what holds the GEMV back; if tiled reads much faster, a tiled packed layout is worth building.
 
 Usage on the GPU machine: python bench/probe_access.py --out access.json
@@ -86,8 +86,10 @@ def time_reads(n: int, k: int, dev: torch.device) -> dict:
             grid = (n // cfg["BLOCK_N"], cfg["SPLIT"])
             _read_kernel[grid](w, out, n, kw, TILED=tiled, **cfg)
         precompile(cands, run, dev)
-        best = min(((graph_ms(lambda c=c: run(c), cold=cold), c) for c in cands), key=lambda t: t[0])
-        result["tiled" if tiled else "rows"] = dict(us=best[0] * 1e3, GBps=w.nbytes / best[0] / 1e6, config=best[1])
+        timed = [(graph_ms(lambda c=c: run(c), cold=cold), c) for c in cands]
+        best = min(timed, key=lambda t: t[0])
+        result["tiled" if tiled else "rows"] = dict(us=best[0] * 1e3, GBps=w.nbytes / best[0] / 1e6, config=best[1],
+                                                    all=[dict(us=ms * 1e3, **c) for ms, c in timed])
     flat = []
     for chunk, block, warps, stages in itertools.product((8192, 16384, 65536), (1024, 2048), (4, 8), (1, 3)):
         if w.numel() % chunk:
