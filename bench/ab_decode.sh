@@ -18,7 +18,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 source bench/common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; env_info > $OUT/env.txt 2>&1
 steps=${AB_STEPS:-123}
-arm_env() { case $1 in old) echo LAYERSTREAM_PDL=0;; pdl) echo LAYERSTREAM_PDL=1;; esac; }
+# arm tune: the shipped picks ignored, every kernel timed in the first such run and cached for the later ones
+# (export them with `python -m tools.export_tuning <results>/tuning/*.json` where they win)
+arm_env() { case $1 in old) echo LAYERSTREAM_PDL=0;; pdl) echo LAYERSTREAM_PDL=1;;
+  tune) echo LAYERSTREAM_SHIPPED_TUNING=0 LAYERSTREAM_CACHE=/tmp/ab_tune;; esac; }
 if [[ $steps == *1* ]]; then
 timeout 90 python3 bench/probe_pdl.py > $OUT/probe_pdl.txt 2>&1; echo "probe rc=$?"; cat $OUT/probe_pdl.txt | tail -8
 # issue 18: torch's CPU int4 kernel read 0.9 GB/s on this host (session 11) against 7.5 GB/s on a 2-vCPU AVX2 CI
@@ -71,3 +74,4 @@ timeout 240 python3 bench/probe_ladder.py --out $OUT/ladder.json > $OUT/ladder.t
 grep best $OUT/ladder.txt
 timeout 150 python3 bench/probe_access.py --out $OUT/access.json > $OUT/access.txt 2>&1; echo "access rc=$?"
 fi
+[ -d /tmp/ab_tune/tuning ] && mkdir -p $OUT/tuning && cp /tmp/ab_tune/tuning/*.json $OUT/tuning/

@@ -5,6 +5,8 @@
 cache but not by software version or kernel source: a shipped pick is only a starting point, and
 ``tuning_cache.choose`` accepts it only when it is still one of the kernel's current candidates
 (otherwise the shape is timed as before). The user's own cache always wins over a shipped pick.
+``LAYERSTREAM_SHIPPED_TUNING=0`` ignores the shipped picks: every shape is timed on this machine and the
+cache keeps the picks, which :func:`export` can then ship (after a change of the candidates).
 """
 from __future__ import annotations
 
@@ -40,14 +42,19 @@ def _entries(path: Path) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in entries.items() if isinstance(v, dict)} if isinstance(entries, dict) else {}
 
 
+def _ignored() -> bool:
+    return os.environ.get("LAYERSTREAM_SHIPPED_TUNING", "1") == "0"
+
+
 def lookup(gpu: str, kernel: str, key: str, directory: Path | None = None) -> Any | None:
-    """The shipped pick for ``kernel``'s ``key`` (a cache key string) on ``gpu``, or None."""
-    return _entries(defaults_path(gpu, directory)).get(kernel, {}).get(key)
+    """The shipped pick for ``kernel``'s ``key`` (a cache key string) on ``gpu``, or None (also when
+    ``LAYERSTREAM_SHIPPED_TUNING=0``)."""
+    return None if _ignored() else _entries(defaults_path(gpu, directory)).get(kernel, {}).get(key)
 
 
 def has_defaults(gpu: str, directory: Path | None = None) -> bool:
-    """Whether picks are shipped for ``gpu``."""
-    return bool(_entries(defaults_path(gpu, directory)))
+    """Whether picks are shipped for ``gpu`` (and not ignored)."""
+    return not _ignored() and bool(_entries(defaults_path(gpu, directory)))
 
 
 def export(cache_files: list[Path], directory: Path | None = None) -> list[Path]:

@@ -52,6 +52,18 @@ def test_a_shipped_pick_serves_a_first_run(env: Path, tmp_path: Path, capsys) ->
     assert tc.choose(GPU, "gemv", KEY, [A]) is None  # the shipped pick is no longer a candidate: tune
 
 
+def test_shipped_picks_can_be_ignored(env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAYERSTREAM_SHIPPED_TUNING=0: the shape is timed and the pick lands in the user's cache (to export)."""
+    td.export([_cache_file(tmp_path / "h200.json", B)], env)
+    monkeypatch.setenv("LAYERSTREAM_SHIPPED_TUNING", "0")
+    assert tc.choose(GPU, "gemv", KEY, [A, B]) is None and not tc.has_entries(GPU)
+    timed = []
+    assert tc.tuned(GPU, "gemv", KEY, [A, B], lambda: timed.append(1) or A) == A and timed
+    assert tc.choose(GPU, "gemv", KEY, [A, B]) == A  # now from the user's cache
+    monkeypatch.setenv("LAYERSTREAM_SHIPPED_TUNING", "1")
+    assert td.lookup(FAKE_GPU[0], "gemv", tc._key_str(KEY), env) == tc.config_to_json(B)
+
+
 def test_the_users_pick_wins_and_exports_merge(env: Path, tmp_path: Path) -> None:
     td.export([_cache_file(tmp_path / "old.json", B)], env)
     tc.store(GPU, "gemv", KEY, tc.config_to_json(A))
