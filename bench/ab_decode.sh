@@ -74,4 +74,4 @@ timeout 240 python3 bench/probe_ladder.py --out $OUT/ladder.json > $OUT/ladder.t
 grep best $OUT/ladder.txt
 timeout 150 python3 bench/probe_access.py --out $OUT/access.json > $OUT/access.txt 2>&1; echo "access rc=$?"
 fi
-[ -d /tmp/ab_tune/tuning ] && mkdir -p $OUT/tuning && cp /tmp/ab_tune/tuning/*.json $OUT/tuning/
+if [ -d /tmp/ab_tune/tuning ]; then mkdir -p $OUT/tuning && cp /tmp/ab_tune/tuning/*.json $OUT/tuning/; fi
