@@ -35,9 +35,13 @@ SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "dow
 GROUP = 128
 # BLOCK_N, BLOCK_K, warps, stages: the tuner's batch-1 tiles, BLOCK_K 512 and narrower tiles (more programs, so
 # more of the weights' bytes requested at once across the GPU: the read probe's best gate_up tile had twice the
-# GEMV's bytes a K step)
+# GEMV's bytes a K step), and the software pipeliner's cp.async stages on the small tiles. Session 32's loads two
+# steps ahead in registers gained nothing; their sm_90 loop waits at its top on the scoreboard of the code loads
+# it issued at its end (a register-carried lookahead Triton cannot keep in flight), which the pipeliner's
+# asynchronous copies avoid.
 TILES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1), (128, 128, 4, 3), (32, 512, 4, 1), (32, 512, 8, 1),
-         (64, 512, 8, 1), (16, 256, 4, 1), (16, 512, 4, 1)]
+         (64, 512, 8, 1), (16, 256, 4, 1), (16, 512, 4, 1), (32, 256, 4, 3), (32, 512, 4, 2), (16, 512, 4, 3),
+         (64, 256, 4, 3)]
 
 
 @triton.jit
