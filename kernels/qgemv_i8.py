@@ -25,7 +25,8 @@
 #          then the epilogue of kernels/gemv.py (bias, split-K partials summed by the last program).
 #          Loading K steps ahead in registers (the codes used 134-209 sm_90 instructions after their load, against
 #          7-11 here: bench/sass_qgemv.py) was never faster on the H200 (bench/results/2026-12-05-h200-s33/call1)
-#          and was removed.
+#          and was removed: its loop waited at its top on the loads it had just issued
+#          (bench/results/2026-12-05-cpu-sass-scoreboard/).
 # Accuracy: against fp32 torch on x itself, 0.4-1.1% relative error (Frobenius) in the tests' shapes with bf16
 #          output (bf16 rounding alone: about 0.3%); tests bound it by 1.5%. x's rounding per 32 columns has about
 #          2.5x the error of bf16's (more in a block holding an outlier channel): in a tiny Qwen2's batch-1 decode
