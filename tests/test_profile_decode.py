@@ -20,6 +20,15 @@ def test_kind_of(name: str, kind: str) -> None:
     assert profile_decode.kind_of(name) == kind
 
 
+@pytest.mark.parametrize("spans,covered", [
+    ([], 0.0), ([(0, 5)], 5.0), ([(0, 5), (5, 7)], 7.0), ([(0, 5), (3, 7)], 7.0), ([(3, 7), (0, 5)], 7.0),
+    ([(0, 10), (2, 3), (4, 6)], 10.0), ([(0, 2), (4, 6), (5, 9)], 7.0),
+])
+def test_covered_counts_overlaps_once(spans, covered) -> None:
+    """Under PDL a kernel's span starts inside the one before: the covered time counts that overlap once."""
+    assert profile_decode.covered_us(spans) == covered
+
+
 def test_a_cpu_run_reports_its_steps(tiny_qwen2_dir, tmp_path, capsys) -> None:
     out = tmp_path / "prof.json"
     assert profile_decode.main(["--model", str(tiny_qwen2_dir), "--device", "cpu", "--steps", "3",
@@ -27,7 +36,7 @@ def test_a_cpu_run_reports_its_steps(tiny_qwen2_dir, tmp_path, capsys) -> None:
     text = capsys.readouterr().out
     assert "batch 1, 3 steps:" in text and "CPU ops (self time)" in text
     res = json.loads(out.read_text())
-    assert res["steps"] == 3 and res["step_ms"] > 0 and not res["gpu"]
+    assert res["steps"] == 3 and res["step_ms"] > 0 and not res["gpu"] and res["covered_ms"] is None
     assert res["rows"] and all(r["us_per_step"] >= 0 for r in res["rows"])
     assert res["rows"] == sorted(res["rows"], key=lambda r: -r["us_per_step"])
 

@@ -4,8 +4,10 @@
 
 The engine decodes a short greedy prompt as tools/bench_stream.py does (its CUDA graph, when captured, is
 replayed: CUPTI still sees each kernel), then ``--steps`` steps run under the profiler. Printed: the step's
-wall time, the compute kernels' time per step (their sum: the step minus this is launch gaps and waits on
-the copy stream), the host-to-device copies per step, and per kind and per kernel the time and the launches
+wall time, the compute kernels' time per step (their sum, and the part of the step at least one of them
+covers: under programmatic dependent launch, kernels/pdl.py, a kernel starts while the one before runs and
+waits, so the sum counts those waits twice; the step minus the covered time is launch gaps and waits on the
+copy stream), the host-to-device copies per step, and per kind and per kernel the time and the launches
 per step. On the CPU (``--device cpu``) the table lists torch's CPU ops instead. Issue 15 reads the AWQ step
 off it: GEMVs against the small kernels (norms, rope, KV append, attention, swiglu, x's int8 rounding).
 """
@@ -70,8 +72,20 @@ def profile_steps(engine: Engine, batch: int, steps: int) -> dict:
             tok = decode_step(engine, tok, [pos + i] * batch).argmax(-1)
         _sync(engine)
         wall = time.perf_counter() - t
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if gpu and e.device_type == torch.autograd.DeviceType.CUDA and kind_of(e.name) != "copies"]
     return {"step_ms": wall / steps * 1e3, "rows": kernel_rows(prof, gpu, steps), "gpu": gpu, "steps": steps,
-            "batch": batch}
+            "batch": batch, "covered_ms": covered_us(spans) / steps / 1e3 if gpu else None}
+
+
+def covered_us(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of [start, end) intervals (overlapping kernels counted once)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def kernel_rows(prof, gpu: bool, steps: int) -> list[dict]:
@@ -98,8 +112,10 @@ def report(res: dict, top: int = 25) -> list[str]:
     busy = sum(r["us_per_step"] for r in compute) / 1e3
     copies = sum(r["us_per_step"] for r in rows if r["kind"] == "copies") / 1e3
     what = "compute kernels" if res["gpu"] else "CPU ops (self time)"
+    covered = f", covering {res['covered_ms']:.3f} ms of the step" if res.get("covered_ms") is not None else ""
     lines = [f"batch {res['batch']}, {res['steps']} steps: {res['step_ms']:.3f} ms a step; {what} "
-             f"{busy:.3f} ms ({sum(r['launches_per_step'] for r in compute):.0f} launches); copies {copies:.3f} ms"]
+             f"{busy:.3f} ms ({sum(r['launches_per_step'] for r in compute):.0f} launches){covered}; "
+             f"copies {copies:.3f} ms"]
     kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for r in rows:
         kinds[r["kind"]][0] += r["us_per_step"]
