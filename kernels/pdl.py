@@ -38,7 +38,7 @@ if _MODE not in ("0", "1"):
 
 
 def active(t: torch.Tensor) -> bool:
-    """Whether launches on ``t``'s device use PDL (enabled, CUDA, compute capability 9.0+)."""
+    """Whether launches on ``t``'s device use PDL (enabled, an NVIDIA GPU of compute capability 9.0+)."""
     if not ENABLED or t.device.type != "cuda":
         return False
     return _capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
@@ -46,7 +46,8 @@ def active(t: torch.Tensor) -> bool:
 
 @functools.cache
 def _capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+    """An NVIDIA GPU of compute capability 9.0+ (a ROCm build reports its gfx version there: never PDL)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def opts(t: torch.Tensor) -> dict:

@@ -63,6 +63,10 @@ def test_opts(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx, c=cap: c)
         assert pdl.opts(on_gpu) == want
     pdl._capable.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx: (9, 4))  # an MI300 under ROCm
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert pdl.opts(on_gpu) == {}
+    pdl._capable.cache_clear()
 
 
 MARKS = ("griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global")
