@@ -70,7 +70,7 @@ for m in 1 4; do
 done
 fi
 if [[ $steps == *6* ]]; then
-timeout 240 python3 bench/probe_ladder.py --out $OUT/ladder.json > $OUT/ladder.txt 2>&1; echo "ladder rc=$?"
+timeout 300 python3 bench/probe_ladder.py --out $OUT/ladder.json > $OUT/ladder.txt 2>&1; echo "ladder rc=$?"
 grep best $OUT/ladder.txt
 timeout 150 python3 bench/probe_access.py --out $OUT/access.json > $OUT/access.txt 2>&1; echo "access rc=$?"
 fi

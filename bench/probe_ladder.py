@@ -33,15 +33,16 @@ from tools.bench_quant import packed_operands  # noqa: E402
 
 SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}  # N, K
 GROUP = 128
-# BLOCK_N, BLOCK_K, warps, stages: the tuner's batch-1 tiles, BLOCK_K 512 and narrower tiles (more programs, so
-# more of the weights' bytes requested at once across the GPU: the read probe's best gate_up tile had twice the
-# GEMV's bytes a K step), and the software pipeliner's cp.async stages on the small tiles. Session 32's loads two
-# steps ahead in registers gained nothing; their sm_90 loop waits at its top on the scoreboard of the code loads
-# it issued at its end (a register-carried lookahead Triton cannot keep in flight), which the pipeliner's
-# asynchronous copies avoid.
-TILES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1), (128, 128, 4, 3), (32, 512, 4, 1), (32, 512, 8, 1),
-         (64, 512, 8, 1), (16, 256, 4, 1), (16, 512, 4, 1), (32, 256, 4, 3), (32, 512, 4, 2), (16, 512, 4, 3),
-         (64, 256, 4, 3)]
+# BLOCK_N, BLOCK_K, warps, stages, register cap (0: none): the tuner's batch-1 tiles (with its caps: left alone,
+# ptxas issues the scale, zero-point and x-step loads after the step's first dot products, kernels/qgemv.py),
+# BLOCK_K 512 and narrower tiles (more programs, so more of the weights' bytes requested at once across the GPU:
+# the read probe's best gate_up tile had twice the GEMV's bytes a K step), and the software pipeliner's cp.async
+# stages on the small tiles. Session 32's loads two steps ahead in registers gained nothing; their sm_90 loop waits
+# at its top on the scoreboard of the code loads it issued at its end, which the pipeliner's copies avoid.
+TILES = [(32, 256, 4, 1, 0), (32, 256, 8, 1, 0), (64, 256, 8, 1, 0), (128, 128, 4, 3, 0), (32, 256, 4, 1, 64),
+         (32, 256, 8, 1, 48), (64, 256, 8, 1, 64), (32, 512, 4, 1, 0), (32, 512, 8, 1, 0), (32, 512, 8, 1, 64),
+         (64, 512, 8, 1, 0), (16, 256, 4, 1, 0), (16, 512, 4, 1, 0), (16, 512, 4, 1, 64), (32, 256, 4, 3, 0),
+         (32, 512, 4, 2, 0), (16, 512, 4, 3, 0), (64, 256, 4, 3, 0)]
 
 
 @triton.jit
@@ -93,15 +94,16 @@ def probe_shape(name: str, n: int, k: int, dev: torch.device) -> list[dict]:
     out = torch.empty(8 * n, device=dev, dtype=torch.float32)
     y = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
     cold = fits_l2(q.nbytes + s.nbytes + z.nbytes, dev)
-    cases = [(bn, bk, w, st, sk) for bn, bk, w, st in TILES for sk in splits(k, bk)]
+    cases = [(bn, bk, w, st, cap, sk) for bn, bk, w, st, cap in TILES for sk in splits(k, bk)]
 
-    def ladder(level, bn, bk, w, st, sk):
+    def ladder(level, bn, bk, w, st, cap, sk):
         _ladder_kernel[(triton.cdiv(n, bn), sk)](xq, d, qs, q, s, z, out, n, k, q.stride(0), s.stride(0),
                                                  LEVEL=level, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_C=GROUP,
-                                                 STAGES=st, num_warps=w, num_stages=st)
+                                                 STAGES=st, num_warps=w, num_stages=st,
+                                                 **({"maxnreg": cap} if cap else {}))
 
-    def gemv(bn, bk, w, st, sk):
-        cfg = qgemv.config(bn, bk, sk, warps=w, stages=st, variant=4)
+    def gemv(bn, bk, w, st, cap, sk):
+        cfg = qgemv.config(bn, bk, sk, warps=w, stages=st, variant=4, maxnreg=cap or None)
         qgemv_i8.launch_i8(cfg, x, q, s, z, GROUP, None, y, False, True, rounded=(xq, d, qs))
 
     for level in range(3):
@@ -112,7 +114,7 @@ def probe_shape(name: str, n: int, k: int, dev: torch.device) -> list[dict]:
         runs = [lambda level=level: ladder(level, *c) for level in range(3)] + [lambda: gemv(*c)]
         us = [_timed(run, cold) for run in runs]
         rows.append(dict(proj=name, tile=list(c), us=us))
-        print(f"{name:8} {c[0]:>4}x{c[1]:<4} w{c[2]} s{c[3]} sk{c[4]}  " +
+        print(f"{name:8} {c[0]:>4}x{c[1]:<4} w{c[2]} s{c[3]} r{c[4]:<3} sk{c[5]}  " +
               "  ".join("failed" if u is None else f"{u:6.1f}" for u in us), flush=True)
     copy = copy_gbps(q.nbytes, dev)
     for level in range(4):

@@ -9,7 +9,8 @@ import sys
 
 import triton
 
-from tests.test_kernels_qgemv_sm90 import GROUP, K, _compile, compile_i8, load_use_distances, loop_instructions
+from tests.test_kernels_qgemv_sm90 import (GROUP, K, _compile, compile_i8, load_use_distances, loads_after_first_dot,
+                                          loop_instructions)
 
 TILES = {1: [(16, 512, 4, 3), (32, 512, 4, 3), (32, 512, 8, 2), (8, 1024, 4, 3), (32, 256, 4, 4),
              (64, 256, 8, 1), (128, 128, 4, 3), (256, 128, 4, 3)],
@@ -41,16 +42,20 @@ def main() -> int:
 
 
 def i8_rows() -> None:
-    """The same count for kernels/qgemv_i8.py's tiles (x in int8, dp4a) at 1, 2 and 4 rows of x, and how many
-    instructions after its load the loop first uses each code load (the fewest)."""
+    """The same count for kernels/qgemv_i8.py's tiles (x in int8, dp4a) at 1, 2 and 4 rows of x (with their
+    register caps, kernels.qgemv's fifth entry), how many instructions after its load the loop first uses each
+    code load (the fewest), the registers, and how many loads the loop issues after its first dot product (each a
+    second wait on memory in a K step)."""
     from kernels import qgemv as q
     for rows in (1, 2, 4):
-        for bn, bk, warps, stages in (q._I8_SHAPES if rows == 1 else q._I8_ROWS_SHAPES) + [(512, 128, 8, 3)]:
-            usage, sass = compile_i8(rows, bn, bk, warps, stages)
+        for bn, bk, warps, stages, *regs in (q._I8_SHAPES if rows == 1 else q._I8_ROWS_SHAPES) + [(512, 128, 8, 3)]:
+            cap = regs[0] if regs else None
+            usage, sass = compile_i8(rows, bn, bk, warps, stages, cap)
             codes, loop = bn * bk // (32 * warps), loop_instructions(sass)
             used = min(load_use_distances(sass), default=None)  # None: the pipeliner's copies, no plain loads
-            print(f"i8x M={rows} {bn:>4d}x{bk:<5d}w{warps} s{stages}: loop {loop:5d} / {codes:3d} codes = "
-                  f"{loop / codes:5.2f} per code, codes used {'-' if used is None else used:>3} after their load, "
+            print(f"i8x M={rows} {bn:>4d}x{bk:<5d}w{warps} s{stages} cap {cap or '-':>3}: loop {loop:5d} / {codes:3d} "
+                  f"codes = {loop / codes:5.2f} per code, codes used {'-' if used is None else used:>3} after their "
+                  f"load, {usage.split()[0]}, {loads_after_first_dot(sass)} loads after the first dot, "
                   f"stack {usage.split('STACK:')[1].split()[0]}", flush=True)
 
 

@@ -56,9 +56,15 @@ _WORD_SHAPES = [(16, 512, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (128, 128, 4,
 # variant 4 (kernels/qgemv_i8.py: x in int8, dp4a): the H200 sweep's fastest tiles at M = 1 (session 13: 32x256 at
 # 4 warps for gate_up, at 8 for qkv; 128x128 pipelined for down and o; bench/results/2026-12-02-h200-s13/), most of
 # them without the software pipeliner: 1.1-2.2 sm_90 instructions per code (Triton 3.6) against 4.2-7.0
-_I8_SHAPES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1), (128, 128, 4, 3)]
+# A fifth entry caps the registers a thread may use (Triton's maxnreg): left alone, ptxas keeps these unpipelined
+# loops at 32-40 registers by issuing the loads of x's steps and sums and of the scales and zero points only after the
+# first dot products, so each K step waits on memory twice; allowed 48-96, it issues every load of the step first,
+# without spilling (sm_90, Triton 3.6 and 3.9: tests/test_kernels_qgemv_sm90.py)
+_I8_SHAPES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1), (128, 128, 4, 3),
+              (32, 256, 4, 1, 64), (32, 256, 8, 1, 48), (64, 256, 8, 1, 64)]
 # ... at M = 2-4 (the sweep's fastest: 32x128 and 32x256 at 8 warps, 256x128 with 2 stages for gate_up at M = 4)
-_I8_ROWS_SHAPES = [(32, 128, 8, 1), (32, 256, 8, 1), (256, 128, 4, 2), (64, 128, 8, 3)]
+_I8_ROWS_SHAPES = [(32, 128, 8, 1), (32, 256, 8, 1), (256, 128, 4, 2), (64, 128, 8, 3),
+                   (32, 128, 8, 1, 64), (32, 256, 8, 1, 96)]
 _DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3)]
 _SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
 # variant 3 (without swap: 1.4-2.4x slower); 256x128 at 8 warps: 5.8 sm_90 instructions per code at M = 16 against
@@ -68,10 +74,14 @@ _SPLITS = (1, 2, 4, 8)
 
 
 def config(bn: int, bk: int, sk: int = 1, swap: bool = False, warps: int = 4, stages: int = 1,
-           ticket: bool = False, variant: int = 0) -> triton.Config:
-    """One launch config (tests pin configs with it); ``variant`` as kernels/quant_variants.py."""
+           ticket: bool = False, variant: int = 0, maxnreg: int | None = None) -> triton.Config:
+    """One launch config (tests pin configs with it); ``variant`` as kernels/quant_variants.py; ``maxnreg``
+    (variant 4 only): the registers a thread may use, as the key MAXNREG (only when set, so the picks stored
+    before it still name their configs)."""
+    assert maxnreg is None or variant == 4 and maxnreg > 0, (maxnreg, variant)
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SWAP_AB": swap, "TICKET": ticket,
-                          "VARIANT": variant}, num_warps=warps, num_stages=stages)
+                          "VARIANT": variant, **({"MAXNREG": maxnreg} if maxnreg else {})},
+                         num_warps=warps, num_stages=stages)
 
 
 _DEFAULT_FMA = config(64, 64) if _INTERPRET else config(8, 512, stages=2)  # interpreted: fewer, wider programs
@@ -210,13 +220,14 @@ def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: 
     if int8_x and qgemv_i8.enabled() and K % qgemv_i8.QBLOCK == 0:  # the caller's rows are at most MAX_M
         shapes += [(s, False, 4) for s in (_I8_SHAPES if block_m == 1 else _I8_ROWS_SHAPES)]
     out = []
-    for (bn, bk, warps, stages), swap, variant in shapes:
+    for (bn, bk, warps, stages, *regs), swap, variant in shapes:
         if not variant_ok(variant, group, bits, bk):
             continue
         for sk in _SPLITS:
             if sk > 1 and (triton.cdiv(N, bn) * sk > 6 * sms or triton.cdiv(K, bk) < 2 * sk):
                 continue
-            out.append(config(bn, bk, sk, swap, warps, stages, ticket=sk > 1, variant=variant))
+            out.append(config(bn, bk, sk, swap, warps, stages, ticket=sk > 1, variant=variant,
+                              maxnreg=regs[0] if regs else None))
     return out
 
 

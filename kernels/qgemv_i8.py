@@ -26,7 +26,11 @@
 #          Loading K steps ahead in registers (the codes used 134-209 sm_90 instructions after their load, against
 #          7-11 here: bench/sass_qgemv.py) was never faster on the H200 (bench/results/2026-12-05-h200-s33/call1)
 #          and was removed: its loop waited at its top on the loads it had just issued
-#          (bench/results/2026-12-05-cpu-sass-scoreboard/).
+#          (bench/results/2026-12-05-cpu-sass-scoreboard/). Left alone, ptxas keeps the unpipelined tiles at 32-40
+#          registers by issuing the loads of x's steps and sums and of the scales and zero points after a step's
+#          first dot products (a second wait on memory each step); the tuner also times those tiles with a register
+#          cap (kernels.qgemv.config's maxnreg, 48-96), under which every load of a step goes out first
+#          (bench/results/2026-12-05-cpu-sass-maxnreg/). Not yet timed on a GPU.
 # Accuracy: against fp32 torch on x itself, 0.4-1.1% relative error (Frobenius) in the tests' shapes with bf16
 #          output (bf16 rounding alone: about 0.3%); tests bound it by 1.5%. x's rounding per 32 columns has about
 #          2.5x the error of bf16's (more in a block holding an outlier channel): in a tiny Qwen2's batch-1 decode
@@ -168,6 +172,11 @@ def supports(m: int, k: int, bits: int, group: int, block_k: int) -> bool:
     return 1 <= m <= MAX_M and bits == 4 and k % QBLOCK == 0 and group % QBLOCK == 0 and block_k % QBLOCK == 0
 
 
+def register_cap(cfg: triton.Config) -> dict:
+    """The launch option of ``cfg``'s register cap (kernels.qgemv.config's MAXNREG), or none."""
+    return {"maxnreg": cfg.kwargs["MAXNREG"]} if cfg.kwargs.get("MAXNREG") else {}
+
+
 def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
               group: int, bias: torch.Tensor | None, out: torch.Tensor, mins: bool, asm: bool,
               swiglu: bool = False, rounded: tuple | None = None) -> None:
@@ -187,7 +196,7 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, TICKET=cnt is not None,
         ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out), **register_cap(cfg))
     reduce_split_k(ws, cnt, bias, out)
 
 

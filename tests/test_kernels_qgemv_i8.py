@@ -91,6 +91,31 @@ def test_qgemv_i8_through_qgemv_against_fp32(m: int, k: int, n: int, group: int,
     assert ((out.float() - ref).norm() / ref.norm()).item() < INT8_ERR
 
 
+def test_a_register_cap_is_a_launch_option(monkeypatch) -> None:
+    """kernels.qgemv.config's maxnreg: a MAXNREG key (only when set), passed to the launch as Triton's maxnreg
+    (the interpreter ignores it: the same numbers), among the tuner's candidates, and only for variant 4."""
+    from kernels import qgemv_i8
+    from kernels.tuning_cache import config_from_json, config_to_json
+
+    capped, plain = q.config(16, 128, variant=4, maxnreg=64), q.config(16, 128, variant=4)
+    assert capped.kwargs["MAXNREG"] == 64 and "MAXNREG" not in plain.kwargs
+    assert config_to_json(config_from_json(config_to_json(capped))) == config_to_json(capped) != config_to_json(plain)
+    with pytest.raises(AssertionError):
+        q.config(16, 128, variant=1, maxnreg=64)
+    x, qw, s, z = _operands(256, 48, 128, torch.float32)
+    outs, seen = [], []
+    real = qgemv_i8._qgemv_i8_kernel
+    monkeypatch.setattr(qgemv_i8, "_qgemv_i8_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: lambda *a, **kw: (seen.append(kw.get("maxnreg")), real[grid](*a, **kw))})())
+    for cfg in (plain, capped):
+        outs.append(torch.empty(1, 48, device=DEV))
+        launch_i8(cfg, x, qw, s, z, 128, None, outs[-1], False, DEV == "cuda")
+    assert seen == [None, 64] and torch.equal(outs[0], outs[1])
+    monkeypatch.setattr(q, "_INTERPRET", False)
+    for block_m, caps in ((1, {64, 48}), (2, {64, 96})):
+        assert caps <= {c.kwargs.get("MAXNREG") for c in q._candidates(block_m, 37888, 3584, 132, int8_x=True)}
+
+
 def test_variant_4_refuses_what_it_cannot_run() -> None:
     x, qw, s, z = _operands(256, 16, 128, torch.bfloat16)
     cfg = q.config(16, 128, variant=4)
@@ -113,13 +138,14 @@ def test_tuner_candidates_include_variant_4_unless_turned_off(monkeypatch) -> No
 
 
 _SM90 = """
-from tests.test_kernels_qgemv_sm90 import compile_i8, loop_instructions
+from tests.test_kernels_qgemv_sm90 import compile_i8, loads_after_first_dot, loop_instructions
 from kernels import qgemv as q
 for rows, shapes in ((1, q._I8_SHAPES), (2, q._I8_ROWS_SHAPES), (4, q._I8_ROWS_SHAPES)):
-    for bn, bk, warps, stages in shapes:
-        usage, sass = compile_i8(rows, bn, bk, warps, stages)
-        print(f"M={rows} {bn}x{bk} w{warps} s{stages}: {usage} | loop {loop_instructions(sass)} "
-              f"idp {sass.count('IDP.4A')} codes {bn * bk // (32 * warps)}", flush=True)
+    for bn, bk, warps, stages, *regs in shapes:
+        usage, sass = compile_i8(rows, bn, bk, warps, stages, regs[0] if regs else None)
+        print(f"M={rows} {bn}x{bk} w{warps} s{stages} cap {regs[0] if regs else 0}: {usage} | loop "
+              f"{loop_instructions(sass)} idp {sass.count('IDP.4A')} codes {bn * bk // (32 * warps)} "
+              f"late {loads_after_first_dot(sass)}", flush=True)
 """
 
 
@@ -129,7 +155,9 @@ def test_qgemv_i8_compiles_for_sm90_to_a_dp4a_loop() -> None:
     """Each variant-4 candidate compiles for sm_90 without spilling, with two DP4As per packed word of the
     thread's tile and row of x, its K loop within 100 instructions plus 1.5 per code for one row of x, 2.5 for
     two, 5.5 for four (Triton 3.6: 57-276 for one row, 72-638 for two, 132-1351 for four; the H200's fastest
-    tiles hold few codes a thread, so a step's fixed addressing weighs more than in the fewest-instruction ones)."""
+    tiles hold few codes a thread, so a step's fixed addressing weighs more than in the fewest-instruction ones).
+    The tiles with a register cap issue every load of a K step before its first dot product (the point of the cap:
+    left alone, ptxas issues some of them after it, a second wait on memory each step)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     run = subprocess.run([sys.executable, "-c", _SM90], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -142,3 +170,5 @@ def test_qgemv_i8_compiles_for_sm90_to_a_dp4a_loop() -> None:
         assert idp >= rows * codes // 4, line  # 2 DP4As per packed word (8 codes) and row of x
         budget = 100 + {1: 1.5, 2: 2.5, 4: 5.5}[rows] * codes  # all rows (the split dots: 5.8-9.7 per code)
         assert loop <= budget, f"{loop} loop instructions for {codes} codes: {line}"
+        if " cap 0:" not in line:
+            assert re.search(r" late (\d+)$", line).group(1) == "0", line

@@ -38,21 +38,22 @@ def _compile(meta: dict, warps: int, stages: int) -> tuple[str, str]:
     return compile_sm90(mod._qgemv_kernel, ptrs, meta, warps, stages)
 
 
-def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int) -> tuple[str, str]:
+def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int, maxnreg: int | None = None) -> tuple[str, str]:
     """(cuobjdump's resource line, the SASS) of kernels/qgemv_i8.py's GEMV for sm_90: ``rows`` rows of x, int4
-    g128 with zero points, bf16 out, no split-K."""
+    g128 with zero points, bf16 out, no split-K; ``maxnreg``: the register cap (kernels.qgemv.config's)."""
     from kernels import qgemv_i8 as mod
     ptrs = {"xq_ptr": "*i32", "d_ptr": "*fp32", "qs_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
             "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     meta = dict(HAS_ZEROS=True, HAS_MINS=False, HAS_BIAS=False, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1,
                 TICKET=False, ONE_GROUP=GROUP % bk == 0, GROUP_C=GROUP, EVEN_K=True, STAGES=stages, ASM=True)
-    return compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages)
+    return compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages, maxnreg)
 
 
-def compile_sm90(fn, ptrs: dict[str, str], meta: dict, warps: int, stages: int) -> tuple[str, str]:
+def compile_sm90(fn, ptrs: dict[str, str], meta: dict, warps: int, stages: int,
+                 maxnreg: int | None = None) -> tuple[str, str]:
     """(cuobjdump's resource line, the SASS) of the Triton kernel ``fn`` for sm_90: pointer arguments typed by
     ``ptrs``, ``meta`` as its constexprs (kernels.pdl's flag off unless given), other arguments i32; pointers and
-    N, K, group, strides 16-divisible."""
+    N, K, group, strides 16-divisible; ``maxnreg``: a register cap."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -63,7 +64,8 @@ def compile_sm90(fn, ptrs: dict[str, str], meta: dict, warps: int, stages: int) 
     aligned = [a for a in names if a in ptrs or a in ("N", "K", "group", "stride_qn", "stride_sn")]
     src = ASTSource(fn, sig, constexprs={(names.index(a),): v for a, v in meta.items()},
                     attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={
+        "num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -87,6 +89,14 @@ def _loop_body(sass: str) -> list[str]:
         if target and int(target.group(1), 16) < addr and addr - int(target.group(1), 16) > span[1] - span[0]:
             span = (int(target.group(1), 16), addr)
     return [line for a, line in ops if span[0] <= a <= span[1]]
+
+
+def loads_after_first_dot(sass: str, dot: str = "IDP.4A") -> int:
+    """Global loads the longest loop issues after its first ``dot`` instruction (which waits for the codes): each
+    is a second wait on memory in the K step."""
+    body = _loop_body(sass)
+    first = next((i for i, line in enumerate(body) if dot in line), len(body))
+    return sum(1 for line in body[first:] if re.match(r"(?:@!?P\d\s+)?LDG\.", line))
 
 
 def load_use_distances(sass: str, opcode: str = "LDG.E.EF") -> list[int]:

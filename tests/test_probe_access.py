@@ -68,7 +68,7 @@ def test_ladder_levels(bn: int, bk: int, sk: int) -> None:
 
 def test_ladder_grid_fits_the_shapes() -> None:
     for n, k in SHAPES.values():
-        for bn, bk, _, _ in TILES:
+        for bn, bk, _, _, _ in TILES:
             sks = splits(k, bk)
             assert sks[0] == 1 and all(k // bk >= 2 * sk for sk in sks) and k % bk == 0 and n % bn == 0
     assert splits(3584, 512) == [1, 2] and splits(18944, 128) == [1, 2, 4, 8]
