@@ -57,7 +57,7 @@ _WORD_SHAPES = [(16, 512, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (128, 128, 4,
 # 4 warps for gate_up, at 8 for qkv; 128x128 pipelined for down and o; bench/results/2026-12-02-h200-s13/), most of
 # them without the software pipeliner: 1.1-2.2 sm_90 instructions per code (Triton 3.6) against 4.2-7.0
 # A fifth entry caps the registers a thread may use (Triton's maxnreg): left alone, ptxas keeps these unpipelined
-# loops at 32-40 registers by issuing the loads of x's steps and sums and of the scales and zero points only after the
+# loops at 32-48 registers by issuing the loads of x's steps and sums and of the scales and zero points only after the
 # first dot products, so each K step waits on memory twice; allowed 48-96, it issues every load of the step first,
 # without spilling (sm_90, Triton 3.6 and 3.9: tests/test_kernels_qgemv_sm90.py)
 _I8_SHAPES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1), (128, 128, 4, 3),

@@ -26,7 +26,7 @@
 #          Loading K steps ahead in registers (the codes used 134-209 sm_90 instructions after their load, against
 #          7-11 here: bench/sass_qgemv.py) was never faster on the H200 (bench/results/2026-12-05-h200-s33/call1)
 #          and was removed: its loop waited at its top on the loads it had just issued
-#          (bench/results/2026-12-05-cpu-sass-scoreboard/). Left alone, ptxas keeps the unpipelined tiles at 32-40
+#          (bench/results/2026-12-05-cpu-sass-scoreboard/). Left alone, ptxas keeps the unpipelined tiles at 32-48
 #          registers by issuing the loads of x's steps and sums and of the scales and zero points after a step's
 #          first dot products (a second wait on memory each step); the tuner also times those tiles with a register
 #          cap (kernels.qgemv.config's maxnreg, 48-96), under which every load of a step goes out first
