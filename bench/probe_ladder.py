@@ -103,7 +103,7 @@ def probe_shape(name: str, n: int, k: int, dev: torch.device) -> list[dict]:
                                                  **({"maxnreg": cap} if cap else {}))
 
     def gemv(bn, bk, w, st, cap, sk):
-        cfg = qgemv.config(bn, bk, sk, warps=w, stages=st, variant=4, maxnreg=cap or None)
+        cfg = qgemv.config(bn, bk, sk, warps=w, stages=st, ticket=sk > 1, variant=4, maxnreg=cap or None)
         qgemv_i8.launch_i8(cfg, x, q, s, z, GROUP, None, y, False, True, rounded=(xq, d, qs))
 
     for level in range(3):
