@@ -73,7 +73,7 @@ def profile_steps(engine: Engine, batch: int, steps: int) -> dict:
         _sync(engine)
         wall = time.perf_counter() - t
     spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
-             if gpu and e.device_type == torch.autograd.DeviceType.CUDA and kind_of(e.name) != "copies"]
+             if e.device_type == torch.autograd.DeviceType.CUDA and kind_of(e.name) != "copies"] if gpu else []
     return {"step_ms": wall / steps * 1e3, "rows": kernel_rows(prof, gpu, steps), "gpu": gpu, "steps": steps,
             "batch": batch, "covered_ms": covered_us(spans) / steps / 1e3 if gpu else None}
 
