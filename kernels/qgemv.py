@@ -61,7 +61,8 @@ _WORD_SHAPES = [(16, 512, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (128, 128, 4,
 # first dot products, so each K step waits on memory twice; allowed 48-96, it issues every load of the step first,
 # without spilling (sm_90, Triton 3.6 and 3.9: tests/test_kernels_qgemv_sm90.py)
 _I8_SHAPES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1), (128, 128, 4, 3),
-              (32, 256, 4, 1, 64), (32, 256, 8, 1, 48), (64, 256, 8, 1, 64)]
+              (32, 256, 4, 1, 64), (32, 256, 8, 1, 48), (64, 256, 8, 1, 64), (16, 512, 4, 1, 64), (16, 256, 4, 1),
+              (16, 1024, 8, 1, 64)]
 # ... at M = 2-4 (the sweep's fastest: 32x128 and 32x256 at 8 warps, 256x128 with 2 stages for gate_up at M = 4)
 _I8_ROWS_SHAPES = [(32, 128, 8, 1), (32, 256, 8, 1), (256, 128, 4, 2), (64, 128, 8, 3),
                    (32, 128, 8, 1, 64), (32, 256, 8, 1, 96)]
