@@ -252,7 +252,7 @@ class Engine:
         gbps = len(host.layers) * host.layer_bytes * host.steps / host.seconds / 1e9
         try:
             record_achieved(self.opts.batch, self.dtype, host.worker.pick.threads, gbps,
-                            form_name(host.weight_form, self.quant))
+                            form_name(host.weight_form, self.quant, self.dtype))
             log.info("host lane achieved %.1f GB/s over %d steps (kept for the next plan)", gbps, host.steps)
         except OSError as e:  # a read-only cache directory costs the next plan its accuracy, nothing more
             log.warning("could not keep the host lane's rate (%.1f GB/s): %s", gbps, e)

@@ -35,7 +35,7 @@ import psutil
 import torch
 
 from engine.config import ModelConfig
-from engine.host_int4 import convert_layer, int4_host_group, measure_int4_gemv
+from engine.host_int4 import convert_layer, int4_host_group, kernel_dtype, measure_int4_gemv
 from engine.layout import LayerLayout
 from engine.quant.ggml import GGMLWeight, NativeLayouts
 from kernels.ggml_blocks import dequant_ref
@@ -84,10 +84,13 @@ def weight_forms(cfg: ModelConfig, dtype: torch.dtype, quant, available: int | N
     return tuple(forms) or (PACKED,)
 
 
-def form_name(form: str, quant) -> str:
-    """The host rate cache's name for what the CPU runs in a form: the int4 kernel's own entry, else ""
-    (the dense GEMV: full-precision and widened layers share its measured and achieved rates)."""
-    return f"int4 g{int4_host_group(quant)} CPU kernel" if form == INT4 else ""
+def form_name(form: str, quant, dtype: torch.dtype) -> str:
+    """The host rate cache's name for what the CPU runs in a form: the int4 kernel's own entry, named with
+    the dtype it computes in for a lane in ``dtype`` (engine.host_int4.kernel_dtype), else "" (the dense
+    GEMV: full-precision and widened layers share its measured and achieved rates)."""
+    if form != INT4:
+        return ""
+    return f"int4 g{int4_host_group(quant)} CPU kernel in {str(kernel_dtype(dtype)).removeprefix('torch.')}"
 
 
 RateFn = Callable[..., tuple[float, str]]  # memory.host_rate.host_gemv_rate's signature
@@ -102,7 +105,7 @@ def pick_form(forms: tuple[str, ...], quant, dtype: torch.dtype, batch: int, pac
     best = None
     for form in forms:
         measure = functools.partial(measure_int4_gemv, group=int4_host_group(quant)) if form == INT4 else None
-        gbps, source = rate(batch, dtype, form=form_name(form, quant), measure=measure)
+        gbps, source = rate(batch, dtype, form=form_name(form, quant, dtype), measure=measure)
         if form == WIDENED:
             gbps, source = gbps * packed_per_widened, f"{source}, the dense GEMV's over the widened bytes"
         if best is None or gbps > best[1]:

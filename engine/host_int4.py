@@ -129,15 +129,16 @@ def random_int4(n: int, k: int, group: int, seed: int = 0) -> QuantWeight:
 def measure_int4_gemv(batch: int, dtype: torch.dtype, group: int = 128, nbytes: int = 128 << 20,
                       repeats: int = 5, hidden: int = 4096) -> float:
     """GB/s (10**9 bytes/s) of int4 weight bytes as the plan counts them (packed codes, fp16 scales and
-    zeros) that :func:`int4_linear` reads with ``batch`` rows of ``dtype`` activations: a weight of
-    about ``nbytes``, the median of ``repeats`` timed calls after a warm-up. The host lane's rate for
+    zeros) that :func:`int4_linear` reads with ``batch`` rows of ``dtype`` activations, in the kernel dtype a
+    lane in ``dtype`` runs it in (:func:`kernel_dtype`, as :func:`convert_layer` converts): a weight of about
+    ``nbytes``, the median of ``repeats`` timed calls after a warm-up. The host lane's rate for
     int4 layers (``memory.host_rate``)."""
     if batch < 1 or nbytes <= 0 or repeats <= 0 or hidden % group:
         raise ValueError(f"batch, nbytes, repeats must be positive and group divide hidden, got {batch}, "
                          f"{nbytes}, {repeats}, {group} / {hidden}")
     per_row = hidden // 2 + 2 * 2 * (hidden // group)  # codes, fp16 scales and zeros
     rows = max(N_MULTIPLE, nbytes // per_row // N_MULTIPLE * N_MULTIPLE)
-    w = to_cpu_int4(random_int4(rows, hidden, group), dtype)
+    w = to_cpu_int4(random_int4(rows, hidden, group), kernel_dtype(dtype))  # as convert_layer runs it
     if w is None:
         raise ValueError(f"torch {torch.__version__} has no CPU int4 kernel for group {group}")
     x = torch.randn(batch, hidden).to(dtype)

@@ -64,17 +64,19 @@ def test_widened_bytes_and_the_packed_ratio():
     assert 0.25 < ratio < 0.33  # int4 + fp16 scales and zeros per 128 over bf16
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("int4,dense,want", [(0.9, 67.0, "widened"), (30.0, 67.0, "int4")])
-def test_the_faster_form_is_picked_in_packed_bytes(int4, dense, want):
+def test_the_faster_form_is_picked_in_packed_bytes(int4, dense, want, dtype):
     calls = []
 
     def rate(batch, dtype, form="", measure=None):
         calls.append((form, measure))
         return (int4 if form else dense), "cached from today"
 
-    form, gbps, source = forms.pick_form(("int4", "widened"), AWQ, torch.bfloat16, 1, 0.28, rate)
+    form, gbps, source = forms.pick_form(("int4", "widened"), AWQ, dtype, 1, 0.28, rate)
     assert form == want and gbps == pytest.approx(max(int4, dense * 0.28))
-    assert [f for f, _ in calls] == ["int4 g128 CPU kernel", ""]  # widened layers share the dense GEMV's entry
+    # fp16 lanes run the kernel in bf16 (its entry says so); widened layers share the dense GEMV's entry
+    assert [f for f, _ in calls] == ["int4 g128 CPU kernel in bfloat16", ""]
     assert calls[0][1].keywords == {"group": 128} and calls[1][1] is None
     assert source == "cached from today" + (", the dense GEMV's over the widened bytes" if want == "widened" else "")
 

@@ -114,6 +114,21 @@ def test_measured_int4_rate_is_positive_and_checks_its_arguments():
         measure_int4_gemv(1, torch.bfloat16, group=96, hidden=512)
 
 
+@pytest.mark.parametrize("lane,kernel", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                         (torch.float32, torch.float32)])
+def test_the_int4_rate_is_measured_in_the_dtype_the_lane_runs_the_kernel_in(monkeypatch, lane, kernel):
+    """An fp16 lane's int4 layers run in bf16 (convert_layer): its rate must be the bf16 kernel's (the fp16
+    kernel read 1.2 GB/s on the H200 host against 55 for bf16, and the planner took widened layers)."""
+    import engine.host_int4 as mod
+    seen, real = [], mod.to_cpu_int4
+    monkeypatch.setattr(mod, "to_cpu_int4", lambda w, dtype: seen.append(dtype) or real(w, dtype))
+    calls = []
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu",
+                        lambda x, *a, f=torch._weight_int4pack_mm_for_cpu: calls.append(x.dtype) or f(x, *a))
+    mod.measure_int4_gemv(1, lane, group=64, nbytes=1 << 18, repeats=1, hidden=512)
+    assert seen == [kernel] and set(calls) == {kernel}
+
+
 def _layer_quant(*forms, main=QuantSpec(4, 128, False, "awq")):
     from engine.quant.layout import LayerQuant
 
@@ -153,7 +168,7 @@ def test_the_engine_measures_the_int4_rate_for_int4_layers(monkeypatch):
                                  dtype=torch.bfloat16, quant=_layer_quant(), cfg=_cfg())
     assert eng_mod.Engine._host_rate(fake, "auto") == (9.0, "x; host layers int4") and fake.host_weights == "int4"
     form, measure = calls[-1]
-    assert form == "int4 g128 CPU kernel" and measure.keywords == {"group": 128}
+    assert form == "int4 g128 CPU kernel in bfloat16" and measure.keywords == {"group": 128}
     fake.quant = None
     assert eng_mod.Engine._host_rate(fake, "auto") == (9.0, "x")
     assert calls[-1] == ("", None) and len(calls) == 2  # the dense GEMV

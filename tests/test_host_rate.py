@@ -109,7 +109,7 @@ def test_an_engine_keeps_its_host_lanes_rate_after_enough_steps(monkeypatch):
     kept = []
     monkeypatch.setattr(eng_mod, "record_achieved", lambda *a: kept.append(a))
     host = NS(steps=8, seconds=0.8, layers=(1, 5), layer_bytes=10**9, worker=NS(pick=NS(threads=15)), weight_form="int4")
-    monkeypatch.setattr(eng_mod, "form_name", lambda form, quant: f"{form} g128 CPU kernel")
+    monkeypatch.setattr(eng_mod, "form_name", lambda form, quant, dtype: f"{form} g128 CPU kernel")
     fake = NS(model=NS(host=host), opts=NS(batch=4), dtype=torch.bfloat16, quant=object())
     eng_mod.Engine._keep_host_rate(fake)
     assert kept == [(4, torch.bfloat16, 15, pytest.approx(20.0), "int4 g128 CPU kernel")]  # 2 GB x 8 / 0.8 s
