@@ -9,8 +9,8 @@
 #     fresh Triton and tuning caches), and tools.profile_summary's per-function difference of the two
 #  h  issue 18: bench_stream --host-compute off,auto at 6 / 4 GiB, batch 1 and 4
 #  a  issue 18: the host lane on the synthetic 7B AWQ (torch's int4 CPU kernel or widened layers, the faster
-#     measured: engine/host_forms.py) at 4 / 3 GiB, batch 1; run
-#     after h on one machine, h's second run plans with the rate the first one's host lane achieved
+#     measured: engine/host_forms.py) at 3 / 4 GiB, batch 1 and 4, then the host lane's GPU tests (quantized
+#     first); session 34 planned no host layer (the int4 rate measured in fp16, 1.2 GB/s: fixed in af16b1e)
 #  t  GPU tests of compile ahead, the host lane and worker, host prompt states, the timeline
 #  m  issue 14: memreport at 6 GB with its pictures (memory.png, timeline.png: decode steps and a prefill)
 #  q  issue 15: the quantized prefill (bench_kernels --only qgemm,qprefill: the fused GEMM and the engine's
@@ -104,13 +104,16 @@ if [[ $steps == *h* ]]; then
     --prefill-tokens 0 --host-compute off,auto --out-dir $R --tag hostlane > $R/bench_hostlane.log 2>&1
   echo "hostlane rc=$?"; tail -11 $R/bench_hostlane.log
 save; fi
-if [[ $steps == *a* ]]; then
-  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_host_lane.py > $R/pytest_hostlane.txt 2>&1
-  echo "pytest hostlane rc=$?"; tail -2 $R/pytest_hostlane.txt
+if [[ $steps == *a* ]]; then  # issue 18's quantized host lane (session 34: the int4 rate now measured in bf16)
   awq_7b
-  timeout $(left 150) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 4GiB,3GiB --batches 1 --steps 8 \
+  timeout $(left 200) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 3GiB,4GiB --batches 1,4 --steps 8 \
     --prefill-tokens 0 --host-compute off,auto --out-dir $R --tag hostlane-awq > $R/bench_hostlane_awq.log 2>&1
-  echo "hostlane awq rc=$?"; tail -7 $R/bench_hostlane_awq.log
+  echo "hostlane awq rc=$?"; grep -E "GiB" $R/bench_hostlane_awq.log | tail -8
+  save
+  timeout $(left 120) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_host_lane.py -k quantized \
+    > $R/pytest_hostlane_q.txt 2>&1; echo "pytest quantized hostlane rc=$?"; tail -2 $R/pytest_hostlane_q.txt
+  timeout $(left 200) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_host_lane.py -k "not quantized" \
+    > $R/pytest_hostlane.txt 2>&1; echo "pytest hostlane rc=$?"; tail -2 $R/pytest_hostlane.txt
 save; fi
 if [[ $steps == *t* ]]; then
   timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_compile_ahead.py \
