@@ -33,6 +33,7 @@ def candidates(n: int, k: int, sms: int, variants: tuple[int, ...] = (1,)) -> li
     """Variants 1 ("3d") and 4 ("i8x", tiles up to 512 rows) over the grid (a tile of at most 64K codes),
     split-K while the grid has fewer than 4 programs an SM; variant 0 over its FMA tiles."""
     from kernels import qgemv as q
+    from kernels.qgemv_candidates import _FMA_SHAPES
     out = []
     for v in variants:
         for bn in (32, 64, 128, 256, 512) if v == 4 else BLOCK_NS:
@@ -44,7 +45,7 @@ def candidates(n: int, k: int, sms: int, variants: tuple[int, ...] = (1,)) -> li
                         out.append(q.config(bn, bk, 1, warps=warps, stages=stages, variant=v))
                         out += [q.config(bn, bk, s, warps=warps, stages=stages, ticket=True, variant=v)
                                 for s in SPLITS if -(-n // bn) * s // 2 < 4 * sms and -(-k // bk) >= 2 * s]
-    out += [q.config(bn, bk, 1, warps=w, stages=2) for bn, bk, w, _ in q._FMA_SHAPES]
+    out += [q.config(bn, bk, 1, warps=w, stages=2) for bn, bk, w, _ in _FMA_SHAPES]
     return out
 
 

@@ -43,7 +43,7 @@ def main() -> int:
 
 def i8_rows() -> None:
     """The same count for kernels/qgemv_i8.py's tiles (x in int8, dp4a) at 1, 2 and 4 rows of x (with their
-    register caps, kernels.qgemv's fifth entry), how many instructions after its load the loop first uses each
+    register caps, kernels.qgemv_candidates' fifth entry), how many instructions after its load the loop first uses each
     code load (the fewest), the registers, and how many loads the loop issues after its first dot product (each a
     second wait on memory in a K step)."""
     from kernels import qgemv as q

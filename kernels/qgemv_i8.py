@@ -29,7 +29,7 @@
 #          (bench/results/2026-12-05-cpu-sass-scoreboard/). Left alone, ptxas keeps the unpipelined tiles at 32-48
 #          registers by issuing the loads of x's steps and sums and of the scales and zero points after a step's
 #          first dot products (a second wait on memory each step); the tuner also times those tiles with a register
-#          cap (kernels.qgemv.config's maxnreg, 48-96), under which every load of a step goes out first
+#          cap (kernels.qgemv_candidates.config's maxnreg, 48-96), under which every load of a step goes out first
 #          (bench/results/2026-12-05-cpu-sass-maxnreg/). Not yet timed on a GPU.
 # Accuracy: against fp32 torch on x itself, 0.4-1.1% relative error (Frobenius) in the tests' shapes with bf16
 #          output (bf16 rounding alone: about 0.3%); tests bound it by 1.5%. x's rounding per 32 columns has about
@@ -173,14 +173,14 @@ def supports(m: int, k: int, bits: int, group: int, block_k: int) -> bool:
 
 
 def register_cap(cfg: triton.Config) -> dict:
-    """The launch option of ``cfg``'s register cap (kernels.qgemv.config's MAXNREG), or none."""
+    """The launch option of ``cfg``'s register cap (kernels.qgemv_candidates.config's MAXNREG), or none."""
     return {"maxnreg": cfg.kwargs["MAXNREG"]} if cfg.kwargs.get("MAXNREG") else {}
 
 
 def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
               group: int, bias: torch.Tensor | None, out: torch.Tensor, mins: bool, asm: bool,
               swiglu: bool = False, rounded: tuple | None = None) -> None:
-    """One launch with ``cfg`` (kernels.qgemv.config's keys); operands checked by kernels.qgemv.
+    """One launch with ``cfg`` (kernels.qgemv_candidates.config's keys); operands checked by kernels.qgemv.
     ``swiglu``: x is [gate; up] [M, 2K] and the GEMV's input is silu(gate) * up (see :func:`quantize_x`);
     ``rounded``: stage 1's (xq, steps, sums) already computed (kernels/add_rmsnorm_i8.py), x only for its shape."""
     M, K, N = x.shape[0], x.shape[1] // 2 if swiglu else x.shape[1], q.shape[0]

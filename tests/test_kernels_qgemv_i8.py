@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kernels import qgemv as q
+from kernels import qgemv_candidates
 from kernels.qgemv_i8 import launch_i8, qgemv_i8_ref
 from kernels.quant_x import decode_x, quantize_x, quantize_x_ref
 from tests.test_kernels_ggml import NV_BIN
@@ -92,7 +93,7 @@ def test_qgemv_i8_through_qgemv_against_fp32(m: int, k: int, n: int, group: int,
 
 
 def test_a_register_cap_is_a_launch_option(monkeypatch) -> None:
-    """kernels.qgemv.config's maxnreg: a MAXNREG key (only when set), passed to the launch as Triton's maxnreg
+    """kernels.qgemv_candidates.config's maxnreg: a MAXNREG key (only when set), passed to the launch as Triton's maxnreg
     (the interpreter ignores it: the same numbers), among the tuner's candidates, and only for variant 4."""
     from kernels import qgemv_i8
     from kernels.tuning_cache import config_from_json, config_to_json
@@ -111,7 +112,7 @@ def test_a_register_cap_is_a_launch_option(monkeypatch) -> None:
         outs.append(torch.empty(1, 48, device=DEV))
         launch_i8(cfg, x, qw, s, z, 128, None, outs[-1], False, DEV == "cuda")
     assert seen == [None, 64] and torch.equal(outs[0], outs[1])
-    monkeypatch.setattr(q, "_INTERPRET", False)
+    monkeypatch.setattr(qgemv_candidates, "_INTERPRET", False)
     for block_m, caps in ((1, {64, 48}), (2, {64, 96})):
         assert caps <= {c.kwargs.get("MAXNREG") for c in q._candidates(block_m, 37888, 3584, 132, int8_x=True)}
 
@@ -127,7 +128,7 @@ def test_variant_4_refuses_what_it_cannot_run() -> None:
 
 
 def test_tuner_candidates_include_variant_4_unless_turned_off(monkeypatch) -> None:
-    monkeypatch.setattr(q, "_INTERPRET", False)
+    monkeypatch.setattr(qgemv_candidates, "_INTERPRET", False)
     for block_m in (1, 16):  # 16: the tensor-core bucket, which rows 2-4 share with their own key
         variants = {c.kwargs["VARIANT"] for c in q._candidates(block_m, 4608, 3584, 132, int8_x=True)}
         assert 4 in variants and len(variants) >= 3
@@ -140,6 +141,7 @@ def test_tuner_candidates_include_variant_4_unless_turned_off(monkeypatch) -> No
 _SM90 = """
 from tests.test_kernels_qgemv_sm90 import compile_i8, loads_after_first_dot, loop_instructions
 from kernels import qgemv as q
+from kernels import qgemv_candidates
 for rows, shapes in ((1, q._I8_SHAPES), (2, q._I8_ROWS_SHAPES), (4, q._I8_ROWS_SHAPES)):
     for bn, bk, warps, stages, *regs in shapes:
         usage, sass = compile_i8(rows, bn, bk, warps, stages, regs[0] if regs else None)

@@ -40,7 +40,7 @@ def _compile(meta: dict, warps: int, stages: int) -> tuple[str, str]:
 
 def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int, maxnreg: int | None = None) -> tuple[str, str]:
     """(cuobjdump's resource line, the SASS) of kernels/qgemv_i8.py's GEMV for sm_90: ``rows`` rows of x, int4
-    g128 with zero points, bf16 out, no split-K; ``maxnreg``: the register cap (kernels.qgemv.config's)."""
+    g128 with zero points, bf16 out, no split-K; ``maxnreg``: the register cap (kernels.qgemv_candidates.config's)."""
     from kernels import qgemv_i8 as mod
     ptrs = {"xq_ptr": "*i32", "d_ptr": "*fp32", "qs_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
             "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
@@ -118,10 +118,10 @@ def load_use_distances(sass: str, opcode: str = "LDG.E.EF") -> list[int]:
 def report() -> None:
     """One line per candidate: ``bits M=m BNxBK wW sS vV: <resource line> | loop L codes C`` (run with
     TRITON_INTERPRET=0)."""
-    from kernels import qgemv as mod
+    from kernels import qgemv_candidates as cands
     from kernels.quant_common import scale_mode
     for bits, zeros in ((4, True), (8, False)):
-        for block_m, shapes in ((1, [(s, False, 1) for s in mod._WORD_SHAPES]), (16, mod._SPLIT_SHAPES)):
+        for block_m, shapes in ((1, [(s, False, 1) for s in cands._WORD_SHAPES]), (16, cands._SPLIT_SHAPES)):
             for item in shapes:
                 (bn, bk, warps, stages), swap = item[0], item[1]
                 mode, variant = scale_mode(GROUP, K, bk), 1 if block_m == 1 else 3
@@ -144,8 +144,8 @@ def test_qgemv_compiles_for_sm90_within_budget() -> None:
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    from kernels import qgemv as mod
-    assert len(lines) == 2 * (len(mod._WORD_SHAPES) + len(mod._SPLIT_SHAPES)), run.stdout
+    from kernels import qgemv_candidates as cands
+    assert len(lines) == 2 * (len(cands._WORD_SHAPES) + len(cands._SPLIT_SHAPES)), run.stdout
     for line in lines:
         assert "STACK:0" in line and "LOCAL:0" in line, line
     for tile, budget in (("32x512 w4 s3", BUDGET), ("128x128 w4 s3", GROUP_TILE_BUDGET)):

@@ -158,7 +158,8 @@ def test_ineligible_variants_are_refused() -> None:
 
 def test_candidate_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     """Off the interpreter every variant is a candidate where it can run, and the lists stay modest."""
-    monkeypatch.setattr(qgemv_mod, "_INTERPRET", False)
+    import kernels.qgemv_candidates as cands_mod
+    monkeypatch.setattr(cands_mod, "_INTERPRET", False)
     monkeypatch.setattr(qgemm_mod, "_INTERPRET", False)
     for block_m, want in ((1, {0, 1}), (16, {0, 3})):
         cands = qgemv_mod._candidates(block_m, 4608, 3584, 132, 128, 4)

@@ -102,8 +102,8 @@ def _qgemv_candidates(key: list) -> list[triton.Config]:
 def test_the_shipped_gemv_picks_are_still_candidates(kernel: str, candidates, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each dense and int4 GEMV pick shipped for the H200 is one of the tuner's current candidates for its key
     (132 SMs): a change to the candidates that drops one makes an H200's first run tune that shape again."""
-    from kernels import gemv, qgemv
-    for mod in (gemv, qgemv):
+    from kernels import gemv, qgemv, qgemv_candidates
+    for mod in (gemv, qgemv, qgemv_candidates):
         monkeypatch.setattr(mod, "_INTERPRET", False)
     shipped = json.loads(td.defaults_path("NVIDIA H200").read_text())["entries"][kernel]
     assert shipped
