@@ -40,11 +40,10 @@ GROUP = 128
 # stages on the small tiles. Session 32's loads two steps ahead in registers gained nothing; their sm_90 loop waits
 # at its top on the scoreboard of the code loads it issued at its end, which the pipeliner's copies avoid.
 # Session 34 (bench/results/2026-12-05-h200-s34/call2/): the capped 16x512 tile fastest at every projection, the
-# pipelined tiles 1.25-2.3x slower (dropped since); the longer per-row runs (BLOCK_K 1024) added.
+# pipelined tiles 1.25-2.3x slower (dropped since). BLOCK_K divides K here: the 1024-wide tiles stay with the tuner.
 TILES = [(32, 256, 4, 1, 0), (32, 256, 8, 1, 0), (64, 256, 8, 1, 0), (128, 128, 4, 3, 0), (32, 256, 4, 1, 64),
          (32, 256, 8, 1, 48), (64, 256, 8, 1, 64), (32, 512, 8, 1, 0), (32, 512, 8, 1, 64), (16, 256, 4, 1, 0),
-         (16, 512, 4, 1, 0), (16, 512, 4, 1, 64), (16, 1024, 8, 1, 64), (8, 1024, 4, 1, 96),
-         (16, 512, 8, 1, 64)]
+         (16, 512, 4, 1, 0), (16, 512, 4, 1, 64), (16, 512, 8, 1, 64)]
 
 
 @triton.jit
