@@ -37,9 +37,12 @@ def copy_gbps(nbytes: int, device: torch.device) -> float:
     return 2 * nbytes / copy_us / 1e3
 
 
-def candidates(qtype: str, m: int, k: int, n: int, sms: int) -> list[dict[str, int]]:
+def candidates(qtype: str, m: int, k: int, n: int, sms: int, caps: tuple[int, ...] = ()) -> list[dict[str, int]]:
     """BLOCK_N x num_warps, plus SPLIT_K 2 / 4 / 8 while the grid one split level lower has fewer
-    than 4 programs an SM (and each split keeps at least 2 steps of the row)."""
+    than 4 programs an SM (and each split keeps at least 2 steps of the row); at M = 1 (the FMA path) each
+    also with every register cap in ``caps`` (kernels.ggml_gemv.check_config's maxnreg: under Triton 3.6 the
+    default Q4_K / Q6_K / Q4_1 launches issue 13-30 of a step's loads after its first FMA, none with a cap of
+    64-96; bench/results/2026-12-05-cpu-sass-ggml/)."""
     steps = -(-k // 256)  # K-quant super-blocks, or legacy steps of 8 blocks of 32
     out = []
     for block_n in BLOCK_NS:
@@ -48,17 +51,20 @@ def candidates(qtype: str, m: int, k: int, n: int, sms: int) -> list[dict[str, i
             out.append({"BLOCK_N": block_n, "num_warps": warps})
             out += [{"BLOCK_N": block_n, "num_warps": warps, "SPLIT_K": s} for s in SPLITS
                     if programs * s // 2 < 4 * sms and steps >= 2 * s]
+    if m == 1:
+        out += [{**c, "maxnreg": cap} for cap in caps for c in out]
     return out
 
 
 def cfg_str(cfg: dict[str, int] | None) -> str:
     if cfg is None:
         return "fixed"
-    return f"BN{cfg['BLOCK_N']} w{cfg['num_warps']}" + (f" sk{cfg['SPLIT_K']}" if "SPLIT_K" in cfg else "")
+    return (f"BN{cfg['BLOCK_N']} w{cfg['num_warps']}" + (f" sk{cfg['SPLIT_K']}" if "SPLIT_K" in cfg else "")
+            + (f" r{cfg['maxnreg']}" if "maxnreg" in cfg else ""))
 
 
 def sweep_case(qtype: str, proj: str, k: int, n: int, m: int, sms: int, deadline: float,
-               device: str = "cuda") -> dict:
+               device: str = "cuda", caps: tuple[int, ...] = ()) -> dict:
     """Time every candidate of one case (stopping at ``deadline``, a perf_counter time)."""
     gen = torch.Generator(device=device).manual_seed(m)
     blocks = random_blocks(GGMLQuantizationType[qtype.upper()], n * k // ggml_blocks.BLOCKS[qtype][0], 0.02,
@@ -67,7 +73,7 @@ def sweep_case(qtype: str, proj: str, k: int, n: int, m: int, sms: int, deadline
     ref = x.float() @ ggml_blocks.dequant_ref(blocks, qtype, k).T
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     cold = fits_l2(blocks.nbytes, x.device)
-    cands: list[dict | None] = [None, *candidates(qtype, m, k, n, sms)]
+    cands: list[dict | None] = [None, *candidates(qtype, m, k, n, sms, caps)]
 
     def run(cfg: dict | None) -> None:
         ggml_gemv(x, blocks, qtype, out=out, config={} if cfg is None else cfg)
@@ -108,9 +114,9 @@ def summarize(qtype: str, proj: str, k: int, n: int, m: int, nbytes: int, copy: 
     return {**row, **rate}
 
 
-def run_sweep(qtypes: list[str], batches: list[int], budget_s: float) -> dict:
-    """Every case in order M, qtype, shape until ``budget_s`` seconds are spent; returns rows, the best
-    config per (qtype, M, N, K) and the skipped cases."""
+def run_sweep(qtypes: list[str], batches: list[int], budget_s: float, caps: tuple[int, ...] = ()) -> dict:
+    """Every case in order M, qtype, shape until ``budget_s`` seconds are spent (at M = 1 also with the
+    register ``caps``); returns rows, the best config per (qtype, M, N, K) and the skipped cases."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     t0 = time.perf_counter()
     deadline = t0 + budget_s
@@ -122,7 +128,7 @@ def run_sweep(qtypes: list[str], batches: list[int], budget_s: float) -> dict:
                 if time.perf_counter() > deadline:
                     skipped.append(f"{qtype} {proj} M={m}")
                     continue
-                rows.append(sweep_case(qtype, proj, k, n, m, sms, deadline))
+                rows.append(sweep_case(qtype, proj, k, n, m, sms, deadline, caps=caps))
                 torch.cuda.empty_cache()
                 print(f"[{time.perf_counter() - t0:6.1f} s] ggml sweep {qtype} {proj} M={m}: "
                       f"{rows[-1]['timed']} timed, {len(rows[-1]['failed'])} failed", flush=True)

@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GGUF block types the sweep covers (default: %(default)s)")
     p.add_argument("--sweep-batches", default="1,4,16",
                    help="token counts (1..64) the sweep covers (default: %(default)s)")
+    p.add_argument("--sweep-caps", default="",
+                   help="register caps (Triton's maxnreg, multiples of 8 in 32..255) the sweep also tries at M = 1, "
+                        "comma-separated, e.g. 64,96 (default: none)")
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="seconds the sweep may take; the cases left then are listed as skipped "
                         "(default: %(default)s)")
@@ -97,6 +100,12 @@ def _check_sweep_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         p.error("--sweep-batches needs at least one count, each in 1..64")
     if not args.budget_s > 0:
         p.error(f"--budget-s must be > 0, got {args.budget_s}")
+    try:
+        args.sweep_caps = tuple(int(c) for c in args.sweep_caps.split(",") if c)
+    except ValueError:
+        p.error(f"--sweep-caps must be comma-separated integers, got {args.sweep_caps!r}")
+    if not all(32 <= c <= 255 and c % 8 == 0 for c in args.sweep_caps):
+        p.error(f"--sweep-caps: each cap a multiple of 8 in 32..255, got {args.sweep_caps}")
 
 
 def variant_name(cfg, gemv_m1: bool) -> str:
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.ggml_sweep:
         res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "ggml_sweep": run_sweep(args.sweep_qtypes, args.sweep_batches, args.budget_s)}
+               "ggml_sweep": run_sweep(args.sweep_qtypes, args.sweep_batches, args.budget_s, args.sweep_caps)}
         print(f"device: {res['device']} | torch {res['torch']} | triton {res['triton']} | ggml_gemv sweep "
               f"{res['ggml_sweep']['seconds']:.0f} s")
         print(sweep_table(res["ggml_sweep"]))

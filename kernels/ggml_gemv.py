@@ -54,7 +54,7 @@ _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # the interpreter runs each program in Python: fewer, wider ones (still several for the tests' N of 40+)
 _FMA_BLOCK_N, _FMA_WARPS = 32 if INTERPRET else 16, 8
 _DOT_BLOCK_N, _DOT_WARPS = 32 if INTERPRET else 16, 8
-_CONFIG_KEYS = frozenset({"BLOCK_N", "num_warps", "num_stages", "SPLIT_K"})
+_CONFIG_KEYS = frozenset({"BLOCK_N", "num_warps", "num_stages", "SPLIT_K", "maxnreg"})
 
 
 @triton.jit
@@ -216,18 +216,21 @@ def _check(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor
 
 def check_config(config: dict[str, int]) -> dict[str, int]:
     """Validate a launch override for :func:`ggml_gemv` (probes and tests): BLOCK_N (8..128, a power of
-    two), num_warps (1, 2, 4, 8, 16), num_stages (1..8), SPLIT_K (1..64); every key optional."""
+    two), num_warps (1, 2, 4, 8, 16), num_stages (1..8), SPLIT_K (1..64), maxnreg (Triton's register cap
+    a thread, 32..255, a multiple of 8: left alone, sm_90 ptxas issues some of a step's loads after its
+    first FMAs, a second wait on memory); every key optional."""
     if not isinstance(config, dict) or set(config) - _CONFIG_KEYS:
         raise ValueError(f"config must be a dict with keys among {sorted(_CONFIG_KEYS)}, got {config!r}")
     for key, value in config.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"config[{key!r}] must be an int, got {value!r}")
     ok = {"BLOCK_N": lambda v: 8 <= v <= 128 and v & (v - 1) == 0, "num_warps": lambda v: v in (1, 2, 4, 8, 16),
-          "num_stages": lambda v: 1 <= v <= 8, "SPLIT_K": lambda v: 1 <= v <= 64}
+          "num_stages": lambda v: 1 <= v <= 8, "SPLIT_K": lambda v: 1 <= v <= 64,
+          "maxnreg": lambda v: 32 <= v <= 255 and v % 8 == 0}
     bad = [f"{k}={v}" for k, v in config.items() if not ok[k](v)]
     if bad:
         raise ValueError(f"bad launch config {', '.join(bad)}: BLOCK_N is a power of two in 8..128, num_warps "
-                         "1/2/4/8/16, num_stages 1..8, SPLIT_K 1..64")
+                         "1/2/4/8/16, num_stages 1..8, SPLIT_K 1..64, maxnreg a multiple of 8 in 32..255")
     return config
 
 
@@ -273,7 +276,7 @@ def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tens
     split_k = meta["SPLIT_K"]
     dst = out if split_k == 1 else torch.zeros((M, N), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(N, meta["BLOCK_N"]), 1 if meta["USE_DOT"] else M, split_k)
-    stages = {"num_stages": config["num_stages"]} if config and "num_stages" in config else {}
+    stages = {k: config[k] for k in ("num_stages", "maxnreg") if config and k in config}
     _ggml_gemv_kernel[grid](x, blocks, h, x if bias is None else bias, dst, M, N, K // BLOCKS[qtype][0],
                             blocks.shape[1], x.stride(0), dst.stride(0), **meta, num_warps=warps, **stages)
     if split_k > 1:

@@ -42,6 +42,16 @@ def test_candidates_split_only_short_grids() -> None:
     assert not [c for c in ggml_sweep.candidates("q6_k", 1, 512, 512, 132) if "SPLIT_K" in c]  # 2 steps
 
 
+def test_register_caps_copy_the_m1_candidates_only() -> None:
+    plain = ggml_sweep.candidates("q4_k", 1, 3584, 512, 132)
+    capped = ggml_sweep.candidates("q4_k", 1, 3584, 512, 132, (64, 96))
+    assert capped[:len(plain)] == plain and len(capped) == 3 * len(plain) and all(check_config(c) for c in capped)
+    assert {c.get("maxnreg") for c in capped} == {None, 64, 96}
+    assert [c for c in capped if c.get("maxnreg") == 64] == [{**c, "maxnreg": 64} for c in plain]
+    assert ggml_sweep.candidates("q4_k", 16, 3584, 512, 132, (64,)) == ggml_sweep.candidates("q4_k", 16, 3584, 512, 132)
+    assert ggml_sweep.cfg_str({"BLOCK_N": 16, "num_warps": 8, "SPLIT_K": 2, "maxnreg": 64}) == "BN16 w8 sk2 r64"
+
+
 def test_sweep_case_checks_times_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every candidate is run and checked; a wrong result and a bad config are reported, not timed;
     the fastest correct candidate is the best, the fixed launch is timed beside it."""
@@ -76,7 +86,7 @@ def test_sweep_stops_at_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ggml_sweep.torch.cuda, "get_device_properties",
                         lambda i: SimpleNamespace(multi_processor_count=132))
 
-    def case(qtype, proj, k, n, m, sms, deadline):
+    def case(qtype, proj, k, n, m, sms, deadline, caps=()):
         time.sleep(0.05)
         timed = [(2.0, None, 1e-3), (1.0, {"BLOCK_N": 32, "num_warps": 4}, 1e-3)]
         return ggml_sweep.summarize(qtype, proj, k, n, m, 1000, 50.0, timed, ["BN8 w2: rel err 1.00e+00"])
@@ -95,6 +105,7 @@ def test_probe_cli_parses_on_the_cpu() -> None:
     ok = subprocess.run([*probe, "--help"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "--ggml-sweep" in ok.stdout and "--budget-s" in ok.stdout
     for bad, msg in ((["--sweep-batches", "0,65"], "each in 1..64"), (["--budget-s", "0"], "must be > 0"),
-                     (["--sweep-qtypes", "q2_k"], "--sweep-qtypes must name")):
+                     (["--sweep-qtypes", "q2_k"], "--sweep-qtypes must name"),
+                     (["--sweep-caps", "64,x"], "--sweep-caps must be"), (["--sweep-caps", "100"], "multiple of 8")):
         run = subprocess.run([*probe, "--ggml-sweep", *bad], capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and msg in run.stderr and "Traceback" not in run.stderr

@@ -24,7 +24,8 @@ from tests.test_kernels_ggml import QTYPES, k_for, weights  # noqa: E402
 
 # K 768: 3 K-quant super-blocks; legacy types 288 = 9 blocks of 32, 2 steps of 8 (the last partial)
 CONFIGS = [{"BLOCK_N": 8, "num_warps": 2}, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-           {"BLOCK_N": 16, "SPLIT_K": 2}, {"BLOCK_N": 64, "num_warps": 8, "SPLIT_K": 4}]
+           {"BLOCK_N": 16, "SPLIT_K": 2}, {"BLOCK_N": 64, "num_warps": 8, "SPLIT_K": 4},
+           {"BLOCK_N": 16, "num_warps": 8, "maxnreg": 96}]
 # M = 1: FMA path; 5 / 17 bf16 / fp16: dot path (BLOCK_M 16 / 32); 3 fp32: FMA per row
 CASES = [(1, torch.bfloat16), (5, torch.float16), (17, torch.bfloat16), (3, torch.float32)]
 
@@ -87,7 +88,8 @@ def test_no_config_keeps_the_fixed_launch() -> None:
     ({"BLOCK": 16}, "keys among"), ([("BLOCK_N", 16)], "keys among"), ({"BLOCK_N": 12}, "BLOCK_N=12"),
     ({"BLOCK_N": 4}, "BLOCK_N=4"), ({"BLOCK_N": 256}, "BLOCK_N=256"), ({"num_warps": 3}, "num_warps=3"),
     ({"num_stages": 0}, "num_stages=0"), ({"SPLIT_K": 0}, "SPLIT_K=0"), ({"SPLIT_K": 65}, "SPLIT_K=65"),
-    ({"BLOCK_N": 16.0}, "must be an int"), ({"SPLIT_K": True}, "must be an int"),
+    ({"BLOCK_N": 16.0}, "must be an int"), ({"SPLIT_K": True}, "must be an int"), ({"maxnreg": 20}, "maxnreg=20"),
+    ({"maxnreg": 100}, "maxnreg=100"), ({"maxnreg": 256}, "maxnreg=256"),
 ])
 def test_bad_config_is_rejected(config, match: str) -> None:
     with pytest.raises(ValueError, match=match):
