@@ -41,7 +41,7 @@ def candidates(qtype: str, m: int, k: int, n: int, sms: int, caps: tuple[int, ..
     """BLOCK_N x num_warps, plus SPLIT_K 2 / 4 / 8 while the grid one split level lower has fewer
     than 4 programs an SM (and each split keeps at least 2 steps of the row); at M = 1 (the FMA path) each
     also with every register cap in ``caps`` (kernels.ggml_gemv.check_config's maxnreg: under Triton 3.6 the
-    default Q4_K / Q6_K / Q4_1 launches issue 13-30 of a step's loads after its first FMA, none with a cap of
+    default Q4_K / Q6_K / Q4_1 launches issue 16-30 of a step's loads after its first FMA, none with a cap of
     64-96; bench/results/2026-12-05-cpu-sass-ggml/)."""
     steps = -(-k // 256)  # K-quant super-blocks, or legacy steps of 8 blocks of 32
     out = []

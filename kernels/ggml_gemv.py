@@ -276,9 +276,9 @@ def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out: torch.Tens
     split_k = meta["SPLIT_K"]
     dst = out if split_k == 1 else torch.zeros((M, N), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(N, meta["BLOCK_N"]), 1 if meta["USE_DOT"] else M, split_k)
-    stages = {k: config[k] for k in ("num_stages", "maxnreg") if config and k in config}
+    opts = {k: config[k] for k in ("num_stages", "maxnreg") if config and k in config}
     _ggml_gemv_kernel[grid](x, blocks, h, x if bias is None else bias, dst, M, N, K // BLOCKS[qtype][0],
-                            blocks.shape[1], x.stride(0), dst.stride(0), **meta, num_warps=warps, **stages)
+                            blocks.shape[1], x.stride(0), dst.stride(0), **meta, num_warps=warps, **opts)
     if split_k > 1:
         out.copy_(dst if bias is None else dst + bias.float())
     return out

@@ -27,7 +27,9 @@ _WORD_SHAPES = [(16, 512, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (128, 128, 4,
 # A fifth entry caps the registers a thread may use (Triton's maxnreg): left alone, ptxas keeps these unpipelined
 # loops at 32-48 registers by issuing the loads of x's steps and sums and of the scales and zero points only after the
 # first dot products, so each K step waits on memory twice; allowed 48-96, it issues every load of the step first,
-# without spilling (sm_90, Triton 3.6 and 3.9: tests/test_kernels_qgemv_sm90.py)
+# without spilling (sm_90, Triton 3.6 and 3.9: tests/test_kernels_qgemv_sm90.py). Session 34's H200 ladder
+# (bench/results/2026-12-05-h200-s34/call2/) found the capped 16x512 tile fastest at every 7B projection; the
+# re-tuned picks took it and 16x1024 at 8 warps; 16x256 and 8x1024 (capped 96) are its untimed neighbours
 _I8_SHAPES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1), (128, 128, 4, 3),
               (32, 256, 4, 1, 64), (32, 256, 8, 1, 48), (64, 256, 8, 1, 64), (16, 512, 4, 1, 64), (16, 256, 4, 1),
               (16, 1024, 8, 1, 64), (8, 1024, 4, 1, 96)]
