@@ -11,6 +11,8 @@
 #  a  issue 18: the host lane on the synthetic 7B AWQ (torch's int4 CPU kernel or widened layers, the faster
 #     measured: engine/host_forms.py) at 3 / 4 GiB, batch 1 and 4, then the host lane's GPU tests (quantized
 #     first); session 34 planned no host layer (the int4 rate measured in fp16, 1.2 GB/s: fixed in af16b1e)
+#  P  issue 15: bench/probe_pair.py (the ladder's L0 against the access probe's rows kernel in the same tiles, on
+#     each other's operands, alternated: session 34 had them 1.6x apart for the same sm_90 K loop)
 #  t  GPU tests of compile ahead, the host lane and worker, host prompt states, the timeline
 #  m  issue 14: memreport at 6 GB with its pictures (memory.png, timeline.png: decode steps and a prefill)
 #  q  issue 15: the quantized prefill (bench_kernels --only qgemm,qprefill: the fused GEMM and the engine's
@@ -67,7 +69,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjo]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaP]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -114,6 +116,9 @@ if [[ $steps == *a* ]]; then  # issue 18's quantized host lane (session 34: the 
     > $R/pytest_hostlane_q.txt 2>&1; echo "pytest quantized hostlane rc=$?"; tail -2 $R/pytest_hostlane_q.txt
   timeout $(left 200) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_host_lane.py -k "not quantized" \
     > $R/pytest_hostlane.txt 2>&1; echo "pytest hostlane rc=$?"; tail -2 $R/pytest_hostlane.txt
+save; fi
+if [[ $steps == *P* ]]; then
+  timeout $(left 120) python3 bench/probe_pair.py --out $R/pair.json > $R/pair.txt 2>&1; echo "pair rc=$?"; cat $R/pair.txt
 save; fi
 if [[ $steps == *t* ]]; then
   timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_compile_ahead.py \

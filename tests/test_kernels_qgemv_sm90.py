@@ -49,11 +49,15 @@ def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int, maxnreg: in
     return compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages, maxnreg)
 
 
+ALIGNED_INTS = ("N", "K", "group", "stride_qn", "stride_sn")
+
+
 def compile_sm90(fn, ptrs: dict[str, str], meta: dict, warps: int, stages: int,
-                 maxnreg: int | None = None) -> tuple[str, str]:
+                 maxnreg: int | None = None, aligned_ints: tuple[str, ...] = ALIGNED_INTS) -> tuple[str, str]:
     """(cuobjdump's resource line, the SASS) of the Triton kernel ``fn`` for sm_90: pointer arguments typed by
     ``ptrs``, ``meta`` as its constexprs (kernels.pdl's flag off unless given), other arguments i32; pointers and
-    N, K, group, strides 16-divisible; ``maxnreg``: a register cap."""
+    the integer arguments named in ``aligned_ints`` 16-divisible (as Triton specializes them at a launch where they
+    are); ``maxnreg``: a register cap."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -61,7 +65,7 @@ def compile_sm90(fn, ptrs: dict[str, str], meta: dict, warps: int, stages: int,
     meta = {"PDL_CHAIN": False, **meta}  # kernels.pdl's flag as launches pass it: off
     meta = {a: v for a, v in meta.items() if a in names}
     sig = {a: "constexpr" if a in meta else ptrs.get(a, "i32") for a in names}
-    aligned = [a for a in names if a in ptrs or a in ("N", "K", "group", "stride_qn", "stride_sn")]
+    aligned = [a for a in names if a in ptrs or a in aligned_ints]
     src = ASTSource(fn, sig, constexprs={(names.index(a),): v for a, v in meta.items()},
                     attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={
