@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.quant.ggml import GGMLWeight, dequant_scratch
-from engine.quant.spec import QuantWeight, dequantize
+from engine.quant.rows import packed_linear
+from engine.quant.spec import QuantWeight
 
 
 class TorchOps:
@@ -74,10 +75,8 @@ class TorchOps:
         return self.linear(h, w, b), residual
 
     def linear(self, x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(w, QuantWeight):  # dequantized per call, never kept: the packed bytes stay the copy
-            w = dequantize(w).to(x.dtype)
-        elif isinstance(w, GGMLWeight):
-            w = w.dequantize().to(x.dtype)
+        if isinstance(w, QuantWeight | GGMLWeight):  # decoded per call, never kept: the packed bytes stay the copy
+            return packed_linear(x, w, b)
         return F.linear(x, w, b)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:

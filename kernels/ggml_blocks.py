@@ -88,12 +88,13 @@ def k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scales, mins
 
 
-def k_affine(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """y = d * scale_j * q - dmin * min_j over 8 sub-blocks of 32 (q: [n, 8, 32]) of Q4_K/Q5_K blocks."""
+def k_affine_(b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y = d * scale_j * q - dmin * min_j over the 8 sub-blocks of 32 of Q4_K/Q5_K blocks, as [n, 256]
+    float32, computed in place on the codes ``y`` (float32 [n, 8, 32]): no [n, 256] temporaries, which
+    were most of the plain-torch decode's time on the CPU."""
     d, dmin = f16_field(b, 0), f16_field(b, 2)
     scales, mins = k_scales(b[:, 4:16])
-    y = (d * scales.float()).unsqueeze(-1) * q.float() - (dmin * mins.float()).unsqueeze(-1)
-    return y.flatten(1)
+    return y.mul_((d * scales.float()).unsqueeze(-1)).sub_((dmin * mins.float()).unsqueeze(-1)).flatten(1)
 
 
 def q4_k_ints(qs: torch.Tensor) -> torch.Tensor:
@@ -120,18 +121,22 @@ def q6_k_codes(b: torch.Tensor) -> torch.Tensor:
 
 def q4_k_values(b: torch.Tensor) -> torch.Tensor:
     """Q4_K blocks [n, 144] -> [n, 256] float32."""
-    return k_affine(b, q4_k_ints(b[:, 16:144]))
+    runs = b[:, 16:144].view(-1, 4, 32)
+    y = torch.empty(b.shape[0], 4, 2, 32, dtype=torch.float32, device=b.device)
+    y[:, :, 0] = runs & 0xF  # the codes go straight into the float result (q4_k_ints' order)
+    y[:, :, 1] = runs >> 4
+    return k_affine_(b, y.view(-1, 8, 32))
 
 
 def q5_k_values(b: torch.Tensor) -> torch.Tensor:
     """Q5_K blocks [n, 176] -> [n, 256] float32."""
-    return k_affine(b, q5_k_ints(b))
+    return k_affine_(b, q5_k_ints(b).float())
 
 
 def q6_k_values(b: torch.Tensor) -> torch.Tensor:
     """Q6_K blocks [n, 210] -> [n, 256] float32."""
-    q = q6_k_codes(b).float().view(-1, 16, 16) - 32.0
-    return ((f16_field(b, 208) * i8_fields(b, 192, 208)).unsqueeze(-1) * q).flatten(1)
+    q = q6_k_codes(b).float().view(-1, 16, 16).sub_(32.0)
+    return q.mul_((f16_field(b, 208) * i8_fields(b, 192, 208)).unsqueeze(-1)).flatten(1)
 
 
 def fifth_bits(qh: torch.Tensor) -> torch.Tensor:
@@ -154,9 +159,20 @@ def legacy_values(b: torch.Tensor, qtype: str) -> torch.Tensor:
     """Blocks [n, bytes] of a :data:`LEGACY` type -> [n, 32] float32 (ggml: ``(q - offset) * d`` or
     ``q * d + m``)."""
     lay = LEGACY[qtype]
-    q = legacy_codes(b, qtype)
-    q = q.view(torch.int8).float() if lay.bits == 8 else q.float() - lay.offset
-    return q * f16_field(b, 0) + f16_field(b, 2) if lay.mins else q * f16_field(b, 0)
+    if lay.bits == 8:
+        y = b[:, lay.qs:lay.qs + 32].view(torch.int8).float()
+    else:  # legacy_codes' values written straight into the float result, then scaled in place
+        qs = b[:, lay.qs:lay.qs + 16]
+        y = torch.empty(b.shape[0], 32, dtype=torch.float32, device=b.device)
+        if lay.bits == 5:
+            high = fifth_bits(b[:, lay.qh:lay.qh + 4]) << 4
+            y[:, :16], y[:, 16:] = (qs & 0xF) | high[:, :16], (qs >> 4) | high[:, 16:]
+        else:
+            y[:, :16], y[:, 16:] = qs & 0xF, qs >> 4
+        if lay.offset:
+            y.sub_(lay.offset)
+    y.mul_(f16_field(b, 0))
+    return y.add_(f16_field(b, 2)) if lay.mins else y
 
 
 _DECODE = {"q4_k": q4_k_values, "q5_k": q5_k_values, "q6_k": q6_k_values,

@@ -97,7 +97,12 @@ class GGMLWeight:
 
     def dequantize(self) -> torch.Tensor:
         """fp32 reference: the full ``[N, K]`` weight, as ggml's dequantizers give it."""
-        parts = [dequant_ref(blocks, qtype, self.in_features) for qtype, blocks in self.parts]
+        return self.dequantize_rows(0, self.shape[0])
+
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """fp32 rows ``start:stop`` of the weight (those of every part they span), as :meth:`dequantize`'s."""
+        parts = [dequant_ref(blocks[max(start - row, 0):stop - row], qtype, self.in_features)
+                 for row, qtype, blocks in self.rows() if row < stop and row + blocks.shape[0] > start]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -123,6 +123,12 @@ class QuantWeight:
         return QuantWeight(moved["qweight"], moved["scales"], moved.get("zeros"), moved.get("perm"),
                            self.spec, self.in_features, moved.get("mins"))
 
+    def row_slice(self, start: int, stop: int) -> QuantWeight:
+        """Output rows ``start:stop`` as a weight of their own (views of this one's tensors)."""
+        sl = slice(start, stop)
+        return QuantWeight(self.qweight[sl], self.scales[sl], None if self.zeros is None else self.zeros[sl],
+                           self.perm, self.spec, self.in_features, None if self.mins is None else self.mins[sl])
+
     def check(self, name: str = "weight") -> None:
         """Raise ValueError (naming ``name``) unless every tensor has the canonical shape and dtype."""
         check_canonical(name, self.qweight, self.scales, self.zeros, self.perm, self.spec, self.in_features,
@@ -188,18 +194,23 @@ def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def dequantize(w: QuantWeight) -> torch.Tensor:
-    """fp32 reference: the full-precision ``[N, K]`` weight in the input channels' own order."""
-    codes = unpack_codes(w.qweight, w.spec.bits).float()
-    g = w.group_size
-    scales = w.scales.float().repeat_interleave(g, dim=1)
+    """fp32 reference: the full-precision ``[N, K]`` weight in the input channels' own order. The codes are
+    written straight into the float result and scaled there group by group (the module docstring's one
+    product and one sum or difference per weight, so the values of any other order of the same operations)."""
+    n, k = w.shape
+    b = w.qweight.contiguous().view(torch.uint8)
+    y = torch.empty(n, k, dtype=torch.float32, device=b.device)
+    if w.spec.bits == 8:
+        y.copy_(b)
+    else:  # column 2i in the low nibble of byte i, 2i + 1 in the high one (unpack_codes' order)
+        pairs = y.view(n, k // 2, 2)
+        pairs[..., 0], pairs[..., 1] = b & 15, b >> 4
+    groups = y.view(n, k // w.group_size, w.group_size)
+    scales = w.scales.float().unsqueeze(-1)
     if w.mins is not None:
-        packed_order = codes * scales + w.mins.float().repeat_interleave(g, dim=1)
+        groups.mul_(scales).add_(w.mins.float().unsqueeze(-1))
     else:
-        zeros = (w.zeros.float().repeat_interleave(g, dim=1) if w.zeros is not None
-                 else torch.full_like(scales, 1 << (w.spec.bits - 1)))
-        packed_order = (codes - zeros) * scales
-    if w.perm is None:
-        return packed_order
-    out = torch.empty_like(packed_order)
-    out[:, w.perm.long()] = packed_order
-    return out
+        groups.sub_(w.zeros.float().unsqueeze(-1) if w.zeros is not None else float(1 << (w.spec.bits - 1)))
+        groups.mul_(scales)
+    # packed column j holds input channel perm[j]: channel c is packed column argsort(perm)[c]
+    return y if w.perm is None else y.index_select(1, torch.argsort(w.perm.long()))
