@@ -131,7 +131,8 @@ def add_engine_args(p: CliParser) -> None:
     p.add_size_argument("--host-budget", help="pinned host memory for streamed layers (default: available RAM "
                         "minus a margin, and minus --vram-budget on the CPU); streamed layers beyond it are read "
                         "from disk")
-    p.add_argument("--max-context", type=int, default=4096, metavar="N", help="KV-cache length per sequence")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="KV-cache length per sequence (default: 4096, or the model's trained context if shorter)")
     p.add_argument("--batch", type=int, default=None, metavar="N",
                    help="sequences decoded together (default: the number of prompts; one prompt with a larger "
                         "--batch is repeated)")

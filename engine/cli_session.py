@@ -15,7 +15,7 @@ import torch
 
 from engine.cli_args import SIZE_HELP, UsageError, add_engine_args  # noqa: F401  (re-exported for tools)
 from engine.cli_output import plan_summary, print_results
-from engine.engine import Engine, EngineOptions, ModelFiles, open_model, pick_device
+from engine.engine import Engine, EngineOptions, ModelFiles, fit_context, open_model, pick_device
 from engine.preflight import Machine, PlanBytes, cpu_dtype_note, default_host_budget
 
 BUDGET_HELP = SIZE_HELP
@@ -37,7 +37,9 @@ def options_from_args(args: argparse.Namespace, n_prompts: int = 1) -> EngineOpt
         host = default_host_budget(Machine.probe(device.type), args.vram_budget)
     batch = args.batch or max(1, min(n_prompts, DEFAULT_MAX_BATCH))
     return EngineOptions(device=args.device, dtype=args.dtype, kernels=args.kernels, vram_budget=args.vram_budget,
-                         host_budget=host, batch=batch, max_context=args.max_context,
+                         host_budget=host, batch=batch,
+                         max_context=args.max_context or EngineOptions.max_context,
+                         max_context_auto=args.max_context is None,
                          prefill_chunk=args.prefill_chunk or EngineOptions.prefill_chunk,
                          prefill_chunk_auto=args.prefill_chunk is None, threads=threads or EngineOptions.threads,
                          quantize=getattr(args, "quantize", None), quant_group=getattr(args, "quant_group", 128),
@@ -159,6 +161,8 @@ def run_session(args: argparse.Namespace, opts: EngineOptions, prompts: list[str
     """The prompts (decoded ``opts.batch`` at a time), or an interactive chat when ``prompts`` is None."""
     model_dir, is_default = resolve_or_default(args.model)
     files = open_model(model_dir)  # headers and tokenizer only: bad input fails before any weight is read
+    fit_context(files.cfg, opts)
+    args.max_context = opts.max_context  # what the finish line names
     ids = None if prompts is None else _encode_prompts(files, args, prompts, opts.max_context)
     note = choose_cpu_dtype(files, opts, args.host_budget is not None)
     if note and not args.json:

@@ -53,6 +53,7 @@ class EngineOptions:
     host_budget: int | None = None  # bytes of pinned host memory for streamed layers
     batch: int = 1
     max_context: int = 4096
+    max_context_auto: bool = False  # max_context is a default: fit_context lowers it to the model's trained context
     prefill_chunk: int = 2048
     prefill_chunk_auto: bool = False  # prefill_chunk is a default: the planner may lower it to fit the budget
     threads: int = 8
@@ -65,6 +66,14 @@ class EngineOptions:
     host_compute: str | int = "off"  # auto | off | N: decode steps compute host layers on the CPU (memory.host_lane)
     prefill_states: str = "auto"  # auto | vram | host: where a layer-major prefill's prompt states wait (planner)
     first_prompts: tuple[int, ...] = ()  # the first generate's prompt lengths: its prefill compiles ahead at load
+
+
+def fit_context(cfg: ModelConfig, opts: EngineOptions) -> None:
+    """A default ``opts.max_context`` (``max_context_auto``) lowered to the positions the model was trained on
+    (``max_position_embeddings``; a GGUF's ``context_length``), so a short-context model gets a KV cache it can
+    use and no note; one that was asked for stays (the plan notes it when it is past them)."""
+    if opts.max_context_auto and opts.max_context > cfg.max_position_embeddings:
+        opts.max_context = max(2, cfg.max_position_embeddings)
 
 
 def pick_device(name: str) -> torch.device:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.engine import Engine, EngineOptions
+from engine.engine import Engine, EngineOptions, fit_context, open_model
 from engine.serving.params import SamplingParams
 from engine.serving.scheduler import Scheduler
 from engine.serving.sequence import Logprob, Sequence
@@ -49,14 +49,15 @@ class LLM:
     """A loaded model for offline batch jobs (the same scheduler as ``engine.serve``)."""
 
     def __init__(self, model: str | Path | None = None, vram_budget: str | int | None = None, *,
-                 max_batch: int = 8, max_context: int = 4096, device: str = "auto", dtype: str = "auto",
+                 max_batch: int = 8, max_context: int | None = None, device: str = "auto", dtype: str = "auto",
                  kernels: str = "auto", host_budget: str | int | None = None, prefill_chunk: int | None = None,
                  kv_cache: str = "slots", block_size: int = 16) -> None:
         """``model``: a directory, HF repo id or alias (None: the embedded tiny random-weight model).
         Budgets accept "6GB", "6GiB" or bytes. ``kv_cache="paged"`` reuses the KV blocks of prompt
         prefixes seen before (this LLM keeps one scheduler, so later calls hit earlier prompts).
-        ``prefill_chunk`` None: 2048 tokens, or fewer where the budget needs it (the planner's pick, as the CLI)."""
-        from engine.cli_session import load_engine
+        ``prefill_chunk`` None: 2048 tokens, or fewer where the budget needs it (the planner's pick, as the CLI);
+        ``max_context`` None: 4096, or the model's trained context if shorter (past it, the plan's notes say so)."""
+        from engine.cli_session import load_engine, resolve_or_default
         from memory.units import parse_size
 
         def size(v):
@@ -65,10 +66,14 @@ class LLM:
         if max_batch < 1 or (prefill_chunk is not None and prefill_chunk < 1):
             raise ValueError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         opts = EngineOptions(device=device, dtype=dtype, kernels=kernels, vram_budget=size(vram_budget),
-                             host_budget=size(host_budget), batch=max_batch, max_context=max_context,
+                             host_budget=size(host_budget), batch=max_batch,
+                             max_context=max_context or EngineOptions.max_context, max_context_auto=max_context is None,
                              prefill_chunk=prefill_chunk or EngineOptions.prefill_chunk,
                              prefill_chunk_auto=prefill_chunk is None)
-        self.engine: Engine = load_engine(None if model is None else str(model), opts, quiet=True)[0]
+        model_dir, is_default = resolve_or_default(None if model is None else str(model))
+        files = open_model(model_dir)
+        fit_context(files.cfg, opts)
+        self.engine: Engine = load_engine(None, opts, quiet=True, resolved=(files, is_default))[0]
         self.tokenizer = self.engine.tokenizer
         self.scheduler = Scheduler(self.engine, max_waiting=0, kv_cache=kv_cache, block_size=block_size)
 

@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
         opts = options_from_args(args)
         from engine.serving.steplog import StepLog
         step_log = StepLog(args.step_log) if args.step_log else None  # before the default model is synthesized
-        from engine.engine import open_model
+        from engine.engine import fit_context, open_model
         model_dir, is_default = resolve_or_default(args.model)
         files = open_model(model_dir)  # config, headers, tokenizer: bad input fails before serving
+        fit_context(files.cfg, opts)
     except (ValueError, FileNotFoundError) as e:
         if step_log is not None:
             step_log.close()

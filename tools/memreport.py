@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from engine.cli_args import CliParser  # noqa: E402
 from engine.cli_session import BUDGET_HELP, add_engine_args, load_engine, options_from_args, resolve_or_default  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.engine import open_model, pick_dtype  # noqa: E402
+from engine.engine import EngineOptions, open_model, pick_dtype  # noqa: E402
 from engine.footprint import tensor_bytes_from_config  # noqa: E402
 from engine.quant.checkpoint import layer_quant, rtn_quant  # noqa: E402
 from memory.bandwidth import DEFAULT_H2D_GBPS, DEFAULT_SOURCE, default_cache_path, device_key, load_cache  # noqa: E402
@@ -140,7 +140,7 @@ def _plan_only(args, notes: list[str]) -> tuple[dict, PlanInputs, int | None, in
     h2d = (args.h2d_gbps, "given (--h2d-gbps)") if args.h2d_gbps else _h2d_default()
     dtype = pick_dtype(args.dtype, file_dtype, torch.device("cpu" if args.device == "cpu" else "cuda"))
     kwargs = dict(vram_budget=_size(args, "vram_budget"), host_budget=host_budget, batch=args.batch,
-                  max_context=args.max_context, prefill_chunk=args.prefill_chunk or 2048,
+                  max_context=args.max_context or EngineOptions.max_context, prefill_chunk=args.prefill_chunk or 2048,
                   auto_chunk=args.prefill_chunk is None, device_free=free,
                   h2d_gbps=h2d[0], h2d_source=h2d[1], disk_gbps=args.disk_gbps, prefill_states=args.prefill_states)
     inputs = PlanInputs(cfg, tensor_bytes, dtype, kwargs, quant)
