@@ -76,7 +76,8 @@ def _ladder_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, K, st
             facc += tl.load(s_rows + g).to(tl.float32) * tl.load(z_rows + g).to(tl.float32)
         if LEVEL >= 2:  # x's words for the step's columns, its blocks' steps and code sums
             x_lo = xq_ptr + wcol
-            acc ^= tl.load(x_lo, eviction_policy="evict_last") ^ tl.load(x_lo + K // 8, eviction_policy="evict_last")
+            acc ^= tl.load(x_lo, eviction_policy="evict_last") ^ \
+                tl.load(x_lo + tl.multiple_of(K // 8, 4), eviction_policy="evict_last")
             facc += tl.load(d_ptr + blk[None, :], eviction_policy="evict_last") * \
                 tl.load(qs_ptr + blk[None, :], eviction_policy="evict_last").to(tl.float32)
     res = tl.xor_sum(tl.xor_sum(acc, axis=2), axis=1).to(tl.float32) + tl.sum(facc, axis=1)

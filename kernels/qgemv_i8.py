@@ -80,15 +80,17 @@ def _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS: tl.co
     # the software pipeliner staged BLOCK_N copies of them in shared memory (57-360 KB a program; on the H200
     # 3-8% of a copy's rate, bench/results/2026-12-02-h200-s13/)
     x_lo = xq_ptr + wcol
+    hi_off = tl.multiple_of(K // 8, 4)  # K % 32 == 0 (supports): x's high words start 16-byte aligned, so
+    # each 4-word run loads as one 128-bit load, not two 64-bit ones (what K % 16 alone told the compiler)
     if EVEN_K:
         xlo = tl.load(x_lo, eviction_policy="evict_last")
-        xhi = tl.load(x_lo + K // 8, eviction_policy="evict_last")
+        xhi = tl.load(x_lo + hi_off, eviction_policy="evict_last")
         d = tl.load(d_ptr + blk[None, :], eviction_policy="evict_last")
         qs = tl.load(qs_ptr + blk[None, :], eviction_policy="evict_last").to(tl.float32)
     else:
         ok = blk < K // 32
         xlo = tl.load(x_lo, mask=ok[None, :, None], other=0)
-        xhi = tl.load(x_lo + K // 8, mask=ok[None, :, None], other=0)
+        xhi = tl.load(x_lo + hi_off, mask=ok[None, :, None], other=0)
         d = tl.load(d_ptr + blk[None, :], mask=ok[None, :], other=0.0)
         qs = tl.load(qs_ptr + blk[None, :], mask=ok[None, :], other=0).to(tl.float32)
     dot = tl.sum(_dp4a2(lo, tl.broadcast_to(xlo, lo.shape), hi, tl.broadcast_to(xhi, hi.shape), ASM), axis=2)
