@@ -49,10 +49,12 @@ TILES = [(32, 256, 4, 1, 0), (32, 256, 8, 1, 0), (64, 256, 8, 1, 0), (128, 128, 
 @triton.jit
 def _ladder_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, stride_sn,
                    LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                   GROUP_C: tl.constexpr, STAGES: tl.constexpr):
+                   GROUP_C: tl.constexpr, STAGES: tl.constexpr, WRAP: tl.constexpr = False):
     NBLK: tl.constexpr = BLOCK_K // 32
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_n % N
+    # as the GEMVs since session 35: the tail block's rows clamped, no division; WRAP: session 34's ``% N``
+    # (an integer division before the first load: bench/probe_pair.py times both)
+    rows = offs_n % N if WRAP else tl.minimum(offs_n, N - 1)
     num_k = K // BLOCK_K
     per_split = tl.cdiv(num_k, SPLIT_K)
     kb_lo = tl.program_id(1) * per_split

@@ -7,14 +7,17 @@ are the same instructions (bench/results/2026-12-05-cpu-sass-pair/); the kernels
 ladder wraps rows with ``% N``), epilogue and unused arguments, and the probes in their operands (the ladder's from
 tools.bench_quant.packed_operands, the access probe's a fresh torch.randint) and in what ran before each timing.
 
-Here, per projection and tile, four timings alternated in rounds so that order and clocks fall on all alike:
+Here, per projection and tile, six timings alternated in rounds so that order and clocks fall on all alike:
   access(w)   the access probe's rows kernel on its own operand;
-  ladder(q)   the ladder's L0 on packed_operands' codes (as in probe_ladder);
+  ladder(q)   the ladder's L0 on packed_operands' codes, rows wrapped by ``% N`` (session 34's probe_ladder);
   access(q)   the access kernel on the ladder's codes;
-  ladder(w)   the ladder's L0 on the access probe's operand;
-and the real GEMV (kernels.qgemv_i8, x already rounded) on q. If access(w) = ladder(w) and access(q) = ladder(q), the
-operands differ (where they live, not what they hold); if access(*) < ladder(*), the kernels do; if all four agree,
-session 34's gap came from the order of the timings.
+  ladder(w)   the ladder's L0 (wrapped) on the access probe's operand;
+  clamped(q)  the ladder's L0 with its rows clamped instead (the GEMVs' prologue since session 35: no integer
+              division before the first load);
+  gemv(q)     the real GEMV (kernels.qgemv_i8, x already rounded) in the same tile.
+If access(w) = ladder(w) and access(q) = ladder(q), the operands differ (where they live, not what they hold); if
+access(*) < ladder(*), the kernels do, and clamped(q) against ladder(q) says how much of it is the division; if all
+agree, session 34's gap came from the order of the timings.
 
 Usage on the GPU machine: python bench/probe_pair.py --out pair.json
 """
@@ -55,13 +58,13 @@ def runners(n: int, k: int, tile: tuple, dev: torch.device) -> dict:
         _read_kernel[(n // bn, sk)](codes, out_i, n, k // 8, TILED=False, BLOCK_N=bn, BW=bk // 8, SPLIT=sk, STAGES=1,
                                     num_warps=warps)
 
-    def ladder(codes):
+    def ladder(codes, wrap=True):
         _ladder_kernel[(triton.cdiv(n, bn), sk)](xq, d, qs, codes, s, z, out_f, n, k, codes.stride(0), s.stride(0),
                                                  LEVEL=0, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_C=GROUP, STAGES=1,
-                                                 num_warps=warps, num_stages=1)
+                                                 WRAP=wrap, num_warps=warps, num_stages=1)
 
     return {"access(w)": lambda: access(w), "ladder(q)": lambda: ladder(q), "access(q)": lambda: access(q),
-            "ladder(w)": lambda: ladder(w),
+            "ladder(w)": lambda: ladder(w), "clamped(q)": lambda: ladder(q, wrap=False),
             "gemv(q)": lambda: qgemv_i8.launch_i8(cfg, x, q, s, z, GROUP, None, y, False, True, rounded=(xq, d, qs)),
             "_bytes": q.nbytes, "_cold": fits_l2(q.nbytes + s.nbytes + z.nbytes, dev),
             "_ptrs": {"q": q.data_ptr() % 4096, "w": w.data_ptr() % 4096}}

@@ -1,6 +1,7 @@
 """The int8-x GEMV's (kernels/qgemv_i8.py) global loads per K-loop iteration, compiled for sm_90 on the CPU
 (Triton's bundled ptxas and cuobjdump; no GPU), for the H200's shipped batch-1 tiles (16-row, capped at 64
-registers): each load's opcode (its width) and what it reads. Run with TRITON_INTERPRET=0; PYTHONPATH picks the
+registers): each load's opcode (its width) and what it reads, and how far into the kernel its first load
+comes (the prologue's latency before any byte is asked for). Run with TRITON_INTERPRET=0; PYTHONPATH picks the
 Triton (the GPU machine has 3.6)."""
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ def main() -> int:
             if m:
                 counts[m.group(1)] = counts.get(m.group(1), 0) + 1
         loads = ", ".join(f"{n} {op} ({WHAT.get(op, '?')})" for op, n in sorted(counts.items()))
+        ops = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line)]
+        first = next(i for i, line in enumerate(ops) if "LDG" in line)
         print(f"{bn:>3}x{bk:<5}w{warps} cap {cap}: {sum(counts.values())} loads an iteration: {loads}; "
-              f"loop {len(_loop_body(sass))} instructions, {usage.split()[0]}", flush=True)
+              f"loop {len(_loop_body(sass))} instructions, {usage.split()[0]}; the kernel's first load is its "
+              f"instruction {first} of {len(ops)}, after {sum('MUFU' in op for op in ops[:first])} MUFU", flush=True)
     return 0
 
 

@@ -36,7 +36,7 @@ def normal(op: str) -> str:
 def main() -> int:
     print(f"triton {triton.__version__}, sm_90, int32 codes [N, K / 8], K = 3584 (KW = 448, 16-divisible)")
     for bn, bk, warps, sk in TILES:
-        ladder = compile_sm90(_ladder_kernel, LADDER_PTRS, dict(LEVEL=0, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
+        ladder = compile_sm90(_ladder_kernel, LADDER_PTRS, dict(LEVEL=0, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, WRAP=True,
                                                                 GROUP_C=GROUP, STAGES=1), warps, 1)
         access = compile_sm90(_read_kernel, {"w_ptr": "*i32", "out_ptr": "*i32"},
                               dict(TILED=False, BLOCK_N=bn, BW=bk // 8, SPLIT=sk, STAGES=1), warps, 1,

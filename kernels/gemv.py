@@ -105,7 +105,7 @@ def _gemv_kernel(
     per_split = tl.cdiv(num_k, SPLIT_K)
     kb_lo = tl.program_id(1) * per_split
     kb_hi = tl.minimum(kb_lo + per_split, num_k)
-    rows_w = offs_n % N  # wrap the tail block onto valid rows; the store masks it
+    rows_w = tl.minimum(offs_n, N - 1)  # the tail block reads the last row again (no division); the store masks it
     w_ptrs = w_ptr + rows_w[:, None].to(tl.int64) * stride_wn + (kb_lo * BLOCK_K + offs_k)[None, :]
     rows_x = tl.minimum(offs_m, M - 1)
     x_ptrs = x_ptr + rows_x[:, None].to(tl.int64) * stride_xm + (kb_lo * BLOCK_K + offs_k)[None, :]

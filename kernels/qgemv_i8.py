@@ -110,7 +110,7 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     pdl_enter(PDL_CHAIN)
     NBLK: tl.constexpr = BLOCK_K // 32
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_n % N  # the tail block wraps onto valid rows; the store masks it
+    rows = tl.minimum(offs_n, N - 1)  # the tail block reads the last row again (no division); the store masks it
     num_k = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(num_k, SPLIT_K)
     kb_lo = tl.program_id(1) * per_split
