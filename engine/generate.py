@@ -86,11 +86,7 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
     dev, b, cap = engine.device, len(prompts), engine.opts.max_context
     sampler = Sampler(params, engine.cfg.vocab_size, dev, use_triton=engine.ops.name == "triton")
     eos = engine.tokenizer.eos_ids
-    history = None  # prompt + generated ids, only needed by the repetition penalty
-    if params.repetition_penalty != 1.0:
-        history = torch.full((b, max(map(len, prompts)) + max_new_tokens), -1, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            history[i, : len(p)] = torch.tensor(p, device=dev)
+    history = _penalty_history(params, prompts, max_new_tokens, dev)
     out: list[list[int]] = [[] for _ in range(b)]
     detok = [IncrementalDetokenizer(engine.tokenizer, context_ids=p) for p in prompts]
     stops = [StopStringMatcher(stop_strings or []) for _ in range(b)]
@@ -106,20 +102,13 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
         pos = [len(p) for p in prompts]
         t1 = None
         for step in range(max_new_tokens):
-            tok = sampler(logits, history)
-            bad = ~torch.isfinite(logits[:, : engine.cfg.vocab_size]).all(-1)
-            toks, bads = torch.stack([tok, bad.to(tok.dtype)]).tolist()  # the one host sync per step
-            i = next((i for i, x in enumerate(bads) if x and not reasons[i]), None)  # finished rows: ignored
-            if i is not None:
-                raise NonFiniteLogits(nonfinite_message(engine.dtype, len(out[i]), i if b > 1 else None))
+            tok, toks = _next_tokens(engine, sampler, logits, history, reasons, out)
             if t1 is None:
                 t1 = time.perf_counter()
             for i in range(b):
-                if reasons[i]:
-                    continue
-                _emit(i, toks[i], out, detok, stops, texts, reasons, eos, on_text)
-                if not reasons[i] and pos[i] + 1 >= cap:
-                    reasons[i] = "length"
+                if not reasons[i]:
+                    _emit(i, toks[i], out, detok, stops, texts, reasons, eos, on_text)
+                    reasons[i] = reasons[i] or ("length" if pos[i] + 1 >= cap else "")
             if all(reasons) or step == max_new_tokens - 1:
                 break
             if history is not None:
@@ -137,6 +126,30 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
         reasons[i] = reasons[i] or "max_new_tokens"
     crossed.append(engine.weights.stream.streamed_bytes)
     return Generation(out, texts, reasons, _stats(engine, prompts, out, (t0, t1 or t2, t2), crossed, moved))
+
+
+def _next_tokens(engine: Engine, sampler: Sampler, logits: torch.Tensor, history: torch.Tensor | None,
+                 reasons: list[str], out: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    """The step's sampled tokens, on the device and as ints (the one host sync per step); NonFiniteLogits when
+    an unfinished row's logits hold a NaN or an inf (finished rows are ignored)."""
+    tok = sampler(logits, history)
+    bad = ~torch.isfinite(logits[:, : engine.cfg.vocab_size]).all(-1)
+    toks, bads = torch.stack([tok, bad.to(tok.dtype)]).tolist()
+    i = next((i for i, x in enumerate(bads) if x and not reasons[i]), None)
+    if i is not None:
+        raise NonFiniteLogits(nonfinite_message(engine.dtype, len(out[i]), i if len(out) > 1 else None))
+    return tok, toks
+
+
+def _penalty_history(params: SamplingParams, prompts: list[list[int]], max_new_tokens: int,
+                     dev: torch.device) -> torch.Tensor | None:
+    """Prompt + generated ids per row (-1 beyond), which only the repetition penalty reads; None without it."""
+    if params.repetition_penalty == 1.0:
+        return None
+    history = torch.full((len(prompts), max(map(len, prompts)) + max_new_tokens), -1, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        history[i, : len(p)] = torch.tensor(p, device=dev)
+    return history
 
 
 def decode_step(engine: Engine, tok: torch.Tensor, start: list[int]) -> torch.Tensor:
