@@ -34,7 +34,7 @@ def _qdequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, group, stride_qn, strid
                      GROUP_C: tl.constexpr, EVEN_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    rows = offs_n % N  # the tail block reads valid rows; the store masks it
+    rows = tl.minimum(offs_n, N - 1)  # the tail block reads the last row again (no division); the store masks it
     w = load_dequant(q_ptr, s_ptr, z_ptr, rows, stride_qn, stride_sn, k0, K, group, HAS_ZEROS, BITS,
                      BLOCK_N, BLOCK_K, SCALE_MODE, GROUP_C, EVEN_K, HAS_MINS)
     offs_k = k0 + tl.arange(0, BLOCK_K)
