@@ -5,7 +5,8 @@ plain-torch path (``engine.ops.TorchOps``) decodes it at every call. Decoded who
 one fp32 ``[N, K]`` tensor written to memory and read back by the matmul; on the CPU that costs more
 than the matmul itself: the real SmolLM2-135M's tied Q4_1 lm_head (49152 x 576) took 75 ms a token on
 this project's 2-vCPU machine decoded whole, 19 ms in slices of at most :data:`CHUNK_VALUES` weights,
-each decoded while its predecessor's bytes are still in the caches and multiplied at once. Weights of
+each multiplied while its decoded rows are still in the caches (both with the decoders before their in-place
+rewrite; end to end, bench/results/2026-12-05-cpu-packed-decode/). Weights of
 at most one slice go whole; on a GPU they always do (the Triton kernels are its fast path, and a launch
 per slice would cost more than it saves).
 """
