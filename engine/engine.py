@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from engine.config import ModelConfig
 from engine.footprint import plan_model
 from engine.gguf import open_gguf
 from engine.gguf.paths import is_gguf_path
-from engine import ahead
+from engine import ahead, generation_defaults
 from engine.graphs import try_capture
 from engine.host_forms import PACKED, form_name, packed_per_widened, pick_form, weight_forms
 from engine.host_lane import HostLane
@@ -107,6 +107,7 @@ class ModelFiles:
     ckpt: Checkpoint
     tokenizer: Tokenizer
     quant: QuantizationConfig | None = None  # config.json's quantization_config
+    sampling: dict = field(default_factory=dict)  # the authors' sampling settings (engine.generation_defaults)
 
 
 def open_model(model_dir: str | Path) -> ModelFiles:
@@ -118,7 +119,8 @@ def open_model(model_dir: str | Path) -> ModelFiles:
     model_dir = Path(model_dir)
     if is_gguf_path(model_dir):
         cfg, gguf_ckpt, tokenizer = open_gguf(model_dir)  # imports the gguf package (GGUF models only)
-        return ModelFiles(model_dir, cfg, gguf_ckpt, tokenizer)
+        return ModelFiles(model_dir, cfg, gguf_ckpt, tokenizer,
+                          sampling=generation_defaults.from_gguf(gguf_ckpt.metadata, str(gguf_ckpt.model_dir)))
     cfg = ModelConfig.from_file(model_dir / "config.json")
     quant = read_quantization(model_dir)
     ckpt = Checkpoint(model_dir)
@@ -126,7 +128,8 @@ def open_model(model_dir: str | Path) -> ModelFiles:
         ckpt.validate(expected_tensors(cfg))
     else:
         validate_quant_checkpoint(ckpt, cfg, quant)
-    return ModelFiles(model_dir, cfg, ckpt, Tokenizer.from_dir(model_dir), quant)
+    return ModelFiles(model_dir, cfg, ckpt, Tokenizer.from_dir(model_dir), quant,
+                      sampling=generation_defaults.from_dir(model_dir))
 
 
 class Engine:

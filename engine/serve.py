@@ -33,6 +33,11 @@ def build_parser(prog: str = "python -m engine.serve") -> CliParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     p.add_argument("--served-model-name", help="the model id clients send (default: --model, or 'default')")
+    p.add_argument("--generation-config", choices=["auto", "openai"], default="auto",
+                   help="what a request that leaves out temperature / top_p / top_k / min_p / repetition_penalty "
+                        "gets: auto = the model's own settings (generation_config.json, a GGUF's "
+                        "general.sampling.*) where it names them, else OpenAI's; openai = OpenAI's (temperature 1, "
+                        "no filters) (default: auto)")
     add_engine_args(p)
     p.add_argument("--max-batch", dest="batch", type=int,
                    help="sequences decoded together, i.e. KV-cache slots (default 8; same as --batch)")
@@ -67,9 +72,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
         from engine.serving.steplog import StepLog
         step_log = StepLog(args.step_log) if args.step_log else None  # before the default model is synthesized
         from engine.engine import fit_context, open_model
+        from engine.generation_defaults import describe
         model_dir, is_default = resolve_or_default(args.model)
         files = open_model(model_dir)  # config, headers, tokenizer: bad input fails before serving
         fit_context(files.cfg, opts)
+        sampling = files.sampling if args.generation_config == "auto" else {}
+        if sampling:
+            print(f"layerstream: requests that leave them out get the model's sampling settings: "
+                  f"{describe(sampling)} (--generation-config openai for OpenAI's)", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
         if step_log is not None:
             step_log.close()
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
         return 2
     try:
         loop = _serve(args, lambda: load_engine(args.model, opts, quiet=not args.verbose,
-                                                resolved=(files, is_default))[0], step_log)
+                                                resolved=(files, is_default))[0], step_log, sampling)
     finally:
         if step_log is not None:
             step_log.close()
@@ -103,9 +113,10 @@ def _check_server_args(args) -> None:
     _check_address(args.host, args.port)
 
 
-def _serve(args, load, step_log):
+def _serve(args, load, step_log, sampling: dict | None = None):
     """Start the engine thread (``load`` builds its engine) and serve until SIGTERM / Ctrl-C; returns the
-    closed :class:`EngineLoop` (its ``error`` says whether loading or serving failed)."""
+    closed :class:`EngineLoop` (its ``error`` says whether loading or serving failed). ``sampling``: the
+    defaults of what requests leave out."""
     import uvicorn
 
     from engine.serving.app import create_app
@@ -124,7 +135,7 @@ def _serve(args, load, step_log):
 
     loop.on_step = on_step
     name = args.served_model_name or args.model or "default"
-    app = create_app(loop, name, args.api_key, metrics)
+    app = create_app(loop, name, args.api_key, metrics, sampling)
     # uvicorn's own limit only backs ours up: at --grace the engine cancels what is left, so every stream
     # still ends with a finish chunk and [DONE]
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,

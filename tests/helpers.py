@@ -87,6 +87,19 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
 
 
+def linked_model(src: Path, dst: Path, **json_updates: dict) -> Path:
+    """``dst``: ``src``'s files as symlinks, except the JSON files named (``config={...}`` for config.json,
+    ``generation_config={...}``), written with those keys updated. Read-only use of ``src``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    names = {f"{k}.json": v for k, v in json_updates.items()}
+    for f in src.iterdir():
+        if f.name in names:
+            (dst / f.name).write_text(json.dumps({**json.loads(f.read_text()), **names[f.name]}))
+        else:
+            os.symlink(f, dst / f.name)
+    return dst
+
+
 def legacy_config(model_dir: Path) -> None:
     """Rewrite a transformers-5 config.json (``rope_parameters``) into the older layout that most Hub
     checkpoints use: ``rope_theta`` and ``rope_scaling`` at the top level."""

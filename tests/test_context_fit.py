@@ -3,15 +3,13 @@ plan's note (CPU, a tiny-qwen2 checkpoint whose config says 1024 positions)."""
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 
 from engine import LLM
 from engine.config import ModelConfig
 from engine.engine import EngineOptions, fit_context
 from engine.run import main
+from tests.helpers import linked_model
 
 CPU = ["--device", "cpu", "--prompt", "hi", "--max-new-tokens", "2"]
 
@@ -19,13 +17,8 @@ CPU = ["--device", "cpu", "--prompt", "hi", "--max-new-tokens", "2"]
 @pytest.fixture(scope="module")
 def short_dir(tiny_qwen2_dir, tmp_path_factory):
     """tiny-qwen2's files (linked) with max_position_embeddings 1024 in its config."""
-    d = tmp_path_factory.mktemp("short-context")
-    for f in tiny_qwen2_dir.iterdir():
-        if f.name != "config.json":
-            os.symlink(f, d / f.name)
-    cfg = json.loads((tiny_qwen2_dir / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 1024}))
-    return d
+    return linked_model(tiny_qwen2_dir, tmp_path_factory.mktemp("short-context"),
+                        config={"max_position_embeddings": 1024})
 
 
 def test_fit_context_lowers_only_a_default(short_dir):

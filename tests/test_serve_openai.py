@@ -22,8 +22,9 @@ CONTEXT = 256
 
 @pytest.fixture(scope="module")
 def server(tiny_qwen2_dir):
+    # OpenAI's sampling defaults: the tests name what they ask for (tests/test_generation_defaults.py: the model's)
     srv = Server(tiny_qwen2_dir, "--served-model-name", MODEL, "--max-batch", "4", "--max-waiting", "40",
-                 "--max-context", str(CONTEXT), "--prefill-chunk", "64")
+                 "--max-context", str(CONTEXT), "--prefill-chunk", "64", "--generation-config", "openai")
     yield srv
     rc, err = srv.stop()
     assert rc == 0, err

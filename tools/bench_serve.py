@@ -62,8 +62,11 @@ def one_request(url: str, model: str, prompt: list[int], max_tokens: int) -> dic
     """Stream one completion; timestamps of the send, each chunk with text, and the usage."""
     u = urlparse(url)
     conn = HTTPConnection(u.hostname, u.port, timeout=600)
+    # greedy and no penalty, whatever the model's own settings (engine.generation_defaults): the same work a
+    # step as the runs before those defaults
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+                       "repetition_penalty": 1.0, "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}})
     t0 = time.monotonic()  # the clock of the server's --step-log "mono_s" (same host): tools/ttft_breakdown.py
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()

@@ -72,6 +72,7 @@ class GGUFCheckpoint:
 
     def __init__(self, files: GGUFModelFiles, cfg: ModelConfig) -> None:
         self.model_dir = files.path  # what messages and reports name
+        self.metadata = files.metadata  # the header's key-value pairs (of the first part)
         self.cfg = cfg
         self._dtype = widen_dtype(files)
         self.raw: dict[str, RawTensor] = {}

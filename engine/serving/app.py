@@ -43,8 +43,10 @@ def unavailable(message: str) -> JSONResponse:
 class Api:
     """The endpoints' logic over one engine loop (the route functions in ``create_app`` call these)."""
 
-    def __init__(self, loop: EngineLoop, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(self, loop: EngineLoop, model_name: str, metrics: ServerMetrics,
+                 sampling: dict | None = None) -> None:
         self.loop, self.model_name, self.metrics = loop, model_name, metrics
+        self.sampling = sampling or {}  # the model's defaults for fields a request leaves out
         self.delivery: LoopDelivery | None = None  # outputs to the event loop, one wake-up a step
 
     def health(self) -> JSONResponse:
@@ -77,7 +79,8 @@ class Api:
             prompts = await asyncio.to_thread(body.prompts, loop.engine.tokenizer)
             seqs = []
             for p, ids in enumerate(prompts):  # choice index p * n + i, as OpenAI numbers a batch
-                params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)))
+                params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)),
+                                       self.sampling)
                 seqs += [Sequence(ids, params, loop.engine.tokenizer, index=p * params.n + i, request_id=reply.id,
                                   sink=self.delivery.sink(queue))
                          for i in range(params.n)]
@@ -168,11 +171,12 @@ def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 
 def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
-               metrics: ServerMetrics | None = None) -> FastAPI:
-    """The app; ``loop`` is started (and stopped) by the caller."""
+               metrics: ServerMetrics | None = None, sampling: dict | None = None) -> FastAPI:
+    """The app; ``loop`` is started (and stopped) by the caller. ``sampling``: the values of sampling fields a
+    request leaves out (``engine.generation_defaults``; OpenAI's for the rest)."""
     app = FastAPI(title="layerstream", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = metrics or ServerMetrics(loop)
-    api = Api(loop, model_name, metrics)
+    api = Api(loop, model_name, metrics, sampling)
     app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, lambda _, exc: error(exc.status_code, str(exc.detail),

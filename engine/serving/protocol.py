@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.serving.params import SamplingParams
 from engine.serving.sequence import Logprob, Sequence
+
+
+# what a request that leaves a field out gets when the model names no default for it (OpenAI's; top_k 0 and
+# min_p 0 disable those filters, repetition_penalty 1 none)
+OPENAI_DEFAULTS: dict[str, float | int] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                                           "repetition_penalty": 1.0}
 
 
 class StreamOptions(BaseModel):
@@ -42,20 +49,22 @@ class _Request(BaseModel):
         """Top alternatives per token when logprobs are asked for, else None."""
         return None
 
-    def sampling(self, max_tokens: int | None) -> SamplingParams:
-        """The engine's parameters; OpenAI's defaults for what the request leaves out (temperature 1)."""
+    def sampling(self, max_tokens: int | None, defaults: Mapping[str, float | int] | None = None) -> SamplingParams:
+        """The engine's parameters: what the request gives, else the model's ``defaults``
+        (``engine.generation_defaults``), else OpenAI's (temperature 1, no filters)."""
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported (no "
                              "constrained decoding); leave it out")
         if self.best_of not in (None, 1, self.n):
             raise ValueError("best_of is not supported; use n to get several completions")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        given = {**OPENAI_DEFAULTS, **(defaults or {}),
+                 **{k: v for k in OPENAI_DEFAULTS if (v := getattr(self, k)) is not None}}
         return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=max(0, self.top_k or 0),
-            min_p=self.min_p or 0.0, seed=self.seed, stop=tuple(stop), n=self.n or 1,
+            temperature=given["temperature"], top_p=given["top_p"], top_k=max(0, given["top_k"]),
+            min_p=given["min_p"], seed=self.seed, stop=tuple(stop), n=self.n or 1,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+            repetition_penalty=given["repetition_penalty"], max_tokens=max_tokens, ignore_eos=self.ignore_eos,
             logprobs=self.logprob_count())
 
     @property
