@@ -16,7 +16,8 @@ def test_chat_page_streams_multi_turn_and_stops(tiny_qwen2_dir, tmp_path):
     from tools.cdp import Browser
     from tools.chat_page_check import check_page
 
-    srv = Server(tiny_qwen2_dir, "--max-context", "1024", "--max-batch", "2")
+    # OpenAI's sampling defaults: the page's temperature 0 alone then decodes greedily, without the model's penalty
+    srv = Server(tiny_qwen2_dir, "--max-context", "1024", "--max-batch", "2", "--generation-config", "openai")
     page = None
     try:
         page = Browser(srv.url + "/")

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--screenshot", default=str(ROOT / "bench" / "results" / "chat-page.png"))
     args, server_flags = p.parse_known_args(argv)
+    # OpenAI's sampling defaults: the page's temperature 0 alone decodes greedily (no model penalty); flags win
+    server_flags = ["--generation-config", "openai", *server_flags]
     proc, url = start_server(server_flags, timeout=180.0, keep_stderr=True,
                              env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     page = None
