@@ -21,10 +21,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# field -> (type, lowest, highest, whether the lowest is allowed): the ranges engine.serving.protocol accepts
-FIELDS: dict[str, tuple[type, float, float, bool]] = {
-    "temperature": (float, 0.0, 2.0, True), "top_p": (float, 0.0, 1.0, False), "top_k": (int, 0, 1 << 31, True),
-    "min_p": (float, 0.0, 1.0, True), "repetition_penalty": (float, 0.0, 10.0, False)}
+# field -> (type, lowest, highest, whether each bound is allowed): the ranges engine.serving.protocol accepts
+FIELDS: dict[str, tuple[type, float, float, bool, bool]] = {
+    "temperature": (float, 0.0, 2.0, True, True), "top_p": (float, 0.0, 1.0, False, True),
+    "top_k": (int, 0, 1 << 31, True, True), "min_p": (float, 0.0, 1.0, True, False),
+    "repetition_penalty": (float, 0.0, 10.0, False, True)}
 GGUF_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
              "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
              "general.sampling.penalty_repeat": "repetition_penalty"}
@@ -34,15 +35,17 @@ def sampling_defaults(raw: Mapping[str, Any], source: str) -> dict[str, float | 
     """The sampling fields of ``raw`` (generation_config.json's names) that are numbers in range; a value out of
     range or of the wrong type is left out with a warning naming ``source``."""
     out: dict[str, float | int] = {}
-    for name, (kind, low, high, low_ok) in FIELDS.items():
+    for name, (kind, low, high, low_ok, high_ok) in FIELDS.items():
         value = raw.get(name)
         if value is None:
             continue
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
-            and (low <= value if low_ok else low < value) and value <= high and (kind is float or value == int(value))
+            and (low <= value if low_ok else low < value) and (value <= high if high_ok else value < high) \
+            and (kind is float or value == int(value))
         if not ok:
-            log.warning("%s: ignoring %s=%r (expected a number in %s%s, %s]); requests fall back to OpenAI's "
-                        "default for it", source, name, value, "[" if low_ok else "(", low, high)
+            log.warning("%s: ignoring %s=%r (expected a number in %s%s, %s%s); requests fall back to OpenAI's "
+                        "default for it", source, name, value, "[" if low_ok else "(", low, high,
+                        "]" if high_ok else ")")
             continue
         out[name] = kind(value)
     return out

@@ -35,6 +35,7 @@ def test_bad_values_are_left_out_with_a_warning(caplog):
     assert all(f"ignoring {k}=" in text for k in ("temperature", "top_p", "top_k", "repetition_penalty"))
     assert "x/generation_config.json" in text
     assert sampling_defaults({"top_k": 40.0, "temperature": 0}, "s") == {"top_k": 40, "temperature": 0.0}
+    assert sampling_defaults({"min_p": 1.0, "top_p": 1.0, "temperature": 2.5}, "s") == {"top_p": 1.0}
 
 
 def test_gguf_sampling_keys():
