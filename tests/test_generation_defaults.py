@@ -89,3 +89,13 @@ def test_a_live_server_applies_them_unless_told_openai(greedy_dir):
     finally:
         code, err = srv.stop()
     assert len(texts) > 1 and "sampling settings" not in err  # temperature 1: the seeds differ
+
+
+def test_a_gguf_written_from_the_directory_carries_them(tiny_qwen2_dir, tmp_path):
+    """Our GGUF writer copies temperature / top_k / top_p / min_p into general.sampling.* (gguf-py's own writer
+    keys, as llama.cpp's converter does; it reads no repetition_penalty), and open_model reads them back."""
+    from engine.gguf.writer import write_gguf
+    path = write_gguf(tiny_qwen2_dir, tmp_path / "m.gguf", "F32")[0]
+    got = open_model(path).sampling
+    assert set(got) == {"temperature", "top_p", "top_k"} and got["top_k"] == 20
+    assert got["temperature"] == pytest.approx(0.7) and got["top_p"] == pytest.approx(0.8)  # stored as float32

@@ -102,6 +102,17 @@ def _tokenizer_kv(w: GGUFWriter, model_dir: Path, cfg: ModelConfig) -> None:
         w.add_chat_template(conf["chat_template"])
 
 
+def _sampling_kv(w: GGUFWriter, model_dir: Path) -> None:
+    """generation_config.json's temperature, top_k, top_p and min_p as ``general.sampling.*``, as llama.cpp's
+    converter copies them (gguf-py's ``Metadata.load``; it reads no HF repetition_penalty)."""
+    path = model_dir / "generation_config.json"
+    gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    for key, add in (("temperature", w.add_sampling_temp), ("top_k", w.add_sampling_top_k),
+                     ("top_p", w.add_sampling_top_p), ("min_p", w.add_sampling_min_p)):
+        if isinstance(gen.get(key), int | float) and not isinstance(gen[key], bool):
+            add(gen[key])
+
+
 def _model_kv(w: GGUFWriter, cfg: ModelConfig, file_type: str) -> None:
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -161,6 +172,7 @@ def open_writer(model_dir: str | Path, out: str | Path, file_type: str,
     w = GGUFWriter(Path(out), cfg.model_type, split_max_tensors=split_max_tensors)
     _model_kv(w, cfg, file_type)
     _tokenizer_kv(w, model_dir, cfg)
+    _sampling_kv(w, model_dir)
     _rope_freqs(w, cfg)
     return w, cfg
 
