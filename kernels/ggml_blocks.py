@@ -159,18 +159,11 @@ def legacy_values(b: torch.Tensor, qtype: str) -> torch.Tensor:
     """Blocks [n, bytes] of a :data:`LEGACY` type -> [n, 32] float32 (ggml: ``(q - offset) * d`` or
     ``q * d + m``)."""
     lay = LEGACY[qtype]
-    if lay.bits == 8:
-        y = b[:, lay.qs:lay.qs + 32].view(torch.int8).float()
-    else:  # legacy_codes' values written straight into the float result, then scaled in place
-        qs = b[:, lay.qs:lay.qs + 16]
-        y = torch.empty(b.shape[0], 32, dtype=torch.float32, device=b.device)
-        if lay.bits == 5:
-            high = fifth_bits(b[:, lay.qh:lay.qh + 4]) << 4
-            y[:, :16], y[:, 16:] = (qs & 0xF) | high[:, :16], (qs >> 4) | high[:, 16:]
-        else:
-            y[:, :16], y[:, 16:] = qs & 0xF, qs >> 4
-        if lay.offset:
-            y.sub_(lay.offset)
+    q = legacy_codes(b, qtype)
+    y = q.view(torch.int8).float() if lay.bits == 8 else q.float()
+    # scaled in place: no further [n, 32] temporaries (most of the plain-torch decode's time on the CPU)
+    if lay.offset:
+        y.sub_(lay.offset)
     y.mul_(f16_field(b, 0))
     return y.add_(f16_field(b, 2)) if lay.mins else y
 
