@@ -28,6 +28,7 @@ from engine.gguf.config import llama3_factors
 from engine.gguf.dequant import block_geometry
 from engine.gguf.names import GLOBAL, LAYER, permute_rows, permuted_heads
 from engine.gguf.quantize import quantize
+from engine.generation_defaults import from_dir
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +104,13 @@ def _tokenizer_kv(w: GGUFWriter, model_dir: Path, cfg: ModelConfig) -> None:
 
 
 def _sampling_kv(w: GGUFWriter, model_dir: Path) -> None:
-    """generation_config.json's temperature, top_k, top_p and min_p as ``general.sampling.*``, as llama.cpp's
-    converter copies them (gguf-py's ``Metadata.load``; it reads no HF repetition_penalty)."""
-    path = model_dir / "generation_config.json"
-    gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """generation_config.json's temperature, top_k, top_p and min_p (as the server reads them:
+    ``engine.generation_defaults``) as ``general.sampling.*``, as llama.cpp's converter copies them (gguf-py's
+    ``Metadata.load``; it reads no HF repetition_penalty)."""
+    gen = from_dir(model_dir)
     for key, add in (("temperature", w.add_sampling_temp), ("top_k", w.add_sampling_top_k),
                      ("top_p", w.add_sampling_top_p), ("min_p", w.add_sampling_min_p)):
-        if isinstance(gen.get(key), int | float) and not isinstance(gen[key], bool):
+        if key in gen:
             add(gen[key])
 
 
