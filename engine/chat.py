@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from engine.cli_output import print_reply_end
 from engine.cli_session import prompt_ids
+from engine.text import utf8_problem
 
 PROMPT = "> "
 
@@ -77,6 +78,10 @@ def chat(engine, args, generate: Callable[[list[int]], object]) -> int:
             print(file=sys.stderr)
             return 0
         if not line.strip():
+            continue
+        if problem := utf8_problem(line):
+            print(f"note: this message is not UTF-8 text: {problem}; check the terminal's encoding (locale) "
+                  "and type it again", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
         ids, dropped = fit_context(lambda m: prompt_ids(engine.tokenizer, args, m), messages, max_context, reserve)

@@ -19,6 +19,7 @@ from kernels.draw import draw
 logger = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # torch's generators take a 64-bit seed (a negative one as two's complement)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must fit 64 bits (from -2**63 to 2**64 - 1), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -19,6 +19,8 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from engine.text import utf8_problem
+
 logger = logging.getLogger(__name__)
 
 # Named special tokens transformers passes to chat templates (PreTrainedTokenizerBase.special_tokens_map).
@@ -219,7 +221,11 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; with ``add_special_tokens`` the post-processor runs and add_bos_token is honoured."""
+        """Token ids of ``text``; with ``add_special_tokens`` the post-processor runs and add_bos_token is honoured.
+        ValueError when ``text`` is not valid Unicode (:func:`engine.text.utf8_problem`)."""
+        problem = utf8_problem(text)
+        if problem:
+            raise ValueError(f"the text is not valid Unicode: {problem}; send UTF-8 text")
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         if not add_special_tokens or self.add_bos_token is None or self.bos_id is None:
             return ids

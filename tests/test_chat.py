@@ -73,6 +73,14 @@ def test_long_chat_keeps_going_with_context_shift(capsys, monkeypatch, tiny_qwen
     assert re.search(r"finish: (eos|length \(--max-new-tokens 6\)|length \(context full)", err)
 
 
+def test_a_message_that_is_not_utf8_is_refused_and_the_chat_goes_on(capsys, monkeypatch, tiny_qwen2_dir):
+    rc, out, err = run_chat(capsys, monkeypatch, ["caf\udce9", "hello"],  # bytes a Latin-1 terminal sends
+                            ["--model", str(tiny_qwen2_dir), *CPU, "--max-new-tokens", "3"])
+    assert rc == 0 and "Traceback" not in err, err
+    assert "note: this message is not UTF-8 text: character 3 is an unpaired surrogate" in err
+    assert err.count("finish: ") == 1, "the next message got its reply"
+
+
 def test_json_with_chat_is_an_error(capsys, tiny_qwen2_dir):
     assert main(["--model", str(tiny_qwen2_dir), *CPU, "--json"]) == 2
     assert "--json needs --prompt" in capsys.readouterr().err

@@ -65,6 +65,11 @@ def no_loading(monkeypatch):
     (["--batch", "4"], "--batch applies to --prompt"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--prompts-file", "/no/such/file.txt"], "--prompts-file /no/such/file.txt"),
+    (["--seed", str(2**64)], "--seed must fit 64 bits"),
+    (["--seed", str(-2**63 - 1)], "--seed must fit 64 bits"),
+    (["--prompt", "ok", "--prompt", "caf\udce9"], "prompt 2 is not UTF-8 text: character 3 is an unpaired surrogate "
+     "(U+DCE9, from the byte 0xe9 that is not UTF-8)"),  # what Python makes of a Latin-1 terminal's 'café'
+    (["--system", "\ud800"], "--system is not UTF-8 text"),
 ])
 def test_flag_mistakes_are_one_line_before_loading(capsys, no_loading, argv, fragment):
     line = one_error(capsys, ["--device", "cpu", *argv] if "--device" not in argv else argv)

@@ -133,3 +133,25 @@ def test_draw_gives_broken_rows_their_first_column_and_leaves_the_rest_alone():
     assert got == want
     with pytest.raises(RuntimeError):
         torch.multinomial(broken[:1], 1)  # what draw saves the caller from
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 10**30])
+def test_seed_outside_64_bits_is_refused(seed) -> None:
+    with pytest.raises(ValueError, match="seed must fit 64 bits"):
+        SamplingParams(temperature=1.0, seed=seed)
+
+
+def test_the_nth_completions_seed_wraps_to_the_same_generator_state() -> None:
+    """Completion i of a request uses seed + i wrapped to 64 bits; torch seeds a negative seed as its
+    two's complement, so wrapping changes no draw."""
+    from engine.serving.params import SamplingParams as RequestParams
+
+    params = RequestParams(temperature=1.0, seed=2**64 - 1, n=3)
+    assert [params.token_params(i).seed for i in range(3)] == [2**64 - 1, 0, 1]
+    logits = torch.randn(1, 50)
+
+    def draws(seed: int) -> list[int]:
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed), 50, "cpu")
+        return [int(sampler(logits)) for _ in range(8)]
+    assert draws(-3) == draws(2**64 - 3)
+    assert draws(RequestParams(temperature=1.0, seed=-4, n=2).token_params(1).seed) == draws(-3)

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from engine.serving.delivery import LoopDelivery
@@ -65,7 +65,7 @@ class Api:
     async def complete(self, request: Request, body: ChatRequest | CompletionRequest, chat: bool):
         """Check, tokenize and submit; answer with a stream, the full response or an error envelope."""
         loop = self.loop
-        if body.model != self.model_name:
+        if body.model is not None and body.model != self.model_name:
             return error(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r} "
                          "(GET /v1/models)", param="model", code="model_not_found")
         if not loop.ready.is_set() or loop.engine is None:
@@ -160,14 +160,35 @@ class Api:
             self.metrics.ttft.observe(seq.first_token_time - seq.arrival)
 
 
-def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    """Malformed JSON or fields: 400 in OpenAI's envelope, naming the first bad field."""
-    first = exc.errors()[0] if exc.errors() else {}
-    if first.get("type") == "json_invalid":
-        return error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}); "
-                     "send a JSON object")
+def _field_error(errors: list) -> JSONResponse:
+    """400 in OpenAI's envelope naming the first bad field of pydantic's ``errors``."""
+    first = errors[0] if errors else {}
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
     return error(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param=param)
+
+
+async def read_body(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
+    """The request's JSON object as ``model``, whatever its Content-Type (``curl -d`` sends a form's), or
+    a 400 error response saying what is wrong with it."""
+    raw = await request.body()
+    if not raw.strip():
+        return error(400, "the body is empty; send a JSON object (Content-Type: application/json)")
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8 / 16 / 32
+        return error(400, f"the body is not valid JSON ({e}); send a JSON object")
+    if not isinstance(obj, dict):
+        return error(400, f"the body must be a JSON object, got {type(obj).__name__ if obj is not None else 'null'}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        return _field_error(e.errors())
+
+
+def internal_error(_: Request, exc: Exception) -> JSONResponse:
+    """A failure of ours while answering (logged): 500 in OpenAI's envelope rather than a bare text body."""
+    log.error("internal error while answering a request", exc_info=exc)
+    return error(500, f"internal server error ({type(exc).__name__}); the server keeps serving", "server_error")
 
 
 def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
@@ -178,7 +199,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
     metrics = metrics or ServerMetrics(loop)
     api = Api(loop, model_name, metrics, sampling)
     app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
-    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
     app.add_exception_handler(HTTPException, lambda _, exc: error(exc.status_code, str(exc.detail),
                                                                   code=str(exc.status_code)))
 
@@ -206,12 +227,14 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
         return api.models()["data"][0]
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
-        return await api.complete(request, body, chat=True)
+    async def chat(request: Request):
+        body = await read_body(request, ChatRequest)
+        return body if isinstance(body, JSONResponse) else await api.complete(request, body, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await api.complete(request, body, chat=False)
+    async def completions(request: Request):
+        body = await read_body(request, CompletionRequest)
+        return body if isinstance(body, JSONResponse) else await api.complete(request, body, chat=False)
 
     return app
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from engine.sampling import SamplingParams as TokenSamplingParams
+from engine.sampling import SEED_MAX, SamplingParams as TokenSamplingParams
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ and the k most likely alternatives. ``n`` completions
 
     def token_params(self, index: int) -> TokenSamplingParams:
         """The sampler's parameters for completion ``index`` of this request."""
-        seed = None if self.seed is None else self.seed + index
+        seed = self.seed
+        if seed is not None and index:  # wrapped to 64 bits (torch seeds a negative seed as its two's complement)
+            seed = (seed + index) % (SEED_MAX + 1)
         return TokenSamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                    min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=seed)
 

@@ -11,12 +11,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.serving.params import SamplingParams
 from engine.serving.sequence import Logprob, Sequence
+from engine.text import utf8_problem
 
 
 # what a request that leaves a field out gets when the model names no default for it (OpenAI's; top_k 0 and
 # min_p 0 disable those filters, repetition_penalty 1 none)
 OPENAI_DEFAULTS: dict[str, float | int] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
                                            "repetition_penalty": 1.0}
+
+
+def _check_text(field: str, text: str) -> None:
+    """ValueError naming ``field`` when ``text`` cannot reach the tokenizer (a JSON "\\ud800" escape)."""
+    if problem := utf8_problem(text):
+        raise ValueError(f"{field} is not valid Unicode: {problem}; send UTF-8 text")
 
 
 class StreamOptions(BaseModel):
@@ -27,13 +34,13 @@ class _Request(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions (unknown fields are ignored, as OpenAI's)."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: str | None = None  # left out: the served model (as vLLM and llama.cpp's server take it)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's -1 (and 0) disable top-k
     min_p: float | None = Field(None, ge=0, lt=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)  # torch's generators take 64 bits
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1, le=16)
     stream: bool | None = False
@@ -106,6 +113,8 @@ class ChatRequest(_Request):
         """The conversation rendered with the chat template, as the one prompt of this request."""
         if self.tools:
             raise ValueError("tools are not supported by this server; leave them out")
+        for i, m in enumerate(self.messages):
+            _check_text(f"messages[{i}].content", m.as_template_input()["content"])
         text = tokenizer.apply_chat_template([m.as_template_input() for m in self.messages],
                                              add_generation_prompt=True)
         return [tokenizer.encode(text, add_special_tokens=False)]
@@ -129,6 +138,9 @@ class CompletionRequest(_Request):
             raise ValueError("echo is not supported by this server; leave it out")
         p = self.prompt
         batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        for i, x in enumerate(batch):
+            if isinstance(x, str):
+                _check_text("prompt" if batch is not p else f"prompt[{i}]", x)
         return [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in batch]
 
     @property
