@@ -81,8 +81,7 @@ class LLM:
                  params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete raw prompts (text, or token ids); outputs in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         items = [(p, self.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompts]
         return self._run(items, params, use_tqdm)
 
@@ -90,8 +89,7 @@ class LLM:
              params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """Reply to conversations ([{"role", "content"}, ...]) rendered with the model's chat template."""
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]
+        conversations = _conversation_list(conversations)
         items = []
         for conv in conversations:
             text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True)
@@ -104,13 +102,16 @@ class LLM:
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(items)
         if len(plist) != len(items):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(items)} prompts; give one, or one each")
+        if bad := next((p for p in plist if not isinstance(p, SamplingParams)), None):
+            raise TypeError(f"params must be engine.SamplingParams (or a list of them), got {type(bad).__name__}: "
+                            "e.g. SamplingParams(max_tokens=64, temperature=0.7)")
         groups = [[Sequence(ids, p, self.tokenizer, index=i) for i in range(p.n)] for (_, ids), p in zip(items, plist)]
         sched = self.scheduler
         sched.max_waiting = sum(map(len, groups))
         for group in groups:
             for s in group:
                 sched.check(s.prompt_ids, s.params)  # every prompt before any work
-        bar = tqdm(total=len(groups), desc="generating", unit="prompt", disable=not use_tqdm, leave=False)
+        bar = tqdm(total=len(groups), desc="generating", unit="prompt", disable=not (use_tqdm and groups), leave=False)
         left = {id(g): len(g) for g in groups}
         owner = {s.seq_id: g for g in groups for s in g}
         try:
@@ -142,3 +143,28 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _prompt_list(prompts) -> list:
+    """``generate``'s prompts as a list of strings and token-id lists; TypeError saying what is accepted."""
+    def ids(p) -> bool:
+        return isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+    if isinstance(prompts, str) or (ids(prompts) and prompts):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) or ids(p) for p in prompts):
+        return list(prompts)
+    raise TypeError("prompts must be a string, a list of token ids, or a list of either (a batch); got "
+                    f"{type(prompts).__name__}{'' if not isinstance(prompts, (list, tuple)) else ' holding other types'}")
+
+
+def _conversation_list(conversations) -> list[list[dict]]:
+    """``chat``'s conversations as a list of message lists; TypeError saying what is accepted."""
+    def conversation(c) -> bool:
+        return isinstance(c, (list, tuple)) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                    for m in c)
+    if conversation(conversations) and conversations:
+        return [list(conversations)]
+    if isinstance(conversations, (list, tuple)) and all(conversation(c) for c in conversations):
+        return [list(c) for c in conversations]
+    raise TypeError("conversations must be a list of messages like {'role': 'user', 'content': 'Hi'}, or a list of "
+                    f"such lists (a batch); got {type(conversations).__name__}")

@@ -98,6 +98,26 @@ def test_bad_input_fails_before_any_work(llm):
         llm.generate([[1, 2], [1] * 120], SamplingParams(max_tokens=20), use_tqdm=False)
 
 
+@pytest.mark.parametrize("call,args,error,match", [
+    ("generate", (None,), TypeError, "prompts must be a string, a list of token ids, or a list of either .*got NoneType"),
+    ("generate", (5,), TypeError, "got int"),
+    ("generate", ([[1, 2], [True]],), TypeError, "got list holding other types"),
+    ("generate", ([1.5],), TypeError, "got list holding other types"),
+    ("generate", ("hi", {"max_tokens": 2}), TypeError, r"params must be engine\.SamplingParams .*got dict"),
+    ("generate", ("a\ud800",), ValueError, "not valid Unicode: character 1 is an unpaired surrogate"),
+    ("chat", ("hello",), TypeError, "conversations must be a list of messages like .*got str"),
+    ("chat", ([{"content": "no role"}],), TypeError, "conversations must be"),
+])
+def test_wrong_types_say_what_is_accepted(llm, call, args, error, match):
+    with pytest.raises(error, match=match):
+        getattr(llm, call)(*args, use_tqdm=False)
+
+
+def test_empty_batches_give_empty_results(llm, capsys):
+    assert llm.generate([]) == [] and llm.chat([]) == []
+    assert "generating" not in capsys.readouterr().err  # no progress bar for nothing
+
+
 def test_engine_package_imports_lazily():
     code = ("import sys, engine; assert 'engine.llm' not in sys.modules and 'torch' not in sys.modules; "
             "from engine import LLM, SamplingParams; assert LLM.__module__ == 'engine.llm'")
