@@ -71,6 +71,9 @@ def _is_path_like(spec: str) -> bool:
 
 def _check_model_dir(path: Path) -> Path:
     if not path.is_dir():
+        if path.is_file() and (path.parent / "config.json").is_file():  # a file of a model directory
+            raise FileNotFoundError(f"--model {path}: a file of a model directory; pass the directory: "
+                                    f"--model {path.parent}")
         raise FileNotFoundError(f"--model {path}: not a directory; {_LAYOUT_HINT}")
     if not (path / "config.json").is_file():
         if (path / "snapshots").is_dir():  # a hub cache repo folder, models--Org--Name
