@@ -91,8 +91,8 @@ def parse_header(buf: memoryview) -> tuple[dict[str, Any], list[tuple[str, tuple
             raise HeaderError(f"tensor {name!r} has {n_dims} dimensions")
         ne = tuple(c.unpack("<Q") for _ in range(n_dims))
         entries.append((name, ne, c.unpack("<I"), c.unpack("<Q")))
-    align = int(meta.get("general.alignment", DEFAULT_ALIGNMENT))
-    if align <= 0 or align & (align - 1):
-        raise HeaderError(f"general.alignment {align} is not a power of two")
+    align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+        raise HeaderError(f"general.alignment {align!r} is not a power of two")
     start = -(-c.pos // align) * align
     return meta, [(n, ne, t, start + off) for n, ne, t, off in entries], start

@@ -15,7 +15,7 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from engine.gguf.header import MAGIC, HeaderError, parse_header
+from engine.gguf.header import DEFAULT_ALIGNMENT, MAGIC, HeaderError, parse_header
 from engine.gguf.paths import find_parts
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,25 @@ def read_part(path: Path) -> tuple[dict[str, Any], list[RawTensor]]:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         view = memoryview(m)
         try:
-            meta, entries, _ = parse_header(view)
+            meta, entries, start = parse_header(view)
         except HeaderError as e:
             raise ValueError(f"{path} is truncated or corrupt ({e}); re-download it") from e
         finally:
             view.release()
-    return meta, [_tensor(path, size, *e) for e in entries]
+    tensors = [_tensor(path, size, *e) for e in entries]
+    _check_layout(path, tensors, start, meta.get("general.alignment", DEFAULT_ALIGNMENT))
+    return meta, tensors
+
+
+def _check_layout(path: Path, tensors: list[RawTensor], start: int, align: int) -> None:
+    """Each tensor's data starts where the one before it ends, padded to ``align``, as ggml's reader
+    requires (a corrupt offset or type would otherwise read another tensor's bytes as weights)."""
+    expected = start
+    for t in tensors:
+        if t.offset != expected:
+            raise ValueError(f"{path} is corrupt: tensor {t.name!r} starts at byte {t.offset}, but the tensor "
+                             f"table puts it at {expected} (ggml's layout); re-download it")
+        expected += -(-t.nbytes // align) * align
 
 
 @dataclass

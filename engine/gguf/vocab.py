@@ -127,17 +127,35 @@ def _post_processor(tok: _HFTokenizer, special: dict[str, str], add_bos: bool, a
     tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=pairs)
 
 
+def _check_lists(meta: dict[str, Any], source: str) -> None:
+    """ValueError when a tokenizer array of the file holds values of the wrong type (a corrupt file)."""
+    for key, kinds, what in (("tokens", str, "strings"), ("merges", str, "strings"),
+                             ("token_type", int, "integers"), ("scores", (int, float), "numbers")):
+        values = meta.get(f"tokenizer.ggml.{key}")
+        if values is not None and not (isinstance(values, list) and all(isinstance(v, kinds) for v in values)):
+            raise ValueError(f"{source} is corrupt: tokenizer.ggml.{key} should be an array of {what}; re-download it")
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{source} is corrupt: tokenizer.chat_template should be a string; re-download it")
+
+
 def tokenizer_from_gguf(meta: dict[str, Any], source: str) -> Tokenizer:
     """The engine's Tokenizer (vocabulary, special tokens, eos ids, chat template) from GGUF metadata."""
     kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
     if tokens is None or kind is None:
         raise ValueError(f"{source} has no tokenizer (tokenizer.ggml.model / tokens); this engine needs one")
-    if kind == "gpt2":
-        tok = _byte_level(tokens, meta.get("tokenizer.ggml.merges") or [], meta.get("tokenizer.ggml.pre"))
-    elif kind == "llama":
-        tok = _sentencepiece(meta, tokens)
-    else:
-        raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+    _check_lists(meta, source)
+    try:  # the tokenizers library raises a bare Exception for a merge of tokens not in the vocabulary
+        if kind == "gpt2":
+            tok = _byte_level(tokens, meta.get("tokenizer.ggml.merges") or [], meta.get("tokenizer.ggml.pre"))
+        elif kind == "llama":
+            tok = _sentencepiece(meta, tokens)
+        else:
+            raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{source} is corrupt: its tokenizer cannot be built ({e}); re-download it") from None
     types = meta.get("tokenizer.ggml.token_type") or []
     ids = {name: meta.get(f"tokenizer.ggml.{key}") for name, key in SPECIAL_KEYS.items()}
     special = {name: tokens[i] for name, i in ids.items() if isinstance(i, int) and 0 <= i < len(tokens)}
