@@ -23,6 +23,41 @@ SUPPORTED_ARCHITECTURES = {
 SUPPORTED_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "mistral": "mistral"}
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# config.json keys this engine reads -> (check, what the value should be); None passes where the field allows it
+_KEY_TYPES: dict[str, tuple[Any, str]] = {
+    **{k: (_is_int, "an integer") for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "vocab_size", "max_position_embeddings")},
+    **{k: (lambda v: v is None or _is_int(v), "an integer or null") for k in ("num_key_value_heads", "head_dim",
+                                                                            "bos_token_id")},
+    **{k: (_is_number, "a number") for k in ("rms_norm_eps", "rope_theta")},
+    "rope_scaling": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+    "attention_bias": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    **{k: (lambda v: isinstance(v, str), "a string") for k in ("model_type", "hidden_act")},
+    "torch_dtype": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "eos_token_id": (lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+                     "an integer, a list of integers or null"),
+    "architectures": (lambda v: v is None or (isinstance(v, list) and all(isinstance(a, str) for a in v)),
+                      "a list of strings"),
+}
+
+
+def check_key_types(raw: dict[str, Any]) -> None:
+    """ValueError naming the first key of ``raw`` (a config.json) whose value has the wrong JSON type."""
+    for key, (ok, what) in _KEY_TYPES.items():
+        if key in raw and not ok(raw[key]):
+            raise ValueError(f"config.json: {key} should be {what}, got {raw[key]!r}; fix the file or download "
+                             "it again")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer config (Qwen2/2.5, Qwen3 dense, Llama 2/3/3.1, Mistral)."""
@@ -62,6 +97,11 @@ class ModelConfig:
                 )
         if self.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"config.json: {name} must be positive, got {value}")
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -75,9 +115,6 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "head_dim"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"config.json: {name} must be positive, got {getattr(self, name)}")
         rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
         if rope_type not in (None, "default", "llama3"):
             raise ValueError(f"unsupported rope_scaling type {rope_type!r}: supported are default and llama3")
@@ -109,6 +146,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Build from a config.json dict, keeping only known keys."""
+        check_key_types(raw)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in known}
         if "model_type" not in kwargs:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import Checkpoint
+from engine.checkpoint import Checkpoint, check_layer_count
 from engine.config import ModelConfig
 from engine.footprint import plan_model
 from engine.gguf import open_gguf
@@ -124,6 +124,7 @@ def open_model(model_dir: str | Path) -> ModelFiles:
     cfg = ModelConfig.from_file(model_dir / "config.json")
     quant = read_quantization(model_dir)
     ckpt = Checkpoint(model_dir)
+    check_layer_count(ckpt.tensors, cfg.num_hidden_layers, f"checkpoint {model_dir} does not match its config.json")
     if quant is None:
         ckpt.validate(expected_tensors(cfg))
     else:

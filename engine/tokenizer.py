@@ -268,5 +268,7 @@ class Tokenizer:
         try:
             return self._template.render(messages=_prepare_messages(messages),
                                          add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.exceptions.TemplateError as exc:
+        except jinja2.exceptions.TemplateError as exc:  # raise_exception(), an undefined name, the sandbox
             raise ValueError(f"chat template failed: {exc}") from exc
+        except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:  # the template's own bug
+            raise ValueError(f"chat template failed: {type(exc).__name__}: {exc}") from exc

@@ -123,7 +123,40 @@ def _pickles_only(d: Path):
     return d, ["pytorch_model.bin", "pickled weights are never loaded"]
 
 
+def _edit_json(d: Path, name: str, **changes) -> None:
+    data = json.loads((d / name).read_text())
+    (d / name).write_text(json.dumps({**data, **changes}))
+
+
+def _config_wrong_types(d: Path):
+    _edit_json(d, "config.json", hidden_size="256", rope_scaling=4)
+    return d, ["config.json: hidden_size should be an integer, got '256'", "fix the file"]
+
+
+def _config_nested_type(d: Path):
+    _edit_json(d, "config.json", model_type={"name": "qwen2"})  # before: "unhashable type: 'dict'"
+    return d, ["config.json: model_type should be a string"]
+
+
+def _config_zero_heads(d: Path):
+    _edit_json(d, "config.json", num_attention_heads=0)  # before: ZeroDivisionError's "modulo by zero"
+    return d, ["num_attention_heads must be positive, got 0"]
+
+
+def _config_huge_layer_count(d: Path):
+    _edit_json(d, "config.json", num_hidden_layers=2**40)  # before: a loop over 2**40 layers (a hang)
+    return d, [f"num_hidden_layers is {2**40}, but the weights hold layers 0-2 (3 of them)"]
+
+
+def _quantization_config_not_an_object(d: Path):
+    _edit_json(d, "config.json", quantization_config="awq")  # before: AttributeError's traceback
+    return d, ["quantization_config should be an object", "'awq'"]
+
+
 MODEL_DIR_CASES = {
+    "config-wrong-types": _config_wrong_types, "config-nested-type": _config_nested_type,
+    "config-zero-heads": _config_zero_heads, "config-huge-layer-count": _config_huge_layer_count,
+    "quantization-config-not-an-object": _quantization_config_not_an_object,
     "missing-dir": _missing_dir, "no-config": _no_config, "config-not-json": _config_not_json,
     "truncated-shard": _truncated_shard, "garbage-header-length": _garbage_header,
     "garbage-header-json": _garbage_header_json, "unsupported-architecture": _gpt2_config,
@@ -155,6 +188,18 @@ def test_bad_model_dir(capsys, model_copy, no_unpickling, case):
             assert f.lower() in str(exc.value).lower(), f"{f!r} not in {exc.value}"
     assert dir_snapshot(d) == before, "the model directory was modified"
     assert d.exists() == (case != "missing-dir")
+
+
+@pytest.mark.parametrize("template,fragment", [
+    ("{{ 1 / 0 }}", "chat template failed: ZeroDivisionError: division by zero"),
+    ("{{ messages[7].content }}", "chat template failed: list object has no element 7"),
+    ("{% for i in range(10**9) %}x{% endfor %}", "chat template failed: OverflowError"),
+])
+def test_a_chat_template_that_fails_is_one_error(capsys, model_copy, template, fragment):
+    """The template's own bug (before: a traceback from inside jinja for anything but a TemplateError)."""
+    _edit_json(model_copy, "tokenizer_config.json", chat_template=template)
+    rc, out, err = run_cli(capsys, ["--model", str(model_copy), *[a for a in BASE_ARGS if a != "--no-chat"]])
+    assert_clean_error(rc, out, err, [fragment])
 
 
 def test_missing_shard_named_by_index(capsys, tmp_path, no_unpickling):

@@ -183,3 +183,17 @@ def test_tokenizer_metadata_of_the_wrong_type_is_refused(tiny_gguf, key, value, 
     assert tokenizer_from_gguf(meta, "tiny.gguf").encode("hello")
     with pytest.raises(ValueError, match=f"tiny.gguf is corrupt: {expected}; re-download it"):
         tokenizer_from_gguf({**meta, key: value}, "tiny.gguf")
+
+
+def test_a_block_count_that_does_not_match_the_tensors_is_refused_before_any_per_layer_work(capsys, tmp_path,
+                                                                                           tiny_gguf):
+    data = bytearray(tiny_gguf.read_bytes())
+    key = b"qwen2.block_count"
+    at = data.index(len(key).to_bytes(8, "little") + key) + 8 + len(key)
+    assert int.from_bytes(data[at:at + 4], "little") == 4  # UINT32
+    data[at + 4:at + 8] = (2**31).to_bytes(4, "little")
+    bad = tmp_path / "blocks.gguf"
+    bad.write_bytes(bytes(data))
+    msg = run_cli(capsys, bad)
+    assert f"does not match its metadata: qwen2.block_count is {2**31}, but the weights hold layers 0-2 (3 of them)" \
+        in msg, msg

@@ -32,8 +32,9 @@ _DTYPE_NAMES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch
 
 def open_gguf(path: str | Path) -> tuple[ModelConfig, GGUFCheckpoint, Tokenizer]:
     """Config, checkpoint (validated against the config) and tokenizer of the GGUF model at ``path``."""
+    from engine.checkpoint import check_layer_count
     from engine.gguf.checkpoint import GGUFCheckpoint, widen_dtype
-    from engine.gguf.config import config_from_gguf
+    from engine.gguf.config import architecture, config_from_gguf
     from engine.gguf.reader import open_gguf_files
     from engine.gguf.vocab import tokenizer_from_gguf
     from engine.layout import expected_tensors
@@ -41,5 +42,7 @@ def open_gguf(path: str | Path) -> tuple[ModelConfig, GGUFCheckpoint, Tokenizer]
     files = open_gguf_files(path)
     cfg = config_from_gguf(files, _DTYPE_NAMES[str(widen_dtype(files))])
     ckpt = GGUFCheckpoint(files, cfg)
+    check_layer_count(ckpt.tensors, cfg.num_hidden_layers, f"GGUF file {ckpt.model_dir} does not match its metadata",
+                      f"{architecture(files)}.block_count")
     ckpt.validate(expected_tensors(cfg))
     return cfg, ckpt, tokenizer_from_gguf(files.metadata, str(files.path))

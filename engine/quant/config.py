@@ -118,6 +118,9 @@ def parse_quantization_config(config: dict[str, Any]) -> QuantizationConfig | No
     qc = config.get("quantization_config")
     if not qc:
         return None
+    if not isinstance(qc, dict):
+        raise ValueError(f"quantization_config should be an object (a JSON dict with quant_method, bits ...), "
+                         f"got {qc!r}")
     method = str(qc.get("quant_method", "")).lower()
     parse = {"awq": _awq, "gptq": _gptq, "compressed-tensors": _ct}.get(method)
     if parse is None:
