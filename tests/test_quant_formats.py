@@ -162,6 +162,16 @@ def test_gptq_act_order_through_the_kernel() -> None:
      "format 'float-quantized'"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized",
       "config_groups": {"g": {"weights": {"num_bits": 4, "type": "float", "strategy": "group"}}}}, "type='float'"),
+    # values of the wrong JSON type (each a traceback or a silently wrong reading before)
+    ({"quant_method": "gptq", "bits": 4, "group_size": True}, "group_size must be a positive integer or -1, got True"),
+    ({"quant_method": "gptq", "bits": 4, "sym": "false"}, "sym should be true or false, got 'false'"),
+    ({"quant_method": "awq", "bits": 4, "zero_point": 1}, "zero_point should be true or false, got 1"),
+    ({"quant_method": "awq", "bits": 4, "modules_to_not_convert": 1.5},
+     "modules_to_not_convert should be a list of module names, got 1.5"),
+    ({"quant_method": "compressed-tensors", "config_groups": True}, "config_groups should be an object, got True"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"format": "pack-quantized", "weights": 64}}},
+     "config_groups.g.weights should be an object, got 64"),
+    ("awq", "quantization_config should be an object"),
 ])
 def test_unsupported_configs(config: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -59,10 +59,32 @@ def _bits(value: Any, allowed: tuple[int, ...], method: str) -> int:
 
 
 def _group(value: Any) -> int:
-    if value is None or value == -1:
+    if value is None or (value == -1 and not isinstance(value, bool)):
         return -1
-    if not isinstance(value, int) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"quantization_config: group_size must be a positive integer or -1, got {value!r}")
+    return value
+
+
+def _flag(qc: dict[str, Any], key: str, default: bool) -> bool:
+    value = qc.get(key)
+    if value is None:  # absent or null: the format's default
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"quantization_config: {key} should be true or false, got {value!r}")
+    return value
+
+
+def _names(qc: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = qc.get(key) or ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"quantization_config: {key} should be a list of module names, got {value!r}")
+    return tuple(value)
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"quantization_config: {what} should be an object, got {value!r}")
     return value
 
 
@@ -72,8 +94,8 @@ def _awq(qc: dict[str, Any]) -> QuantizationConfig:
         raise ValueError(f"quantization_config: AWQ version {version!r} is not supported (supported: gemm)")
     return QuantizationConfig("awq", _bits(qc.get("bits", qc.get("w_bit")), (4,), "awq"),
                               _group(qc.get("group_size", qc.get("q_group_size", 128))),
-                              not qc.get("zero_point", True),
-                              modules_to_not_convert=tuple(qc.get("modules_to_not_convert") or ()))
+                              not _flag(qc, "zero_point", True),
+                              modules_to_not_convert=_names(qc, "modules_to_not_convert"))
 
 
 def _gptq(qc: dict[str, Any]) -> QuantizationConfig:
@@ -82,18 +104,19 @@ def _gptq(qc: dict[str, Any]) -> QuantizationConfig:
         raise ValueError(f"quantization_config: GPTQ checkpoint_format {fmt!r} is not supported "
                          "(supported: gptq, gptq_v2)")
     return QuantizationConfig("gptq", _bits(qc.get("bits"), (4, 8), "gptq"), _group(qc.get("group_size", 128)),
-                              bool(qc.get("sym", True)), bool(qc.get("desc_act", False)), fmt,
-                              tuple(qc.get("modules_to_not_convert") or ()))
+                              _flag(qc, "sym", True), _flag(qc, "desc_act", False), fmt,
+                              _names(qc, "modules_to_not_convert"))
 
 
 def _ct(qc: dict[str, Any]) -> QuantizationConfig:
-    groups = qc.get("config_groups") or {}
+    groups = _object(qc.get("config_groups") or {}, "config_groups")
     if not groups:
         raise ValueError("quantization_config: compressed-tensors without config_groups")
     schemes = []
     for name, scheme in groups.items():
+        scheme = _object(scheme, f"config_groups.{name}")
         fmt = scheme.get("format") or qc.get("format")
-        w = scheme.get("weights") or {}
+        w = _object(scheme.get("weights") or {}, f"config_groups.{name}.weights")
         if fmt != "pack-quantized":
             raise ValueError(f"quantization_config: compressed-tensors format {fmt!r} in {name} is not "
                              "supported (supported: pack-quantized)")
@@ -103,13 +126,13 @@ def _ct(qc: dict[str, Any]) -> QuantizationConfig:
             raise ValueError(f"quantization_config: {name} weights type={w.get('type')!r} strategy="
                              f"{w.get('strategy')!r} are not supported (supported: int, group or channel)")
         group = -1 if w["strategy"] == "channel" else _group(w.get("group_size"))
-        schemes.append((_bits(w.get("num_bits"), (4, 8), "compressed-tensors"), group, bool(w.get("symmetric"))))
+        schemes.append((_bits(w.get("num_bits"), (4, 8), "compressed-tensors"), group, _flag(w, "symmetric", False)))
     if len(set(schemes)) > 1:
         raise ValueError(f"quantization_config: config_groups with different weight schemes {sorted(set(schemes))} "
                          "are not supported")
     bits, group, sym = schemes[0]
     return QuantizationConfig("compressed-tensors", bits, group, sym,
-                              modules_to_not_convert=tuple(qc.get("ignore") or ()))
+                              modules_to_not_convert=_names(qc, "ignore"))
 
 
 def parse_quantization_config(config: dict[str, Any]) -> QuantizationConfig | None:
