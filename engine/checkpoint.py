@@ -57,29 +57,46 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise ValueError(f"{path} has a corrupt safetensors header ({e}); re-download it") from e
     if not isinstance(header, dict):
         raise ValueError(f"{path} has a corrupt safetensors header (not a JSON object); re-download it")
-    infos = {}
-    base = 8 + n
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-            shape = tuple(int(s) for s in meta["shape"])
-            start, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: bad header entry for {name!r} ({e}); re-download the file") from e
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - start != numel * dtype.itemsize or start < 0:
-            raise ValueError(f"{path}: tensor {name!r} has inconsistent offsets; the file is corrupt")
-        if base + end > size:
-            raise ValueError(
-                f"{path} is truncated: tensor {name!r} ends at byte {base + end} but the file has "
-                f"{size} bytes; re-download it"
-            )
-        infos[name] = TensorInfo(name, path, dtype, shape, base + start, end - start)
+    infos = {name: _entry(path, name, meta, 8 + n, size) for name, meta in header.items() if name != "__metadata__"}
+    _check_no_overlap(path, infos)
     return infos
+
+
+def _entry(path: Path, name: str, meta, base: int, size: int) -> TensorInfo:
+    """One tensor's header entry (``base``: where the data starts), checked against its dtype and the file."""
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+        raise ValueError(f"{path}: bad header entry for {name!r} (it needs dtype, shape and data_offsets); "
+                         "re-download the file")
+    dtype = SAFETENSORS_DTYPES.get(meta["dtype"]) if isinstance(meta["dtype"], str) else None
+    if dtype is None:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {meta['dtype']!r}, which this engine does not read "
+                         f"({', '.join(SAFETENSORS_DTYPES)}); use a bf16 / fp16 / fp32 checkpoint")
+    shape, offsets = meta["shape"], meta["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(x, int) for x in offsets)):
+        raise ValueError(f"{path}: bad header entry for {name!r} (shape {shape!r}, data_offsets {offsets!r}); "
+                         "re-download the file")
+    start, end = offsets
+    numel = 1
+    for s in shape:
+        numel *= s
+    if end - start != numel * dtype.itemsize or start < 0:
+        raise ValueError(f"{path}: tensor {name!r} has inconsistent offsets; the file is corrupt")
+    if base + end > size:
+        raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} but the file has "
+                         f"{size} bytes; re-download it")
+    return TensorInfo(name, path, dtype, tuple(shape), base + start, end - start)
+
+
+def _check_no_overlap(path: Path, infos: dict[str, TensorInfo]) -> None:
+    """ValueError when two tensors' byte ranges overlap (a corrupt offset would read one's bytes as the
+    other's; the safetensors library refuses such files too)."""
+    end, last = 0, None
+    for info in sorted(infos.values(), key=lambda i: (i.offset, i.nbytes)):
+        if info.offset < end:
+            raise ValueError(f"{path}: tensors {last!r} and {info.name!r} overlap in the file; the file is corrupt, "
+                             "re-download it")
+        end, last = info.offset + info.nbytes, info.name
 
 
 def shard_files(model_dir: Path) -> list[Path]:

@@ -86,6 +86,32 @@ def _garbage_header_json(d: Path):
     return d, ["corrupt safetensors header"]
 
 
+def _edit_header(d: Path, name: str, **changes) -> None:
+    """Rewrite model.safetensors with tensor ``name``'s header entry changed (the data as it was)."""
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header[name] = {**header[name], **changes}
+    body = json.dumps(header).encode()
+    f.write_bytes(len(body).to_bytes(8, "little") + body + data[8 + n:])
+
+
+def _overlapping_tensors(d: Path):
+    """down_proj's range moved onto the tensor before it (the same length): its bytes would be another's."""
+    name = "model.layers.1.mlp.down_proj.weight"
+    f = d / "model.safetensors"
+    header = json.loads(f.read_bytes()[8:8 + int.from_bytes(f.read_bytes()[:8], "little")])
+    start, end = header[name]["data_offsets"]
+    _edit_header(d, name, data_offsets=[start - 64, end - 64])
+    return d, ["overlap in the file", name, "re-download"]
+
+
+def _float8_tensor(d: Path):
+    _edit_header(d, "model.norm.weight", dtype="F8_E4M3")  # before: "bad header entry ... ('F8_E4M3')"
+    return d, ["tensor 'model.norm.weight' has dtype 'F8_E4M3', which this engine does not read"]
+
+
 def _gpt2_config(d: Path):
     cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 3,
            "n_positions": 1024, "vocab_size": 1088, "activation_function": "gelu_new", "bos_token_id": 0,
@@ -157,6 +183,7 @@ MODEL_DIR_CASES = {
     "config-wrong-types": _config_wrong_types, "config-nested-type": _config_nested_type,
     "config-zero-heads": _config_zero_heads, "config-huge-layer-count": _config_huge_layer_count,
     "quantization-config-not-an-object": _quantization_config_not_an_object,
+    "overlapping-tensors": _overlapping_tensors, "float8-tensor": _float8_tensor,
     "missing-dir": _missing_dir, "no-config": _no_config, "config-not-json": _config_not_json,
     "truncated-shard": _truncated_shard, "garbage-header-length": _garbage_header,
     "garbage-header-json": _garbage_header_json, "unsupported-architecture": _gpt2_config,
