@@ -70,6 +70,9 @@ def _select_template(raw: Any, source: Path) -> str | None:
         named = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}
     elif isinstance(raw, dict):
         named = raw
+    else:
+        raise ValueError(f"{source}: chat_template should be a string or a list of {{name, template}} objects, "
+                         f"got {raw!r}; fix it or run with --no-chat")
     template = named.get("default")
     if not isinstance(template, str):
         raise ValueError(

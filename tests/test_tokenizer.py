@@ -142,6 +142,9 @@ def test_chat_template_missing_and_named(tmp_path: Path, rust_tok: RustTokenizer
     assert t.apply_chat_template(CONVERSATIONS[0]).startswith("<|im_start|>system\nYou are terse.")
     with pytest.raises(ValueError, match="Unknown role"):
         t.apply_chat_template([{"role": "robot", "content": "beep"}])
+    with pytest.raises(ValueError, match="chat_template should be a string or a list of {name, template} objects, "
+                                         "got 5"):
+        Tokenizer.from_dir(_write_model(tmp_path / "number", rust_tok, chat_template=5))
 
 
 @pytest.mark.parametrize("template", [CHATML, FANCY], ids=["chatml", "fancy"])
