@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import Checkpoint, check_layer_count
+from engine.cpu_widen import widen_resident
 from engine.config import ModelConfig
 from engine.footprint import plan_model
 from engine.gguf import open_gguf
@@ -188,6 +189,10 @@ class Engine:
             self.quant_note = (f"weights loaded with the layers as {self.quant.label} ({how}) in "
                                f"{time.perf_counter() - start:.1f} s")
             log.info(self.quant_note)
+            widened = self.ops.name == "torch" and widen_resident(  # Triton kernels read the packed form
+                self.weights, self.dtype, opts.vram_budget is not None or bool(opts.quantize))
+            if widened:
+                self.quant_note += f"; {widened}"
         self.model = Model(self.cfg, self.weights, self.ops, self.device, self.dtype, opts.max_context)
         self.model.host_states = self.plan.prefill_state_place == "host"
         self.cache = KVCache(self.cfg, opts.batch, opts.max_context, self.dtype, self.device)
