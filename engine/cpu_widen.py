@@ -1,18 +1,18 @@
-"""A CPU run's resident quantized layers, held widened to the compute dtype when the RAM allows.
+"""Opt-in (``LAYERSTREAM_CPU_WIDEN=1``): a CPU run's resident quantized layers held widened to the
+compute dtype, when the RAM allows.
 
-On the CPU a packed layer buys nothing but memory: the plain-torch path decodes its blocks into the
-compute dtype at every call (``engine.quant.rows.packed_linear``), for every token, so a decode step
-writes and reads the layers' full-precision bytes anyway. Holding that decoded copy once, beside the
-packed one, makes each step dense matmuls over the same values: the real SmolLM2-135M Q4_1 GGUF
-decoded at a median 17.0 tok/s against 9.1 packed (1.9x, eight alternated runs each, the same text) on
-this project's 2-vCPU machine, for 405 MiB more RAM (bench/results/2026-12-05-cpu-widen).
-It costs RAM (a Q4 layer ~7x its packed bytes in fp32), so it is done only when every resident
-layer's copy fits :data:`engine.host_forms.WIDEN_RAM_SHARE` of the RAM available and no
-``--vram-budget`` bounds the resident bytes (on the CPU that budget is the RAM the user gave them), and
-not for ``--quantize`` (asked for to hold fewer bytes); only for the plain-torch path (the Triton kernels,
-the interpreter's included, read the packed form).
-Streamed layers stay packed: their slots hold another layer at each use. ``LAYERSTREAM_CPU_WIDEN=0``
-keeps every layer packed (A/B runs, tests of the packed path).
+By default the plain-torch path keeps every quantized layer packed and decodes it per call (issue 15:
+nothing is dequantized into a full-precision copy on the host; ``engine.quant.rows.packed_linear``), so
+each decode step writes and reads the layers' full-precision bytes anyway. Someone trying a quantized
+model on a machine without a GPU may rather spend RAM for speed: with this on, the decoded copy is held
+once, beside the packed one, and each step runs dense matmuls over the same values. The real
+SmolLM2-135M Q4_1 GGUF decoded at a median 17.0 tok/s against 9.1 packed (1.9x, eight alternated runs
+each, the same text) on this project's 2-vCPU machine, for 405 MiB more RAM
+(bench/results/2026-12-05-cpu-widen). Even when asked, it is done only when every resident layer's copy
+fits :data:`engine.host_forms.WIDEN_RAM_SHARE` of the RAM available, no ``--vram-budget`` bounds the
+resident bytes (on the CPU that budget is the RAM the user gave them) and no ``--quantize`` asked for
+fewer bytes; only for the plain-torch path (the Triton kernels, the interpreter's included, read the
+packed form). Streamed layers stay packed: their slots hold another layer at each use.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def widen_resident(weights, dtype: torch.dtype, bounded: bool, available: int | 
     """Widen ``weights``' resident quantized layers (and a packed resident lm_head) to ``dtype`` in place
     when the module docstring's conditions hold (``bounded``: a --vram-budget or --quantize run); returns
     a note saying what it held, or None."""
-    if weights.device.type != "cpu" or bounded or os.environ.get("LAYERSTREAM_CPU_WIDEN", "1") == "0":
+    if weights.device.type != "cpu" or bounded or os.environ.get("LAYERSTREAM_CPU_WIDEN", "0") != "1":
         return None
     extra = widened_bytes(weights, dtype)
     ram = psutil.virtual_memory().available if available is None else available
@@ -58,4 +58,4 @@ def widen_resident(weights, dtype: torch.dtype, bounded: bool, available: int | 
     if isinstance(weights.lm_head, GGMLWeight):
         weights.lm_head = widen(weights.lm_head, dtype)
     return (f"widened to {str(dtype).removeprefix('torch.')} for the CPU in {time.perf_counter() - t0:.1f} s "
-            f"(+{extra / 2**20:.0f} MiB of RAM for faster steps; LAYERSTREAM_CPU_WIDEN=0 keeps them packed)")
+            f"(LAYERSTREAM_CPU_WIDEN=1: +{extra / 2**20:.0f} MiB of RAM for faster steps)")

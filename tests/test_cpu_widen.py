@@ -1,5 +1,6 @@
-"""engine.cpu_widen: a CPU run holds its resident quantized layers widened to the compute dtype when the
-RAM allows; the values are the packed ones decoded, so logits equal the packed path's."""
+"""engine.cpu_widen: with LAYERSTREAM_CPU_WIDEN=1 a CPU run holds its resident quantized layers widened to
+the compute dtype when the RAM allows; the values are the packed ones decoded, so logits equal the packed
+path's. Without it (the default, issue 15) every layer stays packed."""
 
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ def _logits(engine, prompt: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["gguf-q4_k_m", "awq"])
 def test_widened_layers_give_the_packed_paths_logits_and_tokens(models, kind, monkeypatch):
+    packed = make_engine(models[kind])  # the default
+    monkeypatch.setenv("LAYERSTREAM_CPU_WIDEN", "1")
     widened = make_engine(models[kind])
-    monkeypatch.setenv("LAYERSTREAM_CPU_WIDEN", "0")
-    packed = make_engine(models[kind])
     assert _packed(widened) == 0 and _packed(packed) > 0
     assert widened.quant_note and "widened to float32 for the CPU" in widened.quant_note
     assert "widened" not in packed.quant_note
@@ -49,16 +50,16 @@ def test_widened_layers_give_the_packed_paths_logits_and_tokens(models, kind, mo
     assert outs[0] == outs[1]
 
 
-def test_a_budget_or_quantize_keeps_layers_packed(models, tiny_qwen2_dir):
+def test_a_budget_or_quantize_keeps_layers_packed(models, tiny_qwen2_dir, monkeypatch):
+    monkeypatch.setenv("LAYERSTREAM_CPU_WIDEN", "1")
     assert _packed(make_engine(models["awq"], vram_budget=1 << 30)) > 0  # the RAM the user gave resident bytes
     quantized = make_engine(tiny_qwen2_dir, quantize="int8", quant_group=32)  # asked for fewer bytes
     assert _packed(quantized) > 0 and "widened" not in quantized.quant_note
 
 
 def test_nothing_is_widened_when_the_copies_would_not_fit_the_ram(models, monkeypatch):
-    monkeypatch.setenv("LAYERSTREAM_CPU_WIDEN", "0")
     engine = make_engine(models["gguf-q4_k_m"])
-    monkeypatch.delenv("LAYERSTREAM_CPU_WIDEN")
+    monkeypatch.setenv("LAYERSTREAM_CPU_WIDEN", "1")
     extra = widened_bytes(engine.weights, engine.dtype)
     assert extra > 0
     assert widen_resident(engine.weights, engine.dtype, False, available=extra) is None  # over 25% of it

@@ -23,12 +23,6 @@ from tests.helpers import hf_greedy, make_engine, random_prompts
 from tests.test_gguf_tiny import gguf_model  # noqa: F401 (the fixture)
 
 
-@pytest.fixture(autouse=True)
-def _packed_layers(monkeypatch):
-    """These tests look at how the layers are stored: keep the CPU run from widening them (engine.cpu_widen)."""
-    monkeypatch.setenv("LAYERSTREAM_CPU_WIDEN", "0")
-
-
 def _block_bytes(views: dict) -> int:
     return sum(w.nbytes for w in views.values() if isinstance(w, GGMLWeight))
 

@@ -24,13 +24,6 @@ from engine.sampling import SamplingParams
 from tests.helpers import hf_greedy, make_engine, random_prompts
 from tests.test_gguf_tiny import gguf_model  # noqa: F401 (the fixture)
 
-
-@pytest.fixture(autouse=True)
-def _packed_layers(monkeypatch):
-    """These tests look at how the layers are stored: keep the CPU run from widening them (engine.cpu_widen)."""
-    monkeypatch.setenv("LAYERSTREAM_CPU_WIDEN", "0")
-
-
 # file type -> each fused projection's form (bits, group, additive mins, scale bytes), "*" for all of them;
 # the K_M files hold Q6_K in some layers' attn_v / ffn_down (llama.cpp's use_more_bits), so qkv and down
 # take the form that holds both Q6_K and the file's K-quant, o and gate_up the K-quant's own

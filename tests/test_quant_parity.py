@@ -151,7 +151,6 @@ def _batch_one_decode_errors(d, ref, variant: int, monkeypatch) -> tuple[list[fl
     picked, real_launch = [], qgemv._launch
     monkeypatch.setattr(qgemv, "_launch", lambda cfg, *a, **k: (picked.append(cfg.kwargs["VARIANT"]),
                                                                  real_launch(cfg, *a, **k))[1])
-    monkeypatch.setenv("LAYERSTREAM_CPU_WIDEN", "0")  # the Triton ops swapped in below read the packed layers
     eng = make_engine(d, max_context=32, dtype="bf16")
     eng.model.ops = TritonOps()
     ids = torch.randint(0, eng.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(21))
@@ -196,7 +195,6 @@ def test_triton_dense_prefill_on_quantized_layers(qmodel, monkeypatch) -> None:
     monkeypatch.setattr(qlinear_mod, "dense_qlinear", lambda x, *a, **k: dense_rows.append(x.shape[0]) or real(x, *a, **k))
 
     ref, d = qmodel("qwen3", "gptq-actorder")
-    monkeypatch.setenv("LAYERSTREAM_CPU_WIDEN", "0")  # the Triton ops swapped in below read the packed layers
     eng = make_engine(d, max_context=160)
     eng.model.ops = TritonOps()
     ids = torch.randint(0, eng.cfg.vocab_size, (2, 134), generator=torch.Generator().manual_seed(13))
