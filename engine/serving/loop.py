@@ -104,7 +104,7 @@ class EngineLoop:
             self.scheduler.check(s.prompt_ids, s.params)  # reads the engine's shape only: safe here
         if len(seqs) > self.capacity:
             raise ValueError(f"{len(seqs)} completions at once can never fit: this server holds "
-                             f"{self.capacity} (--max-batch + --max-waiting); lower n")
+                             f"{self.capacity} (--max-batch + --max-waiting); lower n or send fewer prompts a request")
         with self._lock:
             if self._outstanding + len(seqs) > self.capacity:
                 raise QueueFull(f"{self._outstanding} requests in flight (limit {self.capacity}); retry later")
