@@ -1,12 +1,12 @@
 """What the server makes of request bodies that are not what it expects: every one gets OpenAI's error
-envelope naming what is wrong, none disturbs the requests already running, and lenient cases (no
-``model``, ``curl -d``'s form Content-Type) are served."""
+envelope naming what is wrong, none disturbs the requests already running; a request without ``model``
+is served by the served model; a body that is not sent as JSON is refused before it is read."""
 
 from __future__ import annotations
 
 import json
 import re
-import urllib.request
+import http.client
 
 import pytest
 
@@ -58,13 +58,25 @@ def test_bad_bodies_get_the_envelope(url, path, body, match, param):
     assert re.search(match, err["message"]), err["message"]
 
 
-def test_model_may_be_left_out_and_curl_d_content_type_is_read_as_json(url):
+def test_model_may_be_left_out(url):
     status, out, _ = post(url + CHAT, {"messages": USER, "max_tokens": 2})
     assert status == 200 and out["model"] == "m" and out["usage"]["completion_tokens"] >= 1
-    req = urllib.request.Request(url + COMPLETIONS, data=json.dumps({"prompt": "hi", "max_tokens": 2}).encode(),
-                                 headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d's
-    with urllib.request.urlopen(req, timeout=60) as r:
-        assert r.status == 200 and json.loads(r.read())["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("ctype", ["application/x-www-form-urlencoded", "text/plain;charset=UTF-8", None])
+def test_a_body_not_sent_as_json_is_refused_before_any_work(url, ctype):
+    """curl -d's form type, and what a web page on another site can send without a CORS preflight: such a
+    request must not start a generation (before: a form body was parsed as JSON and served)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)  # sends no Content-Type unless given one
+    conn.request("POST", COMPLETIONS, body=json.dumps({"prompt": "hi", "max_tokens": 2}).encode(),
+                 headers={"Content-Type": ctype} if ctype else {})
+    r = conn.getresponse()
+    err = _envelope(json.loads(r.read()))
+    conn.close()
+    assert r.status == 415 and "Content-Type: application/json" in err["message"], err
+    assert err["message"].endswith(f"got {ctype.split(';')[0] if ctype else 'no Content-Type'}")
+    assert post(url + COMPLETIONS, {"prompt": "hi", "max_tokens": 2}, {"Content-Type": "application/json; charset=utf-8"})[0] == 200
 
 
 @pytest.mark.parametrize("seed,n", [(2**64 - 1, 3), (-2**63, 2), (-1, 2)])

@@ -168,11 +168,16 @@ def _field_error(errors: list) -> JSONResponse:
 
 
 async def read_body(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
-    """The request's JSON object as ``model``, whatever its Content-Type (``curl -d`` sends a form's), or
-    a 400 error response saying what is wrong with it."""
+    """The request's JSON object as ``model``, or an error response saying what is wrong with the body.
+    The Content-Type must be JSON: a web page on any site may send a plain-text or form POST here
+    without asking first (a CORS "simple request"), and such a body must not start a generation."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        return error(415, f"send the body as JSON with the header Content-Type: application/json (curl: -H "
+                     f"'Content-Type: application/json'); got {media or 'no Content-Type'}")
     raw = await request.body()
     if not raw.strip():
-        return error(400, "the body is empty; send a JSON object (Content-Type: application/json)")
+        return error(400, "the body is empty; send a JSON object")
     try:
         obj = json.loads(raw)
     except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8 / 16 / 32
