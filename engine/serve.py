@@ -32,6 +32,10 @@ def build_parser(prog: str = "python -m engine.serve") -> CliParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    p.add_argument("--allowed-origin", dest="allowed_origins", action="append", metavar="ORIGIN",
+                   help="a web origin (e.g. http://localhost:3000) whose pages may call the API from a browser "
+                        "(CORS; repeatable; '*' = any site, best with --api-key); default: none (the chat page at / "
+                        "needs none)")
     p.add_argument("--served-model-name", help="the model id clients send (default: --model, or 'default')")
     p.add_argument("--generation-config", choices=["auto", "openai"], default="auto",
                    help="what a request that leaves out temperature / top_p / top_k / min_p / repetition_penalty "
@@ -135,7 +139,7 @@ def _serve(args, load, step_log, sampling: dict | None = None):
 
     loop.on_step = on_step
     name = args.served_model_name or args.model or "default"
-    app = create_app(loop, name, args.api_key, metrics, sampling)
+    app = create_app(loop, name, args.api_key, metrics, sampling, args.allowed_origins)
     # uvicorn's own limit only backs ours up: at --grace the engine cancels what is left, so every stream
     # still ends with a finish chunk and [DONE]
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,

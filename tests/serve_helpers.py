@@ -56,7 +56,7 @@ def open_stream(url: str, body: dict, headers: dict | None = None):
 
 
 @contextlib.contextmanager
-def app_server(loop, name: str = "m"):
+def app_server(loop, name: str = "m", **app_options):
     """``loop``'s (an ``engine.serving.loop.EngineLoop``) app served by uvicorn in a thread of this process
     on 127.0.0.1: yields its URL once it listens; on exit stops the server, then the loop."""
     import uvicorn
@@ -64,7 +64,8 @@ def app_server(loop, name: str = "m"):
     from engine.serving.app import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(loop, name), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(loop, name, **app_options), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

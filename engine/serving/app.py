@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
@@ -197,13 +198,18 @@ def internal_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
-               metrics: ServerMetrics | None = None, sampling: dict | None = None) -> FastAPI:
+               metrics: ServerMetrics | None = None, sampling: dict | None = None,
+               allowed_origins: list[str] | None = None) -> FastAPI:
     """The app; ``loop`` is started (and stopped) by the caller. ``sampling``: the values of sampling fields a
-    request leaves out (``engine.generation_defaults``; OpenAI's for the rest)."""
+    request leaves out (``engine.generation_defaults``; OpenAI's for the rest). ``allowed_origins``: web
+    origins whose pages may call the API (CORS, Starlette's middleware; none by default)."""
     app = FastAPI(title="layerstream", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = metrics or ServerMetrics(loop)
     api = Api(loop, model_name, metrics, sampling)
     app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
+    if allowed_origins:  # added last, so outermost: a preflight is answered before the API key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     app.add_exception_handler(Exception, internal_error)
     app.add_exception_handler(HTTPException, lambda _, exc: error(exc.status_code, str(exc.detail),
                                                                   code=str(exc.status_code)))
