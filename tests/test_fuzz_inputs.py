@@ -46,3 +46,17 @@ def test_an_escaping_exception_breaks_the_rule(monkeypatch):
     assert run_one([]) == (False, "KeyError: 'deep inside'")
     monkeypatch.setattr(fuzz, "run_main", lambda argv: 1)  # exit 1 with no error line
     assert run_one([])[0] is False
+
+
+def test_the_server_fuzzers_rule():
+    from bench.fuzz_server import kept, request
+
+    envelope = b'{"error": {"message": "m", "type": "invalid_request_error", "param": null, "code": null}}'
+    assert kept(400, envelope, {}) and kept(503, envelope, {}) and kept(200, b'{"id": "x"}', {})
+    assert not kept(500, envelope, {}) and not kept(500, b"Internal Server Error", {})
+    assert not kept(400, b"Bad Request", {})  # not OpenAI's envelope
+    assert kept(200, b'data: {"x": 1}\n\ndata: [DONE]\n\n', {"stream": True})
+    assert not kept(200, b'data: {"x": 1}\n\n', {"stream": True})  # a stream cut short
+    rng = random.Random(0)
+    paths = {request(rng)[0] for _ in range(50)}
+    assert paths == {"/v1/chat/completions", "/v1/completions"}
