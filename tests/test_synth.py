@@ -227,10 +227,22 @@ def test_refuses_non_empty_out(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "not empty" in err and "--force" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+    # --force replaces a model directory only: a mistyped --out (here a folder of the user's) is never deleted
+    assert main(["--preset", "tiny-qwen2", "--out", str(out), "--force"]) == 2
+    assert "holds no model" in capsys.readouterr().err and [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert main(["--preset", "tiny-qwen2", "--out", str(out / "keep.txt"), "--force", "--format", "gguf"]) == 2
+    assert "is a file" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    (out / "config.json").write_text("{}")  # an earlier synthesis, say
     assert main(["--preset", "tiny-qwen2", "--out", str(out), "--force"]) == 0
     assert "parameters" in capsys.readouterr().out
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+
+def test_gguf_type_needs_the_gguf_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--preset", "tiny-qwen2", "--out", str(tmp_path / "x"), "--gguf-type", "Q8_0"]) == 2
+    assert "--gguf-type applies to --format gguf" in capsys.readouterr().err  # before: ignored, safetensors written
+    assert not (tmp_path / "x").exists()
 
 
 def test_unknown_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

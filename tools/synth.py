@@ -31,7 +31,7 @@ from engine.gguf.random_writer import write_random_gguf
 from engine.gguf.writer import FILE_TYPES as GGUF_TYPES, describe, write_gguf
 from engine.synth.presets import PRESETS
 from engine.synth.quant import QUANT_KINDS
-from engine.synth.writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, SynthError, synthesize
+from engine.synth.writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, SynthError, check_out, synthesize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,13 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     p.add_argument("--device", default="cpu", help="where random tensors are generated (cpu, cuda, cuda:N)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out that holds a model (config.json "
+                   "or a .gguf, e.g. an earlier synthesis); other files and directories are never replaced")
     p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="shard size cap")
     p.add_argument("--quant", choices=QUANT_KINDS, help="write a quantized checkpoint in this published format "
                    "(its unquantized tensors in the format's dtype: fp16 for awq / gptq, bf16 otherwise)")
     p.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"])
-    p.add_argument("--gguf-type", default="Q4_K_M", choices=list(GGUF_TYPES),
-                   help="GGUF file type (--format gguf): Q4_K_M / Q5_K_M mix Q4_K|Q5_K with Q6_K as llama.cpp does")
+    p.add_argument("--gguf-type", choices=list(GGUF_TYPES),
+                   help="GGUF file type (--format gguf; default Q4_K_M): Q4_K_M / Q5_K_M mix Q4_K|Q5_K with Q6_K as "
+                        "llama.cpp does")
     p.add_argument("--gguf-from-floats", action="store_true",
                    help="--format gguf: quantize synthesized float weights (slow) instead of writing random blocks")
     return p
@@ -63,8 +65,7 @@ def synth_gguf(args: argparse.Namespace) -> Path:
     the float checkpoint and quantizes it (engine.gguf.writer: slow, the whole model in memory).
     """
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise SynthError(f"{out} is not empty; pass --force to replace it")
+    check_out(out, args.force)
     tmp = out.parent / f".{out.name}.gguf-tmp-{os.getpid()}"
     src, staged, name = tmp / "src", tmp / "out", f"model-{args.gguf_type}.gguf"
     try:
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.gguf_from_floats and args.format != "gguf":
             raise SynthError("--gguf-from-floats applies to --format gguf only")
+        if args.gguf_type and args.format != "gguf":
+            raise SynthError("--gguf-type applies to --format gguf (add --format gguf)")
+        args.gguf_type = args.gguf_type or "Q4_K_M"
         if args.format == "gguf":
             if args.quant:
                 raise SynthError("--quant writes safetensors checkpoints; a GGUF file's types come from --gguf-type")

@@ -195,11 +195,19 @@ def _check_args(preset: str, dtype: str, layers: int | None, device: str, max_sh
     return name
 
 
-def _check_out(out: Path, force: bool) -> None:
-    """Refuse an existing non-empty output (file or directory) unless ``force``."""
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an existing non-empty output unless ``force``; even with ``force``, replace only a directory
+    that holds a model (a config.json or a .gguf file, e.g. an earlier synthesis): a mistyped --out (a
+    file, a home directory) must never be deleted."""
     occupied = out.is_file() or out.is_symlink() or (out.is_dir() and any(out.iterdir()))
-    if occupied and not force:
-        raise SynthError(f"output {out} exists and is not empty; use --force to replace it")
+    if not occupied:
+        return
+    if not force:
+        raise SynthError(f"output {out} exists and is not empty; use --force to replace it (a model directory only)")
+    if out.is_symlink() or not out.is_dir() or not ((out / "config.json").is_file() or any(out.glob("*.gguf"))):
+        what = "a file" if out.is_file() or out.is_symlink() else "a directory that holds no model (no config.json or .gguf)"
+        raise SynthError(f"output {out} is {what}: --force replaces only a model directory; remove it yourself "
+                         "or choose another --out")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -267,7 +275,7 @@ def synthesize(preset: str, out: Path, dtype: str = "bf16", seed: int = 0, layer
     """
     name = _check_args(preset, dtype, layers, device, max_shard_bytes)
     out = Path(out)
-    _check_out(out, force)
+    check_out(out, force)
     tok = build_tokenizer(PRESET_FAMILY[name], relocate=is_tiny(name))
     cfg = build_config(name, dtype, layers, tok)
     specs, make = tensor_specs(cfg, dtype), (lambda s: make_tensor(s, seed, device))
