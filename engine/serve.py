@@ -105,8 +105,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
 
 def _check_server_args(args) -> None:
     """ValueError for a flag the server cannot take (before anything loads)."""
-    if not 0 <= args.port < 65536 or args.max_waiting < 0 or args.grace < 0 or args.block_size < 1:
-        raise ValueError("--port must be in 0..65535, --max-waiting and --grace >= 0, --block-size >= 1")
+    for bad, message in ((not 0 <= args.port < 65536, f"--port must be in 0..65535, got {args.port}"),
+                         (args.max_waiting < 0, f"--max-waiting must be >= 0, got {args.max_waiting}"),
+                         (args.grace < 0, f"--grace must be >= 0, got {args.grace}"),
+                         (args.block_size < 1, f"--block-size must be >= 1, got {args.block_size}"),
+                         (args.batch is not None and args.batch < 1, f"--max-batch must be >= 1, got {args.batch}")):
+        if bad:
+            raise ValueError(message)
     check_engine_args(args)
     if args.host_compute != "off":
         raise ValueError("--host-compute applies to layerstream runs, not to the server (its paged KV cache "

@@ -72,9 +72,11 @@ def test_api_key_overload_and_sigterm(tiny_qwen2_dir):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--port", "70000"], "--port must be in 0..65535, got 70000"),
     (["serve", "--model", "/nonexistent/model-dir"], "nonexistent"),
-    (["serve", "--max-batch", "0"], "--batch must be >= 1"),
+    (["serve", "--max-batch", "0"], "--max-batch must be >= 1, got 0"),  # the server's name for it
+    (["serve", "--block-size", "0"], "--block-size must be >= 1, got 0"),
+    (["serve", "--grace", "-5"], "--grace must be >= 0, got -5"),
     (["serve", "--host", "203.0.113.7"], "cannot listen on 203.0.113.7"),
     (["serve", "--step-log", "/nonexistent/dir/steps.jsonl"], "--step-log /nonexistent/dir/steps.jsonl: cannot open"),
 ])
