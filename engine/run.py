@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     ``layerstream serve ...`` starts the OpenAI-compatible server instead (``engine.serve``)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
-        from engine.serve import main as serve_main
+        try:
+            from engine.serve import main as serve_main
+        except KeyboardInterrupt:
+            return 0
         return serve_main(argv[1:], prog="layerstream serve")
     parser = build_parser()
     try:
@@ -80,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from engine.cli_session import main_session  # heavy: torch, the engine
+    try:
+        from engine.cli_session import main_session  # heavy: torch, the engine (seconds on a cold disk)
+    except KeyboardInterrupt:  # Ctrl-C while torch imports: no traceback, the same exit as a later Ctrl-C
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return main_session(args, prompts)
 
 

@@ -19,7 +19,6 @@ import threading
 import time
 
 from engine.cli_args import CliParser, add_engine_args, check_engine_args
-from engine.cli_session import load_engine, options_from_args, resolve_or_default
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +64,30 @@ def build_parser(prog: str = "python -m engine.serve") -> CliParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") -> int:
-    """Parse flags, check the model, start the engine thread and serve until SIGTERM / Ctrl-C."""
-    args = build_parser(prog).parse_args(argv)
+    """Parse flags, check the model, start the engine thread and serve until SIGTERM / Ctrl-C. A signal
+    before serving starts (importing torch, reading the model) stops it there, exit 0; one that a
+    library swallows (a KeyboardInterrupt raised inside a ``__del__`` is only printed) is still seen
+    when the server starts, which then stops at once."""
+    stopping = threading.Event()
+
+    def stop(signum, frame) -> None:
+        stopping.set()
+        raise KeyboardInterrupt
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    try:
+        return _main(argv, prog, stopping)
+    except KeyboardInterrupt:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # stopped: a late signal must not raise again
+            signal.signal(sig, signal.SIG_IGN)
+        print("layerstream: stopped before serving", file=sys.stderr)
+        return 0
+
+
+def _main(argv: list[str] | None, prog: str, stopping: threading.Event) -> int:
+    args = build_parser(prog).parse_args(argv)  # before torch: --help answers at once
+    from engine.cli_session import load_engine, options_from_args, resolve_or_default  # torch: seconds
+
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     step_log = None
@@ -91,7 +112,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
         return 2
     try:
         loop = _serve(args, lambda: load_engine(args.model, opts, quiet=not args.verbose,
-                                                resolved=(files, is_default))[0], step_log, sampling)
+                                                resolved=(files, is_default))[0], step_log, sampling, stopping)
     finally:
         if step_log is not None:
             step_log.close()
@@ -122,7 +143,7 @@ def _check_server_args(args) -> None:
     _check_address(args.host, args.port)
 
 
-def _serve(args, load, step_log, sampling: dict | None = None):
+def _serve(args, load, step_log, sampling: dict | None = None, stopping: threading.Event | None = None):
     """Start the engine thread (``load`` builds its engine) and serve until SIGTERM / Ctrl-C; returns the
     closed :class:`EngineLoop` (its ``error`` says whether loading or serving failed). ``sampling``: the
     defaults of what requests leave out."""
@@ -154,6 +175,8 @@ def _serve(args, load, step_log, sampling: dict | None = None):
     # a graceful shutdown it re-raises the signal it caught, which lands here too, so the exit is 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    if stopping is not None and stopping.is_set():  # a signal came before and its KeyboardInterrupt was lost
+        server.should_exit = True
     loop.start()
     threading.Thread(target=_watch, args=(loop, server, args.grace), daemon=True).start()
     print(f"layerstream: serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page "

@@ -291,3 +291,19 @@ def test_nonfinite_logits_stop_with_one_error_line(tiny_qwen2_dir, capsys, monke
     assert rc == 1 and "Traceback" not in err
     assert "error: the model produced non-finite logits (NaN or inf) in float16 after 2 generated tokens" in err
     assert "try --dtype bf16" in err
+
+
+def test_ctrl_c_while_torch_imports_is_one_line(tiny_qwen2_dir):
+    """Before: a KeyboardInterrupt traceback from inside torch's import."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "engine.run", "--model", str(tiny_qwen2_dir), "--prompt", "hi"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert "Traceback" not in err and proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, err)

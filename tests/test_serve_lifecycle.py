@@ -334,3 +334,25 @@ def test_paged_disconnect_mid_stream_frees_its_blocks(tiny_qwen2_dir):
         rc, err = srv.stop()
     assert rc == 0, err
     assert held > 0 and in_use == 0 and running == 0 and made < 150
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.2])
+def test_ctrl_c_while_starting_stops_the_server_without_a_traceback(tiny_qwen2_dir, delay):
+    """Ctrl-C during the imports or the model's checks (before serving): before, a KeyboardInterrupt
+    traceback, or, when a library swallowed the interrupt, a server that went on serving."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--model", str(tiny_qwen2_dir), "--port", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    try:
+        err = proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the server did not stop within 60 s of Ctrl-C") from None
+    assert "Traceback" not in err, err
+    assert proc.returncode in (0, -signal.SIGINT) and "layerstream: stopped" in err, (proc.returncode, err)
