@@ -10,6 +10,7 @@ import logging
 import sys
 
 from engine.cli_args import PROG, CliParser, UsageError, add_engine_args, check_args
+from engine.interrupts import deferred_interrupts
 
 DESCRIPTION = """\
 Run a causal LLM (Qwen2/2.5/3, Llama 2/3/3.1, Mistral; safetensors or GGUF) that may be larger than the
@@ -83,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with deferred_interrupts() as interrupted:  # Ctrl-C while torch imports: acted on once it is imported
         from engine.cli_session import main_session  # heavy: torch, the engine (seconds on a cold disk)
-    except KeyboardInterrupt:  # Ctrl-C while torch imports: no traceback, the same exit as a later Ctrl-C
+    if interrupted.is_set():
         print("\ninterrupted", file=sys.stderr)
         return 130
     return main_session(args, prompts)

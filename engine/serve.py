@@ -19,6 +19,7 @@ import threading
 import time
 
 from engine.cli_args import CliParser, add_engine_args, check_engine_args
+from engine.interrupts import deferred_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +74,24 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     def stop(signum, frame) -> None:
         stopping.set()
         raise KeyboardInterrupt
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _main(argv, prog, stopping)
     except KeyboardInterrupt:
-        for sig in (signal.SIGTERM, signal.SIGINT):  # stopped: a late signal must not raise again
-            signal.signal(sig, signal.SIG_IGN)
         print("layerstream: stopped before serving", file=sys.stderr)
         return 0
+    finally:  # the caller's handlers again (a test, or an embedding program)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _main(argv: list[str] | None, prog: str, stopping: threading.Event) -> int:
     args = build_parser(prog).parse_args(argv)  # before torch: --help answers at once
-    from engine.cli_session import load_engine, options_from_args, resolve_or_default  # torch: seconds
+    with deferred_interrupts() as interrupted:  # a signal inside torch's import would leave it half loaded
+        from engine.cli_session import load_engine, options_from_args, resolve_or_default  # torch: seconds
+    if interrupted.is_set():
+        stopping.set()
+        raise KeyboardInterrupt
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

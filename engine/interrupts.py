@@ -1,0 +1,26 @@
+"""Ctrl-C / SIGTERM held back while a block runs (no heavy imports: the CLIs use it before torch)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[threading.Event]:
+    """While the block runs, SIGINT and SIGTERM only set the yielded event instead of raising: an
+    interrupt inside a C extension's initialisation (importing torch imports numpy's) leaves it half
+    loaded, and the next import then fails with an ImportError traceback. The caller checks the event
+    after the block. Off the main thread (where handlers cannot be set) nothing is deferred."""
+    got = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {sig: signal.signal(sig, lambda *_: got.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
