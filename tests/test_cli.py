@@ -314,7 +314,9 @@ def test_ctrl_c_while_torch_imports_is_one_line(capsys, monkeypatch):
     ImportError one); now the interrupt waits for the import and the run stops with one line."""
     import sys
 
-    monkeypatch.delitem(sys.modules, "engine.cli_session")
+    import engine
+    monkeypatch.setattr(engine, "cli_session", sys.modules["engine.cli_session"])  # restored after: the import
+    monkeypatch.delitem(sys.modules, "engine.cli_session")  # below binds a fresh module to both names
     monkeypatch.setattr(sys, "meta_path", [_InterruptOnImport("engine.cli_session"), *sys.meta_path])
     assert main(["--prompt", "hi", "--device", "cpu"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"

@@ -345,7 +345,9 @@ def test_ctrl_c_while_starting_stops_the_server_with_one_line(capsys, monkeypatc
     from engine.serve import main
     from tests.test_cli import _InterruptOnImport
 
-    monkeypatch.delitem(sys.modules, "engine.cli_session")
+    import engine
+    monkeypatch.setattr(engine, "cli_session", sys.modules["engine.cli_session"])  # restored after: the import
+    monkeypatch.delitem(sys.modules, "engine.cli_session")  # below binds a fresh module to both names
     monkeypatch.setattr(sys, "meta_path", [_InterruptOnImport("engine.cli_session"), *sys.meta_path])
     assert main(["--port", "0"]) == 0
     assert capsys.readouterr().err.strip() == "layerstream: stopped before serving"
