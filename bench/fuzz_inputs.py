@@ -154,7 +154,8 @@ class Case:
             self.fields = gguf_fields(self.gguf)
             self.data_start = min(off for kind, off, _ in self.fields if kind == "ndims")
         if surface == "quant":
-            self.quant = {q: synthesize("tiny-qwen2", work / f"q-{q}", quant=q, seed=1) for q in ("awq", "gptq", "ct-int4")}
+            self.quant = {q: synthesize("tiny-qwen2", work / f"q-{q}", quant=q, seed=1)
+                          for q in ("awq", "gptq", "ct-int4")}
 
     def make(self, rng: random.Random) -> tuple[list[str], str]:
         """(argv for engine.run.main, what was mutated)."""

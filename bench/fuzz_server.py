@@ -89,7 +89,8 @@ def kept(status: int, out: bytes, body: dict) -> bool:
 
 def guard(url: str, result: list) -> None:
     """A long greedy stream: it must end with finish_reason "length" whatever the other requests do."""
-    body = json.dumps({"model": "fuzz", "prompt": "x", "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True})
+    body = json.dumps({"model": "fuzz", "prompt": "x", "max_tokens": 400, "ignore_eos": True, "temperature": 0,
+                       "stream": True})
     status, out = send(url, "/v1/completions", body.encode())
     events = [json.loads(line[6:]) for line in out.decode().splitlines()
               if line.startswith("data: {")]
@@ -105,7 +106,8 @@ def main() -> int:
     p.add_argument("--flag", action="append", default=[], help="a further engine.serve flag (--flag=--kv-cache=paged)")
     a = p.parse_args()
     log = Path(tempfile.mkdtemp(prefix="fuzz-server-")) / "server.log"
-    flags = ["--max-batch", "8", "--generation-config", "openai", "--served-model-name", "fuzz", *(["--model", a.model] if a.model else []), *a.flag]
+    flags = ["--max-batch", "8", "--generation-config", "openai", "--served-model-name", "fuzz",
+             *(["--model", a.model] if a.model else []), *a.flag]
     proc, url = start_server(flags, timeout=300, log=log)
     try:
         rng, statuses, broken, guarded = random.Random(a.seed), Counter(), [], []

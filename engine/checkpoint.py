@@ -212,7 +212,8 @@ def check_layer_count(names, num_hidden_layers: int, what: str, key: str = "num_
     """ValueError (under ``what``) when the ``model.layers.{i}.`` tensors among ``names`` are not layers
     0 .. ``num_hidden_layers`` - 1: said before anything is built per layer (a corrupt count such as
     2**40 would otherwise be looped over)."""
-    found = {int(n.split(".", 3)[2]) for n in names if n.startswith("model.layers.") and n.split(".", 3)[2].isdigit()}
+    index = (n.removeprefix("model.layers.").split(".", 1)[0] for n in names if n.startswith("model.layers."))
+    found = {int(i) for i in index if i.isdigit()}
     if len(found) != num_hidden_layers or (found and (min(found), max(found)) != (0, num_hidden_layers - 1)):
         held = f"layers {min(found)}-{max(found)} ({len(found)} of them)" if found else "no decoder layer"
         raise ValueError(f"{what}: {key} is {num_hidden_layers}, but the weights hold {held}")

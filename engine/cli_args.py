@@ -188,7 +188,7 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(r) and r > 0):
         raise UsageError(f"--repetition-penalty must be > 0 (1 disables it), got {r}")
     seed = getattr(args, "seed", None)
-    if seed is not None and not -2**63 <= seed <= 2**64 - 1:
+    if seed is not None and not -2**63 <= seed <= 2**64 - 1:  # engine.sampling.SEED_MIN / MAX (that imports torch)
         raise UsageError(f"--seed must fit 64 bits (from -2**63 to 2**64 - 1), got {seed}")
     if any(s == "" for s in args.stop):
         raise UsageError("--stop needs a non-empty string")
@@ -207,7 +207,9 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
             raise UsageError(f"--prompts-file {args.prompts_file}: not UTF-8 text") from None
         if not prompts:
             raise UsageError(f"--prompts-file {args.prompts_file} has no non-empty line")
-    for what, text in [("--system", getattr(args, "system", None) or "")] + [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]:
+    texts = [("--system", getattr(args, "system", None) or "")]
+    texts += [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
+    for what, text in texts:
         if problem := utf8_problem(text):
             raise UsageError(f"{what} is not UTF-8 text: {problem}; check the terminal's encoding (locale)")
     if not prompts and args.prompt is None and not args.prompts_file:

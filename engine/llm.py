@@ -153,8 +153,9 @@ def _prompt_list(prompts) -> list:
         return [prompts]
     if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) or ids(p) for p in prompts):
         return list(prompts)
+    held = " holding other types" if isinstance(prompts, (list, tuple)) else ""
     raise TypeError("prompts must be a string, a list of token ids, or a list of either (a batch); got "
-                    f"{type(prompts).__name__}{'' if not isinstance(prompts, (list, tuple)) else ' holding other types'}")
+                    f"{type(prompts).__name__}{held}")
 
 
 def _conversation_list(conversations) -> list[list[dict]]:

@@ -69,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ``layerstream serve ...`` starts the OpenAI-compatible server instead (``engine.serve``)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
-        try:
-            from engine.serve import main as serve_main
-        except KeyboardInterrupt:
-            return 0
+        from engine.serve import main as serve_main  # light: it imports torch itself, holding Ctrl-C meanwhile
         return serve_main(argv[1:], prog="layerstream serve")
     parser = build_parser()
     try:

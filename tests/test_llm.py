@@ -99,7 +99,8 @@ def test_bad_input_fails_before_any_work(llm):
 
 
 @pytest.mark.parametrize("call,args,error,match", [
-    ("generate", (None,), TypeError, "prompts must be a string, a list of token ids, or a list of either .*got NoneType"),
+    ("generate", (None,), TypeError,
+     "prompts must be a string, a list of token ids, or a list of either .*got NoneType"),
     ("generate", (5,), TypeError, "got int"),
     ("generate", ([[1, 2], [True]],), TypeError, "got list holding other types"),
     ("generate", ([1.5],), TypeError, "got list holding other types"),

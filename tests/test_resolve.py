@@ -63,7 +63,8 @@ def test_directory_without_config(tmp_path: Path) -> None:
 def test_a_file_of_a_model_directory_points_at_the_directory(tmp_path: Path) -> None:
     model = make_model(tmp_path / "m")
     for name in ("model.safetensors", "config.json"):
-        with pytest.raises(FileNotFoundError, match=f"a file of a model directory; pass the directory: --model {model}$"):
+        with pytest.raises(FileNotFoundError,
+                           match=f"a file of a model directory; pass the directory: --model {model}$"):
             resolve_model(str(model / name))
     (tmp_path / "loose.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="not a directory"):

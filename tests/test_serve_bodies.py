@@ -76,7 +76,8 @@ def test_a_body_not_sent_as_json_is_refused_before_any_work(url, ctype):
     conn.close()
     assert r.status == 415 and "Content-Type: application/json" in err["message"], err
     assert err["message"].endswith(f"got {ctype.split(';')[0] if ctype else 'no Content-Type'}")
-    assert post(url + COMPLETIONS, {"prompt": "hi", "max_tokens": 2}, {"Content-Type": "application/json; charset=utf-8"})[0] == 200
+    with_charset = {"Content-Type": "application/json; charset=utf-8"}
+    assert post(url + COMPLETIONS, {"prompt": "hi", "max_tokens": 2}, with_charset)[0] == 200
 
 
 @pytest.mark.parametrize("seed,n", [(2**64 - 1, 3), (-2**63, 2), (-1, 2)])

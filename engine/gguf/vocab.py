@@ -144,15 +144,13 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str) -> Tokenizer:
     kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
     if tokens is None or kind is None:
         raise ValueError(f"{source} has no tokenizer (tokenizer.ggml.model / tokens); this engine needs one")
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
     _check_lists(meta, source)
     try:  # the tokenizers library raises a bare Exception for a merge of tokens not in the vocabulary
-        if kind == "gpt2":
-            tok = _byte_level(tokens, meta.get("tokenizer.ggml.merges") or [], meta.get("tokenizer.ggml.pre"))
-        elif kind == "llama":
-            tok = _sentencepiece(meta, tokens)
-        else:
-            raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
-    except ValueError:
+        tok = (_byte_level(tokens, meta.get("tokenizer.ggml.merges") or [], meta.get("tokenizer.ggml.pre"))
+               if kind == "gpt2" else _sentencepiece(meta, tokens))
+    except ValueError:  # ours, worded already (no merges nor scores)
         raise
     except Exception as e:
         raise ValueError(f"{source} is corrupt: its tokenizer cannot be built ({e}); re-download it") from None

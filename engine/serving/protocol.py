@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.sampling import SEED_MAX, SEED_MIN
 from engine.serving.params import SamplingParams
 from engine.serving.sequence import Logprob, Sequence
 from engine.text import utf8_problem
@@ -40,7 +41,7 @@ class _Request(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's -1 (and 0) disable top-k
     min_p: float | None = Field(None, ge=0, lt=1)
-    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)  # torch's generators take 64 bits
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # torch's generators take 64 bits
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1, le=16)
     stream: bool | None = False

@@ -205,7 +205,8 @@ def check_out(out: Path, force: bool) -> None:
     if not force:
         raise SynthError(f"output {out} exists and is not empty; use --force to replace it (a model directory only)")
     if out.is_symlink() or not out.is_dir() or not ((out / "config.json").is_file() or any(out.glob("*.gguf"))):
-        what = "a file" if out.is_file() or out.is_symlink() else "a directory that holds no model (no config.json or .gguf)"
+        what = ("a file" if out.is_file() or out.is_symlink()
+                else "a directory that holds no model (no config.json or .gguf)")
         raise SynthError(f"output {out} is {what}: --force replaces only a model directory; remove it yourself "
                          "or choose another --out")
 
