@@ -291,32 +291,3 @@ def test_nonfinite_logits_stop_with_one_error_line(tiny_qwen2_dir, capsys, monke
     assert rc == 1 and "Traceback" not in err
     assert "error: the model produced non-finite logits (NaN or inf) in float16 after 2 generated tokens" in err
     assert "try --dtype bf16" in err
-
-
-
-class _InterruptOnImport:
-    """A meta path finder that delivers SIGINT to this process when ``name`` is imported: a Ctrl-C that lands
-    while torch (which engine.cli_session imports) loads."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def find_spec(self, name, path, target=None):
-        if name == self.name:
-            import os
-            import signal
-            os.kill(os.getpid(), signal.SIGINT)
-        return None
-
-
-def test_ctrl_c_while_torch_imports_is_one_line(capsys, monkeypatch):
-    """Before: a KeyboardInterrupt traceback from inside torch's import (or, inside numpy's C init, an
-    ImportError one); now the interrupt waits for the import and the run stops with one line."""
-    import sys
-
-    import engine
-    monkeypatch.setattr(engine, "cli_session", sys.modules["engine.cli_session"])  # restored after: the import
-    monkeypatch.delitem(sys.modules, "engine.cli_session")  # below binds a fresh module to both names
-    monkeypatch.setattr(sys, "meta_path", [_InterruptOnImport("engine.cli_session"), *sys.meta_path])
-    assert main(["--prompt", "hi", "--device", "cpu"]) == 130
-    assert capsys.readouterr().err.strip() == "interrupted"
