@@ -22,8 +22,6 @@ Usage on the GPU machine: python bench/probe_epilogue.py --out epilogue.json
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,6 +33,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.probe_access import SHAPES  # noqa: E402
 from bench.probe_ladder import GROUP  # noqa: E402
+from bench.probe_pair import cli  # noqa: E402
 from kernels import qgemv, qgemv_i8  # noqa: E402
 from kernels.quant_x import quantize_x  # noqa: E402
 from kernels.tuning import fits_l2, graph_ms  # noqa: E402
@@ -106,19 +105,7 @@ def probe(name: str, tile: tuple, rounds: int, dev: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="probe_epilogue.json")
-    p.add_argument("--shapes", default="gate_up,qkv,down")
-    p.add_argument("--rounds", type=int, default=4)
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("error: this probe needs a CUDA GPU")
-    dev = torch.device("cuda")
-    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
-    rows = [probe(name, tile, args.rounds, dev) for name in args.shapes.split(",") for tile in TILES]
-    with open(args.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                       rows=rows), f, indent=1)
+    cli(probe, __doc__, "probe_epilogue.json", "gate_up,qkv,down", TILES, argv)
 
 
 if __name__ == "__main__":

@@ -86,20 +86,25 @@ def probe(name: str, tile: tuple, rounds: int, dev: torch.device) -> dict:
     return dict(proj=name, tile=list(tile), us=times, median=med, bytes=r["_bytes"], cold=r["_cold"])
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="probe_pair.json")
-    p.add_argument("--shapes", default="gate_up,qkv")
+def cli(probe_fn, doc: str, out: str, shapes: str, tiles: list, argv: list[str] | None = None) -> None:
+    """The probes' command line: ``probe_fn(name, tile, rounds, dev)`` per shape and tile, rows into --out."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", default=out)
+    p.add_argument("--shapes", default=shapes)
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: this probe needs a CUDA GPU")
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
-    rows = [probe(name, tile, args.rounds, dev) for name in args.shapes.split(",") for tile in TILES]
+    rows = [probe_fn(name, tile, args.rounds, dev) for name in args.shapes.split(",") for tile in tiles]
     with open(args.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                        rows=rows), f, indent=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(probe, __doc__, "probe_pair.json", "gate_up,qkv", TILES, argv)
 
 
 if __name__ == "__main__":
