@@ -24,3 +24,14 @@ def deferred_interrupts() -> Iterator[threading.Event]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def forget_handled_interrupt() -> None:
+    """Call before ``sys.exit`` under ``python -m`` once any Ctrl-C has been handled.
+
+    CPython (3.11, 3.12) marks a KeyboardInterrupt as unhandled when it leaves code that ``exec`` ran from a
+    string (dataclasses and namedtuple build their methods that way, so a Ctrl-C landing in an import can),
+    even if the program then catches it; under ``python -m`` the interpreter reads that mark after the
+    program returned and kills itself with SIGINT (exit 130) instead of exiting with the program's code.
+    Running any string through ``exec`` resets the mark."""
+    exec("pass")  # a constant string: only to reset the interpreter's mark

@@ -10,7 +10,7 @@ import logging
 import sys
 
 from engine.cli_args import PROG, CliParser, UsageError, add_engine_args, check_args
-from engine.interrupts import deferred_interrupts
+from engine.interrupts import deferred_interrupts, forget_handled_interrupt
 
 DESCRIPTION = """\
 Run a causal LLM (Qwen2/2.5/3, Llama 2/3/3.1, Mistral; safetensors or GGUF) that may be larger than the
@@ -98,4 +98,6 @@ def _usage_exit(parser: CliParser, message: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    forget_handled_interrupt()  # a Ctrl-C handled above still exits with its code
+    sys.exit(code)

@@ -19,7 +19,7 @@ import threading
 import time
 
 from engine.cli_args import CliParser, add_engine_args, check_engine_args
-from engine.interrupts import deferred_interrupts
+from engine.interrupts import deferred_interrupts, forget_handled_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -234,4 +234,6 @@ def _watch(loop, server, grace: float) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    forget_handled_interrupt()  # a Ctrl-C handled above still exits with its code
+    sys.exit(code)
