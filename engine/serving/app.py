@@ -25,6 +25,7 @@ from engine.serving.metrics import ServerMetrics
 from engine.serving.protocol import ChatRequest, CompletionRequest, Reply, error_body
 from engine.serving.scheduler import QueueFull
 from engine.serving.sequence import Sequence
+from engine.serving.tools import ToolCallStream
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -78,6 +79,7 @@ class Api:
         reply = Reply(chat, self.model_name, loop.engine.tokenizer)
         try:  # tokenizing a long prompt takes a while: off the event loop
             prompts = await asyncio.to_thread(body.prompts, loop.engine.tokenizer)
+            reply.tools = chat and body.tools_used
             seqs = []
             for p, ids in enumerate(prompts):  # choice index p * n + i, as OpenAI numbers a batch
                 params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)),
@@ -130,19 +132,25 @@ class Api:
                      prompt_tokens: int):
         """Server-sent events: a chunk per step's text, one per finish, the usage, then ``[DONE]``."""
         done = 0
+        calls = {s.index: ToolCallStream() for s in seqs} if reply.tools else {}
         try:
             if reply.chat:
                 for s in seqs:
                     yield _sse(reply.chunk(s.index, None, None, first=True, with_usage=include_usage))
             while done < len(seqs):
                 out = await queue.get()
-                if out.text or out.logprobs:  # a token's logprobs go out even while its text is held back
-                    yield _sse(reply.chunk(out.seq.index, out.text, None, with_usage=include_usage,
-                                           logprobs=out.logprobs))
+                i, text, sent = out.seq.index, out.text, len(calls[out.seq.index].calls) if calls else 0
+                if calls:  # text that may be a call is held until it is one (or is not)
+                    text = calls[i].feed(text or "") + (calls[i].finish() if out.finished else "")
+                new = [(k, c) for k, c in enumerate(calls[i].calls) if k >= sent] if calls else None
+                if text or out.logprobs or new:  # a token's logprobs go out even while its text is held back
+                    yield _sse(reply.chunk(i, text, None, with_usage=include_usage, logprobs=out.logprobs,
+                                           tool_calls=new))
                 if out.finished:
                     done += 1
                     self._observe_first(out.seq)
-                    yield _sse(reply.chunk(out.seq.index, None, out.finish_reason, with_usage=include_usage))
+                    reason = reply.finish_reason(out.finish_reason, bool(calls and calls[i].calls))
+                    yield _sse(reply.chunk(i, None, reason, with_usage=include_usage))
                     if out.seq.error:  # the stream has begun (status 200): the error goes in it, as OpenAI's do
                         yield _sse(error_body(out.seq.error, "server_error", code="nonfinite_logits"))
             if include_usage:

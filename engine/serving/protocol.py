@@ -7,11 +7,12 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from engine.sampling import SEED_MAX, SEED_MIN
 from engine.serving.params import SamplingParams
 from engine.serving.sequence import Logprob, Sequence
+from engine.serving.tools import check_tools, parse_tool_calls, template_tool_calls
 from engine.text import utf8_problem
 
 
@@ -89,20 +90,30 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant turn's calls (OpenAI's shape)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(p.text for p in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        out: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = template_tool_calls(self.tool_calls)
+        out.update({k: v for k in ("tool_call_id", "name") if (v := getattr(self, k)) is not None})
+        return out
 
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None  # the model may make several calls a turn whatever it says
     logprobs: bool | None = False
+    _tools_used: bool = PrivateAttr(False)
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def logprob_count(self) -> int | None:
@@ -111,14 +122,20 @@ class ChatRequest(_Request):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def prompts(self, tokenizer) -> list[list[int]]:
-        """The conversation rendered with the chat template, as the one prompt of this request."""
-        if self.tools:
-            raise ValueError("tools are not supported by this server; leave them out")
+        """The conversation rendered with the chat template (with the request's tools, engine.serving.tools),
+        as the one prompt of this request."""
+        self._tools_used = check_tools(self.tools or [], self.tool_choice, tokenizer.chat_template)
         for i, m in enumerate(self.messages):
             _check_text(f"messages[{i}].content", m.as_template_input()["content"])
         text = tokenizer.apply_chat_template([m.as_template_input() for m in self.messages],
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=True,
+                                             **({"tools": self.tools} if self._tools_used else {}))
         return [tokenizer.encode(text, add_special_tokens=False)]
+
+    @property
+    def tools_used(self) -> bool:
+        """Whether the prompt offered tools, so the replies are parsed for calls (after :meth:`prompts`)."""
+        return self._tools_used
 
     @property
     def token_limit(self) -> int | None:
@@ -166,6 +183,7 @@ class Reply:
 
     def __init__(self, chat: bool, model: str, tokenizer=None) -> None:
         self.chat, self.model, self.tokenizer = chat, model, tokenizer
+        self.tools = False  # the prompt offered tools: the text is parsed for calls (engine.serving.tools)
         self._offsets: dict[int, int] = {}  # completions: text offset reached by each choice's tokens
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -179,17 +197,31 @@ class Reply:
         choices = []
         for s in seqs:
             body = ({"message": {"role": "assistant", "content": s.text}} if self.chat else {"text": s.text})
+            finish = s.finish_reason
+            if self.tools:
+                content, calls = parse_tool_calls(s.text)
+                body["message"] = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+                finish = self.finish_reason(finish, bool(calls))
             lp = self.logprobs(s.index, s.logprobs) if s.params.logprobs is not None else None
-            choices.append({"index": s.index, **body, "finish_reason": s.finish_reason, "logprobs": lp})
+            choices.append({"index": s.index, **body, "finish_reason": finish, "logprobs": lp})
         return {**self._head(self.object), "choices": choices, "usage": usage(prompt_tokens, seqs)}
 
+    @staticmethod
+    def finish_reason(reason: str | None, called: bool) -> str | None:
+        """OpenAI's ``tool_calls`` for a choice that ended by itself after calling tools."""
+        return "tool_calls" if called and reason == "stop" else reason
+
     def chunk(self, index: int, text: str | None, finish_reason: str | None, first: bool = False,
-              with_usage: bool = False, logprobs: list[Logprob] | None = None) -> dict:
-        """One streamed chunk of choice ``index`` (``usage: null`` on it when usage is asked for)."""
+              with_usage: bool = False, logprobs: list[Logprob] | None = None,
+              tool_calls: list[tuple[int, dict]] | None = None) -> dict:
+        """One streamed chunk of choice ``index`` (``usage: null`` on it when usage is asked for);
+        ``tool_calls``: (the call's index in the choice, the call) of calls completed since the last."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in tool_calls]
             choice = {"index": index, "delta": delta}
         else:
             choice = {"index": index, "text": text or ""}

@@ -43,7 +43,15 @@ def _llama3_specials() -> list[tuple[str, bool]]:
 
 
 # Chat templates (own wording; they render what the families' official templates render for
-# plain system/user/assistant conversations; tool calling is not covered).
+# plain system/user/assistant conversations, and Qwen2.5's for tools: the functions offered in the system
+# turn, an assistant's calls as <tool_call> blocks, tool results as <tool_response> blocks in a user turn).
+_QWEN25_TOOLS_INTRO = (
+    "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>")
+_QWEN25_TOOLS_OUTRO = (
+    "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call>")
 QWEN25_CHAT_TEMPLATE = (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set sys_text = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
@@ -51,8 +59,23 @@ QWEN25_CHAT_TEMPLATE = (
     "{%- set sys_text = 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' -%}"
     "{%- set turns = messages -%}"
     "{%- endif -%}"
-    "{{- '<|im_start|>system\\n' ~ sys_text ~ '<|im_end|>\\n' -}}"
-    "{%- for m in turns -%}{{- '<|im_start|>' ~ m['role'] ~ '\\n' ~ m['content'] ~ '<|im_end|>\\n' -}}{%- endfor -%}"
+    "{{- '<|im_start|>system\\n' ~ sys_text -}}"
+    "{%- if tools -%}{{- '" + _QWEN25_TOOLS_INTRO + "' -}}"
+    "{%- for t in tools -%}{{- '\\n' ~ (t | tojson) -}}{%- endfor -%}"
+    "{{- '" + _QWEN25_TOOLS_OUTRO + "' -}}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- for m in turns -%}"
+    "{%- if m['role'] == 'assistant' and m.tool_calls is defined and m.tool_calls -%}"
+    "{{- '<|im_start|>assistant' -}}{%- if m['content'] -%}{{- '\\n' ~ m['content'] -}}{%- endif -%}"
+    "{%- for c in m.tool_calls -%}{%- set f = c.function if c.function is defined else c -%}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' ~ f.name ~ '\", \"arguments\": ' ~ (f.arguments | tojson) ~ '}\\n</tool_call>' -}}"
+    "{%- endfor -%}{{- '<|im_end|>\\n' -}}"
+    "{%- elif m['role'] == 'tool' -%}"
+    "{%- if loop.first or turns[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' ~ m['content'] ~ '\\n</tool_response>' -}}"
+    "{%- if loop.last or turns[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- else -%}{{- '<|im_start|>' ~ m['role'] ~ '\\n' ~ m['content'] ~ '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 

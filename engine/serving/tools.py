@@ -1,0 +1,130 @@
+"""Tool calling in the chat API: the request's ``tools`` checked and handed to the chat template, and the
+model's calls parsed out of its text into OpenAI's ``tool_calls``.
+
+The format parsed is the one Qwen2.5, Qwen3 and the Hermes models are trained on, which their chat templates
+ask for: each call a JSON object ``{"name": ..., "arguments": {...}}`` between ``<tool_call>`` and
+``</tool_call>``. A template that does not mention ``<tool_call>`` gets a 400 for requests with tools (its
+model would answer in a format this server does not parse). ``tool_choice`` ``"auto"`` and ``"none"`` are
+served; ``"required"`` and a named function need constrained decoding, which this server does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_tools(tools: list[dict], tool_choice: Any, template: str | None) -> bool:
+    """ValueError for tools, ``tool_choice`` or a chat template this server cannot serve; whether the
+    template gets the tools (not for ``tool_choice: "none"``)."""
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise ValueError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., '
+                             f'"parameters": {{...}}}}}}')
+        if not isinstance(fn.get("name"), str) or not _NAME.fullmatch(fn["name"]):
+            raise ValueError(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-', "
+                             f"got {fn.get('name')!r}")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON Schema object")
+        if not isinstance(fn.get("description", ""), str):
+            raise ValueError(f"tools[{i}].function.description must be a string")
+    if tool_choice not in (None, "auto", "none"):
+        raise ValueError(f"tool_choice {tool_choice!r} is not supported: the server cannot force a call (no "
+                         f"constrained decoding); use \"auto\" (the model decides) or \"none\"")
+    if tool_choice == "none" or not tools:
+        return False
+    if template is None or OPEN not in template:
+        raise ValueError("this model's chat template has no tool-call format this server parses (it parses "
+                         "<tool_call>{...}</tool_call>, the Qwen2.5 / Qwen3 / Hermes format); leave tools out")
+    return True
+
+
+def template_tool_calls(calls: list[dict]) -> list[dict]:
+    """An assistant message's OpenAI ``tool_calls`` as chat templates take them: ``arguments`` a JSON
+    string is given as the object it holds (templates write it back with ``tojson``)."""
+    out = []
+    for c in calls:
+        fn = dict(c.get("function") or {})
+        if isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except json.JSONDecodeError:
+                pass  # left as the client sent it
+        out.append({**c, "function": fn})
+    return out
+
+
+def _call(body: str) -> dict | None:
+    """OpenAI's tool call for the JSON between the tags, or None when it is not one."""
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}}
+
+
+def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
+    """(the text outside the calls, or None when nothing else was said; the calls). A block whose JSON is
+    not a call stays in the text, as does an unclosed one."""
+    stream = ToolCallStream()
+    content = stream.feed(text) + stream.finish()
+    return (content.strip() or None) if stream.calls else content, stream.calls
+
+
+@dataclass
+class ToolCallStream:
+    """Splits a choice's streamed text into content and completed calls: text that may be the start of
+    ``<tool_call>`` is held back until it is not, and a call goes out whole once its closing tag arrives."""
+    calls: list[dict] = field(default_factory=list)
+    _held: str = ""
+
+    def feed(self, text: str) -> str:
+        """The content that can go out now; completed calls are appended to ``calls``."""
+        self._held += text
+        out = []
+        while True:
+            start = self._held.find(OPEN)
+            if start < 0:
+                keep = _partial_suffix(self._held, OPEN)
+                out.append(self._held[:len(self._held) - keep])
+                self._held = self._held[len(self._held) - keep:]
+                return "".join(out)
+            end = self._held.find(CLOSE, start + len(OPEN))
+            if end < 0:  # a call still arriving
+                out.append(self._held[:start])
+                self._held = self._held[start:]
+                return "".join(out)
+            call = _call(self._held[start + len(OPEN):end].strip())
+            if call is None:
+                out.append(self._held[:end + len(CLOSE)])
+            else:
+                out.append(self._held[:start])
+                self.calls.append(call)
+            self._held = self._held[end + len(CLOSE):]
+
+    def finish(self) -> str:
+        """At the end of the choice: what is still held (an unclosed call is parsed if it is whole JSON)."""
+        held, self._held = self._held, ""
+        if held.startswith(OPEN) and (call := _call(held[len(OPEN):].strip())) is not None:
+            self.calls.append(call)
+            return ""
+        return held
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest end of ``text`` that is a proper start of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0

@@ -1,0 +1,178 @@
+"""Tool calling in the chat API (engine.serving.tools): the parser, the request checks, the rendering against
+transformers', and a live in-process server whose sampler is scripted to answer with calls."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.serving.protocol import ChatRequest
+from engine.serving.tools import ToolCallStream, check_tools, parse_tool_calls
+from engine.tokenizer import Tokenizer
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Köln"}}\n</tool_call>'
+
+
+def _fn(call: dict) -> tuple[str, dict]:
+    return call["function"]["name"], json.loads(call["function"]["arguments"])
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ("no call here", "no call here", []),
+    (CALL, None, [("get_weather", {"city": "Köln"})]),
+    ("Let me look.\n" + CALL + "\n" + CALL.replace("Köln", "Paris"), "Let me look.",
+     [("get_weather", {"city": "Köln"}), ("get_weather", {"city": "Paris"})]),
+    ('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>', None, [("f", {"a": 1})]),
+    ('<tool_call>{"name": "f", "parameters": {"a": 1}}</tool_call>', None, [("f", {"a": 1})]),
+    ("<tool_call>not json</tool_call> tail", "<tool_call>not json</tool_call> tail", []),
+    ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
+    ('<tool_call>\n{"name": "f", "arguments": {}}', None, [("f", {})]),  # stopped before the closing tag
+    ("<tool_call>\n{\"name\": \"f\", \"argu", "<tool_call>\n{\"name\": \"f\", \"argu", []),  # cut short
+    ("a < b and <tool", "a < b and <tool", []),
+])
+def test_parse(text, content, calls):
+    got_content, got = parse_tool_calls(text)
+    assert got_content == content
+    assert [_fn(c) for c in got] == calls
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in got)
+
+
+@pytest.mark.parametrize("text", ["Sure.\n" + CALL + " done", CALL + CALL, "x <tool_ca y", "<tool_call>oops</tool_call>"])
+def test_streamed_text_split_anywhere_gives_the_same_content_and_calls(text):
+    whole_content, whole_calls = parse_tool_calls(text)
+    for cut in range(len(text) + 1):
+        for step in (1, 3, len(text) + 1):
+            s, parts = ToolCallStream(), []
+            pieces = [text[:cut]] + [text[i:i + step] for i in range(cut, len(text), step)]
+            parts = [s.feed(piece) for piece in pieces] + [s.finish()]
+            content = "".join(parts)
+            assert ((content.strip() or None) if s.calls else content) == whole_content
+            assert [_fn(c) for c in s.calls] == [_fn(c) for c in whole_calls]
+
+
+def test_only_what_may_open_a_call_is_held_back():
+    s = ToolCallStream()
+    assert s.feed("Hello <tool") == "Hello "
+    assert s.feed("s are") == "<tools are"
+    assert s.feed(" <tool_call>{") == " "
+    assert s.feed('"name": "f"}</tool_call>!') == "!" and [_fn(c) for c in s.calls] == [("f", {})]
+
+
+@pytest.mark.parametrize("tools, choice, match", [
+    ([{"type": "code_interpreter"}], None, r"tools\[0\] must be"),
+    ([{"type": "function", "function": {"name": "has space"}}], None, "function.name"),
+    ([{"type": "function", "function": {"name": "f", "parameters": []}}], None, "parameters"),
+    ([WEATHER], "required", "cannot force a call"),
+    ([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, "cannot force a call"),
+])
+def test_requests_the_server_cannot_serve_are_refused(tools, choice, match):
+    with pytest.raises(ValueError, match=match):
+        check_tools(tools, choice, "{{ '<tool_call>' }}")
+
+
+def test_a_template_without_the_call_format_is_refused_and_none_renders_no_tools():
+    with pytest.raises(ValueError, match="no tool-call format"):
+        check_tools([WEATHER], "auto", "{{ messages }}")
+    assert check_tools([WEATHER], "none", "{{ messages }}") is False
+    assert check_tools([], None, None) is False
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Köln and Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Köln"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "12C"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "18C"}]
+
+
+def test_tools_and_calls_render_as_transformers_renders_them(tiny_qwen2_dir):
+    """The request's tools, an assistant turn's calls (OpenAI's JSON-string arguments) and the tool results."""
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer.from_dir(tiny_qwen2_dir)
+    ids = ChatRequest(messages=CONVERSATION, tools=[WEATHER]).prompts(tok)[0]
+    hf = transformers.AutoTokenizer.from_pretrained(str(tiny_qwen2_dir))
+    as_hf = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                                  for c in m["tool_calls"]]} if "tool_calls" in m else {**m, "content": m["content"] or ""}
+             for m in CONVERSATION]
+    expected = hf.apply_chat_template(as_hf, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ids, skip_special_tokens=False) == expected
+    assert "<tools>" in expected and "<tool_response>\n12C\n</tool_response>" in expected
+    plain = ChatRequest(messages=CONVERSATION[:2], tools=[WEATHER], tool_choice="none").prompts(tok)[0]
+    assert "<tools>" not in tok.decode(plain, skip_special_tokens=False)
+
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_qwen2_dir):
+    """A live in-process server whose sampler answers every request with SCRIPT's tokens, then <|im_end|>."""
+    from engine.serving.loop import EngineLoop
+    from engine.serving.runner import ModelRunner
+    from tests.helpers import make_engine
+    from tests.serve_helpers import app_server
+
+    engine = make_engine(tiny_qwen2_dir, batch=2, max_context=1024)
+    tok = engine.tokenizer
+    end = tok.token_to_id("<|im_end|>")
+    tok.eos_ids = {end}
+    script = {"text": ""}
+
+    def sample(self, logits, seqs):
+        ids = tok.encode(script["text"], add_special_tokens=False) + [end]
+        return [ids[min(len(s.output_ids), len(ids) - 1)] for s in seqs]
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ModelRunner, "sample", sample)
+    loop = EngineLoop(lambda: engine).start()
+    with app_server(loop) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0), script
+    patch.undo()
+
+
+def test_the_models_calls_come_back_as_tool_calls(scripted):
+    client, script = scripted
+    script["text"] = "Checking.\n" + CALL
+    r = client.chat.completions.create(model="m", messages=CONVERSATION[1:2], tools=[WEATHER], max_tokens=100)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.content == "Checking."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls] == [("get_weather",
+                                                                                             {"city": "Köln"})]
+
+
+def test_streamed_calls_arrive_whole_with_their_index(scripted):
+    client, script = scripted
+    script["text"] = CALL + "\n" + CALL.replace("Köln", "Paris")
+    chunks = list(client.chat.completions.create(model="m", messages=CONVERSATION[1:2], tools=[WEATHER],
+                                                 max_tokens=100, stream=True))
+    calls = [c for ch in chunks for c in (ch.choices[0].delta.tool_calls or [])]
+    assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        (0, "get_weather", {"city": "Köln"}), (1, "get_weather", {"city": "Paris"})]
+    assert all(c.id.startswith("call_") and c.type == "function" for c in calls)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks).strip() == ""
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_without_tools_the_same_text_stays_text(scripted):
+    client, script = scripted
+    script["text"] = CALL
+    r = client.chat.completions.create(model="m", messages=CONVERSATION[1:2], max_tokens=100)
+    assert r.choices[0].message.content == CALL and r.choices[0].finish_reason == "stop"
+    assert not r.choices[0].message.tool_calls
+
+
+def test_a_conversation_with_tool_results_is_served_and_bad_tools_get_the_envelope(scripted):
+    client, script = scripted
+    script["text"] = "It is 12C in Köln and 18C in Paris."
+    r = client.chat.completions.create(model="m", messages=CONVERSATION, tools=[WEATHER], max_tokens=100)
+    assert r.choices[0].message.content == script["text"] and r.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="cannot force a call"):
+        client.chat.completions.create(model="m", messages=CONVERSATION[1:2], tools=[WEATHER],
+                                       tool_choice="required")
+    r = client.chat.completions.create(model="m", messages=CONVERSATION[1:2], max_tokens=5)  # still serving
+    assert r.choices[0].finish_reason in ("stop", "length")
