@@ -19,6 +19,7 @@ from engine.engine import Engine, EngineOptions, fit_context, open_model
 from engine.serving.params import SamplingParams
 from engine.serving.scheduler import Scheduler
 from engine.serving.sequence import Logprob, Sequence
+from engine.serving.tools import check_tools, parse_tool_calls, template_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class CompletionOutput:
     finish_reason: str
     logprobs: list[Logprob] | None = None  # with SamplingParams(logprobs=k)
     error: str | None = None
+    tool_calls: list[dict] | None = None  # chat(..., tools=...): the calls in ``text``, OpenAI's shape
 
 
 @dataclass
@@ -87,14 +89,23 @@ class LLM:
 
     def chat(self, conversations: list[dict] | list[list[dict]],
              params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Reply to conversations ([{"role", "content"}, ...]) rendered with the model's chat template."""
+             use_tqdm: bool = True, tools: list[dict] | None = None) -> list[RequestOutput]:
+        """Reply to conversations ([{"role", "content"}, ...]) rendered with the model's chat template.
+        ``tools`` (OpenAI's function definitions) are offered to the model as the server offers them
+        (engine.serving.tools); each output's ``tool_calls`` then holds the calls its text makes."""
         conversations = _conversation_list(conversations)
+        offered = check_tools(tools or [], None, self.tokenizer.chat_template)
         items = []
         for conv in conversations:
-            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True)
+            conv = [{**m, "tool_calls": template_tool_calls(m["tool_calls"])} if m.get("tool_calls") else m
+                    for m in conv]
+            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True,
+                                                      **({"tools": tools} if offered else {}))
             items.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
-        return self._run(items, params, use_tqdm)
+        out = self._run(items, params, use_tqdm)
+        for o in (o for r in out for o in r.outputs) if offered else ():
+            o.tool_calls = parse_tool_calls(o.text)[1]
+        return out
 
     def _run(self, items: list[tuple[str | None, list[int]]], params, use_tqdm: bool) -> list[RequestOutput]:
         from tqdm import tqdm

@@ -176,3 +176,21 @@ def test_a_conversation_with_tool_results_is_served_and_bad_tools_get_the_envelo
                                        tool_choice="required")
     r = client.chat.completions.create(model="m", messages=CONVERSATION[1:2], max_tokens=5)  # still serving
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_python_api_offers_tools_and_parses_the_calls(tiny_qwen2_dir, monkeypatch):
+    from engine import LLM, SamplingParams
+    from engine.serving.runner import ModelRunner
+
+    with LLM(tiny_qwen2_dir, device="cpu", dtype="fp32", kernels="torch", max_batch=2) as llm:
+        end = llm.tokenizer.token_to_id("<|im_end|>")
+        ids = llm.tokenizer.encode(CALL, add_special_tokens=False) + [end]
+        monkeypatch.setattr(ModelRunner, "sample", lambda self, logits, seqs: [
+            ids[min(len(s.output_ids), len(ids) - 1)] for s in seqs])
+        params = SamplingParams(max_tokens=len(ids) + 2)
+        with_tools, without = (llm.chat(CONVERSATION[:2], params, use_tqdm=False, tools=t)[0] for t in ([WEATHER], None))
+        after_results = llm.chat(CONVERSATION, params, use_tqdm=False, tools=[WEATHER])[0]
+    assert [_fn(c) for c in with_tools.outputs[0].tool_calls] == [("get_weather", {"city": "Köln"})]
+    assert "<tools>" in with_tools.prompt and "<tools>" not in without.prompt
+    assert without.outputs[0].tool_calls is None and without.outputs[0].text == CALL
+    assert '"arguments": {"city": "Paris"}' in after_results.prompt  # the client's JSON-string arguments
