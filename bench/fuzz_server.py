@@ -27,7 +27,9 @@ VALUES = [None, True, False, 0, 1, -1, 2, 1.5, -0.5, 1e300, float("nan"), "x", "
           {"a": 1}, 2**31, 2**63, -2**63, 2**64, 2**70, -2**64, 100000, [[1, 2]], "\u0000", "a\ud800b", "a" * 5000]
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "seed", "stop", "n", "stream", "stream_options", "presence_penalty", "frequency_penalty",
-          "repetition_penalty", "logprobs", "top_logprobs", "echo", "response_format", "tools", "best_of"]
+          "repetition_penalty", "logprobs", "top_logprobs", "echo", "response_format", "tools", "tool_choice",
+          "parallel_tool_calls", "best_of"]
+_F = {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}
 PLAUSIBLE = {  # values of each field's own type, edges included (half the picks): requests that get further
     "seed": [0, -1, 2**63, 2**64 - 1, 2**64, 2**70, -2**63 - 1], "temperature": [0, 0.7, 2, 1e-30],
     "top_p": [1, 0.5, 1e-30], "top_k": [-1, 0, 5, 10**9], "min_p": [0, 0.5, 0.999], "n": [1, 2, 4],
@@ -35,10 +37,16 @@ PLAUSIBLE = {  # values of each field's own type, edges included (half the picks
     "max_tokens": [1, 4, 64], "stream": [True, False], "stream_options": [{"include_usage": True}],
     "presence_penalty": [-2, 0, 2], "frequency_penalty": [-2, 2], "repetition_penalty": [0.5, 2, 1e30],
     "logprobs": [True, 0, 5], "top_logprobs": [0, 5, 20], "max_completion_tokens": [1, 8],
+    "tools": [[{"type": "function", "function": _F}], [{"type": "function"}], [{"type": "function", "function":
+              {"name": "a b"}}], [{"type": "function", "function": {**_F, "parameters": []}}], [1]],
+    "tool_choice": ["auto", "none", "required", {"type": "function", "function": {"name": "f"}}, {}],
+    "parallel_tool_calls": [True, False],
 }
 RAW = [b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe", b'{"prompt": "hi",}', b"1e999"]
 ROLES = ["user", "system", "assistant", "tool", "developer", "bogus", 1, None]
 CONTENTS = ["hi", "", None, 3, [], [{"type": "text", "text": "hi"}], [{"type": "image_url"}], {"a": 1}, "\udcff"]
+CALLS = [[{"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": "x"}'}}], [{"function": "f"}],
+         [{"function": {"name": "f", "arguments": "{bad"}}], [1], 5, [{"function": {"name": 3}}], []]
 
 
 def request(rng: random.Random) -> tuple[str, bytes, dict]:
@@ -55,6 +63,9 @@ def request(rng: random.Random) -> tuple[str, bytes, dict]:
         body[field] = rng.choice(PLAUSIBLE[field] if field in PLAUSIBLE and rng.random() < 0.5 else VALUES)
         if field == "messages" and rng.random() < 0.6:
             body[field] = [{"role": rng.choice(ROLES), "content": rng.choice(CONTENTS)}]
+            if rng.random() < 0.4:  # an assistant's calls and a tool's result
+                body[field] += [{"role": "assistant", "content": None, "tool_calls": rng.choice(CALLS)},
+                                {"role": "tool", "tool_call_id": rng.choice(["c", 3, None]), "content": "r"}]
     for field, most in (("max_tokens", 64), ("n", 4)):  # bounded work a request
         if isinstance(body.get(field), int) and body[field] > most:
             body[field] = most

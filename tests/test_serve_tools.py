@@ -194,3 +194,12 @@ def test_the_python_api_offers_tools_and_parses_the_calls(tiny_qwen2_dir, monkey
     assert "<tools>" in with_tools.prompt and "<tools>" not in without.prompt
     assert without.outputs[0].tool_calls is None and without.outputs[0].text == CALL
     assert '"arguments": {"city": "Paris"}' in after_results.prompt  # the client's JSON-string arguments
+
+
+@pytest.mark.parametrize("calls", [[{"function": "f"}], [{"function": {"name": 3}}], [{"type": "function"}]])
+def test_an_assistant_turns_malformed_calls_are_named(calls, tiny_qwen2_dir):
+    tok = Tokenizer.from_dir(tiny_qwen2_dir)
+    req = ChatRequest(messages=[{"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": None, "tool_calls": calls}])
+    with pytest.raises(ValueError, match=r"tool_calls\[0\] must be"):
+        req.prompts(tok)

@@ -50,8 +50,12 @@ def template_tool_calls(calls: list[dict]) -> list[dict]:
     """An assistant message's OpenAI ``tool_calls`` as chat templates take them: ``arguments`` a JSON
     string is given as the object it holds (templates write it back with ``tojson``)."""
     out = []
-    for c in calls:
-        fn = dict(c.get("function") or {})
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f'tool_calls[{j}] must be {{"id": ..., "type": "function", "function": {{"name": ..., '
+                             f'"arguments": "..."}}}}')
+        fn = dict(fn)
         if isinstance(fn.get("arguments"), str):
             try:
                 fn["arguments"] = json.loads(fn["arguments"])
