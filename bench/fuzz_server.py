@@ -41,6 +41,7 @@ PLAUSIBLE = {  # values of each field's own type, edges included (half the picks
               {"name": "a b"}}], [{"type": "function", "function": {**_F, "parameters": []}}], [1]],
     "tool_choice": ["auto", "none", "required", {"type": "function", "function": {"name": "f"}}, {}],
     "parallel_tool_calls": [True, False],
+    "response_format": [{"type": "json_object"}, {"type": "json_schema"}, {"type": "text"}, {"type": 3}],
 }
 RAW = [b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe", b'{"prompt": "hi",}', b"1e999"]
 ROLES = ["user", "system", "assistant", "tool", "developer", "bogus", 1, None]

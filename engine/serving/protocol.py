@@ -61,9 +61,10 @@ class _Request(BaseModel):
     def sampling(self, max_tokens: int | None, defaults: Mapping[str, float | int] | None = None) -> SamplingParams:
         """The engine's parameters: what the request gives, else the model's ``defaults``
         (``engine.generation_defaults``), else OpenAI's (temperature 1, no filters)."""
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported (no "
-                             "constrained decoding); leave it out")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind not in ("text", "json_object"):
+            raise ValueError(f"response_format {kind!r} is not supported: \"json_object\" (the reply held to one "
+                             "JSON object) is; a schema needs schema-guided decoding, which this server does not have")
         if self.best_of not in (None, 1, self.n):
             raise ValueError("best_of is not supported; use n to get several completions")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -74,7 +75,7 @@ class _Request(BaseModel):
             min_p=given["min_p"], seed=self.seed, stop=tuple(stop), n=self.n or 1,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=given["repetition_penalty"], max_tokens=max_tokens, ignore_eos=self.ignore_eos,
-            logprobs=self.logprob_count())
+            logprobs=self.logprob_count(), json_object=kind == "json_object")
 
     @property
     def include_usage(self) -> bool:

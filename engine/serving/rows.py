@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from engine.sampling import Sampler
+from engine.serving.constrain import constrained_token
 from engine.serving.sequence import Logprob, Sequence
 from engine.upload import upload_list
 
@@ -37,8 +38,9 @@ class RowSampler:
         """
         out: dict[int, int] = {}
         groups: dict[object, list[Sequence]] = {}
-        for s in seqs:
-            if not s.params.penalised and (s.token_params.greedy or s.token_params.seed is None):
+        for s in seqs:  # JSON mode's rows draw alone (engine.serving.constrain)
+            if not s.params.penalised and s.constraint is None and (s.token_params.greedy or
+                                                                    s.token_params.seed is None):
                 groups.setdefault("greedy" if s.token_params.greedy else s.token_params, []).append(s)
         for key, group in groups.items():
             if key == "greedy":
@@ -64,7 +66,18 @@ class RowSampler:
         eng = self.engine
         if s.sampler is None:
             s.sampler = Sampler(s.token_params, self.vocab, eng.device, use_triton=eng.ops.name == "triton")
-        row = row[:, : self.vocab].float()
+        row, history = self._penalised(row[:, : self.vocab].float(), s)
+        token = int(s.sampler(row, history))
+        if s.constraint is not None:  # JSON mode: the draw again among the tokens the format allows
+            eos = eng.tokenizer.eos_ids
+            token = constrained_token(row[0], token, s.constraint, eos, s.token_params.temperature,
+                                      s.sampler.generator(row.device))
+            s.constraint.advance(token, eos)
+        return token
+
+    def _penalised(self, row: torch.Tensor, s: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sequence ``s``'s fp32 row [1, V] with its presence / frequency penalties, and the ids the
+        repetition penalty applies to (None without it)."""
         p = s.params
         if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
             counts = torch.bincount(upload_list(s.output_ids, torch.long, row.device), minlength=self.vocab)
@@ -73,4 +86,4 @@ class RowSampler:
         history = None
         if p.repetition_penalty != 1.0:
             history = upload_list(s.all_ids, torch.long, row.device).view(1, -1)
-        return int(s.sampler(row, history))
+        return row, history
