@@ -11,6 +11,7 @@ next as soon as one finishes, so every pass over the (streamed) weights serves a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,12 +90,17 @@ class LLM:
 
     def chat(self, conversations: list[dict] | list[list[dict]],
              params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, tools: list[dict] | None = None) -> list[RequestOutput]:
+             use_tqdm: bool = True, tools: list[dict] | None = None,
+             tool_choice: str | dict | None = None) -> list[RequestOutput]:
         """Reply to conversations ([{"role", "content"}, ...]) rendered with the model's chat template.
-        ``tools`` (OpenAI's function definitions) are offered to the model as the server offers them
-        (engine.serving.tools); each output's ``tool_calls`` then holds the calls its text makes."""
+        ``tools`` (OpenAI's function definitions) are offered to the model as the server offers them, with
+        OpenAI's ``tool_choice`` (engine.serving.tools); each output's ``tool_calls`` then holds the calls its
+        text makes."""
         conversations = _conversation_list(conversations)
-        offered = check_tools(tools or [], None, self.tokenizer.chat_template)
+        offered, forced = check_tools(tools or [], tool_choice, self.tokenizer.chat_template)
+        if forced:
+            plist = params if isinstance(params, list) else [params or SamplingParams()] * len(conversations)
+            params = [dataclasses.replace(p, tool_call=forced) if isinstance(p, SamplingParams) else p for p in plist]
         items = []
         for conv in conversations:
             conv = [{**m, "tool_calls": template_tool_calls(m["tool_calls"])} if m.get("tool_calls") else m

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.serving import json_mode
-from engine.serving.constrain import JsonObject, constrained_token
+from engine.serving.constrain import Format, JsonValue, constrained_token
 from engine.serving.params import SamplingParams
 
 
@@ -84,7 +84,7 @@ TEXTS = ["{", "}", '"a"', ":", "1", "hello", "", " ", "<eos>"]
 EOS = {8}
 
 
-def _take(c: JsonObject, row: list[float], temperature: float = 0.0, seed: int = 0) -> int:
+def _take(c: Format, row: list[float], temperature: float = 0.0, seed: int = 0) -> int:
     logits = torch.tensor(row)
     drawn = int(logits.argmax())
     token = constrained_token(logits, drawn, c, EOS, temperature, torch.Generator().manual_seed(seed))
@@ -93,7 +93,7 @@ def _take(c: JsonObject, row: list[float], temperature: float = 0.0, seed: int =
 
 
 def test_the_draw_falls_back_to_the_most_likely_allowed_token():
-    c = JsonObject(_Tokens(TEXTS))
+    c = Format(_Tokens(TEXTS), [JsonValue()])
     assert _take(c, [0, 9, 0, 0, 0, 0, 0, 0, 9]) == 0  # "}" and eos cannot open the reply: "{"
     assert _take(c, [0, 1, 0, 0, 0, 9, 8, 0, 7]) == 1  # hello, the special token and eos refused: "}"
     assert c.closed
@@ -102,7 +102,7 @@ def test_the_draw_falls_back_to_the_most_likely_allowed_token():
 
 def test_a_sampled_fallback_draws_only_allowed_tokens():
     for seed in range(20):
-        c = JsonObject(_Tokens(TEXTS))
+        c = Format(_Tokens(TEXTS), [JsonValue()])
         _take(c, [5, 0, 0, 0, 0, 0, 0, 0, 0])
         token = _take(c, [0, 1, 1, 0, 0, 9, 0, 1, 0], temperature=1.0, seed=seed)
         assert token in (1, 2, 7)  # "}", '"a"' or " " after "{"

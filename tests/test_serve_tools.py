@@ -66,8 +66,9 @@ def test_only_what_may_open_a_call_is_held_back():
     ([{"type": "code_interpreter"}], None, r"tools\[0\] must be"),
     ([{"type": "function", "function": {"name": "has space"}}], None, "function.name"),
     ([{"type": "function", "function": {"name": "f", "parameters": []}}], None, "parameters"),
-    ([WEATHER], "required", "cannot force a call"),
-    ([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, "cannot force a call"),
+    ([WEATHER], {"type": "function", "function": {"name": "get_time"}}, "not among the request's tools"),
+    ([WEATHER], "sometimes", "tool_choice must be"),
+    ([], "required", "needs tools"),
 ])
 def test_requests_the_server_cannot_serve_are_refused(tools, choice, match):
     with pytest.raises(ValueError, match=match):
@@ -77,8 +78,11 @@ def test_requests_the_server_cannot_serve_are_refused(tools, choice, match):
 def test_a_template_without_the_call_format_is_refused_and_none_renders_no_tools():
     with pytest.raises(ValueError, match="no tool-call format"):
         check_tools([WEATHER], "auto", "{{ messages }}")
-    assert check_tools([WEATHER], "none", "{{ messages }}") is False
-    assert check_tools([], None, None) is False
+    assert check_tools([WEATHER], "none", "{{ messages }}") == (False, None)
+    assert check_tools([], None, None) == (False, None)
+    assert check_tools([WEATHER], "required", "<tool_call>") == (True, ("get_weather",))
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert check_tools([WEATHER, {**WEATHER, "function": {"name": "f"}}], named, "<tool_call>") == (True, ("get_weather",))
 
 
 CONVERSATION = [
@@ -124,9 +128,12 @@ def scripted(tiny_qwen2_dir):
     script = {"text": ""}
 
     def sample(self, logits, seqs):
+        if self.engine is not engine:  # another test's engine: its own sampler
+            return original(self, logits, seqs)
         ids = tok.encode(script["text"], add_special_tokens=False) + [end]
         return [ids[min(len(s.output_ids), len(ids) - 1)] for s in seqs]
 
+    original = ModelRunner.sample
     patch = pytest.MonkeyPatch()
     patch.setattr(ModelRunner, "sample", sample)
     loop = EngineLoop(lambda: engine).start()
@@ -171,9 +178,9 @@ def test_a_conversation_with_tool_results_is_served_and_bad_tools_get_the_envelo
     script["text"] = "It is 12C in Köln and 18C in Paris."
     r = client.chat.completions.create(model="m", messages=CONVERSATION, tools=[WEATHER], max_tokens=100)
     assert r.choices[0].message.content == script["text"] and r.choices[0].finish_reason == "stop"
-    with pytest.raises(openai.BadRequestError, match="cannot force a call"):
+    with pytest.raises(openai.BadRequestError, match="not among the request's tools"):
         client.chat.completions.create(model="m", messages=CONVERSATION[1:2], tools=[WEATHER],
-                                       tool_choice="required")
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
     r = client.chat.completions.create(model="m", messages=CONVERSATION[1:2], max_tokens=5)  # still serving
     assert r.choices[0].finish_reason in ("stop", "length")
 
@@ -203,3 +210,41 @@ def test_an_assistant_turns_malformed_calls_are_named(calls, tiny_qwen2_dir):
                                 {"role": "assistant", "content": None, "tool_calls": calls}])
     with pytest.raises(ValueError, match=r"tool_calls\[0\] must be"):
         req.prompts(tok)
+
+
+def _format_prefix(tok, names, text: str) -> bool:
+    from engine.serving.constrain import Format, call_format
+
+    f = Format(tok, call_format(names))
+    return f._feed(text) is not None
+
+
+def test_a_forced_choice_holds_even_a_random_models_reply_to_the_call(tiny_qwen2_dir):
+    """The tiny random model never closes the arguments within the budget; its reply is still the start of
+    exactly the call the format allows."""
+    from engine import LLM, SamplingParams
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    with LLM(tiny_qwen2_dir, device="cpu", dtype="fp32", kernels="torch", max_batch=2, max_context=1024) as llm:
+        for choice in ("required", named):
+            out = llm.chat(CONVERSATION[:2], SamplingParams(max_tokens=60, temperature=1.0, seed=2), use_tqdm=False,
+                           tools=[WEATHER, {"type": "function", "function": {"name": "get_time"}}],
+                           tool_choice=choice)[0].outputs[0]
+            assert out.text.startswith('<tool_call>\n{"name": "get_'), out.text
+            assert _format_prefix(llm.tokenizer, ("get_weather", "get_time") if choice == "required" else
+                                  ("get_weather",), out.text), out.text
+
+
+def test_the_real_model_forced_to_call_a_tool_makes_one_whole_call(smollm2):
+    """SmolLM2 speaks ChatML, so the synthetic Qwen2.5 template (which offers tools) renders its prompts."""
+    from engine import LLM, SamplingParams
+    from engine.synth.presets import QWEN25_CHAT_TEMPLATE
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    with LLM(smollm2, device="cpu", dtype="fp32", kernels="torch", max_batch=1, max_context=1024) as llm:
+        llm.tokenizer.chat_template, llm.tokenizer._template = QWEN25_CHAT_TEMPLATE, None
+        out = llm.chat(CONVERSATION[1:2], SamplingParams(max_tokens=60), use_tqdm=False, tools=[WEATHER],
+                       tool_choice=named)[0].outputs[0]
+    assert out.finish_reason == "stop", out.text
+    assert [c["function"]["name"] for c in out.tool_calls] == ["get_weather"], out.text
+    assert isinstance(json.loads(out.tool_calls[0]["function"]["arguments"]), dict)

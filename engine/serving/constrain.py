@@ -1,4 +1,6 @@
-"""Sampling held to a format (JSON mode: engine.serving.json_mode): which tokens a sequence may take next.
+"""Sampling held to a format (JSON mode: engine.serving.json_mode; a forced tool call): which tokens a sequence
+may take next. A format is a list of segments (a literal, one of several literals, a JSON object), read
+character by character across token boundaries.
 
 The row is sampled as usual first; the token is kept when its text continues the format (nearly always, for
 a model asked for JSON). Otherwise the draw is repeated among the tokens the format allows, taken in order of
@@ -31,30 +33,105 @@ def token_text(tokenizer, token: int) -> str:
     return text
 
 
-class JsonObject:
-    """A sequence's JSON-mode state: the recogniser's state after the tokens taken so far."""
+class Literal:
+    """A format segment: exactly this text."""
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.state = json_mode.START
+    def __init__(self, text: str) -> None:
+        self.text, self.start = text, 0
+
+    def step(self, pos: int, ch: str) -> int | None:
+        return pos + 1 if pos < len(self.text) and self.text[pos] == ch else None
+
+    def complete(self, pos: int) -> bool:
+        return pos == len(self.text)
+
+
+class OneOf:
+    """A format segment: one of these texts."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts, self.start = list(texts), ""
+
+    def step(self, typed: str, ch: str) -> str | None:
+        return typed + ch if any(t.startswith(typed + ch) for t in self.texts) else None
+
+    def complete(self, typed: str) -> bool:
+        return typed in self.texts
+
+
+class JsonValue:
+    """A format segment: one JSON object (engine.serving.json_mode)."""
+    start = json_mode.START
+
+    @staticmethod
+    def step(state, ch: str):
+        return json_mode.step(state, ch)
+
+    @staticmethod
+    def complete(state) -> bool:
+        return json_mode.done(state)
+
+
+class Format:
+    """What a sequence's reply must be, as segments in order; its state after the tokens taken so far."""
+
+    def __init__(self, tokenizer, segments: list) -> None:
+        self.tokenizer, self.segments = tokenizer, segments
+        self.state = (0, segments[0].start)
+
+    def _step(self, state: tuple, ch: str) -> tuple | None:
+        i, sub = state
+        while i < len(self.segments):
+            seg = self.segments[i]
+            nxt = seg.step(sub, ch)
+            if nxt is not None:
+                return i, nxt
+            if not seg.complete(sub):
+                return None
+            i += 1  # the segment is whole: ``ch`` starts the next one
+            sub = self.segments[i].start if i < len(self.segments) else None
+        return None
+
+    def _feed(self, text: str) -> tuple | None:
+        state = self.state
+        for ch in text:
+            state = self._step(state, ch)
+            if state is None:
+                return None
+        return state
 
     @property
     def closed(self) -> bool:
-        return json_mode.done(self.state)
+        i, sub = self.state
+        return i == len(self.segments) - 1 and self.segments[i].complete(sub)
 
     def allows(self, token: int, eos_ids: set[int]) -> bool:
         if token in eos_ids:
             return self.closed
         text = token_text(self.tokenizer, token)
-        return bool(text) and json_mode.feed(self.state, text) is not None
+        return bool(text) and self._feed(text) is not None
 
     def advance(self, token: int, eos_ids: set[int]) -> None:
         if token not in eos_ids:
-            self.state = json_mode.feed(self.state, token_text(self.tokenizer, token))
+            self.state = self._feed(token_text(self.tokenizer, token))
             assert self.state is not None, token
 
 
-def constrained_token(row: torch.Tensor, drawn: int, constraint: JsonObject, eos_ids: set[int],
+def reply_format(params, tokenizer) -> Format | None:
+    """The format ``params`` hold a reply to: one JSON object (``json_object``), or one call of a tool named in
+    ``tool_call`` (a forced ``tool_choice``: :func:`call_format`), else None."""
+    if params.tool_call:
+        return Format(tokenizer, call_format(params.tool_call))
+    return Format(tokenizer, [JsonValue()]) if params.json_object else None
+
+
+def call_format(names: tuple[str, ...]) -> list:
+    """One ``<tool_call>`` block calling one of ``names``, as engine.serving.tools parses it."""
+    return [Literal('<tool_call>\n{"name": "'), OneOf(list(names)), Literal('", "arguments": '), JsonValue(),
+            Literal("}\n</tool_call>")]
+
+
+def constrained_token(row: torch.Tensor, drawn: int, constraint: Format, eos_ids: set[int],
                       temperature: float, generator: torch.Generator | None) -> int:
     """The token to take from ``row`` [V] (logits after penalties) given the unconstrained ``drawn``: it, when
     the format allows it, else a draw among the allowed ones (end of sequence if none is: a vocabulary without

@@ -35,6 +35,7 @@ and the k most likely alternatives. ``json_object`` holds the reply to one JSON 
     ignore_eos: bool = False
     logprobs: int | None = None  # with each token its log-probability and this many top alternatives
     json_object: bool = False  # the reply held to one JSON object (engine.serving.json_mode)
+    tool_call: tuple[str, ...] | None = None  # the reply held to one call of one of these tools (a forced tool_choice)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -54,8 +55,14 @@ and the k most likely alternatives. ``json_object`` holds the reply to one JSON 
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and -2.0 <= value <= 2.0):
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
-        if self.json_object and self.ignore_eos:
-            raise ValueError("json_object ends the reply when the object closes: leave ignore_eos off")
+        if (self.json_object or self.tool_call) and self.ignore_eos:
+            raise ValueError("json_object / a forced tool call ends the reply when it is whole: leave ignore_eos off")
+        if self.json_object and self.tool_call:
+            raise ValueError("a forced tool call's arguments are already JSON: leave response_format json_object out")
+        if self.tool_call is not None:
+            object.__setattr__(self, "tool_call", tuple(self.tool_call))
+            if not self.tool_call or not all(isinstance(n, str) and n for n in self.tool_call):
+                raise ValueError(f"tool_call must name at least one tool, got {self.tool_call!r}")
         self.token_params(0)  # the sampler's own checks (temperature, top_k, top_p, min_p, seed)
 
     def token_params(self, index: int) -> TokenSamplingParams:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Mapping
@@ -115,6 +116,7 @@ class ChatRequest(_Request):
     parallel_tool_calls: bool | None = None  # the model may make several calls a turn whatever it says
     logprobs: bool | None = False
     _tools_used: bool = PrivateAttr(False)
+    _forced: tuple[str, ...] | None = PrivateAttr(None)
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def logprob_count(self) -> int | None:
@@ -125,13 +127,18 @@ class ChatRequest(_Request):
     def prompts(self, tokenizer) -> list[list[int]]:
         """The conversation rendered with the chat template (with the request's tools, engine.serving.tools),
         as the one prompt of this request."""
-        self._tools_used = check_tools(self.tools or [], self.tool_choice, tokenizer.chat_template)
+        self._tools_used, self._forced = check_tools(self.tools or [], self.tool_choice, tokenizer.chat_template)
         for i, m in enumerate(self.messages):
             _check_text(f"messages[{i}].content", m.as_template_input()["content"])
         text = tokenizer.apply_chat_template([m.as_template_input() for m in self.messages],
                                              add_generation_prompt=True,
                                              **({"tools": self.tools} if self._tools_used else {}))
         return [tokenizer.encode(text, add_special_tokens=False)]
+
+    def sampling(self, max_tokens: int | None, defaults: Mapping[str, float | int] | None = None) -> SamplingParams:
+        """As the base request's, with a forced ``tool_choice``'s tools (after :meth:`prompts`)."""
+        params = super().sampling(max_tokens, defaults)
+        return dataclasses.replace(params, tool_call=self._forced) if self._forced else params
 
     @property
     def tools_used(self) -> bool:

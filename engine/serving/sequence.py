@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.detok import IncrementalDetokenizer, StopStringMatcher
-from engine.serving.constrain import JsonObject
+from engine.serving.constrain import reply_format
 from engine.serving.params import SamplingParams
 
 _ids = itertools.count()
@@ -75,7 +75,7 @@ class Sequence:
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True, context_ids=self.prompt_ids)
         self.stops = StopStringMatcher(list(params.stop))
         self.sampler = None  # engine.sampling.Sampler, made by the runner on first use (it owns the seed)
-        self.constraint = JsonObject(tokenizer) if params.json_object else None  # what the next token may be
+        self.constraint = reply_format(params, tokenizer)  # what the next token may be (None: anything)
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
 

@@ -4,8 +4,9 @@ model's calls parsed out of its text into OpenAI's ``tool_calls``.
 The format parsed is the one Qwen2.5, Qwen3 and the Hermes models are trained on, which their chat templates
 ask for: each call a JSON object ``{"name": ..., "arguments": {...}}`` between ``<tool_call>`` and
 ``</tool_call>``. A template that does not mention ``<tool_call>`` gets a 400 for requests with tools (its
-model would answer in a format this server does not parse). ``tool_choice`` ``"auto"`` and ``"none"`` are
-served; ``"required"`` and a named function need constrained decoding, which this server does not have.
+model would answer in a format this server does not parse). ``tool_choice`` ``"auto"`` lets the model decide,
+``"none"`` offers no tools; ``"required"`` and a named function hold the reply to one such call, token by token
+(engine.serving.constrain).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-def check_tools(tools: list[dict], tool_choice: Any, template: str | None) -> bool:
-    """ValueError for tools, ``tool_choice`` or a chat template this server cannot serve; whether the
-    template gets the tools (not for ``tool_choice: "none"``)."""
+def check_tools(tools: list[dict], tool_choice: Any, template: str | None) -> tuple[bool, tuple[str, ...] | None]:
+    """ValueError for tools, ``tool_choice`` or a chat template this server cannot serve; else whether the
+    template gets the tools (not for ``tool_choice: "none"``) and, for a forced choice (``"required"``, or a
+    named function), the tools the reply must call one of (engine.serving.constrain.call_format)."""
+    names = []
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
@@ -35,15 +38,32 @@ def check_tools(tools: list[dict], tool_choice: Any, template: str | None) -> bo
             raise ValueError(f"tools[{i}].function.parameters must be a JSON Schema object")
         if not isinstance(fn.get("description", ""), str):
             raise ValueError(f"tools[{i}].function.description must be a string")
-    if tool_choice not in (None, "auto", "none"):
-        raise ValueError(f"tool_choice {tool_choice!r} is not supported: the server cannot force a call (no "
-                         f"constrained decoding); use \"auto\" (the model decides) or \"none\"")
+        names.append(fn["name"])
+    forced = _forced(tool_choice, names)
     if tool_choice == "none" or not tools:
-        return False
+        return False, None
     if template is None or OPEN not in template:
         raise ValueError("this model's chat template has no tool-call format this server parses (it parses "
                          "<tool_call>{...}</tool_call>, the Qwen2.5 / Qwen3 / Hermes format); leave tools out")
-    return True
+    return True, forced
+
+
+def _forced(tool_choice: Any, names: list[str]) -> tuple[str, ...] | None:
+    """The tools a forced ``tool_choice`` lets the reply call (None: not forced); ValueError for a bad one."""
+    if tool_choice in (None, "auto", "none"):
+        return None
+    if tool_choice == "required":
+        if not names:
+            raise ValueError('tool_choice "required" needs tools to choose from')
+        return tuple(names)
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(fn, dict):
+        if fn.get("name") not in names:
+            raise ValueError(f"tool_choice names {fn.get('name')!r}, which is not among the request's tools "
+                             f"({', '.join(names) or 'none'})")
+        return (fn["name"],)
+    raise ValueError(f'tool_choice must be "auto", "none", "required" or {{"type": "function", "function": '
+                     f'{{"name": ...}}}}, got {tool_choice!r}')
 
 
 def template_tool_calls(calls: list[dict]) -> list[dict]:
@@ -74,8 +94,8 @@ def _call(body: str) -> dict | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-            "function": {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}}
+    text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": obj["name"], "arguments": text}}
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
