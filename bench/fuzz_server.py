@@ -41,7 +41,12 @@ PLAUSIBLE = {  # values of each field's own type, edges included (half the picks
               {"name": "a b"}}], [{"type": "function", "function": {**_F, "parameters": []}}], [1]],
     "tool_choice": ["auto", "none", "required", {"type": "function", "function": {"name": "f"}}, {}],
     "parallel_tool_calls": [True, False],
-    "response_format": [{"type": "json_object"}, {"type": "json_schema"}, {"type": "text"}, {"type": 3}],
+    "response_format": [{"type": "json_object"}, {"type": "json_schema"}, {"type": "text"}, {"type": 3},
+                        {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object", "properties":
+                         {"a": {"type": "integer"}, "b": {"enum": ["x", 1]}}, "required": ["a"]}}},
+                        {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "a"}}},
+                        {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/X"}}},
+                        {"type": "json_schema", "json_schema": {"schema": {"type": "array", "maxItems": -1}}}],
 }
 RAW = [b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe", b'{"prompt": "hi",}', b"1e999"]
 ROLES = ["user", "system", "assistant", "tool", "developer", "bogus", 1, None]

@@ -18,6 +18,7 @@ import weakref
 import torch
 
 from engine.serving import json_mode
+from engine.serving.schema import compiled
 
 TOP = 256  # candidates tried before the rest of the vocabulary
 _BLOCK = 4096
@@ -122,6 +123,8 @@ def reply_format(params, tokenizer) -> Format | None:
     ``tool_call`` (a forced ``tool_choice``: :func:`call_format`), else None."""
     if params.tool_call:
         return Format(tokenizer, call_format(params.tool_call))
+    if params.json_schema:
+        return Format(tokenizer, [compiled(params.json_schema)])
     return Format(tokenizer, [JsonValue()]) if params.json_object else None
 
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.sampling import SEED_MAX, SamplingParams as TokenSamplingParams
+from engine.serving.schema import compiled
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,7 @@ class SamplingParams:
     ``temperature == 0`` is greedy; ``top_k`` 0, ``top_p`` 1.0 and ``min_p`` 0.0 disable those filters.
     ``max_tokens`` None generates until a stop condition or the end of the context. ``logprobs`` k
 returns each token's log-probability under the model (before temperature, filters and penalties)
-and the k most likely alternatives. ``json_object`` holds the reply to one JSON object (JSON mode). ``n`` completions
+and the k most likely alternatives. ``json_object`` holds the reply to one JSON object (JSON mode), ``json_schema`` (a JSON Schema as JSON text) to what the schema accepts. ``n`` completions
     of the same prompt are generated (with a seed, completion i uses ``seed + i``). ``presence_penalty``
     and ``frequency_penalty`` follow OpenAI (on generated tokens), ``repetition_penalty`` follows
     Hugging Face (on prompt and generated tokens).
@@ -36,6 +37,7 @@ and the k most likely alternatives. ``json_object`` holds the reply to one JSON 
     logprobs: int | None = None  # with each token its log-probability and this many top alternatives
     json_object: bool = False  # the reply held to one JSON object (engine.serving.json_mode)
     tool_call: tuple[str, ...] | None = None  # the reply held to one call of one of these tools (a forced tool_choice)
+    json_schema: str | None = None  # the reply held to this JSON Schema, as JSON text (engine.serving.schema)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -55,10 +57,13 @@ and the k most likely alternatives. ``json_object`` holds the reply to one JSON 
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and -2.0 <= value <= 2.0):
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
-        if (self.json_object or self.tool_call) and self.ignore_eos:
-            raise ValueError("json_object / a forced tool call ends the reply when it is whole: leave ignore_eos off")
-        if self.json_object and self.tool_call:
-            raise ValueError("a forced tool call's arguments are already JSON: leave response_format json_object out")
+        formats = [f for f in ("json_object", "json_schema", "tool_call") if getattr(self, f)]
+        if formats and self.ignore_eos:
+            raise ValueError(f"{formats[0]} ends the reply when it is whole: leave ignore_eos off")
+        if len(formats) > 1:
+            raise ValueError(f"{formats[0]} and {formats[1]} each hold the reply to a format: give one")
+        if self.json_schema is not None:
+            compiled(self.json_schema)  # ValueError for a schema that cannot be held
         if self.tool_call is not None:
             object.__setattr__(self, "tool_call", tuple(self.tool_call))
             if not self.tool_call or not all(isinstance(n, str) and n for n in self.tool_call):

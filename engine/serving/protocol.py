@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Mapping
@@ -27,6 +28,19 @@ def _check_text(field: str, text: str) -> None:
     """ValueError naming ``field`` when ``text`` cannot reach the tokenizer (a JSON "\\ud800" escape)."""
     if problem := utf8_problem(text):
         raise ValueError(f"{field} is not valid Unicode: {problem}; send UTF-8 text")
+
+
+def response_format(value: dict | None) -> tuple[str, str | None]:
+    """(the format's type, its schema as canonical JSON text for ``json_schema``); ValueError for others."""
+    kind = (value or {}).get("type", "text")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ValueError(f'response_format type must be "text", "json_object" or "json_schema", got {kind!r}')
+    if kind != "json_schema":
+        return kind, None
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ValueError('response_format json_schema must be {"name": ..., "schema": {...}}')
+    return kind, json.dumps(spec["schema"])  # the key order kept: properties come in the schema's order
 
 
 class StreamOptions(BaseModel):
@@ -62,10 +76,7 @@ class _Request(BaseModel):
     def sampling(self, max_tokens: int | None, defaults: Mapping[str, float | int] | None = None) -> SamplingParams:
         """The engine's parameters: what the request gives, else the model's ``defaults``
         (``engine.generation_defaults``), else OpenAI's (temperature 1, no filters)."""
-        kind = (self.response_format or {}).get("type", "text")
-        if kind not in ("text", "json_object"):
-            raise ValueError(f"response_format {kind!r} is not supported: \"json_object\" (the reply held to one "
-                             "JSON object) is; a schema needs schema-guided decoding, which this server does not have")
+        kind, schema = response_format(self.response_format)
         if self.best_of not in (None, 1, self.n):
             raise ValueError("best_of is not supported; use n to get several completions")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -76,7 +87,7 @@ class _Request(BaseModel):
             min_p=given["min_p"], seed=self.seed, stop=tuple(stop), n=self.n or 1,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=given["repetition_penalty"], max_tokens=max_tokens, ignore_eos=self.ignore_eos,
-            logprobs=self.logprob_count(), json_object=kind == "json_object")
+            logprobs=self.logprob_count(), json_object=kind == "json_object", json_schema=schema)
 
     @property
     def include_usage(self) -> bool:
