@@ -52,6 +52,13 @@ from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 from kernels.quant_x import QBLOCK, quantize_x, quantize_x_ref
 
 
+# The codes loaded as a 2-D [BLOCK_N, BLOCK_K / 8] tile and viewed as [BLOCK_N, NBLK, 4] (a layout change through
+# shared memory each K step) instead of loaded as [BLOCK_N, NBLK, 4], whose sm_90 layout puts a warp's lanes on 32
+# rows, 16 bytes each (bench/probe_epilogue.py: that read alone 1.3-1.6x slower than the 2-D tile's). Set per
+# launch by the probes (LAYERSTREAM_I8_WORDS2D=0: the 3-D load).
+WORDS2D = os.environ.get("LAYERSTREAM_I8_WORDS2D", "1").strip() not in ("0", "off", "false", "no")
+
+
 def enabled() -> bool:
     """Whether the tuner may time this GEMV (``LAYERSTREAM_INT8_X=0`` keeps x in its own precision)."""
     return os.environ.get("LAYERSTREAM_INT8_X", "1").strip().lower() not in ("0", "off", "false", "no")
@@ -106,7 +113,7 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                      HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr,
                      ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                     ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False):
+                     ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False, WORDS2D: tl.constexpr = True):
     pdl_enter(PDL_CHAIN)
     NBLK: tl.constexpr = BLOCK_K // 32
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,6 +125,8 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     b = tl.arange(0, NBLK)
     j = tl.arange(0, 4)
     q_rows = q_ptr + rows[:, None, None].to(tl.int64) * stride_qn
+    q_rows2 = q_ptr + rows[:, None].to(tl.int64) * stride_qn
+    c2 = tl.arange(0, NBLK * 4)
     s_rows = s_ptr + rows[:, None].to(tl.int64) * stride_sn
     z_rows = z_ptr + rows[:, None].to(tl.int64) * stride_sn
     # x rows past M repeat row M - 1 (computed, never stored)
@@ -129,7 +138,15 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
         blk = kb * NBLK + b  # global 32-column blocks of this K step
         wcol = blk[None, :, None] * 4 + j[None, None, :]  # packed words [1, NBLK, 4]
-        if EVEN_K:
+        if WORDS2D:  # the step's words as a 2-D tile, each row's run across a warp's lanes, then viewed as 3-D
+            cols = kb * (NBLK * 4) + c2
+            if EVEN_K:
+                words = tl.load(q_rows2 + cols[None, :], eviction_policy="evict_first")
+            else:
+                words = tl.load(q_rows2 + cols[None, :], mask=(cols < K // 8)[None, :], other=0,
+                                eviction_policy="evict_first")
+            words = tl.reshape(words, (BLOCK_N, NBLK, 4))
+        elif EVEN_K:
             words = tl.load(q_rows + wcol, eviction_policy="evict_first")
         else:
             words = tl.load(q_rows + wcol, mask=(blk < K // 32)[None, :, None], other=0, eviction_policy="evict_first")
@@ -198,7 +215,7 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, TICKET=cnt is not None,
         ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out), **register_cap(cfg))
+        WORDS2D=WORDS2D, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out), **register_cap(cfg))
     reduce_split_k(ws, cnt, bias, out)
 
 
