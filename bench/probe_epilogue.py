@@ -40,20 +40,25 @@ from kernels.tuning import fits_l2, graph_ms  # noqa: E402
 from tools.bench_quant import packed_operands  # noqa: E402
 
 TILES = [(32, 256, 8, 4), (16, 512, 4, 2), (16, 512, 4, 1)]  # BLOCK_N, BLOCK_K (codes), warps, split-K
-FORMS = {"2d": (False, False, False), "2d+f": (False, True, False), "3d": (True, False, False),
-         "3d+f": (True, True, False), "3d>2d": (True, False, True)}  # THREE_D, FACC, FLATTEN
+FORMS = {"2d": (False, False, False, False), "2d+f": (False, True, False, False), "3d": (True, False, False, False),
+         "3d+f": (True, True, False, False), "3d>2d": (True, False, True, False),
+         "3dT": (True, False, False, True)}  # THREE_D, FACC, FLATTEN, TRANS
 
 
 @triton.jit
 def _epi_kernel(q_ptr, out_ptr, N, KW, stride_qn, THREE_D: tl.constexpr, FACC: tl.constexpr, FLATTEN: tl.constexpr,
-                BLOCK_N: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr):
+                BLOCK_N: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, TRANS: tl.constexpr = False):
     NB: tl.constexpr = BW // 4
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)
     steps = KW // BW
     per = tl.cdiv(steps, SPLIT)
     lo, hi = tl.program_id(1) * per, tl.minimum(tl.program_id(1) * per + per, steps)
-    if THREE_D:
+    if TRANS:  # the 3-D tile with its axes [NBLK, BLOCK_N, 4]: sm_90's layout then puts the lanes along a row
+        ptrs = q_ptr + rows[None, :, None].to(tl.int64) * stride_qn + \
+            (tl.arange(0, NB)[:, None, None] * 4 + tl.arange(0, 4)[None, None, :])
+        acc = tl.zeros((NB, BLOCK_N, 4), tl.int32)
+    elif THREE_D:
         ptrs = q_ptr + rows[:, None, None].to(tl.int64) * stride_qn + \
             (tl.arange(0, NB)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :])
         acc = tl.zeros((BLOCK_N, NB, 4), tl.int32)
@@ -63,7 +68,9 @@ def _epi_kernel(q_ptr, out_ptr, N, KW, stride_qn, THREE_D: tl.constexpr, FACC: t
     facc = tl.zeros((BLOCK_N, NB), tl.float32)
     for kb in tl.range(lo, hi, num_stages=1):
         acc ^= tl.load(ptrs + kb * BW, eviction_policy="evict_first")
-    if THREE_D and FLATTEN:
+    if TRANS:
+        res = tl.xor_sum(tl.xor_sum(acc, axis=2), axis=0).to(tl.float32)
+    elif THREE_D and FLATTEN:
         res = tl.xor_sum(tl.reshape(acc, (BLOCK_N, BW)), axis=1).to(tl.float32)
     elif THREE_D:
         res = tl.xor_sum(tl.xor_sum(acc, axis=2), axis=1).to(tl.float32)
@@ -77,10 +84,10 @@ def _epi_kernel(q_ptr, out_ptr, N, KW, stride_qn, THREE_D: tl.constexpr, FACC: t
 def launch(form: str, q: torch.Tensor, out: torch.Tensor, tile: tuple) -> None:
     """One launch of ``form`` over the codes q [N, K / 8] in ``tile``; out fp32 [SPLIT * N] or more."""
     bn, bk, warps, sk = tile
-    three_d, facc, flatten = FORMS[form]
+    three_d, facc, flatten, trans = FORMS[form]
     n, kw = q.shape
     _epi_kernel[(triton.cdiv(n, bn), sk)](q, out, n, kw, q.stride(0), THREE_D=three_d, FACC=facc, FLATTEN=flatten,
-                                          BLOCK_N=bn, BW=bk // 8, SPLIT=sk, num_warps=warps, num_stages=1)
+                                          BLOCK_N=bn, BW=bk // 8, SPLIT=sk, TRANS=trans, num_warps=warps, num_stages=1)
 
 
 def probe(name: str, tile: tuple, rounds: int, dev: torch.device) -> dict:
