@@ -99,12 +99,13 @@ def probe(name: str, tile: tuple, rounds: int, dev: torch.device) -> dict:
     y = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
     cfg = qgemv.config(bn, bk, sk, warps=warps, stages=1, ticket=sk > 1, variant=4)
     runs = {f: (lambda f=f: launch(f, q, out, tile)) for f in FORMS}
-    def gemv(words2d: bool) -> None:
-        qgemv_i8.WORDS2D = words2d
+    def gemv(words2d: bool, trans: bool = False) -> None:
+        qgemv_i8.WORDS2D, qgemv_i8.TRANS = words2d, trans
         qgemv_i8.launch_i8(cfg, x, q, s, z, GROUP, None, y, False, True, rounded=(xq, d, qs))
 
     runs["gemv"] = lambda: gemv(False)  # the codes loaded as a 3-D tile
     runs["gemv2d"] = lambda: gemv(True)  # as a 2-D tile, viewed as 3-D (kernels/qgemv_i8.py's WORDS2D)
+    runs["gemvT"] = lambda: gemv(False, True)  # the tile's axes [NBLK, BLOCK_N, 4] (kernels/qgemv_i8.py's TRANS)
     cold = fits_l2(q.nbytes + s.nbytes + z.nbytes, dev)
     times: dict[str, list[float]] = {a: [] for a in runs}
     for i in range(rounds):

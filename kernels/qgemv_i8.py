@@ -57,6 +57,7 @@ from kernels.quant_x import QBLOCK, quantize_x, quantize_x_ref
 # rows, 16 bytes each (bench/probe_epilogue.py: that read alone 1.3-1.6x slower than the 2-D tile's). Set per
 # launch by the probes (LAYERSTREAM_I8_WORDS2D=0: the 3-D load).
 WORDS2D = os.environ.get("LAYERSTREAM_I8_WORDS2D", "1").strip() not in ("0", "off", "false", "no")
+TRANS = os.environ.get("LAYERSTREAM_I8_TRANS", "0").strip() not in ("0", "off", "false", "no")  # see the kernel
 
 
 def enabled() -> bool:
@@ -79,10 +80,11 @@ def _dp4a2(a0, b0, a1, b1, ASM: tl.constexpr):
 
 
 @triton.jit
-def _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS: tl.constexpr, EVEN_K: tl.constexpr,
+def _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk2, s, z, K, HAS_MINS: tl.constexpr, EVEN_K: tl.constexpr,
               ASM: tl.constexpr):
-    """One x row's [BLOCK_N, NBLK] contribution of a K step: its int8 words against the step's codes (lo / hi),
-    times its steps, with the weight's scales and zero points (or mins) ``s`` / ``z``."""
+    """One x row's [BLOCK_N, NBLK] (TRANS: [NBLK, BLOCK_N]) contribution of a K step: its int8 words against the
+    step's codes (lo / hi), times its steps, with the weight's scales and zero points (or mins) ``s`` / ``z``;
+    ``wcol`` the step's words and ``blk2`` its 32-column blocks, shaped as the tile's axes."""
     # x's words are loaded at [1, NBLK, 4] and broadcast in registers: loaded in the tile's own [BLOCK_N, ...] shape,
     # the software pipeliner staged BLOCK_N copies of them in shared memory (57-360 KB a program; on the H200
     # 3-8% of a copy's rate, bench/results/2026-12-02-h200-s13/)
@@ -92,14 +94,14 @@ def _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS: tl.co
     if EVEN_K:
         xlo = tl.load(x_lo, eviction_policy="evict_last")
         xhi = tl.load(x_lo + hi_off, eviction_policy="evict_last")
-        d = tl.load(d_ptr + blk[None, :], eviction_policy="evict_last")
-        qs = tl.load(qs_ptr + blk[None, :], eviction_policy="evict_last").to(tl.float32)
+        d = tl.load(d_ptr + blk2, eviction_policy="evict_last")
+        qs = tl.load(qs_ptr + blk2, eviction_policy="evict_last").to(tl.float32)
     else:
-        ok = blk < K // 32
-        xlo = tl.load(x_lo, mask=ok[None, :, None], other=0)
-        xhi = tl.load(x_lo + hi_off, mask=ok[None, :, None], other=0)
-        d = tl.load(d_ptr + blk[None, :], mask=ok[None, :], other=0.0)
-        qs = tl.load(qs_ptr + blk[None, :], mask=ok[None, :], other=0).to(tl.float32)
+        ok3, ok2 = wcol < K // 8, blk2 < K // 32
+        xlo = tl.load(x_lo, mask=ok3, other=0)
+        xhi = tl.load(x_lo + hi_off, mask=ok3, other=0)
+        d = tl.load(d_ptr + blk2, mask=ok2, other=0.0)
+        qs = tl.load(qs_ptr + blk2, mask=ok2, other=0).to(tl.float32)
     dot = tl.sum(_dp4a2(lo, tl.broadcast_to(xlo, lo.shape), hi, tl.broadcast_to(xhi, hi.shape), ASM), axis=2)
     dot = dot.to(tl.float32)
     if HAS_MINS:
@@ -113,7 +115,8 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                      HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr,
                      ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                     ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False, WORDS2D: tl.constexpr = True):
+                     ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False, WORDS2D: tl.constexpr = True,
+                     TRANS: tl.constexpr = False):
     pdl_enter(PDL_CHAIN)
     NBLK: tl.constexpr = BLOCK_K // 32
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,21 +127,41 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     kb_hi = tl.minimum(kb_lo + per_split, num_k)
     b = tl.arange(0, NBLK)
     j = tl.arange(0, 4)
-    q_rows = q_ptr + rows[:, None, None].to(tl.int64) * stride_qn
+    # TRANS: the tile's axes [NBLK, BLOCK_N, 4], whose sm_90 layout puts a warp's lanes along a row's words
+    # (bench/probe_epilogue.py's 3dT); else [BLOCK_N, NBLK, 4], whose lanes go down 32 rows, 16 bytes each
+    if TRANS:
+        q_rows = q_ptr + rows[None, :, None].to(tl.int64) * stride_qn
+        s_rows = s_ptr + rows[None, :].to(tl.int64) * stride_sn
+        z_rows = z_ptr + rows[None, :].to(tl.int64) * stride_sn
+    else:
+        q_rows = q_ptr + rows[:, None, None].to(tl.int64) * stride_qn
+        s_rows = s_ptr + rows[:, None].to(tl.int64) * stride_sn
+        z_rows = z_ptr + rows[:, None].to(tl.int64) * stride_sn
     q_rows2 = q_ptr + rows[:, None].to(tl.int64) * stride_qn
     c2 = tl.arange(0, NBLK * 4)
-    s_rows = s_ptr + rows[:, None].to(tl.int64) * stride_sn
-    z_rows = z_ptr + rows[:, None].to(tl.int64) * stride_sn
     # x rows past M repeat row M - 1 (computed, never stored)
     r1, r2, r3 = tl.minimum(1, M - 1), tl.minimum(2, M - 1), tl.minimum(3, M - 1)
-    acc0 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
+    if TRANS:
+        acc0 = tl.zeros((NBLK, BLOCK_N), dtype=tl.float32)
+    else:
+        acc0 = tl.zeros((BLOCK_N, NBLK), dtype=tl.float32)
+    acc1 = tl.zeros_like(acc0)
+    acc2 = tl.zeros_like(acc0)
+    acc3 = tl.zeros_like(acc0)
     for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
         blk = kb * NBLK + b  # global 32-column blocks of this K step
-        wcol = blk[None, :, None] * 4 + j[None, None, :]  # packed words [1, NBLK, 4]
-        if WORDS2D:  # the step's words as a 2-D tile, each row's run across a warp's lanes, then viewed as 3-D
+        if TRANS:
+            wcol = blk[:, None, None] * 4 + j[None, None, :]  # packed words [NBLK, 1, 4]
+            blk2 = blk[:, None]
+        else:
+            wcol = blk[None, :, None] * 4 + j[None, None, :]  # packed words [1, NBLK, 4]
+            blk2 = blk[None, :]
+        if TRANS:
+            if EVEN_K:
+                words = tl.load(q_rows + wcol, eviction_policy="evict_first")
+            else:
+                words = tl.load(q_rows + wcol, mask=wcol < K // 8, other=0, eviction_policy="evict_first")
+        elif WORDS2D:  # the step's words as a 2-D tile, each row's run across a warp's lanes, then viewed as 3-D
             cols = kb * (NBLK * 4) + c2
             if EVEN_K:
                 words = tl.load(q_rows2 + cols[None, :], eviction_policy="evict_first")
@@ -153,9 +176,9 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         if ONE_GROUP:  # the K step lies in one group (GROUP_C = G, a multiple of BLOCK_K): one scale per row
             g = (kb // (GROUP_C // BLOCK_K)) + tl.zeros((1, 1), tl.int32)
         elif GROUP_C > 1:  # G (a power of two) divides BLOCK_K: a constant shift
-            g = tl.minimum(blk // (GROUP_C // 32), K // GROUP_C - 1)[None, :]  # past K: the last group (terms 0)
+            g = tl.minimum(blk2 // (GROUP_C // 32), K // GROUP_C - 1)  # past K: the last group (terms 0)
         else:
-            g = tl.minimum(blk * 32 // group, K // group - 1)[None, :]
+            g = tl.minimum(blk2 * 32 // group, K // group - 1)
         s = tl.load(s_rows + g).to(tl.float32)
         if HAS_ZEROS + HAS_MINS > 0:
             z = tl.load(z_rows + g).to(tl.float32)
@@ -163,22 +186,23 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
             z = tl.full((1, 1), 8.0, tl.float32)
         lo = words & 0x0F0F0F0F
         hi = (words >> 4) & 0x0F0F0F0F
-        acc0 += _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+        acc0 += _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
         if BLOCK_M > 1:
             acc1 += _row_step(xq_ptr + r1 * (K // 4), d_ptr + r1 * (K // 32), qs_ptr + r1 * (K // 32), lo, hi, wcol,
-                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+                              blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
         if BLOCK_M > 2:
             acc2 += _row_step(xq_ptr + r2 * (K // 4), d_ptr + r2 * (K // 32), qs_ptr + r2 * (K // 32), lo, hi, wcol,
-                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+                              blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
             acc3 += _row_step(xq_ptr + r3 * (K // 4), d_ptr + r3 * (K // 32), qs_ptr + r3 * (K // 32), lo, hi, wcol,
-                              blk, s, z, K, HAS_MINS, EVEN_K, ASM)
+                              blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
     offs_m = tl.arange(0, BLOCK_M)
-    out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
+    RED: tl.constexpr = 0 if TRANS else 1  # the K axis of the accumulators
+    out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=RED)[None, :], 0.0)
     if BLOCK_M > 1:
-        out = tl.where(offs_m[:, None] == 1, tl.sum(acc1, axis=1)[None, :], out)
+        out = tl.where(offs_m[:, None] == 1, tl.sum(acc1, axis=RED)[None, :], out)
     if BLOCK_M > 2:
-        out = tl.where(offs_m[:, None] == 2, tl.sum(acc2, axis=1)[None, :], out)
-        out = tl.where(offs_m[:, None] == 3, tl.sum(acc3, axis=1)[None, :], out)
+        out = tl.where(offs_m[:, None] == 2, tl.sum(acc2, axis=RED)[None, :], out)
+        out = tl.where(offs_m[:, None] == 3, tl.sum(acc3, axis=RED)[None, :], out)
     store_split_k(out, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, rows, M, N, stride_om,
                   HAS_BIAS, SPLIT_K, TICKET, BLOCK_M, BLOCK_N)
 
@@ -215,7 +239,7 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, TICKET=cnt is not None,
         ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
-        WORDS2D=WORDS2D, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out), **register_cap(cfg))
+        WORDS2D=WORDS2D, TRANS=TRANS, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out), **register_cap(cfg))
     reduce_split_k(ws, cnt, bias, out)
 
 

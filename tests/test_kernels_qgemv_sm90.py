@@ -45,7 +45,8 @@ def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int, maxnreg: in
     ptrs = {"xq_ptr": "*i32", "d_ptr": "*fp32", "qs_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
             "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     meta = dict(HAS_ZEROS=True, HAS_MINS=False, HAS_BIAS=False, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1,
-                TICKET=False, ONE_GROUP=GROUP % bk == 0, GROUP_C=GROUP, EVEN_K=True, STAGES=stages, ASM=True)
+                TICKET=False, ONE_GROUP=GROUP % bk == 0, GROUP_C=GROUP, EVEN_K=True, STAGES=stages, ASM=True,
+                WORDS2D=mod.WORDS2D, TRANS=mod.TRANS)  # as launch_i8 passes them
     return compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages, maxnreg)
 
 
@@ -62,7 +63,8 @@ def compile_sm90(fn, ptrs: dict[str, str], meta: dict, warps: int, stages: int,
     from triton.compiler import ASTSource
 
     names = fn.arg_names
-    meta = {"PDL_CHAIN": False, **meta}  # kernels.pdl's flag as launches pass it: off
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+    meta = {**defaults, "PDL_CHAIN": False, **meta}  # constexprs left out at their defaults; kernels.pdl's flag off
     meta = {a: v for a, v in meta.items() if a in names}
     sig = {a: "constexpr" if a in meta else ptrs.get(a, "i32") for a in names}
     aligned = [a for a in names if a in ptrs or a in aligned_ints]

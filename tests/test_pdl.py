@@ -77,6 +77,7 @@ def _ptx_marks(fn, ptrs: dict[str, str], meta: dict) -> list[int]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    meta = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **meta}  # defaults
     sig = {a: "constexpr" if a in meta else ptrs.get(a, "fp32" if a == "eps" else "i32") for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(a),): v for a, v in meta.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
