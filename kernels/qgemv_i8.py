@@ -52,12 +52,14 @@ from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 from kernels.quant_x import QBLOCK, quantize_x, quantize_x_ref
 
 
-# The codes loaded as a 2-D [BLOCK_N, BLOCK_K / 8] tile and viewed as [BLOCK_N, NBLK, 4] (a layout change through
-# shared memory each K step) instead of loaded as [BLOCK_N, NBLK, 4], whose sm_90 layout puts a warp's lanes on 32
-# rows, 16 bytes each (bench/probe_epilogue.py: that read alone 1.3-1.6x slower than the 2-D tile's). Set per
-# launch by the probes (LAYERSTREAM_I8_WORDS2D=0: the 3-D load).
-WORDS2D = os.environ.get("LAYERSTREAM_I8_WORDS2D", "1").strip() not in ("0", "off", "false", "no")
-TRANS = os.environ.get("LAYERSTREAM_I8_TRANS", "0").strip() not in ("0", "off", "false", "no")  # see the kernel
+# Loaded as [BLOCK_N, NBLK, 4], the codes' sm_90 layout puts a warp's lanes on 32 rows, 16 bytes each: the same
+# K loop read gate_up's codes in 22.9-27.9 us that way against 16.8-17.7 us as a [BLOCK_N, BLOCK_K / 8] tile
+# (bench/results/2026-12-05-h200-s37/call1/epilogue.txt). Two ways out, both opt-in until timed on a GPU:
+# WORDS2D loads the 2-D tile and views it as 3-D (a layout change through shared memory each K step, two
+# barriers); TRANS lays the tile out as [NBLK, BLOCK_N, 4] (lanes along a row's words, no shared memory; sm_90
+# loop 101 instructions and 10 loads a step against 115 and 14 at 16 x 512). bench/probe_epilogue.py times both.
+WORDS2D = os.environ.get("LAYERSTREAM_I8_WORDS2D", "0").strip() not in ("0", "off", "false", "no")
+TRANS = os.environ.get("LAYERSTREAM_I8_TRANS", "0").strip() not in ("0", "off", "false", "no")
 
 
 def enabled() -> bool:
@@ -115,7 +117,7 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
                      HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr,
                      ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                     ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False, WORDS2D: tl.constexpr = True,
+                     ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False, WORDS2D: tl.constexpr = False,
                      TRANS: tl.constexpr = False):
     pdl_enter(PDL_CHAIN)
     NBLK: tl.constexpr = BLOCK_K // 32

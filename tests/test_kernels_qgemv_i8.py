@@ -78,6 +78,26 @@ def test_qgemv_i8_arithmetic(m: int, k: int, n: int, group: int, bn: int, bk: in
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("layout", ["words2d", "trans"])
+@pytest.mark.parametrize("m,k,n,group,bn,bk,sk", [(1, *CASES[1]), (3, *CASES[2]), (1, *CASES[3])])
+def test_the_opt_in_code_layouts_compute_the_same(monkeypatch, layout: str, m: int, k: int, n: int, group: int,
+                                                  bn: int, bk: int, sk: int) -> None:
+    """kernels/qgemv_i8.py's WORDS2D (codes loaded 2-D, viewed 3-D) and TRANS (the tile's axes swapped): the
+    same arithmetic as the default layout (gathered scales, a masked K tail, ticketed split-K)."""
+    from kernels import qgemv_i8
+
+    x, qw, s, z = _operands(k, n, group, torch.float32)
+    x = torch.cat([x, torch.randn(m - 1, k, device=DEV) * 3])
+    cfg = q.config(bn, bk, sk, warps=4, stages=2, ticket=sk > 1, variant=4)
+    out = torch.empty(m, n, device=DEV)
+    monkeypatch.setattr(qgemv_i8, "WORDS2D", layout == "words2d")
+    monkeypatch.setattr(qgemv_i8, "TRANS", layout == "trans")
+    launch_i8(cfg, x, qw, s, z, group, None, out, False, DEV == "cuda")
+    xq, d, _ = quantize_x(x)
+    ref = qgemv_i8_ref(x, qw, s, z, None, None, rounded=decode_x(xq, d))
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("k,n,group,bn,bk,sk", CASES[:3])
 @pytest.mark.parametrize("m", [1, 2, 4])
 def test_qgemv_i8_through_qgemv_against_fp32(m: int, k: int, n: int, group: int, bn: int, bk: int, sk: int) -> None:
