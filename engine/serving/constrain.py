@@ -21,7 +21,7 @@ from engine.serving import json_mode
 from engine.serving.schema import compiled
 
 TOP = 256  # candidates tried before the rest of the vocabulary
-_BLOCK = 4096
+_BLOCK = 256  # then tokens whose first character fits, tried this many at a time
 _texts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {token id: its text}
 
 
@@ -143,15 +143,38 @@ def constrained_token(row: torch.Tensor, drawn: int, constraint: Format, eos_ids
         return drawn
     if constraint.closed and eos_ids:
         return min(eos_ids)
-    order = torch.argsort(row.float(), descending=True).tolist()
-    for lo, hi in [(0, TOP)] + [(b, b + _BLOCK) for b in range(TOP, len(order), _BLOCK)]:
-        allowed = [t for t in order[lo:hi] if constraint.allows(t, eos_ids)]
-        if allowed:
-            break
-    else:
+    top = torch.topk(row.float(), min(TOP, row.numel())).indices.tolist()
+    allowed = [t for t in top if constraint.allows(t, eos_ids)]
+    if not allowed:  # only the tokens whose first character the format allows, most likely first
+        allowed = _allowed_beyond(row, constraint, eos_ids)
+    if not allowed:
         return min(eos_ids) if eos_ids else drawn
     if temperature <= 0 or len(allowed) == 1:
         return allowed[0]
     ids = torch.tensor(allowed, device=row.device)
     probs = torch.softmax(row[ids].float() / temperature, dim=0)
     return allowed[int(torch.multinomial(probs, 1, generator=generator))]
+
+
+def _first_chars(tokenizer, vocab: int) -> tuple[torch.Tensor, dict[str, int]]:
+    """Each token's first character as a code (-1: no text) [vocab], and the characters that occur; cached."""
+    cache = _texts.setdefault(tokenizer, {})
+    got = cache.get(("first", vocab))
+    if got is None:
+        firsts = [token_text(tokenizer, t)[:1] for t in range(vocab)]
+        chars = {c: ord(c) for c in set(firsts) if c}
+        got = cache[("first", vocab)] = (torch.tensor([ord(c) if c else -1 for c in firsts]), chars)
+    return got
+
+
+def _allowed_beyond(row: torch.Tensor, constraint: Format, eos_ids: set[int]) -> list[int]:
+    """Allowed tokens found past the top ones: among those starting with a character the format takes next."""
+    codes, chars = _first_chars(constraint.tokenizer, row.numel())
+    ok = [code for c, code in chars.items() if constraint._feed(c) is not None]
+    fits = torch.isin(codes, torch.tensor(ok, dtype=codes.dtype)).to(row.device)
+    order = torch.argsort(row.float().masked_fill(~fits, float("-inf")), descending=True)[: int(fits.sum())].tolist()
+    for lo in range(0, len(order), _BLOCK):
+        allowed = [t for t in order[lo:lo + _BLOCK] if constraint.allows(t, eos_ids)]
+        if allowed:
+            return allowed
+    return []
