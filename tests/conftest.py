@@ -57,3 +57,13 @@ def smollm2(request) -> Path:
     cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider: a fixed temp folder
     where = cache.mkdir("layerstream-gguf") if cache is not None else Path(tempfile.gettempdir()) / "layerstream-gguf"
     return fetch_smollm2(Path(where))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (CI runs two workers on two cores: a generation-heavy test on two
+    threads each ran 7x slower there than alone)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

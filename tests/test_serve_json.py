@@ -128,7 +128,7 @@ def test_the_tiny_models_replies_stay_inside_one_json_object(tiny_qwen2_dir, tem
             assert json_mode.done(state) and isinstance(json.loads(o.text), dict)
 
 
-def test_the_real_model_answers_with_one_json_object(smollm2):
+def test_the_real_model_answers_with_one_json_object(smollm2, one_torch_thread):
     from engine import LLM
 
     question = [{"role": "user", "content": "Give the name and age of a person called Alice who is 30, as JSON."}]

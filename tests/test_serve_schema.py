@@ -99,7 +99,7 @@ def test_pydantics_schemas_compile_and_what_they_accept_validates():
     assert accepts(node, text.replace('"user"', '"guest"'))[0] is False
 
 
-def test_the_real_model_fills_a_pydantic_schema(smollm2):
+def test_the_real_model_fills_a_pydantic_schema(smollm2, one_torch_thread):
     from engine import LLM, SamplingParams
 
     person = _pydantic_models()

@@ -235,7 +235,7 @@ def test_a_forced_choice_holds_even_a_random_models_reply_to_the_call(tiny_qwen2
                                   ("get_weather",), out.text), out.text
 
 
-def test_the_real_model_forced_to_call_a_tool_makes_one_whole_call(smollm2):
+def test_the_real_model_forced_to_call_a_tool_makes_one_whole_call(smollm2, one_torch_thread):
     """SmolLM2 speaks ChatML, so the synthetic Qwen2.5 template (which offers tools) renders its prompts."""
     from engine import LLM, SamplingParams
     from engine.synth.presets import QWEN25_CHAT_TEMPLATE
