@@ -165,6 +165,21 @@ def test_streamed_calls_arrive_whole_with_their_index(scripted):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_parallel_tool_calls_false_keeps_one_call(scripted):
+    client, script = scripted
+    script["text"] = CALL + "\n" + CALL.replace("Köln", "Paris")
+    for stream in (False, True):
+        kw = dict(model="m", messages=CONVERSATION[1:2], tools=[WEATHER], max_tokens=100, parallel_tool_calls=False)
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            calls = [c for ch in chunks for c in (ch.choices[0].delta.tool_calls or [])]
+            text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+        else:
+            msg = client.chat.completions.create(**kw).choices[0].message
+            calls, text = msg.tool_calls, msg.content or ""
+        assert [json.loads(c.function.arguments) for c in calls] == [{"city": "Köln"}] and text.strip() == ""
+
+
 def test_without_tools_the_same_text_stays_text(scripted):
     client, script = scripted
     script["text"] = CALL

@@ -80,6 +80,7 @@ class Api:
         try:  # tokenizing a long prompt takes a while: off the event loop
             prompts = await asyncio.to_thread(body.prompts, loop.engine.tokenizer)
             reply.tools = chat and body.tools_used
+            reply.max_calls = 1 if chat and body.parallel_tool_calls is False else None
             seqs = []
             for p, ids in enumerate(prompts):  # choice index p * n + i, as OpenAI numbers a batch
                 params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)),
@@ -132,7 +133,7 @@ class Api:
                      prompt_tokens: int):
         """Server-sent events: a chunk per step's text, one per finish, the usage, then ``[DONE]``."""
         done = 0
-        calls = {s.index: ToolCallStream() for s in seqs} if reply.tools else {}
+        calls = {s.index: ToolCallStream(max_calls=reply.max_calls) for s in seqs} if reply.tools else {}
         try:
             if reply.chat:
                 for s in seqs:

@@ -124,7 +124,7 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None  # the model may make several calls a turn whatever it says
+    parallel_tool_calls: bool | None = None  # false: only the first call of a turn is kept
     logprobs: bool | None = False
     _tools_used: bool = PrivateAttr(False)
     _forced: tuple[str, ...] | None = PrivateAttr(None)
@@ -203,6 +203,7 @@ class Reply:
     def __init__(self, chat: bool, model: str, tokenizer=None) -> None:
         self.chat, self.model, self.tokenizer = chat, model, tokenizer
         self.tools = False  # the prompt offered tools: the text is parsed for calls (engine.serving.tools)
+        self.max_calls: int | None = None  # 1 for parallel_tool_calls: false
         self._offsets: dict[int, int] = {}  # completions: text offset reached by each choice's tokens
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -218,7 +219,7 @@ class Reply:
             body = ({"message": {"role": "assistant", "content": s.text}} if self.chat else {"text": s.text})
             finish = s.finish_reason
             if self.tools:
-                content, calls = parse_tool_calls(s.text)
+                content, calls = parse_tool_calls(s.text, self.max_calls)
                 body["message"] = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
                 finish = self.finish_reason(finish, bool(calls))
             lp = self.logprobs(s.index, s.logprobs) if s.params.logprobs is not None else None

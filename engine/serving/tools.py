@@ -98,10 +98,11 @@ def _call(body: str) -> dict | None:
     return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": obj["name"], "arguments": text}}
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """(the text outside the calls, or None when nothing else was said; the calls). A block whose JSON is
-    not a call stays in the text, as does an unclosed one."""
-    stream = ToolCallStream()
+def parse_tool_calls(text: str, max_calls: int | None = None) -> tuple[str | None, list[dict]]:
+    """(the text outside the calls, or None when nothing else was said; the calls, the first ``max_calls``
+    of them: OpenAI's ``parallel_tool_calls: false`` is 1). A block whose JSON is not a call stays in the
+    text, as does an unclosed one."""
+    stream = ToolCallStream(max_calls=max_calls)
     content = stream.feed(text) + stream.finish()
     return (content.strip() or None) if stream.calls else content, stream.calls
 
@@ -111,6 +112,7 @@ class ToolCallStream:
     """Splits a choice's streamed text into content and completed calls: text that may be the start of
     ``<tool_call>`` is held back until it is not, and a call goes out whole once its closing tag arrives."""
     calls: list[dict] = field(default_factory=list)
+    max_calls: int | None = None  # calls past this many are dropped, their text too
     _held: str = ""
 
     def feed(self, text: str) -> str:
@@ -134,16 +136,20 @@ class ToolCallStream:
                 out.append(self._held[:end + len(CLOSE)])
             else:
                 out.append(self._held[:start])
-                self.calls.append(call)
+                self._take(call)
             self._held = self._held[end + len(CLOSE):]
 
     def finish(self) -> str:
         """At the end of the choice: what is still held (an unclosed call is parsed if it is whole JSON)."""
         held, self._held = self._held, ""
         if held.startswith(OPEN) and (call := _call(held[len(OPEN):].strip())) is not None:
-            self.calls.append(call)
+            self._take(call)
             return ""
         return held
+
+    def _take(self, call: dict) -> None:
+        if self.max_calls is None or len(self.calls) < self.max_calls:
+            self.calls.append(call)
 
 
 def _partial_suffix(text: str, tag: str) -> int:
