@@ -300,3 +300,17 @@ def test_json_mode_holds_the_reply_to_one_json_object(client):
         else:
             text = client.chat.completions.create(**kw).choices[0].message.content
         assert text.lstrip().startswith("{") and json_mode.feed(json_mode.START, text) is not None, text
+
+
+def test_logit_bias_steers_and_bans_tokens(client, server):
+    """OpenAI's logit_bias: +100 on a token makes greedy decoding take it every step, -100 keeps it out; a key
+    that is not a token id, a bias past 100 or a token past the vocabulary is a 400."""
+    kw = dict(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=0)
+    plain = client.completions.create(**kw).choices[0].logprobs.tokens
+    forced = client.completions.create(logit_bias={"42": 100}, **kw).choices[0].logprobs.tokens
+    other = client.completions.create(logit_bias={"42": -100, "43": 100}, **kw).choices[0].logprobs.tokens
+    assert len(set(forced)) == 1 and len(set(other)) == 1 and forced[0] != other[0]
+    assert forced != plain or plain == forced[:1] * 4
+    for bias, match in (({"x": 1}, "token ids"), ({"42": 101}, "logit_bias"), ({"99999999": 1}, "past this model")):
+        code, out, _ = post(server.url + "/v1/completions", {**kw, "logit_bias": bias})
+        assert code == 400 and re.search(match, out["error"]["message"]), out

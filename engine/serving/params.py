@@ -38,6 +38,7 @@ and the k most likely alternatives. ``json_object`` holds the reply to one JSON 
     json_object: bool = False  # the reply held to one JSON object (engine.serving.json_mode)
     tool_call: tuple[str, ...] | None = None  # the reply held to one call of one of these tools (a forced tool_choice)
     json_schema: str | None = None  # the reply held to this JSON Schema, as JSON text (engine.serving.schema)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's -100..100
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,6 +58,13 @@ and the k most likely alternatives. ``json_object`` holds the reply to one JSON 
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and -2.0 <= value <= 2.0):
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+            if not (isinstance(bias, (int, float)) and math.isfinite(bias) and -100 <= bias <= 100):
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token}")
         formats = [f for f in ("json_object", "json_schema", "tool_call") if getattr(self, f)]
         if formats and self.ignore_eos:
             raise ValueError(f"{formats[0]} ends the reply when it is whole: leave ignore_eos off")
@@ -80,5 +88,6 @@ and the k most likely alternatives. ``json_object`` holds the reply to one JSON 
 
     @property
     def penalised(self) -> bool:
-        """Whether any penalty changes the logits."""
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+        """Whether any penalty (or a logit bias) changes the logits."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or bool(self.logit_bias))

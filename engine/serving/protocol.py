@@ -30,6 +30,17 @@ def _check_text(field: str, text: str) -> None:
         raise ValueError(f"{field} is not valid Unicode: {problem}; send UTF-8 text")
 
 
+def _logit_bias(value: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` ({"token id": bias}) as SamplingParams takes it; ValueError for a key that is
+    not a token id."""
+    out = []
+    for key, bias in (value or {}).items():
+        if not key.strip().isdigit():
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        out.append((int(key), bias))
+    return tuple(sorted(out))
+
+
 def response_format(value: dict | None) -> tuple[str, str | None]:
     """(the format's type, its schema as canonical JSON text for ``json_schema``); ValueError for others."""
     kind = (value or {}).get("type", "text")
@@ -68,6 +79,7 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     response_format: dict | None = None
     best_of: int | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's) -> bias
 
     def logprob_count(self) -> int | None:
         """Top alternatives per token when logprobs are asked for, else None."""
@@ -87,7 +99,8 @@ class _Request(BaseModel):
             min_p=given["min_p"], seed=self.seed, stop=tuple(stop), n=self.n or 1,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=given["repetition_penalty"], max_tokens=max_tokens, ignore_eos=self.ignore_eos,
-            logprobs=self.logprob_count(), json_object=kind == "json_object", json_schema=schema)
+            logprobs=self.logprob_count(), json_object=kind == "json_object", json_schema=schema,
+            logit_bias=_logit_bias(self.logit_bias))
 
     @property
     def include_usage(self) -> bool:

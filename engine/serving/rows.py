@@ -76,13 +76,17 @@ class RowSampler:
         return token
 
     def _penalised(self, row: torch.Tensor, s: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sequence ``s``'s fp32 row [1, V] with its presence / frequency penalties, and the ids the
-        repetition penalty applies to (None without it)."""
+        """Sequence ``s``'s fp32 row [1, V] with its presence / frequency penalties and logit bias, and the ids
+        the repetition penalty applies to (None without it)."""
         p = s.params
         if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
             counts = torch.bincount(upload_list(s.output_ids, torch.long, row.device), minlength=self.vocab)
             counts = counts[: self.vocab].to(row.dtype)
             row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
+        if p.logit_bias:  # OpenAI's: added to the logits before sampling (ids past the vocabulary refused earlier)
+            ids, bias = zip(*p.logit_bias)
+            row = row.clone()
+            row[0, upload_list(list(ids), torch.long, row.device)] += torch.tensor(bias, dtype=row.dtype).to(row.device)
         history = None
         if p.repetition_penalty != 1.0:
             history = upload_list(s.all_ids, torch.long, row.device).view(1, -1)

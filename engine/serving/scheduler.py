@@ -106,6 +106,8 @@ class Scheduler:
         vocab = self.engine.cfg.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token id out of range [0, {vocab})")
+        if bad := [t for t, _ in params.logit_bias if t >= vocab]:
+            raise ValueError(f"logit_bias names token {bad[0]}, past this model's vocabulary [0, {vocab})")
         need = len(prompt_ids) + (params.max_tokens or 1)
         if need > self.max_context:
             raise ValueError(f"this model's context holds {self.max_context} tokens, but {len(prompt_ids)} prompt "
