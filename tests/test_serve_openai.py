@@ -162,6 +162,10 @@ def test_disconnect_mid_stream_frees_the_slot(server):
      400, "response_format json_schema must be"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"},
       "ignore_eos": True}, 400, "leave ignore_eos off"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}, 400,
+     "deprecated form of tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "modalities": ["text", "audio"]}, 400,
+     "text only"),
 ])
 def test_bad_requests_get_the_error_envelope(server, body, status, match):
     code, out, _ = post(server.url + "/v1/chat/completions", body)
@@ -171,6 +175,8 @@ def test_bad_requests_get_the_error_envelope(server, body, status, match):
 
 
 def test_client_raises_typed_errors(client):
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model=MODEL, prompt="x", suffix="y")
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError, match="max_tokens"):

@@ -138,6 +138,10 @@ class ChatRequest(_Request):
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None  # false: only the first call of a turn is kept
+    functions: list | None = None  # OpenAI's deprecated form of tools: refused with the way to send them
+    function_call: Any = None
+    modalities: list | None = None
+    audio: Any = None
     logprobs: bool | None = False
     _tools_used: bool = PrivateAttr(False)
     _forced: tuple[str, ...] | None = PrivateAttr(None)
@@ -151,6 +155,7 @@ class ChatRequest(_Request):
     def prompts(self, tokenizer) -> list[list[int]]:
         """The conversation rendered with the chat template (with the request's tools, engine.serving.tools),
         as the one prompt of this request."""
+        self._refuse_unserved()
         self._tools_used, self._forced = check_tools(self.tools or [], self.tool_choice, tokenizer.chat_template)
         for i, m in enumerate(self.messages):
             _check_text(f"messages[{i}].content", m.as_template_input()["content"])
@@ -158,6 +163,14 @@ class ChatRequest(_Request):
                                              add_generation_prompt=True,
                                              **({"tools": self.tools} if self._tools_used else {}))
         return [tokenizer.encode(text, add_special_tokens=False)]
+
+    def _refuse_unserved(self) -> None:
+        """ValueError for fields whose meaning this server cannot give (rather than ignoring them)."""
+        if self.functions is not None or self.function_call is not None:
+            raise ValueError('functions / function_call are OpenAI\'s deprecated form of tools: send tools=[{"type": '
+                             '"function", "function": {...}}] and tool_choice instead')
+        if self.audio is not None or (self.modalities and list(self.modalities) != ["text"]):
+            raise ValueError('this server answers in text only: leave audio out and modalities at ["text"]')
 
     def sampling(self, max_tokens: int | None, defaults: Mapping[str, float | int] | None = None) -> SamplingParams:
         """As the base request's, with a forced ``tool_choice``'s tools (after :meth:`prompts`)."""
@@ -178,6 +191,7 @@ class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None  # refused (text insertion), not silently ignored
 
     def logprob_count(self) -> int | None:
         return self.logprobs
@@ -186,6 +200,8 @@ class CompletionRequest(_Request):
         """Token ids of each prompt: a string, a list of token ids, or a list of either (a batch)."""
         if self.echo:
             raise ValueError("echo is not supported by this server; leave it out")
+        if self.suffix:
+            raise ValueError("suffix (text insertion) is not supported by this server; leave it out")
         p = self.prompt
         batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
         for i, x in enumerate(batch):
