@@ -138,3 +138,13 @@ def test_the_real_model_answers_with_one_json_object(smollm2, one_torch_thread):
     assert held.finish_reason == "stop", held.text
     assert isinstance(json.loads(held.text), dict), held.text
     assert free.text != held.text  # unconstrained, the model wraps its answer in prose or a code fence
+
+
+def test_with_no_allowed_token_and_no_end_the_draw_is_kept_and_nothing_fails():
+    """A vocabulary that cannot continue the object and a model without an end-of-sequence token: the drawn
+    token is taken (the reply leaves the format) instead of an error in the engine's step."""
+    c = Format(_Tokens(["x", "y"]), [JsonValue()])
+    logits = torch.tensor([1.0, 0.0])
+    token = constrained_token(logits, 0, c, set(), 0.0, None)
+    c.advance(token, set())
+    assert token == 0 and c.state == (0, json_mode.START)

@@ -13,6 +13,7 @@ nothing else.
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from engine.serving import json_mode
 from engine.serving.schema import compiled
 
+log = logging.getLogger(__name__)
 TOP = 256  # candidates tried before the rest of the vocabulary
 _BLOCK = 256  # then tokens whose first character fits, tried this many at a time
 _texts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {token id: its text}
@@ -113,9 +115,14 @@ class Format:
         return bool(text) and self._feed(text) is not None
 
     def advance(self, token: int, eos_ids: set[int]) -> None:
+        """Take ``token``. One the format does not allow (only when no token is, and the model has no end of
+        sequence to stop with) leaves the state as it was rather than failing the engine's step."""
         if token not in eos_ids:
-            self.state = self._feed(token_text(self.tokenizer, token))
-            assert self.state is not None, token
+            state = self._feed(token_text(self.tokenizer, token))
+            if state is None:
+                log.warning("token %d leaves the reply's format (no allowed token was left)", token)
+                return
+            self.state = state
 
 
 def reply_format(params, tokenizer) -> Format | None:
