@@ -10,24 +10,17 @@ as one layer and each alone, batch 1, in --dtype activations (torch's CPU int4 k
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from engine.host_int4 import int4_linear, kernel_dtype, measure_int4_gemv, random_int4, to_cpu_int4
+from tools.bench_host_int4 import times_ms
 
 SHAPES = [("qkv", 4608, 3584), ("o", 3584, 3584), ("gate_up", 37888, 3584), ("down", 3584, 18944)]
 
 
 def _median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times_ms(fn, repeats)[0] / 1e3
 
 
 def main() -> None:
