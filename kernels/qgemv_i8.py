@@ -158,12 +158,7 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         else:
             wcol = blk[None, :, None] * 4 + j[None, None, :]  # packed words [1, NBLK, 4]
             blk2 = blk[None, :]
-        if TRANS:
-            if EVEN_K:
-                words = tl.load(q_rows + wcol, eviction_policy="evict_first")
-            else:
-                words = tl.load(q_rows + wcol, mask=wcol < K // 8, other=0, eviction_policy="evict_first")
-        elif WORDS2D:  # the step's words as a 2-D tile, each row's run across a warp's lanes, then viewed as 3-D
+        if WORDS2D and not TRANS:  # the step's words as a 2-D tile, a row's run across a warp's lanes, viewed 3-D
             cols = kb * (NBLK * 4) + c2
             if EVEN_K:
                 words = tl.load(q_rows2 + cols[None, :], eviction_policy="evict_first")
@@ -173,8 +168,8 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
             words = tl.reshape(words, (BLOCK_N, NBLK, 4))
         elif EVEN_K:
             words = tl.load(q_rows + wcol, eviction_policy="evict_first")
-        else:
-            words = tl.load(q_rows + wcol, mask=(blk < K // 32)[None, :, None], other=0, eviction_policy="evict_first")
+        else:  # words past K (the tail step's) read as 0
+            words = tl.load(q_rows + wcol, mask=wcol < K // 8, other=0, eviction_policy="evict_first")
         if ONE_GROUP:  # the K step lies in one group (GROUP_C = G, a multiple of BLOCK_K): one scale per row
             g = (kb // (GROUP_C // BLOCK_K)) + tl.zeros((1, 1), tl.int32)
         elif GROUP_C > 1:  # G (a power of two) divides BLOCK_K: a constant shift
@@ -241,7 +236,8 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, TICKET=cnt is not None,
         ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
-        WORDS2D=WORDS2D, TRANS=TRANS, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out), **register_cap(cfg))
+        WORDS2D=WORDS2D, TRANS=TRANS, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out),
+        **register_cap(cfg))
     reduce_split_k(ws, cnt, bias, out)
 
 
