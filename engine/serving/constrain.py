@@ -1,10 +1,11 @@
 """Sampling held to a format (JSON mode: engine.serving.json_mode; a forced tool call): which tokens a sequence
-may take next. A format is a list of segments (a literal, one of several literals, a JSON object), read
-character by character across token boundaries.
+may take next. A format is a list of segments (one of some texts, a JSON object, a schema's nodes:
+engine.serving.schema), read character by character across token boundaries.
 
 The row is sampled as usual first; the token is kept when its text continues the format (nearly always, for
 a model asked for JSON). Otherwise the draw is repeated among the tokens the format allows, taken in order of
-logit: the first TOP of them, then, if none of those is allowed, the rest of the vocabulary in blocks. Greedy
+logit: the first TOP of them, then, if none of those is allowed, the tokens whose first character the format
+takes next (a first-character table per tokenizer, built once), most likely first. Greedy
 rows take the most likely allowed token; others draw from the allowed ones' softmax at the row's temperature
 (top-k / top-p / min-p are not applied to that second draw). Special tokens other than end of sequence are
 never allowed (their text is dropped from replies); end of sequence only once the object is closed, and then
@@ -19,12 +20,13 @@ import weakref
 import torch
 
 from engine.serving import json_mode
-from engine.serving.schema import compiled
+from engine.serving.schema import Text, compiled
 
 log = logging.getLogger(__name__)
 TOP = 256  # candidates tried before the rest of the vocabulary
 _BLOCK = 256  # then tokens whose first character fits, tried this many at a time
 _texts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {token id: its text}
+_firsts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {vocab: _first_chars' answer}
 
 
 def token_text(tokenizer, token: int) -> str:
@@ -34,32 +36,6 @@ def token_text(tokenizer, token: int) -> str:
     if text is None:
         text = cache[token] = tokenizer.decode([token], skip_special_tokens=True)
     return text
-
-
-class Literal:
-    """A format segment: exactly this text."""
-
-    def __init__(self, text: str) -> None:
-        self.text, self.start = text, 0
-
-    def step(self, pos: int, ch: str) -> int | None:
-        return pos + 1 if pos < len(self.text) and self.text[pos] == ch else None
-
-    def complete(self, pos: int) -> bool:
-        return pos == len(self.text)
-
-
-class OneOf:
-    """A format segment: one of these texts."""
-
-    def __init__(self, texts: list[str]) -> None:
-        self.texts, self.start = list(texts), ""
-
-    def step(self, typed: str, ch: str) -> str | None:
-        return typed + ch if any(t.startswith(typed + ch) for t in self.texts) else None
-
-    def complete(self, typed: str) -> bool:
-        return typed in self.texts
 
 
 class JsonValue:
@@ -137,8 +113,8 @@ def reply_format(params, tokenizer) -> Format | None:
 
 def call_format(names: tuple[str, ...]) -> list:
     """One ``<tool_call>`` block calling one of ``names``, as engine.serving.tools parses it."""
-    return [Literal('<tool_call>\n{"name": "'), OneOf(list(names)), Literal('", "arguments": '), JsonValue(),
-            Literal("}\n</tool_call>")]
+    return [Text(['<tool_call>\n{"name": "']), Text(list(names)), Text(['", "arguments": ']), JsonValue(),
+            Text(["}\n</tool_call>"])]
 
 
 def constrained_token(row: torch.Tensor, drawn: int, constraint: Format, eos_ids: set[int],
@@ -165,13 +141,12 @@ def constrained_token(row: torch.Tensor, drawn: int, constraint: Format, eos_ids
 
 def _first_chars(tokenizer, vocab: int) -> tuple[torch.Tensor, dict[str, int]]:
     """Each token's first character as a code (-1: no text) [vocab], and the characters that occur; cached."""
-    cache = _texts.setdefault(tokenizer, {})
-    got = cache.get(("first", vocab))
-    if got is None:
+    cache = _firsts.setdefault(tokenizer, {})
+    if vocab not in cache:
         firsts = [token_text(tokenizer, t)[:1] for t in range(vocab)]
         chars = {c: ord(c) for c in set(firsts) if c}
-        got = cache[("first", vocab)] = (torch.tensor([ord(c) if c else -1 for c in firsts]), chars)
-    return got
+        cache[vocab] = (torch.tensor([ord(c) if c else -1 for c in firsts]), chars)
+    return cache[vocab]
 
 
 def _allowed_beyond(row: torch.Tensor, constraint: Format, eos_ids: set[int]) -> list[int]:

@@ -11,7 +11,7 @@ model cannot pad forever.
 from __future__ import annotations
 
 MAX_WS = 64  # consecutive whitespace characters allowed (indented output needs some)
-_WS = " \t\n\r"
+WS = " \t\n\r"
 _HEX = set("0123456789abcdefABCDEF")
 _DIGITS = set("0123456789")
 
@@ -20,7 +20,7 @@ _DIGITS = set("0123456789")
 # ESC after a backslash, U1-U4 for \\u hex digits), a number's parts, a literal's remaining letters, DONE
 VALUE, FIRST_VALUE, KEY_OR_END, KEY, COLON, AFTER, DONE = "value", "first", "key|}", "key", ":", "after", "done"
 STR, STR_KEY, ESC = "str", "strkey", "esc"
-_NUMBER_END = {"int0", "int", "frac", "exp"}  # a number may end in these parts
+NUMBER_END = {"int0", "int", "frac", "exp"}  # a number may end in these parts
 _LITERALS = {"t": "rue", "f": "alse", "n": "ull"}
 
 State = tuple  # (mode, containers "{[" as a string, aux: the rest of a literal / hex count / the string's kind, ws run)
@@ -53,11 +53,11 @@ def step(state: State, ch: str) -> State | None:
         nxt = _number(mode, ch)
         if nxt is not None:
             return (nxt, stack, "", 0)
-        if mode not in _NUMBER_END:
+        if mode not in NUMBER_END:
             return None
         after = _after_value(stack)  # the number ended: ``ch`` is read after it
         return step(after, ch)
-    if ch in _WS:
+    if ch in WS:
         return None if ws >= MAX_WS or mode == DONE else (mode, stack, aux, ws + 1)
     return _structural(mode, stack, ch)
 

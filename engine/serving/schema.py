@@ -51,20 +51,17 @@ class Generic:
         return None if nxt is None or nxt[0] == "value" and nxt[1] == "" and nxt[3] else nxt  # none before it
 
     def complete(self, state) -> bool:
-        return state[0] == json_mode.DONE or (state[1] == "" and state[0] in json_mode._NUMBER_END)
-
-
-def _integer_step(state, ch: str):
-    nxt = json_mode.step(state, ch) if ch not in ".eE" else None
-    return None if nxt is None or nxt[0] == "value" and nxt[3] else nxt
+        return state[0] == json_mode.DONE or (state[1] == "" and state[0] in json_mode.NUMBER_END)
 
 
 class Integer(Generic):
+    """A JSON number without a fraction or an exponent."""
+
     def __init__(self) -> None:
         super().__init__("-0123456789")
 
     def step(self, state, ch: str):
-        return _integer_step(state, ch) if state != self.start or ch in self.first else None
+        return None if ch in ".eE" else super().step(state, ch)
 
 
 class Union:
@@ -96,7 +93,7 @@ class Array:
             if not self.item.complete(sub):
                 return None
             phase, count, ws = "after", count + 1, 0
-        if ch in json_mode._WS and phase != "open" and phase != "done":
+        if ch in json_mode.WS and phase != "open" and phase != "done":
             return (phase, sub, count, ws + 1) if ws < MAX_WS else None
         if phase == "open":
             return ("first", None, 0, 0) if ch == "[" else None
@@ -152,7 +149,7 @@ class Object:
             if sub not in self.keys:
                 return None
             idx, phase = self.keys.index(sub) + 1, "colon"
-        if ch in json_mode._WS and phase not in ("open", "done"):
+        if ch in json_mode.WS and phase not in ("open", "done"):
             return (phase, idx, None, ws + 1) if ws < MAX_WS else None
         if phase == "open":
             return ("first", 0, None, 0) if ch == "{" else None
