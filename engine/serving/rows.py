@@ -3,6 +3,8 @@ and the log-probabilities it asks for (the OpenAI API's ``logprobs``)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from engine.sampling import Sampler
@@ -38,7 +40,7 @@ class RowSampler:
         """
         out: dict[int, int] = {}
         groups: dict[object, list[Sequence]] = {}
-        for s in seqs:  # JSON mode's rows draw alone (engine.serving.constrain)
+        for s in seqs:  # rows held to a format draw alone (engine.serving.constrain)
             if not s.params.penalised and s.constraint is None and (s.token_params.greedy or
                                                                     s.token_params.seed is None):
                 groups.setdefault("greedy" if s.token_params.greedy else s.token_params, []).append(s)
@@ -68,7 +70,7 @@ class RowSampler:
             s.sampler = Sampler(s.token_params, self.vocab, eng.device, use_triton=eng.ops.name == "triton")
         row, history = self._penalised(row[:, : self.vocab].float(), s)
         token = int(s.sampler(row, history))
-        if s.constraint is not None:  # JSON mode: the draw again among the tokens the format allows
+        if s.constraint is not None:  # a format (JSON, a schema, a call): redrawn among the tokens it allows
             eos = eng.tokenizer.eos_ids
             token = constrained_token(row[0], token, s.constraint, eos, s.token_params.temperature,
                                       s.sampler.generator(row.device))
@@ -84,10 +86,17 @@ class RowSampler:
             counts = counts[: self.vocab].to(row.dtype)
             row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
         if p.logit_bias:  # OpenAI's: added to the logits before sampling (ids past the vocabulary refused earlier)
-            ids, bias = zip(*p.logit_bias)
-            row = row.clone()
-            row[0, upload_list(list(ids), torch.long, row.device)] += torch.tensor(bias, dtype=row.dtype).to(row.device)
+            ids, bias = _bias_tensors(p.logit_bias, row.device)
+            row = row.index_add(1, ids, bias)  # out of place: row may be a view of the batch's logits
         history = None
         if p.repetition_penalty != 1.0:
             history = upload_list(s.all_ids, torch.long, row.device).view(1, -1)
         return row, history
+
+
+@functools.lru_cache(maxsize=64)
+def _bias_tensors(logit_bias: tuple[tuple[int, float], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's logit bias as (token ids, fp32 biases [1, n]) on ``device``, made once per bias and device
+    rather than uploaded at every step of every sequence that has it."""
+    ids, bias = zip(*logit_bias)
+    return upload_list(list(ids), torch.long, device), torch.tensor([bias], dtype=torch.float32).to(device)
