@@ -62,7 +62,8 @@ def test_violations_are_refused(text):
 
 @pytest.mark.parametrize("schema, match", [
     ({"type": "string", "pattern": "^a"}, "'pattern' is not supported"),
-    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"$ref": "#/$defs/A"}}}, "recursive"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"$ref": "#/$defs/A"}}},
+     "recursive"),
     ({"$ref": "#/$defs/Missing"}, "does not name"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "requires 'b'"),
     ({"type": "tuple"}, "type 'tuple'"),

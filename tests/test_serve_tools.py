@@ -41,7 +41,8 @@ def test_parse(text, content, calls):
     assert all(c["id"].startswith("call_") and c["type"] == "function" for c in got)
 
 
-@pytest.mark.parametrize("text", ["Sure.\n" + CALL + " done", CALL + CALL, "x <tool_ca y", "<tool_call>oops</tool_call>"])
+@pytest.mark.parametrize("text", ["Sure.\n" + CALL + " done", CALL + CALL, "x <tool_ca y",
+                                  "<tool_call>oops</tool_call>"])
 def test_streamed_text_split_anywhere_gives_the_same_content_and_calls(text):
     whole_content, whole_calls = parse_tool_calls(text)
     for cut in range(len(text) + 1):
@@ -82,7 +83,8 @@ def test_a_template_without_the_call_format_is_refused_and_none_renders_no_tools
     assert check_tools([], None, None) == (False, None)
     assert check_tools([WEATHER], "required", "<tool_call>") == (True, ("get_weather",))
     named = {"type": "function", "function": {"name": "get_weather"}}
-    assert check_tools([WEATHER, {**WEATHER, "function": {"name": "f"}}], named, "<tool_call>") == (True, ("get_weather",))
+    two = [WEATHER, {**WEATHER, "function": {"name": "f"}}]
+    assert check_tools(two, named, "<tool_call>") == (True, ("get_weather",))
 
 
 CONVERSATION = [
@@ -100,9 +102,11 @@ def test_tools_and_calls_render_as_transformers_renders_them(tiny_qwen2_dir):
     tok = Tokenizer.from_dir(tiny_qwen2_dir)
     ids = ChatRequest(messages=CONVERSATION, tools=[WEATHER]).prompts(tok)[0]
     hf = transformers.AutoTokenizer.from_pretrained(str(tiny_qwen2_dir))
-    as_hf = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
-                                  for c in m["tool_calls"]]} if "tool_calls" in m else {**m, "content": m["content"] or ""}
-             for m in CONVERSATION]
+    def hf_call(c: dict) -> dict:  # transformers' templates take arguments as objects
+        return {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+
+    as_hf = [{**m, "tool_calls": [hf_call(c) for c in m["tool_calls"]]} if "tool_calls" in m
+             else {**m, "content": m["content"] or ""} for m in CONVERSATION]
     expected = hf.apply_chat_template(as_hf, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
     assert tok.decode(ids, skip_special_tokens=False) == expected
     assert "<tools>" in expected and "<tool_response>\n12C\n</tool_response>" in expected
@@ -210,7 +214,8 @@ def test_the_python_api_offers_tools_and_parses_the_calls(tiny_qwen2_dir, monkey
         monkeypatch.setattr(ModelRunner, "sample", lambda self, logits, seqs: [
             ids[min(len(s.output_ids), len(ids) - 1)] for s in seqs])
         params = SamplingParams(max_tokens=len(ids) + 2)
-        with_tools, without = (llm.chat(CONVERSATION[:2], params, use_tqdm=False, tools=t)[0] for t in ([WEATHER], None))
+        with_tools, without = (llm.chat(CONVERSATION[:2], params, use_tqdm=False, tools=t)[0]
+                               for t in ([WEATHER], None))
         after_results = llm.chat(CONVERSATION, params, use_tqdm=False, tools=[WEATHER])[0]
     assert [_fn(c) for c in with_tools.outputs[0].tool_calls] == [("get_weather", {"city": "Köln"})]
     assert "<tools>" in with_tools.prompt and "<tools>" not in without.prompt

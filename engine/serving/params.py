@@ -14,12 +14,14 @@ class SamplingParams:
     """How one request is decoded.
 
     ``temperature == 0`` is greedy; ``top_k`` 0, ``top_p`` 1.0 and ``min_p`` 0.0 disable those filters.
-    ``max_tokens`` None generates until a stop condition or the end of the context. ``logprobs`` k
-returns each token's log-probability under the model (before temperature, filters and penalties)
-and the k most likely alternatives. ``json_object`` holds the reply to one JSON object (JSON mode), ``json_schema`` (a JSON Schema as JSON text) to what the schema accepts. ``n`` completions
-    of the same prompt are generated (with a seed, completion i uses ``seed + i``). ``presence_penalty``
-    and ``frequency_penalty`` follow OpenAI (on generated tokens), ``repetition_penalty`` follows
-    Hugging Face (on prompt and generated tokens).
+    ``max_tokens`` None generates until a stop condition or the end of the context. ``logprobs`` k returns each
+    token's log-probability under the model (before temperature, filters and penalties) and the k most likely
+    alternatives. ``n`` completions of the same prompt are generated (with a seed, completion i uses
+    ``seed + i``). ``presence_penalty`` and ``frequency_penalty`` follow OpenAI (on generated tokens),
+    ``repetition_penalty`` follows Hugging Face (on prompt and generated tokens), ``logit_bias`` OpenAI.
+    At most one format holds the reply (engine.serving.constrain): ``json_object`` one JSON object,
+    ``json_schema`` (a JSON Schema as JSON text) what the schema accepts, ``tool_call`` one call of one of
+    these tools.
     """
 
     temperature: float = 0.0

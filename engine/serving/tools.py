@@ -95,7 +95,8 @@ def _call(body: str) -> dict | None:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": obj["name"], "arguments": text}}
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": obj["name"], "arguments": text}}
 
 
 def parse_tool_calls(text: str, max_calls: int | None = None) -> tuple[str | None, list[dict]]:
