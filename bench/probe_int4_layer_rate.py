@@ -3,19 +3,32 @@ stand for a real layer's four projections? Issue 18: on the H200 host the planne
 AWQ's host layers at 39.5 GB/s and the lane achieved 24.8 (bench/results/2026-12-05-h200-s37/call1/).
 
 Prints the micro-benchmark's GB/s, then the 7B's qkv, o, gate_up and down (int4 g128) timed back to back
-as one layer and each alone, batch 1, in --dtype activations (torch's CPU int4 kernel, this machine's threads).
+as one layer and each alone, batch 1, in --dtype activations (torch's CPU int4 kernel, this machine's threads),
+then the whole layer as the lane runs it (engine.model.Model.layer on HostOps: norms, RoPE, KV append,
+attention over --context positions, the projections). With --contend (a CUDA machine) everything is timed
+again while a thread keeps pinned host-to-device copies going (memory.host_rate.h2d_traffic: what the
+streamer does while the lane computes).
 
-    PYTHONPATH=. python bench/probe_int4_layer_rate.py [--dtype bf16] [--repeats 5]
+    PYTHONPATH=. python bench/probe_int4_layer_rate.py [--dtype bf16] [--repeats 5] [--context 1024] [--contend]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
 from engine.host_int4 import int4_linear, kernel_dtype, measure_int4_gemv, random_int4, to_cpu_int4
+from engine.config import ModelConfig
+from engine.host_lane import HOST_KV_DTYPE, HostOps
+from engine.model import Model
+from memory.host_rate import h2d_traffic
 from tools.bench_host_int4 import times_ms
 
+QWEN7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=1,
+              num_attention_heads=28, num_key_value_heads=4, vocab_size=1000, max_position_embeddings=32768,
+              rms_norm_eps=1e-6, rope_theta=1e6, attention_bias=True)
+TENSORS = ["self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight"]
 SHAPES = [("qkv", 4608, 3584), ("o", 3584, 3584), ("gate_up", 37888, 3584), ("down", 3584, 18944)]
 
 
@@ -23,24 +36,53 @@ def _median_s(fn, repeats: int) -> float:
     return times_ms(fn, repeats)[0] / 1e3
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--repeats", type=int, default=5)
-    a = p.parse_args()
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype} activations, batch 1")
+def _whole_layer_s(weights: list, dt: torch.dtype, context: int, repeats: int) -> float:
+    """Median seconds of one decode step of the layer through Model.layer on HostOps (the lane's ops)."""
+    cfg = ModelConfig.from_dict(QWEN7B)
+    w = {t: cw for t, (_, cw, _, _) in zip(TENSORS, weights)}
+    w["self_attn.qkv_proj.bias"] = torch.zeros(cfg.q_size + 2 * cfg.kv_size, dtype=dt)
+    w["input_layernorm.weight"] = w["post_attention_layernorm.weight"] = torch.ones(cfg.hidden_size, dtype=dt)
+    model = Model(cfg, None, HostOps(), torch.device("cpu"), dt, context + 8)
+    shape = (1, cfg.num_key_value_heads, context + 8, cfg.head_dim)
+    kv = (torch.randn(shape).to(HOST_KV_DTYPE), torch.randn(shape).to(HOST_KV_DTYPE))
+    h, res = torch.randn(1, 1, cfg.hidden_size).to(dt), torch.randn(1, 1, cfg.hidden_size).to(dt)
+    start, q_lens = torch.full((1,), context, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    pos = model.positions(start, 1)
+    return _median_s(lambda: model.layer(w, h, res, pos, kv, start, q_lens, context + 1), repeats)
+
+
+def _report(weights: list, dt: torch.dtype, a: argparse.Namespace) -> None:
     print(f"micro-benchmark (memory.host_rate's int4 rate): {measure_int4_gemv(1, dt, repeats=a.repeats):.2f} GB/s")
-    weights = []
-    for name, n, k in SHAPES:
-        w = to_cpu_int4(random_int4(n, k, 128), kernel_dtype(dt))
-        weights.append((name, w, torch.randn(1, k).to(dt), n * (k // 2 + 4 * (k // 128))))
     total = sum(b for *_, b in weights)
     layer_s = _median_s(lambda: [int4_linear(x, w) for _, w, x, _ in weights], a.repeats)
     print(f"the 7B's layer, four projections back to back: {total / layer_s / 1e9:.2f} GB/s ({layer_s * 1e3:.2f} ms)")
     for name, w, x, nbytes in weights:
         s = _median_s(lambda w=w, x=x: int4_linear(x, w), a.repeats)
         print(f"  {name:8} {nbytes / s / 1e9:6.2f} GB/s ({s * 1e3:.2f} ms)")
+    whole = _whole_layer_s(weights, dt, a.context, a.repeats)
+    print(f"the whole layer as the lane runs it (context {a.context}): {total / whole / 1e9:.2f} GB/s "
+          f"({whole * 1e3:.2f} ms, {(whole - layer_s) * 1e3:.2f} ms beyond the projections)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--context", type=int, default=1024, help="positions the attention reads (default: %(default)s)")
+    p.add_argument("--contend", action="store_true", help="also time it all next to host-to-device copies (CUDA)")
+    a = p.parse_args()
+    if a.contend and not torch.cuda.is_available():
+        p.error("--contend needs a CUDA device (it keeps host-to-device copies going)")
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype} activations, batch 1")
+    weights = []
+    for name, n, k in SHAPES:
+        w = to_cpu_int4(random_int4(n, k, 128), kernel_dtype(dt))
+        weights.append((name, w, torch.randn(1, k).to(dt), n * (k // 2 + 4 * (k // 128))))
+    for contend in (False, True) if a.contend else (False,):
+        print("-- next to host-to-device copies" if contend else "-- alone")
+        with h2d_traffic(torch.device("cuda")) if contend else contextlib.nullcontext():
+            _report(weights, dt, a)
 
 
 if __name__ == "__main__":

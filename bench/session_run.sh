@@ -58,6 +58,12 @@
 #     launches a pass with whole projections per tile) and batch-1 decode (bench_stream: fewer resident layers)
 #  o  GPU tests of session 27's unmeasured changes (the kept dense tile, RoPE + KV append for prompt groups);
 #     then `U_LEVELS=1,16,32 ... ou`: the AWQ 32-client level that ran out of memory in session 27's call 5
+#  E  issue 15: bench/probe_epilogue.py (the K loop and the int8-x GEMV in its default, WORDS2D and TRANS code layouts,
+#     same tiles), then bench/probe_qkernels.py at batch 1 with each layout (LAYERSTREAM_I8_WORDS2D / _TRANS)
+#  H  issue 18: bench/probe_int4_layer_rate.py --contend (the 7B's int4 layer on torch's CPU kernel: projections,
+#     the whole layer as the lane runs it, alone and next to host-to-device copies)
+#  A  issue 18: the synthetic 7B AWQ at 3 / 4 GiB batch 1, --host-compute off,auto,auto: the second auto plans
+#     from the rate the first one's lane achieved (memory.host_rate.record_achieved)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -69,7 +75,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaP]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHA]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -268,6 +274,25 @@ if [[ $steps == *j* ]]; then  # the dense tile's size: prompt-pass launches agai
       --batches 1 --steps 8 --prefill-tokens 0 --out-dir $R --tag tile$n-$sz > $R/stream_tile$n-$sz.log 2>&1
     echo "decode tile $sz rc=$?"; tail -2 $R/stream_tile$n-$sz.log
   done; unset LAYERSTREAM_DEQUANT_SCRATCH
+save; fi
+if [[ $steps == *E* ]]; then  # the int8-x GEMV's code layouts
+  timeout $(left 150) python3 bench/probe_epilogue.py --out $R/epilogue2.json > $R/epilogue2.txt 2>&1
+  echo "epilogue rc=$?"; tail -12 $R/epilogue2.txt; save
+  for v in "1 0" "0 0" "0 1"; do set -- $v
+    LAYERSTREAM_I8_WORDS2D=$1 LAYERSTREAM_I8_TRANS=$2 timeout $(left 70) python3 bench/probe_qkernels.py --batches 1 \
+      --ggml '' --out $R/probe_m1_w$1t$2.json > $R/probe_m1_w$1t$2.txt 2>&1
+    echo "qkernels words2d=$1 trans=$2 rc=$?"; grep -E "i8x" $R/probe_m1_w$1t$2.txt
+  done
+save; fi
+if [[ $steps == *H* ]]; then  # the int4 host layer next to copies
+  timeout $(left 120) python3 bench/probe_int4_layer_rate.py --contend > $R/int4_layer.txt 2>&1
+  echo "int4 layer rc=$?"; cat $R/int4_layer.txt
+save; fi
+if [[ $steps == *A* ]]; then  # the AWQ host lane planned twice: the second from the first's achieved rate
+  awq_7b
+  timeout $(left 240) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 3GiB,4GiB --batches 1 --steps 8 \
+    --prefill-tokens 0 --host-compute off,auto,auto --out-dir $R --tag hostlane-awq2 > $R/bench_hostlane_awq2.log 2>&1
+  echo "hostlane awq rc=$?"; grep -E "GiB|host" $R/bench_hostlane_awq2.log | tail -12
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
