@@ -11,6 +11,7 @@
 #   5. bench/probe_qkernels.py at batch 1 and 4: every candidate of the int4 GEMV timed, the best of each variant;
 #   6. bench/probe_ladder.py (what the int8-x GEMV adds to reading its weights, piece by piece) and
 #      bench/probe_access.py (reading them alone, every tile kept in access.json).
+# Arms notrans / trans: LAYERSTREAM_I8_TRANS=0 / 1 (kernels/qgemv_i8.py's tile axes; AB_ARMS="notrans trans" for step 2).
 # AB_STEPS picks among 1-6 (default 123; calls of the device tool: AB_STEPS=12, 3, 4, 5, 6).
 # Results in $OUT (tar it: the device tool returns ~8 files); each arm's tok/s and the AWQ / bf16 ratio.
 set -uo pipefail
@@ -21,7 +22,9 @@ steps=${AB_STEPS:-123}
 # arm tune: the shipped picks ignored, every kernel timed in the first such run and cached for the later ones
 # (export them with `python -m tools.export_tuning <results>/tuning/*.json` where they win)
 arm_env() { case $1 in old) echo LAYERSTREAM_PDL=0;; pdl) echo LAYERSTREAM_PDL=1;;
-  tune) echo LAYERSTREAM_SHIPPED_TUNING=0 LAYERSTREAM_CACHE=/tmp/ab_tune;; esac; }
+  tune) echo LAYERSTREAM_SHIPPED_TUNING=0 LAYERSTREAM_CACHE=/tmp/ab_tune;;
+  notrans) echo LAYERSTREAM_I8_TRANS=0;; trans) echo LAYERSTREAM_I8_TRANS=1;; esac; }  # the int8-x GEMV's tile axes
+read -r ARM_A ARM_B <<< "${AB_ARMS:-old pdl}"  # step 2's two arms (greedy text compared)
 if [[ $steps == *1* ]]; then
 timeout 90 python3 bench/probe_pdl.py > $OUT/probe_pdl.txt 2>&1; echo "probe rc=$?"; cat $OUT/probe_pdl.txt | tail -8
 # issue 18: torch's CPU int4 kernel read 0.9 GB/s on this host (session 11) against 7.5 GB/s on a 2-vCPU AVX2 CI
@@ -38,11 +41,12 @@ LAYERSTREAM_PDL=1 timeout ${AB_TEST_S:-180} python3 -m pytest -q -x -p no:cachep
   tests/test_kernels_qgemv_i8.py tests/test_kernels_rope_kv_append.py tests/test_kernels_attention_decode.py \
   tests/test_kernels_quant.py -k "gemv or rope or attention or i8" \
   > $OUT/pytest_pdl.txt 2>&1; echo "pytest rc=$?"; tail -2 $OUT/pytest_pdl.txt
-for arm in old pdl; do
+for arm in $ARM_A $ARM_B; do
   env $(arm_env $arm) timeout 120 python3 -m engine.run --model /tmp/q7b-awq \
     --vram-budget 6GiB --prompt "The quick brown fox" --max-new-tokens 48 --temperature 0 > $OUT/text_$arm.txt 2> $OUT/run_$arm.log
 done
-cmp -s $OUT/text_old.txt $OUT/text_pdl.txt && echo "greedy text: same" || { echo "greedy text DIFFERS"; diff $OUT/text_old.txt $OUT/text_pdl.txt | head; }
+cmp -s $OUT/text_$ARM_A.txt $OUT/text_$ARM_B.txt && echo "greedy text: same" || {
+  echo "greedy text DIFFERS"; diff $OUT/text_$ARM_A.txt $OUT/text_$ARM_B.txt | head; }
 fi
 if [[ $steps == *3* ]]; then
 synth_7b /tmp/q7b

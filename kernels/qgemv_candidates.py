@@ -29,8 +29,10 @@ _WORD_SHAPES = [(16, 512, 4, 3), (32, 512, 4, 3), (8, 1024, 4, 3), (128, 128, 4,
 # first dot products, so each K step waits on memory twice; allowed 48-96, it issues every load of the step first,
 # without spilling (sm_90, Triton 3.6 and 3.9: tests/test_kernels_qgemv_sm90.py). Session 34's H200 ladder
 # (bench/results/2026-12-05-h200-s34/call2/) found the capped 16x512 tile fastest at every 7B projection; the
-# re-tuned picks took it and 16x1024 at 8 warps; 16x256 and 8x1024 (capped 96) are its untimed neighbours
-_I8_SHAPES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1), (128, 128, 4, 3),
+# re-tuned picks took it and 16x1024 at 8 warps; 16x256 and 8x1024 (capped 96) are its untimed neighbours. 128x128
+# pipelined left with the [NBLK, BLOCK_N, 4] tile (kernels/qgemv_i8.py's TRANS): Triton 3.9 spills it (24 bytes), and no
+# batch-1 best at the 7B's shapes took it in either layout (bench/results/2026-12-05-h200-s38/call1/probe_m1_w0t*.txt)
+_I8_SHAPES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1),
               (32, 256, 4, 1, 64), (32, 256, 8, 1, 48), (64, 256, 8, 1, 64), (16, 512, 4, 1, 64), (16, 256, 4, 1),
               (16, 1024, 8, 1, 64), (8, 1024, 4, 1, 96)]
 # ... at M = 2-4 (the sweep's fastest: 32x128 and 32x256 at 8 warps, 256x128 with 2 stages for gate_up at M = 4)

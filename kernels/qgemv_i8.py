@@ -54,12 +54,16 @@ from kernels.quant_x import QBLOCK, quantize_x, quantize_x_ref
 
 # Loaded as [BLOCK_N, NBLK, 4], the codes' sm_90 layout puts a warp's lanes on 32 rows, 16 bytes each: the same
 # K loop read gate_up's codes in 22.9-27.9 us that way against 16.8-17.7 us as a [BLOCK_N, BLOCK_K / 8] tile
-# (bench/results/2026-12-05-h200-s37/call1/epilogue.txt). Two ways out, both opt-in until timed on a GPU:
-# WORDS2D loads the 2-D tile and views it as 3-D (a layout change through shared memory each K step, two
-# barriers); TRANS lays the tile out as [NBLK, BLOCK_N, 4] (lanes along a row's words, no shared memory; sm_90
-# loop 101 instructions and 10 loads a step against 115 and 14 at 16 x 512). bench/probe_epilogue.py times both.
+# (bench/results/2026-12-05-h200-s37/call1/epilogue.txt). TRANS (the default) lays the tile out as
+# [NBLK, BLOCK_N, 4]: a warp's lanes along a row's words, no shared memory (sm_90 loop 101 instructions and 10
+# loads a step against 115 and 14 at 16 x 512). Its K loop alone reads as fast as the 2-D tile (17.4 us), and the
+# batch-1 GEMV's best candidate at the 7B's shapes went from 8.7 / 8.2 / 28.9 / 21.2 us (qkv, o, gate_up, down;
+# 45 / 40 / 61 / 53% of copy) to 6.3 / 6.1 / 20.4 / 13.6 us (63 / 54 / 88 / 83%) on an H200
+# (bench/results/2026-12-05-h200-s38/call1/probe_m1_w0t*.txt). WORDS2D, opt-in (LAYERSTREAM_I8_TRANS=0
+# LAYERSTREAM_I8_WORDS2D=1), loads the 2-D tile and views it as 3-D (a layout change through shared memory each
+# K step, two barriers): 7.0 / 6.7 / 20.6 / 15.5 us in the same call.
 WORDS2D = os.environ.get("LAYERSTREAM_I8_WORDS2D", "0").strip() not in ("0", "off", "false", "no")
-TRANS = os.environ.get("LAYERSTREAM_I8_TRANS", "0").strip() not in ("0", "off", "false", "no")
+TRANS = os.environ.get("LAYERSTREAM_I8_TRANS", "1").strip() not in ("0", "off", "false", "no")
 
 
 def enabled() -> bool:

@@ -78,12 +78,13 @@ def test_qgemv_i8_arithmetic(m: int, k: int, n: int, group: int, bn: int, bk: in
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("layout", ["words2d", "trans"])
+@pytest.mark.parametrize("layout", ["rows3d", "words2d", "trans"])
 @pytest.mark.parametrize("m,k,n,group,bn,bk,sk", [(1, *CASES[1]), (3, *CASES[2]), (1, *CASES[3])])
-def test_the_opt_in_code_layouts_compute_the_same(monkeypatch, layout: str, m: int, k: int, n: int, group: int,
+def test_every_code_layout_computes_the_same(monkeypatch, layout: str, m: int, k: int, n: int, group: int,
                                                   bn: int, bk: int, sk: int) -> None:
-    """kernels/qgemv_i8.py's WORDS2D (codes loaded 2-D, viewed 3-D) and TRANS (the tile's axes swapped): the
-    same arithmetic as the default layout (gathered scales, a masked K tail, ticketed split-K)."""
+    """kernels/qgemv_i8.py's code layouts, TRANS (the default: the tile's axes [NBLK, BLOCK_N, 4]), the
+    [BLOCK_N, NBLK, 4] tile it replaced, and WORDS2D (codes loaded 2-D, viewed 3-D): the same arithmetic
+    (gathered scales, a masked K tail, ticketed split-K)."""
     from kernels import qgemv_i8
 
     x, qw, s, z = _operands(k, n, group, torch.float32)
@@ -175,9 +176,10 @@ for rows, shapes in ((1, q._I8_SHAPES), (2, q._I8_ROWS_SHAPES), (4, q._I8_ROWS_S
 @pytest.mark.skipif(not (NV_BIN / "cuobjdump").exists(), reason="Triton's NVIDIA tools are not bundled")
 def test_qgemv_i8_compiles_for_sm90_to_a_dp4a_loop() -> None:
     """Each variant-4 candidate compiles for sm_90 without spilling, with two DP4As per packed word of the
-    thread's tile and row of x, its K loop within 100 instructions plus 1.5 per code for one row of x, 2.5 for
-    two, 5.5 for four (Triton 3.6: 57-276 for one row, 72-638 for two, 132-1351 for four; the H200's fastest
-    tiles hold few codes a thread, so a step's fixed addressing weighs more than in the fewest-instruction ones).
+    thread's tile and row of x, its K loop within 110 instructions plus 1.5 per code for one row of x, 2.5 for
+    two, 5.5 for four (Triton 3.6, the [NBLK, BLOCK_N, 4] tile: 56-199 for one row, 67-492 for two, 132-874 for
+    four; the H200's fastest tiles hold few codes a thread, so a step's fixed addressing weighs more than in the
+    fewest-instruction ones; 8 x 1024 at 96 registers takes 199 for 64 codes).
     The tiles with a register cap issue every load of a K step before its first dot product (the point of the cap:
     left alone, ptxas issues some of them after it, a second wait on memory each step)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -190,7 +192,7 @@ def test_qgemv_i8_compiles_for_sm90_to_a_dp4a_loop() -> None:
         rows = int(line.split()[0].removeprefix("M="))
         loop, idp, codes = (int(v) for v in re.search(r"loop (\d+) idp (\d+) codes (\d+)", line).groups())
         assert idp >= rows * codes // 4, line  # 2 DP4As per packed word (8 codes) and row of x
-        budget = 100 + {1: 1.5, 2: 2.5, 4: 5.5}[rows] * codes  # all rows (the split dots: 5.8-9.7 per code)
+        budget = 110 + {1: 1.5, 2: 2.5, 4: 5.5}[rows] * codes  # all rows (the split dots: 5.8-9.7 per code)
         assert loop <= budget, f"{loop} loop instructions for {codes} codes: {line}"
         if " cap 0:" not in line:
             assert re.search(r" late (\d+)$", line).group(1) == "0", line
