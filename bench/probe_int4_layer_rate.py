@@ -7,9 +7,10 @@ as one layer and each alone, batch 1, in --dtype activations (torch's CPU int4 k
 then the whole layer as the lane runs it (engine.model.Model.layer on HostOps: norms, RoPE, KV append,
 attention over --context positions, the projections). With --contend (a CUDA machine) everything is timed
 again while a thread keeps pinned host-to-device copies going (memory.host_rate.h2d_traffic: what the
-streamer does while the lane computes).
+streamer does while the lane computes). Everything is timed on a worker set up as the lane's
+(engine.host_worker.machine_pick: its cores and thread count); the copying thread runs on this one's CPUs.
 
-    PYTHONPATH=. python bench/probe_int4_layer_rate.py [--dtype bf16] [--repeats 5] [--context 1024] [--contend]
+    PYTHONPATH=. python bench/probe_int4_layer_rate.py [--dtype bf16] [--repeats 5] [--context 1024] [--contend] [--profile]
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from engine.host_int4 import int4_linear, kernel_dtype, measure_int4_gemv, random_int4, to_cpu_int4
 from engine.config import ModelConfig
 from engine.host_lane import HOST_KV_DTYPE, HostOps
+from engine.host_worker import machine_pick, run_pinned
 from engine.model import Model
 from memory.host_rate import h2d_traffic
 from tools.bench_host_int4 import times_ms
@@ -36,8 +38,9 @@ def _median_s(fn, repeats: int) -> float:
     return times_ms(fn, repeats)[0] / 1e3
 
 
-def _whole_layer_s(weights: list, dt: torch.dtype, context: int, repeats: int) -> float:
-    """Median seconds of one decode step of the layer through Model.layer on HostOps (the lane's ops)."""
+def _whole_layer_s(weights: list, dt: torch.dtype, context: int, repeats: int, profile: bool = False) -> float:
+    """Median seconds of one decode step of the layer through Model.layer on HostOps (the lane's ops);
+    ``profile``: then prints one more call's top-level torch ops by total time."""
     cfg = ModelConfig.from_dict(QWEN7B)
     w = {t: cw for t, (_, cw, _, _) in zip(TENSORS, weights)}
     w["self_attn.qkv_proj.bias"] = torch.zeros(cfg.q_size + 2 * cfg.kv_size, dtype=dt)
@@ -48,7 +51,25 @@ def _whole_layer_s(weights: list, dt: torch.dtype, context: int, repeats: int) -
     h, res = torch.randn(1, 1, cfg.hidden_size).to(dt), torch.randn(1, 1, cfg.hidden_size).to(dt)
     start, q_lens = torch.full((1,), context, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
     pos = model.positions(start, 1)
-    return _median_s(lambda: model.layer(w, h, res, pos, kv, start, q_lens, context + 1), repeats)
+    seconds = _median_s(lambda: model.layer(w, h, res, pos, kv, start, q_lens, context + 1), repeats)
+    if profile:
+        _print_ops(lambda: model.layer(w, h, res, pos, kv, start, q_lens, context + 1))
+    return seconds
+
+
+def _print_ops(fn) -> None:
+    """One call of ``fn`` under torch's profiler: its top-level ops by total CPU time, and their sum."""
+    with torch.profiler.profile() as prof:
+        fn()
+    calls: dict[str, list] = {}
+    for e in prof.events():
+        if e.cpu_parent is None:
+            calls.setdefault(e.name, []).append(e.cpu_time_total / 1e3)
+    rows = sorted(calls.items(), key=lambda kv: -sum(kv[1]))
+    print(f"  one call's {sum(len(v) for v in calls.values())} top-level ops: "
+          f"{sum(map(sum, calls.values())):.3f} ms in them")
+    for name, ms in rows[:12]:
+        print(f"    {name:40} {len(ms):4} calls {sum(ms):8.3f} ms")
 
 
 def _report(weights: list, dt: torch.dtype, a: argparse.Namespace) -> None:
@@ -59,7 +80,7 @@ def _report(weights: list, dt: torch.dtype, a: argparse.Namespace) -> None:
     for name, w, x, nbytes in weights:
         s = _median_s(lambda w=w, x=x: int4_linear(x, w), a.repeats)
         print(f"  {name:8} {nbytes / s / 1e9:6.2f} GB/s ({s * 1e3:.2f} ms)")
-    whole = _whole_layer_s(weights, dt, a.context, a.repeats)
+    whole = _whole_layer_s(weights, dt, a.context, a.repeats, a.profile)
     print(f"the whole layer as the lane runs it (context {a.context}): {total / whole / 1e9:.2f} GB/s "
           f"({whole * 1e3:.2f} ms, {(whole - layer_s) * 1e3:.2f} ms beyond the projections)")
 
@@ -70,19 +91,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--context", type=int, default=1024, help="positions the attention reads (default: %(default)s)")
     p.add_argument("--contend", action="store_true", help="also time it all next to host-to-device copies (CUDA)")
+    p.add_argument("--profile", action="store_true", help="print the whole layer's top-level torch ops")
     a = p.parse_args()
     if a.contend and not torch.cuda.is_available():
         p.error("--contend needs a CUDA device (it keeps host-to-device copies going)")
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype} activations, batch 1")
+    pick = machine_pick(disk_tier=False)  # the host lane's cores and thread count (engine.host_worker)
+    print(f"torch {torch.__version__}, {a.dtype} activations, batch 1; {pick.describe()}")
     weights = []
     for name, n, k in SHAPES:
         w = to_cpu_int4(random_int4(n, k, 128), kernel_dtype(dt))
         weights.append((name, w, torch.randn(1, k).to(dt), n * (k // 2 + 4 * (k // 128))))
     for contend in (False, True) if a.contend else (False,):
         print("-- next to host-to-device copies" if contend else "-- alone")
-        with h2d_traffic(torch.device("cuda")) if contend else contextlib.nullcontext():
-            _report(weights, dt, a)
+        with h2d_traffic(torch.device("cuda")) if contend else contextlib.nullcontext():  # from this thread's CPUs
+            run_pinned(pick, _report, weights, dt, a)
 
 
 if __name__ == "__main__":

@@ -285,7 +285,7 @@ if [[ $steps == *E* ]]; then  # the int8-x GEMV's code layouts
   done
 save; fi
 if [[ $steps == *H* ]]; then  # the int4 host layer next to copies
-  timeout $(left 120) python3 bench/probe_int4_layer_rate.py --contend > $R/int4_layer.txt 2>&1
+  timeout $(left 120) python3 bench/probe_int4_layer_rate.py --contend --profile > $R/int4_layer.txt 2>&1
   echo "int4 layer rc=$?"; cat $R/int4_layer.txt
 save; fi
 if [[ $steps == *A* ]]; then  # the AWQ host lane planned twice: the second from the first's achieved rate
