@@ -19,6 +19,7 @@ from engine.gguf.paths import is_gguf_path
 from engine import ahead, generation_defaults
 from engine.graphs import try_capture
 from engine.host_forms import PACKED, form_name, packed_per_widened, pick_form, weight_forms
+from engine.host_extra import EXTRA_CONTEXT, layer_extra_s
 from engine.host_lane import HostLane
 from engine.host_worker import machine_pick, run_pinned
 from engine.kv_cache import KVCache
@@ -220,13 +221,14 @@ class Engine:
         gbps, source = h2d_bandwidth(self.device)
         mode = parse_host_compute(self.opts.host_compute)
         host_gbps, host_source = self._host_rate(mode)
+        extra = self._host_extra(host_gbps, host_source)
         plan = plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
                           vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
                           batch=self.opts.batch, max_context=self.opts.max_context,
                           prefill_chunk=self.opts.prefill_chunk, auto_chunk=self.opts.prefill_chunk_auto,
                           device_free=free, h2d_gbps=gbps,
                           h2d_source=source, outside_bytes=outside.bytes, host_compute=mode, host_gbps=host_gbps,
-                          host_source=host_source, prefill_states=self.opts.prefill_states)
+                          host_source=host_source, prefill_states=self.opts.prefill_states, host_extra_s=extra)
         note = getattr(self.ckpt, "plan_note", None)  # GGUF: which tensors stay packed, which are widened
         if note is not None:
             head_blocks = self.quant is not None and self.quant.native_head is not None
@@ -261,6 +263,17 @@ class Engine:
         if self.quant is not None:
             source += f"; host layers {self.host_weights}"
         return gbps, source
+
+    def _host_extra(self, host_gbps: float | None, host_source: str) -> float:
+        """A host layer's seconds beyond its projections at this batch (engine.host_extra, on the lane's cores),
+        for a measured GEMV rate; 0 without one, or for a rate the lane achieved (it holds that time already)."""
+        if host_gbps is None or host_source.startswith("achieved"):
+            return 0.0
+        context = min(EXTRA_CONTEXT, self.opts.max_context)
+        extra = run_pinned(machine_pick(disk_tier=False), layer_extra_s, self.cfg, self.dtype, self.opts.batch, context)
+        log.info("host layer beyond its projections: %.2f ms (batch %d, %d positions)", extra * 1e3,
+                 self.opts.batch, context)
+        return extra
 
     def _keep_host_rate(self, min_steps: int = 4) -> None:
         """After decode steps with a host lane: the GB/s it achieved, for the next plan (record_achieved)."""

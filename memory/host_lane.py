@@ -122,6 +122,7 @@ class LaneInputs:
     host_gbps: float | None  # the CPU's GEMV rate at this batch; None: not known
     head_chunks: tuple[int, ...] = ()  # bytes of each streamed lm_head chunk, in order (empty: resident)
     slots: int = 2  # staging slots
+    host_extra_s: float = 0.0  # a host layer's seconds beyond its bytes at host_gbps (norms, attention, Python)
 
 
 def step_units(x: LaneInputs, host: tuple[int, ...]) -> list[StepUnit]:
@@ -131,7 +132,7 @@ def step_units(x: LaneInputs, host: tuple[int, ...]) -> list[StepUnit]:
     units = []
     for i, b in enumerate(x.layer_bytes):
         if i in on_host:
-            units.append(StepUnit("host", host_s=b / (x.host_gbps * 1e9) if x.host_gbps else 0.0))
+            units.append(StepUnit("host", host_s=b / (x.host_gbps * 1e9) + x.host_extra_s if x.host_gbps else 0.0))
         elif i in streamed:
             units.append(StepUnit("streamed", copy_s=b / h2d, gpu_s=b / hbm))
         else:
@@ -198,7 +199,8 @@ def choose_host_layers(x: LaneInputs, mode: HostCompute) -> HostChoice:
         return HostChoice((), none.times, f"host lane unused: at {x.host_gbps:.1f} GB/s on the host no split "
                           "beats streaming every layer")
     why = f"host lane: {len(best.layers)} host layers minimise the simulated step"
-    return HostChoice(best.layers, best.times, f"{why} (host {x.host_gbps:.1f} GB/s, H2D {x.h2d_gbps:.1f} GB/s)")
+    extra = f" + {x.host_extra_s * 1e3:.2f} ms a layer" if x.host_extra_s else ""
+    return HostChoice(best.layers, best.times, f"{why} (host {x.host_gbps:.1f} GB/s{extra}, H2D {x.h2d_gbps:.1f} GB/s)")
 
 
 def host_lane(x: LaneInputs, mode: HostCompute, source: str, kv_per_layer: int, notes: list[str]) -> HostLane:
@@ -208,4 +210,4 @@ def host_lane(x: LaneInputs, mode: HostCompute, source: str, kv_per_layer: int, 
     if c.reason:
         notes.append(c.reason)
     return HostLane(str(mode), c.layers, x.host_gbps, source, c.times.copy_s, c.times.host_s, c.times.gpu_s,
-                    len(c.layers) * kv_per_layer, c.times.step_s)
+                    len(c.layers) * kv_per_layer, c.times.step_s, x.host_extra_s)

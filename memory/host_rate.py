@@ -123,8 +123,9 @@ ACHIEVED = ", achieved by the host lane"  # suffix of the entry a run's host lan
 
 def record_achieved(batch: int, dtype: torch.dtype, threads: int, gbps: float, form: str = "",
                     cache_path: str | Path | None = None) -> None:
-    """Keep the rate a run's host lane achieved (host-layer bytes over the lane's wall time, crossings and
-    attention included, next to the streamer's copies) for the next plan of this machine, batch, dtype,
+    """Keep the rate a run's host lane achieved (host-layer bytes over the worker's time in them from the hidden
+    state's arrival, norms and attention included, next to the streamer's copies; session 38 stopped counting the
+    worker's wait for the GPU's earlier work in it) for the next plan of this machine, batch, dtype,
     thread count and weight form: the micro-benchmark read 36.7 GB/s on an H200 host whose lane then did
     29-34 GB/s, and the step model replays traced steps within 1.3% given the lane's own per-layer time
     (tools/lane_trace.py on bench/results/2026-12-01-h200-s9/call1)."""

@@ -53,10 +53,12 @@ class HostLane:
     gpu_s: float  # the GPU's own compute per decode step
     kv_bytes: int  # the host layers' KV cache, in host memory
     step_s: float  # the decode step the lanes make together (simulated: memory.lane_schedule)
+    host_extra_s: float = 0.0  # a host layer's seconds beyond its bytes at host_gbps (norms, attention, Python)
 
     def summary(self) -> str:
         """One line for the plan table."""
-        host = (f"host {self.host_s * 1e3:.1f} ms ({self.host_gbps:.1f} GB/s, {self.host_source})"
+        extra = f" + {self.host_extra_s * 1e3:.2f} ms a layer" if self.host_extra_s else ""
+        host = (f"host {self.host_s * 1e3:.1f} ms ({self.host_gbps:.1f} GB/s{extra}, {self.host_source})"
                 if self.host_gbps else f"host time not predicted (GEMV rate {self.host_source})")
         which = ", ".join(map(str, self.layers)) if self.layers else "none"
         return (f"host lane ({self.mode}): layers {which}; per decode step copy {self.copy_s * 1e3:.1f} ms, "

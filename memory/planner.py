@@ -66,6 +66,7 @@ class _Workload:
     host_compute: HostCompute = "off"
     host_gbps: float | None = None  # the CPU's GEMV rate at this batch
     host_source: str = ""
+    host_extra_s: float = 0.0  # a host layer's seconds beyond its projections (norms, attention, Python)
 
 
 def minimum_budget(fp: Footprint, *, batch: int = 1, max_context: int = 4096, prefill_chunk: int = 2048,
@@ -107,7 +108,7 @@ def _host_lane(fp: Footprint, s: Sizes, r: Residency, t: Tiers, w: _Workload, co
     x = LaneInputs(candidates=tuple(i for i in r.streamed if i not in t.disk_layers), layer_bytes=s.layers,
                    copy_other=copy_other - sum(head), streamed=r.streamed, gpu_other=s.lm_head + s.norm,
                    h2d_gbps=w.h2d_gbps, hbm_gbps=w.hbm_gbps, host_gbps=w.host_gbps, head_chunks=head,
-                   slots=r.num_slots)
+                   slots=r.num_slots, host_extra_s=w.host_extra_s)
     kv_per_layer = fp.kv_bytes_per_token // max(1, s.n) * w.batch * w.max_context * HOST_KV_ITEMSIZE // fp.dtype_bytes
     return host_lane(x, w.host_compute, w.host_source, kv_per_layer, notes)
 
@@ -154,7 +155,7 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
               h2d_gbps: float = 25.0, h2d_source: str = "given", disk_gbps: float | None = None,
               hbm_gbps: float = HBM_GBPS, outside_bytes: int = 0, auto_chunk: bool = False,
               host_compute: HostCompute = "off", host_gbps: float | None = None,
-              host_source: str = "given", prefill_states: str = "auto") -> Plan:
+              host_source: str = "given", prefill_states: str = "auto", host_extra_s: float = 0.0) -> Plan:
     """Plan residency and streaming for a model's footprint (see the module docstring for the rules).
 
     ``vram_budget`` None uses ``device_free`` (or, with neither, plans everything resident); a
@@ -165,7 +166,8 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
     budget below :func:`minimum_budget` halves the prefill chunk until the plan fits (not below
     ``MIN_AUTO_CHUNK`` tokens), with a note. ``host_compute`` (``auto``, ``off`` or a number of
     layers) with ``host_gbps`` (the host's GEMV GB/s at this batch) picks layers a decode step
-    computes on the CPU (``memory.host_lane``); ``off`` plans as if there were no host lane.
+    computes on the CPU (``memory.host_lane``), each taking its bytes at that rate plus ``host_extra_s``
+    (the layer's work beyond its projections); ``off`` plans as if there were no host lane.
     ``prefill_states`` (``auto``, ``vram`` or ``host``) places the layer-major prefill's prompt states
     (``memory.prefill_states``; ``auto`` moves them to host memory when VRAM would cost resident layers or
     chunk size). Raises ValueError when the budget is below the minimum or more host layers are forced than
@@ -200,13 +202,16 @@ def _spare_scratch(fp: Footprint, plan: Plan, replan) -> Plan:
 def _plan_once(fp: Footprint, *, vram_budget: int | None, host_budget: int | None, batch: int, max_context: int,
                prefill_chunk: int, device_free: int | None, h2d_gbps: float, h2d_source: str,
                disk_gbps: float | None, hbm_gbps: float, outside_bytes: int, auto_chunk: bool,
-               host_compute: HostCompute, host_gbps: float | None, host_source: str, prefill_states: str) -> Plan:
+               host_compute: HostCompute, host_gbps: float | None, host_source: str, prefill_states: str,
+               host_extra_s: float) -> Plan:
     """make_plan for one footprint, its tile as given."""
     check_workload(batch, max_context, prefill_chunk)
     if not h2d_gbps > 0:
         raise ValueError(f"h2d_gbps must be positive, got {h2d_gbps}")
     if host_gbps is not None and not host_gbps > 0:
         raise ValueError(f"host_gbps must be positive, got {host_gbps}")
+    if not host_extra_s >= 0:
+        raise ValueError(f"host_extra_s must be zero or positive, got {host_extra_s}")
     notes: list[str] = []
     s = sizes(fp, batch, max_context, prefill_chunk)
     budget = resolve_budget(vram_budget, device_free, all_resident_bytes(s), notes)
@@ -225,7 +230,7 @@ def _plan_once(fp: Footprint, *, vram_budget: int | None, host_budget: int | Non
             f"{format_size(s.workspace)} + 2 staging slots of {format_size(s.layer)}{context}. Raise --vram-budget to "
             f"at least {format_size(minimum + outside)}, or lower --max-context or --batch (or --prefill-chunk).")
     w = _Workload(batch, max_context, f.chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps,
-                  host_compute, host_gbps, host_source)
+                  host_compute, host_gbps, host_source, host_extra_s)
     if max_context > fp.max_positions:
         notes.append(f"max_context {max_context} exceeds the model's max_position_embeddings "
                      f"{fp.max_positions}: quality beyond it is not guaranteed")

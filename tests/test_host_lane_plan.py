@@ -32,11 +32,12 @@ def _budget(fp: Footprint, resident_layers: int, head: bool = True) -> int:
     return low + resident_layers * LAYER + (fp.only("lm_head").bytes if head else 0)
 
 
-def _units(p, fp: Footprint, host: tuple[int, ...], host_gbps: float) -> list[StepUnit]:
-    """The decode step of plan ``p``'s residency with ``host`` on the CPU, written out from the plan's fields."""
+def _units(p, fp: Footprint, host: tuple[int, ...], host_gbps: float, extra: float = 0.0) -> list[StepUnit]:
+    """The decode step of plan ``p``'s residency with ``host`` on the CPU (each host layer ``extra`` seconds
+    beyond its bytes), written out from the plan's fields."""
     h2d, hbm = 55.0e9, HBM_GBPS * 1e9
     head, norm = fp.only("lm_head").bytes, fp.only("norm").bytes
-    units = [StepUnit("host", host_s=LAYER / (host_gbps * 1e9)) if i in host else
+    units = [StepUnit("host", host_s=LAYER / (host_gbps * 1e9) + extra) if i in host else
              StepUnit("streamed", copy_s=LAYER / h2d, gpu_s=LAYER / hbm) if i in p.streamed_layers else
              StepUnit("resident", gpu_s=LAYER / hbm) for i in range(N_LAYERS)]
     if p.lm_head_resident:
@@ -46,9 +47,9 @@ def _units(p, fp: Footprint, host: tuple[int, ...], host_gbps: float) -> list[St
     return units + [StepUnit("streamed", copy_s=c / h2d, gpu_s=c * (head + norm) / head / hbm) for c in chunks]
 
 
-def _simulated(p, fp: Footprint, host: tuple[int, ...], host_gbps: float) -> float:
+def _simulated(p, fp: Footprint, host: tuple[int, ...], host_gbps: float, extra: float = 0.0) -> float:
     """Plan ``p``'s step with ``host`` on the CPU; the embedding row crosses between steps."""
-    return simulate(_units(p, fp, host, host_gbps), p.num_slots, boundary_s=BOUNDARY_S + ROW / 55.0e9).step_s
+    return simulate(_units(p, fp, host, host_gbps, extra), p.num_slots, boundary_s=BOUNDARY_S + ROW / 55.0e9).step_s
 
 
 @pytest.mark.parametrize("head", [True, False], ids=["head-resident", "head-streamed"])
@@ -93,6 +94,22 @@ def test_auto_keeps_lm_head_resident_when_that_simulates_faster(host_gbps):
     assert any(n.startswith("7 resident layers with lm_head resident, not 10 with it streamed") for n in p.notes)
     forced = make_plan(fp, vram_budget=budget, host_compute=3, host_gbps=host_gbps, **KW)
     assert forced.resident_layers == off.resident_layers and not forced.lm_head_resident  # N keeps the residency
+
+
+@pytest.mark.parametrize("extra_ms", [1.0, 3.0, 8.0])
+def test_a_host_layer_s_work_beyond_its_projections_counts_in_the_plan(extra_ms):
+    """host_extra_s (engine.host_extra: norms, attention, Python) is added to every host layer: the prediction is
+    the simulated step of the chosen layout with it, never more host layers than without it, and the table says it."""
+    fp, extra = _footprint(), extra_ms / 1e3
+    p = make_plan(fp, vram_budget=_budget(fp, 10), host_compute="auto", host_gbps=67.0, host_extra_s=extra, **KW)
+    plain = make_plan(fp, vram_budget=_budget(fp, 10), host_compute="auto", host_gbps=67.0, **KW)
+    assert p.predicted_step_s == pytest.approx(_simulated(p, fp, p.host_layers, 67.0, extra), rel=1e-9)
+    assert p.host_lane.host_s == pytest.approx(len(p.host_layers) * (LAYER / 67e9 + extra), rel=1e-9)
+    assert len(p.host_layers) <= len(plain.host_layers) and p.predicted_step_s > plain.predicted_step_s
+    assert _simulated(p, fp, plain.host_layers, 67.0, extra) >= p.predicted_step_s * (1 - 1e-9)
+    assert f"67.0 GB/s + {extra_ms:.2f} ms a layer" in p.table()
+    with pytest.raises(ValueError, match="host_extra_s"):
+        make_plan(fp, vram_budget=_budget(fp, 10), host_compute="auto", host_gbps=67.0, host_extra_s=-1e-3, **KW)
 
 
 @pytest.mark.parametrize("host_gbps", [0.5, 3.0])  # one layer on the host: >155 ms, above streaming all 18
