@@ -159,6 +159,10 @@ class HostLane:
         self.worker = HostWorker(pick or machine_pick(bool(weights.plan.disk_layers)))
         log.info("%s", self.describe())
 
+    def reset_timing(self) -> None:
+        """Count ``steps`` and ``seconds`` from here on (both: the rate the engine keeps is their ratio)."""
+        self.steps, self.seconds = 0, 0.0
+
     def describe(self) -> str:
         """Where the host layers run (for ``--show-plan`` and the log)."""
         held = f" ({self.held_bytes / 2**20:.1f} MiB of copies beside the pinned ones)"

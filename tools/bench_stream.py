@@ -153,7 +153,7 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
     plan = engine.plan
     _decode_steps(engine, batch, 2)  # warm-up: autotune, allocator, pipeline
     if engine.model.host is not None:
-        engine.model.host.seconds = 0.0  # time the host lane over the measured steps only
+        engine.model.host.reset_timing()  # time the host lane over the measured steps only
     times, tokens = _decode_steps(engine, batch, args.steps)
     spans = engine.weights.stream.tracer.timeline() if engine.weights.stream.tracer else []
     step = statistics.median(times[1:]) if len(times) > 2 else times[-1]

@@ -103,9 +103,10 @@ def check(result: dict, trace: Path, layers: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.lane_trace", description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, help="a bench_stream --out-dir holding hostlane.json and its traces")
+    p.add_argument("--tag", default="hostlane", help="bench_stream's --tag: reads TAG.json (default: %(default)s)")
     args = p.parse_args(argv)
     try:
-        data = json.loads((args.results / "hostlane.json").read_text())
+        data = json.loads((args.results / f"{args.tag}.json").read_text())
         rows = [(r, args.results / r["trace_file"]) for r in data["results"] if r.get("host_layers")]
         if not rows:
             raise ValueError("no host-lane configuration in hostlane.json (run bench_stream --host-compute auto)")
