@@ -59,7 +59,7 @@ def _whole_layer_s(weights: list, dt: torch.dtype, context: int, repeats: int, p
 
 def _print_ops(fn) -> None:
     """One call of ``fn`` under torch's profiler: its top-level ops by total CPU time, and their sum."""
-    with torch.profiler.profile() as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:  # no CUDA activity
         fn()
     calls: dict[str, list] = {}
     for e in prof.events():
