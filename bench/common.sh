@@ -23,6 +23,7 @@ print()"
   # the vector extensions torch's CPU kernels pick their paths by (the host lane's bf16 / int4 GEMVs)
   echo "cpu flags: $(grep -m1 -oE '\b(avx2|avx512f|avx512_bf16|avx512_vnni|avx_vnni|amx_bf16|amx_int8|amx_tile)\b' \
     /proc/cpuinfo | sort -u | tr '\n' ' ')"; python3 -c "import torch; print('torch cpu capability', torch.backends.cpu.get_cpu_capability())"
+  echo "transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null); last-level cache: $(lscpu | grep -m1 'L3' | tr -s ' ')"
 }
 
 synth_7b() {  # the synthetic Qwen2.5-7B (bf16) into $1 unless it is there

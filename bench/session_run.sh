@@ -62,6 +62,8 @@
 #     same tiles), then bench/probe_qkernels.py at batch 1 with each layout (LAYERSTREAM_I8_WORDS2D / _TRANS)
 #  H  issue 18: bench/probe_int4_layer_rate.py --contend (the 7B's int4 layer on torch's CPU kernel: projections,
 #     the whole layer as the lane runs it, alone and next to host-to-device copies)
+#  M  issue 18: bench/probe_lane_memory.py at batch 1 and 4 (a bf16 layer's projections in plain, registered and
+#     pinned memory, alone and next to copies out of 128 MiB and out of 2 GiB of distinct buffers)
 #  A  issue 18: the synthetic 7B AWQ at 3 / 4 GiB batch 1, --host-compute off,auto,auto: the second auto plans
 #     from the rate the first one's lane achieved (memory.host_rate.record_achieved)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
@@ -75,7 +77,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHA]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAM]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -287,6 +289,10 @@ save; fi
 if [[ $steps == *H* ]]; then  # the int4 host layer next to copies
   timeout $(left 120) python3 bench/probe_int4_layer_rate.py --contend --profile > $R/int4_layer.txt 2>&1
   echo "int4 layer rc=$?"; cat $R/int4_layer.txt
+save; fi
+if [[ $steps == *M* ]]; then  # why the bf16 lane read 3.5x slower beside copies than alone
+  for b in 1 4; do timeout $(left 120) python3 bench/probe_lane_memory.py --batch $b > $R/lane_memory_b$b.txt 2>&1
+    echo "lane memory b$b rc=$?"; cat $R/lane_memory_b$b.txt; done
 save; fi
 if [[ $steps == *A* ]]; then  # the AWQ host lane planned twice: the second from the first's achieved rate
   awq_7b
