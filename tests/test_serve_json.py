@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.serving import json_mode
+from engine.sampling import SamplingParams as TokenParams
 from engine.serving.constrain import Format, JsonValue, constrained_token
 from engine.serving.params import SamplingParams
 
@@ -84,10 +85,11 @@ TEXTS = ["{", "}", '"a"', ":", "1", "hello", "", " ", "<eos>"]
 EOS = {8}
 
 
-def _take(c: Format, row: list[float], temperature: float = 0.0, seed: int = 0) -> int:
+def _take(c: Format, row: list[float], temperature: float = 0.0, seed: int = 0, **filters) -> int:
     logits = torch.tensor(row)
     drawn = int(logits.argmax())
-    token = constrained_token(logits, drawn, c, EOS, temperature, torch.Generator().manual_seed(seed))
+    token = constrained_token(logits, drawn, c, EOS, TokenParams(temperature=temperature, **filters),
+                              torch.Generator().manual_seed(seed))
     c.advance(token, EOS)
     return token
 
@@ -106,6 +108,20 @@ def test_a_sampled_fallback_draws_only_allowed_tokens():
         _take(c, [5, 0, 0, 0, 0, 0, 0, 0, 0])
         token = _take(c, [0, 1, 1, 0, 0, 9, 0, 1, 0], temperature=1.0, seed=seed)
         assert token in (1, 2, 7)  # "}", '"a"' or " " after "{"
+
+
+@pytest.mark.parametrize("filters,kept", [(dict(top_k=1), {2}), (dict(top_k=2), {2, 1}), (dict(top_p=0.4), {2}),
+                                          (dict(top_p=0.6), {2, 1}), (dict(min_p=0.5), {2, 1}), (dict(), {1, 2, 7})])
+def test_the_fallback_draw_applies_the_row_s_top_k_top_p_and_min_p(filters, kept):
+    """Among the allowed tokens ("}" 1.9, '"a"' 2.0, " " 0.5 after "{": probabilities 0.425, 0.47, 0.105; "hello"
+    9 refused): top-k 1 or top-p 0.4 keeps the likeliest, top-k 2, top-p 0.6 and min-p 0.5 the two close ones;
+    unfiltered, all three come up."""
+    seen = set()
+    for seed in range(60):
+        c = Format(_Tokens(TEXTS), [JsonValue()])
+        _take(c, [5, 0, 0, 0, 0, 0, 0, 0, 0])
+        seen.add(_take(c, [0, 1.9, 2.0, 0, 0, 9, 0, 0.5, 0], temperature=1.0, seed=seed, **filters))
+    assert seen == kept
 
 
 def test_json_object_and_ignore_eos_do_not_combine():
@@ -145,6 +161,6 @@ def test_with_no_allowed_token_and_no_end_the_draw_is_kept_and_nothing_fails():
     token is taken (the reply leaves the format) instead of an error in the engine's step."""
     c = Format(_Tokens(["x", "y"]), [JsonValue()])
     logits = torch.tensor([1.0, 0.0])
-    token = constrained_token(logits, 0, c, set(), 0.0, None)
+    token = constrained_token(logits, 0, c, set(), TokenParams(), None)
     c.advance(token, set())
     assert token == 0 and c.state == (0, json_mode.START)

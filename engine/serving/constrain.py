@@ -6,10 +6,10 @@ The row is sampled as usual first; the token is kept when its text continues the
 a model asked for JSON). Otherwise the draw is repeated among the tokens the format allows, taken in order of
 logit: the first TOP of them, then, if none of those is allowed, the tokens whose first character the format
 takes next (a first-character table per tokenizer, built once), most likely first. Greedy
-rows take the most likely allowed token; others draw from the allowed ones' softmax at the row's temperature
-(top-k / top-p / min-p are not applied to that second draw). Special tokens other than end of sequence are
-never allowed (their text is dropped from replies); end of sequence only once the object is closed, and then
-nothing else.
+rows take the most likely allowed token; others draw among the allowed ones with the row's own temperature,
+top-k, top-p and min-p applied to them (engine.sampling.warp_logits, in Hugging Face's order). Special tokens
+other than end of sequence are never allowed (their text is dropped from replies); end of sequence only once
+the object is closed, and then nothing else.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import weakref
 
 import torch
 
+from engine.sampling import SamplingParams, warp_logits
 from engine.serving import json_mode
 from engine.serving.schema import Text, compiled
 
@@ -118,10 +119,10 @@ def call_format(names: tuple[str, ...]) -> list:
 
 
 def constrained_token(row: torch.Tensor, drawn: int, constraint: Format, eos_ids: set[int],
-                      temperature: float, generator: torch.Generator | None) -> int:
+                      params: SamplingParams, generator: torch.Generator | None) -> int:
     """The token to take from ``row`` [V] (logits after penalties) given the unconstrained ``drawn``: it, when
-    the format allows it, else a draw among the allowed ones (end of sequence if none is: a vocabulary without
-    the characters of JSON ends the reply there)."""
+    the format allows it, else a draw among the allowed ones with ``params``' temperature and filters (end of
+    sequence if none is allowed: a vocabulary without the characters of JSON ends the reply there)."""
     if constraint.allows(drawn, eos_ids):
         return drawn
     if constraint.closed and eos_ids:
@@ -132,10 +133,10 @@ def constrained_token(row: torch.Tensor, drawn: int, constraint: Format, eos_ids
         allowed = _allowed_beyond(row, constraint, eos_ids)
     if not allowed:
         return min(eos_ids) if eos_ids else drawn
-    if temperature <= 0 or len(allowed) == 1:
+    if params.greedy or len(allowed) == 1:
         return allowed[0]
     ids = torch.tensor(allowed, device=row.device)
-    probs = torch.softmax(row[ids].float() / temperature, dim=0)
+    probs = torch.softmax(warp_logits(row[ids].float()[None], params), dim=-1)[0]
     return allowed[int(torch.multinomial(probs, 1, generator=generator))]
 
 

@@ -72,7 +72,7 @@ class RowSampler:
         token = int(s.sampler(row, history))
         if s.constraint is not None:  # a format (JSON, a schema, a call): redrawn among the tokens it allows
             eos = eng.tokenizer.eos_ids
-            token = constrained_token(row[0], token, s.constraint, eos, s.token_params.temperature,
+            token = constrained_token(row[0], token, s.constraint, eos, s.token_params,
                                       s.sampler.generator(row.device))
             s.constraint.advance(token, eos)
         return token
