@@ -67,10 +67,13 @@ class HostOps(TorchOps):
         hk = k_cache.shape[1]
         k, v = k_cache[:, :, :max_len], v_cache[:, :, :max_len]  # [B, Hk, S, D]
         qg = q.reshape(b, hk, hq // hk, d).to(k.dtype)  # query head h reads KV head h // (Hq / Hk)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hk, G, S]
-        hidden = torch.arange(max_len).view(1, 1, 1, max_len) > start_pos.long().view(b, 1, 1, 1)
-        probs = scores.masked_fill(hidden, float("-inf")).softmax(-1).to(v.dtype)
-        out = torch.matmul(probs, v).reshape(b, 1, hq, d).to(q.dtype)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale)  # [B, Hk, G, S]
+        start = start_pos.long()
+        if int(start.min()) < max_len - 1:  # a row shorter than the longest: its later positions hidden
+            scores.masked_fill_(torch.arange(max_len).view(1, 1, 1, max_len) > start.view(b, 1, 1, 1), float("-inf"))
+        out = torch.matmul(scores.softmax(-1).to(v.dtype), v).reshape(b, 1, hq, d).to(q.dtype)
+        if int(q_lens.min()) > 0:  # every row real (a decode step's usual case): no padding row to zero
+            return out
         return out * (q_lens.view(b, 1, 1, 1) > 0).to(out.dtype)
 
     def linear(self, x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -113,16 +113,21 @@ def test_host_compute_off_and_auto_on_the_cpu_use_no_host_layer(model_dir):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("hq,hk,d", [(4, 2, 16), (8, 1, 32), (3, 3, 8), (28, 4, 128)])
-def test_host_decode_attention_matches_the_reference(hq, hk, d, dtype, tol):
+@pytest.mark.parametrize("starts,lens", [([0, 20, 35], [1, 1, 0]), ([35, 35, 35], [1, 1, 1]), ([35], [1]),
+                                         ([35, 35], [1, 0])], ids=["mixed-padded", "equal", "one", "equal-padded"])
+def test_host_decode_attention_matches_the_reference(hq, hk, d, dtype, tol, starts, lens):
+    """Rows of different lengths (the shorter ones' later positions hidden), rows all as long as the longest (no
+    mask built) and padding rows (q_lens 0: zero, the only case the output is multiplied)."""
     gen = torch.Generator().manual_seed(hq * 100 + hk)
-    b, s = 3, 37
+    b, s = len(starts), 37
     q = torch.randn((b, 1, hq, d), generator=gen).to(dtype)
     k, v = (torch.randn((b, hk, s, d), generator=gen).to(dtype) for _ in range(2))
-    start, q_lens = torch.tensor([0, 20, 35], dtype=torch.int32), torch.tensor([1, 1, 0], dtype=torch.int32)
+    start, q_lens = torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
     want = TorchOps().attention(q, k, v, start, q_lens, d ** -0.5, 36)
     got = HostOps().attention(q, k, v, start, q_lens, d ** -0.5, 36)
     assert got.shape == want.shape and rel_max_err(got, want) <= tol
-    assert not got[2].any()  # a padded row (q_lens 0) is zero
+    for row, n in enumerate(lens):
+        assert got[row].any() == (n > 0)  # a padded row is zero
 
 
 @pytest.mark.parametrize("b,t", [(1, 1), (3, 1), (2, 3)])
