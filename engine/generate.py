@@ -17,6 +17,7 @@ import torch
 from engine import ahead
 from engine.detok import IncrementalDetokenizer, StopStringMatcher
 from engine.engine import Engine
+from engine.lane_guard import guard_for, retire_host_lane
 from engine.sampling import Sampler, SamplingParams
 
 
@@ -100,11 +101,14 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
         crossed.append(engine.weights.stream.streamed_bytes)
         moved.append((engine.model.state_host_bytes, engine.model.parked_passes))
         pos = [len(p) for p in prompts]
-        t1 = None
+        t1, last, guard = None, None, guard_for(engine)
         for step in range(max_new_tokens):
             tok, toks = _next_tokens(engine, sampler, logits, history, reasons, out)
-            if t1 is None:
-                t1 = time.perf_counter()
+            now = time.perf_counter()
+            t1 = t1 or now
+            if guard is not None and last is not None and guard.observe(now - last):  # the lane loses: stream
+                retire_host_lane(engine, guard.measured)
+            last = now
             for i in range(b):
                 if not reasons[i]:
                     _emit(i, toks[i], out, detok, stops, texts, reasons, eos, on_text)

@@ -210,4 +210,4 @@ def host_lane(x: LaneInputs, mode: HostCompute, source: str, kv_per_layer: int, 
     if c.reason:
         notes.append(c.reason)
     return HostLane(str(mode), c.layers, x.host_gbps, source, c.times.copy_s, c.times.host_s, c.times.gpu_s,
-                    len(c.layers) * kv_per_layer, c.times.step_s, x.host_extra_s)
+                    len(c.layers) * kv_per_layer, c.times.step_s, x.host_extra_s, lane_times(x, ()).step_s)

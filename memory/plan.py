@@ -54,6 +54,7 @@ class HostLane:
     kv_bytes: int  # the host layers' KV cache, in host memory
     step_s: float  # the decode step the lanes make together (simulated: memory.lane_schedule)
     host_extra_s: float = 0.0  # a host layer's seconds beyond its bytes at host_gbps (norms, attention, Python)
+    stream_step_s: float = 0.0  # the simulated step with these residencies and no host layer (every candidate streamed)
 
     def summary(self) -> str:
         """One line for the plan table."""

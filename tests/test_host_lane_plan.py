@@ -69,6 +69,8 @@ def test_auto_predicts_the_simulated_step_of_its_layout(host_gbps, resident, hea
     assert p.predicted_step_s <= min(spread) * (1 + 1e-9)
     lane = p.host_lane
     assert p.predicted_step_s >= max(lane.copy_s, lane.host_s + lane.gpu_s) * (1 - 1e-12)  # lanes wait, not overlap
+    assert lane.stream_step_s == pytest.approx(_simulated(p, fp, (), host_gbps), rel=1e-9)  # the guard's yardstick
+    assert lane.stream_step_s > p.predicted_step_s
     head_bytes = 0 if p.lm_head_resident else fp.only("lm_head").bytes
     streamed = len([i for i in p.streamed_layers if i not in p.host_layers]) * LAYER + head_bytes
     assert p.streamed_bytes_per_step - streamed == ROW  # and the embedding row

@@ -1,0 +1,74 @@
+"""The host lane's guard: a run whose host layers make decode steps slower than streaming them stops using them.
+
+``--host-compute auto`` plans host layers from measured rates (``memory.host_lane``), and a run keeps the rate its
+lane achieved for the next plan (``memory.host_rate.record_achieved``). A first plan can still be wrong where the
+lane, beside the streamer's copies, reads far slower than the rates measured before it: on an H100 machine's host
+the bf16 7B's host layers took 27.8 ms each where the plan expected 11.4, and the step took 290 ms against 188 ms
+streaming every layer (bench/results/2026-12-05-h100-s38/call4/). So a generation watches its decode steps: after
+``WARM`` steps, once ``WINDOW`` more have been timed, a median above ``MARGIN`` times the plan's step without host
+layers (``memory.plan.HostLane.stream_step_s``, which the planner predicts within a few percent) retires the lane
+for the rest of the run: the host layers' keys and values go back to the device cache, their layers stream like the
+others, and the decode graph, which holds host steps, gives way to eager steps. Only ``auto`` lanes are watched
+(``--host-compute N`` is the user's own choice), and only in :func:`engine.generate.generate` (the benchmarks time
+the lane as planned).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+
+log = logging.getLogger(__name__)
+
+WARM = 3  # decode steps not counted (the first ones may still compile or fault pages in)
+WINDOW = 6  # steps timed after them before deciding
+MARGIN = 1.10  # slower than streaming by more than this: the lane goes
+
+
+class LaneGuard:
+    """Times a generation's decode steps against the plan's step without host layers; says once when to retire."""
+
+    def __init__(self, stream_step_s: float) -> None:
+        assert stream_step_s > 0, stream_step_s
+        self.limit, self.times, self.done, self.measured = stream_step_s * MARGIN, [], False, 0.0
+
+    def observe(self, step_s: float) -> bool:
+        """Record one decode step's seconds; True (once) when the lane should be retired."""
+        if self.done:
+            return False
+        self.times.append(step_s)
+        if len(self.times) < WARM + WINDOW:
+            return False
+        self.done, self.measured = True, statistics.median(self.times[WARM:])
+        return self.measured > self.limit
+
+
+def guard_for(engine) -> LaneGuard | None:
+    """A guard for ``engine``'s host lane when it has one planned by ``auto`` (else None)."""
+    lane = engine.plan.host_lane
+    if engine.model.host is None or lane is None or lane.mode != "auto" or not lane.stream_step_s > 0:
+        return None
+    return LaneGuard(lane.stream_step_s)
+
+
+def retire_host_lane(engine, measured_s: float) -> None:
+    """Stop computing ``engine``'s host layers on the CPU: keep the rate the lane achieved, copy the host KV cache
+    of each host layer into the device cache, close the worker, stream those layers from now on and drop a decode
+    graph that holds host steps. ``measured_s``: the median decode step that decided it (for the log)."""
+    host, cache = engine.model.host, engine.cache
+    if host is None:
+        return
+    engine._keep_host_rate()  # the next plan on this machine knows the lane's real rate
+    for i in host.layers:
+        for dst, src in zip(cache.layer(i), host.kv[i]):
+            dst.copy_(src)  # fp32 on the host, the cache's dtype on the device
+    host.close()
+    engine.model.host = None
+    engine.weights.host_decode(False)
+    if engine.graph is not None and any(kind == "host" for kind, _ in engine.graph.steps):
+        engine.graph = None  # its captured steps leave the host layers out
+    lane = engine.plan.host_lane
+    log.warning("host lane retired: decode steps took %.1f ms with %d host layers, against %.1f ms predicted "
+                "streaming them (the plan expected %.1f ms with them); streaming every layer for the rest of this "
+                "run, and the next plan on this machine uses the rate the lane achieved", measured_s * 1e3,
+                len(lane.layers), lane.stream_step_s * 1e3, lane.step_s * 1e3)
