@@ -41,3 +41,13 @@ def test_bench_stream_takes_a_list_of_host_compute_modes(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--model", "m", "--host-compute", "off,fast"])
     assert "must be auto, off or a number of layers" in capsys.readouterr().err
+
+
+def test_a_repeated_configuration_gets_its_own_trace_file():
+    from tools.bench_stream import trace_name
+
+    written: set[str] = set()
+    names = [trace_name("t-trace-b1-3GiB-hostauto", written) for _ in range(3)]
+    names.append(trace_name("t-trace-b1-3GiB", written))
+    assert names == ["t-trace-b1-3GiB-hostauto.json", "t-trace-b1-3GiB-hostauto-2.json",
+                     "t-trace-b1-3GiB-hostauto-3.json", "t-trace-b1-3GiB.json"]

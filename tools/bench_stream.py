@@ -183,7 +183,8 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
     res["reserved_within_budget"] = budget is None or res["peak_reserved_bytes"] <= budget
     if spans:
         host = "" if host_compute == "off" else f"-host{host_compute}"
-        name = f"{args.tag}-trace-b{batch}-{format_size(budget or 0).replace(' ', '')}{host}.json"
+        name = trace_name(f"{args.tag}-trace-b{batch}-{format_size(budget or 0).replace(' ', '')}{host}",
+                          args.traces_written)
         write_chrome_trace(spans, out_dir / name)
         res["trace_file"] = name
         res["spans"] = spans
@@ -191,6 +192,17 @@ def run_config(model: str, budget: int | None, batch: int, args, h2d: float, flo
     del engine
     gc.collect()  # the engine holds reference cycles: free its VRAM before the next configuration
     return res
+
+
+def trace_name(base: str, written: set[str]) -> str:
+    """``base``.json, or ``base``-2.json, -3, ... when this run wrote it already (--host-compute off,auto,auto);
+    the name is added to ``written``."""
+    name, k = f"{base}.json", 1
+    while name in written:
+        k += 1
+        name = f"{base}-{k}.json"
+    written.add(name)
+    return name
 
 
 def _gemm_tflops() -> float:
@@ -219,6 +231,7 @@ def checkpoint_files(model: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.traces_written = set()  # trace files this run wrote (a repeated configuration gets its own)
     if not torch.cuda.is_available():
         print("error: bench_stream needs a CUDA GPU (none visible)", file=sys.stderr)
         return 2
