@@ -12,6 +12,8 @@ tools/bench_kernels.py's ceiling), and the largest relative error (Frobenius) of
 variant's candidates against fp32 ``x @ dequant_ref(w).T``.  With ``--ggml`` (default: q4_k,q6_k), each
 decode batch (M <= 64) also times kernels/ggml_gemv.py on random GGUF blocks of those types at the same
 shapes (its one fixed launch config), with the rate on the block bytes and its fraction of a copy of them.
+The int8-x GEMV (variant 4) is also timed as ``i8x-alone``: its kernel with x already rounded to int8, as the
+engine's qkv and gate_up get it from the fused RMSNorm (kernels/add_rmsnorm_i8.py), without the rounding launch.
 With ``--ggml-sweep`` only kernels/ggml_gemv.py runs: its launch configs swept per (qtype, M, GGUF
 tensor shape) within ``--budget-s`` seconds (bench/ggml_sweep.py), the best one per case written out.
 
@@ -34,6 +36,8 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import qgemm as qgemm_mod  # noqa: E402
 from kernels import qgemv as qgemv_mod  # noqa: E402
+from kernels import qgemv_i8  # noqa: E402
+from kernels.quant_x import quantize_x  # noqa: E402
 from engine.gguf.random_blocks import random_blocks  # noqa: E402
 from gguf import GGMLQuantizationType  # noqa: E402
 from kernels import ggml_blocks  # noqa: E402
@@ -150,6 +154,11 @@ def time_candidates(cands: list, run, ref: torch.Tensor, out: torch.Tensor, cold
     return res
 
 
+def launch_i8_alone(cfg, x, q, s, z, group, out, asm, pre) -> None:
+    """kernels.qgemv_i8's GEMV with x's int8 rounding ``pre`` computed beforehand: its kernel (and split-K reduce)."""
+    qgemv_i8.launch_i8(cfg, x, q, s, z, group, None, out, False, asm, rounded=pre)
+
+
 def probe_shape(name: str, k: int, n: int, m: int, bits: int, group: int, sms: int) -> list[dict]:
     """One row per variant for one projection at M = m."""
     x, q, s, z = packed_operands(m, k, n, bits, group)
@@ -169,6 +178,13 @@ def probe_shape(name: str, k: int, n: int, m: int, bits: int, group: int, sms: i
         cands = qgemm_mod._configs(group, bits)
         run = functools.partial(qgemm_mod._launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=None, out=out)
     found = time_candidates(cands, run, ref, out, fits_l2(packed_bytes, x.device), gemv and m == 1)
+    i8 = [c for c in cands if c.kwargs.get("VARIANT") == 4] if gemv and m == 1 else []
+    if i8:  # the int8-x GEMV's kernel alone, x rounded beforehand (the norm's program does it for qkv and gate_up)
+        pre = quantize_x(x)
+        asm = torch.version.hip is None
+        alone = functools.partial(launch_i8_alone, x=x, q=q, s=s, z=z, group=group, out=out, asm=asm, pre=pre)
+        found |= {"i8x-alone": v for v in time_candidates(i8, alone, ref, out, fits_l2(packed_bytes, x.device),
+                                                            m == 1).values()}
     peer_us = graph_ms(lambda: F.linear(x, dense), cold=fits_l2(dense.nbytes, x.device)) * 1e3
     copy = copy_gbps(packed_bytes, x.device) if gemv else None
     rows = []
