@@ -10,14 +10,6 @@ On a GPU machine the rate is measured while pinned host-to-device copies run (``
 while the host lane works: the two share the memory bus. On the H200 host the GEMV alone measured
 70.6 GB/s while the host lane, planned with it, achieved 48 GB/s next to the streamer's copies, and
 its steps came out 1.46x the prediction (bench/results/2026-12-01-h200-s7-serve-hostlane).
-
-The copies run out of ``TRAFFIC_FOOTPRINT`` bytes of distinct host memory, more than any last-level cache,
-as the streamer's do (it reads gigabytes of layers a step). Out of one 128 MiB buffer, which a large
-cache partly holds, the copies left the GEMV far more of the memory bus than the streamer does: on an H100
-machine's host the bf16 GEMV measured 44.8 GB/s beside them, then the lane read 17.2 GB/s beside the
-streamer's copies (about 47 GB/s), 64 GB/s together where the GEMV alone read 75 GB/s
-(bench/results/2026-12-05-h100-s38/call4/). Rates measured the old way are cached under another name
-and measured again.
 """
 
 from __future__ import annotations
@@ -56,19 +48,11 @@ def host_key(batch: int, dtype: torch.dtype, threads: int, contended: bool = Fal
             + (", under H2D copies" if contended else ""))
 
 
-TRAFFIC_FOOTPRINT = 1 << 30  # distinct host bytes the contending copies read (module docstring)
-WIDE = ", from 1 GiB"  # the cache name's mark of a rate measured beside such copies
-
-
 @contextlib.contextmanager
-def h2d_traffic(device: torch.device, nbytes: int = 128 << 20, footprint: int = TRAFFIC_FOOTPRINT) -> Iterator[None]:
-    """While the block runs, a thread keeps host-to-device copies of ``nbytes`` going on a side stream of
-    ``device``, each from the next ``nbytes`` of ``footprint`` bytes of page-locked host memory, round and round
-    (what the streamer does while the host lane computes)."""
-    n = max(1, footprint // nbytes)
-    src, registered = torch.empty(n * nbytes, dtype=torch.uint8).fill_(1), True
-    if int(torch.cuda.cudart().cudaHostRegister(src.data_ptr(), src.numel(), 1)) != 0:  # portable
-        src, registered, n = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), False, 1
+def h2d_traffic(device: torch.device, nbytes: int = 128 << 20) -> Iterator[None]:
+    """While the block runs, a thread keeps pinned host-to-device copies of ``nbytes`` going on a side
+    stream of ``device`` (what the streamer does while the host lane computes)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     stop, copies = threading.Event(), [0]
 
@@ -77,8 +61,7 @@ def h2d_traffic(device: torch.device, nbytes: int = 128 << 20, footprint: int = 
             stream = torch.cuda.Stream(device)
             with torch.cuda.stream(stream):
                 while not stop.is_set():
-                    k = copies[0] % n
-                    dst.copy_(src[k * nbytes:(k + 1) * nbytes], non_blocking=True)
+                    dst.copy_(src, non_blocking=True)
                     stream.synchronize()
                     copies[0] += 1
 
@@ -89,10 +72,7 @@ def h2d_traffic(device: torch.device, nbytes: int = 128 << 20, footprint: int = 
     finally:
         stop.set()
         t.join()
-        if registered:  # the copies are done (each one waited for): the memory may be unlocked and freed
-            torch.cuda.cudart().cudaHostUnregister(src.data_ptr())
-        log.info("host GEMV measured next to %d host-to-device copies of %d MiB out of %d MiB", copies[0],
-                 nbytes >> 20, n * nbytes >> 20)
+        log.info("host GEMV measured next to %d host-to-device copies of %d MiB", copies[0], nbytes >> 20)
 
 
 def measure_host_gemv(batch: int, dtype: torch.dtype, nbytes: int = 256 << 20, repeats: int = 5,
@@ -125,10 +105,9 @@ def host_gemv_rate(batch: int, dtype: torch.dtype, cache_path: str | Path | None
     cache. ``measure(batch, dtype)`` times another weight form (e.g. int4 layers through torch's CPU int4
     kernel, engine.host_int4), cached under its own ``form`` name; default: the dense matmul."""
     path = _path(cache_path)
-    base = _entry(batch, dtype, torch.get_num_threads(), contend is not None, form)
-    key = base + (WIDE if contend is not None else "")  # beside copies out of TRAFFIC_FOOTPRINT bytes
+    key = _entry(batch, dtype, torch.get_num_threads(), contend is not None, form)
     cache = load_cache(path)
-    lane, hit = cache.get(base + ACHIEVED), cache.get(key)
+    lane, hit = cache.get(key + ACHIEVED), cache.get(key)
     if lane is not None and not remeasure:  # what the lane itself did here beats the micro-benchmark
         return float(lane["gbps"]), f"achieved by the host lane on {lane.get('measured_at', 'an unknown date')}"
     if hit is not None and not remeasure:

@@ -59,10 +59,7 @@ def test_a_contended_rate_is_its_own_entry(monkeypatch, tmp_path):
     assert host_gemv_rate(1, torch.bfloat16, path, contend=torch.device("cuda", 0))[0] == 40.0  # cached
     keys = set(json.loads(path.read_text())["entries"])
     assert keys == {host_key(1, torch.bfloat16, torch.get_num_threads()),
-                    host_key(1, torch.bfloat16, torch.get_num_threads(), contended=True) + host_rate.WIDE}
-    old = host_key(4, torch.bfloat16, torch.get_num_threads(), contended=True)  # beside copies of one 128 MiB buffer
-    host_rate.save_cache_entry(path, old, 90.0)
-    assert host_gemv_rate(4, torch.bfloat16, path, contend=torch.device("cuda", 0)) == (40.0, "measured now")
+                    host_key(1, torch.bfloat16, torch.get_num_threads(), contended=True)}
 
 
 @pytest.mark.cuda
@@ -70,7 +67,7 @@ def test_a_contended_rate_is_its_own_entry(monkeypatch, tmp_path):
 def test_h2d_traffic_runs_copies_during_the_block():
     from memory.host_rate import h2d_traffic
 
-    with h2d_traffic(torch.device("cuda", 0), nbytes=8 << 20, footprint=64 << 20):
+    with h2d_traffic(torch.device("cuda", 0), nbytes=8 << 20):
         gbps = measure_host_gemv(1, torch.bfloat16, nbytes=64 << 20, repeats=3)
     assert gbps > 0
 
