@@ -3,16 +3,20 @@
 Session 38 on an H100 machine's host: the synthetic bf16 7B's host layers took 27.8 ms each in the lane at
 batch 1 (17.2 GB/s), where one took 7.9 ms alone and the planner's GEMV, timed next to host-to-device copies,
 read 44.8 GB/s; the AWQ lane on the same host, reading its own converted copies, came within 1.2x of its plan
-(bench/results/2026-12-05-h100-s38/call4/). Two suspects, timed here apart:
+(bench/results/2026-12-05-h100-s38/call4/). Not the memory bus: the copy engine was busy 49% of those host
+layers' time, 40 GB/s read together (``tools.lane_trace --bus``). Suspects, timed here apart:
 
 * the weights' memory: the bf16 lane reads the streamer's page-locked host buffers (plain memory registered
   with cudaHostRegister: streamer/pinning.py), the planner's GEMV reads plain memory;
+* the thread: the lane computes on a worker thread (engine.host_worker), the probe that read 7.9 ms on the
+  main thread;
 * the copies' footprint: memory.host_rate.h2d_traffic copies one 128 MiB buffer over and over, which a large
   last-level cache may partly hold, where the streamer reads gigabytes of distinct layers from DRAM.
 
 For each weight memory (``plain``; ``registered``: plain, then cudaHostRegister'd as the streamer does;
 ``pinned``: torch's pinned allocator) the 7B layer's four bf16 projections run back to back at --batch on a
-worker set up as the lane's (engine.host_worker), alone, next to copies out of one 128 MiB buffer and next
+worker set up as the lane's (engine.host_worker; plain memory also on this thread, as bench/probe_host_layer.py
+timed it at 7.9 ms where the lane took 27.8), alone, next to copies out of one 128 MiB buffer and next
 to copies cycling through --traffic-gib of distinct buffers. Prints ms and GB/s of weight bytes, the
 transparent huge page setting and the process's AnonHugePages.
 
@@ -93,17 +97,20 @@ def main() -> None:
     xs = {k: torch.randn(a.batch, k).to(torch.bfloat16) for _, _, k in SHAPES}  # by input size
     nbytes = sum(n * k * 2 for _, n, k in SHAPES)
     registered: list[torch.Tensor] = []
-    for kind in ("plain", "registered", "pinned"):
+    for kind, on_worker in (("plain", True), ("plain", False), ("registered", True), ("pinned", True)):
         ws = weights(kind, registered)
         layer = lambda ws=ws: [F.linear(xs[w.shape[1]], w) for w in ws]  # noqa: E731
+        timed = (lambda: run_pinned(pick, lambda: times_ms(layer, a.repeats)[0])) if on_worker else \
+            (lambda: times_ms(layer, a.repeats)[0])  # this thread, torch's own thread count and CPUs
         row = []
         for name, ctx in (("alone", contextlib.nullcontext), ("128MiB copies", lambda: traffic(CHUNK)),
                           (f"{a.traffic_gib:g}GiB copies", lambda: traffic(int(a.traffic_gib * 2**30)))):
             with ctx() as copies:
-                ms = run_pinned(pick, lambda: times_ms(layer, a.repeats)[0])
+                ms = timed()
             extra = f", {copies[0]} copies" if copies else ""
             row.append(f"{name} {ms:.2f} ms ({nbytes / ms / 1e6:.1f} GB/s{extra})")
-        print(f"{kind:10} batch {a.batch}: " + "; ".join(row) + f" | AnonHugePages {anon_huge_mib()} MiB")
+        where = "worker" if on_worker else f"main thread, {torch.get_num_threads()} threads"
+        print(f"{kind:10} ({where}) batch {a.batch}: " + "; ".join(row) + f" | AnonHugePages {anon_huge_mib()} MiB")
         del ws
     for w in registered:
         torch.cuda.cudart().cudaHostUnregister(w.data_ptr())

@@ -89,3 +89,28 @@ def test_a_missing_trace_is_skipped(tmp_path, capsys):
     _results(tmp_path, [1], trace="gone.json")
     assert main([str(tmp_path)]) == 0
     assert "gone.json: not found, skipped" in capsys.readouterr().err
+
+
+def test_bus_adds_the_lane_s_reads_and_the_copies_during_host_layers():
+    """A 3 ms host layer overlapped 1 ms by a 1 ms layer copy, 6 MB a layer: the lane 2 GB/s, the copy engine busy
+    a third of that time at 6 GB/s, 2 GB/s over it; an lm_head chunk's copy does not count as a layer's."""
+    from tools.lane_trace import Span, bus
+
+    spans = []
+    for k in range(5):
+        t = 12.0 * k
+        spans += [Span("gpu", "layer.0", t, t + 1.0), Span("host", "layer.1", t + 3.0, t + 6.0),
+                  Span("copy", "layer.0", t + 4.0, t + 5.0), Span("copy", "lm_head.0", t + 3.0, t + 6.0)]
+    b = bus(sorted(spans, key=lambda s: s.start_ms), 6_000_000)
+    assert b == pytest.approx({"host_gbps": 2.0, "copy_gbps": 2.0, "copy_busy": 1 / 3, "copying_gbps": 6.0})
+
+
+def test_the_cli_prints_the_bus_when_asked(tmp_path, capsys):
+    _trace(tmp_path / "t.json", 5, False)
+    _results(tmp_path, [1])
+    data = json.loads((tmp_path / "hostlane.json").read_text())
+    data["results"][0]["host_layer_read_bytes"] = 6_000_000
+    (tmp_path / "hostlane.json").write_text(json.dumps(data))
+    assert main([str(tmp_path), "--bus"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2 and out[1].startswith("  during host layers: lane 2.0 GB/s + copies 0.0 GB/s (busy 0%")

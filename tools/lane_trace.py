@@ -4,7 +4,8 @@
 (``hostlane-trace-*.json``: copy, compute and host lanes) that ``tools.bench_stream --host-compute``
 wrote there, and for each host-lane configuration prints the measured step, the traced durations
 (copy per layer and per lm_head chunk, host per layer), the sum of the lanes, and the step
-``memory.lane_schedule.simulate`` gives with those durations. A simulated step close to the measured
+``memory.lane_schedule.simulate`` gives with those durations; with ``--bus``, the host memory the lane and the
+copy engine read together while host layers run (is the memory bus the limit?). A simulated step close to the measured
 one says the structure is modelled and any gap to the plan's prediction is in the rates; a gap
 between them says the structure is not.
 """
@@ -89,6 +90,22 @@ def traced_units(spans: list[Span], layers: int, host: set[int], head_resident: 
     return units + ([StepUnit("resident", gpu_s=RESIDENT_S)] if head_resident else [])
 
 
+def bus(spans: list[Span], layer_bytes: int) -> dict:
+    """Host memory read while the host lane computes (steady steps): the lane's GB/s over its spans, and the copy
+    engine's over the same time (its busy fraction there times its GB/s while copying a layer of ``layer_bytes``)."""
+    starts = step_starts(spans)
+    hosts = [s for s in spans if s.lane == "host" and starts[1] <= s.start_ms < starts[-1]]
+    copies = [s for s in spans if s.lane == "copy" and s.name.startswith("layer.")]
+    if not hosts or not copies:
+        raise ValueError("the trace holds no host span in its steady steps, or no layer copy")
+    host_ms = sum(h.ms for h in hosts)
+    busy = sum(max(0.0, min(c.end_ms, h.end_ms) - max(c.start_ms, h.start_ms)) for h in hosts for c in copies)
+    copying = layer_bytes / statistics.mean(c.ms for c in copies) / 1e6  # GB/s while a layer copies
+    host = sum(len(h.layers) for h in hosts) * layer_bytes / host_ms / 1e6
+    return {"host_gbps": host, "copy_gbps": copying * busy / host_ms, "copy_busy": busy / host_ms,
+            "copying_gbps": copying}
+
+
 def check(result: dict, trace: Path, layers: int) -> dict:
     """One host-lane configuration of ``hostlane.json`` against its trace (times in ms)."""
     units = traced_units(load_spans(trace), layers, set(result["host_layers"]), result["lm_head_resident"])
@@ -104,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.lane_trace", description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, help="a bench_stream --out-dir holding hostlane.json and its traces")
     p.add_argument("--tag", default="hostlane", help="bench_stream's --tag: reads TAG.json (default: %(default)s)")
+    p.add_argument("--bus", action="store_true", help="also the host memory the lane and the copies read together "
+                   "during the host layers (the layer's size: the result's host_layer_read_bytes)")
     args = p.parse_args(argv)
     try:
         data = json.loads((args.results / f"{args.tag}.json").read_text())
@@ -118,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{trace.name}: step {c['step_ms']:.1f} ms (planned {c['predicted_ms']:.1f}); traced durations: "
                   f"copy {c['copy_ms_per_layer']:.2f} ms/layer, host {c['host_ms_per_layer']:.2f} ms/layer, lanes "
                   f"summed {c['lanes_ms']:.1f} ms, simulated {c['simulated_ms']:.1f} ms")
+            if args.bus:
+                b = bus(load_spans(trace), int(r["host_layer_read_bytes"]))
+                print(f"  during host layers: lane {b['host_gbps']:.1f} GB/s + copies {b['copy_gbps']:.1f} GB/s "
+                      f"(busy {b['copy_busy']:.0%}, {b['copying_gbps']:.1f} GB/s while copying) = "
+                      f"{b['host_gbps'] + b['copy_gbps']:.1f} GB/s")
     except (OSError, KeyError, ValueError) as e:
         print(f"error: {args.results}: {e}", file=sys.stderr)
         return 2
