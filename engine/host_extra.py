@@ -64,7 +64,7 @@ def layer_extra_s(cfg: ModelConfig, dtype: torch.dtype, batch: int, context: int
     start, q_lens = torch.full((batch,), context - 1, dtype=torch.int32), torch.ones(batch, dtype=torch.int32)
     w, pos = _stand_ins(cfg, dtype), model.positions(start, 1)
     times = []
-    with torch.no_grad():
+    with torch.inference_mode():  # as the lane runs its layers (engine.host_lane.HostLane._compute)
         for k in range(repeats + 2):
             t0 = time.perf_counter()
             model.layer(w, h, h, pos, kv, start, q_lens, context)

