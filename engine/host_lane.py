@@ -50,6 +50,17 @@ class HostOps(TorchOps):
     cache is a few MB per layer beside its ~0.5 GB of weights. A step's keys and values go into the
     cache by index, not by a scatter."""
 
+    def rope_(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              positions: torch.Tensor) -> None:
+        """TorchOps.rope_'s rotation, bit for bit, in fewer ops for a decode step: ``t * [c, c] + roll(t) * [-s, s]``
+        (the halves swapped by one roll) with the tables gathered and cast once for q and k."""
+        if q.shape[1] != 1 or q.dtype != k.dtype:
+            return super().rope_(q, k, cos, sin, positions)
+        c, s = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)  # [B, 1, 1, D/2] fp32
+        cc, ss = torch.cat((c, c), -1).to(q.dtype), torch.cat((-s, s), -1).to(q.dtype)
+        for t in (q, k):
+            t.copy_(t * cc + t.roll(c.shape[-1], -1) * ss)
+
     def kv_append_(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    start_pos: torch.Tensor) -> None:
         b, t = k.shape[:2]

@@ -260,3 +260,23 @@ def test_quantized_host_layers_on_the_gpu_match_resident(tmp_path_factory, monke
     assert ours.model.host.weight_form == form and ours.model.host.held_bytes > 0
     ours.close()
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,hq,hk,d", [(1, 28, 4, 128), (3, 4, 2, 16), (2, 3, 3, 8)])
+def test_host_decode_rope_equals_the_reference_bit_for_bit(dtype, b, hq, hk, d):
+    """HostOps.rope_ (one roll, the tables cast once) against TorchOps.rope_, on q and k as views into one fused
+    qkv row (their real strides), at positions past the first ones."""
+    from engine.model import rope_tables
+
+    cos, sin = rope_tables(d, 4096, 1e6, None)
+    gen = torch.Generator().manual_seed(b * 100 + hq)
+    qkv = torch.randn((b, 1, (hq + 2 * hk) * d), generator=gen).to(dtype)
+    positions = torch.randint(0, 4096, (b, 1), generator=gen)
+    got, want = qkv.clone(), qkv.clone()
+    for t, ops in ((got, HostOps()), (want, TorchOps())):
+        q = t[..., : hq * d].view(b, 1, hq, d)
+        k = t[..., hq * d: (hq + hk) * d].view(b, 1, hk, d)
+        ops.rope_(q, k, cos, sin, positions)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, qkv)  # it did rotate
