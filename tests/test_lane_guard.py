@@ -56,3 +56,29 @@ def test_the_guard_decides_once_on_the_median_after_its_warm_up():
     assert not g.observe(9.0)  # decided: never again
     fast = LaneGuard(0.1)
     assert not any(fast.observe(s) for s in [5.0] * WARM + [0.105] * WINDOW)
+
+
+
+
+@pytest.mark.parametrize("source,measured", [("measured now", True), ("achieved by the host lane on x", False)])
+def test_an_auto_plan_counts_the_measured_extra_and_the_guard_watches_it(model_dir, monkeypatch, source, measured):
+    """End to end on the CPU, rates handed in (the CPU measures none: copies at 1 MB/s, the host at 1 GB/s, so
+    host layers win): beside a measured host rate the plan adds engine.host_extra's measurement to every host
+    layer and its table says so; beside an achieved one (which holds that time already) it adds nothing; either
+    way generate's guard is armed for the auto lane."""
+    import engine.engine as eng_mod
+    from engine import lane_guard
+
+    def rate(self, mode):  # what Engine._host_rate sets and returns on a GPU machine
+        self.host_weights = eng_mod.weight_forms(self.cfg, self.dtype, self.quant)[0]
+        return 1.0, source
+    monkeypatch.setattr(eng_mod.Engine, "_host_rate", rate)
+    monkeypatch.setattr(eng_mod, "h2d_bandwidth", lambda device: (0.001, "given"))
+    eng = _host_engine(model_dir, 1, 0, None, "auto")
+    lane, table = eng.plan.host_lane, eng.plan.table()
+    assert lane.mode == "auto" and eng.plan.host_layers and lane.stream_step_s > lane.step_s
+    assert (lane.host_extra_s > 0) == measured and ("ms a layer" in table) == measured
+    per_layer = eng.plan.layer_bytes / 1e9 + lane.host_extra_s
+    assert lane.host_s == pytest.approx(len(eng.plan.host_layers) * per_layer, rel=1e-6)
+    assert lane_guard.guard_for(eng) is not None
+    eng.close()
