@@ -113,6 +113,7 @@ if [[ $steps == *h* ]]; then
   timeout $(left 150) python3 -m tools.bench_stream --model $M --budgets 6GiB,4GiB --batches 1,4 --steps 8 \
     --prefill-tokens 0 --host-compute off,auto --out-dir $R --tag hostlane > $R/bench_hostlane.log 2>&1
   echo "hostlane rc=$?"; tail -11 $R/bench_hostlane.log
+  python3 -m tools.lane_trace $R --bus 2>&1 | tee $R/lane_trace.txt  # the traces against the step model, the bus
 save; fi
 if [[ $steps == *a* ]]; then  # issue 18's quantized host lane (session 34: the int4 rate now measured in bf16)
   awq_7b
@@ -299,6 +300,7 @@ if [[ $steps == *A* ]]; then  # the AWQ host lane planned twice: the second from
   timeout $(left 240) python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 3GiB,4GiB --batches 1 --steps 8 \
     --prefill-tokens 0 --host-compute off,auto,auto --out-dir $R --tag hostlane-awq2 > $R/bench_hostlane_awq2.log 2>&1
   echo "hostlane awq rc=$?"; grep -E "GiB|host" $R/bench_hostlane_awq2.log | tail -12
+  python3 -m tools.lane_trace $R --tag hostlane-awq2 --bus 2>&1 | tee $R/lane_trace_awq.txt
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
