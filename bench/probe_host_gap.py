@@ -20,8 +20,8 @@ import torch
 
 import bench.probe_host_layer as probe
 from engine.config import ModelConfig
-from engine.host_lane import HOST_KV_DTYPE, HostOps
-from engine.model import Model
+from engine.host_extra import decode_layer
+from engine.host_lane import HostOps
 
 GAPS_S = (0.0, 0.002, 0.008, 0.03)
 
@@ -33,14 +33,7 @@ def _layer(width: int, context: int):
         d.update(hidden_size=width, intermediate_size=4 * width, num_attention_heads=width // 128,
                  num_key_value_heads=max(1, width // 512))
     cfg, dtype = ModelConfig.from_dict(d), torch.bfloat16
-    w = probe._weights(cfg, dtype)
-    model = Model(cfg, None, HostOps(), torch.device("cpu"), dtype, context + 8)
-    shape = (1, cfg.num_key_value_heads, context + 8, cfg.head_dim)
-    kv = (torch.randn(shape).to(HOST_KV_DTYPE), torch.randn(shape).to(HOST_KV_DTYPE))
-    h, res = torch.randn(1, 1, cfg.hidden_size).to(dtype), torch.randn(1, 1, cfg.hidden_size).to(dtype)
-    start, q_lens = torch.full((1,), context, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
-    pos = model.positions(start, 1)
-    return lambda: model.layer(w, h, res, pos, kv, start, q_lens, context + 1)
+    return decode_layer(cfg, HostOps(), probe._weights(cfg, dtype), dtype, 1, context)
 
 
 def _run(layer, threads: int, warm: bool, repeats: int) -> list[tuple[float, float]]:

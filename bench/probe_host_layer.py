@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.host_lane import HOST_KV_DTYPE, HostOps
-from engine.model import Model
+from engine.host_extra import decode_layer
+from engine.host_lane import HostOps
 from tools.bench_host_int4 import times_ms
 
 QWEN7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=1,
@@ -66,15 +66,9 @@ def main() -> None:
     cfg = ModelConfig.from_dict(QWEN7B)
     w = _weights(cfg, dtype)
     nbytes = sum(t.nbytes for n, t in w.items() if n.endswith("proj.weight"))
-    model = Model(cfg, None, HostOps(), torch.device("cpu"), dtype, a.context + 8)
-    b, shape = a.batch, (a.batch, cfg.num_key_value_heads, a.context + 8, cfg.head_dim)
-    kv = (torch.randn(shape).to(HOST_KV_DTYPE), torch.randn(shape).to(HOST_KV_DTYPE))
-    h, res = torch.randn(b, 1, cfg.hidden_size).to(dtype), torch.randn(b, 1, cfg.hidden_size).to(dtype)
-    start = torch.full((b,), a.context, dtype=torch.int32)
-    q_lens = torch.ones(b, dtype=torch.int32)
-    pos = model.positions(start, 1)
-    layer = _ms(lambda: model.layer(w, h, res, pos, kv, start, q_lens, a.context + 1), a.repeats)
-    x = h.reshape(b, -1)
+    b = a.batch
+    layer = _ms(decode_layer(cfg, HostOps(), w, dtype, b, a.context), a.repeats)
+    x = torch.randn(b, cfg.hidden_size).to(dtype)
     xi = torch.randn(b, cfg.intermediate_size).to(dtype)
     xq = torch.randn(b, cfg.q_size).to(dtype)
     parts = {"qkv": lambda: F.linear(x, w["self_attn.qkv_proj.weight"], w["self_attn.qkv_proj.bias"]),

@@ -21,9 +21,9 @@ import torch
 
 from engine.host_int4 import int4_linear, kernel_dtype, measure_int4_gemv, random_int4, to_cpu_int4
 from engine.config import ModelConfig
-from engine.host_lane import HOST_KV_DTYPE, HostOps
+from engine.host_extra import decode_layer, stand_ins
+from engine.host_lane import HostOps
 from engine.host_worker import machine_pick, run_pinned
-from engine.model import Model
 from memory.host_rate import h2d_traffic
 from tools.bench_host_int4 import times_ms
 
@@ -42,19 +42,12 @@ def _whole_layer_s(weights: list, dt: torch.dtype, context: int, repeats: int, p
     """Median seconds of one decode step of the layer through Model.layer on HostOps (the lane's ops);
     ``profile``: then prints one more call's top-level torch ops by total time."""
     cfg = ModelConfig.from_dict(QWEN7B)
-    w = {t: cw for t, (_, cw, _, _) in zip(TENSORS, weights)}
-    w["self_attn.qkv_proj.bias"] = torch.zeros(cfg.q_size + 2 * cfg.kv_size, dtype=dt)
-    w["input_layernorm.weight"] = w["post_attention_layernorm.weight"] = torch.ones(cfg.hidden_size, dtype=dt)
-    model = Model(cfg, None, HostOps(), torch.device("cpu"), dt, context + 8)
-    shape = (1, cfg.num_key_value_heads, context + 8, cfg.head_dim)
-    kv = (torch.randn(shape).to(HOST_KV_DTYPE), torch.randn(shape).to(HOST_KV_DTYPE))
-    h, res = torch.randn(1, 1, cfg.hidden_size).to(dt), torch.randn(1, 1, cfg.hidden_size).to(dt)
-    start, q_lens = torch.full((1,), context, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
-    pos = model.positions(start, 1)
+    w = stand_ins(cfg, dt) | {t: cw for t, (_, cw, _, _) in zip(TENSORS, weights)}  # the norms, bias and int4 weights
+    step = decode_layer(cfg, HostOps(), w, dt, 1, context)
     with torch.inference_mode():  # as the lane runs its layers
-        seconds = _median_s(lambda: model.layer(w, h, res, pos, kv, start, q_lens, context + 1), repeats)
+        seconds = _median_s(step, repeats)
     if profile:
-        _print_ops(lambda: model.layer(w, h, res, pos, kv, start, q_lens, context + 1))
+        _print_ops(step)
     return seconds
 
 

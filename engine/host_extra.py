@@ -36,7 +36,7 @@ class _ProjectionsOff(HostOps):
         return y if b is None else y + b.to(y.dtype)
 
 
-def _stand_ins(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def stand_ins(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A layer's tensors as the lane's code reads them: the norms' weights and the bias real, each
     projection an empty [N, 0] tensor (only its output size is read)."""
     qkv = cfg.q_size + 2 * cfg.kv_size
@@ -52,22 +52,29 @@ def _stand_ins(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return w
 
 
+def decode_layer(cfg: ModelConfig, ops, weights: dict, dtype: torch.dtype, batch: int, context: int):
+    """A callable running one decode step of one layer on the CPU through ``ops`` with ``weights``, ``batch`` rows
+    whose attention reads ``context`` positions of an fp32 KV cache (inputs and cache built once, here)."""
+    model = Model(cfg, None, ops, torch.device("cpu"), dtype, context + 1)
+    shape = (batch, cfg.num_key_value_heads, context + 1, cfg.head_dim)
+    kv = (torch.zeros(shape, dtype=HOST_KV_DTYPE), torch.zeros(shape, dtype=HOST_KV_DTYPE))
+    h, res = torch.randn(batch, 1, cfg.hidden_size).to(dtype), torch.randn(batch, 1, cfg.hidden_size).to(dtype)
+    start, q_lens = torch.full((batch,), context - 1, dtype=torch.int32), torch.ones(batch, dtype=torch.int32)
+    pos = model.positions(start, 1)
+    return lambda: model.layer(weights, h, res, pos, kv, start, q_lens, context)
+
+
 def layer_extra_s(cfg: ModelConfig, dtype: torch.dtype, batch: int, context: int, repeats: int = 5) -> float:
     """Seconds one decode step of one host layer spends outside its projections, at ``batch`` rows whose
     attention reads ``context`` positions: the median of ``repeats`` timed calls after two warm-ups."""
     if batch < 1 or context < 1 or repeats < 1:
         raise ValueError(f"batch, context and repeats must be positive, got {batch}, {context}, {repeats}")
-    model = Model(cfg, None, _ProjectionsOff(), torch.device("cpu"), dtype, context + 1)
-    shape = (batch, cfg.num_key_value_heads, context + 1, cfg.head_dim)
-    kv = (torch.zeros(shape, dtype=HOST_KV_DTYPE), torch.zeros(shape, dtype=HOST_KV_DTYPE))
-    h = torch.randn(batch, 1, cfg.hidden_size).to(dtype)
-    start, q_lens = torch.full((batch,), context - 1, dtype=torch.int32), torch.ones(batch, dtype=torch.int32)
-    w, pos = _stand_ins(cfg, dtype), model.positions(start, 1)
+    step = decode_layer(cfg, _ProjectionsOff(), stand_ins(cfg, dtype), dtype, batch, context)
     times = []
     with torch.inference_mode():  # as the lane runs its layers (engine.host_lane.HostLane._compute)
         for k in range(repeats + 2):
             t0 = time.perf_counter()
-            model.layer(w, h, h, pos, kv, start, q_lens, context)
+            step()
             if k >= 2:
                 times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]

@@ -10,7 +10,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.engine import Engine
-from engine.host_extra import _ProjectionsOff, _stand_ins, layer_extra_s
+from engine.host_extra import _ProjectionsOff, stand_ins, layer_extra_s
 from engine.host_lane import HOST_KV_DTYPE, HostOps
 from engine.model import Model
 
@@ -25,7 +25,7 @@ def _cfg(**kw) -> ModelConfig:
 def _real_weights(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     w = {}
-    for name, t in _stand_ins(cfg, dtype).items():
+    for name, t in stand_ins(cfg, dtype).items():
         if name.endswith("proj.weight"):
             k = cfg.intermediate_size if "down" in name else cfg.q_size if "o_proj" in name else cfg.hidden_size
             w[name] = (torch.randn(t.shape[0], k, generator=g) * 0.05).to(dtype)
@@ -44,14 +44,14 @@ def test_the_stand_ins_run_the_lane_s_layer_code_with_the_real_shapes(kw):
     h = torch.randn(b, 1, cfg.hidden_size).to(dtype)
     start, q_lens = torch.full((b,), ctx - 1, dtype=torch.int32), torch.ones(b, dtype=torch.int32)
     outs = []
-    for ops, w in ((_ProjectionsOff(), _stand_ins(cfg, dtype)), (HostOps(), _real_weights(cfg, dtype))):
+    for ops, w in ((_ProjectionsOff(), stand_ins(cfg, dtype)), (HostOps(), _real_weights(cfg, dtype))):
         model = Model(cfg, None, ops, torch.device("cpu"), dtype, ctx + 1)
         kv = (torch.zeros(shape, dtype=HOST_KV_DTYPE), torch.zeros(shape, dtype=HOST_KV_DTYPE))
         outs.append(model.layer(w, h, h, model.positions(start, 1), kv, start, q_lens, ctx))
     for a, r in zip(*outs):
         assert a.shape == r.shape and a.dtype == r.dtype
-    assert ("self_attn.q_norm.weight" in _stand_ins(cfg, dtype)) == cfg.has_qk_norm
-    assert ("self_attn.qkv_proj.bias" in _stand_ins(cfg, dtype)) == bool(cfg.attention_bias)
+    assert ("self_attn.q_norm.weight" in stand_ins(cfg, dtype)) == cfg.has_qk_norm
+    assert ("self_attn.qkv_proj.bias" in stand_ins(cfg, dtype)) == bool(cfg.attention_bias)
 
 
 def test_the_extra_time_grows_with_the_positions_attention_reads(one_torch_thread):
