@@ -54,6 +54,7 @@ Plain numbers only (no torch): the rates are measured elsewhere (``memory.host_r
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from memory.lane_schedule import BOUNDARY_S, StepUnit, simulate
@@ -98,6 +99,7 @@ class HostChoice:
     layers: tuple[int, ...]
     times: LaneTimes
     reason: str  # why this many, for the plan's notes
+    stream_s: float = 0.0  # the step with no host layer (every candidate streamed)
 
 
 def spread_host(candidates: tuple[int, ...], h: int) -> tuple[int, ...]:
@@ -173,7 +175,12 @@ def improve(x: LaneInputs, host: tuple[int, ...], times: LaneTimes) -> tuple[tup
 def choose_host_layers(x: LaneInputs, mode: HostCompute) -> HostChoice:
     """The host layers for ``mode``: none (``off``), the fastest predicted set (``auto``; ties go
     to fewer host layers) or exactly ``mode`` layers (ValueError when fewer are candidates)."""
-    none = HostChoice((), lane_times(x, ()), "")
+    stream = lane_times(x, ())
+    return dataclasses.replace(_choose(x, mode, HostChoice((), stream, "")), stream_s=stream.step_s)
+
+
+def _choose(x: LaneInputs, mode: HostCompute, none: HostChoice) -> HostChoice:
+    """choose_host_layers given ``none``, the choice of no host layer."""
     if mode == "off" or mode == 0:
         return none
     if isinstance(mode, int):
@@ -210,4 +217,4 @@ def host_lane(x: LaneInputs, mode: HostCompute, source: str, kv_per_layer: int, 
     if c.reason:
         notes.append(c.reason)
     return HostLane(str(mode), c.layers, x.host_gbps, source, c.times.copy_s, c.times.host_s, c.times.gpu_s,
-                    len(c.layers) * kv_per_layer, c.times.step_s, x.host_extra_s, lane_times(x, ()).step_s)
+                    len(c.layers) * kv_per_layer, c.times.step_s, x.host_extra_s, c.stream_s)
