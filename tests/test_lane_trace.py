@@ -114,3 +114,13 @@ def test_the_cli_prints_the_bus_when_asked(tmp_path, capsys):
     assert main([str(tmp_path), "--bus"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2 and out[1].startswith("  during host layers: lane 2.0 GB/s + copies 0.0 GB/s (busy 0%")
+
+
+def test_bus_without_a_layer_size_is_one_error_line(tmp_path, capsys):
+    """Results written before bench_stream kept host_layer_read_bytes: --bus asks for --layer-bytes."""
+    _trace(tmp_path / "t.json", 5, False)
+    _results(tmp_path, [1])
+    assert main([str(tmp_path), "--bus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--layer-bytes" in err[0]
+    assert main([str(tmp_path), "--bus", "--layer-bytes", "6000000"]) == 0

@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", type=Path, help="a bench_stream --out-dir holding hostlane.json and its traces")
     p.add_argument("--tag", default="hostlane", help="bench_stream's --tag: reads TAG.json (default: %(default)s)")
     p.add_argument("--bus", action="store_true", help="also the host memory the lane and the copies read together "
-                   "during the host layers (the layer's size: the result's host_layer_read_bytes)")
+                   "during the host layers (the layer's size: the result's host_layer_read_bytes, or --layer-bytes)")
+    p.add_argument("--layer-bytes", type=int, help="a layer's bytes for --bus where the results do not say "
+                   "(bench_stream before session 34)")
     args = p.parse_args(argv)
     try:
         data = json.loads((args.results / f"{args.tag}.json").read_text())
@@ -138,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"copy {c['copy_ms_per_layer']:.2f} ms/layer, host {c['host_ms_per_layer']:.2f} ms/layer, lanes "
                   f"summed {c['lanes_ms']:.1f} ms, simulated {c['simulated_ms']:.1f} ms")
             if args.bus:
-                b = bus(load_spans(trace), int(r["host_layer_read_bytes"]))
+                nbytes = args.layer_bytes or r.get("host_layer_read_bytes")
+                if not nbytes:
+                    raise ValueError(f"{trace.name}: its result has no host_layer_read_bytes; give --layer-bytes")
+                b = bus(load_spans(trace), int(nbytes))
                 print(f"  during host layers: lane {b['host_gbps']:.1f} GB/s + copies {b['copy_gbps']:.1f} GB/s "
                       f"(busy {b['copy_busy']:.0%}, {b['copying_gbps']:.1f} GB/s while copying) = "
                       f"{b['host_gbps'] + b['copy_gbps']:.1f} GB/s")
