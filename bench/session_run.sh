@@ -66,6 +66,8 @@
 #     pinned memory, alone and next to copies out of 128 MiB and out of 2 GiB of distinct buffers)
 #  A  issue 18: the synthetic 7B AWQ at 3 / 4 GiB batch 1, --host-compute off,auto,auto: the second auto plans
 #     from the rate the first one's lane achieved (memory.host_rate.record_achieved)
+#  T  issue 18: bench/thread_sampler.py around bench_stream's host lane repeated (AWQ 4 GiB, bf16 6 GiB, batch 1):
+#     which threads ran where and the hypervisor's steal while the lane's time varied
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -301,6 +303,20 @@ if [[ $steps == *A* ]]; then  # the AWQ host lane planned twice: the second from
     --prefill-tokens 0 --host-compute off,auto,auto --out-dir $R --tag hostlane-awq2 > $R/bench_hostlane_awq2.log 2>&1
   echo "hostlane awq rc=$?"; grep -E "GiB|host" $R/bench_hostlane_awq2.log | tail -12
   python3 -m tools.lane_trace $R --tag hostlane-awq2 --bus 2>&1 | tee $R/lane_trace_awq.txt
+save; fi
+if [[ $steps == *T* ]]; then  # why one run's host lane took 2-3x another's with the same plan: threads, steal
+  awq_7b
+  for arm in ${T_ARMS:-base passive}; do  # passive: OpenMP threads sleep at once when idle (no spinning)
+    E=(); [ $arm = passive ] && E=(OMP_WAIT_POLICY=PASSIVE)
+    env "${E[@]}" timeout $(left 120) python3 bench/thread_sampler.py --out $R/threads_awq_$arm.txt --window 0.1 --top 8 -- \
+      python3 -m tools.bench_stream --model /tmp/q7b-awq --budgets 4GiB --batches 1 --steps 16 --prefill-tokens 0 \
+      --host-compute off,auto,auto,auto,auto --out-dir $R --tag noise-awq-$arm > $R/bench_noise_awq_$arm.log 2>&1
+    echo "noise awq $arm rc=$?"; grep -E "GiB.*host" $R/bench_noise_awq_$arm.log
+    env "${E[@]}" timeout $(left 80) python3 bench/thread_sampler.py --out $R/threads_bf16_$arm.txt --window 0.1 --top 8 -- \
+      python3 -m tools.bench_stream --model $M --budgets 6GiB --batches 1 --steps 12 --prefill-tokens 0 \
+      --host-compute auto,auto,auto --out-dir $R --tag noise-bf16-$arm > $R/bench_noise_bf16_$arm.log 2>&1
+    echo "noise bf16 $arm rc=$?"; grep -E "GiB.*host" $R/bench_noise_bf16_$arm.log
+  done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"

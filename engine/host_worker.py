@@ -143,6 +143,7 @@ class HostWorker:
                     fut.set_exception(e)
 
     def _setup(self) -> None:
+        name_os_thread(self._thread.name)  # before torch starts its OpenMP threads, which inherit the name
         if self.pick.cpus and hasattr(os, "sched_setaffinity"):
             try:
                 os.sched_setaffinity(threading.get_native_id(), self.pick.cpus)
@@ -162,6 +163,15 @@ class HostWorker:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` (15 bytes at most) where the OS shows it (``top -H``, ``ps -L``,
+    /proc/<pid>/task/<tid>/comm), on Linux; elsewhere, or where /proc is not writable, nothing."""
+    try:
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_bytes(name.encode()[:15])
+    except OSError:
+        pass
 
 
 def run_pinned(pick: CorePick, fn: Callable, *args):
