@@ -149,10 +149,12 @@ def add_engine_args(p: CliParser) -> None:
                         "quantized checkpoints (AWQ, GPTQ, compressed-tensors) are detected without it")
     p.add_argument("--quant-group", type=int, default=128, metavar="N",
                    help="--quantize group size along the input dim (-1: one scale per output row)")
-    p.add_argument("--host-compute", default="off", type=host_compute_arg, metavar="{auto,off,N}",
+    p.add_argument("--host-compute", default="auto", type=host_compute_arg, metavar="{auto,off,N}",
                    help="decode steps compute some streamed layers on the CPU from their pinned host copy while "
-                        "others stream (GPU runs): auto = the split the measured host and H2D rates predict "
-                        "fastest, off = stream every non-resident layer, N = N host layers")
+                        "others stream (GPU runs): auto (default) = the split the measured host and H2D rates "
+                        "predict fastest, none where no layer streams or none would help, retired mid-run if its "
+                        "steps prove slower than streaming; off = stream every non-resident layer and leave the "
+                        "CPU's cores idle; N = N host layers")
     p.add_argument("--quant-cache", action="store_true",
                    help="keep the repacked (AWQ / GPTQ) or --quantize'd layers in a cache file (the size of the "
                         "packed layers) so later runs and disk-tier streaming read them without converting again")

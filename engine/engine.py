@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +43,12 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
+
+
+def auto_host_mode(device: torch.device, streams: Callable[[], bool]) -> str:
+    """``--host-compute auto`` as planned: ``off`` where no host layer could help, so the host's rate is not
+    measured and the plan says nothing of a lane (a CPU run; a model whose layers all fit, per ``streams``)."""
+    return "auto" if device.type == "cuda" and streams() else "off"
 
 
 @dataclass
@@ -220,15 +227,17 @@ class Engine:
             log.info("GPU memory outside torch's allocator: %d MiB (%s)", outside.bytes >> 20, outside.source)
         gbps, source = h2d_bandwidth(self.device)
         mode = parse_host_compute(self.opts.host_compute)
+        plan = functools.partial(
+            plan_model, self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
+            vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget, batch=self.opts.batch,
+            max_context=self.opts.max_context, prefill_chunk=self.opts.prefill_chunk,
+            auto_chunk=self.opts.prefill_chunk_auto, device_free=free, h2d_gbps=gbps, h2d_source=source,
+            outside_bytes=outside.bytes, prefill_states=self.opts.prefill_states)
+        if mode == "auto":
+            mode = auto_host_mode(self.device, lambda: bool(plan(host_compute="off").streamed_layers))
         host_gbps, host_source = self._host_rate(mode)
         extra = self._host_extra(host_gbps, host_source)
-        plan = plan_model(self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
-                          vram_budget=self.opts.vram_budget, host_budget=self.opts.host_budget,
-                          batch=self.opts.batch, max_context=self.opts.max_context,
-                          prefill_chunk=self.opts.prefill_chunk, auto_chunk=self.opts.prefill_chunk_auto,
-                          device_free=free, h2d_gbps=gbps,
-                          h2d_source=source, outside_bytes=outside.bytes, host_compute=mode, host_gbps=host_gbps,
-                          host_source=host_source, prefill_states=self.opts.prefill_states, host_extra_s=extra)
+        plan = plan(host_compute=mode, host_gbps=host_gbps, host_source=host_source, host_extra_s=extra)
         note = getattr(self.ckpt, "plan_note", None)  # GGUF: which tensors stay packed, which are widened
         if note is not None:
             head_blocks = self.quant is not None and self.quant.native_head is not None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.engine import Engine, EngineOptions
+from engine.engine import Engine, EngineOptions, auto_host_mode
 from engine.footprint import min_budget
 from engine.generate import decode_step, generate, prefill
 from engine.host_lane import HostOps
@@ -105,10 +105,37 @@ def test_host_compute_off_and_auto_on_the_cpu_use_no_host_layer(model_dir):
     off = make_engine(model_dir, vram_budget=low)
     auto = make_engine(model_dir, vram_budget=low, host_compute="auto")
     assert off.plan.host_lane is None and off.model.host is None
-    assert auto.plan.host_layers == () and auto.model.host is None
-    assert any("rate is not known" in n for n in auto.plan.notes)  # the CPU device measures no host rate
+    assert auto.plan.host_layers == () and auto.model.host is None and auto.plan.host_lane is None
+    assert not any("host lane" in n for n in auto.plan.notes)  # on the CPU auto is off: nothing to say
     off.close()
     auto.close()
+
+
+def test_auto_plans_a_lane_only_on_a_gpu_with_streamed_layers(model_dir, monkeypatch):
+    """``auto`` (the CLI's default) goes on to measure the host only on a CUDA device where layers stream;
+    a CPU run, or a model that fits, measures nothing and plans no lane."""
+    calls = []
+
+    def streams(value):
+        return lambda: calls.append(value) or value
+    assert auto_host_mode(torch.device("cuda"), streams(True)) == "auto"
+    assert auto_host_mode(torch.device("cuda"), streams(False)) == "off"
+    assert auto_host_mode(torch.device("cpu"), streams(True)) == "off"
+    assert calls == [True, False]  # a CPU run does not even plan twice
+    seen = []
+    real = Engine._host_rate
+    monkeypatch.setattr(Engine, "_host_rate", lambda self, mode: seen.append(mode) or real(self, mode))
+    eng = make_engine(model_dir, vram_budget=min_budget(make_engine(model_dir).cfg, torch.float32, max_context=64,
+                                                         prefill_chunk=2048), host_compute="auto")
+    assert eng.plan.streamed_layers and eng.plan.host_lane is None and seen[-1] == "off"
+    assert not any("host lane" in n for n in eng.plan.notes)
+    eng.close()
+
+
+def test_the_cli_computes_host_layers_by_default():
+    from engine.run import build_parser
+    assert build_parser().parse_args(["--model", "m"]).host_compute == "auto"
+    assert build_parser().parse_args(["--model", "m", "--host-compute", "off"]).host_compute == "off"
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])

@@ -74,6 +74,7 @@ def test_an_auto_plan_counts_the_measured_extra_and_the_guard_watches_it(model_d
         return 1.0, source
     monkeypatch.setattr(eng_mod.Engine, "_host_rate", rate)
     monkeypatch.setattr(eng_mod, "h2d_bandwidth", lambda device: (0.001, "given"))
+    monkeypatch.setattr(eng_mod, "auto_host_mode", lambda device, streams: "auto")  # as on a GPU, layers streaming
     eng = _host_engine(model_dir, 1, 0, None, "auto")
     lane, table = eng.plan.host_lane, eng.plan.table()
     assert lane.mode == "auto" and eng.plan.host_layers and lane.stream_step_s > lane.step_s
