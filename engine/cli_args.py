@@ -116,8 +116,9 @@ def host_compute_arg(text: str) -> str | int:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--host-compute ")) from None
 
 
-def add_engine_args(p: CliParser) -> None:
-    """Flags that shape the engine: device, dtype, kernels, threads, budgets, context, batch."""
+def add_engine_args(p: CliParser, host_lane: bool = True) -> None:
+    """Flags that shape the engine: device, dtype, kernels, threads, budgets, context, batch; ``host_lane``:
+    whether this command computes host layers (``--host-compute`` then defaults to auto, else to off)."""
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="where to compute; auto = cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", default="auto", type=dtype_arg, metavar="{auto,bf16,fp16,fp32}",
@@ -149,12 +150,14 @@ def add_engine_args(p: CliParser) -> None:
                         "quantized checkpoints (AWQ, GPTQ, compressed-tensors) are detected without it")
     p.add_argument("--quant-group", type=int, default=128, metavar="N",
                    help="--quantize group size along the input dim (-1: one scale per output row)")
-    p.add_argument("--host-compute", default="auto", type=host_compute_arg, metavar="{auto,off,N}",
+    p.add_argument("--host-compute", default="auto" if host_lane else "off", type=host_compute_arg,
+                   metavar="{auto,off,N}",
                    help="decode steps compute some streamed layers on the CPU from their pinned host copy while "
                         "others stream (GPU runs): auto (default) = the split the measured host and H2D rates "
                         "predict fastest, none where no layer streams or none would help, retired mid-run if its "
                         "steps prove slower than streaming; off = stream every non-resident layer and leave the "
-                        "CPU's cores idle; N = N host layers")
+                        "CPU's cores idle; N = N host layers" if host_lane else
+                        "not used by the server (its batches stream every non-resident layer): off")
     p.add_argument("--quant-cache", action="store_true",
                    help="keep the repacked (AWQ / GPTQ) or --quantize'd layers in a cache file (the size of the "
                         "packed layers) so later runs and disk-tier streaming read them without converting again")

@@ -42,7 +42,7 @@ def build_parser(prog: str = "python -m engine.serve") -> CliParser:
                         "gets: auto = the model's own settings (generation_config.json, a GGUF's "
                         "general.sampling.*) where it names them, else OpenAI's; openai = OpenAI's (temperature 1, "
                         "no filters) (default: auto)")
-    add_engine_args(p)
+    add_engine_args(p, host_lane=False)
     p.add_argument("--max-batch", dest="batch", type=int,
                    help="sequences decoded together, i.e. KV-cache slots (default 8; same as --batch)")
     p.set_defaults(batch=8)

@@ -136,6 +136,8 @@ def test_the_cli_computes_host_layers_by_default():
     from engine.run import build_parser
     assert build_parser().parse_args(["--model", "m"]).host_compute == "auto"
     assert build_parser().parse_args(["--model", "m", "--host-compute", "off"]).host_compute == "off"
+    from engine.serve import build_parser as serve_parser
+    assert serve_parser().parse_args(["--model", "m"]).host_compute == "off"  # the server has no host lane
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
