@@ -27,7 +27,7 @@ from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
 from engine.model import Model
 from engine.ops import make_ops
-from engine.preflight import Machine, PlanBytes, check_fits
+from engine.preflight import Machine, PlanBytes, check_fits, host_lane_ram
 from engine.quant.checkpoint import layer_quant, read_quantization, validate_quant_checkpoint
 from engine.quant.config import QuantizationConfig
 from engine.tokenizer import Tokenizer
@@ -233,11 +233,17 @@ class Engine:
             max_context=self.opts.max_context, prefill_chunk=self.opts.prefill_chunk,
             auto_chunk=self.opts.prefill_chunk_auto, device_free=free, h2d_gbps=gbps, h2d_source=source,
             outside_bytes=outside.bytes, prefill_states=self.opts.prefill_states)
+        without = plan(host_compute="off")  # a host lane's KV cache may take the RAM this plan leaves
         if mode == "auto":
-            mode = auto_host_mode(self.device, lambda: bool(plan(host_compute="off").streamed_layers))
+            mode = auto_host_mode(self.device, lambda: bool(without.streamed_layers))
         host_gbps, host_source = self._host_rate(mode)
-        extra = self._host_extra(host_gbps, host_source)
-        plan = plan(host_compute=mode, host_gbps=host_gbps, host_source=host_source, host_extra_s=extra)
+        if mode != "off":
+            extra = self._host_extra(host_gbps, host_source)
+            ram = host_lane_ram(PlanBytes.of(without), Machine.probe(self.device.type))
+            plan = plan(host_compute=mode, host_gbps=host_gbps, host_source=host_source, host_extra_s=extra,
+                        host_ram=ram)
+        else:
+            plan = without
         note = getattr(self.ckpt, "plan_note", None)  # GGUF: which tensors stay packed, which are widened
         if note is not None:
             head_blocks = self.quant is not None and self.quant.native_head is not None

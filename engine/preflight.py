@@ -68,15 +68,22 @@ class PlanBytes:
     host_pinned: int  # streamed layers kept in (pinned) host memory
     disk_per_step: int  # bytes read from the checkpoint files per step
     dtype: str
+    host_kv: int = 0  # the host lane's KV cache (memory.plan.HostLane.kv_bytes)
 
     @classmethod
     def of(cls, plan) -> PlanBytes:
-        return cls(plan.total_bytes, plan.host_pinned_bytes, plan.disk_bytes_per_step, plan.dtype)
+        kv = plan.host_lane.kv_bytes if plan.host_lane is not None else 0
+        return cls(plan.total_bytes, plan.host_pinned_bytes, plan.disk_bytes_per_step, plan.dtype, kv)
 
 
 def ram_needed(p: PlanBytes, m: Machine) -> int:
-    """RAM the run needs: the host tier and the process, plus the device part on the CPU."""
-    return p.host_pinned + PROCESS_BYTES + (p.device_total if m.device == "cpu" else 0)
+    """RAM the run needs: the host tier, the host lane's KV cache and the process, plus the device part on the CPU."""
+    return p.host_pinned + p.host_kv + PROCESS_BYTES + (p.device_total if m.device == "cpu" else 0)
+
+
+def host_lane_ram(p: PlanBytes, m: Machine) -> int:
+    """RAM a host lane's KV cache may take beside a plan without one (``p``): what is left under the limit."""
+    return max(0, m.limit - ram_needed(p, m))
 
 
 def default_host_budget(m: Machine, vram_budget: int | None) -> int:
@@ -94,6 +101,8 @@ def check_fits(p: PlanBytes, m: Machine, host_budget_given: bool) -> None:
     parts = [f"{fs(p.device_total)} for the model on the CPU ({p.dtype})"] if m.device == "cpu" else []
     if p.host_pinned:
         parts.append(f"{fs(p.host_pinned)} of streamed layers in host memory")
+    if p.host_kv:
+        parts.append(f"{fs(p.host_kv)} of KV cache for the host lane's layers")
     parts.append(f"{fs(PROCESS_BYTES)} for the process")
     have = (f"{fs(m.limit)} can be used ({fs(m.ram_available)} available of {fs(m.ram_total)} RAM, minus "
             f"{fs(SYSTEM_RESERVE)} kept for the system)")
@@ -102,7 +111,7 @@ def check_fits(p: PlanBytes, m: Machine, host_budget_given: bool) -> None:
 
 
 def _advice(p: PlanBytes, m: Machine, host_budget_given: bool) -> str:
-    tips = []
+    tips = ["give fewer --host-compute layers (or off)"] if p.host_kv else []
     if p.host_pinned and host_budget_given:
         tips.append("lower --host-budget (layers beyond it are read from disk)")
     if m.device == "cpu":

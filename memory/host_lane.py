@@ -125,6 +125,7 @@ class LaneInputs:
     head_chunks: tuple[int, ...] = ()  # bytes of each streamed lm_head chunk, in order (empty: resident)
     slots: int = 2  # staging slots
     host_extra_s: float = 0.0  # a host layer's seconds beyond its bytes at host_gbps (norms, attention, Python)
+    max_layers: int | None = None  # host layers whose KV cache the RAM left holds (None: not limited)
 
 
 def step_units(x: LaneInputs, host: tuple[int, ...]) -> list[StepUnit]:
@@ -183,7 +184,12 @@ def _choose(x: LaneInputs, mode: HostCompute, none: HostChoice) -> HostChoice:
     """choose_host_layers given ``none``, the choice of no host layer."""
     if mode == "off" or mode == 0:
         return none
+    room = len(x.candidates) if x.max_layers is None else min(x.max_layers, len(x.candidates))
     if isinstance(mode, int):
+        if mode > room and mode <= len(x.candidates):
+            raise ValueError(f"--host-compute {mode}: the host KV cache of {mode} host layers does not fit the RAM "
+                             f"left beside the pinned layers (room for {room}); give at most {room}, auto or off, or "
+                             "lower --max-context or --batch")
         if mode > len(x.candidates):
             raise ValueError(f"--host-compute {mode}: only {len(x.candidates)} layers stream from pinned host "
                              "memory in this plan (host layers are chosen among them); give at most "
@@ -195,7 +201,10 @@ def _choose(x: LaneInputs, mode: HostCompute, none: HostChoice) -> HostChoice:
     if x.host_gbps is None or not x.candidates:
         why = "no streamed layer is pinned in host memory" if x.host_gbps else "the host's GEMV rate is not known"
         return HostChoice((), none.times, f"host lane unused: {why}")
-    spread = {h: spread_host(x.candidates, h) for h in range(1, len(x.candidates) + 1)}
+    if room == 0:
+        return HostChoice((), none.times, "host lane unused: the RAM left beside the pinned layers does not hold one "
+                          "host layer's KV cache (lower --max-context or --batch to use it)")
+    spread = {h: spread_host(x.candidates, h) for h in range(1, room + 1)}
     timed = {h: lane_times(x, host) for h, host in spread.items()}
     best = none
     for h in sorted(sorted(timed, key=lambda h: (timed[h].step_s, h))[:SEARCHED_COUNTS]):

@@ -132,6 +132,17 @@ def test_auto_plans_a_lane_only_on_a_gpu_with_streamed_layers(model_dir, monkeyp
     eng.close()
 
 
+def test_the_engine_gives_the_host_lane_only_the_ram_its_plan_leaves(model_dir, monkeypatch):
+    """The engine hands the planner the RAM left beside the plan without a lane (engine.preflight.host_lane_ram):
+    with none left, forced host layers are refused before anything loads, naming what to lower."""
+    import engine.engine as eng_mod
+    seen = []
+    monkeypatch.setattr(eng_mod, "host_lane_ram", lambda p, m: seen.append(p.host_kv) or 0)
+    with pytest.raises(ValueError, match="KV cache of 1 host layers does not fit the RAM.*--max-context"):
+        _host_engine(model_dir, 1, 0, None, 1)
+    assert seen == [0]  # measured on the plan without host layers
+
+
 def test_the_cli_computes_host_layers_by_default():
     from engine.run import build_parser
     assert build_parser().parse_args(["--model", "m"]).host_compute == "auto"

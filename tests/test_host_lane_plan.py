@@ -165,6 +165,27 @@ def test_disk_tier_layers_are_never_host_layers():
                   host_gbps=200.0)
 
 
+def test_the_host_lanes_kv_cache_takes_no_more_ram_than_is_left():
+    """``host_ram``: auto plans no more host layers than that RAM holds the fp32 KV cache of (none when it holds
+    not one, saying why), a forced count beyond it is refused with what to lower, and the plan's kv_bytes fit it."""
+    fp = _footprint()
+    free = make_plan(fp, vram_budget=_budget(fp, 10), host_compute="auto", host_gbps=200.0, **KW)
+    per_layer = free.host_lane.kv_bytes // len(free.host_layers)
+    assert len(free.host_layers) > 3
+    for room in (3, 1):
+        p = make_plan(fp, vram_budget=_budget(fp, 10), host_compute="auto", host_gbps=200.0,
+                      host_ram=room * per_layer + per_layer // 2, **KW)
+        assert len(p.host_layers) == room and p.host_lane.kv_bytes == room * per_layer
+        assert p.predicted_step_s < make_plan(fp, vram_budget=_budget(fp, 10), **KW).predicted_step_s
+    none = make_plan(fp, vram_budget=_budget(fp, 10), host_compute="auto", host_gbps=200.0,
+                     host_ram=per_layer - 1, **KW)
+    assert none.host_layers == () and any("KV cache" in n and "--max-context" in n for n in none.notes)
+    with pytest.raises(ValueError, match="does not fit the RAM.*give at most 2"):
+        make_plan(fp, vram_budget=_budget(fp, 10), host_compute=3, host_gbps=200.0, host_ram=2 * per_layer, **KW)
+    assert len(make_plan(fp, vram_budget=_budget(fp, 10), host_compute=2, host_gbps=200.0,
+                         host_ram=2 * per_layer, **KW).host_layers) == 2
+
+
 def test_auto_without_a_measured_rate_uses_no_host_layer():
     fp = _footprint()
     p = make_plan(fp, vram_budget=_budget(fp, 10), host_compute="auto", host_gbps=None, **KW)

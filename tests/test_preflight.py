@@ -12,7 +12,7 @@ import torch
 import engine.cli_session as cli_session
 from engine.config import ModelConfig
 from engine.preflight import (PROCESS_BYTES, InsufficientMemoryError, Machine, PlanBytes, check_fits,
-                              cpu_dtype_note, default_host_budget, ram_needed)
+                              cpu_dtype_note, default_host_budget, host_lane_ram, ram_needed)
 from engine.run import main
 from engine.synth.presets import resolve_preset
 from engine.synth.writer import build_config
@@ -52,6 +52,17 @@ def test_check_fits(device, device_total, pinned, fits):
         assert "--dtype bf16" in msg and "--vram-budget" in msg
     else:
         assert "--host-budget" in msg and "--dtype" not in msg
+
+
+def test_the_host_lanes_kv_cache_counts_in_the_ram_and_gets_what_is_left():
+    m = fake(8, 6, "cuda")  # 5 GiB may be used; the process takes 0.5
+    without = PlanBytes(GiB, 3 * GiB, 0, "bfloat16")
+    assert host_lane_ram(without, m) == int(1.5 * GiB)
+    assert host_lane_ram(PlanBytes(GiB, 5 * GiB, 0, "bfloat16"), m) == 0  # never negative
+    check_fits(PlanBytes(GiB, 3 * GiB, 0, "bfloat16", host_kv=int(1.5 * GiB)), m, host_budget_given=False)
+    with pytest.raises(InsufficientMemoryError, match=r"3.00 GiB of streamed layers in host memory \+ 2.00 GiB of KV "
+                       r"cache for the host lane's layers.*fewer --host-compute layers \(or off\)"):
+        check_fits(PlanBytes(GiB, 3 * GiB, 0, "bfloat16", host_kv=2 * GiB), m, host_budget_given=False)
 
 
 def test_default_host_budget_shares_ram_with_the_cpu_budget():
