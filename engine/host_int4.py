@@ -33,9 +33,11 @@ from dataclasses import dataclass
 import torch
 
 from engine.quant.spec import QuantSpec, QuantWeight, pack_codes, unpack_codes
+from memory.host_rate import timing_bytes
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes the CPU kernel takes, largest first
 N_MULTIPLE = 16  # the CPU packing's block of output rows
+_TILE_ROWS = 1024  # the timed int4 weight: one converted block of this many rows, repeated
 _INNER_K_TILES = 2  # an argument of the packing op; the CPU packing ignores it (same bytes for 1..8)
 
 
@@ -126,19 +128,42 @@ def random_int4(n: int, k: int, group: int, seed: int = 0) -> QuantWeight:
     return QuantWeight(pack_codes(codes, 4), scales, zeros, None, QuantSpec(4, group, False, "awq"), k)
 
 
-def measure_int4_gemv(batch: int, dtype: torch.dtype, group: int = 128, nbytes: int = 128 << 20,
+def patterned_int4(n: int, k: int, group: int) -> QuantWeight:
+    """An int4 weight [n, k] in the canonical form whose codes repeat along each row (for timing: the kernel
+    reads every byte whatever they hold, and random codes cost a first run more than the timing itself)."""
+    codes = (torch.arange(k, dtype=torch.int32) % 16).to(torch.uint8).expand(n, k).contiguous()
+    scales = torch.full((n, k // group), 0.01, dtype=torch.float16)
+    zeros = torch.full((n, k // group), 8.0, dtype=torch.float16)
+    return QuantWeight(pack_codes(codes, 4), scales, zeros, None, QuantSpec(4, group, False, "awq"), k)
+
+
+def _tiled_cpu_int4(rows: int, k: int, group: int, dtype: torch.dtype, block: int = _TILE_ROWS) -> CpuInt4Weight | None:
+    """A [rows, k] weight in the CPU kernel's form made of one converted block of ``block`` rows repeated (the
+    conversion of a whole 256 MiB weight took 0.9 s on a 2-core machine; its timing reads every byte alike)."""
+    base = to_cpu_int4(patterned_int4(min(rows, block), k, group), dtype)
+    if base is None or rows <= block:
+        return base
+    reps = rows // block
+    assert reps * block == rows, (rows, block)
+    return CpuInt4Weight(base.packed.repeat(reps, 1), base.scales_and_zeros.repeat(1, reps, 1), base.group, None,
+                         (rows, k))
+
+
+def measure_int4_gemv(batch: int, dtype: torch.dtype, group: int = 128, nbytes: int | None = None,
                       repeats: int = 5, hidden: int = 4096) -> float:
     """GB/s (10**9 bytes/s) of int4 weight bytes as the plan counts them (packed codes, fp16 scales and
     zeros) that :func:`int4_linear` reads with ``batch`` rows of ``dtype`` activations, in the kernel dtype a
     lane in ``dtype`` runs it in (:func:`kernel_dtype`, as :func:`convert_layer` converts): a weight of about
-    ``nbytes``, the median of ``repeats`` timed calls after a warm-up. The host lane's rate for
-    int4 layers (``memory.host_rate``)."""
+    ``nbytes`` (default ``memory.host_rate.timing_bytes`` of 128 MiB), the median of ``repeats`` timed calls
+    after a warm-up. The host lane's rate for int4 layers (``memory.host_rate``)."""
+    nbytes = timing_bytes(128 << 20) if nbytes is None else nbytes
     if batch < 1 or nbytes <= 0 or repeats <= 0 or hidden % group:
         raise ValueError(f"batch, nbytes, repeats must be positive and group divide hidden, got {batch}, "
                          f"{nbytes}, {repeats}, {group} / {hidden}")
     per_row = hidden // 2 + 2 * 2 * (hidden // group)  # codes, fp16 scales and zeros
     rows = max(N_MULTIPLE, nbytes // per_row // N_MULTIPLE * N_MULTIPLE)
-    w = to_cpu_int4(random_int4(rows, hidden, group), kernel_dtype(dtype))  # as convert_layer runs it
+    rows = rows if rows <= _TILE_ROWS else rows // _TILE_ROWS * _TILE_ROWS
+    w = _tiled_cpu_int4(rows, hidden, group, kernel_dtype(dtype))  # as convert_layer runs it
     if w is None:
         raise ValueError(f"torch {torch.__version__} has no CPU int4 kernel for group {group}")
     x = torch.randn(batch, hidden).to(dtype)

@@ -172,3 +172,16 @@ def test_the_engine_measures_the_int4_rate_for_int4_layers(monkeypatch):
     fake.quant = None
     assert eng_mod.Engine._host_rate(fake, "auto") == (9.0, "x")
     assert calls[-1] == ("", None) and len(calls) == 2  # the dense GEMV
+
+
+@pytest.mark.parametrize("rows", [16, 1024, 3072])
+def test_the_timed_int4_weight_is_one_converted_block_repeated(rows):
+    """measure_int4_gemv's weight: the CPU kernel's form of a patterned block, repeated to ``rows`` (shapes as
+    convert_layer makes them; the kernel runs on it)."""
+    from engine.host_int4 import _tiled_cpu_int4, int4_linear, patterned_int4
+
+    w = _tiled_cpu_int4(rows, 256, 64, torch.bfloat16)
+    one = to_cpu_int4(patterned_int4(rows, 256, 64), torch.bfloat16)
+    assert w.shape == (rows, 256) and w.packed.shape == one.packed.shape
+    assert w.scales_and_zeros.shape == one.scales_and_zeros.shape and w.group == one.group
+    assert int4_linear(torch.ones(1, 256, dtype=torch.bfloat16), w).shape == (1, rows)

@@ -116,3 +116,18 @@ def test_an_engine_keeps_its_host_lanes_rate_after_enough_steps(monkeypatch):
     host.steps = 3  # too few steps to say
     eng_mod.Engine._keep_host_rate(fake)
     assert len(kept) == 1
+
+
+def test_the_timed_weight_is_twice_the_last_level_cache_where_that_is_more(tmp_path, monkeypatch):
+    for index, (level, size) in enumerate([(1, "48K"), (2, "2048K"), (3, "300M")]):
+        d = tmp_path / f"index{index}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(f"{size}\n")
+    (tmp_path / "index9").mkdir()  # no size file: skipped
+    assert host_rate.last_level_cache_bytes(tmp_path) == 300 << 20
+    assert host_rate.last_level_cache_bytes(tmp_path / "missing") == 0
+    monkeypatch.setattr(host_rate, "last_level_cache_bytes", lambda: 300 << 20)
+    assert host_rate.timing_bytes(256 << 20) == 600 << 20
+    monkeypatch.setattr(host_rate, "last_level_cache_bytes", lambda: 8 << 20)
+    assert host_rate.timing_bytes(256 << 20) == 256 << 20
