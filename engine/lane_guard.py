@@ -4,10 +4,12 @@
 lane achieved for the next plan (``memory.host_rate.record_achieved``). A first plan can still be wrong where the
 lane, beside the streamer's copies, reads far slower than the rates measured before it: on an H100 machine's host
 the bf16 7B's host layers took 27.8 ms each where the plan expected 11.4, and the step took 290 ms against 188 ms
-streaming every layer (bench/results/2026-12-05-h100-s38/call4/). So a generation watches its decode steps: after
-``WARM`` steps, once ``WINDOW`` more have been timed, a median above ``MARGIN`` times the plan's step without host
-layers (``memory.plan.HostLane.stream_step_s``, which the planner predicts within a few percent) retires the lane
-for the rest of the run: the host layers' keys and values go back to the device cache, their layers stream like the
+streaming every layer (bench/results/2026-12-05-h100-s38/call4/). And a host's memory bandwidth moves for seconds at a time (session 39:
+a 1 GiB GEMV at 78 GB/s, then 105 for a few seconds, then 78 again; bench/results/2026-12-05-h100-s39/call6/), so a
+lane that wins at first may lose later. So a generation watches its decode steps: after ``WARM`` steps, in each
+run of ``WINDOW`` steps that follows, a median above ``MARGIN`` times the plan's step without host layers
+(``memory.plan.HostLane.stream_step_s``, which the planner predicts within a few percent) retires the lane for the
+rest of the run: the host layers' keys and values go back to the device cache, their layers stream like the
 others, and the decode graph, which holds host steps, gives way to eager steps. Only ``auto`` lanes are watched
 (``--host-compute N`` is the user's own choice), and only in :func:`engine.generate.generate` (the benchmarks time
 the lane as planned).
@@ -26,21 +28,26 @@ MARGIN = 1.10  # slower than streaming by more than this: the lane goes
 
 
 class LaneGuard:
-    """Times a generation's decode steps against the plan's step without host layers; says once when to retire."""
+    """Times a generation's decode steps against the plan's step without host layers, a window of them at a time;
+    says once when to retire."""
 
     def __init__(self, stream_step_s: float) -> None:
         assert stream_step_s > 0, stream_step_s
         self.limit, self.times, self.done, self.measured = stream_step_s * MARGIN, [], False, 0.0
+        self.seen = 0  # steps observed
+        self.windows = 0  # windows judged
 
     def observe(self, step_s: float) -> bool:
-        """Record one decode step's seconds; True (once) when the lane should be retired."""
-        if self.done:
+        """Record one decode step's seconds; True (once) when a window's median says the lane should be retired."""
+        self.seen += 1
+        if self.done or self.seen <= WARM:
             return False
         self.times.append(step_s)
-        if len(self.times) < WARM + WINDOW:
+        if len(self.times) < WINDOW:
             return False
-        self.done, self.measured = True, statistics.median(self.times[WARM:])
-        return self.measured > self.limit
+        self.measured, self.times, self.windows = statistics.median(self.times), [], self.windows + 1
+        self.done = self.measured > self.limit
+        return self.done
 
 
 def guard_for(engine) -> LaneGuard | None:

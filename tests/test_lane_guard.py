@@ -46,16 +46,20 @@ def test_a_losing_auto_lane_is_retired_mid_generation_and_the_tokens_stay_the_sa
     ours.close()
 
 
-def test_the_guard_decides_once_on_the_median_after_its_warm_up():
+def test_the_guard_judges_each_window_after_its_warm_up_and_retires_once():
     from engine.lane_guard import WARM, WINDOW, LaneGuard
 
     g = LaneGuard(0.1)  # limit 0.11 s
     slow = [5.0] * WARM + [0.12] * (WINDOW // 2) + [0.05] * (WINDOW - WINDOW // 2 - 1)
     assert not any(g.observe(s) for s in slow)  # warm-up steps never count; one step short of the window
     assert g.observe(0.12) and g.measured == pytest.approx(0.12)  # median of 0.12 x 4, 0.05 x 2 over 0.11
-    assert not g.observe(9.0)  # decided: never again
-    fast = LaneGuard(0.1)
-    assert not any(fast.observe(s) for s in [5.0] * WARM + [0.105] * WINDOW)
+    assert not any(g.observe(9.0) for _ in range(2 * WINDOW))  # retired: never again
+    later = LaneGuard(0.1)  # wins for two windows, then the host slows down: the third window retires it
+    steps = [5.0] * WARM + [0.105] * (2 * WINDOW) + [0.2] * (WINDOW - 1)
+    assert not any(later.observe(s) for s in steps) and later.windows == 2
+    assert later.observe(0.2) and later.windows == 3 and later.measured == pytest.approx(0.2)
+    one_slow = LaneGuard(0.1)  # a slow step or two inside a window does not move its median
+    assert not any(one_slow.observe(s) for s in [5.0] * WARM + [0.05, 9.0, 0.05, 9.0, 0.05, 0.05] * 3)
 
 
 
