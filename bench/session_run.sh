@@ -70,6 +70,8 @@
 #     which threads ran where and the hypervisor's steal while the lane's time varied
 #  N  issue 18: bench/probe_mem_placement.py (the lane's bf16 GEMV rate per 1 GiB buffer, 24 plain and 16 pinned,
 #     three passes: buffers slower pass after pass would be memory the VM's host places farther away)
+#  L  issue 18: bench/probe_llc_rate.py (the lane's GEMV rate on 128 MiB to 2 GiB weights, alternated: whether the
+#     256 MiB weight memory.host_rate timed before session 39 read the last-level cache)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -81,7 +83,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMN]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNL]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -325,6 +327,9 @@ if [[ $steps == *N* ]]; then  # does the lane's read rate depend on which buffer
   echo "placement plain rc=$?"; cat $R/mem_placement_plain.txt
   timeout $(left 120) python3 bench/probe_mem_placement.py --buffers 16 --mib 1024 --passes 3 --pinned > $R/mem_placement_pinned.txt 2>&1
   echo "placement pinned rc=$?"; cat $R/mem_placement_pinned.txt
+save; fi
+if [[ $steps == *L* ]]; then  # did the host-rate measurement's 256 MiB weight read the hosts' 300 MiB L3?
+  timeout $(left 90) python3 bench/probe_llc_rate.py > $R/llc_rate.txt 2>&1; echo "llc rate rc=$?"; cat $R/llc_rate.txt
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
