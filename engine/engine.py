@@ -290,7 +290,7 @@ class Engine:
                  self.opts.batch, context)
         return extra
 
-    def _keep_host_rate(self, min_steps: int = 4) -> None:
+    def keep_host_rate(self, min_steps: int = 4) -> None:
         """After decode steps with a host lane: the GB/s it achieved, for the next plan (record_achieved)."""
         host = self.model.host
         if host.steps < min_steps or host.seconds <= 0:
@@ -306,7 +306,7 @@ class Engine:
     def close(self) -> None:
         """Stop the host lane's worker; release the weight sources (file maps, disk readers) and the allocator cap."""
         if getattr(self, "model", None) is not None and self.model.host is not None:
-            self._keep_host_rate()
+            self.keep_host_rate()
             self.model.host.close()
         self.weights.close()
         if self.cap is not None:

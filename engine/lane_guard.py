@@ -65,7 +65,7 @@ def retire_host_lane(engine, measured_s: float) -> None:
     host, cache = engine.model.host, engine.cache
     if host is None:
         return
-    engine._keep_host_rate()  # the next plan on this machine knows the lane's real rate
+    engine.keep_host_rate()  # the next plan on this machine knows the lane's real rate
     for i in host.layers:
         for dst, src in zip(cache.layer(i), host.kv[i]):
             dst.copy_(src)  # fp32 on the host, the cache's dtype on the device
