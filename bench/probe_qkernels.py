@@ -154,6 +154,20 @@ def time_candidates(cands: list, run, ref: torch.Tensor, out: torch.Tensor, cold
     return res
 
 
+def balanced_i8(n: int, k: int, sms: int) -> list:
+    """Probe-only int8-x tiles (not the tuner's): a split-K that divides K's steps evenly and fills >= 90% of whole
+    waves of ``sms`` programs. The 7B's o_proj (3,584 rows) in 16-row blocks is 224 programs on 132 SMs, which
+    fill 85% of two; split 7 ways (3,584 = 7 x 512) it is 1,568, 99% of twelve."""
+    out = []
+    for bn, bk, warps, regs in ((16, 512, 4, 64), (16, 256, 4, 64), (32, 512, 8, 64), (8, 512, 4, 96)):
+        steps = k // bk
+        for sk in (range(2, steps + 1) if k % bk == 0 else ()):
+            programs = -(-n // bn) * sk
+            if steps % sk == 0 and programs <= 16 * sms and programs / (-(-programs // sms) * sms) >= 0.9:
+                out.append(qgemv_mod.config(bn, bk, sk, False, warps, 1, ticket=True, variant=4, maxnreg=regs))
+    return out
+
+
 def launch_i8_alone(cfg, x, q, s, z, group, out, asm, pre) -> None:
     """kernels.qgemv_i8's GEMV with x's int8 rounding ``pre`` computed beforehand: its kernel (and split-K reduce)."""
     qgemv_i8.launch_i8(cfg, x, q, s, z, group, None, out, False, asm, rounded=pre)
@@ -184,6 +198,9 @@ def probe_shape(name: str, k: int, n: int, m: int, bits: int, group: int, sms: i
         asm = torch.version.hip is None
         alone = functools.partial(launch_i8_alone, x=x, q=q, s=s, z=z, group=group, out=out, asm=asm, pre=pre)
         found |= {"i8x-alone": v for v in time_candidates(i8, alone, ref, out, fits_l2(packed_bytes, x.device),
+                                                            m == 1).values()}
+        if bal := balanced_i8(n, k, sms):
+            found |= {"i8x-bal": v for v in time_candidates(bal, alone, ref, out, fits_l2(packed_bytes, x.device),
                                                             m == 1).values()}
     peer_us = graph_ms(lambda: F.linear(x, dense), cold=fits_l2(dense.nbytes, x.device)) * 1e3
     copy = copy_gbps(packed_bytes, x.device) if gemv else None

@@ -59,6 +59,7 @@ CASES = [  # K, N, group, BLOCK_N, BLOCK_K, SPLIT_K
     (384, 40, 32, 32, 256, 2),  # K not a multiple of BLOCK_K: the masked tail
     (1024, 33, 128, 16, 64, 4),  # N not a multiple of BLOCK_N, ticketed split-K
     (3584, 24, 128, 16, 128, 8),  # the 7B's K
+    (3584, 40, 128, 16, 512, 7),  # one K step a split (bench/probe_qkernels.py's balanced splits of the 7B's o)
 ]
 
 
@@ -196,3 +197,21 @@ def test_qgemv_i8_compiles_for_sm90_to_a_dp4a_loop() -> None:
         assert loop <= budget, f"{loop} loop instructions for {codes} codes: {line}"
         if " cap 0:" not in line:
             assert re.search(r" late (\d+)$", line).group(1) == "0", line
+
+
+def test_the_probes_balanced_splits_divide_k_and_fill_whole_waves() -> None:
+    """bench/probe_qkernels.py's probe-only int8-x tiles for the 7B's o_proj on 132 SMs: each split-K divides K's
+    steps and its programs fill >= 90% of whole waves; gate_up (already 93% of copy) gets none."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "probe_qkernels.py"
+    spec = importlib.util.spec_from_file_location("probe_qkernels", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    o = probe.balanced_i8(3584, 3584, 132)
+    tiles = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]) for c in o]
+    assert (16, 512, 7) in tiles and probe.balanced_i8(37888, 3584, 132) == []
+    for bn, bk, sk in tiles:
+        programs = -(-3584 // bn) * sk
+        assert (3584 // bk) % sk == 0 and programs / (-(-programs // 132) * 132) >= 0.9
