@@ -14,23 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 
 from engine.host_worker import HostWorker, machine_pick
-
-
-def rate(w: torch.Tensor, x: torch.Tensor, reps: int) -> float:
-    """GB/s of ``F.linear(x, w)`` reading ``w``: the median of ``reps`` calls after one."""
-    F.linear(x, w)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        F.linear(x, w)
-        times.append(time.perf_counter() - t0)
-    return w.numel() * w.element_size() / statistics.median(times) / 1e9
+from memory.host_rate import gemv_gbps
 
 
 def main() -> None:
@@ -57,7 +45,7 @@ def main() -> None:
     for p_ in range(args.passes):
         order = list(range(len(bufs))) if p_ % 2 == 0 else list(reversed(range(len(bufs))))
         for i in order:
-            table[i].append(worker.submit(rate, bufs[i], x, args.reps).result())
+            table[i].append(worker.submit(gemv_gbps, bufs[i], x, args.reps).result())
     worker.close()
     for i, rates in enumerate(table):
         print(f"buffer {i:3d} @ {bufs[i].data_ptr():#x}: " + " ".join(f"{r:6.1f}" for r in rates) + " GB/s")

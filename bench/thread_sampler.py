@@ -57,7 +57,7 @@ def summarise(t: float, window: float, c0, c1, th0, th1, ran_on, hz: int, top: i
         steal += 100 * d[7] / total if len(d) > 7 else 0
     rows = []
     for tid, (name, ticks, _) in th1.items():
-        used = ticks - th0.get(tid, (name, ticks if tid in th0 else 0, 0))[1]
+        used = ticks - (th0[tid][1] if tid in th0 else 0)  # a thread born in the window: all its time
         if used > 0:
             rows.append((used, name, tid))
     rows.sort(reverse=True)

@@ -186,14 +186,14 @@ def _choose(x: LaneInputs, mode: HostCompute, none: HostChoice) -> HostChoice:
         return none
     room = len(x.candidates) if x.max_layers is None else min(x.max_layers, len(x.candidates))
     if isinstance(mode, int):
-        if mode > room and mode <= len(x.candidates):
-            raise ValueError(f"--host-compute {mode}: the host KV cache of {mode} host layers does not fit the RAM "
-                             f"left beside the pinned layers (room for {room}); give at most {room}, auto or off, or "
-                             "lower --max-context or --batch")
         if mode > len(x.candidates):
             raise ValueError(f"--host-compute {mode}: only {len(x.candidates)} layers stream from pinned host "
                              "memory in this plan (host layers are chosen among them); give at most "
                              f"{len(x.candidates)}, auto or off, or lower --vram-budget")
+        if mode > room:
+            raise ValueError(f"--host-compute {mode}: the host KV cache of {mode} host layers does not fit the RAM "
+                             f"left beside the pinned layers (room for {room}); give at most {room}, auto or off, or "
+                             "lower --max-context or --batch")
         host = spread_host(x.candidates, mode)
         known = "" if x.host_gbps else "; the host's GEMV rate is not measured: its lane time is not predicted"
         why = f"host lane: {mode} host layers forced (--host-compute {mode}){known}"

@@ -97,6 +97,18 @@ def timing_bytes(floor: int) -> int:
     return max(floor, 2 * last_level_cache_bytes())
 
 
+def gemv_gbps(w: torch.Tensor, x: torch.Tensor, repeats: int) -> float:
+    """GB/s of ``w``'s bytes read by ``F.linear(x, w)``: the median of ``repeats`` timed calls after one warm-up
+    (page faults, oneDNN's kernel choice)."""
+    F.linear(x, w)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        times.append(time.perf_counter() - t0)
+    return w.numel() * w.element_size() / statistics.median(times) / 1e9
+
+
 def measure_host_gemv(batch: int, dtype: torch.dtype, nbytes: int | None = None, repeats: int = 5,
                       hidden: int = 4096) -> float:
     """GB/s (10**9 bytes/s) of weight bytes read by ``F.linear(x [batch, hidden], w [rows, hidden])`` on
@@ -111,13 +123,7 @@ def measure_host_gemv(batch: int, dtype: torch.dtype, nbytes: int | None = None,
     # of a first run's 0.93 s measurement on a 2-core machine
     w = (torch.arange(hidden, dtype=torch.float32) % 7 * 0.01 - 0.03).to(dtype).expand(rows, hidden).contiguous()
     x = torch.randn((batch, hidden), generator=gen).to(dtype)
-    F.linear(x, w)  # warm-up: page faults, oneDNN's kernel choice
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        F.linear(x, w)
-        times.append(time.perf_counter() - t0)
-    gbps = w.numel() * w.element_size() / statistics.median(times) / 1e9
+    gbps = gemv_gbps(w, x, repeats)
     log.info("measured host GEMV: %.1f GB/s (batch %d, %s, %d threads)", gbps, batch, dtype, torch.get_num_threads())
     return gbps
 
