@@ -72,6 +72,9 @@
 #     three passes: buffers slower pass after pass would be memory the VM's host places farther away)
 #  L  issue 18: bench/probe_llc_rate.py (the lane's GEMV rate on 128 MiB to 2 GiB weights, alternated: whether the
 #     256 MiB weight memory.host_rate timed before session 39 read the last-level cache)
+#  G  issue 18: the guard on a GPU: engine.run on the bf16 7B at 6 GB, --host-compute off, auto, then auto planned
+#     from host rates 4x those measured (bench/lie_host_rate.py): the lane must lose and be retired mid-run (its
+#     warning in the log), then auto once more, planned from the rate the retired lane achieved (kept in the lying cache)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -330,6 +333,16 @@ if [[ $steps == *N* ]]; then  # does the lane's read rate depend on which buffer
 save; fi
 if [[ $steps == *L* ]]; then  # did the host-rate measurement's 256 MiB weight read the hosts' 300 MiB L3?
   timeout $(left 90) python3 bench/probe_llc_rate.py > $R/llc_rate.txt 2>&1; echo "llc rate rc=$?"; cat $R/llc_rate.txt
+save; fi
+if [[ $steps == *G* ]]; then  # the host lane's guard retiring a lane planned from a lying rate
+  G="--model $M --vram-budget 6GB --max-new-tokens 48 --no-chat --prompt 'The history of the printing press'"
+  for run in off auto lie again; do
+    hc=auto; [ $run = off ] && hc=off
+    [ $run = lie ] && python3 bench/lie_host_rate.py --scale 4 > $R/guard_lie_rates.txt 2>&1
+    eval timeout $(left 100) python3 -m engine.run $G --host-compute $hc -v > $R/guard_$run.txt 2>&1
+    echo "guard $run rc=$?"; [ $run = again ] && python3 bench/lie_host_rate.py --restore
+    grep -E "^plan:|host lane|tok/s" $R/guard_$run.txt | head -6
+  done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
