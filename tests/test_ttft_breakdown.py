@@ -72,3 +72,25 @@ def test_a_live_server_and_load_test_line_up(tiny_qwen2_dir, tmp_path, capsys) -
         assert len(ttft_breakdown.passes_of(r, steps)) >= 1
     assert ttft_breakdown.main([str(out), str(log)]) == 0
     assert "server, 3 clients: TTFT p50" in capsys.readouterr().out
+
+
+def test_the_target_and_its_floor_come_from_the_runs_own_passes(tmp_path, capsys) -> None:
+    # decode steps of 0.1 s; two prompt passes bound by their tokens: 0.5 s for 5,000 tokens, 0.3 s for 1,000
+    # (0.8 s / 6,000 tokens: 133.3 us a token); by TTFT the second request is the median (rank 2 of 3)
+    steps = [_step(1, 100.5, 0.5, 2, 5000, 1), _step(2, 100.8, 0.3, 3, 1000, 0), _step(3, 100.9, 0.1, 3, 3, 0)]
+    reqs = [{"sent_s": 100.0, "first_s": 100.5, "prompt_tokens": 3000, "tokens": 4},
+            {"sent_s": 100.0, "first_s": 100.5, "prompt_tokens": 2000, "tokens": 4},
+            {"sent_s": 100.0, "first_s": 100.81, "prompt_tokens": 1000, "tokens": 4}]
+    sj, sl = _write(tmp_path, [{"config": "server", "clients": 3, "per_request": reqs, "itl_p50_s": 0.1}], steps)
+    assert ttft_breakdown.main([str(sj), str(sl)]) == 0
+    out = capsys.readouterr().out
+    # own prefill: 2,000 tokens x 133.3 us = 267 ms (more than one step); target 2 x 100 + 267 = 467 ms
+    assert ("target: 2 steps (100 ms, the ITL p50) + its own prefill (2000 tokens at 133.3 us a token, at least one "
+            "step: 267 ms) = 467 ms; TTFT p50 500 ms (1.07x): missed") in out
+    assert "floor: 2 first tokens need at least the 2 shortest prompts computed (3000 tokens, 400 ms" in out
+    # passes that hid under the stream give no cost, so no target
+    steps = [_step(1, 100.12, 0.12, 1, 500, 0)]
+    sj, sl = _write(tmp_path, [{"config": "server", "clients": 1, "itl_p50_s": 0.1,
+                                "per_request": [{"sent_s": 100.0, "first_s": 100.13, "prompt_tokens": 500}]}], steps)
+    assert ttft_breakdown.main([str(sj), str(sl)]) == 0
+    assert "no prompt pass of this level was bound by its tokens" in capsys.readouterr().out

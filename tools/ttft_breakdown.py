@@ -8,7 +8,9 @@ times on ``time.monotonic()``), ``steps.jsonl`` the server's ``--step-log`` (one
 request's send and its first token (the pass that produced the token included), and for the request at the
 median TTFT each of those passes: when it started relative to the send (negative: already running), how long it took, the sequences it
 carried, the tokens it fed and how many sequences still waited. Issue 16's target reads straight off it: a
-TTFT of two decode passes plus the request's own prefill.
+TTFT of two decode passes plus the request's own prefill. ``target_lines`` prints it from the run's own figures,
+with the floor no schedule can beat: before the median request's rank of first tokens exist, that many prompts
+must have been computed, the shortest ones at best.
 """
 from __future__ import annotations
 
@@ -63,6 +65,35 @@ def level_report(row: dict, steps: list[dict]) -> list[str]:
     return lines
 
 
+BOUND = 1.5  # a pass with prompts longer than this many decode steps was bound by its tokens (engine.serving.passcost)
+
+
+def target_lines(row: dict, steps: list[dict]) -> list[str]:
+    """Issue 16's TTFT target for one level from the run's own figures: the step is the level's ITL p50, a prompt
+    token's cost the level's prompt passes bound by their tokens (seconds over tokens), the median request's own
+    prefill one pass of its prompt alone (at least one step: a streamed pass pays one stream of the weights). The
+    floor: giving ``k`` requests (the median's rank) their first token computes at least the ``k`` shortest prompts."""
+    reqs = sorted((r for r in row.get("per_request", []) if r["first_s"] is not None),
+                  key=lambda r: r["first_s"] - r["sent_s"])
+    step = row.get("itl_p50_s")
+    if not reqs or not step:
+        return []
+    lo, hi = min(r["sent_s"] for r in reqs), max(r["first_s"] for r in reqs)
+    bound = [s for s in steps if lo < s["mono_s"] <= hi and s["tokens"] > s["batch"] and s["step_s"] > BOUND * step]
+    if not bound:
+        return ["  target: no prompt pass of this level was bound by its tokens (they hid under the stream)"]
+    token_s = sum(s["step_s"] for s in bound) / sum(s["tokens"] for s in bound)
+    mid, k = reqs[len(reqs) // 2], len(reqs) // 2 + 1
+    own = max(step, mid["prompt_tokens"] * token_s)
+    target, ttft = 2 * step + own, mid["first_s"] - mid["sent_s"]
+    shortest = sum(sorted(r["prompt_tokens"] for r in reqs)[:k])
+    return [f"  target: 2 steps ({step * 1e3:.0f} ms, the ITL p50) + its own prefill ({mid['prompt_tokens']} tokens at "
+            f"{token_s * 1e6:.1f} us a token, at least one step: {own * 1e3:.0f} ms) = {target * 1e3:.0f} ms; "
+            f"TTFT p50 {ttft * 1e3:.0f} ms ({ttft / target:.2f}x): {'met' if ttft <= target else 'missed'}",
+            f"  floor: {k} first tokens need at least the {k} shortest prompts computed ({shortest} tokens, "
+            f"{shortest * token_s * 1e3:.0f} ms at that cost)"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.ttft_breakdown", description=__doc__.split("\n\n")[0])
     p.add_argument("serve_json", type=Path, help="tools.bench_serve --json output")
@@ -82,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.serve_json} has no {args.config!r} row at those levels", file=sys.stderr)
         return 2
     for row in chosen:
-        print("\n".join(level_report(row, steps)))
+        print("\n".join(level_report(row, steps) + target_lines(row, steps)))
     return 0
 
 
