@@ -21,6 +21,10 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache" / "quant"
 
 
+def _bins(cache: Path) -> list[Path]:
+    return sorted(cache.glob("*.bin"))
+
+
 def _tokens(engine, n: int = 8) -> list[int]:
     return generate(engine, [[5, 9, 17, 3]], SamplingParams(), max_new_tokens=n).token_ids[0]
 
@@ -32,8 +36,9 @@ def test_cache_written_once_then_read_as_spans(tmp_path: Path, cache: Path, kind
     want = _tokens(plain := make_engine(d))
     plain.close()
     eng = make_engine(d, quant_cache=True)
-    files = list(cache.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".bin" and not files[0].name.startswith(".")
+    files = _bins(cache)
+    assert len(files) == 1 and not files[0].name.startswith(".")
+    assert sorted(p.name for p in cache.iterdir()) == [files[0].name, files[0].name + ".stamp"]
     assert files[0].stat().st_size == eng.cfg.num_hidden_layers * eng.weights.layout.nbytes
     assert _tokens(eng) == want
     eng.close()
@@ -49,7 +54,7 @@ def test_cache_written_once_then_read_as_spans(tmp_path: Path, cache: Path, kind
         assert again.plan.streamed_layers and len(again.plan.disk_layers) == (0 if host else 3)
         assert _tokens(again) == want
         again.close()
-    assert files[0].stat().st_mtime_ns == mtime and list(cache.iterdir()) == files
+    assert files[0].stat().st_mtime_ns == mtime and _bins(cache) == files
 
 
 def test_cache_key_follows_the_checkpoint(tmp_path: Path, cache: Path) -> None:
@@ -58,7 +63,7 @@ def test_cache_key_follows_the_checkpoint(tmp_path: Path, cache: Path) -> None:
     st = (d / "model.safetensors").stat()
     os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     make_engine(d, quant_cache=True).close()
-    assert len(list(cache.iterdir())) == 2  # a changed file: a new key
+    assert len(_bins(cache)) == 2  # a changed file: a new key
 
 
 def test_cache_skipped_or_failing_falls_back(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,
@@ -76,3 +81,31 @@ def test_cache_skipped_or_failing_falls_back(tmp_path: Path, cache: Path, monkey
     assert "cannot write the packed-layer cache" in caplog.text
     assert _tokens(eng) == want  # packed on the host instead
     eng.close()
+
+
+@pytest.mark.parametrize("change", ["same-size edit", "no stamp", "bad stamp"])
+def test_a_cache_file_changed_since_written_is_packed_again(tmp_path: Path, cache: Path, change: str) -> None:
+    """A cache file whose size, mtime or inode differ from its stamp (or without a readable stamp) is not read:
+    the layers are packed and the file written again, and the tokens stay right."""
+    d = synthesize("tiny-qwen2", tmp_path / "awq", quant="awq")
+    want = _tokens(plain := make_engine(d))
+    plain.close()
+    make_engine(d, quant_cache=True).close()
+    (f,) = _bins(cache)
+    stamp = f.with_name(f.name + ".stamp")
+    if change == "same-size edit":  # garbage over the first layer's bytes, the size unchanged
+        with open(f, "r+b") as fh:
+            fh.write(b"\x5a" * 4096)
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse clocks: a later mtime for sure
+    elif change == "no stamp":
+        stamp.unlink()
+    else:
+        stamp.write_text("[not a stamp")
+    eng = make_engine(d, quant_cache=True)
+    assert _tokens(eng) == want
+    eng.close()
+    assert f.read_bytes()[:4096] != b"\x5a" * 4096 and stamp.is_file()
+    again = make_engine(d, quant_cache=True)  # read as written now
+    assert _tokens(again) == want
+    again.close()

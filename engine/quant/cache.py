@@ -7,13 +7,17 @@ order, to one file; later runs (and the disk tier) read them as raw byte spans l
 checkpoint's. The file lives in ``$LAYERSTREAM_CACHE/quant`` (else ``$XDG_CACHE_HOME/layerstream/quant``,
 else ``~/.cache/layerstream/quant``), is named by a key over the checkpoint files' names, sizes and
 mtimes and the exact layer layout, and is written to a temporary sibling, fsynced and renamed into
-place. A cache that cannot be written logs a warning and the layers are packed on the host as usual.
+place. A stamp beside it (``<file>.stamp``, written the same way after it) records the file's size, mtime and
+inode as written: a cache file changed since (edited, truncated and regrown, copied over) or without its stamp
+is packed and written again, never read. A cache that cannot be written logs a warning and the layers are
+packed on the host as usual.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -59,7 +63,7 @@ def packed_layers_file(ckpt: Checkpoint, layout: QuantLayerLayout, layers: int,
     if layout.file_spans("model.layers.0", {n: i.dtype for n, i in ckpt.tensors.items()}):
         return None
     path = cache_root() / f"{ckpt.model_dir.name}-{cache_key(ckpt, layout)}.bin"
-    if path.is_file() and path.stat().st_size == layers * layout.nbytes:
+    if path.is_file() and _stamp_of(path) == _read_stamp(path) and path.stat().st_size == layers * layout.nbytes:
         return path
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -69,6 +73,7 @@ def packed_layers_file(ckpt: Checkpoint, layout: QuantLayerLayout, layers: int,
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _atomic_write(_stamp_path(path), json.dumps(_stamp_of(path)).encode())
     except OSError as e:
         log.warning("cannot write the packed-layer cache %s (%s); packing the layers on the host instead", path, e)
         with contextlib.suppress(OSError):
@@ -89,3 +94,35 @@ def _write_layers(f, nbytes: int, layers: int, pack: Callable[[int, torch.Tensor
         for start in range(0, layers, max(1, threads)):
             for buf in pool.map(one, range(start, min(layers, start + max(1, threads)))):
                 f.write(buf.numpy().data)
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".stamp")
+
+
+def _stamp_of(path: Path) -> dict:
+    """What identifies the cache file as written: size, mtime and inode."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def _read_stamp(path: Path) -> dict | None:
+    """The stamp written beside ``path``; None if absent or unreadable (the file is then written again)."""
+    try:
+        stamp = json.loads(_stamp_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
