@@ -75,6 +75,8 @@
 #  G  issue 18: the guard on a GPU: engine.run on the bf16 7B at 6 GB, --host-compute off, auto, then auto planned
 #     from host rates 4x those measured (bench/lie_host_rate.py): the lane must lose and be retired mid-run (its
 #     warning in the log), then auto once more, planned from the rate the retired lane achieved (kept in the lying cache)
+#  R  issue 18: bench/guard_probe.py under host rates 4x those measured: each decode step's time across the lane's
+#     retirement, then on the same engine without the lane (eager), then with the decode graph captured again
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -343,6 +345,14 @@ if [[ $steps == *G* ]]; then  # the host lane's guard retiring a lane planned fr
     echo "guard $run rc=$?"; [ $run = again ] && python3 bench/lie_host_rate.py --restore
     grep -E "^plan:|host lane|tok/s" $R/guard_$run.txt | head -6
   done
+save; fi
+if [[ $steps == *R* ]]; then  # why a run decoded at 2.17 tok/s after its lane's retirement (streaming alone: 4.84)
+  timeout $(left 60) python3 -m engine.run --model $M --vram-budget 6GB --max-new-tokens 4 --no-chat --prompt hi \
+    > $R/guard_measure.txt 2>&1  # measures and caches the host rates on a fresh machine
+  python3 bench/lie_host_rate.py --scale 4 > $R/guard_lie_rates.txt 2>&1
+  timeout $(left 200) python3 bench/guard_probe.py --model $M --vram-budget 6GB --tokens 40 --graph \
+    > $R/guard_probe.txt 2>&1; echo "guard probe rc=$?"; python3 bench/lie_host_rate.py --restore
+  grep -vE "^\s*$|loading weights" $R/guard_probe.txt | tail -14
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
