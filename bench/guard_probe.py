@@ -4,8 +4,8 @@ Session 40 (bench/results/2026-12-05-h100-s40/call1/guard_lie.txt): a lane plann
 measured was retired after 11 steps, yet the run decoded at 2.17 tok/s, where streaming every layer from the start
 gave 4.84. This probe runs one generation with ``--host-compute auto`` (planned from whatever the host-rate cache
 holds: run bench/lie_host_rate.py first to make it lose) and prints each decode step's wall time, marking the
-retirement, then a second generation on the same engine (the lane gone, no decode graph) and, with ``--graph``,
-one after capturing the decode graph again; each with the streamer's bytes per step.
+retirement, then a second generation on the same engine (the lane gone; the decode graph as the retirement left it:
+captured again since session 40) and a third without the graph (eager steps); each with the streamer's bytes a step.
 
     PYTHONPATH=. python bench/guard_probe.py --model /tmp/q7b --vram-budget 6GB --tokens 40
 """
@@ -21,7 +21,6 @@ import torch
 
 import engine.generate as gen
 from engine.engine import Engine, EngineOptions
-from engine.graphs import try_capture
 from engine.sampling import SamplingParams
 from memory.units import parse_size
 
@@ -64,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--vram-budget", default="6GB")
     p.add_argument("--tokens", type=int, default=40)
-    p.add_argument("--graph", action="store_true", help="also time a generation after recapturing the decode graph")
     args = p.parse_args(argv)
     opts = EngineOptions(device="cuda", vram_budget=parse_size(args.vram_budget), batch=1, max_context=512,
                          host_compute="auto")
@@ -75,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt = list(range(100, 112))
     timed_generation(engine, prompt, args.tokens, "auto")
     timed_generation(engine, prompt, args.tokens, "after")
-    if args.graph and engine.graph is None:
-        engine.graph = try_capture(engine.model, engine.cache, 1)
-        timed_generation(engine, prompt, args.tokens, "recaptured")
+    engine.graph = None
+    timed_generation(engine, prompt, args.tokens, "eager")
     engine.close()
     return 0
 

@@ -76,7 +76,7 @@
 #     from host rates 4x those measured (bench/lie_host_rate.py): the lane must lose and be retired mid-run (its
 #     warning in the log), then auto once more, planned from the rate the retired lane achieved (kept in the lying cache)
 #  R  issue 18: bench/guard_probe.py under host rates 4x those measured: each decode step's time across the lane's
-#     retirement, then on the same engine without the lane (eager), then with the decode graph captured again
+#     retirement (the graph captured again without the lane), then on the same engine with that graph, then eager
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -350,9 +350,11 @@ if [[ $steps == *R* ]]; then  # why a run decoded at 2.17 tok/s after its lane's
   timeout $(left 60) python3 -m engine.run --model $M --vram-budget 6GB --max-new-tokens 4 --no-chat --prompt hi \
     > $R/guard_measure.txt 2>&1  # measures and caches the host rates on a fresh machine
   python3 bench/lie_host_rate.py --scale 4 > $R/guard_lie_rates.txt 2>&1
-  timeout $(left 200) python3 bench/guard_probe.py --model $M --vram-budget 6GB --tokens 40 --graph \
+  timeout $(left 200) python3 bench/guard_probe.py --model $M --vram-budget 6GB --tokens 40 \
     > $R/guard_probe.txt 2>&1; echo "guard probe rc=$?"; python3 bench/lie_host_rate.py --restore
   grep -vE "^\s*$|loading weights" $R/guard_probe.txt | tail -14
+  timeout $(left 120) python3 -m pytest -q -p no:cacheprovider tests/test_lane_guard.py > $R/pytest_guard.txt 2>&1
+  echo "pytest rc=$?"; tail -3 $R/pytest_guard.txt
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"

@@ -50,7 +50,10 @@ def slot_address(weight) -> int:
 class DecodeGraph:
     """A decode step for ``batch`` sequences as replayable CUDA graphs over ModelWeights."""
 
-    def __init__(self, model, cache, batch: int) -> None:
+    def __init__(self, model, cache, batch: int, warm: bool = True) -> None:
+        """``warm``: two eager steps first (compiling and tuning), then the cache reset; without it (kernels known
+        compiled and tuned, e.g. a host lane's retirement mid-generation) the capture runs nothing and the cache
+        keeps its contents."""
         dev, cfg = model.device, model.cfg
         self.model, self.weights, self.cache, self.batch = model, model.weights, cache, batch
         plan = self.weights.plan
@@ -62,10 +65,12 @@ class DecodeGraph:
         self.h = torch.zeros((batch, 1, cfg.hidden_size), dtype=model.dtype, device=dev)
         self.res = torch.zeros_like(self.h)
         self.logits: torch.Tensor | None = None
-        self._warm_up()
+        if warm:
+            self._warm_up()
         self.pool = None
         self.steps = [self._capture(kind, what) for kind, what in self._schedule()]
-        cache.reset()
+        if warm:
+            cache.reset()
 
     def _warm_up(self) -> None:
         dev = self.model.device
@@ -183,10 +188,11 @@ class DecodeGraph:
         return self.model.head(self.h, self.res, self.q_lens)
 
 
-def try_capture(model, cache, batch: int) -> DecodeGraph | None:
-    """Capture a decode graph, or return None (and say why) when it cannot be captured."""
+def try_capture(model, cache, batch: int, warm: bool = True) -> DecodeGraph | None:
+    """Capture a decode graph, or return None (and say why) when it cannot be captured (``warm``: see
+    :class:`DecodeGraph`)."""
     try:
-        return DecodeGraph(model, cache, batch)
+        return DecodeGraph(model, cache, batch, warm)
     except Exception as e:  # capture is an optimisation: fall back to eager steps
         log.warning("CUDA graph capture failed (%s); decoding without graphs", e)
         torch.cuda.synchronize()

@@ -87,3 +87,41 @@ def test_an_auto_plan_counts_the_measured_extra_and_the_guard_watches_it(model_d
     assert lane.host_s == pytest.approx(len(eng.plan.host_layers) * per_layer, rel=1e-6)
     assert lane_guard.guard_for(eng) is not None
     eng.close()
+@pytest.mark.cuda
+def test_a_retired_lane_on_the_gpu_leaves_a_decode_graph_without_host_steps(tmp_path_factory, caplog):
+    """On the GPU with Triton kernels, a retirement mid-generation captures the decode graph again without its host
+    steps (no warm-up: the cache keeps the generation's keys), and the tokens equal the all-resident engine's."""
+    import gc
+
+    import torch
+
+    from engine.engine import Engine, EngineOptions
+    from engine.synth.writer import synthesize
+    from memory.process_vram import outside_allocator
+
+    model = tmp_path_factory.mktemp("guard_gpu") / "qwen2.5-0.5b"
+    synthesize("qwen2.5-0.5b", model, dtype="fp32", seed=0, layers=8, device="cuda")
+    base = dict(device="cuda", dtype="fp32", kernels="triton", max_context=256, batch=1)
+    prompts = [list(range(100, 140))]
+    ref = Engine(model, EngineOptions(**base))
+    ref.tokenizer.eos_ids = set()
+    want = generate(ref, prompts, SamplingParams(), max_new_tokens=20).token_ids
+    half = ref.plan.total_bytes // 2
+    ref.close()
+    del ref
+    gc.collect()
+    torch.cuda.empty_cache()
+    ours = Engine(model, EngineOptions(**base, vram_budget=half + outside_allocator(torch.device("cuda")).bytes,
+                                       host_compute=2))
+    ours.tokenizer.eos_ids = set()
+    assert any(kind == "host" for kind, _ in ours.graph.steps)
+    lane = dataclasses.replace(ours.plan.host_lane, mode="auto", stream_step_s=1e-9)  # any real step loses
+    ours.plan = dataclasses.replace(ours.plan, host_lane=lane)
+    with caplog.at_level(logging.WARNING, logger="engine.lane_guard"):
+        got = generate(ours, prompts, SamplingParams(), max_new_tokens=20).token_ids
+    assert any("host lane retired" in r.message for r in caplog.records)
+    assert ours.model.host is None and ours.graph is not None
+    assert not any(kind == "host" for kind, _ in ours.graph.steps)
+    assert got == want
+    assert generate(ours, prompts, SamplingParams(), max_new_tokens=8).token_ids == [want[0][:8]]
+    ours.close()
