@@ -77,6 +77,8 @@
 #     warning in the log), then auto once more, planned from the rate the retired lane achieved (kept in the lying cache)
 #  R  issue 18: bench/guard_probe.py under host rates 4x those measured: each decode step's time across the lane's
 #     retirement (the graph captured again without the lane), then on the same engine with that graph, then eager
+#  K  issue 18: engine.run on the bf16 7B at 6 GB, --host-compute auto then off, beside bench/mem_hog.py (12 threads
+#     copying 1 GiB buffers): the lane planned without the hog loses, the guard retires it, the graph is captured again
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -355,6 +357,14 @@ if [[ $steps == *R* ]]; then  # why a run decoded at 2.17 tok/s after its lane's
   grep -vE "^\s*$|loading weights" $R/guard_probe.txt | tail -14
   timeout $(left 120) python3 -m pytest -q -p no:cacheprovider tests/test_lane_guard.py > $R/pytest_guard.txt 2>&1
   echo "pytest rc=$?"; tail -3 $R/pytest_guard.txt
+save; fi
+if [[ $steps == *K* ]]; then  # the guard under another tenant's memory traffic
+  G="--model $M --vram-budget 6GB --max-new-tokens 48 --no-chat --prompt 'The history of the printing press' -v"
+  python3 bench/mem_hog.py --threads 12 --seconds 140 > $R/mem_hog.txt 2>&1 & HOG=$!; sleep 3
+  for hc in auto off; do
+    eval timeout $(left 80) python3 -m engine.run $G --host-compute $hc > $R/guard_hog_$hc.txt 2>&1; echo "$hc rc=$?"
+    grep -E "^plan:|host lane|finish" $R/guard_hog_$hc.txt | cut -c1-330
+  done; kill $HOG
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"

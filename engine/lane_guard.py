@@ -11,8 +11,10 @@ run of ``WINDOW`` steps that follows, a median above ``MARGIN`` times the plan's
 (``memory.plan.HostLane.stream_step_s``, which the planner predicts within a few percent) retires the lane for the
 rest of the run: the host layers' keys and values go back to the device cache, their layers stream like the
 others, and the decode graph, which holds host steps, is captured again without them (no warm-up step, so the
-cache keeps the generation's keys; eager steps if that fails). Eager steps alone cost more than the lane lost:
-on an H100 host the retired run decoded at 2.17 tok/s against 4.84 streaming from the start (session 40). Only ``auto`` lanes are watched
+cache keeps the generation's keys; eager steps if that fails). Leaving eager steps cost more than the lane lost: on
+an H100 host the first retired run decoded at 2.17 tok/s against 4.84 streaming from the start (the first eager
+step compiles for seconds: 4.5 s in bench/guard_probe.py, then ~1.2x the graph's step); captured again, 4.56
+against 4.73 under the same memory-bandwidth hog (bench/results/2026-12-05-h100-s40/). Only ``auto`` lanes are watched
 (``--host-compute N`` is the user's own choice), and only in :func:`engine.generate.generate` (the benchmarks time
 the lane as planned).
 """
