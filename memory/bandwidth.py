@@ -33,7 +33,12 @@ PLAN_MEASURE_BYTES = 256 << 20
 
 
 def default_cache_path() -> Path:
-    """``$XDG_CACHE_HOME/layerstream/bandwidth.json``, XDG_CACHE_HOME defaulting to ``~/.cache``."""
+    """``$LAYERSTREAM_CACHE/bandwidth.json``, else ``$XDG_CACHE_HOME/layerstream/bandwidth.json``, else
+    ``~/.cache/layerstream/bandwidth.json``: the measured rates (host-to-device copies, the host lane's) live with
+    the tuning and packed-layer caches. (They ignored ``LAYERSTREAM_CACHE`` before session 40, so a run given a
+    fresh cache directory, e.g. ``tools.bench_startup``'s first run, still found the rates of earlier runs.)"""
+    if root := os.environ.get("LAYERSTREAM_CACHE"):
+        return Path(root).expanduser() / "bandwidth.json"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "layerstream" / "bandwidth.json"
 

@@ -225,9 +225,12 @@ def test_h2d_bandwidth_on_cpu_is_the_default(tmp_path):
     assert not (tmp_path / "bw.json").exists()
 
 
-def test_default_cache_path_follows_xdg(monkeypatch, tmp_path):
+def test_default_cache_path_follows_layerstream_cache_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("LAYERSTREAM_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert bandwidth.default_cache_path() == tmp_path / "layerstream" / "bandwidth.json"
+    monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "mine"))  # with the tuning and packed-layer caches
+    assert bandwidth.default_cache_path() == tmp_path / "mine" / "bandwidth.json"
 
 
 @pytest.fixture
@@ -240,6 +243,7 @@ def fake_gpu(monkeypatch):
 
 
 def test_bandwidth_cache_round_trip(fake_gpu, monkeypatch, tmp_path):
+    monkeypatch.delenv("LAYERSTREAM_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert bandwidth.h2d_bandwidth("cuda:0") == (54.6, "measured now")
     gbps, source = bandwidth.h2d_bandwidth("cuda:0")
