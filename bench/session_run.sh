@@ -79,6 +79,9 @@
 #     retirement (the graph captured again without the lane), then on the same engine with that graph, then eager
 #  K  issue 18: engine.run on the bf16 7B at 6 GB, --host-compute auto then off, beside bench/mem_hog.py (12 threads
 #     copying 1 GiB buffers): the lane planned without the hog loses, the guard retires it, the graph is captured again
+#  F  issues 14 / 18: f's short prompt only, first (fresh Triton, tuning and measured-rates caches: since session 40
+#     the rates follow LAYERSTREAM_CACHE, so the first run measures H2D and, with --host-compute auto, the host lane's
+#     rate) against cached
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -365,6 +368,11 @@ if [[ $steps == *K* ]]; then  # the guard under another tenant's memory traffic
     eval timeout $(left 80) python3 -m engine.run $G --host-compute $hc > $R/guard_hog_$hc.txt 2>&1; echo "$hc rc=$?"
     grep -E "^plan:|host lane|finish" $R/guard_hog_$hc.txt | cut -c1-330
   done; kill $HOG
+save; fi
+if [[ $steps == *F* ]]; then  # a first run with the host lane's measurements in it
+  timeout $(left 100) python3 -m tools.bench_startup --model $M --vram-budget 6GB --runs first,cached \
+    --triton-cache fresh --cache-dir /tmp/ls-F --timeout 90 --out $R/startup_F.json > $R/startup_F.txt 2>&1
+  cat $R/startup_F.txt
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
