@@ -4,8 +4,12 @@ kernels/ahead.py compiles the Triton kernels a pass would launch, in parallel, w
 Here the engine runs such dry passes: the model's forward with the streamed weights replaced by the
 bytes already in staging slot 0 (``ModelWeights.dry``: nothing is copied or waited for), so the pass
 costs its Python and the compiles. The real pass that follows then finds every kernel compiled: on a
-fresh machine the serial first-launch compiles are what made a first run slow (issue 14). Used on
-CUDA with the Triton kernels, without host-lane layers (their CPU work is real), where tuning picks
+fresh machine the serial first-launch compiles are what made a first run slow (issue 14). A host lane
+(engine.host_lane) sits out the dry passes: its layers are dry-streamed like the others (the same shapes,
+so the same kernels), its CPU work and KV cache untouched. (Until session 40 a run with host layers
+skipped compile ahead; with ``--host-compute auto`` the default, a first run on an H100 took 36.2 s against
+11.4 s cached, its decode graphs' warm-up 16.1 s and its first prefill 10.3 s compiling and tuning.) Used on
+CUDA with the Triton kernels, where tuning picks
 exist (the user's cache or those shipped for the GPU: a dry pass compiles the picks; without any,
 the real pass tunes and compiles its candidates in parallel itself); off with
 ``LAYERSTREAM_COMPILE_AHEAD=0``, in threads rather than worker processes with ``=threads``.
@@ -30,8 +34,8 @@ from kernels.ahead_procs import cache_looks_cold, warm_key_in_background
 log = logging.getLogger(__name__)
 
 
-def _enabled(device: torch.device, kernels: str, host_lane: bool) -> bool:
-    if not (device.type == "cuda" and kernels == "triton" and not host_lane and mode() != "off"):
+def _enabled(device: torch.device, kernels: str) -> bool:
+    if not (device.type == "cuda" and kernels == "triton" and mode() != "off"):
         return False
     from kernels.tuning_cache import has_entries
 
@@ -40,14 +44,14 @@ def _enabled(device: torch.device, kernels: str, host_lane: bool) -> bool:
 
 def wanted(model) -> bool:
     """Whether dry passes can save compiles for ``model`` (an engine.model.Model)."""
-    return _enabled(model.device, model.ops.name, model.host is not None)
+    return _enabled(model.device, model.ops.name)
 
 
-def prestart(device: torch.device, kernels: str, host_lane: bool) -> bool:
+def prestart(device: torch.device, kernels: str) -> bool:
     """Start the compile-ahead worker processes now (they import while the weights load) when the dry
     passes of a model on ``device`` with these ``kernels`` will send them compiles and Triton's on-disk
     cache looks cold; returns whether it started them."""
-    if mode() != "processes" or not _enabled(device, kernels, host_lane) or not cache_looks_cold():
+    if mode() != "processes" or not _enabled(device, kernels) or not cache_looks_cold():
         return False
     warm_key_in_background()
     return start_pool() is not None
@@ -56,15 +60,16 @@ def prestart(device: torch.device, kernels: str, host_lane: bool) -> bool:
 @contextlib.contextmanager
 def dry(model) -> Iterator[None]:
     """Inside: the model's passes are dry (streamed weights are staging slot 0's bytes, uncopied) and this
-    thread's Triton launches only compile (``kernels.ahead.compile_only``); on exit every compile is done."""
+    thread's Triton launches only compile (``kernels.ahead.compile_only``); on exit every compile is done.
+    A host lane is detached meanwhile: its layers run dry on the device like the streamed ones."""
     from kernels.ahead import compile_only
 
-    model.weights.dry = True
+    model.weights.dry, host, model.host = True, model.host, None
     try:
         with compile_only():
             yield
     finally:
-        model.weights.dry = False
+        model.weights.dry, model.host = False, host
         torch.cuda.synchronize(model.device)  # the dry pass's torch work, before real work reuses its memory
 
 

@@ -174,7 +174,7 @@ class Engine:
         self.cap = None  # set before the first weight reaches the GPU; released by close()
         if opts.cap_allocator and opts.vram_budget is not None and self.device.type == "cuda":
             self.cap = AllocatorCap(self.device, self.plan.allocator_bytes)
-        ahead.prestart(self.device, self.ops.name, bool(self.plan.host_layers))  # warms up while weights load
+        ahead.prestart(self.device, self.ops.name)  # warms up while weights load
         try:
             self._load(progress)
         except BaseException:

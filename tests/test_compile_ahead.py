@@ -298,7 +298,7 @@ def test_gpu_dry_passes_compile_and_keep_the_tokens(model_dir, monkeypatch):
                                            ("threads", True, False), ("0", True, False)])
 def test_prestart_only_for_processes_on_a_cold_cache(monkeypatch, how, cold, want):
     """The engine starts the worker processes before loading weights only when its dry passes will use
-    them (processes, CUDA with the Triton kernels, no host lane, tuning picks) and Triton's cache is cold."""
+    them (processes, CUDA with the Triton kernels, tuning picks) and Triton's cache is cold."""
     started = []
     monkeypatch.setenv("LAYERSTREAM_COMPILE_AHEAD", how)
     monkeypatch.setattr(tuning_cache, "has_entries", lambda device: True)
@@ -306,8 +306,7 @@ def test_prestart_only_for_processes_on_a_cold_cache(monkeypatch, how, cold, wan
     monkeypatch.setattr(engine_ahead, "start_pool", lambda: started.append(1) or "pool")
     monkeypatch.setattr(engine_ahead, "warm_key_in_background", lambda: None)
     cuda = torch.device("cuda")
-    assert engine_ahead.prestart(cuda, "triton", host_lane=False) is want and len(started) == want
-    assert not engine_ahead.prestart(cuda, "triton", host_lane=True)
-    assert not engine_ahead.prestart(cuda, "torch", host_lane=False)
-    assert not engine_ahead.prestart(torch.device("cpu"), "triton", host_lane=False)
+    assert engine_ahead.prestart(cuda, "triton") is want and len(started) == want
+    assert not engine_ahead.prestart(cuda, "torch")
+    assert not engine_ahead.prestart(torch.device("cpu"), "triton")
     assert len(started) == want

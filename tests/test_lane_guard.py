@@ -125,3 +125,31 @@ def test_a_retired_lane_on_the_gpu_leaves_a_decode_graph_without_host_steps(tmp_
     assert got == want
     assert generate(ours, prompts, SamplingParams(), max_new_tokens=8).token_ids == [want[0][:8]]
     ours.close()
+
+
+def test_a_dry_pass_leaves_the_host_lane_out_and_untouched(model_dir, monkeypatch):
+    """engine.ahead.dry: compile ahead runs with a host lane too (since session 40); inside, the lane is detached,
+    so the dry decode and prefill passes run its layers on the device like the streamed ones, and its KV cache and
+    step count stay as they were; after it, the lane is back and the generation equals a fresh engine's."""
+    import torch
+
+    from engine import ahead as engine_ahead
+
+    prompts = random_prompts([7], 512, seed=5)
+    fresh = _host_engine(model_dir, 1, 0, None, 2)
+    want = generate(fresh, prompts, SamplingParams(), max_new_tokens=8).token_ids
+    fresh.close()
+    eng = _host_engine(model_dir, 1, 0, None, 2)
+    host = eng.model.host
+    assert host is not None and eng.plan.host_layers
+    kv = {i: tuple(t.clone() for t in pair) for i, pair in host.kv.items()}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)  # dry's exit, on the CPU
+    with engine_ahead.dry(eng.model):
+        assert eng.model.host is None and eng.weights.dry
+        eng.model.forward(torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.int32),
+                          torch.ones(1, dtype=torch.int32), eng.cache, eng.cache.max_context)
+        eng.model.prefill(torch.zeros((1, 7), dtype=torch.long), [7], 8, eng.cache)
+    assert eng.model.host is host and not eng.weights.dry and host.steps == 0
+    assert all(torch.equal(a, b) for i, pair in host.kv.items() for a, b in zip(pair, kv[i]))
+    assert generate(eng, prompts, SamplingParams(), max_new_tokens=8).token_ids == want
+    eng.close()
