@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -45,10 +44,10 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "fp32": torch.float32, "float32": torch.float32}
 
 
-def auto_host_mode(device: torch.device, streams: Callable[[], bool]) -> str:
+def auto_host_mode(device: torch.device, streams: bool) -> str:
     """``--host-compute auto`` as planned: ``off`` where no host layer could help, so the host's rate is not
-    measured and the plan says nothing of a lane (a CPU run; a model whose layers all fit, per ``streams``)."""
-    return "auto" if device.type == "cuda" and streams() else "off"
+    measured and the plan says nothing of a lane (a CPU run; a model whose layers all fit: not ``streams``)."""
+    return "auto" if device.type == "cuda" and streams else "off"
 
 
 @dataclass
@@ -235,7 +234,7 @@ class Engine:
             outside_bytes=outside.bytes, prefill_states=self.opts.prefill_states)
         without = plan(host_compute="off")  # a host lane's KV cache may take the RAM this plan leaves
         if mode == "auto":
-            mode = auto_host_mode(self.device, lambda: bool(without.streamed_layers))
+            mode = auto_host_mode(self.device, bool(without.streamed_layers))
         host_gbps, host_source = self._host_rate(mode)
         if mode != "off":
             extra = self._host_extra(host_gbps, host_source)
