@@ -31,9 +31,11 @@ CFG = triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "SWAP_AB": Tru
 
 @pytest.fixture
 def cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """An enabled cache under tmp_path for a fake H100, with no file loaded yet in this process."""
+    """An enabled cache under tmp_path for a fake H100, with no file loaded yet in this process and the picks
+    shipped for the H100 (kernels/tuned/) ignored."""
     monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path))
     monkeypatch.setenv("LAYERSTREAM_TUNING_CACHE", "1")
+    monkeypatch.setenv("LAYERSTREAM_SHIPPED_TUNING", "0")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(tc, "_device_info", lambda device: FAKE_GPU)
     monkeypatch.setattr(tc, "_CACHES", {})

@@ -98,14 +98,17 @@ def _qgemv_candidates(key: list) -> list[triton.Config]:
     return qgemv._candidates(block_m, n, k, 132, group, bits, int8_x=bool(key[-1]))
 
 
-@pytest.mark.parametrize("kernel,candidates", [("gemv", _gemv_candidates), ("qgemv", _qgemv_candidates)])
-def test_the_shipped_gemv_picks_are_still_candidates(kernel: str, candidates, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each dense and int4 GEMV pick shipped for the H200 is one of the tuner's current candidates for its key
-    (132 SMs): a change to the candidates that drops one makes an H200's first run tune that shape again."""
+@pytest.mark.parametrize("gpu,kernel,candidates", [("NVIDIA H200", "gemv", _gemv_candidates),
+                                                   ("NVIDIA H200", "qgemv", _qgemv_candidates),
+                                                   ("NVIDIA H100 80GB HBM3", "gemv", _gemv_candidates)])
+def test_the_shipped_gemv_picks_are_still_candidates(gpu: str, kernel: str, candidates,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each dense and int4 GEMV pick shipped for the H200 and the H100 (132 SMs each) is one of the tuner's current
+    candidates for its key: a change to the candidates that drops one makes a first run there tune that shape again."""
     from kernels import gemv, qgemv, qgemv_candidates
     for mod in (gemv, qgemv, qgemv_candidates):
         monkeypatch.setattr(mod, "_INTERPRET", False)
-    shipped = json.loads(td.defaults_path("NVIDIA H200").read_text())["entries"][kernel]
+    shipped = json.loads(td.defaults_path(gpu).read_text())["entries"][kernel]
     assert shipped
     for key, pick in shipped.items():
         assert any(tc.config_to_json(c) == pick for c in candidates(json.loads(key))), (key, pick)
