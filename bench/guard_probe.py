@@ -3,9 +3,10 @@
 Session 40 (bench/results/2026-12-05-h100-s40/call1/guard_lie.txt): a lane planned from host rates 4x those
 measured was retired after 11 steps, yet the run decoded at 2.17 tok/s, where streaming every layer from the start
 gave 4.84. This probe runs one generation with ``--host-compute auto`` (planned from whatever the host-rate cache
-holds: run bench/lie_host_rate.py first to make it lose) and prints each decode step's wall time, marking the
-retirement, then a second generation on the same engine (the lane gone; the decode graph as the retirement left it:
-captured again since session 40) and a third without the graph (eager steps); each with the streamer's bytes a step.
+holds: run bench/lie_host_rate.py first to make it lose) and prints each decode step's wall time, marking where
+the guard shrank or retired the lane, then a second generation on the same engine (the lane as the guard left it;
+the decode graph captured again since session 40) and a third without the graph (eager steps); each with the
+streamer's bytes a step.
 
     PYTHONPATH=. python bench/guard_probe.py --model /tmp/q7b --vram-budget 6GB --tokens 40
 """
@@ -29,24 +30,26 @@ def timed_generation(engine: Engine, prompt: list[int], tokens: int, tag: str) -
     """Generate greedily, printing each decode step's seconds (from one call's start to the next's)."""
     marks: list[float] = []
     real = gen.decode_step
-    retire = gen.retire_host_lane
+    shrink = gen.shrink_host_lane
 
     def step(*a, **k):
         marks.append(time.perf_counter())
         return real(*a, **k)
 
-    def retired(*a, **k):
-        print(f"  [{tag}] retired before step {len(marks) + 1}", flush=True)
+    def shrunk(engine, *a, **k):
         t = time.perf_counter()
-        retire(*a, **k)
-        print(f"  [{tag}] retirement took {(time.perf_counter() - t) * 1e3:.1f} ms", flush=True)
+        guard = shrink(engine, *a, **k)
+        left = engine.model.host.layers if engine.model.host is not None else ()
+        print(f"  [{tag}] before step {len(marks) + 1}: {'shrunk to ' + str(left) if left else 'retired'} in "
+              f"{(time.perf_counter() - t) * 1e3:.1f} ms", flush=True)
+        return guard
 
-    gen.decode_step, gen.retire_host_lane = step, retired
+    gen.decode_step, gen.shrink_host_lane = step, shrunk
     b0 = engine.weights.stream.streamed_bytes
     try:
         gen.generate(engine, [prompt], SamplingParams(), max_new_tokens=tokens)
     finally:
-        gen.decode_step, gen.retire_host_lane = real, retire
+        gen.decode_step, gen.shrink_host_lane = real, shrink
     torch.cuda.synchronize()
     steps = [b - a for a, b in zip(marks, marks[1:])]
     gb = (engine.weights.stream.streamed_bytes - b0) / max(1, len(marks)) / 1e9
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'on' if engine.graph is not None else 'off'}", flush=True)
     prompt = list(range(100, 112))
     timed_generation(engine, prompt, args.tokens, "auto")
-    timed_generation(engine, prompt, args.tokens, "after")
+    timed_generation(engine, prompt, args.tokens, "after")  # (a lane left smaller is watched again)
     engine.graph = None
     timed_generation(engine, prompt, args.tokens, "eager")
     engine.close()

@@ -289,12 +289,21 @@ class Engine:
                  self.opts.batch, context)
         return extra
 
+    def achieved_host_gbps(self, min_steps: int = 4, plan_bytes: bool = False) -> float | None:
+        """The GB/s the host lane achieved since its timing began (None before ``min_steps`` decode steps): in the
+        bytes its worker reads (widened layers: widened), or with ``plan_bytes`` in the plan's layer bytes."""
+        host, lane = self.model.host, self.plan.host_lane
+        if host is None or host.steps < min_steps or host.seconds <= 0:
+            return None
+        per_step = (sum(lane.inputs.layer_bytes[i] for i in host.layers) if plan_bytes and lane.inputs is not None
+                    else len(host.layers) * host.layer_bytes)
+        return per_step * host.steps / host.seconds / 1e9
+
     def keep_host_rate(self, min_steps: int = 4) -> None:
         """After decode steps with a host lane: the GB/s it achieved, for the next plan (record_achieved)."""
-        host = self.model.host
-        if host.steps < min_steps or host.seconds <= 0:
+        host, gbps = self.model.host, self.achieved_host_gbps(min_steps)
+        if gbps is None:
             return
-        gbps = len(host.layers) * host.layer_bytes * host.steps / host.seconds / 1e9
         try:
             record_achieved(self.opts.batch, self.dtype, host.worker.pick.threads, gbps,
                             form_name(host.weight_form, self.quant, self.dtype))

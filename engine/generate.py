@@ -17,7 +17,7 @@ import torch
 from engine import ahead
 from engine.detok import IncrementalDetokenizer, StopStringMatcher
 from engine.engine import Engine
-from engine.lane_guard import guard_for, retire_host_lane
+from engine.lane_guard import guard_for, shrink_host_lane
 from engine.sampling import Sampler, SamplingParams
 
 
@@ -106,8 +106,8 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
             tok, toks = _next_tokens(engine, sampler, logits, history, reasons, out)
             now = time.perf_counter()
             t1 = t1 or now
-            if guard is not None and last is not None and guard.observe(now - last):  # the lane loses: stream
-                retire_host_lane(engine, guard.measured)
+            if guard is not None and last is not None and guard.observe(now - last):  # the lane loses: fewer
+                guard = shrink_host_lane(engine, guard.measured)  # host layers (a new guard), or none (None)
             last = now
             for i in range(b):
                 if not reasons[i]:

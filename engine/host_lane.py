@@ -157,10 +157,9 @@ class HostLane:
         assert self.layers, "a host lane needs host layers in the plan"
         self.dtype = weights.dtype
         self.cpu = Model(cfg, weights, HostOps(), torch.device("cpu"), self.dtype, max_positions)
-        self.weight_form, self.views, self.held_bytes = weight_form, {}, 0
+        self.weight_form, self.views, self.extra = weight_form, {}, {}
         for i in self.layers:  # converted once (engine.host_forms): the int4 kernel's form, or widened
-            self.views[i], extra = hold_layer(weights.host_layer(i), self.dtype, weight_form)
-            self.held_bytes += extra
+            self.views[i], self.extra[i] = hold_layer(weights.host_layer(i), self.dtype, weight_form)
         shape = (cache.batch, cfg.num_key_value_heads, cache.max_context, cfg.head_dim)
         self.kv = {i: (torch.zeros(shape, dtype=HOST_KV_DTYPE), torch.zeros(shape, dtype=HOST_KV_DTYPE))
                    for i in self.layers}
@@ -172,6 +171,22 @@ class HostLane:
         self.crossing = Crossing(device, cache.batch, cfg.hidden_size, self.dtype) if device.type == "cuda" else None
         self.worker = HostWorker(pick or machine_pick(bool(weights.plan.disk_layers)))
         log.info("%s", self.describe())
+
+    @property
+    def held_bytes(self) -> int:
+        """Host memory the lane's converted layers hold beside their pinned copies."""
+        return sum(self.extra.values())
+
+    def drop(self, layers) -> None:
+        """Stop computing ``layers`` here (the caller has put their keys and values into the device cache; they
+        stream from now on); the lane keeps its other layers and counts its timing afresh."""
+        gone = set(layers)
+        keep = tuple(i for i in self.layers if i not in gone)
+        assert keep and gone <= set(self.layers), (layers, self.layers)
+        for i in gone:
+            del self.views[i], self.extra[i], self.kv[i]
+        self.layers = keep
+        self.reset_timing()
 
     def reset_timing(self) -> None:
         """Count ``steps`` and ``seconds`` from here on (both: the rate the engine keeps is their ratio)."""

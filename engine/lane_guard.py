@@ -4,19 +4,23 @@
 lane achieved for the next plan (``memory.host_rate.record_achieved``). A first plan can still be wrong where the
 lane, beside the streamer's copies, reads far slower than the rates measured before it: on an H100 machine's host
 the bf16 7B's host layers took 27.8 ms each where the plan expected 11.4, and the step took 290 ms against 188 ms
-streaming every layer (bench/results/2026-12-05-h100-s38/call4/). And a host's memory bandwidth moves for seconds at a time (session 39:
-a 1 GiB GEMV at 78 GB/s, then 105 for a few seconds, then 78 again; bench/results/2026-12-05-h100-s39/call6/), so a
-lane that wins at first may lose later. So a generation watches its decode steps: after ``WARM`` steps, in each
-run of ``WINDOW`` steps that follows, a median above ``MARGIN`` times the plan's step without host layers
-(``memory.plan.HostLane.stream_step_s``, which the planner predicts within a few percent) retires the lane for the
-rest of the run: the host layers' keys and values go back to the device cache, their layers stream like the
-others, and the decode graph, which holds host steps, is captured again without them (no warm-up step, so the
-cache keeps the generation's keys; eager steps if that fails). Leaving eager steps cost more than the lane lost: on
-an H100 host the first retired run decoded at 2.17 tok/s against 4.84 streaming from the start (the first eager
-step compiles for seconds: 4.5 s in bench/guard_probe.py, then ~1.2x the graph's step); captured again, 4.56
-against 4.73 under the same memory-bandwidth hog (bench/results/2026-12-05-h100-s40/). Only ``auto`` lanes are watched
-(``--host-compute N`` is the user's own choice), and only in :func:`engine.generate.generate` (the benchmarks time
-the lane as planned).
+streaming every layer (bench/results/2026-12-05-h100-s38/call4/). And a host's memory bandwidth moves for seconds at
+a time (session 39: a 1 GiB GEMV at 78 GB/s, then 105 for a few seconds, then 78 again;
+bench/results/2026-12-05-h100-s39/call6/), so a lane that wins at first may lose later.
+
+So a generation watches its decode steps: after ``WARM`` steps, in each run of ``WINDOW`` steps that follows, a
+median above ``MARGIN`` times the plan's step without host layers (``memory.plan.HostLane.stream_step_s``, which the
+planner predicts within a few percent) makes it re-plan the lane (``shrink_host_lane``): the lane's own layers
+chosen again at the rate it achieved in this run (:func:`memory.host_lane.replan`). Where fewer host layers still
+beat streaming, the others go back to the copy engine and a new guard watches the smaller lane; where none does,
+or the re-plan keeps them all (the step model and the steps disagree), the lane is retired for the rest of the run.
+Layers given back have their keys and values copied into the device cache, and the decode graph, which holds host
+steps, is captured again without them (no warm-up step, so the cache keeps the generation's keys; eager steps if
+that fails). Eager steps cost more than the lane lost: on an H100 host the first retired run decoded at 2.17 tok/s
+against 4.84 streaming from the start (the first eager step tunes for seconds: 4.5 s in bench/guard_probe.py, then
+~1.2x the graph's step); captured again, 4.56 against 4.73 under the same memory-bandwidth hog
+(bench/results/2026-12-05-h100-s40/). Only ``auto`` lanes are watched (``--host-compute N`` is the user's own
+choice), and only in :func:`engine.generate.generate` (the benchmarks time the lane as planned).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import statistics
 
 from engine.graphs import try_capture
+from memory.host_lane import replan
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +69,58 @@ def guard_for(engine) -> LaneGuard | None:
     return LaneGuard(lane.stream_step_s)
 
 
+def shrink_host_lane(engine, measured_s: float) -> LaneGuard | None:
+    """The guard fired: keep the host layers that still win at the rate the lane achieved (a guard for that smaller
+    lane is returned) or retire the lane (None). ``measured_s``: the median decode step that decided it."""
+    host, lane = engine.model.host, engine.plan.host_lane
+    gbps = engine.achieved_host_gbps(plan_bytes=True)
+    narrower = replan(engine.plan, gbps) if gbps else None
+    if narrower is None or len(narrower.host_layers) >= len(host.layers):
+        retire_host_lane(engine, measured_s)
+        return None
+    engine.keep_host_rate()  # before the lane's timing starts afresh
+    back = [i for i in host.layers if i not in narrower.host_layers]
+    _to_device_cache(engine, back)
+    host.drop(back)
+    engine.plan = engine.weights.plan = narrower
+    _recapture(engine)
+    log.warning("host lane shrunk: decode steps took %.1f ms with %d host layers against %.1f ms predicted streaming "
+                "them; at the %.1f GB/s the lane achieved, %d of them (%s) are predicted to win (%.1f ms a step), the "
+                "others stream from now on", measured_s * 1e3, len(lane.layers), lane.stream_step_s * 1e3, gbps,
+                len(narrower.host_layers), ", ".join(map(str, narrower.host_layers)),
+                narrower.host_lane.step_s * 1e3)
+    return guard_for(engine)
+
+
+def _to_device_cache(engine, layers) -> None:
+    """Copy host ``layers``' keys and values (fp32 on the host) into the device cache (its dtype)."""
+    host, cache = engine.model.host, engine.cache
+    for i in layers:
+        for dst, src in zip(cache.layer(i), host.kv[i]):
+            dst.copy_(src)
+
+
+def _recapture(engine) -> None:
+    """A decode graph that holds host steps is captured again for the lane as it now is (no warm-up step: the cache
+    keeps the generation's keys); eager steps if that fails."""
+    if engine.graph is not None and any(kind == "host" for kind, _ in engine.graph.steps):
+        batch, engine.graph = engine.graph.batch, None
+        engine.graph = try_capture(engine.model, engine.cache, batch, warm=False)
+
+
 def retire_host_lane(engine, measured_s: float) -> None:
     """Stop computing ``engine``'s host layers on the CPU: keep the rate the lane achieved, copy the host KV cache
     of each host layer into the device cache, close the worker, stream those layers from now on and drop a decode
     graph that holds host steps. ``measured_s``: the median decode step that decided it (for the log)."""
-    host, cache = engine.model.host, engine.cache
+    host = engine.model.host
     if host is None:
         return
     engine.keep_host_rate()  # the next plan on this machine knows the lane's real rate
-    for i in host.layers:
-        for dst, src in zip(cache.layer(i), host.kv[i]):
-            dst.copy_(src)  # fp32 on the host, the cache's dtype on the device
+    _to_device_cache(engine, host.layers)
     host.close()
     engine.model.host = None
     engine.weights.host_decode(False)
-    if engine.graph is not None and any(kind == "host" for kind, _ in engine.graph.steps):
-        batch, engine.graph = engine.graph.batch, None  # its captured steps leave the host layers out
-        engine.graph = try_capture(engine.model, engine.cache, batch, warm=False)
+    _recapture(engine)
     lane = engine.plan.host_lane
     log.warning("host lane retired: decode steps took %.1f ms with %d host layers, against %.1f ms predicted "
                 "streaming them (the plan expected %.1f ms with them); streaming every layer for the rest of this "

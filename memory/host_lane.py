@@ -58,7 +58,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from memory.lane_schedule import BOUNDARY_S, StepUnit, simulate
-from memory.plan import HostLane
+from memory.plan import HostLane, Plan
 
 HostCompute = str | int  # "auto" | "off" | a forced number of host layers
 HOST_KV_ITEMSIZE = 4  # the host layers' KV cache is fp32 (engine.host_lane.HostOps: fp32 attention)
@@ -226,4 +226,42 @@ def host_lane(x: LaneInputs, mode: HostCompute, source: str, kv_per_layer: int, 
     if c.reason:
         notes.append(c.reason)
     return HostLane(str(mode), c.layers, x.host_gbps, source, c.times.copy_s, c.times.host_s, c.times.gpu_s,
-                    len(c.layers) * kv_per_layer, c.times.step_s, x.host_extra_s, c.stream_s)
+                    len(c.layers) * kv_per_layer, c.times.step_s, x.host_extra_s, c.stream_s, inputs=x)
+
+
+def replan(plan: Plan, host_gbps: float) -> Plan | None:
+    """``plan`` with its host lane chosen again among its own host layers at ``host_gbps``, a rate the lane
+    achieved in this run (its norms, attention and Python included, so no extra is added): the layers that still
+    beat streaming, or None where none does (or the plan keeps no planner inputs). Used mid-run by
+    ``engine.lane_guard`` when decode steps lose to streaming: a host slower than planned may still win with
+    fewer host layers (the copy engine takes the others back)."""
+    lane = plan.host_lane
+    if lane is None or lane.inputs is None or not lane.layers or not host_gbps > 0:
+        return None
+    x = dataclasses.replace(lane.inputs, candidates=lane.layers, host_gbps=host_gbps, host_extra_s=0.0,
+                            max_layers=None)
+    choice = choose_host_layers(x, "auto")
+    return narrow(plan, choice.layers, host_gbps) if choice.layers else None
+
+
+def narrow(plan: Plan, layers: tuple[int, ...], host_gbps: float) -> Plan:
+    """``plan`` with only ``layers`` (some of its host layers) computed on the host at ``host_gbps`` (an achieved
+    rate); the others stream again: their bytes cross each step, their modules say so, the step is simulated
+    anew (``stream_step_s`` stays the plan's step without host layers)."""
+    lane = plan.host_lane
+    assert lane is not None and lane.inputs is not None and set(layers) <= set(lane.layers), (layers, lane)
+    x = dataclasses.replace(lane.inputs, host_gbps=host_gbps, host_extra_s=0.0)
+    t = lane_times(x, layers)
+    back = set(lane.layers) - set(layers)
+    kv = lane.kv_bytes // len(lane.layers) * len(layers)
+    new = dataclasses.replace(lane, layers=layers, host_gbps=host_gbps, host_source="achieved by the host lane in "
+                              "this run", copy_s=t.copy_s, host_s=t.host_s, gpu_s=t.gpu_s, kv_bytes=kv, step_s=t.step_s,
+                              host_extra_s=0.0)
+    modules = tuple(dataclasses.replace(m, placement="streamed", reason="streamed: the host lane gave it back "
+                                        "mid-run (engine.lane_guard)")
+                    if m.kind == "layer" and int(m.name.split(".")[1]) in back else m for m in plan.modules)
+    return dataclasses.replace(plan, host_lane=new, modules=modules, predicted_step_s=t.step_s,
+                               predicted_tok_s=plan.batch / t.step_s,
+                               step_bound="pcie" if t.copy_s >= t.host_s + t.gpu_s else "host",
+                               streamed_bytes_per_step=plan.streamed_bytes_per_step
+                               + sum(x.layer_bytes[i] for i in back))

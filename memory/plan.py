@@ -7,11 +7,14 @@ renderings (:meth:`Plan.table` for people, :meth:`Plan.to_dict` for JSON).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from memory.footprint import ALLOCATOR_ALLOWANCE
 from memory.units import format_size
+
+if TYPE_CHECKING:
+    from memory.host_lane import LaneInputs
 
 __all__ = ["ALLOCATOR_ALLOWANCE", "HostLane", "ModulePlan", "Plan"]
 
@@ -55,6 +58,7 @@ class HostLane:
     step_s: float  # the decode step the lanes make together (simulated: memory.lane_schedule)
     host_extra_s: float = 0.0  # a host layer's seconds beyond its bytes at host_gbps (norms, attention, Python)
     stream_step_s: float = 0.0  # the simulated step with these residencies and no host layer (every candidate streamed)
+    inputs: LaneInputs | None = field(default=None, compare=False, repr=False)  # what chose it (a re-plan mid-run)
 
     def summary(self) -> str:
         """One line for the plan table."""
@@ -133,8 +137,11 @@ class Plan:
         raise KeyError(f"no module {name!r} in the plan")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of every field (tuples become lists)."""
-        return dataclasses.asdict(self)
+        """A JSON-serialisable dict of every field (tuples become lists; not the host lane's planner inputs)."""
+        d = dataclasses.asdict(self)
+        if d.get("host_lane"):
+            d["host_lane"].pop("inputs", None)
+        return d
 
     def table(self) -> str:
         """A readable table of the decisions (consecutive alike layers grouped) and a summary."""

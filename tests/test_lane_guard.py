@@ -88,10 +88,16 @@ def test_an_auto_plan_counts_the_measured_extra_and_the_guard_watches_it(model_d
     assert lane_guard.guard_for(eng) is not None
     eng.close()
 @pytest.mark.cuda
-def test_a_retired_lane_on_the_gpu_leaves_a_decode_graph_without_host_steps(tmp_path_factory, caplog):
+@pytest.mark.parametrize("how", ["retire", "shrink"])
+def test_a_retired_lane_on_the_gpu_leaves_a_decode_graph_without_host_steps(tmp_path_factory, caplog, monkeypatch,
+                                                                            how):
     """On the GPU with Triton kernels, a retirement mid-generation captures the decode graph again without its host
-    steps (no warm-up: the cache keeps the generation's keys), and the tokens equal the all-resident engine's."""
+    steps (no warm-up: the cache keeps the generation's keys), and the tokens equal the all-resident engine's;
+    ``shrink``: first the lane keeps one of its two layers (a graph with that one host step), then retires."""
     import gc
+
+    from engine import lane_guard
+    from memory.host_lane import narrow
 
     import torch
 
@@ -117,8 +123,19 @@ def test_a_retired_lane_on_the_gpu_leaves_a_decode_graph_without_host_steps(tmp_
     assert any(kind == "host" for kind, _ in ours.graph.steps)
     lane = dataclasses.replace(ours.plan.host_lane, mode="auto", stream_step_s=1e-9)  # any real step loses
     ours.plan = dataclasses.replace(ours.plan, host_lane=lane)
+    first = ours.plan.host_layers[0]
+    monkeypatch.setattr(lane_guard, "replan", (lambda plan, gbps: narrow(plan, plan.host_layers[:1], gbps))
+                        if how == "shrink" else (lambda plan, gbps: None))
+    seen, real = [], lane_guard.shrink_host_lane
+
+    def watch(engine, measured_s):
+        guard = real(engine, measured_s)
+        seen.append([what for kind, what in engine.graph.steps if kind == "host"])
+        return guard
+    monkeypatch.setattr("engine.generate.shrink_host_lane", watch)
     with caplog.at_level(logging.WARNING, logger="engine.lane_guard"):
         got = generate(ours, prompts, SamplingParams(), max_new_tokens=20).token_ids
+    assert seen == ([[(first,)], []] if how == "shrink" else [[]])
     assert any("host lane retired" in r.message for r in caplog.records)
     assert ours.model.host is None and ours.graph is not None
     assert not any(kind == "host" for kind, _ in ours.graph.steps)
@@ -152,4 +169,70 @@ def test_a_dry_pass_leaves_the_host_lane_out_and_untouched(model_dir, monkeypatc
     assert eng.model.host is host and not eng.weights.dry and host.steps == 0
     assert all(torch.equal(a, b) for i, pair in host.kv.items() for a, b in zip(pair, kv[i]))
     assert generate(eng, prompts, SamplingParams(), max_new_tokens=8).token_ids == want
+    eng.close()
+
+
+def test_a_losing_lane_first_shrinks_to_the_layers_that_still_win_then_retires(model_dir, caplog, monkeypatch):
+    """engine.lane_guard.shrink_host_lane: the first losing window keeps the host layers the re-plan picks (here the
+    first one: memory.host_lane.narrow) and a new guard watches them; its losing window then retires the lane.
+    The keys of the layers given back go to the device cache, so the tokens equal the all-resident engine's."""
+    from engine import lane_guard
+    from memory.host_lane import narrow
+
+    monkeypatch.setattr(lane_guard, "replan", lambda plan, gbps: narrow(plan, plan.host_layers[:1], gbps))
+    prompts = random_prompts([5, 9], 512, seed=3)
+    ref = make_engine(model_dir, batch=2)
+    want = generate(ref, prompts, SamplingParams(), max_new_tokens=24).token_ids
+    ref.close()
+    ours = _host_engine(model_dir, 2, 0, None, 2)
+    first, second = ours.plan.host_layers
+    lane = dataclasses.replace(ours.plan.host_lane, mode="auto", stream_step_s=1e-9)  # every window loses
+    ours.plan = dataclasses.replace(ours.plan, host_lane=lane)
+    shrunk = []
+    real = lane_guard.shrink_host_lane
+
+    def watch(engine, measured_s):
+        guard = real(engine, measured_s)
+        shrunk.append((engine.plan.host_layers, engine.weights.plan is engine.plan,
+                       engine.model.host.layers if engine.model.host else None))
+        return guard
+    monkeypatch.setattr("engine.generate.shrink_host_lane", watch)
+    with caplog.at_level(logging.WARNING, logger="engine.lane_guard"):
+        got = generate(ours, prompts, SamplingParams(), max_new_tokens=24).token_ids
+    assert got == want
+    assert shrunk[0] == ((first,), True, (first,))  # the plan, the weights' plan and the lane agree
+    assert len(shrunk) == 2 and ours.model.host is None  # the smaller lane lost too: retired
+    messages = [r.message for r in caplog.records]
+    assert any("host lane shrunk" in m for m in messages) and any("host lane retired" in m for m in messages)
+    module = ours.plan.module(f"layers.{second}")
+    assert module.placement == "streamed" and "gave it back" in module.reason
+    assert 2 * (lane_guard.WARM + lane_guard.WINDOW) <= 24
+    ours.close()
+
+
+def test_replan_keeps_fewer_host_layers_as_the_achieved_rate_falls(model_dir):
+    """memory.host_lane.replan on a real plan's lane inputs: the layers kept are the plan's own, no more of them at a
+    lower rate, none at a rate far below streaming; narrow's plan streams the rest and keeps its step without host
+    layers (the guard's reference)."""
+    from memory.host_lane import replan
+
+    eng = _host_engine(model_dir, 1, 0, None, 3)
+    x = eng.plan.host_lane.inputs  # a tiny model's layers: scaled to 7B-sized ones (466 MB), where the handoffs
+    scale = 466_000_000 // max(x.layer_bytes)  # between host and device do not outweigh every layer's time
+    big = dataclasses.replace(x, layer_bytes=tuple(b * scale for b in x.layer_bytes), h2d_gbps=55.0)
+    plan = dataclasses.replace(eng.plan, host_lane=dataclasses.replace(eng.plan.host_lane, inputs=big))
+    kept = []
+    for gbps in (1e3, 30.0, 10.0, 3.0, 1.0, 0.3, 1e-4):
+        new = replan(plan, gbps)
+        kept.append(len(new.host_layers) if new is not None else 0)
+        if new is not None:
+            assert set(new.host_layers) <= set(plan.host_layers) and new.host_lane.host_gbps == gbps
+            assert new.host_lane.stream_step_s == plan.host_lane.stream_step_s
+            back = set(plan.host_layers) - set(new.host_layers)
+            assert new.streamed_bytes_per_step == plan.streamed_bytes_per_step + sum(
+                plan.host_lane.inputs.layer_bytes[i] for i in back)
+            assert new.to_dict()["host_lane"].keys() == plan.to_dict()["host_lane"].keys()
+            assert "inputs" not in new.to_dict()["host_lane"]
+    assert kept == sorted(kept, reverse=True) and kept[-1] == 0
+    assert kept[0] == len(plan.host_layers) and any(0 < k < kept[0] for k in kept)  # all, some, then none
     eng.close()
