@@ -18,9 +18,10 @@ from engine.gguf import open_gguf
 from engine.gguf.paths import is_gguf_path
 from engine import ahead, generation_defaults
 from engine.graphs import try_capture
-from engine.host_forms import PACKED, form_name, packed_per_widened, pick_form, weight_forms
+from engine.host_forms import PACKED, packed_per_widened, pick_form, weight_forms
 from engine.host_extra import EXTRA_CONTEXT, layer_extra_s
 from engine.host_lane import HostLane
+from engine.lane_guard import keep_host_rate
 from engine.host_worker import machine_pick, run_pinned
 from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
@@ -34,7 +35,7 @@ from engine.weights import ModelWeights
 from memory.allocator_cap import AllocatorCap, prefer_expandable_segments
 from memory.bandwidth import h2d_bandwidth
 from memory.host_lane import parse_host_compute
-from memory.host_rate import host_gemv_rate, record_achieved
+from memory.host_rate import host_gemv_rate
 from memory.process_vram import Outside, outside_allocator
 
 log = logging.getLogger(__name__)
@@ -289,32 +290,10 @@ class Engine:
                  self.opts.batch, context)
         return extra
 
-    def achieved_host_gbps(self, min_steps: int = 4, plan_bytes: bool = False) -> float | None:
-        """The GB/s the host lane achieved since its timing began (None before ``min_steps`` decode steps): in the
-        bytes its worker reads (widened layers: widened), or with ``plan_bytes`` in the plan's layer bytes."""
-        host, lane = self.model.host, self.plan.host_lane
-        if host is None or host.steps < min_steps or host.seconds <= 0:
-            return None
-        per_step = (sum(lane.inputs.layer_bytes[i] for i in host.layers) if plan_bytes and lane.inputs is not None
-                    else len(host.layers) * host.layer_bytes)
-        return per_step * host.steps / host.seconds / 1e9
-
-    def keep_host_rate(self, min_steps: int = 4) -> None:
-        """After decode steps with a host lane: the GB/s it achieved, for the next plan (record_achieved)."""
-        host, gbps = self.model.host, self.achieved_host_gbps(min_steps)
-        if gbps is None:
-            return
-        try:
-            record_achieved(self.opts.batch, self.dtype, host.worker.pick.threads, gbps,
-                            form_name(host.weight_form, self.quant, self.dtype))
-            log.info("host lane achieved %.1f GB/s over %d steps (kept for the next plan)", gbps, host.steps)
-        except OSError as e:  # a read-only cache directory costs the next plan its accuracy, nothing more
-            log.warning("could not keep the host lane's rate (%.1f GB/s): %s", gbps, e)
-
     def close(self) -> None:
         """Stop the host lane's worker; release the weight sources (file maps, disk readers) and the allocator cap."""
         if getattr(self, "model", None) is not None and self.model.host is not None:
-            self.keep_host_rate()
+            keep_host_rate(self)
             self.model.host.close()
         self.weights.close()
         if self.cap is not None:

@@ -29,7 +29,9 @@ import logging
 import statistics
 
 from engine.graphs import try_capture
+from engine.host_forms import form_name
 from memory.host_lane import replan
+from memory.host_rate import record_achieved
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +75,12 @@ def shrink_host_lane(engine, measured_s: float) -> LaneGuard | None:
     """The guard fired: keep the host layers that still win at the rate the lane achieved (a guard for that smaller
     lane is returned) or retire the lane (None). ``measured_s``: the median decode step that decided it."""
     host, lane = engine.model.host, engine.plan.host_lane
-    gbps = engine.achieved_host_gbps(plan_bytes=True)
+    gbps = achieved_gbps(engine, plan_bytes=True)
     narrower = replan(engine.plan, gbps) if gbps else None
     if narrower is None or len(narrower.host_layers) >= len(host.layers):
         retire_host_lane(engine, measured_s)
         return None
-    engine.keep_host_rate()  # before the lane's timing starts afresh
+    keep_host_rate(engine)  # before the lane's timing starts afresh
     back = [i for i in host.layers if i not in narrower.host_layers]
     _to_device_cache(engine, back)
     host.drop(back)
@@ -115,7 +117,7 @@ def retire_host_lane(engine, measured_s: float) -> None:
     host = engine.model.host
     if host is None:
         return
-    engine.keep_host_rate()  # the next plan on this machine knows the lane's real rate
+    keep_host_rate(engine)  # the next plan on this machine knows the lane's real rate
     _to_device_cache(engine, host.layers)
     host.close()
     engine.model.host = None
@@ -126,3 +128,29 @@ def retire_host_lane(engine, measured_s: float) -> None:
                 "streaming them (the plan expected %.1f ms with them); streaming every layer for the rest of this "
                 "run, and the next plan on this machine uses the rate the lane achieved", measured_s * 1e3,
                 len(lane.layers), lane.stream_step_s * 1e3, lane.step_s * 1e3)
+
+
+def achieved_gbps(engine, min_steps: int = 4, plan_bytes: bool = False) -> float | None:
+    """The GB/s ``engine``'s host lane achieved since its timing began (None before ``min_steps`` decode steps): in
+    the bytes its worker reads (widened layers: widened), or with ``plan_bytes`` in the plan's layer bytes."""
+    host = engine.model.host
+    if host is None or host.steps < min_steps or host.seconds <= 0:
+        return None
+    inputs = engine.plan.host_lane.inputs if plan_bytes else None
+    per_step = (sum(inputs.layer_bytes[i] for i in host.layers) if inputs is not None
+                else len(host.layers) * host.layer_bytes)
+    return per_step * host.steps / host.seconds / 1e9
+
+
+def keep_host_rate(engine, min_steps: int = 4) -> None:
+    """After decode steps with a host lane: the GB/s it achieved, kept for the next plan on this machine
+    (``memory.host_rate.record_achieved``)."""
+    host, gbps = engine.model.host, achieved_gbps(engine, min_steps)
+    if gbps is None:
+        return
+    try:
+        record_achieved(engine.opts.batch, engine.dtype, host.worker.pick.threads, gbps,
+                        form_name(host.weight_form, engine.quant, engine.dtype))
+        log.info("host lane achieved %.1f GB/s over %d steps (kept for the next plan)", gbps, host.steps)
+    except OSError as e:  # a read-only cache directory costs the next plan its accuracy, nothing more
+        log.warning("could not keep the host lane's rate (%.1f GB/s): %s", gbps, e)

@@ -86,7 +86,7 @@ def test_another_weight_form_is_measured_and_cached_apart(monkeypatch, tmp_path)
 
 
 def test_the_rate_a_host_lane_achieved_is_planned_with_next(monkeypatch, tmp_path):
-    """A run's host lane leaves its achieved rate (engine.Engine.keep_host_rate); the next plan of the same
+    """A run's host lane leaves its achieved rate (engine.lane_guard.keep_host_rate); the next plan of the same
     machine, batch, dtype, threads and form takes it over the micro-benchmark (``remeasure`` ignores it)."""
     monkeypatch.setattr(host_rate, "measure_host_gemv", lambda b, d: 36.7)
     path, threads = tmp_path / "bw.json", torch.get_num_threads()
@@ -104,17 +104,17 @@ def test_the_rate_a_host_lane_achieved_is_planned_with_next(monkeypatch, tmp_pat
 
 
 def test_an_engine_keeps_its_host_lanes_rate_after_enough_steps(monkeypatch):
-    import engine.engine as eng_mod
+    import engine.lane_guard as eng_mod
     from types import SimpleNamespace as NS
     kept = []
     monkeypatch.setattr(eng_mod, "record_achieved", lambda *a: kept.append(a))
     host = NS(steps=8, seconds=0.8, layers=(1, 5), layer_bytes=10**9, worker=NS(pick=NS(threads=15)), weight_form="int4")
     monkeypatch.setattr(eng_mod, "form_name", lambda form, quant, dtype: f"{form} g128 CPU kernel")
     fake = NS(model=NS(host=host), opts=NS(batch=4), dtype=torch.bfloat16, quant=object())
-    eng_mod.Engine.keep_host_rate(fake)
+    eng_mod.keep_host_rate(fake)
     assert kept == [(4, torch.bfloat16, 15, pytest.approx(20.0), "int4 g128 CPU kernel")]  # 2 GB x 8 / 0.8 s
     host.steps = 3  # too few steps to say
-    eng_mod.Engine.keep_host_rate(fake)
+    eng_mod.keep_host_rate(fake)
     assert len(kept) == 1
 
 
