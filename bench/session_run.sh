@@ -78,7 +78,8 @@
 #  R  issue 18: bench/guard_probe.py under host rates 4x those measured: each decode step's time across the lane's
 #     retirement (the graph captured again without the lane), then on the same engine with that graph, then eager
 #  K  issue 18: engine.run on the bf16 7B at 6 GB, --host-compute auto then off, beside bench/mem_hog.py (12 threads
-#     copying 1 GiB buffers): the lane planned without the hog loses, the guard retires it, the graph is captured again
+#     copying 1 GiB buffers): the lane planned without the hog loses, the guard re-plans it (fewer host layers) or
+#     retires it, the graph is captured again; then the GPU tests of the guard and of compile ahead (with a host lane)
 #  F  issues 14 / 18: f's short prompt only, first (fresh Triton, tuning and measured-rates caches: since session 40
 #     the rates follow LAYERSTREAM_CACHE, so the first run measures H2D and, with --host-compute auto, the host lane's
 #     rate) against cached
@@ -368,6 +369,8 @@ if [[ $steps == *K* ]]; then  # the guard under another tenant's memory traffic
     eval timeout $(left 80) python3 -m engine.run $G --host-compute $hc > $R/guard_hog_$hc.txt 2>&1; echo "$hc rc=$?"
     grep -E "^plan:|host lane|finish" $R/guard_hog_$hc.txt | cut -c1-330
   done; kill $HOG
+  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider tests/test_lane_guard.py tests/test_compile_ahead.py \
+    > $R/pytest_guard_ahead.txt 2>&1; echo "pytest rc=$?"; tail -3 $R/pytest_guard_ahead.txt
 save; fi
 if [[ $steps == *F* ]]; then  # a first run with the host lane's measurements in it
   timeout $(left 100) python3 -m tools.bench_startup --model $M --vram-budget 6GB --runs first,cached \

@@ -236,3 +236,45 @@ def test_replan_keeps_fewer_host_layers_as_the_achieved_rate_falls(model_dir):
     assert kept == sorted(kept, reverse=True) and kept[-1] == 0
     assert kept[0] == len(plan.host_layers) and any(0 < k < kept[0] for k in kept)  # all, some, then none
     eng.close()
+
+
+@pytest.mark.cuda
+def test_compile_ahead_runs_with_a_host_lane_on_the_gpu(tmp_path_factory, monkeypatch):
+    """On the GPU (Triton kernels, tuning picks present): an engine with host layers compiles ahead (its dry passes
+    leave the lane out, since session 40) and generates the tokens of one that does not."""
+    import gc
+
+    import torch
+
+    from engine.engine import Engine, EngineOptions
+    from engine.synth.writer import synthesize
+    from kernels import tuning_cache
+    from memory.process_vram import outside_allocator
+
+    monkeypatch.setattr(tuning_cache, "has_entries", lambda device: True)
+    model = tmp_path_factory.mktemp("ahead_lane") / "qwen2.5-0.5b"
+    synthesize("qwen2.5-0.5b", model, dtype="fp32", seed=0, layers=8, device="cuda")
+    base = dict(device="cuda", dtype="fp32", kernels="triton", max_context=256, batch=1, first_prompts=(40,))
+    probe = Engine(model, EngineOptions(**base))
+    half = probe.plan.total_bytes // 2
+    probe.close()
+    del probe
+    gc.collect()
+    torch.cuda.empty_cache()
+    budget = half + outside_allocator(torch.device("cuda")).bytes
+    runs = {}
+    for mode in ("0", "threads"):
+        monkeypatch.setenv("LAYERSTREAM_COMPILE_AHEAD", mode)
+        eng = Engine(model, EngineOptions(**base, vram_budget=budget, host_compute=2))
+        eng.tokenizer.eos_ids = set()
+        try:
+            assert len(eng.plan.host_layers) == 2 and eng.model.host is not None
+            assert bool(eng.prefill_shapes) == (mode != "0")  # the first prompt's prefill compiled ahead
+            runs[mode] = generate(eng, [list(range(100, 140))], SamplingParams(), max_new_tokens=12).token_ids
+            assert eng.model.host.steps >= 11
+        finally:
+            eng.close()
+        del eng
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert runs["0"] == runs["threads"]
