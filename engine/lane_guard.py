@@ -30,7 +30,7 @@ import statistics
 
 from engine.graphs import try_capture
 from engine.host_forms import form_name
-from memory.host_lane import replan
+from memory.host_lane import replan, without_lane
 from memory.host_rate import record_achieved
 
 log = logging.getLogger(__name__)
@@ -112,18 +112,19 @@ def _recapture(engine) -> None:
 
 def retire_host_lane(engine, measured_s: float) -> None:
     """Stop computing ``engine``'s host layers on the CPU: keep the rate the lane achieved, copy the host KV cache
-    of each host layer into the device cache, close the worker, stream those layers from now on and drop a decode
-    graph that holds host steps. ``measured_s``: the median decode step that decided it (for the log)."""
+    of each host layer into the device cache, close the worker, stream those layers from now on (the plan says so:
+    :func:`memory.host_lane.without_lane`) and capture the decode graph again without host steps. ``measured_s``:
+    the median decode step that decided it (for the log)."""
     host = engine.model.host
     if host is None:
         return
     keep_host_rate(engine)  # the next plan on this machine knows the lane's real rate
     _to_device_cache(engine, host.layers)
     host.close()
-    engine.model.host = None
+    engine.model.host, lane = None, engine.plan.host_lane
+    engine.plan = engine.weights.plan = without_lane(engine.plan)  # the plan says so: every layer streams
     engine.weights.host_decode(False)
     _recapture(engine)
-    lane = engine.plan.host_lane
     log.warning("host lane retired: decode steps took %.1f ms with %d host layers, against %.1f ms predicted "
                 "streaming them (the plan expected %.1f ms with them); streaming every layer for the rest of this "
                 "run, and the next plan on this machine uses the rate the lane achieved", measured_s * 1e3,

@@ -244,6 +244,26 @@ def replan(plan: Plan, host_gbps: float) -> Plan | None:
     return narrow(plan, choice.layers, host_gbps) if choice.layers else None
 
 
+def without_lane(plan: Plan) -> Plan:
+    """``plan`` after its host lane is retired mid-run: every host layer streams again (its bytes cross each step,
+    its module says so) and the step is the plan's step without host layers."""
+    lane = plan.host_lane
+    assert lane is not None
+    sizes = lane.inputs.layer_bytes if lane.inputs is not None else None
+    back = sum(sizes[i] if sizes is not None else plan.layer_bytes for i in lane.layers)
+    step = lane.stream_step_s or plan.predicted_step_s
+    return dataclasses.replace(plan, host_lane=None, modules=_streamed_again(plan, set(lane.layers)),
+                               predicted_step_s=step, predicted_tok_s=plan.batch / step, step_bound="pcie",
+                               streamed_bytes_per_step=plan.streamed_bytes_per_step + back)
+
+
+def _streamed_again(plan: Plan, layers: set[int]):
+    """``plan``'s modules with ``layers`` placed ``streamed`` again (the lane gave them back)."""
+    return tuple(dataclasses.replace(m, placement="streamed", reason="streamed: the host lane gave it back mid-run "
+                                     "(engine.lane_guard)")
+                 if m.kind == "layer" and int(m.name.split(".")[1]) in layers else m for m in plan.modules)
+
+
 def narrow(plan: Plan, layers: tuple[int, ...], host_gbps: float) -> Plan:
     """``plan`` with only ``layers`` (some of its host layers) computed on the host at ``host_gbps`` (an achieved
     rate); the others stream again: their bytes cross each step, their modules say so, the step is simulated
@@ -257,10 +277,7 @@ def narrow(plan: Plan, layers: tuple[int, ...], host_gbps: float) -> Plan:
     new = dataclasses.replace(lane, layers=layers, host_gbps=host_gbps, host_source="achieved by the host lane in "
                               "this run", copy_s=t.copy_s, host_s=t.host_s, gpu_s=t.gpu_s, kv_bytes=kv, step_s=t.step_s,
                               host_extra_s=0.0)
-    modules = tuple(dataclasses.replace(m, placement="streamed", reason="streamed: the host lane gave it back "
-                                        "mid-run (engine.lane_guard)")
-                    if m.kind == "layer" and int(m.name.split(".")[1]) in back else m for m in plan.modules)
-    return dataclasses.replace(plan, host_lane=new, modules=modules, predicted_step_s=t.step_s,
+    return dataclasses.replace(plan, host_lane=new, modules=_streamed_again(plan, back), predicted_step_s=t.step_s,
                                predicted_tok_s=plan.batch / t.step_s,
                                step_bound="pcie" if t.copy_s >= t.host_s + t.gpu_s else "host",
                                streamed_bytes_per_step=plan.streamed_bytes_per_step

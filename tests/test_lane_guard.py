@@ -34,13 +34,17 @@ def test_a_losing_auto_lane_is_retired_mid_generation_and_the_tokens_stay_the_sa
     ref.close()
     ours = _host_engine(model_dir, 2, 0, None, 2)
     lane = dataclasses.replace(ours.plan.host_lane, mode="auto", stream_step_s=stream_step_s)
-    ours.plan = dataclasses.replace(ours.plan, host_lane=lane)
+    ours.plan = plan_before = dataclasses.replace(ours.plan, host_lane=lane)
     with caplog.at_level(logging.WARNING, logger="engine.lane_guard"):
         got = generate(ours, prompts, SamplingParams(), max_new_tokens=16).token_ids
     assert got == want
     assert (ours.model.host is None) == retired
     assert any("host lane retired" in r.message for r in caplog.records) == retired
-    if retired:  # the next generation streams every layer from the start
+    if retired:  # the next generation streams every layer from the start, and the plan says so
+        assert ours.plan.host_lane is None and ours.weights.plan is ours.plan
+        assert all(ours.plan.module(f"layers.{i}").placement == "streamed" for i in lane.layers)
+        assert ours.plan.streamed_bytes_per_step > plan_before.streamed_bytes_per_step
+        assert ours.plan.predicted_step_s == lane.stream_step_s
         assert generate(ours, prompts, SamplingParams(), max_new_tokens=6).token_ids == [w[:6] for w in want]
     assert lane_guard.WARM + lane_guard.WINDOW < 16
     ours.close()
@@ -204,8 +208,10 @@ def test_a_losing_lane_first_shrinks_to_the_layers_that_still_win_then_retires(m
     assert len(shrunk) == 2 and ours.model.host is None  # the smaller lane lost too: retired
     messages = [r.message for r in caplog.records]
     assert any("host lane shrunk" in m for m in messages) and any("host lane retired" in m for m in messages)
-    module = ours.plan.module(f"layers.{second}")
-    assert module.placement == "streamed" and "gave it back" in module.reason
+    for i in (first, second):  # shrunk, then retired: both stream again, and the plan says so
+        module = ours.plan.module(f"layers.{i}")
+        assert module.placement == "streamed" and "gave it back" in module.reason
+    assert ours.plan.host_lane is None and ours.weights.plan is ours.plan
     assert 2 * (lane_guard.WARM + lane_guard.WINDOW) <= 24
     ours.close()
 
