@@ -31,10 +31,10 @@ class DecoderLayers:
         """One decoder layer with weights w; returns (output, residual) (residual None: first layer)."""
         b, t = h.shape[:2]
         qkv, residual = self._qkv(w, h, residual)
-        attn = self._attend(w, qkv, b, t, positions, kv, start_pos, q_lens, max_len)
-        held = [attn.reshape(b, t, self.cfg.q_size), residual]
-        del qkv, attn, residual  # _mlp drops each input once used (see there)
-        return self._mlp(w, held)
+        o = self._attend(w, qkv, b, t, positions, kv, start_pos, q_lens, max_len, w["self_attn.o_proj.weight"])
+        held = [o, residual]
+        del qkv, o, residual  # _mlp drops each input once used (see there)
+        return self._mlp(w, held, projected=True)
 
     def layer_stacked(self, w: dict[str, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
                       groups: list[Group], positions: list[torch.Tensor],
@@ -74,8 +74,9 @@ class DecoderLayers:
 
     def _attend(self, w: dict[str, torch.Tensor], qkv: torch.Tensor, b: int, t: int, positions: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor], start_pos: torch.Tensor, q_lens: torch.Tensor,
-                max_len: int) -> torch.Tensor:
-        """RoPE, the keys and values into the cache, attention: [b, t, heads, head_dim]."""
+                max_len: int, w_o=None) -> torch.Tensor:
+        """RoPE, the keys and values into the cache, attention: [b, t, heads, head_dim]; with ``w_o`` through o_proj
+        too: [b, t, hidden] (``ops.attention_o``: a backend may fuse the two)."""
         cfg, ops, eps = self.cfg, self.ops, self.cfg.rms_norm_eps
         q = qkv[..., : cfg.q_size].view(b, t, cfg.num_attention_heads, cfg.head_dim)
         k = qkv[..., cfg.q_size: cfg.q_size + cfg.kv_size].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
@@ -85,18 +86,21 @@ class DecoderLayers:
             k = ops.rmsnorm(k, w["self_attn.k_norm.weight"], eps)
         k_cache, v_cache = kv
         ops.rope_kv_append_(q, k, v, self.cos, self.sin, positions, k_cache, v_cache, start_pos)
+        if w_o is not None:
+            return ops.attention_o(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len, w_o)
         return ops.attention(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len)
 
-    def _mlp(self, w: dict[str, torch.Tensor], held: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output projection, the residual add and norm, the MLP: (output, residual). ``held`` is
-        [attention output, residual], taken out of the list (the caller keeps no other reference) so that
-        each dies once used: at the SwiGLU, a prefill chunk's peak, only gate_up and the new residual are
-        alive, not also qkv, the attention output, o and the old residual (~110 MiB of 3,072 rows of the 7B,
-        which had run a served pass out of memory at 6 GiB: session 30)."""
+    def _mlp(self, w: dict[str, torch.Tensor], held: list[torch.Tensor],
+             projected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output projection (unless ``projected``: held[0] is its output), the residual add and norm, the MLP:
+        (output, residual). ``held`` is [attention output, residual], taken out of the list (the caller keeps no
+        other reference) so that each dies once used: at the SwiGLU, a prefill chunk's peak, only gate_up and the
+        new residual are alive, not also qkv, the attention output, o and the old residual (~110 MiB of 3,072 rows
+        of the 7B, which had run a served pass out of memory at 6 GiB: session 30)."""
         ops = self.ops
         attn, residual = held
         held.clear()
-        o = ops.linear(attn, w["self_attn.o_proj.weight"])
+        o = attn if projected else ops.linear(attn, w["self_attn.o_proj.weight"])
         del attn
         gate_up, residual = ops.add_rmsnorm_linear(o, residual, w["post_attention_layernorm.weight"],
                                                    self.cfg.rms_norm_eps, w["mlp.gate_up_proj.weight"])

@@ -133,6 +133,13 @@ class TorchOps:
         valid = torch.arange(t, device=q.device).view(1, t) < q_lens.view(b, 1)
         return out * valid.view(b, t, 1, 1).to(out.dtype)
 
+    def attention_o(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: torch.Tensor,
+                    q_lens: torch.Tensor, scale: float, max_len: int, w_o) -> torch.Tensor:
+        """The attention's output through o_proj (no bias): [B, T, hidden] (a backend may fuse the two)."""
+        b, t = q.shape[:2]
+        attn = self.attention(q, k_cache, v_cache, start_pos, q_lens, scale, max_len)
+        return self.linear(attn.reshape(b, t, -1), w_o)
+
     def embedding(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, table)
 
@@ -153,7 +160,9 @@ class TritonOps(TorchOps):
         self._qlinear, self._tile_rows, self._tiled = qlinear.qlinear, qlinear.tile_rows, qlinear.tiled_linear
         self._tile_view, self._dense_min_m = qlinear.tile_view, qlinear.DENSE_MIN_M
         from kernels.add_rmsnorm_i8 import add_rmsnorm_qgemv
+        from kernels.attention_qgemv import attention_qgemv, enabled as round_in_attention
         self._swiglu_qgemv, self._norm_qgemv, self._i8_rows = qgemv_i8.swiglu_qgemv, add_rmsnorm_qgemv, qgemv_i8.MAX_M
+        self._attention_qgemv = attention_qgemv if round_in_attention() else None
         self._k = dict(rmsnorm=rmsnorm.rmsnorm, add_rmsnorm=add_rmsnorm.add_rmsnorm, linear=linear.linear,
                        swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
                        rope_kv_append=rope_kv_append.rope_kv_append_,
@@ -265,6 +274,17 @@ class TritonOps(TorchOps):
                                     max_seq_len=bound)
             return out.unsqueeze(1)
         return self._k["prefill"](q, k_cache, v_cache, start_pos, q_lens, scale)
+
+    def attention_o(self, q, k_cache, v_cache, start_pos, q_lens, scale, max_len, w_o):
+        b, t = q.shape[:2]
+        if (self._attention_qgemv is not None and t == 1 and isinstance(k_cache, torch.Tensor)
+                and self._i8_rows_of(q.reshape(b, -1), w_o) is not None):  # the attention rounds o_proj's x
+            bound = min(k_cache.shape[2], 1 << max(8, (max_len - 1).bit_length()))
+            out = self._attention_qgemv(q[:, 0], k_cache, v_cache, self.seq_lens(start_pos, q_lens), scale, bound,
+                                        w_o.qweight, w_o.scales, w_o.zeros, 4, mins=w_o.mins)
+            if out is not None:
+                return out.view(b, 1, -1)
+        return super().attention_o(q, k_cache, v_cache, start_pos, q_lens, scale, max_len, w_o)
 
     def embedding(self, ids, table):
         return self._k["embedding"](ids, table)

@@ -44,6 +44,7 @@ from kernels.tickets import counters, last_ticket
 from kernels.tuning import NoCandidate, fastest, fits_l2, graph_ms, tuning_suspended
 from kernels.fastlaunch import fast
 from kernels.pdl import enter as pdl_enter, opts as pdl_opts
+from kernels.quant_x import round_heads
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -94,12 +95,12 @@ def _decode_block(acc, l_i, m_i, q_ptrs, k_base, v_base, stride_ks, stride_vs, n
 
 @triton.jit
 def _attention_decode_kernel(
-    q_ptr, k_ptr, v_ptr, seqlen_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, cnt_ptr,
+    q_ptr, k_ptr, v_ptr, seqlen_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, cnt_ptr, xq_ptr, xd_ptr, xs_ptr,
     qk_scale, Hq, Hk, D, GROUP, NUM_SPLITS,
     sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP32: tl.constexpr,
     UPCAST: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr, FUSED: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, PDL_CHAIN: tl.constexpr = False,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, PDL_CHAIN: tl.constexpr = False, ROUND: tl.constexpr = False,
 ):
     pdl_enter(PDL_CHAIN)  # (kernels.pdl: the kernel before, then the next layer's; PDL: pass 2, below)
     b = tl.program_id(0) // Hk
@@ -129,6 +130,9 @@ def _attention_decode_kernel(
     if DIRECT:  # the only split: normalise here (l == 0 for an empty sequence -> zeros)
         store_rows(out_ptr, acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], b, kvh * GROUP, GROUP,
                    so_b, so_h, D, BLOCK_H, BLOCK_D)
+        if ROUND:  # o_proj's x rounded to int8 here (kernels/quant_x.py's codes), not by a launch of its own
+            tl.debug_barrier()
+            round_heads(out_ptr, xq_ptr, xd_ptr, xs_ptr, b, kvh * GROUP, GROUP, Hq * D, D, BLOCK_D)
     else:  # partials; an empty split (lo >= seq) writes nothing, the merge reads non-empty ones only
         h_mask = offs_h < tl.where(lo < seq, GROUP, 0)
         rows = (b * Hq + kvh * GROUP + offs_h).to(tl.int64) * NUM_SPLITS + split
@@ -142,12 +146,15 @@ def _attention_decode_kernel(
                 o = merge_splits(ws_m_ptr, ws_l_ptr, ws_acc_ptr, b * Hq + kvh * GROUP, GROUP, n_valid,
                                  NUM_SPLITS, BLOCK_G, BLOCK_S, BLOCK_D)
                 store_rows(out_ptr, o, b, kvh * GROUP, GROUP, so_b, so_h, D, BLOCK_G, BLOCK_D)
+                if ROUND:
+                    tl.debug_barrier()
+                    round_heads(out_ptr, xq_ptr, xd_ptr, xs_ptr, b, kvh * GROUP, GROUP, Hq * D, D, BLOCK_D)
 
 
 @triton.jit
 def _attention_decode_reduce_kernel(
-    ws_m_ptr, ws_l_ptr, ws_acc_ptr, seqlen_ptr, out_ptr, NUM_SPLITS, ALIGN, Hq, D, so_b, so_h,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    ws_m_ptr, ws_l_ptr, ws_acc_ptr, seqlen_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, NUM_SPLITS, ALIGN, Hq, D,
+    so_b, so_h, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     b = row // Hq
@@ -157,6 +164,9 @@ def _attention_decode_reduce_kernel(
         tl.extra.cuda.gdc_wait()
     o = merge_splits(ws_m_ptr, ws_l_ptr, ws_acc_ptr, row, 1, n_valid, NUM_SPLITS, 1, BLOCK_S, BLOCK_D)
     store_rows(out_ptr, o, b, row % Hq, 1, so_b, so_h, D, 1, BLOCK_D)
+    if ROUND:
+        tl.debug_barrier()
+        round_heads(out_ptr, xq_ptr, xd_ptr, xs_ptr, b, row % Hq, 1, Hq * D, D, BLOCK_D)
 
 
 @functools.cache
@@ -183,9 +193,10 @@ def _split_candidates(sms: int, B: int, Hk: int, max_len: int) -> list[int]:
 
 
 def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: triton.Config,
-            out: torch.Tensor) -> None:
+            out: torch.Tensor, rounded: tuple | None = None) -> None:
     """Pass 1 (and pass 2 when splits > 1, unless merged in one kernel) with the given split count
-    and config (FUSED in its kwargs: the one-kernel merge), into out."""
+    and config (FUSED in its kwargs: the one-kernel merge), into out; ``rounded``: (xq, steps, sums) buffers that
+    also get out's rows rounded to int8 (:func:`attention_decode`'s ``rounded``)."""
     B, Hq, D = q.shape
     Hk = k_cache.shape[1]
     block_h, block_d = max(16, triton.next_power_of_2(Hq // Hk)), max(16, triton.next_power_of_2(D))
@@ -197,17 +208,18 @@ def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: trito
     block_s = min(triton.next_power_of_2(splits), _REDUCE_BLOCK_S)
     block_g = triton.next_power_of_2(Hq // Hk) if cnt is not None else 1
     merge_s = min(block_s, max(1, _MERGE_REGS * 32 * cfg.num_warps // (block_g * block_d)))
+    xq, xd, xs = rounded if rounded is not None else (out, out, out)
     _attention_decode_launch[(B * Hk, splits)](
-        q, k_cache, v_cache, seq_lens, out, ws_m, ws_l, ws_acc, seq_lens if cnt is None else cnt,
+        q, k_cache, v_cache, seq_lens, out, ws_m, ws_l, ws_acc, seq_lens if cnt is None else cnt, xq, xd, xs,
         float(scale) * _LOG2E, Hq, Hk, D, Hq // Hk, splits, *q.stride()[:2], *k_cache.stride()[:3],
         *v_cache.stride()[:3], *out.stride()[:2], BLOCK_H=block_h, BLOCK_N=cfg.kwargs["BLOCK_N"],
         BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32, UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         DIRECT=splits == 1, PDL=pdl, FUSED=cnt is not None, BLOCK_G=block_g, BLOCK_S=merge_s,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(q))
+        ROUND=rounded is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(q))
     if splits > 1 and cnt is None:
         _attention_decode_reduce_launch[(B * Hq,)](
-            ws_m, ws_l, ws_acc, seq_lens, out, splits, cfg.kwargs["BLOCK_N"], Hq, D, *out.stride()[:2],
-            BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl,
+            ws_m, ws_l, ws_acc, seq_lens, out, xq, xd, xs, splits, cfg.kwargs["BLOCK_N"], Hq, D, *out.stride()[:2],
+            BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl, ROUND=rounded is not None,
             num_warps=8 if block_s * block_d >= 8192 else 4, **({"launch_pdl": True} if pdl else {}))
 
 
@@ -263,7 +275,8 @@ def _plan(q, k_cache, v_cache, scale: float, max_len: int) -> tuple[int, triton.
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, max_seq_len: int | None = None,
-                     *, num_splits: int | None = None, fused: bool | None = None) -> torch.Tensor:
+                     *, num_splits: int | None = None, fused: bool | None = None,
+                     rounded: bool = False) -> torch.Tensor | tuple[torch.Tensor, tuple]:
     """Split-KV (flash-decoding) GQA attention of one query token per sequence.
 
     q: [B, Hq, D] (unit stride along D), k_cache/v_cache: [B, Hk, S, D],
@@ -273,15 +286,22 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_splits: force the split count (1.._MAX_SPLITS; tests, benchmarks) with the default config.
     fused: force the merge of > 1 splits: in pass 1 via ticket counters (True) or by pass 2
     (False); None: the plan's (forced num_splits: pass 2).
-    Returns a new contiguous [B, Hq, D] tensor in q's dtype.
+    Returns a new contiguous [B, Hq, D] tensor in q's dtype; with ``rounded`` (D a power of two >= 32) also its
+    rows [B, Hq * D] rounded to int8 as :func:`kernels.quant_x.quantize_x` rounds them (the same codes, steps and
+    sums), in the epilogue that writes them: o_proj's int8-x GEMV then needs no rounding launch.
     """
     check_decode_inputs(q, k_cache, v_cache, seq_lens)
     B, Hq, D = q.shape
+    if rounded and not (D >= 32 and D & (D - 1) == 0):
+        raise ValueError(f"attention_decode(rounded=True) needs a head dim that is a power of two >= 32, got {D}")
     S = k_cache.shape[2]
     max_len = S if max_seq_len is None else max(0, min(int(max_seq_len), S))
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
+    bufs = ((torch.empty((B, Hq * D // 4), device=q.device, dtype=torch.int32),
+             torch.empty((B, Hq * D // 32), device=q.device, dtype=torch.float32),
+             torch.empty((B, Hq * D // 32), device=q.device, dtype=torch.int32)) if rounded else None)
     if B == 0:
-        return out
+        return (out, bufs) if rounded else out
     if num_splits is not None:
         if not 1 <= num_splits <= _MAX_SPLITS:
             raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
@@ -290,8 +310,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         splits, cfg = _plan(q, k_cache, v_cache, scale, max_len)
     if fused is not None:
         cfg = _with_fused(cfg, fused)
-    _launch(q, k_cache, v_cache, seq_lens, scale, splits, cfg, out)
-    return out
+    _launch(q, k_cache, v_cache, seq_lens, scale, splits, cfg, out, bufs)
+    return (out, bufs) if rounded else out
 
 
 def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

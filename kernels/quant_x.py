@@ -27,17 +27,21 @@ def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr
     SWIGLU: x_ptr holds [gate; up] rows of 2K and x = silu(gate) * up, rounded as kernels/swiglu.py rounds it."""
     pdl_enter(PDL_CHAIN)
     row = tl.program_id(1)
-    x_ptr += row.to(tl.int64) * stride_xm
-    xq_ptr += row * (K // 4)
-    d_ptr += row * (K // 32)
-    qs_ptr += row * (K // 32)
     blk = tl.program_id(0) * NB + tl.arange(0, NB)
+    round_blocks(x_ptr + row.to(tl.int64) * stride_xm, xq_ptr + row * (K // 4), d_ptr + row * (K // 32),
+                 qs_ptr + row * (K // 32), blk, blk < K // 32, K, SWIGLU)
+
+
+@triton.jit
+def round_blocks(x_ptr, xq_ptr, d_ptr, qs_ptr, blk, ok, K, SWIGLU: tl.constexpr):
+    """The 32-column blocks ``blk`` (where ``ok``) of one row of x (``x_ptr``; the row's outputs at ``xq_ptr``,
+    ``d_ptr``, ``qs_ptr``): steps, int8 codes in nibble order, code sums. Shared by this file's kernel and the
+    decode attention's epilogue (kernels/attention_decode.py: o_proj's x rounded where it is written)."""
     w4 = tl.arange(0, 4)  # packed word within the block
     p = tl.arange(0, 4)  # byte within the x word
     h = tl.arange(0, 2)  # 0: low nibble's column (even), 1: high nibble's (odd)
     col = (blk[:, None, None, None] * 32 + w4[None, :, None, None] * 8 + p[None, None, :, None] * 2
            + h[None, None, None, :])
-    ok = blk < K // 32
     x = tl.load(x_ptr + col, mask=ok[:, None, None, None], other=0.0).to(tl.float32)
     if SWIGLU:  # the same arithmetic as kernels/swiglu.py: the codes equal those of its output
         ty = x_ptr.dtype.element_ty
@@ -56,6 +60,18 @@ def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr
     tl.store(xq_ptr + widx, words, mask=ok[:, None, None])
     tl.store(d_ptr + blk, d, mask=ok)
     tl.store(qs_ptr + blk, qs, mask=ok)
+
+
+@triton.jit
+def round_heads(out_ptr, xq_ptr, d_ptr, qs_ptr, b, h0, n, K, D, BLOCK_D: tl.constexpr):
+    """Heads ``h0 .. h0 + n - 1`` of row ``b`` of a contiguous [B, K = heads x D] output just written by this
+    program, rounded as :func:`quantize_x` rounds that row (D % 32 == 0, BLOCK_D == D). The caller puts a
+    barrier between its stores and this: other threads of the program wrote the values read here."""
+    nb = tl.arange(0, BLOCK_D // 32)
+    row = b.to(tl.int64)
+    for r in range(n):
+        round_blocks(out_ptr + row * K, xq_ptr + row * (K // 4), d_ptr + row * (K // 32), qs_ptr + row * (K // 32),
+                     (h0 + r) * (D // 32) + nb, nb < D // 32, K, False)
 
 
 def quantize_x(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -86,3 +86,35 @@ def test_norm_fused_only_where_the_tuner_picked_variant_4(monkeypatch) -> None:
     assert torch.equal(out, q._qgemv(normed, qw, s, z, 4, bias, cfg=cfg))
     with pytest.raises(ValueError, match="add_rmsnorm_i8: x and residual"):
         add_rmsnorm_i8(x, r[:, :-32].contiguous(), w, 1e-6)
+
+
+@pytest.mark.parametrize("b,splits,fused", [(1, 1, None), (3, 3, True), (2, 3, False)])
+def test_attention_rounding_for_o_proj_equals_the_unfused_pair(b: int, splits: int, fused, monkeypatch) -> None:
+    """kernels/attention_qgemv.py: the attention's epilogue rounds o_proj's x; the output equals the attention
+    followed by the int8-x GEMV exactly (a single split, the last ticket's merge, pass 2), only where the tuner
+    picked that GEMV, and for head dims the epilogue rounds."""
+    from kernels import attention_decode as ad
+    from kernels.attention_qgemv import attention_qgemv
+
+    monkeypatch.setattr(ad, "_plan", lambda *a: (splits, ad._with_fused(ad._default_config(torch.bfloat16),
+                                                                          bool(fused))))
+    hq, hk, d, s_len, n, group = 4, 2, 64, 40, 48, 128
+    k = hq * d
+    _, qw, s, z = packed_operands(1, k, n, 4, group, device=DEV)
+    qq = (torch.randn(b, hq, d, device=DEV)).to(torch.bfloat16)
+    kc = torch.randn(b, hk, s_len, d, device=DEV).to(torch.bfloat16)
+    vc = torch.randn(b, hk, s_len, d, device=DEV).to(torch.bfloat16)
+    lens = torch.tensor([s_len - 3 * i for i in range(b)], dtype=torch.int32, device=DEV)
+    key = q.tuning_key(b, n, k, group, 4, True, False, torch.bfloat16, s.dtype, False)
+    _tuned_to(monkeypatch, key, None)
+    assert attention_qgemv(qq, kc, vc, lens, 0.125, s_len, qw, s, z, 4) is None  # not tuned yet
+    _tuned_to(monkeypatch, key, q.config(16, 128, 1, variant=1))
+    assert attention_qgemv(qq, kc, vc, lens, 0.125, s_len, qw, s, z, 4) is None  # another variant won
+    cfg = q.config(16, 128, 1, warps=4, stages=2, variant=4)
+    _tuned_to(monkeypatch, key, cfg)
+    out = attention_qgemv(qq, kc, vc, lens, 0.125, s_len, qw, s, z, 4)
+    attn = ad.attention_decode(qq, kc, vc, lens, 0.125, s_len)
+    want = q._qgemv(attn.view(b, k), qw, s, z, 4, cfg=cfg)
+    assert out is not None and out.shape == (b, n) and torch.equal(out, want)
+    odd = torch.randn(b, 8, 32, device=DEV).to(torch.bfloat16)[..., :24]  # head dim 24: not rounded there
+    assert attention_qgemv(odd, kc[..., :24], vc[..., :24], lens, 0.125, s_len, qw[:, :24], s, z, 4) is None
