@@ -83,6 +83,9 @@
 #  F  issues 14 / 18: f's short prompt only, first (fresh Triton, tuning and measured-rates caches: since session 40
 #     the rates follow LAYERSTREAM_CACHE, so the first run measures H2D and, with --host-compute auto, the host lane's
 #     rate) against cached
+#  Q  issue 15: o_proj's x rounded in the decode attention's epilogue (LAYERSTREAM_ROUND_IN_ATTENTION=1) against its
+#     own launch (=0), the synthetic 7B AWQ at 6 GiB batch 1, alternated 0 1 0 1; first the GPU tests of the epilogue,
+#     the fused op and the engine's tokens with it
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -94,7 +97,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLi]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQ]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -376,6 +379,17 @@ if [[ $steps == *F* ]]; then  # a first run with the host lane's measurements in
   timeout $(left 100) python3 -m tools.bench_startup --model $M --vram-budget 6GB --runs first,cached \
     --triton-cache fresh --cache-dir /tmp/ls-F --timeout 90 --out $R/startup_F.json > $R/startup_F.txt 2>&1
   cat $R/startup_F.txt
+save; fi
+if [[ $steps == *Q* ]]; then  # o_proj's rounding in the attention's epilogue, timed
+  awq_7b
+  LAYERSTREAM_ROUND_IN_ATTENTION=1 timeout $(left 150) python3 -m pytest -q -p no:cacheprovider \
+    tests/test_kernels_attention_decode_round.py tests/test_kernels_qgemv_i8_fused.py > $R/pytest_round.txt 2>&1
+  echo "pytest rc=$?"; tail -3 $R/pytest_round.txt
+  for r in 0 1 0 1; do
+    LAYERSTREAM_ROUND_IN_ATTENTION=$r timeout $(left 90) python3 -m tools.bench_stream --model /tmp/q7b-awq \
+      --budgets 6GiB --batches 1 --steps 16 --prefill-tokens 0 --out-dir $R --tag round$r > $R/bench_round$r.log 2>&1
+    echo "round=$r rc=$?"; grep -E "tok/s|ms" $R/bench_round$r.log | tail -2
+  done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
