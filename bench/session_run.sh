@@ -385,10 +385,10 @@ if [[ $steps == *Q* ]]; then  # o_proj's rounding in the attention's epilogue, t
   LAYERSTREAM_ROUND_IN_ATTENTION=1 timeout $(left 150) python3 -m pytest -q -p no:cacheprovider \
     tests/test_kernels_attention_decode_round.py tests/test_kernels_qgemv_i8_fused.py > $R/pytest_round.txt 2>&1
   echo "pytest rc=$?"; tail -3 $R/pytest_round.txt
-  for r in 0 1 0 1; do
+  n=0; for r in 0 1 0 1; do n=$((n+1))
     LAYERSTREAM_ROUND_IN_ATTENTION=$r timeout $(left 90) python3 -m tools.bench_stream --model /tmp/q7b-awq \
-      --budgets 6GiB --batches 1 --steps 16 --prefill-tokens 0 --out-dir $R --tag round$r > $R/bench_round$r.log 2>&1
-    echo "round=$r rc=$?"; grep -E "tok/s|ms" $R/bench_round$r.log | tail -2
+      --budgets 6GiB --batches 1 --steps 16 --prefill-tokens 0 --out-dir $R --tag round$r-$n > $R/bench_round$r-$n.log 2>&1
+    echo "round=$r ($n) rc=$?"; grep -E "tok/s|ms" $R/bench_round$r-$n.log | tail -2
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
