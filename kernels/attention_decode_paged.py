@@ -137,7 +137,7 @@ def attention_decode_paged(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: to
     if num_splits > 1:
         block_s = min(triton.next_power_of_2(num_splits), _REDUCE_BLOCK_S)
         _attention_decode_reduce_kernel[(B * Hq,)](
-            ws_m, ws_l, ws_acc, seq_lens, out, num_splits, bs, Hq, D, *out.stride()[:2],
+            ws_m, ws_l, ws_acc, seq_lens, out, out, out, out, num_splits, bs, Hq, D, *out.stride()[:2],
             BLOCK_S=block_s, BLOCK_D=block_d, PDL=False, num_warps=4)
     return out
 

@@ -164,7 +164,7 @@ class PagedLayer:
 
 
 class PagedOps:
-    """The engine's ops; ``kv_append_`` and ``attention`` also take :class:`PagedLayer` caches."""
+    """The engine's ops; ``kv_append_``, ``attention`` and ``attention_o`` also take :class:`PagedLayer` caches."""
 
     def __init__(self, base) -> None:
         self.base = base
@@ -192,3 +192,10 @@ class PagedOps:
         out = attention_decode_paged(q[:, 0], k_cache.blocks, v_cache.blocks, k_cache.tables,
                                      self.base.seq_lens(start_pos, q_lens), scale)
         return out.unsqueeze(1)
+
+    def attention_o(self, q, k_cache, v_cache, start_pos, q_lens, scale, max_len, w_o):
+        if not isinstance(k_cache, PagedLayer):
+            return self.base.attention_o(q, k_cache, v_cache, start_pos, q_lens, scale, max_len, w_o)
+        b, t = q.shape[:2]  # the paged attention, then o_proj (its rounding stays a launch of its own here)
+        attn = self.attention(q, k_cache, v_cache, start_pos, q_lens, scale, max_len)
+        return self.base.linear(attn.reshape(b, t, -1), w_o)
