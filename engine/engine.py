@@ -225,7 +225,9 @@ class Engine:
             outside = outside_allocator(self.device)  # the context and cuBLAS, before anything else allocates
             free, _ = torch.cuda.mem_get_info(self.device)
             log.info("GPU memory outside torch's allocator: %d MiB (%s)", outside.bytes >> 20, outside.source)
+        t0 = time.perf_counter()
         gbps, source = h2d_bandwidth(self.device)
+        self.startup_s["measure_h2d"] = time.perf_counter() - t0  # part of "plan": cached after a first run
         mode = parse_host_compute(self.opts.host_compute)
         plan = functools.partial(
             plan_model, self.cfg, {n: i.nbytes for n, i in self.ckpt.tensors.items()}, self.dtype, self.quant,
@@ -236,9 +238,11 @@ class Engine:
         without = plan(host_compute="off")  # a host lane's KV cache may take the RAM this plan leaves
         if mode == "auto":
             mode = auto_host_mode(self.device, bool(without.streamed_layers))
+        t0 = time.perf_counter()
         host_gbps, host_source = self._host_rate(mode)
+        extra = self._host_extra(host_gbps, host_source) if mode != "off" else 0.0
+        self.startup_s["measure_host"] = time.perf_counter() - t0  # part of "plan": the host lane's rates
         if mode != "off":
-            extra = self._host_extra(host_gbps, host_source)
             ram = host_lane_ram(PlanBytes.of(without), Machine.probe(self.device.type))
             plan = plan(host_compute=mode, host_gbps=host_gbps, host_source=host_source, host_extra_s=extra,
                         host_ram=ram)

@@ -66,8 +66,9 @@ def test_json_output(capsys, tiny_qwen2_dir, greedy_ref):
     assert stats["prefill_tok_s"] > 0
     assert stats["prompt_tokens"] == len(obj["prompt_token_ids"]) and stats["generated_tokens"] == len(ids)
     assert stats["batch"] == 1
-    phases = stats["startup_s"]  # where a start's time goes: open, plan, weights, compile ahead, graphs
-    assert set(phases) == {"open", "plan", "weights", "compile_ahead", "graphs"}
+    phases = stats["startup_s"]  # where a start's time goes: open, plan (with its measurements), weights, compile
+    assert set(phases) == {"open", "plan", "measure_h2d", "measure_host", "weights", "compile_ahead", "graphs"}
+    assert phases["measure_h2d"] + phases["measure_host"] <= phases["plan"]  # parts of it
     assert all(isinstance(v, float) and v >= 0 for v in phases.values()) and 0 <= stats["prefill_compile_s"] < 0.1
     plan = obj["plan"]
     assert plan["resident_layers"] == [0, 1, 2] and plan["streamed_layers"] == [] and plan["lm_head_resident"]
