@@ -20,6 +20,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from engine.serving.passcost import BOUND  # a pass with prompts longer than this many steps was bound by its tokens
+
 
 def load_steps(path: Path) -> list[dict]:
     """The step log's passes that carry ``mono_s`` (older logs do not), in order."""
@@ -43,10 +45,15 @@ def passes_of(req: dict, steps: list[dict]) -> list[dict]:
     return [s for s in steps if req["sent_s"] < s["mono_s"] <= req["first_s"]]
 
 
+def answered(row: dict) -> list[dict]:
+    """The row's requests that got a first token, by TTFT."""
+    return sorted((r for r in row.get("per_request", []) if r["first_s"] is not None),
+                  key=lambda r: r["first_s"] - r["sent_s"])
+
+
 def level_report(row: dict, steps: list[dict]) -> list[str]:
     """Lines for one bench_serve row (a config at one concurrency level)."""
-    reqs = sorted((r for r in row.get("per_request", []) if r["first_s"] is not None),
-                  key=lambda r: r["first_s"] - r["sent_s"])
+    reqs = answered(row)
     head = f"{row['config']}, {row['clients']} clients"
     if not reqs:
         return [f"{head}: no request got a first token"]
@@ -65,17 +72,12 @@ def level_report(row: dict, steps: list[dict]) -> list[str]:
     return lines
 
 
-BOUND = 1.5  # a pass with prompts longer than this many decode steps was bound by its tokens (engine.serving.passcost)
-
-
 def target_lines(row: dict, steps: list[dict]) -> list[str]:
     """Issue 16's TTFT target for one level from the run's own figures: the step is the level's ITL p50, a prompt
     token's cost the level's prompt passes bound by their tokens (seconds over tokens), the median request's own
     prefill one pass of its prompt alone (at least one step: a streamed pass pays one stream of the weights). The
     floor: giving ``k`` requests (the median's rank) their first token computes at least the ``k`` shortest prompts."""
-    reqs = sorted((r for r in row.get("per_request", []) if r["first_s"] is not None),
-                  key=lambda r: r["first_s"] - r["sent_s"])
-    step = row.get("itl_p50_s")
+    reqs, step = answered(row), row.get("itl_p50_s")
     if not reqs or not step:
         return []
     lo, hi = min(r["sent_s"] for r in reqs), max(r["first_s"] for r in reqs)
