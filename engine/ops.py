@@ -268,10 +268,8 @@ class TritonOps(TorchOps):
 
     def attention(self, q, k_cache, v_cache, start_pos, q_lens, scale, max_len):
         if q.shape[1] == 1:  # decode: one query per sequence, flash-decoding over the cache
-            # split the context by a power-of-two bound on the lengths: few distinct kernel variants
-            bound = min(k_cache.shape[2], 1 << max(8, (max_len - 1).bit_length()))
             out = self._k["decode"](q[:, 0], k_cache, v_cache, self.seq_lens(start_pos, q_lens), scale,
-                                    max_seq_len=bound)
+                                    max_seq_len=_decode_bound(k_cache, max_len))
             return out.unsqueeze(1)
         return self._k["prefill"](q, k_cache, v_cache, start_pos, q_lens, scale)
 
@@ -279,9 +277,9 @@ class TritonOps(TorchOps):
         b, t = q.shape[:2]
         if (self._attention_qgemv is not None and t == 1 and isinstance(k_cache, torch.Tensor)
                 and self._i8_rows_of(q.reshape(b, -1), w_o) is not None):  # the attention rounds o_proj's x
-            bound = min(k_cache.shape[2], 1 << max(8, (max_len - 1).bit_length()))
-            out = self._attention_qgemv(q[:, 0], k_cache, v_cache, self.seq_lens(start_pos, q_lens), scale, bound,
-                                        w_o.qweight, w_o.scales, w_o.zeros, 4, mins=w_o.mins)
+            out = self._attention_qgemv(q[:, 0], k_cache, v_cache, self.seq_lens(start_pos, q_lens), scale,
+                                        _decode_bound(k_cache, max_len), w_o.qweight, w_o.scales, w_o.zeros, 4,
+                                        mins=w_o.mins)
             if out is not None:
                 return out.view(b, 1, -1)
         return super().attention_o(q, k_cache, v_cache, start_pos, q_lens, scale, max_len, w_o)
@@ -294,6 +292,12 @@ class TritonOps(TorchOps):
         default configs: tuning them would compile dozens of configs for a one-off call (see
         kernels.tuning.untuned). Longer chunks tune (the compute-bound GEMM gains from it)."""
         return self._untuned() if rows <= self._gemv_max_m else contextlib.nullcontext()
+
+
+def _decode_bound(k_cache: torch.Tensor, max_len: int) -> int:
+    """The decode attention's bound on the lengths: a power of two (at least 256, at most the cache), so that
+    few distinct split plans and kernel variants exist."""
+    return min(k_cache.shape[2], 1 << max(8, (max_len - 1).bit_length()))
 
 
 def make_ops(kind: str) -> TorchOps:
