@@ -131,7 +131,6 @@ def _attention_decode_kernel(
         store_rows(out_ptr, acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], b, kvh * GROUP, GROUP,
                    so_b, so_h, D, BLOCK_H, BLOCK_D)
         if ROUND:  # o_proj's x rounded to int8 here (kernels/quant_x.py's codes), not by a launch of its own
-            tl.debug_barrier()
             round_heads(out_ptr, xq_ptr, xd_ptr, xs_ptr, b, kvh * GROUP, GROUP, Hq * D, D, BLOCK_D)
     else:  # partials; an empty split (lo >= seq) writes nothing, the merge reads non-empty ones only
         h_mask = offs_h < tl.where(lo < seq, GROUP, 0)
@@ -147,7 +146,6 @@ def _attention_decode_kernel(
                                  NUM_SPLITS, BLOCK_G, BLOCK_S, BLOCK_D)
                 store_rows(out_ptr, o, b, kvh * GROUP, GROUP, so_b, so_h, D, BLOCK_G, BLOCK_D)
                 if ROUND:
-                    tl.debug_barrier()
                     round_heads(out_ptr, xq_ptr, xd_ptr, xs_ptr, b, kvh * GROUP, GROUP, Hq * D, D, BLOCK_D)
 
 
@@ -165,7 +163,6 @@ def _attention_decode_reduce_kernel(
     o = merge_splits(ws_m_ptr, ws_l_ptr, ws_acc_ptr, row, 1, n_valid, NUM_SPLITS, 1, BLOCK_S, BLOCK_D)
     store_rows(out_ptr, o, b, row % Hq, 1, so_b, so_h, D, 1, BLOCK_D)
     if ROUND:
-        tl.debug_barrier()
         round_heads(out_ptr, xq_ptr, xd_ptr, xs_ptr, b, row % Hq, 1, Hq * D, D, BLOCK_D)
 
 
@@ -273,6 +270,12 @@ def _plan(q, k_cache, v_cache, scale: float, max_len: int) -> tuple[int, triton.
     return plan
 
 
+def can_round(head_dim: int) -> bool:
+    """Whether ``attention_decode(rounded=True)`` takes this head dim (a power of two >= 32: whole 32-column
+    blocks per head, the tile as wide as a head)."""
+    return head_dim >= 32 and head_dim & (head_dim - 1) == 0
+
+
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, max_seq_len: int | None = None,
                      *, num_splits: int | None = None, fused: bool | None = None,
@@ -292,7 +295,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     check_decode_inputs(q, k_cache, v_cache, seq_lens)
     B, Hq, D = q.shape
-    if rounded and not (D >= 32 and D & (D - 1) == 0):
+    if rounded and not can_round(D):
         raise ValueError(f"attention_decode(rounded=True) needs a head dim that is a power of two >= 32, got {D}")
     S = k_cache.shape[2]
     max_len = S if max_seq_len is None else max(0, min(int(max_seq_len), S))

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from kernels.attention_decode import attention_decode
+from kernels.attention_decode import attention_decode, can_round
 from kernels.qgemv_i8 import launch_i8, tuned_pick
 
 
@@ -31,7 +31,7 @@ def attention_qgemv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     pick for that GEMV is the int8-x one (kernels.qgemv_i8.tuned_pick) and the head dim suits the epilogue; None
     otherwise (the caller runs the attention and the projection)."""
     B, Hq, D = q.shape
-    if D < 32 or D & (D - 1) or B == 0:
+    if not can_round(D) or B == 0:
         return None
     pick = tuned_pick(B, Hq * D, q.dtype, q.device, w_q, w_s, w_z, bits, None, mins)
     if pick is None:

@@ -65,8 +65,9 @@ def round_blocks(x_ptr, xq_ptr, d_ptr, qs_ptr, blk, ok, K, SWIGLU: tl.constexpr)
 @triton.jit
 def round_heads(out_ptr, xq_ptr, d_ptr, qs_ptr, b, h0, n, K, D, BLOCK_D: tl.constexpr):
     """Heads ``h0 .. h0 + n - 1`` of row ``b`` of a contiguous [B, K = heads x D] output just written by this
-    program, rounded as :func:`quantize_x` rounds that row (D % 32 == 0, BLOCK_D == D). The caller puts a
-    barrier between its stores and this: other threads of the program wrote the values read here."""
+    program, rounded as :func:`quantize_x` rounds that row (D % 32 == 0, BLOCK_D == D), after a barrier: other
+    threads of the program wrote the values read here."""
+    tl.debug_barrier()
     nb = tl.arange(0, BLOCK_D // 32)
     row = b.to(tl.int64)
     for r in range(n):
