@@ -22,9 +22,8 @@
 #          per device; the split drawing ticket n_valid - 1 (n_valid = cdiv(seq_lens[b], chunk)
 #          non-empty splits; split 0 when n_valid == 0) merges all heads of its group ([BLOCK_G,
 #          BLOCK_S] partials a step), writes out and resets the counter to 0 for the next launch.
-# Splits:  host side, from B * Hk, the SM count and max_seq_len (default S): >= 2 programs per SM,
-#          at most cdiv(max_seq_len, _MIN_CHUNK) and _MAX_SPLITS.  With tuning on, the first call
-#          per (B, Hk, bound, group, D, dtype) times a few split counts x configs x both merges
+# Splits:  kernels.decode_splits, from B * Hk, the SM count and max_seq_len (default S); with tuning on, the
+#          first call per (B, Hk, bound, group, D, dtype) times a few split counts x configs x both merges
 #          (in a CUDA graph, at full length) and keeps the fastest (also on disk: tuning_cache).
 from __future__ import annotations
 
@@ -39,6 +38,7 @@ from triton.runtime.errors import OutOfResources, PTXASError
 
 from kernels import tuning_cache
 from kernels.checks import check_decode_inputs
+from kernels.decode_splits import MAX_SPLITS, gpu_info, split_candidates, split_plan
 from kernels.flash_common import chunk_len, merge_splits, online_softmax_pv, qk_scores, store_rows
 from kernels.tickets import counters, last_ticket
 from kernels.tuning import NoCandidate, fastest, fits_l2, graph_ms, tuning_suspended
@@ -48,8 +48,6 @@ from kernels.quant_x import round_heads
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
-_MIN_CHUNK = 16 if _INTERPRET else 32  # bounds the split count by max_seq_len
-_MAX_SPLITS = 256
 _REDUCE_BLOCK_S = 4 if _INTERPRET else 64  # splits merged per step (at most)
 _MERGE_REGS = 128  # fp32 partial elements per thread and step of the one-kernel merge
 _SKIP = (OutOfResources, CompileTimeAssertionFailure, PTXASError)  # configs the GPU cannot run
@@ -166,29 +164,6 @@ def _attention_decode_reduce_kernel(
         round_heads(out_ptr, xq_ptr, xd_ptr, xs_ptr, b, row % Hq, 1, Hq * D, D, BLOCK_D)
 
 
-@functools.cache
-def _gpu(index: int) -> tuple[int, bool]:
-    """(SM count, programmatic dependent launch: sm90+ unless KERNELS_PDL=0) of a CUDA device."""
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, props.major >= 9 and os.environ.get("KERNELS_PDL", "1") != "0"
-
-
-def _split_cap(max_len: int) -> int:
-    return min(_MAX_SPLITS, triton.cdiv(max(max_len, 1), _MIN_CHUNK))
-
-
-@functools.lru_cache(maxsize=1024)
-def _split_plan(sms: int, B: int, Hk: int, max_len: int) -> int:
-    """Default split count: >= 2 programs per SM, at most _split_cap(max_len)."""
-    return max(1, min(triton.cdiv(2 * sms, max(B * Hk, 1)), _split_cap(max_len)))
-
-
-def _split_candidates(sms: int, B: int, Hk: int, max_len: int) -> list[int]:
-    """Split counts the first-call tuning times: 1/4 (for the one-kernel merge), 1/2, 1, 2 x default."""
-    s = _split_plan(sms, B, Hk, max_len)
-    return sorted({max(1, s // 4), max(1, s // 2), s, max(s, min(2 * s, _split_cap(max_len)))})
-
-
 def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: triton.Config,
             out: torch.Tensor, rounded: tuple | None = None) -> None:
     """Pass 1 (and pass 2 when splits > 1, unless merged in one kernel) with the given split count
@@ -201,7 +176,7 @@ def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: trito
     n = B * Hq * splits  # workspace, one allocation: acc [n, block_d] | m [n] | l [n]
     ws = torch.empty(n * (block_d + 2) if splits > 1 else 0, device=q.device, dtype=torch.float32)
     ws_acc, ws_m, ws_l = (out, out, out) if splits == 1 else (ws[: n * block_d], ws[n * block_d: -n], ws[-n:])
-    pdl = splits > 1 and cnt is None and q.is_cuda and not _INTERPRET and _gpu(q.device.index or 0)[1]
+    pdl = splits > 1 and cnt is None and q.is_cuda and not _INTERPRET and gpu_info(q.device.index or 0)[1]
     block_s = min(triton.next_power_of_2(splits), _REDUCE_BLOCK_S)
     block_g = triton.next_power_of_2(Hq // Hk) if cnt is not None else 1
     merge_s = min(block_s, max(1, _MERGE_REGS * 32 * cfg.num_warps // (block_g * block_d)))
@@ -253,16 +228,16 @@ def _plan(q, k_cache, v_cache, scale: float, max_len: int) -> tuple[int, triton.
     key = (B, Hk, max_len, Hq // Hk, D, q.dtype)
     if key in _TUNED:
         return _TUNED[key]
-    sms = _gpu(q.device.index or 0)[0] if q.is_cuda else 16
-    plan = (_split_plan(sms, B, Hk, max_len), _default_config(q.dtype))
+    sms = gpu_info(q.device.index or 0)[0] if q.is_cuda else 16
+    plan = (split_plan(sms, B, Hk, max_len), _default_config(q.dtype))
     if _INTERPRET or os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
         _TUNED[key] = plan
     elif tuning_suspended():  # untimed: a cached or shipped pick, else the default plan; not kept
         as_json = lambda p: [p[0], tuning_cache.config_to_json(p[1])]  # noqa: E731
         return tuning_cache.untimed_pick(q.device, "attention_decode", key,
-                                         lambda: _pairs(_split_candidates(sms, B, Hk, max_len)), plan, as_json)
+                                         lambda: _pairs(split_candidates(sms, B, Hk, max_len)), plan, as_json)
     elif not torch.cuda.is_current_stream_capturing():  # cannot time inside a capture: default, untuned
-        splits = _split_candidates(sms, B, Hk, max_len)
+        splits = split_candidates(sms, B, Hk, max_len)
         tune = functools.partial(_tune, q, k_cache, v_cache, scale, max_len, splits)
         as_json = lambda p: [p[0], tuning_cache.config_to_json(p[1])]  # noqa: E731
         plan = _TUNED[key] = tuning_cache.tuned(q.device, "attention_decode", key, _pairs(splits), tune,
@@ -286,7 +261,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     seq_lens: int32 [B] (keys 0..seq_lens[b]-1 valid, <= S; 0 gives zeros).
     max_seq_len: optional host-side bound on seq_lens that sizes the split count (default S;
     no device sync either way; lengths above it stay correct, just less parallel).
-    num_splits: force the split count (1.._MAX_SPLITS; tests, benchmarks) with the default config.
+    num_splits: force the split count (1..MAX_SPLITS; tests, benchmarks) with the default config.
     fused: force the merge of > 1 splits: in pass 1 via ticket counters (True) or by pass 2
     (False); None: the plan's (forced num_splits: pass 2).
     Returns a new contiguous [B, Hq, D] tensor in q's dtype; with ``rounded`` (D a power of two >= 32) also its
@@ -306,8 +281,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if B == 0:
         return (out, bufs) if rounded else out
     if num_splits is not None:
-        if not 1 <= num_splits <= _MAX_SPLITS:
-            raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
+        if not 1 <= num_splits <= MAX_SPLITS:
+            raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
         splits, cfg = num_splits, _default_config(q.dtype)
     else:
         splits, cfg = _plan(q, k_cache, v_cache, scale, max_len)

@@ -22,11 +22,11 @@ import triton
 import triton.language as tl
 
 from kernels.attention_decode import _attention_decode_reduce_kernel, _decode_block
+from kernels.decode_splits import MAX_SPLITS
 from kernels.flash_common import chunk_len, store_rows
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
-_MAX_SPLITS = 256
 _REDUCE_BLOCK_S = 4 if _INTERPRET else 64
 
 
@@ -118,12 +118,12 @@ def attention_decode_paged(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: to
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
     if B == 0:
         return out
-    cap = max(1, min(_MAX_SPLITS, block_tables.shape[1]))
+    cap = max(1, min(MAX_SPLITS, block_tables.shape[1]))
     if num_splits is None:
         sms = _sms(q.device.index or 0) if q.is_cuda else 16
         num_splits = max(1, min(triton.cdiv(2 * sms, B * Hk), cap))
-    elif not 1 <= num_splits <= _MAX_SPLITS:
-        raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
+    elif not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
     block_h, block_d = max(16, triton.next_power_of_2(Hq // Hk)), max(16, triton.next_power_of_2(D))
     n = B * Hq * num_splits
     ws = torch.empty(n * (block_d + 2) if num_splits > 1 else 0, device=q.device, dtype=torch.float32)

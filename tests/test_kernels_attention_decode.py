@@ -68,7 +68,8 @@ def test_attention_decode(case: tuple, dtype: torch.dtype) -> None:
 
 
 def test_attention_decode_split_plan() -> None:
-    from kernels.attention_decode import _MAX_SPLITS, _MIN_CHUNK, _split_candidates, _split_plan
+    from kernels.decode_splits import MAX_SPLITS as _MAX_SPLITS, MIN_CHUNK as _MIN_CHUNK
+    from kernels.decode_splits import split_candidates as _split_candidates, split_plan as _split_plan
     assert _split_plan(132, 1, 4, 4096) == 66  # >= 2 programs per SM
     assert _split_plan(132, 1, 4, 3 * _MIN_CHUNK) == 3  # no split shorter than _MIN_CHUNK
     assert _split_plan(132, 1, 4, 0) == 1 and _split_plan(132, 64, 8, 32768) == 1
@@ -154,7 +155,8 @@ def test_attention_decode_long(S: int, seq_lens: list[int], dtype: torch.dtype) 
 def test_attention_decode_tuned_and_graph_replay() -> None:
     """The real first-call tuning (CUDA-graph timing, PDL on sm90+), and a graph captured at the
     bound replayed at other lengths (the device spreads each over all splits)."""
-    from kernels.attention_decode import _launch, _split_candidates, _tune
+    from kernels.attention_decode import _launch, _tune
+    from kernels.decode_splits import split_candidates as _split_candidates
     S, sc = 4096, 128 ** -0.5
     q, k, v, sl = _decode_inputs(2, 28, 4, 128, S, [S, 1000], torch.bfloat16)
     plan = _tune(q, k, v, sc, S, _split_candidates(torch.cuda.get_device_properties(0).multi_processor_count, 2, 4, S))
