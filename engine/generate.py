@@ -106,8 +106,8 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
             tok, toks = _next_tokens(engine, sampler, logits, history, reasons, out)
             now = time.perf_counter()
             t1 = t1 or now
-            if guard is not None and last is not None and guard.observe(now - last):  # the lane loses: fewer
-                guard = shrink_host_lane(engine, guard.measured)  # host layers (a new guard), or none (None)
+            if guard is not None and last is not None and guard.observe(now - last):  # the lane loses:
+                guard = shrink_host_lane(engine, guard.measured, guard.window())  # fewer host layers, or none
             last = now
             for i in range(b):
                 if not reasons[i]:

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def deferred_interrupts() -> Iterator[threading.Event]:
-    """While the block runs, SIGINT and SIGTERM only set the yielded event instead of raising: an
+def deferred_interrupts(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[threading.Event]:
+    """While the block runs, SIGINT and SIGTERM (``signals``) only set the yielded event instead of raising: an
     interrupt inside a C extension's initialisation (importing torch imports numpy's) leaves it half
     loaded, and the next import then fails with an ImportError traceback. The caller checks the event
     after the block. Off the main thread (where handlers cannot be set) nothing is deferred."""
@@ -18,7 +18,7 @@ def deferred_interrupts() -> Iterator[threading.Event]:
     if threading.current_thread() is not threading.main_thread():
         yield got
         return
-    old = {sig: signal.signal(sig, lambda *_: got.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old = {sig: signal.signal(sig, lambda *_: got.set()) for sig in signals}
     try:
         yield got
     finally:

@@ -4,10 +4,14 @@ The variable must be set before triton is first imported, so it is done here, at
 collection time, before any test module imports a kernel. Tests never read or write the
 user's kernel tuning cache (~/.cache/layerstream/tuning): a test's fake timings must not
 reach a real run, and a real run's picks must not skip a test's tuning. The cache's own
-tests switch it on in a temporary directory.
+tests switch it on in a temporary directory. Nor the user's other caches (``LAYERSTREAM_CACHE``:
+the measured rates, where a test's host lane on a tiny model left rates a real run's plan then
+read, packed layers, the default model): they live in a directory of this test session's.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +20,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("LAYERSTREAM_TUNING_CACHE", "0")
+_CACHE = tempfile.mkdtemp(prefix="layerstream-tests-")
+os.environ["LAYERSTREAM_CACHE"] = _CACHE  # the tests' own (tests of the cache paths set theirs)
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

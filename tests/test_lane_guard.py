@@ -132,8 +132,8 @@ def test_a_retired_lane_on_the_gpu_leaves_a_decode_graph_without_host_steps(tmp_
                         if how == "shrink" else (lambda plan, gbps: None))
     seen, real = [], lane_guard.shrink_host_lane
 
-    def watch(engine, measured_s):
-        guard = real(engine, measured_s)
+    def watch(engine, *args):
+        guard = real(engine, *args)
         seen.append([what for kind, what in engine.graph.steps if kind == "host"])
         return guard
     monkeypatch.setattr("engine.generate.shrink_host_lane", watch)
@@ -195,8 +195,8 @@ def test_a_losing_lane_first_shrinks_to_the_layers_that_still_win_then_retires(m
     shrunk = []
     real = lane_guard.shrink_host_lane
 
-    def watch(engine, measured_s):
-        guard = real(engine, measured_s)
+    def watch(engine, *args):
+        guard = real(engine, *args)
         shrunk.append((engine.plan.host_layers, engine.weights.plan is engine.plan,
                        engine.model.host.layers if engine.model.host else None))
         return guard
