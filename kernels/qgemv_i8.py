@@ -257,8 +257,9 @@ def tuned_pick(m: int, k: int, x_dtype: torch.dtype, device: torch.device, q: to
     if bits != 4 or q.shape[1] * 8 != k or s.shape[0] != n or not s.shape[1] or k % s.shape[1]:
         return None
     group, zz = k // s.shape[1], mins if mins is not None else z
-    key = mod.tuning_key(m, n, k, group, bits, zz is not None and mins is None, mins is not None, x_dtype, s.dtype,
-                         bias is not None)
+    # the key kernels.qgemv's tuner stores: "zeros" says a zeros-or-mins operand exists (it was False for mins,
+    # so the fused producers never ran for GGUF weights repacked with mins)
+    key = mod.tuning_key(m, n, k, group, bits, zz is not None, mins is not None, x_dtype, s.dtype, bias is not None)
     cfg = mod._TUNED.get(key)
     if cfg is None or cfg.kwargs.get("VARIANT") != 4 or not supports(m, k, bits, group, cfg.kwargs["BLOCK_K"]):
         return None

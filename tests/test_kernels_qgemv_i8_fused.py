@@ -118,3 +118,24 @@ def test_attention_rounding_for_o_proj_equals_the_unfused_pair(b: int, splits: i
     assert out is not None and out.shape == (b, n) and torch.equal(out, want)
     odd = torch.randn(b, 8, 32, device=DEV).to(torch.bfloat16)[..., :24]  # head dim 24: not rounded there
     assert attention_qgemv(odd, kc[..., :24], vc[..., :24], lens, 0.125, s_len, qw[:, :24], s, z, 4) is None
+
+
+@pytest.mark.parametrize("kind", ["zeros", "mins", "symmetric"])
+def test_a_fused_producer_finds_the_config_the_tuner_stored(kind: str, monkeypatch) -> None:
+    """kernels.qgemv_i8.tuned_pick looks up the key qgemv's own tuning stored (tuned through qgemv here, not a key
+    built by hand), for a weight with zero points, with additive mins (GGUF repacked to int4: its key once differed,
+    and the fused producers never ran for it) and symmetric: the fused SwiGLU runs and equals the unfused pair."""
+    from kernels.qgemv_i8 import tuned_pick
+
+    m, k, n, group = 1, 256, 48, 32
+    x, qw, s, z = packed_operands(m, k, n, 4, group, device=DEV)
+    mins = (-torch.rand(n, k // group, device=DEV) * 0.05).to(s.dtype) if kind == "mins" else None
+    z = z if kind == "zeros" else None
+    cfg = q.config(16, 32, 1, warps=4, stages=2, variant=4)
+    monkeypatch.setattr(q, "_TUNED", {})
+    monkeypatch.setattr(q, "_candidates", lambda *a, **kw: [cfg])  # the tuner's only candidate: this GEMV
+    q.qgemv(x.to(torch.bfloat16), qw, s, z, 4, mins=mins)  # tunes, stores its pick
+    assert tuned_pick(m, k, torch.bfloat16, x.device, qw, s, z, 4, None, mins) is not None
+    gu = torch.randn(m, 2 * k, device=DEV).to(torch.bfloat16)
+    out = swiglu_qgemv(gu, qw, s, z, 4, mins=mins)
+    assert out is not None and torch.equal(out, q._qgemv(swiglu(gu), qw, s, z, 4, cfg=cfg, mins=mins))
