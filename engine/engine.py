@@ -296,9 +296,11 @@ class Engine:
 
     def close(self) -> None:
         """Stop the host lane's worker; release the weight sources (file maps, disk readers) and the allocator cap."""
-        if getattr(self, "model", None) is not None and self.model.host is not None:
-            keep_host_rate(self)
-            self.model.host.close()
-        self.weights.close()
-        if self.cap is not None:
-            self.cap.release()
+        try:
+            if getattr(self, "model", None) is not None and self.model.host is not None:
+                keep_host_rate(self)
+                self.model.host.close()
+        finally:  # also after a Ctrl-C there (raised once the worker has stopped)
+            self.weights.close()
+            if self.cap is not None:
+                self.cap.release()

@@ -220,11 +220,15 @@ class HostLane:
         name = f"layer.{layers[0]}" if len(layers) == 1 else f"layers.{layers[0]}-{layers[-1]}"
         if stream.tracer:  # the third lane of the timeline: on the compute stream, which waits for it
             stream.tracer.begin("host", name, stream.sync.compute_stream())
-        if self.crossing is None:  # the compute device is the CPU: nothing crosses
-            out, res = self.worker.submit(self._compute, layers, h, residual, start_pos, q_lens, None).result()
-        else:
-            args = self.crossing.down(h, residual, start_pos, q_lens)
-            out, res = self.crossing.up(*self.worker.submit(self._compute, layers, *args).result())
+        try:
+            if self.crossing is None:  # the compute device is the CPU: nothing crosses
+                out, res = self.worker.submit(self._compute, layers, h, residual, start_pos, q_lens, None).result()
+            else:
+                args = self.crossing.down(h, residual, start_pos, q_lens)
+                out, res = self.crossing.up(*self.worker.submit(self._compute, layers, *args).result())
+        except KeyboardInterrupt:  # the step's call ends first: left running, it wrote the host KV cache after the
+            self.worker.drain()  # next generation's prefill had filled it (session 41's review)
+            raise
         if stream.tracer:
             stream.tracer.end("host", name, stream.sync.compute_stream())
         return out, res

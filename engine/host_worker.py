@@ -18,16 +18,21 @@ load time) are idle by the time a decode step runs.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
+import signal
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from engine.interrupts import deferred_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +115,21 @@ class HostWorker:
     under ``torch.no_grad`` (normal tensors: the callers may update results in place)."""
 
     def __init__(self, pick: CorePick, name: str = "host-lane") -> None:
-        torch.get_num_threads()  # fixes the calling thread's own count before the worker sets its own
+        saved = torch.get_num_threads()  # fixes the calling thread's own count before the worker sets its own
         self.pick = pick
         self.pinned = False  # set by the worker once its affinity is applied
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._started = threading.Event()
+        self._error: BaseException | None = None  # the setup's, raised here
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._started.wait()
+        # the worker's torch.set_num_threads also set the process's default, which threads started later take
+        # (the load's packing pool): the caller's count is the default again, the worker keeps its own
+        torch.set_num_threads(saved)
+        if self._error is not None:
+            raise RuntimeError(f"the host lane worker could not start: {self._error}") from self._error
+        _LIVE.add(self)
 
     def submit(self, fn: Callable, *args) -> Future:
         """Run ``fn(*args)`` on the worker; its result or exception comes back through the future."""
@@ -130,6 +142,9 @@ class HostWorker:
     def _run(self) -> None:
         try:
             self._setup()
+        except BaseException as e:  # the constructor raises it (a submit would otherwise wait forever)
+            self._error = e
+            return
         finally:  # the constructor waits for this, even if the setup failed (the thread then ends)
             self._started.set()
         with torch.no_grad():
@@ -152,17 +167,52 @@ class HostWorker:
                 log.warning("host lane worker: could not pin to CPUs %s (%s); running unpinned",
                             cpu_ranges(self.pick.cpus), e)
         torch.set_num_threads(self.pick.threads)
+        torch.get_num_threads()  # torch's first query in a thread applies the process default (which the
+        # constructor then sets back to its caller's): made here, it keeps this count for the worker
 
     @property
     def alive(self) -> bool:
         """Whether the worker thread is running."""
         return self._thread.is_alive()
 
+    def drain(self) -> None:
+        """Wait until every call submitted so far has finished (a Ctrl-C meanwhile is raised after: one decode
+        step's host work is bounded, and a call left running would write the host KV cache, and the buffers
+        handed back, under the next step's feet)."""
+        if not self._thread.is_alive():
+            return
+        fut: Future = Future()
+        self._jobs.put((fut, lambda: None, ()))
+        with deferred_interrupts((signal.SIGINT,)) as interrupted:
+            fut.exception()  # the queue runs in order: every earlier call has ended
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+
     def close(self) -> None:
-        """Finish the queued calls and stop the thread (idempotent)."""
+        """Finish the queued calls and stop the thread (idempotent; a Ctrl-C meanwhile is raised after the join: a
+        process that exits with the worker inside torch aborts)."""
         if self._thread.is_alive():
             self._jobs.put(None)
-            self._thread.join()
+            with deferred_interrupts((signal.SIGINT,)) as interrupted:
+                self._thread.join()
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+        _LIVE.discard(self)
+
+
+_LIVE: weakref.WeakSet[HostWorker] = weakref.WeakSet()  # workers not closed yet
+
+
+@atexit.register
+def _close_live() -> None:
+    """At interpreter exit (an error, or an engine never closed), stop any worker still running: a daemon thread
+    left inside torch when the interpreter finalizes aborts the process ("terminate called without an active
+    exception")."""
+    for worker in list(_LIVE):
+        try:
+            worker.close()
+        except BaseException:  # noqa: BLE001 -- exiting anyway
+            pass
 
 
 def name_os_thread(name: str) -> None:
