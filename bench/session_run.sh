@@ -85,7 +85,8 @@
 #     rate) against cached
 #  Q  issue 15: o_proj's x rounded in the decode attention's epilogue (LAYERSTREAM_ROUND_IN_ATTENTION=1) against its
 #     own launch (=0), the synthetic 7B AWQ at 6 GiB batch 1, alternated 0 1 0 1; first the GPU tests of the epilogue,
-#     the fused op and the engine's tokens with it
+#     the fused op and the engine's tokens with it, and bench/round_check.py (whether the engine's o_proj takes the
+#     fused path at all: only where its tuned GEMV is the int8-x one)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -385,6 +386,8 @@ if [[ $steps == *Q* ]]; then  # o_proj's rounding in the attention's epilogue, t
   LAYERSTREAM_ROUND_IN_ATTENTION=1 timeout $(left 150) python3 -m pytest -q -p no:cacheprovider \
     tests/test_kernels_attention_decode_round.py tests/test_kernels_qgemv_i8_fused.py > $R/pytest_round.txt 2>&1
   echo "pytest rc=$?"; tail -3 $R/pytest_round.txt
+  LAYERSTREAM_ROUND_IN_ATTENTION=1 timeout $(left 90) python3 bench/round_check.py --model /tmp/q7b-awq \
+    --vram-budget 6GiB > $R/round_check.txt 2>&1; echo "round_check rc=$?"; tail -2 $R/round_check.txt
   n=0; for r in 0 1 0 1; do n=$((n+1))
     LAYERSTREAM_ROUND_IN_ATTENTION=$r timeout $(left 90) python3 -m tools.bench_stream --model /tmp/q7b-awq \
       --budgets 6GiB --batches 1 --steps 16 --prefill-tokens 0 --out-dir $R --tag round$r-$n > $R/bench_round$r-$n.log 2>&1
