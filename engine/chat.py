@@ -47,18 +47,24 @@ def fit_context(encode: Callable[[list[dict]], list[int]], messages: list[dict],
                 reserve: int) -> tuple[list[int] | None, int]:
     """Drop the oldest turns (keeping a leading system message) until the conversation plus ``reserve``
     reply tokens fits ``max_context``; returns (prompt ids or None when the last message cannot fit
-    even alone, number of messages dropped). ``messages`` is changed in place."""
+    even alone, number of messages dropped). ``messages`` loses the dropped turns in place, and only when the
+    conversation then fits: a message that cannot fit leaves every earlier turn where it was (it had emptied the
+    conversation down to the system message before the new message was refused)."""
     first = 1 if messages and messages[0]["role"] == "system" else 0
-    dropped = 0
+    trial, dropped = list(messages), 0
     while True:
-        ids = encode(messages)
+        ids = encode(trial)
         if len(ids) + reserve <= max_context:
-            return ids, dropped
-        if len(messages) - first <= 1:  # only the new message is left
-            return (ids if len(ids) < max_context else None), dropped
-        cut = 2 if len(messages) - first > 2 and messages[first + 1]["role"] == "assistant" else 1
-        del messages[first:first + cut]
+            break
+        if len(trial) - first <= 1:  # only the new message is left
+            if len(ids) >= max_context:
+                return None, 0
+            break
+        cut = 2 if len(trial) - first > 2 and trial[first + 1]["role"] == "assistant" else 1
+        del trial[first:first + cut]
         dropped += cut
+    messages[:] = trial
+    return ids, dropped
 
 
 def chat(engine, args, generate: Callable[[list[int]], object]) -> int:

@@ -89,7 +89,9 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
     eos = engine.tokenizer.eos_ids
     history = _penalty_history(params, prompts, max_new_tokens, dev)
     out: list[list[int]] = [[] for _ in range(b)]
-    detok = [IncrementalDetokenizer(engine.tokenizer, context_ids=p) for p in prompts]
+    # special tokens (a chat template's <|im_start|>) are not text: printed, a chat turn fed them back as control
+    # tokens (the server skipped them already)
+    detok = [IncrementalDetokenizer(engine.tokenizer, skip_special_tokens=True, context_ids=p) for p in prompts]
     stops = [StopStringMatcher(stop_strings or []) for _ in range(b)]
     texts, reasons = [""] * b, [""] * b
     engine.cache.reset()

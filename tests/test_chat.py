@@ -48,10 +48,30 @@ def test_fit_context_drops_oldest_turns(contents, system, limit, reserve, left, 
     assert ids is not None and len(ids) == sum(map(len, left)) < limit
 
 
-def test_fit_context_refuses_a_message_that_cannot_fit_alone():
+def test_fit_context_refuses_a_message_that_cannot_fit_alone_and_keeps_the_conversation():
+    """The earlier turns stay (the chat then drops only the refused message); they had been deleted while looking
+    for room."""
     m = msgs("aa", "bb", "x" * 30, system="S")
     ids, n = fit_context(chars, m, 20, 4)
-    assert ids is None and [x["content"] for x in m] == ["S", "x" * 30] and n == 2
+    assert ids is None and [x["content"] for x in m] == ["S", "aa", "bb", "x" * 30] and n == 0
+
+
+def test_a_refused_message_leaves_the_earlier_turns_to_the_next_one(capsys, monkeypatch, tiny_qwen2_dir):
+    """Through the chat: a message too long for the context is refused, and the next message's prompt still holds
+    the turn before it."""
+    import engine.chat as chat_mod
+    seen = []
+    real = chat_mod.prompt_ids
+
+    def spy(tokenizer, args, messages):
+        seen.append([m["content"] for m in messages])
+        return real(tokenizer, args, messages)
+    monkeypatch.setattr(chat_mod, "prompt_ids", spy)
+    rc, out, err = run_chat(capsys, monkeypatch, ["first turn", "word " * 300, "next turn"],
+                            ["--model", str(tiny_qwen2_dir), *CPU, "--max-context", "192", "--max-new-tokens", "4"])
+    assert rc == 0 and "does not fit the context (192 tokens) even alone" in err, err
+    assert "dropped" not in err
+    assert seen[-1][0] == "first turn" and seen[-1][-1] == "next turn" and len(seen[-1]) == 3, (seen, err)
 
 
 def run_chat(capsys, monkeypatch, lines: list[str], argv: list[str]) -> tuple[int, str, str]:
@@ -174,3 +194,30 @@ def test_pty_line_editing_history_and_ctrl_c(tiny_qwen2_dir):
     finally:
         rc = p.close()
     assert rc == 0
+
+
+def test_special_tokens_a_reply_samples_are_not_its_text(monkeypatch, tiny_qwen2_dir):
+    """A sampled special token that is not end-of-sequence (a chat template's <|im_start|>) is not printed nor kept
+    in the reply's text, so the next chat turn does not feed it back as a control token (the server skipped them
+    already)."""
+    import torch
+
+    from engine.sampling import SamplingParams
+    from tests.helpers import make_engine
+
+    eng = make_engine(tiny_qwen2_dir, max_context=128)
+    tok = eng.tokenizer
+    start = tok.encode("<|im_start|>", add_special_tokens=False)
+    assert len(start) == 1 and start[0] not in tok.eos_ids
+    ids = tok.encode("Sure", add_special_tokens=False) + start + tok.encode("user", add_special_tokens=False)
+    script = iter(ids)
+
+    def scripted(engine, sampler, logits, history, reasons, out):
+        t = next(script)
+        return torch.tensor([t]), [t]
+    monkeypatch.setattr(engine.generate, "_next_tokens", scripted)
+    shown: list[str] = []
+    gen = engine.generate.generate(eng, [tok.encode("hi", add_special_tokens=False)], SamplingParams(),
+                                   max_new_tokens=len(ids), on_text=lambda i, s: shown.append(s))
+    eng.close()
+    assert "<|im_start|>" not in gen.texts[0] and "".join(shown) == gen.texts[0] == "Sureuser"
