@@ -106,3 +106,17 @@ def test_admission_counts_unused_cached_hits_as_taken():
     assert m.alloc.available == 4
     assert m.can_admit(p, 8)  # 2 hits (taken from the pool) + 2 fresh = 4
     assert not m.can_admit(p, 9)
+
+
+def test_a_block_is_found_only_after_the_prefix_it_was_computed_after():
+    """The chain digest stands for the whole prefix: the same block tokens after another prefix are another block.
+    With Python's hash of (previous hash, tokens) two previous values M = 2**61 - 1 apart met at the next block, so a
+    prefix crafted to hash that way was handed keys and values computed after another client's prefix."""
+    a = BlockAllocator(4, 2)
+    first, other = chain_hash(None, (11, 12)), chain_hash(None, (13, 14))
+    assert isinstance(first, bytes) and len(first) == 32 and first != other
+    b = a.allocate()
+    a.register(b, first, (5, 6))
+    assert a.lookup(first, (5, 6)) == b and a.lookup(other, (5, 6)) is None
+    old = hash((0, (5, 6))) == hash((2**61 - 1, (5, 6)))  # what the old chain reduced to
+    assert old and chain_hash(b"\x00" * 32, (5, 6)) != chain_hash(b"\x01" * 32, (5, 6))

@@ -1,9 +1,11 @@
 """Paged KV bookkeeping: fixed-size blocks, a block table per sequence, prefix reuse, LRU eviction.
 
 A block holds ``block_size`` token positions of every layer. A *full* block is identified by a
-chained hash (its tokens and the hash of the block before it), so equal prefixes (a shared system
-prompt, the earlier turns of a chat) map to the same blocks; a hit is checked against the stored
-tokens, so a hash collision can never hand out wrong keys and values. Blocks are refcounted; a
+chained digest (SHA-256 of its tokens and the digest of the block before it), so equal prefixes (a shared
+system prompt, the earlier turns of a chat) map to the same blocks; a hit is also checked against the
+stored tokens. The digest stands for the whole prefix: Python's ``hash`` did not (integers hash modulo
+2**61 - 1, so two chains could be made to meet, and a client could then be handed keys and values computed
+after another client's prefix). Blocks are refcounted; a
 full block nobody uses stays cached and is evicted least-recently-used when a fresh block is needed.
 
 Admission is preemption-free: a sequence is admitted only when the blocks it may ever need (prompt
@@ -13,13 +15,18 @@ a running sequence never waits for a block and is never evicted.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 
-def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
-    """The hash of a full block given the hash of the block before it (None for the first)."""
-    return hash((prev, tokens))
+def chain_hash(prev: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """The digest of a full block given the digest of the block before it (None for the first): SHA-256 over the
+    previous digest and the tokens (as int64), collision-resistant where the prefix it stands for matters."""
+    h = hashlib.sha256(prev if prev is not None else b"first block")
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 class BlockAllocator:
@@ -30,9 +37,9 @@ class BlockAllocator:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.refs = [0] * num_blocks
-        self.hashes: list[int | None] = [None] * num_blocks
+        self.hashes: list[bytes | None] = [None] * num_blocks
         self.tokens: list[tuple[int, ...] | None] = [None] * num_blocks
-        self.by_hash: dict[int, int] = {}
+        self.by_hash: dict[bytes, int] = {}
         self.free: deque[int] = deque(range(num_blocks))  # no hash, refcount 0
         self.lru: OrderedDict[int, None] = OrderedDict()  # hash, refcount 0; oldest first
 
@@ -45,7 +52,7 @@ class BlockAllocator:
     def in_use(self) -> int:
         return self.num_blocks - self.available
 
-    def lookup(self, prev: int | None, tokens: tuple[int, ...]) -> int | None:
+    def lookup(self, prev: bytes | None, tokens: tuple[int, ...]) -> int | None:
         """The cached block holding exactly ``tokens`` after the chain ``prev``, or None."""
         block = self.by_hash.get(chain_hash(prev, tokens))
         return block if block is not None and self.tokens[block] == tokens else None
@@ -79,8 +86,8 @@ class BlockAllocator:
             else:
                 self.lru[block] = None
 
-    def register(self, block: int, prev: int | None, tokens: tuple[int, ...]) -> int:
-        """Record that ``block`` is full with ``tokens``; return its chained hash."""
+    def register(self, block: int, prev: bytes | None, tokens: tuple[int, ...]) -> bytes:
+        """Record that ``block`` is full with ``tokens``; return its chained digest."""
         assert len(tokens) == self.block_size and self.refs[block] > 0
         h = chain_hash(prev, tokens)
         if h not in self.by_hash:  # an equal block cached earlier keeps serving lookups
@@ -101,7 +108,7 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     hashed: int = 0
-    last_hash: int | None = None
+    last_hash: bytes | None = None
     worst: int = 0  # blocks it may ever need (its reservation)
 
 

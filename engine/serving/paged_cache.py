@@ -85,7 +85,10 @@ class PagedKVCache:
         self.bind_groups([BindSpec(tables, start, q_lens, t, direct)])
 
     def bind_groups(self, specs: list[BindSpec]) -> None:
-        """Set up a grouped step: group k's layers come from ``group_layer(k, i)``."""
+        """Set up a grouped step: group k's layers come from ``group_layer(k, i)``. A gathered copy still pending is a
+        failed pass's (``finish`` ends every pass that ran through): dropped, not written back, since its blocks may
+        belong to other sequences by now (written after their keys, it corrupted them)."""
+        self._pending = None
         self._bound = [self._binding(s) for s in specs]
         self.direct_steps += any(s.direct for s in specs)
 
