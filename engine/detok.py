@@ -64,6 +64,12 @@ class IncrementalDetokenizer:
             return ""
         prefix_text, new_text = self._window_diff()
         self._prefix, self._read = self._read, len(self._tokens)
+        if not new_text.startswith(prefix_text):
+            # the held-back tokens are an incomplete character's bytes, and the decoder turned the window's whole byte
+            # run into U+FFFD, earlier complete characters included (SentencePiece byte fallback): one U+FFFD for the
+            # incomplete character, not one for each byte of the run past the text already given ("日" cut after one
+            # byte of "本" gave "日���")
+            return _REPLACEMENT
         return new_text[len(prefix_text):]
 
 

@@ -112,3 +112,18 @@ def test_unknown_tokenizer_model_is_named():
 
     with pytest.raises(ValueError, match=r"'bert'.*supported: gpt2, llama"):
         tokenizer_from_gguf({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}, "m.gguf")
+
+
+def test_a_sentencepiece_reply_cut_inside_a_character_ends_in_one_replacement(spm_gguf):
+    """Byte fallback decodes a window's whole byte run to U+FFFD once it holds an incomplete character, earlier
+    complete characters included; a reply cut after one byte of its second character ended "日���", now "日�"."""
+    from engine.detok import IncrementalDetokenizer
+    from engine.gguf.reader import open_gguf_files
+    from engine.gguf.vocab import tokenizer_from_gguf
+
+    tok = tokenizer_from_gguf(open_gguf_files(spm_gguf).metadata, "spm.gguf")
+    ids = tok.encode("日本", add_special_tokens=False)
+    assert len(ids) == 7  # "▁" and six byte tokens
+    for cut, want in ((4, " 日"), (5, " 日\ufffd"), (6, " 日\ufffd"), (7, " 日本")):
+        d = IncrementalDetokenizer(tok, skip_special_tokens=True, context_ids=tok.encode("hi"))
+        assert "".join(d.push(i) for i in ids[:cut]) + d.flush() == want, cut
