@@ -236,7 +236,7 @@ def _format_prefix(tok, names, text: str) -> bool:
     from engine.serving.constrain import Format, call_format
 
     f = Format(tok, call_format(names))
-    return f._feed(text) is not None
+    return f._feed(text.encode("utf-8")) is not None
 
 
 def test_a_forced_choice_holds_even_a_random_models_reply_to_the_call(tiny_qwen2_dir):

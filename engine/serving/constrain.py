@@ -14,29 +14,37 @@ the object is closed, and then nothing else.
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
 import weakref
 
 import torch
 
 from engine.sampling import SamplingParams, warp_logits
+from engine.token_bytes import token_bytes
 from engine.serving import json_mode
 from engine.serving.schema import Text, compiled
 
 log = logging.getLogger(__name__)
 TOP = 256  # candidates tried before the rest of the vocabulary
 _BLOCK = 256  # then tokens whose first character fits, tried this many at a time
-_texts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {token id: its text}
 _firsts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {vocab: _first_chars' answer}
 
 
 def token_text(tokenizer, token: int) -> str:
-    """A token's text as a reply shows it ("" for special tokens), cached per tokenizer."""
-    cache = _texts.setdefault(tokenizer, {})
-    text = cache.get(token)
-    if text is None:
-        text = cache[token] = tokenizer.decode([token], skip_special_tokens=True)
-    return text
+    """A token's text as a reply shows it mid-stream ("" for special tokens; U+FFFD for part of a character)."""
+    return token_bytes(tokenizer, token).decode("utf-8", "replace")
+
+
+def _split_utf8(data: bytes) -> tuple[str, bytes] | None:
+    """``data`` as its complete characters and the bytes of an unfinished last one; None if it is not UTF-8."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    try:
+        text = dec.decode(data, final=False)
+    except UnicodeDecodeError:
+        return None
+    return text, dec.getstate()[0]
 
 
 class JsonValue:
@@ -53,11 +61,16 @@ class JsonValue:
 
 
 class Format:
-    """What a sequence's reply must be, as segments in order; its state after the tokens taken so far."""
+    """What a sequence's reply must be, as segments in order; its state after the tokens taken so far. Tokens are
+    read as the bytes they add to the reply (engine.token_bytes: a SentencePiece piece's leading space included), a
+    character split over tokens once its last byte is in (``pending`` holds the bytes before)."""
 
-    def __init__(self, tokenizer, segments: list) -> None:
+    def __init__(self, tokenizer, segments: list, literals: str = "") -> None:
+        """``literals``: text holding the format's fixed strings (the schema, the tool names), whose characters a
+        token ending inside a character may be the start of."""
         self.tokenizer, self.segments = tokenizer, segments
-        self.state = (0, segments[0].start)
+        self.state, self.pending = (0, segments[0].start), b""
+        self.wide = sorted({c for c in literals if ord(c) > 127})
 
     def _step(self, state: tuple, ch: str) -> tuple | None:
         i, sub = state
@@ -72,43 +85,60 @@ class Format:
             sub = self.segments[i].start if i < len(self.segments) else None
         return None
 
-    def _feed(self, text: str) -> tuple | None:
+    def _feed(self, data: bytes) -> tuple[tuple, bytes] | None:
+        """(state, pending bytes) after ``data``, or None where the format does not take it."""
+        split = _split_utf8(self.pending + data)
+        if split is None:
+            return None
+        text, rest = split
         state = self.state
         for ch in text:
             state = self._step(state, ch)
             if state is None:
                 return None
-        return state
+        if rest and not any(self._step(state, ch) is not None for ch in self._completions(rest)):
+            return None  # no character the format takes next starts with these bytes: a dead end
+        return state, rest
+
+    def _completions(self, rest: bytes) -> list[str]:
+        """Characters that begin with the bytes ``rest``: the lowest one, and those of the format's literals."""
+        lead = rest[0]
+        size = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        second = {0xE0: 0xA0, 0xF0: 0x90}.get(lead, 0x80)
+        low = (rest + bytes([second] if len(rest) == 1 else []) + b"\x80" * size)[:size]
+        out = [c for c in low.decode("utf-8", "ignore")[:1]]
+        return out + [c for c in self.wide if c.encode("utf-8").startswith(rest)]
 
     @property
     def closed(self) -> bool:
         i, sub = self.state
-        return i == len(self.segments) - 1 and self.segments[i].complete(sub)
+        return not self.pending and i == len(self.segments) - 1 and self.segments[i].complete(sub)
 
     def allows(self, token: int, eos_ids: set[int]) -> bool:
         if token in eos_ids:
             return self.closed
-        text = token_text(self.tokenizer, token)
-        return bool(text) and self._feed(text) is not None
+        data = token_bytes(self.tokenizer, token)
+        return bool(data) and self._feed(data) is not None
 
     def advance(self, token: int, eos_ids: set[int]) -> None:
         """Take ``token``. One the format does not allow (only when no token is, and the model has no end of
         sequence to stop with) leaves the state as it was rather than failing the engine's step."""
         if token not in eos_ids:
-            state = self._feed(token_text(self.tokenizer, token))
-            if state is None:
+            fed = self._feed(token_bytes(self.tokenizer, token))
+            if fed is None:
                 log.warning("token %d leaves the reply's format (no allowed token was left)", token)
                 return
-            self.state = state
+            self.state, self.pending = fed
 
 
 def reply_format(params, tokenizer) -> Format | None:
     """The format ``params`` hold a reply to: one JSON object (``json_object``), or one call of a tool named in
     ``tool_call`` (a forced ``tool_choice``: :func:`call_format`), else None."""
     if params.tool_call:
-        return Format(tokenizer, call_format(params.tool_call))
+        return Format(tokenizer, call_format(params.tool_call), "".join(params.tool_call))
     if params.json_schema:
-        return Format(tokenizer, [compiled(params.json_schema)])
+        schema = params.json_schema  # its literals with any \u escapes as the characters they are
+        return Format(tokenizer, [compiled(schema)], json.dumps(json.loads(schema), ensure_ascii=False))
     return Format(tokenizer, [JsonValue()]) if params.json_object else None
 
 
@@ -153,7 +183,8 @@ def _first_chars(tokenizer, vocab: int) -> tuple[torch.Tensor, dict[str, int]]:
 def _allowed_beyond(row: torch.Tensor, constraint: Format, eos_ids: set[int]) -> list[int]:
     """Allowed tokens found past the top ones: among those starting with a character the format takes next."""
     codes, chars = _first_chars(constraint.tokenizer, row.numel())
-    ok = [code for c, code in chars.items() if constraint._feed(c) is not None]
+    # U+FFFD: a token starting inside a character (or completing the pending one): allows() decides
+    ok = [code for c, code in chars.items() if c == "\ufffd" or constraint._feed(c.encode("utf-8")) is not None]
     fits = torch.isin(codes, torch.tensor(ok, dtype=codes.dtype)).to(row.device)
     order = torch.argsort(row.float().masked_fill(~fits, float("-inf")), descending=True)[: int(fits.sum())].tolist()
     for lo in range(0, len(order), _BLOCK):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import time
@@ -16,6 +17,7 @@ from engine.serving.params import SamplingParams
 from engine.serving.sequence import Logprob, Sequence
 from engine.serving.tools import check_tools, parse_tool_calls, template_tool_calls
 from engine.text import utf8_problem
+from engine.token_bytes import token_bytes
 
 
 # what a request that leaves a field out gets when the model names no default for it (OpenAI's; top_k 0 and
@@ -233,7 +235,7 @@ class Reply:
         self.chat, self.model, self.tokenizer = chat, model, tokenizer
         self.tools = False  # the prompt offered tools: the text is parsed for calls (engine.serving.tools)
         self.max_calls: int | None = None  # 1 for parallel_tool_calls: false
-        self._offsets: dict[int, int] = {}  # completions: text offset reached by each choice's tokens
+        self._offsets: dict[int, tuple[int, bytes]] = {}  # completions: each choice's text offset, open bytes
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -287,19 +289,34 @@ class Reply:
         return {**self._head(obj), "choices": [], "usage": usage(prompt_tokens, seqs)}
 
     def logprobs(self, index: int, entries: list[Logprob]) -> dict:
-        """OpenAI's logprobs object: chat ``{"content": [...]}``, completions tokens / token_logprobs / ..."""
-        decode = self.tokenizer.decode
+        """OpenAI's logprobs object: chat ``{"content": [...]}``, completions tokens / token_logprobs / ... A token is
+        the bytes it adds to the reply (engine.token_bytes), its text those bytes or, for part of a character,
+        ``bytes:\\xNN...`` (each token decoded alone had given all of them U+FFFD: ``bytes`` could not rebuild the
+        text, offsets ran past it, alternatives overwrote each other)."""
+        tok = self.tokenizer
         if self.chat:
-            def item(tok: int, lp: float) -> dict:
-                text = decode([tok])
-                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+            def item(t: int, lp: float) -> dict:
+                data = token_bytes(tok, t)
+                return {"token": token_label(data), "logprob": lp, "bytes": list(data)}
             return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                                 for e in entries]}
-        tokens = [decode([e.token_id]) for e in entries]
-        offsets, at = [], self._offsets.get(index, 0)
-        for t in tokens:
+        tokens = [token_label(token_bytes(tok, e.token_id)) for e in entries]
+        at, pending = self._offsets.get(index, (0, b""))
+        offsets = []
+        for e in entries:  # a token's offset: the characters of the text before its first byte
             offsets.append(at)
-            at += len(t)
-        self._offsets[index] = at
+            dec = codecs.getincrementaldecoder("utf-8")("replace")
+            at += len(dec.decode(pending + token_bytes(tok, e.token_id), final=False))
+            pending = dec.getstate()[0]
+        self._offsets[index] = at, pending
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{decode([t]): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+                "top_logprobs": [{token_label(token_bytes(tok, t)): lp for t, lp in e.top} for e in entries],
+                "text_offset": offsets}
+
+
+def token_label(data: bytes) -> str:
+    """A token's text in logprobs: its bytes as UTF-8, or ``bytes:\\xNN...`` where they are not whole characters."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
