@@ -81,6 +81,10 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     torch_dtype: str | None = None
     architectures: tuple[str, ...] = field(default_factory=tuple)
+    sliding_window: int | None = None
+    use_sliding_window: bool | None = None  # Qwen2 / Qwen3: whether ``sliding_window`` applies at all
+    max_window_layers: int | None = None  # Qwen2 / Qwen3: the layers from this one on slide
+    layer_types: tuple[str, ...] | None = None  # transformers >= 5: "full_attention" / "sliding_attention" a layer
 
     def __post_init__(self) -> None:
         family = SUPPORTED_MODEL_TYPES.get(self.model_type)
@@ -137,6 +141,24 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     @property
+    def attention_window(self) -> int | None:
+        """The sliding window some layer's attention is limited to, as transformers reads these fields (None: every
+        layer attends to every earlier position): ``layer_types`` where given; Mistral's ``sliding_window`` for every
+        layer; Qwen2 / Qwen3 only with ``use_sliding_window``, from layer ``max_window_layers`` on. Past it this
+        engine's attention, which has no window, would silently differ: the context is held to it
+        (engine.engine.fit_context)."""
+        w = self.sliding_window
+        if not w:
+            return None
+        if self.layer_types is not None:
+            return w if "sliding_attention" in self.layer_types else None
+        if self.model_type == "mistral":
+            return w
+        if self.model_type in ("qwen2", "qwen3") and self.use_sliding_window:
+            return w if (self.max_window_layers or 0) < self.num_hidden_layers else None
+        return None
+
+    @property
     def eos_token_ids(self) -> list[int]:
         eos = self.eos_token_id
         if eos is None:
@@ -160,6 +182,10 @@ class ModelConfig:
             if kwargs.get("rope_scaling") is None and rope.get("rope_type", rope.get("type")) not in (None, "default"):
                 kwargs["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         kwargs["architectures"] = tuple(raw.get("architectures") or ())
+        if isinstance(raw.get("layer_types"), list):
+            kwargs["layer_types"] = tuple(raw["layer_types"])
+        if kwargs.get("model_type") == "mistral" and "sliding_window" not in raw:
+            kwargs["sliding_window"] = 4096  # transformers' MistralConfig default (Mistral-7B-v0.1's window)
         if kwargs["model_type"] not in SUPPORTED_MODEL_TYPES:  # before the key check: e.g. GPT-2 has n_embd
             raise ValueError(f"unsupported model_type {kwargs['model_type']!r}: this engine runs "
                              f"{sorted(SUPPORTED_MODEL_TYPES)} decoder-only checkpoints")

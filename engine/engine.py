@@ -80,9 +80,20 @@ class EngineOptions:
 def fit_context(cfg: ModelConfig, opts: EngineOptions) -> None:
     """A default ``opts.max_context`` (``max_context_auto``) lowered to the positions the model was trained on
     (``max_position_embeddings``; a GGUF's ``context_length``), so a short-context model gets a KV cache it can
-    use and no note; one that was asked for stays (the plan notes it when it is past them)."""
+    use and no note; one that was asked for stays (the plan notes it when it is past them). A model whose
+    attention slides (``ModelConfig.attention_window``: Mistral-7B-v0.1's 4096) is held to its window, which this
+    engine's attention does not implement: a default is lowered to it, a larger one asked for is an error (past
+    the window the logits silently differed from the model's)."""
     if opts.max_context_auto and opts.max_context > cfg.max_position_embeddings:
         opts.max_context = max(2, cfg.max_position_embeddings)
+    window = cfg.attention_window
+    if window is not None and opts.max_context > window:
+        if not opts.max_context_auto:
+            raise ValueError(f"this model's attention slides over the last {window} tokens (sliding_window in "
+                             f"config.json), which layerstream does not implement, so a context of "
+                             f"{opts.max_context} would give wrong output past {window} tokens: use --max-context "
+                             f"{window} or less")
+        opts.max_context = max(2, window)
 
 
 def pick_device(name: str) -> torch.device:

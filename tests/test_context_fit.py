@@ -48,3 +48,41 @@ def test_llm_default_fits(short_dir):
         assert m.engine.opts.max_context == 1024
     with LLM(short_dir, device="cpu", dtype="fp32", kernels="torch", max_batch=1, max_context=1500) as m:
         assert m.engine.opts.max_context == 1500
+
+
+@pytest.mark.parametrize("fields,window", [
+    ({"model_type": "mistral", "sliding_window": 512}, 512),  # Mistral-7B-v0.1: every layer slides
+    ({"model_type": "mistral"}, 4096),  # no key: transformers' MistralConfig default
+    ({"model_type": "mistral", "sliding_window": None}, None),  # v0.2 on
+    ({"model_type": "qwen2", "sliding_window": 32768, "use_sliding_window": False}, None),  # Qwen2.5's configs
+    ({"model_type": "qwen2", "sliding_window": 256, "use_sliding_window": True, "max_window_layers": 1}, 256),
+    ({"model_type": "qwen2", "sliding_window": 256, "use_sliding_window": True, "max_window_layers": 3}, None),
+    ({"model_type": "qwen3", "sliding_window": 256, "layer_types": ["full_attention", "sliding_attention",
+                                                                     "full_attention"]}, 256),
+    ({"model_type": "llama", "sliding_window": 256}, None),
+])
+def test_a_sliding_window_holds_the_context(fields, window):
+    """Past a sliding window the engine's attention (which has none) would silently differ from the model's: a
+    default context is lowered to the window, a larger one asked for is an error naming the flag."""
+    base = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "vocab_size": 100, "max_position_embeddings": 32768}
+    cfg = ModelConfig.from_dict({**base, **fields})
+    assert cfg.attention_window == window
+    auto = EngineOptions(max_context=4096, max_context_auto=True)
+    fit_context(cfg, auto)
+    assert auto.max_context == min(4096, window or 4096)
+    asked = EngineOptions(max_context=8192)
+    if window is None:
+        fit_context(cfg, asked)
+        assert asked.max_context == 8192
+    else:
+        with pytest.raises(ValueError, match=f"slides over the last {window} tokens.*--max-context {window} or less"):
+            fit_context(cfg, asked)
+
+
+def test_the_cli_refuses_a_context_past_the_window(tiny_qwen2_dir, tmp_path, capsys):
+    model = linked_model(tiny_qwen2_dir, tmp_path / "window", config={"sliding_window": 128, "use_sliding_window": True,
+                                                                       "max_window_layers": 1, "layer_types": None})
+    assert main(["--model", str(model), *CPU, "--max-context", "256"]) == 2
+    assert "error: this model's attention slides over the last 128 tokens" in capsys.readouterr().err
+    assert main(["--model", str(model), *CPU]) == 0
