@@ -22,9 +22,13 @@ _NEG_INF = float("-inf")
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # torch's generators take a 64-bit seed (a negative one as two's complement)
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding parameters. ``temperature == 0`` means greedy; 0 / 1.0 / 0.0 disable top-k / top-p / min-p."""
+    """Decoding parameters. ``temperature`` 0 (or below 1e-5) means greedy; 0 / 1.0 / 0.0 disable top-k / top-p /
+    min-p."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -51,8 +55,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when the next token is the argmax."""
-        return self.temperature == 0.0
+        """True when the next token is the argmax: temperature 0, or below ``GREEDY_BELOW`` (dividing the logits by
+        1e-38 overflowed them to inf, and the draw then took token 0)."""
+        return self.temperature < GREEDY_BELOW
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -82,11 +82,11 @@ class Api:
             reply.tools = chat and body.tools_used
             reply.max_calls = 1 if chat and body.parallel_tool_calls is False else None
             seqs = []
-            for p, ids in enumerate(prompts):  # choice index p * n + i, as OpenAI numbers a batch
+            for p, ids in enumerate(prompts):  # choice index p * n + i, as OpenAI numbers a batch; seeded by i
                 params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)),
                                        self.sampling)
                 seqs += [Sequence(ids, params, loop.engine.tokenizer, index=p * params.n + i, request_id=reply.id,
-                                  sink=self.delivery.sink(queue))
+                                  sink=self.delivery.sink(queue), choice=i)
                          for i in range(params.n)]
             loop.submit(seqs)
         except QueueFull as e:

@@ -13,7 +13,7 @@ from engine.serving.schema import compiled
 class SamplingParams:
     """How one request is decoded.
 
-    ``temperature == 0`` is greedy; ``top_k`` 0, ``top_p`` 1.0 and ``min_p`` 0.0 disable those filters.
+    ``temperature`` 0 (or below 1e-5) is greedy; ``top_k`` 0, ``top_p`` 1.0 and ``min_p`` 0.0 disable those filters.
     ``max_tokens`` None generates until a stop condition or the end of the context. ``logprobs`` k returns each
     token's log-probability under the model (before temperature, filters and penalties) and the k most likely
     alternatives. ``n`` completions of the same prompt are generated (with a seed, completion i uses

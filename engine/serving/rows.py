@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from engine.sampling import Sampler
+from engine.sampling import Sampler, apply_repetition_penalty
 from engine.serving.constrain import constrained_token
 from engine.serving.sequence import Logprob, Sequence
 from engine.upload import upload_list
@@ -71,6 +71,8 @@ class RowSampler:
         row, history = self._penalised(row[:, : self.vocab].float(), s)
         token = int(s.sampler(row, history))
         if s.constraint is not None:  # a format (JSON, a schema, a call): redrawn among the tokens it allows
+            if history is not None:  # from the logits the sampler saw: the repetition penalty too
+                row = apply_repetition_penalty(row, history, s.token_params.repetition_penalty)
             eos = eng.tokenizer.eos_ids
             token = constrained_token(row[0], token, s.constraint, eos, s.token_params,
                                       s.sampler.generator(row.device))

@@ -51,7 +51,11 @@ class Sequence:
     """
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, index: int = 0,
-                 sink: Callable[[SeqOutput], None] | None = None, request_id: str = "") -> None:
+                 sink: Callable[[SeqOutput], None] | None = None, request_id: str = "",
+                 choice: int | None = None) -> None:
+        """``index``: the choice's number in its response; ``choice``: its number among its prompt's ``n``
+        completions, which seeds it (``seed + choice``; default ``index``), so that a prompt's texts do not depend
+        on where it sits in a request's list of prompts."""
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
         self.seq_id = next(_ids)
@@ -61,7 +65,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.logprobs: list[Logprob] = []
         self.params = params
-        self.token_params = params.token_params(index)
+        self.token_params = params.token_params(index if choice is None else choice)
         self.sink = sink
         self.status = Status.WAITING
         self.finish_reason: str | None = None
