@@ -11,6 +11,8 @@ next as soon as one finishes, so every pass over the (streamed) weights serves a
 
 from __future__ import annotations
 
+import threading
+
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -68,6 +70,10 @@ class LLM:
 
         if max_batch < 1 or (prefill_chunk is not None and prefill_chunk < 1):
             raise ValueError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
+        if kv_cache not in ("slots", "paged") or isinstance(block_size, bool) or not isinstance(block_size, int) \
+                or block_size < 1:  # before the load (they were checked after it, by the scheduler)
+            raise ValueError(f"kv_cache must be 'slots' or 'paged' (got {kv_cache!r}) and block_size an integer >= 1 "
+                             f"(got {block_size!r})")
         opts = EngineOptions(device=device, dtype=dtype, kernels=kernels, vram_budget=size(vram_budget),
                              host_budget=size(host_budget), batch=max_batch,
                              max_context=max_context or EngineOptions.max_context, max_context_auto=max_context is None,
@@ -78,7 +84,13 @@ class LLM:
         fit_context(files.cfg, opts)
         self.engine: Engine = load_engine(None, opts, quiet=True, resolved=(files, is_default))[0]
         self.tokenizer = self.engine.tokenizer
-        self.scheduler = Scheduler(self.engine, max_waiting=0, kv_cache=kv_cache, block_size=block_size)
+        try:
+            self.scheduler: Scheduler | None = Scheduler(self.engine, max_waiting=0, kv_cache=kv_cache,
+                                                         block_size=block_size)
+        except BaseException:  # e.g. the paged cache's memory: the loaded engine is released, not left to the GC
+            self.engine.close()
+            raise
+        self._lock = threading.Lock()  # one batch at a time: calls from other threads wait their turn
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
@@ -114,20 +126,29 @@ class LLM:
         return out
 
     def _run(self, items: list[tuple[str | None, list[int]]], params, use_tqdm: bool) -> list[RequestOutput]:
-        from tqdm import tqdm
-
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(items)
         if len(plist) != len(items):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(items)} prompts; give one, or one each")
         if bad := next((p for p in plist if not isinstance(p, SamplingParams)), None):
             raise TypeError(f"params must be engine.SamplingParams (or a list of them), got {type(bad).__name__}: "
                             "e.g. SamplingParams(max_tokens=64, temperature=0.7)")
-        groups = [[Sequence(ids, p, self.tokenizer, index=i) for i in range(p.n)] for (_, ids), p in zip(items, plist)]
-        sched = self.scheduler
+        with self._lock:  # one batch at a time: two threads' calls had stepped each other's sequences, failing both
+            if self.scheduler is None:
+                raise RuntimeError("this LLM is closed: make a new one")
+            return self._run_locked(items, plist, use_tqdm)
+
+    def _run_locked(self, items: list[tuple[str | None, list[int]]], plist: list[SamplingParams],
+                    use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm import tqdm
+
+        sched, groups = self.scheduler, []
+        for k, ((_, ids), p) in enumerate(zip(items, plist)):  # every prompt checked before any work
+            try:
+                groups.append([Sequence(ids, p, self.tokenizer, index=i) for i in range(p.n)])
+                sched.check(ids, p)
+            except ValueError as e:
+                raise ValueError(f"prompt {k}: {e}" if len(items) > 1 else str(e)) from None
         sched.max_waiting = sum(map(len, groups))
-        for group in groups:
-            for s in group:
-                sched.check(s.prompt_ids, s.params)  # every prompt before any work
         bar = tqdm(total=len(groups), desc="generating", unit="prompt", disable=not (use_tqdm and groups), leave=False)
         left = {id(g): len(g) for g in groups}
         owner = {s.seq_id: g for g in groups for s in g}
@@ -152,7 +173,13 @@ class LLM:
                                           for s in g]) for (text, ids), g in zip(items, groups)]
 
     def close(self) -> None:
-        """Release the engine's weight sources and allocator cap."""
+        """Release the engine's weight sources and allocator cap, and drop the scheduler (its KV cache), whose
+        reference cycle with its runner had kept the engine's memory until a garbage collection; later calls are an
+        error. Idempotent."""
+        if self.scheduler is not None:
+            self.scheduler.runner.on_queued = None
+            self.scheduler = None
+        self.engine.cache = self.engine.graph = None
         self.engine.close()
 
     def __enter__(self) -> LLM:

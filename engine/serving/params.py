@@ -43,6 +43,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's -100..100
 
     def __post_init__(self) -> None:
+        if self.stop is None:  # as vLLM takes it
+            object.__setattr__(self, "stop", ())
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
