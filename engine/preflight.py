@@ -54,10 +54,10 @@ class Machine:
 
     @classmethod
     def probe(cls, device: str) -> Machine:
-        """This machine's figures (psutil)."""
-        import psutil
-        vm = psutil.virtual_memory()
-        return cls(ram_total=vm.total, ram_available=vm.available, device=device)
+        """This machine's figures (psutil), held to the memory limit of the process's cgroup (memory.ram)."""
+        from memory.ram import ram
+        r = ram()
+        return cls(ram_total=r.total, ram_available=r.available, device=device)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,7 @@ free), the host budget for pinned streamed layers, and the workload's sanity che
 
 from __future__ import annotations
 
-import psutil
-
+from memory.ram import ram
 from memory.units import format_size
 
 
@@ -42,7 +41,7 @@ def resolve_host_budget(host_budget: int | None, notes: list[str]) -> int:
         if host_budget < 0:
             raise ValueError(f"host budget must be >= 0, got {host_budget}: pass e.g. --host-budget 32GB")
         return host_budget
-    vm = psutil.virtual_memory()
+    vm = ram()  # held to the cgroup's limit in a container
     margin = max(2 << 30, vm.total // 10)
     budget = max(0, vm.available - margin)
     notes.append(f"host budget: {format_size(vm.available)} available minus a {format_size(margin)} margin "
