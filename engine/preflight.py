@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from memory.placement import DISK_RING
 from memory.units import format_size as fs
 
 log = logging.getLogger(__name__)
@@ -69,16 +70,19 @@ class PlanBytes:
     disk_per_step: int  # bytes read from the checkpoint files per step
     dtype: str
     host_kv: int = 0  # the host lane's KV cache (memory.plan.HostLane.kv_bytes)
+    disk_ring: int = 0  # the disk tier's staging ring (memory.placement.DISK_RING slots; pinned on a GPU)
 
     @classmethod
     def of(cls, plan) -> PlanBytes:
         kv = plan.host_lane.kv_bytes if plan.host_lane is not None else 0
-        return cls(plan.total_bytes, plan.host_pinned_bytes, plan.disk_bytes_per_step, plan.dtype, kv)
+        ring = DISK_RING * plan.slot_bytes if plan.disk_layers else 0
+        return cls(plan.total_bytes, plan.host_pinned_bytes, plan.disk_bytes_per_step, plan.dtype, kv, ring)
 
 
 def ram_needed(p: PlanBytes, m: Machine) -> int:
-    """RAM the run needs: the host tier, the host lane's KV cache and the process, plus the device part on the CPU."""
-    return p.host_pinned + p.host_kv + PROCESS_BYTES + (p.device_total if m.device == "cpu" else 0)
+    """RAM the run needs: the host tier, the host lane's KV cache, the disk tier's ring and the process, plus the
+    device part on the CPU."""
+    return p.host_pinned + p.host_kv + p.disk_ring + PROCESS_BYTES + (p.device_total if m.device == "cpu" else 0)
 
 
 def host_lane_ram(p: PlanBytes, m: Machine) -> int:
@@ -103,6 +107,8 @@ def check_fits(p: PlanBytes, m: Machine, host_budget_given: bool) -> None:
         parts.append(f"{fs(p.host_pinned)} of streamed layers in host memory")
     if p.host_kv:
         parts.append(f"{fs(p.host_kv)} of KV cache for the host lane's layers")
+    if p.disk_ring:
+        parts.append(f"{fs(p.disk_ring)} of staging for the layers read from disk")
     parts.append(f"{fs(PROCESS_BYTES)} for the process")
     have = (f"{fs(m.limit)} can be used ({fs(m.ram_available)} available of {fs(m.ram_total)} RAM, minus "
             f"{fs(SYSTEM_RESERVE)} kept for the system)")

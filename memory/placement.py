@@ -84,7 +84,20 @@ class Tiers:
     host_pinned: int
 
 
+DISK_RING = 3  # staging buffers of one slot each through which the disk tier's reads pass (streamer.host.DiskReader)
+
+
 def assign_tiers(s: Sizes, r: Residency, host_budget: int) -> Tiers:
+    """Streamed layers pinned in execution order within ``host_budget``, the rest read from disk; once anything is
+    read from disk, its ring of ``DISK_RING`` slot-sized buffers comes out of the budget too (left out, a plan filled
+    the RAM it was given and the ring then went past it: 4.9 GiB for a 72B with layers on disk)."""
+    tiers = _tiers(s, r, host_budget)
+    if tiers.disk_layers or tiers.lm_head_tier == "disk":
+        tiers = _tiers(s, r, max(0, host_budget - DISK_RING * s.layer))
+    return tiers
+
+
+def _tiers(s: Sizes, r: Residency, host_budget: int) -> Tiers:
     left, disk, spilled = host_budget, [], False
     for i in r.streamed:  # execution order: the last go to disk first
         if not spilled and s.layers[i] <= left:

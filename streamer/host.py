@@ -80,6 +80,9 @@ def upload_all(packers: dict[int, Packer], dests: dict[int, torch.Tensor], threa
         pins.release()
 
 
+DISK_RING = 3  # the disk tier's ring buffers of one staging slot each (memory.placement reserves them in RAM)
+
+
 class DiskReader:
     """Reads disk-tier units into a ring of pinned buffers, in unit order, ahead of use.
 

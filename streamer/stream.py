@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from streamer.files import SpanReader
-from streamer.host import DiskReader, pack_all, upload_all
+from streamer.host import DISK_RING, DiskReader, pack_all, upload_all
 from streamer.pinning import PinnedSet
 from streamer.sync import Sync, SyncLog
 from streamer.trace import Tracer
@@ -96,7 +96,7 @@ class WeightStreamer:
         self.disk = self._disk_reader() if len(pinned) < len(self.units) else None
 
     def _disk_reader(self) -> DiskReader:
-        return DiskReader(3, self.slot_bytes, pin=True)
+        return DiskReader(DISK_RING, self.slot_bytes, pin=True)
 
     # ----- the pipeline -----
     def _start_pipeline(self) -> None:

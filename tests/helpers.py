@@ -27,6 +27,7 @@ from engine.layout import LayerLayout, expected_tensors
 from engine.model import Model
 from engine.ops import TorchOps
 from engine.weights import ModelWeights
+from memory.placement import DISK_RING
 
 # tiny model families built by make_hf_model (see hf_config)
 FAMILIES = ("qwen2", "qwen2-tied", "qwen3", "llama", "llama3-rope", "mistral", "llama-gqa1")
@@ -166,7 +167,8 @@ def plan_for(cfg: ModelConfig, ckpt: Checkpoint, kind: str = "resident", *, batc
     * ``stream-all``: the minimum budget: every layer and lm_head (in chunks) stream, pinned;
     * ``stream-partial``: one layer more than the minimum: one layer resident (the last: streamed
       layers are spread from layer 0), the rest streams;
-    * ``disk-some``: everything streams, only one layer fits the host budget: the others come from disk;
+    * ``disk-some``: everything streams, only one layer fits the host budget (beside the disk tier's ring): the
+      others come from disk;
     * ``disk-all``: everything streams, host budget 0: every layer from disk.
     """
     tb = {n: i.nbytes for n, i in ckpt.tensors.items()}
@@ -174,7 +176,7 @@ def plan_for(cfg: ModelConfig, ckpt: Checkpoint, kind: str = "resident", *, batc
     layer = LayerLayout.build(cfg, dtype).nbytes
     low = min_budget(cfg, dtype, **kw)
     budget, host = {"resident": (None, 1 << 30), "stream-all": (low, 1 << 30),
-                    "stream-partial": (low + layer, 1 << 30), "disk-some": (low, layer),
+                    "stream-partial": (low + layer, 1 << 30), "disk-some": (low, (1 + DISK_RING) * layer),
                     "disk-all": (low, 0)}[kind]
     return plan_model(cfg, tb, dtype, vram_budget=budget, host_budget=host, **kw)
 

@@ -20,6 +20,7 @@ from engine.generate import decode_step, generate, prefill
 from engine.host_lane import HostOps
 from engine.ops import TorchOps
 from engine.run import main
+from memory.placement import DISK_RING
 from memory.process_vram import outside_allocator
 from engine.sampling import SamplingParams
 from streamer.stream import WeightStreamer
@@ -43,7 +44,7 @@ def _host_engine(model_dir: Path, batch: int, resident: int, host_layers: int | 
     low = min_budget(probe.cfg, torch.float32, batch=batch, max_context=64, prefill_chunk=CHUNK)
     layer = probe.plan.layer_bytes
     probe.close()
-    host = (1 << 30) if host_layers is None else host_layers * layer
+    host = (1 << 30) if host_layers is None else (host_layers + DISK_RING) * layer  # (the disk tier's ring too)
     return make_engine(model_dir, batch=batch, prefill_chunk=CHUNK, vram_budget=low + resident * layer,
                        host_budget=host, host_compute=n)
 

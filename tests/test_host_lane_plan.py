@@ -11,6 +11,7 @@ import pytest
 from memory.footprint import Footprint, Module
 from memory.host_lane import LaneInputs, choose_host_layers, improve, lane_times, parse_host_compute, spread_host
 from memory.lane_schedule import BOUNDARY_S, HANDOFF_S, StepUnit, simulate
+from memory.placement import DISK_RING
 from memory.planner import HBM_GBPS, make_plan, minimum_budget
 
 LAYER, N_LAYERS, ROWS, ROW = 466_000_000, 28, 152_064, 7168
@@ -156,7 +157,7 @@ def test_forcing_more_host_layers_than_can_be_is_refused():
 
 def test_disk_tier_layers_are_never_host_layers():
     fp = _footprint()
-    host_budget = 6 * LAYER  # only the first six streamed layers are pinned
+    host_budget = (6 + DISK_RING) * LAYER  # only the first six streamed layers are pinned (and the disk tier's ring)
     p = make_plan(fp, vram_budget=_budget(fp, 10), **{**KW, "host_budget": host_budget}, host_compute="auto",
                   host_gbps=200.0)
     assert p.disk_layers and p.host_layers and not set(p.host_layers) & set(p.disk_layers)

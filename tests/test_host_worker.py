@@ -23,6 +23,7 @@ from engine.host_worker import (CorePick, HostWorker, cpu_ranges, cpu_topology, 
                                 run_pinned)
 from engine.run import main
 from engine.sampling import SamplingParams
+from memory.placement import DISK_RING
 from tests.helpers import make_engine, make_hf_model, random_prompts
 
 SMT8 = {c: (0, c % 4) for c in range(8)}  # 4 cores, siblings c and c + 4
@@ -118,7 +119,7 @@ def test_host_layers_run_on_the_worker(model_dir, mix, monkeypatch):
     ref = make_engine(model_dir, batch=3)
     low = min_budget(ref.cfg, torch.float32, batch=3, max_context=64, prefill_chunk=4)
     layer = ref.plan.layer_bytes
-    host = (1 << 30) if pinned is None else pinned * layer
+    host = (1 << 30) if pinned is None else (pinned + DISK_RING) * layer  # (the disk tier's ring too)
     ours = make_engine(model_dir, batch=3, prefill_chunk=4, vram_budget=low + resident * layer, host_budget=host,
                        host_compute=n)
     lane = ours.model.host

@@ -135,13 +135,17 @@ def test_budget_above_free_memory_is_clamped():
 
 
 def test_small_host_budget_sends_last_layers_to_disk():
-    p = plan7b(host_budget=3 * 466_115_584 + 1000)
+    """Three layers' bytes pinned, the rest read from disk through the ring of DISK_RING slots, which the budget holds
+    too (memory.placement: left out, a plan filled its RAM and the ring went past it)."""
+    from memory.placement import DISK_RING
+    ring = DISK_RING * 466_115_584
+    p = plan7b(host_budget=3 * 466_115_584 + ring + 1000)
     pinned = [i for i in p.streamed_layers if i not in p.disk_layers]
     assert pinned == list(p.streamed_layers[:3]) and p.disk_layers == p.streamed_layers[3:]
     assert all(p.module(f"layers.{i}").tier == "disk" for i in p.disk_layers)
-    assert p.host_pinned_bytes == 3 * p.layer_bytes <= p.host_budget_bytes
+    assert p.host_pinned_bytes == 3 * p.layer_bytes <= p.host_budget_bytes - ring
     assert p.disk_bytes_per_step > 0 and any("disk" in n for n in p.notes)
-    slow = plan7b(host_budget=3 * 466_115_584, disk_gbps=3.0)
+    slow = plan7b(host_budget=3 * 466_115_584 + ring, disk_gbps=3.0)
     assert slow.step_bound == "disk" and slow.predicted_step_s > p.predicted_step_s
 
 
