@@ -127,7 +127,8 @@ def add_engine_args(p: CliParser, host_lane: bool = True) -> None:
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="triton kernels (auto on CUDA) or the plain-torch reference path (auto on the CPU)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch's compute and for loading weights (default: torch's choice)")
+                   help="CPU threads for torch's compute and for loading weights (default: torch's choice for the "
+                        "compute; the CPUs this process may use, at most 8, for loading)")
     p.add_size_argument("--vram-budget", help="GPU memory the engine may use (weights, staging slots, KV cache, "
                         f"activations); on the CPU: RAM for the resident part; {SIZE_HELP}")
     p.add_size_argument("--host-budget", help="pinned host memory for streamed layers (default: available RAM "

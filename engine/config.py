@@ -189,6 +189,12 @@ class ModelConfig:
         if kwargs["model_type"] not in SUPPORTED_MODEL_TYPES:  # before the key check: e.g. GPT-2 has n_embd
             raise ValueError(f"unsupported model_type {kwargs['model_type']!r}: this engine runs "
                              f"{sorted(SUPPORTED_MODEL_TYPES)} decoder-only checkpoints")
+        if raw.get("mlp_bias"):
+            raise ValueError("config.json: mlp_bias is true (biases on the MLP's projections), which layerstream does "
+                             "not support")
+        if raw.get("attention_bias") and kwargs["model_type"] != "qwen2":
+            raise ValueError(f"config.json: attention_bias is true, which for {kwargs['model_type']} means biases on "
+                             "q/k/v and on o_proj; layerstream does not support an o_proj bias")
         missing = [n for n in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads", "vocab_size") if n not in kwargs]
         if missing:

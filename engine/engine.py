@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +40,9 @@ from memory.host_rate import host_gemv_rate
 from memory.process_vram import Outside, outside_allocator
 
 log = logging.getLogger(__name__)
+# threads loading weights (reading, packing, pinning) unless --threads says: at most the CPUs this process may use
+# (8 on a 2-core machine had each convert a layer at once, 1.6x its bytes of temporaries apiece)
+LOAD_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -65,7 +69,7 @@ class EngineOptions:
     max_context_auto: bool = False  # max_context is a default: fit_context lowers it to the model's trained context
     prefill_chunk: int = 2048
     prefill_chunk_auto: bool = False  # prefill_chunk is a default: the planner may lower it to fit the budget
-    threads: int = 8
+    threads: int = LOAD_THREADS
     trace: bool = False
     cuda_graph: bool = True  # replay the decode step as CUDA graphs (CUDA + triton kernels; see engine.graphs)
     cap_allocator: bool = True  # with a vram_budget on CUDA: the process's reserved memory stays inside it

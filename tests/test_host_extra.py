@@ -19,7 +19,9 @@ BASE = dict(model_type="qwen2", hidden_size=256, intermediate_size=512, num_hidd
 
 
 def _cfg(**kw) -> ModelConfig:
-    return ModelConfig.from_dict({**BASE, **kw})
+    """Built directly (a GGUF's config is: a llama-architecture file with q/k/v biases has attention_bias; a
+    config.json saying so for llama means an o_proj bias too, which from_dict refuses)."""
+    return ModelConfig(**{**BASE, **kw})
 
 
 def _real_weights(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
