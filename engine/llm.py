@@ -22,7 +22,7 @@ from engine.engine import Engine, EngineOptions, fit_context, open_model
 from engine.serving.params import SamplingParams
 from engine.serving.scheduler import Scheduler
 from engine.serving.sequence import Logprob, Sequence
-from engine.serving.tools import check_tools, parse_tool_calls, template_tool_calls
+from engine.serving.tools import check_tools, parse_tool_calls, template_kwargs, template_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,15 @@ class LLM:
     def chat(self, conversations: list[dict] | list[list[dict]],
              params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, tools: list[dict] | None = None,
-             tool_choice: str | dict | None = None) -> list[RequestOutput]:
+             tool_choice: str | dict | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Reply to conversations ([{"role", "content"}, ...]) rendered with the model's chat template.
         ``tools`` (OpenAI's function definitions) are offered to the model as the server offers them, with
         OpenAI's ``tool_choice`` (engine.serving.tools); each output's ``tool_calls`` then holds the calls its
-        text makes."""
+        text makes. ``chat_template_kwargs``: extra template variables, e.g. Qwen3's
+        ``{"enable_thinking": False}``."""
         conversations = _conversation_list(conversations)
+        extra = template_kwargs(chat_template_kwargs)
         offered, forced = check_tools(tools or [], tool_choice, self.tokenizer.chat_template)
         if forced:
             plist = params if isinstance(params, list) else [params or SamplingParams()] * len(conversations)
@@ -117,7 +120,7 @@ class LLM:
         for conv in conversations:
             conv = [{**m, "tool_calls": template_tool_calls(m["tool_calls"])} if m.get("tool_calls") else m
                     for m in conv]
-            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True,
+            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, **extra,
                                                       **({"tools": tools} if offered else {}))
             items.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
         out = self._run(items, params, use_tqdm)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from engine.sampling import SEED_MAX, SEED_MIN
 from engine.serving.params import SamplingParams
 from engine.serving.sequence import Logprob, Sequence
-from engine.serving.tools import check_tools, parse_tool_calls, template_tool_calls
+from engine.serving.tools import check_tools, parse_tool_calls, template_kwargs, template_tool_calls
 from engine.text import utf8_problem
 from engine.token_bytes import token_bytes
 
@@ -140,6 +140,7 @@ class ChatRequest(_Request):
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None  # false: only the first call of a turn is kept
+    chat_template_kwargs: dict | None = None  # vLLM's: extra chat-template variables ({"enable_thinking": false})
     functions: list | None = None  # OpenAI's deprecated form of tools: refused with the way to send them
     function_call: Any = None
     modalities: list | None = None
@@ -162,7 +163,7 @@ class ChatRequest(_Request):
         for i, m in enumerate(self.messages):
             _check_text(f"messages[{i}].content", m.as_template_input()["content"])
         text = tokenizer.apply_chat_template([m.as_template_input() for m in self.messages],
-                                             add_generation_prompt=True,
+                                             add_generation_prompt=True, **template_kwargs(self.chat_template_kwargs),
                                              **({"tools": self.tools} if self._tools_used else {}))
         return [tokenizer.encode(text, add_special_tokens=False)]
 

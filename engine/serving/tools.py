@@ -159,3 +159,20 @@ def _partial_suffix(text: str, tag: str) -> int:
         if text.endswith(tag[:n]):
             return n
     return 0
+
+
+RESERVED_TEMPLATE_NAMES = ("messages", "tools", "add_generation_prompt", "documents")
+
+
+def template_kwargs(value) -> dict:
+    """A request's ``chat_template_kwargs`` (vLLM's: extra variables for the chat template, e.g. Qwen3's
+    ``{"enable_thinking": false}``) checked: a dict of names to values, none of the template's own."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise ValueError('chat_template_kwargs must be an object of template variable names to values, e.g. '
+                         '{"enable_thinking": false}')
+    if taken := [k for k in value if k in RESERVED_TEMPLATE_NAMES]:
+        raise ValueError(f"chat_template_kwargs cannot set {taken[0]!r}: give it as its own field")
+    return dict(value)
+
