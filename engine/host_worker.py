@@ -22,7 +22,6 @@ import atexit
 import logging
 import os
 import queue
-import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from engine.interrupts import deferred_interrupts
+from engine.interrupts import ctrl_c_after
 
 log = logging.getLogger(__name__)
 
@@ -183,20 +182,16 @@ class HostWorker:
             return
         fut: Future = Future()
         self._jobs.put((fut, lambda: None, ()))
-        with deferred_interrupts((signal.SIGINT,)) as interrupted:
+        with ctrl_c_after():
             fut.exception()  # the queue runs in order: every earlier call has ended
-        if interrupted.is_set():
-            raise KeyboardInterrupt
 
     def close(self) -> None:
         """Finish the queued calls and stop the thread (idempotent; a Ctrl-C meanwhile is raised after the join: a
         process that exits with the worker inside torch aborts)."""
         if self._thread.is_alive():
             self._jobs.put(None)
-            with deferred_interrupts((signal.SIGINT,)) as interrupted:
+            with ctrl_c_after():
                 self._thread.join()
-            if interrupted.is_set():
-                raise KeyboardInterrupt
         _LIVE.discard(self)
 
 

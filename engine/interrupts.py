@@ -26,6 +26,16 @@ def deferred_interrupts(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTER
             signal.signal(sig, handler)
 
 
+@contextmanager
+def ctrl_c_after() -> Iterator[None]:
+    """Run the block to its end whatever a Ctrl-C does meanwhile, then raise the KeyboardInterrupt it held back
+    (SIGTERM still ends the process): for state that must not be left half changed."""
+    with deferred_interrupts((signal.SIGINT,)) as interrupted:
+        yield
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+
+
 def forget_handled_interrupt() -> None:
     """Call before ``sys.exit`` under ``python -m`` once any Ctrl-C has been handled.
 

@@ -28,12 +28,11 @@ plan's step without host layers cannot stand for the steps (layers read from dis
 from __future__ import annotations
 
 import logging
-import signal
 import statistics
 
 from engine.graphs import try_capture
 from engine.host_forms import form_name
-from engine.interrupts import deferred_interrupts
+from engine.interrupts import ctrl_c_after
 from memory.host_lane import replan, without_lane
 from memory.host_rate import record_achieved
 
@@ -104,11 +103,8 @@ def shrink_host_lane(engine, measured_s: float, window: tuple[int, float] | None
     the lane's (steps, seconds) over that window (:meth:`LaneGuard.window`), whose rate the re-plan uses and the
     next plan keeps (None: the lane's since its timing began). A Ctrl-C meanwhile is raised once the lane, the plan,
     the caches and the graph agree again (one landing inside the graph's capture had left later runs eager)."""
-    with deferred_interrupts((signal.SIGINT,)) as interrupted:  # SIGTERM still ends the process
-        guard = _shrink(engine, measured_s, window)
-    if interrupted.is_set():
-        raise KeyboardInterrupt
-    return guard
+    with ctrl_c_after():
+        return _shrink(engine, measured_s, window)
 
 
 def _shrink(engine, measured_s: float, window: tuple[int, float] | None) -> LaneGuard | None:
