@@ -11,6 +11,7 @@ kind falls back to decoding the token alone.
 
 from __future__ import annotations
 
+import codecs
 import re
 import weakref
 
@@ -20,7 +21,7 @@ _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> 
 
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's printable stand-in character for each byte, reversed (character -> byte)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -72,3 +73,15 @@ def _bytes_of(tokenizer, kind: str, specials: set[int], token: int) -> bytes:
     if m := _BYTE_PIECE.fullmatch(piece):
         return bytes([int(m.group(1), 16)])
     return piece.replace("▁", " ").encode("utf-8")
+
+
+def split_utf8(data: bytes, errors: str = "strict") -> tuple[str, bytes] | None:
+    """``data`` as its complete characters and the bytes of an unfinished last one; None where it is not UTF-8
+    (``errors="replace"``: never None, bad bytes read as U+FFFD)."""
+    dec = codecs.getincrementaldecoder("utf-8")(errors)
+    try:
+        text = dec.decode(data, final=False)
+    except UnicodeDecodeError:
+        return None
+    return text, dec.getstate()[0]
+

@@ -14,7 +14,6 @@ the object is closed, and then nothing else.
 
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import weakref
@@ -22,7 +21,7 @@ import weakref
 import torch
 
 from engine.sampling import SamplingParams, warp_logits
-from engine.token_bytes import token_bytes
+from engine.token_bytes import split_utf8, token_bytes
 from engine.serving import json_mode
 from engine.serving.schema import Text, compiled
 
@@ -35,16 +34,6 @@ _firsts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer ->
 def token_text(tokenizer, token: int) -> str:
     """A token's text as a reply shows it mid-stream ("" for special tokens; U+FFFD for part of a character)."""
     return token_bytes(tokenizer, token).decode("utf-8", "replace")
-
-
-def _split_utf8(data: bytes) -> tuple[str, bytes] | None:
-    """``data`` as its complete characters and the bytes of an unfinished last one; None if it is not UTF-8."""
-    dec = codecs.getincrementaldecoder("utf-8")()
-    try:
-        text = dec.decode(data, final=False)
-    except UnicodeDecodeError:
-        return None
-    return text, dec.getstate()[0]
 
 
 class JsonValue:
@@ -87,7 +76,7 @@ class Format:
 
     def _feed(self, data: bytes) -> tuple[tuple, bytes] | None:
         """(state, pending bytes) after ``data``, or None where the format does not take it."""
-        split = _split_utf8(self.pending + data)
+        split = split_utf8(self.pending + data)
         if split is None:
             return None
         text, rest = split

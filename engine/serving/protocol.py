@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import json
 import time
@@ -17,7 +16,7 @@ from engine.serving.params import SamplingParams
 from engine.serving.sequence import Logprob, Sequence
 from engine.serving.tools import check_tools, parse_tool_calls, template_kwargs, template_tool_calls
 from engine.text import utf8_problem
-from engine.token_bytes import token_bytes
+from engine.token_bytes import split_utf8, token_bytes
 
 
 # what a request that leaves a field out gets when the model names no default for it (OpenAI's; top_k 0 and
@@ -306,9 +305,8 @@ class Reply:
         offsets = []
         for e in entries:  # a token's offset: the characters of the text before its first byte
             offsets.append(at)
-            dec = codecs.getincrementaldecoder("utf-8")("replace")
-            at += len(dec.decode(pending + token_bytes(tok, e.token_id), final=False))
-            pending = dec.getstate()[0]
+            text, pending = split_utf8(pending + token_bytes(tok, e.token_id), "replace")
+            at += len(text)
         self._offsets[index] = at, pending
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{token_label(token_bytes(tok, t)): lp for t, lp in e.top} for e in entries],
