@@ -68,20 +68,18 @@ class RowSampler:
         eng = self.engine
         if s.sampler is None:
             s.sampler = Sampler(s.token_params, self.vocab, eng.device, use_triton=eng.ops.name == "triton")
-        row, history = self._penalised(row[:, : self.vocab].float(), s)
-        token = int(s.sampler(row, history))
+        row = self._penalised(row[:, : self.vocab].float(), s)
+        token = int(s.sampler(row))
         if s.constraint is not None:  # a format (JSON, a schema, a call): redrawn among the tokens it allows
-            if history is not None:  # from the logits the sampler saw: the repetition penalty too
-                row = apply_repetition_penalty(row, history, s.token_params.repetition_penalty)
             eos = eng.tokenizer.eos_ids
             token = constrained_token(row[0], token, s.constraint, eos, s.token_params,
                                       s.sampler.generator(row.device))
             s.constraint.advance(token, eos)
         return token
 
-    def _penalised(self, row: torch.Tensor, s: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sequence ``s``'s fp32 row [1, V] with its presence / frequency penalties and logit bias, and the ids
-        the repetition penalty applies to (None without it)."""
+    def _penalised(self, row: torch.Tensor, s: Sequence) -> torch.Tensor:
+        """Sequence ``s``'s fp32 row [1, V] with its presence / frequency penalties, logit bias and repetition
+        penalty (over its prompt and output ids)."""
         p = s.params
         if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
             counts = torch.bincount(upload_list(s.output_ids, torch.long, row.device), minlength=self.vocab)
@@ -90,10 +88,10 @@ class RowSampler:
         if p.logit_bias:  # OpenAI's: added to the logits before sampling (ids past the vocabulary refused earlier)
             ids, bias = _bias_tensors(p.logit_bias, row.device)
             row = row.index_add(1, ids, bias)  # out of place: row may be a view of the batch's logits
-        history = None
-        if p.repetition_penalty != 1.0:
+        if p.repetition_penalty != 1.0:  # here, not in the sampler: a format's fallback draw sees it too
             history = upload_list(s.all_ids, torch.long, row.device).view(1, -1)
-        return row, history
+            row = apply_repetition_penalty(row, history, p.repetition_penalty)
+        return row
 
 
 @functools.lru_cache(maxsize=64)
