@@ -75,7 +75,7 @@ class PlanBytes:
     @classmethod
     def of(cls, plan) -> PlanBytes:
         kv = plan.host_lane.kv_bytes if plan.host_lane is not None else 0
-        ring = DISK_RING * plan.slot_bytes if plan.disk_layers else 0
+        ring = DISK_RING * plan.slot_bytes if plan.disk_bytes_per_step else 0  # any unit read from disk
         return cls(plan.total_bytes, plan.host_pinned_bytes, plan.disk_bytes_per_step, plan.dtype, kv, ring)
 
 

@@ -170,3 +170,18 @@ def test_an_allocation_failure_while_running_is_one_line(capsys, tiny_qwen2_dir,
     assert rc == 1 and "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: out of RAM") and "--max-context" in lines[0], err
+
+
+def test_the_disk_tiers_ring_counts_in_the_ram():
+    """A plan reading anything from disk stages it through a ring of slot-sized buffers (memory.placement.DISK_RING),
+    counted and named in the check (left out, a 72B with layers on disk needed 4.9 GiB more than was checked)."""
+    from types import SimpleNamespace
+
+    from memory.placement import DISK_RING
+    plan = SimpleNamespace(total_bytes=GiB, host_pinned_bytes=int(3.5 * GiB), disk_bytes_per_step=GiB,
+                           dtype="bfloat16", host_lane=None, slot_bytes=GiB // 2, disk_layers=(7, 8))
+    p = PlanBytes.of(plan)
+    assert p.disk_ring == DISK_RING * GiB // 2
+    assert PlanBytes.of(SimpleNamespace(**{**vars(plan), "disk_layers": (), "disk_bytes_per_step": 0})).disk_ring == 0
+    with pytest.raises(InsufficientMemoryError, match=r"1.50 GiB of staging for the layers read from disk"):
+        check_fits(p, fake(8, 6, "cuda"), host_budget_given=False)  # 5 GiB may be used: 3.5 + 1.5 + 0.5
