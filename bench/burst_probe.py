@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.pass_gaps import gaps, load  # noqa: E402
+from bench.pass_gaps import report as gap_report  # noqa: E402
 from bench.probe_server import server_parser, sync  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.serving.sequence import Sequence  # noqa: E402
@@ -66,20 +68,41 @@ def burst(llm: LLM, prompts: list[list[int]]) -> list[dict]:
     seqs = [Sequence(p, params, llm.tokenizer) for p in prompts]
     for s in seqs:
         sched.add(s)
-    passes = []
+    passes, queued = [], QueuedClock(llm)
     while any(not s.output_ids for s in seqs):
         sync()
         GC.take()
-        t = time.perf_counter()
+        t = queued.t = time.perf_counter()
         sched.step()
         sync()
         st, (gc_ms, gcs, full) = sched.stats, GC.take()
         passes.append({"ms": (time.perf_counter() - t) * 1e3, "cpu_ms": st.last_cpu_s * 1e3, "batch": st.last_batch,
+                       "queued_ms": queued.ms,
                        "tokens": st.last_tokens, "gc_ms": gc_ms, "gcs": gcs, "full_gcs": full,
                        "first_tokens": sum(1 for s in seqs if s.output_ids)})
+    queued.close()
     while sched.has_work():
         sched.step()
     return passes
+
+
+class QueuedClock:
+    """When a pass was queued on the device (the runner's ``on_queued``), in ms after ``t``: near the pass's
+    wall time, the host queued the pass as the GPU ran it (host-bound, or a full launch queue); well below, the
+    GPU ran behind the host."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.runner, self.t, self.ms = llm.scheduler.runner, 0.0, float("nan")
+        self.inner = self.runner.on_queued
+        self.runner.on_queued = self._hook
+
+    def _hook(self) -> None:
+        self.ms = (time.perf_counter() - self.t) * 1e3
+        if self.inner is not None:
+            self.inner()
+
+    def close(self) -> None:
+        self.runner.on_queued = self.inner
 
 
 def first_pass_under(llm: LLM, prompts: list[list[int]], wrap) -> tuple[float, int, int]:
@@ -111,6 +134,28 @@ def profiled_pass(llm: LLM, prompts: list[list[int]]) -> dict:
     ms, batch, tokens = first_pass_under(llm, prompts, prof)
     return {"step_ms": ms, "rows": kernel_rows(prof, gpu, 1), "gpu": gpu, "steps": 1, "batch": batch,
             "tokens": tokens, "host_calls": host_calls(prof)}
+
+
+def traced_pass(llm: LLM, prompts: list[list[int]], path: str) -> dict:
+    """The burst's first pass under torch's profiler with CUDA activity only (the least host overhead), its
+    chrome trace gzipped into ``path`` and its compute stream's idle gaps by cause (bench/pass_gaps.py)."""
+    import gzip
+    import os
+    import shutil
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU])
+    ms, batch, tokens = first_pass_under(llm, prompts, prof)
+    with tempfile.TemporaryDirectory() as d:
+        raw = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as f, gzip.open(path, "wb") as g:
+            shutil.copyfileobj(f, g)
+    res = gaps(load(path))
+    res.update(pass_ms=round(ms, 1), batch=batch, tokens=tokens)
+    return res
 
 
 def cprofiled_pass(llm: LLM, prompts: list[list[int]], top: int = 40) -> list[str]:
@@ -173,6 +218,8 @@ def main() -> None:
     p.add_argument("--out")
     p.add_argument("--profile", action="store_true", help="one more round, its first pass profiled")
     p.add_argument("--cprofile", action="store_true", help="one more round, its first pass under cProfile")
+    p.add_argument("--trace", help="one more round, its first pass traced (CUDA activity only), the chrome trace "
+                   "written here (.json.gz) and its compute stream's gaps by cause (bench/pass_gaps.py)")
     a = p.parse_args()
     llm = LLM(a.model, vram_budget=a.vram_budget, max_batch=a.max_batch, max_context=a.max_context)
     plan = llm.engine.plan
@@ -191,7 +238,7 @@ def main() -> None:
             print("\n".join(oom_report(llm)), flush=True)
             raise
         for x in rounds[-1]:
-            print(f"round {r + 1}: {x['ms']:7.1f} ms (engine thread CPU {x['cpu_ms']:7.1f})  batch {x['batch']:3d}  tokens {x['tokens']:6d}  "
+            print(f"round {r + 1}: {x['ms']:7.1f} ms (queued after {x['queued_ms']:7.1f}, engine thread CPU {x['cpu_ms']:7.1f})  batch {x['batch']:3d}  tokens {x['tokens']:6d}  "
                   f"first tokens so far {x['first_tokens']}  GC {x['gc_ms']:5.1f} ms ({x['gcs']}, {x['full_gcs']} full)",
                   flush=True)
     out = {"rounds": rounds}
@@ -203,6 +250,11 @@ def main() -> None:
         print(f"{'host CUDA call':40} {'calls':>7} {'ms':>9}", flush=True)
         for r in res["host_calls"]:
             print(f"{r['name'][:40]:40} {r['calls']:7d} {r['ms']:9.2f}", flush=True)
+    if a.trace:
+        out["gaps"] = traced_pass(llm, _fresh(llm, jobs, a.rounds + 2), a.trace)
+        g = out["gaps"]
+        print(f"traced pass: {g['pass_ms']} ms, batch {g['batch']}, tokens {g['tokens']}", flush=True)
+        print("\n".join(gap_report(g)), flush=True)
     if a.cprofile:
         out["cprofile"] = cprofiled_pass(llm, _fresh(llm, jobs, a.rounds + 1))
         print("\n".join(out["cprofile"]), flush=True)

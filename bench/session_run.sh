@@ -87,6 +87,9 @@
 #     own launch (=0), the synthetic 7B AWQ at 6 GiB batch 1, alternated 0 1 0 1; first the GPU tests of the epilogue,
 #     the fused op and the engine's tokens with it, and bench/round_check.py (whether the engine's o_proj takes the
 #     fused path at all: only where its tuned GEMV is the int8-x one)
+#  B  issue 16: bench/burst_probe.py --trace on the synthetic 7B AWQ at 6 GiB (the 16-client burst in process, each
+#     pass's queued time against its wall time, then one first pass traced with CUDA activity only: the compute
+#     stream's idle gaps by cause, host or device, bench/pass_gaps.py); then the same for the bf16 7B (B_BF16=1)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -98,7 +101,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQ]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQB]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -393,6 +396,16 @@ if [[ $steps == *Q* ]]; then  # o_proj's rounding in the attention's epilogue, t
       --budgets 6GiB --batches 1 --steps 16 --prefill-tokens 0 --out-dir $R --tag round$r-$n > $R/bench_round$r-$n.log 2>&1
     echo "round=$r ($n) rc=$?"; grep -E "tok/s|ms" $R/bench_round$r-$n.log | tail -2
   done
+save; fi
+if [[ $steps == *B* ]]; then  # is the AWQ burst's first pass host-bound or device-bound?
+  awq_7b
+  timeout $(left 240) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 --trace $R/trace_awq.json.gz \
+    --out $R/burst_trace_awq.json > $R/burst_trace_awq.txt 2>&1; echo "burst awq rc=$?"
+  grep -E "^round|traced|compute stream|gaps before" $R/burst_trace_awq.txt | head -24
+  if [ -n "${B_BF16:-}" ]; then synth_7b $M
+    timeout $(left 200) python3 bench/burst_probe.py --model $M --rounds 2 --trace $R/trace_bf16.json.gz \
+      --out $R/burst_trace_bf16.json > $R/burst_trace_bf16.txt 2>&1; echo "burst bf16 rc=$?"
+    grep -E "^round|traced|compute stream|gaps before" $R/burst_trace_bf16.txt | head -24; fi
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
