@@ -61,3 +61,49 @@ def test_a_second_failure_reaches_the_caller(tiny_qwen2_dir, engines, monkeypatc
     with pytest.raises(torch.OutOfMemoryError):
         sched.step()
     assert sched.runner.stack_rows == 16 and all(s.num_computed == 0 for s in sched.running)
+
+
+def _failing_decode(ops, monkeypatch, failures: int):
+    """ops.swiglu_linear raising OutOfMemoryError in a decode step (one token a row), ``failures`` times."""
+    real, left = ops.swiglu_linear, [failures]
+
+    def swiglu_linear(gate_up, w):
+        if gate_up.numel() // gate_up.shape[-1] <= 4 and left[0]:
+            left[0] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real(gate_up, w)
+    monkeypatch.setattr(ops, "swiglu_linear", swiglu_linear)
+
+
+@pytest.mark.parametrize("kv", ["slots", "paged-16"])
+def test_a_decode_step_out_of_memory_runs_again(tiny_qwen2_dir, engines, monkeypatch, caplog, kv):
+    single, multi = engines
+    sched = scheduler_for(kv, tiny_qwen2_dir, multi)
+    eng = sched.engine
+    prompts = random_prompts([7, 10], eng.cfg.vocab_size, seed=31)
+    seqs = [Sequence(p, SamplingParams(max_tokens=4), eng.tokenizer) for p in prompts]
+    for s in seqs:
+        sched.add(s)
+    sched.step()  # the prompts' pass: every sequence has its first token and decodes next
+    assert all(s.pending == 1 for s in seqs)
+    _failing_decode(eng.model.ops, monkeypatch, failures=1)
+    with caplog.at_level(logging.WARNING, logger="engine.serving.retry"):
+        while not all(s.finished for s in seqs):
+            sched.step()
+    assert "a decode step of 2 sequences ran out of device memory" in caplog.text
+    for p, s in zip(prompts, seqs):
+        assert s.output_ids == alone(single, p, 4)
+    if kv != "slots":
+        eng.close()
+
+
+def test_a_second_decode_failure_reaches_the_caller(tiny_qwen2_dir, engines, monkeypatch):
+    _, multi = engines
+    sched = scheduler_for("slots", tiny_qwen2_dir, multi)
+    s = Sequence(random_prompts([6], multi.cfg.vocab_size, seed=5)[0], SamplingParams(max_tokens=3), multi.tokenizer)
+    sched.add(s)
+    sched.step()
+    _failing_decode(multi.model.ops, monkeypatch, failures=2)
+    with pytest.raises(torch.OutOfMemoryError):
+        sched.step()
+    assert s.num_computed == 6 and len(s.output_ids) == 1  # nothing advanced

@@ -33,13 +33,33 @@ def grouped_retried(runner: ModelRunner, seqs: list[Sequence]) -> tuple[torch.Te
                 len(seqs), why, runner.stack_rows // 2)
     for s, d in zip(seqs, deferred):
         s.deferred = d
-    if runner.paged:
-        runner.paged[0].abandon()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    _release(runner)
     saved = runner.stack_rows
     runner.stack_rows = saved // 2
     try:
         return runner._grouped(seqs)
     finally:
         runner.stack_rows = saved
+
+
+def padded_retried(runner: ModelRunner, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
+    """``runner._padded(seqs)`` (a decode step); when it runs out of device memory, again once with the cached
+    memory released before the error reaches the caller. A decode step's peak is planned, so what fails it is
+    memory the allocator holds in pieces (a prompt pass's leftovers); the step rewrites the same keys and values
+    and its sequences advance only after it returns."""
+    try:
+        return runner._padded(seqs)
+    except torch.OutOfMemoryError as e:
+        why = str(e).split(". ")[0]
+    log.warning("a decode step of %d sequences ran out of device memory (%s): running it again with the "
+                "allocator's cache released", len(seqs), why)
+    _release(runner)
+    return runner._padded(seqs)
+
+
+def _release(runner: ModelRunner) -> None:
+    """Drop a failed pass's paged binding and return the allocator's cached blocks to the device."""
+    if runner.paged:
+        runner.paged[0].abandon()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

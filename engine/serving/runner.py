@@ -40,7 +40,7 @@ from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
 from engine.serving.packing import pack_rows, stack_free
 from engine.serving.passcost import MAX_DEFERRED, PassCost, prompt_order
-from engine.serving.retry import grouped_retried
+from engine.serving.retry import grouped_retried, padded_retried
 from engine.serving.rows import RowSampler
 from engine.serving.sequence import Logprob, Sequence
 from engine.upload import upload, upload_list
@@ -110,7 +110,7 @@ class ModelRunner:
         if any(s.pending > 1 for s in seqs):
             logits, q_lens = grouped_retried(self, seqs)  # prompt slices next to decode tokens, no padding between
         else:
-            logits, q_lens = self._padded(seqs)
+            logits, q_lens = padded_retried(self, seqs)
         if self.on_queued is not None:
             self.on_queued()
         for s in seqs:
