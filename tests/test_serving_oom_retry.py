@@ -16,14 +16,15 @@ from tests.helpers import random_prompts
 from tests.sched_helpers import alone, engines, run_all, scheduler_for  # noqa: F401  (engines: a fixture)
 
 
-def _failing(ops, monkeypatch, failures: int):
-    """ops.swiglu_linear raising OutOfMemoryError on its 2nd call of a prompt pass, ``failures`` times."""
+def _failing(ops, monkeypatch, failures: int, decode: bool = False):
+    """ops.swiglu_linear raising OutOfMemoryError on its 2nd call of a prompt pass (``decode``: on every call of
+    a decode step), ``failures`` times."""
     real, calls, left = ops.swiglu_linear, [], [failures]
 
     def swiglu_linear(gate_up, w):
-        if gate_up.numel() // gate_up.shape[-1] > 4:  # a prompt's rows, not a decode step's
+        if (gate_up.numel() // gate_up.shape[-1] > 4) != decode:  # a prompt's rows, or a decode step's
             calls.append(1)
-            if left[0] and len(calls) % 2 == 0:
+            if left[0] and (decode or len(calls) % 2 == 0):
                 left[0] -= 1
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 220.00 MiB")
         return real(gate_up, w)
@@ -65,14 +66,7 @@ def test_a_second_failure_reaches_the_caller(tiny_qwen2_dir, engines, monkeypatc
 
 def _failing_decode(ops, monkeypatch, failures: int):
     """ops.swiglu_linear raising OutOfMemoryError in a decode step (one token a row), ``failures`` times."""
-    real, left = ops.swiglu_linear, [failures]
-
-    def swiglu_linear(gate_up, w):
-        if gate_up.numel() // gate_up.shape[-1] <= 4 and left[0]:
-            left[0] -= 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
-        return real(gate_up, w)
-    monkeypatch.setattr(ops, "swiglu_linear", swiglu_linear)
+    _failing(ops, monkeypatch, failures, decode=True)
 
 
 @pytest.mark.parametrize("kv", ["slots", "paged-16"])
