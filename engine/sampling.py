@@ -60,6 +60,23 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
+def generator_seed(seed: int, device: torch.device) -> int:
+    """The value a ``device`` generator is seeded with for a request's 64-bit ``seed``.
+
+    CUDA's Philox generator keeps all 64 bits. The CPU generator's Mersenne Twister keeps only the low 32 (seeds
+    differing above bit 31 gave the same tokens), so there the high half is mixed into the low half first:
+    ``lo ^ fmix32(hi)`` (MurmurHash3's bijective finaliser, 0 for 0): seeds below 2**32 are kept as they are, and
+    seeds differing only above bit 31 always seed different streams. A negative seed is its two's complement.
+    """
+    seed %= 2**64
+    if device.type != "cpu":
+        return seed
+    h = seed >> 32
+    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    return (seed & 0xFFFFFFFF) ^ h ^ (h >> 16)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
     """HF RepetitionPenaltyLogitsProcessor on [B, V] logits; ``history`` [B, N] right-padded with -1.
 
@@ -140,7 +157,7 @@ class Sampler:
             if self.params.seed is None:
                 gen.seed()
             else:
-                gen.manual_seed(self.params.seed)
+                gen.manual_seed(generator_seed(self.params.seed, device))
             self._generators[device] = gen
         return gen
 

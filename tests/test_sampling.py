@@ -155,3 +155,23 @@ def test_the_nth_completions_seed_wraps_to_the_same_generator_state() -> None:
         return [int(sampler(logits)) for _ in range(8)]
     assert draws(-3) == draws(2**64 - 3)
     assert draws(RequestParams(temperature=1.0, seed=-4, n=2).token_params(1).seed) == draws(-3)
+
+
+def test_seeds_differing_above_bit_31_draw_differently_on_the_cpu() -> None:
+    """The CPU generator keeps 32 bits of its seed: the high half is mixed in (engine.sampling.generator_seed), so
+    seeds that differ only there no longer give the same tokens; seeds below 2**32 seed the generator as before."""
+    logits = torch.zeros(1, 1000)  # uniform: 12 draws of 1000 tokens tell streams apart
+
+    def draws(seed: int) -> list[int]:
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed), 1000, "cpu")
+        return [int(sampler(logits)) for _ in range(12)]
+    seeds = [5, 5 + 2**32, 5 + 2**40, 5 + 2**63, 2**32 - 1, -1]
+    streams = [draws(s) for s in seeds]
+    assert len({tuple(s) for s in streams}) == len(seeds), dict(zip(seeds, streams))
+    assert draws(-7) == draws(2**64 - 7)  # a negative seed is still its two's complement
+    from engine.sampling import generator_seed
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [generator_seed(s, cpu) for s in (0, 5, 2**32 - 1)] == [0, 5, 2**32 - 1]
+    assert generator_seed(5 + 2**40, cuda) == 5 + 2**40 and generator_seed(-1, cuda) == 2**64 - 1
+    expected = torch.multinomial(torch.ones(1000), 1, generator=torch.Generator().manual_seed(5)).item()
+    assert streams[0][0] == expected
