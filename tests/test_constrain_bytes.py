@@ -82,7 +82,7 @@ def test_a_sentencepiece_piece_keeps_its_space(spm):
 def test_logprobs_rebuild_the_text_of_split_characters(tiny_qwen2_dir):
     """Chat logprobs' ``bytes`` join into the reply's bytes, completions' offsets point at the character a token's
     first byte is in, and alternatives that are parts of different characters keep separate entries."""
-    from engine.serving.protocol import Reply
+    from engine.serving.reply import Reply
     from engine.serving.sequence import Logprob
 
     tok = Tokenizer.from_dir(tiny_qwen2_dir)

@@ -135,3 +135,32 @@ def test_paged_cache_reuses_prompt_prefixes_across_calls(tiny_qwen2_dir, alone):
         assert hits >= 8 and hits % 8 == 0
         for out in first + second:
             assert out.outputs[0].token_ids == alone(out.prompt_token_ids, 5).token_ids[0]
+
+
+def _cut_at(ids: list[int], stops: set[int]) -> list[int]:
+    """``ids`` up to (not including) the first of ``stops``."""
+    return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
+
+
+def test_stop_token_ids_end_the_reply_without_the_token(llm):
+    """vLLM's ``stop_token_ids``: the first one sampled ends the reply ("stop", left out as eos is), even with
+    ``ignore_eos``; one past the vocabulary, or not a token id, is a ValueError naming the field."""
+    prompts = random_prompts([3, 9], llm.engine.cfg.vocab_size, seed=2)
+    free = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    ids = free[0].outputs[0].token_ids
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])  # a token first sampled at step k >= 2
+    stops = {ids[k], 5}
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=sorted(stops)),
+                        use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == ids[:k] and outs[0].outputs[0].finish_reason == "stop"
+    for f, o in zip(free, outs):
+        (c,) = o.outputs
+        want = _cut_at(f.outputs[0].token_ids, stops)
+        assert c.token_ids == want and c.finish_reason == ("stop" if len(want) < 8 else "length")
+        assert c.text == llm.tokenizer.decode(want, skip_special_tokens=True)
+    vocab = llm.engine.cfg.vocab_size
+    with pytest.raises(ValueError, match=f"stop_token_ids names token {vocab}, past this model's vocabulary"):
+        llm.generate([[1, 2]], SamplingParams(stop_token_ids=[3, vocab]), use_tqdm=False)
+    for bad in ([-1], ["3"], [True], 3):
+        with pytest.raises(ValueError, match="stop_token_ids must be a list of token ids"):
+            SamplingParams(stop_token_ids=bad)

@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException
 from engine.serving.delivery import LoopDelivery
 from engine.serving.loop import EngineLoop, NotReady
 from engine.serving.metrics import ServerMetrics
-from engine.serving.protocol import ChatRequest, CompletionRequest, Reply, error_body
+from engine.serving.protocol import ChatRequest, CompletionRequest, error_body
+from engine.serving.reply import Reply
 from engine.serving.scheduler import QueueFull
 from engine.serving.sequence import Sequence
 from engine.serving.tools import ToolCallStream
@@ -93,8 +94,8 @@ class Api:
             return unavailable(f"server overloaded: {e}")
         except NotReady as e:
             return unavailable(str(e))
-        except ValueError as e:
-            return error(400, str(e))
+        except ValueError as e:  # a FieldError names its field
+            return error(400, str(e), param=getattr(e, "param", None))
         prompt_tokens = sum(map(len, prompts))
         if body.stream:
             return StreamingResponse(self.stream(seqs, queue, reply, body.include_usage, prompt_tokens),

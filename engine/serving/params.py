@@ -9,6 +9,14 @@ from engine.sampling import SEED_MAX, SamplingParams as TokenSamplingParams
 from engine.serving.schema import compiled
 
 
+class FieldError(ValueError):
+    """A ValueError about one request field: the server's 400 names it as the error's ``param``."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded.
@@ -19,6 +27,7 @@ class SamplingParams:
     alternatives. ``n`` completions of the same prompt are generated (with a seed, completion i uses
     ``seed + i``). ``presence_penalty`` and ``frequency_penalty`` follow OpenAI (on generated tokens),
     ``repetition_penalty`` follows Hugging Face (on prompt and generated tokens), ``logit_bias`` OpenAI.
+    ``stop_token_ids`` (vLLM's) end the reply when one is sampled, as eos does (also with ``ignore_eos``).
     At most one format holds the reply (engine.serving.constrain): ``json_object`` one JSON object,
     ``json_schema`` (a JSON Schema as JSON text) what the schema accepts, ``tool_call`` one call of one of
     these tools.
@@ -41,6 +50,7 @@ class SamplingParams:
     tool_call: tuple[str, ...] | None = None  # the reply held to one call of one of these tools (a forced tool_choice)
     json_schema: str | None = None  # the reply held to this JSON Schema, as JSON text (engine.serving.schema)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's -100..100
+    stop_token_ids: tuple[int, ...] = ()  # vLLM's: sampling one ends the reply ("stop"), left out of it, as eos is
 
     def __post_init__(self) -> None:
         if self.stop is None:  # as vLLM takes it
@@ -62,6 +72,7 @@ class SamplingParams:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and -2.0 <= value <= 2.0):
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
+        object.__setattr__(self, "stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
         if isinstance(self.logit_bias, dict):
             object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
         for token, bias in self.logit_bias:
@@ -95,3 +106,13 @@ class SamplingParams:
         """Whether any penalty (or a logit bias) changes the logits."""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
                 or bool(self.logit_bias))
+
+
+def _token_ids(name: str, value) -> tuple[int, ...]:
+    """``value`` (a list of token ids, or None) as a tuple; ValueError naming ``name`` for anything else."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                                                   for t in value):
+        raise ValueError(f"{name} must be a list of token ids (integers >= 0), got {value!r}")
+    return tuple(value)

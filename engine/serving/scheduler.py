@@ -24,7 +24,7 @@ from engine.engine import Engine
 from engine.generate import nonfinite_message
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import PagedKVCache
-from engine.serving.params import SamplingParams
+from engine.serving.params import FieldError, SamplingParams
 from engine.serving.passprof import PassProfiler
 from engine.serving.runner import ModelRunner
 from engine.serving.sequence import Sequence, SeqOutput, Status
@@ -106,8 +106,9 @@ class Scheduler:
         vocab = self.engine.cfg.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token id out of range [0, {vocab})")
-        if bad := [t for t, _ in params.logit_bias if t >= vocab]:
-            raise ValueError(f"logit_bias names token {bad[0]}, past this model's vocabulary [0, {vocab})")
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            if bad := [t for t in ids if t >= vocab]:
+                raise FieldError(name, f"{name} names token {bad[0]}, past this model's vocabulary [0, {vocab})")
         need = len(prompt_ids) + (params.max_tokens or 1)
         if need > self.max_context:
             raise ValueError(f"this model's context holds {self.max_context} tokens, but {len(prompt_ids)} prompt "

@@ -101,10 +101,11 @@ class Sequence:
         return self.status is Status.FINISHED
 
     def append(self, token: int, eos_ids: set[int], max_context: int, logprob: Logprob | None = None) -> SeqOutput:
-        """Take a sampled token: eos, stop strings, max_tokens and the context end may finish the sequence."""
+        """Take a sampled token: eos, a stop token, stop strings, max_tokens and the context end may finish the
+        sequence (eos and stop tokens are left out of the reply)."""
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
-        if token in eos_ids and not self.params.ignore_eos:
+        if token in eos_ids and not self.params.ignore_eos or token in self.params.stop_token_ids:
             return self._finish("stop", "", [], tail=self.detok.flush())
         self.output_ids.append(token)
         if logprob is not None:
