@@ -143,7 +143,8 @@ def _encode_prompts(files: ModelFiles, args, prompts: list[str], max_context: in
     return out
 
 
-def _generate(engine: Engine, args, prompts: list[list[int]], echo: bool):
+def _generate(engine: Engine, args, prompts: list[list[int]], echo: bool, seeds: list[int] | None = None):
+    """``prompts`` decoded together with the flags' sampling; ``seeds``: each row's (default: from ``--seed``)."""
     from engine.generate import generate
     from engine.sampling import SamplingParams
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -154,7 +155,7 @@ def _generate(engine: Engine, args, prompts: list[list[int]], echo: bool):
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    return generate(engine, prompts, params, args.max_new_tokens, args.stop, on_text)
+    return generate(engine, prompts, params, args.max_new_tokens, args.stop, on_text, seeds)
 
 
 def run_session(args: argparse.Namespace, opts: EngineOptions, prompts: list[str] | None) -> int:
@@ -178,9 +179,13 @@ def run_session(args: argparse.Namespace, opts: EngineOptions, prompts: list[str
         if ids is None:
             from engine.chat import chat
             return chat(engine, args, lambda p: _generate(engine, args, [p], echo=True))
-        groups = [(prompts[i:i + opts.batch], ids[i:i + opts.batch]) for i in range(0, len(ids), opts.batch)]
-        results = [(g_ids, _generate(engine, args, g_ids, echo=len(ids) == 1 and not args.json))
-                   for _, g_ids in groups]
+        from engine.sampling import row_seeds
+        seeds = None if args.seed is None else row_seeds(ids, args.seed)  # over every group: a prompt's own seed
+        results = []
+        for i in range(0, len(ids), opts.batch):
+            group = ids[i:i + opts.batch]
+            results.append((group, _generate(engine, args, group, echo=len(ids) == 1 and not args.json,
+                                             seeds=None if seeds is None else seeds[i:i + opts.batch])))
         print_results(engine, args, prompts, results, is_default)
         return 0
     finally:

@@ -7,6 +7,7 @@ sequences stop advancing while the others go on.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from engine import ahead
 from engine.detok import IncrementalDetokenizer, StopStringMatcher
 from engine.engine import Engine
 from engine.lane_guard import guard_for, shrink_host_lane
-from engine.sampling import Sampler, SamplingParams
+from engine.sampling import Sampler, SamplingParams, row_seeds
 
 
 @dataclass
@@ -80,12 +81,14 @@ def nonfinite_message(dtype: torch.dtype, generated: int, prompt: int | None = N
 
 def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | None = None,
              max_new_tokens: int = 128, stop_strings: list[str] | None = None,
-             on_text: Callable[[int, str], None] | None = None) -> Generation:
-    """Generate up to ``max_new_tokens`` for each prompt (token ids); Ctrl-C stops cleanly."""
+             on_text: Callable[[int, str], None] | None = None, seeds: list[int] | None = None) -> Generation:
+    """Generate up to ``max_new_tokens`` for each prompt (token ids); Ctrl-C stops cleanly. With a seed, each row
+    draws from its own generator, seeded with ``seeds[i]`` (default: ``row_seeds(prompts, params.seed)``), so
+    its tokens do not depend on the rest of the batch."""
     params = params or SamplingParams()
     _check_prompts(engine, prompts)
     dev, b, cap = engine.device, len(prompts), engine.opts.max_context
-    sampler = Sampler(params, engine.cfg.vocab_size, dev, use_triton=engine.ops.name == "triton")
+    sampler = _row_sampler(engine, params, prompts, seeds)
     eos = engine.tokenizer.eos_ids
     history = _penalty_history(params, prompts, max_new_tokens, dev)
     out: list[list[int]] = [[] for _ in range(b)]
@@ -134,7 +137,28 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
     return Generation(out, texts, reasons, _stats(engine, prompts, out, (t0, t1 or t2, t2), crossed, moved))
 
 
-def _next_tokens(engine: Engine, sampler: Sampler, logits: torch.Tensor, history: torch.Tensor | None,
+RowSampler = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (logits [B, V], history) -> tokens [B]
+
+
+def _row_sampler(engine: Engine, params: SamplingParams, prompts: list[list[int]],
+                 seeds: list[int] | None) -> RowSampler:
+    """One sampler for the whole batch, or, when seeded (and not greedy), one per row with its own seed."""
+    vocab, dev, triton = engine.cfg.vocab_size, engine.device, engine.ops.name == "triton"
+    if seeds is None and params.seed is not None:
+        seeds = row_seeds(prompts, params.seed)
+    if seeds is None or params.greedy:
+        return Sampler(params, vocab, dev, use_triton=triton)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one each")
+    rows = [Sampler(dataclasses.replace(params, seed=s), vocab, dev, use_triton=triton) for s in seeds]
+
+    def sample(logits: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([r(logits[i:i + 1], None if history is None else history[i:i + 1])
+                          for i, r in enumerate(rows)])
+    return sample
+
+
+def _next_tokens(engine: Engine, sampler: RowSampler, logits: torch.Tensor, history: torch.Tensor | None,
                  reasons: list[str], out: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
     """The step's sampled tokens, on the device and as ints (the one host sync per step); NonFiniteLogits when
     an unfinished row's logits hold a NaN or an inf (finished rows are ignored)."""

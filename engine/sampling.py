@@ -60,6 +60,19 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
+def row_seeds(prompts: list[list[int]], seed: int) -> list[int]:
+    """Each prompt's seed in a batch sampled with ``seed``: ``seed + k`` (wrapped to 64 bits) for the k-th earlier
+    copy of the same prompt, as the server seeds a request's ``n`` completions, so a prompt's tokens depend on
+    neither the other prompts nor its place among them (copies still get their own draws)."""
+    seen: dict[tuple[int, ...], int] = {}
+    out = []
+    for p in prompts:
+        k = seen.get(tuple(p), 0)
+        seen[tuple(p)] = k + 1
+        out.append((seed + k) % (SEED_MAX + 1) if k else seed)
+    return out
+
+
 def generator_seed(seed: int, device: torch.device) -> int:
     """The value a ``device`` generator is seeded with for a request's 64-bit ``seed``.
 

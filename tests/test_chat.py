@@ -107,7 +107,7 @@ def test_json_with_chat_is_an_error(capsys, tiny_qwen2_dir):
 
 
 def test_first_token_eos_says_empty_reply(capsys, monkeypatch, tiny_qwen2_dir):
-    def eos_at_once(engine, prompts, params, max_new_tokens, stop, on_text):
+    def eos_at_once(engine, prompts, params, max_new_tokens, stop, on_text, seeds=None):
         stats = {"prompt_tokens": len(prompts[0]), "generated_tokens": 0, "prefill_tok_s": 100.0,
                  "decode_tok_s": 0.0, "host_rss_bytes": 1 << 20}
         return Generation([[]], [""], ["eos"], stats)
