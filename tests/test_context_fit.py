@@ -86,3 +86,22 @@ def test_the_cli_refuses_a_context_past_the_window(tiny_qwen2_dir, tmp_path, cap
     assert main(["--model", str(model), *CPU, "--max-context", "256"]) == 2
     assert "error: this model's attention slides over the last 128 tokens" in capsys.readouterr().err
     assert main(["--model", str(model), *CPU]) == 0
+
+
+@pytest.mark.parametrize("window", [None, 128])
+def test_a_gguf_sliding_window_holds_the_context(tiny_qwen2_dir, tmp_path, capsys, window):
+    """llama.cpp's ``{arch}.attention.sliding_window`` key (written by engine.gguf.writer for a model whose
+    attention slides) is read back: the context is held to it as for a config.json."""
+    from engine.gguf.config import config_from_gguf
+    from engine.gguf.reader import open_gguf_files
+    from engine.gguf.writer import write_gguf
+
+    fields = {"sliding_window": window, "use_sliding_window": True, "max_window_layers": 0, "layer_types": None} \
+        if window else {}
+    model = linked_model(tiny_qwen2_dir, tmp_path / "src", config=fields)
+    gguf = write_gguf(model, tmp_path / "tiny.gguf", "Q8_0")[0]
+    assert config_from_gguf(open_gguf_files(gguf), "float32").attention_window == window
+    rc = main(["--model", str(gguf), *CPU, "--max-context", "256"])
+    assert rc == (2 if window else 0)
+    if window:
+        assert "error: this model's attention slides over the last 128 tokens" in capsys.readouterr().err

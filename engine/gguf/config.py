@@ -4,7 +4,9 @@ llama.cpp writes the hyper-parameters under the architecture's prefix
 (``llama.embedding_length``, ``qwen2.attention.head_count_kv``, ...); they are renamed to the
 Hugging Face fields here. Whether the output projection is tied and whether q/k/v carry biases
 is read off the tensor table, as the metadata does not say; Llama 3 rope scaling is recovered
-from the per-frequency divisors llama.cpp stores as ``rope_freqs.weight``.
+from the per-frequency divisors llama.cpp stores as ``rope_freqs.weight``. A sliding window
+(``{arch}.attention.sliding_window``) holds the context to it, as a config.json's does
+(``ModelConfig.attention_window``).
 """
 
 from __future__ import annotations
@@ -112,6 +114,9 @@ def config_from_gguf(files: GGUFModelFiles, torch_dtype: str) -> ModelConfig:
     if (n := meta.get(f"{arch}.vocab_size")) is not None and int(n) != embed.shape[0]:
         raise ValueError(f"{files.path}: {arch}.vocab_size is {n} but token_embd.weight has {embed.shape[0]} rows; "
                          "the file is corrupt")
+    if window := meta.get(f"{arch}.attention.sliding_window"):  # llama.cpp's: attention within it, every layer
+        kw["sliding_window"] = int(_scalar(window, f"{arch}.attention.sliding_window"))
+        kw["layer_types"] = ("sliding_attention",) * int(kw["num_hidden_layers"])
     rope_scaling = _rope_scaling(meta, arch)
     if rope_scaling is None and "rope_freqs.weight" in files.tensors:
         head_dim = kw.get("head_dim") or kw["hidden_size"] // kw["num_attention_heads"]

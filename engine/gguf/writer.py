@@ -127,6 +127,8 @@ def _model_kv(w: GGUFWriter, cfg: ModelConfig, file_type: str) -> None:
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    if cfg.attention_window:  # llama.cpp's key: every layer's window (a Qwen2 window from a layer on is wider)
+        w.add_sliding_window(cfg.attention_window)
     w.add_file_type(int(FILE_TYPES[file_type]))
     w.add_quantization_version(2)
 
