@@ -8,18 +8,22 @@ cProfile ``JITFunction.run`` and its callees were 36% of the pass's Python).
 
 ``FastKernel`` wraps a ``@triton.jit`` function; ``kernel[grid](*args, **kwargs)`` launches as Triton would. The
 first launch of a *key* goes through Triton (compiling if needed) and keeps the compiled kernel; later launches
-of that key call its launcher directly. The key holds everything Triton specializes on, exactly or more finely:
-each integer's and float's value, each tensor's dtype and whether its address is 16-byte aligned, a tensor
-descriptor's base (the same), shape, strides and block shape, every keyword (constexprs and launch options) and
-the device. So a kernel compiled for one specialization never runs for another; a new key costs one ordinary
-launch.
+of that key call its launcher directly. The key holds each constexpr and launch option by value and each runtime
+argument by what Triton's own binder specializes it on (``native_specialize_impl``: an integer's type and whether
+it is 1 or a multiple of 16, a tensor's dtype and 16-byte alignment, a tensor descriptor's dtype and block shape),
+and the device: a kernel compiled for one specialization never runs for another, and launches that differ only in
+values Triton does not compile for (a pass's token count, a descriptor's shape) share one. A new key costs one
+ordinary launch.
 
 Triton's own path is taken while its launch hooks are set (a profiler's), inside ``kernels.ahead.compile_only``
 (its launches compile and never run), under the interpreter, for arguments of other kinds, and for a grid given
 as a function.
 
-Off unless ``LAYERSTREAM_FAST_LAUNCH=1``. Measured on an H200 (session 28, bench/results/2026-12-04-h200-s28):
-in process (bench/burst_probe.py, alternated on one machine) the 7B AWQ's 16-prompt burst passes took 265-436 /
+Off unless ``LAYERSTREAM_FAST_LAUNCH=1``. Until session 42 the key held every integer's value and a descriptor's
+shape and strides: a served pass, whose token counts are new each time, missed it on most launches and paid the
+key and Triton's path both, which may be part of why served passes ran slower with it than without while
+in-process bursts, repeating the same lengths, ran faster (below; not yet measured with the new key). Measured
+on an H200 (session 28, bench/results/2026-12-04-h200-s28): in process (bench/burst_probe.py, alternated on one machine) the 7B AWQ's 16-prompt burst passes took 265-436 /
 441-685 ms with it and ``engine.stacking``'s packing against 453-621 / 698-893 ms without; but served
 (tools/bench_serve, 16 clients, new / old / new processes on one machine) the burst's passes took 422-427 /
 689-698 ms with both against 283 / 485 ms without, and nothing measured there tells which of the two, or what
@@ -46,10 +50,10 @@ except ImportError:  # pragma: no cover
     JITFunction = None
 _RUN = getattr(JITFunction, "run", None)  # Triton's own; kernels.ahead.compile_only patches it (no launch inside)
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - Triton without host tensor descriptors
-    TensorDescriptor = None
+try:  # Triton >= 3.3: the binder's own specializer
+    from triton._C.libtriton import native_specialize_impl as _native
+except ImportError:  # pragma: no cover
+    _native = None
 
 _MAX_KEYS = 4096  # compiled kernels kept per wrapped function (cleared when full)
 STATS = {"direct": 0, "triton": 0}  # launches each way (tests and probes read them)
@@ -66,30 +70,25 @@ _ENABLED = (os.environ.get("LAYERSTREAM_FAST_LAUNCH", "0") == "1" and os.environ
             and _knobs is not None)
 
 
-def _arg_key(a):
-    """What Triton specializes an argument on (or finer); raises TypeError for kinds it does not handle."""
-    t = type(a)
-    if t is int:
-        return a
-    if t is bool or a is None or t is str or t is float:  # a float's value: it may be a constexpr
-        return (t, a)
+def _exact_key(a):
+    """A constexpr's key: its value (a tensor never by identity); raises TypeError for unhashable values."""
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
-    if TensorDescriptor is not None and t is TensorDescriptor:
-        base = a.base
-        return (TensorDescriptor, base.dtype, base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides),
-                tuple(a.block_shape), getattr(a, "padding", None))
-    raise TypeError(type(a).__name__)
+    hash(a)
+    return type(a), a
 
 
-def _kw_key(v):
-    """A keyword's key: as a positional argument's, or for a constexpr of another hashable kind (a dtype, a
-    tuple) its value; a tensor never by identity."""
-    try:
-        return _arg_key(v)
-    except TypeError:
-        hash(v)
-        return (type(v), v)
+def _spec_key(backend, kp, a):
+    """A runtime argument's key: what Triton's own binder specializes it on (``native_specialize_impl`` with the
+    parameter's flags: an integer's type and whether it is 1 or a multiple of 16, a tensor's dtype and
+    alignment, a tensor descriptor's dtype and block shape), so that launches differing only in values Triton
+    does not compile for (a pass's token count) share one compiled kernel."""
+    if _native is None:  # pragma: no cover - a Triton without it: the value itself (finer)
+        return _exact_key(a)
+    if isinstance(a, (list, tuple, dict)):
+        raise TypeError(type(a).__name__)
+    return _native(backend, a, getattr(kp, "is_const", False), not getattr(kp, "do_not_specialize", False),
+                   not getattr(kp, "do_not_specialize_on_alignment", False))
 
 
 class FastKernel:
@@ -98,9 +97,26 @@ class FastKernel:
     def __init__(self, fn) -> None:
         self.fn = fn
         self.kernels: dict = {}
+        self.backends: dict = {}  # device -> Triton's backend (the specializer's argument)
         params = getattr(fn, "params", None)
         self.names = [p.name for p in params] if params is not None else None
+        self.params = {p.name: p for p in params} if params is not None else {}
         self.defaults = {p.name: p.default for p in params if p.has_default} if params is not None else {}
+
+    def key(self, dev: int, args: tuple, kwargs: dict) -> tuple:
+        """The launch's key: each constexpr (and launch option) by value, each runtime argument by what Triton
+        specializes it on (:func:`_spec_key`); raises TypeError for an argument of a kind not handled."""
+        backend = self.backends.get(dev)
+        if backend is None:
+            from triton.compiler.compiler import make_backend
+            from triton.runtime import driver
+            backend = self.backends[dev] = make_backend(driver.active.get_current_target())
+        return dev, tuple(self._one(backend, self.names[i], a) for i, a in enumerate(args)), \
+            tuple((k, self._one(backend, k, v)) for k, v in kwargs.items())
+
+    def _one(self, backend, name: str, a):
+        kp = self.params.get(name)
+        return _exact_key(a) if kp is None or kp.is_constexpr else _spec_key(backend, kp, a)
 
     def __getitem__(self, grid):
         if not _ENABLED:  # off: Triton's own launch, nothing in between
@@ -113,9 +129,8 @@ class FastKernel:
             return self._triton(grid, args, kwargs)
         dev = torch.cuda.current_device()
         try:
-            key = (dev, tuple(map(_arg_key, args)), tuple((k, _kw_key(v)) for k, v in kwargs.items()))
-            hit = self.kernels.get(key)
-        except TypeError:  # an argument of another kind, or an unhashable keyword: Triton's path
+            hit = self.kernels.get(key := self.key(dev, args, kwargs))
+        except (TypeError, IndexError):  # an argument of another kind, or an unhashable keyword: Triton's path
             return self._triton(grid, args, kwargs)
         if hit is None:
             return self._first(key, grid, args, kwargs)

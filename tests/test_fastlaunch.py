@@ -8,43 +8,58 @@ import pytest
 import torch
 
 from kernels import fastlaunch
-from kernels.fastlaunch import FastKernel, _arg_key, _kw_key
+from kernels.fastlaunch import FastKernel
 
 
-def test_key_holds_each_specialization():
+def _keyed(fn) -> FastKernel:
+    """A FastKernel whose device-0 specializer is CUDA's (no GPU needed to compute keys)."""
+    k = FastKernel(fn)
+    k.backends[0] = pytest.importorskip("triton.backends.nvidia.compiler").CUDABackend
+    return k
+
+
+def test_key_holds_what_triton_specializes_on():
+    """Runtime integers by Triton's classes (1, multiples of 16, the rest; 32 / 64 bits), tensors by dtype and
+    alignment, constexprs and launch options by value: a pass's new token count reuses the compiled kernel."""
+    k = _keyed(_Fn())
+    key = lambda *a, **kw: k.key(0, a, kw)  # noqa: E731
     x = torch.zeros(64)
-    assert _arg_key(16) == 16 and _arg_key(17) != _arg_key(16) and _arg_key(1) == 1
-    assert _arg_key(True) != _arg_key(1) and _arg_key(None) == (type(None), None)
-    assert _arg_key(2.5) != _arg_key(0.5) and _arg_key(0.5) == _arg_key(0.5)  # a float may be a constexpr
-    assert _arg_key(x) == (torch.float32, True)
-    assert _arg_key(x[1:]) == (torch.float32, False)  # 4 bytes past an aligned base
-    assert _arg_key(x[4:]) == (torch.float32, True)
-    assert _arg_key(x.half()) != _arg_key(x)
+    assert key(x, 100, BLOCK=64) == key(x, 116, BLOCK=64) == key(x, 3, BLOCK=64)  # none a multiple of 16, none 1
+    assert key(x, 32, BLOCK=64) == key(x, 4096, BLOCK=64) != key(x, 100, BLOCK=64)
+    assert key(x, 1, BLOCK=64) not in (key(x, 2, BLOCK=64), key(x, 16, BLOCK=64))
+    assert key(x, 2**31 + 3, BLOCK=64) != key(x, 3, BLOCK=64)  # 64-bit
+    assert key(x, 100, BLOCK=64) != key(x, 100, BLOCK=32)  # a constexpr by value
+    assert key(x, 100, BLOCK=64, num_warps=4) != key(x, 100, BLOCK=64, num_warps=8)  # a launch option by value
+    assert key(x[1:], 100, BLOCK=64) != key(x, 100, BLOCK=64) == key(x[4:], 100, BLOCK=64)  # 16-byte alignment
+    assert key(x.half(), 100, BLOCK=64) != key(x, 100, BLOCK=64)
+    assert key(x, 100, BLOCK=64, FLAG=True) != key(x, 100, BLOCK=64, FLAG=False)
     with pytest.raises(TypeError):
-        _arg_key([1, 2])
-    assert _kw_key(x) == _arg_key(x) and _kw_key(torch.float16) == (torch.dtype, torch.float16)
+        key([1, 2], 100, BLOCK=64)
     with pytest.raises(TypeError):
-        _kw_key([1, 2])  # unhashable: Triton's path
+        key(x, 100, BLOCK=[64])  # an unhashable constexpr: Triton's path
 
 
-def test_descriptor_key_holds_shape_strides_and_block():
+def test_descriptor_key_holds_dtype_and_block_not_shape():
     desc = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
+    k = _keyed(_Fn())
     a = torch.zeros(32, 64, dtype=torch.bfloat16)
-    k = _arg_key(desc(a, [32, 64], [64, 1], [16, 32]))
-    assert k != _arg_key(desc(a[:16], [16, 64], [64, 1], [16, 32]))
-    assert k != _arg_key(desc(a, [32, 64], [64, 1], [16, 64]))
-    assert k == _arg_key(desc(a.clone(), [32, 64], [64, 1], [16, 32]))
+    key = lambda d: k.key(0, (d, 7), {"BLOCK": 16})  # noqa: E731
+    base = key(desc(a, [32, 64], [64, 1], [16, 32]))
+    assert base == key(desc(a[:17], [17, 64], [64, 1], [16, 32]))  # another token count: the same kernel
+    assert base != key(desc(a, [32, 64], [64, 1], [16, 64]))
+    assert base != key(desc(a.half(), [32, 64], [64, 1], [16, 32]))
 
 
 class _Param:
-    def __init__(self, name, default=None, has_default=False):
-        self.name, self.default, self.has_default = name, default, has_default
+    def __init__(self, name, default=None, has_default=False, constexpr=False):
+        self.name, self.default, self.has_default, self.is_constexpr = name, default, has_default, constexpr
+        self.is_const = self.do_not_specialize = self.do_not_specialize_on_alignment = False
 
 
 class _Fn:
     """A stand-in for a JIT function: records its launches."""
 
-    params = [_Param("x"), _Param("n"), _Param("BLOCK"), _Param("FLAG", False, True)]
+    params = [_Param("x"), _Param("n"), _Param("BLOCK", constexpr=True), _Param("FLAG", False, True, True)]
 
     def __init__(self):
         self.launches = []
