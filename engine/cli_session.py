@@ -54,6 +54,7 @@ def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: 
     if opts.dtype != "auto" or pick_device(opts.device).type != "cpu" or files.ckpt.dtype == torch.float32:
         return None
     from engine.footprint import plan_model
+    from engine.host_ram import with_host_bytes
     from engine.quant.checkpoint import layer_quant
     from engine.quant.ggml import dequant_scratch
     machine = Machine.probe("cpu")
@@ -61,11 +62,12 @@ def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: 
     if quant is not None:
         dequant_scratch()  # a bad LAYERSTREAM_DEQUANT_SCRATCH: its own error, not a reason for the dtype below
     try:
-        fp32 = PlanBytes.of(plan_model(files.cfg, {n: i.nbytes for n, i in files.ckpt.tensors.items()},
-                                       torch.float32, quant, vram_budget=opts.vram_budget, host_budget=opts.host_budget,
-                                       batch=opts.batch, max_context=opts.max_context,
-                                       prefill_chunk=opts.prefill_chunk, auto_chunk=opts.prefill_chunk_auto,
-                                       prefill_states=opts.prefill_states))
+        plan = plan_model(files.cfg, {n: i.nbytes for n, i in files.ckpt.tensors.items()}, torch.float32, quant,
+                          vram_budget=opts.vram_budget, host_budget=opts.host_budget, batch=opts.batch,
+                          max_context=opts.max_context, prefill_chunk=opts.prefill_chunk,
+                          auto_chunk=opts.prefill_chunk_auto, prefill_states=opts.prefill_states)
+        fp32 = PlanBytes.of(with_host_bytes(plan, files.ckpt, files.cfg, torch.float32, torch.device("cpu"),
+                                            opts.threads))
         file_dtype = "bfloat16" if files.ckpt.dtype == torch.bfloat16 else "float16"
         note = cpu_dtype_note(fp32, machine, file_dtype, host_budget_given)
     except ValueError as e:  # the budget cannot even hold an fp32 layer pair

@@ -19,7 +19,8 @@ from engine.gguf import open_gguf
 from engine.gguf.paths import is_gguf_path
 from engine import ahead, generation_defaults
 from engine.graphs import try_capture
-from engine.host_forms import PACKED, packed_per_widened, pick_form, weight_forms
+from engine.host_forms import PACKED, held_layer_bytes, packed_per_widened, pick_form, weight_forms
+from engine.host_ram import with_host_bytes
 from engine.host_extra import EXTRA_CONTEXT, layer_extra_s
 from engine.host_lane import HostLane
 from engine.lane_guard import keep_host_rate
@@ -250,7 +251,9 @@ class Engine:
             max_context=self.opts.max_context, prefill_chunk=self.opts.prefill_chunk,
             auto_chunk=self.opts.prefill_chunk_auto, device_free=free, h2d_gbps=gbps, h2d_source=source,
             outside_bytes=outside.bytes, prefill_states=self.opts.prefill_states)
-        without = plan(host_compute="off")  # a host lane's KV cache may take the RAM this plan leaves
+        extras = functools.partial(with_host_bytes, ckpt=self.ckpt, cfg=self.cfg, dtype=self.dtype,
+                                   device=self.device, threads=self.opts.threads)  # the engine's own host bytes
+        without = extras(plan(host_compute="off"))  # a host lane's KV cache may take the RAM this plan leaves
         if mode == "auto":
             mode = auto_host_mode(self.device, bool(without.streamed_layers))
         t0 = time.perf_counter()
@@ -259,8 +262,9 @@ class Engine:
         self.startup_s["measure_host"] = time.perf_counter() - t0  # part of "plan": the host lane's rates
         if mode != "off":
             ram = host_lane_ram(PlanBytes.of(without), Machine.probe(self.device.type))
-            plan = plan(host_compute=mode, host_gbps=host_gbps, host_source=host_source, host_extra_s=extra,
-                        host_ram=ram)
+            plan = extras(plan(host_compute=mode, host_gbps=host_gbps, host_source=host_source, host_extra_s=extra,
+                               host_ram=ram, host_held=held_layer_bytes(self.cfg, self.dtype, self.quant,
+                                                                        self.host_weights)))
         else:
             plan = without
         note = getattr(self.ckpt, "plan_note", None)  # GGUF: which tensors stay packed, which are widened

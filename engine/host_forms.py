@@ -35,7 +35,7 @@ import psutil
 import torch
 
 from engine.config import ModelConfig
-from engine.host_int4 import convert_layer, int4_host_group, kernel_dtype, measure_int4_gemv
+from engine.host_int4 import convert_layer, cpu_int4_nbytes, int4_host_group, kernel_dtype, measure_int4_gemv
 from engine.layout import LayerLayout
 from engine.quant.ggml import GGMLWeight, NativeLayouts
 from kernels.ggml_blocks import dequant_ref
@@ -49,6 +49,25 @@ WIDEN_RAM_SHARE = 0.25  # widened copies of every layer within this share of the
 def widened_layer_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """One layer's bytes with every weight in ``dtype`` (a widened host layer's copy)."""
     return LayerLayout.build(cfg, dtype).nbytes
+
+
+def held_layer_bytes(cfg: ModelConfig, dtype: torch.dtype, quant, form: str) -> int:
+    """Host bytes one host layer's copies in ``form`` hold beside its pinned packed copy (what :func:`hold_layer`
+    returns, from the layer's shapes alone): the int4 kernel's form of the int4 weights it takes, or every
+    quantized weight widened to ``dtype``; 0 for full-precision layers and the packed form. The largest over a
+    GGUF's layers (they differ only in block types). The plan counts it per host layer (``memory.host_lane``)."""
+    if quant is None or form not in (INT4, WIDENED):
+        return 0
+    if quant.native:
+        layouts = NativeLayouts.build(cfg, dtype, quant.native)
+        layout = max((layouts.of(i) for i in range(cfg.num_hidden_layers)), key=lambda lay: lay.nbytes)
+    else:
+        layout = QuantLayerLayout.build(cfg, dtype, quant)
+    views = layout.views(torch.empty(layout.nbytes, dtype=torch.uint8, device="meta"))
+    ws = [w for w in views.values() if isinstance(w, QuantWeight | GGMLWeight)]
+    if form == WIDENED:
+        return sum(w.shape[0] * w.shape[1] for w in ws) * dtype.itemsize
+    return sum(cpu_int4_nbytes(w, kernel_dtype(dtype)) for w in ws if isinstance(w, QuantWeight))
 
 
 def packed_per_widened(cfg: ModelConfig, dtype: torch.dtype, quant) -> float:
@@ -115,21 +134,23 @@ def pick_form(forms: tuple[str, ...], quant, dtype: torch.dtype, batch: int, pac
 
 
 WIDEN_ROWS = 1024  # output rows dequantized at a time: bounds the fp32 temporaries (~16 bytes a weight)
+WIDEN_VALUES = 1 << 22  # and at most this many weights (a 70B's down_proj, K 28672: 146 rows, 64 MiB, not 448)
 
 
 def widen(w: QuantWeight | GGMLWeight, dtype: torch.dtype) -> torch.Tensor:
-    """``w`` dequantized to a contiguous ``dtype`` [N, K], :data:`WIDEN_ROWS` output rows at a time (a
-    7B gate_up at once would hold ~2 GB of fp32 temporaries)."""
+    """``w`` dequantized to a contiguous ``dtype`` [N, K], :data:`WIDEN_ROWS` output rows (at most
+    :data:`WIDEN_VALUES` weights) at a time (a 7B gate_up at once would hold ~2 GB of fp32 temporaries)."""
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype)
+    step = max(1, min(WIDEN_ROWS, WIDEN_VALUES // k))
     if isinstance(w, GGMLWeight):
         for row, qtype, blocks in w.rows():
-            for r in range(0, blocks.shape[0], WIDEN_ROWS):
-                part = blocks[r:r + WIDEN_ROWS]
+            for r in range(0, blocks.shape[0], step):
+                part = blocks[r:r + step]
                 out[row + r:row + r + part.shape[0]] = dequant_ref(part, qtype, k)
         return out
-    for r in range(0, n, WIDEN_ROWS):
-        rows = slice(r, r + WIDEN_ROWS)
+    for r in range(0, n, step):
+        rows = slice(r, r + step)
         part = QuantWeight(w.qweight[rows], w.scales[rows], None if w.zeros is None else w.zeros[rows], w.perm,
                            w.spec, k, None if w.mins is None else w.mins[rows])
         out[rows] = dequantize(part)

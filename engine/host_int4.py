@@ -39,6 +39,8 @@ KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes the CPU kernel takes, larg
 N_MULTIPLE = 16  # the CPU packing's block of output rows
 _TILE_ROWS = 1024  # the timed int4 weight: one converted block of this many rows, repeated
 _INNER_K_TILES = 2  # an argument of the packing op; the CPU packing ignores it (same bytes for 1..8)
+CONVERT_VALUES = 1 << 22  # codes converted at a time (their int32 copy: 16 MiB)
+_PACK_BLOCK = 256  # rows converted together: whole 64-row blocks of the CPU packing (pieces of 16 or 32 rows differ)
 
 
 @dataclass(frozen=True)
@@ -69,17 +71,44 @@ def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
-def to_cpu_int4(w: QuantWeight, dtype: torch.dtype) -> CpuInt4Weight | None:
-    """``w`` converted for torch's CPU int4 kernel with ``dtype`` activations, or None when the kernel
-    cannot take it (not int4, N not a multiple of 16, no kernel group size divides the weight's,
-    or no such kernel in torch)."""
-    n, k = w.shape
+def _takes(w: QuantWeight) -> int | None:
+    """The kernel group size ``w`` is converted at, or None when the kernel cannot take it (not int4, N not a
+    multiple of 16, no kernel group size divides the weight's, or no such kernel in torch)."""
     kg = kernel_group(w.group_size)
-    if (w.spec.bits != 4 or n % N_MULTIPLE or kg is None
+    if (w.spec.bits != 4 or w.shape[0] % N_MULTIPLE or kg is None
             or not hasattr(torch, "_convert_weight_to_int4pack_for_cpu")):
         return None
-    codes = unpack_codes(w.qweight.cpu(), 4).to(torch.int32)  # [N, K], packed column order
-    packed = torch._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES)
+    return kg
+
+
+def cpu_int4_nbytes(w: QuantWeight, dtype: torch.dtype) -> int:
+    """``CpuInt4Weight.nbytes`` of ``to_cpu_int4(w, dtype)`` from the shapes alone (0 when the kernel does not take
+    ``w``; ``w`` may view a meta buffer): what the host lane's converted copy of it holds."""
+    kg = _takes(w)
+    n, k = w.shape
+    return 0 if kg is None else n * k // 2 + k // kg * n * 2 * dtype.itemsize + (k * 8 if w.perm is not None else 0)
+
+
+def _packed_rows(qweight: torch.Tensor) -> torch.Tensor:
+    """Torch's CPU packing of int4 codes (canonical int32 [N, K/8]), :data:`CONVERT_VALUES` codes at a time: whole,
+    the int32 codes it takes were 8x the packed bytes (a 7B gate_up: 0.5 GiB, a 70B's: 1.8 GiB at lane setup)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    out = torch.empty((n, k // 2), dtype=torch.uint8)
+    step = max(_PACK_BLOCK, CONVERT_VALUES // k // _PACK_BLOCK * _PACK_BLOCK)
+    for r in range(0, n, step):
+        codes = unpack_codes(qweight[r:r + step].cpu(), 4).to(torch.int32)  # [rows, K], packed column order
+        out[r:r + step] = torch._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES)
+    return out
+
+
+def to_cpu_int4(w: QuantWeight, dtype: torch.dtype) -> CpuInt4Weight | None:
+    """``w`` converted for torch's CPU int4 kernel with ``dtype`` activations, or None when the kernel
+    cannot take it (:func:`_takes`)."""
+    n, k = w.shape
+    kg = _takes(w)
+    if kg is None:
+        return None
+    packed = _packed_rows(w.qweight)
     s = w.scales.float().cpu()
     if w.mins is not None:
         zero = 8.0 * s + w.mins.float().cpu()

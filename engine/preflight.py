@@ -9,6 +9,7 @@ totals) so the decisions can be tested with small fake memory figures.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -71,23 +72,35 @@ class PlanBytes:
     dtype: str
     host_kv: int = 0  # the host lane's KV cache (memory.plan.HostLane.kv_bytes)
     disk_ring: int = 0  # the disk tier's staging ring (memory.placement.DISK_RING slots; pinned on a GPU)
+    host_held: int = 0  # the host lane's converted weights (memory.plan.HostLane.held_bytes)
+    host_table: int = 0  # an embedding kept in host memory outside the file map (engine.host_ram)
+    load_bounce: int = 0  # the resident layers' upload bounce buffers, held only while they load (engine.host_ram)
 
     @classmethod
     def of(cls, plan) -> PlanBytes:
-        kv = plan.host_lane.kv_bytes if plan.host_lane is not None else 0
+        lane = plan.host_lane
         ring = DISK_RING * plan.slot_bytes if plan.disk_bytes_per_step else 0  # any unit read from disk
-        return cls(plan.total_bytes, plan.host_pinned_bytes, plan.disk_bytes_per_step, plan.dtype, kv, ring)
+        extra = (getattr(plan, f, 0) for f in ("host_table_bytes", "load_bounce_bytes"))  # 0 for a plan-like object
+        return cls(plan.total_bytes, plan.host_pinned_bytes, plan.disk_bytes_per_step, plan.dtype,
+                   lane.kv_bytes if lane is not None else 0, ring, getattr(lane, "held_bytes", 0), *extra)
+
+
+def _held(p: PlanBytes) -> int:
+    """What the run holds in host memory once loaded: the host tier, the host lane's KV cache and converted
+    weights, the disk tier's ring, a host embedding table."""
+    return p.host_pinned + p.host_kv + p.host_held + p.disk_ring + p.host_table
 
 
 def ram_needed(p: PlanBytes, m: Machine) -> int:
-    """RAM the run needs: the host tier, the host lane's KV cache, the disk tier's ring and the process, plus the
-    device part on the CPU."""
-    return p.host_pinned + p.host_kv + p.disk_ring + PROCESS_BYTES + (p.device_total if m.device == "cpu" else 0)
+    """RAM the run needs: the process, the device part on the CPU, and the more of what it holds once loaded
+    (:func:`_held`) and the bounce buffers it holds while loading (freed before the rest is allocated)."""
+    return PROCESS_BYTES + (p.device_total if m.device == "cpu" else 0) + max(_held(p), p.load_bounce)
 
 
 def host_lane_ram(p: PlanBytes, m: Machine) -> int:
-    """RAM a host lane's KV cache may take beside a plan without one (``p``): what is left under the limit."""
-    return max(0, m.limit - ram_needed(p, m))
+    """RAM a host lane's KV cache and converted weights may take beside a plan without one (``p``): what is left
+    under the limit once it is loaded."""
+    return max(0, m.limit - ram_needed(dataclasses.replace(p, load_bounce=0), m))
 
 
 def default_host_budget(m: Machine, vram_budget: int | None) -> int:
@@ -103,12 +116,8 @@ def check_fits(p: PlanBytes, m: Machine, host_budget_given: bool) -> None:
     if need <= m.limit:
         return
     parts = [f"{fs(p.device_total)} for the model on the CPU ({p.dtype})"] if m.device == "cpu" else []
-    if p.host_pinned:
-        parts.append(f"{fs(p.host_pinned)} of streamed layers in host memory")
-    if p.host_kv:
-        parts.append(f"{fs(p.host_kv)} of KV cache for the host lane's layers")
-    if p.disk_ring:
-        parts.append(f"{fs(p.disk_ring)} of staging for the layers read from disk")
+    parts += _held_parts(p) if _held(p) >= p.load_bounce else \
+        [f"{fs(p.load_bounce)} of pinned bounce buffers while the resident layers load"]
     parts.append(f"{fs(PROCESS_BYTES)} for the process")
     have = (f"{fs(m.limit)} can be used ({fs(m.ram_available)} available of {fs(m.ram_total)} RAM, minus "
             f"{fs(SYSTEM_RESERVE)} kept for the system)")
@@ -116,8 +125,20 @@ def check_fits(p: PlanBytes, m: Machine, host_budget_given: bool) -> None:
                                   + _advice(p, m, host_budget_given))
 
 
+def _held_parts(p: PlanBytes) -> list[str]:
+    """:func:`_held`'s nonzero parts, in words."""
+    named = [(p.host_pinned, "of streamed layers in host memory"),
+             (p.host_kv, "of KV cache for the host lane's layers"),
+             (p.host_held, "of the host lane's converted weights"),
+             (p.disk_ring, "of staging for the layers read from disk"),
+             (p.host_table, "for the embedding table in host memory (GGUF blocks widened)")]
+    return [f"{fs(n)} {what}" for n, what in named if n]
+
+
 def _advice(p: PlanBytes, m: Machine, host_budget_given: bool) -> str:
-    tips = ["give fewer --host-compute layers (or off)"] if p.host_kv else []
+    tips = ["give fewer --host-compute layers (or off)"] if p.host_kv or p.host_held else []
+    if p.load_bounce > _held(p):
+        tips.append("give --threads 1 (one bounce buffer while loading)")
     if p.host_pinned and host_budget_given:
         tips.append("lower --host-budget (layers beyond it are read from disk)")
     if m.device == "cpu":

@@ -20,6 +20,7 @@ from engine.layout import LayerLayout
 from engine.quant.cache import packed_layers_file
 from engine.quant.ggml import GGMLWeight, NativeLayouts, row_bytes
 from engine.quant.layout import LayerQuant, QuantLayerLayout
+from engine.tables import device_table, read
 from engine.upload import upload
 from memory.plan import Plan
 from streamer.stream import WeightStreamer
@@ -59,8 +60,8 @@ class UnitBuilder:
         if all(spans):
             return UnitSpec(f"layer.{i}", self.layout.nbytes, tier, spans=tuple(spans))
 
-        def pack(buf: torch.Tensor) -> None:
-            self.layout.pack({n: self.ckpt.tensor(full) for n, full in names.items()}, buf)
+        def pack(buf: torch.Tensor) -> None:  # GGUF blocks widened straight to the compute dtype (engine.tables)
+            self.layout.pack({n: read(self.ckpt, full, self.dtype) for n, full in names.items()}, buf)
             for full in names.values():
                 self.ckpt.release(full)
         return UnitSpec(f"layer.{i}", self.layout.nbytes, tier, pack=pack)
@@ -97,7 +98,8 @@ class UnitBuilder:
 
             def pack(buf: torch.Tensor, r0: int = r0, n: int = n) -> None:
                 rows_of = getattr(self.ckpt, "tensor_rows", None)  # GGUF: widen only these rows
-                src = rows_of(self.head_name, r0, r0 + n) if rows_of else self.ckpt.tensor(self.head_name)[r0:r0 + n]
+                src = rows_of(self.head_name, r0, r0 + n, self.dtype) if rows_of else \
+                    self.ckpt.tensor(self.head_name)[r0:r0 + n]
                 buf[: n * row].view(self.dtype).view(n, -1).copy_(src)
             out.append(UnitSpec(f"lm_head.{c}", n * row, tier, pack=pack))
         return out
@@ -146,10 +148,11 @@ class ModelWeights:
         self._load_small(progress or (lambda n: None))
 
     def _load_small(self, progress) -> None:
-        """The embedding table, the final norm and a resident lm_head."""
-        p, dev = self.plan, self.device
-        embed = self.ckpt.tensor("model.embed_tokens.weight")
-        self.embed_table = embed.to(dev, self.dtype) if p.embed_on_device else embed
+        """The embedding table, the final norm and a resident lm_head (tables read by engine.tables: no float32
+        host copy of a GGUF block table; one kept on the host is counted by engine.host_ram)."""
+        p, dev, embed = self.plan, self.device, "model.embed_tokens.weight"
+        self.embed_table = device_table(self.ckpt, embed, self.dtype, dev) if p.embed_on_device else \
+            read(self.ckpt, embed, self.dtype)
         self.final_norm = self.ckpt.tensor("model.norm.weight").to(dev, self.dtype)
         self.lm_head = None
         if p.lm_head_resident:
@@ -160,7 +163,7 @@ class ModelWeights:
                 self.lm_head = GGMLWeight(((self.head_blocks, blocks),), self.cfg.hidden_size)
                 progress(blocks.numel())
             else:
-                self.lm_head = self.embed_table if tied_here else self.ckpt.tensor(head).to(dev, self.dtype)
+                self.lm_head = self.embed_table if tied_here else device_table(self.ckpt, head, self.dtype, dev)
                 progress(self.lm_head.numel() * self.lm_head.element_size())
 
     # ----- WeightSource -----

@@ -125,7 +125,7 @@ class LaneInputs:
     head_chunks: tuple[int, ...] = ()  # bytes of each streamed lm_head chunk, in order (empty: resident)
     slots: int = 2  # staging slots
     host_extra_s: float = 0.0  # a host layer's seconds beyond its bytes at host_gbps (norms, attention, Python)
-    max_layers: int | None = None  # host layers whose KV cache the RAM left holds (None: not limited)
+    max_layers: int | None = None  # host layers whose KV cache and converted weights the RAM left holds (None: any)
 
 
 def step_units(x: LaneInputs, host: tuple[int, ...]) -> list[StepUnit]:
@@ -192,8 +192,8 @@ def _choose(x: LaneInputs, mode: HostCompute, none: HostChoice) -> HostChoice:
                              f"{len(x.candidates)}, auto or off, or lower --vram-budget")
         if mode > room:
             raise ValueError(f"--host-compute {mode}: the host KV cache of {mode} host layers does not fit the RAM "
-                             f"left beside the pinned layers (room for {room}); give at most {room}, auto or off, or "
-                             "lower --max-context or --batch")
+                             f"left beside the pinned layers (with their converted weights: room for {room}); give at "
+                             f"most {room}, auto or off, or lower --max-context or --batch")
         host = spread_host(x.candidates, mode)
         known = "" if x.host_gbps else "; the host's GEMV rate is not measured: its lane time is not predicted"
         why = f"host lane: {mode} host layers forced (--host-compute {mode}){known}"
@@ -203,7 +203,7 @@ def _choose(x: LaneInputs, mode: HostCompute, none: HostChoice) -> HostChoice:
         return HostChoice((), none.times, f"host lane unused: {why}")
     if room == 0:
         return HostChoice((), none.times, "host lane unused: the RAM left beside the pinned layers does not hold one "
-                          "host layer's KV cache (lower --max-context or --batch to use it)")
+                          "host layer's KV cache and converted weights (lower --max-context or --batch to use it)")
     spread = {h: spread_host(x.candidates, h) for h in range(1, room + 1)}
     timed = {h: lane_times(x, host) for h, host in spread.items()}
     best = none
@@ -219,14 +219,17 @@ def _choose(x: LaneInputs, mode: HostCompute, none: HostChoice) -> HostChoice:
     return HostChoice(best.layers, best.times, f"{why} (host {x.host_gbps:.1f} GB/s{extra}, H2D {x.h2d_gbps:.1f} GB/s)")
 
 
-def host_lane(x: LaneInputs, mode: HostCompute, source: str, kv_per_layer: int, notes: list[str]) -> HostLane:
+def host_lane(x: LaneInputs, mode: HostCompute, source: str, kv_per_layer: int, notes: list[str],
+              held_per_layer: int = 0) -> HostLane:
     """The plan's :class:`memory.plan.HostLane` for ``mode`` (its reason goes to ``notes``);
-    ``kv_per_layer``: one layer's KV cache at the plan's batch and context."""
+    ``kv_per_layer``: one layer's KV cache at the plan's batch and context; ``held_per_layer``: the host
+    bytes one host layer's converted weights take beside its pinned copy."""
     c = choose_host_layers(x, mode)
     if c.reason:
         notes.append(c.reason)
     return HostLane(str(mode), c.layers, x.host_gbps, source, c.times.copy_s, c.times.host_s, c.times.gpu_s,
-                    len(c.layers) * kv_per_layer, c.times.step_s, x.host_extra_s, c.stream_s, inputs=x)
+                    len(c.layers) * kv_per_layer, c.times.step_s, x.host_extra_s, c.stream_s, inputs=x,
+                    held_bytes=len(c.layers) * held_per_layer)
 
 
 def replan(plan: Plan, host_gbps: float) -> Plan | None:
@@ -273,10 +276,10 @@ def narrow(plan: Plan, layers: tuple[int, ...], host_gbps: float) -> Plan:
     x = dataclasses.replace(lane.inputs, host_gbps=host_gbps, host_extra_s=0.0)
     t = lane_times(x, layers)
     back = set(lane.layers) - set(layers)
-    kv = lane.kv_bytes // len(lane.layers) * len(layers)
+    kv, held = (b // len(lane.layers) * len(layers) for b in (lane.kv_bytes, lane.held_bytes))
     new = dataclasses.replace(lane, layers=layers, host_gbps=host_gbps, host_source="achieved by the host lane in "
                               "this run", copy_s=t.copy_s, host_s=t.host_s, gpu_s=t.gpu_s, kv_bytes=kv, step_s=t.step_s,
-                              host_extra_s=0.0)
+                              host_extra_s=0.0, held_bytes=held)
     return dataclasses.replace(plan, host_lane=new, modules=_streamed_again(plan, back), predicted_step_s=t.step_s,
                                predicted_tok_s=plan.batch / t.step_s,
                                step_bound="pcie" if t.copy_s >= t.host_s + t.gpu_s else "host",

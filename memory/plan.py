@@ -59,6 +59,7 @@ class HostLane:
     host_extra_s: float = 0.0  # a host layer's seconds beyond its bytes at host_gbps (norms, attention, Python)
     stream_step_s: float = 0.0  # the simulated step with these residencies and no host layer (every candidate streamed)
     inputs: LaneInputs | None = field(default=None, compare=False, repr=False)  # what chose it (a re-plan mid-run)
+    held_bytes: int = 0  # the host layers' converted weights beside their pinned copies (engine.host_forms)
 
     def summary(self) -> str:
         """One line for the plan table."""
@@ -68,7 +69,8 @@ class HostLane:
         which = ", ".join(map(str, self.layers)) if self.layers else "none"
         return (f"host lane ({self.mode}): layers {which}; per decode step copy {self.copy_s * 1e3:.1f} ms, "
                 f"{host}, GPU {self.gpu_s * 1e3:.1f} ms, together {self.step_s * 1e3:.1f} ms; "
-                f"host KV {format_size(self.kv_bytes)}")
+                f"host KV {format_size(self.kv_bytes)}"
+                + (f", converted weights {format_size(self.held_bytes)}" if self.held_bytes else ""))
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,9 @@ class Plan:
     prefill_state_place: Literal["vram", "host"] = "vram"  # where the prompt states wait between layers
     prefill_state_host_bytes: int = 0  # host memory holding them (host placement; part of host_pinned_bytes)
     scratch_bytes: int = 0  # part of workspace_bytes: a prefill's dense tile of packed layers (the ops use it)
+    # host RAM besides the pinned tier, set by the engine (engine.host_ram), counted by its preflight:
+    host_table_bytes: int = 0  # an embedding table kept in host memory outside the file map (GGUF blocks widened)
+    load_bounce_bytes: int = 0  # pinned bounce buffers of the resident layers' upload, held only while they load
 
     @property
     def host_layers(self) -> tuple[int, ...]:
@@ -167,6 +172,16 @@ class Plan:
         return head + (f"in pinned host memory between layers, {format_size(self.prefill_state_host_bytes)}; "
                        "on the GPU only two chunks' states, copied in and out on the copy stream)")
 
+    def _host_other(self) -> list[str]:
+        """The host RAM line for what the engine holds besides the pinned tier (none when there is nothing)."""
+        parts = [f"{format_size(self.host_table_bytes)} embedding table (GGUF blocks widened)"] \
+            if self.host_table_bytes else []
+        if self.host_lane is not None and self.host_lane.held_bytes:
+            parts.append(f"{format_size(self.host_lane.held_bytes)} of the host layers' converted weights")
+        if self.load_bounce_bytes:
+            parts.append(f"while loading {format_size(self.load_bounce_bytes)} of pinned upload bounce buffers")
+        return [f"host RAM besides : {'; '.join(parts)}"] if parts else []
+
     def summary_lines(self) -> list[str]:
         """The summary part of :meth:`table`: byte accounting, prediction and notes."""
         pct = 100.0 * (self.total_bytes + self.outside_bytes) / self.budget_bytes if self.budget_bytes else 0.0
@@ -192,6 +207,7 @@ class Plan:
             f"{format_size(self.budget_bytes)} budget ({pct:.1f}%)",
             f"host pinned      : {format_size(self.host_pinned_bytes)} of {format_size(self.host_budget_bytes)} "
             "host budget",
+            *self._host_other(),
             f"predicted        : {self.predicted_step_s * 1e3:.1f} ms/step, {self.predicted_tok_s:.2f} tok/s "
             f"(bound: {self.step_bound}; H2D {self.h2d_gbps:.1f} GB/s, {self.h2d_source})",
             *([self.host_lane.summary()] if self.host_lane is not None else []),

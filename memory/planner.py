@@ -67,7 +67,8 @@ class _Workload:
     host_gbps: float | None = None  # the CPU's GEMV rate at this batch
     host_source: str = ""
     host_extra_s: float = 0.0  # a host layer's seconds beyond its projections (norms, attention, Python)
-    host_ram: int | None = None  # RAM the host lane's KV cache may take (None: not limited)
+    host_ram: int | None = None  # RAM the host lane's KV cache and converted weights may take (None: not limited)
+    host_held: int = 0  # host bytes a host layer's converted weights take beside its pinned copy
 
 
 def minimum_budget(fp: Footprint, *, batch: int = 1, max_context: int = 4096, prefill_chunk: int = 2048,
@@ -111,9 +112,9 @@ def _host_lane(fp: Footprint, s: Sizes, r: Residency, t: Tiers, w: _Workload, co
                    h2d_gbps=w.h2d_gbps, hbm_gbps=w.hbm_gbps, host_gbps=w.host_gbps, head_chunks=head,
                    slots=r.num_slots, host_extra_s=w.host_extra_s)
     kv_per_layer = fp.kv_bytes_per_token // max(1, s.n) * w.batch * w.max_context * HOST_KV_ITEMSIZE // fp.dtype_bytes
-    if w.host_ram is not None and kv_per_layer > 0:
-        x = dataclasses.replace(x, max_layers=max(0, w.host_ram) // kv_per_layer)
-    return host_lane(x, w.host_compute, w.host_source, kv_per_layer, notes)
+    if w.host_ram is not None and kv_per_layer + w.host_held > 0:
+        x = dataclasses.replace(x, max_layers=max(0, w.host_ram) // (kv_per_layer + w.host_held))
+    return host_lane(x, w.host_compute, w.host_source, kv_per_layer, notes, w.host_held)
 
 
 def head_chunk_count(fp: Footprint, s: Sizes) -> int:
@@ -159,7 +160,7 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
               hbm_gbps: float = HBM_GBPS, outside_bytes: int = 0, auto_chunk: bool = False,
               host_compute: HostCompute = "off", host_gbps: float | None = None,
               host_source: str = "given", prefill_states: str = "auto", host_extra_s: float = 0.0,
-              host_ram: int | None = None) -> Plan:
+              host_ram: int | None = None, host_held: int = 0) -> Plan:
     """Plan residency and streaming for a model's footprint (see the module docstring for the rules).
 
     ``vram_budget`` None uses ``device_free`` (or, with neither, plans everything resident); a
@@ -172,7 +173,8 @@ def make_plan(fp: Footprint, *, vram_budget: int | None = None, host_budget: int
     layers) with ``host_gbps`` (the host's GEMV GB/s at this batch) picks layers a decode step
     computes on the CPU (``memory.host_lane``), each taking its bytes at that rate plus ``host_extra_s``
     (the layer's work beyond its projections), no more layers than ``host_ram`` bytes of RAM hold the host KV
-    cache of (None: not limited); ``off`` plans as if there were no host lane.
+    cache and the ``host_held`` bytes of converted weights of (None: not limited); ``off`` plans as if there
+    were no host lane.
     ``prefill_states`` (``auto``, ``vram`` or ``host``) places the layer-major prefill's prompt states
     (``memory.prefill_states``; ``auto`` moves them to host memory when VRAM would cost resident layers or
     chunk size). Raises ValueError when the budget is below the minimum or more host layers are forced than
@@ -208,7 +210,7 @@ def _plan_once(fp: Footprint, *, vram_budget: int | None, host_budget: int | Non
                prefill_chunk: int, device_free: int | None, h2d_gbps: float, h2d_source: str,
                disk_gbps: float | None, hbm_gbps: float, outside_bytes: int, auto_chunk: bool,
                host_compute: HostCompute, host_gbps: float | None, host_source: str, prefill_states: str,
-               host_extra_s: float, host_ram: int | None) -> Plan:
+               host_extra_s: float, host_ram: int | None, host_held: int) -> Plan:
     """make_plan for one footprint, its tile as given."""
     check_workload(batch, max_context, prefill_chunk)
     if not h2d_gbps > 0:
@@ -235,7 +237,7 @@ def _plan_once(fp: Footprint, *, vram_budget: int | None, host_budget: int | Non
             f"{format_size(s.workspace)} + 2 staging slots of {format_size(s.layer)}{context}. Raise --vram-budget to "
             f"at least {format_size(minimum + outside)}, or lower --max-context or --batch (or --prefill-chunk).")
     w = _Workload(batch, max_context, f.chunk, float(h2d_gbps), h2d_source, disk_gbps, hbm_gbps,
-                  host_compute, host_gbps, host_source, host_extra_s, host_ram)
+                  host_compute, host_gbps, host_source, host_extra_s, host_ram, host_held)
     if max_context > fp.max_positions:
         notes.append(f"max_context {max_context} exceeds the model's max_position_embeddings "
                      f"{fp.max_positions}: quality beyond it is not guaranteed")

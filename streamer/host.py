@@ -48,6 +48,20 @@ def pack_all(packers: dict[int, Packer], nbytes: dict[int, int], pins: PinnedSet
     return bufs
 
 
+UPLOAD_WORKERS = 4  # at most this many threads upload the resident units, each through a bounce buffer of its own
+
+
+def upload_workers(threads: int, units: int) -> int:
+    """Threads :func:`upload_all` runs for ``units`` resident units given ``threads`` loading threads."""
+    return max(1, min(threads, UPLOAD_WORKERS, units))
+
+
+def bounce_bytes(unit_bytes: list[int], threads: int) -> int:
+    """Host bytes the pinned bounce buffers of an upload of units of ``unit_bytes`` take (one of the largest
+    unit's size per worker; freed when the upload returns, before the pinned tier is filled)."""
+    return upload_workers(threads, len(unit_bytes)) * max(unit_bytes) if unit_bytes else 0
+
+
 def upload_all(packers: dict[int, Packer], dests: dict[int, torch.Tensor], threads: int,
                progress: Callable[[int], None] | None = None) -> None:
     """Fill each unit and copy it into its flat uint8 device view ``dests[u]``, in parallel.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from streamer.files import SpanReader
-from streamer.host import DISK_RING, DiskReader, pack_all, upload_all
+from streamer.host import DISK_RING, DiskReader, pack_all, upload_all, upload_workers
 from streamer.pinning import PinnedSet
 from streamer.sync import Sync, SyncLog
 from streamer.trace import Tracer
@@ -81,7 +81,7 @@ class WeightStreamer:
         views = [self.resident_buf[p:p + u.nbytes] for p, u in zip(starts, units)]
         fills = {k: (lambda buf, u=u: self.reader.fill(u, buf, parallel=True)) for k, u in enumerate(units)}
         if self.device.type == "cuda":
-            upload_all(fills, dict(enumerate(views)), min(threads, 4), self._progress)
+            upload_all(fills, dict(enumerate(views)), upload_workers(threads, len(units)), self._progress)
         else:  # the views are host memory: fill them in place
             pack_all(fills, {k: u.nbytes for k, u in enumerate(units)}, None, threads, self._progress,
                      into=dict(enumerate(views)))

@@ -3,8 +3,10 @@
 Tensors are listed under their Hugging Face names, with Hugging Face shapes. ``tensor(name)``
 returns the weight in the Hugging Face layout as floats: tensors stored as F32/F16/BF16 are
 zero-copy views of the (private, copy-on-write) file map; quantized ones are widened from their
-blocks to float32 (exact for every supported format: the engine then casts to its compute dtype
-as it packs the layer), and llama's Q/K rows are put back in the Hugging Face order.
+blocks to float32 (exact for every supported format), or straight into the compute dtype when the
+engine asks (``tensor(name, dtype)``: the same values as float32 cast after, at half or less the
+bytes; a 70B's token_embd widened to float32 was a 4 GiB host copy), and llama's Q/K rows are put
+back in the Hugging Face order.
 
 Decoder-layer linear weights of quantized types are not widened: :meth:`layer_target` names the
 canonical packed form that holds every layer's types exactly and :meth:`packed_linear` repacks one
@@ -111,23 +113,28 @@ class GGUFCheckpoint:
             return raw.view(PLAIN[t.qtype]).view(shape)
         return dequantize(raw, t.qtype, torch.empty(shape, dtype=dtype))
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` in the Hugging Face layout: a view of the map (float types) or widened floats."""
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name`` in the Hugging Face layout: a view of the map (float types) or its blocks widened into
+        ``dtype`` (default float32, exact; a compute dtype rounds each value once, as a cast of the float32 would)."""
         t, info = self.raw[name], self.tensors[name]
-        w = self._widen(t, self._mapped_bytes(t), t.shape[0], info.dtype)
+        w = self._widen(t, self._mapped_bytes(t), t.shape[0], dtype or info.dtype)
         heads = permuted_heads(self.cfg, name)
         return unpermute_rows(w, heads) if heads else w
 
-    def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def tensor_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` of :meth:`tensor` (dim 0), widening only the blocks of those rows
-        (all rows for llama's Q/K, whose rows are interleaved per head). For lm_head chunks."""
+        (all rows for llama's Q/K, whose rows are interleaved per head). For lm_head chunks and tables."""
         t, info = self.raw[name], self.tensors[name]
         assert len(t.shape) == 2 and 0 <= start <= stop <= t.shape[0], (name, start, stop)
         if permuted_heads(self.cfg, name):
-            return self.tensor(name)[start:stop]
+            return self.tensor(name, dtype)[start:stop]
         row = t.nbytes // t.shape[0]
         raw = self._mapped_bytes(t)[start * row:stop * row]
-        return self._widen(t, raw, stop - start, info.dtype)
+        return self._widen(t, raw, stop - start, dtype or info.dtype)
+
+    def widens(self, name: str) -> bool:
+        """Whether :meth:`tensor` widens ``name`` from blocks into a new tensor (a float type is a view of the map)."""
+        return self.raw[name].qtype not in PLAIN
 
     def layer_forms(self) -> dict[str, GGUFTarget] | None:
         """Fused projection (``self_attn.qkv_proj``, ...) -> the packed form that holds its modules'
