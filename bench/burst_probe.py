@@ -241,6 +241,9 @@ def main() -> None:
             print(f"round {r + 1}: {x['ms']:7.1f} ms (queued after {x['queued_ms']:7.1f}, engine thread CPU {x['cpu_ms']:7.1f})  batch {x['batch']:3d}  tokens {x['tokens']:6d}  "
                   f"first tokens so far {x['first_tokens']}  GC {x['gc_ms']:5.1f} ms ({x['gcs']}, {x['full_gcs']} full)",
                   flush=True)
+    from kernels import fastlaunch
+    print(f"fastlaunch: {fastlaunch.STATS['direct']} launches direct, {fastlaunch.STATS['triton']} through Triton "
+          f"(LAYERSTREAM_FAST_LAUNCH={'on' if fastlaunch._ENABLED else 'off'})", flush=True)
     out = {"rounds": rounds}
     if a.profile:
         prompts = _fresh(llm, jobs, a.rounds)

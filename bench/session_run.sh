@@ -91,6 +91,9 @@
 #  B  issue 16: bench/burst_probe.py --trace on the synthetic 7B AWQ at 6 GiB (the 16-client burst in process, each
 #     pass's queued time against its wall time, then one first pass traced with CUDA activity only: the compute
 #     stream's idle gaps by cause, host or device, bench/pass_gaps.py); then the same for the bf16 7B (B_BF16=1)
+#  X  issue 16: kernels/fastlaunch.py with its key on Triton's specialization (session 42): its GPU test, then
+#     bench/burst_probe.py on the synthetic 7B AWQ at 6 GiB with LAYERSTREAM_FAST_LAUNCH off / on, alternated
+#     (X_ORDER, default "0 1 0 1"), one process each, the launches taken directly / through Triton printed
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -102,7 +105,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQB]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBX]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -407,6 +410,16 @@ if [[ $steps == *B* ]]; then  # is the AWQ burst's first pass host-bound or devi
     timeout $(left 200) python3 bench/burst_probe.py --model $M --rounds 2 --trace $R/trace_bf16.json.gz \
       --out $R/burst_trace_bf16.json > $R/burst_trace_bf16.txt 2>&1; echo "burst bf16 rc=$?"
     grep -E "^round|traced|compute stream|gaps before" $R/burst_trace_bf16.txt | head -24; fi
+save; fi
+if [[ $steps == *X* ]]; then  # direct launches keyed on Triton's specialization: the burst's passes
+  awq_7b
+  LAYERSTREAM_FAST_LAUNCH=1 timeout $(left 90) python3 -m pytest -q -p no:cacheprovider tests/test_fastlaunch.py \
+    > $R/pytest_fastlaunch.txt 2>&1; echo "pytest rc=$?"; tail -2 $R/pytest_fastlaunch.txt
+  n=0; for f in ${X_ORDER:-0 1 0 1}; do n=$((n+1))
+    LAYERSTREAM_FAST_LAUNCH=$f timeout $(left 130) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 \
+      --out $R/burst_fast$f-$n.json > $R/burst_fast$f-$n.txt 2>&1; echo "fast=$f ($n) rc=$?"
+    grep -E "^round|^fastlaunch|^warm-up" $R/burst_fast$f-$n.txt | cut -c1-150
+  done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
   S="--model $M --vram-budget 6GiB --max-batch 32 --max-context 2304"
