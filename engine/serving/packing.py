@@ -27,3 +27,31 @@ def stack_free(parts: list[list[tuple]], first: int) -> set[int]:
     they may run in any order (``engine.stacking``); a long prompt's slices keep theirs."""
     count = Counter(s.seq_id for part in parts for s, _, _ in part)
     return {first + k for k, part in enumerate(parts) if all(count[s.seq_id] == 1 for s, _, _ in part)}
+
+
+MIN_CUT = 16  # no slice cut off to fill a stack is shorter than this, nor the rest of its prompt
+
+
+def stack_slices(prompts: list[tuple], chunk: int, stack_rows: int) -> list[tuple]:
+    """Each prompt's ``(sequence, start, tokens)`` as slices ``(sequence, start, tokens)`` in order, each of at most
+    ``chunk`` tokens. With ``stack_rows`` > 0 a slice also ends where the stack the slices fill in order
+    (``engine.stacking``'s units: consecutive slices up to ``stack_rows`` rows) is full, and the prompt goes on in
+    the next stack: the pass has about as few units as its rows need (each unit widens and launches every
+    projection of every layer again). Neither part of a cut is shorter than ``MIN_CUT`` tokens: where that cannot
+    be, the slice opens the next stack."""
+    out: list[tuple] = []
+    fill = 0  # rows of the stack being filled
+    for s, a, n in prompts:
+        end = a + n
+        while a < end:
+            take = min(end - a, chunk)
+            if stack_rows > 0:
+                take = min(take, stack_rows)
+                room = stack_rows - fill
+                if take > room:  # the stack overflows: cut the slice to its room, or open the next stack
+                    cut = min(room, end - a - MIN_CUT)
+                    take, fill = (cut, fill) if cut >= MIN_CUT else (take, 0)
+                fill = (fill + take) % stack_rows
+            out.append((s, a, take))
+            a += take
+    return out

@@ -38,7 +38,7 @@ from engine.footprint import state_bytes_per_token
 from engine.model import Group
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
-from engine.serving.packing import pack_rows, stack_free
+from engine.serving.packing import pack_rows, stack_free, stack_slices
 from engine.serving.passcost import MAX_DEFERRED, PassCost, prompt_order
 from engine.serving.retry import grouped_retried, padded_retried
 from engine.serving.rows import RowSampler
@@ -83,6 +83,7 @@ class ModelRunner:
         stack = os.environ.get("LAYERSTREAM_STACK_PROMPTS", "order")
         self.stack_rows = opts.prefill_chunk if stack != "0" else 0
         self.stack_packed = stack == "packed"
+        self.fill_stacks = os.environ.get("LAYERSTREAM_FILL_STACKS", "1") != "0"  # 0: slices of a chunk (an A/B)
 
     @contextlib.contextmanager
     def groups_apart(self):
@@ -206,13 +207,14 @@ class ModelRunner:
 
     def _slices(self, seqs: list[Sequence], room: int, q_lens: list[int]) -> list[list[tuple[Sequence, int, int]]]:
         """The prompts' slices of this step, as groups of (sequence, start, tokens) rows, in run order: a
-        prompt's slices of at most ``--prefill-chunk`` tokens, in order, each but the last a group of its own;
-        then the last slices, packed (paged cache) into groups whose rows x longest slice stay within the
+        prompt's slices of at most ``--prefill-chunk`` tokens, in order, each a group of its own, cut where the
+        stacks they fill are full (``packing.stack_slices``); paged (packing slices): each but the last a group of
+        its own, then the last slices, packed into groups whose rows x longest slice stay within the
         chunk (the activation workspace the plan sized), so short prompts share a group's launches (a
         streamed pass with many prompts is host-bound: each group costs ~1 ms of launches a layer on an
         H200's host). Sets ``q_lens[slot]`` to each fed sequence's token count."""
         eng, chunk = self.engine, self.engine.opts.prefill_chunk
-        singles, lasts = [], []
+        singles, lasts, fed_rows = [], [], []
         force = self.cost is not None  # streamed: a prompt passed over or cut short goes whole in the next pass
         for s in sorted((s for s in seqs if s.pending > 1), key=partial(prompt_order, 1 if force else MAX_DEFERRED)):
             fed = min(s.pending, max(room, s.pending) if force and s.deferred else room,
@@ -223,11 +225,13 @@ class ModelRunner:
             s.deferred = int(force and fed < s.pending)
             room = max(0, room - fed)
             q_lens[s.slot] = fed
-            starts = list(range(s.num_computed, s.num_computed + fed, chunk))
-            singles += [[(s, a, chunk)] for a in starts[:-1]]
-            lasts.append((s, starts[-1], s.num_computed + fed - starts[-1]))
+            fed_rows.append((s, s.num_computed, fed))
         if not self.paged or not self.pack_slices:  # slot cache: a group's rows are consecutive rows
-            return singles + [[x] for x in lasts]
+            return [[x] for x in stack_slices(fed_rows, chunk, self.stack_rows * self.fill_stacks)]  # fill stacks
+        for s, a, n in fed_rows:
+            starts = list(range(a, a + n, chunk))
+            singles += [[(s, b, chunk)] for b in starts[:-1]]
+            lasts.append((s, starts[-1], a + n - starts[-1]))
         return singles + [[lasts[i] for i in part] for part in pack_rows([n for _, _, n in lasts], chunk)]
 
     def _slice_group(self, part: list[tuple[Sequence, int, int]]) -> tuple[Group, BindSpec | None]:

@@ -1,0 +1,90 @@
+"""A served pass's prompt slices fill the stacks they share (engine/serving/packing.stack_slices): a prompt goes on
+in the next stack instead of starting a stack of its own, so a pass has about as few units (each widening and
+launching every projection of every layer) as its rows need, and every request still gets its tokens alone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import engine.model
+from engine.serving.packing import MIN_CUT, stack_slices
+from engine.serving.params import SamplingParams
+from engine.serving.scheduler import Scheduler
+from engine.serving.sequence import Sequence
+from tests.helpers import make_engine, random_prompts
+from tests.sched_helpers import alone
+
+
+def _units(slices: list[tuple], stack_rows: int) -> list[int]:
+    """The rows of each unit engine.stacking's in-order runs make of these slices (one group each)."""
+    runs: list[int] = []
+    total = stack_rows + 1
+    for _, _, n in slices:
+        if n > 1 and total + n <= stack_rows:
+            runs[-1] += n
+            total += n
+        else:
+            runs.append(n)
+            total = n if n > 1 else stack_rows + 1
+    return runs
+
+
+def test_the_burst_of_16_clients_fills_its_stacks():
+    """The 16-client burst's first pass (the 9 shortest prompts) in 4 units of 2,048 rows at most, not 5."""
+    lengths = [132, 306, 567, 639, 681, 913, 947, 1117, 1345]
+    slices = stack_slices([(i, 0, n) for i, n in enumerate(lengths)], 2048, 2048)
+    assert _units(slices, 2048) == [2048, 2048, 2048, 503]
+    assert _units([(i, 0, n) for i, n in enumerate(lengths)], 2048) == [1644, 1594, 947, 1117, 1345]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_slices_cover_each_prompt_in_order_and_never_make_more_units(seed):
+    rng = random.Random(seed)
+    chunk = rng.choice([16, 48, 100, 2048])
+    prompts = [(i, rng.randint(0, 40), rng.randint(2, 3 * chunk)) for i in range(rng.randint(1, 10))]
+    slices = stack_slices(prompts, chunk, chunk)
+    for i, start, n in prompts:
+        mine = [(a, t) for s, a, t in slices if s == i]
+        assert mine[0][0] == start and sum(t for _, t in mine) == n
+        assert all(a + t == b for (a, t), (b, _) in zip(mine, mine[1:]))  # in order, no gap, no overlap
+        assert all(0 < t <= chunk for _, t in mine)
+        assert all(t >= MIN_CUT for _, t in mine[:-1] if t < chunk)  # a slice cut to fill a stack
+    by_chunk = [(s, a, min(chunk, a0 + n - a)) for s, a0, n in prompts for a in range(a0, a0 + n, chunk)]
+    assert len(_units(slices, chunk)) <= len(_units(by_chunk, chunk))
+    assert stack_slices(prompts, chunk, 0) == by_chunk  # no stacking: slices of a chunk, as before
+
+
+@pytest.mark.parametrize("states", ["vram", "host"])
+def test_served_prompts_cut_across_stacks_get_their_tokens_alone(tiny_qwen2_dir, monkeypatch, states):
+    """A streamed pass (CPU, fp32, a budget that streams layers) of four prompts of 20-50 tokens with 48-token
+    chunks: 4 units instead of 5, and every request its own greedy tokens."""
+    import torch
+
+    from tests.helpers import min_budget
+    single = make_engine(tiny_qwen2_dir, batch=1, max_context=128)
+    budget = min_budget(single.cfg, torch.float32, batch=4, max_context=128, prefill_chunk=48)
+    multi = make_engine(tiny_qwen2_dir, batch=4, max_context=128, prefill_chunk=48, vram_budget=budget,
+                        prefill_states=states)
+    monkeypatch.setattr("engine.state_parking.MIN_SPAN_ELEMENTS", 1)  # the tiny model's tails are short
+    units: list[list[int]] = []
+    real = engine.model.stacked_runs
+    monkeypatch.setattr(engine.model, "stacked_runs", lambda *a: units.append([len(r) for r in real(*a)]) or real(*a))
+    try:
+        assert multi.plan.streamed_layers, "the budget must stream layers"
+        sched = Scheduler(multi)
+        sched.runner.cost.budget = lambda floor, cap: cap  # as if two streams' time held every prompt
+        prompts = random_prompts([20, 37, 50, 29], multi.cfg.vocab_size, seed=42)
+        seqs = [Sequence(p, SamplingParams(max_tokens=4), multi.tokenizer) for p in prompts]
+        for s in seqs:
+            sched.add(s)
+        while not all(s.finished for s in seqs):
+            sched.step()
+        # fewest tokens first: slices 20 | 29+19 | 18+30 | 20, four units (by chunk: 20 | 29 | 37 | 48 | 2)
+        assert units[0] == [1, 2, 2, 1]
+        for p, s in zip(prompts, seqs):
+            assert s.output_ids == alone(single, p, 4)
+    finally:
+        single.close()
+        multi.close()
