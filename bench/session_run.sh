@@ -91,9 +91,11 @@
 #  B  issue 16: bench/burst_probe.py --trace on the synthetic 7B AWQ at 6 GiB (the 16-client burst in process, each
 #     pass's queued time against its wall time, then one first pass traced with CUDA activity only: the compute
 #     stream's idle gaps by cause, host or device, bench/pass_gaps.py); then the same for the bf16 7B (B_BF16=1)
-#  X  issue 16: kernels/fastlaunch.py with its key on Triton's specialization (session 42): its GPU test, then
-#     bench/burst_probe.py on the synthetic 7B AWQ at 6 GiB with LAYERSTREAM_FAST_LAUNCH off / on, alternated
-#     (X_ORDER, default "0 1 0 1"), one process each, the launches taken directly / through Triton printed
+#  X  issue 16: the 16-client burst's passes in process (bench/burst_probe.py, synthetic 7B AWQ at 6 GiB), one process
+#     an arm, alternated (X_ORDER, default "nofill fill fast nofill fill fast"): nofill LAYERSTREAM_FILL_STACKS=0 (prompt
+#     slices of a chunk, before session 42), fill the defaults (slices filling the stacks), fast with
+#     LAYERSTREAM_FAST_LAUNCH=1 (direct launches keyed on Triton's specialization since session 42); first
+#     fastlaunch's GPU test
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -411,14 +413,15 @@ if [[ $steps == *B* ]]; then  # is the AWQ burst's first pass host-bound or devi
       --out $R/burst_trace_bf16.json > $R/burst_trace_bf16.txt 2>&1; echo "burst bf16 rc=$?"
     grep -E "^round|traced|compute stream|gaps before" $R/burst_trace_bf16.txt | head -24; fi
 save; fi
-if [[ $steps == *X* ]]; then  # direct launches keyed on Triton's specialization: the burst's passes
+if [[ $steps == *X* ]]; then  # the burst's passes: prompt slices filling the stacks, direct launches
   awq_7b
   LAYERSTREAM_FAST_LAUNCH=1 timeout $(left 90) python3 -m pytest -q -p no:cacheprovider tests/test_fastlaunch.py \
     > $R/pytest_fastlaunch.txt 2>&1; echo "pytest rc=$?"; tail -2 $R/pytest_fastlaunch.txt
-  n=0; for f in ${X_ORDER:-0 1 0 1}; do n=$((n+1))
-    LAYERSTREAM_FAST_LAUNCH=$f timeout $(left 130) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 \
-      --out $R/burst_fast$f-$n.json > $R/burst_fast$f-$n.txt 2>&1; echo "fast=$f ($n) rc=$?"
-    grep -E "^round|^fastlaunch|^warm-up" $R/burst_fast$f-$n.txt | cut -c1-150
+  n=0; for arm in ${X_ORDER:-nofill fill fast nofill fill fast}; do n=$((n+1))
+    case $arm in nofill) E=LAYERSTREAM_FILL_STACKS=0;; fast) E=LAYERSTREAM_FAST_LAUNCH=1;; *) E=;; esac
+    env $E timeout $(left 100) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 \
+      --out $R/burst_$n$arm.json > $R/burst_$n$arm.txt 2>&1; echo "$arm ($n, $E) rc=$?"
+    grep -E "^round|^fastlaunch" $R/burst_$n$arm.txt | cut -c1-120
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
