@@ -94,7 +94,8 @@
 #  X  issue 16: the 16-client burst's passes in process (bench/burst_probe.py, synthetic 7B AWQ at 6 GiB), one process
 #     an arm, alternated (X_ORDER, default "nofill fill fast nofill fill fast"): nofill LAYERSTREAM_FILL_STACKS=0 (prompt
 #     slices of a chunk, before session 42), fill the defaults (slices filling the stacks), fast with
-#     LAYERSTREAM_FAST_LAUNCH=1 (direct launches keyed on Triton's specialization since session 42); first
+#     LAYERSTREAM_FAST_LAUNCH=1 (direct launches keyed on Triton's specialization since session 42), prof the
+#     defaults with a third burst's first pass under cProfile (where the host's ~90 us a kernel go); first
 #     fastlaunch's GPU test
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
@@ -417,9 +418,10 @@ if [[ $steps == *X* ]]; then  # the burst's passes: prompt slices filling the st
   awq_7b
   [[ "${X_ORDER:-fast}" == *fast* ]] && { LAYERSTREAM_FAST_LAUNCH=1 timeout $(left 90) python3 -m pytest -q \
     -p no:cacheprovider tests/test_fastlaunch.py > $R/pytest_fastlaunch.txt 2>&1; tail -2 $R/pytest_fastlaunch.txt; }
-  n=0; for arm in ${X_ORDER:-nofill fill fast nofill fill fast}; do n=$((n+1))
+  n=0; for arm in ${X_ORDER:-nofill fill fast nofill fill fast prof}; do n=$((n+1))
     case $arm in nofill) E=LAYERSTREAM_FILL_STACKS=0;; fast) E=LAYERSTREAM_FAST_LAUNCH=1;; *) E=;; esac
-    env $E timeout $(left 100) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 \
+    P=; [ $arm = prof ] && P=--cprofile  # the defaults, one more burst's first pass under cProfile
+    env $E timeout $(left 100) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 $P \
       --out $R/burst_$n$arm.json > $R/burst_$n$arm.txt 2>&1; echo "$arm ($n, $E) rc=$?"
     grep -E "^round|^fastlaunch" $R/burst_$n$arm.txt | cut -c1-120
   done
