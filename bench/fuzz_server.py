@@ -28,7 +28,7 @@ VALUES = [None, True, False, 0, 1, -1, 2, 1.5, -0.5, 1e300, float("nan"), "x", "
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "seed", "stop", "n", "stream", "stream_options", "presence_penalty", "frequency_penalty",
           "repetition_penalty", "logprobs", "top_logprobs", "echo", "response_format", "tools", "tool_choice",
-          "parallel_tool_calls", "best_of", "logit_bias"]
+          "parallel_tool_calls", "best_of", "logit_bias", "stop_token_ids"]
 _F = {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}
 PLAUSIBLE = {  # values of each field's own type, edges included (half the picks): requests that get further
     "seed": [0, -1, 2**63, 2**64 - 1, 2**64, 2**70, -2**63 - 1], "temperature": [0, 0.7, 2, 1e-30],
@@ -41,6 +41,7 @@ PLAUSIBLE = {  # values of each field's own type, edges included (half the picks
               {"name": "a b"}}], [{"type": "function", "function": {**_F, "parameters": []}}], [1]],
     "tool_choice": ["auto", "none", "required", {"type": "function", "function": {"name": "f"}}, {}],
     "parallel_tool_calls": [True, False],
+    "stop_token_ids": [[1], [0, 2], [], [-1], [2**40], ["1"], [True], [1.5], 7, [1] * 1000],
     "logit_bias": [{"1": 100}, {"1": -100, "2": 5.5}, {"x": 1}, {"1": 1e9}, {"-1": 1}, {str(2**40): 1}, {" 3": 1}],
     "response_format": [{"type": "json_object"}, {"type": "json_schema"}, {"type": "text"}, {"type": 3},
                         {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object", "properties":
