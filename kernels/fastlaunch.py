@@ -71,11 +71,12 @@ _ENABLED = (os.environ.get("LAYERSTREAM_FAST_LAUNCH", "0") == "1" and os.environ
 
 
 def _exact_key(a):
-    """A constexpr's key: its value (a tensor never by identity); raises TypeError for unhashable values."""
+    """A constexpr's key: its value and its text (``-0.0`` and ``0.0``, ``(1, 2)`` and ``(True, 2)`` are equal in
+    Python but not to Triton's compiler; a tensor never by identity); raises TypeError for unhashable values."""
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
     hash(a)
-    return type(a), a
+    return type(a), a, repr(a)
 
 
 def _spec_key(backend, kp, a):

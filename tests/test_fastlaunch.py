@@ -33,6 +33,8 @@ def test_key_holds_what_triton_specializes_on():
     assert key(x[1:], 100, BLOCK=64) != key(x, 100, BLOCK=64) == key(x[4:], 100, BLOCK=64)  # 16-byte alignment
     assert key(x.half(), 100, BLOCK=64) != key(x, 100, BLOCK=64)
     assert key(x, 100, BLOCK=64, FLAG=True) != key(x, 100, BLOCK=64, FLAG=False)
+    assert key(x, 100, BLOCK=0.0) != key(x, 100, BLOCK=-0.0)  # equal in Python, compiled apart by Triton
+    assert len({key(x, 100, BLOCK=b) for b in [(1, 2), (True, 2), (1.0, 2)]}) == 3
     with pytest.raises(TypeError):
         key([1, 2], 100, BLOCK=64)
     with pytest.raises(TypeError):
