@@ -37,7 +37,7 @@ def options_from_args(args: argparse.Namespace, n_prompts: int = 1) -> EngineOpt
         host = default_host_budget(Machine.probe(device.type), args.vram_budget)
     batch = args.batch or max(1, min(n_prompts, DEFAULT_MAX_BATCH))
     return EngineOptions(device=args.device, dtype=args.dtype, kernels=args.kernels, vram_budget=args.vram_budget,
-                         host_budget=host, batch=batch,
+                         host_budget=host, host_budget_auto=args.host_budget is None, batch=batch,
                          max_context=args.max_context or EngineOptions.max_context,
                          max_context_auto=args.max_context is None,
                          prefill_chunk=args.prefill_chunk or EngineOptions.prefill_chunk,

@@ -20,7 +20,7 @@ from engine.gguf.paths import is_gguf_path
 from engine import ahead, generation_defaults
 from engine.graphs import try_capture
 from engine.host_forms import PACKED, held_layer_bytes, packed_per_widened, pick_form, weight_forms
-from engine.host_ram import with_host_bytes
+from engine.host_ram import reserve_table, with_host_bytes
 from engine.host_extra import EXTRA_CONTEXT, layer_extra_s
 from engine.host_lane import HostLane
 from engine.lane_guard import keep_host_rate
@@ -65,6 +65,7 @@ class EngineOptions:
     kernels: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch
     vram_budget: int | None = None  # bytes; None = as much as is free
     host_budget: int | None = None  # bytes of pinned host memory for streamed layers
+    host_budget_auto: bool = False  # host_budget is the CLI's default, not the user's (engine.host_ram.reserve_table)
     batch: int = 1
     max_context: int = 4096
     max_context_auto: bool = False  # max_context is a default: fit_context lowers it to the model's trained context
@@ -186,7 +187,8 @@ class Engine:
         opts.prefill_chunk = self.plan.prefill_chunk  # lower than asked only with prefill_chunk_auto (a plan note)
         if self.plan.scratch_bytes:
             self.ops.use_scratch(self.plan.scratch_bytes)  # the dense tile of packed layers the plan holds
-        check_fits(PlanBytes.of(self.plan), Machine.probe(self.device.type), opts.host_budget is not None)
+        check_fits(PlanBytes.of(self.plan), Machine.probe(self.device.type),
+                   opts.host_budget is not None and not opts.host_budget_auto)
         self.cap = None  # set before the first weight reaches the GPU; released by close()
         if opts.cap_allocator and opts.vram_budget is not None and self.device.type == "cuda":
             self.cap = AllocatorCap(self.device, self.plan.allocator_bytes)
@@ -253,7 +255,8 @@ class Engine:
             outside_bytes=outside.bytes, prefill_states=self.opts.prefill_states)
         extras = functools.partial(with_host_bytes, ckpt=self.ckpt, cfg=self.cfg, dtype=self.dtype,
                                    device=self.device, threads=self.opts.threads)  # the engine's own host bytes
-        without = extras(plan(host_compute="off"))  # a host lane's KV cache may take the RAM this plan leaves
+        # a host lane's KV cache may take the RAM this plan leaves; a default budget leaves a host table room
+        plan, without = reserve_table(plan, extras, self.opts.host_budget_auto or self.opts.host_budget is None)
         if mode == "auto":
             mode = auto_host_mode(self.device, bool(without.streamed_layers))
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ and the disk tier's ring; ``engine.preflight`` refuses a run whose RAM would not
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -48,3 +49,16 @@ def with_host_bytes(plan: Plan, ckpt, cfg: ModelConfig, dtype: torch.dtype, devi
     """``plan`` with the engine's host bytes beside the planner's set (``host_table_bytes``, ``load_bounce_bytes``)."""
     return dataclasses.replace(plan, host_table_bytes=host_table_bytes(plan, ckpt, cfg, dtype),
                                load_bounce_bytes=load_bounce_bytes(plan, device, threads))
+
+
+def reserve_table(plan_fn, extras, auto: bool) -> tuple:
+    """``(plan_fn, plan)``: the host-compute-off plan of ``plan_fn`` (``engine.footprint.plan_model`` with the run's
+    settings) with the engine's host bytes (``extras``: :func:`with_host_bytes`). With a default host budget
+    (``auto``: no ``--host-budget``), a host table the plan keeps (``host_table_bytes``) comes off the budget and the
+    plan is made again, so that the pinned tier leaves it room instead of the preflight refusing a run that a
+    smaller tier (more layers read from disk) fits; ``plan_fn`` then carries that budget."""
+    plan = extras(plan_fn(host_compute="off"))
+    if auto and plan.host_table_bytes:
+        plan_fn = functools.partial(plan_fn, host_budget=max(0, plan.host_budget_bytes - plan.host_table_bytes))
+        plan = extras(plan_fn(host_compute="off"))
+    return plan_fn, plan
