@@ -29,16 +29,16 @@ def stack_free(parts: list[list[tuple]], first: int) -> set[int]:
     return {first + k for k, part in enumerate(parts) if all(count[s.seq_id] == 1 for s, _, _ in part)}
 
 
-MIN_CUT = 16  # no slice cut off to fill a stack is shorter than this, nor the rest of its prompt
+MIN_CUT = 16  # no slice cut off to fill a stack is shorter than this
 
 
 def stack_slices(prompts: list[tuple], chunk: int, stack_rows: int) -> list[tuple]:
-    """Each prompt's ``(sequence, start, tokens)`` as slices ``(sequence, start, tokens)`` in order, each of at most
-    ``chunk`` tokens. With ``stack_rows`` > 0 a slice also ends where the stack the slices fill in order
-    (``engine.stacking``'s units: consecutive slices up to ``stack_rows`` rows) is full, and the prompt goes on in
-    the next stack: the pass has about as few units as its rows need (each unit widens and launches every
-    projection of every layer again). Neither part of a cut is shorter than ``MIN_CUT`` tokens: where that cannot
-    be, the slice opens the next stack."""
+    """Each ``(sequence, start, tokens)`` (a prompt, or a slice of one: a sequence's in order) as slices
+    ``(sequence, start, tokens)`` in order, each of at most ``chunk`` tokens. With ``stack_rows`` > 0 a slice also
+    ends where the stack the slices fill in order (``engine.stacking``'s units: consecutive slices up to
+    ``stack_rows`` rows) is full, and the prompt goes on in the next stack: the pass has about as few units as its rows need (each unit widens and launches every
+    projection of every layer again). A stack with less than ``MIN_CUT`` rows of room takes no cut slice; the rest
+    of a cut is at least 2 tokens (a slice of one token runs as a unit of its own)."""
     out: list[tuple] = []
     fill = 0  # rows of the stack being filled
     for s, a, n in prompts:
@@ -48,10 +48,11 @@ def stack_slices(prompts: list[tuple], chunk: int, stack_rows: int) -> list[tupl
             if stack_rows > 0:
                 take = min(take, stack_rows)
                 room = stack_rows - fill
-                if take > room:  # the stack overflows: cut the slice to its room, or open the next stack
-                    cut = min(room, end - a - MIN_CUT)
+                if take > room:  # the stack overflows: cut the slice to its room (leaving at least 2 tokens: one
+                    # would run alone), or, with less than MIN_CUT rows of room, open the next stack
+                    cut = room if end - a - room >= 2 else room - 1
                     take, fill = (cut, fill) if cut >= MIN_CUT else (take, 0)
-                fill = (fill + take) % stack_rows
+                fill = (fill + take) % stack_rows if take > 1 else 0  # one token: a unit alone (engine.stacking)
             out.append((s, a, take))
             a += take
     return out

@@ -207,14 +207,14 @@ class ModelRunner:
 
     def _slices(self, seqs: list[Sequence], room: int, q_lens: list[int]) -> list[list[tuple[Sequence, int, int]]]:
         """The prompts' slices of this step, as groups of (sequence, start, tokens) rows, in run order: a
-        prompt's slices of at most ``--prefill-chunk`` tokens, in order, each a group of its own, cut where the
-        stacks they fill are full (``packing.stack_slices``); paged (packing slices): each but the last a group of
-        its own, then the last slices, packed into groups whose rows x longest slice stay within the
+        prompt's slices of at most ``--prefill-chunk`` tokens, in order, each but the last a group of its own, then
+        the last slices: on a slot cache each a group, every slice cut where the stacks it fills are full
+        (``packing.stack_slices``); on a paged one packed into groups whose rows x longest slice stay within the
         chunk (the activation workspace the plan sized), so short prompts share a group's launches (a
         streamed pass with many prompts is host-bound: each group costs ~1 ms of launches a layer on an
         H200's host). Sets ``q_lens[slot]`` to each fed sequence's token count."""
         eng, chunk = self.engine, self.engine.opts.prefill_chunk
-        singles, lasts, fed_rows = [], [], []
+        singles, lasts = [], []
         force = self.cost is not None  # streamed: a prompt passed over or cut short goes whole in the next pass
         for s in sorted((s for s in seqs if s.pending > 1), key=partial(prompt_order, 1 if force else MAX_DEFERRED)):
             fed = min(s.pending, max(room, s.pending) if force and s.deferred else room,
@@ -225,13 +225,13 @@ class ModelRunner:
             s.deferred = int(force and fed < s.pending)
             room = max(0, room - fed)
             q_lens[s.slot] = fed
-            fed_rows.append((s, s.num_computed, fed))
-        if not self.paged or not self.pack_slices:  # slot cache: a group's rows are consecutive rows
-            return [[x] for x in stack_slices(fed_rows, chunk, self.stack_rows * self.fill_stacks)]  # fill stacks
-        for s, a, n in fed_rows:
-            starts = list(range(a, a + n, chunk))
+            starts = list(range(s.num_computed, s.num_computed + fed, chunk))
             singles += [[(s, b, chunk)] for b in starts[:-1]]
-            lasts.append((s, starts[-1], a + n - starts[-1]))
+            lasts.append((s, starts[-1], s.num_computed + fed - starts[-1]))
+        if not self.paged or not self.pack_slices:  # slot cache: a group's rows are consecutive rows; the slices
+            # cut where the stacks they fill are full
+            slices = [x for g in singles for x in g] + lasts
+            return [[x] for x in stack_slices(slices, chunk, self.stack_rows * self.fill_stacks)]
         return singles + [[lasts[i] for i in part] for part in pack_rows([n for _, _, n in lasts], chunk)]
 
     def _slice_group(self, part: list[tuple[Sequence, int, int]]) -> tuple[Group, BindSpec | None]:
