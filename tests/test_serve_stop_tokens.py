@@ -81,3 +81,26 @@ def test_a_bad_stop_token_id_is_a_400_naming_the_field(client, engine, value, pa
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="m", prompt="hi", max_tokens=2, extra_body={"stop_token_ids": 3})
     assert e.value.param == "stop_token_ids"
+
+
+def test_a_stop_token_ends_a_closed_format(tiny_qwen2_dir):
+    """JSON mode with a stop token on a model whose tokenizer names no end of sequence: once the object is
+    closed, the stop token ends the reply ("stop"), as eos would; before, nothing could end it and the reply ran
+    to its length with tokens the format refused."""
+    from engine.serving.params import SamplingParams
+    from engine.serving.scheduler import Scheduler
+    from engine.serving.sequence import Sequence
+    eng = make_engine(tiny_qwen2_dir, batch=2, max_context=256)
+    try:
+        tok = eng.tokenizer
+        assert not tok.eos_ids
+        end = tok.encode("<|im_end|>", add_special_tokens=False)
+        sched = Scheduler(eng)
+        s = Sequence(tok.encode("give me json", add_special_tokens=False),
+                     SamplingParams(max_tokens=60, temperature=0, json_object=True, stop_token_ids=end), tok)
+        sched.add(s)
+        while not s.finished:
+            sched.step()
+        assert s.finish_reason == "stop" and s.text.strip().startswith("{") and s.text.strip().endswith("}")
+    finally:
+        eng.close()

@@ -71,7 +71,7 @@ class RowSampler:
         row = self._penalised(row[:, : self.vocab].float(), s)
         token = int(s.sampler(row))
         if s.constraint is not None:  # a format (JSON, a schema, a call): redrawn among the tokens it allows
-            eos = eng.tokenizer.eos_ids
+            eos = eng.tokenizer.eos_ids | set(s.params.stop_token_ids or ())  # what may end a closed format
             token = constrained_token(row[0], token, s.constraint, eos, s.token_params,
                                       s.sampler.generator(row.device))
             s.constraint.advance(token, eos)
