@@ -54,7 +54,7 @@ def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: 
     if opts.dtype != "auto" or pick_device(opts.device).type != "cpu" or files.ckpt.dtype == torch.float32:
         return None
     from engine.footprint import plan_model
-    from engine.host_ram import with_host_bytes
+    from engine.host_ram import host_extras
     from engine.quant.checkpoint import layer_quant
     from engine.quant.ggml import dequant_scratch
     machine = Machine.probe("cpu")
@@ -66,8 +66,8 @@ def choose_cpu_dtype(files: ModelFiles, opts: EngineOptions, host_budget_given: 
                           vram_budget=opts.vram_budget, host_budget=opts.host_budget, batch=opts.batch,
                           max_context=opts.max_context, prefill_chunk=opts.prefill_chunk,
                           auto_chunk=opts.prefill_chunk_auto, prefill_states=opts.prefill_states)
-        fp32 = PlanBytes.of(with_host_bytes(plan, files.ckpt, files.cfg, torch.float32, torch.device("cpu"),
-                                            opts.threads))
+        fp32 = PlanBytes.of(host_extras(files.ckpt, files.cfg, torch.float32, torch.device("cpu"), opts.threads,
+                                        quant, opts.quant_cache)(plan))
         file_dtype = "bfloat16" if files.ckpt.dtype == torch.bfloat16 else "float16"
         note = cpu_dtype_note(fp32, machine, file_dtype, host_budget_given)
     except ValueError as e:  # the budget cannot even hold an fp32 layer pair

@@ -20,7 +20,7 @@ from engine.gguf.paths import is_gguf_path
 from engine import ahead, generation_defaults
 from engine.graphs import try_capture
 from engine.host_forms import PACKED, held_layer_bytes, packed_per_widened, pick_form, weight_forms
-from engine.host_ram import reserve_table, with_host_bytes
+from engine.host_ram import host_extras, reserve_table
 from engine.host_extra import EXTRA_CONTEXT, layer_extra_s
 from engine.host_lane import HostLane
 from engine.lane_guard import keep_host_rate
@@ -29,7 +29,7 @@ from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
 from engine.model import Model
 from engine.ops import make_ops
-from engine.preflight import Machine, PlanBytes, check_fits, host_lane_ram
+from engine.preflight import Machine, PlanBytes, fit_loading, host_lane_ram
 from engine.quant.checkpoint import layer_quant, read_quantization, validate_quant_checkpoint
 from engine.quant.config import QuantizationConfig
 from engine.tokenizer import Tokenizer
@@ -187,8 +187,8 @@ class Engine:
         opts.prefill_chunk = self.plan.prefill_chunk  # lower than asked only with prefill_chunk_auto (a plan note)
         if self.plan.scratch_bytes:
             self.ops.use_scratch(self.plan.scratch_bytes)  # the dense tile of packed layers the plan holds
-        check_fits(PlanBytes.of(self.plan), Machine.probe(self.device.type),
-                   opts.host_budget is not None and not opts.host_budget_auto)
+        self.load_threads = fit_loading(PlanBytes.of(self.plan), Machine.probe(self.device.type), opts.threads,
+                                        opts.host_budget is not None and not opts.host_budget_auto)
         self.cap = None  # set before the first weight reaches the GPU; released by close()
         if opts.cap_allocator and opts.vram_budget is not None and self.device.type == "cuda":
             self.cap = AllocatorCap(self.device, self.plan.allocator_bytes)
@@ -205,7 +205,7 @@ class Engine:
         opts = self.opts
         start = time.perf_counter()
         self.weights = ModelWeights(self.ckpt, self.cfg, self.plan, self.device, self.dtype,
-                                     threads=opts.threads, progress=progress, trace=opts.trace, quant=self.quant,
+                                     threads=self.load_threads, progress=progress, trace=opts.trace, quant=self.quant,
                                      quant_cache=opts.quant_cache)
         self.startup_s["weights"] = time.perf_counter() - start
         self.quant_note = None  # for the CLI: how long converting / quantizing the layers took
@@ -253,9 +253,10 @@ class Engine:
             max_context=self.opts.max_context, prefill_chunk=self.opts.prefill_chunk,
             auto_chunk=self.opts.prefill_chunk_auto, device_free=free, h2d_gbps=gbps, h2d_source=source,
             outside_bytes=outside.bytes, prefill_states=self.opts.prefill_states)
-        extras = functools.partial(with_host_bytes, ckpt=self.ckpt, cfg=self.cfg, dtype=self.dtype,
-                                   device=self.device, threads=self.opts.threads)  # the engine's own host bytes
-        # a host lane's KV cache may take the RAM this plan leaves; a default budget leaves a host table room
+        extras = host_extras(self.ckpt, self.cfg, self.dtype, self.device, self.opts.threads, self.quant,
+                             self.opts.quant_cache)  # the engine's own host bytes
+        # a host lane's KV cache may take the RAM this plan leaves; a default budget leaves a host table and a
+        # loading thread's conversion room
         plan, without = reserve_table(plan, extras, self.opts.host_budget_auto or self.opts.host_budget is None)
         if mode == "auto":
             mode = auto_host_mode(self.device, bool(without.streamed_layers))

@@ -62,6 +62,9 @@ class Machine:
         return cls(ram_total=r.total, ram_available=r.available, device=device)
 
 
+_ENGINE_BYTES = ("host_table_bytes", "load_bounce_bytes", "convert_bytes")  # the plan's fields engine.host_ram sets
+
+
 @dataclass(frozen=True)
 class PlanBytes:
     """The byte totals of a plan that land in RAM (see ``memory.plan.Plan``)."""
@@ -75,14 +78,17 @@ class PlanBytes:
     host_held: int = 0  # the host lane's converted weights (memory.plan.HostLane.held_bytes)
     host_table: int = 0  # an embedding kept in host memory outside the file map (engine.host_ram)
     load_bounce: int = 0  # the resident layers' upload bounce buffers, held only while they load (engine.host_ram)
+    convert: int = 0  # what each loading thread holds converting a layer (engine.convert_ram)
+    convert_what: str = ""  # that conversion, in words ("AWQ repacking")
 
     @classmethod
     def of(cls, plan) -> PlanBytes:
         lane = plan.host_lane
         ring = DISK_RING * plan.slot_bytes if plan.disk_bytes_per_step else 0  # any unit read from disk
-        extra = (getattr(plan, f, 0) for f in ("host_table_bytes", "load_bounce_bytes"))  # 0 for a plan-like object
+        extra = (getattr(plan, f, 0) for f in _ENGINE_BYTES)  # 0 for a plan-like object
         return cls(plan.total_bytes, plan.host_pinned_bytes, plan.disk_bytes_per_step, plan.dtype,
-                   lane.kv_bytes if lane is not None else 0, ring, getattr(lane, "held_bytes", 0), *extra)
+                   lane.kv_bytes if lane is not None else 0, ring, getattr(lane, "held_bytes", 0), *extra,
+                   getattr(plan, "convert_what", ""))
 
 
 def _held(p: PlanBytes) -> int:
@@ -92,15 +98,17 @@ def _held(p: PlanBytes) -> int:
 
 
 def ram_needed(p: PlanBytes, m: Machine) -> int:
-    """RAM the run needs: the process, the device part on the CPU, and the more of what it holds once loaded
-    (:func:`_held`) and the bounce buffers it holds while loading (freed before the rest is allocated)."""
-    return PROCESS_BYTES + (p.device_total if m.device == "cpu" else 0) + max(_held(p), p.load_bounce)
+    """RAM the run needs: the process, the device part on the CPU, the more of what it holds once loaded
+    (:func:`_held`) and the bounce buffers it holds while loading (freed before the rest is allocated), and one
+    loading thread converting a layer (beside either phase; the disk tier's reader converts while the run goes on)."""
+    return PROCESS_BYTES + (p.device_total if m.device == "cpu" else 0) + max(_held(p), p.load_bounce) + p.convert
 
 
 def host_lane_ram(p: PlanBytes, m: Machine) -> int:
     """RAM a host lane's KV cache and converted weights may take beside a plan without one (``p``): what is left
-    under the limit once it is loaded."""
-    return max(0, m.limit - ram_needed(dataclasses.replace(p, load_bounce=0), m))
+    under the limit once it is loaded (a conversion only where the disk tier's reader converts layers)."""
+    loaded = dataclasses.replace(p, load_bounce=0, convert=p.convert if p.disk_ring else 0)
+    return max(0, m.limit - ram_needed(loaded, m))
 
 
 def default_host_budget(m: Machine, vram_budget: int | None) -> int:
@@ -118,6 +126,8 @@ def check_fits(p: PlanBytes, m: Machine, host_budget_given: bool) -> None:
     parts = [f"{fs(p.device_total)} for the model on the CPU ({p.dtype})"] if m.device == "cpu" else []
     parts += _held_parts(p) if _held(p) >= p.load_bounce else \
         [f"{fs(p.load_bounce)} of pinned bounce buffers while the resident layers load"]
+    if p.convert:
+        parts.append(f"{fs(p.convert)} for a loading thread converting a layer ({p.convert_what})")
     parts.append(f"{fs(PROCESS_BYTES)} for the process")
     have = (f"{fs(m.limit)} can be used ({fs(m.ram_available)} available of {fs(m.ram_total)} RAM, minus "
             f"{fs(SYSTEM_RESERVE)} kept for the system)")
@@ -148,7 +158,30 @@ def _advice(p: PlanBytes, m: Machine, host_budget_given: bool) -> str:
         tips.append("or lower --max-context / --batch")
     else:
         tips.append("lower --host-budget")
+    if p.convert:
+        tips.append("or free some RAM (close other programs)")
     return "; ".join(tips)
+
+
+def loading_threads(p: PlanBytes, m: Machine, threads: int) -> int:
+    """How many loading threads (of ``threads``, at least 1) may convert layers at once: :func:`ram_needed` counts
+    one thread's working set; each further one takes as much of what is left under the limit. All of them when
+    nothing is converted. Logs at INFO when it is fewer than ``threads``."""
+    if not p.convert or threads <= 1:
+        return max(1, threads)
+    room = max(0, m.limit - ram_needed(p, m))
+    fit = min(threads, 1 + room // p.convert)
+    if fit < threads:
+        log.info("loading with %d thread(s) instead of %d: each holds about %s converting a layer (%s) and %s is left "
+                 "under the RAM limit beside the plan and one such thread", fit, threads, fs(p.convert),
+                 p.convert_what, fs(room))
+    return fit
+
+
+def fit_loading(p: PlanBytes, m: Machine, threads: int, host_budget_given: bool) -> int:
+    """:func:`check_fits`, then :func:`loading_threads`: the threads to load with."""
+    check_fits(p, m, host_budget_given)
+    return loading_threads(p, m, threads)
 
 
 def cpu_dtype_note(fp32: PlanBytes, m: Machine, file_dtype: str, host_budget_given: bool) -> str | None:

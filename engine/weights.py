@@ -33,6 +33,15 @@ def head_row_bytes(cfg: ModelConfig, dtype: torch.dtype, head_blocks: str | None
     return row_bytes(head_blocks, cfg.hidden_size) if head_blocks else cfg.hidden_size * dtype.itemsize
 
 
+def layer_layout(cfg: ModelConfig, dtype: torch.dtype,
+                 quant: LayerQuant | None) -> LayerLayout | QuantLayerLayout | NativeLayouts:
+    """The layers' packed layout in ``dtype``: GGUF blocks as they are (one layout per layer), a quantized
+    layer, or a dense one."""
+    if quant is not None and quant.native:  # per-layer layouts (engine.quant.ggml)
+        return NativeLayouts.build(cfg, dtype, quant.native)
+    return QuantLayerLayout.build(cfg, dtype, quant) if quant else LayerLayout.build(cfg, dtype)
+
+
 class UnitBuilder:
     """Unit specs of one model's layers and lm_head chunks in a compute dtype."""
 
@@ -122,12 +131,8 @@ class ModelWeights:
                  trace: bool = False, quant: LayerQuant | None = None, quant_cache: bool = False) -> None:
         self.ckpt, self.cfg, self.plan, self.dtype = ckpt, cfg, plan, dtype
         self.device = torch.device(device)
-        if quant is not None and quant.native:  # per-layer layouts (engine.quant.ggml)
-            self.layout = NativeLayouts.build(cfg, dtype, quant.native)
-            self.layout_of = self.layout.of
-        else:
-            self.layout = QuantLayerLayout.build(cfg, dtype, quant) if quant else LayerLayout.build(cfg, dtype)
-            self.layout_of = lambda i: self.layout
+        self.layout = layer_layout(cfg, dtype, quant)
+        self.layout_of = self.layout.of if isinstance(self.layout, NativeLayouts) else lambda i: self.layout
         self.head_blocks = quant.native_head if quant is not None else None
         build = UnitBuilder(ckpt, cfg, self.layout, head_blocks=self.head_blocks)
         if quant_cache and quant is not None and not quant.native:  # native layers need no repacking

@@ -116,6 +116,8 @@ class Plan:
     # host RAM besides the pinned tier, set by the engine (engine.host_ram), counted by its preflight:
     host_table_bytes: int = 0  # an embedding table kept in host memory outside the file map (GGUF blocks widened)
     load_bounce_bytes: int = 0  # pinned bounce buffers of the resident layers' upload, held only while they load
+    convert_bytes: int = 0  # one loading thread's working set converting a layer (each further thread: as much)
+    convert_what: str = ""  # that conversion, in words
 
     @property
     def host_layers(self) -> tuple[int, ...]:
@@ -180,6 +182,8 @@ class Plan:
             parts.append(f"{format_size(self.host_lane.held_bytes)} of the host layers' converted weights")
         if self.load_bounce_bytes:
             parts.append(f"while loading {format_size(self.load_bounce_bytes)} of pinned upload bounce buffers")
+        if self.convert_bytes:
+            parts.append(f"{format_size(self.convert_bytes)} a thread converting layers ({self.convert_what})")
         return [f"host RAM besides : {'; '.join(parts)}"] if parts else []
 
     def summary_lines(self) -> list[str]:
