@@ -31,6 +31,14 @@ def _failing(ops, monkeypatch, failures: int, decode: bool = False):
     monkeypatch.setattr(ops, "swiglu_linear", swiglu_linear)
 
 
+def _each_as_alone(single, prompts, seqs, n: int, fresh=None) -> None:
+    """Every sequence's tokens equal its prompt's alone; ``fresh``: the paged case's own engine, closed after."""
+    for p, s in zip(prompts, seqs):
+        assert s.output_ids == alone(single, p, n)
+    if fresh is not None:
+        fresh.close()
+
+
 @pytest.mark.parametrize("kv", ["slots", "paged-16"])
 def test_a_pass_out_of_memory_runs_again_with_smaller_stacks(tiny_qwen2_dir, engines, monkeypatch, caplog, kv):
     single, multi = engines
@@ -47,10 +55,7 @@ def test_a_pass_out_of_memory_runs_again_with_smaller_stacks(tiny_qwen2_dir, eng
         run_all(sched, seqs)
     assert stacks[:2] == [16, 8] and "ran out of device memory" in caplog.text
     assert sched.runner.stack_rows == 16  # restored after the retry
-    for p, s in zip(prompts, seqs):
-        assert s.output_ids == alone(single, p, 5)
-    if kv != "slots":
-        eng.close()
+    _each_as_alone(single, prompts, seqs, 5, eng if kv != "slots" else None)
 
 
 def test_a_second_failure_reaches_the_caller(tiny_qwen2_dir, engines, monkeypatch):
@@ -64,11 +69,6 @@ def test_a_second_failure_reaches_the_caller(tiny_qwen2_dir, engines, monkeypatc
     assert sched.runner.stack_rows == 16 and all(s.num_computed == 0 for s in sched.running)
 
 
-def _failing_decode(ops, monkeypatch, failures: int):
-    """ops.swiglu_linear raising OutOfMemoryError in a decode step (one token a row), ``failures`` times."""
-    _failing(ops, monkeypatch, failures, decode=True)
-
-
 @pytest.mark.parametrize("kv", ["slots", "paged-16"])
 def test_a_decode_step_out_of_memory_runs_again(tiny_qwen2_dir, engines, monkeypatch, caplog, kv):
     single, multi = engines
@@ -80,15 +80,12 @@ def test_a_decode_step_out_of_memory_runs_again(tiny_qwen2_dir, engines, monkeyp
         sched.add(s)
     sched.step()  # the prompts' pass: every sequence has its first token and decodes next
     assert all(s.pending == 1 for s in seqs)
-    _failing_decode(eng.model.ops, monkeypatch, failures=1)
+    _failing(eng.model.ops, monkeypatch, failures=1, decode=True)
     with caplog.at_level(logging.WARNING, logger="engine.serving.retry"):
         while not all(s.finished for s in seqs):
             sched.step()
     assert "a decode step of 2 sequences ran out of device memory" in caplog.text
-    for p, s in zip(prompts, seqs):
-        assert s.output_ids == alone(single, p, 4)
-    if kv != "slots":
-        eng.close()
+    _each_as_alone(single, prompts, seqs, 4, eng if kv != "slots" else None)
 
 
 def test_a_second_decode_failure_reaches_the_caller(tiny_qwen2_dir, engines, monkeypatch):
@@ -97,7 +94,7 @@ def test_a_second_decode_failure_reaches_the_caller(tiny_qwen2_dir, engines, mon
     s = Sequence(random_prompts([6], multi.cfg.vocab_size, seed=5)[0], SamplingParams(max_tokens=3), multi.tokenizer)
     sched.add(s)
     sched.step()
-    _failing_decode(multi.model.ops, monkeypatch, failures=2)
+    _failing(multi.model.ops, monkeypatch, failures=2, decode=True)
     with pytest.raises(torch.OutOfMemoryError):
         sched.step()
     assert s.num_computed == 6 and len(s.output_ids) == 1  # nothing advanced
