@@ -226,7 +226,7 @@ class ModelRunner:
             room = max(0, room - fed)
             q_lens[s.slot] = fed
             starts = list(range(s.num_computed, s.num_computed + fed, chunk))
-            singles += [[(s, b, chunk)] for b in starts[:-1]]
+            singles += [[(s, a, chunk)] for a in starts[:-1]]
             lasts.append((s, starts[-1], s.num_computed + fed - starts[-1]))
         if not self.paged or not self.pack_slices:  # slot cache: a group's rows are consecutive rows; the slices
             # cut where the stacks they fill are full
