@@ -20,7 +20,7 @@ from engine.gguf.paths import is_gguf_path
 from engine import ahead, generation_defaults
 from engine.graphs import try_capture
 from engine.host_forms import PACKED, held_layer_bytes, packed_per_widened, pick_form, weight_forms
-from engine.host_ram import host_extras, reserve_table
+from engine.host_ram import host_extras, reserve_room
 from engine.host_extra import EXTRA_CONTEXT, layer_extra_s
 from engine.host_lane import HostLane
 from engine.lane_guard import keep_host_rate
@@ -65,7 +65,7 @@ class EngineOptions:
     kernels: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch
     vram_budget: int | None = None  # bytes; None = as much as is free
     host_budget: int | None = None  # bytes of pinned host memory for streamed layers
-    host_budget_auto: bool = False  # host_budget is the CLI's default, not the user's (engine.host_ram.reserve_table)
+    host_budget_auto: bool = False  # host_budget is the CLI's default, not the user's (engine.host_ram.reserve_room)
     batch: int = 1
     max_context: int = 4096
     max_context_auto: bool = False  # max_context is a default: fit_context lowers it to the model's trained context
@@ -257,7 +257,7 @@ class Engine:
                              self.opts.quant_cache)  # the engine's own host bytes
         # a host lane's KV cache may take the RAM this plan leaves; a default budget leaves a host table and a
         # loading thread's conversion room
-        plan, without = reserve_table(plan, extras, self.opts.host_budget_auto or self.opts.host_budget is None)
+        plan, without = reserve_room(plan, extras, self.opts.host_budget_auto or self.opts.host_budget is None)
         if mode == "auto":
             mode = auto_host_mode(self.device, bool(without.streamed_layers))
         t0 = time.perf_counter()

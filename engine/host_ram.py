@@ -69,7 +69,7 @@ def host_extras(ckpt, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
                              converts=converts)
 
 
-def reserve_table(plan_fn, extras, auto: bool) -> tuple:
+def reserve_room(plan_fn, extras, auto: bool) -> tuple:
     """``(plan_fn, plan)``: the host-compute-off plan of ``plan_fn`` (``engine.footprint.plan_model`` with the run's
     settings) with the engine's host bytes (``extras``: :func:`with_host_bytes`). With a default host budget
     (``auto``: no ``--host-budget``), a host table the plan keeps (``host_table_bytes``) and one loading thread's

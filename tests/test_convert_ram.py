@@ -27,7 +27,7 @@ from engine.config import ModelConfig
 from engine.convert_ram import BASE, conversion
 from engine.engine import Engine, EngineOptions, open_model
 from engine.footprint import plan_model, tensor_bytes_from_config
-from engine.host_ram import reserve_table, with_host_bytes
+from engine.host_ram import reserve_room, with_host_bytes
 from engine.preflight import SYSTEM_RESERVE, Machine, PlanBytes, loading_threads, ram_needed
 from engine.quant.checkpoint import layer_quant
 from engine.run import main
@@ -157,7 +157,7 @@ def test_a_default_budget_leaves_one_conversion_room():
                                 vram_budget=6 * GiB, host_budget=8 * GiB, device_free=80 * GiB)
     extras = functools.partial(with_host_bytes, ckpt=object(), cfg=cfg, dtype=torch.bfloat16,
                                device=torch.device("cuda"), threads=8, converts=lambda plan: (700 * MiB, "x"))
-    given, auto = reserve_table(plan_fn, extras, False)[1], reserve_table(plan_fn, extras, True)[1]
+    given, auto = reserve_room(plan_fn, extras, False)[1], reserve_room(plan_fn, extras, True)[1]
     assert given.convert_bytes == auto.convert_bytes == 700 * MiB
     assert auto.host_budget_bytes == given.host_budget_bytes - 700 * MiB
     assert auto.host_pinned_bytes < given.host_pinned_bytes  # fewer pinned layers, more read from disk

@@ -1,4 +1,4 @@
-"""A default host budget leaves room for a host table the plan keeps (engine.host_ram.reserve_table): a GGUF
+"""A default host budget leaves room for a host table the plan keeps (engine.host_ram.reserve_room): a GGUF
 embedding of block types widened on the host when the embedding is not on the device. Without it, a 70B-shaped
 run on a 20 GiB machine was refused (the pinned tier had taken the budget) where a smaller tier fits."""
 
@@ -10,7 +10,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.footprint import plan_model, tensor_bytes_from_config
-from engine.host_ram import reserve_table, with_host_bytes
+from engine.host_ram import reserve_room, with_host_bytes
 from engine.preflight import Machine, PlanBytes, default_host_budget, ram_needed
 from engine.synth.presets import resolve_preset
 from engine.synth.writer import build_config
@@ -33,7 +33,7 @@ def _plans(ram_gib: float, auto: bool):
                                 device_free=80 * GiB)
     extras = functools.partial(with_host_bytes, ckpt=_BlockTables(), cfg=cfg, dtype=torch.bfloat16,
                                device=torch.device("cuda"), threads=8)
-    return m, reserve_table(plan_fn, extras, auto)[1]
+    return m, reserve_room(plan_fn, extras, auto)[1]
 
 
 def test_a_default_budget_leaves_the_host_table_room():
@@ -60,6 +60,6 @@ def test_nothing_changes_without_a_host_table():
                                 vram_budget=6 * GiB, host_budget=16 * GiB, device_free=80 * GiB)
     extras = functools.partial(with_host_bytes, ckpt=_FloatTables(), cfg=cfg, dtype=torch.bfloat16,
                                device=torch.device("cuda"), threads=8)
-    fn, plan = reserve_table(plan_fn, extras, True)
+    fn, plan = reserve_room(plan_fn, extras, True)
     assert not plan.embed_on_device and plan.host_table_bytes == 0
     assert fn is plan_fn and plan.host_budget_bytes == 16 * GiB
