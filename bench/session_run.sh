@@ -98,7 +98,7 @@
 #     defaults with a third burst's first pass under cProfile (where the host's ~90 us a kernel go); first
 #     fastlaunch's GPU test
 #  O  issue 15: o_proj's x rounded inside the int8-x GEMV (kernels/qgemv_i8.py, configs with XROUND): its tests on the GPU,
-#     then bench/probe_qkernels.py at batch 1 (O_SHAPES; i8x = with the rounding launch, i8x-alone = x rounded
+#     (O_TESTS: pytest -k, default the rounding tests), then bench/probe_qkernels.py at batch 1 (O_SHAPES, default qkv,o; i8x = with the rounding launch, i8x-alone = x rounded
 #     beforehand, i8x-xr = rounded in the GEMV); with O_ENGINE=1 the synthetic 7B AWQ at 6 GiB batch 1 with every pick
 #     tuned afresh, XROUND tiles among the candidates (xr) or not (noxr), each tuned once then timed alternated
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
@@ -409,9 +409,9 @@ if [[ $steps == *Q* ]]; then  # o_proj's rounding in the attention's epilogue, t
   done
 save; fi
 if [[ $steps == *O* ]]; then  # o_proj's x rounded inside the int8-x GEMV (config XROUND), timed
-  timeout $(left 150) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py \
+  timeout $(left 150) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py -k "${O_TESTS:-rounding}" \
     > $R/pytest_xround.txt 2>&1; echo "pytest rc=$?"; tail -3 $R/pytest_xround.txt
-  timeout $(left 240) python3 bench/probe_qkernels.py --batches 1 --ggml '' --shapes ${O_SHAPES:-qkv,o,gate_up,down} \
+  timeout $(left 240) python3 bench/probe_qkernels.py --batches 1 --ggml '' --shapes ${O_SHAPES:-qkv,o} \
     --out $R/probe_xround.json > $R/probe_xround.txt 2>&1; echo "probe rc=$?"; grep -E "qgemv|wrong" $R/probe_xround.txt | head -24
   if [ -n "${O_ENGINE:-}" ]; then awq_7b  # decode with every pick tuned afresh, XROUND tiles among them or not
     for arm in xr noxr; do
