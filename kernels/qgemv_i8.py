@@ -208,7 +208,7 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
             z = tl.full((1, 1), 8.0, tl.float32)
         lo = words & 0x0F0F0F0F
         hi = (words >> 4) & 0x0F0F0F0F
-        if ROUND_X:  # xq_ptr: x's rows as int32 words (two columns each), d_ptr's int: their stride
+        if ROUND_X:  # xq_ptr: x's rows as int32 words (two columns each), stride_xm words apart
             acc0 += _round_row_step(xq_ptr, lo, hi, wcol, s, z, K, HAS_MINS, EVEN_K, ASM, X_BF16)
             if BLOCK_M > 1:
                 acc1 += _round_row_step(xq_ptr + r1 * stride_xm, lo, hi, wcol, s, z, K, HAS_MINS, EVEN_K, ASM, X_BF16)
