@@ -9,6 +9,9 @@ from engine.sampling import SEED_MAX, SamplingParams as TokenSamplingParams
 from engine.serving.schema import compiled
 
 
+MAX_STOP_STRINGS = 32  # stop strings a request may give (OpenAI's API: 4; many cost every request a step's time)
+
+
 class FieldError(ValueError):
     """A ValueError about one request field: the server's 400 names it as the error's ``param``."""
 
@@ -59,7 +62,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be non-empty strings, got {list(self.stop)!r}")
+            raise FieldError("stop", f"stop must be non-empty strings, got {list(self.stop)!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:  # each is matched against every new token's text on the engine's thread
+            raise FieldError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}: "
+                                     "send fewer (OpenAI's API takes 4)")
         if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
                                             or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an integer >= 1 (or None), got {self.max_tokens!r}")
@@ -77,9 +83,10 @@ class SamplingParams:
             object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
         for token, bias in self.logit_bias:
             if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-                raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+                raise FieldError("logit_bias", f"logit_bias keys must be token ids >= 0, got {token!r}")
             if not (isinstance(bias, (int, float)) and math.isfinite(bias) and -100 <= bias <= 100):
-                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token}")
+                raise FieldError("logit_bias", f"logit_bias values must be numbers in [-100, 100], got {bias!r} "
+                                               f"for token {token}")
         formats = [f for f in ("json_object", "json_schema", "tool_call") if getattr(self, f)]
         if formats and self.ignore_eos:
             raise ValueError(f"{formats[0]} ends the reply when it is whole: leave ignore_eos off")

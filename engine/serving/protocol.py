@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from engine.sampling import SEED_MAX, SEED_MIN
-from engine.serving.params import SamplingParams
+from engine.serving.params import FieldError, SamplingParams
 from engine.serving.tools import check_tools, template_kwargs, template_tool_calls
 from engine.text import utf8_problem
 
@@ -35,8 +36,8 @@ def _logit_bias(value: dict[str, float] | None) -> tuple[tuple[int, float], ...]
     not a token id."""
     out = []
     for key, bias in (value or {}).items():
-        if not key.strip().isdigit():
-            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        if not re.fullmatch(r"[0-9]+", key.strip()):  # ASCII digits: str.isdigit() and int() take others ("²", "١")
+            raise FieldError("logit_bias", f"logit_bias keys must be token ids (decimal digits), got {key!r}")
         out.append((int(key), bias))
     return tuple(sorted(out))
 
