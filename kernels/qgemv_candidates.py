@@ -81,17 +81,16 @@ def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: 
     if _INTERPRET:
         return [config(64, 64, 2 if K >= 128 else 1)]  # interpreted: fewer, wider programs
     if block_m == 1:
-        shapes = [(s, False, 0) for s in _FMA_SHAPES] + [(s, False, 1) for s in _WORD_SHAPES]
+        shapes = [(s, False, 0, False) for s in _FMA_SHAPES] + [(s, False, 1, False) for s in _WORD_SHAPES]
     else:
-        shapes = [(s, False, 0) for s in _DOT_SHAPES] + [(s, True, 0) for s in _SWAP_SHAPES] + \
-            [(s, swap, 3) for s, swap in _SPLIT_SHAPES]
+        shapes = [(s, False, 0, False) for s in _DOT_SHAPES] + [(s, True, 0, False) for s in _SWAP_SHAPES] + \
+            [(s, swap, 3, False) for s, swap in _SPLIT_SHAPES]
     if int8_x and qgemv_i8.enabled() and K % qgemv_i8.QBLOCK == 0:  # the caller's rows are at most MAX_M
-        shapes += [(s, False, 4) for s in (_I8_SHAPES if block_m == 1 else _I8_ROWS_SHAPES)]
+        shapes += [(s, False, 4, False) for s in (_I8_SHAPES if block_m == 1 else _I8_ROWS_SHAPES)]
         if qgemv_i8.xround_enabled():
-            shapes += [(s, False, 5) for s in (_I8_XROUND_SHAPES if block_m == 1 else _I8_ROWS_XROUND_SHAPES)]
+            shapes += [(s, False, 4, True) for s in (_I8_XROUND_SHAPES if block_m == 1 else _I8_ROWS_XROUND_SHAPES)]
     out = []
-    for (bn, bk, warps, stages, *regs), swap, variant in shapes:
-        variant, xround = min(variant, 4), variant == 5  # 5: variant 4 rounding x itself
+    for (bn, bk, warps, stages, *regs), swap, variant, xround in shapes:
         if not variant_ok(variant, group, bits, bk):
             continue
         for sk in _SPLITS:

@@ -35,6 +35,20 @@ def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr
 
 
 @triton.jit
+def _inv_step(amax):
+    """127 / a block's max|x| (0 for an all-zero block): x times it, rounded, is the block's codes."""
+    return tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+
+
+@triton.jit
+def _codes(x, inv):
+    """x times its block's :func:`_inv_step`, rounded half away from zero, as int32 codes in [-127, 127]."""
+    y = x * inv
+    r = tl.floor(tl.abs(y) + 0.5)
+    return tl.where(y < 0, -r, r).to(tl.int32)
+
+
+@triton.jit
 def round_blocks(x_ptr, xq_ptr, d_ptr, qs_ptr, blk, ok, K, SWIGLU: tl.constexpr):
     """The 32-column blocks ``blk`` (where ``ok``) of one row of x (``x_ptr``; the row's outputs at ``xq_ptr``,
     ``d_ptr``, ``qs_ptr``): steps, int8 codes in nibble order, code sums. Shared by this file's kernel and the
@@ -51,10 +65,7 @@ def round_blocks(x_ptr, xq_ptr, d_ptr, qs_ptr, blk, ok, K, SWIGLU: tl.constexpr)
         x = ((x * tl.sigmoid(x)).to(ty).to(tl.float32) * u).to(ty).to(tl.float32)
     amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)
     d = amax / 127.0
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    y = x * inv[:, None, None, None]
-    r = tl.floor(tl.abs(y) + 0.5)  # half away from zero
-    q = tl.where(y < 0, -r, r).to(tl.int32)
+    q = _codes(x, _inv_step(amax)[:, None, None, None])
     qs = tl.sum(tl.sum(tl.sum(q, axis=3), axis=2), axis=1)
     byte = (q & 0xFF) << (p[None, None, :, None] * 8)
     words = tl.sum(byte, axis=2)  # [NB, 4, 2]: disjoint bytes, so the sum is their OR
@@ -89,11 +100,8 @@ def _pair_values(w, X_BF16: tl.constexpr):
 
 @triton.jit
 def _code_byte(v, inv, p: tl.constexpr):
-    """x values ``v`` times their block's 127 / max|x| rounded half away from zero (as _quant_x_kernel), as
-    (the code's byte at position ``p`` of a word, the code)."""
-    y = v * inv
-    r = tl.floor(tl.abs(y) + 0.5)
-    q = tl.where(y < 0, -r, r).to(tl.int32)
+    """x values ``v``'s codes (:func:`_codes`) as (each code's byte at position ``p`` of a word, the code)."""
+    q = _codes(v, inv)
     return (q & 0xFF) << (8 * p), q
 
 
@@ -121,7 +129,7 @@ def round_words(x_ptr, wcol, K, EVEN_K: tl.constexpr, X_BF16: tl.constexpr):
     m = tl.maximum(tl.maximum(tl.maximum(tl.abs(e0), tl.abs(o0)), tl.maximum(tl.abs(e1), tl.abs(o1))),
                    tl.maximum(tl.maximum(tl.abs(e2), tl.abs(o2)), tl.maximum(tl.abs(e3), tl.abs(o3))))
     amax = tl.max(m, axis=2)  # the block's, shaped as the caller's step axes
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)[:, :, None]
+    inv = _inv_step(amax)[:, :, None]
     b0, q0 = _code_byte(e0, inv, 0)
     b1, q1 = _code_byte(e1, inv, 1)
     b2, q2 = _code_byte(e2, inv, 2)
