@@ -113,10 +113,10 @@ def _check_sweep_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def variant_name(cfg, gemv_m1: bool) -> str:
-    """base / swap / 3d / i8x / i8x-xr (x rounded in the GEMV) / split / split+swap."""
+    """base / swap / 3d / i8x / split / split+swap."""
     v, swap = cfg.kwargs.get("VARIANT", 0), cfg.kwargs.get("SWAP_AB", False)
     if gemv_m1:
-        return {0: "base", 1: "3d", 4: "i8x-xr" if cfg.kwargs.get("XROUND") else "i8x"}[v]
+        return {0: "base", 1: "3d", 4: "i8x"}[v]
     return ("split" if v == 3 else "base" if not swap else "swap") + ("+swap" if v == 3 and swap else "")
 
 
@@ -147,7 +147,7 @@ def time_candidates(cands: list, run, ref: torch.Tensor, out: torch.Tensor, cold
             continue
         r["timed"] += 1
         r["err"] = max(r["err"], err)
-        if err > (BAD_ERR_I8X if variant_name(cfg, gemv_m1).startswith("i8x") else BAD_ERR):
+        if err > (BAD_ERR_I8X if variant_name(cfg, gemv_m1) == "i8x" else BAD_ERR):
             r.setdefault("bad", []).append(f"{cfg_name(cfg)}: {err:.1e}")
         if r["best"] is None or us < r["best"][0]:
             r["best"] = (us, cfg_name(cfg))
@@ -192,7 +192,7 @@ def probe_shape(name: str, k: int, n: int, m: int, bits: int, group: int, sms: i
         cands = qgemm_mod._configs(group, bits)
         run = functools.partial(qgemm_mod._launch, x=x, q=q, s=s, z=z, bits=bits, group=group, bias=None, out=out)
     found = time_candidates(cands, run, ref, out, fits_l2(packed_bytes, x.device), gemv and m == 1)
-    i8 = [c for c in cands if c.kwargs.get("VARIANT") == 4 and not c.kwargs.get("XROUND")] if gemv and m == 1 else []
+    i8 = [c for c in cands if c.kwargs.get("VARIANT") == 4] if gemv and m == 1 else []
     if i8:  # the int8-x GEMV's kernel alone, x rounded beforehand (the norm's program does it for qkv and gate_up)
         pre = quantize_x(x)
         asm = torch.version.hip is None

@@ -97,10 +97,6 @@
 #     LAYERSTREAM_FAST_LAUNCH=1 (direct launches keyed on Triton's specialization since session 42), prof the
 #     defaults with a third burst's first pass under cProfile (where the host's ~90 us a kernel go); first
 #     fastlaunch's GPU test
-#  O  issue 15: o_proj's x rounded inside the int8-x GEMV (kernels/qgemv_i8.py, configs with XROUND): its tests on the GPU,
-#     (O_TESTS: pytest -k, default the rounding tests), then bench/probe_qkernels.py at batch 1 (O_SHAPES, default qkv,o; i8x = with the rounding launch, i8x-alone = x rounded
-#     beforehand, i8x-xr = rounded in the GEMV); with O_ENGINE=1 the synthetic 7B AWQ at 6 GiB batch 1 with every pick
-#     tuned afresh, XROUND tiles among the candidates (xr) or not (noxr), each tuned once then timed alternated
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -112,7 +108,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXO]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBX]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -407,27 +403,6 @@ if [[ $steps == *Q* ]]; then  # o_proj's rounding in the attention's epilogue, t
       --budgets 6GiB --batches 1 --steps 16 --prefill-tokens 0 --out-dir $R --tag round$r-$n > $R/bench_round$r-$n.log 2>&1
     echo "round=$r ($n) rc=$?"; grep -E "tok/s|ms" $R/bench_round$r-$n.log | tail -2
   done
-save; fi
-if [[ $steps == *O* ]]; then  # o_proj's x rounded inside the int8-x GEMV (config XROUND), timed
-  timeout $(left 150) python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_qgemv_i8.py -k "${O_TESTS:-rounding}" \
-    > $R/pytest_xround.txt 2>&1; echo "pytest rc=$?"; tail -3 $R/pytest_xround.txt
-  timeout $(left 240) python3 bench/probe_qkernels.py --batches 1 --ggml '' --shapes ${O_SHAPES:-qkv,o} \
-    --out $R/probe_xround.json > $R/probe_xround.txt 2>&1; echo "probe rc=$?"; grep -E "qgemv|wrong" $R/probe_xround.txt | head -24
-  if [ -n "${O_ENGINE:-}" ]; then awq_7b  # decode with every pick tuned afresh, XROUND tiles among them or not
-    for arm in xr noxr; do
-      LAYERSTREAM_I8_XROUND=$([ $arm = xr ] && echo 1 || echo 0) LAYERSTREAM_SHIPPED_TUNING=0 \
-      LAYERSTREAM_CACHE=/tmp/lsc-$arm timeout $(left 150) python3 -m tools.bench_stream --model /tmp/q7b-awq \
-        --budgets 6GiB --batches 1 --steps 8 --prefill-tokens 0 --out-dir $R --tag tune-$arm > $R/bench_tune-$arm.log 2>&1
-      echo "tune $arm rc=$?"; grep -E "tok/s" $R/bench_tune-$arm.log | tail -1
-    done
-    n=0; for arm in xr noxr xr noxr; do n=$((n+1))
-      LAYERSTREAM_I8_XROUND=$([ $arm = xr ] && echo 1 || echo 0) LAYERSTREAM_SHIPPED_TUNING=0 \
-      LAYERSTREAM_CACHE=/tmp/lsc-$arm timeout $(left 90) python3 -m tools.bench_stream --model /tmp/q7b-awq \
-        --budgets 6GiB --batches 1 --steps 16 --prefill-tokens 0 --out-dir $R --tag $arm-$n > $R/bench_$arm-$n.log 2>&1
-      echo "$arm ($n) rc=$?"; grep -E "tok/s" $R/bench_$arm-$n.log | tail -1
-    done
-    cp -r /tmp/lsc-xr $R/cache-xr 2>/dev/null
-  fi
 save; fi
 if [[ $steps == *B* ]]; then  # is the AWQ burst's first pass host-bound or device-bound?
   awq_7b

@@ -38,13 +38,6 @@ _I8_SHAPES = [(32, 256, 4, 1), (32, 256, 8, 1), (64, 256, 8, 1),
 # ... at M = 2-4 (the sweep's fastest: 32x128 and 32x256 at 8 warps, 256x128 with 2 stages for gate_up at M = 4)
 _I8_ROWS_SHAPES = [(32, 128, 8, 1), (32, 256, 8, 1), (256, 128, 4, 2), (64, 128, 8, 3),
                    (32, 128, 8, 1, 64), (32, 256, 8, 1, 96)]
-# ... rounding x inside the GEMV (config's xround): one launch, not two, where no producer rounds x (o_proj, whose
-# x the attention writes: its GEMV alone reached 76% of copy on an H100, 61% after the rounding launch, session
-# 40). Only tiles whose sm_90 build rounds each of a thread's x columns once: in 32x256 and 64x256 each thread
-# rounded 72 values a step (884 loop instructions against 251 for 16x512; tests/test_kernels_qgemv_i8.py)
-_I8_XROUND_SHAPES = [(16, 512, 4, 1), (16, 512, 4, 1, 64), (8, 512, 4, 1, 64), (8, 1024, 4, 1, 96),
-                     (16, 1024, 8, 1, 64)]
-_I8_ROWS_XROUND_SHAPES = [(16, 512, 4, 1), (16, 512, 4, 1, 96), (16, 1024, 8, 1, 96)]
 _DOT_SHAPES = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3)]
 _SWAP_SHAPES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]
 # variant 3 (without swap: 1.4-2.4x slower); 256x128 at 8 warps: 5.8 sm_90 instructions per code at M = 16 against
@@ -54,17 +47,13 @@ _SPLITS = (1, 2, 4, 8)
 
 
 def config(bn: int, bk: int, sk: int = 1, swap: bool = False, warps: int = 4, stages: int = 1,
-           ticket: bool = False, variant: int = 0, maxnreg: int | None = None, xround: bool = False
-           ) -> triton.Config:
+           ticket: bool = False, variant: int = 0, maxnreg: int | None = None) -> triton.Config:
     """One launch config (tests pin configs with it); ``variant`` as kernels/quant_variants.py; ``maxnreg``
-    (variant 4 only): the registers a thread may use, as the key MAXNREG; ``xround`` (variant 4 only): the GEMV
-    rounds x itself, no stage-1 launch (kernels.qgemv_i8.rounds_in_kernel), as the key XROUND. Both keys only
-    when set, so the picks stored before them still name their configs."""
+    (variant 4 only): the registers a thread may use, as the key MAXNREG (only when set, so the picks stored
+    before it still name their configs)."""
     assert maxnreg is None or variant == 4 and maxnreg > 0, (maxnreg, variant)
-    assert not xround or variant == 4, variant
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SWAP_AB": swap, "TICKET": ticket,
-                          "VARIANT": variant, **({"MAXNREG": maxnreg} if maxnreg else {}),
-                          **({"XROUND": True} if xround else {})},
+                          "VARIANT": variant, **({"MAXNREG": maxnreg} if maxnreg else {})},
                          num_warps=warps, num_stages=stages)
 
 
@@ -81,21 +70,19 @@ def _candidates(block_m: int, N: int, K: int, sms: int, group: int = 128, bits: 
     if _INTERPRET:
         return [config(64, 64, 2 if K >= 128 else 1)]  # interpreted: fewer, wider programs
     if block_m == 1:
-        shapes = [(s, False, 0, False) for s in _FMA_SHAPES] + [(s, False, 1, False) for s in _WORD_SHAPES]
+        shapes = [(s, False, 0) for s in _FMA_SHAPES] + [(s, False, 1) for s in _WORD_SHAPES]
     else:
-        shapes = [(s, False, 0, False) for s in _DOT_SHAPES] + [(s, True, 0, False) for s in _SWAP_SHAPES] + \
-            [(s, swap, 3, False) for s, swap in _SPLIT_SHAPES]
+        shapes = [(s, False, 0) for s in _DOT_SHAPES] + [(s, True, 0) for s in _SWAP_SHAPES] + \
+            [(s, swap, 3) for s, swap in _SPLIT_SHAPES]
     if int8_x and qgemv_i8.enabled() and K % qgemv_i8.QBLOCK == 0:  # the caller's rows are at most MAX_M
-        shapes += [(s, False, 4, False) for s in (_I8_SHAPES if block_m == 1 else _I8_ROWS_SHAPES)]
-        if qgemv_i8.xround_enabled():
-            shapes += [(s, False, 4, True) for s in (_I8_XROUND_SHAPES if block_m == 1 else _I8_ROWS_XROUND_SHAPES)]
+        shapes += [(s, False, 4) for s in (_I8_SHAPES if block_m == 1 else _I8_ROWS_SHAPES)]
     out = []
-    for (bn, bk, warps, stages, *regs), swap, variant, xround in shapes:
+    for (bn, bk, warps, stages, *regs), swap, variant in shapes:
         if not variant_ok(variant, group, bits, bk):
             continue
         for sk in _SPLITS:
             if sk > 1 and (triton.cdiv(N, bn) * sk > 6 * sms or triton.cdiv(K, bk) < 2 * sk):
                 continue
             out.append(config(bn, bk, sk, swap, warps, stages, ticket=sk > 1, variant=variant,
-                              maxnreg=regs[0] if regs else None, xround=xround))
+                              maxnreg=regs[0] if regs else None))
     return out

@@ -31,6 +31,9 @@
 #          first dot products (a second wait on memory each step); the tuner also times those tiles with a register
 #          cap (kernels.qgemv_candidates.config's maxnreg, 48-96), under which every load of a step goes out first
 #          (bench/results/2026-12-05-cpu-sass-maxnreg/). Not yet timed on a GPU.
+#          Rounding x inside the GEMV (configs with XROUND, sessions 43-44: one launch, not two, for o_proj) was
+#          slower on an H100: o_proj 11.6 us against 6.4 us with the rounding launch first, qkv 13.5 against 7.0;
+#          the tuner picked no such tile, and it was removed (bench/results/2026-12-06-h100-s44/call1/).
 # Accuracy: against fp32 torch on x itself, 0.4-1.1% relative error (Frobenius) in the tests' shapes with bf16
 #          output (bf16 rounding alone: about 0.3%); tests bound it by 1.5%. x's rounding per 32 columns has about
 #          2.5x the error of bf16's (more in a block holding an outlier channel): in a tiny Qwen2's batch-1 decode
@@ -49,7 +52,7 @@ import triton.language as tl
 
 from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
 from kernels.pdl import enter as pdl_enter, opts as pdl_opts
-from kernels.quant_x import QBLOCK, quantize_x, quantize_x_ref, round_words
+from kernels.quant_x import QBLOCK, quantize_x, quantize_x_ref
 
 
 # Loaded as [BLOCK_N, NBLK, 4], the codes' sm_90 layout puts a warp's lanes on 32 rows, 16 bytes each: the same
@@ -71,11 +74,6 @@ def enabled() -> bool:
     return os.environ.get("LAYERSTREAM_INT8_X", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def xround_enabled() -> bool:
-    """Whether the tuner may time tiles rounding x inside the GEMV (``LAYERSTREAM_I8_XROUND=0``: not)."""
-    return os.environ.get("LAYERSTREAM_I8_XROUND", "1").strip().lower() not in ("0", "off", "false", "no")
-
-
 @triton.jit
 def _dp4a2(a0, b0, a1, b1, ASM: tl.constexpr):
     """sum over the 4 signed bytes of a0 * b0 plus those of a1 * b1, as int32 (PTX dp4a with ASM)."""
@@ -91,21 +89,10 @@ def _dp4a2(a0, b0, a1, b1, ASM: tl.constexpr):
 
 
 @triton.jit
-def _row_dot(lo, hi, xlo, xhi, d, qs, s, z, HAS_MINS: tl.constexpr, ASM: tl.constexpr):
-    """One x row's contribution of a K step: its int8 words ``xlo`` / ``xhi`` against the step's codes
-    (``lo`` / ``hi``), times its steps ``d`` and code sums ``qs``, with the weight's scales and zero points (or
-    mins) ``s`` / ``z``."""
-    dot = tl.sum(_dp4a2(lo, tl.broadcast_to(xlo, lo.shape), hi, tl.broadcast_to(xhi, hi.shape), ASM), axis=2)
-    dot = dot.to(tl.float32)
-    if HAS_MINS:
-        return d * (s * dot + z * qs)
-    return (s * d) * (dot - z * qs)
-
-
-@triton.jit
 def _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk2, s, z, K, HAS_MINS: tl.constexpr, EVEN_K: tl.constexpr,
               ASM: tl.constexpr):
-    """One x row's [BLOCK_N, NBLK] (TRANS: [NBLK, BLOCK_N]) contribution of a K step, x rounded by stage 1;
+    """One x row's [BLOCK_N, NBLK] (TRANS: [NBLK, BLOCK_N]) contribution of a K step: its int8 words against the
+    step's codes (lo / hi), times its steps, with the weight's scales and zero points (or mins) ``s`` / ``z``;
     ``wcol`` the step's words and ``blk2`` its 32-column blocks, shaped as the tile's axes."""
     # x's words are loaded at [1, NBLK, 4] and broadcast in registers: loaded in the tile's own [BLOCK_N, ...] shape,
     # the software pipeliner staged BLOCK_N copies of them in shared memory (57-360 KB a program; on the H200
@@ -124,26 +111,21 @@ def _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk2, s, z, K, HAS_MINS: tl.c
         xhi = tl.load(x_lo + hi_off, mask=ok3, other=0)
         d = tl.load(d_ptr + blk2, mask=ok2, other=0.0)
         qs = tl.load(qs_ptr + blk2, mask=ok2, other=0).to(tl.float32)
-    return _row_dot(lo, hi, xlo, xhi, d, qs, s, z, HAS_MINS, ASM)
-
-
-@triton.jit
-def _round_row_step(x_ptr, lo, hi, wcol, s, z, K, HAS_MINS: tl.constexpr, EVEN_K: tl.constexpr,
-                    ASM: tl.constexpr, X_BF16: tl.constexpr):
-    """:func:`_row_step` with x's row read in its own 16-bit dtype (``x_ptr``: the row as int32 words, each two
-    columns) and rounded here (kernels.quant_x.round_words): no stage-1 launch."""
-    xlo, xhi, d, qs = round_words(x_ptr, wcol, K, EVEN_K, X_BF16)
-    return _row_dot(lo, hi, xlo, xhi, d, qs, s, z, HAS_MINS, ASM)
+    dot = tl.sum(_dp4a2(lo, tl.broadcast_to(xlo, lo.shape), hi, tl.broadcast_to(xhi, hi.shape), ASM), axis=2)
+    dot = dot.to(tl.float32)
+    if HAS_MINS:
+        return d * (s * dot + z * qs)
+    return (s * d) * (dot - z * qs)
 
 
 @triton.jit
 def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                     M, N, K, group, stride_qn, stride_sn, stride_om, stride_xm,
+                     M, N, K, group, stride_qn, stride_sn, stride_om,
                      HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TICKET: tl.constexpr,
                      ONE_GROUP: tl.constexpr, GROUP_C: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
                      ASM: tl.constexpr, PDL_CHAIN: tl.constexpr = False, WORDS2D: tl.constexpr = False,
-                     TRANS: tl.constexpr = False, ROUND_X: tl.constexpr = False, X_BF16: tl.constexpr = True):
+                     TRANS: tl.constexpr = False):
     pdl_enter(PDL_CHAIN)
     NBLK: tl.constexpr = BLOCK_K // 32
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -208,23 +190,15 @@ def _qgemv_i8_kernel(xq_ptr, d_ptr, qs_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
             z = tl.full((1, 1), 8.0, tl.float32)
         lo = words & 0x0F0F0F0F
         hi = (words >> 4) & 0x0F0F0F0F
-        if ROUND_X:  # xq_ptr: x's rows as int32 words (two columns each), stride_xm words apart
-            acc0 += _round_row_step(xq_ptr, lo, hi, wcol, s, z, K, HAS_MINS, EVEN_K, ASM, X_BF16)
-            if BLOCK_M > 1:
-                acc1 += _round_row_step(xq_ptr + r1 * stride_xm, lo, hi, wcol, s, z, K, HAS_MINS, EVEN_K, ASM, X_BF16)
-            if BLOCK_M > 2:
-                acc2 += _round_row_step(xq_ptr + r2 * stride_xm, lo, hi, wcol, s, z, K, HAS_MINS, EVEN_K, ASM, X_BF16)
-                acc3 += _round_row_step(xq_ptr + r3 * stride_xm, lo, hi, wcol, s, z, K, HAS_MINS, EVEN_K, ASM, X_BF16)
-        else:
-            acc0 += _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
-            if BLOCK_M > 1:
-                acc1 += _row_step(xq_ptr + r1 * (K // 4), d_ptr + r1 * (K // 32), qs_ptr + r1 * (K // 32), lo, hi,
-                                  wcol, blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
-            if BLOCK_M > 2:
-                acc2 += _row_step(xq_ptr + r2 * (K // 4), d_ptr + r2 * (K // 32), qs_ptr + r2 * (K // 32), lo, hi,
-                                  wcol, blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
-                acc3 += _row_step(xq_ptr + r3 * (K // 4), d_ptr + r3 * (K // 32), qs_ptr + r3 * (K // 32), lo, hi,
-                                  wcol, blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
+        acc0 += _row_step(xq_ptr, d_ptr, qs_ptr, lo, hi, wcol, blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
+        if BLOCK_M > 1:
+            acc1 += _row_step(xq_ptr + r1 * (K // 4), d_ptr + r1 * (K // 32), qs_ptr + r1 * (K // 32), lo, hi, wcol,
+                              blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
+        if BLOCK_M > 2:
+            acc2 += _row_step(xq_ptr + r2 * (K // 4), d_ptr + r2 * (K // 32), qs_ptr + r2 * (K // 32), lo, hi, wcol,
+                              blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
+            acc3 += _row_step(xq_ptr + r3 * (K // 4), d_ptr + r3 * (K // 32), qs_ptr + r3 * (K // 32), lo, hi, wcol,
+                              blk2, s, z, K, HAS_MINS, EVEN_K, ASM)
     offs_m = tl.arange(0, BLOCK_M)
     RED: tl.constexpr = 0 if TRANS else 1  # the K axis of the accumulators
     out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=RED)[None, :], 0.0)
@@ -245,13 +219,6 @@ def supports(m: int, k: int, bits: int, group: int, block_k: int) -> bool:
     return 1 <= m <= MAX_M and bits == 4 and k % QBLOCK == 0 and group % QBLOCK == 0 and block_k % QBLOCK == 0
 
 
-def rounds_in_kernel(cfg: triton.Config, x: torch.Tensor) -> bool:
-    """Whether ``cfg`` (its key XROUND) rounds x inside the GEMV, one launch instead of two: x of a 16-bit
-    dtype whose rows start on 4-byte boundaries (read as int32 words of two columns)."""
-    return bool(cfg.kwargs.get("XROUND")) and x.dtype in (torch.bfloat16, torch.float16) and (
-        x.shape[0] == 1 or x.stride(0) % 2 == 0) and x.stride(1) == 1 and x.data_ptr() % 4 == 0
-
-
 def register_cap(cfg: triton.Config) -> dict:
     """The launch option of ``cfg``'s register cap (kernels.qgemv_candidates.config's MAXNREG), or none."""
     return {"maxnreg": cfg.kwargs["MAXNREG"]} if cfg.kwargs.get("MAXNREG") else {}
@@ -266,23 +233,17 @@ def launch_i8(cfg: triton.Config, x: torch.Tensor, q: torch.Tensor, s: torch.Ten
     M, K, N = x.shape[0], x.shape[1] // 2 if swiglu else x.shape[1], q.shape[0]
     bn, bk, sk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["SPLIT_K"]
     assert supports(M, K, 4, group, bk), (M, K, group, bk)
-    round_x = rounded is None and not swiglu and rounds_in_kernel(cfg, x)
-    if round_x:  # x's rows as int32 words, two 16-bit columns each, rounded by the GEMV itself
-        xq = d = qs = x.view(torch.int32) if M > 1 else x[0].view(torch.int32)
-        stride_xm = x.stride(0) // 2
-    else:
-        xq, d, qs = rounded if rounded is not None else quantize_x(x, swiglu)
-        stride_xm = 0
+    xq, d, qs = rounded if rounded is not None else quantize_x(x, swiglu)
     ws, cnt = split_k_scratch(cfg, out, "qgemv_i8")
     b = bias if bias is not None else out
     shift = group % bk == 0 or bk % group == 0 and group & (group - 1) == 0  # the group index by a shift
     _qgemv_i8_kernel[(triton.cdiv(N, bn), sk)](
         xq, d, qs, q, s, s if z is None else z, b, out, ws, out if cnt is None else cnt,
-        M, N, K, group, q.stride(0), s.stride(0), out.stride(0), stride_xm,
+        M, N, K, group, q.stride(0), s.stride(0), out.stride(0),
         HAS_ZEROS=z is not None and not mins, HAS_MINS=mins, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, TICKET=cnt is not None,
         ONE_GROUP=group % bk == 0, GROUP_C=group if shift else 1, EVEN_K=K % bk == 0, STAGES=cfg.num_stages, ASM=asm,
-        WORDS2D=WORDS2D, TRANS=TRANS, ROUND_X=round_x, X_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out),
+        WORDS2D=WORDS2D, TRANS=TRANS, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opts(out),
         **register_cap(cfg))
     reduce_split_k(ws, cnt, bias, out)
 

@@ -8,8 +8,6 @@
 #          columns of packed word j), xq[K/8 + j] = q[8j+1], q[8j+3], q[8j+5], q[8j+7] (the high nibbles');
 #          qs = the sum of the block's q (for the zero point / min term). With SWIGLU x = silu(gate) * up, rounded
 #          as kernels/swiglu.py rounds it (the same codes), so the MLP's down projection takes two launches.
-# In a GEMV: round_words rounds one row's blocks under a K step's packed words from x itself (int32 words of two
-#          16-bit columns), the same codes, steps and sums, for the GEMV's configs that skip this launch (XROUND).
 # Reference: quantize_x_ref (fp32 torch), decode_x (the words back to codes and steps).
 from __future__ import annotations
 
@@ -86,60 +84,6 @@ def round_heads(out_ptr, xq_ptr, d_ptr, qs_ptr, b, h0, n, K, D, BLOCK_D: tl.cons
     for r in range(n):
         round_blocks(out_ptr + row * K, xq_ptr + row * (K // 4), d_ptr + row * (K // 32), qs_ptr + row * (K // 32),
                      (h0 + r) * (D // 32) + nb, nb < D // 32, K, False)
-
-
-@triton.jit
-def _pair_values(w, X_BF16: tl.constexpr):
-    """The two 16-bit floats of int32 words ``w`` (x's columns 2i, 2i + 1) as fp32: (even column, odd column)."""
-    if X_BF16:
-        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
-    even = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    odd = ((w >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return even, odd
-
-
-@triton.jit
-def _code_byte(v, inv, p: tl.constexpr):
-    """x values ``v``'s codes (:func:`_codes`) as (each code's byte at position ``p`` of a word, the code)."""
-    q = _codes(v, inv)
-    return (q & 0xFF) << (8 * p), q
-
-
-@triton.jit
-def _x_pairs(x_ptr, wcol, p: tl.constexpr, K, EVEN_K: tl.constexpr, X_BF16: tl.constexpr):
-    """x's columns 8 * wcol + 2p and 8 * wcol + 2p + 1 (the int32 word 4 * wcol + p of the row ``x_ptr``) as fp32."""
-    if EVEN_K:
-        w = tl.load(x_ptr + wcol * 4 + p, eviction_policy="evict_last")
-    else:
-        w = tl.load(x_ptr + wcol * 4 + p, mask=wcol < K // 8, other=0)
-    return _pair_values(w, X_BF16)
-
-
-@triton.jit
-def round_words(x_ptr, wcol, K, EVEN_K: tl.constexpr, X_BF16: tl.constexpr):
-    """Inside a GEMV's K step (kernels/qgemv_i8.py, configs with XROUND): the 32-column blocks of one row of x
-    under the packed words ``wcol`` (any shape whose last axis holds a block's 4 words), rounded as
-    :func:`quantize_x` rounds them, as (low words, high words, steps, code sums as fp32; the last two with the
-    last axis reduced). ``x_ptr``: the row as int32 words, each two 16-bit columns (bf16 with ``X_BF16``, else
-    fp16): word ``wcol``'s columns are 8 * wcol + 2p (+1 for the high nibbles'), the int32 words 4 * wcol + p."""
-    e0, o0 = _x_pairs(x_ptr, wcol, 0, K, EVEN_K, X_BF16)
-    e1, o1 = _x_pairs(x_ptr, wcol, 1, K, EVEN_K, X_BF16)
-    e2, o2 = _x_pairs(x_ptr, wcol, 2, K, EVEN_K, X_BF16)
-    e3, o3 = _x_pairs(x_ptr, wcol, 3, K, EVEN_K, X_BF16)
-    m = tl.maximum(tl.maximum(tl.maximum(tl.abs(e0), tl.abs(o0)), tl.maximum(tl.abs(e1), tl.abs(o1))),
-                   tl.maximum(tl.maximum(tl.abs(e2), tl.abs(o2)), tl.maximum(tl.abs(e3), tl.abs(o3))))
-    amax = tl.max(m, axis=2)  # the block's, shaped as the caller's step axes
-    inv = _inv_step(amax)[:, :, None]
-    b0, q0 = _code_byte(e0, inv, 0)
-    b1, q1 = _code_byte(e1, inv, 1)
-    b2, q2 = _code_byte(e2, inv, 2)
-    b3, q3 = _code_byte(e3, inv, 3)
-    c0, r0 = _code_byte(o0, inv, 0)
-    c1, r1 = _code_byte(o1, inv, 1)
-    c2, r2 = _code_byte(o2, inv, 2)
-    c3, r3 = _code_byte(o3, inv, 3)
-    qs = tl.sum(q0 + q1 + q2 + q3 + r0 + r1 + r2 + r3, axis=2).to(tl.float32)
-    return b0 | b1 | b2 | b3, c0 | c1 | c2 | c3, amax / 127.0, qs
 
 
 def quantize_x(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

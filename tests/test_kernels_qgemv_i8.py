@@ -79,63 +79,6 @@ def test_qgemv_i8_arithmetic(m: int, k: int, n: int, group: int, bn: int, bk: in
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("m,k,n,group,bn,bk,sk", [(1, *CASES[0]), (3, *CASES[1]), (2, *CASES[2]), (1, *CASES[3]),
-                                                    (4, *CASES[3]), (1, *CASES[5])])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["zeros", "symmetric", "mins"])
-def test_rounding_x_in_the_gemv_equals_stage_1(m: int, k: int, n: int, group: int, bn: int, bk: int, sk: int,
-                                               dtype: torch.dtype, kind: str) -> None:
-    """A config with XROUND rounds x's 16-bit rows inside the GEMV to the codes, steps and sums stage 1 gives
-    (an all-zero block, a half within float error, the masked K tail, split-K, 1-4 rows): the same output to
-    fp32 accuracy as the two launches, one launch fewer."""
-    from kernels import qgemv_i8
-
-    x, qw, s, z = _operands(k, n, group, torch.float32)
-    x = torch.cat([x, torch.randn(m - 1, k, device=DEV) * 3]) * torch.linspace(0.1, 10, k, device=DEV)
-    x[0, :32] = 0.0  # an all-zero block: step 0, codes 0
-    x[-1, 40] = -x[-1, 32:64].abs().max() / 2  # x / step = -63.5 exactly
-    x = x.to(dtype)
-    zeros, mins = {"zeros": (z, None), "symmetric": (None, None), "mins": (None, s * -7.5)}[kind]
-    bias = torch.randn(n, device=DEV, dtype=dtype)
-    outs, stage1 = [], []
-    real = qgemv_i8.quantize_x
-    for xround in (False, True):
-        cfg = q.config(bn, bk, sk, warps=4, stages=1, ticket=sk > 1, variant=4, xround=xround)
-        assert qgemv_i8.rounds_in_kernel(cfg, x) == xround
-        out = torch.empty(m, n, device=DEV, dtype=torch.float32)
-        qgemv_i8.quantize_x = lambda *a, **kw: (stage1.append(xround), real(*a, **kw))[1]
-        try:
-            launch_i8(cfg, x, qw, s, zeros if mins is None else mins, group, bias, out, mins is not None,
-                      DEV == "cuda")
-        finally:
-            qgemv_i8.quantize_x = real
-        outs.append(out)
-    assert stage1 == [False]  # the rounding launch ran for the plain config only
-    assert ((outs[1] - outs[0]).norm() / outs[0].norm()).item() < 1e-6
-
-
-def test_rounding_in_the_gemv_needs_16_bit_rows_on_word_boundaries() -> None:
-    """x in fp32, or rows at odd element strides (not int32 words): the XROUND config rounds with stage 1."""
-    from kernels import qgemv_i8
-
-    cfg = q.config(16, 128, variant=4, xround=True)
-    wide = torch.randn(3, 257, device=DEV, dtype=torch.bfloat16)
-    assert qgemv_i8.rounds_in_kernel(cfg, wide[:, :256].contiguous())
-    assert not qgemv_i8.rounds_in_kernel(cfg, wide[:, :256])  # row stride 257
-    assert qgemv_i8.rounds_in_kernel(cfg, wide[:1, :256])  # one row: its stride never used
-    assert not qgemv_i8.rounds_in_kernel(cfg, wide[:, :256].float())
-    assert not qgemv_i8.rounds_in_kernel(q.config(16, 128, variant=4), wide[:, :256].contiguous())
-    x, qw, s, z = _operands(256, 48, 128, torch.bfloat16)
-    x3 = torch.randn(3, 257, device=DEV, dtype=torch.bfloat16)[:, 1:]  # odd stride and a 2-byte offset
-    outs = []
-    for c in (cfg, q.config(16, 128, variant=4)):
-        outs.append(torch.empty(3, 48, device=DEV))
-        launch_i8(c, x3, qw, s, z, 128, None, outs[-1], False, DEV == "cuda")
-    assert torch.equal(outs[0], outs[1])
-    with pytest.raises(AssertionError):
-        q.config(16, 128, variant=1, xround=True)
-
-
 @pytest.mark.parametrize("layout", ["rows3d", "words2d", "trans"])
 @pytest.mark.parametrize("m,k,n,group,bn,bk,sk", [(1, *CASES[1]), (3, *CASES[2]), (1, *CASES[3])])
 def test_every_code_layout_computes_the_same(monkeypatch, layout: str, m: int, k: int, n: int, group: int,
@@ -211,11 +154,8 @@ def test_tuner_candidates_include_variant_4_unless_turned_off(monkeypatch) -> No
     for block_m in (1, 16):  # 16: the tensor-core bucket, which rows 2-4 share with their own key
         variants = {c.kwargs["VARIANT"] for c in q._candidates(block_m, 4608, 3584, 132, int8_x=True)}
         assert 4 in variants and len(variants) >= 3
-        assert any(c.kwargs.get("XROUND") for c in q._candidates(block_m, 4608, 3584, 132, int8_x=True))
         assert all(c.kwargs["VARIANT"] != 4 for c in q._candidates(block_m, 4608, 3584, 132))  # fp32 x, M > 4
     assert all(c.kwargs["VARIANT"] != 4 for c in q._candidates(1, 4608, 3584, 132, bits=8, int8_x=True))
-    monkeypatch.setenv("LAYERSTREAM_I8_XROUND", "0")
-    assert not any(c.kwargs.get("XROUND") for c in q._candidates(1, 4608, 3584, 132, int8_x=True))
     monkeypatch.setenv("LAYERSTREAM_INT8_X", "0")
     assert all(c.kwargs["VARIANT"] != 4 for c in q._candidates(1, 4608, 3584, 132, int8_x=True))
 
@@ -223,14 +163,13 @@ def test_tuner_candidates_include_variant_4_unless_turned_off(monkeypatch) -> No
 _SM90 = """
 from tests.test_kernels_qgemv_sm90 import compile_i8, loads_after_first_dot, loop_instructions
 from kernels import qgemv as q
-from kernels import qgemv_candidates as c
-for rows, shapes, xr in ((1, q._I8_SHAPES, 0), (2, q._I8_ROWS_SHAPES, 0), (4, q._I8_ROWS_SHAPES, 0),
-                         (1, c._I8_XROUND_SHAPES, 1), (2, c._I8_ROWS_XROUND_SHAPES, 1)):
+from kernels import qgemv_candidates
+for rows, shapes in ((1, q._I8_SHAPES), (2, q._I8_ROWS_SHAPES), (4, q._I8_ROWS_SHAPES)):
     for bn, bk, warps, stages, *regs in shapes:
-        usage, sass = compile_i8(rows, bn, bk, warps, stages, regs[0] if regs else None, xround=bool(xr))
+        usage, sass = compile_i8(rows, bn, bk, warps, stages, regs[0] if regs else None)
         print(f"M={rows} {bn}x{bk} w{warps} s{stages} cap {regs[0] if regs else 0}: {usage} | loop "
               f"{loop_instructions(sass)} idp {sass.count('IDP.4A')} codes {bn * bk // (32 * warps)} "
-              f"xround {xr} frnd {sass.count('FRND')} late {loads_after_first_dot(sass)}", flush=True)
+              f"late {loads_after_first_dot(sass)}", flush=True)
 """
 
 
@@ -248,17 +187,13 @@ def test_qgemv_i8_compiles_for_sm90_to_a_dp4a_loop() -> None:
     run = subprocess.run([sys.executable, "-c", _SM90], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    assert len(lines) == len(q._I8_SHAPES) + 2 * len(q._I8_ROWS_SHAPES) + len(qgemv_candidates._I8_XROUND_SHAPES) \
-        + len(qgemv_candidates._I8_ROWS_XROUND_SHAPES), run.stdout
+    assert len(lines) == len(q._I8_SHAPES) + 2 * len(q._I8_ROWS_SHAPES), run.stdout
     for line in lines:
         assert "STACK:0" in line and "LOCAL:0" in line, line
         rows = int(line.split()[0].removeprefix("M="))
         loop, idp, codes = (int(v) for v in re.search(r"loop (\d+) idp (\d+) codes (\d+)", line).groups())
         assert idp >= rows * codes // 4, line  # 2 DP4As per packed word (8 codes) and row of x
-        xround, frnd = (int(v) for v in re.search(r"xround (\d) frnd (\d+)", line).groups())
-        # rounding x in the GEMV: each of a thread's x words (8 columns) rounded once a row, <= 300 more
-        assert frnd == (8 * rows if xround else 0), line
-        budget = 110 + 300 * xround + {1: 1.5, 2: 2.5, 4: 5.5}[rows] * codes  # (the split dots: 5.8-9.7 per code)
+        budget = 110 + {1: 1.5, 2: 2.5, 4: 5.5}[rows] * codes  # all rows (the split dots: 5.8-9.7 per code)
         assert loop <= budget, f"{loop} loop instructions for {codes} codes: {line}"
         if " cap 0:" not in line:
             assert re.search(r" late (\d+)$", line).group(1) == "0", line

@@ -38,17 +38,15 @@ def _compile(meta: dict, warps: int, stages: int) -> tuple[str, str]:
     return compile_sm90(mod._qgemv_kernel, ptrs, meta, warps, stages)
 
 
-def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int, maxnreg: int | None = None,
-               xround: bool = False) -> tuple[str, str]:
+def compile_i8(rows: int, bn: int, bk: int, warps: int, stages: int, maxnreg: int | None = None) -> tuple[str, str]:
     """(cuobjdump's resource line, the SASS) of kernels/qgemv_i8.py's GEMV for sm_90: ``rows`` rows of x, int4
-    g128 with zero points, bf16 out, no split-K; ``maxnreg``: the register cap (kernels.qgemv_candidates.config's);
-    ``xround``: x's bf16 rows rounded in the GEMV (its config's XROUND)."""
+    g128 with zero points, bf16 out, no split-K; ``maxnreg``: the register cap (kernels.qgemv_candidates.config's)."""
     from kernels import qgemv_i8 as mod
     ptrs = {"xq_ptr": "*i32", "d_ptr": "*fp32", "qs_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
             "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     meta = dict(HAS_ZEROS=True, HAS_MINS=False, HAS_BIAS=False, BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1,
                 TICKET=False, ONE_GROUP=GROUP % bk == 0, GROUP_C=GROUP, EVEN_K=True, STAGES=stages, ASM=True,
-                WORDS2D=mod.WORDS2D, TRANS=mod.TRANS, ROUND_X=xround, X_BF16=True)  # as launch_i8 passes them
+                WORDS2D=mod.WORDS2D, TRANS=mod.TRANS)  # as launch_i8 passes them
     return compile_sm90(mod._qgemv_i8_kernel, ptrs, meta, warps, stages, maxnreg)
 
 

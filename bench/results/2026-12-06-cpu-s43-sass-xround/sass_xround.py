@@ -1,3 +1,4 @@
+# Needs the XROUND configs, removed since: rerun it at commit 65bfda4 (git checkout 65bfda4).
 import re, collections
 from tests.test_kernels_qgemv_sm90 import compile_i8, loop_instructions, loads_after_first_dot
 from kernels import qgemv_candidates as c
