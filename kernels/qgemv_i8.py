@@ -30,7 +30,8 @@
 #          registers by issuing the loads of x's steps and sums and of the scales and zero points after a step's
 #          first dot products (a second wait on memory each step); the tuner also times those tiles with a register
 #          cap (kernels.qgemv_candidates.config's maxnreg, 48-96), under which every load of a step goes out first
-#          (bench/results/2026-12-05-cpu-sass-maxnreg/). Not yet timed on a GPU.
+#          (bench/results/2026-12-05-cpu-sass-maxnreg/). On an H100 the fastest tiles for qkv and o at batch 1
+#          were capped ones (MAXNREG=64; bench/results/2026-12-06-h100-s44/call1/probe_xround.txt).
 #          Rounding x inside the GEMV (configs with XROUND, sessions 43-44: one launch, not two, for o_proj) was
 #          slower on an H100: o_proj 11.6 us against 6.4 us with the rounding launch first, qkv 13.5 against 7.0;
 #          the tuner picked no such tile, and it was removed (bench/results/2026-12-06-h100-s44/call1/).
