@@ -10,6 +10,8 @@
 # Semantics: query t of sequence b sits at p = start_pos[b] + t and attends to
 #          keys j <= p; keys j < start_pos[b] + q_lens[b] must already be in the
 #          cache.  Hq % Hk == 0, kv head = q head // (Hq // Hk).
+# Varlen:  attention_prefill_varlen: sequences' rows one after another in a flat q [R, Hq, D] (a pass's
+#          stacked prompt slices), each with its own row span and cache row, in one launch (VARLEN).
 # Kernel:  one program per (BLOCK_M query rows, batch, q head); online softmax in
 #          fp32 with exp2 (log2(e) folded into the scale).  Key blocks entirely
 #          below the first query's position run unmasked; the diagonal runs
@@ -75,25 +77,36 @@ def _prefill_block(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, n0,
 
 @triton.jit
 def _attention_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, qlen_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, qlen_ptr, qrow_ptr, crow_ptr,
     qk_scale, T, Hq, D, S, GROUP,
     sq_b, sq_t, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_t, so_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    IS_FP32: tl.constexpr, UPCAST: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest (diagonal-heavy) blocks first
     b = tl.program_id(1) // Hq
     h = tl.program_id(1) % Hq
     kvh = h // GROUP
     start = tl.load(start_ptr + b)
-    qlen = tl.minimum(tl.load(qlen_ptr + b), T)
+    if VARLEN:  # sequence b: rows qrow[b] .. + qrow[B + b] of q / out (its span), its keys cache row crow[b]
+        row0 = tl.load(qrow_ptr + b).to(tl.int64)
+        n_rows = tl.load(qrow_ptr + tl.num_programs(1) // Hq + b)
+        q_off = row0 * sq_t
+        o_off = row0 * so_t
+        c_row = tl.load(crow_ptr + b).to(tl.int64)
+    else:
+        q_off = b.to(tl.int64) * sq_b
+        o_off = b.to(tl.int64) * so_b
+        c_row = b.to(tl.int64)
+        n_rows = T
+    qlen = tl.minimum(tl.load(qlen_ptr + b), n_rows)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    q_ptrs = q_ptr + b.to(tl.int64) * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m < T)[:, None] & d_mask[None, :], other=0.0)
+    q_ptrs = q_ptr + q_off + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m < n_rows)[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     q_pos = start + offs_m
@@ -104,8 +117,8 @@ def _attention_prefill_kernel(
     full_end = tl.where(rows > 0, ((start + m0) // BLOCK_N) * BLOCK_N, 0)
     full_end = tl.minimum(full_end, hi)
 
-    k_base = k_ptr + b.to(tl.int64) * sk_b + kvh * sk_h
-    v_base = v_ptr + b.to(tl.int64) * sv_b + kvh * sv_h
+    k_base = k_ptr + c_row * sk_b + kvh * sk_h
+    v_base = v_ptr + c_row * sv_b + kvh * sv_h
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -121,8 +134,8 @@ def _attention_prefill_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     out = tl.where((offs_m < qlen)[:, None], out, 0.0)
-    o_ptrs = out_ptr + b.to(tl.int64) * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m < T)[:, None] & d_mask[None, :])
+    o_ptrs = out_ptr + o_off + h * so_h + offs_m[:, None] * so_t + offs_d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m < n_rows)[:, None] & d_mask[None, :])
 
 
 # (T bucket, BLOCK_D, group, dtype) -> tuned config
@@ -171,9 +184,50 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, Hq, D], got shape {tuple(q.shape)}")
     B, T, Hq, D = q.shape
+    _check_operands(q, k_cache, v_cache, B)
+    _check_lengths("start_pos", start_pos, q, B)
+    _check_lengths("q_lens", q_lens, q, B)
+    out = torch.empty((B, T, Hq, D), device=q.device, dtype=q.dtype)
+    if B == 0 or T == 0:
+        return out
+    _run(q, k_cache, v_cache, out, start_pos, q_lens, scale, T, B, q.stride()[:3], out.stride()[:3])
+    return out
+
+
+def attention_prefill_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             start_pos: torch.Tensor, q_lens: torch.Tensor, seq_rows: torch.Tensor,
+                             cache_rows: torch.Tensor, max_rows: int, scale: float) -> torch.Tensor:
+    """:func:`attention_prefill` for several sequences whose query rows lie one after another in a flat
+    q [R, Hq, D] (the stacked prompt slices of a pass), in one launch: sequence b's rows are
+    ``seq_rows[1, b]`` rows from row ``seq_rows[0, b]`` (int32 [2, B]; ``max_rows`` their most), its keys and
+    values row ``cache_rows[b]`` (int32 [B]) of k_cache / v_cache [C, Hk, S, D]; start_pos / q_lens as
+    there (rows past q_lens[b] of its span written as zeros). Returns [R, Hq, D] in q's dtype; rows outside
+    every span are left unwritten."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [R, Hq, D], got shape {tuple(q.shape)}")
+    B = start_pos.shape[0] if start_pos.dim() == 1 else -1
+    _check_operands(q, k_cache, v_cache, k_cache.shape[0] if k_cache.dim() == 4 else -1)
+    _check_lengths("start_pos", start_pos, q, B)
+    _check_lengths("q_lens", q_lens, q, B)
+    _check_lengths("cache_rows", cache_rows, q, B)
+    if seq_rows.shape != (2, B) or seq_rows.dtype != torch.int32 or not seq_rows.is_contiguous() \
+            or seq_rows.device != q.device:
+        raise ValueError(f"seq_rows must be a contiguous int32 [2, {B}] tensor on {q.device}, "
+                         f"got {tuple(seq_rows.shape)} {seq_rows.dtype}")
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if B == 0 or max_rows <= 0 or q.shape[0] == 0:
+        return out
+    _run(q, k_cache, v_cache, out, start_pos, q_lens, scale, max_rows, B, (0, *q.stride()[:2]),
+         (0, *out.stride()[:2]), (seq_rows, cache_rows))
+    return out
+
+
+def _check_operands(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, B: int) -> None:
+    """q's dtype, head dim and strides; the caches' shapes against q's and the batch ``B``."""
+    Hq, D = q.shape[-2], q.shape[-1]
     if q.dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {q.dtype}; expected bf16, fp16 or fp32")
-    if q.stride(3) != 1:
+    if q.stride(-1) != 1:
         raise ValueError("q must have unit stride along D (last dim)")
     if D > 256 or D < 1:
         raise ValueError(f"head dim D={D} unsupported (1..256)")
@@ -181,22 +235,25 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     check_kv_cache("v_cache", v_cache, q, B, D)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-    Hk, S = k_cache.shape[1], k_cache.shape[2]
+    Hk = k_cache.shape[1]
     if Hk == 0 or Hq % Hk != 0:
         raise ValueError(f"Hq={Hq} must be a multiple of Hk={Hk}")
-    _check_lengths("start_pos", start_pos, q, B)
-    _check_lengths("q_lens", q_lens, q, B)
-    out = torch.empty((B, T, Hq, D), device=q.device, dtype=q.dtype)
-    if B == 0 or T == 0:
-        return out
 
+
+def _run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, start_pos: torch.Tensor,
+         q_lens: torch.Tensor, scale: float, T: int, B: int, q_strides: tuple, o_strides: tuple,
+         varlen: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Launch with the tuned config for these shapes (tuning them first where none is known)."""
+    Hq, D = q.shape[-2], q.shape[-1]
+    Hk, S = k_cache.shape[1], k_cache.shape[2]
     t_bucket = min(triton.next_power_of_2(T), 4096)
     block_d = max(16, triton.next_power_of_2(D))
-    args = (q, k_cache, v_cache, out, start_pos, q_lens, float(scale) * _LOG2E,
+    rows, crows = varlen if varlen is not None else (start_pos, start_pos)  # unread without VARLEN
+    args = (q, k_cache, v_cache, out, start_pos, q_lens, rows, crows, float(scale) * _LOG2E,
             T, Hq, D, S, Hq // Hk,
-            *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3])
+            *q_strides, *k_cache.stride()[:3], *v_cache.stride()[:3], *o_strides)
     consts = dict(BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32,
-                  UPCAST=_INTERPRET and q.dtype == torch.bfloat16)
+                  UPCAST=_INTERPRET and q.dtype == torch.bfloat16, VARLEN=varlen is not None)
     key = (t_bucket, block_d, Hq // Hk, q.dtype)
     run = functools.partial(_launch, args=args, consts=consts, grid_m=T, grid_bh=B * Hq)
     cfg = _TUNED.get(key) or _untimed_config(key, q)
@@ -207,7 +264,6 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         if picked is not None:
             tuning_cache.store(q.device, "attention_prefill", key, tuning_cache.config_to_json(cfg))
     run(cfg)
-    return out
 
 
 def attention_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

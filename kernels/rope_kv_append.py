@@ -40,17 +40,22 @@ def _rotate_store(src, dst, heads, s_h, d_h, mask, i, c, s, HALF: tl.constexpr):
 
 @triton.jit
 def _rope_kv_append_kernel(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, start_ptr,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, start_ptr, crow_ptr,
     T, HQ, HK, P, S, D,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, scb, sch, scs, sdb, sdh, sds, spb, spt,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_D: tl.constexpr, PDL_CHAIN: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, PDL_CHAIN: tl.constexpr = False, VARLEN: tl.constexpr = False,
 ):
     pdl_enter(PDL_CHAIN)
     pid = tl.program_id(0).to(tl.int64)
     b, t = pid // T, pid % T
     row = tl.load(pos_ptr + b * spb + t * spt).to(tl.int64)
-    at = tl.load(start_ptr + b).to(tl.int64) + t
+    if VARLEN:  # B = 1 of T flat rows: token t's cache row crow[t], its cache position start[t]
+        at = tl.load(start_ptr + t).to(tl.int64)
+        c_row = tl.load(crow_ptr + t).to(tl.int64)
+    else:
+        at = tl.load(start_ptr + b).to(tl.int64) + t
+        c_row = b
     i = tl.arange(0, BLOCK_HALF)
     # scalar conditions folded into the limits (scalar & block masks trip the interpreter)
     table = i < tl.where((row >= 0) & (row < P), HALF, 0)  # outside the table: c = 1, s = 0 (unrotated)
@@ -61,22 +66,27 @@ def _rope_kv_append_kernel(
     _rotate_store(q_row, q_row, hq, sqh, sqh, (hq[:, None] < HQ) & (i[None, :] < HALF), i, c, s, HALF)
     hk = tl.arange(0, BLOCK_HK).to(tl.int64)
     in_cache = tl.where((at >= 0) & (at < S), HK, 0)
-    _rotate_store(k_ptr + b * skb + t * skt, kc_ptr + b * scb + at * scs, hk, skh, sch,
+    _rotate_store(k_ptr + b * skb + t * skt, kc_ptr + c_row * scb + at * scs, hk, skh, sch,
                   (hk[:, None] < in_cache) & (i[None, :] < HALF), i, c, s, HALF)
     d = tl.arange(0, BLOCK_D)
     v_mask = (hk[:, None] < in_cache) & (d[None, :] < D)
     vals = tl.load(v_ptr + b * svb + t * svt + hk[:, None] * svh + d[None, :], mask=v_mask, other=0.0)
-    tl.store(vc_ptr + b * sdb + at * sds + hk[:, None] * sdh + d[None, :], vals, mask=v_mask)
+    tl.store(vc_ptr + c_row * sdb + at * sds + hk[:, None] * sdh + d[None, :], vals, mask=v_mask)
 
 
 def rope_kv_append_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    start_pos: torch.Tensor) -> None:
+                    start_pos: torch.Tensor, cache_rows: torch.Tensor | None = None) -> None:
     """``apply_rope_(q, k, cos, sin, positions)`` then ``kv_append_(k, v, k_cache, v_cache, start_pos)`` in one
     launch; unlike that pair, ``k`` itself stays unrotated (only its cached copy is). See the file header for
-    shapes; ValueError for anything else."""
+    shapes; ValueError for anything else. ``cache_rows`` (int32 [T]): q / k / v / positions hold one batch row
+    of T tokens from several sequences (a pass's stacked prompt slices), token t going to cache row
+    ``cache_rows[t]`` of the caches [C, Hk, S, D] at position ``start_pos[t]`` (start_pos then [T] too)."""
     _validate_rope(q, k, cos, sin, positions)
-    _validate_append(k, v, k_cache, v_cache, start_pos)
+    if cache_rows is None:
+        _validate_append(k, v, k_cache, v_cache, start_pos)
+    else:
+        _validate_rows(k, v, k_cache, v_cache, start_pos, cache_rows)
     b, t, hq, d = q.shape
     if k_cache.dtype != q.dtype:
         raise ValueError(f"rope_kv_append_: the caches must be in q's dtype {q.dtype}, got {k_cache.dtype}")
@@ -86,13 +96,27 @@ def rope_kv_append_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     half = d // 2
     _rope_kv_append_launch[(b * t,)](
         q, k, v, k_cache, v_cache, cos, sin, positions, start_pos.contiguous(),
-        t, hq, hk, cos.shape[0], k_cache.shape[2], d,
+        start_pos if cache_rows is None else cache_rows, t, hq, hk, cos.shape[0], k_cache.shape[2], d,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], *positions.stride(),
         HALF=half, BLOCK_HQ=max(2, triton.next_power_of_2(hq)), BLOCK_HK=max(2, triton.next_power_of_2(hk)),
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
-        **pdl_opts(q),
+        VARLEN=cache_rows is not None, **pdl_opts(q),
     )
+
+
+def _validate_rows(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   start_pos: torch.Tensor, cache_rows: torch.Tensor) -> None:
+    """The operands of a call with ``cache_rows``: one batch row of T tokens, a cache row and position each."""
+    if k.dim() != 4 or k.shape[0] != 1 or k_cache.dim() != 4:
+        raise ValueError(f"rope_kv_append_: with cache_rows, k must be [1, T, Hk, D] and the caches 4-D, got "
+                         f"{tuple(k.shape)}, {tuple(k_cache.shape)}")
+    t = k.shape[1]
+    for name, x in (("start_pos", start_pos), ("cache_rows", cache_rows)):
+        if x.shape != (t,) or x.dtype not in (torch.int32, torch.int64) or x.device != k.device:
+            raise ValueError(f"rope_kv_append_: {name} must be an int32 [{t}] tensor on {k.device}, got "
+                             f"{x.dtype} {tuple(x.shape)} on {x.device}")
+    _validate_append(k, v, k_cache[:1], v_cache[:1], start_pos[:1])  # dtypes, heads, head dim, strides
 
 
 def rope_kv_append_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
