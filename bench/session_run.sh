@@ -97,6 +97,9 @@
 #     LAYERSTREAM_FAST_LAUNCH=1 (direct launches keyed on Triton's specialization since session 42), prof the
 #     defaults with a third burst's first pass under cProfile (where the host's ~90 us a kernel go); first
 #     fastlaunch's GPU test
+#  V  issue 16: stacked prompt slices in one RoPE + append and one attention launch a layer (engine/varlen.py,
+#     LAYERSTREAM_VARLEN_PREFILL=1, opt-in): its GPU tests, the in-process burst alternated off / on, and the
+#     served cold burst (1 and 16 clients, one request each) on then off, with the kernels built while serving
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -108,7 +111,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBX]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXV]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -419,11 +422,31 @@ if [[ $steps == *X* ]]; then  # the burst's passes: prompt slices filling the st
   [[ "${X_ORDER:-fast}" == *fast* ]] && { LAYERSTREAM_FAST_LAUNCH=1 timeout $(left 90) python3 -m pytest -q \
     -p no:cacheprovider tests/test_fastlaunch.py > $R/pytest_fastlaunch.txt 2>&1; tail -2 $R/pytest_fastlaunch.txt; }
   n=0; for arm in ${X_ORDER:-nofill fill fast nofill fill fast prof}; do n=$((n+1))
-    case $arm in nofill) E=LAYERSTREAM_FILL_STACKS=0;; fast) E=LAYERSTREAM_FAST_LAUNCH=1;; *) E=;; esac
+    case $arm in nofill) E=LAYERSTREAM_FILL_STACKS=0;; fast) E=LAYERSTREAM_FAST_LAUNCH=1;;
+      varlen) E=LAYERSTREAM_VARLEN_PREFILL=1;; *) E=;; esac
     P=; [ $arm = prof ] && P=--cprofile  # the defaults, one more burst's first pass under cProfile
     env $E timeout $(left 100) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 $P \
       --out $R/burst_$n$arm.json > $R/burst_$n$arm.txt 2>&1; echo "$arm ($n, $E) rc=$?"
     grep -E "^round|^fastlaunch" $R/burst_$n$arm.txt | cut -c1-120
+  done
+save; fi
+if [[ $steps == *V* ]]; then  # stacked prompt slices in one launch each (engine/varlen.py): GPU tests, burst, served
+  awq_7b
+  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider tests/test_kernels_varlen_prefill.py \
+    tests/test_varlen_stacked.py > $R/pytest_varlen.txt 2>&1; echo "pytest rc=$?"; tail -2 $R/pytest_varlen.txt
+  n=0; for v in 0 1 0 1; do n=$((n+1))
+    LAYERSTREAM_VARLEN_PREFILL=$v timeout $(left 100) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 \
+      --out $R/burst_$n-varlen$v.json > $R/burst_$n-varlen$v.txt 2>&1; echo "varlen=$v ($n) rc=$?"
+    grep -E "^round" $R/burst_$n-varlen$v.txt | cut -c1-120
+  done
+  for v in 1 0; do  # the served cold burst (each client one request): TTFT, and no kernel built while serving
+    S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_varlen$v.jsonl"
+    LAYERSTREAM_VARLEN_PREFILL=$v timeout $(left 150) python3 -m tools.bench_serve --serve "$S" --clients 1,16 \
+      --requests-per-client 1 --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_varlen$v.json \
+      > $R/bench_serve_varlen$v.log 2>&1; echo "serve varlen=$v rc=$?"; grep "clients:" $R/bench_serve_varlen$v.log
+    python3 -m tools.ttft_breakdown $R/serve_varlen$v.json $R/steps_varlen$v.jsonl --config server \
+      > $R/ttft_varlen$v.txt 2>&1; grep -E "TTFT p50|target" $R/ttft_varlen$v.txt
+    python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('kernels built after the first step:', sum(x['compiles'] for x in r[1:]))" $R/steps_varlen$v.jsonl
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step

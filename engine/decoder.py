@@ -12,6 +12,7 @@ import torch
 
 if TYPE_CHECKING:
     from engine.config import ModelConfig
+    from engine.varlen import VarlenPlan
     from engine.model import Group
     from engine.ops import TorchOps
 
@@ -40,6 +41,7 @@ class DecoderLayers:
                       groups: list[Group], positions: list[torch.Tensor],
                       kvs: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]],
                       attend_context: Callable[[int], contextlib.AbstractContextManager] | None = None,
+                      varlen: tuple[VarlenPlan, Callable[[], tuple[torch.Tensor, torch.Tensor]]] | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer`` for several groups at once, their token rows stacked: h / residual [1, R, H] hold each
         group's [B, T] rows flattened, in order (R = the sum of B x T). Each projection runs once over all R
@@ -47,11 +49,17 @@ class DecoderLayers:
         group by group in order (a later group may read an earlier one's keys), each fetching its keys and values
         (``kvs``) right before, under ``attend_context(its rows)`` where given (a short group's rope and
         attention shapes run untuned as they would alone, not tuned at serve time because the stack is long).
-        Returns (output, residual) [1, R, H]."""
+        ``varlen``: (the plan of the unit's trailing prompt slices, the layer's whole cache) runs those slices'
+        RoPE + append and attention in one launch each (engine/varlen.py). Returns (output, residual) [1, R, H]."""
         rows = h.shape[0] * h.shape[1]
         qkv, residual = self._qkv(w, h.reshape(rows, -1), None if residual is None else residual.reshape(rows, -1))
         attn, r0 = [], 0
-        for g, pos, kv in zip(groups, positions, kvs):
+        for k, (g, pos, kv) in enumerate(zip(groups, positions, kvs)):
+            if varlen is not None and k == varlen[0].first:
+                plan = varlen[0]
+                attn.append(self._attend_varlen(w, qkv[r0:r0 + plan.rows], plan, varlen[1], attend_context))
+                r0 += plan.rows
+                break
             b, t = g.ids.shape
             with attend_context(b * t) if attend_context is not None else contextlib.nullcontext():
                 attn.append(self._attend(w, qkv[r0:r0 + b * t].view(b, t, -1), b, t, pos, kv(), g.start_pos,
@@ -89,6 +97,26 @@ class DecoderLayers:
         if w_o is not None:
             return ops.attention_o(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len, w_o)
         return ops.attention(q, k_cache, v_cache, start_pos, q_lens, self.scale, max_len)
+
+    def _attend_varlen(self, w: dict[str, torch.Tensor], qkv: torch.Tensor, plan: VarlenPlan,
+                       kv: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                       attend_context: Callable[[int], contextlib.AbstractContextManager] | None) -> torch.Tensor:
+        """``_attend`` of the prompt slices ``plan`` lays out (their stacked qkv rows), one launch for RoPE +
+        append and one for the attention, under the context of the longest slice's rows: [rows, q_size]."""
+        cfg, ops, eps, rows = self.cfg, self.ops, self.cfg.rms_norm_eps, qkv.shape[0]
+        q = qkv[:, : cfg.q_size].view(1, rows, cfg.num_attention_heads, cfg.head_dim)
+        k = qkv[:, cfg.q_size: cfg.q_size + cfg.kv_size].view(1, rows, cfg.num_key_value_heads, cfg.head_dim)
+        v = qkv[:, cfg.q_size + cfg.kv_size:].view(1, rows, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.has_qk_norm:
+            q = ops.rmsnorm(q, w["self_attn.q_norm.weight"], eps)
+            k = ops.rmsnorm(k, w["self_attn.k_norm.weight"], eps)
+        k_cache, v_cache = kv()
+        with attend_context(plan.max_rows) if attend_context is not None else contextlib.nullcontext():
+            ops.rope_kv_append_rows(q, k, v, self.cos, self.sin, plan.positions, k_cache, v_cache, plan.cache_pos,
+                                    plan.cache_row)
+            out = ops.attention_varlen(q[0], k_cache, v_cache, plan.start, plan.q_lens, plan.seq_rows,
+                                       plan.seq_cache_row, plan.max_rows, self.scale)
+        return out.reshape(rows, cfg.q_size)
 
     def _mlp(self, w: dict[str, torch.Tensor], held: list[torch.Tensor],
              projected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

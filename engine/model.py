@@ -23,6 +23,8 @@ from engine.ops import TorchOps
 from engine.prefill_states import DeviceStates, HostStates, interleave_weights
 from engine.stacking import run_pick, stacked_runs
 from engine.state_parking import Parking, kv_tail_spans, parking_enabled
+from engine.varlen import VarlenPlan, plan_unit
+from engine.varlen import enabled as varlen_enabled
 from kernels.rope import rope_tables
 
 
@@ -164,6 +166,8 @@ class Model(DecoderLayers):
         parking = self._parking(groups, shapes, cache, park) if host_states and park is not False else None
         self.parked_passes += parking is not None
         unit_pick = run_pick(groups, runs, pick)
+        plans = [plan_unit([groups[k] for k in run], [positions[k] for k in run], self.device)
+                 if len(run) > 1 and self.ops.varlen and varlen_enabled() else None for run in runs]
         states = (HostStates(shapes, embed, n, unit_pick, self.device, park=parking)
                   if host_states else DeviceStates(len(runs), embed))
         # the weight copies interleave with the states' (host states only: parked ones do not cross PCIe)
@@ -183,7 +187,7 @@ class Model(DecoderLayers):
                             self.weights.pump_to(share[u] / share[-1])
                         with ctx(shapes[u][0] * shapes[u][1]):
                             h, res = self._unit_layer(w, i, h, res, [groups[k] for k in run],
-                                                      [positions[k] for k in run], cache, shared, ctx)
+                                                      [positions[k] for k in run], cache, shared, ctx, plans[u])
                         states.put(u, h, res)
                         del h, res  # the states object decides how long a unit's output lives
                     self.weights.release(i)
@@ -199,14 +203,15 @@ class Model(DecoderLayers):
 
     def _unit_layer(self, w: dict[str, torch.Tensor], i: int, h: torch.Tensor, res: torch.Tensor | None,
                     groups: list[Group], positions: list[torch.Tensor], cache: KVCache | None,
-                    shared: list, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    shared: list, ctx=None, plan: VarlenPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i (weights w) of one states unit: one group, or several stacked (``layer_stacked``, each
-        group's attention under ``ctx(its rows)``)."""
+        group's attention under ``ctx(its rows)``; the prompt slices ``plan`` lays out in one launch each)."""
         # each group's keys and values fetched right before its attention (a paged cache's gathered copy of
         # one group is written back when the next is fetched)
         kvs = [functools.partial(self._group_kv, g, i, cache, shared) for g in groups]
         if len(groups) > 1:
-            return self.layer_stacked(w, h, res, groups, positions, kvs, ctx)
+            varlen = None if plan is None else (plan, functools.partial(self._layer_kv, i, cache, shared))
+            return self.layer_stacked(w, h, res, groups, positions, kvs, ctx, varlen)
         g = groups[0]
         return self.layer(w, h, res, positions[0], kvs[0](), g.start_pos, g.q_lens, g.max_len)
 
@@ -223,10 +228,15 @@ class Model(DecoderLayers):
         ``shared`` by the first group that needs it)."""
         if g.kv is not None:
             return g.kv(i)
+        k_cache, v_cache = Model._layer_kv(i, cache, shared)
+        return k_cache[g.row0:g.row0 + g.ids.shape[0]], v_cache[g.row0:g.row0 + g.ids.shape[0]]
+
+    @staticmethod
+    def _layer_kv(i: int, cache: KVCache, shared: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cache.layer(i)``, fetched into ``shared`` once a layer."""
         if not shared:
             shared.append(cache.layer(i))
-        k_cache, v_cache = shared[0]
-        return k_cache[g.row0:g.row0 + g.ids.shape[0]], v_cache[g.row0:g.row0 + g.ids.shape[0]]
+        return shared[0]
 
     def _parking(self, groups: list[Group], shapes: list[tuple[int, int]], cache: KVCache | None,
                  park: bool | list[torch.Tensor]) -> Parking | None:

@@ -26,6 +26,7 @@ class TorchOps:
     """Plain torch ops in the compute dtype (norms and softmax in fp32, like HF)."""
 
     name = "torch"
+    varlen = False  # no one-launch path for stacked prompt slices (engine/varlen.py): group by group
     _lens: dict | None = None  # inside pass_scope: (start_pos, q_lens) ids -> (start_pos, q_lens, their sum)
     _scratch = 0  # bytes of a prefill's dense tile of packed layers (TritonOps; torch widens a whole weight)
 
@@ -167,6 +168,7 @@ class TritonOps(TorchOps):
                        swiglu=swiglu.swiglu, rope=rope.apply_rope_, kv_append=kv_append.kv_append_,
                        rope_kv_append=rope_kv_append.rope_kv_append_,
                        prefill=attention_prefill.attention_prefill, decode=attention_decode.attention_decode,
+                       prefill_varlen=attention_prefill.attention_prefill_varlen,
                        embedding=embedding.embedding)
         from kernels import ggml_dequant, ggml_gemv
         self._k.update(ggml_gemv=ggml_gemv.ggml_gemv, ggml_dequant=ggml_dequant.ggml_dequant)
@@ -265,6 +267,14 @@ class TritonOps(TorchOps):
             self._k["rope_kv_append"](q, k, v, cos, sin, positions, k_cache, v_cache, start_pos)
         else:
             super().rope_kv_append_(q, k, v, cos, sin, positions, k_cache, v_cache, start_pos)
+
+    varlen = True  # rope_kv_append_rows / attention_varlen (engine/varlen.py)
+
+    def rope_kv_append_rows(self, q, k, v, cos, sin, positions, k_cache, v_cache, cache_pos, cache_rows):
+        self._k["rope_kv_append"](q, k, v, cos, sin, positions, k_cache, v_cache, cache_pos, cache_rows=cache_rows)
+
+    def attention_varlen(self, q, k_cache, v_cache, start_pos, q_lens, seq_rows, cache_rows, max_rows, scale):
+        return self._k["prefill_varlen"](q, k_cache, v_cache, start_pos, q_lens, seq_rows, cache_rows, max_rows, scale)
 
     def attention(self, q, k_cache, v_cache, start_pos, q_lens, scale, max_len):
         if q.shape[1] == 1:  # decode: one query per sequence, flash-decoding over the cache

@@ -104,5 +104,6 @@ def test_bad_operands_are_value_errors(bad):
     with pytest.raises(ValueError):
         attention_prefill_varlen(**args)
     with pytest.raises(ValueError, match="cache_rows"):  # the RoPE + append's per-token rows
-        rope_kv_append_(q, k, v, *rope_tables(16, 16, 10000.0, None), torch.arange(8).view(1, 8).to(DEV), kc, kc,
+        rope_kv_append_(q, k, v, *(x.to(DEV) for x in rope_tables(16, 16, 10000.0, None)),
+                        torch.arange(8).view(1, 8).to(DEV), kc, kc,
                         torch.arange(8, dtype=torch.int32, device=DEV), cache_rows=z)

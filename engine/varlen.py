@@ -1,0 +1,84 @@
+"""A stacked unit's prompt slices through RoPE + KV append and the attention in one launch each, not one a group.
+
+``DecoderLayers.layer_stacked`` runs each layer's projections once over a unit's stacked rows, but its attention
+group by group: on the H100 the 16-prompt burst's first pass launched RoPE + append and the prompt attention 672
+times (12 groups a layer), and its GPU sat 26 ms of the pass waiting for the host before those launches
+(bench/results/2026-12-06-h100-s44/call5/). Where the unit's trailing groups are prompt slices (T > 1) on the
+shared contiguous cache (a slot cache: each group's rows of ``cache.layer(i)``), :func:`plan_unit` lays out, once
+a pass, where each of their sequences' rows, keys and positions are, so that every layer runs them as one
+``rope_kv_append_`` with per-token cache rows and one ``attention_prefill_varlen`` (kernels/). All their keys are
+appended before any of them attends, which is what group by group gives too: a later slice of a prompt reads the
+earlier slice's keys, and nothing reads past its own position. Opt-in (``LAYERSTREAM_VARLEN_PREFILL=1``) until
+timed on a GPU, where a served pass must also not meet a kernel specialisation the warm-up did not compile.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.upload import upload_list
+
+if TYPE_CHECKING:
+    from engine.model import Group
+
+
+def enabled() -> bool:
+    """Whether stacked prompt slices run as one launch each (``LAYERSTREAM_VARLEN_PREFILL=1``; off by default)."""
+    return os.environ.get("LAYERSTREAM_VARLEN_PREFILL", "0").strip().lower() in ("1", "on", "true", "yes")
+
+
+@dataclass
+class VarlenPlan:
+    """Groups ``first ..`` of a unit (rows ``row0 .. row0 + rows`` of its stack), as one flat batch: per token
+    its RoPE table row (``positions`` [1, rows]), cache position and cache row (int32 [rows]); per sequence its
+    span's first row (relative to ``row0``) and length (``seq_rows`` int32 [2, n]), start position, real rows
+    and cache row (int32 [n]); ``max_rows`` the longest span."""
+
+    first: int
+    row0: int
+    rows: int
+    max_rows: int
+    positions: torch.Tensor
+    cache_pos: torch.Tensor
+    cache_row: torch.Tensor
+    seq_rows: torch.Tensor
+    start: torch.Tensor
+    q_lens: torch.Tensor
+    seq_cache_row: torch.Tensor
+
+
+def plan_unit(groups: list[Group], positions: list[torch.Tensor], device: torch.device) -> VarlenPlan | None:
+    """The plan of a stacked unit's trailing prompt slices (``groups`` in stack order, ``positions`` their
+    [B, T] table rows), or None when fewer than two of them end the unit (a decode group, T = 1, runs the
+    decode attention; a group with its own ``kv`` view reads no shared cache)."""
+    first = len(groups)
+    while first > 0 and groups[first - 1].ids.shape[1] > 1 and groups[first - 1].kv is None:
+        first -= 1
+    if len(groups) - first < 2:
+        return None
+    tail, row0 = groups[first:], sum(g.ids.numel() for g in groups[:first])
+    starts, spans, seq_rows_of, token_rows = [], [], [], []
+    r = 0
+    for g in tail:
+        b, t = g.ids.shape
+        for j in range(b):
+            starts.append(r)
+            spans.append(t)
+            seq_rows_of.append(g.row0 + j)
+            token_rows += [g.row0 + j] * t
+            r += t
+    i32 = torch.int32
+    steps = [torch.arange(g.ids.shape[1], device=device) for g in tail]
+    cache_pos = torch.cat([(g.start_pos.to(device).long().view(-1, 1) + s).reshape(-1) for g, s in zip(tail, steps)])
+    return VarlenPlan(
+        first=first, row0=row0, rows=r, max_rows=max(spans),
+        positions=torch.cat([p.reshape(-1) for p in positions[first:]]).view(1, r),
+        cache_pos=cache_pos.to(i32), cache_row=upload_list(token_rows, i32, device),
+        seq_rows=upload_list(starts + spans, i32, device).view(2, -1),
+        start=torch.cat([g.start_pos.to(device) for g in tail]).to(i32),
+        q_lens=torch.cat([g.q_lens.to(device) for g in tail]).to(i32),
+        seq_cache_row=upload_list(seq_rows_of, i32, device))
