@@ -112,20 +112,14 @@ def test_the_rounding_epilogue_compiles_for_sm90_and_spills_little_more() -> Non
     254-255 registers in pass 1 at the default tile (Triton 3.9: 8 bytes of spill where one split writes); the
     epilogue may add at most 8 bytes of stack, and none in the merge that pass 2 does (bench: not timed yet)."""
     import re
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from tests.test_kernels_ggml import NV_BIN
+    from tests.test_kernels_ggml import NV_BIN, sm90_report
 
     if not (NV_BIN / "cuobjdump").exists():
         pytest.skip("Triton's NVIDIA tools are not bundled")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    run = subprocess.run([sys.executable, "-c", "from tests.test_kernels_attention_decode_round import report_round; "
-                          "report_round()"], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    stack = {line.split(":")[0]: int(re.search(r"STACK:(\d+)", line).group(1)) for line in run.stdout.splitlines()
+    lines = sm90_report("from tests.test_kernels_attention_decode_round import report_round; report_round()")
+    stack = {line.split(":")[0]: int(re.search(r"STACK:(\d+)", line).group(1)) for line in lines
              if "STACK:" in line}
     for path in ("direct", "last ticket", "pass 2"):
-        assert stack[f"{path} True"] <= stack[f"{path} False"] + 8, run.stdout
-    assert stack["pass 2 True"] == 0, run.stdout
+        assert stack[f"{path} True"] <= stack[f"{path} False"] + 8, lines
+    assert stack["pass 2 True"] == 0, lines

@@ -4,14 +4,9 @@ as Triton specializes them at a launch over a fused qkv output and a KV cache. T
 stacked slices (VARLEN) is built too."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.test_kernels_ggml import NV_BIN
+from tests.test_kernels_ggml import NV_BIN, sm90_report
 
 ALIGNED = ("D", "S", "sq_b", "sq_t", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "so_b", "so_t", "so_h")
 
@@ -36,11 +31,8 @@ def report() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not (NV_BIN / "cuobjdump").exists(), reason="Triton's NVIDIA tools are not bundled")
 def test_untimed_prefill_attention_config_spills_nothing_on_sm90() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    run = subprocess.run([sys.executable, "-c", "from tests.test_kernels_attention_prefill_sm90 import report; report()"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line for line in run.stdout.splitlines() if line.startswith("D=")]
-    assert len(lines) == 4, run.stdout
+    lines = [line for line in sm90_report("from tests.test_kernels_attention_prefill_sm90 import report; report()")
+             if line.startswith("D=")]
+    assert len(lines) == 4, lines
     for line in lines:
         assert "STACK:0" in line and "LOCAL:0" in line, line

@@ -209,6 +209,15 @@ PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 NV_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
+def sm90_report(code: str, timeout: int = 600) -> list[str]:
+    """The stdout lines of ``python -c code`` run with the real compiler (TRITON_INTERPRET=0, this repository on
+    the path): the sm_90 builds' reports, which a process that imported Triton under the interpreter cannot make."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.strip().splitlines()
+
+
 def _sm90_usage(fn, ptrs: dict[str, str], meta: dict, warps: int) -> str:
     """Compile ``fn`` for sm_90 on the CPU (Triton's bundled ptxas) and return cuobjdump's resource line."""
     from triton.backends.compiler import GPUTarget
@@ -244,11 +253,7 @@ def compile_all_sm90() -> None:
 def test_kernels_compile_for_sm90_without_spills() -> None:
     """The GPU build of every launch config (which the interpreter never lowers) compiles for the
     H200's sm_90 and keeps its registers: no stack, no local memory (spills)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    run = subprocess.run([sys.executable, "-c", "from tests.test_kernels_ggml import compile_all_sm90 as c; c()"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
-    assert len(lines) == 6 * len(QTYPES), run.stdout
+    lines = sm90_report("from tests.test_kernels_ggml import compile_all_sm90 as c; c()")
+    assert len(lines) == 6 * len(QTYPES), lines
     for line in lines:
         assert "STACK:0" in line and "LOCAL:0" in line, line

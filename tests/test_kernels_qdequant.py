@@ -157,19 +157,12 @@ def compile_all_sm90() -> None:
 def test_the_kernel_compiles_for_sm90_without_spills() -> None:
     """The GPU build (which the interpreter never lowers) compiles for the H200's sm_90 with no stack
     and no local memory, at every specialization."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from tests.test_kernels_ggml import NV_BIN
     if not (NV_BIN / "cuobjdump").exists():
         pytest.skip("Triton's NVIDIA tools are not bundled")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    run = subprocess.run([sys.executable, "-c", "from tests.test_kernels_qdequant import compile_all_sm90 as c; c()"],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
-    assert len(lines) == 2 * 3 * 3 * 2, run.stdout
+    from tests.test_kernels_ggml import sm90_report
+    lines = sm90_report("from tests.test_kernels_qdequant import compile_all_sm90 as c; c()", timeout=900)
+    assert len(lines) == 2 * 3 * 3 * 2, lines
     for line in lines:
         assert "STACK:0" in line and "LOCAL:0" in line, line
 

@@ -12,10 +12,8 @@ one 128-column group take 4.2-4.8.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import pytest
 import torch
 import triton
 
-from tests.test_kernels_ggml import NV_BIN, PTR
+from tests.test_kernels_ggml import NV_BIN, PTR, sm90_report
 
 K, N, GROUP = 3584, 4608, 128
 BUDGET = 7.0  # loop instructions per 4-bit code, batch 1, BLOCK_N 32 x BLOCK_K 512, 4 warps
@@ -145,13 +143,9 @@ def report() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not (NV_BIN / "cuobjdump").exists(), reason="Triton's NVIDIA tools are not bundled")
 def test_qgemv_compiles_for_sm90_within_budget() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    run = subprocess.run([sys.executable, "-c", "from tests.test_kernels_qgemv_sm90 import report; report()"],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
+    lines = sm90_report("from tests.test_kernels_qgemv_sm90 import report; report()", timeout=900)
     from kernels import qgemv_candidates as cands
-    assert len(lines) == 2 * (len(cands._WORD_SHAPES) + len(cands._SPLIT_SHAPES)), run.stdout
+    assert len(lines) == 2 * (len(cands._WORD_SHAPES) + len(cands._SPLIT_SHAPES)), lines
     for line in lines:
         assert "STACK:0" in line and "LOCAL:0" in line, line
     for tile, budget in (("32x512 w4 s3", BUDGET), ("128x128 w4 s3", GROUP_TILE_BUDGET)):
