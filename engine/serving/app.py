@@ -78,18 +78,9 @@ class Api:
         if self.delivery is None or self.delivery.aio is not aio:
             self.delivery = LoopDelivery(aio)
         reply = Reply(chat, self.model_name, loop.engine.tokenizer)
-        try:  # tokenizing a long prompt takes a while: off the event loop
-            prompts = await asyncio.to_thread(body.prompts, loop.engine.tokenizer)
-            reply.tools = chat and body.tools_used
-            reply.max_calls = 1 if chat and body.parallel_tool_calls is False else None
-            seqs = []
-            for p, ids in enumerate(prompts):  # choice index p * n + i, as OpenAI numbers a batch; seeded by i
-                params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)),
-                                       self.sampling)
-                seqs += [Sequence(ids, params, loop.engine.tokenizer, index=p * params.n + i, request_id=reply.id,
-                                  sink=self.delivery.sink(queue), choice=i)
-                         for i in range(params.n)]
-            loop.submit(seqs)
+        try:
+            with loop.admitting():  # an idle engine's first pass waits for a request still on its way in
+                prompts, seqs = await self._admit(body, chat, reply, queue)
         except QueueFull as e:
             return unavailable(f"server overloaded: {e}")
         except NotReady as e:
@@ -101,6 +92,23 @@ class Api:
             return StreamingResponse(self.stream(seqs, queue, reply, body.include_usage, prompt_tokens),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self.collect(request, seqs, queue, reply, prompt_tokens)
+
+    async def _admit(self, body: ChatRequest | CompletionRequest, chat: bool, reply: Reply,
+                     queue: asyncio.Queue) -> tuple[list[list[int]], list[Sequence]]:
+        """Tokenize (off the event loop: a long prompt takes a while), build the sequences and submit them:
+        (the prompts' ids, the sequences); ValueError, QueueFull or NotReady as ``EngineLoop.submit`` raises."""
+        loop = self.loop
+        prompts = await asyncio.to_thread(body.prompts, loop.engine.tokenizer)
+        reply.tools = chat and body.tools_used
+        reply.max_calls = 1 if chat and body.parallel_tool_calls is False else None
+        seqs = []
+        for p, ids in enumerate(prompts):  # choice index p * n + i, as OpenAI numbers a batch; seeded by i
+            params = body.sampling(body.token_limit or max(1, loop.engine.opts.max_context - len(ids)), self.sampling)
+            seqs += [Sequence(ids, params, loop.engine.tokenizer, index=p * params.n + i, request_id=reply.id,
+                              sink=self.delivery.sink(queue), choice=i)
+                     for i in range(params.n)]
+        loop.submit(seqs)
+        return prompts, seqs
 
     async def collect(self, request: Request, seqs: list[Sequence], queue: asyncio.Queue, reply: Reply,
                       prompt_tokens: int):

@@ -9,12 +9,13 @@ after each step that changed it. At most ``max_batch + max_waiting`` sequences a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -24,6 +25,9 @@ from engine.serving.scheduler import QueueFull, Scheduler, StepStats
 from engine.serving.sequence import Sequence, SeqOutput
 
 log = logging.getLogger(__name__)
+
+
+ADMIT_POLL_S = 0.001  # how often a closing gather window looks whether the requests being admitted arrived
 
 
 def gather_window(engine: Engine) -> float:
@@ -77,6 +81,7 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._outstanding = 0
+        self._admitting = 0  # requests between their handler's start and their submit (see admitting)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="layerstream-engine", daemon=True)
 
@@ -93,6 +98,20 @@ class EngineLoop:
     def capacity(self) -> int:
         assert self.engine is not None
         return self.engine.opts.batch + self.max_waiting
+
+    @contextlib.contextmanager
+    def admitting(self) -> Iterator[None]:
+        """Around a request's checks, tokenization and :meth:`submit`: while any request is in there, an idle
+        engine's first pass waits for it (to the gather window's cap), so a burst whose later requests are still
+        being tokenized when the first is submitted shares that pass (session 44, a fresh H100: 16 requests sent
+        within 22 ms, the first ran alone for 172 ms and the other 15 waited; TTFT p50 657 ms)."""
+        with self._lock:
+            self._admitting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._admitting -= 1
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences (all or none): NotReady while loading, ValueError for a request that cannot run,
@@ -199,18 +218,24 @@ class EngineLoop:
 
     def _gather(self) -> bool:
         """Requests just woke an idle engine: take what else arrives within the gather window (restarted
-        by each arrival, 4 windows at most) into the same first pass; False once told to stop."""
+        by each arrival, and held open while a request is being admitted: :meth:`admitting`; 4 windows at
+        most) into the same first pass; False once told to stop."""
         now = time.monotonic()
         last, end = now, now + 4 * self.gather_s
-        while (left := min(last + self.gather_s, end) - time.monotonic()) > 0:
+        while True:
+            now = time.monotonic()
+            left = min(last + self.gather_s, end) - now
+            if left <= 0:
+                if not self._admitting or now >= end:
+                    return True
+                left = min(ADMIT_POLL_S, end - now)  # a request is on its way in: look again shortly
             try:
                 cmd, arg = self._inbox.get(timeout=left)
             except queue.Empty:
-                return True
+                continue
             if not self._apply(cmd, arg):
                 return False
             last = time.monotonic()
-        return True
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands; False once told to stop."""
