@@ -100,7 +100,8 @@ def _qgemv_candidates(key: list) -> list[triton.Config]:
 
 @pytest.mark.parametrize("gpu,kernel,candidates", [("NVIDIA H200", "gemv", _gemv_candidates),
                                                    ("NVIDIA H200", "qgemv", _qgemv_candidates),
-                                                   ("NVIDIA H100 80GB HBM3", "gemv", _gemv_candidates)])
+                                                   ("NVIDIA H100 80GB HBM3", "gemv", _gemv_candidates),
+                                                   ("NVIDIA H100 80GB HBM3", "qgemv", _qgemv_candidates)])
 def test_the_shipped_gemv_picks_are_still_candidates(gpu: str, kernel: str, candidates,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Each dense and int4 GEMV pick shipped for the H200 and the H100 (132 SMs each) is one of the tuner's current
