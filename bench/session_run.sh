@@ -457,4 +457,8 @@ if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded ta
   echo "peer rc=$?"; tail -4 $R/bench_serve_peer.log
 save; fi
 mkdir -p $R/tuning && cp /tmp/ls-*/tuning/*.json $R/tuning/ 2>/dev/null
+# the default cache's picks too (the server's warm-up tunes the served shapes there; kernels.tuning_defaults.export
+# ships them): the H100's shipped file had no served AWQ shapes, and a fresh machine's warm-up took 69 s (s44 call8)
+mkdir -p $R/tuning-default && cp "${LAYERSTREAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/layerstream}"/tuning/*.json \
+  $R/tuning-default/ 2>/dev/null
 save
