@@ -72,8 +72,7 @@ def plan_unit(groups: list[Group], positions: list[torch.Tensor], device: torch.
             token_rows += [g.row0 + j] * t
             r += t
     i32 = torch.int32
-    steps = [torch.arange(g.ids.shape[1], device=device) for g in tail]
-    cache_pos = torch.cat([(g.start_pos.to(device).long().view(-1, 1) + s).reshape(-1) for g, s in zip(tail, steps)])
+    cache_pos = torch.cat([_cache_positions(g, device) for g in tail])
     return VarlenPlan(
         first=first, row0=row0, rows=r, max_rows=max(spans),
         positions=torch.cat([p.reshape(-1) for p in positions[first:]]).view(1, r),
@@ -82,3 +81,11 @@ def plan_unit(groups: list[Group], positions: list[torch.Tensor], device: torch.
         start=torch.cat([g.start_pos.to(device) for g in tail]).to(i32),
         q_lens=torch.cat([g.q_lens.to(device) for g in tail]).to(i32),
         seq_cache_row=upload_list(seq_rows_of, i32, device))
+
+
+def _cache_positions(g: Group, device: torch.device) -> torch.Tensor:
+    """Each token's cache position (start + t), -1 (nothing written) for right padding (t >= q_lens): in one
+    launch a padded row's padding and the next slice of that row would write the same slots in no set order."""
+    t = torch.arange(g.ids.shape[1], device=device)
+    pos = g.start_pos.to(device).long().view(-1, 1) + t
+    return torch.where(t < g.q_lens.to(device).view(-1, 1), pos, -1).reshape(-1)

@@ -205,7 +205,8 @@ def attention_prefill_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     ``seq_rows[1, b]`` rows from row ``seq_rows[0, b]`` (int32 [2, B]; ``max_rows`` their most), its keys and
     values row ``cache_rows[b]`` (int32 [B]) of k_cache / v_cache [C, Hk, S, D]; start_pos / q_lens as
     there (rows past q_lens[b] of its span written as zeros). Returns [R, Hq, D] in q's dtype; rows outside
-    every span are left unwritten."""
+    every span are left unwritten. The caller keeps ``max_rows`` >= every span and the cache rows < C (device
+    values, not checked here: a pass lays them out once, engine/varlen.py)."""
     if q.dim() != 3:
         raise ValueError(f"q must be [R, Hq, D], got shape {tuple(q.shape)}")
     B = start_pos.shape[0] if start_pos.dim() == 1 else -1
@@ -220,8 +221,8 @@ def attention_prefill_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if B == 0 or max_rows <= 0 or q.shape[0] == 0:
         return out
-    _run(q, k_cache, v_cache, out, start_pos, q_lens, scale, max_rows, B, (0, *q.stride()[:2]),
-         (0, *out.stride()[:2]), (seq_rows, cache_rows))
+    _run(q, k_cache, v_cache, out, start_pos.contiguous(), q_lens.contiguous(), scale, max_rows, B,
+         (0, *q.stride()[:2]), (0, *out.stride()[:2]), (seq_rows, cache_rows.contiguous()))
     return out
 
 

@@ -81,7 +81,8 @@ def rope_kv_append_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     launch; unlike that pair, ``k`` itself stays unrotated (only its cached copy is). See the file header for
     shapes; ValueError for anything else. ``cache_rows`` (int32 [T]): q / k / v / positions hold one batch row
     of T tokens from several sequences (a pass's stacked prompt slices), token t going to cache row
-    ``cache_rows[t]`` of the caches [C, Hk, S, D] at position ``start_pos[t]`` (start_pos then [T] too)."""
+    ``cache_rows[t]`` of the caches [C, Hk, S, D] at position ``start_pos[t]`` (start_pos then [T] too; a
+    negative position writes nothing)."""
     _validate_rope(q, k, cos, sin, positions)
     if cache_rows is None:
         _validate_append(k, v, k_cache, v_cache, start_pos)
@@ -96,7 +97,7 @@ def rope_kv_append_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     half = d // 2
     _rope_kv_append_launch[(b * t,)](
         q, k, v, k_cache, v_cache, cos, sin, positions, start_pos.contiguous(),
-        start_pos if cache_rows is None else cache_rows, t, hq, hk, cos.shape[0], k_cache.shape[2], d,
+        start_pos if cache_rows is None else cache_rows.contiguous(), t, hq, hk, cos.shape[0], k_cache.shape[2], d,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], *positions.stride(),
         HALF=half, BLOCK_HQ=max(2, triton.next_power_of_2(hq)), BLOCK_HK=max(2, triton.next_power_of_2(hk)),

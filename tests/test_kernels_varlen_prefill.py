@@ -107,3 +107,16 @@ def test_bad_operands_are_value_errors(bad):
         rope_kv_append_(q, k, v, *(x.to(DEV) for x in rope_tables(16, 16, 10000.0, None)),
                         torch.arange(8).view(1, 8).to(DEV), kc, kc,
                         torch.arange(8, dtype=torch.int32, device=DEV), cache_rows=z)
+
+
+def test_a_negative_cache_position_writes_nothing():
+    """Right padding laid out by engine/varlen.py: its token rotates q but leaves the caches as they were."""
+    _, q, k, v = _stack([3], 2, 2, 16, torch.float32)
+    kc = rand(2, 2, 8, 16, dtype=torch.float32, seed=3).to(DEV)
+    vc, kc0 = kc.clone(), kc.clone()
+    cos, sin = (x.to(DEV) for x in rope_tables(16, 16, 10000.0, None))
+    rows = torch.tensor([1, 1, 1], dtype=torch.int32, device=DEV)
+    at = torch.tensor([4, -1, 5], dtype=torch.int32, device=DEV)
+    rope_kv_append_(q, k, v, cos, sin, torch.tensor([[4, 5, 5]], device=DEV), kc, vc, at, cache_rows=rows)
+    changed = (kc != kc0).any(dim=(1, 3))  # [cache row, position]
+    assert changed.nonzero().tolist() == [[1, 4], [1, 5]]

@@ -98,3 +98,37 @@ def test_plan_covers_the_trailing_prompt_slices_only():
     assert plan_unit([_g(2, 1, 0), _g(1, 4, 2)], pos[:2], torch.device("cpu")) is None  # one slice: no gain
     own = [_g(1, 4, 0), _g(1, 3, 1, own_kv=True)]  # a paged group's own view: not on the shared cache
     assert plan_unit(own, pos[1:3], torch.device("cpu")) is None
+    # right padding (row 1 has 1 real token of 3) is written nowhere: its slots belong to the row's next slice
+    padded = Group(torch.zeros((2, 3), dtype=torch.long), torch.tensor([0, 5], dtype=torch.int32),
+                   torch.tensor([3, 1], dtype=torch.int32), 0, 6)
+    plan = plan_unit([_g(1, 4, 2), padded], [pos[1], torch.zeros((2, 3), dtype=torch.long)], torch.device("cpu"))
+    assert plan.cache_pos.tolist() == [0, 1, 2, 3, 0, 1, 2, 5, -1, -1]
+    assert plan.q_lens.tolist() == [4, 3, 1] and plan.seq_rows.tolist() == [[0, 4, 7], [4, 3, 3]]
+
+
+def test_the_warm_up_builds_the_one_launch_kernels_stacked(model_dir, monkeypatch):
+    """With the path on, the warm-up's compile-only steps for it (``varlen_steps``: two slices a stack, the longer
+    at each bucket's even and odd sizes) run stacked, as served passes do: each lays out a plan."""
+    import contextlib
+
+    from engine.serving import warmup
+    from engine.serving.scheduler import Scheduler
+    if model_dir.name != "tiny-qwen2":
+        pytest.skip("the steps, not the maths: one model")
+    steps = warmup.varlen_steps(batch=4, chunk=64, max_context=128)
+    assert [s.slices for s in steps] == [(2, 2), (3, 2), (4, 2), (7, 2), (8, 2), (15, 2), (16, 2), (31, 2),
+                                         (32, 2), (16, 16)]
+    assert all(s.dry for s in steps) and warmup.varlen_steps(1, 64, 128) == []
+    eng = make_engine(model_dir, kernels="triton", device=DEV, batch=4, max_context=128, prefill_chunk=64)
+    try:
+        plans = []
+        real = plan_unit
+        monkeypatch.setattr("engine.model.plan_unit", lambda *a: plans.append(real(*a)) or plans[-1])
+        monkeypatch.setattr("engine.model.varlen_enabled", lambda: True)
+        monkeypatch.setattr(warmup.ahead, "dry", lambda model: contextlib.nullcontext())  # run them for real
+        report = warmup.WarmupReport()
+        warmup._run_dry(Scheduler(eng), [steps[3], steps[-1]], report, 60.0)  # noqa: SLF001
+        assert len(report.steps) == 2 and report.dry_s > 0
+        assert [(p.rows, p.max_rows) for p in plans if p is not None] == [(9, 7), (32, 16)]
+    finally:
+        eng.close()

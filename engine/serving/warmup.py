@@ -34,6 +34,7 @@ from engine import ahead
 from engine.serving.params import SamplingParams
 from engine.serving.scheduler import Scheduler
 from engine.serving.sequence import Sequence
+from engine.varlen import enabled as varlen_enabled
 from kernels.qlinear import DENSE_MIN_M
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,18 @@ def plan_warmup(batch: int, chunk: int, max_context: int, eager_decode: bool, dr
     return steps
 
 
+def varlen_steps(batch: int, chunk: int, max_context: int) -> list[WarmStep]:
+    """Compile-only steps of two prompt slices sharing a stack, for engine/varlen.py's one-launch kernels
+    (``LAYERSTREAM_VARLEN_PREFILL=1``): the longer slice (the attention's row count) at each bucket's even and
+    odd sizes, and one stack of a multiple of 16 rows (the RoPE + append's), so a served burst builds none."""
+    eff = max(1, min(chunk, max_context))
+    if batch < 2:
+        return []
+    sizes = sorted({n for b in _pow2(4, eff) for n in (b - 1, b)} | {2})
+    steps = [WarmStep(True, 0, 0, 0, (n, 2)) for n in sizes if n + 2 <= eff]
+    return steps + ([WarmStep(True, 0, 0, 0, (16, 16))] if eff >= 32 else [])
+
+
 def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupReport:
     """Run :func:`plan_warmup`'s steps for this scheduler's engine and clean up after them (see the
     module docstring); compile-only steps stop after ``dry_limit_s`` (the rest are counted as ``cut``).
@@ -176,6 +189,12 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
             _run_planned(scheduler, steps, report, dry_limit_s)
         finally:
             _clean(scheduler)
+    if not paged and ahead.wanted(eng.model) and eng.model.ops.varlen and varlen_enabled():
+        try:  # stacked, as served: the one-launch kernels' specialisations
+            _run_dry(scheduler, varlen_steps(eng.opts.batch, eng.opts.prefill_chunk, eng.opts.max_context),
+                     report, dry_limit_s)
+        finally:
+            _clean(scheduler)
     log.info("%s", report.summary())
     return report
 
@@ -186,17 +205,21 @@ def _run_planned(scheduler: Scheduler, steps: list[WarmStep], report: WarmupRepo
     for step in (s for s in steps if not s.dry):
         _run(scheduler, step, report)
     report.real_s = time.perf_counter() - t0
-    dry = [s for s in steps if s.dry]
+    _run_dry(scheduler, [s for s in steps if s.dry], report, dry_limit_s)
+
+
+def _run_dry(scheduler: Scheduler, dry: list[WarmStep], report: WarmupReport, dry_limit_s: float) -> None:
+    """Compile-only steps until ``dry_limit_s`` (the rest counted as ``cut``), their seconds added up."""
     if not dry:
         return
     t0 = time.perf_counter()
     with ahead.dry(scheduler.engine.model):
         for i, step in enumerate(dry):
             if time.perf_counter() - t0 > dry_limit_s:
-                report.cut = len(dry) - i
+                report.cut += len(dry) - i
                 break
             _run(scheduler, step, report)
-    report.dry_s = time.perf_counter() - t0
+    report.dry_s += time.perf_counter() - t0
 
 
 def _sequences(scheduler: Scheduler, step: WarmStep) -> list[Sequence]:
