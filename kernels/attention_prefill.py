@@ -258,6 +258,8 @@ def _run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: tor
             *q_strides, *k_cache.stride()[:3], *v_cache.stride()[:3], *o_strides)
     consts = dict(BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32,
                   UPCAST=_INTERPRET and q.dtype == torch.bfloat16, VARLEN=varlen is not None)
+    # the one-launch form shares the plain form's picks (its row bucket: the longest span's): the warm-up's passes
+    # tune them group by group and a served pass never tunes; its grid holds more sequences (not timed apart)
     key = (t_bucket, block_d, Hq // Hk, q.dtype)
     run = functools.partial(_launch, args=args, consts=consts, grid_m=T, grid_bh=B * Hq)
     cfg = _TUNED.get(key) or _untimed_config(key, q)
