@@ -33,20 +33,6 @@ def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr
 
 
 @triton.jit
-def _inv_step(amax):
-    """127 / a block's max|x| (0 for an all-zero block): x times it, rounded, is the block's codes."""
-    return tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-
-
-@triton.jit
-def _codes(x, inv):
-    """x times its block's :func:`_inv_step`, rounded half away from zero, as int32 codes in [-127, 127]."""
-    y = x * inv
-    r = tl.floor(tl.abs(y) + 0.5)
-    return tl.where(y < 0, -r, r).to(tl.int32)
-
-
-@triton.jit
 def round_blocks(x_ptr, xq_ptr, d_ptr, qs_ptr, blk, ok, K, SWIGLU: tl.constexpr):
     """The 32-column blocks ``blk`` (where ``ok``) of one row of x (``x_ptr``; the row's outputs at ``xq_ptr``,
     ``d_ptr``, ``qs_ptr``): steps, int8 codes in nibble order, code sums. Shared by this file's kernel and the
@@ -63,7 +49,10 @@ def round_blocks(x_ptr, xq_ptr, d_ptr, qs_ptr, blk, ok, K, SWIGLU: tl.constexpr)
         x = ((x * tl.sigmoid(x)).to(ty).to(tl.float32) * u).to(ty).to(tl.float32)
     amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)
     d = amax / 127.0
-    q = _codes(x, _inv_step(amax)[:, None, None, None])
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    y = x * inv[:, None, None, None]
+    r = tl.floor(tl.abs(y) + 0.5)  # half away from zero
+    q = tl.where(y < 0, -r, r).to(tl.int32)
     qs = tl.sum(tl.sum(tl.sum(q, axis=3), axis=2), axis=1)
     byte = (q & 0xFF) << (p[None, None, :, None] * 8)
     words = tl.sum(byte, axis=2)  # [NB, 4, 2]: disjoint bytes, so the sum is their OR
