@@ -85,13 +85,8 @@ class DecoderLayers:
                 max_len: int, w_o=None) -> torch.Tensor:
         """RoPE, the keys and values into the cache, attention: [b, t, heads, head_dim]; with ``w_o`` through o_proj
         too: [b, t, hidden] (``ops.attention_o``: a backend may fuse the two)."""
-        cfg, ops, eps = self.cfg, self.ops, self.cfg.rms_norm_eps
-        q = qkv[..., : cfg.q_size].view(b, t, cfg.num_attention_heads, cfg.head_dim)
-        k = qkv[..., cfg.q_size: cfg.q_size + cfg.kv_size].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        v = qkv[..., cfg.q_size + cfg.kv_size:].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        if cfg.has_qk_norm:
-            q = ops.rmsnorm(q, w["self_attn.q_norm.weight"], eps)
-            k = ops.rmsnorm(k, w["self_attn.k_norm.weight"], eps)
+        ops = self.ops
+        q, k, v = self._heads(w, qkv, b, t)
         k_cache, v_cache = kv
         ops.rope_kv_append_(q, k, v, self.cos, self.sin, positions, k_cache, v_cache, start_pos)
         if w_o is not None:
@@ -103,20 +98,28 @@ class DecoderLayers:
                        attend_context: Callable[[int], contextlib.AbstractContextManager] | None) -> torch.Tensor:
         """``_attend`` of the prompt slices ``plan`` lays out (their stacked qkv rows), one launch for RoPE +
         append and one for the attention, under the context of the longest slice's rows: [rows, q_size]."""
-        cfg, ops, eps, rows = self.cfg, self.ops, self.cfg.rms_norm_eps, qkv.shape[0]
-        q = qkv[:, : cfg.q_size].view(1, rows, cfg.num_attention_heads, cfg.head_dim)
-        k = qkv[:, cfg.q_size: cfg.q_size + cfg.kv_size].view(1, rows, cfg.num_key_value_heads, cfg.head_dim)
-        v = qkv[:, cfg.q_size + cfg.kv_size:].view(1, rows, cfg.num_key_value_heads, cfg.head_dim)
-        if cfg.has_qk_norm:
-            q = ops.rmsnorm(q, w["self_attn.q_norm.weight"], eps)
-            k = ops.rmsnorm(k, w["self_attn.k_norm.weight"], eps)
+        ops, rows = self.ops, qkv.shape[0]
+        q, k, v = self._heads(w, qkv, 1, rows)
         k_cache, v_cache = kv()
         with attend_context(plan.max_rows) if attend_context is not None else contextlib.nullcontext():
             ops.rope_kv_append_rows(q, k, v, self.cos, self.sin, plan.positions, k_cache, v_cache, plan.cache_pos,
                                     plan.cache_row)
             out = ops.attention_varlen(q[0], k_cache, v_cache, plan.start, plan.q_lens, plan.seq_rows,
                                        plan.seq_cache_row, plan.max_rows, self.scale)
-        return out.reshape(rows, cfg.q_size)
+        return out.reshape(rows, self.cfg.q_size)
+
+    def _heads(self, w: dict[str, torch.Tensor], qkv: torch.Tensor, b: int,
+               t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of a fused qkv output as [b, t, heads, head_dim] views (q and k normed where the model has a
+        q/k norm)."""
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        q = qkv[..., : cfg.q_size].view(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = qkv[..., cfg.q_size: cfg.q_size + cfg.kv_size].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = qkv[..., cfg.q_size + cfg.kv_size:].view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.has_qk_norm:
+            q = self.ops.rmsnorm(q, w["self_attn.q_norm.weight"], eps)
+            k = self.ops.rmsnorm(k, w["self_attn.k_norm.weight"], eps)
+        return q, k, v
 
     def _mlp(self, w: dict[str, torch.Tensor], held: list[torch.Tensor],
              projected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

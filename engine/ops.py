@@ -153,6 +153,7 @@ class TritonOps(TorchOps):
     """The Triton kernels of ``kernels/``; same signatures as ``TorchOps``."""
 
     name = "triton"
+    varlen = True  # rope_kv_append_rows / attention_varlen (engine/varlen.py)
 
     def __init__(self) -> None:
         from kernels import (add_rmsnorm, attention_decode, attention_prefill, embedding, kv_append, linear,
@@ -267,8 +268,6 @@ class TritonOps(TorchOps):
             self._k["rope_kv_append"](q, k, v, cos, sin, positions, k_cache, v_cache, start_pos)
         else:
             super().rope_kv_append_(q, k, v, cos, sin, positions, k_cache, v_cache, start_pos)
-
-    varlen = True  # rope_kv_append_rows / attention_varlen (engine/varlen.py)
 
     def rope_kv_append_rows(self, q, k, v, cos, sin, positions, k_cache, v_cache, cache_pos, cache_rows):
         self._k["rope_kv_append"](q, k, v, cos, sin, positions, k_cache, v_cache, cache_pos, cache_rows=cache_rows)
