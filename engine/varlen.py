@@ -14,6 +14,7 @@ timed on a GPU, where a served pass must also not meet a kernel specialisation t
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -61,26 +62,18 @@ def plan_unit(groups: list[Group], positions: list[torch.Tensor], device: torch.
     if len(groups) - first < 2:
         return None
     tail, row0 = groups[first:], sum(g.ids.numel() for g in groups[:first])
-    starts, spans, seq_rows_of, token_rows = [], [], [], []
-    r = 0
-    for g in tail:
-        b, t = g.ids.shape
-        for j in range(b):
-            starts.append(r)
-            spans.append(t)
-            seq_rows_of.append(g.row0 + j)
-            token_rows += [g.row0 + j] * t
-            r += t
-    i32 = torch.int32
-    cache_pos = torch.cat([_cache_positions(g, device) for g in tail])
+    spans = [g.ids.shape[1] for g in tail for _ in range(g.ids.shape[0])]  # a sequence's rows: its group's T
+    starts = [0, *itertools.accumulate(spans)]
+    r, i32 = starts.pop(), torch.int32
+    seq_rows = upload_list(starts + spans, i32, device).view(2, -1)
+    seq_cache_row = upload_list([g.row0 + j for g in tail for j in range(g.ids.shape[0])], i32, device)
     return VarlenPlan(
         first=first, row0=row0, rows=r, max_rows=max(spans),
         positions=torch.cat([p.reshape(-1) for p in positions[first:]]).view(1, r),
-        cache_pos=cache_pos.to(i32), cache_row=upload_list(token_rows, i32, device),
-        seq_rows=upload_list(starts + spans, i32, device).view(2, -1),
-        start=torch.cat([g.start_pos.to(device) for g in tail]).to(i32),
-        q_lens=torch.cat([g.q_lens.to(device) for g in tail]).to(i32),
-        seq_cache_row=upload_list(seq_rows_of, i32, device))
+        cache_pos=torch.cat([_cache_positions(g, device) for g in tail]).to(i32),
+        cache_row=seq_cache_row.repeat_interleave(seq_rows[1], output_size=r),  # no host sync: r is known
+        seq_rows=seq_rows, start=torch.cat([g.start_pos.to(device) for g in tail]).to(i32),
+        q_lens=torch.cat([g.q_lens.to(device) for g in tail]).to(i32), seq_cache_row=seq_cache_row)
 
 
 def _cache_positions(g: Group, device: torch.device) -> torch.Tensor:
