@@ -94,6 +94,12 @@ def _pow2(lo: int, hi: int) -> list[int]:
     return out
 
 
+def _even_odd(eff: int) -> set[int]:
+    """Each row bucket's even and odd sizes up to ``eff`` (a power of two b and b - 1: Triton compiles a row count
+    that is a multiple of 16 apart from one that is not)."""
+    return {n for b in _pow2(4, eff) for n in (b - 1, b)}
+
+
 def _pack(sizes: list[int], cap: int, most: int) -> list[tuple[int, ...]]:
     """First-fit decreasing: groups of at most ``most`` sizes summing to at most ``cap``."""
     bins: list[list[int]] = []
@@ -140,7 +146,7 @@ def plan_warmup(batch: int, chunk: int, max_context: int, eager_decode: bool, dr
             steps.append(WarmStep(False, p - 1, p - 1, ctx, (min(eff - (p - 1), 2 * GEMV_MAX_M),)))
     if not dry:
         return steps
-    sizes = {n for b in _pow2(4, eff) for n in (b - 1, b)} | {2, eff}  # each bucket's even and odd sizes
+    sizes = _even_odd(eff) | {2, eff}
     steps += [WarmStep(True, 0, 0, 0, p) for p in _pack([n for n in sizes if 2 <= n <= eff], eff, batch)]
     # a prompt longer than the chunk: a later slice after a chunk of cached positions, even and odd (the
     # H200's first 1857-token request after a warm-up without them compiled two GEMM specialisations)
@@ -164,8 +170,7 @@ def varlen_steps(batch: int, chunk: int, max_context: int) -> list[WarmStep]:
     eff = max(1, min(chunk, max_context))
     if batch < 2:
         return []
-    sizes = sorted({n for b in _pow2(4, eff) for n in (b - 1, b)} | {2})
-    steps = [WarmStep(True, 0, 0, 0, (n, 2)) for n in sizes if n + 2 <= eff]
+    steps = [WarmStep(True, 0, 0, 0, (n, 2)) for n in sorted(_even_odd(eff) | {2}) if n + 2 <= eff]
     return steps + ([WarmStep(True, 0, 0, 0, (16, 16))] if eff >= 32 else [])
 
 
