@@ -62,8 +62,12 @@ def test_one_launch_equals_a_launch_a_sequence(spans, crows, starts, qlens, hq, 
     assert torch.equal(q, q2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
     for i, n in enumerate(spans):
         sl, c = slice(r0[i], r0[i] + n), slice(crows[i], crows[i] + 1)
-        alone = attention_prefill(q2[:, sl], kc2[c], vc2[c], start_t[i:i + 1], qlen_t[i:i + 1], 0.125)
-        assert torch.equal(out[sl], alone[0]), f"sequence {i}"
+        # alone at the one launch's row count (its rows past the span padding): the same row bucket, so the same
+        # tuned tile and summation order (an H100 picked another tile for 4 rows than for 33: ULP apart, s45 call1)
+        padded = torch.zeros(1, max(spans), hq, d, dtype=dtype, device=DEV)
+        padded[:, :n] = q2[:, sl]
+        alone = attention_prefill(padded, kc2[c], vc2[c], start_t[i:i + 1], qlen_t[i:i + 1], 0.125)
+        assert torch.equal(out[sl], alone[0, :n]), f"sequence {i}"
         ref = attention_prefill_ref(q2[:, sl], kc2[c], vc2[c], start_t[i:i + 1], qlen_t[i:i + 1], 0.125)
         close(out[sl], ref[0], dtype)
         assert not out[sl][qlens[i]:].any(), "rows past q_lens are zeros"

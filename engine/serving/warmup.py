@@ -165,8 +165,9 @@ def plan_warmup(batch: int, chunk: int, max_context: int, eager_decode: bool, dr
 
 def varlen_steps(batch: int, chunk: int, max_context: int) -> list[WarmStep]:
     """Compile-only steps of two prompt slices sharing a stack, for engine/varlen.py's one-launch kernels
-    (``LAYERSTREAM_VARLEN_PREFILL=1``): the longer slice (the attention's row count) at each bucket's even and
-    odd sizes, and one stack of a multiple of 16 rows (the RoPE + append's), so a served burst builds none."""
+    (on unless ``LAYERSTREAM_VARLEN_PREFILL=0``): the longer slice (the attention's row count) at each bucket's
+    even and odd sizes, and one stack of a multiple of 16 rows (the RoPE + append's), so a served burst builds
+    none."""
     eff = max(1, min(chunk, max_context))
     if batch < 2:
         return []
