@@ -44,7 +44,7 @@ from kernels.tickets import counters, last_ticket
 from kernels.tuning import NoCandidate, fastest, fits_l2, graph_ms, tuning_suspended
 from kernels.fastlaunch import fast
 from kernels.pdl import enter as pdl_enter, opts as pdl_opts
-from kernels.quant_x import round_heads
+from kernels.quant_x import round_tile
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -126,10 +126,11 @@ def _attention_decode_kernel(
                                       offs_n, offs_d, d_mask, D, qk_scale, IS_FP32, UPCAST)
 
     if DIRECT:  # the only split: normalise here (l == 0 for an empty sequence -> zeros)
-        store_rows(out_ptr, acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], b, kvh * GROUP, GROUP,
-                   so_b, so_h, D, BLOCK_H, BLOCK_D)
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         if ROUND:  # o_proj's x rounded to int8 here (kernels/quant_x.py's codes), not by a launch of its own
-            round_heads(out_ptr, xq_ptr, xd_ptr, xs_ptr, b, kvh * GROUP, GROUP, Hq * D, D, BLOCK_D)
+            round_tile(o, xq_ptr, xd_ptr, xs_ptr, b, kvh * GROUP, GROUP, Hq * D, BLOCK_H, BLOCK_D,
+                       out_ptr.dtype.element_ty)
+        store_rows(out_ptr, o, b, kvh * GROUP, GROUP, so_b, so_h, D, BLOCK_H, BLOCK_D)
     else:  # partials; an empty split (lo >= seq) writes nothing, the merge reads non-empty ones only
         h_mask = offs_h < tl.where(lo < seq, GROUP, 0)
         rows = (b * Hq + kvh * GROUP + offs_h).to(tl.int64) * NUM_SPLITS + split
@@ -142,9 +143,10 @@ def _attention_decode_kernel(
                 tl.store(cnt_ptr + tl.program_id(0), 0)  # all tickets drawn: ready for the next launch
                 o = merge_splits(ws_m_ptr, ws_l_ptr, ws_acc_ptr, b * Hq + kvh * GROUP, GROUP, n_valid,
                                  NUM_SPLITS, BLOCK_G, BLOCK_S, BLOCK_D)
-                store_rows(out_ptr, o, b, kvh * GROUP, GROUP, so_b, so_h, D, BLOCK_G, BLOCK_D)
                 if ROUND:
-                    round_heads(out_ptr, xq_ptr, xd_ptr, xs_ptr, b, kvh * GROUP, GROUP, Hq * D, D, BLOCK_D)
+                    round_tile(o, xq_ptr, xd_ptr, xs_ptr, b, kvh * GROUP, GROUP, Hq * D, BLOCK_G, BLOCK_D,
+                               out_ptr.dtype.element_ty)
+                store_rows(out_ptr, o, b, kvh * GROUP, GROUP, so_b, so_h, D, BLOCK_G, BLOCK_D)
 
 
 @triton.jit
@@ -159,9 +161,9 @@ def _attention_decode_reduce_kernel(
     if PDL:
         tl.extra.cuda.gdc_wait()
     o = merge_splits(ws_m_ptr, ws_l_ptr, ws_acc_ptr, row, 1, n_valid, NUM_SPLITS, 1, BLOCK_S, BLOCK_D)
-    store_rows(out_ptr, o, b, row % Hq, 1, so_b, so_h, D, 1, BLOCK_D)
     if ROUND:
-        round_heads(out_ptr, xq_ptr, xd_ptr, xs_ptr, b, row % Hq, 1, Hq * D, D, BLOCK_D)
+        round_tile(o, xq_ptr, xd_ptr, xs_ptr, b, row % Hq, 1, Hq * D, 1, BLOCK_D, out_ptr.dtype.element_ty)
+    store_rows(out_ptr, o, b, row % Hq, 1, so_b, so_h, D, 1, BLOCK_D)
 
 
 def _launch(q, k_cache, v_cache, seq_lens, scale: float, splits: int, cfg: triton.Config,

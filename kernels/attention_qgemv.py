@@ -1,5 +1,5 @@
 # Decode attention feeding o_proj's int8-x GEMV (kernels/qgemv_i8.py) with x already rounded: the attention's
-# epilogue rounds the rows it writes (kernels/attention_decode.py, ``rounded=True``; kernels.quant_x.round_heads),
+# epilogue rounds the rows it writes (kernels/attention_decode.py, ``rounded=True``; kernels.quant_x.round_tile),
 # so the GEMV needs no rounding launch of its own, as the norm does for qkv and gate_up (kernels/add_rmsnorm_i8.py)
 # and the SwiGLU for down. Why: o_proj's GEMV alone reached 76% of copy on an H100 and 68% on an H200, but 61% and
 # 55% with the rounding launch before it (bench/results/2026-12-05-h100-s40/call1/, -h200-s39/call2/).

@@ -1,7 +1,7 @@
 """kernels/attention_decode.py with ``rounded=True``: o_proj's x rounded to int8 in the attention's epilogue.
 
 Each of the three places that write the output (a single split, the program drawing a group's last ticket, the
-second pass) also rounds the rows it wrote (kernels.quant_x.round_heads); the codes, steps and code sums must be
+second pass) also rounds the rows it writes (kernels.quant_x.round_tile); the codes, steps and code sums must be
 exactly those kernels.quant_x.quantize_x gives on the output, so the int8-x GEMV reads the same x either way.
 Under TRITON_INTERPRET=1 without CUDA.
 """
