@@ -396,14 +396,16 @@ if [[ $steps == *F* ]]; then  # a first run with the host lane's measurements in
 save; fi
 if [[ $steps == *Q* ]]; then  # o_proj's rounding in the attention's epilogue, timed
   awq_7b
+  if [ "${Q_TESTS:-1}" = 1 ]; then  # Q_TESTS=0: the timing alone
   LAYERSTREAM_ROUND_IN_ATTENTION=1 timeout $(left 150) python3 -m pytest -q -p no:cacheprovider \
     tests/test_kernels_attention_decode_round.py tests/test_kernels_qgemv_i8_fused.py > $R/pytest_round.txt 2>&1
   echo "pytest rc=$?"; tail -3 $R/pytest_round.txt
   LAYERSTREAM_ROUND_IN_ATTENTION=1 timeout $(left 90) python3 bench/round_check.py --model /tmp/q7b-awq \
     --vram-budget 6GiB > $R/round_check.txt 2>&1; echo "round_check rc=$?"; tail -2 $R/round_check.txt
-  n=0; for r in 0 1 0 1; do n=$((n+1))
+  fi  # Q_ORDER: the arms, alternated; Q_STEPS: decode steps timed a run (16 steps ran 386-448 tok/s in one arm, s45)
+  n=0; for r in ${Q_ORDER:-0 1 0 1}; do n=$((n+1))
     LAYERSTREAM_ROUND_IN_ATTENTION=$r timeout $(left 90) python3 -m tools.bench_stream --model /tmp/q7b-awq \
-      --budgets 6GiB --batches 1 --steps 16 --prefill-tokens 0 --out-dir $R --tag round$r-$n > $R/bench_round$r-$n.log 2>&1
+      --budgets 6GiB --batches 1 --steps ${Q_STEPS:-16} --prefill-tokens 0 --out-dir $R --tag round$r-$n > $R/bench_round$r-$n.log 2>&1
     echo "round=$r ($n) rc=$?"; grep -E "tok/s|ms" $R/bench_round$r-$n.log | tail -2
   done
 save; fi
