@@ -8,7 +8,9 @@
 #          seq_lens int32 [B]; the weight as kernels/qgemv_i8.py takes it (int4 codes [N, Hq * D / 8], scales,
 #          zeros or mins); out [B, N] in q's dtype.
 # Reference: the unfused pair, attention_decode then qgemv (the same codes, so the same numbers: the tests).
-# Opt-in (LAYERSTREAM_ROUND_IN_ATTENTION=1) until timed on a GPU.
+# Opt-in (LAYERSTREAM_ROUND_IN_ATTENTION=1): timed on an H100 it decoded the 7B AWQ 3.7-4.4% slower with the
+# epilogue's store-barrier-reload (sessions 42, 44) and 1-3% slower rounding from registers (session 45,
+# bench/results/2026-12-06-h100-s45/call4/): the rounding launch it saves is overlapped by PDL.
 from __future__ import annotations
 
 import os

@@ -98,6 +98,46 @@ def _qgemv_candidates(key: list) -> list[triton.Config]:
     return qgemv._candidates(block_m, n, k, 132, group, bits, int8_x=bool(key[-1]))
 
 
+def _gemm_candidates(key: list) -> list[triton.Config]:
+    from kernels import gemm, gemm_tma
+    return gemm._configs() + gemm_tma.candidates(getattr(torch, key[3].removeprefix("torch.")).itemsize)
+
+
+def _qgemm_candidates(key: list) -> list[triton.Config]:
+    from kernels import qgemm
+    return qgemm._configs(key[3], key[4])
+
+
+def _attention_prefill_candidates(key: list) -> list[triton.Config]:
+    from kernels import attention_prefill
+    return attention_prefill._configs()
+
+
+@pytest.mark.parametrize("kernel,candidates", [("gemm", _gemm_candidates), ("qgemm", _qgemm_candidates),
+                                               ("attention_prefill", _attention_prefill_candidates)])
+def test_the_shipped_prefill_picks_are_still_candidates(kernel: str, candidates,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The H100's shipped prompt-pass picks (the served 7B AWQ's warm-up, bench/results/2026-12-06-h100-s45/call5)
+    are each one of the tuner's current candidates for their key, as the GEMV picks above."""
+    from kernels import attention_prefill, gemm, qgemm
+    for mod in (attention_prefill, gemm, qgemm):
+        monkeypatch.setattr(mod, "_INTERPRET", False)
+    shipped = json.loads(td.defaults_path("NVIDIA H100 80GB HBM3").read_text())["entries"][kernel]
+    assert shipped
+    for key, pick in shipped.items():
+        assert any(tc.config_to_json(c) == pick for c in candidates(json.loads(key))), (key, pick)
+
+
+def test_the_shipped_attention_decode_picks_are_still_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each shipped decode attention pick (a split count and a config) is among the tuner's pairs' configs."""
+    from kernels import attention_decode
+    monkeypatch.setattr(attention_decode, "_INTERPRET", False)
+    for gpu in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        for key, (splits, pick) in json.loads(td.defaults_path(gpu).read_text())["entries"].get(
+                "attention_decode", {}).items():
+            assert any(tc.config_to_json(c) == pick for c in attention_decode._configs(fused=splits > 1)), (key, pick)
+
+
 @pytest.mark.parametrize("gpu,kernel,candidates", [("NVIDIA H200", "gemv", _gemv_candidates),
                                                    ("NVIDIA H200", "qgemv", _qgemv_candidates),
                                                    ("NVIDIA H100 80GB HBM3", "gemv", _gemv_candidates),
