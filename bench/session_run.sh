@@ -97,9 +97,9 @@
 #     LAYERSTREAM_FAST_LAUNCH=1 (direct launches keyed on Triton's specialization since session 42), prof the
 #     defaults with a third burst's first pass under cProfile (where the host's ~90 us a kernel go); first
 #     fastlaunch's GPU test
-#  V  issue 16: stacked prompt slices in one RoPE + append and one attention launch a layer (engine/varlen.py,
-#     LAYERSTREAM_VARLEN_PREFILL=1, opt-in): its GPU tests, the in-process burst alternated off / on, and the
-#     served cold burst (1 and 16 clients, one request each) on then off, with the kernels built while serving
+#  V  issue 16: stacked prompt slices in one RoPE + append and one attention launch a layer (engine/varlen.py, on
+#     by default since session 45, LAYERSTREAM_VARLEN_PREFILL=0 off): its GPU tests, the in-process burst alternated
+#     off / on, and the served cold burst (1 and 16 clients, one request each) on then off, with the kernels built while serving
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
