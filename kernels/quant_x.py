@@ -69,7 +69,9 @@ def round_tile(o, xq_ptr, d_ptr, qs_ptr, b, h0, n, K, BLOCK_R: tl.constexpr, BLO
     tile ``o`` in the calling program's registers (BLOCK_D the head dim, a multiple of 32), rounded as
     :func:`quantize_x` rounds the values a store in ``OUT_TY`` would have written: the same codes, steps and sums.
     The decode attention's epilogue (kernels/attention_decode.py) calls it on its output before (not after) the
-    store: no barrier, no reload (sessions 42-44 timed a store-barrier-reload form 3.7-4.4% slower a decode step)."""
+    store: no barrier, no reload. Timed on an H100, a 7B AWQ decode step was 3.7-4.4% slower with the older
+    store-barrier-reload form (sessions 42-44) and 1-3% slower with this one (session 45,
+    bench/results/2026-12-06-h100-s45/call4/) than with quantize_x's launch: the path stays opt-in."""
     NB: tl.constexpr = BLOCK_D // 32
     x = tl.reshape(o.to(OUT_TY).to(tl.float32), (BLOCK_R, NB, 4, 4, 2))  # column = blk*32 + word*8 + byte*2 + half
     amax = tl.max(tl.max(tl.max(tl.abs(x), axis=4), axis=3), axis=2)  # [BLOCK_R, NB]
