@@ -35,8 +35,7 @@ def _quant_x_kernel(x_ptr, xq_ptr, d_ptr, qs_ptr, K, stride_xm, NB: tl.constexpr
 @triton.jit
 def round_blocks(x_ptr, xq_ptr, d_ptr, qs_ptr, blk, ok, K, SWIGLU: tl.constexpr):
     """The 32-column blocks ``blk`` (where ``ok``) of one row of x (``x_ptr``; the row's outputs at ``xq_ptr``,
-    ``d_ptr``, ``qs_ptr``): steps, int8 codes in nibble order, code sums. Shared by this file's kernel and the
-    decode attention's epilogue (kernels/attention_decode.py: o_proj's x rounded where it is written)."""
+    ``d_ptr``, ``qs_ptr``): steps, int8 codes in nibble order, code sums (:func:`_round_store`)."""
     w4 = tl.arange(0, 4)  # packed word within the block
     p = tl.arange(0, 4)  # byte within the x word
     h = tl.arange(0, 2)  # 0: low nibble's column (even), 1: high nibble's (odd)
@@ -47,6 +46,36 @@ def round_blocks(x_ptr, xq_ptr, d_ptr, qs_ptr, blk, ok, K, SWIGLU: tl.constexpr)
         ty = x_ptr.dtype.element_ty
         u = tl.load(x_ptr + K + col, mask=ok[:, None, None, None], other=0.0).to(tl.float32)
         x = ((x * tl.sigmoid(x)).to(ty).to(tl.float32) * u).to(ty).to(tl.float32)
+    _round_store(x, xq_ptr, d_ptr, qs_ptr, blk, ok, K)
+
+
+@triton.jit
+def round_tile(o, xq_ptr, d_ptr, qs_ptr, b, h0, n, K, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+               OUT_TY: tl.constexpr):
+    """Heads ``h0 .. h0 + n - 1`` of row ``b`` of a [B, K = heads x BLOCK_D] x, held as the fp32 [BLOCK_R, BLOCK_D]
+    tile ``o`` in the calling program's registers (BLOCK_D the head dim, a power of two >= 32), rounded as
+    :func:`quantize_x` rounds the values a store in ``OUT_TY`` would have written: the same codes, steps and sums.
+    The decode attention's epilogue (kernels/attention_decode.py) calls it on its output before (not after) the
+    store: no barrier, no reload. Timed on an H100, a 7B AWQ decode step was 3.7-4.4% slower with the older
+    store-barrier-reload form (sessions 42-44) and 1-3% slower with this one (session 45, as built in 5f6ea9a,
+    bench/results/2026-12-06-h100-s45/call4/) than with quantize_x's launch: the path stays opt-in."""
+    NB: tl.constexpr = BLOCK_D // 32
+    # a head's blocks follow the one before's: the tile's rows are blocks h0 * NB .. of the row, in order
+    x = tl.reshape(o.to(OUT_TY).to(tl.float32), (BLOCK_R * NB, 4, 4, 2))
+    i = tl.arange(0, BLOCK_R * NB)
+    row = b.to(tl.int64)
+    _round_store(x, xq_ptr + row * (K // 4), d_ptr + row * (K // 32), qs_ptr + row * (K // 32), h0 * NB + i,
+                 i < n * NB, K)
+
+
+@triton.jit
+def _round_store(x, xq_ptr, d_ptr, qs_ptr, blk, ok, K):
+    """fp32 x [NBLK, 4, 4, 2] of one row's 32-column blocks ``blk`` (column blk * 32 + word * 8 + byte * 2 + half;
+    stored where ``ok``): each block's step (max|x| / 127), codes rounded half away from zero as words in nibble
+    order, code sum."""
+    w4 = tl.arange(0, 4)
+    p = tl.arange(0, 4)
+    h = tl.arange(0, 2)
     amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)
     d = amax / 127.0
     inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
@@ -55,43 +84,11 @@ def round_blocks(x_ptr, xq_ptr, d_ptr, qs_ptr, blk, ok, K, SWIGLU: tl.constexpr)
     q = tl.where(y < 0, -r, r).to(tl.int32)
     qs = tl.sum(tl.sum(tl.sum(q, axis=3), axis=2), axis=1)
     byte = (q & 0xFF) << (p[None, None, :, None] * 8)
-    words = tl.sum(byte, axis=2)  # [NB, 4, 2]: disjoint bytes, so the sum is their OR
+    words = tl.sum(byte, axis=2)  # [NBLK, 4, 2]: disjoint bytes, so the sum is their OR
     widx = blk[:, None, None] * 4 + w4[None, :, None] + h[None, None, :] * (K // 8)
     tl.store(xq_ptr + widx, words, mask=ok[:, None, None])
     tl.store(d_ptr + blk, d, mask=ok)
     tl.store(qs_ptr + blk, qs, mask=ok)
-
-
-@triton.jit
-def round_tile(o, xq_ptr, d_ptr, qs_ptr, b, h0, n, K, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-               OUT_TY: tl.constexpr):
-    """Heads ``h0 .. h0 + n - 1`` of row ``b`` of a [B, K = heads x BLOCK_D] x, held as the fp32 [BLOCK_R, BLOCK_D]
-    tile ``o`` in the calling program's registers (BLOCK_D the head dim, a multiple of 32), rounded as
-    :func:`quantize_x` rounds the values a store in ``OUT_TY`` would have written: the same codes, steps and sums.
-    The decode attention's epilogue (kernels/attention_decode.py) calls it on its output before (not after) the
-    store: no barrier, no reload. Timed on an H100, a 7B AWQ decode step was 3.7-4.4% slower with the older
-    store-barrier-reload form (sessions 42-44) and 1-3% slower with this one (session 45,
-    bench/results/2026-12-06-h100-s45/call4/) than with quantize_x's launch: the path stays opt-in."""
-    NB: tl.constexpr = BLOCK_D // 32
-    x = tl.reshape(o.to(OUT_TY).to(tl.float32), (BLOCK_R, NB, 4, 4, 2))  # column = blk*32 + word*8 + byte*2 + half
-    amax = tl.max(tl.max(tl.max(tl.abs(x), axis=4), axis=3), axis=2)  # [BLOCK_R, NB]
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    y = x * inv[:, :, None, None, None]
-    r = tl.floor(tl.abs(y) + 0.5)  # half away from zero
-    q = tl.where(y < 0, -r, r).to(tl.int32)
-    qs = tl.sum(tl.sum(tl.sum(q, axis=4), axis=3), axis=2)
-    p = tl.arange(0, 4)
-    words = tl.sum((q & 0xFF) << (p[None, None, None, :, None] * 8), axis=3)  # [BLOCK_R, NB, 4, 2]: bytes OR'd
-    offs_r = tl.arange(0, BLOCK_R)
-    blk = (h0 + offs_r)[:, None] * NB + tl.arange(0, NB)[None, :]  # the row's 32-column blocks
-    ok = (offs_r < n)[:, None] & (blk >= 0)
-    w4 = tl.arange(0, 4)[None, None, :, None]
-    h = tl.arange(0, 2)[None, None, None, :]
-    row = b.to(tl.int64)
-    tl.store(xq_ptr + row * (K // 4) + blk[:, :, None, None] * 4 + w4 + h * (K // 8), words,
-             mask=ok[:, :, None, None])
-    tl.store(d_ptr + row * (K // 32) + blk, amax / 127.0, mask=ok)
-    tl.store(qs_ptr + row * (K // 32) + blk, qs, mask=ok)
 
 
 def quantize_x(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
