@@ -57,6 +57,7 @@ class DecoderLayers:
         for k, (g, pos, kv) in enumerate(zip(groups, positions, kvs)):
             if varlen is not None and k == varlen[0].first:
                 plan = varlen[0]
+                assert r0 == plan.row0, (r0, plan.row0)  # the plan's rows are the stack's trailing ones
                 attn.append(self._attend_varlen(w, qkv[r0:r0 + plan.rows], plan, varlen[1], attend_context))
                 r0 += plan.rows
                 break

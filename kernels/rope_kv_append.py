@@ -115,7 +115,7 @@ def _validate_rows(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     t = k.shape[1]
     for name, x in (("start_pos", start_pos), ("cache_rows", cache_rows)):
         if x.shape != (t,) or x.dtype not in (torch.int32, torch.int64) or x.device != k.device:
-            raise ValueError(f"rope_kv_append_: {name} must be an int32 [{t}] tensor on {k.device}, got "
+            raise ValueError(f"rope_kv_append_: {name} must be an int32 or int64 [{t}] tensor on {k.device}, got "
                              f"{x.dtype} {tuple(x.shape)} on {x.device}")
     _validate_append(k, v, k_cache[:1], v_cache[:1], start_pos[:1])  # dtypes, heads, head dim, strides
 
