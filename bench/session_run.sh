@@ -100,6 +100,8 @@
 #  V  issue 16: stacked prompt slices in one RoPE + append and one attention launch a layer (engine/varlen.py, on
 #     by default since session 45, LAYERSTREAM_VARLEN_PREFILL=0 off): its GPU tests, the in-process burst alternated
 #     off / on, and the served cold burst (1 and 16 clients, one request each) on then off, with the kernels built while serving
+#  S  issue 16: the in-process burst (synthetic 7B AWQ) with units of more rows: S_ORDER "budget:rows" arms
+#     (rows 0: the default, one prefill chunk; else LAYERSTREAM_STACK_ROWS), default "6:0 9:0 9:16384 9:0 9:16384"
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -111,7 +113,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXV]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVS]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -449,6 +451,15 @@ if [[ $steps == *V* ]]; then  # stacked prompt slices in one launch each (engine
     python3 -m tools.ttft_breakdown $R/serve_varlen$v.json $R/steps_varlen$v.jsonl --config server \
       > $R/ttft_varlen$v.txt 2>&1; grep -E "TTFT p50|target" $R/ttft_varlen$v.txt
     python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('kernels built after the first step:', sum(x['compiles'] for x in r[1:]))" $R/steps_varlen$v.jsonl
+  done
+save; fi
+if [[ $steps == *S* ]]; then  # issue 16: the burst's passes with units of more rows (LAYERSTREAM_STACK_ROWS), the bound
+  awq_7b                      # on what one unit a pass (no repeated dequantization and GEMMs a unit) gains
+  n=0; for arm in ${S_ORDER:-6:0 9:0 9:16384 9:0 9:16384}; do n=$((n+1)); b=${arm%%:*}; r=${arm##*:}
+    E=; [ "$r" != 0 ] && E=LAYERSTREAM_STACK_ROWS=$r
+    env $E timeout $(left 120) python3 bench/burst_probe.py --model /tmp/q7b-awq --vram-budget ${b}GiB --rounds 3 \
+      --out $R/burst_$n-${b}g-$r.json > $R/burst_$n-${b}g-$r.txt 2>&1; echo "${b}GiB stack $r ($n) rc=$?"
+    grep -E "^plan|^round" $R/burst_$n-${b}g-$r.txt | cut -c1-120
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step

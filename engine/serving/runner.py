@@ -82,6 +82,8 @@ class ModelRunner:
         # it was slower than the default in every pair of sessions 28 and 29; 0: none)
         stack = os.environ.get("LAYERSTREAM_STACK_PROMPTS", "order")
         self.stack_rows = opts.prefill_chunk if stack != "0" else 0
+        if stack != "0" and os.environ.get("LAYERSTREAM_STACK_ROWS"):  # an A/B: units of more (or fewer) rows
+            self.stack_rows = int(os.environ["LAYERSTREAM_STACK_ROWS"])
         self.stack_packed = stack == "packed"
         self.fill_stacks = os.environ.get("LAYERSTREAM_FILL_STACKS", "1") != "0"  # 0: slices of a chunk (an A/B)
 
