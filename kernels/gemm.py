@@ -1,9 +1,11 @@
 # Prefill GEMM: out = x @ w.T + bias (Hugging Face nn.Linear weight layout).
 #
 # Shapes:  x    [M, K]   any row stride, unit stride along K
-#          w    [N, K]   row-major contiguous ([out_features, in_features])
+#          w    [N, K]   row-major, unit stride along K, any row stride (a column slice of a wider weight)
 #          bias [N]      contiguous, optional
-#          out  [M, N]   new contiguous tensor, dtype of x
+#          out  [M, N]   new contiguous tensor, dtype of x (or the caller's: unit stride along N)
+#          acc  [M, N]   optional, any float dtype, unit stride along N: out = x @ w.T + bias + acc (acc may be
+#                        out itself: each element is read by the program that then writes it)
 # Dtypes:  bf16 / fp16 / fp32 (x, w and bias all the same); fp32 accumulation.
 #          fp32 inputs use "ieee" dot precision (no tf32) so results stay fp32-exact.
 # Kernels: two families behind one entry point:
@@ -87,10 +89,10 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 @triton.jit
 def _gemm_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, acc_ptr,
     M, N, K,
-    stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    stride_xm, stride_wn, stride_om, stride_am,
+    HAS_BIAS: tl.constexpr, HAS_ACC: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -121,6 +123,9 @@ def _gemm_kernel(
         acc += bias.to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_ACC:  # a running sum (e.g. the K chunks of a chunked MLP's down projection), read before out is written
+        acc += tl.load(acc_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_n[None, :], mask=out_mask,
+                       other=0.0).to(tl.float32)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -193,8 +198,9 @@ def check_linear_inputs(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"empty operand: x{tuple(x.shape)} w{tuple(w.shape)}")
     if x.stride(1) != 1:
         raise ValueError("x must have unit stride along K (last dim)")
-    if not w.is_contiguous():
-        raise ValueError("w must be contiguous row-major [N, K]")
+    if w.stride(1) != 1 or w.stride(0) < w.shape[1]:
+        raise ValueError(f"w must be row-major [N, K] with unit stride along K (any row stride: a column slice of a "
+                         f"wider weight), got strides {w.stride()}")
     if bias is not None:
         if bias.shape != (w.shape[0],):
             raise ValueError(f"bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
@@ -205,27 +211,28 @@ def check_linear_inputs(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
 
 
 def _launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-            out: torch.Tensor) -> None:
-    """Run one config (either family) into out."""
+            out: torch.Tensor, acc: torch.Tensor | None = None) -> None:
+    """Run one config (either family) into out (plus ``acc`` where given)."""
     if cfg.kwargs.get("TMA"):
-        gemm_tma.launch(cfg, x, w, bias, out)
+        gemm_tma.launch(cfg, x, w, bias, out, acc)
         return
     (M, K), N = x.shape, w.shape[0]
     kw = cfg.kwargs
     grid = (triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"]),)
     _gemm_launch[grid](
-        x, w, bias if bias is not None else w, out, M, N, K,
-        x.stride(0), w.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
+        x, w, bias if bias is not None else w, out, out if acc is None else acc, M, N, K,
+        x.stride(0), w.stride(0), out.stride(0), out.stride(0) if acc is None else acc.stride(0),
+        HAS_BIAS=bias is not None, HAS_ACC=acc is not None, IS_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
         BLOCK_M=kw["BLOCK_M"], BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], GROUP_M=kw["GROUP_M"],
         EVEN_K=K % kw["BLOCK_K"] == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def check_out(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
-    """A caller's output: [M, N] in x's dtype and device, unit stride along N (any row stride, e.g. a
-    column slice of a wider output)."""
-    if out.shape != (x.shape[0], w.shape[0]) or out.dtype != x.dtype or out.device != x.device:
+def check_out(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, fp32_ok: bool = False) -> None:
+    """A caller's output: [M, N] in x's dtype (or fp32 where ``fp32_ok``: a GEMM's running sum) and device,
+    unit stride along N (any row stride, e.g. a column slice of a wider output)."""
+    dtype_ok = out.dtype == x.dtype or (fp32_ok and out.dtype == torch.float32)
+    if out.shape != (x.shape[0], w.shape[0]) or not dtype_ok or out.device != x.device:
         raise ValueError(f"out must be [{x.shape[0]}, {w.shape[0]}] {x.dtype} on {x.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if out.stride(1) != 1 or out.stride(0) < out.shape[1]:
@@ -233,33 +240,55 @@ def check_out(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-          cfg: triton.Config | None, out: torch.Tensor | None = None) -> torch.Tensor:
+          cfg: triton.Config | None, out: torch.Tensor | None = None,
+          acc: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`gemm` with an optional pinned launch config (tests force each family with it)."""
     check_linear_inputs(x, w, bias)
     if out is None:
         out = torch.empty((x.shape[0], w.shape[0]), device=x.device, dtype=x.dtype)
     else:
-        check_out(x, w, out)
+        check_out(x, w, out, fp32_ok=True)
+    if acc is not None:
+        check_acc(out, acc)
     tma_ok = gemm_tma.eligible(x, w, out)
     if cfg is not None and cfg.kwargs.get("TMA") and not tma_ok:
         raise ValueError("a TMA config needs capability >= 9 (or the interpreter) and 16-byte "
                          "aligned x / w base pointers and row strides")
-    _launch(cfg or _tuned(x, w, bias, out, tma_ok), x, w, bias, out)
+    if cfg is None:  # a first call tunes by writing candidates' outputs: never into a running sum
+        cfg = _tuned(x, w, bias, out if acc is None else torch.empty_like(out), tma_ok)
+    _launch(cfg, x, w, bias, out, acc)
     return out
 
 
+def check_acc(out: torch.Tensor, acc: torch.Tensor) -> None:
+    """A running sum added into a GEMM's output: out's shape and device, a float dtype, unit stride along N,
+    and either out itself or memory apart from it."""
+    if acc.shape != out.shape or acc.device != out.device or acc.dtype not in _DTYPES:
+        raise ValueError(f"acc must be a float [{out.shape[0]}, {out.shape[1]}] tensor on {out.device}, got "
+                         f"{acc.dtype} {tuple(acc.shape)} on {acc.device}")
+    if acc.stride(1) != 1 or acc.stride(0) < acc.shape[1]:
+        raise ValueError(f"acc must have unit stride along N and rows that do not overlap, got {acc.stride()}")
+    same = acc.data_ptr() == out.data_ptr() and acc.stride() == out.stride() and acc.dtype == out.dtype
+    if not same:
+        a0, a1 = acc.data_ptr(), acc.data_ptr() + acc.stride(0) * acc.shape[0] * acc.element_size()
+        o0, o1 = out.data_ptr(), out.data_ptr() + out.stride(0) * out.shape[0] * out.element_size()
+        if a0 < o1 and o0 < a1:
+            raise ValueError("acc must be out itself or not overlap it (another program may write it first)")
+
+
 def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:
     """Tiled tensor-core GEMM for prefill: returns ``x @ w.T + bias`` as [M, N] (written into ``out`` when
     given: [M, N], unit stride along N, any row stride, e.g. a column slice of a wider output).
 
-    x: [M, K] (unit stride along K), w: [N, K] contiguous, bias: [N] or None.
+    x: [M, K] (unit stride along K), w: [N, K] (unit stride along K), bias: [N] or None.
     All inputs share one dtype (bf16/fp16/fp32); accumulation is fp32 and the
-    output has the input dtype.  The first call of a new (M bucket, N, K, dtype,
+    output has the input dtype (a caller's ``out`` may be fp32: a running sum). ``acc`` [M, N] (any float
+    dtype, may be ``out`` itself) is added to the product: a K-chunked product summed chunk by chunk.  The first call of a new (M bucket, N, K, dtype,
     bias) times the pointer kernel's and (Hopper+, aligned operands) the TMA
     kernel's configs and keeps the fastest.
     """
-    return _gemm(x, w, bias, None, out)
+    return _gemm(x, w, bias, None, out, acc)
 
 
 def gemm_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

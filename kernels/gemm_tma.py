@@ -3,7 +3,8 @@
 # against its pointer kernel on CUDA capability >= 9 and calls launch() here.
 #
 # Shapes:  x    [M, K]   row stride x.stride(0), unit stride along K
-#          w    [N, K]   row-major contiguous ([out_features, in_features])
+#          w    [N, K]   row-major, unit stride along K, 16-byte aligned row stride
+#          acc  [M, N]   optional, any float dtype: added to the product before the store (may be out)
 #          bias [N]      contiguous, optional
 #          out  [M, N]   contiguous, dtype of x
 # Dtypes:  bf16 / fp16 / fp32 (all the same); fp32 accumulation; fp32 dots use
@@ -124,9 +125,9 @@ def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
 # at 1,857), and each such value built a kernel in a warmed-up server's pass (H200, session 21)
 @triton.jit(do_not_specialize=["NUM_PROGS"])
 def _gemm_tma_kernel(
-    x_desc, w_desc, o_desc, b_ptr, o_ptr,
-    M, N, K, stride_om, NUM_PROGS,
-    HAS_BIAS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    x_desc, w_desc, o_desc, b_ptr, o_ptr, a_ptr,
+    M, N, K, stride_om, stride_am, NUM_PROGS,
+    HAS_BIAS: tl.constexpr, HAS_ACC: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
@@ -149,6 +150,9 @@ def _gemm_tma_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if HAS_ACC:  # a running sum added in (kernels.gemm's acc), read before the tile is stored
+            acc += tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_n[None, :],
+                           mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0).to(tl.float32)
         c = acc.to(o_ptr.dtype.element_ty)
         if not TMA_STORE:
             mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -166,8 +170,9 @@ def _desc(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
 
 
 def launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-           out: torch.Tensor) -> None:
-    """Run one config of this family into out (the caller checked eligible())."""
+           out: torch.Tensor, acc: torch.Tensor | None = None) -> None:
+    """Run one config of this family into out, plus ``acc`` [M, N] where given (the caller checked
+    eligible())."""
     kw = cfg.kwargs
     (M, K), N = x.shape, w.shape[0]
     bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
@@ -175,12 +180,13 @@ def launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
     progs = tiles
     if kw["PERSISTENT"]:
         progs = min(tiles, _num_sms(x.device.index or 0) if x.is_cuda else _INTERPRET_PROGS)
-    tma_store = (out.stride(0) * out.element_size()) % 16 == 0
+    tma_store = (out.stride(0) * out.element_size()) % 16 == 0 and out.dtype == x.dtype  # fp32 sums: pointer stores
+    # (the shared-memory budget of candidates() counts an epilogue tile of x's element size)
     o_desc = _desc(out, bm, bn // 2 if kw["SUBTILE"] else bn) if tma_store else out
     _gemm_tma_launch[(progs,)](
         _desc(x, bm, bk), _desc(w, bn, bk), o_desc, bias if bias is not None else out, out,
-        M, N, K, out.stride(0), progs,
-        HAS_BIAS=bias is not None, IS_FP32=x.dtype == torch.float32,
+        out if acc is None else acc, M, N, K, out.stride(0), out.stride(0) if acc is None else acc.stride(0), progs,
+        HAS_BIAS=bias is not None, HAS_ACC=acc is not None, IS_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=kw["GROUP_M"], TMA_STORE=tma_store,
         SUBTILE=kw["SUBTILE"], FLATTEN=kw["FLATTEN"], WARP_SPEC=kw["WARP_SPEC"],

@@ -2,7 +2,7 @@
 #
 # Shapes:  x    [..., K]  last dim unit stride; leading dims are flattened to M
 #                         (a copy is made only if they cannot be viewed as one)
-#          w    [N, K]    row-major contiguous ([out_features, in_features])
+#          w    [N, K]    row-major, unit stride along K ([out_features, in_features])
 #          bias [N]       contiguous, optional
 #          out  [..., N]  new contiguous tensor, dtype of x (or the caller's [M, N], any row stride)
 # Dispatch: M <= 64 -> kernels.gemv (weight streaming, decode)
@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import torch
 
-from kernels.gemm import check_linear_inputs, check_out, gemm
+from kernels.gemm import check_acc, check_linear_inputs, check_out, gemm
 from kernels.gemv import gemv
 
 GEMV_MAX_M = 64
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:
     """Apply ``x @ w.T + bias`` with Triton kernels; returns [..., N] in x's dtype.
 
     x: [..., K], w: [N, K] (Hugging Face layout), bias: [N] or None; x, w and
     bias must share one dtype (bf16/fp16/fp32).  Rows M = prod(leading dims)
     go to the GEMV kernel when M <= 64, else to the tiled GEMM. ``out`` (x 2-D only): [M, N] with unit
-    stride along N and any row stride (a column slice of a wider output), written and returned.
+    stride along N and any row stride (a column slice of a wider output), written and returned; it may be fp32
+    where ``acc`` is given. ``acc`` (x 2-D only): [M, N] added to the product (a running sum of K chunks; it
+    may be ``out`` itself).
     """
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., K]")
@@ -37,6 +39,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     check_linear_inputs(x2, w, bias)
+    if acc is not None:
+        if x.dim() != 2:
+            raise ValueError(f"acc needs a 2-D x [M, K], got x{tuple(x.shape)}")
+        out = out if out is not None else torch.empty((x2.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+        check_out(x2, w, out, fp32_ok=True)
+        check_acc(out, acc)
+        if x2.shape[0] <= GEMV_MAX_M:  # a few rows: the GEMV's product, then the sum (torch)
+            return out.copy_(gemv(x2, w, bias).float() + acc.float())
+        return gemm(x2, w, bias, out=out, acc=acc)
     if out is not None:
         if x.dim() != 2:
             raise ValueError(f"out needs a 2-D x [M, K], got x{tuple(x.shape)}")

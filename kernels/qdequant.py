@@ -4,6 +4,7 @@
 # Shapes:  qweight int32 [N, K*BITS/32]  codes packed along K (layout: kernels/quant_common.py)
 #          scales  fp16 / bf16 / fp32 [N, K/G];  zeros (or additive mins) like scales, or None (symmetric)
 #          out     [N, K] bf16 / fp16 / fp32, unit stride along K, any row stride (a slice of a larger tile)
+#          (qweight, scales and zeros / mins may be column slices: any row stride, unit stride along K)
 # Scheme:  memory-bound: one program per [BLOCK_N, BLOCK_K] tile reads its packed words, scales and
 #          zeros once (kernels.quant_common.load_dequant, fp32 registers), casts and stores; the
 #          packed bytes are read once and the dense ones written once.  One fixed launch config (no
@@ -64,8 +65,11 @@ def _check(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
         raise ValueError(f"out must be bf16/fp16/fp32 [{n}, {k}] with unit stride along K, "
                          f"got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("mins", mins)):
-        if t is not None and (t.device != out.device or not t.is_contiguous()):
-            raise ValueError(f"{name} must be contiguous and on out's device ({out.device})")
+        if t is not None and (t.device != out.device or (t.numel() and t.stride(1) != 1)):
+            raise ValueError(f"{name} must have unit stride along K and be on out's device ({out.device})")
+    for name, t in (("zeros", zeros), ("mins", mins)):  # the kernel reads them with the scales' row stride
+        if t is not None and t.stride(0) != scales.stride(0):
+            raise ValueError(f"{name} must have the scales' row stride {scales.stride(0)}, got {t.stride(0)}")
     return k // scales.shape[1]
 
 
@@ -74,7 +78,9 @@ def qdequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
              out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense ``[N, K]`` weight of a packed one (``w = (code - zero) * scale``, or ``code * scale + min``
     with ``mins``; symmetric without either), in ``dtype``, written into ``out`` when given (e.g. rows of
-    a larger tile). Columns stay in packed order (act-order weights: permute x, not the weight)."""
+    a larger tile). Columns stay in packed order (act-order weights: permute x, not the weight). The packed
+    operands may be column slices of wider ones (any row stride, unit stride along K; a slice starting on a
+    group boundary): columns ``c0:c1`` of a weight, a chunked MLP's piece of ``down_proj``."""
     if out is None:
         out = torch.empty((qweight.shape[0], qweight.shape[1] * (32 // bits) if bits in (4, 8) else 0),
                           dtype=dtype, device=qweight.device)

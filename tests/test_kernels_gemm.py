@@ -113,6 +113,51 @@ def test_gemm_families_write_a_column_slice(name: str, col0: int, wide: int) -> 
     assert bool((rest == 7.0).all())
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N", [(70, 40), (97, 45)])  # 45: out rows not 16-byte aligned (pointer stores)
+def test_gemm_families_sum_k_chunks(name: str, dtype: torch.dtype, M: int, N: int) -> None:
+    """A product over K summed chunk by chunk (a chunked MLP's down projection): the weight's column slices
+    (row stride K: not contiguous), the first chunk into an fp32 sum, the middle ones added to it in place, the
+    last added into the output in x's dtype; equal to one GEMM over the whole K."""
+    K, step = 96, 32
+    x, w, b = operands(M, K, N, dtype, True)
+    if name != "pointer" and not TMA_DEVICE:
+        pytest.skip("TMA needs CUDA capability >= 9")
+    total = torch.empty(M, N, dtype=torch.float32, device=DEV)
+    out = torch.full((M, N), 7.0, dtype=dtype, device=DEV)
+    try:
+        _gemm(x[:, :step], w[:, :step], b, FAMILIES[name], out=total)
+        _gemm(x[:, step:2 * step], w[:, step:2 * step], None, FAMILIES[name], out=total, acc=total)
+        _gemm(x[:, 2 * step:], w[:, 2 * step:], None, FAMILIES[name], out=out, acc=total)
+    except Exception as e:  # noqa: BLE001
+        if CUDA and FAMILIES[name].kwargs.get("WARP_SPEC"):
+            pytest.skip(f"warp-specialized config did not compile here: {type(e).__name__}")
+        raise
+    assert rel_err(out, gemm_ref(x, w, b)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("M", [3, 70])  # the GEMV's rows and the GEMM's
+def test_linear_adds_acc(M: int) -> None:
+    """``linear(..., acc=)``: the product plus a running sum, in place or into a new output."""
+    from kernels.linear import linear
+    x, w, b = operands(M, 32, 24, torch.bfloat16, True)
+    acc = rand(M, 24, dtype=torch.float32)
+    want = gemm_ref(x, w, b) + acc
+    assert rel_err(linear(x, w, b, acc=acc), want) < TOL[torch.bfloat16]
+    linear(x, w, b, out=acc, acc=acc)
+    assert rel_err(acc, want) < TOL[torch.bfloat16]
+
+
+def test_gemm_refuses_an_overlapping_or_wrong_acc() -> None:
+    x, w, _ = operands(70, 32, 24, torch.float32, False)
+    big = torch.zeros(70, 48, device=DEV)
+    with pytest.raises(ValueError, match="not overlap"):
+        gemm(x, w, out=big[:, :24], acc=big[:, 8:32])
+    with pytest.raises(ValueError, match="acc must"):
+        gemm(x, w, acc=torch.zeros(70, 23, device=DEV))
+
+
 def test_gemm_and_linear_refuse_a_wrong_out() -> None:
     """A caller's output of the wrong shape, dtype or layout: a ValueError naming what out must be."""
     from kernels.linear import linear

@@ -60,6 +60,24 @@ def test_rows_written_into_a_slice_of_a_wider_tile() -> None:
     assert (tile[:8] == 7).all() and (tile[8 + N:] == 7).all() and (tile[:, K:] == 7).all()
 
 
+@pytest.mark.parametrize("bits,form", [(4, "zeros"), (8, "sym"), (4, "mins")])
+@pytest.mark.parametrize("c0,c1,G", [(128, 384, 128), (0, 256, 64), (96, 288, 96), (256, 512, 256)])
+def test_a_column_slice_of_the_packed_weight(c0: int, c1: int, G: int, bits: int, form: str) -> None:
+    """Columns c0:c1 of a weight from its packed operands' column slices (row strides of the whole weight):
+    the same values as the whole weight's dense columns (a chunked MLP's piece of down_proj)."""
+    N, K, per = 40, 768, 32 // bits
+    if form == "mins":
+        q, s, m = with_mins(N, K, G, bits, torch.float16)
+        z = None
+    else:
+        q, s, z = packed(N, K, G, bits, sym=form == "sym", seed=5)
+        m = None
+    g = slice(c0 // G, c1 // G)
+    out = qdequant(q[:, c0 // per:c1 // per], s[:, g], None if z is None else z[:, g], bits, torch.float32,
+                   mins=None if m is None else m[:, g])
+    torch.testing.assert_close(out, qdequant_ref(q, s, z, bits, m)[:, c0:c1], rtol=1e-6, atol=1e-7)
+
+
 def test_bad_inputs_name_what_to_fix() -> None:
     q, s, z = packed(24, 128, 32, 4, sym=False)
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
@@ -74,6 +92,10 @@ def test_bad_inputs_name_what_to_fix() -> None:
         qdequant(q, s, z, 4, mins=z)
     with pytest.raises(ValueError, match="scales must be"):
         qdequant(q, s[:, :3], None, 4)
+    with pytest.raises(ValueError, match="unit stride along K"):
+        qdequant(q.T.contiguous().T, s, z, 4)
+    with pytest.raises(ValueError, match="row stride"):
+        qdequant(q, s, torch.cat([z, z], 1)[:, :z.shape[1]], 4)
 
 
 @pytest.mark.parametrize("tile_rows", [None, 256, 16])  # one tile; tiles of 256 rows; tiles smaller than 256
