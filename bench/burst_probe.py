@@ -232,6 +232,8 @@ def main() -> None:
     rounds = []
     for r in range(a.rounds):
         prompts = _fresh(llm, jobs, r)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         try:
             rounds.append(burst(llm, prompts))
         except torch.OutOfMemoryError:
@@ -241,6 +243,8 @@ def main() -> None:
             print(f"round {r + 1}: {x['ms']:7.1f} ms (queued after {x['queued_ms']:7.1f}, engine thread CPU {x['cpu_ms']:7.1f})  batch {x['batch']:3d}  tokens {x['tokens']:6d}  "
                   f"first tokens so far {x['first_tokens']}  GC {x['gc_ms']:5.1f} ms ({x['gcs']}, {x['full_gcs']} full)",
                   flush=True)
+        if torch.cuda.is_available():
+            print(f"round {r + 1}: peak {torch.cuda.max_memory_allocated() >> 20} MiB allocated", flush=True)
     from kernels import fastlaunch
     print(f"fastlaunch: {fastlaunch.STATS['direct']} launches direct, {fastlaunch.STATS['triton']} through Triton "
           f"(LAYERSTREAM_FAST_LAUNCH={'on' if fastlaunch._ENABLED else 'off'})", flush=True)

@@ -100,8 +100,10 @@
 #  V  issue 16: stacked prompt slices in one RoPE + append and one attention launch a layer (engine/varlen.py, on
 #     by default since session 45, LAYERSTREAM_VARLEN_PREFILL=0 off): its GPU tests, the in-process burst alternated
 #     off / on, and the served cold burst (1 and 16 clients, one request each) on then off, with the kernels built while serving
-#  S  issue 16: the in-process burst (synthetic 7B AWQ) with units of more rows: S_ORDER "budget:rows" arms
-#     (rows 0: the default, one prefill chunk; else LAYERSTREAM_STACK_ROWS), default "6:0 9:0 9:16384 9:0 9:16384"
+#  S  issue 16: the in-process burst (synthetic 7B AWQ) with units of more rows: S_ORDER "budget:rows[:pieces]" arms
+#     (rows 0: the default, one prefill chunk; else LAYERSTREAM_STACK_ROWS; pieces: LAYERSTREAM_MLP_PIECES, the MLP
+#     of a longer unit in that many pieces, engine/mlp_chunks.py), default "6:0 9:0 9:16384 9:0 9:16384";
+#     S_TESTS=1: first the GPU tests of the pieces' kernels and loop
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -455,11 +457,15 @@ if [[ $steps == *V* ]]; then  # stacked prompt slices in one launch each (engine
 save; fi
 if [[ $steps == *S* ]]; then  # issue 16: the burst's passes with units of more rows (LAYERSTREAM_STACK_ROWS), the bound
   awq_7b                      # on what one unit a pass (no repeated dequantization and GEMMs a unit) gains
-  n=0; for arm in ${S_ORDER:-6:0 9:0 9:16384 9:0 9:16384}; do n=$((n+1)); b=${arm%%:*}; r=${arm##*:}
-    E=; [ "$r" != 0 ] && E=LAYERSTREAM_STACK_ROWS=$r
-    env $E timeout $(left 120) python3 bench/burst_probe.py --model /tmp/q7b-awq --vram-budget ${b}GiB --rounds 3 \
-      --out $R/burst_$n-${b}g-$r.json > $R/burst_$n-${b}g-$r.txt 2>&1; echo "${b}GiB stack $r ($n) rc=$?"
-    grep -E "^plan|^round" $R/burst_$n-${b}g-$r.txt | cut -c1-120
+  [ -n "${S_TESTS:-}" ] && { timeout $(left 200) python3 -m pytest -q -p no:cacheprovider tests/test_mlp_chunks.py \
+    tests/test_kernels_gemm.py tests/test_kernels_qdequant.py -k "sum_k or adds_acc or overlapping or column_slice or \
+    pieces" > $R/pytest_pieces.txt 2>&1; echo "pytest rc=$?"; tail -2 $R/pytest_pieces.txt; }
+  n=0; for arm in ${S_ORDER:-6:0 9:0 9:16384 9:0 9:16384}; do n=$((n+1)); IFS=: read -r b r p <<< "$arm"
+    E=(); [ "$r" != 0 ] && E+=(LAYERSTREAM_STACK_ROWS=$r); [ -n "$p" ] && E+=(LAYERSTREAM_MLP_PIECES=$p)
+    env "${E[@]}" timeout $(left 120) python3 bench/burst_probe.py --model /tmp/q7b-awq --vram-budget ${b}GiB \
+      --rounds 3 --out $R/burst_$n-${b}g-$r-$p.json > $R/burst_$n-${b}g-$r-$p.txt 2>&1
+    echo "${b}GiB stack $r pieces ${p:-auto} ($n) rc=$?"
+    grep -E "^plan|^round|Error|peak" $R/burst_$n-${b}g-$r-$p.txt | cut -c1-120
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step

@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine import mlp_chunks
+from engine.mlp_chunks import plan_pieces
+
 if TYPE_CHECKING:
     from engine.config import ModelConfig
     from engine.varlen import VarlenPlan
@@ -134,7 +137,15 @@ class DecoderLayers:
         held.clear()
         o = attn if projected else ops.linear(attn, w["self_attn.o_proj.weight"])
         del attn
+        w_gate_up, w_down, cfg = w["mlp.gate_up_proj.weight"], w["mlp.down_proj.weight"], self.cfg
+        rows = o.numel() // cfg.hidden_size
+        parts = plan_pieces(ops, rows, w_gate_up, w_down, cfg.hidden_size, cfg.intermediate_size, o.element_size())
+        if parts is not None:  # a long stack: the intermediate in pieces (engine/mlp_chunks.py)
+            x, residual = ops.add_rmsnorm(o, residual, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
+            del o
+            out = mlp_chunks.run(ops, x.reshape(rows, -1), w_gate_up, w_down, parts, cfg.intermediate_size)
+            return out.view(x.shape), residual
         gate_up, residual = ops.add_rmsnorm_linear(o, residual, w["post_attention_layernorm.weight"],
-                                                   self.cfg.rms_norm_eps, w["mlp.gate_up_proj.weight"])
+                                                   cfg.rms_norm_eps, w_gate_up)
         del o
-        return ops.swiglu_linear(gate_up, w["mlp.down_proj.weight"]), residual
+        return ops.swiglu_linear(gate_up, w_down), residual

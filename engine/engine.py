@@ -27,6 +27,7 @@ from engine.lane_guard import keep_host_rate
 from engine.host_worker import machine_pick, run_pinned
 from engine.kv_cache import KVCache
 from engine.layout import expected_tensors
+from engine.mlp_chunks import mlp_budget
 from engine.model import Model
 from engine.ops import make_ops
 from engine.preflight import Machine, PlanBytes, fit_loading, host_lane_ram
@@ -187,6 +188,7 @@ class Engine:
         opts.prefill_chunk = self.plan.prefill_chunk  # lower than asked only with prefill_chunk_auto (a plan note)
         if self.plan.scratch_bytes:
             self.ops.use_scratch(self.plan.scratch_bytes)  # the dense tile of packed layers the plan holds
+        self.ops.mlp_budget = mlp_budget(self.cfg, opts.prefill_chunk, self.dtype.itemsize)  # longer stacks: pieces
         self.load_threads = fit_loading(PlanBytes.of(self.plan), Machine.probe(self.device.type), opts.threads,
                                         opts.host_budget is not None and not opts.host_budget_auto)
         self.cap = None  # set before the first weight reaches the GPU; released by close()

@@ -31,6 +31,7 @@ class TorchOps:
     _scratch = 0  # bytes of a prefill's dense tile of packed layers (TritonOps; torch widens a whole weight)
 
     _tile: torch.Tensor | None = None  # the dense tile's buffer (TritonOps: allocated at the first long chunk, kept)
+    mlp_budget: tuple[int, int] | None = None  # (rows, bytes): longer stacks' MLPs run in pieces (engine/mlp_chunks.py)
 
     def use_scratch(self, nbytes: int) -> None:
         """Decode packed layers for a prefill's GEMM into dense tiles of at most ``nbytes`` (the plan's)."""

@@ -25,7 +25,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     bias must share one dtype (bf16/fp16/fp32).  Rows M = prod(leading dims)
     go to the GEMV kernel when M <= 64, else to the tiled GEMM. ``out`` (x 2-D only): [M, N] with unit
     stride along N and any row stride (a column slice of a wider output), written and returned; it may be fp32
-    where ``acc`` is given. ``acc`` (x 2-D only): [M, N] added to the product (a running sum of K chunks; it
+    (a running sum). ``acc`` (x 2-D only): [M, N] added to the product (a running sum of K chunks; it
     may be ``out`` itself).
     """
     if x.dim() < 1:
@@ -51,7 +51,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     if out is not None:
         if x.dim() != 2:
             raise ValueError(f"out needs a 2-D x [M, K], got x{tuple(x.shape)}")
-        check_out(x2, w, out)
+        check_out(x2, w, out, fp32_ok=True)
         return out.copy_(gemv(x2, w, bias)) if x2.shape[0] <= GEMV_MAX_M else gemm(x2, w, bias, out=out)
     fn = gemv if x2.shape[0] <= GEMV_MAX_M else gemm
     return fn(x2, w, bias).view(*lead, w.shape[0])

@@ -129,6 +129,22 @@ class QuantWeight:
         return QuantWeight(self.qweight[sl], self.scales[sl], None if self.zeros is None else self.zeros[sl],
                            self.perm, self.spec, self.in_features, None if self.mins is None else self.mins[sl])
 
+    def col_slice(self, start: int, stop: int) -> QuantWeight:
+        """Input columns ``start:stop`` as a weight of their own (views: row strides of this one's tensors): a
+        weight without act order, ``start`` and ``stop`` on group boundaries (``stop`` may be K; per channel: any
+        packed word)."""
+        per, k = 32 // self.spec.bits, self.in_features
+        g = k if self.spec.group_size == -1 else self.group_size
+        assert self.perm is None and 0 <= start < stop <= k and start % per == 0, (start, stop, per)
+        q = slice(start // per, -(-stop // per))
+        if self.spec.group_size == -1:  # one scale a row: the slice keeps it
+            gs = slice(None)
+        else:
+            assert start % g == 0 and (stop % g == 0 or stop == k), (start, stop, g)
+            gs = slice(start // g, -(-stop // g))
+        return QuantWeight(self.qweight[:, q], self.scales[:, gs], None if self.zeros is None else self.zeros[:, gs],
+                           None, self.spec, stop - start, None if self.mins is None else self.mins[:, gs])
+
     def check(self, name: str = "weight") -> None:
         """Raise ValueError (naming ``name``) unless every tensor has the canonical shape and dtype."""
         check_canonical(name, self.qweight, self.scales, self.zeros, self.perm, self.spec, self.in_features,
