@@ -76,8 +76,7 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
     modules += [Module(f"layers.{i}", "layer", layer_bytes[i], files[i]) for i in range(cfg.num_hidden_layers)]
     modules += [Module("norm", "norm", cfg.hidden_size * size, tb["model.norm.weight"]),
                 Module("lm_head", "lm_head", head, head_file)]
-    # per prefill token: ~6 hidden-sized tensors, fused qkv, attention output, gate_up and the SwiGLU output
-    act = 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + cfg.q_size + 3 * cfg.intermediate_size
+    act = act_elements_per_token(cfg)
     tile = dequant_scratch_range(widest_projection(cfg) * size) if quant is not None else (0, 0)
     return Footprint(
         modules=tuple(modules), rows=cfg.vocab_size, tied=cfg.tie_word_embeddings,
@@ -89,6 +88,12 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, tensor_bytes: dict[str, int]
         dtype=str(dtype).removeprefix("torch.") + (f", {quant.label}" if quant else ""),
         scratch_bytes=tile[0], scratch_max_bytes=tile[1],  # a prefill's dense tile of packed layers
         dtype_bytes=size)
+
+
+def act_elements_per_token(cfg: ModelConfig) -> int:
+    """Activation elements the plan holds per prefill token: ~6 hidden-sized tensors, fused qkv, the attention
+    output, gate_up and the SwiGLU output."""
+    return 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + cfg.q_size + 3 * cfg.intermediate_size
 
 
 def fused_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:

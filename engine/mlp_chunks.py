@@ -30,18 +30,37 @@ from engine.quant.spec import QuantWeight
 
 ALIGN = 128  # piece boundaries: a multiple of this and of a packed down_proj's group
 FP32_SUM = 4  # bytes a row a hidden column: the running sum
+MOST_PIECES = 4  # a stack holds as many rows as its MLP in this many pieces allows (each piece: 6 launches a layer)
 
 
 def mlp_budget(cfg, rows: int, esize: int) -> tuple[int, int]:
     """``ops.mlp_budget`` for prompt chunks of ``rows`` rows: stacks of up to ``rows`` run their MLP whole; longer
-    ones in pieces within what a whole chunk's MLP holds at its peak (gate_up, the SwiGLU's output and 4 x hidden:
-    the layer's input and residual, the new residual and the output), or ``LAYERSTREAM_MLP_BYTES`` (an A/B)."""
-    whole = rows * esize * (3 * cfg.intermediate_size + 4 * cfg.hidden_size)
+    ones in pieces within the activations the plan holds for one chunk (``engine.footprint``'s per-token count),
+    or ``LAYERSTREAM_MLP_BYTES`` (an A/B)."""
+    from engine.footprint import act_elements_per_token
+    whole = rows * esize * act_elements_per_token(cfg)
     text = os.environ.get("LAYERSTREAM_MLP_BYTES")
     if text:
         from memory.units import parse_size
         whole = parse_size(text)
     return rows, whole
+
+
+def unit_rows(budget: tuple[int, int], hidden: int, inter: int, esize: int, most: int = MOST_PIECES) -> int:
+    """The rows a stack may hold with its MLP in at most ``most`` pieces within ``budget`` (``plan_pieces``'s
+    bytes a row), a multiple of 64, never fewer than the budget's whole rows."""
+    per_row = 5 * hidden * esize + FP32_SUM * hidden + 3 * esize * -(-inter // most)
+    return max(budget[0], budget[1] // per_row // 64 * 64)
+
+
+def stack_rows(engine) -> int:
+    """The rows a served pass stacks into one unit: ``unit_rows`` where every layer's MLP may run in pieces (dense
+    or packed without act order, not GGUF blocks), else one prompt chunk."""
+    chunk, budget, quant = engine.opts.prefill_chunk, engine.ops.mlp_budget, engine.quant
+    if budget is None or (quant is not None and (quant.act_order or quant.native)):
+        return chunk
+    cfg = engine.cfg
+    return unit_rows(budget, cfg.hidden_size, cfg.intermediate_size, engine.dtype.itemsize)
 
 
 def chunkable(w_gate_up, w_down) -> bool:

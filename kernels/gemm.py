@@ -254,8 +254,9 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     if cfg is not None and cfg.kwargs.get("TMA") and not tma_ok:
         raise ValueError("a TMA config needs capability >= 9 (or the interpreter) and 16-byte "
                          "aligned x / w base pointers and row strides")
-    if cfg is None:  # a first call tunes by writing candidates' outputs: never into a running sum
-        cfg = _tuned(x, w, bias, out if acc is None else torch.empty_like(out), tma_ok)
+    if cfg is None:  # a first call tunes by writing candidates' outputs: never into a running sum (an fp32 scratch:
+        # the pointer-stored epilogue the sum's launches run, gemm_tma.launch)
+        cfg = _tuned(x, w, bias, out if acc is None else torch.empty_like(out, dtype=torch.float32), tma_ok)
     _launch(cfg, x, w, bias, out, acc)
     return out
 

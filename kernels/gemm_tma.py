@@ -180,8 +180,11 @@ def launch(cfg: triton.Config, x: torch.Tensor, w: torch.Tensor, bias: torch.Ten
     progs = tiles
     if kw["PERSISTENT"]:
         progs = min(tiles, _num_sms(x.device.index or 0) if x.is_cuda else _INTERPRET_PROGS)
-    tma_store = (out.stride(0) * out.element_size()) % 16 == 0 and out.dtype == x.dtype  # fp32 sums: pointer stores
-    # (the shared-memory budget of candidates() counts an epilogue tile of x's element size)
+    # a running sum (acc, or an fp32 out) stores through pointers: candidates() budgets shared memory for an epilogue
+    # tile of x's element size, and the tuner times such a call with an fp32 out (kernels.gemm._gemm), so every
+    # piece of a K-chunked product runs the epilogue its config was timed with (a TMA store beside the acc load
+    # asked 344 KB of shared memory on an H100: bench/results/2026-12-06-h100-s46/call2)
+    tma_store = (out.stride(0) * out.element_size()) % 16 == 0 and out.dtype == x.dtype and acc is None
     o_desc = _desc(out, bm, bn // 2 if kw["SUBTILE"] else bn) if tma_store else out
     _gemm_tma_launch[(progs,)](
         _desc(x, bm, bk), _desc(w, bn, bk), o_desc, bias if bias is not None else out, out,

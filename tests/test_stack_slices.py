@@ -68,10 +68,15 @@ def test_slices_cover_each_prompt_in_order_and_never_make_more_units(seed):
 
 
 @pytest.mark.parametrize("states", ["vram", "host"])
-def test_served_prompts_cut_across_stacks_get_their_tokens_alone(tiny_qwen2_dir, monkeypatch, states):
+@pytest.mark.parametrize("stacks", ["chunk", "pieces"])
+def test_served_prompts_cut_across_stacks_get_their_tokens_alone(tiny_qwen2_dir, monkeypatch, states, stacks):
     """A streamed pass (CPU, fp32, a budget that streams layers) of four prompts of 30 tokens with 48-token
-    chunks: 3 units instead of 4, and every request its own greedy tokens."""
+    chunks: stacks of one chunk, 3 units instead of 4; stacks as long as the MLP in pieces allows
+    (engine/mlp_chunks.py), 2 units; every request its own greedy tokens."""
     import torch
+
+    if stacks == "chunk":
+        monkeypatch.setattr("engine.serving.runner.stack_rows", lambda eng: eng.opts.prefill_chunk)
 
     from tests.helpers import min_budget
     single = make_engine(tiny_qwen2_dir, batch=1, max_context=128)
@@ -92,7 +97,8 @@ def test_served_prompts_cut_across_stacks_get_their_tokens_alone(tiny_qwen2_dir,
             sched.add(s)
         while not all(s.finished for s in seqs):
             sched.step()
-        assert units[0] == [2, 2, 1]  # slices 30+18 | 12+30 | 30 (each prompt alone before: four units)
+        # one chunk a stack: slices 30+18 | 12+30 | 30 (each prompt alone before: four units); in pieces: 96 rows
+        assert units[0] == ([2, 2, 1] if stacks == "chunk" else [2, 2]), units[0]
         for p, s in zip(prompts, seqs):
             assert s.output_ids == alone(single, p, 4)
     finally:
