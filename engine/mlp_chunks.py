@@ -97,8 +97,9 @@ def plan_pieces(ops, rows: int, w_gate_up, w_down, hidden: int, inter: int,
     forced = os.environ.get("LAYERSTREAM_MLP_PIECES")
     if forced:
         cols = -(-inter // max(1, int(forced)))
-    else:
-        cols = (budget[1] // rows - 5 * hidden * esize - FP32_SUM * hidden) // (3 * esize)
+    else:  # MOST_PIECES pieces where the bytes allow (one set of GEMM shapes: the warm-up tunes them), else more
+        room = (budget[1] // rows - 5 * hidden * esize - FP32_SUM * hidden) // (3 * esize)
+        cols = min(-(-inter // MOST_PIECES), room)
     tile = getattr(ops, "_scratch", 0)
     if isinstance(w_gate_up, QuantWeight) and tile:  # gate_up's two row ranges widened into the dense tile
         cols = min(cols, tile // (2 * hidden * esize) // align * align)

@@ -45,7 +45,8 @@ def test_plan_pieces_from_the_budget(monkeypatch):
     assert plan_pieces(_Ops(None), 6647, w_gu, w_d, 3584, 18944, 2) is None  # no budget: whole
     assert plan_pieces(_Ops(budget), 2048, w_gu, w_d, 3584, 18944, 2) is None  # a chunk's rows: whole
     assert len(plan_pieces(_Ops(budget), 6647, w_gu, w_d, 3584, 18944, 2)) == 4
-    assert len(plan_pieces(_Ops(budget), 4000, w_gu, w_d, 3584, 18944, 2)) < 4  # fewer rows: wider pieces
+    assert len(plan_pieces(_Ops(budget), 4000, w_gu, w_d, 3584, 18944, 2)) == 4  # fewer rows: the same 4 (shapes)
+    assert len(plan_pieces(_Ops(budget), 8000, w_gu, w_d, 3584, 18944, 2)) > 4  # more: narrower, within the bytes
     monkeypatch.setenv("LAYERSTREAM_MLP_PIECES", "6")
     assert len(plan_pieces(_Ops(budget), 6647, w_gu, w_d, 3584, 18944, 2)) == 6
     spec = QuantSpec(bits=4, group_size=128, sym=False, fmt="awq")
