@@ -104,6 +104,8 @@
 #     (rows 0: the default, one prefill chunk; else LAYERSTREAM_STACK_ROWS; pieces: LAYERSTREAM_MLP_PIECES, the MLP
 #     of a longer unit in that many pieces, engine/mlp_chunks.py), default "6:0 9:0 9:16384 9:0 9:16384";
 #     S_TESTS=1: first the GPU tests of the pieces' kernels and loop
+#  I  issue 16: served stacks as long as the MLP in pieces allows (the default since session 46) against one chunk a
+#     stack (LAYERSTREAM_STACK_ROWS=2048): the in-process burst, then the served cold burst (1 and 16 clients)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -115,7 +117,7 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVS]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVSI]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -466,6 +468,25 @@ if [[ $steps == *S* ]]; then  # issue 16: the burst's passes with units of more 
       --rounds 3 --out $R/burst_$n-${b}g-$r-$p.json > $R/burst_$n-${b}g-$r-$p.txt 2>&1
     echo "${b}GiB stack $r pieces ${p:-auto} ($n) rc=$?"
     grep -E "^plan|^round|Error|peak" $R/burst_$n-${b}g-$r-$p.txt | cut -c1-120
+  done
+save; fi
+if [[ $steps == *I* ]]; then  # issue 16: served stacks longer than a chunk (their MLP in pieces) against one chunk
+  awq_7b
+  n=0; for r in ${I_ORDER:-auto 2048}; do n=$((n+1))  # the in-process burst
+    E=(); [ "$r" != auto ] && E+=(LAYERSTREAM_STACK_ROWS=$r)
+    env "${E[@]}" timeout $(left 100) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 \
+      --out $R/burst_$n-$r.json > $R/burst_$n-$r.txt 2>&1; echo "burst stack $r rc=$?"
+    grep -E "^warm|^round|out of device" $R/burst_$n-$r.txt | cut -c1-120
+  done
+  for r in ${I_ORDER:-auto 2048}; do  # the served cold burst (each client one request): TTFT, kernels built serving
+    E=(); [ "$r" != auto ] && E+=(LAYERSTREAM_STACK_ROWS=$r)
+    S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_$r.jsonl"
+    env "${E[@]}" timeout $(left 150) python3 -m tools.bench_serve --serve "$S" --clients 1,16 \
+      --requests-per-client 1 --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_$r.json \
+      > $R/bench_serve_$r.log 2>&1; echo "serve stack $r rc=$?"; grep "clients:" $R/bench_serve_$r.log
+    python3 -m tools.ttft_breakdown $R/serve_$r.json $R/steps_$r.jsonl --config server \
+      > $R/ttft_$r.txt 2>&1; grep -E "TTFT p50|target" $R/ttft_$r.txt
+    python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('kernels built after the first step:', sum(x['compiles'] for x in r[1:]))" $R/steps_$r.jsonl
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
