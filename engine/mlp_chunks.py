@@ -54,9 +54,14 @@ def unit_rows(budget: tuple[int, int], hidden: int, inter: int, esize: int, most
 
 
 def stack_rows(engine) -> int:
-    """The rows a served pass stacks into one unit: ``unit_rows`` where every layer's MLP may run in pieces (dense
-    or packed without act order, not GGUF blocks), else one prompt chunk."""
+    """The rows a served pass stacks into one unit: with ``LAYERSTREAM_STACK_PIECES=1``, ``unit_rows`` where every
+    layer's MLP may run in pieces (dense or packed without act order, not GGUF blocks); else one prompt chunk.
+    Opt-in: on an H100 (bench/results/2026-12-06-h100-s46/call3) the 7B AWQ's in-process burst ran its first pass
+    in 235 ms against 233 (its second 382 against 431), the served cold 16-client TTFT p50 288 ms against 379, but
+    a fresh machine's warm-up spent 40 s more tuning the pieces' GEMMs and the served burst still built 4 kernels."""
     chunk, budget, quant = engine.opts.prefill_chunk, engine.ops.mlp_budget, engine.quant
+    if os.environ.get("LAYERSTREAM_STACK_PIECES", "0") != "1":
+        return chunk
     if budget is None or (quant is not None and (quant.act_order or quant.native)):
         return chunk
     cfg = engine.cfg

@@ -137,11 +137,10 @@ def test_warm_up_runs_its_shapes_and_leaves_nothing(tiny_qwen2_dir, monkeypatch,
     report = warm_up(sched)
     monkeypatch.undo()
     try:
-        from engine.mlp_chunks import stack_rows
-        assert stack_rows(eng) > 256  # stacks longer than a chunk: their MLPs in pieces
-        assert not stacked and sched.runner.stack_rows == stack_rows(eng)  # stacking back on for the served passes
-        # a stack longer than a chunk (served passes only stack where layers stream: none here)
-        assert warmup.piece_steps(4, 256, 512, stack_rows(eng)) == [warmup.WarmStep(False, 0, 0, 0, (256, 256))]
+        assert not stacked and sched.runner.stack_rows == 256  # stacking back on for the served passes
+        # a stack longer than a chunk (LAYERSTREAM_STACK_PIECES=1; served passes stack only where layers stream)
+        assert warmup.piece_steps(4, 256, 512, 512) == [warmup.WarmStep(False, 0, 0, 0, (256, 256))]
+        assert warmup.piece_steps(4, 256, 512, 256) == []
         assert report.steps == plan_warmup(4, 256, 512, eager_decode=True, dry=True,
                                            block_size=int(kv.split("-")[1]) if paged else None)
         assert not report.skipped and any(s.dry for s in report.steps)

@@ -75,8 +75,7 @@ def test_served_prompts_cut_across_stacks_get_their_tokens_alone(tiny_qwen2_dir,
     (engine/mlp_chunks.py), 2 units; every request its own greedy tokens."""
     import torch
 
-    if stacks == "chunk":
-        monkeypatch.setattr("engine.serving.runner.stack_rows", lambda eng: eng.opts.prefill_chunk)
+    monkeypatch.setenv("LAYERSTREAM_STACK_PIECES", "1" if stacks == "pieces" else "0")
 
     from tests.helpers import min_budget
     single = make_engine(tiny_qwen2_dir, batch=1, max_context=128)

@@ -81,9 +81,9 @@ class ModelRunner:
         # sized): fewer launches, and a packed weight widened once for all of them
         # (LAYERSTREAM_STACK_PROMPTS=packed: engine.stacking's packing, the decode group stacked too: off, served
         # it was slower than the default in every pair of sessions 28 and 29; 0: none)
-        # A stack holds more rows than a chunk where its MLP may run in pieces (engine/mlp_chunks.py): each unit
-        # costs every layer its launches again (H100, the 7B AWQ's burst: one unit of 6,647 rows 218-235 ms a
-        # first pass, units of 2,048 341-415 ms; bench/results/2026-12-06-h100-s46)
+        # A stack holds one chunk, or (LAYERSTREAM_STACK_PIECES=1) as many rows as its MLP in pieces allows
+        # (engine/mlp_chunks.py): each unit costs every layer its launches again (H100, the 7B AWQ's burst: one
+        # unit of 6,647 rows 218-235 ms a first pass, units of 2,048 341-415 ms; bench/results/2026-12-06-h100-s46)
         stack = os.environ.get("LAYERSTREAM_STACK_PROMPTS", "order")
         self.stack_rows = stack_rows(engine) if stack != "0" else 0
         if stack != "0" and os.environ.get("LAYERSTREAM_STACK_ROWS"):  # an A/B: units of more (or fewer) rows
