@@ -104,8 +104,9 @@
 #     (rows 0: the default, one prefill chunk; else LAYERSTREAM_STACK_ROWS; pieces: LAYERSTREAM_MLP_PIECES, the MLP
 #     of a longer unit in that many pieces, engine/mlp_chunks.py), default "6:0 9:0 9:16384 9:0 9:16384";
 #     S_TESTS=1: first the GPU tests of the pieces' kernels and loop
-#  I  issue 16: served stacks as long as the MLP in pieces allows (the default since session 46) against one chunk a
-#     stack (LAYERSTREAM_STACK_ROWS=2048): the in-process burst, then the served cold burst (1 and 16 clients)
+#  I  issue 16: a pass's prompts as one unit, its MLP in pieces (LAYERSTREAM_STACK_PIECES=1), against units of one
+#     chunk: the in-process burst (I_ORDER, default "pieces chunk pieces"), then the served cold burst (1 and 16
+#     clients, I_SERVE, default "pieces chunk")
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -470,23 +471,23 @@ if [[ $steps == *S* ]]; then  # issue 16: the burst's passes with units of more 
     grep -E "^plan|^round|Error|peak" $R/burst_$n-${b}g-$r-$p.txt | cut -c1-120
   done
 save; fi
-if [[ $steps == *I* ]]; then  # issue 16: served stacks longer than a chunk (their MLP in pieces) against one chunk
+if [[ $steps == *I* ]]; then  # issue 16: a pass's prompts as one unit (their MLP in pieces) against chunk units
   awq_7b
-  n=0; for r in ${I_ORDER:-auto 2048}; do n=$((n+1))  # the in-process burst
-    E=(); [ "$r" != auto ] && E+=(LAYERSTREAM_STACK_ROWS=$r)
-    env "${E[@]}" timeout $(left 100) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 \
-      --out $R/burst_$n-$r.json > $R/burst_$n-$r.txt 2>&1; echo "burst stack $r rc=$?"
+  n=0; for r in ${I_ORDER:-pieces chunk pieces}; do n=$((n+1))  # the in-process burst
+    E=(LAYERSTREAM_STACK_PIECES=0); [ "$r" = pieces ] && E=(LAYERSTREAM_STACK_PIECES=1)
+    env "${E[@]}" timeout $(left 110) python3 bench/burst_probe.py --model /tmp/q7b-awq --rounds 2 \
+      --out $R/burst_$n-$r.json > $R/burst_$n-$r.txt 2>&1; echo "burst $r rc=$?"
     grep -E "^warm|^round|out of device" $R/burst_$n-$r.txt | cut -c1-120
   done
-  for r in ${I_ORDER:-auto 2048}; do  # the served cold burst (each client one request): TTFT, kernels built serving
-    E=(); [ "$r" != auto ] && E+=(LAYERSTREAM_STACK_ROWS=$r)
+  for r in ${I_SERVE:-pieces chunk}; do  # the served cold burst (each client one request): TTFT, kernels built serving
+    E=(LAYERSTREAM_STACK_PIECES=0); [ "$r" = pieces ] && E=(LAYERSTREAM_STACK_PIECES=1)
     S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_$r.jsonl"
     env "${E[@]}" timeout $(left 150) python3 -m tools.bench_serve --serve "$S" --clients 1,16 \
       --requests-per-client 1 --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_$r.json \
-      > $R/bench_serve_$r.log 2>&1; echo "serve stack $r rc=$?"; grep "clients:" $R/bench_serve_$r.log
+      > $R/bench_serve_$r.log 2>&1; echo "serve $r rc=$?"; grep "clients:" $R/bench_serve_$r.log
     python3 -m tools.ttft_breakdown $R/serve_$r.json $R/steps_$r.jsonl --config server \
       > $R/ttft_$r.txt 2>&1; grep -E "TTFT p50|target" $R/ttft_$r.txt
-    python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('kernels built after the first step:', sum(x['compiles'] for x in r[1:]))" $R/steps_$r.jsonl
+    python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('kernels built after the first step:', sum(x['compiles'] for x in r[1:]), 'peak MiB', max(x['peak_mib'] for x in r))" $R/steps_$r.jsonl
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step

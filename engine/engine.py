@@ -188,7 +188,8 @@ class Engine:
         opts.prefill_chunk = self.plan.prefill_chunk  # lower than asked only with prefill_chunk_auto (a plan note)
         if self.plan.scratch_bytes:
             self.ops.use_scratch(self.plan.scratch_bytes)  # the dense tile of packed layers the plan holds
-        self.ops.mlp_budget = mlp_budget(self.cfg, opts.prefill_chunk, self.dtype.itemsize)  # longer stacks: pieces
+        self.ops.mlp_budget = mlp_budget(self.cfg, opts.prefill_chunk, self.dtype.itemsize,  # longer stacks: pieces
+                                         self.plan.prefill_state_bytes)
         self.load_threads = fit_loading(PlanBytes.of(self.plan), Machine.probe(self.device.type), opts.threads,
                                         opts.host_budget is not None and not opts.host_budget_auto)
         self.cap = None  # set before the first weight reaches the GPU; released by close()

@@ -30,15 +30,20 @@ from engine.quant.spec import QuantWeight
 
 ALIGN = 128  # piece boundaries: a multiple of this and of a packed down_proj's group
 FP32_SUM = 4  # bytes a row a hidden column: the running sum
-MOST_PIECES = 4  # a stack holds as many rows as its MLP in this many pieces allows (each piece: 6 launches a layer)
+ROW_HIDDEN = 3  # hidden-sized tensors a row holds beside its pieces: the new residual, the norm's output, the output
+# (the unit's input states wait in parked KV blocks or the plan's VRAM for states). Calibrated on the H100 (session
+# 46, call2): one 6,647-row unit in 4 pieces peaked 141 MiB above units of one chunk; this count says 150
+MOST_PIECES = 6  # a stack holds as many rows as its MLP in this many pieces allows (each piece: 6 launches a layer);
+# 6: the 7B's 6,647-token first burst pass fits one unit at 6 GiB (4 pieces peaked 82 MiB under the cap, session 46)
 
 
-def mlp_budget(cfg, rows: int, esize: int) -> tuple[int, int]:
+def mlp_budget(cfg, rows: int, esize: int, state_bytes: int = 0) -> tuple[int, int]:
     """``ops.mlp_budget`` for prompt chunks of ``rows`` rows: stacks of up to ``rows`` run their MLP whole; longer
-    ones in pieces within the activations the plan holds for one chunk (``engine.footprint``'s per-token count),
-    or ``LAYERSTREAM_MLP_BYTES`` (an A/B)."""
+    ones in pieces within the activations the plan holds for one chunk (``engine.footprint``'s per-token count) and
+    ``state_bytes`` (the plan's VRAM for other prompt states: a pass of one stack has none), or
+    ``LAYERSTREAM_MLP_BYTES`` (an A/B)."""
     from engine.footprint import act_elements_per_token
-    whole = rows * esize * act_elements_per_token(cfg)
+    whole = rows * esize * act_elements_per_token(cfg) + state_bytes
     text = os.environ.get("LAYERSTREAM_MLP_BYTES")
     if text:
         from memory.units import parse_size
@@ -49,21 +54,23 @@ def mlp_budget(cfg, rows: int, esize: int) -> tuple[int, int]:
 def unit_rows(budget: tuple[int, int], hidden: int, inter: int, esize: int, most: int = MOST_PIECES) -> int:
     """The rows a stack may hold with its MLP in at most ``most`` pieces within ``budget`` (``plan_pieces``'s
     bytes a row), a multiple of 64, never fewer than the budget's whole rows."""
-    per_row = 5 * hidden * esize + FP32_SUM * hidden + 3 * esize * -(-inter // most)
+    width = pieces(inter, -(-inter // most), ALIGN)[0]
+    per_row = ROW_HIDDEN * hidden * esize + FP32_SUM * hidden + 3 * esize * (width[1] - width[0])
     return max(budget[0], budget[1] // per_row // 64 * 64)
 
 
-def stack_rows(engine) -> int:
-    """The rows a served pass stacks into one unit: with ``LAYERSTREAM_STACK_PIECES=1``, ``unit_rows`` where every
-    layer's MLP may run in pieces (dense or packed without act order, not GGUF blocks); else one prompt chunk.
-    Opt-in: on an H100 (bench/results/2026-12-06-h100-s46/call3) the 7B AWQ's in-process burst ran its first pass
-    in 235 ms against 233 (its second 382 against 431), the served cold 16-client TTFT p50 288 ms against 379, but
-    a fresh machine's warm-up spent 40 s more tuning the pieces' GEMMs and the served burst still built 4 kernels."""
-    chunk, budget, quant = engine.opts.prefill_chunk, engine.ops.mlp_budget, engine.quant
+def one_unit_rows(engine) -> int:
+    """The prompt rows a served pass may run as one unit, its MLP in pieces (0: none, a pass's units are chunks):
+    with ``LAYERSTREAM_STACK_PIECES=1``, ``unit_rows`` where every layer's MLP may run in pieces (dense or packed
+    without act order, not GGUF blocks). A pass with more prompt rows keeps units of one chunk: several long units
+    need their other states staged (a second burst pass of two 6,656-row units ran out of memory at 6 GiB).
+    Session 46 (bench/results/2026-12-06-h100-s46/call2-3): one 6,656-row unit's first burst pass 218-235 ms against
+    341-415 for chunk units; stacks of 4,480 rows in every pass: a first pass no faster, 4 kernels built serving."""
+    budget, quant = engine.ops.mlp_budget, engine.quant
     if os.environ.get("LAYERSTREAM_STACK_PIECES", "0") != "1":
-        return chunk
+        return 0
     if budget is None or (quant is not None and (quant.act_order or quant.native)):
-        return chunk
+        return 0
     cfg = engine.cfg
     return unit_rows(budget, cfg.hidden_size, cfg.intermediate_size, engine.dtype.itemsize)
 
@@ -93,8 +100,7 @@ def pieces(inter: int, cols: int, align: int) -> list[tuple[int, int]]:
 def plan_pieces(ops, rows: int, w_gate_up, w_down, hidden: int, inter: int,
                 esize: int) -> list[tuple[int, int]] | None:
     """The pieces an MLP of ``rows`` rows runs in (None: whole; see the module docstring). The bytes a row:
-    ``5 x hidden`` (the layer's input and residual, the new residual, the norm's output, the output) in the
-    compute dtype, the fp32 sum, and ``3 x piece`` of gate_up and SwiGLU output."""
+    ``ROW_HIDDEN x hidden`` in the compute dtype, the fp32 sum, and ``3 x piece`` of gate_up and SwiGLU output."""
     budget = getattr(ops, "mlp_budget", None)
     if budget is None or rows <= budget[0] or not chunkable(w_gate_up, w_down):
         return None
@@ -103,7 +109,7 @@ def plan_pieces(ops, rows: int, w_gate_up, w_down, hidden: int, inter: int,
     if forced:
         cols = -(-inter // max(1, int(forced)))
     else:  # MOST_PIECES pieces where the bytes allow (one set of GEMM shapes: the warm-up tunes them), else more
-        room = (budget[1] // rows - 5 * hidden * esize - FP32_SUM * hidden) // (3 * esize)
+        room = (budget[1] // rows - ROW_HIDDEN * hidden * esize - FP32_SUM * hidden) // (3 * esize)
         cols = min(-(-inter // MOST_PIECES), room)
     tile = getattr(ops, "_scratch", 0)
     if isinstance(w_gate_up, QuantWeight) and tile:  # gate_up's two row ranges widened into the dense tile

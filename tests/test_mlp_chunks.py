@@ -40,13 +40,14 @@ class _Ops:
 def test_plan_pieces_from_the_budget(monkeypatch):
     monkeypatch.delenv("LAYERSTREAM_MLP_PIECES", raising=False)
     w_gu, w_d = torch.empty(2 * 18944, 3584), torch.empty(3584, 18944)
-    per_row = 5 * 3584 * 2 + 4 * 3584  # what a row holds besides its pieces
-    budget = (2048, 6647 * (per_row + 3 * 4736 * 2))  # room for 4 pieces at 6,647 rows
+    per_row = 3 * 3584 * 2 + 4 * 3584  # what a row holds besides its pieces (ROW_HIDDEN, the fp32 sum)
+    budget = (2048, 6647 * (per_row + 3 * 3200 * 2))  # room for 6 pieces at 6,647 rows
     assert plan_pieces(_Ops(None), 6647, w_gu, w_d, 3584, 18944, 2) is None  # no budget: whole
     assert plan_pieces(_Ops(budget), 2048, w_gu, w_d, 3584, 18944, 2) is None  # a chunk's rows: whole
-    assert len(plan_pieces(_Ops(budget), 6647, w_gu, w_d, 3584, 18944, 2)) == 4
-    assert len(plan_pieces(_Ops(budget), 4000, w_gu, w_d, 3584, 18944, 2)) == 4  # fewer rows: the same 4 (shapes)
-    assert len(plan_pieces(_Ops(budget), 8000, w_gu, w_d, 3584, 18944, 2)) > 4  # more: narrower, within the bytes
+    assert len(plan_pieces(_Ops(budget), 6647, w_gu, w_d, 3584, 18944, 2)) == mlp_chunks.MOST_PIECES == 6
+    assert len(plan_pieces(_Ops(budget), 4000, w_gu, w_d, 3584, 18944, 2)) == 6  # fewer rows: the same 6 (shapes)
+    assert len(plan_pieces(_Ops(budget), 8000, w_gu, w_d, 3584, 18944, 2)) > 6  # more: narrower, within the bytes
+    assert mlp_chunks.unit_rows(budget, 3584, 18944, 2) == 6592  # 6,647 rows at most, a multiple of 64
     monkeypatch.setenv("LAYERSTREAM_MLP_PIECES", "6")
     assert len(plan_pieces(_Ops(budget), 6647, w_gu, w_d, 3584, 18944, 2)) == 6
     spec = QuantSpec(bits=4, group_size=128, sym=False, fmt="awq")

@@ -139,7 +139,8 @@ def test_warm_up_runs_its_shapes_and_leaves_nothing(tiny_qwen2_dir, monkeypatch,
     try:
         assert not stacked and sched.runner.stack_rows == 256  # stacking back on for the served passes
         # a stack longer than a chunk (LAYERSTREAM_STACK_PIECES=1; served passes stack only where layers stream)
-        assert warmup.piece_steps(4, 256, 512, 512) == [warmup.WarmStep(False, 0, 0, 0, (256, 256))]
+        assert warmup.piece_steps(4, 256, 512, 576) == [warmup.WarmStep(False, 0, 0, 0, (256, 256, 64)),
+                                                        warmup.WarmStep(True, 0, 0, 0, (256, 256, 63))]
         assert warmup.piece_steps(4, 256, 512, 256) == []
         assert report.steps == plan_warmup(4, 256, 512, eager_decode=True, dry=True,
                                            block_size=int(kv.split("-")[1]) if paged else None)

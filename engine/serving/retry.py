@@ -34,12 +34,12 @@ def grouped_retried(runner: ModelRunner, seqs: list[Sequence]) -> tuple[torch.Te
     for s, d in zip(seqs, deferred):
         s.deferred = d
     _release(runner)
-    saved = runner.stack_rows
-    runner.stack_rows = saved // 2
+    saved = runner.stack_rows, runner.one_unit
+    runner.stack_rows, runner.one_unit = saved[0] // 2, 0  # chunk-sized units halved, no pass as one long unit
     try:
         return runner._grouped(seqs)
     finally:
-        runner.stack_rows = saved
+        runner.stack_rows, runner.one_unit = saved
 
 
 def padded_retried(runner: ModelRunner, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:

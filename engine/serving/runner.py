@@ -35,7 +35,7 @@ import torch
 
 from engine.engine import Engine
 from engine.footprint import state_bytes_per_token
-from engine.mlp_chunks import stack_rows
+from engine.mlp_chunks import one_unit_rows
 from engine.model import Group
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
@@ -81,13 +81,16 @@ class ModelRunner:
         # sized): fewer launches, and a packed weight widened once for all of them
         # (LAYERSTREAM_STACK_PROMPTS=packed: engine.stacking's packing, the decode group stacked too: off, served
         # it was slower than the default in every pair of sessions 28 and 29; 0: none)
-        # A stack holds one chunk, or (LAYERSTREAM_STACK_PIECES=1) as many rows as its MLP in pieces allows
-        # (engine/mlp_chunks.py): each unit costs every layer its launches again (H100, the 7B AWQ's burst: one
-        # unit of 6,647 rows 218-235 ms a first pass, units of 2,048 341-415 ms; bench/results/2026-12-06-h100-s46)
+        # A stack holds one chunk; with LAYERSTREAM_STACK_PIECES=1 a pass whose prompt rows fit what the MLP in
+        # pieces allows runs them as one unit (engine/mlp_chunks.py): each unit costs every layer its launches
+        # again (H100, the 7B AWQ's burst: one unit of 6,647 rows 218-235 ms a first pass, units of 2,048 341-415 ms;
+        # bench/results/2026-12-06-h100-s46)
         stack = os.environ.get("LAYERSTREAM_STACK_PROMPTS", "order")
-        self.stack_rows = stack_rows(engine) if stack != "0" else 0
+        self.stack_rows = opts.prefill_chunk if stack != "0" else 0
+        self.one_unit = one_unit_rows(engine) if stack != "0" else 0  # a pass of at most this many prompt rows: one
         if stack != "0" and os.environ.get("LAYERSTREAM_STACK_ROWS"):  # an A/B: units of more (or fewer) rows
             self.stack_rows = int(os.environ["LAYERSTREAM_STACK_ROWS"])
+        self.pass_stack = self.stack_rows  # this pass's: one unit where its prompt rows fit (_slices)
         self.stack_packed = stack == "packed"
         self.fill_stacks = os.environ.get("LAYERSTREAM_FILL_STACKS", "1") != "0"  # 0: slices of a chunk (an A/B)
 
@@ -95,12 +98,12 @@ class ModelRunner:
     def groups_apart(self):
         """Within: every prompt slice its own group and its own projections (no packed slices, no stacking), so
         that each meets its own GEMM row bucket (the warm-up's tuning)."""
-        saved = self.pack_slices, self.stack_rows
-        self.pack_slices, self.stack_rows = False, 0
+        saved = self.pack_slices, self.stack_rows, self.one_unit
+        self.pack_slices, self.stack_rows, self.one_unit = False, 0, 0
         try:
             yield
         finally:
-            self.pack_slices, self.stack_rows = saved
+            self.pack_slices, self.stack_rows, self.one_unit = saved
 
     def reset(self) -> None:
         """Forget the step counters and the shared samplers (after a warm-up's synthetic steps)."""
@@ -206,7 +209,7 @@ class ModelRunner:
         park = (cache.unused_spans(self.paged[1].alloc.free) if host else False) if self.paged else True
         free = stack_free(parts, len(groups) - len(parts)) if self.stack_packed else None
         out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk, host_states=host, park=park,
-                                       stack_rows=self.stack_rows, stack_free=free)
+                                       stack_rows=self.pass_stack, stack_free=free)
         logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
         logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
         return logits, q_lens
@@ -234,10 +237,12 @@ class ModelRunner:
             starts = list(range(s.num_computed, s.num_computed + fed, chunk))
             singles += [[(s, a, chunk)] for a in starts[:-1]]
             lasts.append((s, starts[-1], s.num_computed + fed - starts[-1]))
+        fed = sum(n for g in singles for _, _, n in g) + sum(n for _, _, n in lasts)
+        self.pass_stack = self.one_unit if self.stack_rows and fed <= self.one_unit else self.stack_rows
         if not self.paged or not self.pack_slices:  # slot cache: a group's rows are consecutive rows; the slices
             # cut where the stacks they fill are full
             slices = [x for g in singles for x in g] + lasts
-            return [[x] for x in stack_slices(slices, chunk, self.stack_rows * self.fill_stacks)]
+            return [[x] for x in stack_slices(slices, chunk, self.pass_stack * self.fill_stacks)]
         return singles + [[lasts[i] for i in part] for part in pack_rows([n for _, _, n in lasts], chunk)]
 
     def _slice_group(self, part: list[tuple[Sequence, int, int]]) -> tuple[Group, BindSpec | None]:

@@ -202,16 +202,17 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
         finally:
             _clean(scheduler)
     runner = scheduler.runner  # streamed passes stack their prompts (one chunk a pass otherwise)
-    stacked = piece_steps(eng.opts.batch, eng.opts.prefill_chunk, eng.opts.max_context, runner.stack_rows) \
+    stacked = piece_steps(eng.opts.batch, eng.opts.prefill_chunk, eng.opts.max_context, runner.one_unit) \
         if runner.cost is not None else []
     if stacked:
         saved = runner.cost.budget  # the whole stack in one pass (the learned cost would cut it)
         runner.cost.budget = lambda floor, cap: cap
-        try:  # a stack longer than a chunk, as served: its MLP in pieces (engine/mlp_chunks.py) tunes those GEMMs
+        try:  # a pass as one long unit, as served: its MLP in pieces (engine/mlp_chunks.py) tunes those GEMMs
             t0 = time.perf_counter()
-            for step in stacked:
+            for step in (s for s in stacked if not s.dry):
                 _run(scheduler, step, report)
             report.real_s += time.perf_counter() - t0
+            _run_dry(scheduler, [s for s in stacked if s.dry], report, dry_limit_s)
         finally:
             runner.cost.budget = saved
             _clean(scheduler)
@@ -219,18 +220,23 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
     return report
 
 
-def piece_steps(batch: int, chunk: int, max_context: int, stack_rows: int) -> list[WarmStep]:
-    """A real pass of one stack longer than a chunk (as many slots' chunk-sized slices as ``stack_rows`` holds),
-    where a served pass stacks more rows than a chunk: the MLP in pieces, whose GEMM shapes are one set a model
-    (``engine.mlp_chunks.MOST_PIECES``) and whose rows all fall in the GEMMs' top row bucket."""
+def piece_steps(batch: int, chunk: int, max_context: int, rows: int) -> list[WarmStep]:
+    """Where a served pass of at most ``rows`` prompt rows runs as one unit (``ModelRunner.one_unit``): a real
+    pass of that many rows in chunk-sized slices (its MLP in pieces, whose GEMM shapes are one set a model,
+    ``engine.mlp_chunks.MOST_PIECES``, and whose rows fall in the GEMMs' top row bucket: tuned), then a compile-only
+    one of an odd row count (the kernels' other specialisation of the rows)."""
     eff = max(1, min(chunk, max_context - 1))
-    if stack_rows <= eff or batch < 2:
-        return []
-    slices = [eff] * min(batch, stack_rows // eff)
-    rest = stack_rows - sum(slices)
-    if len(slices) < batch and rest >= 2:
-        slices.append(rest)
-    return [WarmStep(False, 0, 0, 0, tuple(slices))] if sum(slices) > eff else []
+    steps = []
+    for total, dry in ((rows, False), (rows - 1, True)):
+        if total <= eff or batch < 2:
+            return []
+        slices = [eff] * min(batch, total // eff)
+        rest = total - sum(slices)
+        if len(slices) < batch and rest >= 2:
+            slices.append(rest)
+        if sum(slices) > eff:
+            steps.append(WarmStep(dry, 0, 0, 0, tuple(slices)))
+    return steps
 
 
 def _run_planned(scheduler: Scheduler, steps: list[WarmStep], report: WarmupReport, dry_limit_s: float) -> None:
