@@ -1,0 +1,60 @@
+"""Issue 16: the 16-client burst in one process, its arms alternated round by round on the same warm server, so the
+host's speed drift (sessions 30, 46: ~1.4-2x within minutes) falls on every arm alike. Arms: ``chunk`` (units of one
+prompt chunk), ``pieces4`` / ``pieces6`` (a pass whose prompt rows fit as one unit, its MLP in 4 / 6 pieces,
+engine/mlp_chunks.py). Needs LAYERSTREAM_STACK_PIECES=1 (the runner's one-unit rows).
+
+    LAYERSTREAM_STACK_PIECES=1 python bench/unit_ab.py --model DIR [--rounds 4] [--out ab.json]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
+from bench.burst_probe import _fresh, burst  # noqa: E402
+from bench.probe_server import server_parser  # noqa: E402
+from engine import LLM  # noqa: E402
+from engine.serving.warmup import warm_up  # noqa: E402
+from tools.bench_serve import VOCAB, make_jobs  # noqa: E402
+
+ARMS = {"chunk": (False, None), "pieces4": (True, "4"), "pieces6": (True, "6")}
+
+
+def main() -> None:
+    p = server_parser(__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--arms", default="chunk,pieces4,pieces6")
+    p.add_argument("--out")
+    a = p.parse_args()
+    llm = LLM(a.model, vram_budget=a.vram_budget, max_batch=a.max_batch, max_context=a.max_context)
+    runner = llm.scheduler.runner
+    one = runner.one_unit
+    print(f"one unit: {one} rows", flush=True)
+    os.environ["LAYERSTREAM_MLP_PIECES"] = "4"
+    print(warm_up(llm.scheduler).summary(), flush=True)
+    jobs = [job for client in make_jobs(16, 1, (128, 2048), (2, 2), VOCAB, 2) for job in client]
+    out, n = [], 0
+    for r in range(a.rounds + 1):  # round 0: every arm once, untimed (their first shapes)
+        for arm in a.arms.split(","):
+            unit, pieces = ARMS[arm]
+            runner.one_unit = one if unit else 0
+            if pieces:
+                os.environ["LAYERSTREAM_MLP_PIECES"] = pieces
+            torch.cuda.reset_peak_memory_stats()
+            passes = burst(llm, _fresh(llm, jobs, n))
+            n += 1
+            peak = torch.cuda.max_memory_allocated() >> 20
+            line = " ".join(f"{x['ms']:6.1f} ms ({x['tokens']} tokens)" for x in passes)
+            print(f"round {r} {arm:8s} {line} peak {peak} MiB", flush=True)
+            if r:
+                out.append({"round": r, "arm": arm, "passes": passes, "peak_mib": peak})
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
