@@ -1,21 +1,26 @@
-"""The MLP of a long stack of token rows in pieces of its intermediate dimension.
+"""The MLP of a long stack of token rows in pieces of its intermediate dimension (opt-in; measured slower).
 
 A pass's prompt rows run each layer's projections together (``Model.layer_stacked``): every *unit* of rows costs
 every layer its own launches (a norm, each projection's dequantization and GEMM, the SwiGLU), and a served burst
-pass is bound by the host issuing them. Measured on an H100 (bench/results/2026-12-06-h100-s46/call1, the
-synthetic 7B AWQ's 16-prompt burst, 6,647 tokens in its first pass, at 9 GiB): one unit a pass ran it in 167-170 ms
-against 388-434 ms for units of one 2,048-token chunk each. What bounds a unit's rows is the MLP: its gate_up output
-(2 x intermediate a row) and the SwiGLU's (1 x) are 85% of a row's activations.
+pass is bound by the host issuing them. What bounds a unit's rows is the MLP: its gate_up output (2 x intermediate
+a row) and the SwiGLU's (1 x) are 85% of a row's activations.
 
 In pieces, a unit of R rows holds at most R x (3 x piece) of them: for each piece of intermediate columns
 ``j0:j1``, gate_up's rows ``j0:j1`` and ``I + j0:I + j1`` (one GEMM over both), the SwiGLU of that, and
 down_proj's input columns ``j0:j1`` (a K piece) added into an fp32 running sum; the last piece adds the sum into
 the output in the compute dtype. The sum costs one K split (fp32, as a split-K GEMM's), not a rounding a piece.
 
+Measured on an H100 (bench/results/2026-12-06-h100-s46/call5, the synthetic 7B AWQ's 16-prompt burst at 6 GiB, arms
+alternated round by round in one process so that the host's speed drift falls on each alike): its first pass
+(6,647 tokens) as one unit in 6 pieces 273-408 ms against 229-251 ms in units of one 2,048-token chunk; in 4 pieces
+it ran out of memory and was retried. Each piece costs every layer 6 launches, which gives back what fewer units
+save. Separate processes had suggested otherwise (call2: 218-235 against 341-415 ms), but the host's speed moved
+~1.7x within one process (call4). So a served pass takes it only with ``LAYERSTREAM_STACK_PIECES=1``.
+
 Which rows go in pieces: ``ops.mlp_budget`` ``(rows, bytes)``: a stack of at most ``rows`` rows runs whole (the
-plan's prompt chunk); above it, pieces as wide as ``bytes`` allows (:func:`plan_pieces`). A packed ``down_proj``
-with act order (its K in permuted order) or GGUF blocks always run whole. ``LAYERSTREAM_MLP_PIECES=J`` (an A/B):
-J pieces above ``rows``, whatever the bytes.
+plan's prompt chunk); above it, ``MOST_PIECES`` pieces, narrower where ``bytes`` requires (:func:`plan_pieces`).
+A packed ``down_proj`` with act order (its K in permuted order) or GGUF blocks always run whole.
+``LAYERSTREAM_MLP_PIECES=J`` (an A/B): J pieces above ``rows``, whatever the bytes.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ ROW_HIDDEN = 3  # hidden-sized tensors a row holds beside its pieces: the new re
 # (the unit's input states wait in parked KV blocks or the plan's VRAM for states). Calibrated on the H100 (session
 # 46, call2): one 6,647-row unit in 4 pieces peaked 141 MiB above units of one chunk; this count says 150
 MOST_PIECES = 6  # a stack holds as many rows as its MLP in this many pieces allows (each piece: 6 launches a layer);
-# 6: the 7B's 6,647-token first burst pass fits one unit at 6 GiB (4 pieces peaked 82 MiB under the cap, session 46)
+# 6: the 7B's 6,647-token first burst pass fits one unit at 6 GiB (4 pieces ran out of memory: session 46, call5)
 
 
 def mlp_budget(cfg, rows: int, esize: int, state_bytes: int = 0) -> tuple[int, int]:
@@ -64,8 +69,8 @@ def one_unit_rows(engine) -> int:
     with ``LAYERSTREAM_STACK_PIECES=1``, ``unit_rows`` where every layer's MLP may run in pieces (dense or packed
     without act order, not GGUF blocks). A pass with more prompt rows keeps units of one chunk: several long units
     need their other states staged (a second burst pass of two 6,656-row units ran out of memory at 6 GiB).
-    Session 46 (bench/results/2026-12-06-h100-s46/call2-3): one 6,656-row unit's first burst pass 218-235 ms against
-    341-415 for chunk units; stacks of 4,480 rows in every pass: a first pass no faster, 4 kernels built serving."""
+    Opt-in: measured slower than chunk units (module docstring); at 7,488 rows (the 7B at 6 GiB) the warm-up's
+    one-unit pass ran out of memory too (retried in chunk units: bench/results/2026-12-06-h100-s46/call4)."""
     budget, quant = engine.ops.mlp_budget, engine.quant
     if os.environ.get("LAYERSTREAM_STACK_PIECES", "0") != "1":
         return 0

@@ -82,9 +82,8 @@ class ModelRunner:
         # (LAYERSTREAM_STACK_PROMPTS=packed: engine.stacking's packing, the decode group stacked too: off, served
         # it was slower than the default in every pair of sessions 28 and 29; 0: none)
         # A stack holds one chunk; with LAYERSTREAM_STACK_PIECES=1 a pass whose prompt rows fit what the MLP in
-        # pieces allows runs them as one unit (engine/mlp_chunks.py): each unit costs every layer its launches
-        # again (H100, the 7B AWQ's burst: one unit of 6,647 rows 218-235 ms a first pass, units of 2,048 341-415 ms;
-        # bench/results/2026-12-06-h100-s46)
+        # pieces allows runs them as one unit (engine/mlp_chunks.py: measured slower, its pieces' launches giving
+        # back what fewer units save; bench/results/2026-12-06-h100-s46/call5)
         stack = os.environ.get("LAYERSTREAM_STACK_PROMPTS", "order")
         self.stack_rows = opts.prefill_chunk if stack != "0" else 0
         self.one_unit = one_unit_rows(engine) if stack != "0" else 0  # a pass of at most this many prompt rows: one
