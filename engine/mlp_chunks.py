@@ -36,8 +36,9 @@ from engine.quant.spec import QuantWeight
 ALIGN = 128  # piece boundaries: a multiple of this and of a packed down_proj's group
 FP32_SUM = 4  # bytes a row a hidden column: the running sum
 ROW_HIDDEN = 3  # hidden-sized tensors a row holds beside its pieces: the new residual, the norm's output, the output
-# (the unit's input states wait in parked KV blocks or the plan's VRAM for states). Calibrated on the H100 (session
-# 46, call2): one 6,647-row unit in 4 pieces peaked 141 MiB above units of one chunk; this count says 150
+# (the unit's input states wait in parked KV blocks or the plan's VRAM for states). On the H100 (session 46) one
+# 6,647-row unit in 4 pieces peaked 141 MiB above units of one chunk (call2; this count says 150), yet ran out of
+# memory in call5, as did call4's warm-up pass of 7,488 rows in 6: the count is short of such a pass's worst peak
 MOST_PIECES = 6  # a stack holds as many rows as its MLP in this many pieces allows (each piece: 6 launches a layer);
 # 6: the 7B's 6,647-token first burst pass fits one unit at 6 GiB (4 pieces ran out of memory: session 46, call5)
 
