@@ -1,9 +1,11 @@
 """Issue 16: the 16-client burst in one process, its arms alternated round by round on the same warm server, so the
 host's speed drift (sessions 30, 46: ~1.4-2x within minutes) falls on every arm alike. Arms: ``chunk`` (units of one
 prompt chunk), ``pieces4`` / ``pieces6`` (a pass whose prompt rows fit as one unit, its MLP in 4 / 6 pieces,
-engine/mlp_chunks.py). Needs LAYERSTREAM_STACK_PIECES=1 (the runner's one-unit rows).
+engine/mlp_chunks.py; needs LAYERSTREAM_STACK_PIECES=1, the runner's one-unit rows), or ``env:NAME=VALUE[+...]``
+(variables read at each call, e.g. ``env:LAYERSTREAM_VARLEN_PREFILL=0``) and ``runner:ATTR=INT[+...]`` (the
+runner's attributes, e.g. ``runner:fill_stacks=0``), each set for its own round only.
 
-    LAYERSTREAM_STACK_PIECES=1 python bench/unit_ab.py --model DIR [--rounds 4] [--out ab.json]
+    LAYERSTREAM_STACK_PIECES=1 python bench/unit_ab.py --model DIR [--rounds 4] [--arms chunk,pieces6] [--out ab.json]
 """
 from __future__ import annotations
 
@@ -24,10 +26,30 @@ from tools.bench_serve import VOCAB, make_jobs  # noqa: E402
 ARMS = {"chunk": (False, None), "pieces4": (True, "4"), "pieces6": (True, "6")}
 
 
+def _apply(arm: str, runner, one: int):
+    """Set an arm's configuration; returns what undoes it."""
+    kind, _, pairs = arm.partition(":")
+    if kind not in ("env", "runner"):
+        unit, pieces = ARMS[arm]
+        runner.one_unit = one if unit else 0
+        if pieces:
+            os.environ["LAYERSTREAM_MLP_PIECES"] = pieces
+        return lambda: None
+    items = [p.split("=", 1) for p in pairs.split("+")]
+    if kind == "env":
+        saved = {k: os.environ.get(k) for k, _ in items}
+        os.environ.update(dict(items))
+        return lambda: [os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v) for k, v in saved.items()]
+    saved = {k: getattr(runner, k) for k, _ in items}
+    for k, v in items:
+        setattr(runner, k, int(v))
+    return lambda: [setattr(runner, k, v) for k, v in saved.items()]
+
+
 def main() -> None:
     p = server_parser(__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--arms", default="chunk,pieces4,pieces6")
+    p.add_argument("--arms", default="chunk,pieces4,pieces6", help="comma-separated (module docstring)")
     p.add_argument("--out")
     a = p.parse_args()
     llm = LLM(a.model, vram_budget=a.vram_budget, max_batch=a.max_batch, max_context=a.max_context)
@@ -40,12 +62,12 @@ def main() -> None:
     out, n = [], 0
     for r in range(a.rounds + 1):  # round 0: every arm once, untimed (their first shapes)
         for arm in a.arms.split(","):
-            unit, pieces = ARMS[arm]
-            runner.one_unit = one if unit else 0
-            if pieces:
-                os.environ["LAYERSTREAM_MLP_PIECES"] = pieces
+            undo = _apply(arm, runner, one)
             torch.cuda.reset_peak_memory_stats()
-            passes = burst(llm, _fresh(llm, jobs, n))
+            try:
+                passes = burst(llm, _fresh(llm, jobs, n))
+            finally:
+                undo()
             n += 1
             peak = torch.cuda.max_memory_allocated() >> 20
             line = " ".join(f"{x['ms']:6.1f} ms ({x['tokens']} tokens)" for x in passes)
