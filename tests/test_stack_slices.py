@@ -105,3 +105,44 @@ def test_served_prompts_cut_across_stacks_get_their_tokens_alone(tiny_qwen2_dir,
     finally:
         single.close()
         multi.close()
+
+
+def test_the_warm_up_runs_one_long_unit_in_pieces(tiny_qwen2_dir, monkeypatch):
+    """LAYERSTREAM_STACK_PIECES=1 on a streamed engine (CPU): the warm-up runs one real pass of the one-unit rows in
+    chunk-sized slices as one unit, its MLP in pieces, and a compile-only one of an odd row count; afterwards a
+    request still gets its tokens alone."""
+    import torch
+
+    from engine.serving import warmup
+    from tests.helpers import min_budget
+    monkeypatch.setenv("LAYERSTREAM_STACK_PIECES", "1")
+    monkeypatch.setattr(warmup.ahead, "wanted", lambda model: False)  # no compile-only steps but the pieces' own
+    single = make_engine(tiny_qwen2_dir, batch=1, max_context=128)
+    budget = min_budget(single.cfg, torch.float32, batch=4, max_context=128, prefill_chunk=48)
+    multi = make_engine(tiny_qwen2_dir, batch=4, max_context=128, prefill_chunk=48, vram_budget=budget,
+                        prefill_states="vram")
+    units: list[list[int]] = []
+    real = engine.model.stacked_runs
+    monkeypatch.setattr(engine.model, "stacked_runs", lambda *a: units.append([len(r) for r in real(*a)]) or real(*a))
+    pieced = []
+    from engine import mlp_chunks
+    run = mlp_chunks.run
+    monkeypatch.setattr(mlp_chunks, "run", lambda *a: pieced.append(a[1].shape[0]) or run(*a))
+    try:
+        sched = Scheduler(multi)
+        one = sched.runner.one_unit
+        assert one > 48 and multi.plan.streamed_layers
+        report = warmup.warm_up(sched)
+        steps = warmup.piece_steps(4, 48, 128, one)  # the real one ran; the compile-only one needs CUDA
+        assert [s for s in report.steps if s in steps] == steps[:1] and steps[0].slices[0] == 48 and steps[1].dry
+        assert [len(steps[0].slices)] in units  # the real pass: one unit of its slices
+        assert one in pieced  # its MLP in pieces
+        prompt = random_prompts([30], multi.cfg.vocab_size, seed=4)[0]
+        seq = Sequence(prompt, SamplingParams(max_tokens=4), multi.tokenizer)
+        sched.add(seq)
+        while not seq.finished:
+            sched.step()
+        assert seq.output_ids == alone(single, prompt, 4)
+    finally:
+        single.close()
+        multi.close()

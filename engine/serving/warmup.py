@@ -212,7 +212,8 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
             for step in (s for s in stacked if not s.dry):
                 _run(scheduler, step, report)
             report.real_s += time.perf_counter() - t0
-            _run_dry(scheduler, [s for s in stacked if s.dry], report, dry_limit_s)
+            if ahead.wanted(eng.model):  # compile-only passes where compiles run ahead (CUDA, Triton kernels)
+                _run_dry(scheduler, [s for s in stacked if s.dry], report, dry_limit_s)
         finally:
             runner.cost.budget = saved
             _clean(scheduler)
