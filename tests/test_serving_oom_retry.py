@@ -39,11 +39,17 @@ def _each_as_alone(single, prompts, seqs, n: int, fresh=None) -> None:
         fresh.close()
 
 
+@pytest.mark.parametrize("one", [0, 64])
 @pytest.mark.parametrize("kv", ["slots", "paged-16"])
-def test_a_pass_out_of_memory_runs_again_with_smaller_stacks(tiny_qwen2_dir, engines, monkeypatch, caplog, kv):
+def test_a_pass_out_of_memory_runs_again_with_smaller_stacks(tiny_qwen2_dir, engines, monkeypatch, caplog, kv, one):
+    """``one``: a pass whose prompt rows fit one unit (``runner.one_unit``, LAYERSTREAM_STACK_PIECES=1) runs them as
+    one; out of memory, it runs again in half-chunk units (not one unit again), the one-unit rows back after."""
     single, multi = engines
     sched = scheduler_for(kv, tiny_qwen2_dir, multi)
     eng = sched.engine
+    monkeypatch.setattr(sched.runner, "one_unit", one)
+    if one:
+        monkeypatch.setattr(eng.ops, "mlp_budget", None)  # the MLP whole: the failing op is its SwiGLU + down
     stacks = []
     real = eng.model.forward_groups
     monkeypatch.setattr(eng.model, "forward_groups",
@@ -53,30 +59,9 @@ def test_a_pass_out_of_memory_runs_again_with_smaller_stacks(tiny_qwen2_dir, eng
     seqs = [Sequence(p, SamplingParams(max_tokens=5), eng.tokenizer) for p in prompts]
     with caplog.at_level(logging.WARNING, logger="engine.serving.retry"):
         run_all(sched, seqs)
-    assert stacks[:2] == [16, 8] and "ran out of device memory" in caplog.text
-    assert sched.runner.stack_rows == 16  # restored after the retry
+    assert stacks[:2] == [one or 16, 8] and "ran out of device memory" in caplog.text  # 27 prompt rows: one unit
+    assert sched.runner.stack_rows == 16 and sched.runner.one_unit == one  # restored after the retry
     _each_as_alone(single, prompts, seqs, 5, eng if kv != "slots" else None)
-
-
-def test_a_one_unit_pass_out_of_memory_runs_again_in_chunk_units(tiny_qwen2_dir, engines, monkeypatch):
-    """A pass whose prompt rows fit one unit (``runner.one_unit``, LAYERSTREAM_STACK_PIECES=1) runs them as one; out
-    of memory, it runs again in half-chunk units (not one unit again), and the one-unit rows come back after."""
-    single, multi = engines
-    sched = scheduler_for("slots", tiny_qwen2_dir, multi)
-    eng = sched.engine
-    monkeypatch.setattr(sched.runner, "one_unit", 64)
-    monkeypatch.setattr(eng.ops, "mlp_budget", None)  # the MLP whole: the failing op is its SwiGLU + down
-    stacks = []
-    real = eng.model.forward_groups
-    monkeypatch.setattr(eng.model, "forward_groups",
-                        lambda *a, **k: stacks.append(k.get("stack_rows")) or real(*a, **k))
-    _failing(eng.model.ops, monkeypatch, failures=1)
-    prompts = random_prompts([9, 13, 5], eng.cfg.vocab_size, seed=12)
-    seqs = [Sequence(p, SamplingParams(max_tokens=5), eng.tokenizer) for p in prompts]
-    run_all(sched, seqs)
-    assert stacks[:2] == [64, 8]  # 27 prompt rows as one unit, then half-chunk units
-    assert sched.runner.one_unit == 64 and sched.runner.stack_rows == 16
-    _each_as_alone(single, prompts, seqs, 5)
 
 
 def test_a_second_failure_reaches_the_caller(tiny_qwen2_dir, engines, monkeypatch):
