@@ -15,7 +15,8 @@ from engine.serving.loop import EngineLoop
 from engine.serving.params import SamplingParams
 from engine.serving.scheduler import Scheduler, StepStats
 from engine.serving.sequence import Sequence
-from engine.serving.warmup import GEMV_MAX_M, WarmStep, plan_warmup, warm_up
+from engine.serving.warmup import WarmStep, plan_warmup, warm_up
+from engine.serving.warmup_plan import GEMV_MAX_M
 from tests.helpers import make_engine, random_prompts
 
 
