@@ -164,8 +164,10 @@ _AGREE = 1e-2  # relative Frobenius distance allowed between two candidates' out
 
 
 def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-           tma_ok: bool) -> triton.Config:
-    """The cached config for this call; the first call of a key tunes it (timing into out)."""
+           tma_ok: bool, summed: bool = False) -> triton.Config:
+    """The cached config for this call; the first call of a key tunes it (timing into out, or with ``summed``,
+    a call adding a running sum, into an fp32 scratch: never into the sum, and with the pointer-stored epilogue
+    such launches run, gemm_tma.launch)."""
     (M, K), N = x.shape, w.shape[0]
     key = (min(triton.next_power_of_2(M), 4096), N, K, x.dtype, bias is not None)
     if not tma_ok and gemm_tma.device_ok(x):
@@ -176,6 +178,7 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: tor
                                          _default_config(x.dtype))
     if cfg is None:
         cands = _candidates(x, tma_ok)
+        out = torch.empty_like(out, dtype=torch.float32) if summed else out
         tune = functools.partial(_pick, cands, lambda c: _launch(c, x, w, bias, out), out,
                                  fits_l2(w.nbytes, w.device))
         cfg = _TUNED[key] = tuning_cache.tuned(x.device, "gemm", key, cands, tune) or _default_config(x.dtype)
@@ -254,9 +257,8 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     if cfg is not None and cfg.kwargs.get("TMA") and not tma_ok:
         raise ValueError("a TMA config needs capability >= 9 (or the interpreter) and 16-byte "
                          "aligned x / w base pointers and row strides")
-    if cfg is None:  # a first call tunes by writing candidates' outputs: never into a running sum (an fp32 scratch:
-        # the pointer-stored epilogue the sum's launches run, gemm_tma.launch)
-        cfg = _tuned(x, w, bias, out if acc is None else torch.empty_like(out, dtype=torch.float32), tma_ok)
+    if cfg is None:
+        cfg = _tuned(x, w, bias, out, tma_ok, summed=acc is not None)
     _launch(cfg, x, w, bias, out, acc)
     return out
 
