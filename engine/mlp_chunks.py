@@ -31,7 +31,10 @@ import os
 import torch
 import torch.nn.functional as F
 
+from engine.footprint import act_elements_per_token
 from engine.quant.spec import QuantWeight
+from kernels.qdequant import qdequant
+from memory.units import parse_size
 
 ALIGN = 128  # piece boundaries: a multiple of this and of a packed down_proj's group
 FP32_SUM = 4  # bytes a row a hidden column: the running sum
@@ -48,11 +51,9 @@ def mlp_budget(cfg, rows: int, esize: int, state_bytes: int = 0) -> tuple[int, i
     ones in pieces within the activations the plan holds for one chunk (``engine.footprint``'s per-token count) and
     ``state_bytes`` (the plan's VRAM for other prompt states: a pass of one stack has none), or
     ``LAYERSTREAM_MLP_BYTES`` (an A/B)."""
-    from engine.footprint import act_elements_per_token
     whole = rows * esize * act_elements_per_token(cfg) + state_bytes
     text = os.environ.get("LAYERSTREAM_MLP_BYTES")
     if text:
-        from memory.units import parse_size
         whole = parse_size(text)
     return rows, whole
 
@@ -82,10 +83,11 @@ def one_unit_rows(engine) -> int:
 
 
 def chunkable(w_gate_up, w_down) -> bool:
-    """Whether this MLP may run in pieces: dense weights, or packed ones whose down_proj has no act order."""
+    """Whether this MLP may run in pieces: dense weights, or packed ones without act order (down_proj's K would be
+    in permuted order; an act-order checkpoint has it in every projection)."""
     if isinstance(w_gate_up, torch.Tensor) and isinstance(w_down, torch.Tensor):
         return True
-    return isinstance(w_gate_up, QuantWeight) and isinstance(w_down, QuantWeight) and w_down.perm is None
+    return all(isinstance(w, QuantWeight) and w.perm is None for w in (w_gate_up, w_down))
 
 
 def align_of(w_down) -> int:
@@ -167,13 +169,11 @@ def _triton_gate_up(ops, x, w, j0, j1, inter):
     """One GEMM over both row ranges (a packed weight: widened into the dense tile), or two into the halves."""
     gate, up = _rows(w, j0, j1, inter)
     s = j1 - j0
-    if isinstance(w, QuantWeight):
-        from kernels.qdequant import qdequant
+    if isinstance(w, QuantWeight):  # no act order (chunkable)
         dense = _dense(ops, x, 2 * s, x.shape[1])
         for half, part in ((dense[:s], gate), (dense[s:], up)):
             qdequant(part.qweight, part.scales, part.zeros, part.spec.bits, x.dtype, mins=part.mins, out=half)
-        from kernels.quant_common import permute_input
-        return ops._k["linear"](permute_input(x, w.perm), dense)
+        return ops._k["linear"](x, dense)
     out = torch.empty((x.shape[0], 2 * s), dtype=x.dtype, device=x.device)
     ops._k["linear"](x, gate, out=out[:, :s])
     ops._k["linear"](x, up, out=out[:, s:])
@@ -183,7 +183,6 @@ def _triton_gate_up(ops, x, w, j0, j1, inter):
 def _triton_down(ops, act, w, j0, j1, out, acc) -> None:
     piece = _cols(w, j0, j1)
     if isinstance(w, QuantWeight):
-        from kernels.qdequant import qdequant
         dense = _dense(ops, act, w.shape[0], j1 - j0)
         piece = qdequant(piece.qweight, piece.scales, piece.zeros, piece.spec.bits, act.dtype, mins=piece.mins,
                          out=dense)
