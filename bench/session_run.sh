@@ -115,6 +115,16 @@ source bench/common.sh  # carried wheels, env_info, synth_7b
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
 steps=${1:-fhts}; END=$(( $(date +%s) + ${BOX:-545} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
+cold_burst() {  # TAG [VAR=VALUE...]: the served cold burst of the 7B AWQ at 6 GiB (1 and 16 clients, one request
+  local t=$1; shift  # each) under those variables: TTFT, its breakdown, kernels built while serving, peak memory
+  local S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_$t.jsonl"
+  env "$@" timeout $(left 150) python3 -m tools.bench_serve --serve "$S" --clients 1,16 --requests-per-client 1 \
+    --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_$t.json > $R/bench_serve_$t.log 2>&1
+  echo "serve $t rc=$?"; grep "clients:" $R/bench_serve_$t.log
+  python3 -m tools.ttft_breakdown $R/serve_$t.json $R/steps_$t.jsonl --config server > $R/ttft_$t.txt 2>&1
+  grep -E "TTFT p50|target" $R/ttft_$t.txt
+  python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('kernels built after the first step:', sum(x['compiles'] for x in r[1:]), 'peak MiB', max(x['peak_mib'] for x in r))" $R/steps_$t.jsonl
+}
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
@@ -448,15 +458,7 @@ if [[ $steps == *V* ]]; then  # stacked prompt slices in one launch each (engine
       --out $R/burst_$n-varlen$v.json > $R/burst_$n-varlen$v.txt 2>&1; echo "varlen=$v ($n) rc=$?"
     grep -E "^round" $R/burst_$n-varlen$v.txt | cut -c1-120
   done
-  for v in 1 0; do  # the served cold burst (each client one request): TTFT, and no kernel built while serving
-    S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_varlen$v.jsonl"
-    LAYERSTREAM_VARLEN_PREFILL=$v timeout $(left 150) python3 -m tools.bench_serve --serve "$S" --clients 1,16 \
-      --requests-per-client 1 --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_varlen$v.json \
-      > $R/bench_serve_varlen$v.log 2>&1; echo "serve varlen=$v rc=$?"; grep "clients:" $R/bench_serve_varlen$v.log
-    python3 -m tools.ttft_breakdown $R/serve_varlen$v.json $R/steps_varlen$v.jsonl --config server \
-      > $R/ttft_varlen$v.txt 2>&1; grep -E "TTFT p50|target" $R/ttft_varlen$v.txt
-    python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('kernels built after the first step:', sum(x['compiles'] for x in r[1:]))" $R/steps_varlen$v.jsonl
-  done
+  for v in 1 0; do cold_burst varlen$v LAYERSTREAM_VARLEN_PREFILL=$v; done  # TTFT, no kernel built while serving
 save; fi
 if [[ $steps == *S* ]]; then  # issue 16: the burst's passes with units of more rows (LAYERSTREAM_STACK_ROWS), the bound
   awq_7b                      # on what one unit a pass (no repeated dequantization and GEMMs a unit) gains
@@ -479,15 +481,8 @@ if [[ $steps == *I* ]]; then  # issue 16: a pass's prompts as one unit (their ML
       --out $R/burst_$n-$r.json > $R/burst_$n-$r.txt 2>&1; echo "burst $r rc=$?"
     grep -E "^warm|^round|out of device" $R/burst_$n-$r.txt | cut -c1-120
   done
-  for r in ${I_SERVE:-pieces chunk}; do  # the served cold burst (each client one request): TTFT, kernels built serving
-    E=(LAYERSTREAM_STACK_PIECES=0); [ "$r" = pieces ] && E=(LAYERSTREAM_STACK_PIECES=1)
-    S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_$r.jsonl"
-    env "${E[@]}" timeout $(left 150) python3 -m tools.bench_serve --serve "$S" --clients 1,16 \
-      --requests-per-client 1 --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_$r.json \
-      > $R/bench_serve_$r.log 2>&1; echo "serve $r rc=$?"; grep "clients:" $R/bench_serve_$r.log
-    python3 -m tools.ttft_breakdown $R/serve_$r.json $R/steps_$r.jsonl --config server \
-      > $R/ttft_$r.txt 2>&1; grep -E "TTFT p50|target" $R/ttft_$r.txt
-    python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('kernels built after the first step:', sum(x['compiles'] for x in r[1:]), 'peak MiB', max(x['peak_mib'] for x in r))" $R/steps_$r.jsonl
+  for r in ${I_SERVE:-pieces chunk}; do  # the served cold burst
+    cold_burst $r LAYERSTREAM_STACK_PIECES=$([ "$r" = pieces ] && echo 1 || echo 0)
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step
