@@ -107,6 +107,9 @@
 #  I  issue 16: a pass's prompts as one unit, its MLP in pieces (LAYERSTREAM_STACK_PIECES=1), against units of one
 #     chunk: the in-process burst (I_ORDER, default "pieces chunk pieces"), then the served cold burst (1 and 16
 #     clients, I_SERVE, default "pieces chunk")
+#  G  issue 16: prompt units through captured CUDA graphs (engine/prompt_graphs.py, LAYERSTREAM_PROMPT_GRAPHS=1): its
+#     GPU tests, the in-process burst with arms alternated round by round (bench/unit_ab.py: chunk / graphs), then the
+#     served cold burst (1 and 16 clients) with graphs and without (G_SERVE, default "graphs chunk")
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -128,7 +131,7 @@ cold_burst() {  # TAG [VAR=VALUE...]: the served cold burst of the 7B AWQ at 6 G
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVSI]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVSIG]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -483,6 +486,18 @@ if [[ $steps == *I* ]]; then  # issue 16: a pass's prompts as one unit (their ML
   done
   for r in ${I_SERVE:-pieces chunk}; do  # the served cold burst
     cold_burst $r LAYERSTREAM_STACK_PIECES=$([ "$r" = pieces ] && echo 1 || echo 0)
+  done
+save; fi
+if [[ $steps == *G* ]]; then  # issue 16: prompt units through captured graphs against eager units of one chunk
+  awq_7b
+  timeout $(left 120) python3 -m pytest -q -p no:cacheprovider tests/test_prompt_graphs.py > $R/pytest_pgraphs.txt 2>&1
+  echo "pytest rc=$?"; tail -3 $R/pytest_pgraphs.txt
+  LAYERSTREAM_PROMPT_GRAPHS=1 timeout $(left 170) python3 bench/unit_ab.py --model /tmp/q7b-awq --vram-budget 6GiB \
+    --max-batch 32 --max-context 2304 --rounds ${G_ROUNDS:-3} --arms chunk,graphs --out $R/unit_ab.json \
+    > $R/unit_ab.txt 2>&1; echo "unit_ab rc=$?"; grep -E "^warm|^prompt graphs|^round|Error|error" $R/unit_ab.txt | cut -c1-150
+  for r in ${G_SERVE:-graphs chunk}; do
+    cold_burst $r LAYERSTREAM_PROMPT_GRAPHS=$([ "$r" = graphs ] && echo 1 || echo 0)
+    grep -hE "prompt graphs|warm-up:" $R/bench_serve_$r.log | head -3
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step

@@ -3,7 +3,9 @@ host's speed drift (sessions 30, 46: ~1.4-2x within minutes) falls on every arm 
 prompt chunk), ``pieces4`` / ``pieces6`` (a pass whose prompt rows fit as one unit, its MLP in 4 / 6 pieces,
 engine/mlp_chunks.py; needs LAYERSTREAM_STACK_PIECES=1, the runner's one-unit rows), or ``env:NAME=VALUE[+...]``
 (variables read at each call, e.g. ``env:LAYERSTREAM_VARLEN_PREFILL=0``) and ``runner:ATTR=INT[+...]`` (the
-runner's attributes, e.g. ``runner:fill_stacks=0``), each set for its own round only.
+runner's attributes, e.g. ``runner:fill_stacks=0``), each set for its own round only. ``graphs``: units of one chunk
+through the prompt graphs (engine/prompt_graphs.py; run with LAYERSTREAM_PROMPT_GRAPHS=1: the warm-up captures them,
+and every other arm runs its units eagerly).
 
     LAYERSTREAM_STACK_PIECES=1 python bench/unit_ab.py --model DIR [--rounds 4] [--arms chunk,pieces6] [--out ab.json]
 """
@@ -23,11 +25,14 @@ from engine import LLM  # noqa: E402
 from engine.serving.warmup import warm_up  # noqa: E402
 from tools.bench_serve import VOCAB, make_jobs  # noqa: E402
 
-ARMS = {"chunk": (False, None), "pieces4": (True, "4"), "pieces6": (True, "6")}
+ARMS = {"chunk": (False, None), "graphs": (False, None), "pieces4": (True, "4"), "pieces6": (True, "6")}
 
 
 def _apply(arm: str, runner, one: int):
     """Set an arm's configuration; returns what undoes it."""
+    graphs = runner.engine.model.prompt_graphs
+    if graphs is not None:
+        graphs.enabled = arm == "graphs"
     kind, _, pairs = arm.partition(":")
     if kind not in ("env", "runner"):
         unit, pieces = ARMS[arm]
@@ -58,6 +63,9 @@ def main() -> None:
     print(f"one unit: {one} rows", flush=True)
     os.environ["LAYERSTREAM_MLP_PIECES"] = "4"
     print(warm_up(llm.scheduler).summary(), flush=True)
+    graphs = runner.engine.model.prompt_graphs
+    print(f"prompt graphs: {len(graphs.graphs)} at buckets {graphs.buckets}" if graphs else "prompt graphs: none",
+          flush=True)
     jobs = [job for client in make_jobs(16, 1, (128, 2048), (2, 2), VOCAB, 2) for job in client]
     out, n = [], 0
     for r in range(a.rounds + 1):  # round 0: every arm once, untimed (their first shapes)
@@ -71,6 +79,8 @@ def main() -> None:
             n += 1
             peak = torch.cuda.max_memory_allocated() >> 20
             line = " ".join(f"{x['ms']:6.1f} ms ({x['tokens']} tokens)" for x in passes)
+            if graphs is not None:
+                line += f" replays {graphs.replays}"
             print(f"round {r} {arm:8s} {line} peak {peak} MiB", flush=True)
             if r:
                 out.append({"round": r, "arm": arm, "passes": passes, "peak_mib": peak})

@@ -86,6 +86,7 @@ class Model(DecoderLayers):
         self.host_states = False  # a prefill keeps the prompt states in host memory between layers (the plan's)
         self.state_host_bytes = 0  # prompt-state bytes copied between host and device so far (both ways)
         self.parked_passes = 0  # passes whose host states waited in unreached KV positions instead
+        self.prompt_graphs = None  # engine.prompt_graphs.PromptGraphs: a served pass's prompt units replay graphs
 
     def forward(self, ids: torch.Tensor, start_pos: torch.Tensor, q_lens: torch.Tensor, cache: KVCache,
                 max_len: int, last_only: bool = True) -> torch.Tensor:
@@ -173,6 +174,8 @@ class Model(DecoderLayers):
         # the weight copies interleave with the states' (host states only: parked ones do not cross PCIe)
         pump = host_states and parking is None and interleave_weights() and len(runs) > 1
         share = list(itertools.accumulate(b * t for b, t in shapes)) if pump else []  # tokens up to unit u
+        graphs = self.prompt_graphs if not pump else None
+        lays = graphs.layouts(groups, runs, plans, positions) if graphs is not None else [None] * len(runs)
         try:
             self.weights.meter(pump)
             with self.ops.pass_scope():  # start_pos + q_lens once, not once a layer
@@ -185,9 +188,13 @@ class Model(DecoderLayers):
                         h, res = states.get(u)  # queues the next unit's states in
                         if pump:  # then this unit's share of the next streamed layer
                             self.weights.pump_to(share[u] / share[-1])
-                        with ctx(shapes[u][0] * shapes[u][1]):
-                            h, res = self._unit_layer(w, i, h, res, [groups[k] for k in run],
-                                                      [positions[k] for k in run], cache, shared, ctx, plans[u])
+                        out = None if lays[u] is None else graphs.run(i, w, h, res, lays[u])
+                        if out is not None:
+                            h, res = out
+                        else:
+                            with ctx(shapes[u][0] * shapes[u][1]):
+                                h, res = self._unit_layer(w, i, h, res, [groups[k] for k in run],
+                                                          [positions[k] for k in run], cache, shared, ctx, plans[u])
                         states.put(u, h, res)
                         del h, res  # the states object decides how long a unit's output lives
                     self.weights.release(i)

@@ -54,14 +54,15 @@ class VarlenPlan:
     seq_cache_row: torch.Tensor
 
 
-def plan_unit(groups: list[Group], positions: list[torch.Tensor], device: torch.device) -> VarlenPlan | None:
+def plan_unit(groups: list[Group], positions: list[torch.Tensor], device: torch.device,
+              least: int = 2) -> VarlenPlan | None:
     """The plan of a stacked unit's trailing prompt slices (``groups`` in stack order, ``positions`` their
-    [B, T] table rows), or None when fewer than two of them end the unit (a decode group, T = 1, runs the
+    [B, T] table rows), or None when fewer than ``least`` of them end the unit (a decode group, T = 1, runs the
     decode attention; a group with its own ``kv`` view reads no shared cache)."""
     first = len(groups)
     while first > 0 and groups[first - 1].ids.shape[1] > 1 and groups[first - 1].kv is None:
         first -= 1
-    if len(groups) - first < 2:
+    if len(groups) - first < max(1, least):
         return None
     tail, row0 = groups[first:], sum(g.ids.numel() for g in groups[:first])
     spans = [g.ids.shape[1] for g in tail for _ in range(g.ids.shape[0])]  # a sequence's rows: its group's T

@@ -30,7 +30,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from engine import ahead
+from engine import ahead, prompt_graphs
 from engine.serving.params import SamplingParams
 from engine.serving.scheduler import Scheduler
 from engine.serving.sequence import Sequence
@@ -53,16 +53,18 @@ class WarmupReport:
     cut: int = 0  # compile-only steps left out at the time limit
     real_s: float = 0.0
     dry_s: float = 0.0
+    graphs_s: float = 0.0  # capturing the prompt graphs (engine.prompt_graphs), when wanted
 
     @property
     def seconds(self) -> float:
-        return self.real_s + self.dry_s
+        return self.real_s + self.dry_s + self.graphs_s
 
     def summary(self) -> str:
         real = sum(not s.dry for s in self.steps)
         return (f"warm-up: {real} real passes in {self.real_s:.1f} s, {len(self.steps) - real} compile-only "
                 f"passes in {self.dry_s:.1f} s" + (f", {len(self.skipped)} skipped" if self.skipped else "")
-                + (f", {self.cut} left out at the time limit" if self.cut else ""))
+                + (f", {self.cut} left out at the time limit" if self.cut else "")
+                + (f", prompt graphs captured in {self.graphs_s:.1f} s" if self.graphs_s else ""))
 
 
 def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupReport:
@@ -92,6 +94,13 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
         finally:
             _clean(scheduler)
     _run_pieces(scheduler, report, dry_limit_s)
+    if not paged and prompt_graphs.wanted() and eng.device.type == "cuda" and eng.model.ops.varlen \
+            and varlen_enabled() and scheduler.runner.stack_rows:  # the shapes are tuned by now
+        t0 = time.perf_counter()
+        eng.model.prompt_graphs = prompt_graphs.try_capture(eng.model, eng.cache, scheduler.runner.stack_rows,
+                                                            eng.opts.batch + 2)
+        report.graphs_s = time.perf_counter() - t0
+        _clean(scheduler)
     log.info("%s", report.summary())
     return report
 

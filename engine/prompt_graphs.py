@@ -1,0 +1,238 @@
+"""CUDA graphs of a stacked unit's prompt layer at bucketed row counts (a served streamed pass's units).
+
+A streamed pass over many prompts is bound by the host issuing launches: each unit of stacked prompt rows costs
+every layer ~20 launches (the norms, each projection's dequantization into the dense tile and its GEMM, RoPE +
+append, the one-launch attention, the SwiGLU), and on the H100 the 16-prompt burst's first pass took as long as
+its engine thread's CPU time (bench/results/2026-12-06-h100-s46/call4/). Where every row of a unit is a prompt
+slice on the slot cache (``engine.varlen``: one RoPE + append and one attention launch for all of them), its
+layer is the same computation at every pass given the unit's rows, its layout (positions, cache rows and
+positions, spans) and the layer's weights and keys. So :class:`PromptGraphs` captures, for each row bucket
+``b`` (the stack's rows, then powers of two down to ``MIN_ROWS``), one graph per layer and weight address
+(a resident layer's, or each staging slot a streamed layer may arrive in, as the decode graphs do) that reads a
+unit's states and layout from static buffers and writes its output states back there. A unit of R <= b rows
+is copied in (states, and its layout once a pass when no other unit of that bucket came between), replayed,
+and copied out: 3-4 launches for the ~20. Rows R .. b are padding: no span holds them and their cache
+positions are -1, so they write no key and no row reads them (every op is per row, the attention per span).
+
+Opt-in (``LAYERSTREAM_PROMPT_GRAPHS=1``) until an alternated A/B on the GPU machine shows the gain; captured at
+the end of a server's warm-up (the shapes tuned by then), on CUDA with the Triton kernels and a slot cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from engine.graphs import _KEY, slot_address
+from engine.varlen import VarlenPlan, plan_unit
+from kernels.graph_capture import capture
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS = 128  # the smallest bucket: shorter units run eagerly (their launches are as many, but rare)
+
+
+def wanted() -> bool:
+    """Whether a server captures prompt graphs (``LAYERSTREAM_PROMPT_GRAPHS=1``)."""
+    return os.environ.get("LAYERSTREAM_PROMPT_GRAPHS", "0").strip().lower() in ("1", "on", "true", "yes")
+
+
+def buckets(stack_rows: int) -> list[int]:
+    """The row buckets, largest first: the stack's rows, then the powers of two below it down to MIN_ROWS."""
+    out, b = [stack_rows], 1 << (stack_rows - 1).bit_length() - 1
+    while b >= MIN_ROWS:
+        if b < stack_rows:
+            out.append(b)
+        b //= 2
+    return out
+
+
+@dataclass
+class Layout:
+    """A unit's varlen layout packed for bucket ``b`` (int32 [3b + 5S]): per row its RoPE position, cache
+    position (-1: padding) and cache row; per sequence (S slots, zero-length past the unit's) its span's first row
+    and length, start position, real rows and cache row."""
+
+    b: int
+    rows: int
+    packed: torch.Tensor
+
+
+def pack(plan: VarlenPlan, b: int, seqs: int) -> torch.Tensor:
+    """``plan``'s tensors in :class:`Layout`'s order, padded to ``b`` rows and ``seqs`` sequences (a few small
+    launches once a pass)."""
+    r, n = plan.rows, plan.q_lens.numel()
+    assert r <= b and n <= seqs, (r, b, n, seqs)
+    out = torch.zeros(3 * b + 5 * seqs, dtype=torch.int32, device=plan.q_lens.device)
+    out[:r] = plan.positions.reshape(-1)
+    out[b:b + r] = plan.cache_pos
+    out[b + r:2 * b] = -1
+    out[2 * b:2 * b + r] = plan.cache_row
+    seq = out[3 * b:].view(5, seqs)
+    seq[0:2, :n] = plan.seq_rows
+    seq[2, :n], seq[3, :n], seq[4, :n] = plan.start, plan.q_lens, plan.seq_cache_row
+    return out
+
+
+def unpack(buf: torch.Tensor, b: int, seqs: int) -> VarlenPlan:
+    """The static views of a bucket's layout buffer as the plan of one unit of ``b`` rows, every row in it."""
+    seq = buf[3 * b:].view(5, seqs)
+    return VarlenPlan(first=0, row0=0, rows=b, max_rows=b, positions=buf[:b].view(1, b), cache_pos=buf[b:2 * b],
+                      cache_row=buf[2 * b:3 * b], seq_rows=seq[0:2], start=seq[2], q_lens=seq[3],
+                      seq_cache_row=seq[4])
+
+
+class PromptGraphs:
+    """The captured prompt layers of one model and slot cache (see the module docstring)."""
+
+    def __init__(self, model, cache, stack_rows: int, seqs: int) -> None:
+        self.model, self.cache, self.seqs = model, cache, seqs
+        self.buckets = buckets(stack_rows)
+        hidden, dev = model.cfg.hidden_size, model.device
+        self.states = torch.zeros((2, stack_rows, hidden), dtype=model.dtype, device=dev)
+        self.layout_bufs = {b: torch.zeros(3 * b + 5 * seqs, dtype=torch.int32, device=dev) for b in self.buckets}
+        self.loaded: dict[int, int] = {}  # bucket -> id of the packed layout in its buffer
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph | _Eager] = {}  # (layer, weight address, b)
+        self.pool, self.side = None, torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self.tile = None  # the dense tile the graphs read (set at capture): kept alive, checked unchanged before use
+        self.enabled = True
+        self.replays = 0
+
+    # ----- a pass -----
+    def layouts(self, groups: list, runs: list[list[int]], plans: list[VarlenPlan | None],
+                positions: list[torch.Tensor]) -> list[Layout | None]:
+        """Each unit's layout (``layout``) where a graph can run it: a stacked unit by its varlen plan, a lone
+        prompt slice by a plan of its own."""
+        out = []
+        for run, plan in zip(runs, plans):
+            if plan is None and len(run) == 1:
+                plan = plan_unit([groups[run[0]]], [positions[run[0]]], self.model.device, least=1)
+            out.append(self.layout(plan))
+        return out
+
+    def layout(self, plan: VarlenPlan | None) -> Layout | None:
+        """The unit's packed layout when a graph can run it (every row a prompt slice in ``plan``, rows within a
+        bucket, at most ``seqs`` sequences), else None."""
+        if plan is None or plan.first != 0 or not self.enabled or self.model.ops._tile is not self.tile:
+            return None
+        fit = [b for b in self.buckets if b >= plan.rows]
+        if not fit or plan.q_lens.numel() > self.seqs:
+            return None
+        return Layout(fit[-1], plan.rows, pack(plan, fit[-1], self.seqs))
+
+    def run(self, i: int, w: dict, h: torch.Tensor, res: torch.Tensor | None,
+            lay: Layout) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer i (weights w) of a unit (states h / res: [1, R, H] stacked, or a lone group's [B, T, H]) by its
+        graph: (output, residual) shaped as h, or None when no graph was captured for this layer and weight address (run it eagerly)."""
+        g = self.graphs.get((i, slot_address(w[_KEY]), lay.b))
+        if g is None:
+            return None
+        r = lay.rows
+        base = h._base
+        if res is not None and base is not None and res._base is base and base.shape[1] == r:
+            self.states[:, :r].copy_(base)  # both from one earlier replay's output: one copy
+        else:
+            self.states[0, :r].copy_(h.view(r, -1))
+            if res is not None:
+                self.states[1, :r].copy_(res.view(r, -1))
+        if self.loaded.get(lay.b) != id(lay.packed):
+            self.layout_bufs[lay.b].copy_(lay.packed)
+            self.loaded[lay.b] = id(lay.packed)
+        g.replay()
+        self.replays += 1
+        out = self.states[:, :r].clone()
+        return out[0].view(h.shape), out[1].view(h.shape)
+
+    # ----- capture -----
+    def capture_all(self) -> None:
+        """Capture every bucket's graphs (largest first, one memory pool): each bucket's shapes run eagerly once
+        first (compiles and any tuning left), for a first layer and a later one of each weight source. Writes keys
+        at positions below the largest bucket of cache row 0 (a warm-up's: the caller zeroes the cache after)."""
+        weights, n = self.model.weights, self.model.cfg.num_hidden_layers
+        sources = [(i, weights.resident[i]) for i in range(n) if i in weights.resident]
+        plan = getattr(weights, "plan", None)
+        slots = range(len(weights.stream.slots)) if plan is not None and plan.num_slots > 0 else ()
+        sources += [(i, weights.slot_layer(s, i)) for i in range(n) if i not in weights.resident for s in slots]
+        warm = {}  # (first layer?, resident?) -> one layer's weights
+        for i, w in sources:
+            warm.setdefault((i == 0, i in weights.resident), (i, w))
+        for b in self.buckets:
+            self._warm_layout(b)
+            with self._beside():
+                for i, w in warm.values():
+                    self._layer_fn(i, w, b)()
+            self.tile = self.model.ops._tile  # allocated by now where the layers use one (outside any graph)
+            for i, w in sources:
+                self.graphs[(i, slot_address(w[_KEY]), b)] = self._capture(self._layer_fn(i, w, b))
+        if self.side is not None:
+            torch.cuda.synchronize(self.model.device)
+        self.loaded.clear()
+        log.info("prompt graphs: %d captured, buckets %s", len(self.graphs), self.buckets)
+
+    @contextlib.contextmanager
+    def _beside(self):
+        """On CUDA: work on the side stream (the capture's), ordered after and before the current stream's."""
+        if self.side is None:
+            yield
+            return
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            yield
+        torch.cuda.current_stream().wait_stream(self.side)
+
+    def _warm_layout(self, b: int) -> None:
+        """One sequence spanning the bucket's rows at positions 0 .. b - 1 of cache row 0 (real work to tune on)."""
+        rows = torch.arange(b, dtype=torch.int32, device=self.model.device)
+        buf = self.layout_bufs[b]
+        buf.zero_()
+        buf[:b], buf[b:2 * b] = rows, rows
+        seq = buf[3 * b:].view(5, self.seqs)
+        seq[1, 0], seq[3, 0] = b, b
+
+    def _layer_fn(self, i: int, w: dict, b: int):
+        model, states, plan = self.model, self.states, unpack(self.layout_bufs[b], b, self.seqs)
+        kv = lambda: self.cache.layer(i)  # noqa: E731
+
+        def run() -> None:
+            h = states[0, :b].view(1, b, -1)
+            res = None if i == 0 else states[1, :b].view(1, b, -1)
+            with model.ops.pass_scope():
+                out, r = model.layer_stacked(w, h, res, [None], [None], [None], None, (plan, kv))
+            states[1, :b].copy_(r.view(b, -1))
+            states[0, :b].copy_(out.view(b, -1))
+        return run
+
+    def _capture(self, fn):
+        if self.side is None:  # a CPU model (tests): "replaying" runs the layer with the same static buffers
+            return _Eager(fn)
+        g = torch.cuda.CUDAGraph()
+        with capture(g, self.side, self.pool):
+            fn()
+        self.pool = self.pool or g.pool()
+        return g
+
+
+class _Eager:
+    """What a capture gives on a CPU model: its replay runs the function (tests check the padded layouts)."""
+
+    def __init__(self, fn) -> None:
+        self.replay = fn
+
+
+def try_capture(model, cache, stack_rows: int, seqs: int) -> PromptGraphs | None:
+    """Capture the prompt graphs, or None (and say why) when they cannot be."""
+    if torch.device(model.device).type == "cuda":
+        torch.cuda.empty_cache()  # the warm-up's cached blocks: the graphs' pool takes their room under the budget
+    try:
+        graphs = PromptGraphs(model, cache, stack_rows, seqs)
+        graphs.capture_all()
+        return graphs
+    except Exception as e:  # an optimisation: passes run their units eagerly
+        log.warning("prompt graphs not captured (%s); prompt units run eagerly", e)
+        if torch.device(model.device).type == "cuda":
+            torch.cuda.synchronize(model.device)
+        return None
