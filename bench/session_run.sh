@@ -107,9 +107,10 @@
 #  I  issue 16: a pass's prompts as one unit, its MLP in pieces (LAYERSTREAM_STACK_PIECES=1), against units of one
 #     chunk: the in-process burst (I_ORDER, default "pieces chunk pieces"), then the served cold burst (1 and 16
 #     clients, I_SERVE, default "pieces chunk")
-#  G  issue 16: prompt units through captured CUDA graphs (engine/prompt_graphs.py, LAYERSTREAM_PROMPT_GRAPHS=1): its
+#  C  issue 16: prompt units through captured CUDA graphs (engine/prompt_graphs.py, LAYERSTREAM_PROMPT_GRAPHS=1): its
 #     GPU tests, the in-process burst with arms alternated round by round (bench/unit_ab.py: chunk / graphs), then the
-#     served cold burst (1 and 16 clients) with graphs and without (G_SERVE, default "graphs chunk")
+#     served cold burst (1 and 16 clients) with graphs and without (C_SERVE, default "graphs chunk"); C_BUDGETS: the
+#     in-process burst's budgets (default 6GiB)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -131,7 +132,7 @@ cold_burst() {  # TAG [VAR=VALUE...]: the served cold burst of the 7B AWQ at 6 G
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVSIG]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVSIC]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -488,14 +489,22 @@ if [[ $steps == *I* ]]; then  # issue 16: a pass's prompts as one unit (their ML
     cold_burst $r LAYERSTREAM_STACK_PIECES=$([ "$r" = pieces ] && echo 1 || echo 0)
   done
 save; fi
-if [[ $steps == *G* ]]; then  # issue 16: prompt units through captured graphs against eager units of one chunk
+if [[ $steps == *C* ]]; then  # issue 16: prompt units through captured graphs against eager units of one chunk
   awq_7b
   timeout $(left 120) python3 -m pytest -q -p no:cacheprovider tests/test_prompt_graphs.py > $R/pytest_pgraphs.txt 2>&1
   echo "pytest rc=$?"; tail -3 $R/pytest_pgraphs.txt
-  LAYERSTREAM_PROMPT_GRAPHS=1 timeout $(left 170) python3 bench/unit_ab.py --model /tmp/q7b-awq --vram-budget 6GiB \
-    --max-batch 32 --max-context 2304 --rounds ${G_ROUNDS:-3} --arms chunk,graphs --out $R/unit_ab.json \
-    > $R/unit_ab.txt 2>&1; echo "unit_ab rc=$?"; grep -E "^warm|^prompt graphs|^round|Error|error" $R/unit_ab.txt | cut -c1-150
-  for r in ${G_SERVE:-graphs chunk}; do
+  for b in ${C_BUDGETS:-6GiB}; do
+    LAYERSTREAM_PROMPT_GRAPHS=1 timeout $(left 170) python3 bench/unit_ab.py --model /tmp/q7b-awq --vram-budget $b \
+      --max-batch 32 --max-context 2304 --rounds ${C_ROUNDS:-3} --arms chunk,graphs --out $R/unit_ab_$b.json \
+      > $R/unit_ab_$b.txt 2>&1; echo "unit_ab $b rc=$?"
+    grep -E "^warm|^prompt graphs|^round|^tokens|Error|error" $R/unit_ab_$b.txt | cut -c1-150
+    grep -q "^prompt graphs: none" $R/unit_ab_$b.txt && C_BUDGETS= && [ -n "${C_WIDER:-}" ] && { b=$C_WIDER
+      LAYERSTREAM_PROMPT_GRAPHS=1 timeout $(left 170) python3 bench/unit_ab.py --model /tmp/q7b-awq --vram-budget $b \
+        --max-batch 32 --max-context 2304 --rounds ${C_ROUNDS:-3} --arms chunk,graphs --out $R/unit_ab_$b.json \
+        > $R/unit_ab_$b.txt 2>&1; echo "unit_ab $b (no graphs at the first budget) rc=$?"
+      grep -E "^warm|^prompt graphs|^round|^tokens|Error|error" $R/unit_ab_$b.txt | cut -c1-150; }
+  done
+  for r in ${C_SERVE:-graphs chunk}; do
     cold_burst $r LAYERSTREAM_PROMPT_GRAPHS=$([ "$r" = graphs ] && echo 1 || echo 0)
     grep -hE "prompt graphs|warm-up:" $R/bench_serve_$r.log | head -3
   done

@@ -22,6 +22,8 @@ import torch  # noqa: E402
 from bench.burst_probe import _fresh, burst  # noqa: E402
 from bench.probe_server import server_parser  # noqa: E402
 from engine import LLM  # noqa: E402
+from engine.serving.params import SamplingParams  # noqa: E402
+from engine.serving.sequence import Sequence  # noqa: E402
 from engine.serving.warmup import warm_up  # noqa: E402
 from tools.bench_serve import VOCAB, make_jobs  # noqa: E402
 
@@ -84,8 +86,30 @@ def main() -> None:
             print(f"round {r} {arm:8s} {line} peak {peak} MiB", flush=True)
             if r:
                 out.append({"round": r, "arm": arm, "passes": passes, "peak_mib": peak})
+    if graphs is not None:  # the same prompts through each arm: their greedy tokens
+        prompts, got = _fresh(llm, jobs, 10_000), {}
+        for arm in ("chunk", "graphs"):
+            undo = _apply(arm, runner, one)
+            try:
+                got[arm] = _outputs(llm, prompts)
+            finally:
+                undo()
+        same = sum(x == y for x, y in zip(got["chunk"], got["graphs"]))
+        print(f"tokens: {same}/{len(prompts)} sequences' 8 greedy tokens equal with graphs and without", flush=True)
+        out.append({"tokens_equal": same, "sequences": len(prompts), "outputs": got})
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))
+
+
+def _outputs(llm: LLM, prompts: list[list[int]], n: int = 8) -> list[list[int]]:
+    """Every prompt added at once, run to its end: each one's ``n`` greedy tokens."""
+    sched, params = llm.scheduler, SamplingParams(max_tokens=n, temperature=0.0)
+    seqs = [Sequence(p, params, llm.tokenizer) for p in prompts]
+    for s in seqs:
+        sched.add(s)
+    while sched.has_work():
+        sched.step()
+    return [list(s.output_ids) for s in seqs]
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ from kernels.graph_capture import capture
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 128  # the smallest bucket: shorter units run eagerly (their launches are as many, but rare)
+PIECES_FROM = 1024  # buckets of at least this many rows run their MLP in pieces (engine/mlp_chunks.py): the graphs'
+# memory pool comes on top of the eager passes' workspace, and whole, a 2,048-row MLP did not fit beside it under the
+# 7B's 6 GiB budget (H100, session 47); in a graph the pieces' extra launches cost the host nothing
 
 
 def wanted() -> bool:
@@ -200,8 +203,12 @@ class PromptGraphs:
         def run() -> None:
             h = states[0, :b].view(1, b, -1)
             res = None if i == 0 else states[1, :b].view(1, b, -1)
-            with model.ops.pass_scope():
-                out, r = model.layer_stacked(w, h, res, [None], [None], [None], None, (plan, kv))
+            saved, model.ops.mlp_budget = model.ops.mlp_budget, (0, 1 << 62) if b >= PIECES_FROM else None
+            try:
+                with model.ops.pass_scope():
+                    out, r = model.layer_stacked(w, h, res, [None], [None], [None], None, (plan, kv))
+            finally:
+                model.ops.mlp_budget = saved
             states[1, :b].copy_(r.view(b, -1))
             states[0, :b].copy_(out.view(b, -1))
         return run

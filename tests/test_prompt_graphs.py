@@ -51,7 +51,11 @@ def _groups(vocab: int) -> list[Group]:
 @pytest.mark.parametrize("streamed", [False, True])
 def test_graph_units_give_the_eager_logits_and_keys(model_dir, monkeypatch, streamed):
     monkeypatch.setattr(prompt_graphs, "MIN_ROWS", 4)
+    monkeypatch.setattr(prompt_graphs, "PIECES_FROM", 16)  # the largest bucket's MLP in pieces
     kw = dict(kernels="triton", device=DEV, batch=7, max_context=64, prefill_chunk=16)
+    if streamed and DEV == "cuda":
+        pytest.skip("the tiny model's smallest budget is below a GPU's CUDA context; on the GPU the 7B's streamed "
+                    "slots run through the graphs in bench/unit_ab.py")
     if streamed:
         probe = make_engine(model_dir, batch=1, max_context=64)
         kw["vram_budget"] = min_budget(probe.cfg, torch.float32, batch=7, max_context=64, prefill_chunk=16,
@@ -109,13 +113,14 @@ def test_units_a_graph_cannot_run_stay_eager(tiny_qwen2_dir, monkeypatch):
         assert graphs.layout(plan([1, 2])).b == 8
         assert graphs.layout(plan([1, 2, 3])) is None  # three sequences: more than 2
         assert graphs.layout(plan([0, 1, 2])) is None  # the decode group heads the unit
-        long = Group(torch.zeros((1, 17), dtype=torch.long), torch.zeros(1, dtype=torch.int32),
-                     torch.full((1,), 17, dtype=torch.int32), 6, 17)
+        dev = eng.device
+        long = Group(torch.zeros((1, 17), dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.int32, device=dev),
+                     torch.full((1,), 17, dtype=torch.int32, device=dev), 6, 17)
         assert graphs.layout(plan_unit([long], [eng.model.positions(long.start_pos, 17)], eng.device, least=1)) is None
         graphs.enabled = False
         assert graphs.layout(plan([1, 2])) is None
         graphs.enabled = True
-        eng.model.ops._tile = torch.empty(8, dtype=torch.uint8)
+        eng.model.ops._tile = torch.empty(8, dtype=torch.uint8, device=dev)
         assert graphs.layout(plan([1, 2])) is None
     finally:
         eng.close()
