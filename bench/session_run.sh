@@ -504,6 +504,13 @@ if [[ $steps == *C* ]]; then  # issue 16: prompt units through captured graphs a
         > $R/unit_ab_$b.txt 2>&1; echo "unit_ab $b (no graphs at the first budget) rc=$?"
       grep -E "^warm|^prompt graphs|^round|^tokens|Error|error" $R/unit_ab_$b.txt | cut -c1-150; }
   done
+  n=0; for e in ${C_GRAPHS_ONLY:-}; do n=$((n+1))  # graphs-only processes, e.g. LAYERSTREAM_MLP_PIECES=3
+    env LAYERSTREAM_PROMPT_GRAPHS=1 ${e//+/ } timeout $(left 120) python3 bench/unit_ab.py --model /tmp/q7b-awq \
+      --vram-budget 6GiB --max-batch 32 --max-context 2304 --rounds 3 --arms graphs --out $R/graphs_$n.json \
+      > $R/graphs_$n.txt 2>&1; echo "graphs only, $e rc=$?"
+    grep -E "^warm|^prompt graphs|^round|Error|error" $R/graphs_$n.txt | cut -c1-150
+    grep -c "out of device memory" $R/graphs_$n.txt
+  done
   for r in ${C_SERVE:-graphs chunk}; do
     cold_burst $r LAYERSTREAM_PROMPT_GRAPHS=$([ "$r" = graphs ] && echo 1 || echo 0)
     grep -hE "prompt graphs|warm-up:" $R/bench_serve_$r.log | head -3

@@ -86,7 +86,7 @@ def main() -> None:
             print(f"round {r} {arm:8s} {line} peak {peak} MiB", flush=True)
             if r:
                 out.append({"round": r, "arm": arm, "passes": passes, "peak_mib": peak})
-    if graphs is not None:  # the same prompts through each arm: their greedy tokens
+    if graphs is not None and {"chunk", "graphs"} <= set(a.arms.split(",")):  # the same prompts, each arm's tokens
         prompts, got = _fresh(llm, jobs, 10_000), {}
         for arm in ("chunk", "graphs"):
             undo = _apply(arm, runner, one)

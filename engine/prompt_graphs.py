@@ -34,9 +34,10 @@ from kernels.graph_capture import capture
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 128  # the smallest bucket: shorter units run eagerly (their launches are as many, but rare)
-PIECES_FROM = 1024  # buckets of at least this many rows run their MLP in pieces (engine/mlp_chunks.py): the graphs'
+PIECES_FROM = int(os.environ.get("LAYERSTREAM_GRAPH_PIECES_FROM", "1024"))  # buckets of at least this many rows run their MLP in pieces (engine/mlp_chunks.py): the graphs'
 # memory pool comes on top of the eager passes' workspace, and whole, a 2,048-row MLP did not fit beside it under the
-# 7B's 6 GiB budget (H100, session 47); in a graph the pieces' extra launches cost the host nothing
+# 7B's 6 GiB budget (H100, session 47); in a graph the pieces' extra launches cost the host nothing (the variable: an
+# A/B; LAYERSTREAM_MLP_PIECES=J sets their count, by default engine.mlp_chunks.MOST_PIECES)
 
 
 def wanted() -> bool:
