@@ -109,7 +109,7 @@ class DecoderLayers:
             ops.rope_kv_append_rows(q, k, v, self.cos, self.sin, plan.positions, k_cache, v_cache, plan.cache_pos,
                                     plan.cache_row)
             out = ops.attention_varlen(q[0], k_cache, v_cache, plan.start, plan.q_lens, plan.seq_rows,
-                                       plan.seq_cache_row, plan.max_rows, self.scale)
+                                       plan.seq_cache_row, plan.max_rows, self.scale, plan.blocks, plan.block_m)
         return out.reshape(rows, self.cfg.q_size)
 
     def _heads(self, w: dict[str, torch.Tensor], qkv: torch.Tensor, b: int,

@@ -113,7 +113,7 @@ def plan_pieces(ops, rows: int, w_gate_up, w_down, hidden: int, inter: int,
     if budget is None or rows <= budget[0] or not chunkable(w_gate_up, w_down):
         return None
     align = align_of(w_down)
-    forced = os.environ.get("LAYERSTREAM_MLP_PIECES")
+    forced = os.environ.get("LAYERSTREAM_MLP_PIECES") or getattr(ops, "mlp_pieces", None)  # an A/B, or the caller's
     if forced:
         cols = -(-inter // max(1, int(forced)))
     else:  # MOST_PIECES pieces where the bytes allow (one set of GEMM shapes: the warm-up tunes them), else more

@@ -32,6 +32,7 @@ class TorchOps:
 
     _tile: torch.Tensor | None = None  # the dense tile's buffer (TritonOps: allocated at the first long chunk, kept)
     mlp_budget: tuple[int, int] | None = None  # (rows, bytes): longer stacks' MLPs run in pieces (engine/mlp_chunks.py)
+    mlp_pieces: int | None = None  # how many pieces they run in, where the caller says (engine/prompt_graphs.py)
 
     def use_scratch(self, nbytes: int) -> None:
         """Decode packed layers for a prefill's GEMM into dense tiles of at most ``nbytes`` (the plan's)."""
@@ -273,8 +274,10 @@ class TritonOps(TorchOps):
     def rope_kv_append_rows(self, q, k, v, cos, sin, positions, k_cache, v_cache, cache_pos, cache_rows):
         self._k["rope_kv_append"](q, k, v, cos, sin, positions, k_cache, v_cache, cache_pos, cache_rows=cache_rows)
 
-    def attention_varlen(self, q, k_cache, v_cache, start_pos, q_lens, seq_rows, cache_rows, max_rows, scale):
-        return self._k["prefill_varlen"](q, k_cache, v_cache, start_pos, q_lens, seq_rows, cache_rows, max_rows, scale)
+    def attention_varlen(self, q, k_cache, v_cache, start_pos, q_lens, seq_rows, cache_rows, max_rows, scale,
+                         blocks=None, block_m=0):
+        return self._k["prefill_varlen"](q, k_cache, v_cache, start_pos, q_lens, seq_rows, cache_rows, max_rows, scale,
+                                         blocks, block_m)
 
     def attention(self, q, k_cache, v_cache, start_pos, q_lens, scale, max_len):
         if q.shape[1] == 1:  # decode: one query per sequence, flash-decoding over the cache

@@ -28,16 +28,22 @@ from dataclasses import dataclass
 import torch
 
 from engine.graphs import _KEY, slot_address
+from engine.upload import upload_list
 from engine.varlen import VarlenPlan, plan_unit
+from kernels.attention_prefill import varlen_block_m
 from kernels.graph_capture import capture
 
 log = logging.getLogger(__name__)
 
+MIN_BLOCK = 16  # the fewest rows an attention program takes (a layout buffer's room for its block table)
 MIN_ROWS = 128  # the smallest bucket: shorter units run eagerly (their launches are as many, but rare)
-PIECES_FROM = int(os.environ.get("LAYERSTREAM_GRAPH_PIECES_FROM", "1024"))  # buckets of at least this many rows run their MLP in pieces (engine/mlp_chunks.py): the graphs'
-# memory pool comes on top of the eager passes' workspace, and whole, a 2,048-row MLP did not fit beside it under the
-# 7B's 6 GiB budget (H100, session 47); in a graph the pieces' extra launches cost the host nothing (the variable: an
-# A/B; LAYERSTREAM_MLP_PIECES=J sets their count, by default engine.mlp_chunks.MOST_PIECES)
+# Buckets of at least PIECES_FROM rows run their MLP in PIECES pieces (engine/mlp_chunks.py): the graphs' memory pool
+# comes on top of the eager passes' workspace, and whole, a 2,048-row MLP did not fit beside it under the 7B's 6 GiB
+# budget (H100, session 47); in a graph the pieces' extra launches cost the host nothing (the variable: an A/B;
+# LAYERSTREAM_MLP_PIECES=J sets their count)
+PIECES_FROM = int(os.environ.get("LAYERSTREAM_GRAPH_PIECES_FROM", "1024"))
+PIECES = 3  # that count: fewer pieces, fewer fp32 sums of down_proj's output (the 7B's widened gate_up rows fill
+# the plan's dense tile in 3 anyway)
 
 
 def wanted() -> bool:
@@ -57,37 +63,56 @@ def buckets(stack_rows: int) -> list[int]:
 
 @dataclass
 class Layout:
-    """A unit's varlen layout packed for bucket ``b`` (int32 [3b + 5S]): per row its RoPE position, cache
+    """A unit's varlen layout packed for bucket ``b`` (int32 [3b + 5S + NB]): per row its RoPE position, cache
     position (-1: padding) and cache row; per sequence (S slots, zero-length past the unit's) its span's first row
-    and length, start position, real rows and cache row."""
+    and length, start position, real rows and cache row; then the attention's block table (``table``)."""
 
     b: int
     rows: int
     packed: torch.Tensor
 
 
-def pack(plan: VarlenPlan, b: int, seqs: int) -> torch.Tensor:
-    """``plan``'s tensors in :class:`Layout`'s order, padded to ``b`` rows and ``seqs`` sequences (a few small
-    launches once a pass)."""
+def table_size(b: int, seqs: int, block_m: int) -> int:
+    """Entries of a bucket's block table: every span's blocks fit (at most one partial block a sequence)."""
+    return -(-b // block_m) + seqs
+
+
+def table(spans: list[int], block_m: int, size: int) -> list[int]:
+    """The attention's row blocks (``kernels.attention_prefill.attention_prefill_varlen``'s ``blocks``): entry
+    ``sequence * 65536 + block``, the later blocks of every sequence first (they read the most keys), then -1."""
+    entries = sorted(((m, i) for i, n in enumerate(spans) for m in range(-(-n // block_m))), key=lambda e: -e[0])
+    assert len(entries) <= size, (len(entries), size)
+    return [i * 65536 + m for m, i in entries] + [-1] * (size - len(entries))
+
+
+def pack(plan: VarlenPlan, b: int, seqs: int, block_m: int) -> torch.Tensor:
+    """``plan``'s tensors in :class:`Layout`'s order, padded to ``b`` rows and ``seqs`` sequences, and its block
+    table for ``block_m`` rows a block (a few small launches and one upload once a pass)."""
     r, n = plan.rows, plan.q_lens.numel()
-    assert r <= b and n <= seqs, (r, b, n, seqs)
-    out = torch.zeros(3 * b + 5 * seqs, dtype=torch.int32, device=plan.q_lens.device)
+    assert r <= b and n <= seqs and plan.spans is not None, (r, b, n, seqs)
+    dev, head = plan.q_lens.device, 3 * b + 5 * seqs
+    size = table_size(b, seqs, block_m)
+    out = torch.zeros(head + size, dtype=torch.int32, device=dev)
     out[:r] = plan.positions.reshape(-1)
     out[b:b + r] = plan.cache_pos
     out[b + r:2 * b] = -1
     out[2 * b:2 * b + r] = plan.cache_row
-    seq = out[3 * b:].view(5, seqs)
+    seq = out[3 * b:head].view(5, seqs)
     seq[0:2, :n] = plan.seq_rows
     seq[2, :n], seq[3, :n], seq[4, :n] = plan.start, plan.q_lens, plan.seq_cache_row
+    out[head:] = upload_list(table(plan.spans, block_m, size), torch.int32, dev)
     return out
 
 
-def unpack(buf: torch.Tensor, b: int, seqs: int) -> VarlenPlan:
-    """The static views of a bucket's layout buffer as the plan of one unit of ``b`` rows, every row in it."""
-    seq = buf[3 * b:].view(5, seqs)
+def unpack(buf: torch.Tensor, b: int, seqs: int, block_m: int) -> VarlenPlan:
+    """The static views of a bucket's layout buffer as the plan of one unit of ``b`` rows, every row in it (its
+    block table where ``block_m`` is known, else none)."""
+    head = 3 * b + 5 * seqs
+    seq = buf[3 * b:head].view(5, seqs)
+    blocks = buf[head:head + table_size(b, seqs, block_m)] if block_m else None
     return VarlenPlan(first=0, row0=0, rows=b, max_rows=b, positions=buf[:b].view(1, b), cache_pos=buf[b:2 * b],
                       cache_row=buf[2 * b:3 * b], seq_rows=seq[0:2], start=seq[2], q_lens=seq[3],
-                      seq_cache_row=seq[4])
+                      seq_cache_row=seq[4], blocks=blocks, block_m=block_m)
 
 
 class PromptGraphs:
@@ -98,7 +123,9 @@ class PromptGraphs:
         self.buckets = buckets(stack_rows)
         hidden, dev = model.cfg.hidden_size, model.device
         self.states = torch.zeros((2, stack_rows, hidden), dtype=model.dtype, device=dev)
-        self.layout_bufs = {b: torch.zeros(3 * b + 5 * seqs, dtype=torch.int32, device=dev) for b in self.buckets}
+        self.layout_bufs = {b: torch.zeros(3 * b + 5 * seqs + table_size(b, seqs, MIN_BLOCK), dtype=torch.int32,
+                                           device=dev) for b in self.buckets}
+        self.block_m: dict[int, int] = {}  # bucket -> the attention's rows a block (known once its shapes ran)
         self.loaded: dict[int, int] = {}  # bucket -> id of the packed layout in its buffer
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph | _Eager] = {}  # (layer, weight address, b)
         self.pool, self.side = None, torch.cuda.Stream(dev) if dev.type == "cuda" else None
@@ -121,17 +148,20 @@ class PromptGraphs:
     def layout(self, plan: VarlenPlan | None) -> Layout | None:
         """The unit's packed layout when a graph can run it (every row a prompt slice in ``plan``, rows within a
         bucket, at most ``seqs`` sequences), else None."""
-        if plan is None or plan.first != 0 or not self.enabled or self.model.ops._tile is not self.tile:
+        if plan is None or plan.first != 0 or plan.spans is None or not self.enabled \
+                or self.model.ops._tile is not self.tile:
             return None
-        fit = [b for b in self.buckets if b >= plan.rows]
+        fit = [b for b in self.buckets if b >= plan.rows and b in self.block_m]
         if not fit or plan.q_lens.numel() > self.seqs:
             return None
-        return Layout(fit[-1], plan.rows, pack(plan, fit[-1], self.seqs))
+        b = fit[-1]
+        return Layout(b, plan.rows, pack(plan, b, self.seqs, self.block_m[b]))
 
     def run(self, i: int, w: dict, h: torch.Tensor, res: torch.Tensor | None,
             lay: Layout) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Layer i (weights w) of a unit (states h / res: [1, R, H] stacked, or a lone group's [B, T, H]) by its
-        graph: (output, residual) shaped as h, or None when no graph was captured for this layer and weight address (run it eagerly)."""
+        graph: (output, residual) shaped as h, or None when no graph was captured for this layer and weight address
+        (run it eagerly)."""
         g = self.graphs.get((i, slot_address(w[_KEY]), lay.b))
         if g is None:
             return None
@@ -164,11 +194,16 @@ class PromptGraphs:
         warm = {}  # (first layer?, resident?) -> one layer's weights
         for i, w in sources:
             warm.setdefault((i == 0, i in weights.resident), (i, w))
+        cfg = self.model.cfg
         for b in self.buckets:
-            self._warm_layout(b)
-            with self._beside():
-                for i, w in warm.values():
-                    self._layer_fn(i, w, b)()
+            for blocks in (False, True):  # the shapes (tuning any left), then the block table's variant
+                if blocks:
+                    group = cfg.num_attention_heads // cfg.num_key_value_heads
+                    self.block_m[b] = varlen_block_m(b, cfg.head_dim, group, self.model.dtype)
+                self._warm_layout(b)
+                with self._beside():
+                    for i, w in warm.values():
+                        self._layer_fn(i, w, b)()
             self.tile = self.model.ops._tile  # allocated by now where the layers use one (outside any graph)
             for i, w in sources:
                 self.graphs[(i, slot_address(w[_KEY]), b)] = self._capture(self._layer_fn(i, w, b))
@@ -194,22 +229,28 @@ class PromptGraphs:
         buf = self.layout_bufs[b]
         buf.zero_()
         buf[:b], buf[b:2 * b] = rows, rows
-        seq = buf[3 * b:].view(5, self.seqs)
+        seq = buf[3 * b:3 * b + 5 * self.seqs].view(5, self.seqs)
         seq[1, 0], seq[3, 0] = b, b
+        if b in self.block_m:
+            size = table_size(b, self.seqs, self.block_m[b])
+            buf[3 * b + 5 * self.seqs:][:size] = upload_list(table([b], self.block_m[b], size), torch.int32, buf.device)
 
     def _layer_fn(self, i: int, w: dict, b: int):
-        model, states, plan = self.model, self.states, unpack(self.layout_bufs[b], b, self.seqs)
+        model, states = self.model, self.states
+        plan = unpack(self.layout_bufs[b], b, self.seqs, self.block_m.get(b, 0))
         kv = lambda: self.cache.layer(i)  # noqa: E731
 
         def run() -> None:
             h = states[0, :b].view(1, b, -1)
             res = None if i == 0 else states[1, :b].view(1, b, -1)
-            saved, model.ops.mlp_budget = model.ops.mlp_budget, (0, 1 << 62) if b >= PIECES_FROM else None
+            ops = model.ops
+            saved = ops.mlp_budget, ops.mlp_pieces
+            ops.mlp_budget, ops.mlp_pieces = ((0, 1 << 62), PIECES) if b >= PIECES_FROM else (None, None)
             try:
-                with model.ops.pass_scope():
+                with ops.pass_scope():
                     out, r = model.layer_stacked(w, h, res, [None], [None], [None], None, (plan, kv))
             finally:
-                model.ops.mlp_budget = saved
+                ops.mlp_budget, ops.mlp_pieces = saved
             states[1, :b].copy_(r.view(b, -1))
             states[0, :b].copy_(out.view(b, -1))
         return run

@@ -52,6 +52,9 @@ class VarlenPlan:
     start: torch.Tensor
     q_lens: torch.Tensor
     seq_cache_row: torch.Tensor
+    spans: list[int] | None = None  # each sequence's rows, on the host (a captured layout's block table)
+    blocks: torch.Tensor | None = None  # the attention's row blocks as a table (engine/prompt_graphs.py), or none
+    block_m: int = 0  # the rows of a table's block
 
 
 def plan_unit(groups: list[Group], positions: list[torch.Tensor], device: torch.device,
@@ -76,7 +79,7 @@ def plan_unit(groups: list[Group], positions: list[torch.Tensor], device: torch.
         cache_pos=torch.cat([_cache_positions(g, device) for g in tail]).to(i32),
         cache_row=seq_cache_row.repeat_interleave(seq_rows[1], output_size=r),  # no host sync: r is known
         seq_rows=seq_rows, start=torch.cat([g.start_pos.to(device) for g in tail]).to(i32),
-        q_lens=torch.cat([g.q_lens.to(device) for g in tail]).to(i32), seq_cache_row=seq_cache_row)
+        q_lens=torch.cat([g.q_lens.to(device) for g in tail]).to(i32), seq_cache_row=seq_cache_row, spans=spans)
 
 
 def _cache_positions(g: Group, device: torch.device) -> torch.Tensor:

@@ -80,20 +80,29 @@ def _prefill_block(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, n0,
 
 @triton.jit
 def _attention_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, qlen_ptr, qrow_ptr, crow_ptr,
-    qk_scale, T, Hq, D, S, GROUP,
+    q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, qlen_ptr, qrow_ptr, crow_ptr, blk_ptr,
+    qk_scale, T, Hq, D, S, GROUP, NSEQ,
     sq_b, sq_t, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_t, so_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_FP32: tl.constexpr, UPCAST: tl.constexpr, VARLEN: tl.constexpr = False,
+    IS_FP32: tl.constexpr, UPCAST: tl.constexpr, VARLEN: tl.constexpr = False, BLOCKS: tl.constexpr = False,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest (diagonal-heavy) blocks first
-    b = tl.program_id(1) // Hq
-    h = tl.program_id(1) % Hq
+    if BLOCKS:  # program (entry, head): the table's entry is sequence * 65536 + its row block (-1: no work)
+        e = tl.load(blk_ptr + tl.program_id(0))
+        real = e >= 0
+        e = tl.maximum(e, 0)
+        b = e >> 16
+        pid_m = e & 65535
+        h = tl.program_id(1)
+    else:
+        real = True
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest (diagonal-heavy) blocks first
+        b = tl.program_id(1) // Hq
+        h = tl.program_id(1) % Hq
     kvh = h // GROUP
     start = tl.load(start_ptr + b)
-    if VARLEN:  # sequence b: rows qrow[b] .. + qrow[B + b] of q / out (its span), its keys cache row crow[b]
+    if VARLEN:  # sequence b: rows qrow[b] .. + qrow[NSEQ + b] of q / out (its span), its keys cache row crow[b]
         row0 = tl.load(qrow_ptr + b).to(tl.int64)
-        n_rows = tl.load(qrow_ptr + tl.num_programs(1) // Hq + b)
+        n_rows = tl.where(real, tl.load(qrow_ptr + NSEQ + b), 0)
         q_off = row0 * sq_t
         o_off = row0 * so_t
         c_row = tl.load(crow_ptr + b).to(tl.int64)
@@ -146,7 +155,9 @@ _TUNED: dict[tuple, triton.Config] = {}
 
 
 def _launch(cfg: triton.Config, args: tuple, consts: dict, grid_m: int, grid_bh: int) -> None:
-    _attention_prefill_launch[(triton.cdiv(grid_m, cfg.kwargs["BLOCK_M"]), grid_bh)](
+    """``grid_m`` rows of blocks (a block table's entries: ``consts["BLOCKS"]``) by ``grid_bh`` programs."""
+    rows = grid_m if consts["BLOCKS"] else triton.cdiv(grid_m, cfg.kwargs["BLOCK_M"])
+    _attention_prefill_launch[(rows, grid_bh)](
         *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -199,14 +210,20 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def attention_prefill_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              start_pos: torch.Tensor, q_lens: torch.Tensor, seq_rows: torch.Tensor,
-                             cache_rows: torch.Tensor, max_rows: int, scale: float) -> torch.Tensor:
+                             cache_rows: torch.Tensor, max_rows: int, scale: float,
+                             blocks: torch.Tensor | None = None, block_m: int = 0) -> torch.Tensor:
     """:func:`attention_prefill` for several sequences whose query rows lie one after another in a flat
     q [R, Hq, D] (the stacked prompt slices of a pass), in one launch: sequence b's rows are
     ``seq_rows[1, b]`` rows from row ``seq_rows[0, b]`` (int32 [2, B]; ``max_rows`` their most), its keys and
     values row ``cache_rows[b]`` (int32 [B]) of k_cache / v_cache [C, Hk, S, D]; start_pos / q_lens as
     there (rows past q_lens[b] of its span written as zeros). Returns [R, Hq, D] in q's dtype; rows outside
     every span are left unwritten. The caller keeps ``max_rows`` >= every span and the cache rows < C (device
-    values, not checked here: a pass lays them out once, engine/varlen.py)."""
+    values, not checked here: a pass lays them out once, engine/varlen.py).
+
+    ``blocks`` (int32 [NB], with ``block_m``): the launch's row blocks as a table, entry ``b * 65536 + m`` for
+    rows ``m * block_m ..`` of sequence b (-1: none), one program per entry and head, in place of a program per
+    sequence, ``max_rows`` block and head: a captured launch padded to many sequences and rows
+    (engine/prompt_graphs.py) then costs what its real blocks do. ``block_m`` must be :func:`varlen_block_m`'s."""
     if q.dim() != 3:
         raise ValueError(f"q must be [R, Hq, D], got shape {tuple(q.shape)}")
     B = start_pos.shape[0] if start_pos.dim() == 1 else -1
@@ -218,12 +235,29 @@ def attention_prefill_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             or seq_rows.device != q.device:
         raise ValueError(f"seq_rows must be a contiguous int32 [2, {B}] tensor on {q.device}, "
                          f"got {tuple(seq_rows.shape)} {seq_rows.dtype}")
+    if blocks is not None:
+        if blocks.dim() != 1 or blocks.dtype != torch.int32 or not blocks.is_contiguous() or blocks.device != q.device:
+            raise ValueError(f"blocks must be a contiguous 1-D int32 tensor on {q.device}, got "
+                             f"{tuple(blocks.shape)} {blocks.dtype}")
+        want = varlen_block_m(max_rows, q.shape[-1], q.shape[-2] // k_cache.shape[1], q.dtype)
+        if block_m != want:
+            raise ValueError(f"block_m {block_m} is not the launch's block of rows ({want}): lay the table out "
+                             "with varlen_block_m's")
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    if B == 0 or max_rows <= 0 or q.shape[0] == 0:
+    if B == 0 or max_rows <= 0 or q.shape[0] == 0 or (blocks is not None and blocks.numel() == 0):
         return out
     _run(q, k_cache, v_cache, out, start_pos.contiguous(), q_lens.contiguous(), scale, max_rows, B,
-         (0, *q.stride()[:2]), (0, *out.stride()[:2]), (seq_rows, cache_rows.contiguous()))
+         (0, *q.stride()[:2]), (0, *out.stride()[:2]), (seq_rows, cache_rows.contiguous(), blocks))
     return out
+
+
+def varlen_block_m(max_rows: int, D: int, group: int, dtype: torch.dtype) -> int:
+    """The rows a program of :func:`attention_prefill_varlen` takes for these shapes: its tuned config's, where
+    this process has one, else the untimed default's (a block table laid out before the shape's first call may
+    meet another pick: lay it out after)."""
+    key = (min(triton.next_power_of_2(max_rows), 4096), max(16, triton.next_power_of_2(D)), group, dtype)
+    cfg = _TUNED.get(key) or _default_config(dtype)
+    return cfg.kwargs["BLOCK_M"]
 
 
 def _check_operands(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, B: int) -> None:
@@ -246,23 +280,26 @@ def _check_operands(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, start_pos: torch.Tensor,
          q_lens: torch.Tensor, scale: float, T: int, B: int, q_strides: tuple, o_strides: tuple,
-         varlen: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+         varlen: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> None:
     """Launch with the tuned config for these shapes (tuning them first where none is known)."""
     Hq, D = q.shape[-2], q.shape[-1]
     Hk, S = k_cache.shape[1], k_cache.shape[2]
     t_bucket = min(triton.next_power_of_2(T), 4096)
     block_d = max(16, triton.next_power_of_2(D))
-    rows, crows = varlen if varlen is not None else (start_pos, start_pos)  # unread without VARLEN
-    args = (q, k_cache, v_cache, out, start_pos, q_lens, rows, crows, float(scale) * _LOG2E,
-            T, Hq, D, S, Hq // Hk,
+    rows, crows, blocks = varlen if varlen is not None else (start_pos, start_pos, None)  # unread without VARLEN
+    args = (q, k_cache, v_cache, out, start_pos, q_lens, rows, crows, start_pos if blocks is None else blocks,
+            float(scale) * _LOG2E, T, Hq, D, S, Hq // Hk, B,
             *q_strides, *k_cache.stride()[:3], *v_cache.stride()[:3], *o_strides)
     consts = dict(BLOCK_D=block_d, IS_FP32=q.dtype == torch.float32,
-                  UPCAST=_INTERPRET and q.dtype == torch.bfloat16, VARLEN=varlen is not None)
+                  UPCAST=_INTERPRET and q.dtype == torch.bfloat16, VARLEN=varlen is not None,
+                  BLOCKS=blocks is not None)
     # the one-launch form shares the plain form's picks (its row bucket: the longest span's): the warm-up's passes
-    # tune them group by group and a served pass never tunes; its grid holds more sequences (not timed apart)
+    # tune them group by group and a served pass never tunes; its grid holds more sequences (not timed apart).
+    # With a block table: the config whose BLOCK_M the table was laid out for (varlen_block_m), never tuned here
     key = (t_bucket, block_d, Hq // Hk, q.dtype)
-    run = functools.partial(_launch, args=args, consts=consts, grid_m=T, grid_bh=B * Hq)
-    cfg = _TUNED.get(key) or _untimed_config(key, q)
+    grid = (blocks.numel(), Hq) if blocks is not None else (T, B * Hq)
+    run = functools.partial(_launch, args=args, consts=consts, grid_m=grid[0], grid_bh=grid[1])
+    cfg = _TUNED.get(key) or (_default_config(q.dtype) if blocks is not None else _untimed_config(key, q))
     if cfg is None:  # time the candidates (compiled in parallel first); keep the pick here and on disk
         tune = functools.partial(fastest, _configs(), run, bench_ms, name="attention_prefill", device=q.device)
         picked = tuning_cache.safe_tune("attention_prefill", key, tune)  # None: the tuning failed (logged)

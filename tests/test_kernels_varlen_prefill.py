@@ -9,7 +9,7 @@ import torch
 from tests.kernel_utils import DEV, DTYPES, close, rand  # noqa: F401  (sets TRITON_INTERPRET first)
 
 from kernels.attention_prefill import (attention_prefill, attention_prefill_ref,  # noqa: E402
-                                       attention_prefill_varlen)
+                                       attention_prefill_varlen, varlen_block_m)
 from kernels.rope import rope_tables  # noqa: E402
 from kernels.rope_kv_append import rope_kv_append_  # noqa: E402
 
@@ -71,6 +71,38 @@ def test_one_launch_equals_a_launch_a_sequence(spans, crows, starts, qlens, hq, 
         ref = attention_prefill_ref(q2[:, sl], kc2[c], vc2[c], start_t[i:i + 1], qlen_t[i:i + 1], 0.125)
         close(out[sl], ref[0], dtype)
         assert not out[sl][qlens[i]:].any(), "rows past q_lens are zeros"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spans,crows,starts,qlens,hq,hk,d", CASES)
+def test_a_block_table_gives_the_launch_a_sequence_and_block_gives(spans, crows, starts, qlens, hq, hk, d, dtype):
+    """The same sequences padded as a captured layout pads them (two zero-length sequences, rows past the spans,
+    ``max_rows`` the padded rows) through a block table with unused entries: the rows of the plain launch, bitwise
+    (the same config, the same summation order)."""
+    s, rows, pad = 48, sum(spans), 5
+    kc = rand(4, hk, s, d, dtype=dtype, seed=3).to(DEV)
+    vc = rand(4, hk, s, d, dtype=dtype, seed=4).to(DEV)
+    _, q, _, _ = _stack(spans + [pad], hq, hk, d, dtype, seed=7)
+    r0 = [sum(spans[:i]) for i in range(len(spans))]
+    i32 = dict(dtype=torch.int32, device=DEV)
+    args = (kc, vc, torch.tensor(starts, **i32), torch.tensor(qlens, **i32), torch.tensor([r0, spans], **i32),
+            torch.tensor(crows, **i32))
+    plain = attention_prefill_varlen(q[0, :rows], *args, max(spans), 0.125)
+    n, padded = len(spans) + 2, rows + pad  # two empty sequences, `pad` rows of nobody's
+    grow = lambda t, v: torch.cat([t, torch.full((2,), v, **i32)])  # noqa: E731
+    seq_rows = torch.stack([grow(args[4][0], 0), grow(args[4][1], 0)]).contiguous()
+    bm = varlen_block_m(padded, d, hq // hk, dtype)
+    blocks = [i * 65536 + m for i, m_count in enumerate(spans) for m in range(-(-m_count // bm))][::-1]
+    table = torch.tensor(blocks + [-1] * 3, **i32)
+    out = torch.full((padded, hq, d), 7.0, dtype=dtype, device=DEV)
+    got = attention_prefill_varlen(q[0], kc, vc, grow(args[2], 0), grow(args[3], 0), seq_rows, grow(args[5], 0),
+                                   padded, 0.125, blocks=table, block_m=bm)
+    out[:rows] = got[:rows]
+    assert torch.equal(out[:rows], plain) or bm != varlen_block_m(max(spans), d, hq // hk, dtype)
+    close(out[:rows], plain, dtype)
+    with pytest.raises(ValueError, match="block_m"):
+        attention_prefill_varlen(q[0], kc, vc, grow(args[2], 0), grow(args[3], 0), seq_rows, grow(args[5], 0),
+                                 padded, 0.125, blocks=table, block_m=bm + 1)
 
 
 def test_rows_outside_every_span_are_not_written():
