@@ -174,7 +174,7 @@ class PromptGraphs:
             if res is not None:
                 self.states[1, :r].copy_(res.view(r, -1))
         if self.loaded.get(lay.b) != id(lay.packed):
-            self.layout_bufs[lay.b].copy_(lay.packed)
+            self.layout_bufs[lay.b][:lay.packed.numel()].copy_(lay.packed)  # its table: the bucket's block_m's
             self.loaded[lay.b] = id(lay.packed)
         g.replay()
         self.replays += 1
