@@ -48,8 +48,13 @@ def _groups(vocab: int) -> list[Group]:
     return groups
 
 
+@pytest.mark.parametrize("host_states", [False, True])
 @pytest.mark.parametrize("streamed", [False, True])
-def test_graph_units_give_the_eager_logits_and_keys(model_dir, monkeypatch, streamed):
+def test_graph_units_give_the_eager_logits_and_keys(model_dir, monkeypatch, streamed, host_states):
+    """``host_states``: the units' states wait in host memory between layers (streamed: the weight copies
+    interleave with theirs)."""
+    if host_states and model_dir.name != "tiny-qwen2":
+        pytest.skip("the states' places are the plain model's (the layers' maths are the same)")
     monkeypatch.setattr(prompt_graphs, "MIN_ROWS", 4)
     monkeypatch.setattr(prompt_graphs, "PIECES_FROM", 16)  # the largest bucket's MLP in pieces
     monkeypatch.setattr(prompt_graphs, "MIN_BLOCK", 1)  # the buffers' room for a table of longer ones than launched
@@ -82,9 +87,10 @@ def test_graph_units_give_the_eager_logits_and_keys(model_dir, monkeypatch, stre
                 for c, b in zip(eng.cache.layer(i), before[i]):
                     c.copy_(b)
             eng.model.prompt_graphs = use
-            logits = eng.model.forward_groups(groups, eng.cache, pick, stack_rows=16)
+            logits = eng.model.forward_groups(groups, eng.cache, pick, stack_rows=16, host_states=host_states)
             runs.append((logits, [tuple(c.clone() for c in eng.cache.layer(i)) for i in range(n)]))
         assert graphs.replays == 3 * n  # the three prompt units, every layer
+        assert host_states == (eng.model.state_host_bytes > 0)
         (eager, kv_eager), (graphed, kv_graphed) = runs
         torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=2e-2)
         ends = [21, 31, 7, 5, 10, 8, 5]  # each cache row's positions written or read
