@@ -182,7 +182,7 @@ class LLM:
         if self.scheduler is not None:
             self.scheduler.runner.on_queued = None
             self.scheduler = None
-        self.engine.cache = self.engine.graph = None
+        self.engine.cache = self.engine.graph = self.engine.model.prompt_graphs = None
         self.engine.close()
 
     def __enter__(self) -> LLM:

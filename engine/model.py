@@ -174,7 +174,7 @@ class Model(DecoderLayers):
         # the weight copies interleave with the states' (host states only: parked ones do not cross PCIe)
         pump = host_states and parking is None and interleave_weights() and len(runs) > 1
         share = list(itertools.accumulate(b * t for b, t in shapes)) if pump else []  # tokens up to unit u
-        graphs = self.prompt_graphs
+        graphs = self.prompt_graphs if self.prompt_graphs is not None and self.prompt_graphs.cache is cache else None
         lays = graphs.layouts(groups, runs, plans, positions) if graphs is not None else [None] * len(runs)
         try:
             self.weights.meter(pump)

@@ -14,8 +14,19 @@ is copied in (states, and its layout once a pass when no other unit of that buck
 and copied out: 3-4 launches for the ~20. Rows R .. b are padding: no span holds them and their cache
 positions are -1, so they write no key and no row reads them (every op is per row, the attention per span).
 
-Opt-in (``LAYERSTREAM_PROMPT_GRAPHS=1``) until an alternated A/B on the GPU machine shows the gain; captured at
-the end of a server's warm-up (the shapes tuned by then), on CUDA with the Triton kernels and a slot cache.
+Captured at the end of a server's warm-up (the shapes tuned by then), on CUDA with the Triton kernels and a slot
+cache; used only for passes over that cache. The attention of a captured layout runs through a block table (a
+program per real row block and head): over the padded grid, 34 sequences x 16 row blocks x 28 heads, the attention
+took 37.8 ms of the H100's traced burst pass, where its real work (~1.2 TFLOP) needs a few: the rest, the empty
+programs (an estimate: the block table is not yet timed).
+
+Opt-in (``LAYERSTREAM_PROMPT_GRAPHS=1``): not yet shown faster (bench/results/2026-12-06-h100-s47/). At 7 GiB,
+alternated in one process, the burst's first pass took 253-297 ms with graphs against 248-401 ms eagerly: the
+graphs held their time where the host slowed (the eager arm's 373-401 ms), not below the eager arm's best; that
+was before the block table (traced then: the compute stream busy 217 of 251 ms, the host 11 ms). And their memory
+pool comes on top of the eager workspace: at the 7B's 6 GiB a pass whose prompt units fall back to eager ones of a
+chunk (more sequences than the layout holds, or the graphs switched off) runs out of memory and is retried in
+half-chunk units.
 """
 
 from __future__ import annotations
