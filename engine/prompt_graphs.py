@@ -25,8 +25,9 @@ alternated in one process, the burst's first pass took 253-297 ms with graphs ag
 graphs held their time where the host slowed (the eager arm's 373-401 ms), not below the eager arm's best; that
 was before the block table (traced then: the compute stream busy 217 of 251 ms, the host 11 ms). And their memory
 pool comes on top of the eager workspace: at the 7B's 6 GiB a pass whose prompt units fall back to eager ones of a
-chunk (more sequences than the layout holds, or the graphs switched off) runs out of memory and is retried in
-half-chunk units.
+chunk (the graphs switched off: the eager arm of call2) runs out of memory and is retried in half-chunk units; a
+server's layouts hold two slices of every sequence (a unit holds no more), and with the block table padded
+sequences cost the attention nothing.
 """
 
 from __future__ import annotations

@@ -97,8 +97,9 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
     if not paged and prompt_graphs.wanted() and eng.device.type == "cuda" and eng.model.ops.varlen \
             and varlen_enabled() and scheduler.runner.stack_rows:  # the shapes are tuned by now
         t0 = time.perf_counter()
+        # a unit holds at most two slices of each sequence (one slice's tail, the next one's head)
         eng.model.prompt_graphs = prompt_graphs.try_capture(eng.model, eng.cache, scheduler.runner.stack_rows,
-                                                            eng.opts.batch + 2)
+                                                            2 * eng.opts.batch)
         report.graphs_s = time.perf_counter() - t0
         _clean(scheduler)
     log.info("%s", report.summary())
