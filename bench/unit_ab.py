@@ -86,30 +86,47 @@ def main() -> None:
             print(f"round {r} {arm:8s} {line} peak {peak} MiB", flush=True)
             if r:
                 out.append({"round": r, "arm": arm, "passes": passes, "peak_mib": peak})
-    if graphs is not None and {"chunk", "graphs"} <= set(a.arms.split(",")):  # the same prompts, each arm's tokens
-        prompts, got = _fresh(llm, jobs, 10_000), {}
+    if graphs is not None and {"chunk", "graphs"} <= set(a.arms.split(",")):  # the same prompts through each arm
+        prompts, got, first = _fresh(llm, jobs, 10_000), {}, {}
         for arm in ("chunk", "graphs"):
             undo = _apply(arm, runner, one)
             try:
-                got[arm] = _outputs(llm, prompts)
+                got[arm], first[arm] = _outputs(llm, prompts)
             finally:
                 undo()
         same = sum(x == y for x, y in zip(got["chunk"], got["graphs"]))
-        print(f"tokens: {same}/{len(prompts)} sequences' 8 greedy tokens equal with graphs and without", flush=True)
-        out.append({"tokens_equal": same, "sequences": len(prompts), "outputs": got})
+        diff = (first["graphs"] - first["chunk"]).abs()
+        print(f"tokens: {same}/{len(prompts)} sequences' 8 greedy tokens equal with graphs and without; first-token "
+              f"logits: max |diff| {diff.max():.4f}, mean {diff.mean():.5f} (their spread: std "
+              f"{first['chunk'].std():.3f})", flush=True)
+        out.append({"tokens_equal": same, "sequences": len(prompts), "outputs": got,
+                    "logits_max_diff": float(diff.max()), "logits_mean_diff": float(diff.mean())})
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))
 
 
-def _outputs(llm: LLM, prompts: list[list[int]], n: int = 8) -> list[list[int]]:
-    """Every prompt added at once, run to its end: each one's ``n`` greedy tokens."""
+def _outputs(llm: LLM, prompts: list[list[int]], n: int = 8) -> tuple[list[list[int]], torch.Tensor]:
+    """Every prompt added at once, run to its end: each one's ``n`` greedy tokens, and the fp32 logits its first
+    token was drawn from ([prompts, V], on the host)."""
     sched, params = llm.scheduler, SamplingParams(max_tokens=n, temperature=0.0)
     seqs = [Sequence(p, params, llm.tokenizer) for p in prompts]
-    for s in seqs:
-        sched.add(s)
-    while sched.has_work():
-        sched.step()
-    return [list(s.output_ids) for s in seqs]
+    runner, rows = sched.runner, {}
+    real = runner.sample
+
+    def sample(logits, ready):  # the rows of the sequences whose first token this pass draws
+        for s in ready:
+            if not s.output_ids and s.seq_id not in rows:
+                rows[s.seq_id] = logits[s.slot].float().cpu()
+        return real(logits, ready)
+    runner.sample = sample
+    try:
+        for s in seqs:
+            sched.add(s)
+        while sched.has_work():
+            sched.step()
+    finally:
+        del runner.sample
+    return [list(s.output_ids) for s in seqs], torch.stack([rows[s.seq_id] for s in seqs])
 
 
 if __name__ == "__main__":
