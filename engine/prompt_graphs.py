@@ -237,16 +237,18 @@ class PromptGraphs:
         torch.cuda.current_stream().wait_stream(self.side)
 
     def _warm_layout(self, b: int) -> None:
-        """One sequence spanning the bucket's rows at positions 0 .. b - 1 of cache row 0 (real work to tune on)."""
+        """One sequence spanning the bucket's rows at positions 0 .. b - 1 of cache row 0 (real work to tune on;
+        positions past the RoPE table read its last row, those past the cache write no key)."""
         rows = torch.arange(b, dtype=torch.int32, device=self.model.device)
-        buf = self.layout_bufs[b]
+        buf, head = self.layout_bufs[b], 3 * b + 5 * self.seqs
         buf.zero_()
-        buf[:b], buf[b:2 * b] = rows, rows
-        seq = buf[3 * b:3 * b + 5 * self.seqs].view(5, self.seqs)
+        buf[:b] = rows.clamp(max=self.model.cos.shape[0] - 1)
+        buf[b:2 * b] = torch.where(rows < self.cache.layer(0)[0].shape[2], rows, -1)
+        seq = buf[3 * b:head].view(5, self.seqs)
         seq[1, 0], seq[3, 0] = b, b
         if b in self.block_m:
             size = table_size(b, self.seqs, self.block_m[b])
-            buf[3 * b + 5 * self.seqs:][:size] = upload_list(table([b], self.block_m[b], size), torch.int32, buf.device)
+            buf[head:head + size] = upload_list(table([b], self.block_m[b], size), torch.int32, buf.device)
 
     def _layer_fn(self, i: int, w: dict, b: int):
         model, states = self.model, self.states

@@ -131,3 +131,18 @@ def test_units_a_graph_cannot_run_stay_eager(tiny_qwen2_dir, monkeypatch):
         assert graphs.layout(plan([1, 2])) is None
     finally:
         eng.close()
+
+
+def test_a_bucket_past_the_context_warms_up_within_the_cache_and_rope_table(tiny_qwen2_dir, monkeypatch):
+    """Buckets of more rows than the context (a prefill chunk past --max-context): the capture's warm-up layout keeps
+    its positions within the RoPE table and writes no key past the cache."""
+    monkeypatch.setattr(prompt_graphs, "MIN_ROWS", 32)
+    eng = make_engine(tiny_qwen2_dir, kernels="triton", device=DEV, batch=2, max_context=48, prefill_chunk=16)
+    try:
+        graphs = prompt_graphs.PromptGraphs(eng.model, eng.cache, 96, 2)
+        graphs.capture_all()
+        buf = graphs.layout_bufs[96]
+        assert int(buf[:96].max()) < eng.model.cos.shape[0]
+        assert int(buf[96:192].max()) < eng.cache.layer(0)[0].shape[2] and int(buf[96:192].min()) == -1
+    finally:
+        eng.close()
