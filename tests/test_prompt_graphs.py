@@ -146,3 +146,52 @@ def test_a_bucket_past_the_context_warms_up_within_the_cache_and_rope_table(tiny
         assert int(buf[96:192].max()) < eng.cache.layer(0)[0].shape[2] and int(buf[96:192].min()) == -1
     finally:
         eng.close()
+
+
+def test_served_outputs_equal_with_the_graphs_and_the_step_log_counts_them(tiny_qwen2_dir, monkeypatch, tmp_path):
+    """The scheduler on a streamed slot cache, prompts arriving while others decode: the greedy outputs with prompt
+    graphs equal those without, and the step log says how many unit layers the graphs ran."""
+    import json
+
+    from engine.serving.params import SamplingParams
+    from engine.serving.scheduler import Scheduler
+    from engine.serving.sequence import Sequence
+    from engine.serving.steplog import StepLog
+    monkeypatch.setattr(prompt_graphs, "MIN_ROWS", 8)
+    probe = make_engine(tiny_qwen2_dir, batch=1, max_context=96)
+    kw = dict(kernels="triton", device=DEV, batch=4, max_context=96, prefill_chunk=32,
+              vram_budget=min_budget(probe.cfg, torch.float32, batch=4, max_context=96, prefill_chunk=32))
+    probe.close()
+    if DEV == "cuda":
+        kw.pop("vram_budget")
+    prompts = random_prompts([30, 41, 12], 1000, seed=42)
+    late = random_prompts([9, 20], 1000, seed=43)
+    outs, logs = [], []
+    for use in (False, True):
+        eng = make_engine(tiny_qwen2_dir, **kw)
+        log = StepLog(tmp_path / f"steps{use}.jsonl")
+        try:
+            sched = Scheduler(eng, on_step=log)
+            if use:
+                eng.model.prompt_graphs = prompt_graphs.try_capture(eng.model, eng.cache, 32, 8)
+                for c in (eng.cache.k, eng.cache.v):  # the capture's warm-up wrote keys (a server's warm-up zeroes)
+                    c.zero_()
+            seqs = [Sequence(p, SamplingParams(max_tokens=3), eng.tokenizer) for p in prompts]
+            for s in seqs:
+                sched.add(s)
+            steps = 0
+            while sched.has_work() or steps < 2:
+                if steps == 1:
+                    seqs += [Sequence(p, SamplingParams(max_tokens=3), eng.tokenizer) for p in late]
+                    for s in seqs[-2:]:
+                        sched.add(s)
+                sched.step()
+                steps += 1
+            outs.append([s.output_ids for s in seqs])
+        finally:
+            log.close()
+            eng.model.prompt_graphs = None
+            eng.close()
+        logs.append([json.loads(x) for x in (tmp_path / f"steps{use}.jsonl").read_text().splitlines()])
+    assert outs[0] == outs[1]
+    assert sum(x["graph_replays"] for x in logs[0]) == 0 and sum(x["graph_replays"] for x in logs[1]) > 0

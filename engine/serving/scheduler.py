@@ -49,6 +49,7 @@ class StepStats:
     last_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens found in cached KV blocks (not computed again)
     last_waiting: int = 0  # sequences left waiting for a slot after the last step's admission
+    graph_replays: int = 0  # prompt units' layers run by captured graphs so far (engine/prompt_graphs.py)
 
 
 class Scheduler:
@@ -165,6 +166,8 @@ class Scheduler:
         st.last_step_s, st.last_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
         st.last_batch = len(self.running) + sum(o.finished for o in outs)
         st.last_tokens, st.last_waiting = self.runner.last_tokens, len(self.waiting)
+        graphs = getattr(getattr(self.engine, "model", None), "prompt_graphs", None)
+        st.graph_replays = graphs.replays if graphs is not None else st.graph_replays
         if self.on_step:
             self.on_step(st)
         for out in outs:

@@ -8,7 +8,8 @@ compiled, or loaded from Triton's disk cache; a warmed-up server's passes should
 (``built``: Triton's description of each, with its constexprs and argument specialisations, where there
 were any); ``mono_s``, its end on ``time.monotonic()``, matches a load test's request times
 (tools/ttft_breakdown.py); on a GPU, ``peak_mib`` is the most memory the caching allocator had allocated during
-the step (how close the pass came to the budget's allocator cap) and ``reserved_mib`` what it held at its end."""
+the step (how close the pass came to the budget's allocator cap) and ``reserved_mib`` what it held at its end;
+``graph_replays``, how many of its prompt units' layers ran as captured graphs (engine/prompt_graphs.py)."""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ class StepLog:
         self._t0 = time.monotonic()
         self.compiles = 0
         self.built: list[str] = []
+        self._replays = 0  # StepStats.graph_replays at the last line
         self._runtime = hook_knobs()
         self._previous = None
         if self._runtime is not None:  # chained: a hook installed before keeps working
@@ -52,7 +54,8 @@ class StepLog:
                 "mono_s": round(self._t0 + end, 6),  # time.monotonic() at its end
                 "step_s": round(st.last_step_s, 6), "cpu_s": round(st.last_cpu_s, 6), "batch": st.last_batch,
                 "tokens": st.last_tokens, "waiting": st.last_waiting, "generated_total": st.generated_tokens,
-                "compiles": self.compiles}
+                "compiles": self.compiles, "graph_replays": st.graph_replays - self._replays}
+        self._replays = st.graph_replays
         if self.built:
             line["built"] = self.built
         line.update(_memory())
