@@ -183,9 +183,9 @@ class PromptGraphs:
                 and h.data_ptr() == base.data_ptr() and res.data_ptr() == base[1].data_ptr():
             self.states[:, :r].copy_(base)  # both from one earlier replay's output: one copy
         else:
-            self.states[0, :r].copy_(h.view(r, -1))
+            self.states[0, :r].copy_(h.reshape(r, -1))
             if res is not None:
-                self.states[1, :r].copy_(res.view(r, -1))
+                self.states[1, :r].copy_(res.reshape(r, -1))
         if self.loaded.get(lay.b) is not lay.packed:  # held: its id is never another layout's
             self.layout_bufs[lay.b][:lay.packed.numel()].copy_(lay.packed)  # its table: the bucket's block_m's
             self.loaded[lay.b] = lay.packed
