@@ -146,10 +146,16 @@ class PromptGraphs:
         self.replays = 0
 
     # ----- a pass -----
+    def usable(self) -> bool:
+        """Switched on, and the dense tile the graphs read is still the ops' tile."""
+        return self.enabled and self.model.ops._tile is self.tile
+
     def layouts(self, groups: list, runs: list[list[int]], plans: list[VarlenPlan | None],
                 positions: list[torch.Tensor]) -> list[Layout | None]:
         """Each unit's layout (``layout``) where a graph can run it: a stacked unit by its varlen plan, a lone
         prompt slice by a plan of its own."""
+        if not self.usable():  # no plan laid out for nothing
+            return [None] * len(runs)
         out = []
         for run, plan in zip(runs, plans):
             if plan is None and len(run) == 1:
@@ -160,8 +166,7 @@ class PromptGraphs:
     def layout(self, plan: VarlenPlan | None) -> Layout | None:
         """The unit's packed layout when a graph can run it (every row a prompt slice in ``plan``, rows within a
         bucket, at most ``seqs`` sequences), else None."""
-        if plan is None or plan.first != 0 or plan.spans is None or not self.enabled \
-                or self.model.ops._tile is not self.tile:
+        if plan is None or plan.first != 0 or plan.spans is None or not self.usable():
             return None
         fit = [b for b in self.buckets if b >= plan.rows and b in self.block_m]
         if not fit or plan.q_lens.numel() > self.seqs:
@@ -289,7 +294,7 @@ class _Eager:
 
 def try_capture(model, cache, stack_rows: int, seqs: int) -> PromptGraphs | None:
     """Capture the prompt graphs, or None (and say why) when they cannot be."""
-    if torch.device(model.device).type == "cuda":
+    if model.device.type == "cuda":
         torch.cuda.empty_cache()  # the warm-up's cached blocks: the graphs' pool takes their room under the budget
     try:
         graphs = PromptGraphs(model, cache, stack_rows, seqs)
@@ -297,6 +302,6 @@ def try_capture(model, cache, stack_rows: int, seqs: int) -> PromptGraphs | None
         return graphs
     except Exception as e:  # an optimisation: passes run their units eagerly
         log.warning("prompt graphs not captured (%s); prompt units run eagerly", e)
-        if torch.device(model.device).type == "cuda":
+        if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
         return None

@@ -65,7 +65,7 @@ def plan_unit(groups: list[Group], positions: list[torch.Tensor], device: torch.
     first = len(groups)
     while first > 0 and groups[first - 1].ids.shape[1] > 1 and groups[first - 1].kv is None:
         first -= 1
-    if len(groups) - first < max(1, least):
+    if len(groups) - first < least:
         return None
     tail, row0 = groups[first:], sum(g.ids.numel() for g in groups[:first])
     spans = [g.ids.shape[1] for g in tail for _ in range(g.ids.shape[0])]  # a sequence's rows: its group's T

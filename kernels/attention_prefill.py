@@ -255,9 +255,13 @@ def varlen_block_m(max_rows: int, D: int, group: int, dtype: torch.dtype) -> int
     """The rows a program of :func:`attention_prefill_varlen` takes for these shapes: its tuned config's, where
     this process has one, else the untimed default's (a block table laid out before the shape's first call may
     meet another pick: lay it out after)."""
-    key = (min(triton.next_power_of_2(max_rows), 4096), max(16, triton.next_power_of_2(D)), group, dtype)
-    cfg = _TUNED.get(key) or _default_config(dtype)
+    cfg = _TUNED.get(_key(max_rows, D, group, dtype)) or _default_config(dtype)
     return cfg.kwargs["BLOCK_M"]
+
+
+def _key(T: int, D: int, group: int, dtype: torch.dtype) -> tuple:
+    """The tuning key of ``T`` query rows (the longest span's): (T bucket, BLOCK_D, GQA group, dtype)."""
+    return min(triton.next_power_of_2(T), 4096), max(16, triton.next_power_of_2(D)), group, dtype
 
 
 def _check_operands(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, B: int) -> None:
@@ -284,8 +288,8 @@ def _run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: tor
     """Launch with the tuned config for these shapes (tuning them first where none is known)."""
     Hq, D = q.shape[-2], q.shape[-1]
     Hk, S = k_cache.shape[1], k_cache.shape[2]
-    t_bucket = min(triton.next_power_of_2(T), 4096)
-    block_d = max(16, triton.next_power_of_2(D))
+    key = _key(T, D, Hq // Hk, q.dtype)
+    block_d = key[1]
     rows, crows, blocks = varlen if varlen is not None else (start_pos, start_pos, None)  # unread without VARLEN
     args = (q, k_cache, v_cache, out, start_pos, q_lens, rows, crows, start_pos if blocks is None else blocks,
             float(scale) * _LOG2E, T, Hq, D, S, Hq // Hk, B,
@@ -296,7 +300,6 @@ def _run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: tor
     # the one-launch form shares the plain form's picks (its row bucket: the longest span's): the warm-up's passes
     # tune them group by group and a served pass never tunes; its grid holds more sequences (not timed apart).
     # With a block table: the config whose BLOCK_M the table was laid out for (varlen_block_m), never tuned here
-    key = (t_bucket, block_d, Hq // Hk, q.dtype)
     grid = (blocks.numel(), Hq) if blocks is not None else (T, B * Hq)
     run = functools.partial(_launch, args=args, consts=consts, grid_m=grid[0], grid_bh=grid[1])
     cfg = _TUNED.get(key) or (_default_config(q.dtype) if blocks is not None else _untimed_config(key, q))

@@ -166,7 +166,7 @@ class Scheduler:
         st.last_step_s, st.last_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
         st.last_batch = len(self.running) + sum(o.finished for o in outs)
         st.last_tokens, st.last_waiting = self.runner.last_tokens, len(self.waiting)
-        graphs = getattr(getattr(self.engine, "model", None), "prompt_graphs", None)
+        graphs = self.engine.model.prompt_graphs
         st.graph_replays = graphs.replays if graphs is not None else st.graph_replays
         if self.on_step:
             self.on_step(st)
