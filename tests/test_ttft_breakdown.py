@@ -22,6 +22,7 @@ def _step(n: int, end: float, dur: float, batch: int, tokens: int, waiting: int)
 
 def test_counts_the_passes_between_send_and_first_token(tmp_path, capsys) -> None:
     steps = [_step(1, 100.3, 0.3, 1, 500, 2), _step(2, 101.0, 0.7, 3, 3000, 0), _step(3, 101.3, 0.3, 3, 3, 0)]
+    steps[1]["arrived_s"] = [100.105, 100.2125]  # the two it admitted arrived (tokenized) then
     reqs = [{"sent_s": 100.0, "first_s": 100.31, "prompt_tokens": 500, "tokens": 4},  # the first pass: 1
             {"sent_s": 100.1, "first_s": 101.01, "prompt_tokens": 1500, "tokens": 4},  # passes 1 and 2
             {"sent_s": 100.2, "first_s": 101.02, "prompt_tokens": 1500, "tokens": 4}]
@@ -33,7 +34,8 @@ def test_counts_the_passes_between_send_and_first_token(tmp_path, capsys) -> Non
     assert "server, 3 clients: TTFT p50 820 ms; passes before the first token: median 2, min 1, max 2" in out
     assert "the median request (1500 prompt tokens)" in out  # the third: sent at 100.2, first token at 101.02
     assert "    -200 ms     300 ms  batch   1  tokens    500  waiting 2" in out  # running when it was sent
-    assert "    +100 ms     700 ms  batch   3  tokens   3000  waiting 0" in out
+    assert "    +100 ms     700 ms  batch   3  tokens   3000  waiting 0  admitted arrivals -95.0..+12.5 ms\n" in out
+    assert "waiting 2\n" in out  # a pass with no arrivals logged says nothing of them
     assert "first token at +820 ms" in out
     assert "resident" not in out  # --config server is the default
 
@@ -70,6 +72,12 @@ def test_a_live_server_and_load_test_line_up(tiny_qwen2_dir, tmp_path, capsys) -
     for r in row["per_request"]:
         assert r["sent_s"] < r["first_s"] and 4 <= r["prompt_tokens"] <= 20
         assert len(ttft_breakdown.passes_of(r, steps)) >= 1
+    first_sent = min(r["sent_s"] for r in row["per_request"])  # (after bench_serve's uncounted warm-up request)
+    level = [s for s in steps if s["mono_s"] > first_sent]
+    admitting = [s for s in level if "arrived_s" in s]  # the passes that admitted the 3 requests say when they came
+    assert admitting and admitting[0] is level[0]
+    for s in admitting:
+        assert first_sent < s["arrived_s"][0] <= s["arrived_s"][1] <= s["mono_s"] - s["step_s"]
     assert ttft_breakdown.main([str(out), str(log)]) == 0
     assert "server, 3 clients: TTFT p50" in capsys.readouterr().out
 

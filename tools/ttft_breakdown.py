@@ -7,7 +7,8 @@ times on ``time.monotonic()``), ``steps.jsonl`` the server's ``--step-log`` (one
 ``mono_s`` on the same clock: run both on one host). Per level: the TTFT p50, how many passes ended between a
 request's send and its first token (the pass that produced the token included), and for the request at the
 median TTFT each of those passes: when it started relative to the send (negative: already running), how long it took, the sequences it
-carried, the tokens it fed and how many sequences still waited. Issue 16's target reads straight off it: a
+carried, the tokens it fed, how many sequences still waited and when the sequences it admitted arrived (tokenized,
+in the server: the front end's share of the wait). Issue 16's target reads straight off it: a
 TTFT of two decode passes plus the request's own prefill. ``target_lines`` prints it from the run's own figures,
 with the floor no schedule can beat: before the median request's rank of first tokens exist, that many prompts
 must have been computed, the shortest ones at best.
@@ -51,6 +52,15 @@ def answered(row: dict) -> list[dict]:
                   key=lambda r: r["first_s"] - r["sent_s"])
 
 
+def _arrivals(step: dict, sent_s: float) -> str:
+    """Where the pass admitted sequences: when the first and last of them arrived (tokenized, in the server),
+    relative to the request's send (older step logs do not say)."""
+    if not step.get("arrived_s"):
+        return ""
+    first, last = ((t - sent_s) * 1e3 for t in step["arrived_s"])
+    return f"  admitted arrivals {first:+.1f}..{last:+.1f} ms"
+
+
 def level_report(row: dict, steps: list[dict]) -> list[str]:
     """Lines for one bench_serve row (a config at one concurrency level)."""
     reqs = answered(row)
@@ -66,7 +76,8 @@ def level_report(row: dict, steps: list[dict]) -> list[str]:
         start = s["mono_s"] - s["step_s"] - mid["sent_s"]
         lines.append(f"    {start * 1e3:+8.0f} ms  {s['step_s'] * 1e3:6.0f} ms  batch {s['batch']:3d}  "
                      f"tokens {s['tokens']:6d}  waiting {s['waiting']}"
-                     + (f"  compiles {s['compiles']}" if s.get("compiles") else ""))
+                     + (f"  compiles {s['compiles']}" if s.get("compiles") else "")
+                     + _arrivals(s, mid["sent_s"]))
         lines += [f"      built {b}" for b in s.get("built", [])]
     lines.append(f"    first token at +{(mid['first_s'] - mid['sent_s']) * 1e3:.0f} ms")
     return lines

@@ -50,6 +50,7 @@ class StepStats:
     cached_prompt_tokens: int = 0  # prompt tokens found in cached KV blocks (not computed again)
     last_waiting: int = 0  # sequences left waiting for a slot after the last step's admission
     graph_replays: int = 0  # prompt units' layers run by captured graphs so far (engine/prompt_graphs.py)
+    last_arrivals: tuple[float, float] | None = None  # the first and last arrival (monotonic) of those it admitted
 
 
 class Scheduler:
@@ -142,7 +143,10 @@ class Scheduler:
 
     def step(self) -> list[SeqOutput]:
         """Admit what fits, run one pass over all running sequences, retire the finished ones."""
+        before = len(self.running)
         self._admit()
+        new = [s.arrival for s in self.running[before:]]
+        self.stats.last_arrivals = (min(new), max(new)) if new else None
         if not self.running or any(s.pending > 1 for s in self.running):
             self.deliver_held()  # a prompt's pass may wait for the device midway: the outputs go first
         if not self.running:

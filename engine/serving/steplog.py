@@ -9,7 +9,9 @@ compiled, or loaded from Triton's disk cache; a warmed-up server's passes should
 were any); ``mono_s``, its end on ``time.monotonic()``, matches a load test's request times
 (tools/ttft_breakdown.py); on a GPU, ``peak_mib`` is the most memory the caching allocator had allocated during
 the step (how close the pass came to the budget's allocator cap) and ``reserved_mib`` what it held at its end;
-``graph_replays``, how many of its prompt units' layers ran as captured graphs (engine/prompt_graphs.py)."""
+``graph_replays``, how many of its prompt units' layers ran as captured graphs (engine/prompt_graphs.py);
+``arrived_s``, where the step admitted sequences, the first and last of their arrivals (``time.monotonic()``, once
+tokenized): a request's time from its send to the pass that ran it split into the server's front end and the wait."""
 from __future__ import annotations
 
 import json
@@ -56,6 +58,8 @@ class StepLog:
                 "tokens": st.last_tokens, "waiting": st.last_waiting, "generated_total": st.generated_tokens,
                 "compiles": self.compiles, "graph_replays": st.graph_replays - self._replays}
         self._replays = st.graph_replays
+        if st.last_arrivals is not None:
+            line["arrived_s"] = [round(t, 6) for t in st.last_arrivals]
         if self.built:
             line["built"] = self.built
         line.update(_memory())
