@@ -126,7 +126,7 @@ cold_burst() {  # TAG [VAR=VALUE...]: the served cold burst of the 7B AWQ at 6 G
     --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_$t.json > $R/bench_serve_$t.log 2>&1
   echo "serve $t rc=$?"; grep "clients:" $R/bench_serve_$t.log
   python3 -m tools.ttft_breakdown $R/serve_$t.json $R/steps_$t.jsonl --config server > $R/ttft_$t.txt 2>&1
-  grep -E "TTFT p50|target" $R/ttft_$t.txt
+  grep -E "TTFT p50|target|admitted" $R/ttft_$t.txt
   python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('kernels built after the first step:', sum(x['compiles'] for x in r[1:]), 'peak MiB', max(x['peak_mib'] for x in r), 'graph replays', sum(x.get('graph_replays', 0) for x in r))" $R/steps_$t.jsonl
 }
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
