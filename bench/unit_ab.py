@@ -5,7 +5,9 @@ engine/mlp_chunks.py; needs LAYERSTREAM_STACK_PIECES=1, the runner's one-unit ro
 (variables read at each call, e.g. ``env:LAYERSTREAM_VARLEN_PREFILL=0``) and ``runner:ATTR=INT[+...]`` (the
 runner's attributes, e.g. ``runner:fill_stacks=0``), each set for its own round only. ``graphs``: units of one chunk
 through the prompt graphs (engine/prompt_graphs.py; run with LAYERSTREAM_PROMPT_GRAPHS=1: the warm-up captures them,
-and every other arm runs its units eagerly).
+and every other arm runs its units eagerly). ``ahead``: units of one chunk with the streamed lm_head's last chunks copied
+ahead into lent buffers (engine/head_ahead.py, ``LAYERSTREAM_HEAD_AHEAD=1`` for its rounds; not beside prompt graphs).
+Each arm's greedy tokens and first-token logits are compared with ``chunk``'s at the end.
 
     LAYERSTREAM_STACK_PIECES=1 python bench/unit_ab.py --model DIR [--rounds 4] [--arms chunk,pieces6] [--out ab.json]
 """
@@ -28,6 +30,7 @@ from engine.serving.warmup import warm_up  # noqa: E402
 from tools.bench_serve import VOCAB, make_jobs  # noqa: E402
 
 ARMS = {"chunk": (False, None), "graphs": (False, None), "pieces4": (True, "4"), "pieces6": (True, "6")}
+ALIASES = {"ahead": "env:LAYERSTREAM_HEAD_AHEAD=1"}
 
 
 def _apply(arm: str, runner, one: int):
@@ -35,7 +38,7 @@ def _apply(arm: str, runner, one: int):
     graphs = runner.engine.model.prompt_graphs
     if graphs is not None:
         graphs.enabled = arm == "graphs"
-    kind, _, pairs = arm.partition(":")
+    kind, _, pairs = ALIASES.get(arm, arm).partition(":")
     if kind not in ("env", "runner"):
         unit, pieces = ARMS[arm]
         runner.one_unit = one if unit else 0
@@ -83,26 +86,35 @@ def main() -> None:
             line = " ".join(f"{x['ms']:6.1f} ms ({x['tokens']} tokens)" for x in passes)
             if graphs is not None:
                 line += f" replays {graphs.replays}"
+            line += f" lent {runner.engine.weights.stream.lent.copies}"  # lm_head chunks copied ahead so far
             print(f"round {r} {arm:8s} {line} peak {peak} MiB", flush=True)
             if r:
                 out.append({"round": r, "arm": arm, "passes": passes, "peak_mib": peak})
-    if graphs is not None and {"chunk", "graphs"} <= set(a.arms.split(",")):  # the same prompts through each arm
-        prompts, got, first = _fresh(llm, jobs, 10_000), {}, {}
-        for arm in ("chunk", "graphs"):
-            undo = _apply(arm, runner, one)
-            try:
-                got[arm], first[arm] = _outputs(llm, prompts)
-            finally:
-                undo()
-        same = sum(x == y for x, y in zip(got["chunk"], got["graphs"]))
-        diff = (first["graphs"] - first["chunk"]).abs()
-        print(f"tokens: {same}/{len(prompts)} sequences' 8 greedy tokens equal with graphs and without; first-token "
-              f"logits: max |diff| {diff.max():.4f}, mean {diff.mean():.5f} (their spread: std "
-              f"{first['chunk'].std():.3f})", flush=True)
-        out.append({"tokens_equal": same, "sequences": len(prompts), "outputs": got,
-                    "logits_max_diff": float(diff.max()), "logits_mean_diff": float(diff.mean())})
+    others = [arm for arm in a.arms.split(",") if arm != "chunk"] if "chunk" in a.arms.split(",") else []
+    if others:  # the same prompts through each arm
+        out.append(_compare(llm, runner, one, _fresh(llm, jobs, 10_000), others))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))
+
+
+def _compare(llm: LLM, runner, one: int, prompts: list[list[int]], others: list[str]) -> dict:
+    """Each arm's greedy tokens and first-token logits against ``chunk``'s, printed; the record."""
+    got, first = {}, {}
+    for arm in ["chunk"] + others:
+        undo = _apply(arm, runner, one)
+        try:
+            got[arm], first[arm] = _outputs(llm, prompts)
+        finally:
+            undo()
+    rec = {"sequences": len(prompts), "outputs": got}
+    for arm in others:
+        same = sum(x == y for x, y in zip(got["chunk"], got[arm]))
+        diff = (first[arm] - first["chunk"]).abs()
+        print(f"tokens: {same}/{len(prompts)} sequences' 8 greedy tokens equal in {arm} and chunk; first-token "
+              f"logits: max |diff| {diff.max():.4f}, mean {diff.mean():.5f} (their spread: std "
+              f"{first['chunk'].std():.3f})", flush=True)
+        rec[arm] = {"tokens_equal": same, "logits_max_diff": float(diff.max()), "logits_mean_diff": float(diff.mean())}
+    return rec
 
 
 def _outputs(llm: LLM, prompts: list[list[int]], n: int = 8) -> tuple[list[list[int]], torch.Tensor]:

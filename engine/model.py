@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from engine.config import ModelConfig
+from engine import head_ahead
 from engine.decoder import DecoderLayers
 from engine.kv_cache import KVCache
 from engine.ops import TorchOps
@@ -56,6 +57,12 @@ class WeightSource(Protocol):
     def pump_to(self, fraction: float) -> None:
         """Issue held copies until ``fraction`` of the marked ones are on their way."""
 
+    def lend_head(self, room: int) -> int:
+        """For one pass, copy a streamed lm_head's last chunks ahead into up to ``room`` bytes; bytes lent."""
+
+    def take_head_back(self) -> None:
+        """Take back what ``lend_head`` lent."""
+
 
 @dataclass(frozen=True)
 class Group:
@@ -86,6 +93,7 @@ class Model(DecoderLayers):
         self.host_states = False  # a prefill keeps the prompt states in host memory between layers (the plan's)
         self.state_host_bytes = 0  # prompt-state bytes copied between host and device so far (both ways)
         self.parked_passes = 0  # passes whose host states waited in unreached KV positions instead
+        self.lend_head = True  # a long prompt pass may copy a streamed lm_head ahead (engine.head_ahead)
         self.prompt_graphs = None  # engine.prompt_graphs.PromptGraphs: a served pass's prompt units replay graphs
 
     def forward(self, ids: torch.Tensor, start_pos: torch.Tensor, q_lens: torch.Tensor, cache: KVCache,
@@ -156,7 +164,21 @@ class Model(DecoderLayers):
         when every group brings its own ``kv``. ``stack_rows`` > 0: groups whose token rows add up to at most that
         many run each layer together (``layer_stacked``), their states one unit: consecutive prompt groups, or with
         ``stack_free`` (the groups that may run in any order) packed into as few units as fit, the decode group
-        heading the first (``engine.stacking``)."""
+        heading the first (``engine.stacking``). A pass of a prefill chunk's tokens or more may copy a streamed
+        lm_head ahead (``engine.head_ahead``)."""
+        graphs = self.prompt_graphs if self.prompt_graphs is not None and self.prompt_graphs.cache is cache else None
+        rows = sum(g.ids.numel() for g in groups)
+        lent = self.weights.lend_head(head_ahead.room(self, rows, host_states, graphs is not None))
+        try:
+            return self._forward_groups(groups, cache, pick, chunk_context, after_layer, host_states, park,
+                                        stack_rows, stack_free, graphs)
+        finally:
+            if lent:
+                self.weights.take_head_back()
+
+    def _forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
+                        chunk_context, after_layer, host_states: bool, park: bool | list[torch.Tensor],
+                        stack_rows: int, stack_free: set[int] | None, graphs) -> torch.Tensor:
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
@@ -174,7 +196,6 @@ class Model(DecoderLayers):
         # the weight copies interleave with the states' (host states only: parked ones do not cross PCIe)
         pump = host_states and parking is None and interleave_weights() and len(runs) > 1
         share = list(itertools.accumulate(b * t for b, t in shapes)) if pump else []  # tokens up to unit u
-        graphs = self.prompt_graphs if self.prompt_graphs is not None and self.prompt_graphs.cache is cache else None
         lays = graphs.layouts(groups, runs, plans, positions) if graphs is not None else [None] * len(runs)
         try:
             self.weights.meter(pump)

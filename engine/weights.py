@@ -236,14 +236,41 @@ class ModelWeights:
         for j, u in enumerate(self.units):
             if not u.name.startswith("lm_head."):
                 continue
-            slot = 0 if self.dry else self.stream.acquire(j)
             rows = u.nbytes // head_row_bytes(self.cfg, self.dtype, self.head_blocks)
-            buf = self.stream.slots[slot][: u.nbytes]
+            buf = self.stream.slots[0][: u.nbytes] if self.dry else self.stream.acquire_bytes(j)
             yield row0, (GGMLWeight(((self.head_blocks, buf.view(rows, -1)),), self.cfg.hidden_size)
                          if self.head_blocks else buf.view(self.dtype).view(rows, self.cfg.hidden_size))
             if not self.dry:
                 self.stream.release()
             row0 += rows
+
+    def lend_head(self, room: int) -> int:
+        """Lend the streamer buffers for the streamed lm_head's chunks past the first ``num_slots`` (those ride the
+        ring during the last layers), as many as ``room`` bytes hold, for one pass: their copies go out early
+        (streamer.lent). Returns the bytes lent; :meth:`take_head_back` takes them back."""
+        if self.lm_head is not None or not self._copies():
+            return 0
+        heads = [j for j, u in enumerate(self.units) if u.name.startswith("lm_head.")][self.stream.num_slots:]
+        fit, total = [], 0
+        for j in reversed(heads):  # the last chunks: the ring would copy them last
+            if total + self.units[j].nbytes > room:
+                break
+            fit.append(j)
+            total += self.units[j].nbytes
+        lent = 0
+        for j in reversed(fit):  # lent in the pass's order: the copies go out in it
+            try:
+                buf = torch.empty(self.units[j].nbytes, dtype=torch.uint8, device=self.device)
+            except torch.OutOfMemoryError:
+                break
+            if not self.stream.lend(j, buf):
+                break
+            lent += buf.numel()
+        return lent
+
+    def take_head_back(self) -> None:
+        """Take back what :meth:`lend_head` lent (after the pass's head)."""
+        self.stream.take_back()
 
     def close(self) -> None:
         """Stop streaming and unlock the host buffers (the checkpoint stays open: tables may view it)."""

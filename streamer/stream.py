@@ -9,6 +9,8 @@ once, which keeps the copy engine busy across unit and pass boundaries (weights 
 on the tokens). No host synchronisation is needed. A caller that queues host-to-device copies of its
 own between uses (a prefill's prompt states) can ``meter`` the streamer: its copies, in pieces, are
 then issued in shares (``pump_to``) between the caller's, or at the latest when the unit is acquired.
+A caller with memory to spare for a pass can lend buffers for some units (``lend``, streamer.lent): their
+copies go out early and the ring skips them until ``take_back``.
 
 The streamer knows units only as byte buffers (``streamer.units.UnitSpec``); what the bytes
 mean is the caller's business.
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from streamer.files import SpanReader
+from streamer.lent import LentBuffers
 from streamer.host import DISK_RING, DiskReader, pack_all, upload_all, upload_workers
 from streamer.pinning import PinnedSet
 from streamer.sync import Sync, SyncLog
@@ -68,6 +71,7 @@ class WeightStreamer:
         self.sync = Sync(self.device, log_sync)
         self.tracer = Tracer(self.sync) if trace and self.sync.cuda else None
         self._progress = progress or (lambda n: None)
+        self.lent = LentBuffers(self.sync)
         self.resident_views = self._load_resident(list(resident), threads)
         self.streamed_bytes = 0  # bytes of the units acquired so far: what crossed to the device for use
         self._load_streamed(threads)
@@ -109,6 +113,7 @@ class WeightStreamer:
         self.consumed = 0  # units acquired by the compute side
         self.queued: deque[_Copy] = deque()  # units whose pieces are not all on the copy stream yet
         self.pieces_issued, self._mark = 0, (0, 0)
+        self.skipped: set[int] = set()  # units g of the sequence not copied into their slot: lent ones
         if not self.order:  # a pass that streams nothing (every unit it uses is elsewhere)
             return
         for g in range(n):
@@ -139,6 +144,11 @@ class WeightStreamer:
         if src is None:
             src = self.disk.get(g)
         self._request_read(g + n)  # unit g + n may come from disk even when unit g is pinned
+        if j in self.lent:  # its bytes are in a lent buffer: the slot stays as it is
+            self.skipped.add(g)
+            self.issued += 1
+            self.sync.note("skip", g, slot)
+            return
         step = (self.piece if self.metered else 0) or unit.nbytes
         self.queued.append(_Copy(g, j, slot, src, [(a, min(unit.nbytes, a + step)) for a in range(0, unit.nbytes, step)]))
         self.issued += 1
@@ -201,18 +211,55 @@ class WeightStreamer:
 
         Units must be acquired in order; out of order (a pass was interrupted) the pipeline restarts.
         """
+        slot, buf = self._acquire(j)
+        assert buf is None, "a unit with a lent buffer is read through acquire_bytes"
+        return slot
+
+    def acquire_bytes(self, j: int) -> torch.Tensor:
+        """As :meth:`acquire`, but returns unit ``j``'s bytes: its slot's, or the buffer lent for it (``lend``)."""
+        slot, buf = self._acquire(j)
+        return self.slots[slot][: self.units[j].nbytes] if buf is None else buf
+
+    def _acquire(self, j: int) -> tuple[int, torch.Tensor | None]:
         assert self.order, "this pass streams no unit (set_order)"
         if self.order[self.consumed % len(self.order)] != j:
             log.warning("streamer out of order (unit %d of the pass, got unit %d): restarting", self.consumed, j)
             self.reset()
-        slot = self.consumed % self.num_slots
-        self._issue(upto=self.consumed)  # its own pieces, if still queued
+        slot, buf = self.consumed % self.num_slots, None
         self.streamed_bytes += self.units[j].nbytes
-        self.sync.compute_stream().wait_event(self.ready[slot])
+        if self.consumed in self.skipped:
+            self.skipped.discard(self.consumed)
+            buf = self.lent.wait(j, self.host_bufs)
+        else:
+            self._issue(upto=self.consumed)  # its own pieces, if still queued
+            self.sync.compute_stream().wait_event(self.ready[slot])
         self.sync.note("wait", self.consumed, slot)
         if self.tracer:
             self.tracer.begin("compute", self.units[j].name, self.sync.compute_stream())
-        return slot
+        return slot, buf
+
+    def lend(self, j: int, buf: torch.Tensor) -> bool:
+        """Lend ``buf`` (device bytes, at least unit ``j``'s) for pinned unit ``j`` until :meth:`take_back`: its copy
+        goes out behind the ring's next ones and the ring skips the unit (streamer.lent). False, and nothing lent,
+        when its next use is already on its way into a slot, or it is not pinned."""
+        unit = self.units[j]
+        assert buf.dtype == torch.uint8 and buf.numel() >= unit.nbytes and buf.device == self.device
+        if j not in self.host_bufs or j in self.lent or not self.order:
+            return False
+        on_way = (self.order[g % len(self.order)] for g in range(self.consumed, self.issued))
+        if any(k == j for k in on_way):
+            return False
+        self.lent.add(j, buf[: unit.nbytes])
+        return True
+
+    def take_back(self) -> None:
+        """Take the lent buffers back (after the pass that read them): the ring copies those units again. A unit
+        skipped but not read yet (an interrupted pass) has no bytes in its slot: the pipeline restarts."""
+        if not self.lent:
+            return
+        self.lent.drop()
+        if self.skipped:
+            self.reset()
 
     def release(self) -> None:
         """The compute stream has been given all work reading the last acquired unit."""
@@ -224,6 +271,8 @@ class WeightStreamer:
         self.sync.note("free", self.consumed, slot)
         self.consumed += 1
         self._issue_next()
+        if not self.metered:
+            self.lent.issue(self.host_bufs, count=1)  # one lent unit's copy behind each ring copy: the engine has time
 
     def reset(self) -> None:
         """Drain and restart the pipeline at unit 0 (after an aborted pass)."""

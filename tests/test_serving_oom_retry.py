@@ -50,17 +50,18 @@ def test_a_pass_out_of_memory_runs_again_with_smaller_stacks(tiny_qwen2_dir, eng
     monkeypatch.setattr(sched.runner, "one_unit", one)
     if one:
         monkeypatch.setattr(eng.ops, "mlp_budget", None)  # the MLP whole: the failing op is its SwiGLU + down
-    stacks = []
+    stacks, lends = [], []
     real = eng.model.forward_groups
-    monkeypatch.setattr(eng.model, "forward_groups",
-                        lambda *a, **k: stacks.append(k.get("stack_rows")) or real(*a, **k))
+    monkeypatch.setattr(eng.model, "forward_groups", lambda *a, **k: stacks.append(k.get("stack_rows")) or
+                        lends.append(eng.model.lend_head) or real(*a, **k))
     _failing(eng.model.ops, monkeypatch, failures=1)
     prompts = random_prompts([9, 13, 5], eng.cfg.vocab_size, seed=12)
     seqs = [Sequence(p, SamplingParams(max_tokens=5), eng.tokenizer) for p in prompts]
     with caplog.at_level(logging.WARNING, logger="engine.serving.retry"):
         run_all(sched, seqs)
     assert stacks[:2] == [one or 16, 8] and "ran out of device memory" in caplog.text  # 27 prompt rows: one unit
-    assert sched.runner.stack_rows == 16 and sched.runner.one_unit == one  # restored after the retry
+    assert lends[:2] == [True, False]  # the retry lends the streamer no memory (engine.head_ahead)
+    assert sched.runner.stack_rows == 16 and sched.runner.one_unit == one and eng.model.lend_head  # restored
     _each_as_alone(single, prompts, seqs, 5, eng if kv != "slots" else None)
 
 

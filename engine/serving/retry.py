@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def grouped_retried(runner: ModelRunner, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
     """``runner._grouped(seqs)``; when it runs out of device memory, again once with the cached memory released
-    and half as many rows a stack (the peak of a prompt pass is one stack's MLP), before the error reaches the
+    and half as many rows a stack (the peak of a prompt pass is one stack's MLP) and no memory lent to the streamer,
+    before the error reaches the
     caller (the server fails the running requests). A pass changes nothing a retry would see twice: the
     sequences' computed tokens advance after it returns, it rewrites its keys and values, and a paged cache's
     binding and last gathered copy are dropped."""
@@ -34,12 +35,14 @@ def grouped_retried(runner: ModelRunner, seqs: list[Sequence]) -> tuple[torch.Te
     for s, d in zip(seqs, deferred):
         s.deferred = d
     _release(runner)
-    saved = runner.stack_rows, runner.one_unit
-    runner.stack_rows, runner.one_unit = saved[0] // 2, 0  # chunk-sized units halved, no pass as one long unit
+    model = runner.engine.model
+    saved = runner.stack_rows, runner.one_unit, model.lend_head
+    # chunk-sized units halved, no pass as one long unit, no lm_head copied ahead (engine.head_ahead)
+    runner.stack_rows, runner.one_unit, model.lend_head = saved[0] // 2, 0, False
     try:
         return runner._grouped(seqs)
     finally:
-        runner.stack_rows, runner.one_unit = saved
+        runner.stack_rows, runner.one_unit, model.lend_head = saved
 
 
 def padded_retried(runner: ModelRunner, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:

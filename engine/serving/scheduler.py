@@ -50,6 +50,7 @@ class StepStats:
     cached_prompt_tokens: int = 0  # prompt tokens found in cached KV blocks (not computed again)
     last_waiting: int = 0  # sequences left waiting for a slot after the last step's admission
     graph_replays: int = 0  # prompt units' layers run by captured graphs so far (engine/prompt_graphs.py)
+    lent_copies: int = 0  # streamed lm_head chunks copied ahead into lent buffers so far (engine/head_ahead.py)
     last_arrivals: tuple[float, float] | None = None  # the first and last arrival (monotonic) of those it admitted
 
 
@@ -172,6 +173,7 @@ class Scheduler:
         st.last_tokens, st.last_waiting = self.runner.last_tokens, len(self.waiting)
         graphs = self.engine.model.prompt_graphs
         st.graph_replays = graphs.replays if graphs is not None else st.graph_replays
+        st.lent_copies = self.engine.weights.stream.lent.copies
         if self.on_step:
             self.on_step(st)
         for out in outs:

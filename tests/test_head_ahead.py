@@ -1,0 +1,141 @@
+"""A streamed lm_head copied ahead into lent buffers (streamer/lent.py, engine/head_ahead.py), on the CPU:
+the ring skips the lent units, every pass's logits stay those of the resident model, and the ring copies them
+again once they are taken back."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine import head_ahead
+from engine.checkpoint import Checkpoint
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.layout import expected_tensors
+from engine.model import Group, Model
+from engine.ops import TorchOps
+from engine.weights import ModelWeights
+from streamer.sync import SyncLog
+from tests.helpers import make_hf_model, plan_for
+
+CHUNKS = 6  # lm_head chunks (two staging slots: four may be lent)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    _, d = make_hf_model("qwen2", tmp_path_factory.mktemp("ahead"))
+    return d
+
+
+def _load(model_dir: Path, kind: str, device: str = "cpu"):
+    cfg = ModelConfig.from_file(model_dir / "config.json")
+    ckpt = Checkpoint(model_dir)
+    ckpt.validate(expected_tensors(cfg))
+    plan = plan_for(cfg, ckpt, kind)
+    if kind != "resident":
+        plan = replace(plan, lm_head_chunks=CHUNKS)
+    log = SyncLog()
+    wm = ModelWeights(ckpt, cfg, plan, device, torch.float32, threads=1, log_sync=log)
+    return cfg, wm, Model(cfg, wm, TorchOps(), device, torch.float32, 64), log
+
+
+def _pass(model: Model, cfg, cache: KVCache, seed: int) -> torch.Tensor:
+    """Two prompts (rows 0 and 1) from position 0, through forward_groups: their last tokens' logits."""
+    gen, dev = torch.Generator().manual_seed(seed), model.device
+    groups = [Group(torch.randint(0, cfg.vocab_size, (1, n), generator=gen).to(dev),
+                    torch.zeros(1, dtype=torch.int32, device=dev), torch.tensor([n], dtype=torch.int32, device=dev),
+                    row, n) for row, n in ((0, 9), (1, 6))]
+    return model.forward_groups(groups, cache, [(0, 0, 8), (1, 0, 5)])
+
+
+def _heads(wm: ModelWeights) -> list[int]:
+    return [j for j, u in enumerate(wm.units) if u.name.startswith("lm_head.")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("room_units", [0, 1, 4, 9])
+def test_lent_head_chunks_skip_the_ring_and_keep_the_logits(model_dir, monkeypatch, room_units, device):
+    """On CUDA the copy stream, its events and the compute stream's waits order the lent copies for real."""
+    cfg, wm, model, log = _load(model_dir, "stream-all", device)
+    _, _, ref, _ = _load(model_dir, "resident", device)
+    heads = _heads(wm)
+    assert len(heads) == CHUNKS and wm.plan.num_slots == 2
+    size = max(wm.units[j].nbytes for j in heads)
+    lent = []
+    real = ModelWeights.lend_head
+    def lend_head(self, room):
+        n = real(self, room)
+        if self is wm:
+            lent.append(n)
+        return n
+    monkeypatch.setattr(ModelWeights, "lend_head", lend_head)
+    monkeypatch.setattr(head_ahead, "room", lambda *a: room_units * size)
+    cache, ref_cache = (KVCache(cfg, 2, 64, torch.float32, device) for _ in range(2))
+    for seed in range(3):  # passes after one that lent keep the ring's slots and order
+        out = _pass(model, cfg, cache, seed)
+        torch.testing.assert_close(out, _pass(ref, cfg, ref_cache, seed), rtol=1e-5, atol=1e-5)
+    n = min(room_units, CHUNKS - 2)  # the first two chunks ride the ring's slots during the last layers
+    assert lent == [sum(wm.units[j].nbytes for j in heads[CHUNKS - n:])] * 3
+    assert wm.stream.lent.copies == 3 * n
+    units = len(wm.units)
+    skipped = sorted(g for a, g, _ in log.entries if a == "skip")
+    # each pass's last n chunks: none copied into a slot, each read from its lent buffer
+    assert skipped == [p * units + k for p in range(3) for k in range(units - n, units)]
+    copied = {g for a, g, _ in log.entries if a == "copy"}
+    assert not copied & set(skipped) and len(copied) >= 3 * (units - n)
+    assert not wm.stream.lent and not wm.stream.skipped  # taken back after every pass
+
+
+def test_lend_refuses_a_unit_already_on_its_way(model_dir):
+    cfg, wm, model, _ = _load(model_dir, "stream-all")
+    first, last = 0, _heads(wm)[-1]
+    buf = torch.empty(wm.stream.slot_bytes, dtype=torch.uint8)
+    assert not wm.stream.lend(first, buf)  # the pass's first units are copied into the slots already
+    assert wm.stream.lend(last, buf)
+    assert not wm.stream.lend(last, buf)  # once
+    wm.stream.take_back()
+    assert not wm.stream.lent
+
+
+def test_an_interrupted_pass_with_lent_units_restarts_the_ring(model_dir, monkeypatch, caplog):
+    """Lent units skipped by the ring but never read (the pass stopped before its head): taking them back
+    restarts the ring, so the next pass reads every chunk from a slot again."""
+    cfg, wm, model, _ = _load(model_dir, "stream-all")
+    _, _, ref, _ = _load(model_dir, "resident")
+    heads = _heads(wm)
+    for j in heads[2:]:
+        assert wm.stream.lend(j, torch.empty(wm.units[j].nbytes, dtype=torch.uint8))
+    for i in range(cfg.num_hidden_layers):  # the layers, then the first lm_head chunks, and a stop
+        wm.layer(i)
+        wm.release(i)
+    for j in heads[:3]:
+        wm.stream.acquire_bytes(j)
+        wm.stream.release()
+    assert wm.stream.skipped  # chunks 3.. were skipped, never read
+    wm.take_head_back()
+    assert not wm.stream.skipped and wm.stream.consumed == 0
+    cache, ref_cache = (KVCache(cfg, 2, 64, torch.float32, "cpu") for _ in range(2))
+    torch.testing.assert_close(_pass(model, cfg, cache, 5), _pass(ref, cfg, ref_cache, 5), rtol=1e-5, atol=1e-5)
+
+
+def _plan(**kw):
+    base = dict(lm_head_resident=False, prefill_chunk=2048, prefill_state_bytes=1000 << 20,
+                workspace_bytes=1400 << 20, allocator_bytes=6 << 30)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("case, want", [
+    ("on", (1000 << 20) - 4096 * 2 * 64 * 2 - head_ahead.MARGIN),  # the planned states' room this pass leaves
+    ("off", 0), ("short", 0), ("resident", 0), ("host", 0), ("graphs", 0), ("full", 0), ("retry", 0)])
+def test_room_is_the_planned_states_room_a_pass_leaves(monkeypatch, case, want):
+    monkeypatch.setenv("LAYERSTREAM_HEAD_AHEAD", "0" if case == "off" else "1")
+    plan = _plan(lm_head_resident=case == "resident",
+                 prefill_state_bytes=(4096 * 2 * 64 * 2 if case == "full" else 1000 << 20))
+    model = SimpleNamespace(weights=SimpleNamespace(plan=plan), cfg=SimpleNamespace(hidden_size=64),
+                            dtype=torch.bfloat16, device=torch.device("cpu"), lend_head=case != "retry")
+    rows = 1000 if case == "short" else 4096
+    assert head_ahead.room(model, rows, case == "host", case == "graphs") == want
