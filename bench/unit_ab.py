@@ -6,7 +6,9 @@ engine/mlp_chunks.py; needs LAYERSTREAM_STACK_PIECES=1, the runner's one-unit ro
 runner's attributes, e.g. ``runner:fill_stacks=0``), each set for its own round only. ``graphs``: units of one chunk
 through the prompt graphs (engine/prompt_graphs.py; run with LAYERSTREAM_PROMPT_GRAPHS=1: the warm-up captures them,
 and every other arm runs its units eagerly). ``ahead``: units of one chunk with the streamed lm_head's last chunks copied
-ahead into lent buffers (engine/head_ahead.py, ``LAYERSTREAM_HEAD_AHEAD=1`` for its rounds; not beside prompt graphs).
+ahead into lent buffers (engine/head_ahead.py, ``LAYERSTREAM_HEAD_AHEAD=1`` for its rounds; not beside prompt graphs);
+``dense``: each layer's packed weights widened once for a pass's units (engine/dense_layer.py,
+``LAYERSTREAM_DENSE_LAYER=1``); ``both``: the two.
 Each arm's greedy tokens and first-token logits are compared with ``chunk``'s at the end.
 
     LAYERSTREAM_STACK_PIECES=1 python bench/unit_ab.py --model DIR [--rounds 4] [--arms chunk,pieces6] [--out ab.json]
@@ -30,7 +32,8 @@ from engine.serving.warmup import warm_up  # noqa: E402
 from tools.bench_serve import VOCAB, make_jobs  # noqa: E402
 
 ARMS = {"chunk": (False, None), "graphs": (False, None), "pieces4": (True, "4"), "pieces6": (True, "6")}
-ALIASES = {"ahead": "env:LAYERSTREAM_HEAD_AHEAD=1"}
+ALIASES = {"ahead": "env:LAYERSTREAM_HEAD_AHEAD=1", "dense": "env:LAYERSTREAM_DENSE_LAYER=1",
+           "both": "env:LAYERSTREAM_HEAD_AHEAD=1+LAYERSTREAM_DENSE_LAYER=1"}
 
 
 def _apply(arm: str, runner, one: int):
@@ -87,6 +90,7 @@ def main() -> None:
             if graphs is not None:
                 line += f" replays {graphs.replays}"
             line += f" lent {runner.engine.weights.stream.lent.copies}"  # lm_head chunks copied ahead so far
+            line += f" widened {runner.engine.ops.dense_widened}"  # weights widened once for a layer's units
             print(f"round {r} {arm:8s} {line} peak {peak} MiB", flush=True)
             if r:
                 out.append({"round": r, "arm": arm, "passes": passes, "peak_mib": peak})

@@ -168,17 +168,19 @@ class Model(DecoderLayers):
         lm_head ahead (``engine.head_ahead``)."""
         graphs = self.prompt_graphs if self.prompt_graphs is not None and self.prompt_graphs.cache is cache else None
         rows = sum(g.ids.numel() for g in groups)
-        lent = self.weights.lend_head(head_ahead.room(self, rows, host_states, graphs is not None))
+        units = len(stacked_runs(groups, stack_rows, stack_free))
+        dense, head = head_ahead.split(self, rows, units, host_states, graphs is not None)
+        lent = self.weights.lend_head(head) if head else 0
         try:
             return self._forward_groups(groups, cache, pick, chunk_context, after_layer, host_states, park,
-                                        stack_rows, stack_free, graphs)
+                                        stack_rows, stack_free, graphs, dense)
         finally:
             if lent:
                 self.weights.take_head_back()
 
     def _forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
                         chunk_context, after_layer, host_states: bool, park: bool | list[torch.Tensor],
-                        stack_rows: int, stack_free: set[int] | None, graphs) -> torch.Tensor:
+                        stack_rows: int, stack_free: set[int] | None, graphs, dense: int) -> torch.Tensor:
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
@@ -205,19 +207,21 @@ class Model(DecoderLayers):
                     if pump:
                         self.weights.pump_start()
                     shared: list = []  # cache.layer(i), fetched once when a group needs it
-                    for u, run in enumerate(runs):
-                        h, res = states.get(u)  # queues the next unit's states in
-                        if pump:  # then this unit's share of the next streamed layer
-                            self.weights.pump_to(share[u] / share[-1])
-                        out = None if lays[u] is None else graphs.run(i, w, h, res, lays[u])
-                        if out is not None:
-                            h, res = out
-                        else:
-                            with ctx(shapes[u][0] * shapes[u][1]):
-                                h, res = self._unit_layer(w, i, h, res, [groups[k] for k in run],
-                                                          [positions[k] for k in run], cache, shared, ctx, plans[u])
-                        states.put(u, h, res)
-                        del h, res  # the states object decides how long a unit's output lives
+                    with self.ops.dense_layer(dense):  # its packed weights widened once (engine.dense_layer)
+                        for u, run in enumerate(runs):
+                            h, res = states.get(u)  # queues the next unit's states in
+                            if pump:  # then this unit's share of the next streamed layer
+                                self.weights.pump_to(share[u] / share[-1])
+                            out = None if lays[u] is None else graphs.run(i, w, h, res, lays[u])
+                            if out is not None:
+                                h, res = out
+                            else:
+                                with ctx(shapes[u][0] * shapes[u][1]):
+                                    h, res = self._unit_layer(w, i, h, res, [groups[k] for k in run],
+                                                              [positions[k] for k in run], cache, shared, ctx,
+                                                              plans[u])
+                            states.put(u, h, res)
+                            del h, res  # the states object decides how long a unit's output lives
                     self.weights.release(i)
                     if after_layer is not None:
                         after_layer(i)

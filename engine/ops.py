@@ -17,6 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from engine.dense_layer import DenseLayer
 from engine.quant.ggml import GGMLWeight, dequant_scratch
 from engine.quant.rows import packed_linear
 from engine.quant.spec import QuantWeight
@@ -33,6 +34,8 @@ class TorchOps:
     _tile: torch.Tensor | None = None  # the dense tile's buffer (TritonOps: allocated at the first long chunk, kept)
     mlp_budget: tuple[int, int] | None = None  # (rows, bytes): longer stacks' MLPs run in pieces (engine/mlp_chunks.py)
     mlp_pieces: int | None = None  # how many pieces they run in, where the caller says (engine/prompt_graphs.py)
+    _dense: DenseLayer | None = None  # inside dense_layer: the layer's packed weights widened once (TritonOps)
+    dense_widened = 0  # weights widened into a dense_layer cache so far
 
     def use_scratch(self, nbytes: int) -> None:
         """Decode packed layers for a prefill's GEMM into dense tiles of at most ``nbytes`` (the plan's)."""
@@ -49,6 +52,21 @@ class TorchOps:
             yield
         finally:
             self._lens = outer
+
+    @contextlib.contextmanager
+    def dense_layer(self, room: int):
+        """One layer's units of a prompt pass: a packed weight a long unit applies is widened once into at most
+        ``room`` bytes and reused by the other units (engine.dense_layer; 0: as before). Torch widens whole
+        weights anyway: only TritonOps keeps them."""
+        if room <= 0 or self.name != "triton":
+            yield
+            return
+        outer, self._dense = self._dense, DenseLayer(room, self._widen)
+        try:
+            yield
+        finally:
+            self.dense_widened += self._dense.widened
+            self._dense = outer
 
     def seq_lens(self, start_pos: torch.Tensor, q_lens: torch.Tensor) -> torch.Tensor:
         """``start_pos + q_lens`` (each row's length after this pass), once per pass inside ``pass_scope``."""
@@ -161,6 +179,8 @@ class TritonOps(TorchOps):
         from kernels import (add_rmsnorm, attention_decode, attention_prefill, embedding, kv_append, linear,
                              rmsnorm, rope, rope_kv_append, swiglu)
         from kernels import qgemv_i8, qlinear
+        from kernels.qdequant import qdequant
+        self._qdequant = qdequant
         self._qlinear, self._tile_rows, self._tiled = qlinear.qlinear, qlinear.tile_rows, qlinear.tiled_linear
         self._tile_view, self._dense_min_m = qlinear.tile_view, qlinear.DENSE_MIN_M
         from kernels.add_rmsnorm_i8 import add_rmsnorm_qgemv
@@ -196,7 +216,14 @@ class TritonOps(TorchOps):
             self._tile = torch.empty(self._scratch, dtype=torch.uint8, device=x.device)
         return self._tile
 
+    def _widen(self, w: QuantWeight, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        return self._qdequant(w.qweight, w.scales, w.zeros, w.spec.bits, dtype, mins=w.mins, out=out)
+
     def linear(self, x, w, b=None):
+        if isinstance(w, QuantWeight) and self._dense is not None and x.numel() // x.shape[-1] >= self._dense_min_m:
+            dense = self._dense.get(w, x.dtype)  # widened once for the layer's units (dense_layer)
+            if dense is not None:
+                return self._k["linear"](x, dense, b)
         if isinstance(w, QuantWeight):  # dequantized in the kernel's registers
             return self._qlinear(x, w.qweight, w.scales, w.zeros, w.spec.bits, b, w.perm, mins=w.mins,
                                  tile_bytes=self._scratch, tile=self._tile_buffer(x))  # long chunks: the plan's tile

@@ -73,13 +73,14 @@ def test_lent_head_chunks_skip_the_ring_and_keep_the_logits(model_dir, monkeypat
             lent.append(n)
         return n
     monkeypatch.setattr(ModelWeights, "lend_head", lend_head)
+    monkeypatch.setenv("LAYERSTREAM_HEAD_AHEAD", "1")
     monkeypatch.setattr(head_ahead, "room", lambda *a: room_units * size)
     cache, ref_cache = (KVCache(cfg, 2, 64, torch.float32, device) for _ in range(2))
     for seed in range(3):  # passes after one that lent keep the ring's slots and order
         out = _pass(model, cfg, cache, seed)
         torch.testing.assert_close(out, _pass(ref, cfg, ref_cache, seed), rtol=1e-5, atol=1e-5)
     n = min(room_units, CHUNKS - 2)  # the first two chunks ride the ring's slots during the last layers
-    assert lent == [sum(wm.units[j].nbytes for j in heads[CHUNKS - n:])] * 3
+    assert lent == ([sum(wm.units[j].nbytes for j in heads[CHUNKS - n:])] * 3 if room_units else [])
     assert wm.stream.lent.copies == 3 * n
     units = len(wm.units)
     skipped = sorted(g for a, g, _ in log.entries if a == "skip")
@@ -122,20 +123,27 @@ def test_an_interrupted_pass_with_lent_units_restarts_the_ring(model_dir, monkey
     torch.testing.assert_close(_pass(model, cfg, cache, 5), _pass(ref, cfg, ref_cache, 5), rtol=1e-5, atol=1e-5)
 
 
-def _plan(**kw):
-    base = dict(lm_head_resident=False, prefill_chunk=2048, prefill_state_bytes=1000 << 20,
+def _model(**kw):
+    plan = dict(lm_head_resident=False, prefill_chunk=2048, prefill_state_bytes=1000 << 20,
                 workspace_bytes=1400 << 20, allocator_bytes=6 << 30)
-    return SimpleNamespace(**{**base, **kw})
+    cfg = SimpleNamespace(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    return SimpleNamespace(weights=SimpleNamespace(plan=SimpleNamespace(**{**plan, **kw})), cfg=cfg,
+                           dtype=torch.bfloat16, device=torch.device("cpu"), lend_head=True)
+
+
+SPARE = (1000 << 20) - 4096 * 2 * 64 * 2 - head_ahead.MARGIN  # the planned states' room a 4,096-row pass leaves
+LAYER = (64 * 64 + 2 * 2 * 16 * 64 + 64 * 64 + 3 * 128 * 64) * 2  # q, k, v, o, gate, up, down in bf16
 
 
 @pytest.mark.parametrize("case, want", [
-    ("on", (1000 << 20) - 4096 * 2 * 64 * 2 - head_ahead.MARGIN),  # the planned states' room this pass leaves
-    ("off", 0), ("short", 0), ("resident", 0), ("host", 0), ("graphs", 0), ("full", 0), ("retry", 0)])
-def test_room_is_the_planned_states_room_a_pass_leaves(monkeypatch, case, want):
-    monkeypatch.setenv("LAYERSTREAM_HEAD_AHEAD", "0" if case == "off" else "1")
-    plan = _plan(lm_head_resident=case == "resident",
-                 prefill_state_bytes=(4096 * 2 * 64 * 2 if case == "full" else 1000 << 20))
-    model = SimpleNamespace(weights=SimpleNamespace(plan=plan), cfg=SimpleNamespace(hidden_size=64),
-                            dtype=torch.bfloat16, device=torch.device("cpu"), lend_head=case != "retry")
-    rows = 1000 if case == "short" else 4096
-    assert head_ahead.room(model, rows, case == "host", case == "graphs") == want
+    ("head", (0, SPARE)), ("off", (0, 0)), ("short", (0, 0)), ("resident", (0, 0)), ("host", (0, 0)),
+    ("graphs", (0, 0)), ("full", (0, 0)), ("retry", (0, 0)),
+    ("dense", (LAYER, 0)), ("both", (LAYER, SPARE - LAYER)), ("one unit", (0, SPARE)), ("dense full", (0, 0))])
+def test_the_room_a_pass_spares_goes_to_a_widened_layer_then_to_the_head(monkeypatch, case, want):
+    monkeypatch.setenv("LAYERSTREAM_HEAD_AHEAD", "0" if case in ("off", "dense", "dense full") else "1")
+    monkeypatch.setenv("LAYERSTREAM_DENSE_LAYER", "1" if case in ("dense", "both", "one unit", "dense full") else "0")
+    full = case in ("full", "dense full")
+    model = _model(lm_head_resident=case == "resident", prefill_state_bytes=4096 * 2 * 64 * 2 if full else 1000 << 20)
+    model.lend_head = case != "retry"
+    rows, units = (1000 if case == "short" else 4096), (1 if case == "one unit" else 3)
+    assert head_ahead.split(model, rows, units, case == "host", case == "graphs") == want

@@ -51,6 +51,7 @@ class StepStats:
     last_waiting: int = 0  # sequences left waiting for a slot after the last step's admission
     graph_replays: int = 0  # prompt units' layers run by captured graphs so far (engine/prompt_graphs.py)
     lent_copies: int = 0  # streamed lm_head chunks copied ahead into lent buffers so far (engine/head_ahead.py)
+    dense_widened: int = 0  # packed weights widened once for a layer's units so far (engine/dense_layer.py)
     last_arrivals: tuple[float, float] | None = None  # the first and last arrival (monotonic) of those it admitted
 
 
@@ -173,7 +174,7 @@ class Scheduler:
         st.last_tokens, st.last_waiting = self.runner.last_tokens, len(self.waiting)
         graphs = self.engine.model.prompt_graphs
         st.graph_replays = graphs.replays if graphs is not None else st.graph_replays
-        st.lent_copies = self.engine.weights.stream.lent.copies
+        st.lent_copies, st.dense_widened = self.engine.weights.stream.lent.copies, self.engine.ops.dense_widened
         if self.on_step:
             self.on_step(st)
         for out in outs:

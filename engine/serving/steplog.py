@@ -10,7 +10,8 @@ were any); ``mono_s``, its end on ``time.monotonic()``, matches a load test's re
 (tools/ttft_breakdown.py); on a GPU, ``peak_mib`` is the most memory the caching allocator had allocated during
 the step (how close the pass came to the budget's allocator cap) and ``reserved_mib`` what it held at its end;
 ``graph_replays``, how many of its prompt units' layers ran as captured graphs (engine/prompt_graphs.py);
-``lent``, how many lm_head chunks it copied ahead into lent buffers (engine/head_ahead.py), where it did;
+``lent``, how many lm_head chunks it copied ahead into lent buffers (engine/head_ahead.py), and ``widened``, how
+many packed weights it widened once for a layer's units (engine/dense_layer.py), where it did;
 ``arrived_s``, where the step admitted sequences, the first and last of their arrivals (``time.monotonic()``, once
 tokenized): a request's time from its send to the pass that ran it split into the server's front end and the wait."""
 from __future__ import annotations
@@ -38,7 +39,7 @@ class StepLog:
         self.compiles = 0
         self.built: list[str] = []
         self._replays = 0  # StepStats.graph_replays at the last line
-        self._lent = 0  # StepStats.lent_copies at the last line
+        self._lent = self._widened = 0  # StepStats.lent_copies and .dense_widened at the last line
         self._runtime = hook_knobs()
         self._previous = None
         if self._runtime is not None:  # chained: a hook installed before keeps working
@@ -62,7 +63,9 @@ class StepLog:
         self._replays = st.graph_replays
         if st.lent_copies > self._lent:
             line["lent"] = st.lent_copies - self._lent
-        self._lent = st.lent_copies
+        if st.dense_widened > self._widened:
+            line["widened"] = st.dense_widened - self._widened
+        self._lent, self._widened = st.lent_copies, st.dense_widened
         if st.last_arrivals is not None:
             line["arrived_s"] = [round(t, 6) for t in st.last_arrivals]
         if self.built:
