@@ -528,7 +528,7 @@ if [[ $steps == *D* ]]; then  # issue 16: the lm_head copied ahead into lent buf
   timeout $(left 150) python3 bench/unit_ab.py --model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 \
     --max-context 2304 --rounds ${D_ROUNDS:-3} --arms ${D_ARMS:-chunk,ahead,dense,both} --out $R/unit_ab_ahead.json \
     > $R/unit_ab_ahead.txt 2>&1; echo "unit_ab rc=$?"
-  grep -E "^warm|^round|^tokens|Error|error" $R/unit_ab_ahead.txt | cut -c1-160
+  grep -E "^warm|^room|^round|^tokens|Error|error" $R/unit_ab_ahead.txt | cut -c1-160
   for r in ${D_SERVE-both chunk}; do
     on=$([ "$r" = chunk ] && echo 0 || echo 1)
     cold_burst $r LAYERSTREAM_HEAD_AHEAD=$on LAYERSTREAM_DENSE_LAYER=$on

@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from bench.burst_probe import _fresh, burst  # noqa: E402
 from bench.probe_server import server_parser  # noqa: E402
-from engine import LLM  # noqa: E402
+from engine import LLM, head_ahead  # noqa: E402
+from engine.dense_layer import layer_bytes  # noqa: E402
 from engine.serving.params import SamplingParams  # noqa: E402
 from engine.serving.sequence import Sequence  # noqa: E402
 from engine.serving.warmup import warm_up  # noqa: E402
@@ -74,6 +75,7 @@ def main() -> None:
     graphs = runner.engine.model.prompt_graphs
     print(f"prompt graphs: {len(graphs.graphs)} at buckets {graphs.buckets}" if graphs else "prompt graphs: none",
           flush=True)
+    _room_report(runner)
     jobs = [job for client in make_jobs(16, 1, (128, 2048), (2, 2), VOCAB, 2) for job in client]
     out, n = [], 0
     for r in range(a.rounds + 1):  # round 0: every arm once, untimed (their first shapes)
@@ -99,6 +101,18 @@ def main() -> None:
         out.append(_compare(llm, runner, one, _fresh(llm, jobs, 10_000), others))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))
+
+
+def _room_report(runner) -> None:
+    """What a burst pass may spare for the lm_head copied ahead and a layer widened once (engine/head_ahead.py)."""
+    eng, plan = runner.engine, runner.engine.plan
+    rows = 6647
+    host = eng.model.host_states and rows * 2 * eng.cfg.hidden_size * eng.dtype.itemsize > plan.prefill_state_bytes
+    print(f"room: states {plan.prefill_state_place} {plan.prefill_state_bytes >> 20} MiB (host states for {rows} rows: "
+          f"{host}), workspace {plan.workspace_bytes >> 20} MiB, cap {plan.allocator_bytes >> 20} MiB, allocated "
+          f"{torch.cuda.memory_allocated() >> 20} MiB, reserved {torch.cuda.memory_reserved() >> 20} MiB; room for "
+          f"{rows} rows {head_ahead.room(eng.model, rows, host, False) >> 20} MiB, a layer widened "
+          f"{layer_bytes(eng.cfg, eng.dtype.itemsize) >> 20} MiB", flush=True)
 
 
 def _compare(llm: LLM, runner, one: int, prompts: list[list[int]], others: list[str]) -> dict:

@@ -6,9 +6,8 @@ time, after the last layer (streamer.lent says how long). Such a pass lends the 
 them from the memory the plan set aside for prompt states that this pass does not fill: the plan sizes
 ``prefill_state_bytes`` for the longest prompts the context allows (``batch`` x ``max_context`` tokens),
 and a pass of R rows keeps R rows of states (hidden and residual). On a GPU the room is also held within
-what the allocator's cap leaves beside the live tensors, the pass's activations and states. Not used with
-host states (their copies share the copy stream by design) nor with captured prompt graphs (their pool
-already takes that room), nor when a pass runs again after running out of memory (engine.serving.retry).
+what the allocator's cap leaves beside the live tensors, the pass's activations and states (states in host
+memory: see ``room``). Not used with captured prompt graphs (their pool already takes that room), nor when a pass runs again after running out of memory (engine.serving.retry).
 
 The same room serves a layer's weights widened once for all of a pass's units (engine.dense_layer) first,
 where that is on and the pass has several units: that saves more of a burst's first pass (~18 of its 24.7 ms
@@ -48,14 +47,17 @@ def split(model, rows: int, units: int, host_states: bool, graphs: bool) -> tupl
 
 
 def room(model, rows: int, host_states: bool, graphs: bool) -> int:
-    """Bytes a pass over ``rows`` token rows may spare for a pass's own buffers (0: none)."""
+    """Bytes a pass over ``rows`` token rows may spare for a pass's own buffers (0: none). Its states in VRAM: the
+    planned states' room it leaves (within the cap's). In host memory (parked in the KV cache's unreached
+    positions, or crossing PCIe: the plan's states room then holds the chunks in flight): what the allocator's cap
+    leaves beside the live tensors and the whole workspace, on a GPU only (a pass that then runs out of memory runs
+    again without, engine.serving.retry)."""
     plan = model.weights.plan
-    if not model.lend_head or host_states or graphs or rows < plan.prefill_chunk:
+    if not model.lend_head or graphs or rows < plan.prefill_chunk:
         return 0
-    states = rows * 2 * model.cfg.hidden_size * model.dtype.itemsize
-    lend = plan.prefill_state_bytes - states
-    if model.device.type == "cuda":
-        activations = plan.workspace_bytes - plan.prefill_state_bytes
-        free = plan.allocator_bytes - torch.cuda.memory_allocated(model.device) - activations - states
-        lend = min(lend, free)
-    return max(0, lend - MARGIN)
+    states = 0 if host_states else rows * 2 * model.cfg.hidden_size * model.dtype.itemsize
+    if model.device.type != "cuda":
+        return 0 if host_states else max(0, plan.prefill_state_bytes - states - MARGIN)
+    workspace = plan.workspace_bytes - (0 if host_states else plan.prefill_state_bytes - states)
+    free = plan.allocator_bytes - torch.cuda.memory_allocated(model.device) - workspace
+    return max(0, min(free, plan.prefill_state_bytes - states if not host_states else free) - MARGIN)

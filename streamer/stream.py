@@ -243,7 +243,7 @@ class WeightStreamer:
         goes out behind the ring's next ones and the ring skips the unit (streamer.lent). False, and nothing lent,
         when its next use is already on its way into a slot, or it is not pinned."""
         unit = self.units[j]
-        assert buf.dtype == torch.uint8 and buf.numel() >= unit.nbytes and buf.device == self.device
+        assert buf.dtype == torch.uint8 and buf.numel() >= unit.nbytes and buf.device.type == self.device.type
         if j not in self.host_bufs or j in self.lent or not self.order:
             return False
         on_way = (self.order[g % len(self.order)] for g in range(self.consumed, self.issued))
