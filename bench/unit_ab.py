@@ -112,7 +112,8 @@ def _room_report(runner) -> None:
           f"{host}), workspace {plan.workspace_bytes >> 20} MiB, cap {plan.allocator_bytes >> 20} MiB, allocated "
           f"{torch.cuda.memory_allocated() >> 20} MiB, reserved {torch.cuda.memory_reserved() >> 20} MiB; room for "
           f"{rows} rows {head_ahead.room(eng.model, rows, host, False) >> 20} MiB, a layer widened "
-          f"{layer_bytes(eng.cfg, eng.dtype.itemsize) >> 20} MiB", flush=True)
+          f"{layer_bytes(eng.cfg, eng.dtype.itemsize) >> 20} MiB; a free KV row "
+          f"{2 * eng.cache.k[:, 0].numel() * eng.cache.k.element_size() >> 20} MiB", flush=True)
 
 
 def _compare(llm: LLM, runner, one: int, prompts: list[list[int]], others: list[str]) -> dict:

@@ -1,18 +1,20 @@
-"""When a pass copies a streamed lm_head ahead (streamer.lent), and into how much memory.
+"""When a pass copies a streamed lm_head ahead (streamer.lent), and where the copies wait.
 
 A pass that feeds at least a prefill chunk of prompt tokens is bound by its compute, and its copies are
 done long before its last layer; only the lm_head's chunks past the staging slots then wait, one slot at a
-time, after the last layer (streamer.lent says how long). Such a pass lends the streamer buffers for
-them from the memory the plan set aside for prompt states that this pass does not fill: the plan sizes
-``prefill_state_bytes`` for the longest prompts the context allows (``batch`` x ``max_context`` tokens),
-and a pass of R rows keeps R rows of states (hidden and residual). On a GPU the room is also held within
-what the allocator's cap leaves beside the live tensors, the pass's activations and states (states in host
-memory: see ``room``). Not used with captured prompt graphs (their pool already takes that room), nor when a pass runs again after running out of memory (engine.serving.retry).
+time, after the last layer (streamer.lent says how long). Such a pass lends the streamer pieces for them:
 
-The same room serves a layer's weights widened once for all of a pass's units (engine.dense_layer) first,
-where that is on and the pass has several units: that saves more of a burst's first pass (~18 of its 24.7 ms
-of widening, against the lm_head's 15.0 ms wait) and needs less (a 7B layer widened: 444 MiB, its lm_head's
-chunks past the slots: 812 MiB); the lm_head gets what is left.
+* first the KV rows of a slot cache that no running sequence holds and the pass does not run (a burst's 16
+  sequences leave 16 of 32 rows free: 2.1 GB on the 7B at 6 GiB); nothing reads or writes them before a
+  sequence is admitted there, after the pass (engine.serving.runner names them);
+* else the memory the pass may spare (``room``): with its states in VRAM, the planned states' room it leaves
+  (the plan sizes ``prefill_state_bytes`` for ``batch`` x ``max_context`` tokens, a pass of R rows keeps R
+  rows of hidden and residual), within what the allocator's cap leaves beside the live tensors and the
+  workspace; with its states in host memory, that cap's room alone (GPU only).
+
+Not with captured prompt graphs (their pool takes the room), nor when a pass runs again after running out of
+memory (engine.serving.retry). The spare room serves a layer's weights widened once for all of a pass's units
+(engine.dense_layer) first, where that is on and the pass has several units; the lm_head then gets what is left.
 
 ``LAYERSTREAM_HEAD_AHEAD=1`` turns it on (off by default until timed on a GPU).
 """
@@ -20,6 +22,7 @@ chunks past the slots: 812 MiB); the lm_head gets what is left.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -33,17 +36,65 @@ def wanted() -> bool:
     return os.environ.get("LAYERSTREAM_HEAD_AHEAD", "0").strip().lower() in ("1", "on", "true", "yes")
 
 
-def split(model, rows: int, units: int, host_states: bool, graphs: bool) -> tuple[int, int]:
-    """(bytes for a layer widened once, engine.dense_layer; bytes to lend for the lm_head's chunks) in a pass
-    over ``rows`` token rows in ``units`` units; (0, 0) when neither is on or the pass may not spare any."""
+Carve = Callable[[int, int], "list[torch.Tensor] | None"]  # (bytes, row bytes) -> pieces of whole rows, or None
+
+
+def split(model, rows: int, units: int, host_states: bool, graphs: bool,
+          free_spans: list[torch.Tensor] | None = None) -> tuple[int, Carve | None]:
+    """(bytes for a layer widened once, engine.dense_layer; where the lm_head's chunks are lent pieces, or None)
+    in a pass over ``rows`` token rows in ``units`` units. ``free_spans``: flat views of KV memory no sequence
+    holds (a slot cache's free rows, engine.state_parking.free_row_spans): the chunks go there first, else into
+    what the pass may spare beside the layer widened once (``room``)."""
     dense_on = dense_layer.wanted() and units > 1
     head_on = wanted() and not model.weights.plan.lm_head_resident
     if not (dense_on or head_on):
-        return 0, 0
+        return 0, None
     spare = room(model, rows, host_states, graphs)
     need = dense_layer.layer_bytes(model.cfg, model.dtype.itemsize)
     dense = need if dense_on and need <= spare else 0
-    return dense, spare - dense if head_on else 0
+    if not head_on or not model.lend_head or graphs or rows < model.weights.plan.prefill_chunk:
+        return dense, None
+    if free_spans:
+        return dense, span_carver(free_spans)
+    return dense, alloc_carver(spare - dense, model.device) if spare > dense else None
+
+
+def span_carver(spans: list[torch.Tensor]) -> Carve:
+    """Pieces of whole rows carved in order from flat spans (viewed as bytes); None once a chunk does not fit."""
+    spans = [s.view(torch.uint8) for s in sorted(spans, key=lambda s: -s.numel())]
+    at = [0, 0]  # the span, the offset in it
+
+    def carve(nbytes: int, row_bytes: int) -> list[torch.Tensor] | None:
+        pieces, need, (i, off) = [], nbytes, at
+        while need > 0 and i < len(spans):
+            take = min(need, (spans[i].numel() - off) // row_bytes * row_bytes)
+            if take:
+                pieces.append(spans[i][off:off + take])
+                need, off = need - take, off + take
+            if not take or off + row_bytes > spans[i].numel():
+                i, off = i + 1, 0
+        if need:
+            return None
+        at[:] = [i, off]
+        return pieces
+    return carve
+
+
+def alloc_carver(room: int, device: torch.device) -> Carve:
+    """One new allocation a chunk while ``room`` bytes last (None after, or when the allocator has no room)."""
+    left = [room]
+
+    def carve(nbytes: int, row_bytes: int) -> list[torch.Tensor] | None:
+        if nbytes > left[0]:
+            return None
+        try:
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        except torch.OutOfMemoryError:
+            left[0] = 0
+            return None
+        left[0] -= nbytes
+        return [buf]
+    return carve
 
 
 def room(model, rows: int, host_states: bool, graphs: bool) -> int:

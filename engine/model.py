@@ -23,7 +23,7 @@ from engine.kv_cache import KVCache
 from engine.ops import TorchOps
 from engine.prefill_states import DeviceStates, HostStates, interleave_weights
 from engine.stacking import run_pick, stacked_runs
-from engine.state_parking import Parking, kv_tail_spans, parking_enabled
+from engine.state_parking import Parking, free_row_spans, kv_tail_spans, parking_enabled
 from engine.varlen import VarlenPlan, plan_unit
 from engine.varlen import enabled as varlen_enabled
 from kernels.rope import rope_tables
@@ -151,7 +151,7 @@ class Model(DecoderLayers):
     def forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
                        chunk_context=None, after_layer=None, host_states: bool = False,
                        park: bool | list[torch.Tensor] = False, stack_rows: int = 0,
-                       stack_free: set[int] | None = None) -> torch.Tensor:
+                       stack_free: set[int] | None = None, spare_rows: list[int] | None = None) -> torch.Tensor:
         """Run several groups of sequences through one pass over the layers: each layer's weights are
         fetched once and every group (in order) runs through them, each on its own rows of the KV cache
         and with its own token count, so prompt slices and single decode tokens share a pass without
@@ -165,12 +165,15 @@ class Model(DecoderLayers):
         many run each layer together (``layer_stacked``), their states one unit: consecutive prompt groups, or with
         ``stack_free`` (the groups that may run in any order) packed into as few units as fit, the decode group
         heading the first (``engine.stacking``). A pass of a prefill chunk's tokens or more may copy a streamed
-        lm_head ahead (``engine.head_ahead``)."""
+        lm_head ahead (``engine.head_ahead``), into the KV rows ``spare_rows`` of a contiguous ``cache`` (rows no
+        sequence holds) where given."""
         graphs = self.prompt_graphs if self.prompt_graphs is not None and self.prompt_graphs.cache is cache else None
         rows = sum(g.ids.numel() for g in groups)
         units = len(stacked_runs(groups, stack_rows, stack_free))
-        dense, head = head_ahead.split(self, rows, units, host_states, graphs is not None)
-        lent = self.weights.lend_head(head) if head else 0
+        spans = free_row_spans(cache, spare_rows) if spare_rows and isinstance(cache, KVCache) and \
+            head_ahead.wanted() else None
+        dense, carve = head_ahead.split(self, rows, units, host_states, graphs is not None, spans)
+        lent = self.weights.lend_head(carve) if carve is not None else 0
         try:
             return self._forward_groups(groups, cache, pick, chunk_context, after_layer, host_states, park,
                                         stack_rows, stack_free, graphs, dense)

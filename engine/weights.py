@@ -9,7 +9,7 @@ model typed views of their buffers (``engine.model.WeightSource``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -232,40 +232,39 @@ class ModelWeights:
         if self.lm_head is not None:
             yield 0, self.lm_head
             return
-        row0 = 0
+        row0, row_b = 0, head_row_bytes(self.cfg, self.dtype, self.head_blocks)
         for j, u in enumerate(self.units):
             if not u.name.startswith("lm_head."):
                 continue
-            rows = u.nbytes // head_row_bytes(self.cfg, self.dtype, self.head_blocks)
-            buf = self.stream.slots[0][: u.nbytes] if self.dry else self.stream.acquire_bytes(j)
-            yield row0, (GGMLWeight(((self.head_blocks, buf.view(rows, -1)),), self.cfg.hidden_size)
-                         if self.head_blocks else buf.view(self.dtype).view(rows, self.cfg.hidden_size))
+            # its slot's bytes, or the pieces lent for it (lend_head): each piece whole rows
+            for buf in [self.stream.slots[0][: u.nbytes]] if self.dry else self.stream.acquire_pieces(j):
+                rows = buf.numel() // row_b
+                yield row0, (GGMLWeight(((self.head_blocks, buf.view(rows, -1)),), self.cfg.hidden_size)
+                             if self.head_blocks else buf.view(self.dtype).view(rows, self.cfg.hidden_size))
+                row0 += rows
             if not self.dry:
                 self.stream.release()
-            row0 += rows
 
-    def lend_head(self, room: int) -> int:
-        """Lend the streamer buffers for the streamed lm_head's chunks past the first ``num_slots`` (those ride the
-        ring during the last layers), as many as ``room`` bytes hold, for one pass: their copies go out early
-        (streamer.lent). Returns the bytes lent; :meth:`take_head_back` takes them back."""
+    def lend_head(self, carve: Callable[[int, int], list[torch.Tensor] | None]) -> int:
+        """Lend the streamer pieces for the streamed lm_head's chunks past the first ``num_slots`` (those ride the
+        ring during the last layers), the last chunks first, for one pass: their copies go out early
+        (streamer.lent). ``carve(nbytes, row_bytes)`` gives a chunk's pieces (flat uint8 device views of whole
+        rows, together ``nbytes``), or None when no more fit. Returns the bytes lent; :meth:`take_head_back`
+        takes them back."""
         if self.lm_head is not None or not self._copies():
             return 0
         heads = [j for j, u in enumerate(self.units) if u.name.startswith("lm_head.")][self.stream.num_slots:]
-        fit, total = [], 0
+        row_b, carved = head_row_bytes(self.cfg, self.dtype, self.head_blocks), {}
         for j in reversed(heads):  # the last chunks: the ring would copy them last
-            if total + self.units[j].nbytes > room:
+            pieces = carve(self.units[j].nbytes, row_b)
+            if pieces is None:
                 break
-            fit.append(j)
-            total += self.units[j].nbytes
+            carved[j] = pieces
         lent = 0
-        for j in reversed(fit):  # lent in the pass's order: the copies go out in it
-            try:
-                buf = torch.empty(self.units[j].nbytes, dtype=torch.uint8, device=self.device)
-            except torch.OutOfMemoryError:
+        for j in sorted(carved):  # lent in the pass's order: the copies go out in it
+            if not self.stream.lend(j, carved[j]):
                 break
-            if not self.stream.lend(j, buf):
-                break
-            lent += buf.numel()
+            lent += self.units[j].nbytes
         return lent
 
     def take_head_back(self) -> None:

@@ -25,9 +25,10 @@ from streamer.sync import Sync
 
 @dataclass
 class _Lent:
-    """A lent buffer of unit j's bytes; ``done`` is recorded on the copy stream after its copy."""
+    """Unit j's bytes in lent pieces (flat uint8 views, in order, together its size); ``done`` is recorded on the
+    copy stream after their copies."""
 
-    buf: torch.Tensor
+    pieces: list[torch.Tensor]
     done: object = None
 
 
@@ -47,9 +48,9 @@ class LentBuffers:
     def __bool__(self) -> bool:
         return bool(self.units)
 
-    def add(self, j: int, buf: torch.Tensor) -> None:
+    def add(self, j: int, pieces: list[torch.Tensor]) -> None:
         assert j not in self.units, f"unit {j} has a lent buffer already"
-        self.units[j] = _Lent(buf)
+        self.units[j] = _Lent(pieces)
         self.pending.append(j)
         self.lent_at = self.sync.event()
         self.lent_at.record(self.sync.compute_stream())
@@ -62,8 +63,10 @@ class LentBuffers:
             self.sync.copy_stream.wait_event(self.lent_at)
             while self.pending and (count is None or count > 0):
                 j = self.pending.popleft()
-                h = self.units[j]
-                h.buf.copy_(src[j], non_blocking=True)
+                h, a = self.units[j], 0
+                for piece in h.pieces:
+                    piece.copy_(src[j][a:a + piece.numel()], non_blocking=True)
+                    a += piece.numel()
                 h.done = self.sync.event()
                 h.done.record(self.sync.copy_stream)
                 self.copies += 1
@@ -71,13 +74,13 @@ class LentBuffers:
                 if j == upto:
                     break
 
-    def wait(self, j: int, src: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Unit j's lent buffer, once the compute stream waits for its copy (issued now if still pending)."""
+    def wait(self, j: int, src: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """Unit j's lent pieces, once the compute stream waits for their copies (issued now if still pending)."""
         h = self.units[j]
         if h.done is None:
             self.issue(src, upto=j)
         self.sync.compute_stream().wait_event(h.done)
-        return h.buf
+        return h.pieces
 
     def drop(self) -> None:
         """Forget every lent buffer; the compute stream first waits for the copies issued into them."""

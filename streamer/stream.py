@@ -211,45 +211,47 @@ class WeightStreamer:
 
         Units must be acquired in order; out of order (a pass was interrupted) the pipeline restarts.
         """
-        slot, buf = self._acquire(j)
-        assert buf is None, "a unit with a lent buffer is read through acquire_bytes"
+        slot, lent = self._acquire(j)
+        assert lent is None, "a unit with lent pieces is read through acquire_pieces"
         return slot
 
-    def acquire_bytes(self, j: int) -> torch.Tensor:
-        """As :meth:`acquire`, but returns unit ``j``'s bytes: its slot's, or the buffer lent for it (``lend``)."""
-        slot, buf = self._acquire(j)
-        return self.slots[slot][: self.units[j].nbytes] if buf is None else buf
+    def acquire_pieces(self, j: int) -> list[torch.Tensor]:
+        """As :meth:`acquire`, but returns unit ``j``'s bytes: its slot's, or the pieces lent for it (``lend``)."""
+        slot, lent = self._acquire(j)
+        return [self.slots[slot][: self.units[j].nbytes]] if lent is None else lent
 
-    def _acquire(self, j: int) -> tuple[int, torch.Tensor | None]:
+    def _acquire(self, j: int) -> tuple[int, list[torch.Tensor] | None]:
         assert self.order, "this pass streams no unit (set_order)"
         if self.order[self.consumed % len(self.order)] != j:
             log.warning("streamer out of order (unit %d of the pass, got unit %d): restarting", self.consumed, j)
             self.reset()
-        slot, buf = self.consumed % self.num_slots, None
+        slot, lent = self.consumed % self.num_slots, None
         self.streamed_bytes += self.units[j].nbytes
         if self.consumed in self.skipped:
             self.skipped.discard(self.consumed)
-            buf = self.lent.wait(j, self.host_bufs)
+            lent = self.lent.wait(j, self.host_bufs)
         else:
             self._issue(upto=self.consumed)  # its own pieces, if still queued
             self.sync.compute_stream().wait_event(self.ready[slot])
         self.sync.note("wait", self.consumed, slot)
         if self.tracer:
             self.tracer.begin("compute", self.units[j].name, self.sync.compute_stream())
-        return slot, buf
+        return slot, lent
 
-    def lend(self, j: int, buf: torch.Tensor) -> bool:
-        """Lend ``buf`` (device bytes, at least unit ``j``'s) for pinned unit ``j`` until :meth:`take_back`: its copy
-        goes out behind the ring's next ones and the ring skips the unit (streamer.lent). False, and nothing lent,
-        when its next use is already on its way into a slot, or it is not pinned."""
+    def lend(self, j: int, pieces: list[torch.Tensor]) -> bool:
+        """Lend ``pieces`` (flat uint8 device views, in order, together unit ``j``'s size) for pinned unit ``j`` until
+        :meth:`take_back`: its copies go out behind the ring's next ones and the ring skips the unit
+        (streamer.lent). False, and nothing lent, when its next use is already on its way into a slot, or it is
+        not pinned."""
         unit = self.units[j]
-        assert buf.dtype == torch.uint8 and buf.numel() >= unit.nbytes and buf.device.type == self.device.type
+        assert sum(p.numel() for p in pieces) == unit.nbytes
+        assert all(p.dtype == torch.uint8 and p.dim() == 1 and p.device.type == self.device.type for p in pieces)
         if j not in self.host_bufs or j in self.lent or not self.order:
             return False
         on_way = (self.order[g % len(self.order)] for g in range(self.consumed, self.issued))
         if any(k == j for k in on_way):
             return False
-        self.lent.add(j, buf[: unit.nbytes])
+        self.lent.add(j, list(pieces))
         return True
 
     def take_back(self) -> None:

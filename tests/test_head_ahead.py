@@ -37,7 +37,7 @@ def _load(model_dir: Path, kind: str, device: str = "cpu"):
     ckpt.validate(expected_tensors(cfg))
     plan = plan_for(cfg, ckpt, kind)
     if kind != "resident":
-        plan = replace(plan, lm_head_chunks=CHUNKS)
+        plan = replace(plan, lm_head_chunks=CHUNKS, prefill_chunk=8)  # the two prompts' 15 rows: a long pass
     log = SyncLog()
     wm = ModelWeights(ckpt, cfg, plan, device, torch.float32, threads=1, log_sync=log)
     return cfg, wm, Model(cfg, wm, TorchOps(), device, torch.float32, 64), log
@@ -94,10 +94,10 @@ def test_lent_head_chunks_skip_the_ring_and_keep_the_logits(model_dir, monkeypat
 def test_lend_refuses_a_unit_already_on_its_way(model_dir):
     cfg, wm, model, _ = _load(model_dir, "stream-all")
     first, last = 0, _heads(wm)[-1]
-    buf = torch.empty(wm.stream.slot_bytes, dtype=torch.uint8)
-    assert not wm.stream.lend(first, buf)  # the pass's first units are copied into the slots already
-    assert wm.stream.lend(last, buf)
-    assert not wm.stream.lend(last, buf)  # once
+    assert not wm.stream.lend(first, [torch.empty(wm.units[first].nbytes, dtype=torch.uint8)])  # in a slot already
+    pieces = list(torch.empty(wm.units[last].nbytes, dtype=torch.uint8).split(1000))
+    assert wm.stream.lend(last, pieces)
+    assert not wm.stream.lend(last, pieces)  # once
     wm.stream.take_back()
     assert not wm.stream.lent
 
@@ -109,12 +109,12 @@ def test_an_interrupted_pass_with_lent_units_restarts_the_ring(model_dir, monkey
     _, _, ref, _ = _load(model_dir, "resident")
     heads = _heads(wm)
     for j in heads[2:]:
-        assert wm.stream.lend(j, torch.empty(wm.units[j].nbytes, dtype=torch.uint8))
+        assert wm.stream.lend(j, [torch.empty(wm.units[j].nbytes, dtype=torch.uint8)])
     for i in range(cfg.num_hidden_layers):  # the layers, then the first lm_head chunks, and a stop
         wm.layer(i)
         wm.release(i)
     for j in heads[:3]:
-        wm.stream.acquire_bytes(j)
+        wm.stream.acquire_pieces(j)
         wm.stream.release()
     assert wm.stream.skipped  # chunks 3.. were skipped, never read
     wm.take_head_back()
@@ -136,14 +136,52 @@ LAYER = (64 * 64 + 2 * 2 * 16 * 64 + 64 * 64 + 3 * 128 * 64) * 2  # q, k, v, o, 
 
 
 @pytest.mark.parametrize("case, want", [
-    ("head", (0, SPARE)), ("off", (0, 0)), ("short", (0, 0)), ("resident", (0, 0)), ("host", (0, 0)),
-    ("graphs", (0, 0)), ("full", (0, 0)), ("retry", (0, 0)),
-    ("dense", (LAYER, 0)), ("both", (LAYER, SPARE - LAYER)), ("one unit", (0, SPARE)), ("dense full", (0, 0))])
+    ("head", (0, SPARE)), ("off", (0, None)), ("short", (0, None)), ("resident", (0, None)), ("host", (0, None)),
+    ("graphs", (0, None)), ("full", (0, None)), ("retry", (0, None)),
+    ("dense", (LAYER, None)), ("both", (LAYER, SPARE - LAYER)), ("one unit", (0, SPARE)), ("dense full", (0, None)),
+    ("rows", (0, "spans"))])
 def test_the_room_a_pass_spares_goes_to_a_widened_layer_then_to_the_head(monkeypatch, case, want):
+    """(bytes for the layer widened once, what the lm_head's chunks get: that many bytes of new allocations, the
+    free KV rows' spans, or nothing)."""
     monkeypatch.setenv("LAYERSTREAM_HEAD_AHEAD", "0" if case in ("off", "dense", "dense full") else "1")
     monkeypatch.setenv("LAYERSTREAM_DENSE_LAYER", "1" if case in ("dense", "both", "one unit", "dense full") else "0")
-    full = case in ("full", "dense full")
+    full = case in ("full", "dense full", "rows")
     model = _model(lm_head_resident=case == "resident", prefill_state_bytes=4096 * 2 * 64 * 2 if full else 1000 << 20)
     model.lend_head = case != "retry"
     rows, units = (1000 if case == "short" else 4096), (1 if case == "one unit" else 3)
-    assert head_ahead.split(model, rows, units, case == "host", case == "graphs") == want
+    spans = [torch.zeros(3000, dtype=torch.bfloat16), torch.zeros(5000, dtype=torch.bfloat16)] if case == "rows" else None
+    dense, carve = head_ahead.split(model, rows, units, case == "host", case == "graphs", spans)
+    assert dense == want[0]
+    if want[1] is None:
+        assert carve is None
+    elif want[1] == "spans":  # whole rows of 1,000 bytes from the largest span first: 10 + 6 rows in all
+        assert [p.numel() for p in carve(9000, 1000)] == [9000]
+        assert [p.numel() for p in carve(4000, 1000)] == [1000, 3000]
+        assert carve(4000, 1000) is None and [p.numel() for p in carve(2000, 1000)] == [2000]  # 3,000 bytes left
+    else:
+        assert [p.numel() for p in carve(want[1], 1)] == [want[1]] and carve(1, 1) is None
+
+
+def test_the_chunks_wait_in_kv_rows_no_sequence_holds(model_dir, monkeypatch):
+    """A slot cache's free rows (2 and 3 here) hold the lent chunks for the pass: the logits stay the resident
+    model's, the rows the pass runs keep the resident model's keys and values, and the free rows took the bytes."""
+    cfg, wm, model, _ = _load(model_dir, "stream-all")
+    _, _, ref, _ = _load(model_dir, "resident")
+    monkeypatch.setenv("LAYERSTREAM_HEAD_AHEAD", "1")
+    monkeypatch.setattr(head_ahead, "room", lambda *a: 0)  # no new allocation: the free rows only
+    cache, ref_cache = (KVCache(cfg, 4, 64, torch.float32, "cpu") for _ in range(2))
+    for c in (cache, ref_cache):
+        c.k.zero_()
+        c.v.zero_()
+    gen, n = torch.Generator().manual_seed(3), len(_heads(wm)) - 2
+    groups = [Group(torch.randint(0, cfg.vocab_size, (1, t), generator=gen), torch.zeros(1, dtype=torch.int32),
+                    torch.tensor([t], dtype=torch.int32), row, t) for row, t in ((0, 9), (1, 6))]
+    pick = [(0, 0, 8), (1, 0, 5)]
+    out = model.forward_groups(groups, cache, pick, spare_rows=[2, 3])
+    torch.testing.assert_close(out, ref.forward_groups(groups, ref_cache, pick), rtol=1e-5, atol=1e-5)
+    assert wm.stream.lent.copies == n and not wm.stream.lent
+    torch.testing.assert_close(cache.k[:, :2], ref_cache.k[:, :2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.v[:, :2], ref_cache.v[:, :2], rtol=1e-5, atol=1e-5)
+    lent_bytes = sum(wm.units[j].nbytes for j in _heads(wm)[2:])
+    written = sum(int((t[:, 2:].reshape(-1).view(torch.uint8) != 0).sum()) for t in (cache.k, cache.v))
+    assert 0.9 * lent_bytes < written <= lent_bytes  # the chunks' bytes (a few of them zero)

@@ -207,8 +207,12 @@ class ModelRunner:
         host = self._host_states(groups)
         park = (cache.unused_spans(self.paged[1].alloc.free) if host else False) if self.paged else True
         free = stack_free(parts, len(groups) - len(parts)) if self.stack_packed else None
+        # a slot cache's rows no running sequence holds and no group runs (a decode group pads across free rows):
+        # the lm_head's chunks may wait there for the pass (engine.head_ahead)
+        named = {r for g in groups for r in range(g.row0, g.row0 + g.ids.shape[0])}
+        spare = None if self.paged else sorted(set(range(cache.batch)) - {s.slot for s in seqs} - named)
         out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk, host_states=host, park=park,
-                                       stack_rows=self.pass_stack, stack_free=free)
+                                       stack_rows=self.pass_stack, stack_free=free, spare_rows=spare)
         logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
         logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
         return logits, q_lens
