@@ -40,44 +40,52 @@ Carve = Callable[[int, int], "list[torch.Tensor] | None"]  # (bytes, row bytes) 
 
 
 def split(model, rows: int, units: int, host_states: bool, graphs: bool,
-          free_spans: list[torch.Tensor] | None = None) -> tuple[int, Carve | None]:
-    """(bytes for a layer widened once, engine.dense_layer; where the lm_head's chunks are lent pieces, or None)
-    in a pass over ``rows`` token rows in ``units`` units. ``free_spans``: flat views of KV memory no sequence
-    holds (a slot cache's free rows, engine.state_parking.free_row_spans): the chunks go there first, else into
-    what the pass may spare beside the layer widened once (``room``)."""
+          free_spans: list[torch.Tensor] | None = None) -> tuple[Callable[[], Carve] | None, Carve | None]:
+    """(a fresh carver for each layer's weights widened once, engine.dense_layer; the carver of the lm_head's lent
+    chunks), either None when off, in a pass over ``rows`` token rows in ``units`` units. ``free_spans``: flat
+    views of KV memory no sequence holds (a slot cache's free rows, engine.state_parking.free_row_spans): the
+    head's chunks are carved there first and every layer's widened weights after them; without, new allocations
+    from what the pass may spare (``room``), a layer's first."""
+    plan = model.weights.plan
     dense_on = dense_layer.wanted() and units > 1
-    head_on = wanted() and not model.weights.plan.lm_head_resident
-    if not (dense_on or head_on):
-        return 0, None
+    head_on = wanted() and not plan.lm_head_resident
+    if not (dense_on or head_on) or not model.lend_head or graphs or rows < plan.prefill_chunk:
+        return None, None
+    if free_spans:
+        spans = SpanCarver(free_spans)
+        return (spans.fork if dense_on else None), (spans if head_on else None)
     spare = room(model, rows, host_states, graphs)
     need = dense_layer.layer_bytes(model.cfg, model.dtype.itemsize)
-    dense = need if dense_on and need <= spare else 0
-    if not head_on or not model.lend_head or graphs or rows < model.weights.plan.prefill_chunk:
-        return dense, None
-    if free_spans:
-        return dense, span_carver(free_spans)
-    return dense, alloc_carver(spare - dense, model.device) if spare > dense else None
+    layer = (lambda: alloc_carver(need, model.device)) if dense_on and need <= spare else None
+    left = spare - (need if layer is not None else 0)
+    return layer, (alloc_carver(left, model.device) if head_on and left > 0 else None)
 
 
-def span_carver(spans: list[torch.Tensor]) -> Carve:
-    """Pieces of whole rows carved in order from flat spans (viewed as bytes); None once a chunk does not fit."""
-    spans = [s.view(torch.uint8) for s in sorted(spans, key=lambda s: -s.numel())]
-    at = [0, 0]  # the span, the offset in it
+class SpanCarver:
+    """Pieces of whole rows carved in order from flat spans (viewed as bytes, the largest first); a call returns
+    None once a request does not fit. ``fork``: a carver of what is left now (each layer's own)."""
 
-    def carve(nbytes: int, row_bytes: int) -> list[torch.Tensor] | None:
-        pieces, need, (i, off) = [], nbytes, at
-        while need > 0 and i < len(spans):
-            take = min(need, (spans[i].numel() - off) // row_bytes * row_bytes)
+    def __init__(self, spans: list[torch.Tensor], at: tuple[int, int] = (0, 0), ordered: bool = False) -> None:
+        self.spans = spans if ordered else [s.view(torch.uint8) for s in sorted(spans, key=lambda s: -s.numel())]
+        self.at = at  # the span, the offset in it
+
+    def fork(self) -> SpanCarver:
+        return SpanCarver(self.spans, self.at, ordered=True)
+
+    def __call__(self, nbytes: int, row_bytes: int) -> list[torch.Tensor] | None:
+        pieces, need, (i, off) = [], nbytes, self.at
+        while need > 0 and i < len(self.spans):
+            span = self.spans[i]
+            take = min(need, (span.numel() - off) // row_bytes * row_bytes)
             if take:
-                pieces.append(spans[i][off:off + take])
+                pieces.append(span[off:off + take])
                 need, off = need - take, off + take
-            if not take or off + row_bytes > spans[i].numel():
+            if not take or off + row_bytes > span.numel():
                 i, off = i + 1, 0
         if need:
             return None
-        at[:] = [i, off]
+        self.at = (i, off)
         return pieces
-    return carve
 
 
 def alloc_carver(room: int, device: torch.device) -> Carve:

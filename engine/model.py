@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from engine.config import ModelConfig
-from engine import head_ahead
+from engine import dense_layer, head_ahead
 from engine.decoder import DecoderLayers
 from engine.kv_cache import KVCache
 from engine.ops import TorchOps
@@ -165,25 +165,26 @@ class Model(DecoderLayers):
         many run each layer together (``layer_stacked``), their states one unit: consecutive prompt groups, or with
         ``stack_free`` (the groups that may run in any order) packed into as few units as fit, the decode group
         heading the first (``engine.stacking``). A pass of a prefill chunk's tokens or more may copy a streamed
-        lm_head ahead (``engine.head_ahead``), into the KV rows ``spare_rows`` of a contiguous ``cache`` (rows no
-        sequence holds) where given."""
+        lm_head ahead (``engine.head_ahead``) and widen each layer's packed weights once for its units
+        (``engine.dense_layer``), into the KV rows ``spare_rows`` of a contiguous ``cache`` (rows no sequence holds)
+        where given."""
         graphs = self.prompt_graphs if self.prompt_graphs is not None and self.prompt_graphs.cache is cache else None
         rows = sum(g.ids.numel() for g in groups)
         units = len(stacked_runs(groups, stack_rows, stack_free))
         spans = free_row_spans(cache, spare_rows) if spare_rows and isinstance(cache, KVCache) and \
-            head_ahead.wanted() else None
-        dense, carve = head_ahead.split(self, rows, units, host_states, graphs is not None, spans)
-        lent = self.weights.lend_head(carve) if carve is not None else 0
+            (head_ahead.wanted() or dense_layer.wanted()) else None
+        layer, head = head_ahead.split(self, rows, units, host_states, graphs is not None, spans)
+        lent = self.weights.lend_head(head) if head is not None else 0
         try:
             return self._forward_groups(groups, cache, pick, chunk_context, after_layer, host_states, park,
-                                        stack_rows, stack_free, graphs, dense)
+                                        stack_rows, stack_free, graphs, layer)
         finally:
             if lent:
                 self.weights.take_head_back()
 
     def _forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
                         chunk_context, after_layer, host_states: bool, park: bool | list[torch.Tensor],
-                        stack_rows: int, stack_free: set[int] | None, graphs, dense: int) -> torch.Tensor:
+                        stack_rows: int, stack_free: set[int] | None, graphs, layer) -> torch.Tensor:
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
@@ -210,7 +211,8 @@ class Model(DecoderLayers):
                     if pump:
                         self.weights.pump_start()
                     shared: list = []  # cache.layer(i), fetched once when a group needs it
-                    with self.ops.dense_layer(dense):  # its packed weights widened once (engine.dense_layer)
+                    # its packed weights widened once for the units (engine.dense_layer), where ``layer`` carves
+                    with self.ops.dense_layer(None if layer is None else layer()):
                         for u, run in enumerate(runs):
                             h, res = states.get(u)  # queues the next unit's states in
                             if pump:  # then this unit's share of the next streamed layer

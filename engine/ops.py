@@ -17,7 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from engine.dense_layer import DenseLayer
+from engine.dense_layer import DenseLayer, tiles_linear, widen_rows
 from engine.quant.ggml import GGMLWeight, dequant_scratch
 from engine.quant.rows import packed_linear
 from engine.quant.spec import QuantWeight
@@ -54,14 +54,14 @@ class TorchOps:
             self._lens = outer
 
     @contextlib.contextmanager
-    def dense_layer(self, room: int):
-        """One layer's units of a prompt pass: a packed weight a long unit applies is widened once into at most
-        ``room`` bytes and reused by the other units (engine.dense_layer; 0: as before). Torch widens whole
-        weights anyway: only TritonOps keeps them."""
-        if room <= 0 or self.name != "triton":
+    def dense_layer(self, carve):
+        """One layer's units of a prompt pass: a packed weight a long unit applies is widened once into the pieces
+        ``carve(bytes, row bytes)`` gives and reused by the other units (engine.dense_layer; None: as before).
+        Torch widens whole weights anyway: only TritonOps keeps them."""
+        if carve is None or self.name != "triton":
             yield
             return
-        outer, self._dense = self._dense, DenseLayer(room, self._widen)
+        outer, self._dense = self._dense, DenseLayer(carve, self._widen)
         try:
             yield
         finally:
@@ -216,14 +216,17 @@ class TritonOps(TorchOps):
             self._tile = torch.empty(self._scratch, dtype=torch.uint8, device=x.device)
         return self._tile
 
-    def _widen(self, w: QuantWeight, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
-        return self._qdequant(w.qweight, w.scales, w.zeros, w.spec.bits, dtype, mins=w.mins, out=out)
+    def _widen(self, w: QuantWeight, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        return widen_rows(self._qdequant, w, r0, r1, dtype, out)
+
+    def _tiles_linear(self, x: torch.Tensor, tiles, n: int, b: torch.Tensor | None) -> torch.Tensor:
+        return tiles_linear(self._k["linear"], x, tiles, n, b)
 
     def linear(self, x, w, b=None):
         if isinstance(w, QuantWeight) and self._dense is not None and x.numel() // x.shape[-1] >= self._dense_min_m:
-            dense = self._dense.get(w, x.dtype)  # widened once for the layer's units (dense_layer)
-            if dense is not None:
-                return self._k["linear"](x, dense, b)
+            tiles = self._dense.get(w, x.dtype)  # widened once for the layer's units (dense_layer)
+            if tiles is not None:
+                return self._tiles_linear(x, tiles, w.shape[0], b)
         if isinstance(w, QuantWeight):  # dequantized in the kernel's registers
             return self._qlinear(x, w.qweight, w.scales, w.zeros, w.spec.bits, b, w.perm, mins=w.mins,
                                  tile_bytes=self._scratch, tile=self._tile_buffer(x))  # long chunks: the plan's tile

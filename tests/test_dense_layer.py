@@ -29,13 +29,15 @@ def _groups(vocab: int) -> list[Group]:
 
 
 def _fitting(cfg, left: int) -> int:
-    """How many of a layer's projections (in order: q/k/v, o, gate/up, down) the cache widens in ``left`` bytes."""
+    """How many of a layer's projections (in order: q/k/v, o, gate/up, down) the cache widens in ``left`` bytes
+    (new allocations)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads
     sizes = [(cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d * h, h * h, 2 * i * h, i * h]
     n = 0
     for size in (x * 4 for x in sizes):  # fp32
-        if size <= left:
-            left, n = left - size, n + 1
+        if size > left:
+            break  # the first that does not fit leaves the rest of the layer to the tiled path
+        left, n = left - size, n + 1
     return n
 
 
@@ -62,5 +64,32 @@ def test_each_projection_is_widened_once_a_layer(model_dir, monkeypatch, room):
             assert widened == (0 if not on else 4 * n if room == "whole" else _fitting(eng.cfg, whole // 2) * n)
         assert eng.ops._dense is None  # noqa: SLF001  (nothing kept after the layer)
         torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
+    finally:
+        eng.close()
+
+
+def test_the_widened_weights_can_wait_in_free_kv_rows(model_dir, monkeypatch):
+    """The layer's widened weights in a slot cache's free rows (3-6), several row tiles a weight, a GEMM each
+    (ops._tiles_linear): the logits and the running rows' keys of the pass that widens per unit."""
+    eng = make_engine(model_dir, kernels="triton", device=DEV, batch=7, max_context=64, prefill_chunk=16)
+    try:
+        n = eng.cfg.num_hidden_layers
+        monkeypatch.setattr(eng.ops, "_dense_min_m", 1)
+        monkeypatch.setattr(head_ahead, "room", lambda *a: 0)  # no new allocation: the free rows only
+        groups, pick = _groups(eng.cfg.vocab_size), [(0, 0, 12), (1, 0, 10), (2, 0, 8)]
+        tiles = []
+        real = eng.ops._tiles_linear  # noqa: SLF001
+        monkeypatch.setattr(eng.ops, "_tiles_linear", lambda x, t, *a: tiles.append(len(t)) or real(x, t, *a))
+        outs, kv = [], []
+        for on in (False, True):
+            monkeypatch.setenv("LAYERSTREAM_DENSE_LAYER", "1" if on else "0")
+            before = eng.ops.dense_widened
+            outs.append(eng.model.forward_groups(groups, eng.cache, pick, stack_rows=16, spare_rows=[3, 4, 5, 6]))
+            kv.append([c[:, :3].clone() for c in (eng.cache.k, eng.cache.v)])
+            assert eng.ops.dense_widened - before == (4 * n if on else 0)
+        assert max(tiles) > 1  # a weight across several rows' spans
+        torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
+        for got, want in zip(kv[1], kv[0]):
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     finally:
         eng.close()

@@ -136,52 +136,37 @@ LAYER = (64 * 64 + 2 * 2 * 16 * 64 + 64 * 64 + 3 * 128 * 64) * 2  # q, k, v, o, 
 
 
 @pytest.mark.parametrize("case, want", [
-    ("head", (0, SPARE)), ("off", (0, None)), ("short", (0, None)), ("resident", (0, None)), ("host", (0, None)),
-    ("graphs", (0, None)), ("full", (0, None)), ("retry", (0, None)),
-    ("dense", (LAYER, None)), ("both", (LAYER, SPARE - LAYER)), ("one unit", (0, SPARE)), ("dense full", (0, None)),
-    ("rows", (0, "spans"))])
-def test_the_room_a_pass_spares_goes_to_a_widened_layer_then_to_the_head(monkeypatch, case, want):
-    """(bytes for the layer widened once, what the lm_head's chunks get: that many bytes of new allocations, the
-    free KV rows' spans, or nothing)."""
+    ("head", (None, SPARE)), ("off", (None, None)), ("short", (None, None)), ("resident", (None, None)),
+    ("host", (None, None)), ("graphs", (None, None)), ("full", (None, None)), ("retry", (None, None)),
+    ("dense", (LAYER, None)), ("both", (LAYER, SPARE - LAYER)), ("one unit", (None, SPARE)), ("dense full", (None, None)),
+    ("rows", (None, "spans")), ("rows both", ("spans", "spans"))])
+def test_what_a_pass_spares_goes_to_a_widened_layer_and_the_head(monkeypatch, case, want):
+    """(each layer's carver for its weights widened once, the head's carver): new allocations of that many bytes,
+    the free KV rows' spans (the head's pieces first, each layer's after them), or nothing."""
     monkeypatch.setenv("LAYERSTREAM_HEAD_AHEAD", "0" if case in ("off", "dense", "dense full") else "1")
-    monkeypatch.setenv("LAYERSTREAM_DENSE_LAYER", "1" if case in ("dense", "both", "one unit", "dense full") else "0")
-    full = case in ("full", "dense full", "rows")
+    monkeypatch.setenv("LAYERSTREAM_DENSE_LAYER",
+                       "1" if case in ("dense", "both", "one unit", "dense full", "rows both") else "0")
+    full = case in ("full", "dense full") or case.startswith("rows")
     model = _model(lm_head_resident=case == "resident", prefill_state_bytes=4096 * 2 * 64 * 2 if full else 1000 << 20)
     model.lend_head = case != "retry"
     rows, units = (1000 if case == "short" else 4096), (1 if case == "one unit" else 3)
-    spans = [torch.zeros(3000, dtype=torch.bfloat16), torch.zeros(5000, dtype=torch.bfloat16)] if case == "rows" else None
-    dense, carve = head_ahead.split(model, rows, units, case == "host", case == "graphs", spans)
-    assert dense == want[0]
+    spans = ([torch.zeros(3000, dtype=torch.bfloat16), torch.zeros(5000, dtype=torch.bfloat16)]
+             if case.startswith("rows") else None)
+    layer, head = head_ahead.split(model, rows, units, case == "host", case == "graphs", spans)
     if want[1] is None:
-        assert carve is None
+        assert head is None
     elif want[1] == "spans":  # whole rows of 1,000 bytes from the largest span first: 10 + 6 rows in all
-        assert [p.numel() for p in carve(9000, 1000)] == [9000]
-        assert [p.numel() for p in carve(4000, 1000)] == [1000, 3000]
-        assert carve(4000, 1000) is None and [p.numel() for p in carve(2000, 1000)] == [2000]  # 3,000 bytes left
+        assert [p.numel() for p in head(9000, 1000)] == [9000]
+        assert [p.numel() for p in head(4000, 1000)] == [1000, 3000]
+        assert head(4000, 1000) is None  # 3,000 bytes left
     else:
-        assert [p.numel() for p in carve(want[1], 1)] == [want[1]] and carve(1, 1) is None
-
-
-def test_the_chunks_wait_in_kv_rows_no_sequence_holds(model_dir, monkeypatch):
-    """A slot cache's free rows (2 and 3 here) hold the lent chunks for the pass: the logits stay the resident
-    model's, the rows the pass runs keep the resident model's keys and values, and the free rows took the bytes."""
-    cfg, wm, model, _ = _load(model_dir, "stream-all")
-    _, _, ref, _ = _load(model_dir, "resident")
-    monkeypatch.setenv("LAYERSTREAM_HEAD_AHEAD", "1")
-    monkeypatch.setattr(head_ahead, "room", lambda *a: 0)  # no new allocation: the free rows only
-    cache, ref_cache = (KVCache(cfg, 4, 64, torch.float32, "cpu") for _ in range(2))
-    for c in (cache, ref_cache):
-        c.k.zero_()
-        c.v.zero_()
-    gen, n = torch.Generator().manual_seed(3), len(_heads(wm)) - 2
-    groups = [Group(torch.randint(0, cfg.vocab_size, (1, t), generator=gen), torch.zeros(1, dtype=torch.int32),
-                    torch.tensor([t], dtype=torch.int32), row, t) for row, t in ((0, 9), (1, 6))]
-    pick = [(0, 0, 8), (1, 0, 5)]
-    out = model.forward_groups(groups, cache, pick, spare_rows=[2, 3])
-    torch.testing.assert_close(out, ref.forward_groups(groups, ref_cache, pick), rtol=1e-5, atol=1e-5)
-    assert wm.stream.lent.copies == n and not wm.stream.lent
-    torch.testing.assert_close(cache.k[:, :2], ref_cache.k[:, :2], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cache.v[:, :2], ref_cache.v[:, :2], rtol=1e-5, atol=1e-5)
-    lent_bytes = sum(wm.units[j].nbytes for j in _heads(wm)[2:])
-    written = sum(int((t[:, 2:].reshape(-1).view(torch.uint8) != 0).sum()) for t in (cache.k, cache.v))
-    assert 0.9 * lent_bytes < written <= lent_bytes  # the chunks' bytes (a few of them zero)
+        assert [p.numel() for p in head(want[1], 1)] == [want[1]] and head(1, 1) is None
+    if want[0] is None:
+        assert layer is None
+    elif want[0] == "spans":  # each layer carves what the head left, from the same place
+        for _ in range(2):
+            carve = layer()
+            assert [p.numel() for p in carve(2000, 1000)] == [2000] and carve(2000, 1000) is None
+    else:
+        carve = layer()
+        assert [p.numel() for p in carve(want[0], 1)] == [want[0]] and carve(1, 1) is None
