@@ -170,3 +170,41 @@ def test_what_a_pass_spares_goes_to_a_widened_layer_and_the_head(monkeypatch, ca
     else:
         carve = layer()
         assert [p.numel() for p in carve(want[0], 1)] == [want[0]] and carve(1, 1) is None
+
+
+def test_the_runner_names_only_rows_no_sequence_holds_and_no_group_runs(tiny_qwen2_dir, monkeypatch):
+    """Sequences of different lengths join and finish over the steps (slots free up between running ones): every
+    pass's ``spare_rows`` are rows no running sequence holds and no group of the pass runs (a decode group pads
+    across free slots); a paged cache names none."""
+    from engine.serving.params import SamplingParams
+    from engine.serving.scheduler import Scheduler
+    from engine.serving.sequence import Sequence
+    from tests.helpers import make_engine, random_prompts
+    from tests.sched_helpers import run_all
+    for kv in ("slots", "paged"):
+        eng = make_engine(tiny_qwen2_dir, batch=6, max_context=64, prefill_chunk=16)  # slots 4-5 never used
+        sched = Scheduler(eng, **({"kv_cache": "paged", "block_size": 16} if kv == "paged" else {}))
+        seen = []
+        real = eng.model.forward_groups
+
+        def forward_groups(groups, cache, pick, *a, spare_rows=None, **k):
+            held = {s.slot for s in sched.running}
+            ran = {r for g in groups for r in range(g.row0, g.row0 + g.ids.shape[0])}
+            seen.append((spare_rows, held, ran))
+            return real(groups, cache, pick, *a, spare_rows=spare_rows, **k)
+        monkeypatch.setattr(eng.model, "forward_groups", forward_groups)
+        prompts = random_prompts([9, 13, 5, 7, 11], eng.cfg.vocab_size, seed=21)
+        # slots 1 and 2 finish first; the late prompt takes slot 1, and its passes' decode group (rows 0-3) pads
+        # across free slot 2
+        seqs = [Sequence(p, SamplingParams(max_tokens=n), eng.tokenizer) for p, n in zip(prompts, [12, 2, 2, 12, 4])]
+        run_all(sched, seqs, arrivals={4: 8})
+        assert seen
+        for spare, held, ran in seen:
+            if kv == "paged":
+                assert spare is None
+            else:
+                assert spare == sorted(set(range(6)) - held - ran)
+        if kv == "slots":
+            assert any(spare for spare, _, _ in seen)  # some pass had free rows to name
+            assert any(ran - held for _, held, ran in seen)  # and some ran a free row (a decode group's padding)
+        eng.close()
