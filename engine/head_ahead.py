@@ -28,6 +28,7 @@ import torch
 
 from engine import dense_layer
 
+ALIGN = 16  # bytes: where a carved piece may start (the GEMMs' tensor descriptors want 16-byte aligned rows)
 MARGIN = 64 << 20  # bytes left unlent beside the pass's own peak (as the plan's allocator allowance)
 
 
@@ -62,8 +63,9 @@ def split(model, rows: int, units: int, host_states: bool, graphs: bool,
 
 
 class SpanCarver:
-    """Pieces of whole rows carved in order from flat spans (viewed as bytes, the largest first); a call returns
-    None once a request does not fit. ``fork``: a carver of what is left now (each layer's own)."""
+    """Pieces of whole rows carved in order from flat spans (viewed as bytes, the largest first), each starting
+    ``ALIGN``-aligned; a call returns None once a request does not fit. ``fork``: a carver of what is left now
+    (each layer's own)."""
 
     def __init__(self, spans: list[torch.Tensor], at: tuple[int, int] = (0, 0), ordered: bool = False) -> None:
         self.spans = spans if ordered else [s.view(torch.uint8) for s in sorted(spans, key=lambda s: -s.numel())]
@@ -75,7 +77,7 @@ class SpanCarver:
     def __call__(self, nbytes: int, row_bytes: int) -> list[torch.Tensor] | None:
         pieces, need, (i, off) = [], nbytes, self.at
         while need > 0 and i < len(self.spans):
-            span = self.spans[i]
+            span, off = self.spans[i], -(-off // ALIGN) * ALIGN  # each piece starts 16-byte aligned (TMA)
             take = min(need, (span.numel() - off) // row_bytes * row_bytes)
             if take:
                 pieces.append(span[off:off + take])
