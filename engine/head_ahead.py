@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from engine import dense_layer
+from engine.dense_layer import Carve  # (bytes, row bytes) -> pieces of whole rows, or None
 
 ALIGN = 16  # bytes: where a carved piece may start (the GEMMs' tensor descriptors want 16-byte aligned rows)
 MARGIN = 64 << 20  # bytes left unlent beside the pass's own peak (as the plan's allocator allowance)
@@ -35,9 +36,6 @@ MARGIN = 64 << 20  # bytes left unlent beside the pass's own peak (as the plan's
 def wanted() -> bool:
     """Whether compute-bound prompt passes copy the lm_head ahead (``LAYERSTREAM_HEAD_AHEAD=1``)."""
     return os.environ.get("LAYERSTREAM_HEAD_AHEAD", "0").strip().lower() in ("1", "on", "true", "yes")
-
-
-Carve = Callable[[int, int], "list[torch.Tensor] | None"]  # (bytes, row bytes) -> pieces of whole rows, or None
 
 
 def split(model, rows: int, units: int, host_states: bool, graphs: bool,
@@ -121,4 +119,5 @@ def room(model, rows: int, host_states: bool, graphs: bool) -> int:
         return 0 if host_states else max(0, plan.prefill_state_bytes - states - MARGIN)
     workspace = plan.workspace_bytes - (0 if host_states else plan.prefill_state_bytes - states)
     free = plan.allocator_bytes - torch.cuda.memory_allocated(model.device) - workspace
-    return max(0, min(free, plan.prefill_state_bytes - states if not host_states else free) - MARGIN)
+    lend = free if host_states else min(free, plan.prefill_state_bytes - states)
+    return max(0, lend - MARGIN)

@@ -16,8 +16,8 @@ from typing import Protocol
 
 import torch
 
-from engine.config import ModelConfig
 from engine import dense_layer, head_ahead
+from engine.config import ModelConfig
 from engine.decoder import DecoderLayers
 from engine.kv_cache import KVCache
 from engine.ops import TorchOps
@@ -57,8 +57,8 @@ class WeightSource(Protocol):
     def pump_to(self, fraction: float) -> None:
         """Issue held copies until ``fraction`` of the marked ones are on their way."""
 
-    def lend_head(self, room: int) -> int:
-        """For one pass, copy a streamed lm_head's last chunks ahead into up to ``room`` bytes; bytes lent."""
+    def lend_head(self, carve: Callable[[int, int], list[torch.Tensor] | None]) -> int:
+        """For one pass, copy a streamed lm_head's last chunks ahead into the pieces ``carve`` gives; bytes lent."""
 
     def take_head_back(self) -> None:
         """Take back what ``lend_head`` lent."""
@@ -170,25 +170,24 @@ class Model(DecoderLayers):
         where given."""
         graphs = self.prompt_graphs if self.prompt_graphs is not None and self.prompt_graphs.cache is cache else None
         rows = sum(g.ids.numel() for g in groups)
-        units = len(stacked_runs(groups, stack_rows, stack_free))
+        runs = stacked_runs(groups, stack_rows, stack_free)  # the states' units: a group, or a stack [1, rows]
         spans = free_row_spans(cache, spare_rows) if spare_rows and isinstance(cache, KVCache) and \
             (head_ahead.wanted() or dense_layer.wanted()) else None
-        layer, head = head_ahead.split(self, rows, units, host_states, graphs is not None, spans)
+        layer, head = head_ahead.split(self, rows, len(runs), host_states, graphs is not None, spans)
         lent = self.weights.lend_head(head) if head is not None else 0
         try:
             return self._forward_groups(groups, cache, pick, chunk_context, after_layer, host_states, park,
-                                        stack_rows, stack_free, graphs, layer)
+                                        runs, graphs, layer)
         finally:
             if lent:
                 self.weights.take_head_back()
 
     def _forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
                         chunk_context, after_layer, host_states: bool, park: bool | list[torch.Tensor],
-                        stack_rows: int, stack_free: set[int] | None, graphs, layer) -> torch.Tensor:
+                        runs: list[list[int]], graphs, layer) -> torch.Tensor:
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
-        runs = stacked_runs(groups, stack_rows, stack_free)  # the states' units: a group, or a stack [1, rows]
         shapes = [tuple(groups[r[0]].ids.shape) if len(r) == 1 else (1, sum(groups[k].ids.numel() for k in r))
                   for r in runs]
         embed = lambda u: self.weights.embed(self._run_ids(groups, runs[u]), self.ops.embedding)  # noqa: E731

@@ -50,26 +50,26 @@ def free_row_spans(cache, rows: list[int]) -> list[torch.Tensor]:
     """Flat views of every layer's keys and values of the cache ``rows`` no sequence holds (a slot cache's free
     slots), one per layer and run of consecutive rows: nothing reads or writes them until a sequence is admitted
     there (engine.head_ahead lends them to the streamer for one pass)."""
-    runs: list[list[int]] = []
-    for r in sorted(rows):
-        if runs and runs[-1][1] == r:
-            runs[-1][1] = r + 1
-        else:
-            runs.append([r, r + 1])
+    runs = _consecutive(rows)
     return [t[i, a:b].view(-1) for t in (cache.k, cache.v) for i in range(t.shape[0]) for a, b in runs]
+
+
+def _consecutive(ids) -> list[list[int]]:
+    """``ids`` as runs ``[a, b)`` of consecutive integers, in order."""
+    runs: list[list[int]] = []
+    for x in sorted(ids):
+        if runs and runs[-1][1] == x:
+            runs[-1][1] = x + 1
+        else:
+            runs.append([x, x + 1])
+    return runs
 
 
 def block_run_spans(tensors: tuple[torch.Tensor, ...], blocks) -> list[torch.Tensor]:
     """Flat views of every layer's runs of consecutive ``blocks`` in each of ``tensors`` ([layers,
     blocks, ...] block pools: one run of one layer is contiguous); runs shorter than
     ``MIN_SPAN_ELEMENTS`` are left out."""
-    ids, runs = sorted(blocks), []
-    for b in ids:
-        if runs and runs[-1][1] == b:
-            runs[-1][1] = b + 1
-        else:
-            runs.append([b, b + 1])
-    spans = []
+    runs, spans = _consecutive(blocks), []
     for t in tensors:
         per_block = t[0, 0].numel()
         for a, b in runs:

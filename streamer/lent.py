@@ -33,7 +33,7 @@ class _Lent:
 
 
 class LentBuffers:
-    """The units lent buffers this pass: unit index -> lent buffer, and the copies not issued yet, in order."""
+    """The units lent pieces this pass (unit index -> its pieces) and the copies not issued yet, in order."""
 
     def __init__(self, sync: Sync) -> None:
         self.sync = sync
@@ -49,7 +49,7 @@ class LentBuffers:
         return bool(self.units)
 
     def add(self, j: int, pieces: list[torch.Tensor]) -> None:
-        assert j not in self.units, f"unit {j} has a lent buffer already"
+        assert j not in self.units, f"unit {j} has lent pieces already"
         self.units[j] = _Lent(pieces)
         self.pending.append(j)
         self.lent_at = self.sync.event()
