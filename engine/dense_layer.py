@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from engine.quant.spec import QuantWeight
+from kernels.tuning import untuned
 
 Widen = Callable[[QuantWeight, int, int, torch.dtype, torch.Tensor], torch.Tensor]  # rows r0:r1 into out
 Carve = Callable[[int, int], "list[torch.Tensor] | None"]  # (bytes, row bytes) -> flat uint8 pieces, or None
@@ -87,7 +88,8 @@ def tiles_linear(gemm, x: torch.Tensor, tiles: Tiles, n: int, b: torch.Tensor | 
         return gemm(x, tiles[0][1], b)
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-    for r0, tile in tiles:
-        r1 = r0 + tile.shape[0]
-        gemm(x2, tile, None if b is None else b[r0:r1], out=out[:, r0:r1])
+    with untuned():  # a piece's width follows the free spans: its shape's pick if any, else the default, untimed
+        for r0, tile in tiles:
+            r1 = r0 + tile.shape[0]
+            gemm(x2, tile, None if b is None else b[r0:r1], out=out[:, r0:r1])
     return out.view(*x.shape[:-1], n)

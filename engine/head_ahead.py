@@ -30,6 +30,8 @@ from engine import dense_layer
 from engine.dense_layer import Carve  # (bytes, row bytes) -> pieces of whole rows, or None
 
 ALIGN = 16  # bytes: where a carved piece may start (the GEMMs' tensor descriptors want 16-byte aligned rows)
+GRANULE = 16  # rows: a piece of a request cut in several is a multiple of it (the GEMMs' tiles)
+MAX_PIECES = 64  # a request needing more pieces than this is not carved (None)
 MARGIN = 64 << 20  # bytes left unlent beside the pass's own peak (as the plan's allocator allowance)
 
 
@@ -62,8 +64,11 @@ def split(model, rows: int, units: int, host_states: bool, graphs: bool,
 
 class SpanCarver:
     """Pieces of whole rows carved in order from flat spans (viewed as bytes, the largest first), each starting
-    ``ALIGN``-aligned; a call returns None once a request does not fit. ``fork``: a carver of what is left now
-    (each layer's own)."""
+    ``ALIGN``-aligned; a call returns None once a request does not fit. A request that no span holds whole is cut
+    into the fewest equal pieces that fit, each a multiple of ``GRANULE`` rows (the last one shorter), else (spans
+    too small for those) into as many rows as each span holds. A burst's free rows are 56 spans of 5,266 of the
+    7B's rows; pieces cut at each span's end (session 49, call1) gave GEMMs odd widths, each tuned while serving
+    and most unaligned for TMA stores. ``fork``: a carver of what is left now (each layer's own)."""
 
     def __init__(self, spans: list[torch.Tensor], at: tuple[int, int] = (0, 0), ordered: bool = False) -> None:
         self.spans = spans if ordered else [s.view(torch.uint8) for s in sorted(spans, key=lambda s: -s.numel())]
@@ -73,19 +78,42 @@ class SpanCarver:
         return SpanCarver(self.spans, self.at, ordered=True)
 
     def __call__(self, nbytes: int, row_bytes: int) -> list[torch.Tensor] | None:
-        pieces, need, (i, off) = [], nbytes, self.at
-        while need > 0 and i < len(self.spans):
-            span, off = self.spans[i], -(-off // ALIGN) * ALIGN  # each piece starts 16-byte aligned (TMA)
-            take = min(need, (span.numel() - off) // row_bytes * row_bytes)
-            if take:
-                pieces.append(span[off:off + take])
-                need, off = need - take, off + take
-            if not take or off + row_bytes > span.numel():
-                i, off = i + 1, 0
-        if need:
+        assert nbytes % row_bytes == 0, (nbytes, row_bytes)
+        rows, last = nbytes // row_bytes, None
+        for k in range(1, MAX_PIECES + 1):
+            per = min(rows, _ceil(_ceil(rows, k), GRANULE) * GRANULE)  # rows / k, up to whole granules
+            if per == last:
+                continue
+            last, placed = per, self._place(rows, per, row_bytes)
+            if placed is not None:
+                break
+        else:
+            placed = self._place(rows, None, row_bytes)
+        if placed is None:
             return None
-        self.at = (i, off)
+        pieces, self.at = placed
         return pieces
+
+    def _place(self, rows: int, per: int | None, row_bytes: int) -> tuple[list[torch.Tensor], tuple[int, int]] | None:
+        """Pieces of ``per`` rows (the last what is left; None: as many as each span holds) from the cursor on, each
+        whole in one span, and where the cursor ends; None when they run past the last span."""
+        pieces, left, (i, off) = [], rows, self.at
+        while left:
+            if i >= len(self.spans):
+                return None
+            span, off = self.spans[i], _ceil(off, ALIGN) * ALIGN  # each piece starts 16-byte aligned (TMA)
+            fits = max(0, span.numel() - off) // row_bytes
+            take = min(left, per if per is not None else fits)
+            if take > fits or not take:
+                i, off = i + 1, 0
+                continue
+            pieces.append(span[off:off + take * row_bytes])
+            left, off = left - take, off + take * row_bytes
+        return pieces, (i, off)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def alloc_carver(room: int, device: torch.device) -> Carve:

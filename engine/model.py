@@ -27,6 +27,7 @@ from engine.state_parking import Parking, free_row_spans, kv_tail_spans, parking
 from engine.varlen import VarlenPlan, plan_unit
 from engine.varlen import enabled as varlen_enabled
 from kernels.rope import rope_tables
+from kernels.tuning import untuned
 
 
 class WeightSource(Protocol):
@@ -93,6 +94,7 @@ class Model(DecoderLayers):
         self.host_states = False  # a prefill keeps the prompt states in host memory between layers (the plan's)
         self.state_host_bytes = 0  # prompt-state bytes copied between host and device so far (both ways)
         self.parked_passes = 0  # passes whose host states waited in unreached KV positions instead
+        self._head_lent = False  # this pass lent the streamer pieces for the lm_head's chunks
         self.lend_head = True  # a long prompt pass may copy a streamed lm_head ahead (engine.head_ahead)
         self.prompt_graphs = None  # engine.prompt_graphs.PromptGraphs: a served pass's prompt units replay graphs
 
@@ -175,10 +177,12 @@ class Model(DecoderLayers):
             (head_ahead.wanted() or dense_layer.wanted()) else None
         layer, head = head_ahead.split(self, rows, len(runs), host_states, graphs is not None, spans)
         lent = self.weights.lend_head(head) if head is not None else 0
+        self._head_lent = bool(lent)
         try:
             return self._forward_groups(groups, cache, pick, chunk_context, after_layer, host_states, park,
                                         runs, graphs, layer)
         finally:
+            self._head_lent = False
             if lent:
                 self.weights.take_head_back()
 
@@ -312,6 +316,8 @@ class Model(DecoderLayers):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(*x.shape[:-1], self.cfg.vocab_size, dtype=torch.float32, device=self.device)
-        for row, weight in self.weights.lm_head_parts():
-            out[..., row: row + weight.shape[0]] = self.ops.linear(x, weight).float()
+        # lent pieces' widths follow the free spans (engine.head_ahead): their shape's pick if any, else the default
+        with untuned() if self._head_lent else contextlib.nullcontext():
+            for row, weight in self.weights.lm_head_parts():
+                out[..., row: row + weight.shape[0]] = self.ops.linear(x, weight).float()
         return out

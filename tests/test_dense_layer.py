@@ -69,9 +69,9 @@ def test_each_projection_is_widened_once_a_layer(model_dir, monkeypatch, room):
 
 
 def test_the_widened_weights_can_wait_in_free_kv_rows(model_dir, monkeypatch):
-    """The layer's widened weights in a slot cache's free rows (3-6), several row tiles a weight, a GEMM each
+    """The layer's widened weights in a slot cache's free rows (3-8), several row tiles a weight, a GEMM each
     (ops._tiles_linear): the logits and the running rows' keys of the pass that widens per unit."""
-    eng = make_engine(model_dir, kernels="triton", device=DEV, batch=7, max_context=64, prefill_chunk=16)
+    eng = make_engine(model_dir, kernels="triton", device=DEV, batch=9, max_context=64, prefill_chunk=16)
     try:
         n = eng.cfg.num_hidden_layers
         monkeypatch.setattr(eng.ops, "_dense_min_m", 1)
@@ -84,7 +84,7 @@ def test_the_widened_weights_can_wait_in_free_kv_rows(model_dir, monkeypatch):
         for on in (False, True):
             monkeypatch.setenv("LAYERSTREAM_DENSE_LAYER", "1" if on else "0")
             before = eng.ops.dense_widened
-            outs.append(eng.model.forward_groups(groups, eng.cache, pick, stack_rows=16, spare_rows=[3, 4, 5, 6]))
+            outs.append(eng.model.forward_groups(groups, eng.cache, pick, stack_rows=16, spare_rows=[3, 4, 5, 6, 7, 8]))
             kv.append([c[:, :3].clone() for c in (eng.cache.k, eng.cache.v)])
             assert eng.ops.dense_widened - before == (4 * n if on else 0)
         assert max(tiles) > 1  # a weight across several rows' spans

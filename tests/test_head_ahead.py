@@ -212,3 +212,33 @@ def test_the_runner_names_only_rows_no_sequence_holds_and_no_group_runs(tiny_qwe
             assert any(spare for spare, _, _ in seen)  # some pass had free rows to name
             assert any(ran - held for _, held, ran in seen)  # and some ran a free row (a decode group's padding)
         eng.close()
+
+
+@pytest.mark.parametrize("span_rows, want", [
+    (5266, [4224] * 4),  # a burst's free rows on the 7B at 6 GiB (K = 3,584): 56 spans of 5,266 rows
+    (20000, [16896]),  # one span holds the chunk whole
+    (8500, [8448] * 2),
+    (4230, [4224] * 4),
+])
+def test_a_request_no_span_holds_is_cut_in_equal_pieces(span_rows, want):
+    """Pieces of equal rows (multiples of GRANULE) rather than each span's end, so the GEMMs' widths repeat and their
+    rows stay 16-byte aligned; the carver moves on past a span's tail too short for the next piece."""
+    row = 3584 * 2
+    spans = [torch.zeros(span_rows * row, dtype=torch.uint8) for _ in range(40)]
+    carve = head_ahead.SpanCarver(spans)
+    for _ in range(3):
+        pieces = carve(16896 * row, row)
+        assert [p.numel() // row for p in pieces] == want
+        assert all(p.data_ptr() % head_ahead.ALIGN == 0 for p in pieces)
+    layer = carve.fork()
+    for rows, k in ((4608, 3584), (37888, 3584), (3584, 18944)):
+        got = [p.numel() // (2 * k) for p in layer(rows * k * 2, k * 2)]
+        assert sum(got) == rows and len(set(got[:-1])) <= 1 and all(g % head_ahead.GRANULE == 0 for g in got[:-1])
+
+
+def test_spans_too_short_for_whole_granules_are_filled_row_by_row():
+    """Where equal pieces of whole granules cannot fit (spans of a few rows), each span takes what it holds."""
+    spans = [torch.zeros(n * 100, dtype=torch.uint8) for n in (7, 5, 3)]
+    carve = head_ahead.SpanCarver(spans)
+    assert [p.numel() // 100 for p in carve(1400, 100)] == [7, 5, 2]
+    assert carve(200, 100) is None  # one row's bytes left (after 16-byte alignment)
