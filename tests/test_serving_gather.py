@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from engine.serving.loop import EngineLoop
+from engine.serving.loop import SETTLE_GAPS, SETTLE_MIN_S, EngineLoop, settle_window
 
 WINDOW = 0.05  # the cap is 4 windows
 
@@ -95,3 +95,79 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_settle_window_follows_the_burst_pace_within_the_window():
+    assert settle_window(0.008, 0.0013) == pytest.approx(0.0026)  # 16 requests taken in ~1.3 ms apart
+    assert settle_window(0.008, 0.0001) == SETTLE_MIN_S  # at least the floor
+    assert settle_window(0.008, 0.5) == 0.008  # at most the window
+
+
+def test_after_two_arrivals_the_window_closes_at_the_burst_pace():
+    """Arrivals 20 ms apart within a 200 ms window: the window after the last is 2 x 20 ms, not 200 ms; one that
+    comes later than that (and is not being admitted) waits for the next pass."""
+    window = 0.2
+    loop, applied = _loop(window)
+    began = time.monotonic()
+
+    def feed() -> None:
+        for k in range(3):
+            time.sleep(0.02)
+            loop._inbox.put(("add", k))  # noqa: SLF001
+        time.sleep(0.15)
+        loop._inbox.put(("add", "late"))  # noqa: SLF001
+    t = threading.Thread(target=feed)
+    t.start()
+    assert loop._gather()  # noqa: SLF001
+    took = time.monotonic() - began
+    t.join()
+    assert [a for _, a in applied] == [0, 1, 2]
+    assert 0.06 + SETTLE_GAPS * 0.02 * 0.9 <= took < 0.06 + 0.14  # closed before "late" came, well within the window
+
+
+def test_the_middleware_holds_the_window_from_a_requests_first_byte():
+    """A completion request holds an idle engine's window open while its body is still on its way (the hold ends
+    when it is answered); other paths hold nothing."""
+    import asyncio
+
+    from engine.serving.metrics import ServerMetrics
+    from engine.serving.middleware import ADMISSION, AuthAndCount
+
+    loop, _ = _loop()
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((scope["path"], loop._admitting, scope[ADMISSION] is not None))  # noqa: SLF001
+        if scope[ADMISSION] is not None:
+            scope[ADMISSION]()  # what Api.complete does once its sequences are submitted
+            scope[ADMISSION]()  # twice: nothing more
+            seen.append(("released", loop._admitting, None))  # noqa: SLF001
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send(_):
+        pass
+    mw = AuthAndCount(app, None, ServerMetrics(loop), hold=loop.hold_admission)
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models"):
+        asyncio.run(mw({"type": "http", "path": path, "headers": []}, None, send))
+    assert seen == [("/v1/completions", 1, True), ("released", 0, None), ("/v1/chat/completions", 1, True),
+                    ("released", 0, None), ("/v1/models", 0, False)]
+    assert loop._admitting == 0  # noqa: SLF001
+
+
+def test_a_streamed_request_releases_its_hold_once_submitted(tiny_qwen2_dir):
+    """Through the real app: while a streamed completion is still answering, no hold of its own is left (the
+    next burst's gather window is not held open by a running request)."""
+    pytest.importorskip("fastapi")
+    from tests.helpers import make_engine
+    from tests.serve_helpers import app_server, open_stream
+
+    loop = EngineLoop(lambda: make_engine(tiny_qwen2_dir, batch=2, max_context=256)).start()
+    assert loop.ready.wait(60) and loop.error is None
+    with app_server(loop) as url:
+        with open_stream(url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 40, "stream": True,
+                                                    "temperature": 0, "ignore_eos": True}) as r:
+            first = r.readline()
+            assert first.startswith(b"data: ")
+            assert loop._admitting == 0  # noqa: SLF001
+            r.read()

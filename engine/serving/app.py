@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from engine.serving.delivery import LoopDelivery
 from engine.serving.loop import EngineLoop, NotReady
 from engine.serving.metrics import ServerMetrics
+from engine.serving.middleware import ADMISSION, AuthAndCount
 from engine.serving.protocol import ChatRequest, CompletionRequest, error_body
 from engine.serving.reply import Reply
 from engine.serving.scheduler import QueueFull
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.25  # how often a plain (non-streamed) request checks its client
+
+
+def _nothing() -> None:
+    pass
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -80,7 +85,10 @@ class Api:
         reply = Reply(chat, self.model_name, loop.engine.tokenizer)
         try:
             with loop.admitting():  # an idle engine's first pass waits for a request still on its way in
-                prompts, seqs = await self._admit(body, chat, reply, queue)
+                try:
+                    prompts, seqs = await self._admit(body, chat, reply, queue)
+                finally:  # submitted (or refused): the middleware's hold ends here, not with the response
+                    (request.scope.get(ADMISSION) or _nothing)()
         except QueueFull as e:
             return unavailable(f"server overloaded: {e}")
         except NotReady as e:
@@ -224,7 +232,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
     app = FastAPI(title="layerstream", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = metrics or ServerMetrics(loop)
     api = Api(loop, model_name, metrics, sampling)
-    app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
+    app.add_middleware(AuthAndCount, api_key=api_key, metrics=metrics, hold=loop.hold_admission)
     if allowed_origins:  # added last, so outermost: a preflight is answered before the API key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -266,34 +274,6 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
         return body if isinstance(body, JSONResponse) else await api.complete(request, body, chat=False)
 
     return app
-
-
-class _AuthAndCount:
-    """ASGI middleware: the API key on /v1/ paths, and a request count by status. (A plain ASGI class, not
-    Starlette's BaseHTTPMiddleware, which hides the client's disconnect from the endpoint.)"""
-
-    def __init__(self, app, api_key: str | None, metrics: ServerMetrics) -> None:
-        self.app, self.api_key, self.metrics = app, api_key, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        status = [500]
-
-        async def send_counting(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        headers = dict(scope.get("headers") or [])
-        if self.api_key and headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
-            response = error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                             code="invalid_api_key")
-            await response(scope, receive, send_counting)
-        else:
-            await self.app(scope, receive, send_counting)
-        self.metrics.requests.labels(path, str(status[0])).inc()
 
 
 def _sse(obj: dict) -> str:
