@@ -115,7 +115,7 @@
 #     LAYERSTREAM_HEAD_AHEAD=1) and each layer's packed weights widened once for a pass's units (engine/dense_layer.py,
 #     LAYERSTREAM_DENSE_LAYER=1): their GPU tests, the in-process burst at 6 GiB with arms alternated
 #     (bench/unit_ab.py: chunk / ahead / dense / both; D_ARMS), then the served cold burst (1 and 16 clients, D_SERVE,
-#     default "both chunk")
+#     default "both chunk"; arms chunk / ahead / dense / both)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -529,9 +529,9 @@ if [[ $steps == *D* ]]; then  # issue 16: the lm_head copied ahead into lent buf
     --max-context 2304 --rounds ${D_ROUNDS:-3} --arms ${D_ARMS:-chunk,ahead,dense,both} --out $R/unit_ab_ahead.json \
     > $R/unit_ab_ahead.txt 2>&1; echo "unit_ab rc=$?"
   grep -E "^warm|^room|^round|^tokens|Error|error" $R/unit_ab_ahead.txt | cut -c1-160
-  for r in ${D_SERVE-both chunk}; do
-    on=$([ "$r" = chunk ] && echo 0 || echo 1)
-    cold_burst $r LAYERSTREAM_HEAD_AHEAD=$on LAYERSTREAM_DENSE_LAYER=$on
+  for r in ${D_SERVE-both chunk}; do  # arms: chunk (neither), ahead, dense, both
+    head=$([[ $r == ahead || $r == both ]] && echo 1 || echo 0); dense=$([[ $r == dense || $r == both ]] && echo 1 || echo 0)
+    cold_burst $r LAYERSTREAM_HEAD_AHEAD=$head LAYERSTREAM_DENSE_LAYER=$dense
     python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('lm_head chunks lent:', sum(x.get('lent', 0) for x in r), 'in', sum(1 for x in r if x.get('lent')), 'passes; weights widened once a layer:', sum(x.get('widened', 0) for x in r))" $R/steps_$r.jsonl
   done
 save; fi
