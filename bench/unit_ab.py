@@ -5,8 +5,9 @@ engine/mlp_chunks.py; needs LAYERSTREAM_STACK_PIECES=1, the runner's one-unit ro
 (variables read at each call, e.g. ``env:LAYERSTREAM_VARLEN_PREFILL=0``) and ``runner:ATTR=INT[+...]`` (the
 runner's attributes, e.g. ``runner:fill_stacks=0``), each set for its own round only. ``graphs``: units of one chunk
 through the prompt graphs (engine/prompt_graphs.py; run with LAYERSTREAM_PROMPT_GRAPHS=1: the warm-up captures them,
-and every other arm runs its units eagerly). ``ahead``: units of one chunk with the streamed lm_head's last chunks copied
-ahead into lent buffers (engine/head_ahead.py, ``LAYERSTREAM_HEAD_AHEAD=1`` for its rounds; not beside prompt graphs);
+and every other arm runs its units eagerly); these arms run with ``LAYERSTREAM_HEAD_AHEAD=0``. ``ahead``: units of one
+chunk with the streamed lm_head's last chunks copied ahead into lent buffers (engine/head_ahead.py, the default since
+session 49; not beside prompt graphs);
 ``dense``: each layer's packed weights widened once for a pass's units (engine/dense_layer.py,
 ``LAYERSTREAM_DENSE_LAYER=1``); ``both``: the two.
 Each arm's greedy tokens and first-token logits are compared with ``chunk``'s at the end.
@@ -33,7 +34,7 @@ from engine.serving.warmup import warm_up  # noqa: E402
 from tools.bench_serve import VOCAB, make_jobs  # noqa: E402
 
 ARMS = {"chunk": (False, None), "graphs": (False, None), "pieces4": (True, "4"), "pieces6": (True, "6")}
-ALIASES = {"ahead": "env:LAYERSTREAM_HEAD_AHEAD=1", "dense": "env:LAYERSTREAM_DENSE_LAYER=1",
+ALIASES = {"ahead": "env:LAYERSTREAM_HEAD_AHEAD=1", "dense": "env:LAYERSTREAM_HEAD_AHEAD=0+LAYERSTREAM_DENSE_LAYER=1",
            "both": "env:LAYERSTREAM_HEAD_AHEAD=1+LAYERSTREAM_DENSE_LAYER=1"}
 
 
@@ -43,12 +44,15 @@ def _apply(arm: str, runner, one: int):
     if graphs is not None:
         graphs.enabled = arm == "graphs"
     kind, _, pairs = ALIASES.get(arm, arm).partition(":")
-    if kind not in ("env", "runner"):
+    if kind not in ("env", "runner"):  # without the lm_head copied ahead (on by default since session 49)
         unit, pieces = ARMS[arm]
         runner.one_unit = one if unit else 0
         if pieces:
             os.environ["LAYERSTREAM_MLP_PIECES"] = pieces
-        return lambda: None
+        saved = os.environ.get("LAYERSTREAM_HEAD_AHEAD")
+        os.environ["LAYERSTREAM_HEAD_AHEAD"] = "0"
+        return lambda: os.environ.pop("LAYERSTREAM_HEAD_AHEAD", None) if saved is None else \
+            os.environ.__setitem__("LAYERSTREAM_HEAD_AHEAD", saved)
     items = [p.split("=", 1) for p in pairs.split("+")]
     if kind == "env":
         saved = {k: os.environ.get(k) for k, _ in items}

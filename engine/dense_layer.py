@@ -9,7 +9,11 @@ cache's free KV rows, or the planned prompt states' room it leaves: engine.head_
 each projection into pieces of whole rows there, the others reuse them (a GEMM a piece, each into its columns of
 the output), and the pieces are given up when the layer's units are done (the next layer carves the same ones).
 
-``LAYERSTREAM_DENSE_LAYER=1`` turns it on (off by default until timed on a GPU).
+``LAYERSTREAM_DENSE_LAYER=1`` turns it on. Off by default: measured slower on an H100 (session 49, the synthetic
+7B AWQ at 6 GiB, the 16-prompt burst in one process, arms alternated; call2): first passes 249-255 ms against
+227-274 ms without, second passes 435-444 against 404-465 ms. The free rows are 56 spans of 37.7 MB (a layer's K
+or V for the 16 free slots), so gate_up runs as 8 GEMMs of 4,736 rows and down as 4 of 896, untuned, in place of
+the tiled path's tuned 3 of 12,632 and 2 of 1,792.
 """
 
 from __future__ import annotations

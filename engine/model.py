@@ -27,7 +27,7 @@ from engine.state_parking import Parking, free_row_spans, kv_tail_spans, parking
 from engine.varlen import VarlenPlan, plan_unit
 from engine.varlen import enabled as varlen_enabled
 from kernels.rope import rope_tables
-from kernels.tuning import untuned
+from kernels.tuning import picks_like, untuned
 
 
 class WeightSource(Protocol):
@@ -316,8 +316,10 @@ class Model(DecoderLayers):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(*x.shape[:-1], self.cfg.vocab_size, dtype=torch.float32, device=self.device)
-        # lent pieces' widths follow the free spans (engine.head_ahead): their shape's pick if any, else the default
-        with untuned() if self._head_lent else contextlib.nullcontext():
-            for row, weight in self.weights.lm_head_parts():
+        whole = None  # a chunk's rows (the first comes through the ring: engine.head_ahead lends the later ones)
+        for row, weight in self.weights.lm_head_parts():
+            whole = whole or weight.shape[0]
+            # a lent piece's rows follow the free spans: the whole chunk's launch config, untimed
+            with untuned() if self._head_lent else contextlib.nullcontext(), picks_like(whole):
                 out[..., row: row + weight.shape[0]] = self.ops.linear(x, weight).float()
         return out

@@ -46,7 +46,7 @@ from kernels import tuning_cache
 from kernels.gemm import check_linear_inputs
 from kernels.mma import mma_nt
 from kernels.split_k import reduce_split_k, split_k_scratch, store_split_k
-from kernels.tuning import fastest, fits_l2, graph_ms, tuning_suspended
+from kernels.tuning import fastest, fits_l2, graph_ms, like_rows, tuning_suspended
 from kernels.fastlaunch import fast
 from kernels.pdl import enter as pdl_enter, opts as pdl_opts
 
@@ -203,8 +203,13 @@ def _tuned(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     cfg = _TUNED.get(key)
     sms = _num_sms(x.device.index or 0) if x.is_cuda else 1
     if cfg is None and (tuning_suspended() or x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # untimed (a capture, untuned()): a cached or shipped pick, else the default; not kept
-        cands = lambda: _candidates(block_m, N, K, x.element_size(), sms)  # noqa: E731
+        # untimed (a capture, untuned()): a cached or shipped pick (picks_like: the whole's), else the default
+        like = like_rows()
+        if like is not None and like != N:  # the whole's pick: its kernel is built already
+            key = (block_m, like, K, x.dtype, bias is not None)
+            if key in _TUNED:
+                return _TUNED[key]
+        cands = lambda: _candidates(block_m, key[1], K, x.element_size(), sms)  # noqa: E731
         return tuning_cache.untimed_pick(x.device, "gemv", key, cands, _DEFAULT_FMA if block_m == 1 else _DEFAULT_DOT)
     if cfg is None:
         cands = _candidates(block_m, N, K, x.element_size(), sms)

@@ -42,6 +42,27 @@ def untuned() -> Iterator[None]:
         _UNTUNED.reset(token)
 
 
+_LIKE_ROWS = contextvars.ContextVar("kernels_like_rows", default=None)
+
+
+@contextlib.contextmanager
+def picks_like(rows: int) -> Iterator[None]:
+    """Inside (and inside :func:`untuned`): a weight-streaming GEMV of a shape with no pick of its own runs the pick
+    of the same call with ``rows`` output rows, so pieces of a weight cut wherever memory was free run the launch
+    config (and the compiled kernel) of the whole they come from (engine.head_ahead's lent lm_head pieces:
+    session 49 call2, the default config built while serving the first burst pass, 355 against 210 ms)."""
+    token = _LIKE_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _LIKE_ROWS.reset(token)
+
+
+def like_rows() -> int | None:
+    """The rows set by :func:`picks_like`, or None."""
+    return _LIKE_ROWS.get()
+
+
 def tuning_suspended() -> bool:
     """Whether the caller is inside :func:`untuned`."""
     return _UNTUNED.get()

@@ -12,7 +12,7 @@ import kernels.rope as rope_mod
 from engine.engine import Engine, EngineOptions
 from engine.generate import prefill
 from engine.ops import TorchOps, TritonOps
-from kernels.tuning import tuning_suspended, untuned
+from kernels.tuning import picks_like, tuning_suspended, untuned
 
 
 def test_context_nests_and_resets_after_an_error():
@@ -45,6 +45,27 @@ def test_gemv_and_gemm_use_defaults_untimed_and_uncached(monkeypatch):
         cfg = gemm_mod._tuned(x, w, None, out, tma_ok=False)
     assert cfg.kwargs == gemm_mod._default_config(x.dtype).kwargs
     assert not gemv_mod._TUNED and not gemm_mod._TUNED  # a later call outside tunes the shape
+
+
+def test_a_gemv_piece_runs_the_pick_of_its_whole(monkeypatch):
+    """picks_like(rows): an untuned piece of a weight takes the whole's pick (tuned in this process), not the
+    default (whose kernel a first burst pass built while serving: session 49 call2); outside untuned() nothing."""
+    _forbid(monkeypatch, gemv_mod, "_pick")
+    x, piece = torch.randn(16, 48), torch.randn(24, 48)
+    out = torch.empty(16, 24)
+    gemv_mod._TUNED.clear()
+    whole = gemv_mod._candidates(16, 96, 48, 4, 1)[-1]
+    assert whole is not gemv_mod._DEFAULT_DOT
+    gemv_mod._TUNED[(16, 96, 48, x.dtype, False)] = whole
+    try:
+        with untuned(), picks_like(96):
+            assert gemv_mod._tuned(x, piece, None, out, 16) is whole
+        with untuned(), picks_like(24):  # the whole itself: its own key
+            assert gemv_mod._tuned(x, piece, None, out, 16) is gemv_mod._DEFAULT_DOT
+        with untuned():
+            assert gemv_mod._tuned(x, piece, None, out, 16) is gemv_mod._DEFAULT_DOT
+    finally:
+        gemv_mod._TUNED.clear()
 
 
 def test_prefill_attention_default_is_not_kept(monkeypatch):
