@@ -32,6 +32,20 @@ def steps(log: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def burst_once(port: int, log: str, rng: random.Random, longest: int) -> tuple[list[float], list[dict]]:
+    """16 requests (128-``longest`` random ids) sent at once from 16 threads: their send times and the step log's
+    new lines once all are answered."""
+    n0, sent = len(steps(log)), []
+    threads = [threading.Thread(target=send, args=(port, [rng.randrange(1000) for _ in range(rng.randint(128, longest))],
+                                                   sent)) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(0.3)
+    return sent, steps(log)[n0:]
+
+
 def main(port: int, log: str) -> None:
     rng = random.Random(0)
     alone = []
@@ -43,15 +57,8 @@ def main(port: int, log: str) -> None:
         alone.append((new[0]["arrived_s"][0] - sent[0]) * 1e3)
     print(f"alone: send -> engine median {statistics.median(alone):.2f} ms (min {min(alone):.2f}, max {max(alone):.2f})")
     for rnd in range(3):
-        n0, sent = len(steps(log)), []
-        threads = [threading.Thread(target=send, args=(port, [rng.randrange(1000) for _ in range(rng.randint(128, 2048))],
-                                                       sent)) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        time.sleep(0.3)
-        arrived = [a for s in steps(log)[n0:] if "arrived_s" in s for a in s["arrived_s"]]
+        sent, new = burst_once(port, log, rng, 2048)
+        arrived = [a for s in new if "arrived_s" in s for a in s["arrived_s"]]
         s0 = min(sent)
         print(f"burst {rnd}: sends over {1e3 * (max(sent) - s0):.1f} ms, arrivals (first..last of each pass) "
               + ", ".join(f"{1e3 * (a - s0):.1f}" for a in arrived))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from engine.serving.loop import SETTLE_GAPS, SETTLE_MIN_S, EngineLoop, settle_window
+from engine.serving.loop import EngineLoop
 
 WINDOW = 0.05  # the cap is 4 windows
 
@@ -95,34 +95,6 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
-
-
-def test_settle_window_follows_the_burst_pace_within_the_window():
-    assert settle_window(0.008, 0.0013) == pytest.approx(0.0026)  # 16 requests taken in ~1.3 ms apart
-    assert settle_window(0.008, 0.0001) == SETTLE_MIN_S  # at least the floor
-    assert settle_window(0.008, 0.5) == 0.008  # at most the window
-
-
-def test_after_two_arrivals_the_window_closes_at_the_burst_pace():
-    """Arrivals 20 ms apart within a 200 ms window: the window after the last is 2 x 20 ms, not 200 ms; one that
-    comes later than that (and is not being admitted) waits for the next pass."""
-    window = 0.2
-    loop, applied = _loop(window)
-    began = time.monotonic()
-
-    def feed() -> None:
-        for k in range(3):
-            time.sleep(0.02)
-            loop._inbox.put(("add", k))  # noqa: SLF001
-        time.sleep(0.15)
-        loop._inbox.put(("add", "late"))  # noqa: SLF001
-    t = threading.Thread(target=feed)
-    t.start()
-    assert loop._gather()  # noqa: SLF001
-    took = time.monotonic() - began
-    t.join()
-    assert [a for _, a in applied] == [0, 1, 2]
-    assert 0.06 + SETTLE_GAPS * 0.02 * 0.9 <= took < 0.06 + 0.14  # closed before "late" came, well within the window
 
 
 def test_the_middleware_holds_the_window_from_a_requests_first_byte():

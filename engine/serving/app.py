@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.25  # how often a plain (non-streamed) request checks its client
+INLINE_TEXT_CHARS = 2000  # a request with at most this much text is rendered and tokenized on the event loop
 
 
 def _nothing() -> None:
@@ -103,10 +104,13 @@ class Api:
 
     async def _admit(self, body: ChatRequest | CompletionRequest, chat: bool, reply: Reply,
                      queue: asyncio.Queue) -> tuple[list[list[int]], list[Sequence]]:
-        """Tokenize (off the event loop: a long prompt takes a while), build the sequences and submit them:
+        """Tokenize (a long text off the event loop: it takes a while), build the sequences and submit them:
         (the prompts' ids, the sequences); ValueError, QueueFull or NotReady as ``EngineLoop.submit`` raises."""
         loop = self.loop
-        prompts = await asyncio.to_thread(body.prompts, loop.engine.tokenizer)
+        tok = loop.engine.tokenizer
+        # a long text off the event loop; token ids or a short text (well under a ms) here, without the thread's hop
+        prompts = body.prompts(tok) if body.text_chars() <= INLINE_TEXT_CHARS else \
+            await asyncio.to_thread(body.prompts, tok)
         reply.tools = chat and body.tools_used
         reply.max_calls = 1 if chat and body.parallel_tool_calls is False else None
         seqs = []

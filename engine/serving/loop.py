@@ -28,16 +28,6 @@ log = logging.getLogger(__name__)
 
 
 ADMIT_POLL_S = 0.001  # how often a closing gather window looks whether the requests being admitted arrived
-SETTLE_MIN_S = 0.002  # after a burst's second arrival the window waits this long for the next at least,
-SETTLE_GAPS = 2.0  # or this many times the gap between the last two arrivals (at most the whole window)
-
-
-def settle_window(window: float, gap: float) -> float:
-    """How long a gather window waits for the next arrival once two came ``gap`` s apart: a burst taken in one
-    by one (session 48, H100: 16 requests reached the engine ~1.3 ms apart, each checked and tokenized in turn)
-    has told its pace, and the first pass need not wait a whole window after the last of them (it began 8.3 ms
-    after it). Requests still being read or checked hold the window open anyway (``EngineLoop.admitting``)."""
-    return min(window, max(SETTLE_MIN_S, SETTLE_GAPS * gap))
 
 
 def gather_window(engine: Engine) -> float:
@@ -240,14 +230,14 @@ class EngineLoop:
 
     def _gather(self) -> bool:
         """Requests just woke an idle engine: take what else arrives within the gather window (restarted
-        by each arrival, after a second one shortened to the burst's pace: :func:`settle_window`; held open while
-        a request is being admitted: :meth:`admitting`; 4 windows at most) into the same first pass; False once
-        told to stop."""
+        by each arrival, and held open while a request is being admitted: :meth:`admitting`; 4 windows at
+        most) into the same first pass; False once told to stop. (A window shortened to a burst's pace after its
+        second arrival, twice the last gap, split bursts whose sends were spread: bench/results/2026-12-06-cpu-s49.)"""
         now = time.monotonic()
-        last, end, window = now, now + 4 * self.gather_s, self.gather_s
+        last, end = now, now + 4 * self.gather_s
         while True:
             now = time.monotonic()
-            left = min(last + window, end) - now
+            left = min(last + self.gather_s, end) - now
             if left <= 0:
                 if not self._admitting or now >= end:
                     return True
@@ -258,8 +248,7 @@ class EngineLoop:
                 continue
             if not self._apply(cmd, arg):
                 return False
-            now = time.monotonic()
-            last, window = now, settle_window(self.gather_s, now - last)
+            last = time.monotonic()
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands; False once told to stop."""

@@ -155,6 +155,12 @@ class ChatRequest(_Request):
             raise ValueError("top_logprobs needs logprobs: true")
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def text_chars(self) -> int:
+        """How much text :meth:`prompts` renders and tokenizes (characters; tools count as a long text)."""
+        if self.tools:
+            return 1 << 30
+        return sum(len(m.as_template_input()["content"]) for m in self.messages)
+
     def prompts(self, tokenizer) -> list[list[int]]:
         """The conversation rendered with the chat template (with the request's tools, engine.serving.tools),
         as the one prompt of this request."""
@@ -198,6 +204,11 @@ class CompletionRequest(_Request):
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    def text_chars(self) -> int:
+        """How much text :meth:`prompts` tokenizes (characters; token ids need none)."""
+        p = self.prompt
+        return len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str))
 
     def prompts(self, tokenizer) -> list[list[int]]:
         """Token ids of each prompt: a string, a list of token ids, or a list of either (a batch)."""
