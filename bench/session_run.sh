@@ -115,7 +115,7 @@
 #     LAYERSTREAM_HEAD_AHEAD=1) and each layer's packed weights widened once for a pass's units (engine/dense_layer.py,
 #     LAYERSTREAM_DENSE_LAYER=1): their GPU tests, the in-process burst at 6 GiB with arms alternated
 #     (bench/unit_ab.py: chunk / ahead / dense / both; D_ARMS), then the served cold burst (1 and 16 clients, D_SERVE,
-#     default "both chunk"; arms chunk / ahead / dense / both)
+#     default "both chunk"; arms chunk / ahead / dense / both / default: no variable set); D_ARMS= (empty): no A/B
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -525,13 +525,13 @@ if [[ $steps == *D* ]]; then  # issue 16: the lm_head copied ahead into lent buf
   awq_7b
   [ "${D_TESTS:-1}" = 1 ] && { timeout $(left 90) python3 -m pytest -q -p no:cacheprovider tests/test_head_ahead.py \
     tests/test_dense_layer.py tests/test_serving_oom_retry.py > $R/pytest_ahead.txt 2>&1; echo "pytest rc=$?"; tail -3 $R/pytest_ahead.txt; }
-  timeout $(left 150) python3 bench/unit_ab.py --model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 \
+  [ -n "${D_ARMS-x}" ] && timeout $(left 150) python3 bench/unit_ab.py --model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 \
     --max-context 2304 --rounds ${D_ROUNDS:-3} --arms ${D_ARMS:-chunk,ahead,dense,both} --out $R/unit_ab_ahead.json \
     > $R/unit_ab_ahead.txt 2>&1; echo "unit_ab rc=$?"
   grep -E "^warm|^room|^round|^tokens|Error|error" $R/unit_ab_ahead.txt | cut -c1-160
-  for r in ${D_SERVE-both chunk}; do  # arms: chunk (neither), ahead, dense, both
+  for r in ${D_SERVE-both chunk}; do  # arms: chunk (neither), ahead, dense, both, default (no variable set)
     head=$([[ $r == ahead || $r == both ]] && echo 1 || echo 0); dense=$([[ $r == dense || $r == both ]] && echo 1 || echo 0)
-    cold_burst $r LAYERSTREAM_HEAD_AHEAD=$head LAYERSTREAM_DENSE_LAYER=$dense
+    if [ "$r" = default ]; then cold_burst $r; else cold_burst $r LAYERSTREAM_HEAD_AHEAD=$head LAYERSTREAM_DENSE_LAYER=$dense; fi
     python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('lm_head chunks lent:', sum(x.get('lent', 0) for x in r), 'in', sum(1 for x in r if x.get('lent')), 'passes; weights widened once a layer:', sum(x.get('widened', 0) for x in r))" $R/steps_$r.jsonl
   done
 save; fi
