@@ -43,19 +43,21 @@ def wanted() -> bool:
 
 
 def split(model, rows: int, units: int, host_states: bool, graphs: bool,
-          free_spans: list[torch.Tensor] | None = None) -> tuple[Callable[[], Carve] | None, Carve | None]:
+          free_spans: Callable[[], list[torch.Tensor]] | None = None
+          ) -> tuple[Callable[[], Carve] | None, Carve | None]:
     """(a fresh carver for each layer's weights widened once, engine.dense_layer; the carver of the lm_head's lent
-    chunks), either None when off, in a pass over ``rows`` token rows in ``units`` units. ``free_spans``: flat
-    views of KV memory no sequence holds (a slot cache's free rows, engine.state_parking.free_row_spans): the
-    head's chunks are carved there first and every layer's widened weights after them; without, new allocations
-    from what the pass may spare (``room``), a layer's first."""
+    chunks), either None when off, in a pass over ``rows`` token rows in ``units`` units. ``free_spans()``: flat
+    views of KV memory no sequence holds (a slot cache's free rows, engine.state_parking.free_row_spans; made only
+    for a pass that lends, not for every decode step): the head's chunks are carved there first and every layer's
+    widened weights after them; without, new allocations from what the pass may spare (``room``), a layer's
+    first."""
     plan = model.weights.plan
     dense_on = dense_layer.wanted() and units > 1
     head_on = wanted() and not plan.lm_head_resident
     if not (dense_on or head_on) or not model.lend_head or graphs or rows < plan.prefill_chunk:
         return None, None
-    if free_spans:
-        spans = SpanCarver(free_spans)
+    if free_spans is not None and (found := free_spans()):
+        spans = SpanCarver(found)
         return (spans.fork if dense_on else None), (spans if head_on else None)
     spare = room(model, rows, host_states, graphs)
     need = dense_layer.layer_bytes(model.cfg, model.dtype.itemsize)

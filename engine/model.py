@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from engine import dense_layer, head_ahead
+from engine import head_ahead
 from engine.config import ModelConfig
 from engine.decoder import DecoderLayers
 from engine.kv_cache import KVCache
@@ -173,8 +173,7 @@ class Model(DecoderLayers):
         graphs = self.prompt_graphs if self.prompt_graphs is not None and self.prompt_graphs.cache is cache else None
         rows = sum(g.ids.numel() for g in groups)
         runs = stacked_runs(groups, stack_rows, stack_free)  # the states' units: a group, or a stack [1, rows]
-        spans = free_row_spans(cache, spare_rows) if spare_rows and isinstance(cache, KVCache) and \
-            (head_ahead.wanted() or dense_layer.wanted()) else None
+        spans = (lambda: free_row_spans(cache, spare_rows)) if spare_rows and isinstance(cache, KVCache) else None
         layer, head = head_ahead.split(self, rows, len(runs), host_states, graphs is not None, spans)
         lent = self.weights.lend_head(head) if head is not None else 0
         self._head_lent = bool(lent)

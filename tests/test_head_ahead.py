@@ -152,7 +152,8 @@ def test_what_a_pass_spares_goes_to_a_widened_layer_and_the_head(monkeypatch, ca
     rows, units = (1000 if case == "short" else 4096), (1 if case == "one unit" else 3)
     spans = ([torch.zeros(3000, dtype=torch.bfloat16), torch.zeros(5000, dtype=torch.bfloat16)]
              if case.startswith("rows") else None)
-    layer, head = head_ahead.split(model, rows, units, case == "host", case == "graphs", spans)
+    layer, head = head_ahead.split(model, rows, units, case == "host", case == "graphs",
+                                   None if spans is None else lambda: spans)
     if want[1] is None:
         assert head is None
     elif want[1] == "spans":  # whole rows of 1,000 bytes from the largest span first, each piece 16-byte aligned
@@ -242,3 +243,12 @@ def test_spans_too_short_for_whole_granules_are_filled_row_by_row():
     carve = head_ahead.SpanCarver(spans)
     assert [p.numel() // 100 for p in carve(1400, 100)] == [7, 5, 2]
     assert carve(200, 100) is None  # one row's bytes left (after 16-byte alignment)
+
+
+def test_free_spans_are_made_only_for_a_pass_that_lends(monkeypatch):
+    """A decode step (fewer rows than a prefill chunk) never builds the free rows' views (56+ a step on the 7B)."""
+    monkeypatch.setenv("LAYERSTREAM_HEAD_AHEAD", "1")
+    made = []
+    spans = lambda: made.append(1) or [torch.zeros(4096, dtype=torch.uint8)]  # noqa: E731
+    assert head_ahead.split(_model(), 16, 1, True, False, spans) == (None, None) and not made
+    assert head_ahead.split(_model(), 4096, 1, True, False, spans)[1] is not None and made
