@@ -36,6 +36,10 @@ def test_counts_the_passes_between_send_and_first_token(tmp_path, capsys) -> Non
     assert "    -200 ms     300 ms  batch   1  tokens    500  waiting 2" in out  # running when it was sent
     assert "    +100 ms     700 ms  batch   3  tokens   3000  waiting 0  admitted arrivals -95.0..+12.5 ms\n" in out
     assert "waiting 2\n" in out  # a pass with no arrivals logged says nothing of them
+    steps[1]["received_s"] = [100.1025, 100.2]  # when their requests reached the app (newer logs say)
+    sj, sl = _write(tmp_path, rows, steps)
+    assert ttft_breakdown.main([str(sj), str(sl), "--clients", "3"]) == 0
+    assert "admitted arrivals -95.0..+12.5 ms (received -97.5..+0.0)\n" in capsys.readouterr().out
     assert "first token at +820 ms" in out
     assert "resident" not in out  # --config server is the default
 
@@ -78,6 +82,8 @@ def test_a_live_server_and_load_test_line_up(tiny_qwen2_dir, tmp_path, capsys) -
     assert admitting and admitting[0] is level[0]
     for s in admitting:
         assert first_sent < s["arrived_s"][0] <= s["arrived_s"][1] <= s["mono_s"] - s["step_s"]
+        # each request reached the app before it was tokenized and submitted: the first and last of them too
+        assert first_sent < s["received_s"][0] <= s["arrived_s"][0] and s["received_s"][1] <= s["arrived_s"][1]
     assert ttft_breakdown.main([str(out), str(log)]) == 0
     assert "server, 3 clients: TTFT p50" in capsys.readouterr().out
 

@@ -58,7 +58,11 @@ def _arrivals(step: dict, sent_s: float) -> str:
     if not step.get("arrived_s"):
         return ""
     first, last = ((t - sent_s) * 1e3 for t in step["arrived_s"])
-    return f"  admitted arrivals {first:+.1f}..{last:+.1f} ms"
+    got = ""
+    if step.get("received_s"):  # since the server logs when each request reached its app
+        a, b = ((t - sent_s) * 1e3 for t in step["received_s"])
+        got = f" (received {a:+.1f}..{b:+.1f})"
+    return f"  admitted arrivals {first:+.1f}..{last:+.1f} ms{got}"
 
 
 def level_report(row: dict, steps: list[dict]) -> list[str]:

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from engine.serving.delivery import LoopDelivery
 from engine.serving.loop import EngineLoop, NotReady
 from engine.serving.metrics import ServerMetrics
-from engine.serving.middleware import ADMISSION, AuthAndCount
+from engine.serving.middleware import ADMISSION, RECEIVED, AuthAndCount
 from engine.serving.protocol import ChatRequest, CompletionRequest, error_body
 from engine.serving.reply import Reply
 from engine.serving.scheduler import QueueFull
@@ -89,7 +89,7 @@ class Api:
         try:
             with loop.admitting():  # an idle engine's first pass waits for a request still on its way in
                 try:
-                    prompts, seqs = await self._admit(body, chat, reply, queue)
+                    prompts, seqs = await self._admit(body, chat, reply, queue, request.scope.get(RECEIVED))
                 finally:  # submitted (or refused): the middleware's hold ends here, not with the response
                     (request.scope.get(ADMISSION) or _nothing)()
         except QueueFull as e:
@@ -105,7 +105,7 @@ class Api:
         return await self.collect(request, seqs, queue, reply, prompt_tokens)
 
     async def _admit(self, body: ChatRequest | CompletionRequest, chat: bool, reply: Reply,
-                     queue: asyncio.Queue) -> tuple[list[list[int]], list[Sequence]]:
+                     queue: asyncio.Queue, received: float | None = None) -> tuple[list[list[int]], list[Sequence]]:
         """Tokenize (a long text off the event loop: it takes a while), build the sequences and submit them:
         (the prompts' ids, the sequences); ValueError, QueueFull or NotReady as ``EngineLoop.submit`` raises."""
         loop = self.loop
@@ -121,6 +121,8 @@ class Api:
             seqs += [Sequence(ids, params, loop.engine.tokenizer, index=p * params.n + i, request_id=reply.id,
                               sink=self.delivery.sink(queue), choice=i)
                      for i in range(params.n)]
+        for s in seqs:  # the step log's received_s: when the request reached the app, against its arrival
+            s.received = received if received is not None else s.arrival
         loop.submit(seqs)
         return prompts, seqs
 

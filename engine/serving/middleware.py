@@ -3,6 +3,7 @@ hold on an idle engine's gather window from its first byte (engine.serving.loop.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
@@ -12,6 +13,7 @@ from engine.serving.protocol import error_body
 
 ADMITTED_PATHS = ("/v1/completions", "/v1/chat/completions")  # requests that submit sequences
 ADMISSION = "layerstream.admission"  # the scope key of the middleware's hold on the gather window (or None)
+RECEIVED = "layerstream.received"  # the scope key of when the request reached the app (time.monotonic())
 
 
 class AuthAndCount:
@@ -26,6 +28,7 @@ class AuthAndCount:
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith("/v1/"):
             return await self.app(scope, receive, send)
+        scope[RECEIVED] = time.monotonic()
         status = [500]
 
         async def send_counting(message) -> None:

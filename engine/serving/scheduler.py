@@ -53,6 +53,7 @@ class StepStats:
     lent_copies: int = 0  # streamed lm_head chunks copied ahead into lent buffers so far (engine/head_ahead.py)
     dense_widened: int = 0  # packed weights widened once for a layer's units so far (engine/dense_layer.py)
     last_arrivals: tuple[float, float] | None = None  # the first and last arrival (monotonic) of those it admitted
+    last_received: tuple[float, float] | None = None  # when the first and last of their requests reached the app
 
 
 class Scheduler:
@@ -147,8 +148,9 @@ class Scheduler:
         """Admit what fits, run one pass over all running sequences, retire the finished ones."""
         before = len(self.running)
         self._admit()
-        new = [s.arrival for s in self.running[before:]]
-        self.stats.last_arrivals = (min(new), max(new)) if new else None
+        new = self.running[before:]
+        self.stats.last_arrivals = (min(s.arrival for s in new), max(s.arrival for s in new)) if new else None
+        self.stats.last_received = (min(s.received for s in new), max(s.received for s in new)) if new else None
         if not self.running or any(s.pending > 1 for s in self.running):
             self.deliver_held()  # a prompt's pass may wait for the device midway: the outputs go first
         if not self.running:

@@ -81,6 +81,7 @@ class Sequence:
         self.sampler = None  # engine.sampling.Sampler, made by the runner on first use (it owns the seed)
         self.constraint = reply_format(params, tokenizer)  # what the next token may be (None: anything)
         self.arrival = time.monotonic()
+        self.received = self.arrival  # when its request reached the server's app (set by engine.serving.app)
         self.first_token_time: float | None = None
 
     @property

@@ -13,7 +13,9 @@ the step (how close the pass came to the budget's allocator cap) and ``reserved_
 ``lent``, how many lm_head chunks it copied ahead into lent buffers (engine/head_ahead.py), and ``widened``, how
 many packed weights it widened once for a layer's units (engine/dense_layer.py), where it did;
 ``arrived_s``, where the step admitted sequences, the first and last of their arrivals (``time.monotonic()``, once
-tokenized): a request's time from its send to the pass that ran it split into the server's front end and the wait."""
+tokenized), and ``received_s``, when the first and last of their requests reached the server's app (uvicorn had
+read their headers): a request's time from its send to the pass that ran it split into the connection and HTTP
+parsing, the app's checks and tokenization, and the wait."""
 from __future__ import annotations
 
 import json
@@ -68,6 +70,7 @@ class StepLog:
         self._lent, self._widened = st.lent_copies, st.dense_widened
         if st.last_arrivals is not None:
             line["arrived_s"] = [round(t, 6) for t in st.last_arrivals]
+            line["received_s"] = [round(t, 6) for t in st.last_received]
         if self.built:
             line["built"] = self.built
         line.update(_memory())
