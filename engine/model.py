@@ -159,7 +159,8 @@ class Model(DecoderLayers):
         and with its own token count, so prompt slices and single decode tokens share a pass without
         padding one to the other. Returns fp32 logits [len(pick), V] of the tokens ``pick`` names as
         (group, row in the group, token index). ``after_layer(i)`` runs after layer i's groups.
-        ``host_states``: the groups' states wait in host memory between layers (``engine.prefill_states``).
+        ``host_states``: the groups' states wait in host memory between layers (``engine.prefill_states``), where
+        the pass has more than one unit (a unit alone keeps its states on the device).
         ``park``: True: the groups are all the rows in use of a contiguous ``cache``, so host states that fit
         its unreached positions wait there instead (``engine.state_parking``); a list: flat spans of KV memory
         nothing reads during the pass (a paged cache's unused blocks) to park them in. ``cache`` may be None
@@ -173,6 +174,9 @@ class Model(DecoderLayers):
         graphs = self.prompt_graphs if self.prompt_graphs is not None and self.prompt_graphs.cache is cache else None
         rows = sum(g.ids.numel() for g in groups)
         runs = stacked_runs(groups, stack_rows, stack_free)  # the states' units: a group, or a stack [1, rows]
+        # one unit never waits between layers for another: its states stay on the device, as a lone group's do
+        # (host states of one unit wait for their own copies out, a host sync a layer where they cannot park)
+        host_states = host_states and len(runs) > 1
         spans = (lambda: free_row_spans(cache, spare_rows)) if spare_rows and isinstance(cache, KVCache) else None
         layer, head = head_ahead.split(self, rows, len(runs), host_states, graphs is not None, spans)
         lent = self.weights.lend_head(head) if head is not None else 0

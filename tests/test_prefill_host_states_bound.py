@@ -145,15 +145,20 @@ def test_device_states_are_the_planned_four_chunks(model_dir, monkeypatch, batch
 
 
 @pytest.mark.parametrize("lagging", [False, True], ids=["immediate", "lagging"])
-def test_one_group_holds_nothing_besides_the_computing_one(model_dir, monkeypatch, lagging):
+def test_one_unit_keeps_its_states_on_the_device(model_dir, monkeypatch, lagging):
+    # a pass of one unit never waits between layers for another: no host states (they would wait for their own
+    # copies out, a host sync a layer where they cannot park: session 50's served passes of one prompt beside
+    # decoding rows, one unit, took 144-151 ms against 100-104 for a prompt alone), nothing crosses to the host
     host = make_engine(model_dir, prefill_chunk=CHUNK, prefill_states="host")
     vram = make_engine(model_dir, prefill_chunk=CHUNK, prefill_states="vram")
+    assert host.plan.prefill_state_place == "host"
     prompts = random_prompts([CHUNK], host.cfg.vocab_size, seed=1)
     want = generate(vram, prompts, SamplingParams(), max_new_tokens=3).token_ids
     lane = LaggingLane() if lagging else None
     meter = _metered(monkeypatch, host, lane)
+    moved = host.model.state_host_bytes
     assert generate(host, prompts, SamplingParams(), max_new_tokens=3).token_ids == want
-    assert meter.peak == 2 * CHUNK * 2 * host.cfg.hidden_size * 4  # its input (staging) and its output
+    assert meter.states is None and host.model.state_host_bytes == moved
     for eng in (host, vram):
         eng.close()
 

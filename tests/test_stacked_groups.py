@@ -8,6 +8,7 @@ import contextlib
 import pytest
 import torch
 
+import engine.model
 from engine.model import Group, Model, stacked_runs
 from tests.helpers import make_engine, random_prompts
 
@@ -193,3 +194,38 @@ def test_at_the_swiglu_only_gate_up_and_the_residual_are_alive(model_dir, stack_
         eng.close()
     units = 1 if stack_rows else 2
     assert checked == [0] * (units * eng.cfg.num_hidden_layers)
+
+
+@pytest.mark.parametrize("park", [False, True], ids=["host", "parked"])
+def test_a_pass_of_one_unit_keeps_its_states_on_the_device(model_dir, monkeypatch, park):
+    """Decode rows and a prompt packed into one unit (a served pass of one newcomer beside the decoding
+    sequences): with host states asked for, none are built (one unit never waits for another between layers;
+    its host states waited for their own copies out, a host sync a layer where they could not park), nothing
+    crosses to the host, and the logits are those of device states."""
+    eng = make_engine(model_dir, batch=4, max_context=64)
+    built = []
+    real = engine.model.HostStates
+    monkeypatch.setattr(engine.model, "HostStates", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    try:
+        prompt = random_prompts([9], eng.cfg.vocab_size, seed=4)[0]
+        groups = [Group(torch.tensor([[11], [12]]), torch.tensor([20, 30], dtype=torch.int32),
+                        torch.ones(2, dtype=torch.int32), 0, 31),
+                  Group(torch.tensor([prompt]), torch.tensor([0], dtype=torch.int32),
+                        torch.tensor([9], dtype=torch.int32), 2, 9)]
+        pick = [(0, 0, 0), (0, 1, 0), (1, 0, 8)]
+        gen = torch.Generator().manual_seed(2)
+        for k_cache, v_cache in (eng.cache.layer(i) for i in range(eng.cfg.num_hidden_layers)):
+            k_cache.copy_(torch.randn(k_cache.shape, generator=gen))
+            v_cache.copy_(torch.randn(v_cache.shape, generator=gen))
+        before = [tuple(c.clone() for c in eng.cache.layer(i)) for i in range(eng.cfg.num_hidden_layers)]
+        kw = dict(stack_rows=16, stack_free={1})
+        want = eng.model.forward_groups(groups, eng.cache, pick, **kw)
+        for i, (k_cache, v_cache) in enumerate(eng.cache.layer(j) for j in range(eng.cfg.num_hidden_layers)):
+            k_cache.copy_(before[i][0])
+            v_cache.copy_(before[i][1])
+        moved, parked = eng.model.state_host_bytes, eng.model.parked_passes
+        got = eng.model.forward_groups(groups, eng.cache, pick, host_states=True, park=park, **kw)
+        assert not built and eng.model.state_host_bytes == moved and eng.model.parked_passes == parked
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    finally:
+        eng.close()
