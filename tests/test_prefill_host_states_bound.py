@@ -147,8 +147,7 @@ def test_device_states_are_the_planned_four_chunks(model_dir, monkeypatch, batch
 @pytest.mark.parametrize("lagging", [False, True], ids=["immediate", "lagging"])
 def test_one_unit_keeps_its_states_on_the_device(model_dir, monkeypatch, lagging):
     # a pass of one unit never waits between layers for another: no host states (they would wait for their own
-    # copies out, a host sync a layer where they cannot park: session 50's served passes of one prompt beside
-    # decoding rows, one unit, took 144-151 ms against 100-104 for a prompt alone), nothing crosses to the host
+    # copies out, a host sync a layer where they cannot park), nothing crosses to the host
     host = make_engine(model_dir, prefill_chunk=CHUNK, prefill_states="host")
     vram = make_engine(model_dir, prefill_chunk=CHUNK, prefill_states="vram")
     assert host.plan.prefill_state_place == "host"

@@ -198,8 +198,8 @@ def test_at_the_swiglu_only_gate_up_and_the_residual_are_alive(model_dir, stack_
 
 @pytest.mark.parametrize("park", [False, True], ids=["host", "parked"])
 def test_a_pass_of_one_unit_keeps_its_states_on_the_device(model_dir, monkeypatch, park):
-    """Decode rows and a prompt packed into one unit (a served pass of one newcomer beside the decoding
-    sequences): with host states asked for, none are built (one unit never waits for another between layers;
+    """Decode rows and a prompt packed into one unit (``LAYERSTREAM_STACK_PROMPTS=packed``'s packing): with
+    host states asked for, none are built (one unit never waits for another between layers;
     its host states waited for their own copies out, a host sync a layer where they could not park), nothing
     crosses to the host, and the logits are those of device states."""
     eng = make_engine(model_dir, batch=4, max_context=64)
