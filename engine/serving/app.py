@@ -38,10 +38,6 @@ DISCONNECT_POLL_S = 0.25  # how often a plain (non-streamed) request checks its 
 INLINE_TEXT_CHARS = 500
 
 
-def _nothing() -> None:
-    pass
-
-
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
           code: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
@@ -91,7 +87,8 @@ class Api:
                 try:
                     prompts, seqs = await self._admit(body, chat, reply, queue, request.scope.get(RECEIVED))
                 finally:  # submitted (or refused): the middleware's hold ends here, not with the response
-                    (request.scope.get(ADMISSION) or _nothing)()
+                    if (release := request.scope.get(ADMISSION)) is not None:
+                        release()
         except QueueFull as e:
             return unavailable(f"server overloaded: {e}")
         except NotReady as e:
@@ -121,8 +118,8 @@ class Api:
             seqs += [Sequence(ids, params, loop.engine.tokenizer, index=p * params.n + i, request_id=reply.id,
                               sink=self.delivery.sink(queue), choice=i)
                      for i in range(params.n)]
-        for s in seqs:  # the step log's received_s: when the request reached the app, against its arrival
-            s.received = received if received is not None else s.arrival
+        for s in seqs if received is not None else ():  # the step log's received_s (else its arrival)
+            s.received = received
         loop.submit(seqs)
         return prompts, seqs
 
