@@ -531,8 +531,9 @@ if [[ $steps == *D* ]]; then  # issue 16: the lm_head copied ahead into lent buf
   grep -E "^warm|^room|^round|^tokens|Error|error" $R/unit_ab_ahead.txt | cut -c1-160
   for r in ${D_SERVE-both chunk}; do  # arms: chunk (neither), ahead, dense, both, default (no variable set)
     head=$([[ $r == ahead || $r == both ]] && echo 1 || echo 0); dense=$([[ $r == dense || $r == both ]] && echo 1 || echo 0)
-    if [ "$r" = default ]; then cold_burst $r; else cold_burst $r LAYERSTREAM_HEAD_AHEAD=$head LAYERSTREAM_DENSE_LAYER=$dense; fi
-    python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('lm_head chunks lent:', sum(x.get('lent', 0) for x in r), 'in', sum(1 for x in r if x.get('lent')), 'passes; weights widened once a layer:', sum(x.get('widened', 0) for x in r))" $R/steps_$r.jsonl
+    t=$r; n=2; while [ -e $R/serve_$t.json ]; do t=$r$n; n=$((n + 1)); done  # an arm named again: its own files
+    if [ "$r" = default ]; then cold_burst $t; else cold_burst $t LAYERSTREAM_HEAD_AHEAD=$head LAYERSTREAM_DENSE_LAYER=$dense; fi
+    python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('lm_head chunks lent:', sum(x.get('lent', 0) for x in r), 'in', sum(1 for x in r if x.get('lent')), 'passes; weights widened once a layer:', sum(x.get('widened', 0) for x in r))" $R/steps_$t.jsonl
   done
 save; fi
 if [[ $steps == *c* ]]; then  # the accelerate peer (loading the 7B offloaded takes minutes): its own step

@@ -38,6 +38,13 @@ ALIASES = {"ahead": "env:LAYERSTREAM_HEAD_AHEAD=1", "dense": "env:LAYERSTREAM_HE
            "both": "env:LAYERSTREAM_HEAD_AHEAD=1+LAYERSTREAM_DENSE_LAYER=1"}
 
 
+def _set_env(items: list) -> object:
+    """Set the (name, value) pairs in the environment; returns what puts the old values back."""
+    saved = {k: os.environ.get(k) for k, _ in items}
+    os.environ.update(dict(items))
+    return lambda: [os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v) for k, v in saved.items()]
+
+
 def _apply(arm: str, runner, one: int):
     """Set an arm's configuration; returns what undoes it."""
     graphs = runner.engine.model.prompt_graphs
@@ -49,15 +56,10 @@ def _apply(arm: str, runner, one: int):
         runner.one_unit = one if unit else 0
         if pieces:
             os.environ["LAYERSTREAM_MLP_PIECES"] = pieces
-        saved = os.environ.get("LAYERSTREAM_HEAD_AHEAD")
-        os.environ["LAYERSTREAM_HEAD_AHEAD"] = "0"
-        return lambda: os.environ.pop("LAYERSTREAM_HEAD_AHEAD", None) if saved is None else \
-            os.environ.__setitem__("LAYERSTREAM_HEAD_AHEAD", saved)
+        return _set_env([("LAYERSTREAM_HEAD_AHEAD", "0")])
     items = [p.split("=", 1) for p in pairs.split("+")]
     if kind == "env":
-        saved = {k: os.environ.get(k) for k, _ in items}
-        os.environ.update(dict(items))
-        return lambda: [os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v) for k, v in saved.items()]
+        return _set_env(items)
     saved = {k: getattr(runner, k) for k, _ in items}
     for k, v in items:
         setattr(runner, k, int(v))
