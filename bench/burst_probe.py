@@ -17,6 +17,7 @@ Python functions by own and cumulative time: where a host-bound pass's thread go
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -137,8 +138,14 @@ def profiled_pass(llm: LLM, prompts: list[list[int]]) -> dict:
 
 
 def traced_pass(llm: LLM, prompts: list[list[int]], path: str) -> dict:
-    """The burst's first pass under torch's profiler with CUDA activity only (the least host overhead), its
-    chrome trace gzipped into ``path`` and its compute stream's idle gaps by cause (bench/pass_gaps.py)."""
+    """The burst's first pass traced as ``traced_steps`` does."""
+    return traced_steps(lambda: first_pass_under(llm, prompts, contextlib.nullcontext()), path)
+
+
+def traced_steps(run, path: str) -> dict:
+    """``run()`` (returning its pass's (wall ms, batch, tokens), or a dict of them) under torch's profiler with
+    CUDA activity only (the least host overhead), its chrome trace gzipped into ``path`` and its compute stream's
+    idle gaps by cause (bench/pass_gaps.py), printed and returned."""
     import gzip
     import os
     import shutil
@@ -147,7 +154,9 @@ def traced_pass(llm: LLM, prompts: list[list[int]], path: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU])
-    ms, batch, tokens = first_pass_under(llm, prompts, prof)
+    with prof:
+        got = run()
+    ms, batch, tokens = (got["ms"], got["batch"], got["tokens"]) if isinstance(got, dict) else got
     with tempfile.TemporaryDirectory() as d:
         raw = os.path.join(d, "trace.json")
         prof.export_chrome_trace(raw)
@@ -155,18 +164,27 @@ def traced_pass(llm: LLM, prompts: list[list[int]], path: str) -> dict:
             shutil.copyfileobj(f, g)
     res = gaps(load(path))
     res.update(pass_ms=round(ms, 1), batch=batch, tokens=tokens)
+    print(f"traced pass: {res['pass_ms']} ms, batch {batch}, tokens {tokens}", flush=True)
+    print("\n".join(gap_report(res)), flush=True)
     return res
 
 
 def cprofiled_pass(llm: LLM, prompts: list[list[int]], top: int = 40) -> list[str]:
-    """The burst's first pass under cProfile (the engine thread's Python, which bounds a host-bound pass): its
-    functions by own time and by cumulative time."""
+    """The burst's first pass under cProfile, as ``cprofiled`` reports it."""
+    return cprofiled(lambda: first_pass_under(llm, prompts, contextlib.nullcontext()), top)
+
+
+def cprofiled(run, top: int = 40) -> list[str]:
+    """``run()`` (a pass: its (wall ms, batch, tokens), or a dict of them) under cProfile (the engine thread's
+    Python, which bounds a host-bound pass): its functions by own time and by cumulative time."""
     import cProfile
     import io
     import pstats
 
     prof = cProfile.Profile()
-    ms, batch, tokens = first_pass_under(llm, prompts, prof)
+    with prof:
+        got = run()
+    ms, batch, tokens = (got["ms"], got["batch"], got["tokens"]) if isinstance(got, dict) else got
     lines = [f"cProfiled pass: {ms:.1f} ms, batch {batch}, tokens {tokens}"]
     for key in ("tottime", "cumulative"):
         buf = io.StringIO()
@@ -259,9 +277,6 @@ def main() -> None:
             print(f"{r['name'][:40]:40} {r['calls']:7d} {r['ms']:9.2f}", flush=True)
     if a.trace:
         out["gaps"] = traced_pass(llm, _fresh(llm, jobs, a.rounds + 2), a.trace)
-        g = out["gaps"]
-        print(f"traced pass: {g['pass_ms']} ms, batch {g['batch']}, tokens {g['tokens']}", flush=True)
-        print("\n".join(gap_report(g)), flush=True)
     if a.cprofile:
         out["cprofile"] = cprofiled_pass(llm, _fresh(llm, jobs, a.rounds + 1))
         print("\n".join(out["cprofile"]), flush=True)

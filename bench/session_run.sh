@@ -116,6 +116,10 @@
 #     LAYERSTREAM_DENSE_LAYER=1): their GPU tests, the in-process burst at 6 GiB with arms alternated
 #     (bench/unit_ab.py: chunk / ahead / dense / both; D_ARMS), then the served cold burst (1 and 16 clients, D_SERVE,
 #     default "both chunk"; arms chunk / ahead / dense / both / default: no variable set); D_ARMS= (empty): no A/B
+#  J  issue 16: a served pass's decoding rows through the decode step's graphs beside its prompts (engine/graph_unit.py):
+#     its GPU tests, then bench/mixed_probe.py on the synthetic 7B AWQ at 6 GiB (a 1,050-token prompt alone, and
+#     beside 15 decoding rows, arms J_ARMS alternated: default / runner:graph_unit=0 / runner:stack_packed=1), a
+#     mixed pass of each arm in J_TRACE traced; with u after it, bench/mixed_passes.py over the served step log
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -137,7 +141,7 @@ cold_burst() {  # TAG [VAR=VALUE...]: the served cold burst of the 7B AWQ at 6 G
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVSICD]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVSICDJ]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -291,6 +295,17 @@ if [[ $steps == *r* ]]; then  # the 1-client level's slow first pass: what a war
   timeout $(left 150) python3 bench/first_request_probe.py --model $M --out $R/first_request.json \
     > $R/first_request.txt 2>&1; echo "first-request rc=$?"; grep -v Warn $R/first_request.txt | tail -30
 save; fi
+if [[ $steps == *J* ]]; then  # the decode group of a mixed pass through the decode graphs
+  awq_7b
+  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_graph_unit.py \
+    tests/test_gpu_graph_unit.py tests/test_gpu_serving.py > $R/pytest_graph_unit.txt 2>&1
+  echo "pytest graph unit rc=$?"; tail -3 $R/pytest_graph_unit.txt
+  T=(); for a in ${J_TRACE:-default}; do T+=(--trace-arm "$a"); done
+  timeout $(left 260) python3 bench/mixed_probe.py --model /tmp/q7b-awq --rounds ${J_ROUNDS:-4} \
+    --arms ${J_ARMS:-default,runner:graph_unit=0,runner:stack_packed=1} "${T[@]}" --trace-dir $R \
+    --out $R/mixed.json > $R/mixed.txt 2>&1; echo "mixed probe rc=$?"
+  grep -vE "^ |USDT" $R/mixed.txt | tail -40
+save; fi
 if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
   awq_7b
   S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_awq.jsonl"
@@ -299,6 +314,7 @@ if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
     --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_awq.json --server-log $R/server_awq.log > $R/bench_serve_awq.log 2>&1
   echo "serve awq rc=$?"; tail -8 $R/bench_serve_awq.log; grep -v Warn $R/server_awq.log | tail -30
   python3 -m tools.ttft_breakdown $R/serve_awq.json $R/steps_awq.jsonl --config server > $R/ttft_awq.txt 2>&1; head -24 $R/ttft_awq.txt
+  python3 bench/mixed_passes.py $R/steps_awq.jsonl | tee $R/mixed_passes.txt
 save; fi
 if [[ $steps == *g* ]]; then  # issue 16: the AWQ served with its outputs held (the default) and not, one machine
   awq_7b

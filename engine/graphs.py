@@ -47,6 +47,11 @@ def slot_address(weight) -> int:
     return first.data_ptr()
 
 
+def slot_graph(per_slot: dict[int, torch.cuda.CUDAGraph], w: dict) -> torch.cuda.CUDAGraph:
+    """Of a streamed layer's graphs (one per staging slot), the one for the slot that holds ``w`` now."""
+    return per_slot[slot_address(w[_KEY])]
+
+
 class DecodeGraph:
     """A decode step for ``batch`` sequences as replayable CUDA graphs over ModelWeights."""
 
@@ -162,14 +167,19 @@ class DecodeGraph:
     def _head(self) -> None:
         self.logits = self.model.head(self.h, self.res, self.q_lens)
 
-    def __call__(self, tok: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for tokens tok [B] at positions start [B] (int32), on the device or on the host (a
-        server's: they cross through pinned memory, the host not waiting behind the copy engine's weights)."""
+    def stage(self, tok: torch.Tensor, start: torch.Tensor) -> None:
+        """The step's inputs into the static buffers: tokens [B] and positions [B] (int32), where the graphs read
+        them (the embedding in the first piece, or gathered here when the table stays on the host)."""
         copy_into(self.start, start)
         if self.embed_in_graph:
             copy_into(self.ids, tok.view(self.batch, 1))
         else:  # the table stays on the host: its rows are gathered there
             self.h.copy_(self.weights.embed(tok.view(self.batch, 1)))
+
+    def __call__(self, tok: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] for tokens tok [B] at positions start [B] (int32), on the device or on the host (a
+        server's: they cross through pinned memory, the host not waiting behind the copy engine's weights)."""
+        self.stage(tok, start)
         if self.model.host is not None:
             self.weights.host_decode(True)
         for kind, what in self.steps:
@@ -181,7 +191,7 @@ class DecodeGraph:
                 continue
             i, per_slot = what
             w = self.weights.layer(i)
-            per_slot[slot_address(w[_KEY])].replay()
+            slot_graph(per_slot, w).replay()
             self.weights.release(i)
         if self.head_in_graph:
             return self.logits

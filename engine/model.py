@@ -12,7 +12,7 @@ import functools
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -28,6 +28,9 @@ from engine.varlen import VarlenPlan, plan_unit
 from engine.varlen import enabled as varlen_enabled
 from kernels.rope import rope_tables
 from kernels.tuning import picks_like, untuned
+
+if TYPE_CHECKING:
+    from engine.graph_unit import GraphUnit
 
 
 class WeightSource(Protocol):
@@ -153,7 +156,8 @@ class Model(DecoderLayers):
     def forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
                        chunk_context=None, after_layer=None, host_states: bool = False,
                        park: bool | list[torch.Tensor] = False, stack_rows: int = 0,
-                       stack_free: set[int] | None = None, spare_rows: list[int] | None = None) -> torch.Tensor:
+                       stack_free: set[int] | None = None, spare_rows: list[int] | None = None,
+                       decode_graph: GraphUnit | None = None) -> torch.Tensor:
         """Run several groups of sequences through one pass over the layers: each layer's weights are
         fetched once and every group (in order) runs through them, each on its own rows of the KV cache
         and with its own token count, so prompt slices and single decode tokens share a pass without
@@ -170,20 +174,22 @@ class Model(DecoderLayers):
         heading the first (``engine.stacking``). A pass of a prefill chunk's tokens or more may copy a streamed
         lm_head ahead (``engine.head_ahead``) and widen each layer's packed weights once for its units
         (``engine.dense_layer``), into the KV rows ``spare_rows`` of a contiguous ``cache`` (rows no sequence holds)
-        where given."""
+        where given. ``decode_graph``: the first group, decoding rows alone in the first unit, runs by the decode
+        step's graphs (``engine.graph_unit``; its states on the device)."""
         graphs = self.prompt_graphs if self.prompt_graphs is not None and self.prompt_graphs.cache is cache else None
         rows = sum(g.ids.numel() for g in groups)
         runs = stacked_runs(groups, stack_rows, stack_free)  # the states' units: a group, or a stack [1, rows]
         # one unit never waits between layers for another: its states stay on the device, as a lone group's do
         # (host states of one unit wait for their own copies out, a host sync a layer where they cannot park)
         host_states = host_states and len(runs) > 1
+        assert decode_graph is None or (runs[0] == [0] and not host_states and not spare_rows), "graph unit misplaced"
         spans = (lambda: free_row_spans(cache, spare_rows)) if spare_rows and isinstance(cache, KVCache) else None
         layer, head = head_ahead.split(self, rows, len(runs), host_states, graphs is not None, spans)
         lent = self.weights.lend_head(head) if head is not None else 0
         self._head_lent = bool(lent)
         try:
             return self._forward_groups(groups, cache, pick, chunk_context, after_layer, host_states, park,
-                                        runs, graphs, layer)
+                                        runs, graphs, layer, decode_graph)
         finally:
             self._head_lent = False
             if lent:
@@ -191,13 +197,14 @@ class Model(DecoderLayers):
 
     def _forward_groups(self, groups: list[Group], cache: KVCache | None, pick: list[tuple[int, int, int]],
                         chunk_context, after_layer, host_states: bool, park: bool | list[torch.Tensor],
-                        runs: list[list[int]], graphs, layer) -> torch.Tensor:
+                        runs: list[list[int]], graphs, layer, decode_graph: GraphUnit | None) -> torch.Tensor:
         ctx = chunk_context or (lambda rows: contextlib.nullcontext())
         positions = [self.positions(g.start_pos, g.ids.shape[1]) for g in groups]
         n = self.cfg.num_hidden_layers
         shapes = [tuple(groups[r[0]].ids.shape) if len(r) == 1 else (1, sum(groups[k].ids.numel() for k in r))
                   for r in runs]
-        embed = lambda u: self.weights.embed(self._run_ids(groups, runs[u]), self.ops.embedding)  # noqa: E731
+        embed = lambda u: (decode_graph.states()[0] if u == 0 and decode_graph is not None  # noqa: E731
+                           else self.weights.embed(self._run_ids(groups, runs[u]), self.ops.embedding))
         parking = self._parking(groups, shapes, cache, park) if host_states and park is not False else None
         self.parked_passes += parking is not None
         unit_pick = run_pick(groups, runs, pick)
@@ -220,6 +227,9 @@ class Model(DecoderLayers):
                     # its packed weights widened once for the units (engine.dense_layer), where ``layer`` carves
                     with self.ops.dense_layer(None if layer is None else layer()):
                         for u, run in enumerate(runs):
+                            if u == 0 and decode_graph is not None:  # the decode rows by the decode step's graphs
+                                states.put(0, *decode_graph.layer(i, w))
+                                continue
                             h, res = states.get(u)  # queues the next unit's states in
                             if pump:  # then this unit's share of the next streamed layer
                                 self.weights.pump_to(share[u] / share[-1])

@@ -35,6 +35,7 @@ import torch
 
 from engine.engine import Engine
 from engine.footprint import state_bytes_per_token
+from engine.graph_unit import GraphUnit
 from engine.mlp_chunks import one_unit_rows
 from engine.model import Group
 from engine.serving.blocks import BlockManager
@@ -92,6 +93,9 @@ class ModelRunner:
         self.pass_stack = self.stack_rows  # this pass's: one unit where its prompt rows fit (_slices)
         self.stack_packed = stack == "packed"
         self.fill_stacks = os.environ.get("LAYERSTREAM_FILL_STACKS", "1") != "0"  # 0: slices of a chunk (an A/B)
+        # a pass with prompts runs its decoding rows by the decode step's graphs (engine.graph_unit), not eagerly
+        self.graph_unit = os.environ.get("LAYERSTREAM_GRAPH_UNIT", "1") != "0"
+        self.graph_unit_passes = 0  # passes whose decoding rows ran so
 
     @contextlib.contextmanager
     def groups_apart(self):
@@ -211,8 +215,10 @@ class ModelRunner:
         # the lm_head's chunks may wait there for the pass (engine.head_ahead)
         named = {r for g in groups for r in range(g.row0, g.row0 + g.ids.shape[0])}
         spare = None if self.paged else sorted(set(range(cache.batch)) - {s.slot for s in seqs} - named)
+        unit = self._graph_unit(seqs, decode, groups, host, free)
         out = eng.model.forward_groups(groups, cache, pick, eng.ops.prompt_chunk, host_states=host, park=park,
-                                       stack_rows=self.pass_stack, stack_free=free, spare_rows=spare)
+                                       stack_rows=self.pass_stack, stack_free=free,
+                                       spare_rows=None if unit else spare, decode_graph=unit)
         logits = torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=out.device)
         logits[torch.tensor([s.slot for s in owners], device=out.device)] = out
         return logits, q_lens
@@ -257,6 +263,24 @@ class ModelRunner:
         if not self.paged:
             return group, None
         return group, BindSpec([self.paged[1].reserve(s.seq_id, a + n) for s, a, n in part], start, lens, t)
+
+    def _graph_unit(self, seqs: list[Sequence], decode: list[Sequence], groups: list[Group], host: bool,
+                    free: set[int] | None) -> GraphUnit | None:
+        """The pass's decoding rows through the decode step's graphs (``engine.graph_unit``), where a slot cache has
+        them and the pass neither keeps prompt states in host memory (parked in rows' tails) nor is long enough to
+        lend free rows to the lm_head (``engine.head_ahead``): the graphs write a padding key in every row."""
+        eng = self.engine
+        graph = eng.graph if self.paged is None else None
+        if (not self.graph_unit or graph is None or not decode or host or free is not None
+                or eng.model.host is not None or sum(g.ids.numel() for g in groups) >= eng.opts.prefill_chunk):
+            return None
+        tok, start = [0] * graph.batch, [0] * graph.batch
+        for s in seqs:  # a row that is not decoding: its padding key where its sequence writes next
+            start[s.slot] = s.num_computed
+        for s in decode:
+            tok[s.slot] = s.all_ids[s.num_computed]
+        self.graph_unit_passes += 1
+        return GraphUnit(graph, tok, start, groups[0].ids.shape[0])
 
     def _host_states(self, groups: list[Group]) -> bool:
         """Whether this pass's groups wait between layers in host memory: when the plan puts prompt states
