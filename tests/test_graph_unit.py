@@ -2,8 +2,10 @@
 
 On the CPU: where each of the decode graph's steps is replayed in a pass (``due_steps``), for the real schedule
 (``DecodeGraph._schedule``) of resident and streamed layers in every arrangement: every layer once, in order, a
-streamed layer at its own layer, a resident one no later than its own. On CUDA (tests/test_gpu_graph_unit.py):
-the scheduler's tokens with the unit and without.
+streamed layer at its own layer, a resident one no later than its own. Then the scheduler on a tiny engine whose
+decode graph re-runs its Python on replay (tests.helpers.CpuDecodeGraph), all resident and streamed: requests
+arriving while others decode get the tokens they get alone, with the unit and without. On CUDA
+(tests/test_gpu_graph_unit.py) the same with real graphs.
 """
 
 from __future__ import annotations
@@ -12,9 +14,16 @@ import itertools
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from engine.graph_unit import due_steps
 from engine.graphs import DecodeGraph
+from engine.serving.params import SamplingParams
+from engine.serving.scheduler import Scheduler
+from engine.serving.sequence import Sequence
+from engine.footprint import min_budget
+from tests.helpers import CpuDecodeGraph, make_engine, random_prompts
+from tests.sched_helpers import alone, run_all
 
 
 def _graph(resident: set[int], n: int, head_in_graph: bool) -> DecodeGraph:
@@ -63,3 +72,35 @@ def test_a_last_head_only_piece_is_left_out():
     assert g.steps[-1] == ("fixed", ["head"])
     placed = [step for steps in due_steps(g).values() for step in steps]
     assert ("fixed", ["head"]) not in placed
+
+
+def _engine(model_dir, tier: str):
+    kw = dict(batch=4, max_context=64, prefill_chunk=32)
+    if tier == "streamed":  # one layer more than the least: the rest streams from pinned host memory
+        probe = make_engine(model_dir, **kw)
+        kw["vram_budget"] = min_budget(probe.cfg, torch.float32, **kw) + probe.plan.layer_bytes
+        probe.close()
+    eng = make_engine(model_dir, **kw)
+    eng.graph = CpuDecodeGraph(eng.model, eng.cache, 4)
+    return eng
+
+
+@pytest.mark.parametrize("tier", ["resident", "streamed"])
+def test_decoding_rows_by_the_graph_beside_prompts_keep_every_token(tiny_qwen2_dir, tier):
+    single = make_engine(tiny_qwen2_dir, batch=1, max_context=64)
+    prompts = random_prompts([9, 3, 20, 5, 1, 14], single.cfg.vocab_size, seed=11)
+    want = [alone(single, p, 7) for p in prompts]
+    single.close()
+    eng = _engine(tiny_qwen2_dir, tier)
+    try:
+        if tier == "streamed":
+            assert eng.plan.streamed_layers and eng.plan.resident_layers
+        for unit in (True, False):
+            sched = Scheduler(eng)
+            sched.runner.graph_unit = unit
+            seqs = [Sequence(p, SamplingParams(max_tokens=7), eng.tokenizer) for p in prompts]
+            run_all(sched, seqs, {i: 2 * i for i in range(len(seqs))})  # each joins the decoding ones
+            assert [s.output_ids for s in seqs] == want, f"graph unit {unit}"
+            assert (sched.runner.graph_unit_passes > 0) == unit
+    finally:
+        eng.close()
