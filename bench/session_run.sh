@@ -118,9 +118,9 @@
 #     (bench/unit_ab.py: chunk / ahead / dense / both; D_ARMS), then the served cold burst (1 and 16 clients, D_SERVE,
 #     default "both chunk"; arms chunk / ahead / dense / both / default: no variable set); D_ARMS= (empty): no A/B
 #  J  issue 16: a served pass's decoding rows through the decode step's graphs beside its prompts (engine/graph_unit.py):
-#     its GPU tests, then bench/mixed_probe.py on the synthetic 7B AWQ at 6 GiB (a 1,050-token prompt alone, and
+#     bench/mixed_probe.py on the synthetic 7B AWQ at 6 GiB (a 1,050-token prompt alone, and
 #     beside 15 decoding rows, arms J_ARMS alternated: default / runner:graph_unit=0 / runner:stack_packed=1), a
-#     mixed pass of each arm in J_TRACE traced; with u after it, bench/mixed_passes.py over the served step log
+#     mixed pass of each arm in J_TRACE traced (step W, after u: the graph unit's GPU tests)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -142,7 +142,7 @@ cold_burst() {  # TAG [VAR=VALUE...]: the served cold burst of the 7B AWQ at 6 G
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVSICDJ]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVSICDJW]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
@@ -298,9 +298,6 @@ if [[ $steps == *r* ]]; then  # the 1-client level's slow first pass: what a war
 save; fi
 if [[ $steps == *J* ]]; then  # the decode group of a mixed pass through the decode graphs
   awq_7b
-  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_graph_unit.py \
-    tests/test_gpu_graph_unit.py tests/test_gpu_serving.py > $R/pytest_graph_unit.txt 2>&1
-  echo "pytest graph unit rc=$?"; tail -3 $R/pytest_graph_unit.txt
   T=(); for a in ${J_TRACE:-default}; do T+=(--trace-arm "$a"); done
   timeout $(left 260) python3 bench/mixed_probe.py --model /tmp/q7b-awq --rounds ${J_ROUNDS:-4} \
     --arms ${J_ARMS:-default,runner:graph_unit=0,runner:stack_packed=1} "${T[@]}" --trace-dir $R \
@@ -320,6 +317,11 @@ if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
     python3 bench/mixed_passes.py $R/steps_$t.jsonl | tee $R/mixed_passes_$t.txt
     save
   done
+save; fi
+if [[ $steps == *W* ]]; then  # the graph unit's GPU tests (after the measurements: device time is scarce)
+  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_graph_unit.py \
+    tests/test_gpu_graph_unit.py tests/test_gpu_serving.py > $R/pytest_graph_unit.txt 2>&1
+  echo "pytest graph unit rc=$?"; tail -3 $R/pytest_graph_unit.txt
 save; fi
 if [[ $steps == *g* ]]; then  # issue 16: the AWQ served with its outputs held (the default) and not, one machine
   awq_7b
