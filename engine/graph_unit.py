@@ -14,7 +14,7 @@ graph for the slot that holds the layer now. The graphs compute every slot row (
 a row that is not decoding writes one padding key at its sequence's next position (``start``), which a prompt of
 that row writes over later in the same layer, or at position 0 of a free row, as the pure decode step does. So
 the pass must not lend free rows (``engine.head_ahead``) or park states in rows' tails (host prompt states): the
-runner uses a graph unit only where neither happens.
+runner uses a graph unit only where neither happens. Opt-in (``LAYERSTREAM_GRAPH_UNIT=1``) until timed on a GPU.
 """
 
 from __future__ import annotations

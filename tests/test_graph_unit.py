@@ -104,3 +104,16 @@ def test_decoding_rows_by_the_graph_beside_prompts_keep_every_token(tiny_qwen2_d
             assert (sched.runner.graph_unit_passes > 0) == unit
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("value, on", [(None, False), ("1", True), ("0", False)])
+def test_the_unit_is_opt_in(tiny_qwen2_dir, monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv("LAYERSTREAM_GRAPH_UNIT", raising=False)
+    else:
+        monkeypatch.setenv("LAYERSTREAM_GRAPH_UNIT", value)
+    eng = make_engine(tiny_qwen2_dir, batch=2)
+    try:
+        assert Scheduler(eng).runner.graph_unit is on
+    finally:
+        eng.close()

@@ -93,8 +93,9 @@ class ModelRunner:
         self.pass_stack = self.stack_rows  # this pass's: one unit where its prompt rows fit (_slices)
         self.stack_packed = stack == "packed"
         self.fill_stacks = os.environ.get("LAYERSTREAM_FILL_STACKS", "1") != "0"  # 0: slices of a chunk (an A/B)
-        # a pass with prompts runs its decoding rows by the decode step's graphs (engine.graph_unit), not eagerly
-        self.graph_unit = os.environ.get("LAYERSTREAM_GRAPH_UNIT", "1") != "0"
+        # LAYERSTREAM_GRAPH_UNIT=1: a pass with prompts runs its decoding rows by the decode step's graphs
+        # (engine.graph_unit), not eagerly; opt-in until timed on a GPU (session 51 got no device machine)
+        self.graph_unit = os.environ.get("LAYERSTREAM_GRAPH_UNIT", "0") == "1"
         self.graph_unit_passes = 0  # passes whose decoding rows ran so
 
     @contextlib.contextmanager
