@@ -118,8 +118,9 @@ class Api:
             seqs += [Sequence(ids, params, loop.engine.tokenizer, index=p * params.n + i, request_id=reply.id,
                               sink=self.delivery.sink(queue), choice=i)
                      for i in range(params.n)]
-        for s in seqs if received is not None else ():  # the step log's received_s (else its arrival)
-            s.received = received
+        if received is not None:  # the step log's received_s (else each sequence's arrival)
+            for s in seqs:
+                s.received = received
         loop.submit(seqs)
         return prompts, seqs
 
