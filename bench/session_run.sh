@@ -120,7 +120,7 @@
 #  J  issue 16: a served pass's decoding rows through the decode step's graphs beside its prompts (engine/graph_unit.py):
 #     bench/mixed_probe.py on the synthetic 7B AWQ at 6 GiB (a 1,050-token prompt alone, and
 #     beside 15 decoding rows, arms J_ARMS alternated: default (eager) / runner:graph_unit=1 / runner:stack_packed=1),
-#     a mixed pass of each arm in J_TRACE traced (step W, after u: the graph unit's GPU tests); with u, e.g.
+#     a mixed pass of each arm in J_TRACE traced (step W, run after J and before u: the graph unit's GPU tests); with u, e.g.
 #     U_ARMS="awq unit:LAYERSTREAM_GRAPH_UNIT=1" for the served level with and without
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
@@ -305,6 +305,11 @@ if [[ $steps == *J* ]]; then  # the decode group of a mixed pass through the dec
     --out $R/mixed.json > $R/mixed.txt 2>&1; echo "mixed probe rc=$?"
   grep -vE "^ |USDT" $R/mixed.txt | tail -40
 save; fi
+if [[ $steps == *W* ]]; then  # the graph unit's GPU tests (before the served arms: the unit is a default only if they pass)
+  timeout $(left 120) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_graph_unit.py \
+    tests/test_gpu_graph_unit.py tests/test_gpu_serving.py > $R/pytest_graph_unit.txt 2>&1
+  echo "pytest graph unit rc=$?"; tail -3 $R/pytest_graph_unit.txt
+save; fi
 if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
   awq_7b
   for arm in ${U_ARMS:-awq}; do  # TAG or TAG:VAR=VALUE[,VAR=VALUE]: the level served under those variables
@@ -318,11 +323,6 @@ if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
     python3 bench/mixed_passes.py $R/steps_$t.jsonl | tee $R/mixed_passes_$t.txt
     save
   done
-save; fi
-if [[ $steps == *W* ]]; then  # the graph unit's GPU tests (after the measurements: device time is scarce)
-  timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_graph_unit.py \
-    tests/test_gpu_graph_unit.py tests/test_gpu_serving.py > $R/pytest_graph_unit.txt 2>&1
-  echo "pytest graph unit rc=$?"; tail -3 $R/pytest_graph_unit.txt
 save; fi
 if [[ $steps == *g* ]]; then  # issue 16: the AWQ served with its outputs held (the default) and not, one machine
   awq_7b
