@@ -120,8 +120,9 @@
 #  J  issue 16: a served pass's decoding rows through the decode step's graphs beside its prompts (engine/graph_unit.py):
 #     bench/mixed_probe.py on the synthetic 7B AWQ at 6 GiB (a 1,050-token prompt alone, and
 #     beside 15 decoding rows, arms J_ARMS alternated: default (eager) / runner:graph_unit=1 / runner:stack_packed=1),
-#     a mixed pass of each arm in J_TRACE traced (step W, run after J and before u: the graph unit's GPU tests); with u, e.g.
-#     U_ARMS="awq unit:LAYERSTREAM_GRAPH_UNIT=1" for the served level with and without
+#     a mixed pass of each arm in J_TRACE traced; with u, e.g. U_ARMS="awq unit:LAYERSTREAM_GRAPH_UNIT=1" for the
+#     served level with and without
+#  W  the graph unit's GPU tests (run after J and before u, so the served arms cannot squeeze them out)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
 set -uo pipefail
@@ -143,7 +144,7 @@ cold_burst() {  # TAG [VAR=VALUE...]: the served cold burst of the 7B AWQ at 6 G
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
 env_info > $R/env.txt 2>&1
-[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVSICDJW]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V need no bf16 checkpoint; y makes it after its AWQ run
+[[ "$steps" =~ ^[uzywgdjoaPEHAMNLiQBXVSICDJW]+$ ]] || synth_7b $M  # u, z, w, g, d, j, o, a, P, i, L, V, J, W need no bf16 checkpoint; y makes it after its AWQ run
 if [[ $steps == *f* ]]; then
   for p in short 16k; do
     A=(); [ $p = 16k ] && A=(--prompt-words 8000 --max-context 20000 --max-new-tokens 4)
