@@ -119,9 +119,9 @@
 #     default "both chunk"; arms chunk / ahead / dense / both / default: no variable set); D_ARMS= (empty): no A/B
 #  J  issue 16: a served pass's decoding rows through the decode step's graphs beside its prompts (engine/graph_unit.py):
 #     bench/mixed_probe.py on the synthetic 7B AWQ at 6 GiB (a 1,050-token prompt alone, and
-#     beside 15 decoding rows, arms J_ARMS alternated: default (eager) / runner:graph_unit=1 / runner:stack_packed=1),
-#     a mixed pass of each arm in J_TRACE traced; with u, e.g. U_ARMS="awq unit:LAYERSTREAM_GRAPH_UNIT=1" for the
-#     served level with and without
+#     beside 15 decoding rows, arms J_ARMS alternated: default (the unit, on since session 53) / runner:graph_unit=0
+#     (eager) / runner:stack_packed=1), a mixed pass of each arm in J_TRACE traced; with u, e.g.
+#     U_ARMS="awq eager:LAYERSTREAM_GRAPH_UNIT=0" for the served level with and without
 #  W  the graph unit's GPU tests (run after J and before u, so the served arms cannot squeeze them out)
 #  c  issue 16: the accelerate peer serving the 1-client level's requests one by one (its own step: its
 #     load alone took the rest of session 10's and 11's calls)
@@ -302,11 +302,11 @@ if [[ $steps == *J* ]]; then  # the decode group of a mixed pass through the dec
   awq_7b
   T=(); for a in ${J_TRACE:-default}; do T+=(--trace-arm "$a"); done
   timeout $(left 260) python3 bench/mixed_probe.py --model /tmp/q7b-awq --rounds ${J_ROUNDS:-4} \
-    --arms ${J_ARMS:-default,runner:graph_unit=1,runner:stack_packed=1} "${T[@]}" --trace-dir $R \
+    --arms ${J_ARMS:-default,runner:graph_unit=0,runner:stack_packed=1} "${T[@]}" --trace-dir $R \
     --out $R/mixed.json > $R/mixed.txt 2>&1; echo "mixed probe rc=$?"
   grep -vE "^ |USDT" $R/mixed.txt | tail -40
 save; fi
-if [[ $steps == *W* ]]; then  # the graph unit's GPU tests (before the served arms: the unit is a default only if they pass)
+if [[ $steps == *W* ]]; then  # the graph unit's GPU tests (before the served arms, which depend on them)
   timeout $(left 120) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_graph_unit.py \
     tests/test_gpu_graph_unit.py tests/test_gpu_serving.py > $R/pytest_graph_unit.txt 2>&1
   echo "pytest graph unit rc=$?"; tail -3 $R/pytest_graph_unit.txt

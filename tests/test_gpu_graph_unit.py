@@ -1,10 +1,10 @@
 """GPU-only: a served pass's decoding rows through the decode step's graphs (engine/graph_unit.py).
 
 A model with resident and streamed layers on the slot cache: requests arriving one by one join the decoding
-ones, so prompt passes run beside decoding rows; with the graph unit (``LAYERSTREAM_GRAPH_UNIT=1``) and without,
-every request gets the tokens it gets alone, and the unit really ran (in passes whose prompts are short enough that
-the lm_head is not lent free rows): the graphs' padding key at a prompt row's next position is written over by that
-prompt, and a free row's at position 0 by the next prompt admitted there.
+ones, so prompt passes run beside decoding rows; with the graph unit (the default) and without
+(``LAYERSTREAM_GRAPH_UNIT=0``), every request gets the tokens it gets alone, and the unit really ran (in passes
+whose prompts are short enough that the lm_head is not lent free rows): the graphs' padding key at a prompt row's
+next position is written over by that prompt, and a free row's at position 0 by the next prompt admitted there.
 """
 
 from __future__ import annotations

@@ -79,6 +79,27 @@ def test_warm_up_passes_the_quantized_split(tmp_path, monkeypatch, quant):
     assert seen == [(DENSE_MIN_M - 1,) if quant else ()]
 
 
+@pytest.mark.parametrize("unit", [True, False])
+def test_warm_up_runs_the_decode_group_eagerly(tiny_qwen2_dir, monkeypatch, unit):
+    """The warm-up's passes run with the graph unit off (served passes the unit cannot take run the decode group
+    eagerly: its kernels must be built by then); the runner's setting is back afterwards, also after a failure."""
+    eng = make_engine(tiny_qwen2_dir, batch=2, max_context=64, prefill_chunk=32)
+    sched = Scheduler(eng)
+    sched.runner.graph_unit = unit
+    seen, step = [], sched.runner.step
+    monkeypatch.setattr(sched.runner, "step", lambda seqs: seen.append(sched.runner.graph_unit) or step(seqs))
+    try:
+        warm_up(sched)
+        assert seen and not any(seen)
+        assert sched.runner.graph_unit is unit
+        monkeypatch.setattr(warmup, "_warm", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            warm_up(sched)
+        assert sched.runner.graph_unit is unit
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("batch,chunk,ctx,eager", [(1, 16, 64, True), (4, 256, 512, False), (5, 1536, 1000, True),
                                                     (3, 100, 64, True), (40, 512, 4096, True), (2, 2, 8, False)])
 def test_every_planned_step_fits_the_scheduler(batch, chunk, ctx, eager):

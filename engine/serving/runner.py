@@ -93,9 +93,10 @@ class ModelRunner:
         self.pass_stack = self.stack_rows  # this pass's: one unit where its prompt rows fit (_slices)
         self.stack_packed = stack == "packed"
         self.fill_stacks = os.environ.get("LAYERSTREAM_FILL_STACKS", "1") != "0"  # 0: slices of a chunk (an A/B)
-        # LAYERSTREAM_GRAPH_UNIT=1: a pass with prompts runs its decoding rows by the decode step's graphs
-        # (engine.graph_unit), not eagerly; opt-in until timed on a GPU (session 51 got no device machine)
-        self.graph_unit = os.environ.get("LAYERSTREAM_GRAPH_UNIT", "0") == "1"
+        # a pass with prompts runs its decoding rows by the decode step's graphs (engine.graph_unit), not eagerly
+        # (LAYERSTREAM_GRAPH_UNIT=0: eagerly): session 53's H100 had such passes at 85 ms against 97 ms in process
+        # and the served 16-client TTFT p50 at 214 ms against 246 ms (bench/results/2026-12-07-h100-s53/call1/)
+        self.graph_unit = os.environ.get("LAYERSTREAM_GRAPH_UNIT", "1") != "0"
         self.graph_unit_passes = 0  # passes whose decoding rows ran so
 
     @contextlib.contextmanager

@@ -72,6 +72,19 @@ def warm_up(scheduler: Scheduler, dry_limit_s: float = DRY_LIMIT_S) -> WarmupRep
     module docstring); compile-only steps stop after ``dry_limit_s`` (the rest are counted as ``cut``).
     Returns what ran. Call it before the first request is added."""
     assert not scheduler.has_work(), "warm up before serving"
+    runner = scheduler.runner
+    # the decode group runs eagerly here, not by the decode graphs (engine.graph_unit): a served pass the unit
+    # cannot take (a chunk of prompt tokens, lent or parked rows) runs it so, and its attention splits must be
+    # built by then (session 53's H100: with the unit on in the warm-up, the first such pass built two kernels);
+    # the unit itself only replays graphs captured at load
+    unit, runner.graph_unit = runner.graph_unit, False
+    try:
+        return _warm(scheduler, dry_limit_s)
+    finally:
+        runner.graph_unit = unit
+
+
+def _warm(scheduler: Scheduler, dry_limit_s: float) -> WarmupReport:
     eng = scheduler.engine
     paged = scheduler.blocks is not None
     steps = plan_warmup(eng.opts.batch, eng.opts.prefill_chunk, eng.opts.max_context,
