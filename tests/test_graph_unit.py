@@ -106,7 +106,7 @@ def test_decoding_rows_by_the_graph_beside_prompts_keep_every_token(tiny_qwen2_d
         eng.close()
 
 
-@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False), (" off", False)])
 def test_the_unit_is_on_unless_turned_off(tiny_qwen2_dir, monkeypatch, value, on):
     if value is None:
         monkeypatch.delenv("LAYERSTREAM_GRAPH_UNIT", raising=False)
