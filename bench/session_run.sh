@@ -44,7 +44,8 @@
 #  u  issue 16: bench_serve on the synthetic 7B AWQ at 6 GiB, 1/4/16/32 clients (U_LEVELS), and its TTFT breakdown;
 #     U_RPC=N: each client sends N requests one after the other (default 1: the level is one burst of arrivals);
 #     U_PROFILE=N: the server's first N prompt passes under cProfile into passprof/ (engine/serving/passprof.py)
-#     U_ARMS="TAG[:VAR=VALUE,...] ...": the levels once per arm, under its variables (default "awq": none set)
+#     U_ARMS="TAG[:VAR=VALUE,...] ...": the levels once per arm, under its variables (default "awq": none set);
+#     an arm's U_RPC=N is its own requests a client (e.g. "cold:U_RPC=1 steady:U_RPC=3")
 #  g  issue 16: the synthetic 7B AWQ served at 1 and 16 clients with its outputs held until the next pass is queued
 #     (the server's default) and with LAYERSTREAM_HOLD_OUTPUTS=0 (each step's at its end), on one machine
 #  d  bench/decode_step_probe.py on the synthetic 7B AWQ: served decode steps in process at 1 and 16 sequences,
@@ -314,12 +315,13 @@ save; fi
 if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
   awq_7b
   for arm in ${U_ARMS:-awq}; do  # TAG or TAG:VAR=VALUE[,VAR=VALUE]: the level served under those variables
-    t=${arm%%:*}; V=(); [[ $arm == *:* ]] && IFS=, read -ra V <<< "${arm#*:}"
+    t=${arm%%:*}; A=(); V=(); rpc=${U_RPC:-1}; [[ $arm == *:* ]] && IFS=, read -ra A <<< "${arm#*:}"
+    for v in "${A[@]}"; do [[ $v == U_RPC=* ]] && rpc=${v#U_RPC=} || V+=("$v"); done  # U_RPC=N: this arm's
     S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_$t.jsonl"
     env "${V[@]}" ${U_PROFILE:+LAYERSTREAM_PROFILE_PASSES=$R/passprof:$U_PROFILE} timeout $(left 400) python3 -m tools.bench_serve \
-      --serve "$S" --clients ${U_LEVELS:-1,4,16,32} --requests-per-client ${U_RPC:-1} \
+      --serve "$S" --clients ${U_LEVELS:-1,4,16,32} --requests-per-client $rpc \
       --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_$t.json --server-log $R/server_$t.log > $R/bench_serve_$t.log 2>&1
-    echo "serve $t (${V[*]}) rc=$?"; tail -8 $R/bench_serve_$t.log; grep -v Warn $R/server_$t.log | tail -12
+    echo "serve $t (${V[*]}, $rpc a client) rc=$?"; tail -8 $R/bench_serve_$t.log; grep -v Warn $R/server_$t.log | tail -12
     python3 -m tools.ttft_breakdown $R/serve_$t.json $R/steps_$t.jsonl --config server > $R/ttft_$t.txt 2>&1; head -24 $R/ttft_$t.txt
     python3 bench/mixed_passes.py $R/steps_$t.jsonl | tee $R/mixed_passes_$t.txt
     save
