@@ -69,7 +69,8 @@ def trajectory(d, ids: torch.Tensor, device: str, dtype: str, triton: bool, log:
     "trace": the recorded layer outputs and logits}; a prefill of 33 tokens x 2 rows and 3 decode steps."""
     from engine.engine import Engine, EngineOptions
     from engine.kv_cache import KVCache
-    from engine.ops import TorchOps, TritonOps
+    from engine.ops import TorchOps
+    from engine.ops_triton import TritonOps
     from tests.helpers import forward_decode, forward_prefill
     eng = Engine(d, EngineOptions(device=device, dtype=dtype, kernels="triton", max_context=192, cuda_graph=False,
                                   host_compute=host_compute))

@@ -191,7 +191,7 @@ def test_the_kernel_compiles_for_sm90_without_spills() -> None:
 
 @pytest.mark.parametrize("tile_rows", [None, 16])  # one tile; tiles of 16 rows (the last overlapping)
 def test_dense_path_in_a_callers_tile_buffer(tile_rows) -> None:
-    """qlinear's dense path in a caller's kept buffer (engine.ops.TritonOps holds the plan's tile): the same
+    """qlinear's dense path in a caller's kept buffer (engine.ops_triton.TritonOps holds the plan's tile): the same
     output as with tiles of its own, the buffer's storage used (its bytes change), a buffer too small refused."""
     M, K, N, G, bits = qlinear_mod.DENSE_MIN_M, 64, 100, 32, 4
     q, s, z = packed(N, K, G, bits, sym=False, sdtype=torch.float32, seed=13)

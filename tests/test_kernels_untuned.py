@@ -11,7 +11,8 @@ import kernels.gemv as gemv_mod
 import kernels.rope as rope_mod
 from engine.engine import Engine, EngineOptions
 from engine.generate import prefill
-from engine.ops import TorchOps, TritonOps
+from engine.ops import TorchOps
+from engine.ops_triton import TritonOps
 from kernels.tuning import picks_like, tuning_suspended, untuned
 
 

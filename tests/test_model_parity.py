@@ -222,7 +222,7 @@ TRITON_FAMILY = "qwen3"  # q/k norms and head_dim * heads != hidden: the most ke
 
 
 def _triton_ops():
-    from engine.ops import TritonOps
+    from engine.ops_triton import TritonOps
 
     return TritonOps()
 

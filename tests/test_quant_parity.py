@@ -121,7 +121,7 @@ def test_quantize_at_load(tmp_path, tokenizer_dir, quantize: str, group: int) ->
 
 
 def test_triton_kernels_on_quantized_layers(qmodel) -> None:
-    from engine.ops import TritonOps
+    from engine.ops_triton import TritonOps
 
     ref, d = qmodel("qwen3", "gptq-actorder")
     eng = make_engine(d, max_context=32)
@@ -135,7 +135,7 @@ def _batch_one_decode_errors(d, ref, variant: int, monkeypatch) -> tuple[list[fl
     projection of the steps forced to qgemv ``variant``: their errors against ``ref`` (rel_max_err), the
     variants the steps' launches took and the fused int8-x launches (kernels.qgemv_i8.swiglu_qgemv, kernels.
     add_rmsnorm_i8.add_rmsnorm_qgemv) that ran, by name."""
-    from engine.ops import TritonOps
+    from engine.ops_triton import TritonOps
     from kernels import add_rmsnorm_i8, qgemv, qgemv_i8
 
     fused: list[str] = []  # which fused int8-x launches ran
@@ -186,7 +186,7 @@ def test_int8_x_gemv_in_batch_one_decode(qmodel, monkeypatch) -> None:
 def test_triton_dense_prefill_on_quantized_layers(qmodel, monkeypatch) -> None:
     """A prefill of 2 x 130 rows (kernels.qlinear.DENSE_MIN_M and more: the act-order weights widened
     into dense tiles through the dense GEMM), then a decode step (the GEMV), against transformers."""
-    from engine.ops import TritonOps
+    from engine.ops_triton import TritonOps
     from kernels import qlinear as qlinear_mod
     from kernels.qlinear import DENSE_MIN_M
 

@@ -38,7 +38,8 @@ def kernels_against_torch(d, n: int, ids: torch.Tensor, device: str = "cuda", dt
     path itself moves its logits far (an attention near-tie: on the H200 the synthetic 7B AWQ's first decode
     step went from 0.007 to 1.41 for 2 of 8 seeds, bench/results/2026-12-02-h200-s13/call5/); there no
     end-to-end bound can hold, and the op-level check is what tests the kernels."""
-    from engine.ops import TorchOps, TritonOps
+    from engine.ops import TorchOps
+    from engine.ops_triton import TritonOps
     from tests.op_check import checked, perturbed, rel
 
     ref = _logits(d, "fp32", [TorchOps()], n, ids, device)[0]
