@@ -41,7 +41,7 @@ def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, text: str
 
 
 def test_plan_and_ops_use_one_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.ops import TritonOps
+    from engine.ops_triton import TritonOps
     d = synthesize("tiny-qwen2", tmp_path / "awq", quant="awq")
     cfg, ckpt = ModelConfig.from_file(d / "config.json"), Checkpoint(d)
     quant = layer_quant(ckpt, cfg, read_quantization(d))

@@ -152,7 +152,7 @@ def test_triton_ops_on_a_fused_weight_of_mixed_parts(rows, tile, dtype, monkeypa
     GEMV per part into its columns, or (80 rows) dense tiles that each straddle a boundary: 2 of 256
     rows, or with room for 200 rows 3 equal tiles of 176 (the last one ending at row 512, over 16 rows of the second's).
     From the dense path's 256 rows, the tiles (or the one whole weight) live in the buffer TritonOps keeps."""
-    from engine import ops as ops_mod
+    from engine import ops_triton as ops_mod
     from engine.gguf import random_blocks as rb
     from gguf import GGMLQuantizationType as QT
     from kernels.ggml_blocks import row_bytes

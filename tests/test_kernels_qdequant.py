@@ -209,7 +209,7 @@ def test_dense_path_in_a_callers_tile_buffer(tile_rows) -> None:
 def test_triton_ops_keep_one_tile_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     """TritonOps allocates the dense tile once, at the first chunk of the dense path's rows, and every later
     long chunk decodes into it; decode rows allocate none; a new plan size drops it."""
-    from engine.ops import TritonOps
+    from engine.ops_triton import TritonOps
     from engine.quant.spec import QuantSpec, QuantWeight
     M, K, N, G = qlinear_mod.DENSE_MIN_M, 256, 200, 32
     q, s, z = packed(N, K, G, 4, sym=False, sdtype=torch.float32, seed=14)
