@@ -132,10 +132,13 @@ source bench/common.sh  # carried wheels, env_info, synth_7b
 OUT=${OUT:-/tmp/out}; R=/tmp/results; rm -rf $R; mkdir -p "$OUT" $R; M=/tmp/q7b
 steps=${1:-fhts}; END=$(( $(date +%s) + ${BOX:-545} ))
 left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l > 5 ? l : 5 )); }
+# COLD_LEVELS (default 1,16): the levels of every served cold burst below; a level named again is another burst of new
+# prompts in the same server (e.g. 1,16,16,16: three cold 16-client bursts a server start; tools.ttft_breakdown reads each)
 cold_burst() {  # TAG [VAR=VALUE...]: the served cold burst of the 7B AWQ at 6 GiB (1 and 16 clients, one request
   local t=$1; shift  # each) under those variables: TTFT, its breakdown, kernels built while serving, peak memory
   local S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_$t.jsonl"
-  env "$@" timeout $(left 150) python3 -m tools.bench_serve --serve "$S" --clients 1,16 --requests-per-client 1 \
+  local n; n=$(tr , "\n" <<< "${COLD_LEVELS:-1,16}" | wc -l)  # 150 s for two levels, 30 s more for each further one
+  env "$@" timeout $(left $((90 + 30 * n))) python3 -m tools.bench_serve --serve "$S" --clients ${COLD_LEVELS:-1,16} --requests-per-client 1 \
     --prompt-tokens 128:2048 --max-tokens 128:256 --json $R/serve_$t.json > $R/bench_serve_$t.log 2>&1
   echo "serve $t rc=$?"; grep "clients:" $R/bench_serve_$t.log
   python3 -m tools.ttft_breakdown $R/serve_$t.json $R/steps_$t.jsonl --config server > $R/ttft_$t.txt 2>&1
