@@ -41,20 +41,12 @@ from engine.model import Group
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
 from engine.serving.packing import pack_rows, stack_free, stack_slices
+from engine.serving.pass_groups import decode_group, id_grid, slice_group
 from engine.serving.passcost import MAX_DEFERRED, PassCost, prompt_order
 from engine.serving.retry import grouped_retried, padded_retried
 from engine.serving.rows import RowSampler
 from engine.serving.sequence import Logprob, Sequence
 from engine.upload import upload, upload_list
-
-
-def id_grid(rows: int, t: int, fills) -> torch.Tensor:
-    """Token ids [rows, t] on the host, zero-padded, row r starting with the ids ``fills`` gives it as
-    (r, ids) pairs: built as lists and made one tensor (a torch call per row costs the host more)."""
-    grid = [[0] * t for _ in range(rows)]
-    for r, ids in fills:
-        grid[r][: len(ids)] = ids
-    return torch.tensor(grid, dtype=torch.long)
 
 
 class ModelRunner:
@@ -258,14 +250,8 @@ class ModelRunner:
         return singles + [[lasts[i] for i in part] for part in pack_rows([n for _, _, n in lasts], chunk)]
 
     def _slice_group(self, part: list[tuple[Sequence, int, int]]) -> tuple[Group, BindSpec | None]:
-        """One group of prompt slices: row r feeds ``part[r]``'s tokens, right-padded to the longest."""
-        t = max(n for _, _, n in part)
-        ids = id_grid(len(part), t, ((r, s.all_ids[a: a + n]) for r, (s, a, n) in enumerate(part)))
-        start, lens = [a for _, a, _ in part], [n for _, _, n in part]
-        group = Group(ids, self._i32(start), self._i32(lens), part[0][0].slot, max(a + n for _, a, n in part))
-        if not self.paged:
-            return group, None
-        return group, BindSpec([self.paged[1].reserve(s.seq_id, a + n) for s, a, n in part], start, lens, t)
+        """One group of prompt slices (``pass_groups.slice_group``)."""
+        return slice_group(part, self.paged, self.engine.device)
 
     def _graph_unit(self, seqs: list[Sequence], decode: list[Sequence], groups: list[Group], host: bool,
                     free: set[int] | None) -> GraphUnit | None:
@@ -296,29 +282,8 @@ class ModelRunner:
         return sum(g.ids.numel() for g in groups) * per_token > eng.plan.prefill_state_bytes
 
     def _decode_group(self, seqs: list[Sequence], decode: list[Sequence]) -> tuple[Group, BindSpec | None]:
-        """Rows 0 .. the highest decoding slot, one token each, and (paged) their binding: in place
-        through the block tables when the kernels can read them."""
-        d_rows = max(s.slot for s in decode) + 1
-        start, q_lens = [0] * d_rows, [0] * d_rows
-        if self.paged is None:  # a slot row that is not decoding writes its padding past its cached positions
-            for s in seqs:
-                if s.slot < d_rows:
-                    start[s.slot] = s.num_computed
-        for s in decode:
-            start[s.slot], q_lens[s.slot] = s.num_computed, 1
-        ids = id_grid(d_rows, 1, ((s.slot, [s.all_ids[s.num_computed]]) for s in decode))
-        # max_len covers every row's cached positions and the padding written after them, so the rows' tails
-        # past it are unreached (parked prompt states may wait there: engine.state_parking)
-        group = Group(ids, self._i32(start), self._i32(q_lens), 0, max(start) + 1)
-        if self.paged is None:
-            return group, None
-        tables: list[list[int]] = [[] for _ in range(d_rows)]  # a row that is not decoding reads no key
-        for s in decode:
-            tables[s.slot] = self.paged[1].reserve(s.seq_id, s.num_computed + 1)
-        return group, BindSpec(tables, start, q_lens, 1, direct=self.direct)
-
-    def _i32(self, values: list[int]) -> torch.Tensor:
-        return upload_list(values, torch.int32, self.engine.device)
+        """The decoding rows' group (``pass_groups.decode_group``)."""
+        return decode_group(seqs, decode, self.paged, self.direct, self.engine.device)
 
     def _forward(self, ids: torch.Tensor, start: list[int], q_lens: list[int], max_len: int) -> torch.Tensor:
         eng, dev = self.engine, self.engine.device
