@@ -16,7 +16,7 @@ from engine.mlp_chunks import plan_pieces
 if TYPE_CHECKING:
     from engine.config import ModelConfig
     from engine.varlen import VarlenPlan
-    from engine.model import Group
+    from engine.groups import Group
     from engine.ops import TorchOps
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engine.model import Group
+    from engine.groups import Group
 
 
 def stacked_runs(groups: list[Group], stack_rows: int, free: set[int] | None = None) -> list[list[int]]:

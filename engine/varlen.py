@@ -26,7 +26,7 @@ import torch
 from engine.upload import upload_list
 
 if TYPE_CHECKING:
-    from engine.model import Group
+    from engine.groups import Group
 
 
 def enabled() -> bool:

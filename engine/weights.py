@@ -4,7 +4,7 @@ This is where model knowledge meets the byte mover. Every decoder layer (and, wh
 streams, every chunk of lm_head rows) becomes a ``streamer.units.UnitSpec``: raw byte spans of
 the checkpoint when the file already holds the packed bytes (same dtype), else a packer that
 casts through the memory map. ``ModelWeights`` hands the streamer those units and gives the
-model typed views of their buffers (``engine.model.WeightSource``).
+model typed views of their buffers (``engine.groups.WeightSource``).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class UnitBuilder:
 
 
 class ModelWeights:
-    """Implements ``engine.model.WeightSource`` for a plan from ``memory.planner``."""
+    """Implements ``engine.groups.WeightSource`` for a plan from ``memory.planner``."""
 
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, plan: Plan, device: torch.device | str,
                  dtype: torch.dtype, threads: int = 8, progress=None, log_sync: SyncLog | None = None,

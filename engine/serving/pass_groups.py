@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.model import Group
+from engine.groups import Group
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache
 from engine.serving.sequence import Sequence

@@ -37,7 +37,7 @@ from engine.engine import Engine
 from engine.footprint import state_bytes_per_token
 from engine.graph_unit import GraphUnit
 from engine.mlp_chunks import one_unit_rows
-from engine.model import Group
+from engine.groups import Group
 from engine.serving.blocks import BlockManager
 from engine.serving.paged_cache import BindSpec, PagedKVCache, PagedOps
 from engine.serving.packing import pack_rows, stack_free, stack_slices
