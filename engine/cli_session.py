@@ -15,7 +15,8 @@ import torch
 
 from engine.cli_args import SIZE_HELP, UsageError, add_engine_args  # noqa: F401  (re-exported for tools)
 from engine.cli_output import plan_summary, print_results
-from engine.engine import Engine, EngineOptions, ModelFiles, fit_context, open_model, pick_device
+from engine.engine import Engine, EngineOptions, ModelFiles, open_model
+from engine.options import fit_context, pick_device
 from engine.preflight import Machine, PlanBytes, cpu_dtype_note, default_host_budget
 
 BUDGET_HELP = SIZE_HELP

@@ -146,7 +146,7 @@ class ModelConfig:
         layer attends to every earlier position): ``layer_types`` where given; Mistral's ``sliding_window`` for every
         layer; Qwen2 / Qwen3 only with ``use_sliding_window``, from layer ``max_window_layers`` on. Past it this
         engine's attention, which has no window, would silently differ: the context is held to it
-        (engine.engine.fit_context)."""
+        (engine.options.fit_context)."""
         w = self.sliding_window
         if not w:
             return None

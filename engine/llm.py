@@ -18,7 +18,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.engine import Engine, EngineOptions, fit_context, open_model
+from engine.engine import Engine, EngineOptions, open_model
+from engine.options import fit_context
 from engine.serving.params import SamplingParams
 from engine.serving.scheduler import Scheduler
 from engine.serving.sequence import Logprob, Sequence

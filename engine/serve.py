@@ -101,7 +101,8 @@ def _main(argv: list[str] | None, prog: str, stopping: threading.Event) -> int:
         opts = options_from_args(args)
         from engine.serving.steplog import StepLog
         step_log = StepLog(args.step_log) if args.step_log else None  # before the default model is synthesized
-        from engine.engine import fit_context, open_model
+        from engine.engine import open_model
+        from engine.options import fit_context
         from engine.generation_defaults import describe
         model_dir, is_default = resolve_or_default(args.model)
         files = open_model(model_dir)  # config, headers, tokenizer: bad input fails before serving

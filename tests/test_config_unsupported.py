@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import ModelConfig
-from engine.engine import LOAD_THREADS
+from engine.options import LOAD_THREADS
 
 BASE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "vocab_size": 100}

@@ -7,7 +7,7 @@ import pytest
 
 from engine import LLM
 from engine.config import ModelConfig
-from engine.engine import EngineOptions, fit_context
+from engine.options import EngineOptions, fit_context
 from engine.run import main
 from tests.helpers import linked_model
 

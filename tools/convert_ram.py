@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from engine.convert_ram import conversion
-from engine.engine import DTYPES, open_model
+from engine.engine import open_model
+from engine.options import DTYPES
 from engine.footprint import plan_model
 from engine.quant.checkpoint import layer_quant
 from engine.weights import UnitBuilder, layer_layout

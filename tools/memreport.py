@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from engine.cli_args import CliParser  # noqa: E402
 from engine.cli_session import BUDGET_HELP, add_engine_args, load_engine, options_from_args, resolve_or_default  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.engine import EngineOptions, open_model, pick_dtype  # noqa: E402
+from engine.engine import EngineOptions, open_model  # noqa: E402
+from engine.options import pick_dtype  # noqa: E402
 from engine.footprint import tensor_bytes_from_config  # noqa: E402
 from engine.quant.checkpoint import layer_quant, rtn_quant  # noqa: E402
 from memory.bandwidth import DEFAULT_H2D_GBPS, DEFAULT_SOURCE, default_cache_path, device_key, load_cache  # noqa: E402
