@@ -1,5 +1,5 @@
 """How an engine runs (``EngineOptions``) and the choices made from it before loading: device, compute dtype,
-context length, the host lane's mode. ``engine.engine`` re-exports them."""
+context length, the host lane's mode (``engine.engine.Engine`` applies them at load)."""
 
 from __future__ import annotations
 
