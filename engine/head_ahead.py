@@ -23,13 +23,13 @@ without, the second 396.9-409.8 against 403.8-464.9 ms, tokens and logits equal.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
 from engine import dense_layer
 from engine.dense_layer import Carve  # (bytes, row bytes) -> pieces of whole rows, or None
+from engine.switches import switch_on
 
 ALIGN = 16  # bytes: where a carved piece may start (the GEMMs' tensor descriptors want 16-byte aligned rows)
 GRANULE = 16  # rows: a piece of a request cut in several is a multiple of it (the GEMMs' tiles)
@@ -39,7 +39,7 @@ MARGIN = 64 << 20  # bytes left unlent beside the pass's own peak (as the plan's
 
 def wanted() -> bool:
     """Whether compute-bound prompt passes copy the lm_head ahead (unless ``LAYERSTREAM_HEAD_AHEAD=0``)."""
-    return os.environ.get("LAYERSTREAM_HEAD_AHEAD", "1").strip().lower() not in ("0", "off", "false", "no")
+    return switch_on("LAYERSTREAM_HEAD_AHEAD")
 
 
 def split(model, rows: int, units: int, host_states: bool, graphs: bool,

@@ -17,12 +17,12 @@ compiles its specialisations); ``LAYERSTREAM_VARLEN_PREFILL=0`` runs the slices 
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from engine.switches import switch_on
 from engine.upload import upload_list
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 def enabled() -> bool:
     """Whether stacked prompt slices run as one launch each (on unless ``LAYERSTREAM_VARLEN_PREFILL=0``)."""
-    return os.environ.get("LAYERSTREAM_VARLEN_PREFILL", "1").strip().lower() not in ("0", "off", "false", "no")
+    return switch_on("LAYERSTREAM_VARLEN_PREFILL")
 
 
 @dataclass

@@ -46,6 +46,7 @@ from engine.serving.passcost import MAX_DEFERRED, PassCost, prompt_order
 from engine.serving.retry import grouped_retried, padded_retried
 from engine.serving.rows import RowSampler
 from engine.serving.sequence import Logprob, Sequence
+from engine.switches import switch_on
 from engine.upload import upload, upload_list
 
 
@@ -88,8 +89,7 @@ class ModelRunner:
         # a pass with prompts runs its decoding rows by the decode step's graphs (engine.graph_unit), not eagerly
         # (LAYERSTREAM_GRAPH_UNIT=0: eagerly): session 53's H100 had such passes at 85 ms against 97 ms in process
         # and the served 16-client TTFT p50 at 214 ms against 246 ms (bench/results/2026-12-07-h100-s53/call1/)
-        unit = os.environ.get("LAYERSTREAM_GRAPH_UNIT", "1").strip().lower()
-        self.graph_unit = unit not in ("0", "off", "false", "no")
+        self.graph_unit = switch_on("LAYERSTREAM_GRAPH_UNIT")
         self.graph_unit_passes = 0  # passes whose decoding rows ran so
 
     @contextlib.contextmanager
