@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.upload import copy_into, upload, upload_list
+from engine.upload import ALIGN, PinnedRing, copy_into, upload, upload_list
 
 
 def test_upload_on_the_cpu_is_the_tensor():
@@ -29,3 +29,80 @@ def test_upload_through_pinned_memory_survives_the_source():
     copy_into(dst, torch.arange(1000, dtype=torch.int32))
     torch.cuda.synchronize()
     assert dst.tolist() == list(range(1000))
+
+
+class _Event:
+    def __init__(self, log: list, stream: str) -> None:
+        self.log, self.stream = log, stream
+
+    def synchronize(self) -> None:
+        self.log.append(("waited", self.stream))
+
+
+def _ring(nbytes: int = 1024):
+    log: list = []
+    current = {"stream": "compute"}
+    ring = PinnedRing(nbytes, buffer=torch.zeros(nbytes, dtype=torch.uint8), stream=lambda dev: current["stream"],
+                      event=lambda s: (log.append(("recorded", s)), _Event(log, s))[1])
+    return ring, log, current
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (17,), (2, 1, 7)])
+def test_ring_stages_the_values_in_its_buffer(dtype, shape):
+    ring, _, _ = _ring()
+    t = (torch.arange(int(torch.tensor(shape).prod())) % 100).to(dtype).view(shape)
+    v = ring.stage(t, torch.device("cpu"))
+    assert v.shape == t.shape and v.dtype == t.dtype and torch.equal(v, t)
+    assert v.untyped_storage().data_ptr() == ring.buf.untyped_storage().data_ptr()  # in the ring, not a copy
+    assert (v.data_ptr() - ring.buf.data_ptr()) % ALIGN == 0
+
+
+def test_ring_takes_a_non_contiguous_tensor_and_keeps_earlier_views_intact():
+    ring, _, _ = _ring()
+    a = ring.stage(torch.arange(12).view(3, 4).t(), torch.device("cpu"))
+    b = ring.stage(torch.full((5,), 7, dtype=torch.int32), torch.device("cpu"))
+    assert torch.equal(a, torch.arange(12).view(3, 4).t()) and b.tolist() == [7] * 5
+
+
+def test_ring_switches_halves_after_the_events_of_the_half_it_takes():
+    ring, log, current = _ring(1024)  # halves of 512 bytes: 8 int64 values a staged tensor of 64 bytes
+    dev = torch.device("cpu")
+    for i in range(8):
+        ring.stage(torch.full((8,), i), dev)  # fills the first half exactly
+    assert ring.part == 0 and log == []
+    current["stream"] = "side"
+    ring.stage(torch.full((8,), 8), dev)  # does not fit: the first half's readers get an event, the second is fresh
+    assert ring.part == 1 and log == [("recorded", "compute")]
+    for i in range(7):
+        ring.stage(torch.full((8,), 9 + i), dev)
+    log.clear()
+    ring.stage(torch.ones(8, dtype=torch.int64), dev)  # back to the first half: its events are waited for first
+    assert ring.part == 0 and ring.switches == 2
+    assert log == [("recorded", "side"), ("waited", "compute")]
+
+
+def test_ring_leaves_a_tensor_larger_than_a_half_to_the_caller():
+    ring, _, _ = _ring(1024)
+    assert ring.stage(torch.zeros(513, dtype=torch.uint8), torch.device("cpu")) is None
+    assert ring.stage(torch.zeros(512, dtype=torch.uint8), torch.device("cpu")) is not None
+
+
+@pytest.mark.parametrize("nbytes", [0, 100, 130])
+def test_ring_size_is_checked(nbytes):
+    with pytest.raises(AssertionError):
+        PinnedRing(nbytes, buffer=torch.zeros(max(nbytes, 1), dtype=torch.uint8), stream=lambda d: 0, event=None)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_uploads_past_the_ring_never_overwrite_bytes_still_to_be_copied():
+    from engine import upload as up
+    dev = torch.device("cuda")
+    torch.cuda._sleep(200_000_000)  # the device lags: the copies below queue behind it while the host stages
+    n = 4096  # int32 values, 16 KiB a tensor: ~2.5 rings' worth in all
+    outs = [up.upload_list(list(range(i, i + n)), torch.int32, dev) for i in range(1280)]
+    torch.cuda.synchronize()
+    assert up._RING is not None and up._RING.switches >= 4
+    assert all(o[0].item() == i and o[-1].item() == i + n - 1 for i, o in enumerate(outs))
+    assert all(torch.equal(outs[i], torch.arange(i, i + n, dtype=torch.int32, device=dev)) for i in range(0, 1280, 97))
