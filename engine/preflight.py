@@ -22,8 +22,9 @@ GiB = 2**30
 # RAM a run must leave to the system: below this the kernel's OOM killer strikes. Defaults (the host
 # budget, the CPU dtype) keep the larger Machine.margin; only a plan past this line is refused.
 SYSTEM_RESERVE = 1 * GiB
-# RAM the process needs besides the plan: interpreter, torch, tokenizer, buffers. The tiny default
-# model's whole process measured 364 MiB RSS on the CPU (torch 2.13, 2026-12-01); rounded up.
+# RAM the process needs besides the plan: interpreter, torch, tokenizer, buffers (on a GPU the pinned upload ring
+# of engine.upload, 64 MiB). The tiny default model's whole process measured 364 MiB RSS on the CPU (torch 2.13,
+# 2026-12-01); rounded up.
 PROCESS_BYTES = 512 * 2**20
 
 

@@ -14,12 +14,14 @@ cProfile: bench/results/2026-12-07-h100-s55/call3/). Tensors too large for the r
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 
 import torch
 
-RING_BYTES = 8 << 20  # two halves of 4 MiB: a served pass uploads tens of small tensors (KBs each)
+RING_BYTES = 64 << 20  # two halves of 32 MiB: a served pass uploads tens of small tensors (KBs each) and, where the
+# embedding table stays in host memory, each unit's rows (a 2,048-row unit of the 7B: 14.7 MB)
 ALIGN = 64  # bytes: every staged tensor starts on a multiple (any dtype's alignment)
 
 
@@ -29,7 +31,7 @@ class PinnedRing:
     Tensors are staged one after the other in the current half; when one does not fit, an event is recorded on
     every stream that queued a copy from that half, and the other half is taken after its own events (recorded
     when it was left, one half of staging ago) have passed. So the host waits only when it runs a whole half
-    (4 MiB of uploads) ahead of the device, and no staged bytes are overwritten before their copy has run.
+    (32 MiB of uploads) ahead of the device, and no staged bytes are overwritten before their copy has run.
     ``stream`` / ``event`` are the current-stream lookup and the event recorder (tests pass stand-ins)."""
 
     def __init__(self, nbytes: int = RING_BYTES, buffer: torch.Tensor | None = None,
@@ -50,8 +52,15 @@ class PinnedRing:
     def stage(self, t: torch.Tensor, device: torch.device) -> torch.Tensor | None:
         """``t``'s values in the ring (a view of it, same shape and dtype) for a copy to ``device`` queued on its
         current stream right after; None if ``t`` is larger than a half (the caller pins it the usual way)."""
-        t = t.contiguous()
-        n = t.numel() * t.element_size()
+        view = self.take(t.shape, t.dtype, device)
+        if view is not None:
+            view.copy_(t)
+        return view
+
+    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """An unfilled contiguous ``shape`` x ``dtype`` view of the ring, for the caller to fill and copy to
+        ``device`` on its current stream right after (before anything else is staged); None if larger than a half."""
+        n = math.prod(shape) * dtype.itemsize
         if n > self.half:
             return None
         with self._lock:
@@ -60,9 +69,7 @@ class PinnedRing:
             a = self.part * self.half + self.fill
             self.fill += -(-n // ALIGN) * ALIGN
             self.readers[self.part].add(self._stream(device))
-            view = self.buf[a: a + n].view(t.dtype).view(t.shape)
-            view.copy_(t)
-            return view
+            return self.buf[a: a + n].view(dtype).view(shape)
 
     def _switch(self) -> None:
         self.done[self.part] = [self._event(s) for s in self.readers[self.part]]
@@ -100,6 +107,15 @@ def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         return t.pin_memory()
     staged = _ring().stage(t, device)
     return staged if staged is not None else t.pin_memory()
+
+
+def staged(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """A pinned host tensor to fill and then copy to ``device`` (``.to(device, non_blocking=True)``, at once, on its
+    current stream), so that a host result is written where the copy reads it (no second host copy); None where
+    :func:`upload` would not go through the ring (not CUDA, inside a graph's capture, larger than half the ring)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    return _ring().take(shape, dtype, device)
 
 
 def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:

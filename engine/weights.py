@@ -21,7 +21,7 @@ from engine.quant.cache import packed_layers_file
 from engine.quant.ggml import GGMLWeight, NativeLayouts, row_bytes
 from engine.quant.layout import LayerQuant, QuantLayerLayout
 from engine.tables import device_table, read
-from engine.upload import upload
+from engine.upload import staged, upload
 from memory.plan import Plan
 from streamer.stream import WeightStreamer
 from streamer.sync import SyncLog
@@ -176,8 +176,13 @@ class ModelWeights:
         # ids on the host (a prompt's) cross through pinned memory: the host does not wait (engine.upload)
         if self.plan.embed_on_device:
             return lookup(upload(ids, self.device), self.embed_table)
-        rows = torch.nn.functional.embedding(ids.cpu(), self.embed_table)  # host table: gather on the host
-        return upload(rows.to(self.dtype), self.device)
+        ids = ids.cpu()  # host table: gather on the host, into the pinned memory the copy reads where it can
+        host = staged((*ids.shape, self.embed_table.shape[1]), self.dtype, self.device) \
+            if self.embed_table.dtype == self.dtype else None
+        if host is None:
+            return upload(torch.nn.functional.embedding(ids, self.embed_table).to(self.dtype), self.device)
+        torch.index_select(self.embed_table, 0, ids.reshape(-1), out=host.view(-1, host.shape[-1]))
+        return host.to(self.device, non_blocking=True)
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         if i in self.resident:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.upload import ALIGN, PinnedRing, copy_into, upload, upload_list
+from engine.upload import ALIGN, RING_BYTES, PinnedRing, copy_into, upload, upload_list
 
 
 def test_upload_on_the_cpu_is_the_tensor():
@@ -96,13 +96,57 @@ def test_ring_size_is_checked(nbytes):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_uploads_past_the_ring_never_overwrite_bytes_still_to_be_copied():
+def test_uploads_past_the_ring_never_overwrite_bytes_still_to_be_copied(monkeypatch):
     from engine import upload as up
+    monkeypatch.setattr(up, "_RING", up.PinnedRing(8 << 20))  # halves of 4 MiB
     dev = torch.device("cuda")
     torch.cuda._sleep(200_000_000)  # the device lags: the copies below queue behind it while the host stages
     n = 4096  # int32 values, 16 KiB a tensor: ~2.5 rings' worth in all
     outs = [up.upload_list(list(range(i, i + n)), torch.int32, dev) for i in range(1280)]
     torch.cuda.synchronize()
-    assert up._RING is not None and up._RING.switches >= 4
+    assert up._RING.switches >= 4
     assert all(o[0].item() == i and o[-1].item() == i + n - 1 for i, o in enumerate(outs))
     assert all(torch.equal(outs[i], torch.arange(i, i + n, dtype=torch.int32, device=dev)) for i in range(0, 1280, 97))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_staged_is_filled_where_the_copy_reads_it():
+    from engine.upload import staged
+    dev = torch.device("cuda")
+    host = staged((300, 7), torch.bfloat16, dev)
+    assert host is not None and host.is_pinned() and host.shape == (300, 7)
+    src = torch.randn(300, 7).to(torch.bfloat16)
+    host.copy_(src)
+    assert torch.equal(host.to(dev, non_blocking=True).cpu(), src)
+    assert staged((RING_BYTES,), torch.uint8, dev) is None  # larger than half the ring
+    assert staged((4,), torch.int32, torch.device("cpu")) is None
+
+
+def test_ring_take_gives_an_unfilled_view_of_the_shape_and_dtype():
+    ring, _, _ = _ring()
+    v = ring.take((3, 4), torch.float32, torch.device("cpu"))
+    assert v.shape == (3, 4) and v.dtype == torch.float32 and v.is_contiguous()
+    torch.index_select(torch.arange(40.0).view(10, 4), 0, torch.tensor([2, 0, 9]), out=v)
+    assert v[:, 0].tolist() == [8.0, 0.0, 36.0]
+
+
+@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 5), (3, 1), (2, 7)])
+def test_a_host_table_gathers_its_rows_into_the_staged_memory(monkeypatch, table_dtype, shape):
+    """ModelWeights.embed with the table in host memory: the rows are gathered where the copy reads them (the ring),
+    or, for a table of another dtype than the run's, gathered and converted first; either way the table's rows."""
+    from types import SimpleNamespace
+
+    import engine.weights as weights
+    ring, _, _ = _ring(1 << 16)
+    taken = []
+    monkeypatch.setattr(weights, "staged", lambda s, dt, dev: taken.append(s) or ring.take(s, dt, dev))
+    table = torch.randn(50, 6).to(table_dtype)
+    me = SimpleNamespace(plan=SimpleNamespace(embed_on_device=False), embed_table=table, dtype=torch.bfloat16,
+                         device=torch.device("cpu"))
+    ids = torch.randint(0, 50, shape)
+    out = weights.ModelWeights.embed(me, ids)
+    assert out.dtype == torch.bfloat16 and out.shape == (*shape, 6)
+    assert torch.equal(out, table[ids].to(torch.bfloat16))
+    assert taken == ([(*shape, 6)] if table_dtype == torch.bfloat16 else [])
