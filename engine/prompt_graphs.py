@@ -18,9 +18,12 @@ Captured at the end of a server's warm-up (the shapes tuned by then), on CUDA wi
 cache; used only for passes over that cache. The attention of a captured layout runs through a block table (a
 program per real row block and head): over the padded grid, 34 sequences x 16 row blocks x 28 heads, the attention
 took 37.8 ms of the H100's traced burst pass, where its real work (~1.2 TFLOP) needs a few: the rest, the empty
-programs (an estimate: the block table is not yet timed).
+programs (an estimate).
 
-Opt-in (``LAYERSTREAM_PROMPT_GRAPHS=1``): not yet shown faster (bench/results/2026-12-06-h100-s47/). At 7 GiB,
+Opt-in (``LAYERSTREAM_PROMPT_GRAPHS=1``): measured slower. With the block table, served at 6 GiB on an H100
+(session 55, bench/results/2026-12-07-h100-s55/call1/), three cold 16-client bursts a server: TTFT p50 238-248 ms
+with the graphs against 213-232 ms eagerly, first passes 216-226 ms against 191-211 ms. Before it (session 47,
+bench/results/2026-12-06-h100-s47/), at 7 GiB,
 alternated in one process, the burst's first pass took 253-297 ms with graphs against 248-401 ms eagerly: the
 graphs held their time where the host slowed (the eager arm's 373-401 ms), not below the eager arm's best; that
 was before the block table (traced then: the compute stream busy 217 of 251 ms, the host 11 ms). And their memory
