@@ -135,7 +135,8 @@ left() { local l=$(( END - $(date +%s) )); (( l > $1 )) && echo $1 || echo $(( l
 # COLD_LEVELS (default 1,16): the levels of every served cold burst below; a level named again is another burst of new
 # prompts in the same server (e.g. 1,16,16,16: three cold 16-client bursts a server start; tools.ttft_breakdown reads each)
 cold_burst() {  # TAG [VAR=VALUE...]: the served cold burst of the 7B AWQ at 6 GiB (1 and 16 clients, one request
-  local t=$1; shift  # each) under those variables: TTFT, its breakdown, kernels built while serving, peak memory
+  local t=$1; shift  # each) under those variables: TTFT, its breakdown, kernels built while serving, peak memory,
+  # each prompt pass's time a token and the allocator counters that grew in it (new pinned blocks, device allocations)
   local S="--model /tmp/q7b-awq --vram-budget 6GiB --max-batch 32 --max-context 2304 --step-log $R/steps_$t.jsonl"
   local n; n=$(tr , "\n" <<< "${COLD_LEVELS:-1,16}" | wc -l)  # 150 s for two levels, 30 s more for each further one
   env "$@" timeout $(left $((90 + 30 * n))) python3 -m tools.bench_serve --serve "$S" --clients ${COLD_LEVELS:-1,16} --requests-per-client 1 \
@@ -144,6 +145,7 @@ cold_burst() {  # TAG [VAR=VALUE...]: the served cold burst of the 7B AWQ at 6 G
   python3 -m tools.ttft_breakdown $R/serve_$t.json $R/steps_$t.jsonl --config server > $R/ttft_$t.txt 2>&1
   grep -E "TTFT p50|target|admitted" $R/ttft_$t.txt
   python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('kernels built after the first step:', sum(x['compiles'] for x in r[1:]), 'peak MiB', max(x['peak_mib'] for x in r), 'graph replays', sum(x.get('graph_replays', 0) for x in r))" $R/steps_$t.jsonl
+  python3 bench/pass_costs.py $R/steps_$t.jsonl | tee $R/pass_costs_$t.txt
 }
 awq_7b() { [ -f /tmp/q7b-awq/config.json ] || timeout $(left 90) python3 -m tools.synth --preset qwen2.5-7b \
   --out /tmp/q7b-awq --quant awq --device cuda 2>&1 | tail -1; }  # the synthetic 7B AWQ (centred codes)
@@ -327,6 +329,7 @@ if [[ $steps == *u* ]]; then  # the served levels on the packed int4 checkpoint
     echo "serve $t (${V[*]}, $rpc a client) rc=$?"; tail -8 $R/bench_serve_$t.log; grep -v Warn $R/server_$t.log | tail -12
     python3 -m tools.ttft_breakdown $R/serve_$t.json $R/steps_$t.jsonl --config server > $R/ttft_$t.txt 2>&1; head -24 $R/ttft_$t.txt
     python3 bench/mixed_passes.py $R/steps_$t.jsonl | tee $R/mixed_passes_$t.txt
+    python3 bench/pass_costs.py $R/steps_$t.jsonl | tee $R/pass_costs_$t.txt
     save
   done
 save; fi

@@ -9,7 +9,8 @@ The pinned memory is one buffer taken at the first upload (:class:`PinnedRing`),
 allocator per copy: that allocator keeps a block until the copies reading it are done and allocates (page-locks)
 a new one when none of the size is free, and a server's first 16-request burst met that: its second pass spent
 41 ms of host time in 48 ``pin_memory`` calls, a later burst's same pass 2 ms in 45 (H100, session 55, under
-cProfile: bench/results/2026-12-07-h100-s55/call3/). Tensors too large for the ring still take that path.
+cProfile: bench/results/2026-12-07-h100-s55/call3/). Tensors too large for the ring still take that path, and all
+do under ``LAYERSTREAM_PINNED_RING=0`` (read once: an A/B of the two in one machine's processes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from collections.abc import Callable
 
 import torch
 
+from engine.switches import switch_on
+
+RING = switch_on("LAYERSTREAM_PINNED_RING")  # off: every upload pins through PyTorch's allocator, as before
 RING_BYTES = 64 << 20  # two halves of 32 MiB: a served pass uploads tens of small tensors (KBs each) and, where the
 # embedding table stays in host memory, each unit's rows (a 2,048-row unit of the 7B: 14.7 MB)
 ALIGN = 64  # bytes: every staged tensor starts on a multiple (any dtype's alignment)
@@ -103,7 +107,7 @@ def _ring() -> PinnedRing:
 def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` in pinned memory, ready for a non-blocking copy to ``device`` on its current stream. Inside a CUDA
     graph's capture the copy would be replayed from the ring's bytes of that moment: PyTorch's allocator then."""
-    if torch.cuda.is_current_stream_capturing():
+    if not RING or torch.cuda.is_current_stream_capturing():
         return t.pin_memory()
     staged = _ring().stage(t, device)
     return staged if staged is not None else t.pin_memory()
@@ -113,7 +117,7 @@ def staged(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torc
     """A pinned host tensor to fill and then copy to ``device`` (``.to(device, non_blocking=True)``, at once, on its
     current stream), so that a host result is written where the copy reads it (no second host copy); None where
     :func:`upload` would not go through the ring (not CUDA, inside a graph's capture, larger than half the ring)."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if not RING or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return None
     return _ring().take(shape, dtype, device)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import torch
+
 from engine.serving import steplog
 from engine.serving.scheduler import StepStats
 
@@ -77,3 +79,23 @@ def test_without_cuda_in_use_a_step_has_no_memory_columns(tmp_path, monkeypatch)
     log(_stats(1))
     log.close()
     assert "peak_mib" not in json.loads((tmp_path / "steps.jsonl").read_text())
+
+
+def test_alloc_counts_give_what_grew_in_each_step():
+    dev = {"num_device_alloc": 10, "num_alloc_retries": 0, "num_sync_all_streams": 2, "other": 5}
+    host = {"num_host_alloc": 3, "host_alloc_time.total": 1500}
+    counts = steplog.AllocCounts(lambda: dict(dev), lambda: dict(host))
+    assert counts.step() == {}  # nothing grew since it was made
+    dev.update(num_device_alloc=13, other=9)
+    host.update({"num_host_alloc": 51, "host_alloc_time.total": 42500})
+    assert counts.step() == {"dev_allocs": 3, "host_allocs": 48, "host_alloc_us": 41000}
+    dev.update(num_alloc_retries=1, num_sync_all_streams=3)
+    assert counts.step() == {"alloc_retries": 1, "alloc_syncs": 1}
+    assert counts.step() == {}
+
+
+def test_alloc_counts_without_cuda_are_empty():
+    counts = steplog.AllocCounts(lambda: {}, lambda: {})
+    assert counts.step() == {}
+    if not torch.cuda.is_available():  # the real readers on this machine
+        assert steplog.AllocCounts().step() == {}

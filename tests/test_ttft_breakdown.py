@@ -40,6 +40,10 @@ def test_counts_the_passes_between_send_and_first_token(tmp_path, capsys) -> Non
     sj, sl = _write(tmp_path, rows, steps)
     assert ttft_breakdown.main([str(sj), str(sl), "--clients", "3"]) == 0
     assert "admitted arrivals -95.0..+12.5 ms (received -97.5..+0.0)\n" in capsys.readouterr().out
+    steps[1].update(host_allocs=48, host_alloc_us=41000, alloc_syncs=0)  # allocator counters that grew (since s55)
+    sj, sl = _write(tmp_path, rows, steps)
+    assert ttft_breakdown.main([str(sj), str(sl), "--clients", "3"]) == 0
+    assert "(received -97.5..+0.0)  [host_allocs 48, host_alloc_us 41000]\n" in capsys.readouterr().out
     assert "first token at +820 ms" in out
     assert "resident" not in out  # --config server is the default
 

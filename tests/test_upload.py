@@ -150,3 +150,9 @@ def test_a_host_table_gathers_its_rows_into_the_staged_memory(monkeypatch, table
     assert out.dtype == torch.bfloat16 and out.shape == (*shape, 6)
     assert torch.equal(out, table[ids].to(torch.bfloat16))
     assert taken == ([(*shape, 6)] if table_dtype == torch.bfloat16 else [])
+
+
+def test_with_the_ring_switched_off_nothing_is_staged(monkeypatch):
+    from engine import upload as up
+    monkeypatch.setattr(up, "RING", False)  # LAYERSTREAM_PINNED_RING=0: every upload pins through PyTorch
+    assert up.staged((4,), torch.int32, torch.device("cuda")) is None

@@ -65,6 +65,15 @@ def _arrivals(step: dict, sent_s: float) -> str:
     return f"  admitted arrivals {first:+.1f}..{last:+.1f} ms{got}"
 
 
+ALLOC_KEYS = ("dev_allocs", "alloc_retries", "alloc_syncs", "host_allocs", "host_alloc_us")  # engine.serving.steplog
+
+
+def _allocs(step: dict) -> str:
+    """The allocator counters that grew in the pass (step logs since session 55), e.g. new pinned host blocks."""
+    grown = [f"{k} {step[k]}" for k in ALLOC_KEYS if step.get(k)]
+    return f"  [{', '.join(grown)}]" if grown else ""
+
+
 def level_report(row: dict, steps: list[dict]) -> list[str]:
     """Lines for one bench_serve row (a config at one concurrency level)."""
     reqs = answered(row)
@@ -81,7 +90,7 @@ def level_report(row: dict, steps: list[dict]) -> list[str]:
         lines.append(f"    {start * 1e3:+8.0f} ms  {s['step_s'] * 1e3:6.0f} ms  batch {s['batch']:3d}  "
                      f"tokens {s['tokens']:6d}  waiting {s['waiting']}"
                      + (f"  compiles {s['compiles']}" if s.get("compiles") else "")
-                     + _arrivals(s, mid["sent_s"]))
+                     + _arrivals(s, mid["sent_s"]) + _allocs(s))
         lines += [f"      built {b}" for b in s.get("built", [])]
     lines.append(f"    first token at +{(mid['first_s'] - mid['sent_s']) * 1e3:.0f} ms")
     return lines
