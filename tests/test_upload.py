@@ -47,8 +47,8 @@ def _ring(nbytes: int = 1024):
     return ring, log, current
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bfloat16, torch.uint8])
-@pytest.mark.parametrize("shape", [(1,), (3, 5), (17,), (2, 1, 7)])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bfloat16, torch.uint8, torch.bool])
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (17,), (2, 1, 7), (), (0,), (0, 3)])
 def test_ring_stages_the_values_in_its_buffer(dtype, shape):
     ring, _, _ = _ring()
     t = (torch.arange(int(torch.tensor(shape).prod())) % 100).to(dtype).view(shape)
