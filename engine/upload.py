@@ -36,7 +36,9 @@ class PinnedRing:
     every stream that queued a copy from that half, and the other half is taken after its own events (recorded
     when it was left, one half of staging ago) have passed. So the host waits only when it runs a whole half
     (32 MiB of uploads) ahead of the device, and no staged bytes are overwritten before their copy has run.
-    ``stream`` / ``event`` are the current-stream lookup and the event recorder (tests pass stand-ins)."""
+    A caller queues its copy right after :meth:`take` / :meth:`stage` returns, before anything else is staged (the
+    engine thread does all of a server's uploads); the lock keeps only the bookkeeping whole. ``stream`` / ``event``
+    are the current-stream lookup and the event recorder (tests pass stand-ins)."""
 
     def __init__(self, nbytes: int = RING_BYTES, buffer: torch.Tensor | None = None,
                  stream: Callable[[torch.device], object] | None = None,

@@ -109,7 +109,8 @@ _HOST_COUNTS = {"host_allocs": "num_host_alloc", "host_alloc_us": "host_alloc_ti
 
 class AllocCounts:
     """The growth of torch's allocator counters since the last :meth:`step` (what a pass paid its allocators for:
-    session 55's first 16-request burst page-locked 48 new pinned blocks in one pass, 41 ms under cProfile)."""
+    session 55's first 16-request burst page-locked 48 new pinned blocks in one pass, 41 ms under cProfile). Made
+    before CUDA is in use, its first step counts from zero: a server's first line holds its load and warm-up too."""
 
     def __init__(self, device_stats=None, host_stats=None) -> None:
         self._device = device_stats or _device_stats
