@@ -529,7 +529,7 @@ if [[ $steps == *I* ]]; then  # issue 16: a pass's prompts as one unit (their ML
 save; fi
 if [[ $steps == *C* ]]; then  # issue 16: prompt units through captured graphs against eager units of one chunk
   awq_7b
-  [ "${C_TESTS:-1}" = 1 ] && { timeout $(left 120) python3 -m pytest -q -p no:cacheprovider tests/test_prompt_graphs.py tests/test_kernels_varlen_prefill.py \
+  [ "${C_TESTS:-1}" = 1 ] && { timeout $(left 240) python3 -m pytest -q -p no:cacheprovider tests/test_prompt_graphs.py tests/test_kernels_varlen_prefill.py \
     > $R/pytest_pgraphs.txt 2>&1; echo "pytest rc=$?"; tail -3 $R/pytest_pgraphs.txt; }
   for b in ${C_BUDGETS-7GiB}; do
     LAYERSTREAM_PROMPT_GRAPHS=1 timeout $(left 170) python3 bench/unit_ab.py --model /tmp/q7b-awq --vram-budget $b \
