@@ -97,8 +97,13 @@ _RING: PinnedRing | None = None
 _RING_LOCK = threading.Lock()
 
 
-def _ring() -> PinnedRing:
+def _ring_for(device: torch.device) -> PinnedRing | None:
+    """The ring, for a copy to ``device`` queued now; None where uploads pin through PyTorch's allocator instead (the
+    ring switched off, not CUDA, or inside a CUDA graph's capture, which would replay the copy from the ring's bytes
+    of that moment)."""
     global _RING
+    if not RING or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
     if _RING is None:
         with _RING_LOCK:
             if _RING is None:
@@ -107,21 +112,18 @@ def _ring() -> PinnedRing:
 
 
 def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` in pinned memory, ready for a non-blocking copy to ``device`` on its current stream. Inside a CUDA
-    graph's capture the copy would be replayed from the ring's bytes of that moment: PyTorch's allocator then."""
-    if not RING or torch.cuda.is_current_stream_capturing():
-        return t.pin_memory()
-    staged = _ring().stage(t, device)
-    return staged if staged is not None else t.pin_memory()
+    """``t`` in pinned memory, ready for a non-blocking copy to ``device`` on its current stream."""
+    ring = _ring_for(device)
+    host = ring.stage(t, device) if ring is not None else None
+    return host if host is not None else t.pin_memory()
 
 
 def staged(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """A pinned host tensor to fill and then copy to ``device`` (``.to(device, non_blocking=True)``, at once, on its
     current stream), so that a host result is written where the copy reads it (no second host copy); None where
-    :func:`upload` would not go through the ring (not CUDA, inside a graph's capture, larger than half the ring)."""
-    if not RING or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return None
-    return _ring().take(shape, dtype, device)
+    :func:`upload` would not go through the ring (see :func:`_ring_for`; larger than half the ring)."""
+    ring = _ring_for(device)
+    return ring.take(shape, dtype, device) if ring is not None else None
 
 
 def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
