@@ -10,8 +10,9 @@ were any); ``mono_s``, its end on ``time.monotonic()``, matches a load test's re
 (tools/ttft_breakdown.py); on a GPU, ``peak_mib`` is the most memory the caching allocator had allocated during
 the step (how close the pass came to the budget's allocator cap) and ``reserved_mib`` what it held at its end;
 ``dev_allocs`` / ``alloc_retries`` / ``alloc_syncs`` / ``host_allocs`` / ``host_alloc_us``, where they grew in the
-step, torch's allocator counters (:class:`AllocCounts`: device allocations, retries after freeing the cache, device-wide
-synchronisations, new pinned host blocks and their time); ``graph_replays``, how many of its prompt units' layers ran as captured graphs (engine/prompt_graphs.py);
+step, torch's allocator counters (:class:`AllocCounts`: device allocations, retries after freeing the cache,
+device-wide synchronisations, new pinned host blocks and their time); ``graph_replays``, how many of its prompt
+units' layers ran as captured graphs (engine/prompt_graphs.py);
 ``lent``, how many lm_head chunks it copied ahead into lent buffers (engine/head_ahead.py), and ``widened``, how
 many packed weights it widened once for a layer's units (engine/dense_layer.py), where it did;
 ``arrived_s``, where the step admitted sequences, the first and last of their arrivals (``time.monotonic()``, once
@@ -99,18 +100,20 @@ def _described(hook_kwargs: dict) -> str:
     return text[:4000]
 
 
-# torch's allocator counters a step line carries (as their growth in the step, where it grew): the caching
-# allocator's calls to cudaMalloc (or mappings of expandable segments), its retries after freeing its cache and its
-# device-wide synchronisations; the pinned host allocator's new blocks and the time it took for them (us)
-_DEVICE_COUNTS = {"dev_allocs": "num_device_alloc", "alloc_retries": "num_alloc_retries",
-                  "alloc_syncs": "num_sync_all_streams"}
-_HOST_COUNTS = {"host_allocs": "num_host_alloc", "host_alloc_us": "host_alloc_time.total"}
+# torch's allocator counters a step line carries (as their growth in the step, where it grew), by their path in
+# torch's nested statistics: the caching allocator's calls to cudaMalloc (or mappings of expandable segments), its
+# retries after freeing its cache and its device-wide synchronisations; the pinned host allocator's new blocks and
+# the time it took for them (us)
+_DEVICE_COUNTS = {"dev_allocs": ("num_device_alloc",), "alloc_retries": ("num_alloc_retries",),
+                  "alloc_syncs": ("num_sync_all_streams",)}
+_HOST_COUNTS = {"host_allocs": ("num_host_alloc",), "host_alloc_us": ("host_alloc_time", "total")}
 
 
 class AllocCounts:
     """The growth of torch's allocator counters since the last :meth:`step` (what a pass paid its allocators for:
     session 55's first 16-request burst page-locked 48 new pinned blocks in one pass, 41 ms under cProfile). Made
-    before CUDA is in use, its first step counts from zero: a server's first line holds its load and warm-up too."""
+    before CUDA is in use, its first step counts from zero: a server's first line holds its load and warm-up too.
+    ``device_stats`` / ``host_stats``: the nested statistics' readers (tests pass stand-ins)."""
 
     def __init__(self, device_stats=None, host_stats=None) -> None:
         self._device = device_stats or _device_stats
@@ -118,9 +121,14 @@ class AllocCounts:
         self._last = self._read()
 
     def _read(self) -> dict[str, float]:
-        dev, host = self._device(), self._host()
-        out = {k: dev[v] for k, v in _DEVICE_COUNTS.items() if v in dev}
-        out.update({k: host[v] for k, v in _HOST_COUNTS.items() if v in host})
+        out = {}
+        for stats, counts in ((self._device(), _DEVICE_COUNTS), (self._host(), _HOST_COUNTS)):
+            for name, path in counts.items():
+                value = stats
+                for key in path:
+                    value = value.get(key) if isinstance(value, dict) else None
+                if isinstance(value, (int, float)):
+                    out[name] = value
         return out
 
     def step(self) -> dict[str, int]:
@@ -131,15 +139,19 @@ class AllocCounts:
         return grown
 
 
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def _device_stats() -> dict:
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return {}
-    return torch.cuda.memory_stats()
+    """The caching allocator's statistics, nested (no flattening: a step line reads three of them)."""
+    return torch.cuda.memory_stats_as_nested_dict() if _cuda_in_use() else {}
 
 
 def _host_stats() -> dict:
-    get = getattr(torch.cuda, "host_memory_stats", None)
-    if get is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    """The pinned host allocator's statistics, nested; {} on a torch without them."""
+    get = getattr(torch.cuda, "host_memory_stats_as_nested_dict", None)
+    if get is None or not _cuda_in_use():
         return {}
     try:
         return get()
@@ -150,7 +162,7 @@ def _host_stats() -> dict:
 def _memory() -> dict[str, int]:
     """The step's peak allocated and the end's reserved device memory (MiB) once CUDA is in use; the peak is
     reset for the next step (nothing else in a server reads it)."""
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if not _cuda_in_use():
         return {}
     peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
