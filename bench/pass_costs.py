@@ -8,14 +8,14 @@ import argparse
 import json
 import sys
 
-KEYS = ("dev_allocs", "alloc_retries", "alloc_syncs", "host_allocs", "host_alloc_us")
+from tools.ttft_breakdown import ALLOC_KEYS
 
 
 def lines(steps: list[dict], min_tokens: int) -> list[str]:
     out = []
     for x in steps:
         if x["tokens"] >= min_tokens:
-            grown = {k: x[k] for k in KEYS if x.get(k)}
+            grown = {k: x[k] for k in ALLOC_KEYS if x.get(k)}
             out.append(f"pass {x['step']:5d}  {x['tokens']:6d} tokens  {x['step_s'] * 1e3:7.1f} ms  "
                        f"{x['step_s'] * 1e6 / x['tokens']:5.1f} us a token  batch {x['batch']:3d}"
                        + (f"  {grown}" if grown else ""))
